@@ -1,0 +1,18 @@
+/** The list of commands, in the order `bdsnap --help` shows them. */
+
+import type { Command } from 'commander';
+import * as serve from './serve.js';
+import * as daemon from './daemon.js';
+import * as passwd from './passwd.js';
+import * as activate from './activate.js';
+import * as status from './status.js';
+import * as mount from './mount.js';
+import * as restore from './restore.js';
+import * as sffs from './sffs.js';
+import * as demo from './demo.js';
+
+export function registerCommands(program: Command): void {
+  for (const mod of [daemon, passwd, activate, status, mount, restore, serve, sffs, demo]) {
+    mod.register(program);
+  }
+}

@@ -1,0 +1,87 @@
+/**
+ * The BlockDevice interface: what every device and every layer offers, in the way nbdkit
+ * filters wrap plugins. The NBD server only ever sees this interface, so it cannot tell a
+ * bare file from a device under copy-before-write or a point-in-time view.
+ *
+ * Offsets and lengths are plain numbers of bytes (safe up to 2^53); callers have already
+ * checked ranges against `size`, but implementations still refuse out-of-range requests
+ * with a BdsnapError('EINVAL' or 'ENOSPC').
+ */
+
+import { BdsnapError } from '../errors.js';
+
+export interface BlockSizes {
+  /** Smallest I/O the device can do without read-modify-write (bytes, power of two). */
+  minimum: number;
+  /** I/O size that performs best (bytes, power of two). */
+  preferred: number;
+  /** Largest single request accepted (bytes). */
+  maximum: number;
+}
+
+/** Extent flags, with the values of NBD's base:allocation context. */
+export const EXTENT_HOLE = 1;
+export const EXTENT_ZERO = 2;
+
+export interface Extent {
+  /** Bytes; the extents of one answer are contiguous from the requested offset. */
+  length: number;
+  /** EXTENT_HOLE | EXTENT_ZERO, or 0 for allocated data. */
+  flags: number;
+}
+
+export interface WriteOptions {
+  /** Force unit access: durable before the promise resolves. */
+  fua?: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** The range must end up allocated (no hole punched). */
+  noHole?: boolean;
+  /** Fail with ENOTSUP at once if zeroing would be slow (no metadata-only path). */
+  fastZero?: boolean;
+}
+
+export interface BlockDevice {
+  /** Size in bytes. */
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly blockSizes: BlockSizes;
+  /** Trim may punch holes (otherwise trim is accepted and ignored). */
+  readonly canTrim: boolean;
+  /** Write-zeroes has a fast (metadata-only) path. */
+  readonly canFastZero: boolean;
+  /**
+   * A flush on any handle of this device covers writes done through every handle,
+   * which lets the NBD server advertise CAN_MULTI_CONN.
+   */
+  readonly canMultiConn: boolean;
+
+  /** Read `target.length` bytes at `offsetBytes` into `target` (reads land in the reply buffer). */
+  read(target: Buffer, offsetBytes: number): Promise<void>;
+  write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void>;
+  /** Make every write already completed durable. */
+  flush(): Promise<void>;
+  trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void>;
+  zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void>;
+  /** Hint: bring the range into cache. */
+  cache(offsetBytes: number, lengthBytes: number): Promise<void>;
+  /**
+   * Allocation status from `offsetBytes`: at least one extent, contiguous, covering at
+   * most `lengthBytes`. Must be cheap: qemu asks for it before nearly every read.
+   */
+  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
+  /** Release resources; waits for requests in flight. */
+  close(): Promise<void>;
+}
+
+/** Throw EINVAL/ENOSPC for a range that does not fit the device. Shared by implementations. */
+export function checkRange(device: Pick<BlockDevice, 'size'>, offsetBytes: number, lengthBytes: number, writing: boolean): void {
+  if (!Number.isSafeInteger(offsetBytes) || !Number.isSafeInteger(lengthBytes) || offsetBytes < 0 || lengthBytes < 0) {
+    throw new BdsnapError('EINVAL', `bad range: offset ${offsetBytes}, length ${lengthBytes}`);
+  }
+  if (offsetBytes + lengthBytes > device.size) {
+    throw new BdsnapError(writing ? 'ENOSPC' : 'EINVAL',
+      `range ${offsetBytes}+${lengthBytes} is past the end of the device (${device.size} bytes)`);
+  }
+}

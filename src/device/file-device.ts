@@ -1,0 +1,200 @@
+/**
+ * FileDevice: a regular image file or a block device node as a BlockDevice.
+ *
+ * - Every read and write loops until the whole range is done (short transfers happen on
+ *   block devices and under signals).
+ * - A block device's size comes from sysfs, not from stat (stat says 0 for a device node).
+ * - One process opens one image at a time: an exclusive lock keyed by the file's identity
+ *   (dev:ino, or rdev for device nodes) is taken at open, so a second server of the same
+ *   image fails with EBUSY instead of corrupting it. Block devices are also opened O_EXCL,
+ *   which the kernel refuses while the device is mounted or claimed elsewhere.
+ * - Node has no fallocate or SEEK_DATA, so trim is advisory (accepted, nothing punched),
+ *   write-zeroes writes zeroes, and every extent reports as allocated data.
+ */
+
+import fs from 'node:fs';
+import { promisify } from 'node:util';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from './block-device.js';
+import { acquireDeviceLock, type DeviceLock } from './device-lock.js';
+
+// Thin callback wrappers: cheaper than FileHandle or promisify's result objects on the hot path.
+function readAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+function writeAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+const fdatasyncAsync = promisify(fs.fdatasync);
+const closeAsync = promisify(fs.close);
+const openAsync = promisify(fs.open);
+
+/** Largest buffer of zeroes written at once by zero(). */
+const ZERO_BUFFER_BYTES = 1 << 20;
+let zeroBuffer: Buffer | undefined;
+
+export interface FileDeviceOptions {
+  readOnly?: boolean;
+  /** Skip the one-opener lock (for a second handle inside the same process). Default false. */
+  shared?: boolean;
+}
+
+export interface DeviceIdentity {
+  /** 'file' for a regular image, 'block' for a block device node. */
+  kind: 'file' | 'block';
+  dev: number;
+  ino: number;
+  rdev: number;
+}
+
+export class FileDevice implements BlockDevice {
+  readonly path: string;
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly blockSizes: BlockSizes;
+  readonly canTrim = false;
+  readonly canFastZero = false;
+  readonly canMultiConn = true;
+  readonly identity: DeviceIdentity;
+  #fd: number;
+  #lock: DeviceLock | undefined;
+  #closed = false;
+
+  private constructor(path: string, fd: number, size: number, readOnly: boolean, identity: DeviceIdentity, lock: DeviceLock | undefined) {
+    this.path = path;
+    this.#fd = fd;
+    this.size = size;
+    this.readOnly = readOnly;
+    this.identity = identity;
+    this.#lock = lock;
+    this.blockSizes = { minimum: 512, preferred: 4096, maximum: 32 * 1024 * 1024 };
+  }
+
+  /** Open an image file or block device node. Errors: ENOENT, EPERM, EBUSY, EINVAL (not a file or device). */
+  static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
+    const readOnly = options.readOnly ?? false;
+    let st: fs.Stats;
+    try {
+      st = await fs.promises.stat(path);
+    } catch (err) {
+      throw new BdsnapError('ENOENT', `cannot open ${path}: ${(err as Error).message}`, { cause: err });
+    }
+    const kind = st.isBlockDevice() ? 'block' : st.isFile() ? 'file' : undefined;
+    if (!kind) throw new BdsnapError('EINVAL', `${path} is neither a regular image file nor a block device`);
+    const identity: DeviceIdentity = { kind, dev: st.dev, ino: st.ino, rdev: st.rdev };
+    const lock = options.shared ? undefined : await acquireDeviceLock(path, identity);
+    try {
+      let flags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+      if (kind === 'block' && !options.shared) flags |= fs.constants.O_EXCL;
+      let fd: number;
+      try {
+        fd = await openAsync(path, flags);
+      } catch (err) {
+        const e = toBdsnapError(err);
+        if (e.code === 'EBUSY') throw new BdsnapError('EBUSY', `${path} is busy: mounted or claimed by another program`, { cause: err });
+        throw new BdsnapError(e.code, `cannot open ${path}: ${e.message}`, { cause: err });
+      }
+      const size = kind === 'block' ? await blockDeviceSize(path, st.rdev) : st.size;
+      return new FileDevice(path, fd, size, readOnly, identity, lock);
+    } catch (err) {
+      await lock?.release();
+      throw err;
+    }
+  }
+
+  async read(target: Buffer, offsetBytes: number): Promise<void> {
+    checkRange(this, offsetBytes, target.length, false);
+    let done = 0;
+    while (done < target.length) {
+      const n = await this.#io(readAsync(this.#fd, target, done, target.length - done, offsetBytes + done));
+      if (n === 0) {
+        // The file shrank under us; what is past its end reads as zeroes.
+        target.fill(0, done);
+        return;
+      }
+      done += n;
+    }
+  }
+
+  async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+    this.#checkWritable();
+    checkRange(this, offsetBytes, data.length, true);
+    let done = 0;
+    while (done < data.length) {
+      done += await this.#io(writeAsync(this.#fd, data, done, data.length - done, offsetBytes + done));
+    }
+    if (options?.fua) await this.flush();
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.#io(fdatasyncAsync(this.#fd));
+  }
+
+  async trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    this.#checkWritable();
+    checkRange(this, offsetBytes, lengthBytes, true);
+    // Advisory: nothing is discarded, so the data stays as it was (allowed by NBD).
+    if (options?.fua) await this.flush();
+  }
+
+  async zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+    this.#checkWritable();
+    checkRange(this, offsetBytes, lengthBytes, true);
+    if (options?.fastZero) throw new BdsnapError('ENOTSUP', 'fast zero is not supported by this device');
+    zeroBuffer ??= Buffer.alloc(ZERO_BUFFER_BYTES);
+    let done = 0;
+    while (done < lengthBytes) {
+      const n = Math.min(ZERO_BUFFER_BYTES, lengthBytes - done);
+      await this.write(zeroBuffer.subarray(0, n), offsetBytes + done);
+      done += n;
+    }
+    if (options?.fua) await this.flush();
+  }
+
+  async cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes, false);
+  }
+
+  async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    checkRange(this, offsetBytes, lengthBytes, false);
+    return [{ length: lengthBytes, flags: 0 }];
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      await closeAsync(this.#fd);
+    } finally {
+      await this.#lock?.release();
+    }
+  }
+
+  #checkWritable(): void {
+    if (this.readOnly) throw new BdsnapError('EPERM', `${this.path} is open read-only`);
+  }
+
+  async #io<T>(p: Promise<T>): Promise<T> {
+    try {
+      return await p;
+    } catch (err) {
+      throw toBdsnapError(err);
+    }
+  }
+}
+
+/** Size of a block device from sysfs (512-byte sectors), found through its major:minor. */
+async function blockDeviceSize(path: string, rdev: number): Promise<number> {
+  // Linux dev_t layout; BigInt because the value can exceed 32 bits.
+  const dev = BigInt(rdev);
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  const sysPath = `/sys/dev/block/${major}:${minor}/size`;
+  try {
+    const sectors = Number((await fs.promises.readFile(sysPath, 'utf8')).trim());
+    return sectors * 512;
+  } catch (err) {
+    throw new BdsnapError('EIO', `cannot read the size of block device ${path} from ${sysPath}`, { cause: err });
+  }
+}
