@@ -1,0 +1,29 @@
+/**
+ * How the NBD server finds what to serve. The server knows nothing of files, sessions or
+ * the registry: it asks an ExportProvider for a handle when a client selects an export, and
+ * releases that handle when the connection ends (after its requests in flight have finished).
+ */
+
+import type { BlockDevice } from '../device/block-device.js';
+
+export interface ExportHandle {
+  /** The export name as the client will see it (the device path). */
+  readonly name: string;
+  readonly description?: string;
+  /** What the connection reads and writes; may be a stack of layers. */
+  readonly device: BlockDevice;
+  /** Called exactly once, when the connection that opened the handle is done with it. */
+  release(): Promise<void>;
+}
+
+export interface ExportProvider {
+  /** Names offered to NBD_OPT_LIST. */
+  list(): Promise<string[]>;
+  /**
+   * Resolve an export name ('' selects the default export). `purpose` is 'info' for
+   * NBD_OPT_INFO (the handle is released right after the reply) and 'go' for
+   * NBD_OPT_GO / NBD_OPT_EXPORT_NAME (the handle lives as long as the connection).
+   * Returns undefined for an unknown name; throws a BdsnapError to refuse (EPERM, EBUSY...).
+   */
+  open(name: string, purpose: 'info' | 'go'): Promise<ExportHandle | undefined>;
+}
