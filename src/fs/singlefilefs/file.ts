@@ -1,0 +1,160 @@
+/**
+ * SingleFileFs: the course driver's read and write of `the-file`, in user space, over any
+ * BlockDevice (an image file, or an NBD export through the NBD client).
+ *
+ * Write semantics are the driver's, because snapshot tests compare what reaches the device:
+ * - an offset past the max file size is refused (EINVAL);
+ * - an offset past the file size writes nothing and returns 0 (the filesystem has no holes);
+ * - one call changes at most one data block, up to that block's end (callers loop);
+ * - when the file grows, block 1 (the inode) is rewritten; block 0 is only ever read.
+ * Data and inode go to the device as whole 4096-byte blocks, as the kernel's buffer cache
+ * writes them. Writes through one instance are serialised, as the inode size is shared
+ * state; two instances over the same device must not write at once.
+ */
+
+import type { BlockDevice } from '../../device/block-device.js';
+import { BdsnapError } from '../../errors.js';
+import {
+  FIRST_DATA_BLOCK, INODE_BLOCK, SFFS_BLOCK_SIZE, SUPERBLOCK_BLOCK,
+  decodeInode, decodeSuperblock, deviceOffsetOf, patchFileSize, type Inode, type Superblock,
+} from './layout.js';
+
+export class SingleFileFs {
+  readonly device: BlockDevice;
+  readonly superblock: Superblock;
+  #inode: Inode;
+  #inodeBlock: Buffer;
+  #writeQueue: Promise<unknown> = Promise.resolve();
+
+  private constructor(device: BlockDevice, superblock: Superblock, inodeBlock: Buffer) {
+    this.device = device;
+    this.superblock = superblock;
+    this.#inodeBlock = inodeBlock;
+    this.#inode = decodeInode(inodeBlock);
+  }
+
+  /**
+   * Read and check the superblock and inode, as mount does. Errors: EINVAL when the device
+   * is not a singlefilefs image, ECORRUPT when its metadata cannot be right.
+   */
+  static async open(device: BlockDevice): Promise<SingleFileFs> {
+    if (device.size < (FIRST_DATA_BLOCK + 1) * SFFS_BLOCK_SIZE) {
+      throw new BdsnapError('EINVAL', `not a singlefilefs image: the device has ${device.size} bytes, fewer than 3 blocks`);
+    }
+    const sbBlock = Buffer.alloc(SFFS_BLOCK_SIZE);
+    await device.read(sbBlock, SUPERBLOCK_BLOCK * SFFS_BLOCK_SIZE);
+    const superblock = decodeSuperblock(sbBlock);
+    const room = device.size - FIRST_DATA_BLOCK * SFFS_BLOCK_SIZE;
+    if (superblock.maxFileSizeBytes > room) {
+      throw new BdsnapError('ECORRUPT',
+        `singlefilefs max file size ${superblock.maxFileSizeBytes} does not fit the device (${room} bytes after the metadata blocks)`);
+    }
+    const inodeBlock = Buffer.alloc(SFFS_BLOCK_SIZE);
+    await device.read(inodeBlock, INODE_BLOCK * SFFS_BLOCK_SIZE);
+    const fs = new SingleFileFs(device, superblock, inodeBlock);
+    if (fs.size > superblock.maxFileSizeBytes) {
+      throw new BdsnapError('ECORRUPT', `singlefilefs file size ${fs.size} is larger than the max file size ${superblock.maxFileSizeBytes}`);
+    }
+    return fs;
+  }
+
+  /** Current file size in bytes. */
+  get size(): number {
+    return this.#inode.fileSizeBytes;
+  }
+
+  get maxFileSize(): number {
+    return this.superblock.maxFileSizeBytes;
+  }
+
+  get inode(): Readonly<Inode> {
+    return { ...this.#inode };
+  }
+
+  /** Read up to `lengthBytes` from `offsetBytes`; nothing past the end of the file. */
+  async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+    checkOffset(offsetBytes);
+    if (!Number.isSafeInteger(lengthBytes) || lengthBytes < 0) throw new BdsnapError('EINVAL', `bad length ${lengthBytes}`);
+    const available = Math.max(0, Math.min(lengthBytes, this.size - offsetBytes));
+    const out = Buffer.alloc(available);
+    if (available > 0) await this.device.read(out, deviceOffsetOf(offsetBytes));
+    return out;
+  }
+
+  /** The whole file. */
+  async readAll(): Promise<Buffer> {
+    return this.read(0, this.size);
+  }
+
+  /**
+   * One call of the driver's write: at most the rest of one data block. Returns the bytes
+   * written, 0 at an offset past the end of the file. Errors: EINVAL past the max file size,
+   * ENOSPC at exactly the max file size (the file is full).
+   */
+  writeOnce(offsetBytes: number, data: Buffer): Promise<number> {
+    const result = this.#writeQueue.then(() => this.#writeOnce(offsetBytes, data));
+    this.#writeQueue = result.catch(() => undefined);
+    return result;
+  }
+
+  /**
+   * Write all of `data` as a user-space caller does: call writeOnce until everything is
+   * written or a call writes nothing. Returns the bytes written, which is short when the
+   * offset is past the end of the file (0) or the file reached its max size.
+   */
+  async write(offsetBytes: number, data: Buffer): Promise<number> {
+    let doneBytes = 0;
+    while (doneBytes < data.length) {
+      let n: number;
+      try {
+        n = await this.writeOnce(offsetBytes + doneBytes, data.subarray(doneBytes));
+      } catch (err) {
+        // A full file after some progress is a short write, as write(2) reports it.
+        if (doneBytes > 0 && err instanceof BdsnapError && err.code === 'ENOSPC') break;
+        throw err;
+      }
+      if (n === 0) break;
+      doneBytes += n;
+    }
+    return doneBytes;
+  }
+
+  /** Make every completed write durable on the device. */
+  async flush(): Promise<void> {
+    await this.#writeQueue;
+    await this.device.flush();
+  }
+
+  async #writeOnce(offsetBytes: number, data: Buffer): Promise<number> {
+    checkOffset(offsetBytes);
+    if (offsetBytes > this.maxFileSize) {
+      throw new BdsnapError('EINVAL', `offset ${offsetBytes} is past the max file size (${this.maxFileSize} bytes)`);
+    }
+    if (offsetBytes > this.size || data.length === 0) return 0;
+    if (offsetBytes === this.maxFileSize) {
+      throw new BdsnapError('ENOSPC', `the file is full: it has reached the max file size (${this.maxFileSize} bytes)`);
+    }
+    const inBlockBytes = offsetBytes % SFFS_BLOCK_SIZE;
+    const lengthBytes = Math.min(data.length, SFFS_BLOCK_SIZE - inBlockBytes, this.maxFileSize - offsetBytes);
+    const blockOffsetBytes = deviceOffsetOf(offsetBytes - inBlockBytes);
+    const block = Buffer.alloc(SFFS_BLOCK_SIZE);
+    await this.device.read(block, blockOffsetBytes);
+    data.copy(block, inBlockBytes, 0, lengthBytes);
+    await this.device.write(block, blockOffsetBytes);
+    const endBytes = offsetBytes + lengthBytes;
+    if (endBytes > this.size) {
+      const inodeBlock = Buffer.from(this.#inodeBlock);
+      patchFileSize(inodeBlock, endBytes);
+      await this.device.write(inodeBlock, INODE_BLOCK * SFFS_BLOCK_SIZE);
+      this.#inodeBlock = inodeBlock;
+      this.#inode = { ...this.#inode, fileSizeBytes: endBytes };
+    }
+    return lengthBytes;
+  }
+}
+
+function checkOffset(offsetBytes: number): void {
+  if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0) {
+    throw new BdsnapError('EINVAL', `bad offset ${offsetBytes}: it must be a non-negative integer`);
+  }
+}

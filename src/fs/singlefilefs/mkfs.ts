@@ -1,0 +1,69 @@
+/**
+ * The singlefilefs formatter: superblock, inode, and the initial body, as the course's
+ * formatter writes them, with the fields it leaves uninitialised written as zero.
+ * Only blocks 0 to 2 are written; the rest of the device is left as it is.
+ */
+
+import fs from 'node:fs';
+import type { BlockDevice } from '../../device/block-device.js';
+import { FileDevice } from '../../device/file-device.js';
+import { BdsnapError, toBdsnapError } from '../../errors.js';
+import {
+  FIRST_DATA_BLOCK, INITIAL_CONTENT, INODE_BLOCK, MIN_IMAGE_BLOCKS, SFFS_BLOCK_SIZE, SUPERBLOCK_BLOCK,
+  encodeInode, encodeSuperblock, fileInode, superblockFor,
+} from './layout.js';
+
+/** Default image size of `mkfsImage`, as in the course (`dd bs=4096 count=100`). */
+export const DEFAULT_IMAGE_BLOCKS = 100;
+
+/** Format `device`. Errors: EINVAL when it is not a whole number of blocks or smaller than 3 blocks. */
+export async function mkfs(device: BlockDevice): Promise<void> {
+  checkDeviceSize(device.size);
+  const body = Buffer.alloc(SFFS_BLOCK_SIZE);
+  const bodyLength = body.write(INITIAL_CONTENT, 'latin1');
+  await device.write(encodeSuperblock(superblockFor(device.size)), SUPERBLOCK_BLOCK * SFFS_BLOCK_SIZE);
+  await device.write(encodeInode(fileInode(bodyLength)), INODE_BLOCK * SFFS_BLOCK_SIZE);
+  await device.write(body, FIRST_DATA_BLOCK * SFFS_BLOCK_SIZE);
+  await device.flush();
+}
+
+/** Create (or overwrite) an image file of `blocks` zeroed blocks and format it. */
+export async function mkfsImage(path: string, blocks: number = DEFAULT_IMAGE_BLOCKS): Promise<void> {
+  if (!Number.isSafeInteger(blocks) || blocks < MIN_IMAGE_BLOCKS || blocks > Number.MAX_SAFE_INTEGER / SFFS_BLOCK_SIZE) {
+    throw new BdsnapError('EINVAL', `a singlefilefs image needs a whole number of blocks, at least ${MIN_IMAGE_BLOCKS}; got ${blocks}`);
+  }
+  try {
+    const st = await fs.promises.stat(path).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return undefined;
+      throw err;
+    });
+    if (st && !st.isFile()) {
+      throw new BdsnapError('EINVAL', `${path} exists and is not a regular file; mkfsImage only creates image files`);
+    }
+    // Truncating to zero first makes every block past the body read as zeroes.
+    const handle = await fs.promises.open(path, 'w');
+    try {
+      await handle.truncate(blocks * SFFS_BLOCK_SIZE);
+    } finally {
+      await handle.close();
+    }
+  } catch (err) {
+    const e = toBdsnapError(err);
+    throw e === err ? e : new BdsnapError(e.code, `cannot create ${path}: ${e.message}`, { cause: err });
+  }
+  const device = await FileDevice.open(path);
+  try {
+    await mkfs(device);
+  } finally {
+    await device.close();
+  }
+}
+
+function checkDeviceSize(sizeBytes: number): void {
+  if (sizeBytes % SFFS_BLOCK_SIZE !== 0) {
+    throw new BdsnapError('EINVAL', `device size ${sizeBytes} is not a whole number of ${SFFS_BLOCK_SIZE}-byte blocks`);
+  }
+  if (sizeBytes < MIN_IMAGE_BLOCKS * SFFS_BLOCK_SIZE) {
+    throw new BdsnapError('EINVAL', `device size ${sizeBytes} is too small: singlefilefs needs at least ${MIN_IMAGE_BLOCKS} blocks of ${SFFS_BLOCK_SIZE} bytes`);
+  }
+}

@@ -1,0 +1,225 @@
+/**
+ * Incremental decoder of what an NBD server sends: the greeting, option replies, the reply to
+ * NBD_OPT_EXPORT_NAME, then simple replies and structured reply chunks. Pure, like
+ * RequestDecoder: magic first, then lengths against the maximum before allocating.
+ *
+ * A simple reply does not say whether data follows; only the client knows which cookies are
+ * READs awaiting data, so the decoder asks through `simpleReplyDataBytes`.
+ */
+
+import { ByteQueue, NbdProtocolError, fillPartial, type PartialPayload } from './byte-queue.js';
+import {
+  IHAVEOPT_HI, IHAVEOPT_LO, MAX_OPTION_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, NBDMAGIC_HI, NBDMAGIC_LO, NBD_REP_MAGIC_HI,
+  NBD_REP_MAGIC_LO, NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC, OPTION_REPLY_HEADER_BYTES,
+  SIMPLE_REPLY_HEADER_BYTES, STRUCTURED_REPLY_HEADER_BYTES,
+} from './constants.js';
+
+export interface GreetingMessage {
+  kind: 'greeting';
+  handshakeFlags: number;
+}
+
+export interface OptionReplyMessage {
+  kind: 'option-reply';
+  option: number;
+  type: number;
+  data: Buffer;
+}
+
+export interface ExportInfoMessage {
+  kind: 'export-info';
+  sizeBytes: number;
+  transmissionFlags: number;
+}
+
+export interface SimpleReplyMessage {
+  kind: 'simple-reply';
+  errno: number;
+  cookieHi: number;
+  cookieLo: number;
+  /** READ data (present only for a successful READ). */
+  data: Buffer | undefined;
+}
+
+export interface StructuredReplyMessage {
+  kind: 'structured-reply';
+  flags: number;
+  type: number;
+  cookieHi: number;
+  cookieLo: number;
+  payload: Buffer;
+}
+
+export type ServerMessage = GreetingMessage | OptionReplyMessage | ExportInfoMessage | SimpleReplyMessage | StructuredReplyMessage;
+
+export type ReplyDecoderPhase = 'greeting' | 'options' | 'export-name' | 'transmission';
+
+export interface ReplyDecoderOptions {
+  /** Length of the data following a successful simple reply with this cookie (0 if none). */
+  simpleReplyDataBytes?: (cookieHi: number, cookieLo: number) => number;
+  maxOptionReplyBytes?: number;
+  /** Largest structured chunk payload (data plus its fixed fields). */
+  maxChunkPayloadBytes?: number;
+}
+
+const TWO_POW_32 = 4294967296;
+const EXPORT_NAME_REPLY_BYTES = 10;
+const EXPORT_NAME_ZEROES = 124;
+
+export class ReplyDecoder {
+  #queue = new ByteQueue();
+  #phase: ReplyDecoderPhase = 'greeting';
+  #noZeroes = false;
+  #partial: PartialPayload<SimpleReplyMessage | StructuredReplyMessage | OptionReplyMessage> | undefined;
+  #dataBytes: (cookieHi: number, cookieLo: number) => number;
+  #maxOptionBytes: number;
+  #maxChunkBytes: number;
+
+  constructor(options: ReplyDecoderOptions = {}) {
+    this.#dataBytes = options.simpleReplyDataBytes ?? (() => 0);
+    this.#maxOptionBytes = options.maxOptionReplyBytes ?? MAX_OPTION_PAYLOAD_BYTES;
+    this.#maxChunkBytes = options.maxChunkPayloadBytes ?? MAX_PAYLOAD_BYTES + 1024;
+  }
+
+  get phase(): ReplyDecoderPhase {
+    return this.#phase;
+  }
+
+  /** `noZeroes`: NBD_FLAG_C_NO_ZEROES was negotiated (matters for 'export-name'). */
+  setPhase(phase: ReplyDecoderPhase, noZeroes = false): void {
+    this.#phase = phase;
+    this.#noZeroes = noZeroes;
+  }
+
+  append(chunk: Buffer): void {
+    this.#queue.append(chunk);
+  }
+
+  push(chunk: Buffer): ServerMessage[] {
+    this.append(chunk);
+    const out: ServerMessage[] = [];
+    for (let m = this.next(); m; m = this.next()) out.push(m);
+    return out;
+  }
+
+  next(): ServerMessage | undefined {
+    const q = this.#queue;
+    if (this.#partial) {
+      if (!fillPartial(q, this.#partial)) return undefined;
+      const { message, buffer } = this.#partial;
+      this.#partial = undefined;
+      setPayload(message, buffer);
+      return message;
+    }
+    switch (this.#phase) {
+      case 'greeting': {
+        if (q.length < 18) return undefined;
+        const at = q.view(18);
+        const b = q.viewBuffer;
+        if (b.readUInt32BE(at) !== NBDMAGIC_HI || b.readUInt32BE(at + 4) !== NBDMAGIC_LO) {
+          throw new NbdProtocolError('bad greeting magic (expected NBDMAGIC)', q.position);
+        }
+        if (b.readUInt32BE(at + 8) !== IHAVEOPT_HI || b.readUInt32BE(at + 12) !== IHAVEOPT_LO) {
+          throw new NbdProtocolError('server does not speak newstyle negotiation (expected IHAVEOPT)', q.position + 8);
+        }
+        const handshakeFlags = b.readUInt16BE(at + 16);
+        q.skip(18);
+        this.#phase = 'options';
+        return { kind: 'greeting', handshakeFlags };
+      }
+      case 'options': {
+        if (q.length < OPTION_REPLY_HEADER_BYTES) return undefined;
+        const at = q.view(OPTION_REPLY_HEADER_BYTES);
+        const b = q.viewBuffer;
+        if (b.readUInt32BE(at) !== NBD_REP_MAGIC_HI || b.readUInt32BE(at + 4) !== NBD_REP_MAGIC_LO) {
+          throw new NbdProtocolError('bad option reply magic', q.position);
+        }
+        const length = b.readUInt32BE(at + 16);
+        if (length > this.#maxOptionBytes) {
+          throw new NbdProtocolError(`option reply of ${length} bytes exceeds the maximum of ${this.#maxOptionBytes}`, q.position + 16);
+        }
+        const message: OptionReplyMessage = { kind: 'option-reply', option: b.readUInt32BE(at + 8), type: b.readUInt32BE(at + 12), data: EMPTY };
+        q.skip(OPTION_REPLY_HEADER_BYTES);
+        return this.#payload(message, length);
+      }
+      case 'export-name': {
+        const n = EXPORT_NAME_REPLY_BYTES + (this.#noZeroes ? 0 : EXPORT_NAME_ZEROES);
+        if (q.length < n) return undefined;
+        const at = q.view(EXPORT_NAME_REPLY_BYTES);
+        const b = q.viewBuffer;
+        const message: ExportInfoMessage = {
+          kind: 'export-info',
+          sizeBytes: b.readUInt32BE(at) * TWO_POW_32 + b.readUInt32BE(at + 4),
+          transmissionFlags: b.readUInt16BE(at + 8),
+        };
+        q.skip(n);
+        this.#phase = 'transmission';
+        return message;
+      }
+      case 'transmission':
+        return this.#nextReply();
+    }
+  }
+
+  #nextReply(): ServerMessage | undefined {
+    const q = this.#queue;
+    if (q.length < 4) return undefined;
+    let at = q.view(4);
+    const magic = q.viewBuffer.readUInt32BE(at);
+    if (magic === NBD_SIMPLE_REPLY_MAGIC) {
+      if (q.length < SIMPLE_REPLY_HEADER_BYTES) return undefined;
+      at = q.view(SIMPLE_REPLY_HEADER_BYTES);
+      const b = q.viewBuffer;
+      const message: SimpleReplyMessage = {
+        kind: 'simple-reply',
+        errno: b.readUInt32BE(at + 4),
+        cookieHi: b.readUInt32BE(at + 8),
+        cookieLo: b.readUInt32BE(at + 12),
+        data: undefined,
+      };
+      q.skip(SIMPLE_REPLY_HEADER_BYTES);
+      if (message.errno !== 0) return message;
+      const n = this.#dataBytes(message.cookieHi, message.cookieLo);
+      if (n === 0) return message;
+      return this.#payload(message, n);
+    }
+    if (magic === NBD_STRUCTURED_REPLY_MAGIC) {
+      if (q.length < STRUCTURED_REPLY_HEADER_BYTES) return undefined;
+      at = q.view(STRUCTURED_REPLY_HEADER_BYTES);
+      const b = q.viewBuffer;
+      const length = b.readUInt32BE(at + 16);
+      if (length > this.#maxChunkBytes) {
+        throw new NbdProtocolError(`reply chunk of ${length} bytes exceeds the maximum of ${this.#maxChunkBytes}`, q.position + 16);
+      }
+      const message: StructuredReplyMessage = {
+        kind: 'structured-reply',
+        flags: b.readUInt16BE(at + 4),
+        type: b.readUInt16BE(at + 6),
+        cookieHi: b.readUInt32BE(at + 8),
+        cookieLo: b.readUInt32BE(at + 12),
+        payload: EMPTY,
+      };
+      q.skip(STRUCTURED_REPLY_HEADER_BYTES);
+      return this.#payload(message, length);
+    }
+    throw new NbdProtocolError(`bad reply magic 0x${magic.toString(16)}`, q.position);
+  }
+
+  #payload(message: SimpleReplyMessage | StructuredReplyMessage | OptionReplyMessage, n: number): ServerMessage | undefined {
+    const q = this.#queue;
+    if (q.length >= n) {
+      setPayload(message, q.take(n));
+      return message;
+    }
+    this.#partial = { message, buffer: Buffer.allocUnsafe(n), filledBytes: 0 };
+    return this.next();
+  }
+}
+
+function setPayload(message: SimpleReplyMessage | StructuredReplyMessage | OptionReplyMessage, buffer: Buffer): void {
+  if (message.kind === 'simple-reply') message.data = buffer;
+  else if (message.kind === 'structured-reply') message.payload = buffer;
+  else message.data = buffer;
+}
+
+const EMPTY = Buffer.alloc(0);

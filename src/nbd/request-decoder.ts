@@ -1,0 +1,206 @@
+/**
+ * Incremental decoder of what an NBD client sends: its handshake flags, fixed-newstyle options,
+ * then transmission requests. Pure: bytes in, messages out, no I/O.
+ *
+ * Order of checks for every frame: magic, then length against the maximum (before anything
+ * is allocated), and only then the payload. A payload longer than the maximum is skipped
+ * byte for byte without being stored and the message is flagged, so the server can refuse
+ * it and the connection lives on. Bad magic is fatal: the stream cannot be resynchronised.
+ *
+ * The phase is switched by the caller (the server knows when an option moved the connection
+ * to transmission); messages are decoded one at a time by next(), so a caller that switches
+ * phase between two calls never sees bytes decoded under the wrong phase.
+ */
+
+import { ByteQueue, NbdProtocolError, fillPartial, type PartialPayload } from './byte-queue.js';
+import {
+  IHAVEOPT_HI, IHAVEOPT_LO, MAX_OPTION_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, NBD_CMD_WRITE, NBD_REQUEST_MAGIC,
+  OPTION_HEADER_BYTES, REQUEST_HEADER_BYTES,
+} from './constants.js';
+
+export interface ClientFlagsMessage {
+  kind: 'client-flags';
+  flags: number;
+}
+
+export interface OptionMessage {
+  kind: 'option';
+  option: number;
+  /** The option data; empty when `tooBig`. */
+  data: Buffer;
+  /** Declared length of the data. */
+  lengthBytes: number;
+  /** The data exceeded the option payload cap and was skipped. */
+  tooBig: boolean;
+}
+
+export interface RequestMessage {
+  kind: 'request';
+  flags: number;
+  type: number;
+  /** The 64-bit cookie as two unsigned 32-bit halves, echoed as they came. */
+  cookieHi: number;
+  cookieLo: number;
+  /** May exceed 2^53 (then imprecise, but certainly past the end of any device). */
+  offsetBytes: number;
+  lengthBytes: number;
+  /** The WRITE payload; undefined for other commands and for a skipped payload. */
+  payload: Buffer | undefined;
+  /** A WRITE payload over the maximum was read and thrown away. */
+  payloadSkipped: boolean;
+}
+
+export type ClientMessage = ClientFlagsMessage | OptionMessage | RequestMessage;
+
+export type RequestDecoderPhase = 'client-flags' | 'options' | 'transmission';
+
+export interface RequestDecoderOptions {
+  maxOptionPayloadBytes?: number;
+  maxWritePayloadBytes?: number;
+}
+
+const TWO_POW_32 = 4294967296;
+
+export class RequestDecoder {
+  #queue = new ByteQueue();
+  #phase: RequestDecoderPhase = 'client-flags';
+  #partial: PartialPayload<RequestMessage | OptionMessage> | undefined;
+  #skipBytes = 0;
+  #skipped: ClientMessage | undefined;
+  #maxOptionBytes: number;
+  #maxWriteBytes: number;
+
+  constructor(options: RequestDecoderOptions = {}) {
+    this.#maxOptionBytes = options.maxOptionPayloadBytes ?? MAX_OPTION_PAYLOAD_BYTES;
+    this.#maxWriteBytes = options.maxWritePayloadBytes ?? MAX_PAYLOAD_BYTES;
+  }
+
+  get phase(): RequestDecoderPhase {
+    return this.#phase;
+  }
+
+  setPhase(phase: RequestDecoderPhase): void {
+    this.#phase = phase;
+  }
+
+  /** Bytes received and not yet decoded. */
+  get bufferedBytes(): number {
+    return this.#queue.length;
+  }
+
+  append(chunk: Buffer): void {
+    this.#queue.append(chunk);
+  }
+
+  /** Append `chunk` and decode every complete message. */
+  push(chunk: Buffer): ClientMessage[] {
+    this.append(chunk);
+    const out: ClientMessage[] = [];
+    for (let m = this.next(); m; m = this.next()) out.push(m);
+    return out;
+  }
+
+  /** The next complete message, or undefined when more bytes are needed. Throws NbdProtocolError. */
+  next(): ClientMessage | undefined {
+    const q = this.#queue;
+    if (this.#skipBytes > 0) {
+      const n = Math.min(this.#skipBytes, q.length);
+      q.skip(n);
+      this.#skipBytes -= n;
+      if (this.#skipBytes > 0) return undefined;
+      const m = this.#skipped!;
+      this.#skipped = undefined;
+      return m;
+    }
+    if (this.#partial) {
+      if (!fillPartial(q, this.#partial)) return undefined;
+      const { message, buffer } = this.#partial;
+      this.#partial = undefined;
+      if (message.kind === 'request') message.payload = buffer;
+      else message.data = buffer;
+      return message;
+    }
+    switch (this.#phase) {
+      case 'client-flags': {
+        if (q.length < 4) return undefined;
+        const at = q.view(4);
+        const flags = q.viewBuffer.readUInt32BE(at);
+        q.skip(4);
+        this.#phase = 'options';
+        return { kind: 'client-flags', flags };
+      }
+      case 'options':
+        return this.#nextOption();
+      case 'transmission':
+        return this.#nextRequest();
+    }
+  }
+
+  #nextOption(): OptionMessage | undefined {
+    const q = this.#queue;
+    if (q.length < OPTION_HEADER_BYTES) return undefined;
+    const at = q.view(OPTION_HEADER_BYTES);
+    const b = q.viewBuffer;
+    if (b.readUInt32BE(at) !== IHAVEOPT_HI || b.readUInt32BE(at + 4) !== IHAVEOPT_LO) {
+      throw new NbdProtocolError('bad option magic (expected IHAVEOPT)', q.position);
+    }
+    const option = b.readUInt32BE(at + 8);
+    const lengthBytes = b.readUInt32BE(at + 12);
+    q.skip(OPTION_HEADER_BYTES);
+    const message: OptionMessage = { kind: 'option', option, data: EMPTY, lengthBytes, tooBig: false };
+    if (lengthBytes > this.#maxOptionBytes) {
+      message.tooBig = true;
+      return this.#startSkip(message, lengthBytes) as OptionMessage | undefined;
+    }
+    return this.#startPayload(message, lengthBytes) as OptionMessage | undefined;
+  }
+
+  #nextRequest(): RequestMessage | undefined {
+    const q = this.#queue;
+    if (q.length < REQUEST_HEADER_BYTES) return undefined;
+    const at = q.view(REQUEST_HEADER_BYTES);
+    const b = q.viewBuffer;
+    if (b.readUInt32BE(at) !== NBD_REQUEST_MAGIC) {
+      throw new NbdProtocolError(`bad request magic 0x${b.readUInt32BE(at).toString(16)}`, q.position);
+    }
+    const message: RequestMessage = {
+      kind: 'request',
+      flags: b.readUInt16BE(at + 4),
+      type: b.readUInt16BE(at + 6),
+      cookieHi: b.readUInt32BE(at + 8),
+      cookieLo: b.readUInt32BE(at + 12),
+      offsetBytes: b.readUInt32BE(at + 16) * TWO_POW_32 + b.readUInt32BE(at + 20),
+      lengthBytes: b.readUInt32BE(at + 24),
+      payload: undefined,
+      payloadSkipped: false,
+    };
+    q.skip(REQUEST_HEADER_BYTES);
+    if (message.type !== NBD_CMD_WRITE) return message;
+    if (message.lengthBytes > this.#maxWriteBytes) {
+      message.payloadSkipped = true;
+      return this.#startSkip(message, message.lengthBytes) as RequestMessage | undefined;
+    }
+    return this.#startPayload(message, message.lengthBytes) as RequestMessage | undefined;
+  }
+
+  #startSkip(message: ClientMessage, n: number): ClientMessage | undefined {
+    this.#skipBytes = n;
+    this.#skipped = message;
+    return this.next();
+  }
+
+  #startPayload(message: RequestMessage | OptionMessage, n: number): ClientMessage | undefined {
+    const q = this.#queue;
+    if (q.length >= n) {
+      const data = q.take(n);
+      if (message.kind === 'request') message.payload = data;
+      else message.data = data;
+      return message;
+    }
+    // The length was checked against the cap above, so this allocation is bounded.
+    this.#partial = { message, buffer: Buffer.allocUnsafe(n), filledBytes: 0 };
+    return this.next();
+  }
+}
+
+const EMPTY = Buffer.alloc(0);

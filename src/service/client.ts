@@ -1,0 +1,168 @@
+/**
+ * The client library for the daemon's control socket, used by the CLI. Each call sends one
+ * request line and resolves with the typed result; a refusal from the daemon comes back as a
+ * BdsnapError with the daemon's code and message.
+ */
+
+import net from 'node:net';
+import path from 'node:path';
+import { BdsnapError } from '../errors.js';
+import {
+  LineDecoder, responseSchema, type ActivationResult, type ListResult, type MountResult, type PasswdResult, type PingResult,
+  type RequestBody, type RequestOp, type ResultMap, type StatusResult, type UmountResult,
+} from './control-protocol.js';
+
+export const DEFAULT_RUN_DIR = '/run/bdsnap';
+export const CONTROL_SOCKET = 'control.sock';
+export const NBD_SOCKET = 'nbd.sock';
+
+/** The run directory: the argument, else $BDSNAP_RUN_DIR, else /run/bdsnap. */
+export function resolveRunDir(runDir?: string): string {
+  return path.resolve(runDir ?? process.env.BDSNAP_RUN_DIR ?? DEFAULT_RUN_DIR);
+}
+
+interface Pending {
+  resolve(value: unknown): void;
+  reject(err: BdsnapError): void;
+}
+
+export interface MountOptions {
+  /** Filesystem type for mount -t. */
+  type?: string;
+  /** Options for mount -o. */
+  options?: string;
+}
+
+export class BdsnapClient {
+  readonly #socket: net.Socket;
+  readonly #pending = new Map<number, Pending>();
+  #nextId = 1;
+  #closedError: BdsnapError | undefined;
+
+  private constructor(socket: net.Socket) {
+    this.#socket = socket;
+    const decoder = new LineDecoder(16 * 1024 * 1024);
+    socket.on('data', (chunk: Buffer) => {
+      for (const event of decoder.push(chunk)) {
+        if (event.kind === 'oversized') {
+          this.#failAll(new BdsnapError('EPROTO', 'the daemon sent an answer too long to read'));
+          socket.destroy();
+          return;
+        }
+        this.#onLine(event.text);
+      }
+    });
+    socket.on('error', (err) => this.#failAll(new BdsnapError('EIO', `control connection failed: ${err.message}`, { cause: err })));
+    socket.on('close', () => this.#failAll(new BdsnapError('ESHUTDOWN', 'the daemon closed the control connection')));
+  }
+
+  /** Connect to the daemon of `runDir` (default: see resolveRunDir). */
+  static async connect(runDir?: string): Promise<BdsnapClient> {
+    const socketPath = path.join(resolveRunDir(runDir), CONTROL_SOCKET);
+    const socket = net.connect(socketPath);
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', () => resolve());
+      socket.once('error', (err: NodeJS.ErrnoException) => {
+        socket.destroy();
+        if (err.code === 'EACCES' || err.code === 'EPERM') {
+          reject(new BdsnapError('EPERM', `permission denied on ${socketPath}: bdsnap control operations need root`, { cause: err }));
+        } else if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') {
+          reject(new BdsnapError('ENOENT', `the bdsnap daemon is not running (no control socket at ${socketPath})`, { cause: err }));
+        } else {
+          reject(new BdsnapError('EIO', `cannot connect to ${socketPath}: ${err.message}`, { cause: err }));
+        }
+      });
+    });
+    return new BdsnapClient(socket);
+  }
+
+  ping(): Promise<PingResult> {
+    return this.request('ping', {});
+  }
+
+  /** Set the service password; `currentPassword` is required when one is already set. */
+  setPassword(newPassword: string, currentPassword?: string): Promise<PasswdResult> {
+    return this.request('passwd', { newPassword, ...(currentPassword !== undefined ? { currentPassword } : {}) });
+  }
+
+  activate(device: string, password: string): Promise<ActivationResult> {
+    return this.request('activate', { device: path.resolve(device), password });
+  }
+
+  deactivate(device: string, password: string): Promise<ActivationResult> {
+    return this.request('deactivate', { device: path.resolve(device), password });
+  }
+
+  status(): Promise<StatusResult> {
+    return this.request('status', {});
+  }
+
+  list(device?: string): Promise<ListResult> {
+    return this.request('list', { ...(device !== undefined ? { device: path.resolve(device) } : {}) });
+  }
+
+  mount(device: string, mountpoint: string, options: MountOptions = {}): Promise<MountResult> {
+    return this.request('mount', {
+      device: path.resolve(device), mountpoint: path.resolve(mountpoint),
+      ...(options.type !== undefined ? { type: options.type } : {}),
+      ...(options.options !== undefined ? { options: options.options } : {}),
+    });
+  }
+
+  umount(mountpoint: string): Promise<UmountResult> {
+    return this.request('umount', { mountpoint: path.resolve(mountpoint) });
+  }
+
+  /** Send any request body; exposed for tools and tests that speak the protocol directly. */
+  request<Op extends RequestOp>(op: Op, body: Omit<RequestBody<Op>, 'op'>): Promise<ResultMap[Op]> {
+    if (this.#closedError) return Promise.reject(this.#closedError);
+    const id = this.#nextId++;
+    const euid = process.geteuid?.() ?? 0;
+    return new Promise<ResultMap[Op]>((resolve, reject) => {
+      this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.#socket.write(`${JSON.stringify({ ...body, op, id, euid })}\n`);
+    });
+  }
+
+  close(): void {
+    this.#closedError ??= new BdsnapError('ESHUTDOWN', 'the client is closed');
+    this.#socket.end();
+  }
+
+  #onLine(text: string): void {
+    let parsed;
+    try {
+      parsed = responseSchema.safeParse(JSON.parse(text));
+    } catch {
+      parsed = undefined;
+    }
+    if (!parsed?.success) {
+      this.#failAll(new BdsnapError('EPROTO', 'the daemon sent an answer that does not parse'));
+      this.#socket.destroy();
+      return;
+    }
+    const response = parsed.data;
+    const pending = response.id === null ? this.#pending.values().next().value : this.#pending.get(response.id);
+    if (!pending) return;
+    const id = response.id ?? [...this.#pending.keys()][0];
+    if (id !== undefined) this.#pending.delete(id);
+    if (response.ok) pending.resolve(response.result);
+    else pending.reject(new BdsnapError(response.error.code, response.error.message));
+  }
+
+  #failAll(err: BdsnapError): void {
+    this.#closedError ??= err;
+    for (const p of this.#pending.values()) p.reject(err);
+    this.#pending.clear();
+  }
+}
+
+/** Connect, run `fn`, close. */
+export async function withClient<T>(runDir: string | undefined, fn: (client: BdsnapClient) => Promise<T>): Promise<T> {
+  const client = await BdsnapClient.connect(runDir);
+  try {
+    return await fn(client);
+  } finally {
+    client.close();
+  }
+}

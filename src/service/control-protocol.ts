@@ -1,0 +1,197 @@
+/**
+ * The control protocol between the `bdsnap` CLI and the daemon: JSON lines over a unix socket.
+ * Each request line is one object `{ id, euid, op, ... }`; each answer line is
+ * `{ id, ok: true, result }` or `{ id, ok: false, error: { code, message } }`. Requests on one
+ * connection are answered in order.
+ *
+ * Every request is validated with zod before anything acts on it, and a line longer than
+ * MAX_LINE_BYTES is refused without being buffered whole: the decoder drops its bytes up to
+ * the next newline and reports one error for it.
+ */
+
+import { z } from 'zod';
+import type { ErrorCode } from '../errors.js';
+
+export const MAX_LINE_BYTES = 64 * 1024;
+const MAX_PATH_CHARS = 4096;
+const MAX_PASSWORD_CHARS = 1024;
+
+const devicePath = z.string().min(1).max(MAX_PATH_CHARS);
+const password = z.string().max(MAX_PASSWORD_CHARS);
+const envelope = { id: z.number().int().nonnegative(), euid: z.number().int().nonnegative() };
+
+export const requestSchema = z.discriminatedUnion('op', [
+  z.object({ ...envelope, op: z.literal('ping') }).strict(),
+  z.object({ ...envelope, op: z.literal('passwd'), newPassword: password, currentPassword: password.optional() }).strict(),
+  z.object({ ...envelope, op: z.literal('activate'), device: devicePath, password }).strict(),
+  z.object({ ...envelope, op: z.literal('deactivate'), device: devicePath, password }).strict(),
+  z.object({ ...envelope, op: z.literal('status') }).strict(),
+  z.object({ ...envelope, op: z.literal('list'), device: devicePath.optional() }).strict(),
+  z.object({
+    ...envelope,
+    op: z.literal('mount'),
+    device: devicePath,
+    mountpoint: z.string().min(1).max(MAX_PATH_CHARS),
+    type: z.string().regex(/^[a-z0-9_.]{1,32}$/, 'a filesystem type is lowercase letters, digits, dots or underscores').optional(),
+    options: z.string().regex(/^[^\s\0]{1,1024}$/, 'mount options are one word without spaces').optional(),
+  }).strict(),
+  z.object({ ...envelope, op: z.literal('umount'), mountpoint: z.string().min(1).max(MAX_PATH_CHARS) }).strict(),
+]);
+
+export type Request = z.infer<typeof requestSchema>;
+export type RequestOp = Request['op'];
+/** A request as the client builds it; the client adds id and euid. */
+export type RequestBody<Op extends RequestOp = RequestOp> = Omit<Extract<Request, { op: Op }>, 'id' | 'euid'>;
+
+export interface ActivationResult {
+  device: string;
+  active: boolean;
+  /** False when the device was already in the asked state. */
+  changed: boolean;
+  /** For deactivate while mounted: the session that carries on until unmount. */
+  sessionContinues: string | null;
+}
+
+export interface DeviceStatus {
+  device: string;
+  active: boolean;
+  /** Open through bdsnap right now (mounted, or NBD clients connected). */
+  attached: boolean;
+  connections: number;
+  mountpoint: string | null;
+  loopDevice: string | null;
+  /** Directory of the open session, once the first modifying request has created it. */
+  currentSession: string | null;
+  /** Whether the open attach runs under a session at all. */
+  inSession: boolean;
+  bytesPreserved: number;
+  sessionState: string | null;
+  sessionCount: number;
+  dirtyOutsideSession: boolean;
+}
+
+export interface StatusResult {
+  runDir: string;
+  snapshotRoot: string;
+  pid: number;
+  devices: DeviceStatus[];
+}
+
+export interface SessionSummary {
+  dir: string;
+  device: string;
+  mountTime: string | null;
+  endTime: string | null;
+  state: string;
+  /** Bytes of originals preserved. */
+  preservedBytes: number;
+  /** Bytes the session directory takes on disk. */
+  sizeBytes: number;
+}
+
+export interface ListResult {
+  sessions: SessionSummary[];
+}
+
+export interface MountResult {
+  device: string;
+  mountpoint: string;
+  loopDevice: string | null;
+  /** The device is under a session for this mount (it was active). */
+  inSession: boolean;
+}
+
+export interface UmountResult {
+  device: string;
+  mountpoint: string;
+  /** The session closed by this unmount, or null (inactive device, or nothing was written). */
+  sessionDir: string | null;
+}
+
+export interface PasswdResult {
+  changed: boolean;
+}
+
+export interface PingResult {
+  pid: number;
+  version: number;
+}
+
+export interface ResultMap {
+  ping: PingResult;
+  passwd: PasswdResult;
+  activate: ActivationResult;
+  deactivate: ActivationResult;
+  status: StatusResult;
+  list: ListResult;
+  mount: MountResult;
+  umount: UmountResult;
+}
+
+export interface ErrorBody {
+  code: ErrorCode;
+  message: string;
+}
+
+export type Response =
+  | { id: number | null; ok: true; result: unknown }
+  | { id: number | null; ok: false; error: ErrorBody };
+
+export const PROTOCOL_VERSION = 1;
+
+const errorCodes = ['EINVAL', 'ENOSPC', 'EPERM', 'EIO', 'ENOTSUP', 'EBUSY', 'ENOENT', 'EPROTO', 'EAUTH', 'ECORRUPT', 'EMISMATCH', 'ESESSION', 'ESHUTDOWN'] as const;
+
+export const responseSchema = z.union([
+  z.object({ id: z.number().int().nullable(), ok: z.literal(true), result: z.unknown() }),
+  z.object({ id: z.number().int().nullable(), ok: z.literal(false), error: z.object({ code: z.enum(errorCodes), message: z.string() }) }),
+]);
+
+export type LineEvent = { kind: 'line'; text: string } | { kind: 'oversized'; bytes: number };
+
+/**
+ * Incremental newline framing with a cap. `push` returns the complete lines (and oversize
+ * notices) found so far; no line is ever held beyond MAX_LINE_BYTES.
+ */
+export class LineDecoder {
+  readonly #maxBytes: number;
+  #parts: Buffer[] = [];
+  #heldBytes = 0;
+  /** Inside a line already reported as too long: dropping bytes until its newline. */
+  #dropping = false;
+
+  constructor(maxBytes = MAX_LINE_BYTES) {
+    this.#maxBytes = maxBytes;
+  }
+
+  push(chunk: Buffer): LineEvent[] {
+    const events: LineEvent[] = [];
+    let start = 0;
+    while (start < chunk.length) {
+      const nl = chunk.indexOf(0x0a, start);
+      const end = nl === -1 ? chunk.length : nl;
+      const piece = chunk.subarray(start, end);
+      if (!this.#dropping) {
+        if (this.#heldBytes + piece.length > this.#maxBytes) {
+          // Reported at once, so the sender hears about it without having to finish the line.
+          events.push({ kind: 'oversized', bytes: this.#heldBytes + piece.length });
+          this.#dropping = true;
+          this.#parts = [];
+          this.#heldBytes = 0;
+        } else if (piece.length > 0) {
+          this.#parts.push(Buffer.from(piece));
+          this.#heldBytes += piece.length;
+        }
+      }
+      if (nl === -1) break;
+      if (this.#dropping) {
+        this.#dropping = false;
+      } else {
+        events.push({ kind: 'line', text: Buffer.concat(this.#parts, this.#heldBytes).toString('utf8') });
+        this.#parts = [];
+        this.#heldBytes = 0;
+      }
+      start = nl + 1;
+    }
+    return events;
+  }
+}

@@ -1,0 +1,158 @@
+/**
+ * The persisted registry of devices, `<state-dir>/registry.json`, replaced atomically on
+ * every change. It is the daemon's memory across restarts: which devices root registered
+ * (only those are served), which are active, the session directories each has had, the
+ * session open right now (so a restart after a crash can recover it), and whether anything
+ * wrote to the device outside a session (restore must know the device moved on).
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import { BdsnapError } from '../errors.js';
+import { writeFileAtomic } from './atomic-file.js';
+
+export const REGISTRY_FILE = 'registry.json';
+const REGISTRY_VERSION = 1;
+
+const deviceSchema = z.object({
+  path: z.string().min(1),
+  active: z.boolean(),
+  /** ISO time of the last activation or deactivation. */
+  changedAt: z.string(),
+  sessions: z.array(z.string()),
+  currentSession: z.string().nullable(),
+  dirtyOutsideSession: z.boolean(),
+  /** ISO time of the first write outside a session since the flag was last cleared. */
+  dirtySince: z.string().nullable(),
+});
+export type DeviceRecord = z.infer<typeof deviceSchema>;
+
+const fileSchema = z.object({
+  version: z.literal(REGISTRY_VERSION),
+  devices: z.array(deviceSchema),
+});
+
+/**
+ * The canonical name of a device: its real path, which must be a regular file or a block
+ * device. Throws ENOENT or EINVAL with a message naming the path.
+ */
+export async function canonicalDevicePath(devicePath: string): Promise<string> {
+  if (typeof devicePath !== 'string' || devicePath.length === 0) throw new BdsnapError('EINVAL', 'a device path is required');
+  let real: string;
+  try {
+    real = await fs.promises.realpath(path.resolve(devicePath));
+  } catch (err) {
+    throw new BdsnapError('ENOENT', `no such device: ${devicePath}`, { cause: err });
+  }
+  const st = await fs.promises.stat(real);
+  if (!st.isFile() && !st.isBlockDevice()) {
+    throw new BdsnapError('EINVAL', `${devicePath} is neither a regular image file nor a block device`);
+  }
+  return real;
+}
+
+/** Read a registry file without a daemon (for offline tools). Missing file: no devices. */
+export async function readRegistry(stateDir: string): Promise<DeviceRecord[]> {
+  const file = path.join(stateDir, REGISTRY_FILE);
+  let text: string;
+  try {
+    text = await fs.promises.readFile(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw new BdsnapError('EIO', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (err) {
+    throw new BdsnapError('ECORRUPT', `${file} does not parse: ${(err as Error).message}`, { cause: err });
+  }
+  const result = fileSchema.safeParse(parsed);
+  if (!result.success) throw new BdsnapError('ECORRUPT', `${file} has an unknown layout: ${result.error.issues[0]?.message ?? ''}`);
+  return result.data.devices;
+}
+
+export class Registry {
+  readonly #file: string;
+  readonly #devices = new Map<string, DeviceRecord>();
+  /** Saves run one after another so an older snapshot never overwrites a newer one. */
+  #saving: Promise<void> = Promise.resolve();
+
+  private constructor(stateDir: string, devices: DeviceRecord[]) {
+    this.#file = path.join(stateDir, REGISTRY_FILE);
+    for (const d of devices) this.#devices.set(d.path, d);
+  }
+
+  static async load(stateDir: string): Promise<Registry> {
+    return new Registry(stateDir, await readRegistry(stateDir));
+  }
+
+  get(devicePath: string): Readonly<DeviceRecord> | undefined {
+    return this.#devices.get(devicePath);
+  }
+
+  list(): ReadonlyArray<Readonly<DeviceRecord>> {
+    return [...this.#devices.values()].sort((a, b) => a.path.localeCompare(b.path));
+  }
+
+  /** Add a device (inactive) if it is not there yet. `devicePath` must be canonical. */
+  async register(devicePath: string): Promise<Readonly<DeviceRecord>> {
+    let record = this.#devices.get(devicePath);
+    if (!record) {
+      record = {
+        path: devicePath, active: false, changedAt: new Date().toISOString(), sessions: [], currentSession: null,
+        dirtyOutsideSession: false, dirtySince: null,
+      };
+      this.#devices.set(devicePath, record);
+      await this.#save();
+    }
+    return record;
+  }
+
+  /** Returns false when the device was already in that state (nothing written). */
+  async setActive(devicePath: string, active: boolean): Promise<boolean> {
+    const record = this.#require(devicePath);
+    if (record.active === active) return false;
+    record.active = active;
+    record.changedAt = new Date().toISOString();
+    await this.#save();
+    return true;
+  }
+
+  /** Record the directory of the session now open on the device. */
+  async sessionStarted(devicePath: string, sessionDir: string): Promise<void> {
+    const record = this.#require(devicePath);
+    record.currentSession = sessionDir;
+    if (!record.sessions.includes(sessionDir)) record.sessions.push(sessionDir);
+    await this.#save();
+  }
+
+  async sessionEnded(devicePath: string, sessionDir: string): Promise<void> {
+    const record = this.#require(devicePath);
+    if (!record.sessions.includes(sessionDir)) record.sessions.push(sessionDir);
+    if (record.currentSession === sessionDir) record.currentSession = null;
+    await this.#save();
+  }
+
+  async markDirtyOutsideSession(devicePath: string): Promise<void> {
+    const record = this.#require(devicePath);
+    if (record.dirtyOutsideSession) return;
+    record.dirtyOutsideSession = true;
+    record.dirtySince = new Date().toISOString();
+    await this.#save();
+  }
+
+  #require(devicePath: string): DeviceRecord {
+    const record = this.#devices.get(devicePath);
+    if (!record) throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap`);
+    return record;
+  }
+
+  #save(): Promise<void> {
+    const text = `${JSON.stringify({ version: REGISTRY_VERSION, devices: this.list() }, null, 2)}\n`;
+    const next = this.#saving.catch(() => undefined).then(() => writeFileAtomic(this.#file, text, 0o600));
+    this.#saving = next;
+    return next;
+  }
+}

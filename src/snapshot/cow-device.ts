@@ -1,0 +1,599 @@
+/**
+ * CowDevice: the copy-before-write layer. It wraps any BlockDevice and, for every write, trim
+ * and write-zeroes, first stores the original content of each chunk not yet preserved in this
+ * session, then lets the request through.
+ *
+ * Invariants:
+ * - A chunk's original is in the store file (write(2) returned; in strict mode also fdatasync'ed)
+ *   before any request touching that chunk reaches the base device.
+ * - `#copying` holds one promise per chunk whose copy is in flight. It is filled synchronously,
+ *   before the first await, so two requests racing for a chunk copy it once and the second waits
+ *   for the first copy instead of writing past it.
+ * - Reads and rewrites of preserved chunks cost one byte lookup in `#preserved`.
+ * - Nothing touches the disk until the first modifying request: a read-only client leaves no
+ *   session directory.
+ * - When the store fails (size limit, full disk, I/O error) the session is marked failed with
+ *   the reason and requests go on to the device untouched.
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
+import {
+  DATA_FILE, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, RECORD_HEADER_BYTES,
+  checkChunkSize, encodeDigests, encodeIndex, fsyncDirectory, sessionDirName, sha256, writeFileAtomic, writeManifest, type Manifest,
+} from './format.js';
+import { StoreWriter, preadFully } from './store.js';
+
+const closeAsync = promisify(fs.close);
+const ftruncateAsync = promisify(fs.ftruncate);
+
+/** Largest run of adjacent chunks read and stored as one record. */
+const MAX_RUN_BYTES = 8 * 1024 * 1024;
+/** Delay of the background fdatasync of the store in 'process' durability. */
+const DEFERRED_SYNC_MS = 1000;
+
+export interface SessionOptions {
+  /** Canonical absolute path of the device, recorded in the manifest. */
+  devicePath: string;
+  /** Where session directories go; default '/snapshot' (created if missing). */
+  snapshotRoot?: string;
+  /** Bytes, power of two >= 4096; default 64 KiB. */
+  chunkSize?: number;
+  /**
+   * 'process' (default): an original is in the store file (page cache) before its chunk is
+   * written, so a killed process loses nothing. 'strict': it is also on stable storage (one
+   * fdatasync per batch of chunks), so power loss loses nothing either.
+   */
+  durability?: 'process' | 'strict';
+  /** Cap on the store's size in bytes; undefined = no limit (a full disk is still handled). */
+  sizeLimitBytes?: number;
+  /** Default: when create() is called. Names the directory. */
+  mountTime?: Date;
+  /** Recorded in the manifest next to the size, and checked by restore. */
+  deviceIdentity?: Record<string, unknown>;
+  /** session-start, session-failed, session-end; called off the request path, errors ignored. */
+  onEvent?: (event: { type: string; [k: string]: unknown }) => void;
+}
+
+/** What close() reports about a session that modified something. */
+export interface SessionSummary {
+  sessionDir: string;
+  devicePath: string;
+  state: 'complete' | 'failed';
+  /** ISO 8601. */
+  mountTime: string;
+  endTime: string;
+  preservedChunks: number;
+  preservedBytes: number;
+  /** Size of data.bin (record headers included). */
+  storeBytes: number;
+  failedReason?: string;
+}
+
+export type CowState = 'idle' | 'active' | 'failed' | 'complete';
+
+export class CowDevice implements BlockDevice {
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly blockSizes: BlockSizes;
+  readonly canTrim: boolean;
+  readonly canFastZero: boolean;
+  readonly canMultiConn: boolean;
+  readonly chunkSize: number;
+
+  readonly #base: BlockDevice;
+  readonly #options: SessionOptions;
+  readonly #mountTime: Date;
+  readonly #root: string;
+  readonly #durability: 'process' | 'strict';
+  /** 1 = the chunk's original is in the store. */
+  readonly #preserved: Uint8Array;
+  /** chunk -> byte position of its original in data.bin. */
+  readonly #location = new Map<number, number>();
+  readonly #copying = new Map<number, Promise<void>>();
+  #state: CowState = 'idle';
+  #sessionDir: string | undefined;
+  #starting: Promise<boolean> | undefined;
+  #writer: StoreWriter | undefined;
+  #dataFd: number | undefined;
+  #failedReason: string | undefined;
+  #failurePersisted: Promise<void> = Promise.resolve();
+  #preservedChunks = 0;
+  #preservedBytes = 0;
+  #inflight = 0;
+  #idleWaiters: Array<() => void> = [];
+  #closing: Promise<SessionSummary | undefined> | undefined;
+  #syncTimer: NodeJS.Timeout | undefined;
+  #backgroundSync: Promise<void> | undefined;
+
+  private constructor(base: BlockDevice, options: SessionOptions) {
+    const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
+    checkChunkSize(chunkSize);
+    if (!path.isAbsolute(options.devicePath)) throw new BdsnapError('EINVAL', `device path must be absolute: ${options.devicePath}`);
+    if (options.sizeLimitBytes !== undefined && !(Number.isSafeInteger(options.sizeLimitBytes) && options.sizeLimitBytes >= 0)) {
+      throw new BdsnapError('EINVAL', `sizeLimitBytes must be a non-negative integer, got ${options.sizeLimitBytes}`);
+    }
+    if (options.durability !== undefined && options.durability !== 'process' && options.durability !== 'strict') {
+      throw new BdsnapError('EINVAL', `durability must be 'process' or 'strict', got ${String(options.durability)}`);
+    }
+    this.#base = base;
+    this.#options = options;
+    this.chunkSize = chunkSize;
+    this.#mountTime = options.mountTime ?? new Date();
+    this.#root = options.snapshotRoot ?? DEFAULT_SNAPSHOT_ROOT;
+    this.#durability = options.durability ?? 'process';
+    this.size = base.size;
+    this.readOnly = base.readOnly;
+    this.blockSizes = base.blockSizes;
+    this.canTrim = base.canTrim;
+    this.canFastZero = base.canFastZero;
+    this.canMultiConn = base.canMultiConn;
+    this.#preserved = new Uint8Array(Math.ceil(base.size / chunkSize));
+  }
+
+  /** Wrap `base`. No I/O happens until the first modifying request. Errors: EINVAL. */
+  static create(base: BlockDevice, options: SessionOptions): CowDevice {
+    return new CowDevice(base, options);
+  }
+
+  /** Set once the session directory exists. */
+  get sessionDir(): string | undefined {
+    return this.#sessionDir;
+  }
+
+  get state(): CowState {
+    return this.#state;
+  }
+
+  stats(): { preservedChunks: number; preservedBytes: number; storeBytes: number; failedReason?: string } {
+    const s = { preservedChunks: this.#preservedChunks, preservedBytes: this.#preservedBytes, storeBytes: this.#writer?.sizeBytes ?? 0 };
+    return this.#failedReason === undefined ? s : { ...s, failedReason: this.#failedReason };
+  }
+
+  // ---- BlockDevice ----------------------------------------------------------------------
+
+  read(target: Buffer, offsetBytes: number): Promise<void> {
+    return this.#base.read(target, offsetBytes);
+  }
+
+  write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+    return this.#modify(offsetBytes, data.length, options?.fua ?? false, () => this.#base.write(data, offsetBytes, options));
+  }
+
+  trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    return this.#modify(offsetBytes, lengthBytes, options?.fua ?? false, () => this.#base.trim(offsetBytes, lengthBytes, options));
+  }
+
+  async zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+    // Refuse before copying anything: the caller will fall back to writing zeroes.
+    if (options?.fastZero && !this.#base.canFastZero) throw new BdsnapError('ENOTSUP', 'fast zero is not supported by this device');
+    return this.#modify(offsetBytes, lengthBytes, options?.fua ?? false, () => this.#base.zero(offsetBytes, lengthBytes, options));
+  }
+
+  /** The store first, then the device: an acknowledged flush covers both. */
+  async flush(): Promise<void> {
+    this.#enter();
+    try {
+      await this.#syncStore();
+      await this.#base.flush();
+    } finally {
+      this.#leave();
+    }
+  }
+
+  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.#base.cache(offsetBytes, lengthBytes);
+  }
+
+  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    return this.#base.extents(offsetBytes, lengthBytes);
+  }
+
+  /**
+   * End the session durably: wait for requests in flight, sync the store, record the digest of
+   * the final content of every touched chunk, write the index and mark the manifest complete.
+   * Returns undefined when nothing was modified (no directory exists). Does not close the base.
+   */
+  close(): Promise<SessionSummary | undefined> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  /** A read-only BlockDevice showing the device as it was when the session began. */
+  view(): BlockDevice {
+    return new PointInTimeView(this, this.#base, (target, offsetBytes) => this.#readOriginal(target, offsetBytes));
+  }
+
+  // ---- write path -----------------------------------------------------------------------
+
+  async #modify(offsetBytes: number, lengthBytes: number, fua: boolean, apply: () => Promise<void>): Promise<void> {
+    if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the session is closing');
+    if (this.readOnly) throw new BdsnapError('EPERM', `${this.#options.devicePath} is read-only`);
+    checkRange(this, offsetBytes, lengthBytes, true);
+    this.#enter();
+    try {
+      if (lengthBytes > 0 && this.#state !== 'failed') await this.#preserve(offsetBytes, lengthBytes);
+      if (fua) await this.#syncStore();
+      await apply();
+    } finally {
+      this.#leave();
+    }
+  }
+
+  async #preserve(offsetBytes: number, lengthBytes: number): Promise<void> {
+    if (!(await this.#ensureStarted())) return;
+    const cs = this.chunkSize;
+    const first = Math.floor(offsetBytes / cs);
+    const last = Math.floor((offsetBytes + lengthBytes - 1) / cs);
+    const maxRunChunks = Math.max(1, MAX_RUN_BYTES / cs);
+    const waits: Promise<void>[] = [];
+    let runStart = -1;
+    const endRun = (endChunk: number): void => {
+      if (runStart < 0) return;
+      const p = this.#copyRun(runStart, endChunk);
+      for (let c = runStart; c <= endChunk; c++) this.#copying.set(c, p);
+      waits.push(p);
+      runStart = -1;
+    };
+    // Synchronous from here to the await below: #copying is claimed before anyone else can look.
+    for (let c = first; c <= last; c++) {
+      if (this.#preserved[c] === 1) {
+        endRun(c - 1);
+        continue;
+      }
+      const inFlight = this.#copying.get(c);
+      if (inFlight) {
+        endRun(c - 1);
+        waits.push(inFlight);
+        continue;
+      }
+      if (runStart < 0) runStart = c;
+      if (c - runStart + 1 >= maxRunChunks) endRun(c);
+    }
+    endRun(last);
+    if (waits.length === 1) await waits[0];
+    else if (waits.length > 1) await Promise.all(waits);
+  }
+
+  async #copyRun(firstChunk: number, lastChunk: number): Promise<void> {
+    const cs = this.chunkSize;
+    const startBytes = firstChunk * cs;
+    const buf = Buffer.allocUnsafe(Math.min((lastChunk + 1) * cs, this.size) - startBytes);
+    try {
+      await this.#base.read(buf, startBytes);
+      const position = await this.#writer!.append(firstChunk, buf);
+      if (position === undefined) return; // the store failed; the session is marked failed
+      for (let c = firstChunk; c <= lastChunk; c++) {
+        this.#preserved[c] = 1;
+        this.#location.set(c, position + RECORD_HEADER_BYTES + (c - firstChunk) * cs);
+      }
+      this.#preservedChunks += lastChunk - firstChunk + 1;
+      this.#preservedBytes += buf.length;
+      this.#scheduleSync();
+    } finally {
+      for (let c = firstChunk; c <= lastChunk; c++) this.#copying.delete(c);
+    }
+  }
+
+  #ensureStarted(): Promise<boolean> | boolean {
+    if (this.#state === 'active') return true;
+    if (this.#state === 'failed') return false;
+    this.#starting ??= this.#start();
+    return this.#starting;
+  }
+
+  async #start(): Promise<boolean> {
+    let dir: string | undefined;
+    let fd: number | undefined;
+    let manifestWritten = false;
+    try {
+      await fs.promises.mkdir(this.#root, { recursive: true, mode: 0o700 });
+      const base = path.join(this.#root, sessionDirName(this.#options.devicePath, this.#mountTime));
+      for (let attempt = 1; ; attempt++) {
+        const candidate = attempt === 1 ? base : `${base}-${attempt}`;
+        try {
+          await fs.promises.mkdir(candidate, { mode: 0o700 });
+          dir = candidate;
+          break;
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt >= 1000) throw err;
+        }
+      }
+      // The data file exists before the manifest says 'active', so a crash right after leaves
+      // a session that recovers as an empty interrupted one.
+      fd = fs.openSync(path.join(dir, DATA_FILE), 'wx+', 0o600);
+      await writeManifest(dir, this.#manifest('active'));
+      manifestWritten = true;
+      await fsyncDirectory(this.#root);
+      this.#dataFd = fd;
+      this.#sessionDir = dir;
+      this.#writer = new StoreWriter(fd, 0, {
+        strict: this.#durability === 'strict',
+        sizeLimitBytes: this.#options.sizeLimitBytes,
+        onFailure: (reason, err) => this.#fail(reason, err),
+      });
+      this.#state = 'active';
+      this.#emit({ type: 'session-start', sessionDir: dir, devicePath: this.#options.devicePath, mountTime: this.#mountTime.toISOString() });
+      return true;
+    } catch (err) {
+      if (fd !== undefined) fs.closeSync(fd);
+      // A directory without a manifest would block restores of older sessions: remove it.
+      if (dir !== undefined && !manifestWritten) await fs.promises.rm(dir, { recursive: true, force: true }).catch(() => undefined);
+      if (dir !== undefined && manifestWritten) this.#sessionDir = dir;
+      this.#state = 'failed';
+      this.#failedReason = `cannot create the session directory: ${(err as Error).message}`;
+      this.#emit({ type: 'session-failed', sessionDir: this.#sessionDir, reason: this.#failedReason });
+      if (manifestWritten) this.#failurePersisted = this.#persistFailure();
+      return false;
+    }
+  }
+
+  #fail(reason: string, err?: unknown): void {
+    if (this.#state === 'failed') return;
+    this.#state = 'failed';
+    this.#failedReason = reason;
+    const cause = err instanceof Error ? err.message : undefined;
+    this.#emit({ type: 'session-failed', sessionDir: this.#sessionDir, reason, ...(cause ? { cause } : {}) });
+    this.#failurePersisted = this.#persistFailure();
+  }
+
+  /** Record the failure; if the disk is full, give the useless data back first. */
+  async #persistFailure(): Promise<void> {
+    const dir = this.#sessionDir;
+    if (dir === undefined) return;
+    try {
+      await writeManifest(dir, this.#manifest('failed'));
+    } catch {
+      try {
+        if (this.#dataFd !== undefined) await ftruncateAsync(this.#dataFd, 0);
+        await writeManifest(dir, this.#manifest('failed'));
+      } catch (err) {
+        this.#emit({ type: 'session-error', sessionDir: dir, reason: `cannot record the failure in the manifest: ${(err as Error).message}` });
+      }
+    }
+  }
+
+  async #syncStore(): Promise<void> {
+    if (this.#starting) await this.#starting;
+    if (this.#state !== 'active' || !this.#writer) return;
+    try {
+      await this.#writer.sync();
+    } catch {
+      // The writer has marked the session failed; the device write goes on regardless.
+    }
+  }
+
+  #scheduleSync(): void {
+    if (this.#durability === 'strict' || this.#syncTimer || this.#closing) return;
+    this.#syncTimer = setTimeout(() => {
+      this.#syncTimer = undefined;
+      this.#backgroundSync = this.#syncStore().finally(() => (this.#backgroundSync = undefined));
+    }, DEFERRED_SYNC_MS);
+    this.#syncTimer.unref();
+  }
+
+  #enter(): void {
+    this.#inflight++;
+  }
+
+  #leave(): void {
+    if (--this.#inflight === 0) for (const w of this.#idleWaiters.splice(0)) w();
+  }
+
+  async #close(): Promise<SessionSummary | undefined> {
+    if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
+    if (this.#syncTimer) clearTimeout(this.#syncTimer);
+    await this.#backgroundSync;
+    if (this.#starting) await this.#starting;
+    if (this.#state === 'idle' || this.#sessionDir === undefined) return undefined;
+    const dir = this.#sessionDir;
+    const endTime = new Date().toISOString();
+    try {
+      if (this.#state === 'active') {
+        await this.#writer!.sync();
+      }
+      if (this.#state === 'active') {
+        await this.#base.flush();
+        const digests = await this.#finalDigests();
+        await writeFileAtomic(path.join(dir, DIGESTS_FILE), encodeDigests(digests));
+        await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(this.#location));
+        await writeManifest(dir, { ...this.#manifest('complete'), endTime, digestedChunks: digests.size });
+        this.#state = 'complete';
+      } else {
+        await this.#failurePersisted;
+        await writeManifest(dir, { ...this.#manifest('failed'), endTime }).catch(() => undefined);
+      }
+    } catch (err) {
+      // Still restorable from the originals, like a crash; the digests are what is missing.
+      if (this.#state === 'active') await writeManifest(dir, { ...this.#manifest('interrupted'), endTime }).catch(() => undefined);
+      await this.#closeDataFd();
+      throw toBdsnapError(err);
+    }
+    await this.#closeDataFd();
+    const summary: SessionSummary = {
+      sessionDir: dir,
+      devicePath: this.#options.devicePath,
+      state: this.#state === 'complete' ? 'complete' : 'failed',
+      mountTime: this.#mountTime.toISOString(),
+      endTime,
+      ...this.stats(),
+    };
+    this.#emit({ type: 'session-end', ...summary });
+    return summary;
+  }
+
+  async #closeDataFd(): Promise<void> {
+    const fd = this.#dataFd;
+    this.#dataFd = undefined;
+    if (fd !== undefined) await closeAsync(fd);
+  }
+
+  /** sha256 of the final content of every preserved chunk, read in large sorted runs. */
+  async #finalDigests(): Promise<Map<number, Buffer>> {
+    const cs = this.chunkSize;
+    const chunks = [...this.#location.keys()].sort((a, b) => a - b);
+    const digests = new Map<number, Buffer>();
+    const maxRunChunks = Math.max(1, MAX_RUN_BYTES / cs);
+    let i = 0;
+    while (i < chunks.length) {
+      let j = i + 1;
+      while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRunChunks) j++;
+      const first = chunks[i]!;
+      const startBytes = first * cs;
+      const buf = Buffer.allocUnsafe(Math.min((first + (j - i)) * cs, this.size) - startBytes);
+      await this.#base.read(buf, startBytes);
+      for (let k = 0; k < j - i; k++) digests.set(first + k, sha256(buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length))));
+      i = j;
+      // Yield between runs so a long digest pass does not starve other work on the loop.
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    return digests;
+  }
+
+  #manifest(state: Manifest['state']): Manifest {
+    return {
+      format: FORMAT_NAME,
+      version: FORMAT_VERSION,
+      devicePath: this.#options.devicePath,
+      deviceSize: this.size,
+      deviceIdentity: this.#options.deviceIdentity ?? {},
+      chunkSize: this.chunkSize,
+      durability: this.#durability,
+      mountTime: this.#mountTime.toISOString(),
+      endTime: null,
+      state,
+      preservedChunks: this.#preservedChunks,
+      preservedBytes: this.#preservedBytes,
+      storeBytes: this.#writer?.sizeBytes ?? 0,
+      digestedChunks: null,
+      failedReason: this.#failedReason ?? null,
+    };
+  }
+
+  #emit(event: { type: string; [k: string]: unknown }): void {
+    const onEvent = this.#options.onEvent;
+    if (!onEvent) return;
+    setImmediate(() => {
+      try {
+        onEvent(event);
+      } catch {
+        // A listener's bug must not break the data path.
+      }
+    });
+  }
+
+  // ---- point-in-time reads ----------------------------------------------------------------
+
+  /**
+   * Read the content as it was at session start. A chunk read from the device is checked again
+   * after the read: if a copy started meanwhile, the device may already hold new data, so the
+   * chunk is read again from the store. A device write is only issued after its chunk is marked
+   * preserved, so a chunk still unmarked after the read was read before any change.
+   */
+  async #readOriginal(target: Buffer, offsetBytes: number): Promise<void> {
+    if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the session is closed; its point-in-time view is gone');
+    checkRange(this, offsetBytes, target.length, false);
+    if (target.length === 0) return;
+    const cs = this.chunkSize;
+    const first = Math.floor(offsetBytes / cs);
+    const last = Math.floor((offsetBytes + target.length - 1) / cs);
+    const untouched = (): boolean => {
+      for (let c = first; c <= last; c++) if (this.#preserved[c] === 1 || this.#copying.has(c)) return false;
+      return true;
+    };
+    if (untouched()) {
+      await this.#base.read(target, offsetBytes);
+      this.#checkViewUsable();
+      if (untouched()) return;
+    }
+    const parts: Promise<void>[] = [];
+    for (let c = first; c <= last; c++) {
+      const from = Math.max(offsetBytes, c * cs);
+      const to = Math.min(offsetBytes + target.length, (c + 1) * cs, this.size);
+      parts.push(this.#readChunkOriginal(c, target.subarray(from - offsetBytes, to - offsetBytes), from));
+    }
+    await Promise.all(parts);
+  }
+
+  async #readChunkOriginal(chunk: number, part: Buffer, fromBytes: number): Promise<void> {
+    for (;;) {
+      this.#checkViewUsable();
+      const inFlight = this.#copying.get(chunk);
+      if (inFlight) {
+        await inFlight.catch(() => undefined);
+        continue;
+      }
+      const position = this.#location.get(chunk);
+      if (position !== undefined) {
+        const fd = this.#dataFd;
+        if (fd === undefined) throw new BdsnapError('ESHUTDOWN', 'the session is closed; its point-in-time view is gone');
+        const n = await preadFully(fd, part, position + (fromBytes - chunk * this.chunkSize)).catch((err: unknown) => {
+          throw toBdsnapError(err);
+        });
+        if (n !== part.length) throw new BdsnapError('EIO', `the session store is shorter than expected at chunk ${chunk}`);
+        return;
+      }
+      await this.#base.read(part, fromBytes);
+      this.#checkViewUsable();
+      if (this.#preserved[chunk] !== 1 && !this.#copying.has(chunk)) return;
+    }
+  }
+
+  #checkViewUsable(): void {
+    if (this.#state === 'failed') {
+      throw new BdsnapError('ESESSION', `the session failed (${this.#failedReason ?? 'unknown reason'}); its point-in-time view is no longer valid`);
+    }
+    if (this.#state === 'complete' || (this.#closing && this.#dataFd === undefined && this.#state !== 'idle')) {
+      throw new BdsnapError('ESHUTDOWN', 'the session is closed; its point-in-time view is gone');
+    }
+  }
+}
+
+/** The read-only face of a session's point-in-time content. */
+class PointInTimeView implements BlockDevice {
+  readonly size: number;
+  readonly readOnly = true;
+  readonly blockSizes: BlockSizes;
+  readonly canTrim = false;
+  readonly canFastZero = false;
+  readonly canMultiConn = true;
+  readonly #read: (target: Buffer, offsetBytes: number) => Promise<void>;
+
+  constructor(cow: CowDevice, base: BlockDevice, read: (target: Buffer, offsetBytes: number) => Promise<void>) {
+    this.size = cow.size;
+    this.blockSizes = base.blockSizes;
+    this.#read = read;
+  }
+
+  read(target: Buffer, offsetBytes: number): Promise<void> {
+    return this.#read(target, offsetBytes);
+  }
+
+  async write(): Promise<void> {
+    throw new BdsnapError('EPERM', 'a point-in-time view is read-only');
+  }
+
+  async trim(): Promise<void> {
+    throw new BdsnapError('EPERM', 'a point-in-time view is read-only');
+  }
+
+  async zero(): Promise<void> {
+    throw new BdsnapError('EPERM', 'a point-in-time view is read-only');
+  }
+
+  async flush(): Promise<void> {}
+
+  async cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes, false);
+  }
+
+  async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    checkRange(this, offsetBytes, lengthBytes, false);
+    return [{ length: lengthBytes, flags: 0 }];
+  }
+
+  async close(): Promise<void> {}
+}

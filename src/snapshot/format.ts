@@ -1,0 +1,278 @@
+/**
+ * The on-disk format of a session directory, version 1. Everything here is pure (no I/O)
+ * except the small atomic-write helpers at the end.
+ *
+ * A session directory holds:
+ * - `manifest.json`  versioned metadata; rewritten atomically (temp, fsync, rename, fsync dir).
+ * - `data.bin`       append-only records, each a 64-byte header and the original bytes of one or
+ *                    more adjacent chunks. The header carries a magic, the first chunk index, the
+ *                    payload length, the sha256 of the payload and a check of the header itself,
+ *                    so a torn tail is recognised and a flipped byte anywhere is detected.
+ * - `index.bin`      chunk index -> byte position of its original in data.bin; rebuildable from
+ *                    data.bin alone, written at session end and by recovery.
+ * - `digests.bin`    written at session end: sha256 of the final content of every touched chunk.
+ * - `restore-journal.json`  present while (and after) a restore from this session runs.
+ *
+ * All integers are little-endian. 64-bit fields are written as two 32-bit halves so that plain
+ * numbers (safe to 2^53) are used everywhere.
+ */
+
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import { BdsnapError } from '../errors.js';
+
+export const FORMAT_NAME = 'bdsnap-session';
+export const FORMAT_VERSION = 1;
+
+export const MANIFEST_FILE = 'manifest.json';
+export const DATA_FILE = 'data.bin';
+export const INDEX_FILE = 'index.bin';
+export const DIGESTS_FILE = 'digests.bin';
+export const JOURNAL_FILE = 'restore-journal.json';
+
+/** 'BDSR' */
+export const RECORD_MAGIC = 0x52534442;
+/** 'BDSI' */
+export const INDEX_MAGIC = 0x49534442;
+/** 'BDSG' */
+export const DIGESTS_MAGIC = 0x47534442;
+export const RECORD_HEADER_BYTES = 64;
+/** Largest payload of one record; a header claiming more is corrupt, checked before allocating. */
+export const MAX_RECORD_PAYLOAD_BYTES = 64 * 1024 * 1024;
+export const MIN_CHUNK_SIZE = 4096;
+export const MAX_CHUNK_SIZE = 16 * 1024 * 1024;
+export const DEFAULT_CHUNK_SIZE = 64 * 1024;
+export const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
+
+export type SessionState = 'active' | 'complete' | 'interrupted' | 'failed';
+
+export const manifestSchema = z.object({
+  format: z.literal(FORMAT_NAME),
+  version: z.literal(FORMAT_VERSION),
+  devicePath: z.string().min(1),
+  deviceSize: z.number().int().nonnegative(),
+  deviceIdentity: z.record(z.string(), z.unknown()),
+  chunkSize: z.number().int().min(MIN_CHUNK_SIZE),
+  durability: z.enum(['process', 'strict']),
+  mountTime: z.string(),
+  endTime: z.string().nullable(),
+  state: z.enum(['active', 'complete', 'interrupted', 'failed']),
+  preservedChunks: z.number().int().nonnegative(),
+  preservedBytes: z.number().int().nonnegative(),
+  storeBytes: z.number().int().nonnegative(),
+  digestedChunks: z.number().int().nonnegative().nullable(),
+  failedReason: z.string().nullable(),
+});
+
+export type Manifest = z.infer<typeof manifestSchema>;
+
+export function isPowerOfTwo(n: number): boolean {
+  return Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0;
+}
+
+export function checkChunkSize(chunkSize: number): void {
+  if (!isPowerOfTwo(chunkSize) || chunkSize < MIN_CHUNK_SIZE || chunkSize > MAX_CHUNK_SIZE) {
+    throw new BdsnapError('EINVAL', `chunk size must be a power of two from ${MIN_CHUNK_SIZE} to ${MAX_CHUNK_SIZE} bytes, got ${chunkSize}`);
+  }
+}
+
+export function sha256(data: Buffer): Buffer {
+  return createHash('sha256').update(data).digest();
+}
+
+function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeUInt32LE(value % 0x1_0000_0000, at);
+  buf.writeUInt32LE(Math.floor(value / 0x1_0000_0000), at + 4);
+}
+
+function readU64(buf: Buffer, at: number): number {
+  return buf.readUInt32LE(at) + buf.readUInt32LE(at + 4) * 0x1_0000_0000;
+}
+
+/**
+ * Record header layout: magic u32 @0, version u16 @4, flags u16 @6, first chunk u64 @8,
+ * payload length u32 @16, reserved u32 @20, payload sha256 @24..56, first 8 bytes of the
+ * sha256 of bytes 0..56 @56.
+ */
+export function encodeRecordHeader(firstChunk: number, payload: Buffer): Buffer {
+  const h = Buffer.alloc(RECORD_HEADER_BYTES);
+  h.writeUInt32LE(RECORD_MAGIC, 0);
+  h.writeUInt16LE(FORMAT_VERSION, 4);
+  writeU64(h, firstChunk, 8);
+  h.writeUInt32LE(payload.length, 16);
+  sha256(payload).copy(h, 24);
+  sha256(h.subarray(0, 56)).copy(h, 56, 0, 8);
+  return h;
+}
+
+export interface RecordHeader {
+  firstChunk: number;
+  payloadBytes: number;
+  payloadSha256: Buffer;
+}
+
+/** Parse a header; returns a reason string instead of throwing so scanners can decide. */
+export function decodeRecordHeader(h: Buffer): RecordHeader | string {
+  if (h.length < RECORD_HEADER_BYTES) return 'short header';
+  if (h.readUInt32LE(0) !== RECORD_MAGIC) return 'bad record magic';
+  if (!sha256(h.subarray(0, 56)).subarray(0, 8).equals(h.subarray(56, 64))) return 'record header checksum mismatch';
+  if (h.readUInt16LE(4) !== FORMAT_VERSION) return `unknown record version ${h.readUInt16LE(4)}`;
+  const payloadBytes = h.readUInt32LE(16);
+  if (payloadBytes === 0 || payloadBytes > MAX_RECORD_PAYLOAD_BYTES) return `bad record length ${payloadBytes}`;
+  return { firstChunk: readU64(h, 8), payloadBytes, payloadSha256: Buffer.from(h.subarray(24, 56)) };
+}
+
+/** An index or digest table: fixed-size entries after a 16-byte header, sha256 of all at the end. */
+function encodeTable(magic: number, entryBytes: number, count: number, fill: (buf: Buffer, at: number, i: number) => void): Buffer {
+  const buf = Buffer.alloc(16 + count * entryBytes + 32);
+  buf.writeUInt32LE(magic, 0);
+  buf.writeUInt32LE(FORMAT_VERSION, 4);
+  writeU64(buf, count, 8);
+  for (let i = 0; i < count; i++) fill(buf, 16 + i * entryBytes, i);
+  sha256(buf.subarray(0, buf.length - 32)).copy(buf, buf.length - 32);
+  return buf;
+}
+
+function decodeTable(name: string, magic: number, entryBytes: number, buf: Buffer): { count: number; body: Buffer } {
+  if (buf.length < 48) throw new BdsnapError('ECORRUPT', `${name} is truncated (${buf.length} bytes)`);
+  if (buf.readUInt32LE(0) !== magic) throw new BdsnapError('ECORRUPT', `${name} has a bad magic number`);
+  if (buf.readUInt32LE(4) !== FORMAT_VERSION) throw new BdsnapError('ECORRUPT', `${name} has unknown version ${buf.readUInt32LE(4)}`);
+  const count = readU64(buf, 8);
+  if (buf.length !== 16 + count * entryBytes + 32) {
+    throw new BdsnapError('ECORRUPT', `${name} is ${buf.length} bytes but declares ${count} entries`);
+  }
+  if (!sha256(buf.subarray(0, buf.length - 32)).equals(buf.subarray(buf.length - 32))) {
+    throw new BdsnapError('ECORRUPT', `${name} fails its checksum`);
+  }
+  return { count, body: buf.subarray(16, buf.length - 32) };
+}
+
+/** chunk index -> byte position in data.bin of that chunk's original. */
+export function encodeIndex(index: Map<number, number>): Buffer {
+  const entries = [...index.entries()].sort((a, b) => a[0] - b[0]);
+  return encodeTable(INDEX_MAGIC, 16, entries.length, (buf, at, i) => {
+    const e = entries[i]!;
+    writeU64(buf, e[0], at);
+    writeU64(buf, e[1], at + 8);
+  });
+}
+
+export function decodeIndex(buf: Buffer): Map<number, number> {
+  const { count, body } = decodeTable(INDEX_FILE, INDEX_MAGIC, 16, buf);
+  const index = new Map<number, number>();
+  for (let i = 0; i < count; i++) index.set(readU64(body, i * 16), readU64(body, i * 16 + 8));
+  return index;
+}
+
+/** chunk index -> sha256 of its final content. */
+export function encodeDigests(digests: Map<number, Buffer>): Buffer {
+  const entries = [...digests.entries()].sort((a, b) => a[0] - b[0]);
+  return encodeTable(DIGESTS_MAGIC, 40, entries.length, (buf, at, i) => {
+    const e = entries[i]!;
+    writeU64(buf, e[0], at);
+    e[1].copy(buf, at + 8);
+  });
+}
+
+export function decodeDigests(buf: Buffer): Map<number, Buffer> {
+  const { count, body } = decodeTable(DIGESTS_FILE, DIGESTS_MAGIC, 40, buf);
+  const digests = new Map<number, Buffer>();
+  for (let i = 0; i < count; i++) digests.set(readU64(body, i * 40), Buffer.from(body.subarray(i * 40 + 8, i * 40 + 40)));
+  return digests;
+}
+
+export function parseManifest(text: string, where: string): Manifest {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    throw new BdsnapError('ECORRUPT', `${where}: manifest is not valid JSON (${(err as Error).message})`, { cause: err });
+  }
+  const parsed = manifestSchema.safeParse(raw);
+  if (!parsed.success) {
+    const first = parsed.error.issues[0];
+    throw new BdsnapError('ECORRUPT', `${where}: manifest is invalid: ${first ? `${first.path.join('.') || '(root)'}: ${first.message}` : 'unknown problem'}`);
+  }
+  return parsed.data;
+}
+
+/** Escape a device path into a directory-name part: readable, portable, at most ~200 bytes. */
+export function escapeDevicePath(devicePath: string): string {
+  const trimmed = devicePath.replace(/^\/+/, '');
+  let out = '';
+  for (const ch of trimmed) {
+    if (ch === '/') out += '-';
+    else if (/^[A-Za-z0-9._]$/.test(ch)) out += ch;
+    else out += [...Buffer.from(ch, 'utf8')].map((b) => `%${b.toString(16).toUpperCase().padStart(2, '0')}`).join('');
+  }
+  if (out === '' || out === '.' || out === '..') out = `%2F${out}`;
+  if (out.length > 200) {
+    // Keep the readable tail (the file name) and make the cut unique with a hash of the whole path.
+    const hash = sha256(Buffer.from(devicePath)).toString('hex').slice(0, 12);
+    out = `${out.slice(-180)}~${hash}`;
+  }
+  return out;
+}
+
+/** `20261123T101949.123Z`: UTC, millisecond precision, no characters unsafe in file names. */
+export function formatMountTime(time: Date): string {
+  return time.toISOString().replace(/[-:]/g, '');
+}
+
+/**
+ * The directory name of a session: `<escaped device path>_<UTC mount time>`. Two mounts in the
+ * same millisecond get a `-2`, `-3`... suffix when the directory is created (mkdir fails if it
+ * exists).
+ */
+export function sessionDirName(devicePath: string, mountTime: Date): string {
+  return `${escapeDevicePath(devicePath)}_${formatMountTime(mountTime)}`;
+}
+
+// ---- atomic metadata writes -------------------------------------------------------------
+
+export async function fsyncDirectory(dir: string): Promise<void> {
+  const fh = await fs.promises.open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Write temp, fsync, rename, fsync the directory: the file is either the old or the new one. */
+export async function writeFileAtomic(file: string, data: Buffer | string): Promise<void> {
+  const tmp = `${file}.tmp-${process.pid}`;
+  const fh = await fs.promises.open(tmp, 'w', 0o644);
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    await fs.promises.rm(tmp, { force: true });
+    throw err;
+  }
+  await fh.close();
+  await fs.promises.rename(tmp, file);
+  await fsyncDirectory(path.dirname(file));
+}
+
+export async function writeManifest(dir: string, manifest: Manifest): Promise<void> {
+  await writeFileAtomic(path.join(dir, MANIFEST_FILE), `${JSON.stringify(manifest, null, 2)}\n`);
+}
+
+export async function readManifest(dir: string): Promise<Manifest> {
+  let text: string;
+  try {
+    text = await fs.promises.readFile(path.join(dir, MANIFEST_FILE), 'utf8');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') {
+      const dirExists = await fs.promises.stat(dir).then((s) => s.isDirectory(), () => false);
+      throw new BdsnapError('ENOENT', dirExists ? `${dir}: the manifest ${MANIFEST_FILE} is missing` : `${dir}: no such session directory`, { cause: err });
+    }
+    throw new BdsnapError('EIO', `${dir}: cannot read the manifest: ${(err as Error).message}`, { cause: err });
+  }
+  return parseManifest(text, dir);
+}

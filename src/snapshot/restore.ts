@@ -1,0 +1,456 @@
+/**
+ * Offline restore: put a device back as it was at the start of a session.
+ *
+ * The chain is the session itself and every newer session of the same device in the same
+ * snapshot root. Applying them newest-first is the same as writing, for each chunk touched by
+ * any of them, the original stored by the oldest session of the chain that touched it; that
+ * merged plan is what is written, once per chunk, sorted by offset, in large batches with
+ * several writes in flight.
+ *
+ * Nothing is written before every check has passed: every record's checksum, the consistency of
+ * manifest, data, index and digests, the device size and identity, and the end digests (the
+ * newest session's against the device, each older one's against the content the newer restores
+ * would produce). A restore journal in the session directory marks a restore under way, so a
+ * second run after an interruption skips the digest check for that reason only and finishes it;
+ * once done, the journal says so and a further run finds nothing to do.
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { FileDevice } from '../device/file-device.js';
+import type { BlockDevice } from '../device/block-device.js';
+import {
+  DATA_FILE, DIGESTS_FILE, INDEX_FILE, JOURNAL_FILE, decodeDigests, decodeIndex, sha256, writeFileAtomic,
+} from './format.js';
+import { scanData, preadFully } from './store.js';
+import { compareSessions, listSessions, readSessionInfo, recoverSession, type SessionInfo } from './sessions.js';
+
+const BATCH_BYTES = 8 * 1024 * 1024;
+const WRITES_IN_FLIGHT = 4;
+const MAX_LISTED_MISMATCHES = 5;
+
+export interface RestoreOptions {
+  /** Write a restored copy to this file (copy of the device, then the plan) and leave the device alone. */
+  output?: string;
+  /** Check everything and report the plan; write nothing. */
+  dryRun?: boolean;
+  /** Skip the end-digest check (checksums and sizes are still checked). */
+  force?: boolean;
+  onProgress?: (doneBytes: number, totalBytes: number) => void;
+}
+
+/** What restore() did (or, with dryRun, would do). */
+export interface RestoreSummary {
+  sessionDir: string;
+  devicePath: string;
+  /** Where the restored content went: the device path, or the --output file. */
+  targetPath: string;
+  dryRun: boolean;
+  /** Session directories whose originals were applied, newest first (the asked-for one last). */
+  sessionsApplied: string[];
+  /** Chunks and bytes written (or to be written). */
+  chunks: number;
+  bytes: number;
+  durationMs: number;
+  /**
+   * 'verified': every session's end digests matched; 'partial': some sessions had no digests
+   * (interrupted) and were not checked; 'skipped-force': --force; 'skipped-resume': finishing an
+   * interrupted restore; 'already-restored': the device already holds the restored content.
+   */
+  digestCheck: 'verified' | 'partial' | 'skipped-force' | 'skipped-resume' | 'already-restored';
+  /** Nothing was written because a previous run already restored the device. */
+  alreadyRestored: boolean;
+  warnings: string[];
+}
+
+interface LoadedSession {
+  info: SessionInfo;
+  fd: number;
+  /** chunk -> position of its original in data.bin */
+  index: Map<number, number>;
+  digests: Map<number, Buffer> | undefined;
+}
+
+interface Journal {
+  state: 'running' | 'done';
+  devicePath: string;
+  sessions: string[];
+  startedAt: string;
+  finishedAt?: string;
+}
+
+/** Put the device back as it was at the start of `sessionDir`. Errors: ENOENT, ECORRUPT, EMISMATCH, ESESSION, EBUSY. */
+export async function restore(sessionDir: string, options: RestoreOptions = {}): Promise<RestoreSummary> {
+  const startedMs = performance.now();
+  const dryRun = options.dryRun ?? false;
+  const target = await readSessionInfo(sessionDir);
+  const devicePath = target.devicePath;
+  const warnings: string[] = [];
+
+  const all = await listSessions(path.dirname(target.dir), devicePath);
+  const unreadable = all.filter((s) => s.state === 'unreadable');
+  if (unreadable.length > 0) {
+    const s = unreadable[0]!;
+    throw new BdsnapError('ECORRUPT', `session directory ${s.dir} (which may be a newer session of ${devicePath}) cannot be read: ${s.problem ?? 'unknown problem'}`);
+  }
+  let chain = all.filter((s) => compareSessions(s, target) >= 0);
+  // A newer session already restored took itself and the sessions after it back: they are undone.
+  for (const s of chain.slice(1)) {
+    const j = await readJournal(path.join(s.dir, JOURNAL_FILE));
+    if (j?.state !== 'done' || !chain.includes(s)) continue;
+    const undone = new Set(j.sessions);
+    chain = chain.filter((c) => c === target || !undone.has(c.dir));
+    warnings.push(`session ${s.dir} and ${j.sessions.length - 1} later one(s) were already undone by a restore finished at ${j.finishedAt ?? '?'}`);
+  }
+  if (chain[0]?.dir !== target.dir) throw new BdsnapError('ENOENT', `${target.dir} is not listed in its snapshot root`);
+  for (const s of chain) {
+    if (s.state === 'failed') {
+      throw new BdsnapError('ESESSION', `session ${s.dir} failed (${s.failedReason ?? 'no reason recorded'}): its originals are incomplete, so the device cannot be restored to ${s === target ? 'its start' : `a point before it`}`);
+    }
+    if (s.deviceSize !== target.deviceSize) {
+      throw new BdsnapError('EMISMATCH', `session ${s.dir} recorded a device size of ${s.deviceSize} bytes but ${target.dir} recorded ${target.deviceSize}`);
+    }
+    if (s.chunkSize !== target.chunkSize) {
+      throw new BdsnapError('ESESSION', `sessions ${target.dir} and ${s.dir} use different chunk sizes (${target.chunkSize}, ${s.chunkSize}); restore them one at a time, newest first`);
+    }
+    if (s.state === 'interrupted') warnings.push(`session ${s.dir} was interrupted (recovered after a crash): its originals are used, but it has no end digests to check`);
+    if (s.state === 'active') warnings.push(`session ${s.dir} was never closed (crash?): it is treated as interrupted and has no end digests to check`);
+  }
+
+  await checkNotInUse(devicePath);
+  const device = await FileDevice.open(devicePath, { readOnly: dryRun || options.output !== undefined });
+  const loaded: LoadedSession[] = [];
+  let output: FileDevice | undefined;
+  try {
+    for (const s of chain) {
+      if (device.size !== s.deviceSize) {
+        throw new BdsnapError('EMISMATCH', `${devicePath} is ${device.size} bytes but session ${s.dir} recorded ${s.deviceSize} bytes`);
+      }
+      checkIdentity(device, s);
+      loaded.push(await loadSession(s));
+    }
+    const cs = target.chunkSize;
+    // Oldest first: the first session of the chain that touched a chunk holds the original to write.
+    const plan = new Map<number, { session: LoadedSession; position: number }>();
+    for (const s of loaded) for (const [chunk, position] of s.index) if (!plan.has(chunk)) plan.set(chunk, { session: s, position });
+    const chunks = [...plan.keys()].sort((a, b) => a - b);
+    const chunkBytes = (c: number): number => Math.min(cs, device.size - c * cs);
+    const bytes = chunks.reduce((n, c) => n + chunkBytes(c), 0);
+
+    const journalPath = path.join(target.dir, JOURNAL_FILE);
+    const journal = await readJournal(journalPath);
+    let digestCheck: RestoreSummary['digestCheck'];
+    if (journal?.state === 'running' && options.output === undefined) {
+      digestCheck = 'skipped-resume';
+      warnings.push(`a restore from this session started at ${journal.startedAt} did not finish: finishing it without the digest check`);
+    } else if (journal?.state === 'done' && options.output === undefined && (await alreadyRestored(device, plan, chunks, cs))) {
+      digestCheck = 'already-restored';
+    } else if (options.force) {
+      digestCheck = 'skipped-force';
+      warnings.push('--force: the end digests were not checked');
+    } else {
+      await verifyDigests(device, loaded, cs);
+      digestCheck = loaded.some((s) => s.digests === undefined) ? 'partial' : 'verified';
+    }
+    const summary = (written: boolean): RestoreSummary => ({
+      sessionDir: target.dir,
+      devicePath,
+      targetPath: options.output !== undefined ? path.resolve(options.output) : devicePath,
+      dryRun,
+      sessionsApplied: loaded.map((s) => s.info.dir).reverse(),
+      chunks: written ? chunks.length : 0,
+      bytes: written ? bytes : 0,
+      durationMs: Math.round(performance.now() - startedMs),
+      digestCheck,
+      alreadyRestored: digestCheck === 'already-restored',
+      warnings,
+    });
+    if (dryRun) return { ...summary(true), chunks: chunks.length, bytes };
+    if (digestCheck === 'already-restored') return summary(false);
+
+    for (const s of loaded) {
+      // Make a crashed, never-recovered session say what it is now that nobody has it open.
+      if (s.info.state === 'active') await recoverSession(s.info.dir);
+    }
+    let writeTo: BlockDevice = device;
+    if (options.output !== undefined) {
+      output = await copyToOutput(device, devicePath, options.output);
+      writeTo = output;
+    } else {
+      await writeFileAtomic(journalPath, JSON.stringify({ state: 'running', devicePath, sessions: chain.map((s) => s.dir), startedAt: new Date().toISOString() } satisfies Journal));
+    }
+    await applyPlan(writeTo, plan, chunks, cs, bytes, options.onProgress);
+    await writeTo.flush();
+    if (options.output === undefined) {
+      const startedAt = journal?.state === 'running' ? journal.startedAt : new Date(Date.now() - (performance.now() - startedMs)).toISOString();
+      await writeFileAtomic(journalPath, JSON.stringify({ state: 'done', devicePath, sessions: chain.map((s) => s.dir), startedAt, finishedAt: new Date().toISOString() } satisfies Journal));
+    }
+    return summary(true);
+  } finally {
+    for (const s of loaded) fs.closeSync(s.fd);
+    await output?.close();
+    await device.close();
+  }
+}
+
+/** Recorded identity fields that FileDevice also knows must agree; others are informational. */
+function checkIdentity(device: FileDevice, s: SessionInfo): void {
+  const current = device.identity as unknown as Record<string, unknown>;
+  const differing = ['kind', 'dev', 'ino', 'rdev'].filter((k) => k in s.deviceIdentity && s.deviceIdentity[k] !== current[k]);
+  if (differing.length > 0) {
+    const what = differing.map((k) => `${k} ${String(s.deviceIdentity[k])} recorded, ${String(current[k])} now`).join(', ');
+    throw new BdsnapError('EMISMATCH', `${device.path} is not the device session ${s.dir} was taken of (${what})`);
+  }
+}
+
+async function loadSession(info: SessionInfo): Promise<LoadedSession> {
+  const dataPath = path.join(info.dir, DATA_FILE);
+  let fd: number;
+  try {
+    fd = fs.openSync(dataPath, 'r');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new BdsnapError('ECORRUPT', `${info.dir}: the data file ${DATA_FILE} is missing`, { cause: err });
+    throw toBdsnapError(err);
+  }
+  try {
+    const scan = await scanData(fd, { chunkSize: info.chunkSize, deviceSize: info.deviceSize, allowTornTail: info.state === 'active', where: dataPath });
+    if (info.state !== 'active') {
+      if (scan.fileBytes !== info.storeBytes) {
+        throw new BdsnapError('ECORRUPT', `${dataPath} is ${scan.fileBytes} bytes but the manifest records ${info.storeBytes}: the store was truncated or extended`);
+      }
+      if (scan.index.size !== info.preservedChunks) {
+        throw new BdsnapError('ECORRUPT', `${dataPath} holds ${scan.index.size} chunks but the manifest records ${info.preservedChunks}`);
+      }
+    }
+    const index = await readOptional(path.join(info.dir, INDEX_FILE));
+    if (index !== undefined) {
+      const stored = decodeIndex(index);
+      const same = stored.size === scan.index.size && [...stored].every(([c, p]) => scan.index.get(c) === p);
+      if (!same) throw new BdsnapError('ECORRUPT', `${path.join(info.dir, INDEX_FILE)} does not match ${DATA_FILE}`);
+    }
+    let digests: Map<number, Buffer> | undefined;
+    if (info.state === 'complete') {
+      const raw = await readOptional(path.join(info.dir, DIGESTS_FILE));
+      if (raw === undefined) throw new BdsnapError('ECORRUPT', `${info.dir}: the session is complete but ${DIGESTS_FILE} is missing`);
+      digests = decodeDigests(raw);
+      const same = digests.size === scan.index.size && [...digests.keys()].every((c) => scan.index.has(c));
+      if (!same) throw new BdsnapError('ECORRUPT', `${path.join(info.dir, DIGESTS_FILE)} does not list the same chunks as ${DATA_FILE}`);
+    }
+    return { info, fd, index: scan.index, digests };
+  } catch (err) {
+    fs.closeSync(fd);
+    throw err;
+  }
+}
+
+async function readOptional(file: string): Promise<Buffer | undefined> {
+  try {
+    return await fs.promises.readFile(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw toBdsnapError(err);
+  }
+}
+
+async function readJournal(file: string): Promise<Journal | undefined> {
+  const raw = await readOptional(file);
+  if (raw === undefined) return undefined;
+  try {
+    const j = JSON.parse(raw.toString('utf8')) as Journal;
+    if (j.state === 'running' || j.state === 'done') return j;
+  } catch {
+    // fall through
+  }
+  throw new BdsnapError('ECORRUPT', `${file} is not a valid restore journal`);
+}
+
+async function readOriginal(s: LoadedSession, position: number, lengthBytes: number): Promise<Buffer> {
+  const buf = Buffer.allocUnsafe(lengthBytes);
+  if ((await preadFully(s.fd, buf, position)) !== lengthBytes) throw new BdsnapError('ECORRUPT', `${s.info.dir}: the store ended while reading`);
+  return buf;
+}
+
+/** Read `chunks` (sorted) from the device in coalesced runs, calling `each` with every chunk's bytes. */
+async function forEachDeviceChunk(device: BlockDevice, chunks: number[], cs: number, each: (chunk: number, data: Buffer) => void): Promise<void> {
+  const maxRun = Math.max(1, BATCH_BYTES / cs);
+  let i = 0;
+  while (i < chunks.length) {
+    let j = i + 1;
+    while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRun) j++;
+    const first = chunks[i]!;
+    const start = first * cs;
+    const buf = Buffer.allocUnsafe(Math.min((first + j - i) * cs, device.size) - start);
+    await device.read(buf, start);
+    for (let k = 0; k < j - i; k++) each(first + k, buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length)));
+    i = j;
+  }
+}
+
+/**
+ * The newest session's digests must match the device; each older session's must match what the
+ * device would hold after the newer ones were restored (the newer sessions' originals, else the
+ * device). Every mismatch is collected and the first few are listed.
+ */
+async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: number): Promise<void> {
+  const fromDevice = new Set<number>();
+  const checks: Array<{ session: LoadedSession; chunk: number; expected: Buffer; source: LoadedSession | undefined }> = [];
+  for (let k = 0; k < loaded.length; k++) {
+    const s = loaded[k]!;
+    if (!s.digests) continue;
+    for (const [chunk, expected] of s.digests) {
+      const source = loaded.slice(k + 1).find((n) => n.index.has(chunk));
+      if (!source) fromDevice.add(chunk);
+      checks.push({ session: s, chunk, expected, source });
+    }
+  }
+  const deviceDigests = new Map<number, Buffer>();
+  await forEachDeviceChunk(device, [...fromDevice].sort((a, b) => a - b), cs, (c, data) => deviceDigests.set(c, sha256(data)));
+  const mismatches: Array<{ session: LoadedSession; chunk: number; against: string }> = [];
+  for (const check of checks) {
+    let actual: Buffer;
+    if (check.source) {
+      const len = Math.min(cs, device.size - check.chunk * cs);
+      actual = sha256(await readOriginal(check.source, check.source.index.get(check.chunk)!, len));
+    } else {
+      actual = deviceDigests.get(check.chunk)!;
+    }
+    if (!actual.equals(check.expected)) {
+      mismatches.push({ session: check.session, chunk: check.chunk, against: check.source ? `the original kept by ${check.source.info.dir}` : 'the device' });
+    }
+  }
+  if (mismatches.length === 0) return;
+  const bySession = new Map<string, number>();
+  for (const m of mismatches) bySession.set(m.session.info.dir, (bySession.get(m.session.info.dir) ?? 0) + 1);
+  const listed = mismatches.slice(0, MAX_LISTED_MISMATCHES)
+    .map((m) => `chunk ${m.chunk} (bytes ${m.chunk * cs}..${Math.min((m.chunk + 1) * cs, device.size) - 1}) of ${path.basename(m.session.info.dir)} vs ${m.against}`)
+    .join('; ');
+  const sessions = [...bySession].map(([dir, n]) => `${n} chunk(s) of ${dir}`).join(', ');
+  throw new BdsnapError('EMISMATCH',
+    `the device is not in the state the sessions left it in (${sessions} differ: ${listed}${mismatches.length > MAX_LISTED_MISMATCHES ? '; ...' : ''}); `
+    + 'it was changed outside bdsnap or by a session that is not in this snapshot root; use --force to restore anyway');
+}
+
+async function alreadyRestored(device: BlockDevice, plan: Map<number, { session: LoadedSession; position: number }>, chunks: number[], cs: number): Promise<boolean> {
+  const current = new Map<number, Buffer>();
+  await forEachDeviceChunk(device, chunks, cs, (c, data) => current.set(c, sha256(data)));
+  for (const c of chunks) {
+    const p = plan.get(c)!;
+    const original = await readOriginal(p.session, p.position, Math.min(cs, device.size - c * cs));
+    if (!sha256(original).equals(current.get(c)!)) return false;
+  }
+  return true;
+}
+
+/** Write the plan sorted by offset, in batches of adjacent chunks, several batches in flight. */
+async function applyPlan(
+  device: BlockDevice,
+  plan: Map<number, { session: LoadedSession; position: number }>,
+  chunks: number[],
+  cs: number,
+  totalBytes: number,
+  onProgress: RestoreOptions['onProgress'],
+): Promise<void> {
+  const maxRun = Math.max(1, BATCH_BYTES / cs);
+  const batches: Array<[number, number]> = [];
+  let i = 0;
+  while (i < chunks.length) {
+    let j = i + 1;
+    while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRun) j++;
+    batches.push([i, j]);
+    i = j;
+  }
+  let doneBytes = 0;
+  onProgress?.(0, totalBytes);
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < batches.length) {
+      const [from, to] = batches[next++]!;
+      const first = chunks[from]!;
+      const start = first * cs;
+      const buf = Buffer.allocUnsafe(Math.min((first + to - from) * cs, device.size) - start);
+      // Read the originals, merging pieces that lie next to each other in the same store file.
+      let k = from;
+      while (k < to) {
+        const p = plan.get(chunks[k]!)!;
+        let m = k + 1;
+        while (m < to && plan.get(chunks[m]!)!.session === p.session && plan.get(chunks[m]!)!.position === p.position + (m - k) * cs) m++;
+        const pieceStart = (chunks[k]! - first) * cs;
+        const pieceEnd = Math.min((chunks[m - 1]! - first + 1) * cs, buf.length);
+        const piece = buf.subarray(pieceStart, pieceEnd);
+        if ((await preadFully(p.session.fd, piece, p.position)) !== piece.length) {
+          throw new BdsnapError('ECORRUPT', `${p.session.info.dir}: the store ended while reading chunk ${chunks[k]}`);
+        }
+        k = m;
+      }
+      await device.write(buf, start);
+      doneBytes += buf.length;
+      onProgress?.(doneBytes, totalBytes);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(WRITES_IN_FLIGHT, batches.length) }, worker));
+}
+
+async function copyToOutput(device: FileDevice, devicePath: string, output: string): Promise<FileDevice> {
+  const out = path.resolve(output);
+  const same = await fs.promises.stat(out).then((st) => st.dev === device.identity.dev && st.ino === device.identity.ino, () => false);
+  if (out === path.resolve(devicePath) || same) throw new BdsnapError('EINVAL', `--output ${output} is the device itself; omit --output to restore in place`);
+  if (device.identity.kind === 'file') {
+    await fs.promises.copyFile(devicePath, out).catch((err: unknown) => {
+      throw toBdsnapError(err);
+    });
+  } else {
+    const fh = await fs.promises.open(out, 'w', 0o600);
+    try {
+      const buf = Buffer.allocUnsafe(BATCH_BYTES);
+      for (let pos = 0; pos < device.size; pos += BATCH_BYTES) {
+        const part = buf.subarray(0, Math.min(BATCH_BYTES, device.size - pos));
+        await device.read(part, pos);
+        await fh.write(part, 0, part.length, pos);
+      }
+    } finally {
+      await fh.close();
+    }
+  }
+  return FileDevice.open(out);
+}
+
+/**
+ * Refuse while the device is in use: a server of it holds the FileDevice lock (checked by
+ * open), a filesystem on it is mounted, or it is the backing file of a loop device.
+ */
+export async function checkNotInUse(devicePath: string): Promise<void> {
+  let real: string;
+  let st: fs.Stats;
+  try {
+    real = await fs.promises.realpath(devicePath);
+    st = await fs.promises.stat(real);
+  } catch (err) {
+    throw new BdsnapError('ENOENT', `the device ${devicePath} of this session does not exist: ${(err as Error).message}`, { cause: err });
+  }
+  const mountinfo = await fs.promises.readFile('/proc/self/mountinfo', 'utf8').catch(() => '');
+  const rdev = st.isBlockDevice() ? `${Math.floor(st.rdev / 256) & 0xfff}:${(st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)}` : undefined;
+  for (const line of mountinfo.split('\n')) {
+    const fields = line.split(' ');
+    const sep = fields.indexOf('-');
+    const source = sep >= 0 ? fields[sep + 2] : undefined;
+    if ((rdev !== undefined && fields[2] === rdev) || source === real || source === devicePath) {
+      throw new BdsnapError('EBUSY', `${devicePath} is mounted at ${fields[4] ?? '?'}; unmount it first`);
+    }
+  }
+  let loops: string[] = [];
+  try {
+    loops = (await fs.promises.readdir('/sys/block')).filter((n) => n.startsWith('loop'));
+  } catch {
+    // No sysfs: nothing more to check.
+  }
+  for (const loop of loops) {
+    const backing = await fs.promises.readFile(`/sys/block/${loop}/loop/backing_file`, 'utf8').catch(() => undefined);
+    if (backing === undefined) continue;
+    const file = backing.trim().replace(/ \(deleted\)$/, '');
+    if (file === real || file === devicePath) {
+      throw new BdsnapError('EBUSY', `${devicePath} is the backing file of /dev/${loop}; detach it first (losetup -d /dev/${loop})`);
+    }
+  }
+}

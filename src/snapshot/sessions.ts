@@ -1,0 +1,151 @@
+/**
+ * Offline access to session directories: listing them from their manifests, and recovering one
+ * after a crash (cut the torn tail of data.bin, rebuild index.bin, mark it interrupted).
+ * Listing never changes anything; recovery must only run on a session no process has open.
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import {
+  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, escapeDevicePath, readManifest, writeFileAtomic, writeManifest, type SessionState,
+} from './format.js';
+import { scanData } from './store.js';
+
+/** One session directory as its manifest describes it. */
+export interface SessionInfo {
+  /** Absolute path of the session directory. */
+  dir: string;
+  devicePath: string;
+  deviceSize: number;
+  deviceIdentity: Record<string, unknown>;
+  chunkSize: number;
+  durability: 'process' | 'strict';
+  /** ISO 8601, UTC. */
+  mountTime: string;
+  /** ISO 8601, or null while active / when the end was not recorded (crash). */
+  endTime: string | null;
+  /** 'unreadable': the directory looks like a session but its manifest is missing or corrupt. */
+  state: SessionState | 'unreadable';
+  preservedChunks: number;
+  preservedBytes: number;
+  storeBytes: number;
+  /** Chunks with an end digest (complete sessions), else null. */
+  digestedChunks: number | null;
+  failedReason: string | null;
+  /** For 'unreadable': what is wrong. */
+  problem?: string;
+  /** Set by recoverSession: bytes cut from a torn tail of data.bin, and why. */
+  recovery?: { cutBytes: number; reason?: string };
+}
+
+function infoFromManifest(dir: string, m: Awaited<ReturnType<typeof readManifest>>): SessionInfo {
+  return {
+    dir,
+    devicePath: m.devicePath,
+    deviceSize: m.deviceSize,
+    deviceIdentity: m.deviceIdentity,
+    chunkSize: m.chunkSize,
+    durability: m.durability,
+    mountTime: m.mountTime,
+    endTime: m.endTime,
+    state: m.state,
+    preservedChunks: m.preservedChunks,
+    preservedBytes: m.preservedBytes,
+    storeBytes: m.storeBytes,
+    digestedChunks: m.digestedChunks,
+    failedReason: m.failedReason,
+  };
+}
+
+/** Read one session directory's manifest. Errors: ENOENT, ECORRUPT. */
+export async function readSessionInfo(dir: string): Promise<SessionInfo> {
+  const abs = path.resolve(dir);
+  return infoFromManifest(abs, await readManifest(abs));
+}
+
+/** Order: mount time, then the collision suffix (`-2`, `-10`) numerically. */
+export function compareSessions(a: SessionInfo, b: SessionInfo): number {
+  if (a.mountTime !== b.mountTime) return a.mountTime < b.mountTime ? -1 : 1;
+  const suffix = (d: string): number => Number(/-(\d+)$/.exec(path.basename(d))?.[1] ?? 1);
+  return suffix(a.dir) - suffix(b.dir) || (a.dir < b.dir ? -1 : a.dir > b.dir ? 1 : 0);
+}
+
+/**
+ * Sessions under `snapshotRoot`, oldest first, optionally only those of `devicePath`.
+ * Directories whose manifest cannot be read are listed as 'unreadable' (when a device is
+ * given, only those whose name says they belong to it). A missing root gives an empty list.
+ */
+export async function listSessions(snapshotRoot: string, devicePath?: string): Promise<SessionInfo[]> {
+  const root = path.resolve(snapshotRoot);
+  let entries: fs.Dirent[];
+  try {
+    entries = await fs.promises.readdir(root, { withFileTypes: true });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw toBdsnapError(err);
+  }
+  const prefix = devicePath === undefined ? undefined : `${escapeDevicePath(devicePath)}_`;
+  const out: SessionInfo[] = [];
+  for (const e of entries) {
+    if (!e.isDirectory()) continue;
+    const dir = path.join(root, e.name);
+    try {
+      const info = await readSessionInfo(dir);
+      if (devicePath === undefined || info.devicePath === devicePath) out.push(info);
+    } catch (err) {
+      if (prefix !== undefined && !e.name.startsWith(prefix)) continue;
+      out.push({
+        dir, devicePath: devicePath ?? '', deviceSize: 0, deviceIdentity: {}, chunkSize: 0, durability: 'process',
+        mountTime: '', endTime: null, state: 'unreadable', preservedChunks: 0, preservedBytes: 0, storeBytes: 0,
+        digestedChunks: null, failedReason: null, problem: (err as Error).message,
+      });
+    }
+  }
+  return out.sort(compareSessions);
+}
+
+/**
+ * After a crash: cut the torn tail of data.bin, rebuild index.bin from the data, drop any digest
+ * file (digests are only trusted from a clean close) and mark the session 'interrupted'. A
+ * complete or failed session is returned unchanged. Errors: ENOENT, ECORRUPT.
+ */
+export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
+  const dir = path.resolve(sessionDir);
+  const manifest = await readManifest(dir);
+  if (manifest.state === 'complete' || manifest.state === 'failed') return infoFromManifest(dir, manifest);
+  const dataPath = path.join(dir, DATA_FILE);
+  let fh: fs.promises.FileHandle;
+  try {
+    fh = await fs.promises.open(dataPath, 'r+');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new BdsnapError('ECORRUPT', `${dir}: the data file ${DATA_FILE} is missing`, { cause: err });
+    throw toBdsnapError(err);
+  }
+  let cutBytes = 0;
+  let reason: string | undefined;
+  let scan;
+  try {
+    scan = await scanData(fh.fd, { chunkSize: manifest.chunkSize, deviceSize: manifest.deviceSize, allowTornTail: true, where: dataPath });
+    if (scan.validBytes < scan.fileBytes) {
+      cutBytes = scan.fileBytes - scan.validBytes;
+      reason = scan.tornReason;
+      await fh.truncate(scan.validBytes);
+    }
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
+  await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(scan.index));
+  await fs.promises.rm(path.join(dir, DIGESTS_FILE), { force: true });
+  const recovered = {
+    ...manifest,
+    state: 'interrupted' as const,
+    preservedChunks: scan.index.size,
+    preservedBytes: scan.preservedBytes,
+    storeBytes: scan.validBytes,
+    digestedChunks: null,
+  };
+  await writeManifest(dir, recovered);
+  return { ...infoFromManifest(dir, recovered), recovery: reason === undefined ? { cutBytes } : { cutBytes, reason } };
+}

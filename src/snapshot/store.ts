@@ -1,0 +1,257 @@
+/**
+ * The session store's data file: an ordered append queue for the writer, and a scanner that
+ * reads it back, verifies every record and rebuilds the index.
+ *
+ * Ordering is the crash-safety argument: records are written strictly in file order, one
+ * batch (writev) at a time, and a record's promise resolves only after its batch's write(2)
+ * has returned. So when a caller issues its device write, its original and every record before
+ * it are in the file (page cache), and a process kill can only ever leave a torn tail, which
+ * the scanner cuts. In strict mode each batch is also fdatasync'ed before it resolves: one
+ * sync for every chunk that queued up while the previous batch was being written (group commit).
+ */
+
+import fs from 'node:fs';
+import { promisify } from 'node:util';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { RECORD_HEADER_BYTES, decodeRecordHeader, encodeRecordHeader, sha256 } from './format.js';
+
+const writevAsync = promisify(fs.writev);
+const writeAsync = promisify(fs.write);
+const fdatasyncAsync = promisify(fs.fdatasync);
+
+function readAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+/** Read exactly `buf.length` bytes at `pos`, or fewer if the file ends; returns the count. */
+export async function preadFully(fd: number, buf: Buffer, pos: number): Promise<number> {
+  let done = 0;
+  while (done < buf.length) {
+    const n = await readAsync(fd, buf, done, buf.length - done, pos + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return done;
+}
+
+interface Pending {
+  buffers: Buffer[];
+  bytes: number;
+  resolve: (position: number | undefined) => void;
+  position: number;
+}
+
+/**
+ * Appends records to an open data file. `append` resolves with the record's position once it
+ * is in the file, or with undefined when the store has failed (the caller then goes on without
+ * preservation; the failure itself is reported through `onFailure`).
+ */
+export class StoreWriter {
+  readonly #fd: number;
+  readonly #strict: boolean;
+  readonly #sizeLimitBytes: number;
+  readonly #onFailure: (reason: string, err?: unknown) => void;
+  #endBytes: number;
+  #writtenBytes: number;
+  #syncedBytes: number;
+  #queue: Pending[] = [];
+  #writing: Promise<void> | undefined;
+  #failed = false;
+
+  constructor(fd: number, startBytes: number, options: { strict: boolean; sizeLimitBytes?: number; onFailure: (reason: string, err?: unknown) => void }) {
+    this.#fd = fd;
+    this.#endBytes = startBytes;
+    this.#writtenBytes = startBytes;
+    this.#syncedBytes = startBytes;
+    this.#strict = options.strict;
+    this.#sizeLimitBytes = options.sizeLimitBytes ?? Infinity;
+    this.#onFailure = options.onFailure;
+  }
+
+  get failed(): boolean {
+    return this.#failed;
+  }
+
+  /** Bytes the file will hold once everything queued is written. */
+  get sizeBytes(): number {
+    return this.#endBytes;
+  }
+
+  get dirty(): boolean {
+    return this.#syncedBytes !== this.#writtenBytes;
+  }
+
+  /** Queue one record holding the originals of chunks firstChunk.. (payload = their bytes). */
+  append(firstChunk: number, payload: Buffer): Promise<number | undefined> {
+    if (this.#failed) return Promise.resolve(undefined);
+    const recordBytes = RECORD_HEADER_BYTES + payload.length;
+    if (this.#endBytes + recordBytes > this.#sizeLimitBytes) {
+      this.#fail(`size limit reached: the store would grow past ${this.#sizeLimitBytes} bytes`);
+      return Promise.resolve(undefined);
+    }
+    const header = encodeRecordHeader(firstChunk, payload);
+    const position = this.#endBytes;
+    this.#endBytes += recordBytes;
+    return new Promise((resolve) => {
+      this.#queue.push({ buffers: [header, payload], bytes: recordBytes, resolve, position });
+      this.#writing ??= this.#run();
+    });
+  }
+
+  /** Wait until everything queued so far is in the file (or the store failed). */
+  async drain(): Promise<void> {
+    while (this.#writing) await this.#writing;
+  }
+
+  /** Make everything written so far durable. */
+  async sync(): Promise<void> {
+    await this.drain();
+    if (this.#failed || !this.dirty) return;
+    const target = this.#writtenBytes;
+    try {
+      await fdatasyncAsync(this.#fd);
+      if (target > this.#syncedBytes) this.#syncedBytes = target;
+    } catch (err) {
+      this.#fail(`cannot sync the store: ${(err as Error).message}`, err);
+      throw toBdsnapError(err);
+    }
+  }
+
+  async #run(): Promise<void> {
+    try {
+      while (this.#queue.length > 0) {
+        const batch = this.#queue;
+        this.#queue = [];
+        if (this.#failed) {
+          for (const p of batch) p.resolve(undefined);
+          continue;
+        }
+        const start = batch[0]!.position;
+        const total = batch.reduce((n, p) => n + p.bytes, 0);
+        try {
+          await this.#writeAll(batch.flatMap((p) => p.buffers), start, total);
+          this.#writtenBytes = start + total;
+          if (this.#strict) {
+            await fdatasyncAsync(this.#fd);
+            this.#syncedBytes = this.#writtenBytes;
+          }
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          this.#fail(code === 'ENOSPC' || code === 'EDQUOT' ? 'the snapshot disk is full' : `cannot write the store: ${(err as Error).message}`, err);
+          for (const p of batch) p.resolve(undefined);
+          continue;
+        }
+        for (const p of batch) p.resolve(p.position);
+      }
+    } finally {
+      this.#writing = undefined;
+    }
+  }
+
+  async #writeAll(buffers: Buffer[], position: number, total: number): Promise<void> {
+    let done = await writevAsync(this.#fd, buffers, position);
+    if (done === total) return;
+    // A short writev: finish with plain writes of what is left.
+    const rest = Buffer.concat(buffers).subarray(done);
+    let off = 0;
+    while (off < rest.length) {
+      const { bytesWritten } = await writeAsync(this.#fd, rest, off, rest.length - off, position + done);
+      off += bytesWritten;
+      done += bytesWritten;
+    }
+  }
+
+  #fail(reason: string, err?: unknown): void {
+    if (this.#failed) return;
+    this.#failed = true;
+    this.#onFailure(reason, err);
+  }
+}
+
+export interface ScannedRecord {
+  /** Byte position of the header in data.bin. */
+  position: number;
+  firstChunk: number;
+  payloadBytes: number;
+}
+
+export interface ScanResult {
+  records: ScannedRecord[];
+  /** chunk index -> byte position of its original in data.bin (first record wins). */
+  index: Map<number, number>;
+  /** Bytes of valid records from the start of the file. */
+  validBytes: number;
+  fileBytes: number;
+  /** Why the scan stopped before the end of the file (only when a torn tail is allowed). */
+  tornReason?: string;
+  /** Sum of payload bytes of the indexed chunks. */
+  preservedBytes: number;
+}
+
+export interface ScanOptions {
+  chunkSize: number;
+  deviceSize: number;
+  /** Accept a bad record as the torn end of the file (recovery) instead of failing (ECORRUPT). */
+  allowTornTail: boolean;
+  /** Name used in error messages. */
+  where: string;
+}
+
+/** Read data.bin from the start, verify every record and rebuild the index. */
+export async function scanData(fd: number, options: ScanOptions): Promise<ScanResult> {
+  const { chunkSize, deviceSize, where } = options;
+  const fileBytes = (await fs.promises.fstat(fd).catch((err: unknown) => {
+    throw toBdsnapError(err);
+  }) as fs.Stats).size;
+  const records: ScannedRecord[] = [];
+  const index = new Map<number, number>();
+  const header = Buffer.alloc(RECORD_HEADER_BYTES);
+  let payload = Buffer.alloc(0);
+  let position = 0;
+  let preservedBytes = 0;
+  const chunkCount = Math.ceil(deviceSize / chunkSize);
+  let tornReason: string | undefined;
+  while (position < fileBytes) {
+    const bad = (reason: string): void => {
+      tornReason = `${reason} at byte ${position} of ${where}`;
+    };
+    if ((await preadFully(fd, header, position)) < RECORD_HEADER_BYTES) {
+      bad('truncated record header');
+      break;
+    }
+    const h = decodeRecordHeader(header);
+    if (typeof h === 'string') {
+      bad(h);
+      break;
+    }
+    const startBytes = h.firstChunk * chunkSize;
+    const aligned = h.payloadBytes % chunkSize === 0 || startBytes + h.payloadBytes === deviceSize;
+    if (h.firstChunk >= chunkCount || startBytes + h.payloadBytes > deviceSize || !aligned) {
+      bad(`record for chunk ${h.firstChunk} (${h.payloadBytes} bytes) does not fit the device`);
+      break;
+    }
+    if (position + RECORD_HEADER_BYTES + h.payloadBytes > fileBytes) {
+      bad('truncated record payload');
+      break;
+    }
+    if (payload.length < h.payloadBytes) payload = Buffer.alloc(h.payloadBytes);
+    const body = payload.subarray(0, h.payloadBytes);
+    await preadFully(fd, body, position + RECORD_HEADER_BYTES);
+    if (!sha256(body).equals(h.payloadSha256)) {
+      bad('record payload checksum mismatch');
+      break;
+    }
+    records.push({ position, firstChunk: h.firstChunk, payloadBytes: h.payloadBytes });
+    for (let i = 0; i * chunkSize < h.payloadBytes; i++) {
+      const chunk = h.firstChunk + i;
+      if (index.has(chunk)) continue;
+      index.set(chunk, position + RECORD_HEADER_BYTES + i * chunkSize);
+      preservedBytes += Math.min(chunkSize, h.payloadBytes - i * chunkSize);
+    }
+    position += RECORD_HEADER_BYTES + h.payloadBytes;
+  }
+  if (tornReason !== undefined && !options.allowTornTail) {
+    throw new BdsnapError('ECORRUPT', `${where} is corrupt: ${tornReason}`);
+  }
+  return { records, index, validBytes: position, fileBytes, tornReason, preservedBytes };
+}

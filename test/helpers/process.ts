@@ -1,0 +1,177 @@
+/**
+ * Running real programs from tests: capture stdout, stderr and the exit status, and fail
+ * with all three in the message, so a broken interop run explains itself in the test log.
+ * Missing tools fail the test loudly; they are never a reason to skip.
+ */
+
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+
+export interface RunOptions {
+  /** Bytes or text written to the child's stdin, which is then closed. */
+  input?: string | Buffer;
+  env?: NodeJS.ProcessEnv;
+  cwd?: string;
+  /** Kill the child (SIGKILL) and fail after this long; default 120 s. */
+  timeoutMs?: number;
+  /** Resolve instead of throwing when the exit code is not 0. */
+  allowFailure?: boolean;
+}
+
+export interface RunResult {
+  command: string;
+  stdout: string;
+  stderr: string;
+  /** Exit code, or null when the child ended by a signal. */
+  exitCode: number | null;
+  signal: NodeJS.Signals | null;
+  durationMs: number;
+}
+
+export class RunError extends Error {
+  readonly result: RunResult;
+
+  constructor(message: string, result: RunResult) {
+    super(message);
+    this.name = 'RunError';
+    this.result = result;
+  }
+}
+
+const DEFAULT_TIMEOUT_MS = 120_000;
+/** Keep failure messages readable: the tail of a long output is what explains it. */
+const MAX_SHOWN_CHARS = 4000;
+
+function tail(text: string): string {
+  return text.length > MAX_SHOWN_CHARS ? `...${text.slice(-MAX_SHOWN_CHARS)}` : text;
+}
+
+export function quoteCommand(cmd: string, args: readonly string[]): string {
+  return [cmd, ...args].map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replaceAll("'", "'\\''")}'`)).join(' ');
+}
+
+export function describeRun(result: RunResult): string {
+  const status = result.signal ? `signal ${result.signal}` : `exit ${result.exitCode}`;
+  return `${result.command}: ${status}\n--- stdout ---\n${tail(result.stdout)}\n--- stderr ---\n${tail(result.stderr)}`;
+}
+
+/**
+ * Run `cmd args` to completion. Throws RunError (with stdout, stderr and status in the
+ * message) on a non-zero exit, a signal, a spawn failure or the timeout.
+ */
+export function run(cmd: string, args: readonly string[], options: RunOptions = {}): Promise<RunResult> {
+  const command = quoteCommand(cmd, args);
+  const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  const startedMs = Date.now();
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, {
+      env: options.env ?? process.env,
+      cwd: options.cwd,
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.stderr.on('data', (b: Buffer) => err.push(b));
+    // A child that exits without reading its stdin must not crash the test with EPIPE.
+    child.stdin.on('error', () => undefined);
+    child.on('error', (e) => {
+      clearTimeout(timer);
+      reject(new RunError(`${command}: cannot start: ${e.message}`, {
+        command, stdout: '', stderr: '', exitCode: null, signal: null, durationMs: Date.now() - startedMs,
+      }));
+    });
+    child.on('close', (exitCode, signal) => {
+      clearTimeout(timer);
+      const result: RunResult = {
+        command,
+        stdout: Buffer.concat(out).toString('utf8'),
+        stderr: Buffer.concat(err).toString('utf8'),
+        exitCode,
+        signal,
+        durationMs: Date.now() - startedMs,
+      };
+      if (timedOut) {
+        reject(new RunError(`timed out after ${timeoutMs} ms: ${describeRun(result)}`, result));
+      } else if ((exitCode !== 0 || signal !== null) && options.allowFailure !== true) {
+        reject(new RunError(`command failed: ${describeRun(result)}`, result));
+      } else {
+        resolve(result);
+      }
+    });
+    if (options.input !== undefined) child.stdin.end(options.input);
+    else child.stdin.end();
+  });
+}
+
+/** Where a program is on PATH, or undefined. */
+export function findOnPath(name: string, envPath = process.env.PATH ?? ''): string | undefined {
+  for (const dir of envPath.split(path.delimiter)) {
+    if (dir === '') continue;
+    const candidate = path.join(dir, name);
+    try {
+      fs.accessSync(candidate, fs.constants.X_OK);
+      if (fs.statSync(candidate).isFile()) return candidate;
+    } catch {
+      // not in this directory
+    }
+  }
+  return undefined;
+}
+
+/** The Debian package that provides each tool, for the failure message. */
+const TOOL_PACKAGES: Record<string, string> = {
+  nbdinfo: 'libnbd-bin',
+  nbdcopy: 'libnbd-bin',
+  nbdfuse: 'libnbd-bin',
+  nbdsh: 'python3-libnbd',
+  'qemu-img': 'qemu-utils',
+  'qemu-io': 'qemu-utils',
+  fio: 'fio',
+  nbdkit: 'nbdkit',
+  fusermount3: 'fuse3',
+  'mkfs.ext4': 'e2fsprogs',
+  e2fsck: 'e2fsprogs',
+  losetup: 'mount',
+  mount: 'mount',
+  umount: 'mount',
+};
+
+/**
+ * Fail (throw) with a clear message if `name` is not installed. Interop tests exist to
+ * run real clients; a missing one is a broken test machine, not a reason to skip.
+ */
+export function requireTool(name: string): string {
+  const found = findOnPath(name);
+  if (found === undefined) {
+    const pkg = TOOL_PACKAGES[name];
+    throw new Error(`required tool '${name}' is not installed${pkg ? ` (Debian package ${pkg})` : ''}; install it, these tests never skip`);
+  }
+  if (name === 'nbdsh') {
+    // nbdsh runs `python3 -m nbd`; the Python found first on PATH must have the binding.
+    const probe = spawnSync('nbdsh', ['-c', 'pass'], { env: nbdshEnv(), encoding: 'utf8' });
+    if (probe.status !== 0) {
+      throw new Error(`required tool 'nbdsh' does not start (python3-libnbd missing for the python3 on PATH?): ${probe.stderr || probe.error?.message}`);
+    }
+  }
+  return found;
+}
+
+/** Require root (loop devices, mounts); fails rather than skips. */
+export function requireRoot(): void {
+  if (process.getuid?.() !== 0) throw new Error('this test needs root (loop devices and mounts); run the suite as root');
+}
+
+/**
+ * The environment for nbdsh: the distribution's python3 first, because a user-level Python
+ * (pyenv, venv) found earlier on PATH lacks the libnbd binding that nbdsh imports.
+ */
+export function nbdshEnv(): NodeJS.ProcessEnv {
+  return { ...process.env, PATH: ['/usr/bin', '/bin', process.env.PATH ?? ''].join(path.delimiter) };
+}

@@ -1,0 +1,196 @@
+/**
+ * Start and stop an NBD server as a real child process on a fresh unix socket: `bdsnap
+ * serve` (the product) or `nbdkit file` (the reference, to check a test recipe and to
+ * compare speed). Tests and the benchmark go through here, so which server a test talks to
+ * is decided in one place: the `kind` option, or BDSNAP_TEST_SERVER=nbdkit to run the
+ * interop suite against the reference server.
+ */
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { AfterHook } from './files.js';
+import { requireTool } from './process.js';
+
+export type ServerKind = 'bdsnap' | 'nbdkit';
+
+export interface ServerOptions {
+  /** Image files (or block devices) to serve; bdsnap exports each under its absolute path. */
+  images: string[];
+  readOnly?: boolean;
+  /** Default: serverKind(). */
+  kind?: ServerKind;
+  /** Default: a fresh socket in a fresh temp dir. */
+  socketPath?: string;
+  /** Fail if the socket does not accept connections within this time; default 15 s. */
+  readyTimeoutMs?: number;
+  /** Extra arguments placed before the images (bdsnap) or the plugin name (nbdkit). */
+  extraArgs?: string[];
+  env?: NodeJS.ProcessEnv;
+}
+
+export interface StopResult {
+  exitCode: number | null;
+  signal: NodeJS.Signals | null;
+  /** True when SIGTERM was not enough and the server had to be killed. */
+  killed: boolean;
+}
+
+export interface NbdServer {
+  readonly kind: ServerKind;
+  readonly socketPath: string;
+  /** Export names in the order of `images` (absolute paths). */
+  readonly exportNames: string[];
+  readonly pid: number;
+  /** NBD URI for libnbd tools, fio and qemu; '' selects the default export. */
+  uri(exportName?: string): string;
+  /** Everything the server printed on stderr so far. */
+  stderr(): string;
+  /** True while the process runs. */
+  running(): boolean;
+  /** SIGTERM, wait, SIGKILL after `graceMs` (default 10 s). Idempotent. */
+  stop(graceMs?: number): Promise<StopResult>;
+}
+
+const DEFAULT_READY_TIMEOUT_MS = 15_000;
+const DEFAULT_GRACE_MS = 10_000;
+const MAX_KEPT_STDERR_CHARS = 64 * 1024;
+
+/** The compiled CLI entry point, found relative to this file (dist/test/helpers). */
+export const BDSNAP_MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+
+/** Which server the interop tests talk to: bdsnap unless BDSNAP_TEST_SERVER says otherwise. */
+export function serverKind(): ServerKind {
+  const wanted = process.env.BDSNAP_TEST_SERVER ?? 'bdsnap';
+  if (wanted !== 'bdsnap' && wanted !== 'nbdkit') {
+    throw new Error(`BDSNAP_TEST_SERVER must be 'bdsnap' or 'nbdkit', got '${wanted}'`);
+  }
+  return wanted;
+}
+
+/**
+ * The NBD URI of an export on a unix socket. libnbd and qemu take the URI path minus its
+ * first slash as the export name, so the absolute path /a/b.img becomes nbd+unix:////a/b.img.
+ */
+export function nbdUri(socketPath: string, exportName = ''): string {
+  const encodedName = exportName.split('/').map(encodeURIComponent).join('/');
+  return `nbd+unix:///${encodedName}?socket=${encodeURIComponent(socketPath)}`;
+}
+
+function commandFor(kind: ServerKind, socketPath: string, images: string[], options: ServerOptions): [string, string[]] {
+  const extra = options.extraArgs ?? [];
+  if (kind === 'bdsnap') {
+    return [process.execPath, [BDSNAP_MAIN, 'serve', '--socket', socketPath, ...(options.readOnly ? ['--read-only'] : []), ...extra, ...images]];
+  }
+  if (images.length !== 1) throw new Error(`the nbdkit file plugin serves one image, got ${images.length}`);
+  return [
+    requireTool('nbdkit'),
+    ['--foreground', '--exit-with-parent', '--unix', socketPath, ...(options.readOnly ? ['--readonly'] : []), ...extra, 'file', `file=${images[0]}`],
+  ];
+}
+
+function tryConnect(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.createConnection(socketPath);
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once('error', () => resolve(false));
+  });
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Start a server and wait until its socket accepts connections. With a test context, the
+ * server (and its temp dir) are stopped and removed after the test, whatever happens.
+ */
+export async function startServer(t: AfterHook | undefined, options: ServerOptions): Promise<NbdServer> {
+  const kind = options.kind ?? serverKind();
+  const images = options.images.map((p) => path.resolve(p));
+  let ownDir: string | undefined;
+  let socketPath = options.socketPath;
+  if (socketPath === undefined) {
+    ownDir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-srv-'));
+    socketPath = path.join(ownDir, 'nbd.sock');
+  }
+  const [cmd, args] = commandFor(kind, socketPath, images, options);
+  const child: ChildProcess = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? process.env });
+  let stderrText = '';
+  const keep = (b: Buffer): void => {
+    stderrText += b.toString('utf8');
+    if (stderrText.length > MAX_KEPT_STDERR_CHARS) stderrText = stderrText.slice(-MAX_KEPT_STDERR_CHARS);
+  };
+  child.stderr?.on('data', keep);
+  // stdout is not part of the contract, but kept so that a chatty server never blocks on a full pipe.
+  child.stdout?.on('data', keep);
+  let exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+  let spawnError: Error | undefined;
+  const exited = new Promise<void>((resolve) => {
+    child.once('exit', (code, signal) => {
+      exit = { code, signal };
+      resolve();
+    });
+    child.once('error', (e) => {
+      spawnError = e;
+      exit ??= { code: null, signal: null };
+      resolve();
+    });
+  });
+
+  let stopping: Promise<StopResult> | undefined;
+  const stop = (graceMs = DEFAULT_GRACE_MS): Promise<StopResult> => {
+    stopping ??= (async () => {
+      let killed = false;
+      if (exit === undefined) {
+        child.kill('SIGTERM');
+        const timer = sleep(graceMs).then(() => 'timeout' as const);
+        if ((await Promise.race([exited.then(() => 'exited' as const), timer])) === 'timeout') {
+          killed = true;
+          child.kill('SIGKILL');
+          await exited;
+        }
+      }
+      if (ownDir !== undefined) fs.rmSync(ownDir, { recursive: true, force: true });
+      return { exitCode: exit?.code ?? null, signal: exit?.signal ?? null, killed };
+    })();
+    return stopping;
+  };
+  t?.after(() => stop());
+
+  const describe = (): string =>
+    `${kind} server (${[cmd, ...args].join(' ')})` +
+    (exit ? ` exited (${exit.signal ? `signal ${exit.signal}` : `code ${exit.code}`})` : '') +
+    (spawnError ? `: cannot start: ${spawnError.message}` : '') +
+    `\n--- server stderr ---\n${stderrText}`;
+
+  const deadlineMs = Date.now() + (options.readyTimeoutMs ?? DEFAULT_READY_TIMEOUT_MS);
+  for (;;) {
+    if (exit !== undefined) {
+      await stop();
+      throw new Error(`NBD server did not start: ${describe()}`);
+    }
+    if (fs.existsSync(socketPath) && (await tryConnect(socketPath))) break;
+    if (Date.now() > deadlineMs) {
+      await stop();
+      throw new Error(`NBD server not accepting on ${socketPath} after ${options.readyTimeoutMs ?? DEFAULT_READY_TIMEOUT_MS} ms: ${describe()}`);
+    }
+    await sleep(25);
+  }
+
+  const finalSocketPath = socketPath;
+  return {
+    kind,
+    socketPath: finalSocketPath,
+    exportNames: images,
+    pid: child.pid ?? -1,
+    uri: (exportName = '') => nbdUri(finalSocketPath, exportName),
+    stderr: () => stderrText,
+    running: () => exit === undefined,
+    stop,
+  };
+}
