@@ -115,6 +115,8 @@ export interface PasswdResult {
 export interface PingResult {
   pid: number;
   version: number;
+  /** Whether a service password has been set. */
+  passwordSet: boolean;
 }
 
 export interface ResultMap {

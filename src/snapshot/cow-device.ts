@@ -197,7 +197,10 @@ export class CowDevice implements BlockDevice {
    * the final content of every touched chunk, write the index and mark the manifest complete.
    * Returns undefined when nothing was modified (no directory exists). Does not close the base.
    */
-  close(): Promise<SessionSummary | undefined> {
+  close(): Promise<SessionSummary | undefined>;
+  /** The BlockDevice signature, so that a CowDevice is served like any other device. */
+  close(): Promise<void>;
+  close(): Promise<SessionSummary | void> {
     this.#closing ??= this.#close();
     return this.#closing;
   }

@@ -119,6 +119,8 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     if (s.state === 'active') warnings.push(`session ${s.dir} was never closed (crash?): it is treated as interrupted and has no end digests to check`);
   }
 
+  const outputPath = options.output === undefined ? undefined : path.resolve(options.output);
+  if (outputPath !== undefined) await checkOutput(devicePath, outputPath);
   await checkNotInUse(devicePath);
   const device = await FileDevice.open(devicePath, { readOnly: dryRun || options.output !== undefined });
   const loaded: LoadedSession[] = [];
@@ -145,7 +147,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     if (journal?.state === 'running' && options.output === undefined) {
       digestCheck = 'skipped-resume';
       warnings.push(`a restore from this session started at ${journal.startedAt} did not finish: finishing it without the digest check`);
-    } else if (journal?.state === 'done' && options.output === undefined && (await alreadyRestored(device, plan, chunks, cs))) {
+    } else if (journal?.state === 'done' && (await alreadyRestored(device, plan, chunks, cs))) {
       digestCheck = 'already-restored';
     } else if (options.force) {
       digestCheck = 'skipped-force';
@@ -168,15 +170,19 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       warnings,
     });
     if (dryRun) return { ...summary(true), chunks: chunks.length, bytes };
-    if (digestCheck === 'already-restored') return summary(false);
+    if (digestCheck === 'already-restored') {
+      // The device already holds the restored content: a copy of it is the restored copy.
+      if (outputPath !== undefined) await (await copyToOutput(device, devicePath, outputPath)).close();
+      return summary(false);
+    }
 
     for (const s of loaded) {
       // Make a crashed, never-recovered session say what it is now that nobody has it open.
       if (s.info.state === 'active') await recoverSession(s.info.dir);
     }
     let writeTo: BlockDevice = device;
-    if (options.output !== undefined) {
-      output = await copyToOutput(device, devicePath, options.output);
+    if (outputPath !== undefined) {
+      output = await copyToOutput(device, devicePath, outputPath!);
       writeTo = output;
     } else {
       await writeFileAtomic(journalPath, JSON.stringify({ state: 'running', devicePath, sessions: chain.map((s) => s.dir), startedAt: new Date().toISOString() } satisfies Journal));
@@ -275,13 +281,15 @@ async function readOriginal(s: LoadedSession, position: number, lengthBytes: num
 /** Read `chunks` (sorted) from the device in coalesced runs, calling `each` with every chunk's bytes. */
 async function forEachDeviceChunk(device: BlockDevice, chunks: number[], cs: number, each: (chunk: number, data: Buffer) => void): Promise<void> {
   const maxRun = Math.max(1, BATCH_BYTES / cs);
+  // One buffer for all runs: fresh large buffers cost a page fault per page on first touch.
+  const scratch = Buffer.allocUnsafe(Math.min(maxRun * cs, BATCH_BYTES));
   let i = 0;
   while (i < chunks.length) {
     let j = i + 1;
     while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRun) j++;
     const first = chunks[i]!;
     const start = first * cs;
-    const buf = Buffer.allocUnsafe(Math.min((first + j - i) * cs, device.size) - start);
+    const buf = scratch.subarray(0, Math.min((first + j - i) * cs, device.size) - start);
     await device.read(buf, start);
     for (let k = 0; k < j - i; k++) each(first + k, buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length)));
     i = j;
@@ -321,14 +329,16 @@ async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: n
     }
   }
   if (mismatches.length === 0) return;
-  const bySession = new Map<string, number>();
-  for (const m of mismatches) bySession.set(m.session.info.dir, (bySession.get(m.session.info.dir) ?? 0) + 1);
-  const listed = mismatches.slice(0, MAX_LISTED_MISMATCHES)
-    .map((m) => `chunk ${m.chunk} (bytes ${m.chunk * cs}..${Math.min((m.chunk + 1) * cs, device.size) - 1}) of ${path.basename(m.session.info.dir)} vs ${m.against}`)
-    .join('; ');
-  const sessions = [...bySession].map(([dir, n]) => `${n} chunk(s) of ${dir}`).join(', ');
+  const bySession = new Map<string, typeof mismatches>();
+  for (const m of mismatches) bySession.set(m.session.info.dir, [...(bySession.get(m.session.info.dir) ?? []), m]);
+  const clauses = [...bySession].map(([dir, list]) => {
+    const listed = list.slice(0, MAX_LISTED_MISMATCHES)
+      .map((m) => `chunk ${m.chunk} (bytes ${m.chunk * cs}..${Math.min((m.chunk + 1) * cs, device.size) - 1}) vs ${m.against}`)
+      .join(', ');
+    return `${list.length} chunk(s) of ${dir} differ from its end digests: ${listed}${list.length > MAX_LISTED_MISMATCHES ? ', ...' : ''}`;
+  });
   throw new BdsnapError('EMISMATCH',
-    `the device is not in the state the sessions left it in (${sessions} differ: ${listed}${mismatches.length > MAX_LISTED_MISMATCHES ? '; ...' : ''}); `
+    `the device is not in the state the sessions left it in (${clauses.join('; ')}); `
     + 'it was changed outside bdsnap or by a session that is not in this snapshot root; use --force to restore anyway');
 }
 
@@ -365,11 +375,12 @@ async function applyPlan(
   onProgress?.(0, totalBytes);
   let next = 0;
   const worker = async (): Promise<void> => {
+    const scratch = Buffer.allocUnsafe(Math.min(maxRun * cs, BATCH_BYTES));
     while (next < batches.length) {
       const [from, to] = batches[next++]!;
       const first = chunks[from]!;
       const start = first * cs;
-      const buf = Buffer.allocUnsafe(Math.min((first + to - from) * cs, device.size) - start);
+      const buf = scratch.subarray(0, Math.min((first + to - from) * cs, device.size) - start);
       // Read the originals, merging pieces that lie next to each other in the same store file.
       let k = from;
       while (k < to) {
@@ -392,10 +403,13 @@ async function applyPlan(
   await Promise.all(Array.from({ length: Math.min(WRITES_IN_FLIGHT, batches.length) }, worker));
 }
 
-async function copyToOutput(device: FileDevice, devicePath: string, output: string): Promise<FileDevice> {
-  const out = path.resolve(output);
-  const same = await fs.promises.stat(out).then((st) => st.dev === device.identity.dev && st.ino === device.identity.ino, () => false);
-  if (out === path.resolve(devicePath) || same) throw new BdsnapError('EINVAL', `--output ${output} is the device itself; omit --output to restore in place`);
+async function checkOutput(devicePath: string, out: string): Promise<void> {
+  const [a, b] = await Promise.all([fs.promises.stat(devicePath).catch(() => undefined), fs.promises.stat(out).catch(() => undefined)]);
+  const same = a !== undefined && b !== undefined && a.dev === b.dev && a.ino === b.ino;
+  if (out === path.resolve(devicePath) || same) throw new BdsnapError('EINVAL', `--output ${out} is the device itself; omit --output to restore in place`);
+}
+
+async function copyToOutput(device: FileDevice, devicePath: string, out: string): Promise<FileDevice> {
   if (device.identity.kind === 'file') {
     await fs.promises.copyFile(devicePath, out).catch((err: unknown) => {
       throw toBdsnapError(err);

@@ -15,9 +15,15 @@ import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { RECORD_HEADER_BYTES, decodeRecordHeader, encodeRecordHeader, sha256 } from './format.js';
 
-const writevAsync = promisify(fs.writev);
-const writeAsync = promisify(fs.write);
 const fdatasyncAsync = promisify(fs.fdatasync);
+const fstatAsync = promisify(fs.fstat);
+
+function writevAsync(fd: number, buffers: Buffer[], pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.writev(fd, buffers, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+function writeAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
 
 function readAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
@@ -155,7 +161,7 @@ export class StoreWriter {
     const rest = Buffer.concat(buffers).subarray(done);
     let off = 0;
     while (off < rest.length) {
-      const { bytesWritten } = await writeAsync(this.#fd, rest, off, rest.length - off, position + done);
+      const bytesWritten = await writeAsync(this.#fd, rest, off, rest.length - off, position + done);
       off += bytesWritten;
       done += bytesWritten;
     }
@@ -200,9 +206,9 @@ export interface ScanOptions {
 /** Read data.bin from the start, verify every record and rebuild the index. */
 export async function scanData(fd: number, options: ScanOptions): Promise<ScanResult> {
   const { chunkSize, deviceSize, where } = options;
-  const fileBytes = (await fs.promises.fstat(fd).catch((err: unknown) => {
+  const fileBytes = (await fstatAsync(fd).catch((err: unknown) => {
     throw toBdsnapError(err);
-  }) as fs.Stats).size;
+  })).size;
   const records: ScannedRecord[] = [];
   const index = new Map<number, number>();
   const header = Buffer.alloc(RECORD_HEADER_BYTES);

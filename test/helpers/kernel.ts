@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { requireRoot, requireTool, run } from './process.js';
-import { nbdUri } from './server.js';
+import { nbdUri, settlesWithin } from './server.js';
 
 export interface KernelAttachment {
   /** /dev/loopN, ready for mkfs or mount. */
@@ -109,8 +109,7 @@ export async function attachKernel(socketPath: string, exportName = '', options:
         } catch (err) {
           problems.push(String(err));
         }
-        const waited = await Promise.race([exitedPromise.then(() => true), sleep(timeoutMs).then(() => false)]);
-        if (!waited) {
+        if (!(await settlesWithin(exitedPromise, timeoutMs))) {
           problems.push(`nbdfuse did not exit after unmount; killed\n${stderrText}`);
           child.kill('SIGKILL');
           await exitedPromise;

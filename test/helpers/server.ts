@@ -51,6 +51,8 @@ export interface NbdServer {
   stderr(): string;
   /** True while the process runs. */
   running(): boolean;
+  /** Wait for the process to end by itself; undefined if it still runs after `timeoutMs`. */
+  waitForExit(timeoutMs: number): Promise<{ exitCode: number | null; signal: NodeJS.Signals | null } | undefined>;
   /** SIGTERM, wait, SIGKILL after `graceMs` (default 10 s). Idempotent. */
   stop(graceMs?: number): Promise<StopResult>;
 }
@@ -105,6 +107,19 @@ function tryConnect(socketPath: string): Promise<boolean> {
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** True if `promise` settles within `timeoutMs`; the timer never keeps the process alive. */
+export async function settlesWithin(promise: Promise<unknown>, timeoutMs: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), timeoutMs);
+  });
+  try {
+    return await Promise.race([promise.then(() => true, () => true), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /**
  * Start a server and wait until its socket accepts connections. With a test context, the
  * server (and its temp dir) are stopped and removed after the test, whatever happens.
@@ -148,8 +163,7 @@ export async function startServer(t: AfterHook | undefined, options: ServerOptio
       let killed = false;
       if (exit === undefined) {
         child.kill('SIGTERM');
-        const timer = sleep(graceMs).then(() => 'timeout' as const);
-        if ((await Promise.race([exited.then(() => 'exited' as const), timer])) === 'timeout') {
+        if (!(await settlesWithin(exited, graceMs))) {
           killed = true;
           child.kill('SIGKILL');
           await exited;
@@ -191,6 +205,10 @@ export async function startServer(t: AfterHook | undefined, options: ServerOptio
     uri: (exportName = '') => nbdUri(finalSocketPath, exportName),
     stderr: () => stderrText,
     running: () => exit === undefined,
+    waitForExit: async (timeoutMs) => {
+      await settlesWithin(exited, timeoutMs);
+      return exit === undefined ? undefined : { exitCode: exit.code, signal: exit.signal };
+    },
     stop,
   };
 }

@@ -3,7 +3,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../../src/device/block-device.js';
+import type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from '../../src/device/block-device.js';
+import { BdsnapError } from '../../src/errors.js';
 
 export function tempDir(t: { after: (fn: () => void) => void }, prefix = 'bdsnap-sffs-'): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
@@ -16,27 +17,44 @@ export interface RecordedWrite {
   lengthBytes: number;
 }
 
-/** Passes everything to `inner` and remembers every write, so tests see what reached the device. */
+/**
+ * Passes everything to `inner` and remembers every write, so tests see what reached the
+ * device. `minimumBytes` overrides the advertised minimum block size and is enforced, as an
+ * NBD server enforces it.
+ */
 export class RecordingDevice implements BlockDevice {
   readonly writes: RecordedWrite[] = [];
   readonly #inner: BlockDevice;
+  readonly #minimumBytes: number | undefined;
 
-  constructor(inner: BlockDevice) {
+  constructor(inner: BlockDevice, minimumBytes?: number) {
     this.#inner = inner;
+    this.#minimumBytes = minimumBytes;
   }
 
   get size(): number { return this.#inner.size; }
   get readOnly(): boolean { return this.#inner.readOnly; }
-  get blockSizes() { return this.#inner.blockSizes; }
+  get blockSizes(): BlockSizes {
+    const sizes = this.#inner.blockSizes;
+    return this.#minimumBytes === undefined ? sizes : { ...sizes, minimum: this.#minimumBytes };
+  }
   get canTrim(): boolean { return this.#inner.canTrim; }
   get canFastZero(): boolean { return this.#inner.canFastZero; }
   get canMultiConn(): boolean { return this.#inner.canMultiConn; }
 
   read(target: Buffer, offsetBytes: number): Promise<void> {
+    const minimum = this.blockSizes.minimum;
+    if (offsetBytes % minimum !== 0 || target.length % minimum !== 0) {
+      return Promise.reject(new BdsnapError('EINVAL', `range ${offsetBytes}+${target.length} is not aligned to ${minimum} bytes`));
+    }
     return this.#inner.read(target, offsetBytes);
   }
 
   write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+    const minimum = this.blockSizes.minimum;
+    if (offsetBytes % minimum !== 0 || data.length % minimum !== 0) {
+      return Promise.reject(new BdsnapError('EINVAL', `range ${offsetBytes}+${data.length} is not aligned to ${minimum} bytes`));
+    }
     this.writes.push({ offsetBytes, lengthBytes: data.length });
     return this.#inner.write(data, offsetBytes, options);
   }

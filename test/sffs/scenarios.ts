@@ -13,8 +13,15 @@
  * written byte differs from the byte it replaces and a touched block always changes.
  */
 
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { FileDevice } from '../../src/device/file-device.js';
 import { BdsnapError } from '../../src/errors.js';
+import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { INITIAL_CONTENT, SFFS_BLOCK_SIZE, maxFileSizeFor } from '../../src/fs/singlefilefs/layout.js';
+import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
 
 /** What a scenario needs from the filesystem: the user-space write loop. */
 export interface SingleFileWriter {
@@ -203,4 +210,52 @@ export function changedBlocksBetween(before: Buffer, after: Buffer): number[] {
     }
   }
   return changed;
+}
+
+/**
+ * Format `image` and run the scenario's prepare phase on it offline. Returns the image's
+ * bytes afterwards: the state a restore must give back.
+ */
+export async function prepareScenarioImage(image: string, scenario: GradingScenario): Promise<Buffer> {
+  await mkfsImage(image, scenario.imageBlocks);
+  const device = await FileDevice.open(image);
+  try {
+    const prepFs = await SingleFileFs.open(device);
+    await scenario.prepare(prepFs);
+    await prepFs.flush();
+  } finally {
+    await device.close();
+  }
+  return fs.readFileSync(image);
+}
+
+/** After `run` reached the image (and the server let go of it): blocks, content and size are as expected. */
+export async function assertScenarioOutcome(scenario: GradingScenario, image: string, before: Buffer): Promise<void> {
+  const after = fs.readFileSync(image);
+  assert.deepEqual(changedBlocksBetween(before, after), scenario.changedBlocks, `${scenario.name}: changed blocks`);
+  const expected = await expectedContent(scenario);
+  assert.deepEqual(after.subarray(8192, 8192 + expected.after.length), expected.after, `${scenario.name}: content`);
+  assert.equal(Number(after.readBigUInt64LE(4096 + 24)), scenario.sizeAfterBytes, `${scenario.name}: size`);
+}
+
+const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+
+/**
+ * A writer that runs one `bdsnap sffs write` process per write, e.g. with
+ * `['--socket', path]`, `['--run-dir', dir]` or `['--image']` as `targetArgs`.
+ */
+export function sffsCliWriter(targetArgs: string[], devName: string, env: NodeJS.ProcessEnv = {}): SingleFileWriter {
+  return {
+    write(offsetBytes: number, data: Buffer): Promise<number> {
+      const args = [MAIN, 'sffs', 'write', '--json', ...targetArgs, devName, String(offsetBytes), data.toString('latin1')];
+      return new Promise((resolve, reject) => {
+        execFile(process.execPath, args, { encoding: 'utf8', timeout: 30_000, env: { ...process.env, ...env } }, (err, stdout, stderr) => {
+          // The CLI refuses a write that would leave a hole; the filesystem call wrote nothing.
+          if (err && /past the end of the file/.test(stderr)) resolve(0);
+          else if (err) reject(new BdsnapError('EIO', `bdsnap sffs write failed: ${stderr.trim() || err.message}`, { cause: err }));
+          else resolve((JSON.parse(stdout) as { writtenBytes: number }).writtenBytes);
+        });
+      });
+    },
+  };
 }

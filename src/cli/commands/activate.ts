@@ -1,7 +1,36 @@
-/** `bdsnap activate`. */
+/** `bdsnap activate` and `bdsnap deactivate`: arm or disarm snapshot sessions for a device. */
 
 import type { Command } from 'commander';
+import { withClient } from '../../service/client.js';
+import type { ActivationResult } from '../../service/control-protocol.js';
+import { readPassword } from '../../service/password-input.js';
 
-export function register(_program: Command): void {
-  // Registered by the module that implements it.
+interface ActivationOptions {
+  passwordStdin?: boolean;
+  runDir?: string;
+  json?: boolean;
+}
+
+function describe(r: ActivationResult): string {
+  if (r.active) return r.changed ? `activated ${r.device}: each mount from now on gets a snapshot session` : `${r.device} is already active`;
+  if (!r.changed) return `${r.device} is not active`;
+  const carry = r.sessionContinues ? `; the current session (${r.sessionContinues}) carries on until unmount` : '';
+  return `deactivated ${r.device}${carry}`;
+}
+
+export function register(program: Command): void {
+  for (const active of [true, false]) {
+    const name = active ? 'activate' : 'deactivate';
+    program
+      .command(`${name} <dev_name>`)
+      .description(active ? 'activate snapshot sessions for a device (needs the service password)' : 'stop starting snapshot sessions for a device (needs the service password)')
+      .option('--password-stdin', 'read the service password from the first line of stdin')
+      .option('--run-dir <dir>', 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+      .option('--json', 'machine-readable output')
+      .action(async (device: string, options: ActivationOptions) => {
+        const password = await readPassword(options.passwordStdin ?? false);
+        const result = await withClient(options.runDir, (c) => (active ? c.activate(device, password) : c.deactivate(device, password)));
+        process.stdout.write(options.json ? `${JSON.stringify(result)}\n` : `${describe(result)}\n`);
+      });
+  }
 }

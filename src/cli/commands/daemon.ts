@@ -1,7 +1,57 @@
-/** `bdsnap daemon`. */
+/** `bdsnap daemon`: run the service in the foreground, logging one JSON line per event on stdout. */
 
 import type { Command } from 'commander';
+import { pino } from 'pino';
+import { resolveRunDir } from '../../service/client.js';
+import { DEFAULT_STATE_DIR, startDaemon } from '../../service/daemon.js';
+import { BdsnapError } from '../../errors.js';
 
-export function register(_program: Command): void {
-  // Registered by the module that implements it.
+const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
+
+interface DaemonOptions {
+  runDir?: string;
+  stateDir: string;
+  snapshotRoot: string;
+  durability?: string;
+  logLevel: string;
+}
+
+export function register(program: Command): void {
+  program
+    .command('daemon')
+    .description('run the bdsnap service in the foreground (control socket, NBD server, sessions)')
+    .option('--run-dir <dir>', 'sockets go here (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+    .option('--state-dir <dir>', 'registry and password hash', DEFAULT_STATE_DIR)
+    .option('--snapshot-root <dir>', 'session directories', DEFAULT_SNAPSHOT_ROOT)
+    .option('--durability <mode>', "'process' (default) or 'strict' (store synced before each device write)")
+    .option('--log-level <level>', 'pino level: debug, info, warn, error', 'info')
+    .action(async (options: DaemonOptions) => {
+      if (options.durability !== undefined && options.durability !== 'process' && options.durability !== 'strict') {
+        throw new BdsnapError('EINVAL', "--durability must be 'process' or 'strict'");
+      }
+      if (!['trace', 'debug', 'info', 'warn', 'error', 'fatal'].includes(options.logLevel)) {
+        throw new BdsnapError('EINVAL', '--log-level must be one of trace, debug, info, warn, error, fatal');
+      }
+      const log = pino({ level: options.logLevel, base: { pid: process.pid } });
+      const daemon = await startDaemon({
+        runDir: resolveRunDir(options.runDir),
+        stateDir: options.stateDir,
+        snapshotRoot: options.snapshotRoot,
+        log,
+        ...(options.durability ? { session: { durability: options.durability } } : {}),
+      });
+      await new Promise<void>((resolve) => {
+        const stop = (signal: string): void => {
+          log.info({ event: 'signal', signal }, 'stopping on signal');
+          daemon.close().then(resolve, (err: unknown) => {
+            log.error({ event: 'shutdown-failed', reason: (err as Error).message }, 'shutdown failed');
+            process.exitCode = 1;
+            resolve();
+          });
+        };
+        process.once('SIGTERM', () => stop('SIGTERM'));
+        process.once('SIGINT', () => stop('SIGINT'));
+      });
+      log.flush();
+    });
 }

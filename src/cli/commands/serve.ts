@@ -1,7 +1,154 @@
-/** `bdsnap serve`. */
+/**
+ * `bdsnap serve [--socket PATH] [--listen HOST:PORT] [--read-only] IMAGE...`: serve image
+ * files or block devices over NBD in the foreground, without the daemon. Each image is
+ * exported under its absolute real path; the empty export name selects the first. SIGINT or
+ * SIGTERM lets requests in flight finish, flushes, and exits 0.
+ *
+ * The logic lives in startServe() so other code can run the same server and wrap each
+ * device in another layer (copy-before-write, say) before it is served.
+ */
 
+import fs from 'node:fs';
+import path from 'node:path';
 import type { Command } from 'commander';
+import type { BlockDevice } from '../../device/block-device.js';
+import { FileDevice } from '../../device/file-device.js';
+import { BdsnapError } from '../../errors.js';
+import { NbdServer } from '../../nbd/server.js';
+import { StaticExports } from '../../nbd/static-exports.js';
 
-export function register(_program: Command): void {
-  // Registered by the module that implements it.
+export const DEFAULT_SOCKET = 'bdsnap.sock';
+
+export interface ServeOptions {
+  images: string[];
+  /** Unix socket path; undefined means none (then `listen` must be given). */
+  socketPath?: string;
+  /** TCP listener. */
+  listen?: { host: string; port: number };
+  readOnly?: boolean;
+  /** Wrap each opened device before it is served. */
+  wrap?: (device: BlockDevice, devicePath: string) => BlockDevice;
+  log?: (event: Record<string, unknown>) => void;
+}
+
+export interface RunningServe {
+  server: NbdServer;
+  /** Export names, in order (the first is the default). */
+  exportNames: string[];
+  /** Where it listens, e.g. `unix:/run/x.sock` and `tcp:127.0.0.1:10809`. */
+  endpoints: string[];
+  /** Finish requests in flight, flush, close every device. */
+  stop(): Promise<void>;
+}
+
+/** Parse `HOST:PORT`, `[V6]:PORT` or a bare `PORT` (which means 127.0.0.1). */
+export function parseListen(text: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]:|([^:]*):)?(\d{1,5})$/.exec(text);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) throw new BdsnapError('EINVAL', `bad --listen "${text}": expected HOST:PORT or PORT`);
+  return { host: m[1] ?? (m[2] || '127.0.0.1'), port };
+}
+
+export async function startServe(options: ServeOptions): Promise<RunningServe> {
+  if (options.images.length === 0) throw new BdsnapError('EINVAL', 'no image to serve');
+  if (options.socketPath === undefined && options.listen === undefined) throw new BdsnapError('EINVAL', 'no listener');
+  const opened: FileDevice[] = [];
+  const closeAll = async (): Promise<void> => {
+    await Promise.allSettled(opened.map((d) => d.close()));
+  };
+  try {
+    const exports: Array<{ name: string; device: BlockDevice }> = [];
+    for (const image of options.images) {
+      let real: string;
+      try {
+        real = await fs.promises.realpath(image);
+      } catch (err) {
+        throw new BdsnapError('ENOENT', `cannot open ${image}: no such file`, { cause: err });
+      }
+      if (exports.some((e) => e.name === real)) throw new BdsnapError('EINVAL', `${image} is given twice`);
+      let device: FileDevice;
+      try {
+        device = await FileDevice.open(real, { readOnly: options.readOnly ?? false });
+      } catch (err) {
+        if (err instanceof BdsnapError && err.code === 'EBUSY') {
+          throw new BdsnapError('EBUSY', `${real} is already being served or is in use: ${err.message}`, { cause: err });
+        }
+        throw err;
+      }
+      opened.push(device);
+      exports.push({ name: real, device: options.wrap ? options.wrap(device, real) : device });
+    }
+    const server = new NbdServer({ exports: new StaticExports(exports), log: options.log });
+    const endpoints: string[] = [];
+    try {
+      if (options.socketPath !== undefined) {
+        const socketPath = path.resolve(options.socketPath);
+        await server.listenUnix(socketPath);
+        endpoints.push(`unix:${socketPath}`);
+      }
+      if (options.listen) {
+        const { port } = await server.listenTcp(options.listen.host, options.listen.port);
+        endpoints.push(`tcp:${options.listen.host}:${port}`);
+      }
+    } catch (err) {
+      await server.close();
+      throw err;
+    }
+    let stopping: Promise<void> | undefined;
+    return {
+      server,
+      exportNames: exports.map((e) => e.name),
+      endpoints,
+      stop: () => {
+        stopping ??= (async () => {
+          await server.close();
+          const served = new Set(exports.map((e) => e.device));
+          // Wrapping layers are closed first so they can flush into the file below.
+          await Promise.allSettled([...served].filter((d) => !opened.includes(d as FileDevice)).map((d) => d.close()));
+          await closeAll();
+        })();
+        return stopping;
+      },
+    };
+  } catch (err) {
+    await closeAll();
+    throw err;
+  }
+}
+
+export function register(program: Command): void {
+  program
+    .command('serve')
+    .description('serve image files or block devices over NBD in the foreground (no daemon, no snapshots)')
+    .argument('<image...>', 'image files or block devices; each is exported under its absolute real path, and the empty export name selects the first')
+    .option('--socket <path>', `unix socket to listen on (default: ./${DEFAULT_SOCKET} unless --listen is given)`)
+    .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default)')
+    .option('--read-only', 'refuse writes (clients see a read-only export)')
+    .addHelpText('after', `
+Prints "bdsnap: serving N export(s) on ENDPOINTS" on stderr once ready. SIGINT or SIGTERM
+finishes the requests in flight, flushes every image and exits 0.
+
+Example:
+  bdsnap serve --socket /tmp/nbd.sock disk.img &
+  nbdinfo 'nbd+unix:///?socket=/tmp/nbd.sock'`)
+    .action(async (images: string[], opts: { socket?: string; listen?: string; readOnly?: boolean }) => {
+      const listen = opts.listen !== undefined ? parseListen(opts.listen) : undefined;
+      const socketPath = opts.socket ?? (listen ? undefined : DEFAULT_SOCKET);
+      const running = await startServe({ images, socketPath, listen, readOnly: opts.readOnly ?? false });
+      const n = running.exportNames.length;
+      process.stderr.write(`bdsnap: serving ${n} export${n === 1 ? '' : 's'} on ${running.endpoints.join(', ')}\n`);
+      await new Promise<void>((resolve) => {
+        const onSignal = (): void => {
+          process.off('SIGINT', onSignal);
+          process.off('SIGTERM', onSignal);
+          void running.stop().then(resolve, (err: unknown) => {
+            process.stderr.write(`bdsnap: error while stopping: ${(err as Error).message}\n`);
+            process.exitCode = 1;
+            resolve();
+          });
+        };
+        process.on('SIGINT', onSignal);
+        process.on('SIGTERM', onSignal);
+      });
+    });
 }

@@ -4,12 +4,14 @@
  *
  * Write semantics are the driver's, because snapshot tests compare what reaches the device:
  * - an offset past the max file size is refused (EINVAL);
- * - an offset past the file size writes nothing and returns 0 (the filesystem has no holes);
+ * - an offset past the file size writes nothing and returns 0 (the filesystem has no holes),
+ *   and so does a write at the max file size (the file is full);
  * - one call changes at most one data block, up to that block's end (callers loop);
  * - when the file grows, block 1 (the inode) is rewritten; block 0 is only ever read.
- * Data and inode go to the device as whole 4096-byte blocks, as the kernel's buffer cache
- * writes them. Writes through one instance are serialised, as the inode size is shared
- * state; two instances over the same device must not write at once.
+ * Data goes to the device as the bytes written, widened to the device's minimum block size
+ * (so inside the data block for any minimum up to 4096); the inode as its whole block. Writes through one instance are serialised, as the inode size is shared
+ * state. Instances on separate connections may write disjoint ranges at once; two of them
+ * growing the file at once can leave the smaller size on disk, as each writes its own.
  */
 
 import type { BlockDevice } from '../../device/block-device.js';
@@ -71,14 +73,17 @@ export class SingleFileFs {
     return { ...this.#inode };
   }
 
-  /** Read up to `lengthBytes` from `offsetBytes`; nothing past the end of the file. */
+  /** Read up to `lengthBytes` from `offsetBytes`; nothing past the end of the file. Reads are widened like writes. */
   async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
     checkOffset(offsetBytes);
     if (!Number.isSafeInteger(lengthBytes) || lengthBytes < 0) throw new BdsnapError('EINVAL', `bad length ${lengthBytes}`);
     const available = Math.max(0, Math.min(lengthBytes, this.size - offsetBytes));
-    const out = Buffer.alloc(available);
-    if (available > 0) await this.device.read(out, deviceOffsetOf(offsetBytes));
-    return out;
+    if (available === 0) return Buffer.alloc(0);
+    const { startBytes, endBytes } = this.#aligned(deviceOffsetOf(offsetBytes), available);
+    const span = Buffer.alloc(endBytes - startBytes);
+    await this.device.read(span, startBytes);
+    const from = deviceOffsetOf(offsetBytes) - startBytes;
+    return span.subarray(from, from + available);
   }
 
   /** The whole file. */
@@ -88,8 +93,8 @@ export class SingleFileFs {
 
   /**
    * One call of the driver's write: at most the rest of one data block. Returns the bytes
-   * written, 0 at an offset past the end of the file. Errors: EINVAL past the max file size,
-   * ENOSPC at exactly the max file size (the file is full).
+   * written: 0 at an offset past the end of the file or at the max file size. Error: EINVAL
+   * past the max file size (the driver answers ENOMEM there; EINVAL is our code for it).
    */
   writeOnce(offsetBytes: number, data: Buffer): Promise<number> {
     const result = this.#writeQueue.then(() => this.#writeOnce(offsetBytes, data));
@@ -105,14 +110,7 @@ export class SingleFileFs {
   async write(offsetBytes: number, data: Buffer): Promise<number> {
     let doneBytes = 0;
     while (doneBytes < data.length) {
-      let n: number;
-      try {
-        n = await this.writeOnce(offsetBytes + doneBytes, data.subarray(doneBytes));
-      } catch (err) {
-        // A full file after some progress is a short write, as write(2) reports it.
-        if (doneBytes > 0 && err instanceof BdsnapError && err.code === 'ENOSPC') break;
-        throw err;
-      }
+      const n = await this.writeOnce(offsetBytes + doneBytes, data.subarray(doneBytes));
       if (n === 0) break;
       doneBytes += n;
     }
@@ -130,26 +128,47 @@ export class SingleFileFs {
     if (offsetBytes > this.maxFileSize) {
       throw new BdsnapError('EINVAL', `offset ${offsetBytes} is past the max file size (${this.maxFileSize} bytes)`);
     }
-    if (offsetBytes > this.size || data.length === 0) return 0;
-    if (offsetBytes === this.maxFileSize) {
-      throw new BdsnapError('ENOSPC', `the file is full: it has reached the max file size (${this.maxFileSize} bytes)`);
-    }
+    if (offsetBytes > this.size) return 0;
     const inBlockBytes = offsetBytes % SFFS_BLOCK_SIZE;
     const lengthBytes = Math.min(data.length, SFFS_BLOCK_SIZE - inBlockBytes, this.maxFileSize - offsetBytes);
-    const blockOffsetBytes = deviceOffsetOf(offsetBytes - inBlockBytes);
-    const block = Buffer.alloc(SFFS_BLOCK_SIZE);
-    await this.device.read(block, blockOffsetBytes);
-    data.copy(block, inBlockBytes, 0, lengthBytes);
-    await this.device.write(block, blockOffsetBytes);
+    if (lengthBytes === 0) return 0;
+    await this.#writeAligned(data.subarray(0, lengthBytes), deviceOffsetOf(offsetBytes));
     const endBytes = offsetBytes + lengthBytes;
     if (endBytes > this.size) {
       const inodeBlock = Buffer.from(this.#inodeBlock);
       patchFileSize(inodeBlock, endBytes);
-      await this.device.write(inodeBlock, INODE_BLOCK * SFFS_BLOCK_SIZE);
+      await this.#writeAligned(inodeBlock, INODE_BLOCK * SFFS_BLOCK_SIZE);
       this.#inodeBlock = inodeBlock;
       this.#inode = { ...this.#inode, fileSizeBytes: endBytes };
     }
     return lengthBytes;
+  }
+
+  /**
+   * Write `data` at `deviceOffsetBytes`, widened by read-modify-write to the device's
+   * minimum block size: NBD servers may refuse smaller or misaligned requests (bdsnap's own
+   * advertises 512). Going no wider than that minimum keeps writers on separate connections
+   * that share a 4096-byte block from undoing each other's bytes.
+   */
+  async #writeAligned(data: Buffer, deviceOffsetBytes: number): Promise<void> {
+    const { startBytes, endBytes } = this.#aligned(deviceOffsetBytes, data.length);
+    if (startBytes === deviceOffsetBytes && endBytes === deviceOffsetBytes + data.length) {
+      await this.device.write(data, deviceOffsetBytes);
+      return;
+    }
+    const span = Buffer.alloc(endBytes - startBytes);
+    await this.device.read(span, startBytes);
+    data.copy(span, deviceOffsetBytes - startBytes);
+    await this.device.write(span, startBytes);
+  }
+
+  /** The range widened to the device's minimum block size (4096 if it advertises nonsense). */
+  #aligned(deviceOffsetBytes: number, lengthBytes: number): { startBytes: number; endBytes: number } {
+    const minimum = this.device.blockSizes.minimum;
+    const alignBytes = Number.isSafeInteger(minimum) && minimum > 0 && (minimum & (minimum - 1)) === 0 ? minimum : SFFS_BLOCK_SIZE;
+    const startBytes = deviceOffsetBytes - (deviceOffsetBytes % alignBytes);
+    const endBytes = Math.min(this.device.size, Math.ceil((deviceOffsetBytes + lengthBytes) / alignBytes) * alignBytes);
+    return { startBytes, endBytes };
   }
 }
 

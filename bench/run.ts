@@ -1,0 +1,152 @@
+/**
+ * `npm run bench`: bdsnap serve against nbdkit's file plugin on the same 1 GiB image in the
+ * page cache, with fio's nbd engine. Targets run one at a time, each on its own socket, and
+ * their order alternates from one workload to the next so that drift (page cache, CPU
+ * frequency, neighbours) hits both sides alike.
+ *
+ *   node dist/bench/run.js [--quick] [--runtime SEC] [--json FILE] [--size-mib N]
+ *                          [--only WORKLOAD-SUBSTRING] [--targets a,b]
+ *
+ * BDSNAP_BENCH_RUNTIME_SEC sets the default time per measurement (10 s; --quick: 3 s).
+ */
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { makeImage } from '../test/helpers/files.js';
+import { runFio } from '../test/helpers/fio.js';
+import { describeMachine, formatTable, type Report, type Row } from './report.js';
+import { TARGETS, type Target } from './targets.js';
+import { WORKLOADS, score } from './workloads.js';
+
+const DEFAULT_RUNTIME_SEC = 10;
+const QUICK_RUNTIME_SEC = 3;
+const DEFAULT_IMAGE_MIB = 1024;
+
+interface Options {
+  runtimeSec: number;
+  imageBytes: number;
+  jsonPath: string | undefined;
+  only: string | undefined;
+  targets: Target[];
+}
+
+function positiveNumber(text: string, what: string): number {
+  const value = Number(text);
+  if (!Number.isFinite(value) || value <= 0) throw new Error(`${what} must be a positive number, got '${text}'`);
+  return value;
+}
+
+function parseOptions(argv: string[]): Options {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      quick: { type: 'boolean', default: false },
+      runtime: { type: 'string' },
+      json: { type: 'string' },
+      'size-mib': { type: 'string' },
+      only: { type: 'string' },
+      targets: { type: 'string' },
+      help: { type: 'boolean', default: false },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    process.stdout.write('usage: node dist/bench/run.js [--quick] [--runtime SEC] [--json FILE] [--size-mib N] [--only TEXT] [--targets a,b]\n');
+    process.exit(0);
+  }
+  const envRuntime = process.env.BDSNAP_BENCH_RUNTIME_SEC;
+  const runtimeSec = values.runtime !== undefined
+    ? positiveNumber(values.runtime, '--runtime')
+    : values.quick
+      ? QUICK_RUNTIME_SEC
+      : envRuntime !== undefined
+        ? positiveNumber(envRuntime, 'BDSNAP_BENCH_RUNTIME_SEC')
+        : DEFAULT_RUNTIME_SEC;
+  const imageMiB = values['size-mib'] !== undefined ? positiveNumber(values['size-mib'], '--size-mib') : DEFAULT_IMAGE_MIB;
+  let targets = TARGETS;
+  if (values.targets !== undefined) {
+    const wanted = values.targets.split(',').map((s) => s.trim());
+    const unknown = wanted.filter((w) => !TARGETS.some((t) => t.name === w));
+    if (unknown.length > 0) throw new Error(`unknown target(s) ${unknown.join(', ')}; known: ${TARGETS.map((t) => t.name).join(', ')}`);
+    targets = TARGETS.filter((t) => wanted.includes(t.name));
+  }
+  return { runtimeSec, imageBytes: Math.round(imageMiB) * 2 ** 20, jsonPath: values.json, only: values.only, targets };
+}
+
+async function main(): Promise<void> {
+  const options = parseOptions(process.argv.slice(2));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-'));
+  const cleanupDir = (): void => fs.rmSync(dir, { recursive: true, force: true });
+  process.once('SIGINT', () => {
+    cleanupDir();
+    process.exit(130);
+  });
+  try {
+    const imagePath = path.join(dir, 'bench.img');
+    process.stderr.write(`bench: writing a ${options.imageBytes / 2 ** 20} MiB image (stays in the page cache)\n`);
+    // Real data everywhere (no holes), so reads cost what they cost on a used disk.
+    makeImage(imagePath, options.imageBytes, 'blocks');
+
+    const measured = options.targets[0];
+    const baseline = options.targets[options.targets.length - 1];
+    if (measured === undefined || baseline === undefined) throw new Error('no target selected');
+    const workloads = WORKLOADS.filter((w) => options.only === undefined || w.name.includes(options.only));
+    if (workloads.length === 0) throw new Error(`no workload matches '${options.only}'`);
+
+    const rows: Row[] = [];
+    for (const [index, workload] of workloads.entries()) {
+      const order = index % 2 === 0 ? options.targets : [...options.targets].reverse();
+      const values: Record<string, number> = {};
+      for (const target of order) {
+        process.stderr.write(`bench: ${workload.name} on ${target.name} (${options.runtimeSec} s)... `);
+        const running = await target.start({ imagePath });
+        try {
+          const result = await runFio({
+            uri: running.uri,
+            rw: workload.rw,
+            blockSizeBytes: workload.blockSizeBytes,
+            ioDepth: workload.ioDepth,
+            sizeBytes: options.imageBytes,
+            runtimeSec: options.runtimeSec,
+          });
+          if (result.error !== 0) throw new Error(`fio error ${result.error} on ${target.name}:\n${result.stderr}`);
+          values[target.name] = score(workload, result);
+          process.stderr.write(`${values[target.name]?.toFixed(0)} ${workload.unit}\n`);
+        } finally {
+          await running.stop();
+        }
+      }
+      const m = values[measured.name];
+      const b = values[baseline.name];
+      rows.push({ workload: workload.name, unit: workload.unit, values, ...(m !== undefined && b !== undefined && b > 0 && measured !== baseline ? { ratio: m / b } : {}) });
+    }
+
+    const report: Report = {
+      date: new Date().toISOString(),
+      machine: describeMachine(),
+      runtimeSec: options.runtimeSec,
+      imageBytes: options.imageBytes,
+      targets: await Promise.all(options.targets.map(async (t) => ({ name: t.name, description: t.description, version: await t.version() }))),
+      measured: measured.name,
+      baseline: baseline.name,
+      rows,
+    };
+    const m = report.machine;
+    process.stdout.write(`${m.cpus} CPUs (${m.cpuModel}), ${m.memoryGiB} GiB RAM, ${m.kernel}, node ${m.node}, ${m.fio}\n`);
+    process.stdout.write(`fio nbd engine, unix socket, ${options.imageBytes / 2 ** 20} MiB image in page cache, ${options.runtimeSec} s per cell\n\n`);
+    process.stdout.write(`${formatTable(report)}\n`);
+    if (options.jsonPath !== undefined) {
+      fs.writeFileSync(options.jsonPath, `${JSON.stringify(report, null, 2)}\n`);
+      process.stderr.write(`bench: wrote ${options.jsonPath}\n`);
+    }
+  } finally {
+    cleanupDir();
+  }
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench: ${err instanceof Error ? err.message : String(err)}\n`);
+  process.exitCode = 1;
+});

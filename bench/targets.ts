@@ -1,0 +1,59 @@
+/**
+ * What the benchmark can measure: each target starts one NBD server on its own socket over
+ * the shared image and stops it again. Targets never run at the same time. A new variant
+ * (bdsnap with a snapshot session open, a point-in-time view...) is one more entry here.
+ */
+
+import { startServer, type NbdServer } from '../test/helpers/server.js';
+import { run } from '../test/helpers/process.js';
+
+export interface RunningTarget {
+  /** NBD URI fio connects to. */
+  uri: string;
+  stop(): Promise<void>;
+}
+
+export interface TargetContext {
+  /** The benchmark image (in the page cache). */
+  imagePath: string;
+}
+
+export interface Target {
+  /** Column name in the table and key in the JSON. */
+  name: string;
+  description: string;
+  start(context: TargetContext): Promise<RunningTarget>;
+  /** One line about the software measured (version), for the report. */
+  version(): Promise<string>;
+}
+
+async function fromServer(server: NbdServer, exportName: string): Promise<RunningTarget> {
+  return {
+    uri: server.uri(exportName),
+    stop: async () => {
+      const stopped = await server.stop();
+      if (stopped.killed || stopped.exitCode !== 0) {
+        throw new Error(`${server.kind} did not stop cleanly (${JSON.stringify(stopped)}):\n${server.stderr()}`);
+      }
+    },
+  };
+}
+
+export const BDSNAP_SERVE: Target = {
+  name: 'bdsnap',
+  description: 'bdsnap serve IMAGE (no session)',
+  start: async ({ imagePath }) => fromServer(await startServer(undefined, { kind: 'bdsnap', images: [imagePath] }), imagePath),
+  version: async () => `bdsnap serve, node ${process.version}`,
+};
+
+export const NBDKIT_FILE: Target = {
+  name: 'nbdkit',
+  // The file plugin with nbdkit's defaults: 16 worker threads, parallel thread model,
+  // multi-conn, page-cache I/O: its fastest configuration for a cached image.
+  description: 'nbdkit file file=IMAGE (defaults: 16 threads, parallel)',
+  start: async ({ imagePath }) => fromServer(await startServer(undefined, { kind: 'nbdkit', images: [imagePath] }), ''),
+  version: async () => (await run('nbdkit', ['--version'])).stdout.trim(),
+};
+
+/** Every known target; the first is the one measured, the last the baseline of the ratio. */
+export const TARGETS: Target[] = [BDSNAP_SERVE, NBDKIT_FILE];

@@ -1,0 +1,456 @@
+/**
+ * NbdClient: an NBD client that is itself a BlockDevice, so anything written against the
+ * interface (the singlefilefs reader, tests, copy tools) can run over the wire.
+ *
+ * Handshake: fixed newstyle, NBD_OPT_STRUCTURED_REPLY (unless disabled), SET_META_CONTEXT
+ * base:allocation, then NBD_OPT_GO asking for block sizes; a server without GO gets
+ * NBD_OPT_EXPORT_NAME. Then any number of requests in flight, matched to replies by cookie;
+ * a reply's errno becomes a BdsnapError with the matching code. A protocol error from the
+ * server fails every pending request and closes the connection.
+ */
+
+import net from 'node:net';
+import { BdsnapError, type ErrorCode } from '../errors.js';
+import type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
+import * as C from './constants.js';
+import {
+  encodeClientFlags, encodeInfoRequestData, encodeMetaContextData, encodeOption, encodeRequest,
+} from './encoders.js';
+import { ReplyDecoder, type ServerMessage, type OptionReplyMessage, type StructuredReplyMessage } from './reply-decoder.js';
+import { NbdProtocolError } from './byte-queue.js';
+
+export interface NbdClientOptions {
+  socketPath?: string;
+  host?: string;
+  port?: number;
+  /** Default '' (the server's default export). */
+  exportName?: string;
+  /** Negotiate structured replies (and base:allocation). Default true. */
+  structuredReplies?: boolean;
+}
+
+/** What a request returned: READ data, or BLOCK_STATUS extents (NBD_STATE_* flags). */
+export interface NbdReply {
+  data?: Buffer;
+  extents?: Extent[];
+  /** READ replies: how many chunks were holes (structured replies only). */
+  holeChunks?: number;
+}
+
+interface Pending {
+  type: number;
+  offsetBytes: number;
+  lengthBytes: number;
+  data: Buffer | undefined;
+  extents: Extent[] | undefined;
+  holeChunks: number;
+  error: BdsnapError | undefined;
+  resolve: (reply: NbdReply) => void;
+  reject: (err: BdsnapError) => void;
+}
+
+const ERRNO_CODES: Record<number, ErrorCode> = {
+  [C.NBD_EPERM]: 'EPERM',
+  [C.NBD_EIO]: 'EIO',
+  [C.NBD_ENOMEM]: 'EIO',
+  [C.NBD_EINVAL]: 'EINVAL',
+  [C.NBD_ENOSPC]: 'ENOSPC',
+  [C.NBD_EOVERFLOW]: 'EINVAL',
+  [C.NBD_ENOTSUP]: 'ENOTSUP',
+  [C.NBD_ESHUTDOWN]: 'ESHUTDOWN',
+};
+
+/** Map an NBD errno to a BdsnapError code (unknown values are EIO). */
+export function codeForErrno(errno: number): ErrorCode {
+  return ERRNO_CODES[errno] ?? 'EIO';
+}
+
+const DEFAULT_BLOCK_SIZES: BlockSizes = { minimum: 1, preferred: 4096, maximum: C.MAX_PAYLOAD_BYTES };
+const MAX_COOKIE = 0xffffffff;
+
+export class NbdClient implements BlockDevice {
+  #socket: net.Socket;
+  #decoder: ReplyDecoder;
+  #exportName = '';
+  #size = 0;
+  #transmissionFlags = 0;
+  #blockSizes: BlockSizes = DEFAULT_BLOCK_SIZES;
+  #structured = false;
+  #metaContextId: number | undefined;
+  #pending = new Map<number, Pending>();
+  #nextCookie = 1;
+  #failure: BdsnapError | undefined;
+  #closed = false;
+  #closePromise: Promise<void>;
+  // The handshake step waiting for the next server message.
+  #handshakeWaiter: { resolve: (m: ServerMessage) => void; reject: (e: BdsnapError) => void } | undefined;
+  #inTransmission = false;
+
+  private constructor(socket: net.Socket) {
+    this.#socket = socket;
+    this.#decoder = new ReplyDecoder({
+      simpleReplyDataBytes: (hi, lo) => {
+        const p = hi === 0 ? this.#pending.get(lo) : undefined;
+        return p && p.type === C.NBD_CMD_READ ? p.lengthBytes : 0;
+      },
+    });
+    socket.on('data', (chunk: Buffer) => this.#onData(chunk));
+    socket.on('error', (err) => this.#fail(new BdsnapError('EIO', `NBD connection failed: ${err.message}`, { cause: err })));
+    this.#closePromise = new Promise((resolve) => socket.once('close', () => {
+      this.#fail(new BdsnapError('ESHUTDOWN', 'the NBD connection was closed'));
+      resolve();
+    }));
+  }
+
+  /** Connect and negotiate. Errors: ENOENT (no socket or unknown export), EPROTO, EIO. */
+  static async connect(options: NbdClientOptions): Promise<NbdClient> {
+    let socket: net.Socket;
+    if (options.socketPath !== undefined) socket = net.connect(options.socketPath);
+    else if (options.port !== undefined) socket = net.connect({ host: options.host ?? '127.0.0.1', port: options.port, noDelay: true });
+    else throw new BdsnapError('EINVAL', 'NbdClient.connect needs socketPath or port');
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', resolve);
+      socket.once('error', (err: NodeJS.ErrnoException) => {
+        const code = err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? 'ENOENT' : 'EIO';
+        reject(new BdsnapError(code, `cannot connect to the NBD server: ${err.message}`, { cause: err }));
+      });
+    });
+    const client = new NbdClient(socket);
+    try {
+      await client.#handshake(options.exportName ?? '', options.structuredReplies ?? true);
+    } catch (err) {
+      socket.destroy();
+      throw err;
+    }
+    return client;
+  }
+
+  get exportName(): string {
+    return this.#exportName;
+  }
+  get size(): number {
+    return this.#size;
+  }
+  get transmissionFlags(): number {
+    return this.#transmissionFlags;
+  }
+  get readOnly(): boolean {
+    return (this.#transmissionFlags & C.NBD_FLAG_READ_ONLY) !== 0;
+  }
+  get blockSizes(): BlockSizes {
+    return this.#blockSizes;
+  }
+  get canTrim(): boolean {
+    return (this.#transmissionFlags & C.NBD_FLAG_SEND_TRIM) !== 0;
+  }
+  get canFastZero(): boolean {
+    return (this.#transmissionFlags & C.NBD_FLAG_SEND_FAST_ZERO) !== 0;
+  }
+  get canMultiConn(): boolean {
+    return (this.#transmissionFlags & C.NBD_FLAG_CAN_MULTI_CONN) !== 0;
+  }
+  /** Structured replies were negotiated. */
+  get structuredReplies(): boolean {
+    return this.#structured;
+  }
+  /** base:allocation was selected (BLOCK_STATUS is available). */
+  get blockStatusAvailable(): boolean {
+    return this.#metaContextId !== undefined;
+  }
+  get requestsInFlight(): number {
+    return this.#pending.size;
+  }
+
+  // ---- handshake ----
+
+  async #handshake(exportName: string, wantStructured: boolean): Promise<void> {
+    const greeting = await this.#nextMessage();
+    if (greeting.kind !== 'greeting') throw new BdsnapError('EPROTO', 'expected the server greeting');
+    if ((greeting.handshakeFlags & C.NBD_FLAG_FIXED_NEWSTYLE) === 0) {
+      throw new BdsnapError('EPROTO', 'the server does not support fixed newstyle negotiation');
+    }
+    const noZeroes = (greeting.handshakeFlags & C.NBD_FLAG_NO_ZEROES) !== 0;
+    this.#socket.write(encodeClientFlags(C.NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? C.NBD_FLAG_C_NO_ZEROES : 0)));
+
+    if (wantStructured) {
+      const reply = await this.#option(C.NBD_OPT_STRUCTURED_REPLY);
+      this.#structured = reply.type === C.NBD_REP_ACK;
+    }
+    if (this.#structured) {
+      const replies = await this.#optionList(C.NBD_OPT_SET_META_CONTEXT, encodeMetaContextData(exportName, [C.BASE_ALLOCATION]));
+      for (const r of replies) {
+        if (r.type === C.NBD_REP_META_CONTEXT && r.data.length >= 4 && r.data.toString('utf8', 4) === C.BASE_ALLOCATION) {
+          this.#metaContextId = r.data.readUInt32BE(0);
+        }
+      }
+    }
+
+    const replies = await this.#optionList(C.NBD_OPT_GO, encodeInfoRequestData(exportName, [C.NBD_INFO_BLOCK_SIZE, C.NBD_INFO_NAME]));
+    const last = replies[replies.length - 1]!;
+    if (last.type === C.NBD_REP_ERR_UNSUP) {
+      this.#socket.write(encodeOption(C.NBD_OPT_EXPORT_NAME, Buffer.from(exportName, 'utf8')));
+      this.#decoder.setPhase('export-name', noZeroes);
+      const info = await this.#nextMessage();
+      if (info.kind !== 'export-info') throw new BdsnapError('EPROTO', 'expected the reply to NBD_OPT_EXPORT_NAME');
+      this.#size = info.sizeBytes;
+      this.#transmissionFlags = info.transmissionFlags;
+      this.#exportName = exportName;
+      this.#metaContextId = undefined;
+    } else {
+      if (last.type !== C.NBD_REP_ACK) throw optionError(C.NBD_OPT_GO, last, exportName);
+      this.#exportName = exportName;
+      for (const r of replies) {
+        if (r.type !== C.NBD_REP_INFO || r.data.length < 2) continue;
+        const infoType = r.data.readUInt16BE(0);
+        if (infoType === C.NBD_INFO_EXPORT && r.data.length >= 12) {
+          this.#size = r.data.readUInt32BE(2) * 4294967296 + r.data.readUInt32BE(6);
+          this.#transmissionFlags = r.data.readUInt16BE(10);
+        } else if (infoType === C.NBD_INFO_BLOCK_SIZE && r.data.length >= 14) {
+          this.#blockSizes = { minimum: r.data.readUInt32BE(2), preferred: r.data.readUInt32BE(6), maximum: r.data.readUInt32BE(10) };
+        } else if (infoType === C.NBD_INFO_NAME) {
+          this.#exportName = r.data.toString('utf8', 2);
+        }
+      }
+      this.#decoder.setPhase('transmission');
+    }
+    this.#inTransmission = true;
+    this.#drain();
+  }
+
+  async #option(option: number, data?: Buffer): Promise<OptionReplyMessage> {
+    const replies = await this.#optionList(option, data);
+    return replies[replies.length - 1]!;
+  }
+
+  /** Send an option and collect its replies up to the final one (ACK or an error). */
+  async #optionList(option: number, data?: Buffer): Promise<OptionReplyMessage[]> {
+    this.#socket.write(encodeOption(option, data));
+    const replies: OptionReplyMessage[] = [];
+    for (;;) {
+      const m = await this.#nextMessage();
+      if (m.kind !== 'option-reply' || m.option !== option) throw new BdsnapError('EPROTO', `unexpected reply to option ${option}`);
+      replies.push(m);
+      if (m.type === C.NBD_REP_ACK || (m.type & C.NBD_REP_FLAG_ERROR) !== 0) return replies;
+    }
+  }
+
+  #nextMessage(): Promise<ServerMessage> {
+    if (this.#failure) return Promise.reject(this.#failure);
+    const p = new Promise<ServerMessage>((resolve, reject) => (this.#handshakeWaiter = { resolve, reject }));
+    this.#drain();
+    return p;
+  }
+
+  // ---- receiving ----
+
+  #onData(chunk: Buffer): void {
+    this.#decoder.append(chunk);
+    this.#drain();
+  }
+
+  /**
+   * Decode what is buffered. During the handshake only one message is decoded per waiting
+   * handshake step, because that step may switch the decoder's phase before the next one.
+   */
+  #drain(): void {
+    for (;;) {
+      if (!this.#inTransmission && !this.#handshakeWaiter) return;
+      let m: ServerMessage | undefined;
+      try {
+        m = this.#decoder.next();
+      } catch (err) {
+        this.#fail(err as BdsnapError);
+        this.#socket.destroy();
+        return;
+      }
+      if (!m) return;
+      if (m.kind === 'simple-reply' || m.kind === 'structured-reply') {
+        this.#onReply(m);
+        continue;
+      }
+      const w = this.#handshakeWaiter;
+      if (!w) {
+        this.#protocolFailure(`unexpected ${m.kind} message`);
+        return;
+      }
+      this.#handshakeWaiter = undefined;
+      w.resolve(m);
+      return;
+    }
+  }
+
+  #onReply(m: ServerMessage): void {
+    if (m.kind !== 'simple-reply' && m.kind !== 'structured-reply') return;
+    const p = m.cookieHi === 0 ? this.#pending.get(m.cookieLo) : undefined;
+    if (!p) {
+      this.#protocolFailure(`reply for unknown cookie ${m.cookieHi}:${m.cookieLo}`);
+      return;
+    }
+    if (m.kind === 'simple-reply') {
+      this.#pending.delete(m.cookieLo);
+      if (m.errno !== 0) p.reject(new BdsnapError(codeForErrno(m.errno), `NBD server returned error ${m.errno} for command ${p.type}`));
+      else p.resolve({ data: p.type === C.NBD_CMD_READ ? (m.data ?? Buffer.alloc(0)) : undefined });
+      return;
+    }
+    if (!this.#structured) {
+      this.#protocolFailure('structured reply without negotiation');
+      return;
+    }
+    const problem = this.#applyChunk(p, m);
+    if (problem) {
+      this.#protocolFailure(problem);
+      return;
+    }
+    if ((m.flags & C.NBD_REPLY_FLAG_DONE) === 0) return;
+    this.#pending.delete(m.cookieLo);
+    if (p.error) p.reject(p.error);
+    else p.resolve({ data: p.data, extents: p.extents, holeChunks: p.type === C.NBD_CMD_READ ? p.holeChunks : undefined });
+  }
+
+  /** Fold one structured chunk into the pending request; returns a problem description or undefined. */
+  #applyChunk(p: Pending, m: StructuredReplyMessage): string | undefined {
+    const b = m.payload;
+    if ((m.type & C.NBD_REPLY_TYPE_ERROR_BIT) !== 0) {
+      if (b.length < 6) return 'error chunk too short';
+      const errno = b.readUInt32BE(0);
+      const messageBytes = b.readUInt16BE(4);
+      if (messageBytes > b.length - 6) return 'error chunk message overflows the chunk';
+      const text = b.toString('utf8', 6, 6 + messageBytes);
+      p.error ??= new BdsnapError(codeForErrno(errno), text || `NBD server returned error ${errno} for command ${p.type}`);
+      return undefined;
+    }
+    switch (m.type) {
+      case C.NBD_REPLY_TYPE_NONE:
+        return b.length === 0 ? undefined : 'NONE chunk with a payload';
+      case C.NBD_REPLY_TYPE_OFFSET_DATA: {
+        if (p.type !== C.NBD_CMD_READ || b.length < 9) return 'unexpected OFFSET_DATA chunk';
+        const at = b.readUInt32BE(0) * 4294967296 + b.readUInt32BE(4) - p.offsetBytes;
+        if (at < 0 || at + b.length - 8 > p.lengthBytes) return 'OFFSET_DATA chunk outside the request';
+        b.copy(p.data!, at, 8);
+        return undefined;
+      }
+      case C.NBD_REPLY_TYPE_OFFSET_HOLE: {
+        if (p.type !== C.NBD_CMD_READ || b.length !== 12) return 'unexpected OFFSET_HOLE chunk';
+        const at = b.readUInt32BE(0) * 4294967296 + b.readUInt32BE(4) - p.offsetBytes;
+        const n = b.readUInt32BE(8);
+        if (n === 0 || at < 0 || at + n > p.lengthBytes) return 'OFFSET_HOLE chunk outside the request';
+        p.data!.fill(0, at, at + n);
+        p.holeChunks++;
+        return undefined;
+      }
+      case C.NBD_REPLY_TYPE_BLOCK_STATUS: {
+        if (p.type !== C.NBD_CMD_BLOCK_STATUS || b.length < 12 || (b.length - 4) % 8 !== 0) return 'unexpected BLOCK_STATUS chunk';
+        const extents: Extent[] = [];
+        for (let at = 4; at < b.length; at += 8) extents.push({ length: b.readUInt32BE(at), flags: b.readUInt32BE(at + 4) });
+        p.extents = extents;
+        return undefined;
+      }
+      default:
+        return `unknown reply chunk type ${m.type}`;
+    }
+  }
+
+  #protocolFailure(message: string): void {
+    this.#fail(new NbdProtocolError(message, -1));
+    this.#socket.destroy();
+  }
+
+  #fail(err: BdsnapError): void {
+    this.#failure ??= err;
+    const w = this.#handshakeWaiter;
+    this.#handshakeWaiter = undefined;
+    w?.reject(this.#failure);
+    const pending = [...this.#pending.values()];
+    this.#pending.clear();
+    for (const p of pending) p.reject(this.#failure);
+  }
+
+  // ---- requests ----
+
+  /**
+   * Send one request and wait for its reply. Low level: no range or flag checks, so tests can
+   * send what a broken client would. `payload` is sent after the header for NBD_CMD_WRITE.
+   */
+  request(type: number, flags: number, offsetBytes: number, lengthBytes: number, payload?: Buffer): Promise<NbdReply> {
+    if (this.#failure) return Promise.reject(this.#failure);
+    if (this.#closed) return Promise.reject(new BdsnapError('ESHUTDOWN', 'the NBD client is closed'));
+    const cookie = this.#nextCookie;
+    this.#nextCookie = cookie === MAX_COOKIE ? 1 : cookie + 1;
+    return new Promise<NbdReply>((resolve, reject) => {
+      const expectsData = type === C.NBD_CMD_READ && this.#structured;
+      this.#pending.set(cookie, {
+        type, offsetBytes, lengthBytes,
+        data: expectsData ? Buffer.alloc(lengthBytes) : undefined,
+        extents: undefined, holeChunks: 0, error: undefined, resolve, reject,
+      });
+      const s = this.#socket;
+      const header = encodeRequest(flags, type, 0, cookie, offsetBytes, lengthBytes);
+      if (payload && payload.length > 0) {
+        s.cork();
+        s.write(header);
+        s.write(payload);
+        s.uncork();
+      } else {
+        s.write(header);
+      }
+    });
+  }
+
+  async read(target: Buffer, offsetBytes: number): Promise<void> {
+    const reply = await this.request(C.NBD_CMD_READ, 0, offsetBytes, target.length);
+    reply.data!.copy(target);
+  }
+
+  async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+    await this.request(C.NBD_CMD_WRITE, options?.fua ? C.NBD_CMD_FLAG_FUA : 0, offsetBytes, data.length, data);
+  }
+
+  async flush(): Promise<void> {
+    await this.request(C.NBD_CMD_FLUSH, 0, 0, 0);
+  }
+
+  async trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    await this.request(C.NBD_CMD_TRIM, options?.fua ? C.NBD_CMD_FLAG_FUA : 0, offsetBytes, lengthBytes);
+  }
+
+  async zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+    const flags = (options?.fua ? C.NBD_CMD_FLAG_FUA : 0) | (options?.noHole ? C.NBD_CMD_FLAG_NO_HOLE : 0)
+      | (options?.fastZero ? C.NBD_CMD_FLAG_FAST_ZERO : 0);
+    await this.request(C.NBD_CMD_WRITE_ZEROES, flags, offsetBytes, lengthBytes);
+  }
+
+  async cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    await this.request(C.NBD_CMD_CACHE, 0, offsetBytes, lengthBytes);
+  }
+
+  /** Extents from BLOCK_STATUS (base:allocation); all data when the server offers no context. */
+  async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    if (this.#metaContextId === undefined) return [{ length: lengthBytes, flags: 0 }];
+    const reply = await this.request(C.NBD_CMD_BLOCK_STATUS, 0, offsetBytes, lengthBytes);
+    return reply.extents ?? [];
+  }
+
+  /** NBD_CMD_DISC after the requests in flight, then close. */
+  async close(): Promise<void> {
+    if (!this.#closed) {
+      this.#closed = true;
+      await Promise.allSettled([...this.#pending.values()].map((p) => new Promise<void>((resolve) => {
+        const { resolve: res, reject: rej } = p;
+        p.resolve = (r) => { res(r); resolve(); };
+        p.reject = (e) => { rej(e); resolve(); };
+      })));
+      if (!this.#socket.destroyed && this.#socket.writable) {
+        this.#socket.end(encodeRequest(0, C.NBD_CMD_DISC, 0, 0, 0, 0));
+      }
+    }
+    await this.#closePromise;
+  }
+}
+
+function optionError(option: number, reply: OptionReplyMessage, exportName: string): BdsnapError {
+  const text = reply.data.toString('utf8');
+  const detail = text ? `: ${text}` : '';
+  if (reply.type === C.NBD_REP_ERR_UNKNOWN) return new BdsnapError('ENOENT', `unknown export "${exportName}"${detail}`);
+  if (reply.type === C.NBD_REP_ERR_POLICY) return new BdsnapError('EPERM', `export "${exportName}" refused${detail}`);
+  return new BdsnapError('EPROTO', `option ${option} failed with reply type 0x${reply.type.toString(16)}${detail}`);
+}

@@ -1,0 +1,613 @@
+/**
+ * One NBD client connection on the server side: fixed-newstyle option haggling, then the
+ * transmission phase.
+ *
+ * Invariants:
+ * - Options are handled one at a time (the client must wait for each final reply anyway);
+ *   decoding stops while an option is in progress, so a phase switch never races the decoder.
+ * - Requests run concurrently and each reply is written as soon as it is complete (out of
+ *   order); header and data always leave in one buffer, and replies finishing in the same
+ *   event-loop turn are corked into one writev.
+ * - A READ reply is only built once its data is in hand, so a failed read always gets a clean
+ *   error reply and never a half-sent one.
+ * - Memory is bounded: decoding pauses (and the socket with it) while the bytes of requests in
+ *   flight exceed the cap or the socket's write buffer is full, and resumes on completion or
+ *   'drain'.
+ * - A framing error or a vanished client ends only this connection; the export handle is
+ *   released exactly once, after every request in flight has finished.
+ */
+
+import type net from 'node:net';
+import { WIRE_ERRNO, toBdsnapError, BdsnapError } from '../errors.js';
+import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
+import type { ExportHandle, ExportProvider } from './exports.js';
+import { RequestDecoder, type ClientMessage, type OptionMessage, type RequestMessage } from './request-decoder.js';
+import * as C from './constants.js';
+import {
+  OFFSET_DATA_PREFIX_BYTES, encodeBlockStatus, encodeExportNameReply, encodeGreeting, encodeInfoBlockSize,
+  encodeInfoDescription, encodeInfoExport, encodeInfoName, encodeOffsetHole, encodeOptionError, encodeOptionReply,
+  encodeRepMetaContext, encodeRepServer, encodeSimpleReply, encodeStructuredError, encodeStructuredNone,
+  writeSimpleReplyHeader, writeStructuredHeader, writeU64,
+} from './encoders.js';
+
+export type LogFn = (event: Record<string, unknown>) => void;
+
+/** The id given to base:allocation by NBD_OPT_SET_META_CONTEXT. */
+const BASE_ALLOCATION_ID = 1;
+/** Most descriptors in one BLOCK_STATUS chunk (the spec's recommended ceiling). */
+const MAX_EXTENTS_PER_REPLY = 1 << 20;
+const ZERO_COMPARE_BYTES = 64 * 1024;
+const zeroes = Buffer.alloc(ZERO_COMPARE_BYTES);
+/** How long a client may keep its side open after we closed ours. */
+const END_TIMEOUT_MS = 5000;
+const KNOWN_CLIENT_FLAGS = C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES;
+
+type State = 'handshake' | 'transmission' | 'closing' | 'closed';
+
+interface Refusal {
+  errno: number;
+  message: string;
+}
+
+/** True when buf[start..] is all zero bytes (memcmp against a shared zero buffer). */
+export function isAllZero(buf: Buffer, start: number): boolean {
+  for (let at = start; at < buf.length; at += ZERO_COMPARE_BYTES) {
+    const n = Math.min(ZERO_COMPARE_BYTES, buf.length - at);
+    if (buf[at] !== 0 || zeroes.compare(buf, at, at + n, 0, n) !== 0) return false;
+  }
+  return true;
+}
+
+export class ServerConnection {
+  readonly id: number;
+  #socket: net.Socket;
+  #exports: ExportProvider;
+  #log: LogFn | undefined;
+  #maxInFlightBytes: number;
+  #decoder = new RequestDecoder();
+  #state: State = 'handshake';
+
+  #noZeroes = false;
+  #structured = false;
+  /** Export name that base:allocation was last selected for, if any. */
+  #metaContextExport: string | undefined;
+  #blockStatusEnabled = false;
+
+  #handle: ExportHandle | undefined;
+  #device: BlockDevice | undefined;
+  #sizeBytes = 0;
+  #minimumBlockBytes = 1;
+  #maximumPayloadBytes: number = C.MAX_PAYLOAD_BYTES;
+
+  #optionBusy = false;
+  #eof = false;
+  #pumping = false;
+  #paused = false;
+  #writeBlocked = false;
+  #corked = false;
+  #inFlightCount = 0;
+  #inFlightBytes = 0;
+  #idleWaiters: Array<() => void> = [];
+  #released = false;
+  #closedPromise: Promise<void>;
+  #resolveClosed!: () => void;
+
+  constructor(id: number, socket: net.Socket, exports: ExportProvider, maxInFlightBytes: number, log?: LogFn) {
+    this.id = id;
+    this.#socket = socket;
+    this.#exports = exports;
+    this.#maxInFlightBytes = maxInFlightBytes;
+    this.#log = log;
+    this.#closedPromise = new Promise((resolve) => (this.#resolveClosed = resolve));
+
+    socket.on('data', (chunk: Buffer) => {
+      // After we decided to close, what the client still sends is dropped unread.
+      if (this.#state !== 'handshake' && this.#state !== 'transmission') return;
+      this.#decoder.append(chunk);
+      this.#pump();
+    });
+    socket.on('drain', () => {
+      this.#writeBlocked = false;
+      this.#pump();
+    });
+    // The client shut its sending side: answer what it asked, then close ours.
+    socket.on('end', () => {
+      this.#eof = true;
+      this.#pump();
+    });
+    socket.on('error', (err) => this.#log?.({ event: 'connection-error', connection: this.id, error: err.message }));
+    socket.on('close', () => void this.#teardown());
+    socket.write(encodeGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
+  }
+
+  /** Resolves once the socket is closed and the export handle released. */
+  get closed(): Promise<void> {
+    return this.#closedPromise;
+  }
+
+  /**
+   * Server shutdown: stop reading, let requests in flight finish and reply, flush the device,
+   * then close. A connection still haggling options is simply dropped.
+   */
+  async shutdown(): Promise<void> {
+    if (this.#state === 'handshake') {
+      this.#socket.destroy();
+    } else if (this.#state === 'transmission') {
+      this.#state = 'closing';
+      this.#socket.pause();
+      await this.#idle();
+      try {
+        await this.#device?.flush();
+      } catch (err) {
+        this.#log?.({ event: 'flush-error', connection: this.id, error: toBdsnapError(err).message });
+      }
+      this.#endSocket();
+    }
+    await this.#closedPromise;
+  }
+
+  // ---- reading ----
+
+  #pump(): void {
+    if (this.#pumping) return;
+    this.#pumping = true;
+    try {
+      while ((this.#state === 'handshake' || this.#state === 'transmission') && !this.#blocked()) {
+        let m: ClientMessage | undefined;
+        try {
+          m = this.#decoder.next();
+        } catch (err) {
+          this.#fatal(err);
+          return;
+        }
+        if (!m) break;
+        this.#dispatch(m);
+      }
+    } finally {
+      this.#pumping = false;
+    }
+    if (this.#eof && !this.#blocked()) {
+      this.#finish();
+      return;
+    }
+    const pause = this.#blocked() && this.#state !== 'closed';
+    if (pause !== this.#paused) {
+      this.#paused = pause;
+      if (pause) this.#socket.pause();
+      else if (this.#state === 'handshake' || this.#state === 'transmission') this.#socket.resume();
+    }
+  }
+
+  #blocked(): boolean {
+    return this.#optionBusy || this.#writeBlocked || this.#inFlightBytes >= this.#maxInFlightBytes;
+  }
+
+  #dispatch(m: ClientMessage): void {
+    switch (m.kind) {
+      case 'client-flags':
+        if ((m.flags & ~KNOWN_CLIENT_FLAGS) !== 0) {
+          this.#fatal(new BdsnapError('EPROTO', `unknown client flags 0x${m.flags.toString(16)}`));
+          return;
+        }
+        this.#noZeroes = (m.flags & C.NBD_FLAG_C_NO_ZEROES) !== 0;
+        return;
+      case 'option':
+        this.#optionBusy = true;
+        this.#handleOption(m).then(
+          () => {
+            this.#optionBusy = false;
+            this.#pump();
+          },
+          (err: unknown) => this.#fatal(err),
+        );
+        return;
+      case 'request':
+        this.#handleRequest(m);
+        return;
+    }
+  }
+
+  #fatal(err: unknown): void {
+    const e = toBdsnapError(err);
+    this.#log?.({ event: 'protocol-error', connection: this.id, code: e.code, error: e.message });
+    this.#state = 'closing';
+    this.#socket.destroy();
+  }
+
+  /** Graceful end (NBD_CMD_DISC or end of the client's stream). */
+  #finish(): void {
+    if (this.#state === 'closing' || this.#state === 'closed') return;
+    this.#state = 'closing';
+    this.#socket.pause();
+    void this.#idle().then(() => this.#endSocket());
+  }
+
+  /**
+   * Half-close our side and keep reading (and dropping) until the client closes too: a paused
+   * socket would never see the client's end. A client that never closes is cut off.
+   */
+  #endSocket(): void {
+    const s = this.#socket;
+    s.end();
+    s.resume();
+    const timer = setTimeout(() => s.destroy(), END_TIMEOUT_MS);
+    timer.unref();
+    s.once('close', () => clearTimeout(timer));
+  }
+
+  async #teardown(): Promise<void> {
+    if (this.#state === 'closed') return;
+    this.#state = 'closed';
+    await this.#idle();
+    if (this.#handle && !this.#released) {
+      this.#released = true;
+      try {
+        await this.#handle.release();
+      } catch (err) {
+        this.#log?.({ event: 'release-error', connection: this.id, error: toBdsnapError(err).message });
+      }
+    }
+    this.#log?.({ event: 'connection-closed', connection: this.id });
+    this.#resolveClosed();
+  }
+
+  #idle(): Promise<void> {
+    if (this.#inFlightCount === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idleWaiters.push(resolve));
+  }
+
+  // ---- writing ----
+
+  #send(buf: Buffer): void {
+    const s = this.#socket;
+    if (s.destroyed || !s.writable) return;
+    if (process.env.BDSNAP_NOCORK === undefined && !this.#corked) {
+      // Replies completing in this turn of the event loop leave in one writev.
+      this.#corked = true;
+      s.cork();
+      setImmediate(() => {
+        this.#corked = false;
+        s.uncork();
+      });
+    }
+    if (!s.write(buf)) this.#writeBlocked = true;
+  }
+
+  // ---- options ----
+
+  async #handleOption(m: OptionMessage): Promise<void> {
+    const { option, data } = m;
+    if (option === C.NBD_OPT_EXPORT_NAME) {
+      // No way to report an error to EXPORT_NAME: refusing means closing.
+      if (m.tooBig) throw new BdsnapError('EPROTO', 'export name too long');
+      await this.#exportName(data.toString('utf8'));
+      return;
+    }
+    if (m.tooBig) {
+      this.#send(encodeOptionError(option, C.NBD_REP_ERR_TOO_BIG, `option data of ${m.lengthBytes} bytes is too large`));
+      return;
+    }
+    switch (option) {
+      case C.NBD_OPT_ABORT:
+        this.#send(encodeOptionReply(option, C.NBD_REP_ACK));
+        this.#finish();
+        return;
+      case C.NBD_OPT_LIST: {
+        if (data.length !== 0) return this.#optionInvalid(option, 'NBD_OPT_LIST takes no data');
+        for (const name of await this.#exports.list()) this.#send(encodeOptionReply(option, C.NBD_REP_SERVER, encodeRepServer(name)));
+        this.#send(encodeOptionReply(option, C.NBD_REP_ACK));
+        return;
+      }
+      case C.NBD_OPT_STRUCTURED_REPLY:
+        if (data.length !== 0) return this.#optionInvalid(option, 'NBD_OPT_STRUCTURED_REPLY takes no data');
+        this.#structured = true;
+        this.#send(encodeOptionReply(option, C.NBD_REP_ACK));
+        return;
+      case C.NBD_OPT_LIST_META_CONTEXT:
+      case C.NBD_OPT_SET_META_CONTEXT:
+        this.#metaContext(option, data);
+        return;
+      case C.NBD_OPT_INFO:
+      case C.NBD_OPT_GO:
+        await this.#infoOrGo(option, data);
+        return;
+      default:
+        this.#send(encodeOptionError(option, C.NBD_REP_ERR_UNSUP, `option ${option} is not supported`));
+    }
+  }
+
+  #optionInvalid(option: number, message: string): void {
+    this.#send(encodeOptionError(option, C.NBD_REP_ERR_INVALID, message));
+  }
+
+  async #exportName(name: string): Promise<void> {
+    let handle: ExportHandle | undefined;
+    try {
+      handle = await this.#exports.open(name, 'go');
+    } catch (err) {
+      throw new BdsnapError('ENOENT', `export "${name}" refused: ${toBdsnapError(err).message}`, { cause: err });
+    }
+    if (!handle) throw new BdsnapError('ENOENT', `unknown export "${name}"`);
+    if (await this.#releaseIfGone(handle)) return;
+    this.#enterTransmission(handle, name);
+    this.#send(encodeExportNameReply(this.#sizeBytes, this.#transmissionFlags(handle.device), this.#noZeroes));
+  }
+
+  #metaContext(option: number, data: Buffer): void {
+    const setting = option === C.NBD_OPT_SET_META_CONTEXT;
+    // SET replaces the previous selection even when it fails.
+    if (setting) this.#metaContextExport = undefined;
+    if (!this.#structured) return this.#optionInvalid(option, 'negotiate structured replies first');
+    const parsed = parseMetaContextData(data);
+    if (typeof parsed === 'string') return this.#optionInvalid(option, parsed);
+    const { exportName, queries } = parsed;
+    if (setting) {
+      if (queries.includes(C.BASE_ALLOCATION)) {
+        this.#metaContextExport = exportName;
+        this.#send(encodeOptionReply(option, C.NBD_REP_META_CONTEXT, encodeRepMetaContext(BASE_ALLOCATION_ID, C.BASE_ALLOCATION)));
+      }
+    } else if (queries.length === 0 || queries.some((q) => q === 'base:' || q === C.BASE_ALLOCATION)) {
+      this.#send(encodeOptionReply(option, C.NBD_REP_META_CONTEXT, encodeRepMetaContext(0, C.BASE_ALLOCATION)));
+    }
+    this.#send(encodeOptionReply(option, C.NBD_REP_ACK));
+  }
+
+  async #infoOrGo(option: number, data: Buffer): Promise<void> {
+    if (data.length < 6) return this.#optionInvalid(option, 'option data too short');
+    const nameBytes = data.readUInt32BE(0);
+    if (nameBytes > data.length - 6) return this.#optionInvalid(option, 'export name length exceeds the option data');
+    const name = data.toString('utf8', 4, 4 + nameBytes);
+    const count = data.readUInt16BE(4 + nameBytes);
+    if (data.length !== 4 + nameBytes + 2 + 2 * count) return this.#optionInvalid(option, 'information request list does not match the option length');
+    const infos = new Set<number>();
+    for (let i = 0; i < count; i++) infos.add(data.readUInt16BE(6 + nameBytes + 2 * i));
+
+    let handle: ExportHandle | undefined;
+    try {
+      handle = await this.#exports.open(name, option === C.NBD_OPT_GO ? 'go' : 'info');
+    } catch (err) {
+      const e = toBdsnapError(err);
+      const type = e.code === 'ENOENT' ? C.NBD_REP_ERR_UNKNOWN : C.NBD_REP_ERR_POLICY;
+      this.#send(encodeOptionError(option, type, e.message));
+      return;
+    }
+    if (!handle) {
+      this.#send(encodeOptionError(option, C.NBD_REP_ERR_UNKNOWN, `unknown export "${name}"`));
+      return;
+    }
+    const device = handle.device;
+    const sizes = device.blockSizes;
+    this.#send(encodeOptionReply(option, C.NBD_REP_INFO, encodeInfoExport(device.size, this.#transmissionFlags(device))));
+    if (infos.has(C.NBD_INFO_NAME)) this.#send(encodeOptionReply(option, C.NBD_REP_INFO, encodeInfoName(handle.name)));
+    if (infos.has(C.NBD_INFO_DESCRIPTION) && handle.description !== undefined) {
+      this.#send(encodeOptionReply(option, C.NBD_REP_INFO, encodeInfoDescription(handle.description)));
+    }
+    // Sent even unrequested: clients ignore what they did not ask for, and those that
+    // obey it avoid requests we would refuse.
+    this.#send(encodeOptionReply(option, C.NBD_REP_INFO,
+      encodeInfoBlockSize(sizes.minimum, sizes.preferred, Math.min(sizes.maximum, C.MAX_PAYLOAD_BYTES))));
+    this.#send(encodeOptionReply(option, C.NBD_REP_ACK));
+    if (option === C.NBD_OPT_INFO) {
+      await handle.release();
+      return;
+    }
+    if (await this.#releaseIfGone(handle)) return;
+    this.#enterTransmission(handle, name);
+  }
+
+  /** The connection ended while the export was being opened: give the handle back at once. */
+  async #releaseIfGone(handle: ExportHandle): Promise<boolean> {
+    if (this.#state === 'handshake') return false;
+    await handle.release();
+    return true;
+  }
+
+  #transmissionFlags(device: BlockDevice): number {
+    let flags = C.NBD_FLAG_HAS_FLAGS | C.NBD_FLAG_SEND_FLUSH | C.NBD_FLAG_SEND_FUA | C.NBD_FLAG_SEND_TRIM
+      | C.NBD_FLAG_SEND_WRITE_ZEROES | C.NBD_FLAG_SEND_FAST_ZERO | C.NBD_FLAG_SEND_CACHE;
+    if (this.#structured) flags |= C.NBD_FLAG_SEND_DF;
+    if (device.readOnly) flags |= C.NBD_FLAG_READ_ONLY;
+    if (device.canMultiConn) flags |= C.NBD_FLAG_CAN_MULTI_CONN;
+    return flags;
+  }
+
+  #enterTransmission(handle: ExportHandle, requestedName: string): void {
+    this.#handle = handle;
+    this.#device = handle.device;
+    this.#sizeBytes = handle.device.size;
+    this.#minimumBlockBytes = Math.max(1, handle.device.blockSizes.minimum);
+    this.#maximumPayloadBytes = Math.min(handle.device.blockSizes.maximum, C.MAX_PAYLOAD_BYTES);
+    this.#blockStatusEnabled = this.#structured && this.#metaContextExport === requestedName;
+    this.#decoder.setPhase('transmission');
+    this.#state = 'transmission';
+    this.#log?.({ event: 'export-opened', connection: this.id, export: handle.name, structured: this.#structured });
+  }
+
+  // ---- requests ----
+
+  #handleRequest(r: RequestMessage): void {
+    if (r.type === C.NBD_CMD_DISC) {
+      this.#finish();
+      return;
+    }
+    const bytes = r.type === C.NBD_CMD_READ ? r.lengthBytes : (r.payload?.length ?? 0);
+    this.#inFlightCount++;
+    this.#inFlightBytes += bytes;
+    const refusal = this.#validate(r);
+    if (refusal) {
+      this.#replyError(r, refusal.errno, refusal.message);
+      this.#done(bytes);
+      return;
+    }
+    this.#execute(r).then(
+      () => this.#done(bytes),
+      (err: unknown) => {
+        const e = toBdsnapError(err);
+        if (e.code === 'EIO') this.#log?.({ event: 'request-error', connection: this.id, type: r.type, code: e.code, error: e.message });
+        this.#replyError(r, WIRE_ERRNO[e.code], e.message);
+        this.#done(bytes);
+      },
+    );
+  }
+
+  #done(bytes: number): void {
+    this.#inFlightCount--;
+    this.#inFlightBytes -= bytes;
+    if (this.#inFlightCount === 0) {
+      const waiters = this.#idleWaiters;
+      this.#idleWaiters = [];
+      for (const w of waiters) w();
+    }
+    if (this.#paused) this.#pump();
+  }
+
+  #validate(r: RequestMessage): Refusal | undefined {
+    const { type, flags, offsetBytes, lengthBytes } = r;
+    let allowed = C.NBD_CMD_FLAG_FUA;
+    switch (type) {
+      case C.NBD_CMD_READ:
+        if (this.#structured) allowed |= C.NBD_CMD_FLAG_DF;
+        break;
+      case C.NBD_CMD_WRITE_ZEROES:
+        allowed |= C.NBD_CMD_FLAG_NO_HOLE | C.NBD_CMD_FLAG_FAST_ZERO;
+        break;
+      case C.NBD_CMD_BLOCK_STATUS:
+        allowed |= C.NBD_CMD_FLAG_REQ_ONE;
+        break;
+      case C.NBD_CMD_WRITE:
+      case C.NBD_CMD_FLUSH:
+      case C.NBD_CMD_TRIM:
+      case C.NBD_CMD_CACHE:
+        break;
+      default:
+        return { errno: C.NBD_EINVAL, message: `unknown command ${type}` };
+    }
+    if ((flags & ~allowed) !== 0) return { errno: C.NBD_EINVAL, message: `flags 0x${flags.toString(16)} are not valid for command ${type}` };
+    if (type === C.NBD_CMD_FLUSH) {
+      return offsetBytes === 0 && lengthBytes === 0 ? undefined : { errno: C.NBD_EINVAL, message: 'flush takes no offset or length' };
+    }
+    const writing = type === C.NBD_CMD_WRITE || type === C.NBD_CMD_TRIM || type === C.NBD_CMD_WRITE_ZEROES;
+    if (writing && this.#device!.readOnly) return { errno: C.NBD_EPERM, message: 'the export is read-only' };
+    if (r.payloadSkipped || ((type === C.NBD_CMD_READ || type === C.NBD_CMD_WRITE) && lengthBytes > this.#maximumPayloadBytes)) {
+      return { errno: C.NBD_EINVAL, message: `length ${lengthBytes} exceeds the maximum payload of ${this.#maximumPayloadBytes} bytes` };
+    }
+    if (type === C.NBD_CMD_BLOCK_STATUS && !this.#blockStatusEnabled) {
+      return { errno: C.NBD_EINVAL, message: 'no metadata context was selected for this export' };
+    }
+    const endBytes = offsetBytes + lengthBytes;
+    if (endBytes > this.#sizeBytes) {
+      const grows = type === C.NBD_CMD_WRITE || type === C.NBD_CMD_WRITE_ZEROES;
+      return {
+        errno: grows ? C.NBD_ENOSPC : C.NBD_EINVAL,
+        message: `range ${offsetBytes}+${lengthBytes} is past the end of the export (${this.#sizeBytes} bytes)`,
+      };
+    }
+    const min = this.#minimumBlockBytes;
+    // The tail of an export whose size is not a multiple of the block size stays reachable.
+    if (offsetBytes % min !== 0 || (lengthBytes % min !== 0 && endBytes !== this.#sizeBytes)) {
+      return { errno: C.NBD_EINVAL, message: `range ${offsetBytes}+${lengthBytes} is not aligned to ${min} bytes` };
+    }
+    if (type === C.NBD_CMD_BLOCK_STATUS && lengthBytes === 0) return { errno: C.NBD_EINVAL, message: 'block status of an empty range' };
+    return undefined;
+  }
+
+  async #execute(r: RequestMessage): Promise<void> {
+    const device = this.#device!;
+    const { type, flags, offsetBytes, lengthBytes, cookieHi, cookieLo } = r;
+    const fua = (flags & C.NBD_CMD_FLAG_FUA) !== 0;
+    switch (type) {
+      case C.NBD_CMD_READ:
+        return this.#read(device, r);
+      case C.NBD_CMD_WRITE:
+        if (lengthBytes > 0) await device.write(r.payload!, offsetBytes, { fua });
+        break;
+      case C.NBD_CMD_FLUSH:
+        await device.flush();
+        break;
+      case C.NBD_CMD_TRIM:
+        if (lengthBytes > 0) await device.trim(offsetBytes, lengthBytes, { fua });
+        break;
+      case C.NBD_CMD_WRITE_ZEROES: {
+        const fastZero = (flags & C.NBD_CMD_FLAG_FAST_ZERO) !== 0;
+        if (fastZero && !device.canFastZero) throw new BdsnapError('ENOTSUP', 'this export has no fast zero');
+        if (lengthBytes > 0) await device.zero(offsetBytes, lengthBytes, { fua, fastZero, noHole: (flags & C.NBD_CMD_FLAG_NO_HOLE) !== 0 });
+        break;
+      }
+      case C.NBD_CMD_CACHE:
+        if (lengthBytes > 0) await device.cache(offsetBytes, lengthBytes);
+        break;
+      case C.NBD_CMD_BLOCK_STATUS:
+        return this.#blockStatus(device, r);
+    }
+    this.#send(encodeSimpleReply(0, cookieHi, cookieLo));
+  }
+
+  async #read(device: BlockDevice, r: RequestMessage): Promise<void> {
+    const { offsetBytes, lengthBytes, cookieHi, cookieLo } = r;
+    if (!this.#structured) {
+      const buf = Buffer.allocUnsafe(C.SIMPLE_REPLY_HEADER_BYTES + lengthBytes);
+      if (lengthBytes > 0) await device.read(buf.subarray(C.SIMPLE_REPLY_HEADER_BYTES), offsetBytes);
+      writeSimpleReplyHeader(buf, 0, 0, cookieHi, cookieLo);
+      this.#send(buf);
+      return;
+    }
+    if (lengthBytes === 0) {
+      this.#send(encodeStructuredNone(cookieHi, cookieLo));
+      return;
+    }
+    const buf = Buffer.allocUnsafe(OFFSET_DATA_PREFIX_BYTES + lengthBytes);
+    await device.read(buf.subarray(OFFSET_DATA_PREFIX_BYTES), offsetBytes);
+    if (isAllZero(buf, OFFSET_DATA_PREFIX_BYTES)) {
+      this.#send(encodeOffsetHole(cookieHi, cookieLo, offsetBytes, lengthBytes));
+      return;
+    }
+    writeStructuredHeader(buf, 0, C.NBD_REPLY_FLAG_DONE, C.NBD_REPLY_TYPE_OFFSET_DATA, cookieHi, cookieLo, 8 + lengthBytes);
+    writeU64(buf, C.STRUCTURED_REPLY_HEADER_BYTES, offsetBytes);
+    this.#send(buf);
+  }
+
+  async #blockStatus(device: BlockDevice, r: RequestMessage): Promise<void> {
+    const { offsetBytes, lengthBytes, cookieHi, cookieLo, flags } = r;
+    const extents = await device.extents(offsetBytes, lengthBytes);
+    const out: Array<{ length: number; flags: number }> = [];
+    let covered = 0;
+    for (const e of extents) {
+      if (!Number.isSafeInteger(e.length) || e.length <= 0) throw new BdsnapError('EIO', `device returned a bad extent length ${e.length}`);
+      const length = Math.min(e.length, lengthBytes - covered);
+      if (length <= 0) break;
+      out.push({ length, flags: (e.flags & EXTENT_HOLE ? C.NBD_STATE_HOLE : 0) | (e.flags & EXTENT_ZERO ? C.NBD_STATE_ZERO : 0) });
+      covered += length;
+      if ((flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0 || out.length === MAX_EXTENTS_PER_REPLY) break;
+    }
+    if (out.length === 0) throw new BdsnapError('EIO', 'device returned no extents');
+    this.#send(encodeBlockStatus(cookieHi, cookieLo, BASE_ALLOCATION_ID, out));
+  }
+
+  #replyError(r: RequestMessage, errno: number, message: string): void {
+    // Structured replies let the message reach the user; READ must use them once negotiated.
+    if (this.#structured) this.#send(encodeStructuredError(r.cookieHi, r.cookieLo, errno, message));
+    else this.#send(encodeSimpleReply(errno, r.cookieHi, r.cookieLo));
+  }
+}
+
+/** Parse LIST/SET_META_CONTEXT data; a string is the reason it is invalid. */
+function parseMetaContextData(data: Buffer): { exportName: string; queries: string[] } | string {
+  if (data.length < 8) return 'option data too short';
+  const nameBytes = data.readUInt32BE(0);
+  if (nameBytes > data.length - 8) return 'export name length exceeds the option data';
+  const exportName = data.toString('utf8', 4, 4 + nameBytes);
+  let at = 4 + nameBytes;
+  const count = data.readUInt32BE(at);
+  at += 4;
+  const queries: string[] = [];
+  for (let i = 0; i < count; i++) {
+    if (at + 4 > data.length) return 'query count exceeds the option data';
+    const queryBytes = data.readUInt32BE(at);
+    at += 4;
+    if (queryBytes > data.length - at) return 'query length exceeds the option data';
+    queries.push(data.toString('utf8', at, at + queryBytes));
+    at += queryBytes;
+  }
+  if (at !== data.length) return 'trailing bytes after the queries';
+  return { exportName, queries };
+}

@@ -1,0 +1,136 @@
+/**
+ * NbdServer: listens on unix sockets and/or TCP and runs one ServerConnection per client.
+ * It knows nothing of files or sessions: exports come from an ExportProvider.
+ *
+ * close() stops accepting, lets every connection finish its requests in flight, flushes
+ * each device, closes the connections and waits until every export handle is released.
+ */
+
+import fs from 'node:fs';
+import net from 'node:net';
+import { BdsnapError } from '../errors.js';
+import type { ExportProvider } from './exports.js';
+import { ServerConnection, type LogFn } from './server-connection.js';
+
+export interface NbdServerOptions {
+  exports: ExportProvider;
+  log?: LogFn;
+  /** Bytes of READ/WRITE payload in flight per connection before reading pauses. Default 64 MiB. */
+  maxInFlightBytesPerConnection?: number;
+}
+
+const DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+/** Socket write buffer size at which replies stop being produced until 'drain'. */
+const SOCKET_HIGH_WATER_MARK_BYTES = 4 * 1024 * 1024;
+
+export class NbdServer {
+  #exports: ExportProvider;
+  #log: LogFn | undefined;
+  #maxInFlightBytes: number;
+  #listeners: net.Server[] = [];
+  #connections = new Set<ServerConnection>();
+  #nextConnectionId = 1;
+  #closing = false;
+
+  constructor(options: NbdServerOptions) {
+    this.#exports = options.exports;
+    this.#log = options.log;
+    const max = options.maxInFlightBytesPerConnection ?? DEFAULT_MAX_IN_FLIGHT_BYTES;
+    if (!Number.isSafeInteger(max) || max <= 0) throw new BdsnapError('EINVAL', `bad maxInFlightBytesPerConnection ${max}`);
+    this.#maxInFlightBytes = max;
+  }
+
+  get connectionCount(): number {
+    return this.#connections.size;
+  }
+
+  /**
+   * Listen on a unix socket, created mode 0600. A stale socket file (nobody listening) is
+   * replaced; a live one is EBUSY; any other file there is EINVAL.
+   */
+  async listenUnix(path: string): Promise<void> {
+    await removeStaleSocket(path);
+    const server = this.#createServer();
+    await listen(server, () => server.listen(path));
+    try {
+      await fs.promises.chmod(path, 0o600);
+    } catch (err) {
+      server.close();
+      throw new BdsnapError('EPERM', `cannot restrict ${path} to its owner: ${(err as Error).message}`, { cause: err });
+    }
+    this.#log?.({ event: 'listening', unix: path });
+  }
+
+  /** Listen on TCP (port 0 picks a free port). Resolves with the port bound. */
+  async listenTcp(host: string, port: number): Promise<{ port: number }> {
+    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new BdsnapError('EINVAL', `bad TCP port ${port}`);
+    const server = this.#createServer();
+    await listen(server, () => server.listen(port, host));
+    const address = server.address() as net.AddressInfo;
+    this.#log?.({ event: 'listening', host, port: address.port });
+    return { port: address.port };
+  }
+
+  async close(): Promise<void> {
+    this.#closing = true;
+    const stopped = this.#listeners.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
+    this.#listeners = [];
+    await Promise.all([...this.#connections].map((c) => c.shutdown()));
+    await Promise.all(stopped);
+  }
+
+  #createServer(): net.Server {
+    if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the NBD server is closing');
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES }, (socket) => this.#accept(socket));
+    server.on('error', (err) => this.#log?.({ event: 'listener-error', error: err.message }));
+    this.#listeners.push(server);
+    return server;
+  }
+
+  #accept(socket: net.Socket): void {
+    if (this.#closing) {
+      socket.destroy();
+      return;
+    }
+    const id = this.#nextConnectionId++;
+    this.#log?.({ event: 'connection-opened', connection: id, remote: socket.remoteAddress ?? 'unix' });
+    const connection = new ServerConnection(id, socket, this.#exports, this.#maxInFlightBytes, this.#log);
+    this.#connections.add(connection);
+    void connection.closed.then(() => this.#connections.delete(connection));
+  }
+}
+
+function listen(server: net.Server, start: () => void): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException): void => {
+      const code = err.code === 'EADDRINUSE' ? 'EBUSY' : err.code === 'EACCES' ? 'EPERM' : 'EIO';
+      reject(new BdsnapError(code, `cannot listen: ${err.message}`, { cause: err }));
+    };
+    server.once('error', onError);
+    server.once('listening', () => {
+      server.off('error', onError);
+      resolve();
+    });
+    start();
+  });
+}
+
+async function removeStaleSocket(path: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = await fs.promises.lstat(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new BdsnapError('EINVAL', `${path} exists and is not a socket`);
+  const alive = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (alive) throw new BdsnapError('EBUSY', `${path} is in use by another server`);
+  await fs.promises.rm(path, { force: true });
+}

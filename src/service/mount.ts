@@ -1,0 +1,199 @@
+/**
+ * Attaching a device to the kernel through the daemon's own NBD server, and mounting it.
+ *
+ * Without the nbd kernel module (the usual case here): nbdfuse exposes the export as a file
+ * in a private FUSE directory, `losetup -f --show` turns that file into /dev/loopN, and mount
+ * puts the filesystem on the loop device. Where /dev/nbd0 exists and nbd-client is installed,
+ * nbd-client attaches the export to a free /dev/nbdN instead. Every step is undone in reverse
+ * order on failure and at unmount; unmount returns only after the NBD client has exited, so
+ * every write the kernel made has reached the server.
+ */
+
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { BdsnapError } from '../errors.js';
+
+export interface MountRequest {
+  /** The daemon's NBD unix socket. */
+  nbdSocket: string;
+  /** The export (device path). */
+  exportName: string;
+  mountpoint: string;
+  type?: string;
+  options?: string;
+  /** A private directory the helper may use for the FUSE mount. */
+  workDir: string;
+}
+
+export interface AttachedMount {
+  mountpoint: string;
+  /** /dev/loopN or /dev/nbdN. */
+  blockDevice: string;
+  via: 'nbdfuse' | 'nbd-client';
+  fuseDir: string | null;
+  nbdfuse: ChildProcess | null;
+}
+
+const READY_TIMEOUT_MS = 15000;
+const EXIT_TIMEOUT_MS = 30000;
+
+function run(cmd: string, args: string[], timeoutMs = 60000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, { encoding: 'utf8', timeout: timeoutMs }, (err, stdout, stderr) => {
+      if (err) {
+        const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
+        const reason = missing ? `${cmd} is not installed` : `${cmd} ${args.join(' ')} failed: ${(stderr || err.message).trim()}`;
+        reject(new BdsnapError(missing ? 'ENOTSUP' : 'EIO', reason, { cause: err }));
+      } else {
+        resolve(stdout);
+      }
+    });
+  });
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** The NBD URI of an export on a unix socket, as libnbd parses it. */
+export function nbdUnixUri(socketPath: string, exportName: string): string {
+  return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${encodeURIComponent(socketPath)}`;
+}
+
+/** Check the mount point: an existing directory that nothing is mounted on. */
+export async function checkMountpoint(mountpoint: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = await fs.promises.stat(mountpoint);
+  } catch {
+    throw new BdsnapError('ENOENT', `mount point ${mountpoint} does not exist`);
+  }
+  if (!st.isDirectory()) throw new BdsnapError('EINVAL', `mount point ${mountpoint} is not a directory`);
+  if (await isMountpoint(mountpoint)) throw new BdsnapError('EBUSY', `something is already mounted on ${mountpoint}`);
+}
+
+export async function isMountpoint(dir: string): Promise<boolean> {
+  const info = await fs.promises.readFile('/proc/self/mountinfo', 'utf8');
+  const target = path.resolve(dir);
+  // Field 5 is the mount point, with spaces and such escaped as octal.
+  return info.split('\n').some((line) => line.split(' ')[4]?.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8))) === target);
+}
+
+function useNbdClient(): boolean {
+  return fs.existsSync('/dev/nbd0') && fs.existsSync('/sys/block/nbd0');
+}
+
+export async function attachAndMount(req: MountRequest): Promise<AttachedMount> {
+  await checkMountpoint(req.mountpoint);
+  if (useNbdClient()) return attachWithNbdClient(req);
+  return attachWithNbdfuse(req);
+}
+
+async function mountBlockDevice(blockDevice: string, req: MountRequest): Promise<void> {
+  const args: string[] = [];
+  if (req.type) args.push('-t', req.type);
+  if (req.options) args.push('-o', req.options);
+  await run('mount', [...args, blockDevice, req.mountpoint]);
+}
+
+async function attachWithNbdfuse(req: MountRequest): Promise<AttachedMount> {
+  const fuseDir = await fs.promises.mkdtemp(path.join(req.workDir, 'fuse-'));
+  const pidFile = `${fuseDir}.pid`;
+  const file = path.join(fuseDir, 'disk');
+  const child = spawn('nbdfuse', ['-P', pidFile, file, nbdUnixUri(req.nbdSocket, req.exportName)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-4096); });
+  const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
+  let loop: string | undefined;
+  try {
+    const deadline = Date.now() + READY_TIMEOUT_MS;
+    for (;;) {
+      if (fs.existsSync(pidFile)) break;
+      const failed = await Promise.race([spawnError, sleep(20).then(() => undefined)]);
+      if (failed) throw new BdsnapError('ENOTSUP', `cannot run nbdfuse: ${failed.message}`, { cause: failed });
+      if (child.exitCode !== null) throw new BdsnapError('EIO', `nbdfuse exited (${child.exitCode}): ${stderr.trim()}`);
+      if (Date.now() > deadline) throw new BdsnapError('EIO', `nbdfuse did not become ready in ${READY_TIMEOUT_MS} ms: ${stderr.trim()}`);
+    }
+    loop = (await run('losetup', ['-f', '--show', file])).trim();
+    await mountBlockDevice(loop, req);
+    return { mountpoint: req.mountpoint, blockDevice: loop, via: 'nbdfuse', fuseDir, nbdfuse: child };
+  } catch (err) {
+    if (loop) await run('losetup', ['-d', loop]).catch(() => undefined);
+    await stopNbdfuse(fuseDir, child).catch(() => undefined);
+    throw err;
+  }
+}
+
+async function attachWithNbdClient(req: MountRequest): Promise<AttachedMount> {
+  const nbd = await freeNbdDevice();
+  await run('nbd-client', ['-unix', req.nbdSocket, nbd, '-N', req.exportName]);
+  try {
+    await mountBlockDevice(nbd, req);
+  } catch (err) {
+    await run('nbd-client', ['-d', nbd]).catch(() => undefined);
+    throw err;
+  }
+  return { mountpoint: req.mountpoint, blockDevice: nbd, via: 'nbd-client', fuseDir: null, nbdfuse: null };
+}
+
+async function freeNbdDevice(): Promise<string> {
+  const names = (await fs.promises.readdir('/sys/block')).filter((n) => /^nbd\d+$/.test(n));
+  for (const name of names.sort((a, b) => Number(a.slice(3)) - Number(b.slice(3)))) {
+    // A connected nbd device has a pid file in sysfs.
+    if (!fs.existsSync(`/sys/block/${name}/pid`)) return `/dev/${name}`;
+  }
+  throw new BdsnapError('EBUSY', 'no free /dev/nbd device');
+}
+
+/** Unmount the filesystem and detach; returns after the NBD client has exited. */
+export async function unmountAndDetach(m: AttachedMount): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      if (await isMountpoint(m.mountpoint)) await run('umount', [m.mountpoint]);
+      break;
+    } catch (err) {
+      if (attempt >= 20) throw new BdsnapError('EBUSY', `cannot unmount ${m.mountpoint}: ${(err as Error).message}`, { cause: err });
+      await sleep(250);
+    }
+  }
+  if (m.via === 'nbd-client') {
+    await run('nbd-client', ['-d', m.blockDevice]);
+    return;
+  }
+  await run('losetup', ['-d', m.blockDevice]).catch(async (err: unknown) => {
+    // Already gone (autoclear) is fine; anything else is retried once.
+    if (!fs.existsSync(`/sys/block/${path.basename(m.blockDevice)}/loop`)) return;
+    await sleep(200);
+    await run('losetup', ['-d', m.blockDevice]).catch(() => { throw err; });
+  });
+  if (m.fuseDir && m.nbdfuse) await stopNbdfuse(m.fuseDir, m.nbdfuse);
+}
+
+/** fusermount3 -u, retried while the loop device lets go of the file, then wait for nbdfuse to exit. */
+async function stopNbdfuse(fuseDir: string, child: ChildProcess): Promise<void> {
+  const exited = child.exitCode !== null || child.signalCode !== null
+    ? Promise.resolve()
+    : new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  if (child.exitCode === null && child.signalCode === null) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await run('fusermount3', ['-u', fuseDir]);
+        break;
+      } catch (err) {
+        if (!(await isMountpoint(fuseDir))) break;
+        if (attempt >= 20) {
+          await run('fusermount3', ['-u', '-z', fuseDir]).catch(() => undefined);
+          break;
+        }
+        void err;
+        await sleep(250);
+      }
+    }
+    const timer = setTimeout(() => child.kill('SIGTERM'), EXIT_TIMEOUT_MS);
+    await exited;
+    clearTimeout(timer);
+  }
+  await fs.promises.rm(`${fuseDir}.pid`, { force: true });
+  await fs.promises.rmdir(fuseDir).catch(() => undefined);
+}

@@ -1,0 +1,140 @@
+/** Shared fixtures for the NBD tests: a served temp image, and a raw socket speaking bytes by hand. */
+
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { FileDevice } from '../../src/device/file-device.js';
+import { NbdServer } from '../../src/nbd/server.js';
+import { StaticExports } from '../../src/nbd/static-exports.js';
+import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
+import * as C from '../../src/nbd/constants.js';
+import { encodeClientFlags, encodeOption } from '../../src/nbd/encoders.js';
+
+export interface TestContext {
+  after: (fn: () => unknown) => void;
+}
+
+export interface Served {
+  dir: string;
+  image: string;
+  socketPath: string;
+  device: FileDevice;
+  exports: StaticExports;
+  server: NbdServer;
+  events: Array<Record<string, unknown>>;
+  connect(options?: Partial<NbdClientOptions>): Promise<NbdClient>;
+}
+
+export function tempDir(t: TestContext, prefix = 'bdsnap-nbd-'): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** A FileDevice on a temp image of `sizeBytes` (filled by `fill`), served on a fresh unix socket. */
+export async function serveImage(
+  t: TestContext,
+  options: { sizeBytes?: number; readOnly?: boolean; fill?: (b: Buffer) => void; maxInFlightBytesPerConnection?: number } = {},
+): Promise<Served> {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'disk.img');
+  const content = Buffer.alloc(options.sizeBytes ?? 1 << 20);
+  options.fill?.(content);
+  fs.writeFileSync(image, content);
+  const device = await FileDevice.open(image, { readOnly: options.readOnly ?? false });
+  const exports = new StaticExports([{ name: image, device, description: 'test image' }]);
+  const events: Array<Record<string, unknown>> = [];
+  const server = new NbdServer({ exports, log: (e) => events.push(e), maxInFlightBytesPerConnection: options.maxInFlightBytesPerConnection });
+  const socketPath = path.join(dir, 'nbd.sock');
+  await server.listenUnix(socketPath);
+  const clients: NbdClient[] = [];
+  t.after(async () => {
+    for (const c of clients) c.close().catch(() => undefined);
+    await server.close();
+    await device.close();
+  });
+  return {
+    dir, image, socketPath, device, exports, server, events,
+    connect: async (o = {}) => {
+      const c = await NbdClient.connect({ socketPath, ...o });
+      clients.push(c);
+      return c;
+    },
+  };
+}
+
+/** A socket that collects every byte received, for speaking the protocol by hand. */
+export class RawPeer {
+  readonly socket: net.Socket;
+  #received: Buffer[] = [];
+  #length = 0;
+  #waiters: Array<() => void> = [];
+  closed: Promise<void>;
+
+  private constructor(socket: net.Socket) {
+    this.socket = socket;
+    socket.on('data', (c: Buffer) => {
+      this.#received.push(c);
+      this.#length += c.length;
+      for (const w of this.#waiters.splice(0)) w();
+    });
+    socket.on('error', () => undefined);
+    this.closed = new Promise((resolve) => socket.once('close', () => {
+      for (const w of this.#waiters.splice(0)) w();
+      resolve();
+    }));
+  }
+
+  static async connect(socketPath: string): Promise<RawPeer> {
+    const socket = net.connect(socketPath);
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', resolve);
+      socket.once('error', reject);
+    });
+    return new RawPeer(socket);
+  }
+
+  /** Read exactly n bytes (rejects if the socket closes first). */
+  async read(n: number, timeoutMs = 5000): Promise<Buffer> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.#length < n) {
+      if (this.socket.destroyed || this.socket.readableEnded) throw new Error(`socket closed after ${this.#length} of ${n} bytes`);
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${n} bytes (have ${this.#length})`);
+      await new Promise<void>((resolve) => {
+        this.#waiters.push(resolve);
+        setTimeout(resolve, 50);
+      });
+    }
+    const all = Buffer.concat(this.#received);
+    this.#received = [all.subarray(n)];
+    this.#length -= n;
+    return all.subarray(0, n);
+  }
+
+  write(b: Buffer): void {
+    this.socket.write(b);
+  }
+
+  /** Greeting, client flags with NO_ZEROES, then NBD_OPT_EXPORT_NAME: ready for requests. */
+  async enterTransmission(exportName = ''): Promise<{ sizeBytes: number; flags: number }> {
+    await this.read(18);
+    this.write(encodeClientFlags(C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES));
+    this.write(encodeOption(C.NBD_OPT_EXPORT_NAME, Buffer.from(exportName)));
+    const r = await this.read(10);
+    return { sizeBytes: Number(r.readBigUInt64BE(0)), flags: r.readUInt16BE(8) };
+  }
+
+  destroy(): void {
+    this.socket.destroy();
+  }
+}
+
+/** Poll until `cond` holds (or fail after timeoutMs). */
+export async function waitFor(cond: () => boolean, timeoutMs = 5000, what = 'condition'): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}

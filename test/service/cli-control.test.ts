@@ -1,0 +1,186 @@
+/**
+ * The control plane through the real CLI and a real daemon: passwords, activation messages,
+ * root-only access (socket permission and the daemon's own peer check), and requests that
+ * are malformed or oversized.
+ */
+
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { test } from 'node:test';
+import { PASSWORD, cli, makeImage, ok, sandbox, startDaemonProcess, type Sandbox } from './helpers.js';
+
+const NOBODY = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
+
+function status(box: Sandbox): { devices: Array<{ device: string; active: boolean }> } {
+  return JSON.parse(ok(box, ['status', '--json'])) as { devices: Array<{ device: string; active: boolean }> };
+}
+
+test('passwd, activate and deactivate: right and wrong passwords, messages for no-op changes', async (t) => {
+  const box = sandbox(t);
+  await startDaemonProcess(t, box);
+  const image = makeImage(box.top, 'disk.img', 1 << 20);
+
+  const noPassword = cli(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  assert.notEqual(noPassword.status, 0);
+  assert.match(noPassword.stderr, /no service password is set/);
+
+  assert.equal(ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`).trim(), 'service password set');
+  const stored = fs.readFileSync(path.join(box.stateDir, 'password'), 'utf8');
+  assert.ok(!stored.includes(PASSWORD), 'the password file must not hold the password');
+  assert.equal(fs.statSync(path.join(box.stateDir, 'password')).mode & 0o777, 0o600);
+
+  const started = Date.now();
+  const wrong = cli(box, ['activate', image, '--password-stdin'], 'not the password\n');
+  assert.equal(wrong.status, 1);
+  assert.equal(wrong.stderr.trim(), 'bdsnap: wrong service password');
+  assert.ok(Date.now() - started >= 200, 'a failed attempt is slowed down');
+  assert.equal(status(box).devices.length, 0, 'a refused activation registers nothing');
+
+  assert.match(ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`), /^activated /);
+  assert.match(ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`), /is already active/);
+  assert.deepEqual(status(box).devices.map((d) => [d.device, d.active]), [[fs.realpathSync(image), true]]);
+
+  const wrongDeactivate = cli(box, ['deactivate', image, '--password-stdin'], 'nope nope nope\n');
+  assert.equal(wrongDeactivate.status, 1);
+  assert.equal(status(box).devices[0]?.active, true);
+  assert.match(ok(box, ['deactivate', image, '--password-stdin'], `${PASSWORD}\n`), /^deactivated /);
+  assert.match(ok(box, ['deactivate', image, '--password-stdin'], `${PASSWORD}\n`), /is not active/);
+
+  // Changing the password needs the current one.
+  const noCurrent = cli(box, ['passwd', '--password-stdin'], 'another password\n');
+  assert.notEqual(noCurrent.status, 0);
+  assert.match(noCurrent.stderr, /current one/);
+  const badCurrent = cli(box, ['passwd', '--password-stdin'], 'wrong current\nanother password\n');
+  assert.notEqual(badCurrent.status, 0);
+  assert.equal(ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\nanother password\n`).trim(), 'service password changed');
+  assert.equal(cli(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`).status, 1);
+  assert.equal(cli(box, ['activate', image, '--password-stdin'], 'another password\n').status, 0);
+});
+
+test('a device path must be a regular file or a block device', async (t) => {
+  const box = sandbox(t);
+  await startDaemonProcess(t, box);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  const dirRefused = cli(box, ['activate', box.top, '--password-stdin'], `${PASSWORD}\n`);
+  assert.equal(dirRefused.status, 1);
+  assert.match(dirRefused.stderr, /neither a regular image file nor a block device/);
+  const missing = cli(box, ['activate', path.join(box.top, 'nope.img'), '--password-stdin'], `${PASSWORD}\n`);
+  assert.equal(missing.status, 1);
+  assert.match(missing.stderr, /no such device/);
+  // A symlink is registered under its canonical target.
+  const image = makeImage(box.top, 'real.img', 1 << 20);
+  fs.symlinkSync(image, path.join(box.top, 'link.img'));
+  ok(box, ['activate', path.join(box.top, 'link.img'), '--password-stdin'], `${PASSWORD}\n`);
+  assert.deepEqual(status(box).devices.map((d) => d.device), [fs.realpathSync(image)]);
+});
+
+test('a non-root caller is refused even with the right password', async (t) => {
+  const box = sandbox(t);
+  await startDaemonProcess(t, box);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  const image = makeImage(box.top, 'disk.img', 1 << 20);
+  fs.chmodSync(image, 0o666);
+
+  assert.equal(fs.statSync(box.runDir).mode & 0o777, 0o700);
+  assert.equal(fs.statSync(path.join(box.runDir, 'control.sock')).mode & 0o777, 0o600);
+  const asNobody = cli(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`, NOBODY);
+  assert.equal(asNobody.status, 1, asNobody.stderr);
+  assert.match(asNobody.stderr, /permission denied.*need root/);
+  assert.equal(status(box).devices.length, 0);
+
+  // Open the socket's permissions: the daemon's own check of the peer still refuses, even when
+  // the request claims euid 0.
+  fs.chmodSync(box.runDir, 0o755);
+  fs.chmodSync(path.join(box.runDir, 'control.sock'), 0o666);
+  const viaCli = cli(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`, NOBODY);
+  assert.equal(viaCli.status, 1);
+  assert.match(viaCli.stderr, /permission denied: bdsnap control operations need root/);
+  const script = `
+    const s = require('node:net').connect(process.argv[1]);
+    s.on('connect', () => s.write(JSON.stringify({ id: 1, euid: 0, op: 'activate', device: process.argv[2], password: process.argv[3] }) + '\\n'));
+    s.on('data', (d) => { process.stdout.write(d); s.end(); });`;
+  const raw = spawnSync(NOBODY[0] as string, [...NOBODY.slice(1), process.execPath, '-e', script, path.join(box.runDir, 'control.sock'), image, PASSWORD],
+    { encoding: 'utf8', timeout: 20000 });
+  const answer = JSON.parse(raw.stdout) as { ok: boolean; error?: { code: string } };
+  assert.equal(answer.ok, false);
+  assert.equal(answer.error?.code, 'EPERM');
+  assert.equal(status(box).devices.length, 0, 'nothing was activated');
+});
+
+/** Send raw lines on the control socket and collect `count` answers. */
+async function rawExchange(socketPath: string, payload: Buffer | string, count: number): Promise<Array<Record<string, unknown>>> {
+  const socket = net.connect(socketPath);
+  const answers: Array<Record<string, unknown>> = [];
+  let buffered = '';
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { socket.destroy(); reject(new Error(`only ${answers.length} answers: ${JSON.stringify(answers)}`)); }, 20000);
+    socket.on('connect', () => socket.write(payload));
+    socket.on('data', (d: Buffer) => {
+      buffered += d.toString();
+      let nl: number;
+      while ((nl = buffered.indexOf('\n')) >= 0) {
+        answers.push(JSON.parse(buffered.slice(0, nl)) as Record<string, unknown>);
+        buffered = buffered.slice(nl + 1);
+      }
+      if (answers.length >= count) {
+        clearTimeout(timer);
+        socket.end();
+        resolve(answers);
+      }
+    });
+    socket.on('error', reject);
+  });
+}
+
+test('malformed and oversized control requests get error answers and the daemon lives on', async (t) => {
+  const box = sandbox(t);
+  const daemon = await startDaemonProcess(t, box);
+  const sock = path.join(box.runDir, 'control.sock');
+  const lines = [
+    'this is not json',
+    '{"id":1}',
+    '{"id":2,"euid":0,"op":"activate","device":5,"password":"x"}',
+    '{"id":3,"euid":0,"op":"format-disk"}',
+    '{"id":4,"euid":0,"op":"status","extra":true}',
+    '[]',
+    'null',
+    '{"id":5,"euid":0,"op":"mount","device":"/x","mountpoint":"/y","options":"ro,exec /bin/sh"}',
+  ];
+  const answers = await rawExchange(sock, `${lines.join('\n')}\n`, lines.length);
+  assert.equal(answers.length, lines.length);
+  for (const a of answers) {
+    assert.equal(a.ok, false, JSON.stringify(a));
+    assert.equal((a.error as { code: string }).code, 'EINVAL');
+  }
+  assert.deepEqual(answers.map((a) => a.id), [null, 1, 2, 3, 4, null, null, 5]);
+
+  // 100 KiB in one line: refused without being held whole; the next line on the same connection works.
+  const huge = `{"id":6,"euid":0,"op":"ping","pad":"${'x'.repeat(100 * 1024)}"}\n{"id":7,"euid":0,"op":"ping"}\n`;
+  const [tooLong, ping] = await rawExchange(sock, huge, 2);
+  assert.equal(tooLong?.ok, false);
+  assert.match((tooLong?.error as { message: string }).message, /too long/);
+  assert.equal(ping?.ok, true);
+  assert.equal(ping?.id, 7);
+
+  // Random bytes, a half line and a dropped connection.
+  const junk = Buffer.from(Array.from({ length: 4096 }, (_, i) => (i * 7919) % 256));
+  await rawExchange(sock, Buffer.concat([junk, Buffer.from('\n')]), 1);
+  const half = net.connect(sock);
+  await new Promise<void>((resolve) => half.on('connect', () => { half.write('{"id":8,"euid":0,"op":"st'); half.destroy(); resolve(); }));
+
+  assert.equal(daemon.child.exitCode, null, 'the daemon is still running');
+  assert.match(ok(box, ['status']), /no devices registered/);
+  assert.equal(await daemon.stop(), 0, 'SIGTERM ends the daemon with exit code 0');
+  assert.ok(!fs.existsSync(sock), 'the socket is removed at exit');
+});
+
+test('client commands fail with one clear line when no daemon runs', (t) => {
+  const box = sandbox(t);
+  const r = cli(box, ['status']);
+  assert.equal(r.status, 1);
+  assert.equal(r.stderr.trim().split('\n').length, 1);
+  assert.match(r.stderr, /daemon is not running/);
+});

@@ -1,0 +1,130 @@
+/**
+ * `bdsnap mount` / `umount` with a real kernel ext4 on the daemon's NBD export (nbdfuse, a
+ * loop device, mount): one session directory per mount cycle, none for an inactive device,
+ * deactivation mid-mount, restore refused while mounted, and a full cycle restored to a
+ * byte-identical image. Needs root, FUSE and loop devices.
+ */
+
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test, type TestContext } from 'node:test';
+import { PASSWORD, cli, ok, sandbox, sessionDirs, sha256File, startDaemonProcess, type Sandbox } from './helpers.js';
+
+const IMAGE_MIB = 32;
+
+function run(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr || r.error?.message}`);
+  return r.stdout;
+}
+
+function mounted(dir: string): boolean {
+  return fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === dir);
+}
+
+/** An ext4 image with a few files; the mount point; and a cleanup that never leaves a mount behind. */
+function ext4Fixture(t: TestContext, box: Sandbox): { image: string; mnt: string } {
+  const seed = path.join(box.top, 'seed');
+  fs.mkdirSync(path.join(seed, 'docs'), { recursive: true });
+  fs.writeFileSync(path.join(seed, 'docs', 'a.txt'), 'first version\n'.repeat(1000));
+  const image = path.join(box.top, 'disk.img');
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, IMAGE_MIB << 20);
+  run('mkfs.ext4', ['-q', '-F', '-d', seed, '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
+  const mnt = path.join(box.top, 'mnt');
+  fs.mkdirSync(mnt);
+  t.after(() => {
+    if (mounted(mnt)) {
+      cli(box, ['umount', mnt]);
+      if (mounted(mnt)) spawnSync('umount', ['-l', mnt]);
+    }
+  });
+  return { image: fs.realpathSync(image), mnt };
+}
+
+function currentSession(box: Sandbox, device: string): string | null {
+  const st = JSON.parse(ok(box, ['status', '--json'])) as { devices: Array<{ device: string; currentSession: string | null }> };
+  return st.devices.find((d) => d.device === device)?.currentSession ?? null;
+}
+
+const canRun = process.getuid?.() === 0 && fs.existsSync('/dev/fuse');
+
+test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted, then byte-identical', { skip: !canRun && 'needs root and /dev/fuse' }, async (t) => {
+  const box = sandbox(t);
+  await startDaemonProcess(t, box);
+  const { image, mnt } = ext4Fixture(t, box);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  const before = sha256File(image);
+
+  assert.match(ok(box, ['mount', image, mnt, '-t', 'ext4']), /snapshot session/);
+  assert.ok(mounted(mnt));
+  const again = cli(box, ['mount', image, path.join(box.top, 'seed')]);
+  assert.equal(again.status, 1, 'a device already mounted is refused');
+  assert.match(again.stderr, /already mounted/);
+
+  fs.writeFileSync(path.join(mnt, 'docs', 'a.txt'), 'second version\n'.repeat(5000));
+  fs.writeFileSync(path.join(mnt, 'big.bin'), Buffer.alloc(3 << 20, 0x5a));
+  fs.rmSync(path.join(mnt, 'docs', 'a.txt'));
+  spawnSync('sync');
+  const sessionDir = currentSession(box, image);
+  assert.ok(sessionDir, 'the mount has a session directory');
+
+  const refused = cli(box, ['restore', sessionDir]);
+  assert.notEqual(refused.status, 0, 'restore is refused while mounted');
+  assert.equal(sha256File(image) === before, false);
+
+  const umount = JSON.parse(ok(box, ['umount', mnt, '--json'])) as { sessionDir: string | null };
+  assert.equal(umount.sessionDir, sessionDir);
+  assert.equal(mounted(mnt), false);
+  const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string }> };
+  assert.deepEqual(list.sessions.map((s) => [s.dir, s.state]), [[sessionDir, 'complete']], 'umount returns after the session is complete');
+  assert.notEqual(sha256File(image), before);
+
+  const restored = cli(box, ['restore', sessionDir]);
+  assert.equal(restored.status, 0, restored.stderr);
+  assert.equal(sha256File(image), before, 'the restored image is byte-identical to the pre-mount one');
+});
+
+test('one directory per mount cycle (two within a second), none after deactivation; deactivation mid-mount keeps the session', { skip: !canRun && 'needs root and /dev/fuse' }, async (t) => {
+  const box = sandbox(t);
+  await startDaemonProcess(t, box);
+  const { image, mnt } = ext4Fixture(t, box);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+
+  // Never activated: mounting it serves it with no session.
+  assert.match(ok(box, ['mount', image, mnt]), /not active: no session/);
+  fs.writeFileSync(path.join(mnt, 'x'), 'x');
+  ok(box, ['umount', mnt]);
+  assert.deepEqual(sessionDirs(box), [], 'no session for an inactive device');
+
+  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  const started = Date.now();
+  for (let i = 0; i < 2; i++) {
+    ok(box, ['mount', image, mnt]);
+    fs.writeFileSync(path.join(mnt, `cycle-${i}`), `cycle ${i}\n`);
+    ok(box, ['umount', mnt]);
+  }
+  const twoCycles = sessionDirs(box);
+  assert.equal(twoCycles.length, 2, `one directory per mount cycle (${Date.now() - started} ms for both): ${twoCycles.join(', ')}`);
+
+  ok(box, ['mount', image, mnt]);
+  fs.writeFileSync(path.join(mnt, 'before-deactivate'), 'a');
+  spawnSync('sync');
+  const deactivated = ok(box, ['deactivate', image, '--password-stdin'], `${PASSWORD}\n`);
+  assert.match(deactivated, /carries on until unmount/);
+  fs.writeFileSync(path.join(mnt, 'after-deactivate'), Buffer.alloc(1 << 20, 1));
+  const umount = JSON.parse(ok(box, ['umount', mnt, '--json'])) as { sessionDir: string | null };
+  assert.ok(umount.sessionDir, 'the session that was open at deactivation ran to the unmount');
+  const three = sessionDirs(box);
+  assert.equal(three.length, 3);
+
+  ok(box, ['mount', image, mnt]);
+  fs.writeFileSync(path.join(mnt, 'inactive'), 'b');
+  ok(box, ['umount', mnt]);
+  assert.deepEqual(sessionDirs(box), three, 'no new directory after deactivation');
+  const st = JSON.parse(ok(box, ['status', '--json'])) as { devices: Array<{ dirtyOutsideSession: boolean }> };
+  assert.equal(st.devices[0]?.dirtyOutsideSession, true, 'the write outside a session is recorded');
+});

@@ -1,0 +1,145 @@
+/**
+ * Sessions as plain NBD clients see them, through the daemon's NBD socket with real libnbd
+ * clients (nbdsh): only registered exports are served, an inactive device gets no session
+ * but is flagged when written, connections to an active export share one session, and a
+ * daemon killed with SIGKILL mid-session comes back with its activations and a recovered,
+ * restorable session.
+ */
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { PASSWORD, cli, makeImage, nbdUri, nbdsh, ok, sandbox, sessionDirs, sha256File, startDaemonProcess, systemPythonEnv, type Sandbox } from './helpers.js';
+
+const IMAGE_BYTES = 8 << 20;
+
+function pattern(buf: Buffer): void {
+  for (let i = 0; i < buf.length; i += 4) buf.writeUInt32LE((i * 2654435761) >>> 0, i);
+}
+
+interface StatusJson {
+  devices: Array<{ device: string; active: boolean; attached: boolean; dirtyOutsideSession: boolean; currentSession: string | null; inSession: boolean }>;
+}
+
+function statusOf(box: Sandbox, device: string): StatusJson['devices'][number] | undefined {
+  return (JSON.parse(ok(box, ['status', '--json'])) as StatusJson).devices.find((d) => d.device === device);
+}
+
+async function waitFor(what: string, check: () => boolean, timeoutMs = 15000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+test('only registered devices are served; an inactive one gets no session but is flagged when written', async (t) => {
+  const box = sandbox(t);
+  await startDaemonProcess(t, box);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
+
+  const unknown = nbdsh(box, image, 'print(h.get_size())');
+  assert.notEqual(unknown.status, 0, 'an unregistered export is refused');
+  assert.match(unknown.stderr, /export|NBD_REP_ERR/i, unknown.stderr);
+  const other = nbdsh(box, '/etc/passwd', 'print(h.get_size())');
+  assert.notEqual(other.status, 0, 'a file root never registered is refused');
+
+  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  ok(box, ['deactivate', image, '--password-stdin'], `${PASSWORD}\n`);
+  const read = nbdsh(box, image, 'print(h.get_size()); print(h.pread(512, 0).hex())');
+  assert.equal(read.status, 0, read.stderr);
+  assert.equal(read.stdout.split('\n')[0], String(IMAGE_BYTES));
+  assert.equal(statusOf(box, image)?.dirtyOutsideSession, false, 'reads do not flag the device');
+
+  const write = nbdsh(box, image, 'h.pwrite(b"\\xab" * 4096, 65536); h.flush()');
+  assert.equal(write.status, 0, write.stderr);
+  assert.deepEqual(sessionDirs(box), [], 'no session for an inactive device');
+  const st = statusOf(box, image);
+  assert.equal(st?.dirtyOutsideSession, true);
+  assert.equal(st?.attached, false, 'the device is released when the client leaves');
+  const registry = JSON.parse(fs.readFileSync(path.join(box.stateDir, 'registry.json'), 'utf8')) as { devices: Array<{ dirtyOutsideSession: boolean }> };
+  assert.equal(registry.devices[0]?.dirtyOutsideSession, true, 'the flag is persisted');
+  assert.equal(fs.readFileSync(image).subarray(65536, 65536 + 4096).every((b) => b === 0xab), true);
+});
+
+test('an active export: reads leave no directory, each client attach with writes is one session', async (t) => {
+  const box = sandbox(t);
+  await startDaemonProcess(t, box);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
+  const original = sha256File(image);
+  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+
+  assert.equal(nbdsh(box, image, 'h.pread(65536, 0)').status, 0);
+  assert.deepEqual(sessionDirs(box), [], 'a read-only attach leaves no session directory');
+
+  // Two connections at once share one session: the first holds the export open while the second writes.
+  const holder = spawn('nbdsh', ['-u', nbdUri(box, image), '-c', 'import time; h.pwrite(b"\\x01" * 4096, 0); h.flush(); time.sleep(2)'], { stdio: 'ignore', env: systemPythonEnv() });
+  const holderDone = new Promise((resolve) => holder.once('exit', resolve));
+  t.after(() => { holder.kill('SIGKILL'); });
+  await waitFor('the first writer', () => sessionDirs(box).length === 1);
+  assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x02" * 8192, 1 << 20); h.flush()').status, 0);
+  await holderDone;
+  await waitFor('the session to end', () => statusOf(box, image)?.attached === false);
+  assert.equal(sessionDirs(box).length, 1, 'concurrent connections share one session');
+
+  assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x03" * 4096, 2 << 20); h.flush()').status, 0);
+  await waitFor('the second session to end', () => statusOf(box, image)?.attached === false);
+  const dirs = sessionDirs(box);
+  assert.equal(dirs.length, 2, 'a later attach is a new session');
+  const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string; preservedBytes: number }> };
+  assert.deepEqual(list.sessions.map((s) => s.state), ['complete', 'complete']);
+  assert.ok(list.sessions.every((s) => s.preservedBytes > 0));
+
+  const first = list.sessions[0]?.dir as string;
+  const restored = cli(box, ['restore', first]);
+  assert.equal(restored.status, 0, restored.stderr);
+  assert.equal(sha256File(image), original, 'restoring the first session gives back the original bytes');
+});
+
+test('SIGKILL mid-session: activations kept, the session recovered as interrupted and restorable', async (t) => {
+  const box = sandbox(t);
+  const daemon = await startDaemonProcess(t, box);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
+  const other = fs.realpathSync(makeImage(box.top, 'other.img', 1 << 20));
+  const original = sha256File(image);
+  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  ok(box, ['activate', other, '--password-stdin'], `${PASSWORD}\n`);
+  ok(box, ['deactivate', other, '--password-stdin'], `${PASSWORD}\n`);
+
+  const code = [
+    'import sys, time',
+    'for i in range(64): h.pwrite(bytes([i]) * 65536, i * 98304)',
+    'print("written", flush=True)',
+    'time.sleep(30)',
+  ].join('\n');
+  const writer = spawn('nbdsh', ['-u', nbdUri(box, image), '-c', code], { stdio: ['ignore', 'pipe', 'inherit'], env: systemPythonEnv() });
+  t.after(() => { writer.kill('SIGKILL'); });
+  let said = '';
+  writer.stdout?.on('data', (d: Buffer) => { said += d.toString(); });
+  await waitFor('the writes', () => said.includes('written'));
+  assert.notEqual(sha256File(image), original);
+
+  daemon.child.kill('SIGKILL');
+  await new Promise((resolve) => daemon.child.once('exit', resolve));
+  writer.kill('SIGKILL');
+  const [dir] = sessionDirs(box);
+  assert.ok(dir, 'the session directory exists');
+  assert.equal(sessionDirs(box).length, 1);
+
+  const restarted = await startDaemonProcess(t, box);
+  const devices = (JSON.parse(ok(box, ['status', '--json'])) as StatusJson).devices;
+  assert.deepEqual(devices.map((d) => [d.device, d.active]).sort(), [[image, true], [other, false]].sort());
+  const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string }> };
+  assert.deepEqual(list.sessions.map((s) => s.state), ['interrupted']);
+  assert.ok(restarted.logLines().some((l) => l.event === 'session-recovered'), 'the recovery is logged');
+
+  const restored = cli(box, ['restore', path.join(box.snapshotRoot, dir)]);
+  assert.equal(restored.status, 0, restored.stderr);
+  assert.equal(sha256File(image), original, 'the recovered session restores the exact original');
+  assert.equal(await restarted.stop(), 0);
+});

@@ -1,0 +1,151 @@
+/**
+ * The service's pure parts and file formats: the control line decoder (split at every byte,
+ * random bytes, overlong lines), request validation, the password store and the registry.
+ */
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import fc from 'fast-check';
+import { BdsnapError } from '../../src/errors.js';
+import { PasswordStore } from '../../src/service/auth.js';
+import { LineDecoder, requestSchema, type LineEvent } from '../../src/service/control-protocol.js';
+import { Registry, canonicalDevicePath, readRegistry } from '../../src/service/registry.js';
+
+function tempDir(t: { after(fn: () => void): void }): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-unit-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+test('LineDecoder gives the same lines wherever the input is split', () => {
+  const input = Buffer.from('{"a":1}\n\n{"b":"two"}\nthird line\n');
+  const expected: LineEvent[] = [
+    { kind: 'line', text: '{"a":1}' }, { kind: 'line', text: '' }, { kind: 'line', text: '{"b":"two"}' }, { kind: 'line', text: 'third line' },
+  ];
+  for (let i = 0; i <= input.length; i++) {
+    for (let j = i; j <= input.length; j++) {
+      const d = new LineDecoder(64);
+      const events = [...d.push(input.subarray(0, i)), ...d.push(input.subarray(i, j)), ...d.push(input.subarray(j))];
+      assert.deepEqual(events, expected, `split at ${i}, ${j}`);
+    }
+  }
+});
+
+test('LineDecoder reports an overlong line once, without holding it, and goes on after it', () => {
+  const d = new LineDecoder(16);
+  const events: LineEvent[] = [];
+  events.push(...d.push(Buffer.from('short\n0123456789')));
+  events.push(...d.push(Buffer.from('0123456789')));
+  events.push(...d.push(Buffer.alloc(1 << 20, 0x41)));
+  events.push(...d.push(Buffer.from('tail\nnext\n')));
+  assert.deepEqual(events.map((e) => e.kind), ['line', 'oversized', 'line']);
+  assert.deepEqual(events[2], { kind: 'line', text: 'next' });
+});
+
+test('LineDecoder: random chunks never throw and never yield a line over the cap', () => {
+  fc.assert(fc.property(fc.array(fc.uint8Array({ maxLength: 200 }), { maxLength: 30 }), (chunks) => {
+    const d = new LineDecoder(64);
+    for (const c of chunks) {
+      for (const e of d.push(Buffer.from(c))) {
+        if (e.kind === 'line') assert.ok(Buffer.byteLength(e.text) <= 64 * 3);
+      }
+    }
+  }));
+});
+
+test('request validation: exact shapes only', () => {
+  const good = { id: 1, euid: 0, op: 'mount', device: '/a.img', mountpoint: '/mnt', type: 'ext4', options: 'ro,noatime' };
+  assert.equal(requestSchema.safeParse(good).success, true);
+  for (const bad of [
+    { ...good, type: 'ext4; rm -rf /' },
+    { ...good, options: '-o x' + ' y' },
+    { ...good, id: -1 },
+    { ...good, euid: 'root' },
+    { ...good, surprise: 1 },
+    { id: 1, euid: 0, op: 'activate', device: '', password: 'x' },
+    { id: 1, euid: 0, op: 'activate', device: '/a', password: 'x'.repeat(2000) },
+    { id: 1, euid: 0, op: 'nope' },
+  ]) {
+    assert.equal(requestSchema.safeParse(bad).success, false, JSON.stringify(bad).slice(0, 80));
+  }
+});
+
+test('PasswordStore: salted hash in a 0600 file, verify, change needs the current password, failures slowed', async (t) => {
+  const dir = tempDir(t);
+  const store = new PasswordStore(dir);
+  assert.equal(await store.isSet(), false);
+  await assert.rejects(store.set('short'), (e: BdsnapError) => e.code === 'EINVAL');
+  await store.set('first password');
+  const file = path.join(dir, 'password');
+  assert.equal(fs.statSync(file).mode & 0o777, 0o600);
+  const stored = JSON.parse(fs.readFileSync(file, 'utf8')) as { algorithm: string; N: number; salt: string; hash: string };
+  assert.equal(stored.algorithm, 'scrypt');
+  assert.ok(stored.N >= 1 << 14);
+  assert.ok(!fs.readFileSync(file, 'utf8').includes('first password'));
+  await store.verify('first password');
+
+  const otherDir = tempDir(t);
+  await new PasswordStore(otherDir).set('first password');
+  const otherStored = JSON.parse(fs.readFileSync(path.join(otherDir, 'password'), 'utf8')) as { salt: string; hash: string };
+  assert.notEqual(otherStored.salt, stored.salt, 'each hash has its own salt');
+  assert.notEqual(otherStored.hash, stored.hash, 'the same password hashes differently under another salt');
+
+  const t0 = Date.now();
+  await assert.rejects(store.verify('wrong password'), (e: BdsnapError) => e.code === 'EAUTH');
+  const firstDelay = Date.now() - t0;
+  const t1 = Date.now();
+  await assert.rejects(store.verify('wrong again'), (e: BdsnapError) => e.code === 'EAUTH');
+  const secondDelay = Date.now() - t1;
+  assert.ok(firstDelay >= 240, `first failure delayed (${firstDelay} ms)`);
+  assert.ok(secondDelay > firstDelay, `the delay grows (${firstDelay} then ${secondDelay} ms)`);
+
+  await assert.rejects(store.set('second password'), (e: BdsnapError) => e.code === 'EAUTH');
+  await assert.rejects(store.set('second password', 'not it at all'), (e: BdsnapError) => e.code === 'EAUTH');
+  await store.set('second password', 'first password');
+  await store.verify('second password');
+  await assert.rejects(store.verify('first password'), (e: BdsnapError) => e.code === 'EAUTH');
+  assert.deepEqual(fs.readdirSync(dir), ['password'], 'no temp file is left behind');
+});
+
+test('PasswordStore: a corrupt password file is a clear error, not a pass', async (t) => {
+  const dir = tempDir(t);
+  fs.writeFileSync(path.join(dir, 'password'), '{"algorithm":"plain","password":"x"}');
+  await assert.rejects(new PasswordStore(dir).verify('x'), (e: BdsnapError) => e.code === 'ECORRUPT');
+});
+
+test('Registry: canonical paths only, persisted atomically, survives a reload', async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'disk.img');
+  fs.writeFileSync(image, Buffer.alloc(4096));
+  fs.symlinkSync(image, path.join(dir, 'link'));
+  assert.equal(await canonicalDevicePath(path.join(dir, 'link')), fs.realpathSync(image));
+  await assert.rejects(canonicalDevicePath(dir), (e: BdsnapError) => e.code === 'EINVAL');
+  await assert.rejects(canonicalDevicePath(path.join(dir, 'missing')), (e: BdsnapError) => e.code === 'ENOENT');
+  await assert.rejects(canonicalDevicePath('/dev/null'), (e: BdsnapError) => e.code === 'EINVAL');
+
+  const state = path.join(dir, 'state');
+  fs.mkdirSync(state);
+  const reg = await Registry.load(state);
+  const dev = await canonicalDevicePath(image);
+  await reg.register(dev);
+  assert.equal(await reg.setActive(dev, true), true);
+  assert.equal(await reg.setActive(dev, true), false);
+  await reg.sessionStarted(dev, '/snap/s1');
+  await reg.markDirtyOutsideSession(dev);
+  assert.equal(fs.statSync(path.join(state, 'registry.json')).mode & 0o777, 0o600);
+
+  const again = await Registry.load(state);
+  const rec = again.get(dev);
+  assert.equal(rec?.active, true);
+  assert.equal(rec?.currentSession, '/snap/s1');
+  assert.equal(rec?.dirtyOutsideSession, true);
+  await again.sessionEnded(dev, '/snap/s1');
+  assert.deepEqual((await readRegistry(state))[0]?.sessions, ['/snap/s1']);
+  assert.equal((await readRegistry(state))[0]?.currentSession, null);
+
+  fs.writeFileSync(path.join(state, 'registry.json'), '{"version":99}');
+  await assert.rejects(Registry.load(state), (e: BdsnapError) => e.code === 'ECORRUPT');
+});

@@ -1,0 +1,145 @@
+/**
+ * The grading scenarios through real NBD servers: nbdkit (the reference server) and
+ * `bdsnap serve`, driven both in-process (SingleFileFs over the NBD client) and by one
+ * `bdsnap sffs write --socket` process per write, as an operator's script would.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
+import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
+import { connectNbd } from '../../src/fs/singlefilefs/nbd.js';
+import { GRADING_SCENARIOS, assertScenarioOutcome, expectedContent, prepareScenarioImage, sffsCliWriter } from './scenarios.js';
+import { tempDir } from './helpers.js';
+
+const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+
+type ServerKind = 'nbdkit' | 'bdsnap serve';
+
+interface Cli {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function bdsnap(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Cli> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [MAIN, ...args], { encoding: 'utf8', timeout: 30_000, env: { ...process.env, ...env } }, (err, stdout, stderr) => {
+      const status = err ? (typeof err.code === 'number' ? err.code : -1) : 0;
+      resolve({ status, stdout, stderr });
+    });
+  });
+}
+
+async function waitForSocket(socketPath: string, child: ChildProcess, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!fs.existsSync(socketPath)) {
+    if (child.exitCode !== null) throw new Error(`server exited with ${child.exitCode} before listening`);
+    if (Date.now() > deadline) throw new Error(`no socket at ${socketPath} after ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** Start a server on `image`; stopped (and waited for) by the returned function and at test end. */
+async function startServer(t: { after: (fn: () => unknown) => void }, kind: ServerKind, socketPath: string, image: string,
+  strictExportName?: string): Promise<() => Promise<void>> {
+  // nbdkit serves any export name unless its exportname filter is told to be strict.
+  const strict = strictExportName === undefined ? [] : ['--filter=exportname'];
+  const strictArgs = strictExportName === undefined ? [] : [`exportname=${strictExportName}`, 'exportname-strict=true'];
+  const child = kind === 'nbdkit'
+    ? spawn('nbdkit', ['--foreground', '--exit-with-parent', '--unix', socketPath, ...strict, 'file', image, ...strictArgs], { stdio: ['ignore', 'ignore', 'pipe'] })
+    : spawn(process.execPath, [MAIN, 'serve', '--socket', socketPath, image], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr?.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
+  const stop = async (): Promise<void> => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    child.kill('SIGTERM');
+    await exited;
+  };
+  t.after(stop);
+  try {
+    await waitForSocket(socketPath, child, 10_000);
+  } catch (err) {
+    throw new Error(`${kind}: ${(err as Error).message}; stderr: ${stderr}`);
+  }
+  return stop;
+}
+
+for (const kind of ['nbdkit', 'bdsnap serve'] as const) {
+  for (const scenario of GRADING_SCENARIOS) {
+    test(`${kind}, in process: ${scenario.name}`, async (t) => {
+      const dir = tempDir(t);
+      const image = path.join(dir, 'image');
+      const before = await prepareScenarioImage(image, scenario);
+      const socketPath = path.join(dir, 'nbd.sock');
+      const stop = await startServer(t, kind, socketPath, image);
+      const device = await connectNbd({ socketPath, exportName: fs.realpathSync(image) });
+      try {
+        const mounted = await SingleFileFs.open(device);
+        await scenario.run(mounted);
+        await mounted.flush();
+      } finally {
+        await device.close();
+      }
+      await stop();
+      await assertScenarioOutcome(scenario, image, before);
+    });
+
+    test(`${kind}, one CLI process per write: ${scenario.name}`, async (t) => {
+      const dir = tempDir(t);
+      const image = path.join(dir, 'image');
+      const before = await prepareScenarioImage(image, scenario);
+      const socketPath = path.join(dir, 'nbd.sock');
+      const stop = await startServer(t, kind, socketPath, image);
+      await scenario.run(sffsCliWriter(['--socket', socketPath], image));
+      const expected = await expectedContent(scenario);
+      const cat = await bdsnap(['sffs', 'cat', '--socket', socketPath, image]);
+      assert.equal(cat.status, 0, cat.stderr);
+      assert.equal(cat.stdout, expected.after.toString('latin1'));
+      const st = await bdsnap(['sffs', 'stat', '--json', '--socket', socketPath, image]);
+      assert.equal(st.status, 0, st.stderr);
+      assert.equal((JSON.parse(st.stdout) as { sizeBytes: number }).sizeBytes, scenario.sizeAfterBytes);
+      await stop();
+      await assertScenarioOutcome(scenario, image, before);
+    });
+  }
+}
+
+test('a server that is not singlefilefs is refused with one clear line', async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'zeros');
+  fs.writeFileSync(image, Buffer.alloc(1 << 20));
+  const socketPath = path.join(dir, 'nbd.sock');
+  await startServer(t, 'nbdkit', socketPath, image);
+  const r = await bdsnap(['sffs', 'write', '--socket', socketPath, image, '0', 'x']);
+  assert.notEqual(r.status, 0);
+  assert.match(r.stderr, /not a singlefilefs image/);
+  assert.ok(fs.readFileSync(image).every((b) => b === 0));
+});
+
+test('the daemon route: <run-dir>/nbd.sock, and the real path of dev_name as the export name', async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'image');
+  await mkfsImage(image, 10);
+  const link = path.join(dir, 'link-to-image');
+  fs.symlinkSync(image, link);
+  const runDir = path.join(dir, 'run');
+  fs.mkdirSync(runDir);
+  const stop = await startServer(t, 'nbdkit', path.join(runDir, 'nbd.sock'), image, fs.realpathSync(image));
+
+  const viaEnv = await bdsnap(['sffs', 'write', link, '0', 'Through the daemon socket'], { BDSNAP_RUN_DIR: runDir });
+  assert.equal(viaEnv.status, 0, viaEnv.stderr);
+  const viaFlag = await bdsnap(['sffs', 'cat', '--run-dir', runDir, link]);
+  assert.equal(viaFlag.status, 0, viaFlag.stderr);
+  assert.equal(viaFlag.stdout, 'Through the daemon socketd like.\n');
+  const wrong = await bdsnap(['sffs', 'cat', '--run-dir', runDir, '--export', '/no/such/device', link]);
+  assert.notEqual(wrong.status, 0);
+  assert.equal(wrong.stderr.trim().split('\n').length, 1, wrong.stderr);
+  await stop();
+  assert.equal(fs.readFileSync(image).subarray(8192, 8192 + 25).toString(), 'Through the daemon socket');
+});

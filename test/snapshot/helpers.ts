@@ -1,0 +1,48 @@
+/** Shared helpers of the snapshot tests: temp dirs, images, hashes. No tests in here. */
+
+import { createHash, randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { BdsnapError, type ErrorCode } from '../../src/errors.js';
+
+export interface TestContext {
+  after: (fn: () => unknown) => void;
+}
+
+export function tempDir(t: TestContext, prefix = 'bdsnap-snap-'): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** A file of `sizeBytes` random bytes (random so that every chunk differs). */
+export function makeImage(dir: string, sizeBytes: number, name = 'disk.img'): string {
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, randomBytes(sizeBytes));
+  return file;
+}
+
+export function sha256File(file: string): string {
+  return createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+}
+
+export function sha256(data: Buffer): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+
+/** Predicate for assert.rejects: a BdsnapError with this code whose message matches. */
+export function isError(code: ErrorCode, message?: RegExp): (e: unknown) => boolean {
+  return (e: unknown) => {
+    if (!(e instanceof BdsnapError)) throw new Error(`expected BdsnapError ${code}, got ${String(e)}`);
+    if (e.code !== code) throw new Error(`expected code ${code}, got ${e.code}: ${e.message}`);
+    if (message && !message.test(e.message)) throw new Error(`message "${e.message}" does not match ${message}`);
+    return true;
+  };
+}
+
+export function onlyDir(root: string): string {
+  const entries = fs.readdirSync(root);
+  if (entries.length !== 1) throw new Error(`expected one session directory in ${root}, found ${entries.join(', ')}`);
+  return path.join(root, entries[0]!);
+}

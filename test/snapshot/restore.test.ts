@@ -1,0 +1,210 @@
+/** Restore: checks before any byte is written, --output, --dry-run, re-runs, chains and refusals. */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { FileDevice } from '../../src/device/file-device.js';
+import { DATA_FILE, DIGESTS_FILE, INDEX_FILE, JOURNAL_FILE, MANIFEST_FILE } from '../../src/snapshot/format.js';
+import { CowDevice, restore } from '../../src/snapshot/index.js';
+import { isError, makeImage, sha256File, tempDir, type TestContext } from './helpers.js';
+
+const CS = 16384;
+
+/** Run one session of random writes over `image`; returns its directory. */
+async function session(image: string, root: string, writes: Array<[number, number]>, mountTime?: Date): Promise<string> {
+  const dev = await FileDevice.open(image);
+  try {
+    const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: CS, deviceIdentity: { ...dev.identity }, mountTime });
+    for (const [offset, length] of writes) await cow.write(randomBytes(length), offset);
+    const summary = await cow.close();
+    assert.equal(summary?.state, 'complete');
+    return summary.sessionDir;
+  } finally {
+    await dev.close();
+  }
+}
+
+function setup(t: TestContext): { dir: string; image: string; root: string; before: string } {
+  const dir = tempDir(t);
+  const image = makeImage(dir, 4 << 20);
+  return { dir, image, root: path.join(dir, 'snap'), before: sha256File(image) };
+}
+
+const WRITES: Array<[number, number]> = [[0, 5000], [100_000, 70_000], [3 << 20, 1 << 20]];
+
+test('corrupt or missing store files are refused and the device is left byte-identical', async (t) => {
+  const cases: Array<[string, (sessionDir: string) => void, RegExp, 'ECORRUPT' | 'ENOENT']> = [
+    ['flipped byte in data', (d) => flip(path.join(d, DATA_FILE), 70_000), /checksum mismatch at byte/, 'ECORRUPT'],
+    ['flipped byte in a record header', (d) => flip(path.join(d, DATA_FILE), 20), /header checksum/, 'ECORRUPT'],
+    ['truncated data', (d) => fs.truncateSync(path.join(d, DATA_FILE), fs.statSync(path.join(d, DATA_FILE)).size - 1000), /truncated/, 'ECORRUPT'],
+    ['data cut at a record boundary', (d) => fs.truncateSync(path.join(d, DATA_FILE), 64 + CS), /manifest records/, 'ECORRUPT'],
+    ['missing data', (d) => fs.rmSync(path.join(d, DATA_FILE)), /data file data.bin is missing/, 'ECORRUPT'],
+    ['missing manifest', (d) => fs.rmSync(path.join(d, MANIFEST_FILE)), /manifest manifest.json is missing/, 'ENOENT'],
+    ['garbled manifest', (d) => fs.writeFileSync(path.join(d, MANIFEST_FILE), '{"format": "bdsnap-session", "version": 1'), /not valid JSON/, 'ECORRUPT'],
+    ['manifest of another format version', (d) => rewriteManifest(d, { version: 7 }), /manifest is invalid: version/, 'ECORRUPT'],
+    ['flipped byte in digests', (d) => flip(path.join(d, DIGESTS_FILE), 30), /digests.bin fails its checksum/, 'ECORRUPT'],
+    ['missing digests', (d) => fs.rmSync(path.join(d, DIGESTS_FILE)), /digests.bin is missing/, 'ECORRUPT'],
+    ['flipped byte in index', (d) => flip(path.join(d, INDEX_FILE), 20), /index.bin/, 'ECORRUPT'],
+  ];
+  for (const [name, damage, message, code] of cases) {
+    const { image, root } = setup(t);
+    const sessionDir = await session(image, root, WRITES);
+    const changed = sha256File(image);
+    damage(sessionDir);
+    await assert.rejects(restore(sessionDir), isError(code, message), name);
+    await assert.rejects(restore(sessionDir, { force: true }), isError(code), `${name} with --force`);
+    assert.equal(sha256File(image), changed, `${name}: the device is untouched`);
+  }
+});
+
+function flip(file: string, at: number): void {
+  const b = fs.readFileSync(file);
+  b[at]! ^= 0x01;
+  fs.writeFileSync(file, b);
+}
+
+function rewriteManifest(dir: string, patch: Record<string, unknown>): void {
+  const file = path.join(dir, MANIFEST_FILE);
+  fs.writeFileSync(file, JSON.stringify({ ...JSON.parse(fs.readFileSync(file, 'utf8')), ...patch }));
+}
+
+test('--output writes a restored copy and leaves the device alone; --dry-run writes nothing', async (t) => {
+  const { dir, image, root, before } = setup(t);
+  const sessionDir = await session(image, root, WRITES);
+  const changed = sha256File(image);
+  const plan = await restore(sessionDir, { dryRun: true });
+  assert.equal(plan.dryRun, true);
+  assert.equal(plan.chunks, 1 + 5 + 64);
+  assert.equal(plan.bytes, 70 * CS);
+  assert.equal(plan.digestCheck, 'verified');
+  assert.equal(sha256File(image), changed);
+  assert.equal(fs.existsSync(path.join(sessionDir, JOURNAL_FILE)), false);
+
+  const output = path.join(dir, 'restored.img');
+  const progress: number[] = [];
+  const summary = await restore(sessionDir, { output, onProgress: (done) => progress.push(done) });
+  assert.equal(summary.targetPath, output);
+  assert.equal(sha256File(output), before);
+  assert.equal(sha256File(image), changed);
+  assert.equal(progress.at(-1), 70 * CS);
+  // The device is still restorable after that.
+  await restore(sessionDir);
+  assert.equal(sha256File(image), before);
+  await assert.rejects(restore(sessionDir, { output: image }), isError('EINVAL', /is the device itself/));
+});
+
+test('a re-run is harmless, and an interrupted restore finishes when run again', async (t) => {
+  const { image, root, before } = setup(t);
+  const sessionDir = await session(image, root, WRITES);
+  const first = await restore(sessionDir);
+  assert.equal(first.bytes, 70 * CS);
+  const second = await restore(sessionDir);
+  assert.equal(second.alreadyRestored, true);
+  assert.equal(second.bytes, 0);
+  assert.equal(sha256File(image), before);
+
+  // An interruption: the journal says running and only part of the device has been put back.
+  const { image: image2, root: root2, before: before2 } = setup(t);
+  const dir2 = await session(image2, root2, WRITES);
+  fs.writeFileSync(path.join(dir2, JOURNAL_FILE), JSON.stringify({ state: 'running', devicePath: image2, sessions: [dir2], startedAt: new Date().toISOString() }));
+  const restoredCopy = path.join(path.dirname(image2), 'copy.img');
+  await restore(dir2, { output: restoredCopy });
+  const fd = fs.openSync(image2, 'r+');
+  fs.writeSync(fd, fs.readFileSync(restoredCopy).subarray(0, 100_000 + 20_000), 0, 120_000, 0);
+  fs.closeSync(fd);
+  const resumed = await restore(dir2);
+  assert.equal(resumed.digestCheck, 'skipped-resume');
+  assert.match(resumed.warnings.join(' '), /did not finish/);
+  assert.equal(sha256File(image2), before2);
+});
+
+test('a device changed outside bdsnap is refused with the chunk named; --force restores anyway', async (t) => {
+  const { image, root, before } = setup(t);
+  const sessionDir = await session(image, root, WRITES);
+  const fd = fs.openSync(image, 'r+');
+  fs.writeSync(fd, Buffer.from('tampered'), 0, 8, 100_000 + 2 * CS);
+  fs.closeSync(fd);
+  const changed = sha256File(image);
+  await assert.rejects(restore(sessionDir), isError('EMISMATCH', /1 chunk\(s\) of .* differ from its end digests: chunk 8 \(bytes 131072\.\.147455\) vs the device.*--force/));
+  assert.equal(sha256File(image), changed);
+  const forced = await restore(sessionDir, { force: true });
+  assert.equal(forced.digestCheck, 'skipped-force');
+  assert.equal(sha256File(image), before);
+});
+
+test('newer sessions are applied first; a change between sessions, a failed newer session, size and identity are checked', async (t) => {
+  const { image, root, before } = setup(t);
+  const s1 = await session(image, root, WRITES, new Date('2026-03-01T10:00:00Z'));
+  const middle = sha256File(image);
+  const s2 = await session(image, root, [[50_000, 200_000], [3 << 20, 4096]], new Date('2026-03-01T11:00:00Z'));
+  const end = sha256File(image);
+  const plan = await restore(s1, { dryRun: true });
+  assert.deepEqual(plan.sessionsApplied, [s2, s1]);
+  assert.equal(plan.digestCheck, 'verified');
+
+  // A chunk touched by the older session only, changed between the two sessions: the older
+  // session's digest no longer matches what the newer restore would give.
+  const fd = fs.openSync(image, 'r+');
+  const saved = Buffer.alloc(10);
+  fs.readSync(fd, saved, 0, 10, 0);
+  fs.writeSync(fd, Buffer.from('0123456789'), 0, 10, 0);
+  fs.fsyncSync(fd);
+  // Record that change as if it had happened before s2 began: s2 did not touch chunk 0.
+  await assert.rejects(restore(s1), isError('EMISMATCH', /differ from its end digests: chunk 0 \(bytes 0\.\.16383\) vs the device/));
+  fs.writeSync(fd, saved, 0, 10, 0);
+  fs.closeSync(fd);
+  assert.equal(sha256File(image), end);
+
+  // A newer failed session blocks the restore of an older one.
+  rewriteManifest(s2, { state: 'failed', failedReason: 'the snapshot disk is full' });
+  await assert.rejects(restore(s1), isError('ESESSION', /failed \(the snapshot disk is full\)/));
+  rewriteManifest(s2, { state: 'complete', failedReason: null });
+
+  // A newer session directory that cannot be read blocks it too.
+  const bogus = `${s2}-9`;
+  fs.mkdirSync(bogus);
+  await assert.rejects(restore(s1), isError('ECORRUPT', /may be a newer session/));
+  fs.rmdirSync(bogus);
+
+  // Size and identity.
+  const copy = `${image}.copy`;
+  fs.copyFileSync(image, copy);
+  fs.truncateSync(image, (4 << 20) + 4096);
+  await assert.rejects(restore(s1), isError('EMISMATCH', /4198400 bytes but session .* recorded 4194304/));
+  fs.rmSync(image);
+  fs.renameSync(copy, image); // same bytes, a different file
+  await assert.rejects(restore(s1), isError('EMISMATCH', /is not the device session .* was taken of \(ino/));
+  rewriteManifest(s1, { deviceIdentity: {} });
+  rewriteManifest(s2, { deviceIdentity: {} });
+  const summary = await restore(s1);
+  assert.deepEqual(summary.sessionsApplied, [s2, s1]);
+  assert.equal(sha256File(image), before);
+  assert.notEqual(middle, before);
+});
+
+test('restore refuses while the device is open by a server or backs a loop device', async (t) => {
+  const { image, root } = setup(t);
+  const sessionDir = await session(image, root, WRITES);
+  const dev = await FileDevice.open(image);
+  await assert.rejects(restore(sessionDir), isError('EBUSY', /already open/));
+  await dev.close();
+  if (process.getuid?.() !== 0) {
+    t.diagnostic('loop-device check not run: needs root');
+    return;
+  }
+  const loop = execFileSync('losetup', ['-f', '--show', image], { encoding: 'utf8' }).trim();
+  try {
+    await assert.rejects(restore(sessionDir), isError('EBUSY', new RegExp(`backing file of ${loop}`)));
+  } finally {
+    execFileSync('losetup', ['-d', loop]);
+  }
+  await restore(sessionDir);
+});
+
+test('a missing session directory is ENOENT', async (t) => {
+  const { dir } = setup(t);
+  await assert.rejects(restore(path.join(dir, 'nope')), isError('ENOENT', /no such session directory/));
+});

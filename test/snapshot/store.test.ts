@@ -1,0 +1,196 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { FileDevice } from '../../src/device/file-device.js';
+import { StoreWriter, scanData } from '../../src/snapshot/store.js';
+import { DATA_FILE, INDEX_FILE, RECORD_HEADER_BYTES, decodeIndex, readManifest } from '../../src/snapshot/format.js';
+import { CowDevice, listSessions, recoverSession, sessionDirName } from '../../src/snapshot/index.js';
+import { isError, makeImage, onlyDir, tempDir } from './helpers.js';
+
+const CS = 4096;
+
+async function writeRecords(file: string, records: Array<[number, Buffer]>): Promise<number[]> {
+  const fd = fs.openSync(file, 'w+');
+  try {
+    const failures: string[] = [];
+    const w = new StoreWriter(fd, 0, { strict: false, onFailure: (r) => failures.push(r) });
+    const positions = await Promise.all(records.map(([c, b]) => w.append(c, b)));
+    await w.sync();
+    assert.deepEqual(failures, []);
+    return positions.map((p) => p!);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+test('records written by StoreWriter scan back with the right index', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, DATA_FILE);
+  const a = randomBytes(3 * CS);
+  const b = randomBytes(CS);
+  const positions = await writeRecords(file, [[5, a], [1, b]]);
+  assert.deepEqual(positions, [0, RECORD_HEADER_BYTES + a.length]);
+  const fd = fs.openSync(file, 'r');
+  t.after(() => fs.closeSync(fd));
+  const scan = await scanData(fd, { chunkSize: CS, deviceSize: 64 * CS, allowTornTail: false, where: 'test' });
+  assert.equal(scan.records.length, 2);
+  assert.deepEqual([...scan.index.keys()].sort((x, y) => x - y), [1, 5, 6, 7]);
+  assert.equal(scan.index.get(6), RECORD_HEADER_BYTES + CS);
+  const back = Buffer.alloc(CS);
+  fs.readSync(fd, back, 0, CS, scan.index.get(7)!);
+  assert.deepEqual(back, a.subarray(2 * CS));
+  assert.equal(scan.preservedBytes, 4 * CS);
+});
+
+test('a torn tail is refused by a strict scan, cut by a tolerant one', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, DATA_FILE);
+  await writeRecords(file, [[0, randomBytes(CS)], [1, randomBytes(CS)]]);
+  const whole = fs.statSync(file).size;
+  // A record whose write was cut short: full header, half a payload.
+  const third = path.join(dir, 'third.bin');
+  await writeRecords(third, [[2, randomBytes(CS)]]);
+  fs.appendFileSync(file, fs.readFileSync(third).subarray(0, RECORD_HEADER_BYTES + CS / 2));
+  const fd = fs.openSync(file, 'r');
+  t.after(() => fs.closeSync(fd));
+  await assert.rejects(scanData(fd, { chunkSize: CS, deviceSize: 16 * CS, allowTornTail: false, where: 'data' }), isError('ECORRUPT', /truncated record payload at byte/));
+  const scan = await scanData(fd, { chunkSize: CS, deviceSize: 16 * CS, allowTornTail: true, where: 'data' });
+  assert.equal(scan.validBytes, whole);
+  assert.equal(scan.index.size, 2);
+  assert.match(scan.tornReason ?? '', /truncated/);
+});
+
+test('one flipped byte anywhere in a record is detected', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, DATA_FILE);
+  await writeRecords(file, [[0, randomBytes(2 * CS)], [4, randomBytes(CS)]]);
+  const original = fs.readFileSync(file);
+  for (const at of [0, 9, 17, 30, 60, RECORD_HEADER_BYTES + 5, RECORD_HEADER_BYTES + 2 * CS - 1, original.length - 1]) {
+    const bad = Buffer.from(original);
+    bad[at]! ^= 0x40;
+    fs.writeFileSync(file, bad);
+    const fd = fs.openSync(file, 'r');
+    try {
+      await assert.rejects(scanData(fd, { chunkSize: CS, deviceSize: 16 * CS, allowTornTail: false, where: 'data' }), isError('ECORRUPT'), `flip at ${at}`);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+});
+
+test('a record that does not fit the device is corrupt', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, DATA_FILE);
+  await writeRecords(file, [[10, randomBytes(CS)]]);
+  const fd = fs.openSync(file, 'r');
+  t.after(() => fs.closeSync(fd));
+  await assert.rejects(scanData(fd, { chunkSize: CS, deviceSize: 8 * CS, allowTornTail: false, where: 'data' }), isError('ECORRUPT', /does not fit the device/));
+});
+
+test('the size limit fails the writer and later appends resolve undefined', async (t) => {
+  const dir = tempDir(t);
+  const fd = fs.openSync(path.join(dir, DATA_FILE), 'w+');
+  t.after(() => fs.closeSync(fd));
+  const reasons: string[] = [];
+  const w = new StoreWriter(fd, 0, { strict: true, sizeLimitBytes: 2 * (CS + RECORD_HEADER_BYTES), onFailure: (r) => reasons.push(r) });
+  assert.equal(await w.append(0, randomBytes(CS)), 0);
+  assert.notEqual(await w.append(1, randomBytes(CS)), undefined);
+  assert.equal(await w.append(2, randomBytes(CS)), undefined);
+  assert.equal(await w.append(3, Buffer.alloc(16)), undefined);
+  assert.equal(w.failed, true);
+  assert.equal(reasons.length, 1);
+  assert.match(reasons[0]!, /size limit/);
+});
+
+test('recoverSession cuts the torn tail, rebuilds the index and marks the session interrupted', async (t) => {
+  const dir = tempDir(t);
+  const image = makeImage(dir, 64 * CS);
+  const root = path.join(dir, 'snap');
+  const dev = await FileDevice.open(image);
+  t.after(() => dev.close());
+  const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: CS });
+  await cow.write(randomBytes(3 * CS), 2 * CS);
+  await cow.write(randomBytes(100), 40 * CS + 10);
+  // No close: as if the process died. Add a torn record at the end.
+  const sessionDir = cow.sessionDir!;
+  const dataPath = path.join(sessionDir, DATA_FILE);
+  const goodBytes = fs.statSync(dataPath).size;
+  fs.appendFileSync(dataPath, Buffer.from('BDSR-and-then-nothing'));
+  assert.equal((await readManifest(sessionDir)).state, 'active');
+  const info = await recoverSession(sessionDir);
+  assert.equal(info.state, 'interrupted');
+  assert.equal(info.preservedChunks, 4);
+  assert.equal(info.recovery?.cutBytes, 21);
+  assert.equal(fs.statSync(dataPath).size, goodBytes);
+  const index = decodeIndex(fs.readFileSync(path.join(sessionDir, INDEX_FILE)));
+  assert.deepEqual([...index.keys()].sort((a, b) => a - b), [2, 3, 4, 40]);
+  // A second recovery finds nothing more to cut.
+  assert.equal((await recoverSession(sessionDir)).recovery?.cutBytes, 0);
+  const listed = await listSessions(root, image);
+  assert.equal(listed.length, 1);
+  assert.equal(listed[0]!.state, 'interrupted');
+});
+
+test('no directory for a session that only reads; directories unique within one millisecond', async (t) => {
+  const dir = tempDir(t);
+  const image = makeImage(dir, 16 * CS);
+  const root = path.join(dir, 'snap');
+  const dev = await FileDevice.open(image);
+  t.after(() => dev.close());
+  const reader = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: CS });
+  await reader.read(Buffer.alloc(CS), 0);
+  await reader.flush();
+  assert.equal(await reader.close(), undefined);
+  assert.equal(reader.sessionDir, undefined);
+  assert.equal(fs.existsSync(root), false);
+
+  const when = new Date('2026-01-02T03:04:05.678Z');
+  assert.equal(sessionDirName('/images/my disk.img', when), 'images-my%20disk.img_20260102T030405.678Z');
+  const a = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: CS, mountTime: when });
+  const b = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: CS, mountTime: when });
+  await a.write(Buffer.alloc(10, 1), 0);
+  await b.write(Buffer.alloc(10, 2), CS);
+  assert.notEqual(a.sessionDir, b.sessionDir);
+  assert.equal(b.sessionDir, `${a.sessionDir}-2`);
+  await a.close();
+  await b.close();
+  assert.deepEqual((await listSessions(root)).map((s) => s.dir), [a.sessionDir, b.sessionDir]);
+});
+
+test('racing writes to one chunk copy it once; a wide write stores adjacent chunks in one record', async (t) => {
+  const dir = tempDir(t);
+  const image = makeImage(dir, 64 * CS);
+  const original = fs.readFileSync(image);
+  const root = path.join(dir, 'snap');
+  const dev = await FileDevice.open(image);
+  t.after(() => dev.close());
+  const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: CS });
+  await Promise.all(Array.from({ length: 20 }, (_, i) => cow.write(Buffer.alloc(512, i + 1), 3 * CS + (i % 8) * 512)));
+  await cow.write(randomBytes(5 * CS), 10 * CS);
+  assert.equal(cow.stats().preservedChunks, 6);
+  const sessionDir = onlyDir(root);
+  const fd = fs.openSync(path.join(sessionDir, DATA_FILE), 'r');
+  t.after(() => fs.closeSync(fd));
+  const scan = await scanData(fd, { chunkSize: CS, deviceSize: dev.size, allowTornTail: false, where: 'data' });
+  assert.deepEqual(scan.records.map((r) => [r.firstChunk, r.payloadBytes]), [[3, CS], [10, 5 * CS]]);
+  const stored = Buffer.alloc(CS);
+  fs.readSync(fd, stored, 0, CS, scan.index.get(3)!);
+  assert.deepEqual(stored, original.subarray(3 * CS, 4 * CS));
+  await cow.close();
+});
+
+test('bad options are refused with EINVAL', async (t) => {
+  const dir = tempDir(t);
+  const image = makeImage(dir, 16 * CS);
+  const dev = await FileDevice.open(image);
+  t.after(() => dev.close());
+  assert.throws(() => CowDevice.create(dev, { devicePath: image, chunkSize: 6000 }), isError('EINVAL', /power of two/));
+  assert.throws(() => CowDevice.create(dev, { devicePath: image, chunkSize: 2048 }), isError('EINVAL'));
+  assert.throws(() => CowDevice.create(dev, { devicePath: 'relative.img' }), isError('EINVAL', /absolute/));
+  assert.throws(() => CowDevice.create(dev, { devicePath: image, sizeLimitBytes: -1 }), isError('EINVAL'));
+  const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(dir, 's'), chunkSize: CS });
+  await assert.rejects(cow.write(Buffer.alloc(CS), 16 * CS), isError('ENOSPC'));
+  await assert.rejects(cow.view().write(Buffer.alloc(1), 0), isError('EPERM'));
+});
