@@ -13,8 +13,10 @@ export interface Row {
   unit: Unit;
   /** Target name -> score; a target that did not run this row is absent. */
   values: Record<string, number>;
-  /** values[measured] / values[baseline], when both ran. */
-  ratio?: number;
+  /** "a / b" -> values[a] / values[b], for each ratio whose two targets ran. */
+  ratios: Record<string, number>;
+  /** Target name -> why that cell has no value. */
+  errors: Record<string, string>;
 }
 
 export interface Machine {
@@ -32,8 +34,7 @@ export interface Report {
   runtimeSec: number;
   imageBytes: number;
   targets: { name: string; description: string; version: string }[];
-  measured: string;
-  baseline: string;
+  ratios: string[];
   rows: Row[];
 }
 
@@ -68,11 +69,11 @@ function formatValue(value: number | undefined, unit: Unit): string {
 
 export function formatTable(report: Report): string {
   const names = report.targets.map((t) => t.name);
-  const header = ['workload', ...names, `${report.measured} / ${report.baseline}`];
+  const header = ['workload', ...names, ...report.ratios];
   const lines = report.rows.map((row) => [
     row.workload,
-    ...names.map((n) => formatValue(row.values[n], row.unit)),
-    row.ratio === undefined ? '-' : `${row.ratio.toFixed(2)}x`,
+    ...names.map((n) => (row.errors[n] !== undefined ? 'failed' : formatValue(row.values[n], row.unit))),
+    ...report.ratios.map((r) => (row.ratios[r] === undefined ? '-' : `${(row.ratios[r] as number).toFixed(2)}x`)),
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => (l[i] ?? '').length)));
   const render = (cells: string[]): string => `| ${cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join(' | ')} |`;

@@ -17,8 +17,8 @@ import { parseArgs } from 'node:util';
 import { makeImage } from '../test/helpers/files.js';
 import { runFio } from '../test/helpers/fio.js';
 import { describeMachine, formatTable, type Report, type Row } from './report.js';
-import { TARGETS, type Target } from './targets.js';
-import { WORKLOADS, score } from './workloads.js';
+import { RATIOS, TARGETS, type Target } from './targets.js';
+import { WORKLOADS, score, type Workload } from './workloads.js';
 
 const DEFAULT_RUNTIME_SEC = 10;
 const QUICK_RUNTIME_SEC = 3;
@@ -89,9 +89,9 @@ async function main(): Promise<void> {
     // Real data everywhere (no holes), so reads cost what they cost on a used disk.
     makeImage(imagePath, options.imageBytes, 'blocks');
 
-    const measured = options.targets[0];
-    const baseline = options.targets[options.targets.length - 1];
-    if (measured === undefined || baseline === undefined) throw new Error('no target selected');
+    if (options.targets.length === 0) throw new Error('no target selected');
+    const selected = new Set(options.targets.map((t) => t.name));
+    const ratios = RATIOS.filter(([a, b]) => selected.has(a) && selected.has(b));
     const workloads = WORKLOADS.filter((w) => options.only === undefined || w.name.includes(options.only));
     if (workloads.length === 0) throw new Error(`no workload matches '${options.only}'`);
 
@@ -99,28 +99,25 @@ async function main(): Promise<void> {
     for (const [index, workload] of workloads.entries()) {
       const order = index % 2 === 0 ? options.targets : [...options.targets].reverse();
       const values: Record<string, number> = {};
+      const errors: Record<string, string> = {};
       for (const target of order) {
         process.stderr.write(`bench: ${workload.name} on ${target.name} (${options.runtimeSec} s)... `);
-        const running = await target.start({ imagePath });
         try {
-          const result = await runFio({
-            uri: running.uri,
-            rw: workload.rw,
-            blockSizeBytes: workload.blockSizeBytes,
-            ioDepth: workload.ioDepth,
-            sizeBytes: options.imageBytes,
-            runtimeSec: options.runtimeSec,
-          });
-          if (result.error !== 0) throw new Error(`fio error ${result.error} on ${target.name}:\n${result.stderr}`);
-          values[target.name] = score(workload, result);
+          values[target.name] = await measure(target, imagePath, workload, options);
           process.stderr.write(`${values[target.name]?.toFixed(0)} ${workload.unit}\n`);
-        } finally {
-          await running.stop();
+        } catch (err) {
+          // One broken cell must not cost the other measurements; it shows as "failed".
+          errors[target.name] = err instanceof Error ? err.message : String(err);
+          process.stderr.write(`FAILED: ${errors[target.name]}\n`);
         }
       }
-      const m = values[measured.name];
-      const b = values[baseline.name];
-      rows.push({ workload: workload.name, unit: workload.unit, values, ...(m !== undefined && b !== undefined && b > 0 && measured !== baseline ? { ratio: m / b } : {}) });
+      const rowRatios: Record<string, number> = {};
+      for (const [a, b] of ratios) {
+        const va = values[a];
+        const vb = values[b];
+        if (va !== undefined && vb !== undefined && vb > 0) rowRatios[`${a} / ${b}`] = va / vb;
+      }
+      rows.push({ workload: workload.name, unit: workload.unit, values, ratios: rowRatios, errors });
     }
 
     const report: Report = {
@@ -129,8 +126,7 @@ async function main(): Promise<void> {
       runtimeSec: options.runtimeSec,
       imageBytes: options.imageBytes,
       targets: await Promise.all(options.targets.map(async (t) => ({ name: t.name, description: t.description, version: await t.version() }))),
-      measured: measured.name,
-      baseline: baseline.name,
+      ratios: ratios.map(([a, b]) => `${a} / ${b}`),
       rows,
     };
     const m = report.machine;
@@ -141,9 +137,30 @@ async function main(): Promise<void> {
       fs.writeFileSync(options.jsonPath, `${JSON.stringify(report, null, 2)}\n`);
       process.stderr.write(`bench: wrote ${options.jsonPath}\n`);
     }
+    if (rows.some((r) => Object.keys(r.errors).length > 0)) process.exitCode = 1;
   } finally {
     cleanupDir();
   }
+}
+
+async function measure(target: Target, imagePath: string, workload: Workload, options: Options): Promise<number> {
+  const running = await target.start({ imagePath });
+  let value: number;
+  try {
+    const result = await runFio({
+      uri: running.uri,
+      rw: workload.rw,
+      blockSizeBytes: workload.blockSizeBytes,
+      ioDepth: workload.ioDepth,
+      sizeBytes: options.imageBytes,
+      runtimeSec: options.runtimeSec,
+    });
+    if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
+    value = score(workload, result);
+  } finally {
+    await running.stop();
+  }
+  return value;
 }
 
 main().catch((err: unknown) => {

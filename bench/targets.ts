@@ -4,6 +4,7 @@
  * (bdsnap with a snapshot session open, a point-in-time view...) is one more entry here.
  */
 
+import { startDaemon } from '../test/helpers/daemon.js';
 import { startServer, type NbdServer } from '../test/helpers/server.js';
 import { run } from '../test/helpers/process.js';
 
@@ -55,5 +56,23 @@ export const NBDKIT_FILE: Target = {
   version: async () => (await run('nbdkit', ['--version'])).stdout.trim(),
 };
 
-/** Every known target; the first is the one measured, the last the baseline of the ratio. */
-export const TARGETS: Target[] = [BDSNAP_SERVE, NBDKIT_FILE];
+export const BDSNAP_SESSION: Target = {
+  name: 'bdsnap+session',
+  // Each fio run is one attach, so one fresh session: writes pay for the first copy of
+  // every chunk they touch (64 KiB chunks by default), rewrites within the run do not.
+  description: 'bdsnap daemon, device activated: every fio run is a new copy-before-write session',
+  start: async ({ imagePath }) => {
+    const daemon = await startDaemon(undefined, { activate: [imagePath] });
+    return fromServer(daemon.server, daemon.server.exportNames[0] as string);
+  },
+  version: async () => `bdsnap daemon (durability process), node ${process.version}`,
+};
+
+/** Every known target, in table column order. */
+export const TARGETS: Target[] = [BDSNAP_SERVE, BDSNAP_SESSION, NBDKIT_FILE];
+
+/** Ratio columns [numerator, denominator]: shown when both targets ran. */
+export const RATIOS: [string, string][] = [
+  ['bdsnap', 'nbdkit'],
+  ['bdsnap+session', 'bdsnap'],
+];

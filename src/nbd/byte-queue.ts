@@ -64,6 +64,11 @@ export class ByteQueue {
     return 0;
   }
 
+  /** The next `n` bytes (n ≤ length) lie in one chunk. */
+  contiguous(n: number): boolean {
+    return n === 0 || this.#chunks[0]!.length - this.#head >= n;
+  }
+
   skip(n: number): void {
     let left = n;
     while (left > 0) {
@@ -81,18 +86,34 @@ export class ByteQueue {
     this.#position += n;
   }
 
-  /** Consume `n` bytes as one buffer: a slice of a chunk when possible, else one copy. */
-  take(n: number): Buffer {
+  /**
+   * Consume `n` bytes as one buffer: a slice of a chunk when possible (unless `copy`, for
+   * chunks that will be overwritten), else one copy into `allocate(n)`.
+   */
+  take(n: number, copy = false, allocate: (n: number) => Buffer = Buffer.allocUnsafe): Buffer {
     if (n === 0) return Buffer.alloc(0);
     const first = this.#chunks[0]!;
-    if (first.length - this.#head >= n) {
+    if (!copy && first.length - this.#head >= n) {
       const out = first.subarray(this.#head, this.#head + n);
       this.skip(n);
       return out;
     }
-    const out = Buffer.allocUnsafe(n);
+    const out = allocate(n);
     this.#copyOut(out, 0, n, true);
     return out;
+  }
+
+  /** Copy the unread bytes into memory of our own, so the chunks they came in can be reused. */
+  detach(): void {
+    if (this.#length === 0) {
+      this.#chunks = [];
+      this.#head = 0;
+      return;
+    }
+    const own = Buffer.allocUnsafe(this.#length);
+    this.#copyOut(own, 0, this.#length, false);
+    this.#chunks = [own];
+    this.#head = 0;
   }
 
   /** Consume `n` bytes into `target` at `targetOffset`. */

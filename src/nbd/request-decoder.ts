@@ -48,6 +48,8 @@ export interface RequestMessage {
   payload: Buffer | undefined;
   /** A WRITE payload over the maximum was read and thrown away. */
   payloadSkipped: boolean;
+  /** The payload came from `allocatePayload` (and may go back to its pool once used). */
+  payloadAllocated: boolean;
 }
 
 export type ClientMessage = ClientFlagsMessage | OptionMessage | RequestMessage;
@@ -57,6 +59,13 @@ export type RequestDecoderPhase = 'client-flags' | 'options' | 'transmission';
 export interface RequestDecoderOptions {
   maxOptionPayloadBytes?: number;
   maxWritePayloadBytes?: number;
+  /** Where WRITE payloads that span chunks are allocated (a pool, say). */
+  allocatePayload?: (sizeBytes: number) => Buffer;
+  /**
+   * The caller reuses each chunk once next() has returned undefined (a socket reading into one
+   * buffer): payloads are then always copied out, and detach() keeps the unread rest.
+   */
+  transientChunks?: boolean;
 }
 
 const TWO_POW_32 = 4294967296;
@@ -69,8 +78,12 @@ export class RequestDecoder {
   #skipped: ClientMessage | undefined;
   #maxOptionBytes: number;
   #maxWriteBytes: number;
+  #allocate: (sizeBytes: number) => Buffer;
+  #transient: boolean;
 
   constructor(options: RequestDecoderOptions = {}) {
+    this.#allocate = options.allocatePayload ?? Buffer.allocUnsafe;
+    this.#transient = options.transientChunks ?? false;
     this.#maxOptionBytes = options.maxOptionPayloadBytes ?? MAX_OPTION_PAYLOAD_BYTES;
     this.#maxWriteBytes = options.maxWritePayloadBytes ?? MAX_PAYLOAD_BYTES;
   }
@@ -90,6 +103,11 @@ export class RequestDecoder {
 
   append(chunk: Buffer): void {
     this.#queue.append(chunk);
+  }
+
+  /** With transient chunks: copy what is still unread before the chunk is reused. */
+  detach(): void {
+    this.#queue.detach();
   }
 
   /** Append `chunk` and decode every complete message. */
@@ -173,6 +191,7 @@ export class RequestDecoder {
       lengthBytes: b.readUInt32BE(at + 24),
       payload: undefined,
       payloadSkipped: false,
+      payloadAllocated: false,
     };
     q.skip(REQUEST_HEADER_BYTES);
     if (message.type !== NBD_CMD_WRITE) return message;
@@ -192,13 +211,24 @@ export class RequestDecoder {
   #startPayload(message: RequestMessage | OptionMessage, n: number): ClientMessage | undefined {
     const q = this.#queue;
     if (q.length >= n) {
-      const data = q.take(n);
-      if (message.kind === 'request') message.payload = data;
-      else message.data = data;
+      if (message.kind === 'request') {
+        const copy = this.#transient || !q.contiguous(n);
+        message.payload = q.take(n, copy, this.#allocate);
+        message.payloadAllocated = copy;
+      } else {
+        message.data = q.take(n, this.#transient);
+      }
       return message;
     }
     // The length was checked against the cap above, so this allocation is bounded.
-    this.#partial = { message, buffer: Buffer.allocUnsafe(n), filledBytes: 0 };
+    let buffer: Buffer;
+    if (message.kind === 'request') {
+      buffer = this.#allocate(n);
+      message.payloadAllocated = true;
+    } else {
+      buffer = Buffer.allocUnsafe(n);
+    }
+    this.#partial = { message, buffer, filledBytes: 0 };
     return this.next();
   }
 }

@@ -21,6 +21,7 @@ import type net from 'node:net';
 import { WIRE_ERRNO, toBdsnapError, BdsnapError } from '../errors.js';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
 import type { ExportHandle, ExportProvider } from './exports.js';
+import type { BufferPool } from './buffer-pool.js';
 import { RequestDecoder, type ClientMessage, type OptionMessage, type RequestMessage } from './request-decoder.js';
 import * as C from './constants.js';
 import {
@@ -64,7 +65,8 @@ export class ServerConnection {
   #exports: ExportProvider;
   #log: LogFn | undefined;
   #maxInFlightBytes: number;
-  #decoder = new RequestDecoder();
+  #pool: BufferPool;
+  #decoder: RequestDecoder;
   #state: State = 'handshake';
 
   #noZeroes = false;
@@ -80,6 +82,7 @@ export class ServerConnection {
   #maximumPayloadBytes: number = C.MAX_PAYLOAD_BYTES;
 
   #optionBusy = false;
+  #transientChunks: boolean;
   #eof = false;
   #pumping = false;
   #paused = false;
@@ -92,20 +95,24 @@ export class ServerConnection {
   #closedPromise: Promise<void>;
   #resolveClosed!: () => void;
 
-  constructor(id: number, socket: net.Socket, exports: ExportProvider, maxInFlightBytes: number, log?: LogFn) {
+  /**
+   * `ownReads`: the caller feeds received bytes through receive() from one reused buffer
+   * (socket `onread`); otherwise the socket's 'data' events are used.
+   */
+  constructor(
+    id: number, socket: net.Socket, exports: ExportProvider, maxInFlightBytes: number, pool: BufferPool, log?: LogFn, ownReads = false,
+  ) {
     this.id = id;
+    this.#pool = pool;
+    this.#transientChunks = ownReads;
+    this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: ownReads });
     this.#socket = socket;
     this.#exports = exports;
     this.#maxInFlightBytes = maxInFlightBytes;
     this.#log = log;
     this.#closedPromise = new Promise((resolve) => (this.#resolveClosed = resolve));
 
-    socket.on('data', (chunk: Buffer) => {
-      // After we decided to close, what the client still sends is dropped unread.
-      if (this.#state !== 'handshake' && this.#state !== 'transmission') return;
-      this.#decoder.append(chunk);
-      this.#pump();
-    });
+    if (!ownReads) socket.on('data', (chunk: Buffer) => this.receive(chunk));
     socket.on('drain', () => {
       this.#writeBlocked = false;
       this.#pump();
@@ -118,6 +125,15 @@ export class ServerConnection {
     socket.on('error', (err) => this.#log?.({ event: 'connection-error', connection: this.id, error: err.message }));
     socket.on('close', () => void this.#teardown());
     socket.write(encodeGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
+  }
+
+  /** Bytes from the client. With `ownReads`, `chunk` is reused after this returns. */
+  receive(chunk: Buffer): void {
+    // After we decided to close, what the client still sends is dropped unread.
+    if (this.#state !== 'handshake' && this.#state !== 'transmission') return;
+    this.#decoder.append(chunk);
+    this.#pump();
+    if (this.#transientChunks) this.#decoder.detach();
   }
 
   /** Resolves once the socket is closed and the export handle released. */
@@ -258,9 +274,13 @@ export class ServerConnection {
 
   // ---- writing ----
 
-  #send(buf: Buffer): void {
+  /** Queue a reply; a `pooled` buffer goes back to the pool once the socket is done with it. */
+  #send(buf: Buffer, pooled = false): void {
     const s = this.#socket;
-    if (s.destroyed || !s.writable) return;
+    if (s.destroyed || !s.writable) {
+      if (pooled) this.#pool.put(buf);
+      return;
+    }
     if (process.env.BDSNAP_NOCORK === undefined && !this.#corked) {
       // Replies completing in this turn of the event loop leave in one writev.
       this.#corked = true;
@@ -270,7 +290,8 @@ export class ServerConnection {
         s.uncork();
       });
     }
-    if (!s.write(buf)) this.#writeBlocked = true;
+    const ok = pooled ? s.write(buf, () => this.#pool.put(buf)) : s.write(buf);
+    if (!ok) this.#writeBlocked = true;
   }
 
   // ---- options ----
@@ -436,21 +457,23 @@ export class ServerConnection {
     const refusal = this.#validate(r);
     if (refusal) {
       this.#replyError(r, refusal.errno, refusal.message);
-      this.#done(bytes);
+      this.#done(r, bytes);
       return;
     }
     this.#execute(r).then(
-      () => this.#done(bytes),
+      () => this.#done(r, bytes),
       (err: unknown) => {
         const e = toBdsnapError(err);
         if (e.code === 'EIO') this.#log?.({ event: 'request-error', connection: this.id, type: r.type, code: e.code, error: e.message });
         this.#replyError(r, WIRE_ERRNO[e.code], e.message);
-        this.#done(bytes);
+        this.#done(r, bytes);
       },
     );
   }
 
-  #done(bytes: number): void {
+  #done(r: RequestMessage, bytes: number): void {
+    // The device is done with the payload once its write has settled.
+    if (r.payloadAllocated && r.payload) this.#pool.put(r.payload);
     this.#inFlightCount--;
     this.#inFlightBytes -= bytes;
     if (this.#inFlightCount === 0) {
@@ -544,26 +567,32 @@ export class ServerConnection {
 
   async #read(device: BlockDevice, r: RequestMessage): Promise<void> {
     const { offsetBytes, lengthBytes, cookieHi, cookieLo } = r;
-    if (!this.#structured) {
-      const buf = Buffer.allocUnsafe(C.SIMPLE_REPLY_HEADER_BYTES + lengthBytes);
-      if (lengthBytes > 0) await device.read(buf.subarray(C.SIMPLE_REPLY_HEADER_BYTES), offsetBytes);
-      writeSimpleReplyHeader(buf, 0, 0, cookieHi, cookieLo);
-      this.#send(buf);
-      return;
-    }
-    if (lengthBytes === 0) {
+    if (this.#structured && lengthBytes === 0) {
       this.#send(encodeStructuredNone(cookieHi, cookieLo));
       return;
     }
-    const buf = Buffer.allocUnsafe(OFFSET_DATA_PREFIX_BYTES + lengthBytes);
-    await device.read(buf.subarray(OFFSET_DATA_PREFIX_BYTES), offsetBytes);
-    if (isAllZero(buf, OFFSET_DATA_PREFIX_BYTES)) {
+    // The data is read straight after the header room of the reply buffer.
+    const prefix = this.#structured ? OFFSET_DATA_PREFIX_BYTES : C.SIMPLE_REPLY_HEADER_BYTES;
+    const buf = this.#pool.get(prefix + lengthBytes);
+    try {
+      if (lengthBytes > 0) await device.read(buf.subarray(prefix), offsetBytes);
+    } catch (err) {
+      this.#pool.put(buf);
+      throw err;
+    }
+    if (!this.#structured) {
+      writeSimpleReplyHeader(buf, 0, 0, cookieHi, cookieLo);
+      this.#send(buf, true);
+      return;
+    }
+    if (isAllZero(buf, prefix)) {
+      this.#pool.put(buf);
       this.#send(encodeOffsetHole(cookieHi, cookieLo, offsetBytes, lengthBytes));
       return;
     }
     writeStructuredHeader(buf, 0, C.NBD_REPLY_FLAG_DONE, C.NBD_REPLY_TYPE_OFFSET_DATA, cookieHi, cookieLo, 8 + lengthBytes);
     writeU64(buf, C.STRUCTURED_REPLY_HEADER_BYTES, offsetBytes);
-    this.#send(buf);
+    this.#send(buf, true);
   }
 
   async #blockStatus(device: BlockDevice, r: RequestMessage): Promise<void> {

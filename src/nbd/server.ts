@@ -11,6 +11,7 @@ import net from 'node:net';
 import { BdsnapError } from '../errors.js';
 import type { ExportProvider } from './exports.js';
 import { ServerConnection, type LogFn } from './server-connection.js';
+import { BufferPool } from './buffer-pool.js';
 
 export interface NbdServerOptions {
   exports: ExportProvider;
@@ -22,6 +23,8 @@ export interface NbdServerOptions {
 const DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 /** Socket write buffer size at which replies stop being produced until 'drain'. */
 const SOCKET_HIGH_WATER_MARK_BYTES = 4 * 1024 * 1024;
+/** Per-connection receive buffer, reused for every read from the socket. */
+const READ_BUFFER_BYTES = 256 * 1024;
 
 export class NbdServer {
   #exports: ExportProvider;
@@ -31,6 +34,7 @@ export class NbdServer {
   #connections = new Set<ServerConnection>();
   #nextConnectionId = 1;
   #closing = false;
+  #pool: BufferPool;
 
   constructor(options: NbdServerOptions) {
     this.#exports = options.exports;
@@ -38,6 +42,7 @@ export class NbdServer {
     const max = options.maxInFlightBytesPerConnection ?? DEFAULT_MAX_IN_FLIGHT_BYTES;
     if (!Number.isSafeInteger(max) || max <= 0) throw new BdsnapError('EINVAL', `bad maxInFlightBytesPerConnection ${max}`);
     this.#maxInFlightBytes = max;
+    this.#pool = new BufferPool(max);
   }
 
   get connectionCount(): number {
@@ -81,7 +86,9 @@ export class NbdServer {
 
   #createServer(): net.Server {
     if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the NBD server is closing');
-    const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES }, (socket) => this.#accept(socket));
+    const server = net.createServer({
+      allowHalfOpen: true, noDelay: true, pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
+    }, (socket) => this.#accept(socket));
     server.on('error', (err) => this.#log?.({ event: 'listener-error', error: err.message }));
     this.#listeners.push(server);
     return server;
@@ -94,10 +101,46 @@ export class NbdServer {
     }
     const id = this.#nextConnectionId++;
     this.#log?.({ event: 'connection-opened', connection: id, remote: socket.remoteAddress ?? 'unix' });
-    const connection = new ServerConnection(id, socket, this.#exports, this.#maxInFlightBytes, this.#log);
+    const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
+    let connection: ServerConnection | undefined;
+    const reader = adoptWithReadBuffer(socket, readBuffer, (n) => connection?.receive(readBuffer.subarray(0, n)));
+    if (reader) {
+      connection = new ServerConnection(id, reader, this.#exports, this.#maxInFlightBytes, this.#pool, this.#log, true);
+    } else {
+      connection = new ServerConnection(id, socket, this.#exports, this.#maxInFlightBytes, this.#pool, this.#log);
+      socket.resume();
+    }
     this.#connections.add(connection);
     void connection.closed.then(() => this.#connections.delete(connection));
   }
+}
+
+type SocketInternals = net.Socket & { _handle?: object | null };
+
+/**
+ * Move an accepted (paused) socket's handle into a socket that reads into one reused buffer
+ * (`onread`), which net.Server cannot do itself. Reading into fresh 64 KiB buffers, a 1 MiB
+ * write would cost sixteen allocations of external memory and the garbage collections they
+ * trigger. Relies on the long-stable `_handle` field; returns undefined (and leaves the
+ * socket alone) where it is missing, and the caller reads the ordinary way.
+ */
+function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, onRead: (n: number) => void): net.Socket | undefined {
+  const original = socket as SocketInternals;
+  const handle = original._handle;
+  if (!handle || process.env.BDSNAP_NBD_PLAIN_READS) return undefined;
+  original._handle = null;
+  const adopted = new net.Socket({
+    handle,
+    allowHalfOpen: true,
+    readable: true,
+    writable: true,
+    writableHighWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
+    onread: { buffer, callback: (n: number) => { onRead(n); } },
+  } as net.SocketConstructorOpts);
+  adopted.setNoDelay(true);
+  // The original still counts as the server's connection: end it with the adopted one.
+  adopted.once('close', () => original.destroy());
+  return adopted;
 }
 
 function listen(server: net.Server, start: () => void): Promise<void> {

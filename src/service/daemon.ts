@@ -24,10 +24,13 @@ import {
 } from './control-protocol.js';
 import { ControlServer } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
-import { attachAndMount, unmountAndDetach, type AttachedMount } from './mount.js';
+import { attachAndMount, cleanUpStaleMount, toRecord, unmountAndDetach, type AttachedMount, type MountRecordOnDisk } from './mount.js';
+import { writeFileAtomic } from './atomic-file.js';
 import { Registry, canonicalDevicePath } from './registry.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
+/** In the run directory: the mounts this daemon made, so a successor can clean up after a crash. */
+const MOUNTS_FILE = 'mounts.json';
 
 export interface DaemonOptions {
   runDir: string;
@@ -60,6 +63,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   await ensurePrivateDir(stateDir, 0o700);
   await fs.promises.mkdir(snapshotRoot, { recursive: true, mode: 0o700 });
 
+  const mountsFile = path.join(runDir, MOUNTS_FILE);
+  await cleanUpStaleMounts(mountsFile, log);
   const registry = await Registry.load(stateDir);
   await recoverOpenSessions(registry, snapshotRoot, log);
   const passwords = new PasswordStore(stateDir);
@@ -70,6 +75,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   const nbdSocket = path.join(runDir, NBD_SOCKET);
   const controlSocket = path.join(runDir, CONTROL_SOCKET);
   const detachTimeoutMs = options.detachTimeoutMs ?? 30000;
+  const saveMounts = (): Promise<void> =>
+    writeFileAtomic(mountsFile, `${JSON.stringify([...mounts.values()].map((m) => toRecord(m.devicePath, m.attached)))}\n`, 0o600);
 
   const nbd = new NbdServer({ exports: table, log: (event) => log.debug({ ...event, nbd: true }) });
   await nbd.listenUnix(nbdSocket);
@@ -145,6 +152,9 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       }
       table.setMount(devicePath, { mountpoint, loopDevice: attached.blockDevice });
       mounts.set(mountpoint, { devicePath, attached });
+      await saveMounts().catch((err: unknown) => {
+        log.error({ event: 'mounts-file-write-failed', reason: (err as Error).message }, 'cannot record the mount in the run directory');
+      });
       log.info({ event: 'mount', device: devicePath, mountpoint, blockDevice: attached.blockDevice, via: attached.via, session: att.cow !== undefined },
         'device mounted');
       return { device: devicePath, mountpoint, loopDevice: attached.blockDevice, inSession: att.cow !== undefined };
@@ -172,6 +182,9 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       throw e;
     }
     mounts.delete(mountpoint);
+    await saveMounts().catch((err: unknown) => {
+      log.error({ event: 'mounts-file-write-failed', reason: (err as Error).message }, 'cannot record the unmount in the run directory');
+    });
     table.setMount(record.devicePath, undefined);
     await table.detach(record.devicePath);
     if (!att) return null;
@@ -220,7 +233,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   };
 
   const control = await ControlServer.listen(controlSocket, handle, log);
-  log.info({ event: 'daemon-started', runDir, stateDir, snapshotRoot, pid: process.pid, devices: registry.list().length }, 'bdsnap daemon started');
+  log.info({ event: 'daemon-started', runDir, stateDir, snapshotRoot, devices: registry.list().length }, 'bdsnap daemon started');
 
   let closing: Promise<void> | undefined;
   const close = (): Promise<void> => {
@@ -245,6 +258,28 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
 }
 
 /**
+ * Mounts recorded by a daemon that died without unmounting: their NBD client lost the server,
+ * so the filesystems can only fail now. Take them down (lazily) and say so loudly, so the
+ * devices can be attached again and their sessions recovered.
+ */
+async function cleanUpStaleMounts(mountsFile: string, log: Logger): Promise<void> {
+  let records: MountRecordOnDisk[];
+  try {
+    records = JSON.parse(await fs.promises.readFile(mountsFile, 'utf8')) as MountRecordOnDisk[];
+  } catch {
+    return;
+  }
+  if (!Array.isArray(records)) return;
+  for (const m of records) {
+    if (typeof m?.mountpoint !== 'string' || typeof m.blockDevice !== 'string') continue;
+    const problems = await cleanUpStaleMount(m);
+    log.error({ event: 'stale-mount-cleaned', device: m.device, mountpoint: m.mountpoint, blockDevice: m.blockDevice, problems },
+      'a mount of the previous daemon lost its device when that daemon died; it was unmounted');
+  }
+  await fs.promises.rm(mountsFile, { force: true });
+}
+
+/**
  * A session still 'active' on disk was open when a daemon died: recover it (cut a torn tail,
  * rebuild the index, mark it interrupted) so it stays restorable and is never reopened.
  */
@@ -263,7 +298,7 @@ async function recoverOpenSessions(registry: Registry, snapshotRoot: string, log
       }
       await registry.sessionEnded(device.path, dir);
     }
-    if (device.currentSession && !fs.existsSync(device.currentSession)) await registry.sessionEnded(device.path, device.currentSession);
+    if (device.currentSession && !fs.existsSync(device.currentSession)) await registry.sessionVanished(device.path, device.currentSession);
   }
 }
 

@@ -43,13 +43,18 @@ function run(cmd: string, args: string[], timeoutMs = 60000): Promise<string> {
     execFile(cmd, args, { encoding: 'utf8', timeout: timeoutMs }, (err, stdout, stderr) => {
       if (err) {
         const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-        const reason = missing ? `${cmd} is not installed` : `${cmd} ${args.join(' ')} failed: ${(stderr || err.message).trim()}`;
+        const reason = missing ? `${cmd} is not installed` : `${cmd} ${args.join(' ')} failed: ${oneLine(stderr || err.message)}`;
         reject(new BdsnapError(missing ? 'ENOTSUP' : 'EIO', reason, { cause: err }));
       } else {
         resolve(stdout);
       }
     });
   });
+}
+
+/** A tool's stderr as one line for the CLI's one-line errors, without generic hints. */
+function oneLine(text: string): string {
+  return text.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('dmesg(1)')).join('; ');
 }
 
 function sleep(ms: number): Promise<void> {
@@ -101,19 +106,22 @@ async function attachWithNbdfuse(req: MountRequest): Promise<AttachedMount> {
   const fuseDir = await fs.promises.mkdtemp(path.join(req.workDir, 'fuse-'));
   const pidFile = `${fuseDir}.pid`;
   const file = path.join(fuseDir, 'disk');
-  const child = spawn('nbdfuse', ['-P', pidFile, file, nbdUnixUri(req.nbdSocket, req.exportName)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn('nbdfuse', ['-P', pidFile, file, nbdUnixUri(req.nbdSocket, req.exportName)], { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-4096); });
   const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
   let loop: string | undefined;
+  // Its own process group: a Ctrl-C meant for a foreground daemon must not cut the mount off
+  // before the daemon unmounts it.
+  child.unref();
   try {
     const deadline = Date.now() + READY_TIMEOUT_MS;
     for (;;) {
       if (fs.existsSync(pidFile)) break;
       const failed = await Promise.race([spawnError, sleep(20).then(() => undefined)]);
       if (failed) throw new BdsnapError('ENOTSUP', `cannot run nbdfuse: ${failed.message}`, { cause: failed });
-      if (child.exitCode !== null) throw new BdsnapError('EIO', `nbdfuse exited (${child.exitCode}): ${stderr.trim()}`);
-      if (Date.now() > deadline) throw new BdsnapError('EIO', `nbdfuse did not become ready in ${READY_TIMEOUT_MS} ms: ${stderr.trim()}`);
+      if (child.exitCode !== null) throw new BdsnapError('EIO', `nbdfuse exited (${child.exitCode}): ${oneLine(stderr)}`);
+      if (Date.now() > deadline) throw new BdsnapError('EIO', `nbdfuse did not become ready in ${READY_TIMEOUT_MS} ms: ${oneLine(stderr)}`);
     }
     loop = (await run('losetup', ['-f', '--show', file])).trim();
     await mountBlockDevice(loop, req);
@@ -196,4 +204,54 @@ async function stopNbdfuse(fuseDir: string, child: ChildProcess): Promise<void> 
   }
   await fs.promises.rm(`${fuseDir}.pid`, { force: true });
   await fs.promises.rmdir(fuseDir).catch(() => undefined);
+}
+
+/** What the daemon records of each mount in its run directory, to clean up after a crash. */
+export interface MountRecordOnDisk {
+  device: string;
+  mountpoint: string;
+  blockDevice: string;
+  via: 'nbdfuse' | 'nbd-client';
+  fuseDir: string | null;
+  nbdfusePid: number | null;
+}
+
+export function toRecord(device: string, m: AttachedMount): MountRecordOnDisk {
+  return { device, mountpoint: m.mountpoint, blockDevice: m.blockDevice, via: m.via, fuseDir: m.fuseDir, nbdfusePid: m.nbdfuse?.pid ?? null };
+}
+
+/**
+ * Tear down a mount left by a daemon that died: its NBD client lost the server, so the
+ * filesystem only gets I/O errors now. Lazy unmount (a process may still sit in it), detach,
+ * end the FUSE mount and its nbdfuse. Returns the steps that failed, for the log.
+ */
+export async function cleanUpStaleMount(m: MountRecordOnDisk): Promise<string[]> {
+  const problems: string[] = [];
+  const step = async (what: string, fn: () => Promise<unknown>): Promise<void> => {
+    try {
+      await fn();
+    } catch (err) {
+      problems.push(`${what}: ${(err as Error).message}`);
+    }
+  };
+  if (await isMountpoint(m.mountpoint)) await step('umount', () => run('umount', ['-l', m.mountpoint]));
+  if (m.via === 'nbd-client') {
+    await step('nbd-client -d', () => run('nbd-client', ['-d', m.blockDevice]));
+    return problems;
+  }
+  if (m.fuseDir) {
+    const backing = await fs.promises.readFile(`/sys/block/${path.basename(m.blockDevice)}/loop/backing_file`, 'utf8').catch(() => '');
+    if (backing.trim().startsWith(m.fuseDir)) await step('losetup -d', () => run('losetup', ['-d', m.blockDevice]));
+    if (await isMountpoint(m.fuseDir)) await step('fusermount3 -u', () => run('fusermount3', ['-u', '-z', m.fuseDir as string]));
+    await fs.promises.rm(`${m.fuseDir}.pid`, { force: true });
+    await fs.promises.rmdir(m.fuseDir).catch(() => undefined);
+  }
+  if (m.nbdfusePid) {
+    try {
+      process.kill(m.nbdfusePid, 'SIGTERM');
+    } catch {
+      // Already gone.
+    }
+  }
+  return problems;
 }

@@ -28,8 +28,9 @@ export async function promptHidden(question: string): Promise<string> {
   if (!stdin.isTTY) {
     throw new BdsnapError('EINVAL', 'no terminal to ask for the password: use --password-stdin');
   }
-  process.stderr.write(question);
+  // Echo goes off before the prompt shows, so an answer typed at once is not echoed either.
   stdin.setRawMode(true);
+  process.stderr.write(question);
   stdin.resume();
   let answer = '';
   try {

@@ -135,6 +135,14 @@ export class Registry {
     await this.#save();
   }
 
+  /** A recorded session directory that no longer exists (removed by hand): forget it. */
+  async sessionVanished(devicePath: string, sessionDir: string): Promise<void> {
+    const record = this.#require(devicePath);
+    record.sessions = record.sessions.filter((d) => d !== sessionDir);
+    if (record.currentSession === sessionDir) record.currentSession = null;
+    await this.#save();
+  }
+
   async markDirtyOutsideSession(devicePath: string): Promise<void> {
     const record = this.#require(devicePath);
     if (record.dirtyOutsideSession) return;

@@ -395,9 +395,8 @@ export class CowDevice implements BlockDevice {
     const dir = this.#sessionDir;
     const endTime = new Date().toISOString();
     try {
-      if (this.#state === 'active') {
-        await this.#writer!.sync();
-      }
+      // A failing sync marks the session failed (handled below) instead of failing close().
+      if (this.#state === 'active') await this.#writer!.sync().catch(() => undefined);
       if (this.#state === 'active') {
         await this.#base.flush();
         const digests = await this.#finalDigests();

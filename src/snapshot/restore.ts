@@ -90,24 +90,30 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
   const warnings: string[] = [];
 
   const all = await listSessions(path.dirname(target.dir), devicePath);
-  const unreadable = all.filter((s) => s.state === 'unreadable');
+  // Names sort by mount time within one device (fixed-width UTC stamp), so an unreadable
+  // directory named after the target may be a newer session: without it the chain is unknown.
+  const unreadable = all.filter((s) => s.state === 'unreadable' && path.basename(s.dir) > path.basename(target.dir));
   if (unreadable.length > 0) {
     const s = unreadable[0]!;
     throw new BdsnapError('ECORRUPT', `session directory ${s.dir} (which may be a newer session of ${devicePath}) cannot be read: ${s.problem ?? 'unknown problem'}`);
   }
   let chain = all.filter((s) => compareSessions(s, target) >= 0);
-  // A newer session already restored took itself and the sessions after it back: they are undone.
-  for (const s of chain.slice(1)) {
+  // A finished restore from a session took it and the sessions it applied back: those are undone.
+  // Newer ones leave the chain (their originals describe states that no longer exist); the
+  // target stays (its originals are still the content to restore) but its end digests are stale.
+  let targetUndone = false;
+  for (const s of [...chain]) {
     const j = await readJournal(path.join(s.dir, JOURNAL_FILE));
     if (j?.state !== 'done' || !chain.includes(s)) continue;
     const undone = new Set(j.sessions);
-    chain = chain.filter((c) => c === target || !undone.has(c.dir));
-    warnings.push(`session ${s.dir} and ${j.sessions.length - 1} later one(s) were already undone by a restore finished at ${j.finishedAt ?? '?'}`);
+    chain = chain.filter((c) => c.dir === target.dir || !undone.has(c.dir));
+    if (s.dir === target.dir) targetUndone = true;
+    else warnings.push(`session ${s.dir} and ${j.sessions.length - 1} later one(s) were already undone by a restore finished at ${j.finishedAt ?? '?'}`);
   }
   if (chain[0]?.dir !== target.dir) throw new BdsnapError('ENOENT', `${target.dir} is not listed in its snapshot root`);
   for (const s of chain) {
     if (s.state === 'failed') {
-      throw new BdsnapError('ESESSION', `session ${s.dir} failed (${s.failedReason ?? 'no reason recorded'}): its originals are incomplete, so the device cannot be restored to ${s === target ? 'its start' : `a point before it`}`);
+      throw new BdsnapError('ESESSION', `session ${s.dir} failed (${s.failedReason ?? 'no reason recorded'}): its originals are incomplete, so the device cannot be restored to ${s.dir === target.dir ? 'its start' : `a point before it`}`);
     }
     if (s.deviceSize !== target.deviceSize) {
       throw new BdsnapError('EMISMATCH', `session ${s.dir} recorded a device size of ${s.deviceSize} bytes but ${target.dir} recorded ${target.deviceSize}`);
@@ -130,9 +136,10 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       if (device.size !== s.deviceSize) {
         throw new BdsnapError('EMISMATCH', `${devicePath} is ${device.size} bytes but session ${s.dir} recorded ${s.deviceSize} bytes`);
       }
-      checkIdentity(device, s);
+      checkIdentity(device, s, warnings);
       loaded.push(await loadSession(s));
     }
+    if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
     const cs = target.chunkSize;
     // Oldest first: the first session of the chain that touched a chunk holds the original to write.
     const plan = new Map<number, { session: LoadedSession; position: number }>();
@@ -149,12 +156,16 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       warnings.push(`a restore from this session started at ${journal.startedAt} did not finish: finishing it without the digest check`);
     } else if (journal?.state === 'done' && (await alreadyRestored(device, plan, chunks, cs))) {
       digestCheck = 'already-restored';
+    } else if (targetUndone && !options.force && loaded.length === 1) {
+      // Restored before and changed since, with no session recording the change: nothing to check against.
+      throw new BdsnapError('EMISMATCH', `${devicePath} was restored from ${target.dir} at ${journal?.finishedAt ?? '?'} and has changed since outside bdsnap; use --force to restore again`);
     } else if (options.force) {
       digestCheck = 'skipped-force';
       warnings.push('--force: the end digests were not checked');
     } else {
       await verifyDigests(device, loaded, cs);
       digestCheck = loaded.some((s) => s.digests === undefined) ? 'partial' : 'verified';
+      if (targetUndone) warnings.push(`${devicePath} was already restored from this session once; only the sessions since then were checked`);
     }
     const summary = (written: boolean): RestoreSummary => ({
       sessionDir: target.dir,
@@ -185,13 +196,15 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       output = await copyToOutput(device, devicePath, outputPath!);
       writeTo = output;
     } else {
-      await writeFileAtomic(journalPath, JSON.stringify({ state: 'running', devicePath, sessions: chain.map((s) => s.dir), startedAt: new Date().toISOString() } satisfies Journal));
+      await writeFileAtomic(journalPath, JSON.stringify({ state: 'running', devicePath, sessions: [...new Set([...(journal?.sessions ?? []), ...chain.map((s) => s.dir)])], startedAt: new Date().toISOString() } satisfies Journal));
     }
     await applyPlan(writeTo, plan, chunks, cs, bytes, options.onProgress);
     await writeTo.flush();
     if (options.output === undefined) {
+      // Keep the sessions undone by earlier restores from here: they stay undone.
+      const undone = [...new Set([...(journal?.sessions ?? []), ...chain.map((s) => s.dir)])];
       const startedAt = journal?.state === 'running' ? journal.startedAt : new Date(Date.now() - (performance.now() - startedMs)).toISOString();
-      await writeFileAtomic(journalPath, JSON.stringify({ state: 'done', devicePath, sessions: chain.map((s) => s.dir), startedAt, finishedAt: new Date().toISOString() } satisfies Journal));
+      await writeFileAtomic(journalPath, JSON.stringify({ state: 'done', devicePath, sessions: undone, startedAt, finishedAt: new Date().toISOString() } satisfies Journal));
     }
     return summary(true);
   } finally {
@@ -201,14 +214,23 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
   }
 }
 
-/** Recorded identity fields that FileDevice also knows must agree; others are informational. */
-function checkIdentity(device: FileDevice, s: SessionInfo): void {
+/**
+ * The recorded identity must name the same file: kind and inode for an image file. The numbers
+ * of the filesystem's or node's device (dev, rdev) can change across reboots, so a difference
+ * there is only a warning; size and digests still guard the content.
+ */
+function checkIdentity(device: FileDevice, s: SessionInfo, warnings: string[]): void {
   const current = device.identity as unknown as Record<string, unknown>;
-  const differing = ['kind', 'dev', 'ino', 'rdev'].filter((k) => k in s.deviceIdentity && s.deviceIdentity[k] !== current[k]);
-  if (differing.length > 0) {
-    const what = differing.map((k) => `${k} ${String(s.deviceIdentity[k])} recorded, ${String(current[k])} now`).join(', ');
-    throw new BdsnapError('EMISMATCH', `${device.path} is not the device session ${s.dir} was taken of (${what})`);
+  const recorded = s.deviceIdentity;
+  const strict = current.kind === 'file' ? ['kind', 'ino'] : ['kind'];
+  const differs = (k: string): boolean => k in recorded && recorded[k] !== current[k];
+  const describe = (k: string): string => `${k} ${String(recorded[k])} recorded, ${String(current[k])} now`;
+  const hard = strict.filter(differs);
+  if (hard.length > 0) {
+    throw new BdsnapError('EMISMATCH', `${device.path} is not the device session ${s.dir} was taken of (${hard.map(describe).join(', ')})`);
   }
+  const soft = ['dev', 'rdev'].filter(differs);
+  if (soft.length > 0) warnings.push(`${device.path}: device numbers differ from session ${s.dir} (${soft.map(describe).join(', ')}), e.g. after a reboot`);
 }
 
 async function loadSession(info: SessionInfo): Promise<LoadedSession> {
@@ -282,7 +304,7 @@ async function readOriginal(s: LoadedSession, position: number, lengthBytes: num
 async function forEachDeviceChunk(device: BlockDevice, chunks: number[], cs: number, each: (chunk: number, data: Buffer) => void): Promise<void> {
   const maxRun = Math.max(1, BATCH_BYTES / cs);
   // One buffer for all runs: fresh large buffers cost a page fault per page on first touch.
-  const scratch = Buffer.allocUnsafe(Math.min(maxRun * cs, BATCH_BYTES));
+  const scratch = Buffer.allocUnsafe(maxRun * cs);
   let i = 0;
   while (i < chunks.length) {
     let j = i + 1;
@@ -375,7 +397,7 @@ async function applyPlan(
   onProgress?.(0, totalBytes);
   let next = 0;
   const worker = async (): Promise<void> => {
-    const scratch = Buffer.allocUnsafe(Math.min(maxRun * cs, BATCH_BYTES));
+    const scratch = Buffer.allocUnsafe(maxRun * cs);
     while (next < batches.length) {
       const [from, to] = batches[next++]!;
       const first = chunks[from]!;

@@ -40,7 +40,7 @@ export interface StopResult {
 }
 
 export interface NbdServer {
-  readonly kind: ServerKind;
+  readonly kind: string;
   readonly socketPath: string;
   /** Export names in the order of `images` (absolute paths). */
   readonly exportNames: string[];
@@ -133,7 +133,29 @@ export async function startServer(t: AfterHook | undefined, options: ServerOptio
     ownDir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-srv-'));
     socketPath = path.join(ownDir, 'nbd.sock');
   }
-  const [cmd, args] = commandFor(kind, socketPath, images, options);
+  const [command, args] = commandFor(kind, socketPath, images, options);
+  return launchServer(t, {
+    kind, command, args, socketPath, exportNames: images, ownDir, readyTimeoutMs: options.readyTimeoutMs, env: options.env,
+  });
+}
+
+export interface LaunchOptions {
+  /** Label for messages (and NbdServer.kind). */
+  kind: string;
+  command: string;
+  args: string[];
+  /** The NBD socket to wait for. */
+  socketPath: string;
+  exportNames: string[];
+  /** A directory removed once the process has stopped. */
+  ownDir?: string;
+  readyTimeoutMs?: number;
+  env?: NodeJS.ProcessEnv;
+}
+
+/** Start any NBD-serving process (bdsnap serve, bdsnap daemon, nbdkit) and wait for its socket. */
+export async function launchServer(t: AfterHook | undefined, options: LaunchOptions): Promise<NbdServer> {
+  const { kind, command: cmd, args, socketPath, exportNames: images, ownDir } = options;
   const child: ChildProcess = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? process.env });
   let stderrText = '';
   const keep = (b: Buffer): void => {
@@ -146,7 +168,7 @@ export async function startServer(t: AfterHook | undefined, options: ServerOptio
   let exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   let spawnError: Error | undefined;
   const exited = new Promise<void>((resolve) => {
-    child.once('exit', (code, signal) => {
+    child.once('close', (code: number | null, signal: NodeJS.Signals | null) => {
       exit = { code, signal };
       resolve();
     });

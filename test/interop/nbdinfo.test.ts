@@ -12,7 +12,7 @@ import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { requireTool, run } from '../helpers/process.js';
-import { startServer } from '../helpers/server.js';
+import { BDSNAP_MAIN, startServer } from '../helpers/server.js';
 
 interface NbdinfoExport {
   'export-name': string;
@@ -190,7 +190,8 @@ test('the unix socket is not world-accessible and is removed on exit', async (t)
   const stat = fs.statSync(socketPath);
   assert.ok(stat.isSocket());
   assert.equal(stat.mode & 0o007, 0, `socket mode ${(stat.mode & 0o777).toString(8)} gives access to everyone`);
-  await server.stop();
+  const stopped = await server.stop();
+  assert.deepEqual(stopped, { exitCode: 0, signal: null, killed: false }, server.stderr());
   assert.equal(fs.existsSync(socketPath), false, 'the socket file is gone after a clean exit');
 });
 
@@ -220,3 +221,25 @@ function freePort(): Promise<number> {
     });
   });
 }
+
+test('a live socket is never taken over; a stale one left by a killed server is replaced', async (t) => {
+  requireTool('nbdinfo');
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup);
+  const first = path.join(dir, 'first.img');
+  const second = path.join(dir, 'second.img');
+  makeImage(first, 1 << 20, 'blocks');
+  makeImage(second, 2 << 20, 'blocks');
+  const socketPath = path.join(dir, 'shared.sock');
+  const server = await startServer(cleanup, { images: [first], socketPath });
+  const intruder = await run(process.execPath, [BDSNAP_MAIN, 'serve', '--socket', socketPath, second], { allowFailure: true, timeoutMs: 15_000 });
+  assert.notEqual(intruder.exitCode, 0, 'a second server on a socket in use fails');
+  assert.match(intruder.stderr, /in use|EADDRINUSE|already/i, intruder.stderr);
+  assert.equal((await run('nbdinfo', ['--size', server.uri()])).stdout.trim(), String(1 << 20), 'the first server still owns the socket');
+
+  process.kill(server.pid, 'SIGKILL');
+  await server.waitForExit(10_000);
+  assert.ok(fs.existsSync(socketPath), 'SIGKILL leaves the socket file behind');
+  const successor = await startServer(cleanup, { images: [second], socketPath });
+  assert.equal((await run('nbdinfo', ['--size', successor.uri()])).stdout.trim(), String(2 << 20));
+});

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
-import { PASSWORD, cli, makeImage, ok, sandbox, startDaemonProcess, type Sandbox } from './helpers.js';
+import { MAIN, PASSWORD, cli, makeImage, ok, sandbox, startDaemonProcess, type Sandbox } from './helpers.js';
 
 const NOBODY = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
 
@@ -183,4 +183,59 @@ test('client commands fail with one clear line when no daemon runs', (t) => {
   assert.equal(r.status, 1);
   assert.equal(r.stderr.trim().split('\n').length, 1);
   assert.match(r.stderr, /daemon is not running/);
+});
+
+/** Drive the CLI on a pseudo-terminal: answer each prompt in turn, return all it printed. */
+function onTerminal(box: Sandbox, args: string[], answers: string[]): { status: number; output: string } {
+  const driver = `
+import os, pty, sys, json
+args = json.loads(sys.argv[1]); answers = json.loads(sys.argv[2])
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvpe(args[0], args, os.environ)
+out = b''
+def read_until(token):
+    global out
+    while token not in out:
+        chunk = os.read(fd, 1024)
+        if not chunk: return False
+        out += chunk
+    return True
+for a in answers:
+    if not read_until(b': '): break
+    os.write(fd, a.encode() + b'\\r')
+    read_until(b'\\n')
+    out = out.replace(b': ', b':_', 1)
+try:
+    while True:
+        chunk = os.read(fd, 1024)
+        if not chunk: break
+        out += chunk
+except OSError:
+    pass
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(json.dumps({'status': os.waitstatus_to_exitcode(status), 'output': out.decode(errors='replace')}))
+`;
+  const r = spawnSync('/usr/bin/python3', ['-c', driver, JSON.stringify([process.execPath, MAIN, ...args]), JSON.stringify(answers)],
+    { encoding: 'utf8', env: box.env, timeout: 60000 });
+  if (r.status !== 0) throw new Error(`pty driver failed: ${r.stderr}`);
+  return JSON.parse(r.stdout) as { status: number; output: string };
+}
+
+test('on a terminal, passwords are prompted for without echo', async (t) => {
+  const box = sandbox(t);
+  await startDaemonProcess(t, box);
+  const image = makeImage(box.top, 'disk.img', 1 << 20);
+  const secret = 'typed at a prompt 123';
+  const set = onTerminal(box, ['passwd'], [secret, secret]);
+  assert.equal(set.status, 0, set.output);
+  assert.match(set.output, /service password set/);
+  assert.ok(!set.output.includes(secret), `the password is not echoed: ${set.output}`);
+  const activated = onTerminal(box, ['activate', image], [secret]);
+  assert.equal(activated.status, 0, activated.output);
+  assert.match(activated.output, /activated /);
+  assert.ok(!activated.output.includes(secret));
+  const mismatch = onTerminal(box, ['passwd'], [secret, 'new one 1', 'new one 2']);
+  assert.equal(mismatch.status, 1);
+  assert.match(mismatch.output, /differ/);
 });

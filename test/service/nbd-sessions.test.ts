@@ -7,7 +7,7 @@
  */
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -49,6 +49,12 @@ test('only registered devices are served; an inactive one gets no session but is
 
   ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
   ok(box, ['deactivate', image, '--password-stdin'], `${PASSWORD}\n`);
+  const info = spawnSync('nbdinfo', ['--json', nbdUri(box, image)], { encoding: 'utf8', timeout: 30000 });
+  assert.equal(info.status, 0, info.stderr);
+  assert.equal((JSON.parse(info.stdout) as { exports: Array<{ 'export-size': number }> }).exports[0]?.['export-size'], IMAGE_BYTES);
+  const listed = spawnSync('nbdinfo', ['--list', '--json', nbdUri(box, '')], { encoding: 'utf8', timeout: 30000 });
+  assert.equal(listed.status, 0, listed.stderr);
+  assert.deepEqual((JSON.parse(listed.stdout) as { exports: Array<{ 'export-name': string }> }).exports.map((e) => e['export-name']), [image]);
   const read = nbdsh(box, image, 'print(h.get_size()); print(h.pread(512, 0).hex())');
   assert.equal(read.status, 0, read.stderr);
   assert.equal(read.stdout.split('\n')[0], String(IMAGE_BYTES));
@@ -142,4 +148,32 @@ test('SIGKILL mid-session: activations kept, the session recovered as interrupte
   assert.equal(restored.status, 0, restored.stderr);
   assert.equal(sha256File(image), original, 'the recovered session restores the exact original');
   assert.equal(await restarted.stop(), 0);
+});
+
+test('SIGTERM with a client attached: requests finished, the session closed complete, exit 0', async (t) => {
+  const box = sandbox(t);
+  const daemon = await startDaemonProcess(t, box);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
+  const original = sha256File(image);
+  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  const code = 'import time\nfor i in range(16): h.pwrite(bytes([i + 1]) * 65536, i * 131072)\nprint("written", flush=True)\ntime.sleep(30)';
+  const writer = spawn('nbdsh', ['-u', nbdUri(box, image), '-c', code], { stdio: ['ignore', 'pipe', 'ignore'], env: systemPythonEnv() });
+  t.after(() => { writer.kill('SIGKILL'); });
+  let said = '';
+  writer.stdout?.on('data', (d: Buffer) => { said += d.toString(); });
+  await waitFor('the writes', () => said.includes('written'));
+
+  assert.equal(await daemon.stop(), 0, 'SIGTERM exits 0');
+  const stopped = daemon.logLines();
+  assert.ok(stopped.some((l) => l.event === 'session-end' && l.state === 'complete'));
+  assert.ok(stopped.some((l) => l.event === 'daemon-stopped'));
+  for (const line of stopped) assert.ok(!JSON.stringify(line).includes(PASSWORD), 'the password is never logged');
+  const [dir] = sessionDirs(box);
+  assert.ok(dir);
+  const manifest = JSON.parse(fs.readFileSync(path.join(box.snapshotRoot, dir, 'manifest.json'), 'utf8')) as { state: string };
+  assert.equal(manifest.state, 'complete');
+  const restored = cli(box, ['restore', path.join(box.snapshotRoot, dir)]);
+  assert.equal(restored.status, 0, restored.stderr);
+  assert.equal(sha256File(image), original);
 });

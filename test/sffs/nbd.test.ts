@@ -8,6 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
@@ -35,11 +36,18 @@ function bdsnap(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Cli> {
   });
 }
 
+/** Wait until the server accepts connections: the socket file appears before listen(). */
 async function waitForSocket(socketPath: string, child: ChildProcess, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!fs.existsSync(socketPath)) {
+  for (;;) {
     if (child.exitCode !== null) throw new Error(`server exited with ${child.exitCode} before listening`);
-    if (Date.now() > deadline) throw new Error(`no socket at ${socketPath} after ${timeoutMs} ms`);
+    const accepted = await new Promise<boolean>((resolve) => {
+      const probe = net.connect(socketPath);
+      probe.once('connect', () => { probe.destroy(); resolve(true); });
+      probe.once('error', () => resolve(false));
+    });
+    if (accepted) return;
+    if (Date.now() > deadline) throw new Error(`nothing listening on ${socketPath} after ${timeoutMs} ms`);
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
 }

@@ -152,7 +152,7 @@ test('newer sessions are applied first; a change between sessions, a failed newe
   fs.readSync(fd, saved, 0, 10, 0);
   fs.writeSync(fd, Buffer.from('0123456789'), 0, 10, 0);
   fs.fsyncSync(fd);
-  // Record that change as if it had happened before s2 began: s2 did not touch chunk 0.
+  // s2 never touched chunk 0, so the change shows against s1's end digest of it.
   await assert.rejects(restore(s1), isError('EMISMATCH', /differ from its end digests: chunk 0 \(bytes 0\.\.16383\) vs the device/));
   fs.writeSync(fd, saved, 0, 10, 0);
   fs.closeSync(fd);
@@ -168,6 +168,11 @@ test('newer sessions are applied first; a change between sessions, a failed newe
   fs.mkdirSync(bogus);
   await assert.rejects(restore(s1), isError('ECORRUPT', /may be a newer session/));
   fs.rmdirSync(bogus);
+  // An older one does not matter.
+  const older = s1.replace(/_\d{8}T/, '_20000101T');
+  fs.mkdirSync(older);
+  assert.equal((await restore(s1, { dryRun: true })).digestCheck, 'verified');
+  fs.rmdirSync(older);
 
   // Size and identity.
   const copy = `${image}.copy`;
@@ -207,4 +212,27 @@ test('restore refuses while the device is open by a server or backs a loop devic
 test('a missing session directory is ENOENT', async (t) => {
   const { dir } = setup(t);
   await assert.rejects(restore(path.join(dir, 'nope')), isError('ENOENT', /no such session directory/));
+});
+
+test('after a restore, a later session is undone by restoring the same session again', async (t) => {
+  const { image, root, before } = setup(t);
+  const s1 = await session(image, root, WRITES, new Date('2026-04-01T10:00:00Z'));
+  await session(image, root, [[0, 100]], new Date('2026-04-01T11:00:00Z'));
+  await restore(s1);
+  assert.equal(sha256File(image), before);
+  // Mounted again after the restore: a new session on top of the restored content.
+  const s3 = await session(image, root, [[10_000, 300_000]], new Date('2026-04-01T12:00:00Z'));
+  const plan = await restore(s1, { dryRun: true });
+  assert.equal(plan.digestCheck, 'partial');
+  assert.deepEqual(plan.sessionsApplied, [s3, s1]);
+  await restore(s1);
+  assert.equal(sha256File(image), before);
+
+  // Changed outside bdsnap after the restore: no session explains it, so only --force goes on.
+  const fd = fs.openSync(image, 'r+');
+  fs.writeSync(fd, Buffer.from('outside'), 0, 7, 4096);
+  fs.closeSync(fd);
+  await assert.rejects(restore(s1), isError('EMISMATCH', /was restored from .* has changed since/));
+  await restore(s1, { force: true });
+  assert.equal(sha256File(image), before);
 });

@@ -1,11 +1,10 @@
 /** `bdsnap daemon`: run the service in the foreground, logging one JSON line per event on stdout. */
 
 import type { Command } from 'commander';
-import { pino } from 'pino';
 import { resolveRunDir } from '../../service/client.js';
-import { DEFAULT_STATE_DIR, startDaemon } from '../../service/daemon.js';
 import { BdsnapError } from '../../errors.js';
 
+const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
 const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
 
 interface DaemonOptions {
@@ -32,6 +31,8 @@ export function register(program: Command): void {
       if (!['trace', 'debug', 'info', 'warn', 'error', 'fatal'].includes(options.logLevel)) {
         throw new BdsnapError('EINVAL', '--log-level must be one of trace, debug, info, warn, error, fatal');
       }
+      // Loaded here so that every other command starts without the daemon's dependencies.
+      const [{ pino }, { startDaemon }] = await Promise.all([import('pino'), import('../../service/daemon.js')]);
       const log = pino({ level: options.logLevel, base: { pid: process.pid } });
       const daemon = await startDaemon({
         runDir: resolveRunDir(options.runDir),

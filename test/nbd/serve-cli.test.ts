@@ -1,0 +1,117 @@
+/** `bdsnap serve` as a real process, probed by real NBD clients (nbdinfo, nbdsh) and by NbdClient. */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { NbdClient } from '../../src/nbd/client.js';
+import { tempDir, type TestContext } from './helpers.js';
+
+const execFileAsync = promisify(execFile);
+const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../src/cli/main.js');
+
+interface Running {
+  child: ChildProcess;
+  stderr: () => string;
+  exited: Promise<number | null>;
+}
+
+function startServe(t: TestContext, args: string[], cwd: string): Running {
+  const child = spawn(process.execPath, [MAIN, 'serve', ...args], { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  t.after(() => {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  });
+  return { child, stderr: () => err, exited };
+}
+
+async function waitReady(r: Running, timeoutMs = 10000): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  while (!/serving/.test(r.stderr())) {
+    if (r.child.exitCode !== null) throw new Error(`serve exited early: ${r.stderr()}`);
+    if (Date.now() > deadline) throw new Error(`serve not ready: ${r.stderr()}`);
+    await new Promise((res) => setTimeout(res, 20));
+  }
+  return r.stderr();
+}
+
+test('bdsnap serve: nbdinfo --json sees the export under its real path; SIGTERM exits 0', async (t) => {
+  const dir = tempDir(t, 'bdsnap-serve-');
+  const image = path.join(dir, 'disk.img');
+  fs.writeFileSync(image, Buffer.alloc(3 * 1024 * 1024));
+  const sock = path.join(dir, 'nbd.sock');
+  const r = startServe(t, ['--socket', sock, 'disk.img'], dir);
+  const line = await waitReady(r);
+  assert.match(line, new RegExp(`^bdsnap: serving 1 export on unix:${sock}\\n$`));
+  const { stdout } = await execFileAsync('nbdinfo', ['--json', `nbd+unix:///?socket=${sock}`]);
+  const info = JSON.parse(stdout) as { protocol: string; structured: boolean; exports: Array<Record<string, unknown>> };
+  assert.equal(info.protocol, 'newstyle-fixed');
+  assert.equal(info.structured, true);
+  const e = info.exports[0]!;
+  assert.equal(e['export-name'], fs.realpathSync(image));
+  assert.equal(e['export-size'], 3 * 1024 * 1024);
+  assert.equal(e['is_read_only'], false);
+  assert.equal(e['can_multi_conn'], true);
+  assert.deepEqual(e['contexts'], ['base:allocation']);
+  assert.equal(e['block_size_minimum'], 512);
+
+  // nbdsh (the system python has its bindings) writes through the export by name; the bytes land in the file.
+  const script = `h.pwrite(b"bdsnap!!" * 64, 4096); h.flush(); print(h.pread(512, 4096) == b"bdsnap!!" * 64)`;
+  const { stdout: ok } = await execFileAsync('nbdsh', ['-u', `nbd+unix:///${fs.realpathSync(image)}?socket=${sock}`, '-c', script], {
+    env: { ...process.env, PATH: `/usr/bin:${process.env.PATH ?? ''}` },
+  });
+  assert.equal(ok.trim(), 'True');
+  assert.equal(fs.readFileSync(image).toString('latin1', 4096, 4096 + 16), 'bdsnap!!bdsnap!!');
+
+  // A second server of the same image is refused with a clear message.
+  const second = startServe(t, ['--socket', path.join(dir, 'other.sock'), image], dir);
+  assert.equal(await second.exited, 1);
+  assert.match(second.stderr(), /^bdsnap: .*already being served or is in use/);
+
+  r.child.kill('SIGTERM');
+  assert.equal(await r.exited, 0);
+  assert.equal(fs.existsSync(sock), false, 'the socket file is removed');
+});
+
+test('bdsnap serve --read-only --listen PORT, two images, empty name selects the first', async (t) => {
+  const dir = tempDir(t, 'bdsnap-serve-');
+  const a = path.join(dir, 'a.img');
+  const b = path.join(dir, 'b.img');
+  fs.writeFileSync(a, Buffer.alloc(65536, 1));
+  fs.writeFileSync(b, Buffer.alloc(131072, 2));
+  const r = startServe(t, ['--read-only', '--listen', '0', a, b], dir);
+  const line = await waitReady(r);
+  const m = /serving 2 exports on tcp:127\.0\.0\.1:(\d+)/.exec(line);
+  assert.ok(m, line);
+  const port = Number(m[1]);
+  const first = await NbdClient.connect({ host: '127.0.0.1', port });
+  assert.equal(first.exportName, a);
+  assert.equal(first.size, 65536);
+  assert.ok(first.readOnly);
+  await assert.rejects(first.write(Buffer.alloc(512), 0), (e: unknown) => (e as { code?: string }).code === 'EPERM');
+  const second = await NbdClient.connect({ host: '127.0.0.1', port, exportName: b });
+  const buf = Buffer.alloc(512);
+  await second.read(buf, 0);
+  assert.ok(buf.every((x) => x === 2));
+  await first.close();
+  await second.close();
+  r.child.kill('SIGINT');
+  assert.equal(await r.exited, 0);
+  assert.ok(fs.readFileSync(a).every((x) => x === 1));
+});
+
+test('bdsnap serve: bad arguments give one clear line and a non-zero exit', async (t) => {
+  const dir = tempDir(t, 'bdsnap-serve-');
+  const missing = startServe(t, ['--socket', path.join(dir, 's.sock'), path.join(dir, 'missing.img')], dir);
+  assert.equal(await missing.exited, 1);
+  assert.match(missing.stderr(), /^bdsnap: cannot open .*missing\.img/);
+  fs.writeFileSync(path.join(dir, 'x.img'), Buffer.alloc(4096));
+  const badListen = startServe(t, ['--listen', 'nowhere:99999', 'x.img'], dir);
+  assert.equal(await badListen.exited, 1);
+  assert.match(badListen.stderr(), /^bdsnap: bad --listen "nowhere:99999"/);
+});
