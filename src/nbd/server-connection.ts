@@ -281,8 +281,9 @@ export class ServerConnection {
       if (pooled) this.#pool.put(buf);
       return;
     }
-    if (process.env.BDSNAP_NOCORK === undefined && !this.#corked) {
-      // Replies completing in this turn of the event loop leave in one writev.
+    if (!this.#corked && this.#inFlightCount > 1) {
+      // Replies completing in this turn of the event loop leave in one writev; a lone
+      // request's reply goes at once.
       this.#corked = true;
       s.cork();
       setImmediate(() => {

@@ -15,7 +15,7 @@ import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { NbdServer } from '../nbd/server.js';
 import { listSessions, recoverSession } from '../snapshot/sessions.js';
-import { ensurePrivateDir } from './atomic-file.js';
+import { ensurePrivateDir, writeFileAtomic } from './atomic-file.js';
 import { PasswordStore } from './auth.js';
 import { CONTROL_SOCKET, NBD_SOCKET } from './client.js';
 import {
@@ -25,7 +25,6 @@ import {
 import { ControlServer } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
 import { attachAndMount, cleanUpStaleMount, toRecord, unmountAndDetach, type AttachedMount, type MountRecordOnDisk } from './mount.js';
-import { writeFileAtomic } from './atomic-file.js';
 import { Registry, canonicalDevicePath } from './registry.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';

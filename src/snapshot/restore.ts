@@ -25,6 +25,7 @@ import {
   DATA_FILE, DIGESTS_FILE, INDEX_FILE, JOURNAL_FILE, decodeDigests, decodeIndex, sha256, writeFileAtomic,
 } from './format.js';
 import { scanData, preadFully } from './store.js';
+import { digestDeviceChunks } from './device-digests.js';
 import { compareSessions, listSessions, readSessionInfo, recoverSession, type SessionInfo } from './sessions.js';
 
 const BATCH_BYTES = 8 * 1024 * 1024;
@@ -137,8 +138,27 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
         throw new BdsnapError('EMISMATCH', `${devicePath} is ${device.size} bytes but session ${s.dir} recorded ${s.deviceSize} bytes`);
       }
       checkIdentity(device, s, warnings);
-      loaded.push(await loadSession(s));
     }
+    const journalPath = path.join(target.dir, JOURNAL_FILE);
+    const journal = await readJournal(journalPath);
+    // Hash the device in a worker while this thread checks the stores: every chunk some end
+    // digest may be compared with (a superset of what verifyDigests reads from the device).
+    let deviceDigests: Promise<Map<number, Buffer>> | undefined;
+    if (!options.force && !(journal?.state === 'running' && outputPath === undefined)) {
+      const wanted = new Set<number>();
+      for (const s of chain) {
+        const raw = s.state === 'complete' ? await readOptional(path.join(s.dir, DIGESTS_FILE)).catch(() => undefined) : undefined;
+        if (raw === undefined) continue;
+        try {
+          for (const c of decodeDigests(raw).keys()) wanted.add(c);
+        } catch {
+          // loadSession reports it properly below.
+        }
+      }
+      deviceDigests = digestDeviceChunks(devicePath, [...wanted].sort((a, b) => a - b), target.chunkSize, device.size);
+      deviceDigests.catch(() => undefined);
+    }
+    for (const s of chain) loaded.push(await loadSession(s));
     if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
     const cs = target.chunkSize;
     // Oldest first: the first session of the chain that touched a chunk holds the original to write.
@@ -148,8 +168,6 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     const chunkBytes = (c: number): number => Math.min(cs, device.size - c * cs);
     const bytes = chunks.reduce((n, c) => n + chunkBytes(c), 0);
 
-    const journalPath = path.join(target.dir, JOURNAL_FILE);
-    const journal = await readJournal(journalPath);
     let digestCheck: RestoreSummary['digestCheck'];
     if (journal?.state === 'running' && options.output === undefined) {
       digestCheck = 'skipped-resume';
@@ -163,7 +181,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       digestCheck = 'skipped-force';
       warnings.push('--force: the end digests were not checked');
     } else {
-      await verifyDigests(device, loaded, cs);
+      await verifyDigests(device, loaded, cs, await deviceDigests);
       digestCheck = loaded.some((s) => s.digests === undefined) ? 'partial' : 'verified';
       if (targetUndone) warnings.push(`${devicePath} was already restored from this session once; only the sessions since then were checked`);
     }
@@ -323,7 +341,7 @@ async function forEachDeviceChunk(device: BlockDevice, chunks: number[], cs: num
  * device would hold after the newer ones were restored (the newer sessions' originals, else the
  * device). Every mismatch is collected and the first few are listed.
  */
-async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: number): Promise<void> {
+async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: number, precomputed?: Map<number, Buffer>): Promise<void> {
   const fromDevice = new Set<number>();
   const checks: Array<{ session: LoadedSession; chunk: number; expected: Buffer; source: LoadedSession | undefined }> = [];
   for (let k = 0; k < loaded.length; k++) {
@@ -335,8 +353,12 @@ async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: n
       checks.push({ session: s, chunk, expected, source });
     }
   }
-  const deviceDigests = new Map<number, Buffer>();
-  await forEachDeviceChunk(device, [...fromDevice].sort((a, b) => a - b), cs, (c, data) => deviceDigests.set(c, sha256(data)));
+  let deviceDigests = precomputed;
+  if (!deviceDigests || [...fromDevice].some((c) => !deviceDigests!.has(c))) {
+    const computed = new Map<number, Buffer>();
+    await forEachDeviceChunk(device, [...fromDevice].sort((a, b) => a - b), cs, (c, data) => computed.set(c, sha256(data)));
+    deviceDigests = computed;
+  }
   const mismatches: Array<{ session: LoadedSession; chunk: number; against: string }> = [];
   for (const check of checks) {
     let actual: Buffer;

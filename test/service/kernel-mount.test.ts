@@ -193,3 +193,28 @@ test('a mount that fails leaves no session, no loop device and nothing attached'
   ok(box, ['umount', mnt]);
   assert.equal(sessionDirs(box).length, 1);
 });
+
+test('daemon killed with SIGKILL while mounted: the restarted daemon cleans the dead mount up, recovers the session, restore is exact', { skip: !canRun && 'needs root and /dev/fuse' }, async (t) => {
+  const box = sandbox(t);
+  const daemon = await startDaemonProcess(t, box);
+  const { image, mnt } = ext4Fixture(t, box);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  const before = sha256File(image);
+  const mountedOn = JSON.parse(ok(box, ['mount', image, mnt, '-t', 'ext4', '--json'])) as { loopDevice: string };
+  fs.writeFileSync(path.join(mnt, 'data.bin'), Buffer.alloc(2 << 20, 0x33));
+  spawnSync('sync', ['-f', path.join(mnt, 'data.bin')]);
+
+  daemon.child.kill('SIGKILL');
+  await new Promise((resolve) => daemon.child.once('exit', resolve));
+  const restarted = await startDaemonProcess(t, box);
+  assert.equal(mounted(mnt), false, 'the dead mount is gone');
+  assert.ok(!run('losetup', ['-a']).includes(`${mountedOn.loopDevice}:`), 'its loop device is detached');
+  assert.ok(restarted.logLines().some((l) => l.event === 'stale-mount-cleaned'));
+  const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string }> };
+  assert.deepEqual(list.sessions.map((s) => s.state), ['interrupted']);
+  assert.equal(await restarted.stop(), 0);
+  const restored = cli(box, ['restore', list.sessions[0]?.dir as string]);
+  assert.equal(restored.status, 0, restored.stderr);
+  assert.equal(sha256File(image), before, 'the pre-mount image comes back byte for byte');
+});

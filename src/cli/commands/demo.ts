@@ -81,7 +81,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
   const bdsnap = (args: string[], input?: string): string => {
     process.stdout.write(`$ bdsnap ${args.join(' ')}${input !== undefined ? '   (password on stdin)' : ''}\n`);
     const r = spawnSync(process.execPath, [MAIN, ...args], { encoding: 'utf8', env, input: input ?? '' });
-    if (r.stdout) process.stdout.write(r.stdout.replace(/^/gm, '  '));
+    if (r.stdout) process.stdout.write(r.stdout.replace(/^(?=.)/gm, '  '));
     if (r.status !== 0) throw new BdsnapError('EIO', `bdsnap ${args[0]} failed: ${r.stderr.trim()}`);
     return r.stdout;
   };
@@ -118,6 +118,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     mounted = true;
     fs.writeFileSync(path.join(mnt, 'docs', 'report.txt'), 'quarterly numbers\n'.repeat(2000));
     fs.writeFileSync(path.join(mnt, 'big.bin'), Buffer.alloc(4 * 1024 * 1024, 0x5a));
+    tool('sync', []); // push the new blocks through to the device before changing them again
     fs.appendFileSync(path.join(mnt, 'docs', 'report.txt'), 'an appended line\n');
     fs.renameSync(path.join(mnt, 'docs', 'report.txt'), path.join(mnt, 'docs', 'final.txt'));
     fs.rmSync(path.join(mnt, 'big.bin'));
