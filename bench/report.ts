@@ -26,6 +26,8 @@ export interface Machine {
   kernel: string;
   node: string;
   fio: string;
+  /** 1-minute load average when the machine was described: other work skews the figures. */
+  loadAverage1m: number;
 }
 
 export interface Report {
@@ -59,6 +61,7 @@ export function describeMachine(): Machine {
     kernel: `${os.type()} ${os.release()}`,
     node: process.version,
     fio,
+    loadAverage1m: Math.round((os.loadavg()[0] ?? 0) * 100) / 100,
   };
 }
 

@@ -77,6 +77,7 @@ function parseOptions(argv: string[]): Options {
 
 async function main(): Promise<void> {
   const options = parseOptions(process.argv.slice(2));
+  const loadAtStart = Math.round((os.loadavg()[0] ?? 0) * 100) / 100;
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-'));
   const cleanupDir = (): void => fs.rmSync(dir, { recursive: true, force: true });
   process.once('SIGINT', () => {
@@ -130,7 +131,7 @@ async function main(): Promise<void> {
       rows,
     };
     const m = report.machine;
-    process.stdout.write(`${m.cpus} CPUs (${m.cpuModel}), ${m.memoryGiB} GiB RAM, ${m.kernel}, node ${m.node}, ${m.fio}\n`);
+    process.stdout.write(`${m.cpus} CPUs (${m.cpuModel}), ${m.memoryGiB} GiB RAM, ${m.kernel}, node ${m.node}, ${m.fio}, load average at start ${loadAtStart}, at end ${m.loadAverage1m}\n`);
     process.stdout.write(`fio nbd engine, unix socket, ${options.imageBytes / 2 ** 20} MiB image in page cache, ${options.runtimeSec} s per cell\n\n`);
     process.stdout.write(`${formatTable(report)}\n`);
     if (options.jsonPath !== undefined) {

@@ -1,6 +1,21 @@
-/** The bdsnap library surface. */
+/**
+ * The bdsnap library surface: devices and layers, the NBD server and client, the snapshot
+ * engine (sessions, restore, point-in-time view), the control-API client, and singlefilefs.
+ */
 
 export { BdsnapError, type ErrorCode } from './errors.js';
 export type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from './device/block-device.js';
 export { EXTENT_HOLE, EXTENT_ZERO } from './device/block-device.js';
 export { FileDevice, type FileDeviceOptions, type DeviceIdentity } from './device/file-device.js';
+
+export { NbdServer, NbdClient, StaticExports, type NbdServerOptions, type NbdClientOptions, type ExportHandle, type ExportProvider } from './nbd/index.js';
+
+export {
+  CowDevice, restore, listSessions, recoverSession, readSessionInfo, sessionDirName, checkNotInUse,
+  DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT,
+  type SessionOptions, type SessionSummary, type CowState, type RestoreOptions, type RestoreSummary, type SessionInfo, type SessionState,
+} from './snapshot/index.js';
+
+export { BdsnapClient, withClient, resolveRunDir, type MountOptions } from './service/client.js';
+
+export { SingleFileFs, mkfs as sffsMkfs, mkfsImage as sffsMkfsImage } from './fs/singlefilefs/index.js';

@@ -15,6 +15,9 @@
  *   'drain'.
  * - A framing error or a vanished client ends only this connection; the export handle is
  *   released exactly once, after every request in flight has finished.
+ * - READ reply buffers and WRITE payload buffers come from a pool and return to it when the
+ *   socket (or the device's write) is done with them: a device must not keep a reference to
+ *   the data of a write after that write has settled.
  */
 
 import type net from 'node:net';

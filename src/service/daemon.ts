@@ -92,7 +92,11 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
 
   const activation = async (device: string, password: string, active: boolean): Promise<ActivationResult> => {
     await authenticate(active ? 'activate' : 'deactivate', password);
-    const devicePath = await canonicalDevicePath(device);
+    // A registered image that has since been deleted can still be deactivated by its name.
+    const devicePath = await canonicalDevicePath(device).catch((err: unknown) => {
+      if (!active && registry.get(path.resolve(device))) return path.resolve(device);
+      throw err;
+    });
     if (!registry.get(devicePath)) {
       if (!active) return { device: devicePath, active: false, changed: false, sessionContinues: null };
       await registry.register(devicePath);

@@ -30,8 +30,12 @@ import { StoreWriter, preadFully } from './store.js';
 const closeAsync = promisify(fs.close);
 const ftruncateAsync = promisify(fs.ftruncate);
 
-/** Largest run of adjacent chunks read and stored as one record. */
-const MAX_RUN_BYTES = 8 * 1024 * 1024;
+/**
+ * Largest run of adjacent chunks read and stored as one record. Its sha256 is computed inline
+ * (about 1.5 GB/s with SHA extensions, so ~1.4 ms for 2 MiB): small enough not to stall the
+ * event loop, large enough that restore reads big pieces.
+ */
+const MAX_RUN_BYTES = 2 * 1024 * 1024;
 /** Delay of the background fdatasync of the store in 'process' durability. */
 const DEFERRED_SYNC_MS = 1000;
 

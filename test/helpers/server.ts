@@ -126,7 +126,8 @@ export async function settlesWithin(promise: Promise<unknown>, timeoutMs: number
  */
 export async function startServer(t: AfterHook | undefined, options: ServerOptions): Promise<NbdServer> {
   const kind = options.kind ?? serverKind();
-  const images = options.images.map((p) => path.resolve(p));
+  // bdsnap names each export by the image's real path (symlinks resolved).
+  const images = options.images.map((p) => (fs.existsSync(p) ? fs.realpathSync(p) : path.resolve(p)));
   let ownDir: string | undefined;
   let socketPath = options.socketPath;
   if (socketPath === undefined) {

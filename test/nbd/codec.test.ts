@@ -213,3 +213,24 @@ test('random bytes give messages or a protocol error, never another throw or a h
     },
   ), { numRuns: 3000 });
 });
+
+test('with transient chunks, decoded payloads survive the chunk being overwritten', () => {
+  const stream = Buffer.concat([clientStream(), requestStream()]);
+  const expected = normalize(decodeClient([clientStream()], 'client-flags').concat(decodeClient([requestStream()], 'transmission')));
+  for (const size of [1, 7, 28, 100, 4096]) {
+    const d = new RequestDecoder({ transientChunks: true });
+    const shared = Buffer.alloc(size);
+    const out: ClientMessage[] = [];
+    for (let at = 0; at < stream.length; at += size) {
+      const n = stream.copy(shared, 0, at, Math.min(at + size, stream.length));
+      d.append(shared.subarray(0, n));
+      for (let m = d.next(); m; m = d.next()) {
+        out.push(m);
+        if (m.kind === 'option' && m.option === C.NBD_OPT_GO) d.setPhase('transmission');
+      }
+      d.detach();
+      shared.fill(0xcc);
+    }
+    assert.deepEqual(normalize(out), expected, `chunks of ${size}`);
+  }
+});

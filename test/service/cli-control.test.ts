@@ -239,3 +239,17 @@ test('on a terminal, passwords are prompted for without echo', async (t) => {
   assert.equal(mismatch.status, 1);
   assert.match(mismatch.output, /differ/);
 });
+
+test('the daemon refuses a run directory open to other users instead of locking it down', (t) => {
+  const box = sandbox(t);
+  const shared = path.join(box.top, 'shared');
+  fs.mkdirSync(shared);
+  fs.chmodSync(shared, 0o755);
+  const r = cli(box, ['daemon', '--run-dir', shared, '--state-dir', box.stateDir, '--snapshot-root', box.snapshotRoot]);
+  assert.equal(r.status, 1);
+  assert.match(r.stderr, /open to other users \(mode 755\)/);
+  assert.equal(fs.statSync(shared).mode & 0o777, 0o755, 'the directory is left as it was');
+  const bad = cli(box, ['daemon', '--run-dir', path.join(box.top, 'r'), '--durability', 'sometimes']);
+  assert.equal(bad.status, 1);
+  assert.match(bad.stderr, /--durability must be/);
+});
