@@ -102,9 +102,12 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
       stop: () => {
         stopping ??= (async () => {
           await server.close();
-          const served = new Set(exports.map((e) => e.device));
-          // Wrapping layers are closed first so they can flush into the file below.
-          await Promise.allSettled([...served].filter((d) => !opened.includes(d as FileDevice)).map((d) => d.close()));
+          const served = exports.map((e) => e.device);
+          // Flushed even when no client ever connected; wrapping layers first, so what they
+          // write below lands before the files are synced and closed.
+          await Promise.allSettled(served.map((d) => d.flush()));
+          await Promise.allSettled(served.filter((d) => !opened.includes(d as FileDevice)).map((d) => d.close()));
+          await Promise.allSettled(opened.map((d) => d.flush()));
           await closeAll();
         })();
         return stopping;
