@@ -391,3 +391,54 @@ test('TCP listener with TCP_NODELAY serves the same export', async (t) => {
   assert.deepEqual(b, pattern(65536, 5));
   await c.close();
 });
+
+test('a client that never reads its replies cannot make the server buffer without bound', async (t) => {
+  const s = await serveImage(t, { sizeBytes: 8 * MiB, fill: (b) => b.fill(1), maxInFlightBytesPerConnection: 4 * MiB });
+  const raw = await RawPeer.connect(s.socketPath);
+  await raw.enterTransmission();
+  raw.socket.pause();
+  const before = process.memoryUsage().arrayBuffers;
+  const requests = 256; // 256 MiB of READ replies asked for
+  for (let i = 0; i < requests; i++) raw.write(encodeRequest(0, C.NBD_CMD_READ, 0, i, (i % 8) * MiB, MiB));
+  let peak = 0;
+  for (let i = 0; i < 40; i++) {
+    await new Promise((r) => setTimeout(r, 25));
+    peak = Math.max(peak, process.memoryUsage().arrayBuffers - before);
+  }
+  assert.ok(peak < 64 * MiB, `server buffered ${Math.round(peak / MiB)} MiB`);
+  // Now read everything: all 256 replies arrive, each with its data.
+  raw.socket.resume();
+  for (let i = 0; i < requests; i++) {
+    const header = await raw.read(16, 10000);
+    assert.equal(header.readUInt32BE(4), 0);
+    const data = await raw.read(MiB, 10000);
+    assert.equal(data[0], 1);
+  }
+  raw.destroy();
+});
+
+test('replies go out as each request completes: a slow read does not hold back a fast one', async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'o.img');
+  fs.writeFileSync(image, Buffer.alloc(MiB));
+  const { FileDevice } = await import('../../src/device/file-device.js');
+  const file = await FileDevice.open(image);
+  t.after(() => file.close());
+  const slow = Object.create(file, {
+    read: { value: async (target: Buffer, offsetBytes: number) => {
+      if (offsetBytes === 0) await new Promise((r) => setTimeout(r, 200));
+      await file.read(target, offsetBytes);
+    } },
+  }) as typeof file;
+  const server = new NbdServer({ exports: new StaticExports([{ name: image, device: slow }]) });
+  const sock = path.join(dir, 'o.sock');
+  await server.listenUnix(sock);
+  t.after(() => server.close());
+  const c = await NbdClient.connect({ socketPath: sock });
+  const order: string[] = [];
+  const first = c.read(Buffer.alloc(4096), 0).then(() => order.push('slow'));
+  const second = c.read(Buffer.alloc(4096), 4096).then(() => order.push('fast'));
+  await Promise.all([first, second]);
+  assert.deepEqual(order, ['fast', 'slow']);
+  await c.close();
+});
