@@ -59,6 +59,11 @@ export interface BlockDevice {
 
   /** Read `target.length` bytes at `offsetBytes` into `target` (reads land in the reply buffer). */
   read(target: Buffer, offsetBytes: number): Promise<void>;
+  /**
+   * Write `data` at `offsetBytes`. The caller may reuse `data` as soon as the promise settles
+   * (the NBD server recycles its payload buffers), so an implementation that defers work on
+   * the bytes must copy them.
+   */
   write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void>;
   /** Make every write already completed durable. */
   flush(): Promise<void>;

@@ -18,6 +18,7 @@
  */
 
 import { createHash } from 'node:crypto';
+import { crc32 } from 'node:zlib';
 import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
@@ -93,35 +94,59 @@ function readU64(buf: Buffer, at: number): number {
 
 /**
  * Record header layout: magic u32 @0, version u16 @4, flags u16 @6, first chunk u64 @8,
- * payload length u32 @16, reserved u32 @20, payload sha256 @24..56, first 8 bytes of the
- * sha256 of bytes 0..56 @56.
+ * payload length u32 @16, reserved u32 @20, payload checksum @24..56, header check @56..64.
+ *
+ * Flags 0 (the first records written): the payload checksum is its sha256 and the header check
+ * the first 8 bytes of the sha256 of bytes 0..56. RECORD_FLAG_CRC32: the payload checksum is a
+ * CRC-32 (u32 @24, zeroes up to 56) and the header check the CRC-32 of bytes 0..56 (u32 @56,
+ * zero u32 @60). A record checksum only has to catch a torn write or flipped bits, which a
+ * CRC-32 does (every burst up to 32 bits, anything else but for 2^-32), at 3x the speed of
+ * sha256 on the request path; the end digests that guard against a changed device stay sha256.
  */
+export const RECORD_FLAG_CRC32 = 1;
+
 export function encodeRecordHeader(firstChunk: number, payload: Buffer): Buffer {
   const h = Buffer.alloc(RECORD_HEADER_BYTES);
   h.writeUInt32LE(RECORD_MAGIC, 0);
   h.writeUInt16LE(FORMAT_VERSION, 4);
+  h.writeUInt16LE(RECORD_FLAG_CRC32, 6);
   writeU64(h, firstChunk, 8);
   h.writeUInt32LE(payload.length, 16);
-  sha256(payload).copy(h, 24);
-  sha256(h.subarray(0, 56)).copy(h, 56, 0, 8);
+  h.writeUInt32LE(crc32(payload), 24);
+  h.writeUInt32LE(crc32(h.subarray(0, 56)), 56);
   return h;
 }
 
 export interface RecordHeader {
   firstChunk: number;
   payloadBytes: number;
-  payloadSha256: Buffer;
+  /** True when the payload is checked by its sha256 (flags 0), false for a CRC-32. */
+  payloadSha256: boolean;
+  /** sha256 (32 bytes) or CRC-32 (u32 LE in the first 4 bytes) of the payload. */
+  payloadChecksum: Buffer;
 }
 
 /** Parse a header; returns a reason string instead of throwing so scanners can decide. */
 export function decodeRecordHeader(h: Buffer): RecordHeader | string {
   if (h.length < RECORD_HEADER_BYTES) return 'short header';
   if (h.readUInt32LE(0) !== RECORD_MAGIC) return 'bad record magic';
-  if (!sha256(h.subarray(0, 56)).subarray(0, 8).equals(h.subarray(56, 64))) return 'record header checksum mismatch';
+  const flags = h.readUInt16LE(6);
+  const crc = (flags & RECORD_FLAG_CRC32) !== 0;
+  const headerOk = crc
+    ? h.readUInt32LE(56) === crc32(h.subarray(0, 56)) && h.readUInt32LE(60) === 0
+    : sha256(h.subarray(0, 56)).subarray(0, 8).equals(h.subarray(56, 64));
+  if (!headerOk) return 'record header checksum mismatch';
   if (h.readUInt16LE(4) !== FORMAT_VERSION) return `unknown record version ${h.readUInt16LE(4)}`;
+  if ((flags & ~RECORD_FLAG_CRC32) !== 0) return `unknown record flags ${flags}`;
   const payloadBytes = h.readUInt32LE(16);
   if (payloadBytes === 0 || payloadBytes > MAX_RECORD_PAYLOAD_BYTES) return `bad record length ${payloadBytes}`;
-  return { firstChunk: readU64(h, 8), payloadBytes, payloadSha256: Buffer.from(h.subarray(24, 56)) };
+  return { firstChunk: readU64(h, 8), payloadBytes, payloadSha256: !crc, payloadChecksum: Buffer.from(h.subarray(24, crc ? 28 : 56)) };
+}
+
+/** Whether `payload` matches the checksum of its decoded header (one hashing pass). */
+export function payloadMatches(header: RecordHeader, payload: Buffer): boolean {
+  if (header.payloadSha256) return sha256(payload).equals(header.payloadChecksum);
+  return crc32(payload) === header.payloadChecksum.readUInt32LE(0);
 }
 
 /** An index or digest table: fixed-size entries after a 16-byte header, sha256 of all at the end. */

@@ -137,6 +137,8 @@ export async function startServer(t: AfterHook | undefined, options: ServerOptio
   const [command, args] = commandFor(kind, socketPath, images, options);
   return launchServer(t, {
     kind, command, args, socketPath, exportNames: images, ownDir, readyTimeoutMs: options.readyTimeoutMs, env: options.env,
+    // `bdsnap serve --help` promises this line once every listener is up (TCP included).
+    readyPattern: kind === 'bdsnap' ? /^bdsnap: serving /m : undefined,
   });
 }
 
@@ -152,6 +154,8 @@ export interface LaunchOptions {
   ownDir?: string;
   readyTimeoutMs?: number;
   env?: NodeJS.ProcessEnv;
+  /** Also wait for this on stderr (the server's own "ready" line). */
+  readyPattern?: RegExp;
 }
 
 /** Start any NBD-serving process (bdsnap serve, bdsnap daemon, nbdkit) and wait for its socket. */
@@ -211,7 +215,8 @@ export async function launchServer(t: AfterHook | undefined, options: LaunchOpti
       await stop();
       throw new Error(`NBD server did not start: ${describe()}`);
     }
-    if (fs.existsSync(socketPath) && (await tryConnect(socketPath))) break;
+    const announced = options.readyPattern === undefined || options.readyPattern.test(stderrText);
+    if (announced && fs.existsSync(socketPath) && (await tryConnect(socketPath))) break;
     if (Date.now() > deadlineMs) {
       await stop();
       throw new Error(`NBD server not accepting on ${socketPath} after ${options.readyTimeoutMs ?? DEFAULT_READY_TIMEOUT_MS} ms: ${describe()}`);

@@ -16,6 +16,8 @@ import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
 import { NbdServer } from '../../nbd/server.js';
 import { StaticExports } from '../../nbd/static-exports.js';
+import { CowDevice, type SessionOptions } from '../../snapshot/index.js';
+import { parseBytes } from '../units.js';
 
 export const DEFAULT_SOCKET = 'bdsnap.sock';
 
@@ -127,6 +129,10 @@ export function register(program: Command): void {
     .option('--socket <path>', `unix socket to listen on (default: ./${DEFAULT_SOCKET} unless --listen is given)`)
     .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default)')
     .option('--read-only', 'refuse writes (clients see a read-only export)')
+    .option('--snapshot-root <dir>', 'open a copy-before-write session per image under DIR for as long as it is served')
+    .option('--chunk-size <size>', 'session chunk size, a power of two of at least 4K (default 64K)')
+    .option('--durability <mode>', "session durability: 'process' (survives a killed process) or 'strict' (survives power loss)", 'process')
+    .option('--size-limit <size>', 'cap on each session store; past it the session fails and the device carries on')
     .addHelpText('after', `
 Prints "bdsnap: serving N export(s) on ENDPOINTS" on stderr once ready. SIGINT or SIGTERM
 finishes the requests in flight, flushes every image and exits 0.
@@ -134,10 +140,11 @@ finishes the requests in flight, flushes every image and exits 0.
 Example:
   bdsnap serve --socket /tmp/nbd.sock disk.img &
   nbdinfo 'nbd+unix:///?socket=/tmp/nbd.sock'`)
-    .action(async (images: string[], opts: { socket?: string; listen?: string; readOnly?: boolean }) => {
+    .action(async (images: string[], opts: ServeCliOptions) => {
       const listen = opts.listen !== undefined ? parseListen(opts.listen) : undefined;
       const socketPath = opts.socket ?? (listen ? undefined : DEFAULT_SOCKET);
-      const running = await startServe({ images, socketPath, listen, readOnly: opts.readOnly ?? false });
+      const wrap = sessionWrapper(opts);
+      const running = await startServe({ images, socketPath, listen, readOnly: opts.readOnly ?? false, wrap });
       const n = running.exportNames.length;
       process.stderr.write(`bdsnap: serving ${n} export${n === 1 ? '' : 's'} on ${running.endpoints.join(', ')}\n`);
       await new Promise<void>((resolve) => {
@@ -154,4 +161,47 @@ Example:
         process.on('SIGTERM', onSignal);
       });
     });
+}
+
+interface ServeCliOptions {
+  socket?: string;
+  listen?: string;
+  readOnly?: boolean;
+  snapshotRoot?: string;
+  chunkSize?: string;
+  durability: string;
+  sizeLimit?: string;
+}
+
+/**
+ * With --snapshot-root, each image is served through a copy-before-write session that lasts
+ * as long as the server runs; its directory appears with the first modifying request.
+ */
+function sessionWrapper(opts: ServeCliOptions): ServeOptions['wrap'] {
+  if (opts.snapshotRoot === undefined) {
+    if (opts.chunkSize ?? opts.sizeLimit) throw new BdsnapError('EINVAL', '--chunk-size and --size-limit need --snapshot-root');
+    return undefined;
+  }
+  if (opts.readOnly) throw new BdsnapError('EINVAL', '--snapshot-root makes no sense with --read-only: nothing can change');
+  if (opts.durability !== 'process' && opts.durability !== 'strict') {
+    throw new BdsnapError('EINVAL', `bad --durability "${opts.durability}": expected process or strict`);
+  }
+  const base: Omit<SessionOptions, 'devicePath'> = {
+    snapshotRoot: path.resolve(opts.snapshotRoot),
+    durability: opts.durability,
+    chunkSize: opts.chunkSize !== undefined ? parseBytes(opts.chunkSize, '--chunk-size') : undefined,
+    sizeLimitBytes: opts.sizeLimit !== undefined ? parseBytes(opts.sizeLimit, '--size-limit') : undefined,
+  };
+  const report = (event: { type: string; [k: string]: unknown }): void => {
+    const dir = typeof event.sessionDir === 'string' ? event.sessionDir : '';
+    if (event.type === 'session-start') process.stderr.write(`bdsnap: session started: ${dir}\n`);
+    else if (event.type === 'session-failed') process.stderr.write(`bdsnap: session FAILED (${String(event.reason)}); the device carries on without it: ${dir}\n`);
+    else if (event.type === 'session-end') process.stderr.write(`bdsnap: session ended: ${dir}\n`);
+  };
+  return (device, devicePath) => CowDevice.create(device, {
+    ...base,
+    devicePath,
+    deviceIdentity: device instanceof FileDevice ? { ...device.identity } : undefined,
+    onEvent: report,
+  });
 }
