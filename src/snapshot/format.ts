@@ -6,7 +6,7 @@
  * - `manifest.json`  versioned metadata; rewritten atomically (temp, fsync, rename, fsync dir).
  * - `data.bin`       append-only records, each a 64-byte header and the original bytes of one or
  *                    more adjacent chunks. The header carries a magic, the first chunk index, the
- *                    payload length, the sha256 of the payload and a check of the header itself,
+ *                    payload length, a checksum of the payload and a check of the header itself,
  *                    so a torn tail is recognised and a flipped byte anywhere is detected.
  * - `index.bin`      chunk index -> byte position of its original in data.bin; rebuildable from
  *                    data.bin alone, written at session end and by recovery.
@@ -23,6 +23,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
+import type { ChunkTable } from './chunk-table.js';
 
 export const FORMAT_NAME = 'bdsnap-session';
 export const FORMAT_VERSION = 1;
@@ -175,12 +176,19 @@ function decodeTable(name: string, magic: number, entryBytes: number, buf: Buffe
 }
 
 /** chunk index -> byte position in data.bin of that chunk's original. */
-export function encodeIndex(index: Map<number, number>): Buffer {
-  const entries = [...index.entries()].sort((a, b) => a[0] - b[0]);
-  return encodeTable(INDEX_MAGIC, 16, entries.length, (buf, at, i) => {
-    const e = entries[i]!;
-    writeU64(buf, e[0], at);
-    writeU64(buf, e[1], at + 8);
+export function encodeIndex(index: Map<number, number> | ChunkTable): Buffer {
+  let chunks: ArrayLike<number>;
+  let positions: ArrayLike<number>;
+  if (index instanceof Map) {
+    const entries = [...index.entries()].sort((a, b) => a[0] - b[0]);
+    chunks = entries.map((e) => e[0]);
+    positions = entries.map((e) => e[1]);
+  } else {
+    ({ chunks, values: positions } = index.sorted());
+  }
+  return encodeTable(INDEX_MAGIC, 16, chunks.length, (buf, at, i) => {
+    writeU64(buf, chunks[i]!, at);
+    writeU64(buf, positions[i]!, at + 8);
   });
 }
 
@@ -198,6 +206,15 @@ export function encodeDigests(digests: Map<number, Buffer>): Buffer {
     const e = entries[i]!;
     writeU64(buf, e[0], at);
     e[1].copy(buf, at + 8);
+  });
+}
+
+/** The same table from sorted chunk indexes and their digests packed 32 bytes each. */
+export function encodeDigestArrays(chunks: ArrayLike<number>, digests: Buffer): Buffer {
+  if (digests.length !== chunks.length * 32) throw new BdsnapError('EINVAL', `${chunks.length} chunks but ${digests.length} digest bytes`);
+  return encodeTable(DIGESTS_MAGIC, 40, chunks.length, (buf, at, i) => {
+    writeU64(buf, chunks[i]!, at);
+    digests.copy(buf, at + 8, i * 32, i * 32 + 32);
   });
 }
 

@@ -13,7 +13,7 @@
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { RECORD_HEADER_BYTES, decodeRecordHeader, encodeRecordHeader, sha256 } from './format.js';
+import { RECORD_HEADER_BYTES, decodeRecordHeader, encodeRecordHeader, payloadMatches } from './format.js';
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 const fstatAsync = promisify(fs.fstat);
@@ -192,6 +192,11 @@ export interface ScanResult {
   tornReason?: string;
   /** Sum of payload bytes of the indexed chunks. */
   preservedBytes: number;
+  /**
+   * The whole file as read and verified, when it fit `keepBytes`: byte i is byte i of data.bin,
+   * so an original is `data.subarray(position, position + length)` with no second read.
+   */
+  data?: Buffer;
 }
 
 export interface ScanOptions {
@@ -201,18 +206,108 @@ export interface ScanOptions {
   allowTornTail: boolean;
   /** Name used in error messages. */
   where: string;
+  /** Keep the file's bytes in memory (ScanResult.data) when it is at most this long. Default 0. */
+  keepBytes?: number;
 }
 
-/** Read data.bin from the start, verify every record and rebuild the index. */
+/** Size of each read of data.bin while scanning: large reads, one more in flight while checking. */
+const SCAN_READ_BYTES = 8 * 1024 * 1024;
+
+/**
+ * Bytes of data.bin, read sequentially in large pieces with the next piece read while the
+ * current one is checked. `at(pos, len)` gives a view of [pos, pos + len) or undefined past the
+ * end of the file. Positions only move forward.
+ */
+class SequentialReader {
+  readonly #fd: number;
+  readonly #fileBytes: number;
+  readonly #keep: boolean;
+  /** Holds file bytes [#start, #start + #filled). */
+  #buf: Buffer;
+  #start = 0;
+  #filled = 0;
+  #ahead: { pos: number; buf: Buffer; done: Promise<number> } | undefined;
+
+  constructor(fd: number, fileBytes: number, keep: boolean) {
+    this.#fd = fd;
+    this.#fileBytes = fileBytes;
+    this.#keep = keep;
+    // Kept: one buffer for the whole file, filled piece by piece. Else a window that slides.
+    this.#buf = Buffer.allocUnsafe(keep ? fileBytes : Math.min(fileBytes, SCAN_READ_BYTES));
+  }
+
+  /** The whole file (kept mode only, once everything was read). */
+  get whole(): Buffer {
+    return this.#buf.subarray(0, this.#filled);
+  }
+
+  async at(pos: number, len: number): Promise<Buffer | undefined> {
+    if (pos + len > this.#fileBytes) return undefined;
+    if (this.#keep) {
+      while (this.#filled < pos + len) await this.#fillKept();
+      return this.#buf.subarray(pos, pos + len);
+    }
+    if (pos < this.#start || pos + len > this.#start + this.#filled) await this.#slide(pos, len);
+    return this.#buf.subarray(pos - this.#start, pos - this.#start + len);
+  }
+
+  async #fillKept(): Promise<void> {
+    const pos = this.#filled;
+    const ahead = this.#ahead;
+    this.#ahead = undefined;
+    const n = ahead !== undefined && ahead.pos === pos ? await ahead.done : await this.#read(this.#buf, pos, SCAN_READ_BYTES);
+    if (n === 0) throw new BdsnapError('EIO', `data file ended at byte ${pos} while being read`);
+    this.#filled += n;
+    const next = this.#filled;
+    if (next < this.#fileBytes) this.#ahead = { pos: next, buf: this.#buf, done: this.#read(this.#buf, next, SCAN_READ_BYTES) };
+  }
+
+  /** Move the window to start at `pos`, keeping what it already holds from there on. */
+  async #slide(pos: number, len: number): Promise<void> {
+    const size = Math.max(len, SCAN_READ_BYTES);
+    let buf = this.#buf;
+    let kept = 0;
+    if (pos >= this.#start && pos < this.#start + this.#filled) kept = this.#start + this.#filled - pos;
+    if (buf.length < size) {
+      buf = Buffer.allocUnsafe(size);
+      if (kept > 0) this.#buf.copy(buf, 0, pos - this.#start, pos - this.#start + kept);
+    } else if (kept > 0) {
+      buf.copy(buf, 0, pos - this.#start, pos - this.#start + kept);
+    }
+    this.#buf = buf;
+    this.#start = pos;
+    this.#filled = kept;
+    const want = Math.min(size, this.#fileBytes - pos);
+    while (this.#filled < want) {
+      const n = await this.#read(buf, pos + this.#filled, want - this.#filled, this.#filled);
+      if (n === 0) throw new BdsnapError('EIO', `data file ended at byte ${pos + this.#filled} while being read`);
+      this.#filled += n;
+    }
+  }
+
+  async #read(buf: Buffer, pos: number, maxBytes: number, bufOffset = pos): Promise<number> {
+    const len = Math.min(maxBytes, this.#fileBytes - pos, buf.length - bufOffset);
+    try {
+      return await preadFully(this.#fd, buf.subarray(bufOffset, bufOffset + len), pos);
+    } catch (err) {
+      throw toBdsnapError(err);
+    }
+  }
+}
+
+/**
+ * Read data.bin from the start, verify every record (one checksum pass per record) and rebuild
+ * the index. With `keepBytes` at least the file size, the verified bytes are returned too.
+ */
 export async function scanData(fd: number, options: ScanOptions): Promise<ScanResult> {
   const { chunkSize, deviceSize, where } = options;
   const fileBytes = (await fstatAsync(fd).catch((err: unknown) => {
     throw toBdsnapError(err);
   })).size;
+  const keep = fileBytes > 0 && fileBytes <= (options.keepBytes ?? 0);
+  const reader = new SequentialReader(fd, fileBytes, keep);
   const records: ScannedRecord[] = [];
   const index = new Map<number, number>();
-  const header = Buffer.alloc(RECORD_HEADER_BYTES);
-  let payload = Buffer.alloc(0);
   let position = 0;
   let preservedBytes = 0;
   const chunkCount = Math.ceil(deviceSize / chunkSize);
@@ -221,7 +316,8 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
     const bad = (reason: string): void => {
       tornReason = `${reason} at byte ${position} of ${where}`;
     };
-    if ((await preadFully(fd, header, position)) < RECORD_HEADER_BYTES) {
+    const header = await reader.at(position, RECORD_HEADER_BYTES);
+    if (header === undefined) {
       bad('truncated record header');
       break;
     }
@@ -236,14 +332,12 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
       bad(`record for chunk ${h.firstChunk} (${h.payloadBytes} bytes) does not fit the device`);
       break;
     }
-    if (position + RECORD_HEADER_BYTES + h.payloadBytes > fileBytes) {
+    const body = await reader.at(position + RECORD_HEADER_BYTES, h.payloadBytes);
+    if (body === undefined) {
       bad('truncated record payload');
       break;
     }
-    if (payload.length < h.payloadBytes) payload = Buffer.alloc(h.payloadBytes);
-    const body = payload.subarray(0, h.payloadBytes);
-    await preadFully(fd, body, position + RECORD_HEADER_BYTES);
-    if (!sha256(body).equals(h.payloadSha256)) {
+    if (!payloadMatches(h, body)) {
       bad('record payload checksum mismatch');
       break;
     }
@@ -259,5 +353,7 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
   if (tornReason !== undefined && !options.allowTornTail) {
     throw new BdsnapError('ECORRUPT', `${where} is corrupt: ${tornReason}`);
   }
-  return { records, index, validBytes: position, fileBytes, tornReason, preservedBytes };
+  const result: ScanResult = { records, index, validBytes: position, fileBytes, tornReason, preservedBytes };
+  if (keep && tornReason === undefined) result.data = reader.whole;
+  return result;
 }

@@ -124,7 +124,7 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
 export function register(program: Command): void {
   program
     .command('serve')
-    .description('serve image files or block devices over NBD in the foreground (no daemon, no snapshots)')
+    .description('serve image files or block devices over NBD in the foreground, without the daemon (--snapshot-root adds a session)')
     .argument('<image...>', 'image files or block devices; each is exported under its absolute real path, and the empty export name selects the first')
     .option('--socket <path>', `unix socket to listen on (default: ./${DEFAULT_SOCKET} unless --listen is given)`)
     .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default)')
