@@ -23,9 +23,10 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
 import {
   DATA_FILE, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, RECORD_HEADER_BYTES,
-  checkChunkSize, encodeDigests, encodeIndex, fsyncDirectory, sessionDirName, sha256, writeFileAtomic, writeManifest, type Manifest,
+  checkChunkSize, encodeDigestArrays, encodeIndex, fsyncDirectory, sessionDirName, sha256, writeFileAtomic, writeManifest, type Manifest,
 } from './format.js';
 import { StoreWriter, preadFully } from './store.js';
+import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 
 const closeAsync = promisify(fs.close);
 const ftruncateAsync = promisify(fs.ftruncate);
@@ -93,10 +94,10 @@ export class CowDevice implements BlockDevice {
   readonly #mountTime: Date;
   readonly #root: string;
   readonly #durability: 'process' | 'strict';
-  /** 1 = the chunk's original is in the store. */
-  readonly #preserved: Uint8Array;
+  /** Set = the chunk's original is in the store. */
+  readonly #preserved: ChunkBitmap;
   /** chunk -> byte position of its original in data.bin. */
-  readonly #location = new Map<number, number>();
+  readonly #location = new ChunkTable();
   readonly #copying = new Map<number, Promise<void>>();
   #state: CowState = 'idle';
   #sessionDir: string | undefined;
@@ -135,7 +136,7 @@ export class CowDevice implements BlockDevice {
     this.canTrim = base.canTrim;
     this.canFastZero = base.canFastZero;
     this.canMultiConn = base.canMultiConn;
-    this.#preserved = new Uint8Array(Math.ceil(base.size / chunkSize));
+    this.#preserved = new ChunkBitmap(Math.ceil(base.size / chunkSize));
   }
 
   /** Wrap `base`. No I/O happens until the first modifying request. Errors: EINVAL. */
@@ -216,10 +217,33 @@ export class CowDevice implements BlockDevice {
 
   // ---- write path -----------------------------------------------------------------------
 
-  async #modify(offsetBytes: number, lengthBytes: number, fua: boolean, apply: () => Promise<void>): Promise<void> {
-    if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the session is closing');
-    if (this.readOnly) throw new BdsnapError('EPERM', `${this.#options.devicePath} is read-only`);
-    checkRange(this, offsetBytes, lengthBytes, true);
+  #modify(offsetBytes: number, lengthBytes: number, fua: boolean, apply: () => Promise<void>): Promise<void> {
+    let p: Promise<void>;
+    try {
+      if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the session is closing');
+      if (this.readOnly) throw new BdsnapError('EPERM', `${this.#options.devicePath} is read-only`);
+      checkRange(this, offsetBytes, lengthBytes, true);
+      // Rewrites of preserved chunks (and everything after a failure) go straight to the device,
+      // without an await of ours: that path must cost what the bare device costs.
+      const nothingToCopy = lengthBytes === 0 || this.#state === 'failed'
+        || (this.#state === 'active' && this.#preserved.hasAll(Math.floor(offsetBytes / this.chunkSize), Math.floor((offsetBytes + lengthBytes - 1) / this.chunkSize)));
+      if (!nothingToCopy || fua) return this.#modifyCopying(offsetBytes, lengthBytes, fua, apply);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    this.#enter();
+    try {
+      p = apply();
+    } catch (err) {
+      this.#leave();
+      return Promise.reject(err);
+    }
+    const leave = (): void => this.#leave();
+    p.then(leave, leave);
+    return p;
+  }
+
+  async #modifyCopying(offsetBytes: number, lengthBytes: number, fua: boolean, apply: () => Promise<void>): Promise<void> {
     this.#enter();
     try {
       if (lengthBytes > 0 && this.#state !== 'failed') await this.#preserve(offsetBytes, lengthBytes);
@@ -231,7 +255,8 @@ export class CowDevice implements BlockDevice {
   }
 
   async #preserve(offsetBytes: number, lengthBytes: number): Promise<void> {
-    if (!(await this.#ensureStarted())) return;
+    const started = this.#ensureStarted();
+    if (started !== true && !(await started)) return;
     const cs = this.chunkSize;
     const first = Math.floor(offsetBytes / cs);
     const last = Math.floor((offsetBytes + lengthBytes - 1) / cs);
@@ -247,7 +272,7 @@ export class CowDevice implements BlockDevice {
     };
     // Synchronous from here to the await below: #copying is claimed before anyone else can look.
     for (let c = first; c <= last; c++) {
-      if (this.#preserved[c] === 1) {
+      if (this.#preserved.has(c)) {
         endRun(c - 1);
         continue;
       }
@@ -274,8 +299,8 @@ export class CowDevice implements BlockDevice {
       const position = await this.#writer!.append(firstChunk, buf);
       if (position === undefined) return; // the store failed; the session is marked failed
       for (let c = firstChunk; c <= lastChunk; c++) {
-        this.#preserved[c] = 1;
-        this.#location.set(c, position + RECORD_HEADER_BYTES + (c - firstChunk) * cs);
+        this.#preserved.add(c);
+        this.#location.setIfAbsent(c, position + RECORD_HEADER_BYTES + (c - firstChunk) * cs);
       }
       this.#preservedChunks += lastChunk - firstChunk + 1;
       this.#preservedBytes += buf.length;
@@ -403,10 +428,11 @@ export class CowDevice implements BlockDevice {
       if (this.#state === 'active') await this.#writer!.sync().catch(() => undefined);
       if (this.#state === 'active') {
         await this.#base.flush();
-        const digests = await this.#finalDigests();
-        await writeFileAtomic(path.join(dir, DIGESTS_FILE), encodeDigests(digests));
+        const { chunks } = this.#location.sorted();
+        const digests = await this.#finalDigests(chunks);
+        await writeFileAtomic(path.join(dir, DIGESTS_FILE), encodeDigestArrays(chunks, digests));
         await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(this.#location));
-        await writeManifest(dir, { ...this.#manifest('complete'), endTime, digestedChunks: digests.size });
+        await writeManifest(dir, { ...this.#manifest('complete'), endTime, digestedChunks: chunks.length });
         this.#state = 'complete';
       } else {
         await this.#failurePersisted;
@@ -437,21 +463,21 @@ export class CowDevice implements BlockDevice {
     if (fd !== undefined) await closeAsync(fd);
   }
 
-  /** sha256 of the final content of every preserved chunk, read in large sorted runs. */
-  async #finalDigests(): Promise<Map<number, Buffer>> {
+  /** sha256 of the final content of each of `chunks` (sorted), 32 bytes each, read in large runs. */
+  async #finalDigests(chunks: Float64Array): Promise<Buffer> {
     const cs = this.chunkSize;
-    const chunks = [...this.#location.keys()].sort((a, b) => a - b);
-    const digests = new Map<number, Buffer>();
+    const digests = Buffer.allocUnsafe(chunks.length * 32);
     const maxRunChunks = Math.max(1, MAX_RUN_BYTES / cs);
+    const scratch = Buffer.allocUnsafe(maxRunChunks * cs);
     let i = 0;
     while (i < chunks.length) {
       let j = i + 1;
       while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRunChunks) j++;
       const first = chunks[i]!;
       const startBytes = first * cs;
-      const buf = Buffer.allocUnsafe(Math.min((first + (j - i)) * cs, this.size) - startBytes);
+      const buf = scratch.subarray(0, Math.min((first + (j - i)) * cs, this.size) - startBytes);
       await this.#base.read(buf, startBytes);
-      for (let k = 0; k < j - i; k++) digests.set(first + k, sha256(buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length))));
+      for (let k = 0; k < j - i; k++) sha256(buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length))).copy(digests, (i + k) * 32);
       i = j;
       // Yield between runs so a long digest pass does not starve other work on the loop.
       await new Promise<void>((resolve) => setImmediate(resolve));
@@ -507,7 +533,7 @@ export class CowDevice implements BlockDevice {
     const first = Math.floor(offsetBytes / cs);
     const last = Math.floor((offsetBytes + target.length - 1) / cs);
     const untouched = (): boolean => {
-      for (let c = first; c <= last; c++) if (this.#preserved[c] === 1 || this.#copying.has(c)) return false;
+      for (let c = first; c <= last; c++) if (this.#preserved.has(c) || this.#copying.has(c)) return false;
       return true;
     };
     if (untouched()) {
@@ -544,7 +570,7 @@ export class CowDevice implements BlockDevice {
       }
       await this.#base.read(part, fromBytes);
       this.#checkViewUsable();
-      if (this.#preserved[chunk] !== 1 && !this.#copying.has(chunk)) return;
+      if (!this.#preserved.has(chunk) && !this.#copying.has(chunk)) return;
     }
   }
 

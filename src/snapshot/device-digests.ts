@@ -5,6 +5,7 @@
  * work. The worker opens the device read-only by path and reads it in large sequential runs.
  */
 
+import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { BdsnapError } from '../errors.js';
 
@@ -39,19 +40,36 @@ fs.closeSync(fd);
 parentPort.postMessage(out);
 `;
 
-/** Digest every chunk of `chunks` (sorted, distinct) of the device at `devicePath`. Errors: EIO. */
-export function digestDeviceChunks(devicePath: string, chunks: number[], chunkSize: number, sizeBytes: number): Promise<Map<number, Buffer>> {
-  if (chunks.length === 0) return Promise.resolve(new Map());
+/** Below this many bytes to hash, one worker: starting a second costs more than it saves. */
+const SPLIT_ABOVE_BYTES = 32 * 1024 * 1024;
+
+/**
+ * Digest every chunk of `chunks` (sorted, distinct) of the device at `devicePath`, in one
+ * worker or, for a large set, two (each reading its own half of the device), so that the
+ * hashing uses both cores while the caller's thread checks the store. Errors: EIO.
+ */
+export async function digestDeviceChunks(devicePath: string, chunks: number[], chunkSize: number, sizeBytes: number): Promise<Map<number, Buffer>> {
+  if (chunks.length === 0) return new Map();
+  const parts = chunks.length * chunkSize > SPLIT_ABOVE_BYTES && availableParallelism() > 1 ? 2 : 1;
+  const per = Math.ceil(chunks.length / parts);
+  const slices = Array.from({ length: parts }, (_, i) => chunks.slice(i * per, (i + 1) * per));
+  const outs = await Promise.all(slices.map((slice) => runWorker(devicePath, slice, chunkSize, sizeBytes)));
+  const map = new Map<number, Buffer>();
+  slices.forEach((slice, k) => {
+    const out = outs[k]!;
+    slice.forEach((c, i) => map.set(c, out.subarray(i * 32, (i + 1) * 32)));
+  });
+  return map;
+}
+
+function runWorker(devicePath: string, chunks: number[], chunkSize: number, sizeBytes: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { devicePath, chunks, chunkSize, sizeBytes, runBytes: 8 * 1024 * 1024 } });
     let settled = false;
     worker.once('message', (raw: Uint8Array) => {
       settled = true;
-      const out = Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength);
-      const map = new Map<number, Buffer>();
-      chunks.forEach((c, i) => map.set(c, out.subarray(i * 32, (i + 1) * 32)));
       void worker.terminate();
-      resolve(map);
+      resolve(Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength));
     });
     worker.once('error', (err) => {
       settled = true;

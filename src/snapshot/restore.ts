@@ -16,6 +16,7 @@
  */
 
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { BdsnapError, toBdsnapError } from '../errors.js';
@@ -29,6 +30,24 @@ import { digestDeviceChunks } from './device-digests.js';
 import { compareSessions, listSessions, readSessionInfo, recoverSession, type SessionInfo } from './sessions.js';
 
 const BATCH_BYTES = 8 * 1024 * 1024;
+/**
+ * Store bytes kept in memory between their checksum pass and the apply, over all sessions of
+ * the chain: a store that fits is read once; a bigger one is read again while applying.
+ */
+let keepBudgetBytes = Math.min(1024 * 1024 * 1024, Math.floor(os.totalmem() / 4));
+
+/**
+ * Set the memory restore may use to keep verified store bytes for the apply (tuning, and tests
+ * of the re-reading path); returns the previous value. Not part of the library surface.
+ */
+export function setRestoreMemoryBudget(bytes: number): number {
+  if (!Number.isSafeInteger(bytes) || bytes < 0) throw new BdsnapError('EINVAL', `bad memory budget ${bytes}`);
+  const previous = keepBudgetBytes;
+  keepBudgetBytes = bytes;
+  return previous;
+}
+/** Pieces of a write at least this long are written from where they lie; smaller ones are gathered. */
+const DIRECT_PIECE_BYTES = 256 * 1024;
 const WRITES_IN_FLIGHT = 4;
 const MAX_LISTED_MISMATCHES = 5;
 
@@ -72,6 +91,8 @@ interface LoadedSession {
   /** chunk -> position of its original in data.bin */
   index: Map<number, number>;
   digests: Map<number, Buffer> | undefined;
+  /** data.bin as verified by the scan, when it fit the memory budget. */
+  data: Buffer | undefined;
 }
 
 interface Journal {
@@ -158,7 +179,12 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       deviceDigests = digestDeviceChunks(devicePath, [...wanted].sort((a, b) => a - b), target.chunkSize, device.size);
       deviceDigests.catch(() => undefined);
     }
-    for (const s of chain) loaded.push(await loadSession(s));
+    let keepBytes = keepBudgetBytes;
+    for (const s of chain) {
+      const l = await loadSession(s, keepBytes);
+      keepBytes -= l.data?.length ?? 0;
+      loaded.push(l);
+    }
     if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
     const cs = target.chunkSize;
     // Oldest first: the first session of the chain that touched a chunk holds the original to write.
@@ -251,7 +277,7 @@ function checkIdentity(device: FileDevice, s: SessionInfo, warnings: string[]): 
   if (soft.length > 0) warnings.push(`${device.path}: device numbers differ from session ${s.dir} (${soft.map(describe).join(', ')}), e.g. after a reboot`);
 }
 
-async function loadSession(info: SessionInfo): Promise<LoadedSession> {
+async function loadSession(info: SessionInfo, keepBytes: number): Promise<LoadedSession> {
   const dataPath = path.join(info.dir, DATA_FILE);
   let fd: number;
   try {
@@ -261,7 +287,7 @@ async function loadSession(info: SessionInfo): Promise<LoadedSession> {
     throw toBdsnapError(err);
   }
   try {
-    const scan = await scanData(fd, { chunkSize: info.chunkSize, deviceSize: info.deviceSize, allowTornTail: info.state === 'active', where: dataPath });
+    const scan = await scanData(fd, { chunkSize: info.chunkSize, deviceSize: info.deviceSize, allowTornTail: info.state === 'active', where: dataPath, keepBytes });
     if (info.state !== 'active') {
       if (scan.fileBytes !== info.storeBytes) {
         throw new BdsnapError('ECORRUPT', `${dataPath} is ${scan.fileBytes} bytes but the manifest records ${info.storeBytes}: the store was truncated or extended`);
@@ -284,7 +310,8 @@ async function loadSession(info: SessionInfo): Promise<LoadedSession> {
       const same = digests.size === scan.index.size && [...digests.keys()].every((c) => scan.index.has(c));
       if (!same) throw new BdsnapError('ECORRUPT', `${path.join(info.dir, DIGESTS_FILE)} does not list the same chunks as ${DATA_FILE}`);
     }
-    return { info, fd, index: scan.index, digests };
+    // A torn tail (crashed session) is not applied: keep only the valid records' bytes.
+    return { info, fd, index: scan.index, digests, data: scan.data?.subarray(0, scan.validBytes) };
   } catch (err) {
     fs.closeSync(fd);
     throw err;
@@ -313,6 +340,7 @@ async function readJournal(file: string): Promise<Journal | undefined> {
 }
 
 async function readOriginal(s: LoadedSession, position: number, lengthBytes: number): Promise<Buffer> {
+  if (s.data !== undefined && position + lengthBytes <= s.data.length) return s.data.subarray(position, position + lengthBytes);
   const buf = Buffer.allocUnsafe(lengthBytes);
   if ((await preadFully(s.fd, buf, position)) !== lengthBytes) throw new BdsnapError('ECORRUPT', `${s.info.dir}: the store ended while reading`);
   return buf;
@@ -397,7 +425,12 @@ async function alreadyRestored(device: BlockDevice, plan: Map<number, { session:
   return true;
 }
 
-/** Write the plan sorted by offset, in batches of adjacent chunks, several batches in flight. */
+/**
+ * Write the plan sorted by offset: runs of adjacent chunks up to BATCH_BYTES, several in flight.
+ * A run whose originals lie in order in one store is written straight from the verified bytes
+ * in memory (in pieces of at least DIRECT_PIECE_BYTES); otherwise its pieces are gathered into
+ * one buffer (copied from memory, or read from the store when it did not fit) and written once.
+ */
 async function applyPlan(
   device: BlockDevice,
   plan: Map<number, { session: LoadedSession; position: number }>,
@@ -407,44 +440,54 @@ async function applyPlan(
   onProgress: RestoreOptions['onProgress'],
 ): Promise<void> {
   const maxRun = Math.max(1, BATCH_BYTES / cs);
-  const batches: Array<[number, number]> = [];
-  let i = 0;
-  while (i < chunks.length) {
-    let j = i + 1;
-    while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRun) j++;
-    batches.push([i, j]);
-    i = j;
-  }
   let doneBytes = 0;
   onProgress?.(0, totalBytes);
   let next = 0;
   const worker = async (): Promise<void> => {
-    const scratch = Buffer.allocUnsafe(maxRun * cs);
-    while (next < batches.length) {
-      const [from, to] = batches[next++]!;
+    let scratch: Buffer | undefined;
+    const pieces: Array<{ session: LoadedSession; position: number; at: number; length: number }> = [];
+    while (next < chunks.length) {
+      // Synchronous up to the first await: each worker claims its own run.
+      const from = next;
+      let to = from + 1;
+      while (to < chunks.length && chunks[to] === chunks[to - 1]! + 1 && to - from < maxRun) to++;
+      next = to;
       const first = chunks[from]!;
       const start = first * cs;
-      const buf = scratch.subarray(0, Math.min((first + to - from) * cs, device.size) - start);
-      // Read the originals, merging pieces that lie next to each other in the same store file.
-      let k = from;
-      while (k < to) {
+      const runBytes = Math.min((first + to - from) * cs, device.size) - start;
+      pieces.length = 0;
+      let direct = true;
+      for (let k = from; k < to;) {
         const p = plan.get(chunks[k]!)!;
         let m = k + 1;
         while (m < to && plan.get(chunks[m]!)!.session === p.session && plan.get(chunks[m]!)!.position === p.position + (m - k) * cs) m++;
-        const pieceStart = (chunks[k]! - first) * cs;
-        const pieceEnd = Math.min((chunks[m - 1]! - first + 1) * cs, buf.length);
-        const piece = buf.subarray(pieceStart, pieceEnd);
-        if ((await preadFully(p.session.fd, piece, p.position)) !== piece.length) {
-          throw new BdsnapError('ECORRUPT', `${p.session.info.dir}: the store ended while reading chunk ${chunks[k]}`);
-        }
+        const at = (chunks[k]! - first) * cs;
+        const length = Math.min((chunks[m - 1]! - first + 1) * cs, runBytes) - at;
+        pieces.push({ session: p.session, position: p.position, at, length });
+        if (p.session.data === undefined || (length < DIRECT_PIECE_BYTES && length < runBytes)) direct = false;
         k = m;
       }
-      await device.write(buf, start);
-      doneBytes += buf.length;
+      if (direct) {
+        for (const piece of pieces) await device.write(piece.session.data!.subarray(piece.position, piece.position + piece.length), start + piece.at);
+      } else {
+        scratch ??= Buffer.allocUnsafe(maxRun * cs);
+        const buf = scratch.subarray(0, runBytes);
+        for (const piece of pieces) {
+          const into = buf.subarray(piece.at, piece.at + piece.length);
+          const data = piece.session.data;
+          if (data !== undefined) {
+            data.copy(into, 0, piece.position, piece.position + piece.length);
+          } else if ((await preadFully(piece.session.fd, into, piece.position)) !== piece.length) {
+            throw new BdsnapError('ECORRUPT', `${piece.session.info.dir}: the store ended while reading chunk ${first + piece.at / cs}`);
+          }
+        }
+        await device.write(buf, start);
+      }
+      doneBytes += runBytes;
       onProgress?.(doneBytes, totalBytes);
     }
   };
-  await Promise.all(Array.from({ length: Math.min(WRITES_IN_FLIGHT, batches.length) }, worker));
+  await Promise.all(Array.from({ length: Math.min(WRITES_IN_FLIGHT, chunks.length) }, worker));
 }
 
 async function checkOutput(devicePath: string, out: string): Promise<void> {

@@ -226,7 +226,7 @@ class SequentialReader {
   #buf: Buffer;
   #start = 0;
   #filled = 0;
-  #ahead: { pos: number; buf: Buffer; done: Promise<number> } | undefined;
+  #ahead: { pos: number; done: Promise<number> } | undefined;
 
   constructor(fd: number, fileBytes: number, keep: boolean) {
     this.#fd = fd;
@@ -259,7 +259,17 @@ class SequentialReader {
     if (n === 0) throw new BdsnapError('EIO', `data file ended at byte ${pos} while being read`);
     this.#filled += n;
     const next = this.#filled;
-    if (next < this.#fileBytes) this.#ahead = { pos: next, buf: this.#buf, done: this.#read(this.#buf, next, SCAN_READ_BYTES) };
+    if (next < this.#fileBytes) {
+      const done = this.#read(this.#buf, next, SCAN_READ_BYTES);
+      done.catch(() => undefined);
+      this.#ahead = { pos: next, done };
+    }
+  }
+
+  /** Wait for a read-ahead still in flight, so that nothing touches the fd after the scan. */
+  async settle(): Promise<void> {
+    await this.#ahead?.done.catch(() => undefined);
+    this.#ahead = undefined;
   }
 
   /** Move the window to start at `pos`, keeping what it already holds from there on. */
@@ -312,43 +322,47 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
   let preservedBytes = 0;
   const chunkCount = Math.ceil(deviceSize / chunkSize);
   let tornReason: string | undefined;
-  while (position < fileBytes) {
-    const bad = (reason: string): void => {
-      tornReason = `${reason} at byte ${position} of ${where}`;
-    };
-    const header = await reader.at(position, RECORD_HEADER_BYTES);
-    if (header === undefined) {
-      bad('truncated record header');
-      break;
+  try {
+    while (position < fileBytes) {
+      const bad = (reason: string): void => {
+        tornReason = `${reason} at byte ${position} of ${where}`;
+      };
+      const header = await reader.at(position, RECORD_HEADER_BYTES);
+      if (header === undefined) {
+        bad('truncated record header');
+        break;
+      }
+      const h = decodeRecordHeader(header);
+      if (typeof h === 'string') {
+        bad(h);
+        break;
+      }
+      const startBytes = h.firstChunk * chunkSize;
+      const aligned = h.payloadBytes % chunkSize === 0 || startBytes + h.payloadBytes === deviceSize;
+      if (h.firstChunk >= chunkCount || startBytes + h.payloadBytes > deviceSize || !aligned) {
+        bad(`record for chunk ${h.firstChunk} (${h.payloadBytes} bytes) does not fit the device`);
+        break;
+      }
+      const body = await reader.at(position + RECORD_HEADER_BYTES, h.payloadBytes);
+      if (body === undefined) {
+        bad('truncated record payload');
+        break;
+      }
+      if (!payloadMatches(h, body)) {
+        bad('record payload checksum mismatch');
+        break;
+      }
+      records.push({ position, firstChunk: h.firstChunk, payloadBytes: h.payloadBytes });
+      for (let i = 0; i * chunkSize < h.payloadBytes; i++) {
+        const chunk = h.firstChunk + i;
+        if (index.has(chunk)) continue;
+        index.set(chunk, position + RECORD_HEADER_BYTES + i * chunkSize);
+        preservedBytes += Math.min(chunkSize, h.payloadBytes - i * chunkSize);
+      }
+      position += RECORD_HEADER_BYTES + h.payloadBytes;
     }
-    const h = decodeRecordHeader(header);
-    if (typeof h === 'string') {
-      bad(h);
-      break;
-    }
-    const startBytes = h.firstChunk * chunkSize;
-    const aligned = h.payloadBytes % chunkSize === 0 || startBytes + h.payloadBytes === deviceSize;
-    if (h.firstChunk >= chunkCount || startBytes + h.payloadBytes > deviceSize || !aligned) {
-      bad(`record for chunk ${h.firstChunk} (${h.payloadBytes} bytes) does not fit the device`);
-      break;
-    }
-    const body = await reader.at(position + RECORD_HEADER_BYTES, h.payloadBytes);
-    if (body === undefined) {
-      bad('truncated record payload');
-      break;
-    }
-    if (!payloadMatches(h, body)) {
-      bad('record payload checksum mismatch');
-      break;
-    }
-    records.push({ position, firstChunk: h.firstChunk, payloadBytes: h.payloadBytes });
-    for (let i = 0; i * chunkSize < h.payloadBytes; i++) {
-      const chunk = h.firstChunk + i;
-      if (index.has(chunk)) continue;
-      index.set(chunk, position + RECORD_HEADER_BYTES + i * chunkSize);
-      preservedBytes += Math.min(chunkSize, h.payloadBytes - i * chunkSize);
-    }
-    position += RECORD_HEADER_BYTES + h.payloadBytes;
+  } finally {
+    await reader.settle();
   }
   if (tornReason !== undefined && !options.allowTornTail) {
     throw new BdsnapError('ECORRUPT', `${where} is corrupt: ${tornReason}`);
