@@ -13,6 +13,10 @@
  * would produce). A restore journal in the session directory marks a restore under way, so a
  * second run after an interruption skips the digest check for that reason only and finishes it;
  * once done, the journal says so and a further run finds nothing to do.
+ *
+ * Speed: the device's end digests are hashed in worker threads while this thread reads and
+ * checks the stores (one CRC pass per record); verified store bytes are kept in memory within a
+ * budget, so each store is read once; the apply writes large sorted runs with one sync at the end.
  */
 
 import fs from 'node:fs';

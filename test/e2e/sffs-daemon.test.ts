@@ -12,6 +12,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
+import { FileDevice } from '../../src/device/file-device.js';
+import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { withClient } from '../../src/service/client.js';
 import { listSessions } from '../../src/snapshot/index.js';
@@ -41,16 +43,21 @@ async function listed(daemon: RunningDaemon, device: string): Promise<ListedSess
 }
 
 /**
- * A session ends (durably) after its last client has gone, a moment after the CLI returned:
- * wait until the device is no longer attached, so its file and lock are free again.
+ * A session ends (durably) after its last client has gone, a moment after the CLI returned.
+ * Wait until the daemon no longer lists the device as attached and no session of it is still
+ * 'active' on disk: status drops the attachment before the session is closed, and the device
+ * file (and its lock) is let go only after the manifest says 'complete'.
  */
 async function waitDetached(daemon: RunningDaemon, device: string): Promise<void> {
   const deadlineMs = Date.now() + 15_000;
   for (;;) {
     const status = await withClient(daemon.runDir, (c) => c.status());
     const entry = status.devices.find((d) => d.device === device);
-    if (entry !== undefined && !entry.attached) return;
-    if (Date.now() > deadlineMs) throw new Error(`${device} still attached after 15 s: ${JSON.stringify(entry)}\n${daemon.server.stderr()}`);
+    const open = (await listSessions(daemon.snapshotRoot, device)).filter((s) => s.state === 'active');
+    if (entry !== undefined && !entry.attached && open.length === 0) return;
+    if (Date.now() > deadlineMs) {
+      throw new Error(`${device} still attached or in session after 15 s: ${JSON.stringify(entry)} ${JSON.stringify(open.map((s) => s.dir))}\n${daemon.server.stderr()}`);
+    }
     await sleep(25);
   }
 }
@@ -63,10 +70,20 @@ function assertRefused(result: RunResult, pattern: RegExp, what: string): void {
   assert.match(lines[0] as string, pattern, `${what}: ${result.stderr}`);
 }
 
-/** Run `bdsnap sffs mkfs` then the scenario's preparation offline, one `sffs write --image` process per write. */
+/**
+ * `bdsnap sffs mkfs`, then the scenario's content written offline (before activation) through
+ * the same SingleFileFs code `sffs write --image` runs, in-process to spare a process per write.
+ */
 async function formatAndPrepare(daemon: RunningDaemon, image: string, scenario: (typeof GRADING_SCENARIOS)[number]): Promise<void> {
   await daemon.cli(['sffs', 'mkfs', image, '--blocks', String(scenario.imageBlocks)]);
-  await scenario.prepare(sffsCliWriter(['--image'], image));
+  const file = await FileDevice.open(image);
+  try {
+    const offline = await SingleFileFs.open(file);
+    await scenario.prepare(offline);
+    await offline.flush();
+  } finally {
+    await file.close();
+  }
 }
 
 // The scenarios use one image each, so they run side by side against one daemon.
@@ -82,7 +99,7 @@ test('grading scenarios through the daemon: a session per write cycle, restore o
       const device = fs.realpathSync(image);
       const checksumBefore = await sha256File(image);
       await daemon.cli(['activate', device, '--password-stdin'], `${TEST_PASSWORD}\n`);
-      assert.deepEqual(await listed(daemon, device), [], 'no session before the first mount');
+      assert.deepEqual(await listSessions(daemon.snapshotRoot, device), [], 'no session before the first mount');
 
       let modifyingWrites = 0;
       const perWrite = sffsCliWriter(['--run-dir', daemon.runDir], device);

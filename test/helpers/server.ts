@@ -134,7 +134,14 @@ export async function startServer(t: AfterHook | undefined, options: ServerOptio
     ownDir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-srv-'));
     socketPath = path.join(ownDir, 'nbd.sock');
   }
-  const [command, args] = commandFor(kind, socketPath, images, options);
+  let command: string;
+  let args: string[];
+  try {
+    [command, args] = commandFor(kind, socketPath, images, options);
+  } catch (err) {
+    if (ownDir !== undefined) fs.rmSync(ownDir, { recursive: true, force: true });
+    throw err;
+  }
   return launchServer(t, {
     kind, command, args, socketPath, exportNames: images, ownDir, readyTimeoutMs: options.readyTimeoutMs, env: options.env,
     // `bdsnap serve --help` promises this line once every listener is up (TCP included).

@@ -1,0 +1,117 @@
+/**
+ * The fast paths of the store and restore: CRC-32 records next to the first format's sha256
+ * records, a scan that keeps the verified bytes, and restore applying from memory or by
+ * re-reading the stores (over the memory budget), with pieces gathered across sessions.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { FileDevice } from '../../src/device/file-device.js';
+import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeRecordHeader, encodeRecordHeader } from '../../src/snapshot/format.js';
+import { StoreWriter, scanData } from '../../src/snapshot/store.js';
+import { setRestoreMemoryBudget } from '../../src/snapshot/restore.js';
+import { CowDevice, restore } from '../../src/snapshot/index.js';
+import { isError, makeImage, sha256File, tempDir } from './helpers.js';
+
+const CS = 4096;
+
+/** A record as the first writer made them: flags 0, sha256 of the payload, sha256 header check. */
+function sha256Record(firstChunk: number, payload: Buffer): Buffer {
+  const h = Buffer.alloc(RECORD_HEADER_BYTES);
+  h.writeUInt32LE(RECORD_MAGIC, 0);
+  h.writeUInt16LE(1, 4);
+  h.writeUInt32LE(firstChunk, 8);
+  h.writeUInt32LE(payload.length, 16);
+  createHash('sha256').update(payload).digest().copy(h, 24);
+  createHash('sha256').update(h.subarray(0, 56)).digest().copy(h, 56, 0, 8);
+  return Buffer.concat([h, payload]);
+}
+
+test('new records carry a CRC-32; records of the first format (sha256) still scan and are checked', async (t) => {
+  const dir = tempDir(t);
+  const payload = randomBytes(2 * CS);
+  const header = encodeRecordHeader(3, payload);
+  assert.equal(header.readUInt16LE(6), RECORD_FLAG_CRC32);
+  const decoded = decodeRecordHeader(header);
+  assert.ok(typeof decoded !== 'string');
+  assert.equal(decoded.payloadSha256, false);
+
+  const file = path.join(dir, DATA_FILE);
+  const old = sha256Record(0, randomBytes(CS));
+  fs.writeFileSync(file, Buffer.concat([old, header, payload]));
+  const fd = fs.openSync(file, 'r');
+  t.after(() => fs.closeSync(fd));
+  const scan = await scanData(fd, { chunkSize: CS, deviceSize: 16 * CS, allowTornTail: false, where: 'data' });
+  assert.deepEqual(scan.records.map((r) => [r.firstChunk, r.payloadBytes]), [[0, CS], [3, 2 * CS]]);
+  assert.equal(scan.index.get(4), old.length + RECORD_HEADER_BYTES + CS);
+
+  for (const at of [30, RECORD_HEADER_BYTES + 7, old.length + 25, old.length + RECORD_HEADER_BYTES + CS + 1]) {
+    const bad = Buffer.concat([old, header, payload]);
+    bad[at]! ^= 0x01;
+    fs.writeFileSync(file, bad);
+    const fd2 = fs.openSync(file, 'r');
+    try {
+      await assert.rejects(scanData(fd2, { chunkSize: CS, deviceSize: 16 * CS, allowTornTail: false, where: 'data' }), isError('ECORRUPT', /checksum mismatch/), `flip at ${at}`);
+    } finally {
+      fs.closeSync(fd2);
+    }
+  }
+});
+
+test('a scan keeps the verified bytes when they fit, and only then', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, DATA_FILE);
+  const fd = fs.openSync(file, 'w+');
+  t.after(() => fs.closeSync(fd));
+  const w = new StoreWriter(fd, 0, { strict: false, onFailure: (r) => assert.fail(r) });
+  // Records larger than one read of the scanner, and many small ones, so that reads split records.
+  const payloads: Array<[number, Buffer]> = [[0, randomBytes(2500 * CS)], ...Array.from({ length: 300 }, (_, i): [number, Buffer] => [3000 + i * 3, randomBytes(2 * CS)])];
+  await Promise.all(payloads.map(([c, b]) => w.append(c, b)));
+  await w.sync();
+  const whole = fs.readFileSync(file);
+  const options = { chunkSize: CS, deviceSize: 4000 * CS, allowTornTail: false, where: 'data' };
+  const kept = await scanData(fd, { ...options, keepBytes: whole.length });
+  assert.equal(kept.records.length, payloads.length);
+  assert.ok(kept.data?.equals(whole));
+  const notKept = await scanData(fd, { ...options, keepBytes: whole.length - 1 });
+  assert.equal(notKept.data, undefined);
+  assert.deepEqual([...notKept.index], [...kept.index]);
+  assert.equal(notKept.preservedBytes, (2500 + 600) * CS);
+});
+
+for (const budget of ['in memory', 'over the memory budget'] as const) {
+  test(`a chain of sessions restores exactly, applied ${budget}`, async (t) => {
+    const dir = tempDir(t);
+    const image = makeImage(dir, 1200 * CS + 1000);
+    const root = path.join(dir, 'snap');
+    const before = sha256File(image);
+    if (budget === 'over the memory budget') {
+      const previous = setRestoreMemoryBudget(0);
+      t.after(() => setRestoreMemoryBudget(previous));
+    }
+    let firstDir: string | undefined;
+    for (let s = 0; s < 2; s++) {
+      const dev = await FileDevice.open(image);
+      try {
+        const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: CS, mountTime: new Date(Date.UTC(2026, 0, 1, 0, s)), deviceIdentity: { ...dev.identity } });
+        // Interleaved sessions: adjacent chunks whose originals live in different stores, long
+        // runs, single chunks and the partial last chunk.
+        const writes: Array<[number, number]> = s === 0
+          ? [[0, 600 * CS], [700 * CS, 5], [1200 * CS, 1000], [900 * CS + 10, 3 * CS]]
+          : [[300 * CS, 500 * CS], [699 * CS, 3 * CS], [1199 * CS, CS + 1000], [50 * CS, 20]];
+        await Promise.all(writes.map(([at, len]) => cow.write(randomBytes(len), at)));
+        const summary = await cow.close();
+        firstDir ??= summary?.sessionDir;
+      } finally {
+        await dev.close();
+      }
+    }
+    const result = await restore(firstDir!);
+    assert.equal(result.sessionsApplied.length, 2);
+    assert.equal(result.digestCheck, 'verified');
+    assert.equal(sha256File(image), before);
+  });
+}
