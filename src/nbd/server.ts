@@ -7,6 +7,7 @@
  */
 
 import fs from 'node:fs';
+import nodePath from 'node:path';
 import net from 'node:net';
 import { BdsnapError } from '../errors.js';
 import type { ExportProvider } from './exports.js';
@@ -54,6 +55,8 @@ export class NbdServer {
    * replaced; a live one is EBUSY; any other file there is EINVAL.
    */
   async listenUnix(path: string): Promise<void> {
+    const dir = nodePath.dirname(path);
+    if (!fs.existsSync(dir)) throw new BdsnapError('ENOENT', `cannot listen on ${path}: the directory ${dir} does not exist`);
     await removeStaleSocket(path);
     const server = this.#createServer();
     await listen(server, () => server.listen(path));

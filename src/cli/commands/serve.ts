@@ -144,22 +144,30 @@ Example:
       const listen = opts.listen !== undefined ? parseListen(opts.listen) : undefined;
       const socketPath = opts.socket ?? (listen ? undefined : DEFAULT_SOCKET);
       const wrap = sessionWrapper(opts);
-      const running = await startServe({ images, socketPath, listen, readOnly: opts.readOnly ?? false, wrap });
-      const n = running.exportNames.length;
-      process.stderr.write(`bdsnap: serving ${n} export${n === 1 ? '' : 's'} on ${running.endpoints.join(', ')}\n`);
-      await new Promise<void>((resolve) => {
-        const onSignal = (): void => {
-          process.off('SIGINT', onSignal);
-          process.off('SIGTERM', onSignal);
-          void running.stop().then(resolve, (err: unknown) => {
-            process.stderr.write(`bdsnap: error while stopping: ${(err as Error).message}\n`);
-            process.exitCode = 1;
-            resolve();
-          });
-        };
-        process.on('SIGINT', onSignal);
-        process.on('SIGTERM', onSignal);
-      });
+      // Signals are caught before the server listens, so a SIGTERM that arrives right after
+      // the ready line still gets an orderly stop (the default action would leave the socket).
+      let signalled = false;
+      let wake: (() => void) | undefined;
+      const onSignal = (): void => {
+        signalled = true;
+        wake?.();
+      };
+      process.on('SIGINT', onSignal);
+      process.on('SIGTERM', onSignal);
+      try {
+        const running = await startServe({ images, socketPath, listen, readOnly: opts.readOnly ?? false, wrap });
+        const n = running.exportNames.length;
+        process.stderr.write(`bdsnap: serving ${n} export${n === 1 ? '' : 's'} on ${running.endpoints.join(', ')}\n`);
+        if (!signalled) await new Promise<void>((resolve) => (wake = resolve));
+        try {
+          await running.stop();
+        } catch (err) {
+          throw new BdsnapError('EIO', `error while stopping: ${(err as Error).message}`, { cause: err });
+        }
+      } finally {
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+      }
     });
 }
 
