@@ -449,7 +449,8 @@ export class NbdClient implements BlockDevice {
 
 function optionError(option: number, reply: OptionReplyMessage, exportName: string): BdsnapError {
   const text = reply.data.toString('utf8');
-  const detail = text ? `: ${text}` : '';
+  // The server's text often repeats what we say; add it only when it tells something new.
+  const detail = text && !text.includes(exportName) ? `: ${text}` : '';
   if (reply.type === C.NBD_REP_ERR_UNKNOWN) return new BdsnapError('ENOENT', `unknown export "${exportName}"${detail}`);
   if (reply.type === C.NBD_REP_ERR_POLICY) return new BdsnapError('EPERM', `export "${exportName}" refused${detail}`);
   return new BdsnapError('EPROTO', `option ${option} failed with reply type 0x${reply.type.toString(16)}${detail}`);

@@ -233,7 +233,8 @@ export class DeviceTable implements ExportProvider {
   }
 
   async #endNow(att: Attachment): Promise<string | null> {
-    this.#attachments.delete(att.devicePath);
+    // The attachment stays in the table (status: attached) until the session is durable and
+    // the device closed and unlocked; attach() for this device queues behind us meanwhile.
     let sessionDir: string | null = null;
     try {
       if (att.cow) {
@@ -255,7 +256,11 @@ export class DeviceTable implements ExportProvider {
       this.#log.error({ event: 'session-close-failed', device: att.devicePath, code: e.code, reason: e.message }, 'closing the session failed');
       throw e;
     } finally {
-      await att.file.close();
+      try {
+        await att.file.close();
+      } finally {
+        this.#attachments.delete(att.devicePath);
+      }
       this.#log.info({ event: 'detach', device: att.devicePath }, 'device detached');
     }
     return sessionDir;
