@@ -5,7 +5,7 @@
  * frequency, neighbours) hits both sides alike.
  *
  *   node dist/bench/run.js [--quick] [--runtime SEC] [--json FILE] [--size-mib N]
- *                          [--only WORKLOAD-SUBSTRING] [--targets a,b]
+ *                          [--only WORKLOAD-SUBSTRING] [--targets a,b] [--no-restore]
  *
  * BDSNAP_BENCH_RUNTIME_SEC sets the default time per measurement (10 s; --quick: 3 s).
  */
@@ -19,6 +19,7 @@ import { runFio } from '../test/helpers/fio.js';
 import { describeMachine, formatTable, type Report, type Row } from './report.js';
 import { RATIOS, TARGETS, type Target } from './targets.js';
 import { WORKLOADS, score, type Workload } from './workloads.js';
+import { measureRestore, type RestoreResult } from './restore.js';
 
 const DEFAULT_RUNTIME_SEC = 10;
 const QUICK_RUNTIME_SEC = 3;
@@ -30,6 +31,7 @@ interface Options {
   jsonPath: string | undefined;
   only: string | undefined;
   targets: Target[];
+  restore: boolean;
 }
 
 function positiveNumber(text: string, what: string): number {
@@ -48,6 +50,7 @@ function parseOptions(argv: string[]): Options {
       'size-mib': { type: 'string' },
       only: { type: 'string' },
       targets: { type: 'string' },
+      'no-restore': { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
     strict: true,
@@ -72,7 +75,7 @@ function parseOptions(argv: string[]): Options {
     if (unknown.length > 0) throw new Error(`unknown target(s) ${unknown.join(', ')}; known: ${TARGETS.map((t) => t.name).join(', ')}`);
     targets = TARGETS.filter((t) => wanted.includes(t.name));
   }
-  return { runtimeSec, imageBytes: Math.round(imageMiB) * 2 ** 20, jsonPath: values.json, only: values.only, targets };
+  return { runtimeSec, imageBytes: Math.round(imageMiB) * 2 ** 20, jsonPath: values.json, only: values.only, targets, restore: !values['no-restore'] };
 }
 
 async function main(): Promise<void> {
@@ -98,7 +101,8 @@ async function main(): Promise<void> {
 
     const rows: Row[] = [];
     for (const [index, workload] of workloads.entries()) {
-      const order = index % 2 === 0 ? options.targets : [...options.targets].reverse();
+      const rowTargets = options.targets.filter((t) => workload.targets === undefined || workload.targets.includes(t.name));
+      const order = index % 2 === 0 ? rowTargets : [...rowTargets].reverse();
       const values: Record<string, number> = {};
       const errors: Record<string, string> = {};
       for (const target of order) {
@@ -121,7 +125,14 @@ async function main(): Promise<void> {
       rows.push({ workload: workload.name, unit: workload.unit, values, ratios: rowRatios, errors });
     }
 
-    const report: Report = {
+    let restoreResult: RestoreResult | undefined;
+    if (options.restore) {
+      process.stderr.write('bench: restore of a session that preserved the whole image vs dd of the same bytes (3 rounds)... ');
+      restoreResult = await measureRestore(imagePath, 3);
+      process.stderr.write(`${restoreResult.ratio.toFixed(2)}x\n`);
+    }
+
+    const report: Report & { restore?: RestoreResult } = {
       date: new Date().toISOString(),
       machine: describeMachine(),
       runtimeSec: options.runtimeSec,
@@ -129,11 +140,18 @@ async function main(): Promise<void> {
       targets: await Promise.all(options.targets.map(async (t) => ({ name: t.name, description: t.description, version: await t.version() }))),
       ratios: ratios.map(([a, b]) => `${a} / ${b}`),
       rows,
+      ...(restoreResult ? { restore: restoreResult } : {}),
     };
     const m = report.machine;
     process.stdout.write(`${m.cpus} CPUs (${m.cpuModel}), ${m.memoryGiB} GiB RAM, ${m.kernel}, node ${m.node}, ${m.fio}, load average at start ${loadAtStart}, at end ${m.loadAverage1m}\n`);
     process.stdout.write(`fio nbd engine, unix socket, ${options.imageBytes / 2 ** 20} MiB image in page cache, ${options.runtimeSec} s per cell\n\n`);
     process.stdout.write(`${formatTable(report)}\n`);
+    if (restoreResult) {
+      const r = restoreResult;
+      process.stdout.write(`\nrestore of ${r.bytes / 2 ** 20} MiB (every chunk preserved; checks and final sync included), median of ${r.rounds}:\n`);
+      process.stdout.write(`| restore | plain sequential write (dd, fdatasync) | restore / plain write |\n|---:|---:|---:|\n`);
+      process.stdout.write(`| ${r.restoreMBps.toFixed(0)} MB/s | ${r.plainWriteMBps.toFixed(0)} MB/s | ${r.ratio.toFixed(2)}x |\n`);
+    }
     if (options.jsonPath !== undefined) {
       fs.writeFileSync(options.jsonPath, `${JSON.stringify(report, null, 2)}\n`);
       process.stderr.write(`bench: wrote ${options.jsonPath}\n`);
@@ -154,7 +172,9 @@ async function measure(target: Target, imagePath: string, workload: Workload, op
       blockSizeBytes: workload.blockSizeBytes,
       ioDepth: workload.ioDepth,
       sizeBytes: options.imageBytes,
-      runtimeSec: options.runtimeSec,
+      ...(workload.onePass
+        ? { extraArgs: [`--runtime=${options.runtimeSec}`] }
+        : { runtimeSec: options.runtimeSec }),
     });
     if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
     value = score(workload, result);

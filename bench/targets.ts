@@ -4,9 +4,11 @@
  * (bdsnap with a snapshot session open, a point-in-time view...) is one more entry here.
  */
 
-import { startDaemon } from '../test/helpers/daemon.js';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { runFio } from '../test/helpers/fio.js';
-import { RawNbdClient } from '../test/helpers/raw-nbd.js';
+import { BENCH_CHUNK_BYTES } from './workloads.js';
 import { startServer, type NbdServer } from '../test/helpers/server.js';
 import { run } from '../test/helpers/process.js';
 
@@ -58,45 +60,68 @@ export const NBDKIT_FILE: Target = {
   version: async () => (await run('nbdkit', ['--version'])).stdout.trim(),
 };
 
+/** `bdsnap serve --snapshot-root`: one session for as long as the server runs, removed at stop. */
+async function startSessionServer(imagePath: string): Promise<{ server: NbdServer; root: string }> {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-snap-'));
+  try {
+    const server = await startServer(undefined, {
+      kind: 'bdsnap',
+      images: [imagePath],
+      extraArgs: ['--snapshot-root', root, '--chunk-size', String(BENCH_CHUNK_BYTES)],
+    });
+    return { server, root };
+  } catch (err) {
+    fs.rmSync(root, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+async function fromSessionServer(server: NbdServer, root: string, exportName: string): Promise<RunningTarget> {
+  const running = await fromServer(server, exportName);
+  return {
+    uri: running.uri,
+    stop: async () => {
+      try {
+        await running.stop();
+      } finally {
+        fs.rmSync(root, { recursive: true, force: true });
+      }
+    },
+  };
+}
+
 export const BDSNAP_SESSION: Target = {
   name: 'bdsnap+session',
-  // Each fio run is one attach, so one fresh session: writes pay for the first copy of
-  // every chunk they touch (64 KiB chunks by default), rewrites within the run do not.
-  description: 'bdsnap daemon, device activated: every fio run is a new copy-before-write session',
+  // Each cell starts a fresh session: writes pay for the first copy of every chunk they
+  // touch; in the timed rows later writes to the same chunk are rewrites (a mix), the
+  // one-pass "first write" rows are first writes only.
+  description: `bdsnap serve --snapshot-root (a fresh copy-before-write session per cell, ${BENCH_CHUNK_BYTES / 1024} KiB chunks)`,
   start: async ({ imagePath }) => {
-    const daemon = await startDaemon(undefined, { activate: [imagePath] });
-    return fromServer(daemon.server, daemon.server.exportNames[0] as string);
+    const { server, root } = await startSessionServer(imagePath);
+    return fromSessionServer(server, root, server.exportNames[0] as string);
   },
-  version: async () => `bdsnap daemon (durability process), node ${process.version}`,
+  version: async () => `bdsnap serve --snapshot-root (durability process), node ${process.version}`,
 };
 
 export const BDSNAP_REWRITE: Target = {
   name: 'bdsnap+rewrite',
-  // One connection holds the session open while a first pass preserves every chunk; the
-  // measured run then only rewrites chunks already preserved, which must cost nothing extra.
-  description: 'bdsnap daemon, session open and every chunk already preserved (rewrites)',
+  // A first sequential pass preserves every chunk of the session; the measured run then only
+  // rewrites chunks already preserved, which must cost nothing extra.
+  description: 'bdsnap serve --snapshot-root with every chunk already preserved (rewrites)',
   start: async ({ imagePath }) => {
-    const daemon = await startDaemon(undefined, { activate: [imagePath] });
-    const exportName = daemon.server.exportNames[0] as string;
+    const { server, root } = await startSessionServer(imagePath);
+    const exportName = server.exportNames[0] as string;
     try {
-      const holder = await RawNbdClient.connect(daemon.server.socketPath);
-      await holder.go(exportName);
-      const size = Number(holder.exportSize);
-      await runFio({ uri: daemon.server.uri(exportName), rw: 'write', blockSizeBytes: 1 << 20, ioDepth: 4, sizeBytes: size });
-      const running = await fromServer(daemon.server, exportName);
-      return {
-        uri: running.uri,
-        stop: async () => {
-          await holder.disconnect();
-          await running.stop();
-        },
-      };
+      const size = fs.statSync(imagePath).size;
+      await runFio({ uri: server.uri(exportName), rw: 'write', blockSizeBytes: 1 << 20, ioDepth: 4, sizeBytes: size });
     } catch (err) {
-      await daemon.server.stop();
+      await server.stop();
+      fs.rmSync(root, { recursive: true, force: true });
       throw err;
     }
+    return fromSessionServer(server, root, exportName);
   },
-  version: async () => `bdsnap daemon (durability process), node ${process.version}`,
+  version: async () => `bdsnap serve --snapshot-root (durability process), node ${process.version}`,
 };
 
 /** Every known target, in table column order. */

@@ -2,12 +2,13 @@
  * The session store's data file: an ordered append queue for the writer, and a scanner that
  * reads it back, verifies every record and rebuilds the index.
  *
- * Ordering is the crash-safety argument: records are written strictly in file order, one
- * batch (writev) at a time, and a record's promise resolves only after its batch's write(2)
- * has returned. So when a caller issues its device write, its original and every record before
- * it are in the file (page cache), and a process kill can only ever leave a torn tail, which
- * the scanner cuts. In strict mode each batch is also fdatasync'ed before it resolves: one
- * sync for every chunk that queued up while the previous batch was being written (group commit).
+ * Ordering is the crash-safety argument: records get consecutive file positions, are written
+ * in batches (one writev each, a few batches at once), and a record's promise resolves only
+ * after its batch's write(2) and those of every earlier batch have returned. So when a caller
+ * issues its device write, its original and every record before it are in the file (page
+ * cache); a process kill can only leave a torn or missing part after the last resolved record,
+ * which the scanner cuts. In strict mode one batch is written at a time and fdatasync'ed before
+ * it resolves: one sync for every chunk that queued up meanwhile (group commit).
  */
 
 import fs from 'node:fs';
@@ -40,6 +41,16 @@ export async function preadFully(fd: number, buf: Buffer, pos: number): Promise<
   return done;
 }
 
+/** Largest number of batches written at once in 'process' durability. */
+const MAX_BATCHES_IN_FLIGHT = 4;
+
+interface Batch {
+  pending: Pending[];
+  /** File position after the batch. */
+  end: number;
+  state: 'writing' | 'written' | 'failed';
+}
+
 interface Pending {
   buffers: Buffer[];
   bytes: number;
@@ -57,11 +68,14 @@ export class StoreWriter {
   readonly #strict: boolean;
   readonly #sizeLimitBytes: number;
   readonly #onFailure: (reason: string, err?: unknown) => void;
+  readonly #maxBatches: number;
   #endBytes: number;
   #writtenBytes: number;
   #syncedBytes: number;
   #queue: Pending[] = [];
-  #writing: Promise<void> | undefined;
+  /** Batches being written, in file order; they resolve strictly in this order. */
+  #batches: Batch[] = [];
+  #idleWaiters: Array<() => void> = [];
   #failed = false;
 
   constructor(fd: number, startBytes: number, options: { strict: boolean; sizeLimitBytes?: number; onFailure: (reason: string, err?: unknown) => void }) {
@@ -72,6 +86,8 @@ export class StoreWriter {
     this.#strict = options.strict;
     this.#sizeLimitBytes = options.sizeLimitBytes ?? Infinity;
     this.#onFailure = options.onFailure;
+    // Strict mode syncs after each batch: one at a time, so that a sync covers all before it.
+    this.#maxBatches = this.#strict ? 1 : MAX_BATCHES_IN_FLIGHT;
   }
 
   get failed(): boolean {
@@ -100,13 +116,13 @@ export class StoreWriter {
     this.#endBytes += recordBytes;
     return new Promise((resolve) => {
       this.#queue.push({ buffers: [header, payload], bytes: recordBytes, resolve, position });
-      this.#writing ??= this.#run();
+      this.#pump();
     });
   }
 
   /** Wait until everything queued so far is in the file (or the store failed). */
   async drain(): Promise<void> {
-    while (this.#writing) await this.#writing;
+    while (this.#batches.length > 0 || this.#queue.length > 0) await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
   }
 
   /** Make everything written so far durable. */
@@ -123,35 +139,60 @@ export class StoreWriter {
     }
   }
 
-  async #run(): Promise<void> {
-    try {
-      while (this.#queue.length > 0) {
-        const batch = this.#queue;
-        this.#queue = [];
-        if (this.#failed) {
-          for (const p of batch) p.resolve(undefined);
-          continue;
-        }
-        const start = batch[0]!.position;
-        const total = batch.reduce((n, p) => n + p.bytes, 0);
-        try {
-          await this.#writeAll(batch.flatMap((p) => p.buffers), start, total);
-          this.#writtenBytes = start + total;
-          if (this.#strict) {
-            await fdatasyncAsync(this.#fd);
-            this.#syncedBytes = this.#writtenBytes;
-          }
-        } catch (err) {
+  /**
+   * Start writing what is queued, up to #maxBatches writes at once at their own positions.
+   * A kill can then leave a hole before a later batch, but no record of a batch is reported
+   * written (so no device write is issued for it) before every earlier batch is in the file:
+   * the scanner cuts at the hole and nothing acknowledged is behind it.
+   */
+  #pump(): void {
+    while (this.#queue.length > 0 && this.#batches.length < this.#maxBatches) {
+      const pending = this.#queue;
+      this.#queue = [];
+      const batch: Batch = { pending, end: 0, state: 'writing' };
+      this.#batches.push(batch);
+      if (this.#failed) {
+        batch.state = 'failed';
+        continue;
+      }
+      const start = pending[0]!.position;
+      const total = pending.reduce((n, p) => n + p.bytes, 0);
+      batch.end = start + total;
+      const buffers: Buffer[] = [];
+      for (const p of pending) buffers.push(p.buffers[0]!, p.buffers[1]!);
+      this.#writeAll(buffers, start, total)
+        .then(() => (this.#strict ? fdatasyncAsync(this.#fd) : undefined))
+        .then(() => {
+          batch.state = 'written';
+        }, (err: unknown) => {
           const code = (err as NodeJS.ErrnoException).code;
           this.#fail(code === 'ENOSPC' || code === 'EDQUOT' ? 'the snapshot disk is full' : `cannot write the store: ${(err as Error).message}`, err);
-          for (const p of batch) p.resolve(undefined);
-          continue;
-        }
-        for (const p of batch) p.resolve(p.position);
-      }
-    } finally {
-      this.#writing = undefined;
+          batch.state = 'failed';
+        })
+        .finally(() => this.#settle());
     }
+    this.#settle();
+  }
+
+  /** Resolve finished batches in file order; then start more. */
+  #settle(): void {
+    let head = this.#batches[0];
+    while (head !== undefined && head.state !== 'writing') {
+      this.#batches.shift();
+      if (head.state === 'written') {
+        this.#writtenBytes = head.end;
+        if (this.#strict) this.#syncedBytes = head.end;
+        for (const p of head.pending) p.resolve(p.position);
+      } else {
+        for (const p of head.pending) p.resolve(undefined);
+      }
+      head = this.#batches[0];
+    }
+    if (this.#queue.length > 0 && this.#batches.length < this.#maxBatches) {
+      this.#pump();
+      return;
+    }
+    if (this.#batches.length === 0 && this.#queue.length === 0) for (const w of this.#idleWaiters.splice(0)) w();
   }
 
   async #writeAll(buffers: Buffer[], position: number, total: number): Promise<void> {
