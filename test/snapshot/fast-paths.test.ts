@@ -13,6 +13,7 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeRecordHeader, encodeRecordHeader } from '../../src/snapshot/format.js';
 import { StoreWriter, scanData } from '../../src/snapshot/store.js';
 import { setRestoreMemoryBudget } from '../../src/snapshot/restore.js';
+import { digestDeviceChunks } from '../../src/snapshot/device-digests.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { isError, makeImage, sha256File, tempDir } from './helpers.js';
 
@@ -115,3 +116,51 @@ for (const budget of ['in memory', 'over the memory budget'] as const) {
     assert.equal(sha256File(image), before);
   });
 }
+
+test('appends written several batches at once resolve in file order; a hole left by a kill is cut', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, DATA_FILE);
+  const fd = fs.openSync(file, 'w+');
+  t.after(() => fs.closeSync(fd));
+  const w = new StoreWriter(fd, 0, { strict: false, onFailure: (r) => assert.fail(r) });
+  const resolved: number[] = [];
+  const payloads = Array.from({ length: 200 }, (_, i) => randomBytes((1 + (i % 5)) * CS));
+  const positions = await Promise.all(payloads.map(async (p, i) => {
+    const at = await w.append(i * 5, p);
+    resolved.push(at!);
+    return at!;
+  }));
+  await w.drain();
+  assert.deepEqual(resolved, [...resolved].sort((a, b) => a - b), 'resolved in file order');
+  let expected = 0;
+  positions.forEach((at, i) => {
+    assert.equal(at, expected);
+    expected += RECORD_HEADER_BYTES + payloads[i]!.length;
+  });
+  assert.equal(fs.fstatSync(fd).size, expected);
+  // A kill while a middle batch was still being written: its bytes are missing (zeroes) while a
+  // later batch is complete. The scan keeps what is before the hole and cuts the rest.
+  const hole = positions[120]!;
+  fs.writeSync(fd, Buffer.alloc(positions[121]! - hole), 0, positions[121]! - hole, hole);
+  const scan = await scanData(fd, { chunkSize: CS, deviceSize: 1000 * CS, allowTornTail: true, where: 'data' });
+  assert.equal(scan.validBytes, hole);
+  assert.equal(scan.records.length, 120);
+  assert.match(scan.tornReason ?? '', /bad record magic at byte/);
+});
+
+test('device digests split over two workers match sha256 of each chunk, the partial last one too', async (t) => {
+  const dir = tempDir(t);
+  const chunkSize = 64 * 1024;
+  const sizeBytes = 40 * 1024 * 1024 + 5000;
+  const image = makeImage(dir, sizeBytes);
+  const content = fs.readFileSync(image);
+  // Every chunk but a few, so that runs break; more than 32 MiB, so that two workers share it.
+  const chunks = Array.from({ length: Math.ceil(sizeBytes / chunkSize) }, (_, i) => i).filter((c) => c % 97 !== 5);
+  const digests = await digestDeviceChunks(image, chunks, chunkSize, sizeBytes);
+  assert.equal(digests.size, chunks.length);
+  for (const c of chunks) {
+    const expected = createHash('sha256').update(content.subarray(c * chunkSize, Math.min((c + 1) * chunkSize, sizeBytes))).digest();
+    assert.ok(digests.get(c)?.equals(expected), `chunk ${c}`);
+  }
+  await assert.rejects(digestDeviceChunks(path.join(dir, 'missing.img'), [0], chunkSize, sizeBytes), isError('EIO'));
+});
