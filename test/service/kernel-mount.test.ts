@@ -50,7 +50,8 @@ function currentSession(box: Sandbox, device: string): string | null {
   return st.devices.find((d) => d.device === device)?.currentSession ?? null;
 }
 
-const canRun = process.getuid?.() === 0 && fs.existsSync('/dev/fuse');
+// Outside CI a developer without root may skip these; in CI (CI=true) they always run and fail loudly.
+const canRun = process.env.CI === 'true' || (process.getuid?.() === 0 && fs.existsSync('/dev/fuse'));
 
 test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted, then byte-identical', { skip: !canRun && 'needs root and /dev/fuse' }, async (t) => {
   const box = sandbox(t);
