@@ -157,27 +157,29 @@ export function encodeOffsetHole(cookieHi: number, cookieLo: number, offsetBytes
   return b;
 }
 
-export function encodeStructuredError(cookieHi: number, cookieLo: number, errno: number, message: string, flags = NBD_REPLY_FLAG_DONE): Buffer {
+/** An error chunk: errno, message, and for ERROR_OFFSET the offset after the message. */
+function encodeErrorChunk(
+  replyType: number, cookieHi: number, cookieLo: number, errno: number, message: string, flags: number, offsetBytes?: number,
+): Buffer {
   const m = truncateUtf8(message, NBD_MAX_STRING_BYTES);
-  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_BYTES + 6 + m.length);
-  writeStructuredHeader(b, 0, flags, NBD_REPLY_TYPE_ERROR, cookieHi, cookieLo, 6 + m.length);
+  const length = 6 + m.length + (offsetBytes === undefined ? 0 : 8);
+  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_BYTES + length);
+  writeStructuredHeader(b, 0, flags, replyType, cookieHi, cookieLo, length);
   b.writeUInt32BE(errno, STRUCTURED_REPLY_HEADER_BYTES);
   b.writeUInt16BE(m.length, STRUCTURED_REPLY_HEADER_BYTES + 4);
   m.copy(b, STRUCTURED_REPLY_HEADER_BYTES + 6);
+  if (offsetBytes !== undefined) writeU64(b, STRUCTURED_REPLY_HEADER_BYTES + 6 + m.length, offsetBytes);
   return b;
+}
+
+export function encodeStructuredError(cookieHi: number, cookieLo: number, errno: number, message: string, flags = NBD_REPLY_FLAG_DONE): Buffer {
+  return encodeErrorChunk(NBD_REPLY_TYPE_ERROR, cookieHi, cookieLo, errno, message, flags);
 }
 
 export function encodeStructuredErrorOffset(
   cookieHi: number, cookieLo: number, errno: number, message: string, offsetBytes: number, flags = NBD_REPLY_FLAG_DONE,
 ): Buffer {
-  const m = truncateUtf8(message, NBD_MAX_STRING_BYTES);
-  const b = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_BYTES + 14 + m.length);
-  writeStructuredHeader(b, 0, flags, NBD_REPLY_TYPE_ERROR_OFFSET, cookieHi, cookieLo, 14 + m.length);
-  b.writeUInt32BE(errno, STRUCTURED_REPLY_HEADER_BYTES);
-  b.writeUInt16BE(m.length, STRUCTURED_REPLY_HEADER_BYTES + 4);
-  m.copy(b, STRUCTURED_REPLY_HEADER_BYTES + 6);
-  writeU64(b, STRUCTURED_REPLY_HEADER_BYTES + 6 + m.length, offsetBytes);
-  return b;
+  return encodeErrorChunk(NBD_REPLY_TYPE_ERROR_OFFSET, cookieHi, cookieLo, errno, message, flags, offsetBytes);
 }
 
 /** One BLOCK_STATUS chunk: context id, then (length, flags) descriptors. */

@@ -88,10 +88,6 @@ export class RequestDecoder {
     this.#maxWriteBytes = options.maxWritePayloadBytes ?? MAX_PAYLOAD_BYTES;
   }
 
-  get phase(): RequestDecoderPhase {
-    return this.#phase;
-  }
-
   setPhase(phase: RequestDecoderPhase): void {
     this.#phase = phase;
   }
@@ -105,9 +101,9 @@ export class RequestDecoder {
     this.#queue.append(chunk);
   }
 
-  /** With transient chunks: copy what is still unread before the chunk is reused. */
+  /** With transient chunks: copy what is still unread before the chunk is reused (else a no-op). */
   detach(): void {
-    this.#queue.detach();
+    if (this.#transient) this.#queue.detach();
   }
 
   /** Append `chunk` and decode every complete message. */

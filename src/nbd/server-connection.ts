@@ -85,7 +85,6 @@ export class ServerConnection {
   #maximumPayloadBytes: number = C.MAX_PAYLOAD_BYTES;
 
   #optionBusy = false;
-  #transientChunks: boolean;
   #eof = false;
   #pumping = false;
   #paused = false;
@@ -94,7 +93,6 @@ export class ServerConnection {
   #inFlightCount = 0;
   #inFlightBytes = 0;
   #idleWaiters: Array<() => void> = [];
-  #released = false;
   #closedPromise: Promise<void>;
   #resolveClosed!: () => void;
 
@@ -107,7 +105,6 @@ export class ServerConnection {
   ) {
     this.id = id;
     this.#pool = pool;
-    this.#transientChunks = ownReads;
     this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: ownReads });
     this.#socket = socket;
     this.#exports = exports;
@@ -136,7 +133,7 @@ export class ServerConnection {
     if (this.#state !== 'handshake' && this.#state !== 'transmission') return;
     this.#decoder.append(chunk);
     this.#pump();
-    if (this.#transientChunks) this.#decoder.detach();
+    this.#decoder.detach();
   }
 
   /** Resolves once the socket is closed and the export handle released. */
@@ -185,11 +182,12 @@ export class ServerConnection {
     } finally {
       this.#pumping = false;
     }
-    if (this.#eof && !this.#blocked()) {
+    const blocked = this.#blocked();
+    if (this.#eof && !blocked) {
       this.#finish();
       return;
     }
-    const pause = this.#blocked() && this.#state !== 'closed';
+    const pause = blocked && this.#state !== 'closed';
     if (pause !== this.#paused) {
       this.#paused = pause;
       if (pause) this.#socket.pause();
@@ -258,8 +256,8 @@ export class ServerConnection {
     if (this.#state === 'closed') return;
     this.#state = 'closed';
     await this.#idle();
-    if (this.#handle && !this.#released) {
-      this.#released = true;
+    // Runs once (guarded by the state), so the handle is released exactly once.
+    if (this.#handle) {
       try {
         await this.#handle.release();
       } catch (err) {

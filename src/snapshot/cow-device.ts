@@ -233,7 +233,7 @@ export class CowDevice implements BlockDevice {
       // without an await of ours: that path must cost what the bare device costs.
       const nothingToCopy = lengthBytes === 0 || this.#state === 'failed'
         || (this.#state === 'active' && this.#preserved.hasAll(Math.floor(offsetBytes / this.chunkSize), Math.floor((offsetBytes + lengthBytes - 1) / this.chunkSize)));
-      if (!nothingToCopy || fua) return this.#modifyCopying(offsetBytes, lengthBytes, fua, apply);
+      if (!nothingToCopy || fua) return this.#modifyCopying(offsetBytes, lengthBytes, !nothingToCopy, fua, apply);
     } catch (err) {
       return Promise.reject(err);
     }
@@ -249,10 +249,11 @@ export class CowDevice implements BlockDevice {
     return p;
   }
 
-  async #modifyCopying(offsetBytes: number, lengthBytes: number, fua: boolean, apply: () => Promise<void>): Promise<void> {
+  /** `copy`: some chunk may still need its original stored (decided by #modify, not walked again). */
+  async #modifyCopying(offsetBytes: number, lengthBytes: number, copy: boolean, fua: boolean, apply: () => Promise<void>): Promise<void> {
     this.#enter();
     try {
-      if (lengthBytes > 0 && this.#state !== 'failed') await this.#preserve(offsetBytes, lengthBytes);
+      if (copy) await this.#preserve(offsetBytes, lengthBytes);
       if (fua) await this.#syncStore();
       await apply();
     } finally {

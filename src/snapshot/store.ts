@@ -52,7 +52,8 @@ interface Batch {
 }
 
 interface Pending {
-  buffers: Buffer[];
+  header: Buffer;
+  payload: Buffer;
   bytes: number;
   resolve: (position: number | undefined) => void;
   position: number;
@@ -115,7 +116,7 @@ export class StoreWriter {
     const position = this.#endBytes;
     this.#endBytes += recordBytes;
     return new Promise((resolve) => {
-      this.#queue.push({ buffers: [header, payload], bytes: recordBytes, resolve, position });
+      this.#queue.push({ header, payload, bytes: recordBytes, resolve, position });
       this.#pump();
     });
   }
@@ -155,12 +156,13 @@ export class StoreWriter {
         batch.state = 'failed';
         continue;
       }
+      // Records have consecutive positions: the batch ends where its last record ends.
       const start = pending[0]!.position;
-      const total = pending.reduce((n, p) => n + p.bytes, 0);
-      batch.end = start + total;
+      const last = pending[pending.length - 1]!;
+      batch.end = last.position + last.bytes;
       const buffers: Buffer[] = [];
-      for (const p of pending) buffers.push(p.buffers[0]!, p.buffers[1]!);
-      this.#writeAll(buffers, start, total)
+      for (const p of pending) buffers.push(p.header, p.payload);
+      this.#writeAll(buffers, start, batch.end - start)
         .then(() => (this.#strict ? fdatasyncAsync(this.#fd) : undefined))
         .then(() => {
           batch.state = 'written';
