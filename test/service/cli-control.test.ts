@@ -167,7 +167,9 @@ test('malformed and oversized control requests get error answers and the daemon 
 
   // Random bytes, a half line and a dropped connection.
   const junk = Buffer.from(Array.from({ length: 4096 }, (_, i) => (i * 7919) % 256));
-  await rawExchange(sock, Buffer.concat([junk, Buffer.from('\n')]), 1);
+  const [junkAnswer] = await rawExchange(sock, Buffer.concat([junk, Buffer.from('\n')]), 1);
+  assert.equal(junkAnswer?.ok, false, JSON.stringify(junkAnswer));
+  assert.equal((junkAnswer?.error as { code: string } | undefined)?.code, 'EINVAL', JSON.stringify(junkAnswer));
   const half = net.connect(sock);
   await new Promise<void>((resolve) => half.on('connect', () => { half.write('{"id":8,"euid":0,"op":"st'); half.destroy(); resolve(); }));
 

@@ -58,6 +58,7 @@ test('only registered devices are served; an inactive one gets no session but is
   const read = nbdsh(box, image, 'print(h.get_size()); print(h.pread(512, 0).hex())');
   assert.equal(read.status, 0, read.stderr);
   assert.equal(read.stdout.split('\n')[0], String(IMAGE_BYTES));
+  assert.equal(read.stdout.split('\n')[1], fs.readFileSync(image).subarray(0, 512).toString('hex'), 'the read returns the image bytes');
   assert.equal(statusOf(box, image)?.dirtyOutsideSession, false, 'reads do not flag the device');
 
   const write = nbdsh(box, image, 'h.pwrite(b"\\xab" * 4096, 65536); h.flush()');
@@ -84,11 +85,11 @@ test('an active export: reads leave no directory, each client attach with writes
 
   // Two connections at once share one session: the first holds the export open while the second writes.
   const holder = spawn('nbdsh', ['-u', nbdUri(box, image), '-c', 'import time; h.pwrite(b"\\x01" * 4096, 0); h.flush(); time.sleep(2)'], { stdio: 'ignore', env: systemPythonEnv() });
-  const holderDone = new Promise((resolve) => holder.once('exit', resolve));
+  const holderDone = new Promise<number | null>((resolve) => holder.once('exit', (code) => resolve(code)));
   t.after(() => { holder.kill('SIGKILL'); });
   await waitFor('the first writer', () => sessionDirs(box).length === 1);
   assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x02" * 8192, 1 << 20); h.flush()').status, 0);
-  await holderDone;
+  assert.equal(await holderDone, 0, 'the first writer finished without an error');
   await waitFor('the session to end', () => statusOf(box, image)?.attached === false);
   assert.equal(sessionDirs(box).length, 1, 'concurrent connections share one session');
 
