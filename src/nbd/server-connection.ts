@@ -24,7 +24,7 @@ import type net from 'node:net';
 import { WIRE_ERRNO, toBdsnapError, BdsnapError } from '../errors.js';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
 import type { ExportHandle, ExportProvider } from './exports.js';
-import type { BufferPool } from './buffer-pool.js';
+import type { BufferPool } from '../device/buffer-pool.js';
 import { RequestDecoder, type ClientMessage, type OptionMessage, type RequestMessage } from './request-decoder.js';
 import * as C from './constants.js';
 import {

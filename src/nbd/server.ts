@@ -12,7 +12,7 @@ import net from 'node:net';
 import { BdsnapError } from '../errors.js';
 import type { ExportProvider } from './exports.js';
 import { ServerConnection, type LogFn } from './server-connection.js';
-import { BufferPool } from './buffer-pool.js';
+import { BufferPool } from '../device/buffer-pool.js';
 
 export interface NbdServerOptions {
   exports: ExportProvider;

@@ -22,6 +22,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
+import { BufferPool } from '../device/buffer-pool.js';
 import {
   DATA_FILE, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, RECORD_HEADER_BYTES,
   checkChunkSize, encodeDigestArrays, encodeIndex, fsyncDirectory, sessionDirName, sha256, writeFileAtomic, writeManifest, type Manifest,
@@ -115,9 +116,11 @@ export class CowDevice implements BlockDevice {
   #idleWaiters: Array<() => void> = [];
   #closing: Promise<SessionSummary | undefined> | undefined;
   #syncTimer: NodeJS.Timeout | undefined;
-  /** Copy buffers free for reuse, by length; at most SPARE_BUFFER_BYTES in all. */
-  readonly #spare = new Map<number, Buffer[]>();
-  #spareBytes = 0;
+  /**
+   * Copy buffers are reused: a fresh large buffer costs a page fault and a zeroed page per
+   * 4 KiB on first touch, which is more than the copy itself.
+   */
+  readonly #spare = new BufferPool(SPARE_BUFFER_BYTES);
   #backgroundSync: Promise<void> | undefined;
 
   private constructor(base: BlockDevice, options: SessionOptions) {
@@ -300,7 +303,7 @@ export class CowDevice implements BlockDevice {
   async #copyRun(firstChunk: number, lastChunk: number): Promise<void> {
     const cs = this.chunkSize;
     const startBytes = firstChunk * cs;
-    const buf = this.#takeBuffer(Math.min((lastChunk + 1) * cs, this.size) - startBytes);
+    const buf = this.#spare.get(Math.min((lastChunk + 1) * cs, this.size) - startBytes);
     try {
       await this.#base.read(buf, startBytes);
       const position = await this.#writer!.append(firstChunk, buf);
@@ -315,27 +318,8 @@ export class CowDevice implements BlockDevice {
     } finally {
       for (let c = firstChunk; c <= lastChunk; c++) this.#copying.delete(c);
       // The store has written it (or given up on it): nobody holds the buffer any more.
-      this.#giveBuffer(buf);
+      if (!this.#closing) this.#spare.put(buf);
     }
-  }
-
-  /**
-   * Copy buffers are reused: a fresh large buffer costs a page fault and a zeroed page per 4 KiB
-   * on first touch, which is more than the copy itself.
-   */
-  #takeBuffer(lengthBytes: number): Buffer {
-    const buf = this.#spare.get(lengthBytes)?.pop();
-    if (buf === undefined) return Buffer.allocUnsafeSlow(lengthBytes);
-    this.#spareBytes -= lengthBytes;
-    return buf;
-  }
-
-  #giveBuffer(buf: Buffer): void {
-    if (this.#spareBytes + buf.length > SPARE_BUFFER_BYTES || this.#closing) return;
-    const list = this.#spare.get(buf.length);
-    if (list === undefined) this.#spare.set(buf.length, [buf]);
-    else list.push(buf);
-    this.#spareBytes += buf.length;
   }
 
   #ensureStarted(): Promise<boolean> | boolean {
@@ -446,7 +430,6 @@ export class CowDevice implements BlockDevice {
   async #close(): Promise<SessionSummary | undefined> {
     if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
     this.#spare.clear();
-    this.#spareBytes = 0;
     if (this.#syncTimer) clearTimeout(this.#syncTimer);
     await this.#backgroundSync;
     if (this.#starting) await this.#starting;

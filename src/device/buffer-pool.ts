@@ -1,5 +1,6 @@
 /**
- * BufferPool: reuse of the big buffers of the data path (READ replies, WRITE payloads).
+ * BufferPool: reuse of the big buffers of the data path (the NBD server's READ replies and
+ * WRITE payloads, the copy-before-write layer's copy buffers).
  * Allocating a fresh megabyte per request costs page faults and, worse, garbage-collector
  * pressure from external memory; a free list per exact size avoids both.
  *
@@ -29,6 +30,12 @@ export class BufferPool {
       return b;
     }
     return Buffer.allocUnsafeSlow(sizeBytes);
+  }
+
+  /** Drop every pooled buffer (the owner is closing). */
+  clear(): void {
+    this.#free.clear();
+    this.#pooledBytes = 0;
   }
 
   put(b: Buffer): void {
