@@ -78,16 +78,7 @@ class ByteReader {
       if (this.#ended) {
         throw new Error(`connection closed with ${this.#available} of ${lengthBytes} bytes read${this.#endError ? `: ${this.#endError.message}` : ''}`);
       }
-      const waitMs = deadlineMs - Date.now();
-      if (waitMs <= 0) throw new Error(`timed out waiting for ${lengthBytes} bytes (have ${this.#available})`);
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, waitMs);
-        this.#wake = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
-      this.#wake = undefined;
+      if (!(await this.#sleepUntilWoken(deadlineMs))) throw new Error(`timed out waiting for ${lengthBytes} bytes (have ${this.#available})`);
     }
     const all = Buffer.concat(this.#chunks);
     this.#chunks = [all.subarray(lengthBytes)];
@@ -99,17 +90,23 @@ class ByteReader {
   async waitForEnd(timeoutMs: number): Promise<boolean> {
     const deadlineMs = Date.now() + timeoutMs;
     while (!this.#ended) {
-      const waitMs = deadlineMs - Date.now();
-      if (waitMs <= 0) return false;
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, waitMs);
-        this.#wake = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
-      this.#wake = undefined;
+      if (!(await this.#sleepUntilWoken(deadlineMs))) return false;
     }
+    return true;
+  }
+
+  /** Wait for incoming data or the end; false if the deadline had already passed. */
+  async #sleepUntilWoken(deadlineMs: number): Promise<boolean> {
+    const waitMs = deadlineMs - Date.now();
+    if (waitMs <= 0) return false;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, waitMs);
+      this.#wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+    this.#wake = undefined;
     return true;
   }
 }

@@ -3,6 +3,7 @@
  * run as a child process, and a real daemon started and stopped around each test.
  */
 
+import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
@@ -124,6 +125,22 @@ export function systemPythonEnv(): NodeJS.ProcessEnv {
   return { ...process.env, PATH: `/usr/bin:/bin:${process.env.PATH ?? ''}` };
 }
 
-export function hasCommand(cmd: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;
+/** Set the service password for the first time and activate `device` with it, through the CLI. */
+export function passwdAndActivate(box: Sandbox, device: string, password: string): void {
+  ok(box, ['passwd', '--password-stdin'], `${password}\n`);
+  ok(box, ['activate', device, '--password-stdin'], `${password}\n`);
+}
+
+/**
+ * The sandbox holds exactly one session: return its manifest state after running
+ * `bdsnap restore` on it (which must succeed).
+ */
+export function restoreOnlySession(box: Sandbox): string {
+  const dirs = sessionDirs(box);
+  assert.equal(dirs.length, 1, `expected one session directory, found ${dirs.join(', ')}`);
+  const dir = path.join(box.snapshotRoot, dirs[0] as string);
+  const manifest = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8')) as { state: string };
+  const restored = cli(box, ['restore', dir]);
+  assert.equal(restored.status, 0, restored.stderr);
+  return manifest.state;
 }
