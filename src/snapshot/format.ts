@@ -199,17 +199,7 @@ export function decodeIndex(buf: Buffer): Map<number, number> {
   return index;
 }
 
-/** chunk index -> sha256 of its final content. */
-export function encodeDigests(digests: Map<number, Buffer>): Buffer {
-  const entries = [...digests.entries()].sort((a, b) => a[0] - b[0]);
-  return encodeTable(DIGESTS_MAGIC, 40, entries.length, (buf, at, i) => {
-    const e = entries[i]!;
-    writeU64(buf, e[0], at);
-    e[1].copy(buf, at + 8);
-  });
-}
-
-/** The same table from sorted chunk indexes and their digests packed 32 bytes each. */
+/** The digests table (chunk index -> sha256 of its final content) from sorted chunk indexes and their digests packed 32 bytes each. */
 export function encodeDigestArrays(chunks: ArrayLike<number>, digests: Buffer): Buffer {
   if (digests.length !== chunks.length * 32) throw new BdsnapError('EINVAL', `${chunks.length} chunks but ${digests.length} digest bytes`);
   return encodeTable(DIGESTS_MAGIC, 40, chunks.length, (buf, at, i) => {

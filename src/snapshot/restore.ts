@@ -33,26 +33,6 @@ import { digestDeviceChunks } from './device-digests.js';
 import { compareSessions, listSessions, readSessionInfo, recoverSession, type SessionInfo } from './sessions.js';
 
 const BATCH_BYTES = 8 * 1024 * 1024;
-/**
- * Store bytes kept in memory between their checksum pass and the apply, over all sessions of
- * the chain: a store that fits is read once; a bigger one is read again while applying.
- * Default 0: measured on a VM, faulting in a fresh buffer the size of the store cost twice what
- * reading it again from the page cache into a reused buffer does.
- */
-let keepBudgetBytes = 0;
-
-/**
- * Set the memory restore may use to keep verified store bytes for the apply (tuning, and tests
- * of the re-reading path); returns the previous value. Not part of the library surface.
- */
-export function setRestoreMemoryBudget(bytes: number): number {
-  if (!Number.isSafeInteger(bytes) || bytes < 0) throw new BdsnapError('EINVAL', `bad memory budget ${bytes}`);
-  const previous = keepBudgetBytes;
-  keepBudgetBytes = bytes;
-  return previous;
-}
-/** Pieces of a write at least this long are written from where they lie; smaller ones are gathered. */
-const DIRECT_PIECE_BYTES = 256 * 1024;
 const WRITES_IN_FLIGHT = 4;
 const MAX_LISTED_MISMATCHES = 5;
 
@@ -96,8 +76,6 @@ interface LoadedSession {
   /** chunk -> position of its original in data.bin */
   index: Map<number, number>;
   digests: Map<number, Buffer> | undefined;
-  /** data.bin as verified by the scan, when it fit the memory budget. */
-  data: Buffer | undefined;
 }
 
 interface Journal {
@@ -184,12 +162,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       deviceDigests = digestDeviceChunks(devicePath, [...wanted].sort((a, b) => a - b), target.chunkSize, device.size);
       deviceDigests.catch(() => undefined);
     }
-    let keepBytes = keepBudgetBytes;
-    for (const s of chain) {
-      const l = await loadSession(s, keepBytes);
-      keepBytes -= l.data?.length ?? 0;
-      loaded.push(l);
-    }
+    for (const s of chain) loaded.push(await loadSession(s));
     if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
     const cs = target.chunkSize;
     // Oldest first: the first session of the chain that touched a chunk holds the original to write.
@@ -282,7 +255,7 @@ function checkIdentity(device: FileDevice, s: SessionInfo, warnings: string[]): 
   if (soft.length > 0) warnings.push(`${device.path}: device numbers differ from session ${s.dir} (${soft.map(describe).join(', ')}), e.g. after a reboot`);
 }
 
-async function loadSession(info: SessionInfo, keepBytes: number): Promise<LoadedSession> {
+async function loadSession(info: SessionInfo): Promise<LoadedSession> {
   const dataPath = path.join(info.dir, DATA_FILE);
   let fd: number;
   try {
@@ -292,7 +265,7 @@ async function loadSession(info: SessionInfo, keepBytes: number): Promise<Loaded
     throw toBdsnapError(err);
   }
   try {
-    const scan = await scanData(fd, { chunkSize: info.chunkSize, deviceSize: info.deviceSize, allowTornTail: info.state === 'active', where: dataPath, keepBytes });
+    const scan = await scanData(fd, { chunkSize: info.chunkSize, deviceSize: info.deviceSize, allowTornTail: info.state === 'active', where: dataPath });
     if (info.state !== 'active') {
       if (scan.fileBytes !== info.storeBytes) {
         throw new BdsnapError('ECORRUPT', `${dataPath} is ${scan.fileBytes} bytes but the manifest records ${info.storeBytes}: the store was truncated or extended`);
@@ -316,7 +289,7 @@ async function loadSession(info: SessionInfo, keepBytes: number): Promise<Loaded
       if (!same) throw new BdsnapError('ECORRUPT', `${path.join(info.dir, DIGESTS_FILE)} does not list the same chunks as ${DATA_FILE}`);
     }
     // A torn tail (crashed session) is not applied: keep only the valid records' bytes.
-    return { info, fd, index: scan.index, digests, data: scan.data?.subarray(0, scan.validBytes) };
+    return { info, fd, index: scan.index, digests };
   } catch (err) {
     fs.closeSync(fd);
     throw err;
@@ -345,7 +318,6 @@ async function readJournal(file: string): Promise<Journal | undefined> {
 }
 
 async function readOriginal(s: LoadedSession, position: number, lengthBytes: number): Promise<Buffer> {
-  if (s.data !== undefined && position + lengthBytes <= s.data.length) return s.data.subarray(position, position + lengthBytes);
   const buf = Buffer.allocUnsafe(lengthBytes);
   if ((await preadFully(s.fd, buf, position)) !== lengthBytes) throw new BdsnapError('ECORRUPT', `${s.info.dir}: the store ended while reading`);
   return buf;
@@ -461,7 +433,6 @@ async function applyPlan(
       const start = first * cs;
       const runBytes = Math.min((first + to - from) * cs, device.size) - start;
       pieces.length = 0;
-      let direct = true;
       for (let k = from; k < to;) {
         const p = plan.get(chunks[k]!)!;
         let m = k + 1;
@@ -469,25 +440,18 @@ async function applyPlan(
         const at = (chunks[k]! - first) * cs;
         const length = Math.min((chunks[m - 1]! - first + 1) * cs, runBytes) - at;
         pieces.push({ session: p.session, position: p.position, at, length });
-        if (p.session.data === undefined || (length < DIRECT_PIECE_BYTES && length < runBytes)) direct = false;
         k = m;
       }
-      if (direct) {
-        for (const piece of pieces) await device.write(piece.session.data!.subarray(piece.position, piece.position + piece.length), start + piece.at);
-      } else {
-        scratch ??= Buffer.allocUnsafe(maxRun * cs);
-        const buf = scratch.subarray(0, runBytes);
-        for (const piece of pieces) {
-          const into = buf.subarray(piece.at, piece.at + piece.length);
-          const data = piece.session.data;
-          if (data !== undefined) {
-            data.copy(into, 0, piece.position, piece.position + piece.length);
-          } else if ((await preadFully(piece.session.fd, into, piece.position)) !== piece.length) {
-            throw new BdsnapError('ECORRUPT', `${piece.session.info.dir}: the store ended while reading chunk ${first + piece.at / cs}`);
-          }
+      // Gather the run from the stores into one buffer, then one write.
+      scratch ??= Buffer.allocUnsafe(maxRun * cs);
+      const buf = scratch.subarray(0, runBytes);
+      for (const piece of pieces) {
+        const into = buf.subarray(piece.at, piece.at + piece.length);
+        if ((await preadFully(piece.session.fd, into, piece.position)) !== piece.length) {
+          throw new BdsnapError('ECORRUPT', `${piece.session.info.dir}: the store ended while reading chunk ${first + piece.at / cs}`);
         }
-        await device.write(buf, start);
       }
+      await device.write(buf, start);
       doneBytes += runBytes;
       onProgress?.(doneBytes, totalBytes);
     }

@@ -235,11 +235,6 @@ export interface ScanResult {
   tornReason?: string;
   /** Sum of payload bytes of the indexed chunks. */
   preservedBytes: number;
-  /**
-   * The whole file as read and verified, when it fit `keepBytes`: byte i is byte i of data.bin,
-   * so an original is `data.subarray(position, position + length)` with no second read.
-   */
-  data?: Buffer;
 }
 
 export interface ScanOptions {
@@ -249,70 +244,33 @@ export interface ScanOptions {
   allowTornTail: boolean;
   /** Name used in error messages. */
   where: string;
-  /** Keep the file's bytes in memory (ScanResult.data) when it is at most this long. Default 0. */
-  keepBytes?: number;
 }
 
-/** Size of each read of data.bin while scanning: large reads, one more in flight while checking. */
+/** Size of each read of data.bin while scanning. */
 const SCAN_READ_BYTES = 8 * 1024 * 1024;
 
 /**
- * Bytes of data.bin, read sequentially in large pieces with the next piece read while the
- * current one is checked. `at(pos, len)` gives a view of [pos, pos + len) or undefined past the
- * end of the file. Positions only move forward.
+ * Bytes of data.bin, read sequentially through a window of large reads. `at(pos, len)` gives a
+ * view of [pos, pos + len) or undefined past the end of the file. Positions only move forward.
  */
 class SequentialReader {
   readonly #fd: number;
   readonly #fileBytes: number;
-  readonly #keep: boolean;
   /** Holds file bytes [#start, #start + #filled). */
   #buf: Buffer;
   #start = 0;
   #filled = 0;
-  #ahead: { pos: number; done: Promise<number> } | undefined;
 
-  constructor(fd: number, fileBytes: number, keep: boolean) {
+  constructor(fd: number, fileBytes: number) {
     this.#fd = fd;
     this.#fileBytes = fileBytes;
-    this.#keep = keep;
-    // Kept: one buffer for the whole file, filled piece by piece. Else a window that slides.
-    this.#buf = Buffer.allocUnsafe(keep ? fileBytes : Math.min(fileBytes, SCAN_READ_BYTES));
-  }
-
-  /** The whole file (kept mode only, once everything was read). */
-  get whole(): Buffer {
-    return this.#buf.subarray(0, this.#filled);
+    this.#buf = Buffer.allocUnsafe(Math.min(fileBytes, SCAN_READ_BYTES));
   }
 
   async at(pos: number, len: number): Promise<Buffer | undefined> {
     if (pos + len > this.#fileBytes) return undefined;
-    if (this.#keep) {
-      while (this.#filled < pos + len) await this.#fillKept();
-      return this.#buf.subarray(pos, pos + len);
-    }
     if (pos < this.#start || pos + len > this.#start + this.#filled) await this.#slide(pos, len);
     return this.#buf.subarray(pos - this.#start, pos - this.#start + len);
-  }
-
-  async #fillKept(): Promise<void> {
-    const pos = this.#filled;
-    const ahead = this.#ahead;
-    this.#ahead = undefined;
-    const n = ahead !== undefined && ahead.pos === pos ? await ahead.done : await this.#read(this.#buf, pos, SCAN_READ_BYTES);
-    if (n === 0) throw new BdsnapError('EIO', `data file ended at byte ${pos} while being read`);
-    this.#filled += n;
-    const next = this.#filled;
-    if (next < this.#fileBytes) {
-      const done = this.#read(this.#buf, next, SCAN_READ_BYTES);
-      done.catch(() => undefined);
-      this.#ahead = { pos: next, done };
-    }
-  }
-
-  /** Wait for a read-ahead still in flight, so that nothing touches the fd after the scan. */
-  async settle(): Promise<void> {
-    await this.#ahead?.done.catch(() => undefined);
-    this.#ahead = undefined;
   }
 
   /** Move the window to start at `pos`, keeping what it already holds from there on. */
@@ -350,67 +308,60 @@ class SequentialReader {
 
 /**
  * Read data.bin from the start, verify every record (one checksum pass per record) and rebuild
- * the index. With `keepBytes` at least the file size, the verified bytes are returned too.
+ * the index.
  */
 export async function scanData(fd: number, options: ScanOptions): Promise<ScanResult> {
   const { chunkSize, deviceSize, where } = options;
   const fileBytes = (await fstatAsync(fd).catch((err: unknown) => {
     throw toBdsnapError(err);
   })).size;
-  const keep = fileBytes > 0 && fileBytes <= (options.keepBytes ?? 0);
-  const reader = new SequentialReader(fd, fileBytes, keep);
+  const reader = new SequentialReader(fd, fileBytes);
   const records: ScannedRecord[] = [];
   const index = new Map<number, number>();
   let position = 0;
   let preservedBytes = 0;
   const chunkCount = Math.ceil(deviceSize / chunkSize);
   let tornReason: string | undefined;
-  try {
-    while (position < fileBytes) {
-      const bad = (reason: string): void => {
-        tornReason = `${reason} at byte ${position} of ${where}`;
-      };
-      const header = await reader.at(position, RECORD_HEADER_BYTES);
-      if (header === undefined) {
-        bad('truncated record header');
-        break;
-      }
-      const h = decodeRecordHeader(header);
-      if (typeof h === 'string') {
-        bad(h);
-        break;
-      }
-      const startBytes = h.firstChunk * chunkSize;
-      const aligned = h.payloadBytes % chunkSize === 0 || startBytes + h.payloadBytes === deviceSize;
-      if (h.firstChunk >= chunkCount || startBytes + h.payloadBytes > deviceSize || !aligned) {
-        bad(`record for chunk ${h.firstChunk} (${h.payloadBytes} bytes) does not fit the device`);
-        break;
-      }
-      const body = await reader.at(position + RECORD_HEADER_BYTES, h.payloadBytes);
-      if (body === undefined) {
-        bad('truncated record payload');
-        break;
-      }
-      if (!payloadMatches(h, body)) {
-        bad('record payload checksum mismatch');
-        break;
-      }
-      records.push({ position, firstChunk: h.firstChunk, payloadBytes: h.payloadBytes });
-      for (let i = 0; i * chunkSize < h.payloadBytes; i++) {
-        const chunk = h.firstChunk + i;
-        if (index.has(chunk)) continue;
-        index.set(chunk, position + RECORD_HEADER_BYTES + i * chunkSize);
-        preservedBytes += Math.min(chunkSize, h.payloadBytes - i * chunkSize);
-      }
-      position += RECORD_HEADER_BYTES + h.payloadBytes;
+  while (position < fileBytes) {
+    const bad = (reason: string): void => {
+      tornReason = `${reason} at byte ${position} of ${where}`;
+    };
+    const header = await reader.at(position, RECORD_HEADER_BYTES);
+    if (header === undefined) {
+      bad('truncated record header');
+      break;
     }
-  } finally {
-    await reader.settle();
+    const h = decodeRecordHeader(header);
+    if (typeof h === 'string') {
+      bad(h);
+      break;
+    }
+    const startBytes = h.firstChunk * chunkSize;
+    const aligned = h.payloadBytes % chunkSize === 0 || startBytes + h.payloadBytes === deviceSize;
+    if (h.firstChunk >= chunkCount || startBytes + h.payloadBytes > deviceSize || !aligned) {
+      bad(`record for chunk ${h.firstChunk} (${h.payloadBytes} bytes) does not fit the device`);
+      break;
+    }
+    const body = await reader.at(position + RECORD_HEADER_BYTES, h.payloadBytes);
+    if (body === undefined) {
+      bad('truncated record payload');
+      break;
+    }
+    if (!payloadMatches(h, body)) {
+      bad('record payload checksum mismatch');
+      break;
+    }
+    records.push({ position, firstChunk: h.firstChunk, payloadBytes: h.payloadBytes });
+    for (let i = 0; i * chunkSize < h.payloadBytes; i++) {
+      const chunk = h.firstChunk + i;
+      if (index.has(chunk)) continue;
+      index.set(chunk, position + RECORD_HEADER_BYTES + i * chunkSize);
+      preservedBytes += Math.min(chunkSize, h.payloadBytes - i * chunkSize);
+    }
+    position += RECORD_HEADER_BYTES + h.payloadBytes;
   }
   if (tornReason !== undefined && !options.allowTornTail) {
     throw new BdsnapError('ECORRUPT', `${where} is corrupt: ${tornReason}`);
   }
-  const result: ScanResult = { records, index, validBytes: position, fileBytes, tornReason, preservedBytes };
-  if (keep && tornReason === undefined) result.data = reader.whole;
-  return result;
+  return { records, index, validBytes: position, fileBytes, tornReason, preservedBytes };
 }

@@ -12,7 +12,6 @@ import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeRecordHeader, encodeRecordHeader } from '../../src/snapshot/format.js';
 import { StoreWriter, scanData } from '../../src/snapshot/store.js';
-import { setRestoreMemoryBudget } from '../../src/snapshot/restore.js';
 import { digestDeviceChunks } from '../../src/snapshot/device-digests.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { isError, makeImage, sha256File, tempDir } from './helpers.js';
@@ -62,37 +61,12 @@ test('new records carry a CRC-32; records of the first format (sha256) still sca
   }
 });
 
-test('a scan keeps the verified bytes when they fit, and only then', async (t) => {
-  const dir = tempDir(t);
-  const file = path.join(dir, DATA_FILE);
-  const fd = fs.openSync(file, 'w+');
-  t.after(() => fs.closeSync(fd));
-  const w = new StoreWriter(fd, 0, { strict: false, onFailure: (r) => assert.fail(r) });
-  // Records larger than one read of the scanner, and many small ones, so that reads split records.
-  const payloads: Array<[number, Buffer]> = [[0, randomBytes(2500 * CS)], ...Array.from({ length: 300 }, (_, i): [number, Buffer] => [3000 + i * 3, randomBytes(2 * CS)])];
-  await Promise.all(payloads.map(([c, b]) => w.append(c, b)));
-  await w.sync();
-  const whole = fs.readFileSync(file);
-  const options = { chunkSize: CS, deviceSize: 4000 * CS, allowTornTail: false, where: 'data' };
-  const kept = await scanData(fd, { ...options, keepBytes: whole.length });
-  assert.equal(kept.records.length, payloads.length);
-  assert.ok(kept.data?.equals(whole));
-  const notKept = await scanData(fd, { ...options, keepBytes: whole.length - 1 });
-  assert.equal(notKept.data, undefined);
-  assert.deepEqual([...notKept.index], [...kept.index]);
-  assert.equal(notKept.preservedBytes, (2500 + 600) * CS);
-});
-
-for (const budget of ['in memory', 'over the memory budget'] as const) {
-  test(`a chain of sessions restores exactly, applied ${budget}`, async (t) => {
+{
+  test('a chain of sessions restores exactly, originals gathered from interleaved stores', async (t) => {
     const dir = tempDir(t);
     const image = makeImage(dir, 1200 * CS + 1000);
     const root = path.join(dir, 'snap');
     const before = sha256File(image);
-    if (budget === 'over the memory budget') {
-      const previous = setRestoreMemoryBudget(0);
-      t.after(() => setRestoreMemoryBudget(previous));
-    }
     let firstDir: string | undefined;
     for (let s = 0; s < 2; s++) {
       const dev = await FileDevice.open(image);
