@@ -162,6 +162,15 @@ async function main(): Promise<void> {
   }
 }
 
+/**
+ * Requests in one pass over the image. fio otherwise moves `size` bytes of data, so a job that
+ * skips bytes after each write (`write:N`) would wrap around and rewrite what it wrote.
+ */
+function onePassIos(workload: Workload, imageBytes: number): number {
+  const skip = Number(/^write:(\d+)$/.exec(workload.rw)?.[1] ?? 0);
+  return Math.floor(imageBytes / (workload.blockSizeBytes + skip));
+}
+
 async function measure(target: Target, imagePath: string, workload: Workload, options: Options): Promise<number> {
   const running = await target.start({ imagePath });
   let value: number;
@@ -173,7 +182,7 @@ async function measure(target: Target, imagePath: string, workload: Workload, op
       ioDepth: workload.ioDepth,
       sizeBytes: options.imageBytes,
       ...(workload.onePass
-        ? { extraArgs: [`--runtime=${options.runtimeSec}`] }
+        ? { extraArgs: [`--runtime=${options.runtimeSec}`, `--number_ios=${onePassIos(workload, options.imageBytes)}`] }
         : { runtimeSec: options.runtimeSec }),
     });
     if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);

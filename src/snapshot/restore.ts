@@ -26,7 +26,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { FileDevice } from '../device/file-device.js';
 import type { BlockDevice } from '../device/block-device.js';
 import {
-  DATA_FILE, DIGESTS_FILE, INDEX_FILE, JOURNAL_FILE, decodeDigests, decodeIndex, sha256, writeFileAtomic,
+  DATA_FILE, DIGEST_ALGORITHM, DIGESTS_FILE, INDEX_FILE, JOURNAL_FILE, chunkDigest, decodeDigests, decodeIndex, writeFileAtomic, type DigestAlgorithm,
 } from './format.js';
 import { scanData, preadFully } from './store.js';
 import { digestDeviceChunks } from './device-digests.js';
@@ -145,21 +145,22 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     }
     const journalPath = path.join(target.dir, JOURNAL_FILE);
     const journal = await readJournal(journalPath);
-    // Hash the device in a worker while this thread checks the stores: every chunk some end
-    // digest may be compared with (a superset of what verifyDigests reads from the device).
-    let deviceDigests: Promise<Map<number, Buffer>> | undefined;
+    // Digest the device in workers while this thread checks the stores: every chunk some end
+    // digest may be compared with (a superset of what verifyDigests reads from the device), with
+    // the algorithm of the newest session that has a digest for it.
+    let deviceDigests: Promise<DeviceDigests> | undefined;
     if (!options.force && !(journal?.state === 'running' && outputPath === undefined)) {
-      const wanted = new Set<number>();
+      const wanted = new Map<number, DigestAlgorithm>();
       for (const s of chain) {
         const raw = s.state === 'complete' ? await readOptional(path.join(s.dir, DIGESTS_FILE)).catch(() => undefined) : undefined;
         if (raw === undefined) continue;
         try {
-          for (const c of decodeDigests(raw).keys()) wanted.add(c);
+          for (const c of decodeDigests(raw).keys()) wanted.set(c, s.digestAlgorithm);
         } catch {
           // loadSession reports it properly below.
         }
       }
-      deviceDigests = digestDeviceChunks(devicePath, [...wanted].sort((a, b) => a - b), target.chunkSize, device.size);
+      deviceDigests = digestDevice(devicePath, wanted, target.chunkSize, device.size);
       deviceDigests.catch(() => undefined);
     }
     for (const s of chain) loaded.push(await loadSession(s));
@@ -341,37 +342,59 @@ async function forEachDeviceChunk(device: BlockDevice, chunks: number[], cs: num
   }
 }
 
+/** Device end digests by algorithm, then by chunk. */
+type DeviceDigests = Map<DigestAlgorithm, Map<number, Buffer>>;
+
+async function digestDevice(devicePath: string, wanted: Map<number, DigestAlgorithm>, cs: number, sizeBytes: number): Promise<DeviceDigests> {
+  const byAlgorithm = new Map<DigestAlgorithm, number[]>();
+  for (const [c, algorithm] of wanted) {
+    const list = byAlgorithm.get(algorithm);
+    if (list) list.push(c);
+    else byAlgorithm.set(algorithm, [c]);
+  }
+  const out: DeviceDigests = new Map();
+  for (const [algorithm, chunks] of byAlgorithm) {
+    out.set(algorithm, await digestDeviceChunks(devicePath, chunks.sort((a, b) => a - b), cs, sizeBytes, algorithm));
+  }
+  return out;
+}
+
 /**
  * The newest session's digests must match the device; each older session's must match what the
  * device would hold after the newer ones were restored (the newer sessions' originals, else the
  * device). Every mismatch is collected and the first few are listed.
  */
-async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: number, precomputed?: Map<number, Buffer>): Promise<void> {
-  const fromDevice = new Set<number>();
+async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: number, precomputed: DeviceDigests = new Map()): Promise<void> {
   const checks: Array<{ session: LoadedSession; chunk: number; expected: Buffer; source: LoadedSession | undefined }> = [];
+  const missing = new Map<DigestAlgorithm, number[]>();
   for (let k = 0; k < loaded.length; k++) {
     const s = loaded[k]!;
     if (!s.digests) continue;
+    const algorithm = s.info.digestAlgorithm;
     for (const [chunk, expected] of s.digests) {
       const source = loaded.slice(k + 1).find((n) => n.index.has(chunk));
-      if (!source) fromDevice.add(chunk);
+      if (!source && !precomputed.get(algorithm)?.has(chunk)) {
+        const list = missing.get(algorithm);
+        if (list) list.push(chunk);
+        else missing.set(algorithm, [chunk]);
+      }
       checks.push({ session: s, chunk, expected, source });
     }
   }
-  let deviceDigests = precomputed;
-  if (!deviceDigests || [...fromDevice].some((c) => !deviceDigests!.has(c))) {
-    const computed = new Map<number, Buffer>();
-    await forEachDeviceChunk(device, [...fromDevice].sort((a, b) => a - b), cs, (c, data) => computed.set(c, sha256(data)));
-    deviceDigests = computed;
+  for (const [algorithm, chunks] of missing) {
+    const map = precomputed.get(algorithm) ?? new Map<number, Buffer>();
+    precomputed.set(algorithm, map);
+    await forEachDeviceChunk(device, chunks.sort((a, b) => a - b), cs, (c, data) => map.set(c, chunkDigest(data, algorithm)));
   }
   const mismatches: Array<{ session: LoadedSession; chunk: number; against: string }> = [];
   for (const check of checks) {
+    const algorithm = check.session.info.digestAlgorithm;
     let actual: Buffer;
     if (check.source) {
       const len = Math.min(cs, device.size - check.chunk * cs);
-      actual = sha256(await readOriginal(check.source, check.source.index.get(check.chunk)!, len));
+      actual = chunkDigest(await readOriginal(check.source, check.source.index.get(check.chunk)!, len), algorithm);
     } else {
-      actual = deviceDigests.get(check.chunk)!;
+      actual = precomputed.get(algorithm)!.get(check.chunk)!;
     }
     if (!actual.equals(check.expected)) {
       mismatches.push({ session: check.session, chunk: check.chunk, against: check.source ? `the original kept by ${check.source.info.dir}` : 'the device' });
@@ -393,11 +416,11 @@ async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: n
 
 async function alreadyRestored(device: BlockDevice, plan: Map<number, { session: LoadedSession; position: number }>, chunks: number[], cs: number): Promise<boolean> {
   const current = new Map<number, Buffer>();
-  await forEachDeviceChunk(device, chunks, cs, (c, data) => current.set(c, sha256(data)));
+  await forEachDeviceChunk(device, chunks, cs, (c, data) => current.set(c, chunkDigest(data, DIGEST_ALGORITHM)));
   for (const c of chunks) {
     const p = plan.get(c)!;
     const original = await readOriginal(p.session, p.position, Math.min(cs, device.size - c * cs));
-    if (!sha256(original).equals(current.get(c)!)) return false;
+    if (!chunkDigest(original, DIGEST_ALGORITHM).equals(current.get(c)!)) return false;
   }
   return true;
 }

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import {
-  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, escapeDevicePath, readManifest, writeFileAtomic, writeManifest, type SessionState,
+  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, escapeDevicePath, readManifest, writeFileAtomic, writeManifest, type DigestAlgorithm, type SessionState,
 } from './format.js';
 import { scanData } from './store.js';
 
@@ -32,6 +32,8 @@ export interface SessionInfo {
   storeBytes: number;
   /** Chunks with an end digest (complete sessions), else null. */
   digestedChunks: number | null;
+  /** How the end digests were computed. */
+  digestAlgorithm: DigestAlgorithm;
   failedReason: string | null;
   /** For 'unreadable': what is wrong. */
   problem?: string;
@@ -54,6 +56,7 @@ function infoFromManifest(dir: string, m: Awaited<ReturnType<typeof readManifest
     preservedBytes: m.preservedBytes,
     storeBytes: m.storeBytes,
     digestedChunks: m.digestedChunks,
+    digestAlgorithm: m.digestAlgorithm ?? 'sha256',
     failedReason: m.failedReason,
   };
 }
@@ -98,7 +101,7 @@ export async function listSessions(snapshotRoot: string, devicePath?: string): P
       out.push({
         dir, devicePath: devicePath ?? '', deviceSize: 0, deviceIdentity: {}, chunkSize: 0, durability: 'process',
         mountTime: '', endTime: null, state: 'unreadable', preservedChunks: 0, preservedBytes: 0, storeBytes: 0,
-        digestedChunks: null, failedReason: null, problem: (err as Error).message,
+        digestedChunks: null, digestAlgorithm: 'sha256', failedReason: null, problem: (err as Error).message,
       });
     }
   }

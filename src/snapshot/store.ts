@@ -43,6 +43,13 @@ export async function preadFully(fd: number, buf: Buffer, pos: number): Promise<
 
 /** Largest number of batches written at once in 'process' durability. */
 const MAX_BATCHES_IN_FLIGHT = 4;
+/**
+ * In 'process' durability a batch up to this size is written synchronously: into the page
+ * cache that costs microseconds, where a thread-pool round trip costs a wake-up and, on a
+ * machine with few cores, context switches that stall the request path. Bigger batches go to
+ * the thread pool, so that large copies run beside the event loop.
+ */
+const SYNC_BATCH_MAX_BYTES = Number(process.env.BDSNAP_SYNC_BATCH_MAX_BYTES ?? 256 * 1024);
 
 interface Batch {
   pending: Pending[];
@@ -78,6 +85,7 @@ export class StoreWriter {
   #batches: Batch[] = [];
   #idleWaiters: Array<() => void> = [];
   #failed = false;
+  #pumpScheduled = false;
 
   constructor(fd: number, startBytes: number, options: { strict: boolean; sizeLimitBytes?: number; onFailure: (reason: string, err?: unknown) => void }) {
     this.#fd = fd;
@@ -117,7 +125,14 @@ export class StoreWriter {
     this.#endBytes += recordBytes;
     return new Promise((resolve) => {
       this.#queue.push({ header, payload, bytes: recordBytes, resolve, position });
-      this.#pump();
+      if (!this.#pumpScheduled) {
+        // Records queued by the requests of this turn are written as one batch.
+        this.#pumpScheduled = true;
+        queueMicrotask(() => {
+          this.#pumpScheduled = false;
+          this.#pump();
+        });
+      }
     });
   }
 
@@ -162,13 +177,22 @@ export class StoreWriter {
       batch.end = last.position + last.bytes;
       const buffers: Buffer[] = [];
       for (const p of pending) buffers.push(p.header, p.payload);
+      if (!this.#strict && batch.end - start <= SYNC_BATCH_MAX_BYTES) {
+        try {
+          this.#writeAllSync(buffers, start, batch.end - start);
+          batch.state = 'written';
+        } catch (err) {
+          this.#writeFailed(err);
+          batch.state = 'failed';
+        }
+        continue;
+      }
       this.#writeAll(buffers, start, batch.end - start)
         .then(() => (this.#strict ? fdatasyncAsync(this.#fd) : undefined))
         .then(() => {
           batch.state = 'written';
         }, (err: unknown) => {
-          const code = (err as NodeJS.ErrnoException).code;
-          this.#fail(code === 'ENOSPC' || code === 'EDQUOT' ? 'the snapshot disk is full' : `cannot write the store: ${(err as Error).message}`, err);
+          this.#writeFailed(err);
           batch.state = 'failed';
         })
         .finally(() => this.#settle());
@@ -210,6 +234,22 @@ export class StoreWriter {
     }
   }
 
+  #writeAllSync(buffers: Buffer[], position: number, total: number): void {
+    let done = fs.writevSync(this.#fd, buffers, position);
+    if (done === total) return;
+    const rest = Buffer.concat(buffers).subarray(done);
+    for (let off = 0; off < rest.length;) {
+      const n = fs.writeSync(this.#fd, rest, off, rest.length - off, position + done);
+      off += n;
+      done += n;
+    }
+  }
+
+  #writeFailed(err: unknown): void {
+    const code = (err as NodeJS.ErrnoException).code;
+    this.#fail(code === 'ENOSPC' || code === 'EDQUOT' ? 'the snapshot disk is full' : `cannot write the store: ${(err as Error).message}`, err);
+  }
+
   #fail(reason: string, err?: unknown): void {
     if (this.#failed) return;
     this.#failed = true;
@@ -248,58 +288,100 @@ export interface ScanOptions {
 
 /** Size of each read of data.bin while scanning. */
 const SCAN_READ_BYTES = 8 * 1024 * 1024;
+/**
+ * Room kept in front of a read-ahead window for the part of a record that began in the window
+ * before it (records are up to MAX_RUN_BYTES of the writer, 2 MiB, plus a header).
+ */
+const SCAN_CARRY_BYTES = 4 * 1024 * 1024;
+
+interface ReadAhead {
+  /** File position the read starts at. */
+  pos: number;
+  buf: Buffer;
+  /** Bytes read, into buf from SCAN_CARRY_BYTES on. */
+  done: Promise<number>;
+}
 
 /**
- * Bytes of data.bin, read sequentially through a window of large reads. `at(pos, len)` gives a
- * view of [pos, pos + len) or undefined past the end of the file. Positions only move forward.
+ * Bytes of data.bin, read sequentially through a window of large reads, with the next window
+ * read ahead while the caller checks the current one. `at(pos, len)` gives a view of
+ * [pos, pos + len) or undefined past the end of the file. Positions only move forward.
  */
 class SequentialReader {
   readonly #fd: number;
   readonly #fileBytes: number;
-  /** Holds file bytes [#start, #start + #filled). */
-  #buf: Buffer;
+  /** Holds file bytes [#start, #start + #filled) from #base on. */
+  #buf: Buffer = Buffer.alloc(0);
+  #base = 0;
   #start = 0;
   #filled = 0;
+  #ahead: ReadAhead | undefined;
+  #spare: Buffer | undefined;
 
   constructor(fd: number, fileBytes: number) {
     this.#fd = fd;
     this.#fileBytes = fileBytes;
-    this.#buf = Buffer.allocUnsafe(Math.min(fileBytes, SCAN_READ_BYTES));
   }
 
   async at(pos: number, len: number): Promise<Buffer | undefined> {
     if (pos + len > this.#fileBytes) return undefined;
     if (pos < this.#start || pos + len > this.#start + this.#filled) await this.#slide(pos, len);
-    return this.#buf.subarray(pos - this.#start, pos - this.#start + len);
+    const from = this.#base + pos - this.#start;
+    return this.#buf.subarray(from, from + len);
   }
 
   /** Move the window to start at `pos`, keeping what it already holds from there on. */
   async #slide(pos: number, len: number): Promise<void> {
-    const size = Math.max(len, SCAN_READ_BYTES);
-    let buf = this.#buf;
-    let kept = 0;
-    if (pos >= this.#start && pos < this.#start + this.#filled) kept = this.#start + this.#filled - pos;
-    if (buf.length < size) {
-      buf = Buffer.allocUnsafe(size);
-      if (kept > 0) this.#buf.copy(buf, 0, pos - this.#start, pos - this.#start + kept);
-    } else if (kept > 0) {
-      buf.copy(buf, 0, pos - this.#start, pos - this.#start + kept);
+    const end = this.#start + this.#filled;
+    const kept = pos >= this.#start && pos < end ? end - pos : 0;
+    const ahead = this.#ahead;
+    this.#ahead = undefined;
+    const aheadBytes = ahead ? await ahead.done : 0;
+    if (ahead && ahead.pos === end && kept <= SCAN_CARRY_BYTES && (kept > 0 || pos === end) && pos + len <= end + aheadBytes) {
+      // The usual step: the tail of this window, then the window read ahead.
+      const base = SCAN_CARRY_BYTES - kept;
+      this.#buf.copy(ahead.buf, base, this.#base + pos - this.#start, this.#base + this.#filled);
+      this.#spare = this.#buf;
+      this.#buf = ahead.buf;
+      this.#base = base;
+      this.#start = pos;
+      this.#filled = kept + aheadBytes;
+    } else {
+      // A jump, or a record larger than a window: read what is needed directly.
+      if (ahead) this.#spare = ahead.buf;
+      const want = Math.min(Math.max(len, SCAN_READ_BYTES), this.#fileBytes - pos);
+      const buf = Buffer.allocUnsafe(SCAN_CARRY_BYTES + Math.max(want, SCAN_READ_BYTES));
+      const n = await this.#read(buf.subarray(SCAN_CARRY_BYTES, SCAN_CARRY_BYTES + want), pos);
+      if (n < len) throw new BdsnapError('EIO', `data file ended at byte ${pos + n} while being read`);
+      this.#buf = buf;
+      this.#base = SCAN_CARRY_BYTES;
+      this.#start = pos;
+      this.#filled = n;
     }
-    this.#buf = buf;
-    this.#start = pos;
-    this.#filled = kept;
-    const want = Math.min(size, this.#fileBytes - pos);
-    while (this.#filled < want) {
-      const n = await this.#read(buf, pos + this.#filled, want - this.#filled, this.#filled);
-      if (n === 0) throw new BdsnapError('EIO', `data file ended at byte ${pos + this.#filled} while being read`);
-      this.#filled += n;
-    }
+    this.#readAhead();
   }
 
-  async #read(buf: Buffer, pos: number, maxBytes: number, bufOffset = pos): Promise<number> {
-    const len = Math.min(maxBytes, this.#fileBytes - pos, buf.length - bufOffset);
+  /** Start reading the window after the current one into the spare buffer. */
+  #readAhead(): void {
+    const pos = this.#start + this.#filled;
+    if (pos >= this.#fileBytes) return;
+    const buf = this.#spare !== undefined && this.#spare.length >= SCAN_CARRY_BYTES + SCAN_READ_BYTES ? this.#spare : Buffer.allocUnsafe(SCAN_CARRY_BYTES + SCAN_READ_BYTES);
+    this.#spare = undefined;
+    const want = Math.min(SCAN_READ_BYTES, this.#fileBytes - pos);
+    const done = this.#read(buf.subarray(SCAN_CARRY_BYTES, SCAN_CARRY_BYTES + want), pos);
+    // A failed read ahead is reported when (if) the scan gets there.
+    done.catch(() => undefined);
+    this.#ahead = { pos, buf, done };
+  }
+
+  /** Wait for a read still in flight, so that no read lands in a buffer after the scan. */
+  async settle(): Promise<void> {
+    await this.#ahead?.done.catch(() => undefined);
+  }
+
+  async #read(into: Buffer, pos: number): Promise<number> {
     try {
-      return await preadFully(this.#fd, buf.subarray(bufOffset, bufOffset + len), pos);
+      return await preadFully(this.#fd, into, pos);
     } catch (err) {
       throw toBdsnapError(err);
     }
@@ -322,43 +404,47 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
   let preservedBytes = 0;
   const chunkCount = Math.ceil(deviceSize / chunkSize);
   let tornReason: string | undefined;
-  while (position < fileBytes) {
-    const bad = (reason: string): void => {
-      tornReason = `${reason} at byte ${position} of ${where}`;
-    };
-    const header = await reader.at(position, RECORD_HEADER_BYTES);
-    if (header === undefined) {
-      bad('truncated record header');
-      break;
+  try {
+    while (position < fileBytes) {
+      const bad = (reason: string): void => {
+        tornReason = `${reason} at byte ${position} of ${where}`;
+      };
+      const header = await reader.at(position, RECORD_HEADER_BYTES);
+      if (header === undefined) {
+        bad('truncated record header');
+        break;
+      }
+      const h = decodeRecordHeader(header);
+      if (typeof h === 'string') {
+        bad(h);
+        break;
+      }
+      const startBytes = h.firstChunk * chunkSize;
+      const aligned = h.payloadBytes % chunkSize === 0 || startBytes + h.payloadBytes === deviceSize;
+      if (h.firstChunk >= chunkCount || startBytes + h.payloadBytes > deviceSize || !aligned) {
+        bad(`record for chunk ${h.firstChunk} (${h.payloadBytes} bytes) does not fit the device`);
+        break;
+      }
+      const body = await reader.at(position + RECORD_HEADER_BYTES, h.payloadBytes);
+      if (body === undefined) {
+        bad('truncated record payload');
+        break;
+      }
+      if (!payloadMatches(h, body)) {
+        bad('record payload checksum mismatch');
+        break;
+      }
+      records.push({ position, firstChunk: h.firstChunk, payloadBytes: h.payloadBytes });
+      for (let i = 0; i * chunkSize < h.payloadBytes; i++) {
+        const chunk = h.firstChunk + i;
+        if (index.has(chunk)) continue;
+        index.set(chunk, position + RECORD_HEADER_BYTES + i * chunkSize);
+        preservedBytes += Math.min(chunkSize, h.payloadBytes - i * chunkSize);
+      }
+      position += RECORD_HEADER_BYTES + h.payloadBytes;
     }
-    const h = decodeRecordHeader(header);
-    if (typeof h === 'string') {
-      bad(h);
-      break;
-    }
-    const startBytes = h.firstChunk * chunkSize;
-    const aligned = h.payloadBytes % chunkSize === 0 || startBytes + h.payloadBytes === deviceSize;
-    if (h.firstChunk >= chunkCount || startBytes + h.payloadBytes > deviceSize || !aligned) {
-      bad(`record for chunk ${h.firstChunk} (${h.payloadBytes} bytes) does not fit the device`);
-      break;
-    }
-    const body = await reader.at(position + RECORD_HEADER_BYTES, h.payloadBytes);
-    if (body === undefined) {
-      bad('truncated record payload');
-      break;
-    }
-    if (!payloadMatches(h, body)) {
-      bad('record payload checksum mismatch');
-      break;
-    }
-    records.push({ position, firstChunk: h.firstChunk, payloadBytes: h.payloadBytes });
-    for (let i = 0; i * chunkSize < h.payloadBytes; i++) {
-      const chunk = h.firstChunk + i;
-      if (index.has(chunk)) continue;
-      index.set(chunk, position + RECORD_HEADER_BYTES + i * chunkSize);
-      preservedBytes += Math.min(chunkSize, h.payloadBytes - i * chunkSize);
-    }
-    position += RECORD_HEADER_BYTES + h.payloadBytes;
+  } finally {
+    await reader.settle();
   }
   if (tornReason !== undefined && !options.allowTornTail) {
     throw new BdsnapError('ECORRUPT', `${where} is corrupt: ${tornReason}`);

@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import zlib from 'node:zlib';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeRecordHeader, encodeRecordHeader } from '../../src/snapshot/format.js';
 import { StoreWriter, scanData } from '../../src/snapshot/store.js';
@@ -122,7 +123,7 @@ test('appends written several batches at once resolve in file order; a hole left
   assert.match(scan.tornReason ?? '', /bad record magic at byte/);
 });
 
-test('device digests split over two workers match sha256 of each chunk, the partial last one too', async (t) => {
+test('device digests split over two workers match each chunk\'s crc32x8 and sha256, the partial last one too', async (t) => {
   const dir = tempDir(t);
   const chunkSize = 64 * 1024;
   const sizeBytes = 40 * 1024 * 1024 + 5000;
@@ -130,11 +131,20 @@ test('device digests split over two workers match sha256 of each chunk, the part
   const content = fs.readFileSync(image);
   // Every chunk but a few, so that runs break; more than 32 MiB, so that two workers share it.
   const chunks = Array.from({ length: Math.ceil(sizeBytes / chunkSize) }, (_, i) => i).filter((c) => c % 97 !== 5);
-  const digests = await digestDeviceChunks(image, chunks, chunkSize, sizeBytes);
-  assert.equal(digests.size, chunks.length);
-  for (const c of chunks) {
-    const expected = createHash('sha256').update(content.subarray(c * chunkSize, Math.min((c + 1) * chunkSize, sizeBytes))).digest();
-    assert.ok(digests.get(c)?.equals(expected), `chunk ${c}`);
+  const chunkOf = (c: number): Buffer => content.subarray(c * chunkSize, Math.min((c + 1) * chunkSize, sizeBytes));
+  // Independent of chunkDigest: up to eight equal parts of at least 4 KiB, a CRC-32 each.
+  const eighths = (data: Buffer): Buffer => {
+    const out = Buffer.alloc(32);
+    const n = data.length;
+    const parts = Math.max(1, Math.min(8, Math.floor(n / 4096)));
+    for (let i = 0; i < parts; i++) out.writeUInt32LE(zlib.crc32(data.subarray(Math.floor((i * n) / parts), Math.floor(((i + 1) * n) / parts))), i * 4);
+    return out;
+  };
+  const expect = { sha256: (data: Buffer) => createHash('sha256').update(data).digest(), crc32x8: eighths } as const;
+  for (const algorithm of ['crc32x8', 'sha256'] as const) {
+    const digests = await digestDeviceChunks(image, chunks, chunkSize, sizeBytes, algorithm);
+    assert.equal(digests.size, chunks.length);
+    for (const c of chunks) assert.ok(digests.get(c)?.equals(expect[algorithm](chunkOf(c))), `${algorithm} chunk ${c}`);
   }
-  await assert.rejects(digestDeviceChunks(path.join(dir, 'missing.img'), [0], chunkSize, sizeBytes), isError('EIO'));
+  await assert.rejects(digestDeviceChunks(path.join(dir, 'missing.img'), [0], chunkSize, sizeBytes, 'crc32x8'), isError('EIO'));
 });

@@ -5,9 +5,9 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
-import { DATA_FILE, DIGESTS_FILE, INDEX_FILE, JOURNAL_FILE, MANIFEST_FILE } from '../../src/snapshot/format.js';
+import { DATA_FILE, DIGESTS_FILE, INDEX_FILE, JOURNAL_FILE, MANIFEST_FILE, decodeDigests, encodeDigestArrays } from '../../src/snapshot/format.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { requireRoot } from '../helpers/process.js';
 import { isError, makeImage, sha256File, tempDir, type TestContext } from './helpers.js';
@@ -234,5 +234,43 @@ test('after a restore, a later session is undone by restoring the same session a
   fs.closeSync(fd);
   await assert.rejects(restore(s1), isError('EMISMATCH', /was restored from .* has changed since/));
   await restore(s1, { force: true });
+  assert.equal(sha256File(image), before);
+});
+
+/** Turn a session into one of the first format: sha256 end digests, no digestAlgorithm in the manifest. */
+function toSha256Session(sessionDir: string, image: string): void {
+  const chunks = [...decodeDigests(fs.readFileSync(path.join(sessionDir, DIGESTS_FILE))).keys()].sort((a, b) => a - b);
+  const content = fs.readFileSync(image);
+  const digests = Buffer.concat(chunks.map((c) => createHash('sha256').update(content.subarray(c * CS, (c + 1) * CS)).digest()));
+  fs.writeFileSync(path.join(sessionDir, DIGESTS_FILE), encodeDigestArrays(chunks, digests));
+  const file = path.join(sessionDir, MANIFEST_FILE);
+  const manifest = JSON.parse(fs.readFileSync(file, 'utf8')) as Record<string, unknown>;
+  assert.equal(manifest.digestAlgorithm, 'crc32x8', 'new sessions record their digest algorithm');
+  delete manifest.digestAlgorithm;
+  fs.writeFileSync(file, JSON.stringify(manifest));
+}
+
+test('sessions with sha256 end digests (written before the algorithm was recorded) still verify, alone and chained with crc32x8 ones', async (t) => {
+  const { image, root, before } = setup(t);
+  const s1 = await session(image, root, WRITES, new Date('2026-03-01T10:00:00Z'));
+  toSha256Session(s1, image);
+  const s2 = await session(image, root, [[50_000, 200_000]], new Date('2026-03-01T11:00:00Z'));
+  const plan = await restore(s1, { dryRun: true });
+  assert.deepEqual(plan.sessionsApplied, [s2, s1]);
+  assert.equal(plan.digestCheck, 'verified');
+
+  // Chunk 0 is touched by s1 only: the device is checked against s1's sha256 digest; chunk 7
+  // (bytes 114688..) by s2 last: against its crc32x8 digest.
+  for (const [offset, chunk] of [[0, 0], [120_000, 7]] as const) {
+    const fd = fs.openSync(image, 'r+');
+    const saved = Buffer.alloc(1);
+    fs.readSync(fd, saved, 0, 1, offset);
+    fs.writeSync(fd, Buffer.from([saved[0]! ^ 0x01]), 0, 1, offset);
+    await assert.rejects(restore(s1), isError('EMISMATCH', new RegExp(`differ from its end digests: chunk ${chunk} \\(`)));
+    fs.writeSync(fd, saved, 0, 1, offset);
+    fs.closeSync(fd);
+  }
+  const done = await restore(s1);
+  assert.equal(done.digestCheck, 'verified');
   assert.equal(sha256File(image), before);
 });

@@ -2,10 +2,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
+import zlib from 'node:zlib';
 import { FileDevice } from '../../src/device/file-device.js';
 import { StoreWriter, scanData } from '../../src/snapshot/store.js';
-import { DATA_FILE, INDEX_FILE, RECORD_HEADER_BYTES, decodeIndex, readManifest } from '../../src/snapshot/format.js';
+import { DATA_FILE, INDEX_FILE, RECORD_HEADER_BYTES, chunkDigest, decodeIndex, readManifest } from '../../src/snapshot/format.js';
 import { CowDevice, listSessions, recoverSession, sessionDirName } from '../../src/snapshot/index.js';
 import { isError, makeImage, onlyDir, tempDir } from './helpers.js';
 
@@ -194,3 +195,34 @@ test('bad options are refused with EINVAL', async (t) => {
   await assert.rejects(cow.write(Buffer.alloc(CS), 16 * CS), isError('ENOSPC'));
   await assert.rejects(cow.view().write(Buffer.alloc(1), 0), isError('EPERM'));
 });
+
+test('crc32x8 end digests change with any one flipped bit and with two parts swapped; sha256 ones are the plain hash', () => {
+  for (const size of [65536, 40000, 16384]) {
+    const data = randomBytes(size);
+    const digest = chunkDigest(data, 'crc32x8');
+    assert.equal(digest.length, 32);
+    assert.ok(chunkDigest(Buffer.from(data), 'crc32x8').equals(digest), 'the same bytes give the same digest');
+    for (let bit = 0; bit < size * 8; bit += 997) {
+      const changed = Buffer.from(data);
+      changed[bit >> 3]! ^= 1 << (bit & 7);
+      assert.ok(!chunkDigest(changed, 'crc32x8').equals(digest), `bit ${bit} of ${size}`);
+    }
+    const part = 4096;
+    const swapped = Buffer.concat([data.subarray(part, 2 * part), data.subarray(0, part), data.subarray(2 * part)]);
+    assert.ok(!chunkDigest(swapped, 'crc32x8').equals(digest), 'two 4 KiB pieces swapped');
+    assert.ok(chunkDigest(data, 'sha256').equals(createHash('sha256').update(data).digest()));
+  }
+  const small = randomBytes(4096);
+  assert.ok(chunkDigest(small, 'crc32x8').equals(Buffer.concat([u32(zlib.crc32(small)), Buffer.alloc(28)])), 'a 4 KiB chunk is one part');
+  const into = Buffer.alloc(96, 0xff);
+  into.fill(0, 0, 32).fill(0, 64);
+  chunkDigest(Buffer.from('abc'), 'crc32x8', into, 32);
+  assert.ok(into.subarray(0, 32).equals(Buffer.alloc(32)) && into.subarray(64).equals(Buffer.alloc(32)), 'writes only its own slot');
+  assert.ok(into.subarray(32, 64).equals(chunkDigest(Buffer.from('abc'), 'crc32x8')));
+});
+
+function u32(value: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(value);
+  return b;
+}

@@ -1,0 +1,53 @@
+/**
+ * Worker thread of digestDeviceChunks: reads its share of the device's chunks in large
+ * sequential runs and sends back their digests, DIGEST_BYTES each, in the order given.
+ */
+
+import fs from 'node:fs';
+import { parentPort, workerData } from 'node:worker_threads';
+import { DIGEST_BYTES, chunkDigest, type DigestAlgorithm } from './format.js';
+
+export interface DigestWorkerData {
+  devicePath: string;
+  /** Sorted, distinct. */
+  chunks: number[];
+  chunkSize: number;
+  sizeBytes: number;
+  runBytes: number;
+  algorithm: DigestAlgorithm;
+}
+
+function digestChunks({ devicePath, chunks, chunkSize, sizeBytes, runBytes, algorithm }: DigestWorkerData): Buffer {
+  const fd = fs.openSync(devicePath, 'r');
+  try {
+    const out = Buffer.allocUnsafe(chunks.length * DIGEST_BYTES);
+    const maxRun = Math.max(1, Math.floor(runBytes / chunkSize));
+    const buf = Buffer.allocUnsafe(maxRun * chunkSize);
+    let i = 0;
+    while (i < chunks.length) {
+      let j = i + 1;
+      while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRun) j++;
+      const start = chunks[i]! * chunkSize;
+      const length = Math.min((chunks[i]! + j - i) * chunkSize, sizeBytes) - start;
+      let done = 0;
+      while (done < length) {
+        const n = fs.readSync(fd, buf, done, length - done, start + done);
+        if (n === 0) {
+          // The device shrank: what is missing reads as zeroes, and will not match.
+          buf.fill(0, done, length);
+          break;
+        }
+        done += n;
+      }
+      for (let k = 0; k < j - i; k++) {
+        chunkDigest(buf.subarray(k * chunkSize, Math.min((k + 1) * chunkSize, length)), algorithm, out, (i + k) * DIGEST_BYTES);
+      }
+      i = j;
+    }
+    return out;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+if (parentPort) parentPort.postMessage(digestChunks(workerData as DigestWorkerData));
