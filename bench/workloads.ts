@@ -5,6 +5,7 @@
  */
 
 import type { FioResult } from '../test/helpers/fio.js';
+import { DEFAULT_CHUNK_SIZE } from '../src/snapshot/format.js';
 
 export type Unit = 'MB/s' | 'IOPS';
 
@@ -26,7 +27,7 @@ export interface Workload {
 }
 
 /** Chunk size of the session targets; first-write rows place one write per chunk. */
-export const BENCH_CHUNK_BYTES = Number(process.env.BDSNAP_BENCH_CHUNK_BYTES ?? 65536);
+export const BENCH_CHUNK_BYTES = Number(process.env.BDSNAP_BENCH_CHUNK_BYTES ?? DEFAULT_CHUNK_SIZE);
 
 const FIRST_WRITE_TARGETS = ['bdsnap', 'bdsnap+session'];
 

@@ -1,7 +1,7 @@
 /**
  * Compact per-session bookkeeping whose memory follows the number of touched chunks, not the
  * device size (a session on a 64 GiB device that touches ten chunks must not cost megabytes):
- * - ChunkBitmap: one bit per chunk of the device (128 KiB for 64 GiB in 64 KiB chunks);
+ * - ChunkBitmap: one bit per chunk of the device (512 KiB for 64 GiB in 16 KiB chunks);
  * - ChunkTable: chunk index -> a number (a byte position), an open-addressing hash table over
  *   two Float64Arrays that doubles when 70% full, so about 23 to 46 bytes per entry, with no
  *   object per entry for the garbage collector to trace.

@@ -59,7 +59,7 @@ export interface SessionOptions {
   devicePath: string;
   /** Where session directories go; default '/snapshot' (created if missing). */
   snapshotRoot?: string;
-  /** Bytes, power of two >= 4096; default 64 KiB. */
+  /** Bytes, power of two >= 4096; default 16 KiB (DEFAULT_CHUNK_SIZE). */
   chunkSize?: number;
   /**
    * 'process' (default): an original is in the store file (page cache) before its chunk is

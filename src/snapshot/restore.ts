@@ -365,44 +365,46 @@ async function digestDevice(devicePath: string, wanted: Map<number, DigestAlgori
  * device). Every mismatch is collected and the first few are listed.
  */
 async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: number, precomputed: DeviceDigests = new Map()): Promise<void> {
-  const checks: Array<{ session: LoadedSession; chunk: number; expected: Buffer; source: LoadedSession | undefined }> = [];
-  const missing = new Map<DigestAlgorithm, number[]>();
+  const mismatches: Array<{ session: LoadedSession; chunk: number; against: string }> = [];
+  // Checks against a newer session's original: read from its store after the device checks.
+  const fromStores: Array<{ session: LoadedSession; chunk: number; expected: Buffer; source: LoadedSession }> = [];
   for (let k = 0; k < loaded.length; k++) {
     const s = loaded[k]!;
     if (!s.digests) continue;
     const algorithm = s.info.digestAlgorithm;
+    const newer = loaded.slice(k + 1);
+    const missing: number[] = [];
+    let digests = precomputed.get(algorithm);
     for (const [chunk, expected] of s.digests) {
-      const source = loaded.slice(k + 1).find((n) => n.index.has(chunk));
-      if (!source && !precomputed.get(algorithm)?.has(chunk)) {
-        const list = missing.get(algorithm);
-        if (list) list.push(chunk);
-        else missing.set(algorithm, [chunk]);
+      const source = newer.length === 0 ? undefined : newer.find((n) => n.index.has(chunk));
+      if (source) fromStores.push({ session: s, chunk, expected, source });
+      else if (!digests?.has(chunk)) missing.push(chunk);
+    }
+    if (missing.length > 0) {
+      digests ??= new Map<number, Buffer>();
+      precomputed.set(algorithm, digests);
+      const into = digests;
+      await forEachDeviceChunk(device, missing.sort((a, b) => a - b), cs, (c, data) => into.set(c, chunkDigest(data, algorithm)));
+    }
+    for (const [chunk, expected] of s.digests) {
+      const actual = digests?.get(chunk);
+      if (actual !== undefined && !actual.equals(expected) && !newer.some((n) => n.index.has(chunk))) {
+        mismatches.push({ session: s, chunk, against: 'the device' });
       }
-      checks.push({ session: s, chunk, expected, source });
     }
   }
-  for (const [algorithm, chunks] of missing) {
-    const map = precomputed.get(algorithm) ?? new Map<number, Buffer>();
-    precomputed.set(algorithm, map);
-    await forEachDeviceChunk(device, chunks.sort((a, b) => a - b), cs, (c, data) => map.set(c, chunkDigest(data, algorithm)));
-  }
-  const mismatches: Array<{ session: LoadedSession; chunk: number; against: string }> = [];
-  for (const check of checks) {
-    const algorithm = check.session.info.digestAlgorithm;
-    let actual: Buffer;
-    if (check.source) {
-      const len = Math.min(cs, device.size - check.chunk * cs);
-      actual = chunkDigest(await readOriginal(check.source, check.source.index.get(check.chunk)!, len), algorithm);
-    } else {
-      actual = precomputed.get(algorithm)!.get(check.chunk)!;
-    }
-    if (!actual.equals(check.expected)) {
-      mismatches.push({ session: check.session, chunk: check.chunk, against: check.source ? `the original kept by ${check.source.info.dir}` : 'the device' });
-    }
+  for (const check of fromStores) {
+    const len = Math.min(cs, device.size - check.chunk * cs);
+    const actual = chunkDigest(await readOriginal(check.source, check.source.index.get(check.chunk)!, len), check.session.info.digestAlgorithm);
+    if (!actual.equals(check.expected)) mismatches.push({ session: check.session, chunk: check.chunk, against: `the original kept by ${check.source.info.dir}` });
   }
   if (mismatches.length === 0) return;
   const bySession = new Map<string, typeof mismatches>();
-  for (const m of mismatches) bySession.set(m.session.info.dir, [...(bySession.get(m.session.info.dir) ?? []), m]);
+  for (const m of mismatches) {
+    const list = bySession.get(m.session.info.dir);
+    if (list) list.push(m);
+    else bySession.set(m.session.info.dir, [m]);
+  }
   const clauses = [...bySession].map(([dir, list]) => {
     const listed = list.slice(0, MAX_LISTED_MISMATCHES)
       .map((m) => `chunk ${m.chunk} (bytes ${m.chunk * cs}..${Math.min((m.chunk + 1) * cs, device.size) - 1}) vs ${m.against}`)

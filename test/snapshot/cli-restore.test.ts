@@ -23,7 +23,8 @@ async function makeSession(dir: string): Promise<{ image: string; sessionDir: st
   const before = sha256File(image);
   const dev = await FileDevice.open(image);
   try {
-    const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(dir, 'snap'), deviceIdentity: { ...dev.identity } });
+    // 64 KiB chunks: 300,000 bytes at 12,345 touch chunks 0..4 (5 chunks, 327,680 bytes).
+    const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(dir, 'snap'), chunkSize: 65536, deviceIdentity: { ...dev.identity } });
     await cow.write(randomBytes(300_000), 12345);
     const summary = await cow.close();
     return { image, sessionDir: summary!.sessionDir, before };

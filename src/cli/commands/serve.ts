@@ -130,7 +130,7 @@ export function register(program: Command): void {
     .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default)')
     .option('--read-only', 'refuse writes (clients see a read-only export)')
     .option('--snapshot-root <dir>', 'open a copy-before-write session per image under DIR for as long as it is served')
-    .option('--chunk-size <size>', 'session chunk size, a power of two of at least 4K (default 64K)')
+    .option('--chunk-size <size>', 'session chunk size, a power of two of at least 4K (default 16K)')
     .option('--durability <mode>', "session durability: 'process' (survives a killed process) or 'strict' (survives power loss)", 'process')
     .option('--size-limit <size>', 'cap on each session store; past it the session fails and the device carries on')
     .addHelpText('after', `
