@@ -1,0 +1,94 @@
+/**
+ * The floor of copy-before-write on this machine, without bdsnap: what sequential first
+ * writes cost when a program does nothing but the copies. One pass of 1 MiB writes over an
+ * image in the page cache, 4 in flight on the thread pool (as the NBD bench's "first write seq"
+ * row), done two ways in the same round:
+ * - plain: write the new data;
+ * - copy-before-write: read the original, append it to a new store file, write the new data.
+ * No checksums, no protocol, no event-loop work: the ratio is an upper bound for any
+ * copy-before-write server in user space that keeps the originals in a file, before the NBD
+ * transfer (which both sides of the real bench pay) is added to both sides.
+ *
+ * Run: node dist/bench/copy-floor.js [--size-mib N] [--rounds N]
+ */
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { performance } from 'node:perf_hooks';
+import { makeImage } from '../test/helpers/files.js';
+
+const BLOCK = 1 << 20;
+const IN_FLIGHT = 4;
+
+function pread(fd: number, buf: Buffer, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.read(fd, buf, 0, buf.length, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+function pwrite(fd: number, buf: Buffer, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.write(fd, buf, 0, buf.length, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+/** One pass over the image; returns MB/s. */
+async function pass(image: string, store: string | undefined): Promise<number> {
+  const fd = fs.openSync(image, 'r+');
+  const storeFd = store === undefined ? undefined : fs.openSync(store, 'w', 0o600);
+  const size = fs.fstatSync(fd).size;
+  const data = Buffer.alloc(BLOCK, 0x5a);
+  let next = 0;
+  let storeEnd = 0;
+  const worker = async (): Promise<void> => {
+    const original = Buffer.alloc(BLOCK);
+    while (next < size) {
+      const pos = next;
+      next += BLOCK;
+      if (storeFd !== undefined) {
+        await pread(fd, original, pos);
+        const at = storeEnd;
+        storeEnd += BLOCK;
+        await pwrite(storeFd, original, at);
+      }
+      await pwrite(fd, data, pos);
+    }
+  };
+  const started = performance.now();
+  try {
+    await Promise.all(Array.from({ length: IN_FLIGHT }, worker));
+  } finally {
+    fs.closeSync(fd);
+    if (storeFd !== undefined) fs.closeSync(storeFd);
+  }
+  return size / 1e6 / ((performance.now() - started) / 1000);
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({ options: { 'size-mib': { type: 'string', default: '1024' }, rounds: { type: 'string', default: '3' } } });
+  const sizeBytes = Number(values['size-mib']) * 2 ** 20;
+  const rounds = Number(values.rounds);
+  if (!(sizeBytes > 0 && sizeBytes % BLOCK === 0) || !(rounds > 0)) throw new Error('--size-mib and --rounds must be positive integers');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-copy-floor-'));
+  try {
+    const image = path.join(dir, 'image.img');
+    makeImage(image, sizeBytes);
+    const store = path.join(dir, 'store.bin');
+    await pass(image, undefined); // warm the page cache
+    const ratios: number[] = [];
+    for (let r = 1; r <= rounds; r++) {
+      const plain = await pass(image, undefined);
+      fs.rmSync(store, { force: true });
+      const cow = await pass(image, store);
+      ratios.push(cow / plain);
+      process.stdout.write(`round ${r}: plain ${plain.toFixed(0)} MB/s, copy-before-write ${cow.toFixed(0)} MB/s, ratio ${(cow / plain).toFixed(2)}x\n`);
+    }
+    ratios.sort((a, b) => a - b);
+    process.stdout.write(`median ratio ${ratios[Math.floor(ratios.length / 2)]!.toFixed(2)}x\n`);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`copy-floor: ${err instanceof Error ? err.message : String(err)}\n`);
+  process.exitCode = 1;
+});
