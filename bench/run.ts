@@ -171,7 +171,23 @@ function onePassIos(workload: Workload, imageBytes: number): number {
   return Math.floor(imageBytes / (workload.blockSizeBytes + skip));
 }
 
+/**
+ * Read the whole image, so that it is in the page cache when a cell starts. Some machines page
+ * out file pages that have been idle for a minute or so (DAMON-based reclaim runs here), which
+ * would make the first-write rows measure the disk reading the originals.
+ */
+function warmImage(imagePath: string): void {
+  const fd = fs.openSync(imagePath, 'r');
+  try {
+    const buf = Buffer.allocUnsafe(8 * 1024 * 1024);
+    for (let pos = 0; ; pos += buf.length) if (fs.readSync(fd, buf, 0, buf.length, pos) === 0) break;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 async function measure(target: Target, imagePath: string, workload: Workload, options: Options): Promise<number> {
+  warmImage(imagePath);
   const running = await target.start({ imagePath });
   let value: number;
   try {
