@@ -49,7 +49,7 @@ const MAX_BATCHES_IN_FLIGHT = 4;
  * machine with few cores, context switches that stall the request path. Bigger batches go to
  * the thread pool, so that large copies run beside the event loop.
  */
-const SYNC_BATCH_MAX_BYTES = Number(process.env.BDSNAP_SYNC_BATCH_MAX_BYTES ?? 256 * 1024);
+const SYNC_BATCH_MAX_BYTES = 256 * 1024;
 
 interface Batch {
   pending: Pending[];
@@ -298,7 +298,7 @@ interface ReadAhead {
   /** File position the read starts at. */
   pos: number;
   buf: Buffer;
-  /** Bytes read, into buf from SCAN_CARRY_BYTES on. */
+  /** Bytes read, into buf after the carry room. */
   done: Promise<number>;
 }
 
@@ -317,10 +317,15 @@ class SequentialReader {
   #filled = 0;
   #ahead: ReadAhead | undefined;
   #spare: Buffer | undefined;
+  /** SCAN_READ_BYTES and SCAN_CARRY_BYTES, or less for a small file. */
+  readonly #window: number;
+  readonly #carry: number;
 
   constructor(fd: number, fileBytes: number) {
     this.#fd = fd;
     this.#fileBytes = fileBytes;
+    this.#window = Math.min(SCAN_READ_BYTES, fileBytes);
+    this.#carry = Math.min(SCAN_CARRY_BYTES, fileBytes);
   }
 
   async at(pos: number, len: number): Promise<Buffer | undefined> {
@@ -337,9 +342,9 @@ class SequentialReader {
     const ahead = this.#ahead;
     this.#ahead = undefined;
     const aheadBytes = ahead ? await ahead.done : 0;
-    if (ahead && ahead.pos === end && kept <= SCAN_CARRY_BYTES && (kept > 0 || pos === end) && pos + len <= end + aheadBytes) {
+    if (ahead && ahead.pos === end && kept <= this.#carry && (kept > 0 || pos === end) && pos + len <= end + aheadBytes) {
       // The usual step: the tail of this window, then the window read ahead.
-      const base = SCAN_CARRY_BYTES - kept;
+      const base = this.#carry - kept;
       this.#buf.copy(ahead.buf, base, this.#base + pos - this.#start, this.#base + this.#filled);
       this.#spare = this.#buf;
       this.#buf = ahead.buf;
@@ -349,12 +354,12 @@ class SequentialReader {
     } else {
       // A jump, or a record larger than a window: read what is needed directly.
       if (ahead) this.#spare = ahead.buf;
-      const want = Math.min(Math.max(len, SCAN_READ_BYTES), this.#fileBytes - pos);
-      const buf = Buffer.allocUnsafe(SCAN_CARRY_BYTES + Math.max(want, SCAN_READ_BYTES));
-      const n = await this.#read(buf.subarray(SCAN_CARRY_BYTES, SCAN_CARRY_BYTES + want), pos);
+      const want = Math.min(Math.max(len, this.#window), this.#fileBytes - pos);
+      const buf = Buffer.allocUnsafe(this.#carry + Math.max(want, this.#window));
+      const n = await this.#read(buf.subarray(this.#carry, this.#carry + want), pos);
       if (n < len) throw new BdsnapError('EIO', `data file ended at byte ${pos + n} while being read`);
       this.#buf = buf;
-      this.#base = SCAN_CARRY_BYTES;
+      this.#base = this.#carry;
       this.#start = pos;
       this.#filled = n;
     }
@@ -365,10 +370,11 @@ class SequentialReader {
   #readAhead(): void {
     const pos = this.#start + this.#filled;
     if (pos >= this.#fileBytes) return;
-    const buf = this.#spare !== undefined && this.#spare.length >= SCAN_CARRY_BYTES + SCAN_READ_BYTES ? this.#spare : Buffer.allocUnsafe(SCAN_CARRY_BYTES + SCAN_READ_BYTES);
+    const size = this.#carry + this.#window;
+    const buf = this.#spare !== undefined && this.#spare.length >= size ? this.#spare : Buffer.allocUnsafe(size);
     this.#spare = undefined;
-    const want = Math.min(SCAN_READ_BYTES, this.#fileBytes - pos);
-    const done = this.#read(buf.subarray(SCAN_CARRY_BYTES, SCAN_CARRY_BYTES + want), pos);
+    const want = Math.min(this.#window, this.#fileBytes - pos);
+    const done = this.#read(buf.subarray(this.#carry, this.#carry + want), pos);
     // A failed read ahead is reported when (if) the scan gets there.
     done.catch(() => undefined);
     this.#ahead = { pos, buf, done };

@@ -63,8 +63,9 @@ export interface DaemonProcess {
   stop(): Promise<number | null>;
 }
 
-export async function startDaemonProcess(t: TestContext, box: Sandbox): Promise<DaemonProcess> {
-  const child = spawn(process.execPath, [MAIN, 'daemon', '--run-dir', box.runDir, '--state-dir', box.stateDir, '--snapshot-root', box.snapshotRoot], {
+/** `extraArgs` go to `bdsnap daemon` after the directories (session options, say). */
+export async function startDaemonProcess(t: TestContext, box: Sandbox, extraArgs: string[] = []): Promise<DaemonProcess> {
+  const child = spawn(process.execPath, [MAIN, 'daemon', '--run-dir', box.runDir, '--state-dir', box.stateDir, '--snapshot-root', box.snapshotRoot, ...extraArgs], {
     env: box.env, stdio: ['ignore', 'pipe', 'pipe'],
   });
   let out = '';

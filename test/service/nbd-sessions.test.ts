@@ -173,3 +173,34 @@ test('SIGTERM with a client attached: requests finished, the session closed comp
   assert.equal(restoreOnlySession(box), 'complete');
   assert.equal(sha256File(image), original);
 });
+
+test('daemon session options: --chunk-size sets the chunk of every session, --size-limit fails one that outgrows it, bad values are refused', async (t) => {
+  const box = sandbox(t);
+  await startDaemonProcess(t, box, ['--chunk-size', '4K', '--size-limit', '64K']);
+  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
+  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+
+  // 4 KiB at 0 and 4 KiB at 1 MiB: two 4 KiB chunks, well under the limit.
+  assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x01" * 4096, 0); h.pwrite(b"\\x02" * 4096, 1 << 20); h.flush()').status, 0);
+  await waitFor('the session to end', () => statusOf(box, image)?.attached === false);
+  // 128 KiB of first writes: past the 64 KiB limit, so the session fails and the device still gets every byte.
+  assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x03" * 131072, 2 << 20); h.flush()').status, 0);
+  await waitFor('the second session to end', () => statusOf(box, image)?.attached === false);
+  const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string; preservedBytes: number }> };
+  assert.deepEqual(list.sessions.map((s) => s.state), ['complete', 'failed']);
+  assert.equal(list.sessions[0]?.preservedBytes, 8192, 'two 4 KiB chunks');
+  const manifest = JSON.parse(fs.readFileSync(path.join(list.sessions[0]!.dir, 'manifest.json'), 'utf8')) as { chunkSize: number };
+  assert.equal(manifest.chunkSize, 4096);
+  const written = Buffer.alloc(131072);
+  const fd = fs.openSync(image, 'r');
+  fs.readSync(fd, written, 0, written.length, 2 << 20);
+  fs.closeSync(fd);
+  assert.ok(written.equals(Buffer.alloc(131072, 3)), 'the device got the writes of the failed session');
+
+  for (const [flag, value, message] of [['--chunk-size', '3000', /bad --chunk-size: chunk size must be a power of two/], ['--durability', 'sometimes', /bad --durability "sometimes"/]] as const) {
+    const r = cli(box, ['daemon', '--run-dir', path.join(box.top, 'x'), flag, value]);
+    assert.equal(r.status, 1, r.stderr);
+    assert.match(r.stderr, message);
+  }
+});

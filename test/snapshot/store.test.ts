@@ -226,3 +226,36 @@ function u32(value: number): Buffer {
   b.writeUInt32LE(value);
   return b;
 }
+
+test('the read-ahead scan handles records across windows, one larger than a window, and a bad byte far in', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, DATA_FILE);
+  // About 40 MiB: records of 1 to 512 chunks (up to 2 MiB, like the writer's runs) and, in the
+  // middle, one of 10 MiB, more than a read window (8 MiB) and its carry room (4 MiB).
+  const sizes = Array.from({ length: 40 }, (_, i) => (i === 20 ? 2560 : 1 + ((i * 7919) % 512)));
+  let chunk = 0;
+  const records: Array<[number, Buffer]> = sizes.map((n) => {
+    const r: [number, Buffer] = [chunk, randomBytes(n * CS)];
+    chunk += n;
+    return r;
+  });
+  const positions = await writeRecords(file, records);
+  const fd = fs.openSync(file, 'r+');
+  t.after(() => fs.closeSync(fd));
+  const options = { chunkSize: CS, deviceSize: chunk * CS, allowTornTail: false, where: 'test' };
+  const scan = await scanData(fd, options);
+  assert.deepEqual(scan.records.map((r) => r.position), positions);
+  assert.equal(scan.index.size, chunk);
+  records.forEach(([first, payload], i) => {
+    assert.equal(scan.index.get(first + Math.floor(payload.length / CS) - 1), positions[i]! + RECORD_HEADER_BYTES + payload.length - CS);
+  });
+  // One byte of the last record's payload, some 40 MiB in.
+  const lastPayload = positions.at(-1)! + RECORD_HEADER_BYTES + 100;
+  const byte = Buffer.alloc(1);
+  fs.readSync(fd, byte, 0, 1, lastPayload);
+  byte[0]! ^= 0x40;
+  fs.writeSync(fd, byte, 0, 1, lastPayload);
+  await assert.rejects(scanData(fd, options), isError('ECORRUPT', new RegExp(`checksum mismatch at byte ${positions.at(-1)}`)));
+  const tolerant = await scanData(fd, { ...options, allowTornTail: true });
+  assert.equal(tolerant.validBytes, positions.at(-1));
+});

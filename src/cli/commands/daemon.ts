@@ -3,31 +3,29 @@
 import type { Command } from 'commander';
 import { resolveRunDir } from '../../service/client.js';
 import { BdsnapError } from '../../errors.js';
+import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
 
 const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
 const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
 
-interface DaemonOptions {
+interface DaemonOptions extends SessionCliOptions {
   runDir?: string;
   stateDir: string;
   snapshotRoot: string;
-  durability?: string;
   logLevel: string;
 }
 
 export function register(program: Command): void {
-  program
+  const command = program
     .command('daemon')
     .description('run the bdsnap service in the foreground (control socket, NBD server, sessions)')
     .option('--run-dir <dir>', 'sockets go here (default $BDSNAP_RUN_DIR or /run/bdsnap)')
     .option('--state-dir <dir>', 'registry and password hash', DEFAULT_STATE_DIR)
-    .option('--snapshot-root <dir>', 'session directories', DEFAULT_SNAPSHOT_ROOT)
-    .option('--durability <mode>', "'process' (default) or 'strict' (store synced before each device write)")
+    .option('--snapshot-root <dir>', 'session directories', DEFAULT_SNAPSHOT_ROOT);
+  addSessionOptions(command)
     .option('--log-level <level>', 'pino level: debug, info, warn, error', 'info')
     .action(async (options: DaemonOptions) => {
-      if (options.durability !== undefined && options.durability !== 'process' && options.durability !== 'strict') {
-        throw new BdsnapError('EINVAL', "--durability must be 'process' or 'strict'");
-      }
+      const session = parseSessionOptions(options);
       if (!['trace', 'debug', 'info', 'warn', 'error', 'fatal'].includes(options.logLevel)) {
         throw new BdsnapError('EINVAL', '--log-level must be one of trace, debug, info, warn, error, fatal');
       }
@@ -39,7 +37,7 @@ export function register(program: Command): void {
         stateDir: options.stateDir,
         snapshotRoot: options.snapshotRoot,
         log,
-        ...(options.durability ? { session: { durability: options.durability } } : {}),
+        session,
       });
       await new Promise<void>((resolve) => {
         const stop = (signal: string): void => {

@@ -17,7 +17,7 @@ import { BdsnapError } from '../../errors.js';
 import { NbdServer } from '../../nbd/server.js';
 import { StaticExports } from '../../nbd/static-exports.js';
 import { CowDevice, type SessionOptions } from '../../snapshot/index.js';
-import { parseBytes } from '../units.js';
+import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
 
 export const DEFAULT_SOCKET = 'bdsnap.sock';
 
@@ -122,17 +122,15 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
 }
 
 export function register(program: Command): void {
-  program
+  const command = program
     .command('serve')
     .description('serve image files or block devices over NBD in the foreground, without the daemon (--snapshot-root adds a session)')
     .argument('<image...>', 'image files or block devices; each is exported under its absolute real path, and the empty export name selects the first')
     .option('--socket <path>', `unix socket to listen on (default: ./${DEFAULT_SOCKET} unless --listen is given)`)
     .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default)')
     .option('--read-only', 'refuse writes (clients see a read-only export)')
-    .option('--snapshot-root <dir>', 'open a copy-before-write session per image under DIR for as long as it is served')
-    .option('--chunk-size <size>', 'session chunk size, a power of two of at least 4K (default 16K)')
-    .option('--durability <mode>', "session durability: 'process' (survives a killed process) or 'strict' (survives power loss)", 'process')
-    .option('--size-limit <size>', 'cap on each session store; past it the session fails and the device carries on')
+    .option('--snapshot-root <dir>', 'open a copy-before-write session per image under DIR for as long as it is served');
+  addSessionOptions(command)
     .addHelpText('after', `
 Prints "bdsnap: serving N export(s) on ENDPOINTS" on stderr once ready. SIGINT or SIGTERM
 finishes the requests in flight, flushes every image and exits 0.
@@ -171,14 +169,11 @@ Example:
     });
 }
 
-interface ServeCliOptions {
+interface ServeCliOptions extends SessionCliOptions {
   socket?: string;
   listen?: string;
   readOnly?: boolean;
   snapshotRoot?: string;
-  chunkSize?: string;
-  durability: string;
-  sizeLimit?: string;
 }
 
 /**
@@ -191,15 +186,7 @@ function sessionWrapper(opts: ServeCliOptions): ServeOptions['wrap'] {
     return undefined;
   }
   if (opts.readOnly) throw new BdsnapError('EINVAL', '--snapshot-root makes no sense with --read-only: nothing can change');
-  if (opts.durability !== 'process' && opts.durability !== 'strict') {
-    throw new BdsnapError('EINVAL', `bad --durability "${opts.durability}": expected process or strict`);
-  }
-  const base: Omit<SessionOptions, 'devicePath'> = {
-    snapshotRoot: path.resolve(opts.snapshotRoot),
-    durability: opts.durability,
-    chunkSize: opts.chunkSize !== undefined ? parseBytes(opts.chunkSize, '--chunk-size') : undefined,
-    sizeLimitBytes: opts.sizeLimit !== undefined ? parseBytes(opts.sizeLimit, '--size-limit') : undefined,
-  };
+  const base: Omit<SessionOptions, 'devicePath'> = { snapshotRoot: path.resolve(opts.snapshotRoot), ...parseSessionOptions(opts) };
   const report = (event: { type: string; [k: string]: unknown }): void => {
     const dir = typeof event.sessionDir === 'string' ? event.sessionDir : '';
     if (event.type === 'session-start') process.stderr.write(`bdsnap: session started: ${dir}\n`);
