@@ -172,13 +172,16 @@ function onePassIos(workload: Workload, imageBytes: number): number {
 }
 
 /**
- * Read the whole image, so that it is in the page cache when a cell starts. Some machines page
- * out file pages that have been idle for a minute or so (DAMON-based reclaim runs here), which
- * would make the first-write rows measure the disk reading the originals.
+ * Start each cell from the same state: the image's dirty pages written back (so that the
+ * write-back of the previous cell's writes does not run during this one), and the whole image
+ * read, so that it is in the page cache. Some machines page out file pages that have been idle
+ * for a minute or so (DAMON-based reclaim runs here), which would make the first-write rows
+ * measure the disk reading the originals.
  */
-function warmImage(imagePath: string): void {
+function settleImage(imagePath: string): void {
   const fd = fs.openSync(imagePath, 'r');
   try {
+    fs.fdatasyncSync(fd);
     const buf = Buffer.allocUnsafe(8 * 1024 * 1024);
     for (let pos = 0; ; pos += buf.length) if (fs.readSync(fd, buf, 0, buf.length, pos) === 0) break;
   } finally {
@@ -187,7 +190,7 @@ function warmImage(imagePath: string): void {
 }
 
 async function measure(target: Target, imagePath: string, workload: Workload, options: Options): Promise<number> {
-  warmImage(imagePath);
+  settleImage(imagePath);
   const running = await target.start({ imagePath });
   let value: number;
   try {

@@ -128,6 +128,8 @@ export class CowDevice implements BlockDevice {
   #syncTimer: NodeJS.Timeout | undefined;
   /** When the oldest record not yet covered by a background sync was stored (ms, monotonic). */
   #unsyncedSince: number | undefined;
+  /** When the latest record was stored (ms, monotonic). */
+  #lastStoredAt = 0;
   /**
    * Copy buffers are reused: a fresh large buffer costs a page fault and a zeroed page per
    * 4 KiB on first touch, which is more than the copy itself.
@@ -174,8 +176,14 @@ export class CowDevice implements BlockDevice {
     return this.#state;
   }
 
-  stats(): { preservedChunks: number; preservedBytes: number; storeBytes: number; failedReason?: string } {
-    const s = { preservedChunks: this.#preservedChunks, preservedBytes: this.#preservedBytes, storeBytes: this.#writer?.sizeBytes ?? 0 };
+  /** `unsyncedBytes`: store bytes in the page cache only, until the next (background) sync. */
+  stats(): { preservedChunks: number; preservedBytes: number; storeBytes: number; unsyncedBytes: number; failedReason?: string } {
+    const s = {
+      preservedChunks: this.#preservedChunks,
+      preservedBytes: this.#preservedBytes,
+      storeBytes: this.#writer?.sizeBytes ?? 0,
+      unsyncedBytes: this.#writer?.unsyncedBytes ?? 0,
+    };
     return this.#failedReason === undefined ? s : { ...s, failedReason: this.#failedReason };
   }
 
@@ -422,17 +430,29 @@ export class CowDevice implements BlockDevice {
     }
   }
 
+  /** Called for every stored run: one timer, re-armed only when it fires (not per chunk). */
   #scheduleSync(): void {
     if (this.#durability === 'strict' || this.#closing) return;
     const now = performance.now();
+    this.#lastStoredAt = now;
     this.#unsyncedSince ??= now;
-    if (this.#syncTimer) clearTimeout(this.#syncTimer);
-    const delay = Math.max(0, Math.min(DEFERRED_SYNC_IDLE_MS, this.#unsyncedSince + DEFERRED_SYNC_MAX_MS - now));
+    if (!this.#syncTimer) this.#armSync(DEFERRED_SYNC_IDLE_MS);
+  }
+
+  #armSync(delayMs: number): void {
     this.#syncTimer = setTimeout(() => {
       this.#syncTimer = undefined;
+      const now = performance.now();
+      const idleFor = now - this.#lastStoredAt;
+      const unsyncedFor = now - (this.#unsyncedSince ?? now);
+      if (idleFor < DEFERRED_SYNC_IDLE_MS && unsyncedFor < DEFERRED_SYNC_MAX_MS) {
+        // Still storing: wait for a pause, but not past the longer bound.
+        this.#armSync(Math.min(DEFERRED_SYNC_IDLE_MS - idleFor, DEFERRED_SYNC_MAX_MS - unsyncedFor));
+        return;
+      }
       this.#unsyncedSince = undefined;
       this.#backgroundSync = this.#syncStore().finally(() => (this.#backgroundSync = undefined));
-    }, delay);
+    }, delayMs);
     this.#syncTimer.unref();
   }
 
@@ -475,13 +495,17 @@ export class CowDevice implements BlockDevice {
       throw toBdsnapError(err);
     }
     await this.#closeDataFd();
+    const { preservedChunks, preservedBytes, storeBytes, failedReason } = this.stats();
     const summary: SessionSummary = {
       sessionDir: dir,
       devicePath: this.#options.devicePath,
       state: this.#state === 'complete' ? 'complete' : 'failed',
       mountTime: this.#mountTime.toISOString(),
       endTime,
-      ...this.stats(),
+      preservedChunks,
+      preservedBytes,
+      storeBytes,
+      ...(failedReason !== undefined ? { failedReason } : {}),
     };
     this.#emit({ type: 'session-end', ...summary });
     return summary;

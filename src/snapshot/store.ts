@@ -112,6 +112,11 @@ export class StoreWriter {
     return this.#syncedBytes !== this.#writtenBytes;
   }
 
+  /** Bytes written to the file but not yet made durable by a sync. */
+  get unsyncedBytes(): number {
+    return this.#writtenBytes - this.#syncedBytes;
+  }
+
   /** Queue one record holding the originals of chunks firstChunk.. (payload = their bytes). */
   append(firstChunk: number, payload: Buffer): Promise<number | undefined> {
     if (this.#failed) return Promise.resolve(undefined);

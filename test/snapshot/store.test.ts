@@ -259,3 +259,26 @@ test('the read-ahead scan handles records across windows, one larger than a wind
   const tolerant = await scanData(fd, { ...options, allowTornTail: true });
   assert.equal(tolerant.validBytes, positions.at(-1));
 });
+
+test("'process' durability: the store is synced in the background once first writes pause, and by a flush at once", async (t) => {
+  const dir = tempDir(t);
+  const image = makeImage(dir, 64 * CS);
+  const dev = await FileDevice.open(image);
+  t.after(() => dev.close());
+  const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(dir, 'snap'), chunkSize: CS });
+  // First writes every 300 ms for 1.5 s: no pause of a second, so nothing is synced meanwhile.
+  for (let i = 0; i < 5; i++) {
+    await cow.write(randomBytes(CS), i * CS);
+    await new Promise((r) => setTimeout(r, 300));
+  }
+  assert.equal(cow.stats().unsyncedBytes, 5 * (RECORD_HEADER_BYTES + CS), 'no sync while first writes go on');
+  // A pause: the background sync runs about a second after the last first write.
+  const deadline = Date.now() + 5000;
+  while (cow.stats().unsyncedBytes > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  assert.equal(cow.stats().unsyncedBytes, 0, 'synced after the pause');
+  await cow.write(randomBytes(CS), 10 * CS);
+  assert.ok(cow.stats().unsyncedBytes > 0);
+  await cow.flush();
+  assert.equal(cow.stats().unsyncedBytes, 0, 'a flush syncs the store');
+  await cow.close();
+});
