@@ -442,6 +442,7 @@ export class CowDevice implements BlockDevice {
   #armSync(delayMs: number): void {
     this.#syncTimer = setTimeout(() => {
       this.#syncTimer = undefined;
+      if (this.#closing) return; // close() syncs, and then the store is closed
       const now = performance.now();
       const idleFor = now - this.#lastStoredAt;
       const unsyncedFor = now - (this.#unsyncedSince ?? now);
