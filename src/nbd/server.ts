@@ -10,6 +10,7 @@ import fs from 'node:fs';
 import nodePath from 'node:path';
 import net from 'node:net';
 import { BdsnapError } from '../errors.js';
+import { listenServer, listenUnixSocket } from '../unix-socket.js';
 import type { ExportProvider } from './exports.js';
 import { ServerConnection, type LogFn } from './server-connection.js';
 import { BufferPool } from '../device/buffer-pool.js';
@@ -57,15 +58,8 @@ export class NbdServer {
   async listenUnix(path: string): Promise<void> {
     const dir = nodePath.dirname(path);
     if (!fs.existsSync(dir)) throw new BdsnapError('ENOENT', `cannot listen on ${path}: the directory ${dir} does not exist`);
-    await removeStaleSocket(path);
     const server = this.#createServer();
-    await listen(server, () => server.listen(path));
-    try {
-      await fs.promises.chmod(path, 0o600);
-    } catch (err) {
-      server.close();
-      throw new BdsnapError('EPERM', `cannot restrict ${path} to its owner: ${(err as Error).message}`, { cause: err });
-    }
+    await listenUnixSocket(server, path);
     this.#log?.({ event: 'listening', unix: path });
   }
 
@@ -73,7 +67,7 @@ export class NbdServer {
   async listenTcp(host: string, port: number): Promise<{ port: number }> {
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new BdsnapError('EINVAL', `bad TCP port ${port}`);
     const server = this.#createServer();
-    await listen(server, () => server.listen(port, host));
+    await listenServer(server, () => server.listen(port, host));
     const address = server.address() as net.AddressInfo;
     this.#log?.({ event: 'listening', host, port: address.port });
     return { port: address.port };
@@ -144,39 +138,4 @@ function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, onRead: (n: num
   // The original still counts as the server's connection: end it with the adopted one.
   adopted.once('close', () => original.destroy());
   return adopted;
-}
-
-function listen(server: net.Server, start: () => void): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const onError = (err: NodeJS.ErrnoException): void => {
-      const code = err.code === 'EADDRINUSE' ? 'EBUSY' : err.code === 'EACCES' ? 'EPERM' : 'EIO';
-      reject(new BdsnapError(code, `cannot listen: ${err.message}`, { cause: err }));
-    };
-    server.once('error', onError);
-    server.once('listening', () => {
-      server.off('error', onError);
-      resolve();
-    });
-    start();
-  });
-}
-
-async function removeStaleSocket(path: string): Promise<void> {
-  let st: fs.Stats;
-  try {
-    st = await fs.promises.lstat(path);
-  } catch {
-    return;
-  }
-  if (!st.isSocket()) throw new BdsnapError('EINVAL', `${path} exists and is not a socket`);
-  const alive = await new Promise<boolean>((resolve) => {
-    const probe = net.connect(path);
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once('error', () => resolve(false));
-  });
-  if (alive) throw new BdsnapError('EBUSY', `${path} is in use by another server`);
-  await fs.promises.rm(path, { force: true });
 }

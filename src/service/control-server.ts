@@ -9,10 +9,10 @@
  * daemon: bad JSON, unknown operations, wrong types and overlong lines all get error answers.
  */
 
-import fs from 'node:fs';
 import net from 'node:net';
 import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { listenUnixSocket } from '../unix-socket.js';
 import { ensurePrivateDir } from './atomic-file.js';
 import { LineDecoder, requestSchema, type Request, type Response } from './control-protocol.js';
 import { peerCredentials, type PeerCheck } from './peer-cred.js';
@@ -43,16 +43,8 @@ export class ControlServer {
 
   static async listen(socketPath: string, handler: RequestHandler, log: Logger): Promise<ControlServer> {
     await ensurePrivateDir(path.dirname(socketPath), 0o700);
-    await removeStaleSocket(socketPath);
     const server = new ControlServer(socketPath, handler, log);
-    await new Promise<void>((resolve, reject) => {
-      server.#server.once('error', reject);
-      server.#server.listen(socketPath, () => {
-        server.#server.off('error', reject);
-        resolve();
-      });
-    });
-    await fs.promises.chmod(socketPath, 0o600);
+    await listenUnixSocket(server.#server, socketPath);
     return server;
   }
 
@@ -140,23 +132,3 @@ export class ControlServer {
 function fail(id: number | null, err: BdsnapError): Response {
   return { id, ok: false, error: { code: err.code, message: err.message } };
 }
-
-/** A socket file left by a daemon that died is removed; one that answers means another daemon runs. */
-async function removeStaleSocket(socketPath: string): Promise<void> {
-  let st: fs.Stats;
-  try {
-    st = await fs.promises.lstat(socketPath);
-  } catch {
-    return;
-  }
-  if (!st.isSocket()) throw new BdsnapError('EINVAL', `${socketPath} exists and is not a socket`);
-  const alive = await new Promise<boolean>((resolve) => {
-    const probe = net.connect(socketPath);
-    probe.once('connect', () => { probe.destroy(); resolve(true); });
-    probe.once('error', () => resolve(false));
-  });
-  if (alive) throw new BdsnapError('EBUSY', `another daemon is listening on ${socketPath}`);
-  await fs.promises.rm(socketPath, { force: true });
-}
-
-export { removeStaleSocket };
