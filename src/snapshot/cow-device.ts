@@ -31,6 +31,7 @@ import {
 } from './format.js';
 import { StoreWriter, preadFully } from './store.js';
 import { ChunkBitmap, ChunkTable } from './chunk-table.js';
+import { forEachChunk } from './chunk-runs.js';
 
 const closeAsync = promisify(fs.close);
 const ftruncateAsync = promisify(fs.ftruncate);
@@ -520,23 +521,11 @@ export class CowDevice implements BlockDevice {
 
   /** The end digest of each of `chunks` (sorted), DIGEST_BYTES each, read in large runs. */
   async #finalDigests(chunks: Float64Array): Promise<Buffer> {
-    const cs = this.chunkSize;
     const digests = Buffer.allocUnsafe(chunks.length * DIGEST_BYTES);
-    const maxRunChunks = Math.max(1, MAX_RUN_BYTES / cs);
-    const scratch = Buffer.allocUnsafe(maxRunChunks * cs);
-    let i = 0;
-    while (i < chunks.length) {
-      let j = i + 1;
-      while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRunChunks) j++;
-      const first = chunks[i]!;
-      const startBytes = first * cs;
-      const buf = scratch.subarray(0, Math.min((first + (j - i)) * cs, this.size) - startBytes);
-      await this.#base.read(buf, startBytes);
-      for (let k = 0; k < j - i; k++) chunkDigest(buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length)), DIGEST_ALGORITHM, digests, (i + k) * DIGEST_BYTES);
-      i = j;
-      // Yield between runs so a long digest pass does not starve other work on the loop.
-      await new Promise<void>((resolve) => setImmediate(resolve));
-    }
+    await forEachChunk(this.#base, chunks, this.chunkSize, MAX_RUN_BYTES, (_chunk, data, i) => chunkDigest(data, DIGEST_ALGORITHM, digests, i * DIGEST_BYTES), {
+      // A long digest pass must not starve the other sessions and exports on the loop.
+      yieldBetweenRuns: true,
+    });
     return digests;
   }
 

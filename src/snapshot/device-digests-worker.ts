@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { DIGEST_BYTES, chunkDigest, type DigestAlgorithm } from './format.js';
+import { chunkRuns } from './chunk-runs.js';
 
 export interface DigestWorkerData {
   devicePath: string;
@@ -23,10 +24,7 @@ function digestChunks({ devicePath, chunks, chunkSize, sizeBytes, runBytes, algo
     const out = Buffer.allocUnsafe(chunks.length * DIGEST_BYTES);
     const maxRun = Math.max(1, Math.floor(runBytes / chunkSize));
     const buf = Buffer.allocUnsafe(maxRun * chunkSize);
-    let i = 0;
-    while (i < chunks.length) {
-      let j = i + 1;
-      while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRun) j++;
+    for (const [i, j] of chunkRuns(chunks, maxRun)) {
       const start = chunks[i]! * chunkSize;
       const length = Math.min((chunks[i]! + j - i) * chunkSize, sizeBytes) - start;
       let done = 0;
@@ -42,7 +40,6 @@ function digestChunks({ devicePath, chunks, chunkSize, sizeBytes, runBytes, algo
       for (let k = 0; k < j - i; k++) {
         chunkDigest(buf.subarray(k * chunkSize, Math.min((k + 1) * chunkSize, length)), algorithm, out, (i + k) * DIGEST_BYTES);
       }
-      i = j;
     }
     return out;
   } finally {

@@ -30,6 +30,7 @@ import {
 } from './format.js';
 import { scanData, preadFully } from './store.js';
 import { digestDeviceChunks } from './device-digests.js';
+import { chunkRuns, forEachChunk } from './chunk-runs.js';
 import { compareSessions, listSessions, readSessionInfo, recoverSession, type SessionInfo } from './sessions.js';
 
 const BATCH_BYTES = 8 * 1024 * 1024;
@@ -324,24 +325,6 @@ async function readOriginal(s: LoadedSession, position: number, lengthBytes: num
   return buf;
 }
 
-/** Read `chunks` (sorted) from the device in coalesced runs, calling `each` with every chunk's bytes. */
-async function forEachDeviceChunk(device: BlockDevice, chunks: number[], cs: number, each: (chunk: number, data: Buffer) => void): Promise<void> {
-  const maxRun = Math.max(1, BATCH_BYTES / cs);
-  // One buffer for all runs: fresh large buffers cost a page fault per page on first touch.
-  const scratch = Buffer.allocUnsafe(maxRun * cs);
-  let i = 0;
-  while (i < chunks.length) {
-    let j = i + 1;
-    while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < maxRun) j++;
-    const first = chunks[i]!;
-    const start = first * cs;
-    const buf = scratch.subarray(0, Math.min((first + j - i) * cs, device.size) - start);
-    await device.read(buf, start);
-    for (let k = 0; k < j - i; k++) each(first + k, buf.subarray(k * cs, Math.min((k + 1) * cs, buf.length)));
-    i = j;
-  }
-}
-
 /** Device end digests by algorithm, then by chunk. */
 type DeviceDigests = Map<DigestAlgorithm, Map<number, Buffer>>;
 
@@ -384,7 +367,7 @@ async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: n
       digests ??= new Map<number, Buffer>();
       precomputed.set(algorithm, digests);
       const into = digests;
-      await forEachDeviceChunk(device, missing.sort((a, b) => a - b), cs, (c, data) => into.set(c, chunkDigest(data, algorithm)));
+      await forEachChunk(device, missing.sort((a, b) => a - b), cs, BATCH_BYTES, (c, data) => into.set(c, chunkDigest(data, algorithm)));
     }
     for (const [chunk, expected] of s.digests) {
       const actual = digests?.get(chunk);
@@ -418,7 +401,7 @@ async function verifyDigests(device: BlockDevice, loaded: LoadedSession[], cs: n
 
 async function alreadyRestored(device: BlockDevice, plan: Map<number, { session: LoadedSession; position: number }>, chunks: number[], cs: number): Promise<boolean> {
   const current = new Map<number, Buffer>();
-  await forEachDeviceChunk(device, chunks, cs, (c, data) => current.set(c, chunkDigest(data, DIGEST_ALGORITHM)));
+  await forEachChunk(device, chunks, cs, BATCH_BYTES, (c, data) => current.set(c, chunkDigest(data, DIGEST_ALGORITHM)));
   for (const c of chunks) {
     const p = plan.get(c)!;
     const original = await readOriginal(p.session, p.position, Math.min(cs, device.size - c * cs));
@@ -444,16 +427,13 @@ async function applyPlan(
   const maxRun = Math.max(1, BATCH_BYTES / cs);
   let doneBytes = 0;
   onProgress?.(0, totalBytes);
-  let next = 0;
+  // Shared by the workers: each next() hands out the next run.
+  const runs = chunkRuns(chunks, maxRun);
   const worker = async (): Promise<void> => {
     let scratch: Buffer | undefined;
     const pieces: Array<{ session: LoadedSession; position: number; at: number; length: number }> = [];
-    while (next < chunks.length) {
-      // Synchronous up to the first await: each worker claims its own run.
-      const from = next;
-      let to = from + 1;
-      while (to < chunks.length && chunks[to] === chunks[to - 1]! + 1 && to - from < maxRun) to++;
-      next = to;
+    for (let run = runs.next(); !run.done; run = runs.next()) {
+      const [from, to] = run.value;
       const first = chunks[from]!;
       const start = first * cs;
       const runBytes = Math.min((first + to - from) * cs, device.size) - start;

@@ -14,6 +14,7 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeRecordHeader, encodeRecordHeader } from '../../src/snapshot/format.js';
 import { StoreWriter, scanData } from '../../src/snapshot/store.js';
 import { digestDeviceChunks } from '../../src/snapshot/device-digests.js';
+import { chunkRuns } from '../../src/snapshot/chunk-runs.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { isError, makeImage, sha256File, tempDir } from './helpers.js';
 
@@ -147,4 +148,10 @@ test('device digests split over two workers match each chunk\'s crc32x8 and sha2
     for (const c of chunks) assert.ok(digests.get(c)?.equals(expect[algorithm](chunkOf(c))), `${algorithm} chunk ${c}`);
   }
   await assert.rejects(digestDeviceChunks(path.join(dir, 'missing.img'), [0], chunkSize, sizeBytes, 'crc32x8'), isError('EIO'));
+});
+
+test('chunkRuns splits sorted chunks at gaps and at the run limit', () => {
+  assert.deepEqual([...chunkRuns([1, 2, 3, 7, 8, 10], 2)], [[0, 2], [2, 3], [3, 5], [5, 6]]);
+  assert.deepEqual([...chunkRuns([4, 5, 6], 8)], [[0, 3]]);
+  assert.deepEqual([...chunkRuns([], 8)], []);
 });
