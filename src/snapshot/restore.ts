@@ -149,22 +149,20 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     // Digest the device in workers while this thread checks the stores: every chunk some end
     // digest may be compared with (a superset of what verifyDigests reads from the device), with
     // the algorithm of the newest session that has a digest for it.
+    // Each session's digests are read once: for the device pass here and by loadSession.
+    const digestsOf = new Map(chain.map((s) => [s.dir, readSessionDigests(s)] as const));
+    for (const d of digestsOf.values()) d.catch(() => undefined); // loadSession reports the error
     let deviceDigests: Promise<DeviceDigests> | undefined;
     if (!options.force && !(journal?.state === 'running' && outputPath === undefined)) {
       const wanted = new Map<number, DigestAlgorithm>();
       for (const s of chain) {
-        const raw = s.state === 'complete' ? await readOptional(path.join(s.dir, DIGESTS_FILE)).catch(() => undefined) : undefined;
-        if (raw === undefined) continue;
-        try {
-          for (const c of decodeDigests(raw).keys()) wanted.set(c, s.digestAlgorithm);
-        } catch {
-          // loadSession reports it properly below.
-        }
+        const digests = await digestsOf.get(s.dir)!.catch(() => undefined);
+        for (const c of digests?.keys() ?? []) wanted.set(c, s.digestAlgorithm);
       }
       deviceDigests = digestDevice(devicePath, wanted, target.chunkSize, device.size);
       deviceDigests.catch(() => undefined);
     }
-    for (const s of chain) loaded.push(await loadSession(s));
+    for (const s of chain) loaded.push(await loadSession(s, digestsOf.get(s.dir)!));
     if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
     const cs = target.chunkSize;
     // Oldest first: the first session of the chain that touched a chunk holds the original to write.
@@ -257,7 +255,15 @@ function checkIdentity(device: FileDevice, s: SessionInfo, warnings: string[]): 
   if (soft.length > 0) warnings.push(`${device.path}: device numbers differ from session ${s.dir} (${soft.map(describe).join(', ')}), e.g. after a reboot`);
 }
 
-async function loadSession(info: SessionInfo): Promise<LoadedSession> {
+/** The end digests of a complete session (undefined for any other state). Errors: ECORRUPT. */
+async function readSessionDigests(info: SessionInfo): Promise<Map<number, Buffer> | undefined> {
+  if (info.state !== 'complete') return undefined;
+  const raw = await readOptional(path.join(info.dir, DIGESTS_FILE));
+  if (raw === undefined) throw new BdsnapError('ECORRUPT', `${info.dir}: the session is complete but ${DIGESTS_FILE} is missing`);
+  return decodeDigests(raw);
+}
+
+async function loadSession(info: SessionInfo, digestsRead: Promise<Map<number, Buffer> | undefined>): Promise<LoadedSession> {
   const dataPath = path.join(info.dir, DATA_FILE);
   let fd: number;
   try {
@@ -277,18 +283,12 @@ async function loadSession(info: SessionInfo): Promise<LoadedSession> {
       }
     }
     const index = await readOptional(path.join(info.dir, INDEX_FILE));
-    if (index !== undefined) {
-      const stored = decodeIndex(index);
-      const same = stored.size === scan.index.size && [...stored].every(([c, p]) => scan.index.get(c) === p);
-      if (!same) throw new BdsnapError('ECORRUPT', `${path.join(info.dir, INDEX_FILE)} does not match ${DATA_FILE}`);
+    if (index !== undefined && !sameKeys(decodeIndex(index), scan.index, (p, c) => scan.index.get(c) === p)) {
+      throw new BdsnapError('ECORRUPT', `${path.join(info.dir, INDEX_FILE)} does not match ${DATA_FILE}`);
     }
-    let digests: Map<number, Buffer> | undefined;
-    if (info.state === 'complete') {
-      const raw = await readOptional(path.join(info.dir, DIGESTS_FILE));
-      if (raw === undefined) throw new BdsnapError('ECORRUPT', `${info.dir}: the session is complete but ${DIGESTS_FILE} is missing`);
-      digests = decodeDigests(raw);
-      const same = digests.size === scan.index.size && [...digests.keys()].every((c) => scan.index.has(c));
-      if (!same) throw new BdsnapError('ECORRUPT', `${path.join(info.dir, DIGESTS_FILE)} does not list the same chunks as ${DATA_FILE}`);
+    const digests = await digestsRead;
+    if (digests !== undefined && !sameKeys(digests, scan.index)) {
+      throw new BdsnapError('ECORRUPT', `${path.join(info.dir, DIGESTS_FILE)} does not list the same chunks as ${DATA_FILE}`);
     }
     // A torn tail (crashed session) is not applied: keep only the valid records' bytes.
     return { info, fd, index: scan.index, digests };
@@ -296,6 +296,13 @@ async function loadSession(info: SessionInfo): Promise<LoadedSession> {
     fs.closeSync(fd);
     throw err;
   }
+}
+
+/** Same chunks in both maps (and, with `match`, each entry of `a` accepted). */
+function sameKeys<V>(a: Map<number, V>, b: Map<number, unknown>, match?: (value: V, chunk: number) => boolean): boolean {
+  if (a.size !== b.size) return false;
+  for (const [c, v] of a) if (!b.has(c) || (match !== undefined && !match(v, c))) return false;
+  return true;
 }
 
 async function readOptional(file: string): Promise<Buffer | undefined> {
