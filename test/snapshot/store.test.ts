@@ -266,10 +266,11 @@ test("'process' durability: the store is synced in the background once first wri
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
   const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(dir, 'snap'), chunkSize: CS });
-  // First writes every 300 ms for 1.5 s: no pause of a second, so nothing is synced meanwhile.
+  // First writes every 200 ms for 1 s: no pause of a second (800 ms of slack for a slow
+  // machine), so nothing is synced meanwhile.
   for (let i = 0; i < 5; i++) {
     await cow.write(randomBytes(CS), i * CS);
-    await new Promise((r) => setTimeout(r, 300));
+    await new Promise((r) => setTimeout(r, 200));
   }
   assert.equal(cow.stats().unsyncedBytes, 5 * (RECORD_HEADER_BYTES + CS), 'no sync while first writes go on');
   // A pause: the background sync runs about a second after the last first write.
