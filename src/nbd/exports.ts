@@ -12,6 +12,8 @@ export interface ExportHandle {
   readonly description?: string;
   /** What the connection reads and writes; may be a stack of layers. */
   readonly device: BlockDevice;
+  /** Metadata contexts offered besides base:allocation (e.g. qemu:dirty-bitmap:...). */
+  readonly metaContexts?: MetaContextSource[];
   /** Called exactly once, when the connection that opened the handle is done with it. */
   release(): Promise<void>;
 }
@@ -26,4 +28,12 @@ export interface ExportProvider {
    * Returns undefined for an unknown name; throws a BdsnapError to refuse (EPERM, EBUSY...).
    */
   open(name: string, purpose: 'info' | 'go'): Promise<ExportHandle | undefined>;
+}
+
+/** A metadata context an export offers besides base:allocation. */
+export interface MetaContextSource {
+  /** The full name, e.g. 'qemu:dirty-bitmap:3fa2c1d0:4'. */
+  readonly name: string;
+  /** Status from `offsetBytes`: contiguous extents covering at most `lengthBytes`. */
+  extents(offsetBytes: number, lengthBytes: number): Promise<Array<{ length: number; flags: number }>>;
 }

@@ -7,8 +7,10 @@
 import net from 'node:net';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
+import type { EventsResult } from './events.js';
+import type { SnapshotInfo } from './snapshots.js';
 import {
-  LineDecoder, responseSchema, type ActivationResult, type ListResult, type MountResult, type PasswdResult, type PingResult,
+  LineDecoder, responseSchema, type ActivationResult, type CbtInfo, type ListResult, type MountResult, type PasswdResult, type PingResult,
   type RequestBody, type RequestOp, type ResultMap, type StatusResult, type UmountResult,
 } from './control-protocol.js';
 
@@ -111,6 +113,58 @@ export class BdsnapClient {
 
   umount(mountpoint: string): Promise<UmountResult> {
     return this.request('umount', { mountpoint: path.resolve(mountpoint) });
+  }
+
+  /** One point in time across `devices`; each image is served as `<device>@<id>`. */
+  createSnapshot(devices: string[], options: { storageDir?: string; limitBytes?: number; freeze?: boolean } = {}): Promise<SnapshotInfo> {
+    return this.request('snapshot-create', {
+      devices: devices.map((d) => path.resolve(d)),
+      ...(options.storageDir !== undefined ? { storageDir: path.resolve(options.storageDir) } : {}),
+      ...(options.limitBytes !== undefined ? { limitBytes: options.limitBytes } : {}),
+      ...(options.freeze !== undefined ? { freeze: options.freeze } : {}),
+    });
+  }
+
+  async listSnapshots(): Promise<SnapshotInfo[]> {
+    return (await this.request('snapshot-list', {})).snapshots;
+  }
+
+  snapshotInfo(id: string): Promise<SnapshotInfo> {
+    return this.request('snapshot-info', { snapshot: id });
+  }
+
+  extendSnapshot(id: string, options: { limitBytes?: number; storageDir?: string }): Promise<SnapshotInfo> {
+    return this.request('snapshot-extend', {
+      snapshot: id,
+      ...(options.limitBytes !== undefined ? { limitBytes: options.limitBytes } : {}),
+      ...(options.storageDir !== undefined ? { storageDir: path.resolve(options.storageDir) } : {}),
+    });
+  }
+
+  destroySnapshot(id: string): Promise<{ id: string }> {
+    return this.request('snapshot-destroy', { snapshot: id });
+  }
+
+  cbtInfo(device: string): Promise<CbtInfo> {
+    return this.request('cbt-info', { device: path.resolve(device) });
+  }
+
+  /** Byte ranges of `device` changed since snapshot number `since` (0: everything this generation saw). */
+  cbtMap(device: string, since: number): Promise<ResultMap['cbt-map']> {
+    return this.request('cbt-map', { device: path.resolve(device), since });
+  }
+
+  cbtMarkDirty(device: string, ranges: Array<{ offsetBytes: number; lengthBytes: number }>): Promise<CbtInfo> {
+    return this.request('cbt-mark-dirty', { device: path.resolve(device), ranges });
+  }
+
+  cbtReset(device: string): Promise<CbtInfo> {
+    return this.request('cbt-reset', { device: path.resolve(device) });
+  }
+
+  /** Events newer than `after` (a seq); waits up to `waitMs` for one when there is none yet. */
+  events(after = 0, waitMs = 0): Promise<EventsResult> {
+    return this.request('events', { after, waitMs });
   }
 
   /** Send any request body; exposed for tools and tests that speak the protocol directly. */

@@ -11,6 +11,8 @@
 
 import { z } from 'zod';
 import type { ErrorCode } from '../errors.js';
+import type { EventsResult } from './events.js';
+import type { SnapshotInfo } from './snapshots.js';
 
 export const MAX_LINE_BYTES = 64 * 1024;
 const MAX_PATH_CHARS = 4096;
@@ -18,6 +20,10 @@ const MAX_PASSWORD_CHARS = 1024;
 
 const devicePath = z.string().min(1).max(MAX_PATH_CHARS);
 const password = z.string().max(MAX_PASSWORD_CHARS);
+const MAX_SNAPSHOT_DEVICES = 64;
+/** Longest a client may ask `events` to wait for the next event. */
+export const MAX_EVENT_WAIT_MS = 60_000;
+const snapshotId = z.string().regex(/^[0-9a-z]{1,64}$/, 'a snapshot id is lowercase letters and digits');
 const envelope = { id: z.number().int().nonnegative(), euid: z.number().int().nonnegative() };
 
 export const requestSchema = z.discriminatedUnion('op', [
@@ -36,6 +42,39 @@ export const requestSchema = z.discriminatedUnion('op', [
     options: z.string().regex(/^[^\s\0]{1,1024}$/, 'mount options are one word without spaces').optional(),
   }).strict(),
   z.object({ ...envelope, op: z.literal('umount'), mountpoint: z.string().min(1).max(MAX_PATH_CHARS) }).strict(),
+  z.object({
+    ...envelope,
+    op: z.literal('snapshot-create'),
+    devices: z.array(devicePath).min(1).max(MAX_SNAPSHOT_DEVICES),
+    storageDir: z.string().min(1).max(MAX_PATH_CHARS).optional(),
+    limitBytes: z.number().int().positive().optional(),
+    freeze: z.boolean().optional(),
+  }).strict(),
+  z.object({ ...envelope, op: z.literal('snapshot-list') }).strict(),
+  z.object({ ...envelope, op: z.literal('snapshot-info'), snapshot: snapshotId }).strict(),
+  z.object({
+    ...envelope,
+    op: z.literal('snapshot-extend'),
+    snapshot: snapshotId,
+    limitBytes: z.number().int().positive().optional(),
+    storageDir: z.string().min(1).max(MAX_PATH_CHARS).optional(),
+  }).strict(),
+  z.object({ ...envelope, op: z.literal('snapshot-destroy'), snapshot: snapshotId }).strict(),
+  z.object({ ...envelope, op: z.literal('cbt-info'), device: devicePath }).strict(),
+  z.object({ ...envelope, op: z.literal('cbt-map'), device: devicePath, since: z.number().int().nonnegative() }).strict(),
+  z.object({
+    ...envelope,
+    op: z.literal('cbt-mark-dirty'),
+    device: devicePath,
+    ranges: z.array(z.object({ offsetBytes: z.number().int().nonnegative(), lengthBytes: z.number().int().positive() }).strict()).min(1).max(4096),
+  }).strict(),
+  z.object({ ...envelope, op: z.literal('cbt-reset'), device: devicePath }).strict(),
+  z.object({
+    ...envelope,
+    op: z.literal('events'),
+    after: z.number().int().min(-1).optional(),
+    waitMs: z.number().int().min(0).max(MAX_EVENT_WAIT_MS).optional(),
+  }).strict(),
 ]);
 
 export type Request = z.infer<typeof requestSchema>;
@@ -68,6 +107,8 @@ export interface DeviceStatus {
   sessionState: string | null;
   sessionCount: number;
   dirtyOutsideSession: boolean;
+  /** Ids of the snapshots that hold this device. */
+  snapshots: string[];
 }
 
 export interface StatusResult {
@@ -128,6 +169,27 @@ export interface ResultMap {
   list: ListResult;
   mount: MountResult;
   umount: UmountResult;
+  'snapshot-create': SnapshotInfo;
+  'snapshot-list': { snapshots: SnapshotInfo[] };
+  'snapshot-info': SnapshotInfo;
+  'snapshot-extend': SnapshotInfo;
+  'snapshot-destroy': { id: string };
+  events: EventsResult;
+  'cbt-info': CbtInfo;
+  'cbt-map': CbtInfo & { since: number; ranges: Array<{ offsetBytes: number; lengthBytes: number }> };
+  'cbt-mark-dirty': CbtInfo;
+  'cbt-reset': CbtInfo;
+}
+
+/** A device's change map: tracking block size, block count, generation and current number. */
+export interface CbtInfo {
+  device: string;
+  deviceSizeBytes: number;
+  blockSize: number;
+  blocks: number;
+  generation: string;
+  /** The current period: snapshots taken so far in this generation + 1. */
+  number: number;
 }
 
 export interface ErrorBody {

@@ -1,35 +1,43 @@
 /**
  * The bdsnap daemon: the registry, the NBD server on `<run-dir>/nbd.sock` serving registered
- * devices only, and the control API on `<run-dir>/control.sock`.
+ * devices and snapshot images only, and the control API on `<run-dir>/control.sock`.
+ * Each operation lives with the part that owns it (MountManager, SnapshotManager, the
+ * DeviceTable); this class puts them together and routes control requests.
  *
- * Start-up order matters: the registry is read and any session left open by a daemon that
- * died is recovered (marked interrupted, still restorable) before the NBD server accepts a
- * client, so no new session can be opened on top of an unrecovered one.
+ * Start-up order matters: the registry is read, any session left open by a daemon that
+ * died is recovered (marked interrupted, still restorable), and snapshots are put back on
+ * their devices, all before the NBD server accepts a client, so no write can reach a device
+ * without its sessions and snapshots in place.
  * close() (SIGTERM) stops taking requests, unmounts what bdsnap mounted, lets the NBD server
- * finish its requests in flight, and ends every session durably.
+ * finish its requests in flight, ends every session durably, and closes the snapshots'
+ * storage (the snapshots themselves stay for the next start).
  */
 
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { BdsnapError, toBdsnapError } from '../errors.js';
+import { FileDevice } from '../device/file-device.js';
+import { BdsnapError } from '../errors.js';
+import type { ChangeMapInfo } from '../snapshot/change-map.js';
+import type { ExportHandle, ExportProvider } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import { listSessions, recoverSession } from '../snapshot/sessions.js';
-import { ensurePrivateDir, writeFileAtomic } from './atomic-file.js';
+import { ensurePrivateDir } from './atomic-file.js';
 import { PasswordStore } from './auth.js';
 import { CONTROL_SOCKET, NBD_SOCKET } from './client.js';
 import {
-  PROTOCOL_VERSION, type ActivationResult, type ListResult, type MountResult, type Request, type SessionSummary, type StatusResult,
-  type UmountResult,
+  PROTOCOL_VERSION, type ActivationResult, type CbtInfo, type ListResult, type Request, type SessionSummary, type StatusResult,
 } from './control-protocol.js';
 import { ControlServer } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
-import { attachAndMount, cleanUpStaleMount, toRecord, unmountAndDetach, type AttachedMount, type MountRecordOnDisk } from './mount.js';
+import { ChangeTracker } from './change-tracking.js';
+import { EventLog } from './events.js';
+import { cleanUpStaleMount, type MountRecordOnDisk } from './mount.js';
+import { MOUNTS_FILE, MountManager } from './mount-manager.js';
 import { Registry, canonicalDevicePath } from './registry.js';
+import { SnapshotManager } from './snapshots.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
-/** In the run directory: the mounts this daemon made, so a successor can clean up after a crash. */
-const MOUNTS_FILE = 'mounts.json';
 
 export interface DaemonOptions {
   runDir: string;
@@ -41,57 +49,195 @@ export interface DaemonOptions {
   detachTimeoutMs?: number;
 }
 
-export interface Daemon {
+export class Daemon {
   readonly runDir: string;
   readonly controlSocket: string;
   readonly nbdSocket: string;
-  close(): Promise<void>;
-}
+  readonly #stateDir: string;
+  readonly #snapshotRoot: string;
+  readonly #log: Logger;
+  readonly #registry: Registry;
+  readonly #passwords: PasswordStore;
+  readonly #events: EventLog;
+  readonly #tracking: ChangeTracker;
+  readonly #table: DeviceTable;
+  readonly #snapshots: SnapshotManager;
+  readonly #mounts: MountManager;
+  readonly #nbd: NbdServer;
+  #control: ControlServer | undefined;
+  #closing: Promise<void> | undefined;
 
-interface MountRecord {
-  devicePath: string;
-  attached: AttachedMount;
-}
+  private constructor(options: DaemonOptions, registry: Registry, events: EventLog) {
+    this.runDir = path.resolve(options.runDir);
+    this.#stateDir = path.resolve(options.stateDir);
+    this.#snapshotRoot = path.resolve(options.snapshotRoot);
+    this.#log = options.log;
+    this.nbdSocket = path.join(this.runDir, NBD_SOCKET);
+    this.controlSocket = path.join(this.runDir, CONTROL_SOCKET);
+    this.#registry = registry;
+    this.#events = events;
+    this.#passwords = new PasswordStore(this.#stateDir);
+    this.#tracking = new ChangeTracker(this.#stateDir, options.session?.durability ?? 'process', events, this.#log);
+    this.#table = new DeviceTable(registry, this.#snapshotRoot, this.#log, events, options.session, this.#tracking);
+    let mounts: MountManager | undefined;
+    this.#snapshots = new SnapshotManager({
+      stateDir: this.#stateDir, nbdSocket: this.nbdSocket, table: this.#table, registry, events, log: this.#log,
+      mountpointOf: (devicePath) => mounts?.mountpointOf(devicePath),
+      tracking: this.#tracking,
+    });
+    this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
+    mounts = new MountManager({
+      runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
+      detachTimeoutMs: options.detachTimeoutMs ?? 30000,
+    });
+    this.#mounts = mounts;
+    this.#nbd = new NbdServer({ exports: this.#exports(), log: (event) => this.#log.debug({ ...event, nbd: true }) });
+  }
 
-export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
-  const runDir = path.resolve(options.runDir);
-  const stateDir = path.resolve(options.stateDir);
-  const snapshotRoot = path.resolve(options.snapshotRoot);
-  const log = options.log;
-  await ensurePrivateDir(runDir, 0o700);
-  await ensurePrivateDir(stateDir, 0o700);
-  await fs.promises.mkdir(snapshotRoot, { recursive: true, mode: 0o700 });
+  static async start(options: DaemonOptions): Promise<Daemon> {
+    const runDir = path.resolve(options.runDir);
+    const stateDir = path.resolve(options.stateDir);
+    await ensurePrivateDir(runDir, 0o700);
+    await ensurePrivateDir(stateDir, 0o700);
+    await fs.promises.mkdir(path.resolve(options.snapshotRoot), { recursive: true, mode: 0o700 });
+    await cleanUpStaleMounts(path.join(runDir, MOUNTS_FILE), options.log);
+    const registry = await Registry.load(stateDir);
+    await recoverOpenSessions(registry, path.resolve(options.snapshotRoot), options.log);
+    const events = await EventLog.open(stateDir, options.log);
+    const daemon = new Daemon(options, registry, events);
+    await daemon.#snapshots.recover();
+    await daemon.#nbd.listenUnix(daemon.nbdSocket);
+    daemon.#control = await ControlServer.listen(daemon.controlSocket, (request) => daemon.#handle(request), options.log);
+    options.log.info({ event: 'daemon-started', runDir, stateDir, snapshotRoot: daemon.#snapshotRoot, devices: registry.list().length }, 'bdsnap daemon started');
+    return daemon;
+  }
 
-  const mountsFile = path.join(runDir, MOUNTS_FILE);
-  await cleanUpStaleMounts(mountsFile, log);
-  const registry = await Registry.load(stateDir);
-  await recoverOpenSessions(registry, snapshotRoot, log);
-  const passwords = new PasswordStore(stateDir);
-  const table = new DeviceTable(registry, snapshotRoot, log, options.session);
-  const mounts = new Map<string, MountRecord>();
-  const mountsStarting = new Set<string>();
-  const workDir = path.join(runDir, 'mounts');
-  const nbdSocket = path.join(runDir, NBD_SOCKET);
-  const controlSocket = path.join(runDir, CONTROL_SOCKET);
-  const detachTimeoutMs = options.detachTimeoutMs ?? 30000;
-  const saveMounts = (): Promise<void> =>
-    writeFileAtomic(mountsFile, `${JSON.stringify([...mounts.values()].map((m) => toRecord(m.devicePath, m.attached)))}\n`, 0o600);
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      this.#log.info({ event: 'daemon-stopping' }, 'bdsnap daemon stopping');
+      await this.#control?.close();
+      await this.#mounts.closeAll();
+      await this.#nbd.close();
+      await this.#snapshots.closeAll();
+      await this.#table.closeAll();
+      await this.#tracking.closeAll();
+      this.#events.close();
+      await fs.promises.rm(this.controlSocket, { force: true });
+      await fs.promises.rm(this.nbdSocket, { force: true });
+      this.#log.info({ event: 'daemon-stopped' }, 'bdsnap daemon stopped');
+    })();
+    return this.#closing;
+  }
 
-  const nbd = new NbdServer({ exports: table, log: (event) => log.debug({ ...event, nbd: true }) });
-  await nbd.listenUnix(nbdSocket);
+  async #handle(request: Request): Promise<unknown> {
+    switch (request.op) {
+      case 'ping':
+        return { pid: process.pid, version: PROTOCOL_VERSION, passwordSet: await this.#passwords.isSet() };
+      case 'passwd':
+        return this.#passwd(request.newPassword, request.currentPassword);
+      case 'activate':
+        return this.#activation(request.device, request.password, true);
+      case 'deactivate':
+        return this.#activation(request.device, request.password, false);
+      case 'status':
+        return this.#status();
+      case 'list':
+        return this.#list(request.device);
+      case 'mount':
+        return this.#mounts.mount(request.device, request.mountpoint, request.type, request.options);
+      case 'umount':
+        return this.#mounts.umount(request.mountpoint);
+      case 'snapshot-create':
+        return this.#snapshots.create(request.devices, {
+          ...(request.storageDir !== undefined ? { storageDir: request.storageDir } : {}),
+          ...(request.limitBytes !== undefined ? { limitBytes: request.limitBytes } : {}),
+          ...(request.freeze !== undefined ? { freeze: request.freeze } : {}),
+        });
+      case 'snapshot-list':
+        return { snapshots: this.#snapshots.list() };
+      case 'snapshot-info':
+        return this.#snapshots.info(request.snapshot);
+      case 'snapshot-extend':
+        return this.#snapshots.extend(request.snapshot, {
+          ...(request.limitBytes !== undefined ? { limitBytes: request.limitBytes } : {}),
+          ...(request.storageDir !== undefined ? { storageDir: request.storageDir } : {}),
+        });
+      case 'snapshot-destroy':
+        return this.#snapshots.destroy(request.snapshot);
+      case 'events':
+        return this.#events.since(request.after ?? 0, request.waitMs ?? 0);
+      case 'cbt-info':
+        return this.#cbt(request.device, async (devicePath, sizeBytes) => this.#tracking.info(devicePath, sizeBytes));
+      case 'cbt-map': {
+        const since = request.since;
+        return this.#cbt(request.device, async (devicePath, sizeBytes) => {
+          const { info, ranges } = await this.#tracking.changedSince(devicePath, sizeBytes, since);
+          return { ...info, since, ranges };
+        });
+      }
+      case 'cbt-mark-dirty': {
+        const ranges = request.ranges;
+        return this.#cbt(request.device, (devicePath, sizeBytes) => this.#tracking.markDirty(devicePath, sizeBytes, ranges));
+      }
+      case 'cbt-reset':
+        return this.#cbt(request.device, (devicePath, sizeBytes) => this.#tracking.reset(devicePath, sizeBytes));
+    }
+  }
 
-  const authenticate = async (op: string, password: string): Promise<void> => {
+  /** The NBD server's view: registered devices, and `<device>@<id>` snapshot images. */
+  #exports(): ExportProvider {
+    return {
+      list: async () => [...this.#table.names(), ...this.#snapshots.exportNames()],
+      open: async (name: string, purpose: 'info' | 'go'): Promise<ExportHandle | undefined> => {
+        const image = this.#snapshots.openImage(name);
+        if (image) return image;
+        return this.#table.open(name, purpose);
+      },
+    };
+  }
+
+  /** A change-map operation on a registered device, answered with the device's name and size. */
+  async #cbt(device: string, fn: (devicePath: string, sizeBytes: number) => Promise<ChangeMapInfo>): Promise<CbtInfo & Record<string, unknown>> {
+    const devicePath = await canonicalDevicePath(device);
+    if (!this.#registry.get(devicePath)) {
+      throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap (mount it, snapshot it or serve it once first)`);
+    }
+    const att = this.#table.attachment(devicePath);
+    let sizeBytes = att?.file.size;
+    if (sizeBytes === undefined) {
+      const file = await FileDevice.open(devicePath, { readOnly: true, shared: true });
+      sizeBytes = file.size;
+      await file.close();
+    }
+    const info = await fn(devicePath, sizeBytes);
+    return { device: devicePath, ...info };
+  }
+
+  async #passwd(newPassword: string, currentPassword: string | undefined): Promise<{ changed: boolean }> {
+    const hadOne = await this.#passwords.isSet();
     try {
-      await passwords.verify(password);
+      await this.#passwords.set(newPassword, currentPassword);
     } catch (err) {
-      // The event only: never the password, never what was typed.
-      log.warn({ event: 'auth-failed', op }, 'service password check failed');
+      if (err instanceof BdsnapError && err.code === 'EAUTH') this.#log.warn({ event: 'auth-failed', op: 'passwd' }, 'service password check failed');
       throw err;
     }
-  };
+    this.#log.info({ event: hadOne ? 'password-changed' : 'password-set' }, hadOne ? 'service password changed' : 'service password set');
+    return { changed: hadOne };
+  }
 
-  const activation = async (device: string, password: string, active: boolean): Promise<ActivationResult> => {
-    await authenticate(active ? 'activate' : 'deactivate', password);
+  async #authenticate(op: string, password: string): Promise<void> {
+    try {
+      await this.#passwords.verify(password);
+    } catch (err) {
+      // The event only: never the password, never what was typed.
+      this.#log.warn({ event: 'auth-failed', op }, 'service password check failed');
+      throw err;
+    }
+  }
+
+  async #activation(device: string, password: string, active: boolean): Promise<ActivationResult> {
+    await this.#authenticate(active ? 'activate' : 'deactivate', password);
+    const registry = this.#registry;
     // A registered image that has since been deleted can still be deactivated by its name.
     const devicePath = await canonicalDevicePath(device).catch((err: unknown) => {
       if (!active && registry.get(path.resolve(device))) return path.resolve(device);
@@ -102,23 +248,25 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       await registry.register(devicePath);
     }
     const changed = await registry.setActive(devicePath, active);
-    const current = table.status().find((d) => d.device === devicePath);
+    const current = this.#status().devices.find((d) => d.device === devicePath);
     const sessionContinues = !active && current?.inSession ? current.currentSession ?? '(no write yet)' : null;
     if (changed) {
-      log.info({ event: active ? 'activate' : 'deactivate', device: devicePath, ...(sessionContinues ? { sessionContinues } : {}) },
+      this.#log.info({ event: active ? 'activate' : 'deactivate', device: devicePath, ...(sessionContinues ? { sessionContinues } : {}) },
         active ? 'device activated' : 'device deactivated');
     }
     return { device: devicePath, active, changed, sessionContinues };
-  };
+  }
 
-  const status = (): StatusResult => ({ runDir, snapshotRoot, pid: process.pid, devices: table.status() });
+  #status(): StatusResult {
+    return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices: this.#table.status((d) => this.#snapshots.snapshotsOf(d)) };
+  }
 
-  const list = async (device?: string): Promise<ListResult> => {
+  async #list(device?: string): Promise<ListResult> {
     let devicePath: string | undefined;
     if (device !== undefined) {
       devicePath = await canonicalDevicePath(device).catch(() => path.resolve(device));
     }
-    const sessions = await listSessions(snapshotRoot, devicePath);
+    const sessions = await listSessions(this.#snapshotRoot, devicePath);
     const out: SessionSummary[] = [];
     for (const s of sessions) {
       out.push({
@@ -127,137 +275,12 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       });
     }
     return { sessions: out };
-  };
+  }
+}
 
-  const mount = async (device: string, mountpointArg: string, type?: string, mountOptions?: string): Promise<MountResult> => {
-    const devicePath = await canonicalDevicePath(device);
-    const mountpoint = path.resolve(mountpointArg);
-    if (mounts.has(mountpoint) || mountsStarting.has(mountpoint)) throw new BdsnapError('EBUSY', `bdsnap already mounts something on ${mountpoint}`);
-    mountsStarting.add(mountpoint);
-    try {
-      await registry.register(devicePath);
-      const att = await table.attach(devicePath, { exclusive: true, mountTime: new Date(), holder: 'mount' });
-      table.setMount(devicePath, { mountpoint, loopDevice: null });
-      let attached: AttachedMount;
-      try {
-        await ensurePrivateDir(workDir, 0o700);
-        attached = await attachAndMount({
-          nbdSocket, exportName: devicePath, mountpoint, workDir,
-          ...(type !== undefined ? { type } : {}), ...(mountOptions !== undefined ? { options: mountOptions } : {}),
-        });
-      } catch (err) {
-        const e = toBdsnapError(err);
-        log.error({ event: 'mount-failed', device: devicePath, mountpoint, code: e.code, reason: e.message }, 'mount failed');
-        table.setMount(devicePath, undefined);
-        await table.detach(devicePath);
-        await att.ended.catch(() => undefined);
-        throw e;
-      }
-      table.setMount(devicePath, { mountpoint, loopDevice: attached.blockDevice });
-      mounts.set(mountpoint, { devicePath, attached });
-      await saveMounts().catch((err: unknown) => {
-        log.error({ event: 'mounts-file-write-failed', reason: (err as Error).message }, 'cannot record the mount in the run directory');
-      });
-      log.info({ event: 'mount', device: devicePath, mountpoint, blockDevice: attached.blockDevice, via: attached.via, session: att.cow !== undefined },
-        'device mounted');
-      return { device: devicePath, mountpoint, loopDevice: attached.blockDevice, inSession: att.cow !== undefined };
-    } finally {
-      mountsStarting.delete(mountpoint);
-    }
-  };
-
-  const umount = async (mountpointArg: string): Promise<UmountResult> => {
-    const mountpoint = path.resolve(mountpointArg);
-    const record = mounts.get(mountpoint);
-    if (!record) throw new BdsnapError('ENOENT', `bdsnap has nothing mounted on ${mountpoint}`);
-    const sessionDir = await endMount(mountpoint, record);
-    return { device: record.devicePath, mountpoint, sessionDir };
-  };
-
-  /** Unmount, detach, drop the mount's hold, and wait until the session is closed and durable. */
-  const endMount = async (mountpoint: string, record: MountRecord): Promise<string | null> => {
-    const att = table.attachment(record.devicePath);
-    try {
-      await unmountAndDetach(record.attached);
-    } catch (err) {
-      const e = toBdsnapError(err);
-      log.error({ event: 'umount-failed', device: record.devicePath, mountpoint, code: e.code, reason: e.message }, 'unmount failed');
-      throw e;
-    }
-    mounts.delete(mountpoint);
-    await saveMounts().catch((err: unknown) => {
-      log.error({ event: 'mounts-file-write-failed', reason: (err as Error).message }, 'cannot record the unmount in the run directory');
-    });
-    table.setMount(record.devicePath, undefined);
-    await table.detach(record.devicePath);
-    if (!att) return null;
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_resolve, reject) => {
-      timer = setTimeout(() => reject(new BdsnapError('EBUSY',
-        `${mountpoint} is unmounted, but other NBD clients still hold ${record.devicePath}; its session ends when they disconnect`)), detachTimeoutMs);
-    });
-    try {
-      const sessionDir = await Promise.race([att.ended, timeout]);
-      log.info({ event: 'umount', device: record.devicePath, mountpoint, sessionDir }, 'device unmounted');
-      return sessionDir;
-    } finally {
-      clearTimeout(timer);
-    }
-  };
-
-  const handle = async (request: Request): Promise<unknown> => {
-    switch (request.op) {
-      case 'ping':
-        return { pid: process.pid, version: PROTOCOL_VERSION, passwordSet: await passwords.isSet() };
-      case 'passwd': {
-        const hadOne = await passwords.isSet();
-        try {
-          await passwords.set(request.newPassword, request.currentPassword);
-        } catch (err) {
-          if (err instanceof BdsnapError && err.code === 'EAUTH') log.warn({ event: 'auth-failed', op: 'passwd' }, 'service password check failed');
-          throw err;
-        }
-        log.info({ event: hadOne ? 'password-changed' : 'password-set' }, hadOne ? 'service password changed' : 'service password set');
-        return { changed: hadOne };
-      }
-      case 'activate':
-        return activation(request.device, request.password, true);
-      case 'deactivate':
-        return activation(request.device, request.password, false);
-      case 'status':
-        return status();
-      case 'list':
-        return list(request.device);
-      case 'mount':
-        return mount(request.device, request.mountpoint, request.type, request.options);
-      case 'umount':
-        return umount(request.mountpoint);
-    }
-  };
-
-  const control = await ControlServer.listen(controlSocket, handle, log);
-  log.info({ event: 'daemon-started', runDir, stateDir, snapshotRoot, devices: registry.list().length }, 'bdsnap daemon started');
-
-  let closing: Promise<void> | undefined;
-  const close = (): Promise<void> => {
-    closing ??= (async () => {
-      log.info({ event: 'daemon-stopping' }, 'bdsnap daemon stopping');
-      await control.close();
-      for (const [mountpoint, record] of [...mounts]) {
-        await endMount(mountpoint, record).catch((err: unknown) => {
-          log.error({ event: 'shutdown-umount-failed', mountpoint, reason: (err as Error).message }, 'could not unmount at shutdown');
-        });
-      }
-      await nbd.close();
-      await table.closeAll();
-      await fs.promises.rm(controlSocket, { force: true });
-      await fs.promises.rm(nbdSocket, { force: true });
-      log.info({ event: 'daemon-stopped' }, 'bdsnap daemon stopped');
-    })();
-    return closing;
-  };
-
-  return { runDir, controlSocket, nbdSocket, close };
+/** Start a daemon (see Daemon). */
+export function startDaemon(options: DaemonOptions): Promise<Daemon> {
+  return Daemon.start(options);
 }
 
 /**

@@ -1,15 +1,21 @@
 /**
- * The daemon's live view of registered devices: what the NBD server may serve and the
- * session lifecycle around each attach.
+ * The daemon's live view of registered devices: what the NBD server may serve, the session
+ * lifecycle around each mount, and the stack of layers every open device runs through.
  *
  * - Only registered devices are served; any other export name is unknown to the server.
- * - An attachment is one open FileDevice shared by every holder (NBD connections and a
- *   `bdsnap mount`), so multi-conn clients see one device. It exists while holders remain, so
- *   the device lock is free (and offline restore possible) whenever nothing is attached.
- * - The first holder decides the session: an active device gets a CowDevice (the session
- *   directory appears on the first modifying request); an inactive one is served through a
- *   DirtyTracker. When the last holder lets go, the session is closed durably, then the file.
- *   So deactivating mid-mount lets the current session run to the unmount and no further.
+ * - An attachment is one open FileDevice and its stack, shared by every holder, so multi-conn
+ *   clients see one device:
+ *       FileDevice -> TrackingDevice (change map) -> SnapshotLayer (points of snapshots)
+ *         -> CowDevice (session) | DirtyTracker
+ *   The SnapshotLayer is there for the whole attachment; the top layer exists while users
+ *   (NBD connections, a `bdsnap mount`) hold the device: that span is one *user phase*.
+ * - Two kinds of holders. Users decide the session: the first one of a phase starts it (an
+ *   active device gets a CowDevice, whose directory appears on the first modifying request;
+ *   an inactive one a DirtyTracker); the last one ends it durably. Snapshots hold the device
+ *   open for their points in time without a session and without counting as users, so a
+ *   device in a snapshot can still be mounted exclusively and gets one session per mount.
+ * - The file is closed (and its lock dropped, so an offline restore may run) only when no
+ *   holder of either kind remains.
  * - Attach and release of one device run one at a time (a per-device queue), so a release
  *   closing a session never races an attach opening the next one.
  */
@@ -18,10 +24,15 @@ import type { Logger } from 'pino';
 import type { BlockDevice } from '../device/block-device.js';
 import { FileDevice } from '../device/file-device.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import type { ExportHandle, ExportProvider } from '../nbd/exports.js';
+import type { ExportHandle } from '../nbd/exports.js';
 import { CowDevice, type SessionSummary as CowSessionSummary } from '../snapshot/cow-device.js';
+import { DEFAULT_CHUNK_SIZE } from '../snapshot/format.js';
+import { TrackingDevice } from '../snapshot/change-map.js';
+import { SnapshotLayer } from '../snapshot/snapshot-layer.js';
+import type { ChangeTracker } from './change-tracking.js';
 import type { DeviceStatus } from './control-protocol.js';
 import { DirtyTracker } from './dirty-tracker.js';
+import type { EventLog } from './events.js';
 import type { Registry } from './registry.js';
 
 export interface SessionSettings {
@@ -30,13 +41,14 @@ export interface SessionSettings {
   sizeLimitBytes?: number;
 }
 
+export type HolderKind = 'connection' | 'mount' | 'snapshot';
+
 export interface AttachOptions {
-  /** Refuse (EBUSY) if anything holds the device already: used by `bdsnap mount`. */
+  /** Refuse (EBUSY) if any user holds the device already: used by `bdsnap mount`. */
   exclusive?: boolean;
   /** The session's mount time (names its directory); default now. */
   mountTime?: Date;
-  /** Who holds it, for logs. */
-  holder: 'connection' | 'mount';
+  holder: HolderKind;
 }
 
 export interface MountInfo {
@@ -44,49 +56,71 @@ export interface MountInfo {
   loopDevice: string | null;
 }
 
-export interface Attachment {
-  readonly devicePath: string;
-  readonly file: FileDevice;
+/** From the first user hold to the last one: one session (or none, for an inactive device). */
+export interface UserPhase {
   readonly top: BlockDevice;
   readonly cow: CowDevice | undefined;
-  holds: number;
-  connections: number;
   sessionDir: string | null;
-  mount: MountInfo | undefined;
-  /** Settles when the attachment has ended (session durable, file closed), with the session dir. */
+  /** Settles when the phase has ended (session durable), with the session dir. */
   readonly ended: Promise<string | null>;
   readonly settle: (result: { dir: string | null } | { error: unknown }) => void;
 }
 
-function endSignal(): Pick<Attachment, 'ended' | 'settle'> {
-  let settle!: Attachment['settle'];
+export interface Attachment {
+  readonly devicePath: string;
+  readonly file: FileDevice;
+  /** Copy-before-write for the snapshots of this device. */
+  readonly layer: SnapshotLayer;
+  phase: UserPhase | undefined;
+  userHolds: number;
+  snapshotHolds: number;
+  connections: number;
+  mount: MountInfo | undefined;
+}
+
+function endSignal(): Pick<UserPhase, 'ended' | 'settle'> {
+  let settle!: UserPhase['settle'];
   const ended = new Promise<string | null>((resolve, reject) => {
     settle = (result) => ('error' in result ? reject(result.error) : resolve(result.dir));
   });
-  // Nobody may be waiting; an unobserved failure is already logged by #end.
+  // Nobody may be waiting; an unobserved failure is already logged by #endPhase.
   ended.catch(() => undefined);
   return { ended, settle };
 }
 
-export class DeviceTable implements ExportProvider {
+export class DeviceTable {
   readonly #registry: Registry;
   readonly #snapshotRoot: string;
   readonly #log: Logger;
+  readonly #events: EventLog;
   readonly #session: SessionSettings;
+  readonly #tracking: ChangeTracker | undefined;
   readonly #attachments = new Map<string, Attachment>();
   readonly #queues = new Map<string, Promise<unknown>>();
 
-  constructor(registry: Registry, snapshotRoot: string, log: Logger, session: SessionSettings = {}) {
+  constructor(registry: Registry, snapshotRoot: string, log: Logger, events: EventLog, session: SessionSettings = {}, tracking?: ChangeTracker) {
     this.#registry = registry;
+    this.#tracking = tracking;
     this.#snapshotRoot = snapshotRoot;
     this.#log = log;
+    this.#events = events;
     this.#session = session;
   }
 
-  async list(): Promise<string[]> {
+  /** The copy unit of snapshots (the sessions' chunk size). */
+  get chunkSize(): number {
+    return this.#session.chunkSize ?? DEFAULT_CHUNK_SIZE;
+  }
+
+  get durability(): 'process' | 'strict' {
+    return this.#session.durability ?? 'process';
+  }
+
+  names(): string[] {
     return this.#registry.list().map((d) => d.path);
   }
 
+  /** An export handle for a registered device (undefined for an unknown name). */
   async open(name: string, purpose: 'info' | 'go'): Promise<ExportHandle | undefined> {
     if (!this.#registry.get(name)) {
       this.#log.warn({ event: 'export-refused', export: name }, 'NBD client asked for an export that is not registered');
@@ -94,22 +128,24 @@ export class DeviceTable implements ExportProvider {
     }
     if (purpose === 'info') {
       const attached = this.#attachments.get(name);
-      if (attached) return { name, device: attached.top, release: async () => {} };
+      if (attached) return { name, device: attached.phase?.top ?? attached.layer, release: async () => {} };
       // Only the size and flags are needed: a shared read-only handle leaves the lock alone.
       const file = await FileDevice.open(name, { readOnly: true, shared: true });
       return { name, device: file, release: () => file.close() };
     }
     const att = await this.attach(name, { holder: 'connection' });
+    const phase = att.phase;
+    if (!phase) throw new BdsnapError('EIO', `${name} has no user phase after attach`);
     att.connections++;
     let released = false;
     return {
       name,
-      device: att.top,
+      device: phase.top,
       release: async () => {
         if (released) return;
         released = true;
         att.connections--;
-        await this.detach(name);
+        await this.detach(name, 'connection');
       },
     };
   }
@@ -122,58 +158,56 @@ export class DeviceTable implements ExportProvider {
     return this.#attachments.has(devicePath);
   }
 
-  /** Take a hold on the device, opening it (and starting a session if active) for the first holder. */
+  /** Take a hold on the device, opening it for the first holder and starting a user phase for the first user. */
   attach(devicePath: string, options: AttachOptions): Promise<Attachment> {
     return this.#serial(devicePath, async () => {
-      const existing = this.#attachments.get(devicePath);
-      if (existing) {
-        if (options.exclusive) {
-          const where = existing.mount ? `mounted at ${existing.mount.mountpoint}` : `attached (${existing.connections} NBD connection(s))`;
-          throw new BdsnapError('EBUSY', `${devicePath} is already ${where}`);
-        }
-        existing.holds++;
-        return existing;
+      let att = this.#attachments.get(devicePath);
+      const user = options.holder !== 'snapshot';
+      if (att && user && options.exclusive && att.userHolds > 0) {
+        const where = att.mount ? `mounted at ${att.mount.mountpoint}` : `attached (${att.connections} NBD connection(s))`;
+        throw new BdsnapError('EBUSY', `${devicePath} is already ${where}`);
       }
       const record = this.#registry.get(devicePath);
       if (!record) throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap`);
-      const file = await FileDevice.open(devicePath);
-      let att: Attachment;
-      if (record.active) {
-        const mountTime = options.mountTime ?? new Date();
-        const cow = CowDevice.create(file, {
-          devicePath,
-          snapshotRoot: this.#snapshotRoot,
-          mountTime,
-          deviceIdentity: { ...file.identity },
-          ...(this.#session.chunkSize !== undefined ? { chunkSize: this.#session.chunkSize } : {}),
-          ...(this.#session.durability !== undefined ? { durability: this.#session.durability } : {}),
-          ...(this.#session.sizeLimitBytes !== undefined ? { sizeLimitBytes: this.#session.sizeLimitBytes } : {}),
-          onEvent: (event) => this.#onSessionEvent(att, event),
-        });
-        att = { devicePath, file, top: cow, cow, holds: 1, connections: 0, sessionDir: null, mount: undefined, ...endSignal() };
-        this.#log.info({ event: 'attach', device: devicePath, holder: options.holder, session: true, mountTime: mountTime.toISOString() },
-          'device attached under a session');
-      } else {
-        const tracker = new DirtyTracker(file, async () => {
-          await this.#registry.markDirtyOutsideSession(devicePath);
-          this.#log.warn({ event: 'dirty-outside-session', device: devicePath }, 'inactive device written outside any session');
-        });
-        att = { devicePath, file, top: tracker, cow: undefined, holds: 1, connections: 0, sessionDir: null, mount: undefined, ...endSignal() };
-        this.#log.info({ event: 'attach', device: devicePath, holder: options.holder, session: false }, 'device attached without a session (not active)');
+      if (!att) {
+        const file = await FileDevice.open(devicePath);
+        let tracked: BlockDevice = file;
+        if (this.#tracking) {
+          try {
+            tracked = new TrackingDevice(file, await this.#tracking.openMap(devicePath, file.size));
+          } catch (err) {
+            await file.close();
+            throw err;
+          }
+        }
+        const layer = new SnapshotLayer(tracked, { chunkSize: this.chunkSize });
+        att = { devicePath, file, layer, phase: undefined, userHolds: 0, snapshotHolds: 0, connections: 0, mount: undefined };
+        this.#attachments.set(devicePath, att);
       }
-      this.#attachments.set(devicePath, att);
+      if (!user) {
+        att.snapshotHolds++;
+        return att;
+      }
+      if (att.userHolds === 0) att.phase = this.#startPhase(att, record.active, options);
+      att.userHolds++;
       return att;
     });
   }
 
-  /** Drop a hold; the last one ends the session durably and closes the device. Returns the session dir, if any. */
-  detach(devicePath: string): Promise<string | null> {
+  /** Drop a hold. The last user ends the session durably (returns its dir); the last holder closes the device. */
+  detach(devicePath: string, holder: HolderKind): Promise<string | null> {
     return this.#serial(devicePath, async () => {
       const att = this.#attachments.get(devicePath);
       if (!att) return null;
-      att.holds--;
-      if (att.holds > 0) return null;
-      return this.#end(att);
+      let sessionDir: string | null = null;
+      if (holder === 'snapshot') {
+        att.snapshotHolds = Math.max(0, att.snapshotHolds - 1);
+      } else if (att.userHolds > 0) {
+        att.userHolds--;
+        if (att.userHolds === 0) sessionDir = await this.#endPhase(att);
+      }
+      if (att.userHolds === 0 && att.snapshotHolds === 0) await this.#closeFile(att);
+      return sessionDir;
     });
   }
 
@@ -182,33 +216,25 @@ export class DeviceTable implements ExportProvider {
     if (att) att.mount = mount;
   }
 
-  /** The device mounted at `mountpoint`, if any. */
-  findMount(mountpoint: string): string | undefined {
-    for (const att of this.#attachments.values()) if (att.mount?.mountpoint === mountpoint) return att.devicePath;
-    return undefined;
-  }
-
-  mounts(): Array<{ devicePath: string; mount: MountInfo }> {
-    return [...this.#attachments.values()].flatMap((a) => (a.mount ? [{ devicePath: a.devicePath, mount: a.mount }] : []));
-  }
-
-  status(): DeviceStatus[] {
+  status(snapshotsOf: (devicePath: string) => string[]): DeviceStatus[] {
     return this.#registry.list().map((record) => {
       const att = this.#attachments.get(record.path);
-      const stats = att?.cow?.stats();
+      const cow = att?.phase?.cow;
+      const stats = cow?.stats();
       return {
         device: record.path,
         active: record.active,
-        attached: att !== undefined,
+        attached: att !== undefined && att.userHolds > 0,
         connections: att?.connections ?? 0,
         mountpoint: att?.mount?.mountpoint ?? null,
         loopDevice: att?.mount?.loopDevice ?? null,
-        currentSession: att?.cow?.sessionDir ?? att?.sessionDir ?? null,
-        inSession: att?.cow !== undefined,
+        currentSession: cow?.sessionDir ?? att?.phase?.sessionDir ?? null,
+        inSession: cow !== undefined,
         bytesPreserved: stats?.preservedBytes ?? 0,
-        sessionState: att?.cow?.state ?? null,
+        sessionState: cow?.state ?? null,
         sessionCount: record.sessions.length,
         dirtyOutsideSession: record.dirtyOutsideSession,
+        snapshots: snapshotsOf(record.path),
       };
     });
   }
@@ -217,65 +243,108 @@ export class DeviceTable implements ExportProvider {
   async closeAll(): Promise<void> {
     await Promise.all([...this.#attachments.keys()].map((devicePath) => this.#serial(devicePath, async () => {
       const att = this.#attachments.get(devicePath);
-      if (att) await this.#end(att);
+      if (!att) return;
+      try {
+        await this.#endPhase(att);
+      } finally {
+        await this.#closeFile(att);
+      }
     })));
   }
 
-  async #end(att: Attachment): Promise<string | null> {
+  #startPhase(att: Attachment, active: boolean, options: AttachOptions): UserPhase {
+    const devicePath = att.devicePath;
+    if (active) {
+      const mountTime = options.mountTime ?? new Date();
+      let phase: UserPhase | undefined;
+      const cow = CowDevice.create(att.layer, {
+        devicePath,
+        snapshotRoot: this.#snapshotRoot,
+        mountTime,
+        deviceIdentity: { ...att.file.identity },
+        ...(this.#session.chunkSize !== undefined ? { chunkSize: this.#session.chunkSize } : {}),
+        ...(this.#session.durability !== undefined ? { durability: this.#session.durability } : {}),
+        ...(this.#session.sizeLimitBytes !== undefined ? { sizeLimitBytes: this.#session.sizeLimitBytes } : {}),
+        onEvent: (event) => {
+          if (phase) this.#onSessionEvent(att, phase, event);
+        },
+      });
+      phase = { top: cow, cow, sessionDir: null, ...endSignal() };
+      this.#log.info({ event: 'attach', device: devicePath, holder: options.holder, session: true, mountTime: mountTime.toISOString() },
+        'device attached under a session');
+      return phase;
+    }
+    const tracker = new DirtyTracker(att.layer, async () => {
+      await this.#registry.markDirtyOutsideSession(devicePath);
+      this.#log.warn({ event: 'dirty-outside-session', device: devicePath }, 'inactive device written outside any session');
+    });
+    this.#log.info({ event: 'attach', device: devicePath, holder: options.holder, session: false }, 'device attached without a session (not active)');
+    return { top: tracker, cow: undefined, sessionDir: null, ...endSignal() };
+  }
+
+  async #endPhase(att: Attachment): Promise<string | null> {
+    const phase = att.phase;
+    if (!phase) return null;
     try {
-      const dir = await this.#endNow(att);
-      att.settle({ dir });
+      const dir = await this.#closeSession(att, phase);
+      phase.settle({ dir });
       return dir;
     } catch (err) {
-      att.settle({ error: err });
+      phase.settle({ error: err });
       throw err;
+    } finally {
+      att.phase = undefined;
+      att.userHolds = 0;
     }
   }
 
-  async #endNow(att: Attachment): Promise<string | null> {
-    // The attachment stays in the table (status: attached) until the session is durable and
-    // the device closed and unlocked; attach() for this device queues behind us meanwhile.
-    let sessionDir: string | null = null;
+  async #closeSession(att: Attachment, phase: UserPhase): Promise<string | null> {
+    if (!phase.cow) return null;
     try {
-      if (att.cow) {
-        const summary: CowSessionSummary | undefined = await att.cow.close();
-        if (summary) {
-          sessionDir = summary.sessionDir;
-          await this.#registry.sessionEnded(att.devicePath, summary.sessionDir);
-          this.#log.info({
-            event: 'session-end', device: att.devicePath, sessionDir: summary.sessionDir, state: summary.state,
-            preservedChunks: summary.preservedChunks, preservedBytes: summary.preservedBytes, storeBytes: summary.storeBytes,
-            ...(summary.failedReason ? { reason: summary.failedReason } : {}),
-          }, 'session ended');
-        } else {
-          this.#log.info({ event: 'session-end', device: att.devicePath, sessionDir: null }, 'session ended without any modification (no directory)');
-        }
+      const summary: CowSessionSummary | undefined = await phase.cow.close();
+      if (!summary) {
+        this.#log.info({ event: 'session-end', device: att.devicePath, sessionDir: null }, 'session ended without any modification (no directory)');
+        return null;
       }
+      await this.#registry.sessionEnded(att.devicePath, summary.sessionDir);
+      this.#events.emit('session-ended', {
+        device: att.devicePath,
+        details: {
+          sessionDir: summary.sessionDir, state: summary.state, preservedChunks: summary.preservedChunks,
+          preservedBytes: summary.preservedBytes, storeBytes: summary.storeBytes,
+          ...(summary.failedReason ? { reason: summary.failedReason } : {}),
+        },
+      });
+      return summary.sessionDir;
     } catch (err) {
       const e = toBdsnapError(err);
       this.#log.error({ event: 'session-close-failed', device: att.devicePath, code: e.code, reason: e.message }, 'closing the session failed');
       throw e;
-    } finally {
-      try {
-        await att.file.close();
-      } finally {
-        this.#attachments.delete(att.devicePath);
-      }
-      this.#log.info({ event: 'detach', device: att.devicePath }, 'device detached');
     }
-    return sessionDir;
   }
 
-  #onSessionEvent(att: Attachment, event: { type: string; [k: string]: unknown }): void {
+  async #closeFile(att: Attachment): Promise<void> {
+    // The attachment stays in the table until the device is closed and unlocked; attach()
+    // for this device queues behind us meanwhile.
+    try {
+      await att.file.close();
+      await this.#tracking?.closeMap(att.devicePath);
+    } finally {
+      this.#attachments.delete(att.devicePath);
+      this.#log.info({ event: 'detach', device: att.devicePath }, 'device detached');
+    }
+  }
+
+  #onSessionEvent(att: Attachment, phase: UserPhase, event: { type: string; [k: string]: unknown }): void {
     const sessionDir = typeof event.sessionDir === 'string' ? event.sessionDir : null;
     if (event.type === 'session-start' && sessionDir) {
-      att.sessionDir = sessionDir;
-      this.#log.info({ event: 'session-start', device: att.devicePath, sessionDir, mountTime: event.mountTime }, 'session started');
+      phase.sessionDir = sessionDir;
+      this.#events.emit('session-started', { device: att.devicePath, details: { sessionDir, mountTime: event.mountTime } });
       this.#registry.sessionStarted(att.devicePath, sessionDir).catch((err: unknown) => {
         this.#log.error({ event: 'registry-write-failed', device: att.devicePath, reason: (err as Error).message }, 'cannot record the session in the registry');
       });
     } else if (event.type === 'session-failed') {
-      this.#log.error({ event: 'session-failed', device: att.devicePath, sessionDir, reason: event.reason }, 'session failed; I/O goes on to the device untouched');
+      this.#events.emit('session-failed', { device: att.devicePath, details: { sessionDir, reason: event.reason } });
     } else if (event.type === 'session-error') {
       this.#log.error({ event: 'session-error', device: att.devicePath, sessionDir, reason: event.reason }, 'session error');
     }

@@ -8,11 +8,13 @@ import * as activate from './activate.js';
 import * as status from './status.js';
 import * as mount from './mount.js';
 import * as restore from './restore.js';
+import * as snapshot from './snapshot.js';
+import * as cbt from './cbt.js';
 import * as sffs from './sffs.js';
 import * as demo from './demo.js';
 
 export function registerCommands(program: Command): void {
-  for (const mod of [daemon, passwd, activate, status, mount, restore, serve, sffs, demo]) {
+  for (const mod of [daemon, passwd, activate, status, mount, snapshot, cbt, restore, serve, sffs, demo]) {
     mod.register(program);
   }
 }

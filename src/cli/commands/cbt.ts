@@ -1,0 +1,109 @@
+/**
+ * `bdsnap cbt info|map|mark-dirty|reset`: the change map of a device, for incremental
+ * backups. `map --since N` lists the byte ranges changed since snapshot number N of the
+ * current generation, as text, JSON, a picture in the terminal, or an SVG file.
+ */
+
+import fs from 'node:fs';
+import type { Command } from 'commander';
+import { BdsnapError } from '../../errors.js';
+import { withClient } from '../../service/client.js';
+import type { CbtInfo } from '../../service/control-protocol.js';
+import { renderChangePicture, renderChangeSvg } from '../cbt-picture.js';
+import { formatBytes } from './status.js';
+
+const RUN_DIR_HELP = 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)';
+
+interface CommonOptions {
+  runDir?: string;
+  json?: boolean;
+}
+
+function describeInfo(info: CbtInfo): string {
+  return [
+    `${info.device}: ${formatBytes(info.deviceSizeBytes)} in ${info.blocks} tracking blocks of ${formatBytes(info.blockSize)}`,
+    `generation ${info.generation}, current number ${info.number} (${info.number - 1} snapshot(s) taken in this generation)`,
+  ].join('\n') + '\n';
+}
+
+/** "offset:length" with sizes like 4096, 64K, 1M. */
+function parseRange(text: string): { offsetBytes: number; lengthBytes: number } {
+  const m = /^(\d+)([KMGT]?):(\d+)([KMGT]?)$/i.exec(text.trim());
+  const unit = (s: string | undefined): number => ({ '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 })[(s ?? '').toUpperCase()] ?? NaN;
+  const offsetBytes = m ? Number(m[1]) * unit(m[2]) : NaN;
+  const lengthBytes = m ? Number(m[3]) * unit(m[4]) : NaN;
+  if (!Number.isSafeInteger(offsetBytes) || !Number.isSafeInteger(lengthBytes) || lengthBytes <= 0) {
+    throw new BdsnapError('EINVAL', `bad range "${text}": expected OFFSET:LENGTH such as 0:64K or 1048576:4096`);
+  }
+  return { offsetBytes, lengthBytes };
+}
+
+function parseSince(text: string): number {
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < 0) throw new BdsnapError('EINVAL', `bad --since "${text}": expected a snapshot number (0 or more)`);
+  return n;
+}
+
+export function register(program: Command): void {
+  const cbt = program.command('cbt').description('change-block tracking: which blocks changed since a snapshot');
+
+  cbt
+    .command('info <dev_name>')
+    .description('tracking block size, block count, generation id and current number')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'machine-readable output')
+    .action(async (device: string, options: CommonOptions) => {
+      const info = await withClient(options.runDir, (c) => c.cbtInfo(device));
+      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : describeInfo(info));
+    });
+
+  cbt
+    .command('map <dev_name>')
+    .description('byte ranges changed since snapshot number N')
+    .requiredOption('--since <n>', 'snapshot number (see snapshot info / cbt info); 0 = all changes this generation saw')
+    .option('--picture', 'draw where the changes are, as a grid in the terminal')
+    .option('--svg <file>', 'write the same picture as an SVG file')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'machine-readable output')
+    .action(async (device: string, options: CommonOptions & { since: string; picture?: boolean; svg?: string }) => {
+      const since = parseSince(options.since);
+      const map = await withClient(options.runDir, (c) => c.cbtMap(device, since));
+      if (options.svg !== undefined) {
+        fs.writeFileSync(options.svg, renderChangeSvg(map.ranges, map.deviceSizeBytes, { blockSize: map.blockSize, title: `${map.device} — changed since #${since} (generation ${map.generation})` }));
+      }
+      if (options.json) {
+        process.stdout.write(`${JSON.stringify(map)}\n`);
+      } else if (options.picture) {
+        process.stdout.write(renderChangePicture(map.ranges, map.deviceSizeBytes, {
+          blockSize: map.blockSize,
+          color: process.stdout.isTTY === true && !process.env.NO_COLOR,
+          columns: Math.max(16, Math.min(128, (process.stdout.columns ?? 80) - 2)),
+        }));
+      } else if (options.svg === undefined) {
+        const changed = map.ranges.reduce((sum, r) => sum + r.lengthBytes, 0);
+        const lines = map.ranges.map((r) => `${r.offsetBytes}:${r.lengthBytes}`);
+        process.stdout.write(`${[...lines, `# ${map.ranges.length} range(s), ${formatBytes(changed)} changed since #${since} of generation ${map.generation}`].join('\n')}\n`);
+      }
+    });
+
+  cbt
+    .command('mark-dirty <dev_name> <range...>')
+    .description('mark ranges (OFFSET:LENGTH) as changed, so the next incremental backup reads them')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'machine-readable output')
+    .action(async (device: string, ranges: string[], options: CommonOptions) => {
+      const parsed = ranges.map(parseRange);
+      const info = await withClient(options.runDir, (c) => c.cbtMarkDirty(device, parsed));
+      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : `marked ${parsed.length} range(s) of ${info.device} as changed\n`);
+    });
+
+  cbt
+    .command('reset <dev_name>')
+    .description('start a new generation: the next backup of the device will be full')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'machine-readable output')
+    .action(async (device: string, options: CommonOptions) => {
+      const info = await withClient(options.runDir, (c) => c.cbtReset(device));
+      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : `change map of ${info.device} reset: new generation ${info.generation}\n`);
+    });
+}

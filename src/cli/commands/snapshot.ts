@@ -1,0 +1,137 @@
+/**
+ * `bdsnap snapshot create|list|info|extend|destroy` and `bdsnap events`: point-in-time
+ * snapshots of live devices for backups, and the daemon's event stream.
+ */
+
+import type { Command } from 'commander';
+import { withClient } from '../../service/client.js';
+import type { DaemonEvent } from '../../service/events.js';
+import type { SnapshotInfo } from '../../service/snapshots.js';
+import { parseBytes } from '../units.js';
+import { formatBytes, formatTable } from './status.js';
+
+const RUN_DIR_HELP = 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)';
+/** One long poll of `events --follow`; the loop asks again at once when it ends. */
+const FOLLOW_WAIT_MS = 30_000;
+
+interface CommonOptions {
+  runDir?: string;
+  json?: boolean;
+}
+
+function describeSnapshot(s: SnapshotInfo): string {
+  const limit = s.storage.limitBytes !== null ? ` of ${formatBytes(s.storage.limitBytes)}` : '';
+  const lines = [
+    `snapshot ${s.id}: ${s.state}${s.reason ? ` (${s.reason})` : ''}, taken ${s.createdAt}`,
+    `  storage: ${formatBytes(s.storage.usedBytes)}${limit} in ${s.storage.dirs.join(', ')}`,
+    `  writes held for ${s.stallMs} ms${s.frozen.length > 0 ? `; frozen: ${s.frozen.join(', ')}` : ''}`,
+  ];
+  for (const image of s.images) {
+    const cbt = image.cbt ? ` (change map ${image.cbt.generation} #${image.cbt.number})` : '';
+    lines.push(`  ${image.exportName}${cbt}`, `    ${image.uri}`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+function describeEvent(e: DaemonEvent): string {
+  const who = [e.snapshot ? `snapshot ${e.snapshot}` : '', e.device ?? ''].filter((w) => w).join(' ');
+  const details = Object.entries(e.details).map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`).join(' ');
+  return `${e.time}  ${e.type}${who ? `  ${who}` : ''}${details ? `  ${details}` : ''}\n`;
+}
+
+export function register(program: Command): void {
+  const snapshot = program.command('snapshot').description('point-in-time snapshots of live devices, served as NBD images');
+
+  snapshot
+    .command('create <dev_name...>')
+    .description('take one point in time across all the devices; prints the id and each image\'s export and NBD URI')
+    .option('--storage <dir>', 'directory for the difference storage (default: under the state directory)')
+    .option('--limit <size>', 'cap on the difference storage, e.g. 20G')
+    .option('--no-freeze', 'do not freeze the filesystems the daemon mounted around the barrier')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'machine-readable output')
+    .action(async (devices: string[], options: CommonOptions & { storage?: string; limit?: string; freeze: boolean }) => {
+      const limitBytes = options.limit !== undefined ? parseBytes(options.limit, '--limit') : undefined;
+      const info = await withClient(options.runDir, (c) => c.createSnapshot(devices, {
+        ...(options.storage !== undefined ? { storageDir: options.storage } : {}),
+        ...(limitBytes !== undefined ? { limitBytes } : {}),
+        freeze: options.freeze,
+      }));
+      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : describeSnapshot(info));
+    });
+
+  snapshot
+    .command('list')
+    .description('the snapshots, oldest first')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'machine-readable output')
+    .action(async (options: CommonOptions) => {
+      const snapshots = await withClient(options.runDir, (c) => c.listSnapshots());
+      if (options.json) {
+        process.stdout.write(`${JSON.stringify({ snapshots })}\n`);
+        return;
+      }
+      if (snapshots.length === 0) {
+        process.stdout.write('no snapshots\n');
+        return;
+      }
+      const rows = snapshots.map((s) => [s.id, s.state, s.createdAt, formatBytes(s.storage.usedBytes), s.images.map((i) => i.device).join(' ')]);
+      process.stdout.write(`${formatTable(['ID', 'STATE', 'TAKEN', 'STORAGE', 'DEVICES'], rows)}\n`);
+    });
+
+  snapshot
+    .command('info <id>')
+    .description('one snapshot: state, storage, images')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'machine-readable output')
+    .action(async (id: string, options: CommonOptions) => {
+      const info = await withClient(options.runDir, (c) => c.snapshotInfo(id));
+      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : describeSnapshot(info));
+    });
+
+  snapshot
+    .command('extend <id>')
+    .description('raise the storage limit or add a storage directory on another filesystem, while writes go on')
+    .option('--limit <size>', 'the new cap, e.g. 40G')
+    .option('--storage <dir>', 'another directory for the difference storage')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'machine-readable output')
+    .action(async (id: string, options: CommonOptions & { storage?: string; limit?: string }) => {
+      const limitBytes = options.limit !== undefined ? parseBytes(options.limit, '--limit') : undefined;
+      const info = await withClient(options.runDir, (c) => c.extendSnapshot(id, {
+        ...(limitBytes !== undefined ? { limitBytes } : {}),
+        ...(options.storage !== undefined ? { storageDir: options.storage } : {}),
+      }));
+      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : describeSnapshot(info));
+    });
+
+  snapshot
+    .command('destroy <id>')
+    .description('remove a snapshot: its storage and its image exports')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'machine-readable output')
+    .action(async (id: string, options: CommonOptions) => {
+      const result = await withClient(options.runDir, (c) => c.destroySnapshot(id));
+      process.stdout.write(options.json ? `${JSON.stringify(result)}\n` : `destroyed snapshot ${result.id}\n`);
+    });
+
+  program
+    .command('events')
+    .description('the daemon\'s events: sessions, snapshots, low space, overflow, change-map resets')
+    .option('--follow', 'keep printing events as they happen')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .option('--json', 'one JSON object per line')
+    .action(async (options: CommonOptions & { follow?: boolean }) => {
+      const print = (e: DaemonEvent): void => {
+        process.stdout.write(options.json ? `${JSON.stringify(e)}\n` : describeEvent(e));
+      };
+      await withClient(options.runDir, async (c) => {
+        let { events, lastSeq } = await c.events(0, 0);
+        events.forEach(print);
+        while (options.follow) {
+          ({ events, lastSeq } = await c.events(lastSeq, FOLLOW_WAIT_MS));
+          events.forEach(print);
+        }
+      });
+    });
+}

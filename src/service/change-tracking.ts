@@ -1,0 +1,253 @@
+/**
+ * Change-block tracking in the daemon: one ChangeMap per device, in
+ * `<state-dir>/cbt/<escaped device path>.map`, and the frozen view each snapshot keeps.
+ *
+ * - A device's map is open while the device is open (its TrackingDevice sits right above
+ *   the file, so every write is marked before it can reach the device) and closed cleanly
+ *   with the image file's stamp when the device closes. Opening it again checks that stamp,
+ *   the boot id and the file itself; a map that cannot be trusted starts a new generation,
+ *   and that reset is an event saying why.
+ * - `cbt` commands on a device that is not open open its map just for the answer.
+ * - A snapshot's frozen view is saved beside the snapshot (`cbt-<key>.map`). Image writes
+ *   mark the device's map (the next backup reads them again) and the frozen view; they are
+ *   also appended to `cbt-<key>.writes` before the write is acknowledged, so a daemon killed
+ *   before the view is saved again loses none of them.
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { BdsnapError } from '../errors.js';
+import type { MetaContextSource } from '../nbd/exports.js';
+import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type ChangeMapReset, type DeviceStamp } from '../snapshot/change-map.js';
+import { escapeDevicePath } from '../snapshot/format.js';
+import type { EventLog } from './events.js';
+import type { SnapshotChangeTracking } from './snapshots.js';
+
+const CBT_DIR = 'cbt';
+/** Image-write log records: offset and length, little-endian u64 each. */
+const WRITE_RECORD_BYTES = 16;
+/** The frozen view is saved again this long after the last image write. */
+const FROZEN_SAVE_DELAY_MS = 1000;
+
+interface Frozen {
+  view: FrozenChangeMap;
+  file: string;
+  writesFd: number;
+  saveTimer: NodeJS.Timeout | undefined;
+}
+
+export class ChangeTracker implements SnapshotChangeTracking {
+  readonly #dir: string;
+  readonly #durability: 'process' | 'strict';
+  readonly #events: EventLog;
+  readonly #log: Logger;
+  readonly #open = new Map<string, ChangeMap>();
+  readonly #queues = new Map<string, Promise<unknown>>();
+  /** Key: `<snapshot dir>\0<device key>`. */
+  readonly #frozen = new Map<string, Frozen>();
+  /** Called when a device's map was reset: snapshots of a device changed outside bdsnap are void. */
+  onReset: ((devicePath: string, reset: ChangeMapReset) => void) | undefined;
+
+  constructor(stateDir: string, durability: 'process' | 'strict', events: EventLog, log: Logger) {
+    this.#dir = path.join(stateDir, CBT_DIR);
+    this.#durability = durability;
+    this.#events = events;
+    this.#log = log;
+  }
+
+  /** Open the device's map for an attach (the caller stacks a TrackingDevice on it). */
+  openMap(devicePath: string, deviceSizeBytes: number): Promise<ChangeMap> {
+    return this.#serial(devicePath, () => this.#openMap(devicePath, deviceSizeBytes));
+  }
+
+  /** The device closed: close its map cleanly with the image's stamp now. */
+  closeMap(devicePath: string): Promise<void> {
+    return this.#serial(devicePath, () => this.#closeMap(devicePath));
+  }
+
+  async #openMap(devicePath: string, deviceSizeBytes: number): Promise<ChangeMap> {
+    const { map, reset } = await ChangeMap.open({
+      file: this.#mapFile(devicePath), deviceSizeBytes, durability: this.#durability,
+      deviceStamp: await deviceStamp(devicePath),
+      onReset: (r) => this.#reported(devicePath, r),
+    });
+    if (reset) this.#reported(devicePath, reset);
+    this.#open.set(devicePath, map);
+    return map;
+  }
+
+  async #closeMap(devicePath: string): Promise<void> {
+    const map = this.#open.get(devicePath);
+    if (!map) return;
+    this.#open.delete(devicePath);
+    await map.close(await deviceStamp(devicePath));
+  }
+
+  async info(devicePath: string, deviceSizeBytes: number): Promise<ChangeMapInfo> {
+    return this.#withMap(devicePath, deviceSizeBytes, (map) => map.info());
+  }
+
+  async changedSince(devicePath: string, deviceSizeBytes: number, sinceNumber: number): Promise<{ info: ChangeMapInfo; ranges: ByteRange[] }> {
+    return this.#withMap(devicePath, deviceSizeBytes, (map) => ({ info: map.info(), ranges: map.changedSince(sinceNumber) }));
+  }
+
+  async markDirty(devicePath: string, deviceSizeBytes: number, ranges: ByteRange[]): Promise<ChangeMapInfo> {
+    return this.#withMap(devicePath, deviceSizeBytes, async (map) => {
+      for (const r of ranges) {
+        if (r.offsetBytes + r.lengthBytes > deviceSizeBytes) {
+          throw new BdsnapError('EINVAL', `range ${r.offsetBytes}:${r.lengthBytes} is past the end of ${devicePath} (${deviceSizeBytes} bytes)`);
+        }
+      }
+      await map.markDirty(ranges);
+      return map.info();
+    });
+  }
+
+  async reset(devicePath: string, deviceSizeBytes: number): Promise<ChangeMapInfo> {
+    return this.#withMap(devicePath, deviceSizeBytes, async (map) => {
+      const r = await map.reset('requested', 'bdsnap cbt reset');
+      this.#reported(devicePath, r);
+      return map.info();
+    });
+  }
+
+  // --- SnapshotChangeTracking -------------------------------------------------------------
+
+  async take(devicePath: string, dir: string, key: number): Promise<{ generation: string; number: number } | null> {
+    const map = this.#open.get(devicePath);
+    if (!map) return null;
+    const view = map.advance();
+    const frozen = this.#adopt(dir, key, view);
+    await view.save(frozen.file);
+    return { generation: view.generation, number: view.number };
+  }
+
+  async load(_devicePath: string, dir: string, key: number): Promise<void> {
+    const file = frozenFile(dir, key);
+    let view: FrozenChangeMap;
+    try {
+      view = await FrozenChangeMap.load(file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      this.#log.error({ event: 'cbt-frozen-unreadable', file, reason: (err as Error).message }, 'a snapshot\'s change map cannot be read; its image offers no dirty bitmap');
+      return;
+    }
+    // Image writes logged after the view was last saved.
+    const log = await fs.promises.readFile(writesFile(dir, key)).catch(() => Buffer.alloc(0));
+    for (let at = 0; at + WRITE_RECORD_BYTES <= log.length; at += WRITE_RECORD_BYTES) {
+      view.mark(Number(log.readBigUInt64LE(at)), Number(log.readBigUInt64LE(at + 8)));
+    }
+    this.#adopt(dir, key, view);
+  }
+
+  imageWrite(devicePath: string, dir: string, key: number, offsetBytes: number, lengthBytes: number): void | Promise<void> {
+    const frozen = this.#frozen.get(frozenKey(dir, key));
+    if (frozen) {
+      const record = Buffer.alloc(WRITE_RECORD_BYTES);
+      record.writeBigUInt64LE(BigInt(offsetBytes), 0);
+      record.writeBigUInt64LE(BigInt(lengthBytes), 8);
+      fs.writeSync(frozen.writesFd, record);
+      frozen.view.mark(offsetBytes, lengthBytes);
+      this.#scheduleSave(frozen);
+    }
+    return this.#open.get(devicePath)?.mark(offsetBytes, lengthBytes);
+  }
+
+  contexts(_devicePath: string, dir: string, key: number): MetaContextSource[] {
+    return this.#frozen.get(frozenKey(dir, key))?.view.contextSources() ?? [];
+  }
+
+  forget(dir: string): void {
+    for (const [k, frozen] of [...this.#frozen]) {
+      if (!k.startsWith(`${dir}\0`)) continue;
+      clearTimeout(frozen.saveTimer);
+      fs.closeSync(frozen.writesFd);
+      this.#frozen.delete(k);
+    }
+  }
+
+  /** Daemon stop: save the frozen views, close the maps of devices still open. */
+  async closeAll(): Promise<void> {
+    for (const frozen of this.#frozen.values()) {
+      clearTimeout(frozen.saveTimer);
+      await frozen.view.save(frozen.file).catch(() => undefined);
+      fs.closeSync(frozen.writesFd);
+    }
+    this.#frozen.clear();
+    for (const devicePath of [...this.#open.keys()]) await this.closeMap(devicePath);
+  }
+
+  #adopt(dir: string, key: number, view: FrozenChangeMap): Frozen {
+    const frozen: Frozen = { view, file: frozenFile(dir, key), writesFd: fs.openSync(writesFile(dir, key), 'a', 0o600), saveTimer: undefined };
+    this.#frozen.set(frozenKey(dir, key), frozen);
+    return frozen;
+  }
+
+  #scheduleSave(frozen: Frozen): void {
+    clearTimeout(frozen.saveTimer);
+    frozen.saveTimer = setTimeout(() => {
+      frozen.saveTimer = undefined;
+      frozen.view.save(frozen.file).catch((err: unknown) => {
+        this.#log.error({ event: 'cbt-frozen-save-failed', file: frozen.file, reason: (err as Error).message }, 'cannot save a snapshot\'s change map (the image-write log still has it)');
+      });
+    }, FROZEN_SAVE_DELAY_MS);
+    frozen.saveTimer.unref();
+  }
+
+  /** Run `fn` on the device's open map, or on its map opened for the moment (one at a time per device). */
+  #withMap<T>(devicePath: string, deviceSizeBytes: number, fn: (map: ChangeMap) => T | Promise<T>): Promise<T> {
+    return this.#serial(devicePath, async () => {
+      const open = this.#open.get(devicePath);
+      if (open) return fn(open);
+      const map = await this.#openMap(devicePath, deviceSizeBytes);
+      try {
+        return await fn(map);
+      } finally {
+        await this.#closeMap(devicePath);
+      }
+    });
+  }
+
+  #serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    const previous = this.#queues.get(key) ?? Promise.resolve();
+    const run = previous.then(fn, fn);
+    const tail = run.catch(() => undefined);
+    this.#queues.set(key, tail);
+    void tail.then(() => {
+      if (this.#queues.get(key) === tail) this.#queues.delete(key);
+    });
+    return run;
+  }
+
+  #reported(devicePath: string, reset: ChangeMapReset): void {
+    this.#events.emit('cbt-reset', {
+      device: devicePath,
+      details: { reason: reset.reason, detail: reset.detail, previousGeneration: reset.previousGeneration, fullBackupNeeded: reset.reason !== 'new' },
+    });
+    this.onReset?.(devicePath, reset);
+  }
+
+  #mapFile(devicePath: string): string {
+    return path.join(this.#dir, `${escapeDevicePath(devicePath)}.map`);
+  }
+}
+
+function frozenKey(dir: string, key: number): string {
+  return `${dir}\0${key}`;
+}
+
+function frozenFile(dir: string, key: number): string {
+  return path.join(dir, `cbt-${key}.map`);
+}
+
+function writesFile(dir: string, key: number): string {
+  return path.join(dir, `cbt-${key}.writes`);
+}
+
+/** Size and mtime of an image file; null for a block device (its node's times say nothing). */
+async function deviceStamp(devicePath: string): Promise<DeviceStamp | null> {
+  const st = await fs.promises.stat(devicePath, { bigint: true });
+  if (!st.isFile()) return null;
+  return { sizeBytes: Number(st.size), mtimeNs: st.mtimeNs.toString() };
+}

@@ -1,0 +1,179 @@
+/**
+ * `bdsnap mount` / `bdsnap umount` inside the daemon: the mounts this daemon made, each one
+ * user hold on its device (so one mount of an active device is one session), recorded in
+ * `<run-dir>/mounts.json` so a successor can clean up after a crash.
+ *
+ * A snapshot image (`<device>@<id>`) mounts the same way, through its export; it holds no
+ * session of its own (its writes stay in the snapshot).
+ */
+
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { ensurePrivateDir, writeFileAtomic } from './atomic-file.js';
+import type { MountResult, UmountResult } from './control-protocol.js';
+import type { DeviceTable } from './device-table.js';
+import { attachAndMount, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
+import { canonicalDevicePath, type Registry } from './registry.js';
+import { SnapshotManager } from './snapshots.js';
+
+interface MountRecord {
+  /** The export mounted: a device path, or `<device>@<id>` for a snapshot image. */
+  exportName: string;
+  /** The device whose user hold this mount takes; null for an image. */
+  devicePath: string | null;
+  attached: AttachedMount;
+}
+
+export interface MountManagerOptions {
+  runDir: string;
+  nbdSocket: string;
+  table: DeviceTable;
+  registry: Registry;
+  snapshots: SnapshotManager;
+  log: Logger;
+  /** How long umount waits for other NBD clients of the device to let go. */
+  detachTimeoutMs: number;
+}
+
+export const MOUNTS_FILE = 'mounts.json';
+
+export class MountManager {
+  readonly #options: MountManagerOptions;
+  readonly #mounts = new Map<string, MountRecord>();
+  readonly #starting = new Set<string>();
+  readonly #workDir: string;
+  readonly #mountsFile: string;
+
+  constructor(options: MountManagerOptions) {
+    this.#options = options;
+    this.#workDir = path.join(options.runDir, 'mounts');
+    this.#mountsFile = path.join(options.runDir, MOUNTS_FILE);
+  }
+
+  /** The mount point of a device mounted through this daemon. */
+  mountpointOf(devicePath: string): string | undefined {
+    for (const [mountpoint, record] of this.#mounts) if (record.devicePath === devicePath) return mountpoint;
+    return undefined;
+  }
+
+  async mount(device: string, mountpointArg: string, type?: string, mountOptions?: string): Promise<MountResult> {
+    const mountpoint = path.resolve(mountpointArg);
+    if (this.#mounts.has(mountpoint) || this.#starting.has(mountpoint)) throw new BdsnapError('EBUSY', `bdsnap already mounts something on ${mountpoint}`);
+    this.#starting.add(mountpoint);
+    try {
+      if (SnapshotManager.isImageName(device)) return await this.#mountImage(device, mountpoint, type, mountOptions);
+      return await this.#mountDevice(await canonicalDevicePath(device), mountpoint, type, mountOptions);
+    } finally {
+      this.#starting.delete(mountpoint);
+    }
+  }
+
+  async umount(mountpointArg: string): Promise<UmountResult> {
+    const mountpoint = path.resolve(mountpointArg);
+    const record = this.#mounts.get(mountpoint);
+    if (!record) throw new BdsnapError('ENOENT', `bdsnap has nothing mounted on ${mountpoint}`);
+    const sessionDir = await this.#end(mountpoint, record);
+    return { device: record.exportName, mountpoint, sessionDir };
+  }
+
+  /** Shutdown: unmount everything this daemon mounted. */
+  async closeAll(): Promise<void> {
+    for (const [mountpoint, record] of [...this.#mounts]) {
+      await this.#end(mountpoint, record).catch((err: unknown) => {
+        this.#options.log.error({ event: 'shutdown-umount-failed', mountpoint, reason: (err as Error).message }, 'could not unmount at shutdown');
+      });
+    }
+  }
+
+  async #mountDevice(devicePath: string, mountpoint: string, type?: string, mountOptions?: string): Promise<MountResult> {
+    const { table, registry, log } = this.#options;
+    await registry.register(devicePath);
+    const att = await table.attach(devicePath, { exclusive: true, mountTime: new Date(), holder: 'mount' });
+    table.setMount(devicePath, { mountpoint, loopDevice: null });
+    let attached: AttachedMount;
+    try {
+      attached = await this.#attach(devicePath, mountpoint, type, mountOptions);
+    } catch (err) {
+      table.setMount(devicePath, undefined);
+      await table.detach(devicePath, 'mount');
+      await att.phase?.ended.catch(() => undefined);
+      throw err;
+    }
+    table.setMount(devicePath, { mountpoint, loopDevice: attached.blockDevice });
+    await this.#record(mountpoint, { exportName: devicePath, devicePath, attached });
+    const inSession = att.phase?.cow !== undefined;
+    log.info({ event: 'mount', device: devicePath, mountpoint, blockDevice: attached.blockDevice, via: attached.via, session: inSession }, 'device mounted');
+    return { device: devicePath, mountpoint, loopDevice: attached.blockDevice, inSession };
+  }
+
+  async #mountImage(name: string, mountpoint: string, type?: string, mountOptions?: string): Promise<MountResult> {
+    const handle = this.#options.snapshots.openImage(name);
+    if (!handle) throw new BdsnapError('ENOENT', `no snapshot image ${name} (see bdsnap snapshot list)`);
+    await handle.release();
+    const attached = await this.#attach(name, mountpoint, type, mountOptions);
+    await this.#record(mountpoint, { exportName: name, devicePath: null, attached });
+    this.#options.log.info({ event: 'mount', image: name, mountpoint, blockDevice: attached.blockDevice, via: attached.via }, 'snapshot image mounted');
+    return { device: name, mountpoint, loopDevice: attached.blockDevice, inSession: false };
+  }
+
+  async #attach(exportName: string, mountpoint: string, type?: string, mountOptions?: string): Promise<AttachedMount> {
+    try {
+      await ensurePrivateDir(this.#workDir, 0o700);
+      return await attachAndMount({
+        nbdSocket: this.#options.nbdSocket, exportName, mountpoint, workDir: this.#workDir,
+        ...(type !== undefined ? { type } : {}), ...(mountOptions !== undefined ? { options: mountOptions } : {}),
+      });
+    } catch (err) {
+      const e = toBdsnapError(err);
+      this.#options.log.error({ event: 'mount-failed', export: exportName, mountpoint, code: e.code, reason: e.message }, 'mount failed');
+      throw e;
+    }
+  }
+
+  /** Unmount, detach, drop the mount's hold, and wait until the session is closed and durable. */
+  async #end(mountpoint: string, record: MountRecord): Promise<string | null> {
+    const { table, log } = this.#options;
+    const phase = record.devicePath !== null ? table.attachment(record.devicePath)?.phase : undefined;
+    try {
+      await unmountAndDetach(record.attached);
+    } catch (err) {
+      const e = toBdsnapError(err);
+      log.error({ event: 'umount-failed', export: record.exportName, mountpoint, code: e.code, reason: e.message }, 'unmount failed');
+      throw e;
+    }
+    this.#mounts.delete(mountpoint);
+    await this.#save('unmount');
+    if (record.devicePath === null) {
+      log.info({ event: 'umount', image: record.exportName, mountpoint }, 'snapshot image unmounted');
+      return null;
+    }
+    table.setMount(record.devicePath, undefined);
+    await table.detach(record.devicePath, 'mount');
+    if (!phase) return null;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => reject(new BdsnapError('EBUSY',
+        `${mountpoint} is unmounted, but other NBD clients still hold ${record.devicePath}; its session ends when they disconnect`)), this.#options.detachTimeoutMs);
+    });
+    try {
+      const sessionDir = await Promise.race([phase.ended, timeout]);
+      log.info({ event: 'umount', device: record.devicePath, mountpoint, sessionDir }, 'device unmounted');
+      return sessionDir;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async #record(mountpoint: string, record: MountRecord): Promise<void> {
+    this.#mounts.set(mountpoint, record);
+    await this.#save('mount');
+  }
+
+  async #save(what: 'mount' | 'unmount'): Promise<void> {
+    const records = [...this.#mounts.values()].map((m) => toRecord(m.exportName, m.attached));
+    await writeFileAtomic(this.#mountsFile, `${JSON.stringify(records)}\n`, 0o600).catch((err: unknown) => {
+      this.#options.log.error({ event: 'mounts-file-write-failed', reason: (err as Error).message }, `cannot record the ${what} in the run directory`);
+    });
+  }
+}

@@ -1,0 +1,589 @@
+/**
+ * Snapshots of live devices on demand: the registry of snapshots, the barrier that takes one
+ * point in time across several devices, their difference storage and their image exports.
+ *
+ * Take, in this order (each step undone if a later one fails, so a failed create leaves
+ * nothing behind):
+ *   1. check the request (devices exist, no duplicates, storage is a directory that is not on
+ *      one of the devices) and hold every device open (a snapshot hold, not a user);
+ *   2. create the difference storage and write the snapshot's record with state 'creating',
+ *      so a daemon killed from here on finds and removes the leftovers at its next start;
+ *   3. freeze the filesystems the daemon mounted (unless --no-freeze): that flushes their
+ *      dirty data through this daemon, so it must come before the barrier;
+ *   4. the barrier: hold new modifying requests on every device and wait for those in
+ *      flight, add a point on every device, move the change maps on, release. A write
+ *      acknowledged before this step is in every image; a write that had not reached a
+ *      device's layer is in no image. The held time is the stall writers see, and is reported;
+ *   5. thaw (always), then record the snapshot as 'ok'.
+ *
+ * Images are exports named `<device path>@<id>`. They are writable; writes go to the
+ * snapshot's storage only. When the storage overflows or fails, the snapshot is marked so
+ * (persisted), its images answer EIO, and device I/O goes on untouched.
+ *
+ * A snapshot survives daemon restarts and SIGKILL: its record and storage are on disk, the
+ * storage is rescanned at start and the points are put back before the NBD server accepts
+ * a client.
+ */
+
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { z } from 'zod';
+import type { Logger } from 'pino';
+import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import type { ExportHandle, MetaContextSource } from '../nbd/exports.js';
+import { DiffStorage, type DiffStorageEvent } from '../snapshot/diff-storage.js';
+import type { SnapshotImage, SnapshotLayer } from '../snapshot/snapshot-layer.js';
+import { ensurePrivateDir, writeFileAtomic } from './atomic-file.js';
+import type { DeviceTable } from './device-table.js';
+import type { EventLog } from './events.js';
+import { withFrozen } from './freeze.js';
+import { nbdUnixUri } from './mount.js';
+import { canonicalDevicePath, type Registry } from './registry.js';
+
+const SNAPSHOTS_DIR = 'snapshots';
+const RECORD_FILE = 'snapshot.json';
+const ID_PATTERN = /^[0-9a-z]{6,40}$/;
+const RECORD_VERSION = 1;
+
+const recordSchema = z.object({
+  version: z.literal(RECORD_VERSION),
+  id: z.string().regex(ID_PATTERN),
+  state: z.enum(['creating', 'ok', 'overflowed', 'failed']),
+  reason: z.string().nullable(),
+  createdAt: z.string(),
+  chunkSize: z.number().int().positive(),
+  durability: z.enum(['process', 'strict']),
+  storage: z.object({ dirs: z.array(z.string().min(1)).min(1), limitBytes: z.number().int().positive().nullable() }),
+  devices: z.array(z.object({
+    path: z.string().min(1),
+    key: z.number().int().nonnegative(),
+    sizeBytes: z.number().int().nonnegative(),
+    cbt: z.object({ generation: z.string(), number: z.number().int() }).nullable(),
+  })).min(1),
+  frozen: z.array(z.string()),
+  stallMs: z.number().nonnegative(),
+}).strict();
+
+export type SnapshotRecord = z.infer<typeof recordSchema>;
+export type SnapshotState = SnapshotRecord['state'];
+
+export interface SnapshotImageInfo {
+  device: string;
+  exportName: string;
+  uri: string;
+  sizeBytes: number;
+  /** Change-map generation and number of this image's point, when tracking is on. */
+  cbt: { generation: string; number: number } | null;
+}
+
+export interface SnapshotInfo {
+  id: string;
+  state: SnapshotState;
+  reason: string | null;
+  createdAt: string;
+  chunkSize: number;
+  storage: { dirs: string[]; limitBytes: number | null; usedBytes: number };
+  images: SnapshotImageInfo[];
+  frozen: string[];
+  /** How long new writes were held by the barrier. */
+  stallMs: number;
+}
+
+export interface CreateSnapshotOptions {
+  storageDir?: string;
+  limitBytes?: number;
+  freeze?: boolean;
+}
+
+/** What the change tracker does for snapshots; absent where tracking is off. */
+export interface SnapshotChangeTracking {
+  /**
+   * Under the barrier: keep the device map's frozen view for this snapshot (persisted in
+   * `dir`) and move the device to the next number. Must not wait on device writes.
+   */
+  take(devicePath: string, dir: string, key: number): Promise<{ generation: string; number: number } | null>;
+  /** After a restart: the frozen view of an existing snapshot (null if it is gone). */
+  load(devicePath: string, dir: string, key: number): Promise<void>;
+  /** An image write: mark the device map and the snapshot's frozen view. */
+  imageWrite(devicePath: string, dir: string, key: number, offsetBytes: number, lengthBytes: number): void | Promise<void>;
+  /** The qemu:dirty-bitmap contexts an image offers. */
+  contexts(devicePath: string, dir: string, key: number): MetaContextSource[];
+  /** The snapshot is gone: forget its frozen views. */
+  forget(dir: string): void;
+}
+
+interface LiveImage {
+  device: string;
+  key: number;
+  layer: SnapshotLayer;
+  image: SnapshotImage;
+  exported: ImageExport;
+}
+
+interface LiveSnapshot {
+  record: SnapshotRecord;
+  dir: string;
+  storage: DiffStorage;
+  images: LiveImage[];
+  destroying: boolean;
+}
+
+export interface SnapshotManagerOptions {
+  stateDir: string;
+  nbdSocket: string;
+  table: DeviceTable;
+  registry: Registry;
+  events: EventLog;
+  log: Logger;
+  /** Where the daemon mounted each device (for freeze and the storage check). */
+  mountpointOf: (devicePath: string) => string | undefined;
+  tracking?: SnapshotChangeTracking;
+}
+
+export class SnapshotManager {
+  readonly #root: string;
+  readonly #options: SnapshotManagerOptions;
+  readonly #snapshots = new Map<string, LiveSnapshot>();
+  /** Serialises create/destroy/extend: one barrier at a time keeps the ordering simple. */
+  #queue: Promise<unknown> = Promise.resolve();
+  /** Devices found changed outside bdsnap while snapshots were being reopened. */
+  readonly #pendingResets = new Map<string, string>();
+
+  constructor(options: SnapshotManagerOptions) {
+    this.#options = options;
+    this.#root = path.join(options.stateDir, SNAPSHOTS_DIR);
+  }
+
+  /** Snapshot ids that hold `devicePath`. */
+  snapshotsOf(devicePath: string): string[] {
+    return [...this.#snapshots.values()].filter((s) => s.images.some((i) => i.device === devicePath)).map((s) => s.record.id);
+  }
+
+  exportNames(): string[] {
+    return [...this.#snapshots.values()].flatMap((s) => s.images.map((i) => `${i.device}@${s.record.id}`));
+  }
+
+  /** The export of an image name `<device>@<id>`, or undefined when it is not one. */
+  openImage(name: string): ExportHandle | undefined {
+    const at = name.lastIndexOf('@');
+    if (at <= 0) return undefined;
+    const snapshot = this.#snapshots.get(name.slice(at + 1));
+    const image = snapshot?.images.find((i) => i.device === name.slice(0, at));
+    if (!snapshot || !image || snapshot.destroying) return undefined;
+    const contexts = this.#options.tracking?.contexts(image.device, snapshot.dir, image.key) ?? [];
+    return { name, device: image.exported, metaContexts: contexts, release: async () => {} };
+  }
+
+  /** Whether `name` names a snapshot image (existing or not): `<path>@<id>` with an id's shape. */
+  static isImageName(name: string): boolean {
+    const at = name.lastIndexOf('@');
+    return at > 0 && ID_PATTERN.test(name.slice(at + 1));
+  }
+
+  list(): SnapshotInfo[] {
+    return [...this.#snapshots.values()].sort((a, b) => a.record.createdAt.localeCompare(b.record.createdAt)).map((s) => this.#info(s));
+  }
+
+  info(id: string): SnapshotInfo {
+    return this.#info(this.#get(id));
+  }
+
+  create(devices: string[], options: CreateSnapshotOptions): Promise<SnapshotInfo> {
+    return this.#serial(() => this.#create(devices, options));
+  }
+
+  extend(id: string, options: { limitBytes?: number; storageDir?: string }): Promise<SnapshotInfo> {
+    return this.#serial(async () => {
+      const snapshot = this.#get(id);
+      if (options.limitBytes === undefined && options.storageDir === undefined) {
+        throw new BdsnapError('EINVAL', 'extend needs --limit SIZE or --storage DIR (or both)');
+      }
+      let dir: string | undefined;
+      if (options.storageDir !== undefined) {
+        dir = await this.#checkStorageDir(options.storageDir, snapshot.images.map((i) => i.device));
+        if (snapshot.record.storage.dirs.includes(dir)) throw new BdsnapError('EINVAL', `${dir} is already a storage directory of snapshot ${id}`);
+      }
+      await snapshot.storage.extend({
+        ...(options.limitBytes !== undefined ? { limitBytes: options.limitBytes } : {}),
+        ...(dir !== undefined ? { dir } : {}),
+      });
+      snapshot.record.storage = {
+        dirs: dir !== undefined ? [...snapshot.record.storage.dirs, dir] : snapshot.record.storage.dirs,
+        limitBytes: options.limitBytes ?? snapshot.record.storage.limitBytes,
+      };
+      await this.#save(snapshot);
+      const usage = snapshot.storage.usage();
+      this.#options.events.emit('snapshot-extended', { snapshot: id, details: { limitBytes: usage.limitBytes, usedBytes: usage.usedBytes, dirs: usage.dirs } });
+      return this.#info(snapshot);
+    });
+  }
+
+  destroy(id: string): Promise<{ id: string }> {
+    return this.#serial(async () => {
+      const snapshot = this.#get(id);
+      await this.#teardown(snapshot);
+      this.#options.events.emit('snapshot-destroyed', { snapshot: id, details: { devices: snapshot.images.map((i) => i.device) } });
+      return { id };
+    });
+  }
+
+  /**
+   * A device's change map was reset. When the reason is that the device changed while bdsnap
+   * did not serve it, the snapshots that hold it no longer describe it: mark them failed.
+   */
+  deviceReset(devicePath: string, reason: string, detail: string): void {
+    if (reason !== 'changed-outside' && reason !== 'size-changed') return;
+    for (const snapshot of this.#snapshots.values()) {
+      if (!snapshot.record.devices.some((d) => d.path === devicePath)) continue;
+      this.#markBroken(snapshot, 'failed', `${devicePath} changed while bdsnap did not serve it (${detail})`);
+    }
+    this.#pendingResets.set(devicePath, detail);
+  }
+
+  /** Daemon start: put back every snapshot on disk; remove what a killed create left. */
+  async recover(): Promise<void> {
+    await ensurePrivateDir(this.#root, 0o700);
+    for (const name of (await fs.promises.readdir(this.#root)).sort()) {
+      const dir = path.join(this.#root, name);
+      let record: SnapshotRecord;
+      try {
+        record = recordSchema.parse(JSON.parse(await fs.promises.readFile(path.join(dir, RECORD_FILE), 'utf8')));
+      } catch (err) {
+        this.#options.log.error({ event: 'snapshot-record-unreadable', dir, reason: (err as Error).message },
+          'a snapshot record does not parse; left in place for inspection (remove the directory to drop it)');
+        continue;
+      }
+      if (record.state === 'creating') {
+        await this.#removeLeftovers(record, dir);
+        continue;
+      }
+      try {
+        await this.#reopen(record, dir);
+      } catch (err) {
+        this.#options.log.error({ event: 'snapshot-recovery-failed', snapshot: record.id, reason: (err as Error).message }, 'cannot bring back a snapshot');
+      }
+    }
+  }
+
+  /** Daemon stop: close storages and drop holds; the snapshots stay on disk for the next start. */
+  async closeAll(): Promise<void> {
+    for (const snapshot of this.#snapshots.values()) {
+      for (const image of snapshot.images) await image.layer.removePoint(image.image).catch(() => undefined);
+      await snapshot.storage.close().catch(() => undefined);
+      for (const image of snapshot.images) await this.#options.table.detach(image.device, 'snapshot').catch(() => undefined);
+    }
+    this.#snapshots.clear();
+  }
+
+  async #create(devicesArg: string[], options: CreateSnapshotOptions): Promise<SnapshotInfo> {
+    const { table, registry, events, log } = this.#options;
+    if (devicesArg.length === 0) throw new BdsnapError('EINVAL', 'snapshot create needs at least one device');
+    const devices: string[] = [];
+    for (const d of devicesArg) {
+      const devicePath = await canonicalDevicePath(d);
+      if (devices.includes(devicePath)) throw new BdsnapError('EINVAL', `${devicePath} is named twice`);
+      devices.push(devicePath);
+    }
+    const id = newSnapshotId();
+    const dir = path.join(this.#root, id);
+    const storageDir = options.storageDir !== undefined ? await this.#checkStorageDir(options.storageDir, devices) : dir;
+    const freeze = options.freeze ?? true;
+    const mountpoints = freeze ? devices.flatMap((d) => this.#options.mountpointOf(d) ?? []) : [];
+
+    await ensurePrivateDir(dir, 0o700);
+    const held: string[] = [];
+    let storage: DiffStorage | undefined;
+    const snapshot: LiveSnapshot = {
+      record: {
+        version: RECORD_VERSION, id, state: 'creating', reason: null, createdAt: new Date().toISOString(),
+        chunkSize: table.chunkSize, durability: table.durability,
+        storage: { dirs: [storageDir], limitBytes: options.limitBytes ?? null },
+        devices: [], frozen: mountpoints, stallMs: 0,
+      },
+      dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false,
+    };
+    try {
+      for (const devicePath of devices) {
+        await registry.register(devicePath);
+        const att = await table.attach(devicePath, { holder: 'snapshot' });
+        held.push(devicePath);
+        snapshot.record.devices.push({ path: devicePath, key: held.length - 1, sizeBytes: att.file.size, cbt: null });
+      }
+      storage = await DiffStorage.create({
+        id, dirs: [storageDir], chunkSize: table.chunkSize, durability: table.durability,
+        ...(options.limitBytes !== undefined ? { limitBytes: options.limitBytes } : {}),
+        onEvent: (event) => this.#onStorageEvent(snapshot, event),
+      });
+      snapshot.storage = storage;
+      await this.#save(snapshot);
+      await withFrozen(mountpoints, () => this.#barrier(snapshot));
+      snapshot.record.state = 'ok';
+      await this.#save(snapshot);
+    } catch (err) {
+      const e = toBdsnapError(err);
+      log.error({ event: 'snapshot-create-failed', snapshot: id, devices, code: e.code, reason: e.message }, 'snapshot create failed; nothing kept');
+      for (const image of snapshot.images) await image.layer.removePoint(image.image).catch(() => undefined);
+      this.#options.tracking?.forget(dir);
+      await storage?.destroy().catch(() => undefined);
+      for (const devicePath of held) await table.detach(devicePath, 'snapshot').catch(() => undefined);
+      await fs.promises.rm(dir, { recursive: true, force: true });
+      throw e;
+    }
+    this.#snapshots.set(id, snapshot);
+    const info = this.#info(snapshot);
+    events.emit('snapshot-created', {
+      snapshot: id,
+      details: { devices, stallMs: snapshot.record.stallMs, frozen: mountpoints, storage: snapshot.record.storage },
+    });
+    return info;
+  }
+
+  /** Step 4 of the take: the point in time on every device at once. */
+  async #barrier(snapshot: LiveSnapshot): Promise<void> {
+    const { table } = this.#options;
+    const layers = snapshot.record.devices.map((d) => {
+      const att = table.attachment(d.path);
+      if (!att) throw new BdsnapError('EIO', `${d.path} is not open`);
+      return att.layer;
+    });
+    const started = performance.now();
+    const holding: SnapshotLayer[] = [];
+    try {
+      await Promise.all(layers.map(async (layer) => {
+        await layer.hold();
+        holding.push(layer);
+      }));
+      for (const [i, d] of snapshot.record.devices.entries()) {
+        const layer = layers[i] as SnapshotLayer;
+        const image = layer.addPoint(snapshot.storage, d.key);
+        snapshot.images.push({ device: d.path, key: d.key, layer, image, exported: new ImageExport(image, snapshot, d.path, d.key, this.#options.tracking) });
+      }
+      for (const d of snapshot.record.devices) {
+        d.cbt = (await this.#options.tracking?.take(d.path, snapshot.dir, d.key)) ?? null;
+      }
+    } finally {
+      for (const layer of holding) layer.release();
+      snapshot.record.stallMs = Math.round((performance.now() - started) * 1000) / 1000;
+    }
+  }
+
+  async #reopen(record: SnapshotRecord, dir: string): Promise<void> {
+    const { table, log } = this.#options;
+    const snapshot: LiveSnapshot = { record, dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false };
+    snapshot.storage = await DiffStorage.open({
+      id: record.id, dirs: record.storage.dirs, chunkSize: record.chunkSize, durability: record.durability,
+      ...(record.storage.limitBytes !== null ? { limitBytes: record.storage.limitBytes } : {}),
+      onEvent: (event) => this.#onStorageEvent(snapshot, event),
+    });
+    for (const d of record.devices) {
+      let att;
+      try {
+        att = await table.attach(d.path, { holder: 'snapshot' });
+      } catch (err) {
+        // The image of a device that cannot be opened is gone; the others still serve.
+        this.#markBroken(snapshot, 'failed', `${d.path} cannot be opened after a restart: ${(err as Error).message}`);
+        continue;
+      }
+      await att.layer.hold();
+      try {
+        const image = att.layer.addPoint(snapshot.storage, d.key);
+        snapshot.images.push({ device: d.path, key: d.key, layer: att.layer, image, exported: new ImageExport(image, snapshot, d.path, d.key, this.#options.tracking) });
+      } finally {
+        att.layer.release();
+      }
+      await this.#options.tracking?.load(d.path, dir, d.key);
+      const changed = this.#pendingResets.get(d.path);
+      if (changed !== undefined) this.#markBroken(snapshot, 'failed', `${d.path} changed while bdsnap did not serve it (${changed})`);
+    }
+    this.#snapshots.set(record.id, snapshot);
+    log.info({ event: 'snapshot-reopened', snapshot: record.id, state: record.state, devices: record.devices.map((d) => d.path) }, 'snapshot served again after a restart');
+  }
+
+  async #removeLeftovers(record: SnapshotRecord, dir: string): Promise<void> {
+    try {
+      const storage = await DiffStorage.open({ id: record.id, dirs: record.storage.dirs, chunkSize: record.chunkSize });
+      await storage.destroy();
+    } catch {
+      // Storage never created, or unreadable: the directory removal below is what matters.
+    }
+    this.#options.tracking?.forget(dir);
+    await fs.promises.rm(dir, { recursive: true, force: true });
+    this.#options.log.warn({ event: 'snapshot-leftovers-removed', snapshot: record.id }, 'a snapshot create was interrupted by a daemon stop; its leftovers were removed');
+  }
+
+  async #teardown(snapshot: LiveSnapshot): Promise<void> {
+    snapshot.destroying = true;
+    for (const image of snapshot.images) await image.layer.removePoint(image.image);
+    await snapshot.storage.destroy();
+    this.#options.tracking?.forget(snapshot.dir);
+    for (const image of snapshot.images) await this.#options.table.detach(image.device, 'snapshot');
+    await fs.promises.rm(snapshot.dir, { recursive: true, force: true });
+    this.#snapshots.delete(snapshot.record.id);
+  }
+
+  #onStorageEvent(snapshot: LiveSnapshot, event: DiffStorageEvent): void {
+    const id = snapshot.record.id;
+    if (event.type === 'low-space') {
+      this.#options.events.emit('snapshot-low-space', {
+        snapshot: id, details: { usedBytes: event.usedBytes, limitBytes: event.limitBytes, freeBytes: event.freeBytes, dir: event.dir },
+      });
+      return;
+    }
+    this.#markBroken(snapshot, event.type, event.reason);
+  }
+
+  #markBroken(snapshot: LiveSnapshot, state: 'overflowed' | 'failed', reason: string): void {
+    if (snapshot.record.state === 'overflowed' || snapshot.record.state === 'failed') return;
+    const wasCreating = snapshot.record.state === 'creating';
+    snapshot.record.state = state;
+    snapshot.record.reason = reason;
+    this.#options.events.emit(state === 'overflowed' ? 'snapshot-overflowed' : 'snapshot-failed', {
+      snapshot: snapshot.record.id, details: { reason, devices: snapshot.record.devices.map((d) => d.path) },
+    });
+    if (!wasCreating) {
+      this.#save(snapshot).catch((err: unknown) => {
+        this.#options.log.error({ event: 'snapshot-record-write-failed', snapshot: snapshot.record.id, reason: (err as Error).message }, 'cannot record the snapshot state');
+      });
+    }
+  }
+
+  async #checkStorageDir(dirArg: string, devices: string[]): Promise<string> {
+    const dir = path.resolve(dirArg);
+    let st: fs.Stats;
+    try {
+      st = await fs.promises.stat(dir);
+    } catch {
+      throw new BdsnapError('ENOENT', `storage directory ${dir} does not exist; create it first`);
+    }
+    if (!st.isDirectory()) throw new BdsnapError('EINVAL', `storage ${dir} is not a directory`);
+    for (const devicePath of devices) {
+      const mountpoint = this.#options.mountpointOf(devicePath);
+      const mst = mountpoint !== undefined ? await fs.promises.stat(mountpoint).catch(() => undefined) : undefined;
+      const dst = await fs.promises.stat(devicePath).catch(() => undefined);
+      const onMount = mst !== undefined && mst.dev === st.dev;
+      const onNode = dst !== undefined && dst.isBlockDevice() && dst.rdev === st.dev;
+      if (onMount || onNode) {
+        throw new BdsnapError('EINVAL', `storage directory ${dir} is on ${devicePath} itself; put the difference storage on another filesystem`);
+      }
+    }
+    return dir;
+  }
+
+  #info(snapshot: LiveSnapshot): SnapshotInfo {
+    const r = snapshot.record;
+    const usage = snapshot.storage.usage();
+    return {
+      id: r.id, state: r.state, reason: r.reason, createdAt: r.createdAt, chunkSize: r.chunkSize,
+      storage: { dirs: usage.dirs, limitBytes: usage.limitBytes, usedBytes: usage.usedBytes },
+      images: r.devices.map((d) => {
+        const exportName = `${d.path}@${r.id}`;
+        return { device: d.path, exportName, uri: nbdUnixUri(this.#options.nbdSocket, exportName), sizeBytes: d.sizeBytes, cbt: d.cbt };
+      }),
+      frozen: r.frozen, stallMs: r.stallMs,
+    };
+  }
+
+  #get(id: string): LiveSnapshot {
+    const snapshot = this.#snapshots.get(id);
+    if (!snapshot || snapshot.destroying) throw new BdsnapError('ENOENT', `no snapshot ${id} (see bdsnap snapshot list)`);
+    return snapshot;
+  }
+
+  async #save(snapshot: LiveSnapshot): Promise<void> {
+    await writeFileAtomic(path.join(snapshot.dir, RECORD_FILE), `${JSON.stringify(snapshot.record, null, 2)}\n`, 0o600);
+  }
+
+  #serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#queue.then(fn, fn);
+    this.#queue = run.catch(() => undefined);
+    return run;
+  }
+}
+
+/** Time-ordered, unique, short, safe in a URI: base-36 milliseconds then 4 random bytes. */
+function newSnapshotId(): string {
+  return `${Date.now().toString(36).padStart(9, '0')}${crypto.randomBytes(4).toString('hex')}`;
+}
+
+/**
+ * What an image export serves: the SnapshotImage, refusing with EIO once the snapshot has
+ * overflowed or failed (the reason in the message), and recording image writes in the change
+ * map before they are acknowledged so the next backup reads them again.
+ */
+class ImageExport implements BlockDevice {
+  readonly #image: SnapshotImage;
+  readonly #snapshot: LiveSnapshot;
+  readonly #device: string;
+  readonly #key: number;
+  readonly #tracking: SnapshotChangeTracking | undefined;
+
+  constructor(image: SnapshotImage, snapshot: LiveSnapshot, device: string, key: number, tracking: SnapshotChangeTracking | undefined) {
+    this.#image = image;
+    this.#snapshot = snapshot;
+    this.#device = device;
+    this.#key = key;
+    this.#tracking = tracking;
+  }
+
+  get size(): number { return this.#image.size; }
+  get readOnly(): boolean { return false; }
+  get blockSizes(): BlockDevice['blockSizes'] { return this.#image.blockSizes; }
+  get canTrim(): boolean { return this.#image.canTrim; }
+  get canFastZero(): boolean { return false; }
+  /** Image writes on one connection are visible to all: one storage behind them. */
+  get canMultiConn(): boolean { return true; }
+
+  async read(target: Buffer, offsetBytes: number): Promise<void> {
+    this.#check();
+    return this.#image.read(target, offsetBytes);
+  }
+
+  async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+    this.#check();
+    await this.#mark(offsetBytes, data.length);
+    return this.#image.write(data, offsetBytes, options);
+  }
+
+  async trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    this.#check();
+    await this.#mark(offsetBytes, lengthBytes);
+    return this.#image.trim(offsetBytes, lengthBytes, options);
+  }
+
+  async zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+    this.#check();
+    await this.#mark(offsetBytes, lengthBytes);
+    return this.#image.zero(offsetBytes, lengthBytes, options);
+  }
+
+  async flush(): Promise<void> {
+    this.#check();
+    return this.#image.flush();
+  }
+
+  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.#image.cache(offsetBytes, lengthBytes);
+  }
+
+  async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    this.#check();
+    return this.#image.extents(offsetBytes, lengthBytes);
+  }
+
+  /** The image belongs to its snapshot: a connection ending does not close it. */
+  async close(): Promise<void> {}
+
+  #check(): void {
+    const r = this.#snapshot.record;
+    if (this.#snapshot.destroying) throw new BdsnapError('ESHUTDOWN', `snapshot ${r.id} is being destroyed`);
+    if (r.state === 'overflowed' || r.state === 'failed') {
+      throw new BdsnapError('EIO', `snapshot ${r.id} ${r.state}: ${r.reason ?? 'unknown reason'}; its images cannot be read`);
+    }
+  }
+
+  async #mark(offsetBytes: number, lengthBytes: number): Promise<void> {
+    await this.#tracking?.imageWrite(this.#device, this.#snapshot.dir, this.#key, offsetBytes, lengthBytes);
+  }
+}

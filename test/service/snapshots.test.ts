@@ -1,0 +1,304 @@
+/**
+ * Snapshots of live devices through the real daemon and CLI: images exact under load
+ * (read back with nbdcopy), one point in time across two devices, image writes kept away
+ * from the device, overflow and extend, SIGKILL and restart, destroy under load, events,
+ * and refusals of bad input.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { NbdClient } from '../../src/nbd/client.js';
+import { cli, makeImage, nbdUri, ok, sandbox, startDaemonProcess, type Sandbox } from './helpers.js';
+
+const BLOCK = 4096;
+const IMAGE_BYTES = 16 << 20;
+const BLOCKS = IMAGE_BYTES / BLOCK;
+
+interface Created {
+  id: string;
+  state: string;
+  stallMs: number;
+  images: Array<{ device: string; exportName: string; uri: string; sizeBytes: number }>;
+}
+
+function createSnapshot(box: Sandbox, devices: string[], extra: string[] = []): Created {
+  return JSON.parse(ok(box, ['snapshot', 'create', ...devices, '--json', ...extra])) as Created;
+}
+
+function connect(box: Sandbox, exportName: string): Promise<NbdClient> {
+  return NbdClient.connect({ socketPath: path.join(box.runDir, 'nbd.sock'), exportName });
+}
+
+/** nbdcopy of an export into a file; returns the bytes (or the failed process result). */
+function copyOut(box: Sandbox, exportName: string): { status: number | null; data: Buffer | undefined; stderr: string } {
+  const out = path.join(box.top, `copy-${randomBytes(4).toString('hex')}.img`);
+  const r = spawnSync('nbdcopy', [nbdUri(box, exportName), out], { encoding: 'utf8', timeout: 60_000 });
+  const data = r.status === 0 ? fs.readFileSync(out) : undefined;
+  fs.rmSync(out, { force: true });
+  return { status: r.status, data, stderr: r.stderr };
+}
+
+function mustCopy(box: Sandbox, exportName: string): Buffer {
+  const r = copyOut(box, exportName);
+  assert.equal(r.status, 0, `nbdcopy ${exportName}: ${r.stderr}`);
+  return r.data as Buffer;
+}
+
+function randomImage(box: Sandbox, name: string, bytes = IMAGE_BYTES): string {
+  return makeImage(box.top, name, bytes, (b) => randomBytes(b.length).copy(b));
+}
+
+/** A block stamped with a sequence number, so images show which writes they hold. */
+function stamped(seq: number, salt: number): Buffer {
+  const b = Buffer.alloc(BLOCK, salt & 0xff);
+  b.writeBigUInt64LE(BigInt(seq), 0);
+  b.writeUInt32LE(salt, 8);
+  return b;
+}
+
+test('an image holds exactly the device as it was at the take, under random writes in flight', { timeout: 120_000 }, async (t) => {
+  const box = sandbox(t);
+  const device = randomImage(box, 'a.img');
+  await startDaemonProcess(t, box);
+  ok(box, ['snapshot', 'list']); // registers nothing, answers
+  const client = await connect(box, device);
+  t.after(() => client.close());
+
+  // Per block: the content acknowledged last before the take, and the writes that overlap the take.
+  const before = fs.readFileSync(device);
+  const lastAcked = new Map<number, Buffer>();
+  const overlapping = new Map<number, Buffer[]>();
+  let phase: 'before' | 'during' | 'after' = 'before';
+  let running = true;
+  let seq = 0;
+  // Each writer owns the blocks of its residue, so writes to one block never race each other.
+  const WRITERS = 8;
+  const writer = async (w: number): Promise<void> => {
+    while (running) {
+      const block = Math.floor(Math.random() * (BLOCKS / WRITERS)) * WRITERS + w;
+      const data = stamped(++seq, block);
+      const issuedIn = phase;
+      await client.write(data, block * BLOCK);
+      if (issuedIn === 'before' && phase === 'before') lastAcked.set(block, data);
+      else if (issuedIn !== 'after') overlapping.set(block, [...(overlapping.get(block) ?? []), data]);
+    }
+  };
+  const writers = Array.from({ length: WRITERS }, (_, w) => writer(w));
+  await new Promise((r) => setTimeout(r, 300));
+  phase = 'during';
+  const snap = createSnapshot(box, [device]);
+  phase = 'after';
+  await new Promise((r) => setTimeout(r, 500));
+  running = false;
+  await Promise.all(writers);
+  assert.equal(snap.images.length, 1);
+  assert.equal(snap.images[0]?.exportName, `${device}@${snap.id}`);
+  assert.ok(seq > 100, `the writer made progress (${seq} writes)`);
+
+  const image = mustCopy(box, `${device}@${snap.id}`);
+  assert.equal(image.length, IMAGE_BYTES);
+  let checked = 0;
+  for (let b = 0; b < BLOCKS; b++) {
+    const got = image.subarray(b * BLOCK, (b + 1) * BLOCK);
+    const base = lastAcked.get(b) ?? before.subarray(b * BLOCK, (b + 1) * BLOCK);
+    const candidates = [base, ...(overlapping.get(b) ?? [])];
+    assert.ok(candidates.some((c) => c.equals(got)), `block ${b} of the image is neither its content at the take nor a write in flight then`);
+    if (!overlapping.has(b)) checked++;
+  }
+  assert.ok(checked > BLOCKS / 2, 'most blocks had no write in flight at the take and were checked exactly');
+  // The device holds the writes, the image does not.
+  assert.notDeepEqual(fs.readFileSync(device), image);
+  ok(box, ['snapshot', 'destroy', snap.id]);
+  assert.equal(copyOut(box, `${device}@${snap.id}`).status === 0, false, 'a destroyed image is no longer served');
+});
+
+test('two devices: every pair of images shows a prefix of the write order', { timeout: 180_000 }, async (t) => {
+  const box = sandbox(t);
+  const a = makeImage(box.top, 'a.img', IMAGE_BYTES);
+  const b = makeImage(box.top, 'b.img', IMAGE_BYTES);
+  await startDaemonProcess(t, box);
+  const ca = await connect(box, a);
+  const cb = await connect(box, b);
+  t.after(async () => { await ca.close(); await cb.close(); });
+
+  // Write k goes to block k of A, then (after A acknowledged it) to block k of B.
+  let running = true;
+  let k = 0;
+  const writer = (async () => {
+    while (running && k < BLOCKS - 1) {
+      k++;
+      await ca.write(stamped(k, 0xa), k * BLOCK);
+      await cb.write(stamped(k, 0xb), k * BLOCK);
+    }
+  })();
+  const highest = (img: Buffer): number => {
+    let top = 0;
+    for (let blk = 1; blk < BLOCKS; blk++) {
+      const s = Number(img.readBigUInt64LE(blk * BLOCK));
+      if (s === 0) break;
+      assert.equal(s, blk, `block ${blk} holds write ${s}`);
+      top = s;
+    }
+    return top;
+  };
+  const seen: Array<[number, number]> = [];
+  for (let round = 0; round < 6; round++) {
+    await new Promise((r) => setTimeout(r, 100));
+    const snap = createSnapshot(box, [a, b]);
+    const ia = mustCopy(box, `${a}@${snap.id}`);
+    const ib = mustCopy(box, `${b}@${snap.id}`);
+    const ha = highest(ia);
+    const hb = highest(ib);
+    assert.ok(ha === hb || ha === hb + 1, `round ${round}: A holds writes up to ${ha}, B up to ${hb}: not a prefix of the order`);
+    seen.push([ha, hb]);
+    ok(box, ['snapshot', 'destroy', snap.id]);
+  }
+  running = false;
+  await writer;
+  assert.ok(seen.some(([ha]) => ha > 0), `the snapshots saw writes: ${JSON.stringify(seen)}`);
+});
+
+test('writes to an image change the image and never the device', { timeout: 60_000 }, async (t) => {
+  const box = sandbox(t);
+  const device = randomImage(box, 'a.img');
+  const original = fs.readFileSync(device);
+  await startDaemonProcess(t, box);
+  const snap = createSnapshot(box, [device]);
+  const image = await connect(box, `${device}@${snap.id}`);
+  const written = Buffer.alloc(3 * BLOCK + 100, 0x5a);
+  await image.write(written, 5 * BLOCK + 7);
+  await image.flush();
+  const back = Buffer.alloc(written.length);
+  await image.read(back, 5 * BLOCK + 7);
+  await image.close();
+  assert.deepEqual(back, written, 'the image reads back its own write');
+  assert.deepEqual(fs.readFileSync(device), original, 'the device is untouched');
+  const copy = mustCopy(box, `${device}@${snap.id}`);
+  const expected = Buffer.from(original);
+  written.copy(expected, 5 * BLOCK + 7);
+  assert.deepEqual(copy, expected);
+});
+
+test('overflow with a tiny limit: the snapshot overflows, its image answers EIO, the device has every write; extend in time avoids it', { timeout: 90_000 }, async (t) => {
+  const box = sandbox(t);
+  const device = randomImage(box, 'a.img');
+  await startDaemonProcess(t, box);
+  const small = createSnapshot(box, [device], ['--limit', '256K']);
+  const roomy = createSnapshot(box, [device], ['--limit', '256K']);
+  ok(box, ['snapshot', 'extend', roomy.id, '--limit', '64M']);
+  const before = fs.readFileSync(device);
+  const client = await connect(box, device);
+  const fresh = randomBytes(2 << 20);
+  await client.write(fresh, 1 << 20);
+  await client.flush();
+  await client.close();
+  const expected = Buffer.from(before);
+  fresh.copy(expected, 1 << 20);
+  assert.deepEqual(fs.readFileSync(device), expected, 'the device holds exactly what was written');
+
+  const info = JSON.parse(ok(box, ['snapshot', 'info', small.id, '--json'])) as { state: string; reason: string };
+  assert.equal(info.state, 'overflowed', JSON.stringify(info));
+  assert.notEqual(copyOut(box, `${device}@${small.id}`).status, 0, 'reading an overflowed image fails');
+  const events = ok(box, ['events', '--json']).trim().split('\n').map((l) => JSON.parse(l) as { type: string; snapshot?: string });
+  assert.ok(events.some((e) => e.type === 'snapshot-overflowed' && e.snapshot === small.id), 'an overflow event arrived');
+  assert.deepEqual(mustCopy(box, `${device}@${roomy.id}`), before, 'the extended snapshot is still exact');
+});
+
+test('a snapshot survives SIGKILL of the daemon with writes in flight', { timeout: 120_000 }, async (t) => {
+  const box = sandbox(t);
+  const device = randomImage(box, 'a.img');
+  const daemon = await startDaemonProcess(t, box);
+  const atTake = fs.readFileSync(device);
+  const snap = createSnapshot(box, [device]);
+  const client = await connect(box, device);
+  let running = true;
+  const writers = Array.from({ length: 8 }, async () => {
+    while (running) {
+      const block = Math.floor(Math.random() * BLOCKS);
+      await client.write(randomBytes(BLOCK), block * BLOCK).catch(() => { running = false; });
+    }
+  });
+  await new Promise((r) => setTimeout(r, 400));
+  daemon.child.kill('SIGKILL');
+  await Promise.all(writers);
+  await client.close().catch(() => undefined);
+  await daemon.stop();
+
+  await startDaemonProcess(t, box);
+  const list = JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: Array<{ id: string; state: string }> };
+  assert.deepEqual(list.snapshots.map((s) => [s.id, s.state]), [[snap.id, 'ok']]);
+  assert.deepEqual(mustCopy(box, `${device}@${snap.id}`), atTake, 'the image is still the device at the take');
+});
+
+test('destroy while a reader and a writer are busy: no hang, the device is intact', { timeout: 60_000 }, async (t) => {
+  const box = sandbox(t);
+  const device = randomImage(box, 'a.img');
+  await startDaemonProcess(t, box);
+  const snap = createSnapshot(box, [device]);
+  const writer = await connect(box, device);
+  const reader = await connect(box, `${device}@${snap.id}`);
+  const expected = fs.readFileSync(device);
+  let running = true;
+  const writes = (async () => {
+    for (let i = 0; running; i++) {
+      const data = randomBytes(BLOCK);
+      const block = i % BLOCKS;
+      await writer.write(data, block * BLOCK);
+      data.copy(expected, block * BLOCK);
+    }
+  })();
+  let readErrors = 0;
+  const reads = (async () => {
+    const buf = Buffer.alloc(64 * 1024);
+    for (let i = 0; running; i++) {
+      await reader.read(buf, (i % (IMAGE_BYTES / buf.length)) * buf.length).catch(() => { readErrors++; });
+    }
+  })();
+  await new Promise((r) => setTimeout(r, 300));
+  ok(box, ['snapshot', 'destroy', snap.id]);
+  await new Promise((r) => setTimeout(r, 200));
+  running = false;
+  await Promise.all([writes, reads]);
+  await writer.flush();
+  await writer.close();
+  await reader.close().catch(() => undefined);
+  assert.ok(readErrors > 0, 'reads of the destroyed image fail instead of hanging');
+  assert.deepEqual(fs.readFileSync(device), expected, 'the device holds every write');
+  const list = JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: unknown[] };
+  assert.deepEqual(list.snapshots, []);
+  assert.deepEqual(fs.readdirSync(path.join(box.stateDir, 'snapshots')), [], 'its storage is gone');
+});
+
+test('bad input is refused with one clear line and changes nothing', { timeout: 60_000 }, async (t) => {
+  const box = sandbox(t);
+  const device = randomImage(box, 'a.img', 1 << 20);
+  await startDaemonProcess(t, box);
+  const refuse = (args: string[], pattern: RegExp): void => {
+    const r = cli(box, args);
+    assert.notEqual(r.status, 0, `bdsnap ${args.join(' ')} should fail`);
+    assert.match(r.stderr, pattern);
+    assert.equal(r.stderr.trim().split('\n').length, 1, `one line: ${r.stderr}`);
+  };
+  refuse(['snapshot', 'create', path.join(box.top, 'missing.img')], /missing\.img/);
+  refuse(['snapshot', 'create', device, device], /named twice/);
+  refuse(['snapshot', 'create', device, '--storage', path.join(box.top, 'nowhere')], /does not exist/);
+  refuse(['snapshot', 'info', 'zzzz9999'], /no snapshot zzzz9999/);
+  refuse(['snapshot', 'destroy', 'zzzz9999'], /no snapshot zzzz9999/);
+  refuse(['snapshot', 'create', device, '--limit', 'lots'], /bad --limit/);
+  const list = JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: unknown[] };
+  assert.deepEqual(list.snapshots, [], 'no snapshot was left behind');
+
+  const snap = createSnapshot(box, [device]);
+  const client = await connect(box, device);
+  await client.write(randomBytes(512 * 1024), 0);
+  await client.close();
+  refuse(['snapshot', 'extend', snap.id, '--limit', '64K'], /limit|below|used/i);
+  refuse(['snapshot', 'extend', snap.id], /--limit|--storage/);
+  const info = JSON.parse(ok(box, ['snapshot', 'info', snap.id, '--json'])) as { state: string; storage: { limitBytes: number | null } };
+  assert.equal(info.state, 'ok');
+  assert.equal(info.storage.limitBytes, null, 'the failed extend changed nothing');
+});
