@@ -5,7 +5,8 @@
  * - ChunkTable: chunk index -> a number (a byte position), an open-addressing hash table over
  *   two Float64Arrays that doubles when 70% full, so about 23 to 46 bytes per entry, with no
  *   object per entry for the garbage collector to trace.
- * Chunk indexes and values are non-negative safe integers; entries are never removed.
+ * Chunk indexes and values are non-negative safe integers; entries are never removed (a value
+ * may be replaced).
  */
 
 import { BdsnapError } from '../errors.js';
@@ -82,11 +83,23 @@ export class ChunkTable {
 
   /** Store `value` for `chunk` unless it already has one (the first original wins). */
   setIfAbsent(chunk: number, value: number): void {
+    this.#put(chunk, value, false);
+  }
+
+  /** Store `value` for `chunk`, replacing any earlier one (a newer image record wins). */
+  set(chunk: number, value: number): void {
+    this.#put(chunk, value, true);
+  }
+
+  #put(chunk: number, value: number, replace: boolean): void {
     if ((this.#size + 1) > MAX_LOAD * this.#keys.length) this.#grow();
     const keys = this.#keys;
     for (let i = slotOf(chunk, this.#mask); ; i = (i + 1) & this.#mask) {
       const k = keys[i]!;
-      if (k === chunk) return;
+      if (k === chunk) {
+        if (replace) this.#values[i] = value;
+        return;
+      }
       if (k === EMPTY) {
         keys[i] = chunk;
         this.#values[i] = value;

@@ -125,12 +125,12 @@ export function chunkDigest(data: Buffer, algorithm: DigestAlgorithm, into?: Buf
   return out;
 }
 
-function writeU64(buf: Buffer, value: number, at: number): void {
+export function writeU64(buf: Buffer, value: number, at: number): void {
   buf.writeUInt32LE(value % 0x1_0000_0000, at);
   buf.writeUInt32LE(Math.floor(value / 0x1_0000_0000), at + 4);
 }
 
-function readU64(buf: Buffer, at: number): number {
+export function readU64(buf: Buffer, at: number): number {
   return buf.readUInt32LE(at) + buf.readUInt32LE(at + 4) * 0x1_0000_0000;
 }
 

@@ -1,9 +1,15 @@
 /**
  * The snapshot engine: copy-before-write sessions over any BlockDevice, their on-disk store,
- * crash recovery, point-in-time views and offline restore.
+ * crash recovery, point-in-time views and offline restore; snapshots of live devices (a layer
+ * serving any number of points in time, each with a difference storage).
  */
 
 export { CowDevice, type SessionOptions, type SessionSummary, type CowState } from './cow-device.js';
 export { restore, checkNotInUse, type RestoreOptions, type RestoreSummary } from './restore.js';
 export { listSessions, recoverSession, readSessionInfo, type SessionInfo } from './sessions.js';
 export { sessionDirName, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, type SessionState } from './format.js';
+export {
+  DiffStorage, LOW_SPACE_LIMIT_FRACTION, LOW_SPACE_FS_FREE_FRACTION, LOW_SPACE_FS_FREE_BYTES,
+  type DiffStorageOptions, type DiffStorageState, type DiffStorageEvent,
+} from './diff-storage.js';
+export { SnapshotLayer, SnapshotImage } from './snapshot-layer.js';

@@ -119,13 +119,20 @@ export class StoreWriter {
 
   /** Queue one record holding the originals of chunks firstChunk.. (payload = their bytes). */
   append(firstChunk: number, payload: Buffer): Promise<number | undefined> {
+    return this.appendRecord(encodeRecordHeader(firstChunk, payload), payload);
+  }
+
+  /**
+   * Queue one record of any layout: `header` (RECORD_HEADER_BYTES, already encoded) then
+   * `payload`. The difference storage of snapshots writes its own record headers through this.
+   */
+  appendRecord(header: Buffer, payload: Buffer): Promise<number | undefined> {
     if (this.#failed) return Promise.resolve(undefined);
-    const recordBytes = RECORD_HEADER_BYTES + payload.length;
+    const recordBytes = header.length + payload.length;
     if (this.#endBytes + recordBytes > this.#sizeLimitBytes) {
       this.#fail(`size limit reached: the store would grow past ${this.#sizeLimitBytes} bytes`);
       return Promise.resolve(undefined);
     }
-    const header = encodeRecordHeader(firstChunk, payload);
     const position = this.#endBytes;
     this.#endBytes += recordBytes;
     return new Promise((resolve) => {
@@ -312,7 +319,7 @@ interface ReadAhead {
  * read ahead while the caller checks the current one. `at(pos, len)` gives a view of
  * [pos, pos + len) or undefined past the end of the file. Positions only move forward.
  */
-class SequentialReader {
+export class SequentialReader {
   readonly #fd: number;
   readonly #fileBytes: number;
   /** Holds file bytes [#start, #start + #filled) from #base on. */

@@ -1,0 +1,565 @@
+/**
+ * DiffStorage: the difference storage of one snapshot, shared by its devices. It keeps the
+ * originals of chunks that changed on a device after the snapshot was taken, and the chunks
+ * written to the snapshot's images, as append-only records (see diff-record.ts) in files
+ * `<id>.<n>.diff`, file n in the n-th directory it was given (a directory added by extend()
+ * gets the next file). New records always go to the newest file.
+ *
+ * Invariants:
+ * - A record counts as stored (its append resolves true, `holds` says so) only once it and
+ *   every record before it in its file are in the file (page cache; in 'strict' durability
+ *   also fdatasync'ed, one sync for every record that queued meanwhile). A SIGKILL can only
+ *   leave a torn or missing part after the last stored record, which open() cuts.
+ * - Records are never rewritten: a newer image record of a chunk supersedes older records, so
+ *   a scan gives back the last stored state.
+ * - `usedBytes` counts every record queued, headers included; a record that would pass the
+ *   limit is refused and the storage becomes 'overflowed'. ENOSPC/EDQUOT from the disk also
+ *   means 'overflowed', any other I/O error 'failed'. Either is final: chunks changed on the
+ *   device afterwards are not preserved, so the images are no longer exact. The state is
+ *   recorded at once, synchronously, in `<id>.state` in the first directory (an empty file is
+ *   enough to mean "failed", which needs no free data block), so that open() after a kill never
+ *   brings a broken storage back as 'ok'.
+ * - Events go through setImmediate: a listener never runs on the request path, and a
+ *   listener's exception is dropped.
+ *
+ * Low space (`low-space` event, once per crossing, again after the condition cleared):
+ * - used bytes pass 90% of the limit;
+ * - the filesystem of the current directory has less than 5% or less than 256 MiB free.
+ * The filesystem is checked with statfs in the background, at most once a second while
+ * records are being stored.
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { promisify } from 'node:util';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { checkChunkSize } from './format.js';
+import { ChunkTable } from './chunk-table.js';
+import { SequentialReader, StoreWriter, preadFully } from './store.js';
+import {
+  DIFF_RECORD_HEADER_BYTES, MAX_DEVICE_KEY, decodeDiffRecordHeader, diffRecordMatches, encodeDiffRecordHeader,
+  type DiffRecordKind,
+} from './diff-record.js';
+
+const closeAsync = promisify(fs.close);
+const ftruncateAsync = promisify(fs.ftruncate);
+const openAsync = promisify(fs.open);
+
+export type DiffStorageState = 'ok' | 'overflowed' | 'failed';
+
+export type DiffStorageEvent =
+  | { type: 'low-space'; usedBytes: number; limitBytes: number | null; freeBytes: number; dir: string }
+  | { type: 'overflowed'; reason: string }
+  | { type: 'failed'; reason: string };
+
+export interface DiffStorageOptions {
+  /** Snapshot id; names the files. Letters, digits, '.', '_', '-' (not first). */
+  id: string;
+  /** Directories (must exist); records are appended to the file in the last one. */
+  dirs: string[];
+  /** Bytes, power of two >= 4096. */
+  chunkSize: number;
+  /** Cap on the bytes of all files; undefined = no limit (a full disk is still handled). */
+  limitBytes?: number;
+  /**
+   * 'process' (default): a record counts as stored once it is in the page cache, which a
+   * killed process does not lose. 'strict': once fdatasync'ed (group commit).
+   */
+  durability?: 'process' | 'strict';
+  /** Called off the request path; exceptions are ignored. */
+  onEvent?: (event: DiffStorageEvent) => void;
+  /** Thresholds of the low-space event (defaults documented above; tests lower them). */
+  lowSpace?: { limitFraction?: number; fsFreeFraction?: number; fsFreeBytes?: number };
+}
+
+/** Defaults of the low-space thresholds. */
+export const LOW_SPACE_LIMIT_FRACTION = 0.9;
+export const LOW_SPACE_FS_FREE_FRACTION = 0.05;
+export const LOW_SPACE_FS_FREE_BYTES = 256 * 1024 * 1024;
+/** Shortest time between two statfs of the current directory. */
+const FS_CHECK_INTERVAL_MS = 1000;
+/**
+ * A chunk's location is one number: file index * FILE_SPAN + byte position of its payload in
+ * that file. 2^44 bytes (16 TiB) per file, up to 512 files, all below 2^53.
+ */
+const FILE_SPAN = 2 ** 44;
+const MAX_FILES = 512;
+const ID_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/;
+
+interface DiffFile {
+  index: number;
+  dir: string;
+  path: string;
+  fd: number;
+  writer: StoreWriter;
+}
+
+export function diffFileName(id: string, index: number): string {
+  return `${id}.${index}.diff`;
+}
+
+function stateFileName(id: string): string {
+  return `${id}.state`;
+}
+
+export class DiffStorage {
+  readonly id: string;
+  readonly chunkSize: number;
+  readonly durability: 'process' | 'strict';
+  readonly #onEvent: ((event: DiffStorageEvent) => void) | undefined;
+  readonly #limitFraction: number;
+  readonly #fsFreeFraction: number;
+  readonly #fsFreeBytes: number;
+  #dirs: string[];
+  #files: DiffFile[] = [];
+  #limitBytes: number | null;
+  #usedBytes = 0;
+  #nextSequence = 0;
+  /** deviceKey -> (chunk -> location, see FILE_SPAN). */
+  readonly #tables = new Map<number, ChunkTable>();
+  readonly #attached = new Set<number>();
+  #state: DiffStorageState = 'ok';
+  #failedReason: string | undefined;
+  #closing: Promise<void> | undefined;
+  #lowOnLimit = false;
+  #lowOnDisk = false;
+  #fsCheckedAtMs = 0;
+  #fsChecking = false;
+
+  private constructor(options: DiffStorageOptions, dirs: string[]) {
+    this.id = options.id;
+    this.chunkSize = options.chunkSize;
+    this.durability = options.durability ?? 'process';
+    this.#onEvent = options.onEvent;
+    this.#dirs = dirs;
+    this.#limitBytes = options.limitBytes ?? null;
+    this.#limitFraction = options.lowSpace?.limitFraction ?? LOW_SPACE_LIMIT_FRACTION;
+    this.#fsFreeFraction = options.lowSpace?.fsFreeFraction ?? LOW_SPACE_FS_FREE_FRACTION;
+    this.#fsFreeBytes = options.lowSpace?.fsFreeBytes ?? LOW_SPACE_FS_FREE_BYTES;
+  }
+
+  /** A new, empty storage. Errors: EINVAL (options, files of this id already there), ENOENT (a dir). */
+  static async create(options: DiffStorageOptions): Promise<DiffStorage> {
+    const dirs = await checkOptions(options);
+    for (const dir of new Set(dirs)) {
+      const existing = await listDiffFiles(dir, options.id);
+      if (existing.length > 0 || fs.existsSync(path.join(dir, stateFileName(options.id)))) {
+        throw new BdsnapError('EINVAL', `a difference storage named ${options.id} already exists in ${dir}`);
+      }
+    }
+    const storage = new DiffStorage(options, dirs);
+    await storage.#addFile(dirs[dirs.length - 1]!, 0, 'wx+');
+    storage.#checkSpace(true);
+    return storage;
+  }
+
+  /**
+   * The storage as a previous process left it (closed, killed, or after a power loss in
+   * 'strict' durability): scans every file, verifies every record, cuts a torn tail and
+   * rebuilds the chunk tables. `dirs` must include every directory the storage was given
+   * (in any order). Errors: ENOENT (no files, a file missing), ECORRUPT (a bad record before
+   * the tail of a file that later files follow), EINVAL.
+   */
+  static async open(options: DiffStorageOptions): Promise<DiffStorage> {
+    const dirs = await checkOptions(options);
+    const found: Array<{ index: number; dir: string }> = [];
+    for (const dir of new Set(dirs)) for (const index of await listDiffFiles(dir, options.id)) found.push({ index, dir });
+    found.sort((a, b) => a.index - b.index);
+    if (found.length === 0) throw new BdsnapError('ENOENT', `no difference storage named ${options.id} in ${dirs.join(', ')}`);
+    for (let i = 0; i < found.length; i++) {
+      if (found[i]!.index !== i) {
+        throw new BdsnapError('ENOENT', `difference storage ${options.id}: file ${diffFileName(options.id, i)} is missing (pass every directory it was given)`);
+      }
+    }
+    const storage = new DiffStorage(options, dirs);
+    try {
+      for (const f of found) {
+        const file = await storage.#addFile(f.dir, f.index, 'r+');
+        await storage.#scan(file, f.index === found.length - 1);
+      }
+      storage.#readStateFile();
+    } catch (err) {
+      await storage.#closeFiles();
+      throw toBdsnapError(err);
+    }
+    storage.#checkSpace(true);
+    return storage;
+  }
+
+  get state(): DiffStorageState {
+    return this.#state;
+  }
+
+  get failedReason(): string | undefined {
+    return this.#failedReason;
+  }
+
+  /** True while records can be stored: state 'ok' and not closed. */
+  get usable(): boolean {
+    return this.#state === 'ok' && this.#closing === undefined;
+  }
+
+  usage(): { usedBytes: number; limitBytes: number | null; dirs: string[] } {
+    return { usedBytes: this.#usedBytes, limitBytes: this.#limitBytes, dirs: [...this.#dirs] };
+  }
+
+  /**
+   * Raise (or lower, not below what is used) the limit, and/or add a directory: new records go
+   * to a new file there while records already queued finish in the old one. Runs beside writes.
+   * Errors: EINVAL (limit below usedBytes, not a directory), ENOENT (dir), ESESSION (the
+   * storage has overflowed or failed: extending cannot bring back what was not preserved).
+   */
+  async extend(options: { limitBytes?: number; dir?: string }): Promise<void> {
+    if (this.#closing) throw new BdsnapError('ESHUTDOWN', `difference storage ${this.id} is closed`);
+    if (this.#state !== 'ok') throw new BdsnapError('ESESSION', `difference storage ${this.id} has ${this.#state} (${this.#failedReason ?? 'unknown reason'}); it cannot be extended`);
+    const { limitBytes, dir } = options;
+    if (limitBytes !== undefined) {
+      checkLimit(limitBytes);
+      if (limitBytes < this.#usedBytes) {
+        throw new BdsnapError('EINVAL', `limit ${limitBytes} is below the ${this.#usedBytes} bytes already stored in difference storage ${this.id}`);
+      }
+    }
+    if (dir !== undefined) {
+      const [checked] = await checkDirs([dir]);
+      if (checked !== this.#files[this.#files.length - 1]!.dir) {
+        if (this.#files.length >= MAX_FILES) throw new BdsnapError('EINVAL', `difference storage ${this.id} already has ${MAX_FILES} files`);
+        await this.#addFile(checked!, this.#files.length, 'wx+');
+        if (!this.#dirs.includes(checked!)) this.#dirs.push(checked!);
+      }
+    }
+    if (limitBytes !== undefined) this.#limitBytes = limitBytes;
+    this.#checkSpace(true);
+  }
+
+  /** Whether a chunk of a device is stored (original or image). */
+  holds(deviceKey: number, chunk: number): boolean {
+    return this.#tables.get(deviceKey)?.has(chunk) ?? false;
+  }
+
+  /** Make every stored record durable. Errors: EIO with the reason when the storage failed. */
+  async sync(): Promise<void> {
+    this.#checkReadable();
+    try {
+      await Promise.all(this.#files.map((f) => f.writer.sync()));
+    } catch {
+      // The writer has marked the storage failed.
+    }
+    this.#checkReadable();
+  }
+
+  /** Wait for records in flight, make everything durable and close the files. Idempotent. */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      await Promise.all(this.#files.map((f) => f.writer.sync().catch(() => undefined)));
+      await this.#closeFiles();
+    })();
+    return this.#closing;
+  }
+
+  /** Close and remove every file of the storage. */
+  async destroy(): Promise<void> {
+    await this.close();
+    for (const f of this.#files) await fs.promises.rm(f.path, { force: true });
+    await fs.promises.rm(path.join(this.#dirs[0]!, stateFileName(this.id)), { force: true });
+  }
+
+  // ---- for SnapshotLayer and SnapshotImage ------------------------------------------------
+
+  /**
+   * Claim a device key for one image (a second claim is EBUSY until detach). Returns the chunks
+   * the storage already holds for it (reopened after a restart).
+   * @internal
+   */
+  attach(deviceKey: number): Float64Array {
+    if (!Number.isInteger(deviceKey) || deviceKey < 0 || deviceKey > MAX_DEVICE_KEY) throw new BdsnapError('EINVAL', `bad device key ${deviceKey}`);
+    if (this.#closing) throw new BdsnapError('ESHUTDOWN', `difference storage ${this.id} is closed`);
+    if (this.#attached.has(deviceKey)) throw new BdsnapError('EBUSY', `device key ${deviceKey} of difference storage ${this.id} is already in use`);
+    this.#attached.add(deviceKey);
+    return this.#tables.get(deviceKey)?.sorted().chunks ?? new Float64Array(0);
+  }
+
+  /** @internal */
+  detach(deviceKey: number): void {
+    this.#attached.delete(deviceKey);
+  }
+
+  /**
+   * Store chunks firstChunk.. of a device (payload = their bytes, whole chunks but for a short
+   * last chunk of the device). Resolves true once stored, false if the storage cannot store
+   * (overflowed, failed, closed): the caller goes on without it. Never rejects.
+   * @internal
+   */
+  append(deviceKey: number, kind: DiffRecordKind, firstChunk: number, payload: Buffer): Promise<boolean> {
+    if (!this.usable) return Promise.resolve(false);
+    const recordBytes = DIFF_RECORD_HEADER_BYTES + payload.length;
+    if (this.#limitBytes !== null && this.#usedBytes + recordBytes > this.#limitBytes) {
+      this.#fail('overflowed', `the difference storage reached its limit of ${this.#limitBytes} bytes (${this.#usedBytes} used)`);
+      return Promise.resolve(false);
+    }
+    this.#usedBytes += recordBytes;
+    const chunkCount = Math.ceil(payload.length / this.chunkSize);
+    const header = encodeDiffRecordHeader({ kind, deviceKey, firstChunk, chunkCount, sequence: this.#nextSequence++, payloadBytes: payload.length }, payload);
+    const file = this.#files[this.#files.length - 1]!;
+    const stored = file.writer.appendRecord(header, payload);
+    this.#checkSpace(false);
+    return stored.then((position) => {
+      if (position === undefined) return false;
+      this.#index(deviceKey, kind, firstChunk, chunkCount, file.index * FILE_SPAN + position + DIFF_RECORD_HEADER_BYTES);
+      return true;
+    });
+  }
+
+  /** Where a chunk's bytes are (see FILE_SPAN), or undefined. @internal */
+  locate(deviceKey: number, chunk: number): number | undefined {
+    return this.#tables.get(deviceKey)?.get(chunk);
+  }
+
+  /** Read `target.length` bytes at a location (+ offset) given by locate(). @internal */
+  async readAt(location: number, target: Buffer): Promise<void> {
+    this.#checkReadable();
+    const file = this.#files[Math.floor(location / FILE_SPAN)];
+    if (file === undefined || file.fd < 0) throw new BdsnapError('ESHUTDOWN', `difference storage ${this.id} is closed`);
+    let n: number;
+    try {
+      n = await preadFully(file.fd, target, location % FILE_SPAN);
+    } catch (err) {
+      throw new BdsnapError('EIO', `cannot read difference storage ${this.id}: ${(err as Error).message}`, { cause: err });
+    }
+    if (n !== target.length) throw new BdsnapError('EIO', `difference storage ${this.id} is shorter than its index says`);
+  }
+
+  /** Throws EIO (with the reason) unless the stored records can be read. @internal */
+  checkReadable(): void {
+    this.#checkReadable();
+  }
+
+  // ---- inside ---------------------------------------------------------------------------
+
+  #checkReadable(): void {
+    if (this.#state !== 'ok') {
+      throw new BdsnapError('EIO', `snapshot storage ${this.id} has ${this.#state}: ${this.#failedReason ?? 'unknown reason'}`);
+    }
+    if (this.#closing) throw new BdsnapError('ESHUTDOWN', `difference storage ${this.id} is closed`);
+  }
+
+  #index(deviceKey: number, kind: DiffRecordKind, firstChunk: number, chunkCount: number, location: number): void {
+    let table = this.#tables.get(deviceKey);
+    if (!table) {
+      table = new ChunkTable();
+      this.#tables.set(deviceKey, table);
+    }
+    for (let i = 0; i < chunkCount; i++) {
+      // An original never replaces what is there (the first original, or a newer image).
+      if (kind === 'image') table.set(firstChunk + i, location + i * this.chunkSize);
+      else table.setIfAbsent(firstChunk + i, location + i * this.chunkSize);
+    }
+  }
+
+  async #addFile(dir: string, index: number, flags: 'wx+' | 'r+'): Promise<DiffFile> {
+    const filePath = path.join(dir, diffFileName(this.id, index));
+    let fd: number;
+    try {
+      fd = await openAsync(filePath, flags, 0o600);
+    } catch (err) {
+      const e = toBdsnapError(err);
+      throw new BdsnapError(e.code === 'ENOENT' ? 'ENOENT' : e.code, `cannot open ${filePath}: ${e.message}`, { cause: err });
+    }
+    const file: DiffFile = { index, dir, path: filePath, fd, writer: this.#writer(fd, dir, 0) };
+    this.#files.push(file);
+    return file;
+  }
+
+  /** Verify the records of one file, index them, and cut a torn tail. */
+  async #scan(file: DiffFile, last: boolean): Promise<void> {
+    const fileBytes = fs.fstatSync(file.fd).size;
+    const reader = new SequentialReader(file.fd, fileBytes);
+    let position = 0;
+    let tornReason: string | undefined;
+    try {
+      while (position < fileBytes) {
+        const header = await reader.at(position, DIFF_RECORD_HEADER_BYTES);
+        if (header === undefined) {
+          tornReason = 'truncated record header';
+          break;
+        }
+        const h = decodeDiffRecordHeader(header, this.chunkSize);
+        if (typeof h === 'string') {
+          tornReason = h;
+          break;
+        }
+        const payload = await reader.at(position + DIFF_RECORD_HEADER_BYTES, h.payloadBytes);
+        if (payload === undefined) {
+          tornReason = 'truncated record payload';
+          break;
+        }
+        if (!diffRecordMatches(header, payload)) {
+          tornReason = 'record checksum mismatch';
+          break;
+        }
+        this.#index(h.deviceKey, h.kind, h.firstChunk, h.chunkCount, file.index * FILE_SPAN + position + DIFF_RECORD_HEADER_BYTES);
+        if (h.sequence >= this.#nextSequence) this.#nextSequence = h.sequence + 1;
+        position += DIFF_RECORD_HEADER_BYTES + h.payloadBytes;
+      }
+    } finally {
+      await reader.settle();
+    }
+    if (tornReason !== undefined) {
+      // Only the newest file was being appended to when the process died; a bad record in an
+      // older one is damage, not a torn tail.
+      if (!last) throw new BdsnapError('ECORRUPT', `${file.path} is corrupt: ${tornReason} at byte ${position}`);
+      await ftruncateAsync(file.fd, position);
+    }
+    this.#usedBytes += position;
+    file.writer = this.#writer(file.fd, file.dir, position);
+  }
+
+  #writer(fd: number, dir: string, startBytes: number): StoreWriter {
+    return new StoreWriter(fd, startBytes, { strict: this.durability === 'strict', onFailure: (reason, err) => this.#writeFailed(reason, dir, err) });
+  }
+
+  #writeFailed(reason: string, dir: string, err: unknown): void {
+    const code = (err as NodeJS.ErrnoException | undefined)?.code;
+    if (code === 'ENOSPC' || code === 'EDQUOT') this.#fail('overflowed', `the disk of ${dir} is full`);
+    else this.#fail('failed', `${reason} (${dir})`);
+  }
+
+  #fail(state: 'overflowed' | 'failed', reason: string): void {
+    if (this.#state !== 'ok') return;
+    this.#state = state;
+    this.#failedReason = reason;
+    this.#writeStateFile();
+    this.#emit({ type: state, reason });
+  }
+
+  /**
+   * Synchronous on purpose: the device write that could not be preserved is only issued after
+   * this returns, so a kill cannot leave that write on the device and the storage looking fine.
+   */
+  #writeStateFile(): void {
+    let fd: number | undefined;
+    try {
+      fd = fs.openSync(path.join(this.#dirs[0]!, stateFileName(this.id)), 'w', 0o600);
+      fs.writeSync(fd, `${JSON.stringify({ state: this.#state, reason: this.#failedReason })}\n`);
+    } catch {
+      // An empty state file still says "failed"; without one, the daemon's own record must.
+    } finally {
+      if (fd !== undefined) fs.closeSync(fd);
+    }
+  }
+
+  #readStateFile(): void {
+    for (const dir of this.#dirs) {
+      let text: string;
+      try {
+        text = fs.readFileSync(path.join(dir, stateFileName(this.id)), 'utf8');
+      } catch {
+        continue;
+      }
+      let state: DiffStorageState = 'failed';
+      let reason = 'the storage failed before a restart (reason not recorded)';
+      try {
+        const parsed = JSON.parse(text) as { state?: unknown; reason?: unknown };
+        if (parsed.state === 'overflowed') state = 'overflowed';
+        if (typeof parsed.reason === 'string') reason = parsed.reason;
+      } catch {
+        // Empty or torn: 'failed' with the default reason.
+      }
+      this.#state = state;
+      this.#failedReason = reason;
+      return;
+    }
+  }
+
+  async #closeFiles(): Promise<void> {
+    for (const f of this.#files) {
+      const fd = f.fd;
+      f.fd = -1;
+      if (fd >= 0) await closeAsync(fd).catch(() => undefined);
+    }
+  }
+
+  /** `force`: check the filesystem now (after create, open, extend), else at most once a second. */
+  #checkSpace(force: boolean): void {
+    const limit = this.#limitBytes;
+    const lowOnLimit = limit !== null && this.#usedBytes >= this.#limitFraction * limit;
+    if (!lowOnLimit) this.#lowOnLimit = false;
+    const now = performance.now();
+    const limitCrossed = lowOnLimit && !this.#lowOnLimit;
+    if (this.#fsChecking || (!force && !limitCrossed && now - this.#fsCheckedAtMs < FS_CHECK_INTERVAL_MS)) return;
+    this.#fsChecking = true;
+    this.#fsCheckedAtMs = now;
+    const dir = this.#files[this.#files.length - 1]!.dir;
+    fs.promises.statfs(dir).then((st) => {
+      const freeBytes = st.bavail * st.bsize;
+      const lowOnDisk = freeBytes < this.#fsFreeBytes || freeBytes < this.#fsFreeFraction * st.blocks * st.bsize;
+      const stillLowOnLimit = this.#limitBytes !== null && this.#usedBytes >= this.#limitFraction * this.#limitBytes;
+      const fire = (stillLowOnLimit && !this.#lowOnLimit) || (lowOnDisk && !this.#lowOnDisk);
+      this.#lowOnLimit = stillLowOnLimit;
+      this.#lowOnDisk = lowOnDisk;
+      if (fire && this.#state === 'ok') this.#emit({ type: 'low-space', usedBytes: this.#usedBytes, limitBytes: this.#limitBytes, freeBytes, dir });
+    }, () => undefined).finally(() => {
+      this.#fsChecking = false;
+      // A crossing of the limit while statfs ran is picked up now rather than a second later.
+      if (this.#limitBytes !== null && this.#usedBytes >= this.#limitFraction * this.#limitBytes && !this.#lowOnLimit) this.#checkSpace(true);
+    });
+  }
+
+  #emit(event: DiffStorageEvent): void {
+    const onEvent = this.#onEvent;
+    if (!onEvent) return;
+    setImmediate(() => {
+      try {
+        onEvent(event);
+      } catch {
+        // A listener's bug must not break the data path.
+      }
+    });
+  }
+}
+
+function checkLimit(limitBytes: number): void {
+  if (!Number.isSafeInteger(limitBytes) || limitBytes < 0) throw new BdsnapError('EINVAL', `limitBytes must be a non-negative integer, got ${limitBytes}`);
+}
+
+async function checkOptions(options: DiffStorageOptions): Promise<string[]> {
+  if (typeof options.id !== 'string' || !ID_PATTERN.test(options.id)) {
+    throw new BdsnapError('EINVAL', `bad snapshot id ${JSON.stringify(options.id)}: letters, digits, '.', '_' and '-' only`);
+  }
+  checkChunkSize(options.chunkSize);
+  if (options.limitBytes !== undefined) checkLimit(options.limitBytes);
+  if (options.durability !== undefined && options.durability !== 'process' && options.durability !== 'strict') {
+    throw new BdsnapError('EINVAL', `durability must be 'process' or 'strict', got ${String(options.durability)}`);
+  }
+  if (!Array.isArray(options.dirs) || options.dirs.length === 0) throw new BdsnapError('EINVAL', 'at least one storage directory is needed');
+  return checkDirs(options.dirs);
+}
+
+/** Absolute paths of existing directories. Errors: ENOENT, EINVAL (not a directory). */
+async function checkDirs(dirs: string[]): Promise<string[]> {
+  const out: string[] = [];
+  for (const dir of dirs) {
+    const abs = path.resolve(dir);
+    let st: fs.Stats;
+    try {
+      st = await fs.promises.stat(abs);
+    } catch (err) {
+      throw new BdsnapError('ENOENT', `storage directory ${abs} does not exist`, { cause: err });
+    }
+    if (!st.isDirectory()) throw new BdsnapError('EINVAL', `storage directory ${abs} is not a directory (ENOTDIR)`);
+    out.push(abs);
+  }
+  return out;
+}
+
+/** Indexes n of the files `<id>.<n>.diff` in `dir`. */
+async function listDiffFiles(dir: string, id: string): Promise<number[]> {
+  const prefix = `${id}.`;
+  const out: number[] = [];
+  for (const name of await fs.promises.readdir(dir)) {
+    if (!name.startsWith(prefix) || !name.endsWith('.diff')) continue;
+    const middle = name.slice(prefix.length, -'.diff'.length);
+    if (/^(0|[1-9][0-9]{0,8})$/.test(middle)) out.push(Number(middle));
+  }
+  return out;
+}
