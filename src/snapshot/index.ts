@@ -7,3 +7,7 @@ export { CowDevice, type SessionOptions, type SessionSummary, type CowState } fr
 export { restore, checkNotInUse, type RestoreOptions, type RestoreSummary } from './restore.js';
 export { listSessions, recoverSession, readSessionInfo, type SessionInfo } from './sessions.js';
 export { sessionDirName, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, type SessionState } from './format.js';
+export {
+  ChangeMap, FrozenChangeMap, TrackingDevice, dirtyBitmapContextName, trackingBlockSize, DIRTY_BITMAP_CHANGED,
+  type ChangeMapOptions, type ChangeMapReset, type ChangeMapResetReason, type ChangeMapInfo, type DeviceStamp, type ByteRange,
+} from './change-map.js';
