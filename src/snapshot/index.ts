@@ -13,3 +13,7 @@ export {
   type DiffStorageOptions, type DiffStorageState, type DiffStorageEvent,
 } from './diff-storage.js';
 export { SnapshotLayer, SnapshotImage } from './snapshot-layer.js';
+export {
+  ChangeMap, FrozenChangeMap, TrackingDevice, dirtyBitmapContextName, trackingBlockSize, DIRTY_BITMAP_CHANGED,
+  type ChangeMapOptions, type ChangeMapReset, type ChangeMapResetReason, type ChangeMapInfo, type DeviceStamp, type ByteRange,
+} from './change-map.js';

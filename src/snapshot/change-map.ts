@@ -1,0 +1,975 @@
+/**
+ * Change-block tracking (CBT) that survives daemon restarts and crashes.
+ *
+ * Model (blksnap's, with wider entries and a file behind it): the device is cut into tracking
+ * blocks; `map[i]` holds the number of the snapshot period in which block i last changed (0 =
+ * not changed in this generation). The current period starts at 1; taking a snapshot freezes
+ * a copy of the map (the snapshot's view, with the number of the period it ends) and moves the
+ * live map to the next number. "Changed since snapshot N" is `map[i] > N`. Numbers compare only
+ * within one generation (a random id); whenever the map cannot be trusted it is reset to a new
+ * generation with numbers starting again at 1, and the reset says why.
+ *
+ * Block size: 64 KiB, doubled until the map has at most 2^21 blocks (so up to 128 GiB -> 64 KiB,
+ * 256 GiB -> 128 KiB, 1 TiB -> 512 KiB); memory and file stay at most 8 MiB per map. Entries
+ * are Uint32: a device would need four billion snapshots to wrap one (a wrap resets the
+ * generation with reason 'wrapped', as blksnap does at 255).
+ *
+ * Invariants:
+ * - mark() puts the new entries in memory and in the map file (pwrite into the page cache)
+ *   synchronously, before it returns; the caller issues the device write afterwards. So a
+ *   killed process never leaves a written block unmarked. A rewrite of a block already marked
+ *   in this period costs a typed-array compare and no system call.
+ * - 'strict' durability: the entries are also on stable storage (one fdatasync for every mark
+ *   that queued meanwhile, group commit) before mark()'s promise resolves, and a rewrite of a
+ *   block whose entry is not yet durable waits for that sync too. A host crash then loses
+ *   nothing, and the map is kept across it.
+ * - 'process' durability: a host crash may drop the file's last writes. The file records the
+ *   boot id of the session that opened it and a clean flag set only by close(); an unclean
+ *   file from another boot is not trusted (reset 'host-crash').
+ * - The header is written before any entry that depends on it (a new number, a new
+ *   generation), so an entry is never above the header's number + 1; one above that is
+ *   corruption.
+ *
+ * Map file (all integers little-endian), `HEADER_BYTES` of header then one u32 per block:
+ *   0  magic "BDSNPCBT"            8  u32 version (1)          12 u32 header bytes (4096)
+ *   16 u32 generation              20 u32 block size           24 u32 blocks
+ *   28 u32 current number          32 u64 device size bytes    40 u32 flags (1 clean, 2 poisoned)
+ *   48 boot id (48 bytes ASCII, NUL padded)                    96 u64 last write seen (ms since epoch)
+ *   104 u32 stamp present         112 u64 stamp size bytes    120 u64 stamp mtime s
+ *   128 u32 stamp mtime ns        136 u64 generation created (ms since epoch)
+ *   252 u32 CRC-32 of bytes 0..251
+ * "Last write seen" is refreshed at most once a second while writes go on, so after an
+ * unclean stop an image whose mtime is later than it (+2 s of slack) was written by someone
+ * else.
+ */
+
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { crc32 } from 'node:zlib';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
+
+export const CHANGE_MAP_MAGIC = 'BDSNPCBT';
+export const FROZEN_MAP_MAGIC = 'BDSNPCBF';
+export const CHANGE_MAP_VERSION = 1;
+/** The entries start on their own page, so an entry write never touches the header's page. */
+const HEADER_BYTES = 4096;
+const HEADER_USED_BYTES = 256;
+const HEADER_CRC_AT = 252;
+const FROZEN_HEADER_BYTES = 64;
+const FROZEN_CRC_AT = 60;
+export const MIN_TRACKING_BLOCK_BYTES = 64 * 1024;
+export const MAX_TRACKING_BLOCKS = 1 << 21;
+/** Highest period number before the map wraps to a new generation. */
+const MAX_NUMBER = 0xffff_fff0;
+const FLAG_CLEAN = 1;
+const FLAG_POISONED = 2;
+const BOOT_ID_BYTES = 48;
+const LAST_WRITE_REFRESH_MS = 1000;
+/** Slack between "last write seen" and the image's mtime after an unclean stop. */
+const MTIME_SLACK_MS = 2000;
+const BOOT_ID_FILE = '/proc/sys/kernel/random/boot_id';
+const LITTLE_ENDIAN = os.endianness() === 'LE';
+const TWO_POW_32 = 4294967296;
+
+export type Durability = 'process' | 'strict';
+
+/** Size and modification time of an image file, as fs.stat(..., { bigint: true }) gives them. */
+export interface DeviceStamp {
+  sizeBytes: number;
+  /** Nanoseconds since the epoch, as a decimal string. */
+  mtimeNs: string;
+}
+
+export interface ChangeMapOptions {
+  /** The map file (created with its directory if missing). */
+  file: string;
+  deviceSizeBytes: number;
+  durability: Durability;
+  /** The image file's stamp now; null (or absent) for a block device, where none is checked. */
+  deviceStamp?: DeviceStamp | null;
+  /** Default: read /proc/sys/kernel/random/boot_id. */
+  bootId?: string;
+  /** Called for a reset the map decides on its own later (a wrap in advance()). */
+  onReset?: (reset: ChangeMapReset) => void;
+}
+
+export type ChangeMapResetReason = 'new' | 'host-crash' | 'changed-outside' | 'size-changed' | 'corrupt' | 'requested' | 'wrapped';
+
+export type ChangeMapReset = { reason: ChangeMapResetReason; detail: string; previousGeneration: string | null };
+
+export interface ByteRange {
+  offsetBytes: number;
+  lengthBytes: number;
+}
+
+export interface ChangeMapInfo {
+  blockSize: number;
+  blocks: number;
+  generation: string;
+  number: number;
+  deviceSizeBytes: number;
+}
+
+/** The qemu:dirty-bitmap flag: set = the extent changed. */
+export const DIRTY_BITMAP_CHANGED = 1;
+
+/**
+ * The NBD metadata context under which a snapshot image offers "changed since snapshot
+ * `sinceNumber`" of generation `generation`: `qemu:dirty-bitmap:<generation>:<sinceNumber>`.
+ * An image of snapshot k offers one for each earlier number 1..k-1 of its own generation. A
+ * consumer asks for the name built from the generation and number it recorded at its last
+ * backup; after a reset that generation is gone, the context does not exist, and the consumer
+ * must read everything (it can never get a map that under-reports).
+ */
+export function dirtyBitmapContextName(generation: string, sinceNumber: number): string {
+  return `qemu:dirty-bitmap:${generation}:${sinceNumber}`;
+}
+
+/** 64 KiB, doubled until the device fits in MAX_TRACKING_BLOCKS blocks. */
+export function trackingBlockSize(deviceSizeBytes: number): number {
+  let blockSize = MIN_TRACKING_BLOCK_BYTES;
+  while (Math.ceil(deviceSizeBytes / blockSize) > MAX_TRACKING_BLOCKS) blockSize *= 2;
+  return blockSize;
+}
+
+function newGeneration(): string {
+  return randomBytes(4).toString('hex');
+}
+
+function readBootId(): string {
+  try {
+    return fs.readFileSync(BOOT_ID_FILE, 'utf8').trim();
+  } catch {
+    // Unknown: an unclean map can then never be proven to come from this boot.
+    return '';
+  }
+}
+
+function writeFully(fd: number, buf: Buffer, position: number): void {
+  let done = 0;
+  while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, position + done);
+}
+
+function readFully(fd: number, buf: Buffer, position: number): number {
+  let done = 0;
+  while (done < buf.length) {
+    const n = fs.readSync(fd, buf, done, buf.length - done, position + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return done;
+}
+
+/** The file bytes of entries lo..hi (a view of the array on little-endian machines). */
+function entryBytes(entries: Uint32Array, lo: number, hi: number): Buffer {
+  if (LITTLE_ENDIAN) return Buffer.from(entries.buffer, entries.byteOffset + lo * 4, (hi - lo + 1) * 4);
+  const b = Buffer.allocUnsafe((hi - lo + 1) * 4);
+  for (let i = lo; i <= hi; i++) b.writeUInt32LE(entries[i]!, (i - lo) * 4);
+  return b;
+}
+
+/** Read `entries.length` u32 entries from the file at `position`; false if the file is short. */
+function readEntries(fd: number, entries: Uint32Array, position: number): boolean {
+  const bytes = entries.length * 4;
+  if (LITTLE_ENDIAN) return readFully(fd, Buffer.from(entries.buffer, entries.byteOffset, bytes), position) === bytes;
+  const b = Buffer.allocUnsafe(bytes);
+  if (readFully(fd, b, position) !== bytes) return false;
+  for (let i = 0; i < entries.length; i++) entries[i] = b.readUInt32LE(i * 4);
+  return true;
+}
+
+function fsyncDirectorySync(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Write temp, fsync, rename, fsync the directory; returns an fd of the new file opened r+. */
+function replaceFileSync(file: string, parts: Buffer[]): number {
+  const tmp = `${file}.tmp-${process.pid}`;
+  const fd = fs.openSync(tmp, 'w', 0o600);
+  try {
+    let at = 0;
+    for (const p of parts) {
+      writeFully(fd, p, at);
+      at += p.length;
+    }
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  fsyncDirectorySync(path.dirname(file));
+  return fs.openSync(file, 'r+');
+}
+
+function writeU64LE(b: Buffer, at: number, value: number): void {
+  b.writeUInt32LE(value >>> 0, at);
+  b.writeUInt32LE(Math.floor(value / TWO_POW_32), at + 4);
+}
+
+function readU64LE(b: Buffer, at: number): number {
+  return b.readUInt32LE(at + 4) * TWO_POW_32 + b.readUInt32LE(at);
+}
+
+/** First and last index changed by the latest setEntries() (reused: mark() allocates nothing). */
+const changedSpan = new Int32Array(2);
+
+/**
+ * Set entries first..last to n. Returns the first index that was not already n (or -1), and
+ * leaves it and the last such index in changedSpan: the span to write to the file.
+ */
+function setEntries(entries: Uint32Array, first: number, last: number, n: number): number {
+  let lo = -1;
+  let hi = -1;
+  for (let i = first; i <= last; i++) {
+    if (entries[i] !== n) {
+      if (lo < 0) lo = i;
+      hi = i;
+      entries[i] = n;
+    }
+  }
+  changedSpan[0] = lo;
+  changedSpan[1] = hi;
+  return lo;
+}
+
+function checkNumber(sinceNumber: number): void {
+  if (!Number.isSafeInteger(sinceNumber) || sinceNumber < 0) throw new BdsnapError('EINVAL', `bad snapshot number ${sinceNumber}`);
+}
+
+/** Clip [offset, offset+length) to the device; undefined length = to the end. */
+function window(deviceSizeBytes: number, offsetBytes = 0, lengthBytes?: number): { start: number; end: number } {
+  if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0 || (lengthBytes !== undefined && (!Number.isSafeInteger(lengthBytes) || lengthBytes < 0))) {
+    throw new BdsnapError('EINVAL', `bad range: offset ${offsetBytes}, length ${String(lengthBytes)}`);
+  }
+  const end = Math.min(deviceSizeBytes, lengthBytes === undefined ? deviceSizeBytes : offsetBytes + lengthBytes);
+  return { start: Math.min(offsetBytes, deviceSizeBytes), end };
+}
+
+/** Merged byte ranges of the blocks with entry > since, clipped to the window. */
+function changedRanges(entries: Uint32Array, blockSize: number, deviceSizeBytes: number, since: number, offsetBytes?: number, lengthBytes?: number): ByteRange[] {
+  checkNumber(since);
+  const { start, end } = window(deviceSizeBytes, offsetBytes, lengthBytes);
+  const out: ByteRange[] = [];
+  if (end <= start) return out;
+  const first = Math.floor(start / blockSize);
+  const last = Math.floor((end - 1) / blockSize);
+  let runStart = -1;
+  for (let i = first; i <= last + 1; i++) {
+    const changed = i <= last && entries[i]! > since;
+    if (changed) {
+      if (runStart < 0) runStart = i;
+    } else if (runStart >= 0) {
+      const from = Math.max(start, runStart * blockSize);
+      const to = Math.min(end, i * blockSize);
+      out.push({ offsetBytes: from, lengthBytes: to - from });
+      runStart = -1;
+    }
+  }
+  return out;
+}
+
+/** Contiguous extents from the offset, flag DIRTY_BITMAP_CHANGED where entry > since. */
+function changedExtents(entries: Uint32Array, blockSize: number, deviceSizeBytes: number, since: number, offsetBytes: number, lengthBytes: number): Array<{ length: number; flags: number }> {
+  checkNumber(since);
+  const { start, end } = window(deviceSizeBytes, offsetBytes, lengthBytes);
+  const out: Array<{ length: number; flags: number }> = [];
+  let at = start;
+  while (at < end) {
+    const i = Math.floor(at / blockSize);
+    const flags = entries[i]! > since ? DIRTY_BITMAP_CHANGED : 0;
+    let j = i + 1;
+    const lastBlock = Math.floor((end - 1) / blockSize);
+    while (j <= lastBlock && (entries[j]! > since ? DIRTY_BITMAP_CHANGED : 0) === flags) j++;
+    const to = Math.min(end, j * blockSize);
+    out.push({ length: to - at, flags });
+    at = to;
+  }
+  return out;
+}
+
+interface SyncBatch {
+  promise: Promise<void>;
+  resolve: () => void;
+  reject: (err: BdsnapError) => void;
+  /** [first, last, number] of each entry range written before this batch's sync starts. */
+  ranges: number[];
+  epoch: number;
+}
+
+interface ParsedHeader {
+  generation: string;
+  blockSize: number;
+  blocks: number;
+  number: number;
+  deviceSizeBytes: number;
+  flags: number;
+  bootId: string;
+  lastWriteSeenMs: number;
+  stamp: { sizeBytes: number; mtimeMs: number; mtimeNs: bigint } | undefined;
+}
+
+function parseHeader(h: Buffer, fileBytes: number): ParsedHeader | string {
+  if (h.length < HEADER_USED_BYTES) return `the file is too short for a header (${fileBytes} bytes)`;
+  if (h.toString('latin1', 0, 8) !== CHANGE_MAP_MAGIC) return 'bad magic (not a bdsnap change map)';
+  const version = h.readUInt32LE(8);
+  if (version !== CHANGE_MAP_VERSION) return `unsupported version ${version}`;
+  if (h.readUInt32LE(HEADER_CRC_AT) !== crc32(h.subarray(0, HEADER_CRC_AT))) return 'header checksum mismatch';
+  if (h.readUInt32LE(12) !== HEADER_BYTES) return `unexpected header size ${h.readUInt32LE(12)}`;
+  const blockSize = h.readUInt32LE(20);
+  const blocks = h.readUInt32LE(24);
+  const deviceSizeBytes = readU64LE(h, 32);
+  if (blockSize < 4096 || (blockSize & (blockSize - 1)) !== 0) return `bad block size ${blockSize}`;
+  if (blocks !== Math.ceil(deviceSizeBytes / blockSize) || blocks > MAX_TRACKING_BLOCKS) return `block count ${blocks} does not match the device size ${deviceSizeBytes}`;
+  if (fileBytes !== HEADER_BYTES + blocks * 4) return `file is ${fileBytes} bytes, expected ${HEADER_BYTES + blocks * 4}`;
+  const stampPresent = h.readUInt32LE(104) === 1;
+  const mtimeS = readU64LE(h, 120);
+  const mtimeNsPart = h.readUInt32LE(128);
+  const generationNumber = h.readUInt32LE(16);
+  return {
+    generation: generationNumber.toString(16).padStart(8, '0'),
+    blockSize,
+    blocks,
+    number: h.readUInt32LE(28),
+    deviceSizeBytes,
+    flags: h.readUInt32LE(40),
+    bootId: h.toString('latin1', 48, 48 + BOOT_ID_BYTES).replace(/\0+$/, ''),
+    lastWriteSeenMs: readU64LE(h, 96),
+    stamp: stampPresent
+      ? { sizeBytes: readU64LE(h, 112), mtimeMs: mtimeS * 1000 + mtimeNsPart / 1e6, mtimeNs: BigInt(mtimeS) * 1_000_000_000n + BigInt(mtimeNsPart) }
+      : undefined,
+  };
+}
+
+function parseStamp(stamp: DeviceStamp): { sizeBytes: number; mtimeNs: bigint } {
+  let mtimeNs: bigint;
+  try {
+    mtimeNs = BigInt(stamp.mtimeNs);
+  } catch (err) {
+    throw new BdsnapError('EINVAL', `bad device stamp mtime "${stamp.mtimeNs}"`, { cause: err });
+  }
+  if (!Number.isSafeInteger(stamp.sizeBytes) || stamp.sizeBytes < 0 || mtimeNs < 0n) throw new BdsnapError('EINVAL', 'bad device stamp');
+  return { sizeBytes: stamp.sizeBytes, mtimeNs };
+}
+
+/** The live change map of one device. Open with ChangeMap.open(). */
+export class ChangeMap {
+  readonly blockSize: number;
+  readonly blocks: number;
+  readonly #file: string;
+  readonly #deviceSizeBytes: number;
+  readonly #durability: Durability;
+  readonly #bootId: string;
+  readonly #onReset: ((reset: ChangeMapReset) => void) | undefined;
+  #fd: number;
+  #entries: Uint32Array;
+  /** strict only: the value of each entry known to be on stable storage. */
+  #durable: Uint32Array | undefined;
+  #generation: string;
+  #createdMs: number;
+  #number: number;
+  #lastWriteSeenMs = 0;
+  #closed = false;
+  #failure: string | undefined;
+  /** Bumped by every reset, so a sync batch of the old file does not touch the new state. */
+  #epoch = 0;
+  #syncing: SyncBatch | undefined;
+  #next: SyncBatch | undefined;
+  #header = Buffer.alloc(HEADER_BYTES);
+
+  private constructor(options: ChangeMapOptions, bootId: string, fd: number, state: { generation: string; number: number; entries: Uint32Array; createdMs: number }) {
+    this.#file = options.file;
+    this.#deviceSizeBytes = options.deviceSizeBytes;
+    this.#durability = options.durability;
+    this.#bootId = bootId;
+    this.#onReset = options.onReset;
+    this.blockSize = trackingBlockSize(options.deviceSizeBytes);
+    this.blocks = Math.ceil(options.deviceSizeBytes / this.blockSize);
+    this.#fd = fd;
+    this.#entries = state.entries;
+    this.#generation = state.generation;
+    this.#number = state.number;
+    this.#createdMs = state.createdMs;
+    if (this.#durability === 'strict') this.#durable = state.entries.slice();
+  }
+
+  /**
+   * Open the map of a device, or start a new generation when there is none or it cannot be
+   * trusted; `reset` says why (null when the map was kept). Errors: EINVAL (bad options),
+   * EIO/EPERM (the file cannot be written).
+   */
+  static async open(options: ChangeMapOptions): Promise<{ map: ChangeMap; reset: ChangeMapReset | null }> {
+    if (!Number.isSafeInteger(options.deviceSizeBytes) || options.deviceSizeBytes < 0) {
+      throw new BdsnapError('EINVAL', `bad device size ${options.deviceSizeBytes}`);
+    }
+    if (options.durability !== 'process' && options.durability !== 'strict') {
+      throw new BdsnapError('EINVAL', `durability must be 'process' or 'strict', got ${String(options.durability)}`);
+    }
+    const stamp = options.deviceStamp ? parseStamp(options.deviceStamp) : undefined;
+    const bootId = options.bootId ?? readBootId();
+    try {
+      await fs.promises.mkdir(path.dirname(options.file), { recursive: true, mode: 0o700 });
+      const { fd, state, reset } = ChangeMap.#load(options, bootId, stamp);
+      const map = new ChangeMap(options, bootId, fd, state);
+      if (reset) {
+        map.#replaceFile();
+      } else {
+        // From here on the file is "in use": unclean until close(), with this boot's id.
+        map.#lastWriteSeenMs = Date.now();
+        map.#writeHeader(0, undefined);
+        fs.fdatasyncSync(fd);
+      }
+      return { map, reset };
+    } catch (err) {
+      throw toBdsnapError(err);
+    }
+  }
+
+  static #load(options: ChangeMapOptions, bootId: string, stamp: { sizeBytes: number; mtimeNs: bigint } | undefined): {
+    fd: number; state: { generation: string; number: number; entries: Uint32Array; createdMs: number }; reset: ChangeMapReset | null;
+  } {
+    const blocks = Math.ceil(options.deviceSizeBytes / trackingBlockSize(options.deviceSizeBytes));
+    const fresh = (reason: ChangeMapResetReason, detail: string, previousGeneration: string | null, fd = -1) => ({
+      fd,
+      state: { generation: newGeneration(), number: 1, entries: new Uint32Array(blocks), createdMs: Date.now() },
+      reset: { reason, detail, previousGeneration } as ChangeMapReset,
+    });
+    let fd: number;
+    try {
+      fd = fs.openSync(options.file, 'r+');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return fresh('new', 'no change map yet: every block counts as changed', null);
+      throw err;
+    }
+    let keep = false;
+    try {
+      const fileBytes = fs.fstatSync(fd).size;
+      const h = Buffer.alloc(HEADER_USED_BYTES);
+      const parsed = parseHeader(h.subarray(0, readFully(fd, h, 0)), fileBytes);
+      if (typeof parsed === 'string') return fresh('corrupt', `${options.file}: ${parsed}`, null);
+      const prev = parsed.generation;
+      if ((parsed.flags & FLAG_POISONED) !== 0) return fresh('corrupt', 'an earlier write of the map file failed', prev);
+      if (parsed.deviceSizeBytes !== options.deviceSizeBytes) {
+        return fresh('size-changed', `the device is ${options.deviceSizeBytes} bytes, the map was for ${parsed.deviceSizeBytes}`, prev);
+      }
+      const clean = (parsed.flags & FLAG_CLEAN) !== 0;
+      if (!clean && options.durability === 'process' && (parsed.bootId === '' || parsed.bootId !== bootId)) {
+        return fresh('host-crash', `the map was not closed cleanly and the host has restarted since (boot ${parsed.bootId || 'unknown'}, now ${bootId || 'unknown'}); its last writes may be lost`, prev);
+      }
+      if (stamp) {
+        if (clean) {
+          if (!parsed.stamp) return fresh('changed-outside', 'the map has no record of the image file to compare with', prev);
+          if (parsed.stamp.sizeBytes !== stamp.sizeBytes || parsed.stamp.mtimeNs !== stamp.mtimeNs) {
+            return fresh('changed-outside', `the image file changed while it was not served (size ${parsed.stamp.sizeBytes} -> ${stamp.sizeBytes}, mtime ${parsed.stamp.mtimeNs} -> ${stamp.mtimeNs} ns)`, prev);
+          }
+        } else {
+          const mtimeMs = Number(stamp.mtimeNs / 1_000_000n);
+          if (mtimeMs > parsed.lastWriteSeenMs + MTIME_SLACK_MS) {
+            return fresh('changed-outside', `the image file was modified at ${new Date(mtimeMs).toISOString()}, after the last write seen at ${new Date(parsed.lastWriteSeenMs).toISOString()}`, prev);
+          }
+        }
+      }
+      const entries = new Uint32Array(parsed.blocks);
+      if (!readEntries(fd, entries, HEADER_BYTES)) return fresh('corrupt', `${options.file}: the entries are cut short`, prev);
+      let max = 0;
+      for (let i = 0; i < entries.length; i++) if (entries[i]! > max) max = entries[i]!;
+      if (max > parsed.number + 1) return fresh('corrupt', `an entry holds number ${max}, beyond the current number ${parsed.number}`, prev);
+      keep = true;
+      // An entry one above the header's number: the header of an advance() did not reach the
+      // disk but an entry of the new period did (strict, after a host crash): adopt it.
+      return { fd, state: { generation: prev, number: Math.max(parsed.number, max, 1), entries, createdMs: readU64LE(h, 136) }, reset: null };
+    } finally {
+      if (!keep) fs.closeSync(fd);
+    }
+  }
+
+  get generation(): string {
+    return this.#generation;
+  }
+
+  get number(): number {
+    return this.#number;
+  }
+
+  get durability(): Durability {
+    return this.#durability;
+  }
+
+  /** Why the map file could not be written (the map is then reset at the next open), if it failed. */
+  get failure(): string | undefined {
+    return this.#failure;
+  }
+
+  info(): ChangeMapInfo {
+    return { blockSize: this.blockSize, blocks: this.blocks, generation: this.#generation, number: this.#number, deviceSizeBytes: this.#deviceSizeBytes };
+  }
+
+  /**
+   * Record that bytes offset..offset+length are about to change. Call BEFORE the write can
+   * reach the device. 'process': returns undefined, everything is done. 'strict': returns a
+   * promise when the entries are not yet on stable storage; issue the write after it resolves.
+   */
+  mark(offsetBytes: number, lengthBytes: number): void | Promise<void> {
+    if (this.#closed) throw new BdsnapError('ESHUTDOWN', 'the change map is closed');
+    if (lengthBytes <= 0) return undefined;
+    if (offsetBytes + lengthBytes > this.#deviceSizeBytes || offsetBytes < 0) {
+      throw new BdsnapError('EINVAL', `range ${offsetBytes}+${lengthBytes} is past the end of the device (${this.#deviceSizeBytes} bytes)`);
+    }
+    const bs = this.blockSize;
+    const first = Math.floor(offsetBytes / bs);
+    const last = Math.floor((offsetBytes + lengthBytes - 1) / bs);
+    const n = this.#number;
+    const lo = setEntries(this.#entries, first, last, n);
+    const hi = changedSpan[1]!;
+    const now = Date.now();
+    if (now - this.#lastWriteSeenMs >= LAST_WRITE_REFRESH_MS) this.#touch(now);
+    if (lo >= 0) this.#writeEntries(lo, hi);
+    const durable = this.#durable;
+    if (!durable) return undefined;
+    if (lo >= 0) return this.#waitDurable(true, lo, hi, n);
+    for (let i = first; i <= last; i++) if (durable[i] !== n) return this.#waitDurable(false, 0, 0, 0);
+    return undefined;
+  }
+
+  /** Mark ranges changed by hand (the operator knows better); durable in 'strict'. */
+  async markDirty(ranges: ByteRange[]): Promise<void> {
+    for (const r of ranges) checkRange({ size: this.#deviceSizeBytes }, r.offsetBytes, r.lengthBytes, false);
+    const waits: Promise<void>[] = [];
+    for (const r of ranges) {
+      const p = this.mark(r.offsetBytes, r.lengthBytes);
+      if (p) waits.push(p);
+    }
+    await Promise.all(waits);
+  }
+
+  /**
+   * The snapshot's frozen view at this point, then the next number. Call under the write
+   * barrier (no modifying request in flight), so no write falls between the two.
+   */
+  advance(): FrozenChangeMap {
+    if (this.#closed) throw new BdsnapError('ESHUTDOWN', 'the change map is closed');
+    const frozen = new FrozenChangeMap({
+      generation: this.#generation, number: this.#number, blockSize: this.blockSize,
+      deviceSizeBytes: this.#deviceSizeBytes, entries: this.#entries.slice(),
+    });
+    if (this.#number >= MAX_NUMBER) {
+      const reset = this.#resetSync('wrapped', `the period number reached ${this.#number}`);
+      this.#onReset?.(reset);
+      return frozen;
+    }
+    this.#number++;
+    try {
+      this.#writeHeader(0, undefined);
+      // The new number must be on disk before any entry of the new period can be (strict).
+      if (this.#durable) fs.fdatasyncSync(this.#fd);
+    } catch (err) {
+      this.#poison(err);
+    }
+    return frozen;
+  }
+
+  /** Start a new generation: every block counts as changed for every consumer. */
+  async reset(reason: ChangeMapResetReason, detail: string): Promise<ChangeMapReset> {
+    if (this.#closed) throw new BdsnapError('ESHUTDOWN', 'the change map is closed');
+    return this.#resetSync(reason, detail);
+  }
+
+  /** Merged byte ranges changed since snapshot `sinceNumber` (0: since the generation began). */
+  changedSince(sinceNumber: number, offsetBytes?: number, lengthBytes?: number): ByteRange[] {
+    return changedRanges(this.#entries, this.blockSize, this.#deviceSizeBytes, sinceNumber, offsetBytes, lengthBytes);
+  }
+
+  /**
+   * Clean close: wait for syncs in flight, record the image's stamp, mark the file clean and
+   * make it durable. A map whose file failed is left unclean (reset at the next open).
+   */
+  async close(deviceStamp?: DeviceStamp | null): Promise<void> {
+    if (this.#closed) return;
+    const stamp = deviceStamp ? parseStamp(deviceStamp) : undefined;
+    this.#closed = true;
+    try {
+      await this.#syncing?.promise.catch(() => undefined);
+      await this.#next?.promise.catch(() => undefined);
+      if (this.#failure === undefined) {
+        this.#lastWriteSeenMs = Date.now();
+        this.#writeHeader(FLAG_CLEAN, stamp);
+        await new Promise<void>((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
+      }
+    } finally {
+      fs.closeSync(this.#fd);
+    }
+  }
+
+  // ---- file -------------------------------------------------------------------------------
+
+  #writeHeader(flags: number, stamp: { sizeBytes: number; mtimeNs: bigint } | undefined): void {
+    this.#fillHeader(flags, stamp);
+    writeFully(this.#fd, this.#header.subarray(0, HEADER_USED_BYTES), 0);
+  }
+
+  #touch(now: number): void {
+    this.#lastWriteSeenMs = now;
+    if (this.#failure !== undefined) return;
+    try {
+      this.#writeHeader(0, undefined);
+    } catch (err) {
+      this.#poison(err);
+      return;
+    }
+    // strict: let the refreshed time reach the disk too, without holding any write for it.
+    if (this.#durable && !this.#next) this.#waitDurable(false, 0, 0, 0).catch(() => undefined);
+  }
+
+  #writeEntries(lo: number, hi: number): void {
+    if (this.#failure !== undefined) {
+      if (this.#durable) throw new BdsnapError('EIO', `the change map cannot be written: ${this.#failure}`);
+      return;
+    }
+    try {
+      writeFully(this.#fd, entryBytes(this.#entries, lo, hi), HEADER_BYTES + lo * 4);
+    } catch (err) {
+      this.#poison(err);
+      // strict promises durability before the device write: without it the write must fail.
+      if (this.#durable) throw new BdsnapError('EIO', `the change map cannot be written: ${this.#failure}`, { cause: err });
+    }
+  }
+
+  /**
+   * The file cannot be written: keep tracking in memory (exact while the process lives) and
+   * make sure the next open resets: flag the header, or failing that cut the file short.
+   */
+  #poison(err: unknown): void {
+    if (this.#failure !== undefined) return;
+    this.#failure = toBdsnapError(err).message;
+    try {
+      this.#writeHeader(FLAG_POISONED, undefined);
+      fs.fdatasyncSync(this.#fd);
+    } catch {
+      try {
+        fs.ftruncateSync(this.#fd, 0);
+      } catch {
+        // Nothing more can be done from here; the failure is reported through `failure`.
+      }
+    }
+  }
+
+  /**
+   * strict: a promise resolved once everything written so far is on stable storage. `marked`:
+   * entries lo..hi were just written with number n, and count as durable after that sync.
+   */
+  #waitDurable(marked: boolean, lo: number, hi: number, n: number): Promise<void> {
+    // Everything written before the sync in flight started is covered by it.
+    if (!marked && !this.#next && this.#syncing) return this.#syncing.promise;
+    if (!this.#next) {
+      let resolve!: () => void;
+      let reject!: (err: BdsnapError) => void;
+      const promise = new Promise<void>((res, rej) => {
+        resolve = res;
+        reject = rej;
+      });
+      this.#next = { promise, resolve, reject, ranges: [], epoch: this.#epoch };
+      if (!this.#syncing) queueMicrotask(() => this.#startSync());
+    }
+    if (marked) this.#next.ranges.push(lo, hi, n);
+    return this.#next.promise;
+  }
+
+  #startSync(): void {
+    const batch = this.#next;
+    if (!batch || this.#syncing) return;
+    this.#next = undefined;
+    this.#syncing = batch;
+    fs.fdatasync(this.#fd, (err) => {
+      this.#syncing = undefined;
+      if (err) {
+        this.#poison(err);
+        batch.reject(new BdsnapError('EIO', `the change map cannot be made durable: ${err.message}`, { cause: err }));
+      } else {
+        const durable = this.#durable;
+        if (durable && batch.epoch === this.#epoch) {
+          const r = batch.ranges;
+          for (let k = 0; k < r.length; k += 3) {
+            const n = r[k + 2]!;
+            for (let i = r[k]!; i <= r[k + 1]!; i++) if (durable[i]! < n) durable[i] = n;
+          }
+        }
+        batch.resolve();
+      }
+      if (this.#next) this.#startSync();
+    });
+  }
+
+  /** New generation, in memory and in a new file that replaces the old one atomically. */
+  #resetSync(reason: ChangeMapResetReason, detail: string): ChangeMapReset {
+    const previousGeneration = this.#generation;
+    this.#epoch++;
+    this.#generation = newGeneration();
+    this.#createdMs = Date.now();
+    this.#number = 1;
+    this.#entries.fill(0);
+    this.#durable?.fill(0);
+    try {
+      fs.closeSync(this.#fd);
+    } catch {
+      // The old file is about to be replaced.
+    }
+    this.#failure = undefined;
+    this.#replaceFile();
+    return { reason, detail, previousGeneration };
+  }
+
+  /** Write the whole map to a new file (unclean, this boot) and make it the map file. */
+  #replaceFile(): void {
+    this.#lastWriteSeenMs = Date.now();
+    this.#fillHeader(0, undefined);
+    this.#fd = replaceFileSync(this.#file, [this.#header, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+  }
+
+  #fillHeader(flags: number, stamp: { sizeBytes: number; mtimeNs: bigint } | undefined): void {
+    const h = this.#header;
+    h.fill(0);
+    h.write(CHANGE_MAP_MAGIC, 0, 'latin1');
+    h.writeUInt32LE(CHANGE_MAP_VERSION, 8);
+    h.writeUInt32LE(HEADER_BYTES, 12);
+    h.writeUInt32LE(Number.parseInt(this.#generation, 16) >>> 0, 16);
+    h.writeUInt32LE(this.blockSize, 20);
+    h.writeUInt32LE(this.blocks, 24);
+    h.writeUInt32LE(this.#number, 28);
+    writeU64LE(h, 32, this.#deviceSizeBytes);
+    h.writeUInt32LE(flags, 40);
+    h.write(this.#bootId.slice(0, BOOT_ID_BYTES), 48, 'latin1');
+    writeU64LE(h, 96, this.#lastWriteSeenMs);
+    if (stamp) {
+      h.writeUInt32LE(1, 104);
+      writeU64LE(h, 112, stamp.sizeBytes);
+      writeU64LE(h, 120, Number(stamp.mtimeNs / 1_000_000_000n));
+      h.writeUInt32LE(Number(stamp.mtimeNs % 1_000_000_000n), 128);
+    }
+    writeU64LE(h, 136, this.#createdMs);
+    h.writeUInt32LE(crc32(h.subarray(0, HEADER_CRC_AT)), HEADER_CRC_AT);
+  }
+}
+
+/**
+ * A snapshot's view of the change map, frozen when the snapshot was taken. Writes to the
+ * snapshot's image mark it too (with its own number), so a backup of the image reads them.
+ *
+ * File (little-endian), FROZEN_HEADER_BYTES of header then one u32 per block:
+ *   0 magic "BDSNPCBF"   8 u32 version (1)   12 u32 header bytes (64)   16 u32 generation
+ *   20 u32 number        24 u32 block size   28 u32 blocks              32 u64 device size bytes
+ *   60 u32 CRC-32 of bytes 0..59
+ * After save() or load() the view stays attached to its file: mark() writes the changed entries
+ * there at once (page cache), like the live map in 'process' durability. Entries are checked
+ * on load (none may exceed the view's number).
+ */
+export class FrozenChangeMap {
+  readonly generation: string;
+  readonly number: number;
+  readonly blockSize: number;
+  readonly blocks: number;
+  readonly deviceSizeBytes: number;
+  readonly #entries: Uint32Array;
+  #fd: number | undefined;
+
+  /** Normally made by ChangeMap.advance() or FrozenChangeMap.load(). */
+  constructor(init: { generation: string; number: number; blockSize: number; deviceSizeBytes: number; entries: Uint32Array }) {
+    this.generation = init.generation;
+    this.number = init.number;
+    this.blockSize = init.blockSize;
+    this.deviceSizeBytes = init.deviceSizeBytes;
+    this.blocks = Math.ceil(init.deviceSizeBytes / init.blockSize);
+    if (init.entries.length !== this.blocks) throw new BdsnapError('EINVAL', `${init.entries.length} entries for ${this.blocks} blocks`);
+    this.#entries = init.entries;
+  }
+
+  /** Merged byte ranges changed since snapshot `sinceNumber`, as of this view. */
+  changedSince(sinceNumber: number, offsetBytes?: number, lengthBytes?: number): ByteRange[] {
+    return changedRanges(this.#entries, this.blockSize, this.deviceSizeBytes, sinceNumber, offsetBytes, lengthBytes);
+  }
+
+  /**
+   * Extents for the qemu:dirty-bitmap context "changed since `sinceNumber`": contiguous from
+   * `offsetBytes`, flag DIRTY_BITMAP_CHANGED (bit 0) on changed ones, clipped to the device.
+   */
+  extents(sinceNumber: number, offsetBytes: number, lengthBytes: number): Array<{ length: number; flags: number }> {
+    return changedExtents(this.#entries, this.blockSize, this.deviceSizeBytes, sinceNumber, offsetBytes, lengthBytes);
+  }
+
+  /** The names of the contexts an image of this snapshot offers: since 1..number-1. */
+  contextNames(): string[] {
+    const names: string[] = [];
+    for (let since = 1; since < this.number; since++) names.push(dirtyBitmapContextName(this.generation, since));
+    return names;
+  }
+
+  /**
+   * One NBD metadata context source per earlier number (an NBD ExportHandle's `metaContexts`),
+   * named by dirtyBitmapContextName.
+   */
+  contextSources(): Array<{ readonly name: string; extents(offsetBytes: number, lengthBytes: number): Promise<Array<{ length: number; flags: number }>> }> {
+    const sources = [];
+    for (let since = 1; since < this.number; since++) {
+      const name = dirtyBitmapContextName(this.generation, since);
+      sources.push({ name, extents: async (offsetBytes: number, lengthBytes: number) => this.extents(since, offsetBytes, lengthBytes) });
+    }
+    return sources;
+  }
+
+  /** A write to the snapshot's image: those blocks count as changed in this view. */
+  mark(offsetBytes: number, lengthBytes: number): void {
+    if (lengthBytes <= 0) return;
+    checkRange({ size: this.deviceSizeBytes }, offsetBytes, lengthBytes, true);
+    const lo = setEntries(this.#entries, Math.floor(offsetBytes / this.blockSize), Math.floor((offsetBytes + lengthBytes - 1) / this.blockSize), this.number);
+    if (lo >= 0 && this.#fd !== undefined) writeFully(this.#fd, entryBytes(this.#entries, lo, changedSpan[1]!), FROZEN_HEADER_BYTES + lo * 4);
+  }
+
+  /** Persist atomically to `file` (beside the snapshot) and stay attached to it. */
+  async save(file: string): Promise<void> {
+    const h = Buffer.alloc(FROZEN_HEADER_BYTES);
+    h.write(FROZEN_MAP_MAGIC, 0, 'latin1');
+    h.writeUInt32LE(CHANGE_MAP_VERSION, 8);
+    h.writeUInt32LE(FROZEN_HEADER_BYTES, 12);
+    h.writeUInt32LE(Number.parseInt(this.generation, 16) >>> 0, 16);
+    h.writeUInt32LE(this.number, 20);
+    h.writeUInt32LE(this.blockSize, 24);
+    h.writeUInt32LE(this.blocks, 28);
+    writeU64LE(h, 32, this.deviceSizeBytes);
+    h.writeUInt32LE(crc32(h.subarray(0, FROZEN_CRC_AT)), FROZEN_CRC_AT);
+    try {
+      await fs.promises.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
+      const fd = replaceFileSync(file, [h, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+      if (this.#fd !== undefined) fs.closeSync(this.#fd);
+      this.#fd = fd;
+    } catch (err) {
+      throw toBdsnapError(err);
+    }
+  }
+
+  /** Load a view saved by save(). Errors: ENOENT, ECORRUPT (with what is wrong). */
+  static async load(file: string): Promise<FrozenChangeMap> {
+    let fd: number;
+    try {
+      fd = fs.openSync(file, 'r+');
+    } catch (err) {
+      throw toBdsnapError(err);
+    }
+    let keep = false;
+    try {
+      const corrupt = (why: string): BdsnapError => new BdsnapError('ECORRUPT', `${file}: ${why}`);
+      const fileBytes = fs.fstatSync(fd).size;
+      const h = Buffer.alloc(FROZEN_HEADER_BYTES);
+      if (readFully(fd, h, 0) !== FROZEN_HEADER_BYTES) throw corrupt(`too short for a header (${fileBytes} bytes)`);
+      if (h.toString('latin1', 0, 8) !== FROZEN_MAP_MAGIC) throw corrupt('bad magic (not a bdsnap frozen change map)');
+      if (h.readUInt32LE(8) !== CHANGE_MAP_VERSION) throw corrupt(`unsupported version ${h.readUInt32LE(8)}`);
+      if (h.readUInt32LE(FROZEN_CRC_AT) !== crc32(h.subarray(0, FROZEN_CRC_AT))) throw corrupt('header checksum mismatch');
+      const number = h.readUInt32LE(20);
+      const blockSize = h.readUInt32LE(24);
+      const blocks = h.readUInt32LE(28);
+      const deviceSizeBytes = readU64LE(h, 32);
+      if (h.readUInt32LE(12) !== FROZEN_HEADER_BYTES || blockSize < 4096 || (blockSize & (blockSize - 1)) !== 0
+        || blocks !== Math.ceil(deviceSizeBytes / blockSize) || blocks > MAX_TRACKING_BLOCKS) {
+        throw corrupt('inconsistent header (block size, blocks, device size)');
+      }
+      if (fileBytes !== FROZEN_HEADER_BYTES + blocks * 4) throw corrupt(`file is ${fileBytes} bytes, expected ${FROZEN_HEADER_BYTES + blocks * 4}`);
+      const entries = new Uint32Array(blocks);
+      if (!readEntries(fd, entries, FROZEN_HEADER_BYTES)) throw corrupt('the entries are cut short');
+      for (let i = 0; i < blocks; i++) if (entries[i]! > number) throw corrupt(`block ${i} holds number ${entries[i]}, beyond the view's number ${number}`);
+      const view = new FrozenChangeMap({ generation: h.readUInt32LE(16).toString(16).padStart(8, '0'), number, blockSize, deviceSizeBytes, entries });
+      view.#fd = fd;
+      keep = true;
+      return view;
+    } finally {
+      if (!keep) fs.closeSync(fd);
+    }
+  }
+
+  /** Detach from the file (the view stays usable in memory). */
+  async close(): Promise<void> {
+    if (this.#fd === undefined) return;
+    const fd = this.#fd;
+    this.#fd = undefined;
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * A layer that marks the change map before a write, trim or write-zeroes reaches the device
+ * below; everything else passes through. A rewrite within the current period costs a compare.
+ */
+export class TrackingDevice implements BlockDevice {
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly blockSizes: BlockSizes;
+  readonly canTrim: boolean;
+  readonly canFastZero: boolean;
+  readonly canMultiConn: boolean;
+  readonly #base: BlockDevice;
+  readonly #map: ChangeMap;
+
+  constructor(base: BlockDevice, map: ChangeMap) {
+    if (map.info().deviceSizeBytes !== base.size) throw new BdsnapError('EINVAL', `the change map is for ${map.info().deviceSizeBytes} bytes, the device has ${base.size}`);
+    this.#base = base;
+    this.#map = map;
+    this.size = base.size;
+    this.readOnly = base.readOnly;
+    this.blockSizes = base.blockSizes;
+    this.canTrim = base.canTrim;
+    this.canFastZero = base.canFastZero;
+    this.canMultiConn = base.canMultiConn;
+  }
+
+  read(target: Buffer, offsetBytes: number): Promise<void> {
+    return this.#base.read(target, offsetBytes);
+  }
+
+  write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+    return this.#modify(offsetBytes, data.length, () => this.#base.write(data, offsetBytes, options));
+  }
+
+  trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    return this.#modify(offsetBytes, lengthBytes, () => this.#base.trim(offsetBytes, lengthBytes, options));
+  }
+
+  zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+    // Refused before marking: the caller falls back to writing zeroes, which marks then.
+    if (options?.fastZero && !this.#base.canFastZero) return Promise.reject(new BdsnapError('ENOTSUP', 'fast zero is not supported by this device'));
+    return this.#modify(offsetBytes, lengthBytes, () => this.#base.zero(offsetBytes, lengthBytes, options));
+  }
+
+  flush(): Promise<void> {
+    return this.#base.flush();
+  }
+
+  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.#base.cache(offsetBytes, lengthBytes);
+  }
+
+  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    return this.#base.extents(offsetBytes, lengthBytes);
+  }
+
+  /** Closes the device below; the change map is closed by its owner (with the image's stamp). */
+  close(): Promise<void> {
+    return this.#base.close();
+  }
+
+  #modify(offsetBytes: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
+    let marked: void | Promise<void>;
+    try {
+      if (this.readOnly) throw new BdsnapError('EPERM', 'the device is read-only');
+      checkRange(this, offsetBytes, lengthBytes, true);
+      marked = this.#map.mark(offsetBytes, lengthBytes);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    // No await of ours when nothing new had to be made durable.
+    return marked ? marked.then(apply) : apply();
+  }
+}
