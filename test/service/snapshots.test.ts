@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
-import { cli, makeImage, nbdUri, ok, sandbox, startDaemonProcess, type Sandbox } from './helpers.js';
+import { PASSWORD, cli, makeImage, nbdUri, ok, passwdAndActivate, restoreOnlySession, sandbox, startDaemonProcess, type Sandbox } from './helpers.js';
 
 const BLOCK = 4096;
 const IMAGE_BYTES = 16 << 20;
@@ -27,6 +27,11 @@ interface Created {
 
 function createSnapshot(box: Sandbox, devices: string[], extra: string[] = []): Created {
   return JSON.parse(ok(box, ['snapshot', 'create', ...devices, '--json', ...extra])) as Created;
+}
+
+/** Make the daemon serve idle devices (a snapshot taken and dropped registers them). */
+function register(box: Sandbox, devices: string[]): void {
+  ok(box, ['snapshot', 'destroy', createSnapshot(box, devices).id]);
 }
 
 function connect(box: Sandbox, exportName: string): Promise<NbdClient> {
@@ -64,9 +69,9 @@ test('an image holds exactly the device as it was at the take, under random writ
   const box = sandbox(t);
   const device = randomImage(box, 'a.img');
   await startDaemonProcess(t, box);
-  ok(box, ['snapshot', 'list']); // registers nothing, answers
+  // Active: the device is in a mount session too, and each keeps its own originals.
+  passwdAndActivate(box, device, PASSWORD);
   const client = await connect(box, device);
-  t.after(() => client.close());
 
   // Per block: the content acknowledged last before the take, and the writes that overlap the take.
   const before = fs.readFileSync(device);
@@ -112,7 +117,11 @@ test('an image holds exactly the device as it was at the take, under random writ
   assert.ok(checked > BLOCKS / 2, 'most blocks had no write in flight at the take and were checked exactly');
   // The device holds the writes, the image does not.
   assert.notDeepEqual(fs.readFileSync(device), image);
+  await client.close();
   ok(box, ['snapshot', 'destroy', snap.id]);
+  // The session that ran beside the snapshot still restores the device as it was before it.
+  restoreOnlySession(box);
+  assert.deepEqual(fs.readFileSync(device), before, 'the session restored the device');
   assert.equal(copyOut(box, `${device}@${snap.id}`).status === 0, false, 'a destroyed image is no longer served');
 });
 
@@ -121,6 +130,7 @@ test('two devices: every pair of images shows a prefix of the write order', { ti
   const a = makeImage(box.top, 'a.img', IMAGE_BYTES);
   const b = makeImage(box.top, 'b.img', IMAGE_BYTES);
   await startDaemonProcess(t, box);
+  register(box, [a, b]);
   const ca = await connect(box, a);
   const cb = await connect(box, b);
   t.after(async () => { await ca.close(); await cb.close(); });
@@ -169,17 +179,17 @@ test('writes to an image change the image and never the device', { timeout: 60_0
   await startDaemonProcess(t, box);
   const snap = createSnapshot(box, [device]);
   const image = await connect(box, `${device}@${snap.id}`);
-  const written = Buffer.alloc(3 * BLOCK + 100, 0x5a);
-  await image.write(written, 5 * BLOCK + 7);
+  const written = Buffer.alloc(3 * BLOCK + 512, 0x5a);
+  await image.write(written, 5 * BLOCK + 512);
   await image.flush();
   const back = Buffer.alloc(written.length);
-  await image.read(back, 5 * BLOCK + 7);
+  await image.read(back, 5 * BLOCK + 512);
   await image.close();
   assert.deepEqual(back, written, 'the image reads back its own write');
   assert.deepEqual(fs.readFileSync(device), original, 'the device is untouched');
   const copy = mustCopy(box, `${device}@${snap.id}`);
   const expected = Buffer.from(original);
-  written.copy(expected, 5 * BLOCK + 7);
+  written.copy(expected, 5 * BLOCK + 512);
   assert.deepEqual(copy, expected);
 });
 
