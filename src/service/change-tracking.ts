@@ -154,6 +154,12 @@ export class ChangeTracker implements SnapshotChangeTracking {
     return this.#open.get(devicePath)?.mark(offsetBytes, lengthBytes);
   }
 
+  frozenChangedSince(dir: string, key: number, generation: string, since: number): ByteRange[] | null {
+    const frozen = this.#frozen.get(frozenKey(dir, key));
+    if (!frozen || frozen.view.generation !== generation || since >= frozen.view.number) return null;
+    return frozen.view.changedSince(since);
+  }
+
   contexts(_devicePath: string, dir: string, key: number): MetaContextSource[] {
     return this.#frozen.get(frozenKey(dir, key))?.view.contextSources() ?? [];
   }

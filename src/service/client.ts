@@ -145,6 +145,15 @@ export class BdsnapClient {
     return this.request('snapshot-destroy', { snapshot: id });
   }
 
+  /**
+   * Byte ranges in which the image of `device` in snapshot `id` differs from the image of the
+   * earlier snapshot number `since` of change-map generation `generation` (image writes
+   * included); null when the map cannot tell, so the caller must read everything.
+   */
+  async snapshotChanges(id: string, device: string, generation: string, since: number): Promise<Array<{ offsetBytes: number; lengthBytes: number }> | null> {
+    return (await this.request('snapshot-changes', { snapshot: id, device: path.resolve(device), generation, since })).ranges;
+  }
+
   cbtInfo(device: string): Promise<CbtInfo> {
     return this.request('cbt-info', { device: path.resolve(device) });
   }

@@ -60,6 +60,14 @@ export const requestSchema = z.discriminatedUnion('op', [
     storageDir: z.string().min(1).max(MAX_PATH_CHARS).optional(),
   }).strict(),
   z.object({ ...envelope, op: z.literal('snapshot-destroy'), snapshot: snapshotId }).strict(),
+  z.object({
+    ...envelope,
+    op: z.literal('snapshot-changes'),
+    snapshot: snapshotId,
+    device: devicePath,
+    generation: z.string().min(1).max(64),
+    since: z.number().int().nonnegative(),
+  }).strict(),
   z.object({ ...envelope, op: z.literal('cbt-info'), device: devicePath }).strict(),
   z.object({ ...envelope, op: z.literal('cbt-map'), device: devicePath, since: z.number().int().nonnegative() }).strict(),
   z.object({
@@ -174,6 +182,8 @@ export interface ResultMap {
   'snapshot-info': SnapshotInfo;
   'snapshot-extend': SnapshotInfo;
   'snapshot-destroy': { id: string };
+  /** null: the image's change map cannot tell (another generation, or no map): read it all. */
+  'snapshot-changes': { ranges: Array<{ offsetBytes: number; lengthBytes: number }> | null };
   events: EventsResult;
   'cbt-info': CbtInfo;
   'cbt-map': CbtInfo & { since: number; ranges: Array<{ offsetBytes: number; lengthBytes: number }> };

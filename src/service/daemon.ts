@@ -164,6 +164,8 @@ export class Daemon {
         });
       case 'snapshot-destroy':
         return this.#snapshots.destroy(request.snapshot);
+      case 'snapshot-changes':
+        return { ranges: this.#snapshots.changes(request.snapshot, request.device, request.generation, request.since) };
       case 'events':
         return this.#events.since(request.after ?? 0, request.waitMs ?? 0);
       case 'cbt-info':

@@ -108,6 +108,8 @@ export interface SnapshotChangeTracking {
   load(devicePath: string, dir: string, key: number): Promise<void>;
   /** An image write: mark the device map and the snapshot's frozen view. */
   imageWrite(devicePath: string, dir: string, key: number, offsetBytes: number, lengthBytes: number): void | Promise<void>;
+  /** Ranges changed in the frozen view since `since` of `generation`; null when it cannot tell. */
+  frozenChangedSince(dir: string, key: number, generation: string, since: number): Array<{ offsetBytes: number; lengthBytes: number }> | null;
   /** The qemu:dirty-bitmap contexts an image offers. */
   contexts(devicePath: string, dir: string, key: number): MetaContextSource[];
   /** The snapshot is gone: forget its frozen views. */
@@ -188,6 +190,15 @@ export class SnapshotManager {
 
   info(id: string): SnapshotInfo {
     return this.#info(this.#get(id));
+  }
+
+  /** What changed in the image of `device` since the point (generation, since); null: cannot tell. */
+  changes(id: string, device: string, generation: string, since: number): Array<{ offsetBytes: number; lengthBytes: number }> | null {
+    const snapshot = this.#get(id);
+    const d = snapshot.record.devices.find((x) => x.path === path.resolve(device));
+    if (!d) throw new BdsnapError('ENOENT', `snapshot ${id} has no image of ${device}`);
+    if (!d.cbt || d.cbt.generation !== generation || since >= d.cbt.number) return null;
+    return this.#options.tracking?.frozenChangedSince(snapshot.dir, d.key, generation, since) ?? null;
   }
 
   create(devices: string[], options: CreateSnapshotOptions): Promise<SnapshotInfo> {
