@@ -10,9 +10,10 @@ import * as mount from './mount.js';
 import * as restore from './restore.js';
 import * as sffs from './sffs.js';
 import * as demo from './demo.js';
+import * as backup from './backup.js';
 
 export function registerCommands(program: Command): void {
-  for (const mod of [daemon, passwd, activate, status, mount, restore, serve, sffs, demo]) {
+  for (const mod of [daemon, passwd, activate, status, mount, restore, backup, serve, sffs, demo]) {
     mod.register(program);
   }
 }
