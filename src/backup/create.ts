@@ -109,6 +109,9 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     options.progress?.start(plans.reduce((n, p) => n + p.toRead.reduce((m, i) => m + pieceLength(repo, p.source, i), 0), 0));
 
     const codec = options.codec ?? preferredCodec();
+    // Piece buffers are reused: fresh memory costs page faults on every piece.
+    const free: Buffer[] = [];
+    const P = repo.pieceSizeBytes;
     const puts = new Map<string, Promise<void>>();
     const entries: DeviceEntry[] = [];
     const summaries: DeviceSummary[] = [];
@@ -120,7 +123,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
       await runLimited(plan.toRead, options.concurrency ?? DEFAULT_CONCURRENCY, async (i) => {
         options.signal?.throwIfAborted();
         const length = pieceLength(repo, source, i);
-        const raw = Buffer.allocUnsafe(length);
+        const raw = length === P ? (free.pop() ?? Buffer.allocUnsafe(P)) : Buffer.allocUnsafe(length);
         try {
           await source.read(raw, i * repo.pieceSizeBytes);
         } catch (err) {
@@ -136,14 +139,15 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
           if (!stored.has(piece.hash)) {
             let put = puts.get(piece.hash);
             if (!put) {
-              put = repo.store.put(pieceObject(piece.hash), piece.stored);
+              put = repo.store.put(pieceObject(piece.hash), [piece.header, piece.payload]);
               puts.set(piece.hash, put);
               newPieces++;
-              newStoredBytes += piece.stored.length;
+              newStoredBytes += piece.header.length + piece.payload.length;
             }
             await put;
           }
         }
+        if (piece.raw.length === P) free.push(piece.raw);
         options.progress?.advance(length);
       });
       for (const h of puts.keys()) stored.set(h, 0);

@@ -28,8 +28,11 @@ export interface ObjectInfo {
 export interface ObjectStore {
   /** A description for messages (a directory path, a bucket URL). */
   readonly location: string;
-  /** Store `data` under `name`, atomically: readers see no object or all of it. Replaces an existing one. */
-  put(name: string, data: Buffer): Promise<void>;
+  /**
+   * Store `data` (the buffers one after the other) under `name`, atomically: readers see no
+   * object or all of it. Replaces an existing one.
+   */
+  put(name: string, data: Buffer | readonly Buffer[]): Promise<void>;
   /** The whole object, or `lengthBytes` from `offsetBytes`. ENOENT if absent. */
   get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer>;
   /** Undefined if absent. */
@@ -66,6 +69,23 @@ async function syncDir(dir: string): Promise<void> {
   }
 }
 
+async function writeAll(fh: fs.promises.FileHandle, buffers: readonly Buffer[]): Promise<void> {
+  let pending = buffers.filter((b) => b.length > 0);
+  while (pending.length > 0) {
+    let { bytesWritten } = await fh.writev(pending);
+    // A short write: drop what was written and go on with the rest.
+    const rest: Buffer[] = [];
+    for (const b of pending) {
+      if (bytesWritten >= b.length) bytesWritten -= b.length;
+      else {
+        rest.push(b.subarray(bytesWritten));
+        bytesWritten = 0;
+      }
+    }
+    pending = rest;
+  }
+}
+
 export class LocalDirStore implements ObjectStore {
   readonly location: string;
   readonly #root: string;
@@ -82,7 +102,7 @@ export class LocalDirStore implements ObjectStore {
     return path.join(this.#root, ...name.split('/'));
   }
 
-  async put(name: string, data: Buffer): Promise<void> {
+  async put(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
     const target = this.#path(name);
     const dir = path.dirname(target);
     if (!this.#dirs.has(dir)) {
@@ -93,7 +113,7 @@ export class LocalDirStore implements ObjectStore {
     try {
       const fh = await fs.promises.open(tmp, 'wx', 0o600);
       try {
-        await fh.writeFile(data);
+        await writeAll(fh, Buffer.isBuffer(data) ? [data] : data);
         await fh.datasync();
       } finally {
         await fh.close();

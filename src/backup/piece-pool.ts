@@ -12,7 +12,8 @@ import type { PieceResult, PieceTask } from './piece-worker.js';
 
 const WORKER_URL = new URL('./piece-worker.js', import.meta.url);
 
-export type EncodeResult = { zero: true } | { zero: false; hash: string; stored: Buffer; codec: number };
+/** `raw` is the caller's buffer, handed back; for a raw piece `payload` is the same buffer. */
+export type EncodeResult = { zero: true; raw: Buffer } | { zero: false; hash: string; header: Buffer; payload: Buffer; raw: Buffer; codec: number };
 
 interface Waiter {
   resolve(r: PieceResult): void;
@@ -57,7 +58,10 @@ export class PiecePool {
     const b = ownBuffer(raw);
     const r = await this.#run({ op: 'encode', raw: b, codec }, [b.buffer as ArrayBuffer]);
     if ('error' in r || r.op !== 'encode') throw new BdsnapError('EIO', 'unexpected worker answer');
-    return r.zero ? r : { zero: false, hash: r.hash, stored: toBuffer(r.stored), codec: r.codec };
+    if (r.zero) return { zero: true, raw: toBuffer(r.raw) };
+    const back = toBuffer(r.raw);
+    const payload = r.payload.buffer === r.raw.buffer ? back : toBuffer(r.payload);
+    return { zero: false, hash: r.hash, header: toBuffer(r.header), payload, raw: back, codec: r.codec };
   }
 
   /** Decode and check a stored piece against its hash. `stored` is transferred. */

@@ -6,15 +6,15 @@
 
 import { parentPort } from 'node:worker_threads';
 import { BdsnapError } from '../errors.js';
-import { decodePiece, encodePiece, sha256Hex, type Codec } from './codec.js';
+import { decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
 
 export type PieceTask =
   | { id: number; op: 'encode'; raw: Uint8Array; codec: Codec }
   | { id: number; op: 'decode'; stored: Uint8Array; hash: string };
 
 export type PieceResult =
-  | { id: number; op: 'encode'; zero: true }
-  | { id: number; op: 'encode'; zero: false; hash: string; stored: Uint8Array; codec: number }
+  | { id: number; op: 'encode'; zero: true; raw: Uint8Array }
+  | { id: number; op: 'encode'; zero: false; hash: string; header: Uint8Array; payload: Uint8Array; raw: Uint8Array; codec: number }
   | { id: number; op: 'decode'; raw: Uint8Array }
   | { id: number; error: { code: string; message: string } };
 
@@ -33,9 +33,9 @@ export function runTask(task: PieceTask): PieceResult {
   try {
     if (task.op === 'encode') {
       const raw = asBuffer(task.raw);
-      if (isZero(raw)) return { id: task.id, op: 'encode', zero: true };
-      const stored = encodePiece(raw, task.codec);
-      return { id: task.id, op: 'encode', zero: false, hash: sha256Hex(raw), stored, codec: stored.readUInt8(5) };
+      if (isZero(raw)) return { id: task.id, op: 'encode', zero: true, raw };
+      const { header, payload } = encodePieceParts(raw, task.codec);
+      return { id: task.id, op: 'encode', zero: false, hash: sha256Hex(raw), header, payload, raw, codec: header.readUInt8(5) };
     }
     return { id: task.id, op: 'decode', raw: decodePiece(asBuffer(task.stored), task.hash) };
   } catch (err) {
@@ -44,10 +44,14 @@ export function runTask(task: PieceTask): PieceResult {
   }
 }
 
+/** The raw buffer goes back to the caller's pool, and a compressed payload with it. */
 function transferables(r: PieceResult): ArrayBuffer[] {
-  const u = 'stored' in r ? r.stored : 'raw' in r ? r.raw : undefined;
-  // Only a buffer that owns its whole ArrayBuffer can be moved without copying other data.
-  return u && u.byteOffset === 0 && u.byteLength === u.buffer.byteLength && u.buffer instanceof ArrayBuffer ? [u.buffer] : [];
+  const out = new Set<ArrayBuffer>();
+  for (const u of ['raw' in r ? r.raw : undefined, 'payload' in r ? r.payload : undefined]) {
+    // Only a buffer that owns its whole ArrayBuffer can be moved without taking other data along.
+    if (u && u.byteOffset === 0 && u.byteLength === u.buffer.byteLength && u.buffer instanceof ArrayBuffer) out.add(u.buffer);
+  }
+  return [...out];
 }
 
 parentPort?.on('message', (task: PieceTask) => {

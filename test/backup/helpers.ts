@@ -105,7 +105,7 @@ export class CountingStore implements ObjectStore {
   get location(): string {
     return this.#inner.location;
   }
-  put(name: string, data: Buffer): Promise<void> {
+  put(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
     this.puts.push(name);
     return this.#inner.put(name, data);
   }
