@@ -12,9 +12,10 @@ import * as snapshot from './snapshot.js';
 import * as cbt from './cbt.js';
 import * as sffs from './sffs.js';
 import * as demo from './demo.js';
+import * as backup from './backup.js';
 
 export function registerCommands(program: Command): void {
-  for (const mod of [daemon, passwd, activate, status, mount, snapshot, cbt, restore, serve, sffs, demo]) {
+  for (const mod of [daemon, passwd, activate, status, mount, snapshot, cbt, restore, backup, serve, sffs, demo]) {
     mod.register(program);
   }
 }

@@ -1,0 +1,129 @@
+/**
+ * Locks made of objects, for stores that have no lock and no rename (see object-store.ts).
+ *
+ * Rule: any number of `create` locks may coexist; a `prune` lock excludes every other lock.
+ * To take a lock, a writer puts its lock object first and only then lists `locks/`: if it sees
+ * a live lock it conflicts with, it deletes its own and gives up (EBUSY). Two writers that put
+ * at the same instant both see each other and both give up, so at most one side ever goes on;
+ * this needs only a store whose list shows an object once its put has returned (local disks
+ * do, and S3 has been strongly consistent since 2020).
+ *
+ * Why prune needs the exclusive lock: a running `create` reuses pieces that exist already
+ * (deduplication) before any manifest names them again, so prune cannot tell by looking at
+ * manifests alone which pieces a running create still counts on.
+ *
+ * A lock is live while its holder refreshes it (a put every REFRESH_MS); one not refreshed for
+ * STALE_MS is ignored. On the same host a lock whose process is gone (pid and process start
+ * time no longer match) is dead at once, so a create killed with SIGKILL does not hold up a
+ * prune for long. Prune deletes dead and stale locks.
+ */
+
+import fs from 'node:fs';
+import os from 'node:os';
+import { z } from 'zod';
+import { BdsnapError } from '../errors.js';
+import { LOCKS_PREFIX, newBackupId } from './format.js';
+import type { ObjectInfo, ObjectStore } from './object-store.js';
+
+export type LockKind = 'create' | 'prune';
+
+export const REFRESH_MS = 60_000;
+export const STALE_MS = 10 * 60_000;
+
+const lockSchema = z.object({
+  kind: z.enum(['create', 'prune']),
+  host: z.string(),
+  pid: z.number().int(),
+  /** /proc/<pid>/stat start time, to tell a reused pid apart. */
+  processStart: z.string().nullable(),
+  createdAt: z.string(),
+});
+type LockBody = z.infer<typeof lockSchema>;
+
+export interface LockInfo extends LockBody {
+  name: string;
+  /** 'live', or why it no longer counts. */
+  state: 'live' | 'dead' | 'stale';
+}
+
+function processStart(pid: number): string | null {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
+  } catch {
+    return null;
+  }
+}
+
+function stateOf(body: LockBody, info: ObjectInfo, nowMs: number): LockInfo['state'] {
+  if (body.host === os.hostname()) {
+    const start = processStart(body.pid);
+    if (start === null || (body.processStart !== null && start !== body.processStart)) return 'dead';
+  }
+  return nowMs - info.modifiedMs > STALE_MS ? 'stale' : 'live';
+}
+
+/** Every lock in the store with its state; an unreadable lock object counts by its age alone. */
+export async function listLocks(store: ObjectStore): Promise<LockInfo[]> {
+  const now = Date.now();
+  const out: LockInfo[] = [];
+  for (const info of await store.list(LOCKS_PREFIX)) {
+    const kind = info.name.endsWith('.prune') ? 'prune' : 'create';
+    let body: LockBody = { kind, host: '?', pid: -1, processStart: null, createdAt: new Date(info.modifiedMs).toISOString() };
+    try {
+      body = lockSchema.parse(JSON.parse((await store.get(info.name)).toString('utf8')));
+    } catch {
+      // Torn or foreign: judged by its age (host '?' is never this host).
+    }
+    out.push({ ...body, name: info.name, state: body.pid === -1 ? (now - info.modifiedMs > STALE_MS ? 'stale' : 'live') : stateOf(body, info, now) });
+  }
+  return out;
+}
+
+export class RepoLock {
+  readonly name: string;
+  readonly #store: ObjectStore;
+  readonly #body: Buffer;
+  #timer: NodeJS.Timeout | undefined;
+  #refreshing: Promise<void> | undefined;
+  #released = false;
+
+  private constructor(store: ObjectStore, name: string, body: Buffer) {
+    this.#store = store;
+    this.name = name;
+    this.#body = body;
+  }
+
+  /** Take a lock of `kind`, or fail with EBUSY naming the lock in the way. */
+  static async acquire(store: ObjectStore, kind: LockKind): Promise<RepoLock> {
+    const name = `${LOCKS_PREFIX}${newBackupId()}.${kind}`;
+    const body: LockBody = { kind, host: os.hostname(), pid: process.pid, processStart: processStart(process.pid), createdAt: new Date().toISOString() };
+    const lock = new RepoLock(store, name, Buffer.from(`${JSON.stringify(body)}\n`));
+    await store.put(name, lock.#body);
+    try {
+      const others = (await listLocks(store)).filter((l) => l.name !== name && l.state === 'live');
+      const blocking = others.find((l) => kind === 'prune' || l.kind === 'prune');
+      if (blocking) {
+        const what = blocking.kind === 'prune' ? 'a prune is running' : 'a backup is being created';
+        throw new BdsnapError('EBUSY', `${what} in ${store.location} (${blocking.name}, pid ${blocking.pid} on ${blocking.host}); try again when it is done`);
+      }
+    } catch (err) {
+      await store.delete(name).catch(() => undefined);
+      throw err;
+    }
+    lock.#timer = setInterval(() => {
+      lock.#refreshing ??= store.put(name, lock.#body).catch(() => undefined).finally(() => (lock.#refreshing = undefined));
+    }, REFRESH_MS);
+    lock.#timer.unref();
+    return lock;
+  }
+
+  async release(): Promise<void> {
+    if (this.#released) return;
+    this.#released = true;
+    clearInterval(this.#timer);
+    // A refresh that lands after the delete would bring the lock back.
+    await this.#refreshing;
+    await this.#store.delete(this.name);
+  }
+}

@@ -1,0 +1,219 @@
+/**
+ * The storage under a backup repository: named, immutable objects, with the operations an
+ * S3-compatible store offers (put, get whole or a byte range, list by prefix, stat, delete)
+ * and nothing more: no rename, no append, no lock. Repository logic uses only this interface,
+ * so a local directory and an object store are two backends of one design.
+ *
+ * Names are slash-separated segments of [A-Za-z0-9._-], each starting with a letter or digit,
+ * so a name is safe as a file path (no '..', no hidden files, no absolute paths) and as an
+ * object key.
+ *
+ * LocalDirStore: an object is a file at `<root>/<name>`. `put` writes a temp file in the
+ * target's directory (a name starting with '.', which `list` never shows), fsyncs it, renames
+ * it into place and fsyncs the directory, so a crash leaves either no object or the whole one.
+ */
+
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+
+export interface ObjectInfo {
+  name: string;
+  sizeBytes: number;
+  /** When the object was written (ms since the epoch), as the store reports it. */
+  modifiedMs: number;
+}
+
+export interface ObjectStore {
+  /** A description for messages (a directory path, a bucket URL). */
+  readonly location: string;
+  /**
+   * Store `data` (the buffers one after the other) under `name`, atomically: readers see no
+   * object or all of it. Replaces an existing one.
+   */
+  put(name: string, data: Buffer | readonly Buffer[]): Promise<void>;
+  /** The whole object, or `lengthBytes` from `offsetBytes`. ENOENT if absent. */
+  get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer>;
+  /** Undefined if absent. */
+  stat(name: string): Promise<ObjectInfo | undefined>;
+  /** Every object whose name starts with `prefix`, in no particular order. */
+  list(prefix: string): Promise<ObjectInfo[]>;
+  /** Remove an object; absent is not an error. */
+  delete(name: string): Promise<void>;
+  /**
+   * Remove what interrupted puts left behind (temp files here, incomplete multipart uploads
+   * on S3) older than `olderThanMs`. Only safe when no writer is running; prune calls it under
+   * its exclusive lock. Returns how many were removed.
+   */
+  removeIncomplete(olderThanMs: number): Promise<number>;
+}
+
+const SEGMENT = /^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$/;
+const TEMP_PREFIX = '.put-';
+
+/** Throw EINVAL unless `name` is a safe object name (see the file header). */
+export function checkObjectName(name: string): void {
+  const segments = name.split('/');
+  if (name.length > 1000 || segments.some((s) => !SEGMENT.test(s))) {
+    throw new BdsnapError('EINVAL', `bad object name "${name}": segments of letters, digits, '.', '_' and '-' are allowed`);
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const dh = await fs.promises.open(dir, 'r');
+  try {
+    await dh.sync();
+  } finally {
+    await dh.close();
+  }
+}
+
+async function writeAll(fh: fs.promises.FileHandle, buffers: readonly Buffer[]): Promise<void> {
+  let pending = buffers.filter((b) => b.length > 0);
+  while (pending.length > 0) {
+    let { bytesWritten } = await fh.writev(pending);
+    // A short write: drop what was written and go on with the rest.
+    const rest: Buffer[] = [];
+    for (const b of pending) {
+      if (bytesWritten >= b.length) bytesWritten -= b.length;
+      else {
+        rest.push(b.subarray(bytesWritten));
+        bytesWritten = 0;
+      }
+    }
+    pending = rest;
+  }
+}
+
+export class LocalDirStore implements ObjectStore {
+  readonly location: string;
+  readonly #root: string;
+  /** Directories known to exist, so a put does not mkdir every time. */
+  readonly #dirs = new Set<string>();
+
+  constructor(root: string) {
+    this.#root = path.resolve(root);
+    this.location = this.#root;
+  }
+
+  #path(name: string): string {
+    checkObjectName(name);
+    return path.join(this.#root, ...name.split('/'));
+  }
+
+  async put(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
+    const target = this.#path(name);
+    const dir = path.dirname(target);
+    if (!this.#dirs.has(dir)) {
+      await fs.promises.mkdir(dir, { recursive: true }).catch((err: unknown) => { throw toBdsnapError(err); });
+      this.#dirs.add(dir);
+    }
+    const tmp = path.join(dir, `${TEMP_PREFIX}${path.basename(target)}.${randomBytes(6).toString('hex')}`);
+    try {
+      const fh = await fs.promises.open(tmp, 'wx', 0o600);
+      try {
+        await writeAll(fh, Buffer.isBuffer(data) ? [data] : data);
+        await fh.datasync();
+      } finally {
+        await fh.close();
+      }
+      await fs.promises.rename(tmp, target);
+      await syncDir(dir);
+    } catch (err) {
+      await fs.promises.rm(tmp, { force: true }).catch(() => undefined);
+      const e = toBdsnapError(err);
+      if (e.code === 'ENOSPC') throw new BdsnapError('ENOSPC', `the repository at ${this.location} is full (writing ${name})`, { cause: err });
+      throw e;
+    }
+  }
+
+  async get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer> {
+    const file = this.#path(name);
+    let fh: fs.promises.FileHandle;
+    try {
+      fh = await fs.promises.open(file, 'r');
+    } catch (err) {
+      const e = toBdsnapError(err);
+      throw e.code === 'ENOENT' ? new BdsnapError('ENOENT', `object ${name} is missing from ${this.location}`, { cause: err }) : e;
+    }
+    try {
+      if (!range) return await fh.readFile();
+      const out = Buffer.alloc(range.lengthBytes);
+      let done = 0;
+      while (done < out.length) {
+        const { bytesRead } = await fh.read(out, done, out.length - done, range.offsetBytes + done);
+        if (bytesRead === 0) throw new BdsnapError('EINVAL', `object ${name} ends before ${range.offsetBytes + range.lengthBytes}`);
+        done += bytesRead;
+      }
+      return out;
+    } catch (err) {
+      throw toBdsnapError(err);
+    } finally {
+      await fh.close();
+    }
+  }
+
+  async stat(name: string): Promise<ObjectInfo | undefined> {
+    try {
+      const st = await fs.promises.stat(this.#path(name));
+      return st.isFile() ? { name, sizeBytes: st.size, modifiedMs: st.mtimeMs } : undefined;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw toBdsnapError(err);
+    }
+  }
+
+  async list(prefix: string): Promise<ObjectInfo[]> {
+    // Walk from the deepest directory the prefix names completely, then filter by the prefix.
+    const cut = prefix.lastIndexOf('/');
+    const dirName = cut >= 0 ? prefix.slice(0, cut) : '';
+    if (dirName !== '') checkObjectName(dirName);
+    const out: ObjectInfo[] = [];
+    await this.#walk(dirName, prefix, out, false);
+    return out;
+  }
+
+  async #walk(dirName: string, prefix: string, out: ObjectInfo[], temps: boolean): Promise<void> {
+    const dir = dirName === '' ? this.#root : path.join(this.#root, ...dirName.split('/'));
+    let entries: fs.Dirent[];
+    try {
+      entries = await fs.promises.readdir(dir, { withFileTypes: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw toBdsnapError(err);
+    }
+    await Promise.all(entries.map(async (e) => {
+      const name = dirName === '' ? e.name : `${dirName}/${e.name}`;
+      if (temps ? !e.name.startsWith(TEMP_PREFIX) && !e.isDirectory() : !SEGMENT.test(e.name)) return;
+      if (e.isDirectory()) {
+        // Only descend where the prefix can still match.
+        if (name.startsWith(prefix) || prefix.startsWith(`${name}/`)) await this.#walk(name, prefix, out, temps);
+        return;
+      }
+      if (!e.isFile() || !name.startsWith(prefix)) return;
+      const st = await fs.promises.stat(path.join(dir, e.name)).catch(() => undefined);
+      if (st) out.push({ name, sizeBytes: st.size, modifiedMs: st.mtimeMs });
+    }));
+  }
+
+  async delete(name: string): Promise<void> {
+    try {
+      await fs.promises.rm(this.#path(name), { force: true });
+    } catch (err) {
+      throw toBdsnapError(err);
+    }
+  }
+
+  async removeIncomplete(olderThanMs: number): Promise<number> {
+    const temps: ObjectInfo[] = [];
+    await this.#walk('', '', temps, true);
+    let removed = 0;
+    for (const t of temps) {
+      if (t.modifiedMs > olderThanMs) continue;
+      await fs.promises.rm(path.join(this.#root, ...t.name.split('/')), { force: true });
+      removed++;
+    }
+    return removed;
+  }
+}

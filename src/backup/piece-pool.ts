@@ -1,0 +1,112 @@
+/**
+ * A small pool of piece workers (one per core, two at most on a two-core machine: the main
+ * thread needs a share for I/O). Tasks are queued and handed to the first idle worker; the
+ * buffers given are transferred, so the caller must not use them afterwards.
+ */
+
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+import { BdsnapError, type ErrorCode } from '../errors.js';
+import type { Codec } from './codec.js';
+import type { PieceResult, PieceTask } from './piece-worker.js';
+
+const WORKER_URL = new URL('./piece-worker.js', import.meta.url);
+
+/** `raw` is the caller's buffer, handed back; for a raw piece `payload` is the same buffer. */
+export type EncodeResult = { zero: true; raw: Buffer } | { zero: false; hash: string; header: Buffer; payload: Buffer; raw: Buffer; codec: number };
+
+interface Waiter {
+  resolve(r: PieceResult): void;
+  reject(e: Error): void;
+}
+
+type TaskBody = { op: 'encode'; raw: Uint8Array; codec: Codec } | { op: 'decode'; stored: Uint8Array; hash: string };
+
+function toBuffer(u: Uint8Array): Buffer {
+  return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+}
+
+/** A buffer that can be transferred: one that owns its whole ArrayBuffer (else a copy). */
+function ownBuffer(b: Buffer): Buffer {
+  if (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength && b.buffer instanceof ArrayBuffer) return b;
+  return Buffer.from(b);
+}
+
+export class PiecePool {
+  readonly #workers: Worker[] = [];
+  readonly #idle: Worker[] = [];
+  readonly #queue: Array<{ task: PieceTask; transfer: ArrayBuffer[] }> = [];
+  readonly #waiting = new Map<number, Waiter>();
+  #nextId = 1;
+  #failure: Error | undefined;
+
+  constructor(size = Math.max(1, Math.min(2, availableParallelism()))) {
+    for (let i = 0; i < size; i++) {
+      const w = new Worker(WORKER_URL);
+      w.on('message', (r: PieceResult) => this.#done(w, r));
+      w.on('error', (err) => this.#fail(new BdsnapError('EIO', `piece worker failed: ${err.message}`, { cause: err })));
+      w.on('exit', (code) => {
+        if (code !== 0) this.#fail(new BdsnapError('EIO', `piece worker exited with code ${code}`));
+      });
+      this.#workers.push(w);
+      this.#idle.push(w);
+    }
+  }
+
+  /** Zero check, hash and compression of one piece. `raw` is transferred. */
+  async encode(raw: Buffer, codec: Codec): Promise<EncodeResult> {
+    const b = ownBuffer(raw);
+    const r = await this.#run({ op: 'encode', raw: b, codec }, [b.buffer as ArrayBuffer]);
+    if ('error' in r || r.op !== 'encode') throw new BdsnapError('EIO', 'unexpected worker answer');
+    if (r.zero) return { zero: true, raw: toBuffer(r.raw) };
+    const back = toBuffer(r.raw);
+    const payload = r.payload.buffer === r.raw.buffer ? back : toBuffer(r.payload);
+    return { zero: false, hash: r.hash, header: toBuffer(r.header), payload, raw: back, codec: r.codec };
+  }
+
+  /** Decode and check a stored piece against its hash. `stored` is transferred. */
+  async decode(stored: Buffer, hash: string): Promise<Buffer> {
+    const b = ownBuffer(stored);
+    const r = await this.#run({ op: 'decode', stored: b, hash }, [b.buffer as ArrayBuffer]);
+    if ('error' in r || r.op !== 'decode') throw new BdsnapError('EIO', 'unexpected worker answer');
+    return toBuffer(r.raw);
+  }
+
+  #run(body: TaskBody, transfer: ArrayBuffer[]): Promise<PieceResult> {
+    if (this.#failure) return Promise.reject(this.#failure);
+    const id = this.#nextId++;
+    const task = { id, ...body } as PieceTask;
+    return new Promise<PieceResult>((resolve, reject) => {
+      this.#waiting.set(id, {
+        resolve: (r) => {
+          if ('error' in r) reject(new BdsnapError(r.error.code as ErrorCode, r.error.message));
+          else resolve(r);
+        },
+        reject,
+      });
+      const w = this.#idle.pop();
+      if (w) w.postMessage(task, transfer);
+      else this.#queue.push({ task, transfer });
+    });
+  }
+
+  #done(w: Worker, r: PieceResult): void {
+    const next = this.#queue.shift();
+    if (next) w.postMessage(next.task, next.transfer);
+    else this.#idle.push(w);
+    const waiter = this.#waiting.get(r.id);
+    this.#waiting.delete(r.id);
+    waiter?.resolve(r);
+  }
+
+  #fail(err: Error): void {
+    this.#failure ??= err;
+    for (const w of this.#waiting.values()) w.reject(err);
+    this.#waiting.clear();
+  }
+
+  async close(): Promise<void> {
+    this.#failure ??= new BdsnapError('ESHUTDOWN', 'the piece pool is closed');
+    await Promise.all(this.#workers.map((w) => w.terminate()));
+  }
+}

@@ -1,0 +1,223 @@
+/**
+ * A backup repository over an ObjectStore: init and open (the versioned `config` object),
+ * manifests (list, load, forget), the set of stored pieces, and prune.
+ *
+ * Crash safety comes from the order of writes, not from any rename or lock of the store:
+ * pieces first, the manifest last. A backup that died before its manifest left only pieces no
+ * manifest names, which readers ignore and prune deletes. Prune runs under the exclusive lock
+ * (lock.ts), so it never deletes a piece a running create is about to name.
+ */
+
+import { randomBytes } from 'node:crypto';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import {
+  BACKUPS_PREFIX, CONFIG_OBJECT, DEFAULT_PIECE_BYTES, MAX_PIECE_BYTES, MIN_PIECE_BYTES, PIECES_PREFIX, REPO_FORMAT, REPO_VERSION,
+  backupIdOf, configSchema, expandSlots, manifestObject, manifestSchema, pieceHashOf, pieceObject,
+  type Manifest, type RepoConfig,
+} from './format.js';
+import { RepoLock, listLocks } from './lock.js';
+import { LocalDirStore, type ObjectStore } from './object-store.js';
+
+export interface InitOptions {
+  /** Power of two from 64 KiB to 16 MiB; default 1 MiB. */
+  pieceSizeBytes?: number;
+}
+
+export interface PruneSummary {
+  backups: number;
+  referencedPieces: number;
+  deletedPieces: number;
+  deletedBytes: number;
+  deletedLocks: number;
+  deletedIncomplete: number;
+}
+
+/** A manifest, or why it cannot be read. */
+export type BackupRecord = { id: string; manifest: Manifest; error?: undefined } | { id: string; manifest?: undefined; error: BdsnapError };
+
+export class Repository {
+  readonly store: ObjectStore;
+  readonly config: RepoConfig;
+
+  private constructor(store: ObjectStore, config: RepoConfig) {
+    this.store = store;
+    this.config = config;
+  }
+
+  get pieceSizeBytes(): number {
+    return this.config.pieceSizeBytes;
+  }
+
+  /** Make a new repository in an empty store. EINVAL if the store already holds anything. */
+  static async init(store: ObjectStore, options: InitOptions = {}): Promise<Repository> {
+    const pieceSizeBytes = options.pieceSizeBytes ?? DEFAULT_PIECE_BYTES;
+    if ((pieceSizeBytes & (pieceSizeBytes - 1)) !== 0 || pieceSizeBytes < MIN_PIECE_BYTES || pieceSizeBytes > MAX_PIECE_BYTES) {
+      throw new BdsnapError('EINVAL', `piece size must be a power of two from ${MIN_PIECE_BYTES} to ${MAX_PIECE_BYTES} bytes, got ${pieceSizeBytes}`);
+    }
+    if (await store.stat(CONFIG_OBJECT)) throw new BdsnapError('EINVAL', `${store.location} is already a backup repository`);
+    if ((await store.list('')).length > 0) throw new BdsnapError('EINVAL', `${store.location} is not empty; a repository needs an empty place`);
+    const config: RepoConfig = {
+      format: REPO_FORMAT, version: REPO_VERSION, id: randomBytes(8).toString('hex'), createdAt: new Date().toISOString(), pieceSizeBytes, hash: 'sha256',
+    };
+    await store.put(CONFIG_OBJECT, Buffer.from(`${JSON.stringify(config, null, 2)}\n`));
+    return new Repository(store, config);
+  }
+
+  /** Open an existing repository: ENOENT if there is none, ECORRUPT if its config does not parse. */
+  static async open(store: ObjectStore): Promise<Repository> {
+    let raw: Buffer;
+    try {
+      raw = await store.get(CONFIG_OBJECT);
+    } catch (err) {
+      if (toBdsnapError(err).code === 'ENOENT') {
+        throw new BdsnapError('ENOENT', `${store.location} is not a backup repository (no config); create one with 'bdsnap backup init'`, { cause: err });
+      }
+      throw err;
+    }
+    let json: unknown;
+    try {
+      json = JSON.parse(raw.toString('utf8'));
+    } catch (err) {
+      throw new BdsnapError('ECORRUPT', `the config of ${store.location} is not JSON`, { cause: err });
+    }
+    const probe = json as { format?: unknown; version?: unknown };
+    if (probe.format === REPO_FORMAT && typeof probe.version === 'number' && probe.version > REPO_VERSION) {
+      throw new BdsnapError('ENOTSUP', `${store.location} is a version ${probe.version} repository; this bdsnap reads version ${REPO_VERSION}`);
+    }
+    const parsed = configSchema.safeParse(json);
+    if (!parsed.success) throw new BdsnapError('ECORRUPT', `the config of ${store.location} is not a bdsnap repository config: ${parsed.error.issues[0]?.message ?? ''}`);
+    return new Repository(store, parsed.data);
+  }
+
+  /** Ids of every backup, oldest first (ids sort by time). */
+  async backupIds(): Promise<string[]> {
+    const ids = (await this.store.list(BACKUPS_PREFIX)).map((o) => backupIdOf(o.name)).filter((id): id is string => id !== undefined);
+    return ids.sort();
+  }
+
+  /** The manifest of `id`: ENOENT if there is no such backup, ECORRUPT if it does not parse. */
+  async manifest(id: string): Promise<Manifest> {
+    const name = manifestObject(id);
+    let raw: Buffer;
+    try {
+      raw = await this.store.get(name);
+    } catch (err) {
+      if (toBdsnapError(err).code === 'ENOENT') throw new BdsnapError('ENOENT', `there is no backup ${id} in ${this.store.location}`, { cause: err });
+      throw err;
+    }
+    let parsed;
+    try {
+      parsed = manifestSchema.safeParse(JSON.parse(raw.toString('utf8')));
+    } catch (err) {
+      throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} is damaged (not JSON)`, { cause: err });
+    }
+    if (!parsed.success || parsed.data.id !== id) throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} is damaged (does not match the format)`);
+    if (parsed.data.pieceSizeBytes !== this.pieceSizeBytes) throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} has another piece size than the repository`);
+    for (const d of parsed.data.devices) expandSlots(d, parsed.data.pieceSizeBytes);
+    return parsed.data;
+  }
+
+  /** Every backup, oldest first, each with its manifest or the reason it cannot be read. */
+  async backups(): Promise<BackupRecord[]> {
+    const out: BackupRecord[] = [];
+    for (const id of await this.backupIds()) {
+      try {
+        out.push({ id, manifest: await this.manifest(id) });
+      } catch (err) {
+        out.push({ id, error: toBdsnapError(err) });
+      }
+    }
+    return out;
+  }
+
+  /** The newest readable backup that holds `device`, if any. */
+  async lastBackupOf(device: string): Promise<Manifest | undefined> {
+    const ids = await this.backupIds();
+    for (let i = ids.length - 1; i >= 0; i--) {
+      const m = await this.manifest(ids[i]!).catch(() => undefined);
+      if (m?.devices.some((d) => d.device === device)) return m;
+    }
+    return undefined;
+  }
+
+  /** Hashes of the pieces in the store, with their stored sizes. */
+  async storedPieces(): Promise<Map<string, number>> {
+    const out = new Map<string, number>();
+    for (const o of await this.store.list(PIECES_PREFIX)) {
+      const hash = pieceHashOf(o.name);
+      if (hash !== undefined) out.set(hash, o.sizeBytes);
+    }
+    return out;
+  }
+
+  /** Remove the manifests of `ids` (all must exist; checked first). Their pieces stay until prune. */
+  async forget(ids: string[]): Promise<void> {
+    for (const id of ids) {
+      if (!(await this.store.stat(manifestObject(id)))) throw new BdsnapError('ENOENT', `there is no backup ${id} in ${this.store.location}`);
+    }
+    for (const id of ids) await this.store.delete(manifestObject(id));
+  }
+
+  /**
+   * Delete every piece no manifest names, dead and stale locks, and what interrupted puts left.
+   * Refuses (EBUSY) while a create runs, and (ECORRUPT) while a manifest cannot be read:
+   * its pieces cannot be told apart from garbage.
+   */
+  async prune(): Promise<PruneSummary> {
+    const lock = await RepoLock.acquire(this.store, 'prune');
+    try {
+      const startedMs = Date.now();
+      const records = await this.backups();
+      const broken = records.filter((r) => r.error);
+      if (broken.length > 0) {
+        throw new BdsnapError('ECORRUPT', `cannot prune: the manifest of ${broken.map((r) => r.id).join(', ')} cannot be read (${broken[0]!.error!.message}); forget it or repair it first`);
+      }
+      const referenced = new Set<string>();
+      for (const r of records) for (const d of r.manifest!.devices) for (const s of d.pieces) if (typeof s === 'string') referenced.add(s);
+      let deletedPieces = 0;
+      let deletedBytes = 0;
+      const unused = [...(await this.storedPieces())].filter(([hash]) => !referenced.has(hash));
+      await runLimited(unused, 16, async ([hash, size]) => {
+        await this.store.delete(pieceObject(hash));
+        deletedPieces++;
+        deletedBytes += size;
+      });
+      let deletedLocks = 0;
+      for (const l of await listLocks(this.store)) {
+        if (l.name !== lock.name && l.state !== 'live') {
+          await this.store.delete(l.name);
+          deletedLocks++;
+        }
+      }
+      const deletedIncomplete = await this.store.removeIncomplete(startedMs);
+      return { backups: records.length, referencedPieces: referenced.size, deletedPieces, deletedBytes, deletedLocks, deletedIncomplete };
+    } finally {
+      await lock.release();
+    }
+  }
+}
+
+/** Run `fn` over `items` with at most `limit` in flight; the first failure is thrown after the rest settle. */
+export async function runLimited<T>(items: Iterable<T>, limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  const it = items[Symbol.iterator]();
+  let failure: { err: unknown } | undefined;
+  const lane = async (): Promise<void> => {
+    for (;;) {
+      if (failure) return;
+      const next = it.next();
+      if (next.done) return;
+      try {
+        await fn(next.value);
+      } catch (err) {
+        failure ??= { err };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: limit }, lane));
+  if (failure) throw failure.err;
+}
+
+/** Open the repository in a local directory. */
+export function openLocalRepository(dir: string): Promise<Repository> {
+  return Repository.open(new LocalDirStore(dir));
+}

@@ -1,0 +1,122 @@
+/**
+ * restoreBackup: write one device of a backup, whole, to the device itself or to a new file.
+ *
+ * Before a byte is written: the manifest must read, the device must be in it, and every piece
+ * it names must exist in the store; the target must be a regular file or a block device that
+ * is not mounted (and not opened by another bdsnap: FileDevice's lock). Each piece is checked
+ * against its hash as it is read, so a damaged piece stops the restore with its name.
+ * Zero pieces are holes in a file target and written zeroes on a block device.
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { FileDevice } from '../device/file-device.js';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import type { ProgressSink } from './create.js';
+import { expandSlots, pieceObject } from './format.js';
+import { PiecePool } from './piece-pool.js';
+import { runLimited, type Repository } from './repository.js';
+
+export interface RestoreOptions {
+  /** Write a new file here instead of the device. */
+  output?: string;
+  progress?: ProgressSink;
+  signal?: AbortSignal;
+}
+
+export interface RestoreSummary {
+  id: string;
+  device: string;
+  target: string;
+  sizeBytes: number;
+  writtenBytes: number;
+  zeroPieces: number;
+  durationMs: number;
+}
+
+export async function restoreBackup(repo: Repository, id: string, device: string, options: RestoreOptions = {}): Promise<RestoreSummary> {
+  const startedMs = Date.now();
+  const manifest = await repo.manifest(id);
+  const entry = manifest.devices.find((d) => d.device === device) ?? manifest.devices.find((d) => d.device === path.resolve(device));
+  if (!entry) {
+    throw new BdsnapError('ENOENT', `backup ${id} has no device ${device} (it has ${manifest.devices.map((d) => d.device).join(', ')})`);
+  }
+  const P = manifest.pieceSizeBytes;
+  const slots = expandSlots(entry, P);
+  const stored = await repo.storedPieces();
+  const missing = [...new Set(slots.filter((s): s is string => s !== null && !stored.has(s)))];
+  if (missing.length > 0) {
+    throw new BdsnapError('ECORRUPT', `backup ${id} is damaged: ${missing.length} of its pieces ${missing.length === 1 ? 'is' : 'are'} missing (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}); nothing was written`);
+  }
+  const target = options.output !== undefined ? path.resolve(options.output) : entry.device;
+  const { file, holes } = await openTarget(target, options.output !== undefined, entry.sizeBytes);
+  const toWrite = slots.map((_, i) => i).filter((i) => slots[i] !== null || !holes);
+  options.progress?.start(toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0));
+  let writtenBytes = 0;
+  const pool = new PiecePool();
+  try {
+    await runLimited(toWrite, 8, async (i) => {
+      options.signal?.throwIfAborted();
+      const hash = slots[i]!;
+      const length = Math.min(P, entry.sizeBytes - i * P);
+      if (hash === null) {
+        await file.zero(i * P, length);
+      } else {
+        const raw = await pool.decode(await repo.store.get(pieceObject(hash)), hash).catch((err: unknown) => {
+          const e = toBdsnapError(err);
+          throw new BdsnapError(e.code, `restore of ${target} from backup ${id} stopped at ${i * P}: ${e.message}`, { cause: err });
+        });
+        if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where backup ${id} needs ${length}`);
+        await file.write(raw, i * P);
+      }
+      writtenBytes += length;
+      options.progress?.advance(length);
+    });
+    await file.flush();
+  } finally {
+    await pool.close();
+    await file.close();
+  }
+  return { id, device: entry.device, target, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs };
+}
+
+/**
+ * Open the target for writing. A file (new for --output, or the device's image file) is cut
+ * to zero and set to the size, so zero pieces are holes; a block device must not be mounted
+ * and must be large enough.
+ */
+async function openTarget(target: string, output: boolean, sizeBytes: number): Promise<{ file: FileDevice; holes: boolean }> {
+  const st = await fs.promises.stat(target).catch((err: unknown) => {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw toBdsnapError(err);
+  });
+  if (!st && !output) throw new BdsnapError('ENOENT', `${target} does not exist; give --output FILE to restore into a new file`);
+  if (st && !st.isFile() && !(st.isBlockDevice() && !output)) {
+    throw new BdsnapError('EINVAL', `${target} is not a regular file${output ? '' : ' or a block device'}; refusing to write to it`);
+  }
+  if (st?.isBlockDevice()) {
+    await checkNotMounted(target, st.rdev);
+    const file = await FileDevice.open(target);
+    if (file.size < sizeBytes) {
+      await file.close();
+      throw new BdsnapError('ENOSPC', `${target} holds ${file.size} bytes; the backup needs ${sizeBytes}`);
+    }
+    return { file, holes: false };
+  }
+  // The lock of FileDevice.open refuses a file another bdsnap process has open; take it before
+  // the file is cut.
+  if (!st) await fs.promises.writeFile(target, '', { flag: 'wx' }).catch((err: unknown) => { throw toBdsnapError(err); });
+  const file = await FileDevice.open(target);
+  await file.close();
+  await fs.promises.truncate(target, 0);
+  await fs.promises.truncate(target, sizeBytes);
+  return { file: await FileDevice.open(target), holes: true };
+}
+
+/** EBUSY if the block device `rdev` is mounted (per /proc/self/mountinfo). */
+async function checkNotMounted(target: string, rdev: number): Promise<void> {
+  const majorMinor = `${Math.floor(rdev / 256) & 0xfff}:${(rdev & 0xff) | ((rdev >> 12) & 0xfff00)}`;
+  const mountinfo = await fs.promises.readFile('/proc/self/mountinfo', 'utf8').catch(() => '');
+  const line = mountinfo.split('\n').find((l) => l.split(' ')[2] === majorMinor);
+  if (line) throw new BdsnapError('EBUSY', `${target} is mounted at ${line.split(' ')[4] ?? '?'}; unmount it first`);
+}

@@ -1,0 +1,210 @@
+/**
+ * `bdsnap backup init|create|list|verify|restore|forget|prune --repo DIR`: the logic lives in
+ * src/backup/; this module parses, draws progress bars (only when stdout and stderr are
+ * terminals and --json is not given) and prints results.
+ */
+
+import cliProgress from 'cli-progress';
+import type { Command } from 'commander';
+import { BdsnapError } from '../../errors.js';
+import {
+  LocalDirStore, Repository, backupDevices, daemonSnapshotProvider, restoreBackup, verifyRepository,
+  type BackupSummary, type ProgressSink,
+} from '../../backup/index.js';
+import { BdsnapClient } from '../../service/client.js';
+import { parseBytes } from '../units.js';
+import { formatBytes, formatTable } from './status.js';
+
+interface RepoFlags {
+  repo: string;
+  json?: boolean;
+}
+
+const MiB = 1024 * 1024;
+
+/** A progress bar on stderr, or nothing when output is not for a person at a terminal. */
+function progressBar(label: string, json: boolean | undefined): { sink?: ProgressSink; stop(): void } {
+  if (json || !process.stdout.isTTY || !process.stderr.isTTY) return { stop: () => undefined };
+  const bar = new cliProgress.SingleBar({
+    stream: process.stderr, hideCursor: true, etaBuffer: 50,
+    format: `${label} [{bar}] {percentage}% {done}/{all} MiB {rate} MiB/s, {eta_formatted} left`,
+  }, cliProgress.Presets.shades_classic);
+  const startedMs = Date.now();
+  let started = false;
+  let done = 0;
+  let total = 0;
+  const payload = (): Record<string, string> => ({
+    done: (done / MiB).toFixed(0), all: (total / MiB).toFixed(0), rate: (done / MiB / Math.max(0.001, (Date.now() - startedMs) / 1000)).toFixed(0),
+  });
+  return {
+    sink: {
+      start(totalBytes) {
+        total = totalBytes;
+        bar.start(Math.max(1, totalBytes), 0, payload());
+        started = true;
+      },
+      advance(bytes) {
+        done += bytes;
+        bar.update(done, payload());
+      },
+    },
+    stop: () => {
+      if (started) bar.stop();
+    },
+  };
+}
+
+async function openRepo(dir: string): Promise<Repository> {
+  return Repository.open(new LocalDirStore(dir));
+}
+
+/** Abort on SIGINT/SIGTERM so that the work stops cleanly (snapshot destroyed, lock released). */
+async function withInterrupt<T>(fn: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const controller = new AbortController();
+  const onSignal = (): void => controller.abort(new BdsnapError('ESHUTDOWN', 'interrupted'));
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    return await fn(controller.signal);
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
+function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+}
+
+function formatCreate(s: BackupSummary): string {
+  const lines = s.devices.map((d) =>
+    `${d.device}: ${d.kind} (${d.why}); read ${formatBytes(d.readBytes)}, ${d.newPieces} new pieces (${formatBytes(d.newStoredBytes)} stored), ${d.reusedPieces} reused, ${d.zeroPieces} zero`);
+  lines.push(`backup ${s.id} created in ${(s.durationMs / 1000).toFixed(2)} s`);
+  return `${lines.join('\n')}\n`;
+}
+
+export function register(program: Command): void {
+  const backup = program.command('backup').description('full and incremental backups of devices into a deduplicated, verified repository');
+  const repoOption = (c: Command): Command => c.requiredOption('--repo <dir>', 'the repository directory');
+
+  repoOption(backup.command('init').description('create an empty repository'))
+    .option('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 1M)')
+    .action(async (flags: RepoFlags & { pieceSize?: string }) => {
+      const pieceSizeBytes = flags.pieceSize !== undefined ? parseBytes(flags.pieceSize, '--piece-size') : undefined;
+      const repo = await Repository.init(new LocalDirStore(flags.repo), { pieceSizeBytes });
+      process.stdout.write(`initialized backup repository ${repo.store.location} (pieces of ${formatBytes(repo.pieceSizeBytes)})\n`);
+    });
+
+  repoOption(backup.command('create').description('snapshot the devices and back them up (incremental where the change map allows)'))
+    .argument('<dev_name...>', 'devices to back up together, from one consistent snapshot')
+    .option('--full', 'read every device whole')
+    .option('--json', 'print the result as JSON')
+    .option('--run-dir <dir>', 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+    .action(async (devices: string[], flags: RepoFlags & { full?: boolean; runDir?: string }) => {
+      const repo = await openRepo(flags.repo);
+      let client: BdsnapClient;
+      try {
+        client = await BdsnapClient.connect(flags.runDir);
+      } catch (err) {
+        throw new BdsnapError((err as BdsnapError).code ?? 'ENOENT', `backup create takes snapshots through the daemon: ${(err as Error).message}`, { cause: err });
+      }
+      const bar = progressBar('backing up', flags.json);
+      try {
+        const provider = daemonSnapshotProvider(client);
+        const summary = await withInterrupt((signal) => backupDevices(repo, provider, devices, {
+          full: flags.full, signal, progress: bar.sink,
+          onPlan: (plans) => {
+            if (!flags.json) for (const p of plans) process.stderr.write(`${p.device}: ${p.kind} backup (${p.why})\n`);
+          },
+        }));
+        bar.stop();
+        if (flags.json) printJson(summary);
+        else process.stdout.write(formatCreate(summary));
+      } finally {
+        bar.stop();
+        client.close();
+      }
+    });
+
+  repoOption(backup.command('list').description('backups, oldest first'))
+    .option('--json', 'print the backups as JSON')
+    .action(async (flags: RepoFlags) => {
+      const repo = await openRepo(flags.repo);
+      const records = await repo.backups();
+      if (flags.json) {
+        printJson(records.map((r) => (r.manifest
+          ? { id: r.id, startTime: r.manifest.startTime, endTime: r.manifest.endTime, tags: r.manifest.tags,
+              devices: r.manifest.devices.map((d) => ({ device: d.device, sizeBytes: d.sizeBytes, kind: d.kind, base: d.base, why: d.why, readBytes: d.readBytes, newStoredBytes: d.newStoredBytes })) }
+          : { id: r.id, error: r.error.message })));
+        return;
+      }
+      if (records.length === 0) {
+        process.stdout.write('no backups\n');
+        return;
+      }
+      const rows = records.flatMap((r) => (r.manifest
+        ? r.manifest.devices.map((d) => [r.id, d.device, formatBytes(d.sizeBytes), d.kind, d.base ?? '-', formatBytes(d.newStoredBytes)])
+        : [[r.id, `DAMAGED: ${r.error.message}`, '', '', '', '']]));
+      process.stdout.write(`${formatTable(['ID', 'DEVICE', 'SIZE', 'KIND', 'BASE', 'ADDED'], rows)}\n`);
+    });
+
+  repoOption(backup.command('verify').description('read every piece of all backups (or one) and check it against its hash'))
+    .argument('[id]', 'only this backup')
+    .option('--json', 'print the result as JSON')
+    .action(async (id: string | undefined, flags: RepoFlags) => {
+      const repo = await openRepo(flags.repo);
+      const bar = progressBar('verifying', flags.json);
+      let summary;
+      try {
+        summary = await withInterrupt((signal) => verifyRepository(repo, { id, signal, progress: bar.sink }));
+      } finally {
+        bar.stop();
+      }
+      if (flags.json) printJson(summary);
+      else {
+        const lines = summary.backups.map((b) => `${b.id}: ${b.ok ? 'ok' : `DAMAGED (${b.problem})`}`);
+        for (const p of summary.badPieces) lines.push(`piece ${p.hash}: ${p.problem}, used by ${p.backups.join(', ')}`);
+        lines.push(`${summary.checkedPieces} pieces (${formatBytes(summary.checkedBytes)}) checked`);
+        process.stdout.write(`${lines.join('\n')}\n`);
+      }
+      if (!summary.ok) {
+        const damaged = summary.backups.filter((b) => !b.ok).map((b) => b.id);
+        throw new BdsnapError('ECORRUPT', `${damaged.length} damaged backup${damaged.length === 1 ? '' : 's'}: ${damaged.join(', ')}`);
+      }
+    });
+
+  repoOption(backup.command('restore').description('write a device of a backup, whole, back to the device or to a new file'))
+    .argument('<id>', 'the backup')
+    .argument('<dev_name>', 'which device of the backup (and the target unless --output is given)')
+    .option('--output <file>', 'write the image to FILE instead of the device')
+    .option('--json', 'print the result as JSON')
+    .action(async (id: string, device: string, flags: RepoFlags & { output?: string }) => {
+      const repo = await openRepo(flags.repo);
+      const bar = progressBar('restoring', flags.json);
+      let summary;
+      try {
+        summary = await withInterrupt((signal) => restoreBackup(repo, id, device, { output: flags.output, signal, progress: bar.sink }));
+      } finally {
+        bar.stop();
+      }
+      if (flags.json) printJson(summary);
+      else process.stdout.write(`restored ${summary.device} from backup ${id} into ${summary.target}: ${formatBytes(summary.sizeBytes)} in ${(summary.durationMs / 1000).toFixed(2)} s\n`);
+    });
+
+  repoOption(backup.command('forget').description('remove backups (their pieces stay until prune)'))
+    .argument('<id...>', 'backups to remove')
+    .action(async (ids: string[], flags: RepoFlags) => {
+      const repo = await openRepo(flags.repo);
+      await repo.forget(ids);
+      process.stdout.write(`forgot ${ids.length} backup${ids.length === 1 ? '' : 's'}; run 'bdsnap backup prune' to free their space\n`);
+    });
+
+  repoOption(backup.command('prune').description('delete pieces no backup uses (refused while a backup is being created)'))
+    .option('--json', 'print the result as JSON')
+    .action(async (flags: RepoFlags) => {
+      const repo = await openRepo(flags.repo);
+      const s = await repo.prune();
+      if (flags.json) printJson(s);
+      else process.stdout.write(`pruned ${s.deletedPieces} unused pieces (${formatBytes(s.deletedBytes)}); ${s.referencedPieces} pieces kept for ${s.backups} backups\n`);
+    });
+}

@@ -1,0 +1,175 @@
+/**
+ * Test helpers for backups: a SnapshotProvider over a real `bdsnap serve` process (a snapshot
+ * is a copy of each image, served read-only; reads go over the real NBD client), a change log
+ * standing in for the change map, and an ObjectStore that counts what goes through it.
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import type { BlockDevice } from '../../src/device/block-device.js';
+import { NbdClient } from '../../src/nbd/client.js';
+import type { ObjectInfo, ObjectStore } from '../../src/backup/object-store.js';
+import type { ByteRange, Snapshot, SnapshotProvider } from '../../src/backup/index.js';
+import { startServer, type NbdServer } from '../helpers/server.js';
+
+export interface ServeProviderOptions {
+  /** Serve copies (default), so the originals can change while a backup reads; or the images themselves. */
+  copy?: boolean;
+  /** Delay each read by this long (to catch a backup in the middle). */
+  readDelayMs?: number;
+}
+
+export class ServeSnapshotProvider implements SnapshotProvider {
+  /** Bytes read through the image readers, per device. */
+  readonly readBytes = new Map<string, number>();
+  readonly destroyed: string[] = [];
+  generation = 'g1';
+  readonly #dir: string;
+  readonly #options: ServeProviderOptions;
+  readonly #counter = new Map<string, number>();
+  readonly #changes: Array<{ device: string; after: number; range: ByteRange }> = [];
+  readonly #live = new Map<string, { server: NbdServer; copies: string[] }>();
+  #taken = 0;
+
+  constructor(dir: string, options: ServeProviderOptions = {}) {
+    this.#dir = dir;
+    this.#options = options;
+  }
+
+  /** Write to a device and record the range, as the change map would. */
+  write(device: string, offsetBytes: number, data: Buffer): void {
+    const fd = fs.openSync(device, 'r+');
+    try {
+      fs.writeSync(fd, data, 0, data.length, offsetBytes);
+    } finally {
+      fs.closeSync(fd);
+    }
+    this.#changes.push({ device, after: this.#counter.get(device) ?? 0, range: { offsetBytes, lengthBytes: data.length } });
+  }
+
+  async take(devices: string[]): Promise<Snapshot> {
+    const id = `snap${++this.#taken}`;
+    const copies = devices.map((d) => {
+      if (this.#options.copy === false) return d;
+      const copy = path.join(this.#dir, `${id}-${path.basename(d)}`);
+      fs.copyFileSync(d, copy);
+      return copy;
+    });
+    const server = await startServer(undefined, { kind: 'bdsnap', images: copies, readOnly: true });
+    this.#live.set(id, { server, copies });
+    const images = devices.map((device, k) => {
+      const number = (this.#counter.get(device) ?? 0) + 1;
+      this.#counter.set(device, number);
+      return {
+        device,
+        sizeBytes: fs.statSync(device).size,
+        changeMap: { generation: this.generation, number },
+        open: async (): Promise<BlockDevice & { close(): Promise<void> }> => {
+          const client = await NbdClient.connect({ socketPath: server.socketPath, exportName: server.exportNames[k]! });
+          const read = client.read.bind(client);
+          client.read = async (target: Buffer, offsetBytes: number): Promise<void> => {
+            if (this.#options.readDelayMs) await new Promise((r) => setTimeout(r, this.#options.readDelayMs));
+            this.readBytes.set(device, (this.readBytes.get(device) ?? 0) + target.length);
+            await read(target, offsetBytes);
+          };
+          return client;
+        },
+        changedSince: async (generation: string, since: number): Promise<ByteRange[] | null> => {
+          if (generation !== this.generation) return null;
+          return this.#changes.filter((c) => c.device === device && c.after >= since && c.after < number).map((c) => c.range);
+        },
+      };
+    });
+    return { id, images };
+  }
+
+  async destroy(id: string): Promise<void> {
+    const live = this.#live.get(id);
+    if (!live) throw new Error(`no snapshot ${id}`);
+    this.#live.delete(id);
+    await live.server.stop();
+    if (this.#options.copy !== false) for (const c of live.copies) fs.rmSync(c, { force: true });
+    this.destroyed.push(id);
+  }
+}
+
+/** An ObjectStore wrapper that counts puts (by name prefix) and gets. */
+export class CountingStore implements ObjectStore {
+  readonly puts: string[] = [];
+  gets = 0;
+  readonly #inner: ObjectStore;
+
+  constructor(inner: ObjectStore) {
+    this.#inner = inner;
+  }
+  get location(): string {
+    return this.#inner.location;
+  }
+  put(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
+    this.puts.push(name);
+    return this.#inner.put(name, data);
+  }
+  get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer> {
+    this.gets++;
+    return this.#inner.get(name, range);
+  }
+  stat(name: string): Promise<ObjectInfo | undefined> {
+    return this.#inner.stat(name);
+  }
+  list(prefix: string): Promise<ObjectInfo[]> {
+    return this.#inner.list(prefix);
+  }
+  delete(name: string): Promise<void> {
+    return this.#inner.delete(name);
+  }
+  removeIncomplete(olderThanMs: number): Promise<number> {
+    return this.#inner.removeIncomplete(olderThanMs);
+  }
+  piecePuts(): number {
+    return this.puts.filter((n) => n.startsWith('pieces/')).length;
+  }
+}
+
+/** Total size of the files under `dir`. */
+export function dirBytes(dir: string): number {
+  let total = 0;
+  for (const e of fs.readdirSync(dir, { withFileTypes: true, recursive: true })) {
+    if (e.isFile()) total += fs.statSync(path.join(e.parentPath, e.name)).size;
+  }
+  return total;
+}
+
+/** An image of mixed content: random, zero, repeated and text quarters (sizes multiple of 4 MiB). */
+export function makeMixedImage(file: string, sizeBytes: number, seed = 7): void {
+  const fd = fs.openSync(file, 'w');
+  try {
+    fs.ftruncateSync(fd, sizeBytes);
+    const q = sizeBytes / 4;
+    const chunk = Buffer.alloc(1 << 20);
+    let x = seed;
+    const rnd = (): number => {
+      x ^= x << 13;
+      x >>>= 0;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      return (x >>>= 0);
+    };
+    const repeated = Buffer.alloc(1 << 20);
+    for (let i = 0; i < repeated.length; i += 4) repeated.writeUInt32LE(rnd(), i);
+    const words = ['block', 'device', 'snapshot', 'backup', 'the', 'of', 'restore', 'piece', 'manifest', 'kernel', 'write', 'chunk', 'a', 'and'];
+    for (let at = 0; at < sizeBytes; at += chunk.length) {
+      const part = Math.floor(at / q);
+      if (part === 1) continue; // zeroes: a hole
+      if (part === 0) for (let i = 0; i < chunk.length; i += 4) chunk.writeUInt32LE(rnd(), i);
+      else if (part === 2) repeated.copy(chunk);
+      else {
+        let s = '';
+        while (s.length < chunk.length) s += `${words[rnd() % words.length]}${rnd() % 11 === 0 ? '\n' : ' '}${rnd() % 97 === 0 ? String(rnd()) : ''}`;
+        chunk.write(s.slice(0, chunk.length), 'latin1');
+      }
+      fs.writeSync(fd, chunk, 0, chunk.length, at);
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
