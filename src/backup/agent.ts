@@ -10,7 +10,6 @@
 import path from 'node:path';
 import { EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
 import { BdsnapError } from '../errors.js';
-import type { BdsnapClient } from '../service/client.js';
 import { createBackup, type BackupSource, type BackupSummary, type CreateOptions } from './create.js';
 import type { ByteRange } from './ranges.js';
 import type { Repository } from './repository.js';
@@ -45,15 +44,6 @@ export interface SnapshotProvider {
   /** One consistent snapshot of all `devices` (absolute paths). */
   take(devices: string[]): Promise<Snapshot>;
   destroy(id: string): Promise<void>;
-}
-
-/**
- * The SnapshotProvider of a running daemon. Not available yet: the daemon's client has no
- * snapshot or change-map calls.
- */
-export function daemonSnapshotProvider(client: BdsnapClient): SnapshotProvider {
-  void client;
-  throw new BdsnapError('ENOTSUP', 'snapshots are not available from this daemon');
 }
 
 export interface AgentOptions extends CreateOptions {

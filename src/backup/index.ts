@@ -6,8 +6,9 @@ export { createBackup, type BackupSource, type BackupSummary, type CreateOptions
 export { verifyRepository, type VerifyOptions, type VerifySummary, type BadPiece } from './verify.js';
 export { restoreBackup, type RestoreOptions, type RestoreSummary } from './restore.js';
 export {
-  backupDevices, daemonSnapshotProvider,
+  backupDevices,
   type AgentOptions, type ChangeMapPoint, type Snapshot, type SnapshotImage, type SnapshotProvider,
 } from './agent.js';
 export type { ByteRange } from './ranges.js';
 export type { Manifest, DeviceEntry, RepoConfig } from './format.js';
+export { daemonSnapshotProvider } from './daemon-provider.js';

@@ -79,18 +79,18 @@ export class Daemon {
     this.#passwords = new PasswordStore(this.#stateDir);
     this.#tracking = new ChangeTracker(this.#stateDir, options.session?.durability ?? 'process', events, this.#log);
     this.#table = new DeviceTable(registry, this.#snapshotRoot, this.#log, events, options.session, this.#tracking);
-    let mounts: MountManager | undefined;
+    const late: { mounts?: MountManager } = {};
     this.#snapshots = new SnapshotManager({
       stateDir: this.#stateDir, nbdSocket: this.nbdSocket, table: this.#table, registry, events, log: this.#log,
-      mountpointOf: (devicePath) => mounts?.mountpointOf(devicePath),
+      mountpointOf: (devicePath) => late.mounts?.mountpointOf(devicePath),
       tracking: this.#tracking,
     });
     this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
-    mounts = new MountManager({
+    this.#mounts = new MountManager({
       runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
       detachTimeoutMs: options.detachTimeoutMs ?? 30000,
     });
-    this.#mounts = mounts;
+    late.mounts = this.#mounts;
     this.#nbd = new NbdServer({ exports: this.#exports(), log: (event) => this.#log.debug({ ...event, nbd: true }) });
   }
 

@@ -256,7 +256,7 @@ export class DeviceTable {
     const devicePath = att.devicePath;
     if (active) {
       const mountTime = options.mountTime ?? new Date();
-      let phase: UserPhase | undefined;
+      const late: { phase?: UserPhase } = {};
       const cow = CowDevice.create(att.layer, {
         devicePath,
         snapshotRoot: this.#snapshotRoot,
@@ -266,10 +266,11 @@ export class DeviceTable {
         ...(this.#session.durability !== undefined ? { durability: this.#session.durability } : {}),
         ...(this.#session.sizeLimitBytes !== undefined ? { sizeLimitBytes: this.#session.sizeLimitBytes } : {}),
         onEvent: (event) => {
-          if (phase) this.#onSessionEvent(att, phase, event);
+          if (late.phase) this.#onSessionEvent(att, late.phase, event);
         },
       });
-      phase = { top: cow, cow, sessionDir: null, ...endSignal() };
+      const phase: UserPhase = { top: cow, cow, sessionDir: null, ...endSignal() };
+      late.phase = phase;
       this.#log.info({ event: 'attach', device: devicePath, holder: options.holder, session: true, mountTime: mountTime.toISOString() },
         'device attached under a session');
       return phase;

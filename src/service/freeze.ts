@@ -33,17 +33,22 @@ function fsfreeze(flag: '--freeze' | '--unfreeze', mountpoint: string): Promise<
  */
 export async function withFrozen<T>(mountpoints: string[], fn: () => Promise<T>): Promise<T> {
   const frozen: string[] = [];
+  let outcome: { value: T } | { error: unknown };
   try {
     for (const mp of mountpoints) {
       await fsfreeze('--freeze', mp);
       frozen.push(mp);
     }
-    return await fn();
-  } finally {
-    const problems: string[] = [];
-    for (const mp of frozen.reverse()) {
-      await fsfreeze('--unfreeze', mp).catch((err: unknown) => problems.push((err as Error).message));
-    }
-    if (problems.length > 0) throw new BdsnapError('EIO', problems.join('; '));
+    outcome = { value: await fn() };
+  } catch (err) {
+    outcome = { error: err };
   }
+  const problems: string[] = [];
+  for (const mp of frozen.reverse()) {
+    await fsfreeze('--unfreeze', mp).catch((err: unknown) => problems.push((err as Error).message));
+  }
+  if ('error' in outcome) throw outcome.error;
+  // A thaw that failed leaves a filesystem blocked: the caller must hear of it.
+  if (problems.length > 0) throw new BdsnapError('EIO', problems.join('; '));
+  return outcome.value;
 }

@@ -6,10 +6,10 @@
  */
 
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 import { cli, nbdUri, ok, sandbox, startDaemonProcess, type Sandbox } from '../service/helpers.js';
 
 const IMAGE_MIB = 64;
@@ -40,13 +40,12 @@ function highestFile(dir: string): number {
   return top;
 }
 
-function unmountLater(t: TestContext, box: Sandbox, mnt: string): void {
-  t.after(() => {
-    if (mounted(mnt)) {
-      cli(box, ['umount', mnt]);
-      if (mounted(mnt)) spawnSync('umount', ['-l', mnt]);
-    }
-  });
+/** Take down what the body mounted, before the daemon stops (hooks run in the order added). */
+function unmountAll(box: Sandbox, mountpoints: string[]): void {
+  for (const mnt of mountpoints) {
+    if (mounted(mnt)) cli(box, ['umount', mnt]);
+    if (mounted(mnt)) spawnSync('umount', ['-l', mnt]);
+  }
 }
 
 const canRun = process.env.CI === 'true' || (process.getuid?.() === 0 && fs.existsSync('/dev/fuse'));
@@ -60,19 +59,33 @@ test('a busy ext4: the frozen image is clean and holds the files finished by the
   run('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
   const device = fs.realpathSync(image);
   const mnt = path.join(box.top, 'mnt');
+  const imnt = path.join(box.top, 'image-mnt');
   fs.mkdirSync(mnt);
-  unmountLater(t, box, mnt);
+  fs.mkdirSync(imnt);
+  try {
+    await busyFilesystem(box, device, mnt, imnt);
+  } finally {
+    unmountAll(box, [imnt, mnt]);
+  }
+});
+
+async function busyFilesystem(box: Sandbox, device: string, mnt: string, imnt: string): Promise<void> {
   ok(box, ['mount', device, mnt, '-t', 'ext4']);
   fs.mkdirSync(path.join(mnt, 'w'));
 
   // The workload runs in its own process: a freeze blocks its writes, not this test.
   const workload = spawn('bash', ['-c', `i=0; while :; do i=$((i+1)); yes "file $i" | head -c ${FILE_BYTES} > "$1/f$i"; done`, 'workload', path.join(mnt, 'w')], { stdio: 'ignore' });
   const stopped = new Promise((resolve) => workload.once('exit', resolve));
-  t.after(async () => {
+  try {
+    await new Promise((r) => setTimeout(r, 700));
+    await takeAndCheck(box, device, mnt, imnt, workload, stopped);
+  } finally {
     workload.kill('SIGKILL');
     await stopped;
-  });
-  await new Promise((r) => setTimeout(r, 700));
+  }
+}
+
+async function takeAndCheck(box: Sandbox, device: string, mnt: string, imnt: string, workload: ChildProcess, stopped: Promise<unknown>): Promise<void> {
 
   // Storage on the very device being snapshotted is refused.
   const onDevice = cli(box, ['snapshot', 'create', device, '--storage', path.join(mnt, 'w')]);
@@ -96,9 +109,6 @@ test('a busy ext4: the frozen image is clean and holds the files finished by the
   assert.equal(fsck.status, 0, `e2fsck -fn of the frozen image:\n${fsck.stdout}${fsck.stderr}`);
 
   // Mounted through bdsnap, it holds every file finished before the take, complete, and none started after.
-  const imnt = path.join(box.top, 'image-mnt');
-  fs.mkdirSync(imnt);
-  unmountLater(t, box, imnt);
   ok(box, ['mount', `${device}@${snap.id}`, imnt, '-t', 'ext4']);
   const top = highestFile(path.join(imnt, 'w'));
   assert.ok(top >= doneBefore && top <= startedAfter, `the image's last file f${top} is outside [f${doneBefore}, f${startedAfter}]`);
@@ -126,4 +136,4 @@ test('a busy ext4: the frozen image is clean and holds the files finished by the
   assert.equal(fsck2.status, 0, `e2fsck -fn of the replayed image:\n${fsck2.stdout}${fsck2.stderr}`);
   ok(box, ['snapshot', 'destroy', snap.id]);
   ok(box, ['snapshot', 'destroy', loose.id]);
-});
+}

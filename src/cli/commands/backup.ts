@@ -11,7 +11,7 @@ import {
   LocalDirStore, Repository, backupDevices, daemonSnapshotProvider, restoreBackup, verifyRepository,
   type BackupSummary, type ProgressSink,
 } from '../../backup/index.js';
-import { BdsnapClient } from '../../service/client.js';
+import { BdsnapClient, resolveRunDir } from '../../service/client.js';
 import { parseBytes } from '../units.js';
 import { formatBytes, formatTable } from './status.js';
 
@@ -110,7 +110,7 @@ export function register(program: Command): void {
       }
       const bar = progressBar('backing up', flags.json);
       try {
-        const provider = daemonSnapshotProvider(client);
+        const provider = daemonSnapshotProvider(client, resolveRunDir(flags.runDir));
         const summary = await withInterrupt((signal) => backupDevices(repo, provider, devices, {
           full: flags.full, signal, progress: bar.sink,
           onPlan: (plans) => {

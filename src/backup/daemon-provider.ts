@@ -1,0 +1,33 @@
+/**
+ * The SnapshotProvider of a running daemon: snapshots taken through its control socket,
+ * images read over its NBD socket, and what changed since an earlier backup answered by the
+ * image's own frozen change map (the daemon's `snapshot-changes`), which is exact for the
+ * image and includes writes made to the image itself.
+ */
+
+import path from 'node:path';
+import { NbdClient } from '../nbd/client.js';
+import { NBD_SOCKET, type BdsnapClient } from '../service/client.js';
+import type { Snapshot, SnapshotProvider } from './agent.js';
+
+export function daemonSnapshotProvider(client: BdsnapClient, runDir: string): SnapshotProvider {
+  const socketPath = path.join(runDir, NBD_SOCKET);
+  return {
+    async take(devices: string[]): Promise<Snapshot> {
+      const info = await client.createSnapshot(devices);
+      return {
+        id: info.id,
+        images: info.images.map((image) => ({
+          device: image.device,
+          sizeBytes: image.sizeBytes,
+          changeMap: image.cbt,
+          open: () => NbdClient.connect({ socketPath, exportName: image.exportName }),
+          changedSince: (generation: string, number: number) => client.snapshotChanges(info.id, image.device, generation, number),
+        })),
+      };
+    },
+    async destroy(id: string): Promise<void> {
+      await client.destroySnapshot(id);
+    },
+  };
+}
