@@ -4,9 +4,9 @@
  */
 
 export { BdsnapError, type ErrorCode } from './errors.js';
-export type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from './device/block-device.js';
+export type { BlockDevice, BlockSizes, DeviceIdentity, Extent, WriteOptions, ZeroOptions } from './device/block-device.js';
 export { EXTENT_HOLE, EXTENT_ZERO } from './device/block-device.js';
-export { FileDevice, type FileDeviceOptions, type DeviceIdentity } from './device/file-device.js';
+export { FileDevice, type FileDeviceOptions } from './device/file-device.js';
 
 export { NbdServer, NbdClient, StaticExports, type NbdServerOptions, type NbdClientOptions, type ExportHandle, type ExportProvider } from './nbd/index.js';
 

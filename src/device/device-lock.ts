@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
-import type { DeviceIdentity } from './file-device.js';
+import type { DeviceIdentity } from './block-device.js';
 
 export interface DeviceLock {
   release(): Promise<void>;

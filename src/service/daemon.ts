@@ -15,7 +15,8 @@ import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { NbdServer } from '../nbd/server.js';
 import { listSessions, recoverSession } from '../snapshot/sessions.js';
-import { ensurePrivateDir, writeFileAtomic } from './atomic-file.js';
+import { writeFileAtomic } from '../host/atomic-file.js';
+import { ensurePrivateDir } from '../host/private-dir.js';
 import { PasswordStore } from './auth.js';
 import { CONTROL_SOCKET, NBD_SOCKET } from './client.js';
 import {
@@ -24,7 +25,7 @@ import {
 } from './control-protocol.js';
 import { ControlServer } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
-import { attachAndMount, cleanUpStaleMount, toRecord, unmountAndDetach, type AttachedMount, type MountRecordOnDisk } from './mount.js';
+import { attachAndMount, cleanUpStaleMounts, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
 import { Registry, canonicalDevicePath } from './registry.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
@@ -258,28 +259,6 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
   };
 
   return { runDir, controlSocket, nbdSocket, close };
-}
-
-/**
- * Mounts recorded by a daemon that died without unmounting: their NBD client lost the server,
- * so the filesystems can only fail now. Take them down (lazily) and say so loudly, so the
- * devices can be attached again and their sessions recovered.
- */
-async function cleanUpStaleMounts(mountsFile: string, log: Logger): Promise<void> {
-  let records: MountRecordOnDisk[];
-  try {
-    records = JSON.parse(await fs.promises.readFile(mountsFile, 'utf8')) as MountRecordOnDisk[];
-  } catch {
-    return;
-  }
-  if (!Array.isArray(records)) return;
-  for (const m of records) {
-    if (typeof m?.mountpoint !== 'string' || typeof m.blockDevice !== 'string') continue;
-    const problems = await cleanUpStaleMount(m);
-    log.error({ event: 'stale-mount-cleaned', device: m.device, mountpoint: m.mountpoint, blockDevice: m.blockDevice, problems },
-      'a mount of the previous daemon lost its device when that daemon died; it was unmounted');
-  }
-  await fs.promises.rm(mountsFile, { force: true });
 }
 
 /**

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
-import { writeFileAtomic } from './atomic-file.js';
+import { writeFileAtomic } from '../host/atomic-file.js';
 
 export const REGISTRY_FILE = 'registry.json';
 const REGISTRY_VERSION = 1;

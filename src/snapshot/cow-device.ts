@@ -22,14 +22,16 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { fsyncDirectory, writeFileAtomic } from '../host/atomic-file.js';
+import { preadFully } from '../host/fd-io.js';
 import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import {
   DATA_FILE, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGEST_ALGORITHM, DIGEST_BYTES, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE,
-  RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, encodeDigestArrays, encodeIndex, fsyncDirectory, sessionDirName, writeFileAtomic, writeManifest,
+  RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
   type Manifest,
 } from './format.js';
-import { StoreWriter, preadFully } from './store.js';
+import { StoreWriter } from './store.js';
 import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 import { forEachChunk } from './chunk-runs.js';
 
@@ -482,8 +484,8 @@ export class CowDevice implements BlockDevice {
         await this.#base.flush();
         const { chunks } = this.#location.sorted();
         const digests = await this.#finalDigests(chunks);
-        await writeFileAtomic(path.join(dir, DIGESTS_FILE), encodeDigestArrays(chunks, digests));
-        await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(this.#location));
+        await writeFileAtomic(path.join(dir, DIGESTS_FILE), encodeDigestArrays(chunks, digests), SESSION_FILE_MODE);
+        await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(this.#location), SESSION_FILE_MODE);
         await writeManifest(dir, { ...this.#manifest('complete'), endTime, digestedChunks: chunks.length });
         this.#state = 'complete';
       } else {
