@@ -36,6 +36,7 @@ export const requestSchema = z.discriminatedUnion('op', [
     options: z.string().regex(/^[^\s\0]{1,1024}$/, 'mount options are one word without spaces').optional(),
   }).strict(),
   z.object({ ...envelope, op: z.literal('umount'), mountpoint: z.string().min(1).max(MAX_PATH_CHARS) }).strict(),
+  z.object({ ...envelope, op: z.literal('register'), device: devicePath }).strict(),
 ]);
 
 export type Request = z.infer<typeof requestSchema>;
@@ -108,6 +109,14 @@ export interface UmountResult {
   sessionDir: string | null;
 }
 
+/** `register`: the device is known to the daemon (served over NBD), inactive unless it was activated. */
+export interface RegisterResult {
+  device: string;
+  /** False when it was registered already. */
+  added: boolean;
+  active: boolean;
+}
+
 export interface PasswdResult {
   changed: boolean;
 }
@@ -128,6 +137,7 @@ export interface ResultMap {
   list: ListResult;
   mount: MountResult;
   umount: UmountResult;
+  register: RegisterResult;
 }
 
 export interface ErrorBody {

@@ -26,7 +26,7 @@ import {
 import { ControlServer } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
 import { attachAndMount, cleanUpStaleMounts, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
-import { Registry, canonicalDevicePath } from './registry.js';
+import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
 /** In the run directory: the mounts this daemon made, so a successor can clean up after a crash. */
@@ -233,6 +233,8 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
         return mount(request.device, request.mountpoint, request.type, request.options);
       case 'umount':
         return umount(request.mountpoint);
+      case 'register':
+        return registerDevice(registry, request.device);
     }
   };
 
