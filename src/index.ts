@@ -13,7 +13,7 @@ export { NbdServer, NbdClient, StaticExports, type NbdServerOptions, type NbdCli
 export {
   CowDevice, restore, listSessions, recoverSession, readSessionInfo, sessionDirName, checkNotInUse,
   DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT,
-  type SessionOptions, type SessionSummary, type CowState, type RestoreOptions, type RestoreSummary, type SessionInfo, type SessionState,
+  type SessionOptions, type SessionSummary, type SessionEvent, type CowState, type RestoreOptions, type RestoreSummary, type SessionInfo, type SessionState,
 } from './snapshot/index.js';
 
 export { BdsnapClient, withClient, resolveRunDir, type MountOptions } from './service/client.js';

@@ -47,13 +47,14 @@ export interface ZeroOptions extends WriteOptions {
  * restore, and the key of the one-opener lock. Device numbers (dev, rdev) may change across
  * reboots; kind and inode of an image file do not.
  */
-export interface DeviceIdentity {
+// A type, not an interface: it is stored in manifests as a plain JSON record.
+export type DeviceIdentity = {
   /** 'file' for a regular image, 'block' for a block device node. */
   kind: 'file' | 'block';
   dev: number;
   ino: number;
   rdev: number;
-}
+};
 
 export interface BlockDevice {
   /** Size in bytes. */

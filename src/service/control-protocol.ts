@@ -78,7 +78,8 @@ export interface StatusResult {
   devices: DeviceStatus[];
 }
 
-export interface SessionSummary {
+/** A session directory as `list` reports it (read from disk; see CowDevice's SessionSummary for a session's close). */
+export interface SessionListEntry {
   dir: string;
   device: string;
   mountTime: string | null;
@@ -91,7 +92,7 @@ export interface SessionSummary {
 }
 
 export interface ListResult {
-  sessions: SessionSummary[];
+  sessions: SessionListEntry[];
 }
 
 export interface MountResult {

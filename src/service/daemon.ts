@@ -20,7 +20,7 @@ import { ensurePrivateDir } from '../host/private-dir.js';
 import { PasswordStore } from './auth.js';
 import { CONTROL_SOCKET, NBD_SOCKET } from './client.js';
 import {
-  PROTOCOL_VERSION, type ActivationResult, type ListResult, type MountResult, type Request, type SessionSummary, type StatusResult,
+  PROTOCOL_VERSION, type ActivationResult, type ListResult, type MountResult, type Request, type SessionListEntry, type StatusResult,
   type UmountResult,
 } from './control-protocol.js';
 import { ControlServer } from './control-server.js';
@@ -120,7 +120,7 @@ export async function startDaemon(options: DaemonOptions): Promise<Daemon> {
       devicePath = await canonicalDevicePath(device).catch(() => path.resolve(device));
     }
     const sessions = await listSessions(snapshotRoot, devicePath);
-    const out: SessionSummary[] = [];
+    const out: SessionListEntry[] = [];
     for (const s of sessions) {
       out.push({
         dir: s.dir, device: s.devicePath, mountTime: s.mountTime || null, endTime: s.endTime, state: s.state,

@@ -21,7 +21,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ExportHandle, ExportProvider } from '../nbd/exports.js';
 import { CowDevice, type SessionSummary as CowSessionSummary } from '../snapshot/cow-device.js';
 import type { DeviceStatus } from './control-protocol.js';
-import { DirtyTracker } from './dirty-tracker.js';
+import { DirtyTracker } from '../device/dirty-tracker.js';
 import type { Registry } from './registry.js';
 
 export interface SessionSettings {
