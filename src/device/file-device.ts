@@ -19,7 +19,7 @@ import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { decodeDevT } from '../host/dev-t.js';
-import { preadOnce, pwriteFully } from '../host/fd-io.js';
+import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
 import {
   checkRange, type BlockDevice, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
 } from './block-device.js';
@@ -106,16 +106,9 @@ export class FileDevice implements BlockDevice {
       return;
     }
     await this.#tracked(async () => {
-      let done = 0;
-      while (done < target.length) {
-        const n = await preadOnce(this.#fd, target, done, target.length - done, offsetBytes + done);
-        if (n === 0) {
-          // The file shrank under us; what is past its end reads as zeroes.
-          target.fill(0, done);
-          return;
-        }
-        done += n;
-      }
+      const done = await preadFully(this.#fd, target, offsetBytes);
+      // The file shrank under us; what is past its end reads as zeroes.
+      if (done < target.length) target.fill(0, done);
     });
   }
 
@@ -198,30 +191,21 @@ export class FileDevice implements BlockDevice {
   // went from about 0.5x to about 0.9x of nbdkit). A cache miss blocks the event loop for
   // one small I/O, which is the price; BDSNAP_SYNC_IO_MAX_BYTES=0 turns this off.
   #readSync(target: Buffer, offsetBytes: number): void {
-    let done = 0;
-    while (done < target.length) {
-      let n: number;
-      try {
-        n = fs.readSync(this.#fd, target, done, target.length - done, offsetBytes + done);
-      } catch (err) {
-        throw toBdsnapError(err);
-      }
-      if (n === 0) {
-        target.fill(0, done);
-        return;
-      }
-      done += n;
+    let done: number;
+    try {
+      done = preadFullySync(this.#fd, target, offsetBytes);
+    } catch (err) {
+      throw toBdsnapError(err);
     }
+    // The file shrank under us; what is past its end reads as zeroes.
+    if (done < target.length) target.fill(0, done);
   }
 
   #writeSync(data: Buffer, offsetBytes: number): void {
-    let done = 0;
-    while (done < data.length) {
-      try {
-        done += fs.writeSync(this.#fd, data, done, data.length - done, offsetBytes + done);
-      } catch (err) {
-        throw toBdsnapError(err);
-      }
+    try {
+      pwriteFullySync(this.#fd, data, offsetBytes);
+    } catch (err) {
+      throw toBdsnapError(err);
     }
   }
 

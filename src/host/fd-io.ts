@@ -34,3 +34,23 @@ export async function pwriteFully(fd: number, buf: Buffer, position: number): Pr
     done += await pwriteOnce(fd, buf, done, buf.length - done, position + done);
   }
 }
+
+/**
+ * Synchronous preadFully, for small page-cache transfers where a thread-pool round trip costs
+ * more than the copy, and for worker threads.
+ */
+export function preadFullySync(fd: number, buf: Buffer, position: number, length = buf.length): number {
+  let done = 0;
+  while (done < length) {
+    const n = fs.readSync(fd, buf, done, length - done, position + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return done;
+}
+
+/** Synchronous pwriteFully. */
+export function pwriteFullySync(fd: number, buf: Buffer, position: number): void {
+  let done = 0;
+  while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, position + done);
+}
