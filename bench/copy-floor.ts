@@ -17,17 +17,18 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
+import { preadOnce, pwriteOnce } from '../src/host/fd-io.js';
 import { makeImage } from '../test/helpers/files.js';
 
 const BLOCK = 1 << 20;
 const IN_FLIGHT = 4;
 
 function pread(fd: number, buf: Buffer, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.read(fd, buf, 0, buf.length, pos, (err, n) => (err ? reject(err) : resolve(n))));
+  return preadOnce(fd, buf, 0, buf.length, pos);
 }
 
 function pwrite(fd: number, buf: Buffer, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.write(fd, buf, 0, buf.length, pos, (err, n) => (err ? reject(err) : resolve(n))));
+  return pwriteOnce(fd, buf, 0, buf.length, pos);
 }
 
 /** One pass over the image; returns MB/s. */

@@ -1,7 +1,8 @@
 /**
  * One error class for the whole project. Callers branch on `code`, never on the message.
- * The table below maps every code to an NBD wire errno and to a CLI hint, so a condition
- * is described the same way on the wire, in logs and on the command line.
+ * The table below maps every code to an NBD wire errno. On the command line and in logs the
+ * message is shown as it is: each one already names what failed and, where there is one, what
+ * to do about it, so there is no separate table of hints.
  */
 
 export type ErrorCode =

@@ -4,16 +4,16 @@
  */
 
 export { BdsnapError, type ErrorCode } from './errors.js';
-export type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from './device/block-device.js';
+export type { BlockDevice, BlockSizes, DeviceIdentity, Extent, WriteOptions, ZeroOptions } from './device/block-device.js';
 export { EXTENT_HOLE, EXTENT_ZERO } from './device/block-device.js';
-export { FileDevice, type FileDeviceOptions, type DeviceIdentity } from './device/file-device.js';
+export { FileDevice, type FileDeviceOptions } from './device/file-device.js';
 
 export { NbdServer, NbdClient, StaticExports, type NbdServerOptions, type NbdClientOptions, type ExportHandle, type ExportProvider } from './nbd/index.js';
 
 export {
   CowDevice, restore, listSessions, recoverSession, readSessionInfo, sessionDirName, checkNotInUse,
   DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT,
-  type SessionOptions, type SessionSummary, type CowState, type RestoreOptions, type RestoreSummary, type SessionInfo, type SessionState,
+  type SessionOptions, type SessionSummary, type SessionEvent, type CowState, type RestoreOptions, type RestoreSummary, type SessionInfo, type SessionState,
 } from './snapshot/index.js';
 
 export { BdsnapClient, withClient, resolveRunDir, type MountOptions } from './service/client.js';

@@ -42,6 +42,20 @@ export interface ZeroOptions extends WriteOptions {
   fastZero?: boolean;
 }
 
+/**
+ * What names a device across opens: the identity recorded in a session's manifest, checked by
+ * restore, and the key of the one-opener lock. Device numbers (dev, rdev) may change across
+ * reboots; kind and inode of an image file do not.
+ */
+// A type, not an interface: it is stored in manifests as a plain JSON record.
+export type DeviceIdentity = {
+  /** 'file' for a regular image, 'block' for a block device node. */
+  kind: 'file' | 'block';
+  dev: number;
+  ino: number;
+  rdev: number;
+};
+
 export interface BlockDevice {
   /** Size in bytes. */
   readonly size: number;

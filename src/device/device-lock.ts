@@ -1,18 +1,34 @@
 /**
  * One opener per image across processes. Node has no flock(2), so the lock is a file named
- * after the image's identity in a lock directory, created with O_EXCL and holding the owner's
- * pid. A lock whose owner is gone (killed with SIGKILL, say) is stale and taken over.
+ * after the image's identity in a lock directory, holding the owner's pid and start time.
+ *
+ * Atomicity: the owner writes its whole lock into a temporary file and then link(2)s it into
+ * place; link fails with EEXIST if a lock is there, so a lock file is never seen half written
+ * and at most one process creates it.
+ *
+ * Stale locks (owner killed with SIGKILL, or its pid since reused: the start time differs) are
+ * taken over without ever removing a live lock. Only a lock judged stale is replaced, and only
+ * by the one process that wins the exclusive link of a marker named after that exact lock
+ * (its inode, pid and start time); the winner rename(2)s its own lock over the stale one. Two
+ * processes that both judged the same lock stale race for the marker, and the loser starts
+ * over: it finds the winner's live lock. A live lock is removed only by its owner.
  */
 
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
-import type { DeviceIdentity } from './file-device.js';
+import { processStartTimeSync } from '../host/processes.js';
+import type { DeviceIdentity } from './block-device.js';
 
 export interface DeviceLock {
   release(): Promise<void>;
 }
+
+/** Takeover markers older than this are removed (nobody still racing for that lock can be this slow). */
+const MARKER_MAX_AGE_MS = 10 * 60 * 1000;
+const MAX_ATTEMPTS = 20;
 
 /** The lock directory: $BDSNAP_LOCK_DIR, else /run/lock/bdsnap, else a folder in the temp dir. */
 export function lockDirectory(): string {
@@ -29,43 +45,116 @@ function lockName(identity: DeviceIdentity): string {
   return identity.kind === 'block' ? `block-${identity.rdev}.lock` : `file-${identity.dev}-${identity.ino}.lock`;
 }
 
-function processAlive(pid: number): boolean {
+interface Owner {
+  pid: number;
+  /** null in a lock written without one (older versions): then liveness is the pid's alone. */
+  startTime: string | null;
+}
+
+function parseOwner(content: string): Owner | undefined {
+  const [pidText, second] = content.split('\n');
+  const pid = Number(pidText);
+  if (!Number.isInteger(pid) || pid <= 0) return undefined;
+  return { pid, startTime: second !== undefined && /^\d+$/.test(second) ? second : null };
+}
+
+function ownerAlive(owner: Owner): boolean {
+  if (owner.startTime === null) {
+    try {
+      process.kill(owner.pid, 0);
+      return true;
+    } catch (err) {
+      return (err as NodeJS.ErrnoException).code === 'EPERM';
+    }
+  }
+  return processStartTimeSync(owner.pid) === owner.startTime;
+}
+
+/** Read the lock at `file` with the inode the bytes came from, or undefined if there is none. */
+function readLock(file: string): { content: string; ino: number } | undefined {
+  let fd: number;
   try {
-    process.kill(pid, 0);
-    return true;
+    fd = fs.openSync(file, 'r');
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+  try {
+    return { ino: fs.fstatSync(fd).ino, content: fs.readFileSync(fd, 'utf8') };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function removeOldMarkers(dir: string, base: string): void {
+  for (const name of fs.readdirSync(dir)) {
+    if (!name.startsWith(`${base}.stale-`)) continue;
+    const st = fs.statSync(path.join(dir, name), { throwIfNoEntry: false });
+    if (st && Date.now() - st.mtimeMs > MARKER_MAX_AGE_MS) fs.rmSync(path.join(dir, name), { force: true });
   }
 }
 
 export async function acquireDeviceLock(devicePath: string, identity: DeviceIdentity): Promise<DeviceLock> {
   const dir = lockDirectory();
   await fs.promises.mkdir(dir, { recursive: true, mode: 0o755 });
-  const file = path.join(dir, lockName(identity));
-  for (let attempt = 0; attempt < 3; attempt++) {
-    try {
-      await fs.promises.writeFile(file, `${process.pid}\n${devicePath}\n`, { flag: 'wx', mode: 0o644 });
-      let released = false;
-      return {
-        release: async () => {
-          if (released) return;
-          released = true;
-          await fs.promises.rm(file, { force: true });
-        },
-      };
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
-        throw new BdsnapError('EIO', `cannot create lock file ${file}: ${(err as Error).message}`, { cause: err });
-      }
-    }
-    const content = await fs.promises.readFile(file, 'utf8').catch(() => '');
-    const pid = Number(content.split('\n')[0]);
-    if (Number.isInteger(pid) && pid > 0 && processAlive(pid)) {
-      const who = pid === process.pid ? 'this process' : `process ${pid}`;
-      throw new BdsnapError('EBUSY', `${devicePath} is already open by ${who}; stop that server first (lock ${file})`);
-    }
-    // Stale: the owner died without releasing. Remove and try again.
-    await fs.promises.rm(file, { force: true });
+  const base = lockName(identity);
+  const file = path.join(dir, base);
+  const startTime = processStartTimeSync(process.pid);
+  const tmp = path.join(dir, `.${base}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+  // The lock is complete before it can be seen: written whole, then linked into place.
+  try {
+    await fs.promises.writeFile(tmp, `${process.pid}\n${startTime ?? ''}\n${devicePath}\n`, { flag: 'wx', mode: 0o644 });
+  } catch (err) {
+    throw new BdsnapError('EIO', `cannot create a lock file in ${dir}: ${(err as Error).message}`, { cause: err });
   }
-  throw new BdsnapError('EBUSY', `${devicePath}: could not take the lock ${file}`);
+  try {
+    // The checks and steps below are synchronous on purpose: no other request of this process
+    // runs between reading a lock and acting on what was read.
+    for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
+      try {
+        fs.linkSync(tmp, file);
+        return held(file, fs.lstatSync(file).ino);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
+          throw new BdsnapError('EIO', `cannot create lock file ${file}: ${(err as Error).message}`, { cause: err });
+        }
+      }
+      const current = readLock(file);
+      if (current === undefined) continue; // released meanwhile: try again
+      const owner = parseOwner(current.content);
+      if (owner !== undefined && ownerAlive(owner)) {
+        const who = owner.pid === process.pid ? 'this process' : `process ${owner.pid}`;
+        throw new BdsnapError('EBUSY', `${devicePath} is already open by ${who}; stop that server first (lock ${file})`);
+      }
+      // Stale (or unreadable garbage). Only the winner of this exact lock's marker may replace it.
+      const marker = path.join(dir, `${base}.stale-${current.ino}-${owner?.pid ?? 0}-${owner?.startTime ?? 'x'}`);
+      try {
+        fs.linkSync(tmp, marker);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EEXIST') continue; // another process is taking it over
+        throw new BdsnapError('EIO', `cannot take over the stale lock ${file}: ${(err as Error).message}`, { cause: err });
+      }
+      removeOldMarkers(dir, base);
+      // Nobody else replaces this stale lock (they lost the marker), and its dead owner cannot
+      // remove it, so `file` is still the lock judged stale: rename replaces exactly it.
+      fs.renameSync(tmp, file);
+      return held(file, fs.lstatSync(file).ino);
+    }
+    throw new BdsnapError('EBUSY', `${devicePath}: could not take the lock ${file}`);
+  } finally {
+    fs.rmSync(tmp, { force: true });
+  }
+}
+
+function held(file: string, ino: number): DeviceLock {
+  let released = false;
+  return {
+    release: async () => {
+      if (released) return;
+      released = true;
+      // Only our own lock: nobody replaces a live one, but check rather than assume.
+      const st = fs.lstatSync(file, { throwIfNoEntry: false });
+      if (st?.ino === ino) fs.rmSync(file, { force: true });
+    },
+  };
 }

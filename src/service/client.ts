@@ -11,7 +11,7 @@ import type { EventsResult } from './events.js';
 import type { SnapshotInfo } from './snapshots.js';
 import {
   LineDecoder, responseSchema, type ActivationResult, type CbtInfo, type ListResult, type MountResult, type PasswdResult, type PingResult,
-  type RequestBody, type RequestOp, type ResultMap, type StatusResult, type UmountResult,
+  type RegisterResult, type RequestBody, type RequestOp, type ResultMap, type StatusResult, type UmountResult,
 } from './control-protocol.js';
 
 export const DEFAULT_RUN_DIR = '/run/bdsnap';
@@ -109,6 +109,14 @@ export class BdsnapClient {
       ...(options.type !== undefined ? { type: options.type } : {}),
       ...(options.options !== undefined ? { options: options.options } : {}),
     });
+  }
+
+  /**
+   * Make the daemon serve the device over NBD (what `mount` does first): registered inactive,
+   * so it is served without a session until it is activated.
+   */
+  register(device: string): Promise<RegisterResult> {
+    return this.request('register', { device: path.resolve(device) });
   }
 
   umount(mountpoint: string): Promise<UmountResult> {

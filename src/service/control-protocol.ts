@@ -42,6 +42,7 @@ export const requestSchema = z.discriminatedUnion('op', [
     options: z.string().regex(/^[^\s\0]{1,1024}$/, 'mount options are one word without spaces').optional(),
   }).strict(),
   z.object({ ...envelope, op: z.literal('umount'), mountpoint: z.string().min(1).max(MAX_PATH_CHARS) }).strict(),
+  z.object({ ...envelope, op: z.literal('register'), device: devicePath }).strict(),
   z.object({
     ...envelope,
     op: z.literal('snapshot-create'),
@@ -126,7 +127,8 @@ export interface StatusResult {
   devices: DeviceStatus[];
 }
 
-export interface SessionSummary {
+/** A session directory as `list` reports it (read from disk; see CowDevice's SessionSummary for a session's close). */
+export interface SessionListEntry {
   dir: string;
   device: string;
   mountTime: string | null;
@@ -139,7 +141,7 @@ export interface SessionSummary {
 }
 
 export interface ListResult {
-  sessions: SessionSummary[];
+  sessions: SessionListEntry[];
 }
 
 export interface MountResult {
@@ -155,6 +157,14 @@ export interface UmountResult {
   mountpoint: string;
   /** The session closed by this unmount, or null (inactive device, or nothing was written). */
   sessionDir: string | null;
+}
+
+/** `register`: the device is known to the daemon (served over NBD), inactive unless it was activated. */
+export interface RegisterResult {
+  device: string;
+  /** False when it was registered already. */
+  added: boolean;
+  active: boolean;
 }
 
 export interface PasswdResult {
@@ -177,6 +187,7 @@ export interface ResultMap {
   list: ListResult;
   mount: MountResult;
   umount: UmountResult;
+  register: RegisterResult;
   'snapshot-create': SnapshotInfo;
   'snapshot-list': { snapshots: SnapshotInfo[] };
   'snapshot-info': SnapshotInfo;

@@ -13,7 +13,7 @@ import net from 'node:net';
 import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { listenUnixSocket } from '../unix-socket.js';
-import { ensurePrivateDir } from './atomic-file.js';
+import { ensurePrivateDir } from '../host/private-dir.js';
 import { LineDecoder, requestSchema, type Request, type Response } from './control-protocol.js';
 import { peerCredentials, type PeerCheck } from './peer-cred.js';
 import path from 'node:path';

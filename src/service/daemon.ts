@@ -22,19 +22,19 @@ import type { ChangeMapInfo } from '../snapshot/change-map.js';
 import type { ExportHandle, ExportProvider } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import { listSessions, recoverSession } from '../snapshot/sessions.js';
-import { ensurePrivateDir } from './atomic-file.js';
+import { ensurePrivateDir } from '../host/private-dir.js';
 import { PasswordStore } from './auth.js';
 import { CONTROL_SOCKET, NBD_SOCKET } from './client.js';
 import {
-  PROTOCOL_VERSION, type ActivationResult, type CbtInfo, type ListResult, type Request, type SessionSummary, type StatusResult,
+  PROTOCOL_VERSION, type ActivationResult, type CbtInfo, type ListResult, type Request, type SessionListEntry, type StatusResult,
 } from './control-protocol.js';
 import { ControlServer } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
 import { ChangeTracker } from './change-tracking.js';
 import { EventLog } from './events.js';
-import { cleanUpStaleMount, type MountRecordOnDisk } from './mount.js';
+import { cleanUpStaleMounts } from './mount.js';
 import { MOUNTS_FILE, MountManager } from './mount-manager.js';
-import { Registry, canonicalDevicePath } from './registry.js';
+import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
 import { SnapshotManager } from './snapshots.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
@@ -147,6 +147,8 @@ export class Daemon {
         return this.#mounts.mount(request.device, request.mountpoint, request.type, request.options);
       case 'umount':
         return this.#mounts.umount(request.mountpoint);
+      case 'register':
+        return registerDevice(this.#registry, request.device);
       case 'snapshot-create':
         return this.#snapshots.create(request.devices, {
           ...(request.storageDir !== undefined ? { storageDir: request.storageDir } : {}),
@@ -269,7 +271,7 @@ export class Daemon {
       devicePath = await canonicalDevicePath(device).catch(() => path.resolve(device));
     }
     const sessions = await listSessions(this.#snapshotRoot, devicePath);
-    const out: SessionSummary[] = [];
+    const out: SessionListEntry[] = [];
     for (const s of sessions) {
       out.push({
         dir: s.dir, device: s.devicePath, mountTime: s.mountTime || null, endTime: s.endTime, state: s.state,
@@ -283,28 +285,6 @@ export class Daemon {
 /** Start a daemon (see Daemon). */
 export function startDaemon(options: DaemonOptions): Promise<Daemon> {
   return Daemon.start(options);
-}
-
-/**
- * Mounts recorded by a daemon that died without unmounting: their NBD client lost the server,
- * so the filesystems can only fail now. Take them down (lazily) and say so loudly, so the
- * devices can be attached again and their sessions recovered.
- */
-async function cleanUpStaleMounts(mountsFile: string, log: Logger): Promise<void> {
-  let records: MountRecordOnDisk[];
-  try {
-    records = JSON.parse(await fs.promises.readFile(mountsFile, 'utf8')) as MountRecordOnDisk[];
-  } catch {
-    return;
-  }
-  if (!Array.isArray(records)) return;
-  for (const m of records) {
-    if (typeof m?.mountpoint !== 'string' || typeof m.blockDevice !== 'string') continue;
-    const problems = await cleanUpStaleMount(m);
-    log.error({ event: 'stale-mount-cleaned', device: m.device, mountpoint: m.mountpoint, blockDevice: m.blockDevice, problems },
-      'a mount of the previous daemon lost its device when that daemon died; it was unmounted');
-  }
-  await fs.promises.rm(mountsFile, { force: true });
 }
 
 /**

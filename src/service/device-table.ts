@@ -31,7 +31,7 @@ import { TrackingDevice } from '../snapshot/change-map.js';
 import { SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import type { ChangeTracker } from './change-tracking.js';
 import type { DeviceStatus } from './control-protocol.js';
-import { DirtyTracker } from './dirty-tracker.js';
+import { DirtyTracker } from '../device/dirty-tracker.js';
 import type { EventLog } from './events.js';
 import type { Registry } from './registry.js';
 

@@ -10,7 +10,8 @@
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { ensurePrivateDir, writeFileAtomic } from './atomic-file.js';
+import { writeFileAtomic } from '../host/atomic-file.js';
+import { ensurePrivateDir } from '../host/private-dir.js';
 import type { MountResult, UmountResult } from './control-protocol.js';
 import type { DeviceTable } from './device-table.js';
 import { attachAndMount, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';

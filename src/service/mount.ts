@@ -12,7 +12,12 @@
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import type { Logger } from 'pino';
+import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
+import { loopBackingFile } from '../host/loop-devices.js';
+import { isMountpoint } from '../host/mountinfo.js';
+import { processCommandLine, processStartTime } from '../host/processes.js';
 
 export interface MountRequest {
   /** The daemon's NBD unix socket. */
@@ -33,6 +38,8 @@ export interface AttachedMount {
   via: 'nbdfuse' | 'nbd-client';
   fuseDir: string | null;
   nbdfuse: ChildProcess | null;
+  /** The nbdfuse process's start time (see host/processes.ts), to know it again after a crash. */
+  nbdfuseStartTime: string | null;
 }
 
 const READY_TIMEOUT_MS = 15000;
@@ -78,13 +85,6 @@ export async function checkMountpoint(mountpoint: string): Promise<void> {
   if (await isMountpoint(mountpoint)) throw new BdsnapError('EBUSY', `something is already mounted on ${mountpoint}`);
 }
 
-export async function isMountpoint(dir: string): Promise<boolean> {
-  const info = await fs.promises.readFile('/proc/self/mountinfo', 'utf8');
-  const target = path.resolve(dir);
-  // Field 5 is the mount point, with spaces and such escaped as octal.
-  return info.split('\n').some((line) => line.split(' ')[4]?.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8))) === target);
-}
-
 function useNbdClient(): boolean {
   return fs.existsSync('/dev/nbd0') && fs.existsSync('/sys/block/nbd0');
 }
@@ -123,9 +123,10 @@ async function attachWithNbdfuse(req: MountRequest): Promise<AttachedMount> {
       if (child.exitCode !== null) throw new BdsnapError('EIO', `nbdfuse exited (${child.exitCode}): ${oneLine(stderr)}`);
       if (Date.now() > deadline) throw new BdsnapError('EIO', `nbdfuse did not become ready in ${READY_TIMEOUT_MS} ms: ${oneLine(stderr)}`);
     }
+    const nbdfuseStartTime = child.pid === undefined ? null : await processStartTime(child.pid);
     loop = (await run('losetup', ['-f', '--show', file])).trim();
     await mountBlockDevice(loop, req);
-    return { mountpoint: req.mountpoint, blockDevice: loop, via: 'nbdfuse', fuseDir, nbdfuse: child };
+    return { mountpoint: req.mountpoint, blockDevice: loop, via: 'nbdfuse', fuseDir, nbdfuse: child, nbdfuseStartTime };
   } catch (err) {
     if (loop) await run('losetup', ['-d', loop]).catch(() => undefined);
     await stopNbdfuse(fuseDir, child).catch(() => undefined);
@@ -142,7 +143,7 @@ async function attachWithNbdClient(req: MountRequest): Promise<AttachedMount> {
     await run('nbd-client', ['-d', nbd]).catch(() => undefined);
     throw err;
   }
-  return { mountpoint: req.mountpoint, blockDevice: nbd, via: 'nbd-client', fuseDir: null, nbdfuse: null };
+  return { mountpoint: req.mountpoint, blockDevice: nbd, via: 'nbd-client', fuseDir: null, nbdfuse: null, nbdfuseStartTime: null };
 }
 
 async function freeNbdDevice(): Promise<string> {
@@ -207,25 +208,86 @@ async function stopNbdfuse(fuseDir: string, child: ChildProcess): Promise<void> 
 }
 
 /** What the daemon records of each mount in its run directory, to clean up after a crash. */
-export interface MountRecordOnDisk {
-  device: string;
-  mountpoint: string;
-  blockDevice: string;
-  via: 'nbdfuse' | 'nbd-client';
-  fuseDir: string | null;
-  nbdfusePid: number | null;
-}
+const mountRecordSchema = z.object({
+  device: z.string().min(1),
+  mountpoint: z.string().min(1),
+  blockDevice: z.string().regex(/^\/dev\/[A-Za-z0-9]+$/, 'a /dev/ node name'),
+  via: z.enum(['nbdfuse', 'nbd-client']),
+  fuseDir: z.string().min(1).nullable(),
+  nbdfusePid: z.number().int().positive().nullable(),
+  /** Absent in files written before it was recorded: then the pid is never signalled. */
+  nbdfuseStartTime: z.string().regex(/^\d+$/).nullable().optional(),
+}).strict();
+
+const mountsFileSchema = z.array(mountRecordSchema);
+
+export type MountRecordOnDisk = z.infer<typeof mountRecordSchema>;
 
 export function toRecord(device: string, m: AttachedMount): MountRecordOnDisk {
-  return { device, mountpoint: m.mountpoint, blockDevice: m.blockDevice, via: m.via, fuseDir: m.fuseDir, nbdfusePid: m.nbdfuse?.pid ?? null };
+  return {
+    device, mountpoint: m.mountpoint, blockDevice: m.blockDevice, via: m.via, fuseDir: m.fuseDir,
+    nbdfusePid: m.nbdfuse?.pid ?? null, nbdfuseStartTime: m.nbdfuseStartTime,
+  };
+}
+
+/**
+ * The records in `mountsFile`: [] when there is none. Errors: ECORRUPT when it does not parse
+ * or does not match the schema (with where), EIO when it cannot be read.
+ */
+export async function readMountRecords(mountsFile: string): Promise<MountRecordOnDisk[]> {
+  let text: string;
+  try {
+    text = await fs.promises.readFile(mountsFile, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw new BdsnapError('EIO', `cannot read ${mountsFile}: ${(err as Error).message}`, { cause: err });
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new BdsnapError('ECORRUPT', `${mountsFile} is not valid JSON: ${(err as Error).message}`, { cause: err });
+  }
+  const parsed = mountsFileSchema.safeParse(value);
+  if (!parsed.success) {
+    const first = parsed.error.issues[0];
+    throw new BdsnapError('ECORRUPT', `${mountsFile} is not a list of mount records (${first ? `${first.path.join('.') || '(root)'}: ${first.message}` : 'unknown problem'})`);
+  }
+  return parsed.data;
+}
+
+/**
+ * Whether `pid` is still the nbdfuse this record describes: same start time (a pid is reused
+ * after its process exits), and its command line is nbdfuse serving this record's FUSE file.
+ * Returns why not, or null when it is.
+ */
+export async function whyNotOurNbdfuse(m: MountRecordOnDisk, proc?: string): Promise<string | null> {
+  const pid = m.nbdfusePid;
+  if (pid === null) return 'no pid recorded';
+  if (m.nbdfuseStartTime === undefined || m.nbdfuseStartTime === null) return `no start time recorded for pid ${pid}: its identity cannot be checked`;
+  const startTime = await processStartTime(pid, proc);
+  if (startTime === null) return `process ${pid} is gone`;
+  if (startTime !== m.nbdfuseStartTime) return `process ${pid} started at tick ${startTime}, not ${m.nbdfuseStartTime}: the pid was reused`;
+  const argv = (await processCommandLine(pid, proc)) ?? [];
+  const disk = m.fuseDir === null ? undefined : path.join(m.fuseDir, 'disk');
+  if (path.basename(argv[0] ?? '') !== 'nbdfuse' || disk === undefined || !argv.includes(disk)) {
+    return `process ${pid} is not the nbdfuse of ${m.fuseDir ?? '(no FUSE directory)'} (${argv.join(' ').slice(0, 200)})`;
+  }
+  return null;
+}
+
+export interface StaleMountOptions {
+  /** Where process facts are read (default /proc); for tests. */
+  proc?: string;
 }
 
 /**
  * Tear down a mount left by a daemon that died: its NBD client lost the server, so the
  * filesystem only gets I/O errors now. Lazy unmount (a process may still sit in it), detach,
- * end the FUSE mount and its nbdfuse. Returns the steps that failed, for the log.
+ * end the FUSE mount and its nbdfuse (only if that pid is still that nbdfuse). Returns the
+ * steps that failed or were skipped, for the log.
  */
-export async function cleanUpStaleMount(m: MountRecordOnDisk): Promise<string[]> {
+export async function cleanUpStaleMount(m: MountRecordOnDisk, options: StaleMountOptions = {}): Promise<string[]> {
   const problems: string[] = [];
   const step = async (what: string, fn: () => Promise<unknown>): Promise<void> => {
     try {
@@ -234,24 +296,66 @@ export async function cleanUpStaleMount(m: MountRecordOnDisk): Promise<string[]>
       problems.push(`${what}: ${(err as Error).message}`);
     }
   };
-  if (await isMountpoint(m.mountpoint)) await step('umount', () => run('umount', ['-l', m.mountpoint]));
+  await step('umount', async () => {
+    if (await isMountpoint(m.mountpoint)) await run('umount', ['-l', m.mountpoint]);
+  });
   if (m.via === 'nbd-client') {
     await step('nbd-client -d', () => run('nbd-client', ['-d', m.blockDevice]));
     return problems;
   }
-  if (m.fuseDir) {
-    const backing = await fs.promises.readFile(`/sys/block/${path.basename(m.blockDevice)}/loop/backing_file`, 'utf8').catch(() => '');
-    if (backing.trim().startsWith(m.fuseDir)) await step('losetup -d', () => run('losetup', ['-d', m.blockDevice]));
-    if (await isMountpoint(m.fuseDir)) await step('fusermount3 -u', () => run('fusermount3', ['-u', '-z', m.fuseDir as string]));
-    await fs.promises.rm(`${m.fuseDir}.pid`, { force: true });
-    await fs.promises.rmdir(m.fuseDir).catch(() => undefined);
+  const fuseDir = m.fuseDir;
+  if (fuseDir) {
+    await step('losetup -d', async () => {
+      const backing = await loopBackingFile(m.blockDevice);
+      if (backing?.startsWith(fuseDir)) await run('losetup', ['-d', m.blockDevice]);
+    });
+    await step('fusermount3 -u', async () => {
+      if (await isMountpoint(fuseDir)) await run('fusermount3', ['-u', '-z', fuseDir]);
+    });
+    await fs.promises.rm(`${fuseDir}.pid`, { force: true });
+    await fs.promises.rmdir(fuseDir).catch(() => undefined);
   }
-  if (m.nbdfusePid) {
-    try {
-      process.kill(m.nbdfusePid, 'SIGTERM');
-    } catch {
-      // Already gone.
-    }
+  if (m.nbdfusePid !== null) {
+    const pid = m.nbdfusePid;
+    await step('stop nbdfuse', async () => {
+      const why = await whyNotOurNbdfuse(m, options.proc);
+      if (why !== null) {
+        // Gone is the usual case after fusermount; anything else is worth a line in the log.
+        if (!why.endsWith('is gone')) throw new BdsnapError('EPERM', `not signalled: ${why}`);
+        return;
+      }
+      try {
+        process.kill(pid, 'SIGTERM');
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
+      }
+    });
   }
   return problems;
+}
+
+/**
+ * Mounts recorded by a daemon that died without unmounting: their NBD client lost the server,
+ * so the filesystems can only fail now. Take them down (lazily) and say so loudly, so the
+ * devices can be attached again and their sessions recovered. A file that cannot be read or
+ * does not parse is logged as an error and kept aside (`<file>.invalid`) for the operator,
+ * never ignored in silence.
+ */
+export async function cleanUpStaleMounts(mountsFile: string, log: Logger, options: StaleMountOptions = {}): Promise<void> {
+  let records: MountRecordOnDisk[];
+  try {
+    records = await readMountRecords(mountsFile);
+  } catch (err) {
+    const aside = `${mountsFile}.invalid`;
+    const kept = await fs.promises.rename(mountsFile, aside).then(() => aside, () => null);
+    log.error({ event: 'mounts-file-invalid', file: mountsFile, keptAs: kept, reason: (err as Error).message },
+      'the mounts recorded by the previous daemon cannot be read: any mount it left behind must be cleaned up by hand');
+    return;
+  }
+  for (const m of records) {
+    const problems = await cleanUpStaleMount(m, options);
+    log.error({ event: 'stale-mount-cleaned', device: m.device, mountpoint: m.mountpoint, blockDevice: m.blockDevice, problems },
+      'a mount of the previous daemon lost its device when that daemon died; it was unmounted');
+  }
+  await fs.promises.rm(mountsFile, { force: true });
 }

@@ -10,7 +10,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
-import { writeFileAtomic } from './atomic-file.js';
+import { writeFileAtomic } from '../host/atomic-file.js';
+import type { RegisterResult } from './control-protocol.js';
 
 export const REGISTRY_FILE = 'registry.json';
 const REGISTRY_VERSION = 1;
@@ -50,6 +51,18 @@ export async function canonicalDevicePath(devicePath: string): Promise<string> {
     throw new BdsnapError('EINVAL', `${devicePath} is neither a regular image file nor a block device`);
   }
   return real;
+}
+
+/**
+ * The control operation `register`: the device (canonicalised) becomes known to the daemon,
+ * which then serves it over NBD; a new one starts inactive. `mount` and the sffs commands
+ * through the daemon do this first. Errors: ENOENT, EINVAL.
+ */
+export async function registerDevice(registry: Registry, device: string): Promise<RegisterResult> {
+  const devicePath = await canonicalDevicePath(device);
+  const added = registry.get(devicePath) === undefined;
+  const record = await registry.register(devicePath);
+  return { device: devicePath, added, active: record.active };
 }
 
 /** Read a registry file without a daemon (for offline tools). Missing file: no devices. */

@@ -22,14 +22,18 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
+import { fsyncDirectory, writeFileAtomic } from '../host/atomic-file.js';
+import { preadFully } from '../host/fd-io.js';
+import {
+  checkRange, type BlockDevice, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
+} from '../device/block-device.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import {
   DATA_FILE, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGEST_ALGORITHM, DIGEST_BYTES, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE,
-  RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, encodeDigestArrays, encodeIndex, fsyncDirectory, sessionDirName, writeFileAtomic, writeManifest,
+  RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
   type Manifest,
 } from './format.js';
-import { StoreWriter, preadFully } from './store.js';
+import { StoreWriter } from './store.js';
 import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 import { forEachChunk } from './chunk-runs.js';
 
@@ -73,13 +77,27 @@ export interface SessionOptions {
   /** Default: when create() is called. Names the directory. */
   mountTime?: Date;
   /** Recorded in the manifest next to the size, and checked by restore. */
-  deviceIdentity?: Record<string, unknown>;
-  /** session-start, session-failed, session-end; called off the request path, errors ignored. */
-  onEvent?: (event: { type: string; [k: string]: unknown }) => void;
+  deviceIdentity?: DeviceIdentity;
+  /** Called off the request path (a listener's errors are ignored). */
+  onEvent?: (event: SessionEvent) => void;
 }
 
-/** What close() reports about a session that modified something. */
-export interface SessionSummary {
+/** What a session reports as it goes, in order: start, then failed and/or error, then end. */
+export type SessionEvent =
+  /** The session directory and its manifest exist: the first modifying request arrived. */
+  | { type: 'session-start'; sessionDir: string; devicePath: string; mountTime: string }
+  /** Copy-before-write stopped (overflow, full disk, I/O error); the device carries on untouched. */
+  | { type: 'session-failed'; sessionDir: string | undefined; reason: string; cause?: string }
+  /** Something went wrong around the session (recording a failure), not on the data path. */
+  | { type: 'session-error'; sessionDir: string; reason: string }
+  /** close(): the session is closed and durable. */
+  | ({ type: 'session-end' } & SessionSummary);
+
+/**
+ * What close() reports about a session that modified something (and the 'session-end' event).
+ * Not to be confused with a session as the daemon lists it (SessionListEntry, control API).
+ */
+export type SessionSummary = {
   sessionDir: string;
   devicePath: string;
   state: 'complete' | 'failed';
@@ -91,7 +109,7 @@ export interface SessionSummary {
   /** Size of data.bin (record headers included). */
   storeBytes: number;
   failedReason?: string;
-}
+};
 
 export type CowState = 'idle' | 'active' | 'failed' | 'complete';
 
@@ -482,8 +500,8 @@ export class CowDevice implements BlockDevice {
         await this.#base.flush();
         const { chunks } = this.#location.sorted();
         const digests = await this.#finalDigests(chunks);
-        await writeFileAtomic(path.join(dir, DIGESTS_FILE), encodeDigestArrays(chunks, digests));
-        await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(this.#location));
+        await writeFileAtomic(path.join(dir, DIGESTS_FILE), encodeDigestArrays(chunks, digests), SESSION_FILE_MODE);
+        await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(this.#location), SESSION_FILE_MODE);
         await writeManifest(dir, { ...this.#manifest('complete'), endTime, digestedChunks: chunks.length });
         this.#state = 'complete';
       } else {
@@ -550,7 +568,7 @@ export class CowDevice implements BlockDevice {
     };
   }
 
-  #emit(event: { type: string; [k: string]: unknown }): void {
+  #emit(event: SessionEvent): void {
     const onEvent = this.#options.onEvent;
     if (!onEvent) return;
     setImmediate(() => {

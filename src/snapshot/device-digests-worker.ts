@@ -5,6 +5,7 @@
 
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
+import { preadFullySync } from '../host/fd-io.js';
 import { DIGEST_BYTES, chunkDigest, type DigestAlgorithm } from './format.js';
 import { chunkRuns } from './chunk-runs.js';
 
@@ -27,16 +28,9 @@ function digestChunks({ devicePath, chunks, chunkSize, sizeBytes, runBytes, algo
     for (const [i, j] of chunkRuns(chunks, maxRun)) {
       const start = chunks[i]! * chunkSize;
       const length = Math.min((chunks[i]! + j - i) * chunkSize, sizeBytes) - start;
-      let done = 0;
-      while (done < length) {
-        const n = fs.readSync(fd, buf, done, length - done, start + done);
-        if (n === 0) {
-          // The device shrank: what is missing reads as zeroes, and will not match.
-          buf.fill(0, done, length);
-          break;
-        }
-        done += n;
-      }
+      const done = preadFullySync(fd, buf, start, length);
+      // The device shrank: what is missing reads as zeroes, and will not match.
+      if (done < length) buf.fill(0, done, length);
       for (let k = 0; k < j - i; k++) {
         chunkDigest(buf.subarray(k * chunkSize, Math.min((k + 1) * chunkSize, length)), algorithm, out, (i + k) * DIGEST_BYTES);
       }

@@ -36,7 +36,8 @@ import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { checkChunkSize } from './format.js';
 import { ChunkTable } from './chunk-table.js';
-import { SequentialReader, StoreWriter, preadFully } from './store.js';
+import { SequentialReader, StoreWriter } from './store.js';
+import { preadFully } from '../host/fd-io.js';
 import {
   DIFF_RECORD_HEADER_BYTES, MAX_DEVICE_KEY, decodeDiffRecordHeader, diffRecordMatches, encodeDiffRecordHeader,
   type DiffRecordKind,

@@ -25,6 +25,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
+import { writeFileAtomic } from '../host/atomic-file.js';
 import type { ChunkTable } from './chunk-table.js';
 
 export const FORMAT_NAME = 'bdsnap-session';
@@ -304,36 +305,13 @@ export function sessionDirName(devicePath: string, mountTime: Date): string {
   return `${escapeDevicePath(devicePath)}_${formatMountTime(mountTime)}`;
 }
 
-// ---- atomic metadata writes -------------------------------------------------------------
+// ---- metadata files ----------------------------------------------------------------------
 
-export async function fsyncDirectory(dir: string): Promise<void> {
-  const fh = await fs.promises.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/** Write temp, fsync, rename, fsync the directory: the file is either the old or the new one. */
-export async function writeFileAtomic(file: string, data: Buffer | string): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
-  const fh = await fs.promises.open(tmp, 'w', 0o644);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } catch (err) {
-    await fh.close().catch(() => undefined);
-    await fs.promises.rm(tmp, { force: true });
-    throw err;
-  }
-  await fh.close();
-  await fs.promises.rename(tmp, file);
-  await fsyncDirectory(path.dirname(file));
-}
+/** Mode of the metadata files of a session (the snapshot root itself is private). */
+export const SESSION_FILE_MODE = 0o644;
 
 export async function writeManifest(dir: string, manifest: Manifest): Promise<void> {
-  await writeFileAtomic(path.join(dir, MANIFEST_FILE), `${JSON.stringify(manifest, null, 2)}\n`);
+  await writeFileAtomic(path.join(dir, MANIFEST_FILE), `${JSON.stringify(manifest, null, 2)}\n`, SESSION_FILE_MODE);
 }
 
 export async function readManifest(dir: string): Promise<Manifest> {

@@ -4,8 +4,8 @@
  * serving any number of points in time, each with a difference storage).
  */
 
-export { CowDevice, type SessionOptions, type SessionSummary, type CowState } from './cow-device.js';
-export { restore, checkNotInUse, type RestoreOptions, type RestoreSummary } from './restore.js';
+export { CowDevice, type SessionOptions, type SessionSummary, type SessionEvent, type CowState } from './cow-device.js';
+export { restore, checkNotInUse, type HostPaths, type RestoreOptions, type RestoreSummary } from './restore/index.js';
 export { listSessions, recoverSession, readSessionInfo, type SessionInfo } from './sessions.js';
 export { sessionDirName, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, type SessionState } from './format.js';
 export {

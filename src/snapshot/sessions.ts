@@ -7,8 +7,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { writeFileAtomic } from '../host/atomic-file.js';
 import {
-  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, escapeDevicePath, readManifest, writeFileAtomic, writeManifest, type DigestAlgorithm, type SessionState,
+  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, escapeDevicePath, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
 } from './format.js';
 import { scanData } from './store.js';
 
@@ -139,7 +140,7 @@ export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
   } finally {
     await fh.close();
   }
-  await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(scan.index));
+  await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(scan.index), SESSION_FILE_MODE);
   await fs.promises.rm(path.join(dir, DIGESTS_FILE), { force: true });
   const recovered = {
     ...manifest,

@@ -14,6 +14,7 @@
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { preadFully, pwriteOnce } from '../host/fd-io.js';
 import { RECORD_HEADER_BYTES, decodeRecordHeader, encodeRecordHeader, payloadMatches } from './format.js';
 
 const fdatasyncAsync = promisify(fs.fdatasync);
@@ -21,24 +22,6 @@ const fstatAsync = promisify(fs.fstat);
 
 function writevAsync(fd: number, buffers: Buffer[], pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.writev(fd, buffers, pos, (err, n) => (err ? reject(err) : resolve(n))));
-}
-function writeAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
-}
-
-function readAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
-}
-
-/** Read exactly `buf.length` bytes at `pos`, or fewer if the file ends; returns the count. */
-export async function preadFully(fd: number, buf: Buffer, pos: number): Promise<number> {
-  let done = 0;
-  while (done < buf.length) {
-    const n = await readAsync(fd, buf, done, buf.length - done, pos + done);
-    if (n === 0) break;
-    done += n;
-  }
-  return done;
 }
 
 /** Largest number of batches written at once in 'process' durability. */
@@ -240,7 +223,7 @@ export class StoreWriter {
     const rest = Buffer.concat(buffers).subarray(done);
     let off = 0;
     while (off < rest.length) {
-      const bytesWritten = await writeAsync(this.#fd, rest, off, rest.length - off, position + done);
+      const bytesWritten = await pwriteOnce(this.#fd, rest, off, rest.length - off, position + done);
       off += bytesWritten;
       done += bytesWritten;
     }

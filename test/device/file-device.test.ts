@@ -68,3 +68,42 @@ test('a block device (loop) reports its size from sysfs', { skip: process.env.CI
   }
   assert.equal(fs.readFileSync(image)[0], 7);
 });
+
+test('close() waits for requests in flight, refuses new ones, and no late write reaches a reused descriptor', async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'c.img');
+  const SIZE = 64 << 20;
+  fs.writeFileSync(image, Buffer.alloc(0));
+  fs.truncateSync(image, SIZE);
+  const dev = await FileDevice.open(image);
+  const pattern = Buffer.alloc(1 << 20, 0x77);
+  const settled: string[] = [];
+  // Large transfers go through the thread pool, so they are still in flight when close() starts.
+  const requests: Array<Promise<unknown>> = [];
+  for (let k = 0; k < 32; k++) {
+    const offset = (k % 60) * (1 << 20);
+    const op = k % 3 === 0 ? dev.read(Buffer.alloc(1 << 20), offset) : k % 3 === 1 ? dev.write(pattern, offset) : dev.zero(offset + (1 << 20), 2 << 20);
+    requests.push(op.then(() => settled.push(`ok ${k}`), (err: unknown) => settled.push(`failed ${k}: ${String(err)}`)));
+  }
+  requests.push(dev.flush().then(() => settled.push('flush')));
+  assert.ok(dev.requestsInFlight > 0, 'requests are in flight when close() starts');
+  const closing = dev.close().then(() => settled.push('closed'));
+  await assert.rejects(dev.write(pattern, 0), (e: unknown) => e instanceof BdsnapError && e.code === 'ESHUTDOWN', 'a write after close() started');
+  await assert.rejects(dev.read(Buffer.alloc(512), 0), (e: unknown) => e instanceof BdsnapError && e.code === 'ESHUTDOWN', 'a read after close() started');
+  await assert.rejects(dev.flush(), (e: unknown) => e instanceof BdsnapError && e.code === 'ESHUTDOWN');
+  await closing;
+  // The process reuses the lowest free descriptor: the next open very likely gets the old number.
+  const victim = path.join(dir, 'victim');
+  fs.writeFileSync(victim, 'untouched');
+  const fd = fs.openSync(victim, 'r+');
+  t.after(() => fs.closeSync(fd));
+  await Promise.all(requests);
+  assert.equal(settled.at(-1), 'closed', `close() resolved after every request settled: ${settled.join(', ')}`);
+  assert.equal(settled.filter((s) => s.startsWith('failed')).length, 0, `requests started before close() all succeeded: ${settled.join(', ')}`);
+  assert.equal(dev.requestsInFlight, 0);
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.equal(fs.readFileSync(victim, 'utf8'), 'untouched', 'no late write landed on the reused descriptor');
+  // The lock went with the close: the image opens again.
+  const again = await FileDevice.open(image);
+  await again.close();
+});

@@ -161,10 +161,19 @@ test('daemon refusals: wrong password, inactive devices, deactivation, restore w
   const statusAfterWrong = await withClient(daemon.runDir, (c) => c.status());
   assert.equal(statusAfterWrong.devices.find((d) => d.device === device)?.active ?? false, false, 'a refused activate arms nothing');
 
-  // Never activated: the daemon does not serve it at all, and no session directory appears.
-  const unknown = await writeViaDaemon(0, 'NOPE', true);
-  assertRefused(unknown, /export|not registered|unknown|refused/i, 'sffs write to a device the daemon does not know');
+  // Never activated: like `mount`, the write cycle registers the device, which is then served
+  // without a session: the write lands and no session directory appears.
+  const statusBefore = await withClient(daemon.runDir, (c) => c.status());
+  assert.equal(statusBefore.devices.some((d) => d.device === device), false, 'not registered before the first write');
+  const inactiveImage = await sha256File(image);
+  await writeViaDaemon(0, 'NOPE');
+  await waitDetached(daemon, device);
+  assert.notEqual(await sha256File(image), inactiveImage, 'the write to a never-activated device reached it');
+  const registered = (await withClient(daemon.runDir, (c) => c.status())).devices.find((d) => d.device === device);
+  assert.equal(registered?.active, false, 'registered by the write, and inactive');
   assert.deepEqual(await sessionDirs(), [], 'no session for a device that is not active');
+  const cat = await daemon.cli(['sffs', 'cat', device, '--run-dir', daemon.runDir]);
+  assert.match(cat.stdout, /^NOPE/, 'sffs cat through the daemon reads what the write cycle wrote');
 
   // Active: one directory per write cycle.
   await daemon.cli(['activate', device, '--password-stdin'], `${TEST_PASSWORD}\n`);

@@ -10,6 +10,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
+import { MOUNTINFO_PATH, parseMountInfo } from '../../src/host/mountinfo.js';
 import { BdsnapClient } from '../../src/service/client.js';
 import { PASSWORD, passwdAndActivate, restoreOnlySession, cli, ok, sandbox, sessionDirs, sha256File, startDaemonProcess, type Sandbox } from './helpers.js';
 
@@ -22,7 +23,7 @@ function run(cmd: string, args: string[]): string {
 }
 
 function mounted(dir: string): boolean {
-  return fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === dir);
+  return parseMountInfo(fs.readFileSync(MOUNTINFO_PATH, 'utf8')).some((m) => m.mountPoint === dir);
 }
 
 /** An ext4 image with a few files; the mount point; and a cleanup that never leaves a mount behind. */

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { readManifest } from '../../src/snapshot/format.js';
-import { CowDevice, restore } from '../../src/snapshot/index.js';
+import { CowDevice, restore, type SessionEvent } from '../../src/snapshot/index.js';
 import { isError, makeImage, tempDir } from './helpers.js';
 
 async function writeMany(cow: CowDevice, model: Buffer, count: number, maxLength: number): Promise<void> {
@@ -34,7 +34,7 @@ test('a tiny size limit fails the session; the device gets exactly what was writ
   const image = makeImage(dir, 8 << 20);
   const model = fs.readFileSync(image);
   const root = path.join(dir, 'snap');
-  const events: Array<{ type: string; [k: string]: unknown }> = [];
+  const events: SessionEvent[] = [];
   const dev = await FileDevice.open(image);
   const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: 16384, sizeLimitBytes: 200_000, onEvent: (e) => events.push(e) });
   await writeMany(cow, model, 60, 100_000);

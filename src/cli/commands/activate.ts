@@ -3,7 +3,7 @@
 import type { Command } from 'commander';
 import { withClient } from '../../service/client.js';
 import type { ActivationResult } from '../../service/control-protocol.js';
-import { readPassword } from '../../service/password-input.js';
+import { readPassword } from '../password-input.js';
 
 interface ActivationOptions {
   passwordStdin?: boolean;

@@ -3,7 +3,7 @@
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
-import { promptHidden, readStdinLines } from '../../service/password-input.js';
+import { promptHidden, readStdinLines } from '../password-input.js';
 
 interface PasswdOptions {
   passwordStdin?: boolean;

@@ -16,7 +16,7 @@ import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
 import { NbdServer } from '../../nbd/server.js';
 import { StaticExports } from '../../nbd/static-exports.js';
-import { CowDevice, type SessionOptions } from '../../snapshot/index.js';
+import { CowDevice, type SessionEvent, type SessionOptions } from '../../snapshot/index.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
 
 export const DEFAULT_SOCKET = 'bdsnap.sock';
@@ -187,10 +187,10 @@ function sessionWrapper(opts: ServeCliOptions): ServeOptions['wrap'] {
   }
   if (opts.readOnly) throw new BdsnapError('EINVAL', '--snapshot-root makes no sense with --read-only: nothing can change');
   const base: Omit<SessionOptions, 'devicePath'> = { snapshotRoot: path.resolve(opts.snapshotRoot), ...parseSessionOptions(opts) };
-  const report = (event: { type: string; [k: string]: unknown }): void => {
-    const dir = typeof event.sessionDir === 'string' ? event.sessionDir : '';
+  const report = (event: SessionEvent): void => {
+    const dir = event.sessionDir ?? '';
     if (event.type === 'session-start') process.stderr.write(`bdsnap: session started: ${dir}\n`);
-    else if (event.type === 'session-failed') process.stderr.write(`bdsnap: session FAILED (${String(event.reason)}); the device carries on without it: ${dir}\n`);
+    else if (event.type === 'session-failed') process.stderr.write(`bdsnap: session FAILED (${event.reason}); the device carries on without it: ${dir}\n`);
     else if (event.type === 'session-end') process.stderr.write(`bdsnap: session ended: ${dir}\n`);
   };
   return (device, devicePath) => CowDevice.create(device, {

@@ -4,6 +4,10 @@
  * `write`, `cat` and `stat` reach the device through the daemon's NBD socket by default
  * (one connection = one mount cycle: attach, I/O, flush, detach), through any NBD server
  * socket with --socket, or straight through the image file with --image (offline).
+ *
+ * Through the daemon, a mount cycle behaves as `bdsnap mount` does: the device is registered
+ * first (the daemon serves registered devices only), so a device never activated is served
+ * without a session and an active one gets a session per cycle.
  */
 
 import fs from 'node:fs';
@@ -12,6 +16,7 @@ import type { Command } from 'commander';
 import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
+import { withClient } from '../../service/client.js';
 import { SingleFileFs } from '../../fs/singlefilefs/file.js';
 import { DEFAULT_IMAGE_BLOCKS, mkfs, mkfsImage } from '../../fs/singlefilefs/mkfs.js';
 import { connectNbd } from '../../fs/singlefilefs/nbd.js';
@@ -147,6 +152,9 @@ async function openTarget(devName: string, options: TargetOptions, readOnly: boo
       ? `no NBD server socket at ${socketPath}`
       : `no daemon NBD socket at ${socketPath}: is the daemon running? (use --run-dir, BDSNAP_RUN_DIR, or --image for offline use)`);
   }
+  // Register like `mount` does, so the daemon serves the export (a no-op for a known device).
+  // Not with --socket or --export: that server is not necessarily bdsnap's daemon.
+  if (!options.socket && !options.export) await withClient(runDir, (client) => client.register(exportName));
   return connectNbd({ socketPath, exportName });
 }
 

@@ -4,7 +4,7 @@
  * changed outside any session: a later restore must know its sessions no longer describe it.
  */
 
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
+import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from './block-device.js';
 
 export class DirtyTracker implements BlockDevice {
   readonly #base: BlockDevice;

@@ -1,0 +1,87 @@
+/**
+ * Step 3 of a restore: write the plan (the journal around it is kept by the caller). The plan
+ * is written sorted by offset, in runs of adjacent chunks up to BATCH_BYTES with several runs
+ * in flight; each run is gathered from the stores into one buffer and written once.
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { BdsnapError, toBdsnapError } from '../../errors.js';
+import type { BlockDevice } from '../../device/block-device.js';
+import { FileDevice } from '../../device/file-device.js';
+import { preadFully } from '../../host/fd-io.js';
+import { chunkRuns } from '../chunk-runs.js';
+import { BATCH_BYTES, type LoadedSession, type RestorePlan } from './check.js';
+
+const WRITES_IN_FLIGHT = 4;
+
+export async function applyPlan(device: BlockDevice, plan: RestorePlan, onProgress?: (doneBytes: number, totalBytes: number) => void): Promise<void> {
+  const { chunks, chunkSize: cs, bytes: totalBytes } = plan;
+  const maxRun = Math.max(1, BATCH_BYTES / cs);
+  let doneBytes = 0;
+  onProgress?.(0, totalBytes);
+  // Shared by the workers: each next() hands out the next run.
+  const runs = chunkRuns(chunks, maxRun);
+  const worker = async (): Promise<void> => {
+    let scratch: Buffer | undefined;
+    const pieces: Array<{ session: LoadedSession; position: number; at: number; length: number }> = [];
+    for (let run = runs.next(); !run.done; run = runs.next()) {
+      const [from, to] = run.value;
+      const first = chunks[from]!;
+      const start = first * cs;
+      const runBytes = Math.min((first + to - from) * cs, device.size) - start;
+      pieces.length = 0;
+      // Adjacent chunks whose originals lie in order in one store are read in one piece.
+      for (let k = from; k < to;) {
+        const p = plan.entries.get(chunks[k]!)!;
+        let m = k + 1;
+        while (m < to && plan.entries.get(chunks[m]!)!.session === p.session && plan.entries.get(chunks[m]!)!.position === p.position + (m - k) * cs) m++;
+        const at = (chunks[k]! - first) * cs;
+        const length = Math.min((chunks[m - 1]! - first + 1) * cs, runBytes) - at;
+        pieces.push({ session: p.session, position: p.position, at, length });
+        k = m;
+      }
+      scratch ??= Buffer.allocUnsafe(maxRun * cs);
+      const buf = scratch.subarray(0, runBytes);
+      for (const piece of pieces) {
+        const into = buf.subarray(piece.at, piece.at + piece.length);
+        if ((await preadFully(piece.session.fd, into, piece.position)) !== piece.length) {
+          throw new BdsnapError('ECORRUPT', `${piece.session.info.dir}: the store ended while reading chunk ${first + piece.at / cs}`);
+        }
+      }
+      await device.write(buf, start);
+      doneBytes += runBytes;
+      onProgress?.(doneBytes, totalBytes);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(WRITES_IN_FLIGHT, chunks.length) }, worker));
+}
+
+/** Refuse an --output that is the device itself. Errors: EINVAL. */
+export async function checkOutput(devicePath: string, out: string): Promise<void> {
+  const [a, b] = await Promise.all([fs.promises.stat(devicePath).catch(() => undefined), fs.promises.stat(out).catch(() => undefined)]);
+  const same = a !== undefined && b !== undefined && a.dev === b.dev && a.ino === b.ino;
+  if (out === path.resolve(devicePath) || same) throw new BdsnapError('EINVAL', `--output ${out} is the device itself; omit --output to restore in place`);
+}
+
+/** Copy the device to `out` and open the copy (the restored copy is written there). */
+export async function copyToOutput(device: FileDevice, devicePath: string, out: string): Promise<FileDevice> {
+  if (device.identity.kind === 'file') {
+    await fs.promises.copyFile(devicePath, out).catch((err: unknown) => {
+      throw toBdsnapError(err);
+    });
+  } else {
+    const fh = await fs.promises.open(out, 'w', 0o600);
+    try {
+      const buf = Buffer.allocUnsafe(BATCH_BYTES);
+      for (let pos = 0; pos < device.size; pos += BATCH_BYTES) {
+        const part = buf.subarray(0, Math.min(BATCH_BYTES, device.size - pos));
+        await device.read(part, pos);
+        await fh.write(part, 0, part.length, pos);
+      }
+    } finally {
+      await fh.close();
+    }
+  }
+  return FileDevice.open(out);
+}

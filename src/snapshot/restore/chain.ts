@@ -1,0 +1,67 @@
+/**
+ * Step 1 of a restore: which sessions to apply. The chain is the target session and every
+ * newer session of the same device in the same snapshot root, oldest first, minus those a
+ * finished restore already undid. Refused here: a failed session (its originals are
+ * incomplete), sessions that disagree on device size or chunk size, and an unreadable
+ * directory that may be a newer session (without it the chain is unknown).
+ */
+
+import path from 'node:path';
+import { BdsnapError } from '../../errors.js';
+import { JOURNAL_FILE } from '../format.js';
+import { compareSessions, listSessions, readSessionInfo, type SessionInfo } from '../sessions.js';
+import { readJournal } from './journal.js';
+
+export interface Chain {
+  /** The session asked for. */
+  target: SessionInfo;
+  /** Sessions to apply, oldest (the target) first. */
+  sessions: SessionInfo[];
+  /**
+   * A finished restore from the target already undid it: its originals are still the content
+   * to restore, but its end digests describe a state that no longer exists.
+   */
+  targetUndone: boolean;
+}
+
+/** Errors: ENOENT, ECORRUPT, ESESSION, EMISMATCH. Warnings are appended to `warnings`. */
+export async function resolveChain(sessionDir: string, warnings: string[]): Promise<Chain> {
+  const target = await readSessionInfo(sessionDir);
+  const devicePath = target.devicePath;
+  const all = await listSessions(path.dirname(target.dir), devicePath);
+  // Names sort by mount time within one device (fixed-width UTC stamp), so an unreadable
+  // directory named after the target may be a newer session: without it the chain is unknown.
+  const unreadable = all.filter((s) => s.state === 'unreadable' && path.basename(s.dir) > path.basename(target.dir));
+  if (unreadable.length > 0) {
+    const s = unreadable[0]!;
+    throw new BdsnapError('ECORRUPT', `session directory ${s.dir} (which may be a newer session of ${devicePath}) cannot be read: ${s.problem ?? 'unknown problem'}`);
+  }
+  let chain = all.filter((s) => compareSessions(s, target) >= 0);
+  // A finished restore from a session took it and the sessions it applied back: those are undone.
+  // Newer ones leave the chain (their originals describe states that no longer exist); the
+  // target stays (its originals are still the content to restore) but its end digests are stale.
+  let targetUndone = false;
+  for (const s of [...chain]) {
+    const j = await readJournal(path.join(s.dir, JOURNAL_FILE), devicePath);
+    if (j?.state !== 'done' || !chain.includes(s)) continue;
+    const undone = new Set(j.sessions);
+    chain = chain.filter((c) => c.dir === target.dir || !undone.has(c.dir));
+    if (s.dir === target.dir) targetUndone = true;
+    else warnings.push(`session ${s.dir} and ${j.sessions.length - 1} later one(s) were already undone by a restore finished at ${j.finishedAt ?? '?'}`);
+  }
+  if (chain[0]?.dir !== target.dir) throw new BdsnapError('ENOENT', `${target.dir} is not listed in its snapshot root`);
+  for (const s of chain) {
+    if (s.state === 'failed') {
+      throw new BdsnapError('ESESSION', `session ${s.dir} failed (${s.failedReason ?? 'no reason recorded'}): its originals are incomplete, so the device cannot be restored to ${s.dir === target.dir ? 'its start' : `a point before it`}`);
+    }
+    if (s.deviceSize !== target.deviceSize) {
+      throw new BdsnapError('EMISMATCH', `session ${s.dir} recorded a device size of ${s.deviceSize} bytes but ${target.dir} recorded ${target.deviceSize}`);
+    }
+    if (s.chunkSize !== target.chunkSize) {
+      throw new BdsnapError('ESESSION', `sessions ${target.dir} and ${s.dir} use different chunk sizes (${target.chunkSize}, ${s.chunkSize}); restore them one at a time, newest first`);
+    }
+    if (s.state === 'interrupted') warnings.push(`session ${s.dir} was interrupted (recovered after a crash): its originals are used, but it has no end digests to check`);
+    if (s.state === 'active') warnings.push(`session ${s.dir} was never closed (crash?): it is treated as interrupted and has no end digests to check`);
+  }
+  return { target, sessions: chain, targetUndone };
+}

@@ -1,0 +1,183 @@
+/**
+ * Offline restore: put a device back as it was at the start of a session.
+ *
+ * Three steps, one module each:
+ * 1. `chain.ts` resolves the chain: the session itself and every newer session of the same
+ *    device in the same snapshot root. Applying them newest-first is the same as writing, for
+ *    each chunk touched by any of them, the original stored by the oldest session of the chain
+ *    that touched it.
+ * 2. `check.ts` checks everything and builds that merged plan. Nothing is written before every
+ *    check has passed: every record's checksum, the consistency of manifest, data, index and
+ *    digests, the device size and identity, the device being free (`in-use.ts`), and the end
+ *    digests (the newest session's against the device, each older one's against the content
+ *    the newer restores would produce).
+ * 3. `apply.ts` writes the plan, once per chunk, sorted by offset, in large batches with several
+ *    writes in flight, one sync at the end. Around it, the restore journal (`journal.ts`) in
+ *    the session directory marks a restore under way, so a second run after an interruption
+ *    skips the digest check for that reason only and finishes it; once done, the journal says
+ *    so and a further run finds nothing to do.
+ *
+ * Speed: the device's end digests are hashed in worker threads while this thread reads and
+ * checks the stores (one CRC pass per record, large reads with one more in flight).
+ */
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { BdsnapError } from '../../errors.js';
+import { FileDevice } from '../../device/file-device.js';
+import type { BlockDevice } from '../../device/block-device.js';
+import { JOURNAL_FILE, type DigestAlgorithm } from '../format.js';
+import { recoverSession } from '../sessions.js';
+import { resolveChain } from './chain.js';
+import {
+  alreadyRestored, buildPlan, checkIdentity, digestDevice, loadSession, readSessionDigests, verifyDigests, type DeviceDigests, type LoadedSession,
+} from './check.js';
+import { applyPlan, checkOutput, copyToOutput } from './apply.js';
+import { checkNotInUse, type HostPaths } from './in-use.js';
+import { readJournal, writeJournal } from './journal.js';
+
+export { checkNotInUse, type HostPaths } from './in-use.js';
+
+export interface RestoreOptions {
+  /** Write a restored copy to this file (copy of the device, then the plan) and leave the device alone. */
+  output?: string;
+  /** Check everything and report the plan; write nothing. */
+  dryRun?: boolean;
+  /** Skip the end-digest check (checksums and sizes are still checked). */
+  force?: boolean;
+  onProgress?: (doneBytes: number, totalBytes: number) => void;
+  /** Where the in-use check reads the mount table and sysfs (default: the host's). */
+  hostPaths?: HostPaths;
+}
+
+/** What restore() did (or, with dryRun, would do). */
+export interface RestoreSummary {
+  sessionDir: string;
+  devicePath: string;
+  /** Where the restored content went: the device path, or the --output file. */
+  targetPath: string;
+  dryRun: boolean;
+  /** Session directories whose originals were applied, newest first (the asked-for one last). */
+  sessionsApplied: string[];
+  /** Chunks and bytes written (or to be written). */
+  chunks: number;
+  bytes: number;
+  durationMs: number;
+  /**
+   * 'verified': every session's end digests matched; 'partial': some sessions had no digests
+   * (interrupted) and were not checked; 'skipped-force': --force; 'skipped-resume': finishing an
+   * interrupted restore; 'already-restored': the device already holds the restored content.
+   */
+  digestCheck: 'verified' | 'partial' | 'skipped-force' | 'skipped-resume' | 'already-restored';
+  /** Nothing was written because a previous run already restored the device. */
+  alreadyRestored: boolean;
+  warnings: string[];
+}
+
+/** Put the device back as it was at the start of `sessionDir`. Errors: ENOENT, ECORRUPT, EMISMATCH, ESESSION, EBUSY, EIO. */
+export async function restore(sessionDir: string, options: RestoreOptions = {}): Promise<RestoreSummary> {
+  const startedMs = performance.now();
+  const dryRun = options.dryRun ?? false;
+  const warnings: string[] = [];
+  const { target, sessions: chain, targetUndone } = await resolveChain(sessionDir, warnings);
+  const devicePath = target.devicePath;
+
+  const outputPath = options.output === undefined ? undefined : path.resolve(options.output);
+  if (outputPath !== undefined) await checkOutput(devicePath, outputPath);
+  await checkNotInUse(devicePath, options.hostPaths);
+  const device = await FileDevice.open(devicePath, { readOnly: dryRun || outputPath !== undefined });
+  const loaded: LoadedSession[] = [];
+  let output: FileDevice | undefined;
+  try {
+    for (const s of chain) {
+      if (device.size !== s.deviceSize) {
+        throw new BdsnapError('EMISMATCH', `${devicePath} is ${device.size} bytes but session ${s.dir} recorded ${s.deviceSize} bytes`);
+      }
+      checkIdentity(device.path, device.identity, s, warnings);
+    }
+    const journalPath = path.join(target.dir, JOURNAL_FILE);
+    const journal = await readJournal(journalPath, devicePath);
+    // Digest the device in workers while this thread checks the stores: every chunk some end
+    // digest may be compared with (a superset of what verifyDigests reads from the device), with
+    // the algorithm of the newest session that has a digest for it.
+    // Each session's digests are read once: for the device pass here and by loadSession.
+    const digestsOf = new Map(chain.map((s) => [s.dir, readSessionDigests(s)] as const));
+    for (const d of digestsOf.values()) d.catch(() => undefined); // loadSession reports the error
+    let deviceDigests: Promise<DeviceDigests> | undefined;
+    if (!options.force && !(journal?.state === 'running' && outputPath === undefined)) {
+      const wanted = new Map<number, DigestAlgorithm>();
+      for (const s of chain) {
+        const digests = await digestsOf.get(s.dir)!.catch(() => undefined);
+        for (const c of digests?.keys() ?? []) wanted.set(c, s.digestAlgorithm);
+      }
+      deviceDigests = digestDevice(devicePath, wanted, target.chunkSize, device.size);
+      deviceDigests.catch(() => undefined);
+    }
+    for (const s of chain) loaded.push(await loadSession(s, digestsOf.get(s.dir)!));
+    if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
+    const plan = buildPlan(loaded, target.chunkSize, device.size);
+
+    let digestCheck: RestoreSummary['digestCheck'];
+    if (journal?.state === 'running' && outputPath === undefined) {
+      digestCheck = 'skipped-resume';
+      warnings.push(`a restore from this session started at ${journal.startedAt} did not finish: finishing it without the digest check`);
+    } else if (journal?.state === 'done' && (await alreadyRestored(device, plan))) {
+      digestCheck = 'already-restored';
+    } else if (targetUndone && !options.force && loaded.length === 1) {
+      // Restored before and changed since, with no session recording the change: nothing to check against.
+      throw new BdsnapError('EMISMATCH', `${devicePath} was restored from ${target.dir} at ${journal?.finishedAt ?? '?'} and has changed since outside bdsnap; use --force to restore again`);
+    } else if (options.force) {
+      digestCheck = 'skipped-force';
+      warnings.push('--force: the end digests were not checked');
+    } else {
+      await verifyDigests(device, loaded, target.chunkSize, await deviceDigests);
+      digestCheck = loaded.some((s) => s.digests === undefined) ? 'partial' : 'verified';
+      if (targetUndone) warnings.push(`${devicePath} was already restored from this session once; only the sessions since then were checked`);
+    }
+    const summary = (written: boolean): RestoreSummary => ({
+      sessionDir: target.dir,
+      devicePath,
+      targetPath: outputPath ?? devicePath,
+      dryRun,
+      sessionsApplied: loaded.map((s) => s.info.dir).reverse(),
+      chunks: written ? plan.chunks.length : 0,
+      bytes: written ? plan.bytes : 0,
+      durationMs: Math.round(performance.now() - startedMs),
+      digestCheck,
+      alreadyRestored: digestCheck === 'already-restored',
+      warnings,
+    });
+    if (dryRun) return summary(true);
+    if (digestCheck === 'already-restored') {
+      // The device already holds the restored content: a copy of it is the restored copy.
+      if (outputPath !== undefined) await (await copyToOutput(device, devicePath, outputPath)).close();
+      return summary(false);
+    }
+
+    for (const s of loaded) {
+      // Make a crashed, never-recovered session say what it is now that nobody has it open.
+      if (s.info.state === 'active') await recoverSession(s.info.dir);
+    }
+    // Keep the sessions undone by earlier restores from here: they stay undone.
+    const undone = [...new Set([...(journal?.sessions ?? []), ...chain.map((s) => s.dir)])];
+    let writeTo: BlockDevice = device;
+    if (outputPath !== undefined) {
+      output = await copyToOutput(device, devicePath, outputPath);
+      writeTo = output;
+    } else {
+      await writeJournal(journalPath, { state: 'running', devicePath, sessions: undone, startedAt: new Date().toISOString() });
+    }
+    await applyPlan(writeTo, plan, options.onProgress);
+    await writeTo.flush();
+    if (outputPath === undefined) {
+      const startedAt = journal?.state === 'running' ? journal.startedAt : new Date(Date.now() - (performance.now() - startedMs)).toISOString();
+      await writeJournal(journalPath, { state: 'done', devicePath, sessions: undone, startedAt, finishedAt: new Date().toISOString() });
+    }
+    return summary(true);
+  } finally {
+    for (const s of loaded) fs.closeSync(s.fd);
+    await output?.close();
+    await device.close();
+  }
+}

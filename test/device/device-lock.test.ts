@@ -1,0 +1,113 @@
+/**
+ * The device lock under a real race: two processes take and release the lock of one image
+ * hundreds of times, some of them dying with the lock held (a stale lock that must be taken
+ * over exactly once). At no moment may two processes hold it.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { acquireDeviceLock } from '../../src/device/device-lock.js';
+import type { DeviceIdentity } from '../../src/device/block-device.js';
+import { BdsnapError } from '../../src/errors.js';
+import { makeTempDir } from '../helpers/files.js';
+
+const RACER = fileURLToPath(new URL('./fixtures/lock-racer.js', import.meta.url));
+
+interface RacerResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  held: number;
+  stdout: string;
+  stderr: string;
+}
+
+function race(image: string, marker: string, count: number, killRate: number, lockDir: string): Promise<RacerResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [RACER, image, marker, String(count), String(killRate)], {
+      env: { ...process.env, BDSNAP_LOCK_RACER: '1', BDSNAP_LOCK_DIR: lockDir },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
+    child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+    child.once('error', reject);
+    child.once('close', (code, signal) => {
+      const held = Number(/HELD (\d+)/.exec(stdout)?.[1] ?? 0);
+      resolve({ code, signal, held, stdout, stderr });
+    });
+  });
+}
+
+function identityOf(image: string): DeviceIdentity {
+  const st = fs.statSync(image);
+  return { kind: 'file', dev: st.dev, ino: st.ino, rdev: st.rdev };
+}
+
+test('two processes racing for the lock never hold it together, stale locks included', { timeout: 120_000 }, async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lockrace-');
+  const lockDir = path.join(dir, 'locks');
+  const image = path.join(dir, 'disk.img');
+  fs.writeFileSync(image, Buffer.alloc(4096));
+  const marker = path.join(dir, 'holder');
+  const TOTAL = 600;
+  let total = 0;
+  let kills = 0;
+  // Two lanes, each respawning its racer when it dies holding the lock.
+  const lane = async (): Promise<void> => {
+    while (total < TOTAL) {
+      const r = await race(image, marker, 150, 0.02, lockDir);
+      assert.doesNotMatch(r.stdout, /DOUBLE/, `two holders at once: ${r.stdout}`);
+      assert.ok(r.code === 0 || r.signal === 'SIGKILL', `racer failed (${r.code ?? r.signal}): ${r.stderr}`);
+      if (r.signal === 'SIGKILL') kills++;
+      total += r.held;
+    }
+  };
+  await Promise.all([lane(), lane()]);
+  assert.ok(total >= TOTAL, `${total} acquisitions`);
+  assert.ok(kills >= 2, `some racers died holding the lock (${kills}), so stale locks were taken over`);
+  // Whatever the last racer left (a stale lock or none), a new opener gets the lock, and the
+  // directory holds nothing but it and takeover markers.
+  const lock = await withLockDir(lockDir, () => acquireDeviceLock(image, identityOf(image)));
+  await lock.release();
+  const left = fs.readdirSync(lockDir).filter((n) => !n.includes('.stale-'));
+  assert.deepEqual(left, [], 'no lock or temporary file is left behind');
+});
+
+test('a live owner keeps the lock; a dead one, or a reused pid, loses it', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const lockDir = path.join(dir, 'locks');
+  const image = path.join(dir, 'disk.img');
+  fs.writeFileSync(image, Buffer.alloc(4096));
+  const identity = identityOf(image);
+  await withLockDir(lockDir, async () => {
+    const first = await acquireDeviceLock(image, identity);
+    await assert.rejects(acquireDeviceLock(image, identity), (e: unknown) => e instanceof BdsnapError && e.code === 'EBUSY' && /this process/.test(e.message));
+    await first.release();
+    const [name] = fs.readdirSync(lockDir);
+    assert.equal(name, undefined, 'released');
+    // A lock of this very pid with another start time: the pid was reused, so it is stale.
+    const file = path.join(lockDir, `file-${identity.dev}-${identity.ino}.lock`);
+    fs.writeFileSync(file, `${process.pid}\n1\n${image}\n`);
+    const second = await acquireDeviceLock(image, identity);
+    assert.match(fs.readFileSync(file, 'utf8'), new RegExp(`^${process.pid}\\n\\d+\\n`));
+    assert.notEqual(fs.readFileSync(file, 'utf8').split('\n')[1], '1', 'replaced by our own lock');
+    await second.release();
+    assert.equal(fs.existsSync(file), false);
+  });
+});
+
+async function withLockDir<T>(dir: string, fn: () => Promise<T>): Promise<T> {
+  const before = process.env.BDSNAP_LOCK_DIR;
+  process.env.BDSNAP_LOCK_DIR = dir;
+  try {
+    return await fn();
+  } finally {
+    if (before === undefined) delete process.env.BDSNAP_LOCK_DIR;
+    else process.env.BDSNAP_LOCK_DIR = before;
+  }
+}
