@@ -117,10 +117,9 @@ export class BdsnapClient {
   request<Op extends RequestOp>(op: Op, body: Omit<RequestBody<Op>, 'op'>): Promise<ResultMap[Op]> {
     if (this.#closedError) return Promise.reject(this.#closedError);
     const id = this.#nextId++;
-    const euid = process.geteuid?.() ?? 0;
     return new Promise<ResultMap[Op]>((resolve, reject) => {
       this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
-      this.#socket.write(`${JSON.stringify({ ...body, op, id, euid })}\n`);
+      this.#socket.write(`${JSON.stringify({ ...body, op, id })}\n`);
     });
   }
 

@@ -1,6 +1,6 @@
 /**
  * The control protocol between the `bdsnap` CLI and the daemon: JSON lines over a unix socket.
- * Each request line is one object `{ id, euid, op, ... }`; each answer line is
+ * Each request line is one object `{ id, op, ... }`; each answer line is
  * `{ id, ok: true, result }` or `{ id, ok: false, error: { code, message } }`. Requests on one
  * connection are answered in order.
  *
@@ -18,7 +18,8 @@ const MAX_PASSWORD_CHARS = 1024;
 
 const devicePath = z.string().min(1).max(MAX_PATH_CHARS);
 const password = z.string().max(MAX_PASSWORD_CHARS);
-const envelope = { id: z.number().int().nonnegative(), euid: z.number().int().nonnegative() };
+// No uid field: the daemon learns who is calling from the kernel (SO_PEERCRED), never from the request.
+const envelope = { id: z.number().int().nonnegative() };
 
 export const requestSchema = z.discriminatedUnion('op', [
   z.object({ ...envelope, op: z.literal('ping') }).strict(),
@@ -40,8 +41,8 @@ export const requestSchema = z.discriminatedUnion('op', [
 
 export type Request = z.infer<typeof requestSchema>;
 export type RequestOp = Request['op'];
-/** A request as the client builds it; the client adds id and euid. */
-export type RequestBody<Op extends RequestOp = RequestOp> = Omit<Extract<Request, { op: Op }>, 'id' | 'euid'>;
+/** A request as the client builds it; the client adds the id. */
+export type RequestBody<Op extends RequestOp = RequestOp> = Omit<Extract<Request, { op: Op }>, 'id'>;
 
 export interface ActivationResult {
   device: string;
