@@ -84,7 +84,7 @@ for (const variant of VARIANTS) {
       '--name=kill', '--ioengine=nbd', `--uri=${server.uri(device)}`, '--rw=randwrite', '--bssplit=4k/50:64k/50',
       '--iodepth=16', `--size=${IMAGE_BYTES}`, '--time_based=1', '--runtime=60', `--randseed=${variant.fioSeed}`,
       '--norandommap=1',
-    ], { stdio: ['ignore', 'pipe', 'pipe'] });
+    ], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] }); // fio's state files go to the test's directory
     let fioOutput = '';
     fio.stdout.on('data', (b: Buffer) => (fioOutput += b.toString('utf8')));
     fio.stderr.on('data', (b: Buffer) => (fioOutput += b.toString('utf8')));
