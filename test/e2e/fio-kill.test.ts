@@ -15,6 +15,7 @@ import { readSessionInfo, recoverSession } from '../../src/snapshot/index.js';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { requireTool, run } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { BDSNAP_MAIN, settlesWithin, startServer } from '../helpers/server.js';
 
 const IMAGE_BYTES = 256 << 20;
@@ -64,7 +65,7 @@ after(() => fs.rmSync(masterDir, { recursive: true, force: true }));
 for (const variant of VARIANTS) {
   const label = `${variant.durability} durability, ${variant.chunkSize} chunks`;
   test(`SIGKILL of bdsnap serve under fio random writes (${label}): restore gives back the exact image`, { timeout: 120_000 }, async (t) => {
-    requireTool('fio');
+    if (!needs(t, { tools: ['fio'] })) return;
     const cleanup = new CleanupStack(t);
     const dir = makeTempDir(cleanup, 'bdsnap-e2e-fio-');
     const image = path.join(dir, 'disk.img');

@@ -11,6 +11,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { AS_NOBODY, bdsnapForOtherUsers } from '../helpers/bdsnap-cli.js';
+import { needs } from '../helpers/needs.js';
 import { MAIN, PASSWORD, cli, makeImage, ok, sandbox, startDaemonProcess, type Sandbox } from './helpers.js';
 
 function status(box: Sandbox): { devices: Array<{ device: string; active: boolean }> } {
@@ -77,6 +78,7 @@ test('a device path must be a regular file or a block device', async (t) => {
 });
 
 test('a non-root caller is refused even with the right password', async (t) => {
+  if (!needs(t, { root: true, tools: ['setpriv'] })) return;
   const box = sandbox(t);
   const daemon = await startDaemonProcess(t, box);
   ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
