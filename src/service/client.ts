@@ -7,10 +7,8 @@
 import net from 'node:net';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
-import type { EventsResult } from './events.js';
-import type { SnapshotInfo } from './snapshots.js';
 import {
-  LineDecoder, responseSchema, type ActivationResult, type CbtInfo, type ListResult, type MountResult, type PasswdResult, type PingResult,
+  LineDecoder, responseSchema, type ActivationResult, type CbtInfo, type EventsResult, type SnapshotInfo, type ListResult, type MountResult, type PasswdResult, type PingResult,
   type RegisterResult, type RequestBody, type RequestOp, type ResultMap, type StatusResult, type UmountResult,
 } from './control-protocol.js';
 
@@ -188,10 +186,9 @@ export class BdsnapClient {
   request<Op extends RequestOp>(op: Op, body: Omit<RequestBody<Op>, 'op'>): Promise<ResultMap[Op]> {
     if (this.#closedError) return Promise.reject(this.#closedError);
     const id = this.#nextId++;
-    const euid = process.geteuid?.() ?? 0;
     return new Promise<ResultMap[Op]>((resolve, reject) => {
       this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
-      this.#socket.write(`${JSON.stringify({ ...body, op, id, euid })}\n`);
+      this.#socket.write(`${JSON.stringify({ ...body, op, id })}\n`);
     });
   }
 

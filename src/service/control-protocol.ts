@@ -1,6 +1,6 @@
 /**
  * The control protocol between the `bdsnap` CLI and the daemon: JSON lines over a unix socket.
- * Each request line is one object `{ id, euid, op, ... }`; each answer line is
+ * Each request line is one object `{ id, op, ... }`; each answer line is
  * `{ id, ok: true, result }` or `{ id, ok: false, error: { code, message } }`. Requests on one
  * connection are answered in order.
  *
@@ -11,8 +11,6 @@
 
 import { z } from 'zod';
 import type { ErrorCode } from '../errors.js';
-import type { EventsResult } from './events.js';
-import type { SnapshotInfo } from './snapshots.js';
 
 export const MAX_LINE_BYTES = 64 * 1024;
 const MAX_PATH_CHARS = 4096;
@@ -24,7 +22,8 @@ const MAX_SNAPSHOT_DEVICES = 64;
 /** Longest a client may ask `events` to wait for the next event. */
 export const MAX_EVENT_WAIT_MS = 60_000;
 const snapshotId = z.string().regex(/^[0-9a-z]{1,64}$/, 'a snapshot id is lowercase letters and digits');
-const envelope = { id: z.number().int().nonnegative(), euid: z.number().int().nonnegative() };
+// No uid field: the daemon learns who is calling from the kernel (SO_PEERCRED), never from the request.
+const envelope = { id: z.number().int().nonnegative() };
 
 export const requestSchema = z.discriminatedUnion('op', [
   z.object({ ...envelope, op: z.literal('ping') }).strict(),
@@ -88,8 +87,8 @@ export const requestSchema = z.discriminatedUnion('op', [
 
 export type Request = z.infer<typeof requestSchema>;
 export type RequestOp = Request['op'];
-/** A request as the client builds it; the client adds id and euid. */
-export type RequestBody<Op extends RequestOp = RequestOp> = Omit<Extract<Request, { op: Op }>, 'id' | 'euid'>;
+/** A request as the client builds it; the client adds the id. */
+export type RequestBody<Op extends RequestOp = RequestOp> = Omit<Extract<Request, { op: Op }>, 'id'>;
 
 export interface ActivationResult {
   device: string;
@@ -279,4 +278,50 @@ export class LineDecoder {
     }
     return events;
   }
+}
+
+// --- snapshots and events -------------------------------------------------------------
+
+export interface SnapshotImageInfo {
+  device: string;
+  exportName: string;
+  uri: string;
+  sizeBytes: number;
+  /** Change-map generation and number of this image's point, when tracking is on. */
+  cbt: { generation: string; number: number } | null;
+}
+
+export interface SnapshotInfo {
+  id: string;
+  state: 'creating' | 'ok' | 'overflowed' | 'failed';
+  reason: string | null;
+  createdAt: string;
+  chunkSize: number;
+  storage: { dirs: string[]; limitBytes: number | null; usedBytes: number };
+  images: SnapshotImageInfo[];
+  frozen: string[];
+  /** How long new writes were held by the barrier. */
+  stallMs: number;
+}
+
+export type EventType =
+  | 'session-started' | 'session-ended' | 'session-failed'
+  | 'snapshot-created' | 'snapshot-low-space' | 'snapshot-overflowed' | 'snapshot-failed' | 'snapshot-destroyed'
+  | 'snapshot-extended' | 'snapshot-restored'
+  | 'cbt-reset';
+
+export interface DaemonEvent {
+  seq: number;
+  /** ISO 8601. */
+  time: string;
+  type: EventType;
+  device?: string;
+  snapshot?: string;
+  details: Record<string, unknown>;
+}
+
+export interface EventsResult {
+  events: DaemonEvent[];
+  /** Pass as `after` to the next call to get only newer events. */
+  lastSeq: number;
 }

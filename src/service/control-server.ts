@@ -1,9 +1,12 @@
 /**
  * The daemon's control socket: `<run-dir>/control.sock`, mode 0600 in a 0700 directory, so
- * the kernel lets only root (the owner) connect. Each connection's peer is also looked up
- * (see peer-cred.ts) and any process whose effective uid is not root's is refused; a request
- * also carries the sender's euid, refused when not 0. Where the peer cannot be identified the
- * socket permission is the guard, and the daemon logs that once.
+ * the kernel lets only root (the owner) connect: that is the first line. The second is the
+ * peer's effective uid, read from the kernel (SO_PEERCRED, see peer-cred.ts) when the
+ * connection is accepted: a peer that is neither root nor the daemon's own user is refused.
+ *
+ * Fail closed: where the peer's credentials cannot be read (the optional koffi binding is
+ * missing or does not load), every request but `ping` is refused with EPERM and the reason,
+ * rather than trusting the socket permission alone. Requests carry no uid of their own.
  *
  * Requests on a connection run one at a time, in order. Nothing a client sends can crash the
  * daemon: bad JSON, unknown operations, wrong types and overlong lines all get error answers.
@@ -15,7 +18,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { listenUnixSocket } from '../unix-socket.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import { LineDecoder, requestSchema, type Request, type Response } from './control-protocol.js';
-import { peerCredentials, type PeerCheck } from './peer-cred.js';
+import { peerCredentials, type PeerCheck, type PeerCredentialSource } from './peer-cred.js';
 import path from 'node:path';
 
 export type RequestHandler = (request: Request) => Promise<unknown>;
@@ -30,20 +33,23 @@ export class ControlServer {
   readonly #log: Logger;
   readonly #sockets = new Set<net.Socket>();
   readonly #allowedUids: Set<number>;
+  readonly #peerSource: PeerCredentialSource;
   #warnedUnknownPeer = false;
 
-  private constructor(socketPath: string, handler: RequestHandler, log: Logger) {
+  private constructor(socketPath: string, handler: RequestHandler, log: Logger, peerSource: PeerCredentialSource) {
     this.socketPath = socketPath;
     this.#handler = handler;
     this.#log = log;
+    this.#peerSource = peerSource;
     const self = process.geteuid?.() ?? 0;
     this.#allowedUids = new Set([0, self]);
     this.#server = net.createServer((socket) => this.#accept(socket));
   }
 
-  static async listen(socketPath: string, handler: RequestHandler, log: Logger): Promise<ControlServer> {
+  /** `peerSource` is for tests (the fail-closed path); the daemon uses the kernel's answer. */
+  static async listen(socketPath: string, handler: RequestHandler, log: Logger, peerSource: PeerCredentialSource = peerCredentials): Promise<ControlServer> {
     await ensurePrivateDir(path.dirname(socketPath), 0o700);
-    const server = new ControlServer(socketPath, handler, log);
+    const server = new ControlServer(socketPath, handler, log, peerSource);
     await listenUnixSocket(server.#server, socketPath);
     return server;
   }
@@ -57,7 +63,8 @@ export class ControlServer {
   #accept(socket: net.Socket): void {
     this.#sockets.add(socket);
     const decoder = new LineDecoder();
-    const peer = peerCredentials(socket).catch((err: unknown): PeerCheck => ({ kind: 'unknown', reason: String(err) }));
+    // Read once, at accept: the kernel's record of who connected does not change afterwards.
+    const peer = this.#readPeer(socket);
     let chain: Promise<void> = Promise.resolve();
     let queued = 0;
     const send = (response: Response): void => {
@@ -83,7 +90,15 @@ export class ControlServer {
     socket.on('close', () => this.#sockets.delete(socket));
   }
 
-  async #answer(line: string | undefined, oversizedBytes: number, peer: Promise<PeerCheck>): Promise<Response> {
+  #readPeer(socket: net.Socket): PeerCheck {
+    try {
+      return this.#peerSource(socket);
+    } catch (err) {
+      return { kind: 'unknown', reason: String(err) };
+    }
+  }
+
+  async #answer(line: string | undefined, oversizedBytes: number, peer: PeerCheck): Promise<Response> {
     if (line === undefined) {
       return fail(null, new BdsnapError('EINVAL', `request line too long (${oversizedBytes}+ bytes; the limit is 64 KiB)`));
     }
@@ -101,7 +116,7 @@ export class ControlServer {
       return fail(id, new BdsnapError('EINVAL', `malformed request${where}: ${issue?.message ?? 'invalid'}`));
     }
     const request = parsed.data;
-    const denied = await this.#checkCaller(request, await peer);
+    const denied = this.#checkCaller(request, peer);
     if (denied) return fail(request.id, denied);
     try {
       return { id: request.id, ok: true, result: await this.#handler(request) };
@@ -111,21 +126,19 @@ export class ControlServer {
     }
   }
 
-  async #checkCaller(request: Request, peer: PeerCheck): Promise<BdsnapError | undefined> {
+  #checkCaller(request: Request, peer: PeerCheck): BdsnapError | undefined {
     if (peer.kind === 'known') {
-      const bad = peer.euids.find((uid) => !this.#allowedUids.has(uid));
-      if (bad !== undefined) {
-        this.#log.warn({ event: 'control-refused', op: request.op, pids: peer.pids, euid: bad }, 'control request from a non-root process refused');
-        return new BdsnapError('EPERM', 'permission denied: bdsnap control operations need root');
-      }
-    } else if (!this.#warnedUnknownPeer) {
-      this.#warnedUnknownPeer = true;
-      this.#log.warn({ event: 'peer-unknown', reason: peer.reason }, 'cannot identify control peers; relying on the socket permission (0600, root)');
-    }
-    if (!this.#allowedUids.has(request.euid)) {
+      if (this.#allowedUids.has(peer.cred.uid)) return undefined;
+      this.#log.warn({ event: 'control-refused', op: request.op, peerPid: peer.cred.pid, euid: peer.cred.uid }, 'control request from a non-root process refused');
       return new BdsnapError('EPERM', 'permission denied: bdsnap control operations need root');
     }
-    return undefined;
+    if (!this.#warnedUnknownPeer) {
+      this.#warnedUnknownPeer = true;
+      this.#log.error({ event: 'peer-unknown', reason: peer.reason }, 'cannot read control peers\' credentials; refusing every request but ping');
+    }
+    // Ping answers nothing secret and lets `bdsnap status`-style probes tell "down" from "refused".
+    if (request.op === 'ping') return undefined;
+    return new BdsnapError('EPERM', `permission denied: the daemon cannot verify the caller's credentials (${peer.reason}); install the optional dependency koffi`);
   }
 }
 

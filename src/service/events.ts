@@ -12,33 +12,12 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
+import type { DaemonEvent, EventsResult, EventType } from './control-protocol.js';
 
 const MAX_KEPT = 1000;
 const EVENTS_FILE = 'events.jsonl';
 /** The file is cut back to the last MAX_KEPT events at start once it is larger than this. */
 const MAX_FILE_BYTES = 4 * 1024 * 1024;
-
-export type EventType =
-  | 'session-started' | 'session-ended' | 'session-failed'
-  | 'snapshot-created' | 'snapshot-low-space' | 'snapshot-overflowed' | 'snapshot-failed' | 'snapshot-destroyed'
-  | 'snapshot-extended' | 'snapshot-restored'
-  | 'cbt-reset';
-
-export interface DaemonEvent {
-  seq: number;
-  /** ISO 8601. */
-  time: string;
-  type: EventType;
-  device?: string;
-  snapshot?: string;
-  details: Record<string, unknown>;
-}
-
-export interface EventsResult {
-  events: DaemonEvent[];
-  /** Pass as `after` to the next call to get only newer events. */
-  lastSeq: number;
-}
 
 export class EventLog {
   readonly #file: string;

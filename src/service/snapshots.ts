@@ -37,6 +37,7 @@ import { DiffStorage, type DiffStorageEvent } from '../snapshot/diff-storage.js'
 import type { SnapshotImage, SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
+import type { SnapshotInfo } from './control-protocol.js';
 import type { DeviceTable } from './device-table.js';
 import type { EventLog } from './events.js';
 import { withFrozen } from './freeze.js';
@@ -68,29 +69,6 @@ const recordSchema = z.object({
 }).strict();
 
 export type SnapshotRecord = z.infer<typeof recordSchema>;
-export type SnapshotState = SnapshotRecord['state'];
-
-export interface SnapshotImageInfo {
-  device: string;
-  exportName: string;
-  uri: string;
-  sizeBytes: number;
-  /** Change-map generation and number of this image's point, when tracking is on. */
-  cbt: { generation: string; number: number } | null;
-}
-
-export interface SnapshotInfo {
-  id: string;
-  state: SnapshotState;
-  reason: string | null;
-  createdAt: string;
-  chunkSize: number;
-  storage: { dirs: string[]; limitBytes: number | null; usedBytes: number };
-  images: SnapshotImageInfo[];
-  frozen: string[];
-  /** How long new writes were held by the barrier. */
-  stallMs: number;
-}
 
 export interface CreateSnapshotOptions {
   storageDir?: string;

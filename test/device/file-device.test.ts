@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
 import { BdsnapError } from '../../src/errors.js';
+import { needs } from '../helpers/needs.js';
 
 function tempDir(t: { after: (fn: () => void) => void }): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-filedev-'));
@@ -52,7 +53,8 @@ test('opening a directory or a missing path says what is wrong', async (t) => {
   await assert.rejects(FileDevice.open(path.join(dir, 'nope.img')), (e: unknown) => e instanceof BdsnapError && e.code === 'ENOENT');
 });
 
-test('a block device (loop) reports its size from sysfs', { skip: process.env.CI !== 'true' && process.getuid?.() !== 0 ? 'needs root for losetup (always runs in CI)' : false }, async (t) => {
+test('a block device (loop) reports its size from sysfs', async (t) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
   const { execFileSync } = await import('node:child_process');
   const dir = tempDir(t);
   const image = path.join(dir, 'c.img');

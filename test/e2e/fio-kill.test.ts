@@ -15,6 +15,7 @@ import { readSessionInfo, recoverSession } from '../../src/snapshot/index.js';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { requireTool, run } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { BDSNAP_MAIN, settlesWithin, startServer } from '../helpers/server.js';
 
 const IMAGE_BYTES = 256 << 20;
@@ -64,7 +65,7 @@ after(() => fs.rmSync(masterDir, { recursive: true, force: true }));
 for (const variant of VARIANTS) {
   const label = `${variant.durability} durability, ${variant.chunkSize} chunks`;
   test(`SIGKILL of bdsnap serve under fio random writes (${label}): restore gives back the exact image`, { timeout: 120_000 }, async (t) => {
-    requireTool('fio');
+    if (!needs(t, { tools: ['fio'] })) return;
     const cleanup = new CleanupStack(t);
     const dir = makeTempDir(cleanup, 'bdsnap-e2e-fio-');
     const image = path.join(dir, 'disk.img');
@@ -84,7 +85,7 @@ for (const variant of VARIANTS) {
       '--name=kill', '--ioengine=nbd', `--uri=${server.uri(device)}`, '--rw=randwrite', '--bssplit=4k/50:64k/50',
       '--iodepth=16', `--size=${IMAGE_BYTES}`, '--time_based=1', '--runtime=60', `--randseed=${variant.fioSeed}`,
       '--norandommap=1',
-    ], { stdio: ['ignore', 'pipe', 'pipe'] });
+    ], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] }); // fio's state files go to the test's directory
     let fioOutput = '';
     fio.stdout.on('data', (b: Buffer) => (fioOutput += b.toString('utf8')));
     fio.stderr.on('data', (b: Buffer) => (fioOutput += b.toString('utf8')));

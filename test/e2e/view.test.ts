@@ -18,7 +18,8 @@ import { StaticExports } from '../../src/nbd/static-exports.js';
 import { CowDevice } from '../../src/snapshot/index.js';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { fillRandom, makeImage, makeTempDir, sha256, sha256File } from '../helpers/files.js';
-import { requireTool, run } from '../helpers/process.js';
+import { run } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { nbdUri } from '../helpers/server.js';
 
 const IMAGE_BYTES = 32 << 20;
@@ -40,8 +41,7 @@ function prng(seed: number): (limit: number) => number {
 }
 
 test('point-in-time view through a serve session: every chunk reads as before while the live export changes', { timeout: 120_000 }, async (t) => {
-  requireTool('qemu-io');
-  requireTool('nbdcopy');
+  if (!needs(t, { tools: ['qemu-io', 'nbdcopy'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup, 'bdsnap-e2e-view-');
   const image = path.join(dir, 'live.img');

@@ -83,7 +83,9 @@ export async function runFio(job: FioJob): Promise<FioResult> {
       ...(job.extraArgs ?? []),
     ];
     const timeoutMs = ((job.runtimeSec ?? 0) + 120) * 1000;
-    const result = await run('fio', args, { timeoutMs });
+    // fio writes its verify state files (local-<job>-<n>-verify.state) in the current directory:
+    // run it in its own temporary directory, never in the checkout.
+    const result = await run('fio', args, { timeoutMs, cwd: dir });
     const text = fs.readFileSync(output, 'utf8');
     // fio may print notices ("connected to NBD server") before the JSON document.
     const start = text.indexOf('{');

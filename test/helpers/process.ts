@@ -1,7 +1,8 @@
 /**
  * Running real programs from tests: capture stdout, stderr and the exit status, and fail
  * with all three in the message, so a broken interop run explains itself in the test log.
- * Missing tools fail the test loudly; they are never a reason to skip.
+ * Whether a test may run without a tool is decided once, in needs.ts; the require* functions
+ * here are the last guard inside helpers and always throw.
  */
 
 import { spawn, spawnSync } from 'node:child_process';
@@ -143,29 +144,41 @@ const TOOL_PACKAGES: Record<string, string> = {
   umount: 'mount',
 };
 
+/** The Debian package that provides `tool`, when known. */
+export function toolPackage(tool: string): string | undefined {
+  return TOOL_PACKAGES[tool];
+}
+
+let nbdshProbe: { ok: boolean; detail: string } | undefined;
+
+/** nbdsh runs `python3 -m nbd`; the Python found first on PATH must have the binding. Probed once. */
+export function nbdshWorks(): boolean {
+  if (nbdshProbe === undefined) {
+    const probe = spawnSync('nbdsh', ['-c', 'pass'], { env: nbdshEnv(), encoding: 'utf8' });
+    nbdshProbe = { ok: probe.status === 0, detail: probe.stderr || probe.error?.message || '' };
+  }
+  return nbdshProbe.ok;
+}
+
 /**
- * Fail (throw) with a clear message if `name` is not installed. Interop tests exist to
- * run real clients; a missing one is a broken test machine, not a reason to skip.
+ * The path of `name`, or throw with a clear message if it is not installed. Helpers call
+ * it as a last guard; tests decide whether to run with needs() (needs.ts).
  */
 export function requireTool(name: string): string {
   const found = findOnPath(name);
   if (found === undefined) {
     const pkg = TOOL_PACKAGES[name];
-    throw new Error(`required tool '${name}' is not installed${pkg ? ` (Debian package ${pkg})` : ''}; install it, these tests never skip`);
+    throw new Error(`required tool '${name}' is not installed${pkg ? ` (Debian package ${pkg})` : ''}`);
   }
-  if (name === 'nbdsh') {
-    // nbdsh runs `python3 -m nbd`; the Python found first on PATH must have the binding.
-    const probe = spawnSync('nbdsh', ['-c', 'pass'], { env: nbdshEnv(), encoding: 'utf8' });
-    if (probe.status !== 0) {
-      throw new Error(`required tool 'nbdsh' does not start (python3-libnbd missing for the python3 on PATH?): ${probe.stderr || probe.error?.message}`);
-    }
+  if (name === 'nbdsh' && !nbdshWorks()) {
+    throw new Error(`required tool 'nbdsh' does not start (python3-libnbd missing for the python3 on PATH?): ${nbdshProbe?.detail}`);
   }
   return found;
 }
 
-/** Require root (loop devices, mounts); fails rather than skips. */
+/** Throw unless root (loop devices, mounts); the last guard inside helpers. */
 export function requireRoot(): void {
-  if (process.getuid?.() !== 0) throw new Error('this test needs root (loop devices and mounts); run the suite as root');
+  if (process.getuid?.() !== 0) throw new Error('this needs root (loop devices and mounts)');
 }
 
 /**

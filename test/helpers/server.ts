@@ -11,8 +11,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type { AfterHook } from './files.js';
+import { BDSNAP_MAIN } from './bdsnap-cli.js';
 import { requireTool } from './process.js';
 
 export type ServerKind = 'bdsnap' | 'nbdkit';
@@ -62,7 +62,7 @@ const DEFAULT_GRACE_MS = 10_000;
 const MAX_KEPT_STDERR_CHARS = 64 * 1024;
 
 /** The compiled CLI entry point, found relative to this file (dist/test/helpers). */
-export const BDSNAP_MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+export { BDSNAP_MAIN };
 
 /** Which server the interop tests talk to: bdsnap unless BDSNAP_TEST_SERVER says otherwise. */
 export function serverKind(): ServerKind {

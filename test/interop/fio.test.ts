@@ -10,7 +10,7 @@ import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir } from '../helpers/files.js';
 import { runFio } from '../helpers/fio.js';
-import { requireTool } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { startServer } from '../helpers/server.js';
 
 const IMAGE_BYTES = 32 << 20;
@@ -20,7 +20,7 @@ for (const { rw, blockSizeBytes } of [
   { rw: 'write', blockSizeBytes: 1 << 20 },
 ]) {
   test(`fio nbd engine: ${rw} ${blockSizeBytes / 1024} KiB, depth 16, verified with crc32c`, { timeout: 180_000 }, async (t) => {
-    requireTool('fio');
+    if (!needs(t, { tools: ['fio'] })) return;
     const cleanup = new CleanupStack(t);
     const dir = makeTempDir(cleanup);
     const image = path.join(dir, 'fio.img');

@@ -10,12 +10,30 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir, readRange, sha256, sha256File } from '../helpers/files.js';
+import { missingNeeds, needs } from '../helpers/needs.js';
 import { RunError, requireTool, run } from '../helpers/process.js';
 import { BDSNAP_MAIN, nbdUri, startServer } from '../helpers/server.js';
 
-test('requireTool fails (never skips) when a tool is missing', () => {
-  assert.throws(() => requireTool('bdsnap-no-such-tool'), /required tool 'bdsnap-no-such-tool' is not installed.*never skip/);
+test('the skip policy: a missing tool fails the test under CI and skips it elsewhere, with the reason', () => {
+  assert.throws(() => requireTool('bdsnap-no-such-tool'), /required tool 'bdsnap-no-such-tool' is not installed/);
   assert.ok(requireTool('nbdinfo').endsWith('/nbdinfo'));
+  const saved = process.env.CI;
+  try {
+    const skipped: string[] = [];
+    const t = { skip: (message?: string) => skipped.push(message ?? '') };
+    process.env.CI = 'true';
+    assert.throws(() => needs(t, { tools: ['bdsnap-no-such-tool'] }), /needs the tool 'bdsnap-no-such-tool'.*under CI/);
+    assert.throws(() => needs(t, { paths: ['/no/such/device'] }), /needs \/no\/such\/device/);
+    assert.deepEqual(skipped, []);
+    delete process.env.CI;
+    assert.equal(needs(t, { tools: ['bdsnap-no-such-tool', 'nbdinfo'], paths: ['/'] }), false);
+    assert.deepEqual(skipped, ["needs the tool 'bdsnap-no-such-tool'"]);
+    assert.equal(needs(t, { tools: ['nbdinfo'] }), true);
+    assert.deepEqual(missingNeeds({ root: true }), process.getuid?.() === 0 ? [] : ['root']);
+  } finally {
+    if (saved === undefined) delete process.env.CI;
+    else process.env.CI = saved;
+  }
 });
 
 test('run returns output and throws with stdout, stderr and status on failure', async () => {

@@ -10,7 +10,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { fillRandom, makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { requireTool, run } from '../helpers/process.js';
+import { run } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { startServer } from '../helpers/server.js';
 
 const IMAGE_BYTES = 32 << 20;
@@ -35,7 +36,7 @@ function makeSparseSource(filePath: string, seed: number): void {
 
 for (const connections of [1, 4]) {
   test(`nbdcopy file -> NBD -> file with ${connections} connection(s) keeps every byte`, { timeout: 120_000 }, async (t) => {
-    requireTool('nbdcopy');
+    if (!needs(t, { tools: ['nbdcopy'] })) return;
     const cleanup = new CleanupStack(t);
     const dir = makeTempDir(cleanup);
     const source = path.join(dir, 'source.img');
@@ -62,7 +63,7 @@ for (const connections of [1, 4]) {
 }
 
 test('nbdcopy between two exports of one server, four connections each', { timeout: 120_000 }, async (t) => {
-  requireTool('nbdcopy');
+  if (!needs(t, { tools: ['nbdcopy'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const from = path.join(dir, 'from.img');

@@ -11,7 +11,8 @@ import net from 'node:net';
 import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { requireTool, run } from '../helpers/process.js';
+import { run } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { BDSNAP_MAIN, startServer } from '../helpers/server.js';
 
 interface NbdinfoExport {
@@ -58,7 +59,7 @@ function onlyExport(info: NbdinfoJson): NbdinfoExport {
 }
 
 test('nbdinfo --json: size, flags, block sizes, structured replies and base:allocation', async (t) => {
-  requireTool('nbdinfo');
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'info.img');
@@ -91,7 +92,7 @@ test('nbdinfo --json: size, flags, block sizes, structured replies and base:allo
 });
 
 test('nbdinfo with --read-only reports is_read_only', async (t) => {
-  requireTool('nbdinfo');
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'ro.img');
@@ -103,7 +104,7 @@ test('nbdinfo with --read-only reports is_read_only', async (t) => {
 });
 
 test('nbdinfo --map: contiguous extents over the whole export, data never reported as zero', async (t) => {
-  requireTool('nbdinfo');
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'map.img');
@@ -134,7 +135,7 @@ test('nbdinfo --map: contiguous extents over the whole export, data never report
 });
 
 test('nbdinfo --list shows every export; the empty name selects the first; unknown names are refused', async (t) => {
-  requireTool('nbdinfo');
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const first = path.join(dir, 'first.img');
@@ -165,7 +166,7 @@ test('nbdinfo --list shows every export; the empty name selects the first; unkno
 });
 
 test('the server exits 0 on SIGTERM and leaves the image as it was', async (t) => {
-  requireTool('nbdinfo');
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'term.img');
@@ -180,7 +181,7 @@ test('the server exits 0 on SIGTERM and leaves the image as it was', async (t) =
 });
 
 test('the unix socket is not world-accessible and is removed on exit', async (t) => {
-  requireTool('nbdinfo');
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'perm.img');
@@ -196,7 +197,7 @@ test('the unix socket is not world-accessible and is removed on exit', async (t)
 });
 
 test('--listen serves the same exports over TCP, and SIGINT exits 0', async (t) => {
-  requireTool('nbdinfo');
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'tcp.img');
@@ -223,7 +224,7 @@ function freePort(): Promise<number> {
 }
 
 test('a live socket is never taken over; a stale one left by a killed server is replaced', async (t) => {
-  requireTool('nbdinfo');
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const first = path.join(dir, 'first.img');

@@ -11,7 +11,8 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir, readRange } from '../helpers/files.js';
-import { nbdshEnv, requireTool, run } from '../helpers/process.js';
+import { nbdshEnv, run } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { startServer } from '../helpers/server.js';
 
 const IMAGE_BYTES = 8 << 20;
@@ -58,7 +59,7 @@ function assertOk(results: Record<string, unknown>, key: string): unknown {
 }
 
 test('nbdsh: structured replies, base:allocation, block status with and without REQ_ONE', async (t) => {
-  requireTool('nbdsh');
+  if (!needs(t, { tools: ['nbdsh'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'bs.img');
@@ -115,7 +116,7 @@ results["tail"] = tail
 });
 
 test('nbdsh: out-of-range and zero-length requests get errors and the connection lives on', async (t) => {
-  requireTool('nbdsh');
+  if (!needs(t, { tools: ['nbdsh'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'edge.img');
@@ -164,7 +165,7 @@ results["read_back"] = attempt(lambda: h.pread(4096, 4096))
 });
 
 test('nbdsh: a read-only export refuses write, trim and zero with EPERM and still reads', async (t) => {
-  requireTool('nbdsh');
+  if (!needs(t, { tools: ['nbdsh'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'ro.img');
@@ -193,7 +194,7 @@ results["flush"] = attempt(lambda: h.flush())
 });
 
 test('nbdsh: the empty export name, unknown names refused with the handshake still usable', async (t) => {
-  requireTool('nbdsh');
+  if (!needs(t, { tools: ['nbdsh'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const first = path.join(dir, 'first.img');
@@ -226,7 +227,7 @@ results["read"] = attempt(lambda: h.pread(4096, 4096))
 });
 
 test('nbdsh: 64 requests in flight on one connection all complete with the right data', async (t) => {
-  requireTool('nbdsh');
+  if (!needs(t, { tools: ['nbdsh'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'aio.img');

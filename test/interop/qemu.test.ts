@@ -10,7 +10,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir, readRange, sha256File } from '../helpers/files.js';
-import { requireTool, run, type RunResult } from '../helpers/process.js';
+import { run, type RunResult } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { startServer } from '../helpers/server.js';
 
 const MiB = 1 << 20;
@@ -35,8 +36,7 @@ function assertFilled(image: string, offsetBytes: number, lengthBytes: number, v
 }
 
 test('qemu-img compare and convert see the same bytes as the file', { timeout: 120_000 }, async (t) => {
-  requireTool('qemu-img');
-  requireTool('qemu-io');
+  if (!needs(t, { tools: ['qemu-img', 'qemu-io'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'disk.img');
@@ -65,7 +65,7 @@ test('qemu-img compare and convert see the same bytes as the file', { timeout: 1
 });
 
 test('qemu-io: pattern writes, FUA, discard, write-zeroes, unaligned writes, flush and AIO', { timeout: 120_000 }, async (t) => {
-  requireTool('qemu-io');
+  if (!needs(t, { tools: ['qemu-io'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'io.img');

@@ -12,7 +12,8 @@ import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { requireRoot, requireTool, run } from '../helpers/process.js';
+import { run } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { NBD_CMD_WRITE, RawNbdClient } from '../helpers/raw-nbd.js';
 
 const IMAGE_BYTES = 16 << 20;
@@ -40,9 +41,7 @@ async function waitForClosedSessions(daemon: RunningDaemon, device: string, coun
 }
 
 test('qemu-io and nbdcopy through sessions, then restore gives back the exact image', { timeout: 180_000 }, async (t) => {
-  requireRoot();
-  requireTool('qemu-io');
-  requireTool('nbdcopy');
+  if (!needs(t, { root: true, tools: ['qemu-io', 'nbdcopy'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'protected.img');

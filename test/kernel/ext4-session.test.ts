@@ -12,13 +12,13 @@ import { CleanupStack } from '../helpers/cleanup.js';
 import { startDaemon } from '../helpers/daemon.js';
 import { fillRandom, makeImage, makeTempDir, sha256, sha256File } from '../helpers/files.js';
 import { attachKernel, mountDevice } from '../helpers/kernel.js';
-import { requireRoot, requireTool, run } from '../helpers/process.js';
+import { run } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 
 const IMAGE_BYTES = 64 << 20;
 
 test('kernel ext4 changes made during a session are undone exactly by restore', { timeout: 300_000 }, async (t) => {
-  requireRoot();
-  for (const tool of ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'e2fsck', 'debugfs', 'mount', 'umount']) requireTool(tool);
+  if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'e2fsck', 'debugfs', 'mount', 'umount'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup, 'bdsnap-ext4s-');
   const image = path.join(dir, 'fs.img');

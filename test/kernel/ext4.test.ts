@@ -11,7 +11,8 @@ import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { fillRandom, makeImage, makeTempDir, sha256, sha256File } from '../helpers/files.js';
 import { attachKernel, mountDevice } from '../helpers/kernel.js';
-import { requireRoot, requireTool, run } from '../helpers/process.js';
+import { run } from '../helpers/process.js';
+import { needs } from '../helpers/needs.js';
 import { startServer } from '../helpers/server.js';
 
 const IMAGE_BYTES = 64 << 20;
@@ -40,8 +41,7 @@ function content(spec: FileSpec): Buffer {
 }
 
 test('kernel ext4 through nbdfuse and a loop device: write, delete, fsck, remount, read back', { timeout: 300_000 }, async (t) => {
-  requireRoot();
-  for (const tool of ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'e2fsck', 'mount', 'umount']) requireTool(tool);
+  if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'e2fsck', 'mount', 'umount'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup, 'bdsnap-ext4-');
   const image = path.join(dir, 'ext4.img');

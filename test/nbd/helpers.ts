@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import type { BlockDevice } from '../../src/device/block-device.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
@@ -35,7 +36,11 @@ export function tempDir(t: TestContext, prefix = 'bdsnap-nbd-'): string {
 /** A FileDevice on a temp image of `sizeBytes` (filled by `fill`), served on a fresh unix socket. */
 export async function serveImage(
   t: TestContext,
-  options: { sizeBytes?: number; readOnly?: boolean; fill?: (b: Buffer) => void; maxInFlightBytesPerConnection?: number } = {},
+  options: {
+    sizeBytes?: number; readOnly?: boolean; fill?: (b: Buffer) => void; maxInFlightBytesPerConnection?: number;
+    /** Serve a wrapper of the file device instead of the device itself. */
+    wrap?: (device: FileDevice) => BlockDevice;
+  } = {},
 ): Promise<Served> {
   const dir = tempDir(t);
   const image = path.join(dir, 'disk.img');
@@ -43,7 +48,7 @@ export async function serveImage(
   options.fill?.(content);
   fs.writeFileSync(image, content);
   const device = await FileDevice.open(image, { readOnly: options.readOnly ?? false });
-  const exports = new StaticExports([{ name: image, device, description: 'test image' }]);
+  const exports = new StaticExports([{ name: image, device: options.wrap?.(device) ?? device, description: 'test image' }]);
   const events: Array<Record<string, unknown>> = [];
   const server = new NbdServer({ exports, log: (e) => events.push(e), maxInFlightBytesPerConnection: options.maxInFlightBytesPerConnection });
   const socketPath = path.join(dir, 'nbd.sock');

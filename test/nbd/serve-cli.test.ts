@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { NbdClient } from '../../src/nbd/client.js';
 import { tempDir, type TestContext } from './helpers.js';
+import { needs } from '../helpers/needs.js';
 
 const execFileAsync = promisify(execFile);
 const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../src/cli/main.js');
@@ -41,6 +42,7 @@ async function waitReady(r: Running, timeoutMs = 10000): Promise<string> {
 }
 
 test('bdsnap serve: nbdinfo --json sees the export under its real path; SIGTERM exits 0', async (t) => {
+  if (!needs(t, { tools: ['nbdinfo', 'nbdsh'] })) return;
   const dir = tempDir(t, 'bdsnap-serve-');
   const image = path.join(dir, 'disk.img');
   fs.writeFileSync(image, Buffer.alloc(3 * 1024 * 1024));

@@ -11,6 +11,8 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
 import { encodeOption, encodeRequest, encodeInfoRequestData } from '../../src/nbd/encoders.js';
+import { GatedDevice } from '../helpers/devices.js';
+import { RawNbdClient } from '../helpers/raw-nbd.js';
 import { RawPeer, serveImage, tempDir, waitFor } from './helpers.js';
 
 const MiB = 1 << 20;
@@ -164,7 +166,7 @@ test('the payload of a rejected WRITE is read and discarded, even past the paylo
   await c.close();
 });
 
-test('many requests in flight on one connection, answered out of order', async (t) => {
+test('many requests in flight on one connection all land where they were aimed', async (t) => {
   const s = await serveImage(t, { sizeBytes: 8 * MiB });
   const c = await s.connect();
   const n = 256;
@@ -182,12 +184,45 @@ test('many requests in flight on one connection, answered out of order', async (
   await c.close();
 });
 
-test('a small in-flight cap still serves large requests in flight (backpressure pauses, then resumes)', async (t) => {
-  const s = await serveImage(t, { sizeBytes: 16 * MiB, maxInFlightBytesPerConnection: MiB });
+test('a slow request does not hold back a later one: replies come out of order', { timeout: 20_000 }, async (t) => {
+  let gated: GatedDevice | undefined;
+  const s = await serveImage(t, { fill: (b) => b.fill(7), wrap: (d) => (gated = new GatedDevice(d)) });
+  assert.ok(gated);
+  gated.hold((kind, offsetBytes) => kind === 'read' && offsetBytes === 0);
+  const raw = await RawNbdClient.connect(s.socketPath, 5000);
+  t.after(() => raw.destroy());
+  assert.equal((await raw.go(s.image)).type, C.NBD_REP_ACK);
+  const slow = raw.sendRequest(C.NBD_CMD_READ, 0n, 4096);
+  const fast = raw.sendRequest(C.NBD_CMD_READ, 4096n, 4096);
+  const first = await raw.readSimpleReply(4096).finally(() => gated!.release());
+  assert.equal(first.cookie, fast, 'the reply to the second request comes first');
+  assert.deepEqual(gated.started.map((r) => r.offsetBytes), [0, 4096], 'both reads reached the device');
+  const second = await raw.readSimpleReply(4096);
+  assert.deepEqual([second.cookie, second.error], [slow, 0]);
+  assert.ok(first.data.every((b) => b === 7) && second.data.every((b) => b === 7));
+  await raw.disconnect();
+});
+
+test('backpressure: at the in-flight cap the server stops taking requests, then resumes', { timeout: 30_000 }, async (t) => {
+  let gated: GatedDevice | undefined;
+  const s = await serveImage(t, { sizeBytes: 16 * MiB, maxInFlightBytesPerConnection: MiB, wrap: (d) => (gated = new GatedDevice(d)) });
+  assert.ok(gated);
+  gated.hold((kind) => kind === 'write');
   const c = await s.connect();
   const ops = [];
   for (let i = 0; i < 16; i++) ops.push(c.write(pattern(MiB, i), i * MiB));
+  // The first 1 MiB write fills the cap: the server must not start the others while it is held.
+  let startedWhileHeld: number;
+  try {
+    await waitFor(() => gated!.started.length >= 1, 5000, 'the first write to reach the device');
+    await new Promise((r) => setTimeout(r, 300));
+    startedWhileHeld = gated.started.length;
+  } finally {
+    gated.release(); // a failed test must not leave writes held: closing the server waits for them
+  }
+  assert.equal(startedWhileHeld, 1, `paused at the cap: ${startedWhileHeld} writes started while the first is held`);
   await Promise.all(ops);
+  assert.equal(gated.started.length, 16, 'every write went through after the release');
   const reads = [];
   for (let i = 0; i < 16; i++) reads.push(c.request(C.NBD_CMD_READ, 0, i * MiB, MiB));
   const got = await Promise.all(reads);
@@ -216,12 +251,16 @@ test('garbage bytes close only that connection', async (t) => {
   await good.close();
 });
 
-test('unknown client flags close the connection', async (t) => {
+test('unknown client flags close the connection', { timeout: 10_000 }, async (t) => {
   const s = await serveImage(t);
   const raw = await RawPeer.connect(s.socketPath);
   await raw.read(18);
   raw.write(Buffer.from([0, 0, 0, 0x80]));
-  await raw.closed;
+  const closed = await Promise.race([raw.closed.then(() => true), new Promise<false>((r) => setTimeout(() => r(false), 3000))]);
+  assert.equal(closed, true, 'the server closes the connection within 3 s');
+  await assert.rejects(raw.read(1, 100), /socket closed after 0 of 1 bytes/, 'nothing is sent after the greeting');
+  assert.ok(s.events.some((e) => e.event === 'protocol-error' && /unknown client flags 0x80/.test(String(e.error))), JSON.stringify(s.events));
+  await waitFor(() => s.server.connectionCount === 0, 3000, 'the connection to go');
 });
 
 test('options: unknown ones get ERR_UNSUP and haggling goes on; LIST; INFO of an unknown export; ABORT', async (t) => {

@@ -10,9 +10,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
-import { fileURLToPath } from 'node:url';
+import { BDSNAP_MAIN } from '../helpers/bdsnap-cli.js';
 
-export const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+export { BDSNAP_MAIN as MAIN };
 export const PASSWORD = 'correct horse battery staple';
 
 export interface Sandbox {
@@ -44,8 +44,9 @@ export interface CliResult {
   stderr: string;
 }
 
-export function cli(box: Sandbox, args: string[], input = '', prefix: string[] = []): CliResult {
-  const [cmd, ...rest] = prefix.length > 0 ? [...prefix, process.execPath, MAIN, ...args] : [process.execPath, MAIN, ...args];
+/** `prefix` runs the command under another program (setpriv); `main` is another copy of the CLI. */
+export function cli(box: Sandbox, args: string[], input = '', prefix: readonly string[] = [], main = BDSNAP_MAIN): CliResult {
+  const [cmd, ...rest] = [...prefix, process.execPath, main, ...args];
   const r = spawnSync(cmd as string, rest, { encoding: 'utf8', env: box.env, input, timeout: 120000 });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
@@ -65,7 +66,7 @@ export interface DaemonProcess {
 
 /** `extraArgs` go to `bdsnap daemon` after the directories (session options, say). */
 export async function startDaemonProcess(t: TestContext, box: Sandbox, extraArgs: string[] = []): Promise<DaemonProcess> {
-  const child = spawn(process.execPath, [MAIN, 'daemon', '--run-dir', box.runDir, '--state-dir', box.stateDir, '--snapshot-root', box.snapshotRoot, ...extraArgs], {
+  const child = spawn(process.execPath, [BDSNAP_MAIN, 'daemon', '--run-dir', box.runDir, '--state-dir', box.stateDir, '--snapshot-root', box.snapshotRoot, ...extraArgs], {
     env: box.env, stdio: ['ignore', 'pipe', 'pipe'],
   });
   let out = '';

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { MOUNTINFO_PATH, parseMountInfo } from '../../src/host/mountinfo.js';
 import { BdsnapClient } from '../../src/service/client.js';
+import { needs } from '../helpers/needs.js';
 import { PASSWORD, passwdAndActivate, restoreOnlySession, cli, ok, sandbox, sessionDirs, sha256File, startDaemonProcess, type Sandbox } from './helpers.js';
 
 const IMAGE_MIB = 32;
@@ -51,10 +52,10 @@ function currentSession(box: Sandbox, device: string): string | null {
   return st.devices.find((d) => d.device === device)?.currentSession ?? null;
 }
 
-// Outside CI a developer without root may skip these; in CI (CI=true) they always run and fail loudly.
-const canRun = process.env.CI === 'true' || (process.getuid?.() === 0 && fs.existsSync('/dev/fuse'));
+const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fusermount3', 'mkfs.ext4', 'mount', 'umount'] };
 
-test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted, then byte-identical', { skip: !canRun && 'needs root and /dev/fuse' }, async (t) => {
+test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted, then byte-identical', async (t) => {
+  if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
   await startDaemonProcess(t, box);
   const { image, mnt } = ext4Fixture(t, box);
@@ -90,7 +91,8 @@ test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted
   assert.equal(sha256File(image), before, 'the restored image is byte-identical to the pre-mount one');
 });
 
-test('one directory per mount cycle (two within a second), none after deactivation; deactivation mid-mount keeps the session', { skip: !canRun && 'needs root and /dev/fuse' }, async (t) => {
+test('one directory per mount cycle (two within a second), none after deactivation; deactivation mid-mount keeps the session', async (t) => {
+  if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
   await startDaemonProcess(t, box);
   const { image, mnt } = ext4Fixture(t, box);
@@ -148,7 +150,8 @@ test('one directory per mount cycle (two within a second), none after deactivati
   assert.equal(st.devices[0]?.dirtyOutsideSession, true, 'the write outside a session is recorded');
 });
 
-test('SIGTERM while mounted: the daemon unmounts, closes the session complete and exits 0', { skip: !canRun && 'needs root and /dev/fuse' }, async (t) => {
+test('SIGTERM while mounted: the daemon unmounts, closes the session complete and exits 0', async (t) => {
+  if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
   const daemon = await startDaemonProcess(t, box);
   const { image, mnt } = ext4Fixture(t, box);
@@ -162,7 +165,8 @@ test('SIGTERM while mounted: the daemon unmounts, closes the session complete an
   assert.equal(sha256File(image), before);
 });
 
-test('a mount that fails leaves no session, no loop device and nothing attached', { skip: !canRun && 'needs root and /dev/fuse' }, async (t) => {
+test('a mount that fails leaves no session, no loop device and nothing attached', async (t) => {
+  if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
   await startDaemonProcess(t, box);
   const { image, mnt } = ext4Fixture(t, box);
@@ -188,7 +192,8 @@ test('a mount that fails leaves no session, no loop device and nothing attached'
   assert.equal(sessionDirs(box).length, 1);
 });
 
-test('daemon killed with SIGKILL while mounted: the restarted daemon cleans the dead mount up, recovers the session, restore is exact', { skip: !canRun && 'needs root and /dev/fuse' }, async (t) => {
+test('daemon killed with SIGKILL while mounted: the restarted daemon cleans the dead mount up, recovers the session, restore is exact', async (t) => {
+  if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
   const daemon = await startDaemonProcess(t, box);
   const { image, mnt } = ext4Fixture(t, box);

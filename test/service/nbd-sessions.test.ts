@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { PASSWORD, restoreOnlySession, cli, makeImage, nbdUri, nbdsh, ok, sandbox, sessionDirs, sha256File, startDaemonProcess, systemPythonEnv, type Sandbox } from './helpers.js';
+import { needs } from '../helpers/needs.js';
 
 const IMAGE_BYTES = 8 << 20;
 
@@ -36,6 +37,7 @@ async function waitFor(what: string, check: () => boolean, timeoutMs = 15000): P
 }
 
 test('only registered devices are served; an inactive one gets no session but is flagged when written', async (t) => {
+  if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
   await startDaemonProcess(t, box);
   ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
@@ -73,6 +75,7 @@ test('only registered devices are served; an inactive one gets no session but is
 });
 
 test('an active export: reads leave no directory, each client attach with writes is one session', async (t) => {
+  if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
   await startDaemonProcess(t, box);
   ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
@@ -108,6 +111,7 @@ test('an active export: reads leave no directory, each client attach with writes
 });
 
 test('SIGKILL mid-session: activations kept, the session recovered as interrupted and restorable', async (t) => {
+  if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
   const daemon = await startDaemonProcess(t, box);
   ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
@@ -152,6 +156,7 @@ test('SIGKILL mid-session: activations kept, the session recovered as interrupte
 });
 
 test('SIGTERM with a client attached: requests finished, the session closed complete, exit 0', async (t) => {
+  if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
   const daemon = await startDaemonProcess(t, box);
   ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
@@ -175,6 +180,7 @@ test('SIGTERM with a client attached: requests finished, the session closed comp
 });
 
 test('daemon session options: --chunk-size sets the chunk of every session, --size-limit fails one that outgrows it, bad values are refused', async (t) => {
+  if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
   await startDaemonProcess(t, box, ['--chunk-size', '4K', '--size-limit', '64K']);
   ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);

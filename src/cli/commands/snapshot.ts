@@ -5,8 +5,7 @@
 
 import type { Command } from 'commander';
 import { withClient } from '../../service/client.js';
-import type { DaemonEvent } from '../../service/events.js';
-import type { SnapshotInfo } from '../../service/snapshots.js';
+import type { DaemonEvent, SnapshotInfo } from '../../service/control-protocol.js';
 import { parseBytes } from '../units.js';
 import { formatBytes, formatTable } from './status.js';
 

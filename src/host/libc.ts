@@ -1,0 +1,85 @@
+/**
+ * The few libc calls Node does not expose, through the `koffi` FFI package. koffi is an
+ * optional dependency: it ships prebuilt binaries in per-platform packages from the registry
+ * (nothing is downloaded or compiled at install), and where it is absent or does not load,
+ * `loadLibc()` returns undefined and each caller decides how to do without (the control
+ * server then fails closed; see src/service/peer-cred.ts).
+ *
+ * Loading is lazy and happens once: the first call pays for `dlopen` (a few milliseconds),
+ * later calls reuse the bound functions.
+ *
+ * This module imports nothing of ours, so every layer may use it.
+ */
+
+import { createRequire } from 'node:module';
+
+/** Credentials of the process on the other end of a unix socket, as the kernel recorded them at connect(). */
+export interface PeerCred {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+export interface Libc {
+  /**
+   * getsockopt(fd, SOL_SOCKET, SO_PEERCRED): the peer's pid, uid and gid, from the kernel.
+   * Throws an Error with `errno` set when the call fails (EBADF, ENOTSOCK, ENOTCONN...).
+   */
+  peerCred(fd: number): PeerCred;
+}
+
+const SOL_SOCKET = 1;
+/** SO_PEERCRED is 17 on the generic socket ABI (x86, arm, arm64, riscv); 21 on powerpc; 18 on mips. */
+const SO_PEERCRED_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
+  x64: 17, ia32: 17, arm: 17, arm64: 17, riscv64: 17, loong64: 17, s390x: 17, ppc: 21, ppc64: 21, mips: 18, mipsel: 18,
+};
+/** struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit fields. */
+const UCRED_BYTES = 12;
+
+let loaded: { libc: Libc | undefined; reason: string } | undefined;
+
+/** Why loadLibc() returned undefined, for a log line; undefined when it loaded. */
+export function libcUnavailableReason(): string | undefined {
+  loadLibc();
+  return loaded?.libc ? undefined : loaded?.reason;
+}
+
+/** The bound libc functions, or undefined where they cannot be had (not Linux, koffi missing or broken). */
+export function loadLibc(): Libc | undefined {
+  loaded ??= bind();
+  return loaded.libc;
+}
+
+function bind(): { libc: Libc | undefined; reason: string } {
+  if (process.platform !== 'linux') return { libc: undefined, reason: `SO_PEERCRED is read only on Linux (this is ${process.platform})` };
+  const soPeerCred = SO_PEERCRED_BY_ARCH[process.arch];
+  if (soPeerCred === undefined) return { libc: undefined, reason: `SO_PEERCRED is not known for ${process.arch}` };
+  let koffi: typeof import('koffi');
+  try {
+    // Synchronous and optional: a missing package or a binary that does not load is a reason, not a crash.
+    koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+  } catch (err) {
+    return { libc: undefined, reason: `the koffi package is not usable: ${(err as Error).message.split('\n')[0]}` };
+  }
+  try {
+    // `null` is the running program's own symbol table: libc is already in it, whichever libc it is.
+    const lib = koffi.load(null);
+    const getsockopt = lib.func('int getsockopt(int fd, int level, int optname, _Out_ uint8_t *optval, _Inout_ uint32_t *optlen)');
+    const libc: Libc = {
+      peerCred(fd: number): PeerCred {
+        const ucred = Buffer.alloc(UCRED_BYTES);
+        const optlen = new Uint32Array([UCRED_BYTES]);
+        const rc = getsockopt(fd, SOL_SOCKET, soPeerCred, ucred, optlen) as number;
+        if (rc !== 0) {
+          const errno = koffi.errno();
+          throw Object.assign(new Error(`getsockopt(SO_PEERCRED) on descriptor ${fd} failed (errno ${errno})`), { errno });
+        }
+        if (optlen[0] !== UCRED_BYTES) throw new Error(`getsockopt(SO_PEERCRED) returned ${optlen[0]} bytes, expected ${UCRED_BYTES}`);
+        return { pid: ucred.readInt32LE(0), uid: ucred.readUInt32LE(4), gid: ucred.readUInt32LE(8) };
+      },
+    };
+    return { libc, reason: '' };
+  } catch (err) {
+    return { libc: undefined, reason: `libc could not be bound through koffi: ${(err as Error).message}` };
+  }
+}
