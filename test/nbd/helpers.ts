@@ -7,6 +7,7 @@ import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
+import type { MetaContextSource } from '../../src/nbd/exports.js';
 import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
 import * as C from '../../src/nbd/constants.js';
 import { encodeClientFlags, encodeOption } from '../../src/nbd/encoders.js';
@@ -32,10 +33,15 @@ export function tempDir(t: TestContext, prefix = 'bdsnap-nbd-'): string {
   return dir;
 }
 
-/** A FileDevice on a temp image of `sizeBytes` (filled by `fill`), served on a fresh unix socket. */
+/**
+ * A FileDevice on a temp image of `sizeBytes` (filled by `fill`), served on a fresh unix socket,
+ * with `metaContexts` offered besides base:allocation.
+ */
 export async function serveImage(
   t: TestContext,
-  options: { sizeBytes?: number; readOnly?: boolean; fill?: (b: Buffer) => void; maxInFlightBytesPerConnection?: number } = {},
+  options: {
+    sizeBytes?: number; readOnly?: boolean; fill?: (b: Buffer) => void; maxInFlightBytesPerConnection?: number; metaContexts?: MetaContextSource[];
+  } = {},
 ): Promise<Served> {
   const dir = tempDir(t);
   const image = path.join(dir, 'disk.img');
@@ -43,7 +49,7 @@ export async function serveImage(
   options.fill?.(content);
   fs.writeFileSync(image, content);
   const device = await FileDevice.open(image, { readOnly: options.readOnly ?? false });
-  const exports = new StaticExports([{ name: image, device, description: 'test image' }]);
+  const exports = new StaticExports([{ name: image, device, description: 'test image', metaContexts: options.metaContexts }]);
   const events: Array<Record<string, unknown>> = [];
   const server = new NbdServer({ exports, log: (e) => events.push(e), maxInFlightBytesPerConnection: options.maxInFlightBytesPerConnection });
   const socketPath = path.join(dir, 'nbd.sock');
