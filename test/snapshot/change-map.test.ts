@@ -394,5 +394,10 @@ test('block size rule, and changedSince on a 1 TiB map well under a second', asy
   const ms = performance.now() - started;
   console.log(`changedSince on a 1 TiB map (${map.blocks} blocks): ${all.length} + ${recent.length} ranges in ${ms.toFixed(1)} ms`);
   assert.ok(recent.length > 1000 && all.length > recent.length);
+  const visited: ByteRange[] = [];
+  const visitStarted = performance.now();
+  map.forEachChanged(0, (offsetBytes, lengthBytes) => visited.push({ offsetBytes, lengthBytes }));
+  console.log(`forEachChanged: ${(performance.now() - visitStarted).toFixed(1)} ms`);
+  assert.deepEqual(visited, all);
   await map.close(null);
 });
