@@ -586,7 +586,11 @@ export class ChangeMap {
     return frozen;
   }
 
-  /** Start a new generation: every block counts as changed for every consumer. */
+  /**
+   * Start a new generation: every block counts as changed for every consumer. Call under the
+   * write barrier, like advance(): a write marked in the old generation and landing after the
+   * reset is not in the new one.
+   */
   async reset(reason: ChangeMapResetReason, detail: string): Promise<ChangeMapReset> {
     if (this.#closed) throw new BdsnapError('ESHUTDOWN', 'the change map is closed');
     return this.#resetSync(reason, detail);
@@ -707,9 +711,14 @@ export class ChangeMap {
     if (!batch || this.#syncing) return;
     this.#next = undefined;
     this.#syncing = batch;
-    fs.fdatasync(this.#fd, (err) => {
+    const fd = this.#fd;
+    fs.fdatasync(fd, (err) => {
       this.#syncing = undefined;
-      if (err) {
+      if (fd !== this.#fd) {
+        // A reset replaced the file meanwhile: its old fd was kept open for this sync only.
+        fs.close(fd, () => undefined);
+        batch.resolve();
+      } else if (err) {
         this.#poison(err);
         batch.reject(new BdsnapError('EIO', `the change map cannot be made durable: ${err.message}`, { cause: err }));
       } else {
@@ -736,10 +745,13 @@ export class ChangeMap {
     this.#number = 1;
     this.#entries.fill(0);
     this.#durable?.fill(0);
-    try {
-      fs.closeSync(this.#fd);
-    } catch {
-      // The old file is about to be replaced.
+    // A sync in flight on the old fd closes it when done (so its number is not reused under it).
+    if (!this.#syncing) {
+      try {
+        fs.closeSync(this.#fd);
+      } catch {
+        // The old file is about to be replaced.
+      }
     }
     this.#failure = undefined;
     this.#replaceFile();

@@ -266,6 +266,24 @@ test('strict durability: a host crash keeps the map; marks wait for the group sy
   await after.map.close(null);
 });
 
+test('strict durability: a reset while syncs are in flight leaves a working map', async (t) => {
+  const dir = tempDir(t);
+  const { map } = await ChangeMap.open({ file: path.join(dir, 'd.cbt'), deviceSizeBytes: SIZE, durability: 'strict', bootId: 'b' });
+  const before = map.mark(0, 1);
+  await new Promise((resolve) => setImmediate(resolve));
+  const during = map.mark(BLOCK, 1);
+  await map.reset('requested', 'test');
+  await Promise.all([before, during]);
+  assert.equal(map.failure, undefined, 'the new file is not poisoned by the old one\'s sync');
+  await map.mark(2 * BLOCK, 1);
+  assert.deepEqual(map.changedSince(0), [{ offsetBytes: 2 * BLOCK, lengthBytes: BLOCK }]);
+  await map.close(null);
+  const again = await ChangeMap.open({ file: path.join(dir, 'd.cbt'), deviceSizeBytes: SIZE, durability: 'strict', bootId: 'b' });
+  assert.equal(again.reset, null);
+  assert.deepEqual(again.map.changedSince(0), [{ offsetBytes: 2 * BLOCK, lengthBytes: BLOCK }]);
+  await again.map.close(null);
+});
+
 function stampOf(file: string): DeviceStamp {
   const st = fs.statSync(file, { bigint: true });
   return { sizeBytes: Number(st.size), mtimeNs: st.mtimeNs.toString() };
