@@ -133,6 +133,8 @@ test('nbdinfo --map=qemu:dirty-bitmap:...: the changed extents equal changedSinc
   const uri = nbdUri(served.socketPath, served.image);
   const info = JSON.parse((await run('nbdinfo', ['--json', uri])).stdout) as { exports: Array<{ contexts?: string[] }> };
   assert.deepEqual(info.exports[0]?.contexts, [C.BASE_ALLOCATION, ...frozen.contextNames(), 'x-test:flags', 'x-test:failing', 'x-test:empty']);
+  const listed = JSON.parse((await run('nbdinfo', ['--list', '--json', uri])).stdout) as { exports: Array<{ 'export-name': string; contexts?: string[] }> };
+  assert.deepEqual(listed.exports.find((e) => e['export-name'] === served.image)?.contexts, info.exports[0]?.contexts, 'nbdinfo --list shows them too');
   for (const since of [1, 3, 4]) {
     const name = dirtyBitmapContextName(frozen.generation, since);
     const out = await run('nbdinfo', [`--map=${name}`, '--json', uri]);
