@@ -666,7 +666,7 @@ export class ServerConnection {
   async #blockStatus(device: BlockDevice, r: RequestMessage): Promise<void> {
     const { offsetBytes, lengthBytes, cookieHi, cookieLo, flags } = r;
     const reqOne = (flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
-    const chunks = await Promise.all(this.#activeContexts.map(async (c) => {
+    const contextExtents = async (c: ActiveContext): Promise<Array<{ length: number; flags: number }>> => {
       if (c.source === undefined) throw new BdsnapError('EIO', `metadata context ${c.name} is no longer offered by this export`);
       if (c.source === 'base') {
         const extents = await device.extents(offsetBytes, lengthBytes);
@@ -674,10 +674,13 @@ export class ServerConnection {
           (f) => (f & EXTENT_HOLE ? C.NBD_STATE_HOLE : 0) | (f & EXTENT_ZERO ? C.NBD_STATE_ZERO : 0));
       }
       return clipExtents(await c.source.extents(offsetBytes, lengthBytes), lengthBytes, reqOne, c.name, (f) => f >>> 0);
-    }));
+    };
+    const active = this.#activeContexts;
+    // qemu asks with one context before nearly every read: no Promise.all for that case.
+    const chunks = active.length === 1 ? [await contextExtents(active[0]!)] : await Promise.all(active.map(contextExtents));
     const last = chunks.length - 1;
     const replies = chunks.map((extents, i) =>
-      encodeBlockStatus(cookieHi, cookieLo, this.#activeContexts[i]!.id, extents, i === last ? C.NBD_REPLY_FLAG_DONE : 0));
+      encodeBlockStatus(cookieHi, cookieLo, active[i]!.id, extents, i === last ? C.NBD_REPLY_FLAG_DONE : 0));
     this.#send(replies.length === 1 ? replies[0]! : Buffer.concat(replies));
   }
 
