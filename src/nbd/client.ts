@@ -3,8 +3,9 @@
  * interface (the singlefilefs reader, tests, copy tools) can run over the wire.
  *
  * Handshake: fixed newstyle, NBD_OPT_STRUCTURED_REPLY (unless disabled), SET_META_CONTEXT
- * base:allocation, then NBD_OPT_GO asking for block sizes; a server without GO gets
- * NBD_OPT_EXPORT_NAME. Then any number of requests in flight, matched to replies by cookie;
+ * base:allocation plus the contexts asked for in `metaContexts`, then NBD_OPT_GO asking for
+ * block sizes; a server without GO gets NBD_OPT_EXPORT_NAME. listMetaContexts() asks a server
+ * what an export offers without entering transmission. Then any number of requests in flight, matched to replies by cookie;
  * a reply's errno becomes a BdsnapError with the matching code. A protocol error from the
  * server fails every pending request and closes the connection.
  */
@@ -27,12 +28,20 @@ export interface NbdClientOptions {
   exportName?: string;
   /** Negotiate structured replies (and base:allocation). Default true. */
   structuredReplies?: boolean;
+  /**
+   * Metadata contexts to select besides base:allocation (e.g. 'qemu:dirty-bitmap:...'); those
+   * the server does not offer are simply not available (see contextAvailable()).
+   */
+  metaContexts?: string[];
 }
 
 /** What a request returned: READ data, or BLOCK_STATUS extents (NBD_STATE_* flags). */
 export interface NbdReply {
   data?: Buffer;
+  /** BLOCK_STATUS: the base:allocation chunk (or the only chunk). */
   extents?: Extent[];
+  /** BLOCK_STATUS: every chunk, by metadata context id. */
+  contexts?: Map<number, Extent[]>;
   /** READ replies: how many chunks were holes (structured replies only). */
   holeChunks?: number;
 }
@@ -42,7 +51,7 @@ interface Pending {
   offsetBytes: number;
   lengthBytes: number;
   data: Buffer | undefined;
-  extents: Extent[] | undefined;
+  contexts: Map<number, Extent[]> | undefined;
   holeChunks: number;
   error: BdsnapError | undefined;
   resolve: (reply: NbdReply) => void;
@@ -76,7 +85,11 @@ export class NbdClient implements BlockDevice {
   #transmissionFlags = 0;
   #blockSizes: BlockSizes = DEFAULT_BLOCK_SIZES;
   #structured = false;
+  /** Id of base:allocation, when selected. */
   #metaContextId: number | undefined;
+  /** Every selected context (base:allocation included): name -> id. */
+  #contextIds = new Map<string, number>();
+  #contextNames = new Map<number, string>();
   #pending = new Map<number, Pending>();
   #nextCookie = 1;
   #failure: BdsnapError | undefined;
@@ -104,6 +117,17 @@ export class NbdClient implements BlockDevice {
 
   /** Connect and negotiate. Errors: ENOENT (no socket or unknown export), EPROTO, EIO. */
   static async connect(options: NbdClientOptions): Promise<NbdClient> {
+    const client = await NbdClient.#open(options);
+    try {
+      await client.#handshake(options.exportName ?? '', options.structuredReplies ?? true, options.metaContexts ?? []);
+    } catch (err) {
+      client.#socket.destroy();
+      throw err;
+    }
+    return client;
+  }
+
+  static async #open(options: NbdClientOptions): Promise<NbdClient> {
     let socket: net.Socket;
     if (options.socketPath !== undefined) socket = net.connect(options.socketPath);
     else if (options.port !== undefined) socket = net.connect({ host: options.host ?? '127.0.0.1', port: options.port, noDelay: true });
@@ -115,14 +139,35 @@ export class NbdClient implements BlockDevice {
         reject(new BdsnapError(code, `cannot connect to the NBD server: ${err.message}`, { cause: err }));
       });
     });
-    const client = new NbdClient(socket);
+    return new NbdClient(socket);
+  }
+
+  /**
+   * The metadata contexts the server offers for `options.exportName` (NBD_OPT_LIST_META_CONTEXT),
+   * without entering transmission: connect, ask, NBD_OPT_ABORT. No query lists everything;
+   * bdsnap also takes a prefix ending in ':' ('qemu:dirty-bitmap:'). Errors as connect(), and
+   * ENOTSUP when the server has no structured replies or metadata contexts.
+   */
+  static async listMetaContexts(options: NbdClientOptions, queries: readonly string[] = []): Promise<string[]> {
+    const client = await NbdClient.#open(options);
     try {
-      await client.#handshake(options.exportName ?? '', options.structuredReplies ?? true);
-    } catch (err) {
-      socket.destroy();
-      throw err;
+      await client.#greet();
+      if ((await client.#option(C.NBD_OPT_STRUCTURED_REPLY)).type !== C.NBD_REP_ACK) {
+        throw new BdsnapError('ENOTSUP', 'the server does not support structured replies, so it has no metadata contexts');
+      }
+      const exportName = options.exportName ?? '';
+      const replies = await client.#optionList(C.NBD_OPT_LIST_META_CONTEXT, encodeMetaContextData(exportName, queries));
+      const last = replies[replies.length - 1]!;
+      if (last.type === C.NBD_REP_ERR_UNSUP) throw new BdsnapError('ENOTSUP', 'the server does not support metadata contexts');
+      if (last.type !== C.NBD_REP_ACK) throw optionError(C.NBD_OPT_LIST_META_CONTEXT, last, exportName);
+      const names: string[] = [];
+      for (const r of replies) if (r.type === C.NBD_REP_META_CONTEXT && r.data.length >= 4) names.push(r.data.toString('utf8', 4));
+      await client.#option(C.NBD_OPT_ABORT).catch(() => undefined);
+      return names;
+    } finally {
+      client.#socket.destroy();
+      await client.#closePromise;
     }
-    return client;
   }
 
   get exportName(): string {
@@ -157,13 +202,22 @@ export class NbdClient implements BlockDevice {
   get blockStatusAvailable(): boolean {
     return this.#metaContextId !== undefined;
   }
+  /** Names of the metadata contexts selected for this connection. */
+  get metaContexts(): string[] {
+    return [...this.#contextIds.keys()];
+  }
+  /** The server offered and selected this context: blockStatusContext() can read it. */
+  contextAvailable(name: string): boolean {
+    return this.#contextIds.has(name);
+  }
   get requestsInFlight(): number {
     return this.#pending.size;
   }
 
   // ---- handshake ----
 
-  async #handshake(exportName: string, wantStructured: boolean): Promise<void> {
+  /** Greeting and client flags; returns whether NO_ZEROES was agreed. */
+  async #greet(): Promise<boolean> {
     const greeting = await this.#nextMessage();
     if (greeting.kind !== 'greeting') throw new BdsnapError('EPROTO', 'expected the server greeting');
     if ((greeting.handshakeFlags & C.NBD_FLAG_FIXED_NEWSTYLE) === 0) {
@@ -171,16 +225,28 @@ export class NbdClient implements BlockDevice {
     }
     const noZeroes = (greeting.handshakeFlags & C.NBD_FLAG_NO_ZEROES) !== 0;
     this.#socket.write(encodeClientFlags(C.NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? C.NBD_FLAG_C_NO_ZEROES : 0)));
+    return noZeroes;
+  }
 
+  async #handshake(exportName: string, wantStructured: boolean, extraContexts: readonly string[]): Promise<void> {
+    const noZeroes = await this.#greet();
     if (wantStructured) {
       const reply = await this.#option(C.NBD_OPT_STRUCTURED_REPLY);
       this.#structured = reply.type === C.NBD_REP_ACK;
     }
     if (this.#structured) {
-      const replies = await this.#optionList(C.NBD_OPT_SET_META_CONTEXT, encodeMetaContextData(exportName, [C.BASE_ALLOCATION]));
-      for (const r of replies) {
-        if (r.type === C.NBD_REP_META_CONTEXT && r.data.length >= 4 && r.data.toString('utf8', 4) === C.BASE_ALLOCATION) {
-          this.#metaContextId = r.data.readUInt32BE(0);
+      const queries = [C.BASE_ALLOCATION, ...extraContexts.filter((n) => n !== C.BASE_ALLOCATION)];
+      const replies = await this.#optionList(C.NBD_OPT_SET_META_CONTEXT, encodeMetaContextData(exportName, queries));
+      // An error reply selects nothing (the server may not know metadata contexts at all).
+      if (replies[replies.length - 1]!.type === C.NBD_REP_ACK) {
+        for (const r of replies) {
+          if (r.type !== C.NBD_REP_META_CONTEXT || r.data.length < 4) continue;
+          const id = r.data.readUInt32BE(0);
+          const name = r.data.toString('utf8', 4);
+          if (!queries.includes(name) || this.#contextNames.has(id)) throw new BdsnapError('EPROTO', `the server selected an unexpected metadata context "${name}" (id ${id})`);
+          this.#contextIds.set(name, id);
+          this.#contextNames.set(id, name);
+          if (name === C.BASE_ALLOCATION) this.#metaContextId = id;
         }
       }
     }
@@ -195,7 +261,10 @@ export class NbdClient implements BlockDevice {
       this.#size = info.sizeBytes;
       this.#transmissionFlags = info.transmissionFlags;
       this.#exportName = exportName;
+      // BLOCK_STATUS needs GO in the spec's reading of "the export selected": drop them.
       this.#metaContextId = undefined;
+      this.#contextIds.clear();
+      this.#contextNames.clear();
     } else {
       if (last.type !== C.NBD_REP_ACK) throw optionError(C.NBD_OPT_GO, last, exportName);
       this.#exportName = exportName;
@@ -304,7 +373,8 @@ export class NbdClient implements BlockDevice {
     if ((m.flags & C.NBD_REPLY_FLAG_DONE) === 0) return;
     this.#pending.delete(m.cookieLo);
     if (p.error) p.reject(p.error);
-    else p.resolve({ data: p.data, extents: p.extents, holeChunks: p.type === C.NBD_CMD_READ ? p.holeChunks : undefined });
+    else if (p.type === C.NBD_CMD_BLOCK_STATUS) p.resolve(this.#blockStatusReply(p));
+    else p.resolve({ data: p.data, holeChunks: p.type === C.NBD_CMD_READ ? p.holeChunks : undefined });
   }
 
   /** Fold one structured chunk into the pending request; returns a problem description or undefined. */
@@ -340,14 +410,24 @@ export class NbdClient implements BlockDevice {
       }
       case C.NBD_REPLY_TYPE_BLOCK_STATUS: {
         if (p.type !== C.NBD_CMD_BLOCK_STATUS || b.length < 12 || (b.length - 4) % 8 !== 0) return 'unexpected BLOCK_STATUS chunk';
+        const id = b.readUInt32BE(0);
+        if (!this.#contextNames.has(id)) return `BLOCK_STATUS chunk for context id ${id}, which was not selected`;
+        p.contexts ??= new Map();
+        if (p.contexts.has(id)) return `two BLOCK_STATUS chunks for context id ${id}`;
         const extents: Extent[] = [];
         for (let at = 4; at < b.length; at += 8) extents.push({ length: b.readUInt32BE(at), flags: b.readUInt32BE(at + 4) });
-        p.extents = extents;
+        p.contexts.set(id, extents);
         return undefined;
       }
       default:
         return `unknown reply chunk type ${m.type}`;
     }
+  }
+
+  #blockStatusReply(p: Pending): NbdReply {
+    const contexts = p.contexts ?? new Map<number, Extent[]>();
+    const base = this.#metaContextId === undefined ? undefined : contexts.get(this.#metaContextId);
+    return { contexts, extents: base ?? (contexts.size === 1 ? [...contexts.values()][0] : undefined) };
   }
 
   #protocolFailure(message: string): void {
@@ -381,7 +461,7 @@ export class NbdClient implements BlockDevice {
       this.#pending.set(cookie, {
         type, offsetBytes, lengthBytes,
         data: expectsData ? Buffer.alloc(lengthBytes) : undefined,
-        extents: undefined, holeChunks: 0, error: undefined, resolve, reject,
+        contexts: undefined, holeChunks: 0, error: undefined, resolve, reject,
       });
       const s = this.#socket;
       const header = encodeRequest(flags, type, 0, cookie, offsetBytes, lengthBytes);
@@ -428,6 +508,21 @@ export class NbdClient implements BlockDevice {
     if (this.#metaContextId === undefined) return [{ length: lengthBytes, flags: 0 }];
     const reply = await this.request(C.NBD_CMD_BLOCK_STATUS, 0, offsetBytes, lengthBytes);
     return reply.extents ?? [];
+  }
+
+  /**
+   * Extents of one selected metadata context (e.g. a qemu:dirty-bitmap), contiguous from
+   * `offsetBytes`; the server may cover less than asked, so callers loop. `reqOne`: ask for a
+   * single extent. Errors: ENOTSUP when the context was not selected, EPROTO when the server's
+   * reply has no chunk for it.
+   */
+  async blockStatusContext(name: string, offsetBytes: number, lengthBytes: number, options: { reqOne?: boolean } = {}): Promise<Extent[]> {
+    const id = this.#contextIds.get(name);
+    if (id === undefined) throw new BdsnapError('ENOTSUP', `metadata context "${name}" is not available on this connection`);
+    const reply = await this.request(C.NBD_CMD_BLOCK_STATUS, options.reqOne ? C.NBD_CMD_FLAG_REQ_ONE : 0, offsetBytes, lengthBytes);
+    const extents = reply.contexts?.get(id);
+    if (!extents) throw new BdsnapError('EPROTO', `the server's block status reply has no chunk for "${name}"`);
+    return extents;
   }
 
   /** NBD_CMD_DISC after the requests in flight, then close. */

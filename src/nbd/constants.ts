@@ -128,7 +128,7 @@ export const NBD_EOVERFLOW = 75;
 export const NBD_ENOTSUP = 95;
 export const NBD_ESHUTDOWN = 108;
 
-/** The only metadata context bdsnap offers. */
+/** The metadata context every export offers; others come from the export (ExportHandle.metaContexts). */
 export const BASE_ALLOCATION = 'base:allocation';
 
 // Sizes of fixed parts, in bytes.
@@ -143,5 +143,7 @@ export const OPTION_REPLY_HEADER_BYTES = 20;
 export const NBD_MAX_STRING_BYTES = 4096;
 /** Largest option payload accepted; bigger ones are skipped and refused with ERR_TOO_BIG. */
 export const MAX_OPTION_PAYLOAD_BYTES = 64 * 1024;
+/** Most metadata contexts one NBD_OPT_SET_META_CONTEXT may select (more: NBD_REP_ERR_TOO_BIG). */
+export const MAX_SELECTED_META_CONTEXTS = 256;
 /** Largest READ/WRITE payload (the spec's interoperable maximum, 2^25). */
 export const MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;

@@ -12,10 +12,25 @@ export interface ExportHandle {
   readonly description?: string;
   /** What the connection reads and writes; may be a stack of layers. */
   readonly device: BlockDevice;
-  /** Metadata contexts offered besides base:allocation (e.g. qemu:dirty-bitmap:...). */
-  readonly metaContexts?: MetaContextSource[];
+  /**
+   * Metadata contexts offered besides base:allocation (which is always offered), e.g. a
+   * snapshot image's `qemu:dirty-bitmap:...` change maps. Names must be distinct, of the form
+   * `namespace:leaf`, and not `base:allocation`.
+   */
+  readonly metaContexts?: readonly MetaContextSource[];
   /** Called exactly once, when the connection that opened the handle is done with it. */
   release(): Promise<void>;
+}
+
+/** One metadata context an export offers for NBD_CMD_BLOCK_STATUS. */
+export interface MetaContextSource {
+  /** Full name, e.g. 'qemu:dirty-bitmap:3fa2c1d0:4'. */
+  readonly name: string;
+  /**
+   * Status from `offsetBytes`: at least one extent, contiguous, covering at most `lengthBytes`
+   * (more is cut off), each with a non-zero length; `flags` as the context defines them.
+   */
+  extents(offsetBytes: number, lengthBytes: number): Promise<Array<{ length: number; flags: number }>>;
 }
 
 export interface ExportProvider {
@@ -30,10 +45,3 @@ export interface ExportProvider {
   open(name: string, purpose: 'info' | 'go'): Promise<ExportHandle | undefined>;
 }
 
-/** A metadata context an export offers besides base:allocation. */
-export interface MetaContextSource {
-  /** The full name, e.g. 'qemu:dirty-bitmap:3fa2c1d0:4'. */
-  readonly name: string;
-  /** Status from `offsetBytes`: contiguous extents covering at most `lengthBytes`. */
-  extents(offsetBytes: number, lengthBytes: number): Promise<Array<{ length: number; flags: number }>>;
-}

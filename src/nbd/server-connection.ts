@@ -23,7 +23,7 @@
 import type net from 'node:net';
 import { WIRE_ERRNO, toBdsnapError, BdsnapError } from '../errors.js';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
-import type { ExportHandle, ExportProvider } from './exports.js';
+import type { ExportHandle, ExportProvider, MetaContextSource } from './exports.js';
 import type { BufferPool } from '../device/buffer-pool.js';
 import { RequestDecoder, type ClientMessage, type OptionMessage, type RequestMessage } from './request-decoder.js';
 import * as C from './constants.js';
@@ -36,7 +36,7 @@ import {
 
 export type LogFn = (event: Record<string, unknown>) => void;
 
-/** The id given to base:allocation by NBD_OPT_SET_META_CONTEXT. */
+/** The id given to base:allocation by NBD_OPT_SET_META_CONTEXT; other contexts get 2, 3, ... */
 const BASE_ALLOCATION_ID = 1;
 /** Most descriptors in one BLOCK_STATUS chunk (the spec's recommended ceiling). */
 const MAX_EXTENTS_PER_REPLY = 1 << 20;
@@ -51,6 +51,19 @@ type State = 'handshake' | 'transmission' | 'closing' | 'closed';
 interface Refusal {
   errno: number;
   message: string;
+}
+
+/** A context chosen by NBD_OPT_SET_META_CONTEXT, by name until the export is opened. */
+interface SelectedContext {
+  id: number;
+  name: string;
+}
+
+/** A selected context of the export in use: base:allocation, another source, or one gone since. */
+interface ActiveContext {
+  id: number;
+  name: string;
+  source: 'base' | MetaContextSource | undefined;
 }
 
 /** True when buf[start..] is all zero bytes (memcmp against a shared zero buffer). */
@@ -74,9 +87,11 @@ export class ServerConnection {
 
   #noZeroes = false;
   #structured = false;
-  /** Export name that base:allocation was last selected for, if any. */
+  /** Export name and contexts of the last successful NBD_OPT_SET_META_CONTEXT, if any. */
   #metaContextExport: string | undefined;
-  #blockStatusEnabled = false;
+  #selectedContexts: SelectedContext[] = [];
+  /** The selected contexts, resolved against the export at GO; empty = no BLOCK_STATUS. */
+  #activeContexts: ActiveContext[] = [];
 
   #handle: ExportHandle | undefined;
   #device: BlockDevice | undefined;
@@ -328,7 +343,7 @@ export class ServerConnection {
         return;
       case C.NBD_OPT_LIST_META_CONTEXT:
       case C.NBD_OPT_SET_META_CONTEXT:
-        this.#metaContext(option, data);
+        await this.#metaContext(option, data);
         return;
       case C.NBD_OPT_INFO:
       case C.NBD_OPT_GO:
@@ -356,23 +371,67 @@ export class ServerConnection {
     this.#send(encodeExportNameReply(this.#sizeBytes, this.#transmissionFlags(handle.device), this.#noZeroes));
   }
 
-  #metaContext(option: number, data: Buffer): void {
+  /**
+   * LIST_META_CONTEXT and SET_META_CONTEXT. An export offers base:allocation and the contexts
+   * of its handle. LIST: no query lists everything; a query is an exact name or, when it ends
+   * with a colon, a prefix ('base:', 'qemu:', 'qemu:dirty-bitmap:'). SET: exact names only
+   * (a prefix selects nothing, as the spec asks); each selected context gets its own id.
+   */
+  async #metaContext(option: number, data: Buffer): Promise<void> {
     const setting = option === C.NBD_OPT_SET_META_CONTEXT;
     // SET replaces the previous selection even when it fails.
-    if (setting) this.#metaContextExport = undefined;
+    if (setting) {
+      this.#metaContextExport = undefined;
+      this.#selectedContexts = [];
+    }
     if (!this.#structured) return this.#optionInvalid(option, 'negotiate structured replies first');
     const parsed = parseMetaContextData(data);
     if (typeof parsed === 'string') return this.#optionInvalid(option, parsed);
     const { exportName, queries } = parsed;
+    const offered = await this.#offeredContexts(exportName, queries);
+    let names: string[];
     if (setting) {
-      if (queries.includes(C.BASE_ALLOCATION)) {
-        this.#metaContextExport = exportName;
-        this.#send(encodeOptionReply(option, C.NBD_REP_META_CONTEXT, encodeRepMetaContext(BASE_ALLOCATION_ID, C.BASE_ALLOCATION)));
+      const wanted = new Set(queries);
+      names = offered.filter((name) => wanted.has(name));
+      if (names.length > C.MAX_SELECTED_META_CONTEXTS) {
+        this.#send(encodeOptionError(option, C.NBD_REP_ERR_TOO_BIG, `at most ${C.MAX_SELECTED_META_CONTEXTS} metadata contexts can be selected`));
+        return;
       }
-    } else if (queries.length === 0 || queries.some((q) => q === 'base:' || q === C.BASE_ALLOCATION)) {
-      this.#send(encodeOptionReply(option, C.NBD_REP_META_CONTEXT, encodeRepMetaContext(0, C.BASE_ALLOCATION)));
+      let nextId = BASE_ALLOCATION_ID + 1;
+      this.#selectedContexts = names.map((name) => ({ id: name === C.BASE_ALLOCATION ? BASE_ALLOCATION_ID : nextId++, name }));
+      this.#metaContextExport = exportName;
+      for (const c of this.#selectedContexts) this.#send(encodeOptionReply(option, C.NBD_REP_META_CONTEXT, encodeRepMetaContext(c.id, c.name)));
+    } else {
+      names = queries.length === 0 ? offered : offered.filter((name) => queries.some((q) => contextMatches(q, name)));
+      // The id in a LIST reply is reserved: zero.
+      for (const name of names) this.#send(encodeOptionReply(option, C.NBD_REP_META_CONTEXT, encodeRepMetaContext(0, name)));
     }
     this.#send(encodeOptionReply(option, C.NBD_REP_ACK));
+  }
+
+  /**
+   * Names of the contexts `exportName` offers. The export is opened (for 'info') only when a
+   * query can concern more than base:allocation; an unknown or refused export offers only
+   * base:allocation here, and NBD_OPT_GO then says what is wrong with it.
+   */
+  async #offeredContexts(exportName: string, queries: string[]): Promise<string[]> {
+    const names = [C.BASE_ALLOCATION];
+    if (queries.length > 0 && queries.every((q) => q.startsWith('base:'))) return names;
+    let handle: ExportHandle | undefined;
+    try {
+      handle = await this.#exports.open(exportName, 'info');
+    } catch {
+      return names;
+    }
+    if (!handle) return names;
+    try {
+      for (const source of handle.metaContexts ?? []) {
+        if (source.name !== C.BASE_ALLOCATION && !names.includes(source.name)) names.push(source.name);
+      }
+    } finally {
+      await handle.release();
+    }
+    return names;
   }
 
   async #infoOrGo(option: number, data: Buffer): Promise<void> {
@@ -440,7 +499,13 @@ export class ServerConnection {
     this.#sizeBytes = handle.device.size;
     this.#minimumBlockBytes = Math.max(1, handle.device.blockSizes.minimum);
     this.#maximumPayloadBytes = Math.min(handle.device.blockSizes.maximum, C.MAX_PAYLOAD_BYTES);
-    this.#blockStatusEnabled = this.#structured && this.#metaContextExport === requestedName;
+    const selected = this.#structured && this.#metaContextExport === requestedName ? this.#selectedContexts : [];
+    this.#activeContexts = selected.map((c) => ({
+      id: c.id,
+      name: c.name,
+      // A context that vanished between SET and GO keeps its id and answers EIO.
+      source: c.name === C.BASE_ALLOCATION ? 'base' : handle.metaContexts?.find((m) => m.name === c.name),
+    }));
     this.#decoder.setPhase('transmission');
     this.#state = 'transmission';
     this.#log?.({ event: 'export-opened', connection: this.id, export: handle.name, structured: this.#structured });
@@ -516,7 +581,7 @@ export class ServerConnection {
     if (r.payloadSkipped || ((type === C.NBD_CMD_READ || type === C.NBD_CMD_WRITE) && lengthBytes > this.#maximumPayloadBytes)) {
       return { errno: C.NBD_EINVAL, message: `length ${lengthBytes} exceeds the maximum payload of ${this.#maximumPayloadBytes} bytes` };
     }
-    if (type === C.NBD_CMD_BLOCK_STATUS && !this.#blockStatusEnabled) {
+    if (type === C.NBD_CMD_BLOCK_STATUS && this.#activeContexts.length === 0) {
       return { errno: C.NBD_EINVAL, message: 'no metadata context was selected for this export' };
     }
     const endBytes = offsetBytes + lengthBytes;
@@ -597,21 +662,26 @@ export class ServerConnection {
     this.#send(buf, true);
   }
 
+  /** One BLOCK_STATUS chunk per selected context, sent together once all are in hand. */
   async #blockStatus(device: BlockDevice, r: RequestMessage): Promise<void> {
     const { offsetBytes, lengthBytes, cookieHi, cookieLo, flags } = r;
-    const extents = await device.extents(offsetBytes, lengthBytes);
-    const out: Array<{ length: number; flags: number }> = [];
-    let covered = 0;
-    for (const e of extents) {
-      if (!Number.isSafeInteger(e.length) || e.length <= 0) throw new BdsnapError('EIO', `device returned a bad extent length ${e.length}`);
-      const length = Math.min(e.length, lengthBytes - covered);
-      if (length <= 0) break;
-      out.push({ length, flags: (e.flags & EXTENT_HOLE ? C.NBD_STATE_HOLE : 0) | (e.flags & EXTENT_ZERO ? C.NBD_STATE_ZERO : 0) });
-      covered += length;
-      if ((flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0 || out.length === MAX_EXTENTS_PER_REPLY) break;
-    }
-    if (out.length === 0) throw new BdsnapError('EIO', 'device returned no extents');
-    this.#send(encodeBlockStatus(cookieHi, cookieLo, BASE_ALLOCATION_ID, out));
+    const reqOne = (flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
+    const contextExtents = async (c: ActiveContext): Promise<Array<{ length: number; flags: number }>> => {
+      if (c.source === undefined) throw new BdsnapError('EIO', `metadata context ${c.name} is no longer offered by this export`);
+      if (c.source === 'base') {
+        const extents = await device.extents(offsetBytes, lengthBytes);
+        return clipExtents(extents, lengthBytes, reqOne, c.name,
+          (f) => (f & EXTENT_HOLE ? C.NBD_STATE_HOLE : 0) | (f & EXTENT_ZERO ? C.NBD_STATE_ZERO : 0));
+      }
+      return clipExtents(await c.source.extents(offsetBytes, lengthBytes), lengthBytes, reqOne, c.name, (f) => f >>> 0);
+    };
+    const active = this.#activeContexts;
+    // qemu asks with one context before nearly every read: no Promise.all for that case.
+    const chunks = active.length === 1 ? [await contextExtents(active[0]!)] : await Promise.all(active.map(contextExtents));
+    const last = chunks.length - 1;
+    const replies = chunks.map((extents, i) =>
+      encodeBlockStatus(cookieHi, cookieLo, active[i]!.id, extents, i === last ? C.NBD_REPLY_FLAG_DONE : 0));
+    this.#send(replies.length === 1 ? replies[0]! : Buffer.concat(replies));
   }
 
   #replyError(r: RequestMessage, errno: number, message: string): void {
@@ -621,11 +691,39 @@ export class ServerConnection {
   }
 }
 
+/**
+ * The extents of one context cut to the request: contiguous from its offset, at most
+ * `lengthBytes` in all, one with REQ_ONE, at most MAX_EXTENTS_PER_REPLY. A source that gives
+ * none or a bad length is an I/O error, never a malformed reply.
+ */
+function clipExtents(
+  extents: ReadonlyArray<{ length: number; flags: number }>, lengthBytes: number, reqOne: boolean, context: string, mapFlags: (flags: number) => number,
+): Array<{ length: number; flags: number }> {
+  const out: Array<{ length: number; flags: number }> = [];
+  let covered = 0;
+  for (const e of extents) {
+    if (!Number.isSafeInteger(e.length) || e.length <= 0) throw new BdsnapError('EIO', `${context}: bad extent length ${e.length}`);
+    const length = Math.min(e.length, lengthBytes - covered);
+    if (length <= 0) break;
+    out.push({ length, flags: mapFlags(e.flags) });
+    covered += length;
+    if (reqOne || out.length === MAX_EXTENTS_PER_REPLY) break;
+  }
+  if (out.length === 0) throw new BdsnapError('EIO', `${context}: no extents`);
+  return out;
+}
+
+/** LIST_META_CONTEXT matching: the exact name, or a query ending in ':' as a prefix. */
+function contextMatches(query: string, name: string): boolean {
+  return query === name || (query.endsWith(':') && name.startsWith(query));
+}
+
 /** Parse LIST/SET_META_CONTEXT data; a string is the reason it is invalid. */
 function parseMetaContextData(data: Buffer): { exportName: string; queries: string[] } | string {
   if (data.length < 8) return 'option data too short';
   const nameBytes = data.readUInt32BE(0);
   if (nameBytes > data.length - 8) return 'export name length exceeds the option data';
+  if (nameBytes > C.NBD_MAX_STRING_BYTES) return `export name of ${nameBytes} bytes is longer than ${C.NBD_MAX_STRING_BYTES}`;
   const exportName = data.toString('utf8', 4, 4 + nameBytes);
   let at = 4 + nameBytes;
   const count = data.readUInt32BE(at);
@@ -636,6 +734,7 @@ function parseMetaContextData(data: Buffer): { exportName: string; queries: stri
     const queryBytes = data.readUInt32BE(at);
     at += 4;
     if (queryBytes > data.length - at) return 'query length exceeds the option data';
+    if (queryBytes > C.NBD_MAX_STRING_BYTES) return `query of ${queryBytes} bytes is longer than ${C.NBD_MAX_STRING_BYTES}`;
     queries.push(data.toString('utf8', at, at + queryBytes));
     at += queryBytes;
   }

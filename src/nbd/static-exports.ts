@@ -6,12 +6,14 @@
 
 import type { BlockDevice } from '../device/block-device.js';
 import { BdsnapError } from '../errors.js';
-import type { ExportHandle, ExportProvider } from './exports.js';
+import type { ExportHandle, ExportProvider, MetaContextSource } from './exports.js';
 
 export interface StaticExport {
   name: string;
   device: BlockDevice;
   description?: string;
+  /** Metadata contexts besides base:allocation. */
+  metaContexts?: MetaContextSource[];
 }
 
 export class StaticExports implements ExportProvider {
@@ -46,6 +48,7 @@ export class StaticExports implements ExportProvider {
       name: found.name,
       description: found.description,
       device: found.device,
+      metaContexts: found.metaContexts,
       release: async () => {
         if (released) return;
         released = true;

@@ -8,6 +8,7 @@ import type { BlockDevice } from '../../src/device/block-device.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
+import type { MetaContextSource } from '../../src/nbd/exports.js';
 import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
 import * as C from '../../src/nbd/constants.js';
 import { encodeClientFlags, encodeOption } from '../../src/nbd/encoders.js';
@@ -33,11 +34,14 @@ export function tempDir(t: TestContext, prefix = 'bdsnap-nbd-'): string {
   return dir;
 }
 
-/** A FileDevice on a temp image of `sizeBytes` (filled by `fill`), served on a fresh unix socket. */
+/**
+ * A FileDevice on a temp image of `sizeBytes` (filled by `fill`), served on a fresh unix socket,
+ * with `metaContexts` offered besides base:allocation.
+ */
 export async function serveImage(
   t: TestContext,
   options: {
-    sizeBytes?: number; readOnly?: boolean; fill?: (b: Buffer) => void; maxInFlightBytesPerConnection?: number;
+    sizeBytes?: number; readOnly?: boolean; fill?: (b: Buffer) => void; maxInFlightBytesPerConnection?: number; metaContexts?: MetaContextSource[];
     /** Serve a wrapper of the file device instead of the device itself. */
     wrap?: (device: FileDevice) => BlockDevice;
   } = {},
