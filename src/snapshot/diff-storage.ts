@@ -3,7 +3,9 @@
  * originals of chunks that changed on a device after the snapshot was taken, and the chunks
  * written to the snapshot's images, as append-only records (see diff-record.ts) in files
  * `<id>.<n>.diff`, file n in the n-th directory it was given (a directory added by extend()
- * gets the next file). New records always go to the newest file.
+ * gets the next file). New records always go to the newest file. `<id>.dirs` (written
+ * atomically at create and extend, in the first directory and in the one added) lists them
+ * all, so that open() finds every file from the first directory alone.
  *
  * Invariants:
  * - A record counts as stored (its append resolves true, `holds` says so) only once it and
@@ -34,7 +36,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { checkChunkSize } from './format.js';
+import { checkChunkSize, writeFileAtomic } from './format.js';
 import { ChunkTable } from './chunk-table.js';
 import { SequentialReader, StoreWriter, preadFully } from './store.js';
 import {
@@ -103,6 +105,11 @@ function stateFileName(id: string): string {
   return `${id}.state`;
 }
 
+/** Lists every directory of the storage, so that open() finds them all from any one of them. */
+function dirsFileName(id: string): string {
+  return `${id}.dirs`;
+}
+
 export class DiffStorage {
   readonly id: string;
   readonly chunkSize: number;
@@ -144,12 +151,13 @@ export class DiffStorage {
     const dirs = await checkOptions(options);
     for (const dir of new Set(dirs)) {
       const existing = await listDiffFiles(dir, options.id);
-      if (existing.length > 0 || fs.existsSync(path.join(dir, stateFileName(options.id)))) {
+      if (existing.length > 0 || [stateFileName(options.id), dirsFileName(options.id)].some((n) => fs.existsSync(path.join(dir, n)))) {
         throw new BdsnapError('EINVAL', `a difference storage named ${options.id} already exists in ${dir}`);
       }
     }
     const storage = new DiffStorage(options, dirs);
     await storage.#addFile(dirs[dirs.length - 1]!, 0, 'wx+');
+    await storage.#recordDirs([dirs[0]!]);
     storage.#checkSpace(true);
     return storage;
   }
@@ -157,12 +165,13 @@ export class DiffStorage {
   /**
    * The storage as a previous process left it (closed, killed, or after a power loss in
    * 'strict' durability): scans every file, verifies every record, cuts a torn tail and
-   * rebuilds the chunk tables. `dirs` must include every directory the storage was given
-   * (in any order). Errors: ENOENT (no files, a file missing), ECORRUPT (a bad record before
-   * the tail of a file that later files follow), EINVAL.
+   * rebuilds the chunk tables. `dirs` must include the first directory it was given (or the
+   * one extend() added last): the storage records all of its directories there and finds the
+   * others. Errors: ENOENT (no files, a directory or file missing), ECORRUPT (a bad record in
+   * a file that later files follow), EINVAL.
    */
   static async open(options: DiffStorageOptions): Promise<DiffStorage> {
-    const dirs = await checkOptions(options);
+    const dirs = await checkDirs(await recordedDirs(await checkOptions(options), options.id));
     const found: Array<{ index: number; dir: string }> = [];
     for (const dir of new Set(dirs)) for (const index of await listDiffFiles(dir, options.id)) found.push({ index, dir });
     found.sort((a, b) => a.index - b.index);
@@ -226,6 +235,7 @@ export class DiffStorage {
         if (this.#files.length >= MAX_FILES) throw new BdsnapError('EINVAL', `difference storage ${this.id} already has ${MAX_FILES} files`);
         await this.#addFile(checked!, this.#files.length, 'wx+');
         if (!this.#dirs.includes(checked!)) this.#dirs.push(checked!);
+        await this.#recordDirs([this.#dirs[0]!, checked!]);
       }
     }
     if (limitBytes !== undefined) this.#limitBytes = limitBytes;
@@ -261,7 +271,10 @@ export class DiffStorage {
   async destroy(): Promise<void> {
     await this.close();
     for (const f of this.#files) await fs.promises.rm(f.path, { force: true });
-    await fs.promises.rm(path.join(this.#dirs[0]!, stateFileName(this.id)), { force: true });
+    for (const dir of this.#dirs) {
+      await fs.promises.rm(path.join(dir, stateFileName(this.id)), { force: true });
+      await fs.promises.rm(path.join(dir, dirsFileName(this.id)), { force: true });
+    }
   }
 
   // ---- for SnapshotLayer and SnapshotImage ------------------------------------------------
@@ -418,6 +431,12 @@ export class DiffStorage {
     return new StoreWriter(fd, startBytes, { strict: this.durability === 'strict', onFailure: (reason, err) => this.#writeFailed(reason, dir, err) });
   }
 
+  /** Write the list of directories, atomically, into each of `into`. */
+  async #recordDirs(into: string[]): Promise<void> {
+    const text = `${JSON.stringify({ dirs: this.#dirs })}\n`;
+    for (const dir of new Set(into)) await writeFileAtomic(path.join(dir, dirsFileName(this.id)), text);
+  }
+
   #writeFailed(reason: string, dir: string, err: unknown): void {
     const code = (err as NodeJS.ErrnoException | undefined)?.code;
     if (code === 'ENOSPC' || code === 'EDQUOT') this.#fail('overflowed', `the disk of ${dir} is full`);
@@ -549,6 +568,31 @@ async function checkDirs(dirs: string[]): Promise<string[]> {
     if (!st.isDirectory()) throw new BdsnapError('EINVAL', `storage directory ${abs} is not a directory (ENOTDIR)`);
     out.push(abs);
   }
+  return out;
+}
+
+/** The directories recorded in any of `dirs`, in their recorded order, then the others given. */
+async function recordedDirs(dirs: string[], id: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const dir of dirs) {
+    let text: string;
+    try {
+      text = await fs.promises.readFile(path.join(dir, dirsFileName(id)), 'utf8');
+    } catch {
+      continue;
+    }
+    let recorded: unknown;
+    try {
+      recorded = (JSON.parse(text) as { dirs?: unknown }).dirs;
+    } catch (err) {
+      throw new BdsnapError('ECORRUPT', `${path.join(dir, dirsFileName(id))} is not valid JSON`, { cause: err });
+    }
+    if (!Array.isArray(recorded) || !recorded.every((d) => typeof d === 'string')) {
+      throw new BdsnapError('ECORRUPT', `${path.join(dir, dirsFileName(id))} does not list directories`);
+    }
+    for (const d of recorded as string[]) if (!out.includes(d)) out.push(d);
+  }
+  for (const dir of dirs) if (!out.includes(dir)) out.push(dir);
   return out;
 }
 
