@@ -4,8 +4,10 @@
  * written to the snapshot's images, as append-only records (see diff-record.ts) in files
  * `<id>.<n>.diff`, file n in the n-th directory it was given (a directory added by extend()
  * gets the next file). New records always go to the newest file. `<id>.dirs` (written
- * atomically at create and extend, in the first directory and in the one added) lists them
- * all, so that open() finds every file from the first directory alone.
+ * atomically at create, extend and open, in the first directory and in the newest one) lists
+ * the directories, the number of files and how many are sealed (nothing in flight for them any
+ * more), so that open() finds every file from the first directory alone and accepts a torn
+ * tail only where one can be.
  *
  * Invariants:
  * - A record counts as stored (its append resolves true, `holds` says so) only once it and
@@ -141,6 +143,8 @@ export class DiffStorage {
   #lowOnDisk = false;
   #fsCheckedAtMs = 0;
   #fsChecking = false;
+  /** extend() calls that add a directory, one after the other. */
+  #extending: Promise<void> = Promise.resolve();
 
   private constructor(options: DiffStorageOptions, dirs: string[]) {
     this.id = options.id;
@@ -164,8 +168,8 @@ export class DiffStorage {
       }
     }
     const storage = new DiffStorage(options, dirs);
-    await storage.#addFile(dirs[dirs.length - 1]!, 0, 'wx+');
-    await storage.#recordDirs([dirs[0]!]);
+    storage.#files.push(await storage.#openFile(dirs[dirs.length - 1]!, 0, 'wx+'));
+    await storage.#recordDirs([dirs[0]!], 0);
     storage.#checkSpace(true);
     return storage;
   }
@@ -176,26 +180,30 @@ export class DiffStorage {
    * rebuilds the chunk tables. `dirs` must include the first directory it was given (or the
    * one extend() added last): the storage records all of its directories there and finds the
    * others. Errors: ENOENT (no files, a directory or file missing), ECORRUPT (a bad record in
-   * a file that later files follow), EINVAL.
+   * a sealed file), EINVAL.
    */
   static async open(options: DiffStorageOptions): Promise<DiffStorage> {
-    const dirs = await checkDirs(await recordedDirs(await checkOptions(options), options.id));
+    const recorded = await readDirsFile(await checkOptions(options), options.id);
+    const dirs = await checkDirs(recorded.dirs);
     const found: Array<{ index: number; dir: string }> = [];
     for (const dir of new Set(dirs)) for (const index of await listDiffFiles(dir, options.id)) found.push({ index, dir });
     found.sort((a, b) => a.index - b.index);
     if (found.length === 0) throw new BdsnapError('ENOENT', `no difference storage named ${options.id} in ${dirs.join(', ')}`);
-    for (let i = 0; i < found.length; i++) {
-      if (found[i]!.index !== i) {
+    for (let i = 0; i < Math.max(found.length, recorded.files); i++) {
+      if (found[i]?.index !== i) {
         throw new BdsnapError('ENOENT', `difference storage ${options.id}: file ${diffFileName(options.id, i)} is missing (pass every directory it was given)`);
       }
     }
     const storage = new DiffStorage(options, dirs);
     try {
       for (const f of found) {
-        const file = await storage.#addFile(f.dir, f.index, 'r+');
-        await storage.#scan(file, f.index === found.length - 1);
+        const file = await storage.#openFile(f.dir, f.index, 'r+');
+        storage.#files.push(file);
+        await storage.#scan(file, f.index >= recorded.sealedFiles);
       }
       storage.#readStateFile();
+      // Appends go to the newest file only, so every other one is sealed now.
+      await storage.#recordDirs([dirs[0]!, found[found.length - 1]!.dir], found.length - 1);
     } catch (err) {
       await storage.#closeFiles();
       throw toBdsnapError(err);
@@ -239,15 +247,37 @@ export class DiffStorage {
     }
     if (dir !== undefined) {
       const [checked] = await checkDirs([dir]);
-      if (checked !== this.#files[this.#files.length - 1]!.dir) {
-        if (this.#files.length >= MAX_FILES) throw new BdsnapError('EINVAL', `difference storage ${this.id} already has ${MAX_FILES} files`);
-        await this.#addFile(checked!, this.#files.length, 'wx+');
-        if (!this.#dirs.includes(checked!)) this.#dirs.push(checked!);
-        await this.#recordDirs([this.#dirs[0]!, checked!]);
-      }
+      const extending = this.#extending.then(() => this.#addDir(checked!));
+      this.#extending = extending.catch(() => undefined);
+      await extending;
     }
     if (limitBytes !== undefined) this.#limitBytes = limitBytes;
     this.#checkSpace(true);
+  }
+
+  /**
+   * Switch appends to a new file in `dir`. The directory list names the new file before any
+   * record goes there (else a restart would not find acknowledged records); the previous file
+   * is sealed once the records still queued for it are written (until then a kill may leave a
+   * torn tail in it, which open() accepts for unsealed files only).
+   */
+  async #addDir(dir: string): Promise<void> {
+    const previous = this.#files[this.#files.length - 1]!;
+    if (dir === previous.dir || this.#state !== 'ok') return;
+    if (this.#files.length >= MAX_FILES) throw new BdsnapError('EINVAL', `difference storage ${this.id} already has ${MAX_FILES} files`);
+    const file = await this.#openFile(dir, this.#files.length, 'wx+');
+    const dirs = this.#dirs.includes(dir) ? this.#dirs : [...this.#dirs, dir];
+    try {
+      await this.#recordDirs([dirs[0]!, dir], previous.index, dirs, file.index + 1);
+    } catch (err) {
+      await closeAsync(file.fd).catch(() => undefined);
+      await fs.promises.rm(file.path, { force: true });
+      throw toBdsnapError(err);
+    }
+    this.#dirs = dirs;
+    this.#files.push(file);
+    await previous.writer.drain();
+    await this.#recordDirs([dirs[0]!, dir], file.index);
   }
 
   /** Whether a chunk of a device is stored (original or image). */
@@ -377,7 +407,7 @@ export class DiffStorage {
     }
   }
 
-  async #addFile(dir: string, index: number, flags: 'wx+' | 'r+'): Promise<DiffFile> {
+  async #openFile(dir: string, index: number, flags: 'wx+' | 'r+'): Promise<DiffFile> {
     const filePath = path.join(dir, diffFileName(this.id, index));
     let fd: number;
     try {
@@ -386,13 +416,11 @@ export class DiffStorage {
       const e = toBdsnapError(err);
       throw new BdsnapError(e.code === 'ENOENT' ? 'ENOENT' : e.code, `cannot open ${filePath}: ${e.message}`, { cause: err });
     }
-    const file: DiffFile = { index, dir, path: filePath, fd, writer: this.#writer(fd, dir, 0) };
-    this.#files.push(file);
-    return file;
+    return { index, dir, path: filePath, fd, writer: this.#writer(fd, dir, 0) };
   }
 
-  /** Verify the records of one file, index them, and cut a torn tail. */
-  async #scan(file: DiffFile, last: boolean): Promise<void> {
+  /** Verify the records of one file, index them, and cut a torn tail (unless the file is sealed). */
+  async #scan(file: DiffFile, mayBeTorn: boolean): Promise<void> {
     const fileBytes = fs.fstatSync(file.fd).size;
     const reader = new SequentialReader(file.fd, fileBytes);
     let position = 0;
@@ -426,9 +454,9 @@ export class DiffStorage {
       await reader.settle();
     }
     if (tornReason !== undefined) {
-      // Only the newest file was being appended to when the process died; a bad record in an
-      // older one is damage, not a torn tail.
-      if (!last) throw new BdsnapError('ECORRUPT', `${file.path} is corrupt: ${tornReason} at byte ${position}`);
+      // A sealed file had nothing in flight when the process died: a bad record there is
+      // damage, not a torn tail.
+      if (!mayBeTorn) throw new BdsnapError('ECORRUPT', `${file.path} is corrupt: ${tornReason} at byte ${position}`);
       await ftruncateAsync(file.fd, position);
     }
     this.#usedBytes += position;
@@ -439,9 +467,9 @@ export class DiffStorage {
     return new StoreWriter(fd, startBytes, { strict: this.durability === 'strict', onFailure: (reason, err) => this.#writeFailed(reason, dir, err) });
   }
 
-  /** Write the list of directories, atomically, into each of `into`. */
-  async #recordDirs(into: string[]): Promise<void> {
-    const text = `${JSON.stringify({ dirs: this.#dirs })}\n`;
+  /** Write the directory list, atomically, into each of `into`. */
+  async #recordDirs(into: string[], sealedFiles: number, dirs = this.#dirs, files = this.#files.length): Promise<void> {
+    const text = `${JSON.stringify({ dirs, files, sealedFiles })}\n`;
     for (const dir of new Set(into)) await writeFileAtomic(path.join(dir, dirsFileName(this.id)), text);
   }
 
@@ -589,28 +617,41 @@ function preadFullySync(fd: number, target: Buffer, position: number): number {
   return done;
 }
 
-/** The directories recorded in any of `dirs`, in their recorded order, then the others given. */
-async function recordedDirs(dirs: string[], id: string): Promise<string[]> {
-  const out: string[] = [];
+interface DirsFile {
+  /** Recorded directories first, in their order, then the others given. */
+  dirs: string[];
+  /** Files the storage has at least. */
+  files: number;
+  /** Files 0..sealedFiles-1 had nothing in flight any more: no torn tail is possible there. */
+  sealedFiles: number;
+}
+
+/** What the `<id>.dirs` files found in any of `dirs` say (the newest knowledge of each field). */
+async function readDirsFile(dirs: string[], id: string): Promise<DirsFile> {
+  const out: DirsFile = { dirs: [], files: 0, sealedFiles: 0 };
   for (const dir of dirs) {
+    const file = path.join(dir, dirsFileName(id));
     let text: string;
     try {
-      text = await fs.promises.readFile(path.join(dir, dirsFileName(id)), 'utf8');
+      text = await fs.promises.readFile(file, 'utf8');
     } catch {
       continue;
     }
-    let recorded: unknown;
+    let parsed: Partial<Record<keyof DirsFile, unknown>>;
     try {
-      recorded = (JSON.parse(text) as { dirs?: unknown }).dirs;
+      parsed = JSON.parse(text) as typeof parsed;
     } catch (err) {
-      throw new BdsnapError('ECORRUPT', `${path.join(dir, dirsFileName(id))} is not valid JSON`, { cause: err });
+      throw new BdsnapError('ECORRUPT', `${file} is not valid JSON`, { cause: err });
     }
-    if (!Array.isArray(recorded) || !recorded.every((d) => typeof d === 'string')) {
-      throw new BdsnapError('ECORRUPT', `${path.join(dir, dirsFileName(id))} does not list directories`);
+    const { dirs: recorded, files, sealedFiles } = parsed;
+    if (!Array.isArray(recorded) || !recorded.every((d) => typeof d === 'string') || !Number.isSafeInteger(files) || !Number.isSafeInteger(sealedFiles)) {
+      throw new BdsnapError('ECORRUPT', `${file} does not describe a difference storage`);
     }
-    for (const d of recorded as string[]) if (!out.includes(d)) out.push(d);
+    for (const d of recorded as string[]) if (!out.dirs.includes(d)) out.dirs.push(d);
+    out.files = Math.max(out.files, files as number);
+    out.sealedFiles = Math.max(out.sealedFiles, sealedFiles as number);
   }
-  for (const dir of dirs) if (!out.includes(dir)) out.push(dir);
+  for (const dir of dirs) if (!out.dirs.includes(dir)) out.dirs.push(dir);
   return out;
 }
 
