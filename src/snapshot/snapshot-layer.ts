@@ -155,9 +155,14 @@ export class SnapshotLayer implements BlockDevice {
     return this.#base.extents(offsetBytes, lengthBytes);
   }
 
-  /** Waits for requests in flight. Does not close the base (its opener does) nor the storages. */
+  /**
+   * Waits for requests in flight; held requests fail with ESHUTDOWN. Does not close the base
+   * (its opener does) nor the storages.
+   */
   close(): Promise<void> {
     this.#closing ??= (async () => {
+      this.#holds = 0;
+      for (const go of this.#held.splice(0)) go();
       await this.#inflight.idle();
       this.#spare.clear();
     })();

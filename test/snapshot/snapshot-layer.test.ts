@@ -280,7 +280,10 @@ test('with no points, writes go straight to the device; close() does not close t
   await layer.write(Buffer.alloc(100, 9), 0);
   await assert.rejects(layer.write(Buffer.alloc(1), dev.size), isError('ENOSPC'));
   assert.throws(() => new SnapshotLayer(dev, { chunkSize: 3000 }), isError('EINVAL'));
+  await layer.hold();
+  const held = layer.write(Buffer.alloc(1), 0);
   await layer.close();
+  await assert.rejects(held, isError('ESHUTDOWN'), 'a held write fails when the layer closes');
   await assert.rejects(layer.write(Buffer.alloc(1), 0), isError('ESHUTDOWN'));
   const b = Buffer.alloc(100);
   await dev.read(b, 0);
