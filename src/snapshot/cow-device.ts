@@ -36,6 +36,7 @@ import {
 import { StoreWriter } from './store.js';
 import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 import { forEachChunk } from './chunk-runs.js';
+import { InFlight, claimCopies } from './copy-claims.js';
 
 const closeAsync = promisify(fs.close);
 const ftruncateAsync = promisify(fs.ftruncate);
@@ -141,8 +142,7 @@ export class CowDevice implements BlockDevice {
   #failurePersisted: Promise<void> = Promise.resolve();
   #preservedChunks = 0;
   #preservedBytes = 0;
-  #inflight = 0;
-  #idleWaiters: Array<() => void> = [];
+  readonly #inflight = new InFlight();
   #closing: Promise<SessionSummary | undefined> | undefined;
   #syncTimer: NodeJS.Timeout | undefined;
   /** When the oldest record not yet covered by a background sync was stored (ms, monotonic). */
@@ -227,14 +227,11 @@ export class CowDevice implements BlockDevice {
   }
 
   /** The store first, then the device: an acknowledged flush covers both. */
-  async flush(): Promise<void> {
-    this.#enter();
-    try {
+  flush(): Promise<void> {
+    return this.#inflight.track(async () => {
       await this.#syncStore();
       await this.#base.flush();
-    } finally {
-      this.#leave();
-    }
+    });
   }
 
   cache(offsetBytes: number, lengthBytes: number): Promise<void> {
@@ -266,7 +263,6 @@ export class CowDevice implements BlockDevice {
   // ---- write path -----------------------------------------------------------------------
 
   #modify(offsetBytes: number, lengthBytes: number, fua: boolean, apply: () => Promise<void>): Promise<void> {
-    let p: Promise<void>;
     try {
       if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the session is closing');
       if (this.readOnly) throw new BdsnapError('EPERM', `${this.#options.devicePath} is read-only`);
@@ -279,28 +275,16 @@ export class CowDevice implements BlockDevice {
     } catch (err) {
       return Promise.reject(err);
     }
-    this.#enter();
-    try {
-      p = apply();
-    } catch (err) {
-      this.#leave();
-      return Promise.reject(err);
-    }
-    const leave = (): void => this.#leave();
-    p.then(leave, leave);
-    return p;
+    return this.#inflight.run(apply);
   }
 
   /** `copy`: some chunk may still need its original stored (decided by #modify, not walked again). */
-  async #modifyCopying(offsetBytes: number, lengthBytes: number, copy: boolean, fua: boolean, apply: () => Promise<void>): Promise<void> {
-    this.#enter();
-    try {
+  #modifyCopying(offsetBytes: number, lengthBytes: number, copy: boolean, fua: boolean, apply: () => Promise<void>): Promise<void> {
+    return this.#inflight.track(async () => {
       if (copy) await this.#preserve(offsetBytes, lengthBytes);
       if (fua) await this.#syncStore();
       await apply();
-    } finally {
-      this.#leave();
-    }
+    });
   }
 
   async #preserve(offsetBytes: number, lengthBytes: number): Promise<void> {
@@ -310,31 +294,8 @@ export class CowDevice implements BlockDevice {
     const first = Math.floor(offsetBytes / cs);
     const last = Math.floor((offsetBytes + lengthBytes - 1) / cs);
     const maxRunChunks = Math.max(1, MAX_RUN_BYTES / cs);
-    const waits: Promise<void>[] = [];
-    let runStart = -1;
-    const endRun = (endChunk: number): void => {
-      if (runStart < 0) return;
-      const p = this.#copyRun(runStart, endChunk);
-      for (let c = runStart; c <= endChunk; c++) this.#copying.set(c, p);
-      waits.push(p);
-      runStart = -1;
-    };
-    // Synchronous from here to the await below: #copying is claimed before anyone else can look.
-    for (let c = first; c <= last; c++) {
-      if (this.#preserved.has(c)) {
-        endRun(c - 1);
-        continue;
-      }
-      const inFlight = this.#copying.get(c);
-      if (inFlight) {
-        endRun(c - 1);
-        waits.push(inFlight);
-        continue;
-      }
-      if (runStart < 0) runStart = c;
-      if (c - runStart + 1 >= maxRunChunks) endRun(c);
-    }
-    endRun(last);
+    // #copying is claimed before anyone else can look.
+    const waits = claimCopies(first, last, maxRunChunks, this.#copying, (c) => !this.#preserved.has(c), (a, b) => this.#copyRun(a, b));
     if (waits.length === 1) await waits[0];
     else if (waits.length > 1) await Promise.all(waits);
   }
@@ -355,7 +316,6 @@ export class CowDevice implements BlockDevice {
       this.#preservedBytes += buf.length;
       this.#scheduleSync();
     } finally {
-      for (let c = firstChunk; c <= lastChunk; c++) this.#copying.delete(c);
       // The store has written it (or given up on it): nobody holds the buffer any more.
       if (!this.#closing) this.#spare.put(buf);
     }
@@ -476,16 +436,8 @@ export class CowDevice implements BlockDevice {
     this.#syncTimer.unref();
   }
 
-  #enter(): void {
-    this.#inflight++;
-  }
-
-  #leave(): void {
-    if (--this.#inflight === 0) for (const w of this.#idleWaiters.splice(0)) w();
-  }
-
   async #close(): Promise<SessionSummary | undefined> {
-    if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
+    await this.#inflight.idle();
     this.#spare.clear();
     if (this.#syncTimer) clearTimeout(this.#syncTimer);
     await this.#backgroundSync;

@@ -31,6 +31,7 @@ import { BufferPool } from '../device/buffer-pool.js';
 import { ChunkBitmap } from './chunk-table.js';
 import { checkChunkSize } from './format.js';
 import type { DiffStorage } from './diff-storage.js';
+import { InFlight, claimCopies } from './copy-claims.js';
 
 /** Largest run of adjacent chunks read and stored as one record (its CRC is computed inline). */
 const MAX_RUN_BYTES = 2 * 1024 * 1024;
@@ -55,8 +56,7 @@ export class SnapshotLayer implements BlockDevice {
   #holds = 0;
   #held: Array<() => void> = [];
   /** Modifying requests (and copies for image writes) between their start and their end. */
-  #inflight = 0;
-  #idleWaiters: Array<() => void> = [];
+  readonly #inflight = new InFlight();
   #closing: Promise<void> | undefined;
 
   constructor(base: BlockDevice, options: { chunkSize: number }) {
@@ -85,7 +85,7 @@ export class SnapshotLayer implements BlockDevice {
    */
   async hold(): Promise<void> {
     this.#holds++;
-    if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
+    await this.#inflight.idle();
   }
 
   /** Let the held requests go on, in the order they arrived. */
@@ -155,10 +155,15 @@ export class SnapshotLayer implements BlockDevice {
     return this.#base.extents(offsetBytes, lengthBytes);
   }
 
-  /** Waits for requests in flight. Does not close the base (its opener does) nor the storages. */
+  /**
+   * Waits for requests in flight; held requests fail with ESHUTDOWN. Does not close the base
+   * (its opener does) nor the storages.
+   */
   close(): Promise<void> {
     this.#closing ??= (async () => {
-      if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
+      this.#holds = 0;
+      for (const go of this.#held.splice(0)) go();
+      await this.#inflight.idle();
       this.#spare.clear();
     })();
     return this.#closing;
@@ -182,33 +187,16 @@ export class SnapshotLayer implements BlockDevice {
     const copy = lengthBytes > 0 && this.#needsCopy(first, last);
     if (copy || (fua && this.#points.length > 0)) return this.#modifyCopying(first, last, copy, fua, apply);
     // Nothing to copy: straight to the base, counted for hold() and close().
-    this.#inflight++;
-    let p: Promise<void>;
-    try {
-      p = apply();
-    } catch (err) {
-      this.#leave();
-      return Promise.reject(err);
-    }
-    const leave = (): void => this.#leave();
-    p.then(leave, leave);
-    return p;
+    return this.#inflight.run(apply);
   }
 
-  async #modifyCopying(first: number, last: number, copy: boolean, fua: boolean, apply: () => Promise<void>): Promise<void> {
-    this.#inflight++;
-    try {
+  #modifyCopying(first: number, last: number, copy: boolean, fua: boolean, apply: () => Promise<void>): Promise<void> {
+    return this.#inflight.track(async () => {
       if (copy) await this.preserve(first, last);
       // FUA: the originals of what this write replaces must be as durable as the write.
       if (fua) await this.#syncStorages();
       await apply();
-    } finally {
-      this.#leave();
-    }
-  }
-
-  #leave(): void {
-    if (--this.#inflight === 0) for (const w of this.#idleWaiters.splice(0)) w();
+    });
   }
 
   async #syncStorages(): Promise<void> {
@@ -230,38 +218,13 @@ export class SnapshotLayer implements BlockDevice {
    */
   async preserve(first: number, last: number): Promise<void> {
     while (this.#needsCopy(first, last)) {
-      const waits: Promise<void>[] = [];
-      let runStart = -1;
-      const endRun = (endChunk: number): void => {
-        if (runStart < 0) return;
-        const p = this.#copyRun(runStart, endChunk);
-        for (let c = runStart; c <= endChunk; c++) this.#copying.set(c, p);
-        waits.push(p);
-        runStart = -1;
-      };
-      // Synchronous from here to the await below: #copying is claimed before anyone else looks.
-      for (let c = first; c <= last; c++) {
-        const inFlight = this.#copying.get(c);
-        if (inFlight) {
-          endRun(c - 1);
-          waits.push(inFlight);
-          continue;
-        }
-        if (!this.#needsCopy(c, c)) {
-          endRun(c - 1);
-          continue;
-        }
-        if (runStart < 0) runStart = c;
-        if (c - runStart + 1 >= this.#maxRunChunks) endRun(c);
-      }
-      endRun(last);
-      await Promise.all(waits);
+      await Promise.all(claimCopies(first, last, this.#maxRunChunks, this.#copying, (c) => this.#needsCopy(c, c), (a, b) => this.#copyRun(a, b)));
     }
   }
 
   /** Read chunks first..last once and store, for each point, the parts it lacks. */
   async #copyRun(first: number, last: number): Promise<void> {
-    this.#inflight++;
+    this.#inflight.enter();
     const cs = this.chunkSize;
     const startBytes = first * cs;
     const buf = this.#spare.get(Math.min((last + 1) * cs, this.size) - startBytes);
@@ -283,10 +246,9 @@ export class SnapshotLayer implements BlockDevice {
       }
       await Promise.all(stores);
     } finally {
-      for (let c = first; c <= last; c++) this.#copying.delete(c);
       // Every storage has written the bytes (or given up on them): nobody holds the buffer.
       if (!this.#closing) this.#spare.put(buf);
-      this.#leave();
+      this.#inflight.leave();
     }
   }
 
@@ -325,8 +287,7 @@ export class SnapshotImage implements BlockDevice {
   readonly #chunkSize: number;
   /** Per-chunk tail of image writes: a partial write reads, patches and stores the whole chunk. */
   readonly #writing = new Map<number, Promise<void>>();
-  #inflight = 0;
-  #idleWaiters: Array<() => void> = [];
+  readonly #inflight = new InFlight();
   #removed = false;
 
   /** @internal Made by SnapshotLayer.addPoint. */
@@ -353,7 +314,7 @@ export class SnapshotImage implements BlockDevice {
   async shutdown(copies: Promise<void>[]): Promise<void> {
     this.#removed = true;
     await Promise.all(copies.map((p) => p.catch(() => undefined)));
-    if (this.#inflight > 0) await new Promise<void>((resolve) => this.#idleWaiters.push(resolve));
+    await this.#inflight.idle();
     this.storage.detach(this.deviceKey);
   }
 
@@ -361,7 +322,7 @@ export class SnapshotImage implements BlockDevice {
     this.#checkUsable();
     checkRange(this, offsetBytes, target.length, false);
     if (target.length === 0) return;
-    await this.#track(this.#readRange(target, offsetBytes));
+    await this.#inflight.track(() => this.#readRange(target, offsetBytes));
   }
 
   write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
@@ -495,7 +456,7 @@ export class SnapshotImage implements BlockDevice {
     const cs = this.#chunkSize;
     const first = Math.floor(offsetBytes / cs);
     const last = Math.floor((offsetBytes + lengthBytes - 1) / cs);
-    this.#inflight++;
+    this.#inflight.enter();
     // Image writes of a chunk are serialised: each reads the chunk, patches it and stores it.
     const before = new Set<Promise<void>>();
     for (let c = first; c <= last; c++) {
@@ -537,7 +498,7 @@ export class SnapshotImage implements BlockDevice {
     } finally {
       for (let c = first; c <= last; c++) if (this.#writing.get(c) === mine) this.#writing.delete(c);
       done();
-      this.#leave();
+      this.#inflight.leave();
     }
   }
 
@@ -546,18 +507,5 @@ export class SnapshotImage implements BlockDevice {
   #checkUsable(): void {
     if (this.#removed) throw new BdsnapError('ESHUTDOWN', `the snapshot image (storage ${this.storage.id}, device ${this.deviceKey}) was removed`);
     this.storage.checkReadable();
-  }
-
-  async #track(p: Promise<void>): Promise<void> {
-    this.#inflight++;
-    try {
-      await p;
-    } finally {
-      this.#leave();
-    }
-  }
-
-  #leave(): void {
-    if (--this.#inflight === 0) for (const w of this.#idleWaiters.splice(0)) w();
   }
 }

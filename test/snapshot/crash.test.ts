@@ -5,35 +5,15 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { listSessions, recoverSession, restore } from '../../src/snapshot/index.js';
-import { makeImage, sha256File, tempDir } from './helpers.js';
+import { killWhileWriting, makeImage, sha256File, tempDir } from './helpers.js';
 
 const WRITER = fileURLToPath(new URL('./fixtures/crash-writer.js', import.meta.url));
 
-async function killWhileWriting(image: string, root: string, chunkSize: number, durability: string, runMs: number): Promise<string> {
-  const child = spawn(process.execPath, [WRITER, image, root, String(chunkSize), durability], {
-    env: { ...process.env, BDSNAP_CRASH_WRITER: '1' },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let out = '';
-  let err = '';
-  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-  const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_code, signal) => resolve(signal)));
-  try {
-    const deadline = Date.now() + 10000;
-    while (!out.includes('\n')) {
-      if (Date.now() > deadline || child.exitCode !== null) throw new Error(`the writer did not start: ${err}`);
-      await new Promise((r) => setTimeout(r, 10));
-    }
-    await new Promise((r) => setTimeout(r, runMs));
-  } finally {
-    child.kill('SIGKILL');
-  }
-  assert.equal(await exited, 'SIGKILL', `the writer died on its own: ${err}`);
+async function killSessionWriter(image: string, root: string, chunkSize: number, durability: string, runMs: number): Promise<string> {
+  const out = await killWhileWriting(WRITER, [image, root, String(chunkSize), durability], runMs);
   return out.split('\n')[0]!.replace(/^ready /, '');
 }
 
@@ -43,7 +23,7 @@ for (const [durability, chunkSize, runMs] of [['process', 65536, 400], ['process
     const image = makeImage(dir, 16 << 20);
     const root = path.join(dir, 'snap');
     const before = sha256File(image);
-    const sessionDir = await killWhileWriting(image, root, chunkSize, durability, runMs);
+    const sessionDir = await killSessionWriter(image, root, chunkSize, durability, runMs);
     assert.notEqual(sha256File(image), before, 'the writer changed the image');
     assert.equal((await listSessions(root))[0]?.state, 'active');
     const info = await recoverSession(sessionDir);
@@ -61,7 +41,7 @@ test('SIGKILL, then restore straight away: the never-closed session is recovered
   const image = makeImage(dir, 8 << 20);
   const root = path.join(dir, 'snap');
   const before = sha256File(image);
-  const sessionDir = await killWhileWriting(image, root, 65536, 'process', 200);
+  const sessionDir = await killSessionWriter(image, root, 65536, 'process', 200);
   const plan = await restore(sessionDir, { dryRun: true });
   assert.match(plan.warnings.join('\n'), /never closed/);
   assert.equal((await listSessions(root))[0]?.state, 'active', 'a dry run changes nothing');

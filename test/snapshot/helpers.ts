@@ -1,9 +1,11 @@
 /** Shared helpers of the snapshot tests: temp dirs, images, hashes. No tests in here. */
 
+import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import assert from 'node:assert/strict';
 import { BdsnapError, type ErrorCode } from '../../src/errors.js';
 
 export interface TestContext {
@@ -45,4 +47,29 @@ export function onlyDir(root: string): string {
   const entries = fs.readdirSync(root);
   if (entries.length !== 1) throw new Error(`expected one session directory in ${root}, found ${entries.join(', ')}`);
   return path.join(root, entries[0]!);
+}
+
+/**
+ * Run a fixture writer (it acts only with BDSNAP_CRASH_WRITER=1) until it prints its first
+ * line, let it write for `runMs`, SIGKILL it, and return what it printed.
+ */
+export async function killWhileWriting(script: string, args: string[], runMs: number): Promise<string> {
+  const child = spawn(process.execPath, [script, ...args], { env: { ...process.env, BDSNAP_CRASH_WRITER: '1' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_code, signal) => resolve(signal)));
+  try {
+    const deadline = Date.now() + 10_000;
+    while (!out.includes('\n')) {
+      if (Date.now() > deadline || child.exitCode !== null) throw new Error(`the writer did not start: ${err}`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    await new Promise((r) => setTimeout(r, runMs));
+  } finally {
+    child.kill('SIGKILL');
+  }
+  assert.equal(await exited, 'SIGKILL', `the writer died on its own: ${err}`);
+  return out;
 }

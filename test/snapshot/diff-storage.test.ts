@@ -1,0 +1,272 @@
+/**
+ * DiffStorage: limits and overflow (never harming the device), extend while writes go on,
+ * low-space events, a full disk, a torn tail cut on reopen, the state surviving a restart,
+ * strict durability, and clear errors for bad input.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { FileDevice } from '../../src/device/file-device.js';
+import { DiffStorage, SnapshotLayer, type DiffStorageEvent, type DiffStorageOptions, type SnapshotImage } from '../../src/snapshot/index.js';
+import { isError, makeImage, tempDir, type TestContext } from './helpers.js';
+
+const CHUNK = 16384;
+const HEADER = 64;
+
+interface Rig {
+  dir: string;
+  dev: FileDevice;
+  layer: SnapshotLayer;
+  model: Buffer;
+  before: Buffer;
+  storage: DiffStorage;
+  image: SnapshotImage;
+  events: DiffStorageEvent[];
+  options: DiffStorageOptions;
+}
+
+async function rig(t: TestContext, extra: Partial<DiffStorageOptions> = {}, storeDir?: string): Promise<Rig> {
+  const dir = tempDir(t);
+  const imagePath = makeImage(dir, 4 << 20);
+  const dev = await FileDevice.open(imagePath);
+  t.after(() => dev.close());
+  const layer = new SnapshotLayer(dev, { chunkSize: CHUNK });
+  const events: DiffStorageEvent[] = [];
+  const dirs = [storeDir ?? path.join(dir, 'store')];
+  fs.mkdirSync(dirs[0]!, { recursive: true });
+  const options: DiffStorageOptions = { id: 'snap-1', dirs, chunkSize: CHUNK, onEvent: (e) => events.push(e), ...extra };
+  const storage = await DiffStorage.create(options);
+  t.after(() => storage.close());
+  await layer.hold();
+  const image = layer.addPoint(storage, 0);
+  layer.release();
+  const before = fs.readFileSync(imagePath);
+  return { dir, dev, layer, model: Buffer.from(before), before, storage, image, events, options };
+}
+
+/** `count` first writes of one chunk each, at distinct chunks from `firstChunk` on. */
+async function writeChunks(r: Rig, firstChunk: number, count: number): Promise<void> {
+  for (let i = 0; i < count; i++) {
+    const data = randomBytes(CHUNK);
+    await r.layer.write(data, (firstChunk + i) * CHUNK);
+    data.copy(r.model, (firstChunk + i) * CHUNK);
+  }
+}
+
+async function readAll(r: Rig): Promise<Buffer> {
+  const b = Buffer.alloc(r.dev.size);
+  await r.image.read(b, 0);
+  return b;
+}
+
+const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 50));
+
+test('a tiny limit: overflowed once, the image answers EIO, the device gets exactly what was written', { timeout: 20_000 }, async (t) => {
+  const r = await rig(t, { limitBytes: 5 * (CHUNK + HEADER) });
+  await writeChunks(r, 0, 5);
+  assert.equal(r.storage.state, 'ok');
+  assert.ok((await readAll(r)).equals(r.before));
+  await writeChunks(r, 10, 20);
+  // Rewrites and zeroes after the overflow go on too.
+  await r.layer.zero(0, 3 * CHUNK);
+  r.model.fill(0, 0, 3 * CHUNK);
+  assert.equal(r.storage.state, 'overflowed');
+  assert.match(r.storage.failedReason ?? '', /limit of 82240 bytes/);
+  assert.ok(r.storage.usage().usedBytes <= 5 * (CHUNK + HEADER));
+  await assert.rejects(r.image.read(Buffer.alloc(10), 0), isError('EIO', /overflowed: .*limit/));
+  await assert.rejects(r.image.write(Buffer.alloc(10), 0), isError('EIO', /overflowed/));
+  await assert.rejects(r.storage.extend({ limitBytes: 1 << 30 }), isError('ESESSION'));
+  await settle();
+  assert.deepEqual(r.events.filter((e) => e.type !== 'low-space').map((e) => e.type), ['overflowed'], 'one event');
+  const onDevice = Buffer.alloc(r.dev.size);
+  await r.dev.read(onDevice, 0);
+  assert.ok(onDevice.equals(r.model));
+
+  // The state survives a restart: the reopened storage is still overflowed, its image EIO.
+  const reopened = await DiffStorage.open(r.options);
+  t.after(() => reopened.close());
+  assert.equal(reopened.state, 'overflowed');
+  assert.match(reopened.failedReason ?? '', /limit/);
+  const image = new SnapshotLayer(r.dev, { chunkSize: CHUNK }).addPoint(reopened, 0);
+  await assert.rejects(image.read(Buffer.alloc(10), 0), isError('EIO'));
+});
+
+test('extend() before the limit lets the snapshot go on; a limit below what is used is EINVAL', { timeout: 20_000 }, async (t) => {
+  const r = await rig(t, { limitBytes: 10 * (CHUNK + HEADER) });
+  await writeChunks(r, 0, 9);
+  await settle();
+  const low = r.events.filter((e) => e.type === 'low-space');
+  assert.equal(low.length, 1, 'low-space once, when used passed 90% of the limit');
+  assert.equal(low[0]!.type === 'low-space' && low[0]!.limitBytes, 10 * (CHUNK + HEADER));
+  await assert.rejects(r.storage.extend({ limitBytes: 5 * (CHUNK + HEADER) }), isError('EINVAL', /below/));
+  // Writes in flight while the limit is raised.
+  const writing = writeChunks(r, 20, 30);
+  await r.storage.extend({ limitBytes: 100 * (CHUNK + HEADER) });
+  await writing;
+  assert.equal(r.storage.state, 'ok');
+  assert.equal(r.storage.usage().limitBytes, 100 * (CHUNK + HEADER));
+  assert.ok((await readAll(r)).equals(r.before));
+  await writeChunks(r, 60, 55);
+  await settle();
+  assert.equal(r.events.filter((e) => e.type === 'low-space').length, 2, 'low-space again after the next crossing');
+  assert.deepEqual(r.events.filter((e) => e.type !== 'low-space'), []);
+});
+
+test('extend() adding a directory: new records go there, reads come from both; reopen finds both from the first', { timeout: 20_000 }, async (t) => {
+  const r = await rig(t);
+  await writeChunks(r, 0, 4);
+  const second = path.join(r.dir, 'second');
+  await assert.rejects(r.storage.extend({ dir: second }), isError('ENOENT'));
+  fs.mkdirSync(second);
+  await r.storage.extend({ dir: second });
+  assert.deepEqual(r.storage.usage().dirs, [path.join(r.dir, 'store'), second]);
+  await writeChunks(r, 4, 4);
+  await r.image.write(Buffer.alloc(100, 0x42), CHUNK + 1); // an image record in the new file supersedes the old one
+  const expected = Buffer.from(r.before);
+  expected.fill(0x42, CHUNK + 1, CHUNK + 101);
+  assert.ok((await readAll(r)).equals(expected));
+  assert.equal(fs.statSync(path.join(second, 'snap-1.1.diff')).size, 5 * (CHUNK + HEADER));
+  assert.equal(fs.statSync(path.join(r.dir, 'store', 'snap-1.0.diff')).size, 4 * (CHUNK + HEADER));
+
+  // The storage records its directories: the first one is enough to find them all again.
+  const reopened = await DiffStorage.open(r.options);
+  assert.deepEqual(reopened.usage().dirs, [path.join(r.dir, 'store'), second]);
+  t.after(() => reopened.close());
+  const image = new SnapshotLayer(r.dev, { chunkSize: CHUNK }).addPoint(reopened, 0);
+  const b = Buffer.alloc(r.dev.size);
+  await image.read(b, 0);
+  assert.ok(b.equals(expected));
+  await reopened.close();
+
+  // A directory that went away is a clear error, not a storage missing its newer records.
+  fs.renameSync(second, `${second}-moved`);
+  await assert.rejects(DiffStorage.open(r.options), isError('ENOENT', /second/));
+});
+
+test('low-space event when the filesystem of the current directory is short of free space', { timeout: 20_000 }, async (t) => {
+  // Thresholds above any real disk's free space, so the condition holds from the start.
+  const r = await rig(t, { lowSpace: { fsFreeBytes: Number.MAX_SAFE_INTEGER } });
+  await writeChunks(r, 0, 3);
+  await settle();
+  const low = r.events.filter((e) => e.type === 'low-space');
+  assert.equal(low.length, 1);
+  const e = low[0]!;
+  assert.ok(e.type === 'low-space' && e.dir === path.join(r.dir, 'store') && e.freeBytes > 0 && e.limitBytes === null);
+});
+
+test('a torn tail is cut on reopen; what was stored stays; appends go on after it', { timeout: 20_000 }, async (t) => {
+  const r = await rig(t);
+  await writeChunks(r, 0, 6);
+  const file = path.join(r.dir, 'store', 'snap-1.0.diff');
+  const goodBytes = fs.statSync(file).size;
+  assert.equal(goodBytes, 6 * (CHUNK + HEADER));
+  // A record cut in the middle of its payload, as a kill during write(2) leaves it.
+  const whole = fs.readFileSync(file);
+  fs.appendFileSync(file, whole.subarray(0, HEADER + 1000));
+  const reopened = await DiffStorage.open(r.options);
+  t.after(() => reopened.close());
+  assert.equal(fs.statSync(file).size, goodBytes);
+  assert.equal(reopened.usage().usedBytes, goodBytes);
+  const layer = new SnapshotLayer(r.dev, { chunkSize: CHUNK });
+  const image = layer.addPoint(reopened, 0);
+  await layer.write(Buffer.alloc(CHUNK, 1), 10 * CHUNK);
+  const b = Buffer.alloc(r.dev.size);
+  await image.read(b, 0);
+  assert.ok(b.equals(r.before));
+  assert.equal(fs.statSync(file).size, goodBytes + CHUNK + HEADER);
+
+});
+
+test('after extend() the older file is sealed: a bad record there is corruption; before sealing, a torn tail', { timeout: 20_000 }, async (t) => {
+  const r = await rig(t);
+  await writeChunks(r, 0, 3);
+  const second = path.join(r.dir, 'second');
+  fs.mkdirSync(second);
+  await r.storage.extend({ dir: second });
+  await writeChunks(r, 3, 2);
+  const file0 = path.join(r.dir, 'store', 'snap-1.0.diff');
+  const dirsFile = path.join(r.dir, 'store', 'snap-1.dirs');
+  assert.deepEqual(JSON.parse(fs.readFileSync(dirsFile, 'utf8')), { dirs: [path.join(r.dir, 'store'), second], files: 2, sealedFiles: 1 });
+  const good = fs.readFileSync(file0);
+
+  // Killed between the switch and the sealing: records queued for the old file may be torn.
+  fs.appendFileSync(file0, good.subarray(0, HEADER + 10));
+  fs.writeFileSync(dirsFile, JSON.stringify({ dirs: [path.join(r.dir, 'store'), second], files: 2, sealedFiles: 0 }));
+  fs.rmSync(path.join(second, 'snap-1.dirs'));
+  const reopened = await DiffStorage.open(r.options);
+  assert.equal(fs.statSync(file0).size, good.length);
+  const image = new SnapshotLayer(r.dev, { chunkSize: CHUNK }).addPoint(reopened, 0);
+  const b = Buffer.alloc(r.dev.size);
+  await image.read(b, 0);
+  assert.ok(b.equals(r.before));
+  await reopened.close();
+
+  // Sealed: a flipped byte is damage, reported, not cut.
+  const broken = Buffer.from(good);
+  broken[HEADER + 5]! ^= 1;
+  fs.writeFileSync(file0, broken);
+  await assert.rejects(DiffStorage.open(r.options), isError('ECORRUPT', /snap-1\.0\.diff is corrupt/));
+  // And a file the list names but that is gone is missing, not silently left out.
+  fs.writeFileSync(file0, good);
+  fs.rmSync(path.join(second, 'snap-1.1.diff'));
+  await assert.rejects(DiffStorage.open(r.options), isError('ENOENT', /snap-1\.1\.diff is missing/));
+});
+
+test('strict durability stores records with a sync; flush of an image syncs', { timeout: 20_000 }, async (t) => {
+  const r = await rig(t, { durability: 'strict' });
+  const writes = [];
+  for (let i = 0; i < 16; i++) writes.push(r.layer.write(randomBytes(100), i * CHUNK));
+  await Promise.all(writes);
+  await r.layer.write(randomBytes(100), 40 * CHUNK, { fua: true });
+  await r.image.flush();
+  assert.ok((await readAll(r)).equals(r.before));
+  assert.equal(r.storage.usage().usedBytes, 17 * (CHUNK + HEADER));
+});
+
+test('bad input: missing or non-directory dirs, bad ids, chunk sizes and limits, a second create', { timeout: 20_000 }, async (t) => {
+  const dir = tempDir(t);
+  const base = { id: 'a', chunkSize: CHUNK };
+  await assert.rejects(DiffStorage.create({ ...base, dirs: [path.join(dir, 'nope')] }), isError('ENOENT', /does not exist/));
+  fs.writeFileSync(path.join(dir, 'file'), '');
+  await assert.rejects(DiffStorage.create({ ...base, dirs: [path.join(dir, 'file')] }), isError('EINVAL', /not a directory/));
+  await assert.rejects(DiffStorage.create({ ...base, dirs: [] }), isError('EINVAL'));
+  await assert.rejects(DiffStorage.create({ ...base, id: '../x', dirs: [dir] }), isError('EINVAL', /bad snapshot id/));
+  await assert.rejects(DiffStorage.create({ ...base, chunkSize: 1000, dirs: [dir] }), isError('EINVAL', /chunk size/));
+  await assert.rejects(DiffStorage.create({ ...base, limitBytes: -1, dirs: [dir] }), isError('EINVAL'));
+  await assert.rejects(DiffStorage.open({ ...base, dirs: [dir] }), isError('ENOENT', /no difference storage/));
+  const s = await DiffStorage.create({ ...base, dirs: [dir] });
+  await assert.rejects(DiffStorage.create({ ...base, dirs: [dir] }), isError('EINVAL', /already exists/));
+  const dev = await FileDevice.open(makeImage(dir, 1 << 20));
+  t.after(() => dev.close());
+  assert.throws(() => new SnapshotLayer(dev, { chunkSize: 4096 }).addPoint(s, 0), isError('EINVAL', /chunk size/));
+  await s.destroy();
+  assert.deepEqual(fs.readdirSync(dir).filter((n) => n.startsWith('a.')), []);
+});
+
+const root = process.env.CI === 'true' || process.getuid?.() === 0;
+test('a full disk overflows the storage and leaves the device fine', { skip: root ? false : 'needs root to mount a small tmpfs', timeout: 30_000 }, async (t) => {
+  // Its own directory and one hook: unmounted first, then removed.
+  const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-full-'));
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', mnt]);
+  t.after(() => {
+    execFileSync('umount', ['-l', mnt]);
+    fs.rmSync(mnt, { recursive: true, force: true });
+  });
+  const r = await rig(t, { durability: 'strict' }, mnt);
+  await writeChunks(r, 0, 40);
+  assert.equal(r.storage.state, 'overflowed');
+  assert.match(r.storage.failedReason ?? '', /full/);
+  await assert.rejects(r.image.read(Buffer.alloc(1), 0), isError('EIO', /full/));
+  const onDevice = Buffer.alloc(r.dev.size);
+  await r.dev.read(onDevice, 0);
+  assert.ok(onDevice.equals(r.model));
+  await settle();
+  assert.deepEqual(r.events.filter((e) => e.type !== 'low-space').map((e) => e.type), ['overflowed']);
+  assert.ok(r.events.some((e) => e.type === 'low-space'), 'a 256 KiB filesystem is low on space from the start');
+  await r.storage.close();
+});
