@@ -1,6 +1,7 @@
 /**
  * The bdsnap library surface: devices and layers, the NBD server and client, the snapshot
- * engine (sessions, restore, point-in-time view), the control-API client, and singlefilefs.
+ * engine (sessions, restore, point-in-time view, snapshots, change maps), the control-API
+ * client, backups, and singlefilefs.
  */
 
 export { BdsnapError, type ErrorCode } from './errors.js';
@@ -15,7 +16,17 @@ export {
   DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT,
   type SessionOptions, type SessionSummary, type SessionEvent, type CowState, type RestoreOptions, type RestoreSummary, type SessionInfo, type SessionState,
 } from './snapshot/index.js';
+export {
+  DiffStorage, SnapshotLayer, SnapshotImage, ChangeMap, FrozenChangeMap, TrackingDevice, dirtyBitmapContextName,
+  type DiffStorageOptions, type DiffStorageEvent, type ChangeMapOptions, type ChangeMapReset, type ChangeMapInfo, type ByteRange,
+} from './snapshot/index.js';
 
 export { BdsnapClient, withClient, resolveRunDir, type MountOptions } from './service/client.js';
+export type { SnapshotInfo, SnapshotImageInfo, DaemonEvent, EventsResult, CbtInfo } from './service/control-protocol.js';
 
 export { SingleFileFs, mkfs as sffsMkfs, mkfsImage as sffsMkfsImage } from './fs/singlefilefs/index.js';
+
+export {
+  LocalDirStore, Repository, openLocalRepository, createBackup, backupDevices, daemonSnapshotProvider, verifyRepository, restoreBackup,
+  type ObjectStore, type BackupSource, type BackupSummary, type SnapshotProvider,
+} from './backup/index.js';
