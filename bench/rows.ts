@@ -113,22 +113,32 @@ function timedFio(rw: 'read' | 'write', context: RowContext): FioShape {
   return { rw, blockSizeBytes: 1 << 20, ioDepth: 4, sizeBytes: context.imageBytes, runtimeSec: context.runtimeSec };
 }
 
-function versusNbdkit(id: string, rw: 'read' | 'write'): BenchRow {
-  const verb = rw === 'read' ? 'reads' : 'writes';
+/** A row of bdsnap serve (no session) against nbdkit file, each cell measured by `cell`. */
+function versusNbdkit(id: string, name: string, measures: string, cell: (target: Target, context: RowContext) => Promise<number>): BenchRow {
   return {
     id,
-    name: `plain seq 1 MiB ${verb}, qd 4, vs nbdkit`,
-    measures: `fio nbd engine, one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over the filled image in the page cache: bdsnap serve (no session) against nbdkit file`,
+    name,
+    measures,
     columns: [{ name: 'bdsnap', unit: 'MB/s' }, { name: 'nbdkit', unit: 'MB/s' }],
     ratioText: 'bdsnap / nbdkit',
     ratio: ratioOf('bdsnap', 'nbdkit'),
     targetText: '>= 1.0x',
     meets: atLeast(1),
     once: (context, reverse) => alternate(reverse, [
-      ['bdsnap', () => fioCell(BDSNAP_SERVE, context, timedFio(rw, context), 'MB/s')],
-      ['nbdkit', () => fioCell(NBDKIT_FILE, context, timedFio(rw, context), 'MB/s')],
+      ['bdsnap', () => cell(BDSNAP_SERVE, context)],
+      ['nbdkit', () => cell(NBDKIT_FILE, context)],
     ]),
   };
+}
+
+function fioRow(id: string, rw: 'read' | 'write'): BenchRow {
+  const verb = rw === 'read' ? 'reads' : 'writes';
+  return versusNbdkit(
+    id,
+    `plain seq 1 MiB ${verb}, qd 4, vs nbdkit`,
+    `fio nbd engine, one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over the filled image in the page cache: bdsnap serve (no session) against nbdkit file`,
+    (target, context) => fioCell(target, context, timedFio(rw, context), 'MB/s'),
+  );
 }
 
 /** nbdcopy with 4 connections; MB/s of the whole copy, process start included on both sides. */
@@ -143,23 +153,14 @@ async function nbdcopyCell(target: Target, context: RowContext, direction: 'read
 }
 
 function nbdcopyRow(id: string, direction: 'read' | 'write'): BenchRow {
-  const what = direction === 'read' ? 'image -> null:' : 'file -> image';
-  return {
+  return versusNbdkit(
     id,
-    name: `nbdcopy ${what}, 4 connections, vs nbdkit`,
-    measures: direction === 'read'
+    `nbdcopy ${direction === 'read' ? 'image -> null:' : 'file -> image'}, 4 connections, vs nbdkit`,
+    direction === 'read'
       ? 'nbdcopy -C 4 URI null: (the whole filled image, 4 connections, nbdcopy\'s default requests in flight), wall time of the copy: bdsnap serve against nbdkit file'
-      : 'nbdcopy -C 4 FILE URI (a filled file in the page cache copied over the whole image, 4 connections), wall time of the copy: bdsnap serve against nbdkit file',
-    columns: [{ name: 'bdsnap', unit: 'MB/s' }, { name: 'nbdkit', unit: 'MB/s' }],
-    ratioText: 'bdsnap / nbdkit',
-    ratio: ratioOf('bdsnap', 'nbdkit'),
-    targetText: '>= 1.0x',
-    meets: atLeast(1),
-    once: (context, reverse) => alternate(reverse, [
-      ['bdsnap', () => nbdcopyCell(BDSNAP_SERVE, context, direction)],
-      ['nbdkit', () => nbdcopyCell(NBDKIT_FILE, context, direction)],
-    ]),
-  };
+      : 'nbdcopy -C 4 FILE URI (a file of random data in the page cache copied over the whole image, 4 connections), wall time of the copy: bdsnap serve against nbdkit file',
+    (target, context) => nbdcopyCell(target, context, direction),
+  );
 }
 
 const RANDOM_FIRST_WRITES = 16_384;
@@ -323,8 +324,8 @@ const RESTORE: BenchRow = {
 
 /** Every row, in table order. */
 export const ROWS: BenchRow[] = [
-  versusNbdkit('seq-read', 'read'),
-  versusNbdkit('seq-write', 'write'),
+  fioRow('seq-read', 'read'),
+  fioRow('seq-write', 'write'),
   nbdcopyRow('nbdcopy-read', 'read'),
   nbdcopyRow('nbdcopy-write', 'write'),
   FIRST_RANDOM,
