@@ -18,6 +18,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
 import { preadOnce, pwriteOnce } from '../src/host/fd-io.js';
+import { fileURLToPath } from 'node:url';
 import { makeImage } from '../test/helpers/files.js';
 
 const BLOCK = 1 << 20;
@@ -63,6 +64,20 @@ async function pass(image: string, store: string | undefined): Promise<number> {
   return size / 1e6 / ((performance.now() - started) / 1000);
 }
 
+/**
+ * One round over `image` (in the page cache): a plain pass, then a copy-before-write pass
+ * into a new `store` (removed afterwards); returns the copy-before-write / plain ratio.
+ */
+export async function copyFloorRatio(image: string, store: string): Promise<number> {
+  const plain = await pass(image, undefined);
+  fs.rmSync(store, { force: true });
+  try {
+    return (await pass(image, store)) / plain;
+  } finally {
+    fs.rmSync(store, { force: true });
+  }
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({ options: { 'size-mib': { type: 'string', default: '1024' }, rounds: { type: 'string', default: '3' } } });
   const sizeBytes = Number(values['size-mib']) * 2 ** 20;
@@ -89,7 +104,9 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((err: unknown) => {
-  process.stderr.write(`copy-floor: ${err instanceof Error ? err.message : String(err)}\n`);
-  process.exitCode = 1;
-});
+if (process.argv[1] !== undefined && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  main().catch((err: unknown) => {
+    process.stderr.write(`copy-floor: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exitCode = 1;
+  });
+}

@@ -1,13 +1,14 @@
 /**
- * `npm run bench`: bdsnap serve against nbdkit's file plugin on the same 1 GiB image in the
- * page cache, with fio's nbd engine. Targets run one at a time, each on its own socket, and
- * their order alternates from one workload to the next so that drift (page cache, CPU
- * frequency, neighbours) hits both sides alike.
+ * `npm run bench`: the rows of bench/rows.ts, each comparing bdsnap with its baseline on
+ * this machine in the same run (nbdkit's file plugin, the plain server, copy-floor, dd,
+ * `node -e 0`), with the target of each row. Servers run one at a time, each on its own
+ * socket; within a row the sides alternate which goes first from one repetition to the next,
+ * so that drift (page cache, CPU frequency, neighbours) hits both alike.
  *
- *   node dist/bench/run.js [--quick] [--runtime SEC] [--json FILE] [--size-mib N]
- *                          [--only WORKLOAD-SUBSTRING] [--targets a,b] [--no-restore]
+ *   node dist/bench/run.js [--repeat N] [--rows id,id] [--quick] [--runtime SEC]
+ *                          [--size-mib N] [--json FILE] [--list]
  *
- * BDSNAP_BENCH_RUNTIME_SEC sets the default time per measurement (10 s; --quick: 3 s).
+ * BDSNAP_BENCH_RUNTIME_SEC sets the default time of the timed rows (10 s; --quick: 3 s).
  */
 
 import fs from 'node:fs';
@@ -15,11 +16,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { makeImage } from '../test/helpers/files.js';
-import { runFio } from '../test/helpers/fio.js';
-import { describeMachine, formatTable, type Report, type Row } from './report.js';
-import { RATIOS, TARGETS, type Target } from './targets.js';
-import { WORKLOADS, score, type Workload } from './workloads.js';
-import { measureRestore, type RestoreResult } from './restore.js';
+import { describeMachine, formatTable, spread, type Report, type RowResult } from './report.js';
+import { ROWS, type BenchRow, type RowContext } from './rows.js';
 
 const DEFAULT_RUNTIME_SEC = 10;
 const QUICK_RUNTIME_SEC = 3;
@@ -28,10 +26,9 @@ const DEFAULT_IMAGE_MIB = 1024;
 interface Options {
   runtimeSec: number;
   imageBytes: number;
+  repeat: number;
   jsonPath: string | undefined;
-  only: string | undefined;
-  targets: Target[];
-  restore: boolean;
+  rows: BenchRow[];
 }
 
 function positiveNumber(text: string, what: string): number {
@@ -39,6 +36,8 @@ function positiveNumber(text: string, what: string): number {
   if (!Number.isFinite(value) || value <= 0) throw new Error(`${what} must be a positive number, got '${text}'`);
   return value;
 }
+
+const USAGE = 'usage: node dist/bench/run.js [--repeat N] [--rows id,id] [--quick] [--runtime SEC] [--size-mib N] [--json FILE] [--list]\n';
 
 function parseOptions(argv: string[]): Options {
   const { values } = parseArgs({
@@ -48,15 +47,19 @@ function parseOptions(argv: string[]): Options {
       runtime: { type: 'string' },
       json: { type: 'string' },
       'size-mib': { type: 'string' },
-      only: { type: 'string' },
-      targets: { type: 'string' },
-      'no-restore': { type: 'boolean', default: false },
+      repeat: { type: 'string' },
+      rows: { type: 'string' },
+      list: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
     strict: true,
   });
   if (values.help) {
-    process.stdout.write('usage: node dist/bench/run.js [--quick] [--runtime SEC] [--json FILE] [--size-mib N] [--only TEXT] [--targets a,b]\n');
+    process.stdout.write(USAGE);
+    process.exit(0);
+  }
+  if (values.list) {
+    for (const row of ROWS) process.stdout.write(`${row.id.padEnd(14)} ${row.name} (target ${row.targetText})\n    ${row.measures}\n`);
     process.exit(0);
   }
   const envRuntime = process.env.BDSNAP_BENCH_RUNTIME_SEC;
@@ -68,19 +71,47 @@ function parseOptions(argv: string[]): Options {
         ? positiveNumber(envRuntime, 'BDSNAP_BENCH_RUNTIME_SEC')
         : DEFAULT_RUNTIME_SEC;
   const imageMiB = values['size-mib'] !== undefined ? positiveNumber(values['size-mib'], '--size-mib') : DEFAULT_IMAGE_MIB;
-  let targets = TARGETS;
-  if (values.targets !== undefined) {
-    const wanted = values.targets.split(',').map((s) => s.trim());
-    const unknown = wanted.filter((w) => !TARGETS.some((t) => t.name === w));
-    if (unknown.length > 0) throw new Error(`unknown target(s) ${unknown.join(', ')}; known: ${TARGETS.map((t) => t.name).join(', ')}`);
-    targets = TARGETS.filter((t) => wanted.includes(t.name));
+  const repeat = values.repeat !== undefined ? Math.round(positiveNumber(values.repeat, '--repeat')) : 1;
+  let rows = ROWS;
+  if (values.rows !== undefined) {
+    const wanted = values.rows.split(',').map((s) => s.trim()).filter((s) => s.length > 0);
+    const unknown = wanted.filter((w) => !ROWS.some((r) => r.id === w));
+    if (unknown.length > 0) throw new Error(`unknown row(s) ${unknown.join(', ')}; known: ${ROWS.map((r) => r.id).join(', ')}`);
+    rows = ROWS.filter((r) => wanted.includes(r.id));
   }
-  return { runtimeSec, imageBytes: Math.round(imageMiB) * 2 ** 20, jsonPath: values.json, only: values.only, targets, restore: !values['no-restore'] };
+  return { runtimeSec, imageBytes: Math.round(imageMiB) * 2 ** 20, repeat, jsonPath: values.json, rows };
+}
+
+async function measureRow(row: BenchRow, context: RowContext, repeat: number): Promise<RowResult> {
+  const columns = row.columns.map((c) => ({ ...c, values: [] as number[] }));
+  const ratios: number[] = [];
+  const errors: string[] = [];
+  for (let i = 0; i < repeat; i++) {
+    const reverse = i % 2 === 1;
+    process.stderr.write(`bench: ${row.id} ${i + 1}/${repeat}${reverse ? ' (reversed)' : ''}... `);
+    try {
+      const values = await row.once(context, reverse);
+      for (const c of columns) c.values.push(values[c.name] ?? NaN);
+      const ratio = row.ratio(values);
+      ratios.push(ratio);
+      process.stderr.write(`${row.columns.map((c) => `${c.name} ${(values[c.name] ?? NaN).toFixed(c.unit === 'x' ? 2 : 0)}`).join(', ')}: ${ratio.toFixed(2)}x\n`);
+    } catch (err) {
+      // One broken repetition must not cost the other measurements.
+      const message = err instanceof Error ? err.message : String(err);
+      errors.push(message);
+      process.stderr.write(`FAILED: ${message}\n`);
+    }
+  }
+  const median = spread(ratios).median;
+  return {
+    id: row.id, name: row.name, measures: row.measures, columns, ratioText: row.ratioText, ratios,
+    targetText: row.targetText, met: Number.isFinite(median) && row.meets(median), errors,
+  };
 }
 
 async function main(): Promise<void> {
   const options = parseOptions(process.argv.slice(2));
-  const loadAtStart = Math.round((os.loadavg()[0] ?? 0) * 100) / 100;
+  const loadAverageAtStart = Math.round((os.loadavg()[0] ?? 0) * 100) / 100;
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-'));
   const cleanupDir = (): void => fs.rmSync(dir, { recursive: true, force: true });
   process.once('SIGINT', () => {
@@ -88,128 +119,44 @@ async function main(): Promise<void> {
     process.exit(130);
   });
   try {
-    const imagePath = path.join(dir, 'bench.img');
-    process.stderr.write(`bench: writing a ${options.imageBytes / 2 ** 20} MiB image (stays in the page cache)\n`);
-    // Real data everywhere (no holes), so reads cost what they cost on a used disk.
-    makeImage(imagePath, options.imageBytes, 'blocks');
+    const context: RowContext = {
+      dir,
+      imagePath: path.join(dir, 'bench.img'),
+      sourcePath: path.join(dir, 'source.img'),
+      imageBytes: options.imageBytes,
+      runtimeSec: options.runtimeSec,
+    };
+    process.stderr.write(`bench: writing a ${options.imageBytes / 2 ** 20} MiB image full of data\n`);
+    makeImage(context.imagePath, options.imageBytes, 'blocks');
+    if (options.rows.some((r) => r.id === 'nbdcopy-write')) makeImage(context.sourcePath, options.imageBytes, 'random');
 
-    if (options.targets.length === 0) throw new Error('no target selected');
-    const selected = new Set(options.targets.map((t) => t.name));
-    const ratios = RATIOS.filter(([a, b]) => selected.has(a) && selected.has(b));
-    const workloads = WORKLOADS.filter((w) => options.only === undefined || w.name.includes(options.only));
-    if (workloads.length === 0) throw new Error(`no workload matches '${options.only}'`);
+    const rows: RowResult[] = [];
+    for (const row of options.rows) rows.push(await measureRow(row, context, options.repeat));
 
-    const rows: Row[] = [];
-    for (const [index, workload] of workloads.entries()) {
-      const rowTargets = options.targets.filter((t) => workload.targets === undefined || workload.targets.includes(t.name));
-      const order = index % 2 === 0 ? rowTargets : [...rowTargets].reverse();
-      const values: Record<string, number> = {};
-      const errors: Record<string, string> = {};
-      for (const target of order) {
-        process.stderr.write(`bench: ${workload.name} on ${target.name} (${options.runtimeSec} s)... `);
-        try {
-          values[target.name] = await measure(target, imagePath, workload, options);
-          process.stderr.write(`${values[target.name]?.toFixed(0)} ${workload.unit}\n`);
-        } catch (err) {
-          // One broken cell must not cost the other measurements; it shows as "failed".
-          errors[target.name] = err instanceof Error ? err.message : String(err);
-          process.stderr.write(`FAILED: ${errors[target.name]}\n`);
-        }
-      }
-      const rowRatios: Record<string, number> = {};
-      for (const [a, b] of ratios) {
-        const va = values[a];
-        const vb = values[b];
-        if (va !== undefined && vb !== undefined && vb > 0) rowRatios[`${a} / ${b}`] = va / vb;
-      }
-      rows.push({ workload: workload.name, unit: workload.unit, values, ratios: rowRatios, errors });
-    }
-
-    let restoreResult: RestoreResult | undefined;
-    if (options.restore) {
-      process.stderr.write('bench: restore of a session that preserved the whole image vs dd of the same bytes (3 rounds)... ');
-      restoreResult = await measureRestore(imagePath, 3);
-      process.stderr.write(`${restoreResult.ratio.toFixed(2)}x\n`);
-    }
-
-    const report: Report & { restore?: RestoreResult } = {
+    const report: Report = {
       date: new Date().toISOString(),
+      command: `node dist/bench/run.js ${process.argv.slice(2).join(' ')}`.trim(),
       machine: describeMachine(),
+      loadAverageAtStart,
       runtimeSec: options.runtimeSec,
       imageBytes: options.imageBytes,
-      targets: await Promise.all(options.targets.map(async (t) => ({ name: t.name, description: t.description, version: await t.version() }))),
-      ratios: ratios.map(([a, b]) => `${a} / ${b}`),
+      repeat: options.repeat,
       rows,
-      ...(restoreResult ? { restore: restoreResult } : {}),
     };
     const m = report.machine;
-    process.stdout.write(`${m.cpus} CPUs (${m.cpuModel}), ${m.memoryGiB} GiB RAM, ${m.kernel}, node ${m.node}, ${m.fio}, load average at start ${loadAtStart}, at end ${m.loadAverage1m}\n`);
-    process.stdout.write(`fio nbd engine, unix socket, ${options.imageBytes / 2 ** 20} MiB image in page cache, ${options.runtimeSec} s per cell\n\n`);
-    process.stdout.write(`${formatTable(report)}\n`);
-    if (restoreResult) {
-      const r = restoreResult;
-      process.stdout.write(`\nrestore of ${r.bytes / 2 ** 20} MiB (every chunk preserved; checks and final sync included), median of ${r.rounds}:\n`);
-      process.stdout.write(`| restore | plain sequential write (dd, fdatasync) | restore / plain write |\n|---:|---:|---:|\n`);
-      process.stdout.write(`| ${r.restoreMBps.toFixed(0)} MB/s | ${r.plainWriteMBps.toFixed(0)} MB/s | ${r.ratio.toFixed(2)}x |\n`);
-    }
+    process.stdout.write(`${report.date}: ${report.command}\n`);
+    process.stdout.write(`${m.cpus} CPUs (${m.cpuModel}), ${m.memoryGiB} GiB RAM, ${m.kernel}, node ${m.node}, ${m.fio}, load average at start ${loadAverageAtStart}, at end ${m.loadAverage1m}\n`);
+    process.stdout.write(`${options.imageBytes / 2 ** 20} MiB image full of data in the page cache, timed rows ${options.runtimeSec} s, ${options.repeat} repetition(s) per row\n\n`);
+    process.stdout.write(`${formatTable(report)}\n\n`);
+    for (const row of rows) process.stdout.write(`- ${row.name}: ${row.measures}\n`);
     if (options.jsonPath !== undefined) {
       fs.writeFileSync(options.jsonPath, `${JSON.stringify(report, null, 2)}\n`);
       process.stderr.write(`bench: wrote ${options.jsonPath}\n`);
     }
-    if (rows.some((r) => Object.keys(r.errors).length > 0)) process.exitCode = 1;
+    if (rows.some((r) => r.errors.length > 0)) process.exitCode = 1;
   } finally {
     cleanupDir();
   }
-}
-
-/**
- * Requests in one pass over the image. fio otherwise moves `size` bytes of data, so a job that
- * skips bytes after each write (`write:N`) would wrap around and rewrite what it wrote.
- */
-function onePassIos(workload: Workload, imageBytes: number): number {
-  const skip = Number(/^write:(\d+)$/.exec(workload.rw)?.[1] ?? 0);
-  return Math.floor(imageBytes / (workload.blockSizeBytes + skip));
-}
-
-/**
- * Start each cell from the same state: the image's dirty pages written back (so that the
- * write-back of the previous cell's writes does not run during this one), and the whole image
- * read, so that it is in the page cache. Some machines page out file pages that have been idle
- * for a minute or so (DAMON-based reclaim runs here), which would make the first-write rows
- * measure the disk reading the originals.
- */
-function settleImage(imagePath: string): void {
-  const fd = fs.openSync(imagePath, 'r');
-  try {
-    fs.fdatasyncSync(fd);
-    const buf = Buffer.allocUnsafe(8 * 1024 * 1024);
-    for (let pos = 0; ; pos += buf.length) if (fs.readSync(fd, buf, 0, buf.length, pos) === 0) break;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-async function measure(target: Target, imagePath: string, workload: Workload, options: Options): Promise<number> {
-  settleImage(imagePath);
-  const running = await target.start({ imagePath });
-  let value: number;
-  try {
-    const result = await runFio({
-      uri: running.uri,
-      rw: workload.rw,
-      blockSizeBytes: workload.blockSizeBytes,
-      ioDepth: workload.ioDepth,
-      sizeBytes: options.imageBytes,
-      ...(workload.onePass
-        ? { extraArgs: [`--runtime=${options.runtimeSec}`, `--number_ios=${onePassIos(workload, options.imageBytes)}`] }
-        : { runtimeSec: options.runtimeSec }),
-    });
-    if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
-    value = score(workload, result);
-  } finally {
-    await running.stop();
-  }
-  return value;
 }
 
 main().catch((err: unknown) => {

@@ -12,18 +12,22 @@ import { registerCommands } from './commands/index.js';
 export const EXIT_FAILURE = 1;
 export const EXIT_USAGE = 2;
 
-export function buildProgram(): Command {
+/**
+ * The program with the command of `argv` (node, script, command, ...) registered, or with all
+ * of them when argv names none (help, a typo): see registerCommands.
+ */
+export async function buildProgram(argv: string[] = []): Promise<Command> {
   const program = new Command('bdsnap')
     .description('Block-device snapshot service: NBD server, copy-before-write sessions, exact restore')
     .showSuggestionAfterError()
     .exitOverride();
-  registerCommands(program);
+  await registerCommands(program, argv[2]);
   return program;
 }
 
 export async function run(argv: string[]): Promise<void> {
-  const program = buildProgram();
   try {
+    const program = await buildProgram(argv);
     await program.parseAsync(argv);
   } catch (err) {
     process.exitCode = reportError(err);

@@ -7,9 +7,10 @@
 import net from 'node:net';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
-import {
-  LineDecoder, responseSchema, type ActivationResult, type CbtInfo, type EventsResult, type SnapshotInfo, type ListResult, type MountResult, type PasswdResult, type PingResult,
-  type RegisterResult, type RequestBody, type RequestOp, type ResultMap, type StatusResult, type UmountResult,
+import { LineDecoder, parseResponse } from './control-lines.js';
+import type {
+  ActivationResult, CbtInfo, EventsResult, SnapshotInfo, ListResult, MountResult, PasswdResult, PingResult,
+  RegisterResult, RequestBody, RequestOp, ResultMap, StatusResult, UmountResult,
 } from './control-protocol.js';
 
 export const DEFAULT_RUN_DIR = '/run/bdsnap';
@@ -198,18 +199,17 @@ export class BdsnapClient {
   }
 
   #onLine(text: string): void {
-    let parsed;
+    let response;
     try {
-      parsed = responseSchema.safeParse(JSON.parse(text));
+      response = parseResponse(JSON.parse(text));
     } catch {
-      parsed = undefined;
+      response = undefined;
     }
-    if (!parsed?.success) {
+    if (!response) {
       this.#failAll(new BdsnapError('EPROTO', 'the daemon sent an answer that does not parse'));
       this.#socket.destroy();
       return;
     }
-    const response = parsed.data;
     const pending = response.id === null ? this.#pending.values().next().value : this.#pending.get(response.id);
     if (!pending) return;
     const id = response.id ?? [...this.#pending.keys()][0];

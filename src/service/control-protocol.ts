@@ -12,7 +12,6 @@
 import { z } from 'zod';
 import type { ErrorCode } from '../errors.js';
 
-export const MAX_LINE_BYTES = 64 * 1024;
 const MAX_PATH_CHARS = 4096;
 const MAX_PASSWORD_CHARS = 1024;
 
@@ -223,62 +222,9 @@ export type Response =
 
 export const PROTOCOL_VERSION = 1;
 
-const errorCodes = ['EINVAL', 'ENOSPC', 'EPERM', 'EIO', 'ENOTSUP', 'EBUSY', 'ENOENT', 'EPROTO', 'EAUTH', 'ECORRUPT', 'EMISMATCH', 'ESESSION', 'ESHUTDOWN'] as const;
-
-export const responseSchema = z.union([
-  z.object({ id: z.number().int().nullable(), ok: z.literal(true), result: z.unknown() }),
-  z.object({ id: z.number().int().nullable(), ok: z.literal(false), error: z.object({ code: z.enum(errorCodes), message: z.string() }) }),
-]);
-
-export type LineEvent = { kind: 'line'; text: string } | { kind: 'oversized'; bytes: number };
-
-/**
- * Incremental newline framing with a cap. `push` returns the complete lines (and oversize
- * notices) found so far; no line is ever held beyond MAX_LINE_BYTES.
- */
-export class LineDecoder {
-  readonly #maxBytes: number;
-  #parts: Buffer[] = [];
-  #heldBytes = 0;
-  /** Inside a line already reported as too long: dropping bytes until its newline. */
-  #dropping = false;
-
-  constructor(maxBytes = MAX_LINE_BYTES) {
-    this.#maxBytes = maxBytes;
-  }
-
-  push(chunk: Buffer): LineEvent[] {
-    const events: LineEvent[] = [];
-    let start = 0;
-    while (start < chunk.length) {
-      const nl = chunk.indexOf(0x0a, start);
-      const end = nl === -1 ? chunk.length : nl;
-      const piece = chunk.subarray(start, end);
-      if (!this.#dropping) {
-        if (this.#heldBytes + piece.length > this.#maxBytes) {
-          // Reported at once, so the sender hears about it without having to finish the line.
-          events.push({ kind: 'oversized', bytes: this.#heldBytes + piece.length });
-          this.#dropping = true;
-          this.#parts = [];
-          this.#heldBytes = 0;
-        } else if (piece.length > 0) {
-          this.#parts.push(Buffer.from(piece));
-          this.#heldBytes += piece.length;
-        }
-      }
-      if (nl === -1) break;
-      if (this.#dropping) {
-        this.#dropping = false;
-      } else {
-        events.push({ kind: 'line', text: Buffer.concat(this.#parts, this.#heldBytes).toString('utf8') });
-        this.#parts = [];
-        this.#heldBytes = 0;
-      }
-      start = nl + 1;
-    }
-    return events;
-  }
-}
+// The response check and the line framing live in ./control-lines.ts, without zod, so that
+// client commands start without loading it.
+export { LineDecoder, MAX_LINE_BYTES, parseResponse, type LineEvent } from './control-lines.js';
 
 // --- snapshots and events -------------------------------------------------------------
 

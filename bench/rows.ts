@@ -1,0 +1,336 @@
+/**
+ * The rows of `npm run bench`: each compares a measured side with its baseline on this machine
+ * in the same run, states what it measures, and carries its target (issue 12).
+ *
+ * Fairness rules every row follows:
+ * - Each cell starts from the same cache state: the image (and any copy source) written back
+ *   and read into the page cache just before the server starts (settleFile).
+ * - The images are full of data (no holes, no zero blocks), and stay so: every row that
+ *   writes writes non-zero data, and the restore row fills the image again after its dd.
+ * - First-write rows really write first: a fresh session per cell, and every write lands in
+ *   a chunk no earlier write of the cell touched (sequential: one pass; random: a replayed
+ *   list of distinct chunks).
+ * - The two sides of a row alternate which goes first from one repetition to the next.
+ */
+
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { makeImage } from '../test/helpers/files.js';
+import { runFio, type FioJob } from '../test/helpers/fio.js';
+import { run } from '../test/helpers/process.js';
+import { BDSNAP_MAIN } from '../test/helpers/server.js';
+import { startDaemon } from '../test/helpers/daemon.js';
+import { copyFloorRatio } from './copy-floor.js';
+import { measureRestore } from './restore.js';
+import { BDSNAP_REWRITE, BDSNAP_SERVE, BDSNAP_SESSION, NBDKIT_FILE, type RunningTarget, type Target } from './targets.js';
+import { BENCH_CHUNK_BYTES } from './workloads.js';
+
+export type Unit = 'MB/s' | 'IOPS' | 'ms' | 'x';
+
+export interface RowContext {
+  dir: string;
+  /** The 1 GiB (by default) image every server serves, filled with data. */
+  imagePath: string;
+  /** A second filled file of the same size: the source of the copy-into-the-image row. */
+  sourcePath: string;
+  imageBytes: number;
+  /** Length of the timed fio rows. */
+  runtimeSec: number;
+}
+
+export interface Column {
+  name: string;
+  unit: Unit;
+}
+
+export interface BenchRow {
+  /** Short key for --rows. */
+  id: string;
+  name: string;
+  /** One sentence: what the row measures and how. */
+  measures: string;
+  columns: Column[];
+  /** How the row's figure is formed from the columns, e.g. "bdsnap / nbdkit". */
+  ratioText: string;
+  ratio(values: Record<string, number>): number;
+  /** The target of the issue, e.g. ">= 1.0x", and whether a ratio meets it. */
+  targetText: string;
+  meets(ratio: number): boolean;
+  /** One repetition: every column measured once; `reverse` flips which side goes first. */
+  once(context: RowContext, reverse: boolean): Promise<Record<string, number>>;
+}
+
+/**
+ * Write back the file's dirty pages and read all of it, so that it sits clean in the page
+ * cache (some machines page out file pages idle for a minute; the previous cell's write-back
+ * must not run during this one).
+ */
+export function settleFile(filePath: string): void {
+  const fd = fs.openSync(filePath, 'r');
+  try {
+    fs.fdatasyncSync(fd);
+    const buf = Buffer.allocUnsafe(8 * 1024 * 1024);
+    for (let pos = 0; ; pos += buf.length) if (fs.readSync(fd, buf, 0, buf.length, pos) === 0) break;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+async function withTarget<T>(target: Target, context: RowContext, fn: (running: RunningTarget) => Promise<T>): Promise<T> {
+  settleFile(context.imagePath);
+  const running = await target.start({ imagePath: context.imagePath });
+  try {
+    return await fn(running);
+  } finally {
+    await running.stop();
+  }
+}
+
+type FioShape = Omit<FioJob, 'uri'>;
+
+async function fioCell(target: Target, context: RowContext, job: FioShape, unit: 'MB/s' | 'IOPS'): Promise<number> {
+  return withTarget(target, context, async (running) => {
+    const result = await runFio({ ...job, uri: running.uri });
+    if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
+    const side = job.rw.includes('write') ? result.write : result.read;
+    return unit === 'MB/s' ? side.bandwidthBytesPerSec / 1e6 : side.iops;
+  });
+}
+
+/** Measure each side in order (reversed when asked) and collect the values by column name. */
+async function alternate(reverse: boolean, sides: Array<[string, () => Promise<number>]>): Promise<Record<string, number>> {
+  const values: Record<string, number> = {};
+  for (const [name, measure] of reverse ? [...sides].reverse() : sides) values[name] = await measure();
+  return values;
+}
+
+const ratioOf = (a: string, b: string) => (v: Record<string, number>): number => (v[a] ?? NaN) / (v[b] ?? NaN);
+const atLeast = (x: number) => (r: number): boolean => r >= x;
+
+function timedFio(rw: 'read' | 'write', context: RowContext): FioShape {
+  return { rw, blockSizeBytes: 1 << 20, ioDepth: 4, sizeBytes: context.imageBytes, runtimeSec: context.runtimeSec };
+}
+
+/** A row of bdsnap serve (no session) against nbdkit file, each cell measured by `cell`. */
+function versusNbdkit(id: string, name: string, measures: string, cell: (target: Target, context: RowContext) => Promise<number>): BenchRow {
+  return {
+    id,
+    name,
+    measures,
+    columns: [{ name: 'bdsnap', unit: 'MB/s' }, { name: 'nbdkit', unit: 'MB/s' }],
+    ratioText: 'bdsnap / nbdkit',
+    ratio: ratioOf('bdsnap', 'nbdkit'),
+    targetText: '>= 1.0x',
+    meets: atLeast(1),
+    once: (context, reverse) => alternate(reverse, [
+      ['bdsnap', () => cell(BDSNAP_SERVE, context)],
+      ['nbdkit', () => cell(NBDKIT_FILE, context)],
+    ]),
+  };
+}
+
+function fioRow(id: string, rw: 'read' | 'write'): BenchRow {
+  const verb = rw === 'read' ? 'reads' : 'writes';
+  return versusNbdkit(
+    id,
+    `plain seq 1 MiB ${verb}, qd 4, vs nbdkit`,
+    `fio nbd engine, one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over the filled image in the page cache: bdsnap serve (no session) against nbdkit file`,
+    (target, context) => fioCell(target, context, timedFio(rw, context), 'MB/s'),
+  );
+}
+
+/** nbdcopy with 4 connections; MB/s of the whole copy, process start included on both sides. */
+async function nbdcopyCell(target: Target, context: RowContext, direction: 'read' | 'write'): Promise<number> {
+  if (direction === 'write') settleFile(context.sourcePath);
+  return withTarget(target, context, async (running) => {
+    const args = direction === 'read' ? ['-C', '4', running.uri, 'null:'] : ['-C', '4', context.sourcePath, running.uri];
+    const startedMs = performance.now();
+    await run('nbdcopy', args, { timeoutMs: 600_000 });
+    return context.imageBytes / 1e6 / ((performance.now() - startedMs) / 1000);
+  });
+}
+
+function nbdcopyRow(id: string, direction: 'read' | 'write'): BenchRow {
+  return versusNbdkit(
+    id,
+    `nbdcopy ${direction === 'read' ? 'image -> null:' : 'file -> image'}, 4 connections, vs nbdkit`,
+    direction === 'read'
+      ? 'nbdcopy -C 4 URI null: (the whole filled image, 4 connections, nbdcopy\'s default requests in flight), wall time of the copy: bdsnap serve against nbdkit file'
+      : 'nbdcopy -C 4 FILE URI (a file of random data in the page cache copied over the whole image, 4 connections), wall time of the copy: bdsnap serve against nbdkit file',
+    (target, context) => nbdcopyCell(target, context, direction),
+  );
+}
+
+const RANDOM_FIRST_WRITES = 16_384;
+
+/**
+ * A fio iolog (version 2) of `count` 4 KiB writes, each in a different chunk picked at random
+ * (fixed seed), at a random 4 KiB block inside it: every write of the pass is the first one in
+ * its chunk. fio's own random offsets cannot promise that (its random map works per block, and
+ * `blockalign` turns the map off).
+ */
+export function writeFirstWriteLog(logPath: string, imageBytes: number, chunkBytes: number, count: number): void {
+  const chunks = Math.floor(imageBytes / chunkBytes);
+  if (count > chunks) throw new Error(`${count} first writes need ${count} chunks; the image has ${chunks}`);
+  let state = 0x9e3779b9;
+  const next = (n: number): number => {
+    state ^= state << 13;
+    state ^= state >>> 17;
+    state ^= state << 5;
+    return (state >>> 0) % n;
+  };
+  // Partial Fisher-Yates: the first `count` entries are distinct random chunks.
+  const order = new Uint32Array(chunks);
+  for (let i = 0; i < chunks; i++) order[i] = i;
+  const lines = ['fio version 2 iolog', 'nbd add', 'nbd open'];
+  const blocksPerChunk = chunkBytes / 4096;
+  for (let i = 0; i < count; i++) {
+    const j = i + next(chunks - i);
+    const chunk = order[j] as number;
+    order[j] = order[i] as number;
+    order[i] = chunk;
+    lines.push(`nbd write ${chunk * chunkBytes + next(blocksPerChunk) * 4096} 4096`);
+  }
+  lines.push('nbd close', '');
+  fs.writeFileSync(logPath, lines.join('\n'));
+}
+
+const FIRST_RANDOM: BenchRow = {
+  id: 'first-rand-4k',
+  name: 'session random 4 KiB first writes, qd 16, vs plain',
+  measures: `one pass of ${RANDOM_FIRST_WRITES} random 4 KiB writes at depth 16 over the filled image, each in a different ${BENCH_CHUNK_BYTES / 1024} KiB chunk (replayed fio iolog, so every write is a first write): a fresh bdsnap serve --snapshot-root session against bdsnap serve without one`,
+  columns: [{ name: 'bdsnap+session', unit: 'IOPS' }, { name: 'bdsnap', unit: 'IOPS' }],
+  ratioText: 'session / plain',
+  ratio: ratioOf('bdsnap+session', 'bdsnap'),
+  targetText: '>= 0.5x',
+  meets: atLeast(0.5),
+  once: (context, reverse) => {
+    const logPath = path.join(context.dir, 'first-writes.iolog');
+    if (!fs.existsSync(logPath)) writeFirstWriteLog(logPath, context.imageBytes, BENCH_CHUNK_BYTES, RANDOM_FIRST_WRITES);
+    const job: FioShape = { rw: 'randwrite', blockSizeBytes: 4096, ioDepth: 16, sizeBytes: context.imageBytes, extraArgs: [`--read_iolog=${logPath}`] };
+    return alternate(reverse, [
+      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, job, 'IOPS')],
+      ['bdsnap', () => fioCell(BDSNAP_SERVE, context, job, 'IOPS')],
+    ]);
+  },
+};
+
+function onePassSeqWrite(context: RowContext): FioShape {
+  // One pass: fio stops after the image's worth of 1 MiB requests, so nothing is written twice.
+  return { rw: 'write', blockSizeBytes: 1 << 20, ioDepth: 4, sizeBytes: context.imageBytes, extraArgs: [`--number_ios=${context.imageBytes / (1 << 20)}`] };
+}
+
+const FIRST_SEQUENTIAL: BenchRow = {
+  id: 'first-seq',
+  name: 'session seq 1 MiB first writes, qd 4, vs plain and copy-floor',
+  measures: 'one pass of sequential 1 MiB writes at depth 4 over the filled image: a fresh session against the plain server, and that ratio against copy-floor\'s (the same pass done by a program that only reads the original, appends it to a file and writes, no server)',
+  columns: [{ name: 'bdsnap+session', unit: 'MB/s' }, { name: 'bdsnap', unit: 'MB/s' }, { name: 'copy-floor', unit: 'x' }],
+  ratioText: '(session / plain) / copy-floor',
+  ratio: (v) => (v['bdsnap+session'] ?? NaN) / (v.bdsnap ?? NaN) / (v['copy-floor'] ?? NaN),
+  targetText: '>= 0.9x',
+  meets: atLeast(0.9),
+  once: (context, reverse) => alternate(reverse, [
+    ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, onePassSeqWrite(context), 'MB/s')],
+    ['bdsnap', () => fioCell(BDSNAP_SERVE, context, onePassSeqWrite(context), 'MB/s')],
+    ['copy-floor', async () => {
+      settleFile(context.imagePath);
+      return copyFloorRatio(context.imagePath, path.join(context.dir, 'copy-floor.store'));
+    }],
+  ]),
+};
+
+const REWRITES: BenchRow = {
+  id: 'rewrite',
+  name: 'session rewrites seq 1 MiB, qd 4, vs plain',
+  measures: 'sequential 1 MiB writes at depth 4 for the runtime into a session whose every chunk is already preserved (a first pass ended by a FLUSH), against the plain server',
+  columns: [{ name: 'bdsnap+rewrite', unit: 'MB/s' }, { name: 'bdsnap', unit: 'MB/s' }],
+  ratioText: 'rewrite / plain',
+  ratio: ratioOf('bdsnap+rewrite', 'bdsnap'),
+  targetText: '>= 0.9x',
+  meets: atLeast(0.9),
+  once: (context, reverse) => alternate(reverse, [
+    ['bdsnap+rewrite', () => fioCell(BDSNAP_REWRITE, context, timedFio('write', context), 'MB/s')],
+    ['bdsnap', () => fioCell(BDSNAP_SERVE, context, timedFio('write', context), 'MB/s')],
+  ]),
+};
+
+const STATUS_RUNS = 10;
+
+/** Median wall time of `runs` whole-process runs of each command, alternating the two. */
+function wallTimesMs(commands: Array<[string, string[]]>, runs: number, env: NodeJS.ProcessEnv): number[] {
+  const times: number[][] = commands.map(() => []);
+  for (let i = 0; i < runs; i++) {
+    for (const [k, [cmd, args]] of commands.entries()) {
+      const startedMs = performance.now();
+      const result = spawnSync(cmd, args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
+      const elapsedMs = performance.now() - startedMs;
+      if (result.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${result.stderr.toString()}`);
+      times[k]?.push(elapsedMs);
+    }
+  }
+  return times.map((t) => [...t].sort((a, b) => a - b)[Math.floor(t.length / 2)] ?? NaN);
+}
+
+const STATUS: BenchRow = {
+  id: 'status',
+  name: 'bdsnap status wall time vs node -e 0',
+  measures: `whole-process wall time, median of ${STATUS_RUNS} runs alternating the two commands: bdsnap status against a running daemon, and node -e 0`,
+  columns: [{ name: 'bdsnap status', unit: 'ms' }, { name: 'node -e 0', unit: 'ms' }],
+  ratioText: 'status / node',
+  ratio: ratioOf('bdsnap status', 'node -e 0'),
+  targetText: '<= 1.5x',
+  meets: (r) => r <= 1.5,
+  once: async (_context, reverse) => {
+    const daemon = await startDaemon(undefined);
+    try {
+      const env = { ...process.env, BDSNAP_RUN_DIR: daemon.runDir };
+      const sides: Array<[string, string, string[]]> = [
+        ['bdsnap status', process.execPath, [BDSNAP_MAIN, 'status']],
+        ['node -e 0', process.execPath, ['-e', '0']],
+      ];
+      const ordered = reverse ? [...sides].reverse() : sides;
+      const medians = wallTimesMs(ordered.map(([, cmd, args]) => [cmd, args]), STATUS_RUNS, env);
+      const values: Record<string, number> = {};
+      ordered.forEach(([name], k) => (values[name] = medians[k] ?? NaN));
+      return values;
+    } finally {
+      await daemon.server.stop();
+    }
+  },
+};
+
+const RESTORE: BenchRow = {
+  id: 'restore',
+  name: 'restore of the image vs dd with fdatasync',
+  measures: 'restore() of a session that preserved the whole image (every record checksum and end digest checked, final fdatasync) against dd bs=1M conv=notrunc,fdatasync of the same bytes; the image is filled again afterwards',
+  columns: [{ name: 'restore', unit: 'MB/s' }, { name: 'dd', unit: 'MB/s' }],
+  ratioText: 'restore / dd',
+  ratio: ratioOf('restore', 'dd'),
+  targetText: '>= 0.8x',
+  meets: atLeast(0.8),
+  once: async (context) => {
+    settleFile(context.imagePath);
+    try {
+      const result = await measureRestore(context.imagePath, 1);
+      return { restore: result.restoreMBps, dd: result.plainWriteMBps };
+    } finally {
+      // dd wrote zeroes: fill the image again so that no later row reads zero blocks.
+      makeImage(context.imagePath, context.imageBytes, 'blocks');
+    }
+  },
+};
+
+/** Every row, in table order. */
+export const ROWS: BenchRow[] = [
+  fioRow('seq-read', 'read'),
+  fioRow('seq-write', 'write'),
+  nbdcopyRow('nbdcopy-read', 'read'),
+  nbdcopyRow('nbdcopy-write', 'write'),
+  FIRST_RANDOM,
+  FIRST_SEQUENTIAL,
+  REWRITES,
+  STATUS,
+  RESTORE,
+];
