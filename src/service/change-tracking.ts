@@ -227,9 +227,14 @@ export class ChangeTracker implements SnapshotChangeTracking {
   }
 
   #reported(devicePath: string, reset: ChangeMapReset): void {
+    if (reset.reason === 'new') {
+      // A first map is no reset: nothing was known before it.
+      this.#log.info({ event: 'cbt-new', device: devicePath, detail: reset.detail }, 'change map started');
+      return;
+    }
     this.#events.emit('cbt-reset', {
       device: devicePath,
-      details: { reason: reset.reason, detail: reset.detail, previousGeneration: reset.previousGeneration, fullBackupNeeded: reset.reason !== 'new' },
+      details: { reason: reset.reason, detail: reset.detail, previousGeneration: reset.previousGeneration, fullBackupNeeded: true },
     });
     this.onReset?.(devicePath, reset);
   }

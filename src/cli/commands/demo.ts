@@ -2,8 +2,10 @@
  * `bdsnap demo`: the whole story on a built-in example, with the real commands.
  *
  * It makes an ext4 image, starts a daemon in a temporary directory, sets a password,
- * activates the image, mounts it through bdsnap, changes files, unmounts, shows the session
- * directory, restores, and checks that the image's sha256 equals the pre-mount one. Every
+ * activates the image, mounts it through bdsnap, changes files, backs it up while it stays
+ * mounted (a full backup, then an incremental one through the change map, verified and one
+ * restored to a file that e2fsck checks), unmounts, shows the session directory, restores,
+ * and checks that the image's sha256 equals the pre-mount one. Every
  * step runs the `bdsnap` binary as an operator would, and prints the command first.
  * Everything is cleaned up at the end, also on failure.
  */
@@ -28,7 +30,7 @@ interface DemoOptions {
 export function register(program: Command): void {
   program
     .command('demo')
-    .description('run the whole story on a built-in example image (needs root): activate, mount, change files, unmount, restore, compare')
+    .description('run the whole story on a built-in example image (needs root): activate, mount, change files, back up, unmount, restore, compare')
     .option('--size-mib <n>', 'size of the example image in MiB', '64')
     .option('--keep', 'keep the temporary directory for inspection')
     .action(async (options: DemoOptions) => {
@@ -124,13 +126,27 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     fs.rmSync(path.join(mnt, 'big.bin'));
     process.stdout.write(`files now: ${fs.readdirSync(mnt).join(', ')}; docs/: ${fs.readdirSync(path.join(mnt, 'docs')).join(', ')}\n`);
 
-    say('5. Unmount: the session is closed and durable when this returns');
+    say('5. While it stays mounted: a consistent snapshot for backups, a full backup, more changes, an incremental backup');
+    const repo = path.join(top, 'backups');
+    bdsnap(['backup', 'init', '--repo', repo]);
+    const full = JSON.parse(bdsnap(['backup', 'create', image, '--repo', repo, '--json'])) as { id: string };
+    for (let i = 0; i < 8; i++) fs.writeFileSync(path.join(mnt, 'docs', `note-${i}.txt`), `note ${i}\n`.repeat(300));
+    tool('sync', []);
+    bdsnap(['backup', 'create', image, '--repo', repo]);
+    bdsnap(['backup', 'list', '--repo', repo]);
+    bdsnap(['backup', 'verify', '--repo', repo]);
+    const restoredFull = path.join(top, 'full-backup.img');
+    bdsnap(['backup', 'restore', '--repo', repo, full.id, image, '--output', restoredFull]);
+    tool('e2fsck', ['-fn', restoredFull]);
+    bdsnap(['events']);
+
+    say('6. Unmount: the session is closed and durable when this returns');
     bdsnap(['umount', mnt]);
     mounted = false;
     const changed = sha256File(image);
     process.stdout.write(`sha256 after unmount: ${changed} (${changed === before ? 'unchanged?!' : 'changed, as expected'})\n`);
 
-    say('6. The session directory that holds the original blocks');
+    say('7. The session directory that holds the original blocks');
     bdsnap(['status']);
     const listJson = bdsnap(['list', image, '--json']);
     const sessions = JSON.parse(listJson) as Array<{ dir: string }> | { sessions: Array<{ dir: string }> };
@@ -141,7 +157,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
       process.stdout.write(`  ${name}  ${fs.statSync(path.join(sessionDir, name)).size} bytes\n`);
     }
 
-    say('7. Restore the image as it was before the mount');
+    say('8. Restore the image as it was before the mount');
     bdsnap(['restore', sessionDir]);
     const after = sha256File(image);
     process.stdout.write(`sha256 before mount:  ${before}\nsha256 after restore: ${after}\n`);
