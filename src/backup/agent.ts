@@ -60,7 +60,7 @@ export async function backupDevices(repo: Repository, provider: SnapshotProvider
   const paths = devices.map((d) => path.resolve(d));
   const snapshot = await provider.take(paths);
   const opened: Array<{ close(): Promise<void> }> = [];
-  let failure: unknown;
+  let outcome: { ok: true; summary: BackupSummary } | { ok: false; err: unknown };
   try {
     const sources: BackupSource[] = [];
     for (const image of snapshot.images) {
@@ -69,21 +69,21 @@ export async function backupDevices(repo: Repository, provider: SnapshotProvider
       sources.push(await sourceFor(repo, snapshot.id, image, reader, options.full ?? false));
     }
     options.onPlan?.(sources.map((s) => ({ device: s.device, kind: s.changed === null ? 'full' : 'incremental', why: s.why })));
-    return await createBackup(repo, sources, options);
+    outcome = { ok: true, summary: await createBackup(repo, sources, options) };
   } catch (err) {
-    failure = err;
-    throw err;
-  } finally {
-    await Promise.allSettled(opened.map((r) => r.close()));
-    try {
-      await provider.destroy(snapshot.id);
-    } catch (err) {
-      // A failure to clean up must not hide the backup's own failure, nor pass unnoticed.
-      if (failure === undefined) {
-        throw new BdsnapError('EIO', `the backup is done, but snapshot ${snapshot.id} could not be destroyed: ${(err as Error).message}`, { cause: err });
-      }
+    outcome = { ok: false, err };
+  }
+  await Promise.allSettled(opened.map((r) => r.close()));
+  try {
+    await provider.destroy(snapshot.id);
+  } catch (err) {
+    // A failure to clean up must not hide the backup's own failure, nor pass unnoticed.
+    if (outcome.ok) {
+      throw new BdsnapError('EIO', `backup ${outcome.summary.id} is done, but snapshot ${snapshot.id} could not be destroyed: ${(err as Error).message}`, { cause: err });
     }
   }
+  if (!outcome.ok) throw outcome.err;
+  return outcome.summary;
 }
 
 /** Full or incremental, and why; the extents the image reports as zeroes are not read. */

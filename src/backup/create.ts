@@ -14,7 +14,7 @@
  */
 
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { preferredCodec, type Codec } from './codec.js';
+import { codecFor, type Codec } from './codec.js';
 import { compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, type DeviceEntry, type Manifest } from './format.js';
 import { RepoLock } from './lock.js';
 import { PiecePool } from './piece-pool.js';
@@ -54,7 +54,7 @@ export interface CreateOptions {
   tags?: string[];
   /** Pieces in flight (read, encode, put); default 12. */
   concurrency?: number;
-  /** Codec for new pieces; default LZ4 where the native package is installed, else deflate. */
+  /** Codec for new pieces; default: the repository's (config.codec). */
   codec?: Codec;
 }
 
@@ -108,7 +108,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     for (const source of sources) plans.push(await planSource(repo, source, stored));
     options.progress?.start(plans.reduce((n, p) => n + p.toRead.reduce((m, i) => m + pieceLength(repo, p.source, i), 0), 0));
 
-    const codec = options.codec ?? preferredCodec();
+    const codec = options.codec ?? codecFor(repo.config.codec);
     // Piece buffers are reused: fresh memory costs page faults on every piece.
     const free: Buffer[] = [];
     const P = repo.pieceSizeBytes;

@@ -48,6 +48,8 @@ export const configSchema = z.object({
   createdAt: z.string(),
   pieceSizeBytes: z.number().int().min(MIN_PIECE_BYTES).max(MAX_PIECE_BYTES),
   hash: z.literal('sha256'),
+  /** Codec of new pieces (each piece records its own): see codecFor in codec.ts. */
+  codec: z.enum(['deflate', 'lz4']),
 });
 export type RepoConfig = z.infer<typeof configSchema>;
 

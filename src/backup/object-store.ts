@@ -138,12 +138,13 @@ export class LocalDirStore implements ObjectStore {
       throw e.code === 'ENOENT' ? new BdsnapError('ENOENT', `object ${name} is missing from ${this.location}`, { cause: err }) : e;
     }
     try {
-      if (!range) return await fh.readFile();
-      const out = Buffer.alloc(range.lengthBytes);
+      // One read of the known size rather than readFile's 512 KiB steps.
+      const { offsetBytes, lengthBytes } = range ?? { offsetBytes: 0, lengthBytes: (await fh.stat()).size };
+      const out = Buffer.allocUnsafe(lengthBytes);
       let done = 0;
       while (done < out.length) {
-        const { bytesRead } = await fh.read(out, done, out.length - done, range.offsetBytes + done);
-        if (bytesRead === 0) throw new BdsnapError('EINVAL', `object ${name} ends before ${range.offsetBytes + range.lengthBytes}`);
+        const { bytesRead } = await fh.read(out, done, out.length - done, offsetBytes + done);
+        if (bytesRead === 0) throw new BdsnapError(range ? 'EINVAL' : 'EIO', `object ${name} ends before ${offsetBytes + lengthBytes}`);
         done += bytesRead;
       }
       return out;

@@ -58,3 +58,5 @@ parentPort?.on('message', (task: PieceTask) => {
   const result = runTask(task);
   parentPort!.postMessage(result, transferables(result));
 });
+// Tells the pool this worker can take tasks (until then the pool works inline).
+parentPort?.postMessage({ ready: true });

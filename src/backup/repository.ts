@@ -21,6 +21,8 @@ import { LocalDirStore, type ObjectStore } from './object-store.js';
 export interface InitOptions {
   /** Power of two from 64 KiB to 16 MiB; default 1 MiB. */
   pieceSizeBytes?: number;
+  /** Codec of new pieces: 'deflate' (default, smaller) or 'lz4' (faster). */
+  codec?: 'deflate' | 'lz4';
 }
 
 export interface PruneSummary {
@@ -58,6 +60,7 @@ export class Repository {
     if ((await store.list('')).length > 0) throw new BdsnapError('EINVAL', `${store.location} is not empty; a repository needs an empty place`);
     const config: RepoConfig = {
       format: REPO_FORMAT, version: REPO_VERSION, id: randomBytes(8).toString('hex'), createdAt: new Date().toISOString(), pieceSizeBytes, hash: 'sha256',
+      codec: options.codec ?? 'deflate',
     };
     await store.put(CONFIG_OBJECT, Buffer.from(`${JSON.stringify(config, null, 2)}\n`));
     return new Repository(store, config);

@@ -17,6 +17,9 @@ import { expandSlots, pieceObject } from './format.js';
 import { PiecePool } from './piece-pool.js';
 import { runLimited, type Repository } from './repository.js';
 
+/** Decoded pieces kept for later slots at most (of the piece size each). */
+const MAX_CACHED_PIECES = 32;
+
 export interface RestoreOptions {
   /** Write a new file here instead of the device. */
   output?: string;
@@ -54,6 +57,24 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   options.progress?.start(toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0));
   let writtenBytes = 0;
   const pool = new PiecePool();
+  // A piece that fills many slots (a repeated pattern) is read and checked once, and kept until
+  // its last slot is written, within a bound on memory.
+  const uses = new Map<string, number>();
+  for (const h of slots) if (h !== null) uses.set(h, (uses.get(h) ?? 0) + 1);
+  const cache = new Map<string, Promise<Buffer>>();
+  const load = async (hash: string): Promise<Buffer> => pool.decode(await repo.store.get(pieceObject(hash)), hash);
+  const piece = (hash: string): Promise<Buffer> => {
+    const left = (uses.get(hash) ?? 1) - 1;
+    uses.set(hash, left);
+    const cached = cache.get(hash);
+    if (cached) {
+      if (left === 0) cache.delete(hash);
+      return cached;
+    }
+    const p = load(hash);
+    if (left > 0 && cache.size < MAX_CACHED_PIECES) cache.set(hash, p);
+    return p;
+  };
   try {
     await runLimited(toWrite, 8, async (i) => {
       options.signal?.throwIfAborted();
@@ -62,7 +83,7 @@ export async function restoreBackup(repo: Repository, id: string, device: string
       if (hash === null) {
         await file.zero(i * P, length);
       } else {
-        const raw = await pool.decode(await repo.store.get(pieceObject(hash)), hash).catch((err: unknown) => {
+        const raw = await piece(hash).catch((err: unknown) => {
           const e = toBdsnapError(err);
           throw new BdsnapError(e.code, `restore of ${target} from backup ${id} stopped at ${i * P}: ${e.message}`, { cause: err });
         });

@@ -11,7 +11,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices, restoreBackup, verifyRepository } from '../../src/backup/index.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { requireTool, run } from '../helpers/process.js';
+import { mountDevice } from '../helpers/kernel.js';
+import { requireRoot, requireTool, run } from '../helpers/process.js';
+import { startServer } from '../helpers/server.js';
 import { CountingStore, ServeSnapshotProvider, dirBytes, makeMixedImage } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -163,4 +165,36 @@ test('ext4: full, changes, incremental; each restore passes e2fsck -n and matche
   }
   const listing = await run('debugfs', ['-R', 'ls -l /', path.join(dir, `${inc.id}.img`)]);
   assert.match(listing.stdout, /second\.bin/);
+});
+
+test('restore in place: an image file is put back; one in use by a server, or a mounted block device, is refused', async (t) => {
+  requireRoot();
+  const dir = makeTempDir(t, 'bdsnap-backup-inplace-');
+  const image = path.join(dir, 'fs.img');
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, 16 * MiB);
+  await run('mkfs.ext4', ['-q', '-F', image]);
+  const repo = await Repository.init(new LocalDirStore(path.join(dir, 'repo')));
+  const s = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
+  const want = await sha256File(image);
+  fs.writeFileSync(image, randomBytes(MiB), { flag: 'r+' });
+  const server = await startServer(t, { kind: 'bdsnap', images: [image] });
+  await assert.rejects(restoreBackup(repo, s.id, image), (e: unknown) => (e as { code?: string }).code === 'EBUSY');
+  await server.stop();
+  await restoreBackup(repo, s.id, image);
+  assert.equal(await sha256File(image), want);
+
+  // The same backup onto a loop device: refused while mounted, restored once unmounted.
+  const loop = (await run('losetup', ['--find', '--show', image])).stdout.trim();
+  t.after(() => run('losetup', ['-d', loop], { allowFailure: true }));
+  const backup2 = await backupDevices(repo, new ServeSnapshotProvider(dir, { copy: false }), [loop]);
+  const mnt = fs.mkdtempSync(path.join(dir, 'mnt-'));
+  const unmount = await mountDevice(loop, mnt);
+  try {
+    await assert.rejects(restoreBackup(repo, backup2.id, loop), /is mounted at .*; unmount it first/);
+  } finally {
+    await unmount();
+  }
+  await restoreBackup(repo, backup2.id, loop);
+  await run('e2fsck', ['-n', '-f', loop]);
 });

@@ -83,6 +83,11 @@ export class ServeSnapshotProvider implements SnapshotProvider {
     return { id, images };
   }
 
+  /** Pids of the servers of the snapshots not yet destroyed. */
+  serverPids(): number[] {
+    return [...this.#live.values()].map((l) => l.server.pid);
+  }
+
   async destroy(id: string): Promise<void> {
     const live = this.#live.get(id);
     if (!live) throw new Error(`no snapshot ${id}`);

@@ -89,9 +89,11 @@ export function register(program: Command): void {
 
   repoOption(backup.command('init').description('create an empty repository'))
     .option('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 1M)')
-    .action(async (flags: RepoFlags & { pieceSize?: string }) => {
+    .option('--codec <codec>', 'compression of new pieces: deflate (smaller, default) or lz4 (faster)')
+    .action(async (flags: RepoFlags & { pieceSize?: string; codec?: string }) => {
       const pieceSizeBytes = flags.pieceSize !== undefined ? parseBytes(flags.pieceSize, '--piece-size') : undefined;
-      const repo = await Repository.init(new LocalDirStore(flags.repo), { pieceSizeBytes });
+      if (flags.codec !== undefined && flags.codec !== 'deflate' && flags.codec !== 'lz4') throw new BdsnapError('EINVAL', `bad --codec "${flags.codec}": deflate or lz4`);
+      const repo = await Repository.init(new LocalDirStore(flags.repo), { pieceSizeBytes, codec: flags.codec as 'deflate' | 'lz4' | undefined });
       process.stdout.write(`initialized backup repository ${repo.store.location} (pieces of ${formatBytes(repo.pieceSizeBytes)})\n`);
     });
 

@@ -1,0 +1,263 @@
+/**
+ * `node dist/bench/backup.js`: bdsnap backup against restic, side by side in one run, on an
+ * image of mixed content (a quarter each of random bytes, zeroes, one repeated MiB, text).
+ *
+ *   node dist/bench/backup.js [--size-mib N] [--runs N] [--big-gib N | --no-big] [--piece-size BYTES] [--json FILE]
+ *
+ * Per run, each tool in a fresh repository, the tools taking turns to go first:
+ * - full backup of the image: time, and the repository's size on disk afterwards;
+ * - 1% of the image's 4 KiB blocks rewritten with random bytes, in runs of 16 blocks
+ *   (64 KiB) at random places; then bdsnap's incremental (the change log gives the ranges)
+ *   against restic's second backup of the same file;
+ * - the incremental restored into a new file by each tool;
+ * - the same changes on a sparse image of --big-gib GiB (its first part holding the same
+ *   content) after a full bdsnap backup of it: the incremental time should follow the
+ *   changed bytes, not the device size.
+ *
+ * bdsnap reads the image over NBD from a `bdsnap serve` started before the clock starts (in
+ * the product the daemon serves the snapshot image; taking it is a barrier of milliseconds);
+ * restic reads the file. Both find the file in the page cache.
+ */
+
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { LocalDirStore, Repository, backupDevices, restoreBackup, type ByteRange, type SnapshotProvider } from '../src/backup/index.js';
+import { NbdClient } from '../src/nbd/client.js';
+import { dirBytes, makeMixedImage } from '../test/backup/helpers.js';
+import { run } from '../test/helpers/process.js';
+import { startServer, type NbdServer } from '../test/helpers/server.js';
+
+const MiB = 1024 * 1024;
+const BLOCK = 4096;
+const RUN_BLOCKS = 16;
+
+interface Options {
+  sizeBytes: number;
+  runs: number;
+  bigBytes: number;
+  pieceSizeBytes: number | undefined;
+  jsonPath: string | undefined;
+}
+
+function parseOptions(): Options {
+  const { values } = parseArgs({
+    options: {
+      'size-mib': { type: 'string', default: '1024' },
+      runs: { type: 'string', default: '3' },
+      'big-gib': { type: 'string', default: '8' },
+      'no-big': { type: 'boolean', default: false },
+      'piece-size': { type: 'string' },
+      json: { type: 'string' },
+    },
+    strict: true,
+  });
+  const sizeBytes = Number(values['size-mib']) * MiB;
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % (4 * MiB) !== 0) throw new Error('--size-mib must be a positive multiple of 4');
+  return {
+    sizeBytes,
+    runs: Math.max(1, Number(values.runs)),
+    bigBytes: values['no-big'] ? 0 : Number(values['big-gib']) * 1024 * MiB,
+    pieceSizeBytes: values['piece-size'] !== undefined ? Number(values['piece-size']) : undefined,
+    jsonPath: values.json,
+  };
+}
+
+/** A provider over one running `bdsnap serve`: take() is instant, the change log is the test's. */
+class ServedImages implements SnapshotProvider {
+  changes: ByteRange[] = [];
+  #number = 0;
+  constructor(private readonly server: NbdServer) {}
+  async take(devices: string[]) {
+    const number = ++this.#number;
+    const changes = this.changes;
+    this.changes = [];
+    return {
+      id: `bench${number}`,
+      images: devices.map((device) => ({
+        device,
+        sizeBytes: fs.statSync(device).size,
+        changeMap: { generation: 'bench', number },
+        open: async () => NbdClient.connect({ socketPath: this.server.socketPath, exportName: fs.realpathSync(device) }),
+        changedSince: async () => changes,
+      })),
+    };
+  }
+  async destroy(): Promise<void> {}
+}
+
+/** 1% of the 4 KiB blocks of the first `sizeBytes`, in runs of 16 blocks at random places. */
+function changeRanges(sizeBytes: number): ByteRange[] {
+  const runs = Math.round((sizeBytes / BLOCK) * 0.01 / RUN_BLOCKS);
+  const out: ByteRange[] = [];
+  for (let i = 0; i < runs; i++) {
+    const at = Math.floor(Math.random() * (sizeBytes / BLOCK - RUN_BLOCKS)) * BLOCK;
+    out.push({ offsetBytes: at, lengthBytes: RUN_BLOCKS * BLOCK });
+  }
+  return out;
+}
+
+function applyChanges(file: string, ranges: ByteRange[]): void {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    for (const r of ranges) fs.writeSync(fd, randomBytes(r.lengthBytes), 0, r.lengthBytes, r.offsetBytes);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
+  const t0 = process.hrtime.bigint();
+  const value = await fn();
+  return [Number(process.hrtime.bigint() - t0) / 1e9, value];
+}
+
+function restic(env: NodeJS.ProcessEnv, ...args: string[]): Promise<unknown> {
+  return run('restic', ['--quiet', ...args], { env, timeoutMs: 600_000 });
+}
+
+interface Sample {
+  bdsnapFullSec: number; resticFullSec: number;
+  bdsnapRepoBytes: number; resticRepoBytes: number;
+  bdsnapIncSec: number; resticIncSec: number;
+  bdsnapIncReadBytes: number;
+  bdsnapRestoreSec: number; resticRestoreSec: number;
+  bigFullSec?: number; bigIncSec?: number;
+}
+
+function stats(values: number[]): { median: number; min: number; max: number } {
+  const s = [...values].sort((a, b) => a - b);
+  return { median: s[Math.floor(s.length / 2)]!, min: s[0]!, max: s[s.length - 1]! };
+}
+
+async function oneRun(work: string, image: string, server: NbdServer, opts: Options, resticFirst: boolean, big?: { image: string; server: NbdServer }): Promise<Sample> {
+  const pristine = path.join(work, 'pristine.img');
+  fs.copyFileSync(pristine, image);
+  const bRepoDir = path.join(work, 'bdsnap-repo');
+  const rRepoDir = path.join(work, 'restic-repo');
+  fs.rmSync(bRepoDir, { recursive: true, force: true });
+  fs.rmSync(rRepoDir, { recursive: true, force: true });
+  const env = { ...process.env, RESTIC_PASSWORD: 'x', RESTIC_REPOSITORY: rRepoDir, RESTIC_CACHE_DIR: path.join(work, 'restic-cache') };
+  fs.rmSync(env.RESTIC_CACHE_DIR, { recursive: true, force: true });
+  await restic(env, 'init');
+  const repo = await Repository.init(new LocalDirStore(bRepoDir), { pieceSizeBytes: opts.pieceSizeBytes });
+  const provider = new ServedImages(server);
+
+  const both = async <A, B>(b: () => Promise<A>, r: () => Promise<B>): Promise<[[number, A], [number, B]]> => {
+    if (resticFirst) {
+      const rr = await timed(r);
+      return [await timed(b), rr];
+    }
+    const bb = await timed(b);
+    return [bb, await timed(r)];
+  };
+
+  const [[bdsnapFullSec], [resticFullSec]] = await both(() => backupDevices(repo, provider, [image]), () => restic(env, 'backup', image));
+  const bdsnapRepoBytes = dirBytes(bRepoDir);
+  const resticRepoBytes = dirBytes(rRepoDir);
+
+  const changes = changeRanges(opts.sizeBytes);
+  applyChanges(image, changes);
+  provider.changes = changes;
+  const [[bdsnapIncSec, inc], [resticIncSec]] = await both(() => backupDevices(repo, provider, [image]), () => restic(env, 'backup', image));
+  if (inc.devices[0]!.kind !== 'incremental') throw new Error('the second bdsnap backup was not incremental');
+
+  const bOut = path.join(work, 'bdsnap-restored.img');
+  const rOut = path.join(work, 'restic-restored');
+  fs.rmSync(bOut, { force: true });
+  fs.rmSync(rOut, { recursive: true, force: true });
+  const [[bdsnapRestoreSec], [resticRestoreSec]] = await both(
+    () => restoreBackup(repo, inc.id, image, { output: bOut }),
+    () => restic(env, 'restore', 'latest', '--target', rOut),
+  );
+  const want = execFileSync('cmp', [image, bOut]).toString();
+  if (want !== '') throw new Error('bdsnap restore differs');
+  execFileSync('cmp', [image, path.join(rOut, image)]);
+  fs.rmSync(bOut, { force: true });
+  fs.rmSync(rOut, { recursive: true, force: true });
+
+  const sample: Sample = {
+    bdsnapFullSec, resticFullSec, bdsnapRepoBytes, resticRepoBytes, bdsnapIncSec, resticIncSec, bdsnapIncReadBytes: inc.readBytes, bdsnapRestoreSec, resticRestoreSec,
+  };
+  if (big) {
+    const bigRepoDir = path.join(work, 'bdsnap-big-repo');
+    fs.rmSync(bigRepoDir, { recursive: true, force: true });
+    const bigRepo = await Repository.init(new LocalDirStore(bigRepoDir), { pieceSizeBytes: opts.pieceSizeBytes });
+    const bigProvider = new ServedImages(big.server);
+    [sample.bigFullSec] = await timed(() => backupDevices(bigRepo, bigProvider, [big.image]));
+    applyChanges(big.image, changes);
+    bigProvider.changes = changes;
+    [sample.bigIncSec] = await timed(() => backupDevices(bigRepo, bigProvider, [big.image]));
+    fs.rmSync(bigRepoDir, { recursive: true, force: true });
+  }
+  return sample;
+}
+
+async function main(): Promise<void> {
+  const opts = parseOptions();
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-backup-'));
+  const servers: NbdServer[] = [];
+  try {
+    const pristine = path.join(work, 'pristine.img');
+    makeMixedImage(pristine, opts.sizeBytes);
+    const image = path.join(work, 'disk.img');
+    fs.copyFileSync(pristine, image);
+    const server = await startServer(undefined, { kind: 'bdsnap', images: [image], readOnly: true });
+    servers.push(server);
+    let big: { image: string; server: NbdServer } | undefined;
+    if (opts.bigBytes > 0) {
+      const bigImage = path.join(work, 'big.img');
+      fs.copyFileSync(pristine, bigImage);
+      fs.truncateSync(bigImage, opts.bigBytes);
+      big = { image: bigImage, server: await startServer(undefined, { kind: 'bdsnap', images: [bigImage], readOnly: true }) };
+      servers.push(big.server);
+    }
+    const resticVersion = execFileSync('restic', ['version']).toString().trim();
+    process.stderr.write(`image ${opts.sizeBytes / MiB} MiB, ${opts.runs} runs, ${resticVersion}, load ${os.loadavg()[0]!.toFixed(1)}\n`);
+    const samples: Sample[] = [];
+    for (let i = 0; i < opts.runs; i++) {
+      if (big) {
+        fs.copyFileSync(pristine, big.image);
+        fs.truncateSync(big.image, opts.bigBytes);
+      }
+      const s = await oneRun(work, image, server, opts, i % 2 === 1, big);
+      samples.push(s);
+      process.stderr.write(`run ${i + 1}: ${JSON.stringify(s)}\n`);
+    }
+    const col = (k: keyof Sample): { median: number; min: number; max: number } => stats(samples.map((s) => s[k] as number));
+    const line = (label: string, b: keyof Sample, r: keyof Sample, unit: 's' | 'MiB', better: 'lower'): string => {
+      const scale = unit === 'MiB' ? 1 / MiB : 1;
+      const fmt = (x: { median: number; min: number; max: number }): string => `${(x.median * scale).toFixed(2)} (${(x.min * scale).toFixed(2)}-${(x.max * scale).toFixed(2)})`;
+      const ratios = stats(samples.map((s) => (s[r] as number) / (s[b] as number)));
+      void better;
+      return `| ${label} | ${fmt(col(b))} ${unit} | ${fmt(col(r))} ${unit} | ${ratios.median.toFixed(2)}x (${ratios.min.toFixed(2)}-${ratios.max.toFixed(2)}) |`;
+    };
+    const rows = [
+      '| measure | bdsnap | restic | restic / bdsnap |',
+      '|---|---|---|---|',
+      line('full backup time', 'bdsnapFullSec', 'resticFullSec', 's', 'lower'),
+      line('repository size after full', 'bdsnapRepoBytes', 'resticRepoBytes', 'MiB', 'lower'),
+      line('incremental (1% changed) vs second backup', 'bdsnapIncSec', 'resticIncSec', 's', 'lower'),
+      line('restore into a new file', 'bdsnapRestoreSec', 'resticRestoreSec', 's', 'lower'),
+    ];
+    const inc = col('bdsnapIncReadBytes');
+    rows.push('', `bdsnap incremental read ${(inc.median / MiB).toFixed(0)} MiB of ${opts.sizeBytes / MiB} MiB (pieces around the changed ranges).`);
+    if (big) {
+      const bigInc = col('bigIncSec');
+      const ratio = stats(samples.map((s) => s.bigIncSec! / s.bdsnapIncSec));
+      rows.push(`${opts.bigBytes / 1024 / MiB} GiB sparse image: full ${col('bigFullSec').median.toFixed(2)} s; the same changes incremental ${bigInc.median.toFixed(2)} s (${bigInc.min.toFixed(2)}-${bigInc.max.toFixed(2)}), ${ratio.median.toFixed(2)}x (${ratio.min.toFixed(2)}-${ratio.max.toFixed(2)}) the ${opts.sizeBytes / MiB} MiB image's.`);
+    }
+    rows.push(`Medians of ${opts.runs} runs, (min-max) in brackets; ratios are per run. Load average at the end: ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}.`);
+    process.stdout.write(`${rows.join('\n')}\n`);
+    if (opts.jsonPath) fs.writeFileSync(opts.jsonPath, `${JSON.stringify({ date: new Date().toISOString(), options: opts, samples }, null, 2)}\n`);
+  } finally {
+    await Promise.allSettled(servers.map((s) => s.stop()));
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
+
+await main();

@@ -1,0 +1,208 @@
+/**
+ * Faults: a create killed with SIGKILL, a full repository disk, damaged and missing pieces and
+ * manifests, and prune racing a create. The repository must stay valid throughout, and what
+ * is damaged must be named.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { LocalDirStore, Repository, backupDevices, createBackup, restoreBackup, verifyRepository } from '../../src/backup/index.js';
+import { RepoLock, listLocks } from '../../src/backup/lock.js';
+import { pieceObject } from '../../src/backup/format.js';
+import { BdsnapError } from '../../src/errors.js';
+import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
+import { requireRoot, run } from '../helpers/process.js';
+import { ServeSnapshotProvider, makeMixedImage } from './helpers.js';
+
+const MiB = 1024 * 1024;
+const CHILD = fileURLToPath(new URL('./fixtures/create-child.js', import.meta.url));
+
+async function referencedAndStored(repo: Repository): Promise<{ referenced: Set<string>; stored: Set<string> }> {
+  const referenced = new Set<string>();
+  for (const r of await repo.backups()) for (const d of r.manifest!.devices) for (const s of d.pieces) if (typeof s === 'string') referenced.add(s);
+  return { referenced, stored: new Set((await repo.storedPieces()).keys()) };
+}
+
+test('SIGKILL of a create in the middle: the repository stays valid, the backup is absent, prune cleans up', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-backup-kill-');
+  const small = path.join(dir, 'small.img');
+  makeImage(small, 4 * MiB, 'blocks');
+  const image = path.join(dir, 'big.img');
+  makeImage(image, 64 * MiB, 'random', 99);
+  const repoDir = path.join(dir, 'repo');
+  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 256 * 1024 });
+  const earlier = await backupDevices(repo, new ServeSnapshotProvider(dir), [small]);
+
+  const child = spawn(process.execPath, [CHILD, repoDir, dir, image, '3'], { env: { ...process.env, BDSNAP_BACKUP_CHILD: '1' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_c, signal) => resolve(signal)));
+  // Kill at a random point between 10% and 70% of the reading.
+  const killAt = Math.floor((0.1 + Math.random() * 0.6) * 64 * MiB);
+  let serverPids: number[] = [];
+  try {
+    const deadline = Date.now() + 60_000;
+    for (;;) {
+      const m = /server ([\d ]+)\n/.exec(out);
+      if (m) serverPids = m[1]!.trim().split(' ').map(Number);
+      const progress = [...out.matchAll(/progress (\d+)/g)].map((x) => Number(x[1]));
+      if ((progress[progress.length - 1] ?? 0) >= killAt) break;
+      if (child.exitCode !== null || Date.now() > deadline) throw new Error(`the child did not get far enough: ${out.slice(-300)} ${err}`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  } finally {
+    child.kill('SIGKILL');
+    for (const pid of serverPids) {
+      try {
+        process.kill(pid, 'SIGTERM');
+      } catch {
+        // already gone
+      }
+    }
+  }
+  assert.equal(await exited, 'SIGKILL');
+  assert.doesNotMatch(out, /done/);
+
+  assert.deepEqual(await repo.backupIds(), [earlier.id], 'the killed backup is absent');
+  assert.equal((await verifyRepository(repo)).ok, true);
+  const before = await referencedAndStored(repo);
+  assert.ok(before.stored.size > before.referenced.size, 'the killed create left pieces no manifest names');
+  const locks = await listLocks(repo.store);
+  assert.deepEqual(locks.map((l) => l.state), ['dead'], 'its lock is left, and known dead');
+
+  const pruned = await repo.prune();
+  assert.equal(pruned.deletedPieces, before.stored.size - before.referenced.size);
+  assert.equal(pruned.deletedLocks, 1);
+  const after = await referencedAndStored(repo);
+  assert.deepEqual([...after.stored].sort(), [...after.referenced].sort());
+  const tempFiles = fs.readdirSync(repoDir, { recursive: true }).map(String).filter((n) => path.basename(n).startsWith('.'));
+  assert.deepEqual(tempFiles, []);
+  const out1 = path.join(dir, 'small.out');
+  await restoreBackup(repo, earlier.id, small, { output: out1 });
+  assert.equal(await sha256File(out1), await sha256File(small));
+  // And the repository takes a new backup of the big image.
+  const again = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
+  assert.equal((await verifyRepository(repo, { id: again.id })).ok, true);
+});
+
+test('a full repository disk: a clear ENOSPC, the repository stays valid, prune frees the partial pieces', async (t) => {
+  requireRoot();
+  const dir = makeTempDir(t, 'bdsnap-backup-full-');
+  // Its own temp dir, unmounted and removed in one step (after-hooks run in the order added).
+  const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-backup-mnt-'));
+  await run('mount', ['-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', mnt]);
+  t.after(async () => {
+    await run('umount', [mnt]);
+    fs.rmdirSync(mnt);
+  });
+  const repoDir = path.join(mnt, 'repo');
+  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 256 * 1024 });
+  const small = path.join(dir, 'small.img');
+  makeImage(small, 2 * MiB, 'blocks');
+  const provider = new ServeSnapshotProvider(dir);
+  const first = await backupDevices(repo, provider, [small]);
+  const big = path.join(dir, 'big.img');
+  makeImage(big, 16 * MiB, 'random', 5);
+  await assert.rejects(backupDevices(repo, provider, [big]), (e: unknown) => {
+    assert.ok(e instanceof BdsnapError);
+    assert.equal(e.code, 'ENOSPC');
+    assert.match(e.message, /repository .* is full/);
+    return true;
+  });
+  assert.equal(provider.destroyed.length, 2, 'the snapshot was destroyed after the failure');
+  assert.deepEqual(await repo.backupIds(), [first.id]);
+  assert.equal((await verifyRepository(repo)).ok, true);
+  assert.deepEqual(await listLocks(repo.store), [], 'the lock was released');
+  const pruned = await repo.prune();
+  assert.ok(pruned.deletedPieces > 0);
+  const out = path.join(dir, 'small.out');
+  await restoreBackup(repo, first.id, small, { output: out });
+  assert.equal(await sha256File(out), await sha256File(small));
+});
+
+test('a flipped byte, a missing piece, a deleted or garbled manifest: verify names them, restore refuses', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-backup-damage-');
+  const image = path.join(dir, 'disk.img');
+  makeMixedImage(image, 8 * MiB);
+  const repoDir = path.join(dir, 'repo');
+  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 256 * 1024 });
+  const provider = new ServeSnapshotProvider(dir);
+  const a = await backupDevices(repo, provider, [image]);
+  provider.write(image, 0, Buffer.alloc(4096, 0x5a));
+  const b = await backupDevices(repo, provider, [image]);
+  const piecesOf = async (id: string): Promise<string[]> => (await repo.manifest(id)).devices[0]!.pieces.filter((s): s is string => typeof s === 'string');
+  const [piecesA, piecesB] = [await piecesOf(a.id), await piecesOf(b.id)];
+  const onlyB = piecesB.find((h) => !piecesA.includes(h))!;
+  const shared = piecesA[5]!;
+  assert.ok(onlyB !== undefined && piecesB.includes(shared));
+
+  // Flip one byte in the middle of the shared piece; delete the piece only b has.
+  const sharedFile = path.join(repoDir, pieceObject(shared));
+  const bytes = fs.readFileSync(sharedFile);
+  bytes[Math.floor(bytes.length / 2)]! ^= 0x01;
+  fs.writeFileSync(sharedFile, bytes);
+  fs.rmSync(path.join(repoDir, pieceObject(onlyB)));
+
+  const v = await verifyRepository(repo);
+  assert.equal(v.ok, false);
+  assert.deepEqual(v.backups.map((x) => [x.id, x.ok]), [[a.id, false], [b.id, false]]);
+  const bad = new Map(v.badPieces.map((p) => [p.hash, p]));
+  assert.equal(bad.get(shared)?.problem, 'damaged');
+  assert.deepEqual(bad.get(shared)?.backups, [a.id, b.id]);
+  assert.equal(bad.get(onlyB)?.problem, 'missing');
+  assert.deepEqual(bad.get(onlyB)?.backups, [b.id]);
+
+  const outB = path.join(dir, 'b.out');
+  await assert.rejects(restoreBackup(repo, b.id, image, { output: outB }), /backup .* is damaged: 1 of its pieces is missing .*nothing was written/);
+  assert.equal(fs.existsSync(outB), false, 'nothing was written');
+  await assert.rejects(restoreBackup(repo, a.id, image, { output: path.join(dir, 'a.out') }), new RegExp(`piece ${shared} is damaged`));
+
+  // A deleted manifest: that backup is gone, clearly; a garbled one is named.
+  fs.rmSync(path.join(repoDir, 'backups', `${a.id}.json`));
+  await assert.rejects(verifyRepository(repo, { id: a.id }), /there is no backup/);
+  await assert.rejects(restoreBackup(repo, a.id, image, { output: path.join(dir, 'a2.out') }), /there is no backup/);
+  fs.writeFileSync(path.join(repoDir, 'backups', `${b.id}.json`), '{"format": "bdsnap-backup", "tru');
+  const v2 = await verifyRepository(repo);
+  assert.deepEqual(v2.backups.map((x) => [x.id, x.ok]), [[b.id, false]]);
+  assert.match(v2.backups[0]!.problem!, /manifest .* is damaged/);
+  await assert.rejects(repo.prune(), /cannot prune: the manifest of/);
+});
+
+test('prune and create exclude each other; concurrent lock takers never both win', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-backup-race-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 16 * MiB, 'random', 3);
+  const repo = await Repository.init(new LocalDirStore(path.join(dir, 'repo')), { pieceSizeBytes: 256 * 1024 });
+  // An orphan piece (as a killed create leaves), which a running create will reuse.
+  const seed = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
+  await repo.forget([seed.id]);
+  let started!: () => void;
+  const reading = new Promise<void>((resolve) => (started = resolve));
+  const provider = new ServeSnapshotProvider(dir, { readDelayMs: 20 });
+  const creating = backupDevices(repo, provider, [image], { concurrency: 2, progress: { start: () => started(), advance: () => undefined } });
+  await reading;
+  await assert.rejects(repo.prune(), (e: unknown) => e instanceof BdsnapError && e.code === 'EBUSY' && /a backup is being created/.test(e.message));
+  const s = await creating;
+  assert.equal(s.newPieces, 0, 'the create reused the orphaned pieces');
+  assert.equal((await verifyRepository(repo)).ok, true, 'prune deleted none of them');
+  assert.equal((await repo.prune()).deletedPieces, 0);
+
+  const pruneLock = await RepoLock.acquire(repo.store, 'prune');
+  await assert.rejects(createBackup(repo, [{ device: image, sizeBytes: 4096, read: async () => undefined, changed: null, why: 'x' }]), /a prune is running/);
+  await pruneLock.release();
+  for (let round = 0; round < 5; round++) {
+    const results = await Promise.allSettled([RepoLock.acquire(repo.store, 'prune'), RepoLock.acquire(repo.store, 'prune'), RepoLock.acquire(repo.store, 'create')]);
+    const won = results.filter((r) => r.status === 'fulfilled');
+    const prunesWon = results.slice(0, 2).filter((r) => r.status === 'fulfilled').length;
+    assert.ok(prunesWon === 0 || won.length === 1, `round ${round}: a prune won alongside another lock`);
+    for (const r of won) await (r as PromiseFulfilledResult<RepoLock>).value.release();
+  }
+  assert.deepEqual(await listLocks(repo.store), []);
+});
