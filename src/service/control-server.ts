@@ -9,7 +9,8 @@
  * rather than trusting the socket permission alone. Requests carry no uid of their own.
  *
  * Requests on a connection run one at a time, in order. Nothing a client sends can crash the
- * daemon: bad JSON, unknown operations, wrong types and overlong lines all get error answers.
+ * daemon: bad JSON, unknown operations, wrong types and overlong lines all get error answers,
+ * and a client that does not read its answers is no longer read (test/fuzz/ checks all this).
  */
 
 import net from 'node:net';
@@ -68,8 +69,12 @@ export class ControlServer {
     let chain: Promise<void> = Promise.resolve();
     let queued = 0;
     const send = (response: Response): void => {
-      if (!socket.destroyed) socket.write(`${JSON.stringify(response)}\n`);
+      if (socket.destroyed) return;
+      // Backpressure: a client that does not read its answers stops being read, so the daemon
+      // holds at most one socket buffer of answers for it instead of an unbounded queue.
+      if (!socket.write(`${JSON.stringify(response)}\n`)) socket.pause();
     };
+    socket.on('drain', () => socket.resume());
     socket.on('data', (chunk: Buffer) => {
       for (const event of decoder.push(chunk)) {
         if (++queued > MAX_QUEUED_REQUESTS) {

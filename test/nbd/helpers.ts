@@ -2,7 +2,6 @@
 
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import type { BlockDevice } from '../../src/device/block-device.js';
 import { FileDevice } from '../../src/device/file-device.js';
@@ -12,6 +11,7 @@ import type { MetaContextSource } from '../../src/nbd/exports.js';
 import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
 import * as C from '../../src/nbd/constants.js';
 import { encodeClientFlags, encodeOption } from '../../src/nbd/encoders.js';
+import { makeTempDir, type AfterHook } from '../helpers/files.js';
 
 export interface TestContext {
   after: (fn: () => unknown) => void;
@@ -28,10 +28,9 @@ export interface Served {
   connect(options?: Partial<NbdClientOptions>): Promise<NbdClient>;
 }
 
-export function tempDir(t: TestContext, prefix = 'bdsnap-nbd-'): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
+/** A temporary directory removed after the test (the one implementation is helpers/files.ts). */
+export function tempDir(t: AfterHook, prefix = 'bdsnap-nbd-'): string {
+  return makeTempDir(t, prefix);
 }
 
 /**

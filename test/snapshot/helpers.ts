@@ -3,19 +3,18 @@
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import assert from 'node:assert/strict';
 import { BdsnapError, type ErrorCode } from '../../src/errors.js';
+import { makeTempDir, type AfterHook } from '../helpers/files.js';
 
 export interface TestContext {
   after: (fn: () => unknown) => void;
 }
 
-export function tempDir(t: TestContext, prefix = 'bdsnap-snap-'): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
-  return dir;
+/** A temporary directory removed after the test (the one implementation is helpers/files.ts). */
+export function tempDir(t: AfterHook, prefix = 'bdsnap-snap-'): string {
+  return makeTempDir(t, prefix);
 }
 
 /** A file of `sizeBytes` random bytes (random so that every chunk differs). */
