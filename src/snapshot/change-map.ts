@@ -430,13 +430,19 @@ export class ChangeMap {
       await fs.promises.mkdir(path.dirname(options.file), { recursive: true, mode: 0o700 });
       const { fd, state, reset } = ChangeMap.#load(options, bootId, stamp);
       const map = new ChangeMap(options, bootId, fd, state);
-      if (reset) {
-        map.#replaceFile();
-      } else {
-        // From here on the file is "in use": unclean until close(), with this boot's id.
-        map.#lastWriteSeenMs = Date.now();
-        map.#writeHeader(0, undefined);
-        fs.fdatasyncSync(fd);
+      try {
+        if (reset) {
+          map.#replaceFile();
+        } else {
+          // From here on the file is "in use": unclean until close(), with this boot's id.
+          map.#lastWriteSeenMs = Date.now();
+          map.#writeHeader(0, undefined);
+          fs.fdatasyncSync(fd);
+        }
+      } catch (err) {
+        clearInterval(map.#staleTimer);
+        if (fd >= 0) fs.closeSync(fd);
+        throw err;
       }
       return { map, reset };
     } catch (err) {
@@ -448,8 +454,8 @@ export class ChangeMap {
     fd: number; state: { generation: string; number: number; entries: Uint32Array; createdMs: number }; reset: ChangeMapReset | null;
   } {
     const blocks = Math.ceil(options.deviceSizeBytes / trackingBlockSize(options.deviceSizeBytes));
-    const fresh = (reason: ChangeMapResetReason, detail: string, previousGeneration: string | null, fd = -1) => ({
-      fd,
+    const fresh = (reason: ChangeMapResetReason, detail: string, previousGeneration: string | null) => ({
+      fd: -1,
       state: { generation: newGeneration(), number: 1, entries: new Uint32Array(blocks), createdMs: Date.now() },
       reset: { reason, detail, previousGeneration } as ChangeMapReset,
     });
@@ -470,6 +476,9 @@ export class ChangeMap {
       if ((parsed.flags & FLAG_POISONED) !== 0) return fresh('corrupt', 'an earlier write of the map file failed', prev);
       if (parsed.deviceSizeBytes !== options.deviceSizeBytes) {
         return fresh('size-changed', `the device is ${options.deviceSizeBytes} bytes, the map was for ${parsed.deviceSizeBytes}`, prev);
+      }
+      if (parsed.blockSize !== trackingBlockSize(options.deviceSizeBytes)) {
+        return fresh('corrupt', `the map has blocks of ${parsed.blockSize} bytes, this version uses ${trackingBlockSize(options.deviceSizeBytes)}`, prev);
       }
       const clean = (parsed.flags & FLAG_CLEAN) !== 0;
       if (!clean && options.durability === 'process' && (parsed.bootId === '' || parsed.bootId !== bootId)) {
