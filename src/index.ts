@@ -12,7 +12,7 @@ export { FileDevice, type FileDeviceOptions } from './device/file-device.js';
 export { NbdServer, NbdClient, StaticExports, type NbdServerOptions, type NbdClientOptions, type ExportHandle, type ExportProvider } from './nbd/index.js';
 
 export {
-  CowDevice, restore, listSessions, recoverSession, readSessionInfo, sessionDirName, checkNotInUse,
+  CowDevice, restore, listSessions, recoverSession, readSessionInfo, sessionDirName, checkNotInUse, type HostPaths,
   DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT,
   type SessionOptions, type SessionSummary, type SessionEvent, type CowState, type RestoreOptions, type RestoreSummary, type SessionInfo, type SessionState,
 } from './snapshot/index.js';

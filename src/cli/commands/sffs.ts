@@ -153,8 +153,14 @@ async function openTarget(devName: string, options: TargetOptions, readOnly: boo
       : `no daemon NBD socket at ${socketPath}: is the daemon running? (use --run-dir, BDSNAP_RUN_DIR, or --image for offline use)`);
   }
   // Register like `mount` does, so the daemon serves the export (a no-op for a known device).
-  // Not with --socket or --export: that server is not necessarily bdsnap's daemon.
-  if (!options.socket && !options.export) await withClient(runDir, (client) => client.register(exportName));
+  // Not with --socket or --export: that server is not necessarily bdsnap's daemon. Without a
+  // control socket next to the NBD socket there is no daemon to ask, and the NBD server
+  // itself decides what it serves.
+  if (!options.socket && !options.export) {
+    await withClient(runDir, (client) => client.register(exportName)).catch((err: unknown) => {
+      if (!(err instanceof BdsnapError && err.code === 'ENOENT')) throw err;
+    });
+  }
   return connectNbd({ socketPath, exportName });
 }
 
