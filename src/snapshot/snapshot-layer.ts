@@ -81,7 +81,9 @@ export class SnapshotLayer implements BlockDevice {
   /**
    * Write barrier: modifying requests that arrive from now on wait until release(); resolves
    * once those in flight have reached the base. Reads, flush, cache and extents pass. Holds
-   * nest: each hold() needs its release().
+   * nest: each hold() needs its release(), which must always come (a finally): held writers
+   * wait for it. A filesystem freeze goes before hold(), not after: the freeze's own writes
+   * would wait for release().
    */
   async hold(): Promise<void> {
     this.#holds++;
