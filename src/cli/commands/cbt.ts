@@ -74,11 +74,13 @@ export function register(program: Command): void {
       if (options.json) {
         process.stdout.write(`${JSON.stringify(map)}\n`);
       } else if (options.picture) {
-        process.stdout.write(renderChangePicture(map.ranges, map.deviceSizeBytes, {
+        const picture = renderChangePicture(map.ranges, map.deviceSizeBytes, {
           blockSize: map.blockSize,
+          title: `${map.device}: changed since #${since} (generation ${map.generation})`,
           color: process.stdout.isTTY === true && !process.env.NO_COLOR,
-          columns: Math.max(16, Math.min(128, (process.stdout.columns ?? 80) - 2)),
-        }));
+          columns: Math.max(16, Math.min(128, (process.stdout.columns ?? 80) - 12)),
+        });
+        process.stdout.write(picture.endsWith('\n') ? picture : `${picture}\n`);
       } else if (options.svg === undefined) {
         const changed = map.ranges.reduce((sum, r) => sum + r.lengthBytes, 0);
         const lines = map.ranges.map((r) => `${r.offsetBytes}:${r.lengthBytes}`);
