@@ -19,7 +19,7 @@ import { RepoLock, listLocks } from './lock.js';
 import { LocalDirStore, type ObjectStore } from './object-store.js';
 
 export interface InitOptions {
-  /** Power of two from 64 KiB to 16 MiB; default 1 MiB. */
+  /** Power of two from 64 KiB to 16 MiB; default 256 KiB. */
   pieceSizeBytes?: number;
   /** Codec of new pieces: 'deflate' (default, smaller) or 'lz4' (faster). */
   codec?: 'deflate' | 'lz4';

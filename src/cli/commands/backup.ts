@@ -88,7 +88,7 @@ export function register(program: Command): void {
   const repoOption = (c: Command): Command => c.requiredOption('--repo <dir>', 'the repository directory');
 
   repoOption(backup.command('init').description('create an empty repository'))
-    .option('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 1M)')
+    .option('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 256K)')
     .option('--codec <codec>', 'compression of new pieces: deflate (smaller, default) or lz4 (faster)')
     .action(async (flags: RepoFlags & { pieceSize?: string; codec?: string }) => {
       const pieceSizeBytes = flags.pieceSize !== undefined ? parseBytes(flags.pieceSize, '--piece-size') : undefined;
