@@ -169,6 +169,7 @@ export class ChangeTracker implements SnapshotChangeTracking {
       if (!k.startsWith(`${dir}\0`)) continue;
       clearTimeout(frozen.saveTimer);
       fs.closeSync(frozen.writesFd);
+      void frozen.view.close().catch(() => undefined);
       this.#frozen.delete(k);
     }
   }
@@ -179,6 +180,7 @@ export class ChangeTracker implements SnapshotChangeTracking {
       clearTimeout(frozen.saveTimer);
       await frozen.view.save(frozen.file).catch(() => undefined);
       fs.closeSync(frozen.writesFd);
+      await frozen.view.close().catch(() => undefined);
     }
     this.#frozen.clear();
     for (const devicePath of [...this.#open.keys()]) await this.closeMap(devicePath);
