@@ -209,6 +209,7 @@ export class CowDevice implements BlockDevice {
   // ---- BlockDevice ----------------------------------------------------------------------
 
   read(target: Buffer, offsetBytes: number): Promise<void> {
+    if (this.#closing) return Promise.reject(new BdsnapError('ESHUTDOWN', 'the session is closed'));
     return this.#base.read(target, offsetBytes);
   }
 

@@ -44,9 +44,7 @@ runBlockDeviceConformance('FileDevice', async (t, content) => (await fileDevice(
 
 runBlockDeviceConformance('FileDevice, read-only', async (t, content) => (await fileDevice(t, content, true)).device, { readOnly: true });
 
-runBlockDeviceConformance('CowDevice over FileDevice', cowDevice, {
-  todo: { 'requests after close are refused': 'CowDevice refuses writes after close() but passes reads on to the base it does not own' },
-});
+runBlockDeviceConformance('CowDevice over FileDevice', cowDevice);
 
 runBlockDeviceConformance('point-in-time view of a CowDevice', async (t, content) => {
   const cow = await cowDevice(t, content);
@@ -55,23 +53,12 @@ runBlockDeviceConformance('point-in-time view of a CowDevice', async (t, content
   fillRandom(noise, 99);
   await cow.write(noise, 0);
   return cow.view();
-}, {
-  readOnly: true,
-  todo: {
-    'close waits for requests in flight': 'the view\'s close() is a no-op that does not wait for its reads',
-    'requests after close are refused': 'the view\'s close() is a no-op: it keeps reading while its session lives',
-  },
-});
+}, { readOnly: true, ownedBy: 'its session: the session\'s close ends it' });
 
 runBlockDeviceConformance('DirtyTracker over FileDevice', async (t, content): Promise<BlockDevice> => {
   const { device } = await fileDevice(t, content);
   return new DirtyTracker(device, async () => undefined);
-}, {
-  todo: {
-    'close waits for requests in flight': 'DirtyTracker.close() is a no-op that does not wait for requests in flight',
-    'requests after close are refused': 'DirtyTracker.close() leaves its base open (the attachment owns it) and passes later requests on',
-  },
-});
+}, { ownedBy: 'the daemon\'s attachment of the device' });
 
 runBlockDeviceConformance('NbdClient to an NbdServer over a unix socket', async (t, content) => {
   const { dir, image, device, cleanup } = await fileDevice(t, content);
@@ -84,18 +71,13 @@ runBlockDeviceConformance('NbdClient to an NbdServer over a unix socket', async 
   return client;
 });
 
-/** The layers of a device the daemon serves own nothing below them: closing one leaves its base open. */
-const SHARED_BASE = {
-  'close waits for requests in flight': 'the layer\'s close() leaves its base to the attachment that owns it',
-  'requests after close are refused': 'the layer\'s close() leaves its base to the attachment that owns it',
-} as const;
 
 runBlockDeviceConformance('TrackingDevice over FileDevice', async (t, content): Promise<BlockDevice> => {
   const { dir, device, cleanup } = await fileDevice(t, content);
   const { map } = await ChangeMap.open({ file: path.join(dir, 'cbt.map'), deviceSizeBytes: device.size, durability: 'process', bootId: 'conformance' });
   cleanup.after(() => map.close(null));
   return new TrackingDevice(device, map);
-}, { todo: SHARED_BASE });
+});
 
 /** A SnapshotLayer over the file with one point taken at `content`, and that point's image. */
 async function snapshotLayer(t: TestContext, content: Buffer): Promise<{ layer: SnapshotLayer; image: BlockDevice }> {
@@ -112,7 +94,8 @@ async function snapshotLayer(t: TestContext, content: Buffer): Promise<{ layer: 
   return { layer, image };
 }
 
-runBlockDeviceConformance('SnapshotLayer over FileDevice, with a snapshot held', async (t, content) => (await snapshotLayer(t, content)).layer, { todo: SHARED_BASE });
+runBlockDeviceConformance('SnapshotLayer over FileDevice, with a snapshot held', async (t, content) => (await snapshotLayer(t, content)).layer,
+  { ownedBy: 'the daemon\'s attachment of the device' });
 
 runBlockDeviceConformance('a snapshot\'s image (writable) while the device moves on', async (t, content) => {
   const { layer, image } = await snapshotLayer(t, content);
@@ -121,9 +104,4 @@ runBlockDeviceConformance('a snapshot\'s image (writable) while the device moves
   fillRandom(noise, 98);
   await layer.write(noise, 0);
   return image;
-}, {
-  todo: {
-    'close waits for requests in flight': 'an image belongs to its snapshot: close() is a no-op, destroy ends it',
-    'requests after close are refused': 'an image belongs to its snapshot: close() is a no-op, destroy ends it',
-  },
-});
+}, { ownedBy: 'its snapshot: destroy ends it' });
