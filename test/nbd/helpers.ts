@@ -51,7 +51,7 @@ export async function serveImage(
   options.fill?.(content);
   fs.writeFileSync(image, content);
   const device = await FileDevice.open(image, { readOnly: options.readOnly ?? false });
-  const exports = new StaticExports([{ name: image, device: options.wrap?.(device) ?? device, description: 'test image' }]);
+  const exports = new StaticExports([{ name: image, device: options.wrap?.(device) ?? device, description: 'test image', ...(options.metaContexts ? { metaContexts: options.metaContexts } : {}) }]);
   const events: Array<Record<string, unknown>> = [];
   const server = new NbdServer({ exports, log: (e) => events.push(e), maxInFlightBytesPerConnection: options.maxInFlightBytesPerConnection });
   const socketPath = path.join(dir, 'nbd.sock');
