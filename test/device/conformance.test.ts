@@ -39,23 +39,12 @@ async function cowDevice(t: TestContext, content: Buffer): Promise<CowDevice> {
   return cow;
 }
 
-runBlockDeviceConformance('FileDevice', async (t, content) => (await fileDevice(t, content)).device, {
-  todo: {
-    'close waits for requests in flight': 'FileDevice.close() closes the descriptor at once (being fixed with the device lock work)',
-    'requests after close are refused': 'FileDevice.close() does not refuse later requests (being fixed with the device lock work)',
-  },
-});
+runBlockDeviceConformance('FileDevice', async (t, content) => (await fileDevice(t, content)).device);
 
-runBlockDeviceConformance('FileDevice, read-only', async (t, content) => (await fileDevice(t, content, true)).device, {
-  readOnly: true,
-  todo: {
-    'close waits for requests in flight': 'FileDevice.close() closes the descriptor at once (being fixed with the device lock work)',
-    'requests after close are refused': 'FileDevice.close() does not refuse later requests (being fixed with the device lock work)',
-  },
-});
+runBlockDeviceConformance('FileDevice, read-only', async (t, content) => (await fileDevice(t, content, true)).device, { readOnly: true });
 
 runBlockDeviceConformance('CowDevice over FileDevice', cowDevice, {
-  todo: { 'requests after close are refused': 'CowDevice refuses writes after close() but passes reads on to the base it does not own' },
+  knownGaps: { 'requests after close are refused': 'CowDevice refuses writes after close() but passes reads on to the base it does not own' },
 });
 
 runBlockDeviceConformance('point-in-time view of a CowDevice', async (t, content) => {
@@ -67,7 +56,7 @@ runBlockDeviceConformance('point-in-time view of a CowDevice', async (t, content
   return cow.view();
 }, {
   readOnly: true,
-  todo: {
+  knownGaps: {
     'close waits for requests in flight': 'the view\'s close() is a no-op that does not wait for its reads',
     'requests after close are refused': 'the view\'s close() is a no-op: it keeps reading while its session lives',
   },
@@ -77,7 +66,7 @@ runBlockDeviceConformance('DirtyTracker over FileDevice', async (t, content): Pr
   const { device } = await fileDevice(t, content);
   return new DirtyTracker(device, async () => undefined);
 }, {
-  todo: {
+  knownGaps: {
     'close waits for requests in flight': 'DirtyTracker.close() is a no-op that does not wait for requests in flight',
     'requests after close are refused': 'DirtyTracker.close() leaves its base open (the attachment owns it) and passes later requests on',
   },
