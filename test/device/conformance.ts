@@ -26,7 +26,7 @@ import { fillRandom } from '../helpers/files.js';
 /** Build a device holding `content`; register cleanup with `t.after`. */
 export type BlockDeviceFactory = (t: TestContext, content: Buffer) => Promise<BlockDevice>;
 
-/** Names of the checks, for ConformanceOptions.todo. */
+/** Names of the checks. */
 export type ConformanceCheck =
   | 'properties' | 'reads' | 'bounds' | 'alignment' | 'writes' | 'buffer reuse' | 'concurrent writes'
   | 'trim' | 'zero' | 'flush and fua' | 'read-only refusals' | 'extents' | 'close waits for requests in flight'
@@ -37,11 +37,6 @@ export interface ConformanceOptions {
   readOnly?: boolean;
   /** Bytes of the content handed to the factory; a multiple of 4096. Default 2 MiB + 12 KiB. */
   sizeBytes?: number;
-  /**
-   * Known departures from the contract, by check, with the reason: the check still runs and is
-   * reported as TODO instead of failing the suite. Remove an entry once the device conforms.
-   */
-  todo?: Partial<Record<ConformanceCheck, string>>;
   /**
    * The layer's close() is not its end: something else owns it and what is below it (an
    * attachment, a snapshot), and ends it. The two close checks are then replaced by one that
@@ -80,8 +75,7 @@ export function runBlockDeviceConformance(name: string, factory: BlockDeviceFact
   const readOnly = options.readOnly === true;
 
   const check = (checkName: ConformanceCheck, body: (device: BlockDevice, content: Buffer, t: TestContext) => Promise<void>): void => {
-    const todo = options.todo?.[checkName];
-    test(`${name} conforms: ${checkName}`, { timeout: MAX_CHECK_MS, ...(todo ? { todo } : {}) }, async (t) => {
+    test(`${name} conforms: ${checkName}`, { timeout: MAX_CHECK_MS }, async (t) => {
       const content = Buffer.alloc(sizeBytes);
       fillRandom(content, sizeBytes ^ checkName.length);
       const device = await factory(t, Buffer.from(content));

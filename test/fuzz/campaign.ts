@@ -14,6 +14,11 @@ import { runControlCampaign } from './control-campaign.js';
 import { runNbdCampaign } from './nbd-campaign.js';
 import { startFuzzTarget } from './serve-target.js';
 
+// The test runner runs every file under dist/test/: without arguments this says how to use it and stops.
+if (process.argv.length <= 2) {
+  console.log('usage: node dist/test/fuzz/campaign.js --frames N [--seed N] [--concurrency N] [--control-messages N]');
+  process.exit(0);
+}
 const { values } = parseArgs({
   options: {
     frames: { type: 'string', default: '1000000' },

@@ -5,14 +5,13 @@ import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { NbdClient } from '../../src/nbd/client.js';
 import { tempDir, type TestContext } from './helpers.js';
 import { needs } from '../helpers/needs.js';
+import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
 
 const execFileAsync = promisify(execFile);
-const MAIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../src/cli/main.js');
 
 interface Running {
   child: ChildProcess;

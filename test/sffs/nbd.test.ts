@@ -10,14 +10,13 @@ import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
 import { connectNbd } from '../../src/fs/singlefilefs/nbd.js';
 import { GRADING_SCENARIOS, assertScenarioOutcome, expectedContent, prepareScenarioImage, sffsCliWriter } from './scenarios.js';
 import { tempDir } from './helpers.js';
+import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
 
-const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
 
 type ServerKind = 'nbdkit' | 'bdsnap serve';
 

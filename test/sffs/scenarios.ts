@@ -16,12 +16,12 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import { FileDevice } from '../../src/device/file-device.js';
 import { BdsnapError } from '../../src/errors.js';
 import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { INITIAL_CONTENT, SFFS_BLOCK_SIZE, maxFileSizeFor } from '../../src/fs/singlefilefs/layout.js';
 import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
+import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
 
 /** What a scenario needs from the filesystem: the user-space write loop. */
 export interface SingleFileWriter {
@@ -238,7 +238,6 @@ export async function assertScenarioOutcome(scenario: GradingScenario, image: st
   assert.equal(Number(after.readBigUInt64LE(4096 + 24)), scenario.sizeAfterBytes, `${scenario.name}: size`);
 }
 
-const MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
 
 /**
  * A writer that runs one `bdsnap sffs write` process per write, e.g. with
