@@ -308,14 +308,14 @@ export class DeviceTable {
         return null;
       }
       await this.#registry.sessionEnded(att.devicePath, summary.sessionDir);
-      this.#events.emit('session-ended', {
-        device: att.devicePath,
-        details: {
-          sessionDir: summary.sessionDir, state: summary.state, preservedChunks: summary.preservedChunks,
-          preservedBytes: summary.preservedBytes, storeBytes: summary.storeBytes,
-          ...(summary.failedReason ? { reason: summary.failedReason } : {}),
-        },
-      });
+      const details = {
+        sessionDir: summary.sessionDir, state: summary.state, preservedChunks: summary.preservedChunks,
+        preservedBytes: summary.preservedBytes, storeBytes: summary.storeBytes,
+        ...(summary.failedReason ? { reason: summary.failedReason } : {}),
+      };
+      // The log line operators and scripts already read, then the event for `bdsnap events`.
+      this.#log.info({ event: 'session-end', device: att.devicePath, ...details }, 'session ended');
+      this.#events.emit('session-ended', { device: att.devicePath, details });
       return summary.sessionDir;
     } catch (err) {
       const e = toBdsnapError(err);
