@@ -7,6 +7,9 @@
  * - first writes (one pass of random 4 KiB writes over the device, depth 16) with a snapshot
  *   held vs with a mount session: each cell starts a new snapshot or a new session, so every
  *   write is a first write (target: about 1.0x);
+ * - plain writes (an inactive device, no snapshot) with the change map on vs off (a second
+ *   daemon started with --no-change-tracking): random 4 KiB at depth 1 and 16, sequential
+ *   1 MiB at depth 4, timed (target: at most 3% slower);
  * - the write stall of `snapshot create` on 4 devices under random 4 KiB writes at depth 16
  *   each: how long the barrier held new writes, over many creates (target: p99 <= 50 ms).
  *
@@ -28,7 +31,7 @@ const { values } = parseArgs({
     'size-mib': { type: 'string', default: '1024' },
     creates: { type: 'string', default: '30' },
     json: { type: 'string' },
-    rows: { type: 'string', default: 'reads,first-writes,stall' },
+    rows: { type: 'string', default: 'reads,first-writes,tracking,stall' },
   },
 });
 const REPEAT = Number(values.repeat);
@@ -127,6 +130,26 @@ async function firstWriteRows(daemon: RunningDaemon, active: string, idle: strin
   cells.push(cell);
 }
 
+async function trackingRows(tracked: RunningDaemon, untracked: RunningDaemon, trackedImg: string, untrackedImg: string, cells: Cell[]): Promise<void> {
+  const jobs = [
+    { row: 'plain writes, random 4 KiB, depth 1: change map on / off', rw: 'randwrite', bs: 4096, depth: 1, unit: 'IOPS' },
+    { row: 'plain writes, random 4 KiB, depth 16: change map on / off', rw: 'randwrite', bs: 4096, depth: 16, unit: 'IOPS' },
+    { row: 'plain writes, sequential 1 MiB, depth 4: change map on / off', rw: 'write', bs: 1 << 20, depth: 4, unit: 'MB/s' },
+  ];
+  for (const job of jobs) {
+    const cell: Cell = { row: job.row, unit: job.unit, reference: [], measured: [], target: '>= 0.97' };
+    for (let i = 0; i < REPEAT; i++) {
+      for (const side of i % 2 === 0 ? ['off', 'on'] : ['on', 'off']) {
+        const [daemon, img] = side === 'on' ? [tracked, trackedImg] : [untracked, untrackedImg];
+        const r = await runFio({ uri: uri(daemon, img), rw: job.rw, blockSizeBytes: job.bs, ioDepth: job.depth, sizeBytes: SIZE_BYTES, runtimeSec: 4 });
+        const value = job.unit === 'MB/s' ? r.write.bandwidthBytesPerSec / 1e6 : r.write.iops;
+        (side === 'on' ? cell.measured : cell.reference).push(value);
+      }
+    }
+    cells.push(cell);
+  }
+}
+
 async function stallRow(daemon: RunningDaemon, devices: string[]): Promise<{ stallsMs: number[]; writerIops: number }> {
   const runtimeSec = Math.max(10, Math.ceil(CREATES * 0.6));
   const fioDir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-fio-'));
@@ -156,12 +179,17 @@ async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-snapshots-'));
   const cells: Cell[] = [];
   try {
-    const images = ['read.img', 'active.img', 'idle.img', 's0.img', 's1.img', 's2.img', 's3.img'].map((n) => filledImage(dir, n));
-    const [readImg, activeImg, idleImg, ...stallImgs] = images as [string, string, string, ...string[]];
+    const images = ['read.img', 'active.img', 'idle.img', 'untracked.img', 's0.img', 's1.img', 's2.img', 's3.img'].map((n) => filledImage(dir, n));
+    const [readImg, activeImg, idleImg, untrackedImg, ...stallImgs] = images as [string, string, string, string, ...string[]];
     const daemon = await startDaemon(undefined, { activate: [activeImg] });
+    const untracked = ROWS.has('tracking') ? await startDaemon(undefined, { extraArgs: ['--no-change-tracking'] }) : undefined;
     try {
       // Register the idle devices (a snapshot taken and dropped).
       await destroySnapshot(daemon, (await createSnapshot(daemon, [readImg, idleImg, ...stallImgs])).id);
+      if (untracked) {
+        await destroySnapshot(untracked, (await createSnapshot(untracked, [untrackedImg])).id);
+        await trackingRows(daemon, untracked, idleImg, untrackedImg, cells);
+      }
       if (ROWS.has('reads')) await readRows(daemon, readImg, cells);
       if (ROWS.has('first-writes')) await firstWriteRows(daemon, activeImg, idleImg, cells);
       const stall = ROWS.has('stall') ? await stallRow(daemon, stallImgs) : { stallsMs: [], writerIops: 0 };
@@ -181,6 +209,7 @@ async function main(): Promise<void> {
       throw err;
     } finally {
       await daemon.server.stop();
+      await untracked?.server.stop();
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });

@@ -47,6 +47,8 @@ export interface DaemonOptions {
   session?: SessionSettings;
   /** How long umount waits for other NBD clients of the device to let go. Default 30 s. */
   detachTimeoutMs?: number;
+  /** Keep a change map per device (default true). */
+  changeTracking?: boolean;
 }
 
 export class Daemon {
@@ -59,7 +61,7 @@ export class Daemon {
   readonly #registry: Registry;
   readonly #passwords: PasswordStore;
   readonly #events: EventLog;
-  readonly #tracking: ChangeTracker;
+  readonly #tracking: ChangeTracker | undefined;
   readonly #table: DeviceTable;
   readonly #snapshots: SnapshotManager;
   readonly #mounts: MountManager;
@@ -77,15 +79,15 @@ export class Daemon {
     this.#registry = registry;
     this.#events = events;
     this.#passwords = new PasswordStore(this.#stateDir);
-    this.#tracking = new ChangeTracker(this.#stateDir, options.session?.durability ?? 'process', events, this.#log);
+    this.#tracking = options.changeTracking === false ? undefined : new ChangeTracker(this.#stateDir, options.session?.durability ?? 'process', events, this.#log);
     this.#table = new DeviceTable(registry, this.#snapshotRoot, this.#log, events, options.session, this.#tracking);
     const late: { mounts?: MountManager } = {};
     this.#snapshots = new SnapshotManager({
       stateDir: this.#stateDir, nbdSocket: this.nbdSocket, table: this.#table, registry, events, log: this.#log,
       mountpointOf: (devicePath) => late.mounts?.mountpointOf(devicePath),
-      tracking: this.#tracking,
+      ...(this.#tracking ? { tracking: this.#tracking } : {}),
     });
-    this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
+    if (this.#tracking) this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
     this.#mounts = new MountManager({
       runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
       detachTimeoutMs: options.detachTimeoutMs ?? 30000,
@@ -120,7 +122,7 @@ export class Daemon {
       await this.#nbd.close();
       await this.#snapshots.closeAll();
       await this.#table.closeAll();
-      await this.#tracking.closeAll();
+      await this.#tracking?.closeAll();
       this.#events.close();
       await fs.promises.rm(this.controlSocket, { force: true });
       await fs.promises.rm(this.nbdSocket, { force: true });
@@ -171,20 +173,20 @@ export class Daemon {
       case 'events':
         return this.#events.since(request.after ?? 0, request.waitMs ?? 0);
       case 'cbt-info':
-        return this.#cbt(request.device, async (devicePath, sizeBytes) => this.#tracking.info(devicePath, sizeBytes));
+        return this.#cbt(request.device, async (devicePath, sizeBytes, tracking) => tracking.info(devicePath, sizeBytes));
       case 'cbt-map': {
         const since = request.since;
-        return this.#cbt(request.device, async (devicePath, sizeBytes) => {
-          const { info, ranges } = await this.#tracking.changedSince(devicePath, sizeBytes, since);
+        return this.#cbt(request.device, async (devicePath, sizeBytes, tracking) => {
+          const { info, ranges } = await tracking.changedSince(devicePath, sizeBytes, since);
           return { ...info, since, ranges };
         });
       }
       case 'cbt-mark-dirty': {
         const ranges = request.ranges;
-        return this.#cbt(request.device, (devicePath, sizeBytes) => this.#tracking.markDirty(devicePath, sizeBytes, ranges));
+        return this.#cbt(request.device, (devicePath, sizeBytes, tracking) => tracking.markDirty(devicePath, sizeBytes, ranges));
       }
       case 'cbt-reset':
-        return this.#cbt(request.device, (devicePath, sizeBytes) => this.#tracking.reset(devicePath, sizeBytes));
+        return this.#cbt(request.device, (devicePath, sizeBytes, tracking) => tracking.reset(devicePath, sizeBytes));
     }
   }
 
@@ -201,7 +203,9 @@ export class Daemon {
   }
 
   /** A change-map operation on a registered device, answered with the device's name and size. */
-  async #cbt(device: string, fn: (devicePath: string, sizeBytes: number) => Promise<ChangeMapInfo>): Promise<CbtInfo & Record<string, unknown>> {
+  async #cbt(device: string, fn: (devicePath: string, sizeBytes: number, tracking: ChangeTracker) => Promise<ChangeMapInfo>): Promise<CbtInfo & Record<string, unknown>> {
+    const tracking = this.#tracking;
+    if (!tracking) throw new BdsnapError('ENOTSUP', 'change tracking is off in this daemon (started with --no-change-tracking)');
     const devicePath = await canonicalDevicePath(device);
     if (!this.#registry.get(devicePath)) {
       throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap (mount it, snapshot it or serve it once first)`);
@@ -213,7 +217,7 @@ export class Daemon {
       sizeBytes = file.size;
       await file.close();
     }
-    const info = await fn(devicePath, sizeBytes);
+    const info = await fn(devicePath, sizeBytes, tracking);
     return { device: devicePath, ...info };
   }
 

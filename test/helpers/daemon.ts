@@ -19,6 +19,8 @@ export interface DaemonOptions {
   durability?: 'process' | 'strict';
   password?: string;
   readyTimeoutMs?: number;
+  /** More `bdsnap daemon` arguments (e.g. --no-change-tracking). */
+  extraArgs?: string[];
 }
 
 export interface RunningDaemon {
@@ -45,7 +47,7 @@ export async function startDaemon(t: AfterHook | undefined, options: DaemonOptio
     command: process.execPath,
     args: [
       BDSNAP_MAIN, 'daemon', '--run-dir', runDir, '--state-dir', stateDir, '--snapshot-root', snapshotRoot,
-      '--log-level', 'warn', ...(options.durability ? ['--durability', options.durability] : []),
+      '--log-level', 'warn', ...(options.durability ? ['--durability', options.durability] : []), ...(options.extraArgs ?? []),
     ],
     socketPath: path.join(runDir, 'nbd.sock'),
     exportNames: (options.activate ?? []).map((p) => path.resolve(p)),

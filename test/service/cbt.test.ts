@@ -199,3 +199,16 @@ test('cbt commands: info, map --since, mark-dirty, reset, and clear refusals', {
   const empty = JSON.parse(ok(box, ['cbt', 'map', device, '--since', '0', '--json'])) as { ranges: unknown[] };
   assert.deepEqual(empty.ranges, [], 'a new generation has seen no change yet');
 });
+
+test('a daemon started with --no-change-tracking keeps no map and says so', { timeout: 60_000 }, async (t) => {
+  const box = sandbox(t);
+  const device = makeImage(box.top, 'a.img', 1 << 20);
+  await startDaemonProcess(t, box, ['--no-change-tracking']);
+  const snap = snapshot(box, device);
+  assert.equal(snap.images[0]?.cbt, null, 'the image has no change-map point');
+  ok(box, ['snapshot', 'destroy', snap.id]);
+  const r = cli(box, ['cbt', 'info', device]);
+  assert.notEqual(r.status, 0);
+  assert.match(r.stderr, /change tracking is off/);
+  assert.equal(fs.existsSync(path.join(box.stateDir, 'cbt')), false, 'no map file was written');
+});

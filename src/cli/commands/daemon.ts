@@ -13,6 +13,7 @@ interface DaemonOptions extends SessionCliOptions {
   stateDir: string;
   snapshotRoot: string;
   logLevel: string;
+  changeTracking: boolean;
 }
 
 export function register(program: Command): void {
@@ -24,6 +25,7 @@ export function register(program: Command): void {
     .option('--snapshot-root <dir>', 'session directories', DEFAULT_SNAPSHOT_ROOT);
   addSessionOptions(command)
     .option('--log-level <level>', 'pino level: debug, info, warn, error', 'info')
+    .option('--no-change-tracking', 'keep no change map (incremental backups then read whole devices)')
     .action(async (options: DaemonOptions) => {
       const session = parseSessionOptions(options);
       if (!['trace', 'debug', 'info', 'warn', 'error', 'fatal'].includes(options.logLevel)) {
@@ -38,6 +40,7 @@ export function register(program: Command): void {
         snapshotRoot: options.snapshotRoot,
         log,
         session,
+        changeTracking: options.changeTracking,
       });
       await new Promise<void>((resolve) => {
         const stop = (signal: string): void => {
