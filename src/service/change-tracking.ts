@@ -22,6 +22,7 @@ import type { MetaContextSource } from '../nbd/exports.js';
 import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type ChangeMapReset, type DeviceStamp } from '../snapshot/change-map.js';
 import { escapeDevicePath } from '../snapshot/format.js';
 import type { EventLog } from './events.js';
+import { KeyedQueue } from './keyed-queue.js';
 import type { SnapshotChangeTracking } from './snapshots.js';
 
 const CBT_DIR = 'cbt';
@@ -43,7 +44,7 @@ export class ChangeTracker implements SnapshotChangeTracking {
   readonly #events: EventLog;
   readonly #log: Logger;
   readonly #open = new Map<string, ChangeMap>();
-  readonly #queues = new Map<string, Promise<unknown>>();
+  readonly #queues = new KeyedQueue();
   /** Key: `<snapshot dir>\0<device key>`. */
   readonly #frozen = new Map<string, Frozen>();
   /** Called when a device's map was reset: snapshots of a device changed outside bdsnap are void. */
@@ -218,14 +219,7 @@ export class ChangeTracker implements SnapshotChangeTracking {
   }
 
   #serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
-    const previous = this.#queues.get(key) ?? Promise.resolve();
-    const run = previous.then(fn, fn);
-    const tail = run.catch(() => undefined);
-    this.#queues.set(key, tail);
-    void tail.then(() => {
-      if (this.#queues.get(key) === tail) this.#queues.delete(key);
-    });
-    return run;
+    return this.#queues.run(key, fn);
   }
 
   #reported(devicePath: string, reset: ChangeMapReset): void {

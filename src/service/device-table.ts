@@ -33,6 +33,7 @@ import type { ChangeTracker } from './change-tracking.js';
 import type { DeviceStatus } from './control-protocol.js';
 import { DirtyTracker } from '../device/dirty-tracker.js';
 import type { EventLog } from './events.js';
+import { KeyedQueue } from './keyed-queue.js';
 import type { Registry } from './registry.js';
 
 export interface SessionSettings {
@@ -96,7 +97,7 @@ export class DeviceTable {
   readonly #session: SessionSettings;
   readonly #tracking: ChangeTracker | undefined;
   readonly #attachments = new Map<string, Attachment>();
-  readonly #queues = new Map<string, Promise<unknown>>();
+  readonly #queues = new KeyedQueue();
 
   constructor(registry: Registry, snapshotRoot: string, log: Logger, events: EventLog, session: SessionSettings = {}, tracking?: ChangeTracker) {
     this.#registry = registry;
@@ -352,13 +353,6 @@ export class DeviceTable {
   }
 
   #serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
-    const previous = this.#queues.get(key) ?? Promise.resolve();
-    const run = previous.then(fn, fn);
-    const tail = run.catch(() => undefined);
-    this.#queues.set(key, tail);
-    void tail.then(() => {
-      if (this.#queues.get(key) === tail) this.#queues.delete(key);
-    });
-    return run;
+    return this.#queues.run(key, fn);
   }
 }
