@@ -115,13 +115,17 @@ export class ChangeTracker implements SnapshotChangeTracking {
 
   // --- SnapshotChangeTracking -------------------------------------------------------------
 
-  async take(devicePath: string, dir: string, key: number): Promise<{ generation: string; number: number } | null> {
+  take(devicePath: string, dir: string, key: number): { generation: string; number: number } | null {
     const map = this.#open.get(devicePath);
     if (!map) return null;
     const view = map.advance();
-    const frozen = this.#adopt(dir, key, view);
-    await view.save(frozen.file);
+    this.#adopt(dir, key, view);
     return { generation: view.generation, number: view.number };
+  }
+
+  async persist(dir: string, key: number): Promise<void> {
+    const frozen = this.#frozen.get(frozenKey(dir, key));
+    if (frozen) await frozen.view.save(frozen.file);
   }
 
   async load(_devicePath: string, dir: string, key: number): Promise<void> {

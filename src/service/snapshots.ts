@@ -11,7 +11,8 @@
  *   3. freeze the filesystems the daemon mounted (unless --no-freeze): that flushes their
  *      dirty data through this daemon, so it must come before the barrier;
  *   4. the barrier: hold new modifying requests on every device and wait for those in
- *      flight, add a point on every device, move the change maps on, release. A write
+ *      flight, add a point on every device, move the change maps on (in memory), release,
+ *      then save the change maps' frozen views (no file is synced while writes are held). A write
  *      acknowledged before this step is in every image; a write that had not reached a
  *      device's layer is in no image. The held time is the stall writers see, and is reported;
  *   5. thaw (always), then record the snapshot as 'ok'.
@@ -79,10 +80,15 @@ export interface CreateSnapshotOptions {
 /** What the change tracker does for snapshots; absent where tracking is off. */
 export interface SnapshotChangeTracking {
   /**
-   * Under the barrier: keep the device map's frozen view for this snapshot (persisted in
-   * `dir`) and move the device to the next number. Must not wait on device writes.
+   * Under the barrier: keep the device map's frozen view for this snapshot and move the device
+   * to the next number. In memory only, so the barrier holds writes no longer than it must.
    */
-  take(devicePath: string, dir: string, key: number): Promise<{ generation: string; number: number } | null>;
+  take(devicePath: string, dir: string, key: number): { generation: string; number: number } | null;
+  /**
+   * After the barrier: save the frozen view in `dir`. A daemon killed before this finds the
+   * snapshot still 'creating' at its next start and removes it, so no saved snapshot lacks it.
+   */
+  persist(dir: string, key: number): Promise<void>;
   /** After a restart: the frozen view of an existing snapshot (null if it is gone). */
   load(devicePath: string, dir: string, key: number): Promise<void>;
   /** An image write: mark the device map and the snapshot's frozen view. */
@@ -351,12 +357,13 @@ export class SnapshotManager {
         snapshot.images.push({ device: d.path, key: d.key, layer, image, exported: new ImageExport(image, snapshot, d.path, d.key, this.#options.tracking) });
       }
       for (const d of snapshot.record.devices) {
-        d.cbt = (await this.#options.tracking?.take(d.path, snapshot.dir, d.key)) ?? null;
+        d.cbt = this.#options.tracking?.take(d.path, snapshot.dir, d.key) ?? null;
       }
     } finally {
       for (const layer of holding) layer.release();
       snapshot.record.stallMs = Math.round((performance.now() - started) * 1000) / 1000;
     }
+    for (const d of snapshot.record.devices) await this.#options.tracking?.persist(snapshot.dir, d.key);
   }
 
   async #reopen(record: SnapshotRecord, dir: string): Promise<void> {
