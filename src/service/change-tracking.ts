@@ -8,10 +8,10 @@
  *   the boot id and the file itself; a map that cannot be trusted starts a new generation,
  *   and that reset is an event saying why.
  * - `cbt` commands on a device that is not open open its map just for the answer.
- * - A snapshot's frozen view is saved beside the snapshot (`cbt-<key>.map`). Image writes
- *   mark the device's map (the next backup reads them again) and the frozen view; they are
- *   also appended to `cbt-<key>.writes` before the write is acknowledged, so a daemon killed
- *   before the view is saved again loses none of them.
+ * - A snapshot's frozen view is saved beside the snapshot (`cbt-<key>.map`) right after the
+ *   take and stays attached to that file. Image writes mark the device's map (the next backup
+ *   reads them again) and the frozen view, whose mark writes its entries to the file before
+ *   the write is acknowledged, so a killed daemon loses none of them.
  */
 
 import fs from 'node:fs';
@@ -26,16 +26,10 @@ import { KeyedQueue } from './keyed-queue.js';
 import type { SnapshotChangeTracking } from './snapshots.js';
 
 const CBT_DIR = 'cbt';
-/** Image-write log records: offset and length, little-endian u64 each. */
-const WRITE_RECORD_BYTES = 16;
-/** The frozen view is saved again this long after the last image write. */
-const FROZEN_SAVE_DELAY_MS = 1000;
 
 interface Frozen {
   view: FrozenChangeMap;
   file: string;
-  writesFd: number;
-  saveTimer: NodeJS.Timeout | undefined;
 }
 
 export class ChangeTracker implements SnapshotChangeTracking {
@@ -138,24 +132,11 @@ export class ChangeTracker implements SnapshotChangeTracking {
       this.#log.error({ event: 'cbt-frozen-unreadable', file, reason: (err as Error).message }, 'a snapshot\'s change map cannot be read; its image offers no dirty bitmap');
       return;
     }
-    // Image writes logged after the view was last saved.
-    const log = await fs.promises.readFile(writesFile(dir, key)).catch(() => Buffer.alloc(0));
-    for (let at = 0; at + WRITE_RECORD_BYTES <= log.length; at += WRITE_RECORD_BYTES) {
-      view.mark(Number(log.readBigUInt64LE(at)), Number(log.readBigUInt64LE(at + 8)));
-    }
     this.#adopt(dir, key, view);
   }
 
   imageWrite(devicePath: string, dir: string, key: number, offsetBytes: number, lengthBytes: number): void | Promise<void> {
-    const frozen = this.#frozen.get(frozenKey(dir, key));
-    if (frozen) {
-      const record = Buffer.alloc(WRITE_RECORD_BYTES);
-      record.writeBigUInt64LE(BigInt(offsetBytes), 0);
-      record.writeBigUInt64LE(BigInt(lengthBytes), 8);
-      fs.writeSync(frozen.writesFd, record);
-      frozen.view.mark(offsetBytes, lengthBytes);
-      this.#scheduleSave(frozen);
-    }
+    this.#frozen.get(frozenKey(dir, key))?.view.mark(offsetBytes, lengthBytes);
     return this.#open.get(devicePath)?.mark(offsetBytes, lengthBytes);
   }
 
@@ -172,40 +153,22 @@ export class ChangeTracker implements SnapshotChangeTracking {
   forget(dir: string): void {
     for (const [k, frozen] of [...this.#frozen]) {
       if (!k.startsWith(`${dir}\0`)) continue;
-      clearTimeout(frozen.saveTimer);
-      fs.closeSync(frozen.writesFd);
       void frozen.view.close().catch(() => undefined);
       this.#frozen.delete(k);
     }
   }
 
-  /** Daemon stop: save the frozen views, close the maps of devices still open. */
+  /** Daemon stop: detach the frozen views (their files are up to date), close the maps of devices still open. */
   async closeAll(): Promise<void> {
-    for (const frozen of this.#frozen.values()) {
-      clearTimeout(frozen.saveTimer);
-      await frozen.view.save(frozen.file).catch(() => undefined);
-      fs.closeSync(frozen.writesFd);
-      await frozen.view.close().catch(() => undefined);
-    }
+    for (const frozen of this.#frozen.values()) await frozen.view.close().catch(() => undefined);
     this.#frozen.clear();
     for (const devicePath of [...this.#open.keys()]) await this.closeMap(devicePath);
   }
 
   #adopt(dir: string, key: number, view: FrozenChangeMap): Frozen {
-    const frozen: Frozen = { view, file: frozenFile(dir, key), writesFd: fs.openSync(writesFile(dir, key), 'a', 0o600), saveTimer: undefined };
+    const frozen: Frozen = { view, file: frozenFile(dir, key) };
     this.#frozen.set(frozenKey(dir, key), frozen);
     return frozen;
-  }
-
-  #scheduleSave(frozen: Frozen): void {
-    clearTimeout(frozen.saveTimer);
-    frozen.saveTimer = setTimeout(() => {
-      frozen.saveTimer = undefined;
-      frozen.view.save(frozen.file).catch((err: unknown) => {
-        this.#log.error({ event: 'cbt-frozen-save-failed', file: frozen.file, reason: (err as Error).message }, 'cannot save a snapshot\'s change map (the image-write log still has it)');
-      });
-    }, FROZEN_SAVE_DELAY_MS);
-    frozen.saveTimer.unref();
   }
 
   /** Run `fn` on the device's open map, or on its map opened for the moment (one at a time per device). */
@@ -252,9 +215,6 @@ function frozenFile(dir: string, key: number): string {
   return path.join(dir, `cbt-${key}.map`);
 }
 
-function writesFile(dir: string, key: number): string {
-  return path.join(dir, `cbt-${key}.writes`);
-}
 
 /** Size and mtime of an image file; null for a block device (its node's times say nothing). */
 async function deviceStamp(devicePath: string): Promise<DeviceStamp | null> {

@@ -182,7 +182,7 @@ export class SnapshotManager {
     const snapshot = this.#get(id);
     const d = snapshot.record.devices.find((x) => x.path === path.resolve(device));
     if (!d) throw new BdsnapError('ENOENT', `snapshot ${id} has no image of ${device}`);
-    if (!d.cbt || d.cbt.generation !== generation || since >= d.cbt.number) return null;
+    // The image's frozen view answers, or says it cannot tell (another generation, a number not before it).
     return this.#options.tracking?.frozenChangedSince(snapshot.dir, d.key, generation, since) ?? null;
   }
 
