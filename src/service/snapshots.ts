@@ -31,7 +31,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import type { Logger } from 'pino';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
+import type { Extent } from '../device/block-device.js';
+import { PassThroughDevice } from '../device/pass-through.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ExportHandle, MetaContextSource } from '../nbd/exports.js';
 import { DiffStorage, type DiffStorageEvent } from '../snapshot/diff-storage.js';
@@ -509,68 +510,48 @@ function newSnapshotId(): string {
  * overflowed or failed (the reason in the message), and recording image writes in the change
  * map before they are acknowledged so the next backup reads them again.
  */
-class ImageExport implements BlockDevice {
-  readonly #image: SnapshotImage;
+class ImageExport extends PassThroughDevice {
   readonly #snapshot: LiveSnapshot;
   readonly #device: string;
   readonly #key: number;
   readonly #tracking: SnapshotChangeTracking | undefined;
 
   constructor(image: SnapshotImage, snapshot: LiveSnapshot, device: string, key: number, tracking: SnapshotChangeTracking | undefined) {
-    this.#image = image;
+    super(image);
     this.#snapshot = snapshot;
     this.#device = device;
     this.#key = key;
     this.#tracking = tracking;
   }
 
-  get size(): number { return this.#image.size; }
-  get readOnly(): boolean { return false; }
-  get blockSizes(): BlockDevice['blockSizes'] { return this.#image.blockSizes; }
-  get canTrim(): boolean { return this.#image.canTrim; }
-  get canFastZero(): boolean { return false; }
+  override get readOnly(): boolean { return false; }
+  override get canFastZero(): boolean { return false; }
   /** Image writes on one connection are visible to all: one storage behind them. */
-  get canMultiConn(): boolean { return true; }
+  override get canMultiConn(): boolean { return true; }
 
-  async read(target: Buffer, offsetBytes: number): Promise<void> {
+  override async read(target: Buffer, offsetBytes: number): Promise<void> {
     this.#check();
-    return this.#image.read(target, offsetBytes);
+    return super.read(target, offsetBytes);
   }
 
-  async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+  override async flush(): Promise<void> {
     this.#check();
-    await this.#mark(offsetBytes, data.length);
-    return this.#image.write(data, offsetBytes, options);
+    return super.flush();
   }
 
-  async trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+  override async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     this.#check();
-    await this.#mark(offsetBytes, lengthBytes);
-    return this.#image.trim(offsetBytes, lengthBytes, options);
-  }
-
-  async zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
-    this.#check();
-    await this.#mark(offsetBytes, lengthBytes);
-    return this.#image.zero(offsetBytes, lengthBytes, options);
-  }
-
-  async flush(): Promise<void> {
-    this.#check();
-    return this.#image.flush();
-  }
-
-  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.#image.cache(offsetBytes, lengthBytes);
-  }
-
-  async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    this.#check();
-    return this.#image.extents(offsetBytes, lengthBytes);
+    return super.extents(offsetBytes, lengthBytes);
   }
 
   /** The image belongs to its snapshot: a connection ending does not close it. */
-  async close(): Promise<void> {}
+  override async close(): Promise<void> {}
+
+  protected override async modify(offsetBytes: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
+    this.#check();
+    await this.#tracking?.imageWrite(this.#device, this.#snapshot.dir, this.#key, offsetBytes, lengthBytes);
+    return apply();
+  }
 
   #check(): void {
     const r = this.#snapshot.record;
@@ -578,9 +559,5 @@ class ImageExport implements BlockDevice {
     if (r.state === 'overflowed' || r.state === 'failed') {
       throw new BdsnapError('EIO', `snapshot ${r.id} ${r.state}: ${r.reason ?? 'unknown reason'}; its images cannot be read`);
     }
-  }
-
-  async #mark(offsetBytes: number, lengthBytes: number): Promise<void> {
-    await this.#tracking?.imageWrite(this.#device, this.#snapshot.dir, this.#key, offsetBytes, lengthBytes);
   }
 }

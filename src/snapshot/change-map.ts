@@ -49,7 +49,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
+import { checkRange, type BlockDevice } from '../device/block-device.js';
+import { PassThroughDevice } from '../device/pass-through.js';
 
 export const CHANGE_MAP_MAGIC = 'BDSNPCBT';
 export const FROZEN_MAP_MAGIC = 'BDSNPCBF';
@@ -950,64 +951,18 @@ export class FrozenChangeMap {
  * A layer that marks the change map before a write, trim or write-zeroes reaches the device
  * below; everything else passes through. A rewrite within the current period costs a compare.
  */
-export class TrackingDevice implements BlockDevice {
-  readonly size: number;
-  readonly readOnly: boolean;
-  readonly blockSizes: BlockSizes;
-  readonly canTrim: boolean;
-  readonly canFastZero: boolean;
-  readonly canMultiConn: boolean;
-  readonly #base: BlockDevice;
+export class TrackingDevice extends PassThroughDevice {
   readonly #map: ChangeMap;
 
   constructor(base: BlockDevice, map: ChangeMap) {
     if (map.info().deviceSizeBytes !== base.size) throw new BdsnapError('EINVAL', `the change map is for ${map.info().deviceSizeBytes} bytes, the device has ${base.size}`);
-    this.#base = base;
+    super(base);
     this.#map = map;
-    this.size = base.size;
-    this.readOnly = base.readOnly;
-    this.blockSizes = base.blockSizes;
-    this.canTrim = base.canTrim;
-    this.canFastZero = base.canFastZero;
-    this.canMultiConn = base.canMultiConn;
   }
 
-  read(target: Buffer, offsetBytes: number): Promise<void> {
-    return this.#base.read(target, offsetBytes);
-  }
+  // close() closes the device below; the change map is closed by its owner (with the image's stamp).
 
-  write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
-    return this.#modify(offsetBytes, data.length, () => this.#base.write(data, offsetBytes, options));
-  }
-
-  trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
-    return this.#modify(offsetBytes, lengthBytes, () => this.#base.trim(offsetBytes, lengthBytes, options));
-  }
-
-  zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
-    // Refused before marking: the caller falls back to writing zeroes, which marks then.
-    if (options?.fastZero && !this.#base.canFastZero) return Promise.reject(new BdsnapError('ENOTSUP', 'fast zero is not supported by this device'));
-    return this.#modify(offsetBytes, lengthBytes, () => this.#base.zero(offsetBytes, lengthBytes, options));
-  }
-
-  flush(): Promise<void> {
-    return this.#base.flush();
-  }
-
-  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.#base.cache(offsetBytes, lengthBytes);
-  }
-
-  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    return this.#base.extents(offsetBytes, lengthBytes);
-  }
-
-  /** Closes the device below; the change map is closed by its owner (with the image's stamp). */
-  close(): Promise<void> {
-    return this.#base.close();
-  }
-
-  #modify(offsetBytes: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
+  protected override modify(offsetBytes: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
     let marked: void | Promise<void>;
     try {
       if (this.readOnly) throw new BdsnapError('EPERM', 'the device is read-only');

@@ -1,35 +1,13 @@
 /**
- * BlockDevice wrappers for tests: one that passes everything through (the base of the
- * others), and one that holds chosen requests until the test lets them go, so a test can
- * observe what a server does while requests are in flight (order of replies, backpressure).
+ * BlockDevice wrappers for tests, on the project's PassThroughDevice: one that holds chosen
+ * requests until the test lets them go, so a test can observe what a server does while
+ * requests are in flight (order of replies, backpressure).
  */
 
-import type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from '../../src/device/block-device.js';
+import type { WriteOptions } from '../../src/device/block-device.js';
+import { PassThroughDevice } from '../../src/device/pass-through.js';
 
-/** Forwards every call to `inner`; subclasses override what they watch. */
-export class PassThroughDevice implements BlockDevice {
-  protected readonly inner: BlockDevice;
-
-  constructor(inner: BlockDevice) {
-    this.inner = inner;
-  }
-
-  get size(): number { return this.inner.size; }
-  get readOnly(): boolean { return this.inner.readOnly; }
-  get blockSizes(): BlockSizes { return this.inner.blockSizes; }
-  get canTrim(): boolean { return this.inner.canTrim; }
-  get canFastZero(): boolean { return this.inner.canFastZero; }
-  get canMultiConn(): boolean { return this.inner.canMultiConn; }
-
-  read(target: Buffer, offsetBytes: number): Promise<void> { return this.inner.read(target, offsetBytes); }
-  write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> { return this.inner.write(data, offsetBytes, options); }
-  flush(): Promise<void> { return this.inner.flush(); }
-  trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> { return this.inner.trim(offsetBytes, lengthBytes, options); }
-  zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> { return this.inner.zero(offsetBytes, lengthBytes, options); }
-  cache(offsetBytes: number, lengthBytes: number): Promise<void> { return this.inner.cache(offsetBytes, lengthBytes); }
-  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> { return this.inner.extents(offsetBytes, lengthBytes); }
-  close(): Promise<void> { return this.inner.close(); }
-}
+export { PassThroughDevice };
 
 export type HeldKind = 'read' | 'write';
 

@@ -30,7 +30,7 @@ export class RecordingDevice extends PassThroughDevice {
   }
 
   override get blockSizes(): BlockSizes {
-    const sizes = this.inner.blockSizes;
+    const sizes = this.base.blockSizes;
     return this.#minimumBytes === undefined ? sizes : { ...sizes, minimum: this.#minimumBytes };
   }
 
@@ -39,7 +39,7 @@ export class RecordingDevice extends PassThroughDevice {
     if (offsetBytes % minimum !== 0 || target.length % minimum !== 0) {
       return Promise.reject(new BdsnapError('EINVAL', `range ${offsetBytes}+${target.length} is not aligned to ${minimum} bytes`));
     }
-    return this.inner.read(target, offsetBytes);
+    return this.base.read(target, offsetBytes);
   }
 
   override write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
@@ -48,6 +48,6 @@ export class RecordingDevice extends PassThroughDevice {
       return Promise.reject(new BdsnapError('EINVAL', `range ${offsetBytes}+${data.length} is not aligned to ${minimum} bytes`));
     }
     this.writes.push({ offsetBytes, lengthBytes: data.length });
-    return this.inner.write(data, offsetBytes, options);
+    return this.base.write(data, offsetBytes, options);
   }
 }
