@@ -19,7 +19,7 @@ export class DirtyTracker extends PassThroughDevice {
   /** Does not close the base: the attachment owns it. */
   override async close(): Promise<void> {}
 
-  protected override async modify(_offsetBytes: number, _lengthBytes: number, apply: () => Promise<void>): Promise<void> {
+  protected override async modify(_offsetBytes: number, _lengthBytes: number, _fua: boolean, apply: () => Promise<void>): Promise<void> {
     await this.#mark();
     return apply();
   }

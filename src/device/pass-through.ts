@@ -33,16 +33,16 @@ export class PassThroughDevice implements BlockDevice {
   }
 
   write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
-    return this.modify(offsetBytes, data.length, () => this.#base.write(data, offsetBytes, options));
+    return this.modify(offsetBytes, data.length, options?.fua ?? false, () => this.#base.write(data, offsetBytes, options));
   }
 
   trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
-    return this.modify(offsetBytes, lengthBytes, () => this.#base.trim(offsetBytes, lengthBytes, options));
+    return this.modify(offsetBytes, lengthBytes, options?.fua ?? false, () => this.#base.trim(offsetBytes, lengthBytes, options));
   }
 
   zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
     if (options?.fastZero && !this.#base.canFastZero) return Promise.reject(new BdsnapError('ENOTSUP', 'fast zero is not supported by this device'));
-    return this.modify(offsetBytes, lengthBytes, () => this.#base.zero(offsetBytes, lengthBytes, options));
+    return this.modify(offsetBytes, lengthBytes, options?.fua ?? false, () => this.#base.zero(offsetBytes, lengthBytes, options));
   }
 
   flush(): Promise<void> {
@@ -61,8 +61,8 @@ export class PassThroughDevice implements BlockDevice {
     return this.#base.close();
   }
 
-  /** A write, trim or write-zeroes of the range; `apply` sends it to the device below. */
-  protected modify(_offsetBytes: number, _lengthBytes: number, apply: () => Promise<void>): Promise<void> {
+  /** A write, trim or write-zeroes of the range (`fua`: force unit access); `apply` sends it to the device below. */
+  protected modify(_offsetBytes: number, _lengthBytes: number, _fua: boolean, apply: () => Promise<void>): Promise<void> {
     return apply();
   }
 }

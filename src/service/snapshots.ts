@@ -547,7 +547,7 @@ class ImageExport extends PassThroughDevice {
   /** The image belongs to its snapshot: a connection ending does not close it. */
   override async close(): Promise<void> {}
 
-  protected override async modify(offsetBytes: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
+  protected override async modify(offsetBytes: number, lengthBytes: number, _fua: boolean, apply: () => Promise<void>): Promise<void> {
     this.#check();
     await this.#tracking?.imageWrite(this.#device, this.#snapshot.dir, this.#key, offsetBytes, lengthBytes);
     return apply();

@@ -962,7 +962,7 @@ export class TrackingDevice extends PassThroughDevice {
 
   // close() closes the device below; the change map is closed by its owner (with the image's stamp).
 
-  protected override modify(offsetBytes: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
+  protected override modify(offsetBytes: number, lengthBytes: number, _fua: boolean, apply: () => Promise<void>): Promise<void> {
     let marked: void | Promise<void>;
     try {
       if (this.readOnly) throw new BdsnapError('EPERM', 'the device is read-only');

@@ -28,6 +28,7 @@
 import { BdsnapError } from '../errors.js';
 import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
 import { BufferPool } from '../device/buffer-pool.js';
+import { PassThroughDevice } from '../device/pass-through.js';
 import { ChunkBitmap } from './chunk-table.js';
 import { checkChunkSize } from './format.js';
 import type { DiffStorage } from './diff-storage.js';
@@ -38,16 +39,9 @@ const MAX_RUN_BYTES = 2 * 1024 * 1024;
 /** Cap on the copy buffers kept for reuse. */
 const SPARE_BUFFER_BYTES = 16 * 1024 * 1024;
 
-export class SnapshotLayer implements BlockDevice {
-  readonly size: number;
-  readonly readOnly: boolean;
-  readonly blockSizes: BlockSizes;
-  readonly canTrim: boolean;
-  readonly canFastZero: boolean;
-  readonly canMultiConn: boolean;
+export class SnapshotLayer extends PassThroughDevice {
   readonly chunkSize: number;
 
-  readonly #base: BlockDevice;
   readonly #chunkCount: number;
   readonly #maxRunChunks: number;
   #points: SnapshotImage[] = [];
@@ -61,14 +55,8 @@ export class SnapshotLayer implements BlockDevice {
 
   constructor(base: BlockDevice, options: { chunkSize: number }) {
     checkChunkSize(options.chunkSize);
-    this.#base = base;
+    super(base);
     this.chunkSize = options.chunkSize;
-    this.size = base.size;
-    this.readOnly = base.readOnly;
-    this.blockSizes = base.blockSizes;
-    this.canTrim = base.canTrim;
-    this.canFastZero = base.canFastZero;
-    this.canMultiConn = base.canMultiConn;
     this.#chunkCount = Math.ceil(base.size / options.chunkSize);
     this.#maxRunChunks = Math.max(1, MAX_RUN_BYTES / options.chunkSize);
   }
@@ -110,7 +98,7 @@ export class SnapshotLayer implements BlockDevice {
     const held = storage.attach(deviceKey);
     const preserved = new ChunkBitmap(this.#chunkCount);
     for (const c of held) if (c < this.#chunkCount) preserved.add(c);
-    const image = new SnapshotImage(this, this.#base, storage, deviceKey, preserved);
+    const image = new SnapshotImage(this, this.base, storage, deviceKey, preserved);
     this.#points = [...this.#points, image];
     return image;
   }
@@ -123,45 +111,19 @@ export class SnapshotLayer implements BlockDevice {
     await image.shutdown([...new Set(this.#copying.values())]);
   }
 
-  // ---- BlockDevice ----------------------------------------------------------------------
-
-  read(target: Buffer, offsetBytes: number): Promise<void> {
-    return this.#base.read(target, offsetBytes);
-  }
-
-  write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
-    return this.#modify(offsetBytes, data.length, options?.fua ?? false, () => this.#base.write(data, offsetBytes, options));
-  }
-
-  trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
-    return this.#modify(offsetBytes, lengthBytes, options?.fua ?? false, () => this.#base.trim(offsetBytes, lengthBytes, options));
-  }
-
-  zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
-    // Refuse before copying anything: the caller falls back to writing zeroes.
-    if (options?.fastZero && !this.#base.canFastZero) return Promise.reject(new BdsnapError('ENOTSUP', 'fast zero is not supported by this device'));
-    return this.#modify(offsetBytes, lengthBytes, options?.fua ?? false, () => this.#base.zero(offsetBytes, lengthBytes, options));
-  }
+  // ---- BlockDevice (read, write, trim, zero, cache and extents: PassThroughDevice) ------
 
   /** The points' storages first, then the device: an acknowledged flush covers both. */
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     await this.#syncStorages();
-    await this.#base.flush();
-  }
-
-  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.#base.cache(offsetBytes, lengthBytes);
-  }
-
-  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    return this.#base.extents(offsetBytes, lengthBytes);
+    await this.base.flush();
   }
 
   /**
    * Waits for requests in flight; held requests fail with ESHUTDOWN. Does not close the base
    * (its opener does) nor the storages.
    */
-  close(): Promise<void> {
+  override close(): Promise<void> {
     this.#closing ??= (async () => {
       this.#holds = 0;
       for (const go of this.#held.splice(0)) go();
@@ -173,7 +135,7 @@ export class SnapshotLayer implements BlockDevice {
 
   // ---- write path -----------------------------------------------------------------------
 
-  #modify(offsetBytes: number, lengthBytes: number, fua: boolean, apply: () => Promise<void>): Promise<void> {
+  protected override modify(offsetBytes: number, lengthBytes: number, fua: boolean, apply: () => Promise<void>): Promise<void> {
     try {
       if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the snapshot layer is closed');
       if (this.readOnly) throw new BdsnapError('EPERM', 'the device is read-only');
@@ -182,7 +144,7 @@ export class SnapshotLayer implements BlockDevice {
       return Promise.reject(err);
     }
     if (this.#holds > 0) {
-      return new Promise<void>((resolve) => this.#held.push(resolve)).then(() => this.#modify(offsetBytes, lengthBytes, fua, apply));
+      return new Promise<void>((resolve) => this.#held.push(resolve)).then(() => this.modify(offsetBytes, lengthBytes, fua, apply));
     }
     const first = Math.floor(offsetBytes / this.chunkSize);
     const last = Math.floor((offsetBytes + lengthBytes - 1) / this.chunkSize);
@@ -231,7 +193,7 @@ export class SnapshotLayer implements BlockDevice {
     const startBytes = first * cs;
     const buf = this.#spare.get(Math.min((last + 1) * cs, this.size) - startBytes);
     try {
-      await this.#base.read(buf, startBytes);
+      await this.base.read(buf, startBytes);
       const stores: Promise<void>[] = [];
       for (const point of this.#points) {
         if (!point.storage.usable) continue;
