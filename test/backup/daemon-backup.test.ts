@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
+import { needs } from '../helpers/needs.js';
 import { cli, makeImage, nbdUri, ok, sandbox, startDaemonProcess, type Sandbox } from '../service/helpers.js';
 
 interface Created {
@@ -46,9 +47,10 @@ function noSnapshotsLeft(box: Sandbox): void {
   assert.deepEqual(list.snapshots, [], 'backup create destroyed its snapshot');
 }
 
-const canRun = process.env.CI === 'true' || (process.getuid?.() === 0 && fs.existsSync('/dev/fuse'));
+const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4', 'e2fsck', 'fsfreeze', 'nbdcopy', 'mount', 'umount'] };
 
-test('busy ext4 through bdsnap: full, then incremental backups that restore exactly and pass e2fsck', { skip: !canRun && 'needs root and /dev/fuse', timeout: 400_000 }, async (t: TestContext) => {
+test('busy ext4 through bdsnap: full, then incremental backups that restore exactly and pass e2fsck', { timeout: 400_000 }, async (t: TestContext) => {
+  if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
   await startDaemonProcess(t, box);
   const image = path.join(box.top, 'disk.img');

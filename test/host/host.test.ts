@@ -18,8 +18,8 @@ import { preadFully, pwriteFully } from '../../src/host/fd-io.js';
 import { BdsnapError } from '../../src/errors.js';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeTempDir } from '../helpers/files.js';
+import { needs } from '../helpers/needs.js';
 
-const isRoot = process.geteuid?.() === 0;
 
 test('mountinfo: fields are split and every path field unescaped', () => {
   const text = [
@@ -41,7 +41,8 @@ test('mountinfo: fields are split and every path field unescaped', () => {
   assert.equal(unescapeMountField('a\\040b\\011c\\012d\\134e'), 'a b\tc\nd\\e');
 });
 
-test('mountinfo: a real mount on a path with a space, a tab and a newline is found', { skip: isRoot ? false : 'mounting needs root' }, async (t) => {
+test('mountinfo: a real mount on a path with a space, a tab and a newline is found', async (t) => {
+  if (!needs(t, { root: true, tools: ['mount', 'umount'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup, 'bdsnap-mountinfo-');
   const target = path.join(dir, 'a b\tc\nd');
