@@ -30,6 +30,8 @@ import { NbdClient } from '../src/nbd/client.js';
 import { dirBytes, makeMixedImage } from '../test/backup/helpers.js';
 import { run } from '../test/helpers/process.js';
 import { startServer, type NbdServer } from '../test/helpers/server.js';
+import { spread } from './report.js';
+
 
 const MiB = 1024 * 1024;
 const BLOCK = 4096;
@@ -129,11 +131,6 @@ interface Sample {
   bigFullSec?: number; bigIncSec?: number;
 }
 
-function stats(values: number[]): { median: number; min: number; max: number } {
-  const s = [...values].sort((a, b) => a - b);
-  return { median: s[Math.floor(s.length / 2)]!, min: s[0]!, max: s[s.length - 1]! };
-}
-
 async function oneRun(work: string, image: string, server: NbdServer, opts: Options, resticFirst: boolean, big?: { image: string; server: NbdServer }): Promise<Sample> {
   const pristine = path.join(work, 'pristine.img');
   fs.copyFileSync(pristine, image);
@@ -228,11 +225,11 @@ async function main(): Promise<void> {
       samples.push(s);
       process.stderr.write(`run ${i + 1}: ${JSON.stringify(s)}\n`);
     }
-    const col = (k: keyof Sample): { median: number; min: number; max: number } => stats(samples.map((s) => s[k] as number));
+    const col = (k: keyof Sample): { median: number; min: number; max: number } => spread(samples.map((s) => s[k] as number));
     const line = (label: string, b: keyof Sample, r: keyof Sample, unit: 's' | 'MiB', better: 'lower'): string => {
       const scale = unit === 'MiB' ? 1 / MiB : 1;
       const fmt = (x: { median: number; min: number; max: number }): string => `${(x.median * scale).toFixed(2)} (${(x.min * scale).toFixed(2)}-${(x.max * scale).toFixed(2)})`;
-      const ratios = stats(samples.map((s) => (s[r] as number) / (s[b] as number)));
+      const ratios = spread(samples.map((s) => (s[r] as number) / (s[b] as number)));
       void better;
       return `| ${label} | ${fmt(col(b))} ${unit} | ${fmt(col(r))} ${unit} | ${ratios.median.toFixed(2)}x (${ratios.min.toFixed(2)}-${ratios.max.toFixed(2)}) |`;
     };
@@ -248,7 +245,7 @@ async function main(): Promise<void> {
     rows.push('', `bdsnap incremental read ${(inc.median / MiB).toFixed(0)} MiB of ${opts.sizeBytes / MiB} MiB (pieces around the changed ranges).`);
     if (big) {
       const bigInc = col('bigIncSec');
-      const ratio = stats(samples.map((s) => s.bigIncSec! / s.bdsnapIncSec));
+      const ratio = spread(samples.map((s) => s.bigIncSec! / s.bdsnapIncSec));
       rows.push(`${opts.bigBytes / 1024 / MiB} GiB sparse image: full ${col('bigFullSec').median.toFixed(2)} s; the same changes incremental ${bigInc.median.toFixed(2)} s (${bigInc.min.toFixed(2)}-${bigInc.max.toFixed(2)}), ${ratio.median.toFixed(2)}x (${ratio.min.toFixed(2)}-${ratio.max.toFixed(2)}) the ${opts.sizeBytes / MiB} MiB image's.`);
     }
     rows.push(`Medians of ${opts.runs} runs, (min-max) in brackets; ratios are per run. Load average at the end: ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}.`);

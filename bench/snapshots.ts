@@ -24,6 +24,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { startDaemon, type RunningDaemon } from '../test/helpers/daemon.js';
 import { runFio } from '../test/helpers/fio.js';
+import { spread } from './report.js';
 
 const { values } = parseArgs({
   options: {
@@ -75,8 +76,7 @@ async function destroySnapshot(daemon: RunningDaemon, id: string): Promise<void>
 }
 
 function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length === 0 ? NaN : (s[Math.floor((s.length - 1) / 2)] as number);
+  return spread(xs).median;
 }
 
 function percentile(xs: number[], p: number): number {
