@@ -3,7 +3,9 @@
  *
  * Before a byte is written: the manifest must read, the device must be in it, and every piece
  * it names must exist in the store; the target must be a regular file or a block device that
- * is not mounted (and not opened by another bdsnap: FileDevice's lock). Each piece is checked
+ * is not in use: not mounted, not behind a loop device (checkNotInUse, which refuses when it
+ * cannot tell), and not open in another bdsnap process, the daemon included (FileDevice's
+ * lock). Each piece is checked
  * against its hash as it is read, so a damaged piece stops the restore with its name.
  * Zero pieces are holes in a file target and written zeroes on a block device.
  */
@@ -12,6 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FileDevice } from '../device/file-device.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { checkNotInUse } from '../host/in-use.js';
 import type { ProgressSink } from './create.js';
 import { expandSlots, pieceObject } from './format.js';
 import { PiecePool } from './piece-pool.js';
@@ -115,9 +118,9 @@ async function openTarget(target: string, output: boolean, sizeBytes: number): P
   if (st && !st.isFile() && !(st.isBlockDevice() && !output)) {
     throw new BdsnapError('EINVAL', `${target} is not a regular file${output ? '' : ' or a block device'}; refusing to write to it`);
   }
+  if (st) await checkNotInUse(target);
   if (st?.isBlockDevice()) {
-    await checkNotMounted(target, st.rdev);
-    const file = await FileDevice.open(target);
+    const file = await openFree(target);
     if (file.size < sizeBytes) {
       await file.close();
       throw new BdsnapError('ENOSPC', `${target} holds ${file.size} bytes; the backup needs ${sizeBytes}`);
@@ -127,17 +130,20 @@ async function openTarget(target: string, output: boolean, sizeBytes: number): P
   // The lock of FileDevice.open refuses a file another bdsnap process has open; take it before
   // the file is cut.
   if (!st) await fs.promises.writeFile(target, '', { flag: 'wx' }).catch((err: unknown) => { throw toBdsnapError(err); });
-  const file = await FileDevice.open(target);
+  const file = await openFree(target);
   await file.close();
   await fs.promises.truncate(target, 0);
   await fs.promises.truncate(target, sizeBytes);
   return { file: await FileDevice.open(target), holes: true };
 }
 
-/** EBUSY if the block device `rdev` is mounted (per /proc/self/mountinfo). */
-async function checkNotMounted(target: string, rdev: number): Promise<void> {
-  const majorMinor = `${Math.floor(rdev / 256) & 0xfff}:${(rdev & 0xff) | ((rdev >> 12) & 0xfff00)}`;
-  const mountinfo = await fs.promises.readFile('/proc/self/mountinfo', 'utf8').catch(() => '');
-  const line = mountinfo.split('\n').find((l) => l.split(' ')[2] === majorMinor);
-  if (line) throw new BdsnapError('EBUSY', `${target} is mounted at ${line.split(' ')[4] ?? '?'}; unmount it first`);
+/** FileDevice.open, with EBUSY saying who may hold the device. */
+async function openFree(target: string): Promise<FileDevice> {
+  try {
+    return await FileDevice.open(target);
+  } catch (err) {
+    const e = toBdsnapError(err);
+    if (e.code !== 'EBUSY') throw e;
+    throw new BdsnapError('EBUSY', `${target} is in use (${e.message}); if the bdsnap daemon serves it, deactivate it and unmount what uses it first`, { cause: err });
+  }
 }

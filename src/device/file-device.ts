@@ -11,8 +11,13 @@
  * - close() refuses new requests at once (ESHUTDOWN) and closes the descriptor only after every
  *   request in flight has settled: a late write can never land on a descriptor number that the
  *   process has meanwhile reused for another file.
- * - Node has no fallocate or SEEK_DATA, so trim is advisory (accepted, nothing punched),
- *   write-zeroes writes zeroes, and every extent reports as allocated data.
+ * - Node has no fallocate, so trim is advisory (accepted, nothing punched) and write-zeroes
+ *   writes zeroes.
+ * - Extents (base:allocation): the holes of a sparse image file, found with SEEK_DATA and
+ *   SEEK_HOLE through libc (src/host/libc.ts), report as holes that read as zeroes, so a
+ *   copy or a backup need not read them. Where that cannot be had (koffi missing, a block
+ *   device, a filesystem that refuses the call) everything reports as allocated data, which
+ *   is always true enough: a reader then reads zeroes.
  */
 
 import fs from 'node:fs';
@@ -20,8 +25,9 @@ import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { decodeDevT } from '../host/dev-t.js';
 import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
+import { loadLibc, type Libc } from '../host/libc.js';
 import {
-  checkRange, type BlockDevice, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
+  EXTENT_HOLE, EXTENT_ZERO, checkRange, type BlockDevice, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
 } from './block-device.js';
 import { acquireDeviceLock, type DeviceLock } from './device-lock.js';
 
@@ -51,6 +57,8 @@ export class FileDevice implements BlockDevice {
   #fd: number;
   #lock: DeviceLock | undefined;
   #closed = false;
+  /** Set once SEEK_DATA failed on this file: extents are then all data. */
+  #noHoles = false;
   #inFlight = 0;
   /** Resolved when #inFlight drops to 0 after close() began. */
   #drained: (() => void) | undefined;
@@ -166,7 +174,15 @@ export class FileDevice implements BlockDevice {
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     this.#checkOpen();
     checkRange(this, offsetBytes, lengthBytes, false);
-    return [{ length: lengthBytes, flags: 0 }];
+    const libc = this.identity.kind === 'file' && !this.#noHoles ? loadLibc() : undefined;
+    if (!libc || lengthBytes === 0) return [{ length: lengthBytes, flags: 0 }];
+    try {
+      return holeMap(libc, this.#fd, offsetBytes, offsetBytes + lengthBytes);
+    } catch {
+      // The filesystem cannot tell (EINVAL and the like): say data, and stop asking.
+      this.#noHoles = true;
+      return [{ length: lengthBytes, flags: 0 }];
+    }
   }
 
   /** Refuse new requests, wait for those in flight, then close the descriptor and drop the lock. */
@@ -238,6 +254,33 @@ function syncIoMaxBytes(): number {
 }
 
 /** Size of a block device from sysfs (512-byte sectors), found through its major:minor. */
+/** Most extents in one answer; the protocol lets an answer stop short of the range asked. */
+const MAX_EXTENTS = 1024;
+
+/**
+ * Data and holes of [from, to) by SEEK_DATA / SEEK_HOLE. Page-cache data not yet written back
+ * is data to both calls, so the map is exact for the file's current content.
+ */
+function holeMap(libc: Libc, fd: number, from: number, to: number): Extent[] {
+  const out: Extent[] = [];
+  let at = from;
+  while (at < to && out.length < MAX_EXTENTS) {
+    const data = libc.seek(fd, at, 'data');
+    const holeEnd = data === null ? to : Math.min(data, to);
+    if (holeEnd > at) {
+      out.push({ length: holeEnd - at, flags: EXTENT_HOLE | EXTENT_ZERO });
+      at = holeEnd;
+      if (at >= to) break;
+    }
+    const hole = libc.seek(fd, at, 'hole');
+    const dataEnd = hole === null ? to : Math.min(hole, to);
+    if (dataEnd <= at) throw new Error(`SEEK_HOLE at ${at} went backwards`);
+    out.push({ length: dataEnd - at, flags: 0 });
+    at = dataEnd;
+  }
+  return out;
+}
+
 async function blockDeviceSize(path: string, rdev: number): Promise<number> {
   const { major, minor } = decodeDevT(rdev);
   const sysPath = `/sys/dev/block/${major}:${minor}/size`;

@@ -26,6 +26,13 @@ export interface Libc {
    * Throws an Error with `errno` set when the call fails (EBADF, ENOTSOCK, ENOTCONN...).
    */
   peerCred(fd: number): PeerCred;
+  /**
+   * lseek(fd, offset, SEEK_DATA or SEEK_HOLE): the first offset at or after `offset` that is
+   * data (or a hole; the end of the file counts as one), or null when there is none (ENXIO:
+   * `offset` is at or past the end, or only holes follow it for SEEK_DATA). Throws an Error
+   * with `errno` set for any other failure (EINVAL where the filesystem cannot tell).
+   */
+  seek(fd: number, offset: number, whence: 'data' | 'hole'): number | null;
 }
 
 const SOL_SOCKET = 1;
@@ -33,6 +40,9 @@ const SOL_SOCKET = 1;
 const SO_PEERCRED_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
   x64: 17, ia32: 17, arm: 17, arm64: 17, riscv64: 17, loong64: 17, s390x: 17, ppc: 21, ppc64: 21, mips: 18, mipsel: 18,
 };
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+const ENXIO = 6;
 /** struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit fields. */
 const UCRED_BYTES = 12;
 
@@ -65,6 +75,7 @@ function bind(): { libc: Libc | undefined; reason: string } {
     // `null` is the running program's own symbol table: libc is already in it, whichever libc it is.
     const lib = koffi.load(null);
     const getsockopt = lib.func('int getsockopt(int fd, int level, int optname, _Out_ uint8_t *optval, _Inout_ uint32_t *optlen)');
+    const lseek = lib.func('int64_t lseek(int fd, int64_t offset, int whence)');
     const libc: Libc = {
       peerCred(fd: number): PeerCred {
         const ucred = Buffer.alloc(UCRED_BYTES);
@@ -76,6 +87,13 @@ function bind(): { libc: Libc | undefined; reason: string } {
         }
         if (optlen[0] !== UCRED_BYTES) throw new Error(`getsockopt(SO_PEERCRED) returned ${optlen[0]} bytes, expected ${UCRED_BYTES}`);
         return { pid: ucred.readInt32LE(0), uid: ucred.readUInt32LE(4), gid: ucred.readUInt32LE(8) };
+      },
+      seek(fd: number, offset: number, whence: 'data' | 'hole'): number | null {
+        const at = Number(lseek(fd, offset, whence === 'data' ? SEEK_DATA : SEEK_HOLE) as number | bigint);
+        if (at >= 0) return at;
+        const errno = koffi.errno();
+        if (errno === ENXIO) return null;
+        throw Object.assign(new Error(`lseek(SEEK_${whence.toUpperCase()}) on descriptor ${fd} at ${offset} failed (errno ${errno})`), { errno });
       },
     };
     return { libc, reason: '' };

@@ -51,6 +51,8 @@ interface Pending {
   offsetBytes: number;
   lengthBytes: number;
   data: Buffer | undefined;
+  /** Bytes of a structured read covered by data and hole chunks so far. */
+  coveredBytes: number;
   contexts: Map<number, Extent[]> | undefined;
   holeChunks: number;
   error: BdsnapError | undefined;
@@ -371,6 +373,11 @@ export class NbdClient implements BlockDevice {
       return;
     }
     if ((m.flags & C.NBD_REPLY_FLAG_DONE) === 0) return;
+    // Chunks never overlap (the protocol says so), so a read is whole when they add up.
+    if (p.type === C.NBD_CMD_READ && !p.error && p.coveredBytes !== p.lengthBytes) {
+      this.#protocolFailure(`the read reply covers ${p.coveredBytes} of ${p.lengthBytes} bytes`);
+      return;
+    }
     this.#pending.delete(m.cookieLo);
     if (p.error) p.reject(p.error);
     else if (p.type === C.NBD_CMD_BLOCK_STATUS) p.resolve(this.#blockStatusReply(p));
@@ -397,6 +404,7 @@ export class NbdClient implements BlockDevice {
         const at = b.readUInt32BE(0) * 4294967296 + b.readUInt32BE(4) - p.offsetBytes;
         if (at < 0 || at + b.length - 8 > p.lengthBytes) return 'OFFSET_DATA chunk outside the request';
         b.copy(p.data!, at, 8);
+        p.coveredBytes += b.length - 8;
         return undefined;
       }
       case C.NBD_REPLY_TYPE_OFFSET_HOLE: {
@@ -405,6 +413,7 @@ export class NbdClient implements BlockDevice {
         const n = b.readUInt32BE(8);
         if (n === 0 || at < 0 || at + n > p.lengthBytes) return 'OFFSET_HOLE chunk outside the request';
         p.data!.fill(0, at, at + n);
+        p.coveredBytes += n;
         p.holeChunks++;
         return undefined;
       }
@@ -450,8 +459,9 @@ export class NbdClient implements BlockDevice {
   /**
    * Send one request and wait for its reply. Low level: no range or flag checks, so tests can
    * send what a broken client would. `payload` is sent after the header for NBD_CMD_WRITE.
+   * A read's data lands in `target` when given (of `lengthBytes`), else in a new buffer.
    */
-  request(type: number, flags: number, offsetBytes: number, lengthBytes: number, payload?: Buffer): Promise<NbdReply> {
+  request(type: number, flags: number, offsetBytes: number, lengthBytes: number, payload?: Buffer, target?: Buffer): Promise<NbdReply> {
     if (this.#failure) return Promise.reject(this.#failure);
     if (this.#closed) return Promise.reject(new BdsnapError('ESHUTDOWN', 'the NBD client is closed'));
     const cookie = this.#nextCookie;
@@ -460,8 +470,8 @@ export class NbdClient implements BlockDevice {
       const expectsData = type === C.NBD_CMD_READ && this.#structured;
       this.#pending.set(cookie, {
         type, offsetBytes, lengthBytes,
-        data: expectsData ? Buffer.alloc(lengthBytes) : undefined,
-        contexts: undefined, holeChunks: 0, error: undefined, resolve, reject,
+        data: expectsData ? (target ?? Buffer.allocUnsafe(lengthBytes)) : undefined,
+        coveredBytes: 0, contexts: undefined, holeChunks: 0, error: undefined, resolve, reject,
       });
       const s = this.#socket;
       const header = encodeRequest(flags, type, 0, cookie, offsetBytes, lengthBytes);
@@ -477,8 +487,8 @@ export class NbdClient implements BlockDevice {
   }
 
   async read(target: Buffer, offsetBytes: number): Promise<void> {
-    const reply = await this.request(C.NBD_CMD_READ, 0, offsetBytes, target.length);
-    reply.data!.copy(target);
+    const reply = await this.request(C.NBD_CMD_READ, 0, offsetBytes, target.length, undefined, target);
+    if (reply.data !== target) reply.data!.copy(target);
   }
 
   async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {

@@ -314,7 +314,11 @@ export class SnapshotImage implements BlockDevice {
     checkRange(this, offsetBytes, lengthBytes, false);
   }
 
-  /** Preserved ranges are data; the rest is whatever the base says (base:allocation). */
+  /**
+   * Preserved ranges are data; the rest is whatever the base says (base:allocation). A backup
+   * skips what this calls zero, so it errs towards data: a run whose chunks began or finished
+   * a copy while the base was asked is reported as data.
+   */
   async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     this.#checkUsable();
     checkRange(this, offsetBytes, lengthBytes, false);
@@ -331,10 +335,13 @@ export class SnapshotImage implements BlockDevice {
         continue;
       }
       let covered = 0;
-      for (const e of await this.#base.extents(seg.from, seg.to - seg.from)) {
+      const baseExtents = await this.#base.extents(seg.from, seg.to - seg.from);
+      const again = this.#segments(seg.from, seg.to, true);
+      const unchanged = again.length === 1 && again[0]!.location === undefined && !this.#copying(seg.from, seg.to);
+      for (const e of baseExtents) {
         const length = Math.min(e.length, seg.to - seg.from - covered);
         if (length <= 0) break;
-        push(length, e.flags);
+        push(length, unchanged ? e.flags : 0);
         covered += length;
       }
       // The base answered for less than asked: the answer may stop here.
@@ -373,6 +380,13 @@ export class SnapshotImage implements BlockDevice {
       }
     }
     return out;
+  }
+
+  /** Whether a chunk of [fromBytes, toBytes) is being copied right now. */
+  #copying(fromBytes: number, toBytes: number): boolean {
+    const cs = this.#chunkSize;
+    for (let c = Math.floor(fromBytes / cs); c * cs < toBytes; c++) if (this.#layer.copyOf(c) !== undefined) return true;
+    return false;
   }
 
   async #readRange(target: Buffer, offsetBytes: number): Promise<void> {

@@ -179,7 +179,7 @@ test('restore in place: an image file is put back; one in use by a server, or a 
   const want = await sha256File(image);
   fs.writeFileSync(image, randomBytes(MiB), { flag: 'r+' });
   const server = await startServer(t, { kind: 'bdsnap', images: [image] });
-  await assert.rejects(restoreBackup(repo, s.id, image), (e: unknown) => (e as { code?: string }).code === 'EBUSY');
+  await assert.rejects(restoreBackup(repo, s.id, image), (e: unknown) => (e as { code?: string }).code === 'EBUSY' && /is in use/.test((e as Error).message));
   await server.stop();
   await restoreBackup(repo, s.id, image);
   assert.equal(await sha256File(image), want);
@@ -187,6 +187,9 @@ test('restore in place: an image file is put back; one in use by a server, or a 
   // The same backup onto a loop device: refused while mounted, restored once unmounted.
   const loop = (await run('losetup', ['--find', '--show', image])).stdout.trim();
   t.after(() => run('losetup', ['-d', loop], { allowFailure: true }));
+  // The image file itself is refused while a loop device is backed by it.
+  await assert.rejects(restoreBackup(repo, s.id, image), /is the backing file of \/dev\/loop\d+; detach it first/);
+  await assert.rejects(restoreBackup(repo, s.id, image, { output: image }), /is the backing file of/);
   const backup2 = await backupDevices(repo, new ServeSnapshotProvider(dir, { copy: false }), [loop]);
   const mnt = fs.mkdtempSync(path.join(dir, 'mnt-'));
   const unmount = await mountDevice(loop, mnt);

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/device/block-device.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { BdsnapError } from '../../src/errors.js';
 import { needs } from '../helpers/needs.js';
@@ -31,6 +32,28 @@ test('FileDevice reads back what it wrote and refuses ranges past the end', asyn
   assert.equal(back.subarray(4096).every((b) => b === 0xab), true);
   await assert.rejects(dev.write(data, (1 << 20) - 4096), (e: unknown) => e instanceof BdsnapError && e.code === 'ENOSPC');
   await assert.rejects(dev.read(back, (1 << 20) - 4096), (e: unknown) => e instanceof BdsnapError && e.code === 'EINVAL');
+});
+
+test('extents: holes of a sparse file are holes that read as zeroes; data written later is data', async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'sparse.img');
+  const KiB = 1024;
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, 1024 * KiB);
+  const dev = await FileDevice.open(image);
+  t.after(() => dev.close());
+  assert.deepEqual(await dev.extents(0, dev.size), [{ length: 1024 * KiB, flags: EXTENT_HOLE | EXTENT_ZERO }]);
+  await dev.write(Buffer.alloc(64 * KiB, 1), 256 * KiB);
+  // Not yet written back: data in the page cache is data all the same.
+  assert.deepEqual(await dev.extents(0, dev.size), [
+    { length: 256 * KiB, flags: EXTENT_HOLE | EXTENT_ZERO }, { length: 64 * KiB, flags: 0 }, { length: 704 * KiB, flags: EXTENT_HOLE | EXTENT_ZERO },
+  ]);
+  // A range inside one kind, and one that starts in data.
+  assert.deepEqual(await dev.extents(260 * KiB, 8 * KiB), [{ length: 8 * KiB, flags: 0 }]);
+  assert.deepEqual(await dev.extents(300 * KiB, 40 * KiB), [{ length: 20 * KiB, flags: 0 }, { length: 20 * KiB, flags: EXTENT_HOLE | EXTENT_ZERO }]);
+  const back = Buffer.alloc(4 * KiB, 0xff);
+  await dev.read(back, 512 * KiB);
+  assert.ok(back.every((b) => b === 0), 'a hole reads as zeroes');
 });
 
 test('a second open of the same image fails with EBUSY until the first is closed', async (t) => {

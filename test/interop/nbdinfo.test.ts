@@ -134,6 +134,26 @@ test('nbdinfo --map: contiguous extents over the whole export, data never report
   assert.match(totals.stdout, new RegExp(`^\\s*${sizeBytes}\\s+100\\.0%\\s+0\\s+data`, 'm'), totals.stdout);
 });
 
+test('nbdinfo --map: the holes of a sparse image are holes that read as zeroes, its data is data', async (t) => {
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup);
+  const image = path.join(dir, 'sparse.img');
+  const MiB = 1 << 20;
+  // Data at [1 MiB, 2 MiB) and [5 MiB, 6 MiB) of 8 MiB; the rest never written.
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, 8 * MiB);
+  const fd = fs.openSync(image, 'r+');
+  fs.writeSync(fd, Buffer.alloc(MiB, 0x5a), 0, MiB, MiB);
+  fs.writeSync(fd, Buffer.alloc(MiB, 0xa5), 0, MiB, 5 * MiB);
+  fs.closeSync(fd);
+  const server = await startServer(cleanup, { images: [image], readOnly: true });
+
+  const json = await run('nbdinfo', ['--map', '--json', server.uri(image)]);
+  const entries = (JSON.parse(json.stdout) as MapEntry[]).map((e) => [e.offset / MiB, e.length / MiB, e.type]);
+  assert.deepEqual(entries, [[0, 1, 3], [1, 1, 0], [2, 3, 3], [5, 1, 0], [6, 2, 3]], json.stdout);
+});
+
 test('nbdinfo --list shows every export; the empty name selects the first; unknown names are refused', async (t) => {
   if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);

@@ -34,10 +34,10 @@ import {
   alreadyRestored, buildPlan, checkIdentity, digestDevice, loadSession, readSessionDigests, verifyDigests, type DeviceDigests, type LoadedSession,
 } from './check.js';
 import { applyPlan, checkOutput, copyToOutput } from './apply.js';
-import { checkNotInUse, type HostPaths } from './in-use.js';
+import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
 import { readJournal, writeJournal } from './journal.js';
 
-export { checkNotInUse, type HostPaths } from './in-use.js';
+export { checkNotInUse, type HostPaths } from '../../host/in-use.js';
 
 export interface RestoreOptions {
   /** Write a restored copy to this file (copy of the device, then the plan) and leave the device alone. */

@@ -1,15 +1,15 @@
 /**
- * Is the device in use? Restore writes a device in place, so it must know the device is free:
- * not mounted, not the backing file of a loop device (a server of it holds the FileDevice lock,
- * checked by open). "Could not tell" is a refusal with the reason, never a pass: a restore
- * under a mounted filesystem corrupts it.
+ * Is the device in use? A restore (of a session, or of a backup) writes a device in place, so
+ * it must know the device is free: not mounted, not the backing file of a loop device (a
+ * server of it holds the FileDevice lock, checked by open). "Could not tell" is a refusal with
+ * the reason, never a pass: a restore under a mounted filesystem corrupts it.
  */
 
 import fs from 'node:fs';
-import { BdsnapError } from '../../errors.js';
-import { formatDevT } from '../../host/dev-t.js';
-import { SYS_BLOCK_PATH, listLoopDevices, type LoopDevice } from '../../host/loop-devices.js';
-import { MOUNTINFO_PATH, readMountInfo, type MountInfoEntry } from '../../host/mountinfo.js';
+import { BdsnapError } from '../errors.js';
+import { formatDevT } from './dev-t.js';
+import { SYS_BLOCK_PATH, listLoopDevices, type LoopDevice } from './loop-devices.js';
+import { MOUNTINFO_PATH, readMountInfo, type MountInfoEntry } from './mountinfo.js';
 
 /** Where the host facts are read from; tests point these at unreadable or crafted files. */
 export interface HostPaths {
@@ -27,7 +27,7 @@ export async function checkNotInUse(devicePath: string, host: HostPaths = {}): P
     real = await fs.promises.realpath(devicePath);
     st = await fs.promises.stat(real);
   } catch (err) {
-    throw new BdsnapError('ENOENT', `the device ${devicePath} of this session does not exist: ${(err as Error).message}`, { cause: err });
+    throw new BdsnapError('ENOENT', `${devicePath} does not exist: ${(err as Error).message}`, { cause: err });
   }
   const cannotTell = (err: unknown): never => {
     throw new BdsnapError('EIO', `cannot tell whether ${devicePath} is in use, so it is not restored in place: ${(err as Error).message}`, { cause: err });
