@@ -17,6 +17,7 @@
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
+import { CODEC_CHOICES } from './codec.js';
 
 export const REPO_FORMAT = 'bdsnap-backup-repository';
 export const REPO_VERSION = 1;
@@ -51,7 +52,7 @@ export const configSchema = z.object({
   pieceSizeBytes: z.number().int().min(MIN_PIECE_BYTES).max(MAX_PIECE_BYTES),
   hash: z.literal('sha256'),
   /** Codec of new pieces (each piece records its own): see codecFor in codec.ts. */
-  codec: z.enum(['deflate', 'lz4']),
+  codec: z.enum(CODEC_CHOICES),
 });
 export type RepoConfig = z.infer<typeof configSchema>;
 

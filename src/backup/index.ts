@@ -10,5 +10,6 @@ export {
   type AgentOptions, type ChangeMapPoint, type Snapshot, type SnapshotImage, type SnapshotProvider,
 } from './agent.js';
 export type { ByteRange } from './ranges.js';
+export { CODEC_CHOICES, type CodecChoice } from './codec.js';
 export type { Manifest, DeviceEntry, RepoConfig } from './format.js';
 export { daemonSnapshotProvider } from './daemon-provider.js';

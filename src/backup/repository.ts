@@ -10,6 +10,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import type { CodecChoice } from './codec.js';
 import {
   BACKUPS_PREFIX, CONFIG_OBJECT, DEFAULT_PIECE_BYTES, MAX_PIECE_BYTES, MIN_PIECE_BYTES, PIECES_PREFIX, REPO_FORMAT, REPO_VERSION,
   backupIdOf, configSchema, expandSlots, manifestObject, manifestSchema, pieceHashOf, pieceObject,
@@ -21,8 +22,8 @@ import { LocalDirStore, type ObjectStore } from './object-store.js';
 export interface InitOptions {
   /** Power of two from 64 KiB to 16 MiB; default 256 KiB. */
   pieceSizeBytes?: number;
-  /** Codec of new pieces: 'deflate' (default, smaller) or 'lz4' (faster). */
-  codec?: 'deflate' | 'lz4';
+  /** Codec of new pieces: 'brotli' (default), 'deflate' or 'lz4' (fastest, larger); see codecFor. */
+  codec?: CodecChoice;
 }
 
 export interface PruneSummary {
@@ -60,7 +61,7 @@ export class Repository {
     if ((await store.list('')).length > 0) throw new BdsnapError('EINVAL', `${store.location} is not empty; a repository needs an empty place`);
     const config: RepoConfig = {
       format: REPO_FORMAT, version: REPO_VERSION, id: randomBytes(8).toString('hex'), createdAt: new Date().toISOString(), pieceSizeBytes, hash: 'sha256',
-      codec: options.codec ?? 'deflate',
+      codec: options.codec ?? 'brotli',
     };
     await store.put(CONFIG_OBJECT, Buffer.from(`${JSON.stringify(config, null, 2)}\n`));
     return new Repository(store, config);

@@ -108,6 +108,15 @@ export class NbdClient implements BlockDevice {
         const p = hi === 0 ? this.#pending.get(lo) : undefined;
         return p && p.type === C.NBD_CMD_READ ? p.lengthBytes : 0;
       },
+      // Read data lands in the request's buffer (the caller's, for read()); a range outside
+      // the request gets a buffer of the decoder's, and #applyChunk refuses it.
+      dataTarget: (hi, lo, offsetBytes, lengthBytes) => {
+        const p = hi === 0 ? this.#pending.get(lo) : undefined;
+        if (!p?.data || p.type !== C.NBD_CMD_READ) return undefined;
+        const at = offsetBytes === undefined ? 0 : offsetBytes - p.offsetBytes;
+        if (at < 0 || at + lengthBytes > p.data.length) return undefined;
+        return p.data.subarray(at, at + lengthBytes);
+      },
     });
     socket.on('data', (chunk: Buffer) => this.#onData(chunk));
     socket.on('error', (err) => this.#fail(new BdsnapError('EIO', `NBD connection failed: ${err.message}`, { cause: err })));
@@ -400,11 +409,13 @@ export class NbdClient implements BlockDevice {
       case C.NBD_REPLY_TYPE_NONE:
         return b.length === 0 ? undefined : 'NONE chunk with a payload';
       case C.NBD_REPLY_TYPE_OFFSET_DATA: {
-        if (p.type !== C.NBD_CMD_READ || b.length < 9) return 'unexpected OFFSET_DATA chunk';
+        // Data the decoder placed already (m.placedBytes) follows the offset; else it is in b.
+        const dataBytes = m.placedBytes ?? b.length - 8;
+        if (p.type !== C.NBD_CMD_READ || b.length < 8 || dataBytes < 1) return 'unexpected OFFSET_DATA chunk';
         const at = b.readUInt32BE(0) * 4294967296 + b.readUInt32BE(4) - p.offsetBytes;
-        if (at < 0 || at + b.length - 8 > p.lengthBytes) return 'OFFSET_DATA chunk outside the request';
-        b.copy(p.data!, at, 8);
-        p.coveredBytes += b.length - 8;
+        if (at < 0 || at + dataBytes > p.lengthBytes) return 'OFFSET_DATA chunk outside the request';
+        if (m.placedBytes === undefined) b.copy(p.data!, at, 8);
+        p.coveredBytes += dataBytes;
         return undefined;
       }
       case C.NBD_REPLY_TYPE_OFFSET_HOLE: {
@@ -470,7 +481,7 @@ export class NbdClient implements BlockDevice {
       const expectsData = type === C.NBD_CMD_READ && this.#structured;
       this.#pending.set(cookie, {
         type, offsetBytes, lengthBytes,
-        data: expectsData ? (target ?? Buffer.allocUnsafe(lengthBytes)) : undefined,
+        data: expectsData ? (target ?? Buffer.allocUnsafe(lengthBytes)) : type === C.NBD_CMD_READ ? target : undefined,
         coveredBytes: 0, contexts: undefined, holeChunks: 0, error: undefined, resolve, reject,
       });
       const s = this.#socket;

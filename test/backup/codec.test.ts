@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
 import {
-  CODEC_DEFLATE, CODEC_LZ4, CODEC_RAW, decodePiece, encodePiece, lz4BlockDecode, nativeLz4, pieceCodec, sha256Hex,
+  CODEC_BROTLI, CODEC_DEFLATE, CODEC_LZ4, CODEC_RAW, decodePiece, encodePiece, lz4BlockDecode, nativeLz4, pieceCodec, sha256Hex,
 } from '../../src/backup/codec.js';
 import { checkObjectName } from '../../src/backup/object-store.js';
 import { compactSlots, expandSlots, newBackupId } from '../../src/backup/format.js';
@@ -44,7 +44,7 @@ test('the pure LZ4 decoder refuses bad input without reading or writing out of b
 });
 
 test('pieces round-trip with each codec; incompressible data is stored raw; damage is detected', () => {
-  for (const codec of [CODEC_RAW, CODEC_LZ4, CODEC_DEFLATE] as const) {
+  for (const codec of [CODEC_RAW, CODEC_LZ4, CODEC_DEFLATE, CODEC_BROTLI] as const) {
     for (const data of samples()) {
       const stored = encodePiece(data, codec);
       assert.deepEqual(decodePiece(stored, sha256Hex(data)), data);
@@ -62,6 +62,15 @@ test('pieces round-trip with each codec; incompressible data is stored raw; dama
     assert.throws(() => decodePiece(bad, sha256Hex(text)), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT');
   }
   assert.throws(() => decodePiece(stored, sha256Hex(Buffer.from('other'))), /does not match its hash/);
+  // The default codec: smaller than a quarter of text, and damage in its payload is caught too.
+  const brotli = encodePiece(text, CODEC_BROTLI);
+  assert.equal(pieceCodec(brotli), CODEC_BROTLI);
+  assert.ok(brotli.length < text.length / 4);
+  for (const at of [12, 30, brotli.length - 1]) {
+    const bad = Buffer.from(brotli);
+    bad[at]! ^= 0x10;
+    assert.throws(() => decodePiece(bad, sha256Hex(text)), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT');
+  }
 });
 
 test('object names are safe paths; backup ids sort by time; slots compact and expand', () => {

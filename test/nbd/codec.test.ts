@@ -176,6 +176,52 @@ test('server streams decode the same split at every byte boundary', () => {
   assert.equal(exportName.length, 2);
 });
 
+test('read data lands in the receiver\'s buffer at every split; ranges it does not give come in a buffer of their own', () => {
+  const { transmission } = serverStream();
+  const decodeInto = (chunks: Buffer[]): { messages: ServerMessage[]; simple: Buffer; structured: Buffer } => {
+    const simple = Buffer.alloc(512);
+    const structured = Buffer.alloc(8192);
+    const d = new ReplyDecoder({
+      simpleReplyDataBytes: (_hi, lo) => (lo === 7 ? 512 : 0),
+      // Cookie 7: a simple read of 512 bytes; cookie 9: a structured read of 8 KiB from 2048.
+      dataTarget: (_hi, lo, offsetBytes, lengthBytes) => {
+        if (lo === 7 && offsetBytes === undefined) return simple.subarray(0, lengthBytes);
+        if (lo === 9 && offsetBytes !== undefined) return structured.subarray(offsetBytes - 2048, offsetBytes - 2048 + lengthBytes);
+        return undefined;
+      },
+    });
+    d.setPhase('transmission');
+    const messages: ServerMessage[] = [];
+    for (const c of chunks) messages.push(...d.push(c));
+    return { messages, simple, structured };
+  };
+  const check = (chunks: Buffer[], why: string): void => {
+    const { messages, simple, structured } = decodeInto(chunks);
+    assert.equal(messages.length, 8, why);
+    assert.ok(simple.every((b) => b === 0x11), `${why}: the simple read's data is in place`);
+    const m = messages[2]!;
+    assert.ok(m.kind === 'structured-reply' && m.type === C.NBD_REPLY_TYPE_OFFSET_DATA, why);
+    if (m.placedBytes !== undefined) {
+      // Placed: the payload is the offset alone, the data is where the receiver asked.
+      assert.equal(m.placedBytes, 2048, why);
+      assert.equal(m.payload.length, 8, why);
+      assert.ok(structured.subarray(2048, 4096).every((b) => b === 0x5a), `${why}: placed data`);
+    } else {
+      // The offset straddled two chunks: the data comes in the payload, as without a target.
+      assert.equal(m.payload.length, 8 + 2048, why);
+      assert.ok(m.payload.subarray(8).every((b) => b === 0x5a), why);
+    }
+  };
+  check([transmission], 'whole');
+  for (let i = 1; i < transmission.length; i++) check([transmission.subarray(0, i), transmission.subarray(i)], `split at ${i}`);
+  // A target the receiver does not give (cookie 9 outside what it asked) leaves the data in the payload.
+  const d = new ReplyDecoder({ dataTarget: () => undefined });
+  d.setPhase('transmission');
+  const chunk = serverStream().transmission.subarray(512 + 16 + 16);
+  const m = d.push(chunk)[0]!;
+  assert.ok(m.kind === 'structured-reply' && m.placedBytes === undefined && m.payload.length === 8 + 2048);
+});
+
 test('reply type constants are the spec values (bit 15 errors, not 1 << 16)', () => {
   assert.equal(C.NBD_REPLY_TYPE_ERROR, 32769);
   assert.equal(C.NBD_REPLY_TYPE_ERROR_OFFSET, 32770);

@@ -8,7 +8,7 @@ import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import {
-  LocalDirStore, Repository, backupDevices, daemonSnapshotProvider, restoreBackup, verifyRepository,
+  CODEC_CHOICES, LocalDirStore, Repository, backupDevices, daemonSnapshotProvider, restoreBackup, verifyRepository,
   type BackupSummary, type ProgressSink,
 } from '../../backup/index.js';
 import { BdsnapClient, resolveRunDir } from '../../service/client.js';
@@ -89,11 +89,12 @@ export function register(program: Command): void {
 
   repoOption(backup.command('init').description('create an empty repository'))
     .option('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 256K)')
-    .option('--codec <codec>', 'compression of new pieces: deflate (smaller, default) or lz4 (faster)')
+    .option('--codec <codec>', `compression of new pieces: ${CODEC_CHOICES.join(', ')} (default brotli; lz4 is fastest and larger)`)
     .action(async (flags: RepoFlags & { pieceSize?: string; codec?: string }) => {
       const pieceSizeBytes = flags.pieceSize !== undefined ? parseBytes(flags.pieceSize, '--piece-size') : undefined;
-      if (flags.codec !== undefined && flags.codec !== 'deflate' && flags.codec !== 'lz4') throw new BdsnapError('EINVAL', `bad --codec "${flags.codec}": deflate or lz4`);
-      const repo = await Repository.init(new LocalDirStore(flags.repo), { pieceSizeBytes, codec: flags.codec as 'deflate' | 'lz4' | undefined });
+      const codec = CODEC_CHOICES.find((c) => c === flags.codec);
+      if (flags.codec !== undefined && !codec) throw new BdsnapError('EINVAL', `bad --codec "${flags.codec}": one of ${CODEC_CHOICES.join(', ')}`);
+      const repo = await Repository.init(new LocalDirStore(flags.repo), { pieceSizeBytes, codec });
       process.stdout.write(`initialized backup repository ${repo.store.location} (pieces of ${formatBytes(repo.pieceSizeBytes)})\n`);
     });
 
