@@ -8,8 +8,9 @@
  * 2. The stored pieces are listed once. A piece whose hash is there is not written again
  *    (deduplication across backups and devices); a piece an incremental takes over from its
  *    base is checked against that list too, and read again from the source if it is missing.
- * 3. Pieces are put as they come (atomic, durable puts). A crash or a full disk here leaves
- *    only pieces no manifest names.
+ * 3. Pieces are staged as they come and committed in batches (a piece's name appears only once
+ *    its data is durable; see object-store.ts), the last batch before the manifest. A crash
+ *    or a full disk here leaves only pieces no manifest names, or temp files prune removes.
  * 4. The manifest is put last: the backup exists from that instant, complete.
  */
 
@@ -19,7 +20,8 @@ import { compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, ty
 import { RepoLock } from './lock.js';
 import { PiecePool } from './piece-pool.js';
 import { coveredPieces, normalizeRanges, touchedPieces, type ByteRange } from './ranges.js';
-import { runLimited, type Repository } from './repository.js';
+import type { Repository } from './repository.js';
+import { runLimited } from './run-limited.js';
 
 /** The input of a backup, one per device. */
 export interface BackupSource {
@@ -103,7 +105,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
   const lock = await RepoLock.acquire(repo.store, 'create');
   const pool = new PiecePool();
   try {
-    const stored = await repo.storedPieces();
+    const stored = await repo.storedPieceNames();
     const plans: Plan[] = [];
     for (const source of sources) plans.push(await planSource(repo, source, stored));
     options.progress?.start(plans.reduce((n, p) => n + p.toRead.reduce((m, i) => m + pieceLength(repo, p.source, i), 0), 0));
@@ -139,7 +141,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
           if (!stored.has(piece.hash)) {
             let put = puts.get(piece.hash);
             if (!put) {
-              put = repo.store.put(pieceObject(piece.hash), [piece.header, piece.payload]);
+              put = repo.store.stage(pieceObject(piece.hash), [piece.header, piece.payload]);
               puts.set(piece.hash, put);
               newPieces++;
               newStoredBytes += piece.header.length + piece.payload.length;
@@ -150,7 +152,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
         if (piece.raw.length === P) free.push(piece.raw);
         options.progress?.advance(length);
       });
-      for (const h of puts.keys()) stored.set(h, 0);
+      for (const h of puts.keys()) stored.add(h);
       const full = source.changed === null;
       const meta = source.meta ?? {};
       entries.push({
@@ -164,6 +166,8 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
       });
     }
     options.signal?.throwIfAborted();
+    // Every piece the manifest names is in the store, whole and durable, before the manifest.
+    await repo.store.commit();
     const endTime = new Date();
     const manifest: Manifest = {
       format: 'bdsnap-backup', version: 1, id, startTime: startTime.toISOString(), endTime: endTime.toISOString(),
@@ -177,6 +181,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
       newStoredBytes: summaries.reduce((n, d) => n + d.newStoredBytes, 0),
     };
   } catch (err) {
+    await repo.store.discard();
     if (options.signal?.aborted) throw new BdsnapError('ESHUTDOWN', 'the backup was interrupted; nothing was recorded', { cause: err });
     throw err;
   } finally {
@@ -190,7 +195,7 @@ function pieceLength(repo: Repository, source: BackupSource, i: number): number 
 }
 
 /** Which pieces to read; the others come from the base backup or are known zeroes. */
-async function planSource(repo: Repository, source: BackupSource, stored: Map<string, number>): Promise<Plan> {
+async function planSource(repo: Repository, source: BackupSource, stored: Set<string>): Promise<Plan> {
   const P = repo.pieceSizeBytes;
   if (!Number.isSafeInteger(source.sizeBytes) || source.sizeBytes < 0) throw new BdsnapError('EINVAL', `bad size of ${source.device}: ${source.sizeBytes}`);
   const count = Math.ceil(source.sizeBytes / P);

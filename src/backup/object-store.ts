@@ -11,12 +11,18 @@
  * LocalDirStore: an object is a file at `<root>/<name>`. `put` writes a temp file in the
  * target's directory (a name starting with '.', which `list` never shows), fsyncs it, renames
  * it into place and fsyncs the directory, so a crash leaves either no object or the whole one.
+ * `stage` writes the temp file only; `commit` then syncs the staged files together, renames
+ * them and syncs their directories together. A file is renamed only once its data is durable,
+ * so a name in the store always holds the whole object, whenever the machine stops; and the
+ * syncs of many objects share the disk's cache flushes instead of paying two each (measured:
+ * about 1.5 ms per piece here).
  */
 
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { runLimited } from './run-limited.js';
 
 export interface ObjectInfo {
   name: string;
@@ -39,6 +45,17 @@ export interface ObjectStore {
   stat(name: string): Promise<ObjectInfo | undefined>;
   /** Every object whose name starts with `prefix`, in no particular order. */
   list(prefix: string): Promise<ObjectInfo[]>;
+  /** The names list() would give, where a backend can find them cheaper (no stat per file). */
+  names(prefix: string): Promise<string[]>;
+  /**
+   * Write an object that readers see, whole and durable, at the latest when the next `commit()`
+   * returns (a backend may make it visible at once). For bulk writes, such as pieces.
+   */
+  stage(name: string, data: Buffer | readonly Buffer[]): Promise<void>;
+  /** Make every staged object visible and durable. */
+  commit(): Promise<void>;
+  /** Drop the staged objects not yet committed (after a failure); best effort. */
+  discard(): Promise<void>;
   /** Remove an object; absent is not an error. */
   delete(name: string): Promise<void>;
   /**
@@ -86,11 +103,23 @@ async function writeAll(fh: fs.promises.FileHandle, buffers: readonly Buffer[]):
   }
 }
 
+/** Staged objects that make one commit at most, so a long backup commits as it goes. */
+const STAGE_BATCH = 256;
+/** Files synced or renamed at once by a commit. */
+const COMMIT_CONCURRENCY = 32;
+
+interface Staged {
+  tmp: string;
+  target: string;
+  name: string;
+}
+
 export class LocalDirStore implements ObjectStore {
   readonly location: string;
   readonly #root: string;
   /** Directories known to exist, so a put does not mkdir every time. */
   readonly #dirs = new Set<string>();
+  #staged: Staged[] = [];
 
   constructor(root: string) {
     this.#root = path.resolve(root);
@@ -105,8 +134,56 @@ export class LocalDirStore implements ObjectStore {
   async put(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
     const target = this.#path(name);
     const dir = path.dirname(target);
+    const tmp = await this.#writeTemp(name, target, data, true);
+    try {
+      await fs.promises.rename(tmp, target);
+      await syncDir(dir);
+    } catch (err) {
+      await fs.promises.rm(tmp, { force: true }).catch(() => undefined);
+      throw this.#writeError(name, err);
+    }
+  }
+
+  async stage(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
+    const target = this.#path(name);
+    const tmp = await this.#writeTemp(name, target, data, false);
+    this.#staged.push({ tmp, target, name });
+    if (this.#staged.length >= STAGE_BATCH) await this.commit();
+  }
+
+  async commit(): Promise<void> {
+    const batch = this.#staged;
+    this.#staged = [];
+    if (batch.length === 0) return;
+    try {
+      // Data first, all files together; only then the names, then the directories together.
+      await runLimited(batch, COMMIT_CONCURRENCY, async (s) => {
+        const fh = await fs.promises.open(s.tmp, 'r');
+        try {
+          await fh.datasync();
+        } finally {
+          await fh.close();
+        }
+      });
+      await runLimited(batch, COMMIT_CONCURRENCY, (s) => fs.promises.rename(s.tmp, s.target));
+      await runLimited(new Set(batch.map((s) => path.dirname(s.target))), COMMIT_CONCURRENCY, syncDir);
+    } catch (err) {
+      await Promise.all(batch.map((s) => fs.promises.rm(s.tmp, { force: true }).catch(() => undefined)));
+      throw this.#writeError(`${batch.length} staged objects`, err);
+    }
+  }
+
+  async discard(): Promise<void> {
+    const batch = this.#staged;
+    this.#staged = [];
+    await Promise.all(batch.map((s) => fs.promises.rm(s.tmp, { force: true }).catch(() => undefined)));
+  }
+
+  /** Write `data` to a new temp file beside `target`; synced if `sync`. Returns its path. */
+  async #writeTemp(name: string, target: string, data: Buffer | readonly Buffer[], sync: boolean): Promise<string> {
+    const dir = path.dirname(target);
     if (!this.#dirs.has(dir)) {
-      await fs.promises.mkdir(dir, { recursive: true }).catch((err: unknown) => { throw toBdsnapError(err); });
+      await fs.promises.mkdir(dir, { recursive: true }).catch((err: unknown) => { throw this.#writeError(name, err); });
       this.#dirs.add(dir);
     }
     const tmp = path.join(dir, `${TEMP_PREFIX}${path.basename(target)}.${randomBytes(6).toString('hex')}`);
@@ -114,18 +191,21 @@ export class LocalDirStore implements ObjectStore {
       const fh = await fs.promises.open(tmp, 'wx', 0o600);
       try {
         await writeAll(fh, Buffer.isBuffer(data) ? [data] : data);
-        await fh.datasync();
+        if (sync) await fh.datasync();
       } finally {
         await fh.close();
       }
-      await fs.promises.rename(tmp, target);
-      await syncDir(dir);
     } catch (err) {
       await fs.promises.rm(tmp, { force: true }).catch(() => undefined);
-      const e = toBdsnapError(err);
-      if (e.code === 'ENOSPC') throw new BdsnapError('ENOSPC', `the repository at ${this.location} is full (writing ${name})`, { cause: err });
-      throw e;
+      throw this.#writeError(name, err);
     }
+    return tmp;
+  }
+
+  #writeError(what: string, err: unknown): BdsnapError {
+    const e = toBdsnapError(err);
+    if (e.code === 'ENOSPC') return new BdsnapError('ENOSPC', `the repository at ${this.location} is full (writing ${what})`, { cause: err });
+    return e;
   }
 
   async get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer> {
@@ -165,17 +245,26 @@ export class LocalDirStore implements ObjectStore {
     }
   }
 
-  async list(prefix: string): Promise<ObjectInfo[]> {
+  list(prefix: string): Promise<ObjectInfo[]> {
+    return this.#list(prefix, true);
+  }
+
+  async names(prefix: string): Promise<string[]> {
+    return (await this.#list(prefix, false)).map((o) => o.name);
+  }
+
+  async #list(prefix: string, stat: boolean): Promise<ObjectInfo[]> {
     // Walk from the deepest directory the prefix names completely, then filter by the prefix.
     const cut = prefix.lastIndexOf('/');
     const dirName = cut >= 0 ? prefix.slice(0, cut) : '';
     if (dirName !== '') checkObjectName(dirName);
     const out: ObjectInfo[] = [];
-    await this.#walk(dirName, prefix, out, false);
+    await this.#walk(dirName, prefix, out, false, stat);
     return out;
   }
 
-  async #walk(dirName: string, prefix: string, out: ObjectInfo[], temps: boolean): Promise<void> {
+  /** `stat`: fill in sizes and times (else 0). */
+  async #walk(dirName: string, prefix: string, out: ObjectInfo[], temps: boolean, stat = true): Promise<void> {
     const dir = dirName === '' ? this.#root : path.join(this.#root, ...dirName.split('/'));
     let entries: fs.Dirent[];
     try {
@@ -189,10 +278,14 @@ export class LocalDirStore implements ObjectStore {
       if (temps ? !e.name.startsWith(TEMP_PREFIX) && !e.isDirectory() : !SEGMENT.test(e.name)) return;
       if (e.isDirectory()) {
         // Only descend where the prefix can still match.
-        if (name.startsWith(prefix) || prefix.startsWith(`${name}/`)) await this.#walk(name, prefix, out, temps);
+        if (name.startsWith(prefix) || prefix.startsWith(`${name}/`)) await this.#walk(name, prefix, out, temps, stat);
         return;
       }
       if (!e.isFile() || !name.startsWith(prefix)) return;
+      if (!stat) {
+        out.push({ name, sizeBytes: 0, modifiedMs: 0 });
+        return;
+      }
       const st = await fs.promises.stat(path.join(dir, e.name)).catch(() => undefined);
       if (st) out.push({ name, sizeBytes: st.size, modifiedMs: st.mtimeMs });
     }));

@@ -18,6 +18,7 @@ import {
 } from './format.js';
 import { RepoLock, listLocks } from './lock.js';
 import { LocalDirStore, type ObjectStore } from './object-store.js';
+import { runLimited } from './run-limited.js';
 
 export interface InitOptions {
   /** Power of two from 64 KiB to 16 MiB; default 256 KiB. */
@@ -154,6 +155,16 @@ export class Repository {
     return out;
   }
 
+  /** Hashes of the pieces in the store, without their sizes (cheaper than storedPieces). */
+  async storedPieceNames(): Promise<Set<string>> {
+    const out = new Set<string>();
+    for (const name of await this.store.names(PIECES_PREFIX)) {
+      const hash = pieceHashOf(name);
+      if (hash !== undefined) out.add(hash);
+    }
+    return out;
+  }
+
   /** Remove the manifests of `ids` (all must exist; checked first). Their pieces stay until prune. */
   async forget(ids: string[]): Promise<void> {
     for (const id of ids) {
@@ -199,26 +210,6 @@ export class Repository {
       await lock.release();
     }
   }
-}
-
-/** Run `fn` over `items` with at most `limit` in flight; the first failure is thrown after the rest settle. */
-export async function runLimited<T>(items: Iterable<T>, limit: number, fn: (item: T) => Promise<void>): Promise<void> {
-  const it = items[Symbol.iterator]();
-  let failure: { err: unknown } | undefined;
-  const lane = async (): Promise<void> => {
-    for (;;) {
-      if (failure) return;
-      const next = it.next();
-      if (next.done) return;
-      try {
-        await fn(next.value);
-      } catch (err) {
-        failure ??= { err };
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: limit }, lane));
-  if (failure) throw failure.err;
 }
 
 /** Open the repository in a local directory. */

@@ -18,7 +18,8 @@ import { checkNotInUse } from '../host/in-use.js';
 import type { ProgressSink } from './create.js';
 import { expandSlots, pieceObject } from './format.js';
 import { PiecePool } from './piece-pool.js';
-import { runLimited, type Repository } from './repository.js';
+import type { Repository } from './repository.js';
+import { runLimited } from './run-limited.js';
 
 /** Decoded pieces kept for later slots at most (of the piece size each). */
 const MAX_CACHED_PIECES = 32;
@@ -49,7 +50,7 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   }
   const P = manifest.pieceSizeBytes;
   const slots = expandSlots(entry, P);
-  const stored = await repo.storedPieces();
+  const stored = await repo.storedPieceNames();
   const missing = [...new Set(slots.filter((s): s is string => s !== null && !stored.has(s)))];
   if (missing.length > 0) {
     throw new BdsnapError('ECORRUPT', `backup ${id} is damaged: ${missing.length} of its pieces ${missing.length === 1 ? 'is' : 'are'} missing (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}); nothing was written`);

@@ -8,7 +8,8 @@ import { toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
 import { pieceObject } from './format.js';
 import { PiecePool } from './piece-pool.js';
-import { runLimited, type Repository } from './repository.js';
+import type { Repository } from './repository.js';
+import { runLimited } from './run-limited.js';
 
 export interface VerifyOptions {
   /** One backup; default all. */

@@ -114,6 +114,16 @@ export class CountingStore implements ObjectStore {
     this.puts.push(name);
     return this.#inner.put(name, data);
   }
+  stage(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
+    this.puts.push(name);
+    return this.#inner.stage(name, data);
+  }
+  commit(): Promise<void> {
+    return this.#inner.commit();
+  }
+  discard(): Promise<void> {
+    return this.#inner.discard();
+  }
   get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer> {
     this.gets++;
     return this.#inner.get(name, range);
@@ -123,6 +133,9 @@ export class CountingStore implements ObjectStore {
   }
   list(prefix: string): Promise<ObjectInfo[]> {
     return this.#inner.list(prefix);
+  }
+  names(prefix: string): Promise<string[]> {
+    return this.#inner.names(prefix);
   }
   delete(name: string): Promise<void> {
     return this.#inner.delete(name);
