@@ -27,7 +27,8 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { LocalDirStore, Repository, backupDevices, restoreBackup, type ByteRange, type SnapshotProvider } from '../src/backup/index.js';
 import { NbdClient } from '../src/nbd/client.js';
-import { dirBytes, makeMixedImage } from '../test/backup/helpers.js';
+import { dirBytes } from '../test/backup/helpers.js';
+import { makeImage } from '../test/helpers/files.js';
 import { run } from '../test/helpers/process.js';
 import { startServer, type NbdServer } from '../test/helpers/server.js';
 import { spread } from './report.js';
@@ -200,7 +201,7 @@ async function main(): Promise<void> {
   const servers: NbdServer[] = [];
   try {
     const pristine = path.join(work, 'pristine.img');
-    makeMixedImage(pristine, opts.sizeBytes);
+    makeImage(pristine, opts.sizeBytes, 'mixed', 7);
     const image = path.join(work, 'disk.img');
     fs.copyFileSync(pristine, image);
     const server = await startServer(undefined, { kind: 'bdsnap', images: [image], readOnly: true });

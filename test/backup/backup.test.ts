@@ -14,14 +14,14 @@ import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { mountDevice } from '../helpers/kernel.js';
 import { requireRoot, requireTool, run } from '../helpers/process.js';
 import { startServer } from '../helpers/server.js';
-import { CountingStore, ServeSnapshotProvider, dirBytes, makeMixedImage } from './helpers.js';
+import { CountingStore, ServeSnapshotProvider, dirBytes } from './helpers.js';
 
 const MiB = 1024 * 1024;
 
 async function setup(t: { after(fn: () => unknown): void }, sizeBytes: number, pieceSizeBytes?: number) {
   const dir = makeTempDir(t, 'bdsnap-backup-');
   const image = path.join(dir, 'disk.img');
-  makeMixedImage(image, sizeBytes);
+  makeImage(image, sizeBytes, 'mixed', 7);
   const store = new CountingStore(new LocalDirStore(path.join(dir, 'repo')));
   const repo = await Repository.init(store, { pieceSizeBytes });
   const provider = new ServeSnapshotProvider(dir);
@@ -107,7 +107,7 @@ test('two devices in one backup, restored separately; the pure codec path reads 
   const dir = makeTempDir(t, 'bdsnap-backup-');
   const a = path.join(dir, 'a.img');
   const b = path.join(dir, 'b.img');
-  makeMixedImage(a, 8 * MiB, 1);
+  makeImage(a, 8 * MiB, 'mixed', 1);
   makeImage(b, 4 * MiB + 4096, 'blocks');
   const repoDir = path.join(dir, 'repo');
   const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 1 << 20 });
@@ -132,8 +132,7 @@ test('ext4: full, changes, incremental; each restore passes e2fsck -n and matche
   requireTool('e2fsck');
   const dir = makeTempDir(t, 'bdsnap-backup-ext4-');
   const image = path.join(dir, 'fs.img');
-  fs.writeFileSync(image, '');
-  fs.truncateSync(image, 64 * MiB);
+  makeImage(image, 64 * MiB, 'zero');
   await run('mkfs.ext4', ['-q', '-F', image]);
   const data = path.join(dir, 'data.bin');
   fs.writeFileSync(data, randomBytes(3 * MiB));
@@ -171,8 +170,7 @@ test('restore in place: an image file is put back; one in use by a server, or a 
   requireRoot();
   const dir = makeTempDir(t, 'bdsnap-backup-inplace-');
   const image = path.join(dir, 'fs.img');
-  fs.writeFileSync(image, '');
-  fs.truncateSync(image, 16 * MiB);
+  makeImage(image, 16 * MiB, 'zero');
   await run('mkfs.ext4', ['-q', '-F', image]);
   const repo = await Repository.init(new LocalDirStore(path.join(dir, 'repo')));
   const s = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);

@@ -6,10 +6,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices } from '../../src/backup/index.js';
 import { pieceObject } from '../../src/backup/format.js';
-import { makeTempDir, sha256File } from '../helpers/files.js';
+import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { run, type RunResult } from '../helpers/process.js';
 import { BDSNAP_MAIN } from '../helpers/server.js';
-import { ServeSnapshotProvider, makeMixedImage } from './helpers.js';
+import { ServeSnapshotProvider } from './helpers.js';
 
 const MiB = 1024 * 1024;
 
@@ -27,7 +27,7 @@ test('backup CLI: init, list, verify, restore, forget, prune; clear failures', a
   const dir = makeTempDir(t, 'bdsnap-backup-cli-');
   const repoDir = path.join(dir, 'repo');
   const image = path.join(dir, 'disk.img');
-  makeMixedImage(image, 8 * MiB);
+  makeImage(image, 8 * MiB, 'mixed', 7);
 
   let r = await bdsnap('init', '--repo', repoDir);
   assert.equal(r.exitCode, 0, r.stderr);

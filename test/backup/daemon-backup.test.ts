@@ -13,7 +13,8 @@ import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
 import { needs } from '../helpers/needs.js';
-import { cli, makeImage, nbdUri, ok, sandbox, startDaemonProcess, type Sandbox } from '../service/helpers.js';
+import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { makeImage } from '../helpers/files.js';
 
 interface Created {
   id: string;
@@ -38,7 +39,7 @@ function backupCreate(box: Sandbox, repo: string, devices: string[], extra: stri
 function referenceImage(box: Sandbox, device: string, file: string): void {
   // No freeze: freezing writes the superblock, which would move the device past the backup's point.
   const snap = JSON.parse(ok(box, ['snapshot', 'create', device, '--no-freeze', '--json'])) as { id: string };
-  run('nbdcopy', [nbdUri(box, `${device}@${snap.id}`), file]);
+  run('nbdcopy', [daemonUri(box, `${device}@${snap.id}`), file]);
   ok(box, ['snapshot', 'destroy', snap.id]);
 }
 
@@ -52,16 +53,14 @@ const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fus
 test('busy ext4 through bdsnap: full, then incremental backups that restore exactly and pass e2fsck', { timeout: 400_000 }, async (t: TestContext) => {
   if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const image = path.join(box.top, 'disk.img');
-  fs.writeFileSync(image, '');
-  fs.truncateSync(image, 96 << 20);
+  makeImage(image, 96 << 20, 'zero');
   run('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
   const device = fs.realpathSync(image);
   const mnt = path.join(box.top, 'mnt');
   fs.mkdirSync(mnt);
-  // Hooks run in the order they were added (the sandbox's removal first), so the mount is
-  // taken down here, before the daemon stops, whatever happens in the body.
+  // The mount is taken down here, whatever happens in the body, while the daemon still runs.
   ok(box, ['mount', device, mnt, '-t', 'ext4', '-o', 'noatime']);
   try {
     await backupCycles(box, device, mnt);
@@ -129,9 +128,9 @@ test('two devices in one backup restore to a consistent pair', { timeout: 180_00
   const box = sandbox(t);
   const BLOCK = 4096;
   const BYTES = 8 << 20;
-  const a = makeImage(box.top, 'a.img', BYTES);
-  const b = makeImage(box.top, 'b.img', BYTES);
-  await startDaemonProcess(t, box);
+  const a = makeImage(path.join(box.top, 'a.img'), BYTES, 0);
+  const b = makeImage(path.join(box.top, 'b.img'), BYTES, 0);
+  await startDaemon(t, { sandbox: box, password: false });
   ok(box, ['snapshot', 'destroy', (JSON.parse(ok(box, ['snapshot', 'create', a, b, '--json'])) as { id: string }).id]);
   const repo = path.join(box.top, 'repo');
   ok(box, ['backup', 'init', '--repo', repo]);

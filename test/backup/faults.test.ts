@@ -17,7 +17,7 @@ import { pieceObject } from '../../src/backup/format.js';
 import { BdsnapError } from '../../src/errors.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { requireRoot, run } from '../helpers/process.js';
-import { ServeSnapshotProvider, makeMixedImage } from './helpers.js';
+import { ServeSnapshotProvider } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const CHILD = fileURLToPath(new URL('./fixtures/create-child.js', import.meta.url));
@@ -130,7 +130,7 @@ test('a full repository disk: a clear ENOSPC, the repository stays valid, prune 
 test('a flipped byte, a missing piece, a deleted or garbled manifest: verify names them, restore refuses', async (t) => {
   const dir = makeTempDir(t, 'bdsnap-backup-damage-');
   const image = path.join(dir, 'disk.img');
-  makeMixedImage(image, 8 * MiB);
+  makeImage(image, 8 * MiB, 'mixed', 7);
   const repoDir = path.join(dir, 'repo');
   const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 256 * 1024 });
   const provider = new ServeSnapshotProvider(dir);

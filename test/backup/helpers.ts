@@ -156,38 +156,3 @@ export function dirBytes(dir: string): number {
   }
   return total;
 }
-
-/** An image of mixed content: random, zero, repeated and text quarters (sizes multiple of 4 MiB). */
-export function makeMixedImage(file: string, sizeBytes: number, seed = 7): void {
-  const fd = fs.openSync(file, 'w');
-  try {
-    fs.ftruncateSync(fd, sizeBytes);
-    const q = sizeBytes / 4;
-    const chunk = Buffer.alloc(1 << 20);
-    let x = seed;
-    const rnd = (): number => {
-      x ^= x << 13;
-      x >>>= 0;
-      x ^= x >>> 17;
-      x ^= x << 5;
-      return (x >>>= 0);
-    };
-    const repeated = Buffer.alloc(1 << 20);
-    for (let i = 0; i < repeated.length; i += 4) repeated.writeUInt32LE(rnd(), i);
-    const words = ['block', 'device', 'snapshot', 'backup', 'the', 'of', 'restore', 'piece', 'manifest', 'kernel', 'write', 'chunk', 'a', 'and'];
-    for (let at = 0; at < sizeBytes; at += chunk.length) {
-      const part = Math.floor(at / q);
-      if (part === 1) continue; // zeroes: a hole
-      if (part === 0) for (let i = 0; i < chunk.length; i += 4) chunk.writeUInt32LE(rnd(), i);
-      else if (part === 2) repeated.copy(chunk);
-      else {
-        let s = '';
-        while (s.length < chunk.length) s += `${words[rnd() % words.length]}${rnd() % 11 === 0 ? '\n' : ' '}${rnd() % 97 === 0 ? String(rnd()) : ''}`;
-        chunk.write(s.slice(0, chunk.length), 'latin1');
-      }
-      fs.writeSync(fd, chunk, 0, chunk.length, at);
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-}

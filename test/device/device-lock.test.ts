@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { acquireDeviceLock } from '../../src/device/device-lock.js';
 import type { DeviceIdentity } from '../../src/device/block-device.js';
 import { BdsnapError } from '../../src/errors.js';
-import { makeTempDir } from '../helpers/files.js';
+import { makeImage, makeTempDir } from '../helpers/files.js';
 
 const RACER = fileURLToPath(new URL('./fixtures/lock-racer.js', import.meta.url));
 
@@ -52,7 +52,7 @@ test('two processes racing for the lock never hold it together, stale locks incl
   const dir = makeTempDir(t, 'bdsnap-lockrace-');
   const lockDir = path.join(dir, 'locks');
   const image = path.join(dir, 'disk.img');
-  fs.writeFileSync(image, Buffer.alloc(4096));
+  makeImage(image, 4096, 0);
   const marker = path.join(dir, 'holder');
   const TOTAL = 600;
   let total = 0;
@@ -82,7 +82,7 @@ test('a live owner keeps the lock; a dead one, or a reused pid, loses it', async
   const dir = makeTempDir(t, 'bdsnap-lock-');
   const lockDir = path.join(dir, 'locks');
   const image = path.join(dir, 'disk.img');
-  fs.writeFileSync(image, Buffer.alloc(4096));
+  makeImage(image, 4096, 0);
   const identity = identityOf(image);
   await withLockDir(lockDir, async () => {
     const first = await acquireDeviceLock(image, identity);

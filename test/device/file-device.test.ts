@@ -7,6 +7,7 @@ import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/device/block-device.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { BdsnapError } from '../../src/errors.js';
 import { needs } from '../helpers/needs.js';
+import { makeImage } from '../helpers/files.js';
 
 function tempDir(t: { after: (fn: () => void) => void }): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-filedev-'));
@@ -17,7 +18,7 @@ function tempDir(t: { after: (fn: () => void) => void }): string {
 test('FileDevice reads back what it wrote and refuses ranges past the end', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'a.img');
-  fs.writeFileSync(image, Buffer.alloc(1 << 20));
+  makeImage(image, 1 << 20, 0);
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
   assert.equal(dev.size, 1 << 20);
@@ -59,7 +60,7 @@ test('extents: holes of a sparse file are holes that read as zeroes; data writte
 test('a second open of the same image fails with EBUSY until the first is closed', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'b.img');
-  fs.writeFileSync(image, Buffer.alloc(65536));
+  makeImage(image, 65536, 0);
   const first = await FileDevice.open(image);
   await assert.rejects(FileDevice.open(image), (e: unknown) => e instanceof BdsnapError && e.code === 'EBUSY' && /already open/.test(e.message));
   // A hard link is the same file: still refused.
@@ -81,7 +82,7 @@ test('a block device (loop) reports its size from sysfs', async (t) => {
   const { execFileSync } = await import('node:child_process');
   const dir = tempDir(t);
   const image = path.join(dir, 'c.img');
-  fs.writeFileSync(image, Buffer.alloc(3 << 20));
+  makeImage(image, 3 << 20, 0);
   const loop = execFileSync('losetup', ['-f', '--show', image], { encoding: 'utf8' }).trim();
   t.after(() => execFileSync('losetup', ['-d', loop]));
   const dev = await FileDevice.open(loop);
@@ -98,8 +99,7 @@ test('close() waits for requests in flight, refuses new ones, and no late write 
   const dir = tempDir(t);
   const image = path.join(dir, 'c.img');
   const SIZE = 64 << 20;
-  fs.writeFileSync(image, Buffer.alloc(0));
-  fs.truncateSync(image, SIZE);
+  makeImage(image, SIZE, 'zero');
   const dev = await FileDevice.open(image);
   const pattern = Buffer.alloc(1 << 20, 0x77);
   const settled: string[] = [];

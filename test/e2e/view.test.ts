@@ -17,7 +17,7 @@ import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
 import { CowDevice } from '../../src/snapshot/index.js';
 import { CleanupStack } from '../helpers/cleanup.js';
-import { fillRandom, makeImage, makeTempDir, sha256, sha256File } from '../helpers/files.js';
+import { fillRandom, makeImage, makeTempDir, sha256, sha256File, xorshift32 } from '../helpers/files.js';
 import { run } from '../helpers/process.js';
 import { needs } from '../helpers/needs.js';
 import { nbdUri } from '../helpers/server.js';
@@ -31,11 +31,7 @@ const SECTOR_BYTES = 512;
 function prng(seed: number): (limit: number) => number {
   let x = seed >>> 0 || 1;
   return (limit) => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
+    x = xorshift32(x);
     return x % limit;
   };
 }

@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { cleanupOf } from './cleanup.js';
 import type { AfterHook } from './files.js';
 
 /** The project root (the directory holding package.json), from dist/test/helpers/. */
@@ -45,7 +46,7 @@ function runtimePackages(): string[] {
  */
 export function bdsnapForOtherUsers(t: AfterHook): string {
   const top = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-public-'));
-  t.after(() => fs.rmSync(top, { recursive: true, force: true }));
+  cleanupOf(t).after(() => fs.rmSync(top, { recursive: true, force: true }));
   fs.chmodSync(top, 0o755);
   fs.cpSync(path.join(PROJECT_ROOT, 'dist', 'src'), path.join(top, 'dist', 'src'), { recursive: true });
   fs.copyFileSync(path.join(PROJECT_ROOT, 'package.json'), path.join(top, 'package.json'));

@@ -1,76 +1,154 @@
 /**
- * `bdsnap daemon` as a real child process in private run, state and snapshot directories,
- * with a service password set and chosen devices activated, so that every NBD attach to
- * those devices opens a copy-before-write session. Used by the benchmark (cost of first
- * writes) and usable by any test that needs the whole service.
+ * `bdsnap daemon` as a real child process, for every test (and the benchmark) that needs the
+ * whole service. A sandbox holds its run, state and snapshot directories; the daemon counts as
+ * ready once its NBD and control sockets both accept connections; with a test context it is
+ * stopped (SIGTERM, SIGKILL after a grace period) when the test ends, before the sandbox is
+ * removed (both go on the test's one cleanup stack). The CLI runs against it as a real process:
+ * `cli`/`ok` synchronously, `RunningDaemon.cli` asynchronously.
  */
 
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { AfterHook } from './files.js';
+import { BDSNAP_MAIN } from './bdsnap-cli.js';
+import { makeTempDir, type AfterHook } from './files.js';
 import { run, type RunResult } from './process.js';
-import { BDSNAP_MAIN, launchServer, type NbdServer } from './server.js';
+import { launchServer, nbdUri, type NbdServer } from './server.js';
+
+/** The service password of test daemons. */
+export const TEST_PASSWORD = 'correct horse battery staple';
+
+export interface Sandbox {
+  /** Readable by every user, so the CLI can run as an unprivileged one; the run dir stays private. */
+  top: string;
+  runDir: string;
+  stateDir: string;
+  snapshotRoot: string;
+  /** The environment for the CLI: BDSNAP_RUN_DIR names runDir. */
+  env: NodeJS.ProcessEnv;
+}
+
+/** The daemon's directories inside `top` (the daemon makes them, private). */
+function sandboxIn(top: string): Sandbox {
+  fs.chmodSync(top, 0o755);
+  const runDir = path.join(top, 'run');
+  return {
+    top,
+    runDir,
+    stateDir: path.join(top, 'state'),
+    snapshotRoot: path.join(top, 'snapshots'),
+    env: { ...process.env, BDSNAP_RUN_DIR: runDir },
+  };
+}
+
+/** A fresh sandbox, removed after the test (after the daemons and mounts set up in it). */
+export function sandbox(t: AfterHook, prefix = 'bdsnap-svc-'): Sandbox {
+  return sandboxIn(makeTempDir(t, prefix));
+}
+
+/** The NBD URI of an export of the sandbox's daemon. */
+export function daemonUri(box: Sandbox, exportName: string): string {
+  return nbdUri(path.join(box.runDir, 'nbd.sock'), exportName);
+}
+
+export interface CliResult {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** `bdsnap ARGS` against the sandbox's daemon. `prefix` runs it under another program (setpriv); `main` is another copy of the CLI. */
+export function cli(box: Sandbox, args: string[], input = '', prefix: readonly string[] = [], main = BDSNAP_MAIN): CliResult {
+  const [cmd, ...rest] = [...prefix, process.execPath, main, ...args];
+  const r = spawnSync(cmd as string, rest, { encoding: 'utf8', env: box.env, input, timeout: 120_000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Run and insist on success, with the output in the failure message. */
+export function ok(box: Sandbox, args: string[], input = ''): string {
+  const r = cli(box, args, input);
+  if (r.status !== 0) throw new Error(`bdsnap ${args.join(' ')} exited ${r.status}: ${r.stderr}`);
+  return r.stdout;
+}
 
 export interface DaemonOptions {
-  /** Devices (image paths) to activate once the daemon is up. */
+  /** The directories to run in; default a fresh one, removed when the daemon stops. */
+  sandbox?: Sandbox;
+  /** Set as the service password once the daemon is up (default TEST_PASSWORD); false sets none. */
+  password?: string | false;
+  /** Devices (image paths) to activate with the password once the daemon is up. */
   activate?: string[];
-  /** 'process' (default) or 'strict'. */
+  /** 'process' (the daemon's default) or 'strict'. */
   durability?: 'process' | 'strict';
-  password?: string;
+  /** Default 'warn'; a test that reads info events from logLines() asks for 'info'. */
+  logLevel?: 'debug' | 'info' | 'warn' | 'error';
+  /** Fail (and kill the daemon) if its sockets do not accept within this time; default 15 s. */
   readyTimeoutMs?: number;
-  /** More `bdsnap daemon` arguments (e.g. --no-change-tracking). */
+  /** More `bdsnap daemon` arguments, after the directories (--no-change-tracking, session options). */
   extraArgs?: string[];
 }
 
 export interface RunningDaemon {
-  /** The daemon's NBD endpoint (<run-dir>/nbd.sock); stop() stops the daemon. */
+  /** The daemon process and its NBD endpoint (<run-dir>/nbd.sock): stop(), kill(), running(). */
   server: NbdServer;
+  sandbox: Sandbox;
   runDir: string;
   stateDir: string;
   snapshotRoot: string;
   /** Run a client command (`bdsnap ARGS`) against this daemon. */
   cli(args: string[], input?: string, allowFailure?: boolean): Promise<RunResult>;
+  /** The daemon's log so far (JSON lines on stdout), parsed. */
+  logLines(): Array<Record<string, unknown>>;
 }
 
-export const TEST_PASSWORD = 'correct horse battery staple';
-
+/**
+ * Start `bdsnap daemon` and wait until its NBD and control sockets accept; then set the
+ * password and activate `options.activate`. On any failure the daemon is stopped and the
+ * error names what it printed.
+ */
 export async function startDaemon(t: AfterHook | undefined, options: DaemonOptions = {}): Promise<RunningDaemon> {
-  const base = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-daemon-'));
-  const runDir = path.join(base, 'run');
-  const stateDir = path.join(base, 'state');
-  const snapshotRoot = path.join(base, 'snapshots');
-  for (const dir of [runDir, stateDir, snapshotRoot]) fs.mkdirSync(dir, { mode: 0o700 });
-  const env = { ...process.env, BDSNAP_RUN_DIR: runDir };
+  const password = options.password ?? TEST_PASSWORD;
+  if (password === false && options.activate?.length) throw new Error('activating devices needs a password');
+  const ownDir = options.sandbox === undefined ? fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-daemon-')) : undefined;
+  const box = options.sandbox ?? sandboxIn(ownDir as string);
+  let stdout = '';
   const server = await launchServer(t, {
     kind: 'bdsnap-daemon',
     command: process.execPath,
     args: [
-      BDSNAP_MAIN, 'daemon', '--run-dir', runDir, '--state-dir', stateDir, '--snapshot-root', snapshotRoot,
-      '--log-level', 'warn', ...(options.durability ? ['--durability', options.durability] : []), ...(options.extraArgs ?? []),
+      BDSNAP_MAIN, 'daemon', '--run-dir', box.runDir, '--state-dir', box.stateDir, '--snapshot-root', box.snapshotRoot,
+      '--log-level', options.logLevel ?? 'warn', ...(options.durability ? ['--durability', options.durability] : []), ...(options.extraArgs ?? []),
     ],
-    socketPath: path.join(runDir, 'nbd.sock'),
+    socketPath: path.join(box.runDir, 'nbd.sock'),
+    // The control socket is bound after the NBD socket; a stale one from a killed daemon refuses.
+    alsoAccepting: [path.join(box.runDir, 'control.sock')],
     exportNames: (options.activate ?? []).map((p) => path.resolve(p)),
-    ownDir: base,
+    ownDir,
     readyTimeoutMs: options.readyTimeoutMs,
-    env,
+    env: box.env,
+    onStdout: (chunk) => {
+      stdout += chunk.toString('utf8');
+    },
   });
-  const cli = (args: string[], input?: string, allowFailure = false): Promise<RunResult> =>
-    run(process.execPath, [BDSNAP_MAIN, ...args], { env, input, allowFailure, timeoutMs: 60_000 });
+  const daemonCli = (args: string[], input?: string, allowFailure = false): Promise<RunResult> =>
+    run(process.execPath, [BDSNAP_MAIN, ...args], { env: box.env, input, allowFailure, timeoutMs: 60_000 });
   try {
-    // The control socket may appear a moment after the NBD socket.
-    const controlSocket = path.join(runDir, 'control.sock');
-    const deadlineMs = Date.now() + (options.readyTimeoutMs ?? 15_000);
-    while (!fs.existsSync(controlSocket)) {
-      if (Date.now() > deadlineMs) throw new Error(`no control socket in ${runDir}:\n${server.stderr()}`);
-      await new Promise((resolve) => setTimeout(resolve, 25));
+    if (password !== false) {
+      await daemonCli(['passwd', '--password-stdin'], `${password}\n${password}\n`);
+      for (const device of options.activate ?? []) await daemonCli(['activate', path.resolve(device), '--password-stdin'], `${password}\n`);
     }
-    const password = options.password ?? TEST_PASSWORD;
-    await cli(['passwd', '--password-stdin'], `${password}\n${password}\n`);
-    for (const device of options.activate ?? []) await cli(['activate', path.resolve(device), '--password-stdin'], `${password}\n`);
   } catch (err) {
     await server.stop();
     throw err;
   }
-  return { server, runDir, stateDir, snapshotRoot, cli };
+  return {
+    server,
+    sandbox: box,
+    runDir: box.runDir,
+    stateDir: box.stateDir,
+    snapshotRoot: box.snapshotRoot,
+    cli: daemonCli,
+    logLines: () => stdout.split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l) as Record<string, unknown>),
+  };
 }

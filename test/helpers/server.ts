@@ -13,6 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { AfterHook } from './files.js';
 import { BDSNAP_MAIN } from './bdsnap-cli.js';
+import { cleanupOf } from './cleanup.js';
 import { requireTool } from './process.js';
 
 export type ServerKind = 'bdsnap' | 'nbdkit';
@@ -55,6 +56,8 @@ export interface NbdServer {
   waitForExit(timeoutMs: number): Promise<{ exitCode: number | null; signal: NodeJS.Signals | null } | undefined>;
   /** SIGTERM, wait, SIGKILL after `graceMs` (default 10 s). Idempotent. */
   stop(graceMs?: number): Promise<StopResult>;
+  /** Send `signal` and return at once (a crash on purpose); waitForExit() or stop() wait for the end. */
+  kill(signal: NodeJS.Signals): void;
 }
 
 const DEFAULT_READY_TIMEOUT_MS = 15_000;
@@ -103,6 +106,14 @@ function tryConnect(socketPath: string): Promise<boolean> {
     });
     socket.once('error', () => resolve(false));
   });
+}
+
+/** True when every socket exists and accepts a connection (a stale socket file refuses). */
+async function accepting(socketPaths: string[]): Promise<boolean> {
+  for (const socketPath of socketPaths) {
+    if (!fs.existsSync(socketPath) || !(await tryConnect(socketPath))) return false;
+  }
+  return true;
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
@@ -163,6 +174,10 @@ export interface LaunchOptions {
   env?: NodeJS.ProcessEnv;
   /** Also wait for this on stderr (the server's own "ready" line). */
   readyPattern?: RegExp;
+  /** More unix sockets that must accept connections before the server counts as ready. */
+  alsoAccepting?: string[];
+  /** Sees every chunk of stdout, in full (what stderr() returns is cut to its last 64 KiB). */
+  onStdout?: (chunk: Buffer) => void;
 }
 
 /** Start any NBD-serving process (bdsnap serve, bdsnap daemon, nbdkit) and wait for its socket. */
@@ -177,6 +192,7 @@ export async function launchServer(t: AfterHook | undefined, options: LaunchOpti
   child.stderr?.on('data', keep);
   // stdout is not part of the contract, but kept so that a chatty server never blocks on a full pipe.
   child.stdout?.on('data', keep);
+  if (options.onStdout) child.stdout?.on('data', options.onStdout);
   let exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   let spawnError: Error | undefined;
   const exited = new Promise<void>((resolve) => {
@@ -208,7 +224,7 @@ export async function launchServer(t: AfterHook | undefined, options: LaunchOpti
     })();
     return stopping;
   };
-  t?.after(() => stop());
+  if (t !== undefined) cleanupOf(t).after(() => stop());
 
   const describe = (): string =>
     `${kind} server (${[cmd, ...args].join(' ')})` +
@@ -223,10 +239,10 @@ export async function launchServer(t: AfterHook | undefined, options: LaunchOpti
       throw new Error(`NBD server did not start: ${describe()}`);
     }
     const announced = options.readyPattern === undefined || options.readyPattern.test(stderrText);
-    if (announced && fs.existsSync(socketPath) && (await tryConnect(socketPath))) break;
+    if (announced && (await accepting([socketPath, ...(options.alsoAccepting ?? [])]))) break;
     if (Date.now() > deadlineMs) {
       await stop();
-      throw new Error(`NBD server not accepting on ${socketPath} after ${options.readyTimeoutMs ?? DEFAULT_READY_TIMEOUT_MS} ms: ${describe()}`);
+      throw new Error(`NBD server not accepting on ${[socketPath, ...(options.alsoAccepting ?? [])].join(' and ')} after ${options.readyTimeoutMs ?? DEFAULT_READY_TIMEOUT_MS} ms: ${describe()}`);
     }
     await sleep(25);
   }
@@ -245,5 +261,8 @@ export async function launchServer(t: AfterHook | undefined, options: LaunchOpti
       return exit === undefined ? undefined : { exitCode: exit.code, signal: exit.signal };
     },
     stop,
+    kill: (signal) => {
+      if (exit === undefined) child.kill(signal);
+    },
   };
 }

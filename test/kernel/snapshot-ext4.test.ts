@@ -11,7 +11,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { needs } from '../helpers/needs.js';
-import { cli, nbdUri, ok, sandbox, startDaemonProcess, type Sandbox } from '../service/helpers.js';
+import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { makeImage } from '../helpers/files.js';
 
 const IMAGE_MIB = 64;
 /** The workload's files: `f<n>` holds the line "file <n>" repeated to this size. */
@@ -41,7 +42,7 @@ function highestFile(dir: string): number {
   return top;
 }
 
-/** Take down what the body mounted, before the daemon stops (hooks run in the order added). */
+/** Take down what the body mounted, while the daemon still runs. */
 function unmountAll(box: Sandbox, mountpoints: string[]): void {
   for (const mnt of mountpoints) {
     if (mounted(mnt)) cli(box, ['umount', mnt]);
@@ -54,10 +55,9 @@ const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fus
 test('a busy ext4: the frozen image is clean and holds the files finished by the take; --no-freeze images replay their journal', { timeout: 300_000 }, async (t) => {
   if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const image = path.join(box.top, 'disk.img');
-  fs.writeFileSync(image, '');
-  fs.truncateSync(image, IMAGE_MIB << 20);
+  makeImage(image, IMAGE_MIB << 20, 'zero');
   run('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
   const device = fs.realpathSync(image);
   const mnt = path.join(box.top, 'mnt');
@@ -106,7 +106,7 @@ async function takeAndCheck(box: Sandbox, device: string, mnt: string, imnt: str
 
   // The frozen image, copied out by a standard tool, is a clean filesystem.
   const copy = path.join(box.top, 'frozen.img');
-  run('nbdcopy', [nbdUri(box, `${device}@${snap.id}`), copy]);
+  run('nbdcopy', [daemonUri(box, `${device}@${snap.id}`), copy]);
   const fsck = spawnSync('e2fsck', ['-fn', copy], { encoding: 'utf8' });
   assert.equal(fsck.status, 0, `e2fsck -fn of the frozen image:\n${fsck.stdout}${fsck.stderr}`);
 
@@ -133,7 +133,7 @@ async function takeAndCheck(box: Sandbox, device: string, mnt: string, imnt: str
   assert.equal(run('sha256sum', [device]), deviceIdle, 'mounting the image did not touch the device');
   assert.notEqual(deviceBefore, '', 'sha256sum ran');
   const looseCopy = path.join(box.top, 'loose.img');
-  run('nbdcopy', [nbdUri(box, `${device}@${loose.id}`), looseCopy]);
+  run('nbdcopy', [daemonUri(box, `${device}@${loose.id}`), looseCopy]);
   const fsck2 = spawnSync('e2fsck', ['-fn', looseCopy], { encoding: 'utf8' });
   assert.equal(fsck2.status, 0, `e2fsck -fn of the replayed image:\n${fsck2.stdout}${fsck2.stderr}`);
   ok(box, ['snapshot', 'destroy', snap.id]);

@@ -1,6 +1,5 @@
 /** Shared fixtures for the NBD tests: a served temp image, and a raw socket speaking bytes by hand. */
 
-import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import type { BlockDevice } from '../../src/device/block-device.js';
@@ -11,7 +10,8 @@ import type { MetaContextSource } from '../../src/nbd/exports.js';
 import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
 import * as C from '../../src/nbd/constants.js';
 import { encodeClientFlags, encodeOption } from '../../src/nbd/encoders.js';
-import { makeTempDir, type AfterHook } from '../helpers/files.js';
+import { cleanupOf } from '../helpers/cleanup.js';
+import { makeImage, makeTempDir, type AfterHook } from '../helpers/files.js';
 
 export interface TestContext {
   after: (fn: () => unknown) => void;
@@ -46,10 +46,7 @@ export async function serveImage(
   } = {},
 ): Promise<Served> {
   const dir = tempDir(t);
-  const image = path.join(dir, 'disk.img');
-  const content = Buffer.alloc(options.sizeBytes ?? 1 << 20);
-  options.fill?.(content);
-  fs.writeFileSync(image, content);
+  const image = makeImage(path.join(dir, 'disk.img'), options.sizeBytes ?? 1 << 20, options.fill ?? 0);
   const device = await FileDevice.open(image, { readOnly: options.readOnly ?? false });
   const exports = new StaticExports([{ name: image, device: options.wrap?.(device) ?? device, description: 'test image', ...(options.metaContexts ? { metaContexts: options.metaContexts } : {}) }]);
   const events: Array<Record<string, unknown>> = [];
@@ -57,7 +54,8 @@ export async function serveImage(
   const socketPath = path.join(dir, 'nbd.sock');
   await server.listenUnix(socketPath);
   const clients: NbdClient[] = [];
-  t.after(async () => {
+  // On the test's cleanup stack, so the server stops before its directory is removed.
+  cleanupOf(t).after(async () => {
     for (const c of clients) c.close().catch(() => undefined);
     await server.close();
     await device.close();

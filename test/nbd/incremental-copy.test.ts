@@ -10,22 +10,18 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports, type StaticExport } from '../../src/nbd/static-exports.js';
 import { ChangeMap, TrackingDevice, dirtyBitmapContextName } from '../../src/snapshot/change-map.js';
+import { makeImage, sha256File } from '../helpers/files.js';
 import { nbdshEnv, requireTool, run } from '../helpers/process.js';
 import { nbdUri } from '../helpers/server.js';
 import { tempDir } from './helpers.js';
 
 const SIZE = 32 << 20;
-
-function sha256(file: string): string {
-  return createHash('sha256').update(fs.readFileSync(file)).digest('hex');
-}
 
 async function serve(dir: string, name: string, exports: StaticExport[]): Promise<{ socketPath: string; close: () => Promise<void> }> {
   const server = new NbdServer({ exports: new StaticExports(exports) });
@@ -63,7 +59,7 @@ test('incremental copy with nbdcopy, nbdinfo --map=qemu:dirty-bitmap and libnbd 
   const dir = tempDir(t);
   const devicePath = path.join(dir, 'device.img');
   const mapFile = path.join(dir, 'device.cbt');
-  fs.writeFileSync(devicePath, Buffer.alloc(SIZE, 0x5a));
+  makeImage(devicePath, SIZE, 0x5a);
   const mapOptions = { file: mapFile, deviceSizeBytes: SIZE, durability: 'process' as const, bootId: 'test-boot' };
 
   // Period 1: writes through the tracked device, then snapshot 1.
@@ -110,7 +106,7 @@ test('incremental copy with nbdcopy, nbdinfo --map=qemu:dirty-bitmap and libnbd 
   const backup = path.join(dir, 'backup.img');
   fs.writeFileSync(backup, '');
   await run('nbdcopy', [nbdUri(images.socketPath, 'image1'), backup]);
-  assert.equal(sha256(backup), sha256(image1));
+  assert.equal(await sha256File(backup), await sha256File(image1));
 
   // The changed extents of image 2 since snapshot 1, read with nbdinfo.
   const out = await run('nbdinfo', [`--map=${context}`, '--json', nbdUri(images.socketPath, 'image2')]);
@@ -137,7 +133,7 @@ with open(${JSON.stringify(backup)}, "r+b") as f:
 h.shutdown()
 `;
   await run('/usr/bin/python3', ['-c', script], { env: nbdshEnv(), input: JSON.stringify(changed.map((e) => [e.offset, e.length])) });
-  assert.equal(sha256(backup), sha256(image2), 'image 1 plus the changed extents of image 2 is image 2');
+  assert.equal(await sha256File(backup), await sha256File(image2), 'image 1 plus the changed extents of image 2 is image 2');
   // And the map did its job: the copy of image 1 alone is not image 2.
-  assert.notEqual(sha256(image1), sha256(image2));
+  assert.notEqual(await sha256File(image1), await sha256File(image2));
 });

@@ -10,6 +10,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { tempDir, type TestContext } from './helpers.js';
 import { needs } from '../helpers/needs.js';
 import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
+import { makeImage } from '../helpers/files.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -44,7 +45,7 @@ test('bdsnap serve: nbdinfo --json sees the export under its real path; SIGTERM 
   if (!needs(t, { tools: ['nbdinfo', 'nbdsh'] })) return;
   const dir = tempDir(t, 'bdsnap-serve-');
   const image = path.join(dir, 'disk.img');
-  fs.writeFileSync(image, Buffer.alloc(3 * 1024 * 1024));
+  makeImage(image, 3 * 1024 * 1024, 0);
   const sock = path.join(dir, 'nbd.sock');
   const r = startServe(t, ['--socket', sock, 'disk.img'], dir);
   const line = await waitReady(r);
@@ -83,8 +84,8 @@ test('bdsnap serve --read-only --listen PORT, two images, empty name selects the
   const dir = tempDir(t, 'bdsnap-serve-');
   const a = path.join(dir, 'a.img');
   const b = path.join(dir, 'b.img');
-  fs.writeFileSync(a, Buffer.alloc(65536, 1));
-  fs.writeFileSync(b, Buffer.alloc(131072, 2));
+  makeImage(a, 65536, 1);
+  makeImage(b, 131072, 2);
   const r = startServe(t, ['--read-only', '--listen', '0', a, b], dir);
   const line = await waitReady(r);
   const m = /serving 2 exports on tcp:127\.0\.0\.1:(\d+)/.exec(line);

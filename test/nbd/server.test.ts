@@ -13,6 +13,7 @@ import { StaticExports } from '../../src/nbd/static-exports.js';
 import { encodeOption, encodeRequest, encodeInfoRequestData } from '../../src/nbd/encoders.js';
 import { GatedDevice } from '../helpers/devices.js';
 import { RawNbdClient } from '../helpers/raw-nbd.js';
+import { makeImage } from '../helpers/files.js';
 import { RawPeer, serveImage, tempDir, waitFor } from './helpers.js';
 
 const MiB = 1 << 20;
@@ -346,7 +347,7 @@ test('a client vanishing mid-request does not crash the server; its handle is re
 test('graceful close: requests in flight finish and reply, the device is flushed, everything is released', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'g.img');
-  fs.writeFileSync(image, Buffer.alloc(4 * MiB));
+  makeImage(image, 4 * MiB, 0);
   const { FileDevice } = await import('../../src/device/file-device.js');
   const file = await FileDevice.open(image);
   t.after(() => file.close());
@@ -388,7 +389,7 @@ test('graceful close: requests in flight finish and reply, the device is flushed
 test('listenUnix: mode 0600, a stale socket file is replaced, a live one is EBUSY', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'x.img');
-  fs.writeFileSync(image, Buffer.alloc(65536));
+  makeImage(image, 65536, 0);
   const sock = path.join(dir, 's.sock');
   // A stale socket: its owner was killed, so nobody unlinked it.
   const owner = spawn(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(sock)}, () => console.log('up'))`]);
@@ -459,7 +460,7 @@ test('a client that never reads its replies cannot make the server buffer withou
 test('replies go out as each request completes: a slow read does not hold back a fast one', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'o.img');
-  fs.writeFileSync(image, Buffer.alloc(MiB));
+  makeImage(image, MiB, 0);
   const { FileDevice } = await import('../../src/device/file-device.js');
   const file = await FileDevice.open(image);
   t.after(() => file.close());

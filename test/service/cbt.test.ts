@@ -13,7 +13,9 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
-import { cli, makeImage, nbdUri, ok, sandbox, startDaemonProcess, systemPythonEnv, type Sandbox } from './helpers.js';
+import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { makeImage } from '../helpers/files.js';
+import { nbdshEnv } from '../helpers/process.js';
 
 const IMAGE_BYTES = 32 << 20;
 
@@ -85,21 +87,21 @@ with open(sys.argv[3], 'r+b') as f:
         total += n
 print(total)
 `;
-  const r = spawnSync('/usr/bin/python3', ['-c', script, nbdUri(box, exportName), context, target], { encoding: 'utf8', env: systemPythonEnv(), timeout: 60_000 });
+  const r = spawnSync('/usr/bin/python3', ['-c', script, daemonUri(box, exportName), context, target], { encoding: 'utf8', env: nbdshEnv(), timeout: 60_000 });
   assert.equal(r.status, 0, `libnbd incremental copy: ${r.stderr}`);
   return Number(r.stdout.trim());
 }
 
 function fullCopy(box: Sandbox, exportName: string, file: string): void {
-  const r = spawnSync('nbdcopy', [nbdUri(box, exportName), file], { encoding: 'utf8', timeout: 60_000 });
+  const r = spawnSync('nbdcopy', [daemonUri(box, exportName), file], { encoding: 'utf8', timeout: 60_000 });
   assert.equal(r.status, 0, `nbdcopy: ${r.stderr}`);
 }
 
 for (const killBetween of [false, true]) {
   test(`incremental copy with standard tools from the image's qemu:dirty-bitmap${killBetween ? ', across a daemon SIGKILL' : ''}`, { timeout: 120_000 }, async (t) => {
     const box = sandbox(t);
-    const device = makeImage(box.top, 'a.img', IMAGE_BYTES, (b) => randomBytes(b.length).copy(b));
-    let daemon = await startDaemonProcess(t, box);
+    const device = makeImage(path.join(box.top, 'a.img'), IMAGE_BYTES, (b) => randomBytes(b.length).copy(b));
+    let daemon = await startDaemon(t, { sandbox: box, password: false });
     register(box, device);
     await writeSome(box, device, 50, 1);
     const first = snapshot(box, device);
@@ -111,9 +113,9 @@ for (const killBetween of [false, true]) {
 
     await writeSome(box, device, 200, 2);
     if (killBetween) {
-      daemon.child.kill('SIGKILL');
-      await daemon.stop();
-      daemon = await startDaemonProcess(t, box);
+      daemon.server.kill('SIGKILL');
+      await daemon.server.stop();
+      daemon = await startDaemon(t, { sandbox: box, password: false });
     }
     await writeSome(box, device, 100, 3);
     const second = snapshot(box, device);
@@ -123,8 +125,8 @@ for (const killBetween of [false, true]) {
     const context = `qemu:dirty-bitmap:${cbt1.generation}:${cbt1.number}`;
 
     // nbdinfo lists and maps the context.
-    const list = spawnSync('nbdinfo', ['--list', '--content', nbdUri(box, second.images[0]!.exportName)], { encoding: 'utf8', timeout: 30_000 });
-    const mapped = spawnSync('nbdinfo', [`--map=${context}`, nbdUri(box, second.images[0]!.exportName)], { encoding: 'utf8', timeout: 30_000 });
+    const list = spawnSync('nbdinfo', ['--list', '--content', daemonUri(box, second.images[0]!.exportName)], { encoding: 'utf8', timeout: 30_000 });
+    const mapped = spawnSync('nbdinfo', [`--map=${context}`, daemonUri(box, second.images[0]!.exportName)], { encoding: 'utf8', timeout: 30_000 });
     assert.equal(mapped.status, 0, `nbdinfo --map: ${mapped.stderr}${list.stderr}`);
     assert.match(mapped.stdout, /dirty/, 'some extents are dirty');
     assert.match(mapped.stdout, /clean/, 'some extents are clean');
@@ -140,13 +142,13 @@ for (const killBetween of [false, true]) {
 
 test('an image file changed while the daemon was stopped resets the generation, with an event', { timeout: 90_000 }, async (t) => {
   const box = sandbox(t);
-  const device = makeImage(box.top, 'a.img', IMAGE_BYTES);
-  const daemon = await startDaemonProcess(t, box);
+  const device = makeImage(path.join(box.top, 'a.img'), IMAGE_BYTES, 0);
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
   register(box, device);
   await writeSome(box, device, 10, 5);
   const before = JSON.parse(ok(box, ['cbt', 'info', device, '--json'])) as { generation: string; number: number; blockSize: number };
   assert.equal(before.blockSize, 64 * 1024);
-  await daemon.stop();
+  await daemon.server.stop();
   await new Promise((r) => setTimeout(r, 20));
   const fd = fs.openSync(device, 'r+');
   fs.writeSync(fd, Buffer.alloc(4096, 1), 0, 4096, 8192);
@@ -154,7 +156,7 @@ test('an image file changed while the daemon was stopped resets the generation, 
   const later = new Date(Date.now() + 5000);
   fs.utimesSync(device, later, later);
 
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const after = JSON.parse(ok(box, ['cbt', 'info', device, '--json'])) as { generation: string; number: number };
   assert.notEqual(after.generation, before.generation, 'a new generation');
   const events = ok(box, ['events', '--json']).trim().split('\n').map((l) => JSON.parse(l) as { type: string; device?: string; details: { reason?: string } });
@@ -164,8 +166,8 @@ test('an image file changed while the daemon was stopped resets the generation, 
 
 test('cbt commands: info, map --since, mark-dirty, reset, and clear refusals', { timeout: 60_000 }, async (t) => {
   const box = sandbox(t);
-  const device = makeImage(box.top, 'a.img', IMAGE_BYTES);
-  await startDaemonProcess(t, box);
+  const device = makeImage(path.join(box.top, 'a.img'), IMAGE_BYTES, 0);
+  await startDaemon(t, { sandbox: box, password: false });
   const unknown = cli(box, ['cbt', 'info', device]);
   assert.notEqual(unknown.status, 0, 'a device the daemon never served is refused');
   assert.match(unknown.stderr, /not registered/);
@@ -202,8 +204,8 @@ test('cbt commands: info, map --since, mark-dirty, reset, and clear refusals', {
 
 test('a daemon started with --no-change-tracking keeps no map and says so', { timeout: 60_000 }, async (t) => {
   const box = sandbox(t);
-  const device = makeImage(box.top, 'a.img', 1 << 20);
-  await startDaemonProcess(t, box, ['--no-change-tracking']);
+  const device = makeImage(path.join(box.top, 'a.img'), 1 << 20, 0);
+  await startDaemon(t, { sandbox: box, password: false, extraArgs: ['--no-change-tracking'] });
   const snap = snapshot(box, device);
   assert.equal(snap.images[0]?.cbt, null, 'the image has no change-map point');
   ok(box, ['snapshot', 'destroy', snap.id]);

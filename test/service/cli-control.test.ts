@@ -10,9 +10,10 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
-import { AS_NOBODY, bdsnapForOtherUsers } from '../helpers/bdsnap-cli.js';
+import { AS_NOBODY, BDSNAP_MAIN, bdsnapForOtherUsers } from '../helpers/bdsnap-cli.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { makeImage } from '../helpers/files.js';
 import { needs } from '../helpers/needs.js';
-import { MAIN, PASSWORD, cli, makeImage, ok, sandbox, startDaemonProcess, type Sandbox } from './helpers.js';
 
 function status(box: Sandbox): { devices: Array<{ device: string; active: boolean }> } {
   return JSON.parse(ok(box, ['status', '--json'])) as { devices: Array<{ device: string; active: boolean }> };
@@ -20,16 +21,16 @@ function status(box: Sandbox): { devices: Array<{ device: string; active: boolea
 
 test('passwd, activate and deactivate: right and wrong passwords, messages for no-op changes', async (t) => {
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
-  const image = makeImage(box.top, 'disk.img', 1 << 20);
+  await startDaemon(t, { sandbox: box, password: false });
+  const image = makeImage(path.join(box.top, 'disk.img'), 1 << 20, 0);
 
-  const noPassword = cli(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  const noPassword = cli(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
   assert.notEqual(noPassword.status, 0);
   assert.match(noPassword.stderr, /no service password is set/);
 
-  assert.equal(ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`).trim(), 'service password set');
+  assert.equal(ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`).trim(), 'service password set');
   const stored = fs.readFileSync(path.join(box.stateDir, 'password'), 'utf8');
-  assert.ok(!stored.includes(PASSWORD), 'the password file must not hold the password');
+  assert.ok(!stored.includes(TEST_PASSWORD), 'the password file must not hold the password');
   assert.equal(fs.statSync(path.join(box.stateDir, 'password')).mode & 0o777, 0o600);
 
   const started = Date.now();
@@ -39,15 +40,15 @@ test('passwd, activate and deactivate: right and wrong passwords, messages for n
   assert.ok(Date.now() - started >= 200, 'a failed attempt is slowed down');
   assert.equal(status(box).devices.length, 0, 'a refused activation registers nothing');
 
-  assert.match(ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`), /^activated /);
-  assert.match(ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`), /is already active/);
+  assert.match(ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`), /^activated /);
+  assert.match(ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`), /is already active/);
   assert.deepEqual(status(box).devices.map((d) => [d.device, d.active]), [[fs.realpathSync(image), true]]);
 
   const wrongDeactivate = cli(box, ['deactivate', image, '--password-stdin'], 'nope nope nope\n');
   assert.equal(wrongDeactivate.status, 1);
   assert.equal(status(box).devices[0]?.active, true);
-  assert.match(ok(box, ['deactivate', image, '--password-stdin'], `${PASSWORD}\n`), /^deactivated /);
-  assert.match(ok(box, ['deactivate', image, '--password-stdin'], `${PASSWORD}\n`), /is not active/);
+  assert.match(ok(box, ['deactivate', image, '--password-stdin'], `${TEST_PASSWORD}\n`), /^deactivated /);
+  assert.match(ok(box, ['deactivate', image, '--password-stdin'], `${TEST_PASSWORD}\n`), /is not active/);
 
   // Changing the password needs the current one.
   const noCurrent = cli(box, ['passwd', '--password-stdin'], 'another password\n');
@@ -55,34 +56,34 @@ test('passwd, activate and deactivate: right and wrong passwords, messages for n
   assert.match(noCurrent.stderr, /current one/);
   const badCurrent = cli(box, ['passwd', '--password-stdin'], 'wrong current\nanother password\n');
   assert.notEqual(badCurrent.status, 0);
-  assert.equal(ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\nanother password\n`).trim(), 'service password changed');
-  assert.equal(cli(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`).status, 1);
+  assert.equal(ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\nanother password\n`).trim(), 'service password changed');
+  assert.equal(cli(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`).status, 1);
   assert.equal(cli(box, ['activate', image, '--password-stdin'], 'another password\n').status, 0);
 });
 
 test('a device path must be a regular file or a block device', async (t) => {
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
-  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
-  const dirRefused = cli(box, ['activate', box.top, '--password-stdin'], `${PASSWORD}\n`);
+  await startDaemon(t, { sandbox: box, password: false });
+  ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
+  const dirRefused = cli(box, ['activate', box.top, '--password-stdin'], `${TEST_PASSWORD}\n`);
   assert.equal(dirRefused.status, 1);
   assert.match(dirRefused.stderr, /neither a regular image file nor a block device/);
-  const missing = cli(box, ['activate', path.join(box.top, 'nope.img'), '--password-stdin'], `${PASSWORD}\n`);
+  const missing = cli(box, ['activate', path.join(box.top, 'nope.img'), '--password-stdin'], `${TEST_PASSWORD}\n`);
   assert.equal(missing.status, 1);
   assert.match(missing.stderr, /no such device/);
   // A symlink is registered under its canonical target.
-  const image = makeImage(box.top, 'real.img', 1 << 20);
+  const image = makeImage(path.join(box.top, 'real.img'), 1 << 20, 0);
   fs.symlinkSync(image, path.join(box.top, 'link.img'));
-  ok(box, ['activate', path.join(box.top, 'link.img'), '--password-stdin'], `${PASSWORD}\n`);
+  ok(box, ['activate', path.join(box.top, 'link.img'), '--password-stdin'], `${TEST_PASSWORD}\n`);
   assert.deepEqual(status(box).devices.map((d) => d.device), [fs.realpathSync(image)]);
 });
 
 test('a non-root caller is refused even with the right password', async (t) => {
   if (!needs(t, { root: true, tools: ['setpriv'] })) return;
   const box = sandbox(t);
-  const daemon = await startDaemonProcess(t, box);
-  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
-  const image = makeImage(box.top, 'disk.img', 1 << 20);
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
+  ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
+  const image = makeImage(path.join(box.top, 'disk.img'), 1 << 20, 0);
   fs.chmodSync(image, 0o666);
   // nobody runs its own copy of the program: the checkout may sit in a private directory.
   const publicMain = bdsnapForOtherUsers(t);
@@ -92,7 +93,7 @@ test('a non-root caller is refused even with the right password', async (t) => {
   // First line: the socket's permissions keep nobody out before the daemon sees anything.
   assert.equal(fs.statSync(box.runDir).mode & 0o777, 0o700);
   assert.equal(fs.statSync(path.join(box.runDir, 'control.sock')).mode & 0o777, 0o600);
-  const asNobody = cli(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`, AS_NOBODY, publicMain);
+  const asNobody = cli(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`, AS_NOBODY, publicMain);
   assert.equal(asNobody.status, 1, asNobody.stderr);
   assert.match(asNobody.stderr, /permission denied.*need root/);
   assert.equal(status(box).devices.length, 0);
@@ -100,7 +101,7 @@ test('a non-root caller is refused even with the right password', async (t) => {
   // Open the socket's permissions: the daemon's own check (the kernel's SO_PEERCRED) refuses.
   fs.chmodSync(box.runDir, 0o755);
   fs.chmodSync(path.join(box.runDir, 'control.sock'), 0o666);
-  const viaCli = cli(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`, AS_NOBODY, publicMain);
+  const viaCli = cli(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`, AS_NOBODY, publicMain);
   assert.equal(viaCli.status, 1, viaCli.stderr);
   assert.match(viaCli.stderr, /permission denied: bdsnap control operations need root/);
   // The log line may reach us a moment later (pino writes asynchronously).
@@ -116,7 +117,7 @@ test('a non-root caller is refused even with the right password', async (t) => {
     s.on('connect', () => s.write(lines.map((l) => JSON.stringify(l) + '\\n').join('')));
     let text = '';
     s.on('data', (d) => { text += d; if (text.split('\\n').length > 2) { process.stdout.write(text); s.end(); } });`;
-  const raw = spawnSync(AS_NOBODY[0], [...AS_NOBODY.slice(1), process.execPath, '-e', script, path.join(box.runDir, 'control.sock'), image, PASSWORD],
+  const raw = spawnSync(AS_NOBODY[0], [...AS_NOBODY.slice(1), process.execPath, '-e', script, path.join(box.runDir, 'control.sock'), image, TEST_PASSWORD],
     { encoding: 'utf8', timeout: 20000 });
   const answers = raw.stdout.trim().split('\n').map((l) => JSON.parse(l) as { id: number; ok: boolean; error?: { code: string } });
   assert.deepEqual(answers.map((a) => [a.id, a.ok, a.error?.code]), [[1, false, 'EPERM'], [2, false, 'EINVAL']], raw.stderr);
@@ -150,7 +151,7 @@ async function rawExchange(socketPath: string, payload: Buffer | string, count: 
 
 test('malformed and oversized control requests get error answers and the daemon lives on', async (t) => {
   const box = sandbox(t);
-  const daemon = await startDaemonProcess(t, box);
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
   const sock = path.join(box.runDir, 'control.sock');
   const lines = [
     'this is not json',
@@ -186,9 +187,9 @@ test('malformed and oversized control requests get error answers and the daemon 
   const half = net.connect(sock);
   await new Promise<void>((resolve) => half.on('connect', () => { half.write('{"id":8,"op":"st'); half.destroy(); resolve(); }));
 
-  assert.equal(daemon.child.exitCode, null, 'the daemon is still running');
+  assert.ok(daemon.server.running(), 'the daemon is still running');
   assert.match(ok(box, ['status']), /no devices registered/);
-  assert.equal(await daemon.stop(), 0, 'SIGTERM ends the daemon with exit code 0');
+  assert.equal((await daemon.server.stop()).exitCode, 0, 'SIGTERM ends the daemon with exit code 0');
   assert.ok(!fs.existsSync(sock), 'the socket is removed at exit');
 });
 
@@ -231,7 +232,7 @@ except OSError:
 _, status = os.waitpid(pid, 0)
 sys.stdout.write(json.dumps({'status': os.waitstatus_to_exitcode(status), 'output': out.decode(errors='replace')}))
 `;
-  const r = spawnSync('/usr/bin/python3', ['-c', driver, JSON.stringify([process.execPath, MAIN, ...args]), JSON.stringify(answers)],
+  const r = spawnSync('/usr/bin/python3', ['-c', driver, JSON.stringify([process.execPath, BDSNAP_MAIN, ...args]), JSON.stringify(answers)],
     { encoding: 'utf8', env: box.env, timeout: 60000 });
   if (r.status !== 0) throw new Error(`pty driver failed: ${r.stderr}`);
   return JSON.parse(r.stdout) as { status: number; output: string };
@@ -239,8 +240,8 @@ sys.stdout.write(json.dumps({'status': os.waitstatus_to_exitcode(status), 'outpu
 
 test('on a terminal, passwords are prompted for without echo', async (t) => {
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
-  const image = makeImage(box.top, 'disk.img', 1 << 20);
+  await startDaemon(t, { sandbox: box, password: false });
+  const image = makeImage(path.join(box.top, 'disk.img'), 1 << 20, 0);
   const secret = 'typed at a prompt 123';
   const set = onTerminal(box, ['passwd'], [secret, secret]);
   assert.equal(set.status, 0, set.output);

@@ -12,8 +12,11 @@ import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { MOUNTINFO_PATH, parseMountInfo } from '../../src/host/mountinfo.js';
 import { BdsnapClient } from '../../src/service/client.js';
+import { cleanupOf } from '../helpers/cleanup.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { makeImage, sha256File } from '../helpers/files.js';
 import { needs } from '../helpers/needs.js';
-import { PASSWORD, passwdAndActivate, restoreOnlySession, cli, ok, sandbox, sessionDirs, sha256File, startDaemonProcess, type Sandbox } from './helpers.js';
+import { passwdAndActivate, restoreOnlySession, sessionDirs } from './helpers.js';
 
 const IMAGE_MIB = 32;
 
@@ -33,12 +36,11 @@ function ext4Fixture(t: TestContext, box: Sandbox): { image: string; mnt: string
   fs.mkdirSync(path.join(seed, 'docs'), { recursive: true });
   fs.writeFileSync(path.join(seed, 'docs', 'a.txt'), 'first version\n'.repeat(1000));
   const image = path.join(box.top, 'disk.img');
-  fs.writeFileSync(image, '');
-  fs.truncateSync(image, IMAGE_MIB << 20);
+  makeImage(image, IMAGE_MIB << 20, 'zero');
   run('mkfs.ext4', ['-q', '-F', '-d', seed, '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
   const mnt = path.join(box.top, 'mnt');
   fs.mkdirSync(mnt);
-  t.after(() => {
+  cleanupOf(t).after(() => {
     if (mounted(mnt)) {
       cli(box, ['umount', mnt]);
       if (mounted(mnt)) spawnSync('umount', ['-l', mnt]);
@@ -57,10 +59,10 @@ const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fus
 test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted, then byte-identical', async (t) => {
   if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const { image, mnt } = ext4Fixture(t, box);
-  passwdAndActivate(box, image, PASSWORD);
-  const before = sha256File(image);
+  passwdAndActivate(box, image, TEST_PASSWORD);
+  const before = await sha256File(image);
 
   assert.match(ok(box, ['mount', image, mnt, '-t', 'ext4']), /snapshot session/);
   assert.ok(mounted(mnt));
@@ -77,26 +79,26 @@ test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted
 
   const refused = cli(box, ['restore', sessionDir]);
   assert.notEqual(refused.status, 0, 'restore is refused while mounted');
-  assert.equal(sha256File(image) === before, false);
+  assert.equal((await sha256File(image)) === before, false);
 
   const umount = JSON.parse(ok(box, ['umount', mnt, '--json'])) as { sessionDir: string | null };
   assert.equal(umount.sessionDir, sessionDir);
   assert.equal(mounted(mnt), false);
   const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string }> };
   assert.deepEqual(list.sessions.map((s) => [s.dir, s.state]), [[sessionDir, 'complete']], 'umount returns after the session is complete');
-  assert.notEqual(sha256File(image), before);
+  assert.notEqual(await sha256File(image), before);
 
   const restored = cli(box, ['restore', sessionDir]);
   assert.equal(restored.status, 0, restored.stderr);
-  assert.equal(sha256File(image), before, 'the restored image is byte-identical to the pre-mount one');
+  assert.equal(await sha256File(image), before, 'the restored image is byte-identical to the pre-mount one');
 });
 
 test('one directory per mount cycle (two within a second), none after deactivation; deactivation mid-mount keeps the session', async (t) => {
   if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const { image, mnt } = ext4Fixture(t, box);
-  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
+  ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
 
   // Never activated: mounting it serves it with no session.
   assert.match(ok(box, ['mount', image, mnt]), /not active: no session/);
@@ -104,7 +106,7 @@ test('one directory per mount cycle (two within a second), none after deactivati
   ok(box, ['umount', mnt]);
   assert.deepEqual(sessionDirs(box), [], 'no session for an inactive device');
 
-  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
   // Two mount cycles back to back (mounting ext4 writes its superblock, so each makes a
   // session). On a busy machine a pair can take longer than a second: up to three tries for a
   // pair whose mounts start within one second; every cycle must make its own directory.
@@ -134,7 +136,7 @@ test('one directory per mount cycle (two within a second), none after deactivati
   ok(box, ['mount', image, mnt]);
   fs.writeFileSync(path.join(mnt, 'before-deactivate'), 'a');
   spawnSync('sync');
-  const deactivated = ok(box, ['deactivate', image, '--password-stdin'], `${PASSWORD}\n`);
+  const deactivated = ok(box, ['deactivate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
   assert.match(deactivated, /carries on until unmount/);
   fs.writeFileSync(path.join(mnt, 'after-deactivate'), Buffer.alloc(1 << 20, 1));
   const umount = JSON.parse(ok(box, ['umount', mnt, '--json'])) as { sessionDir: string | null };
@@ -153,24 +155,24 @@ test('one directory per mount cycle (two within a second), none after deactivati
 test('SIGTERM while mounted: the daemon unmounts, closes the session complete and exits 0', async (t) => {
   if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
-  const daemon = await startDaemonProcess(t, box);
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
   const { image, mnt } = ext4Fixture(t, box);
-  passwdAndActivate(box, image, PASSWORD);
-  const before = sha256File(image);
+  passwdAndActivate(box, image, TEST_PASSWORD);
+  const before = await sha256File(image);
   ok(box, ['mount', image, mnt, '-t', 'ext4']);
   fs.writeFileSync(path.join(mnt, 'new.txt'), 'written just before shutdown\n'.repeat(100));
-  assert.equal(await daemon.stop(), 0);
+  assert.equal((await daemon.server.stop()).exitCode, 0);
   assert.equal(mounted(mnt), false, 'the filesystem was unmounted at shutdown');
   assert.equal(restoreOnlySession(box), 'complete');
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
 });
 
 test('a mount that fails leaves no session, no loop device and nothing attached', async (t) => {
   if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const { image, mnt } = ext4Fixture(t, box);
-  passwdAndActivate(box, image, PASSWORD);
+  passwdAndActivate(box, image, TEST_PASSWORD);
   const loopsBefore = run('losetup', ['-a']);
   const wrongType = cli(box, ['mount', image, mnt, '-t', 'vfat']);
   assert.equal(wrongType.status, 1);
@@ -195,24 +197,24 @@ test('a mount that fails leaves no session, no loop device and nothing attached'
 test('daemon killed with SIGKILL while mounted: the restarted daemon cleans the dead mount up, recovers the session, restore is exact', async (t) => {
   if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
-  const daemon = await startDaemonProcess(t, box);
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
   const { image, mnt } = ext4Fixture(t, box);
-  passwdAndActivate(box, image, PASSWORD);
-  const before = sha256File(image);
+  passwdAndActivate(box, image, TEST_PASSWORD);
+  const before = await sha256File(image);
   const mountedOn = JSON.parse(ok(box, ['mount', image, mnt, '-t', 'ext4', '--json'])) as { loopDevice: string };
   fs.writeFileSync(path.join(mnt, 'data.bin'), Buffer.alloc(2 << 20, 0x33));
   spawnSync('sync', ['-f', path.join(mnt, 'data.bin')]);
 
-  daemon.child.kill('SIGKILL');
-  await new Promise((resolve) => daemon.child.once('exit', resolve));
-  const restarted = await startDaemonProcess(t, box);
+  daemon.server.kill('SIGKILL');
+  await daemon.server.stop();
+  const restarted = await startDaemon(t, { sandbox: box, password: false });
   assert.equal(mounted(mnt), false, 'the dead mount is gone');
   assert.ok(!run('losetup', ['-a']).includes(`${mountedOn.loopDevice}:`), 'its loop device is detached');
   assert.ok(restarted.logLines().some((l) => l.event === 'stale-mount-cleaned'));
   const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string }> };
   assert.deepEqual(list.sessions.map((s) => s.state), ['interrupted']);
-  assert.equal(await restarted.stop(), 0);
+  assert.equal((await restarted.server.stop()).exitCode, 0);
   const restored = cli(box, ['restore', list.sessions[0]?.dir as string]);
   assert.equal(restored.status, 0, restored.stderr);
-  assert.equal(sha256File(image), before, 'the pre-mount image comes back byte for byte');
+  assert.equal(await sha256File(image), before, 'the pre-mount image comes back byte for byte');
 });

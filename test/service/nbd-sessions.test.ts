@@ -11,8 +11,12 @@ import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { PASSWORD, restoreOnlySession, cli, makeImage, nbdUri, nbdsh, ok, sandbox, sessionDirs, sha256File, startDaemonProcess, systemPythonEnv, type Sandbox } from './helpers.js';
+import { cleanupOf } from '../helpers/cleanup.js';
+import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { makeImage, sha256File } from '../helpers/files.js';
 import { needs } from '../helpers/needs.js';
+import { nbdshEnv } from '../helpers/process.js';
+import { nbdsh, restoreOnlySession, sessionDirs } from './helpers.js';
 
 const IMAGE_BYTES = 8 << 20;
 
@@ -39,9 +43,9 @@ async function waitFor(what: string, check: () => boolean, timeoutMs = 15000): P
 test('only registered devices are served; an inactive one gets no session but is flagged when written', async (t) => {
   if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
-  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
-  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
+  await startDaemon(t, { sandbox: box, password: false });
+  ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(path.join(box.top, 'disk.img'), IMAGE_BYTES, pattern));
 
   const unknown = nbdsh(box, image, 'print(h.get_size())');
   assert.notEqual(unknown.status, 0, 'an unregistered export is refused');
@@ -49,12 +53,12 @@ test('only registered devices are served; an inactive one gets no session but is
   const other = nbdsh(box, '/etc/passwd', 'print(h.get_size())');
   assert.notEqual(other.status, 0, 'a file root never registered is refused');
 
-  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
-  ok(box, ['deactivate', image, '--password-stdin'], `${PASSWORD}\n`);
-  const info = spawnSync('nbdinfo', ['--json', nbdUri(box, image)], { encoding: 'utf8', timeout: 30000 });
+  ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
+  ok(box, ['deactivate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
+  const info = spawnSync('nbdinfo', ['--json', daemonUri(box, image)], { encoding: 'utf8', timeout: 30000 });
   assert.equal(info.status, 0, info.stderr);
   assert.equal((JSON.parse(info.stdout) as { exports: Array<{ 'export-size': number }> }).exports[0]?.['export-size'], IMAGE_BYTES);
-  const listed = spawnSync('nbdinfo', ['--list', '--json', nbdUri(box, '')], { encoding: 'utf8', timeout: 30000 });
+  const listed = spawnSync('nbdinfo', ['--list', '--json', daemonUri(box, '')], { encoding: 'utf8', timeout: 30000 });
   assert.equal(listed.status, 0, listed.stderr);
   assert.deepEqual((JSON.parse(listed.stdout) as { exports: Array<{ 'export-name': string }> }).exports.map((e) => e['export-name']), [image]);
   const read = nbdsh(box, image, 'print(h.get_size()); print(h.pread(512, 0).hex())');
@@ -77,19 +81,19 @@ test('only registered devices are served; an inactive one gets no session but is
 test('an active export: reads leave no directory, each client attach with writes is one session', async (t) => {
   if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
-  await startDaemonProcess(t, box);
-  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
-  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
-  const original = sha256File(image);
-  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  await startDaemon(t, { sandbox: box, password: false });
+  ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(path.join(box.top, 'disk.img'), IMAGE_BYTES, pattern));
+  const original = await sha256File(image);
+  ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
 
   assert.equal(nbdsh(box, image, 'h.pread(65536, 0)').status, 0);
   assert.deepEqual(sessionDirs(box), [], 'a read-only attach leaves no session directory');
 
   // Two connections at once share one session: the first holds the export open while the second writes.
-  const holder = spawn('nbdsh', ['-u', nbdUri(box, image), '-c', 'import time; h.pwrite(b"\\x01" * 4096, 0); h.flush(); time.sleep(2)'], { stdio: 'ignore', env: systemPythonEnv() });
+  const holder = spawn('nbdsh', ['-u', daemonUri(box, image), '-c', 'import time; h.pwrite(b"\\x01" * 4096, 0); h.flush(); time.sleep(2)'], { stdio: 'ignore', env: nbdshEnv() });
   const holderDone = new Promise<number | null>((resolve) => holder.once('exit', (code) => resolve(code)));
-  t.after(() => { holder.kill('SIGKILL'); });
+  cleanupOf(t).after(() => { holder.kill('SIGKILL'); });
   await waitFor('the first writer', () => sessionDirs(box).length === 1);
   assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x02" * 8192, 1 << 20); h.flush()').status, 0);
   assert.equal(await holderDone, 0, 'the first writer finished without an error');
@@ -107,20 +111,20 @@ test('an active export: reads leave no directory, each client attach with writes
   const first = list.sessions[0]?.dir as string;
   const restored = cli(box, ['restore', first]);
   assert.equal(restored.status, 0, restored.stderr);
-  assert.equal(sha256File(image), original, 'restoring the first session gives back the original bytes');
+  assert.equal(await sha256File(image), original, 'restoring the first session gives back the original bytes');
 });
 
 test('SIGKILL mid-session: activations kept, the session recovered as interrupted and restorable', async (t) => {
   if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
-  const daemon = await startDaemonProcess(t, box);
-  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
-  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
-  const other = fs.realpathSync(makeImage(box.top, 'other.img', 1 << 20));
-  const original = sha256File(image);
-  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
-  ok(box, ['activate', other, '--password-stdin'], `${PASSWORD}\n`);
-  ok(box, ['deactivate', other, '--password-stdin'], `${PASSWORD}\n`);
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
+  ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(path.join(box.top, 'disk.img'), IMAGE_BYTES, pattern));
+  const other = fs.realpathSync(makeImage(path.join(box.top, 'other.img'), 1 << 20, 0));
+  const original = await sha256File(image);
+  ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
+  ok(box, ['activate', other, '--password-stdin'], `${TEST_PASSWORD}\n`);
+  ok(box, ['deactivate', other, '--password-stdin'], `${TEST_PASSWORD}\n`);
 
   const code = [
     'import sys, time',
@@ -128,21 +132,21 @@ test('SIGKILL mid-session: activations kept, the session recovered as interrupte
     'print("written", flush=True)',
     'time.sleep(30)',
   ].join('\n');
-  const writer = spawn('nbdsh', ['-u', nbdUri(box, image), '-c', code], { stdio: ['ignore', 'pipe', 'inherit'], env: systemPythonEnv() });
-  t.after(() => { writer.kill('SIGKILL'); });
+  const writer = spawn('nbdsh', ['-u', daemonUri(box, image), '-c', code], { stdio: ['ignore', 'pipe', 'inherit'], env: nbdshEnv() });
+  cleanupOf(t).after(() => { writer.kill('SIGKILL'); });
   let said = '';
   writer.stdout?.on('data', (d: Buffer) => { said += d.toString(); });
   await waitFor('the writes', () => said.includes('written'));
-  assert.notEqual(sha256File(image), original);
+  assert.notEqual(await sha256File(image), original);
 
-  daemon.child.kill('SIGKILL');
-  await new Promise((resolve) => daemon.child.once('exit', resolve));
+  daemon.server.kill('SIGKILL');
+  await daemon.server.stop();
   writer.kill('SIGKILL');
   const [dir] = sessionDirs(box);
   assert.ok(dir, 'the session directory exists');
   assert.equal(sessionDirs(box).length, 1);
 
-  const restarted = await startDaemonProcess(t, box);
+  const restarted = await startDaemon(t, { sandbox: box, password: false });
   const devices = (JSON.parse(ok(box, ['status', '--json'])) as StatusJson).devices;
   assert.deepEqual(devices.map((d) => [d.device, d.active]).sort(), [[image, true], [other, false]].sort());
   const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string }> };
@@ -151,41 +155,41 @@ test('SIGKILL mid-session: activations kept, the session recovered as interrupte
 
   const restored = cli(box, ['restore', path.join(box.snapshotRoot, dir)]);
   assert.equal(restored.status, 0, restored.stderr);
-  assert.equal(sha256File(image), original, 'the recovered session restores the exact original');
-  assert.equal(await restarted.stop(), 0);
+  assert.equal(await sha256File(image), original, 'the recovered session restores the exact original');
+  assert.equal((await restarted.server.stop()).exitCode, 0);
 });
 
 test('SIGTERM with a client attached: requests finished, the session closed complete, exit 0', async (t) => {
   if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
-  const daemon = await startDaemonProcess(t, box);
-  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
-  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
-  const original = sha256File(image);
-  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  const daemon = await startDaemon(t, { sandbox: box, password: false, logLevel: 'info' });
+  ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(path.join(box.top, 'disk.img'), IMAGE_BYTES, pattern));
+  const original = await sha256File(image);
+  ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
   const code = 'import time\nfor i in range(16): h.pwrite(bytes([i + 1]) * 65536, i * 131072)\nprint("written", flush=True)\ntime.sleep(30)';
-  const writer = spawn('nbdsh', ['-u', nbdUri(box, image), '-c', code], { stdio: ['ignore', 'pipe', 'ignore'], env: systemPythonEnv() });
-  t.after(() => { writer.kill('SIGKILL'); });
+  const writer = spawn('nbdsh', ['-u', daemonUri(box, image), '-c', code], { stdio: ['ignore', 'pipe', 'ignore'], env: nbdshEnv() });
+  cleanupOf(t).after(() => { writer.kill('SIGKILL'); });
   let said = '';
   writer.stdout?.on('data', (d: Buffer) => { said += d.toString(); });
   await waitFor('the writes', () => said.includes('written'));
 
-  assert.equal(await daemon.stop(), 0, 'SIGTERM exits 0');
+  assert.equal((await daemon.server.stop()).exitCode, 0, 'SIGTERM exits 0');
   const stopped = daemon.logLines();
   assert.ok(stopped.some((l) => l.event === 'session-end' && l.state === 'complete'));
   assert.ok(stopped.some((l) => l.event === 'daemon-stopped'));
-  for (const line of stopped) assert.ok(!JSON.stringify(line).includes(PASSWORD), 'the password is never logged');
+  for (const line of stopped) assert.ok(!JSON.stringify(line).includes(TEST_PASSWORD), 'the password is never logged');
   assert.equal(restoreOnlySession(box), 'complete');
-  assert.equal(sha256File(image), original);
+  assert.equal(await sha256File(image), original);
 });
 
 test('daemon session options: --chunk-size sets the chunk of every session, --size-limit fails one that outgrows it, bad values are refused', async (t) => {
   if (!needs(t, { tools: ['nbdsh', 'nbdinfo'] })) return;
   const box = sandbox(t);
-  await startDaemonProcess(t, box, ['--chunk-size', '4K', '--size-limit', '64K']);
-  ok(box, ['passwd', '--password-stdin'], `${PASSWORD}\n`);
-  const image = fs.realpathSync(makeImage(box.top, 'disk.img', IMAGE_BYTES, pattern));
-  ok(box, ['activate', image, '--password-stdin'], `${PASSWORD}\n`);
+  await startDaemon(t, { sandbox: box, password: false, extraArgs: ['--chunk-size', '4K', '--size-limit', '64K'] });
+  ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
+  const image = fs.realpathSync(makeImage(path.join(box.top, 'disk.img'), IMAGE_BYTES, pattern));
+  ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
 
   // 4 KiB at 0 and 4 KiB at 1 MiB: two 4 KiB chunks, well under the limit.
   assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x01" * 4096, 0); h.pwrite(b"\\x02" * 4096, 1 << 20); h.flush()').status, 0);

@@ -12,7 +12,10 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
-import { PASSWORD, cli, makeImage, nbdUri, ok, passwdAndActivate, restoreOnlySession, sandbox, startDaemonProcess, type Sandbox } from './helpers.js';
+import { cleanupOf } from '../helpers/cleanup.js';
+import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { makeImage } from '../helpers/files.js';
+import { passwdAndActivate, restoreOnlySession } from './helpers.js';
 
 const BLOCK = 4096;
 const IMAGE_BYTES = 16 << 20;
@@ -41,7 +44,7 @@ function connect(box: Sandbox, exportName: string): Promise<NbdClient> {
 /** nbdcopy of an export into a file; returns the bytes (or the failed process result). */
 function copyOut(box: Sandbox, exportName: string): { status: number | null; data: Buffer | undefined; stderr: string } {
   const out = path.join(box.top, `copy-${randomBytes(4).toString('hex')}.img`);
-  const r = spawnSync('nbdcopy', [nbdUri(box, exportName), out], { encoding: 'utf8', timeout: 60_000 });
+  const r = spawnSync('nbdcopy', [daemonUri(box, exportName), out], { encoding: 'utf8', timeout: 60_000 });
   const data = r.status === 0 ? fs.readFileSync(out) : undefined;
   fs.rmSync(out, { force: true });
   return { status: r.status, data, stderr: r.stderr };
@@ -54,7 +57,7 @@ function mustCopy(box: Sandbox, exportName: string): Buffer {
 }
 
 function randomImage(box: Sandbox, name: string, bytes = IMAGE_BYTES): string {
-  return makeImage(box.top, name, bytes, (b) => randomBytes(b.length).copy(b));
+  return makeImage(path.join(box.top, name), bytes, (b) => randomBytes(b.length).copy(b));
 }
 
 /** A block stamped with a sequence number, so images show which writes they hold. */
@@ -68,9 +71,9 @@ function stamped(seq: number, salt: number): Buffer {
 test('an image holds exactly the device as it was at the take, under random writes in flight', { timeout: 120_000 }, async (t) => {
   const box = sandbox(t);
   const device = randomImage(box, 'a.img');
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   // Active: the device is in a mount session too, and each keeps its own originals.
-  passwdAndActivate(box, device, PASSWORD);
+  passwdAndActivate(box, device, TEST_PASSWORD);
   const client = await connect(box, device);
 
   // Per block: the content acknowledged last before the take, and the writes that overlap the take.
@@ -127,13 +130,13 @@ test('an image holds exactly the device as it was at the take, under random writ
 
 test('two devices: every pair of images shows a prefix of the write order', { timeout: 180_000 }, async (t) => {
   const box = sandbox(t);
-  const a = makeImage(box.top, 'a.img', IMAGE_BYTES);
-  const b = makeImage(box.top, 'b.img', IMAGE_BYTES);
-  await startDaemonProcess(t, box);
+  const a = makeImage(path.join(box.top, 'a.img'), IMAGE_BYTES, 0);
+  const b = makeImage(path.join(box.top, 'b.img'), IMAGE_BYTES, 0);
+  await startDaemon(t, { sandbox: box, password: false });
   register(box, [a, b]);
   const ca = await connect(box, a);
   const cb = await connect(box, b);
-  t.after(async () => { await ca.close(); await cb.close(); });
+  cleanupOf(t).after(async () => { await ca.close(); await cb.close(); });
 
   // Write k goes to block k of A, then (after A acknowledged it) to block k of B.
   let running = true;
@@ -176,7 +179,7 @@ test('writes to an image change the image and never the device', { timeout: 60_0
   const box = sandbox(t);
   const device = randomImage(box, 'a.img');
   const original = fs.readFileSync(device);
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const snap = createSnapshot(box, [device]);
   const image = await connect(box, `${device}@${snap.id}`);
   const written = Buffer.alloc(3 * BLOCK + 512, 0x5a);
@@ -196,7 +199,7 @@ test('writes to an image change the image and never the device', { timeout: 60_0
 test('overflow with a tiny limit: the snapshot overflows, its image answers EIO, the device has every write; extend in time avoids it', { timeout: 90_000 }, async (t) => {
   const box = sandbox(t);
   const device = randomImage(box, 'a.img');
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const small = createSnapshot(box, [device], ['--limit', '256K']);
   const roomy = createSnapshot(box, [device], ['--limit', '256K']);
   ok(box, ['snapshot', 'extend', roomy.id, '--limit', '64M']);
@@ -221,7 +224,7 @@ test('overflow with a tiny limit: the snapshot overflows, its image answers EIO,
 test('a snapshot survives SIGKILL of the daemon with writes in flight', { timeout: 120_000 }, async (t) => {
   const box = sandbox(t);
   const device = randomImage(box, 'a.img');
-  const daemon = await startDaemonProcess(t, box);
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
   const atTake = fs.readFileSync(device);
   const snap = createSnapshot(box, [device]);
   const client = await connect(box, device);
@@ -233,12 +236,12 @@ test('a snapshot survives SIGKILL of the daemon with writes in flight', { timeou
     }
   });
   await new Promise((r) => setTimeout(r, 400));
-  daemon.child.kill('SIGKILL');
+  daemon.server.kill('SIGKILL');
   await Promise.all(writers);
   await client.close().catch(() => undefined);
-  await daemon.stop();
+  await daemon.server.stop();
 
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const list = JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: Array<{ id: string; state: string }> };
   assert.deepEqual(list.snapshots.map((s) => [s.id, s.state]), [[snap.id, 'ok']]);
   assert.deepEqual(mustCopy(box, `${device}@${snap.id}`), atTake, 'the image is still the device at the take');
@@ -247,7 +250,7 @@ test('a snapshot survives SIGKILL of the daemon with writes in flight', { timeou
 test('destroy while a reader and a writer are busy: no hang, the device is intact', { timeout: 60_000 }, async (t) => {
   const box = sandbox(t);
   const device = randomImage(box, 'a.img');
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const snap = createSnapshot(box, [device]);
   const writer = await connect(box, device);
   const reader = await connect(box, `${device}@${snap.id}`);
@@ -286,7 +289,7 @@ test('destroy while a reader and a writer are busy: no hang, the device is intac
 test('bad input is refused with one clear line and changes nothing', { timeout: 60_000 }, async (t) => {
   const box = sandbox(t);
   const device = randomImage(box, 'a.img', 1 << 20);
-  await startDaemonProcess(t, box);
+  await startDaemon(t, { sandbox: box, password: false });
   const refuse = (args: string[], pattern: RegExp): void => {
     const r = cli(box, args);
     assert.notEqual(r.status, 0, `bdsnap ${args.join(' ')} should fail`);

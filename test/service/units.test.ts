@@ -13,6 +13,7 @@ import { BdsnapError } from '../../src/errors.js';
 import { PasswordStore } from '../../src/service/auth.js';
 import { LineDecoder, requestSchema, type LineEvent } from '../../src/service/control-protocol.js';
 import { Registry, canonicalDevicePath, readRegistry } from '../../src/service/registry.js';
+import { makeImage } from '../helpers/files.js';
 
 function tempDir(t: { after(fn: () => void): void }): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-unit-'));
@@ -119,7 +120,7 @@ test('PasswordStore: a corrupt password file is a clear error, not a pass', asyn
 test('Registry: canonical paths only, persisted atomically, survives a reload', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'disk.img');
-  fs.writeFileSync(image, Buffer.alloc(4096));
+  makeImage(image, 4096, 0);
   fs.symlinkSync(image, path.join(dir, 'link'));
   assert.equal(await canonicalDevicePath(path.join(dir, 'link')), fs.realpathSync(image));
   await assert.rejects(canonicalDevicePath(dir), (e: BdsnapError) => e.code === 'EINVAL');

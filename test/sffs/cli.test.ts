@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { tempDir } from './helpers.js';
 import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
+import { makeImage } from '../helpers/files.js';
 
 
 interface Run {
@@ -82,7 +83,7 @@ test('sffs errors are one clear line and a non-zero exit', (t) => {
   assertFails(bdsnap(['sffs', 'mkfs', '--blocks', 'many', path.join(dir, 'two')]), /--blocks must be a non-negative integer/);
 
   const zeros = path.join(dir, 'zeros');
-  fs.writeFileSync(zeros, Buffer.alloc(40960));
+  makeImage(zeros, 40960, 0);
   assertFails(bdsnap(['sffs', 'cat', '--image', zeros]), /not a singlefilefs image/);
   assertFails(bdsnap(['sffs', 'cat', '--image', path.join(dir, 'missing')]), /cannot open|no such/i);
 

@@ -7,6 +7,7 @@ import { BdsnapError } from '../../src/errors.js';
 import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { INITIAL_CONTENT } from '../../src/fs/singlefilefs/layout.js';
 import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
+import { makeImage } from '../helpers/files.js';
 import { RecordingDevice, tempDir } from './helpers.js';
 
 const isCode = (code: string) => (e: unknown) => e instanceof BdsnapError && e.code === code;
@@ -38,13 +39,13 @@ test('open reads the formatted file: size, max size, content', async (t) => {
 test('open refuses a device that is not singlefilefs, or whose metadata cannot be right', async (t) => {
   const dir = tempDir(t);
   const zeros = path.join(dir, 'zeros');
-  fs.writeFileSync(zeros, Buffer.alloc(10 * 4096));
+  makeImage(zeros, 10 * 4096, 0);
   const dev = await FileDevice.open(zeros);
   await assert.rejects(SingleFileFs.open(dev), (e: unknown) => isCode('EINVAL')(e) && /not a singlefilefs image/.test((e as Error).message));
   await dev.close();
 
   const tiny = path.join(dir, 'tiny');
-  fs.writeFileSync(tiny, Buffer.alloc(4096));
+  makeImage(tiny, 4096, 0);
   const tinyDev = await FileDevice.open(tiny);
   await assert.rejects(SingleFileFs.open(tinyDev), isCode('EINVAL'));
   await tinyDev.close();

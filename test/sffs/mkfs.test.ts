@@ -5,6 +5,7 @@ import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
 import { BdsnapError } from '../../src/errors.js';
 import { mkfs, mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
+import { makeImage } from '../helpers/files.js';
 import { tempDir } from './helpers.js';
 
 const isCode = (code: string) => (e: unknown) => e instanceof BdsnapError && e.code === code;
@@ -35,7 +36,7 @@ test('mkfsImage writes the layout byte for byte (default 100 blocks)', async (t)
 test('mkfsImage overwrites an existing file and honours the block count', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'image');
-  fs.writeFileSync(image, Buffer.alloc(50 * 4096, 0xee));
+  makeImage(image, 50 * 4096, 0xee);
   await mkfsImage(image, 7);
   assert.deepEqual(fs.readFileSync(image), expectedImage(7));
   await mkfsImage(image, 3);
@@ -55,7 +56,7 @@ test('mkfsImage refuses fewer than 3 blocks, fractions and non-files', async (t)
 test('mkfs over a device writes blocks 0 to 2 and leaves the rest alone', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'dev');
-  fs.writeFileSync(image, Buffer.alloc(10 * 4096, 0xcd));
+  makeImage(image, 10 * 4096, 0xcd);
   const device = await FileDevice.open(image);
   t.after(() => device.close());
   await mkfs(device);
@@ -68,7 +69,7 @@ test('mkfs refuses a device that is not a whole number of blocks or too small', 
   const dir = tempDir(t);
   for (const [name, sizeBytes, pattern] of [['odd', 3 * 4096 + 512, /whole number/], ['small', 2 * 4096, /at least 3 blocks/]] as const) {
     const image = path.join(dir, name);
-    fs.writeFileSync(image, Buffer.alloc(sizeBytes, 0x11));
+    makeImage(image, sizeBytes, 0x11);
     const device = await FileDevice.open(image);
     await assert.rejects(mkfs(device), (e: unknown) => isCode('EINVAL')(e) && pattern.test((e as Error).message));
     await device.close();

@@ -16,6 +16,7 @@ import { connectNbd } from '../../src/fs/singlefilefs/nbd.js';
 import { GRADING_SCENARIOS, assertScenarioOutcome, expectedContent, prepareScenarioImage, sffsCliWriter } from './scenarios.js';
 import { tempDir } from './helpers.js';
 import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
+import { makeImage } from '../helpers/files.js';
 
 
 type ServerKind = 'nbdkit' | 'bdsnap serve';
@@ -120,7 +121,7 @@ for (const kind of ['nbdkit', 'bdsnap serve'] as const) {
 test('a server that is not singlefilefs is refused with one clear line', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'zeros');
-  fs.writeFileSync(image, Buffer.alloc(1 << 20));
+  makeImage(image, 1 << 20, 0);
   const socketPath = path.join(dir, 'nbd.sock');
   await startServer(t, 'nbdkit', socketPath, image);
   const r = await bdsnap(['sffs', 'write', '--socket', socketPath, image, '0', 'x']);

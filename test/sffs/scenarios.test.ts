@@ -1,16 +1,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
 import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
 import { SFFS_BLOCK_SIZE } from '../../src/fs/singlefilefs/layout.js';
+import { sha256 } from '../helpers/files.js';
 import { GRADING_SCENARIOS, SingleFileModel, changedBlocksBetween, expectedContent, type SingleFileWriter } from './scenarios.js';
 import { RecordingDevice, tempDir } from './helpers.js';
-
-const sha256 = (bytes: Buffer): string => createHash('sha256').update(bytes).digest('hex');
 
 /** Records the writes of a scenario's run phase (and how many overlap in time) over the model. */
 class WatchedWriter implements SingleFileWriter {

@@ -13,6 +13,7 @@ import { performance } from 'node:perf_hooks';
 import fc from 'fast-check';
 import type { BlockDevice, Extent } from '../../src/device/block-device.js';
 import { ChangeMap, FrozenChangeMap, TrackingDevice, trackingBlockSize, type ByteRange, type DeviceStamp } from '../../src/snapshot/change-map.js';
+import { makeImage } from '../helpers/files.js';
 import { tempDir } from './helpers.js';
 
 const BLOCK = 64 * 1024;
@@ -292,7 +293,7 @@ function stampOf(file: string): DeviceStamp {
 test('an image changed while not served resets the map (changed-outside); an untouched one does not', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'disk.img');
-  fs.writeFileSync(image, Buffer.alloc(SIZE));
+  makeImage(image, SIZE, 0);
   const file = path.join(dir, 'd.cbt');
   const opts = { file, deviceSizeBytes: SIZE, durability: 'process' as const, bootId: 'b' };
   const open = (): Promise<{ map: ChangeMap; reset: unknown }> => ChangeMap.open({ ...opts, deviceStamp: stampOf(image) });

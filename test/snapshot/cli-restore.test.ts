@@ -8,7 +8,8 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { CowDevice, type RestoreSummary } from '../../src/snapshot/index.js';
-import { makeImage, sha256File, tempDir } from './helpers.js';
+import { makeImage, sha256File } from '../helpers/files.js';
+import { tempDir } from './helpers.js';
 import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
 
 
@@ -18,8 +19,8 @@ function bdsnap(args: string[]): { status: number | null; stdout: string; stderr
 }
 
 async function makeSession(dir: string): Promise<{ image: string; sessionDir: string; before: string }> {
-  const image = makeImage(dir, 2 << 20);
-  const before = sha256File(image);
+  const image = makeImage(path.join(dir, 'disk.img'), 2 << 20, 'random', 1);
+  const before = await sha256File(image);
   const dev = await FileDevice.open(image);
   try {
     // 64 KiB chunks: 300,000 bytes at 12,345 touch chunks 0..4 (5 chunks, 327,680 bytes).
@@ -35,13 +36,13 @@ async function makeSession(dir: string): Promise<{ image: string; sessionDir: st
 test('bdsnap restore: --dry-run, --json, --output, the restore itself and an idempotent re-run', async (t) => {
   const dir = tempDir(t);
   const { image, sessionDir, before } = await makeSession(dir);
-  const changed = sha256File(image);
+  const changed = await sha256File(image);
 
   const dry = bdsnap(['restore', sessionDir, '--dry-run']);
   assert.equal(dry.status, 0, dry.stderr);
   assert.match(dry.stdout, /plan: restore .* to the start of/);
   assert.match(dry.stdout, /chunks: 5, bytes: 327680/);
-  assert.equal(sha256File(image), changed);
+  assert.equal(await sha256File(image), changed);
 
   const output = path.join(dir, 'copy.img');
   const copy = bdsnap(['restore', sessionDir, '--output', output, '--json']);
@@ -49,14 +50,14 @@ test('bdsnap restore: --dry-run, --json, --output, the restore itself and an ide
   const copySummary = JSON.parse(copy.stdout) as RestoreSummary;
   assert.equal(copySummary.targetPath, output);
   assert.equal(copySummary.bytes, 327680);
-  assert.equal(sha256File(output), before);
-  assert.equal(sha256File(image), changed);
+  assert.equal(await sha256File(output), before);
+  assert.equal(await sha256File(image), changed);
 
   const real = bdsnap(['restore', sessionDir]);
   assert.equal(real.status, 0, real.stderr);
   assert.match(real.stdout, /restored .* sessions applied: 1, chunks: 5, bytes: 327680/s);
   assert.equal(real.stderr, '', 'no progress bar when stderr is not a terminal');
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
 
   const again = bdsnap(['restore', sessionDir, '--json']);
   assert.equal(again.status, 0, again.stderr);

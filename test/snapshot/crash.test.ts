@@ -8,7 +8,8 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { listSessions, recoverSession, restore } from '../../src/snapshot/index.js';
-import { killWhileWriting, makeImage, sha256File, tempDir } from './helpers.js';
+import { makeImage, sha256File } from '../helpers/files.js';
+import { killWhileWriting, tempDir } from './helpers.js';
 
 const WRITER = fileURLToPath(new URL('./fixtures/crash-writer.js', import.meta.url));
 
@@ -20,11 +21,11 @@ async function killSessionWriter(image: string, root: string, chunkSize: number,
 for (const [durability, chunkSize, runMs] of [['process', 65536, 400], ['process', 4096, 150], ['strict', 16384, 300]] as const) {
   test(`SIGKILL while writing (${durability}, ${chunkSize / 1024} KiB chunks): recover and restore give the pre-session image`, async (t) => {
     const dir = tempDir(t, 'bdsnap-crash-');
-    const image = makeImage(dir, 16 << 20);
+    const image = makeImage(path.join(dir, 'disk.img'), 16 << 20, 'random', 1);
     const root = path.join(dir, 'snap');
-    const before = sha256File(image);
+    const before = await sha256File(image);
     const sessionDir = await killSessionWriter(image, root, chunkSize, durability, runMs);
-    assert.notEqual(sha256File(image), before, 'the writer changed the image');
+    assert.notEqual(await sha256File(image), before, 'the writer changed the image');
     assert.equal((await listSessions(root))[0]?.state, 'active');
     const info = await recoverSession(sessionDir);
     assert.equal(info.state, 'interrupted');
@@ -32,20 +33,20 @@ for (const [durability, chunkSize, runMs] of [['process', 65536, 400], ['process
     const summary = await restore(sessionDir);
     assert.equal(summary.digestCheck, 'partial');
     assert.match(summary.warnings.join('\n'), /interrupted/);
-    assert.equal(sha256File(image), before);
+    assert.equal(await sha256File(image), before);
   });
 }
 
 test('SIGKILL, then restore straight away: the never-closed session is recovered by restore itself', async (t) => {
   const dir = tempDir(t, 'bdsnap-crash-');
-  const image = makeImage(dir, 8 << 20);
+  const image = makeImage(path.join(dir, 'disk.img'), 8 << 20, 'random', 2);
   const root = path.join(dir, 'snap');
-  const before = sha256File(image);
+  const before = await sha256File(image);
   const sessionDir = await killSessionWriter(image, root, 65536, 'process', 200);
   const plan = await restore(sessionDir, { dryRun: true });
   assert.match(plan.warnings.join('\n'), /never closed/);
   assert.equal((await listSessions(root))[0]?.state, 'active', 'a dry run changes nothing');
   await restore(sessionDir);
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
   assert.equal((await listSessions(root))[0]?.state, 'interrupted');
 });

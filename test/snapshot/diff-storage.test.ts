@@ -13,7 +13,8 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DiffStorage, SnapshotLayer, type DiffStorageEvent, type DiffStorageOptions, type SnapshotImage } from '../../src/snapshot/index.js';
-import { isError, makeImage, tempDir, type TestContext } from './helpers.js';
+import { makeImage } from '../helpers/files.js';
+import { isError, tempDir, type TestContext } from './helpers.js';
 import { needs } from '../helpers/needs.js';
 
 
@@ -34,7 +35,7 @@ interface Rig {
 
 async function rig(t: TestContext, extra: Partial<DiffStorageOptions> = {}, storeDir?: string): Promise<Rig> {
   const dir = tempDir(t);
-  const imagePath = makeImage(dir, 4 << 20);
+  const imagePath = makeImage(path.join(dir, 'disk.img'), 4 << 20, 'random', 1);
   const dev = await FileDevice.open(imagePath);
   t.after(() => dev.close());
   const layer = new SnapshotLayer(dev, { chunkSize: CHUNK });
@@ -243,7 +244,7 @@ test('bad input: missing or non-directory dirs, bad ids, chunk sizes and limits,
   await assert.rejects(DiffStorage.open({ ...base, dirs: [dir] }), isError('ENOENT', /no difference storage/));
   const s = await DiffStorage.create({ ...base, dirs: [dir] });
   await assert.rejects(DiffStorage.create({ ...base, dirs: [dir] }), isError('EINVAL', /already exists/));
-  const dev = await FileDevice.open(makeImage(dir, 1 << 20));
+  const dev = await FileDevice.open(makeImage(path.join(dir, 'disk.img'), 1 << 20, 'random', 2));
   t.after(() => dev.close());
   assert.throws(() => new SnapshotLayer(dev, { chunkSize: 4096 }).addPoint(s, 0), isError('EINVAL', /chunk size/));
   await s.destroy();

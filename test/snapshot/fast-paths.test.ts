@@ -16,7 +16,8 @@ import { StoreWriter, scanData } from '../../src/snapshot/store.js';
 import { digestDeviceChunks } from '../../src/snapshot/device-digests.js';
 import { chunkRuns } from '../../src/snapshot/chunk-runs.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
-import { isError, makeImage, sha256File, tempDir } from './helpers.js';
+import { makeImage, sha256File } from '../helpers/files.js';
+import { isError, tempDir } from './helpers.js';
 
 const CS = 4096;
 
@@ -66,9 +67,9 @@ test('new records carry a CRC-32; records of the first format (sha256) still sca
 {
   test('a chain of sessions restores exactly, originals gathered from interleaved stores', async (t) => {
     const dir = tempDir(t);
-    const image = makeImage(dir, 1200 * CS + 1000);
+    const image = makeImage(path.join(dir, 'disk.img'), 1200 * CS + 1000, 'random', 1);
     const root = path.join(dir, 'snap');
-    const before = sha256File(image);
+    const before = await sha256File(image);
     let firstDir: string | undefined;
     for (let s = 0; s < 2; s++) {
       const dev = await FileDevice.open(image);
@@ -89,7 +90,7 @@ test('new records carry a CRC-32; records of the first format (sha256) still sca
     const result = await restore(firstDir!);
     assert.equal(result.sessionsApplied.length, 2);
     assert.equal(result.digestCheck, 'verified');
-    assert.equal(sha256File(image), before);
+    assert.equal(await sha256File(image), before);
   });
 }
 
@@ -128,7 +129,7 @@ test('device digests split over two workers match each chunk\'s crc32x8 and sha2
   const dir = tempDir(t);
   const chunkSize = 64 * 1024;
   const sizeBytes = 40 * 1024 * 1024 + 5000;
-  const image = makeImage(dir, sizeBytes);
+  const image = makeImage(path.join(dir, 'disk.img'), sizeBytes, 'random', 2);
   const content = fs.readFileSync(image);
   // Every chunk but a few, so that runs break; more than 32 MiB, so that two workers share it.
   const chunks = Array.from({ length: Math.ceil(sizeBytes / chunkSize) }, (_, i) => i).filter((c) => c % 97 !== 5);

@@ -1,7 +1,6 @@
-/** Shared helpers of the snapshot tests: temp dirs, images, hashes. No tests in here. */
+/** Shared helpers of the snapshot tests: temp dirs, error predicates, killed writers. No tests in here. */
 
 import { spawn } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import assert from 'node:assert/strict';
@@ -15,21 +14,6 @@ export interface TestContext {
 /** A temporary directory removed after the test (the one implementation is helpers/files.ts). */
 export function tempDir(t: AfterHook, prefix = 'bdsnap-snap-'): string {
   return makeTempDir(t, prefix);
-}
-
-/** A file of `sizeBytes` random bytes (random so that every chunk differs). */
-export function makeImage(dir: string, sizeBytes: number, name = 'disk.img'): string {
-  const file = path.join(dir, name);
-  fs.writeFileSync(file, randomBytes(sizeBytes));
-  return file;
-}
-
-export function sha256File(file: string): string {
-  return createHash('sha256').update(fs.readFileSync(file)).digest('hex');
-}
-
-export function sha256(data: Buffer): string {
-  return createHash('sha256').update(data).digest('hex');
 }
 
 /** Predicate for assert.rejects: a BdsnapError with this code whose message matches. */

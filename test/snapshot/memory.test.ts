@@ -14,6 +14,7 @@ import fc from 'fast-check';
 import { FileDevice } from '../../src/device/file-device.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { ChunkBitmap, ChunkTable } from '../../src/snapshot/chunk-table.js';
+import { makeImage } from '../helpers/files.js';
 import { tempDir } from './helpers.js';
 
 const GIB = 1024 * 1024 * 1024;
@@ -34,8 +35,7 @@ for (const chunkSize of [4096, 64 * 1024]) {
   test(`a session on a 64 GiB sparse device with ${chunkSize / 1024} KiB chunks touching a few chunks uses < 8 MiB`, async (t) => {
     const dir = tempDir(t);
     const image = path.join(dir, 'sparse.img');
-    fs.writeFileSync(image, '');
-    fs.truncateSync(image, 64 * GIB);
+    makeImage(image, 64 * GIB, 'zero');
     const dev = await FileDevice.open(image);
     t.after(() => dev.close());
     const offsets = [0, 7 * GIB + 12345, 32 * GIB, 64 * GIB - 4096, 40 * GIB + 3 * chunkSize];

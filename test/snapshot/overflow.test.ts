@@ -14,7 +14,8 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { readManifest } from '../../src/snapshot/format.js';
 import { CowDevice, restore, type SessionEvent } from '../../src/snapshot/index.js';
 import { needs } from '../helpers/needs.js';
-import { isError, makeImage, tempDir } from './helpers.js';
+import { makeImage } from '../helpers/files.js';
+import { isError, tempDir } from './helpers.js';
 
 async function writeMany(cow: CowDevice, model: Buffer, count: number, maxLength: number): Promise<void> {
   for (let i = 0; i < count; i++) {
@@ -32,7 +33,7 @@ async function writeMany(cow: CowDevice, model: Buffer, count: number, maxLength
 
 test('a tiny size limit fails the session; the device gets exactly what was written; restore refuses', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 8 << 20);
+  const image = makeImage(path.join(dir, 'disk.img'), 8 << 20, 'random', 1);
   const model = fs.readFileSync(image);
   const root = path.join(dir, 'snap');
   const events: SessionEvent[] = [];
@@ -65,8 +66,7 @@ test('a full snapshot disk fails the session and leaves the device fine', async 
     for (const step of undo.reverse()) await step();
   });
   const fsImage = path.join(dir, 'small-fs.img');
-  fs.writeFileSync(fsImage, '');
-  fs.truncateSync(fsImage, 4 << 20);
+  makeImage(fsImage, 4 << 20, 'zero');
   execFileSync('mkfs.ext4', ['-q', '-F', '-m', '0', fsImage]);
   const loop = execFileSync('losetup', ['-f', '--show', fsImage], { encoding: 'utf8' }).trim();
   undo.push(() => execFileSync('losetup', ['-d', loop]));
@@ -75,7 +75,7 @@ test('a full snapshot disk fails the session and leaves the device fine', async 
   execFileSync('mount', [loop, mnt]);
   undo.push(() => execFileSync('umount', [mnt]));
 
-  const image = makeImage(dir, 32 << 20);
+  const image = makeImage(path.join(dir, 'disk.img'), 32 << 20, 'random', 2);
   const model = fs.readFileSync(image);
   const snapshotRoot = path.join(mnt, 'snapshot');
   const dev = await FileDevice.open(image);

@@ -12,7 +12,8 @@ import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { JOURNAL_FILE } from '../../src/snapshot/format.js';
 import { CowDevice, checkNotInUse, restore } from '../../src/snapshot/index.js';
-import { isError, makeImage, sha256File, tempDir } from './helpers.js';
+import { makeImage, sha256File } from '../helpers/files.js';
+import { isError, tempDir } from './helpers.js';
 
 const CS = 16384;
 
@@ -41,7 +42,7 @@ async function oneSession(image: string, root: string): Promise<string> {
 
 test('checkNotInUse: an unreadable mount table or sysfs is a refusal with the reason, never a pass', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 1 << 20, 'a disk.img');
+  const image = makeImage(path.join(dir, 'a disk.img'), 1 << 20, 'random', 1);
   const host = fakeHost(dir);
   await checkNotInUse(image, host);
   const missing = path.join(dir, 'missing');
@@ -56,7 +57,7 @@ test('checkNotInUse: an unreadable mount table or sysfs is a refusal with the re
 
 test('checkNotInUse: a mount or a loop device of a path with a space is found', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 1 << 20, 'a disk.img');
+  const image = makeImage(path.join(dir, 'a disk.img'), 1 << 20, 'random', 2);
   const host = fakeHost(dir);
   const escaped = image.replaceAll(' ', '\\040');
   fs.appendFileSync(host.mountinfo, `40 22 0:50 / /mnt/my\\040mount rw - ext4 ${escaped} rw\n`);
@@ -69,13 +70,13 @@ test('checkNotInUse: a mount or a loop device of a path with a space is found', 
 
 test('restore refuses, writing nothing, when the host cannot say the device is free', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 1 << 20);
+  const image = makeImage(path.join(dir, 'disk.img'), 1 << 20, 'random', 3);
   const sessionDir = await oneSession(image, path.join(dir, 'snap'));
-  const changed = sha256File(image);
+  const changed = await sha256File(image);
   const host = fakeHost(dir);
   await assert.rejects(restore(sessionDir, { hostPaths: { ...host, mountinfo: path.join(dir, 'missing') } }), isError('EIO', /cannot tell/));
   await assert.rejects(restore(sessionDir, { hostPaths: { ...host, sysBlock: path.join(dir, 'missing') } }), isError('EIO', /cannot tell/));
-  assert.equal(sha256File(image), changed, 'nothing written');
+  assert.equal(await sha256File(image), changed, 'nothing written');
   assert.equal(fs.existsSync(path.join(sessionDir, JOURNAL_FILE)), false, 'no journal either');
   const summary = await restore(sessionDir, { hostPaths: host });
   assert.equal(summary.digestCheck, 'verified', 'with a readable host the same restore goes through');
@@ -83,9 +84,9 @@ test('restore refuses, writing nothing, when the host cannot say the device is f
 
 test('a restore journal that does not validate stops the restore', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 1 << 20);
+  const image = makeImage(path.join(dir, 'disk.img'), 1 << 20, 'random', 4);
   const sessionDir = await oneSession(image, path.join(dir, 'snap'));
-  const changed = sha256File(image);
+  const changed = await sha256File(image);
   const journal = path.join(sessionDir, JOURNAL_FILE);
   const cases: Array<[string, string, RegExp]> = [
     ['not JSON', '{"state": "running"', /not a valid restore journal/],
@@ -97,6 +98,6 @@ test('a restore journal that does not validate stops the restore', async (t) => 
   for (const [name, text, message] of cases) {
     fs.writeFileSync(journal, text);
     await assert.rejects(restore(sessionDir), isError('ECORRUPT', message), name);
-    assert.equal(sha256File(image), changed, `${name}: nothing written`);
+    assert.equal(await sha256File(image), changed, `${name}: nothing written`);
   }
 });

@@ -10,7 +10,8 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE, DIGESTS_FILE, INDEX_FILE, JOURNAL_FILE, MANIFEST_FILE, decodeDigests, encodeDigestArrays } from '../../src/snapshot/format.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { needs } from '../helpers/needs.js';
-import { isError, makeImage, sha256File, tempDir, type TestContext } from './helpers.js';
+import { makeImage, sha256File } from '../helpers/files.js';
+import { isError, tempDir, type TestContext } from './helpers.js';
 
 const CS = 16384;
 
@@ -28,10 +29,10 @@ async function session(image: string, root: string, writes: Array<[number, numbe
   }
 }
 
-function setup(t: TestContext): { dir: string; image: string; root: string; before: string } {
+async function setup(t: TestContext): Promise<{ dir: string; image: string; root: string; before: string }> {
   const dir = tempDir(t);
-  const image = makeImage(dir, 4 << 20);
-  return { dir, image, root: path.join(dir, 'snap'), before: sha256File(image) };
+  const image = makeImage(path.join(dir, 'disk.img'), 4 << 20, 'random', 1);
+  return { dir, image, root: path.join(dir, 'snap'), before: await sha256File(image) };
 }
 
 const WRITES: Array<[number, number]> = [[0, 5000], [100_000, 70_000], [3 << 20, 1 << 20]];
@@ -51,13 +52,13 @@ test('corrupt or missing store files are refused and the device is left byte-ide
     ['flipped byte in index', (d) => flip(path.join(d, INDEX_FILE), 20), /index.bin/, 'ECORRUPT'],
   ];
   for (const [name, damage, message, code] of cases) {
-    const { image, root } = setup(t);
+    const { image, root } = await setup(t);
     const sessionDir = await session(image, root, WRITES);
-    const changed = sha256File(image);
+    const changed = await sha256File(image);
     damage(sessionDir);
     await assert.rejects(restore(sessionDir), isError(code, message), name);
     await assert.rejects(restore(sessionDir, { force: true }), isError(code), `${name} with --force`);
-    assert.equal(sha256File(image), changed, `${name}: the device is untouched`);
+    assert.equal(await sha256File(image), changed, `${name}: the device is untouched`);
   }
 });
 
@@ -73,42 +74,42 @@ function rewriteManifest(dir: string, patch: Record<string, unknown>): void {
 }
 
 test('--output writes a restored copy and leaves the device alone; --dry-run writes nothing', async (t) => {
-  const { dir, image, root, before } = setup(t);
+  const { dir, image, root, before } = await setup(t);
   const sessionDir = await session(image, root, WRITES);
-  const changed = sha256File(image);
+  const changed = await sha256File(image);
   const plan = await restore(sessionDir, { dryRun: true });
   assert.equal(plan.dryRun, true);
   assert.equal(plan.chunks, 1 + 5 + 64);
   assert.equal(plan.bytes, 70 * CS);
   assert.equal(plan.digestCheck, 'verified');
-  assert.equal(sha256File(image), changed);
+  assert.equal(await sha256File(image), changed);
   assert.equal(fs.existsSync(path.join(sessionDir, JOURNAL_FILE)), false);
 
   const output = path.join(dir, 'restored.img');
   const progress: number[] = [];
   const summary = await restore(sessionDir, { output, onProgress: (done) => progress.push(done) });
   assert.equal(summary.targetPath, output);
-  assert.equal(sha256File(output), before);
-  assert.equal(sha256File(image), changed);
+  assert.equal(await sha256File(output), before);
+  assert.equal(await sha256File(image), changed);
   assert.equal(progress.at(-1), 70 * CS);
   // The device is still restorable after that.
   await restore(sessionDir);
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
   await assert.rejects(restore(sessionDir, { output: image }), isError('EINVAL', /is the device itself/));
 });
 
 test('a re-run is harmless, and an interrupted restore finishes when run again', async (t) => {
-  const { image, root, before } = setup(t);
+  const { image, root, before } = await setup(t);
   const sessionDir = await session(image, root, WRITES);
   const first = await restore(sessionDir);
   assert.equal(first.bytes, 70 * CS);
   const second = await restore(sessionDir);
   assert.equal(second.alreadyRestored, true);
   assert.equal(second.bytes, 0);
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
 
   // An interruption: the journal says running and only part of the device has been put back.
-  const { image: image2, root: root2, before: before2 } = setup(t);
+  const { image: image2, root: root2, before: before2 } = await setup(t);
   const dir2 = await session(image2, root2, WRITES);
   fs.writeFileSync(path.join(dir2, JOURNAL_FILE), JSON.stringify({ state: 'running', devicePath: image2, sessions: [dir2], startedAt: new Date().toISOString() }));
   const restoredCopy = path.join(path.dirname(image2), 'copy.img');
@@ -119,29 +120,29 @@ test('a re-run is harmless, and an interrupted restore finishes when run again',
   const resumed = await restore(dir2);
   assert.equal(resumed.digestCheck, 'skipped-resume');
   assert.match(resumed.warnings.join(' '), /did not finish/);
-  assert.equal(sha256File(image2), before2);
+  assert.equal(await sha256File(image2), before2);
 });
 
 test('a device changed outside bdsnap is refused with the chunk named; --force restores anyway', async (t) => {
-  const { image, root, before } = setup(t);
+  const { image, root, before } = await setup(t);
   const sessionDir = await session(image, root, WRITES);
   const fd = fs.openSync(image, 'r+');
   fs.writeSync(fd, Buffer.from('tampered'), 0, 8, 100_000 + 2 * CS);
   fs.closeSync(fd);
-  const changed = sha256File(image);
+  const changed = await sha256File(image);
   await assert.rejects(restore(sessionDir), isError('EMISMATCH', /1 chunk\(s\) of .* differ from its end digests: chunk 8 \(bytes 131072\.\.147455\) vs the device.*--force/));
-  assert.equal(sha256File(image), changed);
+  assert.equal(await sha256File(image), changed);
   const forced = await restore(sessionDir, { force: true });
   assert.equal(forced.digestCheck, 'skipped-force');
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
 });
 
 test('newer sessions are applied first; a change between sessions, a failed newer session, size and identity are checked', async (t) => {
-  const { image, root, before } = setup(t);
+  const { image, root, before } = await setup(t);
   const s1 = await session(image, root, WRITES, new Date('2026-03-01T10:00:00Z'));
-  const middle = sha256File(image);
+  const middle = await sha256File(image);
   const s2 = await session(image, root, [[50_000, 200_000], [3 << 20, 4096]], new Date('2026-03-01T11:00:00Z'));
-  const end = sha256File(image);
+  const end = await sha256File(image);
   const plan = await restore(s1, { dryRun: true });
   assert.deepEqual(plan.sessionsApplied, [s2, s1]);
   assert.equal(plan.digestCheck, 'verified');
@@ -157,7 +158,7 @@ test('newer sessions are applied first; a change between sessions, a failed newe
   await assert.rejects(restore(s1), isError('EMISMATCH', /differ from its end digests: chunk 0 \(bytes 0\.\.16383\) vs the device/));
   fs.writeSync(fd, saved, 0, 10, 0);
   fs.closeSync(fd);
-  assert.equal(sha256File(image), end);
+  assert.equal(await sha256File(image), end);
 
   // A newer failed session blocks the restore of an older one.
   rewriteManifest(s2, { state: 'failed', failedReason: 'the snapshot disk is full' });
@@ -187,12 +188,12 @@ test('newer sessions are applied first; a change between sessions, a failed newe
   rewriteManifest(s2, { deviceIdentity: {} });
   const summary = await restore(s1);
   assert.deepEqual(summary.sessionsApplied, [s2, s1]);
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
   assert.notEqual(middle, before);
 });
 
 test('restore refuses while the device is open by a server or backs a loop device', async (t) => {
-  const { image, root, before } = setup(t);
+  const { image, root, before } = await setup(t);
   const sessionDir = await session(image, root, WRITES);
   const dev = await FileDevice.open(image);
   await assert.rejects(restore(sessionDir), isError('EBUSY', /already open/));
@@ -206,27 +207,27 @@ test('restore refuses while the device is open by a server or backs a loop devic
     execFileSync('losetup', ['-d', loop]);
   }
   await restore(sessionDir);
-  assert.equal(sha256File(image), before, 'once released, the device is restored');
+  assert.equal(await sha256File(image), before, 'once released, the device is restored');
 });
 
 test('a missing session directory is ENOENT', async (t) => {
-  const { dir } = setup(t);
+  const { dir } = await setup(t);
   await assert.rejects(restore(path.join(dir, 'nope')), isError('ENOENT', /no such session directory/));
 });
 
 test('after a restore, a later session is undone by restoring the same session again', async (t) => {
-  const { image, root, before } = setup(t);
+  const { image, root, before } = await setup(t);
   const s1 = await session(image, root, WRITES, new Date('2026-04-01T10:00:00Z'));
   await session(image, root, [[0, 100]], new Date('2026-04-01T11:00:00Z'));
   await restore(s1);
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
   // Mounted again after the restore: a new session on top of the restored content.
   const s3 = await session(image, root, [[10_000, 300_000]], new Date('2026-04-01T12:00:00Z'));
   const plan = await restore(s1, { dryRun: true });
   assert.equal(plan.digestCheck, 'partial');
   assert.deepEqual(plan.sessionsApplied, [s3, s1]);
   await restore(s1);
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
 
   // Changed outside bdsnap after the restore: no session explains it, so only --force goes on.
   const fd = fs.openSync(image, 'r+');
@@ -234,7 +235,7 @@ test('after a restore, a later session is undone by restoring the same session a
   fs.closeSync(fd);
   await assert.rejects(restore(s1), isError('EMISMATCH', /was restored from .* has changed since/));
   await restore(s1, { force: true });
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
 });
 
 /** Turn a session into one of the first format: sha256 end digests, no digestAlgorithm in the manifest. */
@@ -251,7 +252,7 @@ function toSha256Session(sessionDir: string, image: string): void {
 }
 
 test('sessions with sha256 end digests (written before the algorithm was recorded) still verify, alone and chained with crc32x8 ones', async (t) => {
-  const { image, root, before } = setup(t);
+  const { image, root, before } = await setup(t);
   const s1 = await session(image, root, WRITES, new Date('2026-03-01T10:00:00Z'));
   toSha256Session(s1, image);
   const s2 = await session(image, root, [[50_000, 200_000]], new Date('2026-03-01T11:00:00Z'));
@@ -272,5 +273,5 @@ test('sessions with sha256 end digests (written before the algorithm was recorde
   }
   const done = await restore(s1);
   assert.equal(done.digestCheck, 'verified');
-  assert.equal(sha256File(image), before);
+  assert.equal(await sha256File(image), before);
 });

@@ -11,15 +11,16 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DiffStorage, SnapshotLayer } from '../../src/snapshot/index.js';
+import { makeImage } from '../helpers/files.js';
 import { IMAGE_WRITE } from './fixtures/snapshot-kill-writer.js';
-import { killWhileWriting, makeImage, tempDir } from './helpers.js';
+import { killWhileWriting, tempDir } from './helpers.js';
 
 const WRITER = fileURLToPath(new URL('./fixtures/snapshot-kill-writer.js', import.meta.url));
 
 for (const [durability, chunkSize, runMs] of [['process', 65536, 400], ['process', 4096, 150], ['strict', 16384, 300]] as const) {
   test(`SIGKILL with a snapshot held (${durability}, ${chunkSize / 1024} KiB chunks): the reopened image is exact`, { timeout: 60_000 }, async (t) => {
     const dir = tempDir(t, 'bdsnap-snapkill-');
-    const image = makeImage(dir, 16 << 20);
+    const image = makeImage(path.join(dir, 'disk.img'), 16 << 20, 'random', 1);
     const storeDir = path.join(dir, 'store');
     fs.mkdirSync(storeDir);
     const expected = fs.readFileSync(image);

@@ -13,7 +13,8 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type Extent, type WriteOptions } from '../../src/device/block-device.js';
 import { DiffStorage, SnapshotLayer, type SnapshotImage } from '../../src/snapshot/index.js';
 import { settlesWithin } from '../helpers/server.js';
-import { isError, makeImage, tempDir, type TestContext } from './helpers.js';
+import { makeImage } from '../helpers/files.js';
+import { isError, tempDir, type TestContext } from './helpers.js';
 
 const CHUNK = 4096;
 
@@ -98,7 +99,7 @@ class GatedDevice implements BlockDevice {
 
 async function setup(t: TestContext, sizeBytes = 1 << 20): Promise<{ dir: string; image: string; dev: FileDevice; before: Buffer }> {
   const dir = tempDir(t);
-  const image = makeImage(dir, sizeBytes);
+  const image = makeImage(path.join(dir, 'disk.img'), sizeBytes, 'random', 1);
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
   return { dir, image, dev, before: fs.readFileSync(image) };
@@ -202,7 +203,7 @@ test('several points on one device at different times are each exact; image writ
 
 test('one storage shared by two devices (device keys 0 and 1), reopened after a kill', { timeout: 20_000 }, async (t) => {
   const { dir, dev, before } = await setup(t);
-  const image2 = makeImage(dir, 512 * 1024 + 1000, 'second.img');
+  const image2 = makeImage(path.join(dir, 'second.img'), 512 * 1024 + 1000, 'random', 2);
   const dev2 = await FileDevice.open(image2);
   t.after(() => dev2.close());
   const before2 = fs.readFileSync(image2);

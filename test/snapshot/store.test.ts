@@ -8,7 +8,8 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { StoreWriter, scanData } from '../../src/snapshot/store.js';
 import { DATA_FILE, INDEX_FILE, RECORD_HEADER_BYTES, chunkDigest, decodeIndex, readManifest } from '../../src/snapshot/format.js';
 import { CowDevice, listSessions, recoverSession, sessionDirName } from '../../src/snapshot/index.js';
-import { isError, makeImage, onlyDir, tempDir } from './helpers.js';
+import { makeImage } from '../helpers/files.js';
+import { isError, onlyDir, tempDir } from './helpers.js';
 
 const CS = 4096;
 
@@ -107,7 +108,7 @@ test('the size limit fails the writer and later appends resolve undefined', asyn
 
 test('recoverSession cuts the torn tail, rebuilds the index and marks the session interrupted', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 64 * CS);
+  const image = makeImage(path.join(dir, 'disk.img'), 64 * CS, 'random', 1);
   const root = path.join(dir, 'snap');
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
@@ -136,7 +137,7 @@ test('recoverSession cuts the torn tail, rebuilds the index and marks the sessio
 
 test('no directory for a session that only reads; directories unique within one millisecond', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 16 * CS);
+  const image = makeImage(path.join(dir, 'disk.img'), 16 * CS, 'random', 2);
   const root = path.join(dir, 'snap');
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
@@ -162,7 +163,7 @@ test('no directory for a session that only reads; directories unique within one 
 
 test('racing writes to one chunk copy it once; a wide write stores adjacent chunks in one record', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 64 * CS);
+  const image = makeImage(path.join(dir, 'disk.img'), 64 * CS, 'random', 3);
   const original = fs.readFileSync(image);
   const root = path.join(dir, 'snap');
   const dev = await FileDevice.open(image);
@@ -184,7 +185,7 @@ test('racing writes to one chunk copy it once; a wide write stores adjacent chun
 
 test('bad options are refused with EINVAL', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 16 * CS);
+  const image = makeImage(path.join(dir, 'disk.img'), 16 * CS, 'random', 4);
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
   assert.throws(() => CowDevice.create(dev, { devicePath: image, chunkSize: 6000 }), isError('EINVAL', /power of two/));
@@ -262,7 +263,7 @@ test('the read-ahead scan handles records across windows, one larger than a wind
 
 test("'process' durability: the store is synced in the background once first writes pause, and by a flush at once", async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 64 * CS);
+  const image = makeImage(path.join(dir, 'disk.img'), 64 * CS, 'random', 5);
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
   const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(dir, 'snap'), chunkSize: CS });

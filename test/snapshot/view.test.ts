@@ -8,7 +8,8 @@ import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../../src/device/block-device.js';
 import { CowDevice } from '../../src/snapshot/index.js';
-import { isError, makeImage, tempDir } from './helpers.js';
+import { makeImage } from '../helpers/files.js';
+import { isError, tempDir } from './helpers.js';
 
 /** A device whose next read is held back: it reads the file only after `delayMs`. */
 class SlowReads implements BlockDevice {
@@ -69,7 +70,7 @@ class SlowReads implements BlockDevice {
 
 test('a view read that overlaps a write in progress still returns the original', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 1 << 20);
+  const image = makeImage(path.join(dir, 'disk.img'), 1 << 20, 'random', 1);
   const original = fs.readFileSync(image);
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
@@ -99,7 +100,7 @@ test('a view read that overlaps a write in progress still returns the original',
 
 test('the view refuses to read once the session has failed', async (t) => {
   const dir = tempDir(t);
-  const image = makeImage(dir, 1 << 20);
+  const image = makeImage(path.join(dir, 'disk.img'), 1 << 20, 'random', 2);
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
   const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(dir, 'snap'), chunkSize: 4096, sizeLimitBytes: 10000 });
