@@ -77,6 +77,8 @@ export function codeForErrno(errno: number): ErrorCode {
 }
 
 const DEFAULT_BLOCK_SIZES: BlockSizes = { minimum: 1, preferred: 4096, maximum: C.MAX_PAYLOAD_BYTES };
+/** The socket's read buffer: four times the 64 KiB a socket read gives by default. */
+const READ_BUFFER_BYTES = 256 * 1024;
 const MAX_COOKIE = 0xffffffff;
 
 export class NbdClient implements BlockDevice {
@@ -104,6 +106,7 @@ export class NbdClient implements BlockDevice {
   private constructor(socket: net.Socket) {
     this.#socket = socket;
     this.#decoder = new ReplyDecoder({
+      transientChunks: true,
       simpleReplyDataBytes: (hi, lo) => {
         const p = hi === 0 ? this.#pending.get(lo) : undefined;
         return p && p.type === C.NBD_CMD_READ ? p.lengthBytes : 0;
@@ -118,7 +121,6 @@ export class NbdClient implements BlockDevice {
         return p.data.subarray(at, at + lengthBytes);
       },
     });
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk));
     socket.on('error', (err) => this.#fail(new BdsnapError('EIO', `NBD connection failed: ${err.message}`, { cause: err })));
     this.#closePromise = new Promise((resolve) => socket.once('close', () => {
       this.#fail(new BdsnapError('ESHUTDOWN', 'the NBD connection was closed'));
@@ -139,9 +141,21 @@ export class NbdClient implements BlockDevice {
   }
 
   static async #open(options: NbdClientOptions): Promise<NbdClient> {
+    // The socket reads into one reused buffer: fresh 64 KiB buffers per read would cost an
+    // allocation of external memory each, and the garbage collections they bring.
+    const readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+    const early: Buffer[] = [];
+    let sink: (chunk: Buffer) => void = (chunk) => early.push(Buffer.from(chunk));
+    const onread = {
+      buffer: readBuffer,
+      callback: (n: number): boolean => {
+        sink(readBuffer.subarray(0, n));
+        return true;
+      },
+    };
     let socket: net.Socket;
-    if (options.socketPath !== undefined) socket = net.connect(options.socketPath);
-    else if (options.port !== undefined) socket = net.connect({ host: options.host ?? '127.0.0.1', port: options.port, noDelay: true });
+    if (options.socketPath !== undefined) socket = net.connect({ path: options.socketPath, onread });
+    else if (options.port !== undefined) socket = net.connect({ host: options.host ?? '127.0.0.1', port: options.port, noDelay: true, onread });
     else throw new BdsnapError('EINVAL', 'NbdClient.connect needs socketPath or port');
     await new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve);
@@ -150,7 +164,10 @@ export class NbdClient implements BlockDevice {
         reject(new BdsnapError(code, `cannot connect to the NBD server: ${err.message}`, { cause: err }));
       });
     });
-    return new NbdClient(socket);
+    const client = new NbdClient(socket);
+    sink = (chunk) => client.#onData(chunk);
+    for (const chunk of early) client.#onData(chunk);
+    return client;
   }
 
   /**
@@ -326,6 +343,8 @@ export class NbdClient implements BlockDevice {
   #onData(chunk: Buffer): void {
     this.#decoder.append(chunk);
     this.#drain();
+    // The chunk is the socket's read buffer, reused by the next read.
+    this.#decoder.detach();
   }
 
   /**

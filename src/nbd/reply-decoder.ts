@@ -72,6 +72,11 @@ export interface ReplyDecoderOptions {
    * the receiver checks the chunk as usual). Saves a copy and an allocation per read.
    */
   dataTarget?: (cookieHi: number, cookieLo: number, offsetBytes: number | undefined, lengthBytes: number) => Buffer | undefined;
+  /**
+   * The appended chunks are reused by the receiver (a socket reading into one buffer): every
+   * payload is copied out, and detach() copies what is unread before the next chunk comes.
+   */
+  transientChunks?: boolean;
 }
 
 const TWO_POW_32 = 4294967296;
@@ -87,6 +92,7 @@ export class ReplyDecoder {
   #partial: PartialPayload<SimpleReplyMessage | StructuredReplyMessage | OptionReplyMessage> | undefined;
   #dataBytes: (cookieHi: number, cookieLo: number) => number;
   #dataTarget: ReplyDecoderOptions['dataTarget'];
+  #transient: boolean;
   /** The partial payload goes to a buffer of the receiver's: the message keeps its own payload. */
   #partialPlaced = false;
   #maxOptionBytes: number;
@@ -95,6 +101,7 @@ export class ReplyDecoder {
   constructor(options: ReplyDecoderOptions = {}) {
     this.#dataBytes = options.simpleReplyDataBytes ?? (() => 0);
     this.#dataTarget = options.dataTarget;
+    this.#transient = options.transientChunks ?? false;
     this.#maxOptionBytes = options.maxOptionReplyBytes ?? MAX_OPTION_PAYLOAD_BYTES;
     this.#maxChunkBytes = options.maxChunkPayloadBytes ?? MAX_PAYLOAD_BYTES + 1024;
   }
@@ -111,6 +118,11 @@ export class ReplyDecoder {
 
   append(chunk: Buffer): void {
     this.#queue.append(chunk);
+  }
+
+  /** With transient chunks: copy what is still unread before the chunk is reused (else a no-op). */
+  detach(): void {
+    if (this.#transient) this.#queue.detach();
   }
 
   push(chunk: Buffer): ServerMessage[] {
@@ -242,7 +254,7 @@ export class ReplyDecoder {
       if (target) {
         q.copyTo(target, 0, n);
         if (!placed) setPayload(message, target);
-      } else setPayload(message, q.take(n));
+      } else setPayload(message, q.take(n, this.#transient));
       return message;
     }
     this.#partial = { message, buffer: target ?? Buffer.allocUnsafe(n), filledBytes: 0 };

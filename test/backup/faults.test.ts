@@ -72,18 +72,22 @@ test('SIGKILL of a create in the middle: the repository stays valid, the backup 
 
   assert.deepEqual(await repo.backupIds(), [earlier.id], 'the killed backup is absent');
   assert.equal((await verifyRepository(repo)).ok, true);
+  // What the killed create wrote is either committed pieces no manifest names, or staged
+  // temp files never renamed into place.
   const before = await referencedAndStored(repo);
-  assert.ok(before.stored.size > before.referenced.size, 'the killed create left pieces no manifest names');
+  const unnamed = before.stored.size - before.referenced.size;
+  const temps = tempFiles(repoDir).length;
+  assert.ok(unnamed + temps > 0, 'the killed create left pieces or temp files behind');
   const locks = await listLocks(repo.store);
   assert.deepEqual(locks.map((l) => l.state), ['dead'], 'its lock is left, and known dead');
 
   const pruned = await repo.prune();
-  assert.equal(pruned.deletedPieces, before.stored.size - before.referenced.size);
+  assert.equal(pruned.deletedPieces, unnamed);
+  assert.equal(pruned.deletedIncomplete, temps);
   assert.equal(pruned.deletedLocks, 1);
   const after = await referencedAndStored(repo);
   assert.deepEqual([...after.stored].sort(), [...after.referenced].sort());
-  const tempFiles = fs.readdirSync(repoDir, { recursive: true }).map(String).filter((n) => path.basename(n).startsWith('.'));
-  assert.deepEqual(tempFiles, []);
+  assert.deepEqual(tempFiles(repoDir), []);
   const out1 = path.join(dir, 'small.out');
   await restoreBackup(repo, earlier.id, small, { output: out1 });
   assert.equal(await sha256File(out1), await sha256File(small));
@@ -91,6 +95,11 @@ test('SIGKILL of a create in the middle: the repository stays valid, the backup 
   const again = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
   assert.equal((await verifyRepository(repo, { id: again.id })).ok, true);
 });
+
+/** Temp files of puts and staged objects, anywhere in the repository. */
+function tempFiles(repoDir: string): string[] {
+  return fs.readdirSync(repoDir, { recursive: true }).map(String).filter((n) => path.basename(n).startsWith('.'));
+}
 
 test('a full repository disk: a clear ENOSPC, the repository stays valid, prune frees the partial pieces', async (t) => {
   requireRoot();
@@ -120,8 +129,13 @@ test('a full repository disk: a clear ENOSPC, the repository stays valid, prune 
   assert.deepEqual(await repo.backupIds(), [first.id]);
   assert.equal((await verifyRepository(repo)).ok, true);
   assert.deepEqual(await listLocks(repo.store), [], 'the lock was released');
+  assert.deepEqual(tempFiles(repoDir), [], 'the failed create removed its staged temp files');
+  // Pieces of batches committed before the disk filled are named by no manifest: prune frees them.
+  const before = await referencedAndStored(repo);
   const pruned = await repo.prune();
-  assert.ok(pruned.deletedPieces > 0);
+  assert.equal(pruned.deletedPieces, before.stored.size - before.referenced.size);
+  const after = await referencedAndStored(repo);
+  assert.deepEqual([...after.stored].sort(), [...after.referenced].sort());
   const out = path.join(dir, 'small.out');
   await restoreBackup(repo, first.id, small, { output: out });
   assert.equal(await sha256File(out), await sha256File(small));
