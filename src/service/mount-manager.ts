@@ -7,6 +7,7 @@
  * session of its own (its writes stay in the snapshot).
  */
 
+import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
@@ -61,6 +62,9 @@ export class MountManager {
   async mount(device: string, mountpointArg: string, type?: string, mountOptions?: string): Promise<MountResult> {
     const mountpoint = path.resolve(mountpointArg);
     if (this.#mounts.has(mountpoint) || this.#starting.has(mountpoint)) throw new BdsnapError('EBUSY', `bdsnap already mounts something on ${mountpoint}`);
+    // Before anything is registered or attached: a mount that cannot happen leaves no trace.
+    const st = await fs.promises.stat(mountpoint).catch(() => undefined);
+    if (!st?.isDirectory()) throw new BdsnapError('ENOENT', `the mount point ${mountpoint} is not an existing directory; create it first`);
     this.#starting.add(mountpoint);
     try {
       if (SnapshotManager.isImageName(device)) return await this.#mountImage(device, mountpoint, type, mountOptions);

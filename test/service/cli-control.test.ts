@@ -71,6 +71,12 @@ test('a device path must be a regular file or a block device', async (t) => {
   const missing = cli(box, ['activate', path.join(box.top, 'nope.img'), '--password-stdin'], `${TEST_PASSWORD}\n`);
   assert.equal(missing.status, 1);
   assert.match(missing.stderr, /no such device/);
+  // A mount onto a missing mount point is refused before the device is registered.
+  const other = makeImage(path.join(box.top, 'other.img'), 1 << 20, 0);
+  const noMountpoint = cli(box, ['mount', other, path.join(box.top, 'no-such-dir')]);
+  assert.equal(noMountpoint.status, 1);
+  assert.match(noMountpoint.stderr, /not an existing directory/);
+  assert.deepEqual(status(box).devices, []);
   // A symlink is registered under its canonical target.
   const image = makeImage(path.join(box.top, 'real.img'), 1 << 20, 0);
   fs.symlinkSync(image, path.join(box.top, 'link.img'));
