@@ -64,7 +64,8 @@ export class MountManager {
     if (this.#mounts.has(mountpoint) || this.#starting.has(mountpoint)) throw new BdsnapError('EBUSY', `bdsnap already mounts something on ${mountpoint}`);
     // Before anything is registered or attached: a mount that cannot happen leaves no trace.
     const st = await fs.promises.stat(mountpoint).catch(() => undefined);
-    if (!st?.isDirectory()) throw new BdsnapError('ENOENT', `the mount point ${mountpoint} is not an existing directory; create it first`);
+    if (!st) throw new BdsnapError('ENOENT', `the mount point ${mountpoint} does not exist; create it first`);
+    if (!st.isDirectory()) throw new BdsnapError('EINVAL', `the mount point ${mountpoint} is not a directory`);
     this.#starting.add(mountpoint);
     try {
       if (SnapshotManager.isImageName(device)) return await this.#mountImage(device, mountpoint, type, mountOptions);
