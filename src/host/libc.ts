@@ -12,6 +12,7 @@
  */
 
 import { createRequire } from 'node:module';
+import os from 'node:os';
 
 /** Credentials of the process on the other end of a unix socket, as the kernel recorded them at connect(). */
 export interface PeerCred {
@@ -26,7 +27,18 @@ export interface Libc {
    * Throws an Error with `errno` set when the call fails (EBADF, ENOTSOCK, ENOTCONN...).
    */
   peerCred(fd: number): PeerCred;
+  /**
+   * ioctl(dstFd, FICLONERANGE): make `lengthBytes` at `dstOffsetBytes` of the file `dstFd` share
+   * the extents of `srcFd` at `srcOffsetBytes` (a reflink; the filesystem copies on a later
+   * write to either side). Offsets and length must be multiples of the filesystem block size,
+   * except a length that reaches the end of the source. 'unsupported' when the pair cannot be
+   * cloned (EOPNOTSUPP: no reflink; EXDEV: two filesystems; EINVAL: not regular files or not
+   * aligned; ENOTTY: no such ioctl); other failures throw an Error with `errno` (ENOSPC, EIO...).
+   */
+  cloneRange(srcFd: number, srcOffsetBytes: number, dstFd: number, dstOffsetBytes: number, lengthBytes: number): CloneResult;
 }
+
+export type CloneResult = 'cloned' | 'unsupported';
 
 const SOL_SOCKET = 1;
 /** SO_PEERCRED is 17 on the generic socket ABI (x86, arm, arm64, riscv); 21 on powerpc; 18 on mips. */
@@ -77,9 +89,47 @@ function bind(): { libc: Libc | undefined; reason: string } {
         if (optlen[0] !== UCRED_BYTES) throw new Error(`getsockopt(SO_PEERCRED) returned ${optlen[0]} bytes, expected ${UCRED_BYTES}`);
         return { pid: ucred.readInt32LE(0), uid: ucred.readUInt32LE(4), gid: ucred.readUInt32LE(8) };
       },
+      cloneRange: bindCloneRange(koffi, lib),
     };
     return { libc, reason: '' };
   } catch (err) {
     return { libc: undefined, reason: `libc could not be bound through koffi: ${(err as Error).message}` };
   }
+}
+
+/** _IOW(0x94, 13, struct file_clone_range): the direction bits differ on powerpc and mips. */
+const FICLONERANGE_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
+  x64: 0x4020940d, ia32: 0x4020940d, arm: 0x4020940d, arm64: 0x4020940d, riscv64: 0x4020940d, loong64: 0x4020940d, s390x: 0x4020940d,
+  ppc: 0x8020940d, ppc64: 0x8020940d, mips: 0x8020940d, mipsel: 0x8020940d,
+};
+/** struct file_clone_range { s64 src_fd; u64 src_offset; u64 src_length; u64 dest_offset; }. */
+const FILE_CLONE_RANGE_BYTES = 32;
+/** The errno values that mean "this pair cannot be cloned", not "something broke". */
+const CLONE_UNSUPPORTED_ERRNO = new Set([95 /* EOPNOTSUPP */, 18 /* EXDEV */, 22 /* EINVAL */, 25 /* ENOTTY */]);
+
+function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof import('koffi').load>): Libc['cloneRange'] {
+  const request = FICLONERANGE_BY_ARCH[process.arch];
+  if (request === undefined) return () => 'unsupported';
+  // Declared with a pointer third argument: ioctl's variadic argument is passed the same way on Linux ABIs.
+  const ioctl = lib.func('int ioctl(int fd, unsigned long request, void *arg)');
+  return (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) => {
+    const arg = Buffer.alloc(FILE_CLONE_RANGE_BYTES);
+    arg.writeBigInt64LE(BigInt(srcFd), 0);
+    arg.writeBigUInt64LE(BigInt(srcOffsetBytes), 8);
+    // A length of 0 would mean "to the end of the source": never ask for that by accident.
+    if (!(lengthBytes > 0)) throw new Error(`cloneRange: length must be positive, got ${lengthBytes}`);
+    arg.writeBigUInt64LE(BigInt(lengthBytes), 16);
+    arg.writeBigUInt64LE(BigInt(dstOffsetBytes), 24);
+    // The ioctl is issued on the destination, naming the source inside the argument.
+    if ((ioctl(dstFd, request, arg) as number) === 0) return 'cloned';
+    const errno = koffi.errno();
+    if (CLONE_UNSUPPORTED_ERRNO.has(errno)) return 'unsupported';
+    const code = errnoName(errno);
+    throw Object.assign(new Error(`ioctl(FICLONERANGE) of ${lengthBytes} bytes failed: ${code ?? `errno ${errno}`}`), { errno, code });
+  };
+}
+
+/** 'ENOSPC' for 28...: the `code` Node gives its own system errors, so callers branch alike. */
+function errnoName(errno: number): string | undefined {
+  return Object.entries(os.constants.errno).find(([, value]) => value === errno)?.[0];
 }
