@@ -94,13 +94,13 @@ export interface BlockDevice {
   /** Release resources; waits for requests in flight. */
   close(): Promise<void>;
   /**
-   * Optional, synchronous: make `lengthBytes` of the file `dstFd` at `dstOffsetBytes` share
+   * Optional: make `lengthBytes` of the file `dstFd` at `dstOffsetBytes` share
    * the device's current content at `offsetBytes` (a reflink, FICLONERANGE), so that it reads
    * as that content whatever is written to the device later. 'unsupported' when the device
    * cannot (not an image file, another filesystem, no reflink, unaligned); the caller copies
    * instead. A layer offers it only where its reads are the reads of the device below.
    */
-  cloneRangeTo?(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): CloneResult;
+  cloneRangeTo?(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<CloneResult>;
 }
 
 export type { CloneResult };

@@ -193,16 +193,12 @@ export class FileDevice implements BlockDevice {
    * device node, or a process without the libc binding, answers 'unsupported'.
    * Errors: ENOSPC, EIO (the clone was possible but failed).
    */
-  cloneRangeTo(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): CloneResult {
+  async cloneRangeTo(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<CloneResult> {
     this.#checkOpen();
     checkRange(this, offsetBytes, lengthBytes, false);
     const libc = this.identity.kind === 'file' ? loadLibc() : undefined;
     if (libc === undefined || lengthBytes === 0) return 'unsupported';
-    try {
-      return libc.cloneRange(this.#fd, offsetBytes, dstFd, dstOffsetBytes, lengthBytes);
-    } catch (err) {
-      throw toBdsnapError(err);
-    }
+    return this.#tracked(() => libc.cloneRange(this.#fd, offsetBytes, dstFd, dstOffsetBytes, lengthBytes));
   }
 
   // Small transfers are done synchronously: a page-cache hit costs a few microseconds, far

@@ -62,8 +62,8 @@ export class PassThroughDevice implements BlockDevice {
   }
 
   /** Like read: the content below is this layer's content. */
-  cloneRangeTo(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): CloneResult {
-    return this.#base.cloneRangeTo?.(offsetBytes, lengthBytes, dstFd, dstOffsetBytes) ?? 'unsupported';
+  cloneRangeTo(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<CloneResult> {
+    return this.#base.cloneRangeTo?.(offsetBytes, lengthBytes, dstFd, dstOffsetBytes) ?? Promise.resolve('unsupported');
   }
 
   /** A write, trim or write-zeroes of the range (`fua`: force unit access); `apply` sends it to the device below. */

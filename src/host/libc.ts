@@ -33,9 +33,11 @@ export interface Libc {
    * write to either side). Offsets and length must be multiples of the filesystem block size,
    * except a length that reaches the end of the source. 'unsupported' when the pair cannot be
    * cloned (EOPNOTSUPP: no reflink; EXDEV: two filesystems; EINVAL: not regular files or not
-   * aligned; ENOTTY: no such ioctl); other failures throw an Error with `errno` (ENOSPC, EIO...).
+   * aligned; ENOTTY: no such ioctl); other failures reject with an Error with `errno` and
+   * `code` (ENOSPC, EIO...). Runs on a worker thread: a clone waits for the inode locks held by
+   * writes in flight and writes back the source range's dirty pages first.
    */
-  cloneRange(srcFd: number, srcOffsetBytes: number, dstFd: number, dstOffsetBytes: number, lengthBytes: number): CloneResult;
+  cloneRange(srcFd: number, srcOffsetBytes: number, dstFd: number, dstOffsetBytes: number, lengthBytes: number): Promise<CloneResult>;
 }
 
 export type CloneResult = 'cloned' | 'unsupported';
@@ -109,24 +111,37 @@ const CLONE_UNSUPPORTED_ERRNO = new Set([95 /* EOPNOTSUPP */, 18 /* EXDEV */, 22
 
 function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof import('koffi').load>): Libc['cloneRange'] {
   const request = FICLONERANGE_BY_ARCH[process.arch];
-  if (request === undefined) return () => 'unsupported';
+  if (request === undefined) return () => Promise.resolve('unsupported');
   // Declared with a pointer third argument: ioctl's variadic argument is passed the same way on Linux ABIs.
   const ioctl = lib.func('int ioctl(int fd, unsigned long request, void *arg)');
-  return (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) => {
+  return (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) => new Promise((resolve, reject) => {
+    // A length of 0 would mean "to the end of the source": never ask for that by accident.
+    if (!(lengthBytes > 0)) throw new Error(`cloneRange: length must be positive, got ${lengthBytes}`);
     const arg = Buffer.alloc(FILE_CLONE_RANGE_BYTES);
     arg.writeBigInt64LE(BigInt(srcFd), 0);
     arg.writeBigUInt64LE(BigInt(srcOffsetBytes), 8);
-    // A length of 0 would mean "to the end of the source": never ask for that by accident.
-    if (!(lengthBytes > 0)) throw new Error(`cloneRange: length must be positive, got ${lengthBytes}`);
     arg.writeBigUInt64LE(BigInt(lengthBytes), 16);
     arg.writeBigUInt64LE(BigInt(dstOffsetBytes), 24);
-    // The ioctl is issued on the destination, naming the source inside the argument.
-    if ((ioctl(dstFd, request, arg) as number) === 0) return 'cloned';
-    const errno = koffi.errno();
-    if (CLONE_UNSUPPORTED_ERRNO.has(errno)) return 'unsupported';
-    const code = errnoName(errno);
-    throw Object.assign(new Error(`ioctl(FICLONERANGE) of ${lengthBytes} bytes failed: ${code ?? `errno ${errno}`}`), { errno, code });
-  };
+    // The ioctl is issued on the destination, naming the source inside the argument. koffi
+    // hands the worker thread's errno of a failed asynchronous call back with its callback.
+    ioctl.async(dstFd, request, arg, (err: unknown, rc: number) => {
+      if (err) {
+        reject(err instanceof Error ? err : new Error(String(err)));
+        return;
+      }
+      if (rc === 0) {
+        resolve('cloned');
+        return;
+      }
+      const errno = koffi.errno();
+      if (CLONE_UNSUPPORTED_ERRNO.has(errno)) {
+        resolve('unsupported');
+        return;
+      }
+      const code = errnoName(errno);
+      reject(Object.assign(new Error(`ioctl(FICLONERANGE) of ${lengthBytes} bytes failed: ${code ?? `errno ${errno}`}`), { errno, code }));
+    });
+  });
 }
 
 /** 'ENOSPC' for 28...: the `code` Node gives its own system errors, so callers branch alike. */

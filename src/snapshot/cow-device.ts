@@ -371,7 +371,7 @@ export class CowDevice implements BlockDevice {
 
   /** The fill of a cloned record: reflink the device's range, or return its bytes to write. */
   async #cloneOriginal(startBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<Buffer | undefined> {
-    if (this.#cloneWorks !== false && this.#base.cloneRangeTo?.(startBytes, lengthBytes, dstFd, dstOffsetBytes) === 'cloned') {
+    if (this.#cloneWorks !== false && (await this.#base.cloneRangeTo?.(startBytes, lengthBytes, dstFd, dstOffsetBytes)) === 'cloned') {
       this.#cloneWorks = true;
       this.#clonedRuns++;
       this.#clonedBytes += lengthBytes;
