@@ -104,24 +104,23 @@ const FICLONERANGE_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
   x64: 0x4020940d, ia32: 0x4020940d, arm: 0x4020940d, arm64: 0x4020940d, riscv64: 0x4020940d, loong64: 0x4020940d, s390x: 0x4020940d,
   ppc: 0x8020940d, ppc64: 0x8020940d, mips: 0x8020940d, mipsel: 0x8020940d,
 };
-/** struct file_clone_range { s64 src_fd; u64 src_offset; u64 src_length; u64 dest_offset; }. */
-const FILE_CLONE_RANGE_BYTES = 32;
 /** The errno values that mean "this pair cannot be cloned", not "something broke". */
 const CLONE_UNSUPPORTED_ERRNO = new Set([95 /* EOPNOTSUPP */, 18 /* EXDEV */, 22 /* EINVAL */, 25 /* ENOTTY */]);
 
 function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof import('koffi').load>): Libc['cloneRange'] {
   const request = FICLONERANGE_BY_ARCH[process.arch];
   if (request === undefined) return () => Promise.resolve('unsupported');
+  // struct file_clone_range { s64 src_fd; u64 src_offset; u64 src_length; u64 dest_offset; }, passed
+  // as a koffi struct: koffi copies it into the call's own memory, which lives until the worker
+  // thread is done. (A Buffer passed as `void *` is not kept alive by an asynchronous call: once
+  // collected, the worker read freed memory and cloned with whatever it found there.)
+  const fileCloneRange = koffi.struct({ src_fd: 'int64_t', src_offset: 'uint64_t', src_length: 'uint64_t', dest_offset: 'uint64_t' });
   // Declared with a pointer third argument: ioctl's variadic argument is passed the same way on Linux ABIs.
-  const ioctl = lib.func('int ioctl(int fd, unsigned long request, void *arg)');
+  const ioctl = lib.func('ioctl', 'int', ['int', 'unsigned long', koffi.pointer(fileCloneRange)]);
   return (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) => new Promise((resolve, reject) => {
     // A length of 0 would mean "to the end of the source": never ask for that by accident.
     if (!(lengthBytes > 0)) throw new Error(`cloneRange: length must be positive, got ${lengthBytes}`);
-    const arg = Buffer.alloc(FILE_CLONE_RANGE_BYTES);
-    arg.writeBigInt64LE(BigInt(srcFd), 0);
-    arg.writeBigUInt64LE(BigInt(srcOffsetBytes), 8);
-    arg.writeBigUInt64LE(BigInt(lengthBytes), 16);
-    arg.writeBigUInt64LE(BigInt(dstOffsetBytes), 24);
+    const arg = { src_fd: srcFd, src_offset: srcOffsetBytes, src_length: lengthBytes, dest_offset: dstOffsetBytes };
     // The ioctl is issued on the destination, naming the source inside the argument. koffi
     // hands the worker thread's errno of a failed asynchronous call back with its callback.
     ioctl.async(dstFd, request, arg, (err: unknown, rc: number) => {

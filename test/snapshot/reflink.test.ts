@@ -14,6 +14,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import zlib from 'node:zlib';
 import { FileDevice } from '../../src/device/file-device.js';
+import { libcUnavailableReason, loadLibc } from '../../src/host/libc.js';
 import { DATA_FILE, parseManifest } from '../../src/snapshot/format.js';
 import { CowDevice, listSessions, recoverSession, restore } from '../../src/snapshot/index.js';
 import { StoreWriter, scanData, type ScanResult } from '../../src/snapshot/store.js';
@@ -144,12 +145,13 @@ async function largeAndSmallFirstWrites(
   }
 }
 
-async function scratch(t: Parameters<typeof needs>[0] & { after(fn: () => unknown): void }, kind: ScratchFsKind): Promise<{ dir: string; mnt: string } | undefined> {
+/** A scratch filesystem of `kind`; what the test opens on it goes on `cleanup`, to be undone before the unmount. */
+async function scratch(t: Parameters<typeof needs>[0] & { after(fn: () => unknown): void }, kind: ScratchFsKind): Promise<{ dir: string; mnt: string; cleanup: CleanupStack } | undefined> {
   if (!needs(t, { ...scratchFsNeeds(kind), tools: [...(scratchFsNeeds(kind).tools ?? []), 'xfs_io'] })) return undefined;
   // The directory at the bottom of the stack: removed only after the unmount.
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup, 'bdsnap-reflink-');
-  return { dir, mnt: await mountScratchFs(cleanup, dir, kind, 1 << 30) };
+  return { dir, mnt: await mountScratchFs(cleanup, dir, kind, 1 << 30), cleanup };
 }
 
 test('XFS, image and store on it: 1 MiB first writes are cloned onto the image\'s old blocks; restore gives back the exact image', TIMEOUT, async (t) => {
@@ -182,6 +184,40 @@ test('XFS, image and store on it: 1 MiB first writes are cloned onto the image\'
   const summary = await restore(run1.sessionDir);
   assert.equal(summary.digestCheck, 'verified');
   assert.equal(sha256File(run1.image), run1.before, 'restore gives back the exact image');
+});
+
+test('XFS: many clones in flight at once, with the garbage collector busy, each clone exactly its own range', TIMEOUT, async (t) => {
+  const fsys = await scratch(t, 'xfs');
+  if (fsys === undefined) return;
+  const libc = loadLibc();
+  assert.ok(libc, `the libc binding loads here: ${libcUnavailableReason() ?? ''}`);
+  const source = makeImage(fsys.mnt, 32 * MIB);
+  const bytes = fs.readFileSync(source);
+  const src = fs.openSync(source, 'r');
+  const dst = fs.openSync(path.join(fsys.mnt, 'clones.bin'), 'w+');
+  fsys.cleanup.after(() => {
+    fs.closeSync(src);
+    fs.closeSync(dst);
+  });
+  const pieceBytes = 64 * 1024;
+  // Fewer than koffi's 256 asynchronous calls at once.
+  const pieces = Array.from({ length: 200 }, (_, i) => ({ from: ((i * 37) % 512) * pieceBytes, to: i * (pieceBytes + 4096) }));
+  let garbage: unknown[] = [];
+  const churn = setInterval(() => {
+    garbage = Array.from({ length: 20_000 }, (_, i) => ({ i, b: Buffer.alloc(64) }));
+  }, 1);
+  try {
+    const results = await Promise.all(pieces.map((p) => libc.cloneRange(src, p.from, dst, p.to, pieceBytes)));
+    assert.deepEqual(new Set(results), new Set(['cloned']));
+  } finally {
+    clearInterval(churn);
+  }
+  void garbage;
+  const back = Buffer.alloc(pieceBytes);
+  for (const p of pieces) {
+    fs.readSync(dst, back, 0, pieceBytes, p.to);
+    assert.ok(back.equals(bytes.subarray(p.from, p.from + pieceBytes)), `clone of ${p.from} at ${p.to}`);
+  }
 });
 
 for (const durability of ['process', 'strict'] as const) {
