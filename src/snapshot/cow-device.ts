@@ -37,7 +37,7 @@ import {
 import { BufferPool } from '../device/buffer-pool.js';
 import {
   DATA_FILE, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGEST_ALGORITHM, DIGEST_BYTES, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE,
-  RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
+  MAX_RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, isPowerOfTwo, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
   type Manifest,
 } from './format.js';
 import { StoreWriter } from './store.js';
@@ -416,8 +416,8 @@ export class CowDevice implements BlockDevice {
       await fsyncDirectory(this.#root);
       this.#dataFd = fd;
       this.#sessionDir = dir;
-      if (this.#base.cloneRangeTo === undefined) this.#cloneWorks = false;
-      else this.#cloneAlignBytes = Math.max(MIN_CLONE_ALIGN_BYTES, (await fs.promises.statfs(dir)).bsize);
+      this.#cloneAlignBytes = await cloneAlignment(this.#base, dir);
+      if (this.#cloneAlignBytes === undefined) this.#cloneWorks = false;
       this.#writer = new StoreWriter(fd, 0, {
         strict: this.#durability === 'strict',
         sizeLimitBytes: this.#options.sizeLimitBytes,
@@ -673,6 +673,18 @@ export class CowDevice implements BlockDevice {
       throw new BdsnapError('ESHUTDOWN', 'the session is closed; its point-in-time view is gone');
     }
   }
+}
+
+/**
+ * The block size cloned payloads are aligned to in the store under `dir`, or undefined when
+ * nothing will be cloned: a device that cannot clone, a block size the record format cannot
+ * pad to, or a filesystem that does not say (copying is always right).
+ */
+async function cloneAlignment(base: BlockDevice, dir: string): Promise<number | undefined> {
+  if (base.cloneRangeTo === undefined) return undefined;
+  const blockBytes = await fs.promises.statfs(dir).then((s) => s.bsize, () => undefined);
+  if (blockBytes === undefined || !isPowerOfTwo(blockBytes) || blockBytes > MAX_RECORD_ALIGN_BYTES) return undefined;
+  return Math.max(MIN_CLONE_ALIGN_BYTES, blockBytes);
 }
 
 /** The read-only face of a session's point-in-time content. */
