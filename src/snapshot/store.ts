@@ -12,10 +12,12 @@
  *
  * A cloned record (an original kept by reflink) is placed the same way, its payload at the
  * next filesystem-block boundary after its header. Its batch first fills the payload (the
- * clone, done by the caller's function), then writes the headers: so a header in the file
- * always has its whole payload behind it, and, as the clone grows the file past the header,
- * after a power loss the header is only there if the clone is. Its checksum comes later, in a
- * seal record (`seal()`, at session end; recovery seals what a crash left unsealed).
+ * clone, done by the caller's function), then writes the headers: so after a kill a header in
+ * the file always has its whole payload behind it. In strict mode (one batch at a time) the
+ * clone also grows the file past the header before the header is written, and the filesystem
+ * logs the size after the clone's remapping: after a power loss the header is only there if
+ * the clone is. Its checksum comes later, in a seal record (`seal()`, when the session is
+ * quiet and at its end; recovery seals what a crash left unsealed).
  */
 
 import fs from 'node:fs';
@@ -142,7 +144,7 @@ export class StoreWriter {
     if (!this.#reserve(header.length + payload.length)) return Promise.resolve(undefined);
     const position = this.#endBytes;
     this.#endBytes += header.length + payload.length;
-    return this.#enqueue({ header, payload, bytes: header.length + payload.length, resolve: () => undefined, position, start: position });
+    return this.#enqueue({ header, payload, bytes: header.length + payload.length, position, start: position });
   }
 
   /**
@@ -160,7 +162,7 @@ export class StoreWriter {
     const header = Buffer.alloc(payloadPosition - position);
     encodeClonedRecordHeader(firstChunk, payloadBytes, position, payloadPosition).copy(header);
     this.#unsealed.push({ position, payloadPosition, payloadBytes, payloadEnd: payloadPosition + payloadBytes });
-    return this.#enqueue({ header, payload: undefined, fill, bytes: recordBytes, resolve: () => undefined, position: payloadPosition, start: position });
+    return this.#enqueue({ header, payload: undefined, fill, bytes: recordBytes, position: payloadPosition, start: position });
   }
 
   /** Cloned records not sealed yet. */
@@ -175,7 +177,6 @@ export class StoreWriter {
    * afterwards to make the seals durable. Errors fail the store.
    */
   async seal(): Promise<void> {
-    await this.drain();
     if (this.#failed) return;
     // Only records whose batch is written: their fill has run, their bytes are final.
     let written = 0;
@@ -201,8 +202,7 @@ export class StoreWriter {
       this.#fail(`cannot read back a cloned original: ${(err as Error).message}`, err);
       throw toBdsnapError(err);
     }
-    for (const { header, payload } of encodeSealRecords(entries)) void this.appendRecord(header, payload);
-    await this.drain();
+    await Promise.all(encodeSealRecords(entries).map(({ header, payload }) => this.appendRecord(header, payload)));
   }
 
   /** Whether `recordBytes` more fit; fails the store when they do not. */
@@ -215,7 +215,7 @@ export class StoreWriter {
     return true;
   }
 
-  #enqueue(p: Pending): Promise<number | undefined> {
+  #enqueue(p: Omit<Pending, 'resolve'>): Promise<number | undefined> {
     return new Promise((resolve) => {
       this.#queue.push({ ...p, resolve });
       if (!this.#pumpScheduled) {
@@ -351,7 +351,7 @@ export class StoreWriter {
   }
 
   #writeFailed(err: unknown): void {
-    const code = (err as NodeJS.ErrnoException).code ?? ((err as { cause?: NodeJS.ErrnoException }).cause)?.code;
+    const code = (err as NodeJS.ErrnoException).code;
     this.#fail(code === 'ENOSPC' || code === 'EDQUOT' ? 'the snapshot disk is full' : `cannot write the store: ${(err as Error).message}`, err);
   }
 
