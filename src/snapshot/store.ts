@@ -291,16 +291,23 @@ export class StoreWriter {
     this.#settle();
   }
 
-  /** Fill the cloned payloads first (in order), then write every header and copied payload. */
+  /**
+   * Fill the cloned payloads first (in order), then write every header and copied payload.
+   * A batch with clones writes on the thread pool even when small: a write to the store waits
+   * for its inode lock, which a clone of another batch may hold while it waits for the
+   * device's, and that must not stall the event loop.
+   */
   async #writeBatch(pending: Pending[]): Promise<void> {
+    let cloned = false;
     for (const p of pending) {
       if (p.fill === undefined) continue;
+      cloned = true;
       p.payload = await p.fill(this.#fd, p.position);
       // Filled in place: nothing of the payload is left to write.
       p.payload ??= Buffer.alloc(0);
     }
     for (const segment of segments(pending)) {
-      if (!this.#strict && segment.bytes <= SYNC_BATCH_MAX_BYTES) this.#writeAllSync(segment.buffers, segment.position, segment.bytes);
+      if (!cloned && !this.#strict && segment.bytes <= SYNC_BATCH_MAX_BYTES) this.#writeAllSync(segment.buffers, segment.position, segment.bytes);
       else await this.#writeAll(segment.buffers, segment.position, segment.bytes);
     }
   }
