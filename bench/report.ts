@@ -29,6 +29,8 @@ export interface RowResult {
   met: boolean;
   /** Why repetitions failed, if any did. */
   errors: string[];
+  /** Why the row was not measured on this machine (then nothing else is set). */
+  skipped?: string;
 }
 
 export interface Machine {
@@ -113,6 +115,7 @@ function formatSpread(values: number[], unit: Unit): string {
 export function formatTable(report: Report): string {
   const header = ['row', 'measured', 'figure', 'median (min-max)', 'target', 'met'];
   const lines = report.rows.map((row) => {
+    if (row.skipped !== undefined) return [row.name, `skipped: ${row.skipped}`, row.ratioText, '-', row.targetText, '-'];
     const cells = row.columns.map((c) => `${c.name} ${formatSpread(c.values, c.unit)}`).join('; ');
     const r = spread(row.ratios);
     const figure = report.repeat <= 1 || row.ratios.length <= 1 ? `${r.median.toFixed(2)}x` : `${r.median.toFixed(2)}x (${r.min.toFixed(2)}-${r.max.toFixed(2)})`;

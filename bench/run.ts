@@ -84,6 +84,11 @@ function parseOptions(argv: string[]): Options {
 
 async function measureRow(row: BenchRow, context: RowContext, repeat: number): Promise<RowResult> {
   const columns = row.columns.map((c) => ({ ...c, values: [] as number[] }));
+  const skipped = row.unavailable?.();
+  if (skipped !== undefined) {
+    process.stderr.write(`bench: ${row.id} skipped: ${skipped}\n`);
+    return { id: row.id, name: row.name, measures: row.measures, columns, ratioText: row.ratioText, ratios: [], targetText: row.targetText, met: false, errors: [], skipped };
+  }
   const ratios: number[] = [];
   const errors: string[] = [];
   for (let i = 0; i < repeat; i++) {

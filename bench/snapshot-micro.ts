@@ -21,8 +21,8 @@ import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { performance } from 'node:perf_hooks';
 import { FileDevice } from '../src/device/file-device.js';
-import type { BlockDevice } from '../src/device/block-device.js';
 import { CowDevice, restore } from '../src/snapshot/index.js';
+import { median, writeLoad } from './workloads.js';
 
 interface Args {
   sizeMib: number;
@@ -43,29 +43,6 @@ function parseArgs(argv: string[]): Args {
     i++;
   }
   return args;
-}
-
-/** Run `count` writes of `lengthBytes` at offsets from `offsetOf`, `depth` in flight; MB/s and IOPS. */
-async function writeLoad(dev: BlockDevice, count: number, lengthBytes: number, depth: number, offsetOf: (i: number) => number): Promise<{ mbps: number; iops: number }> {
-  const data = randomBytes(lengthBytes);
-  let next = 0;
-  const start = performance.now();
-  await Promise.all(Array.from({ length: depth }, async () => {
-    while (next < count) {
-      const i = next++;
-      await dev.write(data, offsetOf(i));
-    }
-  }));
-  const seconds = (performance.now() - start) / 1000;
-  // Flushed outside the timing: what is measured is the request path, as the page cache sees it.
-  await dev.flush();
-  return { mbps: (count * lengthBytes) / seconds / 1e6, iops: count / seconds };
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = Math.floor(sorted.length / 2);
-  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
 function shuffledOffsets(count: number, sizeBytes: number, lengthBytes: number, stride: number): number[] {

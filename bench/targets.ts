@@ -21,6 +21,8 @@ export interface RunningTarget {
 export interface TargetContext {
   /** The benchmark image (in the page cache). */
   imagePath: string;
+  /** Where a session target makes its snapshot root (default: the system temp dir). */
+  snapshotParent?: string;
 }
 
 export interface Target {
@@ -61,8 +63,8 @@ export const NBDKIT_FILE: Target = {
 };
 
 /** `bdsnap serve --snapshot-root`: one session for as long as the server runs, removed at stop. */
-async function startSessionServer(imagePath: string): Promise<{ server: NbdServer; root: string }> {
-  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-snap-'));
+async function startSessionServer(imagePath: string, snapshotParent = os.tmpdir()): Promise<{ server: NbdServer; root: string }> {
+  const root = fs.mkdtempSync(path.join(snapshotParent, 'bdsnap-bench-snap-'));
   try {
     const server = await startServer(undefined, {
       kind: 'bdsnap',
@@ -96,8 +98,8 @@ export const BDSNAP_SESSION: Target = {
   // touch; in the timed rows later writes to the same chunk are rewrites (a mix), the
   // one-pass "first write" rows are first writes only.
   description: `bdsnap serve --snapshot-root (a fresh copy-before-write session per cell, ${BENCH_CHUNK_BYTES / 1024} KiB chunks)`,
-  start: async ({ imagePath }) => {
-    const { server, root } = await startSessionServer(imagePath);
+  start: async ({ imagePath, snapshotParent }) => {
+    const { server, root } = await startSessionServer(imagePath, snapshotParent);
     return fromSessionServer(server, root, server.exportNames[0] as string);
   },
   version: async () => `bdsnap serve --snapshot-root (durability process), node ${process.version}`,

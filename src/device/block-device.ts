@@ -9,6 +9,7 @@
  */
 
 import { BdsnapError } from '../errors.js';
+import type { CloneResult } from '../host/libc.js';
 
 export interface BlockSizes {
   /** Smallest I/O the device can do without read-modify-write (bytes, power of two). */
@@ -92,7 +93,17 @@ export interface BlockDevice {
   extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
   /** Release resources; waits for requests in flight. */
   close(): Promise<void>;
+  /**
+   * Optional: make `lengthBytes` of the file `dstFd` at `dstOffsetBytes` share
+   * the device's current content at `offsetBytes` (a reflink, FICLONERANGE), so that it reads
+   * as that content whatever is written to the device later. 'unsupported' when the device
+   * cannot (not an image file, another filesystem, no reflink, unaligned); the caller copies
+   * instead. A layer offers it only where its reads are the reads of the device below.
+   */
+  cloneRangeTo?(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<CloneResult>;
 }
+
+export type { CloneResult };
 
 /** Throw EINVAL/ENOSPC for a range that does not fit the device. Shared by implementations. */
 export function checkRange(device: Pick<BlockDevice, 'size'>, offsetBytes: number, lengthBytes: number, writing: boolean): void {

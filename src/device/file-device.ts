@@ -27,7 +27,8 @@ import { decodeDevT } from '../host/dev-t.js';
 import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
 import { loadLibc, type Libc } from '../host/libc.js';
 import {
-  EXTENT_HOLE, EXTENT_ZERO, checkRange, type BlockDevice, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
+  EXTENT_HOLE, EXTENT_ZERO, checkRange, type BlockDevice, type BlockSizes, type CloneResult, type DeviceIdentity, type Extent, type WriteOptions,
+  type ZeroOptions,
 } from './block-device.js';
 import { acquireDeviceLock, type DeviceLock } from './device-lock.js';
 
@@ -200,6 +201,20 @@ export class FileDevice implements BlockDevice {
   /** Requests started so far and not yet settled (for tests and diagnostics). */
   get requestsInFlight(): number {
     return this.#inFlight;
+  }
+
+  /**
+   * Reflink the range into `dstFd` (see BlockDevice.cloneRangeTo): an image file on a
+   * filesystem with reflink (XFS, btrfs) and a destination on the same filesystem. A block
+   * device node, or a process without the libc binding, answers 'unsupported'.
+   * Errors: ENOSPC, EIO (the clone was possible but failed).
+   */
+  async cloneRangeTo(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<CloneResult> {
+    this.#checkOpen();
+    checkRange(this, offsetBytes, lengthBytes, false);
+    const libc = this.identity.kind === 'file' ? loadLibc() : undefined;
+    if (libc === undefined || lengthBytes === 0) return 'unsupported';
+    return this.#tracked(() => libc.cloneRange(this.#fd, offsetBytes, dstFd, dstOffsetBytes, lengthBytes));
   }
 
   // Small transfers are done synchronously: a page-cache hit costs a few microseconds, far

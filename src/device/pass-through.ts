@@ -9,7 +9,7 @@
  */
 
 import { BdsnapError } from '../errors.js';
-import type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from './block-device.js';
+import type { BlockDevice, BlockSizes, CloneResult, Extent, WriteOptions, ZeroOptions } from './block-device.js';
 
 export class PassThroughDevice implements BlockDevice {
   readonly #base: BlockDevice;
@@ -59,6 +59,11 @@ export class PassThroughDevice implements BlockDevice {
 
   close(): Promise<void> {
     return this.#base.close();
+  }
+
+  /** Like read: the content below is this layer's content. */
+  cloneRangeTo(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<CloneResult> {
+    return this.#base.cloneRangeTo?.(offsetBytes, lengthBytes, dstFd, dstOffsetBytes) ?? Promise.resolve('unsupported');
   }
 
   /** A write, trim or write-zeroes of the range (`fua`: force unit access); `apply` sends it to the device below. */

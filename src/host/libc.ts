@@ -12,6 +12,7 @@
  */
 
 import { createRequire } from 'node:module';
+import os from 'node:os';
 
 /** Credentials of the process on the other end of a unix socket, as the kernel recorded them at connect(). */
 export interface PeerCred {
@@ -33,7 +34,20 @@ export interface Libc {
    * with `errno` set for any other failure (EINVAL where the filesystem cannot tell).
    */
   seek(fd: number, offset: number, whence: 'data' | 'hole'): number | null;
+  /**
+   * ioctl(dstFd, FICLONERANGE): make `lengthBytes` at `dstOffsetBytes` of the file `dstFd` share
+   * the extents of `srcFd` at `srcOffsetBytes` (a reflink; the filesystem copies on a later
+   * write to either side). Offsets and length must be multiples of the filesystem block size,
+   * except a length that reaches the end of the source. 'unsupported' when the pair cannot be
+   * cloned (EOPNOTSUPP: no reflink; EXDEV: two filesystems; EINVAL: not regular files or not
+   * aligned; ENOTTY: no such ioctl); other failures reject with an Error with `errno` and
+   * `code` (ENOSPC, EIO...). Runs on a worker thread: a clone waits for the inode locks held by
+   * writes in flight and writes back the source range's dirty pages first.
+   */
+  cloneRange(srcFd: number, srcOffsetBytes: number, dstFd: number, dstOffsetBytes: number, lengthBytes: number): Promise<CloneResult>;
 }
+
+export type CloneResult = 'cloned' | 'unsupported';
 
 const SOL_SOCKET = 1;
 /** SO_PEERCRED is 17 on the generic socket ABI (x86, arm, arm64, riscv); 21 on powerpc; 18 on mips. */
@@ -95,9 +109,59 @@ function bind(): { libc: Libc | undefined; reason: string } {
         if (errno === ENXIO) return null;
         throw Object.assign(new Error(`lseek(SEEK_${whence.toUpperCase()}) on descriptor ${fd} at ${offset} failed (errno ${errno})`), { errno });
       },
+      cloneRange: bindCloneRange(koffi, lib),
     };
     return { libc, reason: '' };
   } catch (err) {
     return { libc: undefined, reason: `libc could not be bound through koffi: ${(err as Error).message}` };
   }
+}
+
+/** _IOW(0x94, 13, struct file_clone_range): the direction bits differ on powerpc and mips. */
+const FICLONERANGE_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
+  x64: 0x4020940d, ia32: 0x4020940d, arm: 0x4020940d, arm64: 0x4020940d, riscv64: 0x4020940d, loong64: 0x4020940d, s390x: 0x4020940d,
+  ppc: 0x8020940d, ppc64: 0x8020940d, mips: 0x8020940d, mipsel: 0x8020940d,
+};
+/** The errno values that mean "this pair cannot be cloned", not "something broke". */
+const CLONE_UNSUPPORTED_ERRNO = new Set([95 /* EOPNOTSUPP */, 18 /* EXDEV */, 22 /* EINVAL */, 25 /* ENOTTY */]);
+
+function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof import('koffi').load>): Libc['cloneRange'] {
+  const request = FICLONERANGE_BY_ARCH[process.arch];
+  if (request === undefined) return () => Promise.resolve('unsupported');
+  // struct file_clone_range { s64 src_fd; u64 src_offset; u64 src_length; u64 dest_offset; }, passed
+  // as a koffi struct: koffi copies it into the call's own memory, which lives until the worker
+  // thread is done. (A Buffer passed as `void *` is not kept alive by an asynchronous call: once
+  // collected, the worker read freed memory and cloned with whatever it found there.)
+  const fileCloneRange = koffi.struct({ src_fd: 'int64_t', src_offset: 'uint64_t', src_length: 'uint64_t', dest_offset: 'uint64_t' });
+  // Declared with a pointer third argument: ioctl's variadic argument is passed the same way on Linux ABIs.
+  const ioctl = lib.func('ioctl', 'int', ['int', 'unsigned long', koffi.pointer(fileCloneRange)]);
+  return (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) => new Promise((resolve, reject) => {
+    // A length of 0 would mean "to the end of the source": never ask for that by accident.
+    if (!(lengthBytes > 0)) throw new Error(`cloneRange: length must be positive, got ${lengthBytes}`);
+    const arg = { src_fd: srcFd, src_offset: srcOffsetBytes, src_length: lengthBytes, dest_offset: dstOffsetBytes };
+    // The ioctl is issued on the destination, naming the source inside the argument. koffi
+    // hands the worker thread's errno of a failed asynchronous call back with its callback.
+    ioctl.async(dstFd, request, arg, (err: unknown, rc: number) => {
+      if (err) {
+        reject(err instanceof Error ? err : new Error(String(err)));
+        return;
+      }
+      if (rc === 0) {
+        resolve('cloned');
+        return;
+      }
+      const errno = koffi.errno();
+      if (CLONE_UNSUPPORTED_ERRNO.has(errno)) {
+        resolve('unsupported');
+        return;
+      }
+      const code = errnoName(errno);
+      reject(Object.assign(new Error(`ioctl(FICLONERANGE) of ${lengthBytes} bytes failed: ${code ?? `errno ${errno}`}`), { errno, code }));
+    });
+  });
+}
+
+/** 'ENOSPC' for 28...: the `code` Node gives its own system errors, so callers branch alike. */
+function errnoName(errno: number): string | undefined {
+  return Object.entries(os.constants.errno).find(([, value]) => value === errno)?.[0];
 }

@@ -15,6 +15,13 @@
  *   session directory.
  * - When the store fails (size limit, full disk, I/O error) the session is marked failed with
  *   the reason and requests go on to the device untouched.
+ * - A run of at least `cloneMinBytes` whose bytes are whole filesystem blocks is kept by reflink
+ *   (FICLONERANGE from the device into the store) where the device is an image file on the
+ *   store's reflink filesystem: the filesystem then copies on the device's write, and we read
+ *   nothing. Smaller runs are copied: a clone has a fixed cost (tens of microseconds) and
+ *   writes back the range's dirty pages first. The first refused clone ('unsupported': another
+ *   filesystem, no reflink, a block device) is copied instead, and the session copies from then
+ *   on. A cloned original gets its checksum later (see StoreWriter.seal), off the request path.
  */
 
 import fs from 'node:fs';
@@ -30,7 +37,7 @@ import {
 import { BufferPool } from '../device/buffer-pool.js';
 import {
   DATA_FILE, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGEST_ALGORITHM, DIGEST_BYTES, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE,
-  RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
+  MAX_RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, isPowerOfTwo, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
   type Manifest,
 } from './format.js';
 import { StoreWriter } from './store.js';
@@ -47,6 +54,11 @@ const ftruncateAsync = promisify(fs.ftruncate);
  * that restore reads big pieces.
  */
 const MAX_RUN_BYTES = 2 * 1024 * 1024;
+/**
+ * Default smallest run kept by reflink instead of a copy. Measured on XFS in a loop-mounted
+ * file, sequential first writes through a session, cloned against copied: see BENCHMARKS.md.
+ */
+export const DEFAULT_CLONE_MIN_BYTES = 256 * 1024;
 /** Cap on the copy buffers kept for reuse per session (16 requests in flight of 1 MiB). */
 const SPARE_BUFFER_BYTES = 16 * 1024 * 1024;
 /**
@@ -58,6 +70,8 @@ const SPARE_BUFFER_BYTES = 16 * 1024 * 1024;
  * starts after about 30 s too, so the longer bound changes little.
  */
 const DEFERRED_SYNC_IDLE_MS = 1000;
+/** Cloned payloads sit on 4 KiB boundaries at least, whatever a filesystem reports. */
+const MIN_CLONE_ALIGN_BYTES = 4096;
 const DEFERRED_SYNC_MAX_MS = 30_000;
 
 export interface SessionOptions {
@@ -81,6 +95,11 @@ export interface SessionOptions {
   deviceIdentity?: DeviceIdentity;
   /** Called off the request path (a listener's errors are ignored). */
   onEvent?: (event: SessionEvent) => void;
+  /**
+   * Runs of first writes of at least this many bytes keep their original by reflink where the
+   * device and the store allow it (default DEFAULT_CLONE_MIN_BYTES); Infinity: always copy.
+   */
+  cloneMinBytes?: number;
 }
 
 /** What a session reports as it goes, in order: start, then failed and/or error, then end. */
@@ -155,6 +174,13 @@ export class CowDevice implements BlockDevice {
    */
   readonly #spare = new BufferPool(SPARE_BUFFER_BYTES);
   #backgroundSync: Promise<void> | undefined;
+  readonly #cloneMinBytes: number;
+  /** The store's filesystem block size: cloned ranges are whole blocks. Set at start. */
+  #cloneAlignBytes: number | undefined;
+  /** False once a clone was refused: the pair (device, store) cannot clone. */
+  #cloneWorks: boolean | undefined;
+  #clonedRuns = 0;
+  #clonedBytes = 0;
 
   private constructor(base: BlockDevice, options: SessionOptions) {
     const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
@@ -162,6 +188,9 @@ export class CowDevice implements BlockDevice {
     if (!path.isAbsolute(options.devicePath)) throw new BdsnapError('EINVAL', `device path must be absolute: ${options.devicePath}`);
     if (options.sizeLimitBytes !== undefined && !(Number.isSafeInteger(options.sizeLimitBytes) && options.sizeLimitBytes >= 0)) {
       throw new BdsnapError('EINVAL', `sizeLimitBytes must be a non-negative integer, got ${options.sizeLimitBytes}`);
+    }
+    if (options.cloneMinBytes !== undefined && !(options.cloneMinBytes >= 0)) {
+      throw new BdsnapError('EINVAL', `cloneMinBytes must be a non-negative number, got ${options.cloneMinBytes}`);
     }
     if (options.durability !== undefined && options.durability !== 'process' && options.durability !== 'strict') {
       throw new BdsnapError('EINVAL', `durability must be 'process' or 'strict', got ${String(options.durability)}`);
@@ -172,6 +201,7 @@ export class CowDevice implements BlockDevice {
     this.#mountTime = options.mountTime ?? new Date();
     this.#root = options.snapshotRoot ?? DEFAULT_SNAPSHOT_ROOT;
     this.#durability = options.durability ?? 'process';
+    this.#cloneMinBytes = options.cloneMinBytes ?? DEFAULT_CLONE_MIN_BYTES;
     this.size = base.size;
     this.readOnly = base.readOnly;
     this.blockSizes = base.blockSizes;
@@ -195,13 +225,18 @@ export class CowDevice implements BlockDevice {
     return this.#state;
   }
 
-  /** `unsyncedBytes`: store bytes in the page cache only, until the next (background) sync. */
-  stats(): { preservedChunks: number; preservedBytes: number; storeBytes: number; unsyncedBytes: number; failedReason?: string } {
+  /**
+   * `unsyncedBytes`: store bytes in the page cache only, until the next (background) sync.
+   * `clonedBytes`: preserved bytes kept by reflink (part of preservedBytes).
+   */
+  stats(): { preservedChunks: number; preservedBytes: number; storeBytes: number; unsyncedBytes: number; clonedRuns: number; clonedBytes: number; failedReason?: string } {
     const s = {
       preservedChunks: this.#preservedChunks,
       preservedBytes: this.#preservedBytes,
       storeBytes: this.#writer?.sizeBytes ?? 0,
       unsyncedBytes: this.#writer?.unsyncedBytes ?? 0,
+      clonedRuns: this.#clonedRuns,
+      clonedBytes: this.#clonedBytes,
     };
     return this.#failedReason === undefined ? s : { ...s, failedReason: this.#failedReason };
   }
@@ -304,22 +339,49 @@ export class CowDevice implements BlockDevice {
   async #copyRun(firstChunk: number, lastChunk: number): Promise<void> {
     const cs = this.chunkSize;
     const startBytes = firstChunk * cs;
-    const buf = this.#spare.get(Math.min((lastChunk + 1) * cs, this.size) - startBytes);
+    const lengthBytes = Math.min((lastChunk + 1) * cs, this.size) - startBytes;
+    const align = this.#cloneAlignBytes;
+    if (this.#cloneWorks !== false && lengthBytes >= this.#cloneMinBytes && align !== undefined && startBytes % align === 0 && lengthBytes % align === 0) {
+      const payloadPosition = await this.#writer!.appendCloned(firstChunk, lengthBytes, align, (dstFd, dstOffsetBytes) => this.#cloneOriginal(startBytes, lengthBytes, dstFd, dstOffsetBytes));
+      this.#stored(firstChunk, lastChunk, payloadPosition, lengthBytes);
+      return;
+    }
+    const buf = this.#spare.get(lengthBytes);
     try {
       await this.#base.read(buf, startBytes);
       const position = await this.#writer!.append(firstChunk, buf);
-      if (position === undefined) return; // the store failed; the session is marked failed
-      for (let c = firstChunk; c <= lastChunk; c++) {
-        this.#preserved.add(c);
-        this.#location.setIfAbsent(c, position + RECORD_HEADER_BYTES + (c - firstChunk) * cs);
-      }
-      this.#preservedChunks += lastChunk - firstChunk + 1;
-      this.#preservedBytes += buf.length;
-      this.#scheduleSync();
+      this.#stored(firstChunk, lastChunk, position === undefined ? undefined : position + RECORD_HEADER_BYTES, lengthBytes);
     } finally {
       // The store has written it (or given up on it): nobody holds the buffer any more.
       if (!this.#closing) this.#spare.put(buf);
     }
+  }
+
+  /** Chunks firstChunk..lastChunk are in the store from `payloadPosition` on (undefined: the store failed). */
+  #stored(firstChunk: number, lastChunk: number, payloadPosition: number | undefined, lengthBytes: number): void {
+    if (payloadPosition === undefined) return; // the session is marked failed
+    for (let c = firstChunk; c <= lastChunk; c++) {
+      this.#preserved.add(c);
+      this.#location.setIfAbsent(c, payloadPosition + (c - firstChunk) * this.chunkSize);
+    }
+    this.#preservedChunks += lastChunk - firstChunk + 1;
+    this.#preservedBytes += lengthBytes;
+    this.#scheduleSync();
+  }
+
+  /** The fill of a cloned record: reflink the device's range, or return its bytes to write. */
+  async #cloneOriginal(startBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<Buffer | undefined> {
+    if (this.#cloneWorks !== false && (await this.#base.cloneRangeTo?.(startBytes, lengthBytes, dstFd, dstOffsetBytes)) === 'cloned') {
+      this.#cloneWorks = true;
+      this.#clonedRuns++;
+      this.#clonedBytes += lengthBytes;
+      return undefined;
+    }
+    // Refused: this device and store cannot clone; copy this run and every later one.
+    this.#cloneWorks = false;
+    const buf = Buffer.allocUnsafe(lengthBytes);
+    await this.#base.read(buf, startBytes);
+    return buf;
   }
 
   #ensureStarted(): Promise<boolean> | boolean {
@@ -354,6 +416,8 @@ export class CowDevice implements BlockDevice {
       await fsyncDirectory(this.#root);
       this.#dataFd = fd;
       this.#sessionDir = dir;
+      this.#cloneAlignBytes = await cloneAlignment(this.#base, dir);
+      if (this.#cloneAlignBytes === undefined) this.#cloneWorks = false;
       this.#writer = new StoreWriter(fd, 0, {
         strict: this.#durability === 'strict',
         sizeLimitBytes: this.#options.sizeLimitBytes,
@@ -410,6 +474,15 @@ export class CowDevice implements BlockDevice {
     }
   }
 
+  async #sealStore(): Promise<void> {
+    if (this.#state !== 'active' || !this.#writer) return;
+    try {
+      await this.#writer.seal();
+    } catch {
+      // The writer has marked the session failed.
+    }
+  }
+
   /** Called for every stored run: one timer, re-armed only when it fires (not per chunk). */
   #scheduleSync(): void {
     if (this.#durability === 'strict' || this.#closing) return;
@@ -432,7 +505,8 @@ export class CowDevice implements BlockDevice {
         return;
       }
       this.#unsyncedSince = undefined;
-      this.#backgroundSync = this.#syncStore().finally(() => (this.#backgroundSync = undefined));
+      // Cloned originals get their checksums here, while the session is quiet (or at the latest at close).
+      this.#backgroundSync = this.#sealStore().then(() => this.#syncStore()).finally(() => (this.#backgroundSync = undefined));
     }, delayMs);
     this.#syncTimer.unref();
   }
@@ -448,6 +522,7 @@ export class CowDevice implements BlockDevice {
     const endTime = new Date().toISOString();
     try {
       // A failing sync marks the session failed (handled below) instead of failing close().
+      if (this.#state === 'active') await this.#sealStore();
       if (this.#state === 'active') await this.#writer!.sync().catch(() => undefined);
       if (this.#state === 'active') {
         await this.#base.flush();
@@ -598,6 +673,18 @@ export class CowDevice implements BlockDevice {
       throw new BdsnapError('ESHUTDOWN', 'the session is closed; its point-in-time view is gone');
     }
   }
+}
+
+/**
+ * The block size cloned payloads are aligned to in the store under `dir`, or undefined when
+ * nothing will be cloned: a device that cannot clone, a block size the record format cannot
+ * pad to, or a filesystem that does not say (copying is always right).
+ */
+async function cloneAlignment(base: BlockDevice, dir: string): Promise<number | undefined> {
+  if (base.cloneRangeTo === undefined) return undefined;
+  const blockBytes = await fs.promises.statfs(dir).then((s) => s.bsize, () => undefined);
+  if (blockBytes === undefined || !isPowerOfTwo(blockBytes) || blockBytes > MAX_RECORD_ALIGN_BYTES) return undefined;
+  return Math.max(MIN_CLONE_ALIGN_BYTES, blockBytes);
 }
 
 /** The read-only face of a session's point-in-time content. */

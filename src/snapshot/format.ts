@@ -1,5 +1,5 @@
 /**
- * The on-disk format of a session directory, version 1. Everything here is pure (no I/O)
+ * The on-disk format of a session directory, version 2. Everything here is pure (no I/O)
  * except the small atomic-write helpers at the end.
  *
  * A session directory holds:
@@ -15,6 +15,19 @@
  *                    `digestAlgorithm` was recorded; see chunkDigest).
  * - `restore-journal.json`  present while (and after) a restore from this session runs.
  *
+ * Version 2 (the manifest's `version`) adds two kinds of record to data.bin, for originals
+ * kept by reflink instead of by copy (see encodeClonedRecordHeader and encodeSealRecord):
+ * - a cloned record: its payload starts at a filesystem-block-aligned offset after the header
+ *   (zero padding between), as FICLONERANGE needs, and its CRC-32 is not in the header, because
+ *   cloning never reads the bytes;
+ * - a seal record, written later (at session end, or by recovery): the CRC-32 of the payload of
+ *   earlier cloned records, computed from the store's copy. A restore checks a cloned record
+ *   against its seal like any other record against its header.
+ * Version 1 stores (no such records) are read as before. The manifest's version is what keeps
+ * a reader that only knows version 1 away from a version 2 store: it refuses the manifest,
+ * where it would otherwise take a cloned record for a torn tail and cut every record after it.
+ * Record headers, index and digest tables keep their own version 1.
+ *
  * All integers are little-endian. 64-bit fields are written as two 32-bit halves so that plain
  * numbers (safe to 2^53) are used everywhere.
  */
@@ -29,7 +42,10 @@ import { writeFileAtomic } from '../host/atomic-file.js';
 import type { ChunkTable } from './chunk-table.js';
 
 export const FORMAT_NAME = 'bdsnap-session';
-export const FORMAT_VERSION = 1;
+/** What new sessions write in their manifest; versions 1 and 2 are read. */
+export const FORMAT_VERSION = 2;
+/** Version of record headers and of the index and digest tables (unchanged by format version 2). */
+const RECORD_VERSION = 1;
 
 export const MANIFEST_FILE = 'manifest.json';
 export const DATA_FILE = 'data.bin';
@@ -55,7 +71,7 @@ export type SessionState = 'active' | 'complete' | 'interrupted' | 'failed';
 
 export const manifestSchema = z.object({
   format: z.literal(FORMAT_NAME),
-  version: z.literal(FORMAT_VERSION),
+  version: z.union([z.literal(1), z.literal(FORMAT_VERSION)]),
   devicePath: z.string().min(1),
   deviceSize: z.number().int().nonnegative(),
   deviceIdentity: z.record(z.string(), z.unknown()),
@@ -137,7 +153,7 @@ export function readU64(buf: Buffer, at: number): number {
 
 /**
  * Record header layout: magic u32 @0, version u16 @4, flags u16 @6, first chunk u64 @8,
- * payload length u32 @16, reserved u32 @20, payload checksum @24..56, header check @56..64.
+ * payload length u32 @16, payload offset u32 @20, payload checksum @24..56, header check @56..64.
  *
  * Flags 0 (the first records written): the payload checksum is its sha256 and the header check
  * the first 8 bytes of the sha256 of bytes 0..56. RECORD_FLAG_CRC32: the payload checksum is a
@@ -145,27 +161,109 @@ export function readU64(buf: Buffer, at: number): number {
  * zero u32 @60). A record checksum only has to catch a torn write or flipped bits, which a
  * CRC-32 does (every burst up to 32 bits, anything else but for 2^-32), at 3x the speed of
  * sha256 on the request path.
+ *
+ * The payload follows the header (payload offset 0, read as RECORD_HEADER_BYTES), except:
+ * - RECORD_FLAG_CLONED (with CRC32): the payload starts `payload offset` bytes after the
+ *   header's position (a filesystem-block boundary; zeroes in between) and bytes 24..56 are
+ *   zero: the payload's CRC-32 is in a later seal record. The writer clones (or, once, copies)
+ *   the payload into place before it writes the header, so a header in the file means its
+ *   payload was complete when the header was written.
+ * - RECORD_FLAG_SEAL (with CRC32): chunk 0; the payload (checked by the header's CRC-32 as
+ *   usual) is SEAL_ENTRY_BYTES entries: position u64 of a cloned record's header, CRC-32 u32
+ *   of that record's payload, zero u32.
  */
 export const RECORD_FLAG_CRC32 = 1;
+export const RECORD_FLAG_CLONED = 2;
+export const RECORD_FLAG_SEAL = 4;
+const KNOWN_RECORD_FLAGS = RECORD_FLAG_CRC32 | RECORD_FLAG_CLONED | RECORD_FLAG_SEAL;
+export const SEAL_ENTRY_BYTES = 16;
+/** Largest padding in front of a cloned payload: filesystem blocks are at most 64 KiB. */
+export const MAX_RECORD_ALIGN_BYTES = 64 * 1024;
 
-export function encodeRecordHeader(firstChunk: number, payload: Buffer): Buffer {
+function headerBase(flags: number, firstChunk: number, payloadBytes: number, payloadOffset: number): Buffer {
   const h = Buffer.alloc(RECORD_HEADER_BYTES);
   h.writeUInt32LE(RECORD_MAGIC, 0);
-  h.writeUInt16LE(FORMAT_VERSION, 4);
-  h.writeUInt16LE(RECORD_FLAG_CRC32, 6);
+  h.writeUInt16LE(RECORD_VERSION, 4);
+  h.writeUInt16LE(flags, 6);
   writeU64(h, firstChunk, 8);
-  h.writeUInt32LE(payload.length, 16);
-  h.writeUInt32LE(crc32(payload), 24);
+  h.writeUInt32LE(payloadBytes, 16);
+  h.writeUInt32LE(payloadOffset, 20);
+  return h;
+}
+
+function finishHeader(h: Buffer): Buffer {
   h.writeUInt32LE(crc32(h.subarray(0, 56)), 56);
   return h;
 }
 
+export function encodeRecordHeader(firstChunk: number, payload: Buffer): Buffer {
+  const h = headerBase(RECORD_FLAG_CRC32, firstChunk, payload.length, 0);
+  h.writeUInt32LE(crc32(payload), 24);
+  return finishHeader(h);
+}
+
+/**
+ * The header of a cloned record at `position` whose payload of `payloadBytes` starts at
+ * `payloadPosition` (aligned; at least RECORD_HEADER_BYTES further on).
+ */
+export function encodeClonedRecordHeader(firstChunk: number, payloadBytes: number, position: number, payloadPosition: number): Buffer {
+  const offset = payloadPosition - position;
+  if (offset < RECORD_HEADER_BYTES || offset > RECORD_HEADER_BYTES + MAX_RECORD_ALIGN_BYTES) {
+    throw new BdsnapError('EINVAL', `a cloned payload at byte ${payloadPosition} cannot follow a header at byte ${position}`);
+  }
+  return finishHeader(headerBase(RECORD_FLAG_CRC32 | RECORD_FLAG_CLONED, firstChunk, payloadBytes, offset));
+}
+
+export interface SealEntry {
+  /** Position of the cloned record's header. */
+  position: number;
+  /** CRC-32 of its payload. */
+  crc: number;
+}
+
+/** Entries of one seal record at most (1 MiB of payload). */
+const MAX_SEAL_ENTRIES = 65_536;
+
+/** The seal records (header and payload each) for `entries`: none for none. */
+export function encodeSealRecords(entries: readonly SealEntry[]): Array<{ header: Buffer; payload: Buffer }> {
+  const out: Array<{ header: Buffer; payload: Buffer }> = [];
+  for (let i = 0; i < entries.length; i += MAX_SEAL_ENTRIES) out.push(encodeSealRecord(entries.slice(i, i + MAX_SEAL_ENTRIES)));
+  return out;
+}
+
+function encodeSealRecord(entries: readonly SealEntry[]): { header: Buffer; payload: Buffer } {
+  const payload = Buffer.alloc(entries.length * SEAL_ENTRY_BYTES);
+  entries.forEach((e, i) => {
+    writeU64(payload, e.position, i * SEAL_ENTRY_BYTES);
+    payload.writeUInt32LE(e.crc, i * SEAL_ENTRY_BYTES + 8);
+  });
+  const h = headerBase(RECORD_FLAG_CRC32 | RECORD_FLAG_SEAL, 0, payload.length, 0);
+  h.writeUInt32LE(crc32(payload), 24);
+  return { header: finishHeader(h), payload };
+}
+
+/** The entries of a seal record's payload (already checked against its header). */
+export function decodeSealPayload(payload: Buffer): SealEntry[] | string {
+  if (payload.length % SEAL_ENTRY_BYTES !== 0) return `seal record of ${payload.length} bytes`;
+  const entries: SealEntry[] = [];
+  for (let at = 0; at < payload.length; at += SEAL_ENTRY_BYTES) {
+    if (payload.readUInt32LE(at + 12) !== 0) return 'seal entry with a non-zero reserved field';
+    entries.push({ position: readU64(payload, at), crc: payload.readUInt32LE(at + 8) });
+  }
+  return entries;
+}
+
+export type RecordKind = 'copied' | 'cloned' | 'seal';
+
 export interface RecordHeader {
+  kind: RecordKind;
   firstChunk: number;
   payloadBytes: number;
+  /** Bytes from the header's position to the payload's. */
+  payloadOffset: number;
   /** True when the payload is checked by its sha256 (flags 0), false for a CRC-32. */
   payloadSha256: boolean;
-  /** sha256 (32 bytes) or CRC-32 (u32 LE in the first 4 bytes) of the payload. */
+  /** sha256 (32 bytes) or CRC-32 (u32 LE in the first 4 bytes) of the payload; zeroes for a cloned record. */
   payloadChecksum: Buffer;
 }
 
@@ -179,15 +277,27 @@ export function decodeRecordHeader(h: Buffer): RecordHeader | string {
     ? h.readUInt32LE(56) === crc32(h.subarray(0, 56)) && h.readUInt32LE(60) === 0
     : sha256(h.subarray(0, 56)).subarray(0, 8).equals(h.subarray(56, 64));
   if (!headerOk) return 'record header checksum mismatch';
-  if (h.readUInt16LE(4) !== FORMAT_VERSION) return `unknown record version ${h.readUInt16LE(4)}`;
-  if ((flags & ~RECORD_FLAG_CRC32) !== 0) return `unknown record flags ${flags}`;
+  if (h.readUInt16LE(4) !== RECORD_VERSION) return `unknown record version ${h.readUInt16LE(4)}`;
+  const cloned = (flags & RECORD_FLAG_CLONED) !== 0;
+  const seal = (flags & RECORD_FLAG_SEAL) !== 0;
+  if ((flags & ~KNOWN_RECORD_FLAGS) !== 0 || ((cloned || seal) && !crc) || (cloned && seal)) return `unknown record flags ${flags}`;
   const payloadBytes = h.readUInt32LE(16);
   if (payloadBytes === 0 || payloadBytes > MAX_RECORD_PAYLOAD_BYTES) return `bad record length ${payloadBytes}`;
-  return { firstChunk: readU64(h, 8), payloadBytes, payloadSha256: !crc, payloadChecksum: Buffer.from(h.subarray(24, crc ? 28 : 56)) };
+  const offset = h.readUInt32LE(20);
+  if (cloned ? offset < RECORD_HEADER_BYTES || offset > RECORD_HEADER_BYTES + MAX_RECORD_ALIGN_BYTES : offset !== 0) return `bad payload offset ${offset}`;
+  return {
+    kind: cloned ? 'cloned' : seal ? 'seal' : 'copied',
+    firstChunk: readU64(h, 8),
+    payloadBytes,
+    payloadOffset: cloned ? offset : RECORD_HEADER_BYTES,
+    payloadSha256: !crc,
+    payloadChecksum: Buffer.from(h.subarray(24, crc ? 28 : 56)),
+  };
 }
 
-/** Whether `payload` matches the checksum of its decoded header (one hashing pass). */
+/** Whether `payload` matches the checksum of its decoded header (one hashing pass); never for a cloned record (see its seal). */
 export function payloadMatches(header: RecordHeader, payload: Buffer): boolean {
+  if (header.kind === 'cloned') return false;
   if (header.payloadSha256) return sha256(payload).equals(header.payloadChecksum);
   return crc32(payload) === header.payloadChecksum.readUInt32LE(0);
 }
@@ -196,7 +306,7 @@ export function payloadMatches(header: RecordHeader, payload: Buffer): boolean {
 function encodeTable(magic: number, entryBytes: number, count: number, fill: (buf: Buffer, at: number, i: number) => void): Buffer {
   const buf = Buffer.alloc(16 + count * entryBytes + 32);
   buf.writeUInt32LE(magic, 0);
-  buf.writeUInt32LE(FORMAT_VERSION, 4);
+  buf.writeUInt32LE(RECORD_VERSION, 4);
   writeU64(buf, count, 8);
   for (let i = 0; i < count; i++) fill(buf, 16 + i * entryBytes, i);
   sha256(buf.subarray(0, buf.length - 32)).copy(buf, buf.length - 32);
@@ -206,7 +316,7 @@ function encodeTable(magic: number, entryBytes: number, count: number, fill: (bu
 function decodeTable(name: string, magic: number, entryBytes: number, buf: Buffer): { count: number; body: Buffer } {
   if (buf.length < 48) throw new BdsnapError('ECORRUPT', `${name} is truncated (${buf.length} bytes)`);
   if (buf.readUInt32LE(0) !== magic) throw new BdsnapError('ECORRUPT', `${name} has a bad magic number`);
-  if (buf.readUInt32LE(4) !== FORMAT_VERSION) throw new BdsnapError('ECORRUPT', `${name} has unknown version ${buf.readUInt32LE(4)}`);
+  if (buf.readUInt32LE(4) !== RECORD_VERSION) throw new BdsnapError('ECORRUPT', `${name} has unknown version ${buf.readUInt32LE(4)}`);
   const count = readU64(buf, 8);
   if (buf.length !== 16 + count * entryBytes + 32) {
     throw new BdsnapError('ECORRUPT', `${name} is ${buf.length} bytes but declares ${count} entries`);

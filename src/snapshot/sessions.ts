@@ -9,7 +9,7 @@ import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import {
-  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, escapeDevicePath, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
+  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, escapeDevicePath, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
 } from './format.js';
 import { scanData } from './store.js';
 
@@ -110,9 +110,10 @@ export async function listSessions(snapshotRoot: string, devicePath?: string): P
 }
 
 /**
- * After a crash: cut the torn tail of data.bin, rebuild index.bin from the data, drop any digest
- * file (digests are only trusted from a clean close) and mark the session 'interrupted'. A
- * complete or failed session is returned unchanged. Errors: ENOENT, ECORRUPT.
+ * After a crash: cut the torn tail of data.bin, seal the cloned records the session had not
+ * sealed yet (their checksum computed from the store as it is now), rebuild index.bin from the
+ * data, drop any digest file (digests are only trusted from a clean close) and mark the session
+ * 'interrupted'. A complete or failed session is returned unchanged. Errors: ENOENT, ECORRUPT.
  */
 export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
   const dir = path.resolve(sessionDir);
@@ -129,12 +130,19 @@ export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
   let cutBytes = 0;
   let reason: string | undefined;
   let scan;
+  let storeBytes: number;
   try {
     scan = await scanData(fh.fd, { chunkSize: manifest.chunkSize, deviceSize: manifest.deviceSize, allowTornTail: true, where: dataPath });
     if (scan.validBytes < scan.fileBytes) {
       cutBytes = scan.fileBytes - scan.validBytes;
       reason = scan.tornReason;
       await fh.truncate(scan.validBytes);
+    }
+    storeBytes = scan.validBytes;
+    for (const { header, payload } of encodeSealRecords(scan.unsealed)) {
+      const record = Buffer.concat([header, payload]);
+      for (let done = 0; done < record.length;) done += (await fh.write(record, done, record.length - done, storeBytes + done)).bytesWritten;
+      storeBytes += record.length;
     }
     await fh.datasync();
   } finally {
@@ -147,7 +155,7 @@ export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
     state: 'interrupted' as const,
     preservedChunks: scan.index.size,
     preservedBytes: scan.preservedBytes,
-    storeBytes: scan.validBytes,
+    storeBytes,
     digestedChunks: null,
   };
   await writeManifest(dir, recovered);

@@ -9,13 +9,25 @@
  * cache); a process kill can only leave a torn or missing part after the last resolved record,
  * which the scanner cuts. In strict mode one batch is written at a time and fdatasync'ed before
  * it resolves: one sync for every chunk that queued up meanwhile (group commit).
+ *
+ * A cloned record (an original kept by reflink) is placed the same way, its payload at the
+ * next filesystem-block boundary after its header. Its batch first fills the payload (the
+ * clone, done by the caller's function), then writes the headers: so after a kill a header in
+ * the file always has its whole payload behind it. In strict mode (one batch at a time) the
+ * clone also grows the file past the header before the header is written, and the filesystem
+ * logs the size after the clone's remapping: after a power loss the header is only there if
+ * the clone is. Its checksum comes later, in a seal record (`seal()`, when the session is
+ * quiet and at its end; recovery seals what a crash left unsealed).
  */
 
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { crc32 } from 'node:zlib';
 import { preadFully, pwriteOnce } from '../host/fd-io.js';
-import { RECORD_HEADER_BYTES, decodeRecordHeader, encodeRecordHeader, payloadMatches } from './format.js';
+import {
+  RECORD_HEADER_BYTES, decodeRecordHeader, decodeSealPayload, encodeClonedRecordHeader, encodeRecordHeader, encodeSealRecords, payloadMatches, type SealEntry,
+} from './format.js';
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 const fstatAsync = promisify(fs.fstat);
@@ -42,12 +54,29 @@ interface Batch {
 }
 
 interface Pending {
+  /** The header; for a cloned record also the zero padding up to its payload. */
   header: Buffer;
-  payload: Buffer;
+  /** Undefined for a cloned record until its fill ran. */
+  payload: Buffer | undefined;
+  /** A cloned record's: put the payload in place, or return its bytes to write. */
+  fill?: ClonedPayloadFill;
   bytes: number;
   resolve: (position: number | undefined) => void;
+  /** What `resolve` gets: the header's position, or a cloned record's payload position. */
   position: number;
+  /** Where the record begins in the file. */
+  start: number;
 }
+
+/**
+ * Put a cloned record's payload into the data file at `dstOffsetBytes` (FICLONERANGE on
+ * `dstFd`) and resolve with undefined, or resolve with the payload's bytes when it could not
+ * be cloned (the writer then writes them there). A rejection fails the store.
+ */
+export type ClonedPayloadFill = (dstFd: number, dstOffsetBytes: number) => Promise<Buffer | undefined>;
+
+/** Size of each read of a cloned payload while sealing. */
+const SEAL_READ_BYTES = 2 * 1024 * 1024;
 
 /**
  * Appends records to an open data file. `append` resolves with the record's position once it
@@ -69,6 +98,8 @@ export class StoreWriter {
   #idleWaiters: Array<() => void> = [];
   #failed = false;
   #pumpScheduled = false;
+  /** Cloned records written and not yet sealed: header position, payload position and length. */
+  #unsealed: Array<{ position: number; payloadPosition: number; payloadBytes: number; payloadEnd: number }> = [];
 
   constructor(fd: number, startBytes: number, options: { strict: boolean; sizeLimitBytes?: number; onFailure: (reason: string, err?: unknown) => void }) {
     this.#fd = fd;
@@ -110,16 +141,83 @@ export class StoreWriter {
    * `payload`. The difference storage of snapshots writes its own record headers through this.
    */
   appendRecord(header: Buffer, payload: Buffer): Promise<number | undefined> {
-    if (this.#failed) return Promise.resolve(undefined);
-    const recordBytes = header.length + payload.length;
+    if (!this.#reserve(header.length + payload.length)) return Promise.resolve(undefined);
+    const position = this.#endBytes;
+    this.#endBytes += header.length + payload.length;
+    return this.#enqueue({ header, payload, bytes: header.length + payload.length, position, start: position });
+  }
+
+  /**
+   * Queue one cloned record for chunks firstChunk.. whose payload of `payloadBytes` is put in
+   * place by `fill`, at the next multiple of `alignBytes` (the filesystem block size) after
+   * its header. Resolves with the payload's position (not the header's), or undefined when
+   * the store has failed.
+   */
+  appendCloned(firstChunk: number, payloadBytes: number, alignBytes: number, fill: ClonedPayloadFill): Promise<number | undefined> {
+    const position = this.#endBytes;
+    const payloadPosition = Math.ceil((position + RECORD_HEADER_BYTES) / alignBytes) * alignBytes;
+    const recordBytes = payloadPosition - position + payloadBytes;
+    if (!this.#reserve(recordBytes)) return Promise.resolve(undefined);
+    this.#endBytes += recordBytes;
+    const header = Buffer.alloc(payloadPosition - position);
+    encodeClonedRecordHeader(firstChunk, payloadBytes, position, payloadPosition).copy(header);
+    this.#unsealed.push({ position, payloadPosition, payloadBytes, payloadEnd: payloadPosition + payloadBytes });
+    return this.#enqueue({ header, payload: undefined, fill, bytes: recordBytes, position: payloadPosition, start: position });
+  }
+
+  /** Cloned records not sealed yet. */
+  get unsealedRecords(): number {
+    return this.#unsealed.length;
+  }
+
+  /**
+   * Give the cloned records written so far their checksum: read each payload back from the
+   * file (the store's copy, which later device writes never change) and append seal records.
+   * Appends may go on meanwhile; records not yet in the file wait for the next seal. Sync
+   * afterwards to make the seals durable. Errors fail the store.
+   */
+  async seal(): Promise<void> {
+    if (this.#failed) return;
+    // Only records whose batch is written: their fill has run, their bytes are final.
+    let written = 0;
+    while (written < this.#unsealed.length && this.#unsealed[written]!.payloadEnd <= this.#writtenBytes) written++;
+    const records = this.#unsealed.splice(0, written);
+    if (records.length === 0) return;
+    const entries: SealEntry[] = [];
+    const buf = Buffer.allocUnsafe(SEAL_READ_BYTES);
+    try {
+      for (const r of records) {
+        let crc = 0;
+        for (let done = 0; done < r.payloadBytes;) {
+          const piece = buf.subarray(0, Math.min(buf.length, r.payloadBytes - done));
+          if ((await preadFully(this.#fd, piece, r.payloadPosition + done)) !== piece.length) {
+            throw new BdsnapError('EIO', `the data file ended inside the cloned record at byte ${r.position}`);
+          }
+          crc = crc32(piece, crc);
+          done += piece.length;
+        }
+        entries.push({ position: r.position, crc });
+      }
+    } catch (err) {
+      this.#fail(`cannot read back a cloned original: ${(err as Error).message}`, err);
+      throw toBdsnapError(err);
+    }
+    await Promise.all(encodeSealRecords(entries).map(({ header, payload }) => this.appendRecord(header, payload)));
+  }
+
+  /** Whether `recordBytes` more fit; fails the store when they do not. */
+  #reserve(recordBytes: number): boolean {
+    if (this.#failed) return false;
     if (this.#endBytes + recordBytes > this.#sizeLimitBytes) {
       this.#fail(`size limit reached: the store would grow past ${this.#sizeLimitBytes} bytes`);
-      return Promise.resolve(undefined);
+      return false;
     }
-    const position = this.#endBytes;
-    this.#endBytes += recordBytes;
+    return true;
+  }
+
+  #enqueue(p: Omit<Pending, 'resolve'>): Promise<number | undefined> {
     return new Promise((resolve) => {
-      this.#queue.push({ header, payload, bytes: recordBytes, resolve, position });
+      this.#queue.push({ ...p, resolve });
       if (!this.#pumpScheduled) {
         // Records queued by the requests of this turn are written as one batch.
         this.#pumpScheduled = true;
@@ -167,14 +265,12 @@ export class StoreWriter {
         continue;
       }
       // Records have consecutive positions: the batch ends where its last record ends.
-      const start = pending[0]!.position;
       const last = pending[pending.length - 1]!;
-      batch.end = last.position + last.bytes;
-      const buffers: Buffer[] = [];
-      for (const p of pending) buffers.push(p.header, p.payload);
-      if (!this.#strict && batch.end - start <= SYNC_BATCH_MAX_BYTES) {
+      batch.end = last.start + last.bytes;
+      const cloned = pending.some((p) => p.fill !== undefined);
+      if (!cloned && !this.#strict && batch.end - pending[0]!.start <= SYNC_BATCH_MAX_BYTES) {
         try {
-          this.#writeAllSync(buffers, start, batch.end - start);
+          for (const segment of segments(pending)) this.#writeAllSync(segment.buffers, segment.position, segment.bytes);
           batch.state = 'written';
         } catch (err) {
           this.#writeFailed(err);
@@ -182,7 +278,7 @@ export class StoreWriter {
         }
         continue;
       }
-      this.#writeAll(buffers, start, batch.end - start)
+      this.#writeBatch(pending)
         .then(() => (this.#strict ? fdatasyncAsync(this.#fd) : undefined))
         .then(() => {
           batch.state = 'written';
@@ -193,6 +289,27 @@ export class StoreWriter {
         .finally(() => this.#settle());
     }
     this.#settle();
+  }
+
+  /**
+   * Fill the cloned payloads first (in order), then write every header and copied payload.
+   * A batch with clones writes on the thread pool even when small: a write to the store waits
+   * for its inode lock, which a clone of another batch may hold while it waits for the
+   * device's, and that must not stall the event loop.
+   */
+  async #writeBatch(pending: Pending[]): Promise<void> {
+    let cloned = false;
+    for (const p of pending) {
+      if (p.fill === undefined) continue;
+      cloned = true;
+      p.payload = await p.fill(this.#fd, p.position);
+      // Filled in place: nothing of the payload is left to write.
+      p.payload ??= Buffer.alloc(0);
+    }
+    for (const segment of segments(pending)) {
+      if (!cloned && !this.#strict && segment.bytes <= SYNC_BATCH_MAX_BYTES) this.#writeAllSync(segment.buffers, segment.position, segment.bytes);
+      else await this.#writeAll(segment.buffers, segment.position, segment.bytes);
+    }
   }
 
   /** Resolve finished batches in file order; then start more. */
@@ -252,11 +369,39 @@ export class StoreWriter {
   }
 }
 
+/**
+ * The contiguous runs of bytes a batch writes: every header (with its padding) and copied
+ * payload, split where a cloned payload already sits in the file. `payload` of a cloned
+ * record is its bytes when its fill returned them, empty when it was cloned in place.
+ */
+function segments(pending: Pending[]): Array<{ position: number; buffers: Buffer[]; bytes: number }> {
+  const out: Array<{ position: number; buffers: Buffer[]; bytes: number }> = [];
+  let current: { position: number; buffers: Buffer[]; bytes: number } | undefined;
+  const add = (position: number, buf: Buffer): void => {
+    if (buf.length === 0) return;
+    if (current === undefined || current.position + current.bytes !== position) {
+      current = { position, buffers: [], bytes: 0 };
+      out.push(current);
+    }
+    current.buffers.push(buf);
+    current.bytes += buf.length;
+  };
+  for (const p of pending) {
+    add(p.start, p.header);
+    add(p.start + p.header.length, p.payload ?? Buffer.alloc(0));
+  }
+  return out;
+}
+
+/** A record holding originals (seal records are not listed). */
 export interface ScannedRecord {
   /** Byte position of the header in data.bin. */
   position: number;
   firstChunk: number;
   payloadBytes: number;
+  /** Byte position of the payload: after the header, or a cloned record's aligned one. */
+  payloadPosition: number;
+  cloned: boolean;
 }
 
 export interface ScanResult {
@@ -270,6 +415,11 @@ export interface ScanResult {
   tornReason?: string;
   /** Sum of payload bytes of the indexed chunks. */
   preservedBytes: number;
+  /**
+   * Cloned records with no seal yet, with the CRC-32 of their payload as read now (only when a
+   * torn tail is allowed: a session that did not end cleanly). Recovery seals them.
+   */
+  unsealed: SealEntry[];
 }
 
 export interface ScanOptions {
@@ -401,6 +551,8 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
   const reader = new SequentialReader(fd, fileBytes);
   const records: ScannedRecord[] = [];
   const index = new Map<number, number>();
+  /** Cloned records met and not yet sealed: header position -> CRC-32 of the payload. */
+  const unsealed = new Map<number, number>();
   let position = 0;
   let preservedBytes = 0;
   const chunkCount = Math.ceil(deviceSize / chunkSize);
@@ -420,29 +572,53 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
         bad(h);
         break;
       }
+      if (h.kind === 'seal') {
+        const body = await reader.at(position + RECORD_HEADER_BYTES, h.payloadBytes);
+        if (body === undefined) {
+          bad('truncated seal record');
+          break;
+        }
+        const entries = payloadMatches(h, body) ? decodeSealPayload(body) : 'seal record checksum mismatch';
+        if (typeof entries === 'string') {
+          bad(entries);
+          break;
+        }
+        // A seal is whole and checked: a cloned record it contradicts is corrupt, not torn.
+        for (const e of entries) {
+          const crc = unsealed.get(e.position);
+          if (crc === undefined) throw new BdsnapError('ECORRUPT', `${where} is corrupt: the seal record at byte ${position} names no unsealed cloned record at byte ${e.position}`);
+          if (crc !== e.crc) throw new BdsnapError('ECORRUPT', `${where} is corrupt: cloned record payload checksum mismatch at byte ${e.position} (sealed at byte ${position})`);
+          unsealed.delete(e.position);
+        }
+        position += RECORD_HEADER_BYTES + h.payloadBytes;
+        continue;
+      }
       const startBytes = h.firstChunk * chunkSize;
       const aligned = h.payloadBytes % chunkSize === 0 || startBytes + h.payloadBytes === deviceSize;
       if (h.firstChunk >= chunkCount || startBytes + h.payloadBytes > deviceSize || !aligned) {
         bad(`record for chunk ${h.firstChunk} (${h.payloadBytes} bytes) does not fit the device`);
         break;
       }
-      const body = await reader.at(position + RECORD_HEADER_BYTES, h.payloadBytes);
+      const payloadPosition = position + h.payloadOffset;
+      const body = await reader.at(payloadPosition, h.payloadBytes);
       if (body === undefined) {
         bad('truncated record payload');
         break;
       }
-      if (!payloadMatches(h, body)) {
+      if (h.kind === 'cloned') {
+        unsealed.set(position, crc32(body));
+      } else if (!payloadMatches(h, body)) {
         bad('record payload checksum mismatch');
         break;
       }
-      records.push({ position, firstChunk: h.firstChunk, payloadBytes: h.payloadBytes });
+      records.push({ position, firstChunk: h.firstChunk, payloadBytes: h.payloadBytes, payloadPosition, cloned: h.kind === 'cloned' });
       for (let i = 0; i * chunkSize < h.payloadBytes; i++) {
         const chunk = h.firstChunk + i;
         if (index.has(chunk)) continue;
-        index.set(chunk, position + RECORD_HEADER_BYTES + i * chunkSize);
+        index.set(chunk, payloadPosition + i * chunkSize);
         preservedBytes += Math.min(chunkSize, h.payloadBytes - i * chunkSize);
       }
-      position += RECORD_HEADER_BYTES + h.payloadBytes;
+      position = payloadPosition + h.payloadBytes;
     }
   } finally {
     await reader.settle();
@@ -450,5 +626,11 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
   if (tornReason !== undefined && !options.allowTornTail) {
     throw new BdsnapError('ECORRUPT', `${where} is corrupt: ${tornReason}`);
   }
-  return { records, index, validBytes: position, fileBytes, tornReason, preservedBytes };
+  const [firstUnsealed] = unsealed.keys();
+  if (firstUnsealed !== undefined && !options.allowTornTail) {
+    throw new BdsnapError('ECORRUPT', `${where} is corrupt: the cloned record at byte ${firstUnsealed} has no seal (${unsealed.size} unsealed), so its payload cannot be checked`);
+  }
+  return {
+    records, index, validBytes: position, fileBytes, tornReason, preservedBytes, unsealed: [...unsealed].map(([p, crc]) => ({ position: p, crc })),
+  };
 }

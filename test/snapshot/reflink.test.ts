@@ -1,0 +1,264 @@
+/**
+ * Originals kept by reflink: on a real XFS (reflink=1, made in a loop-mounted file) with the
+ * image and the store on it, large first writes are cloned into the store (the store's payload
+ * sits on the image's former physical blocks), sealed, and restored exactly, also after a
+ * SIGKILL; on ext4, and across two filesystems, the refused clone falls back to copying with
+ * no error. The format part (aligned payloads, seals) runs on any filesystem.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import zlib from 'node:zlib';
+import { FileDevice } from '../../src/device/file-device.js';
+import { libcUnavailableReason, loadLibc } from '../../src/host/libc.js';
+import { DATA_FILE, parseManifest } from '../../src/snapshot/format.js';
+import { CowDevice, listSessions, recoverSession, restore } from '../../src/snapshot/index.js';
+import { StoreWriter, scanData, type ScanResult } from '../../src/snapshot/store.js';
+import { CleanupStack } from '../helpers/cleanup.js';
+import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
+import { needs } from '../helpers/needs.js';
+import { run } from '../helpers/process.js';
+import { mountScratchFs, scratchFsNeeds, type ScratchFsKind } from '../helpers/scratch-fs.js';
+import { isError, killWhileWriting, tempDir } from './helpers.js';
+
+const CS = 16 * 1024;
+const MIB = 1 << 20;
+const TIMEOUT = { timeout: 60_000 };
+const WRITER = fileURLToPath(new URL('./fixtures/crash-writer.js', import.meta.url));
+
+// ---- format, on any filesystem -------------------------------------------------------------
+
+test('cloned records: payload on a block boundary, no checksum until sealed, the seal checked by a scan', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, DATA_FILE);
+  const fd = fs.openSync(file, 'w+');
+  t.after(() => fs.closeSync(fd));
+  const failures: string[] = [];
+  const w = new StoreWriter(fd, 0, { strict: false, onFailure: (r) => failures.push(r) });
+  const copied = randomBytes(CS);
+  const cloned = randomBytes(4 * CS);
+  // A fill that returns the bytes is the path of a refused clone: the writer writes them.
+  const [p1, p2] = await Promise.all([w.append(1, copied), w.appendCloned(4, cloned.length, 4096, async () => cloned)]);
+  assert.equal(p1, 0);
+  assert.equal(p2! % 4096, 0, 'the cloned payload starts on a block boundary');
+  assert.ok(p2! >= 64 + CS + 64);
+  const options = { chunkSize: CS, deviceSize: 64 * CS, allowTornTail: false, where: 'data' };
+
+  await assert.rejects(scanData(fd, options), isError('ECORRUPT', /cloned record at byte \d+ has no seal/));
+  const tolerant = await scanData(fd, { ...options, allowTornTail: true });
+  assert.deepEqual(tolerant.unsealed.map((u) => u.crc), [zlib.crc32(cloned)]);
+  assert.equal(tolerant.index.get(5), p2! + CS);
+
+  await w.seal();
+  await w.sync();
+  assert.deepEqual(failures, []);
+  assert.equal(w.unsealedRecords, 0);
+  const scan = await scanData(fd, options);
+  assert.deepEqual(scan.records.map((r) => [r.firstChunk, r.cloned]), [[1, false], [4, true]]);
+  assert.deepEqual(scan.unsealed, []);
+  assert.equal(scan.validBytes, fs.statSync(file).size);
+  const back = Buffer.alloc(CS);
+  fs.readSync(fd, back, 0, CS, scan.index.get(7)!);
+  assert.deepEqual(back, cloned.subarray(3 * CS));
+
+  // A flipped byte in the cloned payload contradicts its seal: corrupt, not a torn tail.
+  const at = p2! + 100;
+  const byte = Buffer.alloc(1);
+  fs.readSync(fd, byte, 0, 1, at);
+  fs.writeSync(fd, Buffer.from([byte[0]! ^ 0x10]), 0, 1, at);
+  await assert.rejects(scanData(fd, options), isError('ECORRUPT', /cloned record payload checksum mismatch/));
+  await assert.rejects(scanData(fd, { ...options, allowTornTail: true }), isError('ECORRUPT', /cloned record payload checksum mismatch/));
+});
+
+test('manifests of format version 1 are still read; unknown versions are refused', () => {
+  const manifest = {
+    format: 'bdsnap-session', version: 1, devicePath: '/images/a.img', deviceSize: 4096, deviceIdentity: {}, chunkSize: 4096, durability: 'process',
+    mountTime: '2026-01-01T00:00:00.000Z', endTime: null, state: 'interrupted', preservedChunks: 0, preservedBytes: 0, storeBytes: 0, digestedChunks: null, failedReason: null,
+  };
+  assert.equal(parseManifest(JSON.stringify(manifest), 'v1').version, 1);
+  assert.equal(parseManifest(JSON.stringify({ ...manifest, version: 2 }), 'v2').version, 2);
+  assert.throws(() => parseManifest(JSON.stringify({ ...manifest, version: 3 }), 'v3'), isError('ECORRUPT', /version/));
+});
+
+// ---- real filesystems ----------------------------------------------------------------------
+
+/** Physical byte address of each logical byte range of `file` (xfs_io fiemap, 512-byte units). */
+async function physicalMap(file: string): Promise<Array<{ logical: number; physical: number; length: number }>> {
+  const out = (await run('xfs_io', ['-r', '-c', 'fiemap', file])).stdout;
+  const extents = [];
+  for (const m of out.matchAll(/^\s*\d+: \[(\d+)\.\.(\d+)\]: (\d+)\.\.(\d+)\s*$/gm)) {
+    extents.push({ logical: Number(m[1]) * 512, physical: Number(m[3]) * 512, length: (Number(m[2]) - Number(m[1]) + 1) * 512 });
+  }
+  return extents;
+}
+
+function physicalAt(map: Awaited<ReturnType<typeof physicalMap>>, logical: number): number | undefined {
+  const e = map.find((x) => logical >= x.logical && logical < x.logical + x.length);
+  return e === undefined ? undefined : e.physical + (logical - e.logical);
+}
+
+async function scanStore(sessionDir: string, chunkSize: number, deviceSize: number): Promise<ScanResult> {
+  const fd = fs.openSync(path.join(sessionDir, DATA_FILE), 'r');
+  try {
+    return await scanData(fd, { chunkSize, deviceSize, allowTornTail: false, where: DATA_FILE });
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+interface SessionRun {
+  image: string;
+  before: string;
+  cow: CowDevice;
+  sessionDir: string;
+}
+
+/**
+ * An image of `imageBytes` random bytes at `imageDir`, a session with its store under
+ * `storeRoot`: 1 MiB sequential first writes over [0, largeBytes), then 16 KiB first writes
+ * (below the clone threshold) further on. The session is closed, the device too.
+ * `beforeSession` sees the image once it is on disk.
+ */
+async function largeAndSmallFirstWrites(
+  imageDir: string, storeRoot: string, imageBytes: number, largeBytes: number, beforeSession?: (image: string) => Promise<void>,
+): Promise<SessionRun> {
+  const image = makeImage(path.join(imageDir, 'disk.img'), imageBytes, 'random', 12);
+  const fd = fs.openSync(image, 'r+');
+  fs.fdatasyncSync(fd);
+  fs.closeSync(fd);
+  await beforeSession?.(image);
+  const before = await sha256File(image);
+  const dev = await FileDevice.open(image);
+  try {
+    const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: storeRoot, chunkSize: CS, deviceIdentity: { ...dev.identity } });
+    for (let off = 0; off < largeBytes; off += MIB) await cow.write(randomBytes(MIB), off);
+    await Promise.all([0, 3, 8].map((i) => cow.write(randomBytes(CS), largeBytes + 4 * MIB + i * CS)));
+    const summary = await cow.close();
+    assert.equal(summary?.state, 'complete');
+    return { image, before, cow, sessionDir: summary.sessionDir };
+  } finally {
+    await dev.close();
+  }
+}
+
+/** A scratch filesystem of `kind`; what the test opens on it goes on `cleanup`, to be undone before the unmount. */
+async function scratch(t: Parameters<typeof needs>[0] & { after(fn: () => unknown): void }, kind: ScratchFsKind): Promise<{ dir: string; mnt: string; cleanup: CleanupStack } | undefined> {
+  if (!needs(t, { ...scratchFsNeeds(kind), tools: [...(scratchFsNeeds(kind).tools ?? []), 'xfs_io'] })) return undefined;
+  // The directory at the bottom of the stack: removed only after the unmount.
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup, 'bdsnap-reflink-');
+  return { dir, mnt: await mountScratchFs(cleanup, dir, kind, 1 << 30), cleanup };
+}
+
+test('XFS, image and store on it: 1 MiB first writes are cloned onto the image\'s old blocks; restore gives back the exact image', TIMEOUT, async (t) => {
+  const fsys = await scratch(t, 'xfs');
+  if (fsys === undefined) return;
+  const largeBytes = 32 * MIB;
+  let mapBefore: Awaited<ReturnType<typeof physicalMap>> = [];
+  const run1 = await largeAndSmallFirstWrites(fsys.mnt, path.join(fsys.mnt, 'snapshot'), 64 * MIB, largeBytes, async (image) => {
+    mapBefore = await physicalMap(image);
+  });
+  const stats = run1.cow.stats();
+  assert.equal(stats.clonedBytes, largeBytes, 'every 1 MiB run was cloned');
+  assert.equal(stats.clonedRuns, largeBytes / MIB);
+  assert.equal(stats.preservedBytes, largeBytes + 3 * CS, 'the 16 KiB first writes were copied');
+
+  const scan = await scanStore(run1.sessionDir, CS, 64 * MIB);
+  const clonedRecords = scan.records.filter((r) => r.cloned);
+  assert.equal(clonedRecords.length, largeBytes / MIB);
+  assert.equal(scan.records.length - clonedRecords.length, 3);
+  const storeMap = await physicalMap(path.join(run1.sessionDir, DATA_FILE));
+  for (const r of clonedRecords) {
+    assert.equal(r.payloadPosition % 4096, 0);
+    for (let k = 0; k < r.payloadBytes; k += 64 * 1024) {
+      const was = physicalAt(mapBefore, r.firstChunk * CS + k);
+      assert.ok(was !== undefined, `the image had a block at ${r.firstChunk * CS + k}`);
+      assert.equal(physicalAt(storeMap, r.payloadPosition + k), was, `the store keeps the image's old block of byte ${r.firstChunk * CS + k}`);
+    }
+  }
+  assert.notEqual(await sha256File(run1.image), run1.before);
+  const summary = await restore(run1.sessionDir);
+  assert.equal(summary.digestCheck, 'verified');
+  assert.equal(await sha256File(run1.image), run1.before, 'restore gives back the exact image');
+});
+
+test('XFS: many clones in flight at once, with the garbage collector busy, each clone exactly its own range', TIMEOUT, async (t) => {
+  const fsys = await scratch(t, 'xfs');
+  if (fsys === undefined) return;
+  const libc = loadLibc();
+  assert.ok(libc, `the libc binding loads here: ${libcUnavailableReason() ?? ''}`);
+  const source = makeImage(path.join(fsys.mnt, 'disk.img'), 32 * MIB, 'random', 13);
+  const bytes = fs.readFileSync(source);
+  const src = fs.openSync(source, 'r');
+  const dst = fs.openSync(path.join(fsys.mnt, 'clones.bin'), 'w+');
+  fsys.cleanup.after(() => {
+    fs.closeSync(src);
+    fs.closeSync(dst);
+  });
+  const pieceBytes = 64 * 1024;
+  // Fewer than koffi's 256 asynchronous calls at once.
+  const pieces = Array.from({ length: 200 }, (_, i) => ({ from: ((i * 37) % 512) * pieceBytes, to: i * (pieceBytes + 4096) }));
+  let garbage: unknown[] = [];
+  const churn = setInterval(() => {
+    garbage = Array.from({ length: 20_000 }, (_, i) => ({ i, b: Buffer.alloc(64) }));
+  }, 1);
+  try {
+    const results = await Promise.all(pieces.map((p) => libc.cloneRange(src, p.from, dst, p.to, pieceBytes)));
+    assert.deepEqual(new Set(results), new Set(['cloned']));
+  } finally {
+    clearInterval(churn);
+  }
+  void garbage;
+  const back = Buffer.alloc(pieceBytes);
+  for (const p of pieces) {
+    fs.readSync(dst, back, 0, pieceBytes, p.to);
+    assert.ok(back.equals(bytes.subarray(p.from, p.from + pieceBytes)), `clone of ${p.from} at ${p.to}`);
+  }
+});
+
+for (const durability of ['process', 'strict'] as const) {
+  test(`XFS, SIGKILL while writing with every run cloned (${durability}): recover seals the clones, restore gives the pre-session image`, TIMEOUT, async (t) => {
+    const fsys = await scratch(t, 'xfs');
+    if (fsys === undefined) return;
+    const image = makeImage(path.join(fsys.mnt, 'disk.img'), 16 * MIB, 'random', 14);
+    const root = path.join(fsys.mnt, 'snapshot');
+    const before = await sha256File(image);
+    const out = await killWhileWriting(WRITER, [image, root, String(64 * 1024), durability, '4096'], 400);
+    const sessionDir = out.split('\n')[0]!.replace(/^ready /, '');
+    assert.notEqual(await sha256File(image), before, 'the writer changed the image');
+    assert.equal((await listSessions(root))[0]?.state, 'active');
+    const info = await recoverSession(sessionDir);
+    assert.equal(info.state, 'interrupted');
+    const scan = await scanStore(sessionDir, 64 * 1024, 16 * MIB);
+    assert.ok(scan.records.filter((r) => r.cloned).length > 1, 'the writer cloned originals (a refused clone leaves one such record at most)');
+    assert.equal(scan.fileBytes, info.storeBytes);
+    await restore(sessionDir);
+    assert.equal(await sha256File(image), before);
+  });
+}
+
+test('ext4: the clone is refused, the session copies with no error and restores exactly', TIMEOUT, async (t) => {
+  const fsys = await scratch(t, 'ext4');
+  if (fsys === undefined) return;
+  const run1 = await largeAndSmallFirstWrites(fsys.mnt, path.join(fsys.mnt, 'snapshot'), 64 * MIB, 16 * MIB);
+  const stats = run1.cow.stats();
+  assert.equal(stats.clonedBytes, 0);
+  assert.equal(stats.preservedBytes, 16 * MIB + 3 * CS);
+  const scan = await scanStore(run1.sessionDir, CS, 64 * MIB);
+  assert.ok(scan.records.filter((r) => r.cloned).length <= 1, 'only the refused first attempt has the cloned layout');
+  await restore(run1.sessionDir);
+  assert.equal(await sha256File(run1.image), run1.before);
+});
+
+test('image and store on two filesystems: the clone is refused (EXDEV), the session copies and restores exactly', TIMEOUT, async (t) => {
+  const fsys = await scratch(t, 'xfs');
+  if (fsys === undefined) return;
+  const run1 = await largeAndSmallFirstWrites(fsys.mnt, path.join(fsys.dir, 'snapshot'), 32 * MIB, 8 * MIB);
+  assert.equal(run1.cow.stats().clonedBytes, 0);
+  await restore(run1.sessionDir);
+  assert.equal(await sha256File(run1.image), run1.before);
+});
