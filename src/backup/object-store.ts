@@ -59,6 +59,11 @@ export interface ObjectStore {
   /** Remove an object; absent is not an error. */
   delete(name: string): Promise<void>;
   /**
+   * Where the backend keeps an object as a plain local file that may be read directly (by a
+   * worker thread, say); absent where objects are not files (an object store).
+   */
+  localPath?(name: string): string;
+  /**
    * Remove what interrupted puts left behind (temp files here, incomplete multipart uploads
    * on S3) older than `olderThanMs`. Only safe when no writer is running; prune calls it under
    * its exclusive lock. Returns how many were removed.
@@ -244,6 +249,10 @@ export class LocalDirStore implements ObjectStore {
     const e = toBdsnapError(err);
     if (e.code === 'ENOSPC') return new BdsnapError('ENOSPC', `the repository at ${this.location} is full (writing ${what})`, { cause: err });
     return e;
+  }
+
+  localPath(name: string): string {
+    return this.#path(name);
   }
 
   async get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer> {

@@ -24,7 +24,10 @@ interface Waiter {
   reject(e: Error): void;
 }
 
-type TaskBody = { op: 'encode'; raw: Uint8Array; codec: Codec } | { op: 'decode'; stored: Uint8Array; hash: string };
+type TaskBody =
+  | { op: 'encode'; raw: Uint8Array; codec: Codec }
+  | { op: 'decode'; stored: Uint8Array; hash: string }
+  | { op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean };
 
 function toBuffer(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
@@ -81,6 +84,12 @@ export class PiecePool {
     const r = await this.#run({ op: 'decode', stored: b, hash }, [b.buffer as ArrayBuffer]);
     if ('error' in r || r.op !== 'decode') throw new BdsnapError('EIO', 'unexpected worker answer');
     return toBuffer(r.raw);
+  }
+
+  /** Read, decode, check and write one piece into `fd` (see 'place' in piece-worker.ts). */
+  async place(body: { file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean }): Promise<void> {
+    const r = await this.#run({ op: 'place', ...body }, []);
+    if ('error' in r || r.op !== 'place') throw new BdsnapError('EIO', 'unexpected worker answer');
   }
 
   #run(body: TaskBody, transfer: ArrayBuffer[]): Promise<PieceResult> {

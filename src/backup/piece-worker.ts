@@ -2,20 +2,28 @@
  * Worker thread of the piece pool: the CPU-heavy part of a piece (zero check, sha256,
  * compression; or decompression and the hash check on the way back), so that both cores work
  * while the main thread moves bytes between the source, the store and the target.
+ *
+ * 'place' does a restore's whole step for a piece kept as a plain file (a local store): read
+ * it, decode and check it, and write it into the target at its offset, all on this thread,
+ * with blocking calls; the main thread only hands out the slots. A piece that more slots use
+ * (`keep`) stays decoded here for them, within a bound.
  */
 
+import fs from 'node:fs';
 import { parentPort } from 'node:worker_threads';
 import { BdsnapError } from '../errors.js';
 import { decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
 
 export type PieceTask =
   | { id: number; op: 'encode'; raw: Uint8Array; codec: Codec }
-  | { id: number; op: 'decode'; stored: Uint8Array; hash: string };
+  | { id: number; op: 'decode'; stored: Uint8Array; hash: string }
+  | { id: number; op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean };
 
 export type PieceResult =
   | { id: number; op: 'encode'; zero: true; raw: Uint8Array }
   | { id: number; op: 'encode'; zero: false; hash: string; header: Uint8Array; payload: Uint8Array; raw: Uint8Array; codec: number }
   | { id: number; op: 'decode'; raw: Uint8Array }
+  | { id: number; op: 'place' }
   | { id: number; error: { code: string; message: string } };
 
 let zeros = Buffer.alloc(0);
@@ -37,10 +45,40 @@ export function runTask(task: PieceTask): PieceResult {
       const { header, payload } = encodePieceParts(raw, task.codec);
       return { id: task.id, op: 'encode', zero: false, hash: sha256Hex(raw), header, payload, raw, codec: header.readUInt8(5) };
     }
+    if (task.op === 'place') {
+      place(task);
+      return { id: task.id, op: 'place' };
+    }
     return { id: task.id, op: 'decode', raw: decodePiece(asBuffer(task.stored), task.hash) };
   } catch (err) {
     const code = err instanceof BdsnapError ? err.code : 'EIO';
     return { id: task.id, error: { code, message: (err as Error).message } };
+  }
+}
+
+/** Decoded pieces kept for later slots, at most. */
+const MAX_KEPT = 32;
+const kept = new Map<string, Buffer>();
+
+function place(task: Extract<PieceTask, { op: 'place' }>): void {
+  let raw = kept.get(task.hash);
+  if (!raw) {
+    let stored: Buffer;
+    try {
+      stored = fs.readFileSync(task.file);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') throw new BdsnapError('ECORRUPT', `piece ${task.hash} is missing`);
+      throw new BdsnapError('EIO', `cannot read piece ${task.hash}: ${(err as Error).message}`);
+    }
+    raw = decodePiece(stored, task.hash);
+    if (task.keep && kept.size < MAX_KEPT) kept.set(task.hash, raw);
+  } else if (!task.keep) {
+    kept.delete(task.hash);
+  }
+  if (raw.length !== task.lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${task.hash} holds ${raw.length} bytes where ${task.lengthBytes} are needed`);
+  for (let done = 0; done < raw.length;) {
+    done += fs.writeSync(task.fd, raw, done, raw.length - done, task.offsetBytes + done);
   }
 }
 

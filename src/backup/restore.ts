@@ -79,6 +79,14 @@ export async function restoreBackup(repo: Repository, id: string, device: string
     if (left > 0 && cache.size < MAX_CACHED_PIECES) cache.set(hash, p);
     return p;
   };
+  // Pieces kept as local files are read, checked and written by the pool's threads, through a
+  // descriptor of their own (the FileDevice keeps the lock and does the zeroes).
+  const localPath = repo.store.localPath?.bind(repo.store);
+  const direct = localPath ? await fs.promises.open(target, 'r+').catch((err: unknown) => { throw toBdsnapError(err); }) : undefined;
+  const stoppedAt = (at: number) => (err: unknown): never => {
+    const e = toBdsnapError(err);
+    throw new BdsnapError(e.code, `restore of ${target} from backup ${id} stopped at ${at}: ${e.message}`, { cause: err });
+  };
   try {
     await runLimited(toWrite, 8, async (i) => {
       options.signal?.throwIfAborted();
@@ -86,11 +94,12 @@ export async function restoreBackup(repo: Repository, id: string, device: string
       const length = Math.min(P, entry.sizeBytes - i * P);
       if (hash === null) {
         await file.zero(i * P, length);
+      } else if (direct && localPath) {
+        const left = (uses.get(hash) ?? 1) - 1;
+        uses.set(hash, left);
+        await pool.place({ file: localPath(pieceObject(hash)), hash, fd: direct.fd, offsetBytes: i * P, lengthBytes: length, keep: left > 0 }).catch(stoppedAt(i * P));
       } else {
-        const raw = await piece(hash).catch((err: unknown) => {
-          const e = toBdsnapError(err);
-          throw new BdsnapError(e.code, `restore of ${target} from backup ${id} stopped at ${i * P}: ${e.message}`, { cause: err });
-        });
+        const raw = await piece(hash).catch(stoppedAt(i * P));
         if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where backup ${id} needs ${length}`);
         await file.write(raw, i * P);
       }
@@ -98,8 +107,10 @@ export async function restoreBackup(repo: Repository, id: string, device: string
       options.progress?.advance(length);
     });
     await file.flush();
+    await direct?.datasync();
   } finally {
     await pool.close();
+    await direct?.close();
     await file.close();
   }
   return { id, device: entry.device, target, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs };
