@@ -15,21 +15,15 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { needs } from '../helpers/needs.js';
 import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage } from '../helpers/files.js';
+import { isMounted } from '../helpers/kernel.js';
+import { runSync } from '../helpers/process.js';
 
 interface Created {
   id: string;
   devices: Array<{ device: string; kind: 'full' | 'incremental'; why: string; readBytes: number; sizeBytes: number }>;
 }
 
-function run(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 120_000 });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr || r.error?.message}`);
-  return r.stdout;
-}
 
-function mounted(dir: string): boolean {
-  return fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === dir);
-}
 
 function backupCreate(box: Sandbox, repo: string, devices: string[], extra: string[] = []): Created {
   return JSON.parse(ok(box, ['backup', 'create', ...devices, '--repo', repo, '--json', ...extra])) as Created;
@@ -39,7 +33,7 @@ function backupCreate(box: Sandbox, repo: string, devices: string[], extra: stri
 function referenceImage(box: Sandbox, device: string, file: string): void {
   // No freeze: freezing writes the superblock, which would move the device past the backup's point.
   const snap = JSON.parse(ok(box, ['snapshot', 'create', device, '--no-freeze', '--json'])) as { id: string };
-  run('nbdcopy', [daemonUri(box, `${device}@${snap.id}`), file]);
+  runSync('nbdcopy', [daemonUri(box, `${device}@${snap.id}`), file]);
   ok(box, ['snapshot', 'destroy', snap.id]);
 }
 
@@ -56,7 +50,7 @@ test('busy ext4 through bdsnap: full, then incremental backups that restore exac
   await startDaemon(t, { sandbox: box, password: false });
   const image = path.join(box.top, 'disk.img');
   makeImage(image, 96 << 20, 'zero');
-  run('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
+  runSync('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
   const device = fs.realpathSync(image);
   const mnt = path.join(box.top, 'mnt');
   fs.mkdirSync(mnt);
@@ -65,8 +59,8 @@ test('busy ext4 through bdsnap: full, then incremental backups that restore exac
   try {
     await backupCycles(box, device, mnt);
   } finally {
-    if (mounted(mnt)) cli(box, ['umount', mnt]);
-    if (mounted(mnt)) spawnSync('umount', ['-l', mnt]);
+    if (isMounted(mnt)) cli(box, ['umount', mnt]);
+    if (isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
   }
 });
 

@@ -13,6 +13,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { MOUNTINFO_PATH, parseMountInfo } from '../../src/host/mountinfo.js';
 import { requireRoot, requireTool, run } from './process.js';
 import { nbdUri, settlesWithin } from './server.js';
 
@@ -158,4 +159,9 @@ export async function mountDevice(device: string, mountPoint: string, options: s
     done = true;
     await retryWhileBusy(() => run('umount', [mountPoint]), DEFAULT_TIMEOUT_MS);
   };
+}
+
+/** Whether something is mounted on `dir` now (the mount table read synchronously, escapes undone). */
+export function isMounted(dir: string): boolean {
+  return parseMountInfo(fs.readFileSync(MOUNTINFO_PATH, 'utf8')).some((m) => m.mountPoint === path.resolve(dir));
 }

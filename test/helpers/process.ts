@@ -111,6 +111,16 @@ export function run(cmd: string, args: readonly string[], options: RunOptions = 
   });
 }
 
+/**
+ * Run a command to completion, synchronously, for test steps that cannot await (cleanup of a
+ * mount, setup before a daemon starts). Throws with the command and its stderr unless it exits 0.
+ */
+export function runSync(cmd: string, args: readonly string[], timeoutMs = 120_000): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: timeoutMs });
+  if (r.status !== 0) throw new Error(`${quoteCommand(cmd, args)}: ${r.stderr || r.error?.message}`);
+  return r.stdout;
+}
+
 /** Where a program is on PATH, or undefined. */
 export function findOnPath(name: string, envPath = process.env.PATH ?? ''): string | undefined {
   for (const dir of envPath.split(path.delimiter)) {

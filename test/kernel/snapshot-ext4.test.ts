@@ -13,20 +13,14 @@ import { test } from 'node:test';
 import { needs } from '../helpers/needs.js';
 import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage } from '../helpers/files.js';
+import { isMounted } from '../helpers/kernel.js';
+import { runSync } from '../helpers/process.js';
 
 const IMAGE_MIB = 64;
 /** The workload's files: `f<n>` holds the line "file <n>" repeated to this size. */
 const FILE_BYTES = 24 * 1024;
 
-function run(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 120_000 });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr || r.error?.message}`);
-  return r.stdout;
-}
 
-function mounted(dir: string): boolean {
-  return fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === dir);
-}
 
 function expectedFile(n: number): Buffer {
   const line = `file ${n}\n`;
@@ -45,8 +39,8 @@ function highestFile(dir: string): number {
 /** Take down what the body mounted, while the daemon still runs. */
 function unmountAll(box: Sandbox, mountpoints: string[]): void {
   for (const mnt of mountpoints) {
-    if (mounted(mnt)) cli(box, ['umount', mnt]);
-    if (mounted(mnt)) spawnSync('umount', ['-l', mnt]);
+    if (isMounted(mnt)) cli(box, ['umount', mnt]);
+    if (isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
   }
 }
 
@@ -58,7 +52,7 @@ test('a busy ext4: the frozen image is clean and holds the files finished by the
   await startDaemon(t, { sandbox: box, password: false });
   const image = path.join(box.top, 'disk.img');
   makeImage(image, IMAGE_MIB << 20, 'zero');
-  run('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
+  runSync('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
   const device = fs.realpathSync(image);
   const mnt = path.join(box.top, 'mnt');
   const imnt = path.join(box.top, 'image-mnt');
@@ -106,7 +100,7 @@ async function takeAndCheck(box: Sandbox, device: string, mnt: string, imnt: str
 
   // The frozen image, copied out by a standard tool, is a clean filesystem.
   const copy = path.join(box.top, 'frozen.img');
-  run('nbdcopy', [daemonUri(box, `${device}@${snap.id}`), copy]);
+  runSync('nbdcopy', [daemonUri(box, `${device}@${snap.id}`), copy]);
   const fsck = spawnSync('e2fsck', ['-fn', copy], { encoding: 'utf8' });
   assert.equal(fsck.status, 0, `e2fsck -fn of the frozen image:\n${fsck.stdout}${fsck.stderr}`);
 
@@ -124,16 +118,16 @@ async function takeAndCheck(box: Sandbox, device: string, mnt: string, imnt: str
   ok(box, ['umount', imnt]);
 
   // The --no-freeze image is writable: mounting it replays its journal into the image only.
-  const deviceBefore = run('sha256sum', [device]);
+  const deviceBefore = runSync('sha256sum', [device]);
   ok(box, ['umount', mnt]);
-  const deviceIdle = run('sha256sum', [device]);
+  const deviceIdle = runSync('sha256sum', [device]);
   ok(box, ['mount', `${device}@${loose.id}`, imnt, '-t', 'ext4']);
   assert.ok(fs.existsSync(path.join(imnt, 'w', 'f1')));
   ok(box, ['umount', imnt]);
-  assert.equal(run('sha256sum', [device]), deviceIdle, 'mounting the image did not touch the device');
+  assert.equal(runSync('sha256sum', [device]), deviceIdle, 'mounting the image did not touch the device');
   assert.notEqual(deviceBefore, '', 'sha256sum ran');
   const looseCopy = path.join(box.top, 'loose.img');
-  run('nbdcopy', [daemonUri(box, `${device}@${loose.id}`), looseCopy]);
+  runSync('nbdcopy', [daemonUri(box, `${device}@${loose.id}`), looseCopy]);
   const fsck2 = spawnSync('e2fsck', ['-fn', looseCopy], { encoding: 'utf8' });
   assert.equal(fsck2.status, 0, `e2fsck -fn of the replayed image:\n${fsck2.stdout}${fsck2.stderr}`);
   ok(box, ['snapshot', 'destroy', snap.id]);

@@ -10,25 +10,18 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { MOUNTINFO_PATH, parseMountInfo } from '../../src/host/mountinfo.js';
 import { BdsnapClient } from '../../src/service/client.js';
 import { cleanupOf } from '../helpers/cleanup.js';
 import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage, sha256File } from '../helpers/files.js';
 import { needs } from '../helpers/needs.js';
+import { isMounted } from '../helpers/kernel.js';
+import { runSync } from '../helpers/process.js';
 import { passwdAndActivate, restoreOnlySession, sessionDirs } from './helpers.js';
 
 const IMAGE_MIB = 32;
 
-function run(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr || r.error?.message}`);
-  return r.stdout;
-}
 
-function mounted(dir: string): boolean {
-  return parseMountInfo(fs.readFileSync(MOUNTINFO_PATH, 'utf8')).some((m) => m.mountPoint === dir);
-}
 
 /** An ext4 image with a few files; the mount point; and a cleanup that never leaves a mount behind. */
 function ext4Fixture(t: TestContext, box: Sandbox): { image: string; mnt: string } {
@@ -37,13 +30,13 @@ function ext4Fixture(t: TestContext, box: Sandbox): { image: string; mnt: string
   fs.writeFileSync(path.join(seed, 'docs', 'a.txt'), 'first version\n'.repeat(1000));
   const image = path.join(box.top, 'disk.img');
   makeImage(image, IMAGE_MIB << 20, 'zero');
-  run('mkfs.ext4', ['-q', '-F', '-d', seed, '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
+  runSync('mkfs.ext4', ['-q', '-F', '-d', seed, '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
   const mnt = path.join(box.top, 'mnt');
   fs.mkdirSync(mnt);
   cleanupOf(t).after(() => {
-    if (mounted(mnt)) {
+    if (isMounted(mnt)) {
       cli(box, ['umount', mnt]);
-      if (mounted(mnt)) spawnSync('umount', ['-l', mnt]);
+      if (isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
     }
   });
   return { image: fs.realpathSync(image), mnt };
@@ -65,7 +58,7 @@ test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted
   const before = await sha256File(image);
 
   assert.match(ok(box, ['mount', image, mnt, '-t', 'ext4']), /snapshot session/);
-  assert.ok(mounted(mnt));
+  assert.ok(isMounted(mnt));
   const again = cli(box, ['mount', image, path.join(box.top, 'seed')]);
   assert.equal(again.status, 1, 'a device already mounted is refused');
   assert.match(again.stderr, /already mounted/);
@@ -83,7 +76,7 @@ test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted
 
   const umount = JSON.parse(ok(box, ['umount', mnt, '--json'])) as { sessionDir: string | null };
   assert.equal(umount.sessionDir, sessionDir);
-  assert.equal(mounted(mnt), false);
+  assert.equal(isMounted(mnt), false);
   const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string }> };
   assert.deepEqual(list.sessions.map((s) => [s.dir, s.state]), [[sessionDir, 'complete']], 'umount returns after the session is complete');
   assert.notEqual(await sha256File(image), before);
@@ -162,7 +155,7 @@ test('SIGTERM while mounted: the daemon unmounts, closes the session complete an
   ok(box, ['mount', image, mnt, '-t', 'ext4']);
   fs.writeFileSync(path.join(mnt, 'new.txt'), 'written just before shutdown\n'.repeat(100));
   assert.equal((await daemon.server.stop()).exitCode, 0);
-  assert.equal(mounted(mnt), false, 'the filesystem was unmounted at shutdown');
+  assert.equal(isMounted(mnt), false, 'the filesystem was unmounted at shutdown');
   assert.equal(restoreOnlySession(box), 'complete');
   assert.equal(await sha256File(image), before);
 });
@@ -173,7 +166,7 @@ test('a mount that fails leaves no session, no loop device and nothing attached'
   await startDaemon(t, { sandbox: box, password: false });
   const { image, mnt } = ext4Fixture(t, box);
   passwdAndActivate(box, image, TEST_PASSWORD);
-  const loopsBefore = run('losetup', ['-a']);
+  const loopsBefore = runSync('losetup', ['-a']);
   const wrongType = cli(box, ['mount', image, mnt, '-t', 'vfat']);
   assert.equal(wrongType.status, 1);
   assert.equal(wrongType.stderr.trim().split('\n').length, 1, wrongType.stderr);
@@ -185,7 +178,7 @@ test('a mount that fails leaves no session, no loop device and nothing attached'
   assert.equal(notMounted.status, 1);
   assert.match(notMounted.stderr, /nothing mounted/);
   assert.deepEqual(sessionDirs(box), []);
-  assert.equal(run('losetup', ['-a']), loopsBefore, 'the loop device was detached');
+  assert.equal(runSync('losetup', ['-a']), loopsBefore, 'the loop device was detached');
   const st = JSON.parse(ok(box, ['status', '--json'])) as { devices: Array<{ attached: boolean }> };
   assert.equal(st.devices[0]?.attached, false);
   // And the device still mounts fine afterwards.
@@ -208,8 +201,8 @@ test('daemon killed with SIGKILL while mounted: the restarted daemon cleans the 
   daemon.server.kill('SIGKILL');
   await daemon.server.stop();
   const restarted = await startDaemon(t, { sandbox: box, password: false });
-  assert.equal(mounted(mnt), false, 'the dead mount is gone');
-  assert.ok(!run('losetup', ['-a']).includes(`${mountedOn.loopDevice}:`), 'its loop device is detached');
+  assert.equal(isMounted(mnt), false, 'the dead mount is gone');
+  assert.ok(!runSync('losetup', ['-a']).includes(`${mountedOn.loopDevice}:`), 'its loop device is detached');
   assert.ok(restarted.logLines().some((l) => l.event === 'stale-mount-cleaned'));
   const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string }> };
   assert.deepEqual(list.sessions.map((s) => s.state), ['interrupted']);
