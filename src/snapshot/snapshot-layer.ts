@@ -336,8 +336,7 @@ export class SnapshotImage implements BlockDevice {
       }
       let covered = 0;
       const baseExtents = await this.#base.extents(seg.from, seg.to - seg.from);
-      const again = this.#segments(seg.from, seg.to, true);
-      const unchanged = again.length === 1 && again[0]!.location === undefined && !this.#copying(seg.from, seg.to);
+      const unchanged = this.#untouched(seg.from, seg.to) === true;
       for (const e of baseExtents) {
         const length = Math.min(e.length, seg.to - seg.from - covered);
         if (length <= 0) break;
@@ -382,11 +381,18 @@ export class SnapshotImage implements BlockDevice {
     return out;
   }
 
-  /** Whether a chunk of [fromBytes, toBytes) is being copied right now. */
-  #copying(fromBytes: number, toBytes: number): boolean {
+  /**
+   * Whether every chunk of [fromBytes, toBytes) still has its point-in-time content on the base
+   * (true); else the copy in flight of one of them, or false when one is preserved already.
+   */
+  #untouched(fromBytes: number, toBytes: number): Promise<void> | boolean {
     const cs = this.#chunkSize;
-    for (let c = Math.floor(fromBytes / cs); c * cs < toBytes; c++) if (this.#layer.copyOf(c) !== undefined) return true;
-    return false;
+    for (let c = Math.floor(fromBytes / cs); c * cs < toBytes; c++) {
+      const copy = this.#layer.copyOf(c);
+      if (copy) return copy;
+      if (this.preserved.has(c)) return false;
+    }
+    return true;
   }
 
   async #readRange(target: Buffer, offsetBytes: number): Promise<void> {
@@ -401,17 +407,7 @@ export class SnapshotImage implements BlockDevice {
   }
 
   async #readBase(part: Buffer, fromBytes: number): Promise<void> {
-    const cs = this.#chunkSize;
-    const first = Math.floor(fromBytes / cs);
-    const last = Math.floor((fromBytes + part.length - 1) / cs);
-    const untouched = (): Promise<void> | boolean => {
-      for (let c = first; c <= last; c++) {
-        const copy = this.#layer.copyOf(c);
-        if (copy) return copy;
-        if (this.preserved.has(c)) return false;
-      }
-      return true;
-    };
+    const untouched = (): Promise<void> | boolean => this.#untouched(fromBytes, fromBytes + part.length);
     const before = untouched();
     if (before === true) {
       await this.#base.read(part, fromBytes);
