@@ -143,13 +143,13 @@ export class NbdClient implements BlockDevice {
   static async #open(options: NbdClientOptions): Promise<NbdClient> {
     // The socket reads into one reused buffer: fresh 64 KiB buffers per read would cost an
     // allocation of external memory each, and the garbage collections they bring.
+    // The client exists before the first read can arrive (reads come from the event loop,
+    // after this function has run to its first await).
     const readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
-    const early: Buffer[] = [];
-    let sink: (chunk: Buffer) => void = (chunk) => early.push(Buffer.from(chunk));
     const onread = {
       buffer: readBuffer,
       callback: (n: number): boolean => {
-        sink(readBuffer.subarray(0, n));
+        client.#onData(readBuffer.subarray(0, n));
         return true;
       },
     };
@@ -157,6 +157,7 @@ export class NbdClient implements BlockDevice {
     if (options.socketPath !== undefined) socket = net.connect({ path: options.socketPath, onread });
     else if (options.port !== undefined) socket = net.connect({ host: options.host ?? '127.0.0.1', port: options.port, noDelay: true, onread });
     else throw new BdsnapError('EINVAL', 'NbdClient.connect needs socketPath or port');
+    const client = new NbdClient(socket);
     await new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve);
       socket.once('error', (err: NodeJS.ErrnoException) => {
@@ -164,9 +165,6 @@ export class NbdClient implements BlockDevice {
         reject(new BdsnapError(code, `cannot connect to the NBD server: ${err.message}`, { cause: err }));
       });
     });
-    const client = new NbdClient(socket);
-    sink = (chunk) => client.#onData(chunk);
-    for (const chunk of early) client.#onData(chunk);
     return client;
   }
 

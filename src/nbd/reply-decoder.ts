@@ -89,12 +89,11 @@ export class ReplyDecoder {
   #queue = new ByteQueue();
   #phase: ReplyDecoderPhase = 'greeting';
   #noZeroes = false;
-  #partial: PartialPayload<SimpleReplyMessage | StructuredReplyMessage | OptionReplyMessage> | undefined;
+  /** A payload still arriving; `placed`: it goes to the receiver's buffer, not the message. */
+  #partial: (PartialPayload<SimpleReplyMessage | StructuredReplyMessage | OptionReplyMessage> & { placed: boolean }) | undefined;
   #dataBytes: (cookieHi: number, cookieLo: number) => number;
   #dataTarget: ReplyDecoderOptions['dataTarget'];
   #transient: boolean;
-  /** The partial payload goes to a buffer of the receiver's: the message keeps its own payload. */
-  #partialPlaced = false;
   #maxOptionBytes: number;
   #maxChunkBytes: number;
 
@@ -136,10 +135,9 @@ export class ReplyDecoder {
     const q = this.#queue;
     if (this.#partial) {
       if (!fillPartial(q, this.#partial)) return undefined;
-      const { message, buffer } = this.#partial;
+      const { message, buffer, placed } = this.#partial;
       this.#partial = undefined;
-      if (!this.#partialPlaced) setPayload(message, buffer);
-      this.#partialPlaced = false;
+      if (!placed) setPayload(message, buffer);
       return message;
     }
     switch (this.#phase) {
@@ -257,8 +255,7 @@ export class ReplyDecoder {
       } else setPayload(message, q.take(n, this.#transient));
       return message;
     }
-    this.#partial = { message, buffer: target ?? Buffer.allocUnsafe(n), filledBytes: 0 };
-    this.#partialPlaced = placed;
+    this.#partial = { message, buffer: target ?? Buffer.allocUnsafe(n), filledBytes: 0, placed };
     return this.next();
   }
 }
