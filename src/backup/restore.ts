@@ -67,9 +67,8 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   for (const h of slots) if (h !== null) uses.set(h, (uses.get(h) ?? 0) + 1);
   const cache = new Map<string, Promise<Buffer>>();
   const load = async (hash: string): Promise<Buffer> => pool.decode(await repo.store.get(pieceObject(hash)), hash);
-  const piece = (hash: string): Promise<Buffer> => {
-    const left = (uses.get(hash) ?? 1) - 1;
-    uses.set(hash, left);
+  /** `left`: how many slots still use the piece after this one. */
+  const piece = (hash: string, left: number): Promise<Buffer> => {
     const cached = cache.get(hash);
     if (cached) {
       if (left === 0) cache.delete(hash);
@@ -80,9 +79,10 @@ export async function restoreBackup(repo: Repository, id: string, device: string
     return p;
   };
   // Pieces kept as local files are read, checked and written by the pool's threads, through a
-  // descriptor of their own (the FileDevice keeps the lock and does the zeroes).
+  // descriptor of their own (the FileDevice keeps the lock, does the zeroes and the final sync:
+  // fdatasync covers the file whichever descriptor wrote it).
   const localPath = repo.store.localPath?.bind(repo.store);
-  const direct = localPath ? await fs.promises.open(target, 'r+').catch((err: unknown) => { throw toBdsnapError(err); }) : undefined;
+  const direct = localPath ? { localPath, fh: await fs.promises.open(target, 'r+').catch((err: unknown) => { throw toBdsnapError(err); }) } : undefined;
   const stoppedAt = (at: number) => (err: unknown): never => {
     const e = toBdsnapError(err);
     throw new BdsnapError(e.code, `restore of ${target} from backup ${id} stopped at ${at}: ${e.message}`, { cause: err });
@@ -94,23 +94,24 @@ export async function restoreBackup(repo: Repository, id: string, device: string
       const length = Math.min(P, entry.sizeBytes - i * P);
       if (hash === null) {
         await file.zero(i * P, length);
-      } else if (direct && localPath) {
-        const left = (uses.get(hash) ?? 1) - 1;
-        uses.set(hash, left);
-        await pool.place({ file: localPath(pieceObject(hash)), hash, fd: direct.fd, offsetBytes: i * P, lengthBytes: length, keep: left > 0 }).catch(stoppedAt(i * P));
       } else {
-        const raw = await piece(hash).catch(stoppedAt(i * P));
-        if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where backup ${id} needs ${length}`);
-        await file.write(raw, i * P);
+        const left = uses.get(hash)! - 1;
+        uses.set(hash, left);
+        if (direct) {
+          await pool.place({ file: direct.localPath(pieceObject(hash)), hash, fd: direct.fh.fd, offsetBytes: i * P, lengthBytes: length, keep: left > 0 }).catch(stoppedAt(i * P));
+        } else {
+          const raw = await piece(hash, left).catch(stoppedAt(i * P));
+          if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where backup ${id} needs ${length}`);
+          await file.write(raw, i * P);
+        }
       }
       writtenBytes += length;
       options.progress?.advance(length);
     });
     await file.flush();
-    await direct?.datasync();
   } finally {
     await pool.close();
-    await direct?.close();
+    await direct?.fh.close();
     await file.close();
   }
   return { id, device: entry.device, target, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs };
