@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import { withClient } from '../../service/client.js';
 import type { ActivationResult } from '../../service/control-protocol.js';
 import { readPassword } from '../password-input.js';
+import { RUN_DIR_HELP } from './client-options.js';
 
 interface ActivationOptions {
   passwordStdin?: boolean;
@@ -25,7 +26,7 @@ export function register(program: Command): void {
       .command(`${name} <dev_name>`)
       .description(active ? 'activate snapshot sessions for a device (needs the service password)' : 'stop starting snapshot sessions for a device (needs the service password)')
       .option('--password-stdin', 'read the service password from the first line of stdin')
-      .option('--run-dir <dir>', 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+      .option('--run-dir <dir>', RUN_DIR_HELP)
       .option('--json', 'machine-readable output')
       .action(async (device: string, options: ActivationOptions) => {
         const password = await readPassword(options.passwordStdin ?? false);

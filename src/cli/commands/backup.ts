@@ -14,6 +14,7 @@ import {
 import { BdsnapClient, resolveRunDir } from '../../service/client.js';
 import { parseBytes } from '../units.js';
 import { formatBytes, formatTable } from './status.js';
+import { RUN_DIR_HELP } from './client-options.js';
 
 interface RepoFlags {
   repo: string;
@@ -102,7 +103,7 @@ export function register(program: Command): void {
     .argument('<dev_name...>', 'devices to back up together, from one consistent snapshot')
     .option('--full', 'read every device whole')
     .option('--json', 'print the result as JSON')
-    .option('--run-dir <dir>', 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
     .action(async (devices: string[], flags: RepoFlags & { full?: boolean; runDir?: string }) => {
       const repo = await openRepo(flags.repo);
       let client: BdsnapClient;

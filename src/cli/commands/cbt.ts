@@ -11,13 +11,7 @@ import { withClient } from '../../service/client.js';
 import type { CbtInfo } from '../../service/control-protocol.js';
 import { renderChangePicture, renderChangeSvg } from '../cbt-picture.js';
 import { formatBytes } from './status.js';
-
-const RUN_DIR_HELP = 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)';
-
-interface CommonOptions {
-  runDir?: string;
-  json?: boolean;
-}
+import { clientOptions, printResult, type ClientOptions } from './client-options.js';
 
 function describeInfo(info: CbtInfo): string {
   return [
@@ -47,25 +41,21 @@ function parseSince(text: string): number {
 export function register(program: Command): void {
   const cbt = program.command('cbt').description('change-block tracking: which blocks changed since a snapshot');
 
-  cbt
+  clientOptions(cbt
     .command('info <dev_name>')
-    .description('tracking block size, block count, generation id and current number')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'machine-readable output')
-    .action(async (device: string, options: CommonOptions) => {
+    .description('tracking block size, block count, generation id and current number'))
+    .action(async (device: string, options: ClientOptions) => {
       const info = await withClient(options.runDir, (c) => c.cbtInfo(device));
-      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : describeInfo(info));
+      printResult(options, info, describeInfo);
     });
 
-  cbt
+  clientOptions(cbt
     .command('map <dev_name>')
     .description('byte ranges changed since snapshot number N')
     .requiredOption('--since <n>', 'snapshot number (see snapshot info / cbt info); 0 = all changes this generation saw')
     .option('--picture', 'draw where the changes are, as a grid in the terminal')
-    .option('--svg <file>', 'write the same picture as an SVG file')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'machine-readable output')
-    .action(async (device: string, options: CommonOptions & { since: string; picture?: boolean; svg?: string }) => {
+    .option('--svg <file>', 'write the same picture as an SVG file'))
+    .action(async (device: string, options: ClientOptions & { since: string; picture?: boolean; svg?: string }) => {
       const since = parseSince(options.since);
       const map = await withClient(options.runDir, (c) => c.cbtMap(device, since));
       if (options.svg !== undefined) {
@@ -88,24 +78,20 @@ export function register(program: Command): void {
       }
     });
 
-  cbt
+  clientOptions(cbt
     .command('mark-dirty <dev_name> <range...>')
-    .description('mark ranges (OFFSET:LENGTH) as changed, so the next incremental backup reads them')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'machine-readable output')
-    .action(async (device: string, ranges: string[], options: CommonOptions) => {
+    .description('mark ranges (OFFSET:LENGTH) as changed, so the next incremental backup reads them'))
+    .action(async (device: string, ranges: string[], options: ClientOptions) => {
       const parsed = ranges.map(parseRange);
       const info = await withClient(options.runDir, (c) => c.cbtMarkDirty(device, parsed));
-      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : `marked ${parsed.length} range(s) of ${info.device} as changed\n`);
+      printResult(options, info, (i) => `marked ${parsed.length} range(s) of ${i.device} as changed\n`);
     });
 
-  cbt
+  clientOptions(cbt
     .command('reset <dev_name>')
-    .description('start a new generation: the next backup of the device will be full')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'machine-readable output')
-    .action(async (device: string, options: CommonOptions) => {
+    .description('start a new generation: the next backup of the device will be full'))
+    .action(async (device: string, options: ClientOptions) => {
       const info = await withClient(options.runDir, (c) => c.cbtReset(device));
-      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : `change map of ${info.device} reset: new generation ${info.generation}\n`);
+      printResult(options, info, (i) => `change map of ${i.device} reset: new generation ${i.generation}\n`);
     });
 }

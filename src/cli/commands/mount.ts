@@ -2,6 +2,7 @@
 
 import type { Command } from 'commander';
 import { withClient } from '../../service/client.js';
+import { RUN_DIR_HELP } from './client-options.js';
 
 interface MountCliOptions {
   type?: string;
@@ -16,7 +17,7 @@ export function register(program: Command): void {
     .description('mount a device through bdsnap (a session for an active device spans the mount)')
     .option('-t, --type <type>', 'filesystem type, as for mount -t')
     .option('-o, --options <options>', 'mount options, as for mount -o')
-    .option('--run-dir <dir>', 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
     .option('--json', 'machine-readable output')
     .action(async (device: string, mountpoint: string, options: MountCliOptions) => {
       const result = await withClient(options.runDir, (c) => c.mount(device, mountpoint, {
@@ -30,7 +31,7 @@ export function register(program: Command): void {
   program
     .command('umount <mountpoint>')
     .description('unmount; returns after the session is closed and durable')
-    .option('--run-dir <dir>', 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
     .option('--json', 'machine-readable output')
     .action(async (mountpoint: string, options: MountCliOptions) => {
       const result = await withClient(options.runDir, (c) => c.umount(mountpoint));

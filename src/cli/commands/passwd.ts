@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
 import { promptHidden, readStdinLines } from '../password-input.js';
+import { RUN_DIR_HELP } from './client-options.js';
 
 interface PasswdOptions {
   passwordStdin?: boolean;
@@ -15,7 +16,7 @@ export function register(program: Command): void {
     .command('passwd')
     .description('set the service password; changing it needs the current one')
     .option('--password-stdin', 'read the passwords from stdin: the new one, or the current one then the new one')
-    .option('--run-dir <dir>', 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
     .action(async (options: PasswdOptions) => {
       let current: string | undefined;
       let next: string;

@@ -8,15 +8,10 @@ import { withClient } from '../../service/client.js';
 import type { DaemonEvent, SnapshotInfo } from '../../service/control-protocol.js';
 import { parseBytes } from '../units.js';
 import { formatBytes, formatTable } from './status.js';
+import { clientOptions, printResult, type ClientOptions } from './client-options.js';
 
-const RUN_DIR_HELP = 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)';
 /** One long poll of `events --follow`; the loop asks again at once when it ends. */
 const FOLLOW_WAIT_MS = 30_000;
-
-interface CommonOptions {
-  runDir?: string;
-  json?: boolean;
-}
 
 function describeSnapshot(s: SnapshotInfo): string {
   const limit = s.storage.limitBytes !== null ? ` of ${formatBytes(s.storage.limitBytes)}` : '';
@@ -41,30 +36,26 @@ function describeEvent(e: DaemonEvent): string {
 export function register(program: Command): void {
   const snapshot = program.command('snapshot').description('point-in-time snapshots of live devices, served as NBD images');
 
-  snapshot
+  clientOptions(snapshot
     .command('create <dev_name...>')
     .description('take one point in time across all the devices; prints the id and each image\'s export and NBD URI')
     .option('--storage <dir>', 'directory for the difference storage (default: under the state directory)')
     .option('--limit <size>', 'cap on the difference storage, e.g. 20G')
-    .option('--no-freeze', 'do not freeze the filesystems the daemon mounted around the barrier')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'machine-readable output')
-    .action(async (devices: string[], options: CommonOptions & { storage?: string; limit?: string; freeze: boolean }) => {
+    .option('--no-freeze', 'do not freeze the filesystems the daemon mounted around the barrier'))
+    .action(async (devices: string[], options: ClientOptions & { storage?: string; limit?: string; freeze: boolean }) => {
       const limitBytes = options.limit !== undefined ? parseBytes(options.limit, '--limit') : undefined;
       const info = await withClient(options.runDir, (c) => c.createSnapshot(devices, {
         ...(options.storage !== undefined ? { storageDir: options.storage } : {}),
         ...(limitBytes !== undefined ? { limitBytes } : {}),
         freeze: options.freeze,
       }));
-      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : describeSnapshot(info));
+      printResult(options, info, describeSnapshot);
     });
 
-  snapshot
+  clientOptions(snapshot
     .command('list')
-    .description('the snapshots, oldest first')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'machine-readable output')
-    .action(async (options: CommonOptions) => {
+    .description('the snapshots, oldest first'))
+    .action(async (options: ClientOptions) => {
       const snapshots = await withClient(options.runDir, (c) => c.listSnapshots());
       if (options.json) {
         process.stdout.write(`${JSON.stringify({ snapshots })}\n`);
@@ -78,49 +69,41 @@ export function register(program: Command): void {
       process.stdout.write(`${formatTable(['ID', 'STATE', 'TAKEN', 'STORAGE', 'DEVICES'], rows)}\n`);
     });
 
-  snapshot
+  clientOptions(snapshot
     .command('info <id>')
-    .description('one snapshot: state, storage, images')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'machine-readable output')
-    .action(async (id: string, options: CommonOptions) => {
+    .description('one snapshot: state, storage, images'))
+    .action(async (id: string, options: ClientOptions) => {
       const info = await withClient(options.runDir, (c) => c.snapshotInfo(id));
-      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : describeSnapshot(info));
+      printResult(options, info, describeSnapshot);
     });
 
-  snapshot
+  clientOptions(snapshot
     .command('extend <id>')
     .description('raise the storage limit or add a storage directory on another filesystem, while writes go on')
     .option('--limit <size>', 'the new cap, e.g. 40G')
-    .option('--storage <dir>', 'another directory for the difference storage')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'machine-readable output')
-    .action(async (id: string, options: CommonOptions & { storage?: string; limit?: string }) => {
+    .option('--storage <dir>', 'another directory for the difference storage'))
+    .action(async (id: string, options: ClientOptions & { storage?: string; limit?: string }) => {
       const limitBytes = options.limit !== undefined ? parseBytes(options.limit, '--limit') : undefined;
       const info = await withClient(options.runDir, (c) => c.extendSnapshot(id, {
         ...(limitBytes !== undefined ? { limitBytes } : {}),
         ...(options.storage !== undefined ? { storageDir: options.storage } : {}),
       }));
-      process.stdout.write(options.json ? `${JSON.stringify(info)}\n` : describeSnapshot(info));
+      printResult(options, info, describeSnapshot);
     });
 
-  snapshot
+  clientOptions(snapshot
     .command('destroy <id>')
-    .description('remove a snapshot: its storage and its image exports')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'machine-readable output')
-    .action(async (id: string, options: CommonOptions) => {
+    .description('remove a snapshot: its storage and its image exports'))
+    .action(async (id: string, options: ClientOptions) => {
       const result = await withClient(options.runDir, (c) => c.destroySnapshot(id));
-      process.stdout.write(options.json ? `${JSON.stringify(result)}\n` : `destroyed snapshot ${result.id}\n`);
+      printResult(options, result, (r) => `destroyed snapshot ${r.id}\n`);
     });
 
-  program
+  clientOptions(program
     .command('events')
     .description('the daemon\'s events: sessions, snapshots, low space, overflow, change-map resets')
-    .option('--follow', 'keep printing events as they happen')
-    .option('--run-dir <dir>', RUN_DIR_HELP)
-    .option('--json', 'one JSON object per line')
-    .action(async (options: CommonOptions & { follow?: boolean }) => {
+    .option('--follow', 'keep printing events as they happen'), 'one JSON object per line')
+    .action(async (options: ClientOptions & { follow?: boolean }) => {
       const print = (e: DaemonEvent): void => {
         process.stdout.write(options.json ? `${JSON.stringify(e)}\n` : describeEvent(e));
       };

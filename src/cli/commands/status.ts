@@ -2,6 +2,7 @@
 
 import type { Command } from 'commander';
 import { withClient } from '../../service/client.js';
+import { RUN_DIR_HELP } from './client-options.js';
 
 interface JsonOptions {
   json?: boolean;
@@ -31,7 +32,7 @@ export function register(program: Command): void {
     .command('status')
     .description('registered devices: active, attached, mount point, current session, bytes preserved')
     .option('--json', 'machine-readable output')
-    .option('--run-dir <dir>', 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
     .action(async (options: JsonOptions) => {
       const status = await withClient(options.runDir, (c) => c.status());
       if (options.json) {
@@ -58,7 +59,7 @@ export function register(program: Command): void {
     .command('list [dev_name]')
     .description('session directories with device, times, state and size')
     .option('--json', 'machine-readable output')
-    .option('--run-dir <dir>', 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
     .action(async (device: string | undefined, options: JsonOptions) => {
       const result = await withClient(options.runDir, (c) => c.list(device));
       if (options.json) {
