@@ -35,6 +35,7 @@ class GatedDevice implements BlockDevice {
   #gate: Promise<void> | undefined;
   #openGate: (() => void) | undefined;
   #pauseRead: Promise<void> | undefined;
+  #pauseExtents: Promise<void> | undefined;
   extentFlags = 0;
 
   constructor(inner: FileDevice) {
@@ -88,8 +89,19 @@ class GatedDevice implements BlockDevice {
     return this.#inner.cache(offsetBytes, lengthBytes);
   }
 
+  /** The next extents() answers (with the flags of the moment it was asked) when the returned function is called. */
+  pauseNextExtents(): () => void {
+    let go!: () => void;
+    this.#pauseExtents = new Promise((resolve) => (go = resolve));
+    return go;
+  }
+
   async extents(_offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    return [{ length: lengthBytes, flags: this.extentFlags }];
+    const flags = this.extentFlags;
+    const pause = this.#pauseExtents;
+    this.#pauseExtents = undefined;
+    if (pause) await pause;
+    return [{ length: lengthBytes, flags }];
   }
 
   close(): Promise<void> {
@@ -273,6 +285,27 @@ test('image extents: preserved chunks are data, the rest is what the device says
     { length: 2 * CHUNK, flags: EXTENT_HOLE | EXTENT_ZERO },
   ]);
   assert.deepEqual(await image.extents(2 * CHUNK + 100, 10), [{ length: 10, flags: 0 }]);
+});
+
+test('image extents err towards data: a chunk copied while the device was asked is data, not the device\'s hole', { timeout: 20_000 }, async (t) => {
+  const { dir, dev } = await setup(t);
+  const gated = new GatedDevice(dev);
+  gated.extentFlags = EXTENT_HOLE | EXTENT_ZERO;
+  const layer = new SnapshotLayer(gated, { chunkSize: CHUNK });
+  const image = await take(layer, await newStorage(t, dir, 'ext-race'));
+  // The device is asked about chunks 0-3 (all a hole then); before it answers, chunk 1 is
+  // copied and written: the image's chunk 1 now lives in the storage, and a backup that
+  // skipped it as zeroes would lose it.
+  const go = gated.pauseNextExtents();
+  const asking = image.extents(0, 4 * CHUNK);
+  await layer.write(Buffer.alloc(100, 0x42), CHUNK + 10);
+  go();
+  const extents = await asking;
+  assert.equal(extents.reduce((n, e) => n + e.length, 0), 4 * CHUNK);
+  for (let at = 0, i = 0; i < extents.length; at += extents[i]!.length, i++) {
+    const e = extents[i]!;
+    if (at < 2 * CHUNK && at + e.length > CHUNK) assert.equal(e.flags & EXTENT_ZERO, 0, `chunk 1 reported as zeroes: ${JSON.stringify(extents)}`);
+  }
 });
 
 test('with no points, writes go straight to the device; close() does not close the base', { timeout: 20_000 }, async (t) => {
