@@ -48,6 +48,7 @@ export class PiecePool {
   readonly #waiting = new Map<number, Waiter>();
   #nextId = 1;
   #failure: Error | undefined;
+  #inline = 0;
 
   constructor(size = Math.max(1, Math.min(2, availableParallelism()))) {
     for (let i = 0; i < size; i++) {
@@ -92,11 +93,21 @@ export class PiecePool {
     if ('error' in r || r.op !== 'place') throw new BdsnapError('EIO', 'unexpected worker answer');
   }
 
-  #run(body: TaskBody, transfer: ArrayBuffer[]): Promise<PieceResult> {
-    if (this.#failure) return Promise.reject(this.#failure);
+  /** Tasks run on the calling thread because no worker was ready yet. */
+  get tasksRunInline(): number {
+    return this.#inline;
+  }
+
+  async #run(body: TaskBody, transfer: ArrayBuffer[]): Promise<PieceResult> {
+    // Before working inline, give the event loop a turn to deliver a worker's 'ready': a caller
+    // whose own work is all synchronous (a restore's 'place' tasks) would otherwise never see
+    // it and do every task on this thread, leaving the workers idle.
+    if (!this.#anyReady) await new Promise((resolve) => setImmediate(resolve));
+    if (this.#failure) throw this.#failure;
     const id = this.#nextId++;
     const task = { id, ...body } as PieceTask;
     if (!this.#anyReady) {
+      this.#inline++;
       const r = runTask(task);
       return 'error' in r ? Promise.reject(new BdsnapError(r.error.code as ErrorCode, r.error.message)) : Promise.resolve(r);
     }

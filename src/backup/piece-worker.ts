@@ -12,7 +12,7 @@
 import fs from 'node:fs';
 import { parentPort } from 'node:worker_threads';
 import { BdsnapError } from '../errors.js';
-import { decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
+import { PIECE_HEADER_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
 
 export type PieceTask =
   | { id: number; op: 'encode'; raw: Uint8Array; codec: Codec }
@@ -60,19 +60,42 @@ export function runTask(task: PieceTask): PieceResult {
 const MAX_KEPT = 32;
 const kept = new Map<string, Buffer>();
 
+/** One read buffer per worker, grown as needed: a fresh buffer per piece costs more than the read. */
+let readBuffer = Buffer.alloc(0);
+/** A stored piece is its header, an LZ4 size prefix at most, and no more than its raw bytes. */
+const STORED_SLACK_BYTES = PIECE_HEADER_BYTES + 4;
+
+/** The stored bytes of a piece file, in `readBuffer` (valid until the next call). */
+function readPieceFile(file: string, hash: string, rawBytes: number): Buffer {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new BdsnapError('ECORRUPT', `piece ${hash} is missing`);
+    throw new BdsnapError('EIO', `cannot read piece ${hash}: ${(err as Error).message}`);
+  }
+  try {
+    // One byte more than the largest valid piece file, to tell a longer file from a full read.
+    const room = rawBytes + STORED_SLACK_BYTES + 1;
+    if (readBuffer.length < room) readBuffer = Buffer.allocUnsafe(room);
+    let got = 0;
+    for (let n = -1; n !== 0 && got < room; got += n) n = fs.readSync(fd, readBuffer, got, room - got, got);
+    if (got === room) throw new BdsnapError('ECORRUPT', `piece ${hash} is damaged: its file is longer than a piece of ${rawBytes} bytes can be`);
+    return readBuffer.subarray(0, got);
+  } catch (err) {
+    if (err instanceof BdsnapError) throw err;
+    throw new BdsnapError('EIO', `cannot read piece ${hash}: ${(err as Error).message}`);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 function place(task: Extract<PieceTask, { op: 'place' }>): void {
   let raw = kept.get(task.hash);
   if (!raw) {
-    let stored: Buffer;
-    try {
-      stored = fs.readFileSync(task.file);
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT') throw new BdsnapError('ECORRUPT', `piece ${task.hash} is missing`);
-      throw new BdsnapError('EIO', `cannot read piece ${task.hash}: ${(err as Error).message}`);
-    }
-    raw = decodePiece(stored, task.hash);
-    if (task.keep && kept.size < MAX_KEPT) kept.set(task.hash, raw);
+    raw = decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash);
+    // A raw piece is a view of the read buffer: keep a copy of it.
+    if (task.keep && kept.size < MAX_KEPT) kept.set(task.hash, raw.buffer === readBuffer.buffer ? Buffer.from(raw) : raw);
   } else if (!task.keep) {
     kept.delete(task.hash);
   }

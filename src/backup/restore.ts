@@ -23,6 +23,10 @@ import { runLimited } from './run-limited.js';
 
 /** Decoded pieces kept for later slots at most (of the piece size each). */
 const MAX_CACHED_PIECES = 32;
+/** Pieces being read, decoded or written at once. */
+const PIECES_IN_FLIGHT = 8;
+/** Written bytes handed to writeback at a time (see startWriteback). */
+const WRITEBACK_WINDOW_BYTES = 16 * 1024 * 1024;
 
 export interface RestoreOptions {
   /** Write a new file here instead of the device. */
@@ -88,7 +92,8 @@ export async function restoreBackup(repo: Repository, id: string, device: string
     throw new BdsnapError(e.code, `restore of ${target} from backup ${id} stopped at ${at}: ${e.message}`, { cause: err });
   };
   try {
-    await runLimited(toWrite, 8, async (i) => {
+    let hintedTo = 0;
+    await runLimited(toWrite, PIECES_IN_FLIGHT, async (i) => {
       options.signal?.throwIfAborted();
       const hash = slots[i]!;
       const length = Math.min(P, entry.sizeBytes - i * P);
@@ -107,6 +112,14 @@ export async function restoreBackup(repo: Repository, id: string, device: string
       }
       writtenBytes += length;
       options.progress?.advance(length);
+      // Slots are handed out in order: once slot i is done, those a full round of tasks
+      // before it are written too (but for a straggler, which the final flush still covers).
+      // Start writing them back a window at a time, so the final flush has less left to do.
+      const behind = Math.max(0, i - PIECES_IN_FLIGHT) * P;
+      if (behind - hintedTo >= WRITEBACK_WINDOW_BYTES) {
+        file.startWriteback(hintedTo, behind - hintedTo);
+        hintedTo = behind;
+      }
     });
     await file.flush();
   } finally {

@@ -101,6 +101,12 @@ export interface BlockDevice {
    * instead. A layer offers it only where its reads are the reads of the device below.
    */
   cloneRangeTo?(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<CloneResult>;
+  /**
+   * Optional hint: start writing back what was written to the range, without waiting, so that
+   * the next flush has less left to do. A long sequential writer (a restore) calls it behind
+   * its writes; it promises nothing about durability.
+   */
+  startWriteback?(offsetBytes: number, lengthBytes: number): void;
 }
 
 export type { CloneResult };

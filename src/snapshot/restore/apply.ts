@@ -50,6 +50,8 @@ export async function applyPlan(device: BlockDevice, plan: RestorePlan, onProgre
         }
       }
       await device.write(buf, start);
+      // Start writing the run back now, so the final flush does not wait for all of it.
+      device.startWriteback?.(start, runBytes);
       doneBytes += runBytes;
       onProgress?.(doneBytes, totalBytes);
     }
