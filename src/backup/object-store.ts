@@ -11,8 +11,9 @@
  * LocalDirStore: an object is a file at `<root>/<name>`. `put` writes a temp file in the
  * target's directory (a name starting with '.', which `list` never shows), fsyncs it, renames
  * it into place and fsyncs the directory, so a crash leaves either no object or the whole one.
- * `stage` writes the temp file only; `commit` then syncs the staged files together, renames
- * them and syncs their directories together. A file is renamed only once its data is durable,
+ * `stage` writes the temp file only; staged files are then published in batches, in the
+ * background as they accumulate and the rest at `commit`: a batch's files are synced together,
+ * renamed, and their directories synced together. A file is renamed only once its data is durable,
  * so a name in the store always holds the whole object, whenever the machine stops; and the
  * syncs of many objects share the disk's cache flushes instead of paying two each (measured:
  * about 1.5 ms per piece here).
@@ -21,6 +22,7 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { runLimited } from './run-limited.js';
 
@@ -104,17 +106,23 @@ function unwritten(buffers: readonly Buffer[], written: number): Buffer[] {
   return rest;
 }
 
-function writeAllSync(fd: number, buffers: readonly Buffer[]): void {
-  for (let pending = buffers.filter((b) => b.length > 0); pending.length > 0;) pending = unwritten(pending, fs.writevSync(fd, pending));
+const openFd = promisify(fs.open);
+const writevFd = promisify(fs.writev);
+const closeFd = promisify(fs.close);
+
+async function writeAll(fd: number, buffers: readonly Buffer[]): Promise<void> {
+  for (let pending = buffers.filter((b) => b.length > 0); pending.length > 0;) pending = unwritten(pending, (await writevFd(fd, pending)).bytesWritten);
 }
 
 /**
- * Staged objects that make one commit at most, so a long backup commits as it goes. Pieces
- * spread over 256 directories, and a commit syncs each directory it touched once: larger
- * batches share more of those syncs (1,024 pieces of 256 KiB: at most 256 directory syncs for
- * 256 MiB).
+ * Staged objects are published in the background in batches of this many, so that their syncs
+ * (mostly waiting for the disk) overlap the writes that follow, and a commit finds at most one
+ * batch left. Pieces spread over 256 directories, and a batch syncs each directory it touched
+ * once: larger batches share more of those syncs.
  */
-const STAGE_BATCH = 1024;
+const STAGE_BATCH = 128;
+/** Background publishes at once at most; a stage waits for one to finish beyond that. */
+const PUBLISHING_MAX = 2;
 /** Files synced or renamed at once by a commit. */
 const COMMIT_CONCURRENCY = 32;
 
@@ -130,6 +138,9 @@ export class LocalDirStore implements ObjectStore {
   /** Directories known to exist, so a put does not mkdir every time. */
   readonly #dirs = new Set<string>();
   #staged: Staged[] = [];
+  /** Batches being published in the background, and the first error one of them met. */
+  readonly #publishing = new Set<Promise<void>>();
+  #publishFailure: { err: unknown } | undefined;
   /** Staged temp files are named by this random tag and a counter. */
   readonly #tempTag = `${randomBytes(4).toString('hex')}-`;
   #tempCount = 0;
@@ -146,19 +157,40 @@ export class LocalDirStore implements ObjectStore {
 
   async put(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
     const target = this.#path(name);
-    await this.#publish([{ tmp: this.#writeTemp(name, target, data), target, name }], name);
+    await this.#publish([{ tmp: await this.#writeTemp(name, target, data), target, name }], name);
   }
 
   async stage(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
+    this.#throwPublishFailure();
     const target = this.#path(name);
-    this.#staged.push({ tmp: this.#writeTemp(name, target, data), target, name });
-    if (this.#staged.length >= STAGE_BATCH) await this.commit();
+    this.#staged.push({ tmp: await this.#writeTemp(name, target, data), target, name });
+    if (this.#staged.length >= STAGE_BATCH) this.#publishStaged();
+    while (this.#publishing.size > PUBLISHING_MAX) await Promise.race(this.#publishing);
   }
 
   async commit(): Promise<void> {
+    this.#publishStaged();
+    while (this.#publishing.size > 0) await Promise.all(this.#publishing);
+    this.#throwPublishFailure();
+  }
+
+  /** Publish what is staged, in the background; commit() and the next stage() report a failure. */
+  #publishStaged(): void {
     const batch = this.#staged;
     this.#staged = [];
-    if (batch.length > 0) await this.#publish(batch, `${batch.length} staged objects`);
+    if (batch.length === 0) return;
+    const publishing: Promise<void> = this.#publish(batch, `${batch.length} staged objects`)
+      .catch((err: unknown) => {
+        this.#publishFailure ??= { err };
+      })
+      .finally(() => this.#publishing.delete(publishing));
+    this.#publishing.add(publishing);
+  }
+
+  #throwPublishFailure(): void {
+    const failure = this.#publishFailure;
+    this.#publishFailure = undefined;
+    if (failure) throw failure.err;
   }
 
   /**
@@ -184,6 +216,10 @@ export class LocalDirStore implements ObjectStore {
   }
 
   async discard(): Promise<void> {
+    // A batch being published either becomes objects (unused ones, which prune removes) or is
+    // removed by #publish itself; its error was the caller's to see.
+    await Promise.allSettled(this.#publishing);
+    this.#publishFailure = undefined;
     const batch = this.#staged;
     this.#staged = [];
     await Promise.all(batch.map((s) => fs.promises.rm(s.tmp, { force: true }).catch(() => undefined)));
@@ -191,26 +227,28 @@ export class LocalDirStore implements ObjectStore {
 
   /**
    * Write `data` to a new temp file beside `target` (not synced: #publish does that) and return
-   * its path. Done synchronously: the bytes only go to the page cache, which costs less on the
-   * event loop than the three thread-pool round trips of open, write and close (measured: about
-   * a third less CPU per piece of a backup).
+   * its path. On the thread pool, not the event loop: creating a file can wait for the disk
+   * (ext4 spreads new directories over block groups, whose bitmaps may have to be read; a
+   * commit's syncs hold the journal), which cost a full backup's main thread 0.4 ms per piece
+   * when done synchronously, against about 0.1 ms of round trips.
    */
-  #writeTemp(name: string, target: string, data: Buffer | readonly Buffer[]): string {
+  async #writeTemp(name: string, target: string, data: Buffer | readonly Buffer[]): Promise<string> {
     const dir = path.dirname(target);
     const tmp = path.join(dir, `${TEMP_PREFIX}${path.basename(target)}.${this.#tempTag}${(this.#tempCount++).toString(36)}`);
     let fd: number | undefined;
     try {
       if (!this.#dirs.has(dir)) {
-        fs.mkdirSync(dir, { recursive: true });
+        await fs.promises.mkdir(dir, { recursive: true });
         this.#dirs.add(dir);
       }
-      fd = fs.openSync(tmp, 'wx', 0o600);
-      writeAllSync(fd, Buffer.isBuffer(data) ? [data] : data);
-      fs.closeSync(fd);
+      fd = await openFd(tmp, 'wx', 0o600);
+      await writeAll(fd, Buffer.isBuffer(data) ? [data] : data);
+      const closing = fd;
       fd = undefined;
+      await closeFd(closing);
     } catch (err) {
-      if (fd !== undefined) fs.closeSync(fd);
-      fs.rmSync(tmp, { force: true });
+      if (fd !== undefined) await closeFd(fd).catch(() => undefined);
+      await fs.promises.rm(tmp, { force: true });
       throw this.#writeError(name, err);
     }
     return tmp;

@@ -1,0 +1,56 @@
+/** LocalDirStore's staged writes: published in batches in the background, failures reported. */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { LocalDirStore } from '../../src/backup/object-store.js';
+import { makeTempDir } from '../helpers/files.js';
+
+/** Temp files (names starting with '.') anywhere under `dir`. */
+function tempFiles(dir: string): string[] {
+  return fs.readdirSync(dir, { recursive: true, withFileTypes: true }).filter((e) => e.isFile() && e.name.startsWith('.')).map((e) => path.join(e.parentPath, e.name));
+}
+
+const name = (i: number): string => `pieces/${(i % 7).toString(16).padStart(2, '0')}/object-${i}`;
+
+test('staged objects: many batches, all whole after commit, no temp file left', { timeout: 30_000 }, async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-store-');
+  const store = new LocalDirStore(dir);
+  const count = 700;
+  for (let i = 0; i < count; i++) await store.stage(name(i), [Buffer.from(`head ${i} `), Buffer.alloc(100 + i, i & 255)]);
+  await store.commit();
+  assert.deepEqual(tempFiles(dir), []);
+  const names = new Set(await store.names('pieces/'));
+  assert.equal(names.size, count);
+  for (const i of [0, 1, 127, 128, 129, 555, count - 1]) {
+    assert.ok(names.has(name(i)));
+    assert.deepEqual(await store.get(name(i)), Buffer.concat([Buffer.from(`head ${i} `), Buffer.alloc(100 + i, i & 255)]));
+  }
+});
+
+test('a batch that fails to publish in the background fails the next stage or the commit, and discard leaves no temp file', { timeout: 30_000 }, async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-store-');
+  const store = new LocalDirStore(dir);
+  let i = 0;
+  // Stage until a temp file exists, then remove one: the batch holding it cannot be published.
+  await store.stage(name(i++), Buffer.from('first'));
+  const victim = tempFiles(dir)[0];
+  assert.ok(victim !== undefined, 'a staged object is a temp file until published');
+  fs.rmSync(victim);
+  let failure: unknown;
+  try {
+    for (; i < 2000; i++) await store.stage(name(i), Buffer.from(`object ${i}`));
+    await store.commit();
+  } catch (err) {
+    failure = err;
+  }
+  assert.ok(failure instanceof Error, 'staging went on, and the commit succeeded, although a staged file was gone');
+  assert.equal((failure as NodeJS.ErrnoException).code, 'ENOENT');
+  await store.discard();
+  assert.deepEqual(tempFiles(dir), [], 'the failed batch and what was staged after it are removed');
+  // What failed was reported once: the store works again.
+  await store.stage(name(5000), Buffer.from('after'));
+  await store.commit();
+  assert.deepEqual(await store.get(name(5000)), Buffer.from('after'));
+});
