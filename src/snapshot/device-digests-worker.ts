@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { preadFullySync } from '../host/fd-io.js';
-import { DIGEST_BYTES, chunkDigest, type DigestAlgorithm } from './format.js';
+import { DIGEST_BYTES, chunkDigest, type DigestAlgorithm } from './chunk-digest.js';
 import { chunkRuns } from './chunk-runs.js';
 
 export interface DigestWorkerData {
