@@ -52,11 +52,20 @@ export interface Libc {
    * ignored (false), since the fdatasync that follows reports any real error.
    */
   startWriteback(fd: number, offsetBytes: number, lengthBytes: number): boolean;
+  /**
+   * setsockopt(fd, SOL_SOCKET, SO_SNDBUF, bytes): ask for a larger send buffer (the kernel
+   * caps it at net.core.wmem_max). False when the call fails; the socket keeps its default.
+   */
+  setSendBuffer(fd: number, bytes: number): boolean;
 }
 
 export type CloneResult = 'cloned' | 'unsupported';
 
 const SOL_SOCKET = 1;
+/** SO_SNDBUF is 7 on the generic socket ABI; 0x1001 on mips. */
+const SO_SNDBUF_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
+  x64: 7, ia32: 7, arm: 7, arm64: 7, riscv64: 7, loong64: 7, s390x: 7, ppc: 7, ppc64: 7, mips: 0x1001, mipsel: 0x1001,
+};
 /** SO_PEERCRED is 17 on the generic socket ABI (x86, arm, arm64, riscv); 21 on powerpc; 18 on mips. */
 const SO_PEERCRED_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
   x64: 17, ia32: 17, arm: 17, arm64: 17, riscv64: 17, loong64: 17, s390x: 17, ppc: 21, ppc64: 21, mips: 18, mipsel: 18,
@@ -98,6 +107,8 @@ function bind(): { libc: Libc | undefined; reason: string } {
     const lib = koffi.load(null);
     const getsockopt = lib.func('int getsockopt(int fd, int level, int optname, _Out_ uint8_t *optval, _Inout_ uint32_t *optlen)');
     const lseek = lib.func('int64_t lseek(int fd, int64_t offset, int whence)');
+    const setsockopt = lib.func('int setsockopt(int fd, int level, int optname, _In_ uint8_t *optval, uint32_t optlen)');
+    const soSndBuf = SO_SNDBUF_BY_ARCH[process.arch];
     const syncFileRange = lib.func('int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)');
     const libc: Libc = {
       peerCred(fd: number): PeerCred {
@@ -119,6 +130,12 @@ function bind(): { libc: Libc | undefined; reason: string } {
         throw Object.assign(new Error(`lseek(SEEK_${whence.toUpperCase()}) on descriptor ${fd} at ${offset} failed (errno ${errno})`), { errno });
       },
       cloneRange: bindCloneRange(koffi, lib),
+      setSendBuffer(fd: number, bytes: number): boolean {
+        if (soSndBuf === undefined) return false;
+        const value = Buffer.alloc(4);
+        value.writeInt32LE(bytes);
+        return (setsockopt(fd, SOL_SOCKET, soSndBuf, value, 4) as number) === 0;
+      },
       startWriteback(fd: number, offsetBytes: number, lengthBytes: number): boolean {
         return lengthBytes > 0 && (syncFileRange(fd, offsetBytes, lengthBytes, SYNC_FILE_RANGE_WRITE) as number) === 0;
       },

@@ -14,6 +14,7 @@ import { listenServer, listenUnixSocket } from '../unix-socket.js';
 import type { ExportProvider } from './exports.js';
 import { ServerConnection, type LogFn } from './server-connection.js';
 import { BufferPool } from '../device/buffer-pool.js';
+import { loadLibc } from '../host/libc.js';
 
 export interface NbdServerOptions {
   exports: ExportProvider;
@@ -27,6 +28,14 @@ const DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
 const SOCKET_HIGH_WATER_MARK_BYTES = 4 * 1024 * 1024;
 /** Per-connection receive buffer, reused for every read from the socket. */
 const READ_BUFFER_BYTES = 256 * 1024;
+/**
+ * Send buffer asked for on unix-socket connections. With the default (208 KiB) a 1 MiB read
+ * reply leaves in five or more writes, each waiting for the client to drain the last; with
+ * 4 MiB it leaves in one (measured: fio's sequential 1 MiB reads at depth 4 went from about
+ * 2,700 to 4,000-4,300 MB/s). The kernel caps it at net.core.wmem_max. TCP keeps the
+ * kernel's autotuning.
+ */
+const UNIX_SEND_BUFFER_BYTES = 4 * 1024 * 1024;
 
 export class NbdServer {
   #exports: ExportProvider;
@@ -58,7 +67,7 @@ export class NbdServer {
   async listenUnix(path: string): Promise<void> {
     const dir = nodePath.dirname(path);
     if (!fs.existsSync(dir)) throw new BdsnapError('ENOENT', `cannot listen on ${path}: the directory ${dir} does not exist`);
-    const server = this.#createServer();
+    const server = this.#createServer(true);
     await listenUnixSocket(server, path);
     this.#log?.({ event: 'listening', unix: path });
   }
@@ -66,7 +75,7 @@ export class NbdServer {
   /** Listen on TCP (port 0 picks a free port). Resolves with the port bound. */
   async listenTcp(host: string, port: number): Promise<{ port: number }> {
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new BdsnapError('EINVAL', `bad TCP port ${port}`);
-    const server = this.#createServer();
+    const server = this.#createServer(false);
     await listenServer(server, () => server.listen(port, host));
     const address = server.address() as net.AddressInfo;
     this.#log?.({ event: 'listening', host, port: address.port });
@@ -81,20 +90,25 @@ export class NbdServer {
     await Promise.all(stopped);
   }
 
-  #createServer(): net.Server {
+  #createServer(unix: boolean): net.Server {
     if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the NBD server is closing');
     const server = net.createServer({
       allowHalfOpen: true, noDelay: true, pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
-    }, (socket) => this.#accept(socket));
+    }, (socket) => this.#accept(socket, unix));
     server.on('error', (err) => this.#log?.({ event: 'listener-error', error: err.message }));
     this.#listeners.push(server);
     return server;
   }
 
-  #accept(socket: net.Socket): void {
+  #accept(socket: net.Socket, unix: boolean): void {
     if (this.#closing) {
       socket.destroy();
       return;
+    }
+    if (unix) {
+      const fd = (socket as SocketInternals & { _handle?: { fd?: unknown } | null })._handle?.fd;
+      // A hint: where it cannot be set (no libc binding), the connection works as before.
+      if (typeof fd === 'number' && fd >= 0) loadLibc()?.setSendBuffer(fd, UNIX_SEND_BUFFER_BYTES);
     }
     const id = this.#nextConnectionId++;
     this.#log?.({ event: 'connection-opened', connection: id, remote: socket.remoteAddress ?? 'unix' });

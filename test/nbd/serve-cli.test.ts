@@ -11,6 +11,7 @@ import { tempDir, type TestContext } from './helpers.js';
 import { needs } from '../helpers/needs.js';
 import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
 import { makeImage } from '../helpers/files.js';
+import { startServer } from '../helpers/server.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -116,4 +117,23 @@ test('bdsnap serve: bad arguments give one clear line and a non-zero exit', asyn
   const badListen = startServe(t, ['--listen', 'nowhere:99999', 'x.img'], dir);
   assert.equal(await badListen.exited, 1);
   assert.match(badListen.stderr(), /^bdsnap: bad --listen "nowhere:99999"/);
+});
+
+test('bdsnap serve: a unix-socket connection gets the larger send buffer, so a 1 MiB reply leaves in one write', { timeout: 30_000 }, async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 4 << 20, 'blocks');
+  const server = await startServer(t, { kind: 'bdsnap', images: [image] });
+  const client = await NbdClient.connect({ socketPath: server.socketPath, exportName: fs.realpathSync(image) });
+  t.after(() => client.close());
+  await client.read(Buffer.alloc(1 << 20), 0);
+  // The kernel doubles what setsockopt asks for, within net.core.wmem_max.
+  const wmemMax = Number(fs.readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
+  const expected = 2 * Math.min(4 << 20, wmemMax);
+  const { stdout } = await promisify(execFile)('ss', ['-xmpH']);
+  // One socket per line (some versions put skmem on an indented continuation line).
+  const serverSockets = stdout.replace(/\n\s+/g, ' ').split('\n').filter((line) => line.includes(`pid=${server.pid},`) && /\bESTAB\b/.test(line));
+  const sizes = serverSockets.map((line) => Number(/tb(\d+)/.exec(line)?.[1]));
+  assert.ok(sizes.length >= 1, `no connected socket of the server (pid ${server.pid}) in ss -xmp:\n${stdout}`);
+  assert.ok(sizes.includes(expected), `the server's connection has send buffers ${sizes.join(', ')}, expected ${expected}`);
 });
