@@ -106,6 +106,27 @@ export class RequestDecoder {
     if (this.#transient) this.#queue.detach();
   }
 
+  /**
+   * Where the next received bytes may go directly: the unfilled rest of a WRITE payload being
+   * received (nothing is queued then: filling the payload took all of it). Undefined otherwise.
+   * A socket that reads into it calls placed() with the count, and saves copying the payload
+   * out of its read buffer.
+   */
+  payloadTarget(): Buffer | undefined {
+    const p = this.#partial;
+    if (p === undefined || p.message.kind !== 'request' || this.#queue.length > 0) return undefined;
+    return p.buffer.subarray(p.filledBytes);
+  }
+
+  /** `n` bytes were received straight into the last payloadTarget(). */
+  placed(n: number): void {
+    const p = this.#partial;
+    if (p === undefined || this.#queue.length > 0 || !(n >= 0 && n <= p.buffer.length - p.filledBytes)) {
+      throw new Error(`placed(${n}) does not fit the payload being received`);
+    }
+    p.filledBytes += n;
+  }
+
   /** Append `chunk` and decode every complete message. */
   push(chunk: Buffer): ClientMessage[] {
     this.append(chunk);

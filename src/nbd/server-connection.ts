@@ -151,6 +151,22 @@ export class ServerConnection {
     this.#decoder.detach();
   }
 
+  /**
+   * Where the socket may read next instead of its shared buffer: the rest of a WRITE payload
+   * being received (see RequestDecoder.payloadTarget), or undefined.
+   */
+  readTarget(): Buffer | undefined {
+    if (this.#state !== 'handshake' && this.#state !== 'transmission') return undefined;
+    return this.#decoder.payloadTarget();
+  }
+
+  /** `n` bytes were read straight into the last readTarget(). */
+  receivePlaced(n: number): void {
+    if (this.#state !== 'handshake' && this.#state !== 'transmission') return;
+    this.#decoder.placed(n);
+    this.#pump();
+  }
+
   /** Resolves once the socket is closed and the export handle released. */
   get closed(): Promise<void> {
     return this.#closedPromise;

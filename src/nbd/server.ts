@@ -114,7 +114,11 @@ export class NbdServer {
     this.#log?.({ event: 'connection-opened', connection: id, remote: socket.remoteAddress ?? 'unix' });
     const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
     let connection: ServerConnection | undefined;
-    const reader = adoptWithReadBuffer(socket, readBuffer, (n) => connection?.receive(readBuffer.subarray(0, n)));
+    const reader = adoptWithReadBuffer(socket, readBuffer, {
+      target: () => connection?.readTarget(),
+      received: (n) => connection?.receive(readBuffer.subarray(0, n)),
+      placed: (n) => connection?.receivePlaced(n),
+    });
     if (reader) {
       connection = new ServerConnection(id, reader, this.#exports, this.#maxInFlightBytes, this.#pool, this.#log, true);
     } else {
@@ -128,14 +132,22 @@ export class NbdServer {
 
 type SocketInternals = net.Socket & { _handle?: object | null };
 
+/** Where an adopted socket reads: `target()` if it gives a buffer (then `placed`), else the shared buffer (then `received`). */
+interface ReadSink {
+  target(): Buffer | undefined;
+  received(n: number): void;
+  placed(n: number): void;
+}
+
 /**
  * Move an accepted (paused) socket's handle into a socket that reads into one reused buffer
  * (`onread`), which net.Server cannot do itself. Reading into fresh 64 KiB buffers, a 1 MiB
  * write would cost sixteen allocations of external memory and the garbage collections they
- * trigger. Relies on the long-stable `_handle` field; returns undefined (and leaves the
+ * trigger. While a WRITE payload is being received, reads go straight into it instead, which
+ * saves copying it out of the shared buffer. Relies on the long-stable `_handle` field; returns undefined (and leaves the
  * socket alone) where it is missing, and the caller reads the ordinary way.
  */
-function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, onRead: (n: number) => void): net.Socket | undefined {
+function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, reads: ReadSink): net.Socket | undefined {
   const original = socket as SocketInternals;
   const handle = original._handle;
   if (!handle || process.env.BDSNAP_NBD_PLAIN_READS) return undefined;
@@ -146,7 +158,14 @@ function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, onRead: (n: num
     readable: true,
     writable: true,
     writableHighWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
-    onread: { buffer, callback: (n: number) => { onRead(n); } },
+    onread: {
+      // Asked before every read: a WRITE payload being received takes the bytes directly.
+      buffer: () => reads.target() ?? buffer,
+      callback: (n: number, into: Uint8Array) => {
+        if (into === buffer) reads.received(n);
+        else reads.placed(n);
+      },
+    },
   } as net.SocketConstructorOpts);
   adopted.setNoDelay(true);
   // The original still counts as the server's connection: end it with the adopted one.

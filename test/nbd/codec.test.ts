@@ -280,3 +280,46 @@ test('with transient chunks, decoded payloads survive the chunk being overwritte
     assert.deepEqual(normalize(out), expected, `chunks of ${size}`);
   }
 });
+
+test('a socket may read a WRITE payload straight into it (payloadTarget, placed), at any split', () => {
+  const stream = requestStream();
+  const expected = normalize(decodeClient([stream], 'transmission'));
+  for (const size of [1, 5, 28, 100, 4096]) {
+    const d = new RequestDecoder({ transientChunks: true });
+    d.setPhase('transmission');
+    const shared = Buffer.alloc(size);
+    const out: ClientMessage[] = [];
+    let placedBytes = 0;
+    for (let at = 0; at < stream.length;) {
+      // As a socket with onread asks before each read: into the payload if it may, else the shared buffer.
+      const target = d.payloadTarget();
+      if (target !== undefined) {
+        assert.equal(d.bufferedBytes, 0);
+        const n = stream.copy(target, 0, at, Math.min(at + size, at + target.length, stream.length));
+        d.placed(n);
+        placedBytes += n;
+        at += n;
+      } else {
+        const n = stream.copy(shared, 0, at, Math.min(at + size, stream.length));
+        d.append(shared.subarray(0, n));
+        at += n;
+      }
+      for (let m = d.next(); m; m = d.next()) out.push(m);
+      d.detach();
+      shared.fill(0xcc);
+    }
+    assert.deepEqual(normalize(out), expected, `reads of ${size}`);
+    if (size < 100) assert.ok(placedBytes > 0, `reads of ${size}: no payload byte was placed directly`);
+  }
+  // Nothing to place into outside a payload, and a count past the payload's end is refused.
+  const idle = new RequestDecoder();
+  idle.setPhase('transmission');
+  assert.equal(idle.payloadTarget(), undefined);
+  assert.throws(() => idle.placed(1), /does not fit/);
+  const d = new RequestDecoder();
+  d.setPhase('transmission');
+  d.append(encodeRequest(0, C.NBD_CMD_WRITE, 0, 9, 0, 16));
+  assert.equal(d.next(), undefined);
+  assert.equal(d.payloadTarget()?.length, 16);
+  assert.throws(() => d.placed(17), /does not fit/);
+});
