@@ -473,6 +473,16 @@ export class SequentialReader {
     this.#carry = Math.min(SCAN_CARRY_BYTES, fileBytes);
   }
 
+  /**
+   * The bytes at [pos, pos + len) when the window already holds them, else undefined (then
+   * `at`). Most records of a scan are in the window: this spares them a promise each.
+   */
+  held(pos: number, len: number): Buffer | undefined {
+    if (pos < this.#start || pos + len > this.#start + this.#filled) return undefined;
+    const from = this.#base + pos - this.#start;
+    return this.#buf.subarray(from, from + len);
+  }
+
   async at(pos: number, len: number): Promise<Buffer | undefined> {
     if (pos + len > this.#fileBytes) return undefined;
     if (pos < this.#start || pos + len > this.#start + this.#filled) await this.#slide(pos, len);
@@ -562,7 +572,7 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
       const bad = (reason: string): void => {
         tornReason = `${reason} at byte ${position} of ${where}`;
       };
-      const header = await reader.at(position, RECORD_HEADER_BYTES);
+      const header = reader.held(position, RECORD_HEADER_BYTES) ?? await reader.at(position, RECORD_HEADER_BYTES);
       if (header === undefined) {
         bad('truncated record header');
         break;
@@ -600,7 +610,7 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
         break;
       }
       const payloadPosition = position + h.payloadOffset;
-      const body = await reader.at(payloadPosition, h.payloadBytes);
+      const body = reader.held(payloadPosition, h.payloadBytes) ?? await reader.at(payloadPosition, h.payloadBytes);
       if (body === undefined) {
         bad('truncated record payload');
         break;
