@@ -7,6 +7,15 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { BdsnapError } from './errors.js';
 
+/**
+ * The descriptor of a connected socket, for the socket options Node does not expose, or
+ * undefined where it cannot be had. The libuv handle keeps it in `fd` on POSIX systems.
+ */
+export function socketFd(socket: net.Socket): number | undefined {
+  const handle = (socket as unknown as { _handle?: { fd?: unknown } | null })._handle;
+  return typeof handle?.fd === 'number' && handle.fd >= 0 ? handle.fd : undefined;
+}
+
 /** Start listening (`start` calls server.listen) and wait; EBUSY if the address is taken. */
 export function listenServer(server: net.Server, start: () => void): Promise<void> {
   return new Promise((resolve, reject) => {

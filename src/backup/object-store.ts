@@ -132,6 +132,11 @@ interface Staged {
   name: string;
 }
 
+/** Remove the temp files of staged objects that will not be published; best effort. */
+async function removeTemps(batch: readonly Staged[]): Promise<void> {
+  await Promise.all(batch.map((s) => fs.promises.rm(s.tmp, { force: true }).catch(() => undefined)));
+}
+
 export class LocalDirStore implements ObjectStore {
   readonly location: string;
   readonly #root: string;
@@ -210,7 +215,7 @@ export class LocalDirStore implements ObjectStore {
       await runLimited(batch, COMMIT_CONCURRENCY, (s) => fs.promises.rename(s.tmp, s.target));
       await runLimited(new Set(batch.map((s) => path.dirname(s.target))), COMMIT_CONCURRENCY, syncDir);
     } catch (err) {
-      await Promise.all(batch.map((s) => fs.promises.rm(s.tmp, { force: true }).catch(() => undefined)));
+      await removeTemps(batch);
       throw this.#writeError(what, err);
     }
   }
@@ -222,7 +227,7 @@ export class LocalDirStore implements ObjectStore {
     this.#publishFailure = undefined;
     const batch = this.#staged;
     this.#staged = [];
-    await Promise.all(batch.map((s) => fs.promises.rm(s.tmp, { force: true }).catch(() => undefined)));
+    await removeTemps(batch);
   }
 
   /**

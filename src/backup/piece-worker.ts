@@ -12,6 +12,7 @@
 import fs from 'node:fs';
 import { parentPort } from 'node:worker_threads';
 import { BdsnapError } from '../errors.js';
+import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 import { PIECE_HEADER_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
 
 export type PieceTask =
@@ -78,8 +79,7 @@ function readPieceFile(file: string, hash: string, rawBytes: number): Buffer {
     // One byte more than the largest valid piece file, to tell a longer file from a full read.
     const room = rawBytes + STORED_SLACK_BYTES + 1;
     if (readBuffer.length < room) readBuffer = Buffer.allocUnsafe(room);
-    let got = 0;
-    for (let n = -1; n !== 0 && got < room; got += n) n = fs.readSync(fd, readBuffer, got, room - got, got);
+    const got = preadFullySync(fd, readBuffer, 0, room);
     if (got === room) throw new BdsnapError('ECORRUPT', `piece ${hash} is damaged: its file is longer than a piece of ${rawBytes} bytes can be`);
     return readBuffer.subarray(0, got);
   } catch (err) {
@@ -100,9 +100,7 @@ function place(task: Extract<PieceTask, { op: 'place' }>): void {
     kept.delete(task.hash);
   }
   if (raw.length !== task.lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${task.hash} holds ${raw.length} bytes where ${task.lengthBytes} are needed`);
-  for (let done = 0; done < raw.length;) {
-    done += fs.writeSync(task.fd, raw, done, raw.length - done, task.offsetBytes + done);
-  }
+  pwriteFullySync(task.fd, raw, task.offsetBytes);
 }
 
 /** The raw buffer goes back to the caller's pool, and a compressed payload with it. */

@@ -277,7 +277,6 @@ function syncIoMaxBytes(): number {
   return Number.isSafeInteger(value) && value >= 0 ? value : 65536;
 }
 
-/** Size of a block device from sysfs (512-byte sectors), found through its major:minor. */
 /** Most extents in one answer; the protocol lets an answer stop short of the range asked. */
 const MAX_EXTENTS = 1024;
 
@@ -305,6 +304,7 @@ function holeMap(libc: Libc, fd: number, from: number, to: number): Extent[] {
   return out;
 }
 
+/** Size of a block device from sysfs (512-byte sectors), found through its major:minor. */
 async function blockDeviceSize(path: string, rdev: number): Promise<number> {
   const { major, minor } = decodeDevT(rdev);
   const sysPath = `/sys/dev/block/${major}:${minor}/size`;

@@ -62,17 +62,17 @@ export interface Libc {
 export type CloneResult = 'cloned' | 'unsupported';
 
 const SOL_SOCKET = 1;
-/** SO_SNDBUF is 7 on the generic socket ABI; 0x1001 on mips. */
-const SO_SNDBUF_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
-  x64: 7, ia32: 7, arm: 7, arm64: 7, riscv64: 7, loong64: 7, s390x: 7, ppc: 7, ppc64: 7, mips: 0x1001, mipsel: 0x1001,
+/** Which numbering of the socket options an architecture uses (x86, arm, riscv...: the generic one). */
+type SocketAbi = 'generic' | 'powerpc' | 'mips';
+const SOCKET_ABI_BY_ARCH: Partial<Record<NodeJS.Architecture, SocketAbi>> = {
+  x64: 'generic', ia32: 'generic', arm: 'generic', arm64: 'generic', riscv64: 'generic', loong64: 'generic', s390x: 'generic',
+  ppc: 'powerpc', ppc64: 'powerpc', mips: 'mips', mipsel: 'mips',
 };
-/** SO_PEERCRED is 17 on the generic socket ABI (x86, arm, arm64, riscv); 21 on powerpc; 18 on mips. */
-const SO_PEERCRED_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
-  x64: 17, ia32: 17, arm: 17, arm64: 17, riscv64: 17, loong64: 17, s390x: 17, ppc: 21, ppc64: 21, mips: 18, mipsel: 18,
-};
+const SO_PEERCRED: Record<SocketAbi, number> = { generic: 17, powerpc: 21, mips: 18 };
+const SO_SNDBUF: Record<SocketAbi, number> = { generic: 7, powerpc: 7, mips: 0x1001 };
 const SEEK_DATA = 3;
-const SYNC_FILE_RANGE_WRITE = 2;
 const SEEK_HOLE = 4;
+const SYNC_FILE_RANGE_WRITE = 2;
 const ENXIO = 6;
 /** struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit fields. */
 const UCRED_BYTES = 12;
@@ -93,8 +93,10 @@ export function loadLibc(): Libc | undefined {
 
 function bind(): { libc: Libc | undefined; reason: string } {
   if (process.platform !== 'linux') return { libc: undefined, reason: `SO_PEERCRED is read only on Linux (this is ${process.platform})` };
-  const soPeerCred = SO_PEERCRED_BY_ARCH[process.arch];
-  if (soPeerCred === undefined) return { libc: undefined, reason: `SO_PEERCRED is not known for ${process.arch}` };
+  const abi = SOCKET_ABI_BY_ARCH[process.arch];
+  if (abi === undefined) return { libc: undefined, reason: `SO_PEERCRED is not known for ${process.arch}` };
+  const soPeerCred = SO_PEERCRED[abi];
+  const soSndBuf = SO_SNDBUF[abi];
   let koffi: typeof import('koffi');
   try {
     // Synchronous and optional: a missing package or a binary that does not load is a reason, not a crash.
@@ -108,7 +110,6 @@ function bind(): { libc: Libc | undefined; reason: string } {
     const getsockopt = lib.func('int getsockopt(int fd, int level, int optname, _Out_ uint8_t *optval, _Inout_ uint32_t *optlen)');
     const lseek = lib.func('int64_t lseek(int fd, int64_t offset, int whence)');
     const setsockopt = lib.func('int setsockopt(int fd, int level, int optname, _In_ uint8_t *optval, uint32_t optlen)');
-    const soSndBuf = SO_SNDBUF_BY_ARCH[process.arch];
     const syncFileRange = lib.func('int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)');
     const libc: Libc = {
       peerCred(fd: number): PeerCred {
@@ -131,7 +132,6 @@ function bind(): { libc: Libc | undefined; reason: string } {
       },
       cloneRange: bindCloneRange(koffi, lib),
       setSendBuffer(fd: number, bytes: number): boolean {
-        if (soSndBuf === undefined) return false;
         const value = Buffer.alloc(4);
         value.writeInt32LE(bytes);
         return (setsockopt(fd, SOL_SOCKET, soSndBuf, value, 4) as number) === 0;

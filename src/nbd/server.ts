@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import nodePath from 'node:path';
 import net from 'node:net';
 import { BdsnapError } from '../errors.js';
-import { listenServer, listenUnixSocket } from '../unix-socket.js';
+import { listenServer, listenUnixSocket, socketFd } from '../unix-socket.js';
 import type { ExportProvider } from './exports.js';
 import { ServerConnection, type LogFn } from './server-connection.js';
 import { BufferPool } from '../device/buffer-pool.js';
@@ -105,11 +105,9 @@ export class NbdServer {
       socket.destroy();
       return;
     }
-    if (unix) {
-      const fd = (socket as SocketInternals & { _handle?: { fd?: unknown } | null })._handle?.fd;
-      // A hint: where it cannot be set (no libc binding), the connection works as before.
-      if (typeof fd === 'number' && fd >= 0) loadLibc()?.setSendBuffer(fd, UNIX_SEND_BUFFER_BYTES);
-    }
+    const fd = unix ? socketFd(socket) : undefined;
+    // A hint: where it cannot be set (no libc binding), the connection works as before.
+    if (fd !== undefined) loadLibc()?.setSendBuffer(fd, UNIX_SEND_BUFFER_BYTES);
     const id = this.#nextConnectionId++;
     this.#log?.({ event: 'connection-opened', connection: id, remote: socket.remoteAddress ?? 'unix' });
     const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);

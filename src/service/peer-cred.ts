@@ -11,6 +11,7 @@
 
 import type net from 'node:net';
 import { loadLibc, libcUnavailableReason, type Libc, type PeerCred } from '../host/libc.js';
+import { socketFd } from '../unix-socket.js';
 
 export type PeerCheck =
   | { kind: 'known'; cred: PeerCred }
@@ -18,12 +19,6 @@ export type PeerCheck =
 
 /** How the control server learns its peers; tests replace it to exercise the fail-closed path. */
 export type PeerCredentialSource = (socket: net.Socket) => PeerCheck;
-
-function socketFd(socket: net.Socket): number | undefined {
-  // The libuv pipe handle keeps its descriptor in `fd` on POSIX systems.
-  const handle = (socket as unknown as { _handle?: { fd?: unknown } })._handle;
-  return typeof handle?.fd === 'number' && handle.fd >= 0 ? handle.fd : undefined;
-}
 
 /** The peer's credentials as the kernel recorded them, or why they cannot be had. */
 export function peerCredentials(socket: net.Socket, libc: Libc | undefined = loadLibc()): PeerCheck {

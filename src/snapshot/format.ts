@@ -161,10 +161,15 @@ function finishHeader(h: Buffer): Buffer {
   return h;
 }
 
-export function encodeRecordHeader(firstChunk: number, payload: Buffer): Buffer {
-  const h = headerBase(RECORD_FLAG_CRC32, firstChunk, payload.length, 0);
+/** A header whose payload follows it and whose CRC-32 it carries. */
+function checkedHeader(flags: number, firstChunk: number, payload: Buffer): Buffer {
+  const h = headerBase(flags, firstChunk, payload.length, 0);
   h.writeUInt32LE(crc32(payload), 24);
   return finishHeader(h);
+}
+
+export function encodeRecordHeader(firstChunk: number, payload: Buffer): Buffer {
+  return checkedHeader(RECORD_FLAG_CRC32, firstChunk, payload);
 }
 
 /**
@@ -202,9 +207,7 @@ function encodeSealRecord(entries: readonly SealEntry[]): { header: Buffer; payl
     writeU64(payload, e.position, i * SEAL_ENTRY_BYTES);
     payload.writeUInt32LE(e.crc, i * SEAL_ENTRY_BYTES + 8);
   });
-  const h = headerBase(RECORD_FLAG_CRC32 | RECORD_FLAG_SEAL, 0, payload.length, 0);
-  h.writeUInt32LE(crc32(payload), 24);
-  return { header: finishHeader(h), payload };
+  return { header: checkedHeader(RECORD_FLAG_CRC32 | RECORD_FLAG_SEAL, 0, payload), payload };
 }
 
 /** The entries of a seal record's payload (already checked against its header). */

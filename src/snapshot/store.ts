@@ -75,6 +75,8 @@ interface Pending {
  */
 export type ClonedPayloadFill = (dstFd: number, dstOffsetBytes: number) => Promise<Buffer | undefined>;
 
+const EMPTY = Buffer.alloc(0);
+
 /** Size of each read of a cloned payload while sealing. */
 const SEAL_READ_BYTES = 2 * 1024 * 1024;
 
@@ -292,24 +294,18 @@ export class StoreWriter {
   }
 
   /**
-   * Fill the cloned payloads first (in order), then write every header and copied payload.
-   * A batch with clones writes on the thread pool even when small: a write to the store waits
-   * for its inode lock, which a clone of another batch may hold while it waits for the
-   * device's, and that must not stall the event loop.
+   * Fill the cloned payloads first (in order), then write every header and copied payload, on
+   * the thread pool (the batches #pump writes synchronously never come here). A batch with
+   * clones writes there even when small: a write to the store waits for its inode lock, which
+   * a clone of another batch may hold while it waits for the device's, and that must not stall
+   * the event loop.
    */
   async #writeBatch(pending: Pending[]): Promise<void> {
-    let cloned = false;
     for (const p of pending) {
-      if (p.fill === undefined) continue;
-      cloned = true;
-      p.payload = await p.fill(this.#fd, p.position);
-      // Filled in place: nothing of the payload is left to write.
-      p.payload ??= Buffer.alloc(0);
+      // Filled in place (undefined): nothing of the payload is left to write.
+      if (p.fill !== undefined) p.payload = (await p.fill(this.#fd, p.position)) ?? EMPTY;
     }
-    for (const segment of segments(pending)) {
-      if (!cloned && !this.#strict && segment.bytes <= SYNC_BATCH_MAX_BYTES) this.#writeAllSync(segment.buffers, segment.position, segment.bytes);
-      else await this.#writeAll(segment.buffers, segment.position, segment.bytes);
-    }
+    for (const segment of segments(pending)) await this.#writeAll(segment.buffers, segment.position, segment.bytes);
   }
 
   /** Resolve finished batches in file order; then start more. */
@@ -388,7 +384,7 @@ function segments(pending: Pending[]): Array<{ position: number; buffers: Buffer
   };
   for (const p of pending) {
     add(p.start, p.header);
-    add(p.start + p.header.length, p.payload ?? Buffer.alloc(0));
+    if (p.payload !== undefined) add(p.start + p.header.length, p.payload);
   }
   return out;
 }

@@ -120,6 +120,7 @@ test('bdsnap serve: bad arguments give one clear line and a non-zero exit', asyn
 });
 
 test('bdsnap serve: a unix-socket connection gets the larger send buffer, so a 1 MiB reply leaves in one write', { timeout: 30_000 }, async (t) => {
+  if (!needs(t, { tools: ['ss'] })) return;
   const dir = tempDir(t);
   const image = path.join(dir, 'disk.img');
   makeImage(image, 4 << 20, 'blocks');
