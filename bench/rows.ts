@@ -104,10 +104,20 @@ async function fioCell(target: Target, context: RowContext, job: FioShape, unit:
   }, snapshotParent);
 }
 
+/**
+ * What one side measures: its column's value, or several values by column-name suffix ('' for
+ * the side's own column, ' cold' for `<side> cold`...).
+ */
+type SideValues = number | Record<string, number>;
+
 /** Measure each side in order (reversed when asked) and collect the values by column name. */
-async function alternate(reverse: boolean, sides: Array<[string, () => Promise<number>]>): Promise<Record<string, number>> {
+async function alternate(reverse: boolean, sides: Array<[string, () => Promise<SideValues>]>): Promise<Record<string, number>> {
   const values: Record<string, number> = {};
-  for (const [name, measure] of reverse ? [...sides].reverse() : sides) values[name] = await measure();
+  for (const [name, measure] of reverse ? [...sides].reverse() : sides) {
+    const measured = await measure();
+    if (typeof measured === 'number') values[name] = measured;
+    else for (const [suffix, value] of Object.entries(measured)) values[`${name}${suffix}`] = value;
+  }
   return values;
 }
 
@@ -118,13 +128,18 @@ function timedFio(rw: 'read' | 'write', context: RowContext): FioShape {
   return { rw, blockSizeBytes: 1 << 20, ioDepth: 4, sizeBytes: context.imageBytes, runtimeSec: context.runtimeSec };
 }
 
-/** A row of bdsnap serve (no session) against nbdkit file, each cell measured by `cell`. */
-function versusNbdkit(id: string, name: string, measures: string, cell: (target: Target, context: RowContext) => Promise<number>): BenchRow {
+/**
+ * A row of bdsnap serve (no session) against nbdkit file, each cell measured by `cell`; the
+ * figure compares the sides' own columns, and `extraColumns` (suffixes) are reported beside.
+ */
+function versusNbdkit(
+  id: string, name: string, measures: string, cell: (target: Target, context: RowContext) => Promise<SideValues>, extraColumns: string[] = [],
+): BenchRow {
   return {
     id,
     name,
     measures,
-    columns: [{ name: 'bdsnap', unit: 'MB/s' }, { name: 'nbdkit', unit: 'MB/s' }],
+    columns: ['', ...extraColumns].flatMap((suffix) => [{ name: `bdsnap${suffix}`, unit: 'MB/s' }, { name: `nbdkit${suffix}`, unit: 'MB/s' }]),
     ratioText: 'bdsnap / nbdkit',
     ratio: ratioOf('bdsnap', 'nbdkit'),
     targetText: '>= 1.0x',
@@ -152,7 +167,7 @@ function fioRow(id: string, rw: 'read' | 'write'): BenchRow {
  * the request path, the buffer pool's first page faults); the second is what a server that
  * has been running meets, as the daemon's are.
  */
-async function nbdcopyCells(target: Target, context: RowContext, direction: 'read' | 'write'): Promise<{ cold: number; warm: number }> {
+async function nbdcopyCells(target: Target, context: RowContext, direction: 'read' | 'write'): Promise<SideValues> {
   if (direction === 'write') settleFile(context.sourcePath);
   return withTarget(target, context, async (running) => {
     const args = direction === 'read' ? ['-C', '4', running.uri, 'null:'] : ['-C', '4', context.sourcePath, running.uri];
@@ -162,33 +177,20 @@ async function nbdcopyCells(target: Target, context: RowContext, direction: 'rea
       return context.imageBytes / 1e6 / ((performance.now() - startedMs) / 1000);
     };
     const cold = await copy();
-    return { cold, warm: await copy() };
+    return { '': await copy(), ' cold': cold };
   });
 }
 
 function nbdcopyRow(id: string, direction: 'read' | 'write'): BenchRow {
-  const cells = async (target: Target, context: RowContext, name: string): Promise<Record<string, number>> => {
-    const { cold, warm } = await nbdcopyCells(target, context, direction);
-    return { [name]: warm, [`${name} cold`]: cold };
-  };
-  return {
+  return versusNbdkit(
     id,
-    name: `nbdcopy ${direction === 'read' ? 'image -> null:' : 'file -> image'}, 4 connections, vs nbdkit`,
-    measures: `${direction === 'read'
+    `nbdcopy ${direction === 'read' ? 'image -> null:' : 'file -> image'}, 4 connections, vs nbdkit`,
+    `${direction === 'read'
       ? 'nbdcopy -C 4 URI null: (the whole filled image, 4 connections, nbdcopy\'s default requests in flight)'
       : 'nbdcopy -C 4 FILE URI (a file of random data in the page cache copied over the whole image, 4 connections)'}, wall time of the copy: bdsnap serve against nbdkit file. Two copies per server: the figure compares the second (a running server); the first, on a freshly started server, is in the cold columns`,
-    columns: ['bdsnap', 'nbdkit', 'bdsnap cold', 'nbdkit cold'].map((name) => ({ name, unit: 'MB/s' })),
-    ratioText: 'bdsnap / nbdkit',
-    ratio: ratioOf('bdsnap', 'nbdkit'),
-    targetText: '>= 1.0x',
-    meets: atLeast(1),
-    once: async (context, reverse) => {
-      const sides: Array<[string, Target]> = [['bdsnap', BDSNAP_SERVE], ['nbdkit', NBDKIT_FILE]];
-      const values: Record<string, number> = {};
-      for (const [name, target] of reverse ? [...sides].reverse() : sides) Object.assign(values, await cells(target, context, name));
-      return values;
-    },
-  };
+    (target, context) => nbdcopyCells(target, context, direction),
+    [' cold'],
+  );
 }
 
 const RANDOM_FIRST_WRITES = 16_384;
