@@ -23,7 +23,7 @@ import { runLimited } from './run-limited.js';
 export interface InitOptions {
   /** Power of two from 64 KiB to 16 MiB; default 256 KiB. */
   pieceSizeBytes?: number;
-  /** Codec of new pieces: 'brotli' (default), 'deflate' or 'lz4' (fastest, larger); see codecFor. */
+  /** Codec of new pieces: 'zstd' (default), 'brotli', 'deflate' or 'lz4' (fastest, larger); see codecFor. */
   codec?: CodecChoice;
 }
 
@@ -62,7 +62,7 @@ export class Repository {
     if ((await store.list('')).length > 0) throw new BdsnapError('EINVAL', `${store.location} is not empty; a repository needs an empty place`);
     const config: RepoConfig = {
       format: REPO_FORMAT, version: REPO_VERSION, id: randomBytes(8).toString('hex'), createdAt: new Date().toISOString(), pieceSizeBytes, hash: 'sha256',
-      codec: options.codec ?? 'brotli',
+      codec: options.codec ?? 'zstd',
     };
     await store.put(CONFIG_OBJECT, Buffer.from(`${JSON.stringify(config, null, 2)}\n`));
     return new Repository(store, config);

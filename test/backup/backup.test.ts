@@ -14,6 +14,7 @@ import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { mountDevice } from '../helpers/kernel.js';
 import { requireRoot, requireTool, run } from '../helpers/process.js';
 import { startServer } from '../helpers/server.js';
+import { CODEC_BROTLI, CODEC_ZSTD, pieceCodec } from '../../src/backup/codec.js';
 import { CountingStore, ServeSnapshotProvider, dirBytes } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -119,11 +120,18 @@ test('two devices in one backup, restored separately; the pure codec path reads 
     await restoreBackup(repo, s.id, dev, { output: out });
     assert.equal(await sha256File(out), await sha256File(dev));
   }
-  // A restore in a process without the native LZ4 package decodes the same pieces.
+  // A restore in a process without libzstd or the native LZ4 package decodes the same pieces.
+  assert.ok(piecesByCodec(repoDir).get(CODEC_ZSTD)! > 0, 'the repository holds zstd pieces');
   const out = path.join(dir, 'pure.out');
   const cli = path.join(import.meta.dirname, '../../src/cli/main.js');
-  await run(process.execPath, [cli, 'backup', 'restore', '--repo', repoDir, s.id, a, '--output', out], { env: { ...process.env, BDSNAP_NO_NATIVE_LZ4: '1' } });
+  const pureEnv = { ...process.env, BDSNAP_NO_NATIVE_LZ4: '1', BDSNAP_NO_NATIVE_ZSTD: '1' };
+  await run(process.execPath, [cli, 'backup', 'restore', '--repo', repoDir, s.id, a, '--output', out], { env: pureEnv });
   assert.equal(await sha256File(out), await sha256File(a));
+  // Such a process writes brotli where the repository asks for zstd.
+  const codec = path.join(import.meta.dirname, '../../src/backup/codec.js');
+  const script = `const c = await import(${JSON.stringify(codec)}); const p = c.encodePiece(Buffer.from('text '.repeat(9999)), c.codecFor('zstd')); console.log(c.pieceCodec(p));`;
+  const { stdout } = await run(process.execPath, ['--input-type=module', '-e', script], { env: pureEnv });
+  assert.equal(stdout.trim(), String(CODEC_BROTLI));
 });
 
 test('ext4: full, changes, incremental; each restore passes e2fsck -n and matches the image', async (t) => {
@@ -199,3 +207,16 @@ test('restore in place: an image file is put back; one in use by a server, or a 
   await restoreBackup(repo, backup2.id, loop);
   await run('e2fsck', ['-n', '-f', loop]);
 });
+
+/** How many piece files of a local repository use each codec. */
+function piecesByCodec(repoDir: string): Map<number | undefined, number> {
+  const counts = new Map<number | undefined, number>();
+  const piecesDir = path.join(repoDir, 'pieces');
+  for (const sub of fs.readdirSync(piecesDir)) {
+    for (const name of fs.readdirSync(path.join(piecesDir, sub))) {
+      const codec = pieceCodec(fs.readFileSync(path.join(piecesDir, sub, name)));
+      counts.set(codec, (counts.get(codec) ?? 0) + 1);
+    }
+  }
+  return counts;
+}

@@ -5,8 +5,10 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
 import {
-  CODEC_BROTLI, CODEC_DEFLATE, CODEC_LZ4, CODEC_RAW, decodePiece, encodePiece, lz4BlockDecode, nativeLz4, pieceCodec, sha256Hex,
+  CODEC_BROTLI, CODEC_DEFLATE, CODEC_LZ4, CODEC_RAW, CODEC_ZSTD, codecFor, decodePiece, encodePiece, lz4BlockDecode, nativeLz4, pieceCodec, sha256Hex,
 } from '../../src/backup/codec.js';
+import { ZSTD_LEVEL, nativeZstd } from '../../src/backup/zstd.js';
+import { decompress as fzstdDecompress } from 'fzstd';
 import { checkObjectName } from '../../src/backup/object-store.js';
 import { compactSlots, expandSlots, newBackupId } from '../../src/backup/format.js';
 import { coveredPieces, normalizeRanges, touchedPieces } from '../../src/backup/ranges.js';
@@ -33,6 +35,33 @@ test('the native LZ4 package is installed here, and the pure decoder reads what 
   }));
 });
 
+test('libzstd is usable here through koffi; the pure decoder reads its frames; damaged frames are refused', () => {
+  const zstd = nativeZstd();
+  assert.ok(zstd, 'libzstd.so.1 and koffi should be installed on development machines (scripts/setup.sh)');
+  assert.equal(codecFor('zstd'), CODEC_ZSTD);
+  for (const data of [...samples(), randomBytes(300_000)]) {
+    const frame = zstd.compress(data, ZSTD_LEVEL);
+    assert.equal(frame.byteOffset, 0, 'a frame owns its memory, so that a worker can transfer it');
+    assert.equal(frame.buffer.byteLength, frame.length);
+    assert.deepEqual(zstd.decompress(frame, data.length), data);
+    assert.deepEqual(Buffer.from(fzstdDecompress(frame)), data);
+    if (data.length > 0) assert.throws(() => zstd.decompress(frame, data.length - 1), /zstd decompress/);
+  }
+  const text = samples()[0]!;
+  const frame = zstd.compress(text, ZSTD_LEVEL);
+  assert.ok(frame.length < text.length / 20);
+  for (let at = 0; at < frame.length; at++) {
+    const bad = Buffer.from(frame);
+    bad[at]! ^= 0x40;
+    try {
+      // Whatever a damaged frame decodes to, it never exceeds the room given, and the piece hash catches the rest.
+      assert.ok(zstd.decompress(bad, text.length).length <= text.length);
+    } catch (err) {
+      assert.match((err as Error).message, /zstd decompress/);
+    }
+  }
+});
+
 test('the pure LZ4 decoder refuses bad input without reading or writing out of bounds', () => {
   fc.assert(fc.property(fc.uint8Array({ maxLength: 200 }), fc.integer({ min: 0, max: 500 }), (bytes, n) => {
     try {
@@ -44,7 +73,7 @@ test('the pure LZ4 decoder refuses bad input without reading or writing out of b
 });
 
 test('pieces round-trip with each codec; incompressible data is stored raw; damage is detected', () => {
-  for (const codec of [CODEC_RAW, CODEC_LZ4, CODEC_DEFLATE, CODEC_BROTLI] as const) {
+  for (const codec of [CODEC_RAW, CODEC_LZ4, CODEC_DEFLATE, CODEC_BROTLI, CODEC_ZSTD] as const) {
     for (const data of samples()) {
       const stored = encodePiece(data, codec);
       assert.deepEqual(decodePiece(stored, sha256Hex(data)), data);
@@ -62,14 +91,16 @@ test('pieces round-trip with each codec; incompressible data is stored raw; dama
     assert.throws(() => decodePiece(bad, sha256Hex(text)), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT');
   }
   assert.throws(() => decodePiece(stored, sha256Hex(Buffer.from('other'))), /does not match its hash/);
-  // The default codec: smaller than a quarter of text, and damage in its payload is caught too.
-  const brotli = encodePiece(text, CODEC_BROTLI);
-  assert.equal(pieceCodec(brotli), CODEC_BROTLI);
-  assert.ok(brotli.length < text.length / 4);
-  for (const at of [12, 30, brotli.length - 1]) {
-    const bad = Buffer.from(brotli);
-    bad[at]! ^= 0x10;
-    assert.throws(() => decodePiece(bad, sha256Hex(text)), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT');
+  // The compressing codecs: smaller than a quarter of text, and damage in their payload is caught too.
+  for (const codec of [CODEC_BROTLI, CODEC_ZSTD] as const) {
+    const packed = encodePiece(text, codec);
+    assert.equal(pieceCodec(packed), codec);
+    assert.ok(packed.length < text.length / 4);
+    for (const at of [12, 30, packed.length - 1]) {
+      const bad = Buffer.from(packed);
+      bad[at]! ^= 0x10;
+      assert.throws(() => decodePiece(bad, sha256Hex(text)), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT');
+    }
   }
 });
 

@@ -90,7 +90,7 @@ export function register(program: Command): void {
 
   repoOption(backup.command('init').description('create an empty repository'))
     .option('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 256K)')
-    .option('--codec <codec>', `compression of new pieces: ${CODEC_CHOICES.join(', ')} (default brotli; lz4 is fastest and larger)`)
+    .option('--codec <codec>', `compression of new pieces: ${CODEC_CHOICES.join(', ')} (default zstd, or brotli where libzstd is missing; lz4 is fastest and larger)`)
     .action(async (flags: RepoFlags & { pieceSize?: string; codec?: string }) => {
       const pieceSizeBytes = flags.pieceSize !== undefined ? parseBytes(flags.pieceSize, '--piece-size') : undefined;
       const codec = CODEC_CHOICES.find((c) => c === flags.codec);
