@@ -222,8 +222,10 @@ export class FileDevice implements BlockDevice {
    * image file and a block device alike; nothing where the libc binding is missing.
    */
   startWriteback(offsetBytes: number, lengthBytes: number): void {
-    if (this.#closed || this.readOnly) return;
-    loadLibc()?.startWriteback(this.#fd, offsetBytes, lengthBytes);
+    const libc = loadLibc();
+    if (this.#closed || this.readOnly || !libc) return;
+    // Counted like any request, so that close() waits and the descriptor cannot be reused under it.
+    void this.#tracked(() => libc.startWriteback(this.#fd, offsetBytes, lengthBytes));
   }
 
   // Small transfers are done synchronously: a page-cache hit costs a few microseconds, far

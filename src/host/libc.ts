@@ -49,9 +49,11 @@ export interface Libc {
    * sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE): start writing back the dirty
    * pages of the range without waiting for them, so that a later fdatasync finds less to do.
    * A hint only: it makes nothing durable (no metadata, no disk cache flush), and a failure is
-   * ignored (false), since the fdatasync that follows reports any real error.
+   * ignored (false), since the fdatasync that follows reports any real error. Runs on a worker
+   * thread: the call itself blocks while the disk's request queue is full (about 1 ms per
+   * 8 MiB during a restore here, 0.1 s of a 1 GiB restore's main thread).
    */
-  startWriteback(fd: number, offsetBytes: number, lengthBytes: number): boolean;
+  startWriteback(fd: number, offsetBytes: number, lengthBytes: number): Promise<boolean>;
   /**
    * setsockopt(fd, SOL_SOCKET, SO_SNDBUF, bytes): ask for a larger send buffer (the kernel
    * caps it at net.core.wmem_max). False when the call fails; the socket keeps its default.
@@ -136,8 +138,11 @@ function bind(): { libc: Libc | undefined; reason: string } {
         value.writeInt32LE(bytes);
         return (setsockopt(fd, SOL_SOCKET, soSndBuf, value, 4) as number) === 0;
       },
-      startWriteback(fd: number, offsetBytes: number, lengthBytes: number): boolean {
-        return lengthBytes > 0 && (syncFileRange(fd, offsetBytes, lengthBytes, SYNC_FILE_RANGE_WRITE) as number) === 0;
+      startWriteback(fd: number, offsetBytes: number, lengthBytes: number): Promise<boolean> {
+        if (!(lengthBytes > 0)) return Promise.resolve(false);
+        return new Promise((resolve) => {
+          syncFileRange.async(fd, offsetBytes, lengthBytes, SYNC_FILE_RANGE_WRITE, (err: unknown, rc: number) => resolve(!err && rc === 0));
+        });
       },
     };
     return { libc, reason: '' };

@@ -12,7 +12,7 @@ import { chunkRuns } from './chunk-runs.js';
 export interface DigestWorkerData {
   devicePath: string;
   /** Sorted, distinct. */
-  chunks: number[];
+  chunks: Float64Array | number[];
   chunkSize: number;
   sizeBytes: number;
   runBytes: number;

@@ -30,7 +30,7 @@ const SPLIT_MIN_CORES = 3;
  * overrides that choice. Errors: EIO.
  */
 export async function digestDeviceChunks(
-  devicePath: string, chunks: number[], chunkSize: number, sizeBytes: number, algorithm: DigestAlgorithm,
+  devicePath: string, chunks: Float64Array | number[], chunkSize: number, sizeBytes: number, algorithm: DigestAlgorithm,
   parts = chunks.length * chunkSize > SPLIT_ABOVE_BYTES && availableParallelism() >= SPLIT_MIN_CORES ? 2 : 1,
 ): Promise<Map<number, Buffer>> {
   if (chunks.length === 0) return new Map();

@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/device/block-device.js';
 import { FileDevice } from '../../src/device/file-device.js';
+import { loadLibc } from '../../src/host/libc.js';
 import { BdsnapError } from '../../src/errors.js';
 import { needs } from '../helpers/needs.js';
 import { makeImage } from '../helpers/files.js';
@@ -131,4 +132,24 @@ test('close() waits for requests in flight, refuses new ones, and no late write 
   // The lock went with the close: the image opens again.
   const again = await FileDevice.open(image);
   await again.close();
+});
+
+test('startWriteback runs off the event loop, counts as a request until it is done, and only hints', async (t) => {
+  const libc = loadLibc();
+  assert.ok(libc, 'koffi (an optional dependency, installed by npm ci) binds libc here');
+  const dir = tempDir(t);
+  const image = path.join(dir, 'w.img');
+  makeImage(image, 16 << 20, 'zero');
+  const fd = fs.openSync(image, 'r+');
+  t.after(() => fs.closeSync(fd));
+  fs.writeSync(fd, Buffer.alloc(8 << 20, 0x5a), 0, 8 << 20, 0);
+  assert.equal(await libc.startWriteback(fd, 0, 8 << 20), true);
+  assert.equal(await libc.startWriteback(fd, 0, 0), false, 'an empty range asks for nothing');
+  assert.equal(await libc.startWriteback(-1, 0, 4096), false, 'a failure is an answer, not a throw');
+  const dev = await FileDevice.open(path.join(dir, 'w.img'), { shared: true });
+  await dev.write(Buffer.alloc(1 << 20, 1), 0);
+  dev.startWriteback(0, 1 << 20);
+  assert.equal(dev.requestsInFlight, 1, 'the hint is in flight, so close() waits for it');
+  await dev.close();
+  assert.equal(dev.requestsInFlight, 0);
 });

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import zlib from 'node:zlib';
 import { FileDevice } from '../../src/device/file-device.js';
-import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeRecordHeader, encodeRecordHeader } from '../../src/snapshot/format.js';
+import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeRecordHeader, encodeIndex, encodeRecordHeader, indexMatches } from '../../src/snapshot/format.js';
 import { StoreWriter, scanData } from '../../src/snapshot/store.js';
 import { digestDeviceChunks } from '../../src/snapshot/device-digests.js';
 import { chunkRuns } from '../../src/snapshot/chunk-runs.js';
@@ -156,4 +156,22 @@ test('chunkRuns splits sorted chunks at gaps and at the run limit', () => {
   assert.deepEqual([...chunkRuns([1, 2, 3, 7, 8, 10], 2)], [[0, 2], [2, 3], [3, 5], [5, 6]]);
   assert.deepEqual([...chunkRuns([4, 5, 6], 8)], [[0, 3]]);
   assert.deepEqual([...chunkRuns([], 8)], []);
+});
+
+test('indexMatches accepts exactly the index it was written from, in chunk order', () => {
+  const index = new Map<number, number>([[7, 0], [3, 16_448], [12, 32_896], [2 ** 40, 49_344]]);
+  const file = encodeIndex(index);
+  assert.equal(indexMatches(file, index), true);
+  assert.equal(indexMatches(file, new Map([...index].slice(1))), false, 'an entry the store does not have');
+  assert.equal(indexMatches(file, new Map([...index, [99, 65_792]])), false, 'an entry the file does not have');
+  assert.equal(indexMatches(file, new Map([...index].map(([c, p]) => [c, c === 12 ? p + 1 : p]))), false, 'a moved original');
+  // The same entries, two of them swapped (and the file's checksum made to fit): out of order.
+  const swapped = Buffer.from(file);
+  file.copy(swapped, 16, 32, 48);
+  file.copy(swapped, 32, 16, 32);
+  createHash('sha256').update(swapped.subarray(0, swapped.length - 32)).digest().copy(swapped, swapped.length - 32);
+  assert.equal(indexMatches(swapped, index), false);
+  const damaged = Buffer.from(file);
+  damaged[20]! ^= 1;
+  assert.throws(() => indexMatches(damaged, index), isError('ECORRUPT'));
 });

@@ -17,7 +17,7 @@ import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../../errors.js';
 import type { BlockDevice, DeviceIdentity } from '../../device/block-device.js';
 import { preadFully } from '../../host/fd-io.js';
-import { DATA_FILE, DIGEST_ALGORITHM, DIGESTS_FILE, INDEX_FILE, chunkDigest, decodeDigests, decodeIndex, type DigestAlgorithm } from '../format.js';
+import { DATA_FILE, DIGEST_ALGORITHM, DIGESTS_FILE, INDEX_FILE, chunkDigest, decodeDigests, indexMatches, type DigestAlgorithm } from '../format.js';
 import { scanData } from '../store.js';
 import { digestDeviceChunks } from '../device-digests.js';
 import { forEachChunk } from '../chunk-runs.js';
@@ -40,7 +40,7 @@ export interface LoadedSession {
 export interface RestorePlan {
   entries: Map<number, { session: LoadedSession; position: number }>;
   /** Sorted. */
-  chunks: number[];
+  chunks: Float64Array;
   bytes: number;
   chunkSize: number;
 }
@@ -92,7 +92,7 @@ export async function loadSession(info: SessionInfo, digestsRead: Promise<Map<nu
       }
     }
     const index = await readOptional(path.join(info.dir, INDEX_FILE));
-    if (index !== undefined && !sameKeys(decodeIndex(index), scan.index, (p, c) => scan.index.get(c) === p)) {
+    if (index !== undefined && !indexMatches(index, scan.index)) {
       throw new BdsnapError('ECORRUPT', `${path.join(info.dir, INDEX_FILE)} does not match ${DATA_FILE}`);
     }
     const digests = await digestsRead;
@@ -107,10 +107,10 @@ export async function loadSession(info: SessionInfo, digestsRead: Promise<Map<nu
   }
 }
 
-/** Same chunks in both maps (and, with `match`, each entry of `a` accepted). */
-function sameKeys<V>(a: Map<number, V>, b: Map<number, unknown>, match?: (value: V, chunk: number) => boolean): boolean {
+/** Same chunks in both maps. */
+function sameKeys(a: Map<number, unknown>, b: Map<number, unknown>): boolean {
   if (a.size !== b.size) return false;
-  for (const [c, v] of a) if (!b.has(c) || (match !== undefined && !match(v, c))) return false;
+  for (const c of a.keys()) if (!b.has(c)) return false;
   return true;
 }
 
@@ -125,8 +125,10 @@ export async function readOriginal(s: LoadedSession, position: number, lengthByt
 export function buildPlan(loaded: LoadedSession[], chunkSize: number, deviceSize: number): RestorePlan {
   const entries: RestorePlan['entries'] = new Map();
   for (const s of loaded) for (const [chunk, position] of s.index) if (!entries.has(chunk)) entries.set(chunk, { session: s, position });
-  const chunks = [...entries.keys()].sort((a, b) => a - b);
-  const bytes = chunks.reduce((n, c) => n + Math.min(chunkSize, deviceSize - c * chunkSize), 0);
+  // A typed array sorts numerically, several times faster than a comparator over an array.
+  const chunks = Float64Array.from(entries.keys()).sort();
+  let bytes = 0;
+  for (const c of chunks) bytes += Math.min(chunkSize, deviceSize - c * chunkSize);
   return { entries, chunks, bytes, chunkSize };
 }
 
@@ -143,7 +145,7 @@ export async function digestDevice(devicePath: string, wanted: Map<number, Diges
   }
   const out: DeviceDigests = new Map();
   for (const [algorithm, chunks] of byAlgorithm) {
-    out.set(algorithm, await digestDeviceChunks(devicePath, chunks.sort((a, b) => a - b), cs, sizeBytes, algorithm));
+    out.set(algorithm, await digestDeviceChunks(devicePath, Float64Array.from(chunks).sort(), cs, sizeBytes, algorithm));
   }
   return out;
 }
