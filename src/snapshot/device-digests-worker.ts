@@ -12,7 +12,7 @@ import { chunkRuns } from './chunk-runs.js';
 export interface DigestWorkerData {
   devicePath: string;
   /** Sorted, distinct. */
-  chunks: Float64Array | number[];
+  chunks: Float64Array;
   chunkSize: number;
   sizeBytes: number;
   runBytes: number;

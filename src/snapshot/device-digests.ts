@@ -9,7 +9,8 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { BdsnapError } from '../errors.js';
-import { DIGEST_BYTES, type DigestAlgorithm } from './format.js';
+import type { DigestAlgorithm } from './chunk-digest.js';
+import { DigestTable } from './digest-table.js';
 import type { DigestWorkerData } from './device-digests-worker.js';
 
 const WORKER_URL = new URL('./device-digests-worker.js', import.meta.url);
@@ -30,19 +31,14 @@ const SPLIT_MIN_CORES = 3;
  * overrides that choice. Errors: EIO.
  */
 export async function digestDeviceChunks(
-  devicePath: string, chunks: Float64Array | number[], chunkSize: number, sizeBytes: number, algorithm: DigestAlgorithm,
+  devicePath: string, chunks: Float64Array, chunkSize: number, sizeBytes: number, algorithm: DigestAlgorithm,
   parts = chunks.length * chunkSize > SPLIT_ABOVE_BYTES && availableParallelism() >= SPLIT_MIN_CORES ? 2 : 1,
-): Promise<Map<number, Buffer>> {
-  if (chunks.length === 0) return new Map();
+): Promise<DigestTable> {
+  if (chunks.length === 0) return new DigestTable(chunks, Buffer.alloc(0));
   const per = Math.ceil(chunks.length / parts);
   const slices = Array.from({ length: parts }, (_, i) => chunks.slice(i * per, (i + 1) * per));
   const outs = await Promise.all(slices.map((slice) => runWorker({ devicePath, chunks: slice, chunkSize, sizeBytes, runBytes: 8 * 1024 * 1024, algorithm })));
-  const map = new Map<number, Buffer>();
-  slices.forEach((slice, k) => {
-    const out = outs[k]!;
-    slice.forEach((c, i) => map.set(c, out.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES)));
-  });
-  return map;
+  return new DigestTable(chunks, outs.length === 1 ? outs[0]! : Buffer.concat(outs));
 }
 
 function runWorker(data: DigestWorkerData): Promise<Buffer> {

@@ -40,6 +40,8 @@ import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import type { ChunkTable } from './chunk-table.js';
+import { DIGEST_BYTES } from './chunk-digest.js';
+import { DigestTable } from './digest-table.js';
 
 export const FORMAT_NAME = 'bdsnap-session';
 /** What new sessions write in their manifest; versions 1 and 2 are read. */
@@ -345,12 +347,29 @@ export function encodeDigestArrays(chunks: ArrayLike<number>, digests: Buffer): 
   });
 }
 
-export function decodeDigests(buf: Buffer): Map<number, Buffer> {
+/**
+ * The digests file as a table read in place. Files are written in chunk order (see
+ * encodeDigestArrays' callers); one that is not is put in order here. Errors: ECORRUPT (damaged,
+ * or a chunk listed twice).
+ */
+export function decodeDigests(buf: Buffer): DigestTable {
   const { count, body } = decodeTable(DIGESTS_FILE, DIGESTS_MAGIC, 40, buf);
-  const digests = new Map<number, Buffer>();
-  // Views into `buf`, not copies: a restore of a large session decodes hundreds of thousands.
-  for (let i = 0; i < count; i++) digests.set(readU64(body, i * 40), body.subarray(i * 40 + 8, i * 40 + 40));
-  return digests;
+  const chunks = new Float64Array(count);
+  let sorted = true;
+  for (let i = 0; i < count; i++) {
+    chunks[i] = readU64(body, i * 40);
+    if (i > 0 && chunks[i]! <= chunks[i - 1]!) sorted = false;
+  }
+  if (sorted) return new DigestTable(chunks, body, 8, 40);
+  const order = Array.from({ length: count }, (_, i) => i).sort((a, b) => chunks[a]! - chunks[b]!);
+  const inOrder = new Float64Array(count);
+  const digests = Buffer.allocUnsafe(count * DIGEST_BYTES);
+  order.forEach((from, i) => {
+    inOrder[i] = chunks[from]!;
+    if (i > 0 && inOrder[i] === inOrder[i - 1]) throw new BdsnapError('ECORRUPT', `${DIGESTS_FILE} lists chunk ${inOrder[i]} twice`);
+    body.copy(digests, i * DIGEST_BYTES, from * 40 + 8, from * 40 + 40);
+  });
+  return new DigestTable(inOrder, digests);
 }
 
 export function parseManifest(text: string, where: string): Manifest {

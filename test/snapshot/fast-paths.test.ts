@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import zlib from 'node:zlib';
 import { FileDevice } from '../../src/device/file-device.js';
-import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeRecordHeader, encodeIndex, encodeRecordHeader, indexMatches } from '../../src/snapshot/format.js';
+import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeDigests, decodeRecordHeader, encodeDigestArrays, encodeIndex, encodeRecordHeader, indexMatches } from '../../src/snapshot/format.js';
 import { StoreWriter, scanData } from '../../src/snapshot/store.js';
 import { digestDeviceChunks } from '../../src/snapshot/device-digests.js';
 import { chunkRuns } from '../../src/snapshot/chunk-runs.js';
@@ -145,11 +145,15 @@ test('device digests, in one worker or split over two, match each chunk\'s crc32
   const expect = { sha256: (data: Buffer) => createHash('sha256').update(data).digest(), crc32x8: eighths } as const;
   // Two workers as on a machine of three cores or more, and this machine's own choice.
   for (const [algorithm, parts] of [['crc32x8', 2], ['sha256', 2], ['crc32x8', undefined]] as const) {
-    const digests = await digestDeviceChunks(image, chunks, chunkSize, sizeBytes, algorithm, parts);
+    const digests = await digestDeviceChunks(image, Float64Array.from(chunks), chunkSize, sizeBytes, algorithm, parts);
     assert.equal(digests.size, chunks.length);
-    for (const c of chunks) assert.ok(digests.get(c)?.equals(expect[algorithm](chunkOf(c))), `${algorithm} chunk ${c}`);
+    chunks.forEach((c, i) => {
+      assert.equal(digests.indexOf(c), i);
+      assert.ok(digests.digest(i).equals(expect[algorithm](chunkOf(c))), `${algorithm} chunk ${c}`);
+    });
+    assert.equal(digests.indexOf(5), -1, 'a chunk not asked for');
   }
-  await assert.rejects(digestDeviceChunks(path.join(dir, 'missing.img'), [0], chunkSize, sizeBytes, 'crc32x8'), isError('EIO'));
+  await assert.rejects(digestDeviceChunks(path.join(dir, 'missing.img'), Float64Array.of(0), chunkSize, sizeBytes, 'crc32x8'), isError('EIO'));
 });
 
 test('chunkRuns splits sorted chunks at gaps and at the run limit', () => {
@@ -174,4 +178,29 @@ test('indexMatches accepts exactly the index it was written from, in chunk order
   const damaged = Buffer.from(file);
   damaged[20]! ^= 1;
   assert.throws(() => indexMatches(damaged, index), isError('ECORRUPT'));
+});
+
+test('a digests file reads as a table in chunk order; out-of-order files are put in order, repeated chunks refused', () => {
+  const digestOf = (c: number): Buffer => createHash('sha256').update(String(c)).digest();
+  const sorted = [1, 4, 9, 2 ** 35];
+  const table = decodeDigests(encodeDigestArrays(sorted, Buffer.concat(sorted.map(digestOf))));
+  assert.deepEqual([...table.chunks], sorted);
+  sorted.forEach((c, i) => {
+    assert.equal(table.indexOf(c), i);
+    assert.ok(table.digest(i).equals(digestOf(c)));
+    assert.ok(table.equalsAt(i, digestOf(c)));
+    assert.equal(table.equalsAt(i, digestOf(c + 1)), false);
+  });
+  assert.equal(table.indexOf(5), -1);
+  const shuffled = [9, 1, 2 ** 35, 4];
+  const fromShuffled = decodeDigests(encodeDigestArrays(shuffled, Buffer.concat(shuffled.map(digestOf))));
+  assert.deepEqual([...fromShuffled.chunks], sorted);
+  assert.ok(fromShuffled.alignedWith(table));
+  sorted.forEach((_c, i) => assert.ok(fromShuffled.sameAt(i, table, i)));
+  assert.equal(fromShuffled.sameAt(0, table, 1), false);
+  assert.ok(table.sameChunksAs(new Map(sorted.map((c) => [c, 0]))));
+  assert.equal(table.sameChunksAs(new Map(sorted.slice(1).map((c) => [c, 0]))), false);
+  assert.equal(table.sameChunksAs(new Map([...sorted.slice(1), 7].map((c) => [c, 0]))), false);
+  const twice = [4, 1, 4];
+  assert.throws(() => decodeDigests(encodeDigestArrays(twice, Buffer.concat(twice.map(digestOf)))), isError('ECORRUPT', /lists chunk 4 twice/));
 });

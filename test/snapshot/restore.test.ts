@@ -240,7 +240,7 @@ test('after a restore, a later session is undone by restoring the same session a
 
 /** Turn a session into one of the first format: sha256 end digests, no digestAlgorithm in the manifest. */
 function toSha256Session(sessionDir: string, image: string): void {
-  const chunks = [...decodeDigests(fs.readFileSync(path.join(sessionDir, DIGESTS_FILE))).keys()].sort((a, b) => a - b);
+  const chunks = [...decodeDigests(fs.readFileSync(path.join(sessionDir, DIGESTS_FILE))).chunks];
   const content = fs.readFileSync(image);
   const digests = Buffer.concat(chunks.map((c) => createHash('sha256').update(content.subarray(c * CS, (c + 1) * CS)).digest()));
   fs.writeFileSync(path.join(sessionDir, DIGESTS_FILE), encodeDigestArrays(chunks, digests));

@@ -33,12 +33,13 @@ export async function applyPlan(device: BlockDevice, plan: RestorePlan, onProgre
       pieces.length = 0;
       // Adjacent chunks whose originals lie in order in one store are read in one piece.
       for (let k = from; k < to;) {
-        const p = plan.entries.get(chunks[k]!)!;
+        const session = plan.sessionOf[k]!;
+        const position = plan.positions[k]!;
         let m = k + 1;
-        while (m < to && plan.entries.get(chunks[m]!)!.session === p.session && plan.entries.get(chunks[m]!)!.position === p.position + (m - k) * cs) m++;
+        while (m < to && plan.sessionOf[m] === session && plan.positions[m] === position + (m - k) * cs) m++;
         const at = (chunks[k]! - first) * cs;
         const length = Math.min((chunks[m - 1]! - first + 1) * cs, runBytes) - at;
-        pieces.push({ session: p.session, position: p.position, at, length });
+        pieces.push({ session: plan.sessions[session]!, position, at, length });
         k = m;
       }
       scratch ??= Buffer.allocUnsafe(maxRun * cs);

@@ -18,6 +18,7 @@ import { BdsnapError, toBdsnapError } from '../../errors.js';
 import type { BlockDevice, DeviceIdentity } from '../../device/block-device.js';
 import { preadFully } from '../../host/fd-io.js';
 import { DATA_FILE, DIGEST_ALGORITHM, DIGESTS_FILE, INDEX_FILE, chunkDigest, decodeDigests, indexMatches, type DigestAlgorithm } from '../format.js';
+import type { DigestTable } from '../digest-table.js';
 import { scanData } from '../store.js';
 import { digestDeviceChunks } from '../device-digests.js';
 import { forEachChunk } from '../chunk-runs.js';
@@ -33,14 +34,19 @@ export interface LoadedSession {
   fd: number;
   /** chunk -> position of its original in data.bin */
   index: Map<number, number>;
-  digests: Map<number, Buffer> | undefined;
+  digests: DigestTable | undefined;
 }
 
-/** What to write: each chunk's original, where it is kept, and the chunks in offset order. */
+/**
+ * What to write, in offset order: chunks[i]'s original is in sessions[sessionOf[i]]'s store at
+ * positions[i]. Parallel typed arrays, not an object per chunk.
+ */
 export interface RestorePlan {
-  entries: Map<number, { session: LoadedSession; position: number }>;
   /** Sorted. */
   chunks: Float64Array;
+  sessions: LoadedSession[];
+  sessionOf: Uint32Array;
+  positions: Float64Array;
   bytes: number;
   chunkSize: number;
 }
@@ -64,7 +70,7 @@ export function checkIdentity(devicePath: string, current: DeviceIdentity, s: Se
 }
 
 /** The end digests of a complete session (undefined for any other state). Errors: ECORRUPT. */
-export async function readSessionDigests(info: SessionInfo): Promise<Map<number, Buffer> | undefined> {
+export async function readSessionDigests(info: SessionInfo): Promise<DigestTable | undefined> {
   if (info.state !== 'complete') return undefined;
   const raw = await readOptional(path.join(info.dir, DIGESTS_FILE));
   if (raw === undefined) throw new BdsnapError('ECORRUPT', `${info.dir}: the session is complete but ${DIGESTS_FILE} is missing`);
@@ -72,7 +78,7 @@ export async function readSessionDigests(info: SessionInfo): Promise<Map<number,
 }
 
 /** Open and verify one session's store. The caller closes `fd`. Errors: ECORRUPT. */
-export async function loadSession(info: SessionInfo, digestsRead: Promise<Map<number, Buffer> | undefined>): Promise<LoadedSession> {
+export async function loadSession(info: SessionInfo, digestsRead: Promise<DigestTable | undefined>): Promise<LoadedSession> {
   const dataPath = path.join(info.dir, DATA_FILE);
   let fd: number;
   try {
@@ -96,7 +102,7 @@ export async function loadSession(info: SessionInfo, digestsRead: Promise<Map<nu
       throw new BdsnapError('ECORRUPT', `${path.join(info.dir, INDEX_FILE)} does not match ${DATA_FILE}`);
     }
     const digests = await digestsRead;
-    if (digests !== undefined && !sameKeys(digests, scan.index)) {
+    if (digests !== undefined && !digests.sameChunksAs(scan.index)) {
       throw new BdsnapError('ECORRUPT', `${path.join(info.dir, DIGESTS_FILE)} does not list the same chunks as ${DATA_FILE}`);
     }
     // A torn tail (crashed session) is not applied: keep only the valid records' bytes.
@@ -105,13 +111,6 @@ export async function loadSession(info: SessionInfo, digestsRead: Promise<Map<nu
     fs.closeSync(fd);
     throw err;
   }
-}
-
-/** Same chunks in both maps. */
-function sameKeys(a: Map<number, unknown>, b: Map<number, unknown>): boolean {
-  if (a.size !== b.size) return false;
-  for (const c of a.keys()) if (!b.has(c)) return false;
-  return true;
 }
 
 /** One original from a session's store. Errors: ECORRUPT (store too short). */
@@ -123,30 +122,54 @@ export async function readOriginal(s: LoadedSession, position: number, lengthByt
 
 /** Oldest first: the first session of the chain that touched a chunk holds the original to write. */
 export function buildPlan(loaded: LoadedSession[], chunkSize: number, deviceSize: number): RestorePlan {
-  const entries: RestorePlan['entries'] = new Map();
-  for (const s of loaded) for (const [chunk, position] of s.index) if (!entries.has(chunk)) entries.set(chunk, { session: s, position });
+  // chunk -> which session holds its original; with one session, every chunk is its own.
+  let owner: Map<number, number> | undefined;
+  if (loaded.length > 1) {
+    owner = new Map();
+    loaded.forEach((s, k) => {
+      for (const chunk of s.index.keys()) if (!owner!.has(chunk)) owner!.set(chunk, k);
+    });
+  }
   // A typed array sorts numerically, several times faster than a comparator over an array.
-  const chunks = Float64Array.from(entries.keys()).sort();
+  const chunks = Float64Array.from(owner ? owner.keys() : (loaded[0]?.index.keys() ?? [])).sort();
+  const sessionOf = new Uint32Array(chunks.length);
+  const positions = new Float64Array(chunks.length);
   let bytes = 0;
-  for (const c of chunks) bytes += Math.min(chunkSize, deviceSize - c * chunkSize);
-  return { entries, chunks, bytes, chunkSize };
+  for (let i = 0; i < chunks.length; i++) {
+    const c = chunks[i]!;
+    const k = owner ? owner.get(c)! : 0;
+    sessionOf[i] = k;
+    positions[i] = loaded[k]!.index.get(c)!;
+    bytes += Math.min(chunkSize, deviceSize - c * chunkSize);
+  }
+  return { chunks, sessions: loaded, sessionOf, positions, bytes, chunkSize };
 }
 
-/** Device end digests by algorithm, then by chunk. */
-export type DeviceDigests = Map<DigestAlgorithm, Map<number, Buffer>>;
+/** Device end digests by algorithm. */
+export type DeviceDigests = Map<DigestAlgorithm, DigestTable>;
 
-/** Hash the `wanted` chunks of the device in worker threads, each with its algorithm. */
-export async function digestDevice(devicePath: string, wanted: Map<number, DigestAlgorithm>, cs: number, sizeBytes: number): Promise<DeviceDigests> {
+/**
+ * The device chunks to digest, by algorithm, sorted: every chunk some session of the chain has
+ * an end digest for, with the algorithm of the newest such session (`tables` oldest first).
+ */
+export function wantedDigests(tables: Array<{ algorithm: DigestAlgorithm; digests: DigestTable | undefined }>): Map<DigestAlgorithm, Float64Array> {
+  const present = tables.filter((t) => t.digests !== undefined && t.digests.size > 0);
+  if (present.length === 1) return new Map([[present[0]!.algorithm, present[0]!.digests!.chunks]]);
+  const newest = new Map<number, DigestAlgorithm>();
+  for (const t of present) for (const c of t.digests!.chunks) newest.set(c, t.algorithm);
   const byAlgorithm = new Map<DigestAlgorithm, number[]>();
-  for (const [c, algorithm] of wanted) {
+  for (const [c, algorithm] of newest) {
     const list = byAlgorithm.get(algorithm);
     if (list) list.push(c);
     else byAlgorithm.set(algorithm, [c]);
   }
+  return new Map([...byAlgorithm].map(([algorithm, list]) => [algorithm, Float64Array.from(list).sort()]));
+}
+
+/** Hash the `wanted` chunks of the device in worker threads, each list with its algorithm. */
+export async function digestDevice(devicePath: string, wanted: Map<DigestAlgorithm, Float64Array>, cs: number, sizeBytes: number): Promise<DeviceDigests> {
   const out: DeviceDigests = new Map();
-  for (const [algorithm, chunks] of byAlgorithm) {
-    out.set(algorithm, await digestDeviceChunks(devicePath, Float64Array.from(chunks).sort(), cs, sizeBytes, algorithm));
-  }
+  for (const [algorithm, chunks] of wanted) out.set(algorithm, await digestDeviceChunks(devicePath, chunks, cs, sizeBytes, algorithm));
   return out;
 }
 
@@ -161,27 +184,30 @@ export async function verifyDigests(device: BlockDevice, loaded: LoadedSession[]
   const fromStores: Array<{ session: LoadedSession; chunk: number; expected: Buffer; source: LoadedSession }> = [];
   for (let k = 0; k < loaded.length; k++) {
     const s = loaded[k]!;
-    if (!s.digests) continue;
+    const table = s.digests;
+    if (!table) continue;
     const algorithm = s.info.digestAlgorithm;
     const newer = loaded.slice(k + 1);
+    const touchedByNewer = (chunk: number): boolean => newer.length > 0 && newer.some((n) => n.index.has(chunk));
+    const computed = precomputed.get(algorithm);
+    // The usual case: the device was digested for exactly this table's chunks, entry by entry.
+    const aligned = computed !== undefined && computed.alignedWith(table);
+    const at = (chunk: number, i: number): number => (aligned ? i : computed?.indexOf(chunk) ?? -1);
     const missing: number[] = [];
-    let digests = precomputed.get(algorithm);
-    for (const [chunk, expected] of s.digests) {
+    for (let i = 0; i < table.size; i++) {
+      const chunk = table.chunks[i]!;
       const source = newer.length === 0 ? undefined : newer.find((n) => n.index.has(chunk));
-      if (source) fromStores.push({ session: s, chunk, expected, source });
-      else if (!digests?.has(chunk)) missing.push(chunk);
+      if (source) fromStores.push({ session: s, chunk, expected: table.digest(i), source });
+      else if (at(chunk, i) < 0) missing.push(chunk);
     }
-    if (missing.length > 0) {
-      digests ??= new Map<number, Buffer>();
-      precomputed.set(algorithm, digests);
-      const into = digests;
-      await forEachChunk(device, missing.sort((a, b) => a - b), cs, BATCH_BYTES, (c, data) => into.set(c, chunkDigest(data, algorithm)));
-    }
-    for (const [chunk, expected] of s.digests) {
-      const actual = digests?.get(chunk);
-      if (actual !== undefined && !actual.equals(expected) && !newer.some((n) => n.index.has(chunk))) {
-        mismatches.push({ session: s, chunk, against: 'the device' });
-      }
+    // Device digests nobody computed beforehand (sorted, as the table is).
+    const extra = new Map<number, Buffer>();
+    if (missing.length > 0) await forEachChunk(device, missing, cs, BATCH_BYTES, (c, data) => extra.set(c, chunkDigest(data, algorithm)));
+    for (let i = 0; i < table.size; i++) {
+      const chunk = table.chunks[i]!;
+      if (touchedByNewer(chunk)) continue;
+      const j = at(chunk, i);
+      if (!(j >= 0 ? table.sameAt(i, computed!, j) : table.equalsAt(i, extra.get(chunk)!))) mismatches.push({ session: s, chunk, against: 'the device' });
     }
   }
   for (const check of fromStores) {
@@ -210,12 +236,12 @@ export async function verifyDigests(device: BlockDevice, loaded: LoadedSession[]
 /** Whether the device already holds every original of the plan (a finished restore, run again). */
 export async function alreadyRestored(device: BlockDevice, plan: RestorePlan): Promise<boolean> {
   const cs = plan.chunkSize;
-  const current = new Map<number, Buffer>();
-  await forEachChunk(device, plan.chunks, cs, BATCH_BYTES, (c, data) => current.set(c, chunkDigest(data, DIGEST_ALGORITHM)));
-  for (const c of plan.chunks) {
-    const p = plan.entries.get(c)!;
-    const original = await readOriginal(p.session, p.position, Math.min(cs, device.size - c * cs));
-    if (!chunkDigest(original, DIGEST_ALGORITHM).equals(current.get(c)!)) return false;
+  const current: Buffer[] = [];
+  await forEachChunk(device, plan.chunks, cs, BATCH_BYTES, (_c, data, i) => (current[i] = chunkDigest(data, DIGEST_ALGORITHM)));
+  for (let i = 0; i < plan.chunks.length; i++) {
+    const c = plan.chunks[i]!;
+    const original = await readOriginal(plan.sessions[plan.sessionOf[i]!]!, plan.positions[i]!, Math.min(cs, device.size - c * cs));
+    if (!chunkDigest(original, DIGEST_ALGORITHM).equals(current[i]!)) return false;
   }
   return true;
 }

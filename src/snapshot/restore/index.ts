@@ -27,11 +27,11 @@ import { performance } from 'node:perf_hooks';
 import { BdsnapError } from '../../errors.js';
 import { FileDevice } from '../../device/file-device.js';
 import type { BlockDevice } from '../../device/block-device.js';
-import { JOURNAL_FILE, type DigestAlgorithm } from '../format.js';
+import { JOURNAL_FILE } from '../format.js';
 import { recoverSession } from '../sessions.js';
 import { resolveChain } from './chain.js';
 import {
-  alreadyRestored, buildPlan, checkIdentity, digestDevice, loadSession, readSessionDigests, verifyDigests, type DeviceDigests, type LoadedSession,
+  alreadyRestored, buildPlan, checkIdentity, digestDevice, loadSession, readSessionDigests, verifyDigests, wantedDigests, type DeviceDigests, type LoadedSession,
 } from './check.js';
 import { applyPlan, checkOutput, copyToOutput } from './apply.js';
 import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
@@ -106,12 +106,9 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     for (const d of digestsOf.values()) d.catch(() => undefined); // loadSession reports the error
     let deviceDigests: Promise<DeviceDigests> | undefined;
     if (!options.force && !(journal?.state === 'running' && outputPath === undefined)) {
-      const wanted = new Map<number, DigestAlgorithm>();
-      for (const s of chain) {
-        const digests = await digestsOf.get(s.dir)!.catch(() => undefined);
-        for (const c of digests?.keys() ?? []) wanted.set(c, s.digestAlgorithm);
-      }
-      deviceDigests = digestDevice(devicePath, wanted, target.chunkSize, device.size);
+      const tables = [];
+      for (const s of chain) tables.push({ algorithm: s.digestAlgorithm, digests: await digestsOf.get(s.dir)!.catch(() => undefined) });
+      deviceDigests = digestDevice(devicePath, wantedDigests(tables), target.chunkSize, device.size);
       deviceDigests.catch(() => undefined);
     }
     for (const s of chain) loaded.push(await loadSession(s, digestsOf.get(s.dir)!));
