@@ -22,6 +22,7 @@
 
 import fs from 'node:fs';
 import { promisify } from 'node:util';
+import { performance } from 'node:perf_hooks';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { decodeDevT } from '../host/dev-t.js';
 import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
@@ -31,6 +32,7 @@ import {
   type ZeroOptions,
 } from './block-device.js';
 import { acquireDeviceLock, type DeviceLock } from './device-lock.js';
+import { SyncIoPolicy } from './sync-io-policy.js';
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 const closeAsync = promisify(fs.close);
@@ -44,6 +46,8 @@ export interface FileDeviceOptions {
   readOnly?: boolean;
   /** Skip the one-opener lock (for a second handle inside the same process). Default false. */
   shared?: boolean;
+  /** Which transfers run synchronously (default: sizes from the environment; see sync-io-policy.ts). */
+  syncIo?: SyncIoPolicy;
 }
 
 export class FileDevice implements BlockDevice {
@@ -63,10 +67,13 @@ export class FileDevice implements BlockDevice {
   #inFlight = 0;
   /** Resolved when #inFlight drops to 0 after close() began. */
   #drained: (() => void) | undefined;
-  readonly #syncIoMaxBytes = syncIoMaxBytes();
+  readonly #syncIo: SyncIoPolicy;
 
-  private constructor(path: string, fd: number, size: number, readOnly: boolean, identity: DeviceIdentity, lock: DeviceLock | undefined) {
+  private constructor(
+    path: string, fd: number, size: number, readOnly: boolean, identity: DeviceIdentity, lock: DeviceLock | undefined, syncIo: SyncIoPolicy,
+  ) {
     this.path = path;
+    this.#syncIo = syncIo;
     this.#fd = fd;
     this.size = size;
     this.readOnly = readOnly;
@@ -100,7 +107,7 @@ export class FileDevice implements BlockDevice {
         throw new BdsnapError(e.code, `cannot open ${path}: ${e.message}`, { cause: err });
       }
       const size = kind === 'block' ? await blockDeviceSize(path, st.rdev) : st.size;
-      return new FileDevice(path, fd, size, readOnly, identity, lock);
+      return new FileDevice(path, fd, size, readOnly, identity, lock, options.syncIo ?? new SyncIoPolicy());
     } catch (err) {
       await lock?.release();
       throw err;
@@ -110,8 +117,8 @@ export class FileDevice implements BlockDevice {
   async read(target: Buffer, offsetBytes: number): Promise<void> {
     this.#checkOpen();
     checkRange(this, offsetBytes, target.length, false);
-    if (target.length <= this.#syncIoMaxBytes) {
-      this.#readSync(target, offsetBytes);
+    if (this.#syncIo.sync(target.length, performance.now())) {
+      this.#timedSync(target.length, () => this.#readSync(target, offsetBytes));
       return;
     }
     await this.#tracked(async () => {
@@ -125,8 +132,8 @@ export class FileDevice implements BlockDevice {
     this.#checkOpen();
     this.#checkWritable();
     checkRange(this, offsetBytes, data.length, true);
-    if (data.length <= this.#syncIoMaxBytes) {
-      this.#writeSync(data, offsetBytes);
+    if (this.#syncIo.sync(data.length, performance.now())) {
+      this.#timedSync(data.length, () => this.#writeSync(data, offsetBytes));
     } else {
       await this.#tracked(() => pwriteFully(this.#fd, data, offsetBytes));
     }
@@ -159,7 +166,7 @@ export class FileDevice implements BlockDevice {
       let done = 0;
       while (done < lengthBytes) {
         const n = Math.min(ZERO_BUFFER_BYTES, lengthBytes - done);
-        if (n <= this.#syncIoMaxBytes) this.#writeSync(zeroes.subarray(0, n), offsetBytes + done);
+        if (n <= this.#syncIo.smallMaxBytes) this.#writeSync(zeroes.subarray(0, n), offsetBytes + done);
         else await pwriteFully(this.#fd, zeroes.subarray(0, n), offsetBytes + done);
         done += n;
       }
@@ -228,10 +235,20 @@ export class FileDevice implements BlockDevice {
     void this.#tracked(() => libc.startWriteback(this.#fd, offsetBytes, lengthBytes));
   }
 
-  // Small transfers are done synchronously: a page-cache hit costs a few microseconds, far
-  // less than the thread-pool round trip (measured: 4 KiB random I/O through the NBD server
-  // went from about 0.5x to about 0.9x of nbdkit). A cache miss blocks the event loop for
-  // one small I/O, which is the price; BDSNAP_SYNC_IO_MAX_BYTES=0 turns this off.
+  // Small transfers are done synchronously, and large ones while they stay fast (see
+  // sync-io-policy.ts): a page-cache hit costs less than the thread-pool round trip (measured:
+  // 4 KiB random I/O through the NBD server went from about 0.5x to about 0.9x of nbdkit).
+  #timedSync(bytes: number, transfer: () => void): void {
+    if (bytes <= this.#syncIo.smallMaxBytes) {
+      transfer();
+      return;
+    }
+    const startedMs = performance.now();
+    transfer();
+    const endMs = performance.now();
+    this.#syncIo.record(bytes, endMs - startedMs, endMs);
+  }
+
   #readSync(target: Buffer, offsetBytes: number): void {
     let done: number;
     try {
@@ -270,13 +287,6 @@ export class FileDevice implements BlockDevice {
       if (--this.#inFlight === 0) this.#drained?.();
     }
   }
-}
-
-/** Transfers up to this size use synchronous I/O (see #readSync). Default 64 KiB. */
-function syncIoMaxBytes(): number {
-  const text = process.env.BDSNAP_SYNC_IO_MAX_BYTES;
-  const value = text === undefined ? 65536 : Number(text);
-  return Number.isSafeInteger(value) && value >= 0 ? value : 65536;
 }
 
 /** Most extents in one answer; the protocol lets an answer stop short of the range asked. */

@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/device/block-device.js';
 import { FileDevice } from '../../src/device/file-device.js';
+import { SyncIoPolicy, BACKOFF_MS, SLOW_MS_PER_MIB } from '../../src/device/sync-io-policy.js';
 import { loadLibc } from '../../src/host/libc.js';
 import { BdsnapError } from '../../src/errors.js';
 import { needs } from '../helpers/needs.js';
@@ -101,10 +102,10 @@ test('close() waits for requests in flight, refuses new ones, and no late write 
   const image = path.join(dir, 'c.img');
   const SIZE = 64 << 20;
   makeImage(image, SIZE, 'zero');
-  const dev = await FileDevice.open(image);
+  // Large transfers on the thread pool, so they are still in flight when close() starts.
+  const dev = await FileDevice.open(image, { syncIo: new SyncIoPolicy(64 * 1024, 0) });
   const pattern = Buffer.alloc(1 << 20, 0x77);
   const settled: string[] = [];
-  // Large transfers go through the thread pool, so they are still in flight when close() starts.
   const requests: Array<Promise<unknown>> = [];
   for (let k = 0; k < 32; k++) {
     const offset = (k % 60) * (1 << 20);
@@ -152,4 +153,23 @@ test('startWriteback runs off the event loop, counts as a request until it is do
   assert.equal(dev.requestsInFlight, 1, 'the hint is in flight, so close() waits for it');
   await dev.close();
   assert.equal(dev.requestsInFlight, 0);
+});
+
+test('large transfers run synchronously while they stay fast, and go to the thread pool for a while after a slow one', () => {
+  const MiB = 1 << 20;
+  const policy = new SyncIoPolicy(64 * 1024, 4 * MiB);
+  assert.equal(policy.sync(4096, 0), true);
+  assert.equal(policy.sync(MiB, 0), true);
+  assert.equal(policy.sync(8 * MiB, 0), false, 'above the large limit: always the thread pool');
+  policy.record(MiB, SLOW_MS_PER_MIB * 0.5, 10);
+  assert.equal(policy.sync(MiB, 10), true, 'a fast copy changes nothing');
+  policy.record(4096, 50, 20);
+  assert.equal(policy.sync(MiB, 20), true, 'a slow small transfer changes nothing');
+  policy.record(2 * MiB, SLOW_MS_PER_MIB * 2.5, 100);
+  assert.equal(policy.backedOff(100), true);
+  assert.equal(policy.sync(MiB, 100 + BACKOFF_MS - 1), false, 'backed off after a slow one');
+  assert.equal(policy.sync(4096, 101), true, 'small transfers stay synchronous');
+  assert.equal(policy.sync(MiB, 100 + BACKOFF_MS), true, 'and back once the back-off is over');
+  const off = new SyncIoPolicy(0, 0);
+  assert.equal(off.sync(512, 0), false, '0 turns synchronous transfers off');
 });
