@@ -8,9 +8,12 @@
  * - transfers up to `smallMaxBytes` (64 KiB) are always synchronous: a cache miss blocks the
  *   event loop for one small I/O;
  * - larger ones, up to `largeMaxBytes` (4 MiB), are synchronous while they stay fast. One that
- *   runs slower than SLOW_MS_PER_MIB (the data was not in the page cache, or the kernel
- *   throttled a writer with too many dirty pages) sends large transfers back to the thread pool
- *   for BACKOFF_MS, where a slow disk delays only the request that waits for it.
+ *   takes longer than SLOW_FLOOR_MS plus SLOW_MS_PER_MIB per MiB (the data was not in the page
+ *   cache, or the kernel throttled a writer with too many dirty pages, which sleeps for
+ *   milliseconds at a time) sends large transfers back to the thread pool for BACKOFF_MS, where
+ *   a slow disk delays only the request that waits for it. The floor is there because a page-
+ *   cache copy of 256 KiB took up to 1.3 ms here when the thread lost its core for a moment:
+ *   without it, large transfers spent most of an `nbdcopy` on the thread pool.
  *
  * Measured with fio's sequential 1 MiB writes at depth 4 through the NBD server, against
  * nbdkit: 0.90x (0.79-1.06) on the thread pool, 1.04x (1.02-1.11) synchronous.
@@ -18,10 +21,11 @@
  * either off).
  */
 
-/** A large transfer slower than this per MiB did not come from (or go to) the page cache alone. */
+/** A large transfer slower than this, plus SLOW_MS_PER_MIB per MiB, did not come from (or go to) the page cache alone. */
+export const SLOW_FLOOR_MS = 4;
 export const SLOW_MS_PER_MIB = 2;
 /** How long large transfers stay on the thread pool after a slow one. */
-export const BACKOFF_MS = 1000;
+export const BACKOFF_MS = 250;
 
 const MiB = 1024 * 1024;
 
@@ -41,7 +45,7 @@ export class SyncIoPolicy {
 
   /** A synchronous transfer of `bytes` took `elapsedMs`, ending at `nowMs`. */
   record(bytes: number, elapsedMs: number, nowMs: number): void {
-    if (bytes > this.smallMaxBytes && elapsedMs > (SLOW_MS_PER_MIB * bytes) / MiB) this.#largeOffUntilMs = nowMs + BACKOFF_MS;
+    if (bytes > this.smallMaxBytes && elapsedMs > SLOW_FLOOR_MS + (SLOW_MS_PER_MIB * bytes) / MiB) this.#largeOffUntilMs = nowMs + BACKOFF_MS;
   }
 
   /** Whether large transfers are on the thread pool at `nowMs` (after a slow one). */
