@@ -46,6 +46,11 @@ export interface Libc {
    */
   cloneRange(srcFd: number, srcOffsetBytes: number, dstFd: number, dstOffsetBytes: number, lengthBytes: number): Promise<CloneResult>;
   /**
+   * cloneRange on the calling thread: no thread hand-off, but the call blocks while the
+   * filesystem waits for the inode locks and writes back dirty pages of the source range.
+   */
+  cloneRangeSync(srcFd: number, srcOffsetBytes: number, dstFd: number, dstOffsetBytes: number, lengthBytes: number): CloneResult;
+  /**
    * sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE): start writing back the dirty
    * pages of the range without waiting for them, so that a later fdatasync finds less to do.
    * A hint only: it makes nothing durable (no metadata, no disk cache flush), and a failure is
@@ -132,7 +137,7 @@ function bind(): { libc: Libc | undefined; reason: string } {
         if (errno === ENXIO) return null;
         throw Object.assign(new Error(`lseek(SEEK_${whence.toUpperCase()}) on descriptor ${fd} at ${offset} failed (errno ${errno})`), { errno });
       },
-      cloneRange: bindCloneRange(koffi, lib),
+      ...bindCloneRange(koffi, lib),
       setSendBuffer(fd: number, bytes: number): boolean {
         const value = Buffer.alloc(4);
         value.writeInt32LE(bytes);
@@ -159,9 +164,9 @@ const FICLONERANGE_BY_ARCH: Partial<Record<NodeJS.Architecture, number>> = {
 /** The errno values that mean "this pair cannot be cloned", not "something broke". */
 const CLONE_UNSUPPORTED_ERRNO = new Set([95 /* EOPNOTSUPP */, 18 /* EXDEV */, 22 /* EINVAL */, 25 /* ENOTTY */]);
 
-function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof import('koffi').load>): Libc['cloneRange'] {
+function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof import('koffi').load>): Pick<Libc, 'cloneRange' | 'cloneRangeSync'> {
   const request = FICLONERANGE_BY_ARCH[process.arch];
-  if (request === undefined) return () => Promise.resolve('unsupported');
+  if (request === undefined) return { cloneRange: () => Promise.resolve('unsupported'), cloneRangeSync: () => 'unsupported' };
   // struct file_clone_range { s64 src_fd; u64 src_offset; u64 src_length; u64 dest_offset; }, passed
   // as a koffi struct: koffi copies it into the call's own memory, which lives until the worker
   // thread is done. (A Buffer passed as `void *` is not kept alive by an asynchronous call: once
@@ -169,30 +174,38 @@ function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof im
   const fileCloneRange = koffi.struct({ src_fd: 'int64_t', src_offset: 'uint64_t', src_length: 'uint64_t', dest_offset: 'uint64_t' });
   // Declared with a pointer third argument: ioctl's variadic argument is passed the same way on Linux ABIs.
   const ioctl = lib.func('ioctl', 'int', ['int', 'unsigned long', koffi.pointer(fileCloneRange)]);
-  return (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) => new Promise((resolve, reject) => {
+  const argument = (srcFd: number, srcOffsetBytes: number, dstOffsetBytes: number, lengthBytes: number): Record<string, number> => {
     // A length of 0 would mean "to the end of the source": never ask for that by accident.
     if (!(lengthBytes > 0)) throw new Error(`cloneRange: length must be positive, got ${lengthBytes}`);
-    const arg = { src_fd: srcFd, src_offset: srcOffsetBytes, src_length: lengthBytes, dest_offset: dstOffsetBytes };
-    // The ioctl is issued on the destination, naming the source inside the argument. koffi
-    // hands the worker thread's errno of a failed asynchronous call back with its callback.
-    ioctl.async(dstFd, request, arg, (err: unknown, rc: number) => {
-      if (err) {
-        reject(err instanceof Error ? err : new Error(String(err)));
-        return;
-      }
-      if (rc === 0) {
-        resolve('cloned');
-        return;
-      }
-      const errno = koffi.errno();
-      if (CLONE_UNSUPPORTED_ERRNO.has(errno)) {
-        resolve('unsupported');
-        return;
-      }
-      const code = errnoName(errno);
-      reject(Object.assign(new Error(`ioctl(FICLONERANGE) of ${lengthBytes} bytes failed: ${code ?? `errno ${errno}`}`), { errno, code }));
-    });
-  });
+    return { src_fd: srcFd, src_offset: srcOffsetBytes, src_length: lengthBytes, dest_offset: dstOffsetBytes };
+  };
+  // The ioctl is issued on the destination, naming the source inside the argument.
+  const outcome = (rc: number, lengthBytes: number): CloneResult => {
+    if (rc === 0) return 'cloned';
+    const errno = koffi.errno();
+    if (CLONE_UNSUPPORTED_ERRNO.has(errno)) return 'unsupported';
+    const code = errnoName(errno);
+    throw Object.assign(new Error(`ioctl(FICLONERANGE) of ${lengthBytes} bytes failed: ${code ?? `errno ${errno}`}`), { errno, code });
+  };
+  return {
+    cloneRange: (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) => new Promise((resolve, reject) => {
+      const arg = argument(srcFd, srcOffsetBytes, dstOffsetBytes, lengthBytes);
+      // koffi hands the worker thread's errno of a failed asynchronous call back with its callback.
+      ioctl.async(dstFd, request, arg, (err: unknown, rc: number) => {
+        if (err) {
+          reject(err instanceof Error ? err : new Error(String(err)));
+          return;
+        }
+        try {
+          resolve(outcome(rc, lengthBytes));
+        } catch (e) {
+          reject(e as Error);
+        }
+      });
+    }),
+    cloneRangeSync: (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) =>
+      outcome(ioctl(dstFd, request, argument(srcFd, srcOffsetBytes, dstOffsetBytes, lengthBytes)) as number, lengthBytes),
+  };
 }
 
 /** 'ENOSPC' for 28...: the `code` Node gives its own system errors, so callers branch alike. */
