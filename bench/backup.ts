@@ -35,6 +35,7 @@ import { dirBytes } from '../test/backup/helpers.js';
 import { makeImage } from '../test/helpers/files.js';
 import { run } from '../test/helpers/process.js';
 import { startServer, type NbdServer } from '../test/helpers/server.js';
+import { fillPageCache } from './page-cache.js';
 import { spread } from './report.js';
 
 
@@ -136,25 +137,6 @@ interface Sample {
   /** restic's restore and then an fdatasync of the restored file (bdsnap's restore includes one). */
   resticRestoreDurableSec: number;
   bigFullSec?: number; bigIncSec?: number;
-}
-
-/**
- * Write `bytes` to a scratch file, make it durable and delete it, outside the clock. This
- * virtual machine hands free memory back to its host, and the first step that fills that much
- * new page cache pays to get it back: in the bench each restore took two to three times as
- * long as alone, and whichever tool restored second took about twice as long as the first.
- */
-function fillPageCache(work: string, bytes: number): void {
-  const scratch = path.join(work, 'page-cache-fill');
-  const fd = fs.openSync(scratch, 'w');
-  try {
-    const buf = Buffer.alloc(8 * 1024 * 1024, 0x5a);
-    for (let at = 0; at < bytes; at += buf.length) fs.writeSync(fd, buf, 0, Math.min(buf.length, bytes - at), at);
-    fs.fdatasyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-    fs.rmSync(scratch, { force: true });
-  }
 }
 
 async function oneRun(work: string, image: string, server: NbdServer, opts: Options, resticFirst: boolean, big?: { image: string; server: NbdServer }): Promise<Sample> {

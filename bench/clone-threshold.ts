@@ -20,7 +20,7 @@ import { makeImage } from '../test/helpers/files.js';
 import { CleanupStack } from '../test/helpers/cleanup.js';
 import { missingNeeds } from '../test/helpers/needs.js';
 import { mountScratchFs, scratchFsNeeds } from '../test/helpers/scratch-fs.js';
-import { settleFile } from './rows.js';
+import { settleFile } from './page-cache.js';
 import { BENCH_CHUNK_BYTES, median, writeLoad } from './workloads.js';
 
 const DEPTH = 4;

@@ -3,8 +3,9 @@
  * in the same run, states what it measures, and carries its target (issue 12).
  *
  * Fairness rules every row follows:
- * - Each cell starts from the same cache state: the image (and any copy source) written back
- *   and read into the page cache just before the server starts (settleFile).
+ * - Each cell starts from the same cache state: an image's worth of memory got back from the
+ *   host (fillPageCache), then the image (and any copy source) written back and read into the
+ *   page cache just before the server starts (settleFile).
  * - The images are full of data (no holes, no zero blocks), and stay so: every row that
  *   writes writes non-zero data, and the restore row fills the image again after its dd.
  * - First-write rows really write first: a fresh session per cell, and every write lands in
@@ -26,6 +27,7 @@ import { CleanupStack } from '../test/helpers/cleanup.js';
 import { missingNeeds } from '../test/helpers/needs.js';
 import { MIN_SCRATCH_FS_BYTES, mountScratchFs, scratchFsNeeds } from '../test/helpers/scratch-fs.js';
 import { copyFloorRatio } from './copy-floor.js';
+import { fillPageCache, settleFile } from './page-cache.js';
 import { measureRestore } from './restore.js';
 import { BDSNAP_REWRITE, BDSNAP_SERVE, BDSNAP_SESSION, NBDKIT_FILE, type RunningTarget, type Target } from './targets.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
@@ -67,23 +69,10 @@ export interface BenchRow {
   unavailable?(): string | undefined;
 }
 
-/**
- * Write back the file's dirty pages and read all of it, so that it sits clean in the page
- * cache (some machines page out file pages idle for a minute; the previous cell's write-back
- * must not run during this one).
- */
-export function settleFile(filePath: string): void {
-  const fd = fs.openSync(filePath, 'r');
-  try {
-    fs.fdatasyncSync(fd);
-    const buf = Buffer.allocUnsafe(8 * 1024 * 1024);
-    for (let pos = 0; ; pos += buf.length) if (fs.readSync(fd, buf, 0, buf.length, pos) === 0) break;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 async function withTarget<T>(target: Target, context: RowContext, fn: (running: RunningTarget) => Promise<T>, snapshotParent?: string): Promise<T> {
+  // Both sides start with an image's worth of memory back from the host (a session's store
+  // grows by up to that much; copy-floor gets the same from its untimed first pass).
+  fillPageCache(context.dir, context.imageBytes);
   settleFile(context.imagePath);
   const running = await target.start({ imagePath: context.imagePath, ...(snapshotParent !== undefined ? { snapshotParent } : {}) });
   try {
