@@ -22,7 +22,6 @@
 
 import fs from 'node:fs';
 import { promisify } from 'node:util';
-import { performance } from 'node:perf_hooks';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { decodeDevT } from '../host/dev-t.js';
 import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
@@ -117,8 +116,8 @@ export class FileDevice implements BlockDevice {
   async read(target: Buffer, offsetBytes: number): Promise<void> {
     this.#checkOpen();
     checkRange(this, offsetBytes, target.length, false);
-    if (this.#syncIo.sync(target.length, performance.now())) {
-      this.#timedSync(target.length, () => this.#readSync(target, offsetBytes));
+    if (this.#syncIo.sync(target.length)) {
+      this.#syncIo.run(target.length, () => this.#readSync(target, offsetBytes));
       return;
     }
     await this.#tracked(async () => {
@@ -132,8 +131,8 @@ export class FileDevice implements BlockDevice {
     this.#checkOpen();
     this.#checkWritable();
     checkRange(this, offsetBytes, data.length, true);
-    if (this.#syncIo.sync(data.length, performance.now())) {
-      this.#timedSync(data.length, () => this.#writeSync(data, offsetBytes));
+    if (this.#syncIo.sync(data.length)) {
+      this.#syncIo.run(data.length, () => this.#writeSync(data, offsetBytes));
     } else {
       await this.#tracked(() => pwriteFully(this.#fd, data, offsetBytes));
     }
@@ -166,8 +165,9 @@ export class FileDevice implements BlockDevice {
       let done = 0;
       while (done < lengthBytes) {
         const n = Math.min(ZERO_BUFFER_BYTES, lengthBytes - done);
-        if (n <= this.#syncIo.smallMaxBytes) this.#writeSync(zeroes.subarray(0, n), offsetBytes + done);
-        else await pwriteFully(this.#fd, zeroes.subarray(0, n), offsetBytes + done);
+        const piece = zeroes.subarray(0, n);
+        if (this.#syncIo.sync(n)) this.#syncIo.run(n, () => this.#writeSync(piece, offsetBytes + done));
+        else await pwriteFully(this.#fd, piece, offsetBytes + done);
         done += n;
       }
       if (options?.fua) await fdatasyncAsync(this.#fd);
@@ -223,14 +223,12 @@ export class FileDevice implements BlockDevice {
     if (libc === undefined || lengthBytes === 0) return 'unsupported';
     // A clone of a clean range is a few tens of microseconds: on this thread while clones stay
     // fast (the same policy as large transfers), else on koffi's worker thread.
-    if (this.#syncIo.sync(lengthBytes, performance.now())) {
-      let result: CloneResult = 'unsupported';
+    if (this.#syncIo.sync(lengthBytes)) {
       try {
-        this.#timedSync(lengthBytes, () => (result = libc.cloneRangeSync(this.#fd, offsetBytes, dstFd, dstOffsetBytes, lengthBytes)));
+        return this.#syncIo.run(lengthBytes, () => libc.cloneRangeSync(this.#fd, offsetBytes, dstFd, dstOffsetBytes, lengthBytes));
       } catch (err) {
         throw toBdsnapError(err);
       }
-      return result;
     }
     return this.#tracked(() => libc.cloneRange(this.#fd, offsetBytes, dstFd, dstOffsetBytes, lengthBytes));
   }
@@ -249,17 +247,6 @@ export class FileDevice implements BlockDevice {
   // Small transfers are done synchronously, and large ones while they stay fast (see
   // sync-io-policy.ts): a page-cache hit costs less than the thread-pool round trip (measured:
   // 4 KiB random I/O through the NBD server went from about 0.5x to about 0.9x of nbdkit).
-  #timedSync(bytes: number, transfer: () => void): void {
-    if (bytes <= this.#syncIo.smallMaxBytes) {
-      transfer();
-      return;
-    }
-    const startedMs = performance.now();
-    transfer();
-    const endMs = performance.now();
-    this.#syncIo.record(bytes, endMs - startedMs, endMs);
-  }
-
   #readSync(target: Buffer, offsetBytes: number): void {
     let done: number;
     try {

@@ -25,6 +25,8 @@
  * either off).
  */
 
+import { performance } from 'node:perf_hooks';
+
 /** A large transfer slower than this, plus SLOW_MS_PER_MIB per MiB, did not come from (or go to) the page cache alone. */
 export const SLOW_FLOOR_MS = 4;
 export const SLOW_MS_PER_MIB = 2;
@@ -41,15 +43,30 @@ export class SyncIoPolicy {
     readonly largeMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_LARGE_MAX_BYTES', 4 * MiB),
   ) {}
 
-  /** Whether a transfer of `bytes` should run synchronously at `nowMs`. */
-  sync(bytes: number, nowMs: number): boolean {
+  /** Whether a transfer of `bytes` should run synchronously (now, or at `nowMs`). */
+  sync(bytes: number, nowMs?: number): boolean {
     if (bytes <= this.smallMaxBytes) return true;
-    return bytes <= this.largeMaxBytes && nowMs >= this.#largeOffUntilMs;
+    return bytes <= this.largeMaxBytes && (nowMs ?? performance.now()) >= this.#largeOffUntilMs;
   }
 
   /** A synchronous transfer of `bytes` took `elapsedMs`, ending at `nowMs`. */
   record(bytes: number, elapsedMs: number, nowMs: number): void {
     if (bytes > this.smallMaxBytes && elapsedMs > SLOW_FLOOR_MS + (SLOW_MS_PER_MIB * bytes) / MiB) this.#largeOffUntilMs = nowMs + BACKOFF_MS;
+  }
+
+  /**
+   * Run `transfer` (of `bytes`, which sync() allowed) on this thread and return its result; a
+   * large one is timed and recorded. Small ones are not timed: they never back anything off.
+   */
+  run<T>(bytes: number, transfer: () => T): T {
+    if (bytes <= this.smallMaxBytes) return transfer();
+    const startedMs = performance.now();
+    try {
+      return transfer();
+    } finally {
+      const endMs = performance.now();
+      this.record(bytes, endMs - startedMs, endMs);
+    }
   }
 
   /** Whether large transfers are on the thread pool at `nowMs` (after a slow one). */

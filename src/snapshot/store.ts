@@ -22,7 +22,6 @@
 
 import fs from 'node:fs';
 import { promisify } from 'node:util';
-import { performance } from 'node:perf_hooks';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { crc32 } from 'node:zlib';
 import { preadFully, pwriteOnce } from '../host/fd-io.js';
@@ -277,17 +276,16 @@ export class StoreWriter {
       batch.end = last.start + last.bytes;
       const cloned = pending.some((p) => p.fill !== undefined);
       const bytes = batch.end - pending[0]!.start;
-      if (!cloned && !this.#strict && this.#syncIo.sync(bytes, performance.now())) {
-        const startedMs = performance.now();
+      if (!cloned && !this.#strict && this.#syncIo.sync(bytes)) {
         try {
-          for (const segment of segments(pending)) this.#writeAllSync(segment.buffers, segment.position, segment.bytes);
+          this.#syncIo.run(bytes, () => {
+            for (const segment of segments(pending)) this.#writeAllSync(segment.buffers, segment.position, segment.bytes);
+          });
           batch.state = 'written';
         } catch (err) {
           this.#writeFailed(err);
           batch.state = 'failed';
         }
-        const endMs = performance.now();
-        this.#syncIo.record(bytes, endMs - startedMs, endMs);
         continue;
       }
       this.#writeBatch(pending)

@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import { performance } from 'node:perf_hooks';
 import os from 'node:os';
 import path from 'node:path';
 import { EXTENT_HOLE, EXTENT_ZERO } from '../../src/device/block-device.js';
@@ -172,6 +173,20 @@ test('large transfers run synchronously while they stay fast, and go to the thre
   assert.equal(policy.sync(MiB, 100 + BACKOFF_MS - 1), false, 'backed off after a slow one');
   assert.equal(policy.sync(4096, 101), true, 'small transfers stay synchronous');
   assert.equal(policy.sync(MiB, 100 + BACKOFF_MS), true, 'and back once the back-off is over');
+  // run() hands back the transfer's result and its failure, and times only large transfers.
+  const fresh = new SyncIoPolicy(64 * 1024, 4 * MiB);
+  assert.equal(fresh.run(MiB, () => 'done'), 'done');
+  assert.throws(() => fresh.run(MiB, () => {
+    throw new Error('EIO here');
+  }), /EIO here/);
+  const stallMs = SLOW_FLOOR_MS + SLOW_MS_PER_MIB + 2;
+  const stall = (): void => {
+    for (const until = performance.now() + stallMs; performance.now() < until;);
+  };
+  fresh.run(4096, stall);
+  assert.equal(fresh.backedOff(performance.now()), false, 'a slow small transfer is not timed');
+  fresh.run(MiB, stall);
+  assert.equal(fresh.backedOff(performance.now()), true, 'a slow large one backs off');
   const off = new SyncIoPolicy(0, 0);
   assert.equal(off.sync(512, 0), false, '0 turns synchronous transfers off');
 });
