@@ -173,6 +173,10 @@ export async function digestDevice(devicePath: string, wanted: Map<DigestAlgorit
   return out;
 }
 
+/** Marks in verifyDigests' plan of checks (any other value is a place in the precomputed table). */
+const NEWER = -1;
+const HERE = -2;
+
 /**
  * The newest session's digests must match the device; each older session's must match what the
  * device would hold after the newer ones were restored (the newer sessions' originals, else the
@@ -188,26 +192,33 @@ export async function verifyDigests(device: BlockDevice, loaded: LoadedSession[]
     if (!table) continue;
     const algorithm = s.info.digestAlgorithm;
     const newer = loaded.slice(k + 1);
-    const touchedByNewer = (chunk: number): boolean => newer.length > 0 && newer.some((n) => n.index.has(chunk));
     const computed = precomputed.get(algorithm);
     // The usual case: the device was digested for exactly this table's chunks, entry by entry.
     const aligned = computed !== undefined && computed.alignedWith(table);
-    const at = (chunk: number, i: number): number => (aligned ? i : computed?.indexOf(chunk) ?? -1);
+    // Where each entry is checked, decided once: its place in `computed`, NEWER (against a newer
+    // session's original, after the device checks) or HERE (a digest computed below).
+    const where = new Int32Array(table.size);
     const missing: number[] = [];
     for (let i = 0; i < table.size; i++) {
       const chunk = table.chunks[i]!;
       const source = newer.length === 0 ? undefined : newer.find((n) => n.index.has(chunk));
-      if (source) fromStores.push({ session: s, chunk, expected: table.digest(i), source });
-      else if (at(chunk, i) < 0) missing.push(chunk);
+      if (source) {
+        fromStores.push({ session: s, chunk, expected: table.digest(i), source });
+        where[i] = NEWER;
+        continue;
+      }
+      const j = aligned ? i : computed?.indexOf(chunk) ?? -1;
+      where[i] = j >= 0 ? j : HERE;
+      if (j < 0) missing.push(chunk);
     }
     // Device digests nobody computed beforehand (sorted, as the table is).
-    const extra = new Map<number, Buffer>();
-    if (missing.length > 0) await forEachChunk(device, missing, cs, BATCH_BYTES, (c, data) => extra.set(c, chunkDigest(data, algorithm)));
+    const here = new Map<number, Buffer>();
+    if (missing.length > 0) await forEachChunk(device, missing, cs, BATCH_BYTES, (c, data) => here.set(c, chunkDigest(data, algorithm)));
     for (let i = 0; i < table.size; i++) {
+      const j = where[i]!;
+      if (j === NEWER) continue;
       const chunk = table.chunks[i]!;
-      if (touchedByNewer(chunk)) continue;
-      const j = at(chunk, i);
-      if (!(j >= 0 ? table.sameAt(i, computed!, j) : table.equalsAt(i, extra.get(chunk)!))) mismatches.push({ session: s, chunk, against: 'the device' });
+      if (!(j === HERE ? table.equalsAt(i, here.get(chunk)!) : table.sameAt(i, computed!, j))) mismatches.push({ session: s, chunk, against: 'the device' });
     }
   }
   for (const check of fromStores) {
