@@ -71,10 +71,10 @@ export function nativeLz4(): Lz4Native | null {
  * `zstd` and `lz4` fall back to brotli where their native piece is missing.
  */
 export function codecFor(choice: CodecChoice): Codec {
-  if (choice === 'zstd') return nativeZstd() ? CODEC_ZSTD : CODEC_BROTLI;
-  if (choice === 'lz4') return nativeLz4() ? CODEC_LZ4 : CODEC_BROTLI;
-  return choice === 'deflate' ? CODEC_DEFLATE : CODEC_BROTLI;
+  return usableCodec(CODEC_BY_CHOICE[choice]);
 }
+
+const CODEC_BY_CHOICE: Record<CodecChoice, Codec> = { zstd: CODEC_ZSTD, brotli: CODEC_BROTLI, deflate: CODEC_DEFLATE, lz4: CODEC_LZ4 };
 
 /** `codec`, or brotli where `codec` needs a native piece this thread does not have. */
 function usableCodec(codec: Codec): Codec {

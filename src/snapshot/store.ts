@@ -489,9 +489,10 @@ export class SequentialReader {
 
   async at(pos: number, len: number): Promise<Buffer | undefined> {
     if (pos + len > this.#fileBytes) return undefined;
-    if (pos < this.#start || pos + len > this.#start + this.#filled) await this.#slide(pos, len);
-    const from = this.#base + pos - this.#start;
-    return this.#buf.subarray(from, from + len);
+    const held = this.held(pos, len);
+    if (held !== undefined) return held;
+    await this.#slide(pos, len);
+    return this.held(pos, len);
   }
 
   /** Move the window to start at `pos`, keeping what it already holds from there on. */
