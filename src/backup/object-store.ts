@@ -24,6 +24,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { writevFully } from '../host/fd-io.js';
 import { runLimited } from './run-limited.js';
 
 export interface ObjectInfo {
@@ -93,26 +94,8 @@ async function syncDir(dir: string): Promise<void> {
   }
 }
 
-/** What is left of `buffers` once the first `written` bytes are out (a short write). */
-function unwritten(buffers: readonly Buffer[], written: number): Buffer[] {
-  const rest: Buffer[] = [];
-  for (const b of buffers) {
-    if (written >= b.length) written -= b.length;
-    else {
-      rest.push(b.subarray(written));
-      written = 0;
-    }
-  }
-  return rest;
-}
-
 const openFd = promisify(fs.open);
-const writevFd = promisify(fs.writev);
 const closeFd = promisify(fs.close);
-
-async function writeAll(fd: number, buffers: readonly Buffer[]): Promise<void> {
-  for (let pending = buffers.filter((b) => b.length > 0); pending.length > 0;) pending = unwritten(pending, (await writevFd(fd, pending)).bytesWritten);
-}
 
 /**
  * Staged objects are published in the background in batches of this many, so that their syncs
@@ -247,7 +230,7 @@ export class LocalDirStore implements ObjectStore {
         this.#dirs.add(dir);
       }
       fd = await openFd(tmp, 'wx', 0o600);
-      await writeAll(fd, Buffer.isBuffer(data) ? [data] : data);
+      await writevFully(fd, Buffer.isBuffer(data) ? [data] : data, 0);
       const closing = fd;
       fd = undefined;
       await closeFd(closing);

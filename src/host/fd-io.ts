@@ -54,3 +54,39 @@ export function pwriteFullySync(fd: number, buf: Buffer, position: number): void
   let done = 0;
   while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, position + done);
 }
+
+/** What is left of `buffers` once the first `written` bytes are out (a short write). */
+function unwritten(buffers: readonly Buffer[], written: number): Buffer[] {
+  const rest: Buffer[] = [];
+  for (const b of buffers) {
+    if (written >= b.length) written -= b.length;
+    else {
+      rest.push(b.subarray(written));
+      written = 0;
+    }
+  }
+  return rest;
+}
+
+/** One writev(2) at `position`; resolves with the count written. */
+function writevOnce(fd: number, buffers: readonly Buffer[], position: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.writev(fd, buffers as Buffer[], position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+/** Write all of `buffers`, one after the other, from `position`: writev(2) until none is left. */
+export async function writevFully(fd: number, buffers: readonly Buffer[], position: number): Promise<void> {
+  for (let pending = buffers.filter((b) => b.length > 0); pending.length > 0;) {
+    const n = await writevOnce(fd, pending, position);
+    position += n;
+    pending = unwritten(pending, n);
+  }
+}
+
+/** Synchronous writevFully. */
+export function writevFullySync(fd: number, buffers: readonly Buffer[], position: number): void {
+  for (let pending = buffers.filter((b) => b.length > 0); pending.length > 0;) {
+    const n = fs.writevSync(fd, pending, position);
+    position += n;
+    pending = unwritten(pending, n);
+  }
+}

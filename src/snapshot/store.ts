@@ -24,7 +24,7 @@ import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { crc32 } from 'node:zlib';
-import { preadFully, pwriteOnce } from '../host/fd-io.js';
+import { preadFully, writevFully, writevFullySync } from '../host/fd-io.js';
 import { SyncIoPolicy } from '../device/sync-io-policy.js';
 import {
   RECORD_HEADER_BYTES, decodeRecordHeader, decodeSealPayload, encodeClonedRecordHeader, encodeRecordHeader, encodeSealRecords, payloadMatches, type SealEntry,
@@ -32,10 +32,6 @@ import {
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 const fstatAsync = promisify(fs.fstat);
-
-function writevAsync(fd: number, buffers: Buffer[], pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.writev(fd, buffers, pos, (err, n) => (err ? reject(err) : resolve(n))));
-}
 
 /** Largest number of batches written at once in 'process' durability. */
 const MAX_BATCHES_IN_FLIGHT = 4;
@@ -279,7 +275,7 @@ export class StoreWriter {
       if (!cloned && !this.#strict && this.#syncIo.sync(bytes)) {
         try {
           this.#syncIo.run(bytes, () => {
-            for (const segment of segments(pending)) this.#writeAllSync(segment.buffers, segment.position, segment.bytes);
+            for (const segment of segments(pending)) writevFullySync(this.#fd, segment.buffers, segment.position);
           });
           batch.state = 'written';
         } catch (err) {
@@ -313,7 +309,7 @@ export class StoreWriter {
       // Filled in place (undefined): nothing of the payload is left to write.
       if (p.fill !== undefined) p.payload = (await p.fill(this.#fd, p.position)) ?? EMPTY;
     }
-    for (const segment of segments(pending)) await this.#writeAll(segment.buffers, segment.position, segment.bytes);
+    for (const segment of segments(pending)) await writevFully(this.#fd, segment.buffers, segment.position);
   }
 
   /** Resolve finished batches in file order; then start more. */
@@ -335,30 +331,6 @@ export class StoreWriter {
       return;
     }
     if (this.#batches.length === 0 && this.#queue.length === 0) for (const w of this.#idleWaiters.splice(0)) w();
-  }
-
-  async #writeAll(buffers: Buffer[], position: number, total: number): Promise<void> {
-    let done = await writevAsync(this.#fd, buffers, position);
-    if (done === total) return;
-    // A short writev: finish with plain writes of what is left.
-    const rest = Buffer.concat(buffers).subarray(done);
-    let off = 0;
-    while (off < rest.length) {
-      const bytesWritten = await pwriteOnce(this.#fd, rest, off, rest.length - off, position + done);
-      off += bytesWritten;
-      done += bytesWritten;
-    }
-  }
-
-  #writeAllSync(buffers: Buffer[], position: number, total: number): void {
-    let done = fs.writevSync(this.#fd, buffers, position);
-    if (done === total) return;
-    const rest = Buffer.concat(buffers).subarray(done);
-    for (let off = 0; off < rest.length;) {
-      const n = fs.writeSync(this.#fd, rest, off, rest.length - off, position + done);
-      off += n;
-      done += n;
-    }
   }
 
   #writeFailed(err: unknown): void {

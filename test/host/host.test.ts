@@ -14,7 +14,7 @@ import { writeFileAtomic } from '../../src/host/atomic-file.js';
 import { listLoopDevices, loopBackingFile } from '../../src/host/loop-devices.js';
 import { isMountpoint, parseMountInfo, readMountInfo, unescapeMountField } from '../../src/host/mountinfo.js';
 import { processCommandLine, processStartTime } from '../../src/host/processes.js';
-import { preadFully, pwriteFully } from '../../src/host/fd-io.js';
+import { preadFully, pwriteFully, writevFully, writevFullySync } from '../../src/host/fd-io.js';
 import { BdsnapError } from '../../src/errors.js';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeTempDir } from '../helpers/files.js';
@@ -115,6 +115,20 @@ test('fd I/O: pwriteFully and preadFully move whole ranges; preadFully stops at 
   assert.equal(await preadFully(fd, back, 100), data.length);
   assert.deepEqual(back, data);
   assert.equal(await preadFully(fd, Buffer.alloc(50), data.length + 80), 20);
+});
+
+test('fd I/O: writevFully and writevFullySync put buffers one after the other at a position, empty ones too', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-fdio-');
+  const fd = fs.openSync(path.join(dir, 'v'), 'w+');
+  t.after(() => fs.closeSync(fd));
+  const parts = [Buffer.from('head '), Buffer.alloc(0), Buffer.alloc(2 << 20, 0x41), Buffer.from(' tail')];
+  const whole = Buffer.concat(parts);
+  await writevFully(fd, parts, 10);
+  writevFullySync(fd, parts, 10 + whole.length);
+  const back = Buffer.alloc(2 * whole.length);
+  assert.equal(await preadFully(fd, back, 10), back.length);
+  assert.deepEqual(back, Buffer.concat([whole, whole]));
+  assert.equal(fs.fstatSync(fd).size, 10 + 2 * whole.length);
 });
 
 test('loop devices: sysfs is listed, and an unreadable sysfs is an error', async (t) => {
