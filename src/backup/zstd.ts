@@ -12,8 +12,8 @@
  * 2.3 ms.)
  */
 
-import { createRequire } from 'node:module';
 import { decompress as pureDecompress } from 'fzstd';
+import { loadKoffi } from '../host/libc.js';
 
 /** zstd's own default level, and restic's. */
 export const ZSTD_LEVEL = 3;
@@ -37,10 +37,10 @@ export function nativeZstd(): ZstdNative | null {
 }
 
 function bind(): ZstdNative | null {
-  if (process.platform !== 'linux') return null;
+  const ffi = loadKoffi();
+  if (process.platform !== 'linux' || !('koffi' in ffi)) return null;
   try {
-    const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
-    const lib = koffi.load('libzstd.so.1');
+    const lib = ffi.koffi.load('libzstd.so.1');
     const createCCtx = lib.func('void *ZSTD_createCCtx()');
     const createDCtx = lib.func('void *ZSTD_createDCtx()');
     const compressCCtx = lib.func('size_t ZSTD_compressCCtx(void *cctx, _Out_ uint8_t *dst, size_t dstCapacity, const uint8_t *src, size_t srcSize, int level)');

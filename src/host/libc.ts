@@ -84,6 +84,24 @@ const ENXIO = 6;
 /** struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit fields. */
 const UCRED_BYTES = 12;
 
+let koffiLoaded: { koffi: typeof import('koffi') } | { reason: string } | undefined;
+
+/**
+ * The optional koffi package, loaded once, or why it cannot be used (not installed, or its
+ * binary does not load): a reason, not a crash. Other native libraries (libzstd) are bound
+ * through it too.
+ */
+export function loadKoffi(): { koffi: typeof import('koffi') } | { reason: string } {
+  if (koffiLoaded === undefined) {
+    try {
+      koffiLoaded = { koffi: createRequire(import.meta.url)('koffi') as typeof import('koffi') };
+    } catch (err) {
+      koffiLoaded = { reason: `the koffi package is not usable: ${(err as Error).message.split('\n')[0]}` };
+    }
+  }
+  return koffiLoaded;
+}
+
 let loaded: { libc: Libc | undefined; reason: string } | undefined;
 
 /** Why loadLibc() returned undefined, for a log line; undefined when it loaded. */
@@ -104,13 +122,9 @@ function bind(): { libc: Libc | undefined; reason: string } {
   if (abi === undefined) return { libc: undefined, reason: `SO_PEERCRED is not known for ${process.arch}` };
   const soPeerCred = SO_PEERCRED[abi];
   const soSndBuf = SO_SNDBUF[abi];
-  let koffi: typeof import('koffi');
-  try {
-    // Synchronous and optional: a missing package or a binary that does not load is a reason, not a crash.
-    koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
-  } catch (err) {
-    return { libc: undefined, reason: `the koffi package is not usable: ${(err as Error).message.split('\n')[0]}` };
-  }
+  const ffi = loadKoffi();
+  if (!('koffi' in ffi)) return { libc: undefined, reason: ffi.reason };
+  const { koffi } = ffi;
   try {
     // `null` is the running program's own symbol table: libc is already in it, whichever libc it is.
     const lib = koffi.load(null);
