@@ -6,7 +6,7 @@
  * Invariants:
  * - A chunk's original is in the store file (write(2) returned; in strict mode also fdatasync'ed)
  *   before any request touching that chunk reaches the base device.
- * - `#copying` holds one promise per chunk whose copy is in flight. It is filled synchronously,
+ * - `#copying` holds the copies in flight, one promise per run of chunks. It is filled synchronously,
  *   before the first await, so two requests racing for a chunk copy it once and the second waits
  *   for the first copy instead of writing past it.
  * - Reads and rewrites of preserved chunks cost one bit lookup in `#preserved`, and no await.
@@ -43,7 +43,7 @@ import {
 import { StoreWriter } from './store.js';
 import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 import { forEachChunk } from './chunk-runs.js';
-import { InFlight, claimCopies } from './copy-claims.js';
+import { CopyClaims, InFlight } from './copy-claims.js';
 
 const closeAsync = promisify(fs.close);
 const ftruncateAsync = promisify(fs.ftruncate);
@@ -54,6 +54,18 @@ const ftruncateAsync = promisify(fs.ftruncate);
  * that restore reads big pieces.
  */
 const MAX_RUN_BYTES = 2 * 1024 * 1024;
+/**
+ * Sequential first writes on a store that clones reach ahead: when a request's first chunk
+ * continues the last run claimed, the claim goes on CLONE_AHEAD_BYTES past the request. A clone
+ * shares the device's extents (nothing is read or written but a record header), so the chunks
+ * kept ahead cost next to nothing, and the requests that follow find their chunks preserved and
+ * take the rewrite path: one clone, record and claim per 8 MiB instead of one per request.
+ * Cloned runs may be this long (a record's payload may be far larger: MAX_RECORD_PAYLOAD_BYTES).
+ */
+const CLONE_AHEAD_BYTES = 8 * 1024 * 1024;
+const MAX_CLONE_RUN_BYTES = 16 * 1024 * 1024;
+/** Clones ahead only while the store stays this far below its size limit, if it has one. */
+const CLONE_AHEAD_ROOM_BYTES = 4 * MAX_CLONE_RUN_BYTES;
 /**
  * Default smallest run kept by reflink instead of a copy. Measured on XFS in a loop-mounted
  * file, sequential first writes through a session, cloned against copied: see BENCHMARKS.md.
@@ -151,7 +163,7 @@ export class CowDevice implements BlockDevice {
   readonly #preserved: ChunkBitmap;
   /** chunk -> byte position of its original in data.bin. */
   readonly #location = new ChunkTable();
-  readonly #copying = new Map<number, Promise<void>>();
+  readonly #copying = new CopyClaims();
   #state: CowState = 'idle';
   #sessionDir: string | undefined;
   #starting: Promise<boolean> | undefined;
@@ -181,6 +193,8 @@ export class CowDevice implements BlockDevice {
   #cloneWorks: boolean | undefined;
   #clonedRuns = 0;
   #clonedBytes = 0;
+  /** Last chunk of the last copy run started: a request starting right after it is sequential. */
+  #claimedEnd = -2;
 
   private constructor(base: BlockDevice, options: SessionOptions) {
     const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
@@ -329,9 +343,16 @@ export class CowDevice implements BlockDevice {
     const cs = this.chunkSize;
     const first = Math.floor(offsetBytes / cs);
     const last = Math.floor((offsetBytes + lengthBytes - 1) / cs);
-    const maxRunChunks = Math.max(1, MAX_RUN_BYTES / cs);
+    const cloning = this.#cloneWorks === true;
+    const until = cloning && (first === this.#claimedEnd || first === this.#claimedEnd + 1) && this.#roomToCloneAhead()
+      ? Math.max(last, Math.min(last + CLONE_AHEAD_BYTES / cs, Math.floor(this.size / cs) - 1)) // whole chunks only
+      : last;
+    const maxRunChunks = Math.max(1, (cloning ? MAX_CLONE_RUN_BYTES : MAX_RUN_BYTES) / cs);
     // #copying is claimed before anyone else can look.
-    const waits = claimCopies(first, last, maxRunChunks, this.#copying, (c) => !this.#preserved.has(c), (a, b) => this.#copyRun(a, b));
+    const waits = this.#copying.claim(first, until, maxRunChunks, (c) => !this.#preserved.has(c), (a, b) => {
+      this.#claimedEnd = b;
+      return this.#copyRun(a, b);
+    });
     if (waits.length === 1) await waits[0];
     else if (waits.length > 1) await Promise.all(waits);
   }
@@ -355,6 +376,11 @@ export class CowDevice implements BlockDevice {
       // The store has written it (or given up on it): nobody holds the buffer any more.
       if (!this.#closing) this.#spare.put(buf);
     }
+  }
+
+  #roomToCloneAhead(): boolean {
+    const limit = this.#options.sizeLimitBytes;
+    return limit === undefined || this.#writer!.sizeBytes + CLONE_AHEAD_ROOM_BYTES <= limit;
   }
 
   /** Chunks firstChunk..lastChunk are in the store from `payloadPosition` on (undefined: the store failed). */
@@ -624,7 +650,8 @@ export class CowDevice implements BlockDevice {
     const first = Math.floor(offsetBytes / cs);
     const last = Math.floor((offsetBytes + target.length - 1) / cs);
     const untouched = (): boolean => {
-      for (let c = first; c <= last; c++) if (this.#preserved.has(c) || this.#copying.has(c)) return false;
+      if (this.#copying.overlaps(first, last)) return false;
+      for (let c = first; c <= last; c++) if (this.#preserved.has(c)) return false;
       return true;
     };
     if (untouched()) {

@@ -8,7 +8,7 @@
  * Invariants:
  * - A chunk's original is stored for every point whose storage is usable before any request
  *   touching that chunk reaches the base.
- * - `#copying` holds one promise per chunk whose copy is in flight, claimed synchronously
+ * - `#copying` holds the copies in flight, one promise per run of chunks, claimed synchronously
  *   before the first await, so two requests racing for a chunk copy it once and the second
  *   waits. After waiting, a request checks again: a point added meanwhile (an image write can
  *   start a copy that no barrier waits for) may still lack the chunk.
@@ -32,7 +32,7 @@ import { PassThroughDevice } from '../device/pass-through.js';
 import { ChunkBitmap } from './chunk-table.js';
 import { checkChunkSize } from './format.js';
 import type { DiffStorage } from './diff-storage.js';
-import { InFlight, claimCopies } from './copy-claims.js';
+import { CopyClaims, InFlight } from './copy-claims.js';
 
 /** Largest run of adjacent chunks read and stored as one record (its CRC is computed inline). */
 const MAX_RUN_BYTES = 2 * 1024 * 1024;
@@ -45,7 +45,7 @@ export class SnapshotLayer extends PassThroughDevice {
   readonly #chunkCount: number;
   readonly #maxRunChunks: number;
   #points: SnapshotImage[] = [];
-  readonly #copying = new Map<number, Promise<void>>();
+  readonly #copying = new CopyClaims();
   readonly #spare = new BufferPool(SPARE_BUFFER_BYTES);
   #holds = 0;
   #held: Array<() => void> = [];
@@ -108,7 +108,7 @@ export class SnapshotLayer extends PassThroughDevice {
     if (!this.#points.includes(image)) return;
     // A new array, so that a copy run iterating the old one is not disturbed.
     this.#points = this.#points.filter((p) => p !== image);
-    await image.shutdown([...new Set(this.#copying.values())]);
+    await image.shutdown(this.#copying.promises());
   }
 
   // ---- BlockDevice (read, write, trim, zero, cache and extents: PassThroughDevice) ------
@@ -182,7 +182,7 @@ export class SnapshotLayer extends PassThroughDevice {
    */
   async preserve(first: number, last: number): Promise<void> {
     while (this.#needsCopy(first, last)) {
-      await Promise.all(claimCopies(first, last, this.#maxRunChunks, this.#copying, (c) => this.#needsCopy(c, c), (a, b) => this.#copyRun(a, b)));
+      await Promise.all(this.#copying.claim(first, last, this.#maxRunChunks, (c) => this.#needsCopy(c, c), (a, b) => this.#copyRun(a, b)));
     }
   }
 

@@ -16,7 +16,7 @@ import zlib from 'node:zlib';
 import { FileDevice } from '../../src/device/file-device.js';
 import { libcUnavailableReason, loadLibc } from '../../src/host/libc.js';
 import { DATA_FILE, parseManifest } from '../../src/snapshot/format.js';
-import { CowDevice, listSessions, recoverSession, restore } from '../../src/snapshot/index.js';
+import { CowDevice, listSessions, recoverSession, restore, type SessionSummary } from '../../src/snapshot/index.js';
 import { StoreWriter, scanData, type ScanResult } from '../../src/snapshot/store.js';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
@@ -120,7 +120,7 @@ interface SessionRun {
 /**
  * An image of `imageBytes` random bytes at `imageDir`, a session with its store under
  * `storeRoot`: 1 MiB sequential first writes over [0, largeBytes), then 16 KiB first writes
- * (below the clone threshold) further on. The session is closed, the device too.
+ * (below the clone threshold) further on, past what the sequential writes cloned ahead. The session is closed, the device too.
  * `beforeSession` sees the image once it is on disk.
  */
 async function largeAndSmallFirstWrites(
@@ -136,7 +136,8 @@ async function largeAndSmallFirstWrites(
   try {
     const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: storeRoot, chunkSize: CS, deviceIdentity: { ...dev.identity } });
     for (let off = 0; off < largeBytes; off += MIB) await cow.write(randomBytes(MIB), off);
-    await Promise.all([0, 3, 8].map((i) => cow.write(randomBytes(CS), largeBytes + 4 * MIB + i * CS)));
+    // Past what the sequential writes may have cloned ahead (8 MiB).
+    await Promise.all([0, 3, 8].map((i) => cow.write(randomBytes(CS), largeBytes + 12 * MIB + i * CS)));
     const summary = await cow.close();
     assert.equal(summary?.state, 'complete');
     return { image, before, cow, sessionDir: summary.sessionDir };
@@ -163,13 +164,15 @@ test('XFS, image and store on it: 1 MiB first writes are cloned onto the image\'
     mapBefore = await physicalMap(image);
   });
   const stats = run1.cow.stats();
-  assert.equal(stats.clonedBytes, largeBytes, 'every 1 MiB run was cloned');
-  assert.equal(stats.clonedRuns, largeBytes / MIB);
-  assert.equal(stats.preservedBytes, largeBytes + 3 * CS, 'the 16 KiB first writes were copied');
+  // The first write is cloned alone; the second continues it, so each clone from then on
+  // reaches 8 MiB past its request: [0, 1), [1, 10), [10, 19), [19, 28), [28, 37) MiB.
+  assert.equal(stats.clonedBytes, largeBytes + 5 * MIB, 'every run was cloned, the sequential ones 8 MiB ahead');
+  assert.equal(stats.clonedRuns, 5, 'one clone per 9 MiB, not one per request');
+  assert.equal(stats.preservedBytes, stats.clonedBytes + 3 * CS, 'the 16 KiB first writes were copied');
 
   const scan = await scanStore(run1.sessionDir, CS, 64 * MIB);
   const clonedRecords = scan.records.filter((r) => r.cloned);
-  assert.equal(clonedRecords.length, largeBytes / MIB);
+  assert.deepEqual(clonedRecords.map((r) => [r.firstChunk * CS / MIB, r.payloadBytes / MIB]), [[0, 1], [1, 9], [10, 9], [19, 9], [28, 9]]);
   assert.equal(scan.records.length - clonedRecords.length, 3);
   const storeMap = await physicalMap(path.join(run1.sessionDir, DATA_FILE));
   for (const r of clonedRecords) {
@@ -184,6 +187,40 @@ test('XFS, image and store on it: 1 MiB first writes are cloned onto the image\'
   const summary = await restore(run1.sessionDir);
   assert.equal(summary.digestCheck, 'verified');
   assert.equal(await sha256File(run1.image), run1.before, 'restore gives back the exact image');
+});
+
+test('XFS: only sequential first writes clone ahead, never past the device nor close to the size limit', TIMEOUT, async (t) => {
+  const fsys = await scratch(t, 'xfs');
+  if (fsys === undefined) return;
+  const image = makeImage(path.join(fsys.mnt, 'disk.img'), 24 * MIB, 'random', 15);
+  const before = await sha256File(image);
+  const session = async (sizeLimitBytes: number | undefined, offsetsMiB: number[]): Promise<ReturnType<CowDevice['stats']>> => {
+    const dev = await FileDevice.open(image);
+    let stats: ReturnType<CowDevice['stats']>;
+    let summary: SessionSummary | undefined;
+    try {
+      const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(fsys.mnt, 'snapshot'), chunkSize: CS, deviceIdentity: { ...dev.identity }, ...(sizeLimitBytes !== undefined ? { sizeLimitBytes } : {}) });
+      for (const off of offsetsMiB) await cow.write(randomBytes(MIB), off * MIB);
+      stats = cow.stats();
+      summary = await cow.close();
+    } finally {
+      await dev.close();
+    }
+    assert.equal(summary?.state, 'complete');
+    await restore(summary.sessionDir);
+    assert.equal(await sha256File(image), before, 'restore gives back the exact image');
+    return stats;
+  };
+  // Out of order: every run is its request.
+  const scattered = await session(undefined, [0, 5, 2, 9]);
+  assert.equal(scattered.clonedRuns, 4);
+  assert.equal(scattered.clonedBytes, 4 * MIB);
+  // Sequential up to the end: the ahead stops at the last chunk of the device.
+  const sequential = await session(undefined, [16, 17, 18, 19, 20, 21, 22, 23]);
+  assert.deepEqual([sequential.clonedRuns, sequential.clonedBytes], [2, 8 * MIB]);
+  // A size limit too close: no clone ahead, so a guess never fails the session.
+  const limited = await session(32 * MIB, [0, 1, 2, 3]);
+  assert.deepEqual([limited.clonedRuns, limited.clonedBytes, limited.failedReason], [4, 4 * MIB, undefined]);
 });
 
 test('XFS: many clones in flight at once, with the garbage collector busy, each clone exactly its own range; synchronous clones too', TIMEOUT, async (t) => {
