@@ -222,10 +222,13 @@ export class FileDevice implements BlockDevice {
     const libc = this.identity.kind === 'file' ? loadLibc() : undefined;
     if (libc === undefined || lengthBytes === 0) return 'unsupported';
     // A clone of a clean range is a few tens of microseconds: on this thread while clones stay
-    // fast (the same policy as large transfers), else on koffi's worker thread.
-    if (this.#syncIo.sync(lengthBytes)) {
+    // fast (the same policy as large transfers), else on koffi's worker thread. No byte is
+    // copied, so a clone counts as one large transfer whatever its length (measured on XFS:
+    // 9 MiB in about 0.1 ms).
+    const asBytes = Math.min(lengthBytes, this.#syncIo.largeMaxBytes);
+    if (this.#syncIo.sync(asBytes)) {
       try {
-        return this.#syncIo.run(lengthBytes, () => libc.cloneRangeSync(this.#fd, offsetBytes, dstFd, dstOffsetBytes, lengthBytes));
+        return this.#syncIo.run(asBytes, () => libc.cloneRangeSync(this.#fd, offsetBytes, dstFd, dstOffsetBytes, lengthBytes));
       } catch (err) {
         throw toBdsnapError(err);
       }

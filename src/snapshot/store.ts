@@ -101,6 +101,8 @@ export class StoreWriter {
   #idleWaiters: Array<() => void> = [];
   #failed = false;
   #pumpScheduled = false;
+  /** Cloned payloads being put in place (FICLONERANGE into this file) right now. */
+  #fillsInFlight = 0;
   /** Cloned records written and not yet sealed: header position, payload position and length. */
   #unsealed: Array<{ position: number; payloadPosition: number; payloadBytes: number; payloadEnd: number }> = [];
 
@@ -298,18 +300,35 @@ export class StoreWriter {
   }
 
   /**
-   * Fill the cloned payloads first (in order), then write every header and copied payload, on
-   * the thread pool (the batches #pump writes synchronously never come here). A batch with
-   * clones writes there even when small: a write to the store waits for its inode lock, which
+   * Fill the cloned payloads first (in order), then write every header and copied payload. The
+   * write runs on this thread when it is small (SyncIoPolicy) and no other batch's clone is in
+   * flight; otherwise on the thread pool: a write to the store waits for its inode lock, which
    * a clone of another batch may hold while it waits for the device's, and that must not stall
-   * the event loop.
+   * the event loop. Strict batches always go to the pool (they are synced there too).
    */
   async #writeBatch(pending: Pending[]): Promise<void> {
     for (const p of pending) {
-      // Filled in place (undefined): nothing of the payload is left to write.
-      if (p.fill !== undefined) p.payload = (await p.fill(this.#fd, p.position)) ?? EMPTY;
+      if (p.fill === undefined) continue;
+      this.#fillsInFlight++;
+      try {
+        // Filled in place (undefined): nothing of the payload is left to write.
+        p.payload = (await p.fill(this.#fd, p.position)) ?? EMPTY;
+      } finally {
+        this.#fillsInFlight--;
+      }
     }
-    for (const segment of segments(pending)) await writevFully(this.#fd, segment.buffers, segment.position);
+    const list = segments(pending);
+    const bytes = list.reduce((sum, segment) => sum + segment.bytes, 0);
+    if (!this.#strict && this.#fillsInFlight === 0 && this.#syncIo.sync(bytes)) {
+      // No clone into this file is running (every one is a fill of this writer), so the write
+      // cannot wait behind one for the file's lock: written here, without a thread-pool round
+      // trip that would hold every request waiting for this record for a turn of the loop.
+      this.#syncIo.run(bytes, () => {
+        for (const segment of list) writevFullySync(this.#fd, segment.buffers, segment.position);
+      });
+      return;
+    }
+    for (const segment of list) await writevFully(this.#fd, segment.buffers, segment.position);
   }
 
   /** Resolve finished batches in file order; then start more. */
