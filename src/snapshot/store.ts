@@ -300,13 +300,15 @@ export class StoreWriter {
   }
 
   /**
-   * Fill the cloned payloads first (in order), then write every header and copied payload. The
+   * Fill the cloned payloads first (in order; the bytes of a refused clone are written then),
+   * then write every header and copied payload. The
    * write runs on this thread when it is small (SyncIoPolicy) and no other batch's clone is in
    * flight; otherwise on the thread pool: a write to the store waits for its inode lock, which
    * a clone of another batch may hold while it waits for the device's, and that must not stall
    * the event loop. Strict batches always go to the pool (they are synced there too).
    */
   async #writeBatch(pending: Pending[]): Promise<void> {
+    const returned: Pending[] = [];
     for (const p of pending) {
       if (p.fill === undefined) continue;
       this.#fillsInFlight++;
@@ -316,6 +318,17 @@ export class StoreWriter {
       } finally {
         this.#fillsInFlight--;
       }
+      if (p.payload.length > 0) returned.push(p);
+    }
+    if (returned.length > 0) {
+      // A refused clone's bytes go into the file before its header, as a clone would: a header
+      // must never stand in front of a payload that a kill (or, in strict mode, a power loss)
+      // could leave half written, since recovery seals what it finds behind an unsealed header.
+      for (const p of returned) {
+        await writevFully(this.#fd, [p.payload!], p.position);
+        p.payload = EMPTY;
+      }
+      if (this.#strict) await fdatasyncAsync(this.#fd);
     }
     const list = segments(pending);
     const bytes = list.reduce((sum, segment) => sum + segment.bytes, 0);
