@@ -56,7 +56,7 @@ interface Batch {
 interface Pending {
   /** The header; for a cloned record also the zero padding up to its payload. */
   header: Buffer;
-  /** Undefined for a cloned record until its fill ran. */
+  /** Undefined for a cloned record until its fill ran, then empty (its payload is in place). */
   payload: Buffer | undefined;
   /** A cloned record's: put the payload in place, or return its bytes to write. */
   fill?: ClonedPayloadFill;
@@ -168,6 +168,17 @@ export class StoreWriter {
     encodeClonedRecordHeader(firstChunk, payloadBytes, position, payloadPosition).copy(header);
     this.#unsealed.push({ position, payloadPosition, payloadBytes, payloadEnd: payloadPosition + payloadBytes });
     return this.#enqueue({ header, payload: undefined, fill, bytes: recordBytes, position: payloadPosition, start: position });
+  }
+
+  /**
+   * Queue one record for chunks firstChunk.. whose checksum comes later, in a seal (the layout
+   * of a cloned record, payload right after the header): `payload` goes into the file before
+   * the header. This keeps the CRC-32 of a large copy off the request path; only for
+   * 'process' durability, where a kill is what must be survived (strict mode keeps the
+   * checksum in the header, before the sync). Resolves like appendCloned.
+   */
+  appendUnsealed(firstChunk: number, payload: Buffer): Promise<number | undefined> {
+    return this.appendCloned(firstChunk, payload.length, 1, () => Promise.resolve(payload));
   }
 
   /** Cloned records not sealed yet. */
@@ -308,39 +319,37 @@ export class StoreWriter {
    * the event loop. Strict batches always go to the pool (they are synced there too).
    */
   async #writeBatch(pending: Pending[]): Promise<void> {
-    const returned: Pending[] = [];
+    // Payloads handed back as bytes (a refused clone, an unsealed copy) go into the file before
+    // their headers, as a clone would: a header must never stand in front of a payload that a
+    // kill (or, in strict mode, a power loss) could leave half written, since recovery seals
+    // what it finds behind an unsealed header.
+    const placed: Array<{ position: number; buffers: Buffer[]; bytes: number }> = [];
     for (const p of pending) {
       if (p.fill === undefined) continue;
       this.#fillsInFlight++;
+      let bytes: Buffer | undefined;
       try {
-        // Filled in place (undefined): nothing of the payload is left to write.
-        p.payload = (await p.fill(this.#fd, p.position)) ?? EMPTY;
+        bytes = await p.fill(this.#fd, p.position);
       } finally {
         this.#fillsInFlight--;
       }
-      if (p.payload.length > 0) returned.push(p);
-    }
-    if (returned.length > 0) {
-      // A refused clone's bytes go into the file before its header, as a clone would: a header
-      // must never stand in front of a payload that a kill (or, in strict mode, a power loss)
-      // could leave half written, since recovery seals what it finds behind an unsealed header.
-      for (const p of returned) {
-        await writevFully(this.#fd, [p.payload!], p.position);
-        p.payload = EMPTY;
-      }
-      if (this.#strict) await fdatasyncAsync(this.#fd);
+      if (bytes !== undefined && bytes.length > 0) placed.push({ position: p.position, buffers: [bytes], bytes: bytes.length });
+      // Nothing of the payload is left to write with the headers.
+      p.payload = EMPTY;
     }
     const list = segments(pending);
-    const bytes = list.reduce((sum, segment) => sum + segment.bytes, 0);
+    const bytes = [...placed, ...list].reduce((sum, segment) => sum + segment.bytes, 0);
     if (!this.#strict && this.#fillsInFlight === 0 && this.#syncIo.sync(bytes)) {
       // No clone into this file is running (every one is a fill of this writer), so the write
       // cannot wait behind one for the file's lock: written here, without a thread-pool round
       // trip that would hold every request waiting for this record for a turn of the loop.
       this.#syncIo.run(bytes, () => {
-        for (const segment of list) writevFullySync(this.#fd, segment.buffers, segment.position);
+        for (const segment of [...placed, ...list]) writevFullySync(this.#fd, segment.buffers, segment.position);
       });
       return;
     }
+    for (const segment of placed) await writevFully(this.#fd, segment.buffers, segment.position);
+    if (this.#strict && placed.length > 0) await fdatasyncAsync(this.#fd);
     for (const segment of list) await writevFully(this.#fd, segment.buffers, segment.position);
   }
 
@@ -379,8 +388,8 @@ export class StoreWriter {
 
 /**
  * The contiguous runs of bytes a batch writes: every header (with its padding) and copied
- * payload, split where a cloned payload already sits in the file. `payload` of a cloned
- * record is its bytes when its fill returned them, empty when it was cloned in place.
+ * payload, split where a cloned payload already sits in the file (its fill has put it there,
+ * or the batch wrote its bytes first).
  */
 function segments(pending: Pending[]): Array<{ position: number; buffers: Buffer[]; bytes: number }> {
   const out: Array<{ position: number; buffers: Buffer[]; bytes: number }> = [];
