@@ -19,7 +19,9 @@
  * kept by reflink instead of by copy (see encodeClonedRecordHeader and encodeSealRecord):
  * - a cloned record: its payload starts at a filesystem-block-aligned offset after the header
  *   (zero padding between), as FICLONERANGE needs, and its CRC-32 is not in the header, because
- *   cloning never reads the bytes;
+ *   cloning never reads the bytes. The same layout with the payload right after the header
+ *   (offset RECORD_HEADER_BYTES) holds a large copied run whose checksum was left for later
+ *   ('process' durability): its bytes are written before its header, like a clone;
  * - a seal record, written later (at session end, or by recovery): the CRC-32 of the payload of
  *   earlier cloned records, computed from the store's copy. A restore checks a cloned record
  *   against its seal like any other record against its header.
@@ -132,9 +134,9 @@ export function readU64(buf: Buffer, at: number): number {
  * The payload follows the header (payload offset 0, read as RECORD_HEADER_BYTES), except:
  * - RECORD_FLAG_CLONED (with CRC32): the payload starts `payload offset` bytes after the
  *   header's position (a filesystem-block boundary; zeroes in between) and bytes 24..56 are
- *   zero: the payload's CRC-32 is in a later seal record. The writer clones (or, once, copies)
- *   the payload into place before it writes the header, so a header in the file means its
- *   payload was complete when the header was written.
+ *   zero: the payload's CRC-32 is in a later seal record. The writer clones (or copies) the
+ *   payload into place before it writes the header, so a header in the file means its payload
+ *   was complete when the header was written.
  * - RECORD_FLAG_SEAL (with CRC32): chunk 0; the payload (checked by the header's CRC-32 as
  *   usual) is SEAL_ENTRY_BYTES entries: position u64 of a cloned record's header, CRC-32 u32
  *   of that record's payload, zero u32.

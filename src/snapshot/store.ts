@@ -17,7 +17,9 @@
  * clone also grows the file past the header before the header is written, and the filesystem
  * logs the size after the clone's remapping: after a power loss the header is only there if
  * the clone is. Its checksum comes later, in a seal record (`seal()`, when the session is
- * quiet and at its end; recovery seals what a crash left unsealed).
+ * quiet and at its end; recovery seals what a crash left unsealed). A record whose fill hands
+ * back bytes (a refused clone; `appendUnsealed`, a large copy in 'process' durability) has
+ * them written before its header, with a sync in between in strict mode.
  */
 
 import fs from 'node:fs';
