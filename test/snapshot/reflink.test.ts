@@ -136,8 +136,8 @@ async function largeAndSmallFirstWrites(
   try {
     const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: storeRoot, chunkSize: CS, deviceIdentity: { ...dev.identity } });
     for (let off = 0; off < largeBytes; off += MIB) await cow.write(randomBytes(MIB), off);
-    // Past what the sequential writes may have cloned ahead (16 MiB).
-    await Promise.all([0, 3, 8].map((i) => cow.write(randomBytes(CS), largeBytes + 20 * MIB + i * CS)));
+    // Past what the sequential writes may have cloned ahead (32 MiB).
+    await Promise.all([0, 3, 8].map((i) => cow.write(randomBytes(CS), largeBytes + 24 * MIB + i * CS)));
     const summary = await cow.close();
     assert.equal(summary?.state, 'complete');
     return { image, before, cow, sessionDir: summary.sessionDir };
@@ -165,14 +165,14 @@ test('XFS, image and store on it: 1 MiB first writes are cloned onto the image\'
   });
   const stats = run1.cow.stats();
   // The first write is cloned alone; the second continues it, so each clone from then on
-  // reaches 16 MiB past its request: [0, 1), [1, 18), [18, 35) MiB.
-  assert.equal(stats.clonedBytes, largeBytes + 3 * MIB, 'every run was cloned, the sequential ones 16 MiB ahead');
-  assert.equal(stats.clonedRuns, 3, 'one clone per 17 MiB, not one per request');
+  // reaches 32 MiB past its request: [0, 1), [1, 34) MiB.
+  assert.equal(stats.clonedBytes, largeBytes + 2 * MIB, 'every run was cloned, the sequential ones 32 MiB ahead');
+  assert.equal(stats.clonedRuns, 2, 'one clone for 33 requests, not one per request');
   assert.equal(stats.preservedBytes, stats.clonedBytes + 3 * CS, 'the 16 KiB first writes were copied');
 
   const scan = await scanStore(run1.sessionDir, CS, 64 * MIB);
   const clonedRecords = scan.records.filter((r) => r.cloned);
-  assert.deepEqual(clonedRecords.map((r) => [r.firstChunk * CS / MIB, r.payloadBytes / MIB]), [[0, 1], [1, 17], [18, 17]]);
+  assert.deepEqual(clonedRecords.map((r) => [r.firstChunk * CS / MIB, r.payloadBytes / MIB]), [[0, 1], [1, 33]]);
   assert.equal(scan.records.length - clonedRecords.length, 3);
   const storeMap = await physicalMap(path.join(run1.sessionDir, DATA_FILE));
   for (const r of clonedRecords) {
@@ -307,7 +307,7 @@ test('ext4: the clone is refused, the session copies with no error and restores 
 test('image and store on two filesystems: the clone is refused (EXDEV), the session copies and restores exactly', TIMEOUT, async (t) => {
   const fsys = await scratch(t, 'xfs');
   if (fsys === undefined) return;
-  const run1 = await largeAndSmallFirstWrites(fsys.mnt, path.join(fsys.dir, 'snapshot'), 32 * MIB, 8 * MIB);
+  const run1 = await largeAndSmallFirstWrites(fsys.mnt, path.join(fsys.dir, 'snapshot'), 48 * MIB, 8 * MIB);
   assert.equal(run1.cow.stats().clonedBytes, 0);
   await restore(run1.sessionDir);
   assert.equal(await sha256File(run1.image), run1.before);
