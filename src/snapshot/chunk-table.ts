@@ -31,6 +31,14 @@ export class ChunkBitmap {
     this.#words[w] = this.#words[w]! | (1 << (chunk % 32));
   }
 
+  /** Set chunks first..last (inclusive), a word at a time where whole words are covered. */
+  addRange(first: number, last: number): void {
+    let c = first;
+    for (; c <= last && c % 32 !== 0; c++) this.add(c);
+    for (; c + 31 <= last; c += 32) this.#words[c / 32] = 0xffffffff;
+    for (; c <= last; c++) this.add(c);
+  }
+
   /** Whether every chunk of first..last (inclusive) is set. */
   hasAll(first: number, last: number): boolean {
     for (let c = first; c <= last; c++) if (!this.has(c)) return false;
@@ -81,6 +89,15 @@ export class ChunkTable {
     return this.get(chunk) !== undefined;
   }
 
+  /**
+   * For each chunk of first..last, `value + (chunk - first) * step` unless it already has one
+   * (a run of chunks stored together). The table grows once for the whole run.
+   */
+  setRunIfAbsent(first: number, last: number, value: number, step: number): void {
+    this.#reserve(last - first + 1);
+    for (let c = first; c <= last; c++) this.#put(c, value + (c - first) * step, false);
+  }
+
   /** Store `value` for `chunk` unless it already has one (the first original wins). */
   setIfAbsent(chunk: number, value: number): void {
     this.#put(chunk, value, false);
@@ -120,10 +137,16 @@ export class ChunkTable {
     return { chunks, values };
   }
 
-  #grow(): void {
+  /** Room for `more` entries without growing. */
+  #reserve(more: number): void {
+    let capacity = this.#keys.length;
+    while (this.#size + more > MAX_LOAD * capacity) capacity *= 2;
+    if (capacity !== this.#keys.length) this.#grow(capacity);
+  }
+
+  #grow(capacity = this.#keys.length * 2): void {
     const oldKeys = this.#keys;
     const oldValues = this.#values;
-    const capacity = oldKeys.length * 2;
     this.#keys = new Float64Array(capacity).fill(EMPTY);
     this.#values = new Float64Array(capacity);
     this.#mask = capacity - 1;

@@ -399,10 +399,8 @@ export class CowDevice implements BlockDevice {
   /** Chunks firstChunk..lastChunk are in the store from `payloadPosition` on (undefined: the store failed). */
   #stored(firstChunk: number, lastChunk: number, payloadPosition: number | undefined, lengthBytes: number): void {
     if (payloadPosition === undefined) return; // the session is marked failed
-    for (let c = firstChunk; c <= lastChunk; c++) {
-      this.#preserved.add(c);
-      this.#location.setIfAbsent(c, payloadPosition + (c - firstChunk) * this.chunkSize);
-    }
+    this.#preserved.addRange(firstChunk, lastChunk);
+    this.#location.setRunIfAbsent(firstChunk, lastChunk, payloadPosition, this.chunkSize);
     this.#preservedChunks += lastChunk - firstChunk + 1;
     this.#preservedBytes += lengthBytes;
     this.#scheduleSync();

@@ -100,6 +100,31 @@ test('ChunkTable agrees with a Map (first value wins) and sorts its entries', ()
   ));
 });
 
+test('ChunkBitmap.addRange sets exactly the chunks of the range, whole words and ragged ends alike', () => {
+  fc.assert(fc.property(fc.array(fc.tuple(fc.nat({ max: 300 }), fc.nat({ max: 150 })), { maxLength: 8 }), (ranges) => {
+    const bitmap = new ChunkBitmap(512);
+    const model = new Set<number>();
+    for (const [first, length] of ranges) {
+      bitmap.addRange(first, first + length);
+      for (let c = first; c <= first + length; c++) model.add(c);
+    }
+    for (let c = 0; c < 512; c++) assert.equal(bitmap.has(c), model.has(c), `chunk ${c}`);
+  }));
+});
+
+test('ChunkTable.setRunIfAbsent is a run of setIfAbsent (first value wins), growing as needed', () => {
+  fc.assert(fc.property(fc.array(fc.tuple(fc.nat({ max: 2000 }), fc.nat({ max: 300 }), fc.nat({ max: 2 ** 40 })), { maxLength: 12 }), (runs) => {
+    const table = new ChunkTable();
+    const model = new Map<number, number>();
+    for (const [first, length, value] of runs) {
+      table.setRunIfAbsent(first, first + length, value, 4096);
+      for (let c = first; c <= first + length; c++) if (!model.has(c)) model.set(c, value + (c - first) * 4096);
+    }
+    assert.equal(table.size, model.size);
+    for (const [chunk, value] of model) assert.equal(table.get(chunk), value);
+  }));
+});
+
 test('ChunkTable memory grows with the entries: under 64 bytes each', () => {
   const table = new ChunkTable();
   for (let i = 0; i < 100_000; i++) table.setIfAbsent(i * 7, i * 65536);
