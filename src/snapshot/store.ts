@@ -32,7 +32,10 @@ import {
   RECORD_HEADER_BYTES, decodeRecordHeader, decodeSealPayload, encodeClonedRecordHeader, encodeRecordHeader, encodeSealRecords, payloadMatches, type SealEntry,
 } from './format.js';
 
-const fdatasyncAsync = promisify(fs.fdatasync);
+/** fdatasync(2) on the thread pool (looked up on `fs` at each call, so a test can watch the order of syncs and writes). */
+function fdatasyncAsync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+}
 const fstatAsync = promisify(fs.fstat);
 
 /** Largest number of batches written at once in 'process' durability. */

@@ -284,3 +284,48 @@ test("'process' durability: the store is synced in the background once first wri
   assert.equal(cow.stats().unsyncedBytes, 0, 'a flush syncs the store');
   await cow.close();
 });
+
+test('an unsealed copy and a refused clone reach the file before their headers (a sync between them in strict mode); seals make them whole', async (t) => {
+  for (const strict of [false, true]) {
+    const dir = tempDir(t);
+    const fd = fs.openSync(path.join(dir, DATA_FILE), 'w+');
+    const calls: string[] = [];
+    const origin = { writevSync: fs.writevSync, writev: fs.writev, fdatasync: fs.fdatasync };
+    const target = fs as unknown as Record<string, unknown>;
+    const bytesOf = (buffers: readonly NodeJS.ArrayBufferView[]): number => buffers.reduce((n, b) => n + b.byteLength, 0);
+    target.writevSync = (f: number, buffers: NodeJS.ArrayBufferView[], position: number) => {
+      if (f === fd) calls.push(`write ${position}+${bytesOf(buffers)}`);
+      return origin.writevSync(f, buffers, position);
+    };
+    target.writev = (f: number, buffers: NodeJS.ArrayBufferView[], position: number, cb: (err: NodeJS.ErrnoException | null, n: number) => void) => {
+      if (f === fd) calls.push(`write ${position}+${bytesOf(buffers)}`);
+      return origin.writev(f, buffers, position, cb);
+    };
+    target.fdatasync = (f: number, cb: (err: NodeJS.ErrnoException | null) => void) => {
+      if (f === fd) calls.push('sync');
+      return origin.fdatasync(f, cb);
+    };
+    try {
+      const w = new StoreWriter(fd, 0, { strict, onFailure: (r) => assert.fail(r) });
+      const copy = randomBytes(8 * CS);
+      const refused = randomBytes(4 * CS);
+      const at = await w.appendUnsealed(2, copy);
+      assert.equal(at, RECORD_HEADER_BYTES, 'the payload right after its header');
+      assert.deepEqual(calls.splice(0), strict ? [`write 64+${copy.length}`, 'sync', 'write 0+64', 'sync'] : [`write 64+${copy.length}`, 'write 0+64']);
+      const start = w.sizeBytes;
+      const at2 = await w.appendCloned(20, refused.length, 4096, async () => refused);
+      assert.equal(at2! % 4096, 0);
+      assert.deepEqual(calls.splice(0), strict
+        ? [`write ${at2}+${refused.length}`, 'sync', `write ${start}+${at2! - start}`, 'sync']
+        : [`write ${at2}+${refused.length}`, `write ${start}+${at2! - start}`]);
+      await w.seal();
+      await w.sync();
+    } finally {
+      Object.assign(target, origin);
+    }
+    const scan = await scanData(fd, { chunkSize: CS, deviceSize: 64 * CS, allowTornTail: false, where: DATA_FILE });
+    fs.closeSync(fd);
+    assert.deepEqual(scan.records.map((r) => [r.firstChunk, r.cloned]), [[2, true], [20, true]]);
+    assert.deepEqual(scan.unsealed, []);
+  }
+});
