@@ -72,7 +72,9 @@ const CLONE_AHEAD_ROOM_BYTES = 4 * MAX_CLONE_RUN_BYTES;
 /**
  * In 'process' durability a copied run at least this long gets its CRC-32 later, in a seal
  * (StoreWriter.appendUnsealed): about 0.2 ms of the event loop per MiB off the request path,
- * paid when the session is quiet or ends. Strict mode always checksums before the sync.
+ * paid by the background seal and sync (a second after first writes pause, at the latest
+ * DEFERRED_SYNC_MAX_MS into a steady stream of them) or at the end; the seal reads the bytes
+ * back from the store. Strict mode always checksums before the sync.
  */
 const UNSEALED_COPY_MIN_BYTES = 256 * 1024;
 /**
