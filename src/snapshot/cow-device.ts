@@ -355,7 +355,7 @@ export class CowDevice implements BlockDevice {
     const first = Math.floor(offsetBytes / cs);
     const last = Math.floor((offsetBytes + lengthBytes - 1) / cs);
     const cloning = this.#cloneWorks === true;
-    const until = cloning && (first === this.#claimedEnd || first === this.#claimedEnd + 1) && this.#roomToCloneAhead()
+    const until = cloning && (first === this.#claimedEnd || first === this.#claimedEnd + 1) && this.#mayCloneAhead()
       ? Math.max(last, Math.min(last + CLONE_AHEAD_BYTES / cs, Math.floor(this.size / cs) - 1)) // whole chunks only
       : last;
     const maxRunChunks = Math.max(1, (cloning ? MAX_CLONE_RUN_BYTES : MAX_RUN_BYTES) / cs);
@@ -393,7 +393,13 @@ export class CowDevice implements BlockDevice {
     }
   }
 
-  #roomToCloneAhead(): boolean {
+  /**
+   * Whether chunks ahead of a sequential request can be kept by clone: every run of whole
+   * chunks is made of whole filesystem blocks (else the run would be copied, bytes read for
+   * chunks nobody wrote), and the store is far enough from its size limit.
+   */
+  #mayCloneAhead(): boolean {
+    if (this.#cloneAlignBytes === undefined || this.#cloneAlignBytes > this.chunkSize) return false;
     const limit = this.#options.sizeLimitBytes;
     return limit === undefined || this.#writer!.sizeBytes + CLONE_AHEAD_ROOM_BYTES <= limit;
   }
