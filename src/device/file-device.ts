@@ -221,11 +221,10 @@ export class FileDevice implements BlockDevice {
     checkRange(this, offsetBytes, lengthBytes, false);
     const libc = this.identity.kind === 'file' ? loadLibc() : undefined;
     if (libc === undefined || lengthBytes === 0) return 'unsupported';
-    // A clone of a clean range is a few tens of microseconds: on this thread while clones stay
-    // fast (the same policy as large transfers), else on koffi's worker thread. No byte is
-    // copied, so a clone counts as one large transfer whatever its length (measured on XFS:
-    // 9 MiB in about 0.1 ms).
-    const asBytes = Math.min(lengthBytes, this.#syncIo.largeMaxBytes);
+    // A clone of a clean range is a few tens of microseconds (on XFS, 9 MiB in about 0.1 ms):
+    // on this thread while clones stay fast (the same policy as large transfers), else on
+    // koffi's worker thread.
+    const asBytes = this.#syncIo.cloneBytes(lengthBytes);
     if (this.#syncIo.sync(asBytes)) {
       try {
         return this.#syncIo.run(asBytes, () => libc.cloneRangeSync(this.#fd, offsetBytes, dstFd, dstOffsetBytes, lengthBytes));

@@ -15,7 +15,8 @@
  *   cache copy of 256 KiB took up to 1.3 ms here when the thread lost its core for a moment:
  *   without it, large transfers spent most of an `nbdcopy` on the thread pool.
  *
- * Reflink clones of a range (FileDevice.cloneRangeTo) follow the same policy.
+ * Reflink clones of a range (FileDevice.cloneRangeTo) follow the same policy, each counted as
+ * one transfer of at most `largeMaxBytes` (cloneBytes).
  *
  * Measured with fio's sequential 1 MiB writes at depth 4 through the NBD server, against
  * nbdkit: 0.90x (0.79-1.06) on the thread pool, 1.04x (1.02-1.11) synchronous; a session's
@@ -69,9 +70,12 @@ export class SyncIoPolicy {
     }
   }
 
-  /** Whether large transfers are on the thread pool at `nowMs` (after a slow one). */
-  backedOff(nowMs: number): boolean {
-    return nowMs < this.#largeOffUntilMs;
+  /**
+   * The size a reflink clone of `bytes` counts as: it copies no byte, so however long the range,
+   * it costs at most what one large transfer may (and is one, unless it is small).
+   */
+  cloneBytes(bytes: number): number {
+    return bytes <= this.smallMaxBytes ? bytes : Math.max(this.smallMaxBytes + 1, Math.min(bytes, this.largeMaxBytes));
   }
 }
 

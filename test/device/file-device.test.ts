@@ -169,7 +169,7 @@ test('large transfers run synchronously while they stay fast, and go to the thre
   policy.record(4096, 50, 20);
   assert.equal(policy.sync(MiB, 20), true, 'a slow small transfer changes nothing');
   policy.record(2 * MiB, SLOW_FLOOR_MS + SLOW_MS_PER_MIB * 2.5, 100);
-  assert.equal(policy.backedOff(100), true);
+  assert.equal(policy.sync(MiB, 100), false);
   assert.equal(policy.sync(MiB, 100 + BACKOFF_MS - 1), false, 'backed off after a slow one');
   assert.equal(policy.sync(4096, 101), true, 'small transfers stay synchronous');
   assert.equal(policy.sync(MiB, 100 + BACKOFF_MS), true, 'and back once the back-off is over');
@@ -184,9 +184,14 @@ test('large transfers run synchronously while they stay fast, and go to the thre
     for (const until = performance.now() + stallMs; performance.now() < until;);
   };
   fresh.run(4096, stall);
-  assert.equal(fresh.backedOff(performance.now()), false, 'a slow small transfer is not timed');
+  assert.equal(fresh.sync(MiB, performance.now()), true, 'a slow small transfer is not timed');
   fresh.run(MiB, stall);
-  assert.equal(fresh.backedOff(performance.now()), true, 'a slow large one backs off');
+  assert.equal(fresh.sync(MiB, performance.now()), false, 'a slow large one backs off');
   const off = new SyncIoPolicy(0, 0);
   assert.equal(off.sync(512, 0), false, '0 turns synchronous transfers off');
+  // A clone counts as one transfer of at most the large limit, and never as a small one when it is not.
+  assert.equal(policy.cloneBytes(4096), 4096);
+  assert.equal(policy.cloneBytes(48 * MiB), 4 * MiB);
+  const noLarge = new SyncIoPolicy(64 * 1024, 0);
+  assert.equal(noLarge.sync(noLarge.cloneBytes(MiB), 0), false, 'large transfers off: large clones too');
 });
