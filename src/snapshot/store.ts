@@ -61,8 +61,8 @@ interface Batch {
 interface Pending {
   /** The header; for a cloned record also the zero padding up to its payload. */
   header: Buffer;
-  /** Undefined for a cloned record until its fill ran, then empty (its payload is in place). */
-  payload: Buffer | undefined;
+  /** Empty for a cloned record: its fill puts the payload in place (or the batch writes it first). */
+  payload: Buffer;
   /** A cloned record's: put the payload in place, or return its bytes to write. */
   fill?: ClonedPayloadFill;
   bytes: number;
@@ -172,7 +172,7 @@ export class StoreWriter {
     const header = Buffer.alloc(payloadPosition - position);
     encodeClonedRecordHeader(firstChunk, payloadBytes, position, payloadPosition).copy(header);
     this.#unsealed.push({ position, payloadPosition, payloadBytes, payloadEnd: payloadPosition + payloadBytes });
-    return this.#enqueue({ header, payload: undefined, fill, bytes: recordBytes, position: payloadPosition, start: position });
+    return this.#enqueue({ header, payload: EMPTY, fill, bytes: recordBytes, position: payloadPosition, start: position });
   }
 
   /**
@@ -292,9 +292,7 @@ export class StoreWriter {
       const bytes = batch.end - pending[0]!.start;
       if (!cloned && !this.#strict && this.#syncIo.sync(bytes)) {
         try {
-          this.#syncIo.run(bytes, () => {
-            for (const segment of segments(pending)) writevFullySync(this.#fd, segment.buffers, segment.position);
-          });
+          this.#writeNow(segments(pending), bytes);
           batch.state = 'written';
         } catch (err) {
           this.#writeFailed(err);
@@ -339,8 +337,6 @@ export class StoreWriter {
         this.#fillsInFlight--;
       }
       if (bytes !== undefined && bytes.length > 0) placed.push({ position: p.position, buffers: [bytes], bytes: bytes.length });
-      // Nothing of the payload is left to write with the headers.
-      p.payload = EMPTY;
     }
     const list = segments(pending);
     const bytes = [...placed, ...list].reduce((sum, segment) => sum + segment.bytes, 0);
@@ -348,14 +344,19 @@ export class StoreWriter {
       // No clone into this file is running (every one is a fill of this writer), so the write
       // cannot wait behind one for the file's lock: written here, without a thread-pool round
       // trip that would hold every request waiting for this record for a turn of the loop.
-      this.#syncIo.run(bytes, () => {
-        for (const segment of [...placed, ...list]) writevFullySync(this.#fd, segment.buffers, segment.position);
-      });
+      this.#writeNow([...placed, ...list], bytes);
       return;
     }
     for (const segment of placed) await writevFully(this.#fd, segment.buffers, segment.position);
     if (this.#strict && placed.length > 0) await fdatasyncAsync(this.#fd);
     for (const segment of list) await writevFully(this.#fd, segment.buffers, segment.position);
+  }
+
+  /** Write `list` (of `bytes` in all, which SyncIoPolicy allowed) on this thread, in its order. */
+  #writeNow(list: Array<{ position: number; buffers: Buffer[] }>, bytes: number): void {
+    this.#syncIo.run(bytes, () => {
+      for (const segment of list) writevFullySync(this.#fd, segment.buffers, segment.position);
+    });
   }
 
   /** Resolve finished batches in file order; then start more. */
@@ -410,7 +411,7 @@ function segments(pending: Pending[]): Array<{ position: number; buffers: Buffer
   };
   for (const p of pending) {
     add(p.start, p.header);
-    if (p.payload !== undefined) add(p.start + p.header.length, p.payload);
+    add(p.start + p.header.length, p.payload);
   }
   return out;
 }
