@@ -68,10 +68,8 @@ async function pass(image: string, store: string | undefined): Promise<number> {
 
 /**
  * Before a timed round: write back every dirty page (`sync`), and make one untimed
- * copy-before-write pass into `store` (removed after). On this kind of virtual machine the
- * guest's free memory goes back to the host, and the first pass that fills a gigabyte of new
- * page cache pays for getting it back: it measured 0.05x where the next ones measured
- * 0.4-0.5x. The floor is the copies, not that.
+ * copy-before-write pass into `store` (removed after), which warms the code and the image's
+ * pages. The memory the timed copy pass fills is got back just before it (copyFloorRound).
  */
 async function settle(image: string, store: string): Promise<void> {
   execFileSync('sync');
@@ -94,9 +92,10 @@ async function copyFloorRound(image: string, store: string): Promise<{ plain: nu
   const plain = await pass(image, undefined);
   fs.rmSync(store, { force: true });
   // The copy pass fills a new store file: like a session's cell (bench/rows.ts), it starts
-  // right after an image's worth of memory was got back from the host. The untimed pass of
-  // settle() did that too, but its memory went back during the sync and the plain pass: in
-  // one round in three the timed pass measured the host giving it back (0.05-0.2x, not 0.4x).
+  // right after an image's worth of memory was got back from the host. This virtual machine
+  // hands free memory back to its host; the untimed pass of settle() got it once, but it went
+  // back during the sync and the plain pass, and in one round in three or more the timed pass
+  // measured the host giving it back (0.05-0.2x, not 0.4x).
   fillPageCache(path.dirname(store), fs.statSync(image).size);
   settleFile(image);
   try {

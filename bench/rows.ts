@@ -71,7 +71,7 @@ export interface BenchRow {
 
 async function withTarget<T>(target: Target, context: RowContext, fn: (running: RunningTarget) => Promise<T>, snapshotParent?: string): Promise<T> {
   // Both sides start with an image's worth of memory back from the host (a session's store
-  // grows by up to that much; copy-floor gets the same from its untimed first pass).
+  // grows by up to that much; copy-floor's copy pass starts the same way).
   fillPageCache(context.dir, context.imageBytes);
   settleFile(context.imagePath);
   const running = await target.start({ imagePath: context.imagePath, ...(snapshotParent !== undefined ? { snapshotParent } : {}) });

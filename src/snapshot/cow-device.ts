@@ -204,7 +204,7 @@ export class CowDevice implements BlockDevice {
   #cloneWorks: boolean | undefined;
   #clonedRuns = 0;
   #clonedBytes = 0;
-  /** Last chunk of the last copy run started: a request starting right after it is sequential. */
+  /** Last chunk of the last copy run started (set by #copyRun): a request starting right after it is sequential. */
   #claimedEnd = -2;
 
   private constructor(base: BlockDevice, options: SessionOptions) {
@@ -360,15 +360,13 @@ export class CowDevice implements BlockDevice {
       : last;
     const maxRunChunks = Math.max(1, (cloning ? MAX_CLONE_RUN_BYTES : MAX_RUN_BYTES) / cs);
     // #copying is claimed before anyone else can look.
-    const waits = this.#copying.claim(first, until, maxRunChunks, (c) => !this.#preserved.has(c), (a, b) => {
-      this.#claimedEnd = b;
-      return this.#copyRun(a, b);
-    });
+    const waits = this.#copying.claim(first, until, maxRunChunks, (c) => !this.#preserved.has(c), (a, b) => this.#copyRun(a, b));
     if (waits.length === 1) await waits[0];
     else if (waits.length > 1) await Promise.all(waits);
   }
 
   async #copyRun(firstChunk: number, lastChunk: number): Promise<void> {
+    this.#claimedEnd = lastChunk;
     const cs = this.chunkSize;
     const startBytes = firstChunk * cs;
     const lengthBytes = Math.min((lastChunk + 1) * cs, this.size) - startBytes;
