@@ -26,7 +26,9 @@ export function settleFile(filePath: string): void {
  * This virtual machine hands free memory back to its host, and the first step that fills that
  * much new page cache pays to get it back: in the backup bench each restore took two to three
  * times as long as alone, and whichever tool restored second took about twice as long as the
- * first. A cell that writes new data (a restore, a session's store) starts after this.
+ * first. Memory freed goes back to the host within seconds (a fill made before a write-back of
+ * 1 GiB was lost by its end), so a cell that writes new data (a restore, a session's store)
+ * starts right after this, with no write-back in between.
  */
 export function fillPageCache(dir: string, bytes: number): void {
   const scratch = path.join(dir, 'page-cache-fill');

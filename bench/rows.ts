@@ -3,9 +3,9 @@
  * in the same run, states what it measures, and carries its target (issue 12).
  *
  * Fairness rules every row follows:
- * - Each cell starts from the same cache state: an image's worth of memory got back from the
- *   host (fillPageCache), then the image (and any copy source) written back and read into the
- *   page cache just before the server starts (settleFile).
+ * - Each cell starts from the same cache state: the image (and any copy source) written back
+ *   and read into the page cache (settleFile), then an image's worth of memory got back from
+ *   the host (fillPageCache) just before the server starts.
  * - The images are full of data (no holes, no zero blocks), and stay so: every row that
  *   writes writes non-zero data, and the restore row fills the image again after its dd.
  * - First-write rows really write first: a fresh session per cell, and every write lands in
@@ -71,9 +71,11 @@ export interface BenchRow {
 
 async function withTarget<T>(target: Target, context: RowContext, fn: (running: RunningTarget) => Promise<T>, snapshotParent?: string): Promise<T> {
   // Both sides start with an image's worth of memory back from the host (a session's store
-  // grows by up to that much; copy-floor's copy pass starts the same way).
-  fillPageCache(context.dir, context.imageBytes);
+  // grows by up to that much; copy-floor's copy pass starts the same way). The image is
+  // written back first: memory freed before a write-back of the image has gone back to the
+  // host by its end.
   settleFile(context.imagePath);
+  fillPageCache(context.dir, context.imageBytes);
   const running = await target.start({ imagePath: context.imagePath, ...(snapshotParent !== undefined ? { snapshotParent } : {}) });
   try {
     return await fn(running);
@@ -253,7 +255,7 @@ function onePassSeqWrite(context: RowContext): FioShape {
 const FIRST_SEQUENTIAL: BenchRow = {
   id: 'first-seq',
   name: 'session seq 1 MiB first writes, qd 4, vs plain and copy-floor',
-  measures: 'one pass of sequential 1 MiB writes at depth 4 over the filled image: a fresh session against the plain server, and that ratio against copy-floor\'s (the same pass done by a program that only reads the original, appends it to a file and writes, no server)',
+  measures: 'one pass of sequential 1 MiB writes at depth 4 over the filled image: a fresh session against the plain server, and that ratio against copy-floor\'s (the same pass done by a program that only reads the original, stores it in a file already in the page cache and writes, no server; the best of three passes each)',
   columns: [{ name: 'bdsnap+session', unit: 'MB/s' }, { name: 'bdsnap', unit: 'MB/s' }, { name: 'copy-floor', unit: 'x' }],
   ratioText: '(session / plain) / copy-floor',
   ratio: (v) => (v['bdsnap+session'] ?? NaN) / (v.bdsnap ?? NaN) / (v['copy-floor'] ?? NaN),
