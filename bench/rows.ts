@@ -29,7 +29,7 @@ import { MIN_SCRATCH_FS_BYTES, mountScratchFs, scratchFsNeeds } from '../test/he
 import { copyFloorRatio } from './copy-floor.js';
 import { fillPageCache, settleFile } from './page-cache.js';
 import { measureRestore } from './restore.js';
-import { BDSNAP_REWRITE, BDSNAP_SERVE, BDSNAP_SESSION, NBDKIT_FILE, type RunningTarget, type Target } from './targets.js';
+import { BDSNAP_REWRITE, BDSNAP_SERVE, BDSNAP_SESSION, NBDKIT_FILE, nbdFloor, type RunningTarget, type Target } from './targets.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
 
 export type Unit = 'MB/s' | 'IOPS' | 'ms' | 'x';
@@ -122,23 +122,24 @@ function timedFio(rw: 'read' | 'write', context: RowContext): FioShape {
 /**
  * A row of bdsnap serve (no session) against nbdkit file, each cell measured by `cell`; the
  * figure compares the sides' own columns, and `extraColumns` (suffixes) are reported beside.
+ * `floors` are more servers measured the same way, in columns of their own (no part of the
+ * figure): what the least server on the same runtime reaches.
  */
 function versusNbdkit(
   id: string, name: string, measures: string, cell: (target: Target, context: RowContext) => Promise<SideValues>, extraColumns: string[] = [],
+  floors: Target[] = [],
 ): BenchRow {
+  const sides = [BDSNAP_SERVE, NBDKIT_FILE, ...floors];
   return {
     id,
     name,
     measures,
-    columns: ['', ...extraColumns].flatMap((suffix) => [{ name: `bdsnap${suffix}`, unit: 'MB/s' }, { name: `nbdkit${suffix}`, unit: 'MB/s' }]),
+    columns: ['', ...extraColumns].flatMap((suffix) => sides.map((side) => ({ name: `${side.name}${suffix}`, unit: 'MB/s' as const }))),
     ratioText: 'bdsnap / nbdkit',
     ratio: ratioOf('bdsnap', 'nbdkit'),
     targetText: '>= 1.0x',
     meets: atLeast(1),
-    once: (context, reverse) => alternate(reverse, [
-      ['bdsnap', () => cell(BDSNAP_SERVE, context)],
-      ['nbdkit', () => cell(NBDKIT_FILE, context)],
-    ]),
+    once: (context, reverse) => alternate(reverse, sides.map((side) => [side.name, () => cell(side, context)])),
   };
 }
 
@@ -178,9 +179,12 @@ function nbdcopyRow(id: string, direction: 'read' | 'write'): BenchRow {
     `nbdcopy ${direction === 'read' ? 'image -> null:' : 'file -> image'}, 4 connections, vs nbdkit`,
     `${direction === 'read'
       ? 'nbdcopy -C 4 URI null: (the whole filled image, 4 connections, nbdcopy\'s default requests in flight)'
-      : 'nbdcopy -C 4 FILE URI (a file of random data in the page cache copied over the whole image, 4 connections)'}, wall time of the copy: bdsnap serve against nbdkit file. Two copies per server: the figure compares the second (a running server); the first, on a freshly started server, is in the cold columns`,
+      : 'nbdcopy -C 4 FILE URI (a file of random data in the page cache copied over the whole image, 4 connections)'}, wall time of the copy: bdsnap serve against nbdkit file. Two copies per server: the figure compares the second (a running server); the first, on a freshly started server, is in the cold columns${direction === 'write'
+      ? '. node-floor and node-floor-2p: the same copies into nbd-floor.ts, the least NBD server in Node.js (no checks, synchronous file I/O), from one event loop and from two processes'
+      : ''}`,
     (target, context) => nbdcopyCells(target, context, direction),
     [' cold'],
+    direction === 'write' ? [nbdFloor(1), nbdFloor(2)] : [],
   );
 }
 

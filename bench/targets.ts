@@ -9,8 +9,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { runFio } from '../test/helpers/fio.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
-import { startServer, type NbdServer } from '../test/helpers/server.js';
-import { run } from '../test/helpers/process.js';
+import { launchServer, startServer, type NbdServer } from '../test/helpers/server.js';
+import { fileURLToPath } from 'node:url';
 
 export interface RunningTarget {
   /** NBD URI fio connects to. */
@@ -30,8 +30,6 @@ export interface Target {
   name: string;
   description: string;
   start(context: TargetContext): Promise<RunningTarget>;
-  /** One line about the software measured (version), for the report. */
-  version(): Promise<string>;
 }
 
 async function fromServer(server: NbdServer, exportName: string): Promise<RunningTarget> {
@@ -50,7 +48,6 @@ export const BDSNAP_SERVE: Target = {
   name: 'bdsnap',
   description: 'bdsnap serve IMAGE (no session)',
   start: async ({ imagePath }) => fromServer(await startServer(undefined, { kind: 'bdsnap', images: [imagePath] }), imagePath),
-  version: async () => `bdsnap serve, node ${process.version}`,
 };
 
 export const NBDKIT_FILE: Target = {
@@ -59,7 +56,6 @@ export const NBDKIT_FILE: Target = {
   // multi-conn, page-cache I/O: its fastest configuration for a cached image.
   description: 'nbdkit file file=IMAGE (defaults: 16 threads, parallel)',
   start: async ({ imagePath }) => fromServer(await startServer(undefined, { kind: 'nbdkit', images: [imagePath] }), ''),
-  version: async () => (await run('nbdkit', ['--version'])).stdout.trim(),
 };
 
 /** `bdsnap serve --snapshot-root`: one session for as long as the server runs, removed at stop. */
@@ -102,7 +98,6 @@ export const BDSNAP_SESSION: Target = {
     const { server, root } = await startSessionServer(imagePath, snapshotParent);
     return fromSessionServer(server, root, server.exportNames[0] as string);
   },
-  version: async () => `bdsnap serve --snapshot-root (durability process), node ${process.version}`,
 };
 
 export const BDSNAP_REWRITE: Target = {
@@ -125,15 +120,22 @@ export const BDSNAP_REWRITE: Target = {
     }
     return fromSessionServer(server, root, exportName);
   },
-  version: async () => `bdsnap serve --snapshot-root (durability process), node ${process.version}`,
 };
 
-/** Every known target, in table column order. */
-export const TARGETS: Target[] = [BDSNAP_SERVE, BDSNAP_SESSION, BDSNAP_REWRITE, NBDKIT_FILE];
+const NBD_FLOOR_MAIN = fileURLToPath(new URL('./nbd-floor.js', import.meta.url));
 
-/** Ratio columns [numerator, denominator]: shown when both targets ran. */
-export const RATIOS: [string, string][] = [
-  ['bdsnap', 'nbdkit'],
-  ['bdsnap+session', 'bdsnap'],
-  ['bdsnap+rewrite', 'bdsnap'],
-];
+/** nbd-floor.ts: the least a Node.js server does to serve the image, from `processes` processes. */
+export function nbdFloor(processes: number): Target {
+  return {
+    name: processes === 1 ? 'node-floor' : `node-floor-${processes}p`,
+    description: `nbd-floor (Node.js, no checks, synchronous file I/O) from ${processes === 1 ? 'one event loop' : `${processes} processes`}`,
+    start: async ({ imagePath }) => {
+      const ownDir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-floor-'));
+      const socketPath = path.join(ownDir, 'nbd.sock');
+      return fromServer(await launchServer(undefined, {
+        kind: 'nbd-floor', command: process.execPath, args: [NBD_FLOOR_MAIN, '--processes', String(processes), socketPath, imagePath],
+        socketPath, exportNames: [''], ownDir, readyPattern: /^nbd-floor: serving /m,
+      }), '');
+    },
+  };
+}

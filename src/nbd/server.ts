@@ -131,7 +131,7 @@ export class NbdServer {
 type SocketInternals = net.Socket & { _handle?: object | null };
 
 /** Where an adopted socket reads: `target()` if it gives a buffer (then `placed`), else the shared buffer (then `received`). */
-interface ReadSink {
+export interface ReadSink {
   target(): Buffer | undefined;
   received(n: number): void;
   placed(n: number): void;
@@ -145,7 +145,7 @@ interface ReadSink {
  * saves copying it out of the shared buffer. Relies on the long-stable `_handle` field; returns undefined (and leaves the
  * socket alone) where it is missing, and the caller reads the ordinary way.
  */
-function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, reads: ReadSink): net.Socket | undefined {
+export function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, reads: ReadSink): net.Socket | undefined {
   const original = socket as SocketInternals;
   const handle = original._handle;
   if (!handle || process.env.BDSNAP_NBD_PLAIN_READS) return undefined;

@@ -2,12 +2,15 @@
  * nbdcopy (libnbd) in both directions through `bdsnap serve`, with one connection and with
  * four (multi-conn), compared byte for byte by sha256 against the files on disk. The source
  * has holes, so the copy also exercises write-zeroes/trim over data that was there before.
+ * The same copies go through the bench's floor server, whose figures mean nothing unless it
+ * keeps the bytes too.
  */
 
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
+import { nbdFloor } from '../../bench/targets.js';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { fillRandom, makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { run } from '../helpers/process.js';
@@ -34,32 +37,49 @@ function makeSparseSource(filePath: string, seed: number): void {
   }
 }
 
+/**
+ * nbdcopy the sparse source into the image `serve` serves (it returns the NBD URI) and back out
+ * with `connections` connections, comparing the bytes after each copy.
+ */
+async function roundTrip(t: TestContext, connections: number, seed: number, serve: (cleanup: CleanupStack, served: string) => Promise<string>): Promise<void> {
+  if (!needs(t, { tools: ['nbdcopy'] })) return;
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup);
+  const source = path.join(dir, 'source.img');
+  const served = path.join(dir, 'served.img');
+  const back = path.join(dir, 'back.img');
+  makeSparseSource(source, seed);
+  // The served image starts full of other data, so a copy that writes nothing fails.
+  makeImage(served, IMAGE_BYTES, 'blocks');
+  const sourceDigest = await sha256File(source);
+  assert.notEqual(await sha256File(served), sourceDigest);
+  const uri = await serve(cleanup, served);
+
+  await run('nbdcopy', ['--connections', String(connections), '--flush', source, uri]);
+  assert.equal(await sha256File(served), sourceDigest, 'the served image equals the source after nbdcopy into NBD');
+
+  await run('nbdcopy', ['--connections', String(connections), uri, back]);
+  assert.equal(fs.statSync(back).size, IMAGE_BYTES);
+  assert.equal(await sha256File(back), sourceDigest, 'the file copied out of NBD equals the source');
+
+  // The server is still healthy after both copies.
+  const info = await run('nbdinfo', ['--size', uri]);
+  assert.equal(info.stdout.trim(), String(IMAGE_BYTES));
+}
+
 for (const connections of [1, 4]) {
-  test(`nbdcopy file -> NBD -> file with ${connections} connection(s) keeps every byte`, { timeout: 120_000 }, async (t) => {
-    if (!needs(t, { tools: ['nbdcopy'] })) return;
-    const cleanup = new CleanupStack(t);
-    const dir = makeTempDir(cleanup);
-    const source = path.join(dir, 'source.img');
-    const served = path.join(dir, 'served.img');
-    const back = path.join(dir, 'back.img');
-    makeSparseSource(source, 100 + connections);
-    // The served image starts full of other data, so a copy that writes nothing fails.
-    makeImage(served, IMAGE_BYTES, 'blocks');
-    const sourceDigest = await sha256File(source);
-    assert.notEqual(await sha256File(served), sourceDigest);
-    const server = await startServer(cleanup, { images: [served] });
+  test(`nbdcopy file -> NBD -> file with ${connections} connection(s) keeps every byte`, { timeout: 120_000 }, (t) =>
+    roundTrip(t, connections, 100 + connections, async (cleanup, served) => (await startServer(cleanup, { images: [served] })).uri(served)));
+}
 
-    await run('nbdcopy', ['--connections', String(connections), '--flush', source, server.uri(served)]);
-    assert.equal(await sha256File(served), sourceDigest, 'the served image equals the source after nbdcopy into NBD');
-
-    await run('nbdcopy', ['--connections', String(connections), server.uri(served), back]);
-    assert.equal(fs.statSync(back).size, IMAGE_BYTES);
-    assert.equal(await sha256File(back), sourceDigest, 'the file copied out of NBD equals the source');
-
-    // The server is still healthy after both copies.
-    const info = await run('nbdinfo', ['--size', server.uri(served)]);
-    assert.equal(info.stdout.trim(), String(IMAGE_BYTES));
-  });
+// The bench's floor server (bench/nbd-floor.ts) is only a floor if it serves what it is sent.
+for (const processes of [1, 2]) {
+  test(`nbdcopy through the bench's nbd-floor from ${processes} process(es), 4 connections, keeps every byte`, { timeout: 60_000 }, (t) =>
+    roundTrip(t, 4, 110 + processes, async (cleanup, served) => {
+      const server = await nbdFloor(processes).start({ imagePath: served });
+      cleanup.after(() => server.stop());
+      return server.uri;
+    }));
 }
 
 test('nbdcopy between two exports of one server, four connections each', { timeout: 120_000 }, async (t) => {

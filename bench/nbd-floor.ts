@@ -1,0 +1,204 @@
+/**
+ * The floor of an NBD server in Node.js on this machine, without bdsnap: the least a Node
+ * server can do to serve one image file. One event loop per process, every request read
+ * straight into its payload buffer (the same adopted socket as bdsnap's), a synchronous
+ * pread or pwrite, a simple reply: no request checks beyond the header, no queue, no memory
+ * cap, no session, no export list, no log. With `--processes N`, N processes (node:cluster)
+ * share the listening socket, each connection served whole by one of them.
+ *
+ * The `nbdcopy-write` row runs it beside bdsnap and nbdkit: what it reaches is the most a
+ * server on this runtime can be expected to reach, whatever it does on top.
+ *
+ * Run: node dist/bench/nbd-floor.js [--processes N] SOCKET IMAGE
+ * Prints "nbd-floor: serving SOCKET" on stderr once it accepts connections; SIGTERM stops it.
+ */
+
+import cluster from 'node:cluster';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import * as C from '../src/nbd/constants.js';
+import { adoptWithReadBuffer } from '../src/nbd/server.js';
+import { encodeExportNameReply, encodeGreeting, encodeInfoExport, encodeOptionReply, writeSimpleReplyHeader } from '../src/nbd/encoders.js';
+
+const OPTION_HEADER_BYTES = 16;
+const REQUEST_HEADER_BYTES = 28;
+const READ_BUFFER_BYTES = 256 * 1024;
+/** The largest request accepted (as nbdkit's 32 MiB default block size limit... plus room). */
+const MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
+const TRANSMISSION_FLAGS = C.NBD_FLAG_HAS_FLAGS | C.NBD_FLAG_SEND_FLUSH | C.NBD_FLAG_CAN_MULTI_CONN;
+
+function noHandle(): never {
+  throw new Error('this Node.js has no socket handle to adopt');
+}
+
+/** One client: handshake, then requests, parsed from one reused buffer. */
+function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
+  const input = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+  let have = 0;
+  // The payload of the WRITE being received, its fill and where it goes.
+  const payloadBuffer = Buffer.allocUnsafe(MAX_PAYLOAD_BYTES);
+  let payload: Buffer | undefined;
+  let filled = 0;
+  let writeAt = 0;
+  let cookie = Buffer.alloc(8);
+  let state: 'client-flags' | 'options' | 'requests' = 'client-flags';
+  let noZeroes = false;
+
+  // The callbacks run once bytes arrive, after everything below is defined.
+  const adopted = adoptWithReadBuffer(socket, input, {
+    target: () => (payload !== undefined ? payload.subarray(filled) : input.subarray(have)),
+    received: () => undefined,
+    placed: (n) => {
+      if (payload !== undefined) {
+        filled += n;
+        if (filled < payload.length) return;
+        writePayload();
+      } else {
+        have += n;
+      }
+      parse();
+    },
+  }) ?? noHandle();
+  const reply = (errno: number, data?: Buffer): void => {
+    const header = Buffer.allocUnsafe(16);
+    writeSimpleReplyHeader(header, 0, errno, cookie.readUInt32BE(0), cookie.readUInt32BE(4));
+    adopted.write(header);
+    if (data !== undefined) adopted.write(data);
+  };
+  const consume = (n: number): void => {
+    input.copy(input, 0, n, have);
+    have -= n;
+  };
+  const writePayload = (): void => {
+    const data = payload as Buffer;
+    payload = undefined;
+    for (let done = 0; done < data.length;) done += fs.writeSync(fd, data, done, data.length - done, writeAt + done);
+    reply(0);
+  };
+  const option = (type: number): boolean => {
+    if (type === C.NBD_OPT_GO || type === C.NBD_OPT_INFO) {
+      adopted.write(encodeOptionReply(type, C.NBD_REP_INFO, encodeInfoExport(sizeBytes, TRANSMISSION_FLAGS)));
+      adopted.write(encodeOptionReply(type, C.NBD_REP_ACK));
+      return type === C.NBD_OPT_GO;
+    }
+    if (type === C.NBD_OPT_EXPORT_NAME) {
+      adopted.write(encodeExportNameReply(sizeBytes, TRANSMISSION_FLAGS, noZeroes));
+      return true;
+    }
+    if (type === C.NBD_OPT_ABORT) {
+      adopted.end(encodeOptionReply(type, C.NBD_REP_ACK));
+      return false;
+    }
+    adopted.write(encodeOptionReply(type, C.NBD_REP_ERR_UNSUP));
+    return false;
+  };
+  const request = (): boolean => {
+    const type = input.readUInt16BE(6);
+    cookie = Buffer.from(input.subarray(8, 16));
+    const offset = Number(input.readBigUInt64BE(16));
+    const length = input.readUInt32BE(24);
+    if (input.readUInt32BE(0) !== C.NBD_REQUEST_MAGIC || length > MAX_PAYLOAD_BYTES || offset + length > sizeBytes) {
+      adopted.destroy();
+      return false;
+    }
+    if (type === C.NBD_CMD_WRITE) {
+      const inInput = Math.min(length, have - REQUEST_HEADER_BYTES);
+      payload = payloadBuffer.subarray(0, length);
+      input.copy(payload, 0, REQUEST_HEADER_BYTES, REQUEST_HEADER_BYTES + inInput);
+      consume(REQUEST_HEADER_BYTES + inInput);
+      filled = inInput;
+      writeAt = offset;
+      if (filled === length) writePayload();
+      return true;
+    }
+    consume(REQUEST_HEADER_BYTES);
+    if (type === C.NBD_CMD_READ) {
+      const data = Buffer.allocUnsafe(length);
+      for (let done = 0; done < length;) done += fs.readSync(fd, data, done, length - done, offset + done);
+      reply(0, data);
+    } else if (type === C.NBD_CMD_FLUSH) {
+      fs.fdatasyncSync(fd);
+      reply(0);
+    } else if (type === C.NBD_CMD_DISC) {
+      adopted.end();
+      return false;
+    } else {
+      reply(C.NBD_EINVAL);
+    }
+    return true;
+  };
+  const parse = (): void => {
+    for (;;) {
+      if (payload !== undefined) return;
+      if (state === 'client-flags') {
+        if (have < 4) return;
+        noZeroes = (input.readUInt32BE(0) & C.NBD_FLAG_C_NO_ZEROES) !== 0;
+        consume(4);
+        state = 'options';
+      } else if (state === 'options') {
+        if (have < OPTION_HEADER_BYTES) return;
+        const length = input.readUInt32BE(12);
+        if (have < OPTION_HEADER_BYTES + length) return;
+        const type = input.readUInt32BE(8);
+        consume(OPTION_HEADER_BYTES + length);
+        if (option(type)) state = 'requests';
+      } else {
+        if (have < REQUEST_HEADER_BYTES || !request()) return;
+      }
+    }
+  };
+
+  adopted.on('error', () => adopted.destroy());
+  adopted.on('end', () => adopted.end());
+  adopted.write(encodeGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
+  adopted.resume();
+}
+
+function listen(socketPath: string, imagePath: string, announce: boolean): void {
+  const fd = fs.openSync(imagePath, 'r+');
+  const sizeBytes = fs.fstatSync(fd).size;
+  const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => serve(socket, fd, sizeBytes));
+  server.listen(socketPath, () => {
+    if (announce) process.stderr.write(`nbd-floor: serving ${socketPath}\n`);
+  });
+  process.once('SIGTERM', () => process.exit(0));
+}
+
+function main(): void {
+  const { values, positionals } = parseArgs({ allowPositionals: true, options: { processes: { type: 'string', default: '1' } } });
+  const processes = Number(values.processes);
+  const [socketPath, imagePath] = positionals;
+  if (socketPath === undefined || imagePath === undefined || !(Number.isInteger(processes) && processes >= 1)) {
+    throw new Error('usage: nbd-floor [--processes N] SOCKET IMAGE');
+  }
+  if (processes === 1) {
+    fs.rmSync(socketPath, { force: true });
+    listen(socketPath, imagePath, true);
+  } else if (cluster.isPrimary) {
+    fs.rmSync(socketPath, { force: true });
+    let listening = 0;
+    for (let i = 0; i < processes; i++) {
+      cluster.fork().once('listening', () => {
+        if (++listening === processes) process.stderr.write(`nbd-floor: serving ${socketPath} from ${processes} processes\n`);
+      });
+    }
+    process.once('SIGTERM', () => {
+      for (const worker of Object.values(cluster.workers ?? {})) worker?.kill();
+      process.exit(0);
+    });
+  } else {
+    listen(socketPath, imagePath, false);
+  }
+}
+
+if (process.argv[1] !== undefined && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  try {
+    main();
+  } catch (err) {
+    process.stderr.write(`nbd-floor: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exitCode = 1;
+  }
+}
