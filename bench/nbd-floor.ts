@@ -26,7 +26,7 @@ import { encodeExportNameReply, encodeGreeting, encodeInfoExport, encodeOptionRe
 const OPTION_HEADER_BYTES = 16;
 const REQUEST_HEADER_BYTES = 28;
 const READ_BUFFER_BYTES = 256 * 1024;
-/** The largest request accepted (as nbdkit's 32 MiB default block size limit... plus room). */
+/** The largest request accepted: 32 MiB, the most NBD clients send in one request. */
 const MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
 const TRANSMISSION_FLAGS = C.NBD_FLAG_HAS_FLAGS | C.NBD_FLAG_SEND_FLUSH | C.NBD_FLAG_CAN_MULTI_CONN;
 
@@ -141,6 +141,11 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
       } else if (state === 'options') {
         if (have < OPTION_HEADER_BYTES) return;
         const length = input.readUInt32BE(12);
+        if (OPTION_HEADER_BYTES + length > READ_BUFFER_BYTES) {
+          // More than the input buffer holds: it would never be complete.
+          adopted.destroy();
+          return;
+        }
         if (have < OPTION_HEADER_BYTES + length) return;
         const type = input.readUInt32BE(8);
         consume(OPTION_HEADER_BYTES + length);

@@ -7,10 +7,10 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { runFio } from '../test/helpers/fio.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
 import { launchServer, startServer, type NbdServer } from '../test/helpers/server.js';
-import { fileURLToPath } from 'node:url';
 
 export interface RunningTarget {
   /** NBD URI fio connects to. */
