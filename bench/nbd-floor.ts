@@ -21,7 +21,8 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import * as C from '../src/nbd/constants.js';
 import { adoptWithReadBuffer } from '../src/nbd/server.js';
-import { encodeExportNameReply, encodeGreeting, encodeInfoExport, encodeOptionReply, writeSimpleReplyHeader } from '../src/nbd/encoders.js';
+import { encodeExportNameReply, encodeGreeting, encodeInfoExport, encodeOptionReply, encodeSimpleReply } from '../src/nbd/encoders.js';
+import { preadFullySync, pwriteFullySync } from '../src/host/fd-io.js';
 
 const OPTION_HEADER_BYTES = 16;
 const REQUEST_HEADER_BYTES = 28;
@@ -43,11 +44,15 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
   let payload: Buffer | undefined;
   let filled = 0;
   let writeAt = 0;
-  let cookie = Buffer.alloc(8);
+  // The cookie of the request being answered, as the two halves the encoders take.
+  let cookieHi = 0;
+  let cookieLo = 0;
   let state: 'client-flags' | 'options' | 'requests' = 'client-flags';
   let noZeroes = false;
 
-  // The callbacks run once bytes arrive, after everything below is defined.
+  // The callbacks run once bytes arrive, after everything below is defined. Reads land in the
+  // rest of the WRITE payload being received, or after the input not yet parsed (a view of
+  // `input`, never `input` itself), so every read comes back through `placed`.
   const adopted = adoptWithReadBuffer(socket, input, {
     target: () => (payload !== undefined ? payload.subarray(filled) : input.subarray(have)),
     received: () => undefined,
@@ -63,9 +68,7 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
     },
   }) ?? noHandle();
   const reply = (errno: number, data?: Buffer): void => {
-    const header = Buffer.allocUnsafe(16);
-    writeSimpleReplyHeader(header, 0, errno, cookie.readUInt32BE(0), cookie.readUInt32BE(4));
-    adopted.write(header);
+    adopted.write(encodeSimpleReply(errno, cookieHi, cookieLo));
     if (data !== undefined) adopted.write(data);
   };
   const consume = (n: number): void => {
@@ -75,7 +78,7 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
   const writePayload = (): void => {
     const data = payload as Buffer;
     payload = undefined;
-    for (let done = 0; done < data.length;) done += fs.writeSync(fd, data, done, data.length - done, writeAt + done);
+    pwriteFullySync(fd, data, writeAt);
     reply(0);
   };
   const option = (type: number): boolean => {
@@ -97,7 +100,8 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
   };
   const request = (): boolean => {
     const type = input.readUInt16BE(6);
-    cookie = Buffer.from(input.subarray(8, 16));
+    cookieHi = input.readUInt32BE(8);
+    cookieLo = input.readUInt32BE(12);
     const offset = Number(input.readBigUInt64BE(16));
     const length = input.readUInt32BE(24);
     if (input.readUInt32BE(0) !== C.NBD_REQUEST_MAGIC || length > MAX_PAYLOAD_BYTES || offset + length > sizeBytes) {
@@ -117,7 +121,7 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
     consume(REQUEST_HEADER_BYTES);
     if (type === C.NBD_CMD_READ) {
       const data = Buffer.allocUnsafe(length);
-      for (let done = 0; done < length;) done += fs.readSync(fd, data, done, length - done, offset + done);
+      preadFullySync(fd, data, offset);
       reply(0, data);
     } else if (type === C.NBD_CMD_FLUSH) {
       fs.fdatasyncSync(fd);
