@@ -106,7 +106,7 @@ export class StoreWriter {
   #idleWaiters: Array<() => void> = [];
   #failed = false;
   #pumpScheduled = false;
-  /** Cloned payloads being put in place (FICLONERANGE into this file) right now. */
+  /** Fills of cloned records running right now (a clone into this file, or bytes handed back). */
   #fillsInFlight = 0;
   /** Cloned records written and not yet sealed: header position, payload position and length. */
   #unsealed: Array<{ position: number; payloadPosition: number; payloadBytes: number; payloadEnd: number }> = [];
@@ -326,7 +326,7 @@ export class StoreWriter {
     // their headers, as a clone would: a header must never stand in front of a payload that a
     // kill (or, in strict mode, a power loss) could leave half written, since recovery seals
     // what it finds behind an unsealed header.
-    const placed: Array<{ position: number; buffers: Buffer[]; bytes: number }> = [];
+    const placed: Segment[] = [];
     for (const p of pending) {
       if (p.fill === undefined) continue;
       this.#fillsInFlight++;
@@ -339,12 +339,13 @@ export class StoreWriter {
       if (bytes !== undefined && bytes.length > 0) placed.push({ position: p.position, buffers: [bytes], bytes: bytes.length });
     }
     const list = segments(pending);
-    const bytes = [...placed, ...list].reduce((sum, segment) => sum + segment.bytes, 0);
+    const all = placed.concat(list);
+    const bytes = all.reduce((sum, segment) => sum + segment.bytes, 0);
     if (!this.#strict && this.#fillsInFlight === 0 && this.#syncIo.sync(bytes)) {
       // No clone into this file is running (every one is a fill of this writer), so the write
       // cannot wait behind one for the file's lock: written here, without a thread-pool round
       // trip that would hold every request waiting for this record for a turn of the loop.
-      this.#writeNow([...placed, ...list], bytes);
+      this.#writeNow(all, bytes);
       return;
     }
     for (const segment of placed) await writevFully(this.#fd, segment.buffers, segment.position);
@@ -353,7 +354,7 @@ export class StoreWriter {
   }
 
   /** Write `list` (of `bytes` in all, which SyncIoPolicy allowed) on this thread, in its order. */
-  #writeNow(list: Array<{ position: number; buffers: Buffer[] }>, bytes: number): void {
+  #writeNow(list: Segment[], bytes: number): void {
     this.#syncIo.run(bytes, () => {
       for (const segment of list) writevFullySync(this.#fd, segment.buffers, segment.position);
     });
@@ -392,14 +393,21 @@ export class StoreWriter {
   }
 }
 
+/** Bytes written at one position: `buffers` back to back, `bytes` in all. */
+interface Segment {
+  position: number;
+  buffers: Buffer[];
+  bytes: number;
+}
+
 /**
  * The contiguous runs of bytes a batch writes: every header (with its padding) and copied
  * payload, split where a cloned payload already sits in the file (its fill has put it there,
  * or the batch wrote its bytes first).
  */
-function segments(pending: Pending[]): Array<{ position: number; buffers: Buffer[]; bytes: number }> {
-  const out: Array<{ position: number; buffers: Buffer[]; bytes: number }> = [];
-  let current: { position: number; buffers: Buffer[]; bytes: number } | undefined;
+function segments(pending: Pending[]): Segment[] {
+  const out: Segment[] = [];
+  let current: Segment | undefined;
   const add = (position: number, buf: Buffer): void => {
     if (buf.length === 0) return;
     if (current === undefined || current.position + current.bytes !== position) {
