@@ -25,6 +25,7 @@ import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { decodeDevT } from '../host/dev-t.js';
 import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
+import { stampOfFd, type FileStamp } from '../host/file-stamp.js';
 import { loadLibc, type Libc } from '../host/libc.js';
 import {
   EXTENT_HOLE, EXTENT_ZERO, checkRange, type BlockDevice, type BlockSizes, type CloneResult, type DeviceIdentity, type Extent, type WriteOptions,
@@ -137,6 +138,12 @@ export class FileDevice implements BlockDevice {
       await this.#tracked(() => pwriteFully(this.#fd, data, offsetBytes));
     }
     if (options?.fua) await this.flush();
+  }
+
+  /** The image file's stamp, from the descriptor this device writes through; undefined for a block device. */
+  async stamp(): Promise<FileStamp | undefined> {
+    this.#checkOpen();
+    return this.identity.kind === 'file' ? stampOfFd(this.#fd) : undefined;
   }
 
   async flush(): Promise<void> {

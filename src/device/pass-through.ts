@@ -9,7 +9,7 @@
  */
 
 import { BdsnapError } from '../errors.js';
-import type { BlockDevice, BlockSizes, CloneResult, Extent, WriteOptions, ZeroOptions } from './block-device.js';
+import type { BlockDevice, BlockSizes, CloneResult, Extent, FileStamp, WriteOptions, ZeroOptions } from './block-device.js';
 
 export class PassThroughDevice implements BlockDevice {
   readonly #base: BlockDevice;
@@ -64,6 +64,11 @@ export class PassThroughDevice implements BlockDevice {
   /** Like read: the content below is this layer's content. */
   cloneRangeTo(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<CloneResult> {
     return this.#base.cloneRangeTo?.(offsetBytes, lengthBytes, dstFd, dstOffsetBytes) ?? Promise.resolve('unsupported');
+  }
+
+  /** Writes here reach the device below: its stamp is this layer's. */
+  stamp(): Promise<FileStamp | undefined> {
+    return this.#base.stamp?.() ?? Promise.resolve(undefined);
   }
 
   /** A write, trim or write-zeroes of the range (`fua`: force unit access); `apply` sends it to the device below. */

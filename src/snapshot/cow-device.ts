@@ -32,7 +32,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { fsyncDirectory, writeFileAtomic } from '../host/atomic-file.js';
 import { preadFully } from '../host/fd-io.js';
 import {
-  checkRange, type BlockDevice, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
+  checkRange, type BlockDevice, type FileStamp, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
 } from '../device/block-device.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import {
@@ -177,6 +177,9 @@ export class CowDevice implements BlockDevice {
   readonly #copying = new CopyClaims();
   #state: CowState = 'idle';
   #sessionDir: string | undefined;
+  /** The device's stamp before the first write and after the last (see `host/file-stamp.ts`). */
+  #startStamp: FileStamp | undefined;
+  #endStamp: FileStamp | undefined;
   #starting: Promise<boolean> | undefined;
   #writer: StoreWriter | undefined;
   #dataFd: number | undefined;
@@ -454,6 +457,9 @@ export class CowDevice implements BlockDevice {
       // The data file exists before the manifest says 'active', so a crash right after leaves
       // a session that recovers as an empty interrupted one.
       fd = fs.openSync(path.join(dir, DATA_FILE), 'wx+', 0o600);
+      // Taken before any write of this session reaches the device: what the previous session
+      // or restore left must carry this stamp, else something else wrote the device between.
+      this.#startStamp = await this.#base.stamp?.();
       await writeManifest(dir, this.#manifest('active'));
       manifestWritten = true;
       await fsyncDirectory(this.#root);
@@ -571,6 +577,7 @@ export class CowDevice implements BlockDevice {
         await this.#base.flush();
         const { chunks } = this.#location.sorted();
         const digests = await this.#finalDigests(chunks);
+        this.#endStamp = await this.#base.stamp?.();
         await writeFileAtomic(path.join(dir, DIGESTS_FILE), encodeDigestArrays(chunks, digests), SESSION_FILE_MODE);
         await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(this.#location), SESSION_FILE_MODE);
         await writeManifest(dir, { ...this.#manifest('complete'), endTime, digestedChunks: chunks.length });
@@ -636,6 +643,8 @@ export class CowDevice implements BlockDevice {
       digestedChunks: null,
       failedReason: this.#failedReason ?? null,
       digestAlgorithm: DIGEST_ALGORITHM,
+      ...(this.#startStamp ? { startStamp: this.#startStamp } : {}),
+      ...(this.#endStamp ? { endStamp: this.#endStamp } : {}),
     };
   }
 

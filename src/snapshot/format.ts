@@ -73,6 +73,13 @@ export const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
 
 export type SessionState = 'active' | 'complete' | 'interrupted' | 'failed';
 
+export const fileStampSchema = z.object({
+  ino: z.string().regex(/^\d+$/),
+  size: z.string().regex(/^\d+$/),
+  mtimeNs: z.string().regex(/^-?\d+$/),
+  ctimeNs: z.string().regex(/^-?\d+$/),
+});
+
 export const manifestSchema = z.object({
   format: z.literal(FORMAT_NAME),
   version: z.union([z.literal(1), z.literal(FORMAT_VERSION)]),
@@ -91,6 +98,13 @@ export const manifestSchema = z.object({
   failedReason: z.string().nullable(),
   /** Absent in sessions written before it was recorded: those used sha256. */
   digestAlgorithm: z.enum(['sha256', 'crc32x8']).optional(),
+  /**
+   * The device's stamp (`host/file-stamp.ts`) before the session's first write and after its
+   * last one (at a clean close, or when recovered after a crash). Absent for block devices and
+   * in sessions written before stamps were recorded.
+   */
+  startStamp: fileStampSchema.optional(),
+  endStamp: fileStampSchema.optional(),
 });
 
 export type Manifest = z.infer<typeof manifestSchema>;

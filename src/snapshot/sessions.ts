@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { stampOfPath, type FileStamp } from '../host/file-stamp.js';
 import {
   DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, escapeDevicePath, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
 } from './format.js';
@@ -36,6 +37,9 @@ export interface SessionInfo {
   /** How the end digests were computed. */
   digestAlgorithm: DigestAlgorithm;
   failedReason: string | null;
+  /** The device's stamp before the session's first write and after its last (absent: not known). */
+  startStamp?: FileStamp;
+  endStamp?: FileStamp;
   /** For 'unreadable': what is wrong. */
   problem?: string;
   /** Set by recoverSession: bytes cut from a torn tail of data.bin, and why. */
@@ -59,6 +63,8 @@ function infoFromManifest(dir: string, m: Awaited<ReturnType<typeof readManifest
     digestedChunks: m.digestedChunks,
     digestAlgorithm: m.digestAlgorithm ?? 'sha256',
     failedReason: m.failedReason,
+    ...(m.startStamp ? { startStamp: m.startStamp } : {}),
+    ...(m.endStamp ? { endStamp: m.endStamp } : {}),
   };
 }
 
@@ -109,6 +115,13 @@ export async function listSessions(snapshotRoot: string, devicePath?: string): P
   return out.sort(compareSessions);
 }
 
+/** The stamp of the image file at `devicePath` if it is still the file of `identity`. */
+async function deviceStampNow(devicePath: string, identity: Record<string, unknown>): Promise<FileStamp | undefined> {
+  if (identity.kind !== 'file') return undefined;
+  const stamp = await stampOfPath(devicePath).catch(() => undefined);
+  return stamp !== undefined && stamp.ino === String(identity.ino) ? stamp : undefined;
+}
+
 /**
  * After a crash: cut the torn tail of data.bin, seal the cloned records the session had not
  * sealed yet (their checksum computed from the store as it is now), rebuild index.bin from the
@@ -150,8 +163,12 @@ export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
   }
   await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(scan.index), SESSION_FILE_MODE);
   await fs.promises.rm(path.join(dir, DIGESTS_FILE), { force: true });
+  // Nothing writes the device of a session being recovered (its process is gone), so its stamp
+  // now is the one the session left.
+  const endStamp = manifest.endStamp ?? await deviceStampNow(manifest.devicePath, manifest.deviceIdentity);
   const recovered = {
     ...manifest,
+    ...(endStamp ? { endStamp } : {}),
     state: 'interrupted' as const,
     preservedChunks: scan.index.size,
     preservedBytes: scan.preservedBytes,

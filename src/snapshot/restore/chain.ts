@@ -2,15 +2,22 @@
  * Step 1 of a restore: which sessions to apply. The chain is the target session and every
  * newer session of the same device in the same snapshot root, oldest first, minus those a
  * finished restore already undid. Refused here: a failed session (its originals are
- * incomplete), sessions that disagree on device size or chunk size, and an unreadable
- * directory that may be a newer session (without it the chain is unknown).
+ * incomplete), sessions that disagree on device size or chunk size, an unreadable directory
+ * that may be a newer session (without it the chain is unknown), a restore of another session
+ * that did not finish, and a target whose start was lost.
+ *
+ * A finished restore takes the device back to its target's start. Newer sessions it undid
+ * leave the chain of any later restore; but if its target is older than the session asked for
+ * now, the device went back to before that session started, and what the restore overwrote is
+ * kept nowhere: the session's start cannot be rebuilt, and only a refusal is right.
  */
 
 import path from 'node:path';
 import { BdsnapError } from '../../errors.js';
 import { JOURNAL_FILE } from '../format.js';
 import { compareSessions, listSessions, readSessionInfo, type SessionInfo } from '../sessions.js';
-import { readJournal } from './journal.js';
+import { readJournal, type Journal } from './journal.js';
+import type { FinishedRestore } from './check.js';
 
 export interface Chain {
   /** The session asked for. */
@@ -22,6 +29,20 @@ export interface Chain {
    * to restore, but its end digests describe a state that no longer exists.
    */
   targetUndone: boolean;
+  /** Every readable session of the device from the target on: what an in-place restore undoes. */
+  undoes: string[];
+  /** Every finished restore of the device, for the continuity check. */
+  restores: FinishedRestore[];
+}
+
+/** Whether the finished restore `j` (from a session older than `s`) took the device back to before `s` started. */
+function undid(j: Journal, s: SessionInfo): boolean {
+  if (j.sessions.includes(s.dir)) return true;
+  if (j.listsAll) return false;
+  // A journal written before `listsAll` lists only the sessions it applied: tell by time.
+  const finishedMs = Date.parse(j.finishedAt ?? '');
+  const mountMs = Date.parse(s.mountTime);
+  return !(finishedMs < mountMs);
 }
 
 /** Errors: ENOENT, ECORRUPT, ESESSION, EMISMATCH. Warnings are appended to `warnings`. */
@@ -36,13 +57,31 @@ export async function resolveChain(sessionDir: string, warnings: string[]): Prom
     const s = unreadable[0]!;
     throw new BdsnapError('ECORRUPT', `session directory ${s.dir} (which may be a newer session of ${devicePath}) cannot be read: ${s.problem ?? 'unknown problem'}`);
   }
-  let chain = all.filter((s) => compareSessions(s, target) >= 0);
+  const readable = all.filter((s) => s.state !== 'unreadable');
+  const journals = new Map<string, Journal>();
+  for (const s of readable) {
+    const j = await readJournal(path.join(s.dir, JOURNAL_FILE), devicePath);
+    if (j !== undefined) journals.set(s.dir, j);
+  }
+  for (const [dir, j] of journals) {
+    if (j.state === 'running' && dir !== target.dir) {
+      throw new BdsnapError('ESESSION', `a restore of ${devicePath} from ${dir} started at ${j.startedAt} did not finish, so the device is half way to that session's start; finish it first (bdsnap restore ${dir})`);
+    }
+  }
+  for (const s of readable) {
+    const j = journals.get(s.dir);
+    if (compareSessions(s, target) >= 0 || j?.state !== 'done' || !undid(j, target)) continue;
+    throw new BdsnapError('ESESSION', `the start of ${target.dir} cannot be rebuilt: a restore from the older session ${s.dir}, finished at ${j.finishedAt ?? '?'}, took ${devicePath} back to before it, and what that restore overwrote is kept nowhere; ${s.dir} and sessions started since can still be restored`);
+  }
+
+  let chain = readable.filter((s) => compareSessions(s, target) >= 0);
+  const undoes = chain.map((s) => s.dir);
   // A finished restore from a session took it and the sessions it applied back: those are undone.
   // Newer ones leave the chain (their originals describe states that no longer exist); the
   // target stays (its originals are still the content to restore) but its end digests are stale.
   let targetUndone = false;
   for (const s of [...chain]) {
-    const j = await readJournal(path.join(s.dir, JOURNAL_FILE), devicePath);
+    const j = journals.get(s.dir);
     if (j?.state !== 'done' || !chain.includes(s)) continue;
     const undone = new Set(j.sessions);
     chain = chain.filter((c) => c.dir === target.dir || !undone.has(c.dir));
@@ -63,5 +102,9 @@ export async function resolveChain(sessionDir: string, warnings: string[]): Prom
     if (s.state === 'interrupted') warnings.push(`session ${s.dir} was interrupted (recovered after a crash): its originals are used, but it has no end digests to check`);
     if (s.state === 'active') warnings.push(`session ${s.dir} was never closed (crash?): it is treated as interrupted and has no end digests to check`);
   }
-  return { target, sessions: chain, targetUndone };
+  const restores = readable.flatMap((s) => {
+    const journal = journals.get(s.dir);
+    return journal?.state === 'done' ? [{ target: s, journal }] : [];
+  });
+  return { target, sessions: chain, targetUndone, undoes, restores };
 }

@@ -23,6 +23,8 @@ import { scanData } from '../store.js';
 import { digestDeviceChunks } from '../device-digests.js';
 import { forEachChunk } from '../chunk-runs.js';
 import type { SessionInfo } from '../sessions.js';
+import { describeStampChange, stampKey, type FileStamp } from '../../host/file-stamp.js';
+import type { Journal } from './journal.js';
 import { readOptional } from './files.js';
 
 /** Bytes read from the device at once while checking. */
@@ -255,4 +257,56 @@ export async function alreadyRestored(device: BlockDevice, plan: RestorePlan): P
     if (!chunkDigest(original, DIGEST_ALGORITHM).equals(current[i]!)) return false;
   }
   return true;
+}
+
+/** A finished restore: the session it took the device back to, and its journal. */
+export interface FinishedRestore {
+  target: SessionInfo;
+  journal: Journal;
+}
+
+/** Where the chain cannot be followed: writes outside bdsnap (breaks) and links with no stamp to compare (unknown). */
+export interface Continuity {
+  breaks: string[];
+  unknown: string[];
+}
+
+/**
+ * Whether anything outside bdsnap wrote the device between the states the chain links: the
+ * end of each session and the start of the next one in the chain, and the end of the newest
+ * and the device now. A verified restore's stamp stands for its target's start (the device
+ * held exactly that content then), which links a session to the first one started after a
+ * restore undid the sessions between. Stamps are compared, not content: a write to a chunk no
+ * session touched leaves every end digest intact but moves the stamp.
+ */
+export function checkContinuity(chain: SessionInfo[], targetUndone: boolean, restores: FinishedRestore[], current: FileStamp | undefined): Continuity {
+  const parent = new Map<string, string>();
+  const find = (k: string): string => {
+    let root = k;
+    while (parent.has(root)) root = parent.get(root)!;
+    return root;
+  };
+  const union = (a: string, b: string): void => {
+    const [ra, rb] = [find(a), find(b)];
+    if (ra !== rb) parent.set(ra, rb);
+  };
+  for (const { target, journal } of restores) {
+    if (journal.state !== 'done' || journal.verified === false || target.startStamp === undefined) continue;
+    for (const s of journal.stamps ?? []) union(stampKey(s), stampKey(target.startStamp));
+  }
+  const out: Continuity = { breaks: [], unknown: [] };
+  chain.forEach((s, i) => {
+    const next = chain[i + 1];
+    const undoneTarget = i === 0 && targetUndone;
+    const from = undoneTarget ? s.startStamp : s.endStamp;
+    const fromWhat = undoneTarget ? `the restore from ${s.dir}` : `session ${s.dir} ended`;
+    const to = next ? next.startStamp : current;
+    const toWhat = next ? `before session ${next.dir} started` : 'since';
+    if (from === undefined || to === undefined) {
+      out.unknown.push(`no stamp of the device ${next ? `between ${fromWhat} and the start of ${next.dir}` : `after ${fromWhat}`}, so writes outside bdsnap there would go unseen where no session touched the device`);
+    } else if (find(stampKey(from)) !== find(stampKey(to))) {
+      out.breaks.push(`after ${fromWhat} and ${toWhat} (${describeStampChange(from, to) || 'its stamp differs'})`);
+    }
+  });
+  return out;
 }

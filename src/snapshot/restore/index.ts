@@ -31,7 +31,7 @@ import { JOURNAL_FILE } from '../format.js';
 import { recoverSession } from '../sessions.js';
 import { resolveChain } from './chain.js';
 import {
-  alreadyRestored, buildPlan, checkIdentity, digestDevice, loadSession, readSessionDigests, verifyDigests, wantedDigests, type DeviceDigests, type LoadedSession,
+  alreadyRestored, buildPlan, checkContinuity, checkIdentity, digestDevice, loadSession, readSessionDigests, verifyDigests, wantedDigests, type DeviceDigests, type LoadedSession,
 } from './check.js';
 import { applyPlan, checkOutput, copyToOutput } from './apply.js';
 import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
@@ -80,7 +80,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
   const startedMs = performance.now();
   const dryRun = options.dryRun ?? false;
   const warnings: string[] = [];
-  const { target, sessions: chain, targetUndone } = await resolveChain(sessionDir, warnings);
+  const { target, sessions: chain, targetUndone, undoes, restores } = await resolveChain(sessionDir, warnings);
   const devicePath = target.devicePath;
 
   const outputPath = options.output === undefined ? undefined : path.resolve(options.output);
@@ -105,7 +105,8 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     const digestsOf = new Map(chain.map((s) => [s.dir, readSessionDigests(s)] as const));
     for (const d of digestsOf.values()) d.catch(() => undefined); // loadSession reports the error
     let deviceDigests: Promise<DeviceDigests> | undefined;
-    if (!options.force && !(journal?.state === 'running' && outputPath === undefined)) {
+    const resuming = journal?.state === 'running' && outputPath === undefined;
+    if (!resuming) {
       const tables = [];
       for (const s of chain) tables.push({ algorithm: s.digestAlgorithm, digests: await digestsOf.get(s.dir)!.catch(() => undefined) });
       deviceDigests = digestDevice(devicePath, wantedDigests(tables), target.chunkSize, device.size);
@@ -115,22 +116,41 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
     const plan = buildPlan(loaded, target.chunkSize, device.size);
 
+    const continuity = checkContinuity(chain, targetUndone, restores, await device.stamp());
+    // With --force a failed check is reported and overridden; the journal then says the result
+    // is not verified, so no later restore builds on it without --force.
+    let verified = resuming ? journal.verified !== false : true;
+    const check = async (run: () => Promise<void> | void): Promise<void> => {
+      try {
+        await run();
+      } catch (err) {
+        if (!options.force || !(err instanceof BdsnapError) || err.code !== 'EMISMATCH') throw err;
+        verified = false;
+        warnings.push(`--force: ${err.message}`);
+      }
+    };
     let digestCheck: RestoreSummary['digestCheck'];
-    if (journal?.state === 'running' && outputPath === undefined) {
+    if (resuming) {
       digestCheck = 'skipped-resume';
       warnings.push(`a restore from this session started at ${journal.startedAt} did not finish: finishing it without the digest check`);
-    } else if (journal?.state === 'done' && (await alreadyRestored(device, plan))) {
+    } else if (journal?.state === 'done' && continuity.breaks.length === 0 && (await alreadyRestored(device, plan))) {
       digestCheck = 'already-restored';
-    } else if (targetUndone && !options.force && loaded.length === 1) {
-      // Restored before and changed since, with no session recording the change: nothing to check against.
-      throw new BdsnapError('EMISMATCH', `${devicePath} was restored from ${target.dir} at ${journal?.finishedAt ?? '?'} and has changed since outside bdsnap; use --force to restore again`);
-    } else if (options.force) {
-      digestCheck = 'skipped-force';
-      warnings.push('--force: the end digests were not checked');
     } else {
-      await verifyDigests(device, loaded, target.chunkSize, await deviceDigests);
-      digestCheck = loaded.some((s) => s.digests === undefined) ? 'partial' : 'verified';
-      if (targetUndone) warnings.push(`${devicePath} was already restored from this session once; only the sessions since then were checked`);
+      await check(async () => {
+        if (targetUndone && loaded.length === 1) {
+          // Restored before and changed since, with no session recording the change: nothing to check against.
+          throw new BdsnapError('EMISMATCH', `${devicePath} was restored from ${target.dir} at ${journal?.finishedAt ?? '?'} and has changed since outside bdsnap; use --force to restore again`);
+        }
+        await verifyDigests(device, loaded, target.chunkSize, await deviceDigests);
+      });
+      await check(() => {
+        if (continuity.breaks.length === 0) return;
+        throw new BdsnapError('EMISMATCH', `${devicePath} was written outside bdsnap ${continuity.breaks.join('; ')}: no session recorded what changed, so the result would not be the state at the start of ${target.dir}; `
+          + 'use --force to restore anyway (what no session recorded stays as it is now)');
+      });
+      warnings.push(...continuity.unknown);
+      digestCheck = !verified ? 'skipped-force' : loaded.some((s) => s.digests === undefined) || continuity.unknown.length > 0 ? 'partial' : 'verified';
+      if (targetUndone && loaded.length > 1) warnings.push(`${devicePath} was already restored from this session once; only the sessions since then were checked`);
     }
     const summary = (written: boolean): RestoreSummary => ({
       sessionDir: target.dir,
@@ -156,20 +176,26 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       // Make a crashed, never-recovered session say what it is now that nobody has it open.
       if (s.info.state === 'active') await recoverSession(s.info.dir);
     }
-    // Keep the sessions undone by earlier restores from here: they stay undone.
-    const undone = [...new Set([...(journal?.sessions ?? []), ...chain.map((s) => s.dir)])];
+    // Every session from the target on is undone, those an earlier restore undid included, and
+    // the ones undone by earlier restores from here stay undone.
+    const undone = [...new Set([...(journal?.sessions ?? []), ...undoes])];
     let writeTo: BlockDevice = device;
     if (outputPath !== undefined) {
       output = await copyToOutput(device, devicePath, outputPath);
       writeTo = output;
     } else {
-      await writeJournal(journalPath, { state: 'running', devicePath, sessions: undone, startedAt: new Date().toISOString() });
+      await writeJournal(journalPath, { ...(journal?.stamps ? { stamps: journal.stamps } : {}), state: 'running', devicePath, sessions: undone, listsAll: true, verified, startedAt: new Date().toISOString() });
     }
     await applyPlan(writeTo, plan, options.onProgress);
     await writeTo.flush();
     if (outputPath === undefined) {
       const startedAt = journal?.state === 'running' ? journal.startedAt : new Date(Date.now() - (performance.now() - startedMs)).toISOString();
-      await writeJournal(journalPath, { state: 'done', devicePath, sessions: undone, startedAt, finishedAt: new Date().toISOString() });
+      // The stamp after a verified restore stands for the target's start in later checks.
+      const after = verified ? await device.stamp() : undefined;
+      const stamps = [...(journal?.stamps ?? []), ...(after ? [after] : [])];
+      await writeJournal(journalPath, {
+        ...(stamps.length > 0 ? { stamps } : {}), state: 'done', devicePath, sessions: undone, listsAll: true, verified, startedAt, finishedAt: new Date().toISOString(),
+      });
     }
     return summary(true);
   } finally {
