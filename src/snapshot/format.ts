@@ -427,6 +427,16 @@ export function formatMountTime(time: Date): string {
 }
 
 /**
+ * Whether `name` is a session directory name of `devicePath`: its escaped path, then exactly
+ * a mount time and an optional collision suffix. A prefix test is not enough: `_` is kept in
+ * escaped paths, so `/x/a_b`'s sessions start with `/x/a`'s prefix `x-a_`.
+ */
+export function isSessionDirNameOf(name: string, devicePath: string): boolean {
+  const prefix = `${escapeDevicePath(devicePath)}_`;
+  return name.startsWith(prefix) && /^\d{8}T\d{6}\.\d{3}Z(-\d+)?$/.test(name.slice(prefix.length));
+}
+
+/**
  * The directory name of a session: `<escaped device path>_<UTC mount time>`. Two mounts in the
  * same millisecond get a `-2`, `-3`... suffix when the directory is created (mkdir fails if it
  * exists).

@@ -10,7 +10,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { stampOfPath, type FileStamp } from '../host/file-stamp.js';
 import {
-  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, escapeDevicePath, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
+  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
 } from './format.js';
 import { scanData } from './store.js';
 
@@ -95,7 +95,6 @@ export async function listSessions(snapshotRoot: string, devicePath?: string): P
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
     throw toBdsnapError(err);
   }
-  const prefix = devicePath === undefined ? undefined : `${escapeDevicePath(devicePath)}_`;
   const out: SessionInfo[] = [];
   for (const e of entries) {
     if (!e.isDirectory()) continue;
@@ -104,7 +103,7 @@ export async function listSessions(snapshotRoot: string, devicePath?: string): P
       const info = await readSessionInfo(dir);
       if (devicePath === undefined || info.devicePath === devicePath) out.push(info);
     } catch (err) {
-      if (prefix !== undefined && !e.name.startsWith(prefix)) continue;
+      if (devicePath !== undefined && !isSessionDirNameOf(e.name, devicePath)) continue;
       out.push({
         dir, devicePath: devicePath ?? '', deviceSize: 0, deviceIdentity: {}, chunkSize: 0, durability: 'process',
         mountTime: '', endTime: null, state: 'unreadable', preservedChunks: 0, preservedBytes: 0, storeBytes: 0,

@@ -9,7 +9,8 @@ import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../../errors.js';
 import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
-import { preadFully } from '../../host/fd-io.js';
+import { preadFully, pwriteFully } from '../../host/fd-io.js';
+import type { OutputFile } from '../../host/output-file.js';
 import { chunkRuns } from '../chunk-runs.js';
 import { BATCH_BYTES, type LoadedSession, type RestorePlan } from './check.js';
 
@@ -67,24 +68,24 @@ export async function checkOutput(devicePath: string, out: string): Promise<void
   if (out === path.resolve(devicePath) || same) throw new BdsnapError('EINVAL', `--output ${out} is the device itself; omit --output to restore in place`);
 }
 
-/** Copy the device to `out` and open the copy (the restored copy is written there). */
-export async function copyToOutput(device: FileDevice, devicePath: string, out: string): Promise<FileDevice> {
+/**
+ * Copy the device into the opened output file and open the copy as a device (the restored copy
+ * is written there). Everything goes through the descriptor opened by `openOutputFile`.
+ */
+export async function copyToOutput(device: FileDevice, devicePath: string, out: OutputFile): Promise<FileDevice> {
   if (device.identity.kind === 'file') {
-    await fs.promises.copyFile(devicePath, out).catch((err: unknown) => {
+    // copyFile can share blocks (reflink, copy_file_range); /proc/self/fd names the opened file.
+    await fs.promises.copyFile(devicePath, out.procPath).catch((err: unknown) => {
       throw toBdsnapError(err);
     });
+    fs.fchmodSync(out.fd, out.mode); // copyFile copies the device's mode
   } else {
-    const fh = await fs.promises.open(out, 'w', 0o600);
-    try {
-      const buf = Buffer.allocUnsafe(BATCH_BYTES);
-      for (let pos = 0; pos < device.size; pos += BATCH_BYTES) {
-        const part = buf.subarray(0, Math.min(BATCH_BYTES, device.size - pos));
-        await device.read(part, pos);
-        await fh.write(part, 0, part.length, pos);
-      }
-    } finally {
-      await fh.close();
+    const buf = Buffer.allocUnsafe(BATCH_BYTES);
+    for (let pos = 0; pos < device.size; pos += BATCH_BYTES) {
+      const part = buf.subarray(0, Math.min(BATCH_BYTES, device.size - pos));
+      await device.read(part, pos);
+      await pwriteFully(out.fd, part, pos);
     }
   }
-  return FileDevice.open(out);
+  return FileDevice.open(out.procPath);
 }

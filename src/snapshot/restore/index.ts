@@ -36,6 +36,7 @@ import {
 import { applyPlan, checkOutput, copyToOutput } from './apply.js';
 import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
 import { readJournal, writeJournal } from './journal.js';
+import { openOutputFile, type OutputFile } from '../../host/output-file.js';
 
 export { checkNotInUse, type HostPaths } from '../../host/in-use.js';
 
@@ -89,6 +90,9 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
   const device = await FileDevice.open(devicePath, { readOnly: dryRun || outputPath !== undefined });
   const loaded: LoadedSession[] = [];
   let output: FileDevice | undefined;
+  // Opened only after every check passed, so a refused restore leaves no file behind.
+  let outFile: OutputFile | undefined;
+  let finished = false;
   try {
     for (const s of chain) {
       if (device.size !== s.deviceSize) {
@@ -168,7 +172,11 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     if (dryRun) return summary(true);
     if (digestCheck === 'already-restored') {
       // The device already holds the restored content: a copy of it is the restored copy.
-      if (outputPath !== undefined) await (await copyToOutput(device, devicePath, outputPath)).close();
+      if (outputPath !== undefined) {
+        outFile = await openOutputFile(outputPath);
+        await (await copyToOutput(device, devicePath, outFile)).close();
+      }
+      finished = true;
       return summary(false);
     }
 
@@ -181,7 +189,8 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     const undone = [...new Set([...(journal?.sessions ?? []), ...undoes])];
     let writeTo: BlockDevice = device;
     if (outputPath !== undefined) {
-      output = await copyToOutput(device, devicePath, outputPath);
+      outFile = await openOutputFile(outputPath);
+      output = await copyToOutput(device, devicePath, outFile);
       writeTo = output;
     } else {
       await writeJournal(journalPath, { ...(journal?.stamps ? { stamps: journal.stamps } : {}), state: 'running', devicePath, sessions: undone, listsAll: true, verified, startedAt: new Date().toISOString() });
@@ -197,10 +206,13 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
         ...(stamps.length > 0 ? { stamps } : {}), state: 'done', devicePath, sessions: undone, listsAll: true, verified, startedAt, finishedAt: new Date().toISOString(),
       });
     }
+    finished = true;
     return summary(true);
   } finally {
     for (const s of loaded) fs.closeSync(s.fd);
     await output?.close();
+    // A failed --output restore removes the file it created.
+    await (finished ? outFile?.close() : outFile?.discard());
     await device.close();
   }
 }
