@@ -124,3 +124,34 @@ test('an image file changed outside bdsnap with its mtime set back: the next bac
   const resets = cbtResets(box, image);
   assert.ok(resets.some((e) => e.details.reason === 'changed-outside' && /ctime/.test(e.details.detail ?? '')), `a cbt-reset event names the ctime: ${JSON.stringify(resets)}`);
 });
+
+test('a loop device served when the daemon was killed: its map starts again, and the next backup restores to the device', { timeout: 180_000 }, async (t: TestContext) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
+  const box = sandbox(t);
+  const image = makeImage(path.join(box.top, 'disk.img'), DEVICE_BYTES, 'random', 11);
+  const loop = execFileSync('losetup', ['--find', '--show', image], { encoding: 'utf8' }).trim();
+  cleanupOf(t).after(() => execFileSync('losetup', ['-d', loop]));
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
+  const repo = path.join(box.top, 'repo');
+  ok(box, ['backup', 'init', '--repo', repo]);
+  assert.equal(backupCreate(box, repo, loop).kind, 'full');
+
+  // Killed while a client holds the device: the counters at its last clean close are stale.
+  const client = await NbdClient.connect({ socketPath: path.join(box.runDir, 'nbd.sock'), exportName: loop });
+  await client.write(randomBytes(64 << 10), 3 << 20);
+  await client.flush();
+  daemon.server.kill('SIGKILL');
+  await daemon.server.stop();
+  await client.close().catch(() => undefined);
+  // Meanwhile someone else writes the device.
+  const fd = fs.openSync(loop, 'r+');
+  fs.writeSync(fd, randomBytes(4096), 0, 4096, 9 << 20);
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+
+  await startDaemon(t, { sandbox: box, password: false });
+  const after = backupCreate(box, repo, loop);
+  await assertBackupIsDevice(box, repo, loop, after);
+  const resets = cbtResets(box, loop);
+  assert.ok(resets.some((e) => e.details.reason === 'cannot-verify' && /without closing the map/.test(e.details.detail ?? '')), `a cbt-reset event says why: ${JSON.stringify(resets)}`);
+});
