@@ -251,5 +251,3 @@ function frozenKey(dir: string, key: number): string {
 function frozenFile(dir: string, key: number): string {
   return path.join(dir, `cbt-${key}.map`);
 }
-
-

@@ -427,6 +427,8 @@ export class ChangeMap {
   #header = Buffer.alloc(HEADER_BYTES);
   /** The device's stamp the header records: the one read at open, then the one given to close(). */
   #stamp: DeviceStamp | undefined;
+  /** #stamp as the header stores it (encoded once, not at every header write). */
+  #stampBytes: Buffer | undefined;
 
   private constructor(options: ChangeMapOptions, bootId: string, fd: number, state: { generation: string; number: number; entries: Uint32Array; createdMs: number }) {
     this.#file = options.file;
@@ -435,6 +437,7 @@ export class ChangeMap {
     this.#bootId = bootId;
     this.#onReset = options.onReset;
     this.#stamp = options.deviceStamp ?? undefined;
+    this.#stampBytes = encodeStamp(this.#stamp);
     this.blockSize = trackingBlockSize(options.deviceSizeBytes);
     this.blocks = Math.ceil(options.deviceSizeBytes / this.blockSize);
     this.#fd = fd;
@@ -658,7 +661,7 @@ export class ChangeMap {
     visitChanged(this.#entries, this.blockSize, this.#deviceSizeBytes, sinceNumber, visit, offsetBytes, lengthBytes);
   }
 
-  /** The device's stamp given at open, or null: what close() records when the device was not served meanwhile. */
+  /** The device's stamp given at open, or null: what to give close() when nothing wrote the device meanwhile. */
   get deviceStamp(): DeviceStamp | null {
     return this.#stamp ?? null;
   }
@@ -671,9 +674,10 @@ export class ChangeMap {
    */
   async close(deviceStamp: DeviceStamp | null): Promise<void> {
     if (this.#closed) return;
-    let stamp: DeviceStamp | undefined = deviceStamp ?? undefined;
+    let stamp = deviceStamp ?? undefined;
+    let stampBytes: Buffer | undefined;
     try {
-      encodeStamp(stamp);
+      stampBytes = encodeStamp(stamp);
     } catch {
       // Too large to record: the next open cannot vouch for the device.
       stamp = undefined;
@@ -686,6 +690,7 @@ export class ChangeMap {
       if (this.#failure === undefined) {
         this.#lastWriteSeenMs = Date.now();
         this.#stamp = stamp;
+        this.#stampBytes = stampBytes;
         this.#writeHeader(FLAG_CLEAN);
         await new Promise<void>((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
       }
@@ -843,7 +848,7 @@ export class ChangeMap {
     h.write(this.#bootId.slice(0, BOOT_ID_BYTES), 48, 'latin1');
     writeU64LE(h, 96, this.#lastWriteSeenMs);
     writeU64LE(h, 136, this.#createdMs);
-    const stamp = encodeStamp(this.#stamp);
+    const stamp = this.#stampBytes;
     if (stamp) {
       h.writeUInt32LE(stamp.length, STAMP_LENGTH_AT);
       stamp.copy(h, STAMP_AT);
