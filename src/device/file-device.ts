@@ -23,7 +23,7 @@
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { decodeDevT } from '../host/dev-t.js';
+import { blockDeviceSizeBytes } from '../host/device-stamp.js';
 import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
 import { stampOfFd, type FileStamp } from '../host/file-stamp.js';
 import { loadLibc, type Libc } from '../host/libc.js';
@@ -106,7 +106,7 @@ export class FileDevice implements BlockDevice {
         if (e.code === 'EBUSY') throw new BdsnapError('EBUSY', `${path} is busy: mounted or claimed by another program`, { cause: err });
         throw new BdsnapError(e.code, `cannot open ${path}: ${e.message}`, { cause: err });
       }
-      const size = kind === 'block' ? await blockDeviceSize(path, st.rdev) : st.size;
+      const size = kind === 'block' ? await blockDeviceSizeBytes(path, st.rdev) : st.size;
       return new FileDevice(path, fd, size, readOnly, identity, lock, options.syncIo ?? new SyncIoPolicy());
     } catch (err) {
       await lock?.release();
@@ -321,16 +321,4 @@ function holeMap(libc: Libc, fd: number, from: number, to: number): Extent[] {
     at = dataEnd;
   }
   return out;
-}
-
-/** Size of a block device from sysfs (512-byte sectors), found through its major:minor. */
-async function blockDeviceSize(path: string, rdev: number): Promise<number> {
-  const { major, minor } = decodeDevT(rdev);
-  const sysPath = `/sys/dev/block/${major}:${minor}/size`;
-  try {
-    const sectors = Number((await fs.promises.readFile(sysPath, 'utf8')).trim());
-    return sectors * 512;
-  } catch (err) {
-    throw new BdsnapError('EIO', `cannot read the size of block device ${path} from ${sysPath}`, { cause: err });
-  }
 }

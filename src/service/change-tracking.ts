@@ -4,22 +4,26 @@
  *
  * - A device's map is open while the device is open (its TrackingDevice sits right above
  *   the file, so every write is marked before it can reach the device) and closed cleanly
- *   with the image file's stamp when the device closes. Opening it again checks that stamp,
- *   the boot id and the file itself; a map that cannot be trusted starts a new generation,
- *   and that reset is an event saying why.
- * - `cbt` commands on a device that is not open open its map just for the answer.
+ *   with the device's stamp (src/host/device-stamp.ts) read after the device was flushed and
+ *   closed, so the daemon's own writes are in it. Opening it again compares that stamp with
+ *   the device's now: whatever wrote the device while the daemon did not serve it (a restore,
+ *   a loop device's user, a `touch -d` after a write) moves it. A map that cannot be trusted
+ *   starts a new generation, and that reset is an event saying why.
+ * - `cbt` commands on a device that is not open open its map just for the answer, and close
+ *   it with the stamp it was opened with: nothing of the daemon's wrote the device meanwhile,
+ *   so a write by anyone else in that window still shows at the next open.
  * - A snapshot's frozen view is saved beside the snapshot (`cbt-<key>.map`) right after the
  *   take and stays attached to that file. Image writes mark the device's map (the next backup
  *   reads them again) and the frozen view, whose mark writes its entries to the file before
  *   the write is acknowledged, so a killed daemon loses none of them.
  */
 
-import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { BdsnapError } from '../errors.js';
 import type { MetaContextSource } from '../nbd/exports.js';
-import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type ChangeMapReset, type DeviceStamp } from '../snapshot/change-map.js';
+import { readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
+import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type ChangeMapReset } from '../snapshot/change-map.js';
 import { escapeDevicePath } from '../snapshot/format.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from './keyed-queue.js';
@@ -51,32 +55,61 @@ export class ChangeTracker implements SnapshotChangeTracking {
     this.#log = log;
   }
 
-  /** Open the device's map for an attach (the caller stacks a TrackingDevice on it). */
+  /**
+   * Open the device's map for an attach (the caller stacks a TrackingDevice on it). Call with
+   * the device open and flushed, so writes others left in its page cache are in the stamp.
+   */
   openMap(devicePath: string, deviceSizeBytes: number): Promise<ChangeMap> {
     return this.#serial(devicePath, () => this.#openMap(devicePath, deviceSizeBytes));
   }
 
-  /** The device closed: close its map cleanly with the image's stamp now. */
-  closeMap(devicePath: string): Promise<void> {
-    return this.#serial(devicePath, () => this.#closeMap(devicePath));
+  /**
+   * The device closed: close its map cleanly with the device's stamp now. `flushed`: its last
+   * write was flushed before its descriptor closed; if not, the stamp may miss writes still on
+   * their way, and none is recorded (the next open resets).
+   */
+  closeMap(devicePath: string, flushed: boolean): Promise<void> {
+    return this.#serial(devicePath, () => this.#closeMap(devicePath, flushed ? 'now' : 'unknown'));
   }
 
   async #openMap(devicePath: string, deviceSizeBytes: number): Promise<ChangeMap> {
+    const stamp = await this.#readStamp(devicePath);
     const { map, reset } = await ChangeMap.open({
       file: this.#mapFile(devicePath), deviceSizeBytes, durability: this.#durability,
-      deviceStamp: await deviceStamp(devicePath),
+      deviceStamp: stamp instanceof Error ? null : stamp,
       onReset: (r) => this.#reported(devicePath, r),
     });
     if (reset) this.#reported(devicePath, reset);
+    if (stamp instanceof Error) {
+      // Nothing to compare with: the map cannot be vouched for.
+      this.#reported(devicePath, await map.reset('cannot-verify', `the device's stamp cannot be read: ${stamp.message}`));
+    }
     this.#open.set(devicePath, map);
     return map;
   }
 
-  async #closeMap(devicePath: string): Promise<void> {
+  /** `stamp`: 'now' reads it, 'opened' keeps the one read at open (the daemon did not write the device), 'unknown' records none. */
+  async #closeMap(devicePath: string, stamp: 'now' | 'opened' | 'unknown'): Promise<void> {
     const map = this.#open.get(devicePath);
     if (!map) return;
     this.#open.delete(devicePath);
-    await map.close(await deviceStamp(devicePath));
+    let recorded: DeviceStamp | null = null;
+    if (stamp === 'opened') recorded = map.deviceStamp;
+    if (stamp === 'now') {
+      const read = await this.#readStamp(devicePath);
+      recorded = read instanceof Error ? null : read;
+    }
+    await map.close(recorded);
+  }
+
+  /** The device's stamp, or why it cannot be read (logged). */
+  async #readStamp(devicePath: string): Promise<DeviceStamp | Error> {
+    try {
+      return await readDeviceStamp(devicePath);
+    } catch (err) {
+      this.#log.warn({ event: 'cbt-stamp-unreadable', device: devicePath, reason: (err as Error).message }, 'the device\'s stamp cannot be read; its change map will start again');
+      return err as Error;
+    }
   }
 
   async info(devicePath: string, deviceSizeBytes: number): Promise<ChangeMapInfo> {
@@ -158,11 +191,15 @@ export class ChangeTracker implements SnapshotChangeTracking {
     }
   }
 
-  /** Daemon stop: detach the frozen views (their files are up to date), close the maps of devices still open. */
+  /**
+   * Daemon stop: detach the frozen views (their files are up to date), close the maps of
+   * devices still open. Their devices were not closed through closeMap, so no stamp vouches
+   * for them.
+   */
   async closeAll(): Promise<void> {
     for (const frozen of this.#frozen.values()) await frozen.view.close().catch(() => undefined);
     this.#frozen.clear();
-    for (const devicePath of [...this.#open.keys()]) await this.closeMap(devicePath);
+    for (const devicePath of [...this.#open.keys()]) await this.closeMap(devicePath, false);
   }
 
   #adopt(dir: string, key: number, view: FrozenChangeMap): Frozen {
@@ -180,7 +217,7 @@ export class ChangeTracker implements SnapshotChangeTracking {
       try {
         return await fn(map);
       } finally {
-        await this.#closeMap(devicePath);
+        await this.#closeMap(devicePath, 'opened');
       }
     });
   }
@@ -213,12 +250,4 @@ function frozenKey(dir: string, key: number): string {
 
 function frozenFile(dir: string, key: number): string {
   return path.join(dir, `cbt-${key}.map`);
-}
-
-
-/** Size and mtime of an image file; null for a block device (its node's times say nothing). */
-async function deviceStamp(devicePath: string): Promise<DeviceStamp | null> {
-  const st = await fs.promises.stat(devicePath, { bigint: true });
-  if (!st.isFile()) return null;
-  return { sizeBytes: Number(st.size), mtimeNs: st.mtimeNs.toString() };
 }

@@ -175,6 +175,9 @@ export class DeviceTable {
         let tracked: BlockDevice = file;
         if (this.#tracking) {
           try {
+            // Writes someone else left in the device's page cache reach the device, its
+            // counters and its backing file now, before the change map reads its stamp.
+            await file.flush();
             tracked = new TrackingDevice(file, await this.#tracking.openMap(devicePath, file.size));
           } catch (err) {
             await file.close();
@@ -329,8 +332,19 @@ export class DeviceTable {
     // The attachment stays in the table until the device is closed and unlocked; attach()
     // for this device queues behind us meanwhile.
     try {
+      // The change map's stamp must include the daemon's own writes, so it is read once they
+      // have all reached the device (flushed) and our descriptor is closed.
+      let flushed = false;
+      if (this.#tracking) {
+        try {
+          await att.file.flush();
+          flushed = true;
+        } catch (err) {
+          this.#log.warn({ event: 'detach-flush-failed', device: att.devicePath, reason: (err as Error).message }, 'the device could not be flushed at close; its change map will start again');
+        }
+      }
       await att.file.close();
-      await this.#tracking?.closeMap(att.devicePath);
+      await this.#tracking?.closeMap(att.devicePath, flushed);
     } finally {
       this.#attachments.delete(att.devicePath);
       this.#log.info({ event: 'detach', device: att.devicePath }, 'device detached');

@@ -29,18 +29,25 @@
  * - The header is written before any entry that depends on it (a new number, a new
  *   generation), so an entry is never above the header's number + 1; one above that is
  *   corruption.
+ * - The header holds the device's stamp (src/host/device-stamp.ts): the one read at open while
+ *   the map is in use, the one read at close (after the device's last flush and close) once it
+ *   is clean. The next open compares that with the stamp then: any difference is a change made
+ *   while bdsnap did not serve the device, and starts a new generation ('changed-outside', or
+ *   'cannot-verify' when nothing proves it either way). After an unclean stop a file's times
+ *   are compared with the last write seen; a block device's counters prove nothing (the
+ *   daemon's own last writes moved them), so its map starts again.
  *
  * Map file (all integers little-endian), `HEADER_BYTES` of header then one u32 per block:
- *   0  magic "BDSNPCBT"            8  u32 version (1)          12 u32 header bytes (4096)
+ *   0  magic "BDSNPCBT"            8  u32 version (2)          12 u32 header bytes (4096)
  *   16 u32 generation              20 u32 block size           24 u32 blocks
  *   28 u32 current number          32 u64 device size bytes    40 u32 flags (1 clean, 2 poisoned)
  *   48 boot id (48 bytes ASCII, NUL padded)                    96 u64 last write seen (ms since epoch)
- *   104 u32 stamp present         112 u64 stamp size bytes    120 u64 stamp mtime s
- *   128 u32 stamp mtime ns        136 u64 generation created (ms since epoch)
- *   252 u32 CRC-32 of bytes 0..251
+ *   136 u64 generation created (ms since epoch)
+ *   144 u32 stamp bytes (0: none)  148 the device stamp as JSON
+ *   4092 u32 CRC-32 of bytes 0..4091
  * "Last write seen" is refreshed at most once a second while writes go on, so after an
- * unclean stop an image whose mtime is later than it (+2 s of slack) was written by someone
- * else.
+ * unclean stop an image whose mtime or ctime is later than it (+2 s of slack) was written by
+ * someone else. Version 1 maps (without a complete stamp) are not trusted.
  */
 
 import { randomBytes } from 'node:crypto';
@@ -51,14 +58,18 @@ import { crc32 } from 'node:zlib';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { checkRange, type BlockDevice } from '../device/block-device.js';
 import { PassThroughDevice } from '../device/pass-through.js';
+import { compareDeviceStamps, parseDeviceStamp, readBootId, type DeviceStamp } from '../host/device-stamp.js';
 
 export const CHANGE_MAP_MAGIC = 'BDSNPCBT';
 export const FROZEN_MAP_MAGIC = 'BDSNPCBF';
-export const CHANGE_MAP_VERSION = 1;
+export const CHANGE_MAP_VERSION = 2;
+export const FROZEN_MAP_VERSION = 1;
 /** The entries start on their own page, so an entry write never touches the header's page. */
 const HEADER_BYTES = 4096;
-const HEADER_USED_BYTES = 256;
-const HEADER_CRC_AT = 252;
+const HEADER_CRC_AT = HEADER_BYTES - 4;
+const STAMP_LENGTH_AT = 144;
+const STAMP_AT = 148;
+const MAX_STAMP_BYTES = HEADER_CRC_AT - STAMP_AT;
 const FROZEN_HEADER_BYTES = 64;
 const FROZEN_CRC_AT = 60;
 export const MIN_TRACKING_BLOCK_BYTES = 64 * 1024;
@@ -70,27 +81,24 @@ const FLAG_POISONED = 2;
 const BOOT_ID_BYTES = 48;
 /** "Last write seen" is refreshed by the first write after this long (a timer marks it stale). */
 const LAST_WRITE_REFRESH_MS = 1000;
-/** Slack between "last write seen" and the image's mtime after an unclean stop. */
+/** Slack between "last write seen" and the image's mtime or ctime after an unclean stop. */
 const MTIME_SLACK_MS = 2000;
-const BOOT_ID_FILE = '/proc/sys/kernel/random/boot_id';
 const LITTLE_ENDIAN = os.endianness() === 'LE';
 const TWO_POW_32 = 4294967296;
 
 export type Durability = 'process' | 'strict';
 
-/** Size and modification time of an image file, as fs.stat(..., { bigint: true }) gives them. */
-export interface DeviceStamp {
-  sizeBytes: number;
-  /** Nanoseconds since the epoch, as a decimal string. */
-  mtimeNs: string;
-}
+export type { DeviceStamp };
 
 export interface ChangeMapOptions {
   /** The map file (created with its directory if missing). */
   file: string;
   deviceSizeBytes: number;
   durability: Durability;
-  /** The image file's stamp now; null (or absent) for a block device, where none is checked. */
+  /**
+   * The device's stamp now (readDeviceStamp, after a flush of the device). Absent: nothing is
+   * compared, for a map used on its own; the daemon always gives one.
+   */
   deviceStamp?: DeviceStamp | null;
   /** Default: read /proc/sys/kernel/random/boot_id. */
   bootId?: string;
@@ -98,7 +106,12 @@ export interface ChangeMapOptions {
   onReset?: (reset: ChangeMapReset) => void;
 }
 
-export type ChangeMapResetReason = 'new' | 'host-crash' | 'changed-outside' | 'size-changed' | 'corrupt' | 'requested' | 'wrapped';
+/**
+ * 'changed-outside': the device was proven written (or replaced) while bdsnap did not serve it;
+ * 'cannot-verify': nothing proves it unchanged (a block device after a reboot or an unclean
+ * stop, a stamp that cannot be read, a map without one).
+ */
+export type ChangeMapResetReason = 'new' | 'host-crash' | 'changed-outside' | 'cannot-verify' | 'size-changed' | 'corrupt' | 'requested' | 'wrapped';
 
 export type ChangeMapReset = { reason: ChangeMapResetReason; detail: string; previousGeneration: string | null };
 
@@ -139,15 +152,6 @@ export function trackingBlockSize(deviceSizeBytes: number): number {
 
 function newGeneration(): string {
   return randomBytes(4).toString('hex');
-}
-
-function readBootId(): string {
-  try {
-    return fs.readFileSync(BOOT_ID_FILE, 'utf8').trim();
-  } catch {
-    // Unknown: an unclean map can then never be proven to come from this boot.
-    return '';
-  }
 }
 
 function writeFully(fd: number, buf: Buffer, position: number): void {
@@ -319,11 +323,13 @@ interface ParsedHeader {
   flags: number;
   bootId: string;
   lastWriteSeenMs: number;
-  stamp: { sizeBytes: number; mtimeMs: number; mtimeNs: bigint } | undefined;
+  createdMs: number;
+  /** The stamp at open (unclean) or at close (clean); undefined when none was recorded. */
+  stamp: DeviceStamp | undefined;
 }
 
 function parseHeader(h: Buffer, fileBytes: number): ParsedHeader | string {
-  if (h.length < HEADER_USED_BYTES) return `the file is too short for a header (${fileBytes} bytes)`;
+  if (h.length < HEADER_BYTES) return `the file is too short for a header (${fileBytes} bytes)`;
   if (h.toString('latin1', 0, 8) !== CHANGE_MAP_MAGIC) return 'bad magic (not a bdsnap change map)';
   const version = h.readUInt32LE(8);
   if (version !== CHANGE_MAP_VERSION) return `unsupported version ${version}`;
@@ -335,12 +341,15 @@ function parseHeader(h: Buffer, fileBytes: number): ParsedHeader | string {
   if (blockSize < 4096 || (blockSize & (blockSize - 1)) !== 0) return `bad block size ${blockSize}`;
   if (blocks !== Math.ceil(deviceSizeBytes / blockSize) || blocks > MAX_TRACKING_BLOCKS) return `block count ${blocks} does not match the device size ${deviceSizeBytes}`;
   if (fileBytes !== HEADER_BYTES + blocks * 4) return `file is ${fileBytes} bytes, expected ${HEADER_BYTES + blocks * 4}`;
-  const stampPresent = h.readUInt32LE(104) === 1;
-  const mtimeS = readU64LE(h, 120);
-  const mtimeNsPart = h.readUInt32LE(128);
-  const generationNumber = h.readUInt32LE(16);
+  const stampBytes = h.readUInt32LE(STAMP_LENGTH_AT);
+  if (stampBytes > MAX_STAMP_BYTES) return `a device stamp of ${stampBytes} bytes does not fit the header`;
+  let stamp: DeviceStamp | undefined;
+  if (stampBytes > 0) {
+    stamp = parseDeviceStamp(h.toString('utf8', STAMP_AT, STAMP_AT + stampBytes));
+    if (!stamp) return 'the device stamp does not parse';
+  }
   return {
-    generation: generationNumber.toString(16).padStart(8, '0'),
+    generation: h.readUInt32LE(16).toString(16).padStart(8, '0'),
     blockSize,
     blocks,
     number: h.readUInt32LE(28),
@@ -348,21 +357,45 @@ function parseHeader(h: Buffer, fileBytes: number): ParsedHeader | string {
     flags: h.readUInt32LE(40),
     bootId: h.toString('latin1', 48, 48 + BOOT_ID_BYTES).replace(/\0+$/, ''),
     lastWriteSeenMs: readU64LE(h, 96),
-    stamp: stampPresent
-      ? { sizeBytes: readU64LE(h, 112), mtimeMs: mtimeS * 1000 + mtimeNsPart / 1e6, mtimeNs: BigInt(mtimeS) * 1_000_000_000n + BigInt(mtimeNsPart) }
-      : undefined,
+    createdMs: readU64LE(h, 136),
+    stamp,
   };
 }
 
-function parseStamp(stamp: DeviceStamp): { sizeBytes: number; mtimeNs: bigint } {
-  let mtimeNs: bigint;
-  try {
-    mtimeNs = BigInt(stamp.mtimeNs);
-  } catch (err) {
-    throw new BdsnapError('EINVAL', `bad device stamp mtime "${stamp.mtimeNs}"`, { cause: err });
+/** The stamp as the header stores it. Errors: EINVAL (too large for the header). */
+function encodeStamp(stamp: DeviceStamp | undefined): Buffer | undefined {
+  if (!stamp) return undefined;
+  const bytes = Buffer.from(JSON.stringify(stamp), 'utf8');
+  if (bytes.length > MAX_STAMP_BYTES) throw new BdsnapError('EINVAL', `the device stamp takes ${bytes.length} bytes, more than the map header holds (${MAX_STAMP_BYTES})`);
+  return bytes;
+}
+
+/**
+ * After an unclean stop, the stamp recorded at open against the stamp now: what is left to
+ * compare when the counters and times at the last write are not known. Null: nothing against.
+ */
+function uncleanChange(recorded: DeviceStamp | undefined, now: DeviceStamp, lastWriteSeenMs: number): { reason: ChangeMapResetReason; detail: string } | null {
+  if (now.kind === 'block') {
+    return {
+      reason: 'cannot-verify',
+      detail: 'the daemon stopped without closing the map (killed or crashed) while it served this block device; its write counters cannot tell the daemon\'s last writes from anyone else\'s',
+    };
   }
-  if (!Number.isSafeInteger(stamp.sizeBytes) || stamp.sizeBytes < 0 || mtimeNs < 0n) throw new BdsnapError('EINVAL', 'bad device stamp');
-  return { sizeBytes: stamp.sizeBytes, mtimeNs };
+  if (!recorded) return { reason: 'cannot-verify', detail: 'the map was not closed cleanly and has no record of the image file to compare with' };
+  if (recorded.kind !== 'file' || recorded.dev !== now.dev || recorded.ino !== now.ino) {
+    return { reason: 'changed-outside', detail: `the map was not closed cleanly and ${devicePathWord(recorded)} is now another file (${now.dev}:${now.ino})` };
+  }
+  for (const [name, ns] of [['mtime', now.mtimeNs], ['ctime', now.ctimeNs]] as const) {
+    const ms = Number(BigInt(ns) / 1_000_000n);
+    if (ms > lastWriteSeenMs + MTIME_SLACK_MS) {
+      return { reason: 'changed-outside', detail: `the image file's ${name} is ${new Date(ms).toISOString()}, after the last write seen at ${new Date(lastWriteSeenMs).toISOString()}` };
+    }
+  }
+  return null;
+}
+
+function devicePathWord(stamp: DeviceStamp): string {
+  return stamp.kind === 'file' ? `the image file (${stamp.dev}:${stamp.ino})` : 'the block device';
 }
 
 /** The live change map of one device. Open with ChangeMap.open(). */
@@ -392,6 +425,10 @@ export class ChangeMap {
   #syncing: SyncBatch | undefined;
   #next: SyncBatch | undefined;
   #header = Buffer.alloc(HEADER_BYTES);
+  /** The device's stamp the header records: the one read at open, then the one given to close(). */
+  #stamp: DeviceStamp | undefined;
+  /** #stamp as the header stores it (encoded once, not at every header write). */
+  #stampBytes: Buffer | undefined;
 
   private constructor(options: ChangeMapOptions, bootId: string, fd: number, state: { generation: string; number: number; entries: Uint32Array; createdMs: number }) {
     this.#file = options.file;
@@ -399,6 +436,8 @@ export class ChangeMap {
     this.#durability = options.durability;
     this.#bootId = bootId;
     this.#onReset = options.onReset;
+    this.#stamp = options.deviceStamp ?? undefined;
+    this.#stampBytes = encodeStamp(this.#stamp);
     this.blockSize = trackingBlockSize(options.deviceSizeBytes);
     this.blocks = Math.ceil(options.deviceSizeBytes / this.blockSize);
     this.#fd = fd;
@@ -425,7 +464,8 @@ export class ChangeMap {
     if (options.durability !== 'process' && options.durability !== 'strict') {
       throw new BdsnapError('EINVAL', `durability must be 'process' or 'strict', got ${String(options.durability)}`);
     }
-    const stamp = options.deviceStamp ? parseStamp(options.deviceStamp) : undefined;
+    const stamp = options.deviceStamp ?? undefined;
+    encodeStamp(stamp);
     const bootId = options.bootId ?? readBootId();
     try {
       await fs.promises.mkdir(path.dirname(options.file), { recursive: true, mode: 0o700 });
@@ -435,9 +475,10 @@ export class ChangeMap {
         if (reset) {
           map.#replaceFile();
         } else {
-          // From here on the file is "in use": unclean until close(), with this boot's id.
+          // From here on the file is "in use": unclean until close(), with this boot's id and
+          // the stamp at open (what an unclean stop leaves to compare).
           map.#lastWriteSeenMs = Date.now();
-          map.#writeHeader(0, undefined);
+          map.#writeHeader(0);
           fs.fdatasyncSync(fd);
         }
       } catch (err) {
@@ -451,7 +492,7 @@ export class ChangeMap {
     }
   }
 
-  static #load(options: ChangeMapOptions, bootId: string, stamp: { sizeBytes: number; mtimeNs: bigint } | undefined): {
+  static #load(options: ChangeMapOptions, bootId: string, stamp: DeviceStamp | undefined): {
     fd: number; state: { generation: string; number: number; entries: Uint32Array; createdMs: number }; reset: ChangeMapReset | null;
   } {
     const blocks = Math.ceil(options.deviceSizeBytes / trackingBlockSize(options.deviceSizeBytes));
@@ -470,8 +511,12 @@ export class ChangeMap {
     let keep = false;
     try {
       const fileBytes = fs.fstatSync(fd).size;
-      const h = Buffer.alloc(HEADER_USED_BYTES);
-      const parsed = parseHeader(h.subarray(0, readFully(fd, h, 0)), fileBytes);
+      const h = Buffer.alloc(HEADER_BYTES);
+      const headerBytes = readFully(fd, h, 0);
+      if (headerBytes >= 20 && h.toString('latin1', 0, 8) === CHANGE_MAP_MAGIC && h.readUInt32LE(8) === 1) {
+        return fresh('cannot-verify', 'the map was written by an earlier version of bdsnap, which kept no complete stamp of the device', h.readUInt32LE(16).toString(16).padStart(8, '0'));
+      }
+      const parsed = parseHeader(h.subarray(0, headerBytes), fileBytes);
       if (typeof parsed === 'string') return fresh('corrupt', `${options.file}: ${parsed}`, null);
       const prev = parsed.generation;
       if ((parsed.flags & FLAG_POISONED) !== 0) return fresh('corrupt', 'an earlier write of the map file failed', prev);
@@ -487,15 +532,12 @@ export class ChangeMap {
       }
       if (stamp) {
         if (clean) {
-          if (!parsed.stamp) return fresh('changed-outside', 'the map has no record of the image file to compare with', prev);
-          if (parsed.stamp.sizeBytes !== stamp.sizeBytes || parsed.stamp.mtimeNs !== stamp.mtimeNs) {
-            return fresh('changed-outside', `the image file changed while it was not served (size ${parsed.stamp.sizeBytes} -> ${stamp.sizeBytes}, mtime ${parsed.stamp.mtimeNs} -> ${stamp.mtimeNs} ns)`, prev);
-          }
+          if (!parsed.stamp) return fresh('cannot-verify', 'the map has no record of the device to compare with (its stamp could not be read when it was closed)', prev);
+          const compared = compareDeviceStamps(parsed.stamp, stamp);
+          if (!compared.same) return fresh(compared.proven ? 'changed-outside' : 'cannot-verify', compared.detail, prev);
         } else {
-          const mtimeMs = Number(stamp.mtimeNs / 1_000_000n);
-          if (mtimeMs > parsed.lastWriteSeenMs + MTIME_SLACK_MS) {
-            return fresh('changed-outside', `the image file was modified at ${new Date(mtimeMs).toISOString()}, after the last write seen at ${new Date(parsed.lastWriteSeenMs).toISOString()}`, prev);
-          }
+          const change = uncleanChange(parsed.stamp, stamp, parsed.lastWriteSeenMs);
+          if (change) return fresh(change.reason, change.detail, prev);
         }
       }
       const entries = new Uint32Array(parsed.blocks);
@@ -506,7 +548,7 @@ export class ChangeMap {
       keep = true;
       // An entry one above the header's number: the header of an advance() did not reach the
       // disk but an entry of the new period did (strict, after a host crash): adopt it.
-      return { fd, state: { generation: prev, number: Math.max(parsed.number, max, 1), entries, createdMs: readU64LE(h, 136) }, reset: null };
+      return { fd, state: { generation: prev, number: Math.max(parsed.number, max, 1), entries, createdMs: parsed.createdMs }, reset: null };
     } finally {
       if (!keep) fs.closeSync(fd);
     }
@@ -587,7 +629,7 @@ export class ChangeMap {
     }
     this.#number++;
     try {
-      this.#writeHeader(0, undefined);
+      this.#writeHeader(0);
       // The new number must be on disk before any entry of the new period can be (strict).
       if (this.#durable) fs.fdatasyncSync(this.#fd);
     } catch (err) {
@@ -619,13 +661,27 @@ export class ChangeMap {
     visitChanged(this.#entries, this.blockSize, this.#deviceSizeBytes, sinceNumber, visit, offsetBytes, lengthBytes);
   }
 
+  /** The device's stamp given at open, or null: what to give close() when nothing wrote the device meanwhile. */
+  get deviceStamp(): DeviceStamp | null {
+    return this.#stamp ?? null;
+  }
+
   /**
-   * Clean close: wait for syncs in flight, record the image's stamp, mark the file clean and
-   * make it durable. A map whose file failed is left unclean (reset at the next open).
+   * Clean close: wait for syncs in flight, record the device's stamp, mark the file clean and
+   * make it durable. Give the stamp read after the device's last write was flushed and its
+   * descriptor closed; null when it is not known (the next open that compares stamps then
+   * resets). A map whose file failed is left unclean (reset at the next open).
    */
-  async close(deviceStamp?: DeviceStamp | null): Promise<void> {
+  async close(deviceStamp: DeviceStamp | null): Promise<void> {
     if (this.#closed) return;
-    const stamp = deviceStamp ? parseStamp(deviceStamp) : undefined;
+    let stamp = deviceStamp ?? undefined;
+    let stampBytes: Buffer | undefined;
+    try {
+      stampBytes = encodeStamp(stamp);
+    } catch {
+      // Too large to record: the next open cannot vouch for the device.
+      stamp = undefined;
+    }
     this.#closed = true;
     clearInterval(this.#staleTimer);
     try {
@@ -633,7 +689,9 @@ export class ChangeMap {
       await this.#next?.promise.catch(() => undefined);
       if (this.#failure === undefined) {
         this.#lastWriteSeenMs = Date.now();
-        this.#writeHeader(FLAG_CLEAN, stamp);
+        this.#stamp = stamp;
+        this.#stampBytes = stampBytes;
+        this.#writeHeader(FLAG_CLEAN);
         await new Promise<void>((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
       }
     } finally {
@@ -643,9 +701,9 @@ export class ChangeMap {
 
   // ---- file -------------------------------------------------------------------------------
 
-  #writeHeader(flags: number, stamp: { sizeBytes: number; mtimeNs: bigint } | undefined): void {
-    this.#fillHeader(flags, stamp);
-    writeFully(this.#fd, this.#header.subarray(0, HEADER_USED_BYTES), 0);
+  #writeHeader(flags: number): void {
+    this.#fillHeader(flags);
+    writeFully(this.#fd, this.#header, 0);
   }
 
   #touch(now: number): void {
@@ -653,7 +711,7 @@ export class ChangeMap {
     this.#lastWriteSeenMs = now;
     if (this.#failure !== undefined) return;
     try {
-      this.#writeHeader(0, undefined);
+      this.#writeHeader(0);
     } catch (err) {
       this.#poison(err);
       return;
@@ -684,7 +742,7 @@ export class ChangeMap {
     if (this.#failure !== undefined) return;
     this.#failure = toBdsnapError(err).message;
     try {
-      this.#writeHeader(FLAG_POISONED, undefined);
+      this.#writeHeader(FLAG_POISONED);
       fs.fdatasyncSync(this.#fd);
     } catch {
       try {
@@ -771,11 +829,11 @@ export class ChangeMap {
   /** Write the whole map to a new file (unclean, this boot) and make it the map file. */
   #replaceFile(): void {
     this.#lastWriteSeenMs = Date.now();
-    this.#fillHeader(0, undefined);
+    this.#fillHeader(0);
     this.#fd = replaceFileSync(this.#file, [this.#header, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
   }
 
-  #fillHeader(flags: number, stamp: { sizeBytes: number; mtimeNs: bigint } | undefined): void {
+  #fillHeader(flags: number): void {
     const h = this.#header;
     h.fill(0);
     h.write(CHANGE_MAP_MAGIC, 0, 'latin1');
@@ -789,13 +847,12 @@ export class ChangeMap {
     h.writeUInt32LE(flags, 40);
     h.write(this.#bootId.slice(0, BOOT_ID_BYTES), 48, 'latin1');
     writeU64LE(h, 96, this.#lastWriteSeenMs);
-    if (stamp) {
-      h.writeUInt32LE(1, 104);
-      writeU64LE(h, 112, stamp.sizeBytes);
-      writeU64LE(h, 120, Number(stamp.mtimeNs / 1_000_000_000n));
-      h.writeUInt32LE(Number(stamp.mtimeNs % 1_000_000_000n), 128);
-    }
     writeU64LE(h, 136, this.#createdMs);
+    const stamp = this.#stampBytes;
+    if (stamp) {
+      h.writeUInt32LE(stamp.length, STAMP_LENGTH_AT);
+      stamp.copy(h, STAMP_AT);
+    }
     h.writeUInt32LE(crc32(h.subarray(0, HEADER_CRC_AT)), HEADER_CRC_AT);
   }
 }
@@ -882,7 +939,7 @@ export class FrozenChangeMap {
   async save(file: string): Promise<void> {
     const h = Buffer.alloc(FROZEN_HEADER_BYTES);
     h.write(FROZEN_MAP_MAGIC, 0, 'latin1');
-    h.writeUInt32LE(CHANGE_MAP_VERSION, 8);
+    h.writeUInt32LE(FROZEN_MAP_VERSION, 8);
     h.writeUInt32LE(FROZEN_HEADER_BYTES, 12);
     h.writeUInt32LE(Number.parseInt(this.generation, 16) >>> 0, 16);
     h.writeUInt32LE(this.number, 20);
@@ -915,7 +972,7 @@ export class FrozenChangeMap {
       const h = Buffer.alloc(FROZEN_HEADER_BYTES);
       if (readFully(fd, h, 0) !== FROZEN_HEADER_BYTES) throw corrupt(`too short for a header (${fileBytes} bytes)`);
       if (h.toString('latin1', 0, 8) !== FROZEN_MAP_MAGIC) throw corrupt('bad magic (not a bdsnap frozen change map)');
-      if (h.readUInt32LE(8) !== CHANGE_MAP_VERSION) throw corrupt(`unsupported version ${h.readUInt32LE(8)}`);
+      if (h.readUInt32LE(8) !== FROZEN_MAP_VERSION) throw corrupt(`unsupported version ${h.readUInt32LE(8)}`);
       if (h.readUInt32LE(FROZEN_CRC_AT) !== crc32(h.subarray(0, FROZEN_CRC_AT))) throw corrupt('header checksum mismatch');
       const number = h.readUInt32LE(20);
       const blockSize = h.readUInt32LE(24);
@@ -960,7 +1017,7 @@ export class TrackingDevice extends PassThroughDevice {
     this.#map = map;
   }
 
-  // close() closes the device below; the change map is closed by its owner (with the image's stamp).
+  // close() closes the device below; the change map is closed by its owner (with the device's stamp).
 
   protected override modify(offsetBytes: number, lengthBytes: number, _fua: boolean, apply: () => Promise<void>): Promise<void> {
     let marked: void | Promise<void>;

@@ -1,12 +1,14 @@
 /**
  * The change map: a model-based property test (random writes, trims, zeroes, snapshots,
  * clean closes and kills against an in-memory model of what changed), the reset rules (new,
- * host crash, changed outside, size, corruption, request), strict group commit, the frozen
- * views' files, TrackingDevice's ordering, and the time of changedSince on a 1 TiB map.
+ * host crash, changed outside as image and block device stamps show it, size, corruption,
+ * request), strict group commit, the frozen views' files, TrackingDevice's ordering, and the
+ * time of changedSince on a 1 TiB map.
  */
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -287,7 +289,7 @@ test('strict durability: a reset while syncs are in flight leaves a working map'
 
 function stampOf(file: string): DeviceStamp {
   const st = fs.statSync(file, { bigint: true });
-  return { sizeBytes: Number(st.size), mtimeNs: st.mtimeNs.toString() };
+  return { kind: 'file', dev: st.dev.toString(), ino: st.ino.toString(), sizeBytes: Number(st.size), mtimeNs: st.mtimeNs.toString(), ctimeNs: st.ctimeNs.toString() };
 }
 
 test('an image changed while not served resets the map (changed-outside); an untouched one does not', async (t) => {
@@ -316,13 +318,88 @@ test('an image changed while not served resets the map (changed-outside); an unt
   const late = await open();
   assert.equal((late.reset as { reason: string }).reason, 'changed-outside');
   assert.match((late.reset as { detail: string }).detail, /after the last write seen/);
-  // An unclean stop with the image's mtime within the slack: kept.
+  // An unclean stop with the image's times within the slack: kept.
   late.map.mark(0, 1);
   fs.utimesSync(image, new Date(), new Date());
   const kept = await open();
   assert.equal(kept.reset, null);
   assert.deepEqual(kept.map.changedSince(0), [{ offsetBytes: 0, lengthBytes: BLOCK }]);
   await kept.map.close(stampOf(image));
+});
+
+test('a write whose mtime was set back is caught by the ctime, after a clean close and after an unclean stop', async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, SIZE, 0);
+  const file = path.join(dir, 'd.cbt');
+  const opts = { file, deviceSizeBytes: SIZE, durability: 'process' as const, bootId: 'b' };
+  /** Write the image, then set its mtime back exactly (the kernel sets ctime to now). */
+  const writeAndSetBack = (): void => {
+    const before = fs.statSync(image, { bigint: true });
+    fs.writeFileSync(image, Buffer.alloc(SIZE, 2));
+    const s = before.mtimeNs / 1_000_000_000n;
+    const touched = spawnSync('touch', ['-m', '-d', `@${s}.${(before.mtimeNs - s * 1_000_000_000n).toString().padStart(9, '0')}`, image]);
+    assert.equal(touched.status, 0);
+    assert.equal(fs.statSync(image, { bigint: true }).mtimeNs, before.mtimeNs);
+  };
+
+  const first = await ChangeMap.open({ ...opts, deviceStamp: stampOf(image) });
+  await first.map.close(stampOf(image));
+  writeAndSetBack();
+  const clean = await ChangeMap.open({ ...opts, deviceStamp: stampOf(image) });
+  assert.equal(clean.reset?.reason, 'changed-outside');
+  assert.match(clean.reset?.detail ?? '', /ctime/);
+  assert.doesNotMatch(clean.reset?.detail ?? '', /mtime/, 'the mtime was set back; only the ctime tells');
+
+  // Killed while serving: the header still holds the stamp taken at open. A ctime after the
+  // last write seen (+ slack) is a write by someone else.
+  clean.map.mark(0, 1);
+  await new Promise((r) => setTimeout(r, 2100));
+  writeAndSetBack();
+  const unclean = await ChangeMap.open({ ...opts, deviceStamp: stampOf(image) });
+  assert.equal(unclean.reset?.reason, 'changed-outside');
+  assert.match(unclean.reset?.detail ?? '', /ctime .* after the last write seen/);
+  await unclean.map.close(stampOf(image));
+});
+
+test('block devices: a clean map is kept only with equal counters in the same boot; an unclean one starts again', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'd.cbt');
+  const opts = { file, deviceSizeBytes: SIZE, durability: 'process' as const, bootId: 'boot-1' };
+  const block = (over: Partial<Extract<DeviceStamp, { kind: 'block' }>> = {}): DeviceStamp => ({
+    kind: 'block', majorMinor: '8:16', sizeBytes: SIZE, diskId: 'wwid=naa.5000c500a1b2c3d4', bootId: 'boot-1',
+    sectorsWritten: 800, sectorsDiscarded: 0, ...over,
+  });
+  const first = await ChangeMap.open({ ...opts, deviceStamp: block() });
+  first.map.mark(0, 1);
+  await first.map.close(block({ sectorsWritten: 808 }));
+  const kept = await ChangeMap.open({ ...opts, deviceStamp: block({ sectorsWritten: 808 }) });
+  assert.equal(kept.reset, null, 'counters as at the close: kept');
+  assert.deepEqual(kept.map.changedSince(0), [{ offsetBytes: 0, lengthBytes: BLOCK }]);
+  await kept.map.close(block({ sectorsWritten: 808 }));
+
+  const written = await ChangeMap.open({ ...opts, deviceStamp: block({ sectorsWritten: 936 }) });
+  assert.equal(written.reset?.reason, 'changed-outside');
+  assert.match(written.reset?.detail ?? '', /sectorsWritten 808 -> 936/);
+  await written.map.close(block());
+
+  const rebooted = await ChangeMap.open({ ...opts, bootId: 'boot-2', deviceStamp: block({ bootId: 'boot-2' }) });
+  assert.equal(rebooted.reset?.reason, 'cannot-verify');
+  assert.match(rebooted.reset?.detail ?? '', /host restarted/);
+  await rebooted.map.close(block({ bootId: 'boot-2' }));
+
+  // Killed while serving (never closed): the counters at open say nothing of the daemon's last writes.
+  const serving = await ChangeMap.open({ ...opts, bootId: 'boot-2', deviceStamp: block({ bootId: 'boot-2' }) });
+  assert.equal(serving.reset, null);
+  serving.map.mark(BLOCK, 1);
+  const afterKill = await ChangeMap.open({ ...opts, bootId: 'boot-2', deviceStamp: block({ bootId: 'boot-2' }) });
+  assert.equal(afterKill.reset?.reason, 'cannot-verify');
+  assert.match(afterKill.reset?.detail ?? '', /without closing the map/);
+  // Closed without a stamp (it could not be read): the next open cannot vouch for the device.
+  await afterKill.map.close(null);
+  const noStamp = await ChangeMap.open({ ...opts, bootId: 'boot-2', deviceStamp: block({ bootId: 'boot-2' }) });
+  assert.equal(noStamp.reset?.reason, 'cannot-verify');
+  await noStamp.map.close(null);
 });
 
 test('size change, corruption and a requested reset start a new generation and say why', async (t) => {
