@@ -10,7 +10,7 @@
 
 import { BdsnapError } from '../errors.js';
 import type { CloneResult } from '../host/libc.js';
-import type { FileStamp } from '../host/file-stamp.js';
+import type { DeviceStamp } from '../host/device-stamp.js';
 
 export interface BlockSizes {
   /** Smallest I/O the device can do without read-modify-write (bytes, power of two). */
@@ -109,15 +109,14 @@ export interface BlockDevice {
    */
   startWriteback?(offsetBytes: number, lengthBytes: number): void;
   /**
-   * Optional: the stamp of the device's current content (an image file's inode, size, mtime
-   * and ctime), which any write moves; undefined where there is none (a block device). A
-   * session records it at its start and end, a restore after it wrote, so that a later restore
-   * can tell whether anything outside bdsnap wrote the device in between.
+   * Optional: the stamp of the device's current content (`host/device-stamp.ts`), which any
+   * write moves. A session records it at its start and end, a restore after it wrote, so that
+   * a later restore can tell whether anything outside bdsnap wrote the device in between.
    */
-  stamp?(): Promise<FileStamp | undefined>;
+  stamp?(): Promise<DeviceStamp | undefined>;
 }
 
-export type { CloneResult, FileStamp };
+export type { CloneResult, DeviceStamp };
 
 /** Throw EINVAL/ENOSPC for a range that does not fit the device. Shared by implementations. */
 export function checkRange(device: Pick<BlockDevice, 'size'>, offsetBytes: number, lengthBytes: number, writing: boolean): void {

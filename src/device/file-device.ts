@@ -23,9 +23,9 @@
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { blockDeviceSizeBytes } from '../host/device-stamp.js';
+import { blockDeviceSizeBytes, fileStampOfFd, readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
 import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
-import { stampOfFd, type FileStamp } from '../host/file-stamp.js';
+import { formatDevT } from '../host/dev-t.js';
 import { loadLibc, type Libc } from '../host/libc.js';
 import {
   EXTENT_HOLE, EXTENT_ZERO, checkRange, type BlockDevice, type BlockSizes, type CloneResult, type DeviceIdentity, type Extent, type WriteOptions,
@@ -140,10 +140,18 @@ export class FileDevice implements BlockDevice {
     if (options?.fua) await this.flush();
   }
 
-  /** The image file's stamp, from the descriptor this device writes through; undefined for a block device. */
-  async stamp(): Promise<FileStamp | undefined> {
+  /**
+   * The device's stamp: an image file's from the descriptor this device writes through; a
+   * block device's from sysfs, refused if the node now names another device.
+   */
+  async stamp(): Promise<DeviceStamp | undefined> {
     this.#checkOpen();
-    return this.identity.kind === 'file' ? stampOfFd(this.#fd) : undefined;
+    if (this.identity.kind === 'file') return fileStampOfFd(this.#fd);
+    const stamp = await readDeviceStamp(this.path);
+    if (stamp.kind !== 'block' || stamp.majorMinor !== formatDevT(this.identity.rdev)) {
+      throw new BdsnapError('EIO', `${this.path} no longer names the block device ${formatDevT(this.identity.rdev)} this device opened`);
+    }
+    return stamp;
   }
 
   async flush(): Promise<void> {

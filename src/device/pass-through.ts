@@ -9,7 +9,7 @@
  */
 
 import { BdsnapError } from '../errors.js';
-import type { BlockDevice, BlockSizes, CloneResult, Extent, FileStamp, WriteOptions, ZeroOptions } from './block-device.js';
+import type { BlockDevice, BlockSizes, CloneResult, Extent, DeviceStamp, WriteOptions, ZeroOptions } from './block-device.js';
 
 export class PassThroughDevice implements BlockDevice {
   readonly #base: BlockDevice;
@@ -67,7 +67,7 @@ export class PassThroughDevice implements BlockDevice {
   }
 
   /** Writes here reach the device below: its stamp is this layer's. */
-  stamp(): Promise<FileStamp | undefined> {
+  stamp(): Promise<DeviceStamp | undefined> {
     return this.#base.stamp?.() ?? Promise.resolve(undefined);
   }
 

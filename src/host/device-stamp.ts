@@ -65,7 +65,8 @@ const blockStampSchema = z.object({
   sectorsWritten: count, sectorsDiscarded: count,
   loop: z.object({ backingFile: fileStampSchema, offsetBytes: count, sizeLimitBytes: count }).strict().optional(),
 }).strict();
-const deviceStampSchema = z.discriminatedUnion('kind', [fileStampSchema, blockStampSchema]);
+/** The schema of a stored stamp (manifests, journals, change-map headers). */
+export const deviceStampSchema = z.discriminatedUnion('kind', [fileStampSchema, blockStampSchema]);
 
 /** A stamp as stored (JSON); undefined when it does not parse as one. */
 export function parseDeviceStamp(text: string): DeviceStamp | undefined {
@@ -133,6 +134,20 @@ export async function readDeviceStamp(devicePath: string, sources: StampSources 
   };
 }
 
+/** The stamp of an open image file, from its descriptor: it cannot be swapped by renaming the path. Errors: EINVAL. */
+export async function fileStampOfFd(fd: number): Promise<FileStamp> {
+  const st = await new Promise<fs.BigIntStats>((resolve, reject) => fs.fstat(fd, { bigint: true }, (err, s) => (err ? reject(err) : resolve(s))));
+  if (!st.isFile()) throw new BdsnapError('EINVAL', `descriptor ${fd} is not a regular file`);
+  return fileStamp(st);
+}
+
+/** A key equal for equal stamps (fields in a fixed order). */
+export function stampKey(s: DeviceStamp): string {
+  if (s.kind === 'file') return `file:${s.dev}:${s.ino}:${s.sizeBytes}:${s.mtimeNs}:${s.ctimeNs}`;
+  const loop = s.loop ? `:${stampKey(s.loop.backingFile)}:${s.loop.offsetBytes}:${s.loop.sizeLimitBytes}` : '';
+  return `block:${s.majorMinor}:${s.sizeBytes}:${JSON.stringify(s.diskId)}:${s.bootId}:${s.sectorsWritten}:${s.sectorsDiscarded}${loop}`;
+}
+
 /** How a recorded stamp compares with the stamp now. */
 export type StampComparison =
   | { same: true }
@@ -183,12 +198,19 @@ function show(v: string | number): string {
   return typeof v === 'string' ? JSON.stringify(v) : String(v);
 }
 
+/** Nanoseconds since the epoch as an ISO time to the nanosecond (what a reader compares), with the raw count. */
+function showNs(ns: string): string {
+  const n = BigInt(ns);
+  const iso = new Date(Number(n / 1_000_000n)).toISOString().replace(/\.\d{3}Z$/, '');
+  return `${iso}.${String(n % 1_000_000_000n).padStart(9, '0')}Z (${ns} ns)`;
+}
+
 function fileDifferences(was: FileStamp, is: FileStamp): string[] {
   const diff: string[] = [];
   if (was.dev !== is.dev || was.ino !== is.ino) diff.push(`file ${was.dev}:${was.ino} -> ${is.dev}:${is.ino}`);
   if (was.sizeBytes !== is.sizeBytes) diff.push(`size ${was.sizeBytes} -> ${is.sizeBytes}`);
-  if (was.mtimeNs !== is.mtimeNs) diff.push(`mtime ${was.mtimeNs} -> ${is.mtimeNs} ns`);
-  if (was.ctimeNs !== is.ctimeNs) diff.push(`ctime ${was.ctimeNs} -> ${is.ctimeNs} ns`);
+  if (was.mtimeNs !== is.mtimeNs) diff.push(`mtime ${showNs(was.mtimeNs)} -> ${showNs(is.mtimeNs)}`);
+  if (was.ctimeNs !== is.ctimeNs) diff.push(`ctime ${showNs(was.ctimeNs)} -> ${showNs(is.ctimeNs)}`);
   return diff;
 }
 

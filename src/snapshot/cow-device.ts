@@ -32,7 +32,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { fsyncDirectory, writeFileAtomic } from '../host/atomic-file.js';
 import { preadFully } from '../host/fd-io.js';
 import {
-  checkRange, type BlockDevice, type FileStamp, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
+  checkRange, type BlockDevice, type DeviceStamp, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
 } from '../device/block-device.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import {
@@ -178,8 +178,8 @@ export class CowDevice implements BlockDevice {
   #state: CowState = 'idle';
   #sessionDir: string | undefined;
   /** The device's stamp before the first write and after the last (see `host/file-stamp.ts`). */
-  #startStamp: FileStamp | undefined;
-  #endStamp: FileStamp | undefined;
+  #startStamp: DeviceStamp | undefined;
+  #endStamp: DeviceStamp | undefined;
   #starting: Promise<boolean> | undefined;
   #writer: StoreWriter | undefined;
   #dataFd: number | undefined;

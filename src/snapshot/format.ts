@@ -44,6 +44,7 @@ import { writeFileAtomic } from '../host/atomic-file.js';
 import type { ChunkTable } from './chunk-table.js';
 import { DIGEST_BYTES } from './chunk-digest.js';
 import { DigestTable } from './digest-table.js';
+import { deviceStampSchema } from '../host/device-stamp.js';
 
 export const FORMAT_NAME = 'bdsnap-session';
 /** What new sessions write in their manifest; versions 1 and 2 are read. */
@@ -73,13 +74,6 @@ export const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
 
 export type SessionState = 'active' | 'complete' | 'interrupted' | 'failed';
 
-export const fileStampSchema = z.object({
-  ino: z.string().regex(/^\d+$/),
-  size: z.string().regex(/^\d+$/),
-  mtimeNs: z.string().regex(/^-?\d+$/),
-  ctimeNs: z.string().regex(/^-?\d+$/),
-});
-
 export const manifestSchema = z.object({
   format: z.literal(FORMAT_NAME),
   version: z.union([z.literal(1), z.literal(FORMAT_VERSION)]),
@@ -99,12 +93,12 @@ export const manifestSchema = z.object({
   /** Absent in sessions written before it was recorded: those used sha256. */
   digestAlgorithm: z.enum(['sha256', 'crc32x8']).optional(),
   /**
-   * The device's stamp (`host/file-stamp.ts`) before the session's first write and after its
-   * last one (at a clean close, or when recovered after a crash). Absent for block devices and
-   * in sessions written before stamps were recorded.
+   * The device's stamp (`host/device-stamp.ts`) before the session's first write and after its
+   * last one (at a clean close, or when recovered after a crash). Absent in sessions written
+   * before stamps were recorded.
    */
-  startStamp: fileStampSchema.optional(),
-  endStamp: fileStampSchema.optional(),
+  startStamp: deviceStampSchema.optional(),
+  endStamp: deviceStampSchema.optional(),
 });
 
 export type Manifest = z.infer<typeof manifestSchema>;

@@ -8,7 +8,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
-import { stampOfPath, type FileStamp } from '../host/file-stamp.js';
+import { readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
+import { formatDevT } from '../host/dev-t.js';
 import {
   DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
 } from './format.js';
@@ -38,8 +39,8 @@ export interface SessionInfo {
   digestAlgorithm: DigestAlgorithm;
   failedReason: string | null;
   /** The device's stamp before the session's first write and after its last (absent: not known). */
-  startStamp?: FileStamp;
-  endStamp?: FileStamp;
+  startStamp?: DeviceStamp;
+  endStamp?: DeviceStamp;
   /** For 'unreadable': what is wrong. */
   problem?: string;
   /** Set by recoverSession: bytes cut from a torn tail of data.bin, and why. */
@@ -114,11 +115,12 @@ export async function listSessions(snapshotRoot: string, devicePath?: string): P
   return out.sort(compareSessions);
 }
 
-/** The stamp of the image file at `devicePath` if it is still the file of `identity`. */
-async function deviceStampNow(devicePath: string, identity: Record<string, unknown>): Promise<FileStamp | undefined> {
-  if (identity.kind !== 'file') return undefined;
-  const stamp = await stampOfPath(devicePath).catch(() => undefined);
-  return stamp !== undefined && stamp.ino === String(identity.ino) ? stamp : undefined;
+/** The stamp of the device at `devicePath` if it is still the device of `identity` (else undefined: not known). */
+async function deviceStampNow(devicePath: string, identity: Record<string, unknown>): Promise<DeviceStamp | undefined> {
+  const stamp = await readDeviceStamp(devicePath).catch(() => undefined);
+  if (stamp?.kind === 'file' && identity.kind === 'file' && stamp.ino === String(identity.ino)) return stamp;
+  if (stamp?.kind === 'block' && identity.kind === 'block' && typeof identity.rdev === 'number' && stamp.majorMinor === formatDevT(identity.rdev)) return stamp;
+  return undefined;
 }
 
 /**

@@ -23,7 +23,7 @@ import { scanData } from '../store.js';
 import { digestDeviceChunks } from '../device-digests.js';
 import { forEachChunk } from '../chunk-runs.js';
 import type { SessionInfo } from '../sessions.js';
-import { describeStampChange, stampKey, type FileStamp } from '../../host/file-stamp.js';
+import { compareDeviceStamps, stampKey, type DeviceStamp } from '../../host/device-stamp.js';
 import type { Journal } from './journal.js';
 import { readOptional } from './files.js';
 
@@ -279,7 +279,7 @@ export interface Continuity {
  * restore undid the sessions between. Stamps are compared, not content: a write to a chunk no
  * session touched leaves every end digest intact but moves the stamp.
  */
-export function checkContinuity(chain: SessionInfo[], targetUndone: boolean, restores: FinishedRestore[], current: FileStamp | undefined): Continuity {
+export function checkContinuity(chain: SessionInfo[], targetUndone: boolean, restores: FinishedRestore[], current: DeviceStamp | undefined): Continuity {
   const parent = new Map<string, string>();
   const find = (k: string): string => {
     let root = k;
@@ -302,11 +302,17 @@ export function checkContinuity(chain: SessionInfo[], targetUndone: boolean, res
     const fromWhat = undoneTarget ? `the restore from ${s.dir}` : `session ${s.dir} ended`;
     const to = next ? next.startStamp : current;
     const toWhat = next ? `before session ${next.dir} started` : 'since';
+    const where = next ? `between ${fromWhat} and the start of ${next.dir}` : `after ${fromWhat}`;
     if (from === undefined || to === undefined) {
-      out.unknown.push(`no stamp of the device ${next ? `between ${fromWhat} and the start of ${next.dir}` : `after ${fromWhat}`}, so writes outside bdsnap there would go unseen where no session touched the device`);
-    } else if (find(stampKey(from)) !== find(stampKey(to))) {
-      out.breaks.push(`after ${fromWhat} and ${toWhat} (${describeStampChange(from, to) || 'its stamp differs'})`);
+      out.unknown.push(`no stamp of the device ${where}, so writes outside bdsnap there would go unseen where no session touched the device`);
+      return;
     }
+    if (find(stampKey(from)) === find(stampKey(to))) return;
+    const compared = compareDeviceStamps(from, to);
+    // A loop device's backing file can vouch across a reboot; other block devices' counters cannot.
+    if (compared.same) return;
+    if (!compared.proven) out.unknown.push(`${where}: ${compared.detail}`);
+    else out.breaks.push(`after ${fromWhat} and ${toWhat} (${compared.detail})`);
   });
   return out;
 }

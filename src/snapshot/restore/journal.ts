@@ -11,7 +11,8 @@
 import { z } from 'zod';
 import { BdsnapError } from '../../errors.js';
 import { writeFileAtomic } from '../../host/atomic-file.js';
-import { SESSION_FILE_MODE, fileStampSchema } from '../format.js';
+import { SESSION_FILE_MODE } from '../format.js';
+import { deviceStampSchema } from '../../host/device-stamp.js';
 import { readOptional } from './files.js';
 
 const journalSchema = z.object({
@@ -30,8 +31,8 @@ const journalSchema = z.object({
    * recorded, so the restore's result is not known to be the target's start. Absent: true.
    */
   verified: z.boolean().optional(),
-  /** The device's stamp after each verified restore from this session (`host/file-stamp.ts`). */
-  stamps: z.array(fileStampSchema).optional(),
+  /** The device's stamp after each verified restore from this session (`host/device-stamp.ts`). */
+  stamps: z.array(deviceStampSchema).optional(),
   startedAt: z.string().min(1),
   finishedAt: z.string().min(1).optional(),
 });
