@@ -12,6 +12,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { checkNotInUse } from '../host/in-use.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import type { MountResult, UmountResult } from './control-protocol.js';
 import type { DeviceTable } from './device-table.js';
@@ -94,6 +95,10 @@ export class MountManager {
 
   async #mountDevice(devicePath: string, mountpoint: string, type?: string, mountOptions?: string): Promise<MountResult> {
     const { table, registry, log } = this.#options;
+    // A filesystem mounted twice, once here and once outside bdsnap (a loop mount of the image,
+    // a mount of the node), is written by two kernels' caches and corrupted. A device this
+    // daemon already has open is held O_EXCL by it, so the exclusive probe would only find us.
+    await checkNotInUse(devicePath, {}, { exclusiveProbe: !table.isAttached(devicePath) });
     await registry.register(devicePath);
     const att = await table.attach(devicePath, { exclusive: true, mountTime: new Date(), holder: 'mount' });
     table.setMount(devicePath, { mountpoint, loopDevice: null });
