@@ -27,7 +27,8 @@ export function daemonSnapshotProvider(client: BdsnapClient, runDir: string): Sn
       };
     },
     async destroy(id: string): Promise<void> {
-      await client.destroySnapshot(id);
+      // The backup's own snapshot: its readers are closed by now, and nothing else may keep it.
+      await client.destroySnapshot(id, { force: true });
     },
   };
 }

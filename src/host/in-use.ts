@@ -1,15 +1,23 @@
 /**
- * Is the device in use? A restore (of a session, or of a backup) writes a device in place, so
- * it must know the device is free: not mounted, not the backing file of a loop device (a
- * server of it holds the FileDevice lock, checked by open). "Could not tell" is a refusal with
- * the reason, never a pass: a restore under a mounted filesystem corrupts it.
+ * Is the device in use? A restore (of a session, or of a backup) writes a device in place, and
+ * `bdsnap mount` puts a filesystem on it, so each must know the device is free: not mounted,
+ * not behind a loop device, not held open exclusively (a mount, swap, device-mapper, md), and
+ * not below a stacked device. "Could not tell" is a refusal with the reason, never a pass: a
+ * second writer under a mounted filesystem corrupts it.
+ *
+ * Everything is compared by identity, never by name: a hard link, a bind mount or a symlink of
+ * an image is the same image. An image file is its (st_dev, st_ino); a block device node is its
+ * rdev (and the rdevs of its partitions), whatever node names it.
  */
 
 import fs from 'node:fs';
+import path from 'node:path';
 import { BdsnapError } from '../errors.js';
 import { formatDevT } from './dev-t.js';
-import { SYS_BLOCK_PATH, listLoopDevices, type LoopDevice } from './loop-devices.js';
+import { DEV_PATH, SYS_BLOCK_PATH, listLoopDevices, loopBackingIdentity, type LoopDevice } from './loop-devices.js';
 import { MOUNTINFO_PATH, readMountInfo, type MountInfoEntry } from './mountinfo.js';
+
+export const SYS_DEV_BLOCK_PATH = '/sys/dev/block';
 
 /** Where the host facts are read from; tests point these at unreadable or crafted files. */
 export interface HostPaths {
@@ -17,32 +25,108 @@ export interface HostPaths {
   mountinfo?: string;
   /** Default /sys/block. */
   sysBlock?: string;
+  /** Default /sys/dev/block (a block device's partitions and holders, by major:minor). */
+  sysDevBlock?: string;
+  /** Default /dev (where loop device nodes are opened to ask the kernel for their backing file). */
+  dev?: string;
 }
 
-/** Refuse while the device is mounted or behind a loop device. Errors: ENOENT, EBUSY, EIO (cannot tell). */
-export async function checkNotInUse(devicePath: string, host: HostPaths = {}): Promise<void> {
+export interface InUseOptions {
+  /**
+   * Probe a block device with an O_EXCL open (EBUSY while mounted or claimed). Default true.
+   * Off only where the caller itself holds the device open with O_EXCL: the probe would find
+   * that caller, and its hold already keeps every other exclusive user out.
+   */
+  exclusiveProbe?: boolean;
+}
+
+/** A block device or one of its partitions. */
+interface BlockMember {
+  name: string;
+  majorMinor: string;
+  /** Its sysfs directory. */
+  dir: string;
+}
+
+/**
+ * Refuse while the device is mounted, behind a loop device, held open exclusively or held by
+ * a stacked device. Errors: ENOENT, EBUSY (with what holds it and what to do), EIO (cannot tell).
+ */
+export async function checkNotInUse(devicePath: string, host: HostPaths = {}, options: InUseOptions = {}): Promise<void> {
   let real: string;
-  let st: fs.Stats;
+  let st: fs.BigIntStats;
   try {
     real = await fs.promises.realpath(devicePath);
-    st = await fs.promises.stat(real);
+    st = await fs.promises.stat(real, { bigint: true });
   } catch (err) {
     throw new BdsnapError('ENOENT', `${devicePath} does not exist: ${(err as Error).message}`, { cause: err });
   }
   const cannotTell = (err: unknown): never => {
-    throw new BdsnapError('EIO', `cannot tell whether ${devicePath} is in use, so it is not restored in place: ${(err as Error).message}`, { cause: err });
+    throw new BdsnapError('EIO', `cannot tell whether ${devicePath} is in use, so bdsnap leaves it alone: ${(err as Error).message}`, { cause: err });
   };
+  const block = st.isBlockDevice();
+  const members = block ? await blockMembers(st.rdev, host.sysDevBlock ?? SYS_DEV_BLOCK_PATH).catch(cannotTell) : [];
+  const memberNumbers = new Set(members.map((m) => m.majorMinor));
+
   const mounts: MountInfoEntry[] = await readMountInfo(host.mountinfo ?? MOUNTINFO_PATH).catch(cannotTell);
-  const majorMinor = st.isBlockDevice() ? formatDevT(st.rdev) : undefined;
   for (const m of mounts) {
-    if ((majorMinor !== undefined && m.majorMinor === majorMinor) || m.source === real || m.source === devicePath) {
+    // A file is mounted only through a loop device (below); a source naming it is a filesystem
+    // that reads it directly (fuse2fs and the like): refused too.
+    if (memberNumbers.has(m.majorMinor) || (!block && (m.source === real || m.source === devicePath))) {
       throw new BdsnapError('EBUSY', `${devicePath} is mounted at ${m.mountPoint}; unmount it first`);
     }
   }
+
   const loops: LoopDevice[] = await listLoopDevices(host.sysBlock ?? SYS_BLOCK_PATH).catch(cannotTell);
   for (const loop of loops) {
-    if (loop.backingFile === real || loop.backingFile === devicePath) {
-      throw new BdsnapError('EBUSY', `${devicePath} is the backing file of ${loop.devicePath}; detach it first (losetup -d ${loop.devicePath})`);
+    const backing = await loopBackingIdentity(loop, host.dev ?? DEV_PATH).catch(cannotTell);
+    if (backing === null) continue;
+    const sameFile = formatDevT(backing.dev) === formatDevT(st.dev) && backing.ino === st.ino;
+    const sameDevice = block && backing.rdev !== 0n && memberNumbers.has(formatDevT(backing.rdev));
+    if (!sameFile && !sameDevice) continue;
+    const named = loop.backingFile === real ? '' : ` (named ${loop.backingFile}${loop.backingFileDeleted ? ', deleted' : ''} there)`;
+    const mounted = loop.majorMinor === null ? undefined : mounts.find((m) => m.majorMinor === loop.majorMinor);
+    if (mounted) {
+      throw new BdsnapError('EBUSY', `${devicePath} is the backing file of ${loop.devicePath}${named}, mounted at ${mounted.mountPoint}; unmount it first (umount ${mounted.mountPoint})`);
+    }
+    throw new BdsnapError('EBUSY', `${devicePath} is the backing file of ${loop.devicePath}${named}; detach it first (losetup -d ${loop.devicePath})`);
+  }
+
+  if (!block) return;
+  for (const member of members) {
+    const holders = await fs.promises.readdir(path.join(member.dir, 'holders')).catch(cannotTell);
+    if (holders.length > 0) {
+      const what = member === members[0] ? devicePath : `its partition ${member.name}`;
+      throw new BdsnapError('EBUSY', `${what} is held by ${holders.join(', ')} (device-mapper, md or another stacked device); remove that first`);
     }
   }
+  if (options.exclusiveProbe === false) return;
+  let probe: fs.promises.FileHandle;
+  try {
+    probe = await fs.promises.open(real, fs.constants.O_RDONLY | fs.constants.O_EXCL);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EBUSY') {
+      throw new BdsnapError('EBUSY', `${devicePath} is open exclusively by another user (a mount, swap, device-mapper, md, or a bdsnap that serves it); stop that first`);
+    }
+    return cannotTell(err);
+  }
+  await probe.close();
+}
+
+/**
+ * A block device and, for a whole disk, its partitions (sysfs subdirectories with a
+ * `partition` file), each with its major:minor. Errors: whatever sysfs answers.
+ */
+async function blockMembers(rdev: bigint, sysDevBlock: string): Promise<BlockMember[]> {
+  const majorMinor = formatDevT(rdev);
+  const dir = path.join(sysDevBlock, majorMinor);
+  const self: BlockMember = { name: path.basename(await fs.promises.realpath(dir)), majorMinor, dir };
+  const out = [self];
+  for (const entry of await fs.promises.readdir(dir, { withFileTypes: true })) {
+    if (!entry.isDirectory()) continue;
+    const sub = path.join(dir, entry.name);
+    if (!fs.existsSync(path.join(sub, 'partition'))) continue;
+    out.push({ name: entry.name, majorMinor: (await fs.promises.readFile(path.join(sub, 'dev'), 'utf8')).trim(), dir: sub });
+  }
+  return out;
 }

@@ -64,9 +64,26 @@ export interface Libc {
    * caps it at net.core.wmem_max). False when the call fails; the socket keeps its default.
    */
   setSendBuffer(fd: number, bytes: number): boolean;
+  /**
+   * ioctl(fd, LOOP_GET_STATUS64) on an open loop device: the identity of the file it is bound
+   * to, as the kernel holds it (the file itself, not a name: a renamed, deleted or hard-linked
+   * backing file is still recognised). Rejects with an Error with `errno` and `code` (ENXIO:
+   * not bound; ENOTTY: not a loop device). Runs on a worker thread: the kernel stats the
+   * backing file, which may sit on a FUSE filesystem whose server is slow.
+   */
+  loopBacking(fd: number): Promise<LoopBacking>;
 }
 
 export type CloneResult = 'cloned' | 'unsupported';
+
+/** The file behind a loop device: its st_dev and st_ino, and st_rdev when it is a device node. */
+export interface LoopBacking {
+  /** dev_t of the filesystem holding the backing file (see host/dev-t.ts). */
+  dev: bigint;
+  ino: bigint;
+  /** dev_t of the backing file when it is a block device node; 0 for a regular file. */
+  rdev: bigint;
+}
 
 const SOL_SOCKET = 1;
 /** Which numbering of the socket options an architecture uses (x86, arm, riscv...: the generic one). */
@@ -152,6 +169,7 @@ function bind(): { libc: Libc | undefined; reason: string } {
         throw Object.assign(new Error(`lseek(SEEK_${whence.toUpperCase()}) on descriptor ${fd} at ${offset} failed (errno ${errno})`), { errno });
       },
       ...bindCloneRange(koffi, lib),
+      ...bindLoopBacking(koffi, lib),
       setSendBuffer(fd: number, bytes: number): boolean {
         const value = Buffer.alloc(4);
         value.writeInt32LE(bytes);
@@ -219,6 +237,39 @@ function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof im
     }),
     cloneRangeSync: (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) =>
       outcome(ioctl(dstFd, request, argument(srcFd, srcOffsetBytes, dstOffsetBytes, lengthBytes)) as number, lengthBytes),
+  };
+}
+
+/** _IO('L', 0x05): no direction or size bits, the same number on every architecture. */
+const LOOP_GET_STATUS64 = 0x4c05;
+/**
+ * struct loop_info64: lo_device, lo_inode, lo_rdevice (u64 each) lead; the rest (offsets,
+ * flags, names, 232 bytes in all) is not read. Kept larger than the struct on purpose.
+ */
+const LOOP_INFO64_BYTES = 256;
+
+function bindLoopBacking(koffi: typeof import('koffi'), lib: ReturnType<typeof import('koffi').load>): Pick<Libc, 'loopBacking'> {
+  const ioctl = lib.func('ioctl', 'int', ['int', 'unsigned long', '_Out_ uint8_t *']);
+  const little = os.endianness() === 'LE';
+  const u64 = (b: Buffer, at: number): bigint => (little ? b.readBigUInt64LE(at) : b.readBigUInt64BE(at));
+  return {
+    loopBacking: (fd) => new Promise((resolve, reject) => {
+      // `info` is referenced by the callback, so it outlives the worker thread's call.
+      const info = Buffer.alloc(LOOP_INFO64_BYTES);
+      ioctl.async(fd, LOOP_GET_STATUS64, info, (err: unknown, rc: number) => {
+        if (err) {
+          reject(err instanceof Error ? err : new Error(String(err)));
+          return;
+        }
+        if (rc !== 0) {
+          const errno = koffi.errno();
+          const code = errnoName(errno);
+          reject(Object.assign(new Error(`ioctl(LOOP_GET_STATUS64) on descriptor ${fd} failed: ${code ?? `errno ${errno}`}`), { errno, code }));
+          return;
+        }
+        resolve({ dev: u64(info, 0), ino: u64(info, 8), rdev: u64(info, 16) });
+      });
+    }),
   };
 }
 

@@ -2,13 +2,23 @@
  * Loop devices as sysfs shows them: `/sys/block/loopN/loop/backing_file` exists while loopN is
  * attached. Listing fails loudly (EIO) when sysfs cannot be read, so an "is this file behind a
  * loop device?" check can refuse instead of guessing.
+ *
+ * The backing file's name in sysfs is only a name (the kernel prints the path of the file it
+ * holds: renamed, it shows the new name; unlinked, the old one with ` (deleted)`, although a
+ * hard link may keep the very same file alive). Which file a loop device holds is asked of the
+ * kernel (LOOP_GET_STATUS64: st_dev and st_ino); the name is used only where that ioctl cannot
+ * be had, and then a name that no longer leads to the file is a "cannot tell", never a "no".
  */
 
 import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
+import { libcUnavailableReason, loadLibc, type LoopBacking } from './libc.js';
 
 export const SYS_BLOCK_PATH = '/sys/block';
+export const DEV_PATH = '/dev';
+
+const DELETED_SUFFIX = ' (deleted)';
 
 export interface LoopDevice {
   /** `loopN`. */
@@ -17,6 +27,24 @@ export interface LoopDevice {
   devicePath: string;
   /** The attached file, without the kernel's ` (deleted)` suffix. */
   backingFile: string;
+  /** The kernel marked the name ` (deleted)`: the name no longer leads to the file. */
+  backingFileDeleted: boolean;
+  /** `major:minor` of the loop device itself (to find where it is mounted), null if sysfs lacks it. */
+  majorMinor: string | null;
+}
+
+/** What sysfs says backs a loop device: the name and whether the kernel marked it deleted. */
+async function readBackingFile(name: string, sysBlock: string): Promise<{ file: string; deleted: boolean } | null> {
+  const file = path.join(sysBlock, name, 'loop', 'backing_file');
+  try {
+    const text = (await fs.promises.readFile(file, 'utf8')).replace(/\n$/, '');
+    const deleted = text.endsWith(DELETED_SUFFIX);
+    return { file: deleted ? text.slice(0, -DELETED_SUFFIX.length) : text, deleted };
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') return null;
+    throw new BdsnapError('EIO', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
+  }
 }
 
 /**
@@ -24,14 +52,7 @@ export interface LoopDevice {
  * (or is not a loop device). Errors: EIO when sysfs answers with anything but "no such file".
  */
 export async function loopBackingFile(blockDevice: string, sysBlock = SYS_BLOCK_PATH): Promise<string | null> {
-  const file = path.join(sysBlock, path.basename(blockDevice), 'loop', 'backing_file');
-  try {
-    return (await fs.promises.readFile(file, 'utf8')).replace(/\n$/, '').replace(/ \(deleted\)$/, '');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENOTDIR') return null;
-    throw new BdsnapError('EIO', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
-  }
+  return (await readBackingFile(path.basename(blockDevice), sysBlock))?.file ?? null;
 }
 
 /** Every attached loop device. Errors: EIO when `sysBlock` or a device's entry cannot be read. */
@@ -44,8 +65,48 @@ export async function listLoopDevices(sysBlock = SYS_BLOCK_PATH): Promise<LoopDe
   }
   const out: LoopDevice[] = [];
   for (const name of names.filter((n) => /^loop\d+$/.test(n))) {
-    const backingFile = await loopBackingFile(name, sysBlock);
-    if (backingFile !== null) out.push({ name, devicePath: `/dev/${name}`, backingFile });
+    const backing = await readBackingFile(name, sysBlock);
+    if (backing === null) continue;
+    const majorMinor = await fs.promises.readFile(path.join(sysBlock, name, 'dev'), 'utf8').then((t) => t.trim(), () => null);
+    out.push({ name, devicePath: `/dev/${name}`, backingFile: backing.file, backingFileDeleted: backing.deleted, majorMinor });
   }
   return out;
+}
+
+/**
+ * Which file `loop` is bound to, by identity: from the kernel (LOOP_GET_STATUS64 on
+ * `<devDir>/loopN`), else from stat of the name sysfs shows. Null when the device was detached
+ * meanwhile. Errors: EIO when neither way answers (a deleted or unreachable name without the
+ * ioctl): the caller must treat that as "cannot tell".
+ */
+export async function loopBackingIdentity(loop: LoopDevice, devDir = DEV_PATH): Promise<LoopBacking | null> {
+  let whyNotKernel: string;
+  const libc = loadLibc();
+  if (libc === undefined) {
+    whyNotKernel = libcUnavailableReason() ?? 'libc is not bound';
+  } else {
+    const node = path.join(devDir, loop.name);
+    const handle = await fs.promises.open(node, fs.constants.O_RDONLY).catch((err: unknown) => err as Error);
+    if (handle instanceof Error) {
+      whyNotKernel = `cannot open ${node}: ${handle.message}`;
+    } else {
+      try {
+        return await libc.loopBacking(handle.fd);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENXIO') return null;
+        whyNotKernel = (err as Error).message;
+      } finally {
+        await handle.close();
+      }
+    }
+  }
+  if (loop.backingFileDeleted) {
+    throw new BdsnapError('EIO', `the backing file of ${loop.devicePath} (${loop.backingFile}) was deleted, so its name does not tell which file it is, and the kernel could not be asked (${whyNotKernel})`);
+  }
+  try {
+    const st = await fs.promises.stat(loop.backingFile, { bigint: true });
+    return { dev: st.dev, ino: st.ino, rdev: st.rdev };
+  } catch (err) {
+    throw new BdsnapError('EIO', `cannot tell which file backs ${loop.devicePath}: the kernel could not be asked (${whyNotKernel}) and ${loop.backingFile} cannot be read: ${(err as Error).message}`, { cause: err });
+  }
 }

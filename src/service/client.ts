@@ -148,8 +148,9 @@ export class BdsnapClient {
     });
   }
 
-  destroySnapshot(id: string): Promise<{ id: string }> {
-    return this.request('snapshot-destroy', { snapshot: id });
+  /** `force`: unmount the images first and cut off their other NBD clients, instead of EBUSY. */
+  destroySnapshot(id: string, options: { force?: boolean } = {}): Promise<{ id: string }> {
+    return this.request('snapshot-destroy', { snapshot: id, ...(options.force ? { force: true } : {}) });
   }
 
   /**

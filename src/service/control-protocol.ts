@@ -58,7 +58,7 @@ export const requestSchema = z.discriminatedUnion('op', [
     limitBytes: z.number().int().positive().optional(),
     storageDir: z.string().min(1).max(MAX_PATH_CHARS).optional(),
   }).strict(),
-  z.object({ ...envelope, op: z.literal('snapshot-destroy'), snapshot: snapshotId }).strict(),
+  z.object({ ...envelope, op: z.literal('snapshot-destroy'), snapshot: snapshotId, force: z.boolean().optional() }).strict(),
   z.object({
     ...envelope,
     op: z.literal('snapshot-changes'),
@@ -116,6 +116,15 @@ export interface DeviceStatus {
   dirtyOutsideSession: boolean;
   /** Ids of the snapshots that hold this device. */
   snapshots: string[];
+  /** The snapshot images of this device that bdsnap mounted. */
+  imageMounts: ImageMountStatus[];
+}
+
+export interface ImageMountStatus {
+  snapshot: string;
+  exportName: string;
+  mountpoint: string;
+  loopDevice: string | null;
 }
 
 export interface StatusResult {
@@ -235,6 +244,11 @@ export interface SnapshotImageInfo {
   sizeBytes: number;
   /** Change-map generation and number of this image's point, when tracking is on. */
   cbt: { generation: string; number: number } | null;
+  /** Where bdsnap mounted the image, or null. */
+  mountpoint: string | null;
+  loopDevice: string | null;
+  /** NBD connections open on the image (a bdsnap mount's among them). */
+  connections: number;
 }
 
 export interface SnapshotInfo {

@@ -85,6 +85,11 @@ export class Daemon {
     this.#snapshots = new SnapshotManager({
       stateDir: this.#stateDir, nbdSocket: this.nbdSocket, table: this.#table, registry, events, log: this.#log,
       mountpointOf: (devicePath) => late.mounts?.mountpointOf(devicePath),
+      imageMountOf: (exportName) => late.mounts?.imageMountOf(exportName),
+      unmount: async (mountpoint) => {
+        if (!late.mounts) throw new BdsnapError('EIO', 'the mount manager is not running');
+        return late.mounts.umount(mountpoint);
+      },
       ...(this.#tracking ? { tracking: this.#tracking } : {}),
     });
     if (this.#tracking) this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
@@ -167,7 +172,7 @@ export class Daemon {
           ...(request.storageDir !== undefined ? { storageDir: request.storageDir } : {}),
         });
       case 'snapshot-destroy':
-        return this.#snapshots.destroy(request.snapshot);
+        return this.#snapshots.destroy(request.snapshot, { force: request.force ?? false });
       case 'snapshot-changes':
         return { ranges: this.#snapshots.changes(request.snapshot, request.device, request.generation, request.since) };
       case 'events':
@@ -266,7 +271,8 @@ export class Daemon {
   }
 
   #status(): StatusResult {
-    return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices: this.#table.status((d) => this.#snapshots.snapshotsOf(d)) };
+    const devices = this.#table.status((d) => this.#snapshots.snapshotsOf(d)).map((d) => ({ ...d, imageMounts: this.#mounts.imageMountsOf(d.device) }));
+    return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices };
   }
 
   async #list(device?: string): Promise<ListResult> {

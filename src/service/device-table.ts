@@ -220,7 +220,8 @@ export class DeviceTable {
     if (att) att.mount = mount;
   }
 
-  status(snapshotsOf: (devicePath: string) => string[]): DeviceStatus[] {
+  /** Each registered device as `status` shows it, but for the mounts of its images (the mount manager's). */
+  status(snapshotsOf: (devicePath: string) => string[]): Array<Omit<DeviceStatus, 'imageMounts'>> {
     return this.#registry.list().map((record) => {
       const att = this.#attachments.get(record.path);
       const cow = att?.phase?.cow;

@@ -4,7 +4,8 @@
  * `<run-dir>/mounts.json` so a successor can clean up after a crash.
  *
  * A snapshot image (`<device>@<id>`) mounts the same way, through its export; it holds no
- * session of its own (its writes stay in the snapshot).
+ * session of its own (its writes stay in the snapshot). One image is mounted once: two kernel
+ * mounts of one filesystem would corrupt it, as for a device.
  */
 
 import fs from 'node:fs';
@@ -12,12 +13,13 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { checkNotInUse } from '../host/in-use.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
-import type { MountResult, UmountResult } from './control-protocol.js';
+import type { ImageMountStatus, MountResult, UmountResult } from './control-protocol.js';
 import type { DeviceTable } from './device-table.js';
 import { attachAndMount, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
-import { SnapshotManager } from './snapshots.js';
+import { SnapshotManager, type ImageMount } from './snapshots.js';
 
 interface MountRecord {
   /** The export mounted: a device path, or `<device>@<id>` for a snapshot image. */
@@ -43,7 +45,8 @@ export const MOUNTS_FILE = 'mounts.json';
 export class MountManager {
   readonly #options: MountManagerOptions;
   readonly #mounts = new Map<string, MountRecord>();
-  readonly #starting = new Set<string>();
+  /** Mount points being set up, with the export being mounted there. */
+  readonly #starting = new Map<string, string>();
   readonly #workDir: string;
   readonly #mountsFile: string;
 
@@ -59,6 +62,26 @@ export class MountManager {
     return undefined;
   }
 
+  /** The mount of a snapshot image by this daemon, set up or being set up. */
+  imageMountOf(exportName: string): ImageMount | undefined {
+    for (const [mountpoint, record] of this.#mounts) {
+      if (record.exportName === exportName) return { mountpoint, loopDevice: record.attached.blockDevice, starting: false };
+    }
+    for (const [mountpoint, name] of this.#starting) if (name === exportName) return { mountpoint, loopDevice: null, starting: true };
+    return undefined;
+  }
+
+  /** The snapshot images of `devicePath` this daemon has mounted. */
+  imageMountsOf(devicePath: string): ImageMountStatus[] {
+    const out: ImageMountStatus[] = [];
+    for (const [mountpoint, record] of this.#mounts) {
+      const image = record.devicePath === null ? SnapshotManager.parseImageName(record.exportName) : undefined;
+      if (image?.device !== devicePath) continue;
+      out.push({ snapshot: image.id, exportName: record.exportName, mountpoint, loopDevice: record.attached.blockDevice });
+    }
+    return out;
+  }
+
   async mount(device: string, mountpointArg: string, type?: string, mountOptions?: string): Promise<MountResult> {
     const mountpoint = path.resolve(mountpointArg);
     if (this.#mounts.has(mountpoint) || this.#starting.has(mountpoint)) throw new BdsnapError('EBUSY', `bdsnap already mounts something on ${mountpoint}`);
@@ -66,9 +89,14 @@ export class MountManager {
     const st = await fs.promises.stat(mountpoint).catch(() => undefined);
     if (!st) throw new BdsnapError('ENOENT', `the mount point ${mountpoint} does not exist; create it first`);
     if (!st.isDirectory()) throw new BdsnapError('EINVAL', `the mount point ${mountpoint} is not a directory`);
-    this.#starting.add(mountpoint);
+    const image = SnapshotManager.isImageName(device);
+    if (image) {
+      const already = this.imageMountOf(device);
+      if (already) throw new BdsnapError('EBUSY', `${device} is already ${already.starting ? 'being mounted' : 'mounted'} at ${already.mountpoint}`);
+    }
+    this.#starting.set(mountpoint, device);
     try {
-      if (SnapshotManager.isImageName(device)) return await this.#mountImage(device, mountpoint, type, mountOptions);
+      if (image) return await this.#mountImage(device, mountpoint, type, mountOptions);
       return await this.#mountDevice(await canonicalDevicePath(device), mountpoint, type, mountOptions);
     } finally {
       this.#starting.delete(mountpoint);
@@ -94,6 +122,10 @@ export class MountManager {
 
   async #mountDevice(devicePath: string, mountpoint: string, type?: string, mountOptions?: string): Promise<MountResult> {
     const { table, registry, log } = this.#options;
+    // A filesystem mounted twice, once here and once outside bdsnap (a loop mount of the image,
+    // a mount of the node), is written by two kernels' caches and corrupted. A device this
+    // daemon already has open is held O_EXCL by it, so the exclusive probe would only find us.
+    await checkNotInUse(devicePath, {}, { exclusiveProbe: !table.isAttached(devicePath) });
     await registry.register(devicePath);
     const att = await table.attach(devicePath, { exclusive: true, mountTime: new Date(), holder: 'mount' });
     table.setMount(devicePath, { mountpoint, loopDevice: null });

@@ -24,6 +24,11 @@
  * A snapshot survives daemon restarts and SIGKILL: its record and storage are on disk, the
  * storage is rescanned at start and the points are put back before the NBD server accepts
  * a client.
+ *
+ * Destroy cuts the images off: a filesystem mounted on one gets EIO and goes read-only. So
+ * destroy refuses while an image is mounted by bdsnap or has NBD clients, and `force` first
+ * unmounts (cleanly, through the mount manager), then cuts off whatever clients remain. While
+ * destroy decides, the images take no new client, so none slips in between check and teardown.
  */
 
 import crypto from 'node:crypto';
@@ -108,6 +113,8 @@ interface LiveImage {
   layer: SnapshotLayer;
   image: SnapshotImage;
   exported: ImageExport;
+  /** Export handles open on this image (NBD connections, a bdsnap mount's among them). */
+  connections: number;
 }
 
 interface LiveSnapshot {
@@ -116,7 +123,24 @@ interface LiveSnapshot {
   storage: DiffStorage;
   images: LiveImage[];
   destroying: boolean;
+  /** A destroy is deciding: no new client may open an image (I/O of those open goes on). */
+  closing: boolean;
 }
+
+/** A bdsnap mount of an image, as the mount manager reports it. */
+export interface ImageMount {
+  mountpoint: string;
+  loopDevice: string | null;
+  /** Still being set up: not yet mounted, not yet unmountable. */
+  starting: boolean;
+}
+
+/**
+ * How long destroy waits for image clients to let go before it counts them as attached: a
+ * client that just disconnected (the nbdfuse of an unmount included) is released a moment
+ * after it has gone.
+ */
+const IMAGE_RELEASE_WAIT_MS = 3000;
 
 export interface SnapshotManagerOptions {
   stateDir: string;
@@ -127,6 +151,10 @@ export interface SnapshotManagerOptions {
   log: Logger;
   /** Where the daemon mounted each device (for freeze and the storage check). */
   mountpointOf: (devicePath: string) => string | undefined;
+  /** The bdsnap mount of an image export, if any (shown by info; destroy refuses or unmounts it). */
+  imageMountOf: (exportName: string) => ImageMount | undefined;
+  /** `bdsnap umount`: destroy --force unmounts an image through it. */
+  unmount: (mountpoint: string) => Promise<unknown>;
   tracking?: SnapshotChangeTracking;
 }
 
@@ -138,6 +166,8 @@ export class SnapshotManager {
   #queue: Promise<unknown> = Promise.resolve();
   /** Devices found changed outside bdsnap while snapshots were being reopened. */
   readonly #pendingResets = new Map<string, string>();
+  /** Called whenever an image handle is released (destroy waits on them). */
+  readonly #onRelease = new Set<() => void>();
 
   constructor(options: SnapshotManagerOptions) {
     this.#options = options;
@@ -159,15 +189,31 @@ export class SnapshotManager {
     if (at <= 0) return undefined;
     const snapshot = this.#snapshots.get(name.slice(at + 1));
     const image = snapshot?.images.find((i) => i.device === name.slice(0, at));
-    if (!snapshot || !image || snapshot.destroying) return undefined;
+    if (!snapshot || !image || snapshot.destroying || snapshot.closing) return undefined;
     const contexts = this.#options.tracking?.contexts(image.device, snapshot.dir, image.key) ?? [];
-    return { name, device: image.exported, metaContexts: contexts, release: async () => {} };
+    image.connections++;
+    let released = false;
+    return {
+      name, device: image.exported, metaContexts: contexts,
+      release: async () => {
+        if (released) return;
+        released = true;
+        image.connections--;
+        for (const wake of [...this.#onRelease]) wake();
+      },
+    };
   }
 
   /** Whether `name` names a snapshot image (existing or not): `<path>@<id>` with an id's shape. */
   static isImageName(name: string): boolean {
+    return SnapshotManager.parseImageName(name) !== undefined;
+  }
+
+  /** The device and snapshot id of an image name `<path>@<id>`; undefined when it is not one. */
+  static parseImageName(name: string): { device: string; id: string } | undefined {
     const at = name.lastIndexOf('@');
-    return at > 0 && ID_PATTERN.test(name.slice(at + 1));
+    const id = name.slice(at + 1);
+    return at > 0 && ID_PATTERN.test(id) ? { device: name.slice(0, at), id } : undefined;
   }
 
   list(): SnapshotInfo[] {
@@ -217,9 +263,21 @@ export class SnapshotManager {
     });
   }
 
-  destroy(id: string): Promise<{ id: string }> {
+  /**
+   * Remove a snapshot. Errors: ENOENT; EBUSY while an image is mounted by bdsnap or has NBD
+   * clients, unless `force`, which unmounts the images first and then cuts off other clients.
+   */
+  destroy(id: string, options: { force?: boolean } = {}): Promise<{ id: string }> {
     return this.#serial(async () => {
       const snapshot = this.#get(id);
+      const force = options.force ?? false;
+      snapshot.closing = true;
+      try {
+        await this.#letGo(snapshot, force);
+      } catch (err) {
+        snapshot.closing = false;
+        throw err;
+      }
       await this.#teardown(snapshot);
       this.#options.events.emit('snapshot-destroyed', { snapshot: id, details: { devices: snapshot.images.map((i) => i.device) } });
       return { id };
@@ -299,7 +357,7 @@ export class SnapshotManager {
         storage: { dirs: [storageDir], limitBytes: options.limitBytes ?? null },
         devices: [], frozen: mountpoints, stallMs: 0,
       },
-      dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false,
+      dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false, closing: false,
     };
     try {
       for (const devicePath of devices) {
@@ -355,7 +413,7 @@ export class SnapshotManager {
       for (const [i, d] of snapshot.record.devices.entries()) {
         const layer = layers[i] as SnapshotLayer;
         const image = layer.addPoint(snapshot.storage, d.key);
-        snapshot.images.push({ device: d.path, key: d.key, layer, image, exported: new ImageExport(image, snapshot, d.path, d.key, this.#options.tracking) });
+        snapshot.images.push({ device: d.path, key: d.key, layer, image, exported: new ImageExport(image, snapshot, d.path, d.key, this.#options.tracking), connections: 0 });
       }
       for (const d of snapshot.record.devices) {
         d.cbt = this.#options.tracking?.take(d.path, snapshot.dir, d.key) ?? null;
@@ -369,7 +427,7 @@ export class SnapshotManager {
 
   async #reopen(record: SnapshotRecord, dir: string): Promise<void> {
     const { table, log } = this.#options;
-    const snapshot: LiveSnapshot = { record, dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false };
+    const snapshot: LiveSnapshot = { record, dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false, closing: false };
     snapshot.storage = await DiffStorage.open({
       id: record.id, dirs: record.storage.dirs, chunkSize: record.chunkSize, durability: record.durability,
       ...(record.storage.limitBytes !== null ? { limitBytes: record.storage.limitBytes } : {}),
@@ -387,7 +445,7 @@ export class SnapshotManager {
       await att.layer.hold();
       try {
         const image = att.layer.addPoint(snapshot.storage, d.key);
-        snapshot.images.push({ device: d.path, key: d.key, layer: att.layer, image, exported: new ImageExport(image, snapshot, d.path, d.key, this.#options.tracking) });
+        snapshot.images.push({ device: d.path, key: d.key, layer: att.layer, image, exported: new ImageExport(image, snapshot, d.path, d.key, this.#options.tracking), connections: 0 });
       } finally {
         att.layer.release();
       }
@@ -409,6 +467,45 @@ export class SnapshotManager {
     this.#options.tracking?.forget(dir);
     await fs.promises.rm(dir, { recursive: true, force: true });
     this.#options.log.warn({ event: 'snapshot-leftovers-removed', snapshot: record.id }, 'a snapshot create was interrupted by a daemon stop; its leftovers were removed');
+  }
+
+  /** Unmount (force) or refuse while the images are mounted or attached. */
+  async #letGo(snapshot: LiveSnapshot, force: boolean): Promise<void> {
+    const id = snapshot.record.id;
+    for (const image of snapshot.images) {
+      const exportName = `${image.device}@${id}`;
+      const mount = this.#options.imageMountOf(exportName);
+      if (mount === undefined) continue;
+      if (mount.starting) throw new BdsnapError('EBUSY', `snapshot ${id}: ${exportName} is being mounted at ${mount.mountpoint}; try again once that is done`);
+      if (!force) {
+        throw new BdsnapError('EBUSY', `snapshot ${id}: ${exportName} is mounted at ${mount.mountpoint}; unmount it first (bdsnap umount ${mount.mountpoint}) or destroy with --force`);
+      }
+      this.#options.log.info({ event: 'snapshot-destroy-unmount', snapshot: id, image: exportName, mountpoint: mount.mountpoint }, 'destroy --force: unmounting the image first');
+      await this.#options.unmount(mount.mountpoint);
+    }
+    const attached = await this.#released(snapshot, IMAGE_RELEASE_WAIT_MS);
+    if (attached.length === 0) return;
+    const which = attached.map((i) => `${i.device}@${id} (${i.connections} NBD connection${i.connections === 1 ? '' : 's'})`).join(', ');
+    if (!force) throw new BdsnapError('EBUSY', `snapshot ${id} is attached: ${which}; disconnect the clients first or destroy with --force`);
+    this.#options.log.warn({ event: 'snapshot-destroy-forced', snapshot: id, attached: which }, 'destroy --force: NBD clients of the images are cut off');
+  }
+
+  /** Wait until no image of `snapshot` has a client, or `timeoutMs`; the images still attached. */
+  #released(snapshot: LiveSnapshot, timeoutMs: number): Promise<LiveImage[]> {
+    const attached = (): LiveImage[] => snapshot.images.filter((i) => i.connections > 0);
+    if (attached().length === 0) return Promise.resolve([]);
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.#onRelease.delete(check);
+        resolve(attached());
+      };
+      const check = (): void => {
+        if (attached().length === 0) done();
+      };
+      const timer = setTimeout(done, timeoutMs);
+      this.#onRelease.add(check);
+    });
   }
 
   async #teardown(snapshot: LiveSnapshot): Promise<void> {
@@ -477,7 +574,12 @@ export class SnapshotManager {
       storage: { dirs: usage.dirs, limitBytes: usage.limitBytes, usedBytes: usage.usedBytes },
       images: r.devices.map((d) => {
         const exportName = `${d.path}@${r.id}`;
-        return { device: d.path, exportName, uri: nbdUnixUri(this.#options.nbdSocket, exportName), sizeBytes: d.sizeBytes, cbt: d.cbt };
+        const mount = this.#options.imageMountOf(exportName);
+        return {
+          device: d.path, exportName, uri: nbdUnixUri(this.#options.nbdSocket, exportName), sizeBytes: d.sizeBytes, cbt: d.cbt,
+          mountpoint: mount?.mountpoint ?? null, loopDevice: mount?.loopDevice ?? null,
+          connections: snapshot.images.find((i) => i.device === d.path)?.connections ?? 0,
+        };
       }),
       frozen: r.frozen, stallMs: r.stallMs,
     };

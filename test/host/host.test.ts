@@ -139,7 +139,8 @@ test('loop devices: sysfs is listed, and an unreadable sysfs is an error', async
   fs.mkdirSync(path.join(dir, 'loop1'));
   fs.mkdirSync(path.join(dir, 'sda', 'loop'), { recursive: true });
   fs.writeFileSync(path.join(dir, 'sda', 'loop', 'backing_file'), '/nope\n');
-  assert.deepEqual(await listLoopDevices(dir), [{ name: 'loop0', devicePath: '/dev/loop0', backingFile: '/images/a b.img' }]);
+  fs.writeFileSync(path.join(dir, 'loop0', 'dev'), '7:0\n');
+  assert.deepEqual(await listLoopDevices(dir), [{ name: 'loop0', devicePath: '/dev/loop0', backingFile: '/images/a b.img', backingFileDeleted: true, majorMinor: '7:0' }]);
   assert.equal(await loopBackingFile('/dev/loop1', dir), null);
   await assert.rejects(listLoopDevices(path.join(dir, 'missing')), (e: unknown) => e instanceof BdsnapError && e.code === 'EIO');
   // A backing_file that exists but cannot be read (a directory here) is an error too.

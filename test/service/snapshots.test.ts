@@ -247,7 +247,7 @@ test('a snapshot survives SIGKILL of the daemon with writes in flight', { timeou
   assert.deepEqual(mustCopy(box, `${device}@${snap.id}`), atTake, 'the image is still the device at the take');
 });
 
-test('destroy while a reader and a writer are busy: no hang, the device is intact', { timeout: 60_000 }, async (t) => {
+test('destroy while a reader and a writer are busy: refused, then --force cuts the reader off; no hang, the device is intact', { timeout: 60_000 }, async (t) => {
   const box = sandbox(t);
   const device = randomImage(box, 'a.img');
   await startDaemon(t, { sandbox: box, password: false });
@@ -271,10 +271,19 @@ test('destroy while a reader and a writer are busy: no hang, the device is intac
       await reader.read(buf, (i % (IMAGE_BYTES / buf.length)) * buf.length).catch(() => { readErrors++; });
     }
   })();
-  await new Promise((r) => setTimeout(r, 300));
-  ok(box, ['snapshot', 'destroy', snap.id]);
-  await new Promise((r) => setTimeout(r, 200));
-  running = false;
+  try {
+    await new Promise((r) => setTimeout(r, 300));
+    // The image has a client: refused (the reads go on), then forced.
+    const refused = cli(box, ['snapshot', 'destroy', snap.id]);
+    assert.equal(refused.status, 1);
+    assert.match(refused.stderr, new RegExp(`snapshot ${snap.id} is attached: .*@${snap.id} \\(1 NBD connection\\); disconnect the clients first or destroy with --force`));
+    assert.equal(readErrors, 0, 'a refused destroy leaves the image served');
+    ok(box, ['snapshot', 'destroy', snap.id, '--force']);
+    await new Promise((r) => setTimeout(r, 200));
+  } finally {
+    running = false;
+    await Promise.allSettled([writes, reads]);
+  }
   await Promise.all([writes, reads]);
   await writer.flush();
   await writer.close();
@@ -284,6 +293,29 @@ test('destroy while a reader and a writer are busy: no hang, the device is intac
   const list = JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: unknown[] };
   assert.deepEqual(list.snapshots, []);
   assert.deepEqual(fs.readdirSync(path.join(box.stateDir, 'snapshots')), [], 'its storage is gone');
+});
+
+test('destroy is refused while an NBD client holds an image, shown by snapshot info, and goes through once it disconnects', { timeout: 60_000 }, async (t) => {
+  const box = sandbox(t);
+  const device = randomImage(box, 'a.img', 1 << 20);
+  await startDaemon(t, { sandbox: box, password: false });
+  const snap = createSnapshot(box, [device]);
+  const reader = await connect(box, `${device}@${snap.id}`);
+  cleanupOf(t).after(() => reader.close().catch(() => undefined));
+  const info = JSON.parse(ok(box, ['snapshot', 'info', snap.id, '--json'])) as { images: Array<{ connections: number; mountpoint: string | null }> };
+  assert.deepEqual(info.images.map((i) => [i.connections, i.mountpoint]), [[1, null]]);
+  assert.match(ok(box, ['snapshot', 'info', snap.id]), /1 NBD connection\n/);
+  const refused = cli(box, ['snapshot', 'destroy', snap.id]);
+  assert.equal(refused.status, 1);
+  assert.equal(refused.stderr.trim().split('\n').length, 1, refused.stderr);
+  assert.match(refused.stderr, /is attached: .*--force/);
+  const buf = Buffer.alloc(4096);
+  await reader.read(buf, 0);
+  assert.deepEqual(buf, fs.readFileSync(device).subarray(0, 4096), 'the image still reads after the refusal');
+  await reader.close();
+  // Right after the client has gone: destroy waits for its connection to be let go.
+  ok(box, ['snapshot', 'destroy', snap.id]);
+  assert.deepEqual((JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: unknown[] }).snapshots, []);
 });
 
 test('bad input is refused with one clear line and changes nothing', { timeout: 60_000 }, async (t) => {

@@ -17,14 +17,19 @@ import { isError, tempDir } from './helpers.js';
 
 const CS = 16384;
 
-/** A fake host: an empty mount table and a sysfs with one free loop device. */
-function fakeHost(dir: string): { mountinfo: string; sysBlock: string } {
+/**
+ * A fake host: an empty mount table, a sysfs with one free loop device, and a /dev without
+ * loop nodes (so a crafted loop entry is judged by its name, never by a real device's ioctl).
+ */
+function fakeHost(dir: string): { mountinfo: string; sysBlock: string; dev: string } {
   fs.mkdirSync(dir, { recursive: true });
   const mountinfo = path.join(dir, 'mountinfo');
   fs.writeFileSync(mountinfo, '22 1 8:1 / / rw - ext4 /dev/sda1 rw\n');
   const sysBlock = path.join(dir, 'sys-block');
   fs.mkdirSync(path.join(sysBlock, 'loop0'), { recursive: true });
-  return { mountinfo, sysBlock };
+  const dev = path.join(dir, 'dev');
+  fs.mkdirSync(dev);
+  return { mountinfo, sysBlock, dev };
 }
 
 async function oneSession(image: string, root: string): Promise<string> {

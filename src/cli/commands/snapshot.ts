@@ -23,6 +23,8 @@ function describeSnapshot(s: SnapshotInfo): string {
   for (const image of s.images) {
     const cbt = image.cbt ? ` (change map ${image.cbt.generation} #${image.cbt.number})` : '';
     lines.push(`  ${image.exportName}${cbt}`, `    ${image.uri}`);
+    if (image.mountpoint !== null) lines.push(`    mounted at ${image.mountpoint}${image.loopDevice ? ` (${image.loopDevice})` : ''}`);
+    if (image.connections > 0) lines.push(`    ${image.connections} NBD connection${image.connections === 1 ? '' : 's'}`);
   }
   return `${lines.join('\n')}\n`;
 }
@@ -93,9 +95,10 @@ export function register(program: Command): void {
 
   clientOptions(snapshot
     .command('destroy <id>')
-    .description('remove a snapshot: its storage and its image exports'))
-    .action(async (id: string, options: ClientOptions) => {
-      const result = await withClient(options.runDir, (c) => c.destroySnapshot(id));
+    .description('remove a snapshot: its storage and its image exports (refused while an image is mounted or attached)')
+    .option('--force', 'unmount the images bdsnap mounted first, and cut off their other NBD clients'))
+    .action(async (id: string, options: ClientOptions & { force?: boolean }) => {
+      const result = await withClient(options.runDir, (c) => c.destroySnapshot(id, { force: options.force ?? false }));
       printResult(options, result, (r) => `destroyed snapshot ${r.id}\n`);
     });
 

@@ -43,7 +43,8 @@ export function register(program: Command): void {
         process.stdout.write('no devices registered\n');
         return;
       }
-      const rows = status.devices.map((d) => [
+      // Each mounted snapshot image gets a row of its own under its device.
+      const rows = status.devices.flatMap((d) => [[
         d.device,
         d.active ? 'yes' : 'no',
         d.attached ? (d.mountpoint ? 'mounted' : `${d.connections} conn`) : 'no',
@@ -51,7 +52,7 @@ export function register(program: Command): void {
         d.currentSession ?? (d.inSession ? '(no write yet)' : '-'),
         d.inSession ? formatBytes(d.bytesPreserved) : '-',
         d.dirtyOutsideSession ? 'yes' : 'no',
-      ]);
+      ], ...d.imageMounts.map((m) => [m.exportName, '-', 'mounted', m.mountpoint, '-', '-', '-'])]);
       process.stdout.write(`${formatTable(['DEVICE', 'ACTIVE', 'ATTACHED', 'MOUNTPOINT', 'SESSION', 'PRESERVED', 'WRITTEN-OUTSIDE-SESSION'], rows)}\n`);
     });
 

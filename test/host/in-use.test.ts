@@ -1,0 +1,105 @@
+/**
+ * checkNotInUse decides by identity, with real loop devices: a loop device is matched by the
+ * file the kernel holds (a hard link of it, even after the name it was attached by is
+ * deleted); without the kernel's answer a deleted name is "cannot tell". A block device is
+ * refused when a partition of it is mounted, when it or a partition has holders (crafted
+ * sysfs: device-mapper may be missing here), and when it is open exclusively although no mount
+ * shows in this mount table (a mount in another namespace). Needs root and losetup.
+ */
+
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { formatDevT } from '../../src/host/dev-t.js';
+import { checkNotInUse } from '../../src/host/in-use.js';
+import { cleanupOf } from '../helpers/cleanup.js';
+import { makeImage, makeTempDir } from '../helpers/files.js';
+import { isMounted } from '../helpers/kernel.js';
+import { needs } from '../helpers/needs.js';
+import { runSync } from '../helpers/process.js';
+import { isError } from '../snapshot/helpers.js';
+
+/** `losetup -f --show FILE`, detached after the test. */
+function losetup(t: TestContext, file: string): string {
+  const loop = runSync('losetup', ['-f', '--show', file]).trim();
+  cleanupOf(t).after(() => {
+    if (fs.existsSync(`/sys/block/${path.basename(loop)}/loop`)) spawnSync('losetup', ['-d', loop]);
+  });
+  return loop;
+}
+
+test('checkNotInUse: a loop device is matched by the file the kernel holds, not by the name sysfs shows', async (t) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-in-use-');
+  const attached = makeImage(path.join(dir, 'attached.img'), 1 << 20, 'zero');
+  const other = path.join(dir, 'other name.img');
+  fs.linkSync(attached, other);
+  const unrelated = makeImage(path.join(dir, 'unrelated.img'), 1 << 20, 'zero');
+  const loop = losetup(t, attached);
+  const noLoopNodes = path.join(dir, 'dev');
+  fs.mkdirSync(noLoopNodes);
+
+  await assert.rejects(checkNotInUse(other), isError('EBUSY', new RegExp(`${other} is the backing file of ${loop} \\(named ${attached} there\\); detach it first`)));
+  await checkNotInUse(unrelated);
+
+  // The name the loop device was attached by is gone; the file lives on as `other`.
+  fs.rmSync(attached);
+  await assert.rejects(checkNotInUse(other), isError('EBUSY', new RegExp(`backing file of ${loop} \\(named ${attached}, deleted there\\)`)));
+  // Without the kernel's answer (no loop nodes to ask), a deleted name tells nothing: refused, whatever the image.
+  await assert.rejects(checkNotInUse(other, { dev: noLoopNodes }), isError('EIO', new RegExp(`cannot tell whether .* is in use.*${loop} .*was deleted`)));
+  await assert.rejects(checkNotInUse(unrelated, { dev: noLoopNodes }), isError('EIO', /cannot tell/));
+  await checkNotInUse(unrelated);
+});
+
+test('checkNotInUse: a block device with a mounted partition, or held by a stacked device, is refused', async (t) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-in-use-');
+  const loop = losetup(t, makeImage(path.join(dir, 'disk.img'), 1 << 20, 'zero'));
+  const majorMinor = formatDevT(fs.statSync(loop).rdev);
+  // A crafted /sys/dev/block for the real node: one partition, no holders yet.
+  const sysDevBlock = path.join(dir, 'sys-dev-block');
+  const self = path.join(sysDevBlock, majorMinor);
+  const part = path.join(self, `${path.basename(loop)}p1`);
+  fs.mkdirSync(path.join(self, 'holders'), { recursive: true });
+  fs.mkdirSync(path.join(part, 'holders'), { recursive: true });
+  fs.writeFileSync(path.join(part, 'partition'), '1\n');
+  fs.writeFileSync(path.join(part, 'dev'), '259:99\n');
+  const mountinfo = path.join(dir, 'mountinfo');
+  fs.writeFileSync(mountinfo, '22 1 8:1 / / rw - ext4 /dev/sda1 rw\n');
+  const host = { sysDevBlock, mountinfo };
+  await checkNotInUse(loop, host);
+
+  fs.appendFileSync(mountinfo, '40 22 259:99 / /mnt/part rw - ext4 /dev/other-name rw\n');
+  await assert.rejects(checkNotInUse(loop, host), isError('EBUSY', new RegExp(`${loop} is mounted at /mnt/part; unmount it first`)));
+  fs.writeFileSync(mountinfo, '22 1 8:1 / / rw - ext4 /dev/sda1 rw\n');
+
+  fs.mkdirSync(path.join(part, 'holders', 'md0'));
+  await assert.rejects(checkNotInUse(loop, host), isError('EBUSY', /its partition loop\d+p1 is held by md0 .*remove that first/));
+  fs.mkdirSync(path.join(self, 'holders', 'dm-3'));
+  await assert.rejects(checkNotInUse(loop, host), isError('EBUSY', new RegExp(`${loop} is held by dm-3 \\(device-mapper, md or another stacked device\\)`)));
+
+  await assert.rejects(checkNotInUse(loop, { ...host, sysDevBlock: path.join(dir, 'missing') }), isError('EIO', /cannot tell whether/));
+});
+
+test('checkNotInUse: a block device open exclusively is refused even when this mount table does not show the mount', async (t) => {
+  if (!needs(t, { root: true, tools: ['losetup', 'mkfs.ext4', 'mount', 'umount'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-in-use-');
+  const image = makeImage(path.join(dir, 'disk.img'), 8 << 20, 'zero');
+  runSync('mkfs.ext4', ['-q', '-F', image]);
+  const loop = losetup(t, image);
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  runSync('mount', [loop, mnt]);
+  cleanupOf(t).after(() => {
+    if (isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
+  });
+  // As another mount namespace would see it: a table without that mount.
+  const mountinfo = path.join(dir, 'mountinfo');
+  fs.writeFileSync(mountinfo, '22 1 8:1 / / rw - ext4 /dev/sda1 rw\n');
+  await assert.rejects(checkNotInUse(loop, { mountinfo }), isError('EBUSY', new RegExp(`${loop} is open exclusively by another user`)));
+  await checkNotInUse(loop, { mountinfo }, { exclusiveProbe: false });
+  runSync('umount', [mnt]);
+  await checkNotInUse(loop);
+});
