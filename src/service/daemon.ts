@@ -94,6 +94,7 @@ export class Daemon {
       mountpointOf: (devicePath) => late.mounts?.mountpointOf(devicePath),
       ...(this.#tracking ? { tracking: this.#tracking } : {}),
     });
+    this.#table.beforeUserAttach = (devicePath) => this.#snapshots.bringBack(devicePath);
     if (this.#tracking) this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
     this.#mounts = new MountManager({
       runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
