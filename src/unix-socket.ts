@@ -55,7 +55,13 @@ async function removeStaleSocket(socketPath: string): Promise<void> {
     return;
   }
   if (!st.isSocket()) throw new BdsnapError('EINVAL', `${socketPath} exists and is not a socket`);
-  const alive = await new Promise<boolean>((resolve) => {
+  if (await unixSocketAccepts(socketPath)) throw new BdsnapError('EBUSY', `${socketPath} is in use by another server`);
+  await fs.promises.rm(socketPath, { force: true });
+}
+
+/** Whether a server listens on the unix socket `socketPath` (a connection is accepted). */
+export function unixSocketAccepts(socketPath: string): Promise<boolean> {
+  return new Promise<boolean>((resolve) => {
     const probe = net.connect(socketPath);
     probe.once('connect', () => {
       probe.destroy();
@@ -63,6 +69,4 @@ async function removeStaleSocket(socketPath: string): Promise<void> {
     });
     probe.once('error', () => resolve(false));
   });
-  if (alive) throw new BdsnapError('EBUSY', `${socketPath} is in use by another server`);
-  await fs.promises.rm(socketPath, { force: true });
 }

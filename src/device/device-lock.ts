@@ -58,14 +58,15 @@ function parseOwner(content: string): Owner | undefined {
   return { pid, startTime: second !== undefined && /^\d+$/.test(second) ? second : null };
 }
 
+/** Whether the lock's owner still runs. A zombie owner has exited: its lock is stale (see host/processes.ts). */
 function ownerAlive(owner: Owner): boolean {
   if (owner.startTime === null) {
     try {
       process.kill(owner.pid, 0);
-      return true;
     } catch (err) {
-      return (err as NodeJS.ErrnoException).code === 'EPERM';
+      if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
     }
+    return processStartTimeSync(owner.pid) !== null;
   }
   return processStartTimeSync(owner.pid) === owner.startTime;
 }

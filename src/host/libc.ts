@@ -72,6 +72,13 @@ export interface Libc {
    * backing file, which may sit on a FUSE filesystem whose server is slow.
    */
   loopBacking(fd: number): Promise<LoopBacking>;
+  /**
+   * flock(fd, LOCK_EX | LOCK_NB): an exclusive lock on the open file, held until every
+   * descriptor of that open is closed, which the kernel does when the process exits, however it
+   * ends (before it is a zombie). false when another open of the file holds a lock
+   * (EWOULDBLOCK); throws an Error with `errno` for any other failure.
+   */
+  tryLockExclusive(fd: number): boolean;
 }
 
 export type CloneResult = 'cloned' | 'unsupported';
@@ -97,6 +104,8 @@ const SO_SNDBUF: Record<SocketAbi, number> = { generic: 7, powerpc: 7, mips: 0x1
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const SYNC_FILE_RANGE_WRITE = 2;
+const LOCK_EX = 2;
+const LOCK_NB = 4;
 const ENXIO = 6;
 /** struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit fields. */
 const UCRED_BYTES = 12;
@@ -149,6 +158,7 @@ function bind(): { libc: Libc | undefined; reason: string } {
     const lseek = lib.func('int64_t lseek(int fd, int64_t offset, int whence)');
     const setsockopt = lib.func('int setsockopt(int fd, int level, int optname, _In_ uint8_t *optval, uint32_t optlen)');
     const syncFileRange = lib.func('int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)');
+    const flock = lib.func('int flock(int fd, int operation)');
     const libc: Libc = {
       peerCred(fd: number): PeerCred {
         const ucred = Buffer.alloc(UCRED_BYTES);
@@ -174,6 +184,12 @@ function bind(): { libc: Libc | undefined; reason: string } {
         const value = Buffer.alloc(4);
         value.writeInt32LE(bytes);
         return (setsockopt(fd, SOL_SOCKET, soSndBuf, value, 4) as number) === 0;
+      },
+      tryLockExclusive(fd: number): boolean {
+        if ((flock(fd, LOCK_EX | LOCK_NB) as number) === 0) return true;
+        const errno = koffi.errno();
+        if (errno === os.constants.errno.EWOULDBLOCK) return false;
+        throw Object.assign(new Error(`flock on descriptor ${fd} failed: ${errnoName(errno) ?? `errno ${errno}`}`), { errno, code: errnoName(errno) });
       },
       startWriteback(fd: number, offsetBytes: number, lengthBytes: number): Promise<boolean> {
         if (!(lengthBytes > 0)) return Promise.resolve(false);

@@ -267,7 +267,7 @@ export interface SnapshotInfo {
 export type EventType =
   | 'session-started' | 'session-ended' | 'session-failed'
   | 'snapshot-created' | 'snapshot-low-space' | 'snapshot-overflowed' | 'snapshot-failed' | 'snapshot-destroyed'
-  | 'snapshot-extended' | 'snapshot-restored'
+  | 'snapshot-extended' | 'snapshot-restored' | 'snapshot-held-back'
   | 'cbt-reset';
 
 export interface DaemonEvent {

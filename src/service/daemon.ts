@@ -4,10 +4,14 @@
  * Each operation lives with the part that owns it (MountManager, SnapshotManager, the
  * DeviceTable); this class puts them together and routes control requests.
  *
- * Start-up order matters: the registry is read, any session left open by a daemon that
- * died is recovered (marked interrupted, still restorable), and snapshots are put back on
- * their devices, all before the NBD server accepts a client, so no write can reach a device
- * without its sessions and snapshots in place.
+ * Start-up order matters. First the daemon claims its state and run directories (see
+ * daemon-lock.ts) and refuses to start if another daemon has either: everything after that
+ * takes what it finds (mounts in the run directory, sessions marked active, snapshots) as left
+ * by a daemon that died, and would tear down a live one's. Then the registry is read, any
+ * session left open by a daemon that died is recovered (marked interrupted, still restorable;
+ * a session whose writer still runs is left alone), and snapshots are put back on their
+ * devices, all before the NBD server accepts a client, so no write can reach a device without
+ * its sessions and snapshots in place.
  * close() (SIGTERM) stops taking requests, unmounts what bdsnap mounted, lets the NBD server
  * finish its requests in flight, ends every session durably, and closes the snapshots'
  * storage (the snapshots themselves stay for the next start).
@@ -31,6 +35,7 @@ import {
 import { ControlServer } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
 import { ChangeTracker } from './change-tracking.js';
+import { claimDaemonDirs, type DaemonClaim } from './daemon-lock.js';
 import { EventLog } from './events.js';
 import { cleanUpStaleMounts } from './mount.js';
 import { MOUNTS_FILE, MountManager } from './mount-manager.js';
@@ -66,10 +71,12 @@ export class Daemon {
   readonly #snapshots: SnapshotManager;
   readonly #mounts: MountManager;
   readonly #nbd: NbdServer;
+  readonly #claim: DaemonClaim;
   #control: ControlServer | undefined;
   #closing: Promise<void> | undefined;
 
-  private constructor(options: DaemonOptions, registry: Registry, events: EventLog) {
+  private constructor(options: DaemonOptions, claim: DaemonClaim, registry: Registry, events: EventLog) {
+    this.#claim = claim;
     this.runDir = path.resolve(options.runDir);
     this.#stateDir = path.resolve(options.stateDir);
     this.#snapshotRoot = path.resolve(options.snapshotRoot);
@@ -92,6 +99,7 @@ export class Daemon {
       },
       ...(this.#tracking ? { tracking: this.#tracking } : {}),
     });
+    this.#table.beforeUserAttach = (devicePath) => this.#snapshots.bringBack(devicePath);
     if (this.#tracking) this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
     this.#mounts = new MountManager({
       runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
@@ -104,19 +112,26 @@ export class Daemon {
   static async start(options: DaemonOptions): Promise<Daemon> {
     const runDir = path.resolve(options.runDir);
     const stateDir = path.resolve(options.stateDir);
+    const snapshotRoot = path.resolve(options.snapshotRoot);
     await ensurePrivateDir(runDir, 0o700);
     await ensurePrivateDir(stateDir, 0o700);
-    await fs.promises.mkdir(path.resolve(options.snapshotRoot), { recursive: true, mode: 0o700 });
-    await cleanUpStaleMounts(path.join(runDir, MOUNTS_FILE), options.log);
-    const registry = await Registry.load(stateDir);
-    await recoverOpenSessions(registry, path.resolve(options.snapshotRoot), options.log);
-    const events = await EventLog.open(stateDir, options.log);
-    const daemon = new Daemon(options, registry, events);
-    await daemon.#snapshots.recover();
-    await daemon.#nbd.listenUnix(daemon.nbdSocket);
-    daemon.#control = await ControlServer.listen(daemon.controlSocket, (request) => daemon.#handle(request), options.log);
-    options.log.info({ event: 'daemon-started', runDir, stateDir, snapshotRoot: daemon.#snapshotRoot, devices: registry.list().length }, 'bdsnap daemon started');
-    return daemon;
+    const claim = await claimDaemonDirs({ runDir, stateDir, snapshotRoot }, [path.join(runDir, NBD_SOCKET), path.join(runDir, CONTROL_SOCKET)]);
+    try {
+      await fs.promises.mkdir(snapshotRoot, { recursive: true, mode: 0o700 });
+      await cleanUpStaleMounts(path.join(runDir, MOUNTS_FILE), options.log);
+      const registry = await Registry.load(stateDir);
+      await recoverOpenSessions(registry, snapshotRoot, options.log);
+      const events = await EventLog.open(stateDir, options.log);
+      const daemon = new Daemon(options, claim, registry, events);
+      await daemon.#snapshots.recover();
+      await daemon.#nbd.listenUnix(daemon.nbdSocket);
+      daemon.#control = await ControlServer.listen(daemon.controlSocket, (request) => daemon.#handle(request), options.log);
+      options.log.info({ event: 'daemon-started', runDir, stateDir, snapshotRoot, devices: registry.list().length }, 'bdsnap daemon started');
+      return daemon;
+    } catch (err) {
+      claim.release();
+      throw err;
+    }
   }
 
   close(): Promise<void> {
@@ -131,6 +146,7 @@ export class Daemon {
       this.#events.close();
       await fs.promises.rm(this.controlSocket, { force: true });
       await fs.promises.rm(this.nbdSocket, { force: true });
+      this.#claim.release();
       this.#log.info({ event: 'daemon-stopped' }, 'bdsnap daemon stopped');
     })();
     return this.#closing;
@@ -312,6 +328,11 @@ async function recoverOpenSessions(registry: Registry, snapshotRoot: string, log
         log.warn({ event: 'session-recovered', device: device.path, sessionDir: dir, state: info.state, ...(info.recovery ? { recovery: info.recovery } : {}) },
           'session left open by a previous daemon recovered');
       } catch (err) {
+        if (err instanceof BdsnapError && err.code === 'EBUSY') {
+          // Another process (a daemon with this snapshot root) still writes it: not ours to end.
+          log.warn({ event: 'session-in-use', device: device.path, sessionDir: dir, reason: err.message }, 'a session marked active is still open by another process; left as it is');
+          continue;
+        }
         log.error({ event: 'session-recovery-failed', device: device.path, sessionDir: dir, reason: (err as Error).message }, 'cannot recover a session');
       }
       await registry.sessionEnded(device.path, dir);

@@ -159,11 +159,18 @@ export class DeviceTable {
     return this.#attachments.has(devicePath);
   }
 
+  /**
+   * Called before every user hold, outside the device's queue (it may attach the device for a
+   * snapshot): throws to refuse the hold. The snapshot manager puts back snapshots here.
+   */
+  beforeUserAttach: ((devicePath: string) => Promise<void>) | undefined;
+
   /** Take a hold on the device, opening it for the first holder and starting a user phase for the first user. */
-  attach(devicePath: string, options: AttachOptions): Promise<Attachment> {
+  async attach(devicePath: string, options: AttachOptions): Promise<Attachment> {
+    const user = options.holder !== 'snapshot';
+    if (user) await this.beforeUserAttach?.(devicePath);
     return this.#serial(devicePath, async () => {
       let att = this.#attachments.get(devicePath);
-      const user = options.holder !== 'snapshot';
       if (att && user && options.exclusive && att.userHolds > 0) {
         const where = att.mount ? `mounted at ${att.mount.mountpoint}` : `attached (${att.connections} NBD connection(s))`;
         throw new BdsnapError('EBUSY', `${devicePath} is already ${where}`);

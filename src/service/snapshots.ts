@@ -23,7 +23,11 @@
  *
  * A snapshot survives daemon restarts and SIGKILL: its record and storage are on disk, the
  * storage is rescanned at start and the points are put back before the NBD server accepts
- * a client.
+ * a client. A device another process still holds open at that moment (a killed daemon whose
+ * lock has not cleared yet) is waited for, for a bounded time; a snapshot whose device is still
+ * busy then is held back, never marked failed: it stays as it is on disk, and this daemon does
+ * not serve that device until it has put the snapshot back on it (retried at each attach), so no
+ * write reaches the device past a snapshot that does not see it.
  *
  * Destroy cuts the images off: a filesystem mounted on one gets EIO and goes read-only. So
  * destroy refuses while an image is mounted by bdsnap or has NBD clients, and `force` first
@@ -45,7 +49,7 @@ import type { SnapshotImage, SnapshotLayer } from '../snapshot/snapshot-layer.js
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import type { SnapshotInfo } from './control-protocol.js';
-import type { DeviceTable } from './device-table.js';
+import type { Attachment, DeviceTable } from './device-table.js';
 import type { EventLog } from './events.js';
 import { withFrozen } from './freeze.js';
 import { nbdUnixUri } from './mount.js';
@@ -55,6 +59,9 @@ const SNAPSHOTS_DIR = 'snapshots';
 const RECORD_FILE = 'snapshot.json';
 const ID_PATTERN = /^[0-9a-z]{6,40}$/;
 const RECORD_VERSION = 1;
+/** How long start-up waits in all for devices another process still holds (a lock that may clear). */
+const BUSY_DEVICE_WAIT_MS = 5000;
+const BUSY_DEVICE_RETRY_MS = 100;
 
 const recordSchema = z.object({
   version: z.literal(RECORD_VERSION),
@@ -168,6 +175,9 @@ export class SnapshotManager {
   readonly #pendingResets = new Map<string, string>();
   /** Called whenever an image handle is released (destroy waits on them). */
   readonly #onRelease = new Set<() => void>();
+  /** Snapshots not put back at start because a device was busy, by id; see bringBack(). */
+  readonly #heldBack = new Map<string, { record: SnapshotRecord; dir: string; reason: string }>();
+  #bringingBack: Promise<void> | undefined;
 
   constructor(options: SnapshotManagerOptions) {
     this.#options = options;
@@ -300,6 +310,7 @@ export class SnapshotManager {
   /** Daemon start: put back every snapshot on disk; remove what a killed create left. */
   async recover(): Promise<void> {
     await ensurePrivateDir(this.#root, 0o700);
+    const deadline = Date.now() + BUSY_DEVICE_WAIT_MS;
     for (const name of (await fs.promises.readdir(this.#root)).sort()) {
       const dir = path.join(this.#root, name);
       let record: SnapshotRecord;
@@ -315,10 +326,61 @@ export class SnapshotManager {
         continue;
       }
       try {
-        await this.#reopen(record, dir);
+        await this.#reopen(record, dir, deadline);
       } catch (err) {
+        if (err instanceof DeviceBusy) {
+          this.#holdBack(record, dir, err.message);
+          continue;
+        }
         this.#options.log.error({ event: 'snapshot-recovery-failed', snapshot: record.id, reason: (err as Error).message }, 'cannot bring back a snapshot');
       }
+    }
+  }
+
+  /**
+   * Before a user attaches `devicePath`: put back the held-back snapshots that cover it, or
+   * refuse (EBUSY), so the device is never written past a snapshot that does not see it.
+   */
+  async bringBack(devicePath: string): Promise<void> {
+    while (this.#bringingBack) await this.#bringingBack;
+    const waiting = [...this.#heldBack.values()].filter((h) => h.record.devices.some((d) => d.path === devicePath));
+    if (waiting.length === 0) return;
+    const work = (async () => {
+      for (const held of waiting) {
+        try {
+          await this.#reopen(held.record, held.dir, Date.now());
+        } catch (err) {
+          if (err instanceof DeviceBusy) {
+            held.reason = err.message;
+            throw new BdsnapError('EBUSY', `${devicePath} is not served until snapshot ${held.record.id} is back on it, and ${err.message}; retry once that process has let go`);
+          }
+          this.#options.log.error({ event: 'snapshot-recovery-failed', snapshot: held.record.id, reason: (err as Error).message }, 'cannot bring back a snapshot');
+        }
+        this.#heldBack.delete(held.record.id);
+      }
+    })();
+    this.#bringingBack = work.then(() => undefined, () => undefined).finally(() => (this.#bringingBack = undefined));
+    await work;
+  }
+
+  #holdBack(record: SnapshotRecord, dir: string, reason: string): void {
+    this.#heldBack.set(record.id, { record, dir, reason });
+    const devices = record.devices.map((d) => d.path);
+    this.#options.log.warn({ event: 'snapshot-held-back', snapshot: record.id, devices, reason },
+      'a snapshot is not served yet: a device of it is busy; it is left as it is, and the device is not served until the snapshot is back');
+    this.#options.events.emit('snapshot-held-back', { snapshot: record.id, details: { reason, devices } });
+  }
+
+  /** Attach a device for a snapshot, waiting until `deadline` while another process holds it. */
+  async #attachWhenFree(devicePath: string, deadline: number): Promise<Attachment> {
+    for (;;) {
+      try {
+        return await this.#options.table.attach(devicePath, { holder: 'snapshot' });
+      } catch (err) {
+        if (!(err instanceof BdsnapError && err.code === 'EBUSY')) throw err;
+        if (Date.now() >= deadline) throw new DeviceBusy(`${devicePath} is busy: ${err.message}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, BUSY_DEVICE_RETRY_MS));
     }
   }
 
@@ -425,21 +487,44 @@ export class SnapshotManager {
     for (const d of snapshot.record.devices) await this.#options.tracking?.persist(snapshot.dir, d.key);
   }
 
-  async #reopen(record: SnapshotRecord, dir: string): Promise<void> {
+  /**
+   * Put a snapshot back on its devices. Throws DeviceBusy (nothing changed, nothing held) when
+   * a device is still busy at `deadline`: that may clear, so it is no reason to fail the snapshot.
+   */
+  async #reopen(record: SnapshotRecord, dir: string, deadline: number): Promise<void> {
     const { table, log } = this.#options;
-    const snapshot: LiveSnapshot = { record, dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false, closing: false };
-    snapshot.storage = await DiffStorage.open({
-      id: record.id, dirs: record.storage.dirs, chunkSize: record.chunkSize, durability: record.durability,
-      ...(record.storage.limitBytes !== null ? { limitBytes: record.storage.limitBytes } : {}),
-      onEvent: (event) => this.#onStorageEvent(snapshot, event),
-    });
+    const attached = new Map<string, Attachment>();
+    const unopenable = new Map<string, string>();
+    const letGo = async (): Promise<void> => {
+      for (const devicePath of attached.keys()) await table.detach(devicePath, 'snapshot').catch(() => undefined);
+    };
     for (const d of record.devices) {
-      let att;
       try {
-        att = await table.attach(d.path, { holder: 'snapshot' });
+        attached.set(d.path, await this.#attachWhenFree(d.path, deadline));
       } catch (err) {
+        if (err instanceof DeviceBusy) {
+          await letGo();
+          throw err;
+        }
+        unopenable.set(d.path, (err as Error).message);
+      }
+    }
+    const snapshot: LiveSnapshot = { record, dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false, closing: false };
+    try {
+      snapshot.storage = await DiffStorage.open({
+        id: record.id, dirs: record.storage.dirs, chunkSize: record.chunkSize, durability: record.durability,
+        ...(record.storage.limitBytes !== null ? { limitBytes: record.storage.limitBytes } : {}),
+        onEvent: (event) => this.#onStorageEvent(snapshot, event),
+      });
+    } catch (err) {
+      await letGo();
+      throw err;
+    }
+    for (const d of record.devices) {
+      const att = attached.get(d.path);
+      if (!att) {
         // The image of a device that cannot be opened is gone; the others still serve.
-        this.#markBroken(snapshot, 'failed', `${d.path} cannot be opened after a restart: ${(err as Error).message}`);
+        this.#markBroken(snapshot, 'failed', `${d.path} cannot be opened after a restart: ${unopenable.get(d.path) ?? 'unknown reason'}`);
         continue;
       }
       await att.layer.hold();
@@ -663,3 +748,6 @@ class ImageExport extends PassThroughDevice {
     }
   }
 }
+
+/** A device of a snapshot is held by another process, which may let go: not a reason to fail the snapshot. */
+class DeviceBusy extends Error {}

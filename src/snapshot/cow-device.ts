@@ -31,6 +31,7 @@ import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { fsyncDirectory, writeFileAtomic } from '../host/atomic-file.js';
 import { preadFully } from '../host/fd-io.js';
+import { lockOpenFile } from '../host/lock-file.js';
 import {
   checkRange, type BlockDevice, type DeviceStamp, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
 } from '../device/block-device.js';
@@ -319,6 +320,19 @@ export class CowDevice implements BlockDevice {
     return this.#closing;
   }
 
+  /**
+   * Stop as a killed process stops, for tests that simulate a kill inside one process: no
+   * request, sync, seal or manifest update follows, and the store's descriptor is closed (the
+   * kernel closes it at a kill), which lets recovery take the session's lock. The store is
+   * left exactly as it was.
+   */
+  async dropAsIfKilled(): Promise<void> {
+    this.#closing ??= Promise.resolve(undefined);
+    if (this.#syncTimer) clearTimeout(this.#syncTimer);
+    await this.#backgroundSync;
+    await this.#closeDataFd();
+  }
+
   /** A read-only BlockDevice showing the device as it was when the session began. */
   view(): BlockDevice {
     return new PointInTimeView(this, this.#base, (target, offsetBytes) => this.#readOriginal(target, offsetBytes));
@@ -457,6 +471,7 @@ export class CowDevice implements BlockDevice {
       // The data file exists before the manifest says 'active', so a crash right after leaves
       // a session that recovers as an empty interrupted one.
       fd = fs.openSync(path.join(dir, DATA_FILE), 'wx+', 0o600);
+      lockStore(fd, path.join(dir, DATA_FILE));
       // Taken before any write of this session reaches the device: what the previous session
       // or restore left must carry this stamp, else something else wrote the device between.
       this.#startStamp = await this.#base.stamp?.();
@@ -784,4 +799,21 @@ class PointInTimeView implements BlockDevice {
   }
 
   async close(): Promise<void> {}
+}
+
+/**
+ * Hold the session store's lock while the session is open: recovery by any other process (a
+ * daemon sharing the snapshot root, an offline restore) refuses a session whose lock is held.
+ * Where flock cannot be called the session goes on unlocked; recovery there refuses every
+ * session marked active, since it cannot tell.
+ */
+function lockStore(fd: number, dataPath: string): void {
+  let outcome;
+  try {
+    outcome = lockOpenFile(fd, dataPath);
+  } catch (err) {
+    if (err instanceof BdsnapError && err.code === 'ENOTSUP') return;
+    throw err;
+  }
+  if (outcome === 'held-elsewhere') throw new BdsnapError('EBUSY', `${dataPath} was locked by another process as soon as it was created`);
 }

@@ -2,6 +2,10 @@
  * Offline access to session directories: listing them from their manifests, and recovering one
  * after a crash (cut the torn tail of data.bin, rebuild index.bin, mark it interrupted).
  * Listing never changes anything; recovery must only run on a session no process has open.
+ * The session's writer holds an exclusive flock on its data.bin for as long as the session is
+ * open (the kernel drops it when the writer exits, however it ends), and recovery takes that
+ * lock before it touches anything: a session that is still being written is refused, never cut
+ * or marked interrupted under its writer.
  */
 
 import fs from 'node:fs';
@@ -10,6 +14,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
 import { formatDevT } from '../host/dev-t.js';
+import { lockOpenFile } from '../host/lock-file.js';
 import {
   DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
 } from './format.js';
@@ -131,8 +136,8 @@ async function deviceStampNow(devicePath: string, identity: Record<string, unkno
  */
 export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
   const dir = path.resolve(sessionDir);
-  const manifest = await readManifest(dir);
-  if (manifest.state === 'complete' || manifest.state === 'failed') return infoFromManifest(dir, manifest);
+  const found = await readManifest(dir);
+  if (found.state === 'complete' || found.state === 'failed') return infoFromManifest(dir, found);
   const dataPath = path.join(dir, DATA_FILE);
   let fh: fs.promises.FileHandle;
   try {
@@ -141,11 +146,19 @@ export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new BdsnapError('ECORRUPT', `${dir}: the data file ${DATA_FILE} is missing`, { cause: err });
     throw toBdsnapError(err);
   }
+  let manifest = found;
   let cutBytes = 0;
   let reason: string | undefined;
   let scan;
   let storeBytes: number;
   try {
+    // Held until fh closes: no writer can come back, and a second recovery waits its turn.
+    if (lockOpenFile(fh.fd, dataPath) === 'held-elsewhere') {
+      throw new BdsnapError('EBUSY', `${dir} is still open by a running process (its session is live); end that session (or stop its daemon) first`);
+    }
+    // The writer may have ended the session between the first read and the lock.
+    manifest = await readManifest(dir);
+    if (manifest.state === 'complete' || manifest.state === 'failed') return infoFromManifest(dir, manifest);
     scan = await scanData(fh.fd, { chunkSize: manifest.chunkSize, deviceSize: manifest.deviceSize, allowTornTail: true, where: dataPath });
     if (scan.validBytes < scan.fileBytes) {
       cutBytes = scan.fileBytes - scan.validBytes;

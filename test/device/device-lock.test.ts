@@ -14,6 +14,7 @@ import { acquireDeviceLock } from '../../src/device/device-lock.js';
 import type { DeviceIdentity } from '../../src/device/block-device.js';
 import { BdsnapError } from '../../src/errors.js';
 import { makeImage, makeTempDir } from '../helpers/files.js';
+import { spawnZombie } from '../helpers/process.js';
 
 const RACER = fileURLToPath(new URL('./fixtures/lock-racer.js', import.meta.url));
 
@@ -98,6 +99,26 @@ test('a live owner keeps the lock; a dead one, or a reused pid, loses it', async
     assert.notEqual(fs.readFileSync(file, 'utf8').split('\n')[1], '1', 'replaced by our own lock');
     await second.release();
     assert.equal(fs.existsSync(file), false);
+  });
+});
+
+test('a lock whose owner is a zombie (exited, not yet reaped) is stale and taken over', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const lockDir = path.join(dir, 'locks');
+  fs.mkdirSync(lockDir);
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 4096, 0);
+  const identity = identityOf(image);
+  const zombie = await spawnZombie(t);
+  const file = path.join(lockDir, `file-${identity.dev}-${identity.ino}.lock`);
+  await withLockDir(lockDir, async () => {
+    // With the start time the zombie had, and in the older form without one.
+    for (const content of [`${zombie.pid}\n${zombie.startTime}\n${image}\n`, `${zombie.pid}\n`]) {
+      fs.writeFileSync(file, content);
+      const lock = await acquireDeviceLock(image, identity);
+      assert.match(fs.readFileSync(file, 'utf8'), new RegExp(`^${process.pid}\\n`), 'taken over');
+      await lock.release();
+    }
   });
 });
 

@@ -8,6 +8,8 @@
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { cleanupOf } from './cleanup.js';
+import type { AfterHook } from './files.js';
 
 export interface RunOptions {
   /** Bytes or text written to the child's stdin, which is then closed. */
@@ -197,4 +199,44 @@ export function requireRoot(): void {
  */
 export function nbdshEnv(): NodeJS.ProcessEnv {
   return { ...process.env, PATH: ['/usr/bin', '/bin', process.env.PATH ?? ''].join(path.delimiter) };
+}
+
+/** Field 3 (state) and field 22 (start time) of /proc/<pid>/stat, read raw, or null once the pid is gone. */
+export function rawProcStat(pid: number): { state: string; startTime: string } | null {
+  let stat: string;
+  try {
+    stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return null;
+  }
+  const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { state: rest[0] ?? '', startTime: rest[19] ?? '' };
+}
+
+/**
+ * A zombie: a child that has exited while its parent does not reap it. The parent is `sh`,
+ * which starts the child and then execs `sleep`, a program that never waits. Returns the
+ * zombie's pid and the start time it had, once /proc shows it in state Z. After the test the
+ * parent is killed, and init reaps the zombie.
+ */
+export async function spawnZombie(t: AfterHook, timeoutMs = 5000): Promise<{ pid: number; startTime: string; parentPid: number }> {
+  const parent = spawn('sh', ['-c', '(exec true) & echo $!; exec sleep 60'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  cleanupOf(t).after(() => parent.kill('SIGKILL'));
+  const line = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    parent.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      if (out.includes('\n')) resolve(out.trim());
+    });
+    parent.once('error', reject);
+    parent.once('exit', () => reject(new Error('the zombie\'s parent exited early')));
+  });
+  const pid = Number(line);
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const stat = rawProcStat(pid);
+    if (stat?.state === 'Z') return { pid, startTime: stat.startTime, parentPid: parent.pid as number };
+    if (Date.now() > deadline) throw new Error(`process ${pid} did not become a zombie (state ${stat?.state ?? 'gone'})`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
 }

@@ -13,12 +13,13 @@ import { decodeDevT, encodeDevT, formatDevT } from '../../src/host/dev-t.js';
 import { writeFileAtomic } from '../../src/host/atomic-file.js';
 import { listLoopDevices, loopBackingFile } from '../../src/host/loop-devices.js';
 import { isMountpoint, parseMountInfo, readMountInfo, unescapeMountField } from '../../src/host/mountinfo.js';
-import { processCommandLine, processStartTime } from '../../src/host/processes.js';
+import { processCommandLine, processStartTime, processStartTimeSync } from '../../src/host/processes.js';
 import { preadFully, pwriteFully, writevFully, writevFullySync } from '../../src/host/fd-io.js';
 import { BdsnapError } from '../../src/errors.js';
 import { CleanupStack } from '../helpers/cleanup.js';
 import { makeTempDir } from '../helpers/files.js';
 import { needs } from '../helpers/needs.js';
+import { rawProcStat, spawnZombie } from '../helpers/process.js';
 
 
 test('mountinfo: fields are split and every path field unescaped', () => {
@@ -161,4 +162,18 @@ test('process identity: start time and command line of a live process; null once
   await exited;
   assert.equal(await processStartTime(pid), null);
   assert.equal(await processCommandLine(pid), null);
+});
+
+test('process identity: a zombie (exited, not yet reaped by its parent) is gone, though /proc still lists it', async (t) => {
+  const zombie = await spawnZombie(t);
+  assert.equal(rawProcStat(zombie.pid)?.state, 'Z', 'the pid is still in /proc, as a zombie');
+  assert.equal(await processStartTime(zombie.pid), null);
+  assert.equal(processStartTimeSync(zombie.pid), null);
+  // Its parent, alive, is not.
+  assert.match((await processStartTime(zombie.parentPid)) ?? '', /^\d+$/);
+  // "Cannot tell" stays an error, never "gone": a stat line that does not parse.
+  const proc = makeTempDir(t, 'bdsnap-proc-');
+  fs.mkdirSync(path.join(proc, '42'));
+  fs.writeFileSync(path.join(proc, '42', 'stat'), '42 (x) ? 1 2\n');
+  await assert.rejects(processStartTime(42, proc), (e: unknown) => e instanceof BdsnapError && e.code === 'EIO');
 });

@@ -115,6 +115,7 @@ test('copy-before-write matches the model through writes, kills, recoveries and 
               break;
             case 'kill': {
               // Dropped without close: what is in the store file is what a killed process leaves.
+              await cow.dropAsIfKilled();
               endSession();
               if (op.torn && cow.sessionDir) fs.appendFileSync(path.join(cow.sessionDir, DATA_FILE), pattern(100, 7, 0));
               if (cow.sessionDir) assert.equal((await recoverSession(cow.sessionDir)).state, 'interrupted');

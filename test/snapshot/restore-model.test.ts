@@ -80,6 +80,7 @@ async function runOps(dir: string, ops: Op[], log: Log): Promise<void> {
         const sessionDir = cow.sessionDir;
         if (op.end !== 'close') {
           // Killed: the store holds what the page cache got; a torn record may follow it.
+          await cow.dropAsIfKilled();
           if (op.end === 'torn' && sessionDir) fs.appendFileSync(path.join(sessionDir, DATA_FILE), pattern({ offset: 0, length: 100, seed: 7 }));
           if (sessionDir) assert.equal((await recoverSession(sessionDir)).state, 'interrupted');
         }

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import zlib from 'node:zlib';
+import { BdsnapError } from '../../src/errors.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { StoreWriter, scanData } from '../../src/snapshot/store.js';
 import { DATA_FILE, INDEX_FILE, RECORD_HEADER_BYTES, chunkDigest, decodeIndex, readManifest } from '../../src/snapshot/format.js';
@@ -115,12 +116,17 @@ test('recoverSession cuts the torn tail, rebuilds the index and marks the sessio
   const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: CS });
   await cow.write(randomBytes(3 * CS), 2 * CS);
   await cow.write(randomBytes(100), 40 * CS + 10);
-  // No close: as if the process died. Add a torn record at the end.
+  // No close (dropAsIfKilled below): as if the process died. Add a torn record at the end.
   const sessionDir = cow.sessionDir!;
   const dataPath = path.join(sessionDir, DATA_FILE);
   const goodBytes = fs.statSync(dataPath).size;
   fs.appendFileSync(dataPath, Buffer.from('BDSR-and-then-nothing'));
   assert.equal((await readManifest(sessionDir)).state, 'active');
+  // While the writer still has the session open, recovery refuses and changes nothing.
+  await assert.rejects(recoverSession(sessionDir), (e: unknown) => e instanceof BdsnapError && e.code === 'EBUSY' && /still open by a running process/.test(e.message));
+  assert.equal((await readManifest(sessionDir)).state, 'active');
+  assert.equal(fs.statSync(dataPath).size, goodBytes + 21, 'nothing cut under a live writer');
+  await cow.dropAsIfKilled();
   const info = await recoverSession(sessionDir);
   assert.equal(info.state, 'interrupted');
   assert.equal(info.preservedChunks, 4);
