@@ -275,11 +275,13 @@ export class Daemon {
       devicePath = await canonicalDevicePath(device).catch(() => path.resolve(device));
     }
     const sessions = await listSessions(this.#snapshotRoot, devicePath);
+    // An open session's manifest is written at its end; until then the live figure is the table's.
+    const live = new Map(this.#status().devices.filter((d) => d.currentSession !== null).map((d) => [d.currentSession, d.bytesPreserved]));
     const out: SessionListEntry[] = [];
     for (const s of sessions) {
       out.push({
         dir: s.dir, device: s.devicePath, mountTime: s.mountTime || null, endTime: s.endTime, state: s.state,
-        preservedBytes: s.preservedBytes, sizeBytes: await directoryBytes(s.dir),
+        preservedBytes: live.get(s.dir) ?? s.preservedBytes, sizeBytes: await directoryBytes(s.dir),
       });
     }
     return { sessions: out };

@@ -354,6 +354,13 @@ function parseHeader(h: Buffer, fileBytes: number): ParsedHeader | string {
   };
 }
 
+/** An mtime in ns as an ISO time that keeps all nine digits: two stamps may differ below the ms. */
+function isoTimeNs(ns: bigint): string {
+  const seconds = ns / 1_000_000_000n;
+  const fraction = (ns % 1_000_000_000n).toString().padStart(9, '0');
+  return new Date(Number(seconds) * 1000).toISOString().replace(/\.\d{3}Z$/, `.${fraction}Z`);
+}
+
 function parseStamp(stamp: DeviceStamp): { sizeBytes: number; mtimeNs: bigint } {
   let mtimeNs: bigint;
   try {
@@ -489,7 +496,7 @@ export class ChangeMap {
         if (clean) {
           if (!parsed.stamp) return fresh('changed-outside', 'the map has no record of the image file to compare with', prev);
           if (parsed.stamp.sizeBytes !== stamp.sizeBytes || parsed.stamp.mtimeNs !== stamp.mtimeNs) {
-            return fresh('changed-outside', `the image file changed while it was not served (size ${parsed.stamp.sizeBytes} -> ${stamp.sizeBytes}, mtime ${parsed.stamp.mtimeNs} -> ${stamp.mtimeNs} ns)`, prev);
+            return fresh('changed-outside', `the image file changed while it was not served (size ${parsed.stamp.sizeBytes} -> ${stamp.sizeBytes}, mtime ${isoTimeNs(parsed.stamp.mtimeNs)} -> ${isoTimeNs(stamp.mtimeNs)})`, prev);
           }
         } else {
           const mtimeMs = Number(stamp.mtimeNs / 1_000_000n);
