@@ -60,7 +60,7 @@ export function register(program: Command): void {
         process.stdout.write('no sessions\n');
         return;
       }
-      const rows = result.sessions.map((s) => [s.dir, s.device, s.mountTime ?? '-', s.endTime ?? '-', s.state, formatBytes(s.preservedBytes), formatBytes(s.sizeBytes)]);
+      const rows = result.sessions.map((s) => [s.dir, s.device, s.mountTime ?? '-', s.endTime ?? '-', s.undoneAt ? `${s.state}, undone by a restore` : s.state, formatBytes(s.preservedBytes), formatBytes(s.sizeBytes)]);
       process.stdout.write(`${formatTable(['SESSION', 'DEVICE', 'MOUNTED', 'ENDED', 'STATE', 'PRESERVED', 'SIZE'], rows)}\n`);
     });
 }
