@@ -18,7 +18,8 @@ const STATUS_TIMEOUT_MS = 2000;
  * device the daemon of `runDir` mounts or holds; `err` itself otherwise (no daemon, no match).
  */
 export async function explainBusy(err: unknown, runDir?: string): Promise<unknown> {
-  if (!(err instanceof BdsnapError) || err.code !== 'EBUSY') return err;
+  // The daemon's own refusals (a second mount) already name the fix.
+  if (!(err instanceof BdsnapError) || err.code !== 'EBUSY' || err.message.includes('; run bdsnap umount /')) return err;
   let devices: DeviceStatus[];
   try {
     devices = await withTimeout(withClient(runDir, (c) => c.status()), STATUS_TIMEOUT_MS).then((s) => s.devices);
@@ -29,7 +30,7 @@ export async function explainBusy(err: unknown, runDir?: string): Promise<unknow
     .filter((d) => err.message.includes(d.device) || err.message.includes(realpathOr(d.device)))
     .sort((a, b) => b.device.length - a.device.length)[0];
   const why = named ? holder(named) : undefined;
-  return why ? new BdsnapError('EBUSY', `${named!.device} is ${why}`, { cause: err }) : err;
+  return why ? new BdsnapError('EBUSY', `${named!.device} is in use: ${why}`, { cause: err }) : err;
 }
 
 function holder(d: DeviceStatus): string | undefined {

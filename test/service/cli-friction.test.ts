@@ -90,7 +90,7 @@ test('a device the daemon holds for a snapshot: serve names the snapshot to dest
   const snap = createSnapshot(box, [device]);
   const r = cli(box, ['serve', '--socket', path.join(box.top, 'other.sock'), device]);
   assert.equal(r.status, 1);
-  assert.equal(r.stderr.trim(), `bdsnap: ${device} is held by bdsnap snapshot ${snap.id}; destroy it first (bdsnap snapshot destroy ${snap.id})`);
+  assert.equal(r.stderr.trim(), `bdsnap: ${device} is in use: held by bdsnap snapshot ${snap.id}; destroy it first (bdsnap snapshot destroy ${snap.id})`);
 });
 
 test('list shows the live preserved bytes of a session in progress; an overflow says which write did not fit', async (t) => {
@@ -162,4 +162,22 @@ test('events --follow reconnects when the daemon restarts and goes on after the 
   ok(box, ['cbt', 'reset', device]);
   await until('the event after the restart', () => types().length >= 3);
   assert.deepEqual(types(), ['snapshot-created', 'snapshot-destroyed', 'cbt-reset'], 'nothing printed twice, nothing lost');
+});
+
+test('list shows a session undone by a restore', async (t) => {
+  const box = sandbox(t);
+  const device = makeImage(path.join(box.top, 'a.img'), 4 << 20, 0);
+  await startDaemon(t, { sandbox: box, password: false });
+  passwdAndActivate(box, device, TEST_PASSWORD);
+  const client = await connect(box, device);
+  await client.write(randomBytes(64 << 10), 0);
+  await client.flush();
+  await client.close();
+  const before = JSON.parse(ok(box, ['list', '--json'])) as { sessions: Array<{ dir: string; undoneAt: string | null }> };
+  assert.equal(before.sessions.length, 1);
+  assert.equal(before.sessions[0]!.undoneAt, null);
+  ok(box, ['restore', before.sessions[0]!.dir]);
+  const after = JSON.parse(ok(box, ['list', '--json'])) as { sessions: Array<{ dir: string; undoneAt: string | null }> };
+  assert.match(after.sessions[0]!.undoneAt ?? '', /^\d{4}-\d\d-\d\dT/);
+  assert.match(ok(box, ['list']), /complete, undone by a restore/);
 });
