@@ -170,6 +170,6 @@ async function openFree(target: string): Promise<FileDevice> {
   } catch (err) {
     const e = toBdsnapError(err);
     if (e.code !== 'EBUSY') throw e;
-    throw new BdsnapError('EBUSY', `${target} is in use (${e.message}); if the bdsnap daemon serves it, deactivate it and unmount what uses it first`, { cause: err });
+    throw new BdsnapError('EBUSY', `${target} is in use, so it is not restored in place: ${e.message}`, { cause: err });
   }
 }

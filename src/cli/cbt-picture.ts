@@ -10,6 +10,7 @@
  */
 
 import type { ByteRange } from '../snapshot/change-map.js';
+import { formatBytes } from '../units.js';
 
 export interface PictureOptions {
   /** Cells per row; default 64. */
@@ -40,20 +41,6 @@ const DEFAULT_ROWS = 16;
 const SHADES = ['·', '░', '▒', '▓', '█'];
 const ANSI_SHADES = ['\x1b[90m', '\x1b[33m', '\x1b[33;1m', '\x1b[31m', '\x1b[31;1m'];
 const ANSI_RESET = '\x1b[0m';
-const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-
-/** "64 KiB", "1.5 GiB", "0 B": binary units, at most one decimal. */
-export function formatBytes(bytes: number): string {
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < UNITS.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  const text = Number.isInteger(value) || value >= 100 ? Math.round(value).toString() : value.toFixed(1).replace(/\.0$/, '');
-  return `${text} ${UNITS[unit]}`;
-}
-
 function positiveInteger(value: number | undefined, fallback: number, what: string): number {
   if (value === undefined) return fallback;
   if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${what} must be a positive integer, got ${value}`);

@@ -3,7 +3,7 @@
 import type { Command } from 'commander';
 import { BdsnapError } from '../errors.js';
 import { checkChunkSize, DEFAULT_CHUNK_SIZE } from '../snapshot/format.js';
-import { parseBytes } from './units.js';
+import { parseBytes } from '../units.js';
 
 export interface SessionCliOptions {
   chunkSize?: string;

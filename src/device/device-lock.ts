@@ -125,7 +125,7 @@ export async function acquireDeviceLock(devicePath: string, identity: DeviceIden
       const owner = parseOwner(current.content);
       if (owner !== undefined && ownerAlive(owner)) {
         const who = owner.pid === process.pid ? 'this process' : `process ${owner.pid}`;
-        throw new BdsnapError('EBUSY', `${devicePath} is already open by ${who}; stop that server first (lock ${file})`);
+        throw new BdsnapError('EBUSY', `${devicePath} is already open by ${who}: if that is the bdsnap daemon, bdsnap status shows what holds it (bdsnap umount MOUNTPOINT or bdsnap snapshot destroy ID frees it); else stop that process`);
       }
       // Stale (or unreadable garbage). Only the winner of this exact lock's marker may replace it.
       const marker = path.join(dir, `${base}.stale-${current.ino}-${owner?.pid ?? 0}-${owner?.startTime ?? 'x'}`);
@@ -141,7 +141,7 @@ export async function acquireDeviceLock(devicePath: string, identity: DeviceIden
       fs.renameSync(tmp, file);
       return held(file, fs.lstatSync(file).ino);
     }
-    throw new BdsnapError('EBUSY', `${devicePath}: could not take the lock ${file}`);
+    throw new BdsnapError('EBUSY', `${devicePath}: could not take its lock after ${MAX_ATTEMPTS} tries (other processes keep opening it); try again`);
   } finally {
     fs.rmSync(tmp, { force: true });
   }

@@ -117,7 +117,14 @@ export class ChangeTracker implements SnapshotChangeTracking {
   }
 
   async changedSince(devicePath: string, deviceSizeBytes: number, sinceNumber: number): Promise<{ info: ChangeMapInfo; ranges: ByteRange[] }> {
-    return this.#withMap(devicePath, deviceSizeBytes, (map) => ({ info: map.info(), ranges: map.changedSince(sinceNumber) }));
+    return this.#withMap(devicePath, deviceSizeBytes, (map) => {
+      const info = map.info();
+      // A number not reached yet is a mistake (another device's, or another generation's), not "nothing changed".
+      if (sinceNumber > info.number) {
+        throw new BdsnapError('EINVAL', `since ${sinceNumber} is in the future: ${devicePath} is at number ${info.number} of generation ${info.generation} (bdsnap cbt info shows it)`);
+      }
+      return { info, ranges: map.changedSince(sinceNumber) };
+    });
   }
 
   async markDirty(devicePath: string, deviceSizeBytes: number, ranges: ByteRange[]): Promise<ChangeMapInfo> {

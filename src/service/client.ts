@@ -67,8 +67,11 @@ export class BdsnapClient {
         socket.destroy();
         if (err.code === 'EACCES' || err.code === 'EPERM') {
           reject(new BdsnapError('EPERM', `permission denied on ${socketPath}: bdsnap control operations need root`, { cause: err }));
-        } else if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') {
+        } else if (err.code === 'ENOENT') {
           reject(new BdsnapError('ENOENT', `the bdsnap daemon is not running (no control socket at ${socketPath})`, { cause: err }));
+        } else if (err.code === 'ECONNREFUSED') {
+          // The file is there but nobody listens: a daemon that was killed leaves it behind.
+          reject(new BdsnapError('ENOENT', `the bdsnap daemon is not running (stale socket at ${socketPath}; start the daemon, which replaces it)`, { cause: err }));
         } else {
           reject(new BdsnapError('EIO', `cannot connect to ${socketPath}: ${err.message}`, { cause: err }));
         }

@@ -145,6 +145,8 @@ export interface SessionListEntry {
   preservedBytes: number;
   /** Bytes the session directory takes on disk. */
   sizeBytes: number;
+  /** When a finished restore took the device back to (or before) this session's start; else null. */
+  undoneAt: string | null;
 }
 
 export interface ListResult {

@@ -25,6 +25,8 @@ import { BdsnapError } from '../errors.js';
 import type { ChangeMapInfo } from '../snapshot/change-map.js';
 import type { ExportHandle, ExportProvider } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
+import { JOURNAL_FILE } from '../snapshot/format.js';
+import { readJournal } from '../snapshot/restore/journal.js';
 import { listSessions, recoverSession } from '../snapshot/sessions.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import { PasswordStore } from './auth.js';
@@ -297,11 +299,24 @@ export class Daemon {
       devicePath = await canonicalDevicePath(device).catch(() => path.resolve(device));
     }
     const sessions = await listSessions(this.#snapshotRoot, devicePath);
+    // An open session's manifest is written at its end; until then the live figure is the table's.
+    const live = new Map(this.#status().devices.filter((d) => d.currentSession !== null).map((d) => [d.currentSession, d.bytesPreserved]));
+    // A finished restore lists in its journal every session it undid (see snapshot/restore/journal.ts).
+    const undoneAt = new Map<string, string>();
+    for (const s of sessions) {
+      if (s.state === 'unreadable') continue;
+      const journal = await readJournal(path.join(s.dir, JOURNAL_FILE), s.devicePath).catch((err: unknown) => {
+        this.#log.warn({ event: 'restore-journal-unreadable', sessionDir: s.dir, reason: (err as Error).message }, 'cannot read a restore journal; list shows its sessions as not undone');
+        return undefined;
+      });
+      if (journal?.state === 'done') for (const dir of journal.sessions) undoneAt.set(dir, journal.finishedAt ?? journal.startedAt);
+    }
     const out: SessionListEntry[] = [];
     for (const s of sessions) {
       out.push({
         dir: s.dir, device: s.devicePath, mountTime: s.mountTime || null, endTime: s.endTime, state: s.state,
-        preservedBytes: s.preservedBytes, sizeBytes: await directoryBytes(s.dir),
+        preservedBytes: live.get(s.dir) ?? s.preservedBytes, sizeBytes: await directoryBytes(s.dir),
+        undoneAt: undoneAt.get(s.dir) ?? null,
       });
     }
     return { sessions: out };

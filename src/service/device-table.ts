@@ -172,7 +172,9 @@ export class DeviceTable {
     return this.#serial(devicePath, async () => {
       let att = this.#attachments.get(devicePath);
       if (att && user && options.exclusive && att.userHolds > 0) {
-        const where = att.mount ? `mounted at ${att.mount.mountpoint}` : `attached (${att.connections} NBD connection(s))`;
+        const where = att.mount
+          ? `mounted through bdsnap at ${att.mount.mountpoint}; run bdsnap umount ${att.mount.mountpoint} first`
+          : `open by ${att.connections} NBD client(s) of the bdsnap daemon; disconnect them first`;
         throw new BdsnapError('EBUSY', `${devicePath} is already ${where}`);
       }
       const record = this.#registry.get(devicePath);

@@ -148,8 +148,19 @@ export class MountManager {
   async #mountImage(name: string, mountpoint: string, type?: string, mountOptions?: string): Promise<MountResult> {
     const handle = this.#options.snapshots.openImage(name);
     if (!handle) throw new BdsnapError('ENOENT', `no snapshot image ${name} (see bdsnap snapshot list)`);
+    const magic = Buffer.alloc(4);
+    const xfs = type === 'xfs' || (handle.device.size >= magic.length && await handle.device.read(magic, 0).then(() => magic.toString('latin1') === 'XFSB', () => false));
     await handle.release();
-    const attached = await this.#attach(name, mountpoint, type, mountOptions);
+    let attached: AttachedMount;
+    try {
+      attached = await this.#attach(name, mountpoint, type, mountOptions);
+    } catch (err) {
+      // The kernel refuses a second XFS with the UUID of one mounted, and mount(8) only says "wrong fs type".
+      const nouuid = (mountOptions ?? '').split(',').includes('nouuid');
+      if (!xfs || nouuid) throw err;
+      const e = toBdsnapError(err);
+      throw new BdsnapError(e.code, `${e.message}; an XFS image has its original's UUID: while the original is mounted, add -o nouuid`, { cause: err });
+    }
     await this.#record(mountpoint, { exportName: name, devicePath: null, attached });
     this.#options.log.info({ event: 'mount', image: name, mountpoint, blockDevice: attached.blockDevice, via: attached.via }, 'snapshot image mounted');
     return { device: name, mountpoint, loopDevice: attached.blockDevice, inSession: false };

@@ -43,6 +43,7 @@ import type { Logger } from 'pino';
 import type { Extent } from '../device/block-device.js';
 import { PassThroughDevice } from '../device/pass-through.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { formatBytes } from '../units.js';
 import type { ExportHandle, MetaContextSource } from '../nbd/exports.js';
 import { DiffStorage, type DiffStorageEvent } from '../snapshot/diff-storage.js';
 import type { SnapshotImage, SnapshotLayer } from '../snapshot/snapshot-layer.js';
@@ -252,6 +253,11 @@ export class SnapshotManager {
       const snapshot = this.#get(id);
       if (options.limitBytes === undefined && options.storageDir === undefined) {
         throw new BdsnapError('EINVAL', 'extend needs --limit SIZE or --storage DIR (or both)');
+      }
+      const currentLimit = snapshot.storage.usage().limitBytes;
+      if (options.limitBytes !== undefined && currentLimit !== null && options.limitBytes < currentLimit) {
+        // extend only grows: a lower cap would make a snapshot in use overflow sooner, unasked.
+        throw new BdsnapError('EINVAL', `a limit of ${formatBytes(options.limitBytes)} is below snapshot ${id}'s current limit of ${formatBytes(currentLimit)}; extend only raises it`);
       }
       let dir: string | undefined;
       if (options.storageDir !== undefined) {

@@ -38,6 +38,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { formatBytes } from '../units.js';
 import { checkChunkSize } from './format.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { ChunkTable } from './chunk-table.js';
@@ -347,7 +348,7 @@ export class DiffStorage {
     if (!this.usable) return Promise.resolve(false);
     const recordBytes = DIFF_RECORD_HEADER_BYTES + payload.length;
     if (this.#limitBytes !== null && this.#usedBytes + recordBytes > this.#limitBytes) {
-      this.#fail('overflowed', `the difference storage reached its limit of ${this.#limitBytes} bytes (${this.#usedBytes} used)`);
+      this.#fail('overflowed', overflowReason(kind, firstChunk * this.chunkSize, payload.length, this.#usedBytes, this.#limitBytes));
       return Promise.resolve(false);
     }
     this.#usedBytes += recordBytes;
@@ -573,6 +574,17 @@ export class DiffStorage {
       }
     });
   }
+}
+
+/**
+ * Why a record did not fit under the limit, in the device's terms: one large first write can
+ * overflow a storage far from full, so a bare "limit reached" at 58% used would look wrong.
+ */
+function overflowReason(kind: DiffRecordKind, offsetBytes: number, lengthBytes: number, usedBytes: number, limitBytes: number): string {
+  const what = kind === 'original' ? 'the originals of' : 'an image write of';
+  const share = Math.floor((usedBytes / limitBytes) * 100);
+  return `the difference storage reached its limit: ${what} ${formatBytes(lengthBytes)} at offset ${formatBytes(offsetBytes)} ` +
+    `did not fit (${formatBytes(usedBytes)} of ${formatBytes(limitBytes)} used, ${share}%)`;
 }
 
 function checkLimit(limitBytes: number): void {

@@ -25,6 +25,7 @@
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { formatBytes } from '../units.js';
 import { crc32 } from 'node:zlib';
 import { preadFully, writevFully, writevFullySync } from '../host/fd-io.js';
 import { SyncIoPolicy } from '../device/sync-io-policy.js';
@@ -230,7 +231,7 @@ export class StoreWriter {
   #reserve(recordBytes: number): boolean {
     if (this.#failed) return false;
     if (this.#endBytes + recordBytes > this.#sizeLimitBytes) {
-      this.#fail(`size limit reached: the store would grow past ${this.#sizeLimitBytes} bytes`);
+      this.#fail(`size limit reached: a record of ${formatBytes(recordBytes)} did not fit (${formatBytes(this.#endBytes)} of ${formatBytes(this.#sizeLimitBytes)} used)`);
       return false;
     }
     return true;

@@ -53,7 +53,7 @@ test('backup CLI: init, list, verify, restore, forget, prune; clear failures', a
   assert.deepEqual(listed.map((b) => b.id), [first.id, second.id]);
   assert.deepEqual(listed.map((b) => b.devices[0]!.kind), ['full', 'incremental']);
   r = await bdsnap('list', '--repo', repoDir);
-  assert.match(r.stdout, new RegExp(`${second.id}\\s+${image}\\s+8\\.0 MiB\\s+incremental\\s+${first.id}`));
+  assert.match(r.stdout, new RegExp(`${second.id}\\s+${image}\\s+8 MiB\\s+incremental\\s+${first.id}`));
 
   r = await bdsnap('verify', '--repo', repoDir);
   assert.equal(r.exitCode, 0, r.stderr);

@@ -6,7 +6,8 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { formatBytes, renderChangePicture, renderChangeSvg } from '../../src/cli/cbt-picture.js';
+import { renderChangePicture, renderChangeSvg } from '../../src/cli/cbt-picture.js';
+import { formatBytes } from '../../src/units.js';
 
 const MiB = 1024 * 1024;
 

@@ -154,6 +154,7 @@ const TOOL_PACKAGES: Record<string, string> = {
   losetup: 'mount',
   mount: 'mount',
   umount: 'mount',
+  jq: 'jq',
 };
 
 /** The Debian package that provides `tool`, when known. */

@@ -74,7 +74,7 @@ test('bdsnap serve: nbdinfo --json sees the export under its real path; SIGTERM 
   // A second server of the same image is refused with a clear message.
   const second = startServe(t, ['--socket', path.join(dir, 'other.sock'), image], dir);
   assert.equal(await second.exited, 1);
-  assert.match(second.stderr(), /^bdsnap: .*already being served or is in use/);
+  assert.match(second.stderr(), /^bdsnap: .*is already open by process \d+: .*else stop that process$/m);
 
   r.child.kill('SIGTERM');
   assert.equal(await r.exited, 0);

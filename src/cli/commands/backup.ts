@@ -12,8 +12,8 @@ import {
   type BackupSummary, type ProgressSink,
 } from '../../backup/index.js';
 import { BdsnapClient, resolveRunDir } from '../../service/client.js';
-import { parseBytes } from '../units.js';
-import { formatBytes, formatTable } from './status.js';
+import { formatBytes, parseBytes } from '../../units.js';
+import { formatTable } from './status.js';
 import { RUN_DIR_HELP } from './client-options.js';
 
 interface RepoFlags {

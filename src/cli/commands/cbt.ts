@@ -10,7 +10,7 @@ import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
 import type { CbtInfo } from '../../service/control-protocol.js';
 import { renderChangePicture, renderChangeSvg } from '../cbt-picture.js';
-import { formatBytes } from './status.js';
+import { formatBytes } from '../../units.js';
 import { clientOptions, printResult, type ClientOptions } from './client-options.js';
 
 function describeInfo(info: CbtInfo): string {
@@ -52,7 +52,7 @@ export function register(program: Command): void {
   clientOptions(cbt
     .command('map <dev_name>')
     .description('byte ranges changed since snapshot number N')
-    .requiredOption('--since <n>', 'snapshot number (see snapshot info / cbt info); 0 = all changes this generation saw')
+    .option('--since <n>', 'snapshot number (see snapshot info / cbt info); 0 = all changes this generation saw', '0')
     .option('--picture', 'draw where the changes are, as a grid in the terminal')
     .option('--svg <file>', 'write the same picture as an SVG file'))
     .action(async (device: string, options: ClientOptions & { since: string; picture?: boolean; svg?: string }) => {

@@ -68,15 +68,8 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
         throw new BdsnapError('ENOENT', `cannot open ${image}: no such file`, { cause: err });
       }
       if (exports.some((e) => e.name === real)) throw new BdsnapError('EINVAL', `${image} is given twice`);
-      let device: FileDevice;
-      try {
-        device = await FileDevice.open(real, { readOnly: options.readOnly ?? false });
-      } catch (err) {
-        if (err instanceof BdsnapError && err.code === 'EBUSY') {
-          throw new BdsnapError('EBUSY', `${real} is already being served or is in use: ${err.message}`, { cause: err });
-        }
-        throw err;
-      }
+      // EBUSY (another server has it) says who holds it, and the CLI adds what frees it.
+      const device = await FileDevice.open(real, { readOnly: options.readOnly ?? false });
       opened.push(device);
       exports.push({ name: real, device: options.wrap ? options.wrap(device, real) : device });
     }

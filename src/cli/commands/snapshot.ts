@@ -3,15 +3,45 @@
  * snapshots of live devices for backups, and the daemon's event stream.
  */
 
+import { setTimeout as delay } from 'node:timers/promises';
 import type { Command } from 'commander';
-import { withClient } from '../../service/client.js';
+import { BdsnapError, toBdsnapError } from '../../errors.js';
+import { BdsnapClient, withClient } from '../../service/client.js';
 import type { DaemonEvent, SnapshotInfo } from '../../service/control-protocol.js';
-import { parseBytes } from '../units.js';
-import { formatBytes, formatTable } from './status.js';
+import { formatBytes, parseBytes } from '../../units.js';
+import { formatTable } from './status.js';
 import { clientOptions, printResult, type ClientOptions } from './client-options.js';
 
 /** One long poll of `events --follow`; the loop asks again at once when it ends. */
 const FOLLOW_WAIT_MS = 30_000;
+/** How long `events --follow` waits for a daemon that went away (a restart) to come back. */
+const RECONNECT_WINDOW_MS = 60_000;
+const RECONNECT_INTERVAL_MS = 250;
+
+/**
+ * Print every event from the first on, for ever. A daemon restart closes the connection: the
+ * follower reconnects, says so on stderr (stdout stays one event a line) and goes on after the
+ * last event it printed, since the daemon keeps numbering events across restarts. A daemon not
+ * back within RECONNECT_WINDOW_MS ends the command with the reason.
+ */
+async function followEvents(runDir: string | undefined, print: (e: DaemonEvent) => void): Promise<never> {
+  let client = await BdsnapClient.connect(runDir);
+  let lastSeq = 0;
+  for (;;) {
+    try {
+      const result = await client.events(lastSeq, FOLLOW_WAIT_MS);
+      result.events.forEach(print);
+      lastSeq = result.lastSeq;
+      continue;
+    } catch (err) {
+      client.close();
+      const e = toBdsnapError(err);
+      if (e.code !== 'ESHUTDOWN' && e.code !== 'EIO') throw e;
+    }
+    client = await reconnect(runDir);
+    process.stderr.write(`bdsnap: reconnected to the daemon; following events after #${lastSeq}\n`);
+  }
+}
 
 function describeSnapshot(s: SnapshotInfo): string {
   const limit = s.storage.limitBytes !== null ? ` of ${formatBytes(s.storage.limitBytes)}` : '';
@@ -33,6 +63,24 @@ function describeEvent(e: DaemonEvent): string {
   const who = [e.snapshot ? `snapshot ${e.snapshot}` : '', e.device ?? ''].filter((w) => w).join(' ');
   const details = Object.entries(e.details).map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`).join(' ');
   return `${e.time}  ${e.type}${who ? `  ${who}` : ''}${details ? `  ${details}` : ''}\n`;
+}
+
+/** Connect again, trying every RECONNECT_INTERVAL_MS while the daemon is down, for RECONNECT_WINDOW_MS at most. */
+async function reconnect(runDir: string | undefined): Promise<BdsnapClient> {
+  const deadline = Date.now() + RECONNECT_WINDOW_MS;
+  for (;;) {
+    try {
+      return await BdsnapClient.connect(runDir);
+    } catch (err) {
+      const e = toBdsnapError(err);
+      // ENOENT: no socket yet, or a stale one (the daemon is starting again). Anything else is not a restart.
+      if (e.code !== 'ENOENT') throw e;
+      if (Date.now() >= deadline) {
+        throw new BdsnapError('ENOENT', `lost the daemon and it did not come back within ${RECONNECT_WINDOW_MS / 1000} s: ${e.message}`, { cause: err });
+      }
+    }
+    await delay(RECONNECT_INTERVAL_MS);
+  }
 }
 
 export function register(program: Command): void {
@@ -110,13 +158,11 @@ export function register(program: Command): void {
       const print = (e: DaemonEvent): void => {
         process.stdout.write(options.json ? `${JSON.stringify(e)}\n` : describeEvent(e));
       };
-      await withClient(options.runDir, async (c) => {
-        let { events, lastSeq } = await c.events(0, 0);
+      if (!options.follow) {
+        const { events } = await withClient(options.runDir, (c) => c.events(0, 0));
         events.forEach(print);
-        while (options.follow) {
-          ({ events, lastSeq } = await c.events(lastSeq, FOLLOW_WAIT_MS));
-          events.forEach(print);
-        }
-      });
+        return;
+      }
+      await followEvents(options.runDir, print);
     });
 }

@@ -2,6 +2,7 @@
 
 import type { Command } from 'commander';
 import { withClient } from '../../service/client.js';
+import { formatBytes } from '../../units.js';
 import { RUN_DIR_HELP } from './client-options.js';
 
 interface JsonOptions {
@@ -14,17 +15,6 @@ export function formatTable(header: string[], rows: string[][]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
   const line = (cells: string[]): string => cells.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd();
   return [line(header), ...rows.map(line)].join('\n');
-}
-
-export function formatBytes(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return unit === 0 ? `${bytes} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
 export function register(program: Command): void {
@@ -71,7 +61,7 @@ export function register(program: Command): void {
         process.stdout.write('no sessions\n');
         return;
       }
-      const rows = result.sessions.map((s) => [s.dir, s.device, s.mountTime ?? '-', s.endTime ?? '-', s.state, formatBytes(s.preservedBytes), formatBytes(s.sizeBytes)]);
+      const rows = result.sessions.map((s) => [s.dir, s.device, s.mountTime ?? '-', s.endTime ?? '-', s.undoneAt ? `${s.state}, undone by a restore` : s.state, formatBytes(s.preservedBytes), formatBytes(s.sizeBytes)]);
       process.stdout.write(`${formatTable(['SESSION', 'DEVICE', 'MOUNTED', 'ENDED', 'STATE', 'PRESERVED', 'SIZE'], rows)}\n`);
     });
 }

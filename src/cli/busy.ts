@@ -1,0 +1,60 @@
+/**
+ * What frees a device the daemon holds. A command that finds a device in use (restore, serve,
+ * backup restore, a second mount) learns only that some process has it open; when that process
+ * is the daemon, its status says why (a bdsnap mount, snapshots, NBD clients), and the refusal
+ * can name the command that frees it instead of a pid.
+ */
+
+import fs from 'node:fs';
+import { BdsnapError } from '../errors.js';
+import { withClient } from '../service/client.js';
+import type { DeviceStatus } from '../service/control-protocol.js';
+
+/** A daemon that does not answer this fast leaves the original message as it was. */
+const STATUS_TIMEOUT_MS = 2000;
+
+/**
+ * `err` with the daemon's reason for holding the device it names, when it is EBUSY about a
+ * device the daemon of `runDir` mounts or holds; `err` itself otherwise (no daemon, no match).
+ */
+export async function explainBusy(err: unknown, runDir?: string): Promise<unknown> {
+  // The daemon's own refusals (a second mount) already name the fix.
+  if (!(err instanceof BdsnapError) || err.code !== 'EBUSY' || err.message.includes('; run bdsnap umount /')) return err;
+  let devices: DeviceStatus[];
+  try {
+    devices = await withTimeout(withClient(runDir, (c) => c.status()), STATUS_TIMEOUT_MS).then((s) => s.devices);
+  } catch {
+    return err;
+  }
+  const named = devices
+    .filter((d) => err.message.includes(d.device) || err.message.includes(realpathOr(d.device)))
+    .sort((a, b) => b.device.length - a.device.length)[0];
+  const why = named ? holder(named) : undefined;
+  return why ? new BdsnapError('EBUSY', `${named!.device} is in use: ${why}`, { cause: err }) : err;
+}
+
+function holder(d: DeviceStatus): string | undefined {
+  if (d.mountpoint) return `mounted through bdsnap at ${d.mountpoint}; run bdsnap umount ${d.mountpoint} first`;
+  if (d.snapshots.length > 0) {
+    const ids = d.snapshots.join(' ');
+    return `held by bdsnap snapshot${d.snapshots.length > 1 ? 's' : ''} ${ids}; destroy ${d.snapshots.length > 1 ? 'them' : 'it'} first (bdsnap snapshot destroy ${d.snapshots[0]})`;
+  }
+  if (d.connections > 0) return `open by ${d.connections} NBD client(s) of the bdsnap daemon; disconnect them first`;
+  return undefined;
+}
+
+function realpathOr(p: string): string {
+  try {
+    return fs.realpathSync(p);
+  } catch {
+    return p;
+  }
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => reject(new Error('timed out')), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}

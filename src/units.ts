@@ -1,0 +1,33 @@
+/**
+ * Sizes as people write and read them: parsing "64K", "1M", "2G" (or plain bytes) from the
+ * command line, and printing bytes in binary units. Beside errors.ts so that every layer's
+ * messages use the same spelling.
+ */
+
+import { BdsnapError } from './errors.js';
+
+const SUFFIX: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
+
+/** Bytes from "4096", "64K", "64KiB", "1M", "2G"; throws EINVAL naming the option. */
+export function parseBytes(text: string, what: string): number {
+  const m = /^(\d+)\s*([KMGT]?)(?:i?B)?$/i.exec(text.trim());
+  const value = m ? Number(m[1]) * (SUFFIX[(m[2] ?? '').toUpperCase()] ?? NaN) : NaN;
+  if (!Number.isSafeInteger(value) || value <= 0) {
+    throw new BdsnapError('EINVAL', `bad ${what} "${text}": expected a positive size such as 65536, 64K, 1M or 2G`);
+  }
+  return value;
+}
+
+const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+
+/** "64 KiB", "1.5 GiB", "0 B": binary units, at most one decimal. */
+export function formatBytes(bytes: number): string {
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < UNITS.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  const text = Number.isInteger(value) || value >= 100 ? Math.round(value).toString() : value.toFixed(1).replace(/\.0$/, '');
+  return `${text} ${UNITS[unit]}`;
+}
