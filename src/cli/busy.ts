@@ -10,6 +10,9 @@ import { BdsnapError } from '../errors.js';
 import { withClient } from '../service/client.js';
 import type { DeviceStatus } from '../service/control-protocol.js';
 
+/** The messages of device-lock.ts and file-device.ts when another process has the device open. */
+const LOCAL_OPEN_REFUSALS = [/ is already open by /, / is busy: mounted or claimed by another program/];
+
 /** A daemon that does not answer this fast leaves the original message as it was. */
 const STATUS_TIMEOUT_MS = 2000;
 
@@ -18,8 +21,10 @@ const STATUS_TIMEOUT_MS = 2000;
  * device the daemon of `runDir` mounts or holds; `err` itself otherwise (no daemon, no match).
  */
 export async function explainBusy(err: unknown, runDir?: string): Promise<unknown> {
-  // The daemon's own refusals (a second mount) already name the fix.
-  if (!(err instanceof BdsnapError) || err.code !== 'EBUSY' || err.message.includes('; run bdsnap umount /')) return err;
+  // Only a local open that found the device held (its lock, or O_EXCL on a block device) lacks
+  // the reason; the daemon's own refusals (a second mount, destroying a snapshot in use) and the
+  // in-use checks already name the fix.
+  if (!(err instanceof BdsnapError) || err.code !== 'EBUSY' || !LOCAL_OPEN_REFUSALS.some((r) => r.test(err.message))) return err;
   let devices: DeviceStatus[];
   try {
     devices = await withTimeout(withClient(runDir, (c) => c.status()), STATUS_TIMEOUT_MS).then((s) => s.devices);

@@ -221,7 +221,9 @@ export function rawProcStat(pid: number): { state: string; startTime: string } |
  * parent is killed, and init reaps the zombie.
  */
 export async function spawnZombie(t: AfterHook, timeoutMs = 5000): Promise<{ pid: number; startTime: string; parentPid: number }> {
-  const parent = spawn('sh', ['-c', '(exec true) & echo $!; exec sleep 60'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  // The child outlives the shell's own part (echo, exec): a shell still running reaps a child
+  // that exited, `sleep` never does.
+  const parent = spawn('sh', ['-c', '(exec sleep 0.5) & echo $!; exec sleep 60'], { stdio: ['ignore', 'pipe', 'ignore'] });
   cleanupOf(t).after(() => parent.kill('SIGKILL'));
   const line = await new Promise<string>((resolve, reject) => {
     let out = '';

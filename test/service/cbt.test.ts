@@ -187,6 +187,15 @@ test('cbt commands: info, map --since, mark-dirty, reset, and clear refusals', {
   const svg = path.join(box.top, 'map.svg');
   ok(box, ['cbt', 'map', device, '--since', '1', '--svg', svg]);
   assert.match(fs.readFileSync(svg, 'utf8'), /<svg[\s>]/);
+  // Root does not write the picture through a symlink someone planted at that name.
+  const secret = path.join(box.top, 'secret');
+  fs.writeFileSync(secret, 'root only\n', { mode: 0o600 });
+  const planted = path.join(box.top, 'planted.svg');
+  fs.symlinkSync(secret, planted);
+  const refused = cli(box, ['cbt', 'map', device, '--since', '1', '--svg', planted]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /is a symbolic link; it is not written through/);
+  assert.equal(fs.readFileSync(secret, 'utf8'), 'root only\n');
 
   ok(box, ['cbt', 'mark-dirty', device, '1M:64K']);
   const marked = JSON.parse(ok(box, ['cbt', 'map', device, '--since', '1', '--json'])) as { ranges: Array<{ offsetBytes: number }> };

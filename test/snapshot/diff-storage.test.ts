@@ -79,7 +79,7 @@ test('a tiny limit: overflowed once, the image answers EIO, the device gets exac
   await r.layer.zero(0, 3 * CHUNK);
   r.model.fill(0, 0, 3 * CHUNK);
   assert.equal(r.storage.state, 'overflowed');
-  assert.match(r.storage.failedReason ?? '', /limit of 82240 bytes/);
+  assert.match(r.storage.failedReason ?? "", /reached its limit: the originals of 16 KiB at offset \d+ KiB did not fit \(80\.3 KiB of 80\.3 KiB used/);
   assert.ok(r.storage.usage().usedBytes <= 5 * (CHUNK + HEADER));
   await assert.rejects(r.image.read(Buffer.alloc(10), 0), isError('EIO', /overflowed: .*limit/));
   await assert.rejects(r.image.write(Buffer.alloc(10), 0), isError('EIO', /overflowed/));

@@ -12,6 +12,7 @@ import type { CbtInfo } from '../../service/control-protocol.js';
 import { renderChangePicture, renderChangeSvg } from '../cbt-picture.js';
 import { formatBytes } from '../../units.js';
 import { clientOptions, printResult, type ClientOptions } from './client-options.js';
+import { openOutputFile } from '../../host/output-file.js';
 
 function describeInfo(info: CbtInfo): string {
   return [
@@ -59,7 +60,15 @@ export function register(program: Command): void {
       const since = parseSince(options.since);
       const map = await withClient(options.runDir, (c) => c.cbtMap(device, since));
       if (options.svg !== undefined) {
-        fs.writeFileSync(options.svg, renderChangeSvg(map.ranges, map.deviceSizeBytes, { blockSize: map.blockSize, title: `${map.device} — changed since #${since} (generation ${map.generation})` }));
+        // Root writes here: never through a planted symlink or into another user's file.
+        const out = await openOutputFile(options.svg, 0o644);
+        try {
+          fs.writeSync(out.fd, renderChangeSvg(map.ranges, map.deviceSizeBytes, { blockSize: map.blockSize, title: `${map.device} — changed since #${since} (generation ${map.generation})` }));
+        } catch (err) {
+          await out.discard();
+          throw err;
+        }
+        await out.close();
       }
       if (options.json) {
         process.stdout.write(`${JSON.stringify(map)}\n`);
