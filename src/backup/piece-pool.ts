@@ -27,7 +27,8 @@ interface Waiter {
 type TaskBody =
   | { op: 'encode'; raw: Uint8Array; codec: Codec }
   | { op: 'decode'; stored: Uint8Array; hash: string }
-  | { op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean };
+  | { op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean }
+  | { op: 'check'; file: string; hash: string; lengthBytes: number };
 
 function toBuffer(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
@@ -91,6 +92,12 @@ export class PiecePool {
   async place(body: { file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean }): Promise<void> {
     const r = await this.#run({ op: 'place', ...body }, []);
     if ('error' in r || r.op !== 'place') throw new BdsnapError('EIO', 'unexpected worker answer');
+  }
+
+  /** Read, decode and check one piece file of `lengthBytes` raw bytes, keeping nothing (see 'check' in piece-worker.ts). */
+  async check(body: { file: string; hash: string; lengthBytes: number }): Promise<void> {
+    const r = await this.#run({ op: 'check', ...body }, []);
+    if ('error' in r || r.op !== 'check') throw new BdsnapError('EIO', 'unexpected worker answer');
   }
 
   /** Tasks run on the calling thread because no worker was ready yet. */

@@ -3,6 +3,9 @@
  * compression; or decompression and the hash check on the way back), so that both cores work
  * while the main thread moves bytes between the source, the store and the target.
  *
+ * 'check' is a restore's first pass over a piece kept as a plain file: read, decode and check it,
+ * and keep nothing.
+ *
  * 'place' does a restore's whole step for a piece kept as a plain file (a local store): read
  * it, decode and check it, and write it into the target at its offset, all on this thread,
  * with blocking calls; the main thread only hands out the slots. A piece that more slots use
@@ -11,25 +14,28 @@
 
 import fs from 'node:fs';
 import { parentPort } from 'node:worker_threads';
-import { BdsnapError } from '../errors.js';
+import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 import { PIECE_HEADER_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
 
 export type PieceTask =
   | { id: number; op: 'encode'; raw: Uint8Array; codec: Codec }
   | { id: number; op: 'decode'; stored: Uint8Array; hash: string }
-  | { id: number; op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean };
+  | { id: number; op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean }
+  | { id: number; op: 'check'; file: string; hash: string; lengthBytes: number };
 
 export type PieceResult =
   | { id: number; op: 'encode'; zero: true; raw: Uint8Array }
   | { id: number; op: 'encode'; zero: false; hash: string; header: Uint8Array; payload: Uint8Array; raw: Uint8Array; codec: number }
   | { id: number; op: 'decode'; raw: Uint8Array }
   | { id: number; op: 'place' }
+  | { id: number; op: 'check' }
   | { id: number; error: { code: string; message: string } };
 
 let zeros = Buffer.alloc(0);
 
-function isZero(buf: Buffer): boolean {
+/** Whether every byte of `buf` is zero. */
+export function isZero(buf: Buffer): boolean {
   if (zeros.length < buf.length) zeros = Buffer.alloc(buf.length);
   return buf.equals(zeros.subarray(0, buf.length));
 }
@@ -50,9 +56,13 @@ export function runTask(task: PieceTask): PieceResult {
       place(task);
       return { id: task.id, op: 'place' };
     }
+    if (task.op === 'check') {
+      checkLength(decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash), task.hash, task.lengthBytes);
+      return { id: task.id, op: 'check' };
+    }
     return { id: task.id, op: 'decode', raw: decodePiece(asBuffer(task.stored), task.hash) };
   } catch (err) {
-    const code = err instanceof BdsnapError ? err.code : 'EIO';
+    const code = toBdsnapError(err).code;
     return { id: task.id, error: { code, message: (err as Error).message } };
   }
 }
@@ -90,6 +100,10 @@ function readPieceFile(file: string, hash: string, rawBytes: number): Buffer {
   }
 }
 
+function checkLength(raw: Buffer, hash: string, lengthBytes: number): void {
+  if (raw.length !== lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${lengthBytes} are needed`);
+}
+
 function place(task: Extract<PieceTask, { op: 'place' }>): void {
   let raw = kept.get(task.hash);
   if (!raw) {
@@ -99,7 +113,7 @@ function place(task: Extract<PieceTask, { op: 'place' }>): void {
   } else if (!task.keep) {
     kept.delete(task.hash);
   }
-  if (raw.length !== task.lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${task.hash} holds ${raw.length} bytes where ${task.lengthBytes} are needed`);
+  checkLength(raw, task.hash, task.lengthBytes);
   pwriteFullySync(task.fd, raw, task.offsetBytes);
 }
 
