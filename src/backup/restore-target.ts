@@ -27,7 +27,7 @@ export interface RestoreTarget {
   readonly path: string;
   /** Zero ranges already read as zeroes (a new sparse file): nothing need be written for them. */
   readonly holes: boolean;
-  /** Prepare to write (create the file, or set up the undo log); nothing is written before. */
+  /** Prepare to write (create the file, or set up the undo log); nothing is written before. A failure here is undone by `abandon` too. */
   begin(): Promise<void>;
   /** After `begin`: a descriptor the piece workers may write into directly, where nothing needs keeping first. */
   readonly directFd: number | undefined;
@@ -104,15 +104,11 @@ class NewFileTarget implements RestoreTarget {
       if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new BdsnapError('EBUSY', `${this.path} appeared while the backup was being checked; refusing to write to it`, { cause: err });
       throw new BdsnapError(e.code, `cannot create ${this.path}: ${e.message}`, { cause: err });
     }
-    try {
-      this.#created = await this.#fh.stat();
-      await this.#fh.truncate(this.#sizeBytes);
-      // FileDevice opens by path: it must be the file just made (the lock goes with what it opened).
-      this.#file = await openFree(this.path);
-      if (!sameFile(this.#file, this.#created)) throw new BdsnapError('EBUSY', `${this.path} was replaced while it was being created; refusing to write to it`);
-    } catch (err) {
-      throw new BdsnapError(toBdsnapError(err).code, `${toBdsnapError(err).message}; ${await this.abandon()}`, { cause: err });
-    }
+    this.#created = await this.#fh.stat();
+    await this.#fh.truncate(this.#sizeBytes);
+    // FileDevice opens by path: it must be the file just made (the lock goes with what it opened).
+    this.#file = await openFree(this.path);
+    if (!sameFile(this.#file, this.#created)) throw new BdsnapError('EBUSY', `${this.path} was replaced while it was being created; refusing to write to it`);
   }
 
   async put(offsetBytes: number, data: Buffer | { zeroBytes: number }): Promise<void> {
@@ -195,7 +191,7 @@ class InPlaceTarget implements RestoreTarget {
   async begin(): Promise<void> {
     this.#undo = await UndoLog.create();
     if (this.#block) return;
-    this.#sizer = await fs.promises.open(this.path, fs.constants.O_RDWR | fs.constants.O_NOFOLLOW).catch((err: unknown) => { throw toBdsnapError(err); });
+    this.#sizer = await fs.promises.open(this.path, 'r+').catch((err: unknown) => { throw toBdsnapError(err); });
     if (!sameFile(this.#guard, await this.#sizer.stat())) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
     if (this.#originalBytes < this.#sizeBytes) {
       await this.#sizer.truncate(this.#sizeBytes);

@@ -65,9 +65,9 @@ export async function restoreBackup(repo: Repository, id: string, device: string
     const toWrite = slots.map((_, i) => i).filter((i) => slots[i] !== null || !target.holes);
     options.progress?.start([...needed.values()].reduce((n, b) => n + b, 0) + toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0));
     await checkPieces(repo, id, needed, pool, options);
-    await target.begin();
     let writtenBytes: number;
     try {
+      await target.begin();
       writtenBytes = await writeSlots(repo, id, slots, toWrite, entry.sizeBytes, P, target, pool, options);
       await target.commit();
     } catch (err) {

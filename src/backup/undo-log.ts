@@ -68,13 +68,16 @@ export class UndoLog {
       const e = toBdsnapError(err);
       throw new BdsnapError(e.code, `cannot keep the original bytes at ${offsetBytes} in ${this.path}: ${e.message}${e.code === 'ENOSPC' ? '; set TMPDIR to a directory with room for the part of the target that changes' : ''}`, { cause: err });
     }
-    this.#saved.push({ offsetBytes, lengthBytes: original.length });
+    // Ranges are saved nearly in order: most extend the last one, which keeps the list short.
+    const last = this.#saved[this.#saved.length - 1];
+    if (last && last.offsetBytes + last.lengthBytes === offsetBytes) last.lengthBytes += original.length;
+    else this.#saved.push({ offsetBytes, lengthBytes: original.length });
     this.#savedBytes += original.length;
   }
 
   /** Write every saved range below `sizeBytes` back into `target`, then flush it. */
   async rollback(target: UndoTarget, sizeBytes: number): Promise<void> {
-    const buf = Buffer.allocUnsafe(Math.min(ROLLBACK_CHUNK_BYTES, Math.max(1, ...this.#saved.map((r) => r.lengthBytes))));
+    const buf = Buffer.allocUnsafe(Math.min(ROLLBACK_CHUNK_BYTES, Math.max(1, this.#savedBytes)));
     for (const r of this.#saved) {
       const end = Math.min(r.offsetBytes + r.lengthBytes, sizeBytes);
       for (let at = r.offsetBytes; at < end; at += buf.length) {

@@ -227,4 +227,13 @@ test('a piece that passes the check and fails when written: the image file is pu
   assert.equal(await sha256File(image), before, 'the image file is as it was');
   await restoreBackup(await Repository.open(new LocalDirStore(repoDir)), id, image);
   assert.equal(await sha256File(image), backedUpSha, 'with every read working, the same restore completes');
+
+  // An existing output file longer or shorter than the device is given its size and content.
+  for (const sizeBytes of [IMAGE_BYTES + 3 * MiB + 512, 5 * MiB]) {
+    const existing = path.join(dir, `existing-${sizeBytes}.img`);
+    makeImage(existing, sizeBytes, 'random', 9);
+    await restoreBackup(repo, id, image, { output: existing });
+    assert.equal(fs.statSync(existing).size, IMAGE_BYTES);
+    assert.equal(await sha256File(existing), backedUpSha);
+  }
 });
