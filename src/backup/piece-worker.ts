@@ -8,7 +8,9 @@
  *
  * 'place' does a restore's whole step for a piece kept as a plain file (a local store): read
  * it, decode and check it, and write it into the target at its offset, all on this thread,
- * with blocking calls; the main thread only hands out the slots. A piece that more slots use
+ * with blocking calls; the main thread only hands out the slots. Into an existing target it
+ * first reads the range: one that already holds the piece is left alone, any other has its
+ * original kept (see PlaceUndo). A piece that more slots use
  * (`keep`) stays decoded here for them, within a bound.
  */
 
@@ -18,17 +20,34 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 import { PIECE_HEADER_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
 
+/**
+ * Where a 'place' into an existing target keeps what it overwrites: the original of the range
+ * goes to `fd` at the same offset (its first `keepBytes`: what lies below the target's
+ * original end), before the range is written.
+ */
+export interface PlaceUndo {
+  fd: number;
+  keepBytes: number;
+}
+
+/** A 'place' that failed once it had started to change something: keeping the original (`undo`) or writing the range. */
+export interface PlaceFailure {
+  stage: 'undo' | 'write';
+  code: string;
+  message: string;
+}
+
 export type PieceTask =
   | { id: number; op: 'encode'; raw: Uint8Array; codec: Codec }
   | { id: number; op: 'decode'; stored: Uint8Array; hash: string }
-  | { id: number; op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean }
+  | { id: number; op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }
   | { id: number; op: 'check'; file: string; hash: string; lengthBytes: number };
 
 export type PieceResult =
   | { id: number; op: 'encode'; zero: true; raw: Uint8Array }
   | { id: number; op: 'encode'; zero: false; hash: string; header: Uint8Array; payload: Uint8Array; raw: Uint8Array; codec: number }
   | { id: number; op: 'decode'; raw: Uint8Array }
-  | { id: number; op: 'place' }
+  | { id: number; op: 'place'; unchanged: boolean; savedBytes: number; failure?: PlaceFailure }
   | { id: number; op: 'check' }
   | { id: number; error: { code: string; message: string } };
 
@@ -52,10 +71,7 @@ export function runTask(task: PieceTask): PieceResult {
       const { header, payload } = encodePieceParts(raw, task.codec);
       return { id: task.id, op: 'encode', zero: false, hash: sha256Hex(raw), header, payload, raw, codec: header.readUInt8(5) };
     }
-    if (task.op === 'place') {
-      place(task);
-      return { id: task.id, op: 'place' };
-    }
+    if (task.op === 'place') return { id: task.id, op: 'place', ...place(task) };
     if (task.op === 'check') {
       checkLength(decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash), task.hash, task.lengthBytes);
       return { id: task.id, op: 'check' };
@@ -104,7 +120,19 @@ function checkLength(raw: Buffer, hash: string, lengthBytes: number): void {
   if (raw.length !== lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${lengthBytes} are needed`);
 }
 
-function place(task: Extract<PieceTask, { op: 'place' }>): void {
+function codeAndMessage(err: unknown): { code: string; message: string } {
+  const e = toBdsnapError(err);
+  return { code: e.code, message: e.message };
+}
+
+/** One buffer per worker for the originals of ranges about to be overwritten. */
+let originalBuffer = Buffer.alloc(0);
+
+/**
+ * A failure after the original was kept is returned, not thrown, with the bytes kept: the
+ * caller must know them to put the range back.
+ */
+function place(task: Extract<PieceTask, { op: 'place' }>): { unchanged: boolean; savedBytes: number; failure?: PlaceFailure } {
   let raw = kept.get(task.hash);
   if (!raw) {
     raw = decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash);
@@ -114,7 +142,28 @@ function place(task: Extract<PieceTask, { op: 'place' }>): void {
     kept.delete(task.hash);
   }
   checkLength(raw, task.hash, task.lengthBytes);
-  pwriteFullySync(task.fd, raw, task.offsetBytes);
+  let savedBytes = 0;
+  if (task.undo) {
+    if (originalBuffer.length < task.lengthBytes) originalBuffer = Buffer.allocUnsafe(task.lengthBytes);
+    const original = originalBuffer.subarray(0, task.lengthBytes);
+    const got = preadFullySync(task.fd, original, task.offsetBytes);
+    original.fill(0, got);
+    if (original.equals(raw)) return { unchanged: true, savedBytes: 0 };
+    if (task.undo.keepBytes > 0) {
+      try {
+        pwriteFullySync(task.undo.fd, original.subarray(0, task.undo.keepBytes), task.offsetBytes);
+      } catch (err) {
+        return { unchanged: false, savedBytes: 0, failure: { stage: 'undo', ...codeAndMessage(err) } };
+      }
+      savedBytes = task.undo.keepBytes;
+    }
+  }
+  try {
+    pwriteFullySync(task.fd, raw, task.offsetBytes);
+  } catch (err) {
+    return { unchanged: false, savedBytes, failure: { stage: 'write', ...codeAndMessage(err) } };
+  }
+  return { unchanged: false, savedBytes };
 }
 
 /** The raw buffer goes back to the caller's pool, and a compressed payload with it. */

@@ -15,13 +15,24 @@
 
 import fs from 'node:fs';
 import { FileDevice } from '../device/file-device.js';
-import { BdsnapError, toBdsnapError } from '../errors.js';
+import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
 import { checkNotInUse } from '../host/in-use.js';
+import type { PiecePool } from './piece-pool.js';
 import { isZero } from './piece-worker.js';
 import { UndoLog } from './undo-log.js';
 
 /** Largest range of a file's cut tail read at once to keep it. */
 const TAIL_CHUNK_BYTES = 16 * 1024 * 1024;
+
+/** A piece kept as a local file, and the range it fills. */
+export interface PieceFile {
+  file: string;
+  hash: string;
+  offsetBytes: number;
+  lengthBytes: number;
+  /** Later slots use the piece too: the worker keeps it decoded. */
+  keep: boolean;
+}
 
 export interface RestoreTarget {
   readonly path: string;
@@ -29,8 +40,11 @@ export interface RestoreTarget {
   readonly holes: boolean;
   /** Prepare to write (create the file, or set up the undo log); nothing is written before. A failure here is undone by `abandon` too. */
   begin(): Promise<void>;
-  /** After `begin`: a descriptor the piece workers may write into directly, where nothing needs keeping first. */
-  readonly directFd: number | undefined;
+  /**
+   * Have a worker of `pool` read, check and write a piece kept as a local file into its range
+   * (see PiecePool.place), keeping the original first where `put` would.
+   */
+  place(pool: PiecePool, piece: PieceFile): Promise<void>;
   /** Give the range at `offsetBytes` the content `data`, or `zeroBytes` zeroes. */
   put(offsetBytes: number, data: Buffer | { zeroBytes: number }): Promise<void>;
   /** See BlockDevice.startWriteback. */
@@ -91,10 +105,6 @@ class NewFileTarget implements RestoreTarget {
     this.#sizeBytes = sizeBytes;
   }
 
-  get directFd(): number | undefined {
-    return this.#fh?.fd;
-  }
-
   async begin(): Promise<void> {
     const flags = fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW;
     try {
@@ -109,6 +119,11 @@ class NewFileTarget implements RestoreTarget {
     // FileDevice opens by path: it must be the file just made (the lock goes with what it opened).
     this.#file = await openFree(this.path);
     if (!sameFile(this.#file, this.#created)) throw new BdsnapError('EBUSY', `${this.path} was replaced while it was being created; refusing to write to it`);
+  }
+
+  async place(pool: PiecePool, piece: PieceFile): Promise<void> {
+    const r = await pool.place({ ...piece, fd: this.#fh!.fd });
+    if (r.failure) throw new BdsnapError(r.failure.code as ErrorCode, r.failure.message);
   }
 
   async put(offsetBytes: number, data: Buffer | { zeroBytes: number }): Promise<void> {
@@ -155,7 +170,6 @@ class NewFileTarget implements RestoreTarget {
 class InPlaceTarget implements RestoreTarget {
   readonly path: string;
   readonly holes = false;
-  readonly directFd = undefined;
   readonly #block: boolean;
   readonly #sizeBytes: number;
   /** Holds the lock from open to close. */
@@ -164,8 +178,8 @@ class InPlaceTarget implements RestoreTarget {
   readonly #originalBytes: number;
   /** What ranges are read and written through: the guard, or a second handle once a file grew. */
   #file: FileDevice;
-  /** A regular file's descriptor for setting its size. */
-  #sizer: fs.promises.FileHandle | undefined;
+  /** A descriptor of the same file or device, for setting a file's size and for the piece workers. */
+  #fh: fs.promises.FileHandle | undefined;
   #resized = false;
   #undo: UndoLog | undefined;
   #keepUndo = false;
@@ -190,16 +204,29 @@ class InPlaceTarget implements RestoreTarget {
 
   async begin(): Promise<void> {
     this.#undo = await UndoLog.create();
-    if (this.#block) return;
-    this.#sizer = await fs.promises.open(this.path, 'r+').catch((err: unknown) => { throw toBdsnapError(err); });
-    if (!sameFile(this.#guard, await this.#sizer.stat())) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
-    if (this.#originalBytes < this.#sizeBytes) {
-      await this.#sizer.truncate(this.#sizeBytes);
+    // Opened by path like the guard: being the file the guard locked is what makes it safe.
+    this.#fh = await fs.promises.open(this.path, 'r+').catch((err: unknown) => { throw toBdsnapError(err); });
+    if (!sameFile(this.#guard, await this.#fh.stat())) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
+    if (!this.#block && this.#originalBytes < this.#sizeBytes) {
+      await this.#fh.truncate(this.#sizeBytes);
       this.#resized = true;
       // The guard's size was fixed at open; a second handle (the guard keeps the lock) sees the new one.
       this.#file = await FileDevice.open(this.path, { shared: true });
-      if (!sameFile(this.#file, await this.#sizer.stat())) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
+      if (!sameFile(this.#file, await this.#fh.stat())) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
     }
+  }
+
+  async place(pool: PiecePool, piece: PieceFile): Promise<void> {
+    const keepBytes = this.#keepBytes(piece.offsetBytes, piece.lengthBytes);
+    const r = await pool.place({ ...piece, fd: this.#fh!.fd, undo: { fd: this.#undo!.fd, keepBytes } });
+    if (r.savedBytes > 0) this.#undo!.record(piece.offsetBytes, r.savedBytes);
+    if (r.failure?.stage === 'undo') throw this.#undo!.keepFailed(piece.offsetBytes, new BdsnapError(r.failure.code as ErrorCode, r.failure.message));
+    if (r.failure) throw new BdsnapError(r.failure.code as ErrorCode, r.failure.message);
+  }
+
+  /** Bytes past the original end are cut off again by a rollback: nothing to keep there. */
+  #keepBytes(offsetBytes: number, lengthBytes: number): number {
+    return Math.max(0, Math.min(lengthBytes, this.#originalBytes - offsetBytes));
   }
 
   async put(offsetBytes: number, data: Buffer | { zeroBytes: number }): Promise<void> {
@@ -207,8 +234,7 @@ class InPlaceTarget implements RestoreTarget {
     const original = Buffer.allocUnsafe(lengthBytes);
     await this.#file.read(original, offsetBytes);
     if (Buffer.isBuffer(data) ? original.equals(data) : isZero(original)) return;
-    // Bytes past the original end are cut off again by a rollback: nothing to keep there.
-    const kept = Math.max(0, Math.min(lengthBytes, this.#originalBytes - offsetBytes));
+    const kept = this.#keepBytes(offsetBytes, lengthBytes);
     if (kept > 0) await this.#undo!.save(offsetBytes, original.subarray(0, kept));
     if (Buffer.isBuffer(data)) await this.#file.write(data, offsetBytes);
     else await this.#file.zero(offsetBytes, lengthBytes);
@@ -219,7 +245,7 @@ class InPlaceTarget implements RestoreTarget {
   }
 
   async commit(): Promise<void> {
-    if (this.#sizer && this.#originalBytes > this.#sizeBytes) {
+    if (!this.#block && this.#originalBytes > this.#sizeBytes) {
       const buf = Buffer.allocUnsafe(Math.min(TAIL_CHUNK_BYTES, this.#originalBytes - this.#sizeBytes));
       for (let at = this.#sizeBytes; at < this.#originalBytes; at += buf.length) {
         const part = buf.subarray(0, Math.min(buf.length, this.#originalBytes - at));
@@ -227,7 +253,7 @@ class InPlaceTarget implements RestoreTarget {
         await this.#undo!.save(at, part);
       }
       this.#resized = true;
-      await this.#sizer.truncate(this.#sizeBytes);
+      await this.#fh!.truncate(this.#sizeBytes);
     }
     await this.#file.flush();
   }
@@ -236,7 +262,7 @@ class InPlaceTarget implements RestoreTarget {
     const undo = this.#undo;
     if (!undo || (undo.savedBytes === 0 && !this.#resized)) return `nothing was written to ${this.path}`;
     try {
-      if (this.#resized) await this.#sizer!.truncate(this.#originalBytes);
+      if (this.#resized) await this.#fh!.truncate(this.#originalBytes);
       await undo.rollback(this.#file, this.#originalBytes);
     } catch (err) {
       this.#keepUndo = true;
@@ -249,7 +275,7 @@ class InPlaceTarget implements RestoreTarget {
     try {
       if (this.#keepUndo) await this.#undo?.close();
       else await this.#undo?.discard();
-      await this.#sizer?.close();
+      await this.#fh?.close();
       if (this.#file !== this.#guard) await this.#file.close();
     } finally {
       await this.#guard.close();

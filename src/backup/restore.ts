@@ -7,13 +7,16 @@
  * be a regular file or a block device that is not in use (see openRestoreTarget), and every
  * piece the device needs must be read, decoded and checked against its hash: a missing or
  * damaged piece refuses the restore with its name and the backup's. That first pass costs a
- * second read and decode of each piece (measured in the restore's own time: see the numbers
- * in BENCHMARKS.md); it buys a refusal instead of a rollback for the common failure.
+ * second read, decode and hash of each distinct piece: measured here on a 256 MiB image (516
+ * distinct pieces, 129 MiB of them) with the repository in the page cache, 0.2 s of CPU and
+ * 0.1 to 0.25 s of wall time on top of about 0.5 s; on a repository that is not cached it is a
+ * second read of the pieces as stored. It buys a refusal instead of a rollback for the common
+ * failure.
  *
  * Pieces are checked again as they are written, since a read can still fail midway (a disk
  * error, a piece damaged since). Then the target undoes what was written: a new file is
  * removed, an existing file or device gets its original bytes back (restore-target.ts).
- * Zero pieces are holes in a new file and written zeroes elsewhere.
+ * Zero pieces are holes in a new file, and elsewhere zeroes written where the range is not zero.
  */
 
 import path from 'node:path';
@@ -142,10 +145,8 @@ async function writeSlots(
     if (left > 0 && cache.size < MAX_CACHED_PIECES) cache.set(hash, p);
     return p;
   };
-  // Pieces kept as local files, into a target with nothing to keep first (a new file), are
-  // read, checked and written by the pool's threads through the target's descriptor.
+  // Pieces kept as local files are read, checked and written by the pool's threads.
   const localPath = repo.store.localPath?.bind(repo.store);
-  const direct = localPath && target.directFd !== undefined ? { localPath, fd: target.directFd } : undefined;
   let writtenBytes = 0;
   let hintedTo = 0;
   await runLimited(toWrite, PIECES_IN_FLIGHT, async (i) => {
@@ -158,8 +159,8 @@ async function writeSlots(
       } else {
         const left = uses.get(hash)! - 1;
         uses.set(hash, left);
-        if (direct) {
-          await pool.place({ file: direct.localPath(pieceObject(hash)), hash, fd: direct.fd, offsetBytes: i * P, lengthBytes: length, keep: left > 0 });
+        if (localPath) {
+          await target.place(pool, { file: localPath(pieceObject(hash)), hash, offsetBytes: i * P, lengthBytes: length, keep: left > 0 });
         } else {
           const raw = await piece(hash, left);
           if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where backup ${id} needs ${length}`);

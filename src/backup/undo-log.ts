@@ -55,6 +55,11 @@ export class UndoLog {
     }
   }
 
+  /** The log's descriptor, for a worker that keeps originals itself (then `record` them). */
+  get fd(): number {
+    return this.#fh.fd;
+  }
+
   /** Bytes saved so far. */
   get savedBytes(): number {
     return this.#savedBytes;
@@ -65,14 +70,25 @@ export class UndoLog {
     try {
       await pwriteFully(this.#fh.fd, original, offsetBytes);
     } catch (err) {
-      const e = toBdsnapError(err);
-      throw new BdsnapError(e.code, `cannot keep the original bytes at ${offsetBytes} in ${this.path}: ${e.message}${e.code === 'ENOSPC' ? '; set TMPDIR to a directory with room for the part of the target that changes' : ''}`, { cause: err });
+      throw this.keepFailed(offsetBytes, err);
     }
+    this.record(offsetBytes, original.length);
+  }
+
+  /** The error for an original that could not be kept (here or by a worker through `fd`). */
+  keepFailed(offsetBytes: number, err: unknown): BdsnapError {
+    const e = toBdsnapError(err);
+    const hint = e.code === 'ENOSPC' ? '; set TMPDIR to a directory with room for the part of the target that changes' : '';
+    return new BdsnapError(e.code, `cannot keep the original bytes at ${offsetBytes} in ${this.path}: ${e.message}${hint}`, { cause: err });
+  }
+
+  /** The original of `lengthBytes` at `offsetBytes` is in the log, written through `fd`. */
+  record(offsetBytes: number, lengthBytes: number): void {
     // Ranges are saved nearly in order: most extend the last one, which keeps the list short.
     const last = this.#saved[this.#saved.length - 1];
-    if (last && last.offsetBytes + last.lengthBytes === offsetBytes) last.lengthBytes += original.length;
-    else this.#saved.push({ offsetBytes, lengthBytes: original.length });
-    this.#savedBytes += original.length;
+    if (last && last.offsetBytes + last.lengthBytes === offsetBytes) last.lengthBytes += lengthBytes;
+    else this.#saved.push({ offsetBytes, lengthBytes });
+    this.#savedBytes += lengthBytes;
   }
 
   /** Write every saved range below `sizeBytes` back into `target`, then flush it. */
