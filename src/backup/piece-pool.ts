@@ -93,10 +93,10 @@ export class PiecePool {
    * `undo`, `savedBytes` is what was kept of the original, and a failure to keep it or to
    * write the range comes back as `failure` rather than thrown.
    */
-  async place(body: { file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }): Promise<{ unchanged: boolean; savedBytes: number; failure?: PlaceFailure }> {
+  async place(body: { file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }): Promise<{ savedBytes: number; failure?: PlaceFailure }> {
     const r = await this.#run({ op: 'place', ...body }, []);
     if ('error' in r || r.op !== 'place') throw new BdsnapError('EIO', 'unexpected worker answer');
-    return { unchanged: r.unchanged, savedBytes: r.savedBytes, failure: r.failure };
+    return { savedBytes: r.savedBytes, failure: r.failure };
   }
 
   /** Read, decode and check one piece file of `lengthBytes` raw bytes, keeping nothing (see 'check' in piece-worker.ts). */

@@ -10,8 +10,8 @@
  * it, decode and check it, and write it into the target at its offset, all on this thread,
  * with blocking calls; the main thread only hands out the slots. Into an existing target it
  * first reads the range: one that already holds the piece is left alone, any other has its
- * original kept (see PlaceUndo). A piece that more slots use
- * (`keep`) stays decoded here for them, within a bound.
+ * original kept (see PlaceUndo). A piece that more slots use (`keep`) stays decoded here for
+ * them, within a bound.
  */
 
 import fs from 'node:fs';
@@ -47,7 +47,7 @@ export type PieceResult =
   | { id: number; op: 'encode'; zero: true; raw: Uint8Array }
   | { id: number; op: 'encode'; zero: false; hash: string; header: Uint8Array; payload: Uint8Array; raw: Uint8Array; codec: number }
   | { id: number; op: 'decode'; raw: Uint8Array }
-  | { id: number; op: 'place'; unchanged: boolean; savedBytes: number; failure?: PlaceFailure }
+  | { id: number; op: 'place'; savedBytes: number; failure?: PlaceFailure }
   | { id: number; op: 'check' }
   | { id: number; error: { code: string; message: string } };
 
@@ -132,7 +132,7 @@ let originalBuffer = Buffer.alloc(0);
  * A failure after the original was kept is returned, not thrown, with the bytes kept: the
  * caller must know them to put the range back.
  */
-function place(task: Extract<PieceTask, { op: 'place' }>): { unchanged: boolean; savedBytes: number; failure?: PlaceFailure } {
+function place(task: Extract<PieceTask, { op: 'place' }>): { savedBytes: number; failure?: PlaceFailure } {
   let raw = kept.get(task.hash);
   if (!raw) {
     raw = decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash);
@@ -148,12 +148,12 @@ function place(task: Extract<PieceTask, { op: 'place' }>): { unchanged: boolean;
     const original = originalBuffer.subarray(0, task.lengthBytes);
     const got = preadFullySync(task.fd, original, task.offsetBytes);
     original.fill(0, got);
-    if (original.equals(raw)) return { unchanged: true, savedBytes: 0 };
+    if (original.equals(raw)) return { savedBytes: 0 };
     if (task.undo.keepBytes > 0) {
       try {
         pwriteFullySync(task.undo.fd, original.subarray(0, task.undo.keepBytes), task.offsetBytes);
       } catch (err) {
-        return { unchanged: false, savedBytes: 0, failure: { stage: 'undo', ...codeAndMessage(err) } };
+        return { savedBytes: 0, failure: { stage: 'undo', ...codeAndMessage(err) } };
       }
       savedBytes = task.undo.keepBytes;
     }
@@ -161,9 +161,9 @@ function place(task: Extract<PieceTask, { op: 'place' }>): { unchanged: boolean;
   try {
     pwriteFullySync(task.fd, raw, task.offsetBytes);
   } catch (err) {
-    return { unchanged: false, savedBytes, failure: { stage: 'write', ...codeAndMessage(err) } };
+    return { savedBytes, failure: { stage: 'write', ...codeAndMessage(err) } };
   }
-  return { unchanged: false, savedBytes };
+  return { savedBytes };
 }
 
 /** The raw buffer goes back to the caller's pool, and a compressed payload with it. */
