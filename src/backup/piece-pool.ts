@@ -12,7 +12,7 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { BdsnapError, type ErrorCode } from '../errors.js';
 import type { Codec } from './codec.js';
-import { runTask, type PieceResult, type PieceTask } from './piece-worker.js';
+import { runTask, type PieceResult, type PieceTask, type PlaceFailure, type PlaceUndo } from './piece-worker.js';
 
 const WORKER_URL = new URL('./piece-worker.js', import.meta.url);
 
@@ -27,7 +27,8 @@ interface Waiter {
 type TaskBody =
   | { op: 'encode'; raw: Uint8Array; codec: Codec }
   | { op: 'decode'; stored: Uint8Array; hash: string }
-  | { op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean };
+  | { op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }
+  | { op: 'check'; file: string; hash: string; lengthBytes: number };
 
 function toBuffer(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
@@ -87,10 +88,21 @@ export class PiecePool {
     return toBuffer(r.raw);
   }
 
-  /** Read, decode, check and write one piece into `fd` (see 'place' in piece-worker.ts). */
-  async place(body: { file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean }): Promise<void> {
+  /**
+   * Read, decode, check and write one piece into `fd` (see 'place' in piece-worker.ts). With
+   * `undo`, `savedBytes` is what was kept of the original, and a failure to keep it or to
+   * write the range comes back as `failure` rather than thrown.
+   */
+  async place(body: { file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }): Promise<{ savedBytes: number; failure?: PlaceFailure }> {
     const r = await this.#run({ op: 'place', ...body }, []);
     if ('error' in r || r.op !== 'place') throw new BdsnapError('EIO', 'unexpected worker answer');
+    return { savedBytes: r.savedBytes, failure: r.failure };
+  }
+
+  /** Read, decode and check one piece file of `lengthBytes` raw bytes, keeping nothing (see 'check' in piece-worker.ts). */
+  async check(body: { file: string; hash: string; lengthBytes: number }): Promise<void> {
+    const r = await this.#run({ op: 'check', ...body }, []);
+    if ('error' in r || r.op !== 'check') throw new BdsnapError('EIO', 'unexpected worker answer');
   }
 
   /** Tasks run on the calling thread because no worker was ready yet. */

@@ -3,33 +3,58 @@
  * compression; or decompression and the hash check on the way back), so that both cores work
  * while the main thread moves bytes between the source, the store and the target.
  *
+ * 'check' is a restore's first pass over a piece kept as a plain file: read, decode and check it,
+ * and keep nothing.
+ *
  * 'place' does a restore's whole step for a piece kept as a plain file (a local store): read
  * it, decode and check it, and write it into the target at its offset, all on this thread,
- * with blocking calls; the main thread only hands out the slots. A piece that more slots use
- * (`keep`) stays decoded here for them, within a bound.
+ * with blocking calls; the main thread only hands out the slots. Into an existing target it
+ * first reads the range: one that already holds the piece is left alone, any other has its
+ * original kept (see PlaceUndo). A piece that more slots use (`keep`) stays decoded here for
+ * them, within a bound.
  */
 
 import fs from 'node:fs';
 import { parentPort } from 'node:worker_threads';
-import { BdsnapError } from '../errors.js';
+import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 import { PIECE_HEADER_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
+
+/**
+ * Where a 'place' into an existing target keeps what it overwrites: the original of the range
+ * goes to `fd` at the same offset (its first `keepBytes`: what lies below the target's
+ * original end), before the range is written.
+ */
+export interface PlaceUndo {
+  fd: number;
+  keepBytes: number;
+}
+
+/** A 'place' that failed once it had started to change something: keeping the original (`undo`) or writing the range. */
+export interface PlaceFailure {
+  stage: 'undo' | 'write';
+  code: string;
+  message: string;
+}
 
 export type PieceTask =
   | { id: number; op: 'encode'; raw: Uint8Array; codec: Codec }
   | { id: number; op: 'decode'; stored: Uint8Array; hash: string }
-  | { id: number; op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean };
+  | { id: number; op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }
+  | { id: number; op: 'check'; file: string; hash: string; lengthBytes: number };
 
 export type PieceResult =
   | { id: number; op: 'encode'; zero: true; raw: Uint8Array }
   | { id: number; op: 'encode'; zero: false; hash: string; header: Uint8Array; payload: Uint8Array; raw: Uint8Array; codec: number }
   | { id: number; op: 'decode'; raw: Uint8Array }
-  | { id: number; op: 'place' }
+  | { id: number; op: 'place'; savedBytes: number; failure?: PlaceFailure }
+  | { id: number; op: 'check' }
   | { id: number; error: { code: string; message: string } };
 
 let zeros = Buffer.alloc(0);
 
-function isZero(buf: Buffer): boolean {
+/** Whether every byte of `buf` is zero. */
+export function isZero(buf: Buffer): boolean {
   if (zeros.length < buf.length) zeros = Buffer.alloc(buf.length);
   return buf.equals(zeros.subarray(0, buf.length));
 }
@@ -46,13 +71,14 @@ export function runTask(task: PieceTask): PieceResult {
       const { header, payload } = encodePieceParts(raw, task.codec);
       return { id: task.id, op: 'encode', zero: false, hash: sha256Hex(raw), header, payload, raw, codec: header.readUInt8(5) };
     }
-    if (task.op === 'place') {
-      place(task);
-      return { id: task.id, op: 'place' };
+    if (task.op === 'place') return { id: task.id, op: 'place', ...place(task) };
+    if (task.op === 'check') {
+      checkLength(decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash), task.hash, task.lengthBytes);
+      return { id: task.id, op: 'check' };
     }
     return { id: task.id, op: 'decode', raw: decodePiece(asBuffer(task.stored), task.hash) };
   } catch (err) {
-    const code = err instanceof BdsnapError ? err.code : 'EIO';
+    const code = toBdsnapError(err).code;
     return { id: task.id, error: { code, message: (err as Error).message } };
   }
 }
@@ -90,7 +116,23 @@ function readPieceFile(file: string, hash: string, rawBytes: number): Buffer {
   }
 }
 
-function place(task: Extract<PieceTask, { op: 'place' }>): void {
+function checkLength(raw: Buffer, hash: string, lengthBytes: number): void {
+  if (raw.length !== lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${lengthBytes} are needed`);
+}
+
+function codeAndMessage(err: unknown): { code: string; message: string } {
+  const e = toBdsnapError(err);
+  return { code: e.code, message: e.message };
+}
+
+/** One buffer per worker for the originals of ranges about to be overwritten. */
+let originalBuffer = Buffer.alloc(0);
+
+/**
+ * A failure after the original was kept is returned, not thrown, with the bytes kept: the
+ * caller must know them to put the range back.
+ */
+function place(task: Extract<PieceTask, { op: 'place' }>): { savedBytes: number; failure?: PlaceFailure } {
   let raw = kept.get(task.hash);
   if (!raw) {
     raw = decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash);
@@ -99,8 +141,29 @@ function place(task: Extract<PieceTask, { op: 'place' }>): void {
   } else if (!task.keep) {
     kept.delete(task.hash);
   }
-  if (raw.length !== task.lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${task.hash} holds ${raw.length} bytes where ${task.lengthBytes} are needed`);
-  pwriteFullySync(task.fd, raw, task.offsetBytes);
+  checkLength(raw, task.hash, task.lengthBytes);
+  let savedBytes = 0;
+  if (task.undo) {
+    if (originalBuffer.length < task.lengthBytes) originalBuffer = Buffer.allocUnsafe(task.lengthBytes);
+    const original = originalBuffer.subarray(0, task.lengthBytes);
+    const got = preadFullySync(task.fd, original, task.offsetBytes);
+    original.fill(0, got);
+    if (original.equals(raw)) return { savedBytes: 0 };
+    if (task.undo.keepBytes > 0) {
+      try {
+        pwriteFullySync(task.undo.fd, original.subarray(0, task.undo.keepBytes), task.offsetBytes);
+      } catch (err) {
+        return { savedBytes: 0, failure: { stage: 'undo', ...codeAndMessage(err) } };
+      }
+      savedBytes = task.undo.keepBytes;
+    }
+  }
+  try {
+    pwriteFullySync(task.fd, raw, task.offsetBytes);
+  } catch (err) {
+    return { savedBytes, failure: { stage: 'write', ...codeAndMessage(err) } };
+  }
+  return { savedBytes };
 }
 
 /** The raw buffer goes back to the caller's pool, and a compressed payload with it. */

@@ -1,24 +1,31 @@
 /**
  * restoreBackup: write one device of a backup, whole, to the device itself or to a new file.
+ * The target ends with the backup's content or as it was: a restore that fails leaves no
+ * half-written target.
  *
- * Before a byte is written: the manifest must read, the device must be in it, and every piece
- * it names must exist in the store; the target must be a regular file or a block device that
- * is not in use: not mounted, not behind a loop device (checkNotInUse, which refuses when it
- * cannot tell), and not open in another bdsnap process, the daemon included (FileDevice's
- * lock). Each piece is checked
- * against its hash as it is read, so a damaged piece stops the restore with its name.
- * Zero pieces are holes in a file target and written zeroes on a block device.
+ * Before a byte is written: the manifest must read, the device must be in it, the target must
+ * be a regular file or a block device that is not in use (see openRestoreTarget), and every
+ * piece the device needs must be read, decoded and checked against its hash: a missing or
+ * damaged piece refuses the restore with its name and the backup's. That first pass costs a
+ * second read, decode and hash of each distinct piece: measured here on a 256 MiB image (516
+ * distinct pieces, 129 MiB of them) with the repository in the page cache, 0.2 s of CPU and
+ * 0.1 to 0.25 s of wall time on top of about 0.5 s; on a repository that is not cached it is a
+ * second read of the pieces as stored. It buys a refusal instead of a rollback for the common
+ * failure.
+ *
+ * Pieces are checked again as they are written, since a read can still fail midway (a disk
+ * error, a piece damaged since). Then the target undoes what was written: a new file is
+ * removed, an existing file or device gets its original bytes back (restore-target.ts).
+ * Zero pieces are holes in a new file, and elsewhere zeroes written where the range is not zero.
  */
 
-import fs from 'node:fs';
 import path from 'node:path';
-import { FileDevice } from '../device/file-device.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { checkNotInUse } from '../host/in-use.js';
 import type { ProgressSink } from './create.js';
 import { expandSlots, pieceObject } from './format.js';
 import { PiecePool } from './piece-pool.js';
 import type { Repository } from './repository.js';
+import { openRestoreTarget, type RestoreTarget } from './restore-target.js';
 import { runLimited } from './run-limited.js';
 
 /** Decoded pieces kept for later slots at most (of the piece size each). */
@@ -54,17 +61,73 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   }
   const P = manifest.pieceSizeBytes;
   const slots = expandSlots(entry, P);
-  const stored = await repo.storedPieceNames();
-  const missing = [...new Set(slots.filter((s): s is string => s !== null && !stored.has(s)))];
-  if (missing.length > 0) {
-    throw new BdsnapError('ECORRUPT', `backup ${id} is damaged: ${missing.length} of its pieces ${missing.length === 1 ? 'is' : 'are'} missing (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}); nothing was written`);
-  }
-  const target = options.output !== undefined ? path.resolve(options.output) : entry.device;
-  const { file, holes } = await openTarget(target, options.output !== undefined, entry.sizeBytes);
-  const toWrite = slots.map((_, i) => i).filter((i) => slots[i] !== null || !holes);
-  options.progress?.start(toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0));
-  let writtenBytes = 0;
+  const target = await openRestoreTarget(options.output !== undefined ? path.resolve(options.output) : entry.device, options.output !== undefined, entry.sizeBytes);
   const pool = new PiecePool();
+  try {
+    const needed = neededPieces(slots, P, entry.sizeBytes);
+    const toWrite = slots.map((_, i) => i).filter((i) => slots[i] !== null || !target.holes);
+    options.progress?.start([...needed.values()].reduce((n, b) => n + b, 0) + toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0));
+    await checkPieces(repo, id, needed, pool, options);
+    let writtenBytes: number;
+    try {
+      await target.begin();
+      writtenBytes = await writeSlots(repo, id, slots, toWrite, entry.sizeBytes, P, target, pool, options);
+      await target.commit();
+    } catch (err) {
+      const e = toBdsnapError(err);
+      throw new BdsnapError(e.code, `${e.message}; ${await target.abandon()}`, { cause: err });
+    }
+    return { id, device: entry.device, target: target.path, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs };
+  } finally {
+    await pool.close();
+    await target.close();
+  }
+}
+
+/** Each distinct piece of `slots` with its length (only the last slot may be shorter than P). */
+function neededPieces(slots: Array<string | null>, P: number, sizeBytes: number): Map<string, number> {
+  const needed = new Map<string, number>();
+  slots.forEach((hash, i) => {
+    if (hash !== null && !needed.has(hash)) needed.set(hash, Math.min(P, sizeBytes - i * P));
+  });
+  return needed;
+}
+
+/**
+ * The first pass: every needed piece is read, decoded and checked, as the write pass will,
+ * and kept nothing of. Stops at the first missing or damaged piece, with the backup's name
+ * and where to see the rest.
+ */
+async function checkPieces(repo: Repository, id: string, needed: Map<string, number>, pool: PiecePool, options: RestoreOptions): Promise<void> {
+  const hint = `nothing was written; 'bdsnap backup verify --repo ${repo.store.location} ${id}' lists every damaged piece`;
+  const stored = await repo.storedPieceNames();
+  const missing = [...needed.keys()].filter((h) => !stored.has(h));
+  if (missing.length > 0) {
+    throw new BdsnapError('ECORRUPT', `backup ${id} is damaged: ${missing.length} of its pieces ${missing.length === 1 ? 'is' : 'are'} missing (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}); ${hint}`);
+  }
+  const localPath = repo.store.localPath?.bind(repo.store);
+  await runLimited(needed, PIECES_IN_FLIGHT, async ([hash, lengthBytes]) => {
+    options.signal?.throwIfAborted();
+    try {
+      if (localPath) {
+        await pool.check({ file: localPath(pieceObject(hash)), hash, lengthBytes });
+      } else {
+        const raw = await pool.decode(await repo.store.get(pieceObject(hash)), hash);
+        if (raw.length !== lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${lengthBytes} are needed`);
+      }
+    } catch (err) {
+      const e = toBdsnapError(err);
+      throw new BdsnapError(e.code === 'ENOENT' ? 'ECORRUPT' : e.code, `cannot restore backup ${id}: ${e.message}; ${hint}`, { cause: err });
+    }
+    options.progress?.advance(lengthBytes);
+  });
+}
+
+/** The second pass: every slot of `toWrite` into the target. Returns the bytes written. */
+async function writeSlots(
+  repo: Repository, id: string, slots: Array<string | null>, toWrite: number[], sizeBytes: number, P: number, target: RestoreTarget, pool: PiecePool,
+  options: RestoreOptions,
+): Promise<number> {
   // A piece that fills many slots (a repeated pattern) is read and checked once, and kept until
   // its last slot is written, within a bound on memory.
   const uses = new Map<string, number>();
@@ -82,94 +145,42 @@ export async function restoreBackup(repo: Repository, id: string, device: string
     if (left > 0 && cache.size < MAX_CACHED_PIECES) cache.set(hash, p);
     return p;
   };
-  // Pieces kept as local files are read, checked and written by the pool's threads, through a
-  // descriptor of their own (the FileDevice keeps the lock, does the zeroes and the final sync:
-  // fdatasync covers the file whichever descriptor wrote it).
+  // Pieces kept as local files are read, checked and written by the pool's threads.
   const localPath = repo.store.localPath?.bind(repo.store);
-  const direct = localPath ? { localPath, fh: await fs.promises.open(target, 'r+').catch((err: unknown) => { throw toBdsnapError(err); }) } : undefined;
-  const stoppedAt = (at: number) => (err: unknown): never => {
-    const e = toBdsnapError(err);
-    throw new BdsnapError(e.code, `restore of ${target} from backup ${id} stopped at ${at}: ${e.message}`, { cause: err });
-  };
-  try {
-    let hintedTo = 0;
-    await runLimited(toWrite, PIECES_IN_FLIGHT, async (i) => {
-      options.signal?.throwIfAborted();
-      const hash = slots[i]!;
-      const length = Math.min(P, entry.sizeBytes - i * P);
+  let writtenBytes = 0;
+  let hintedTo = 0;
+  await runLimited(toWrite, PIECES_IN_FLIGHT, async (i) => {
+    options.signal?.throwIfAborted();
+    const hash = slots[i]!;
+    const length = Math.min(P, sizeBytes - i * P);
+    try {
       if (hash === null) {
-        await file.zero(i * P, length);
+        await target.put(i * P, { zeroBytes: length });
       } else {
         const left = uses.get(hash)! - 1;
         uses.set(hash, left);
-        if (direct) {
-          await pool.place({ file: direct.localPath(pieceObject(hash)), hash, fd: direct.fh.fd, offsetBytes: i * P, lengthBytes: length, keep: left > 0 }).catch(stoppedAt(i * P));
+        if (localPath) {
+          await target.place(pool, { file: localPath(pieceObject(hash)), hash, offsetBytes: i * P, lengthBytes: length, keep: left > 0 });
         } else {
-          const raw = await piece(hash, left).catch(stoppedAt(i * P));
+          const raw = await piece(hash, left);
           if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where backup ${id} needs ${length}`);
-          await file.write(raw, i * P);
+          await target.put(i * P, raw);
         }
       }
-      writtenBytes += length;
-      options.progress?.advance(length);
-      // Slots are handed out in order: once slot i is done, those a full round of tasks
-      // before it are written too (but for a straggler, which the final flush still covers).
-      // Start writing them back a window at a time, so the final flush has less left to do.
-      const behind = Math.max(0, i - PIECES_IN_FLIGHT) * P;
-      if (behind - hintedTo >= WRITEBACK_WINDOW_BYTES) {
-        file.startWriteback(hintedTo, behind - hintedTo);
-        hintedTo = behind;
-      }
-    });
-    await file.flush();
-  } finally {
-    await pool.close();
-    await direct?.fh.close();
-    await file.close();
-  }
-  return { id, device: entry.device, target, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs };
-}
-
-/**
- * Open the target for writing. A file (new for --output, or the device's image file) is cut
- * to zero and set to the size, so zero pieces are holes; a block device must not be mounted
- * and must be large enough.
- */
-async function openTarget(target: string, output: boolean, sizeBytes: number): Promise<{ file: FileDevice; holes: boolean }> {
-  const st = await fs.promises.stat(target).catch((err: unknown) => {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw toBdsnapError(err);
-  });
-  if (!st && !output) throw new BdsnapError('ENOENT', `${target} does not exist; give --output FILE to restore into a new file`);
-  if (st && !st.isFile() && !(st.isBlockDevice() && !output)) {
-    throw new BdsnapError('EINVAL', `${target} is not a regular file${output ? '' : ' or a block device'}; refusing to write to it`);
-  }
-  if (st) await checkNotInUse(target);
-  if (st?.isBlockDevice()) {
-    const file = await openFree(target);
-    if (file.size < sizeBytes) {
-      await file.close();
-      throw new BdsnapError('ENOSPC', `${target} holds ${file.size} bytes; the backup needs ${sizeBytes}`);
+    } catch (err) {
+      const e = toBdsnapError(err);
+      throw new BdsnapError(e.code, `restore of ${target.path} from backup ${id} stopped at ${i * P}: ${e.message}`, { cause: err });
     }
-    return { file, holes: false };
-  }
-  // The lock of FileDevice.open refuses a file another bdsnap process has open; take it before
-  // the file is cut.
-  if (!st) await fs.promises.writeFile(target, '', { flag: 'wx' }).catch((err: unknown) => { throw toBdsnapError(err); });
-  const file = await openFree(target);
-  await file.close();
-  await fs.promises.truncate(target, 0);
-  await fs.promises.truncate(target, sizeBytes);
-  return { file: await FileDevice.open(target), holes: true };
-}
-
-/** FileDevice.open, with EBUSY saying who may hold the device. */
-async function openFree(target: string): Promise<FileDevice> {
-  try {
-    return await FileDevice.open(target);
-  } catch (err) {
-    const e = toBdsnapError(err);
-    if (e.code !== 'EBUSY') throw e;
-    throw new BdsnapError('EBUSY', `${target} is in use, so it is not restored in place: ${e.message}`, { cause: err });
-  }
+    writtenBytes += length;
+    options.progress?.advance(length);
+    // Slots are handed out in order: once slot i is done, those a full round of tasks
+    // before it are written too (but for a straggler, which the final flush still covers).
+    // Start writing them back a window at a time, so the final flush has less left to do.
+    const behind = Math.max(0, i - PIECES_IN_FLIGHT) * P;
+    if (behind - hintedTo >= WRITEBACK_WINDOW_BYTES) {
+      target.startWriteback(hintedTo, behind - hintedTo);
+      hintedTo = behind;
+    }
+  });
+  return writtenBytes;
 }

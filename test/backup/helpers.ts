@@ -62,7 +62,7 @@ export class ServeSnapshotProvider implements SnapshotProvider {
       this.#counter.set(device, number);
       return {
         device,
-        sizeBytes: fs.statSync(device).size,
+        sizeBytes: deviceBytes(device),
         changeMap: { generation: this.generation, number },
         open: async (): Promise<BlockDevice & { close(): Promise<void> }> => {
           const client = await NbdClient.connect({ socketPath: server.socketPath, exportName: server.exportNames[k]! });
@@ -96,6 +96,13 @@ export class ServeSnapshotProvider implements SnapshotProvider {
     if (this.#options.copy !== false) for (const c of live.copies) fs.rmSync(c, { force: true });
     this.destroyed.push(id);
   }
+}
+
+/** The size of an image file or block device (stat says 0 for a device node). */
+function deviceBytes(device: string): number {
+  const st = fs.statSync(device);
+  if (!st.isBlockDevice()) return st.size;
+  return Number(fs.readFileSync(`/sys/class/block/${path.basename(fs.realpathSync(device))}/size`, 'utf8').trim()) * 512;
 }
 
 /** An ObjectStore wrapper that counts puts (by name prefix) and gets. */

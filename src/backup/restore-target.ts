@@ -1,0 +1,284 @@
+/**
+ * Where a restore writes, and how a failed restore is undone, so that the target ends with the
+ * backup's content or as it was before:
+ *
+ * - A new file (`--output` naming nothing yet): created by `begin`, exclusively and without
+ *   following a symbolic link (root must not write through a link another user planted), mode
+ *   0600, sparse, so zero pieces are holes. A failed restore removes it, if its path still
+ *   names the file made here.
+ * - An existing regular file or block device (the device itself, or `--output` naming a
+ *   file): opened at once, which takes FileDevice's lock (so a daemon serving it gives EBUSY)
+ *   but changes nothing. Each range is read before it is written: one that already holds the
+ *   backup's bytes is left alone, any other has its original kept in an UndoLog first. A failed
+ *   restore writes the originals back and gives a file its original size again.
+ */
+
+import fs from 'node:fs';
+import { FileDevice } from '../device/file-device.js';
+import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
+import { checkNotInUse } from '../host/in-use.js';
+import type { PiecePool } from './piece-pool.js';
+import { isZero } from './piece-worker.js';
+import { UndoLog } from './undo-log.js';
+
+/** Largest range of a file's cut tail read at once to keep it. */
+const TAIL_CHUNK_BYTES = 16 * 1024 * 1024;
+
+/** A piece kept as a local file, and the range it fills. */
+export interface PieceFile {
+  file: string;
+  hash: string;
+  offsetBytes: number;
+  lengthBytes: number;
+  /** Later slots use the piece too: the worker keeps it decoded. */
+  keep: boolean;
+}
+
+export interface RestoreTarget {
+  readonly path: string;
+  /** Zero ranges already read as zeroes (a new sparse file): nothing need be written for them. */
+  readonly holes: boolean;
+  /** Prepare to write (create the file, or set up the undo log); nothing is written before. A failure here is undone by `abandon` too. */
+  begin(): Promise<void>;
+  /**
+   * Have a worker of `pool` read, check and write a piece kept as a local file into its range
+   * (see PiecePool.place), keeping the original first where `put` would.
+   */
+  place(pool: PiecePool, piece: PieceFile): Promise<void>;
+  /** Give the range at `offsetBytes` the content `data`, or `zeroBytes` zeroes. */
+  put(offsetBytes: number, data: Buffer | { zeroBytes: number }): Promise<void>;
+  /** See BlockDevice.startWriteback. */
+  startWriteback(offsetBytes: number, lengthBytes: number): void;
+  /** Every range is put: give the target the backup's size and make it durable. */
+  commit(): Promise<void>;
+  /** After a failure: undo what was written; returns what was done, as a clause for the error. */
+  abandon(): Promise<string>;
+  close(): Promise<void>;
+}
+
+/**
+ * The target of a restore of `sizeBytes`: `target` is the device (which must exist: a
+ * regular file or a block device) or, with `output`, a file (which may not exist yet). One
+ * that exists must not be in use: not mounted, not behind a loop device, not open in another
+ * bdsnap process.
+ */
+export async function openRestoreTarget(target: string, output: boolean, sizeBytes: number): Promise<RestoreTarget> {
+  const st = await (output ? fs.promises.lstat(target) : fs.promises.stat(target)).catch((err: unknown) => {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw toBdsnapError(err);
+  });
+  if (!st && !output) throw new BdsnapError('ENOENT', `${target} does not exist; give --output FILE to restore into a new file`);
+  if (!st) return new NewFileTarget(target, sizeBytes);
+  if (st.isSymbolicLink()) throw new BdsnapError('EINVAL', `${target} is a symbolic link; refusing to write through it: give the path of the file itself`);
+  if (!st.isFile() && !(st.isBlockDevice() && !output)) {
+    throw new BdsnapError('EINVAL', `${target} is not a regular file${output ? '' : ' or a block device'}; refusing to write to it`);
+  }
+  await checkNotInUse(target);
+  return InPlaceTarget.open(target, st.isBlockDevice(), sizeBytes);
+}
+
+/** FileDevice.open, with EBUSY saying who may hold the device. */
+async function openFree(target: string, options?: { shared: boolean }): Promise<FileDevice> {
+  try {
+    return await FileDevice.open(target, options);
+  } catch (err) {
+    const e = toBdsnapError(err);
+    if (e.code !== 'EBUSY') throw e;
+    throw new BdsnapError('EBUSY', `${target} is in use, so it is not restored in place: ${e.message}`, { cause: err });
+  }
+}
+
+function sameFile(file: FileDevice, st: fs.Stats): boolean {
+  return file.identity.dev === st.dev && file.identity.ino === st.ino;
+}
+
+class NewFileTarget implements RestoreTarget {
+  readonly path: string;
+  readonly holes = true;
+  readonly #sizeBytes: number;
+  #fh: fs.promises.FileHandle | undefined;
+  #created: fs.Stats | undefined;
+  #file: FileDevice | undefined;
+
+  constructor(target: string, sizeBytes: number) {
+    this.path = target;
+    this.#sizeBytes = sizeBytes;
+  }
+
+  async begin(): Promise<void> {
+    const flags = fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW;
+    try {
+      this.#fh = await fs.promises.open(this.path, flags, 0o600);
+    } catch (err) {
+      const e = toBdsnapError(err);
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new BdsnapError('EBUSY', `${this.path} appeared while the backup was being checked; refusing to write to it`, { cause: err });
+      throw new BdsnapError(e.code, `cannot create ${this.path}: ${e.message}`, { cause: err });
+    }
+    this.#created = await this.#fh.stat();
+    await this.#fh.truncate(this.#sizeBytes);
+    // FileDevice opens by path: it must be the file just made (the lock goes with what it opened).
+    this.#file = await openFree(this.path);
+    if (!sameFile(this.#file, this.#created)) throw new BdsnapError('EBUSY', `${this.path} was replaced while it was being created; refusing to write to it`);
+  }
+
+  async place(pool: PiecePool, piece: PieceFile): Promise<void> {
+    const r = await pool.place({ ...piece, fd: this.#fh!.fd });
+    if (r.failure) throw new BdsnapError(r.failure.code as ErrorCode, r.failure.message);
+  }
+
+  async put(offsetBytes: number, data: Buffer | { zeroBytes: number }): Promise<void> {
+    if (Buffer.isBuffer(data)) await this.#file!.write(data, offsetBytes);
+    else await this.#file!.zero(offsetBytes, data.zeroBytes);
+  }
+
+  startWriteback(offsetBytes: number, lengthBytes: number): void {
+    this.#file!.startWriteback(offsetBytes, lengthBytes);
+  }
+
+  async commit(): Promise<void> {
+    // fdatasync covers the file whichever descriptor wrote it (the workers write through #fh).
+    await this.#file!.flush();
+  }
+
+  async abandon(): Promise<string> {
+    if (!this.#created) return 'nothing was written';
+    const created = this.#created;
+    await this.close();
+    // Only the file made here: a path that now names another file is not ours to remove.
+    const now = await fs.promises.lstat(this.path).catch(() => undefined);
+    if (!now || now.dev !== created.dev || now.ino !== created.ino) return `${this.path} no longer names the file this restore made; it was left alone`;
+    try {
+      await fs.promises.unlink(this.path);
+    } catch (err) {
+      return `removing the partly written ${this.path} failed too (${toBdsnapError(err).message}); remove it`;
+    }
+    return `the partly written ${this.path} was removed`;
+  }
+
+  async close(): Promise<void> {
+    const [fh, file] = [this.#fh, this.#file];
+    this.#fh = undefined;
+    this.#file = undefined;
+    try {
+      await fh?.close();
+    } finally {
+      await file?.close();
+    }
+  }
+}
+
+class InPlaceTarget implements RestoreTarget {
+  readonly path: string;
+  readonly holes = false;
+  readonly #block: boolean;
+  readonly #sizeBytes: number;
+  /** Holds the lock from open to close. */
+  readonly #guard: FileDevice;
+  /** Size before the restore: what a rollback gives a file back. */
+  readonly #originalBytes: number;
+  /** What ranges are read and written through: the guard, or a second handle once a file grew. */
+  #file: FileDevice;
+  /** A descriptor of the same file or device, for setting a file's size and for the piece workers. */
+  #fh: fs.promises.FileHandle | undefined;
+  #resized = false;
+  #undo: UndoLog | undefined;
+  #keepUndo = false;
+
+  private constructor(target: string, block: boolean, sizeBytes: number, guard: FileDevice) {
+    this.path = target;
+    this.#block = block;
+    this.#sizeBytes = sizeBytes;
+    this.#guard = guard;
+    this.#file = guard;
+    this.#originalBytes = guard.size;
+  }
+
+  static async open(target: string, block: boolean, sizeBytes: number): Promise<InPlaceTarget> {
+    const guard = await openFree(target);
+    if (block && guard.size < sizeBytes) {
+      await guard.close();
+      throw new BdsnapError('ENOSPC', `${target} holds ${guard.size} bytes; the backup needs ${sizeBytes}`);
+    }
+    return new InPlaceTarget(target, block, sizeBytes, guard);
+  }
+
+  async begin(): Promise<void> {
+    this.#undo = await UndoLog.create();
+    // Opened by path like the guard: being the file the guard locked is what makes it safe.
+    this.#fh = await fs.promises.open(this.path, 'r+').catch((err: unknown) => { throw toBdsnapError(err); });
+    if (!sameFile(this.#guard, await this.#fh.stat())) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
+    if (!this.#block && this.#originalBytes < this.#sizeBytes) {
+      await this.#fh.truncate(this.#sizeBytes);
+      this.#resized = true;
+      // The guard's size was fixed at open; a second handle (the guard keeps the lock) sees the new one.
+      this.#file = await FileDevice.open(this.path, { shared: true });
+      if (!sameFile(this.#file, await this.#fh.stat())) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
+    }
+  }
+
+  async place(pool: PiecePool, piece: PieceFile): Promise<void> {
+    const keepBytes = this.#keepBytes(piece.offsetBytes, piece.lengthBytes);
+    const r = await pool.place({ ...piece, fd: this.#fh!.fd, undo: { fd: this.#undo!.fd, keepBytes } });
+    if (r.savedBytes > 0) this.#undo!.record(piece.offsetBytes, r.savedBytes);
+    if (r.failure?.stage === 'undo') throw this.#undo!.keepFailed(piece.offsetBytes, new BdsnapError(r.failure.code as ErrorCode, r.failure.message));
+    if (r.failure) throw new BdsnapError(r.failure.code as ErrorCode, r.failure.message);
+  }
+
+  /** Bytes past the original end are cut off again by a rollback: nothing to keep there. */
+  #keepBytes(offsetBytes: number, lengthBytes: number): number {
+    return Math.max(0, Math.min(lengthBytes, this.#originalBytes - offsetBytes));
+  }
+
+  async put(offsetBytes: number, data: Buffer | { zeroBytes: number }): Promise<void> {
+    const lengthBytes = Buffer.isBuffer(data) ? data.length : data.zeroBytes;
+    const original = Buffer.allocUnsafe(lengthBytes);
+    await this.#file.read(original, offsetBytes);
+    if (Buffer.isBuffer(data) ? original.equals(data) : isZero(original)) return;
+    const kept = this.#keepBytes(offsetBytes, lengthBytes);
+    if (kept > 0) await this.#undo!.save(offsetBytes, original.subarray(0, kept));
+    if (Buffer.isBuffer(data)) await this.#file.write(data, offsetBytes);
+    else await this.#file.zero(offsetBytes, lengthBytes);
+  }
+
+  startWriteback(offsetBytes: number, lengthBytes: number): void {
+    this.#file.startWriteback(offsetBytes, lengthBytes);
+  }
+
+  async commit(): Promise<void> {
+    if (!this.#block && this.#originalBytes > this.#sizeBytes) {
+      const buf = Buffer.allocUnsafe(Math.min(TAIL_CHUNK_BYTES, this.#originalBytes - this.#sizeBytes));
+      for (let at = this.#sizeBytes; at < this.#originalBytes; at += buf.length) {
+        const part = buf.subarray(0, Math.min(buf.length, this.#originalBytes - at));
+        await this.#file.read(part, at);
+        await this.#undo!.save(at, part);
+      }
+      this.#resized = true;
+      await this.#fh!.truncate(this.#sizeBytes);
+    }
+    await this.#file.flush();
+  }
+
+  async abandon(): Promise<string> {
+    const undo = this.#undo;
+    if (!undo || (undo.savedBytes === 0 && !this.#resized)) return `nothing was written to ${this.path}`;
+    try {
+      if (this.#resized) await this.#fh!.truncate(this.#originalBytes);
+      await undo.rollback(this.#file, this.#originalBytes);
+    } catch (err) {
+      this.#keepUndo = true;
+      return `putting ${this.path} back failed too (${toBdsnapError(err).message}); the original bytes of what was overwritten are in ${undo.path}, each at its own offset`;
+    }
+    return `${this.path} was put back as it was (${undo.savedBytes} bytes rewritten)`;
+  }
+
+  async close(): Promise<void> {
+    try {
+      if (this.#keepUndo) await this.#undo?.close();
+      else await this.#undo?.discard();
+      await this.#fh?.close();
+      if (this.#file !== this.#guard) await this.#file.close();
+    } finally {
+      await this.#guard.close();
+    }
+  }
+}

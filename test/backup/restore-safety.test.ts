@@ -1,0 +1,239 @@
+/**
+ * A restore ends with the backup's content or leaves the target as it was, driven through the
+ * real `bdsnap backup restore`: a damaged piece is found before a byte is written; a failure
+ * in the middle of the writes (a full undo space, a full disk under --output, a piece that
+ * reads at the check and fails at the write) puts an image
+ * file or a loop device back byte for byte, and removes an output file the restore created,
+ * never one that was there before.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { LocalDirStore, Repository, backupDevices, restoreBackup } from '../../src/backup/index.js';
+import { expandSlots, pieceObject } from '../../src/backup/format.js';
+import { cleanupOf } from '../helpers/cleanup.js';
+import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
+import { needs } from '../helpers/needs.js';
+import { run, type RunResult } from '../helpers/process.js';
+import { BDSNAP_MAIN } from '../helpers/server.js';
+import { BdsnapError } from '../../src/errors.js';
+import { CountingStore, ServeSnapshotProvider } from './helpers.js';
+
+const MiB = 1024 * 1024;
+const IMAGE_BYTES = 64 * MiB;
+
+function bdsnap(args: string[], env: NodeJS.ProcessEnv = {}): Promise<RunResult> {
+  return run(process.execPath, [BDSNAP_MAIN, 'backup', ...args], { allowFailure: true, timeoutMs: 60_000, env: { ...process.env, ...env } });
+}
+
+function assertFails(r: RunResult, pattern: RegExp): void {
+  assert.equal(r.exitCode, 1, `${r.command}: ${r.stdout}${r.stderr}`);
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one line on stderr: ${r.stderr}`);
+  assert.match(r.stderr, pattern);
+}
+
+/** Overwrite `ranges` of a file or device with random bytes, as use after a backup would. */
+function scribble(target: string, ranges: Array<[offsetBytes: number, lengthBytes: number]>): void {
+  const fd = fs.openSync(target, 'r+');
+  try {
+    for (const [at, length] of ranges) fs.writeSync(fd, randomBytes(length), 0, length, at);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** A tmpfs of `sizeBytes` at a new directory under `dir`, unmounted after the test. */
+async function smallTmpfs(t: { after(fn: () => unknown): void }, dir: string, sizeBytes: number): Promise<string> {
+  const mnt = fs.mkdtempSync(path.join(dir, 'tmpfs-'));
+  await run('mount', ['-t', 'tmpfs', '-o', `size=${sizeBytes},mode=0700`, 'tmpfs', mnt]);
+  cleanupOf(t).after(() => run('umount', [mnt]));
+  return mnt;
+}
+
+async function loopDevice(t: { after(fn: () => unknown): void }, image: string): Promise<string> {
+  const loop = (await run('losetup', ['--find', '--show', image])).stdout.trim();
+  cleanupOf(t).after(() => run('losetup', ['-d', loop], { allowFailure: true }));
+  return loop;
+}
+
+/** A repository with a backup of `device`, which is then changed so that a restore has work to do. */
+async function backedUp(dir: string, device: string, copy: boolean): Promise<{ repoDir: string; repo: Repository; id: string }> {
+  const repoDir = path.join(dir, 'repo');
+  const repo = fs.existsSync(repoDir) ? await Repository.open(new LocalDirStore(repoDir)) : await Repository.init(new LocalDirStore(repoDir));
+  const { id } = await backupDevices(repo, new ServeSnapshotProvider(dir, { copy }), [device]);
+  const entry = (await repo.manifest(id)).devices[0]!;
+  assert.equal(entry.sizeBytes, IMAGE_BYTES);
+  return { repoDir, repo, id };
+}
+
+/** A piece the restore of `id` needs late (slots are written in order), used by one slot only. */
+async function lateUniquePiece(repo: Repository, id: string): Promise<string> {
+  const entry = (await repo.manifest(id)).devices[0]!;
+  const slots = expandSlots(entry, repo.pieceSizeBytes);
+  const once = slots.filter((h): h is string => h !== null && slots.indexOf(h) === slots.lastIndexOf(h));
+  const late = once.filter((h) => slots.indexOf(h) > slots.length / 2);
+  assert.ok(late.length > 0, 'the image has pieces used once in its second half');
+  return late[late.length - 1]!;
+}
+
+function flipByte(file: string): void {
+  const bytes = fs.readFileSync(file);
+  bytes[Math.floor(bytes.length / 2)]! ^= 0x01;
+  fs.writeFileSync(file, bytes);
+}
+
+test('a damaged piece: restore onto an image file or a loop device refuses before writing a byte, and --output leaves no file', async (t) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-restore-damaged-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 21);
+  const fileBackup = await backedUp(dir, image, true);
+  const loop = await loopDevice(t, image);
+  const { repoDir, repo, id: loopId } = await backedUp(dir, loop, false);
+  // Both backups hold the same bytes, so they share the piece damaged below.
+  const victim = await lateUniquePiece(repo, loopId);
+  assert.ok((await repo.manifest(fileBackup.id)).devices[0]!.pieces.includes(victim));
+  flipByte(path.join(repoDir, pieceObject(victim)));
+  scribble(loop, [[0, 8 * MiB], [40 * MiB, MiB]]);
+  const refused = (id: string): RegExp => new RegExp(
+    `^bdsnap: cannot restore backup ${id}: piece ${victim} is damaged: [^;]+; nothing was written; 'bdsnap backup verify --repo ${repoDir} ${id}' lists every damaged piece$`, 'm');
+
+  const before = await sha256File(loop);
+  let r = await bdsnap(['restore', '--repo', repoDir, loopId, loop]);
+  assert.equal(await sha256File(loop), before, 'the loop device is unchanged');
+  assertFails(r, refused(loopId));
+
+  const out = path.join(dir, 'out.img');
+  r = await bdsnap(['restore', '--repo', repoDir, loopId, loop, '--output', out]);
+  assert.equal(fs.existsSync(out), false, 'no output file is left');
+  assertFails(r, refused(loopId));
+
+  await run('losetup', ['-d', loop]);
+  r = await bdsnap(['restore', '--repo', repoDir, fileBackup.id, image]);
+  assert.equal(await sha256File(image), before, 'the image file is unchanged');
+  assertFails(r, refused(fileBackup.id));
+});
+
+test('a failure in the middle of a restore in place (the undo space fills): the image file and the loop device are put back exactly', async (t) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-restore-rollback-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 22);
+  const { repoDir, id } = await backedUp(dir, image, true);
+  // Changed all over, so the restore rewrites far more than the 6 MiB its undo space holds:
+  // it fails after it has written several MiB.
+  scribble(image, Array.from({ length: IMAGE_BYTES / (4 * MiB) }, (_, k): [number, number] => [k * 4 * MiB, MiB]));
+  const undoSpace = await smallTmpfs(t, dir, 6 * MiB);
+  const putBack = new RegExp(`^bdsnap: restore of ${image} from backup ${id} stopped at \\d+: cannot keep the original bytes at \\d+ in .*: .*no space left on device.*; ${image} was put back as it was \\(\\d+ bytes rewritten\\)$`, 'im');
+
+  const before = await sha256File(image);
+  let r = await bdsnap(['restore', '--repo', repoDir, id, image], { TMPDIR: undoSpace });
+  assert.equal(await sha256File(image), before, 'the image file is as it was');
+  assertFails(r, putBack);
+  assert.deepEqual(fs.readdirSync(undoSpace), [], 'the undo log is removed');
+
+  // The same on a block device: a loop device over the image.
+  const loop = await loopDevice(t, image);
+  const loopBackup = await backedUp(dir, loop, false);
+  scribble(loop, Array.from({ length: IMAGE_BYTES / (4 * MiB) }, (_, k): [number, number] => [k * 4 * MiB + 2 * MiB, MiB]));
+  const loopBefore = await sha256File(loop);
+  r = await bdsnap(['restore', '--repo', repoDir, loopBackup.id, loop], { TMPDIR: undoSpace });
+  assert.equal(await sha256File(loop), loopBefore, 'the loop device is as it was');
+  assertFails(r, new RegExp(`; ${loop} was put back as it was`, 'm'));
+
+  // With room for its undo log, the same restore completes.
+  r = await bdsnap(['restore', '--repo', repoDir, loopBackup.id, loop]);
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.equal(await sha256File(loop), before);
+});
+
+test('--output on a full disk: the file the restore created is removed; a file that was there is put back, never removed; a symbolic link is refused', async (t) => {
+  if (!needs(t, { root: true })) return;
+  const dir = makeTempDir(t, 'bdsnap-restore-output-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 23);
+  const { repoDir, id } = await backedUp(dir, image, true);
+  const small = await smallTmpfs(t, dir, 16 * MiB);
+
+  const out = path.join(small, 'out.img');
+  let r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', out]);
+  assert.deepEqual(fs.readdirSync(small), [], 'the output file is removed');
+  assertFails(r, new RegExp(`^bdsnap: restore of ${out} from backup ${id} stopped at \\d+: .*no space left on device.*; the partly written ${out} was removed$`, 'im'));
+
+  // A file that was there: restored in place, and on failure given back its bytes and size.
+  const existing = path.join(small, 'existing.img');
+  makeImage(existing, 4 * MiB, 'random', 5);
+  const existingBefore = await sha256File(existing);
+  const undoSpace = await smallTmpfs(t, dir, 6 * MiB);
+  r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', existing], { TMPDIR: undoSpace });
+  assert.equal(fs.statSync(existing).size, 4 * MiB);
+  assert.equal(await sha256File(existing), existingBefore);
+  assertFails(r, new RegExp(`; ${existing} was put back as it was`, 'm'));
+
+  // A symbolic link is not followed, dangling or not.
+  const link = path.join(dir, 'link.img');
+  fs.symlinkSync(existing, link);
+  r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', link]);
+  assert.equal(await sha256File(existing), existingBefore);
+  assertFails(r, /is a symbolic link; refusing to write through it/);
+  const dangling = path.join(dir, 'dangling.img');
+  fs.symlinkSync(path.join(dir, 'nowhere.img'), dangling);
+  assertFails(await bdsnap(['restore', '--repo', repoDir, id, image, '--output', dangling]), /is a symbolic link; refusing to write through it/);
+  assert.equal(fs.existsSync(path.join(dir, 'nowhere.img')), false);
+});
+
+/** A store whose reads of one piece fail from the `failFrom`-th on, as a failing disk or network would. */
+class FailingStore extends CountingStore {
+  readonly #victim: string;
+  readonly #failFrom: number;
+  #reads = 0;
+
+  constructor(inner: LocalDirStore, victim: string, failFrom: number) {
+    super(inner);
+    this.#victim = victim;
+    this.#failFrom = failFrom;
+  }
+
+  override get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer> {
+    if (name === pieceObject(this.#victim) && ++this.#reads >= this.#failFrom) {
+      return Promise.reject(new BdsnapError('EIO', `reading ${name} failed: input/output error`));
+    }
+    return super.get(name, range);
+  }
+}
+
+test('a piece that passes the check and fails when written: the image file is put back exactly', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-restore-readfail-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 24);
+  const { repoDir, repo, id } = await backedUp(dir, image, true);
+  const victim = await lateUniquePiece(repo, id);
+  const backedUpSha = await sha256File(image);
+  scribble(image, Array.from({ length: IMAGE_BYTES / (4 * MiB) }, (_, k): [number, number] => [k * 4 * MiB, MiB]));
+  const before = await sha256File(image);
+  // Through get() (no local paths): the second read of the piece, the one that writes it, fails.
+  const store = new FailingStore(new LocalDirStore(repoDir), victim, 2);
+  const failing = await Repository.open(store);
+  await assert.rejects(restoreBackup(failing, id, image), (e: unknown) => {
+    assert.ok(e instanceof BdsnapError);
+    assert.equal(e.code, 'EIO');
+    assert.match(e.message, new RegExp(`^restore of ${image} from backup ${id} stopped at \\d+: reading ${pieceObject(victim)} failed: input/output error; ${image} was put back as it was \\(\\d+ bytes rewritten\\)$`));
+    return true;
+  });
+  assert.equal(await sha256File(image), before, 'the image file is as it was');
+  await restoreBackup(await Repository.open(new LocalDirStore(repoDir)), id, image);
+  assert.equal(await sha256File(image), backedUpSha, 'with every read working, the same restore completes');
+
+  // An existing output file longer or shorter than the device is given its size and content.
+  for (const sizeBytes of [IMAGE_BYTES + 3 * MiB + 512, 5 * MiB]) {
+    const existing = path.join(dir, `existing-${sizeBytes}.img`);
+    makeImage(existing, sizeBytes, 'random', 9);
+    await restoreBackup(repo, id, image, { output: existing });
+    assert.equal(fs.statSync(existing).size, IMAGE_BYTES);
+    assert.equal(await sha256File(existing), backedUpSha);
+  }
+});
