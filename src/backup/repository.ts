@@ -10,7 +10,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import type { CodecChoice } from './codec.js';
+import { STORED_SLACK_BYTES, type CodecChoice } from './codec.js';
 import {
   BACKUPS_PREFIX, CONFIG_OBJECT, DEFAULT_PIECE_BYTES, MAX_PIECE_BYTES, MIN_PIECE_BYTES, PIECES_PREFIX, REPO_FORMAT, REPO_VERSION,
   backupIdOf, configSchema, expandSlots, manifestObject, manifestSchema, pieceHashOf, pieceObject,
@@ -35,6 +35,9 @@ export interface PruneSummary {
   deletedLocks: number;
   deletedIncomplete: number;
 }
+
+/** A config is a few hundred bytes. */
+const MAX_CONFIG_BYTES = 64 * 1024;
 
 /** A manifest, or why it cannot be read. */
 export type BackupRecord = { id: string; manifest: Manifest; error?: undefined } | { id: string; manifest?: undefined; error: BdsnapError };
@@ -72,7 +75,7 @@ export class Repository {
   static async open(store: ObjectStore): Promise<Repository> {
     let raw: Buffer;
     try {
-      raw = await store.get(CONFIG_OBJECT);
+      raw = await store.get(CONFIG_OBJECT, { maxBytes: MAX_CONFIG_BYTES });
     } catch (err) {
       if (toBdsnapError(err).code === 'ENOENT') {
         throw new BdsnapError('ENOENT', `${store.location} is not a backup repository (no config); create one with 'bdsnap backup init'`, { cause: err });
@@ -143,6 +146,11 @@ export class Repository {
       if (m?.devices.some((d) => d.device === device)) return m;
     }
     return undefined;
+  }
+
+  /** The stored bytes of a piece: ECORRUPT, before reading, if larger than a piece can be. */
+  readStoredPiece(hash: string): Promise<Buffer> {
+    return this.store.get(pieceObject(hash), { maxBytes: this.pieceSizeBytes + STORED_SLACK_BYTES });
   }
 
   /** Hashes of the pieces in the store, with their stored sizes. */
