@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { STORED_SLACK_BYTES, type CodecChoice } from './codec.js';
 import {
-  BACKUPS_PREFIX, CONFIG_OBJECT, DEFAULT_PIECE_BYTES, MAX_PIECE_BYTES, MIN_PIECE_BYTES, PIECES_PREFIX, REPO_FORMAT, REPO_VERSION,
+  BACKUPS_PREFIX, CONFIG_OBJECT, DEFAULT_PIECE_BYTES, MAX_PIECE_BYTES, MAX_SLOTS, MIN_PIECE_BYTES, PIECES_PREFIX, REPO_FORMAT, REPO_VERSION,
   backupIdOf, configSchema, expandSlots, manifestObject, manifestSchema, pieceHashOf, pieceObject,
   type Manifest, type RepoConfig,
 } from './format.js';
@@ -38,6 +38,20 @@ export interface PruneSummary {
 
 /** A config is a few hundred bytes. */
 const MAX_CONFIG_BYTES = 64 * 1024;
+
+/**
+ * Commas a manifest may hold, counted before it is parsed: V8 dies (it does not throw) building
+ * an array of some 130 million elements, which 280 MB of "1," make. A real manifest fits in one
+ * string, so it has far fewer (a hash and a run of zero pieces take 68 bytes).
+ */
+const MAX_MANIFEST_COMMAS = MAX_SLOTS;
+const COMMA = 0x2c;
+
+function countByte(buf: Buffer, byte: number): number {
+  let n = 0;
+  for (let at = buf.indexOf(byte); at >= 0; at = buf.indexOf(byte, at + 1)) n++;
+  return n;
+}
 
 /** A manifest, or why it cannot be read. */
 export type BackupRecord = { id: string; manifest: Manifest; error?: undefined } | { id: string; manifest?: undefined; error: BdsnapError };
@@ -112,6 +126,9 @@ export class Repository {
     } catch (err) {
       if (toBdsnapError(err).code === 'ENOENT') throw new BdsnapError('ENOENT', `there is no backup ${id} in ${this.store.location}`, { cause: err });
       throw err;
+    }
+    if (countByte(raw, COMMA) > MAX_MANIFEST_COMMAS) {
+      throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} is damaged (more than ${MAX_MANIFEST_COMMAS} values)`);
     }
     let parsed;
     try {

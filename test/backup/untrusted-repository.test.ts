@@ -189,6 +189,12 @@ test('a manifest claiming a billion zero pieces, or a petabyte device, is refuse
     assert.match((JSON.parse(list.stdout) as Array<{ error?: string }>)[0]!.error ?? '', /the manifest of/);
     assert.equal(fs.existsSync(path.join(dir, 'out.img')), false);
   }
+  // 280 MB of "1," parse into an array V8 cannot hold: it aborts instead of throwing.
+  const { dir, repoDir, id } = await craftedManifest(t, { sizeBytes: 256 * 1024, pieces: [1] });
+  const file = path.join(repoDir, manifestObject(id));
+  fs.writeFileSync(file, fs.readFileSync(file, 'utf8').replace('"pieces":[1]', `"pieces":[${'1,'.repeat(140e6)}1]`));
+  const restore = await bdsnap('restore', '--repo', repoDir, id, '/dev/crafted', '--output', path.join(dir, 'out.img'));
+  assertFails(restore, /^bdsnap: the manifest of backup .* is damaged \(more than 67108864 values\)$/m);
 });
 
 test('a piece file larger than a piece can be (sparse, 3 GiB) is refused before it is read', async (t) => {
