@@ -38,6 +38,12 @@ export const CODEC_NAMES: Record<Codec, string> = {
 export const CODEC_CHOICES = ['zstd', 'brotli', 'deflate', 'lz4'] as const;
 export type CodecChoice = (typeof CODEC_CHOICES)[number];
 
+/**
+ * A stored piece is its header, an LZ4 size prefix at most, and no more than its raw bytes
+ * (a payload that does not shrink is stored raw).
+ */
+export const STORED_SLACK_BYTES = PIECE_HEADER_BYTES + 4;
+
 /** Largest piece a header may claim; checked before allocating. */
 export const MAX_PIECE_BYTES = 64 * 1024 * 1024;
 
@@ -151,15 +157,16 @@ export function pieceCodec(stored: Buffer): Codec | undefined {
 
 /**
  * Decode a stored piece and check it against its name (sha256 hex). Errors: ECORRUPT with
- * what is wrong (bad header, undecodable payload, wrong length, wrong hash).
+ * what is wrong (bad header, a length over `maxRawBytes`, undecodable payload, wrong length,
+ * wrong hash). The length the header claims is checked before anything is allocated for it.
  */
-export function decodePiece(stored: Buffer, expectedHash: string): Buffer {
+export function decodePiece(stored: Buffer, expectedHash: string, maxRawBytes = MAX_PIECE_BYTES): Buffer {
   const bad = (why: string): BdsnapError => new BdsnapError('ECORRUPT', `piece ${expectedHash} is damaged: ${why}`);
   if (stored.length < PIECE_HEADER_BYTES || stored.readUInt32LE(0) !== PIECE_MAGIC) throw bad('bad header');
   if (stored.readUInt8(4) !== PIECE_VERSION) throw bad(`unknown version ${stored.readUInt8(4)}`);
   const codec = stored.readUInt8(5);
   const rawLength = stored.readUInt32LE(8);
-  if (rawLength > MAX_PIECE_BYTES) throw bad(`claims ${rawLength} bytes`);
+  if (rawLength > Math.min(maxRawBytes, MAX_PIECE_BYTES)) throw bad(`claims ${rawLength} bytes, more than ${Math.min(maxRawBytes, MAX_PIECE_BYTES)}`);
   const payload = stored.subarray(PIECE_HEADER_BYTES);
   let raw: Buffer;
   try {

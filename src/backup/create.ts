@@ -16,7 +16,7 @@
 
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { codecFor, type Codec } from './codec.js';
-import { compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, type DeviceEntry, type Manifest } from './format.js';
+import { compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, slotCountOf, type DeviceEntry, type Manifest } from './format.js';
 import { RepoLock } from './lock.js';
 import { PiecePool } from './piece-pool.js';
 import { coveredPieces, normalizeRanges, touchedPieces, type ByteRange } from './ranges.js';
@@ -198,7 +198,7 @@ function pieceLength(repo: Repository, source: BackupSource, i: number): number 
 async function planSource(repo: Repository, source: BackupSource, stored: Set<string>): Promise<Plan> {
   const P = repo.pieceSizeBytes;
   if (!Number.isSafeInteger(source.sizeBytes) || source.sizeBytes < 0) throw new BdsnapError('EINVAL', `bad size of ${source.device}: ${source.sizeBytes}`);
-  const count = Math.ceil(source.sizeBytes / P);
+  const count = slotCountOf(source.device, source.sizeBytes, P);
   let slots: Array<string | null> = new Array<string | null>(count).fill(null);
   let read: (i: number) => boolean = () => true;
   let baseId: string | null = null;

@@ -116,16 +116,42 @@ export function backupIdOf(name: string): string | undefined {
   return m && isBackupId(m[1]!) ? m[1] : undefined;
 }
 
-/** Expand a device's slots to one entry per piece: a hash, or null for a zero piece. */
-export function expandSlots(entry: Pick<DeviceEntry, 'pieces' | 'sizeBytes' | 'device'>, pieceSizeBytes: number): Array<string | null> {
-  const out: Array<string | null> = [];
-  for (const s of entry.pieces) {
-    if (typeof s === 'string') out.push(s);
-    else for (let k = 0; k < s; k++) out.push(null);
+/**
+ * Pieces a device may have at most: 16 TiB at the default piece size, 1 PiB at the largest.
+ * Every reader and writer holds one entry per piece in memory (an array of 2^26 takes 512 MiB),
+ * so a manifest that claims more is refused before anything is allocated for it.
+ */
+export const MAX_SLOTS = 2 ** 26;
+
+/** How many pieces a device of `sizeBytes` has; EINVAL (or `code`) beyond MAX_SLOTS. */
+export function slotCountOf(device: string, sizeBytes: number, pieceSizeBytes: number, code: 'EINVAL' | 'ECORRUPT' = 'EINVAL'): number {
+  const count = Math.ceil(sizeBytes / pieceSizeBytes);
+  if (!(count <= MAX_SLOTS)) {
+    throw new BdsnapError(code, `${device} is ${sizeBytes} bytes: more than ${MAX_SLOTS} pieces of ${pieceSizeBytes} bytes, the most a backup holds${code === 'EINVAL' ? '; use a repository with larger pieces' : ''}`);
   }
-  const want = Math.ceil(entry.sizeBytes / pieceSizeBytes);
-  if (out.length !== want) {
-    throw new BdsnapError('ECORRUPT', `the manifest of ${entry.device} lists ${out.length} pieces; its size needs ${want}`);
+  return count;
+}
+
+/**
+ * Expand a device's slots to one entry per piece: a hash, or null for a zero piece. The slots
+ * are counted first, and must match the size (itself within MAX_SLOTS pieces), so a crafted
+ * run of zero pieces allocates nothing. Errors: ECORRUPT.
+ */
+export function expandSlots(entry: Pick<DeviceEntry, 'pieces' | 'sizeBytes' | 'device'>, pieceSizeBytes: number): Array<string | null> {
+  const want = slotCountOf(`the manifest of ${entry.device}: the device`, entry.sizeBytes, pieceSizeBytes, 'ECORRUPT');
+  let listed = 0;
+  for (const s of entry.pieces) {
+    listed += typeof s === 'string' ? 1 : s;
+    if (listed > want) break;
+  }
+  if (listed !== want) {
+    throw new BdsnapError('ECORRUPT', `the manifest of ${entry.device} lists ${listed > want ? 'more than ' : ''}${listed} pieces; its size needs ${want}`);
+  }
+  const out = new Array<string | null>(want);
+  let at = 0;
+  for (const s of entry.pieces) {
+    if (typeof s === 'string') out[at++] = s;
+    else out.fill(null, at, (at += s));
   }
   return out;
 }

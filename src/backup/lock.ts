@@ -29,6 +29,8 @@ export type LockKind = 'create' | 'prune';
 
 export const REFRESH_MS = 60_000;
 export const STALE_MS = 10 * 60_000;
+/** A lock object is about 150 bytes; a larger one is judged by its age alone. */
+const MAX_LOCK_BYTES = 4096;
 
 const lockSchema = z.object({
   kind: z.enum(['create', 'prune']),
@@ -71,7 +73,7 @@ export async function listLocks(store: ObjectStore): Promise<LockInfo[]> {
     const kind = info.name.endsWith('.prune') ? 'prune' : 'create';
     let body: LockBody = { kind, host: '?', pid: -1, processStart: null, createdAt: new Date(info.modifiedMs).toISOString() };
     try {
-      body = lockSchema.parse(JSON.parse((await store.get(info.name)).toString('utf8')));
+      body = lockSchema.parse(JSON.parse((await store.get(info.name, { maxBytes: MAX_LOCK_BYTES })).toString('utf8')));
     } catch {
       // Torn or foreign: judged by its age (host '?' is never this host).
     }

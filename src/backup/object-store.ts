@@ -8,7 +8,11 @@
  * so a name is safe as a file path (no '..', no hidden files, no absolute paths) and as an
  * object key.
  *
- * LocalDirStore: an object is a file at `<root>/<name>`. `put` writes a temp file in the
+ * LocalDirStore: an object is a file at `<root>/<name>`. The directory may be writable by
+ * someone who is not trusted (it is refused to root unless only root can change it), so it is
+ * reached through a ConfinedTree: no symbolic link below the root is ever followed, files are
+ * created O_EXCL with mode 0600 and directories 0700, and a file is read only if it is a regular
+ * file no larger than the reader allows (fstat before reading). `put` writes a temp file in the
  * target's directory (a name starting with '.', which `list` never shows), fsyncs it, renames
  * it into place and fsyncs the directory, so a crash leaves either no object or the whole one.
  * `stage` writes the temp file only; staged files are then published in batches, in the
@@ -19,11 +23,13 @@
  * about 1.5 ms per piece here).
  */
 
+import { constants } from 'node:buffer';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { ConfinedTree } from '../host/confined-tree.js';
 import { writevFully } from '../host/fd-io.js';
 import { runLimited } from './run-limited.js';
 
@@ -42,8 +48,11 @@ export interface ObjectStore {
    * object or all of it. Replaces an existing one.
    */
   put(name: string, data: Buffer | readonly Buffer[]): Promise<void>;
-  /** The whole object, or `lengthBytes` from `offsetBytes`. ENOENT if absent. */
-  get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer>;
+  /**
+   * The whole object (ECORRUPT if larger than `maxBytes`, checked before reading; default
+   * MAX_OBJECT_BYTES), or `lengthBytes` from `offsetBytes`. ENOENT if absent.
+   */
+  get(name: string, options?: GetOptions): Promise<Buffer>;
   /** Undefined if absent. */
   stat(name: string): Promise<ObjectInfo | undefined>;
   /** Every object whose name starts with `prefix`, in no particular order. */
@@ -72,7 +81,18 @@ export interface ObjectStore {
    * its exclusive lock. Returns how many were removed.
    */
   removeIncomplete(olderThanMs: number): Promise<number>;
+  /** Release what the store holds (open directories); it is unusable afterwards. */
+  close?(): void;
 }
+
+/** A byte range of an object, or a bound on the size of the whole object. */
+export type GetOptions = { offsetBytes: number; lengthBytes: number } | { maxBytes: number };
+
+/**
+ * The largest object a whole-object get reads by default: a manifest, the largest object of
+ * the format, must parse as one string.
+ */
+export const MAX_OBJECT_BYTES = constants.MAX_STRING_LENGTH;
 
 const SEGMENT = /^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$/;
 const TEMP_PREFIX = '.put-';
@@ -82,15 +102,6 @@ export function checkObjectName(name: string): void {
   const segments = name.split('/');
   if (name.length > 1000 || segments.some((s) => !SEGMENT.test(s))) {
     throw new BdsnapError('EINVAL', `bad object name "${name}": segments of letters, digits, '.', '_' and '-' are allowed`);
-  }
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const dh = await fs.promises.open(dir, 'r');
-  try {
-    await dh.sync();
-  } finally {
-    await dh.close();
   }
 }
 
@@ -109,22 +120,35 @@ const PUBLISHING_MAX = 2;
 /** Files synced or renamed at once by a commit. */
 const COMMIT_CONCURRENCY = 32;
 
-interface Staged {
-  tmp: string;
-  target: string;
-  name: string;
+/** A file of the store: its directory's descriptor (see ConfinedTree) and its name there. */
+interface Place {
+  dirFd: number;
+  base: string;
 }
+
+interface Staged {
+  dirFd: number;
+  tmp: string;
+  base: string;
+}
+
+const { O_RDONLY, O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
+/** O_NONBLOCK: a FIFO planted in the store must not hang a reader (fstat refuses it next). */
+const READ_FLAGS = O_RDONLY | O_NOFOLLOW | O_NONBLOCK;
+const CREATE_FLAGS = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW;
+const FILE_MODE = 0o600;
+
+const fsyncFd = promisify(fs.fsync);
+const fdatasyncFd = promisify(fs.fdatasync);
 
 /** Remove the temp files of staged objects that will not be published; best effort. */
 async function removeTemps(batch: readonly Staged[]): Promise<void> {
-  await Promise.all(batch.map((s) => fs.promises.rm(s.tmp, { force: true }).catch(() => undefined)));
+  await Promise.all(batch.map((s) => fs.promises.unlink(ConfinedTree.at(s.dirFd, s.tmp)).catch(() => undefined)));
 }
 
 export class LocalDirStore implements ObjectStore {
   readonly location: string;
-  readonly #root: string;
-  /** Directories known to exist, so a put does not mkdir every time. */
-  readonly #dirs = new Set<string>();
+  #tree: ConfinedTree | undefined;
   #staged: Staged[] = [];
   /** Batches being published in the background, and the first error one of them met. */
   readonly #publishing = new Set<Promise<void>>();
@@ -134,24 +158,30 @@ export class LocalDirStore implements ObjectStore {
   #tempCount = 0;
 
   constructor(root: string) {
-    this.#root = path.resolve(root);
-    this.location = this.#root;
+    this.location = path.resolve(root);
   }
 
-  #path(name: string): string {
+  /** The tree, opened on first use (created by a writer); undefined while it does not exist. */
+  #open(create: boolean): ConfinedTree | undefined {
+    this.#tree ??= ConfinedTree.open(this.location, create);
+    return this.#tree;
+  }
+
+  /** Where object `name` lives; undefined when its directory does not exist and `create` is false. */
+  #place(name: string, create: boolean): Place | undefined {
     checkObjectName(name);
-    return path.join(this.#root, ...name.split('/'));
+    const cut = name.lastIndexOf('/');
+    const dirFd = this.#open(create)?.dir(cut >= 0 ? name.slice(0, cut) : '', create);
+    return dirFd === undefined ? undefined : { dirFd, base: name.slice(cut + 1) };
   }
 
   async put(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
-    const target = this.#path(name);
-    await this.#publish([{ tmp: await this.#writeTemp(name, target, data), target, name }], name);
+    await this.#publish([await this.#writeTemp(name, data)], name);
   }
 
   async stage(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
     this.#throwPublishFailure();
-    const target = this.#path(name);
-    this.#staged.push({ tmp: await this.#writeTemp(name, target, data), target, name });
+    this.#staged.push(await this.#writeTemp(name, data));
     if (this.#staged.length >= STAGE_BATCH) this.#publishStaged();
     while (this.#publishing.size > PUBLISHING_MAX) await Promise.race(this.#publishing);
   }
@@ -183,20 +213,21 @@ export class LocalDirStore implements ObjectStore {
 
   /**
    * Make written temp files objects: their data durable first, all files together; only then
-   * the names, then the directories together. On failure the temp files are removed.
+   * the names (a rename inside one directory descriptor: it replaces a link at the target, never
+   * follows it), then the directories together. On failure the temp files are removed.
    */
   async #publish(batch: readonly Staged[], what: string): Promise<void> {
     try {
       await runLimited(batch, COMMIT_CONCURRENCY, async (s) => {
-        const fh = await fs.promises.open(s.tmp, 'r');
+        const fd = await openFd(ConfinedTree.at(s.dirFd, s.tmp), O_RDONLY | O_NOFOLLOW);
         try {
-          await fh.datasync();
+          await fdatasyncFd(fd);
         } finally {
-          await fh.close();
+          await closeFd(fd);
         }
       });
-      await runLimited(batch, COMMIT_CONCURRENCY, (s) => fs.promises.rename(s.tmp, s.target));
-      await runLimited(new Set(batch.map((s) => path.dirname(s.target))), COMMIT_CONCURRENCY, syncDir);
+      await runLimited(batch, COMMIT_CONCURRENCY, (s) => fs.promises.rename(ConfinedTree.at(s.dirFd, s.tmp), ConfinedTree.at(s.dirFd, s.base)));
+      await runLimited(new Set(batch.map((s) => s.dirFd)), COMMIT_CONCURRENCY, (fd) => fsyncFd(fd));
     } catch (err) {
       await removeTemps(batch);
       throw this.#writeError(what, err);
@@ -214,32 +245,29 @@ export class LocalDirStore implements ObjectStore {
   }
 
   /**
-   * Write `data` to a new temp file beside `target` (not synced: #publish does that) and return
-   * its path. On the thread pool, not the event loop: creating a file can wait for the disk
-   * (ext4 spreads new directories over block groups, whose bitmaps may have to be read; a
-   * commit's syncs hold the journal), which cost a full backup's main thread 0.4 ms per piece
-   * when done synchronously, against about 0.1 ms of round trips.
+   * Write `data` to a new temp file beside the object (not synced: #publish does that). On the
+   * thread pool, not the event loop: creating a file can wait for the disk (ext4 spreads new
+   * directories over block groups, whose bitmaps may have to be read; a commit's syncs hold
+   * the journal), which cost a full backup's main thread 0.4 ms per piece when done
+   * synchronously, against about 0.1 ms of round trips.
    */
-  async #writeTemp(name: string, target: string, data: Buffer | readonly Buffer[]): Promise<string> {
-    const dir = path.dirname(target);
-    const tmp = path.join(dir, `${TEMP_PREFIX}${path.basename(target)}.${this.#tempTag}${(this.#tempCount++).toString(36)}`);
+  async #writeTemp(name: string, data: Buffer | readonly Buffer[]): Promise<Staged> {
+    let staged: Staged | undefined;
     let fd: number | undefined;
     try {
-      if (!this.#dirs.has(dir)) {
-        await fs.promises.mkdir(dir, { recursive: true });
-        this.#dirs.add(dir);
-      }
-      fd = await openFd(tmp, 'wx', 0o600);
+      const { dirFd, base } = this.#place(name, true)!;
+      staged = { dirFd, base, tmp: `${TEMP_PREFIX}${base}.${this.#tempTag}${(this.#tempCount++).toString(36)}` };
+      fd = await openFd(ConfinedTree.at(dirFd, staged.tmp), CREATE_FLAGS, FILE_MODE);
       await writevFully(fd, Buffer.isBuffer(data) ? [data] : data, 0);
       const closing = fd;
       fd = undefined;
       await closeFd(closing);
     } catch (err) {
       if (fd !== undefined) await closeFd(fd).catch(() => undefined);
-      await fs.promises.rm(tmp, { force: true });
+      if (staged) await removeTemps([staged]);
       throw this.#writeError(name, err);
     }
-    return tmp;
+    return staged;
   }
 
   #writeError(what: string, err: unknown): BdsnapError {
@@ -248,22 +276,41 @@ export class LocalDirStore implements ObjectStore {
     return e;
   }
 
+  /**
+   * A path that names the object's file through its directory's descriptor, for a reader on
+   * another thread of this process; valid until close(). The reader must open it O_NOFOLLOW and
+   * check what it opened (fstat), as get() does. ENOENT when its directory does not exist.
+   */
   localPath(name: string): string {
-    return this.#path(name);
+    const at = this.#place(name, false);
+    if (!at) throw new BdsnapError('ENOENT', `object ${name} is missing from ${this.location}`);
+    return ConfinedTree.at(at.dirFd, at.base);
   }
 
-  async get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer> {
-    const file = this.#path(name);
+  async get(name: string, options?: GetOptions): Promise<Buffer> {
+    const missing = (cause?: unknown): BdsnapError => new BdsnapError('ENOENT', `object ${name} is missing from ${this.location}`, { cause });
+    const at = this.#place(name, false);
+    if (!at) throw missing();
     let fh: fs.promises.FileHandle;
     try {
-      fh = await fs.promises.open(file, 'r');
+      fh = await fs.promises.open(ConfinedTree.at(at.dirFd, at.base), READ_FLAGS);
     } catch (err) {
-      const e = toBdsnapError(err);
-      throw e.code === 'ENOENT' ? new BdsnapError('ENOENT', `object ${name} is missing from ${this.location}`, { cause: err }) : e;
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') throw missing(err);
+      if (code === 'ELOOP') throw new BdsnapError('ECORRUPT', `object ${name} in ${this.location} is a symbolic link; bdsnap does not follow one there: remove it`, { cause: err });
+      throw toBdsnapError(err);
     }
     try {
+      const st = await fh.stat();
+      if (!st.isFile()) throw new BdsnapError('ECORRUPT', `object ${name} in ${this.location} is not a regular file: remove it`);
+      const range = options && 'offsetBytes' in options ? options : undefined;
+      const maxBytes = options && 'maxBytes' in options ? options.maxBytes : MAX_OBJECT_BYTES;
+      // Before allocating: a sparse file can claim any size.
+      if (!range && st.size > maxBytes) {
+        throw new BdsnapError('ECORRUPT', `object ${name} in ${this.location} is ${st.size} bytes, more than the ${maxBytes} it can be; it is damaged or not bdsnap's`);
+      }
       // One read of the known size rather than readFile's 512 KiB steps.
-      const { offsetBytes, lengthBytes } = range ?? { offsetBytes: 0, lengthBytes: (await fh.stat()).size };
+      const { offsetBytes, lengthBytes } = range ?? { offsetBytes: 0, lengthBytes: st.size };
       const out = Buffer.allocUnsafe(lengthBytes);
       let done = 0;
       while (done < out.length) {
@@ -280,8 +327,10 @@ export class LocalDirStore implements ObjectStore {
   }
 
   async stat(name: string): Promise<ObjectInfo | undefined> {
+    const at = this.#place(name, false);
+    if (!at) return undefined;
     try {
-      const st = await fs.promises.stat(this.#path(name));
+      const st = await fs.promises.lstat(ConfinedTree.at(at.dirFd, at.base));
       return st.isFile() ? { name, sizeBytes: st.size, modifiedMs: st.mtimeMs } : undefined;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
@@ -307,14 +356,17 @@ export class LocalDirStore implements ObjectStore {
     return out;
   }
 
-  /** `stat`: fill in sizes and times (else 0). */
+  /**
+   * `stat`: fill in sizes and times (else 0). Links are neither files nor directories here, so
+   * they are never listed nor walked into; a directory is opened with ConfinedTree's checks.
+   */
   async #walk(dirName: string, prefix: string, out: ObjectInfo[], temps: boolean, stat = true): Promise<void> {
-    const dir = dirName === '' ? this.#root : path.join(this.#root, ...dirName.split('/'));
+    const dirFd = this.#open(false)?.dir(dirName, false);
+    if (dirFd === undefined) return;
     let entries: fs.Dirent[];
     try {
-      entries = await fs.promises.readdir(dir, { withFileTypes: true });
+      entries = await fs.promises.readdir(ConfinedTree.at(dirFd, '.'), { withFileTypes: true });
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw toBdsnapError(err);
     }
     await Promise.all(entries.map(async (e) => {
@@ -330,15 +382,19 @@ export class LocalDirStore implements ObjectStore {
         out.push({ name, sizeBytes: 0, modifiedMs: 0 });
         return;
       }
-      const st = await fs.promises.stat(path.join(dir, e.name)).catch(() => undefined);
-      if (st) out.push({ name, sizeBytes: st.size, modifiedMs: st.mtimeMs });
+      const st = await fs.promises.lstat(ConfinedTree.at(dirFd, e.name)).catch(() => undefined);
+      if (st?.isFile()) out.push({ name, sizeBytes: st.size, modifiedMs: st.mtimeMs });
     }));
   }
 
   async delete(name: string): Promise<void> {
+    const at = this.#place(name, false);
+    if (!at) return;
     try {
-      await fs.promises.rm(this.#path(name), { force: true });
+      // unlink removes a link itself, never what it points to.
+      await fs.promises.unlink(ConfinedTree.at(at.dirFd, at.base));
     } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw toBdsnapError(err);
     }
   }
@@ -349,9 +405,19 @@ export class LocalDirStore implements ObjectStore {
     let removed = 0;
     for (const t of temps) {
       if (t.modifiedMs > olderThanMs) continue;
-      await fs.promises.rm(path.join(this.#root, ...t.name.split('/')), { force: true });
+      const cut = t.name.lastIndexOf('/');
+      const dirFd = this.#open(false)?.dir(cut >= 0 ? t.name.slice(0, cut) : '', false);
+      if (dirFd === undefined) continue;
+      await fs.promises.unlink(ConfinedTree.at(dirFd, t.name.slice(cut + 1))).catch((err: unknown) => {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw toBdsnapError(err);
+      });
       removed++;
     }
     return removed;
+  }
+
+  /** Close the directories the store holds open; the store and its local paths are unusable after. */
+  close(): void {
+    this.#tree?.close();
   }
 }

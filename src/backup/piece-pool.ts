@@ -26,7 +26,7 @@ interface Waiter {
 
 type TaskBody =
   | { op: 'encode'; raw: Uint8Array; codec: Codec }
-  | { op: 'decode'; stored: Uint8Array; hash: string }
+  | { op: 'decode'; stored: Uint8Array; hash: string; maxRawBytes?: number }
   | { op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }
   | { op: 'check'; file: string; hash: string; lengthBytes: number };
 
@@ -80,10 +80,13 @@ export class PiecePool {
     return { zero: false, hash: r.hash, header: toBuffer(r.header), payload, raw: back, codec: r.codec };
   }
 
-  /** Decode and check a stored piece against its hash. `stored` is transferred. */
-  async decode(stored: Buffer, hash: string): Promise<Buffer> {
+  /**
+   * Decode and check a stored piece against its hash; ECORRUPT if it claims more than
+   * `maxRawBytes` (checked before decoding). `stored` is transferred.
+   */
+  async decode(stored: Buffer, hash: string, maxRawBytes?: number): Promise<Buffer> {
     const b = ownBuffer(stored);
-    const r = await this.#run({ op: 'decode', stored: b, hash }, [b.buffer as ArrayBuffer]);
+    const r = await this.#run({ op: 'decode', stored: b, hash, maxRawBytes }, [b.buffer as ArrayBuffer]);
     if ('error' in r || r.op !== 'decode') throw new BdsnapError('EIO', 'unexpected worker answer');
     return toBuffer(r.raw);
   }

@@ -18,7 +18,7 @@ import fs from 'node:fs';
 import { parentPort } from 'node:worker_threads';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
-import { PIECE_HEADER_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
+import { STORED_SLACK_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
 
 /**
  * Where a 'place' into an existing target keeps what it overwrites: the original of the range
@@ -39,7 +39,7 @@ export interface PlaceFailure {
 
 export type PieceTask =
   | { id: number; op: 'encode'; raw: Uint8Array; codec: Codec }
-  | { id: number; op: 'decode'; stored: Uint8Array; hash: string }
+  | { id: number; op: 'decode'; stored: Uint8Array; hash: string; maxRawBytes?: number }
   | { id: number; op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }
   | { id: number; op: 'check'; file: string; hash: string; lengthBytes: number };
 
@@ -73,10 +73,10 @@ export function runTask(task: PieceTask): PieceResult {
     }
     if (task.op === 'place') return { id: task.id, op: 'place', ...place(task) };
     if (task.op === 'check') {
-      checkLength(decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash), task.hash, task.lengthBytes);
+      checkLength(decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash, task.lengthBytes), task.hash, task.lengthBytes);
       return { id: task.id, op: 'check' };
     }
-    return { id: task.id, op: 'decode', raw: decodePiece(asBuffer(task.stored), task.hash) };
+    return { id: task.id, op: 'decode', raw: decodePiece(asBuffer(task.stored), task.hash, task.maxRawBytes) };
   } catch (err) {
     const code = toBdsnapError(err).code;
     return { id: task.id, error: { code, message: (err as Error).message } };
@@ -89,19 +89,26 @@ const kept = new Map<string, Buffer>();
 
 /** One read buffer per worker, grown as needed: a fresh buffer per piece costs more than the read. */
 let readBuffer = Buffer.alloc(0);
-/** A stored piece is its header, an LZ4 size prefix at most, and no more than its raw bytes. */
-const STORED_SLACK_BYTES = PIECE_HEADER_BYTES + 4;
+/** O_NONBLOCK: a FIFO in place of a piece must not hang the worker (fstat refuses it next). */
+const READ_FLAGS = fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK;
 
 /** The stored bytes of a piece file, in `readBuffer` (valid until the next call). */
 function readPieceFile(file: string, hash: string, rawBytes: number): Buffer {
   let fd: number;
   try {
-    fd = fs.openSync(file, 'r');
+    // `file` names the piece through its directory's descriptor (LocalDirStore.localPath): not
+    // following a link at the piece itself keeps the whole path free of links.
+    fd = fs.openSync(file, READ_FLAGS);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new BdsnapError('ECORRUPT', `piece ${hash} is missing`);
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new BdsnapError('ECORRUPT', `piece ${hash} is missing`);
+    if (code === 'ELOOP') throw new BdsnapError('ECORRUPT', `piece ${hash} is a symbolic link; bdsnap does not follow one in a repository: remove it`);
     throw new BdsnapError('EIO', `cannot read piece ${hash}: ${(err as Error).message}`);
   }
   try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw new BdsnapError('ECORRUPT', `piece ${hash} is not a regular file`);
+    if (st.size > rawBytes + STORED_SLACK_BYTES) throw new BdsnapError('ECORRUPT', `piece ${hash} is damaged: its file is longer than a piece of ${rawBytes} bytes can be`);
     // One byte more than the largest valid piece file, to tell a longer file from a full read.
     const room = rawBytes + STORED_SLACK_BYTES + 1;
     if (readBuffer.length < room) readBuffer = Buffer.allocUnsafe(room);
@@ -135,7 +142,7 @@ let originalBuffer = Buffer.alloc(0);
 function place(task: Extract<PieceTask, { op: 'place' }>): { savedBytes: number; failure?: PlaceFailure } {
   let raw = kept.get(task.hash);
   if (!raw) {
-    raw = decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash);
+    raw = decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash, task.lengthBytes);
     // A raw piece is a view of the read buffer: keep a copy of it.
     if (task.keep && kept.size < MAX_KEPT) kept.set(task.hash, raw.buffer === readBuffer.buffer ? Buffer.from(raw) : raw);
   } else if (!task.keep) {

@@ -10,9 +10,9 @@
 
 import { randomBytes } from 'node:crypto';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import type { CodecChoice } from './codec.js';
+import { STORED_SLACK_BYTES, type CodecChoice } from './codec.js';
 import {
-  BACKUPS_PREFIX, CONFIG_OBJECT, DEFAULT_PIECE_BYTES, MAX_PIECE_BYTES, MIN_PIECE_BYTES, PIECES_PREFIX, REPO_FORMAT, REPO_VERSION,
+  BACKUPS_PREFIX, CONFIG_OBJECT, DEFAULT_PIECE_BYTES, MAX_PIECE_BYTES, MAX_SLOTS, MIN_PIECE_BYTES, PIECES_PREFIX, REPO_FORMAT, REPO_VERSION,
   backupIdOf, configSchema, expandSlots, manifestObject, manifestSchema, pieceHashOf, pieceObject,
   type Manifest, type RepoConfig,
 } from './format.js';
@@ -34,6 +34,23 @@ export interface PruneSummary {
   deletedBytes: number;
   deletedLocks: number;
   deletedIncomplete: number;
+}
+
+/** A config is a few hundred bytes. */
+const MAX_CONFIG_BYTES = 64 * 1024;
+
+/**
+ * Commas a manifest may hold, counted before it is parsed: V8 dies (it does not throw) building
+ * an array of some 130 million elements, which 280 MB of "1," make. A real manifest fits in one
+ * string, so it has far fewer (a hash and a run of zero pieces take 68 bytes).
+ */
+const MAX_MANIFEST_COMMAS = MAX_SLOTS;
+const COMMA = 0x2c;
+
+function countByte(buf: Buffer, byte: number): number {
+  let n = 0;
+  for (let at = buf.indexOf(byte); at >= 0; at = buf.indexOf(byte, at + 1)) n++;
+  return n;
 }
 
 /** A manifest, or why it cannot be read. */
@@ -72,7 +89,7 @@ export class Repository {
   static async open(store: ObjectStore): Promise<Repository> {
     let raw: Buffer;
     try {
-      raw = await store.get(CONFIG_OBJECT);
+      raw = await store.get(CONFIG_OBJECT, { maxBytes: MAX_CONFIG_BYTES });
     } catch (err) {
       if (toBdsnapError(err).code === 'ENOENT') {
         throw new BdsnapError('ENOENT', `${store.location} is not a backup repository (no config); create one with 'bdsnap backup init'`, { cause: err });
@@ -110,6 +127,9 @@ export class Repository {
       if (toBdsnapError(err).code === 'ENOENT') throw new BdsnapError('ENOENT', `there is no backup ${id} in ${this.store.location}`, { cause: err });
       throw err;
     }
+    if (countByte(raw, COMMA) > MAX_MANIFEST_COMMAS) {
+      throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} is damaged (more than ${MAX_MANIFEST_COMMAS} values)`);
+    }
     let parsed;
     try {
       parsed = manifestSchema.safeParse(JSON.parse(raw.toString('utf8')));
@@ -143,6 +163,11 @@ export class Repository {
       if (m?.devices.some((d) => d.device === device)) return m;
     }
     return undefined;
+  }
+
+  /** The stored bytes of a piece: ECORRUPT, before reading, if larger than a piece can be. */
+  readStoredPiece(hash: string): Promise<Buffer> {
+    return this.store.get(pieceObject(hash), { maxBytes: this.pieceSizeBytes + STORED_SLACK_BYTES });
   }
 
   /** Hashes of the pieces in the store, with their stored sizes. */

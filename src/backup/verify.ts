@@ -6,7 +6,6 @@
 
 import { toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
-import { pieceObject } from './format.js';
 import { PiecePool } from './piece-pool.js';
 import type { Repository } from './repository.js';
 import { runLimited } from './run-limited.js';
@@ -67,7 +66,7 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
         return;
       }
       try {
-        const raw = await pool.decode(await repo.store.get(pieceObject(hash)), hash);
+        const raw = await pool.decode(await repo.readStoredPiece(hash), hash, repo.pieceSizeBytes);
         checkedBytes += raw.length;
       } catch (err) {
         const e = toBdsnapError(err);

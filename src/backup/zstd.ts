@@ -80,12 +80,63 @@ function bind(): ZstdNative | null {
 
 /**
  * Decode a zstd frame of at most `capacityBytes`: natively where possible, else in pure
- * JavaScript. Throws when the frame is damaged.
+ * JavaScript. Throws when the frame is damaged or would decode to more.
  */
 export function zstdDecompress(src: Buffer, capacityBytes: number): Buffer {
   const z = nativeZstd();
   if (z) return z.decompress(src, capacityBytes);
+  // fzstd sizes its output by what the frame declares, and decodes every frame it is given:
+  // a few bytes can claim gigabytes. So the input must be one frame that declares a size
+  // within the capacity (ours always do); fzstd then decodes into a buffer of that size.
+  const declared = zstdContentSize(src);
+  if (declared === undefined) throw new Error('zstd frame does not declare its size');
+  if (declared > capacityBytes) throw new Error(`zstd frame declares ${declared} bytes, more than ${capacityBytes}`);
   const out = pureDecompress(src);
   if (out.length > capacityBytes) throw new Error(`zstd frame decodes to ${out.length} bytes, more than ${capacityBytes}`);
   return Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+}
+
+const ZSTD_MAGIC = 0xfd2fb528;
+const BLOCK_RAW = 0;
+const BLOCK_RLE = 1;
+const BLOCK_COMPRESSED = 2;
+
+/**
+ * The Frame_Content_Size of `src`, which must be exactly one zstd frame without a dictionary
+ * (RFC 8878, 3.1.1): the header is read, then the block headers are walked to the frame's end,
+ * which must be the end of `src`. Undefined when the frame does not declare its size (or
+ * declares 0). Throws when `src` is not such a frame.
+ */
+export function zstdContentSize(src: Buffer): number | undefined {
+  if (src.length < 6 || src.readUInt32LE(0) !== ZSTD_MAGIC) throw new Error('not a zstd frame');
+  const descriptor = src[4]!;
+  const fcsFlag = descriptor >> 6;
+  const singleSegment = (descriptor >> 5) & 1;
+  const hasChecksum = (descriptor >> 2) & 1;
+  if ((descriptor & 0x08) !== 0) throw new Error('zstd frame header has a reserved bit set');
+  if ((descriptor & 0x03) !== 0) throw new Error('zstd frame needs a dictionary');
+  let at = 5 + (singleSegment ? 0 : 1);
+  const fcsBytes = [singleSegment, 2, 4, 8][fcsFlag]!;
+  if (at + fcsBytes > src.length) throw new Error('zstd frame header is cut short');
+  let size: number | undefined;
+  if (fcsBytes === 1) size = src[at]!;
+  else if (fcsBytes === 2) size = src.readUInt16LE(at) + 256;
+  else if (fcsBytes === 4) size = src.readUInt32LE(at);
+  else if (fcsBytes === 8) size = Number(src.readBigUInt64LE(at));
+  at += fcsBytes;
+  for (let last = 0; !last;) {
+    if (at + 3 > src.length) throw new Error(`zstd block header at ${at} is cut short`);
+    const header = src.readUIntLE(at, 3);
+    at += 3;
+    last = header & 1;
+    const type = (header >> 1) & 3;
+    const blockBytes = header >>> 3;
+    if (type === BLOCK_RAW || type === BLOCK_COMPRESSED) at += blockBytes;
+    else if (type === BLOCK_RLE) at += 1;
+    else throw new Error(`zstd block at ${at - 3} has the reserved type`);
+    if (at > src.length) throw new Error(`zstd block ending at ${at} runs past the input`);
+  }
+  if (hasChecksum) at += 4;
+  if (at !== src.length) throw new Error(`zstd frame ends at ${at} of ${src.length} bytes: more than one frame`);
+  return size === 0 ? undefined : size;
 }

@@ -107,12 +107,15 @@ test('a full repository disk: a clear ENOSPC, the repository stays valid, prune 
   // Its own temp dir, unmounted and removed in one step (after-hooks run in the order added).
   const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-backup-mnt-'));
   await run('mount', ['-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', mnt]);
+  const repoDir = path.join(mnt, 'repo');
+  const store = new LocalDirStore(repoDir);
   t.after(async () => {
+    // The store holds the repository's directories open.
+    store.close();
     await run('umount', [mnt]);
     fs.rmdirSync(mnt);
   });
-  const repoDir = path.join(mnt, 'repo');
-  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 256 * 1024 });
+  const repo = await Repository.init(store, { pieceSizeBytes: 256 * 1024 });
   const small = path.join(dir, 'small.img');
   makeImage(small, 2 * MiB, 'blocks');
   const provider = new ServeSnapshotProvider(dir);

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { BlockDevice } from '../../src/device/block-device.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import type { ObjectInfo, ObjectStore } from '../../src/backup/object-store.js';
+import type { GetOptions, ObjectInfo, ObjectStore } from '../../src/backup/object-store.js';
 import type { ByteRange, Snapshot, SnapshotProvider } from '../../src/backup/index.js';
 import { startServer, type NbdServer } from '../helpers/server.js';
 
@@ -131,9 +131,9 @@ export class CountingStore implements ObjectStore {
   discard(): Promise<void> {
     return this.#inner.discard();
   }
-  get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer> {
+  get(name: string, options?: GetOptions): Promise<Buffer> {
     this.gets++;
-    return this.#inner.get(name, range);
+    return this.#inner.get(name, options);
   }
   stat(name: string): Promise<ObjectInfo | undefined> {
     return this.#inner.stat(name);

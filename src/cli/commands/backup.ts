@@ -55,6 +55,14 @@ function progressBar(label: string, json: boolean | undefined): { sink?: Progres
   };
 }
 
+/**
+ * Repositories carry no key: a manifest and its pieces are checked against their hashes, which
+ * catches damage but not a forgery. Said after every command that makes or trusts one.
+ */
+function noteUnauthenticated(repo: Repository): void {
+  process.stderr.write(`bdsnap: note: backups in ${repo.store.location} are not authenticated: whoever can write there can add or replace backups that list and restore accept; keep it writable by you alone\n`);
+}
+
 async function openRepo(dir: string): Promise<Repository> {
   return Repository.open(new LocalDirStore(dir));
 }
@@ -97,6 +105,7 @@ export function register(program: Command): void {
       if (flags.codec !== undefined && !codec) throw new BdsnapError('EINVAL', `bad --codec "${flags.codec}": one of ${CODEC_CHOICES.join(', ')}`);
       const repo = await Repository.init(new LocalDirStore(flags.repo), { pieceSizeBytes, codec });
       process.stdout.write(`initialized backup repository ${repo.store.location} (pieces of ${formatBytes(repo.pieceSizeBytes)})\n`);
+      noteUnauthenticated(repo);
     });
 
   repoOption(backup.command('create').description('snapshot the devices and back them up (incremental where the change map allows)'))
@@ -135,6 +144,7 @@ export function register(program: Command): void {
     .action(async (flags: RepoFlags) => {
       const repo = await openRepo(flags.repo);
       const records = await repo.backups();
+      noteUnauthenticated(repo);
       if (flags.json) {
         printJson(records.map((r) => (r.manifest
           ? { id: r.id, startTime: r.manifest.startTime, endTime: r.manifest.endTime, tags: r.manifest.tags,
@@ -191,6 +201,7 @@ export function register(program: Command): void {
       } finally {
         bar.stop();
       }
+      noteUnauthenticated(repo);
       if (flags.json) printJson(summary);
       else process.stdout.write(`restored ${summary.device} from backup ${id} into ${summary.target}: ${formatBytes(summary.sizeBytes)} in ${(summary.durationMs / 1000).toFixed(2)} s\n`);
     });
