@@ -93,7 +93,7 @@ export class Daemon {
       detachTimeoutMs: options.detachTimeoutMs ?? 30000,
     });
     late.mounts = this.#mounts;
-    this.#nbd = new NbdServer({ exports: this.#exports(), log: (event) => this.#log.debug({ ...event, nbd: true }) });
+    this.#nbd = new NbdServer({ exports: this.#exports(), log: (event) => this.#logNbd(event) });
   }
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -112,6 +112,12 @@ export class Daemon {
     daemon.#control = await ControlServer.listen(daemon.controlSocket, (request) => daemon.#handle(request), options.log);
     options.log.info({ event: 'daemon-started', runDir, stateDir, snapshotRoot: daemon.#snapshotRoot, devices: registry.list().length }, 'bdsnap daemon started');
     return daemon;
+  }
+
+  /** The NBD server's events: a limit reached is a warning, the rest are detail for debugging. */
+  #logNbd({ level, ...event }: Record<string, unknown>): void {
+    if (level === 'warn') this.#log.warn({ ...event, nbd: true }, String(event.message));
+    else this.#log.debug({ ...event, nbd: true });
   }
 
   close(): Promise<void> {
