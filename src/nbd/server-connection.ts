@@ -292,8 +292,13 @@ export class ServerConnection {
     }
   }
 
+  /**
+   * Whether to stop decoding. The cap leaves out the request being received: it was admitted,
+   * and it can only finish (and give its bytes back) once its payload has been read.
+   */
   #blocked(): boolean {
-    return this.#optionBusy || this.#writeBlocked || this.#admission === 'waiting' || this.#inFlightBytes >= this.#maxInFlightBytes;
+    return this.#optionBusy || this.#writeBlocked || this.#admission === 'waiting'
+      || this.#inFlightBytes - this.#admittedBytes >= this.#maxInFlightBytes;
   }
 
   // ---- the budget ----

@@ -25,7 +25,6 @@ import { listenServer, listenUnixSocket, socketFd } from '../unix-socket.js';
 import type { ExportProvider } from './exports.js';
 import { ServerConnection, type ConnectionContext, type LogFn } from './server-connection.js';
 import { InFlightBudget } from './in-flight-budget.js';
-import { MAX_PAYLOAD_BYTES } from './constants.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import { loadLibc } from '../host/libc.js';
 
@@ -34,7 +33,7 @@ export interface NbdServerOptions {
   log?: LogFn;
   /** Bytes of requests and unsent replies per connection before reading pauses. Default 64 MiB. */
   maxInFlightBytesPerConnection?: number;
-  /** The same, for all connections together; at least the largest payload. Default 256 MiB. */
+  /** The same, for all connections together (a request larger than it is served alone). Default 256 MiB. */
   maxInFlightBytes?: number;
   /** Connections open at once (handshaking or serving). Default 256. */
   maxConnections?: number;
@@ -77,7 +76,6 @@ export class NbdServer {
     this.#log = options.log;
     const perConnection = positive('maxInFlightBytesPerConnection', options.maxInFlightBytesPerConnection ?? DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION);
     const total = positive('maxInFlightBytes', options.maxInFlightBytes ?? DEFAULT_MAX_IN_FLIGHT_BYTES);
-    if (total < MAX_PAYLOAD_BYTES) throw new BdsnapError('EINVAL', `maxInFlightBytes ${total} is less than the largest payload (${MAX_PAYLOAD_BYTES})`);
     this.#maxConnections = positive('maxConnections', options.maxConnections ?? DEFAULT_MAX_CONNECTIONS);
     this.#context = {
       exports: options.exports,
