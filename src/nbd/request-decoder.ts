@@ -7,6 +7,10 @@
  * byte for byte without being stored and the message is flagged, so the server can refuse
  * it and the connection lives on. Bad magic is fatal: the stream cannot be resynchronised.
  *
+ * A request goes no further than its header until the caller admits it (`admit`): nothing is
+ * allocated for a WRITE payload, and nothing more is decoded, while the caller has no room for
+ * it; next() asks again each time it is called.
+ *
  * The phase is switched by the caller (the server knows when an option moved the connection
  * to transmission); messages are decoded one at a time by next(), so a caller that switches
  * phase between two calls never sees bytes decoded under the wrong phase.
@@ -62,6 +66,11 @@ export interface RequestDecoderOptions {
   /** Where WRITE payloads that span chunks are allocated (a pool, say). */
   allocatePayload?: (sizeBytes: number) => Buffer;
   /**
+   * Asked once per request header (and again on each next() until it says yes) before its
+   * payload is taken; false holds the request back. Default: always admitted.
+   */
+  admit?: (request: RequestMessage) => boolean;
+  /**
    * The caller reuses each chunk once next() has returned undefined (a socket reading into one
    * buffer): payloads are then always copied out, and detach() keeps the unread rest.
    */
@@ -76,6 +85,9 @@ export class RequestDecoder {
   #partial: PartialPayload<RequestMessage | OptionMessage> | undefined;
   #skipBytes = 0;
   #skipped: ClientMessage | undefined;
+  /** A request header waiting to be admitted. */
+  #held: RequestMessage | undefined;
+  #admit: (request: RequestMessage) => boolean;
   #maxOptionBytes: number;
   #maxWriteBytes: number;
   #allocate: (sizeBytes: number) => Buffer;
@@ -83,6 +95,7 @@ export class RequestDecoder {
 
   constructor(options: RequestDecoderOptions = {}) {
     this.#allocate = options.allocatePayload ?? Buffer.allocUnsafe;
+    this.#admit = options.admit ?? (() => true);
     this.#transient = options.transientChunks ?? false;
     this.#maxOptionBytes = options.maxOptionPayloadBytes ?? MAX_OPTION_PAYLOAD_BYTES;
     this.#maxWriteBytes = options.maxWritePayloadBytes ?? MAX_PAYLOAD_BYTES;
@@ -138,6 +151,12 @@ export class RequestDecoder {
   /** The next complete message, or undefined when more bytes are needed. Throws NbdProtocolError. */
   next(): ClientMessage | undefined {
     const q = this.#queue;
+    const held = this.#held;
+    if (held) {
+      if (!this.#admit(held)) return undefined;
+      this.#held = undefined;
+      return this.#takePayload(held);
+    }
     if (this.#skipBytes > 0) {
       const n = Math.min(this.#skipBytes, q.length);
       q.skip(n);
@@ -211,11 +230,18 @@ export class RequestDecoder {
       payloadAllocated: false,
     };
     q.skip(REQUEST_HEADER_BYTES);
-    if (message.type !== NBD_CMD_WRITE) return message;
-    if (message.lengthBytes > this.#maxWriteBytes) {
-      message.payloadSkipped = true;
-      return this.#startSkip(message, message.lengthBytes) as RequestMessage | undefined;
+    if (message.type === NBD_CMD_WRITE && message.lengthBytes > this.#maxWriteBytes) message.payloadSkipped = true;
+    if (!this.#admit(message)) {
+      this.#held = message;
+      return undefined;
     }
+    return this.#takePayload(message);
+  }
+
+  /** An admitted request: its WRITE payload is stored (or skipped, when over the maximum). */
+  #takePayload(message: RequestMessage): RequestMessage | undefined {
+    if (message.type !== NBD_CMD_WRITE) return message;
+    if (message.payloadSkipped) return this.#startSkip(message, message.lengthBytes) as RequestMessage | undefined;
     return this.#startPayload(message, message.lengthBytes) as RequestMessage | undefined;
   }
 

@@ -10,9 +10,20 @@
  *   event-loop turn are corked into one writev.
  * - A READ reply is only built once its data is in hand, so a failed read always gets a clean
  *   error reply and never a half-sent one.
- * - Memory is bounded: decoding pauses (and the socket with it) while the bytes of requests in
- *   flight exceed the cap or the socket's write buffer is full, and resumes on completion or
- *   'drain'.
+ * - Memory is bounded: every request is charged its payload (READ or WRITE length) plus a
+ *   fixed overhead from the server's shared InFlightBudget before anything is allocated for it,
+ *   and every reply its length until the socket has taken it. Decoding pauses (and the socket
+ *   with it) while a request waits for the budget, while this connection holds more than its
+ *   own cap, or while the socket's write buffer is full; it resumes when bytes are given back
+ *   or on 'drain'. So a client that does not read its replies stops being read itself, and
+ *   what it asked for stays charged until it is sent or the connection is gone.
+ * - The handshake has a deadline: a client that has not reached transmission by then is cut
+ *   off, so connections that never finish it cannot hold the server's slots and descriptors.
+ *   Once in transmission a connection may stay idle for as long as it likes: the kernel (via
+ *   nbdfuse or nbd-client) and qemu keep a connection open with nothing to do for hours while
+ *   a filesystem or a disk is mounted, and cutting it would break the mount. A client that
+ *   asked for replies but takes none of their bytes for the send-stall timeout is cut off too:
+ *   it holds budget the others wait for, and no real client stops reading for that long.
  * - A framing error or a vanished client ends only this connection; the export handle is
  *   released exactly once, after every request in flight has finished.
  * - READ reply buffers and WRITE payload buffers come from a pool and return to it when the
@@ -25,6 +36,7 @@ import { WIRE_ERRNO, toBdsnapError, BdsnapError } from '../errors.js';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
 import type { ExportHandle, ExportProvider, MetaContextSource } from './exports.js';
 import type { BufferPool } from '../device/buffer-pool.js';
+import type { InFlightBudget } from './in-flight-budget.js';
 import { RequestDecoder, type ClientMessage, type OptionMessage, type RequestMessage } from './request-decoder.js';
 import * as C from './constants.js';
 import {
@@ -45,6 +57,25 @@ const zeroes = Buffer.alloc(ZERO_COMPARE_BYTES);
 /** How long a client may keep its side open after we closed ours. */
 const END_TIMEOUT_MS = 5000;
 const KNOWN_CLIENT_FLAGS = C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES;
+/**
+ * What every request is charged on top of its payload: its objects, promise and reply. It also
+ * bounds how many requests with no payload (FLUSH, TRIM, BLOCK_STATUS) can be in flight.
+ */
+export const REQUEST_OVERHEAD_BYTES = 4096;
+
+/** What a connection shares with its server, and its limits. */
+export interface ConnectionContext {
+  exports: ExportProvider;
+  pool: BufferPool;
+  budget: InFlightBudget;
+  /** Bytes this connection may hold before it stops reading (requests and unsent replies). */
+  maxInFlightBytes: number;
+  /** Time allowed from accept to the end of option haggling. */
+  handshakeTimeoutMs: number;
+  /** Time a reply may wait without any of it being taken by the client. */
+  sendStallTimeoutMs: number;
+  log?: LogFn;
+}
 
 type State = 'handshake' | 'transmission' | 'closing' | 'closed';
 
@@ -82,6 +113,8 @@ export class ServerConnection {
   #log: LogFn | undefined;
   #maxInFlightBytes: number;
   #pool: BufferPool;
+  #budget: InFlightBudget;
+  #sendStallTimeoutMs: number;
   #decoder: RequestDecoder;
   #state: State = 'handshake';
 
@@ -106,7 +139,19 @@ export class ServerConnection {
   #writeBlocked = false;
   #corked = false;
   #inFlightCount = 0;
+  /** Bytes taken from the budget: admitted requests and replies the socket has not taken yet. */
   #inFlightBytes = 0;
+  /** Charge of the request admitted last, until the decoder hands it over. */
+  #admittedBytes = 0;
+  /** A request header waiting for the budget ('waiting') or given its bytes ('granted'). */
+  #admission: 'none' | 'waiting' | 'granted' = 'none';
+  #admissionBytes = 0;
+  /** Set at teardown: whatever is still charged was given back, late releases are ignored. */
+  #accountingClosed = false;
+  #unsentReplies = 0;
+  #lastSendProgressMs = 0;
+  #handshakeTimer: NodeJS.Timeout | undefined;
+  #stallTimer: NodeJS.Timeout | undefined;
   #idleWaiters: Array<() => void> = [];
   #closedPromise: Promise<void>;
   #resolveClosed!: () => void;
@@ -115,17 +160,20 @@ export class ServerConnection {
    * `ownReads`: the caller feeds received bytes through receive() from one reused buffer
    * (socket `onread`); otherwise the socket's 'data' events are used.
    */
-  constructor(
-    id: number, socket: net.Socket, exports: ExportProvider, maxInFlightBytes: number, pool: BufferPool, log?: LogFn, ownReads = false,
-  ) {
+  constructor(id: number, socket: net.Socket, context: ConnectionContext, ownReads = false) {
     this.id = id;
+    const pool = context.pool;
     this.#pool = pool;
-    this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: ownReads });
+    this.#budget = context.budget;
+    this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: ownReads, admit: (r) => this.#admit(r) });
     this.#socket = socket;
-    this.#exports = exports;
-    this.#maxInFlightBytes = maxInFlightBytes;
-    this.#log = log;
+    this.#exports = context.exports;
+    this.#maxInFlightBytes = context.maxInFlightBytes;
+    this.#sendStallTimeoutMs = context.sendStallTimeoutMs;
+    this.#log = context.log;
     this.#closedPromise = new Promise((resolve) => (this.#resolveClosed = resolve));
+    this.#handshakeTimer = setTimeout(() => this.#handshakeExpired(context.handshakeTimeoutMs), context.handshakeTimeoutMs);
+    this.#handshakeTimer.unref();
 
     if (!ownReads) socket.on('data', (chunk: Buffer) => this.receive(chunk));
     socket.on('drain', () => {
@@ -170,6 +218,24 @@ export class ServerConnection {
   /** Resolves once the socket is closed and the export handle released. */
   get closed(): Promise<void> {
     return this.#closedPromise;
+  }
+
+  /** Still haggling options (not yet serving an export, not closing). */
+  get inHandshake(): boolean {
+    return this.#state === 'handshake';
+  }
+
+  /** Handshaking or serving: the connection holds one of the server's slots. */
+  get open(): boolean {
+    return this.#state === 'handshake' || this.#state === 'transmission';
+  }
+
+  /** Cut the connection off at once (the server needs its slot). */
+  abort(reason: string): void {
+    if (!this.open) return;
+    this.#log?.({ event: 'connection-aborted', connection: this.id, reason });
+    this.#state = 'closing';
+    this.#socket.destroy();
   }
 
   /**
@@ -226,8 +292,107 @@ export class ServerConnection {
     }
   }
 
+  /**
+   * Whether to stop decoding. The cap leaves out the request being received: it was admitted,
+   * and it can only finish (and give its bytes back) once its payload has been read.
+   */
   #blocked(): boolean {
-    return this.#optionBusy || this.#writeBlocked || this.#inFlightBytes >= this.#maxInFlightBytes;
+    return this.#optionBusy || this.#writeBlocked || this.#admission === 'waiting'
+      || this.#inFlightBytes - this.#admittedBytes >= this.#maxInFlightBytes;
+  }
+
+  // ---- the budget ----
+
+  /** What a request holds from admission until it is done: its payload and the overhead. */
+  #chargeOf(r: RequestMessage): number {
+    if (r.type === C.NBD_CMD_WRITE && !r.payloadSkipped) return REQUEST_OVERHEAD_BYTES + r.lengthBytes;
+    // A READ over the maximum is refused without a buffer: it costs no more than any request.
+    if (r.type === C.NBD_CMD_READ && r.lengthBytes <= this.#maximumPayloadBytes) return REQUEST_OVERHEAD_BYTES + r.lengthBytes;
+    return REQUEST_OVERHEAD_BYTES;
+  }
+
+  /** The decoder's question for each request header: may it go on (and its payload be stored)? */
+  #admit(r: RequestMessage): boolean {
+    // A client leaving holds nothing and frees what it held: it never waits behind others.
+    if (r.type === C.NBD_CMD_DISC) return true;
+    if (this.#admission === 'waiting') return false;
+    if (this.#admission === 'granted') {
+      this.#admission = 'none';
+    } else {
+      const bytes = this.#chargeOf(r);
+      if (!this.#budget.acquire(bytes, this.#granted)) {
+        this.#admission = 'waiting';
+        this.#admissionBytes = bytes;
+        return false;
+      }
+      this.#admissionBytes = bytes;
+    }
+    this.#admittedBytes = this.#admissionBytes;
+    this.#inFlightBytes += this.#admissionBytes;
+    return true;
+  }
+
+  /** The budget took the waiting request's bytes for us. */
+  #granted = (): void => {
+    this.#admission = 'granted';
+    this.#pump();
+  };
+
+  #take(bytes: number): void {
+    this.#inFlightBytes += bytes;
+    this.#budget.charge(bytes);
+  }
+
+  #giveBack(bytes: number): void {
+    if (this.#accountingClosed) return;
+    this.#inFlightBytes -= bytes;
+    this.#budget.release(bytes);
+    if (this.#paused) this.#pump();
+  }
+
+  /** Teardown: give back what is still held (a half-received WRITE, unsent replies, a grant). */
+  #closeAccounting(): void {
+    if (this.#admission === 'waiting') this.#budget.cancel(this.#granted);
+    else if (this.#admission === 'granted') this.#budget.release(this.#admissionBytes);
+    this.#admission = 'none';
+    this.#accountingClosed = true;
+    const held = this.#inFlightBytes;
+    this.#inFlightBytes = 0;
+    this.#budget.release(held);
+  }
+
+  // ---- deadlines ----
+
+  #handshakeExpired(timeoutMs: number): void {
+    this.#handshakeTimer = undefined;
+    if (this.#state !== 'handshake') return;
+    this.#log?.({ event: 'handshake-timeout', connection: this.id, timeoutMs });
+    this.#state = 'closing';
+    this.#socket.destroy();
+  }
+
+  /**
+   * The stall timer is armed once per period rather than moved on every reply: it looks at when
+   * the socket last took a reply and sleeps again for the rest of the period if that was recent.
+   */
+  #checkSendStall(): void {
+    this.#stallTimer = undefined;
+    if (this.#unsentReplies === 0 || this.#state === 'closed') return;
+    const quietMs = Date.now() - this.#lastSendProgressMs;
+    if (quietMs < this.#sendStallTimeoutMs) {
+      this.#stallTimer = setTimeout(() => this.#checkSendStall(), this.#sendStallTimeoutMs - quietMs).unref();
+      return;
+    }
+    this.#log?.({ event: 'send-stalled', connection: this.id, timeoutMs: this.#sendStallTimeoutMs, heldBytes: this.#inFlightBytes });
+    this.#state = 'closing';
+    this.#socket.destroy();
+  }
+
+  #clearTimers(): void {
+    clearTimeout(this.#handshakeTimer);
+    clearTimeout(this.#stallTimer);
+    this.#handshakeTimer = undefined;
+    this.#stallTimer = undefined;
   }
 
   #dispatch(m: ClientMessage): void {
@@ -286,7 +451,9 @@ export class ServerConnection {
   async #teardown(): Promise<void> {
     if (this.#state === 'closed') return;
     this.#state = 'closed';
+    this.#clearTimers();
     await this.#idle();
+    this.#closeAccounting();
     // Runs once (guarded by the state), so the handle is released exactly once.
     if (this.#handle) {
       try {
@@ -306,12 +473,21 @@ export class ServerConnection {
 
   // ---- writing ----
 
-  /** Queue a reply; a `pooled` buffer goes back to the pool once the socket is done with it. */
+  /**
+   * Queue a reply, charged to the budget until the socket has taken it; a `pooled` buffer goes
+   * back to the pool then.
+   */
   #send(buf: Buffer, pooled = false): void {
     const s = this.#socket;
     if (s.destroyed || !s.writable) {
       if (pooled) this.#pool.put(buf);
       return;
+    }
+    const bytes = buf.length;
+    this.#take(bytes);
+    if (this.#unsentReplies++ === 0) {
+      this.#lastSendProgressMs = Date.now();
+      this.#stallTimer ??= setTimeout(() => this.#checkSendStall(), this.#sendStallTimeoutMs).unref();
     }
     if (!this.#corked && this.#inFlightCount > 1) {
       // Replies completing in this turn of the event loop leave in one writev; a lone
@@ -323,7 +499,13 @@ export class ServerConnection {
         s.uncork();
       });
     }
-    const ok = pooled ? s.write(buf, () => this.#pool.put(buf)) : s.write(buf);
+    const ok = s.write(buf, () => {
+      if (pooled) this.#pool.put(buf);
+      // Called on error too (the socket was destroyed): the bytes are free either way.
+      this.#unsentReplies--;
+      this.#lastSendProgressMs = Date.now();
+      this.#giveBack(bytes);
+    });
     if (!ok) this.#writeBlocked = true;
   }
 
@@ -510,6 +692,8 @@ export class ServerConnection {
   }
 
   #enterTransmission(handle: ExportHandle, requestedName: string): void {
+    clearTimeout(this.#handshakeTimer);
+    this.#handshakeTimer = undefined;
     this.#handle = handle;
     this.#device = handle.device;
     this.#sizeBytes = handle.device.size;
@@ -534,9 +718,9 @@ export class ServerConnection {
       this.#finish();
       return;
     }
-    const bytes = r.type === C.NBD_CMD_READ ? r.lengthBytes : (r.payload?.length ?? 0);
+    const bytes = this.#admittedBytes;
+    this.#admittedBytes = 0;
     this.#inFlightCount++;
-    this.#inFlightBytes += bytes;
     const refusal = this.#validate(r);
     if (refusal) {
       this.#replyError(r, refusal.errno, refusal.message);
@@ -558,13 +742,12 @@ export class ServerConnection {
     // The device is done with the payload once its write has settled.
     if (r.payloadAllocated && r.payload) this.#pool.put(r.payload);
     this.#inFlightCount--;
-    this.#inFlightBytes -= bytes;
+    this.#giveBack(bytes);
     if (this.#inFlightCount === 0) {
       const waiters = this.#idleWaiters;
       this.#idleWaiters = [];
       for (const w of waiters) w();
     }
-    if (this.#paused) this.#pump();
   }
 
   #validate(r: RequestMessage): Refusal | undefined {

@@ -4,6 +4,17 @@
  *
  * close() stops accepting, lets every connection finish its requests in flight, flushes
  * each device, closes the connections and waits until every export handle is released.
+ *
+ * Limits, so that a few bytes from many clients cannot take the server's memory or its
+ * descriptors (every default is far above what nbdcopy, qemu-img or the kernel through
+ * nbdfuse ever use, so a real client never meets one):
+ * - one in-flight byte budget shared by all connections (requests wait for it, never refused);
+ * - a connection limit. A connection beyond it is not left in the kernel's backlog (where it
+ *   would wait for a slot that idle clients may hold forever): it takes the slot of the oldest
+ *   connection still in its handshake, which is closed, or is closed at once when every
+ *   connection is past its handshake. A real client finishes its handshake in milliseconds, so
+ *   a flood of connections that never finish theirs cannot lock it out.
+ * - a handshake deadline and a send-stall deadline per connection (see server-connection.ts).
  */
 
 import fs from 'node:fs';
@@ -12,18 +23,31 @@ import net from 'node:net';
 import { BdsnapError } from '../errors.js';
 import { listenServer, listenUnixSocket, socketFd } from '../unix-socket.js';
 import type { ExportProvider } from './exports.js';
-import { ServerConnection, type LogFn } from './server-connection.js';
+import { ServerConnection, type ConnectionContext, type LogFn } from './server-connection.js';
+import { InFlightBudget } from './in-flight-budget.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import { loadLibc } from '../host/libc.js';
 
 export interface NbdServerOptions {
   exports: ExportProvider;
   log?: LogFn;
-  /** Bytes of READ/WRITE payload in flight per connection before reading pauses. Default 64 MiB. */
+  /** Bytes of requests and unsent replies per connection before reading pauses. Default 64 MiB. */
   maxInFlightBytesPerConnection?: number;
+  /** The same, for all connections together (a request larger than it is served alone). Default 256 MiB. */
+  maxInFlightBytes?: number;
+  /** Connections open at once (handshaking or serving). Default 256. */
+  maxConnections?: number;
+  /** Time a client has from connecting to the end of its handshake. Default 10 s. */
+  handshakeTimeoutMs?: number;
+  /** Time a reply may wait with none of it taken by the client before it is cut off. Default 120 s. */
+  sendStallTimeoutMs?: number;
 }
 
-const DEFAULT_MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+const DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION = 64 * 1024 * 1024;
+export const DEFAULT_MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024;
+export const DEFAULT_MAX_CONNECTIONS = 256;
+export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
+export const DEFAULT_SEND_STALL_TIMEOUT_MS = 120_000;
 /** Socket write buffer size at which replies stop being produced until 'drain'. */
 const SOCKET_HIGH_WATER_MARK_BYTES = 4 * 1024 * 1024;
 /** Per-connection receive buffer, reused for every read from the socket. */
@@ -38,26 +62,39 @@ const READ_BUFFER_BYTES = 256 * 1024;
 const UNIX_SEND_BUFFER_BYTES = 4 * 1024 * 1024;
 
 export class NbdServer {
-  #exports: ExportProvider;
   #log: LogFn | undefined;
-  #maxInFlightBytes: number;
+  #context: ConnectionContext;
+  #maxConnections: number;
   #listeners: net.Server[] = [];
+  /** In the order they were accepted, so the first handshaking one is the oldest. */
   #connections = new Set<ServerConnection>();
   #nextConnectionId = 1;
   #closing = false;
-  #pool: BufferPool;
+  #atLimit = false;
 
   constructor(options: NbdServerOptions) {
-    this.#exports = options.exports;
     this.#log = options.log;
-    const max = options.maxInFlightBytesPerConnection ?? DEFAULT_MAX_IN_FLIGHT_BYTES;
-    if (!Number.isSafeInteger(max) || max <= 0) throw new BdsnapError('EINVAL', `bad maxInFlightBytesPerConnection ${max}`);
-    this.#maxInFlightBytes = max;
-    this.#pool = new BufferPool(max);
+    const perConnection = positive('maxInFlightBytesPerConnection', options.maxInFlightBytesPerConnection ?? DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION);
+    const total = positive('maxInFlightBytes', options.maxInFlightBytes ?? DEFAULT_MAX_IN_FLIGHT_BYTES);
+    this.#maxConnections = positive('maxConnections', options.maxConnections ?? DEFAULT_MAX_CONNECTIONS);
+    this.#context = {
+      exports: options.exports,
+      pool: new BufferPool(perConnection),
+      budget: new InFlightBudget(total),
+      maxInFlightBytes: perConnection,
+      handshakeTimeoutMs: positive('handshakeTimeoutMs', options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS),
+      sendStallTimeoutMs: positive('sendStallTimeoutMs', options.sendStallTimeoutMs ?? DEFAULT_SEND_STALL_TIMEOUT_MS),
+      log: options.log,
+    };
   }
 
   get connectionCount(): number {
     return this.#connections.size;
+  }
+
+  /** Bytes all connections hold from the in-flight budget now. */
+  get inFlightBytes(): number {
+    return this.#context.budget.usedBytes;
   }
 
   /**
@@ -101,7 +138,7 @@ export class NbdServer {
   }
 
   #accept(socket: net.Socket, unix: boolean): void {
-    if (this.#closing) {
+    if (this.#closing || !this.#makeRoom()) {
       socket.destroy();
       return;
     }
@@ -118,14 +155,50 @@ export class NbdServer {
       placed: (n) => connection?.receivePlaced(n),
     });
     if (reader) {
-      connection = new ServerConnection(id, reader, this.#exports, this.#maxInFlightBytes, this.#pool, this.#log, true);
+      connection = new ServerConnection(id, reader, this.#context, true);
     } else {
-      connection = new ServerConnection(id, socket, this.#exports, this.#maxInFlightBytes, this.#pool, this.#log);
+      connection = new ServerConnection(id, socket, this.#context);
       socket.resume();
     }
     this.#connections.add(connection);
     void connection.closed.then(() => this.#connections.delete(connection));
   }
+
+  /**
+   * Whether a new connection may be served: there is a free slot, or the oldest connection
+   * still in its handshake gave up its slot. Says so (once per episode) when the limit is met.
+   */
+  #makeRoom(): boolean {
+    let open = 0;
+    let oldestHandshaking: ServerConnection | undefined;
+    for (const c of this.#connections) {
+      if (!c.open) continue;
+      open++;
+      if (c.inHandshake) oldestHandshaking ??= c;
+    }
+    if (open < this.#maxConnections) {
+      this.#atLimit = false;
+      return true;
+    }
+    if (!this.#atLimit) {
+      this.#atLimit = true;
+      this.#log?.({
+        event: 'connection-limit', level: 'warn', limit: this.#maxConnections,
+        message: `${this.#maxConnections} NBD connections are open: a new one now closes the oldest still in its handshake, or is closed at once if there is none`,
+      });
+    }
+    if (oldestHandshaking === undefined) {
+      this.#log?.({ event: 'connection-refused', reason: 'connection limit' });
+      return false;
+    }
+    oldestHandshaking.abort('connection limit: the slot went to a newer connection');
+    return true;
+  }
+}
+
+function positive(name: string, value: number): number {
+  if (!Number.isSafeInteger(value) || value <= 0) throw new BdsnapError('EINVAL', `bad ${name} ${value}`);
+  return value;
 }
 
 type SocketInternals = net.Socket & { _handle?: object | null };

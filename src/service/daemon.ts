@@ -108,7 +108,7 @@ export class Daemon {
       detachTimeoutMs: options.detachTimeoutMs ?? 30000,
     });
     late.mounts = this.#mounts;
-    this.#nbd = new NbdServer({ exports: this.#exports(), log: (event) => this.#log.debug({ ...event, nbd: true }) });
+    this.#nbd = new NbdServer({ exports: this.#exports(), log: (event) => this.#logNbd(event) });
   }
 
   static async start(options: DaemonOptions): Promise<Daemon> {
@@ -134,6 +134,12 @@ export class Daemon {
       claim.release();
       throw err;
     }
+  }
+
+  /** The NBD server's events: a limit reached is a warning, the rest are detail for debugging. */
+  #logNbd({ level, ...event }: Record<string, unknown>): void {
+    if (level === 'warn') this.#log.warn({ ...event, nbd: true }, String(event.message));
+    else this.#log.debug({ ...event, nbd: true });
   }
 
   close(): Promise<void> {

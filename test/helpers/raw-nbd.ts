@@ -205,6 +205,11 @@ export class RawNbdClient {
     return cookie;
   }
 
+  /** Stop reading from the socket: replies then pile up on the server's side (a client that never reads). */
+  stopReading(): void {
+    this.#socket.pause();
+  }
+
   /** Write bytes as they are (to break framing on purpose). */
   sendRaw(bytes: Buffer): void {
     this.#socket.write(bytes);

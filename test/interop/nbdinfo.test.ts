@@ -216,14 +216,14 @@ test('the unix socket is not world-accessible and is removed on exit', async (t)
   assert.equal(fs.existsSync(socketPath), false, 'the socket file is gone after a clean exit');
 });
 
-test('--listen serves the same exports over TCP, and SIGINT exits 0', async (t) => {
+test('--listen --insecure-tcp serves the same exports over TCP, and SIGINT exits 0', async (t) => {
   if (!needs(t, { tools: ['nbdinfo'] })) return;
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup);
   const image = path.join(dir, 'tcp.img');
   makeImage(image, 3 << 20, 'blocks');
   const port = await freePort();
-  const server = await startServer(cleanup, { images: [image], extraArgs: ['--listen', `127.0.0.1:${port}`] });
+  const server = await startServer(cleanup, { images: [image], extraArgs: ['--listen', `127.0.0.1:${port}`, '--insecure-tcp'] });
   const name = image.split('/').map(encodeURIComponent).join('/');
   const info = onlyExport(await nbdinfoJson([`nbd://127.0.0.1:${port}/${name}`]));
   assert.equal(info['export-size'], 3 << 20);

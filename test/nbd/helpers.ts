@@ -4,7 +4,7 @@ import net from 'node:net';
 import path from 'node:path';
 import type { BlockDevice } from '../../src/device/block-device.js';
 import { FileDevice } from '../../src/device/file-device.js';
-import { NbdServer } from '../../src/nbd/server.js';
+import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
 import type { MetaContextSource } from '../../src/nbd/exports.js';
 import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
@@ -41,6 +41,8 @@ export async function serveImage(
   t: TestContext,
   options: {
     sizeBytes?: number; readOnly?: boolean; fill?: (b: Buffer) => void; maxInFlightBytesPerConnection?: number; metaContexts?: MetaContextSource[];
+    /** The server's other limits (budget, connections, deadlines). */
+    limits?: Pick<NbdServerOptions, 'maxInFlightBytes' | 'maxConnections' | 'handshakeTimeoutMs' | 'sendStallTimeoutMs'>;
     /** Serve a wrapper of the file device instead of the device itself. */
     wrap?: (device: FileDevice) => BlockDevice;
   } = {},
@@ -50,7 +52,7 @@ export async function serveImage(
   const device = await FileDevice.open(image, { readOnly: options.readOnly ?? false });
   const exports = new StaticExports([{ name: image, device: options.wrap?.(device) ?? device, description: 'test image', ...(options.metaContexts ? { metaContexts: options.metaContexts } : {}) }]);
   const events: Array<Record<string, unknown>> = [];
-  const server = new NbdServer({ exports, log: (e) => events.push(e), maxInFlightBytesPerConnection: options.maxInFlightBytesPerConnection });
+  const server = new NbdServer({ exports, log: (e) => events.push(e), maxInFlightBytesPerConnection: options.maxInFlightBytesPerConnection, ...options.limits });
   const socketPath = path.join(dir, 'nbd.sock');
   await server.listenUnix(socketPath);
   const clients: NbdClient[] = [];

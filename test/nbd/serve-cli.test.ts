@@ -81,17 +81,18 @@ test('bdsnap serve: nbdinfo --json sees the export under its real path; SIGTERM 
   assert.equal(fs.existsSync(sock), false, 'the socket file is removed');
 });
 
-test('bdsnap serve --read-only --listen PORT, two images, empty name selects the first', async (t) => {
+test('bdsnap serve --read-only --listen PORT --insecure-tcp, two images, empty name selects the first', async (t) => {
   const dir = tempDir(t, 'bdsnap-serve-');
   const a = path.join(dir, 'a.img');
   const b = path.join(dir, 'b.img');
   makeImage(a, 65536, 1);
   makeImage(b, 131072, 2);
-  const r = startServe(t, ['--read-only', '--listen', '0', a, b], dir);
+  const r = startServe(t, ['--read-only', '--listen', '0', '--insecure-tcp', a, b], dir);
   const line = await waitReady(r);
   const m = /serving 2 exports on tcp:127\.0\.0\.1:(\d+)/.exec(line);
   assert.ok(m, line);
   const port = Number(m[1]);
+  assert.match(line, new RegExp(`^bdsnap: WARNING: plain TCP on 127\\.0\\.0\\.1:${port}, .*every local user can connect and read the images$`, 'm'));
   const first = await NbdClient.connect({ host: '127.0.0.1', port });
   assert.equal(first.exportName, a);
   assert.equal(first.size, 65536);
@@ -106,6 +107,20 @@ test('bdsnap serve --read-only --listen PORT, two images, empty name selects the
   r.child.kill('SIGINT');
   assert.equal(await r.exited, 0);
   assert.ok(fs.readFileSync(a).every((x) => x === 1));
+});
+
+test('bdsnap serve --listen without --insecure-tcp is refused: anyone who can connect could read and write the image', async (t) => {
+  const dir = tempDir(t, 'bdsnap-serve-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 65536, 1);
+  for (const [listen, who] of [['0', /every local user/], ['0.0.0.0:0', /every host that can reach 0\.0\.0\.0 \(and every local user\)/]] as const) {
+    const r = startServe(t, ['--listen', listen, image], dir);
+    assert.equal(await r.exited, 1);
+    const lines = r.stderr().trimEnd().split('\n');
+    assert.equal(lines.length, 1, r.stderr());
+    assert.match(lines[0]!, /^bdsnap: refusing plain TCP on .*TLS is not available yet.*--insecure-tcp/);
+    assert.match(lines[0]!, who);
+  }
 });
 
 test('bdsnap serve: bad arguments give one clear line and a non-zero exit', async (t) => {

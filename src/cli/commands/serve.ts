@@ -1,14 +1,20 @@
 /**
- * `bdsnap serve [--socket PATH] [--listen HOST:PORT] [--read-only] IMAGE...`: serve image
- * files or block devices over NBD in the foreground, without the daemon. Each image is
- * exported under its absolute real path; the empty export name selects the first. SIGINT or
- * SIGTERM lets requests in flight finish, flushes, and exits 0.
+ * `bdsnap serve [--socket PATH] [--listen HOST:PORT --insecure-tcp] [--read-only] IMAGE...`:
+ * serve image files or block devices over NBD in the foreground, without the daemon. Each
+ * image is exported under its absolute real path; the empty export name selects the first.
+ * SIGINT or SIGTERM lets requests in flight finish, flushes, and exits 0.
+ *
+ * NBD has no authentication of its own: whoever reaches a TCP port can read and write every
+ * export, and even a loopback port is open to every local user (a unix socket is mode 0600).
+ * So plain TCP is refused unless asked for by name, and then announced on stderr. TLS, which
+ * would make it safe, is not available yet.
  *
  * The logic lives in startServe() so other code can run the same server and wrap each
  * device in another layer (copy-before-write, say) before it is served.
  */
 
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import type { Command } from 'commander';
 import type { BlockDevice } from '../../device/block-device.js';
@@ -25,8 +31,10 @@ export interface ServeOptions {
   images: string[];
   /** Unix socket path; undefined means none (then `listen` must be given). */
   socketPath?: string;
-  /** TCP listener. */
+  /** TCP listener; refused unless `insecureTcp` (there is no TLS yet). */
   listen?: { host: string; port: number };
+  /** Accept plain TCP: anyone who can connect can read and write the exports. */
+  insecureTcp?: boolean;
   readOnly?: boolean;
   /** Wrap each opened device before it is served. */
   wrap?: (device: BlockDevice, devicePath: string) => BlockDevice;
@@ -43,6 +51,12 @@ export interface RunningServe {
   stop(): Promise<void>;
 }
 
+/** Who can reach a TCP listener on `host`: a loopback address is still open to every local user. */
+export function whoCanConnect(host: string): string {
+  const loopback = host === 'localhost' || host === '::1' || (net.isIPv4(host) && host.startsWith('127.'));
+  return loopback ? 'every local user' : `every host that can reach ${host.includes(':') ? `[${host}]` : host} (and every local user)`;
+}
+
 /** Parse `HOST:PORT`, `[V6]:PORT` or a bare `PORT` (which means 127.0.0.1). */
 export function parseListen(text: string): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]:|([^:]*):)?(\d{1,5})$/.exec(text);
@@ -54,6 +68,11 @@ export function parseListen(text: string): { host: string; port: number } {
 export async function startServe(options: ServeOptions): Promise<RunningServe> {
   if (options.images.length === 0) throw new BdsnapError('EINVAL', 'no image to serve');
   if (options.socketPath === undefined && options.listen === undefined) throw new BdsnapError('EINVAL', 'no listener');
+  if (options.listen && options.insecureTcp !== true) {
+    throw new BdsnapError('EINVAL',
+      `refusing plain TCP on ${options.listen.host}:${options.listen.port}: ${whoCanConnect(options.listen.host)} could read and write the images `
+      + '(TLS is not available yet); pass --insecure-tcp to accept that, or serve on a unix socket');
+  }
   const opened: FileDevice[] = [];
   const closeAll = async (): Promise<void> => {
     await Promise.allSettled(opened.map((d) => d.close()));
@@ -120,13 +139,15 @@ export function register(program: Command): void {
     .description('serve image files or block devices over NBD in the foreground, without the daemon (--snapshot-root adds a session)')
     .argument('<image...>', 'image files or block devices; each is exported under its absolute real path, and the empty export name selects the first')
     .option('--socket <path>', `unix socket to listen on (default: ./${DEFAULT_SOCKET} unless --listen is given)`)
-    .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default)')
+    .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default; needs --insecure-tcp)')
+    .option('--insecure-tcp', 'allow --listen without TLS: whoever can connect (every local user, even on 127.0.0.1) can read and write the images')
     .option('--read-only', 'refuse writes (clients see a read-only export)')
     .option('--snapshot-root <dir>', 'open a copy-before-write session per image under DIR for as long as it is served');
   addSessionOptions(command)
     .addHelpText('after', `
 Prints "bdsnap: serving N export(s) on ENDPOINTS" on stderr once ready. SIGINT or SIGTERM
-finishes the requests in flight, flushes every image and exits 0.
+finishes the requests in flight, flushes every image and exits 0. NBD has no authentication
+and TLS is not available yet, so --listen needs --insecure-tcp, and prints a warning.
 
 Example:
   bdsnap serve --socket /tmp/nbd.sock disk.img &
@@ -146,7 +167,14 @@ Example:
       process.on('SIGINT', onSignal);
       process.on('SIGTERM', onSignal);
       try {
-        const running = await startServe({ images, socketPath, listen, readOnly: opts.readOnly ?? false, wrap });
+        const running = await startServe({
+          images, socketPath, listen, insecureTcp: opts.insecureTcp ?? false, readOnly: opts.readOnly ?? false, wrap, log: printWarnings,
+        });
+        if (listen) {
+          const tcp = running.endpoints.find((e) => e.startsWith('tcp:'))!.slice('tcp:'.length);
+          process.stderr.write(`bdsnap: WARNING: plain TCP on ${tcp}, without TLS or authentication: ${whoCanConnect(listen.host)} can connect `
+            + `and ${opts.readOnly ? 'read' : 'read and write'} the images\n`);
+        }
         const n = running.exportNames.length;
         process.stderr.write(`bdsnap: serving ${n} export${n === 1 ? '' : 's'} on ${running.endpoints.join(', ')}\n`);
         if (!signalled) await new Promise<void>((resolve) => (wake = resolve));
@@ -162,9 +190,15 @@ Example:
     });
 }
 
+/** The server's events that an operator must see (a limit reached); the rest stay silent. */
+function printWarnings(event: Record<string, unknown>): void {
+  if (event.level === 'warn') process.stderr.write(`bdsnap: warning: ${String(event.message)}\n`);
+}
+
 interface ServeCliOptions extends SessionCliOptions {
   socket?: string;
   listen?: string;
+  insecureTcp?: boolean;
   readOnly?: boolean;
   snapshotRoot?: string;
 }
