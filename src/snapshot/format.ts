@@ -420,6 +420,9 @@ export function formatMountTime(time: Date): string {
   return time.toISOString().replace(/[-:]/g, '');
 }
 
+/** Suffix of a session directory being removed by `forget.ts` (never listed as a session). */
+export const FORGOTTEN_SUFFIX = '.forgotten';
+
 /**
  * Whether `name` is a session directory name of `devicePath`: its escaped path, then exactly
  * a mount time and an optional collision suffix. A prefix test is not enough: `_` is kept in

@@ -7,6 +7,7 @@
 export { CowDevice, type SessionOptions, type SessionSummary, type SessionEvent, type CowState } from './cow-device.js';
 export { restore, checkNotInUse, type HostPaths, type RestoreOptions, type RestoreSummary } from './restore/index.js';
 export { listSessions, recoverSession, readSessionInfo, type SessionInfo } from './sessions.js';
+export { forgetSessions, planForget, type ForgetPlan, type ForgetPolicy } from './forget.js';
 export { sessionDirName, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, type SessionState } from './format.js';
 export {
   DiffStorage, LOW_SPACE_LIMIT_FRACTION, LOW_SPACE_FS_FREE_FRACTION, LOW_SPACE_FS_FREE_BYTES,

@@ -16,7 +16,7 @@ import { readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
 import { formatDevT } from '../host/dev-t.js';
 import { lockOpenFile } from '../host/lock-file.js';
 import {
-  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
+  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, FORGOTTEN_SUFFIX, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
 } from './format.js';
 import { scanData } from './store.js';
 
@@ -103,7 +103,7 @@ export async function listSessions(snapshotRoot: string, devicePath?: string): P
   }
   const out: SessionInfo[] = [];
   for (const e of entries) {
-    if (!e.isDirectory()) continue;
+    if (!e.isDirectory() || e.name.endsWith(FORGOTTEN_SUFFIX)) continue;
     const dir = path.join(root, e.name);
     try {
       const info = await readSessionInfo(dir);

@@ -16,7 +16,7 @@ import fc from 'fast-check';
 import { BdsnapError } from '../../src/errors.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE } from '../../src/snapshot/format.js';
-import { CowDevice, recoverSession, restore } from '../../src/snapshot/index.js';
+import { CowDevice, forgetSessions, listSessions, planForget, recoverSession, restore } from '../../src/snapshot/index.js';
 import { tempDir } from './helpers.js';
 
 const CHUNK = 4096;
@@ -27,7 +27,8 @@ interface Write { offset: number; length: number; seed: number }
 type Op =
   | { kind: 'session'; writes: Write[]; end: 'close' | 'kill' | 'torn' }
   | { kind: 'outside'; write: Write }
-  | { kind: 'restore'; pick: number; output: boolean; force: boolean };
+  | { kind: 'restore'; pick: number; output: boolean; force: boolean }
+  | { kind: 'forget'; keepLast: number };
 
 const writeArb: fc.Arbitrary<Write> = fc.tuple(fc.integer({ min: 0, max: SIZE - 1 }), fc.integer({ min: 1, max: 3 * CHUNK }), fc.integer({ min: 1, max: 255 }))
   .map(([offset, length, seed]) => ({ offset, length: Math.min(length, SIZE - offset), seed }));
@@ -36,6 +37,7 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 5, arbitrary: fc.record({ kind: fc.constant('session' as const), writes: fc.array(writeArb, { minLength: 0, maxLength: 4 }), end: fc.constantFrom('close' as const, 'close' as const, 'kill' as const, 'torn' as const) }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('outside' as const), write: writeArb }) },
   { weight: 4, arbitrary: fc.record({ kind: fc.constant('restore' as const), pick: fc.nat(), output: fc.boolean(), force: fc.constantFrom(false, false, false, true) }) },
+  { weight: 1, arbitrary: fc.record({ kind: fc.constant('forget' as const), keepLast: fc.integer({ min: 1, max: 3 }) }) },
 );
 
 function pattern(w: Write): Buffer {
@@ -49,6 +51,8 @@ interface Session {
   start: Buffer;
   /** 'exact': a restore must give back `start`; 'lost': it may also refuse, never be wrong. */
   status: 'exact' | 'lost';
+  /** An in-place restore of an older session went back past this one's start. */
+  jumped: boolean;
 }
 
 /** What the model run saw, to report when a property fails. */
@@ -85,7 +89,7 @@ async function runOps(dir: string, ops: Op[], log: Log): Promise<void> {
           if (sessionDir) assert.equal((await recoverSession(sessionDir)).state, 'interrupted');
         }
         await dev.close();
-        if (sessionDir) sessions.push({ dir: sessionDir, start, status: 'exact' });
+        if (sessionDir) sessions.push({ dir: sessionDir, start, status: 'exact', jumped: false });
         log.lines.push(`session ${sessions.length - 1} (${op.writes.length} writes, ${op.end})${sessionDir ? '' : ' left no directory'}`);
         break;
       }
@@ -99,6 +103,18 @@ async function runOps(dir: string, ops: Op[], log: Log): Promise<void> {
         // Nobody recorded this write: no session's start can be rebuilt for sure any more.
         if (changed) for (const s of sessions) s.status = 'lost';
         log.lines.push(`outside write at ${op.write.offset}+${op.write.length}${changed ? '' : ' (no change)'}`);
+        break;
+      }
+      case 'forget': {
+        // Old sessions go; every kept one must restore as before (the restores after this check it).
+        await forgetSessions(root, await planForget(root, image, { keepLast: op.keepLast }));
+        const left = new Set((await listSessions(root, image)).map((s) => s.dir));
+        // Exactly: every session a restore went back past goes, and of the others the newest N stay.
+        const others = sessions.filter((s) => !s.jumped);
+        assert.deepEqual(sessions.filter((s) => left.has(s.dir)).map((s) => s.dir), others.slice(-op.keepLast).map((s) => s.dir), `forget --keep-last ${op.keepLast}`);
+        const before = sessions.length;
+        sessions.splice(0, sessions.length, ...sessions.filter((s) => left.has(s.dir)));
+        log.lines.push(`forget --keep-last ${op.keepLast}: ${before - sessions.length} removed`);
         break;
       }
       case 'restore': {
@@ -127,7 +143,10 @@ async function runOps(dir: string, ops: Op[], log: Log): Promise<void> {
         if (output) break;
         device = Buffer.from(got);
         // Sessions that started after this one are undone: their starts are gone.
-        for (const later of sessions.slice(k + 1)) later.status = 'lost';
+        for (const later of sessions.slice(k + 1)) {
+          later.status = 'lost';
+          later.jumped = true;
+        }
         // A forced restore over changes outside bdsnap leaves a device that is no session's start.
         if (!got.equals(s.start)) for (const older of sessions.slice(0, k + 1)) older.status = 'lost';
         break;

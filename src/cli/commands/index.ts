@@ -15,7 +15,7 @@ const MODULES: Array<{ names: string[]; load: () => Promise<CommandModule> }> = 
   { names: ['daemon'], load: () => import('./daemon.js') },
   { names: ['passwd'], load: () => import('./passwd.js') },
   { names: ['activate', 'deactivate'], load: () => import('./activate.js') },
-  { names: ['status', 'list'], load: () => import('./status.js') },
+  { names: ['status', 'list', 'forget'], load: () => import('./status.js') },
   { names: ['mount', 'umount'], load: () => import('./mount.js') },
   { names: ['snapshot', 'events'], load: () => import('./snapshot.js') },
   { names: ['cbt'], load: () => import('./cbt.js') },

@@ -1,7 +1,12 @@
-/** `bdsnap status` (devices) and `bdsnap list` (sessions), as tables or JSON. */
+/** `bdsnap status` (devices), `bdsnap list` (sessions) and `bdsnap forget` (old sessions), as tables or JSON. */
 
+import fs from 'node:fs';
+import path from 'node:path';
 import type { Command } from 'commander';
+import parseDuration from 'parse-duration';
+import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
+import { DEFAULT_SNAPSHOT_ROOT, forgetSessions, planForget } from '../../snapshot/index.js';
 import { formatBytes } from '../../units.js';
 import { RUN_DIR_HELP } from './client-options.js';
 
@@ -63,5 +68,37 @@ export function register(program: Command): void {
       }
       const rows = result.sessions.map((s) => [s.dir, s.device, s.mountTime ?? '-', s.endTime ?? '-', s.undoneAt ? `${s.state}, undone by a restore` : s.state, formatBytes(s.preservedBytes), formatBytes(s.sizeBytes)]);
       process.stdout.write(`${formatTable(['SESSION', 'DEVICE', 'MOUNTED', 'ENDED', 'STATE', 'PRESERVED', 'SIZE'], rows)}\n`);
+    });
+
+  program
+    .command('forget <dev_name>')
+    .description('remove the oldest sessions of a device, keeping the newest ones (and every session they need to restore)')
+    .option('--keep-last <n>', 'keep the newest N sessions that can still be restored')
+    .option('--keep-within <duration>', 'keep the sessions mounted within this long (30d, 12h, 2w)')
+    .option('--dry-run', 'print what would be removed; remove nothing')
+    .option('--snapshot-root <dir>', 'where the sessions are (default: the running daemon\'s, else /snapshot)')
+    .option('--json', 'machine-readable output')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
+    .action(async (device: string, options: JsonOptions & { keepLast?: string; keepWithin?: string; dryRun?: boolean; snapshotRoot?: string }) => {
+      const keepLast = options.keepLast === undefined ? undefined : Number(options.keepLast);
+      if (keepLast !== undefined && (!Number.isSafeInteger(keepLast) || keepLast < 0)) throw new BdsnapError('EINVAL', `--keep-last takes a whole number, got "${options.keepLast}"`);
+      const keepWithinMs = options.keepWithin === undefined ? undefined : parseDuration(options.keepWithin);
+      if (keepWithinMs === null || (keepWithinMs !== undefined && !(keepWithinMs > 0))) throw new BdsnapError('EINVAL', `--keep-within takes a duration such as 30d, 12h or 2w, got "${options.keepWithin}"`);
+      const root = options.snapshotRoot ?? await withClient(options.runDir, (c) => c.status()).then((s) => s.snapshotRoot, () => DEFAULT_SNAPSHOT_ROOT);
+      let devicePath = path.resolve(device);
+      try {
+        devicePath = fs.realpathSync(devicePath);
+      } catch {
+        // A deleted image's sessions are still its own: they are listed by the recorded path.
+      }
+      const plan = await planForget(root, devicePath, { ...(keepLast !== undefined ? { keepLast } : {}), ...(keepWithinMs !== undefined ? { keepWithinMs } : {}) });
+      if (!options.dryRun) await forgetSessions(root, plan);
+      if (options.json) {
+        process.stdout.write(`${JSON.stringify({ ...plan, dryRun: options.dryRun === true })}\n`);
+        return;
+      }
+      const verb = options.dryRun ? 'would remove' : 'removed';
+      for (const r of plan.remove) process.stdout.write(`${verb} ${r.dir}: ${r.reason}\n`);
+      process.stdout.write(`${plan.remove.length} session(s) ${verb}, ${plan.keep.length} kept${plan.stoppedBy ? ` (stopped there: ${plan.stoppedBy})` : ''}\n`);
     });
 }

@@ -45,6 +45,32 @@ function undid(j: Journal, s: SessionInfo): boolean {
   return !(finishedMs < mountMs);
 }
 
+/** The restore journal of each session that has one. Errors: ECORRUPT. */
+export async function readJournals(sessions: SessionInfo[], devicePath: string): Promise<Map<string, Journal>> {
+  const journals = new Map<string, Journal>();
+  for (const s of sessions) {
+    const j = await readJournal(path.join(s.dir, JOURNAL_FILE), devicePath);
+    if (j !== undefined) journals.set(s.dir, j);
+  }
+  return journals;
+}
+
+/**
+ * The sessions whose start is lost: a finished restore from an older session took the device
+ * back to before them. By session directory: the older session and when its restore finished.
+ */
+export function lostStarts(sessions: SessionInfo[], journals: Map<string, Journal>): Map<string, { by: string; finishedAt: string }> {
+  const lost = new Map<string, { by: string; finishedAt: string }>();
+  for (const older of sessions) {
+    const j = journals.get(older.dir);
+    if (j?.state !== 'done') continue;
+    for (const s of sessions) {
+      if (!lost.has(s.dir) && compareSessions(s, older) > 0 && undid(j, s)) lost.set(s.dir, { by: older.dir, finishedAt: j.finishedAt ?? '?' });
+    }
+  }
+  return lost;
+}
+
 /** Errors: ENOENT, ECORRUPT, ESESSION, EMISMATCH. Warnings are appended to `warnings`. */
 export async function resolveChain(sessionDir: string, warnings: string[]): Promise<Chain> {
   const target = await readSessionInfo(sessionDir);
@@ -58,20 +84,15 @@ export async function resolveChain(sessionDir: string, warnings: string[]): Prom
     throw new BdsnapError('ECORRUPT', `session directory ${s.dir} (which may be a newer session of ${devicePath}) cannot be read: ${s.problem ?? 'unknown problem'}`);
   }
   const readable = all.filter((s) => s.state !== 'unreadable');
-  const journals = new Map<string, Journal>();
-  for (const s of readable) {
-    const j = await readJournal(path.join(s.dir, JOURNAL_FILE), devicePath);
-    if (j !== undefined) journals.set(s.dir, j);
-  }
+  const journals = await readJournals(readable, devicePath);
   for (const [dir, j] of journals) {
     if (j.state === 'running' && dir !== target.dir) {
       throw new BdsnapError('ESESSION', `a restore of ${devicePath} from ${dir} started at ${j.startedAt} did not finish, so the device is half way to that session's start; finish it first (bdsnap restore ${dir})`);
     }
   }
-  for (const s of readable) {
-    const j = journals.get(s.dir);
-    if (compareSessions(s, target) >= 0 || j?.state !== 'done' || !undid(j, target)) continue;
-    throw new BdsnapError('ESESSION', `the start of ${target.dir} cannot be rebuilt: a restore from the older session ${s.dir}, finished at ${j.finishedAt ?? '?'}, took ${devicePath} back to before it, and what that restore overwrote is kept nowhere; ${s.dir} and sessions started since can still be restored`);
+  const lost = lostStarts(readable, journals).get(target.dir);
+  if (lost) {
+    throw new BdsnapError('ESESSION', `the start of ${target.dir} cannot be rebuilt: a restore from the older session ${lost.by}, finished at ${lost.finishedAt}, took ${devicePath} back to before it, and what that restore overwrote is kept nowhere; ${lost.by} and sessions started since can still be restored`);
   }
 
   let chain = readable.filter((s) => compareSessions(s, target) >= 0);

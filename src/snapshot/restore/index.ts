@@ -175,6 +175,9 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       if (outputPath !== undefined) {
         outFile = await openOutputFile(outputPath);
         await (await copyToOutput(device, devicePath, outFile)).close();
+      } else if (journal?.state === 'done' && undoes.some((dir) => !journal.sessions.includes(dir))) {
+        // Sessions since the last run left the device as it was (they wrote what was there): they are undone all the same.
+        await writeJournal(journalPath, { ...journal, sessions: [...new Set([...journal.sessions, ...undoes])], listsAll: true });
       }
       finished = true;
       return summary(false);
