@@ -20,6 +20,7 @@ import { needs } from '../helpers/needs.js';
 import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
 import { makeImage } from '../helpers/files.js';
 import { RawNbdClient } from '../helpers/raw-nbd.js';
+import { startDaemon } from '../helpers/daemon.js';
 
 const execFileAsync = promisify(execFile);
 const CLIENT_TIMEOUT_MS = 20_000;
@@ -448,4 +449,30 @@ test('bdsnap serve checks its TLS settings and files before serving, each fault 
   await refused(['--tls-psk', psk], /bad\.psk is open to other users \(mode 640\)/);
   await refused(['--tls-psk', path.join(dir, 'none.psk')], /none\.psk does not exist/);
   await refused(['--tls-psk', psk, '--tls-certificates', pki.server], /exclude each other/);
+});
+
+test('bdsnap daemon --listen with a PSK serves registered devices over TLS only; its unix socket stays plaintext', async (t) => {
+  if (!needs(t, { tools: ['nbdinfo'] })) return;
+  const dir = setupDir(t);
+  const image = path.join(dir, 'disk.img');
+  const psk = path.join(dir, 'keys.psk');
+  writePsk(psk, { alice: crypto.randomBytes(32).toString('hex') });
+
+  const refused = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+    execFile(process.execPath, [MAIN, 'daemon', '--run-dir', path.join(dir, 'run0'), '--state-dir', path.join(dir, 'state0'),
+      '--snapshot-root', path.join(dir, 'snap0'), '--listen', '127.0.0.1:0'], { timeout: 10_000 }, (error, _stdout, stderr) => {
+      resolve({ code: error ? (error as { code?: number }).code ?? null : 0, stderr });
+    });
+  });
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /refusing plain TCP on 127\.0\.0\.1:0: without TLS .*every registered device/);
+
+  const daemon = await startDaemon(t, { activate: [image], logLevel: 'info', extraArgs: ['--listen', '127.0.0.1:0', '--tls-psk', psk] });
+  const listening = daemon.logLines().find((l) => l.event === 'nbd-listening');
+  assert.equal(listening?.tls, 'require');
+  const port = Number(listening.port);
+  const exportName = fs.realpathSync(image);
+  assert.match(await nbdinfo(`nbds://alice@127.0.0.1:${port}/${exportName}?tls-psk-file=${psk}`), /newstyle-fixed with TLS/);
+  await assert.rejects(nbdinfo(`nbd://127.0.0.1:${port}/${exportName}`), /opt_go|TLS/i);
+  assert.match(await nbdinfo(`nbd+unix:///${exportName}?socket=${path.join(daemon.runDir, 'nbd.sock')}`), /without TLS/);
 });

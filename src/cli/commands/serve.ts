@@ -63,6 +63,25 @@ export function whoCanConnect(host: string): string {
   return loopback ? 'every local user' : `every host that can reach ${host.includes(':') ? `[${host}]` : host} (and every local user)`;
 }
 
+/**
+ * TCP is served with TLS required, or else only when plaintext was accepted by name: `--tls on`
+ * lets a client skip TLS, so it counts as plaintext here.
+ */
+export function checkTcpPolicy(listen: { host: string; port: number }, tls: NbdTls | undefined, insecureTcp: boolean, what: string): void {
+  if (tls?.mode === 'require' || insecureTcp) return;
+  const how = tls ? 'with --tls on a client may skip TLS, so' : 'without TLS';
+  throw new BdsnapError('EINVAL',
+    `refusing plain TCP on ${listen.host}:${listen.port}: ${how} ${whoCanConnect(listen.host)} could read and write ${what}; `
+    + 'give --tls-certificates DIR or --tls-psk FILE (TLS required), pass --insecure-tcp to accept that, or use the unix socket');
+}
+
+/** The warning printed when TCP is served without TLS required, or undefined when it is. */
+export function plainTcpWarning(endpoint: string, host: string, tls: NbdTls | undefined, what: string): string | undefined {
+  if (tls?.mode === 'require') return undefined;
+  const without = tls ? 'with TLS optional (--tls on) and no other authentication' : 'without TLS or authentication';
+  return `plain TCP on ${endpoint}, ${without}: ${whoCanConnect(host)} can connect and ${what}`;
+}
+
 /** Parse `HOST:PORT`, `[V6]:PORT` or a bare `PORT` (which means 127.0.0.1). */
 export function parseListen(text: string): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]:|([^:]*):)?(\d{1,5})$/.exec(text);
@@ -75,12 +94,7 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
   if (options.images.length === 0) throw new BdsnapError('EINVAL', 'no image to serve');
   if (options.socketPath === undefined && options.listen === undefined) throw new BdsnapError('EINVAL', 'no listener');
   const tls = await loadTls(options.tls ?? {});
-  if (options.listen && tls?.mode !== 'require' && options.insecureTcp !== true) {
-    const how = tls ? 'with --tls on a client may skip TLS, so' : 'without TLS';
-    throw new BdsnapError('EINVAL',
-      `refusing plain TCP on ${options.listen.host}:${options.listen.port}: ${how} ${whoCanConnect(options.listen.host)} could read and write the images; `
-      + 'give --tls-certificates DIR or --tls-psk FILE (TLS required), pass --insecure-tcp to accept that, or serve on a unix socket');
-  }
+  if (options.listen) checkTcpPolicy(options.listen, tls, options.insecureTcp ?? false, 'the images');
   const opened: FileDevice[] = [];
   const closeAll = async (): Promise<void> => {
     await Promise.allSettled(opened.map((d) => d.close()));
@@ -143,16 +157,13 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
 }
 
 export function register(program: Command): void {
-  const command = program
+  const base = program
     .command('serve')
     .description('serve image files or block devices over NBD in the foreground, without the daemon (--snapshot-root adds a session)')
     .argument('<image...>', 'image files or block devices; each is exported under its absolute real path, and the empty export name selects the first')
     .option('--socket <path>', `unix socket to listen on (default: ./${DEFAULT_SOCKET} unless --listen is given)`)
-    .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default; needs TLS required, or --insecure-tcp)')
-    .option('--tls <mode>', 'off, on (the client chooses) or require (every option before STARTTLS is refused); default: require with credentials, else off')
-    .option('--tls-certificates <dir>', 'x509: DIR holds server-cert.pem, server-key.pem (mode 600), ca-cert.pem and optionally ca-crl.pem')
-    .option('--tls-psk <file>', 'pre-shared keys: username:hexkey lines as psktool writes them (mode 600)')
-    .option('--tls-verify-peer', 'demand a client certificate signed by ca-cert.pem')
+    .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default; needs TLS required, or --insecure-tcp)');
+  const command = addTlsOptions(base)
     .option('--insecure-tcp', 'allow --listen without TLS required: whoever can connect (every local user, even on 127.0.0.1) can read and write the images')
     .option('--read-only', 'refuse writes (clients see a read-only export)')
     .option('--snapshot-root <dir>', 'open a copy-before-write session per image under DIR for as long as it is served');
@@ -189,11 +200,10 @@ Examples:
           images, socketPath, listen, insecureTcp: opts.insecureTcp ?? false, readOnly: opts.readOnly ?? false, wrap, log: printWarnings,
           tls: tlsSettings(opts),
         });
-        if (listen && running.tls?.mode !== 'require') {
+        if (listen) {
           const tcp = running.endpoints.find((e) => e.startsWith('tcp:'))!.slice('tcp:'.length);
-          const without = running.tls ? 'with TLS optional (--tls on) and no other authentication' : 'without TLS or authentication';
-          process.stderr.write(`bdsnap: WARNING: plain TCP on ${tcp}, ${without}: ${whoCanConnect(listen.host)} can connect `
-            + `and ${opts.readOnly ? 'read' : 'read and write'} the images\n`);
+          const warning = plainTcpWarning(tcp, listen.host, running.tls, `${opts.readOnly ? 'read' : 'read and write'} the images`);
+          if (warning) process.stderr.write(`bdsnap: WARNING: ${warning}\n`);
         }
         if (running.tls) process.stderr.write(`bdsnap: TLS ${running.tls.mode === 'require' ? 'required' : 'offered'}: ${running.tls.description}\n`);
         const n = running.exportNames.length;
@@ -214,6 +224,15 @@ Examples:
 /** The server's events that an operator must see (a limit reached); the rest stay silent. */
 function printWarnings(event: Record<string, unknown>): void {
   if (event.level === 'warn') process.stderr.write(`bdsnap: warning: ${String(event.message)}\n`);
+}
+
+/** The --tls* options, as `serve` and `daemon` take them (nbdkit's names). */
+export function addTlsOptions(command: Command): Command {
+  return command
+    .option('--tls <mode>', 'off, on (the client chooses) or require (every option before STARTTLS is refused); default: require with credentials, else off')
+    .option('--tls-certificates <dir>', 'x509: DIR holds server-cert.pem, server-key.pem (mode 600), ca-cert.pem and optionally ca-crl.pem')
+    .option('--tls-psk <file>', 'pre-shared keys: username:hexkey lines as psktool writes them (mode 600)')
+    .option('--tls-verify-peer', 'demand a client certificate signed by ca-cert.pem');
 }
 
 /** The --tls* options as settings; loadTls() checks how they combine. */
