@@ -29,7 +29,7 @@ import { MIN_SCRATCH_FS_BYTES, mountScratchFs, scratchFsNeeds } from '../test/he
 import { copyFloorRound } from './copy-floor.js';
 import { fillPageCache, settleFile } from './page-cache.js';
 import { measureRestore } from './restore.js';
-import { BDSNAP_REWRITE, BDSNAP_SERVE, BDSNAP_SESSION, NBDKIT_FILE, nbdFloor, type RunningTarget, type Target } from './targets.js';
+import { BDSNAP_REWRITE, BDSNAP_SERVE, BDSNAP_SESSION, BDSNAP_TLS, NBDKIT_FILE, NBDKIT_TLS, nbdFloor, type RunningTarget, type Target } from './targets.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
 
 export type Unit = 'MB/s' | 'IOPS' | 'ms' | 'x';
@@ -88,7 +88,7 @@ type FioShape = Omit<FioJob, 'uri'>;
 
 async function fioCell(target: Target, context: RowContext, job: FioShape, unit: 'MB/s' | 'IOPS', snapshotParent?: string): Promise<number> {
   return withTarget(target, context, async (running) => {
-    const result = await runFio({ ...job, uri: running.uri });
+    const result = await runFio({ ...job, uri: running.uri, ...(running.env ? { env: running.env } : {}) });
     if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
     const side = job.rw.includes('write') ? result.write : result.read;
     return unit === 'MB/s' ? side.bandwidthBytesPerSec / 1e6 : side.iops;
@@ -127,9 +127,9 @@ function timedFio(rw: 'read' | 'write', context: RowContext): FioShape {
  */
 function versusNbdkit(
   id: string, name: string, measures: string, cell: (target: Target, context: RowContext) => Promise<SideValues>, extraColumns: string[] = [],
-  floors: Target[] = [],
+  floors: Target[] = [], pair: [Target, Target] = [BDSNAP_SERVE, NBDKIT_FILE],
 ): BenchRow {
-  const sides = [BDSNAP_SERVE, NBDKIT_FILE, ...floors];
+  const sides = [...pair, ...floors];
   return {
     id,
     name,
@@ -141,6 +141,18 @@ function versusNbdkit(
     meets: atLeast(1),
     once: (context, reverse) => alternate(reverse, sides.map((side) => [side.name, () => cell(side, context)])),
   };
+}
+
+/** The same fio job with x509 TLS required on both servers. */
+function tlsFioRow(id: string, rw: 'read' | 'write'): BenchRow {
+  const verb = rw === 'read' ? 'reads' : 'writes';
+  return versusNbdkit(
+    id,
+    `TLS seq 1 MiB ${verb}, qd 4, vs nbdkit`,
+    `fio nbd engine over nbds+unix (x509 TLS required), one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over the filled image in the page cache: bdsnap serve --tls-certificates against nbdkit --tls=require file`,
+    (target, context) => fioCell(target, context, timedFio(rw, context), 'MB/s'),
+    [], [], [BDSNAP_TLS, NBDKIT_TLS],
+  );
 }
 
 function fioRow(id: string, rw: 'read' | 'write'): BenchRow {
@@ -393,6 +405,8 @@ const RESTORE: BenchRow = {
 export const ROWS: BenchRow[] = [
   fioRow('seq-read', 'read'),
   fioRow('seq-write', 'write'),
+  tlsFioRow('tls-seq-read', 'read'),
+  tlsFioRow('tls-seq-write', 'write'),
   nbdcopyRow('nbdcopy-read', 'read'),
   nbdcopyRow('nbdcopy-write', 'write'),
   FIRST_RANDOM,

@@ -11,10 +11,13 @@ import { fileURLToPath } from 'node:url';
 import { runFio } from '../test/helpers/fio.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
 import { launchServer, startServer, type NbdServer } from '../test/helpers/server.js';
+import { makePki } from '../test/helpers/tls.js';
 
 export interface RunningTarget {
   /** NBD URI fio connects to. */
   uri: string;
+  /** The client's environment, when it needs one (where libnbd finds TLS certificates). */
+  env?: NodeJS.ProcessEnv;
   stop(): Promise<void>;
 }
 
@@ -139,3 +142,47 @@ export function nbdFloor(processes: number): Target {
     },
   };
 }
+
+/**
+ * A server with x509 TLS required on its unix socket (same socket as the plain rows, so the
+ * row compares the cost of TLS alone); fio and nbdcopy connect through libnbd with an
+ * `nbds+unix://` URI that trusts the test CA. Certificates are made fresh for each cell.
+ */
+function tlsTarget(kind: 'bdsnap' | 'nbdkit'): Target {
+  return {
+    name: `${kind}`,
+    description: kind === 'bdsnap'
+      ? 'bdsnap serve --tls-certificates DIR IMAGE (TLS required, P-256 certificates)'
+      : 'nbdkit --tls=require --tls-certificates=DIR file file=IMAGE (same certificates)',
+    start: async ({ imagePath }) => {
+      const pkiDir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-tls-'));
+      try {
+        const pki = makePki(pkiDir);
+        const extraArgs = kind === 'bdsnap' ? ['--tls-certificates', pki.server] : ['--tls=require', `--tls-certificates=${pki.server}`];
+        const server = await startServer(undefined, { kind, images: [imagePath], extraArgs });
+        const running = await fromServer(server, kind === 'bdsnap' ? imagePath : '');
+        // fio's libnbd refuses file paths in a URI: it finds the CA in $HOME/.pki/libnbd instead.
+        const home = path.join(pkiDir, 'home');
+        fs.mkdirSync(path.join(home, '.pki'), { recursive: true });
+        fs.cpSync(pki.trusting, path.join(home, '.pki', 'libnbd'), { recursive: true });
+        return {
+          uri: running.uri.replace(/^nbd\+unix:/, 'nbds+unix:'),
+          env: { ...process.env, HOME: home },
+          stop: async () => {
+            try {
+              await running.stop();
+            } finally {
+              fs.rmSync(pkiDir, { recursive: true, force: true });
+            }
+          },
+        };
+      } catch (err) {
+        fs.rmSync(pkiDir, { recursive: true, force: true });
+        throw err;
+      }
+    },
+  };
+}
+
+export const BDSNAP_TLS = tlsTarget('bdsnap');
+export const NBDKIT_TLS = tlsTarget('nbdkit');

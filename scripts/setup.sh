@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit fuse3 e2fsprogs xfsprogs util-linux restic iproute2 libzstd1 jq)
+DEBIAN_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit fuse3 e2fsprogs xfsprogs util-linux restic iproute2 libzstd1 jq openssl)
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

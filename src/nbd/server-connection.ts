@@ -26,12 +26,20 @@
  *   it holds budget the others wait for, and no real client stops reading for that long.
  * - A framing error or a vanished client ends only this connection; the export handle is
  *   released exactly once, after every request in flight has finished.
+ * - TLS (NBD_OPT_STARTTLS): the client sends nothing after STARTTLS until our ACK, so nothing
+ *   may be queued in the decoder then (a client that did is cut off); the ACK is written and the
+ *   socket handed to TLS in the same turn, before any more bytes can be read as plaintext. No
+ *   option is read over TLS before the handshake is complete and the peer verified. With
+ *   `require`, every option but STARTTLS (and ABORT) is refused with NBD_REP_ERR_TLS_REQD until
+ *   then, and NBD_OPT_EXPORT_NAME, which cannot be refused, closes the connection.
  * - READ reply buffers and WRITE payload buffers come from a pool and return to it when the
  *   socket (or the device's write) is done with them: a device must not keep a reference to
  *   the data of a write after that write has settled.
  */
 
 import type net from 'node:net';
+import type tls from 'node:tls';
+import type { NbdTls } from './tls.js';
 import { WIRE_ERRNO, toBdsnapError, BdsnapError } from '../errors.js';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
 import type { ExportHandle, ExportProvider, MetaContextSource } from './exports.js';
@@ -74,6 +82,8 @@ export interface ConnectionContext {
   handshakeTimeoutMs: number;
   /** Time a reply may wait without any of it being taken by the client. */
   sendStallTimeoutMs: number;
+  /** The write buffer size at which replies wait for 'drain' (also given to a TLS socket). */
+  socketHighWaterMarkBytes: number;
   log?: LogFn;
 }
 
@@ -117,6 +127,10 @@ export class ServerConnection {
   #sendStallTimeoutMs: number;
   #decoder: RequestDecoder;
   #state: State = 'handshake';
+  #tls: NbdTls | undefined;
+  #highWaterMarkBytes: number;
+  /** TLS has been started (STARTTLS acknowledged) on this connection. */
+  #tlsStarted = false;
 
   #noZeroes = false;
   #structured = false;
@@ -160,13 +174,15 @@ export class ServerConnection {
    * `ownReads`: the caller feeds received bytes through receive() from one reused buffer
    * (socket `onread`); otherwise the socket's 'data' events are used.
    */
-  constructor(id: number, socket: net.Socket, context: ConnectionContext, ownReads = false) {
+  constructor(id: number, socket: net.Socket, context: ConnectionContext, ownReads = false, tls?: NbdTls) {
     this.id = id;
     const pool = context.pool;
     this.#pool = pool;
     this.#budget = context.budget;
     this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: ownReads, admit: (r) => this.#admit(r) });
     this.#socket = socket;
+    this.#tls = tls;
+    this.#highWaterMarkBytes = context.socketHighWaterMarkBytes;
     this.#exports = context.exports;
     this.#maxInFlightBytes = context.maxInFlightBytes;
     this.#sendStallTimeoutMs = context.sendStallTimeoutMs;
@@ -175,19 +191,29 @@ export class ServerConnection {
     this.#handshakeTimer = setTimeout(() => this.#handshakeExpired(context.handshakeTimeoutMs), context.handshakeTimeoutMs);
     this.#handshakeTimer.unref();
 
-    if (!ownReads) socket.on('data', (chunk: Buffer) => this.receive(chunk));
-    socket.on('drain', () => {
-      this.#writeBlocked = false;
-      this.#pump();
-    });
-    // The client shut its sending side: answer what it asked, then close ours.
-    socket.on('end', () => {
-      this.#eof = true;
-      this.#pump();
-    });
-    socket.on('error', (err) => this.#log?.({ event: 'connection-error', connection: this.id, error: err.message }));
-    socket.on('close', () => void this.#teardown());
+    this.#listen(socket, !ownReads);
     socket.write(encodeGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
+  }
+
+  #onData = (chunk: Buffer): void => this.receive(chunk);
+  #onDrain = (): void => {
+    this.#writeBlocked = false;
+    this.#pump();
+  };
+  /** The client shut its sending side: answer what it asked, then close ours. */
+  #onEnd = (): void => {
+    this.#eof = true;
+    this.#pump();
+  };
+  #onError = (err: Error): void => this.#log?.({ event: 'connection-error', connection: this.id, error: err.message });
+  #onClose = (): void => void this.#teardown();
+
+  #listen(socket: net.Socket, data: boolean): void {
+    if (data) socket.on('data', this.#onData);
+    socket.on('drain', this.#onDrain);
+    socket.on('end', this.#onEnd);
+    socket.on('error', this.#onError);
+    socket.on('close', this.#onClose);
   }
 
   /** Bytes from the client. With `ownReads`, `chunk` is reused after this returns. */
@@ -513,6 +539,12 @@ export class ServerConnection {
 
   async #handleOption(m: OptionMessage): Promise<void> {
     const { option, data } = m;
+    if (option === C.NBD_OPT_STARTTLS) return this.#startTls(m);
+    if (this.#tls?.mode === 'require' && !this.#tlsStarted && option !== C.NBD_OPT_ABORT) {
+      if (option === C.NBD_OPT_EXPORT_NAME) throw new BdsnapError('EPERM', 'NBD_OPT_EXPORT_NAME without TLS, which this server requires');
+      this.#send(encodeOptionError(option, C.NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first'));
+      return;
+    }
     if (option === C.NBD_OPT_EXPORT_NAME) {
       // No way to report an error to EXPORT_NAME: refusing means closing.
       if (m.tooBig) throw new BdsnapError('EPROTO', 'export name too long');
@@ -550,6 +582,54 @@ export class ServerConnection {
       default:
         this.#send(encodeOptionError(option, C.NBD_REP_ERR_UNSUP, `option ${option} is not supported`));
     }
+  }
+
+  /**
+   * NBD_OPT_STARTTLS: acknowledge in plaintext, then hand the socket to TLS in the same turn,
+   * and resolve once the handshake is done (so no option is decoded before it is).
+   */
+  async #startTls(m: OptionMessage): Promise<void> {
+    const option = C.NBD_OPT_STARTTLS;
+    const config = this.#tls;
+    if (config === undefined) {
+      this.#send(encodeOptionError(option, C.NBD_REP_ERR_POLICY, 'TLS is not enabled on this server'));
+      return;
+    }
+    if (this.#tlsStarted) return this.#optionInvalid(option, 'TLS is already started');
+    if (m.tooBig || m.data.length !== 0) return this.#optionInvalid(option, 'NBD_OPT_STARTTLS takes no data');
+    // Bytes after STARTTLS were sent before our ACK: plaintext that could pose as TLS-protected.
+    if (this.#decoder.bufferedBytes !== 0) throw new BdsnapError('EPROTO', 'the client sent data after NBD_OPT_STARTTLS before its reply');
+    this.#send(encodeOptionReply(option, C.NBD_REP_ACK));
+    const plain = this.#socket;
+    plain.off('data', this.#onData);
+    plain.off('drain', this.#onDrain);
+    plain.off('end', this.#onEnd);
+    // 'error' and 'close' stay: the plain socket ends with the TLS one, and teardown runs once.
+    let secure: tls.TLSSocket;
+    try {
+      secure = config.wrap(plain, this.#highWaterMarkBytes);
+    } catch (err) {
+      throw new BdsnapError('EPROTO', `cannot start TLS: ${toBdsnapError(err).message}`, { cause: err });
+    }
+    this.#tlsStarted = true;
+    this.#socket = secure;
+    this.#paused = false;
+    this.#writeBlocked = false;
+    this.#listen(secure, true);
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        secure.off('secure', onSecure);
+        secure.off('close', done);
+        resolve();
+      };
+      const onSecure = (): void => {
+        this.#log?.({ event: 'tls-established', connection: this.id, protocol: secure.getProtocol(), cipher: secure.getCipher().name });
+        done();
+      };
+      // A failed handshake or an unverified peer closes the socket: teardown ends the connection.
+      secure.once('secure', onSecure);
+      secure.once('close', done);
+    });
   }
 
   #optionInvalid(option: number, message: string): void {

@@ -27,6 +27,7 @@ import { ServerConnection, type ConnectionContext, type LogFn } from './server-c
 import { InFlightBudget } from './in-flight-budget.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import { loadLibc } from '../host/libc.js';
+import type { NbdTls } from './tls.js';
 
 export interface NbdServerOptions {
   exports: ExportProvider;
@@ -84,6 +85,7 @@ export class NbdServer {
       maxInFlightBytes: perConnection,
       handshakeTimeoutMs: positive('handshakeTimeoutMs', options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS),
       sendStallTimeoutMs: positive('sendStallTimeoutMs', options.sendStallTimeoutMs ?? DEFAULT_SEND_STALL_TIMEOUT_MS),
+      socketHighWaterMarkBytes: SOCKET_HIGH_WATER_MARK_BYTES,
       log: options.log,
     };
   }
@@ -99,23 +101,24 @@ export class NbdServer {
 
   /**
    * Listen on a unix socket, created mode 0600. A stale socket file (nobody listening) is
-   * replaced; a live one is EBUSY; any other file there is EINVAL.
+   * replaced; a live one is EBUSY; any other file there is EINVAL. With `tls`, its clients
+   * may (or, in `require` mode, must) start TLS.
    */
-  async listenUnix(path: string): Promise<void> {
+  async listenUnix(path: string, tls?: NbdTls): Promise<void> {
     const dir = nodePath.dirname(path);
     if (!fs.existsSync(dir)) throw new BdsnapError('ENOENT', `cannot listen on ${path}: the directory ${dir} does not exist`);
-    const server = this.#createServer(true);
+    const server = this.#createServer(true, tls);
     await listenUnixSocket(server, path);
-    this.#log?.({ event: 'listening', unix: path });
+    this.#log?.({ event: 'listening', unix: path, tls: tls?.mode ?? 'off' });
   }
 
   /** Listen on TCP (port 0 picks a free port). Resolves with the port bound. */
-  async listenTcp(host: string, port: number): Promise<{ port: number }> {
+  async listenTcp(host: string, port: number, tls?: NbdTls): Promise<{ port: number }> {
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new BdsnapError('EINVAL', `bad TCP port ${port}`);
-    const server = this.#createServer(false);
+    const server = this.#createServer(false, tls);
     await listenServer(server, () => server.listen(port, host));
     const address = server.address() as net.AddressInfo;
-    this.#log?.({ event: 'listening', host, port: address.port });
+    this.#log?.({ event: 'listening', host, port: address.port, tls: tls?.mode ?? 'off' });
     return { port: address.port };
   }
 
@@ -127,17 +130,17 @@ export class NbdServer {
     await Promise.all(stopped);
   }
 
-  #createServer(unix: boolean): net.Server {
+  #createServer(unix: boolean, tls: NbdTls | undefined): net.Server {
     if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the NBD server is closing');
     const server = net.createServer({
       allowHalfOpen: true, noDelay: true, pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
-    }, (socket) => this.#accept(socket, unix));
+    }, (socket) => this.#accept(socket, unix, tls));
     server.on('error', (err) => this.#log?.({ event: 'listener-error', error: err.message }));
     this.#listeners.push(server);
     return server;
   }
 
-  #accept(socket: net.Socket, unix: boolean): void {
+  #accept(socket: net.Socket, unix: boolean, tls: NbdTls | undefined): void {
     if (this.#closing || !this.#makeRoom()) {
       socket.destroy();
       return;
@@ -155,9 +158,9 @@ export class NbdServer {
       placed: (n) => connection?.receivePlaced(n),
     });
     if (reader) {
-      connection = new ServerConnection(id, reader, this.#context, true);
+      connection = new ServerConnection(id, reader, this.#context, true, tls);
     } else {
-      connection = new ServerConnection(id, socket, this.#context);
+      connection = new ServerConnection(id, socket, this.#context, false, tls);
       socket.resume();
     }
     this.#connections.add(connection);

@@ -25,6 +25,7 @@ import { BdsnapError } from '../errors.js';
 import type { ChangeMapInfo } from '../snapshot/change-map.js';
 import type { ExportHandle, ExportProvider } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
+import type { NbdTls } from '../nbd/tls.js';
 import { JOURNAL_FILE } from '../snapshot/format.js';
 import { readJournal } from '../snapshot/restore/journal.js';
 import { listSessions, recoverSession } from '../snapshot/sessions.js';
@@ -56,6 +57,13 @@ export interface DaemonOptions {
   detachTimeoutMs?: number;
   /** Keep a change map per device (default true). */
   changeTracking?: boolean;
+  /**
+   * Also serve NBD on TCP, with `tls` if given (the caller decides whether plaintext is
+   * acceptable). The unix socket stays plaintext: it is root's alone (0600), and `bdsnap mount`
+   * and the backup agent use it.
+   */
+  listen?: { host: string; port: number };
+  tls?: NbdTls;
 }
 
 export class Daemon {
@@ -127,6 +135,10 @@ export class Daemon {
       const daemon = new Daemon(options, claim, registry, events);
       await daemon.#snapshots.recover();
       await daemon.#nbd.listenUnix(daemon.nbdSocket);
+      if (options.listen) {
+        const { port } = await daemon.#nbd.listenTcp(options.listen.host, options.listen.port, options.tls);
+        options.log.info({ event: 'nbd-listening', host: options.listen.host, port, tls: options.tls?.mode ?? 'off' }, `NBD on TCP ${options.listen.host}:${port}`);
+      }
       daemon.#control = await ControlServer.listen(daemon.controlSocket, (request) => daemon.#handle(request), options.log);
       options.log.info({ event: 'daemon-started', runDir, stateDir, snapshotRoot, devices: registry.list().length }, 'bdsnap daemon started');
       return daemon;

@@ -25,6 +25,8 @@ export interface FioJob {
   /** fio random seed, so runs are repeatable. */
   seed?: number;
   extraArgs?: string[];
+  /** fio's environment (libnbd finds TLS certificates under $HOME/.pki/libnbd). */
+  env?: NodeJS.ProcessEnv;
 }
 
 export interface FioDirection {
@@ -85,7 +87,7 @@ export async function runFio(job: FioJob): Promise<FioResult> {
     const timeoutMs = ((job.runtimeSec ?? 0) + 120) * 1000;
     // fio writes its verify state files (local-<job>-<n>-verify.state) in the current directory:
     // run it in its own temporary directory, never in the checkout.
-    const result = await run('fio', args, { timeoutMs, cwd: dir });
+    const result = await run('fio', args, { timeoutMs, cwd: dir, ...(job.env ? { env: job.env } : {}) });
     const text = fs.readFileSync(output, 'utf8');
     // fio may print notices ("connected to NBD server") before the JSON document.
     const start = text.indexOf('{');

@@ -155,6 +155,7 @@ const TOOL_PACKAGES: Record<string, string> = {
   mount: 'mount',
   umount: 'mount',
   jq: 'jq',
+  openssl: 'openssl',
 };
 
 /** The Debian package that provides `tool`, when known. */

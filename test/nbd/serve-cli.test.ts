@@ -118,7 +118,7 @@ test('bdsnap serve --listen without --insecure-tcp is refused: anyone who can co
     assert.equal(await r.exited, 1);
     const lines = r.stderr().trimEnd().split('\n');
     assert.equal(lines.length, 1, r.stderr());
-    assert.match(lines[0]!, /^bdsnap: refusing plain TCP on .*TLS is not available yet.*--insecure-tcp/);
+    assert.match(lines[0]!, /^bdsnap: refusing plain TCP on .*without TLS .*give --tls-certificates DIR or --tls-psk FILE.*--insecure-tcp/);
     assert.match(lines[0]!, who);
   }
 });

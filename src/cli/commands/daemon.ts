@@ -4,11 +4,15 @@ import type { Command } from 'commander';
 import { resolveRunDir } from '../../service/client.js';
 import { BdsnapError } from '../../errors.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
+import { addTlsOptions, checkTcpPolicy, parseListen, plainTcpWarning, tlsSettings, type TlsCliOptions } from './serve.js';
+import { loadTls } from '../../nbd/tls.js';
 
 const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
 const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
 
-interface DaemonOptions extends SessionCliOptions {
+interface DaemonOptions extends SessionCliOptions, TlsCliOptions {
+  listen?: string;
+  insecureTcp?: boolean;
   runDir?: string;
   stateDir: string;
   snapshotRoot: string;
@@ -26,8 +30,15 @@ export function register(program: Command): void {
   addSessionOptions(command)
     .option('--log-level <level>', 'pino level: debug, info, warn, error', 'info')
     .option('--no-change-tracking', 'keep no change map (incremental backups then read whole devices)')
+    .option('--listen <host:port>', 'also serve NBD on TCP; a bare port means 127.0.0.1 (needs TLS required, or --insecure-tcp); the unix socket stays plaintext');
+  addTlsOptions(command)
+    .option('--insecure-tcp', 'allow --listen without TLS required: whoever can connect (every local user, even on 127.0.0.1) can read and write every registered device')
     .action(async (options: DaemonOptions) => {
       const session = parseSessionOptions(options);
+      const listen = options.listen !== undefined ? parseListen(options.listen) : undefined;
+      const tls = await loadTls(tlsSettings(options));
+      if (tls && !listen) throw new BdsnapError('EINVAL', 'TLS applies to the TCP listener: give --listen HOST:PORT too (the unix socket is root\'s alone)');
+      if (listen) checkTcpPolicy(listen, tls, options.insecureTcp ?? false, 'every registered device');
       if (!['trace', 'debug', 'info', 'warn', 'error', 'fatal'].includes(options.logLevel)) {
         throw new BdsnapError('EINVAL', '--log-level must be one of trace, debug, info, warn, error, fatal');
       }
@@ -41,7 +52,11 @@ export function register(program: Command): void {
         log,
         session,
         changeTracking: options.changeTracking,
+        listen,
+        tls,
       });
+      const warning = listen && plainTcpWarning(`${listen.host}:${listen.port}`, listen.host, tls, 'read and write every registered device');
+      if (warning) log.warn({ event: 'insecure-tcp' }, warning);
       await new Promise<void>((resolve) => {
         const stop = (signal: string): void => {
           log.info({ event: 'signal', signal }, 'stopping on signal');

@@ -1,13 +1,14 @@
 /**
- * `bdsnap serve [--socket PATH] [--listen HOST:PORT --insecure-tcp] [--read-only] IMAGE...`:
+ * `bdsnap serve [--socket PATH] [--listen HOST:PORT] [--tls ...] [--read-only] IMAGE...`:
  * serve image files or block devices over NBD in the foreground, without the daemon. Each
  * image is exported under its absolute real path; the empty export name selects the first.
  * SIGINT or SIGTERM lets requests in flight finish, flushes, and exits 0.
  *
  * NBD has no authentication of its own: whoever reaches a TCP port can read and write every
  * export, and even a loopback port is open to every local user (a unix socket is mode 0600).
- * So plain TCP is refused unless asked for by name, and then announced on stderr. TLS, which
- * would make it safe, is not available yet.
+ * So TCP is served only with TLS required (certificates or a PSK: the client must prove it
+ * holds them), or, without it, when asked for by name with --insecure-tcp, and then announced
+ * on stderr. `--tls on` lets a client choose plaintext, so it counts as plain TCP here.
  *
  * The logic lives in startServe() so other code can run the same server and wrap each
  * device in another layer (copy-before-write, say) before it is served.
@@ -21,6 +22,7 @@ import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
 import { NbdServer } from '../../nbd/server.js';
+import { loadTls, TLS_MODES, type NbdTls, type TlsMode, type TlsSettings } from '../../nbd/tls.js';
 import { StaticExports } from '../../nbd/static-exports.js';
 import { CowDevice, type SessionEvent, type SessionOptions } from '../../snapshot/index.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
@@ -31,10 +33,12 @@ export interface ServeOptions {
   images: string[];
   /** Unix socket path; undefined means none (then `listen` must be given). */
   socketPath?: string;
-  /** TCP listener; refused unless `insecureTcp` (there is no TLS yet). */
+  /** TCP listener; refused unless TLS is required or `insecureTcp`. */
   listen?: { host: string; port: number };
-  /** Accept plain TCP: anyone who can connect can read and write the exports. */
+  /** Accept TCP that a client may use without TLS: anyone who can connect can read and write the exports. */
   insecureTcp?: boolean;
+  /** TLS on every listener (credentials are read and checked before anything is opened). */
+  tls?: TlsSettings;
   readOnly?: boolean;
   /** Wrap each opened device before it is served. */
   wrap?: (device: BlockDevice, devicePath: string) => BlockDevice;
@@ -47,6 +51,8 @@ export interface RunningServe {
   exportNames: string[];
   /** Where it listens, e.g. `unix:/run/x.sock` and `tcp:127.0.0.1:10809`. */
   endpoints: string[];
+  /** TLS as loaded, or undefined when off. */
+  tls: NbdTls | undefined;
   /** Finish requests in flight, flush, close every device. */
   stop(): Promise<void>;
 }
@@ -55,6 +61,25 @@ export interface RunningServe {
 export function whoCanConnect(host: string): string {
   const loopback = host === 'localhost' || host === '::1' || (net.isIPv4(host) && host.startsWith('127.'));
   return loopback ? 'every local user' : `every host that can reach ${host.includes(':') ? `[${host}]` : host} (and every local user)`;
+}
+
+/**
+ * TCP is served with TLS required, or else only when plaintext was accepted by name: `--tls on`
+ * lets a client skip TLS, so it counts as plaintext here.
+ */
+export function checkTcpPolicy(listen: { host: string; port: number }, tls: NbdTls | undefined, insecureTcp: boolean, what: string): void {
+  if (tls?.mode === 'require' || insecureTcp) return;
+  const how = tls ? 'with --tls on a client may skip TLS, so' : 'without TLS';
+  throw new BdsnapError('EINVAL',
+    `refusing plain TCP on ${listen.host}:${listen.port}: ${how} ${whoCanConnect(listen.host)} could read and write ${what}; `
+    + 'give --tls-certificates DIR or --tls-psk FILE (TLS required), pass --insecure-tcp to accept that, or use the unix socket');
+}
+
+/** The warning printed when TCP is served without TLS required, or undefined when it is. */
+export function plainTcpWarning(endpoint: string, host: string, tls: NbdTls | undefined, what: string): string | undefined {
+  if (tls?.mode === 'require') return undefined;
+  const without = tls ? 'with TLS optional (--tls on) and no other authentication' : 'without TLS or authentication';
+  return `plain TCP on ${endpoint}, ${without}: ${whoCanConnect(host)} can connect and ${what}`;
 }
 
 /** Parse `HOST:PORT`, `[V6]:PORT` or a bare `PORT` (which means 127.0.0.1). */
@@ -68,11 +93,8 @@ export function parseListen(text: string): { host: string; port: number } {
 export async function startServe(options: ServeOptions): Promise<RunningServe> {
   if (options.images.length === 0) throw new BdsnapError('EINVAL', 'no image to serve');
   if (options.socketPath === undefined && options.listen === undefined) throw new BdsnapError('EINVAL', 'no listener');
-  if (options.listen && options.insecureTcp !== true) {
-    throw new BdsnapError('EINVAL',
-      `refusing plain TCP on ${options.listen.host}:${options.listen.port}: ${whoCanConnect(options.listen.host)} could read and write the images `
-      + '(TLS is not available yet); pass --insecure-tcp to accept that, or serve on a unix socket');
-  }
+  const tls = await loadTls(options.tls ?? {});
+  if (options.listen) checkTcpPolicy(options.listen, tls, options.insecureTcp ?? false, 'the images');
   const opened: FileDevice[] = [];
   const closeAll = async (): Promise<void> => {
     await Promise.allSettled(opened.map((d) => d.close()));
@@ -97,11 +119,11 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
     try {
       if (options.socketPath !== undefined) {
         const socketPath = path.resolve(options.socketPath);
-        await server.listenUnix(socketPath);
+        await server.listenUnix(socketPath, tls);
         endpoints.push(`unix:${socketPath}`);
       }
       if (options.listen) {
-        const { port } = await server.listenTcp(options.listen.host, options.listen.port);
+        const { port } = await server.listenTcp(options.listen.host, options.listen.port, tls);
         endpoints.push(`tcp:${options.listen.host}:${port}`);
       }
     } catch (err) {
@@ -113,6 +135,7 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
       server,
       exportNames: exports.map((e) => e.name),
       endpoints,
+      tls,
       stop: () => {
         stopping ??= (async () => {
           await server.close();
@@ -134,24 +157,30 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
 }
 
 export function register(program: Command): void {
-  const command = program
+  const base = program
     .command('serve')
     .description('serve image files or block devices over NBD in the foreground, without the daemon (--snapshot-root adds a session)')
     .argument('<image...>', 'image files or block devices; each is exported under its absolute real path, and the empty export name selects the first')
     .option('--socket <path>', `unix socket to listen on (default: ./${DEFAULT_SOCKET} unless --listen is given)`)
-    .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default; needs --insecure-tcp)')
-    .option('--insecure-tcp', 'allow --listen without TLS: whoever can connect (every local user, even on 127.0.0.1) can read and write the images')
+    .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (TCP is off by default; needs TLS required, or --insecure-tcp)');
+  const command = addTlsOptions(base)
+    .option('--insecure-tcp', 'allow --listen without TLS required: whoever can connect (every local user, even on 127.0.0.1) can read and write the images')
     .option('--read-only', 'refuse writes (clients see a read-only export)')
     .option('--snapshot-root <dir>', 'open a copy-before-write session per image under DIR for as long as it is served');
   addSessionOptions(command)
     .addHelpText('after', `
 Prints "bdsnap: serving N export(s) on ENDPOINTS" on stderr once ready. SIGINT or SIGTERM
 finishes the requests in flight, flushes every image and exits 0. NBD has no authentication
-and TLS is not available yet, so --listen needs --insecure-tcp, and prints a warning.
+of its own, so --listen needs TLS required (certificates or a PSK) or --insecure-tcp, which
+prints a warning. TLS, when given, applies to the unix socket too.
 
-Example:
+Examples:
   bdsnap serve --socket /tmp/nbd.sock disk.img &
-  nbdinfo 'nbd+unix:///?socket=/tmp/nbd.sock'`)
+  nbdinfo 'nbd+unix:///?socket=/tmp/nbd.sock'
+  bdsnap serve --listen 0.0.0.0:10809 --tls-certificates /etc/bdsnap/tls disk.img &
+  nbdinfo 'nbds://server/?tls-certificates=/etc/bdsnap/client-tls'
+  bdsnap serve --listen 10809 --tls-psk keys.psk disk.img &
+  nbdinfo 'nbds://alice@127.0.0.1/?tls-psk-file=keys.psk'`)
     .action(async (images: string[], opts: ServeCliOptions) => {
       const listen = opts.listen !== undefined ? parseListen(opts.listen) : undefined;
       const socketPath = opts.socket ?? (listen ? undefined : DEFAULT_SOCKET);
@@ -169,12 +198,14 @@ Example:
       try {
         const running = await startServe({
           images, socketPath, listen, insecureTcp: opts.insecureTcp ?? false, readOnly: opts.readOnly ?? false, wrap, log: printWarnings,
+          tls: tlsSettings(opts),
         });
         if (listen) {
           const tcp = running.endpoints.find((e) => e.startsWith('tcp:'))!.slice('tcp:'.length);
-          process.stderr.write(`bdsnap: WARNING: plain TCP on ${tcp}, without TLS or authentication: ${whoCanConnect(listen.host)} can connect `
-            + `and ${opts.readOnly ? 'read' : 'read and write'} the images\n`);
+          const warning = plainTcpWarning(tcp, listen.host, running.tls, `${opts.readOnly ? 'read' : 'read and write'} the images`);
+          if (warning) process.stderr.write(`bdsnap: WARNING: ${warning}\n`);
         }
+        if (running.tls) process.stderr.write(`bdsnap: TLS ${running.tls.mode === 'require' ? 'required' : 'offered'}: ${running.tls.description}\n`);
         const n = running.exportNames.length;
         process.stderr.write(`bdsnap: serving ${n} export${n === 1 ? '' : 's'} on ${running.endpoints.join(', ')}\n`);
         if (!signalled) await new Promise<void>((resolve) => (wake = resolve));
@@ -195,7 +226,31 @@ function printWarnings(event: Record<string, unknown>): void {
   if (event.level === 'warn') process.stderr.write(`bdsnap: warning: ${String(event.message)}\n`);
 }
 
-interface ServeCliOptions extends SessionCliOptions {
+/** The --tls* options, as `serve` and `daemon` take them (nbdkit's names). */
+export function addTlsOptions(command: Command): Command {
+  return command
+    .option('--tls <mode>', 'off, on (the client chooses) or require (every option before STARTTLS is refused); default: require with credentials, else off')
+    .option('--tls-certificates <dir>', 'x509: DIR holds server-cert.pem, server-key.pem (mode 600), ca-cert.pem and optionally ca-crl.pem')
+    .option('--tls-psk <file>', 'pre-shared keys: username:hexkey lines as psktool writes them (mode 600)')
+    .option('--tls-verify-peer', 'demand a client certificate signed by ca-cert.pem');
+}
+
+/** The --tls* options as settings; loadTls() checks how they combine. */
+export function tlsSettings(opts: TlsCliOptions): TlsSettings {
+  if (opts.tls !== undefined && !TLS_MODES.includes(opts.tls as TlsMode)) {
+    throw new BdsnapError('EINVAL', `bad --tls "${opts.tls}": expected off, on or require`);
+  }
+  return { mode: opts.tls as TlsMode | undefined, certificatesDir: opts.tlsCertificates, pskFile: opts.tlsPsk, verifyPeer: opts.tlsVerifyPeer ?? false };
+}
+
+export interface TlsCliOptions {
+  tls?: string;
+  tlsCertificates?: string;
+  tlsPsk?: string;
+  tlsVerifyPeer?: boolean;
+}
+
+interface ServeCliOptions extends SessionCliOptions, TlsCliOptions {
   socket?: string;
   listen?: string;
   insecureTcp?: boolean;
