@@ -28,7 +28,7 @@ import { NbdServer } from '../nbd/server.js';
 import { JOURNAL_FILE } from '../snapshot/format.js';
 import { readJournal } from '../snapshot/restore/journal.js';
 import { listSessions, recoverSession } from '../snapshot/sessions.js';
-import { ensurePrivateDir } from '../host/private-dir.js';
+import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import { PasswordStore } from './auth.js';
 import { CONTROL_SOCKET, NBD_SOCKET } from './client.js';
 import {
@@ -291,7 +291,21 @@ export class Daemon {
       this.#log.info({ event: active ? 'activate' : 'deactivate', device: devicePath, ...(sessionContinues ? { sessionContinues } : {}) },
         active ? 'device activated' : 'device deactivated');
     }
-    return { device: devicePath, active, changed, sessionContinues };
+    const warnings = active ? await this.#servingWarnings(devicePath) : [];
+    return { device: devicePath, active, changed, sessionContinues, ...(warnings.length > 0 ? { warnings } : {}) };
+  }
+
+  /**
+   * An image in a directory others can write can be swapped for another file between opens:
+   * FileDevice refuses a link there and a file that is not the registered one, but the operator
+   * should move the image somewhere only root can change.
+   */
+  async #servingWarnings(devicePath: string): Promise<string[]> {
+    const why = await whyOthersCanRename(devicePath);
+    if (why === undefined) return [];
+    const warning = `${devicePath} can be replaced by another user (${why}): move it to a directory only root can write`;
+    this.#log.warn({ event: 'device-path-unsafe', device: devicePath, reason: why }, warning);
+    return [warning];
   }
 
   #status(): StatusResult {
