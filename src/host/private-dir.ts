@@ -24,7 +24,20 @@ export async function ensurePrivateDir(dir: string, mode = 0o700): Promise<void>
     await fs.promises.chmod(dir, mode).catch((err: unknown) => { throw toBdsnapError(err); });
     return;
   }
-  const st = await fs.promises.lstat(dir);
+  await checkPrivateDir(dir);
+}
+
+/**
+ * Accept `dir` only if it is a real directory (not a link to one) owned by this user and
+ * closed to others. Errors: ENOENT, EINVAL (not a directory), EPERM (someone else's, or open).
+ */
+export async function checkPrivateDir(dir: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = await fs.promises.lstat(dir);
+  } catch (err) {
+    throw toBdsnapError(err);
+  }
   if (!st.isDirectory()) throw new BdsnapError('EINVAL', `${dir} is not a directory`);
   const euid = process.geteuid?.() ?? 0;
   if (st.uid !== euid) throw new BdsnapError('EPERM', `${dir} is owned by uid ${st.uid}, not by this user (${euid}); use a directory of its own`);
