@@ -37,6 +37,9 @@ export function listenServer(server: net.Server, start: () => void): Promise<voi
  * replaced; a live one is EBUSY; any other file there is EINVAL.
  */
 export async function listenUnixSocket(server: net.Server, socketPath: string): Promise<void> {
+  // Between bind(2) and the chmod below the socket has the umask's mode. Only a private
+  // directory closes that window: the daemon's sockets are in its run directory, which it
+  // checked with ensurePrivateDir before listening.
   await removeStaleSocket(socketPath);
   await listenServer(server, () => server.listen(socketPath));
   try {

@@ -63,6 +63,8 @@ export interface RestoreTarget {
  * bdsnap process.
  */
 export async function openRestoreTarget(target: string, output: boolean, sizeBytes: number): Promise<RestoreTarget> {
+  // The device as the operator named it, links resolved once: FileDevice opens only a real path.
+  if (!output) target = await fs.promises.realpath(target).catch(() => target);
   const st = await (output ? fs.promises.lstat(target) : fs.promises.stat(target)).catch((err: unknown) => {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw toBdsnapError(err);

@@ -6,6 +6,9 @@
  * place; link fails with EEXIST if a lock is there, so a lock file is never seen half written
  * and at most one process creates it.
  *
+ * The directory is private to the process's user (root's for the daemon), so no other user can
+ * plant a lock, remove one, or read the device paths the locks record.
+ *
  * Stale locks (owner killed with SIGKILL, or its pid since reused: the start time differs) are
  * taken over without ever removing a live lock. Only a lock judged stale is replaced, and only
  * by the one process that wins the exclusive link of a marker named after that exact lock
@@ -18,7 +21,8 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { BdsnapError } from '../errors.js';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { ensurePrivateDir } from '../host/private-dir.js';
 import { processStartTimeSync } from '../host/processes.js';
 import type { DeviceIdentity } from './block-device.js';
 
@@ -30,15 +34,18 @@ export interface DeviceLock {
 const MARKER_MAX_AGE_MS = 10 * 60 * 1000;
 const MAX_ATTEMPTS = 20;
 
-/** The lock directory: $BDSNAP_LOCK_DIR, else /run/lock/bdsnap, else a folder in the temp dir. */
+/**
+ * The lock directory: $BDSNAP_LOCK_DIR; for root /run/bdsnap-locks (in /run, which only root
+ * may write: in a world-writable /run/lock another user could make the directory first and
+ * plant or remove locks); for anyone else a directory of their own. Whichever it is, it must
+ * be a private directory of this user (see host/private-dir.ts), or no lock is taken.
+ */
 export function lockDirectory(): string {
   if (process.env.BDSNAP_LOCK_DIR) return process.env.BDSNAP_LOCK_DIR;
-  try {
-    fs.accessSync('/run/lock', fs.constants.W_OK);
-    return '/run/lock/bdsnap';
-  } catch {
-    return path.join(os.tmpdir(), 'bdsnap-locks');
-  }
+  const euid = process.geteuid?.() ?? 0;
+  if (euid === 0) return '/run/bdsnap-locks';
+  if (process.env.XDG_RUNTIME_DIR) return path.join(process.env.XDG_RUNTIME_DIR, 'bdsnap-locks');
+  return path.join(os.tmpdir(), `bdsnap-locks-${euid}`);
 }
 
 function lockName(identity: DeviceIdentity): string {
@@ -75,7 +82,7 @@ function ownerAlive(owner: Owner): boolean {
 function readLock(file: string): { content: string; ino: number } | undefined {
   let fd: number;
   try {
-    fd = fs.openSync(file, 'r');
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw err;
@@ -97,14 +104,19 @@ function removeOldMarkers(dir: string, base: string): void {
 
 export async function acquireDeviceLock(devicePath: string, identity: DeviceIdentity): Promise<DeviceLock> {
   const dir = lockDirectory();
-  await fs.promises.mkdir(dir, { recursive: true, mode: 0o755 });
+  try {
+    await ensurePrivateDir(dir, 0o700);
+  } catch (err) {
+    const e = toBdsnapError(err);
+    throw new BdsnapError(e.code, `cannot lock ${devicePath}: the lock directory is not safe: ${e.message} (or remove it: bdsnap makes it again, private)`, { cause: err });
+  }
   const base = lockName(identity);
   const file = path.join(dir, base);
   const startTime = processStartTimeSync(process.pid);
   const tmp = path.join(dir, `.${base}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
   // The lock is complete before it can be seen: written whole, then linked into place.
   try {
-    await fs.promises.writeFile(tmp, `${process.pid}\n${startTime ?? ''}\n${devicePath}\n`, { flag: 'wx', mode: 0o644 });
+    await fs.promises.writeFile(tmp, `${process.pid}\n${startTime ?? ''}\n${devicePath}\n`, { flag: 'wx', mode: 0o600 });
   } catch (err) {
     throw new BdsnapError('EIO', `cannot create a lock file in ${dir}: ${(err as Error).message}`, { cause: err });
   }

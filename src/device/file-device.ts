@@ -3,6 +3,9 @@
  *
  * - Every read and write loops until the whole range is done (short transfers happen on
  *   block devices and under signals).
+ * - The name is looked up once, by open(2) with O_NOFOLLOW; kind, identity and size come from
+ *   that descriptor. Whoever can write the image's directory may swap the name for a link to
+ *   a root-only file or disk between two lookups, so there is no second one.
  * - A block device's size comes from sysfs, not from stat (stat says 0 for a device node).
  * - One process opens one image at a time: an exclusive lock keyed by the file's identity
  *   (dev:ino, or rdev for device nodes) is taken at open, so a second server of the same
@@ -46,8 +49,36 @@ export interface FileDeviceOptions {
   readOnly?: boolean;
   /** Skip the one-opener lock (for a second handle inside the same process). Default false. */
   shared?: boolean;
+  /**
+   * Follow a symbolic link at the end of `path`. Only for names no other user can change, such
+   * as /proc/self/fd/N: by default a link there is refused, since whoever can write the image's
+   * directory could otherwise point it at any file or disk.
+   */
+  followSymlinks?: boolean;
+  /** Refuse to open anything but this file (the identity recorded when the name was registered). */
+  expectIdentity?: DeviceIdentity;
   /** Which transfers run synchronously (default: sizes from the environment; see sync-io-policy.ts). */
   syncIo?: SyncIoPolicy;
+}
+
+function sameIdentity(a: DeviceIdentity, b: DeviceIdentity): boolean {
+  return a.kind === b.kind && (a.kind === 'block' ? a.rdev === b.rdev : a.dev === b.dev && a.ino === b.ino);
+}
+
+function describeIdentity(identity: DeviceIdentity): string {
+  return identity.kind === 'block' ? `block device ${formatDevT(identity.rdev)}` : `file ${formatDevT(identity.dev)}:${identity.ino}`;
+}
+
+function openError(path: string, err: unknown): BdsnapError {
+  const e = toBdsnapError(err);
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === 'ELOOP') {
+    return new BdsnapError('EPERM', `${path} is a symbolic link; bdsnap opens an image only by its real path, so that a link planted there cannot point it at another file: give the path of the image itself`, { cause: err });
+  }
+  if (code === 'ENOENT') return new BdsnapError('ENOENT', `cannot open ${path}: ${e.message}`, { cause: err });
+  if (code === 'EISDIR') return new BdsnapError('EINVAL', `${path} is neither a regular image file nor a block device`, { cause: err });
+  if (e.code === 'EBUSY') return new BdsnapError('EBUSY', `${path} is busy: mounted or claimed by another program`, { cause: err });
+  return new BdsnapError(e.code, `cannot open ${path}: ${e.message}`, { cause: err });
 }
 
 export class FileDevice implements BlockDevice {
@@ -82,33 +113,49 @@ export class FileDevice implements BlockDevice {
     this.blockSizes = { minimum: 512, preferred: 4096, maximum: 32 * 1024 * 1024 };
   }
 
-  /** Open an image file or block device node. Errors: ENOENT, EPERM, EBUSY, EINVAL (not a file or device). */
+  /**
+   * Open an image file or block device node. The name is looked up once, without following a
+   * symbolic link at its end, and everything else (kind, identity, size, the lock) comes from
+   * the descriptor: a name swapped between a check and the open cannot make this device another
+   * file. Errors: ENOENT, EPERM (a symbolic link, or not `expectIdentity`), EBUSY, EINVAL (not a
+   * file or device).
+   */
   static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
     const readOnly = options.readOnly ?? false;
-    let st: fs.Stats;
+    const accessFlags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+    let fd: number;
     try {
-      st = await fs.promises.stat(path);
+      // O_NONBLOCK: a FIFO planted under the name must not hang the open (it changes nothing
+      // for regular files and block devices); O_NOCTTY: nor may a terminal become ours.
+      const { O_NOFOLLOW, O_NONBLOCK, O_NOCTTY } = fs.constants;
+      fd = await openAsync(path, accessFlags | O_NONBLOCK | O_NOCTTY | (options.followSymlinks ? 0 : O_NOFOLLOW));
     } catch (err) {
-      throw new BdsnapError('ENOENT', `cannot open ${path}: ${(err as Error).message}`, { cause: err });
+      throw openError(path, err);
     }
-    const kind = st.isBlockDevice() ? 'block' : st.isFile() ? 'file' : undefined;
-    if (!kind) throw new BdsnapError('EINVAL', `${path} is neither a regular image file nor a block device`);
-    const identity: DeviceIdentity = { kind, dev: st.dev, ino: st.ino, rdev: st.rdev };
-    const lock = options.shared ? undefined : await acquireDeviceLock(path, identity);
+    let lock: DeviceLock | undefined;
     try {
-      let flags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
-      if (kind === 'block' && !options.shared) flags |= fs.constants.O_EXCL;
-      let fd: number;
-      try {
-        fd = await openAsync(path, flags);
-      } catch (err) {
-        const e = toBdsnapError(err);
-        if (e.code === 'EBUSY') throw new BdsnapError('EBUSY', `${path} is busy: mounted or claimed by another program`, { cause: err });
-        throw new BdsnapError(e.code, `cannot open ${path}: ${e.message}`, { cause: err });
+      const st = fs.fstatSync(fd);
+      const kind = st.isBlockDevice() ? 'block' : st.isFile() ? 'file' : undefined;
+      if (!kind) throw new BdsnapError('EINVAL', `${path} is neither a regular image file nor a block device`);
+      const identity: DeviceIdentity = { kind, dev: st.dev, ino: st.ino, rdev: st.rdev };
+      if (options.expectIdentity !== undefined && !sameIdentity(identity, options.expectIdentity)) {
+        throw new BdsnapError('EPERM', `${path} is no longer the ${describeIdentity(options.expectIdentity)} registered under that name ` +
+          `(it is now ${describeIdentity(identity)}); it is not opened: put the image back, or deactivate it and register it again`);
+      }
+      lock = options.shared ? undefined : await acquireDeviceLock(path, identity);
+      if (kind === 'block' && !options.shared) {
+        // O_EXCL claims the disk itself (whatever node names it) and fails while it is mounted.
+        // Reopening the descriptor's own /proc name keeps it the node checked above.
+        const exclusive = await openAsync(`/proc/self/fd/${fd}`, accessFlags | fs.constants.O_EXCL).catch((err: unknown) => {
+          throw openError(path, err);
+        });
+        fs.closeSync(fd);
+        fd = exclusive;
       }
       const size = kind === 'block' ? await blockDeviceSizeBytes(path, st.rdev) : st.size;
       return new FileDevice(path, fd, size, readOnly, identity, lock, options.syncIo ?? new SyncIoPolicy());
     } catch (err) {
+      fs.closeSync(fd);
       await lock?.release();
       throw err;
     }

@@ -45,3 +45,37 @@ export async function writeFileAtomic(filePath: string, data: string | Buffer, m
     throw toBdsnapError(err);
   }
 }
+
+/**
+ * writeFileAtomic, synchronously, for a record that must be on disk before the caller goes on
+ * (a difference storage's failure state). The temporary file is created O_EXCL, so nothing
+ * planted under its name is written through, and rename(2) replaces whatever has the target's
+ * name (a symbolic link included) without following it.
+ */
+export function writeFileAtomicSync(filePath: string, data: string | Buffer, mode = 0o600): void {
+  const dir = path.dirname(filePath);
+  const tmp = path.join(dir, `.${path.basename(filePath)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+  let renamed = false;
+  try {
+    const fd = fs.openSync(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, mode);
+    try {
+      const bytes = Buffer.isBuffer(data) ? data : Buffer.from(data);
+      for (let done = 0; done < bytes.length;) done += fs.writeSync(fd, bytes, done, bytes.length - done, done);
+      fs.fchmodSync(fd, mode);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, filePath);
+    renamed = true;
+    const dh = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    try {
+      fs.fsyncSync(dh);
+    } finally {
+      fs.closeSync(dh);
+    }
+  } catch (err) {
+    if (!renamed) fs.rmSync(tmp, { force: true });
+    throw toBdsnapError(err);
+  }
+}

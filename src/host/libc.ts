@@ -79,6 +79,13 @@ export interface Libc {
    * (EWOULDBLOCK); throws an Error with `errno` for any other failure.
    */
   tryLockExclusive(fd: number): boolean;
+  /**
+   * setrlimit(RLIMIT_CORE, 0) and prctl(PR_SET_DUMPABLE, 0): this process never leaves a core
+   * dump (which would hold the service password as typed, key material and device content),
+   * not even through a core_pattern pipe, which ignores RLIMIT_CORE. Throws an Error with
+   * `errno` when a call fails.
+   */
+  disableCoreDumps(): void;
 }
 
 export type CloneResult = 'cloned' | 'unsupported';
@@ -104,6 +111,8 @@ const SO_SNDBUF: Record<SocketAbi, number> = { generic: 7, powerpc: 7, mips: 0x1
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const SYNC_FILE_RANGE_WRITE = 2;
+const RLIMIT_CORE = 4;
+const PR_SET_DUMPABLE = 4;
 const LOCK_EX = 2;
 const LOCK_NB = 4;
 const ENXIO = 6;
@@ -159,6 +168,8 @@ function bind(): { libc: Libc | undefined; reason: string } {
     const setsockopt = lib.func('int setsockopt(int fd, int level, int optname, _In_ uint8_t *optval, uint32_t optlen)');
     const syncFileRange = lib.func('int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)');
     const flock = lib.func('int flock(int fd, int operation)');
+    const setrlimit = lib.func('int setrlimit(int resource, _In_ uint8_t *rlim)');
+    const prctl = lib.func('int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5)');
     const libc: Libc = {
       peerCred(fd: number): PeerCred {
         const ucred = Buffer.alloc(UCRED_BYTES);
@@ -190,6 +201,13 @@ function bind(): { libc: Libc | undefined; reason: string } {
         const errno = koffi.errno();
         if (errno === os.constants.errno.EWOULDBLOCK) return false;
         throw Object.assign(new Error(`flock on descriptor ${fd} failed: ${errnoName(errno) ?? `errno ${errno}`}`), { errno, code: errnoName(errno) });
+      },
+      disableCoreDumps(): void {
+        // struct rlimit { rlim_t cur, max; }, both 0; 16 bytes cover a 64-bit rlim_t.
+        if ((setrlimit(RLIMIT_CORE, Buffer.alloc(16)) as number) !== 0 || (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) as number) !== 0) {
+          const errno = koffi.errno();
+          throw Object.assign(new Error(`cannot disable core dumps: ${errnoName(errno) ?? `errno ${errno}`}`), { errno });
+        }
       },
       startWriteback(fd: number, offsetBytes: number, lengthBytes: number): Promise<boolean> {
         if (!(lengthBytes > 0)) return Promise.resolve(false);

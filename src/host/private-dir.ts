@@ -4,6 +4,7 @@
  */
 
 import fs from 'node:fs';
+import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 
 /**
@@ -23,11 +24,47 @@ export async function ensurePrivateDir(dir: string, mode = 0o700): Promise<void>
     await fs.promises.chmod(dir, mode).catch((err: unknown) => { throw toBdsnapError(err); });
     return;
   }
-  const st = await fs.promises.lstat(dir);
+  await checkPrivateDir(dir);
+}
+
+/**
+ * Accept `dir` only if it is a real directory (not a link to one) owned by this user and
+ * closed to others. Errors: ENOENT, EINVAL (not a directory), EPERM (someone else's, or open).
+ */
+export async function checkPrivateDir(dir: string): Promise<void> {
+  let st: fs.Stats;
+  try {
+    st = await fs.promises.lstat(dir);
+  } catch (err) {
+    throw toBdsnapError(err);
+  }
   if (!st.isDirectory()) throw new BdsnapError('EINVAL', `${dir} is not a directory`);
   const euid = process.geteuid?.() ?? 0;
   if (st.uid !== euid) throw new BdsnapError('EPERM', `${dir} is owned by uid ${st.uid}, not by this user (${euid}); use a directory of its own`);
   if ((st.mode & 0o077) !== 0) {
     throw new BdsnapError('EPERM', `${dir} is open to other users (mode ${(st.mode & 0o777).toString(8)}); use a private directory or chmod 700 it`);
+  }
+}
+
+/**
+ * Why another user could make `filePath` name a different file, or undefined if only root
+ * and this user can: a directory on the way that someone else owns, or that others may write
+ * without the sticky bit, or a sticky one in which the next name belongs to someone else (who
+ * may rename it). Read once, for a warning: a name is never trusted because of this check.
+ */
+export async function whyOthersCanRename(filePath: string): Promise<string | undefined> {
+  const euid = process.geteuid?.() ?? 0;
+  const trusted = (uid: number): boolean => uid === 0 || uid === euid;
+  let child = path.resolve(filePath);
+  for (let dir = path.dirname(child); ; child = dir, dir = path.dirname(dir)) {
+    const st = await fs.promises.lstat(dir).catch(() => undefined);
+    if (st === undefined) return `${dir} cannot be examined`;
+    if (!trusted(st.uid)) return `${dir} belongs to uid ${st.uid}`;
+    if ((st.mode & 0o022) !== 0) {
+      if ((st.mode & 0o1000) === 0) return `${dir} is writable by other users (mode ${(st.mode & 0o7777).toString(8)})`;
+      const entry = await fs.promises.lstat(child).catch(() => undefined);
+      if (entry !== undefined && !trusted(entry.uid)) return `${child} belongs to uid ${entry.uid}, who may rename it in ${dir}`;
+    }
+    if (dir === path.dirname(dir)) return undefined;
   }
 }

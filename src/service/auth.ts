@@ -19,8 +19,12 @@ export const PASSWORD_FILE = 'password';
 export const MIN_PASSWORD_LENGTH = 8;
 export const MAX_PASSWORD_LENGTH = 1024;
 
-/** scrypt cost: 2^15 × 8 × 128 bytes = 32 MiB of memory per hash, about 0.1 s on these machines. */
-const SCRYPT_N = 1 << 15;
+/**
+ * scrypt cost, OWASP's current recommendation (N=2^17, r=8, p=1): 2^17 × 8 × 128 bytes = 128 MiB
+ * of memory per hash. N, r and p are stored with each hash, so a hash made with the former
+ * N=2^15 still verifies; setting the password again rehashes it at this cost.
+ */
+const SCRYPT_N = 1 << 17;
 const SCRYPT_R = 8;
 const SCRYPT_P = 1;
 const KEY_BYTES = 32;

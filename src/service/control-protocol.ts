@@ -96,6 +96,8 @@ export interface ActivationResult {
   changed: boolean;
   /** For deactivate while mounted: the session that carries on until unmount. */
   sessionContinues: string | null;
+  /** For activate: what makes the device unsafe to serve (such as a directory others can write). */
+  warnings?: string[];
 }
 
 export interface DeviceStatus {

@@ -29,7 +29,8 @@ import type { NbdTls } from '../nbd/tls.js';
 import { JOURNAL_FILE } from '../snapshot/format.js';
 import { readJournal } from '../snapshot/restore/journal.js';
 import { listSessions, recoverSession } from '../snapshot/sessions.js';
-import { ensurePrivateDir } from '../host/private-dir.js';
+import { libcUnavailableReason, loadLibc } from '../host/libc.js';
+import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import { PasswordStore } from './auth.js';
 import { CONTROL_SOCKET, NBD_SOCKET } from './client.js';
 import {
@@ -120,6 +121,7 @@ export class Daemon {
   }
 
   static async start(options: DaemonOptions): Promise<Daemon> {
+    disableCoreDumps(options.log);
     const runDir = path.resolve(options.runDir);
     const stateDir = path.resolve(options.stateDir);
     const snapshotRoot = path.resolve(options.snapshotRoot);
@@ -127,7 +129,9 @@ export class Daemon {
     await ensurePrivateDir(stateDir, 0o700);
     const claim = await claimDaemonDirs({ runDir, stateDir, snapshotRoot }, [path.join(runDir, NBD_SOCKET), path.join(runDir, CONTROL_SOCKET)]);
     try {
-      await fs.promises.mkdir(snapshotRoot, { recursive: true, mode: 0o700 });
+      // Sessions hold the devices' original content: another user who could write here could
+      // replace what a restore writes back.
+      await ensurePrivateDir(snapshotRoot, 0o700);
       await cleanUpStaleMounts(path.join(runDir, MOUNTS_FILE), options.log);
       const registry = await Registry.load(stateDir);
       await recoverOpenSessions(registry, snapshotRoot, options.log);
@@ -303,7 +307,21 @@ export class Daemon {
       this.#log.info({ event: active ? 'activate' : 'deactivate', device: devicePath, ...(sessionContinues ? { sessionContinues } : {}) },
         active ? 'device activated' : 'device deactivated');
     }
-    return { device: devicePath, active, changed, sessionContinues };
+    const warnings = active ? await this.#servingWarnings(devicePath) : [];
+    return { device: devicePath, active, changed, sessionContinues, ...(warnings.length > 0 ? { warnings } : {}) };
+  }
+
+  /**
+   * An image in a directory others can write can be swapped for another file between opens:
+   * FileDevice refuses a link there and a file that is not the registered one, but the operator
+   * should move the image somewhere only root can change.
+   */
+  async #servingWarnings(devicePath: string): Promise<string[]> {
+    const why = await whyOthersCanRename(devicePath);
+    if (why === undefined) return [];
+    const warning = `${devicePath} can be replaced by another user (${why}): move it to a directory only root can write`;
+    this.#log.warn({ event: 'device-path-unsafe', device: devicePath, reason: why }, warning);
+    return [warning];
   }
 
   #status(): StatusResult {
@@ -385,4 +403,19 @@ async function directoryBytes(dir: string): Promise<number> {
     // A session directory that vanished meanwhile counts as empty.
   }
   return total;
+}
+
+/**
+ * A root daemon's core dump would hold passwords as they arrived, decrypted repository keys and
+ * device content, readable by whoever reads the dump. Without libc the daemon goes on (its
+ * control socket fails closed anyway) and says so; systemd's LimitCORE=0 covers the unit.
+ */
+function disableCoreDumps(log: Logger): void {
+  const libc = loadLibc();
+  try {
+    if (libc === undefined) throw new Error(libcUnavailableReason() ?? 'libc is not available');
+    libc.disableCoreDumps();
+  } catch (err) {
+    log.warn({ event: 'core-dumps-enabled', reason: (err as Error).message }, 'cannot disable core dumps of the daemon');
+  }
 }

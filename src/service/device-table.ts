@@ -21,7 +21,7 @@
  */
 
 import type { Logger } from 'pino';
-import type { BlockDevice } from '../device/block-device.js';
+import type { BlockDevice, DeviceIdentity } from '../device/block-device.js';
 import { FileDevice } from '../device/file-device.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ExportHandle } from '../nbd/exports.js';
@@ -34,7 +34,7 @@ import type { DeviceStatus } from './control-protocol.js';
 import { DirtyTracker } from '../device/dirty-tracker.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from './keyed-queue.js';
-import type { Registry } from './registry.js';
+import type { DeviceRecord, Registry } from './registry.js';
 
 export interface SessionSettings {
   chunkSize?: number;
@@ -131,7 +131,7 @@ export class DeviceTable {
       const attached = this.#attachments.get(name);
       if (attached) return { name, device: attached.phase?.top ?? attached.layer, release: async () => {} };
       // Only the size and flags are needed: a shared read-only handle leaves the lock alone.
-      const file = await FileDevice.open(name, { readOnly: true, shared: true });
+      const file = await FileDevice.open(name, { readOnly: true, shared: true, ...expectedIdentity(this.#registry.get(name)) });
       return { name, device: file, release: () => file.close() };
     }
     const att = await this.attach(name, { holder: 'connection' });
@@ -180,7 +180,7 @@ export class DeviceTable {
       const record = this.#registry.get(devicePath);
       if (!record) throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap`);
       if (!att) {
-        const file = await FileDevice.open(devicePath);
+        const file = await FileDevice.open(devicePath, expectedIdentity(record));
         let tracked: BlockDevice = file;
         if (this.#tracking) {
           try {
@@ -379,4 +379,14 @@ export class DeviceTable {
   #serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
     return this.#queues.run(key, fn);
   }
+}
+
+/**
+ * The identity a registry record holds for its device, for FileDevice to refuse any other file
+ * under the name. A record without one (older registries) gets only FileDevice's own refusal
+ * of a symbolic link.
+ */
+function expectedIdentity(record: DeviceRecord | undefined): { expectIdentity?: DeviceIdentity } {
+  const identity = (record as { identity?: DeviceIdentity } | undefined)?.identity;
+  return identity !== undefined ? { expectIdentity: identity } : {};
 }

@@ -40,7 +40,8 @@ import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { formatBytes } from '../units.js';
 import { checkChunkSize } from './format.js';
-import { writeFileAtomic } from '../host/atomic-file.js';
+import { writeFileAtomic, writeFileAtomicSync } from '../host/atomic-file.js';
+import { checkPrivateDir } from '../host/private-dir.js';
 import { ChunkTable } from './chunk-table.js';
 import { SequentialReader, StoreWriter } from './store.js';
 import { preadFully } from '../host/fd-io.js';
@@ -412,12 +413,20 @@ export class DiffStorage {
 
   async #openFile(dir: string, index: number, flags: 'wx+' | 'r+'): Promise<DiffFile> {
     const filePath = path.join(dir, diffFileName(this.id, index));
+    const { O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
     let fd: number;
     try {
-      fd = await openAsync(filePath, flags, 0o600);
+      fd = await openAsync(filePath, O_RDWR | O_NOFOLLOW | (flags === 'wx+' ? O_CREAT | O_EXCL : 0), 0o600);
     } catch (err) {
       const e = toBdsnapError(err);
+      if ((err as NodeJS.ErrnoException).code === 'ELOOP') throw new BdsnapError('EPERM', `${filePath} is a symbolic link, not a difference storage file`, { cause: err });
       throw new BdsnapError(e.code === 'ENOENT' ? 'ENOENT' : e.code, `cannot open ${filePath}: ${e.message}`, { cause: err });
+    }
+    try {
+      checkOwnFile(filePath, fs.fstatSync(fd));
+    } catch (err) {
+      await closeAsync(fd);
+      throw err;
     }
     return { index, dir, path: filePath, fd, writer: this.#writer(fd, dir, 0) };
   }
@@ -495,14 +504,18 @@ export class DiffStorage {
    * this returns, so a kill cannot leave that write on the device and the storage looking fine.
    */
   #writeStateFile(): void {
-    let fd: number | undefined;
+    // Replaced, never opened by name: a link planted under the name is not written through.
+    const file = path.join(this.#dirs[0]!, stateFileName(this.id));
     try {
-      fd = fs.openSync(path.join(this.#dirs[0]!, stateFileName(this.id)), 'w', 0o600);
-      fs.writeSync(fd, `${JSON.stringify({ state: this.#state, reason: this.#failedReason })}\n`);
+      writeFileAtomicSync(file, `${JSON.stringify({ state: this.#state, reason: this.#failedReason })}\n`);
     } catch {
-      // An empty state file still says "failed"; without one, the daemon's own record must.
-    } finally {
-      if (fd !== undefined) fs.closeSync(fd);
+      // A full disk may refuse the text; an empty state file, which needs no data block,
+      // still says "failed". Without one, the daemon's own record must.
+      try {
+        writeFileAtomicSync(file, '');
+      } catch {
+        // Nothing more to try here.
+      }
     }
   }
 
@@ -510,9 +523,13 @@ export class DiffStorage {
     for (const dir of this.#dirs) {
       let text: string;
       try {
-        text = fs.readFileSync(path.join(dir, stateFileName(this.id)), 'utf8');
-      } catch {
-        continue;
+        text = readNoFollowSync(path.join(dir, stateFileName(this.id)));
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        // A state file that cannot be trusted does not make the storage good again.
+        this.#state = 'failed';
+        this.#failedReason = `its state file in ${dir} cannot be read: ${(err as Error).message}`;
+        return;
       }
       let state: DiffStorageState = 'failed';
       let reason = 'the storage failed before a restart (reason not recorded)';
@@ -604,21 +621,45 @@ async function checkOptions(options: DiffStorageOptions): Promise<string[]> {
   return checkDirs(options.dirs);
 }
 
-/** Absolute paths of existing directories. Errors: ENOENT, EINVAL (not a directory). */
+/**
+ * Absolute paths of existing private directories of this user. Another user who could write
+ * one could replace a diff file (and so the image a backup reads) or plant a link where the
+ * state file goes. Errors: ENOENT, EINVAL (not a directory), EPERM (someone else's, or open).
+ */
 async function checkDirs(dirs: string[]): Promise<string[]> {
   const out: string[] = [];
   for (const dir of dirs) {
     const abs = path.resolve(dir);
-    let st: fs.Stats;
     try {
-      st = await fs.promises.stat(abs);
+      await checkPrivateDir(abs);
     } catch (err) {
-      throw new BdsnapError('ENOENT', `storage directory ${abs} does not exist`, { cause: err });
+      const e = toBdsnapError(err);
+      if (e.code === 'ENOENT') throw new BdsnapError('ENOENT', `storage directory ${abs} does not exist`, { cause: err });
+      if (e.code === 'EINVAL') throw new BdsnapError('EINVAL', `storage directory ${abs} is not a directory (ENOTDIR)`, { cause: err });
+      throw new BdsnapError(e.code, `storage directory ${e.message}`, { cause: err });
     }
-    if (!st.isDirectory()) throw new BdsnapError('EINVAL', `storage directory ${abs} is not a directory (ENOTDIR)`);
     out.push(abs);
   }
   return out;
+}
+
+/** A file of the storage must be a regular file of this user with one name. Errors: EPERM. */
+function checkOwnFile(filePath: string, st: fs.Stats): void {
+  const euid = process.geteuid?.() ?? st.uid;
+  if (!st.isFile() || st.uid !== euid || st.nlink !== 1) {
+    throw new BdsnapError('EPERM', `${filePath} is not a difference storage file of this user (a regular file with one name, owned by uid ${euid}); the storage is not used`);
+  }
+}
+
+/** The text of a small file, refusing a symbolic link or a file not ours (see checkOwnFile). */
+function readNoFollowSync(filePath: string): string {
+  const fd = fs.openSync(filePath, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+  try {
+    checkOwnFile(filePath, fs.fstatSync(fd));
+    return fs.readFileSync(fd, 'utf8');
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 function preadFullySync(fd: number, target: Buffer, position: number): number {
@@ -647,9 +688,10 @@ async function readDirsFile(dirs: string[], id: string): Promise<DirsFile> {
     const file = path.join(dir, dirsFileName(id));
     let text: string;
     try {
-      text = await fs.promises.readFile(file, 'utf8');
-    } catch {
-      continue;
+      text = readNoFollowSync(file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+      throw new BdsnapError('ECORRUPT', `${file} cannot be read: ${(err as Error).message}`, { cause: err });
     }
     let parsed: Partial<Record<keyof DirsFile, unknown>>;
     try {

@@ -83,7 +83,7 @@ runBlockDeviceConformance('TrackingDevice over FileDevice', async (t, content): 
 async function snapshotLayer(t: TestContext, content: Buffer): Promise<{ layer: SnapshotLayer; image: BlockDevice }> {
   const { dir, device, cleanup } = await fileDevice(t, content);
   const storageDir = path.join(dir, 'storage');
-  fs.mkdirSync(storageDir);
+  fs.mkdirSync(storageDir, { mode: 0o700 });
   const storage = await DiffStorage.create({ id: 'conformance', dirs: [storageDir], chunkSize: 16 * 1024 });
   cleanup.after(() => storage.close());
   const layer = new SnapshotLayer(device, { chunkSize: 16 * 1024 });

@@ -6,11 +6,14 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { acquireDeviceLock } from '../../src/device/device-lock.js';
+import { acquireDeviceLock, lockDirectory } from '../../src/device/device-lock.js';
+import { FileDevice } from '../../src/device/file-device.js';
+import { processStartTimeSync } from '../../src/host/processes.js';
+import { needs } from '../helpers/needs.js';
 import type { DeviceIdentity } from '../../src/device/block-device.js';
 import { BdsnapError } from '../../src/errors.js';
 import { makeImage, makeTempDir } from '../helpers/files.js';
@@ -105,7 +108,7 @@ test('a live owner keeps the lock; a dead one, or a reused pid, loses it', async
 test('a lock whose owner is a zombie (exited, not yet reaped) is stale and taken over', async (t) => {
   const dir = makeTempDir(t, 'bdsnap-lock-');
   const lockDir = path.join(dir, 'locks');
-  fs.mkdirSync(lockDir);
+  fs.mkdirSync(lockDir, { mode: 0o700 });
   const image = path.join(dir, 'disk.img');
   makeImage(image, 4096, 0);
   const identity = identityOf(image);
@@ -120,6 +123,57 @@ test('a lock whose owner is a zombie (exited, not yet reaped) is stale and taken
       await lock.release();
     }
   });
+});
+
+/** Run `script` as the unprivileged user nobody; false if it failed (as an attack should). */
+function asNobody(script: string): boolean {
+  try {
+    execFileSync('runuser', ['-u', 'nobody', '--', 'sh', '-c', script], { stdio: 'pipe' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+test('another user can neither make the lock directory, nor plant, read or remove a lock in it', async (t) => {
+  if (!needs(t, { root: true, tools: ['runuser'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  // nobody may pass through the test's directory into one like /run/lock (world-writable, sticky).
+  fs.chmodSync(dir, 0o711);
+  const shared = path.join(dir, 'shared');
+  fs.mkdirSync(shared);
+  fs.chmodSync(shared, 0o1777);
+  const lockDir = path.join(shared, 'bdsnap');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 4096, 0);
+  const identity = identityOf(image);
+  const lockName = `file-${identity.dev}-${identity.ino}.lock`;
+
+  // nobody makes the directory first and plants a lock naming a live process (init).
+  assert.ok(asNobody(`mkdir -m 777 ${lockDir} && printf '1\\n${processStartTimeSync(1)}\\n' > ${lockDir}/${lockName}`));
+  await withLockDir(lockDir, async () => {
+    const refused = (e: unknown): boolean => e instanceof BdsnapError && e.code === 'EPERM' && /lock directory is not safe: .* owned by uid \d+, not by this user/.test(e.message);
+    await assert.rejects(acquireDeviceLock(image, identity), refused);
+    await assert.rejects(FileDevice.open(image), refused);
+  });
+  fs.rmSync(lockDir, { recursive: true });
+
+  await withLockDir(lockDir, async () => {
+    const first = await FileDevice.open(image);
+    assert.equal(fs.statSync(lockDir).mode & 0o777, 0o700, 'the directory is made private');
+    assert.equal(fs.statSync(path.join(lockDir, lockName)).mode & 0o777, 0o600, 'the lock (which names the image) is private');
+    assert.equal(asNobody(`cat ${lockDir}/${lockName}`), false, 'nobody cannot read the lock');
+    assert.equal(asNobody(`rm -f ${lockDir}/${lockName}`), false, 'nobody cannot remove the lock');
+    assert.equal(asNobody(`echo 1 > ${lockDir}/planted.lock`), false, 'nobody cannot plant a lock');
+    // Two opens of one image still exclude each other, and the refusal names the holder.
+    await assert.rejects(FileDevice.open(image), (e: unknown) => e instanceof BdsnapError && e.code === 'EBUSY' && /already open by this process/.test(e.message));
+    await first.close();
+    const second = await FileDevice.open(image);
+    await second.close();
+  });
+  // Without an override, root's locks are not in a directory others may write.
+  const defaultParent = fs.statSync(path.dirname(lockDirectory()));
+  if (process.env.BDSNAP_LOCK_DIR === undefined) assert.equal(defaultParent.mode & 0o022, 0, `${path.dirname(lockDirectory())} is writable by others`);
 });
 
 async function withLockDir<T>(dir: string, fn: () => Promise<T>): Promise<T> {

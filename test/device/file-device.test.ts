@@ -195,3 +195,19 @@ test('large transfers run synchronously while they stay fast, and go to the thre
   const noLarge = new SyncIoPolicy(64 * 1024, 0);
   assert.equal(noLarge.sync(noLarge.cloneBytes(MiB), 0), false, 'large transfers off: large clones too');
 });
+
+test('a symbolic link is not followed, and expectIdentity refuses any other file under the name', async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'c.img');
+  makeImage(image, 65536, 0);
+  const other = path.join(dir, 'other.img');
+  makeImage(other, 65536, 0);
+  fs.symlinkSync(image, path.join(dir, 'link.img'));
+  await assert.rejects(FileDevice.open(path.join(dir, 'link.img')), (e: unknown) => e instanceof BdsnapError && e.code === 'EPERM' && /symbolic link/.test(e.message));
+  const st = fs.statSync(image);
+  const identity = { kind: 'file' as const, dev: st.dev, ino: st.ino, rdev: st.rdev };
+  const dev = await FileDevice.open(image, { expectIdentity: identity });
+  await dev.close();
+  fs.renameSync(other, image);
+  await assert.rejects(FileDevice.open(image, { expectIdentity: identity }), (e: unknown) => e instanceof BdsnapError && e.code === 'EPERM' && /no longer the file/.test(e.message));
+});

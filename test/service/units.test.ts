@@ -4,6 +4,7 @@
  */
 
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -94,6 +95,9 @@ test('PasswordStore: salted hash in a 0600 file, verify, change needs the curren
   assert.notEqual(otherStored.salt, stored.salt, 'each hash has its own salt');
   assert.notEqual(otherStored.hash, stored.hash, 'the same password hashes differently under another salt');
 
+  // The same password at a small cost (each hash carries its own), so the timings below are the
+  // failure delays and not the scrypt run, which varies by more than their difference.
+  writeScryptHash(dir, 'first password', 2 ** 10);
   const t0 = Date.now();
   await assert.rejects(store.verify('wrong password'), (e: BdsnapError) => e.code === 'EAUTH');
   const firstDelay = Date.now() - t0;
@@ -110,6 +114,23 @@ test('PasswordStore: salted hash in a 0600 file, verify, change needs the curren
   await assert.rejects(store.verify('first password'), (e: BdsnapError) => e.code === 'EAUTH');
   assert.deepEqual(fs.readdirSync(dir), ['password'], 'no temp file is left behind');
 });
+
+test('PasswordStore: new hashes at scrypt N=2^17, r=8, p=1; a hash made at the former N=2^15 still verifies', async (t) => {
+  const dir = tempDir(t);
+  const store = new PasswordStore(dir);
+  await store.set('current password');
+  const stored = JSON.parse(fs.readFileSync(path.join(dir, 'password'), 'utf8')) as { N: number; r: number; p: number };
+  assert.deepEqual([stored.N, stored.r, stored.p], [2 ** 17, 8, 1]);
+  writeScryptHash(dir, 'older password', 2 ** 15);
+  await new PasswordStore(dir).verify('older password');
+});
+
+/** A password file as PasswordStore writes it, hashed at cost `N`. */
+function writeScryptHash(dir: string, password: string, N: number): void {
+  const salt = crypto.randomBytes(16);
+  const hash = crypto.scryptSync(password, salt, 32, { N, r: 8, p: 1, maxmem: 256 * N * 8 + (1 << 20) });
+  fs.writeFileSync(path.join(dir, 'password'), JSON.stringify({ algorithm: 'scrypt', N, r: 8, p: 1, salt: salt.toString('base64'), hash: hash.toString('base64') }), { mode: 0o600 });
+}
 
 test('PasswordStore: a corrupt password file is a clear error, not a pass', async (t) => {
   const dir = tempDir(t);

@@ -41,7 +41,7 @@ async function rig(t: TestContext, extra: Partial<DiffStorageOptions> = {}, stor
   const layer = new SnapshotLayer(dev, { chunkSize: CHUNK });
   const events: DiffStorageEvent[] = [];
   const dirs = [storeDir ?? path.join(dir, 'store')];
-  fs.mkdirSync(dirs[0]!, { recursive: true });
+  fs.mkdirSync(dirs[0]!, { recursive: true, mode: 0o700 });
   const options: DiffStorageOptions = { id: 'snap-1', dirs, chunkSize: CHUNK, onEvent: (e) => events.push(e), ...extra };
   const storage = await DiffStorage.create(options);
   t.after(() => storage.close());
@@ -125,7 +125,7 @@ test('extend() adding a directory: new records go there, reads come from both; r
   await writeChunks(r, 0, 4);
   const second = path.join(r.dir, 'second');
   await assert.rejects(r.storage.extend({ dir: second }), isError('ENOENT'));
-  fs.mkdirSync(second);
+  fs.mkdirSync(second, { mode: 0o700 });
   await r.storage.extend({ dir: second });
   assert.deepEqual(r.storage.usage().dirs, [path.join(r.dir, 'store'), second]);
   await writeChunks(r, 4, 4);
@@ -189,7 +189,7 @@ test('after extend() the older file is sealed: a bad record there is corruption;
   const r = await rig(t);
   await writeChunks(r, 0, 3);
   const second = path.join(r.dir, 'second');
-  fs.mkdirSync(second);
+  fs.mkdirSync(second, { mode: 0o700 });
   await r.storage.extend({ dir: second });
   await writeChunks(r, 3, 2);
   const file0 = path.join(r.dir, 'store', 'snap-1.0.diff');
@@ -255,7 +255,7 @@ test('a full disk overflows the storage and leaves the device fine', { timeout: 
   if (!needs(t, { root: true, tools: ['mount', 'umount'] })) return;
   // Its own directory and one hook: unmounted first, then removed.
   const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-full-'));
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', mnt]);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k,mode=0700', 'tmpfs', mnt]);
   t.after(() => {
     execFileSync('umount', ['-l', mnt]);
     fs.rmSync(mnt, { recursive: true, force: true });
@@ -272,4 +272,42 @@ test('a full disk overflows the storage and leaves the device fine', { timeout: 
   assert.deepEqual(r.events.filter((e) => e.type !== 'low-space').map((e) => e.type), ['overflowed']);
   assert.ok(r.events.some((e) => e.type === 'low-space'), 'a 256 KiB filesystem is low on space from the start');
   await r.storage.close();
+});
+
+test('a storage directory another user can write is refused; a link where the state file goes is replaced, not written through', { timeout: 20_000 }, async (t) => {
+  if (!needs(t, { root: true, tools: ['runuser'] })) return;
+  const dir = tempDir(t);
+  // nobody may pass through the test's directory into one like /tmp (world-writable, sticky).
+  fs.chmodSync(dir, 0o711);
+  const shared = path.join(dir, 'shared');
+  fs.mkdirSync(shared);
+  fs.chmodSync(shared, 0o1777);
+  const asNobody = (script: string): void => {
+    execFileSync('runuser', ['-u', 'nobody', '--', 'sh', '-c', script], { stdio: 'pipe' });
+  };
+  const base = { id: 'snap-x', chunkSize: CHUNK };
+
+  // A directory of nobody's: they could replace the diff files a backup of the image reads.
+  const theirs = path.join(shared, 'theirs');
+  asNobody(`mkdir -m 700 ${theirs}`);
+  await assert.rejects(DiffStorage.create({ ...base, dirs: [theirs] }), isError('EPERM', /owned by uid \d+, not by this user/));
+  // Root's, but open to everyone.
+  const open = path.join(shared, 'open');
+  fs.mkdirSync(open);
+  fs.chmodSync(open, 0o777);
+  await assert.rejects(DiffStorage.create({ ...base, dirs: [open] }), isError('EPERM', /open to other users \(mode 777\)/));
+  assert.deepEqual(fs.readdirSync(open), [], 'nothing was created there');
+
+  // A link where the state file goes: the overflow's state replaces the link, never the file it names.
+  const secret = path.join(dir, 'root-only');
+  fs.writeFileSync(secret, 'root only\n', { mode: 0o600 });
+  const storeDir = path.join(dir, 'store');
+  const r = await rig(t, { limitBytes: 2 * (CHUNK + HEADER) }, storeDir);
+  const stateFile = path.join(storeDir, 'snap-1.state');
+  fs.symlinkSync(secret, stateFile);
+  await writeChunks(r, 0, 4);
+  assert.equal(r.storage.state, 'overflowed');
+  assert.equal(fs.readFileSync(secret, 'utf8'), 'root only\n', 'the root-only file is untouched');
+  assert.ok(fs.lstatSync(stateFile).isFile(), 'the state file replaced the link');
+  assert.equal((JSON.parse(fs.readFileSync(stateFile, 'utf8')) as { state: string }).state, 'overflowed');
 });

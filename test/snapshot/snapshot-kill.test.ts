@@ -22,7 +22,7 @@ for (const [durability, chunkSize, runMs] of [['process', 65536, 400], ['process
     const dir = tempDir(t, 'bdsnap-snapkill-');
     const image = makeImage(path.join(dir, 'disk.img'), 16 << 20, 'random', 1);
     const storeDir = path.join(dir, 'store');
-    fs.mkdirSync(storeDir);
+    fs.mkdirSync(storeDir, { mode: 0o700 });
     const expected = fs.readFileSync(image);
     expected.fill(IMAGE_WRITE.fill, IMAGE_WRITE.offsetBytes, IMAGE_WRITE.offsetBytes + IMAGE_WRITE.lengthBytes);
     await killWhileWriting(WRITER, [image, storeDir, String(chunkSize), durability], runMs);

@@ -119,7 +119,7 @@ async function setup(t: TestContext, sizeBytes = 1 << 20): Promise<{ dir: string
 
 async function newStorage(t: TestContext, dir: string, id: string): Promise<DiffStorage> {
   const storeDir = path.join(dir, `store-${id}`);
-  fs.mkdirSync(storeDir);
+  fs.mkdirSync(storeDir, { mode: 0o700 });
   const storage = await DiffStorage.create({ id, dirs: [storeDir], chunkSize: CHUNK });
   t.after(() => storage.close());
   return storage;
@@ -221,7 +221,7 @@ test('one storage shared by two devices (device keys 0 and 1), reopened after a 
   const before2 = fs.readFileSync(image2);
   const layers = [new SnapshotLayer(dev, { chunkSize: CHUNK }), new SnapshotLayer(dev2, { chunkSize: CHUNK })];
   const storeDir = path.join(dir, 'shared');
-  fs.mkdirSync(storeDir);
+  fs.mkdirSync(storeDir, { mode: 0o700 });
   const options = { id: 'shared', dirs: [storeDir], chunkSize: CHUNK };
   const storage = await DiffStorage.create(options);
   t.after(() => storage.close());

@@ -146,7 +146,7 @@ test('snapshot images match the model through writes, takes, image writes, remov
             }
             case 'take': {
               const storeDir = path.join(dir, `store-${nextId}`);
-              fs.mkdirSync(storeDir);
+              fs.mkdirSync(storeDir, { mode: 0o700 });
               const options: DiffStorageOptions = { id: `snap${nextId++}`, dirs: [storeDir], chunkSize };
               const storage = await DiffStorage.create(options);
               // A write in flight when hold() starts is in the point; one issued while held is not.
@@ -195,7 +195,7 @@ test('snapshot images match the model through writes, takes, image writes, remov
               const p = pick(op.pick);
               if (!p) break;
               const more = path.join(dir, `more-${nextId++}`);
-              fs.mkdirSync(more);
+              fs.mkdirSync(more, { mode: 0o700 });
               await p.storage.extend({ dir: more });
               p.options = { ...p.options, dirs: p.storage.usage().dirs };
               break;

@@ -30,7 +30,7 @@ test('nbdcopy reads a snapshot image exactly while nbdcopy rewrites the device',
   const dev = await FileDevice.open(image);
   const layer = new SnapshotLayer(dev, { chunkSize: 65536 });
   const storeDir = path.join(dir, 'store');
-  fs.mkdirSync(storeDir);
+  fs.mkdirSync(storeDir, { mode: 0o700 });
   const storage = await DiffStorage.create({ id: 'nbd', dirs: [storeDir], chunkSize: 65536 });
   await layer.hold();
   const snap = layer.addPoint(storage, 0);

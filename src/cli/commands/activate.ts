@@ -32,6 +32,7 @@ export function register(program: Command): void {
         const password = await readPassword(options.passwordStdin ?? false);
         const result = await withClient(options.runDir, (c) => (active ? c.activate(device, password) : c.deactivate(device, password)));
         process.stdout.write(options.json ? `${JSON.stringify(result)}\n` : `${describe(result)}\n`);
+        if (!options.json) for (const warning of result.warnings ?? []) process.stderr.write(`bdsnap: warning: ${warning}\n`);
       });
   }
 }

@@ -51,7 +51,8 @@ export function register(program: Command): void {
       const st = fs.statSync(image, { throwIfNoEntry: false });
       let sizeBytes: number;
       if (st?.isBlockDevice()) {
-        const device = await FileDevice.open(image);
+        // The operator's name, links resolved once: FileDevice opens only a real path.
+        const device = await FileDevice.open(canonicalPath(image));
         try {
           await mkfs(device);
           sizeBytes = device.size;
@@ -141,7 +142,7 @@ async function openTarget(devName: string, options: TargetOptions, readOnly: boo
     if (options.socket || options.runDir || options.export) {
       throw new BdsnapError('EINVAL', '--image works on the file directly: it cannot be combined with --socket, --run-dir or --export');
     }
-    return FileDevice.open(devName, { readOnly });
+    return FileDevice.open(canonicalPath(devName), { readOnly });
   }
   if (options.socket && options.runDir) throw new BdsnapError('EINVAL', 'give either --socket or --run-dir, not both');
   const runDir = options.runDir ?? process.env.BDSNAP_RUN_DIR ?? DEFAULT_RUN_DIR;

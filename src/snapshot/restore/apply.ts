@@ -87,5 +87,5 @@ export async function copyToOutput(device: FileDevice, devicePath: string, out: 
       await pwriteFully(out.fd, part, pos);
     }
   }
-  return FileDevice.open(out.procPath);
+  return FileDevice.open(out.procPath, { followSymlinks: true });
 }
