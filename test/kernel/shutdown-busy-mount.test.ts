@@ -13,6 +13,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { cleanUpStaleMount, readMountRecords } from '../../src/service/mount.js';
 import { cleanupOf } from '../helpers/cleanup.js';
 import { ok, sandbox, startDaemon } from '../helpers/daemon.js';
 import { makeImage } from '../helpers/files.js';
@@ -33,6 +34,10 @@ test('SIGTERM with a busy bdsnap mount: flushed, exits non-zero naming it, sessi
   fs.mkdirSync(mnt);
   const daemon = await startDaemon(t, { sandbox: box, activate: [image] });
   ok(box, ['mount', image, mnt, '-t', 'ext4']);
+  // Whatever the daemon left (a build that exits without unmounting): its loop device and FUSE mount.
+  cleanupOf(t).after(async () => {
+    for (const m of await readMountRecords(path.join(box.runDir, 'mounts.json')).catch(() => [])) await cleanUpStaleMount(m);
+  });
   cleanupOf(t).after(() => {
     if (isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
   });
