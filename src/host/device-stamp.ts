@@ -141,6 +141,45 @@ export async function fileStampOfFd(fd: number): Promise<FileStamp> {
   return fileStamp(st);
 }
 
+/**
+ * What a device is, whatever name points at it: the part of its stamp no write moves. An image
+ * file is its (st_dev, st_ino), so a hard link or a bind-mounted path of it is the same device;
+ * a block device node is its number and the disk behind it, so a second node (mknod) of the same
+ * disk is the same device.
+ */
+export type StampIdentity =
+  | { kind: 'file'; dev: string; ino: string }
+  | { kind: 'block'; majorMinor: string; diskId: string };
+
+export const stampIdentitySchema = z.discriminatedUnion('kind', [
+  z.object({ kind: z.literal('file'), dev: z.string(), ino: z.string() }).strict(),
+  z.object({ kind: z.literal('block'), majorMinor: z.string(), diskId: z.string() }).strict(),
+]);
+
+export function identityOfStamp(s: DeviceStamp): StampIdentity {
+  return s.kind === 'file' ? { kind: 'file', dev: s.dev, ino: s.ino } : { kind: 'block', majorMinor: s.majorMinor, diskId: s.diskId };
+}
+
+/** Whether two identities are one device (a block device's number names one disk at a time). */
+export function sameIdentity(a: StampIdentity, b: StampIdentity): boolean {
+  if (a.kind === 'file' && b.kind === 'file') return a.dev === b.dev && a.ino === b.ino;
+  if (a.kind === 'block' && b.kind === 'block') return a.majorMinor === b.majorMinor && a.diskId === b.diskId;
+  return false;
+}
+
+export function describeIdentity(i: StampIdentity): string {
+  return i.kind === 'file' ? `file ${i.dev}:${i.ino}` : `block device ${i.majorMinor}${i.diskId ? ` (${i.diskId})` : ''}`;
+}
+
+/** The identity of what `devicePath` names now (no counters read). Errors: ENOENT, EINVAL, EIO. */
+export async function readDeviceIdentity(devicePath: string, sources: StampSources = {}): Promise<StampIdentity> {
+  const st = await statBig(devicePath);
+  if (st.isFile()) return { kind: 'file', dev: st.dev.toString(), ino: st.ino.toString() };
+  if (!st.isBlockDevice()) throw new BdsnapError('EINVAL', `${devicePath} is neither a regular image file nor a block device`);
+  const majorMinor = formatDevT(st.rdev);
+  return { kind: 'block', majorMinor, diskId: await diskId(path.join(sources.sysDevBlock ?? SYS_DEV_BLOCK_PATH, majorMinor)) };
+}
+
 /** A key equal for equal stamps (fields in a fixed order). */
 export function stampKey(s: DeviceStamp): string {
   if (s.kind === 'file') return `file:${s.dev}:${s.ino}:${s.sizeBytes}:${s.mtimeNs}:${s.ctimeNs}`;

@@ -4,8 +4,9 @@
  *
  * - A device's map is open while the device is open (its TrackingDevice sits right above
  *   the file, so every write is marked before it can reach the device) and closed cleanly
- *   with the device's stamp (src/host/device-stamp.ts) read after the device was flushed and
- *   closed, so the daemon's own writes are in it. Opening it again compares that stamp with
+ *   with the device's stamp (src/host/device-stamp.ts) read after the device was flushed, so
+ *   the daemon's own writes are in it: an image file's from the descriptor that was open (its
+ *   name may name another file by then), a block device's after it was closed. Opening it again compares that stamp with
  *   the device's now: whatever wrote the device while the daemon did not serve it (a restore,
  *   a loop device's user, a `touch -d` after a write) moves it. A map that cannot be trusted
  *   starts a new generation, and that reset is an event saying why.
@@ -22,7 +23,9 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { BdsnapError } from '../errors.js';
 import type { MetaContextSource } from '../nbd/exports.js';
-import { readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
+import {
+  describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp, sameIdentity, type DeviceStamp,
+} from '../host/device-stamp.js';
 import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type ChangeMapReset } from '../snapshot/change-map.js';
 import { escapeDevicePath } from '../snapshot/format.js';
 import type { EventLog } from './events.js';
@@ -56,24 +59,27 @@ export class ChangeTracker implements SnapshotChangeTracking {
   }
 
   /**
-   * Open the device's map for an attach (the caller stacks a TrackingDevice on it). Call with
-   * the device open and flushed, so writes others left in its page cache are in the stamp.
+   * Open the device's map for an attach (the caller stacks a TrackingDevice on it), with the
+   * stamp of the device it opened (read after a flush, so writes others left in its page cache
+   * are in it), or why that stamp cannot be read.
    */
-  openMap(devicePath: string, deviceSizeBytes: number): Promise<ChangeMap> {
-    return this.#serial(devicePath, () => this.#openMap(devicePath, deviceSizeBytes));
+  openMap(devicePath: string, deviceSizeBytes: number, stamp: DeviceStamp | Error): Promise<ChangeMap> {
+    return this.#serial(devicePath, () => this.#openMap(devicePath, deviceSizeBytes, stamp));
   }
 
   /**
-   * The device closed: close its map cleanly with the device's stamp now. `flushed`: its last
-   * write was flushed before its descriptor closed; if not, the stamp may miss writes still on
-   * their way, and none is recorded (the next open resets).
+   * The device closed: close its map cleanly with `stamp`, the stamp of what was open once its
+   * last write was flushed; undefined when that could not be done (the stamp may miss writes
+   * still on their way, so none is recorded and the next open resets). A stamp of another
+   * device than the one opened, or a name that now names another device, is a replacement
+   * under the daemon's hands: the map starts again now, with an event.
    */
-  closeMap(devicePath: string, flushed: boolean): Promise<void> {
-    return this.#serial(devicePath, () => this.#closeMap(devicePath, flushed ? 'now' : 'unknown'));
+  closeMap(devicePath: string, stamp: DeviceStamp | Error | undefined): Promise<void> {
+    return this.#serial(devicePath, () => this.#closeMap(devicePath, stamp instanceof Error || stamp === undefined ? 'unknown' : stamp));
   }
 
-  async #openMap(devicePath: string, deviceSizeBytes: number): Promise<ChangeMap> {
-    const stamp = await this.#readStamp(devicePath);
+  async #openMap(devicePath: string, deviceSizeBytes: number, given?: DeviceStamp | Error): Promise<ChangeMap> {
+    const stamp = given instanceof Error ? this.#unreadable(devicePath, given) : given ?? await this.#readStamp(devicePath);
     const { map, reset } = await ChangeMap.open({
       file: this.#mapFile(devicePath), deviceSizeBytes, durability: this.#durability,
       deviceStamp: stamp instanceof Error ? null : stamp,
@@ -88,18 +94,37 @@ export class ChangeTracker implements SnapshotChangeTracking {
     return map;
   }
 
-  /** `stamp`: 'now' reads it, 'opened' keeps the one read at open (the daemon did not write the device), 'unknown' records none. */
-  async #closeMap(devicePath: string, stamp: 'now' | 'opened' | 'unknown'): Promise<void> {
+  /** `stamp`: the one to record, 'opened' keeps the one read at open (the daemon did not write the device), 'unknown' records none. */
+  async #closeMap(devicePath: string, stamp: DeviceStamp | 'opened' | 'unknown'): Promise<void> {
     const map = this.#open.get(devicePath);
     if (!map) return;
     this.#open.delete(devicePath);
     let recorded: DeviceStamp | null = null;
     if (stamp === 'opened') recorded = map.deviceStamp;
-    if (stamp === 'now') {
-      const read = await this.#readStamp(devicePath);
-      recorded = read instanceof Error ? null : read;
+    if (typeof stamp === 'object') {
+      const replaced = await this.#replacement(devicePath, map.deviceStamp, stamp);
+      if (replaced === undefined) {
+        recorded = stamp;
+      } else {
+        this.#reported(devicePath, await map.reset('changed-outside', replaced));
+      }
     }
     await map.close(recorded);
+  }
+
+  /** Why the device closed is not the one opened, or not what its name names now; undefined when it is both. */
+  async #replacement(devicePath: string, opened: DeviceStamp | null, closed: DeviceStamp): Promise<string | undefined> {
+    const was = opened === null ? undefined : identityOfStamp(opened);
+    const is = identityOfStamp(closed);
+    if (was !== undefined && !sameIdentity(was, is)) {
+      return `${devicePath} was ${describeIdentity(was)} when opened and ${describeIdentity(is)} when closed`;
+    }
+    const named = await readDeviceIdentity(devicePath).catch((err: unknown) => err as Error);
+    if (named instanceof Error) return `${devicePath} cannot be looked at after it was closed: ${named.message}`;
+    if (!sameIdentity(named, is)) {
+      return `${devicePath} was replaced while the daemon held it open: it was ${describeIdentity(is)} and now names ${describeIdentity(named)}`;
+    }
+    return undefined;
   }
 
   /** The device's stamp, or why it cannot be read (logged). */
@@ -107,9 +132,13 @@ export class ChangeTracker implements SnapshotChangeTracking {
     try {
       return await readDeviceStamp(devicePath);
     } catch (err) {
-      this.#log.warn({ event: 'cbt-stamp-unreadable', device: devicePath, reason: (err as Error).message }, 'the device\'s stamp cannot be read; its change map will start again');
-      return err as Error;
+      return this.#unreadable(devicePath, err as Error);
     }
+  }
+
+  #unreadable(devicePath: string, err: Error): Error {
+    this.#log.warn({ event: 'cbt-stamp-unreadable', device: devicePath, reason: err.message }, 'the device\'s stamp cannot be read; its change map will start again');
+    return err;
   }
 
   async info(devicePath: string, deviceSizeBytes: number): Promise<ChangeMapInfo> {
@@ -206,7 +235,7 @@ export class ChangeTracker implements SnapshotChangeTracking {
   async closeAll(): Promise<void> {
     for (const frozen of this.#frozen.values()) await frozen.view.close().catch(() => undefined);
     this.#frozen.clear();
-    for (const devicePath of [...this.#open.keys()]) await this.closeMap(devicePath, false);
+    for (const devicePath of [...this.#open.keys()]) await this.closeMap(devicePath, undefined);
   }
 
   #adopt(dir: string, key: number, view: FrozenChangeMap): Frozen {

@@ -14,7 +14,9 @@
  * its sessions and snapshots in place.
  * close() (SIGTERM) stops taking requests, unmounts what bdsnap mounted, lets the NBD server
  * finish its requests in flight, ends every session durably, and closes the snapshots'
- * storage (the snapshots themselves stay for the next start).
+ * storage (the snapshots themselves stay for the next start). A mount that stays busy is
+ * flushed while it is still served, then left behind: its session is left for the next start
+ * to recover, and close() fails saying so.
  */
 
 import fs from 'node:fs';
@@ -42,7 +44,7 @@ import { ChangeTracker } from './change-tracking.js';
 import { claimDaemonDirs, type DaemonClaim } from './daemon-lock.js';
 import { EventLog } from './events.js';
 import { cleanUpStaleMounts } from './mount.js';
-import { MOUNTS_FILE, MountManager } from './mount-manager.js';
+import { MOUNTS_FILE, MountManager, describeLeftMounts } from './mount-manager.js';
 import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
 import { SnapshotManager } from './snapshots.js';
 
@@ -158,19 +160,27 @@ export class Daemon {
     else this.#log.debug({ ...event, nbd: true });
   }
 
+  /**
+   * Stop. Rejects (EBUSY, after everything else was stopped) when a mount was still busy and
+   * is left behind: its session is not marked complete while a filesystem sits on the device.
+   */
   close(): Promise<void> {
     this.#closing ??= (async () => {
       this.#log.info({ event: 'daemon-stopping' }, 'bdsnap daemon stopping');
       await this.#control?.close();
-      await this.#mounts.closeAll();
+      const left = await this.#mounts.closeAll();
       await this.#nbd.close();
       await this.#snapshots.closeAll();
-      await this.#table.closeAll();
+      await this.#table.closeAll(new Set(left.flatMap((m) => m.devicePath ?? [])));
       await this.#tracking?.closeAll();
       this.#events.close();
       await fs.promises.rm(this.controlSocket, { force: true });
       await fs.promises.rm(this.nbdSocket, { force: true });
       this.#claim.release();
+      if (left.length > 0) {
+        this.#log.error({ event: 'daemon-stopped', leftMounts: left.map((m) => m.mountpoint) }, 'bdsnap daemon stopped, leaving busy mounts behind');
+        throw new BdsnapError('EBUSY', describeLeftMounts(left));
+      }
       this.#log.info({ event: 'daemon-stopped' }, 'bdsnap daemon stopped');
     })();
     return this.#closing;

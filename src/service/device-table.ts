@@ -21,7 +21,7 @@
  */
 
 import type { Logger } from 'pino';
-import type { BlockDevice, DeviceIdentity } from '../device/block-device.js';
+import type { BlockDevice } from '../device/block-device.js';
 import { FileDevice } from '../device/file-device.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ExportHandle } from '../nbd/exports.js';
@@ -34,7 +34,8 @@ import type { DeviceStatus } from './control-protocol.js';
 import { DirtyTracker } from '../device/dirty-tracker.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from './keyed-queue.js';
-import type { DeviceRecord, Registry } from './registry.js';
+import type { Registry } from './registry.js';
+import { describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
 
 export interface SessionSettings {
   chunkSize?: number;
@@ -89,6 +90,11 @@ function endSignal(): Pick<UserPhase, 'ended' | 'settle'> {
   return { ended, settle };
 }
 
+/** The open device's stamp, or why it cannot be read. */
+function stampOf(file: FileDevice): Promise<DeviceStamp | Error> {
+  return file.stamp().then((st) => st ?? new BdsnapError('EIO', `${file.path} has no stamp`), (err: unknown) => err as Error);
+}
+
 export class DeviceTable {
   readonly #registry: Registry;
   readonly #snapshotRoot: string;
@@ -130,8 +136,10 @@ export class DeviceTable {
     if (purpose === 'info') {
       const attached = this.#attachments.get(name);
       if (attached) return { name, device: attached.phase?.top ?? attached.layer, release: async () => {} };
+      // A second name of a registered device is refused here too, not only at activation.
+      await this.#registry.claimIdentity(name, await readDeviceIdentity(name));
       // Only the size and flags are needed: a shared read-only handle leaves the lock alone.
-      const file = await FileDevice.open(name, { readOnly: true, shared: true, ...expectedIdentity(this.#registry.get(name)) });
+      const file = await FileDevice.open(name, { readOnly: true, shared: true });
       return { name, device: file, release: () => file.close() };
     }
     const att = await this.attach(name, { holder: 'connection' });
@@ -180,18 +188,25 @@ export class DeviceTable {
       const record = this.#registry.get(devicePath);
       if (!record) throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap`);
       if (!att) {
-        const file = await FileDevice.open(devicePath, expectedIdentity(record));
+        const file = await FileDevice.open(devicePath);
         let tracked: BlockDevice = file;
-        if (this.#tracking) {
-          try {
-            // Writes someone else left in the device's page cache reach the device, its
-            // counters and its backing file now, before the change map reads its stamp.
-            await file.flush();
-            tracked = new TrackingDevice(file, await this.#tracking.openMap(devicePath, file.size));
-          } catch (err) {
-            await file.close();
-            throw err;
+        try {
+          // Writes someone else left in the device's page cache reach the device, its
+          // counters and its backing file now, before its stamp is read.
+          await file.flush();
+          const stamp = await stampOf(file);
+          // What was opened, not what the name named a moment ago: a second name of a
+          // registered device is refused (a hard link made after both were registered).
+          const identity = stamp instanceof Error ? await readDeviceIdentity(devicePath) : identityOfStamp(stamp);
+          const replaced = await this.#registry.claimIdentity(devicePath, identity);
+          if (replaced) {
+            this.#log.warn({ event: 'device-replaced', device: devicePath, was: describeIdentity(replaced), now: describeIdentity(identity) },
+              'the device name now names another file or device than when it was last opened');
           }
+          if (this.#tracking) tracked = new TrackingDevice(file, await this.#tracking.openMap(devicePath, file.size, stamp));
+        } catch (err) {
+          await file.close();
+          throw err;
         }
         const layer = new SnapshotLayer(tracked, { chunkSize: this.chunkSize });
         att = { devicePath, file, layer, phase: undefined, userHolds: 0, snapshotHolds: 0, connections: 0, mount: undefined };
@@ -253,17 +268,44 @@ export class DeviceTable {
     });
   }
 
-  /** Shutdown: end every attachment whatever its holders (the NBD server is already closed). */
-  async closeAll(): Promise<void> {
+  /**
+   * Shutdown: end every attachment whatever its holders (the NBD server is already closed).
+   * The devices in `leave` are still in use (a filesystem that would not unmount): their
+   * sessions are left for the next start to recover, never marked complete, and their change
+   * maps are closed without a stamp, so nothing vouches for what happens to them next.
+   */
+  async closeAll(leave: ReadonlySet<string> = new Set()): Promise<void> {
     await Promise.all([...this.#attachments.keys()].map((devicePath) => this.#serial(devicePath, async () => {
       const att = this.#attachments.get(devicePath);
       if (!att) return;
+      if (leave.has(devicePath)) {
+        try {
+          await this.#leavePhase(att);
+        } finally {
+          await this.#closeFile(att, false);
+        }
+        return;
+      }
       try {
         await this.#endPhase(att);
       } finally {
         await this.#closeFile(att);
       }
     })));
+  }
+
+  async #leavePhase(att: Attachment): Promise<void> {
+    const phase = att.phase;
+    if (!phase) return;
+    att.phase = undefined;
+    att.userHolds = 0;
+    try {
+      await phase.cow?.leaveForRecovery();
+      this.#log.warn({ event: 'session-left', device: att.devicePath, sessionDir: phase.cow?.sessionDir ?? null },
+        'the device is still in use at shutdown: its session is left open, for the next start to recover');
+    } finally {
+      phase.settle({ error: new BdsnapError('ESHUTDOWN', `the daemon stopped while ${att.devicePath} was still in use; its session is recovered at the next start`) });
+    }
   }
 
   #startPhase(att: Attachment, active: boolean, options: AttachOptions): UserPhase {
@@ -338,23 +380,29 @@ export class DeviceTable {
     }
   }
 
-  async #closeFile(att: Attachment): Promise<void> {
+  /** `vouch`: record the device's stamp with its change map (false: the device may still be written). */
+  async #closeFile(att: Attachment, vouch = true): Promise<void> {
     // The attachment stays in the table until the device is closed and unlocked; attach()
     // for this device queues behind us meanwhile.
     try {
       // The change map's stamp must include the daemon's own writes, so it is read once they
-      // have all reached the device (flushed) and our descriptor is closed.
+      // have all reached the device (flushed): an image file's from the descriptor still open
+      // (its name may name another file by now), a block device's after our descriptor is
+      // closed (the last close may still write).
       let flushed = false;
-      if (this.#tracking) {
+      let stamp: DeviceStamp | Error | undefined;
+      if (this.#tracking && vouch) {
         try {
           await att.file.flush();
           flushed = true;
         } catch (err) {
           this.#log.warn({ event: 'detach-flush-failed', device: att.devicePath, reason: (err as Error).message }, 'the device could not be flushed at close; its change map will start again');
         }
+        if (flushed && att.file.identity.kind === 'file') stamp = await stampOf(att.file);
       }
       await att.file.close();
-      await this.#tracking?.closeMap(att.devicePath, flushed);
+      if (flushed && att.file.identity.kind === 'block') stamp = await readDeviceStamp(att.devicePath).catch((err: unknown) => err as Error);
+      await this.#tracking?.closeMap(att.devicePath, stamp);
     } finally {
       this.#attachments.delete(att.devicePath);
       this.#log.info({ event: 'detach', device: att.devicePath }, 'device detached');
@@ -379,14 +427,4 @@ export class DeviceTable {
   #serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
     return this.#queues.run(key, fn);
   }
-}
-
-/**
- * The identity a registry record holds for its device, for FileDevice to refuse any other file
- * under the name. A record without one (older registries) gets only FileDevice's own refusal
- * of a symbolic link.
- */
-function expectedIdentity(record: DeviceRecord | undefined): { expectIdentity?: DeviceIdentity } {
-  const identity = (record as { identity?: DeviceIdentity } | undefined)?.identity;
-  return identity !== undefined ? { expectIdentity: identity } : {};
 }

@@ -17,7 +17,8 @@ import { checkNotInUse } from '../host/in-use.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import type { ImageMountStatus, MountResult, UmountResult } from './control-protocol.js';
 import type { DeviceTable } from './device-table.js';
-import { attachAndMount, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
+import { isMountpoint } from '../host/mountinfo.js';
+import { attachAndMount, flushFilesystem, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
 import { SnapshotManager, type ImageMount } from './snapshots.js';
 
@@ -41,6 +42,24 @@ export interface MountManagerOptions {
 }
 
 export const MOUNTS_FILE = 'mounts.json';
+
+/** A mount that was still busy at shutdown, left mounted. */
+export interface LeftMount {
+  mountpoint: string;
+  exportName: string;
+  /** The device whose session it holds; null for a snapshot image. */
+  devicePath: string | null;
+  /** Why its flush failed; null when what was written to it reached the daemon. */
+  flushError: string | null;
+}
+
+/** One line for the operator: what was left behind, and what to do. */
+export function describeLeftMounts(left: LeftMount[]): string {
+  const each = left.map((m) => `${m.mountpoint} (${m.exportName}) is still in use and was left mounted; ${m.flushError === null
+    ? 'its data was flushed to the device first'
+    : `flushing it failed (${m.flushError}), so its latest writes may not have reached the device`}`);
+  return `${each.join('; ')}. Its session is recovered at the next start: stop what uses it (fuser -vm MOUNTPOINT), then start the daemon again to take it down`;
+}
 
 export class MountManager {
   readonly #options: MountManagerOptions;
@@ -111,13 +130,32 @@ export class MountManager {
     return { device: record.exportName, mountpoint, sessionDir };
   }
 
-  /** Shutdown: unmount everything this daemon mounted. */
-  async closeAll(): Promise<void> {
+  /**
+   * Shutdown, while the NBD server still serves: unmount everything this daemon mounted. A
+   * filesystem that will not unmount (a process has its cwd or a file in it) is flushed
+   * (syncfs), so what was written to it reaches the device while the daemon can still take it,
+   * then tried once more; one still busy after that is left mounted and returned, its record
+   * kept in the run directory so the next start tears it down.
+   */
+  async closeAll(): Promise<LeftMount[]> {
+    const { log } = this.#options;
+    const left: LeftMount[] = [];
     for (const [mountpoint, record] of [...this.#mounts]) {
-      await this.#end(mountpoint, record).catch((err: unknown) => {
-        this.#options.log.error({ event: 'shutdown-umount-failed', mountpoint, reason: (err as Error).message }, 'could not unmount at shutdown');
-      });
+      let failure = await this.#end(mountpoint, record).then(() => undefined, (err: unknown) => toBdsnapError(err));
+      if (failure === undefined || !(await isMountpoint(mountpoint).catch(() => true))) {
+        if (failure) log.error({ event: 'shutdown-umount-failed', mountpoint, reason: failure.message }, 'could not finish the unmount at shutdown');
+        continue;
+      }
+      const flush = await flushFilesystem(mountpoint).then(() => undefined, (err: unknown) => toBdsnapError(err));
+      log.warn({ event: 'shutdown-mount-busy', mountpoint, export: record.exportName, flushed: flush === undefined, ...(flush ? { flushError: flush.message } : {}) },
+        'a mount is busy at shutdown: flushed, trying the unmount once more');
+      failure = await this.#end(mountpoint, record).then(() => undefined, (err: unknown) => toBdsnapError(err));
+      if (failure === undefined || !(await isMountpoint(mountpoint).catch(() => true))) continue;
+      const entry: LeftMount = { mountpoint, exportName: record.exportName, devicePath: record.devicePath, flushError: flush?.message ?? null };
+      log.error({ event: 'shutdown-mount-left', ...entry, reason: failure.message }, 'a mount is still busy at shutdown and is left behind');
+      left.push(entry);
     }
+    return left;
   }
 
   async #mountDevice(devicePath: string, mountpoint: string, type?: string, mountOptions?: string): Promise<MountResult> {

@@ -44,6 +44,7 @@ export interface AttachedMount {
 
 const READY_TIMEOUT_MS = 15000;
 const EXIT_TIMEOUT_MS = 30000;
+const SYNC_TIMEOUT_MS = 60000;
 
 function run(cmd: string, args: string[], timeoutMs = 60000): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -109,6 +110,9 @@ async function attachWithNbdfuse(req: MountRequest): Promise<AttachedMount> {
   const child = spawn('nbdfuse', ['-P', pidFile, file, nbdUnixUri(req.nbdSocket, req.exportName)], { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-4096); });
+  // Read for as long as nbdfuse lives (closing it would kill nbdfuse with SIGPIPE), but never
+  // keep a stopping daemon alive for it: a mount left behind at shutdown keeps nbdfuse running.
+  (child.stderr as (NodeJS.ReadableStream & { unref?: () => void }) | null)?.unref?.();
   const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
   let loop: string | undefined;
   // Its own process group: a Ctrl-C meant for a foreground daemon must not cut the mount off
@@ -153,6 +157,15 @@ async function freeNbdDevice(): Promise<string> {
     if (!fs.existsSync(`/sys/block/${name}/pid`)) return `/dev/${name}`;
   }
   throw new BdsnapError('EBUSY', 'no free /dev/nbd device');
+}
+
+/**
+ * Write a mounted filesystem's dirty data and journal out (syncfs, through `sync -f`). It runs
+ * as a child process on purpose: the writes travel back into this daemon (loop device ->
+ * nbdfuse -> NBD), so the event loop must stay free to serve them. Errors: EIO.
+ */
+export async function flushFilesystem(mountpoint: string, timeoutMs = SYNC_TIMEOUT_MS): Promise<void> {
+  await run('sync', ['-f', mountpoint], timeoutMs);
 }
 
 /** Unmount the filesystem and detach; returns after the NBD client has exited. */

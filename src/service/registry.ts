@@ -4,6 +4,13 @@
  * (only those are served), which are active, the session directories each has had, the
  * session open right now (so a restart after a crash can recover it), and whether anything
  * wrote to the device outside a session (restore must know the device moved on).
+ *
+ * A device is one device whatever names it: each record keeps the identity of what its name
+ * named when last registered or opened (host/device-stamp.ts), and a second name of a
+ * registered device (a hard link, a bind-mounted path, another node of the same disk) is
+ * refused, at registration and at every open, rather than resolved to the first name: whoever
+ * typed it gets told which name the device goes by, and no second change map, session chain
+ * or export appears behind a name that only happens to reach the same bytes today.
  */
 
 import fs from 'node:fs';
@@ -11,7 +18,9 @@ import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { readDeviceIdentity, sameIdentity, stampIdentitySchema, type StampIdentity } from '../host/device-stamp.js';
 import type { RegisterResult } from './control-protocol.js';
+import { KeyedQueue } from './keyed-queue.js';
 
 export const REGISTRY_FILE = 'registry.json';
 const REGISTRY_VERSION = 1;
@@ -26,6 +35,8 @@ const deviceSchema = z.object({
   dirtyOutsideSession: z.boolean(),
   /** ISO time of the first write outside a session since the flag was last cleared. */
   dirtySince: z.string().nullable(),
+  /** What the name named when last registered or opened; absent in registries written before it was kept. */
+  identity: stampIdentitySchema.optional(),
 });
 export type DeviceRecord = z.infer<typeof deviceSchema>;
 
@@ -91,6 +102,8 @@ export class Registry {
   readonly #devices = new Map<string, DeviceRecord>();
   /** Saves run one after another so an older snapshot never overwrites a newer one. */
   #saving: Promise<void> = Promise.resolve();
+  /** Registrations and identity claims one at a time: two names of one file racing must not both get in. */
+  readonly #claims = new KeyedQueue();
 
   private constructor(stateDir: string, devices: DeviceRecord[]) {
     this.#file = path.join(stateDir, REGISTRY_FILE);
@@ -109,18 +122,62 @@ export class Registry {
     return [...this.#devices.values()].sort((a, b) => a.path.localeCompare(b.path));
   }
 
-  /** Add a device (inactive) if it is not there yet. `devicePath` must be canonical. */
+  /**
+   * Add a device (inactive) if it is not there yet. `devicePath` must be canonical. Errors:
+   * EINVAL when another registered name names the same device now, ENOENT.
+   */
   async register(devicePath: string): Promise<Readonly<DeviceRecord>> {
-    let record = this.#devices.get(devicePath);
-    if (!record) {
-      record = {
-        path: devicePath, active: false, changedAt: new Date().toISOString(), sessions: [], currentSession: null,
-        dirtyOutsideSession: false, dirtySince: null,
-      };
-      this.#devices.set(devicePath, record);
-      await this.#save();
+    return this.#claims.run('', async () => {
+      const identity = await readDeviceIdentity(devicePath);
+      await this.#refuseSecondName(devicePath, identity);
+      let record = this.#devices.get(devicePath);
+      if (!record) {
+        record = {
+          path: devicePath, active: false, changedAt: new Date().toISOString(), sessions: [], currentSession: null,
+          dirtyOutsideSession: false, dirtySince: null, identity,
+        };
+        this.#devices.set(devicePath, record);
+        await this.#save();
+      } else {
+        await this.#recordIdentity(record, identity);
+      }
+      return record;
+    });
+  }
+
+  /**
+   * The registered `devicePath` was opened and is `identity`: refuse (EINVAL) if another
+   * registered name names that device now; record it. Returns the identity recorded before when
+   * the name now names something else (the file was replaced), for the caller to report.
+   */
+  async claimIdentity(devicePath: string, identity: StampIdentity): Promise<StampIdentity | undefined> {
+    return this.#claims.run('', async () => {
+      const record = this.#require(devicePath);
+      await this.#refuseSecondName(devicePath, identity);
+      const before = record.identity;
+      await this.#recordIdentity(record, identity);
+      return before !== undefined && !sameIdentity(before, identity) ? before : undefined;
+    });
+  }
+
+  async #refuseSecondName(devicePath: string, identity: StampIdentity): Promise<void> {
+    for (const other of this.#devices.values()) {
+      if (other.path === devicePath) continue;
+      // The other name holds the device if it names it now and did when it was recorded: a
+      // stale record (a deleted file whose inode was reused) locks nobody out, and of two
+      // names registered apart and then linked, the one that was replaced is the second name.
+      const now = await readDeviceIdentity(other.path).catch(() => undefined);
+      if (now === undefined || !sameIdentity(now, identity)) continue;
+      if (other.identity !== undefined && !sameIdentity(other.identity, identity)) continue;
+      const what = identity.kind === 'file' ? 'file' : `block device (${identity.majorMinor})`;
+      throw new BdsnapError('EINVAL', `${devicePath} is the same ${what} as the registered ${other.path}; use that name`);
     }
-    return record;
+  }
+
+  async #recordIdentity(record: DeviceRecord, identity: StampIdentity): Promise<void> {
+    if (record.identity !== undefined && sameIdentity(record.identity, identity)) return;
+    record.identity = identity;
+    await this.#save();
   }
 
   /** Returns false when the device was already in that state (nothing written). */

@@ -48,6 +48,7 @@ import type { ExportHandle, MetaContextSource } from '../nbd/exports.js';
 import { DiffStorage, type DiffStorageEvent } from '../snapshot/diff-storage.js';
 import type { SnapshotImage, SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { describeIdentity, sameIdentity, stampIdentitySchema } from '../host/device-stamp.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import type { SnapshotInfo } from './control-protocol.js';
 import type { Attachment, DeviceTable } from './device-table.js';
@@ -78,6 +79,8 @@ const recordSchema = z.object({
     key: z.number().int().nonnegative(),
     sizeBytes: z.number().int().nonnegative(),
     cbt: z.object({ generation: z.string(), number: z.number().int() }).nullable(),
+    /** What the device was at the take; absent in records written before it was kept. */
+    identity: stampIdentitySchema.optional(),
   })).min(1),
   frozen: z.array(z.string()),
   stallMs: z.number().nonnegative(),
@@ -432,7 +435,8 @@ export class SnapshotManager {
         await registry.register(devicePath);
         const att = await table.attach(devicePath, { holder: 'snapshot' });
         held.push(devicePath);
-        snapshot.record.devices.push({ path: devicePath, key: held.length - 1, sizeBytes: att.file.size, cbt: null });
+        const identity = registry.get(devicePath)?.identity;
+        snapshot.record.devices.push({ path: devicePath, key: held.length - 1, sizeBytes: att.file.size, cbt: null, ...(identity ? { identity } : {}) });
       }
       storage = await DiffStorage.create({
         id, dirs: [storageDir], chunkSize: table.chunkSize, durability: table.durability,
@@ -541,6 +545,13 @@ export class SnapshotManager {
         att.layer.release();
       }
       await this.#options.tracking?.load(d.path, dir, d.key);
+      // The attach recorded what the name names now; a file moved over the name (or another
+      // disk given the number) is not the device this snapshot saw.
+      const now = this.#options.registry.get(d.path)?.identity;
+      if (d.identity !== undefined && (now === undefined || !sameIdentity(d.identity, now))) {
+        this.#markBroken(snapshot, 'failed',
+          `${d.path} is not the device this snapshot was taken of: it was ${describeIdentity(d.identity)} and is now ${now ? describeIdentity(now) : 'unknown'}`);
+      }
       const changed = this.#pendingResets.get(d.path);
       if (changed !== undefined) this.#markBroken(snapshot, 'failed', `${d.path} changed while bdsnap did not serve it (${changed})`);
     }

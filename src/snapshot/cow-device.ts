@@ -321,6 +321,22 @@ export class CowDevice implements BlockDevice {
   }
 
   /**
+   * Stop without ending the session, for a daemon that must exit while the device is still in
+   * use (a filesystem that would not unmount): the requests in flight finish, the store is made
+   * durable, the manifest stays 'active', and the next start recovers the session as
+   * interrupted, as after a crash. Never 'complete' while something may still write the device.
+   */
+  async leaveForRecovery(): Promise<void> {
+    this.#closing ??= Promise.resolve(undefined);
+    await this.#inflight.idle();
+    if (this.#syncTimer) clearTimeout(this.#syncTimer);
+    await this.#backgroundSync;
+    await this.#sealStore();
+    await this.#syncStore();
+    await this.#closeDataFd();
+  }
+
+  /**
    * Stop as a killed process stops, for tests that simulate a kill inside one process: no
    * request, sync, seal or manifest update follows, and the store's descriptor is closed (the
    * kernel closes it at a kill), which lets recovery take the session's lock. The store is

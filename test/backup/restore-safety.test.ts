@@ -9,12 +9,16 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices, restoreBackup } from '../../src/backup/index.js';
 import { expandSlots, pieceObject } from '../../src/backup/format.js';
+import { FileDevice } from '../../src/device/file-device.js';
+import { lockDirectory } from '../../src/device/device-lock.js';
 import { cleanupOf } from '../helpers/cleanup.js';
+import { cli, sandbox, startDaemon } from '../helpers/daemon.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { needs } from '../helpers/needs.js';
 import { run, type RunResult } from '../helpers/process.js';
@@ -236,4 +240,40 @@ test('a piece that passes the check and fails when written: the image file is pu
     assert.equal(fs.statSync(existing).size, IMAGE_BYTES);
     assert.equal(await sha256File(existing), backedUpSha);
   }
+});
+
+test('an image opened while a restore in place runs (a daemon serving it, a snapshot, another opener) is refused; the restore completes', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-restore-locked-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 31);
+  const { repoDir, id } = await backedUp(dir, image, true);
+  const backedUpHash = await sha256File(image);
+  scribble(image, Array.from({ length: IMAGE_BYTES / (2 * MiB) }, (_, k): [number, number] => [k * 2 * MiB, MiB]));
+  const box = sandbox(t);
+  await startDaemon(t, { sandbox: box, password: false });
+  const st = fs.statSync(image);
+  const lockFile = path.join(lockDirectory(), `file-${st.dev}-${st.ino}.lock`);
+
+  const restore = spawn(process.execPath, [BDSNAP_MAIN, 'backup', 'restore', '--repo', repoDir, id, image], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  restore.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const exited = new Promise<number | null>((resolve) => restore.once('exit', (code) => resolve(code)));
+  // The restore's lock is in place: from here to its exit is the window.
+  for (;;) {
+    const owner = fs.existsSync(lockFile) ? fs.readFileSync(lockFile, 'utf8').split('\n')[0] : undefined;
+    if (owner === String(restore.pid)) break;
+    if (restore.exitCode !== null) assert.fail(`the restore ended before its lock was seen: ${stderr}`);
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+  const opened = await FileDevice.open(image).then(async (f) => { await f.close(); return 'opened'; }, (err: unknown) => (err as BdsnapError).code);
+  const snapshot = cli(box, ['snapshot', 'create', image]);
+  const served = cli(box, ['sffs', 'cat', image]);
+  const stillRunning = restore.exitCode === null;
+  assert.equal(await exited, 0, stderr);
+  assert.ok(stillRunning, 'the openers ran inside the restore window (make the image larger if this fails)');
+  assert.equal(opened, 'EBUSY', 'another opener is refused');
+  assert.equal(snapshot.status, 1, 'a snapshot of the image being restored is refused');
+  assert.match(snapshot.stderr, /is already open by process \d+/);
+  assert.notEqual(served.status, 0, 'the daemon does not serve the image being restored');
+  assert.equal(await sha256File(image), backedUpHash, 'the restore completed with the backup\'s content');
 });

@@ -62,6 +62,11 @@ test('bdsnap restore: --dry-run, --json, --output, the restore itself and an ide
   const again = bdsnap(['restore', sessionDir, '--json']);
   assert.equal(again.status, 0, again.stderr);
   assert.equal((JSON.parse(again.stdout) as RestoreSummary).alreadyRestored, true);
+  // A dry run says what the real run would write now: nothing.
+  const dryAgain = bdsnap(['restore', sessionDir, '--dry-run', '--json']);
+  assert.equal(dryAgain.status, 0, dryAgain.stderr);
+  const planned = JSON.parse(dryAgain.stdout) as RestoreSummary;
+  assert.deepEqual([planned.alreadyRestored, planned.chunks, planned.bytes], [true, 0, 0]);
 });
 
 test('bdsnap restore failures: exit 1 with one line on stderr; usage errors exit 2', async (t) => {

@@ -9,6 +9,8 @@ import { loadTls } from '../../nbd/tls.js';
 
 const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
 const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
+/** The longest a stop may take: busy mounts are flushed and retried well within it. */
+const SHUTDOWN_DEADLINE_MS = 90_000;
 
 interface DaemonOptions extends SessionCliOptions, TlsCliOptions {
   listen?: string;
@@ -57,18 +59,26 @@ export function register(program: Command): void {
       });
       const warning = listen && plainTcpWarning(`${listen.host}:${listen.port}`, listen.host, tls, 'read and write every registered device');
       if (warning) log.warn({ event: 'insecure-tcp' }, warning);
-      await new Promise<void>((resolve) => {
+      const failure = await new Promise<Error | undefined>((resolve) => {
         const stop = (signal: string): void => {
           log.info({ event: 'signal', signal }, 'stopping on signal');
-          daemon.close().then(resolve, (err: unknown) => {
+          // Whatever is still pending then (a child that will not exit, a filesystem that does
+          // not answer), the daemon does not outlive this.
+          setTimeout(() => {
+            log.error({ event: 'shutdown-deadline', deadlineMs: SHUTDOWN_DEADLINE_MS }, 'shutdown did not finish in time; exiting');
+            log.flush();
+            process.stderr.write(`bdsnap: the daemon did not stop within ${SHUTDOWN_DEADLINE_MS / 1000} s; exiting anyway (see its log)\n`);
+            process.exit(1);
+          }, SHUTDOWN_DEADLINE_MS).unref();
+          daemon.close().then(() => resolve(undefined), (err: unknown) => {
             log.error({ event: 'shutdown-failed', reason: (err as Error).message }, 'shutdown failed');
-            process.exitCode = 1;
-            resolve();
+            resolve(err as Error);
           });
         };
         process.once('SIGTERM', () => stop('SIGTERM'));
         process.once('SIGINT', () => stop('SIGINT'));
       });
       log.flush();
+      if (failure) throw failure;
     });
 }

@@ -169,7 +169,8 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       alreadyRestored: digestCheck === 'already-restored',
       warnings,
     });
-    if (dryRun) return summary(true);
+    // A dry run plans what the real run would write: nothing when the device is already restored.
+    if (dryRun) return summary(digestCheck !== 'already-restored');
     if (digestCheck === 'already-restored') {
       // The device already holds the restored content: a copy of it is the restored copy.
       if (outputPath !== undefined) {
