@@ -204,7 +204,14 @@ async function planSource(repo: Repository, source: BackupSource, stored: Set<st
   let baseId: string | null = null;
   if (source.changed !== null) {
     if (source.base === undefined) throw new BdsnapError('EINVAL', `an incremental backup of ${source.device} needs a base backup`);
-    const base = await repo.manifest(source.base);
+    const base = await repo.manifest(source.base).catch((err: unknown) => {
+      if (err instanceof BdsnapError && err.code === 'ENOENT') return undefined;
+      throw err;
+    });
+    if (base === undefined) {
+      // Forgotten since this backup chose it (a forget running alongside): read everything.
+      return planSource(repo, { ...source, changed: null, base: undefined, why: `${source.why}; base backup ${source.base} was forgotten meanwhile, so full` }, stored);
+    }
     const entry = base.devices.find((d) => d.device === source.device);
     if (!entry) throw new BdsnapError('EINVAL', `base backup ${source.base} has no ${source.device}`);
     if (entry.sizeBytes !== source.sizeBytes) {

@@ -223,3 +223,25 @@ test('prune and create exclude each other; concurrent lock takers never both win
   }
   assert.deepEqual(await listLocks(repo.store), []);
 });
+
+test('an incremental whose base backup is forgotten meanwhile becomes a full backup, and restores exactly', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-backup-base-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 4 * MiB, 'random', 9);
+  const repo = await Repository.init(new LocalDirStore(path.join(dir, 'repo')), { pieceSizeBytes: 256 * 1024 });
+  const base = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
+  // The agent chose `base` for the changed ranges; then a forget removed it before the plan read it.
+  await repo.forget([base.id]);
+  const fd = fs.openSync(image, 'r');
+  const source = {
+    device: image, sizeBytes: 4 * MiB, changed: [{ offsetBytes: 0, lengthBytes: 4096 }], base: base.id, why: `changed blocks since ${base.id}`,
+    read: async (target: Buffer, offsetBytes: number) => void fs.readSync(fd, target, 0, target.length, offsetBytes),
+  };
+  t.after(() => fs.closeSync(fd));
+  const made = await createBackup(repo, [source]);
+  assert.equal(made.devices[0]!.kind, 'full');
+  assert.match(made.devices[0]!.why, /was forgotten meanwhile, so full/);
+  const out = path.join(dir, 'out.img');
+  await restoreBackup(repo, made.id, image, { output: out });
+  assert.equal(await sha256File(out), await sha256File(image));
+});
