@@ -30,7 +30,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { ConfinedTree } from '../host/confined-tree.js';
-import { writevFully } from '../host/fd-io.js';
+import { preadFully, writevFully } from '../host/fd-io.js';
 import { runLimited } from './run-limited.js';
 
 export interface ObjectInfo {
@@ -312,11 +312,8 @@ export class LocalDirStore implements ObjectStore {
       // One read of the known size rather than readFile's 512 KiB steps.
       const { offsetBytes, lengthBytes } = range ?? { offsetBytes: 0, lengthBytes: st.size };
       const out = Buffer.allocUnsafe(lengthBytes);
-      let done = 0;
-      while (done < out.length) {
-        const { bytesRead } = await fh.read(out, done, out.length - done, offsetBytes + done);
-        if (bytesRead === 0) throw new BdsnapError(range ? 'EINVAL' : 'EIO', `object ${name} ends before ${offsetBytes + lengthBytes}`);
-        done += bytesRead;
+      if (await preadFully(fh.fd, out, offsetBytes) < out.length) {
+        throw new BdsnapError(range ? 'EINVAL' : 'EIO', `object ${name} ends before ${offsetBytes + lengthBytes}`);
       }
       return out;
     } catch (err) {

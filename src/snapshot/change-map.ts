@@ -59,6 +59,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { checkRange, type BlockDevice } from '../device/block-device.js';
 import { PassThroughDevice } from '../device/pass-through.js';
 import { compareDeviceStamps, parseDeviceStamp, readBootId, type DeviceStamp } from '../host/device-stamp.js';
+import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 
 export const CHANGE_MAP_MAGIC = 'BDSNPCBT';
 export const FROZEN_MAP_MAGIC = 'BDSNPCBF';
@@ -154,21 +155,6 @@ function newGeneration(): string {
   return randomBytes(4).toString('hex');
 }
 
-function writeFully(fd: number, buf: Buffer, position: number): void {
-  let done = 0;
-  while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, position + done);
-}
-
-function readFully(fd: number, buf: Buffer, position: number): number {
-  let done = 0;
-  while (done < buf.length) {
-    const n = fs.readSync(fd, buf, done, buf.length - done, position + done);
-    if (n === 0) break;
-    done += n;
-  }
-  return done;
-}
-
 /** The file bytes of entries lo..hi (a view of the array on little-endian machines). */
 function entryBytes(entries: Uint32Array, lo: number, hi: number): Buffer {
   if (LITTLE_ENDIAN) return Buffer.from(entries.buffer, entries.byteOffset + lo * 4, (hi - lo + 1) * 4);
@@ -180,9 +166,9 @@ function entryBytes(entries: Uint32Array, lo: number, hi: number): Buffer {
 /** Read `entries.length` u32 entries from the file at `position`; false if the file is short. */
 function readEntries(fd: number, entries: Uint32Array, position: number): boolean {
   const bytes = entries.length * 4;
-  if (LITTLE_ENDIAN) return readFully(fd, Buffer.from(entries.buffer, entries.byteOffset, bytes), position) === bytes;
+  if (LITTLE_ENDIAN) return preadFullySync(fd, Buffer.from(entries.buffer, entries.byteOffset, bytes), position) === bytes;
   const b = Buffer.allocUnsafe(bytes);
-  if (readFully(fd, b, position) !== bytes) return false;
+  if (preadFullySync(fd, b, position) !== bytes) return false;
   for (let i = 0; i < entries.length; i++) entries[i] = b.readUInt32LE(i * 4);
   return true;
 }
@@ -203,7 +189,7 @@ function replaceFileSync(file: string, parts: Buffer[]): number {
   try {
     let at = 0;
     for (const p of parts) {
-      writeFully(fd, p, at);
+      pwriteFullySync(fd, p, at);
       at += p.length;
     }
     fs.fsyncSync(fd);
@@ -512,7 +498,7 @@ export class ChangeMap {
     try {
       const fileBytes = fs.fstatSync(fd).size;
       const h = Buffer.alloc(HEADER_BYTES);
-      const headerBytes = readFully(fd, h, 0);
+      const headerBytes = preadFullySync(fd, h, 0);
       if (headerBytes >= 20 && h.toString('latin1', 0, 8) === CHANGE_MAP_MAGIC && h.readUInt32LE(8) === 1) {
         return fresh('cannot-verify', 'the map was written by an earlier version of bdsnap, which kept no complete stamp of the device', h.readUInt32LE(16).toString(16).padStart(8, '0'));
       }
@@ -703,7 +689,7 @@ export class ChangeMap {
 
   #writeHeader(flags: number): void {
     this.#fillHeader(flags);
-    writeFully(this.#fd, this.#header, 0);
+    pwriteFullySync(this.#fd, this.#header, 0);
   }
 
   #touch(now: number): void {
@@ -726,7 +712,7 @@ export class ChangeMap {
       return;
     }
     try {
-      writeFully(this.#fd, entryBytes(this.#entries, lo, hi), HEADER_BYTES + lo * 4);
+      pwriteFullySync(this.#fd, entryBytes(this.#entries, lo, hi), HEADER_BYTES + lo * 4);
     } catch (err) {
       this.#poison(err);
       // strict promises durability before the device write: without it the write must fail.
@@ -932,7 +918,7 @@ export class FrozenChangeMap {
     if (lengthBytes <= 0) return;
     checkRange({ size: this.deviceSizeBytes }, offsetBytes, lengthBytes, true);
     const lo = setEntries(this.#entries, Math.floor(offsetBytes / this.blockSize), Math.floor((offsetBytes + lengthBytes - 1) / this.blockSize), this.number);
-    if (lo >= 0 && this.#fd !== undefined) writeFully(this.#fd, entryBytes(this.#entries, lo, changedSpan[1]!), FROZEN_HEADER_BYTES + lo * 4);
+    if (lo >= 0 && this.#fd !== undefined) pwriteFullySync(this.#fd, entryBytes(this.#entries, lo, changedSpan[1]!), FROZEN_HEADER_BYTES + lo * 4);
   }
 
   /** Persist atomically to `file` (beside the snapshot) and stay attached to it. */
@@ -970,7 +956,7 @@ export class FrozenChangeMap {
       const corrupt = (why: string): BdsnapError => new BdsnapError('ECORRUPT', `${file}: ${why}`);
       const fileBytes = fs.fstatSync(fd).size;
       const h = Buffer.alloc(FROZEN_HEADER_BYTES);
-      if (readFully(fd, h, 0) !== FROZEN_HEADER_BYTES) throw corrupt(`too short for a header (${fileBytes} bytes)`);
+      if (preadFullySync(fd, h, 0) !== FROZEN_HEADER_BYTES) throw corrupt(`too short for a header (${fileBytes} bytes)`);
       if (h.toString('latin1', 0, 8) !== FROZEN_MAP_MAGIC) throw corrupt('bad magic (not a bdsnap frozen change map)');
       if (h.readUInt32LE(8) !== FROZEN_MAP_VERSION) throw corrupt(`unsupported version ${h.readUInt32LE(8)}`);
       if (h.readUInt32LE(FROZEN_CRC_AT) !== crc32(h.subarray(0, FROZEN_CRC_AT))) throw corrupt('header checksum mismatch');
