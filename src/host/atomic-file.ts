@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { toBdsnapError } from '../errors.js';
+import { writevFullySync } from './fd-io.js';
 
 /** fsync a directory, making a rename or a file creation in it durable. */
 export async function fsyncDirectory(dir: string): Promise<void> {
@@ -22,10 +23,25 @@ export async function fsyncDirectory(dir: string): Promise<void> {
   }
 }
 
+/** Synchronous fsyncDirectory. */
+export function fsyncDirectorySync(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** A temporary name beside `filePath` that no other writer uses. */
+function temporaryName(filePath: string): string {
+  return path.join(path.dirname(filePath), `.${path.basename(filePath)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+}
+
 /** Replace `filePath` with `data` atomically and durably, with exactly `mode`. Errors: as BdsnapError. */
 export async function writeFileAtomic(filePath: string, data: string | Buffer, mode = 0o600): Promise<void> {
   const dir = path.dirname(filePath);
-  const tmp = path.join(dir, `.${path.basename(filePath)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+  const tmp = temporaryName(filePath);
   let renamed = false;
   try {
     const fh = await fs.promises.open(tmp, 'wx', mode);
@@ -42,6 +58,39 @@ export async function writeFileAtomic(filePath: string, data: string | Buffer, m
     await fsyncDirectory(dir);
   } catch (err) {
     if (!renamed) await fs.promises.rm(tmp, { force: true }).catch(() => undefined);
+    throw toBdsnapError(err);
+  }
+}
+
+/**
+ * Synchronous writeFileAtomic, for a caller that must not yield while it replaces the file;
+ * `data` may come in parts (written one after the other). Errors: as BdsnapError.
+ */
+export function writeFileAtomicSync(filePath: string, data: string | Buffer | readonly Buffer[], mode = 0o600): void {
+  const dir = path.dirname(filePath);
+  const tmp = temporaryName(filePath);
+  const parts = typeof data === 'string' ? [Buffer.from(data)] : Buffer.isBuffer(data) ? [data] : data;
+  let renamed = false;
+  try {
+    const fd = fs.openSync(tmp, 'wx', mode);
+    try {
+      writevFullySync(fd, parts, 0);
+      fs.fchmodSync(fd, mode);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, filePath);
+    renamed = true;
+    fsyncDirectorySync(dir);
+  } catch (err) {
+    if (!renamed) {
+      try {
+        fs.rmSync(tmp, { force: true });
+      } catch {
+        // The failure to report is the first one.
+      }
+    }
     throw toBdsnapError(err);
   }
 }

@@ -58,6 +58,7 @@ import { crc32 } from 'node:zlib';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { checkRange, type BlockDevice } from '../device/block-device.js';
 import { PassThroughDevice } from '../device/pass-through.js';
+import { writeFileAtomicSync } from '../host/atomic-file.js';
 import { compareDeviceStamps, parseDeviceStamp, readBootId, type DeviceStamp } from '../host/device-stamp.js';
 import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 
@@ -171,34 +172,6 @@ function readEntries(fd: number, entries: Uint32Array, position: number): boolea
   if (preadFullySync(fd, b, position) !== bytes) return false;
   for (let i = 0; i < entries.length; i++) entries[i] = b.readUInt32LE(i * 4);
   return true;
-}
-
-function fsyncDirectorySync(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Write temp, fsync, rename, fsync the directory; returns an fd of the new file opened r+. */
-function replaceFileSync(file: string, parts: Buffer[]): number {
-  const tmp = `${file}.tmp-${process.pid}`;
-  const fd = fs.openSync(tmp, 'w', 0o600);
-  try {
-    let at = 0;
-    for (const p of parts) {
-      pwriteFullySync(fd, p, at);
-      at += p.length;
-    }
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-  fsyncDirectorySync(path.dirname(file));
-  return fs.openSync(file, 'r+');
 }
 
 function writeU64LE(b: Buffer, at: number, value: number): void {
@@ -816,7 +789,8 @@ export class ChangeMap {
   #replaceFile(): void {
     this.#lastWriteSeenMs = Date.now();
     this.#fillHeader(0);
-    this.#fd = replaceFileSync(this.#file, [this.#header, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+    writeFileAtomicSync(this.#file, [this.#header, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+    this.#fd = fs.openSync(this.#file, 'r+');
   }
 
   #fillHeader(flags: number): void {
@@ -935,7 +909,8 @@ export class FrozenChangeMap {
     h.writeUInt32LE(crc32(h.subarray(0, FROZEN_CRC_AT)), FROZEN_CRC_AT);
     try {
       await fs.promises.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
-      const fd = replaceFileSync(file, [h, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+      writeFileAtomicSync(file, [h, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+      const fd = fs.openSync(file, 'r+');
       if (this.#fd !== undefined) fs.closeSync(this.#fd);
       this.#fd = fd;
     } catch (err) {
