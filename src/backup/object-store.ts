@@ -27,10 +27,9 @@ import { constants } from 'node:buffer';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { ConfinedTree } from '../host/confined-tree.js';
-import { preadFully, writevFully } from '../host/fd-io.js';
+import { closeFd, fdatasyncFd, fsyncFd, openFd, preadFully, writevFully } from '../host/fd-io.js';
 import { runLimited } from './run-limited.js';
 
 export interface ObjectInfo {
@@ -105,8 +104,6 @@ export function checkObjectName(name: string): void {
   }
 }
 
-const openFd = promisify(fs.open);
-const closeFd = promisify(fs.close);
 
 /**
  * Staged objects are published in the background in batches of this many, so that their syncs
@@ -138,8 +135,6 @@ const READ_FLAGS = O_RDONLY | O_NOFOLLOW | O_NONBLOCK;
 const CREATE_FLAGS = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW;
 const FILE_MODE = 0o600;
 
-const fsyncFd = promisify(fs.fsync);
-const fdatasyncFd = promisify(fs.fdatasync);
 
 /** Remove the temp files of staged objects that will not be published; best effort. */
 async function removeTemps(batch: readonly Staged[]): Promise<void> {

@@ -60,7 +60,7 @@ import { checkRange, type BlockDevice } from '../device/block-device.js';
 import { PassThroughDevice } from '../device/pass-through.js';
 import { writeFileAtomicSync } from '../host/atomic-file.js';
 import { compareDeviceStamps, parseDeviceStamp, readBootId, type DeviceStamp } from '../host/device-stamp.js';
-import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
+import { fdatasyncFd, preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 
 export const CHANGE_MAP_MAGIC = 'BDSNPCBT';
 export const FROZEN_MAP_MAGIC = 'BDSNPCBF';
@@ -651,7 +651,7 @@ export class ChangeMap {
         this.#stamp = stamp;
         this.#stampBytes = stampBytes;
         this.#writeHeader(FLAG_CLEAN);
-        await new Promise<void>((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
+        await fdatasyncFd(this.#fd);
       }
     } finally {
       fs.closeSync(this.#fd);
