@@ -61,6 +61,7 @@ import { PassThroughDevice } from '../device/pass-through.js';
 import { writeFileAtomicSync } from '../host/atomic-file.js';
 import { compareDeviceStamps, parseDeviceStamp, readBootId, type DeviceStamp } from '../host/device-stamp.js';
 import { fdatasyncFd, preadFullySync, pwriteFullySync } from '../host/fd-io.js';
+import { readU64, writeU64 } from './format.js';
 
 export const CHANGE_MAP_MAGIC = 'BDSNPCBT';
 export const FROZEN_MAP_MAGIC = 'BDSNPCBF';
@@ -86,7 +87,6 @@ const LAST_WRITE_REFRESH_MS = 1000;
 /** Slack between "last write seen" and the image's mtime or ctime after an unclean stop. */
 const MTIME_SLACK_MS = 2000;
 const LITTLE_ENDIAN = os.endianness() === 'LE';
-const TWO_POW_32 = 4294967296;
 
 export type Durability = 'process' | 'strict';
 
@@ -172,15 +172,6 @@ function readEntries(fd: number, entries: Uint32Array, position: number): boolea
   if (preadFullySync(fd, b, position) !== bytes) return false;
   for (let i = 0; i < entries.length; i++) entries[i] = b.readUInt32LE(i * 4);
   return true;
-}
-
-function writeU64LE(b: Buffer, at: number, value: number): void {
-  b.writeUInt32LE(value >>> 0, at);
-  b.writeUInt32LE(Math.floor(value / TWO_POW_32), at + 4);
-}
-
-function readU64LE(b: Buffer, at: number): number {
-  return b.readUInt32LE(at + 4) * TWO_POW_32 + b.readUInt32LE(at);
 }
 
 /** First and last index changed by the latest setEntries() (reused: mark() allocates nothing). */
@@ -296,7 +287,7 @@ function parseHeader(h: Buffer, fileBytes: number): ParsedHeader | string {
   if (h.readUInt32LE(12) !== HEADER_BYTES) return `unexpected header size ${h.readUInt32LE(12)}`;
   const blockSize = h.readUInt32LE(20);
   const blocks = h.readUInt32LE(24);
-  const deviceSizeBytes = readU64LE(h, 32);
+  const deviceSizeBytes = readU64(h, 32);
   if (blockSize < 4096 || (blockSize & (blockSize - 1)) !== 0) return `bad block size ${blockSize}`;
   if (blocks !== Math.ceil(deviceSizeBytes / blockSize) || blocks > MAX_TRACKING_BLOCKS) return `block count ${blocks} does not match the device size ${deviceSizeBytes}`;
   if (fileBytes !== HEADER_BYTES + blocks * 4) return `file is ${fileBytes} bytes, expected ${HEADER_BYTES + blocks * 4}`;
@@ -315,8 +306,8 @@ function parseHeader(h: Buffer, fileBytes: number): ParsedHeader | string {
     deviceSizeBytes,
     flags: h.readUInt32LE(40),
     bootId: h.toString('latin1', 48, 48 + BOOT_ID_BYTES).replace(/\0+$/, ''),
-    lastWriteSeenMs: readU64LE(h, 96),
-    createdMs: readU64LE(h, 136),
+    lastWriteSeenMs: readU64(h, 96),
+    createdMs: readU64(h, 136),
     stamp,
   };
 }
@@ -803,11 +794,11 @@ export class ChangeMap {
     h.writeUInt32LE(this.blockSize, 20);
     h.writeUInt32LE(this.blocks, 24);
     h.writeUInt32LE(this.#number, 28);
-    writeU64LE(h, 32, this.#deviceSizeBytes);
+    writeU64(h, this.#deviceSizeBytes, 32);
     h.writeUInt32LE(flags, 40);
     h.write(this.#bootId.slice(0, BOOT_ID_BYTES), 48, 'latin1');
-    writeU64LE(h, 96, this.#lastWriteSeenMs);
-    writeU64LE(h, 136, this.#createdMs);
+    writeU64(h, this.#lastWriteSeenMs, 96);
+    writeU64(h, this.#createdMs, 136);
     const stamp = this.#stampBytes;
     if (stamp) {
       h.writeUInt32LE(stamp.length, STAMP_LENGTH_AT);
@@ -905,7 +896,7 @@ export class FrozenChangeMap {
     h.writeUInt32LE(this.number, 20);
     h.writeUInt32LE(this.blockSize, 24);
     h.writeUInt32LE(this.blocks, 28);
-    writeU64LE(h, 32, this.deviceSizeBytes);
+    writeU64(h, this.deviceSizeBytes, 32);
     h.writeUInt32LE(crc32(h.subarray(0, FROZEN_CRC_AT)), FROZEN_CRC_AT);
     try {
       await fs.promises.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
@@ -938,7 +929,7 @@ export class FrozenChangeMap {
       const number = h.readUInt32LE(20);
       const blockSize = h.readUInt32LE(24);
       const blocks = h.readUInt32LE(28);
-      const deviceSizeBytes = readU64LE(h, 32);
+      const deviceSizeBytes = readU64(h, 32);
       if (h.readUInt32LE(12) !== FROZEN_HEADER_BYTES || blockSize < 4096 || (blockSize & (blockSize - 1)) !== 0
         || blocks !== Math.ceil(deviceSizeBytes / blockSize) || blocks > MAX_TRACKING_BLOCKS) {
         throw corrupt('inconsistent header (block size, blocks, device size)');
