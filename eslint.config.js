@@ -46,7 +46,7 @@ export default tseslint.config(
   {
     files: ['src/backup/**'],
     rules: layerRule('backup', others('host', 'backup', 'device', 'service', 'nbd'), {
-      service: ['client.js', 'control-protocol.js'],
+      service: ['client.js', 'control-protocol.js', 'paths.js'],
       nbd: ['client.js', 'constants.js'],
     }),
   },
@@ -56,8 +56,9 @@ export default tseslint.config(
   },
   {
     // `serve` and `daemon` compose the layers below; of the service, the CLI uses the client
-    // library and starts the daemon, nothing else.
+    // library (and the run directory's names it shares with the daemon) and starts the daemon,
+    // nothing else.
     files: ['src/cli/**'],
-    rules: layerRule('cli', [], { service: ['client.js', 'control-protocol.js', 'password-input.js', 'daemon.js'] }),
+    rules: layerRule('cli', [], { service: ['client.js', 'control-protocol.js', 'paths.js', 'password-input.js', 'daemon.js'] }),
   },
 );

@@ -31,10 +31,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { LocalDirStore, Repository, backupDevices, restoreBackup, type ByteRange, type SnapshotProvider } from '../src/backup/index.js';
 import { NbdClient } from '../src/nbd/client.js';
-import { dirBytes } from '../test/backup/helpers.js';
-import { makeImage } from '../test/helpers/files.js';
-import { run } from '../test/helpers/process.js';
-import { startServer, type NbdServer } from '../test/helpers/server.js';
+import { dirBytes, makeImage, type NbdServer, run, startServer } from './helpers.js';
 import { fillPageCache } from './page-cache.js';
 import { spread } from './report.js';
 

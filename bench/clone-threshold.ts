@@ -16,10 +16,7 @@ import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
 import { FileDevice } from '../src/device/file-device.js';
 import { CowDevice } from '../src/snapshot/index.js';
-import { makeImage } from '../test/helpers/files.js';
-import { CleanupStack } from '../test/helpers/cleanup.js';
-import { missingNeeds } from '../test/helpers/needs.js';
-import { mountScratchFs, scratchFsNeeds } from '../test/helpers/scratch-fs.js';
+import { CleanupStack, makeImage, missingNeeds, mountScratchFs, scratchFsNeeds } from './helpers.js';
 import { settleFile } from './page-cache.js';
 import { BENCH_CHUNK_BYTES, median, writeLoad } from './workloads.js';
 

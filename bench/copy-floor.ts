@@ -24,7 +24,7 @@ import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
 import { preadOnce, pwriteOnce } from '../src/host/fd-io.js';
 import { fileURLToPath } from 'node:url';
-import { makeImage } from '../test/helpers/files.js';
+import { makeImage } from './helpers.js';
 import { fillPageCache, settleFile } from './page-cache.js';
 
 const BLOCK = 1 << 20;

@@ -14,9 +14,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { restore } from '../src/snapshot/index.js';
-import { runFio } from '../test/helpers/fio.js';
-import { run } from '../test/helpers/process.js';
-import { startServer } from '../test/helpers/server.js';
+import { run, runFio, startServer } from './helpers.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
 import { checkFloorSec } from './restore-floor.js';
 

@@ -15,7 +15,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { makeImage } from '../test/helpers/files.js';
+import { makeImage } from './helpers.js';
 import { describeMachine, formatTable, spread, type Report, type RowResult } from './report.js';
 import { ROWS, type BenchRow, type RowContext } from './rows.js';
 

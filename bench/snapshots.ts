@@ -22,8 +22,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { startDaemon, type RunningDaemon } from '../test/helpers/daemon.js';
-import { runFio } from '../test/helpers/fio.js';
+import { runFio, type RunningDaemon, startDaemon } from './helpers.js';
 import { spread } from './report.js';
 
 const { values } = parseArgs({

@@ -8,10 +8,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { runFio } from '../test/helpers/fio.js';
+import { launchServer, makePki, type NbdServer, runFio, startServer } from './helpers.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
-import { launchServer, startServer, type NbdServer } from '../test/helpers/server.js';
-import { makePki } from '../test/helpers/tls.js';
 
 export interface RunningTarget {
   /** NBD URI fio connects to. */

@@ -47,6 +47,11 @@ export const WIRE_ERRNO: Record<ErrorCode, number> = {
   ESHUTDOWN: 108,
 };
 
+/** Whether `code` is one of ours (WIRE_ERRNO has one entry for each, which the compiler checks). */
+export function isErrorCode(code: string): code is ErrorCode {
+  return Object.hasOwn(WIRE_ERRNO, code);
+}
+
 /** Map any thrown value to a BdsnapError, keeping the original as `cause`. */
 export function toBdsnapError(err: unknown): BdsnapError {
   if (err instanceof BdsnapError) return err;

@@ -21,7 +21,8 @@ export {
   type DiffStorageOptions, type DiffStorageEvent, type ChangeMapOptions, type ChangeMapReset, type ChangeMapInfo, type ByteRange,
 } from './snapshot/index.js';
 
-export { BdsnapClient, withClient, resolveRunDir, type MountOptions } from './service/client.js';
+export { BdsnapClient, withClient, type MountOptions } from './service/client.js';
+export { resolveRunDir } from './service/paths.js';
 export type { SnapshotInfo, SnapshotImageInfo, DaemonEvent, EventsResult, CbtInfo } from './service/control-protocol.js';
 
 export { SingleFileFs, mkfs as sffsMkfs, mkfsImage as sffsMkfsImage } from './fs/singlefilefs/index.js';

@@ -5,13 +5,13 @@
  * image and includes writes made to the image itself.
  */
 
-import path from 'node:path';
 import { NbdClient } from '../nbd/client.js';
-import { NBD_SOCKET, type BdsnapClient } from '../service/client.js';
+import type { BdsnapClient } from '../service/client.js';
+import { nbdSocketPath } from '../service/paths.js';
 import type { Snapshot, SnapshotProvider } from './agent.js';
 
 export function daemonSnapshotProvider(client: BdsnapClient, runDir: string): SnapshotProvider {
-  const socketPath = path.join(runDir, NBD_SOCKET);
+  const socketPath = nbdSocketPath(runDir);
   return {
     async take(devices: string[]): Promise<Snapshot> {
       const info = await client.createSnapshot(devices);

@@ -15,13 +15,14 @@
  * A lock is live while its holder refreshes it (a put every REFRESH_MS); one not refreshed for
  * STALE_MS is ignored. On the same host a lock whose process is gone (pid and process start
  * time no longer match) is dead at once, so a create killed with SIGKILL does not hold up a
- * prune for long. Prune deletes dead and stale locks.
+ * prune for long; one whose process /proc cannot tell about counts by its age alone. Prune
+ * deletes dead and stale locks.
  */
 
-import fs from 'node:fs';
 import os from 'node:os';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
+import { PROC_PATH, processStartTime, processStartTimeSync } from '../host/processes.js';
 import { LOCKS_PREFIX, newBackupId } from './format.js';
 import type { ObjectInfo, ObjectStore } from './object-store.js';
 
@@ -46,27 +47,35 @@ export interface LockInfo extends LockBody {
   name: string;
   /** 'live', or why it no longer counts. */
   state: 'live' | 'dead' | 'stale';
+  /** Why a lock of this host counts as live without its process being checked. */
+  unchecked?: string;
 }
 
-function processStart(pid: number): string | null {
+export interface LockOptions {
+  /** Where procfs is (default /proc): the process of a lock of this host is looked up there. */
+  proc?: string;
+}
+
+/**
+ * A lock of this host is dead once its process is gone (or its pid now names another process).
+ * When /proc cannot tell, the lock is judged by its age alone, as one of another host is: a
+ * prune must never break the lock of a create that may still be running.
+ */
+async function stateOf(body: LockBody, info: ObjectInfo, nowMs: number, proc: string): Promise<Pick<LockInfo, 'state' | 'unchecked'>> {
+  const byAge = nowMs - info.modifiedMs > STALE_MS ? 'stale' : 'live';
+  if (body.host !== os.hostname()) return { state: byAge };
+  let start: string | null;
   try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
-  } catch {
-    return null;
+    start = await processStartTime(body.pid, proc);
+  } catch (err) {
+    return { state: byAge, unchecked: `whether pid ${body.pid} still runs cannot be told (${(err as Error).message}), so the lock counts until it is ${STALE_MS / 60_000} minutes old` };
   }
-}
-
-function stateOf(body: LockBody, info: ObjectInfo, nowMs: number): LockInfo['state'] {
-  if (body.host === os.hostname()) {
-    const start = processStart(body.pid);
-    if (start === null || (body.processStart !== null && start !== body.processStart)) return 'dead';
-  }
-  return nowMs - info.modifiedMs > STALE_MS ? 'stale' : 'live';
+  if (start === null || (body.processStart !== null && start !== body.processStart)) return { state: 'dead' };
+  return { state: byAge };
 }
 
 /** Every lock in the store with its state; an unreadable lock object counts by its age alone. */
-export async function listLocks(store: ObjectStore): Promise<LockInfo[]> {
+export async function listLocks(store: ObjectStore, options: LockOptions = {}): Promise<LockInfo[]> {
   const now = Date.now();
   const out: LockInfo[] = [];
   for (const info of await store.list(LOCKS_PREFIX)) {
@@ -77,7 +86,8 @@ export async function listLocks(store: ObjectStore): Promise<LockInfo[]> {
     } catch {
       // Torn or foreign: judged by its age (host '?' is never this host).
     }
-    out.push({ ...body, name: info.name, state: body.pid === -1 ? (now - info.modifiedMs > STALE_MS ? 'stale' : 'live') : stateOf(body, info, now) });
+    const judged = body.pid === -1 ? { state: now - info.modifiedMs > STALE_MS ? 'stale' as const : 'live' as const } : await stateOf(body, info, now, options.proc ?? PROC_PATH);
+    out.push({ ...body, name: info.name, ...judged });
   }
   return out;
 }
@@ -97,17 +107,18 @@ export class RepoLock {
   }
 
   /** Take a lock of `kind`, or fail with EBUSY naming the lock in the way. */
-  static async acquire(store: ObjectStore, kind: LockKind): Promise<RepoLock> {
+  static async acquire(store: ObjectStore, kind: LockKind, options: LockOptions = {}): Promise<RepoLock> {
     const name = `${LOCKS_PREFIX}${newBackupId()}.${kind}`;
-    const body: LockBody = { kind, host: os.hostname(), pid: process.pid, processStart: processStart(process.pid), createdAt: new Date().toISOString() };
+    const body: LockBody = { kind, host: os.hostname(), pid: process.pid, processStart: processStartTimeSync(process.pid, options.proc), createdAt: new Date().toISOString() };
     const lock = new RepoLock(store, name, Buffer.from(`${JSON.stringify(body)}\n`));
     await store.put(name, lock.#body);
     try {
-      const others = (await listLocks(store)).filter((l) => l.name !== name && l.state === 'live');
+      const others = (await listLocks(store, options)).filter((l) => l.name !== name && l.state === 'live');
       const blocking = others.find((l) => kind === 'prune' || l.kind === 'prune');
       if (blocking) {
         const what = blocking.kind === 'prune' ? 'a prune is running' : 'a backup is being created';
-        throw new BdsnapError('EBUSY', `${what} in ${store.location} (${blocking.name}, pid ${blocking.pid} on ${blocking.host}); try again when it is done`);
+        const doubt = blocking.unchecked ? `; ${blocking.unchecked}` : '';
+        throw new BdsnapError('EBUSY', `${what} in ${store.location} (${blocking.name}, pid ${blocking.pid} on ${blocking.host}); try again when it is done${doubt}`);
       }
     } catch (err) {
       await store.delete(name).catch(() => undefined);

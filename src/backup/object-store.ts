@@ -27,10 +27,9 @@ import { constants } from 'node:buffer';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { ConfinedTree } from '../host/confined-tree.js';
-import { writevFully } from '../host/fd-io.js';
+import { closeFd, fdatasyncFd, fsyncFd, openFd, preadFully, writevFully } from '../host/fd-io.js';
 import { runLimited } from './run-limited.js';
 
 export interface ObjectInfo {
@@ -105,8 +104,6 @@ export function checkObjectName(name: string): void {
   }
 }
 
-const openFd = promisify(fs.open);
-const closeFd = promisify(fs.close);
 
 /**
  * Staged objects are published in the background in batches of this many, so that their syncs
@@ -138,8 +135,6 @@ const READ_FLAGS = O_RDONLY | O_NOFOLLOW | O_NONBLOCK;
 const CREATE_FLAGS = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW;
 const FILE_MODE = 0o600;
 
-const fsyncFd = promisify(fs.fsync);
-const fdatasyncFd = promisify(fs.fdatasync);
 
 /** Remove the temp files of staged objects that will not be published; best effort. */
 async function removeTemps(batch: readonly Staged[]): Promise<void> {
@@ -312,11 +307,8 @@ export class LocalDirStore implements ObjectStore {
       // One read of the known size rather than readFile's 512 KiB steps.
       const { offsetBytes, lengthBytes } = range ?? { offsetBytes: 0, lengthBytes: st.size };
       const out = Buffer.allocUnsafe(lengthBytes);
-      let done = 0;
-      while (done < out.length) {
-        const { bytesRead } = await fh.read(out, done, out.length - done, offsetBytes + done);
-        if (bytesRead === 0) throw new BdsnapError(range ? 'EINVAL' : 'EIO', `object ${name} ends before ${offsetBytes + lengthBytes}`);
-        done += bytesRead;
+      if (await preadFully(fh.fd, out, offsetBytes) < out.length) {
+        throw new BdsnapError(range ? 'EINVAL' : 'EIO', `object ${name} ends before ${offsetBytes + lengthBytes}`);
       }
       return out;
     } catch (err) {

@@ -16,6 +16,7 @@
 
 import fs from 'node:fs';
 import { parentPort } from 'node:worker_threads';
+import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 import { STORED_SLACK_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
@@ -51,14 +52,6 @@ export type PieceResult =
   | { id: number; op: 'check' }
   | { id: number; error: { code: string; message: string } };
 
-let zeros = Buffer.alloc(0);
-
-/** Whether every byte of `buf` is zero. */
-export function isZero(buf: Buffer): boolean {
-  if (zeros.length < buf.length) zeros = Buffer.alloc(buf.length);
-  return buf.equals(zeros.subarray(0, buf.length));
-}
-
 function asBuffer(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 }
@@ -67,7 +60,7 @@ export function runTask(task: PieceTask): PieceResult {
   try {
     if (task.op === 'encode') {
       const raw = asBuffer(task.raw);
-      if (isZero(raw)) return { id: task.id, op: 'encode', zero: true, raw };
+      if (isAllZero(raw)) return { id: task.id, op: 'encode', zero: true, raw };
       const { header, payload } = encodePieceParts(raw, task.codec);
       return { id: task.id, op: 'encode', zero: false, hash: sha256Hex(raw), header, payload, raw, codec: header.readUInt8(5) };
     }

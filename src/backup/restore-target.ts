@@ -15,10 +15,10 @@
 
 import fs from 'node:fs';
 import { FileDevice } from '../device/file-device.js';
+import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
 import { checkNotInUse } from '../host/in-use.js';
 import type { PiecePool } from './piece-pool.js';
-import { isZero } from './piece-worker.js';
 import { UndoLog } from './undo-log.js';
 
 /** Largest range of a file's cut tail read at once to keep it. */
@@ -235,7 +235,7 @@ class InPlaceTarget implements RestoreTarget {
     const lengthBytes = Buffer.isBuffer(data) ? data.length : data.zeroBytes;
     const original = Buffer.allocUnsafe(lengthBytes);
     await this.#file.read(original, offsetBytes);
-    if (Buffer.isBuffer(data) ? original.equals(data) : isZero(original)) return;
+    if (Buffer.isBuffer(data) ? original.equals(data) : isAllZero(original)) return;
     const kept = this.#keepBytes(offsetBytes, lengthBytes);
     if (kept > 0) await this.#undo!.save(offsetBytes, original.subarray(0, kept));
     if (Buffer.isBuffer(data)) await this.#file.write(data, offsetBytes);

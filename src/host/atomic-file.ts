@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { toBdsnapError } from '../errors.js';
+import { writevFullySync } from './fd-io.js';
 
 /** fsync a directory, making a rename or a file creation in it durable. */
 export async function fsyncDirectory(dir: string): Promise<void> {
@@ -22,10 +23,25 @@ export async function fsyncDirectory(dir: string): Promise<void> {
   }
 }
 
+/** Synchronous fsyncDirectory. */
+export function fsyncDirectorySync(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** A temporary name beside `filePath` that no other writer uses. */
+function temporaryName(filePath: string): string {
+  return path.join(path.dirname(filePath), `.${path.basename(filePath)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+}
+
 /** Replace `filePath` with `data` atomically and durably, with exactly `mode`. Errors: as BdsnapError. */
 export async function writeFileAtomic(filePath: string, data: string | Buffer, mode = 0o600): Promise<void> {
   const dir = path.dirname(filePath);
-  const tmp = path.join(dir, `.${path.basename(filePath)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+  const tmp = temporaryName(filePath);
   let renamed = false;
   try {
     const fh = await fs.promises.open(tmp, 'wx', mode);
@@ -47,20 +63,21 @@ export async function writeFileAtomic(filePath: string, data: string | Buffer, m
 }
 
 /**
- * writeFileAtomic, synchronously, for a record that must be on disk before the caller goes on
- * (a difference storage's failure state). The temporary file is created O_EXCL, so nothing
- * planted under its name is written through, and rename(2) replaces whatever has the target's
- * name (a symbolic link included) without following it.
+ * Synchronous writeFileAtomic, for a caller that must not yield while it replaces the file (a
+ * difference storage's failure state). The temporary file is created O_EXCL, so nothing planted
+ * under its name is written through, and rename(2) replaces whatever has the target's name (a
+ * symbolic link included) without following it. `data` may come in parts, written one after
+ * the other. Errors: as BdsnapError.
  */
-export function writeFileAtomicSync(filePath: string, data: string | Buffer, mode = 0o600): void {
+export function writeFileAtomicSync(filePath: string, data: string | Buffer | readonly Buffer[], mode = 0o600): void {
   const dir = path.dirname(filePath);
-  const tmp = path.join(dir, `.${path.basename(filePath)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+  const tmp = temporaryName(filePath);
+  const parts = typeof data === 'string' ? [Buffer.from(data)] : Buffer.isBuffer(data) ? [data] : data;
   let renamed = false;
   try {
-    const fd = fs.openSync(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, mode);
+    const fd = fs.openSync(tmp, 'wx', mode);
     try {
-      const bytes = Buffer.isBuffer(data) ? data : Buffer.from(data);
-      for (let done = 0; done < bytes.length;) done += fs.writeSync(fd, bytes, done, bytes.length - done, done);
+      writevFullySync(fd, parts, 0);
       fs.fchmodSync(fd, mode);
       fs.fsyncSync(fd);
     } finally {
@@ -68,14 +85,15 @@ export function writeFileAtomicSync(filePath: string, data: string | Buffer, mod
     }
     fs.renameSync(tmp, filePath);
     renamed = true;
-    const dh = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-    try {
-      fs.fsyncSync(dh);
-    } finally {
-      fs.closeSync(dh);
-    }
+    fsyncDirectorySync(dir);
   } catch (err) {
-    if (!renamed) fs.rmSync(tmp, { force: true });
+    if (!renamed) {
+      try {
+        fs.rmSync(tmp, { force: true });
+      } catch {
+        // The failure to report is the first one.
+      }
+    }
     throw toBdsnapError(err);
   }
 }

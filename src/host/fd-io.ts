@@ -1,10 +1,45 @@
 /**
  * Positional I/O on raw descriptors that loops until the whole range is done (short transfers
- * happen on block devices and under signals). Thin callback wrappers: cheaper on the hot path
- * than FileHandle or promisify's result objects.
+ * happen on block devices and under signals), and the other descriptor calls as promises. Thin
+ * callback wrappers: cheaper on the hot path than FileHandle or promisify's result objects, and
+ * each looks `fs.<call>` up when it runs, so a test can watch the order of syncs and writes.
  */
 
 import fs from 'node:fs';
+
+function settle<T>(resolve: (value: T) => void, reject: (err: Error) => void): (err: Error | null, value: T) => void {
+  return (err, value) => (err ? reject(err) : resolve(value));
+}
+
+/** open(2) on the thread pool; resolves with the descriptor. */
+export function openFd(file: fs.PathLike, flags: fs.OpenMode, mode?: fs.Mode): Promise<number> {
+  return new Promise((resolve, reject) => fs.open(file, flags, mode, settle(resolve, reject)));
+}
+
+/** close(2). */
+export function closeFd(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+/** fsync(2): data and metadata (for a directory, the names in it). */
+export function fsyncFd(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fsync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+/** fdatasync(2): the data, and the metadata needed to read it back. */
+export function fdatasyncFd(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+/** ftruncate(2). */
+export function ftruncateFd(fd: number, lengthBytes: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.ftruncate(fd, lengthBytes, (err) => (err ? reject(err) : resolve())));
+}
+
+/** fstat(2). */
+export function fstatFd(fd: number): Promise<fs.Stats> {
+  return new Promise((resolve, reject) => fs.fstat(fd, settle(resolve, reject)));
+}
 
 /** One pread(2); resolves with the count read (0 at end of file). */
 export function preadOnce(fd: number, buf: Buffer, offset: number, length: number, position: number): Promise<number> {

@@ -14,6 +14,7 @@
 
 import fs from 'node:fs';
 import { BdsnapError } from '../errors.js';
+import { pwriteFullySync } from './fd-io.js';
 import { libcUnavailableReason, loadLibc, type Libc } from './libc.js';
 
 export interface HeldLockFile {
@@ -65,7 +66,7 @@ export function tryLockFile(file: string, record: string, libc: Libc | undefined
     }
     fs.ftruncateSync(fd, 0);
     const bytes = Buffer.from(record);
-    for (let done = 0; done < bytes.length;) done += fs.writeSync(fd, bytes, done, bytes.length - done, done);
+    pwriteFullySync(fd, bytes, 0);
   } catch (err) {
     fs.closeSync(fd);
     throw err;

@@ -8,19 +8,11 @@ import net from 'node:net';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
 import { LineDecoder, parseResponse } from './control-lines.js';
+import { controlSocketPath, resolveRunDir } from './paths.js';
 import type {
   ActivationResult, CbtInfo, EventsResult, SnapshotInfo, ListResult, MountResult, PasswdResult, PingResult,
   RegisterResult, RequestBody, RequestOp, ResultMap, StatusResult, UmountResult,
 } from './control-protocol.js';
-
-export const DEFAULT_RUN_DIR = '/run/bdsnap';
-export const CONTROL_SOCKET = 'control.sock';
-export const NBD_SOCKET = 'nbd.sock';
-
-/** The run directory: the argument, else $BDSNAP_RUN_DIR, else /run/bdsnap. */
-export function resolveRunDir(runDir?: string): string {
-  return path.resolve(runDir ?? process.env.BDSNAP_RUN_DIR ?? DEFAULT_RUN_DIR);
-}
 
 interface Pending {
   resolve(value: unknown): void;
@@ -59,7 +51,7 @@ export class BdsnapClient {
 
   /** Connect to the daemon of `runDir` (default: see resolveRunDir). */
   static async connect(runDir?: string): Promise<BdsnapClient> {
-    const socketPath = path.join(resolveRunDir(runDir), CONTROL_SOCKET);
+    const socketPath = controlSocketPath(resolveRunDir(runDir));
     const socket = net.connect(socketPath);
     await new Promise<void>((resolve, reject) => {
       socket.once('connect', () => resolve());

@@ -5,14 +5,10 @@
  * without loading zod, which costs about as much as starting Node itself.
  */
 
-import type { ErrorCode } from '../errors.js';
+import { isErrorCode } from '../errors.js';
 import type { Response } from './control-protocol.js';
 
 export const MAX_LINE_BYTES = 64 * 1024;
-
-const ERROR_CODES: ReadonlySet<string> = new Set<ErrorCode>([
-  'EINVAL', 'ENOSPC', 'EPERM', 'EIO', 'ENOTSUP', 'EBUSY', 'ENOENT', 'EPROTO', 'EAUTH', 'ECORRUPT', 'EMISMATCH', 'ESESSION', 'ESHUTDOWN',
-]);
 
 /**
  * A response as the daemon sends it, or undefined when `value` (a parsed JSON line) is not
@@ -29,8 +25,8 @@ export function parseResponse(value: unknown): Response | undefined {
   const error = v.error;
   if (typeof error !== 'object' || error === null) return undefined;
   const { code, message } = error as Record<string, unknown>;
-  if (typeof code !== 'string' || !ERROR_CODES.has(code) || typeof message !== 'string') return undefined;
-  return { id: id as number | null, ok: false, error: { code: code as ErrorCode, message } };
+  if (typeof code !== 'string' || !isErrorCode(code) || typeof message !== 'string') return undefined;
+  return { id: id as number | null, ok: false, error: { code, message } };
 }
 
 export type LineEvent = { kind: 'line'; text: string } | { kind: 'oversized'; bytes: number };

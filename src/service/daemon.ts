@@ -34,7 +34,7 @@ import { listSessions, recoverSession } from '../snapshot/sessions.js';
 import { libcUnavailableReason, loadLibc } from '../host/libc.js';
 import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import { PasswordStore } from './auth.js';
-import { CONTROL_SOCKET, NBD_SOCKET } from './client.js';
+import { controlSocketPath, nbdSocketPath } from './paths.js';
 import {
   PROTOCOL_VERSION, type ActivationResult, type CbtInfo, type ListResult, type Request, type SessionListEntry, type StatusResult,
 } from './control-protocol.js';
@@ -94,8 +94,8 @@ export class Daemon {
     this.#stateDir = path.resolve(options.stateDir);
     this.#snapshotRoot = path.resolve(options.snapshotRoot);
     this.#log = options.log;
-    this.nbdSocket = path.join(this.runDir, NBD_SOCKET);
-    this.controlSocket = path.join(this.runDir, CONTROL_SOCKET);
+    this.nbdSocket = nbdSocketPath(this.runDir);
+    this.controlSocket = controlSocketPath(this.runDir);
     this.#registry = registry;
     this.#events = events;
     this.#passwords = new PasswordStore(this.#stateDir);
@@ -129,7 +129,7 @@ export class Daemon {
     const snapshotRoot = path.resolve(options.snapshotRoot);
     await ensurePrivateDir(runDir, 0o700);
     await ensurePrivateDir(stateDir, 0o700);
-    const claim = await claimDaemonDirs({ runDir, stateDir, snapshotRoot }, [path.join(runDir, NBD_SOCKET), path.join(runDir, CONTROL_SOCKET)]);
+    const claim = await claimDaemonDirs({ runDir, stateDir, snapshotRoot }, [nbdSocketPath(runDir), controlSocketPath(runDir)]);
     try {
       // Sessions hold the devices' original content: another user who could write here could
       // replace what a restore writes back.

@@ -58,7 +58,10 @@ import { crc32 } from 'node:zlib';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { checkRange, type BlockDevice } from '../device/block-device.js';
 import { PassThroughDevice } from '../device/pass-through.js';
+import { writeFileAtomicSync } from '../host/atomic-file.js';
 import { compareDeviceStamps, parseDeviceStamp, readBootId, type DeviceStamp } from '../host/device-stamp.js';
+import { fdatasyncFd, preadFullySync, pwriteFullySync } from '../host/fd-io.js';
+import { readU64, writeU64 } from './format.js';
 
 export const CHANGE_MAP_MAGIC = 'BDSNPCBT';
 export const FROZEN_MAP_MAGIC = 'BDSNPCBF';
@@ -84,7 +87,6 @@ const LAST_WRITE_REFRESH_MS = 1000;
 /** Slack between "last write seen" and the image's mtime or ctime after an unclean stop. */
 const MTIME_SLACK_MS = 2000;
 const LITTLE_ENDIAN = os.endianness() === 'LE';
-const TWO_POW_32 = 4294967296;
 
 export type Durability = 'process' | 'strict';
 
@@ -154,21 +156,6 @@ function newGeneration(): string {
   return randomBytes(4).toString('hex');
 }
 
-function writeFully(fd: number, buf: Buffer, position: number): void {
-  let done = 0;
-  while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, position + done);
-}
-
-function readFully(fd: number, buf: Buffer, position: number): number {
-  let done = 0;
-  while (done < buf.length) {
-    const n = fs.readSync(fd, buf, done, buf.length - done, position + done);
-    if (n === 0) break;
-    done += n;
-  }
-  return done;
-}
-
 /** The file bytes of entries lo..hi (a view of the array on little-endian machines). */
 function entryBytes(entries: Uint32Array, lo: number, hi: number): Buffer {
   if (LITTLE_ENDIAN) return Buffer.from(entries.buffer, entries.byteOffset + lo * 4, (hi - lo + 1) * 4);
@@ -180,48 +167,11 @@ function entryBytes(entries: Uint32Array, lo: number, hi: number): Buffer {
 /** Read `entries.length` u32 entries from the file at `position`; false if the file is short. */
 function readEntries(fd: number, entries: Uint32Array, position: number): boolean {
   const bytes = entries.length * 4;
-  if (LITTLE_ENDIAN) return readFully(fd, Buffer.from(entries.buffer, entries.byteOffset, bytes), position) === bytes;
+  if (LITTLE_ENDIAN) return preadFullySync(fd, Buffer.from(entries.buffer, entries.byteOffset, bytes), position) === bytes;
   const b = Buffer.allocUnsafe(bytes);
-  if (readFully(fd, b, position) !== bytes) return false;
+  if (preadFullySync(fd, b, position) !== bytes) return false;
   for (let i = 0; i < entries.length; i++) entries[i] = b.readUInt32LE(i * 4);
   return true;
-}
-
-function fsyncDirectorySync(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Write temp, fsync, rename, fsync the directory; returns an fd of the new file opened r+. */
-function replaceFileSync(file: string, parts: Buffer[]): number {
-  const tmp = `${file}.tmp-${process.pid}`;
-  const fd = fs.openSync(tmp, 'w', 0o600);
-  try {
-    let at = 0;
-    for (const p of parts) {
-      writeFully(fd, p, at);
-      at += p.length;
-    }
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-  fsyncDirectorySync(path.dirname(file));
-  return fs.openSync(file, 'r+');
-}
-
-function writeU64LE(b: Buffer, at: number, value: number): void {
-  b.writeUInt32LE(value >>> 0, at);
-  b.writeUInt32LE(Math.floor(value / TWO_POW_32), at + 4);
-}
-
-function readU64LE(b: Buffer, at: number): number {
-  return b.readUInt32LE(at + 4) * TWO_POW_32 + b.readUInt32LE(at);
 }
 
 /** First and last index changed by the latest setEntries() (reused: mark() allocates nothing). */
@@ -337,7 +287,7 @@ function parseHeader(h: Buffer, fileBytes: number): ParsedHeader | string {
   if (h.readUInt32LE(12) !== HEADER_BYTES) return `unexpected header size ${h.readUInt32LE(12)}`;
   const blockSize = h.readUInt32LE(20);
   const blocks = h.readUInt32LE(24);
-  const deviceSizeBytes = readU64LE(h, 32);
+  const deviceSizeBytes = readU64(h, 32);
   if (blockSize < 4096 || (blockSize & (blockSize - 1)) !== 0) return `bad block size ${blockSize}`;
   if (blocks !== Math.ceil(deviceSizeBytes / blockSize) || blocks > MAX_TRACKING_BLOCKS) return `block count ${blocks} does not match the device size ${deviceSizeBytes}`;
   if (fileBytes !== HEADER_BYTES + blocks * 4) return `file is ${fileBytes} bytes, expected ${HEADER_BYTES + blocks * 4}`;
@@ -356,8 +306,8 @@ function parseHeader(h: Buffer, fileBytes: number): ParsedHeader | string {
     deviceSizeBytes,
     flags: h.readUInt32LE(40),
     bootId: h.toString('latin1', 48, 48 + BOOT_ID_BYTES).replace(/\0+$/, ''),
-    lastWriteSeenMs: readU64LE(h, 96),
-    createdMs: readU64LE(h, 136),
+    lastWriteSeenMs: readU64(h, 96),
+    createdMs: readU64(h, 136),
     stamp,
   };
 }
@@ -512,7 +462,7 @@ export class ChangeMap {
     try {
       const fileBytes = fs.fstatSync(fd).size;
       const h = Buffer.alloc(HEADER_BYTES);
-      const headerBytes = readFully(fd, h, 0);
+      const headerBytes = preadFullySync(fd, h, 0);
       if (headerBytes >= 20 && h.toString('latin1', 0, 8) === CHANGE_MAP_MAGIC && h.readUInt32LE(8) === 1) {
         return fresh('cannot-verify', 'the map was written by an earlier version of bdsnap, which kept no complete stamp of the device', h.readUInt32LE(16).toString(16).padStart(8, '0'));
       }
@@ -692,7 +642,7 @@ export class ChangeMap {
         this.#stamp = stamp;
         this.#stampBytes = stampBytes;
         this.#writeHeader(FLAG_CLEAN);
-        await new Promise<void>((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
+        await fdatasyncFd(this.#fd);
       }
     } finally {
       fs.closeSync(this.#fd);
@@ -703,7 +653,7 @@ export class ChangeMap {
 
   #writeHeader(flags: number): void {
     this.#fillHeader(flags);
-    writeFully(this.#fd, this.#header, 0);
+    pwriteFullySync(this.#fd, this.#header, 0);
   }
 
   #touch(now: number): void {
@@ -726,7 +676,7 @@ export class ChangeMap {
       return;
     }
     try {
-      writeFully(this.#fd, entryBytes(this.#entries, lo, hi), HEADER_BYTES + lo * 4);
+      pwriteFullySync(this.#fd, entryBytes(this.#entries, lo, hi), HEADER_BYTES + lo * 4);
     } catch (err) {
       this.#poison(err);
       // strict promises durability before the device write: without it the write must fail.
@@ -830,7 +780,8 @@ export class ChangeMap {
   #replaceFile(): void {
     this.#lastWriteSeenMs = Date.now();
     this.#fillHeader(0);
-    this.#fd = replaceFileSync(this.#file, [this.#header, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+    writeFileAtomicSync(this.#file, [this.#header, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+    this.#fd = fs.openSync(this.#file, 'r+');
   }
 
   #fillHeader(flags: number): void {
@@ -843,11 +794,11 @@ export class ChangeMap {
     h.writeUInt32LE(this.blockSize, 20);
     h.writeUInt32LE(this.blocks, 24);
     h.writeUInt32LE(this.#number, 28);
-    writeU64LE(h, 32, this.#deviceSizeBytes);
+    writeU64(h, this.#deviceSizeBytes, 32);
     h.writeUInt32LE(flags, 40);
     h.write(this.#bootId.slice(0, BOOT_ID_BYTES), 48, 'latin1');
-    writeU64LE(h, 96, this.#lastWriteSeenMs);
-    writeU64LE(h, 136, this.#createdMs);
+    writeU64(h, this.#lastWriteSeenMs, 96);
+    writeU64(h, this.#createdMs, 136);
     const stamp = this.#stampBytes;
     if (stamp) {
       h.writeUInt32LE(stamp.length, STAMP_LENGTH_AT);
@@ -932,7 +883,7 @@ export class FrozenChangeMap {
     if (lengthBytes <= 0) return;
     checkRange({ size: this.deviceSizeBytes }, offsetBytes, lengthBytes, true);
     const lo = setEntries(this.#entries, Math.floor(offsetBytes / this.blockSize), Math.floor((offsetBytes + lengthBytes - 1) / this.blockSize), this.number);
-    if (lo >= 0 && this.#fd !== undefined) writeFully(this.#fd, entryBytes(this.#entries, lo, changedSpan[1]!), FROZEN_HEADER_BYTES + lo * 4);
+    if (lo >= 0 && this.#fd !== undefined) pwriteFullySync(this.#fd, entryBytes(this.#entries, lo, changedSpan[1]!), FROZEN_HEADER_BYTES + lo * 4);
   }
 
   /** Persist atomically to `file` (beside the snapshot) and stay attached to it. */
@@ -945,11 +896,12 @@ export class FrozenChangeMap {
     h.writeUInt32LE(this.number, 20);
     h.writeUInt32LE(this.blockSize, 24);
     h.writeUInt32LE(this.blocks, 28);
-    writeU64LE(h, 32, this.deviceSizeBytes);
+    writeU64(h, this.deviceSizeBytes, 32);
     h.writeUInt32LE(crc32(h.subarray(0, FROZEN_CRC_AT)), FROZEN_CRC_AT);
     try {
       await fs.promises.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
-      const fd = replaceFileSync(file, [h, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+      writeFileAtomicSync(file, [h, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
+      const fd = fs.openSync(file, 'r+');
       if (this.#fd !== undefined) fs.closeSync(this.#fd);
       this.#fd = fd;
     } catch (err) {
@@ -970,14 +922,14 @@ export class FrozenChangeMap {
       const corrupt = (why: string): BdsnapError => new BdsnapError('ECORRUPT', `${file}: ${why}`);
       const fileBytes = fs.fstatSync(fd).size;
       const h = Buffer.alloc(FROZEN_HEADER_BYTES);
-      if (readFully(fd, h, 0) !== FROZEN_HEADER_BYTES) throw corrupt(`too short for a header (${fileBytes} bytes)`);
+      if (preadFullySync(fd, h, 0) !== FROZEN_HEADER_BYTES) throw corrupt(`too short for a header (${fileBytes} bytes)`);
       if (h.toString('latin1', 0, 8) !== FROZEN_MAP_MAGIC) throw corrupt('bad magic (not a bdsnap frozen change map)');
       if (h.readUInt32LE(8) !== FROZEN_MAP_VERSION) throw corrupt(`unsupported version ${h.readUInt32LE(8)}`);
       if (h.readUInt32LE(FROZEN_CRC_AT) !== crc32(h.subarray(0, FROZEN_CRC_AT))) throw corrupt('header checksum mismatch');
       const number = h.readUInt32LE(20);
       const blockSize = h.readUInt32LE(24);
       const blocks = h.readUInt32LE(28);
-      const deviceSizeBytes = readU64LE(h, 32);
+      const deviceSizeBytes = readU64(h, 32);
       if (h.readUInt32LE(12) !== FROZEN_HEADER_BYTES || blockSize < 4096 || (blockSize & (blockSize - 1)) !== 0
         || blocks !== Math.ceil(deviceSizeBytes / blockSize) || blocks > MAX_TRACKING_BLOCKS) {
         throw corrupt('inconsistent header (block size, blocks, device size)');

@@ -27,10 +27,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { fsyncDirectory, writeFileAtomic } from '../host/atomic-file.js';
-import { preadFully } from '../host/fd-io.js';
+import { closeFd, ftruncateFd, preadFully } from '../host/fd-io.js';
 import { lockOpenFile } from '../host/lock-file.js';
 import {
   checkRange, type BlockDevice, type DeviceStamp, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
@@ -46,8 +45,6 @@ import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 import { forEachChunk } from './chunk-runs.js';
 import { CopyClaims, InFlight } from './copy-claims.js';
 
-const closeAsync = promisify(fs.close);
-const ftruncateAsync = promisify(fs.ftruncate);
 
 /**
  * Largest run of adjacent chunks read and stored as one record. Its CRC-32 is computed inline
@@ -536,7 +533,7 @@ export class CowDevice implements BlockDevice {
       await writeManifest(dir, this.#manifest('failed'));
     } catch {
       try {
-        if (this.#dataFd !== undefined) await ftruncateAsync(this.#dataFd, 0);
+        if (this.#dataFd !== undefined) await ftruncateFd(this.#dataFd, 0);
         await writeManifest(dir, this.#manifest('failed'));
       } catch (err) {
         this.#emit({ type: 'session-error', sessionDir: dir, reason: `cannot record the failure in the manifest: ${(err as Error).message}` });
@@ -643,7 +640,7 @@ export class CowDevice implements BlockDevice {
   async #closeDataFd(): Promise<void> {
     const fd = this.#dataFd;
     this.#dataFd = undefined;
-    if (fd !== undefined) await closeAsync(fd);
+    if (fd !== undefined) await closeFd(fd);
   }
 
   /** The end digest of each of `chunks` (sorted), DIGEST_BYTES each, read in large runs. */

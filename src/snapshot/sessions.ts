@@ -14,6 +14,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
 import { formatDevT } from '../host/dev-t.js';
+import { pwriteFully } from '../host/fd-io.js';
 import { lockOpenFile } from '../host/lock-file.js';
 import {
   DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, FORGOTTEN_SUFFIX, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
@@ -168,7 +169,7 @@ export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
     storeBytes = scan.validBytes;
     for (const { header, payload } of encodeSealRecords(scan.unsealed)) {
       const record = Buffer.concat([header, payload]);
-      for (let done = 0; done < record.length;) done += (await fh.write(record, done, record.length - done, storeBytes + done)).bytesWritten;
+      await pwriteFully(fh.fd, record, storeBytes);
       storeBytes += record.length;
     }
     await fh.datasync();

@@ -22,22 +22,14 @@
  * them written before its header, with a sync in between in strict mode.
  */
 
-import fs from 'node:fs';
-import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { formatBytes } from '../units.js';
 import { crc32 } from 'node:zlib';
-import { preadFully, writevFully, writevFullySync } from '../host/fd-io.js';
+import { fdatasyncFd, fstatFd, preadFully, writevFully, writevFullySync } from '../host/fd-io.js';
 import { SyncIoPolicy } from '../device/sync-io-policy.js';
 import {
   RECORD_HEADER_BYTES, decodeRecordHeader, decodeSealPayload, encodeClonedRecordHeader, encodeRecordHeader, encodeSealRecords, payloadMatches, type SealEntry,
 } from './format.js';
-
-/** fdatasync(2) on the thread pool (looked up on `fs` at each call, so a test can watch the order of syncs and writes). */
-function fdatasyncAsync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
-}
-const fstatAsync = promisify(fs.fstat);
 
 /** Largest number of batches written at once in 'process' durability. */
 const MAX_BATCHES_IN_FLIGHT = 4;
@@ -262,7 +254,7 @@ export class StoreWriter {
     if (this.#failed || !this.dirty) return;
     const target = this.#writtenBytes;
     try {
-      await fdatasyncAsync(this.#fd);
+      await fdatasyncFd(this.#fd);
       if (target > this.#syncedBytes) this.#syncedBytes = target;
     } catch (err) {
       this.#fail(`cannot sync the store: ${(err as Error).message}`, err);
@@ -302,7 +294,7 @@ export class StoreWriter {
         continue;
       }
       this.#writeBatch(pending)
-        .then(() => (this.#strict ? fdatasyncAsync(this.#fd) : undefined))
+        .then(() => (this.#strict ? fdatasyncFd(this.#fd) : undefined))
         .then(() => {
           batch.state = 'written';
         }, (err: unknown) => {
@@ -350,7 +342,7 @@ export class StoreWriter {
       return;
     }
     for (const segment of placed) await writevFully(this.#fd, segment.buffers, segment.position);
-    if (this.#strict && placed.length > 0) await fdatasyncAsync(this.#fd);
+    if (this.#strict && placed.length > 0) await fdatasyncFd(this.#fd);
     for (const segment of list) await writevFully(this.#fd, segment.buffers, segment.position);
   }
 
@@ -588,7 +580,7 @@ export class SequentialReader {
  */
 export async function scanData(fd: number, options: ScanOptions): Promise<ScanResult> {
   const { chunkSize, deviceSize, where } = options;
-  const fileBytes = (await fstatAsync(fd).catch((err: unknown) => {
+  const fileBytes = (await fstatFd(fd).catch((err: unknown) => {
     throw toBdsnapError(err);
   })).size;
   const reader = new SequentialReader(fd, fileBytes);

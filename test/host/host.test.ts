@@ -10,7 +10,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { decodeDevT, encodeDevT, formatDevT } from '../../src/host/dev-t.js';
-import { writeFileAtomic } from '../../src/host/atomic-file.js';
+import { writeFileAtomic, writeFileAtomicSync } from '../../src/host/atomic-file.js';
 import { listLoopDevices, loopBackingFile } from '../../src/host/loop-devices.js';
 import { isMountpoint, parseMountInfo, readMountInfo, unescapeMountField } from '../../src/host/mountinfo.js';
 import { processCommandLine, processStartTime, processStartTimeSync } from '../../src/host/processes.js';
@@ -104,6 +104,22 @@ test('writeFileAtomic: replaces with the exact mode and leaves no temporary file
   fs.writeFileSync(path.join(blocked, 'x'), '');
   await assert.rejects(writeFileAtomic(blocked, 'data'), (e: unknown) => e instanceof BdsnapError);
   assert.deepEqual(fs.readdirSync(dir).sort(), ['blocked', 'state.json'], 'no temporary file is left behind');
+});
+
+test('writeFileAtomicSync: writes its parts in order with the exact mode, and leaves no temporary file when rename fails', (t) => {
+  const dir = makeTempDir(t, 'bdsnap-atomic-sync-');
+  const file = path.join(dir, 'map');
+  const parts = [Buffer.from('header '), Buffer.alloc(0), Buffer.alloc(1 << 20, 0x41)];
+  writeFileAtomicSync(file, 'old', 0o644);
+  writeFileAtomicSync(file, parts, 0o600);
+  assert.deepEqual(fs.readFileSync(file), Buffer.concat(parts));
+  assert.equal(fs.statSync(file).mode & 0o777, 0o600);
+  assert.deepEqual(fs.readdirSync(dir), ['map']);
+  const blocked = path.join(dir, 'blocked');
+  fs.mkdirSync(blocked);
+  fs.writeFileSync(path.join(blocked, 'x'), '');
+  assert.throws(() => writeFileAtomicSync(blocked, [Buffer.from('data')]), (e: unknown) => e instanceof BdsnapError);
+  assert.deepEqual(fs.readdirSync(dir).sort(), ['blocked', 'map'], 'no temporary file is left behind');
 });
 
 test('fd I/O: pwriteFully and preadFully move whole ranges; preadFully stops at the end', async (t) => {

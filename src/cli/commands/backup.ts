@@ -11,7 +11,8 @@ import {
   CODEC_CHOICES, LocalDirStore, Repository, backupDevices, daemonSnapshotProvider, restoreBackup, verifyRepository,
   type BackupSummary, type ProgressSink,
 } from '../../backup/index.js';
-import { BdsnapClient, resolveRunDir } from '../../service/client.js';
+import { BdsnapClient } from '../../service/client.js';
+import { resolveRunDir } from '../../service/paths.js';
 import { formatBytes, parseBytes } from '../../units.js';
 import { formatTable } from './status.js';
 import { RUN_DIR_HELP } from './client-options.js';

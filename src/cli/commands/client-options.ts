@@ -1,11 +1,13 @@
 /**
  * The options every command that asks the daemon shares: where the daemon's sockets are, and
- * JSON output. Small and without imports of its own, so that lazily loaded commands stay cheap.
+ * JSON output. Small, importing only the names of the run directory, so that lazily loaded
+ * commands stay cheap.
  */
 
 import type { Command } from 'commander';
+import { DEFAULT_RUN_DIR, RUN_DIR_ENV } from '../../service/paths.js';
 
-export const RUN_DIR_HELP = 'the daemon\'s run directory (default $BDSNAP_RUN_DIR or /run/bdsnap)';
+export const RUN_DIR_HELP = `the daemon's run directory (default $${RUN_DIR_ENV} or ${DEFAULT_RUN_DIR})`;
 
 export interface ClientOptions {
   runDir?: string;

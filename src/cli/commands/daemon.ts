@@ -1,7 +1,7 @@
 /** `bdsnap daemon`: run the service in the foreground, logging one JSON line per event on stdout. */
 
 import type { Command } from 'commander';
-import { resolveRunDir } from '../../service/client.js';
+import { DEFAULT_RUN_DIR, RUN_DIR_ENV, resolveRunDir } from '../../service/paths.js';
 import { BdsnapError } from '../../errors.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
 import { addTlsOptions, checkTcpPolicy, parseListen, plainTcpWarning, tlsSettings, type TlsCliOptions } from './serve.js';
@@ -26,7 +26,7 @@ export function register(program: Command): void {
   const command = program
     .command('daemon')
     .description('run the bdsnap service in the foreground (control socket, NBD server, sessions)')
-    .option('--run-dir <dir>', 'sockets go here (default $BDSNAP_RUN_DIR or /run/bdsnap)')
+    .option('--run-dir <dir>', `sockets go here (default $${RUN_DIR_ENV} or ${DEFAULT_RUN_DIR})`)
     .option('--state-dir <dir>', 'registry and password hash', DEFAULT_STATE_DIR)
     .option('--snapshot-root <dir>', 'session directories', DEFAULT_SNAPSHOT_ROOT);
   addSessionOptions(command)

@@ -18,6 +18,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
+import { RUN_DIR_ENV, controlSocketPath, nbdSocketPath } from '../../service/paths.js';
 
 const MAIN = fileURLToPath(new URL('../main.js', import.meta.url));
 const DEMO_PASSWORD = 'demo-password-only-for-this-run';
@@ -76,7 +77,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
   const image = path.join(top, 'disk.img');
   const mnt = path.join(top, 'mnt');
   fs.mkdirSync(mnt);
-  const env = { ...process.env, BDSNAP_RUN_DIR: runDir };
+  const env = { ...process.env, [RUN_DIR_ENV]: runDir };
   let daemon: ChildProcess | undefined;
   let mounted = false;
 
@@ -108,7 +109,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     });
     let daemonErr = '';
     daemon.stderr?.on('data', (d: Buffer) => (daemonErr += d.toString()));
-    await waitFor(() => fs.existsSync(path.join(runDir, 'control.sock')) && fs.existsSync(path.join(runDir, 'nbd.sock')), 15000,
+    await waitFor(() => fs.existsSync(controlSocketPath(runDir)) && fs.existsSync(nbdSocketPath(runDir)), 15000,
       () => `the daemon did not start: ${daemonErr.trim()}`);
 
     say('3. Set the service password and activate the image');

@@ -11,18 +11,17 @@
  */
 
 import fs from 'node:fs';
-import path from 'node:path';
 import type { Command } from 'commander';
 import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
+import { DEFAULT_RUN_DIR, RUN_DIR_ENV, nbdSocketPath, resolveRunDir } from '../../service/paths.js';
 import { SingleFileFs } from '../../fs/singlefilefs/file.js';
 import { DEFAULT_IMAGE_BLOCKS, mkfs, mkfsImage } from '../../fs/singlefilefs/mkfs.js';
 import { connectNbd } from '../../fs/singlefilefs/nbd.js';
 import { SFFS_BLOCK_SIZE, maxFileSizeFor } from '../../fs/singlefilefs/layout.js';
 
-const DEFAULT_RUN_DIR = '/run/bdsnap';
 
 interface TargetOptions {
   runDir?: string;
@@ -121,7 +120,7 @@ export function register(program: Command): void {
 
 function withTargetOptions(command: Command): Command {
   return command
-    .option('--run-dir <dir>', `daemon run directory (default: $BDSNAP_RUN_DIR or ${DEFAULT_RUN_DIR})`)
+    .option('--run-dir <dir>', `daemon run directory (default: $${RUN_DIR_ENV} or ${DEFAULT_RUN_DIR})`)
     .option('--socket <path>', 'connect to this NBD server socket instead of the daemon\'s')
     .option('--export <name>', 'NBD export name (default: the real path of dev_name)')
     .option('--image', 'work on the image file directly, without any server (offline)');
@@ -145,13 +144,13 @@ async function openTarget(devName: string, options: TargetOptions, readOnly: boo
     return FileDevice.open(canonicalPath(devName), { readOnly });
   }
   if (options.socket && options.runDir) throw new BdsnapError('EINVAL', 'give either --socket or --run-dir, not both');
-  const runDir = options.runDir ?? process.env.BDSNAP_RUN_DIR ?? DEFAULT_RUN_DIR;
-  const socketPath = options.socket ?? path.join(runDir, 'nbd.sock');
+  const runDir = resolveRunDir(options.runDir);
+  const socketPath = options.socket ?? nbdSocketPath(runDir);
   const exportName = options.export ?? canonicalPath(devName);
   if (!fs.existsSync(socketPath)) {
     throw new BdsnapError('ENOENT', options.socket
       ? `no NBD server socket at ${socketPath}`
-      : `no daemon NBD socket at ${socketPath}: is the daemon running? (use --run-dir, BDSNAP_RUN_DIR, or --image for offline use)`);
+      : `no daemon NBD socket at ${socketPath}: is the daemon running? (use --run-dir, ${RUN_DIR_ENV}, or --image for offline use)`);
   }
   // Register like `mount` does, so the daemon serves the export (a no-op for a known device).
   // Not with --socket or --export: that server is not necessarily bdsnap's daemon. Without a

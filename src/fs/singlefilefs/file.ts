@@ -16,6 +16,7 @@
 
 import type { BlockDevice } from '../../device/block-device.js';
 import { BdsnapError } from '../../errors.js';
+import { SerialQueue } from '../../serial-queue.js';
 import {
   FIRST_DATA_BLOCK, INODE_BLOCK, SFFS_BLOCK_SIZE, SUPERBLOCK_BLOCK,
   decodeInode, decodeSuperblock, deviceOffsetOf, patchFileSize, type Inode, type Superblock,
@@ -26,7 +27,7 @@ export class SingleFileFs {
   readonly superblock: Superblock;
   #inode: Inode;
   #inodeBlock: Buffer;
-  #writeQueue: Promise<unknown> = Promise.resolve();
+  readonly #writes = new SerialQueue();
 
   private constructor(device: BlockDevice, superblock: Superblock, inodeBlock: Buffer) {
     this.device = device;
@@ -97,9 +98,7 @@ export class SingleFileFs {
    * past the max file size (the driver answers ENOMEM there; EINVAL is our code for it).
    */
   writeOnce(offsetBytes: number, data: Buffer): Promise<number> {
-    const result = this.#writeQueue.then(() => this.#writeOnce(offsetBytes, data));
-    this.#writeQueue = result.catch(() => undefined);
-    return result;
+    return this.#writes.run(() => this.#writeOnce(offsetBytes, data));
   }
 
   /**
@@ -119,7 +118,7 @@ export class SingleFileFs {
 
   /** Make every completed write durable on the device. */
   async flush(): Promise<void> {
-    await this.#writeQueue;
+    await this.#writes.idle();
     await this.device.flush();
   }
 

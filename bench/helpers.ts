@@ -1,0 +1,16 @@
+/**
+ * What the benchmarks take from the test helpers: images, processes, servers, the daemon, fio,
+ * scratch filesystems and the skip policy. The benchmarks drive bdsnap as the tests do, so they
+ * share one copy of each, and this file is the one place where bench/ reaches into test/.
+ */
+
+export { dirBytes } from '../test/backup/helpers.js';
+export { CleanupStack } from '../test/helpers/cleanup.js';
+export { startDaemon, type RunningDaemon } from '../test/helpers/daemon.js';
+export { makeImage } from '../test/helpers/files.js';
+export { runFio, type FioJob } from '../test/helpers/fio.js';
+export { missingNeeds } from '../test/helpers/needs.js';
+export { run } from '../test/helpers/process.js';
+export { MIN_SCRATCH_FS_BYTES, mountScratchFs, scratchFsNeeds } from '../test/helpers/scratch-fs.js';
+export { BDSNAP_MAIN, launchServer, startServer, type NbdServer } from '../test/helpers/server.js';
+export { makePki } from '../test/helpers/tls.js';

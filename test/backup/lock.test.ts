@@ -1,0 +1,60 @@
+/**
+ * Repository locks of this host are judged by their process: gone means dead at once, and a
+ * process /proc cannot tell about keeps its lock (by age), so a prune never breaks the lock of
+ * a create that may still be running.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { LocalDirStore } from '../../src/backup/index.js';
+import { LOCKS_PREFIX } from '../../src/backup/format.js';
+import { RepoLock, listLocks } from '../../src/backup/lock.js';
+import { BdsnapError } from '../../src/errors.js';
+import { makeTempDir } from '../helpers/files.js';
+
+/** A pid that named a process a moment ago and names none now (spawnSync reaps its child). */
+function exitedPid(): number {
+  const pid = spawnSync('true').pid;
+  assert.ok(pid !== undefined && pid > 0);
+  return pid;
+}
+
+async function storeWithCreateLock(t: test.TestContext, pid: number): Promise<LocalDirStore> {
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const store = new LocalDirStore(path.join(dir, 'repo'));
+  t.after(() => store.close());
+  const body = { kind: 'create', host: os.hostname(), pid, processStart: '12345', createdAt: new Date().toISOString() };
+  await store.put(`${LOCKS_PREFIX}0001.create`, Buffer.from(`${JSON.stringify(body)}\n`));
+  return store;
+}
+
+test('a lock whose process /proc cannot tell about counts as live, and a prune is refused saying why', async (t) => {
+  const pid = exitedPid();
+  const store = await storeWithCreateLock(t, pid);
+  // A procfs whose stat of that pid cannot be read (a directory where the file should be).
+  const proc = makeTempDir(t, 'bdsnap-fake-proc-');
+  fs.mkdirSync(path.join(proc, String(pid), 'stat'), { recursive: true });
+  const [lock] = await listLocks(store, { proc });
+  assert.equal(lock?.state, 'live');
+  assert.match(lock?.unchecked ?? '', /cannot be told/);
+  await assert.rejects(RepoLock.acquire(store, 'prune', { proc }), (e: unknown) => {
+    assert.ok(e instanceof BdsnapError);
+    assert.equal(e.code, 'EBUSY');
+    assert.match(e.message, /a backup is being created .*pid \d+ still runs cannot be told/);
+    return true;
+  });
+  assert.deepEqual((await listLocks(store, { proc })).map((l) => l.name), [`${LOCKS_PREFIX}0001.create`], 'the refused prune left no lock of its own');
+});
+
+test('a lock whose process is gone is dead, and a prune goes ahead', async (t) => {
+  const store = await storeWithCreateLock(t, exitedPid());
+  const [lock] = await listLocks(store);
+  assert.equal(lock?.state, 'dead');
+  assert.equal(lock?.unchecked, undefined);
+  const prune = await RepoLock.acquire(store, 'prune');
+  await prune.release();
+});
