@@ -15,7 +15,8 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { cleanupOf } from '../helpers/cleanup.js';
 import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage } from '../helpers/files.js';
-import { passwdAndActivate, restoreOnlySession } from './helpers.js';
+import { ORDERED_WRITER_SALTS } from './fixtures/ordered-writer.js';
+import { highestOrderedWrite, passwdAndActivate, restoreOnlySession, startOrderedWriter } from './helpers.js';
 
 const BLOCK = 4096;
 const IMAGE_BYTES = 16 << 20;
@@ -130,49 +131,34 @@ test('an image holds exactly the device as it was at the take, under random writ
 
 test('two devices: every pair of images shows a prefix of the write order', { timeout: 180_000 }, async (t) => {
   const box = sandbox(t);
-  const a = makeImage(path.join(box.top, 'a.img'), IMAGE_BYTES, 0);
-  const b = makeImage(path.join(box.top, 'b.img'), IMAGE_BYTES, 0);
+  // Small blocks, many of them: the writer must not run out before the last take.
+  const WRITE_BYTES = 512;
+  const DEVICE_BYTES = 64 << 20;
+  const a = makeImage(path.join(box.top, 'a.img'), DEVICE_BYTES, 0);
+  const b = makeImage(path.join(box.top, 'b.img'), DEVICE_BYTES, 0);
   await startDaemon(t, { sandbox: box, password: false });
   register(box, [a, b]);
-  const ca = await connect(box, a);
-  const cb = await connect(box, b);
-  cleanupOf(t).after(async () => { await ca.close(); await cb.close(); });
+  // In its own process, so it goes on writing while the CLI takes the snapshot.
+  const writer = await startOrderedWriter(t, box, a, b, WRITE_BYTES, DEVICE_BYTES / WRITE_BYTES);
 
-  // Write k goes to block k of A, then (after A acknowledged it) to block k of B.
-  let running = true;
-  let k = 0;
-  const writer = (async () => {
-    while (running && k < BLOCKS - 1) {
-      k++;
-      await ca.write(stamped(k, 0xa), k * BLOCK);
-      await cb.write(stamped(k, 0xb), k * BLOCK);
-    }
-  })();
-  const highest = (img: Buffer): number => {
-    let top = 0;
-    for (let blk = 1; blk < BLOCKS; blk++) {
-      const s = Number(img.readBigUInt64LE(blk * BLOCK));
-      if (s === 0) break;
-      assert.equal(s, blk, `block ${blk} holds write ${s}`);
-      top = s;
-    }
-    return top;
-  };
-  const seen: Array<[number, number]> = [];
+  const seen: Array<{ before: number; a: number; b: number; after: number }> = [];
   for (let round = 0; round < 6; round++) {
-    await new Promise((r) => setTimeout(r, 100));
+    // Writing, and acknowledged for a while, when the take starts; paused while the images are read.
+    const before = await writer.go(50);
     const snap = createSnapshot(box, [a, b]);
-    const ia = mustCopy(box, `${a}@${snap.id}`);
-    const ib = mustCopy(box, `${b}@${snap.id}`);
-    const ha = highest(ia);
-    const hb = highest(ib);
-    assert.ok(ha === hb || ha === hb + 1, `round ${round}: A holds writes up to ${ha}, B up to ${hb}: not a prefix of the order`);
-    seen.push([ha, hb]);
+    const after = await writer.pause();
+    const ha = highestOrderedWrite(mustCopy(box, `${a}@${snap.id}`), WRITE_BYTES, ORDERED_WRITER_SALTS.a);
+    const hb = highestOrderedWrite(mustCopy(box, `${b}@${snap.id}`), WRITE_BYTES, ORDERED_WRITER_SALTS.b);
+    seen.push({ before, a: ha, b: hb, after });
+    const shown = JSON.stringify(seen.at(-1));
+    assert.ok(after > before, `round ${round}: the writer went on writing while the snapshot was taken (${shown})`);
+    assert.ok(ha === hb || ha === hb + 1, `round ${round}: A holds writes up to ${ha}, B up to ${hb}: not a prefix of the order (${shown})`);
+    assert.ok(hb >= before, `round ${round}: a pair acknowledged before the take is missing from the images (${shown})`);
+    assert.ok(ha <= after + 1, `round ${round}: the images hold writes issued after the take (${shown})`);
     ok(box, ['snapshot', 'destroy', snap.id]);
   }
-  running = false;
-  await writer;
-  assert.ok(seen.some(([ha]) => ha > 0), `the snapshots saw writes: ${JSON.stringify(seen)}`);
+  await writer.stop();
+  t.diagnostic(`acknowledged before, images A and B, acknowledged after: ${seen.map((r) => `${r.before} ${r.a} ${r.b} ${r.after}`).join('; ')}`);
 });
 
 test('writes to an image change the image and never the device', { timeout: 60_000 }, async (t) => {
