@@ -71,8 +71,12 @@ function stamped(seq: number, salt: number): Buffer {
 
 test('an image holds exactly the device as it was at the take, under random writes in flight', { timeout: 120_000 }, async (t) => {
   const box = sandbox(t);
-  const device = randomImage(box, 'a.img');
-  await startDaemon(t, { sandbox: box, password: false });
+  // Enough blocks that the writes issued during the take (all of them allowed in or out of the
+  // image) leave most blocks to be checked exactly.
+  const DEVICE_BYTES = 64 << 20;
+  const DEVICE_BLOCKS = DEVICE_BYTES / BLOCK;
+  const device = randomImage(box, 'a.img', DEVICE_BYTES);
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
   // Active: the device is in a mount session too, and each keeps its own originals.
   passwdAndActivate(box, device, TEST_PASSWORD);
   const client = await connect(box, device);
@@ -84,41 +88,49 @@ test('an image holds exactly the device as it was at the take, under random writ
   let phase: 'before' | 'during' | 'after' = 'before';
   let running = true;
   let seq = 0;
+  let issuedDuringTake = 0;
   // Each writer owns the blocks of its residue, so writes to one block never race each other.
   const WRITERS = 8;
   const writer = async (w: number): Promise<void> => {
     while (running) {
-      const block = Math.floor(Math.random() * (BLOCKS / WRITERS)) * WRITERS + w;
+      const block = Math.floor(Math.random() * (DEVICE_BLOCKS / WRITERS)) * WRITERS + w;
       const data = stamped(++seq, block);
       const issuedIn = phase;
+      if (issuedIn === 'during') issuedDuringTake++;
       await client.write(data, block * BLOCK);
       if (issuedIn === 'before' && phase === 'before') lastAcked.set(block, data);
       else if (issuedIn !== 'after') overlapping.set(block, [...(overlapping.get(block) ?? []), data]);
+      // Paced, so the writes issued while the CLI starts up do not touch most blocks.
+      await new Promise((r) => setTimeout(r, 2));
     }
   };
   const writers = Array.from({ length: WRITERS }, (_, w) => writer(w));
   await new Promise((r) => setTimeout(r, 300));
+  // The CLI runs asynchronously, so the writers go on issuing writes while the snapshot is taken.
   phase = 'during';
-  const snap = createSnapshot(box, [device]);
+  const created = await daemon.cli(['snapshot', 'create', device, '--json']);
   phase = 'after';
+  const snap = JSON.parse(created.stdout) as Created;
   await new Promise((r) => setTimeout(r, 500));
   running = false;
   await Promise.all(writers);
   assert.equal(snap.images.length, 1);
   assert.equal(snap.images[0]?.exportName, `${device}@${snap.id}`);
   assert.ok(seq > 100, `the writer made progress (${seq} writes)`);
+  assert.ok(issuedDuringTake > 0, `writes were issued while the snapshot was taken (${issuedDuringTake} of ${seq})`);
+  t.diagnostic(`${issuedDuringTake} of ${seq} writes issued while the snapshot was taken`);
 
   const image = mustCopy(box, `${device}@${snap.id}`);
-  assert.equal(image.length, IMAGE_BYTES);
+  assert.equal(image.length, DEVICE_BYTES);
   let checked = 0;
-  for (let b = 0; b < BLOCKS; b++) {
+  for (let b = 0; b < DEVICE_BLOCKS; b++) {
     const got = image.subarray(b * BLOCK, (b + 1) * BLOCK);
     const base = lastAcked.get(b) ?? before.subarray(b * BLOCK, (b + 1) * BLOCK);
     const candidates = [base, ...(overlapping.get(b) ?? [])];
     assert.ok(candidates.some((c) => c.equals(got)), `block ${b} of the image is neither its content at the take nor a write in flight then`);
     if (!overlapping.has(b)) checked++;
   }
-  assert.ok(checked > BLOCKS / 2, 'most blocks had no write in flight at the take and were checked exactly');
+  assert.ok(checked > DEVICE_BLOCKS / 2, `most blocks had no write in flight at the take and were checked exactly (${checked} of ${DEVICE_BLOCKS})`);
   // The device holds the writes, the image does not.
   assert.notDeepEqual(fs.readFileSync(device), image);
   await client.close();
@@ -240,32 +252,58 @@ test('destroy while a reader and a writer are busy: refused, then --force cuts t
   const snap = createSnapshot(box, [device]);
   const writer = await connect(box, device);
   const reader = await connect(box, `${device}@${snap.id}`);
-  const expected = fs.readFileSync(device);
+  const atTake = fs.readFileSync(device);
+  const expected = Buffer.from(atTake);
   let running = true;
+  let written = 0;
   const writes = (async () => {
     for (let i = 0; running; i++) {
       const data = randomBytes(BLOCK);
       const block = i % BLOCKS;
       await writer.write(data, block * BLOCK);
       data.copy(expected, block * BLOCK);
+      written++;
     }
   })();
-  let readErrors = 0;
+  // The reader checks every read against the device at the take, and stops at its first error.
+  let destroying = false;
+  let readsBeforeDestroy = 0;
+  const wrongReads: number[] = [];
+  let readError: { code: unknown; afterDestroy: boolean; message: string } | undefined;
+  // The narrowing of an assert does not see the reader's assignment: read it through a call.
+  const readFailure = (): typeof readError => readError;
   const reads = (async () => {
     const buf = Buffer.alloc(64 * 1024);
     for (let i = 0; running; i++) {
-      await reader.read(buf, (i % (IMAGE_BYTES / buf.length)) * buf.length).catch(() => { readErrors++; });
+      const at = (i % (IMAGE_BYTES / buf.length)) * buf.length;
+      try {
+        await reader.read(buf, at);
+      } catch (err) {
+        readError = { code: (err as { code?: unknown }).code, afterDestroy: destroying, message: String(err) };
+        return;
+      }
+      if (!buf.equals(atTake.subarray(at, at + buf.length))) wrongReads.push(at);
+      if (!destroying) readsBeforeDestroy++;
     }
   })();
+  const until = async (what: string, reached: () => boolean): Promise<void> => {
+    while (!reached()) {
+      if (readError) throw new Error(`${what}: the reader failed: ${readError.message}`);
+      await new Promise((r) => setImmediate(r));
+    }
+  };
   try {
-    await new Promise((r) => setTimeout(r, 300));
-    // The image has a client: refused (the reads go on), then forced.
+    await until('before the refusal', () => readsBeforeDestroy >= 20 && written >= 20);
+    // The image has a client: refused, and the reads go on.
     const refused = cli(box, ['snapshot', 'destroy', snap.id]);
     assert.equal(refused.status, 1);
     assert.match(refused.stderr, new RegExp(`snapshot ${snap.id} is attached: .*@${snap.id} \\(1 NBD connection\\); disconnect the clients first or destroy with --force`));
-    assert.equal(readErrors, 0, 'a refused destroy leaves the image served');
+    const readsBeforeRefusal = readsBeforeDestroy;
+    await until('after the refusal', () => readsBeforeDestroy >= readsBeforeRefusal + 20);
+    assert.equal(readError, undefined, 'a refused destroy leaves the image served');
+    destroying = true;
     ok(box, ['snapshot', 'destroy', snap.id, '--force']);
-    await new Promise((r) => setTimeout(r, 200));
+    await reads;
   } finally {
     running = false;
     await Promise.allSettled([writes, reads]);
@@ -274,7 +312,12 @@ test('destroy while a reader and a writer are busy: refused, then --force cuts t
   await writer.flush();
   await writer.close();
   await reader.close().catch(() => undefined);
-  assert.ok(readErrors > 0, 'reads of the destroyed image fail instead of hanging');
+  assert.ok(readsBeforeDestroy >= 40, `the image was read before the destroy (${readsBeforeDestroy} reads)`);
+  assert.deepEqual(wrongReads, [], 'every read of the image gave the device as it was at the take');
+  assert.ok(written > 0, 'the device was written while the image was read');
+  // Cut off: the read in flight or the next one fails because the connection was closed.
+  const failure = readFailure();
+  assert.deepEqual(failure && { code: failure.code, afterDestroy: failure.afterDestroy }, { code: 'ESHUTDOWN', afterDestroy: true }, failure?.message ?? 'no read failed');
   assert.deepEqual(fs.readFileSync(device), expected, 'the device holds every write');
   const list = JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: unknown[] };
   assert.deepEqual(list.snapshots, []);
