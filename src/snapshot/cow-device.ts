@@ -121,6 +121,8 @@ export interface SessionOptions {
    * device and the store allow it (default DEFAULT_CLONE_MIN_BYTES); Infinity: always copy.
    */
   cloneMinBytes?: number;
+  /** The monotonic clock (ms) the deferred sync measures pauses with; default performance.now. */
+  clockMs?: () => number;
 }
 
 /** What a session reports as it goes, in order: start, then failed and/or error, then end. */
@@ -199,6 +201,7 @@ export class CowDevice implements BlockDevice {
   readonly #spare = new BufferPool(SPARE_BUFFER_BYTES);
   #backgroundSync: Promise<void> | undefined;
   readonly #cloneMinBytes: number;
+  readonly #clockMs: () => number;
   /** The store's filesystem block size: cloned ranges are whole blocks. Set at start. */
   #cloneAlignBytes: number | undefined;
   /** False once a clone was refused: the pair (device, store) cannot clone. */
@@ -228,6 +231,7 @@ export class CowDevice implements BlockDevice {
     this.#root = options.snapshotRoot ?? DEFAULT_SNAPSHOT_ROOT;
     this.#durability = options.durability ?? 'process';
     this.#cloneMinBytes = options.cloneMinBytes ?? DEFAULT_CLONE_MIN_BYTES;
+    this.#clockMs = options.clockMs ?? (() => performance.now());
     this.size = base.size;
     this.readOnly = base.readOnly;
     this.blockSizes = base.blockSizes;
@@ -563,7 +567,7 @@ export class CowDevice implements BlockDevice {
   /** Called for every stored run: one timer, re-armed only when it fires (not per chunk). */
   #scheduleSync(): void {
     if (this.#durability === 'strict' || this.#closing) return;
-    const now = performance.now();
+    const now = this.#clockMs();
     this.#lastStoredAt = now;
     this.#unsyncedSince ??= now;
     if (!this.#syncTimer) this.#armSync(DEFERRED_SYNC_IDLE_MS);
@@ -573,7 +577,7 @@ export class CowDevice implements BlockDevice {
     this.#syncTimer = setTimeout(() => {
       this.#syncTimer = undefined;
       if (this.#closing) return; // close() syncs, and then the store is closed
-      const now = performance.now();
+      const now = this.#clockMs();
       const idleFor = now - this.#lastStoredAt;
       const unsyncedFor = now - (this.#unsyncedSince ?? now);
       if (idleFor < DEFERRED_SYNC_IDLE_MS && unsyncedFor < DEFERRED_SYNC_MAX_MS) {

@@ -11,19 +11,18 @@ import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { NbdClient } from '../../src/nbd/client.js';
 import { needs } from '../helpers/needs.js';
 import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage } from '../helpers/files.js';
 import { isMounted } from '../helpers/kernel.js';
 import { runSync } from '../helpers/process.js';
+import { ORDERED_WRITER_SALTS } from '../service/fixtures/ordered-writer.js';
+import { highestOrderedWrite, startOrderedWriter } from '../service/helpers.js';
 
 interface Created {
   id: string;
   devices: Array<{ device: string; kind: 'full' | 'incremental'; why: string; readBytes: number; sizeBytes: number }>;
 }
-
-
 
 function backupCreate(box: Sandbox, repo: string, devices: string[], extra: string[] = []): Created {
   return JSON.parse(ok(box, ['backup', 'create', ...devices, '--repo', repo, '--json', ...extra])) as Created;
@@ -120,50 +119,39 @@ async function backupCycles(box: Sandbox, device: string, mnt: string): Promise<
 
 test('two devices in one backup restore to a consistent pair', { timeout: 180_000 }, async (t: TestContext) => {
   const box = sandbox(t);
-  const BLOCK = 4096;
-  const BYTES = 8 << 20;
+  // Small blocks, many of them: the writer must not run out before the last backup.
+  const WRITE_BYTES = 512;
+  const BYTES = 64 << 20;
   const a = makeImage(path.join(box.top, 'a.img'), BYTES, 0);
   const b = makeImage(path.join(box.top, 'b.img'), BYTES, 0);
   await startDaemon(t, { sandbox: box, password: false });
   ok(box, ['snapshot', 'destroy', (JSON.parse(ok(box, ['snapshot', 'create', a, b, '--json'])) as { id: string }).id]);
   const repo = path.join(box.top, 'repo');
   ok(box, ['backup', 'init', '--repo', repo]);
-  const ca = await NbdClient.connect({ socketPath: path.join(box.runDir, 'nbd.sock'), exportName: a });
-  const cb = await NbdClient.connect({ socketPath: path.join(box.runDir, 'nbd.sock'), exportName: b });
-  let running = true;
-  const writer = (async () => {
-    for (let k = 1; running && k < BYTES / BLOCK; k++) {
-      const stamp = (salt: number): Buffer => {
-        const buf = Buffer.alloc(BLOCK, salt);
-        buf.writeUInt32LE(k, 0);
-        return buf;
-      };
-      await ca.write(stamp(0xa), k * BLOCK);
-      await cb.write(stamp(0xb), k * BLOCK);
-    }
-  })();
-  const highest = (img: Buffer): number => {
-    let top = 0;
-    for (let k = 1; k < BYTES / BLOCK && img.readUInt32LE(k * BLOCK) === k; k++) top = k;
-    return top;
-  };
-  const ids: string[] = [];
-  for (let i = 0; i < 3; i++) {
-    await new Promise((r) => setTimeout(r, 150));
-    ids.push(backupCreate(box, repo, [a, b]).id);
+  // In its own process, so it goes on writing while the CLI takes the backup's snapshot.
+  const writer = await startOrderedWriter(t, box, a, b, WRITE_BYTES, BYTES / WRITE_BYTES);
+  const takes: Array<{ id: string; before: number; after: number }> = [];
+  for (let i = 0; i < 5; i++) {
+    const before = await writer.go(50);
+    const id = backupCreate(box, repo, [a, b]).id;
+    const after = await writer.pause();
+    assert.ok(after > before, `backup ${i}: the writer went on writing while it was taken (${before}, then ${after})`);
+    takes.push({ id, before, after });
   }
-  running = false;
-  await writer;
-  await ca.close();
-  await cb.close();
-  for (const id of ids) {
+  await writer.stop();
+  for (const { id, before, after } of takes) {
     const ra = path.join(box.top, 'ra.img');
     const rb = path.join(box.top, 'rb.img');
     ok(box, ['backup', 'restore', '--repo', repo, id, a, '--output', ra]);
     ok(box, ['backup', 'restore', '--repo', repo, id, b, '--output', rb]);
-    const ha = highest(fs.readFileSync(ra));
-    const hb = highest(fs.readFileSync(rb));
-    assert.ok(ha === hb || ha === hb + 1, `backup ${id}: A up to ${ha}, B up to ${hb}: not one point in time`);
+    const ha = highestOrderedWrite(fs.readFileSync(ra), WRITE_BYTES, ORDERED_WRITER_SALTS.a);
+    const hb = highestOrderedWrite(fs.readFileSync(rb), WRITE_BYTES, ORDERED_WRITER_SALTS.b);
+    fs.rmSync(ra);
+    fs.rmSync(rb);
+    const shown = `acknowledged ${before} before, ${after} after; A up to ${ha}, B up to ${hb}`;
+    assert.ok(ha === hb || ha === hb + 1, `backup ${id}: not one point in time (${shown})`);
+    assert.ok(hb >= before, `backup ${id}: a pair acknowledged before the backup is missing (${shown})`);
+    assert.ok(ha <= after + 1, `backup ${id}: holds writes issued after the backup (${shown})`);
   }
   ok(box, ['backup', 'verify', '--repo', repo]);
   noSnapshotsLeft(box);

@@ -230,7 +230,39 @@ test('reply type constants are the spec values (bit 15 errors, not 1 << 16)', ()
   assert.equal(C.NBDMAGIC, 0x4e42444d41474943n);
 });
 
-test('random bytes give messages or a protocol error, never another throw or a hang', () => {
+/** A protocol error names a byte the decoder was given: a whole number below `pushedBytes`. */
+function checkProtocolError(e: unknown, pushedBytes: number): void {
+  if (!(e instanceof NbdProtocolError)) throw e;
+  assert.ok(Number.isSafeInteger(e.positionBytes) && e.positionBytes >= 0 && e.positionBytes < pushedBytes, `${e.message}: position ${e.positionBytes} of ${pushedBytes} bytes pushed`);
+  assert.match(e.message, new RegExp(` at byte ${e.positionBytes}$`));
+}
+
+const FUZZ_MAX_WRITE_BYTES = 4096;
+const FUZZ_MAX_OPTION_BYTES = 1024;
+const FUZZ_SIMPLE_REPLY_DATA_BYTES = 64;
+const FUZZ_MAX_CHUNK_BYTES = 4096;
+
+/** What RequestDecoder promises of a message: payloads within their caps, the over-cap ones skipped. */
+function checkClientMessage(m: ClientMessage): void {
+  if (m.kind === 'option') {
+    assert.equal(m.tooBig, m.lengthBytes > FUZZ_MAX_OPTION_BYTES, `option of ${m.lengthBytes} bytes: tooBig ${m.tooBig}`);
+    assert.equal(m.data.length, m.tooBig ? 0 : m.lengthBytes);
+  } else if (m.kind === 'request') {
+    const isWrite = m.type === C.NBD_CMD_WRITE;
+    assert.equal(m.payloadSkipped, isWrite && m.lengthBytes > FUZZ_MAX_WRITE_BYTES, `request type ${m.type} of ${m.lengthBytes} bytes: skipped ${m.payloadSkipped}`);
+    if (isWrite && !m.payloadSkipped) assert.equal(m.payload?.length, m.lengthBytes);
+    else assert.equal(m.payload, undefined, `request type ${m.type} of ${m.lengthBytes} bytes has no payload`);
+  }
+}
+
+/** What ReplyDecoder promises of a message: data and payloads within their caps. */
+function checkServerMessage(m: ServerMessage): void {
+  if (m.kind === 'option-reply') assert.ok(m.data.length <= FUZZ_MAX_OPTION_BYTES, `option reply of ${m.data.length} bytes`);
+  else if (m.kind === 'simple-reply') assert.ok(m.data === undefined || m.data.length === FUZZ_SIMPLE_REPLY_DATA_BYTES, `simple reply data of ${m.data?.length} bytes`);
+  else if (m.kind === 'structured-reply') assert.ok(m.payload.length <= FUZZ_MAX_CHUNK_BYTES, `reply chunk of ${m.payload.length} bytes`);
+}
+
+test('random bytes give messages within the caps or a protocol error at a byte given, never another throw or a hang', () => {
   const phases: RequestDecoderPhase[] = ['client-flags', 'options', 'transmission'];
   const replyPhases: ReplyDecoderPhase[] = ['greeting', 'options', 'export-name', 'transmission'];
   fc.assert(fc.property(
@@ -242,19 +274,27 @@ test('random bytes give messages or a protocol error, never another throw or a h
       const bufs = chunks.map((c) => Buffer.from(c));
       // Half the cases start with a valid request magic, so decoding gets past the first check.
       if (withMagic && bufs.length > 0) bufs[0] = Buffer.concat([encodeRequest(0, 0, 0, 0, 0, 0).subarray(0, 4), bufs[0]!]);
-      const d = new RequestDecoder({ maxWritePayloadBytes: 4096, maxOptionPayloadBytes: 1024 });
+      const d = new RequestDecoder({ maxWritePayloadBytes: FUZZ_MAX_WRITE_BYTES, maxOptionPayloadBytes: FUZZ_MAX_OPTION_BYTES });
       d.setPhase(phases[p]!);
+      let pushed = 0;
       try {
-        for (const b of bufs) d.push(b);
+        for (const b of bufs) {
+          pushed += b.length;
+          for (const m of d.push(b)) checkClientMessage(m);
+        }
       } catch (e) {
-        if (!(e instanceof NbdProtocolError)) throw e;
+        checkProtocolError(e, pushed);
       }
-      const r = new ReplyDecoder({ simpleReplyDataBytes: () => 64, maxChunkPayloadBytes: 4096 });
+      const r = new ReplyDecoder({ simpleReplyDataBytes: () => FUZZ_SIMPLE_REPLY_DATA_BYTES, maxChunkPayloadBytes: FUZZ_MAX_CHUNK_BYTES, maxOptionReplyBytes: FUZZ_MAX_OPTION_BYTES });
       r.setPhase(replyPhases[rp]!, true);
+      pushed = 0;
       try {
-        for (const b of bufs) r.push(b);
+        for (const b of bufs) {
+          pushed += b.length;
+          for (const m of r.push(b)) checkServerMessage(m);
+        }
       } catch (e) {
-        if (!(e instanceof NbdProtocolError)) throw e;
+        checkProtocolError(e, pushed);
       }
     },
   ), { numRuns: 3000 });

@@ -1,14 +1,18 @@
 /**
  * Fixtures of the service tests on top of the daemon launcher (helpers/daemon.ts): session
- * directories, nbdsh against a sandbox's daemon, and the password/activate/restore
- * steps several tests share.
+ * directories, nbdsh against a sandbox's daemon, the password/activate/restore steps several
+ * tests share, and the ordered writer of the multi-device consistency tests.
  */
 
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { cleanupOf } from '../helpers/cleanup.js';
 import { cli, daemonUri, ok, type CliResult, type Sandbox } from '../helpers/daemon.js';
+import type { AfterHook } from '../helpers/files.js';
 import { nbdshEnv } from '../helpers/process.js';
 
 export function sessionDirs(box: Sandbox): string[] {
@@ -40,4 +44,102 @@ export function restoreOnlySession(box: Sandbox): string {
   const restored = cli(box, ['restore', dir]);
   assert.equal(restored.status, 0, restored.stderr);
   return manifest.state;
+}
+
+const ORDERED_WRITER = fileURLToPath(new URL('./fixtures/ordered-writer.js', import.meta.url));
+
+/** The ordered writer (fixtures/ordered-writer.ts) running in its own process. */
+export interface OrderedWriter {
+  /** How many pairs (A then B) both devices had acknowledged when the writer answered. */
+  acknowledged(): Promise<number>;
+  /**
+   * Start writing (it starts paused) and resolve, with acknowledged(), once `pairs` more have
+   * been acknowledged: writes are then steadily in flight. Throws if the blocks run out first.
+   */
+  go(pairs: number): Promise<number>;
+  /** Stop writing between pairs; resolves, with acknowledged(), when none is in flight. */
+  pause(): Promise<number>;
+  /** Stop writing and wait for the process to end (also done after the test). */
+  stop(): Promise<void>;
+}
+
+/**
+ * Start the ordered writer on devices `a` and `b` of the sandbox's daemon, `blocks` blocks of
+ * `blockBytes` each; resolves once it has connected to both (paused).
+ */
+export async function startOrderedWriter(t: AfterHook, box: Sandbox, a: string, b: string, blockBytes: number, blocks: number): Promise<OrderedWriter> {
+  const child = spawn(process.execPath, [ORDERED_WRITER, path.join(box.runDir, 'nbd.sock'), a, b, String(blockBytes), String(blocks)], {
+    env: { ...process.env, BDSNAP_ORDERED_WRITER: '1' },
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const lines: string[] = [];
+  const waiting: Array<(line: string) => void> = [];
+  readline.createInterface({ input: child.stdout }).on('line', (line) => {
+    const next = waiting.shift();
+    if (next) next(line);
+    else lines.push(line);
+  });
+  const nextLine = (): Promise<string> => {
+    const line = lines.shift();
+    if (line !== undefined) return Promise.resolve(line);
+    return Promise.race([
+      new Promise<string>((resolve) => waiting.push(resolve)),
+      exited.then((code) => { throw new Error(`the ordered writer exited ${code}: ${stderr}`); }),
+    ]);
+  };
+  let stopped: Promise<void> | undefined;
+  const stop = (): Promise<void> => {
+    stopped ??= (async () => {
+      child.stdin.end();
+      const code = await exited;
+      assert.equal(code, 0, `the ordered writer failed: ${stderr}`);
+    })();
+    return stopped;
+  };
+  cleanupOf(t).after(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  assert.equal(await nextLine(), 'ready');
+  const command = async (line: string): Promise<number> => {
+    child.stdin.write(`${line}\n`);
+    return Number(await nextLine());
+  };
+  return {
+    acknowledged: () => command('?'),
+    go: async (pairs) => {
+      const target = await command('go') + pairs;
+      for (;;) {
+        const acknowledged = await command('?');
+        if (acknowledged >= target) return acknowledged;
+        if (acknowledged >= blocks - 1) throw new Error(`the ordered writer ran out of blocks (${blocks}); give it more`);
+      }
+    },
+    pause: () => command('pause'),
+    stop,
+  };
+}
+
+/**
+ * The highest write of the ordered writer an image holds (0 for none), checking that it
+ * holds exactly writes 1..h of the device given by `salt`.
+ */
+export function highestOrderedWrite(image: Buffer, blockBytes: number, salt: number): number {
+  const filler = Buffer.alloc(blockBytes - 8, salt);
+  let top = 0;
+  for (let k = 1; (k + 1) * blockBytes <= image.length; k++) {
+    const block = image.subarray(k * blockBytes, (k + 1) * blockBytes);
+    const stamp = Number(block.readBigUInt64LE(0));
+    if (stamp === 0) break;
+    assert.equal(stamp, k, `block ${k} holds write ${stamp}`);
+    assert.ok(block.subarray(8).equals(filler), `block ${k} is write ${k} of the other device`);
+    top = k;
+  }
+  // Nothing past the prefix: the writes are in order, so a later one without this one is no point in time.
+  for (let k = top + 1; (k + 1) * blockBytes <= image.length; k++) {
+    assert.equal(image.readBigUInt64LE(k * blockBytes), 0n, `block ${k} holds a write past the prefix ending at ${top}`);
+  }
+  return top;
 }

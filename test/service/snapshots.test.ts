@@ -15,7 +15,8 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { cleanupOf } from '../helpers/cleanup.js';
 import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage } from '../helpers/files.js';
-import { passwdAndActivate, restoreOnlySession } from './helpers.js';
+import { ORDERED_WRITER_SALTS } from './fixtures/ordered-writer.js';
+import { highestOrderedWrite, passwdAndActivate, restoreOnlySession, startOrderedWriter } from './helpers.js';
 
 const BLOCK = 4096;
 const IMAGE_BYTES = 16 << 20;
@@ -70,8 +71,12 @@ function stamped(seq: number, salt: number): Buffer {
 
 test('an image holds exactly the device as it was at the take, under random writes in flight', { timeout: 120_000 }, async (t) => {
   const box = sandbox(t);
-  const device = randomImage(box, 'a.img');
-  await startDaemon(t, { sandbox: box, password: false });
+  // Enough blocks that the writes issued during the take (all of them allowed in or out of the
+  // image) leave most blocks to be checked exactly.
+  const DEVICE_BYTES = 64 << 20;
+  const DEVICE_BLOCKS = DEVICE_BYTES / BLOCK;
+  const device = randomImage(box, 'a.img', DEVICE_BYTES);
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
   // Active: the device is in a mount session too, and each keeps its own originals.
   passwdAndActivate(box, device, TEST_PASSWORD);
   const client = await connect(box, device);
@@ -83,41 +88,49 @@ test('an image holds exactly the device as it was at the take, under random writ
   let phase: 'before' | 'during' | 'after' = 'before';
   let running = true;
   let seq = 0;
+  let issuedDuringTake = 0;
   // Each writer owns the blocks of its residue, so writes to one block never race each other.
   const WRITERS = 8;
   const writer = async (w: number): Promise<void> => {
     while (running) {
-      const block = Math.floor(Math.random() * (BLOCKS / WRITERS)) * WRITERS + w;
+      const block = Math.floor(Math.random() * (DEVICE_BLOCKS / WRITERS)) * WRITERS + w;
       const data = stamped(++seq, block);
       const issuedIn = phase;
+      if (issuedIn === 'during') issuedDuringTake++;
       await client.write(data, block * BLOCK);
       if (issuedIn === 'before' && phase === 'before') lastAcked.set(block, data);
       else if (issuedIn !== 'after') overlapping.set(block, [...(overlapping.get(block) ?? []), data]);
+      // Paced, so the writes issued while the CLI starts up do not touch most blocks.
+      await new Promise((r) => setTimeout(r, 2));
     }
   };
   const writers = Array.from({ length: WRITERS }, (_, w) => writer(w));
   await new Promise((r) => setTimeout(r, 300));
+  // The CLI runs asynchronously, so the writers go on issuing writes while the snapshot is taken.
   phase = 'during';
-  const snap = createSnapshot(box, [device]);
+  const created = await daemon.cli(['snapshot', 'create', device, '--json']);
   phase = 'after';
+  const snap = JSON.parse(created.stdout) as Created;
   await new Promise((r) => setTimeout(r, 500));
   running = false;
   await Promise.all(writers);
   assert.equal(snap.images.length, 1);
   assert.equal(snap.images[0]?.exportName, `${device}@${snap.id}`);
   assert.ok(seq > 100, `the writer made progress (${seq} writes)`);
+  assert.ok(issuedDuringTake > 0, `writes were issued while the snapshot was taken (${issuedDuringTake} of ${seq})`);
+  t.diagnostic(`${issuedDuringTake} of ${seq} writes issued while the snapshot was taken`);
 
   const image = mustCopy(box, `${device}@${snap.id}`);
-  assert.equal(image.length, IMAGE_BYTES);
+  assert.equal(image.length, DEVICE_BYTES);
   let checked = 0;
-  for (let b = 0; b < BLOCKS; b++) {
+  for (let b = 0; b < DEVICE_BLOCKS; b++) {
     const got = image.subarray(b * BLOCK, (b + 1) * BLOCK);
     const base = lastAcked.get(b) ?? before.subarray(b * BLOCK, (b + 1) * BLOCK);
     const candidates = [base, ...(overlapping.get(b) ?? [])];
     assert.ok(candidates.some((c) => c.equals(got)), `block ${b} of the image is neither its content at the take nor a write in flight then`);
     if (!overlapping.has(b)) checked++;
   }
-  assert.ok(checked > BLOCKS / 2, 'most blocks had no write in flight at the take and were checked exactly');
+  assert.ok(checked > DEVICE_BLOCKS / 2, `most blocks had no write in flight at the take and were checked exactly (${checked} of ${DEVICE_BLOCKS})`);
   // The device holds the writes, the image does not.
   assert.notDeepEqual(fs.readFileSync(device), image);
   await client.close();
@@ -130,49 +143,34 @@ test('an image holds exactly the device as it was at the take, under random writ
 
 test('two devices: every pair of images shows a prefix of the write order', { timeout: 180_000 }, async (t) => {
   const box = sandbox(t);
-  const a = makeImage(path.join(box.top, 'a.img'), IMAGE_BYTES, 0);
-  const b = makeImage(path.join(box.top, 'b.img'), IMAGE_BYTES, 0);
+  // Small blocks, many of them: the writer must not run out before the last take.
+  const WRITE_BYTES = 512;
+  const DEVICE_BYTES = 64 << 20;
+  const a = makeImage(path.join(box.top, 'a.img'), DEVICE_BYTES, 0);
+  const b = makeImage(path.join(box.top, 'b.img'), DEVICE_BYTES, 0);
   await startDaemon(t, { sandbox: box, password: false });
   register(box, [a, b]);
-  const ca = await connect(box, a);
-  const cb = await connect(box, b);
-  cleanupOf(t).after(async () => { await ca.close(); await cb.close(); });
+  // In its own process, so it goes on writing while the CLI takes the snapshot.
+  const writer = await startOrderedWriter(t, box, a, b, WRITE_BYTES, DEVICE_BYTES / WRITE_BYTES);
 
-  // Write k goes to block k of A, then (after A acknowledged it) to block k of B.
-  let running = true;
-  let k = 0;
-  const writer = (async () => {
-    while (running && k < BLOCKS - 1) {
-      k++;
-      await ca.write(stamped(k, 0xa), k * BLOCK);
-      await cb.write(stamped(k, 0xb), k * BLOCK);
-    }
-  })();
-  const highest = (img: Buffer): number => {
-    let top = 0;
-    for (let blk = 1; blk < BLOCKS; blk++) {
-      const s = Number(img.readBigUInt64LE(blk * BLOCK));
-      if (s === 0) break;
-      assert.equal(s, blk, `block ${blk} holds write ${s}`);
-      top = s;
-    }
-    return top;
-  };
-  const seen: Array<[number, number]> = [];
+  const seen: Array<{ before: number; a: number; b: number; after: number }> = [];
   for (let round = 0; round < 6; round++) {
-    await new Promise((r) => setTimeout(r, 100));
+    // Writing, and acknowledged for a while, when the take starts; paused while the images are read.
+    const before = await writer.go(50);
     const snap = createSnapshot(box, [a, b]);
-    const ia = mustCopy(box, `${a}@${snap.id}`);
-    const ib = mustCopy(box, `${b}@${snap.id}`);
-    const ha = highest(ia);
-    const hb = highest(ib);
-    assert.ok(ha === hb || ha === hb + 1, `round ${round}: A holds writes up to ${ha}, B up to ${hb}: not a prefix of the order`);
-    seen.push([ha, hb]);
+    const after = await writer.pause();
+    const ha = highestOrderedWrite(mustCopy(box, `${a}@${snap.id}`), WRITE_BYTES, ORDERED_WRITER_SALTS.a);
+    const hb = highestOrderedWrite(mustCopy(box, `${b}@${snap.id}`), WRITE_BYTES, ORDERED_WRITER_SALTS.b);
+    seen.push({ before, a: ha, b: hb, after });
+    const shown = JSON.stringify(seen.at(-1));
+    assert.ok(after > before, `round ${round}: the writer went on writing while the snapshot was taken (${shown})`);
+    assert.ok(ha === hb || ha === hb + 1, `round ${round}: A holds writes up to ${ha}, B up to ${hb}: not a prefix of the order (${shown})`);
+    assert.ok(hb >= before, `round ${round}: a pair acknowledged before the take is missing from the images (${shown})`);
+    assert.ok(ha <= after + 1, `round ${round}: the images hold writes issued after the take (${shown})`);
     ok(box, ['snapshot', 'destroy', snap.id]);
   }
-  running = false;
-  await writer;
-  assert.ok(seen.some(([ha]) => ha > 0), `the snapshots saw writes: ${JSON.stringify(seen)}`);
+  await writer.stop();
+  t.diagnostic(`acknowledged before, images A and B, acknowledged after: ${seen.map((r) => `${r.before} ${r.a} ${r.b} ${r.after}`).join('; ')}`);
 });
 
 test('writes to an image change the image and never the device', { timeout: 60_000 }, async (t) => {
@@ -254,32 +252,58 @@ test('destroy while a reader and a writer are busy: refused, then --force cuts t
   const snap = createSnapshot(box, [device]);
   const writer = await connect(box, device);
   const reader = await connect(box, `${device}@${snap.id}`);
-  const expected = fs.readFileSync(device);
+  const atTake = fs.readFileSync(device);
+  const expected = Buffer.from(atTake);
   let running = true;
+  let written = 0;
   const writes = (async () => {
     for (let i = 0; running; i++) {
       const data = randomBytes(BLOCK);
       const block = i % BLOCKS;
       await writer.write(data, block * BLOCK);
       data.copy(expected, block * BLOCK);
+      written++;
     }
   })();
-  let readErrors = 0;
+  // The reader checks every read against the device at the take, and stops at its first error.
+  let destroying = false;
+  let readsBeforeDestroy = 0;
+  const wrongReads: number[] = [];
+  let readError: { code: unknown; afterDestroy: boolean; message: string } | undefined;
+  // The narrowing of an assert does not see the reader's assignment: read it through a call.
+  const readFailure = (): typeof readError => readError;
   const reads = (async () => {
     const buf = Buffer.alloc(64 * 1024);
     for (let i = 0; running; i++) {
-      await reader.read(buf, (i % (IMAGE_BYTES / buf.length)) * buf.length).catch(() => { readErrors++; });
+      const at = (i % (IMAGE_BYTES / buf.length)) * buf.length;
+      try {
+        await reader.read(buf, at);
+      } catch (err) {
+        readError = { code: (err as { code?: unknown }).code, afterDestroy: destroying, message: String(err) };
+        return;
+      }
+      if (!buf.equals(atTake.subarray(at, at + buf.length))) wrongReads.push(at);
+      if (!destroying) readsBeforeDestroy++;
     }
   })();
+  const until = async (what: string, reached: () => boolean): Promise<void> => {
+    while (!reached()) {
+      if (readError) throw new Error(`${what}: the reader failed: ${readError.message}`);
+      await new Promise((r) => setImmediate(r));
+    }
+  };
   try {
-    await new Promise((r) => setTimeout(r, 300));
-    // The image has a client: refused (the reads go on), then forced.
+    await until('before the refusal', () => readsBeforeDestroy >= 20 && written >= 20);
+    // The image has a client: refused, and the reads go on.
     const refused = cli(box, ['snapshot', 'destroy', snap.id]);
     assert.equal(refused.status, 1);
     assert.match(refused.stderr, new RegExp(`snapshot ${snap.id} is attached: .*@${snap.id} \\(1 NBD connection\\); disconnect the clients first or destroy with --force`));
-    assert.equal(readErrors, 0, 'a refused destroy leaves the image served');
+    const readsBeforeRefusal = readsBeforeDestroy;
+    await until('after the refusal', () => readsBeforeDestroy >= readsBeforeRefusal + 20);
+    assert.equal(readError, undefined, 'a refused destroy leaves the image served');
+    destroying = true;
     ok(box, ['snapshot', 'destroy', snap.id, '--force']);
-    await new Promise((r) => setTimeout(r, 200));
+    await reads;
   } finally {
     running = false;
     await Promise.allSettled([writes, reads]);
@@ -288,7 +312,12 @@ test('destroy while a reader and a writer are busy: refused, then --force cuts t
   await writer.flush();
   await writer.close();
   await reader.close().catch(() => undefined);
-  assert.ok(readErrors > 0, 'reads of the destroyed image fail instead of hanging');
+  assert.ok(readsBeforeDestroy >= 40, `the image was read before the destroy (${readsBeforeDestroy} reads)`);
+  assert.deepEqual(wrongReads, [], 'every read of the image gave the device as it was at the take');
+  assert.ok(written > 0, 'the device was written while the image was read');
+  // Cut off: the read in flight or the next one fails because the connection was closed.
+  const failure = readFailure();
+  assert.deepEqual(failure && { code: failure.code, afterDestroy: failure.afterDestroy }, { code: 'ESHUTDOWN', afterDestroy: true }, failure?.message ?? 'no read failed');
   assert.deepEqual(fs.readFileSync(device), expected, 'the device holds every write');
   const list = JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: unknown[] };
   assert.deepEqual(list.snapshots, []);

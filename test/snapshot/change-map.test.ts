@@ -272,10 +272,27 @@ test('strict durability: a host crash keeps the map; marks wait for the group sy
 test('strict durability: a reset while syncs are in flight leaves a working map', async (t) => {
   const dir = tempDir(t);
   const { map } = await ChangeMap.open({ file: path.join(dir, 'd.cbt'), deviceSizeBytes: SIZE, durability: 'strict', bootId: 'b' });
-  const before = map.mark(0, 1);
-  await new Promise((resolve) => setImmediate(resolve));
-  const during = map.mark(BLOCK, 1);
+  // The real fdatasync runs, but its completion is held until after the reset: the sync is
+  // surely in flight on the old file when the new one replaces it.
+  const realFdatasync = fs.fdatasync;
+  const held: Array<() => void> = [];
+  let syncing!: () => void;
+  const firstSync = new Promise<void>((resolve) => (syncing = resolve));
+  const target = fs as unknown as { fdatasync: (fd: number, done: (err: NodeJS.ErrnoException | null) => void) => void };
+  target.fdatasync = (fd, done) => {
+    realFdatasync(fd, (err) => held.push(() => done(err)));
+    syncing();
+  };
+  t.after(() => { target.fdatasync = realFdatasync; });
+  let settled = 0;
+  const before = Promise.resolve(map.mark(0, 1)).finally(() => settled++);
+  await firstSync;
+  const during = Promise.resolve(map.mark(BLOCK, 1)).finally(() => settled++);
   await map.reset('requested', 'test');
+  assert.equal(settled, 0, 'the marks were still waiting for their syncs at the reset');
+  target.fdatasync = realFdatasync;
+  while (held.length === 0) await new Promise((resolve) => setImmediate(resolve));
+  for (const done of held.splice(0)) done();
   await Promise.all([before, during]);
   assert.equal(map.failure, undefined, 'the new file is not poisoned by the old one\'s sync');
   await map.mark(2 * BLOCK, 1);

@@ -30,6 +30,8 @@ interface Rig {
   storage: DiffStorage;
   image: SnapshotImage;
   events: DiffStorageEvent[];
+  /** Resolves once the events so far satisfy `reached` (checked at each event). */
+  eventsUntil(reached: (events: DiffStorageEvent[]) => boolean): Promise<void>;
   options: DiffStorageOptions;
 }
 
@@ -40,16 +42,29 @@ async function rig(t: TestContext, extra: Partial<DiffStorageOptions> = {}, stor
   t.after(() => dev.close());
   const layer = new SnapshotLayer(dev, { chunkSize: CHUNK });
   const events: DiffStorageEvent[] = [];
+  const waiters = new Set<() => void>();
+  const eventsUntil = (reached: (events: DiffStorageEvent[]) => boolean): Promise<void> => new Promise((resolve) => {
+    const check = (): void => {
+      if (!reached(events)) return;
+      waiters.delete(check);
+      resolve();
+    };
+    waiters.add(check);
+    check();
+  });
   const dirs = [storeDir ?? path.join(dir, 'store')];
   fs.mkdirSync(dirs[0]!, { recursive: true, mode: 0o700 });
-  const options: DiffStorageOptions = { id: 'snap-1', dirs, chunkSize: CHUNK, onEvent: (e) => events.push(e), ...extra };
+  const options: DiffStorageOptions = { id: 'snap-1', dirs, chunkSize: CHUNK, onEvent: (e) => {
+    events.push(e);
+    for (const check of waiters) check();
+  }, ...extra };
   const storage = await DiffStorage.create(options);
   t.after(() => storage.close());
   await layer.hold();
   const image = layer.addPoint(storage, 0);
   layer.release();
   const before = fs.readFileSync(imagePath);
-  return { dir, dev, layer, model: Buffer.from(before), before, storage, image, events, options };
+  return { dir, dev, layer, model: Buffer.from(before), before, storage, image, events, eventsUntil, options };
 }
 
 /** `count` first writes of one chunk each, at distinct chunks from `firstChunk` on. */
@@ -67,7 +82,7 @@ async function readAll(r: Rig): Promise<Buffer> {
   return b;
 }
 
-const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 50));
+const lowSpace = (events: DiffStorageEvent[]): DiffStorageEvent[] => events.filter((e) => e.type === 'low-space');
 
 test('a tiny limit: overflowed once, the image answers EIO, the device gets exactly what was written', { timeout: 20_000 }, async (t) => {
   const r = await rig(t, { limitBytes: 5 * (CHUNK + HEADER) });
@@ -84,7 +99,7 @@ test('a tiny limit: overflowed once, the image answers EIO, the device gets exac
   await assert.rejects(r.image.read(Buffer.alloc(10), 0), isError('EIO', /overflowed: .*limit/));
   await assert.rejects(r.image.write(Buffer.alloc(10), 0), isError('EIO', /overflowed/));
   await assert.rejects(r.storage.extend({ limitBytes: 1 << 30 }), isError('ESESSION'));
-  await settle();
+  await r.eventsUntil((events) => events.some((e) => e.type === 'overflowed'));
   assert.deepEqual(r.events.filter((e) => e.type !== 'low-space').map((e) => e.type), ['overflowed'], 'one event');
   const onDevice = Buffer.alloc(r.dev.size);
   await r.dev.read(onDevice, 0);
@@ -102,8 +117,8 @@ test('a tiny limit: overflowed once, the image answers EIO, the device gets exac
 test('extend() before the limit lets the snapshot go on; a limit below what is used is EINVAL', { timeout: 20_000 }, async (t) => {
   const r = await rig(t, { limitBytes: 10 * (CHUNK + HEADER) });
   await writeChunks(r, 0, 9);
-  await settle();
-  const low = r.events.filter((e) => e.type === 'low-space');
+  await r.eventsUntil((events) => lowSpace(events).length > 0);
+  const low = lowSpace(r.events);
   assert.equal(low.length, 1, 'low-space once, when used passed 90% of the limit');
   assert.equal(low[0]!.type === 'low-space' && low[0]!.limitBytes, 10 * (CHUNK + HEADER));
   await assert.rejects(r.storage.extend({ limitBytes: 5 * (CHUNK + HEADER) }), isError('EINVAL', /below/));
@@ -115,7 +130,7 @@ test('extend() before the limit lets the snapshot go on; a limit below what is u
   assert.equal(r.storage.usage().limitBytes, 100 * (CHUNK + HEADER));
   assert.ok((await readAll(r)).equals(r.before));
   await writeChunks(r, 60, 55);
-  await settle();
+  await r.eventsUntil((events) => lowSpace(events).length > 1);
   assert.equal(r.events.filter((e) => e.type === 'low-space').length, 2, 'low-space again after the next crossing');
   assert.deepEqual(r.events.filter((e) => e.type !== 'low-space'), []);
 });
@@ -155,8 +170,8 @@ test('low-space event when the filesystem of the current directory is short of f
   // Thresholds above any real disk's free space, so the condition holds from the start.
   const r = await rig(t, { lowSpace: { fsFreeBytes: Number.MAX_SAFE_INTEGER } });
   await writeChunks(r, 0, 3);
-  await settle();
-  const low = r.events.filter((e) => e.type === 'low-space');
+  await r.eventsUntil((events) => lowSpace(events).length > 0);
+  const low = lowSpace(r.events);
   assert.equal(low.length, 1);
   const e = low[0]!;
   assert.ok(e.type === 'low-space' && e.dir === path.join(r.dir, 'store') && e.freeBytes > 0 && e.limitBytes === null);
@@ -268,7 +283,7 @@ test('a full disk overflows the storage and leaves the device fine', { timeout: 
   const onDevice = Buffer.alloc(r.dev.size);
   await r.dev.read(onDevice, 0);
   assert.ok(onDevice.equals(r.model));
-  await settle();
+  await r.eventsUntil((events) => events.some((e) => e.type === 'overflowed') && lowSpace(events).length > 0);
   assert.deepEqual(r.events.filter((e) => e.type !== 'low-space').map((e) => e.type), ['overflowed']);
   assert.ok(r.events.some((e) => e.type === 'low-space'), 'a 256 KiB filesystem is low on space from the start');
   await r.storage.close();

@@ -352,14 +352,15 @@ test('removing a point and destroying its storage while a reader and a writer ar
   const image = await take(layer, storage);
   const model = Buffer.from(before);
   let stop = false;
+  let reads = 0;
+  let writes = 0;
   const reader = (async () => {
     const b = Buffer.alloc(64 * 1024);
-    let reads = 0;
     for (let i = 0; !stop; i++) {
       try {
         await image.read(b, (i * 65536) % (dev.size - b.length));
         reads++;
-        // Page-cache reads settle in microtasks only: let the writer and the timer run.
+        // Page-cache reads settle in microtasks only: let the writer and the test run.
         await new Promise((resolve) => setImmediate(resolve));
       } catch (err) {
         assert.ok(['ESHUTDOWN', 'EIO'].includes((err as { code?: string }).code ?? ''), String(err));
@@ -374,15 +375,21 @@ test('removing a point and destroying its storage while a reader and a writer ar
       const offset = (i * 7919 * 13) % (dev.size - data.length);
       await layer.write(data, offset);
       data.copy(model, offset);
+      writes++;
+      await new Promise((resolve) => setImmediate(resolve));
     }
   })();
-  await new Promise((resolve) => setTimeout(resolve, 20));
+  // Both busy when the point goes: some reads and writes done, the writer far from finished.
+  while (reads < 5 || writes < 5) await new Promise((resolve) => setImmediate(resolve));
+  const writesAtRemoval = writes;
+  const readsAtRemoval = reads;
   await layer.removePoint(image);
   await storage.destroy();
+  assert.ok(writesAtRemoval < 200, `the writer was still busy when the point was removed (${writesAtRemoval} of 200 writes)`);
   assert.equal(layer.pointCount, 0);
   await writer;
   stop = true;
-  assert.ok((await reader) > 0);
+  assert.ok((await reader) >= readsAtRemoval);
   assert.ok((await readAll(dev)).equals(model));
   assert.deepEqual(fs.readdirSync(path.join(dir, 'store-busy')), []);
 });

@@ -272,22 +272,41 @@ test("'process' durability: the store is synced in the background once first wri
   const image = makeImage(path.join(dir, 'disk.img'), 64 * CS, 'random', 5);
   const dev = await FileDevice.open(image);
   t.after(() => dev.close());
-  const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(dir, 'snap'), chunkSize: CS });
-  // First writes every 200 ms for 1 s: no pause of a second (800 ms of slack for a slow
-  // machine), so nothing is synced meanwhile.
+  // The sync timer and the clock it reads move only when the test says so.
+  t.mock.timers.enable({ apis: ['setTimeout'] });
+  let nowMs = 0;
+  // The sync timer reads the clock when it fires: the times it did, once the writes are done.
+  const timerFiredAt: number[] = [];
+  let writing = true;
+  const clockMs = (): number => {
+    if (!writing) timerFiredAt.push(nowMs);
+    return nowMs;
+  };
+  const advance = (ms: number): void => {
+    nowMs += ms;
+    t.mock.timers.tick(ms);
+  };
+  const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: path.join(dir, 'snap'), chunkSize: CS, clockMs });
+  const unsynced = (): number => cow.stats().unsyncedBytes;
+  // First writes every 200 ms for 1 s: never a pause of a second, so nothing is synced meanwhile.
   for (let i = 0; i < 5; i++) {
     await cow.write(randomBytes(CS), i * CS);
-    await new Promise((r) => setTimeout(r, 200));
+    advance(200);
   }
-  assert.equal(cow.stats().unsyncedBytes, 5 * (RECORD_HEADER_BYTES + CS), 'no sync while first writes go on');
-  // A pause: the background sync runs about a second after the last first write.
-  const deadline = Date.now() + 5000;
-  while (cow.stats().unsyncedBytes > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
-  assert.equal(cow.stats().unsyncedBytes, 0, 'synced after the pause');
+  assert.equal(unsynced(), 5 * (RECORD_HEADER_BYTES + CS), 'no sync while first writes go on');
+  // The last first write was at 800 ms: the sync is due a second later, and not before.
+  writing = false;
+  advance(799);
+  assert.deepEqual(timerFiredAt, [], 'no sync before a second of pause');
+  assert.equal(unsynced(), 5 * (RECORD_HEADER_BYTES + CS));
+  advance(1);
+  assert.deepEqual(timerFiredAt, [1800], 'the sync starts after a second of pause');
+  while (unsynced() > 0) await new Promise((r) => setImmediate(r));
+  writing = true;
   await cow.write(randomBytes(CS), 10 * CS);
-  assert.ok(cow.stats().unsyncedBytes > 0);
+  assert.ok(unsynced() > 0);
   await cow.flush();
-  assert.equal(cow.stats().unsyncedBytes, 0, 'a flush syncs the store');
+  assert.equal(unsynced(), 0, 'a flush syncs the store');
   await cow.close();
 });
 
