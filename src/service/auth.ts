@@ -20,13 +20,16 @@ export const MIN_PASSWORD_LENGTH = 8;
 export const MAX_PASSWORD_LENGTH = 1024;
 
 /**
- * scrypt cost, OWASP's current recommendation (N=2^17, r=8, p=1): 2^17 × 8 × 128 bytes = 128 MiB
- * of memory per hash. N, r and p are stored with each hash, so a hash made with the former
- * N=2^15 still verifies; setting the password again rehashes it at this cost.
+ * scrypt cost: one of OWASP's current recommended settings of equal strength (N=2^15, r=8, p=3;
+ * the others trade memory for passes, up to N=2^17 with p=1). This one keeps a hash at
+ * 2^15 × 8 × 128 bytes = 32 MiB of memory, so a flood of wrong passwords (each one hashed, one at
+ * a time) cannot make the daemon hold 128 MiB; the three passes make it as costly to guess. N, r
+ * and p are stored with each hash, so a hash made with the former p=1 still verifies; setting the
+ * password again rehashes it at this cost.
  */
-const SCRYPT_N = 1 << 17;
+const SCRYPT_N = 1 << 15;
 const SCRYPT_R = 8;
-const SCRYPT_P = 1;
+const SCRYPT_P = 3;
 const KEY_BYTES = 32;
 const SALT_BYTES = 16;
 

@@ -115,12 +115,12 @@ test('PasswordStore: salted hash in a 0600 file, verify, change needs the curren
   assert.deepEqual(fs.readdirSync(dir), ['password'], 'no temp file is left behind');
 });
 
-test('PasswordStore: new hashes at scrypt N=2^17, r=8, p=1; a hash made at the former N=2^15 still verifies', async (t) => {
+test('PasswordStore: new hashes at scrypt N=2^15, r=8, p=3; a hash made at the former p=1 still verifies', async (t) => {
   const dir = tempDir(t);
   const store = new PasswordStore(dir);
   await store.set('current password');
   const stored = JSON.parse(fs.readFileSync(path.join(dir, 'password'), 'utf8')) as { N: number; r: number; p: number };
-  assert.deepEqual([stored.N, stored.r, stored.p], [2 ** 17, 8, 1]);
+  assert.deepEqual([stored.N, stored.r, stored.p], [2 ** 15, 8, 3]);
   writeScryptHash(dir, 'older password', 2 ** 15);
   await new PasswordStore(dir).verify('older password');
 });
