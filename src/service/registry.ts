@@ -21,6 +21,7 @@ import { writeFileAtomic } from '../host/atomic-file.js';
 import { readDeviceIdentity, sameIdentity, stampIdentitySchema, type StampIdentity } from '../host/device-stamp.js';
 import type { RegisterResult } from './control-protocol.js';
 import { KeyedQueue } from './keyed-queue.js';
+import { listLoopDevices, loopBackingIdentity } from '../host/loop-devices.js';
 
 export const REGISTRY_FILE = 'registry.json';
 const REGISTRY_VERSION = 1;
@@ -161,12 +162,23 @@ export class Registry {
   }
 
   async #refuseSecondName(devicePath: string, identity: StampIdentity): Promise<void> {
+    // A loop device and the file behind it are one device too: served under both names, the
+    // same bytes would get two change maps and two session chains.
+    const backing = await loopBackingOf(identity);
     for (const other of this.#devices.values()) {
       if (other.path === devicePath) continue;
+      const otherNow = await readDeviceIdentity(other.path).catch(() => undefined);
+      if (otherNow !== undefined) {
+        const otherBacking = await loopBackingOf(otherNow);
+        if ((backing && sameIdentity(backing, otherNow)) || (otherBacking && sameIdentity(otherBacking, identity))) {
+          const [loop, file] = backing ? [devicePath, other.path] : [other.path, devicePath];
+          throw new BdsnapError('EINVAL', `${loop} is a loop device over ${file}, and the other one is registered already: the two are one device; use ${other.path}`);
+        }
+      }
       // The other name holds the device if it names it now and did when it was recorded: a
       // stale record (a deleted file whose inode was reused) locks nobody out, and of two
       // names registered apart and then linked, the one that was replaced is the second name.
-      const now = await readDeviceIdentity(other.path).catch(() => undefined);
+      const now = otherNow;
       if (now === undefined || !sameIdentity(now, identity)) continue;
       if (other.identity !== undefined && !sameIdentity(other.identity, identity)) continue;
       const what = identity.kind === 'file' ? 'file' : `block device (${identity.majorMinor})`;
@@ -233,4 +245,16 @@ export class Registry {
     this.#saving = next;
     return next;
   }
+}
+
+/**
+ * The file behind a loop device of `identity`, or undefined (not a loop device, or not bound).
+ * Errors: EIO when the loop device's file cannot be told (fail closed: the caller refuses).
+ */
+async function loopBackingOf(identity: StampIdentity): Promise<StampIdentity | undefined> {
+  if (identity.kind !== 'block') return undefined;
+  const loop = (await listLoopDevices()).find((l) => l.majorMinor === identity.majorMinor);
+  if (!loop) return undefined;
+  const backing = await loopBackingIdentity(loop);
+  return backing ? { kind: 'file', dev: String(backing.dev), ino: String(backing.ino) } : undefined;
 }

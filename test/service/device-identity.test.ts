@@ -185,3 +185,26 @@ test('a loop device pointed at another file while the daemon is stopped: its map
   const reset = events(box).find((e) => e.type === 'cbt-reset' && e.device === loop);
   assert.match(reset?.details.detail ?? '', /backing file/);
 });
+
+test('a loop device and the image behind it are one device: whichever is registered second is refused', { timeout: 120_000 }, async (t: TestContext) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
+  const box = sandbox(t);
+  const image = fs.realpathSync(makeImage(path.join(box.top, 'disk.img'), DEVICE_BYTES, 'random', 8));
+  const loop = withLoop(t, image);
+  await startDaemon(t, { sandbox: box });
+
+  assert.equal(activate(box, image).status, 0);
+  const loopRefused = activate(box, loop);
+  assert.equal(loopRefused.status, 1, loopRefused.stdout);
+  assert.match(loopRefused.stderr, new RegExp(`${loop} is a loop device over ${image}, and the other one is registered already: the two are one device; use ${image}`));
+
+  // The other way round, on a fresh daemon.
+  const box2 = sandbox(t);
+  const image2 = fs.realpathSync(makeImage(path.join(box2.top, 'disk.img'), DEVICE_BYTES, 'random', 9));
+  const loop2 = withLoop(t, image2);
+  await startDaemon(t, { sandbox: box2 });
+  assert.equal(activate(box2, loop2).status, 0);
+  const imageRefused = activate(box2, image2);
+  assert.equal(imageRefused.status, 1, imageRefused.stdout);
+  assert.match(imageRefused.stderr, /is a loop device over .*; use \/dev\/loop\d+/);
+});
