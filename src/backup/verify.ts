@@ -2,10 +2,17 @@
  * verify: every piece the chosen backups name is read, decoded and checked against its hash.
  * The answer names each damaged backup (unreadable manifest, missing or damaged pieces) and
  * each bad piece with the backups that use it.
+ *
+ * A damaged piece (its bytes do not decode to its hash) is removed: nothing can use it, and
+ * while it is listed every later backup would take it as stored and name it again (a full one
+ * by deduplication, an incremental by inheritance). Once it is gone, the next backup of a
+ * device that still holds that content reads it again and stores it under the same hash, which
+ * mends every backup that names it.
  */
 
 import { toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
+import { pieceObject } from './format.js';
 import { PiecePool } from './piece-pool.js';
 import type { Repository } from './repository.js';
 import { runLimited } from './run-limited.js';
@@ -70,7 +77,12 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
         checkedBytes += raw.length;
       } catch (err) {
         const e = toBdsnapError(err);
-        bad.push({ hash, problem: e.code === 'ENOENT' ? 'missing' : 'damaged', detail: e.message, backups });
+        if (e.code === 'ENOENT') {
+          bad.push({ hash, problem: 'missing', detail: e.message, backups });
+          return;
+        }
+        const removed = await repo.store.delete(pieceObject(hash)).then(() => true, () => false);
+        bad.push({ hash, problem: 'damaged', detail: `${e.message}; ${removed ? 'removed, so the next backup stores it again' : 'could not be removed'}`, backups });
       }
       options.progress?.advance(stored.get(hash) ?? 0);
     });

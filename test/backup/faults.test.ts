@@ -176,10 +176,23 @@ test('a flipped byte, a missing piece, a deleted or garbled manifest: verify nam
   assert.equal(bad.get(onlyB)?.problem, 'missing');
   assert.deepEqual(bad.get(onlyB)?.backups, [b.id]);
 
+  // verify removed the damaged piece: nothing can use it, and listed it would be taken as stored.
+  assert.match(bad.get(shared)!.detail, /removed, so the next backup stores it again/);
+  assert.equal(fs.existsSync(sharedFile), false);
   const outB = path.join(dir, 'b.out');
-  await assert.rejects(restoreBackup(repo, b.id, image, { output: outB }), /backup .* is damaged: 1 of its pieces is missing .*nothing was written/);
+  await assert.rejects(restoreBackup(repo, b.id, image, { output: outB }), /backup .* is damaged: 2 of its pieces are missing .*nothing was written/);
   assert.equal(fs.existsSync(outB), false, 'nothing was written');
-  await assert.rejects(restoreBackup(repo, a.id, image, { output: path.join(dir, 'a.out') }), new RegExp(`piece ${shared} is damaged`));
+  await assert.rejects(restoreBackup(repo, a.id, image, { output: path.join(dir, 'a.out') }), new RegExp(`1 of its pieces is missing \\(${shared}\\)`));
+  // The next backup reads what is no longer stored and stores it again: a and b are whole again.
+  const c = await backupDevices(repo, provider, [image]);
+  assert.equal((await verifyRepository(repo, { id: c.id })).ok, true);
+  assert.equal((await verifyRepository(repo, { id: a.id })).ok, true, 'a is mended by the piece c stored again');
+  await restoreBackup(repo, b.id, image, { output: outB });
+  assert.equal(await sha256File(outB), await sha256File(image), 'b restores to the device (nothing changed since b)');
+  fs.rmSync(outB);
+  // Back to the damaged repository of the start, for what follows.
+  await repo.forget([c.id]);
+  fs.writeFileSync(sharedFile, bytes);
 
   // A deleted manifest: that backup is gone, clearly; a garbled one is named.
   fs.rmSync(path.join(repoDir, 'backups', `${a.id}.json`));
