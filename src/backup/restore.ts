@@ -112,7 +112,7 @@ async function checkPieces(repo: Repository, id: string, needed: Map<string, num
       if (localPath) {
         await pool.check({ file: localPath(pieceObject(hash)), hash, lengthBytes });
       } else {
-        const raw = await pool.decode(await repo.store.get(pieceObject(hash)), hash);
+        const raw = await pool.decode(await repo.readStoredPiece(hash), hash, lengthBytes);
         if (raw.length !== lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${lengthBytes} are needed`);
       }
     } catch (err) {
@@ -133,7 +133,8 @@ async function writeSlots(
   const uses = new Map<string, number>();
   for (const h of slots) if (h !== null) uses.set(h, (uses.get(h) ?? 0) + 1);
   const cache = new Map<string, Promise<Buffer>>();
-  const load = async (hash: string): Promise<Buffer> => pool.decode(await repo.store.get(pieceObject(hash)), hash);
+  // The same bounds as verify: no piece file past a piece's size, no output past a piece.
+  const load = async (hash: string): Promise<Buffer> => pool.decode(await repo.readStoredPiece(hash), hash, P);
   /** `left`: how many slots still use the piece after this one. */
   const piece = (hash: string, left: number): Promise<Buffer> => {
     const cached = cache.get(hash);

@@ -88,12 +88,19 @@ export interface StampSources {
 
 /** This boot's id; '' when it cannot be read (nothing can then be proven to come from this boot). */
 export function readBootId(file = BOOT_ID_FILE): string {
+  // It cannot change while this process runs: read it once (tests point `file` elsewhere).
+  if (file === BOOT_ID_FILE && thisBootId !== undefined) return thisBootId;
+  let id: string;
   try {
-    return fs.readFileSync(file, 'utf8').trim();
+    id = fs.readFileSync(file, 'utf8').trim();
   } catch {
-    return '';
+    id = '';
   }
+  if (file === BOOT_ID_FILE && id !== '') thisBootId = id;
+  return id;
 }
+
+let thisBootId: string | undefined;
 
 /** Size of a block device from sysfs (512-byte sectors). Errors: EIO. */
 export async function blockDeviceSizeBytes(devicePath: string, rdev: number | bigint, sysDevBlock = SYS_DEV_BLOCK_PATH): Promise<number> {

@@ -75,6 +75,8 @@ export class InFlightBudget {
   }
 
   #grantWaiting(): void {
+    // Every release of every request comes here: nothing to do, nothing allocated.
+    if (this.#waiting.length === 0 || !this.#fits(this.#waiting[0]!.bytes)) return;
     const granted: Array<() => void> = [];
     while (this.#waiting.length > 0 && this.#fits(this.#waiting[0]!.bytes)) {
       const w = this.#waiting.shift()!;

@@ -47,6 +47,7 @@ import type { BufferPool } from '../device/buffer-pool.js';
 import type { InFlightBudget } from './in-flight-budget.js';
 import { RequestDecoder, type ClientMessage, type OptionMessage, type RequestMessage } from './request-decoder.js';
 import * as C from './constants.js';
+import { isAllZero } from '../bytes.js';
 import {
   OFFSET_DATA_PREFIX_BYTES, encodeBlockStatus, encodeExportNameReply, encodeGreeting, encodeInfoBlockSize,
   encodeInfoDescription, encodeInfoExport, encodeInfoName, encodeOffsetHole, encodeOptionError, encodeOptionReply,
@@ -60,8 +61,6 @@ export type LogFn = (event: Record<string, unknown>) => void;
 const BASE_ALLOCATION_ID = 1;
 /** Most descriptors in one BLOCK_STATUS chunk (the spec's recommended ceiling). */
 const MAX_EXTENTS_PER_REPLY = 1 << 20;
-const ZERO_COMPARE_BYTES = 64 * 1024;
-const zeroes = Buffer.alloc(ZERO_COMPARE_BYTES);
 /** How long a client may keep its side open after we closed ours. */
 const END_TIMEOUT_MS = 5000;
 const KNOWN_CLIENT_FLAGS = C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES;
@@ -105,15 +104,6 @@ interface ActiveContext {
   id: number;
   name: string;
   source: 'base' | MetaContextSource | undefined;
-}
-
-/** True when buf[start..] is all zero bytes (memcmp against a shared zero buffer). */
-export function isAllZero(buf: Buffer, start: number): boolean {
-  for (let at = start; at < buf.length; at += ZERO_COMPARE_BYTES) {
-    const n = Math.min(ZERO_COMPARE_BYTES, buf.length - at);
-    if (buf[at] !== 0 || zeroes.compare(buf, at, at + n, 0, n) !== 0) return false;
-  }
-  return true;
 }
 
 export class ServerConnection {

@@ -351,6 +351,7 @@ export class SnapshotManager {
    * refuse (EBUSY), so the device is never written past a snapshot that does not see it.
    */
   async bringBack(devicePath: string): Promise<void> {
+    if (this.#heldBack.size === 0 && !this.#bringingBack) return;
     while (this.#bringingBack) await this.#bringingBack;
     const waiting = [...this.#heldBack.values()].filter((h) => h.record.devices.some((d) => d.path === devicePath));
     if (waiting.length === 0) return;

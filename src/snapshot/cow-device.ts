@@ -491,7 +491,8 @@ export class CowDevice implements BlockDevice {
       lockStore(fd, path.join(dir, DATA_FILE));
       // Taken before any write of this session reaches the device: what the previous session
       // or restore left must carry this stamp, else something else wrote the device between.
-      this.#startStamp = await this.#base.stamp?.();
+      // A stamp that cannot be read is unknown (restore then says so), never a reason to fail the session.
+      this.#startStamp = await this.#base.stamp?.().catch(() => undefined);
       await writeManifest(dir, this.#manifest('active'));
       manifestWritten = true;
       await fsyncDirectory(this.#root);
@@ -609,7 +610,7 @@ export class CowDevice implements BlockDevice {
         await this.#base.flush();
         const { chunks } = this.#location.sorted();
         const digests = await this.#finalDigests(chunks);
-        this.#endStamp = await this.#base.stamp?.();
+        this.#endStamp = await this.#base.stamp?.().catch(() => undefined);
         await writeFileAtomic(path.join(dir, DIGESTS_FILE), encodeDigestArrays(chunks, digests), SESSION_FILE_MODE);
         await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(this.#location), SESSION_FILE_MODE);
         await writeManifest(dir, { ...this.#manifest('complete'), endTime, digestedChunks: chunks.length });

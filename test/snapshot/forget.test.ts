@@ -88,7 +88,7 @@ test('bdsnap forget on the command line: --dry-run, --json, and a bad --keep-wit
   const cli = (args: string[]): ReturnType<typeof run> => run(process.execPath, [BDSNAP_MAIN, 'forget', image, '--snapshot-root', root, ...args], { allowFailure: true, timeoutMs: 30_000, env: { ...process.env, BDSNAP_RUN_DIR: path.join(dir, 'no-daemon') } });
   const dry = await cli(['--keep-last', '1', '--dry-run']);
   assert.equal(dry.exitCode, 0, dry.stderr);
-  assert.match(dry.stdout, /2 session\(s\) would remove, 1 kept/);
+  assert.match(dry.stdout, /2 session\(s\) would be removed, 1 kept/);
   assert.equal((await listSessions(root, image)).length, 3);
   const bad = await cli(['--keep-within', 'soon']);
   assert.notEqual(bad.exitCode, 0);

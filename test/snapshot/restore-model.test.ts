@@ -100,8 +100,9 @@ async function runOps(dir: string, ops: Op[], log: Log): Promise<void> {
         fs.writeSync(fd, data, 0, data.length, op.write.offset);
         fs.closeSync(fd);
         data.copy(device, op.write.offset);
-        // Nobody recorded this write: no session's start can be rebuilt for sure any more.
-        if (changed) for (const s of sessions) s.status = 'lost';
+        // Nobody recorded this write: no session's start can be rebuilt for sure any more (even
+        // one that wrote the bytes already there moves the image's stamp, which restore checks).
+        for (const s of sessions) s.status = 'lost';
         log.lines.push(`outside write at ${op.write.offset}+${op.write.length}${changed ? '' : ' (no change)'}`);
         break;
       }

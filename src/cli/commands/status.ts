@@ -99,6 +99,6 @@ export function register(program: Command): void {
       }
       const verb = options.dryRun ? 'would remove' : 'removed';
       for (const r of plan.remove) process.stdout.write(`${verb} ${r.dir}: ${r.reason}\n`);
-      process.stdout.write(`${plan.remove.length} session(s) ${verb}, ${plan.keep.length} kept${plan.stoppedBy ? ` (stopped there: ${plan.stoppedBy})` : ''}\n`);
+      process.stdout.write(`${plan.remove.length} session(s) ${options.dryRun ? 'would be removed' : 'removed'}, ${plan.keep.length} kept${plan.stoppedBy ? ` (stopped there: ${plan.stoppedBy})` : ''}\n`);
     });
 }
