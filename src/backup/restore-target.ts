@@ -20,6 +20,7 @@ import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
 import { checkNotInUse } from '../host/in-use.js';
 import type { PiecePool } from './piece-pool.js';
 import { UndoLog } from './undo-log.js';
+import { checkOutputFile } from '../host/output-file.js';
 
 /** Largest range of a file's cut tail read at once to keep it. */
 const TAIL_CHUNK_BYTES = 16 * 1024 * 1024;
@@ -76,7 +77,7 @@ export async function openRestoreTarget(target: string, output: boolean, sizeByt
     throw new BdsnapError('EINVAL', `${target} is not a regular file${output ? '' : ' or a block device'}; refusing to write to it`);
   }
   await checkNotInUse(target);
-  return InPlaceTarget.open(target, st.isBlockDevice(), sizeBytes);
+  return InPlaceTarget.open(target, st.isBlockDevice(), sizeBytes, output);
 }
 
 /** FileDevice.open, with EBUSY saying who may hold the device. */
@@ -185,9 +186,12 @@ class InPlaceTarget implements RestoreTarget {
   #resized = false;
   #undo: UndoLog | undefined;
   #keepUndo = false;
+  /** An existing file given as --output, not the device itself. */
+  readonly #output: boolean;
 
-  private constructor(target: string, block: boolean, sizeBytes: number, guard: FileDevice) {
+  private constructor(target: string, block: boolean, sizeBytes: number, guard: FileDevice, output: boolean) {
     this.path = target;
+    this.#output = output;
     this.#block = block;
     this.#sizeBytes = sizeBytes;
     this.#guard = guard;
@@ -195,20 +199,23 @@ class InPlaceTarget implements RestoreTarget {
     this.#originalBytes = guard.size;
   }
 
-  static async open(target: string, block: boolean, sizeBytes: number): Promise<InPlaceTarget> {
+  static async open(target: string, block: boolean, sizeBytes: number, output = false): Promise<InPlaceTarget> {
     const guard = await openFree(target);
     if (block && guard.size < sizeBytes) {
       await guard.close();
       throw new BdsnapError('ENOSPC', `${target} holds ${guard.size} bytes; the backup needs ${sizeBytes}`);
     }
-    return new InPlaceTarget(target, block, sizeBytes, guard);
+    return new InPlaceTarget(target, block, sizeBytes, guard, output);
   }
 
   async begin(): Promise<void> {
     this.#undo = await UndoLog.create();
     // Opened by path like the guard: being the file the guard locked is what makes it safe.
     this.#fh = await fs.promises.open(this.path, 'r+').catch((err: unknown) => { throw toBdsnapError(err); });
-    if (!sameFile(this.#guard, await this.#fh.stat())) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
+    const st = await this.#fh.stat();
+    if (!sameFile(this.#guard, st)) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
+    // An existing --output file is overwritten only if it is this user's own, with one name.
+    if (this.#output) checkOutputFile(st, this.path);
     if (!this.#block && this.#originalBytes < this.#sizeBytes) {
       await this.#fh.truncate(this.#sizeBytes);
       this.#resized = true;

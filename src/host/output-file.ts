@@ -24,6 +24,17 @@ export interface OutputFile {
   close(): Promise<void>;
 }
 
+/**
+ * What makes an opened output file safe to write (`st` from fstat of the descriptor): a regular
+ * file of this user with one name. Errors: EINVAL, EPERM.
+ */
+export function checkOutputFile(st: fs.Stats, filePath: string): void {
+  const euid = process.geteuid?.() ?? st.uid;
+  if (!st.isFile()) throw new BdsnapError('EINVAL', `${filePath} is not a regular file`);
+  if (st.uid !== euid) throw new BdsnapError('EPERM', `${filePath} belongs to uid ${st.uid}, not to this user (${euid}); it is not overwritten: remove it or choose another name`);
+  if (st.nlink !== 1) throw new BdsnapError('EPERM', `${filePath} has ${st.nlink} names (hard links); it is not overwritten: remove it or choose another name`);
+}
+
 /** Open `filePath` for writing as described above. Errors: EPERM (unsafe), EINVAL (not a regular file), as BdsnapError. */
 export async function openOutputFile(filePath: string, mode = 0o600): Promise<OutputFile> {
   const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
@@ -44,11 +55,7 @@ export async function openOutputFile(filePath: string, mode = 0o600): Promise<Ou
     }
   }
   try {
-    const st = fs.fstatSync(fd);
-    const euid = process.geteuid?.() ?? st.uid;
-    if (!st.isFile()) throw new BdsnapError('EINVAL', `${filePath} is not a regular file`);
-    if (st.uid !== euid) throw new BdsnapError('EPERM', `${filePath} belongs to uid ${st.uid}, not to this user (${euid}); it is not overwritten: remove it or choose another name`);
-    if (st.nlink !== 1) throw new BdsnapError('EPERM', `${filePath} has ${st.nlink} names (hard links); it is not overwritten: remove it or choose another name`);
+    checkOutputFile(fs.fstatSync(fd), filePath);
     if (!created) fs.ftruncateSync(fd, 0);
     else fs.fchmodSync(fd, mode); // open()'s mode is filtered by the umask
   } catch (err) {

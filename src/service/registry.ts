@@ -167,6 +167,11 @@ export class Registry {
     const backing = await loopBackingOf(identity);
     for (const other of this.#devices.values()) {
       if (other.path === devicePath) continue;
+      // Every first open comes here: a record whose identity is known to be another device (and
+      // not a loop device over this file, or the file under this loop device) costs no I/O.
+      const rec = other.identity;
+      if (rec !== undefined && !sameIdentity(rec, identity) && !(backing !== undefined && sameIdentity(rec, backing))
+        && !(identity.kind === 'file' && rec.kind === 'block')) continue;
       const otherNow = await readDeviceIdentity(other.path).catch(() => undefined);
       if (otherNow !== undefined) {
         const otherBacking = await loopBackingOf(otherNow);

@@ -188,6 +188,11 @@ test('--output on a full disk: the file the restore created is removed; a file t
   fs.symlinkSync(path.join(dir, 'nowhere.img'), dangling);
   assertFails(await bdsnap(['restore', '--repo', repoDir, id, image, '--output', dangling]), /is a symbolic link; refusing to write through it/);
   assert.equal(fs.existsSync(path.join(dir, 'nowhere.img')), false);
+  // Nor a second name of another file (a hard link planted where the output goes).
+  const hard = path.join(path.dirname(existing), 'hard.img');
+  fs.linkSync(existing, hard);
+  assertFails(await bdsnap(['restore', '--repo', repoDir, id, image, '--output', hard]), /has 2 names \(hard links\); it is not overwritten/);
+  assert.equal(await sha256File(existing), existingBefore);
 });
 
 /** A store whose reads of one piece fail from the `failFrom`-th on, as a failing disk or network would. */

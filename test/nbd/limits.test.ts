@@ -69,7 +69,8 @@ test('a client that does not finish its handshake in time is closed; one in tran
 });
 
 test('at the connection limit a newcomer takes the slot of the oldest handshake, or is closed when none is left', { timeout: 30_000 }, async (t) => {
-  const s = await serveImage(t, { limits: { maxConnections: 2 } });
+  // A handshake deadline far past the test's timeout: only the limit can close these.
+  const s = await serveImage(t, { limits: { maxConnections: 2, handshakeTimeoutMs: 60_000 } });
   const first = await RawPeer.connect(s.socketPath);
   await first.read(18);
   const second = await RawPeer.connect(s.socketPath);
@@ -77,6 +78,7 @@ test('at the connection limit a newcomer takes the slot of the oldest handshake,
   const third = await RawPeer.connect(s.socketPath);
   await third.read(18);
   await first.closed;
+  assert.ok(s.events.some((e) => e.event === 'connection-aborted' && /connection limit/.test(String(e.reason))), JSON.stringify(s.events));
   assert.ok(!second.socket.destroyed, 'the newer handshake kept its slot');
   second.destroy();
   third.destroy();
@@ -86,6 +88,7 @@ test('at the connection limit a newcomer takes the slot of the oldest handshake,
   const b = await s.connect();
   const refused = await RawPeer.connect(s.socketPath);
   await refused.closed;
+  assert.ok(s.events.some((e) => e.event === 'connection-refused'), JSON.stringify(s.events));
   const warnings = s.events.filter((e) => e.event === 'connection-limit');
   assert.equal(warnings.length >= 1 && warnings.every((w) => w.level === 'warn'), true, JSON.stringify(warnings));
   const buf = Buffer.alloc(512);
