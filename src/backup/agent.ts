@@ -12,7 +12,7 @@ import { EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
 import { BdsnapError } from '../errors.js';
 import { createBackup, type BackupSource, type BackupSummary, type CreateOptions } from './create.js';
 import type { ByteRange } from './ranges.js';
-import type { Repository } from './repository.js';
+import type { Repository } from '../repository/repository.js';
 
 /** A change map's position: its generation, and the period number the snapshot closed. */
 export interface ChangeMapPoint {

@@ -15,13 +15,13 @@
  */
 
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { codecFor, type Codec } from './codec.js';
-import { compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, slotCountOf, type DeviceEntry, type Manifest } from './format.js';
-import { RepoLock } from './lock.js';
-import { PiecePool } from './piece-pool.js';
+import { codecFor, type Codec } from '../repository/codec.js';
+import { compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, slotCountOf, type DeviceEntry, type Manifest } from '../repository/format.js';
+import { RepoLock } from '../repository/lock.js';
+import { PiecePool } from '../repository/piece-pool.js';
 import { coveredPieces, normalizeRanges, touchedPieces, type ByteRange } from './ranges.js';
-import type { Repository } from './repository.js';
-import { runLimited } from './run-limited.js';
+import type { Repository } from '../repository/repository.js';
+import { runLimited } from '../run-limited.js';
 
 /** The input of a backup, one per device. */
 export interface BackupSource {

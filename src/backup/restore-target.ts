@@ -18,7 +18,7 @@ import { FileDevice } from '../device/file-device.js';
 import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
 import { checkNotInUse } from '../host/in-use.js';
-import type { PiecePool } from './piece-pool.js';
+import type { PiecePool } from '../repository/piece-pool.js';
 import { UndoLog } from './undo-log.js';
 import { checkOutputFile } from '../host/output-file.js';
 

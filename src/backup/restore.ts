@@ -22,11 +22,11 @@
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
-import { expandSlots, pieceObject } from './format.js';
-import { PiecePool } from './piece-pool.js';
-import type { Repository } from './repository.js';
+import { expandSlots, pieceObject } from '../repository/format.js';
+import { PiecePool } from '../repository/piece-pool.js';
+import type { Repository } from '../repository/repository.js';
 import { openRestoreTarget, type RestoreTarget } from './restore-target.js';
-import { runLimited } from './run-limited.js';
+import { runLimited } from '../run-limited.js';
 
 /** Decoded pieces kept for later slots at most (of the piece size each). */
 const MAX_CACHED_PIECES = 32;

@@ -12,10 +12,10 @@
 
 import { toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
-import { pieceObject } from './format.js';
-import { PiecePool } from './piece-pool.js';
-import type { Repository } from './repository.js';
-import { runLimited } from './run-limited.js';
+import { pieceObject } from '../repository/format.js';
+import { PiecePool } from '../repository/piece-pool.js';
+import type { Repository } from '../repository/repository.js';
+import { runLimited } from '../run-limited.js';
 
 export interface VerifyOptions {
   /** One backup; default all. */

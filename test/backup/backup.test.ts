@@ -14,7 +14,7 @@ import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { mountDevice } from '../helpers/kernel.js';
 import { requireRoot, requireTool, run } from '../helpers/process.js';
 import { startServer } from '../helpers/server.js';
-import { CODEC_BROTLI, CODEC_ZSTD, pieceCodec } from '../../src/backup/codec.js';
+import { CODEC_BROTLI, CODEC_ZSTD, pieceCodec } from '../../src/repository/codec.js';
 import { CountingStore, ServeSnapshotProvider, dirBytes } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -128,7 +128,7 @@ test('two devices in one backup, restored separately; the pure codec path reads 
   await run(process.execPath, [cli, 'backup', 'restore', '--repo', repoDir, s.id, a, '--output', out], { env: pureEnv });
   assert.equal(await sha256File(out), await sha256File(a));
   // Such a process writes brotli where the repository asks for zstd.
-  const codec = path.join(import.meta.dirname, '../../src/backup/codec.js');
+  const codec = path.join(import.meta.dirname, '../../src/repository/codec.js');
   const script = `const c = await import(${JSON.stringify(codec)}); const p = c.encodePiece(Buffer.from('text '.repeat(9999)), c.codecFor('zstd')); console.log(c.pieceCodec(p));`;
   const { stdout } = await run(process.execPath, ['--input-type=module', '-e', script], { env: pureEnv });
   assert.equal(stdout.trim(), String(CODEC_BROTLI));

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices } from '../../src/backup/index.js';
-import { pieceObject } from '../../src/backup/format.js';
+import { pieceObject } from '../../src/repository/format.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { run, type RunResult } from '../helpers/process.js';
 import { BDSNAP_MAIN } from '../helpers/server.js';

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { BlockDevice } from '../../src/device/block-device.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import type { GetOptions, ObjectInfo, ObjectStore } from '../../src/backup/object-store.js';
+import type { GetOptions, ObjectInfo, ObjectStore } from '../../src/repository/object-store.js';
 import type { ByteRange, Snapshot, SnapshotProvider } from '../../src/backup/index.js';
 import { startServer, type NbdServer } from '../helpers/server.js';
 

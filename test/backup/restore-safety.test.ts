@@ -14,7 +14,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices, restoreBackup } from '../../src/backup/index.js';
-import { expandSlots, pieceObject } from '../../src/backup/format.js';
+import { expandSlots, pieceObject } from '../../src/repository/format.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { lockDirectory } from '../../src/device/device-lock.js';
 import { cleanupOf } from '../helpers/cleanup.js';

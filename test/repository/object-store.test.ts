@@ -4,7 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { LocalDirStore } from '../../src/backup/object-store.js';
+import { LocalDirStore } from '../../src/repository/object-store.js';
 import { makeTempDir } from '../helpers/files.js';
 
 /** Temp files (names starting with '.') anywhere under `dir`. */

@@ -18,7 +18,7 @@ import {
 } from './format.js';
 import { RepoLock, listLocks } from './lock.js';
 import { LocalDirStore, type ObjectStore } from './object-store.js';
-import { runLimited } from './run-limited.js';
+import { runLimited } from '../run-limited.js';
 
 export interface InitOptions {
   /** Power of two from 64 KiB to 16 MiB; default 256 KiB. */

@@ -5,8 +5,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { CODEC_BROTLI, CODEC_RAW, encodePiece, sha256Hex } from '../../src/backup/codec.js';
-import { PiecePool } from '../../src/backup/piece-pool.js';
+import { CODEC_BROTLI, CODEC_RAW, encodePiece, sha256Hex } from '../../src/repository/codec.js';
+import { PiecePool } from '../../src/repository/piece-pool.js';
 import { cleanupOf } from '../helpers/cleanup.js';
 import { makeTempDir } from '../helpers/files.js';
 

@@ -30,7 +30,7 @@ import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { ConfinedTree } from '../host/confined-tree.js';
 import { closeFd, fdatasyncFd, fsyncFd, openFd, preadFully, writevFully } from '../host/fd-io.js';
-import { runLimited } from './run-limited.js';
+import { runLimited } from '../run-limited.js';
 
 export interface ObjectInfo {
   name: string;

@@ -11,8 +11,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { LocalDirStore } from '../../src/backup/index.js';
-import { LOCKS_PREFIX } from '../../src/backup/format.js';
-import { RepoLock, listLocks } from '../../src/backup/lock.js';
+import { LOCKS_PREFIX } from '../../src/repository/format.js';
+import { RepoLock, listLocks } from '../../src/repository/lock.js';
 import { BdsnapError } from '../../src/errors.js';
 import { makeTempDir } from '../helpers/files.js';
 

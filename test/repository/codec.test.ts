@@ -6,11 +6,11 @@ import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
 import {
   CODEC_BROTLI, CODEC_DEFLATE, CODEC_LZ4, CODEC_RAW, CODEC_ZSTD, codecFor, decodePiece, encodePiece, lz4BlockDecode, nativeLz4, pieceCodec, sha256Hex,
-} from '../../src/backup/codec.js';
-import { ZSTD_LEVEL, nativeZstd } from '../../src/backup/zstd.js';
+} from '../../src/repository/codec.js';
+import { ZSTD_LEVEL, nativeZstd } from '../../src/repository/zstd.js';
 import { decompress as fzstdDecompress } from 'fzstd';
-import { checkObjectName } from '../../src/backup/object-store.js';
-import { compactSlots, expandSlots, newBackupId } from '../../src/backup/format.js';
+import { checkObjectName } from '../../src/repository/object-store.js';
+import { compactSlots, expandSlots, newBackupId } from '../../src/repository/format.js';
 import { coveredPieces, normalizeRanges, touchedPieces } from '../../src/backup/ranges.js';
 
 function samples(): Buffer[] {

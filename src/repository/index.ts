@@ -1,0 +1,6 @@
+/** The backup repository as data: object stores, the format, pieces, locks. No daemon, no CLI. */
+
+export { LocalDirStore, checkObjectName, type ObjectStore, type ObjectInfo } from './object-store.js';
+export { Repository, openLocalRepository, type InitOptions, type PruneSummary, type BackupRecord } from './repository.js';
+export { CODEC_CHOICES, type CodecChoice } from './codec.js';
+export type { Manifest, DeviceEntry, RepoConfig } from './format.js';
