@@ -46,6 +46,7 @@ import { EventLog } from './events.js';
 import { cleanUpStaleMounts } from './mount.js';
 import { MOUNTS_FILE, MountManager, describeLeftMounts } from './mount-manager.js';
 import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
+import { AsOfExports } from './as-of-exports.js';
 import { SnapshotManager } from './snapshots.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
@@ -82,6 +83,7 @@ export class Daemon {
   readonly #tracking: ChangeTracker | undefined;
   readonly #table: DeviceTable;
   readonly #snapshots: SnapshotManager;
+  readonly #asOf: AsOfExports;
   readonly #mounts: MountManager;
   readonly #nbd: NbdServer;
   readonly #claim: DaemonClaim;
@@ -112,10 +114,14 @@ export class Daemon {
       },
       ...(this.#tracking ? { tracking: this.#tracking } : {}),
     });
-    this.#table.beforeUserAttach = (devicePath) => this.#snapshots.bringBack(devicePath);
+    this.#asOf = new AsOfExports({ table: this.#table, registry, snapshotRoot: this.#snapshotRoot, log: this.#log });
+    this.#table.beforeUserAttach = async (devicePath) => {
+      this.#asOf.checkUserAttach(devicePath);
+      await this.#snapshots.bringBack(devicePath);
+    };
     if (this.#tracking) this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
     this.#mounts = new MountManager({
-      runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
+      runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, asOf: this.#asOf, log: this.#log,
       detachTimeoutMs: options.detachTimeoutMs ?? 30000,
     });
     late.mounts = this.#mounts;
@@ -245,12 +251,12 @@ export class Daemon {
     }
   }
 
-  /** The NBD server's view: registered devices, and `<device>@<id>` snapshot images. */
+  /** The NBD server's view: registered devices, `<device>@<id>` snapshot images and `<device>@asof:<time>` views. */
   #exports(): ExportProvider {
     return {
-      list: async () => [...this.#table.names(), ...this.#snapshots.exportNames()],
+      list: async () => [...this.#table.names(), ...this.#snapshots.exportNames(), ...this.#asOf.names()],
       open: async (name: string, purpose: 'info' | 'go'): Promise<ExportHandle | undefined> => {
-        const image = this.#snapshots.openImage(name);
+        const image = this.#snapshots.openImage(name) ?? await this.#asOf.open(name);
         if (image) return image;
         return this.#table.open(name, purpose);
       },

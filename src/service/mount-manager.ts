@@ -21,6 +21,7 @@ import { isMountpoint } from '../host/mountinfo.js';
 import { attachAndMount, flushFilesystem, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
 import { SnapshotManager, type ImageMount } from './snapshots.js';
+import { parseAsOfName, type AsOfExports } from './as-of-exports.js';
 
 interface MountRecord {
   /** The export mounted: a device path, or `<device>@<id>` for a snapshot image. */
@@ -36,6 +37,7 @@ export interface MountManagerOptions {
   table: DeviceTable;
   registry: Registry;
   snapshots: SnapshotManager;
+  asOf: AsOfExports;
   log: Logger;
   /** How long umount waits for other NBD clients of the device to let go. */
   detachTimeoutMs: number;
@@ -108,7 +110,7 @@ export class MountManager {
     const st = await fs.promises.stat(mountpoint).catch(() => undefined);
     if (!st) throw new BdsnapError('ENOENT', `the mount point ${mountpoint} does not exist; create it first`);
     if (!st.isDirectory()) throw new BdsnapError('EINVAL', `the mount point ${mountpoint} is not a directory`);
-    const image = SnapshotManager.isImageName(device);
+    const image = SnapshotManager.isImageName(device) || parseAsOfName(device) !== undefined;
     if (image) {
       const already = this.imageMountOf(device);
       if (already) throw new BdsnapError('EBUSY', `${device} is already ${already.starting ? 'being mounted' : 'mounted'} at ${already.mountpoint}`);
@@ -184,31 +186,38 @@ export class MountManager {
   }
 
   async #mountImage(name: string, mountpoint: string, type?: string, mountOptions?: string): Promise<MountResult> {
-    const handle = this.#options.snapshots.openImage(name);
-    if (!handle) throw new BdsnapError('ENOENT', `no snapshot image ${name} (see bdsnap snapshot list)`);
-    const magic = Buffer.alloc(4);
-    const xfs = type === 'xfs' || (handle.device.size >= magic.length && await handle.device.read(magic, 0).then(() => magic.toString('latin1') === 'XFSB', () => false));
-    await handle.release();
+    const asOf = parseAsOfName(name) !== undefined;
+    const handle = asOf ? await this.#options.asOf.open(name) : this.#options.snapshots.openImage(name);
+    if (!handle) {
+      throw new BdsnapError('ENOENT', asOf ? `no registered device for ${name} (see bdsnap status)` : `no snapshot image ${name} (see bdsnap snapshot list)`);
+    }
     let attached: AttachedMount;
+    let xfs = type === 'xfs';
     try {
-      attached = await this.#attach(name, mountpoint, type, mountOptions);
+      const magic = Buffer.alloc(4);
+      xfs ||= handle.device.size >= magic.length && await handle.device.read(magic, 0).then(() => magic.toString('latin1') === 'XFSB', () => false);
+      // Held until the mount has its own connection: an as-of view is built (and checked) once.
+      attached = await this.#attach(name, mountpoint, type, mountOptions, handle.device.readOnly);
     } catch (err) {
       // The kernel refuses a second XFS with the UUID of one mounted, and mount(8) only says "wrong fs type".
       const nouuid = (mountOptions ?? '').split(',').includes('nouuid');
       if (!xfs || nouuid) throw err;
       const e = toBdsnapError(err);
       throw new BdsnapError(e.code, `${e.message}; an XFS image has its original's UUID: while the original is mounted, add -o nouuid`, { cause: err });
+    } finally {
+      await handle.release();
     }
     await this.#record(mountpoint, { exportName: name, devicePath: null, attached });
-    this.#options.log.info({ event: 'mount', image: name, mountpoint, blockDevice: attached.blockDevice, via: attached.via }, 'snapshot image mounted');
+    this.#options.log.info({ event: 'mount', image: name, mountpoint, blockDevice: attached.blockDevice, via: attached.via, readOnly: handle.device.readOnly },
+      asOf ? 'device mounted read-only as at an earlier session start' : 'snapshot image mounted');
     return { device: name, mountpoint, loopDevice: attached.blockDevice, inSession: false };
   }
 
-  async #attach(exportName: string, mountpoint: string, type?: string, mountOptions?: string): Promise<AttachedMount> {
+  async #attach(exportName: string, mountpoint: string, type?: string, mountOptions?: string, readOnly = false): Promise<AttachedMount> {
     try {
       await ensurePrivateDir(this.#workDir, 0o700);
       return await attachAndMount({
-        nbdSocket: this.#options.nbdSocket, exportName, mountpoint, workDir: this.#workDir,
+        nbdSocket: this.#options.nbdSocket, exportName, mountpoint, workDir: this.#workDir, readOnly,
         ...(type !== undefined ? { type } : {}), ...(mountOptions !== undefined ? { options: mountOptions } : {}),
       });
     } catch (err) {

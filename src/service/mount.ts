@@ -29,6 +29,8 @@ export interface MountRequest {
   options?: string;
   /** A private directory the helper may use for the FUSE mount. */
   workDir: string;
+  /** The export refuses writes: attach and mount read-only. */
+  readOnly?: boolean;
 }
 
 export interface AttachedMount {
@@ -99,7 +101,8 @@ export async function attachAndMount(req: MountRequest): Promise<AttachedMount> 
 async function mountBlockDevice(blockDevice: string, req: MountRequest): Promise<void> {
   const args: string[] = [];
   if (req.type) args.push('-t', req.type);
-  if (req.options) args.push('-o', req.options);
+  const options = [...(req.readOnly ? ['ro'] : []), ...(req.options ? [req.options] : [])].join(',');
+  if (options) args.push('-o', options);
   await run('mount', [...args, blockDevice, req.mountpoint]);
 }
 
@@ -107,7 +110,7 @@ async function attachWithNbdfuse(req: MountRequest): Promise<AttachedMount> {
   const fuseDir = await fs.promises.mkdtemp(path.join(req.workDir, 'fuse-'));
   const pidFile = `${fuseDir}.pid`;
   const file = path.join(fuseDir, 'disk');
-  const child = spawn('nbdfuse', ['-P', pidFile, file, nbdUnixUri(req.nbdSocket, req.exportName)], { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+  const child = spawn('nbdfuse', [...(req.readOnly ? ['-r'] : []), '-P', pidFile, file, nbdUnixUri(req.nbdSocket, req.exportName)], { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-4096); });
   // Read for as long as nbdfuse lives (closing it would kill nbdfuse with SIGPIPE), but never
@@ -128,7 +131,7 @@ async function attachWithNbdfuse(req: MountRequest): Promise<AttachedMount> {
       if (Date.now() > deadline) throw new BdsnapError('EIO', `nbdfuse did not become ready in ${READY_TIMEOUT_MS} ms: ${oneLine(stderr)}`);
     }
     const nbdfuseStartTime = child.pid === undefined ? null : await processStartTime(child.pid);
-    loop = (await run('losetup', ['-f', '--show', file])).trim();
+    loop = (await run('losetup', [...(req.readOnly ? ['-r'] : []), '-f', '--show', file])).trim();
     await mountBlockDevice(loop, req);
     return { mountpoint: req.mountpoint, blockDevice: loop, via: 'nbdfuse', fuseDir, nbdfuse: child, nbdfuseStartTime };
   } catch (err) {

@@ -11,43 +11,13 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CleanupStack } from '../helpers/cleanup.js';
-import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
-import { fillRandom, makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { attachKernel, mountDevice } from '../helpers/kernel.js';
+import { startDaemon } from '../helpers/daemon.js';
+import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
+import { mountCycle } from '../helpers/mount-cycle.js';
 import { run } from '../helpers/process.js';
 import { needs } from '../helpers/needs.js';
 
 const IMAGE_BYTES = 64 << 20;
-
-interface Listed { dir: string; state: string }
-
-/** One mount of the device through the daemon: write `name` (1 MiB of `seed`), unmount; the new session's dir. */
-async function mountCycle(daemon: RunningDaemon, device: string, mountPoint: string, name: string, seed: number): Promise<string> {
-  const list = async (): Promise<Listed[]> => (JSON.parse((await daemon.cli(['list', device, '--json'])).stdout) as { sessions: Listed[] }).sessions;
-  const before = new Set((await list()).map((s) => s.dir));
-  const attachment = await attachKernel(daemon.server.socketPath, device);
-  try {
-    const unmount = await mountDevice(attachment.loopDevice, mountPoint);
-    try {
-      const data = Buffer.alloc(1 << 20);
-      fillRandom(data, seed);
-      fs.writeFileSync(path.join(mountPoint, name), data);
-      await run('sync', []);
-    } finally {
-      await unmount();
-    }
-  } finally {
-    await attachment.detach();
-  }
-  // The session closes once the last NBD connection is gone.
-  const deadlineMs = Date.now() + 15_000;
-  for (;;) {
-    const fresh = (await list()).filter((s) => !before.has(s.dir));
-    if (fresh.length === 1 && fresh[0]!.state === 'complete') return fresh[0]!.dir;
-    if (Date.now() > deadlineMs) throw new Error(`no complete new session after the mount of ${name}: ${JSON.stringify(fresh)}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-}
 
 test('a session whose start a restore of an older one overwrote is refused, never rebuilt wrong', { timeout: 300_000 }, async (t) => {
   if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'mount', 'umount'] })) return;

@@ -28,15 +28,19 @@ import { BdsnapError } from '../../errors.js';
 import { FileDevice } from '../../device/file-device.js';
 import type { BlockDevice } from '../../device/block-device.js';
 import { JOURNAL_FILE } from '../format.js';
-import { recoverSession } from '../sessions.js';
+import { recoverSession, type SessionInfo } from '../sessions.js';
 import { resolveChain } from './chain.js';
 import {
-  alreadyRestored, buildPlan, checkContinuity, checkIdentity, digestDevice, loadSession, readSessionDigests, verifyDigests, wantedDigests, type DeviceDigests, type LoadedSession,
+  alreadyRestored, buildPlan, checkContinuity, checkIdentity, digestDevice, loadSession, readSessionDigests, verifyDigests, wantedDigests,
+  type DeviceDigests, type FinishedRestore, type LoadedSession, type RestorePlan,
 } from './check.js';
 import { applyPlan, checkOutput, copyToOutput } from './apply.js';
 import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
-import { readJournal, writeJournal } from './journal.js';
+import { readJournal, writeJournal, type Journal } from './journal.js';
 import { openOutputFile, type OutputFile } from '../../host/output-file.js';
+import { AsOfDevice } from './as-of.js';
+
+export { AsOfDevice, findSessionByMountTime } from './as-of.js';
 
 export { checkNotInUse, type HostPaths } from '../../host/in-use.js';
 
@@ -94,68 +98,10 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
   let outFile: OutputFile | undefined;
   let finished = false;
   try {
-    for (const s of chain) {
-      if (device.size !== s.deviceSize) {
-        throw new BdsnapError('EMISMATCH', `${devicePath} is ${device.size} bytes but session ${s.dir} recorded ${s.deviceSize} bytes`);
-      }
-      checkIdentity(device.path, device.identity, s, warnings);
-    }
     const journalPath = path.join(target.dir, JOURNAL_FILE);
     const journal = await readJournal(journalPath, devicePath);
-    // Digest the device in workers while this thread checks the stores: every chunk some end
-    // digest may be compared with (a superset of what verifyDigests reads from the device), with
-    // the algorithm of the newest session that has a digest for it.
-    // Each session's digests are read once: for the device pass here and by loadSession.
-    const digestsOf = new Map(chain.map((s) => [s.dir, readSessionDigests(s)] as const));
-    for (const d of digestsOf.values()) d.catch(() => undefined); // loadSession reports the error
-    let deviceDigests: Promise<DeviceDigests> | undefined;
     const resuming = journal?.state === 'running' && outputPath === undefined;
-    if (!resuming) {
-      const tables = [];
-      for (const s of chain) tables.push({ algorithm: s.digestAlgorithm, digests: await digestsOf.get(s.dir)!.catch(() => undefined) });
-      deviceDigests = digestDevice(devicePath, wantedDigests(tables), target.chunkSize, device.size);
-      deviceDigests.catch(() => undefined);
-    }
-    for (const s of chain) loaded.push(await loadSession(s, digestsOf.get(s.dir)!));
-    if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
-    const plan = buildPlan(loaded, target.chunkSize, device.size);
-
-    const continuity = checkContinuity(chain, targetUndone, restores, await device.stamp());
-    // With --force a failed check is reported and overridden; the journal then says the result
-    // is not verified, so no later restore builds on it without --force.
-    let verified = resuming ? journal.verified !== false : true;
-    const check = async (run: () => Promise<void> | void): Promise<void> => {
-      try {
-        await run();
-      } catch (err) {
-        if (!options.force || !(err instanceof BdsnapError) || err.code !== 'EMISMATCH') throw err;
-        verified = false;
-        warnings.push(`--force: ${err.message}`);
-      }
-    };
-    let digestCheck: RestoreSummary['digestCheck'];
-    if (resuming) {
-      digestCheck = 'skipped-resume';
-      warnings.push(`a restore from this session started at ${journal.startedAt} did not finish: finishing it without the digest check`);
-    } else if (journal?.state === 'done' && continuity.breaks.length === 0 && (await alreadyRestored(device, plan))) {
-      digestCheck = 'already-restored';
-    } else {
-      await check(async () => {
-        if (targetUndone && loaded.length === 1) {
-          // Restored before and changed since, with no session recording the change: nothing to check against.
-          throw new BdsnapError('EMISMATCH', `${devicePath} was restored from ${target.dir} at ${journal?.finishedAt ?? '?'} and has changed since outside bdsnap; use --force to restore again`);
-        }
-        await verifyDigests(device, loaded, target.chunkSize, await deviceDigests);
-      });
-      await check(() => {
-        if (continuity.breaks.length === 0) return;
-        throw new BdsnapError('EMISMATCH', `${devicePath} was written outside bdsnap ${continuity.breaks.join('; ')}: no session recorded what changed, so the result would not be the state at the start of ${target.dir}; `
-          + 'use --force to restore anyway (what no session recorded stays as it is now)');
-      });
-      warnings.push(...continuity.unknown);
-      digestCheck = !verified ? 'skipped-force' : loaded.some((s) => s.digests === undefined) || continuity.unknown.length > 0 ? 'partial' : 'verified';
-      if (targetUndone && loaded.length > 1) warnings.push(`${devicePath} was already restored from this session once; only the sessions since then were checked`);
-    }
+    const { plan, digestCheck, verified } = await checkChain({ chain, targetUndone, restores, device, journal, resuming, force: options.force ?? false, loaded, warnings });
     const summary = (written: boolean): RestoreSummary => ({
       sessionDir: target.dir,
       devicePath,
@@ -219,4 +165,113 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     await (finished ? outFile?.close() : outFile?.discard());
     await device.close();
   }
+}
+
+/**
+ * The device as at the start of `sessionDir`, read-only (see as-of.ts), over `device` opened
+ * by the caller, who keeps it unchanged while the view is open. Refused where a restore would
+ * be (without --force), and while a restore from the session is unfinished.
+ * Errors: ENOENT, ECORRUPT, EMISMATCH, ESESSION, EINVAL.
+ */
+export async function openAsOf(sessionDir: string, device: FileDevice): Promise<{ view: AsOfDevice; warnings: string[] }> {
+  const warnings: string[] = [];
+  const { target, sessions: chain, targetUndone, restores } = await resolveChain(sessionDir, warnings);
+  if (path.resolve(target.devicePath) !== path.resolve(device.path)) {
+    throw new BdsnapError('EINVAL', `session ${target.dir} is of ${target.devicePath}, not of ${device.path}`);
+  }
+  const journal = await readJournal(path.join(target.dir, JOURNAL_FILE), target.devicePath);
+  if (journal?.state === 'running') {
+    throw new BdsnapError('ESESSION', `a restore from ${target.dir} started at ${journal.startedAt} did not finish; run bdsnap restore ${target.dir} to finish it first`);
+  }
+  const loaded: LoadedSession[] = [];
+  try {
+    const { plan } = await checkChain({ chain, targetUndone, restores, device, journal, resuming: false, force: false, loaded, warnings });
+    return { view: new AsOfDevice(device, plan, loaded), warnings };
+  } catch (err) {
+    for (const s of loaded) fs.closeSync(s.fd);
+    throw err;
+  }
+}
+
+/** What checkChain() found: the merged plan, and how far the device's content was checked. */
+interface CheckedChain {
+  plan: RestorePlan;
+  digestCheck: RestoreSummary['digestCheck'];
+  /** False when --force overrode a failed check. */
+  verified: boolean;
+}
+
+/**
+ * Step 2 for a resolved chain on an opened device: load every session (into `loaded`, which the
+ * caller closes), build the plan, and check the device's content against the sessions' end
+ * digests and stamps. A failed check throws EMISMATCH, or with `force` is reported in
+ * `warnings` and overridden.
+ */
+async function checkChain(args: {
+  chain: SessionInfo[]; targetUndone: boolean; restores: FinishedRestore[]; device: FileDevice; journal: Journal | undefined;
+  resuming: boolean; force: boolean; loaded: LoadedSession[]; warnings: string[];
+}): Promise<CheckedChain> {
+  const { chain, targetUndone, restores, device, journal, resuming, loaded, warnings } = args;
+  const target = chain[0]!;
+  const devicePath = target.devicePath;
+  for (const s of chain) {
+    if (device.size !== s.deviceSize) {
+      throw new BdsnapError('EMISMATCH', `${devicePath} is ${device.size} bytes but session ${s.dir} recorded ${s.deviceSize} bytes`);
+    }
+    checkIdentity(device.path, device.identity, s, warnings);
+  }
+  // Digest the device in workers while this thread checks the stores: every chunk some end
+  // digest may be compared with (a superset of what verifyDigests reads from the device), with
+  // the algorithm of the newest session that has a digest for it.
+  // Each session's digests are read once: for the device pass here and by loadSession.
+  const digestsOf = new Map(chain.map((s) => [s.dir, readSessionDigests(s)] as const));
+  for (const d of digestsOf.values()) d.catch(() => undefined); // loadSession reports the error
+  let deviceDigests: Promise<DeviceDigests> | undefined;
+  if (!resuming) {
+    const tables = [];
+    for (const s of chain) tables.push({ algorithm: s.digestAlgorithm, digests: await digestsOf.get(s.dir)!.catch(() => undefined) });
+    deviceDigests = digestDevice(devicePath, wantedDigests(tables), target.chunkSize, device.size);
+    deviceDigests.catch(() => undefined);
+  }
+  for (const s of chain) loaded.push(await loadSession(s, digestsOf.get(s.dir)!));
+  if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
+  const plan = buildPlan(loaded, target.chunkSize, device.size);
+
+  const continuity = checkContinuity(chain, targetUndone, restores, await device.stamp());
+  // With --force a failed check is reported and overridden; the journal then says the result
+  // is not verified, so no later restore builds on it without --force.
+  let verified = resuming ? journal?.verified !== false : true;
+  const check = async (run: () => Promise<void> | void): Promise<void> => {
+    try {
+      await run();
+    } catch (err) {
+      if (!args.force || !(err instanceof BdsnapError) || err.code !== 'EMISMATCH') throw err;
+      verified = false;
+      warnings.push(`--force: ${err.message}`);
+    }
+  };
+  let digestCheck: RestoreSummary['digestCheck'];
+  if (resuming) {
+    digestCheck = 'skipped-resume';
+    warnings.push(`a restore from this session started at ${journal?.startedAt ?? '?'} did not finish: finishing it without the digest check`);
+  } else if (journal?.state === 'done' && continuity.breaks.length === 0 && (await alreadyRestored(device, plan))) {
+    digestCheck = 'already-restored';
+  } else {
+    await check(async () => {
+      if (targetUndone && loaded.length === 1) {
+        // Restored before and changed since, with no session recording the change: nothing to check against.
+        throw new BdsnapError('EMISMATCH', `${devicePath} was restored from ${target.dir} at ${journal?.finishedAt ?? '?'} and has changed since outside bdsnap; use --force to restore again`);
+      }
+      await verifyDigests(device, loaded, target.chunkSize, await deviceDigests);
+    });
+    await check(() => {
+      if (continuity.breaks.length === 0) return;
+      throw new BdsnapError('EMISMATCH', `${devicePath} was written outside bdsnap ${continuity.breaks.join('; ')}: no session recorded what changed, so the result would not be the state at the start of ${target.dir}; `
+        + 'use --force to restore anyway (what no session recorded stays as it is now)');
+    });
+    warnings.push(...continuity.unknown);
+    digestCheck = !verified ? 'skipped-force' : loaded.some((s) => s.digests === undefined) || continuity.unknown.length > 0 ? 'partial' : 'verified';
+    if (targetUndone && loaded.length > 1) warnings.push(`${devicePath} was already restored from this session once; only the sessions since then were checked`);
+  }
+  return { plan, digestCheck, verified };
 }
