@@ -4,3 +4,4 @@ export { LocalDirStore, checkObjectName, type ObjectStore, type ObjectInfo } fro
 export { Repository, openLocalRepository, type InitOptions, type PruneSummary, type BackupRecord } from './repository.js';
 export { CODEC_CHOICES, type CodecChoice } from './codec.js';
 export type { Manifest, DeviceEntry, RepoConfig } from './format.js';
+export { BackupDevice, openBackupDevices, type PieceLoader } from './backup-device.js';

@@ -8,7 +8,7 @@ import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import {
-  CODEC_CHOICES, LocalDirStore, Repository, backupDevices, daemonSnapshotProvider, restoreBackup, verifyRepository,
+  CODEC_CHOICES, LocalDirStore, Repository, backupDevices, openBackupDevices, daemonSnapshotProvider, restoreBackup, verifyRepository,
   type BackupSummary, type ProgressSink,
 } from '../../backup/index.js';
 import { BdsnapClient } from '../../service/client.js';
@@ -16,6 +16,8 @@ import { resolveRunDir } from '../../service/paths.js';
 import { formatBytes, parseBytes } from '../../units.js';
 import { formatTable } from './status.js';
 import { RUN_DIR_HELP } from './client-options.js';
+import { addTlsOptions, checkTcpPolicy, listenOn, parseListen, printWarnings, serveInForeground, tlsSettings, type TlsCliOptions } from './serve.js';
+import { loadTls } from '../../nbd/tls.js';
 
 interface RepoFlags {
   repo: string;
@@ -205,6 +207,43 @@ export function register(program: Command): void {
       noteUnauthenticated(repo);
       if (flags.json) printJson(summary);
       else process.stdout.write(`restored ${summary.device} from backup ${id} into ${summary.target}: ${formatBytes(summary.sizeBytes)} in ${(summary.durationMs / 1000).toFixed(2)} s\n`);
+    });
+
+  const serve = repoOption(backup.command('serve').description('serve every device of a backup as a read-only NBD export, in the foreground'))
+    .argument('<id>', 'the backup')
+    .option('--socket <path>', 'unix socket to listen on (default: ./bdsnap-backup.sock unless --listen is given)')
+    .option('--listen <host:port>', 'also listen on TCP; a bare port means 127.0.0.1 (needs TLS required, or --insecure-tcp)')
+    .option('--insecure-tcp', 'allow --listen without TLS required: whoever can connect can read the backup');
+  addTlsOptions(serve)
+    .addHelpText('after', `
+Each device is exported under its path as recorded in the backup; reads are checked piece by
+piece, and the holes of the device are reported as holes (base:allocation).
+
+Example:
+  bdsnap backup serve --repo /backup 20261123T104714.273Z-1a2b3c4d --socket /tmp/b.sock &
+  nbdcopy 'nbd+unix:///%2Fimages%2Fdisk.img?socket=/tmp/b.sock' disk-then.img`)
+    .action(async (id: string, flags: RepoFlags & TlsCliOptions & { socket?: string; listen?: string; insecureTcp?: boolean }) => {
+      const listen = flags.listen !== undefined ? parseListen(flags.listen) : undefined;
+      const socketPath = flags.socket ?? (listen ? undefined : 'bdsnap-backup.sock');
+      const repo = await openRepo(flags.repo);
+      await serveInForeground(async () => {
+        const tls = await loadTls(tlsSettings(flags));
+        if (listen) checkTcpPolicy(listen, tls, flags.insecureTcp ?? false, 'read the backup');
+        const opened = await openBackupDevices(repo, id);
+        try {
+          const { server, endpoints } = await listenOn(opened.devices, { ...(socketPath !== undefined ? { socketPath } : {}), ...(listen ? { listen } : {}), log: printWarnings }, tls);
+          return {
+            server, endpoints, tls, exportNames: opened.devices.map((d) => d.name),
+            stop: async () => {
+              await server.close();
+              await opened.close();
+            },
+          };
+        } catch (err) {
+          await opened.close();
+          throw err;
+        }
+      }, listen, 'read the backup');
     });
 
   repoOption(backup.command('forget').description('remove backups (their pieces stay until prune)'))

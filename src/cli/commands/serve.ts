@@ -23,7 +23,7 @@ import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
 import { NbdServer } from '../../nbd/server.js';
 import { loadTls, TLS_MODES, type NbdTls, type TlsMode, type TlsSettings } from '../../nbd/tls.js';
-import { StaticExports } from '../../nbd/static-exports.js';
+import { StaticExports, type StaticExport } from '../../nbd/static-exports.js';
 import { CowDevice, type SessionEvent, type SessionOptions } from '../../snapshot/index.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
 
@@ -90,6 +90,67 @@ export function parseListen(text: string): { host: string; port: number } {
   return { host: m[1] ?? (m[2] || '127.0.0.1'), port };
 }
 
+/** An NBD server of `exports` listening where `where` says (TLS as loaded). */
+export async function listenOn(
+  exports: StaticExport[], where: { socketPath?: string; listen?: { host: string; port: number }; log?: (event: Record<string, unknown>) => void }, tls: NbdTls | undefined,
+): Promise<{ server: NbdServer; endpoints: string[] }> {
+  const server = new NbdServer({ exports: new StaticExports(exports), log: where.log });
+  const endpoints: string[] = [];
+  try {
+    if (where.socketPath !== undefined) {
+      const socketPath = path.resolve(where.socketPath);
+      await server.listenUnix(socketPath, tls);
+      endpoints.push(`unix:${socketPath}`);
+    }
+    if (where.listen) {
+      const { port } = await server.listenTcp(where.listen.host, where.listen.port, tls);
+      endpoints.push(`tcp:${where.listen.host}:${port}`);
+    }
+  } catch (err) {
+    await server.close();
+    throw err;
+  }
+  return { server, endpoints };
+}
+
+/**
+ * Start a server and keep it in the foreground: print its TLS state and the ready line on
+ * stderr, then at SIGINT or SIGTERM stop it (requests in flight finish) and return.
+ * `what` says what a client of a plain TCP listener could do, for the warning.
+ */
+export async function serveInForeground(start: () => Promise<RunningServe>, listen: { host: string; port: number } | undefined, what: string): Promise<void> {
+  // Signals are caught before the server listens, so a SIGTERM that arrives right after
+  // the ready line still gets an orderly stop (the default action would leave the socket).
+  let signalled = false;
+  let wake: (() => void) | undefined;
+  const onSignal = (): void => {
+    signalled = true;
+    wake?.();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    const running = await start();
+    if (listen) {
+      const tcp = running.endpoints.find((e) => e.startsWith('tcp:'))!.slice('tcp:'.length);
+      const warning = plainTcpWarning(tcp, listen.host, running.tls, what);
+      if (warning) process.stderr.write(`bdsnap: WARNING: ${warning}\n`);
+    }
+    if (running.tls) process.stderr.write(`bdsnap: TLS ${running.tls.mode === 'require' ? 'required' : 'offered'}: ${running.tls.description}\n`);
+    const n = running.exportNames.length;
+    process.stderr.write(`bdsnap: serving ${n} export${n === 1 ? '' : 's'} on ${running.endpoints.join(', ')}\n`);
+    if (!signalled) await new Promise<void>((resolve) => (wake = resolve));
+    try {
+      await running.stop();
+    } catch (err) {
+      throw new BdsnapError('EIO', `error while stopping: ${(err as Error).message}`, { cause: err });
+    }
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
 export async function startServe(options: ServeOptions): Promise<RunningServe> {
   if (options.images.length === 0) throw new BdsnapError('EINVAL', 'no image to serve');
   if (options.socketPath === undefined && options.listen === undefined) throw new BdsnapError('EINVAL', 'no listener');
@@ -114,22 +175,7 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
       opened.push(device);
       exports.push({ name: real, device: options.wrap ? options.wrap(device, real) : device });
     }
-    const server = new NbdServer({ exports: new StaticExports(exports), log: options.log });
-    const endpoints: string[] = [];
-    try {
-      if (options.socketPath !== undefined) {
-        const socketPath = path.resolve(options.socketPath);
-        await server.listenUnix(socketPath, tls);
-        endpoints.push(`unix:${socketPath}`);
-      }
-      if (options.listen) {
-        const { port } = await server.listenTcp(options.listen.host, options.listen.port, tls);
-        endpoints.push(`tcp:${options.listen.host}:${port}`);
-      }
-    } catch (err) {
-      await server.close();
-      throw err;
-    }
+    const { server, endpoints } = await listenOn(exports, options, tls);
     let stopping: Promise<void> | undefined;
     return {
       server,
@@ -185,44 +231,15 @@ Examples:
       const listen = opts.listen !== undefined ? parseListen(opts.listen) : undefined;
       const socketPath = opts.socket ?? (listen ? undefined : DEFAULT_SOCKET);
       const wrap = sessionWrapper(opts);
-      // Signals are caught before the server listens, so a SIGTERM that arrives right after
-      // the ready line still gets an orderly stop (the default action would leave the socket).
-      let signalled = false;
-      let wake: (() => void) | undefined;
-      const onSignal = (): void => {
-        signalled = true;
-        wake?.();
-      };
-      process.on('SIGINT', onSignal);
-      process.on('SIGTERM', onSignal);
-      try {
-        const running = await startServe({
-          images, socketPath, listen, insecureTcp: opts.insecureTcp ?? false, readOnly: opts.readOnly ?? false, wrap, log: printWarnings,
-          tls: tlsSettings(opts),
-        });
-        if (listen) {
-          const tcp = running.endpoints.find((e) => e.startsWith('tcp:'))!.slice('tcp:'.length);
-          const warning = plainTcpWarning(tcp, listen.host, running.tls, `${opts.readOnly ? 'read' : 'read and write'} the images`);
-          if (warning) process.stderr.write(`bdsnap: WARNING: ${warning}\n`);
-        }
-        if (running.tls) process.stderr.write(`bdsnap: TLS ${running.tls.mode === 'require' ? 'required' : 'offered'}: ${running.tls.description}\n`);
-        const n = running.exportNames.length;
-        process.stderr.write(`bdsnap: serving ${n} export${n === 1 ? '' : 's'} on ${running.endpoints.join(', ')}\n`);
-        if (!signalled) await new Promise<void>((resolve) => (wake = resolve));
-        try {
-          await running.stop();
-        } catch (err) {
-          throw new BdsnapError('EIO', `error while stopping: ${(err as Error).message}`, { cause: err });
-        }
-      } finally {
-        process.off('SIGINT', onSignal);
-        process.off('SIGTERM', onSignal);
-      }
+      await serveInForeground(() => startServe({
+        images, socketPath, listen, insecureTcp: opts.insecureTcp ?? false, readOnly: opts.readOnly ?? false, wrap, log: printWarnings,
+        tls: tlsSettings(opts),
+      }), listen, `${opts.readOnly ? 'read' : 'read and write'} the images`);
     });
 }
 
 /** The server's events that an operator must see (a limit reached); the rest stay silent. */
-function printWarnings(event: Record<string, unknown>): void {
+export function printWarnings(event: Record<string, unknown>): void {
   if (event.level === 'warn') process.stderr.write(`bdsnap: warning: ${String(event.message)}\n`);
 }
 

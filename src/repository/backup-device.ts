@@ -1,0 +1,176 @@
+/**
+ * One device of a backup as a read-only BlockDevice: each read is answered from the pieces of
+ * the slots it covers, each piece read, decrypted or decoded and checked by the loader before a
+ * byte of it is used (a damaged piece fails the read with its error, never returns other bytes).
+ * All-zero slots are holes, reported by `extents` as such. Decoded pieces are kept in a small
+ * cache, and a reader that goes on where its last read ended gets the next pieces loaded ahead.
+ */
+
+import { BdsnapError } from '../errors.js';
+import { EXTENT_HOLE, EXTENT_ZERO, checkRange, type BlockDevice, type BlockSizes, type Extent } from '../device/block-device.js';
+import { expandSlots } from './format.js';
+import { PiecePool } from './piece-pool.js';
+import type { Repository } from './repository.js';
+
+/** The raw content of a piece (`lengthBytes` of it: the last slot may be shorter), checked. */
+export type PieceLoader = (hash: string, lengthBytes: number) => Promise<Buffer>;
+
+export interface BackupDeviceOptions {
+  /** Decoded pieces kept (default 64). */
+  cachePieces?: number;
+  /** Pieces loaded ahead of a sequential reader (default 8). */
+  readAheadPieces?: number;
+}
+
+export class BackupDevice implements BlockDevice {
+  readonly readOnly = true;
+  readonly canTrim = false;
+  readonly canFastZero = false;
+  readonly canMultiConn = true;
+  readonly blockSizes: BlockSizes = { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 };
+  readonly size: number;
+  readonly #pieceBytes: number;
+  readonly #slots: ReadonlyArray<string | null>;
+  readonly #load: PieceLoader;
+  readonly #cacheLimit: number;
+  readonly #readAhead: number;
+  /** By slot index, in use order (a Map keeps insertion order: the first key is the oldest). */
+  readonly #cache = new Map<number, Promise<Buffer>>();
+  /** Where the last read ended: a read starting there is sequential. */
+  #lastEnd = -1;
+  #closed = false;
+
+  constructor(sizeBytes: number, pieceBytes: number, slots: ReadonlyArray<string | null>, load: PieceLoader, options: BackupDeviceOptions = {}) {
+    if (slots.length !== Math.ceil(sizeBytes / pieceBytes)) {
+      throw new BdsnapError('ECORRUPT', `a device of ${sizeBytes} bytes needs ${Math.ceil(sizeBytes / pieceBytes)} pieces of ${pieceBytes} bytes, not ${slots.length}`);
+    }
+    this.size = sizeBytes;
+    this.#pieceBytes = pieceBytes;
+    this.#slots = slots;
+    this.#load = load;
+    this.#readAhead = options.readAheadPieces ?? 8;
+    this.#cacheLimit = Math.max(options.cachePieces ?? 64, this.#readAhead * 2);
+  }
+
+  #slotLength(i: number): number {
+    return Math.min(this.#pieceBytes, this.size - i * this.#pieceBytes);
+  }
+
+  /** The content of slot `i` (a piece slot), from the cache or loaded. */
+  #piece(i: number): Promise<Buffer> {
+    const cached = this.#cache.get(i);
+    if (cached) {
+      this.#cache.delete(i);
+      this.#cache.set(i, cached);
+      return cached;
+    }
+    const hash = this.#slots[i]!;
+    const length = this.#slotLength(i);
+    const loading = this.#load(hash, length).then((raw) => {
+      if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${length} are needed`);
+      return raw;
+    });
+    // A failed load is not kept: the next read tries again (the store may be back).
+    loading.catch(() => this.#cache.get(i) === loading && this.#cache.delete(i));
+    this.#cache.set(i, loading);
+    while (this.#cache.size > this.#cacheLimit) this.#cache.delete(this.#cache.keys().next().value!);
+    return loading;
+  }
+
+  async read(target: Buffer, offsetBytes: number): Promise<void> {
+    if (this.#closed) throw new BdsnapError('EIO', 'the backup device is closed');
+    checkRange(this, offsetBytes, target.length, false);
+    if (target.length === 0) return;
+    const P = this.#pieceBytes;
+    const end = offsetBytes + target.length;
+    const first = Math.floor(offsetBytes / P);
+    const last = Math.floor((end - 1) / P);
+    const sequential = offsetBytes === this.#lastEnd;
+    this.#lastEnd = end;
+    const parts: Array<Promise<void>> = [];
+    for (let i = first; i <= last; i++) {
+      const from = Math.max(offsetBytes, i * P);
+      const to = Math.min(end, (i + 1) * P);
+      const into = target.subarray(from - offsetBytes, to - offsetBytes);
+      if (this.#slots[i] === null) {
+        into.fill(0);
+        continue;
+      }
+      parts.push(this.#piece(i).then((raw) => {
+        raw.copy(into, 0, from - i * P, to - i * P);
+      }));
+    }
+    if (sequential) {
+      for (let i = last + 1; i <= Math.min(this.#slots.length - 1, last + this.#readAhead); i++) {
+        if (this.#slots[i] !== null && !this.#cache.has(i)) this.#piece(i).catch(() => undefined);
+      }
+    }
+    await Promise.all(parts);
+  }
+
+  #readOnlyError(): Promise<never> {
+    return Promise.reject(new BdsnapError('EPERM', 'a backup is served read-only'));
+  }
+
+  write(): Promise<void> { return this.#readOnlyError(); }
+  trim(): Promise<void> { return this.#readOnlyError(); }
+  zero(): Promise<void> { return this.#readOnlyError(); }
+  flush(): Promise<void> { return Promise.resolve(); }
+
+  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes, false);
+    const P = this.#pieceBytes;
+    const loads: Array<Promise<unknown>> = [];
+    for (let i = Math.floor(offsetBytes / P); i * P < offsetBytes + lengthBytes; i++) {
+      if (this.#slots[i] !== null) loads.push(this.#piece(i));
+    }
+    return Promise.all(loads).then(() => undefined);
+  }
+
+  /** Zero slots are holes; runs of slots of one kind are one extent. */
+  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    checkRange(this, offsetBytes, lengthBytes, false);
+    const P = this.#pieceBytes;
+    const end = offsetBytes + lengthBytes;
+    const out: Extent[] = [];
+    for (let pos = offsetBytes; pos < end;) {
+      const i = Math.floor(pos / P);
+      const to = Math.min(end, (i + 1) * P);
+      const flags = this.#slots[i] === null ? EXTENT_HOLE | EXTENT_ZERO : 0;
+      const prev = out[out.length - 1];
+      if (prev && prev.flags === flags) prev.length += to - pos;
+      else out.push({ length: to - pos, flags });
+      pos = to;
+    }
+    return Promise.resolve(out);
+  }
+
+  close(): Promise<void> {
+    this.#closed = true;
+    this.#cache.clear();
+    return Promise.resolve();
+  }
+}
+
+/** Every device of backup `id` as a BackupDevice, by device path; `close` ends the piece workers. */
+export async function openBackupDevices(repo: Repository, id: string): Promise<{ devices: Array<{ name: string; device: BackupDevice }>; close(): Promise<void> }> {
+  const manifest = await repo.manifest(id);
+  const pool = new PiecePool();
+  const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash), hash, lengthBytes);
+  try {
+    const devices = manifest.devices.map((entry) => ({
+      name: entry.device,
+      device: new BackupDevice(entry.sizeBytes, manifest.pieceSizeBytes, expandSlots(entry, manifest.pieceSizeBytes), load),
+    }));
+    return {
+      devices,
+      close: async () => {
+        await Promise.allSettled(devices.map((d) => d.device.close()));
+        await pool.close();
+      },
+    };
+  } catch (err) {
+    await pool.close();
+    throw err;
+  }
+}

@@ -1,0 +1,89 @@
+/**
+ * `bdsnap backup serve`: any backup as read-only NBD exports, read by real clients (nbdcopy,
+ * nbdinfo): the bytes of the device at the backup's point, its holes reported as holes, writes
+ * refused, and a damaged piece failing the read instead of returning other bytes.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { LocalDirStore, Repository, backupDevices } from '../../src/backup/index.js';
+import { pieceObject } from '../../src/repository/format.js';
+import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
+import { run } from '../helpers/process.js';
+import { BDSNAP_MAIN, nbdUri } from '../helpers/server.js';
+import { needs } from '../helpers/needs.js';
+import { ServeSnapshotProvider } from './helpers.js';
+
+const MiB = 1024 * 1024;
+
+/** `bdsnap backup serve` in the background, once it says it is serving; killed at the end of the test. */
+async function startBackupServe(t: { after(fn: () => unknown): void }, args: string[]): Promise<ChildProcess> {
+  const child = spawn(process.execPath, [BDSNAP_MAIN, 'backup', 'serve', ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  t.after(() => {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  });
+  let stderr = '';
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`backup serve did not start in 20 s: ${stderr}`)), 20_000);
+    child.stderr!.on('data', (d: Buffer) => {
+      stderr += d.toString();
+      if (/serving \d+ export/.test(stderr)) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`backup serve exited (${code}): ${stderr}`));
+    });
+  });
+  return child;
+}
+
+test('backup serve: exact bytes of the backup, holes as holes, read-only, damage refused', { timeout: 120_000 }, async (t) => {
+  if (!needs(t, { tools: ['nbdcopy', 'nbdinfo'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-backup-serve-');
+  const repoDir = path.join(dir, 'repo');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 8 * MiB, 'mixed', 3);
+  await Repository.init(new LocalDirStore(repoDir));
+  const repo = await Repository.open(new LocalDirStore(repoDir));
+  const provider = new ServeSnapshotProvider(dir);
+  const first = await backupDevices(repo, provider, [image]);
+  const atFirst = await sha256File(image);
+  provider.write(image, 4096, Buffer.alloc(8192, 7));
+  await backupDevices(repo, provider, [image]);
+  assert.notEqual(await sha256File(image), atFirst);
+
+  const socket = path.join(dir, 'b.sock');
+  const server = await startBackupServe(t, ['--repo', repoDir, first.id, '--socket', socket]);
+  const uri = nbdUri(socket, image);
+  const copy = path.join(dir, 'copy.img');
+  await run('nbdcopy', ['--', uri, copy], { timeoutMs: 30_000 });
+  assert.equal(await sha256File(copy), atFirst, 'the export is the device at the first backup');
+
+  const info = JSON.parse((await run('nbdinfo', ['--json', uri], { timeoutMs: 30_000 })).stdout) as { exports: Array<{ 'is_read_only': boolean; 'export-size': number }> };
+  assert.equal(info.exports[0]!.is_read_only, true);
+  assert.equal(info.exports[0]!['export-size'], 8 * MiB);
+  const map = (await run('nbdinfo', ['--map', uri], { timeoutMs: 30_000 })).stdout;
+  assert.match(map, /hole,zero/, `the zero quarter of the image is a hole:\n${map}`);
+  assert.match(map, /\bdata\b/);
+
+  // A damaged piece: the read that needs it fails; nothing else is returned in its place.
+  const manifest = await repo.manifest(first.id);
+  const piece = manifest.devices[0]!.pieces.find((p): p is string => typeof p === 'string')!;
+  const file = path.join(repoDir, pieceObject(piece));
+  const bytes = fs.readFileSync(file);
+  bytes[bytes.length - 1]! ^= 0xff;
+  fs.chmodSync(file, 0o600);
+  fs.writeFileSync(file, bytes);
+  server.kill('SIGTERM');
+  await new Promise((resolve) => server.once('exit', resolve));
+  assert.equal(server.exitCode, 0, 'SIGTERM stops it cleanly');
+  await startBackupServe(t, ['--repo', repoDir, first.id, '--socket', socket]);
+  const damaged = await run('nbdcopy', ['--', uri, path.join(dir, 'copy2.img')], { allowFailure: true, timeoutMs: 30_000 });
+  assert.notEqual(damaged.exitCode, 0, 'a copy through a damaged piece must fail');
+});
