@@ -152,16 +152,24 @@ export class BackupDevice implements BlockDevice {
   }
 }
 
+export interface OpenedBackupDevice {
+  name: string;
+  device: BackupDevice;
+  /** The piece of each slot, or null for an all-zero slot. */
+  slots: ReadonlyArray<string | null>;
+  pieceBytes: number;
+}
+
 /** Every device of backup `id` as a BackupDevice, by device path; `close` ends the piece workers. */
-export async function openBackupDevices(repo: Repository, id: string): Promise<{ devices: Array<{ name: string; device: BackupDevice }>; close(): Promise<void> }> {
+export async function openBackupDevices(repo: Repository, id: string): Promise<{ devices: OpenedBackupDevice[]; close(): Promise<void> }> {
   const manifest = await repo.manifest(id);
   const pool = new PiecePool();
   const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash), hash, lengthBytes);
   try {
-    const devices = manifest.devices.map((entry) => ({
-      name: entry.device,
-      device: new BackupDevice(entry.sizeBytes, manifest.pieceSizeBytes, expandSlots(entry, manifest.pieceSizeBytes), load),
-    }));
+    const devices = manifest.devices.map((entry) => {
+      const slots = expandSlots(entry, manifest.pieceSizeBytes);
+      return { name: entry.device, slots, pieceBytes: manifest.pieceSizeBytes, device: new BackupDevice(entry.sizeBytes, manifest.pieceSizeBytes, slots, load) };
+    });
     return {
       devices,
       close: async () => {

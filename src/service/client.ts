@@ -11,7 +11,7 @@ import { LineDecoder, parseResponse } from './control-lines.js';
 import { controlSocketPath, resolveRunDir } from './paths.js';
 import type {
   ActivationResult, CbtInfo, EventsResult, SnapshotInfo, ListResult, MountResult, PasswdResult, PingResult,
-  RegisterResult, RequestBody, RequestOp, ResultMap, StatusResult, UmountResult,
+  RegisterResult, InstantRestoreInfo, RequestBody, RequestOp, ResultMap, StatusResult, UmountResult,
 } from './control-protocol.js';
 
 interface Pending {
@@ -172,6 +172,14 @@ export class BdsnapClient {
 
   cbtReset(device: string): Promise<CbtInfo> {
     return this.request('cbt-reset', { device: path.resolve(device) });
+  }
+
+  /**
+   * Serve `device` of backup `backup` at once (on the device itself, or a new `output` file) and
+   * copy the rest behind; returns once it is served.
+   */
+  instantRestore(repo: string, backup: string, device: string, output?: string): Promise<InstantRestoreInfo> {
+    return this.request('instant-restore', { repo, backup, device: path.resolve(device), ...(output !== undefined ? { output: path.resolve(output) } : {}) });
   }
 
   /** Events newer than `after` (a seq); waits up to `waitMs` for one when there is none yet. */

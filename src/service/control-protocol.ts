@@ -78,6 +78,14 @@ export const requestSchema = z.discriminatedUnion('op', [
   z.object({ ...envelope, op: z.literal('cbt-reset'), device: devicePath }).strict(),
   z.object({
     ...envelope,
+    op: z.literal('instant-restore'),
+    repo: z.string().min(1).max(MAX_PATH_CHARS),
+    backup: z.string().regex(/^[0-9A-Za-z.-]{1,64}$/, 'a backup id is letters, digits, dots and dashes'),
+    device: devicePath,
+    output: devicePath.optional(),
+  }).strict(),
+  z.object({
+    ...envelope,
     op: z.literal('events'),
     after: z.number().int().min(-1).optional(),
     waitMs: z.number().int().min(0).max(MAX_EVENT_WAIT_MS).optional(),
@@ -134,6 +142,27 @@ export interface StatusResult {
   snapshotRoot: string;
   pid: number;
   devices: DeviceStatus[];
+  /** Instant restores this daemon runs, or ran and still serves. */
+  restores: InstantRestoreInfo[];
+}
+
+/** An instant restore (`backup restore --instant`), as status shows it. */
+export interface InstantRestoreInfo {
+  /** Where it restores to (the device, or the --output file); its export name. */
+  target: string;
+  backup: string;
+  /** The device of the backup. */
+  device: string;
+  repo: string;
+  state: 'running' | 'complete' | 'failed';
+  doneBytes: number;
+  totalBytes: number;
+  rateBytesPerSecond: number;
+  secondsLeft: number | null;
+  startedAt: string;
+  finishedAt: string | null;
+  /** Why the last attempt to read the backup failed (the copy retries), or why the restore failed. */
+  error: string | null;
 }
 
 /** A session directory as `list` reports it (read from disk; see CowDevice's SessionSummary for a session's close). */
@@ -207,6 +236,7 @@ export interface ResultMap {
   /** null: the image's change map cannot tell (another generation, or no map): read it all. */
   'snapshot-changes': { ranges: Array<{ offsetBytes: number; lengthBytes: number }> | null };
   events: EventsResult;
+  'instant-restore': InstantRestoreInfo;
   'cbt-info': CbtInfo;
   'cbt-map': CbtInfo & { since: number; ranges: Array<{ offsetBytes: number; lengthBytes: number }> };
   'cbt-mark-dirty': CbtInfo;
@@ -272,7 +302,8 @@ export type EventType =
   | 'session-started' | 'session-ended' | 'session-failed'
   | 'snapshot-created' | 'snapshot-low-space' | 'snapshot-overflowed' | 'snapshot-failed' | 'snapshot-destroyed'
   | 'snapshot-extended' | 'snapshot-restored' | 'snapshot-held-back'
-  | 'cbt-reset';
+  | 'cbt-reset'
+  | 'restore-started' | 'restore-completed' | 'restore-failed';
 
 export interface DaemonEvent {
   seq: number;

@@ -47,6 +47,8 @@ import { cleanUpStaleMounts } from './mount.js';
 import { MOUNTS_FILE, MountManager, describeLeftMounts } from './mount-manager.js';
 import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
 import { AsOfExports } from './as-of-exports.js';
+import { InstantRestores, type SourceOpener } from './instant-restore.js';
+import { LocalDirStore, Repository, openBackupDevices } from '../repository/index.js';
 import { SnapshotManager } from './snapshots.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
@@ -61,6 +63,8 @@ export interface DaemonOptions {
   detachTimeoutMs?: number;
   /** Keep a change map per device (default true). */
   changeTracking?: boolean;
+  /** Bytes per second the background copy of an instant restore may read (default: no limit). */
+  restoreRateBytes?: number;
   /**
    * Also serve NBD on TCP, with `tls` if given (the caller decides whether plaintext is
    * acceptable). The unix socket stays plaintext: it is root's alone (0600), and `bdsnap mount`
@@ -84,6 +88,7 @@ export class Daemon {
   readonly #table: DeviceTable;
   readonly #snapshots: SnapshotManager;
   readonly #asOf: AsOfExports;
+  readonly #instant: InstantRestores;
   readonly #mounts: MountManager;
   readonly #nbd: NbdServer;
   readonly #claim: DaemonClaim;
@@ -115,13 +120,16 @@ export class Daemon {
       ...(this.#tracking ? { tracking: this.#tracking } : {}),
     });
     this.#asOf = new AsOfExports({ table: this.#table, registry, snapshotRoot: this.#snapshotRoot, log: this.#log });
+    this.#instant = new InstantRestores({ stateDir: this.#stateDir, events, log: this.#log, openSource: openBackupSource, ...(options.restoreRateBytes !== undefined ? { rateBytes: options.restoreRateBytes } : {}) });
+    this.#table.checkAttach = (devicePath) => this.#instant.checkAttach(devicePath);
     this.#table.beforeUserAttach = async (devicePath) => {
       this.#asOf.checkUserAttach(devicePath);
       await this.#snapshots.bringBack(devicePath);
     };
     if (this.#tracking) this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
     this.#mounts = new MountManager({
-      runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, asOf: this.#asOf, log: this.#log,
+      runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
+      images: { is: (name) => this.#instant.isServing(name), open: (name) => this.#openImage(name) },
       detachTimeoutMs: options.detachTimeoutMs ?? 30000,
     });
     late.mounts = this.#mounts;
@@ -146,6 +154,7 @@ export class Daemon {
       const events = await EventLog.open(stateDir, options.log);
       const daemon = new Daemon(options, claim, registry, events);
       await daemon.#snapshots.recover();
+      await daemon.#instant.resumeAll();
       await daemon.#nbd.listenUnix(daemon.nbdSocket);
       if (options.listen) {
         const { port } = await daemon.#nbd.listenTcp(options.listen.host, options.listen.port, options.tls);
@@ -176,6 +185,7 @@ export class Daemon {
       await this.#control?.close();
       const left = await this.#mounts.closeAll();
       await this.#nbd.close();
+      await this.#instant.closeAll();
       await this.#snapshots.closeAll();
       await this.#table.closeAll(new Set(left.flatMap((m) => m.devicePath ?? [])));
       await this.#tracking?.closeAll();
@@ -248,19 +258,34 @@ export class Daemon {
       }
       case 'cbt-reset':
         return this.#cbt(request.device, (devicePath, sizeBytes, tracking) => tracking.reset(devicePath, sizeBytes));
+      case 'instant-restore':
+        return this.#instant.start(
+          { repo: request.repo, backup: request.backup, device: request.device, target: request.output ?? request.device, output: request.output !== undefined },
+          async (target) => {
+            const canonical = await canonicalDevicePath(target);
+            if (this.#table.isAttached(canonical) || this.#asOf.names().some((n) => n.startsWith(`${canonical}@`))) {
+              throw new BdsnapError('EBUSY', `${canonical} is open through the daemon (mounted, served or in a snapshot); unmount it, disconnect its clients and destroy its snapshots first`);
+            }
+          },
+        );
     }
   }
 
   /** The NBD server's view: registered devices, `<device>@<id>` snapshot images and `<device>@asof:<time>` views. */
   #exports(): ExportProvider {
     return {
-      list: async () => [...this.#table.names(), ...this.#snapshots.exportNames(), ...this.#asOf.names()],
+      list: async () => [...new Set([...this.#table.names(), ...this.#snapshots.exportNames(), ...this.#asOf.names(), ...this.#instant.list().map((r) => r.target)])],
       open: async (name: string, purpose: 'info' | 'go'): Promise<ExportHandle | undefined> => {
-        const image = this.#snapshots.openImage(name) ?? await this.#asOf.open(name);
+        const image = await this.#openImage(name);
         if (image) return image;
         return this.#table.open(name, purpose);
       },
     };
+  }
+
+  /** The export of a name that is not a plain registered device: a snapshot image, an as-of view, a target under instant restore. */
+  async #openImage(name: string): Promise<ExportHandle | undefined> {
+    return this.#instant.open(name) ?? this.#snapshots.openImage(name) ?? await this.#asOf.open(name);
   }
 
   /** A change-map operation on a registered device, answered with the device's name and size. */
@@ -342,7 +367,7 @@ export class Daemon {
 
   #status(): StatusResult {
     const devices = this.#table.status((d) => this.#snapshots.snapshotsOf(d)).map((d) => ({ ...d, imageMounts: this.#mounts.imageMountsOf(d.device) }));
-    return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices };
+    return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices, restores: this.#instant.list() };
   }
 
   async #list(device?: string): Promise<ListResult> {
@@ -435,3 +460,15 @@ function disableCoreDumps(log: Logger): void {
     log.warn({ event: 'core-dumps-enabled', reason: (err as Error).message }, 'cannot disable core dumps of the daemon');
   }
 }
+
+/** The source of an instant restore: one device of a backup in a repository. */
+const openBackupSource: SourceOpener = async (repoSpec, backup, device) => {
+  const repo = await Repository.open(new LocalDirStore(repoSpec));
+  const opened = await openBackupDevices(repo, backup);
+  const found = opened.devices.find((d) => d.name === device);
+  if (!found) {
+    await opened.close();
+    throw new BdsnapError('ENOENT', `backup ${backup} has no device ${device} (it has ${opened.devices.map((d) => d.name).join(', ')})`);
+  }
+  return { source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, close: opened.close };
+};

@@ -173,9 +173,13 @@ export class DeviceTable {
    */
   beforeUserAttach: ((devicePath: string) => Promise<void>) | undefined;
 
+  /** Called before every hold of any kind: throws to refuse it (a device under instant restore). */
+  checkAttach: ((devicePath: string) => void) | undefined;
+
   /** Take a hold on the device, opening it for the first holder and starting a user phase for the first user. */
   async attach(devicePath: string, options: AttachOptions): Promise<Attachment> {
     const user = options.holder !== 'snapshot';
+    this.checkAttach?.(devicePath);
     if (user) await this.beforeUserAttach?.(devicePath);
     return this.#serial(devicePath, async () => {
       let att = this.#attachments.get(devicePath);

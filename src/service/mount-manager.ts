@@ -21,7 +21,8 @@ import { isMountpoint } from '../host/mountinfo.js';
 import { attachAndMount, flushFilesystem, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
 import { SnapshotManager, type ImageMount } from './snapshots.js';
-import { parseAsOfName, type AsOfExports } from './as-of-exports.js';
+import { parseAsOfName } from './as-of-exports.js';
+import type { ExportHandle } from '../nbd/exports.js';
 
 interface MountRecord {
   /** The export mounted: a device path, or `<device>@<id>` for a snapshot image. */
@@ -37,7 +38,8 @@ export interface MountManagerOptions {
   table: DeviceTable;
   registry: Registry;
   snapshots: SnapshotManager;
-  asOf: AsOfExports;
+  /** Exports mounted as images (no session of their own): snapshot images, as-of views, targets under instant restore. */
+  images: { is(name: string): boolean; open(name: string): Promise<ExportHandle | undefined> };
   log: Logger;
   /** How long umount waits for other NBD clients of the device to let go. */
   detachTimeoutMs: number;
@@ -110,7 +112,7 @@ export class MountManager {
     const st = await fs.promises.stat(mountpoint).catch(() => undefined);
     if (!st) throw new BdsnapError('ENOENT', `the mount point ${mountpoint} does not exist; create it first`);
     if (!st.isDirectory()) throw new BdsnapError('EINVAL', `the mount point ${mountpoint} is not a directory`);
-    const image = SnapshotManager.isImageName(device) || parseAsOfName(device) !== undefined;
+    const image = SnapshotManager.isImageName(device) || parseAsOfName(device) !== undefined || this.#options.images.is(path.resolve(device));
     if (image) {
       const already = this.imageMountOf(device);
       if (already) throw new BdsnapError('EBUSY', `${device} is already ${already.starting ? 'being mounted' : 'mounted'} at ${already.mountpoint}`);
@@ -187,7 +189,7 @@ export class MountManager {
 
   async #mountImage(name: string, mountpoint: string, type?: string, mountOptions?: string): Promise<MountResult> {
     const asOf = parseAsOfName(name) !== undefined;
-    const handle = asOf ? await this.#options.asOf.open(name) : this.#options.snapshots.openImage(name);
+    const handle = await this.#options.images.open(name);
     if (!handle) {
       throw new BdsnapError('ENOENT', asOf ? `no registered device for ${name} (see bdsnap status)` : `no snapshot image ${name} (see bdsnap snapshot list)`);
     }
@@ -209,7 +211,7 @@ export class MountManager {
     }
     await this.#record(mountpoint, { exportName: name, devicePath: null, attached });
     this.#options.log.info({ event: 'mount', image: name, mountpoint, blockDevice: attached.blockDevice, via: attached.via, readOnly: handle.device.readOnly },
-      asOf ? 'device mounted read-only as at an earlier session start' : 'snapshot image mounted');
+      asOf ? 'device mounted read-only as at an earlier session start' : 'image mounted');
     return { device: name, mountpoint, loopDevice: attached.blockDevice, inSession: false };
   }
 

@@ -4,6 +4,7 @@
  * terminals and --json is not given) and prints results.
  */
 
+import path from 'node:path';
 import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
@@ -11,7 +12,7 @@ import {
   CODEC_CHOICES, LocalDirStore, Repository, backupDevices, openBackupDevices, daemonSnapshotProvider, restoreBackup, verifyRepository,
   type BackupSummary, type ProgressSink,
 } from '../../backup/index.js';
-import { BdsnapClient } from '../../service/client.js';
+import { BdsnapClient, withClient } from '../../service/client.js';
 import { resolveRunDir } from '../../service/paths.js';
 import { formatBytes, parseBytes } from '../../units.js';
 import { formatTable } from './status.js';
@@ -194,8 +195,17 @@ export function register(program: Command): void {
     .argument('<id>', 'the backup')
     .argument('<dev_name>', 'which device of the backup (and the target unless --output is given)')
     .option('--output <file>', 'write the image to FILE instead of the device')
+    .option('--instant', 'through the daemon: serve the target with the backup at once (bdsnap mount works right away) and copy the rest behind')
+    .option('--run-dir <dir>', RUN_DIR_HELP)
     .option('--json', 'print the result as JSON')
-    .action(async (id: string, device: string, flags: RepoFlags & { output?: string }) => {
+    .action(async (id: string, device: string, flags: RepoFlags & { output?: string; instant?: boolean; runDir?: string }) => {
+      if (flags.instant) {
+        // The daemon reads the repository for as long as the copy runs: it gets the absolute path.
+        const info = await withClient(flags.runDir, (c) => c.instantRestore(path.resolve(flags.repo), id, device, flags.output));
+        if (flags.json) printJson(info);
+        else process.stdout.write(`serving ${info.target} from backup ${id} now; the copy runs behind it (bdsnap status shows it, bdsnap events --follow says when it is done)\n`);
+        return;
+      }
       const repo = await openRepo(flags.repo);
       const bar = progressBar('restoring', flags.json);
       let summary;

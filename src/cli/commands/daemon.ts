@@ -3,6 +3,7 @@
 import type { Command } from 'commander';
 import { DEFAULT_RUN_DIR, RUN_DIR_ENV, resolveRunDir } from '../../service/paths.js';
 import { BdsnapError } from '../../errors.js';
+import { parseBytes } from '../../units.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
 import { addTlsOptions, checkTcpPolicy, parseListen, plainTcpWarning, tlsSettings, type TlsCliOptions } from './serve.js';
 import { loadTls } from '../../nbd/tls.js';
@@ -20,6 +21,7 @@ interface DaemonOptions extends SessionCliOptions, TlsCliOptions {
   snapshotRoot: string;
   logLevel: string;
   changeTracking: boolean;
+  restoreRate?: string;
 }
 
 export function register(program: Command): void {
@@ -32,6 +34,7 @@ export function register(program: Command): void {
   addSessionOptions(command)
     .option('--log-level <level>', 'pino level: debug, info, warn, error', 'info')
     .option('--no-change-tracking', 'keep no change map (incremental backups then read whole devices)')
+    .option('--restore-rate <size>', 'most bytes per second the background copy of an instant restore reads from a repository (e.g. 50M); default no limit')
     .option('--listen <host:port>', 'also serve NBD on TCP; a bare port means 127.0.0.1 (needs TLS required, or --insecure-tcp); the unix socket stays plaintext');
   addTlsOptions(command)
     .option('--insecure-tcp', 'allow --listen without TLS required: whoever can connect (every local user, even on 127.0.0.1) can read and write every registered device')
@@ -54,6 +57,7 @@ export function register(program: Command): void {
         log,
         session,
         changeTracking: options.changeTracking,
+        ...(options.restoreRate !== undefined ? { restoreRateBytes: parseBytes(options.restoreRate, '--restore-rate') } : {}),
         listen,
         tls,
       });

@@ -34,8 +34,11 @@ export function register(program: Command): void {
         process.stdout.write(`${JSON.stringify(status)}\n`);
         return;
       }
+      const restores = (status.restores ?? []).map((r) => `restore of ${r.target} from backup ${r.backup}: ${r.state}, ${formatBytes(r.doneBytes)} of ${formatBytes(r.totalBytes)}`
+        + (r.state === 'running' ? `, ${formatBytes(r.rateBytesPerSecond)}/s${r.secondsLeft !== null ? `, ${r.secondsLeft} s left` : ''}` : '')
+        + (r.error ? `; ${r.state === 'running' ? 'retrying: ' : ''}${r.error}` : '') + '\n').join('');
       if (status.devices.length === 0) {
-        process.stdout.write('no devices registered\n');
+        process.stdout.write(`no devices registered\n${restores}`);
         return;
       }
       // Each mounted snapshot image gets a row of its own under its device.
@@ -48,7 +51,7 @@ export function register(program: Command): void {
         d.inSession ? formatBytes(d.bytesPreserved) : '-',
         d.dirtyOutsideSession ? 'yes' : 'no',
       ], ...d.imageMounts.map((m) => [m.exportName, '-', 'mounted', m.mountpoint, '-', '-', '-'])]);
-      process.stdout.write(`${formatTable(['DEVICE', 'ACTIVE', 'ATTACHED', 'MOUNTPOINT', 'SESSION', 'PRESERVED', 'WRITTEN-OUTSIDE-SESSION'], rows)}\n`);
+      process.stdout.write(`${formatTable(['DEVICE', 'ACTIVE', 'ATTACHED', 'MOUNTPOINT', 'SESSION', 'PRESERVED', 'WRITTEN-OUTSIDE-SESSION'], rows)}\n${restores}`);
     });
 
   program

@@ -1,0 +1,558 @@
+/**
+ * Instant restore: the daemon serves a target (a device, or a new file) with a backup's content
+ * at once, and copies the rest behind.
+ *
+ * The target is cut into the backup's piece slots. A slot is *done* when the target holds its
+ * content: the backup's piece, or what a client wrote over all of it. Reads of a slot not done
+ * fill it from the backup first (written through to the target); a write that covers part of
+ * such a slot fills it first, one that covers all of it needs nothing from the backup. Every
+ * change to a slot not done runs under that slot's lock, so the background copy never writes a
+ * backup piece over a client's write.
+ *
+ * Crash safety: the map of done slots (`done.map`, one bit each) is written only after the
+ * target is synced, and holds only slots that were done before that sync started; bits only
+ * ever go from 0 to 1, so a torn write of the map is still a true map. A client's FLUSH (and a
+ * FUA write) is answered after the target and the map are durable. After a kill or a crash the
+ * restore resumes from the map: a slot not in it is filled again from the backup, and every
+ * slot in it holds durable data. A client write that was never flushed may be lost, as on any
+ * disk.
+ *
+ * While a restore runs, the target is served only through it (the daemon's other holders of the
+ * device are refused), under the target's path as export name. Once every slot is done the
+ * restore is complete; the target becomes an ordinary device when the last client of the
+ * restore lets go.
+ */
+
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { z } from 'zod';
+import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
+import { FileDevice } from '../device/file-device.js';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { writeFileAtomic } from '../host/atomic-file.js';
+import { closeFd, fdatasyncFd, openFd, preadFully, pwriteFully } from '../host/fd-io.js';
+import { checkNotInUse } from '../host/in-use.js';
+import { openOutputFile } from '../host/output-file.js';
+import { ensurePrivateDir } from '../host/private-dir.js';
+import type { ExportHandle } from '../nbd/exports.js';
+import type { BackupDevice } from '../repository/backup-device.js';
+import type { EventLog } from './events.js';
+import type { InstantRestoreInfo } from './control-protocol.js';
+
+const RESTORES_DIR = 'restores';
+const STATE_FILE = 'state.json';
+const MAP_FILE = 'done.map';
+/** Slots filled by the background copy at once. */
+const COPIES_IN_FLIGHT = 4;
+/** The map is made durable at least this often while the copy runs. */
+const PERSIST_EVERY_MS = 1000;
+const RETRY_MIN_MS = 500;
+const RETRY_MAX_MS = 30_000;
+
+const stateSchema = z.object({
+  version: z.literal(1),
+  target: z.string().min(1),
+  /** The target was created by the restore (--output). */
+  created: z.boolean(),
+  /** The target's identity when the restore began: a resume refuses anything else under the name. */
+  identity: z.object({ dev: z.number(), ino: z.number() }),
+  repo: z.string().min(1),
+  backup: z.string().min(1),
+  device: z.string().min(1),
+  sizeBytes: z.number().int().nonnegative(),
+  pieceBytes: z.number().int().positive(),
+  startedAt: z.string(),
+}).strict();
+export type RestoreState = z.infer<typeof stateSchema>;
+
+/** Opens the source of a restore: one device of a backup. */
+export type SourceOpener = (repo: string, backup: string, device: string) => Promise<{ source: BackupDevice; slots: ReadonlyArray<string | null>; pieceBytes: number; close(): Promise<void> }>;
+
+/** The done bits, in memory and on disk. */
+class DoneMap {
+  readonly bits: Uint8Array;
+  readonly #fd: number;
+  #count = 0;
+  #persisting: Promise<void> | undefined;
+
+  private constructor(fd: number, bits: Uint8Array) {
+    this.#fd = fd;
+    this.bits = bits;
+    for (let i = 0; i < bits.length * 8; i++) if (this.has(i)) this.#count++;
+  }
+
+  static async open(file: string, slots: number): Promise<DoneMap> {
+    const fd = await openFd(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW, 0o600);
+    try {
+      const bits = new Uint8Array(Math.ceil(slots / 8));
+      const got = await preadFully(fd, Buffer.from(bits.buffer), 0);
+      if (got !== 0 && got !== bits.length) throw new BdsnapError('ECORRUPT', `${file} is ${got} bytes where ${bits.length} are expected`);
+      return new DoneMap(fd, bits);
+    } catch (err) {
+      await closeFd(fd);
+      throw err;
+    }
+  }
+
+  has(i: number): boolean {
+    return (this.bits[i >> 3]! & (1 << (i & 7))) !== 0;
+  }
+
+  set(i: number): void {
+    if (this.has(i)) return;
+    this.bits[i >> 3]! |= 1 << (i & 7);
+    this.#count++;
+  }
+
+  get count(): number {
+    return this.#count;
+  }
+
+  /**
+   * Make the bits durable that were set before this call, after `syncData` made their data
+   * durable. A call while one runs waits for it, then runs its own.
+   */
+  persist(syncData: () => Promise<void>): Promise<void> {
+    if (this.#persisting) return this.#persisting.then(() => this.persist(syncData));
+    const run = async (): Promise<void> => {
+      const taken = Buffer.from(this.bits);
+      await syncData();
+      await pwriteFully(this.#fd, taken, 0);
+      await fdatasyncFd(this.#fd);
+    };
+    this.#persisting = run().finally(() => {
+      this.#persisting = undefined;
+    });
+    return this.#persisting;
+  }
+
+  close(): Promise<void> {
+    return closeFd(this.#fd);
+  }
+}
+
+/** The device clients see while a restore runs. */
+export class InstantRestoreDevice implements BlockDevice {
+  readonly readOnly = false;
+  readonly canFastZero = false;
+  readonly canMultiConn = true;
+  readonly #target: FileDevice;
+  readonly #source: BlockDevice;
+  readonly #slots: ReadonlyArray<string | null>;
+  readonly #P: number;
+  readonly #map: DoneMap;
+  /** Slots being changed while not done, by index. */
+  readonly #locks = new Map<number, Promise<void>>();
+  /** Called when a read needs a piece the backup cannot give. */
+  readonly #onSourceError: (err: BdsnapError) => void;
+  lastClientRequestMs = 0;
+
+  constructor(target: FileDevice, source: BlockDevice, slots: ReadonlyArray<string | null>, pieceBytes: number, map: DoneMap, onSourceError: (err: BdsnapError) => void) {
+    this.#target = target;
+    this.#source = source;
+    this.#slots = slots;
+    this.#P = pieceBytes;
+    this.#map = map;
+    this.#onSourceError = onSourceError;
+  }
+
+  get size(): number { return this.#source.size; }
+  get blockSizes(): BlockSizes { return this.#target.blockSizes; }
+  get canTrim(): boolean { return this.#target.canTrim; }
+  get doneSlots(): number { return this.#map.count; }
+  get slotCount(): number { return this.#slots.length; }
+  isDone(i: number): boolean { return this.#map.has(i); }
+
+  /** Take slot `i`'s lock; undefined when the slot is done (nothing to lock). Locks are taken in ascending order. */
+  async #lock(i: number): Promise<(() => void) | undefined> {
+    for (;;) {
+      if (this.#map.has(i)) return undefined;
+      const held = this.#locks.get(i);
+      if (!held) break;
+      await held;
+    }
+    let release!: () => void;
+    this.#locks.set(i, new Promise<void>((resolve) => (release = resolve)));
+    return () => {
+      this.#locks.delete(i);
+      release();
+    };
+  }
+
+  /** Make slot `i` hold the backup's content. Errors: what the backup's read gives (EIO, ECORRUPT), or the target's. */
+  async fill(i: number): Promise<void> {
+    const unlock = await this.#lock(i);
+    if (!unlock) return;
+    try {
+      const at = i * this.#P;
+      const length = Math.min(this.#P, this.size - at);
+      if (this.#slots[i] === null) {
+        await this.#target.zero(at, length);
+      } else {
+        const buf = Buffer.allocUnsafe(length);
+        try {
+          await this.#source.read(buf, at);
+        } catch (err) {
+          const e = toBdsnapError(err);
+          this.#onSourceError(e);
+          throw new BdsnapError('EIO', `the backup's data for ${at}+${length} cannot be read: ${e.message}`, { cause: err });
+        }
+        await this.#target.write(buf, at);
+      }
+      this.#map.set(i);
+    } finally {
+      unlock();
+    }
+  }
+
+  /**
+   * A change of `offset+length`: slots not done that it covers in part are filled first; those
+   * it covers whole are locked across it and done once it is.
+   */
+  async #change(offsetBytes: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
+    this.lastClientRequestMs = Date.now();
+    const P = this.#P;
+    const end = offsetBytes + lengthBytes;
+    const whole: number[] = [];
+    for (let i = Math.floor(offsetBytes / P); i * P < end; i++) {
+      if (this.#map.has(i)) continue;
+      if (offsetBytes <= i * P && end >= Math.min((i + 1) * P, this.size)) whole.push(i);
+      else await this.fill(i);
+    }
+    const unlocks: Array<{ i: number; unlock: () => void }> = [];
+    try {
+      for (const i of whole) {
+        const unlock = await this.#lock(i);
+        if (unlock) unlocks.push({ i, unlock });
+      }
+      await apply();
+      for (const { i } of unlocks) this.#map.set(i);
+    } finally {
+      for (const { unlock } of unlocks) unlock();
+    }
+  }
+
+  async read(target: Buffer, offsetBytes: number): Promise<void> {
+    checkRange(this, offsetBytes, target.length, false);
+    this.lastClientRequestMs = Date.now();
+    const P = this.#P;
+    const end = offsetBytes + target.length;
+    const fills: Array<Promise<void>> = [];
+    for (let i = Math.floor(offsetBytes / P); i * P < end; i++) if (!this.#map.has(i)) fills.push(this.fill(i));
+    await Promise.all(fills);
+    await this.#target.read(target, offsetBytes);
+  }
+
+  async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+    checkRange(this, offsetBytes, data.length, true);
+    await this.#change(offsetBytes, data.length, () => this.#target.write(data, offsetBytes));
+    if (options?.fua) await this.flush();
+  }
+
+  async trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes, true);
+    await this.#change(offsetBytes, lengthBytes, () => this.#target.trim(offsetBytes, lengthBytes));
+    if (options?.fua) await this.flush();
+  }
+
+  async zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+    checkRange(this, offsetBytes, lengthBytes, true);
+    if (options?.fastZero) throw new BdsnapError('ENOTSUP', 'fast zero is not offered while a restore runs');
+    await this.#change(offsetBytes, lengthBytes, () => this.#target.zero(offsetBytes, lengthBytes));
+    if (options?.fua) await this.flush();
+  }
+
+  /** The target's data first, then the map: a FLUSH answered means both are durable. */
+  flush(): Promise<void> {
+    return this.#map.persist(() => this.#target.flush());
+  }
+
+  cache(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    checkRange(this, offsetBytes, lengthBytes, false);
+    return Promise.resolve([{ length: lengthBytes, flags: 0 }]);
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+interface Running {
+  state: RestoreState;
+  dir: string;
+  device: InstantRestoreDevice;
+  target: FileDevice;
+  map: DoneMap;
+  closeSource: () => Promise<void>;
+  phase: 'running' | 'complete' | 'failed';
+  connections: number;
+  lastError: string | undefined;
+  startedMs: number;
+  doneAtStart: number;
+  finishedAt: string | undefined;
+  stopping: boolean;
+  copier: Promise<void> | undefined;
+}
+
+export interface InstantRestoresOptions {
+  stateDir: string;
+  events: EventLog;
+  log: Logger;
+  openSource: SourceOpener;
+  /** Bytes per second the background copy may fill (default: no limit). */
+  rateBytes?: number;
+}
+
+export interface StartRequest {
+  repo: string;
+  backup: string;
+  /** The device of the backup. */
+  device: string;
+  /** Where to restore: the device itself, or a new file. */
+  target: string;
+  output: boolean;
+}
+
+function restoreDirName(target: string): string {
+  return crypto.createHash('sha256').update(target).digest('hex').slice(0, 24);
+}
+
+export class InstantRestores {
+  readonly #options: InstantRestoresOptions;
+  readonly #root: string;
+  readonly #running = new Map<string, Running>();
+
+  constructor(options: InstantRestoresOptions) {
+    this.#options = options;
+    this.#root = path.join(options.stateDir, RESTORES_DIR);
+  }
+
+  /** Throws EBUSY while `devicePath` is the target of a restore or served by one. */
+  checkAttach(devicePath: string): void {
+    const r = this.#running.get(devicePath);
+    if (!r) return;
+    const why = r.phase === 'running' ? 'is being restored from a backup' : 'is still open through the restore that wrote it';
+    throw new BdsnapError('EBUSY', `${devicePath} ${why} (${r.connections} client(s)); it is served as ${devicePath} by the restore until then`);
+  }
+
+  isServing(name: string): boolean {
+    return this.#running.has(name);
+  }
+
+  /** The export of a target under restore. */
+  open(name: string): ExportHandle | undefined {
+    const r = this.#running.get(name);
+    if (!r) return undefined;
+    r.connections++;
+    let released = false;
+    return {
+      name, device: r.device,
+      release: async () => {
+        if (released) return;
+        released = true;
+        r.connections--;
+        if (r.connections === 0 && r.phase === 'complete') await this.#retire(r);
+      },
+    };
+  }
+
+  list(): InstantRestoreInfo[] {
+    return [...this.#running.values()].map((r) => this.#info(r));
+  }
+
+  #info(r: Running): InstantRestoreInfo {
+    const P = r.state.pieceBytes;
+    const doneBytes = Math.min(r.device.doneSlots * P, r.state.sizeBytes);
+    const seconds = (Date.now() - r.startedMs) / 1000;
+    const rate = seconds > 0 ? Math.max(0, (r.device.doneSlots - r.doneAtStart) * P) / seconds : 0;
+    return {
+      target: r.state.target, backup: r.state.backup, device: r.state.device, repo: r.state.repo,
+      state: r.phase, doneBytes, totalBytes: r.state.sizeBytes,
+      rateBytesPerSecond: Math.round(rate),
+      secondsLeft: rate > 0 ? Math.round((r.state.sizeBytes - doneBytes) / rate) : null,
+      startedAt: r.state.startedAt, finishedAt: r.finishedAt ?? null, error: r.lastError ?? null,
+    };
+  }
+
+  /** Begin a restore; returns once the target is served with the backup's content. */
+  async start(req: StartRequest, checkTarget: (target: string) => Promise<void>): Promise<InstantRestoreInfo> {
+    const target = path.resolve(req.target);
+    if (this.#running.has(target)) throw new BdsnapError('EBUSY', `${target} is already being restored`);
+    const opened = await this.#options.openSource(req.repo, req.backup, req.device);
+    let file: FileDevice | undefined;
+    let created = false;
+    try {
+      const sizeBytes = opened.source.size;
+      if (req.output) {
+        const out = await openOutputFile(target);
+        created = out.created;
+        try {
+          if (!out.created) throw new BdsnapError('EINVAL', `${target} exists; --output with --instant creates a new file (remove it or choose another name)`);
+          fs.ftruncateSync(out.fd, sizeBytes);
+          await out.close();
+        } catch (err) {
+          await out.discard();
+          throw err;
+        }
+      } else {
+        await checkTarget(target);
+        await checkNotInUse(target);
+      }
+      file = await FileDevice.open(target);
+      if (file.size < sizeBytes) throw new BdsnapError('EINVAL', `${target} is ${file.size} bytes, smaller than the backup's ${sizeBytes}: it cannot hold it`);
+      const state: RestoreState = {
+        version: 1, target, created, identity: { dev: file.identity.dev, ino: file.identity.ino }, repo: req.repo, backup: req.backup, device: req.device,
+        sizeBytes, pieceBytes: opened.pieceBytes, startedAt: new Date().toISOString(),
+      };
+      const dir = path.join(this.#root, restoreDirName(target));
+      await ensurePrivateDir(this.#root);
+      await fs.promises.rm(dir, { recursive: true, force: true });
+      await ensurePrivateDir(dir);
+      const map = await DoneMap.open(path.join(dir, MAP_FILE), opened.slots.length);
+      // A new file is all holes: its zero slots are done already.
+      if (created) opened.slots.forEach((h, i) => h === null && map.set(i));
+      await map.persist(async () => undefined);
+      await writeFileAtomic(path.join(dir, STATE_FILE), `${JSON.stringify(state)}\n`);
+      const r = this.#begin(state, dir, file, map, opened);
+      this.#options.events.emit('restore-started', { device: target, details: { backup: req.backup, repo: req.repo, sizeBytes } });
+      return this.#info(r);
+    } catch (err) {
+      await file?.close();
+      await opened.close();
+      if (created) await fs.promises.rm(target, { force: true });
+      throw err;
+    }
+  }
+
+  #begin(state: RestoreState, dir: string, target: FileDevice, map: DoneMap, opened: Awaited<ReturnType<SourceOpener>>): Running {
+    const r: Running = {
+      state, dir, target, map, closeSource: opened.close, phase: 'running', connections: 0, lastError: undefined,
+      startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, copier: undefined,
+      device: undefined as unknown as InstantRestoreDevice,
+    };
+    r.device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, (err) => {
+      r.lastError = err.message;
+      this.#options.events.emit('restore-failed', { device: state.target, details: { reason: err.message, retrying: true } });
+    });
+    this.#running.set(state.target, r);
+    r.copier = this.#copy(r);
+    return r;
+  }
+
+  /** The background copy: every slot not done, in order, retried with backoff while the backup cannot be read. */
+  async #copy(r: Running): Promise<void> {
+    const dev = r.device;
+    let next = 0;
+    let lastPersist = Date.now();
+    let delay = RETRY_MIN_MS;
+    const rate = this.#options.rateBytes;
+    const rateStartMs = Date.now();
+    let copiedBytes = 0;
+    while (!r.stopping && dev.doneSlots < dev.slotCount) {
+      const failures: BdsnapError[] = [];
+      const worker = async (): Promise<void> => {
+        while (!r.stopping && failures.length === 0) {
+          while (next < dev.slotCount && dev.isDone(next)) next++;
+          if (next >= dev.slotCount) return;
+          const i = next++;
+          // Clients first: while one is busy, the copy takes small steps.
+          if (Date.now() - dev.lastClientRequestMs < 5) await new Promise((resolve) => setTimeout(resolve, 2));
+          await dev.fill(i).catch((err: unknown) => failures.push(toBdsnapError(err)));
+          if (rate !== undefined) {
+            copiedBytes += r.state.pieceBytes;
+            const aheadMs = (copiedBytes / rate) * 1000 - (Date.now() - rateStartMs);
+            if (aheadMs > 0) await new Promise((resolve) => setTimeout(resolve, aheadMs));
+          }
+          if (Date.now() - lastPersist >= PERSIST_EVERY_MS) {
+            lastPersist = Date.now();
+            await dev.flush().catch((err: unknown) => failures.push(toBdsnapError(err)));
+          }
+        }
+      };
+      await Promise.all(Array.from({ length: COPIES_IN_FLIGHT }, worker));
+      if (failures.length > 0) {
+        r.lastError = failures[0]!.message;
+        this.#options.log.warn({ event: 'restore-retry', target: r.state.target, reason: r.lastError, inMs: delay }, 'instant restore: retrying');
+        next = 0;
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        delay = Math.min(delay * 2, RETRY_MAX_MS);
+        continue;
+      }
+      delay = RETRY_MIN_MS;
+    }
+    if (r.stopping) return;
+    try {
+      await dev.flush();
+    } catch (err) {
+      r.lastError = toBdsnapError(err).message;
+      r.phase = 'failed';
+      this.#options.events.emit('restore-failed', { device: r.state.target, details: { reason: r.lastError, retrying: false } });
+      return;
+    }
+    r.phase = 'complete';
+    r.lastError = undefined;
+    r.finishedAt = new Date().toISOString();
+    this.#options.events.emit('restore-completed', { device: r.state.target, details: { backup: r.state.backup, sizeBytes: r.state.sizeBytes } });
+    if (r.connections === 0) await this.#retire(r);
+  }
+
+  /** A complete restore nobody uses any more: forget it; the target is an ordinary device. */
+  async #retire(r: Running): Promise<void> {
+    if (this.#running.get(r.state.target) !== r) return;
+    this.#running.delete(r.state.target);
+    await r.map.close();
+    await r.target.close();
+    await r.closeSource();
+    await fs.promises.rm(r.dir, { recursive: true, force: true });
+  }
+
+  /** At daemon start: resume every restore the last run left. A restore that cannot resume is reported and kept for the next start. */
+  async resumeAll(): Promise<void> {
+    const names = await fs.promises.readdir(this.#root).catch(() => [] as string[]);
+    for (const name of names) {
+      const dir = path.join(this.#root, name);
+      try {
+        const state = stateSchema.parse(JSON.parse(await fs.promises.readFile(path.join(dir, STATE_FILE), 'utf8')));
+        const opened = await this.#options.openSource(state.repo, state.backup, state.device);
+        let file: FileDevice | undefined;
+        let map: DoneMap | undefined;
+        try {
+          file = await FileDevice.open(state.target);
+          if (file.identity.dev !== state.identity.dev || file.identity.ino !== state.identity.ino) {
+            throw new BdsnapError('EMISMATCH', `${state.target} is no longer the file the restore began on`);
+          }
+          map = await DoneMap.open(path.join(dir, MAP_FILE), opened.slots.length);
+          this.#begin(state, dir, file, map, opened);
+          this.#options.log.info({ event: 'restore-resumed', target: state.target, done: map.count, of: opened.slots.length }, 'instant restore resumed');
+        } catch (err) {
+          await map?.close();
+          await file?.close();
+          await opened.close();
+          throw err;
+        }
+      } catch (err) {
+        const e = toBdsnapError(err);
+        this.#options.events.emit('restore-failed', { details: { dir, reason: e.message, retrying: false } });
+      }
+    }
+  }
+
+  /** Shutdown: stop the copies, make what is done durable, close. Restores resume at the next start. */
+  async closeAll(): Promise<void> {
+    for (const r of this.#running.values()) r.stopping = true;
+    for (const r of [...this.#running.values()]) {
+      await r.copier;
+      await r.device.flush().catch(() => undefined);
+      await r.map.close();
+      await r.target.close();
+      await r.closeSource();
+    }
+    this.#running.clear();
+  }
+}
