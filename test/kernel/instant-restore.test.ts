@@ -147,3 +147,43 @@ test('instant restore across SIGKILLs: it resumes, and flushed writes survive', 
   await daemon.server.stop();
   assert.equal(await sha256File(out), crypto.createHash('sha256').update(expected).digest('hex'), 'the backup plus every flushed write');
 });
+
+test('instant restore with the repository gone: EIO for what is not copied, the rest still read, done once it is back', { timeout: 300_000 }, async (t) => {
+  if (!needs(t, { root: true })) return;
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup, 'bdsnap-instant-gone-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 64 * MiB, 'random', 5);
+  const { repoDir, id } = await backUp(dir, image);
+  const expected = fs.readFileSync(image);
+  const out = path.join(dir, 'out.img');
+  const daemon = await startDaemon(cleanup, { password: false, extraArgs: ['--restore-rate', '2M'] });
+  await daemon.cli(['backup', 'restore', '--repo', repoDir, id, image, '--output', out, '--instant']);
+  const client = await NbdClient.connect({ socketPath: path.join(daemon.runDir, 'nbd.sock'), exportName: out });
+  try {
+    const early = Buffer.alloc(MiB);
+    await client.read(early, 40 * MiB);
+    assert.deepEqual(early, expected.subarray(40 * MiB, 41 * MiB), 'read from the backup before it is copied');
+    // Every piece file moves out of the repository (its directories stay: the store may hold them open).
+    const pieces = path.join(repoDir, 'pieces');
+    const away = path.join(dir, 'away');
+    fs.mkdirSync(away);
+    const moved = fs.readdirSync(pieces).flatMap((hh) => fs.readdirSync(path.join(pieces, hh)).map((f) => path.join(hh, f)));
+    for (const f of moved) fs.renameSync(path.join(pieces, f), path.join(away, f.replace('/', '-')));
+    try {
+      await assert.rejects(client.read(Buffer.alloc(MiB), 56 * MiB), /EIO|error/i, 'what the repository cannot give fails the read');
+      const again = Buffer.alloc(MiB);
+      await client.read(again, 40 * MiB);
+      assert.deepEqual(again, early, 'what was copied still reads');
+      const r = (await restores(daemon)).find((x) => x.target === out)!;
+      assert.equal(r.state, 'running');
+      assert.ok(r.error, 'status says why the copy is stuck');
+    } finally {
+      for (const f of moved) fs.renameSync(path.join(away, f.replace('/', '-')), path.join(pieces, f));
+    }
+  } finally {
+    await client.close();
+  }
+  await waitDone(daemon, out, 120_000);
+  assert.deepEqual(fs.readFileSync(out), expected, 'finished exactly once the repository is back');
+});
