@@ -45,7 +45,7 @@ const RESTORES_DIR = 'restores';
 const STATE_FILE = 'state.json';
 const MAP_FILE = 'done.map';
 /** Slots filled by the background copy at once. */
-const COPIES_IN_FLIGHT = 4;
+const COPIES_IN_FLIGHT = 8;
 /** The map is made durable at least this often while the copy runs. */
 const PERSIST_EVERY_MS = 1000;
 const RETRY_MIN_MS = 500;

@@ -1,0 +1,152 @@
+/**
+ * `node dist/bench/instant-restore.js`: instant restore against a whole restore of the same
+ * backup, side by side in one run, the two taking turns to go first.
+ *
+ *   node dist/bench/instant-restore.js [--size-mib N] [--runs N]
+ *
+ * One image of mixed content (a quarter each of random bytes, zeroes, one repeated MiB, text) is
+ * backed up once into a local repository. Per run, each into a new file:
+ * - whole: `restoreBackup` (what `bdsnap backup restore --output` runs), start to durable end;
+ * - instant: `bdsnap backup restore --instant --output` through a running daemon; *usable* is
+ *   from the command's start until a client has read the device's first 4 KiB through the
+ *   daemon; *copied* until the daemon reports the restore complete (its map and data durable);
+ * - instant with a reader: the same, while one NBD client reads the whole device in 1 MiB
+ *   requests from the start; its throughput against the background copy's alone.
+ * Every restored file is compared with the image.
+ */
+
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { LocalDirStore, Repository, backupDevices, restoreBackup } from '../src/backup/index.js';
+import { NbdClient } from '../src/nbd/client.js';
+import { ServeSnapshotProvider, makeImage, startDaemon, type RunningDaemon } from './helpers.js';
+import { fillPageCache } from './page-cache.js';
+import { spread } from './report.js';
+
+const MiB = 1024 * 1024;
+
+interface Sample {
+  wholeSec: number;
+  usableSec: number;
+  copiedSec: number;
+  readerMiBs: number;
+  copyWithReaderSec: number;
+}
+
+function sha256(file: string): string {
+  return crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+}
+
+async function restoresOf(daemon: RunningDaemon): Promise<Array<{ target: string; state: string }>> {
+  return (JSON.parse((await daemon.cli(['status', '--json'])).stdout) as { restores: Array<{ target: string; state: string }> }).restores;
+}
+
+async function waitCopied(daemon: RunningDaemon, target: string): Promise<void> {
+  for (;;) {
+    const r = (await restoresOf(daemon)).find((x) => x.target === target);
+    if (!r || r.state === 'complete') return;
+    if (r.state === 'failed') throw new Error(`instant restore of ${target} failed`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+/** From the command's start: until the first 4 KiB are read, and until the copy is done; with `readAll`, a reader of the whole device meanwhile. */
+async function instant(daemon: RunningDaemon, repoDir: string, id: string, device: string, out: string, readAll: boolean): Promise<{ usableSec: number; copiedSec: number; readerMiBs: number }> {
+  const t0 = performance.now();
+  await daemon.cli(['backup', 'restore', '--repo', repoDir, id, device, '--output', out, '--instant']);
+  const client = await NbdClient.connect({ socketPath: path.join(daemon.runDir, 'nbd.sock'), exportName: out });
+  let readerMiBs = 0;
+  let usableSec: number;
+  try {
+    await client.read(Buffer.alloc(4096), 0);
+    usableSec = (performance.now() - t0) / 1000;
+    if (readAll) {
+      const buf = Buffer.alloc(MiB);
+      const r0 = performance.now();
+      for (let at = 0; at < client.size; at += MiB) await client.read(buf.subarray(0, Math.min(MiB, client.size - at)), at);
+      readerMiBs = client.size / MiB / ((performance.now() - r0) / 1000);
+    }
+  } finally {
+    await client.close();
+  }
+  await waitCopied(daemon, out);
+  return { usableSec, copiedSec: (performance.now() - t0) / 1000, readerMiBs };
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({ options: { 'size-mib': { type: 'string', default: '1024' }, runs: { type: 'string', default: '3' } } });
+  const sizeBytes = Number(values['size-mib']) * MiB;
+  const runs = Number(values.runs);
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-instant-'));
+  let daemon: RunningDaemon | undefined;
+  try {
+    const image = path.join(work, 'disk.img');
+    makeImage(image, sizeBytes, 'mixed', 7);
+    const want = sha256(image);
+    const repoDir = path.join(work, 'repo');
+    await Repository.init(new LocalDirStore(repoDir));
+    const repo = await Repository.open(new LocalDirStore(repoDir));
+    const provider = new ServeSnapshotProvider(work, { copy: false });
+    const { id } = await backupDevices(repo, provider, [image]);
+    daemon = await startDaemon(undefined, { password: false });
+    process.stderr.write(`image ${sizeBytes / MiB} MiB, ${runs} runs, load ${os.loadavg()[0]!.toFixed(1)}\n`);
+    const samples: Sample[] = [];
+    for (let i = 0; i < runs; i++) {
+      const s: Partial<Sample> = {};
+      const steps: Array<() => Promise<void>> = [
+        async () => {
+          const out = path.join(work, 'whole.img');
+          fillPageCache(work, sizeBytes);
+          const t0 = performance.now();
+          await restoreBackup(repo, id, image, { output: out });
+          s.wholeSec = (performance.now() - t0) / 1000;
+          if (sha256(out) !== want) throw new Error('the whole restore differs from the image');
+          fs.rmSync(out);
+        },
+        async () => {
+          const out = path.join(work, 'instant.img');
+          fillPageCache(work, sizeBytes);
+          const r = await instant(daemon!, repoDir, id, image, out, false);
+          s.usableSec = r.usableSec;
+          s.copiedSec = r.copiedSec;
+          if (sha256(out) !== want) throw new Error('the instant restore differs from the image');
+          fs.rmSync(out);
+          const out2 = path.join(work, 'instant-read.img');
+          fillPageCache(work, sizeBytes);
+          const r2 = await instant(daemon!, repoDir, id, image, out2, true);
+          s.readerMiBs = r2.readerMiBs;
+          s.copyWithReaderSec = r2.copiedSec;
+          if (sha256(out2) !== want) throw new Error('the instant restore with a reader differs from the image');
+          fs.rmSync(out2);
+        },
+      ];
+      if (i % 2 === 1) steps.reverse();
+      for (const step of steps) await step();
+      samples.push(s as Sample);
+      process.stderr.write(`run ${i + 1}: ${JSON.stringify(s)}\n`);
+    }
+    const fmt = (xs: number[], digits = 2): string => {
+      const x = spread(xs);
+      return `${x.median.toFixed(digits)} (${x.min.toFixed(digits)}-${x.max.toFixed(digits)})`;
+    };
+    const sizeMiB = sizeBytes / MiB;
+    process.stdout.write([
+      `| measure | value | target |`,
+      `|---|---|---|`,
+      `| time to a usable device (--instant until the first read) | ${fmt(samples.map((s) => s.usableSec))} s | at most 1 s |`,
+      `| whole restore | ${fmt(samples.map((s) => s.wholeSec))} s | |`,
+      `| background copy throughput / whole restore's | ${fmt(samples.map((s) => s.wholeSec / s.copiedSec))}x | at least 0.8x |`,
+      `| a reader of data not restored yet / the copy alone | ${fmt(samples.map((s) => s.readerMiBs / (sizeMiB / s.copiedSec)))}x (${fmt(samples.map((s) => s.readerMiBs), 0)} MiB/s) | at least 0.5x |`,
+      '',
+      `Medians of ${runs} runs of a ${sizeMiB} MiB mixed image, (min-max) in brackets. Load average at the end: ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}.`,
+    ].join('\n') + '\n');
+  } finally {
+    await daemon?.server.stop();
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}
+
+await main();
