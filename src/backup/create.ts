@@ -14,9 +14,10 @@
  * 4. The manifest is put last: the backup exists from that instant, complete.
  */
 
+import os from 'node:os';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { codecFor, type Codec } from '../repository/codec.js';
-import { compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, slotCountOf, type DeviceEntry, type Manifest } from '../repository/format.js';
+import { HOST_NAME, compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, slotCountOf, type DeviceEntry, type Manifest } from '../repository/format.js';
 import { RepoLock } from '../repository/lock.js';
 import { PiecePool } from '../repository/piece-pool.js';
 import { coveredPieces, normalizeRanges, touchedPieces, type ByteRange } from './ranges.js';
@@ -58,6 +59,8 @@ export interface CreateOptions {
   concurrency?: number;
   /** Codec for new pieces; default: the repository's (config.codec). */
   codec?: Codec;
+  /** The host the backup is recorded as made by; default this machine's hostname (hostOf). */
+  host?: string;
 }
 
 export interface DeviceSummary {
@@ -100,6 +103,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     if (seen.has(s.device)) throw new BdsnapError('EINVAL', `${s.device} is given twice`);
     seen.add(s.device);
   }
+  const host = hostOf(options);
   const startTime = new Date();
   const id = newBackupId(startTime);
   const lock = await RepoLock.acquire(repo.store, 'create');
@@ -171,7 +175,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     const endTime = new Date();
     const manifest: Manifest = {
       format: 'bdsnap-backup', version: 1, id, startTime: startTime.toISOString(), endTime: endTime.toISOString(),
-      pieceSizeBytes: repo.pieceSizeBytes, tags: options.tags ?? [], devices: entries,
+      pieceSizeBytes: repo.pieceSizeBytes, tags: options.tags ?? [], host, devices: entries,
     };
     await repo.store.put(manifestObject(id), Buffer.from(`${JSON.stringify(manifest)}\n`));
     return {
@@ -188,6 +192,17 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     await pool.close();
     await lock.release().catch(() => undefined);
   }
+}
+
+/** The host a backup is made for: `--host`, or this machine's hostname. EINVAL if it is not a plain host name. */
+export function hostOf(options: { host?: string }): string {
+  const host = options.host ?? os.hostname();
+  if (!HOST_NAME.test(host)) {
+    throw new BdsnapError('EINVAL', options.host === undefined
+      ? `this machine's hostname "${host}" cannot name backups (letters, digits, '.', '_' and '-'); give --host NAME`
+      : `bad --host "${host}": letters, digits, '.', '_' and '-', at most 253`);
+  }
+  return host;
 }
 
 function pieceLength(repo: Repository, source: BackupSource, i: number): number {

@@ -155,12 +155,15 @@ export class Repository {
     return out;
   }
 
-  /** The newest readable backup that holds `device`, if any. */
-  async lastBackupOf(device: string): Promise<Manifest | undefined> {
+  /**
+   * The newest readable backup that holds `device`, if any; with `host`, only that host's: one
+   * path on two hosts is two devices (a backup without a host matches no host).
+   */
+  async lastBackupOf(device: string, host?: string): Promise<Manifest | undefined> {
     const ids = await this.backupIds();
     for (let i = ids.length - 1; i >= 0; i--) {
       const m = await this.manifest(ids[i]!).catch(() => undefined);
-      if (m?.devices.some((d) => d.device === device)) return m;
+      if (m?.devices.some((d) => d.device === device) && (host === undefined || m.host === host)) return m;
     }
     return undefined;
   }
