@@ -93,8 +93,14 @@ function deviceSetOf(m: Manifest): string[] {
   return [...new Set(m.devices.map((d) => d.device))].sort();
 }
 
+/** By host (none first), then device by device, a set that is a prefix of another first. */
 function compareGroups(a: { host: string | null; devices: string[] }, b: { host: string | null; devices: string[] }): number {
-  const ka = JSON.stringify([a.host ?? '', a.devices]);
-  const kb = JSON.stringify([b.host ?? '', b.devices]);
-  return ka < kb ? -1 : ka > kb ? 1 : 0;
+  const byText = (x: string, y: string): number => (x < y ? -1 : x > y ? 1 : 0);
+  const host = byText(a.host ?? '', b.host ?? '');
+  if (host !== 0) return host;
+  for (let i = 0; i < Math.min(a.devices.length, b.devices.length); i++) {
+    const d = byText(a.devices[i]!, b.devices[i]!);
+    if (d !== 0) return d;
+  }
+  return a.devices.length - b.devices.length;
 }
