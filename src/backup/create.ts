@@ -11,7 +11,10 @@
  * 3. Pieces are staged as they come and committed in batches (a piece's name appears only once
  *    its data is durable; see object-store.ts), the last batch before the manifest. A crash
  *    or a full disk here leaves only pieces no manifest names, or temp files prune removes.
- * 4. The manifest is put last: the backup exists from that instant, complete.
+ * 4. The manifest is put last: the backup exists from that instant, complete. Just before, the
+ *    lock is checked to have been held all along (lock.ts, assertHeld): a create that stalled
+ *    long enough for a prune to take its lock over as stale fails instead of naming pieces that
+ *    prune may have deleted.
  */
 
 import os from 'node:os';
@@ -172,6 +175,8 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     options.signal?.throwIfAborted();
     // Every piece the manifest names is in the store, whole and durable, before the manifest.
     await repo.store.commit();
+    // ... and still there: no prune took this backup's lock over while it ran (lock.ts).
+    await lock.assertHeld('this backup');
     const endTime = new Date();
     const manifest: Manifest = {
       format: 'bdsnap-backup', version: 1, id, startTime: startTime.toISOString(), endTime: endTime.toISOString(),

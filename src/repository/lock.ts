@@ -16,12 +16,18 @@
  * STALE_MS is ignored. On the same host a lock whose process is gone (pid and process start
  * time no longer match) is dead at once, so a create killed with SIGKILL does not hold up a
  * prune for long; one whose process /proc cannot tell about counts by its age alone. Prune
- * deletes dead and stale locks.
+ * deletes dead and stale locks before it deletes anything else.
+ *
+ * The holder's side of staleness: a holder that stalled longer than STALE_MS (a stopped process,
+ * a paused VM, a store that refused its refreshes) cannot tell whether a prune on another host
+ * took its lock over meanwhile and deleted the pieces it counted on. So it checks before it
+ * commits (assertHeld): by its own clock, and by the lock object still being its own; a refresh
+ * never puts back a lock that was removed.
  */
 
 import os from 'node:os';
 import { z } from 'zod';
-import { BdsnapError } from '../errors.js';
+import { BdsnapError, toBdsnapError } from '../errors.js';
 import { PROC_PATH, processStartTime, processStartTimeSync } from '../host/processes.js';
 import { LOCKS_PREFIX, newBackupId } from './format.js';
 import type { ObjectInfo, ObjectStore } from './object-store.js';
@@ -92,6 +98,13 @@ export async function listLocks(store: ObjectStore, options: LockOptions = {}): 
   return out;
 }
 
+/**
+ * How long a holder may go without a refresh it knows landed before it must assume that a
+ * prune on some host took its lock over (STALE_MS, judged by the store's clock): half of it, as
+ * a margin for the two clocks and a refresh that landed late.
+ */
+export const HELD_MARGIN_MS = STALE_MS / 2;
+
 export class RepoLock {
   readonly name: string;
   readonly #store: ObjectStore;
@@ -99,6 +112,10 @@ export class RepoLock {
   #timer: NodeJS.Timeout | undefined;
   #refreshing: Promise<void> | undefined;
   #released = false;
+  /** When the last put of the lock that succeeded was started. */
+  #confirmedMs = Date.now();
+  /** Why the lock is known lost, once it is. */
+  #lost: string | undefined;
 
   private constructor(store: ObjectStore, name: string, body: Buffer) {
     this.#store = store;
@@ -111,6 +128,7 @@ export class RepoLock {
     const name = `${LOCKS_PREFIX}${newBackupId()}.${kind}`;
     const body: LockBody = { kind, host: os.hostname(), pid: process.pid, processStart: processStartTimeSync(process.pid, options.proc), createdAt: new Date().toISOString() };
     const lock = new RepoLock(store, name, Buffer.from(`${JSON.stringify(body)}\n`));
+    lock.#confirmedMs = Date.now();
     await store.put(name, lock.#body);
     try {
       const others = (await listLocks(store, options)).filter((l) => l.name !== name && l.state === 'live');
@@ -125,10 +143,51 @@ export class RepoLock {
       throw err;
     }
     lock.#timer = setInterval(() => {
-      lock.#refreshing ??= store.put(name, lock.#body).catch(() => undefined).finally(() => (lock.#refreshing = undefined));
+      lock.#refreshing ??= lock.#refresh().catch(() => undefined).finally(() => (lock.#refreshing = undefined));
     }, REFRESH_MS);
     lock.#timer.unref();
     return lock;
+  }
+
+  /** Put the lock again, unless it is gone: a lock a prune removed is not brought back, it is lost. */
+  async #refresh(): Promise<void> {
+    if (this.#lost !== undefined) return;
+    const startedMs = Date.now();
+    if (!(await this.#store.stat(this.name))) {
+      this.#lost = 'it was removed from the repository';
+      return;
+    }
+    await this.#store.put(this.name, this.#body);
+    this.#confirmedMs = startedMs;
+  }
+
+  /**
+   * EBUSY unless this lock has been held all along: refreshed within HELD_MARGIN_MS by this
+   * process's clock, and still in the store as this process wrote it. A holder that stalled
+   * (a stopped process, a paused VM, a store that refused refreshes) may have been judged stale
+   * and its lock taken over by a prune, which then deleted pieces the holder counts on; so it
+   * must not commit. On success the lock is refreshed, so the commit that follows has the whole
+   * STALE_MS ahead of it.
+   */
+  async assertHeld(what: string): Promise<void> {
+    await this.#refreshing;
+    const lost = (why: string): BdsnapError => new BdsnapError('EBUSY', `${what}'s lock ${this.name} was taken over (${why}), so a prune may have deleted pieces it names; nothing was recorded; run the backup again`);
+    if (this.#lost !== undefined) throw lost(this.#lost);
+    const gapMs = Date.now() - this.#confirmedMs;
+    if (gapMs > HELD_MARGIN_MS) throw lost(`it was not refreshed for ${Math.round(gapMs / 1000)} s, and a lock counts as stale after ${STALE_MS / 1000} s`);
+    let stored: Buffer | undefined;
+    try {
+      stored = await this.#store.get(this.name, { maxBytes: MAX_LOCK_BYTES });
+    } catch (err) {
+      if (toBdsnapError(err).code !== 'ENOENT') throw err;
+    }
+    if (!stored?.equals(this.#body)) {
+      this.#lost = stored ? 'it was replaced' : 'it was removed from the repository';
+      throw lost(this.#lost);
+    }
+    const startedMs = Date.now();
+    await this.#store.put(this.name, this.#body);
+    this.#confirmedMs = startedMs;
   }
 
   async release(): Promise<void> {

@@ -210,6 +210,15 @@ export class Repository {
     const lock = await RepoLock.acquire(this.store, 'prune');
     try {
       const startedMs = Date.now();
+      // Stale locks go first: a create that stalled and comes back finds its lock gone before
+      // any piece it counts on is (RepoLock.assertHeld).
+      let deletedLocks = 0;
+      for (const l of await listLocks(this.store)) {
+        if (l.name !== lock.name && l.state !== 'live') {
+          await this.store.delete(l.name);
+          deletedLocks++;
+        }
+      }
       const records = await this.backups();
       const broken = records.filter((r) => r.error);
       if (broken.length > 0) {
@@ -225,13 +234,6 @@ export class Repository {
         deletedPieces++;
         deletedBytes += size;
       });
-      let deletedLocks = 0;
-      for (const l of await listLocks(this.store)) {
-        if (l.name !== lock.name && l.state !== 'live') {
-          await this.store.delete(l.name);
-          deletedLocks++;
-        }
-      }
       const deletedIncomplete = await this.store.removeIncomplete(startedMs);
       return { backups: records.length, referencedPieces: referenced.size, deletedPieces, deletedBytes, deletedLocks, deletedIncomplete };
     } finally {
