@@ -13,8 +13,8 @@
  * manifests alone which pieces a running create still counts on.
  *
  * A lock is live while its holder refreshes it (a put every REFRESH_MS); one not refreshed for
- * STALE_MS is ignored. On the same host a lock whose process is gone (pid and process start
- * time no longer match) is dead at once, so a create killed with SIGKILL does not hold up a
+ * STALE_MS is ignored. On the same host (hostname and boot id) a lock whose process is gone (pid
+ * and process start time no longer match) is dead at once, so a create killed with SIGKILL does not hold up a
  * prune for long; one whose process /proc cannot tell about counts by its age alone. Prune
  * deletes dead and stale locks before it deletes anything else.
  *
@@ -28,6 +28,7 @@
 import os from 'node:os';
 import { z } from 'zod';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { readBootId } from '../host/device-stamp.js';
 import { PROC_PATH, processStartTime, processStartTimeSync } from '../host/processes.js';
 import { LOCKS_PREFIX, newBackupId } from './format.js';
 import type { ObjectInfo, ObjectStore } from './object-store.js';
@@ -46,6 +47,11 @@ const lockSchema = z.object({
   /** /proc/<pid>/stat start time, to tell a reused pid apart. */
   processStart: z.string().nullable(),
   createdAt: z.string(),
+  /**
+   * The kernel's boot id: a pid means something only on the machine and boot that wrote it, and
+   * two machines may share a hostname (clones, containers). Absent in older locks.
+   */
+  bootId: z.string().optional(),
 });
 type LockBody = z.infer<typeof lockSchema>;
 
@@ -69,7 +75,7 @@ export interface LockOptions {
  */
 async function stateOf(body: LockBody, info: ObjectInfo, nowMs: number, proc: string): Promise<Pick<LockInfo, 'state' | 'unchecked'>> {
   const byAge = nowMs - info.modifiedMs > STALE_MS ? 'stale' : 'live';
-  if (body.host !== os.hostname()) return { state: byAge };
+  if (body.host !== os.hostname() || !body.bootId || body.bootId !== readBootId()) return { state: byAge };
   let start: string | null;
   try {
     start = await processStartTime(body.pid, proc);
@@ -126,7 +132,10 @@ export class RepoLock {
   /** Take a lock of `kind`, or fail with EBUSY naming the lock in the way. */
   static async acquire(store: ObjectStore, kind: LockKind, options: LockOptions = {}): Promise<RepoLock> {
     const name = `${LOCKS_PREFIX}${newBackupId()}.${kind}`;
-    const body: LockBody = { kind, host: os.hostname(), pid: process.pid, processStart: processStartTimeSync(process.pid, options.proc), createdAt: new Date().toISOString() };
+    const body: LockBody = {
+      kind, host: os.hostname(), pid: process.pid, processStart: processStartTimeSync(process.pid, options.proc), createdAt: new Date().toISOString(),
+      bootId: readBootId(),
+    };
     const lock = new RepoLock(store, name, Buffer.from(`${JSON.stringify(body)}\n`));
     lock.#confirmedMs = Date.now();
     await store.put(name, lock.#body);

@@ -15,6 +15,7 @@ import { LOCKS_PREFIX } from '../../src/repository/format.js';
 import { RepoLock, listLocks } from '../../src/repository/lock.js';
 import { BdsnapError } from '../../src/errors.js';
 import { makeTempDir } from '../helpers/files.js';
+import { readBootId } from '../../src/host/device-stamp.js';
 
 /** A pid that named a process a moment ago and names none now (spawnSync reaps its child). */
 function exitedPid(): number {
@@ -23,11 +24,11 @@ function exitedPid(): number {
   return pid;
 }
 
-async function storeWithCreateLock(t: test.TestContext, pid: number): Promise<LocalDirStore> {
+async function storeWithCreateLock(t: test.TestContext, pid: number, bootId: string | null = readBootId()): Promise<LocalDirStore> {
   const dir = makeTempDir(t, 'bdsnap-lock-');
   const store = new LocalDirStore(path.join(dir, 'repo'));
   t.after(() => store.close());
-  const body = { kind: 'create', host: os.hostname(), pid, processStart: '12345', createdAt: new Date().toISOString() };
+  const body = { kind: 'create', host: os.hostname(), pid, processStart: '12345', createdAt: new Date().toISOString(), ...(bootId === null ? {} : { bootId }) };
   await store.put(`${LOCKS_PREFIX}0001.create`, Buffer.from(`${JSON.stringify(body)}\n`));
   return store;
 }
@@ -57,4 +58,15 @@ test('a lock whose process is gone is dead, and a prune goes ahead', async (t) =
   assert.equal(lock?.unchecked, undefined);
   const prune = await RepoLock.acquire(store, 'prune');
   await prune.release();
+});
+
+test('a lock of another machine with this hostname (another boot id) is judged by its age, not by a pid of this machine', async (t) => {
+  assert.notEqual(readBootId(), '', 'this machine has a boot id');
+  const store = await storeWithCreateLock(t, exitedPid(), '00000000-0000-4000-8000-000000000000');
+  const [lock] = await listLocks(store);
+  assert.equal(lock?.state, 'live');
+  await assert.rejects(RepoLock.acquire(store, 'prune'), { code: 'EBUSY' });
+  // Older locks recorded no boot id: judged by age too.
+  const old = await storeWithCreateLock(t, exitedPid(), null);
+  assert.equal((await listLocks(old))[0]?.state, 'live');
 });
