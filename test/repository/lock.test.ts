@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { LocalDirStore } from '../../src/backup/index.js';
 import { LOCKS_PREFIX } from '../../src/repository/format.js';
-import { RepoLock, listLocks } from '../../src/repository/lock.js';
+import { HELD_MARGIN_MS, RepoLock, listLocks } from '../../src/repository/lock.js';
 import { BdsnapError } from '../../src/errors.js';
 import { makeTempDir } from '../helpers/files.js';
 import { readBootId } from '../../src/host/device-stamp.js';
@@ -69,4 +69,22 @@ test('a lock of another machine with this hostname (another boot id) is judged b
   // Older locks recorded no boot id: judged by age too.
   const old = await storeWithCreateLock(t, exitedPid(), null);
   assert.equal((await listLocks(old))[0]?.state, 'live');
+});
+
+test('a holder that went longer than HELD_MARGIN_MS without a refresh, or whose lock was removed, is told it lost the lock', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const store = new LocalDirStore(path.join(dir, 'repo'));
+  t.after(() => store.close());
+  t.mock.timers.enable({ apis: ['Date'], now: Date.now() });
+  const lock = await RepoLock.acquire(store, 'create');
+  await lock.assertHeld('this backup');
+  // Stalled (no refresh ran) for longer than the margin: a prune may have judged it stale.
+  t.mock.timers.setTime(Date.now() + HELD_MARGIN_MS + 1000);
+  await assert.rejects(lock.assertHeld('this backup'), { code: 'EBUSY', message: /this backup's lock .* was taken over \(it was not refreshed for \d+ s/ });
+  await lock.release();
+
+  const second = await RepoLock.acquire(store, 'create');
+  await store.delete(second.name);
+  await assert.rejects(second.assertHeld('this backup'), { code: 'EBUSY', message: /was taken over \(it was removed from the repository\)/ });
+  await second.release().catch(() => undefined);
 });
