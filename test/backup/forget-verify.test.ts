@@ -164,3 +164,24 @@ test('backup forget by policy: per host and device set, --dry-run prints the pla
   assertFails(await bdsnap('forget', '--repo', repoDir, '--keep-within', 'soon'), /--keep-within takes a duration/);
   assertFails(await bdsnap('forget', '--repo', repoDir, made.web1![2]!, '--keep-last', '1'), /give backup ids, or a policy/);
 });
+
+test('forgetting the base of an incremental (and pruning) leaves the incremental whole: every manifest stands alone', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-forgetbase-');
+  const repoDir = path.join(dir, 'repo');
+  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB });
+  const data = randomData(1024 * KiB, 9);
+  const full = await createBackup(repo, [source('/dev/a', data)], { host: 'web1' });
+  randomData(8 * KiB, 10).copy(data, 300 * KiB);
+  const inc = await createBackup(repo, [{ ...source('/dev/a', data), changed: [{ offsetBytes: 300 * KiB, lengthBytes: 8 * KiB }], base: full.id }], { host: 'web1' });
+  assert.equal(inc.devices[0]!.kind, 'incremental');
+  assert.equal(inc.devices[0]!.newPieces, 1);
+  const r = await bdsnap('forget', '--repo', repoDir, '--keep-last', '1', '--json');
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.deepEqual(await repo.backupIds(), [inc.id]);
+  const pruned = JSON.parse((await bdsnap('prune', '--repo', repoDir, '--json')).stdout) as { deletedPieces: number };
+  assert.equal(pruned.deletedPieces, 1, 'only the piece the incremental replaced');
+  const out = path.join(dir, 'out.img');
+  const restored = await bdsnap('restore', '--repo', repoDir, inc.id, '/dev/a', '--output', out);
+  assert.equal(restored.exitCode, 0, restored.stderr);
+  assert.ok(fs.readFileSync(out).equals(data), 'the incremental restores exactly without its base');
+});
