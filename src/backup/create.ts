@@ -81,6 +81,7 @@ export interface DeviceSummary {
 
 export interface BackupSummary {
   id: string;
+  host: string;
   startTime: string;
   endTime: string;
   durationMs: number;
@@ -184,7 +185,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     };
     await repo.store.put(manifestObject(id), Buffer.from(`${JSON.stringify(manifest)}\n`));
     return {
-      id, startTime: manifest.startTime, endTime: manifest.endTime, durationMs: endTime.getTime() - startTime.getTime(), devices: summaries,
+      id, host, startTime: manifest.startTime, endTime: manifest.endTime, durationMs: endTime.getTime() - startTime.getTime(), devices: summaries,
       readBytes: summaries.reduce((n, d) => n + d.readBytes, 0),
       newPieces: summaries.reduce((n, d) => n + d.newPieces, 0),
       newStoredBytes: summaries.reduce((n, d) => n + d.newStoredBytes, 0),

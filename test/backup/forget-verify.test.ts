@@ -158,6 +158,7 @@ test('backup forget by policy: per host and device set, --dry-run prints the pla
   assert.equal(r.exitCode, 0, r.stderr);
   assert.equal((await verifyRepository(repo)).ok, true);
 
+  assertFails(await bdsnap('create', '/dev/a', '--repo', repoDir, '--host', 'web 1'), /^bdsnap: bad --host "web 1": letters, digits/);
   assertFails(await bdsnap('forget', '--repo', repoDir), /say which backups to forget/);
   assertFails(await bdsnap('forget', '--repo', repoDir, '--keep-last', '0'), /the policy keeps nothing/);
   assertFails(await bdsnap('forget', '--repo', repoDir, '--keep-daily', 'many'), /--keep-daily takes a whole number/);

@@ -120,9 +120,10 @@ test('two hosts back up copies of one image at the same time: stored once, each 
     bdsnap(['create', a, '--repo', repoDir, '--host', 'web1', '--json'], box.env),
     bdsnap(['create', b, '--repo', repoDir, '--host', 'web2', '--json'], box.env),
   ]);
-  type Summary = { id: string; startTime: string; endTime: string; newStoredBytes: number };
+  type Summary = { id: string; host: string; startTime: string; endTime: string; newStoredBytes: number };
   const sa = JSON.parse(succeeded(ra)) as Summary;
   const sb = JSON.parse(succeeded(rb)) as Summary;
+  assert.deepEqual([sa.host, sb.host], ['web1', 'web2']);
   assert.ok(sa.startTime < sb.endTime && sb.startTime < sa.endTime, `the two creates overlapped in time (${sa.startTime}..${sa.endTime}, ${sb.startTime}..${sb.endTime})`);
   const pa = piecesOf(repoDir, sa.id);
   const pb = piecesOf(repoDir, sb.id);
