@@ -13,10 +13,10 @@
  * manifests alone which pieces a running create still counts on.
  *
  * A lock is live while its holder refreshes it (a put every REFRESH_MS); one not refreshed for
- * STALE_MS is ignored. On the same host (hostname and boot id) a lock whose process is gone (pid
- * and process start time no longer match) is dead at once, so a create killed with SIGKILL does not hold up a
- * prune for long; one whose process /proc cannot tell about counts by its age alone. Prune
- * deletes dead and stale locks before it deletes anything else.
+ * STALE_MS is ignored. On the same host (hostname and boot id) a lock whose process is gone
+ * (pid and process start time no longer match) is dead at once, so a create killed with SIGKILL
+ * does not hold up a prune for long; one whose process /proc cannot tell about counts by its age
+ * alone. Prune deletes dead and stale locks before it deletes anything else.
  *
  * The holder's side of staleness: a holder that stalled longer than STALE_MS (a stopped process,
  * a paused VM, a store that refused its refreshes) cannot tell whether a prune on another host
