@@ -177,7 +177,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     // Every piece the manifest names is in the store, whole and durable, before the manifest.
     await repo.store.commit();
     // ... and still there: no prune took this backup's lock over while it ran (lock.ts).
-    await lock.assertHeld('this backup');
+    await lock.assertHeld('this backup', 'a prune may have deleted pieces it names; nothing was recorded; run the backup again');
     const endTime = new Date();
     const manifest: Manifest = {
       format: 'bdsnap-backup', version: 1, id, startTime: startTime.toISOString(), endTime: endTime.toISOString(),

@@ -170,20 +170,26 @@ export class RepoLock {
     this.#confirmedMs = startedMs;
   }
 
+  /** assertHeld without I/O: by this process's clock and what the refreshes saw. */
+  assertFresh(what: string, consequence: string): void {
+    const lost = (why: string): BdsnapError => this.#lostError(what, why, consequence);
+    if (this.#lost !== undefined) throw lost(this.#lost);
+    const gapMs = Date.now() - this.#confirmedMs;
+    if (gapMs > HELD_MARGIN_MS) throw lost(`it was not refreshed for ${Math.round(gapMs / 1000)} s, and a lock counts as stale after ${STALE_MS / 1000} s`);
+  }
+
   /**
    * EBUSY unless this lock has been held all along: refreshed within HELD_MARGIN_MS by this
    * process's clock, and still in the store as this process wrote it. A holder that stalled
    * (a stopped process, a paused VM, a store that refused refreshes) may have been judged stale
-   * and its lock taken over by a prune, which then deleted pieces the holder counts on; so it
-   * must not commit. On success the lock is refreshed, so the commit that follows has the whole
-   * STALE_MS ahead of it.
+   * and its lock taken over, by a prune that then deleted pieces a create counts on, or by a
+   * create that counts on pieces a prune is deleting; so it must not go on. `consequence` ends
+   * the message ("nothing was recorded; run the backup again"). On success the lock is
+   * refreshed, so what follows has the whole STALE_MS ahead of it.
    */
-  async assertHeld(what: string): Promise<void> {
+  async assertHeld(what: string, consequence: string): Promise<void> {
     await this.#refreshing;
-    const lost = (why: string): BdsnapError => new BdsnapError('EBUSY', `${what}'s lock ${this.name} was taken over (${why}), so a prune may have deleted pieces it names; nothing was recorded; run the backup again`);
-    if (this.#lost !== undefined) throw lost(this.#lost);
-    const gapMs = Date.now() - this.#confirmedMs;
-    if (gapMs > HELD_MARGIN_MS) throw lost(`it was not refreshed for ${Math.round(gapMs / 1000)} s, and a lock counts as stale after ${STALE_MS / 1000} s`);
+    this.assertFresh(what, consequence);
     let stored: Buffer | undefined;
     try {
       stored = await this.#store.get(this.name, { maxBytes: MAX_LOCK_BYTES });
@@ -192,11 +198,15 @@ export class RepoLock {
     }
     if (!stored?.equals(this.#body)) {
       this.#lost = stored ? 'it was replaced' : 'it was removed from the repository';
-      throw lost(this.#lost);
+      throw this.#lostError(what, this.#lost, consequence);
     }
     const startedMs = Date.now();
     await this.#store.put(this.name, this.#body);
     this.#confirmedMs = startedMs;
+  }
+
+  #lostError(what: string, why: string, consequence: string): BdsnapError {
+    return new BdsnapError('EBUSY', `${what}'s lock ${this.name} was taken over (${why}); ${consequence}`);
   }
 
   async release(): Promise<void> {

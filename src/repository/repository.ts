@@ -229,7 +229,12 @@ export class Repository {
       let deletedPieces = 0;
       let deletedBytes = 0;
       const unused = [...(await this.storedPieces())].filter(([hash]) => !referenced.has(hash));
+      // A prune that stalled past STALE_MS may have had its lock ignored by a create that now
+      // counts on these pieces: it stops rather than delete them (lock.ts).
+      const consequence = 'a backup may have started counting on pieces it would delete; stopped; run prune again';
+      await lock.assertHeld('this prune', consequence);
       await runLimited(unused, 16, async ([hash, size]) => {
+        lock.assertFresh('this prune', consequence);
         await this.store.delete(pieceObject(hash));
         deletedPieces++;
         deletedBytes += size;
