@@ -10,7 +10,7 @@
 import path from 'node:path';
 import { EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
 import { BdsnapError } from '../errors.js';
-import { createBackup, type BackupSource, type BackupSummary, type CreateOptions } from './create.js';
+import { createBackup, hostOf, type BackupSource, type BackupSummary, type CreateOptions } from './create.js';
 import type { ByteRange } from './ranges.js';
 import type { Repository } from '../repository/repository.js';
 
@@ -58,6 +58,7 @@ const META_SNAPSHOT = 'snapshot';
 
 export async function backupDevices(repo: Repository, provider: SnapshotProvider, devices: string[], options: AgentOptions = {}): Promise<BackupSummary> {
   const paths = devices.map((d) => path.resolve(d));
+  options = { ...options, host: hostOf(options) };
   const snapshot = await provider.take(paths);
   const opened: Array<{ close(): Promise<void> }> = [];
   let outcome: { ok: true; summary: BackupSummary } | { ok: false; err: unknown };
@@ -66,7 +67,7 @@ export async function backupDevices(repo: Repository, provider: SnapshotProvider
     for (const image of snapshot.images) {
       const reader = await image.open();
       opened.push(reader);
-      sources.push(await sourceFor(repo, snapshot.id, image, reader, options.full ?? false));
+      sources.push(await sourceFor(repo, snapshot.id, image, reader, options.full ?? false, options.host!));
     }
     options.onPlan?.(sources.map((s) => ({ device: s.device, kind: s.changed === null ? 'full' : 'incremental', why: s.why })));
     outcome = { ok: true, summary: await createBackup(repo, sources, options) };
@@ -87,14 +88,14 @@ export async function backupDevices(repo: Repository, provider: SnapshotProvider
 }
 
 /** Full or incremental, and why; the extents the image reports as zeroes are not read. */
-async function sourceFor(repo: Repository, snapshotId: string, image: SnapshotImage, reader: BlockDevice, full: boolean): Promise<BackupSource> {
+async function sourceFor(repo: Repository, snapshotId: string, image: SnapshotImage, reader: BlockDevice, full: boolean, host: string): Promise<BackupSource> {
   const meta: Record<string, unknown> = { [META_SNAPSHOT]: snapshotId, [META_CHANGE_MAP]: image.changeMap };
   const base = {
     device: image.device, sizeBytes: image.sizeBytes, read: (t: Buffer, o: number) => reader.read(t, o), meta,
     zeroRanges: await zeroExtents(reader, image.sizeBytes),
   };
   if (full) return { ...base, changed: null, why: '--full' };
-  const last = await repo.lastBackupOf(image.device);
+  const last = await repo.lastBackupOf(image.device, host);
   if (!last) return { ...base, changed: null, why: 'first backup of this device' };
   const entry = last.devices.find((d) => d.device === image.device)!;
   const then = entry.meta[META_CHANGE_MAP] as ChangeMapPoint | null | undefined;

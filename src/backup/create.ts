@@ -11,12 +11,16 @@
  * 3. Pieces are staged as they come and committed in batches (a piece's name appears only once
  *    its data is durable; see object-store.ts), the last batch before the manifest. A crash
  *    or a full disk here leaves only pieces no manifest names, or temp files prune removes.
- * 4. The manifest is put last: the backup exists from that instant, complete.
+ * 4. The manifest is put last: the backup exists from that instant, complete. Just before, the
+ *    lock is checked to have been held all along (lock.ts, assertHeld): a create that stalled
+ *    long enough for a prune to take its lock over as stale fails instead of naming pieces that
+ *    prune may have deleted.
  */
 
+import os from 'node:os';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { codecFor, type Codec } from '../repository/codec.js';
-import { compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, slotCountOf, type DeviceEntry, type Manifest } from '../repository/format.js';
+import { HOST_NAME, compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, slotCountOf, type DeviceEntry, type Manifest } from '../repository/format.js';
 import { RepoLock } from '../repository/lock.js';
 import { PiecePool } from '../repository/piece-pool.js';
 import { coveredPieces, normalizeRanges, touchedPieces, type ByteRange } from './ranges.js';
@@ -58,6 +62,8 @@ export interface CreateOptions {
   concurrency?: number;
   /** Codec for new pieces; default: the repository's (config.codec). */
   codec?: Codec;
+  /** The host the backup is recorded as made by; default this machine's hostname (hostOf). */
+  host?: string;
 }
 
 export interface DeviceSummary {
@@ -75,6 +81,7 @@ export interface DeviceSummary {
 
 export interface BackupSummary {
   id: string;
+  host: string;
   startTime: string;
   endTime: string;
   durationMs: number;
@@ -100,6 +107,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     if (seen.has(s.device)) throw new BdsnapError('EINVAL', `${s.device} is given twice`);
     seen.add(s.device);
   }
+  const host = hostOf(options);
   const startTime = new Date();
   const id = newBackupId(startTime);
   const lock = await RepoLock.acquire(repo.store, 'create');
@@ -168,14 +176,16 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     options.signal?.throwIfAborted();
     // Every piece the manifest names is in the store, whole and durable, before the manifest.
     await repo.store.commit();
+    // ... and still there: no prune took this backup's lock over while it ran (lock.ts).
+    await lock.assertHeld('this backup', 'a prune may have deleted pieces it names; nothing was recorded; run the backup again');
     const endTime = new Date();
     const manifest: Manifest = {
       format: 'bdsnap-backup', version: 1, id, startTime: startTime.toISOString(), endTime: endTime.toISOString(),
-      pieceSizeBytes: repo.pieceSizeBytes, tags: options.tags ?? [], devices: entries,
+      pieceSizeBytes: repo.pieceSizeBytes, tags: options.tags ?? [], host, devices: entries,
     };
     await repo.store.put(manifestObject(id), Buffer.from(`${JSON.stringify(manifest)}\n`));
     return {
-      id, startTime: manifest.startTime, endTime: manifest.endTime, durationMs: endTime.getTime() - startTime.getTime(), devices: summaries,
+      id, host, startTime: manifest.startTime, endTime: manifest.endTime, durationMs: endTime.getTime() - startTime.getTime(), devices: summaries,
       readBytes: summaries.reduce((n, d) => n + d.readBytes, 0),
       newPieces: summaries.reduce((n, d) => n + d.newPieces, 0),
       newStoredBytes: summaries.reduce((n, d) => n + d.newStoredBytes, 0),
@@ -188,6 +198,17 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     await pool.close();
     await lock.release().catch(() => undefined);
   }
+}
+
+/** The host a backup is made for: `--host`, or this machine's hostname. EINVAL if it is not a plain host name. */
+export function hostOf(options: { host?: string }): string {
+  const host = options.host ?? os.hostname();
+  if (!HOST_NAME.test(host)) {
+    throw new BdsnapError('EINVAL', options.host === undefined
+      ? `this machine's hostname "${host}" cannot name backups (letters, digits, '.', '_' and '-'); give --host NAME`
+      : `bad --host "${host}": letters, digits, '.', '_' and '-', at most 253`);
+  }
+  return host;
 }
 
 function pieceLength(repo: Repository, source: BackupSource, i: number): number {

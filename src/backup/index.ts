@@ -1,8 +1,11 @@
 /** The backup agent: full and incremental backups, verify and restore, over a repository (src/repository/). */
 
 export * from '../repository/index.js';
-export { createBackup, type BackupSource, type BackupSummary, type CreateOptions, type DeviceSummary, type ProgressSink } from './create.js';
+export { createBackup, hostOf, type BackupSource, type BackupSummary, type CreateOptions, type DeviceSummary, type ProgressSink } from './create.js';
 export { verifyRepository, type VerifyOptions, type VerifySummary, type BadPiece } from './verify.js';
+export { parseDataSubset, inDataSubset, type DataSubset } from './data-subset.js';
+export { applyRetention, checkPolicy, type RetentionPolicy, type RetentionPlan } from './retention.js';
+export { planForget, forgetPlanned, type ForgetPlan, type ForgetGroup, type ForgetOptions } from './forget.js';
 export { restoreBackup, type RestoreOptions, type RestoreSummary } from './restore.js';
 export {
   backupDevices,

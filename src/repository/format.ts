@@ -43,6 +43,8 @@ export const DEFAULT_PIECE_BYTES = 256 * 1024;
 
 const HASH_HEX = /^[0-9a-f]{64}$/;
 const BACKUP_ID = /^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}$/;
+/** A host name as backups record it: letters, digits, '.', '_' and '-', at most 253. */
+export const HOST_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,252}$/;
 
 export const configSchema = z.object({
   format: z.literal(REPO_FORMAT),
@@ -82,6 +84,8 @@ export const manifestSchema = z.object({
   endTime: z.string(),
   pieceSizeBytes: z.number().int().min(MIN_PIECE_BYTES).max(MAX_PIECE_BYTES),
   tags: z.array(z.string()),
+  /** The host that made the backup (many hosts share a repository); absent in backups made before hosts were recorded. */
+  host: z.string().regex(HOST_NAME).optional(),
   devices: z.array(deviceEntrySchema).min(1),
 });
 export type Manifest = z.infer<typeof manifestSchema>;

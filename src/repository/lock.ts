@@ -13,15 +13,22 @@
  * manifests alone which pieces a running create still counts on.
  *
  * A lock is live while its holder refreshes it (a put every REFRESH_MS); one not refreshed for
- * STALE_MS is ignored. On the same host a lock whose process is gone (pid and process start
- * time no longer match) is dead at once, so a create killed with SIGKILL does not hold up a
- * prune for long; one whose process /proc cannot tell about counts by its age alone. Prune
- * deletes dead and stale locks.
+ * STALE_MS is ignored. On the same host (hostname and boot id) a lock whose process is gone
+ * (pid and process start time no longer match) is dead at once, so a create killed with SIGKILL
+ * does not hold up a prune for long; one whose process /proc cannot tell about counts by its age
+ * alone. Prune deletes dead and stale locks before it deletes anything else.
+ *
+ * The holder's side of staleness: a holder that stalled longer than STALE_MS (a stopped process,
+ * a paused VM, a store that refused its refreshes) cannot tell whether a prune on another host
+ * took its lock over meanwhile and deleted the pieces it counted on. So it checks before it
+ * commits (assertHeld): by its own clock, and by the lock object still being its own; a refresh
+ * never puts back a lock that was removed.
  */
 
 import os from 'node:os';
 import { z } from 'zod';
-import { BdsnapError } from '../errors.js';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { readBootId } from '../host/device-stamp.js';
 import { PROC_PATH, processStartTime, processStartTimeSync } from '../host/processes.js';
 import { LOCKS_PREFIX, newBackupId } from './format.js';
 import type { ObjectInfo, ObjectStore } from './object-store.js';
@@ -40,6 +47,11 @@ const lockSchema = z.object({
   /** /proc/<pid>/stat start time, to tell a reused pid apart. */
   processStart: z.string().nullable(),
   createdAt: z.string(),
+  /**
+   * The kernel's boot id: a pid means something only on the machine and boot that wrote it, and
+   * two machines may share a hostname (clones, containers). Absent in older locks.
+   */
+  bootId: z.string().optional(),
 });
 type LockBody = z.infer<typeof lockSchema>;
 
@@ -63,7 +75,7 @@ export interface LockOptions {
  */
 async function stateOf(body: LockBody, info: ObjectInfo, nowMs: number, proc: string): Promise<Pick<LockInfo, 'state' | 'unchecked'>> {
   const byAge = nowMs - info.modifiedMs > STALE_MS ? 'stale' : 'live';
-  if (body.host !== os.hostname()) return { state: byAge };
+  if (body.host !== os.hostname() || !body.bootId || body.bootId !== readBootId()) return { state: byAge };
   let start: string | null;
   try {
     start = await processStartTime(body.pid, proc);
@@ -92,6 +104,13 @@ export async function listLocks(store: ObjectStore, options: LockOptions = {}): 
   return out;
 }
 
+/**
+ * How long a holder may go without a refresh it knows landed before it must assume that a
+ * prune on some host took its lock over (STALE_MS, judged by the store's clock): half of it, as
+ * a margin for the two clocks and a refresh that landed late.
+ */
+export const HELD_MARGIN_MS = STALE_MS / 2;
+
 export class RepoLock {
   readonly name: string;
   readonly #store: ObjectStore;
@@ -99,6 +118,10 @@ export class RepoLock {
   #timer: NodeJS.Timeout | undefined;
   #refreshing: Promise<void> | undefined;
   #released = false;
+  /** When the last put of the lock that succeeded was started. */
+  #confirmedMs = Date.now();
+  /** Why the lock is known lost, once it is. */
+  #lost: string | undefined;
 
   private constructor(store: ObjectStore, name: string, body: Buffer) {
     this.#store = store;
@@ -109,8 +132,12 @@ export class RepoLock {
   /** Take a lock of `kind`, or fail with EBUSY naming the lock in the way. */
   static async acquire(store: ObjectStore, kind: LockKind, options: LockOptions = {}): Promise<RepoLock> {
     const name = `${LOCKS_PREFIX}${newBackupId()}.${kind}`;
-    const body: LockBody = { kind, host: os.hostname(), pid: process.pid, processStart: processStartTimeSync(process.pid, options.proc), createdAt: new Date().toISOString() };
+    const body: LockBody = {
+      kind, host: os.hostname(), pid: process.pid, processStart: processStartTimeSync(process.pid, options.proc), createdAt: new Date().toISOString(),
+      bootId: readBootId(),
+    };
     const lock = new RepoLock(store, name, Buffer.from(`${JSON.stringify(body)}\n`));
+    lock.#confirmedMs = Date.now();
     await store.put(name, lock.#body);
     try {
       const others = (await listLocks(store, options)).filter((l) => l.name !== name && l.state === 'live');
@@ -125,10 +152,61 @@ export class RepoLock {
       throw err;
     }
     lock.#timer = setInterval(() => {
-      lock.#refreshing ??= store.put(name, lock.#body).catch(() => undefined).finally(() => (lock.#refreshing = undefined));
+      lock.#refreshing ??= lock.#refresh().catch(() => undefined).finally(() => (lock.#refreshing = undefined));
     }, REFRESH_MS);
     lock.#timer.unref();
     return lock;
+  }
+
+  /** Put the lock again, unless it is gone: a lock a prune removed is not brought back, it is lost. */
+  async #refresh(): Promise<void> {
+    if (this.#lost !== undefined) return;
+    const startedMs = Date.now();
+    if (!(await this.#store.stat(this.name))) {
+      this.#lost = 'it was removed from the repository';
+      return;
+    }
+    await this.#store.put(this.name, this.#body);
+    this.#confirmedMs = startedMs;
+  }
+
+  /** assertHeld without I/O: by this process's clock and what the refreshes saw. */
+  assertFresh(what: string, consequence: string): void {
+    const lost = (why: string): BdsnapError => this.#lostError(what, why, consequence);
+    if (this.#lost !== undefined) throw lost(this.#lost);
+    const gapMs = Date.now() - this.#confirmedMs;
+    if (gapMs > HELD_MARGIN_MS) throw lost(`it was not refreshed for ${Math.round(gapMs / 1000)} s, and a lock counts as stale after ${STALE_MS / 1000} s`);
+  }
+
+  /**
+   * EBUSY unless this lock has been held all along: refreshed within HELD_MARGIN_MS by this
+   * process's clock, and still in the store as this process wrote it. A holder that stalled
+   * (a stopped process, a paused VM, a store that refused refreshes) may have been judged stale
+   * and its lock taken over, by a prune that then deleted pieces a create counts on, or by a
+   * create that counts on pieces a prune is deleting; so it must not go on. `consequence` ends
+   * the message ("nothing was recorded; run the backup again"). On success the lock is
+   * refreshed, so what follows has the whole STALE_MS ahead of it.
+   */
+  async assertHeld(what: string, consequence: string): Promise<void> {
+    await this.#refreshing;
+    this.assertFresh(what, consequence);
+    let stored: Buffer | undefined;
+    try {
+      stored = await this.#store.get(this.name, { maxBytes: MAX_LOCK_BYTES });
+    } catch (err) {
+      if (toBdsnapError(err).code !== 'ENOENT') throw err;
+    }
+    if (!stored?.equals(this.#body)) {
+      this.#lost = stored ? 'it was replaced' : 'it was removed from the repository';
+      throw this.#lostError(what, this.#lost, consequence);
+    }
+    const startedMs = Date.now();
+    await this.#store.put(this.name, this.#body);
+    this.#confirmedMs = startedMs;
+  }
+
+  #lostError(what: string, why: string, consequence: string): BdsnapError {
+    return new BdsnapError('EBUSY', `${what}'s lock ${this.name} was taken over (${why}); ${consequence}`);
   }
 
   async release(): Promise<void> {

@@ -155,12 +155,15 @@ export class Repository {
     return out;
   }
 
-  /** The newest readable backup that holds `device`, if any. */
-  async lastBackupOf(device: string): Promise<Manifest | undefined> {
+  /**
+   * The newest readable backup that holds `device`, if any; with `host`, only that host's: one
+   * path on two hosts is two devices (a backup without a host matches no host).
+   */
+  async lastBackupOf(device: string, host?: string): Promise<Manifest | undefined> {
     const ids = await this.backupIds();
     for (let i = ids.length - 1; i >= 0; i--) {
       const m = await this.manifest(ids[i]!).catch(() => undefined);
-      if (m?.devices.some((d) => d.device === device)) return m;
+      if (m?.devices.some((d) => d.device === device) && (host === undefined || m.host === host)) return m;
     }
     return undefined;
   }
@@ -207,6 +210,15 @@ export class Repository {
     const lock = await RepoLock.acquire(this.store, 'prune');
     try {
       const startedMs = Date.now();
+      // Stale locks go first: a create that stalled and comes back finds its lock gone before
+      // any piece it counts on is (RepoLock.assertHeld).
+      let deletedLocks = 0;
+      for (const l of await listLocks(this.store)) {
+        if (l.name !== lock.name && l.state !== 'live') {
+          await this.store.delete(l.name);
+          deletedLocks++;
+        }
+      }
       const records = await this.backups();
       const broken = records.filter((r) => r.error);
       if (broken.length > 0) {
@@ -217,18 +229,16 @@ export class Repository {
       let deletedPieces = 0;
       let deletedBytes = 0;
       const unused = [...(await this.storedPieces())].filter(([hash]) => !referenced.has(hash));
+      // A prune that stalled past STALE_MS may have had its lock ignored by a create that now
+      // counts on these pieces: it stops rather than delete them (lock.ts).
+      const consequence = 'a backup may have started counting on pieces it would delete; stopped; run prune again';
+      await lock.assertHeld('this prune', consequence);
       await runLimited(unused, 16, async ([hash, size]) => {
+        lock.assertFresh('this prune', consequence);
         await this.store.delete(pieceObject(hash));
         deletedPieces++;
         deletedBytes += size;
       });
-      let deletedLocks = 0;
-      for (const l of await listLocks(this.store)) {
-        if (l.name !== lock.name && l.state !== 'live') {
-          await this.store.delete(l.name);
-          deletedLocks++;
-        }
-      }
       const deletedIncomplete = await this.store.removeIncomplete(startedMs);
       return { backups: records.length, referencedPieces: referenced.size, deletedPieces, deletedBytes, deletedLocks, deletedIncomplete };
     } finally {

@@ -10,11 +10,12 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { LocalDirStore } from '../../src/backup/index.js';
+import { LocalDirStore, Repository, createBackup, type ObjectInfo } from '../../src/backup/index.js';
 import { LOCKS_PREFIX } from '../../src/repository/format.js';
-import { RepoLock, listLocks } from '../../src/repository/lock.js';
+import { HELD_MARGIN_MS, RepoLock, listLocks } from '../../src/repository/lock.js';
 import { BdsnapError } from '../../src/errors.js';
-import { makeTempDir } from '../helpers/files.js';
+import { fillRandom, makeTempDir } from '../helpers/files.js';
+import { readBootId } from '../../src/host/device-stamp.js';
 
 /** A pid that named a process a moment ago and names none now (spawnSync reaps its child). */
 function exitedPid(): number {
@@ -23,11 +24,11 @@ function exitedPid(): number {
   return pid;
 }
 
-async function storeWithCreateLock(t: test.TestContext, pid: number): Promise<LocalDirStore> {
+async function storeWithCreateLock(t: test.TestContext, pid: number, bootId: string | null = readBootId()): Promise<LocalDirStore> {
   const dir = makeTempDir(t, 'bdsnap-lock-');
   const store = new LocalDirStore(path.join(dir, 'repo'));
   t.after(() => store.close());
-  const body = { kind: 'create', host: os.hostname(), pid, processStart: '12345', createdAt: new Date().toISOString() };
+  const body = { kind: 'create', host: os.hostname(), pid, processStart: '12345', createdAt: new Date().toISOString(), ...(bootId === null ? {} : { bootId }) };
   await store.put(`${LOCKS_PREFIX}0001.create`, Buffer.from(`${JSON.stringify(body)}\n`));
   return store;
 }
@@ -57,4 +58,62 @@ test('a lock whose process is gone is dead, and a prune goes ahead', async (t) =
   assert.equal(lock?.unchecked, undefined);
   const prune = await RepoLock.acquire(store, 'prune');
   await prune.release();
+});
+
+test('a lock of another machine with this hostname (another boot id) is judged by its age, not by a pid of this machine', async (t) => {
+  assert.notEqual(readBootId(), '', 'this machine has a boot id');
+  const store = await storeWithCreateLock(t, exitedPid(), '00000000-0000-4000-8000-000000000000');
+  const [lock] = await listLocks(store);
+  assert.equal(lock?.state, 'live');
+  await assert.rejects(RepoLock.acquire(store, 'prune'), { code: 'EBUSY' });
+  // Older locks recorded no boot id: judged by age too.
+  const old = await storeWithCreateLock(t, exitedPid(), null);
+  assert.equal((await listLocks(old))[0]?.state, 'live');
+});
+
+test('a holder that went longer than HELD_MARGIN_MS without a refresh, or whose lock was removed, is told it lost the lock', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const store = new LocalDirStore(path.join(dir, 'repo'));
+  t.after(() => store.close());
+  t.mock.timers.enable({ apis: ['Date'], now: Date.now() });
+  const lock = await RepoLock.acquire(store, 'create');
+  await lock.assertHeld('this backup', 'run it again');
+  // Stalled (no refresh ran) for longer than the margin: a prune may have judged it stale.
+  t.mock.timers.setTime(Date.now() + HELD_MARGIN_MS + 1000);
+  await assert.rejects(lock.assertHeld('this backup', 'run it again'), { code: 'EBUSY', message: /this backup's lock .* was taken over \(it was not refreshed for \d+ s/ });
+  await lock.release();
+
+  const second = await RepoLock.acquire(store, 'create');
+  await store.delete(second.name);
+  await assert.rejects(second.assertHeld('this backup', 'run it again'), { code: 'EBUSY', message: /was taken over \(it was removed from the repository\)/ });
+  await second.release().catch(() => undefined);
+});
+
+test('a prune that stalled past the margin after listing the pieces stops before deleting any', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const stall = { armed: false };
+  // The stall lands while prune lists the pieces, after it took its lock.
+  class StallingStore extends LocalDirStore {
+    override async list(prefix: string): Promise<ObjectInfo[]> {
+      const out = await super.list(prefix);
+      if (stall.armed && prefix === 'pieces/') t.mock.timers.setTime(Date.now() + HELD_MARGIN_MS + 1000);
+      return out;
+    }
+  }
+  const store = new StallingStore(path.join(dir, 'repo'));
+  t.after(() => store.close());
+  const repo = await Repository.init(store, { pieceSizeBytes: 64 * 1024 });
+  const data = Buffer.alloc(256 * 1024);
+  fillRandom(data, 4);
+  const made = await createBackup(repo, [{ device: '/dev/a', sizeBytes: data.length, changed: null, why: 'test', read: async (target, o) => void data.copy(target, 0, o, o + target.length) }]);
+  await repo.forget([made.id]);
+  const before = (await repo.storedPieceNames()).size;
+  assert.equal(before, 4);
+  t.mock.timers.enable({ apis: ['Date'], now: Date.now() });
+  stall.armed = true;
+  await assert.rejects(repo.prune(), { code: 'EBUSY', message: /^this prune's lock .* was taken over \(it was not refreshed .*\); a backup may have started counting on pieces it would delete; stopped; run prune again$/ });
+  stall.armed = false;
+  assert.equal((await repo.storedPieceNames()).size, before, 'no piece deleted');
+  const s = await repo.prune();
+  assert.equal(s.deletedPieces, before);
 });

@@ -1,5 +1,5 @@
 /**
- * `bdsnap backup init|create|list|verify|restore|forget|prune --repo DIR`: the logic lives in
+ * `bdsnap backup init|create|list|verify|restore|prune --repo DIR` (forget: backup-forget.ts): the logic lives in
  * src/backup/; this module parses, draws progress bars (only when stdout and stderr are
  * terminals and --json is not given) and prints results.
  */
@@ -9,9 +9,10 @@ import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import {
-  CODEC_CHOICES, LocalDirStore, Repository, backupDevices, openBackupDevices, daemonSnapshotProvider, restoreBackup, verifyRepository,
+  CODEC_CHOICES, LocalDirStore, Repository, backupDevices, daemonSnapshotProvider, hostOf, openBackupDevices, parseDataSubset, restoreBackup, verifyRepository,
   type BackupSummary, type ProgressSink,
 } from '../../backup/index.js';
+import { registerForget } from './backup-forget.js';
 import { BdsnapClient, withClient } from '../../service/client.js';
 import { resolveRunDir } from '../../service/paths.js';
 import { formatBytes, parseBytes } from '../../units.js';
@@ -115,9 +116,11 @@ export function register(program: Command): void {
   repoOption(backup.command('create').description('snapshot the devices and back them up (incremental where the change map allows)'))
     .argument('<dev_name...>', 'devices to back up together, from one consistent snapshot')
     .option('--full', 'read every device whole')
+    .option('--host <name>', 'the host the backup is recorded as made by (default: this machine\'s hostname)')
     .option('--json', 'print the result as JSON')
     .option('--run-dir <dir>', RUN_DIR_HELP)
-    .action(async (devices: string[], flags: RepoFlags & { full?: boolean; runDir?: string }) => {
+    .action(async (devices: string[], flags: RepoFlags & { full?: boolean; host?: string; runDir?: string }) => {
+      const host = hostOf(flags);
       const repo = await openRepo(flags.repo);
       let client: BdsnapClient;
       try {
@@ -129,7 +132,7 @@ export function register(program: Command): void {
       try {
         const provider = daemonSnapshotProvider(client, resolveRunDir(flags.runDir));
         const summary = await withInterrupt((signal) => backupDevices(repo, provider, devices, {
-          full: flags.full, signal, progress: bar.sink,
+          full: flags.full, host, signal, progress: bar.sink,
           onPlan: (plans) => {
             if (!flags.json) for (const p of plans) process.stderr.write(`${p.device}: ${p.kind} backup (${p.why})\n`);
           },
@@ -144,14 +147,15 @@ export function register(program: Command): void {
     });
 
   repoOption(backup.command('list').description('backups, oldest first'))
+    .option('--host <name>', 'only the backups of this host (damaged ones, whose host is unknown, are listed too)')
     .option('--json', 'print the backups as JSON')
-    .action(async (flags: RepoFlags) => {
+    .action(async (flags: RepoFlags & { host?: string }) => {
       const repo = await openRepo(flags.repo);
-      const records = await repo.backups();
+      const records = (await repo.backups()).filter((r) => flags.host === undefined || !r.manifest || r.manifest.host === flags.host);
       noteUnauthenticated(repo);
       if (flags.json) {
         printJson(records.map((r) => (r.manifest
-          ? { id: r.id, startTime: r.manifest.startTime, endTime: r.manifest.endTime, tags: r.manifest.tags,
+          ? { id: r.id, host: r.manifest.host ?? null, startTime: r.manifest.startTime, endTime: r.manifest.endTime, tags: r.manifest.tags,
               devices: r.manifest.devices.map((d) => ({ device: d.device, sizeBytes: d.sizeBytes, kind: d.kind, base: d.base, why: d.why, readBytes: d.readBytes, newStoredBytes: d.newStoredBytes })) }
           : { id: r.id, error: r.error.message })));
         return;
@@ -161,20 +165,22 @@ export function register(program: Command): void {
         return;
       }
       const rows = records.flatMap((r) => (r.manifest
-        ? r.manifest.devices.map((d) => [r.id, d.device, formatBytes(d.sizeBytes), d.kind, d.base ?? '-', formatBytes(d.newStoredBytes)])
-        : [[r.id, `DAMAGED: ${r.error.message}`, '', '', '', '']]));
-      process.stdout.write(`${formatTable(['ID', 'DEVICE', 'SIZE', 'KIND', 'BASE', 'ADDED'], rows)}\n`);
+        ? r.manifest.devices.map((d) => [r.id, d.device, formatBytes(d.sizeBytes), d.kind, d.base ?? '-', formatBytes(d.newStoredBytes), r.manifest.host ?? '-'])
+        : [[r.id, `DAMAGED: ${r.error.message}`, '', '', '', '', '']]));
+      process.stdout.write(`${formatTable(['ID', 'DEVICE', 'SIZE', 'KIND', 'BASE', 'ADDED', 'HOST'], rows)}\n`);
     });
 
   repoOption(backup.command('verify').description('read every piece of all backups (or one) and check it against its hash'))
     .argument('[id]', 'only this backup')
+    .option('--read-data-subset <N/T>', 'read only slice N of T of the pieces (the same slice every run; 1/T to T/T read everything once)')
     .option('--json', 'print the result as JSON')
-    .action(async (id: string | undefined, flags: RepoFlags) => {
+    .action(async (id: string | undefined, flags: RepoFlags & { readDataSubset?: string }) => {
+      const subset = flags.readDataSubset === undefined ? undefined : parseDataSubset(flags.readDataSubset);
       const repo = await openRepo(flags.repo);
       const bar = progressBar('verifying', flags.json);
       let summary;
       try {
-        summary = await withInterrupt((signal) => verifyRepository(repo, { id, signal, progress: bar.sink }));
+        summary = await withInterrupt((signal) => verifyRepository(repo, { id, signal, progress: bar.sink, subset }));
       } finally {
         bar.stop();
       }
@@ -182,7 +188,7 @@ export function register(program: Command): void {
       else {
         const lines = summary.backups.map((b) => `${b.id}: ${b.ok ? 'ok' : `DAMAGED (${b.problem})`}`);
         for (const p of summary.badPieces) lines.push(`piece ${p.hash}: ${p.problem}, used by ${p.backups.join(', ')}`);
-        lines.push(`${summary.checkedPieces} pieces (${formatBytes(summary.checkedBytes)}) checked`);
+        lines.push(`${summary.checkedPieces} pieces (${formatBytes(summary.checkedBytes)}) checked${summary.subset ? ` (slice ${summary.subset})` : ''}`);
         process.stdout.write(`${lines.join('\n')}\n`);
       }
       if (!summary.ok) {
@@ -256,13 +262,7 @@ Example:
       }, listen, 'read the backup');
     });
 
-  repoOption(backup.command('forget').description('remove backups (their pieces stay until prune)'))
-    .argument('<id...>', 'backups to remove')
-    .action(async (ids: string[], flags: RepoFlags) => {
-      const repo = await openRepo(flags.repo);
-      await repo.forget(ids);
-      process.stdout.write(`forgot ${ids.length} backup${ids.length === 1 ? '' : 's'}; run 'bdsnap backup prune' to free their space\n`);
-    });
+  registerForget(repoOption(backup.command('forget')), openRepo);
 
   repoOption(backup.command('prune').description('delete pieces no backup uses (refused while a backup is being created)'))
     .option('--json', 'print the result as JSON')

@@ -3,12 +3,11 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
-import parseDuration from 'parse-duration';
-import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
 import { DEFAULT_SNAPSHOT_ROOT, forgetSessions, planForget } from '../../snapshot/index.js';
 import { formatBytes } from '../../units.js';
 import { RUN_DIR_HELP } from './client-options.js';
+import { parseKeepCount, parseKeepWithin } from '../keep-options.js';
 
 interface JsonOptions {
   json?: boolean;
@@ -83,10 +82,8 @@ export function register(program: Command): void {
     .option('--json', 'machine-readable output')
     .option('--run-dir <dir>', RUN_DIR_HELP)
     .action(async (device: string, options: JsonOptions & { keepLast?: string; keepWithin?: string; dryRun?: boolean; snapshotRoot?: string }) => {
-      const keepLast = options.keepLast === undefined ? undefined : Number(options.keepLast);
-      if (keepLast !== undefined && (!Number.isSafeInteger(keepLast) || keepLast < 0)) throw new BdsnapError('EINVAL', `--keep-last takes a whole number, got "${options.keepLast}"`);
-      const keepWithinMs = options.keepWithin === undefined ? undefined : parseDuration(options.keepWithin);
-      if (keepWithinMs === null || (keepWithinMs !== undefined && !(keepWithinMs > 0))) throw new BdsnapError('EINVAL', `--keep-within takes a duration such as 30d, 12h or 2w, got "${options.keepWithin}"`);
+      const keepLast = parseKeepCount('--keep-last', options.keepLast);
+      const keepWithinMs = parseKeepWithin(options.keepWithin);
       const root = options.snapshotRoot ?? await withClient(options.runDir, (c) => c.status()).then((s) => s.snapshotRoot, () => DEFAULT_SNAPSHOT_ROOT);
       let devicePath = path.resolve(device);
       try {

@@ -1,0 +1,188 @@
+/**
+ * `backup forget` by policy and `backup list --host` as real processes over backups of several
+ * hosts, and `backup verify --read-data-subset N/T`: the T slices read every piece exactly once,
+ * and a damaged piece is found by its slice alone.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { LocalDirStore, Repository, createBackup, inDataSubset, parseDataSubset, verifyRepository, type BackupSource } from '../../src/backup/index.js';
+import { manifestObject, pieceObject } from '../../src/repository/format.js';
+import type { GetOptions } from '../../src/repository/object-store.js';
+import { fillRandom, makeTempDir } from '../helpers/files.js';
+import { run, type RunResult } from '../helpers/process.js';
+import { BDSNAP_MAIN } from '../helpers/server.js';
+
+const KiB = 1024;
+
+function bdsnap(...args: string[]): Promise<RunResult> {
+  return run(process.execPath, [BDSNAP_MAIN, 'backup', ...args], { allowFailure: true, timeoutMs: 60_000 });
+}
+
+function assertFails(r: RunResult, pattern: RegExp): void {
+  assert.equal(r.exitCode, 1, `${r.command}: ${r.stderr}`);
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one line on stderr: ${r.stderr}`);
+  assert.match(r.stderr, pattern);
+}
+
+/** A device held in memory, so these tests need no daemon. */
+function source(device: string, data: Buffer): BackupSource {
+  return { device, sizeBytes: data.length, changed: null, why: 'test', read: async (target, offsetBytes) => void data.copy(target, 0, offsetBytes, offsetBytes + target.length) };
+}
+
+function randomData(bytes: number, seed: number): Buffer {
+  const b = Buffer.alloc(bytes);
+  fillRandom(b, seed);
+  return b;
+}
+
+/** Records which pieces are read. */
+class ReadRecordingStore extends LocalDirStore {
+  readonly pieceReads: string[] = [];
+  override get(name: string, options?: GetOptions): Promise<Buffer> {
+    if (name.startsWith('pieces/')) this.pieceReads.push(name);
+    return super.get(name, options);
+  }
+}
+
+test('verify --read-data-subset: T slices read every piece once; a damaged piece is found by its slice alone', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-subset-');
+  const repoDir = path.join(dir, 'repo');
+  const store = new ReadRecordingStore(repoDir);
+  const repo = await Repository.init(store, { pieceSizeBytes: 64 * KiB });
+  await createBackup(repo, [source('/dev/a', randomData(4096 * KiB, 1))], { host: 'web1' });
+  await createBackup(repo, [source('/dev/a', randomData(2048 * KiB, 2)), source('/dev/b', randomData(1024 * KiB, 3))], { host: 'web2' });
+  const all = [...(await repo.storedPieceNames())].sort();
+  assert.equal(all.length, 64 + 32 + 16);
+
+  const T = 5;
+  const seen = new Map<string, number>();
+  for (let n = 1; n <= T; n++) {
+    store.pieceReads.length = 0;
+    const summary = await verifyRepository(repo, { subset: { n, total: T } });
+    assert.equal(summary.ok, true);
+    assert.equal(summary.subset, `${n}/${T}`);
+    assert.equal(summary.checkedPieces, store.pieceReads.length);
+    assert.ok(summary.checkedPieces > 0, `slice ${n}/${T} is not empty`);
+    for (const name of store.pieceReads) seen.set(name, (seen.get(name) ?? 0) + 1);
+    // The same slice on the next run.
+    const again = await verifyRepository(repo, { subset: { n, total: T } });
+    assert.equal(again.checkedPieces, summary.checkedPieces);
+  }
+  assert.deepEqual([...seen.keys()].sort(), all.map(pieceObject).sort(), 'every piece read by some slice');
+  assert.deepEqual([...new Set(seen.values())], [1], 'by exactly one slice');
+
+  // Damage one piece: every other slice passes; its own finds it and the command fails.
+  const victim = all[17]!;
+  fs.appendFileSync(path.join(repoDir, pieceObject(victim)), 'x');
+  const owner = [1, 2, 3, 4, 5].find((n) => inDataSubset(victim, { n, total: T }))!;
+  for (let n = 1; n <= T; n++) {
+    if (n === owner) continue;
+    const r = await bdsnap('verify', '--repo', repoDir, '--read-data-subset', `${n}/${T}`);
+    assert.equal(r.exitCode, 0, `slice ${n}: ${r.stdout}${r.stderr}`);
+    assert.match(r.stdout, new RegExp(`checked \\(slice ${n}/${T}\\)`));
+  }
+  const r = await bdsnap('verify', '--repo', repoDir, '--read-data-subset', `${owner}/${T}`, '--json');
+  assert.equal(r.exitCode, 1, r.stderr);
+  const summary = JSON.parse(r.stdout) as { badPieces: Array<{ hash: string; problem: string }> };
+  assert.deepEqual(summary.badPieces.map((b) => [b.hash, b.problem]), [[victim, 'damaged']]);
+
+  assertFails(await bdsnap('verify', '--repo', repoDir, '--read-data-subset', '0/3'), /--read-data-subset takes N\/T/);
+  assertFails(await bdsnap('verify', '--repo', repoDir, '--read-data-subset', '4/3'), /--read-data-subset takes N\/T/);
+  assert.throws(() => parseDataSubset('1/0'), { code: 'EINVAL' });
+  assert.deepEqual(parseDataSubset('7/7'), { n: 7, total: 7 });
+});
+
+test('backup forget by policy: per host and device set, --dry-run prints the plan, --host limits it; list --host', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-forget-');
+  const repoDir = path.join(dir, 'repo');
+  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB });
+  const a = randomData(512 * KiB, 1);
+  const b = randomData(256 * KiB, 2);
+  const made: Record<string, string[]> = { web1: [], web2: [], 'web1-ab': [], old: [] };
+  for (let i = 0; i < 3; i++) made.web1!.push((await createBackup(repo, [source('/dev/a', a)], { host: 'web1' })).id);
+  for (let i = 0; i < 2; i++) made.web2!.push((await createBackup(repo, [source('/dev/a', a)], { host: 'web2' })).id);
+  made['web1-ab']!.push((await createBackup(repo, [source('/dev/a', a), source('/dev/b', b)], { host: 'web1' })).id);
+  // A backup from before hosts were recorded: its manifest has no host.
+  for (let i = 0; i < 2; i++) {
+    const id = (await createBackup(repo, [source('/dev/a', a)], { host: 'x' })).id;
+    const file = path.join(repoDir, manifestObject(id));
+    const m = JSON.parse(fs.readFileSync(file, 'utf8')) as Record<string, unknown>;
+    delete m.host;
+    fs.writeFileSync(file, JSON.stringify(m));
+    made.old!.push(id);
+  }
+  const times = (await repo.backups()).map((r) => r.manifest!.startTime);
+  assert.equal(new Set(times).size, times.length, 'distinct start times, so "newest" is one backup');
+
+  // list --host and --json's host.
+  let r = await bdsnap('list', '--repo', repoDir, '--host', 'web2', '--json');
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.deepEqual((JSON.parse(r.stdout) as Array<{ id: string; host: string }>).map((x) => [x.id, x.host]), made.web2!.map((id) => [id, 'web2']));
+  r = await bdsnap('list', '--repo', repoDir, '--json');
+  assert.deepEqual((JSON.parse(r.stdout) as Array<{ host: string | null }>).map((x) => x.host), ['web1', 'web1', 'web1', 'web2', 'web2', 'web1', null, null]);
+
+  // Dry run: one group per host and device set; nothing removed.
+  r = await bdsnap('forget', '--repo', repoDir, '--keep-last', '1', '--dry-run', '--json');
+  assert.equal(r.exitCode, 0, r.stderr);
+  const plan = JSON.parse(r.stdout) as { dryRun: boolean; groups: Array<{ host: string | null; devices: string[]; keep: Array<{ id: string; reasons: string[] }>; remove: Array<{ id: string }> }> };
+  assert.equal(plan.dryRun, true);
+  assert.deepEqual(plan.groups.map((g) => [g.host, g.devices, g.keep.map((k) => [k.id, k.reasons]), g.remove.map((x) => x.id)]), [
+    [null, ['/dev/a'], [[made.old![1], ['last backup']]], [made.old![0]]],
+    ['web1', ['/dev/a'], [[made.web1![2], ['last backup']]], [made.web1![1], made.web1![0]]],
+    ['web1', ['/dev/a', '/dev/b'], [[made['web1-ab']![0], ['last backup']]], []],
+    ['web2', ['/dev/a'], [[made.web2![1], ['last backup']]], [made.web2![0]]],
+  ]);
+  assert.equal((await repo.backupIds()).length, 8, 'a dry run removes nothing');
+  r = await bdsnap('forget', '--repo', repoDir, '--keep-last', '1', '--dry-run');
+  assert.match(r.stdout, new RegExp(`host web1, devices /dev/a: keep 1, remove 2\\n\\s+ACTION\\s+ID\\s+TIME\\s+REASONS\\n\\s+keep\\s+${made.web1![2]}\\s+\\S+\\s+last backup\\n\\s+would remove\\s+${made.web1![1]}`));
+  assert.match(r.stdout, /would remove 4 backups \(dry run: nothing removed\)\n$/);
+
+  // --host web1: only web1's groups.
+  r = await bdsnap('forget', '--repo', repoDir, '--host', 'web1', '--keep-last', '1');
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.match(r.stdout, /removed 2 backups; run 'bdsnap backup prune'/);
+  assert.deepEqual(await repo.backupIds(), [made.web1![2], ...made.web2!, made['web1-ab']![0], ...made.old!].sort());
+
+  // A manifest that cannot be read is kept and named.
+  fs.writeFileSync(path.join(repoDir, manifestObject(made.web2![0]!)), '{ torn');
+  r = await bdsnap('forget', '--repo', repoDir, '--keep-within', '1h');
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.match(r.stdout, new RegExp(`keep ${made.web2![0]}: its manifest cannot be read`));
+  assert.ok((await repo.backupIds()).includes(made.web2![0]!));
+  r = await bdsnap('forget', '--repo', repoDir, made.web2![0]!);
+  assert.equal(r.exitCode, 0, r.stderr);
+  r = await bdsnap('prune', '--repo', repoDir);
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.equal((await verifyRepository(repo)).ok, true);
+
+  assertFails(await bdsnap('create', '/dev/a', '--repo', repoDir, '--host', 'web 1'), /^bdsnap: bad --host "web 1": letters, digits/);
+  assertFails(await bdsnap('forget', '--repo', repoDir), /say which backups to forget/);
+  assertFails(await bdsnap('forget', '--repo', repoDir, '--keep-last', '0'), /the policy keeps nothing/);
+  assertFails(await bdsnap('forget', '--repo', repoDir, '--keep-daily', 'many'), /--keep-daily takes a whole number/);
+  assertFails(await bdsnap('forget', '--repo', repoDir, '--keep-within', 'soon'), /--keep-within takes a duration/);
+  assertFails(await bdsnap('forget', '--repo', repoDir, made.web1![2]!, '--keep-last', '1'), /give backup ids, or a policy/);
+});
+
+test('forgetting the base of an incremental (and pruning) leaves the incremental whole: every manifest stands alone', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-forgetbase-');
+  const repoDir = path.join(dir, 'repo');
+  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB });
+  const data = randomData(1024 * KiB, 9);
+  const full = await createBackup(repo, [source('/dev/a', data)], { host: 'web1' });
+  randomData(8 * KiB, 10).copy(data, 300 * KiB);
+  const inc = await createBackup(repo, [{ ...source('/dev/a', data), changed: [{ offsetBytes: 300 * KiB, lengthBytes: 8 * KiB }], base: full.id }], { host: 'web1' });
+  assert.equal(inc.devices[0]!.kind, 'incremental');
+  assert.equal(inc.devices[0]!.newPieces, 1);
+  const r = await bdsnap('forget', '--repo', repoDir, '--keep-last', '1', '--json');
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.deepEqual(await repo.backupIds(), [inc.id]);
+  const pruned = JSON.parse((await bdsnap('prune', '--repo', repoDir, '--json')).stdout) as { deletedPieces: number };
+  assert.equal(pruned.deletedPieces, 1, 'only the piece the incremental replaced');
+  const out = path.join(dir, 'out.img');
+  const restored = await bdsnap('restore', '--repo', repoDir, inc.id, '/dev/a', '--output', out);
+  assert.equal(restored.exitCode, 0, restored.stderr);
+  assert.ok(fs.readFileSync(out).equals(data), 'the incremental restores exactly without its base');
+});
