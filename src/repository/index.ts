@@ -1,7 +1,7 @@
 /** The backup repository as data: object stores, the format, pieces, locks. No daemon, no CLI. */
 
 export { LocalDirStore, checkObjectName, type ObjectStore, type ObjectInfo } from './object-store.js';
-export { S3Store, type S3Location, type S3StoreOptions } from './s3-store.js';
+export type { S3Location, S3StoreOptions } from './s3-store.js';
 export { openRepoStore, parseRepoLocation, type RepoLocation } from './location.js';
 export { Repository, openLocalRepository, type InitOptions, type PruneSummary, type BackupRecord } from './repository.js';
 export { CODEC_CHOICES, type CodecChoice } from './codec.js';

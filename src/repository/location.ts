@@ -8,7 +8,7 @@
 
 import { BdsnapError } from '../errors.js';
 import { LocalDirStore, checkObjectName, type ObjectStore } from './object-store.js';
-import { S3Store, type S3Location, type S3StoreOptions } from './s3-store.js';
+import type { S3Location, S3StoreOptions } from './s3-store.js';
 
 export type RepoLocation = { kind: 'local'; dir: string } | ({ kind: 's3' } & S3Location);
 
@@ -21,8 +21,10 @@ const FORM = 's3:http[s]://HOST[:PORT]/BUCKET[/PREFIX]';
 export function parseRepoLocation(spec: string): RepoLocation {
   if (spec === '') throw new BdsnapError('EINVAL', 'empty --repo: give a directory or s3:http[s]://HOST[:PORT]/BUCKET[/PREFIX]');
   if (spec.startsWith('/') || spec.startsWith('.') || !SCHEME.test(spec)) return { kind: 'local', dir: spec };
+  // A password in the URL is refused, and not repeated in the message.
+  const shown = spec.replace(/\/\/[^/@]*@/, '//***@');
   const refuse = (why: string): BdsnapError => new BdsnapError('EINVAL',
-    `--repo "${spec}": ${why}; a repository is a directory or ${FORM} (a local directory whose name has a colon: write ./${spec})`);
+    `--repo "${shown}": ${why}; a repository is a directory or ${FORM} (a local directory whose name has a colon: write ./${shown})`);
   const scheme = spec.slice(0, spec.indexOf(':')).toLowerCase();
   if (scheme !== 's3') throw refuse(`"${scheme}:" repositories are not supported`);
   const rest = spec.slice(3);
@@ -56,6 +58,8 @@ export function parseRepoLocation(spec: string): RepoLocation {
 export async function openRepoStore(spec: string, options: { create?: boolean; s3?: S3StoreOptions } = {}): Promise<ObjectStore> {
   const at = parseRepoLocation(spec);
   if (at.kind === 'local') return new LocalDirStore(at.dir);
+  // Loaded only here: the SDK takes longer to load than the rest of the command line.
+  const { S3Store } = await import('./s3-store.js');
   const store = new S3Store(at, options.s3);
   if (options.create) {
     try {
