@@ -29,6 +29,8 @@ export function parseRepoLocation(spec: string): RepoLocation {
   if (scheme !== 's3') throw refuse(`"${scheme}:" repositories are not supported`);
   const rest = spec.slice(3);
   if (!/^https?:\/\//i.test(rest)) throw refuse(`an S3 repository names its server with http:// or https://`);
+  // URL parsing would resolve them silently, naming another bucket or prefix than the one written.
+  if (/\/\.\.?(\/|$|\?|#)/.test(rest)) throw refuse('"." and ".." segments are not allowed');
   let url: URL;
   try {
     url = new URL(rest);

@@ -88,7 +88,7 @@ async function setUp(t: TestContext): Promise<{ box: Sandbox; repo: string; devi
   return { box, repo, device, first, firstImage };
 }
 
-test('radosgw killed in the middle of a backup and started again: nothing half visible, the repository verifies, the next backup works', { timeout: 400_000 }, async (t) => {
+test('radosgw killed in the middle of a backup and started again: the backup rides it out, the repository verifies, the next backup works', { timeout: 400_000 }, async (t) => {
   const s = await setUp(t);
   if (!s) return;
   const r = (await rgw(t))!;
@@ -99,18 +99,13 @@ test('radosgw killed in the middle of a backup and started again: nothing half v
   await sleep(2_000);
   await r.startGateway();
   const end = await create.done;
-  t.diagnostic(end.code === 0 ? 'the backup outlasted the restart' : `the backup failed: ${end.err.trim()}`);
-  // The backup either waited for the server (its retries outlast a restart) or failed cleanly.
+  // Its retries outlast a restart of a few seconds: the backup goes on and completes.
+  assert.equal(end.code, 0, `backup create rode out the restart: ${end.err}`);
+  const second = JSON.parse(end.out) as Created;
   const ids = listed(s.box, s.repo);
-  assert.ok(ids.every((l) => l.error === undefined), `no damaged backup is listed: ${JSON.stringify(ids)}`);
-  if (end.code === 0) {
-    const second = JSON.parse(end.out) as Created;
-    assert.deepEqual(ids.map((l) => l.id), [s.first.id, second.id]);
-    restoresExactly(s.box, s.repo, second.id, s.device, fs.readFileSync(s.device));
-  } else {
-    assert.match(end.err.trim(), /S3 /, `the failure names S3: ${end.err}`);
-    assert.deepEqual(ids.map((l) => l.id), [s.first.id], 'the failed backup is not visible');
-  }
+  assert.deepEqual(ids, ids.filter((l) => l.error === undefined), 'no damaged backup is listed');
+  assert.deepEqual(ids.map((l) => l.id), [s.first.id, second.id]);
+  restoresExactly(s.box, s.repo, second.id, s.device, fs.readFileSync(s.device));
   ok(s.box, ['backup', 'verify', '--repo', s.repo]);
   restoresExactly(s.box, s.repo, s.first.id, s.device, s.firstImage);
   const next = JSON.parse(ok(s.box, ['backup', 'create', s.device, '--repo', s.repo, '--json'])) as Created;
