@@ -3,6 +3,12 @@
  * image of mixed content (a quarter each of random bytes, zeroes, one repeated MiB, text).
  *
  *   node dist/bench/backup.js [--size-mib N] [--runs N] [--big-gib N | --no-big] [--piece-size BYTES] [--json FILE]
+ *                             [--s3 http://HOST:PORT | --s3 start]
+ *
+ * With --s3 both tools back up into buckets of that S3 server (`start`: a throwaway radosgw
+ * of scripts/ceph-rgw-up.sh, stopped at the end) with the AWS_* variables' keys, restic as
+ * `restic -r s3:URL/BUCKET -o s3.bucket-lookup=path`; sizes are the buckets' object bytes, and
+ * the sparse big image is left out.
  *
  * Per run, each tool in a fresh repository, the tools taking turns to go first:
  * - full backup of the image: time, and the repository's size on disk afterwards;
@@ -29,6 +35,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { S3Store } from '../src/repository/s3-store.js';
 import { LocalDirStore, Repository, backupDevices, restoreBackup, type ByteRange, type SnapshotProvider } from '../src/backup/index.js';
 import { NbdClient } from '../src/nbd/client.js';
 import { dirBytes, makeImage, type NbdServer, run, startServer } from './helpers.js';
@@ -46,6 +53,8 @@ interface Options {
   bigBytes: number;
   pieceSizeBytes: number | undefined;
   jsonPath: string | undefined;
+  /** The S3 endpoint both tools use, or undefined for local directories. */
+  s3: string | undefined;
 }
 
 function parseOptions(): Options {
@@ -57,6 +66,7 @@ function parseOptions(): Options {
       'no-big': { type: 'boolean', default: false },
       'piece-size': { type: 'string' },
       json: { type: 'string' },
+      s3: { type: 'string' },
     },
     strict: true,
   });
@@ -65,9 +75,10 @@ function parseOptions(): Options {
   return {
     sizeBytes,
     runs: Math.max(1, Number(values.runs)),
-    bigBytes: values['no-big'] ? 0 : Number(values['big-gib']) * 1024 * MiB,
+    bigBytes: values['no-big'] || values.s3 !== undefined ? 0 : Number(values['big-gib']) * 1024 * MiB,
     pieceSizeBytes: values['piece-size'] !== undefined ? Number(values['piece-size']) : undefined,
     jsonPath: values.json,
+    s3: values.s3,
   };
 }
 
@@ -122,7 +133,39 @@ async function timed<T>(fn: () => Promise<T>): Promise<[number, T]> {
 }
 
 function restic(env: NodeJS.ProcessEnv, ...args: string[]): Promise<unknown> {
-  return run('restic', ['--quiet', ...args], { env, timeoutMs: 600_000 });
+  const s3 = env.RESTIC_REPOSITORY?.startsWith('s3:') ? ['-o', 's3.bucket-lookup=path'] : [];
+  return run('restic', ['--quiet', ...s3, ...args], { env, timeoutMs: 600_000 });
+}
+
+/** Bytes of every object of an S3 repository (bucket and prefix). */
+async function s3Bytes(store: S3Store): Promise<number> {
+  return (await store.list('')).reduce((sum, o) => sum + o.sizeBytes, 0);
+}
+
+/** The two repositories of a run: directories in `work`, or new buckets on `opts.s3`. */
+async function makeRepos(work: string, opts: Options): Promise<{ repo: Repository; env: NodeJS.ProcessEnv; bytes(): Promise<[number, number]>; close(): void }> {
+  const env = { ...process.env, RESTIC_PASSWORD: 'x', RESTIC_CACHE_DIR: path.join(work, 'restic-cache') };
+  fs.rmSync(env.RESTIC_CACHE_DIR, { recursive: true, force: true });
+  if (opts.s3 === undefined) {
+    const bRepoDir = path.join(work, 'bdsnap-repo');
+    const rRepoDir = path.join(work, 'restic-repo');
+    fs.rmSync(bRepoDir, { recursive: true, force: true });
+    fs.rmSync(rRepoDir, { recursive: true, force: true });
+    const store = new LocalDirStore(bRepoDir);
+    return {
+      repo: await Repository.init(store, { pieceSizeBytes: opts.pieceSizeBytes }), env: { ...env, RESTIC_REPOSITORY: rRepoDir },
+      bytes: async () => [dirBytes(bRepoDir), dirBytes(rRepoDir)], close: () => store.close(),
+    };
+  }
+  const tag = randomBytes(4).toString('hex');
+  const endpoint = opts.s3;
+  const bStore = new S3Store({ endpoint, bucket: `bench-bdsnap-${tag}`, prefix: '' });
+  const rStore = new S3Store({ endpoint, bucket: `bench-restic-${tag}`, prefix: '' });
+  await bStore.createBucket();
+  return {
+    repo: await Repository.init(bStore, { pieceSizeBytes: opts.pieceSizeBytes }), env: { ...env, RESTIC_REPOSITORY: `s3:${endpoint}/bench-restic-${tag}` },
+    bytes: async () => [await s3Bytes(bStore), await s3Bytes(rStore)], close: () => [bStore, rStore].forEach((st) => st.close()),
+  };
 }
 
 interface Sample {
@@ -139,14 +182,9 @@ interface Sample {
 async function oneRun(work: string, image: string, server: NbdServer, opts: Options, resticFirst: boolean, big?: { image: string; server: NbdServer }): Promise<Sample> {
   const pristine = path.join(work, 'pristine.img');
   fs.copyFileSync(pristine, image);
-  const bRepoDir = path.join(work, 'bdsnap-repo');
-  const rRepoDir = path.join(work, 'restic-repo');
-  fs.rmSync(bRepoDir, { recursive: true, force: true });
-  fs.rmSync(rRepoDir, { recursive: true, force: true });
-  const env = { ...process.env, RESTIC_PASSWORD: 'x', RESTIC_REPOSITORY: rRepoDir, RESTIC_CACHE_DIR: path.join(work, 'restic-cache') };
-  fs.rmSync(env.RESTIC_CACHE_DIR, { recursive: true, force: true });
+  const repos = await makeRepos(work, opts);
+  const { repo, env } = repos;
   await restic(env, 'init');
-  const repo = await Repository.init(new LocalDirStore(bRepoDir), { pieceSizeBytes: opts.pieceSizeBytes });
   const provider = new ServedImages(server);
 
   // Each timed step starts with nothing dirty in the page cache (`sync` first, outside the
@@ -169,8 +207,7 @@ async function oneRun(work: string, image: string, server: NbdServer, opts: Opti
   };
 
   const [[bdsnapFullSec], [resticFullSec]] = await both(() => backupDevices(repo, provider, [image]), () => restic(env, 'backup', image));
-  const bdsnapRepoBytes = dirBytes(bRepoDir);
-  const resticRepoBytes = dirBytes(rRepoDir);
+  const [bdsnapRepoBytes, resticRepoBytes] = await repos.bytes();
 
   const changes = changeRanges(opts.sizeBytes);
   applyChanges(image, changes);
@@ -203,6 +240,7 @@ async function oneRun(work: string, image: string, server: NbdServer, opts: Opti
   const resticRestoreSec = resticRestoreAndSyncSec - resticSyncSec;
   fs.rmSync(bOut, { force: true });
   fs.rmSync(rOut, { recursive: true, force: true });
+  repos.close();
 
   const sample: Sample = {
     bdsnapFullSec, resticFullSec, bdsnapRepoBytes, resticRepoBytes, bdsnapIncSec, resticIncSec, bdsnapIncReadBytes: inc.readBytes, bdsnapRestoreSec, resticRestoreSec,
@@ -222,8 +260,21 @@ async function oneRun(work: string, image: string, server: NbdServer, opts: Opti
   return sample;
 }
 
+/** `--s3 start`: a throwaway radosgw (scripts/ceph-rgw-up.sh), its keys put in the environment. */
+function startRadosgw(): { endpoint: string; stop(): void } {
+  const scripts = path.resolve(import.meta.dirname, '../../scripts');
+  const out = execFileSync('bash', [path.join(scripts, 'ceph-rgw-up.sh'), 'bluestore'], { encoding: 'utf8', timeout: 180_000 });
+  const value = (key: string): string => new RegExp(`^${key}=(.*)$`, 'm').exec(out)?.[1] ?? '';
+  process.env.AWS_ACCESS_KEY_ID = value('AWS_ACCESS_KEY_ID');
+  process.env.AWS_SECRET_ACCESS_KEY = value('AWS_SECRET_ACCESS_KEY');
+  const dir = value('CEPH_DIR');
+  return { endpoint: value('S3_ENDPOINT'), stop: () => execFileSync('bash', [path.join(scripts, 'ceph-rgw-down.sh'), dir]) };
+}
+
 async function main(): Promise<void> {
   const opts = parseOptions();
+  const rgw = opts.s3 === 'start' ? startRadosgw() : undefined;
+  if (rgw) opts.s3 = rgw.endpoint;
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-bench-backup-'));
   const servers: NbdServer[] = [];
   try {
@@ -242,7 +293,7 @@ async function main(): Promise<void> {
       servers.push(big.server);
     }
     const resticVersion = execFileSync('restic', ['version']).toString().trim();
-    process.stderr.write(`image ${opts.sizeBytes / MiB} MiB, ${opts.runs} runs, ${resticVersion}, load ${os.loadavg()[0]!.toFixed(1)}\n`);
+    process.stderr.write(`image ${opts.sizeBytes / MiB} MiB, ${opts.runs} runs, ${resticVersion}, ${opts.s3 ? `both into S3 at ${opts.s3}` : 'local repositories'}, load ${os.loadavg()[0]!.toFixed(1)}\n`);
     const samples: Sample[] = [];
     for (let i = 0; i < opts.runs; i++) {
       if (big) {
@@ -265,7 +316,7 @@ async function main(): Promise<void> {
       '| measure | bdsnap | restic | restic / bdsnap |',
       '|---|---|---|---|',
       line('full backup time', 'bdsnapFullSec', 'resticFullSec', 's', 'lower'),
-      line('repository size after full', 'bdsnapRepoBytes', 'resticRepoBytes', 'MiB', 'lower'),
+      line(opts.s3 ? 'bucket size after full' : 'repository size after full', 'bdsnapRepoBytes', 'resticRepoBytes', 'MiB', 'lower'),
       line('incremental (1% changed) vs second backup', 'bdsnapIncSec', 'resticIncSec', 's', 'lower'),
       line('restore into a new file', 'bdsnapRestoreSec', 'resticRestoreSec', 's', 'lower'),
       line('restore, both durable (restic + fdatasync)', 'bdsnapRestoreSec', 'resticRestoreDurableSec', 's', 'lower'),
@@ -283,6 +334,7 @@ async function main(): Promise<void> {
   } finally {
     await Promise.allSettled(servers.map((s) => s.stop()));
     fs.rmSync(work, { recursive: true, force: true });
+    rgw?.stop();
   }
 }
 

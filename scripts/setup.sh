@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit fuse3 e2fsprogs xfsprogs util-linux restic iproute2 libzstd1 jq openssl)
+DEBIAN_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit fuse3 e2fsprogs xfsprogs util-linux restic iproute2 libzstd1 jq openssl
+  ceph-mon ceph-osd radosgw ceph-common uuid-runtime curl)  # a throwaway S3 server for tests: scripts/ceph-rgw-up.sh
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -140,6 +140,10 @@ export function findOnPath(name: string, envPath = process.env.PATH ?? ''): stri
 
 /** The Debian package that provides each tool, for the failure message. */
 const TOOL_PACKAGES: Record<string, string> = {
+  radosgw: 'radosgw',
+  'ceph-mon': 'ceph-mon',
+  'ceph-osd': 'ceph-osd',
+  uuidgen: 'uuid-runtime',
   nbdinfo: 'libnbd-bin',
   nbdcopy: 'libnbd-bin',
   nbdfuse: 'libnbd-bin',

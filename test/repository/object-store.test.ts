@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore } from '../../src/repository/object-store.js';
 import { makeTempDir } from '../helpers/files.js';
+import { storeContract } from './store-contract.js';
 
 /** Temp files (names starting with '.') anywhere under `dir`. */
 function tempFiles(dir: string): string[] {
@@ -53,4 +54,10 @@ test('a batch that fails to publish in the background fails the next stage or th
   await store.stage(name(5000), Buffer.from('after'));
   await store.commit();
   assert.deepEqual(await store.get(name(5000)), Buffer.from('after'));
+});
+
+storeContract('a local directory', async (t) => {
+  const store = new LocalDirStore(path.join(makeTempDir(t, 'bdsnap-store-'), 'repo'));
+  t.after(() => store.close());
+  return store;
 });

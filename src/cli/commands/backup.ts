@@ -1,5 +1,5 @@
 /**
- * `bdsnap backup init|create|list|verify|restore|prune --repo DIR` (forget: backup-forget.ts): the logic lives in
+ * `bdsnap backup init|create|list|verify|restore|serve|prune --repo REPO` (forget: backup-forget.ts): the logic lives in
  * src/backup/; this module parses, draws progress bars (only when stdout and stderr are
  * terminals and --json is not given) and prints results.
  */
@@ -9,7 +9,7 @@ import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import {
-  CODEC_CHOICES, LocalDirStore, Repository, backupDevices, daemonSnapshotProvider, hostOf, openBackupDevices, parseDataSubset, restoreBackup, verifyRepository,
+  CODEC_CHOICES, Repository, openRepoStore, backupDevices, daemonSnapshotProvider, hostOf, openBackupDevices, parseDataSubset, restoreBackup, verifyRepository,
   type BackupSummary, type ProgressSink,
 } from '../../backup/index.js';
 import { registerForget } from './backup-forget.js';
@@ -68,8 +68,8 @@ function noteUnauthenticated(repo: Repository): void {
   process.stderr.write(`bdsnap: note: backups in ${repo.store.location} are not authenticated: whoever can write there can add or replace backups that list and restore accept; keep it writable by you alone\n`);
 }
 
-async function openRepo(dir: string): Promise<Repository> {
-  return Repository.open(new LocalDirStore(dir));
+async function openRepo(spec: string): Promise<Repository> {
+  return Repository.open(await openRepoStore(spec));
 }
 
 /** Abort on SIGINT/SIGTERM so that the work stops cleanly (snapshot destroyed, lock released). */
@@ -99,7 +99,7 @@ function formatCreate(s: BackupSummary): string {
 
 export function register(program: Command): void {
   const backup = program.command('backup').description('full and incremental backups of devices into a deduplicated, verified repository');
-  const repoOption = (c: Command): Command => c.requiredOption('--repo <dir>', 'the repository directory');
+  const repoOption = (c: Command): Command => c.requiredOption('--repo <repo>', 'the repository: a directory or s3:http[s]://HOST[:PORT]/BUCKET[/PREFIX] (credentials from AWS_* or ~/.aws)');
 
   repoOption(backup.command('init').description('create an empty repository'))
     .option('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 256K)')
@@ -108,7 +108,7 @@ export function register(program: Command): void {
       const pieceSizeBytes = flags.pieceSize !== undefined ? parseBytes(flags.pieceSize, '--piece-size') : undefined;
       const codec = CODEC_CHOICES.find((c) => c === flags.codec);
       if (flags.codec !== undefined && !codec) throw new BdsnapError('EINVAL', `bad --codec "${flags.codec}": one of ${CODEC_CHOICES.join(', ')}`);
-      const repo = await Repository.init(new LocalDirStore(flags.repo), { pieceSizeBytes, codec });
+      const repo = await Repository.init(await openRepoStore(flags.repo, { create: true }), { pieceSizeBytes, codec });
       process.stdout.write(`initialized backup repository ${repo.store.location} (pieces of ${formatBytes(repo.pieceSizeBytes)})\n`);
       noteUnauthenticated(repo);
     });
