@@ -47,6 +47,8 @@ import { cleanUpStaleMounts } from './mount.js';
 import { MOUNTS_FILE, MountManager, describeLeftMounts } from './mount-manager.js';
 import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
 import { SnapshotManager } from './snapshots.js';
+import { ReplicaManager } from './replicas.js';
+import { ReplicaStandby } from './replica-standby.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
 
@@ -85,6 +87,9 @@ export class Daemon {
   readonly #mounts: MountManager;
   readonly #nbd: NbdServer;
   readonly #claim: DaemonClaim;
+  // Loaded in start(), before any client can reach the daemon.
+  #replicas!: ReplicaManager;
+  #standby!: ReplicaStandby;
   #control: ControlServer | undefined;
   #closing: Promise<void> | undefined;
 
@@ -140,6 +145,11 @@ export class Daemon {
       const events = await EventLog.open(stateDir, options.log);
       const daemon = new Daemon(options, claim, registry, events);
       await daemon.#snapshots.recover();
+      // A standby undoes a sync a killed daemon left half applied before any client can attach.
+      daemon.#standby = await ReplicaStandby.load({ stateDir, snapshotRoot, table: daemon.#table, registry, events, log: options.log });
+      await daemon.#standby.recover();
+      daemon.#replicas = await ReplicaManager.load({ stateDir, snapshots: daemon.#snapshots, events, log: options.log });
+      await daemon.#replicas.recover();
       await daemon.#nbd.listenUnix(daemon.nbdSocket);
       if (options.listen) {
         const { port } = await daemon.#nbd.listenTcp(options.listen.host, options.listen.port, options.tls);
@@ -167,6 +177,7 @@ export class Daemon {
   close(): Promise<void> {
     this.#closing ??= (async () => {
       this.#log.info({ event: 'daemon-stopping' }, 'bdsnap daemon stopping');
+      await this.#replicas.close();
       await this.#control?.close();
       const left = await this.#mounts.closeAll();
       await this.#nbd.close();
@@ -242,6 +253,20 @@ export class Daemon {
       }
       case 'cbt-reset':
         return this.#cbt(request.device, (devicePath, sizeBytes, tracking) => tracking.reset(devicePath, sizeBytes));
+      case 'replica-add':
+        return this.#replicas.add({
+          devices: request.devices, to: request.to,
+          ...(request.everyMs !== undefined ? { everyMs: request.everyMs } : {}),
+          ...(request.limitBytesPerSecond !== undefined ? { limitBytesPerSecond: request.limitBytesPerSecond } : {}),
+          ...(request.standbyRunDir !== undefined ? { standbyRunDir: request.standbyRunDir } : {}),
+          ...(request.insecureTcp !== undefined ? { insecureTcp: request.insecureTcp } : {}),
+        });
+      case 'replica-list':
+        return { replicas: this.#replicas.list(), received: this.#standby.list() };
+      case 'replica-action':
+        return this.#replicaAction(request.action, request.replica);
+      case 'replica-receive':
+        return this.#receive(request);
     }
   }
 
@@ -252,9 +277,48 @@ export class Daemon {
       open: async (name: string, purpose: 'info' | 'go'): Promise<ExportHandle | undefined> => {
         const image = this.#snapshots.openImage(name);
         if (image) return image;
-        return this.#table.open(name, purpose);
+        const handle = await this.#table.open(name, purpose);
+        if (!handle || purpose !== 'go') return handle;
+        // A replica's sync that loses its connection before its commit is undone once let go.
+        return {
+          ...handle,
+          release: async () => {
+            await handle.release();
+            this.#standby.deviceReleased(name);
+          },
+        };
       },
     };
+  }
+
+  /** A replica action: on the replicas this daemon sends, or (remove, failover) on those it receives. */
+  async #replicaAction(action: 'sync' | 'pause' | 'resume' | 'remove' | 'failover', id: string): Promise<unknown> {
+    if (action === 'failover') {
+      if (!this.#standby.has(id)) {
+        const where = this.#replicas.has(id) ? 'this daemon sends it; run failover on the standby' : 'no such replica here';
+        throw new BdsnapError('ENOENT', `replica ${id} is not received by this daemon (${where})`);
+      }
+      return this.#standby.failover(id);
+    }
+    if (!this.#replicas.has(id)) {
+      if (action === 'remove' && this.#standby.has(id)) return this.#standby.remove(id);
+      throw new BdsnapError('ENOENT', `no replica ${id} on this daemon`);
+    }
+    switch (action) {
+      case 'sync': return this.#replicas.sync(id);
+      case 'pause': return this.#replicas.pause(id);
+      case 'resume': return this.#replicas.resume(id);
+      case 'remove': return this.#replicas.remove(id);
+    }
+  }
+
+  #receive(request: Extract<Request, { op: 'replica-receive' }>): Promise<{ token: string; point: string | null }> {
+    if (request.action === 'begin') {
+      if (!request.devices || request.point === undefined) throw new BdsnapError('EINVAL', 'replica-receive begin needs devices and point');
+      return this.#standby.begin(request.replica, request.devices, request.point);
+    }
+    if (request.token === undefined) throw new BdsnapError('EINVAL', `replica-receive ${request.action} needs the sync's token`);
+    return request.action === 'commit' ? this.#standby.commit(request.replica, request.token) : this.#standby.abort(request.replica, request.token);
   }
 
   /** A change-map operation on a registered device, answered with the device's name and size. */

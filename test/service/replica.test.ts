@@ -1,0 +1,223 @@
+/**
+ * Replication between two real daemons on one machine (each with its own run, state and
+ * snapshot directories), and to nbdkit as a plain NBD target: every sync leaves the standby
+ * one point in time of all the replica's devices, exactly; an incremental sync sends only the
+ * changed blocks; a change-map reset makes the next sync full; a sync cut short by SIGKILL of
+ * the sender or of the standby leaves the standby at the last complete point, and the next
+ * sync completes it; failover ends the replication on the standby.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
+import { NbdClient } from '../../src/nbd/client.js';
+import type { DaemonEvent, ReceivedReplicaInfo, ReplicaInfo } from '../../src/service/control-protocol.js';
+import { cli, ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../helpers/daemon.js';
+import { makeImage, sha256File } from '../helpers/files.js';
+import { nbdUri, startServer } from '../helpers/server.js';
+import { ORDERED_WRITER_SALTS } from './fixtures/ordered-writer.js';
+import { highestOrderedWrite, startOrderedWriter } from './helpers.js';
+
+interface ReplicaList {
+  replicas: ReplicaInfo[];
+  received: ReceivedReplicaInfo[];
+}
+
+/** Make the daemon serve idle devices (a snapshot taken and dropped registers them). */
+function register(box: Sandbox, devices: string[]): void {
+  const snap = JSON.parse(ok(box, ['snapshot', 'create', ...devices, '--json'])) as { id: string };
+  ok(box, ['snapshot', 'destroy', snap.id]);
+}
+
+function addReplica(box: Sandbox, args: string[]): ReplicaInfo {
+  return JSON.parse(ok(box, ['replica', 'add', ...args, '--json'])) as ReplicaInfo;
+}
+
+function sync(box: Sandbox, id: string): ReplicaInfo {
+  return JSON.parse(ok(box, ['replica', 'sync', id, '--json'])) as ReplicaInfo;
+}
+
+function replicaList(box: Sandbox): ReplicaList {
+  return JSON.parse(ok(box, ['replica', 'list', '--json'])) as ReplicaList;
+}
+
+function events(box: Sandbox, type: string): DaemonEvent[] {
+  return ok(box, ['events', '--json']).split('\n').filter((l) => l).map((l) => JSON.parse(l) as DaemonEvent).filter((e) => e.type === type);
+}
+
+async function waitFor(what: string, timeoutMs: number, check: () => boolean | Promise<boolean>): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await delay(50);
+  }
+}
+
+/** Write `data` at `offsetBytes` of `device` through the daemon's NBD server. */
+async function writeThrough(box: Sandbox, device: string, writes: Array<{ offsetBytes: number; data: Buffer }>): Promise<void> {
+  const client = await NbdClient.connect({ socketPath: path.join(box.runDir, 'nbd.sock'), exportName: device });
+  try {
+    for (const w of writes) await client.write(w.data, w.offsetBytes);
+    await client.flush();
+  } finally {
+    await client.close();
+  }
+}
+
+/** Two daemons: the source with `devices` served, the standby with `targets` active (sessions). */
+async function twoDaemons(t: Parameters<typeof sandbox>[0], make: (src: Sandbox, dst: Sandbox) => { devices: string[]; targets: string[] }) {
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const dst = sandbox(t, 'bdsnap-rep-dst-');
+  fs.mkdirSync(path.join(dst.top, 'images'));
+  const { devices, targets } = make(src, dst);
+  const source = await startDaemon(t, { sandbox: src, password: false });
+  const standby = await startDaemon(t, { sandbox: dst, activate: targets });
+  register(src, devices);
+  const uri = nbdUri(path.join(dst.runDir, 'nbd.sock'), `${path.join(fs.realpathSync(dst.top), 'images')}/`);
+  return { src, dst, source, standby, devices, targets, uri };
+}
+
+test('two devices under an ordered writer: each sync leaves the standby one point in time of both, exactly', { timeout: 180_000 }, async (t) => {
+  const WRITE_BYTES = 512;
+  const DEVICE_BYTES = 16 << 20;
+  const { src, dst, devices, targets, uri } = await twoDaemons(t, (s, d) => ({
+    // Sparse sources and standby images full of other bytes: the holes must arrive as zeroes.
+    devices: ['a.img', 'b.img'].map((n) => makeImage(path.join(s.top, n), DEVICE_BYTES, 'zero')),
+    targets: ['a.img', 'b.img'].map((n, i) => makeImage(path.join(d.top, 'images', n), DEVICE_BYTES, 'random', 7 + i)),
+  }));
+  const [a, b] = devices as [string, string];
+  const [ta, tb] = targets as [string, string];
+  const replica = addReplica(src, [a, b, '--to', uri]);
+  assert.equal(replica.targetKind, 'bdsnap', 'the standby daemon is found behind its nbd.sock');
+  assert.deepEqual(replica.exports, targets);
+
+  const writer = await startOrderedWriter(t, src, a, b, WRITE_BYTES, DEVICE_BYTES / WRITE_BYTES);
+  const seen: string[] = [];
+  const sent: number[] = [];
+  for (let round = 0; round < 4; round++) {
+    const before = await writer.go(50);
+    // The CLI runs in its own process; the writer goes on writing while the sync takes its snapshot.
+    const r = sync(src, replica.id);
+    const after = await writer.pause();
+    const ha = highestOrderedWrite(fs.readFileSync(ta), WRITE_BYTES, ORDERED_WRITER_SALTS.a);
+    const hb = highestOrderedWrite(fs.readFileSync(tb), WRITE_BYTES, ORDERED_WRITER_SALTS.b);
+    seen.push(`${before} ${ha} ${hb} ${after}`);
+    assert.ok(ha === hb || ha === hb + 1, `round ${round}: standby A holds writes up to ${ha}, B up to ${hb}: not one point in time (${seen.join('; ')})`);
+    assert.ok(hb >= before && ha <= after + 1, `round ${round}: the standby is not a point between the sync's start and end (${seen.join('; ')})`);
+    assert.equal(r.lastSync?.full, round === 0, `round ${round}: ${r.lastSync?.why}`);
+    sent.push(r.lastSync?.bytesSent ?? -1);
+  }
+  await writer.stop();
+  // Nothing writes now: one more sync makes the standby equal to the devices, byte for byte.
+  const last = sync(src, replica.id);
+  assert.equal(last.state, 'idle');
+  assert.equal(await sha256File(ta), await sha256File(a), 'standby A equals the source');
+  assert.equal(await sha256File(tb), await sha256File(b), 'standby B equals the source');
+  t.diagnostic(`acknowledged before, standby A, B, acknowledged after: ${seen.join('; ')}; bytes sent per sync: ${sent.join(' ')}`);
+  // The full sync sent data only where the sparse devices had any; the rest went as write-zeroes.
+  assert.ok((sent[0] ?? 0) < DEVICE_BYTES, `the first sync skipped the holes (${sent[0]} bytes sent)`);
+  const received = replicaList(dst).received.find((r) => r.id === replica.id);
+  assert.equal(received?.point, last.lastComplete);
+  assert.equal(received?.receiving, false);
+});
+
+test('an incremental sync sends only the changed blocks; a change-map reset makes the next one full, and says so', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 32 << 20;
+  const { src, dst, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  const [device, target] = [devices[0]!, targets[0]!];
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target)]);
+  const first = sync(src, replica.id);
+  assert.equal(first.lastSync?.full, true);
+  assert.equal(first.lastSync?.bytesSent, DEVICE_BYTES, 'random data has no holes: all of it is sent');
+
+  const writes = [
+    { offsetBytes: 1 << 20, data: randomBytes(4096) },
+    { offsetBytes: (20 << 20) + 3 * 512, data: randomBytes(512) },
+    { offsetBytes: 28 << 20, data: randomBytes(256 << 10) },
+  ];
+  await writeThrough(src, device, writes);
+  const { blockSize } = JSON.parse(ok(src, ['cbt', 'info', device, '--json'])) as { blockSize: number };
+  const blocks = new Set<number>();
+  for (const w of writes) {
+    for (let blk = Math.floor(w.offsetBytes / blockSize); blk * blockSize < w.offsetBytes + w.data.length; blk++) blocks.add(blk);
+  }
+  const second = sync(src, replica.id);
+  assert.equal(second.lastSync?.full, false, second.lastSync?.why);
+  assert.equal(second.lastSync?.bytesSent, blocks.size * blockSize, `only the ${blocks.size} changed blocks of ${blockSize} bytes are sent`);
+  assert.equal(second.bytesSent, DEVICE_BYTES + blocks.size * blockSize);
+  assert.equal(await sha256File(target), await sha256File(device));
+  // The standby's session of that sync preserved only what the sync wrote.
+  const sessions = (JSON.parse(ok(dst, ['list', '--json'])) as { sessions: Array<{ preservedBytes: number }> }).sessions;
+  assert.ok((sessions.at(-1)?.preservedBytes ?? Infinity) <= blocks.size * blockSize, `the standby received only the changed blocks (${JSON.stringify(sessions.at(-1))})`);
+
+  const nothing = sync(src, replica.id);
+  assert.equal(nothing.lastSync?.bytesSent, 0, 'nothing changed, nothing sent');
+
+  ok(src, ['cbt', 'reset', device]);
+  const third = sync(src, replica.id);
+  assert.equal(third.lastSync?.full, true);
+  assert.match(third.lastSync?.why ?? '', /change map reset/);
+  const synced = events(src, 'replica-synced').at(-1);
+  assert.equal(synced?.details.full, true);
+  assert.match(String(synced?.details.why), /change map reset/);
+  assert.equal(await sha256File(target), await sha256File(device));
+});
+
+/** Rewrite the whole device with new random bytes through the daemon. */
+async function rewrite(box: Sandbox, device: string, sizeBytes: number): Promise<void> {
+  const writes = [];
+  for (let at = 0; at < sizeBytes; at += 1 << 20) writes.push({ offsetBytes: at, data: randomBytes(1 << 20) });
+  await writeThrough(box, device, writes);
+}
+
+/** Start `replica sync` in the background and resolve once the standby holds part of it. */
+async function syncUntilHalfway(source: RunningDaemon, dst: Sandbox, id: string, target: string): Promise<void> {
+  void source.cli(['replica', 'sync', id], undefined, true);
+  await waitFor('the standby to receive part of the sync', 20_000, () => {
+    const status = JSON.parse(ok(dst, ['status', '--json'])) as { devices: Array<{ device: string; bytesPreserved: number }> };
+    return (status.devices.find((d) => d.device === target)?.bytesPreserved ?? 0) >= 2 << 20;
+  });
+}
+
+test('SIGKILL of the sender, then of the standby, mid-sync: the standby stays at the last complete point; the next sync completes it', { timeout: 180_000 }, async (t) => {
+  const DEVICE_BYTES = 16 << 20;
+  const { src, dst, source, standby, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  const [device, target] = [devices[0]!, targets[0]!];
+  // 4 MiB/s: a sync of the whole device takes four seconds, time to kill it halfway.
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target), '--limit-rate', '4M']);
+  sync(src, replica.id);
+  const complete = await sha256File(target);
+  assert.equal(complete, await sha256File(device));
+
+  // The sender dies halfway through the next sync.
+  await rewrite(src, device, DEVICE_BYTES);
+  await syncUntilHalfway(source, dst, replica.id, target);
+  source.server.kill('SIGKILL');
+  await waitFor('the standby to undo the sync', 20_000, () => replicaList(dst).received[0]?.receiving === false).catch(() => undefined);
+  assert.equal(await sha256File(target), complete, 'the standby is back at the last complete point after the sender died');
+  assert.equal(events(dst, 'replica-rolled-back').length, 1);
+
+  // The standby dies halfway through the next sync; at its start it undoes the half-applied sync.
+  await source.server.waitForExit(10_000);
+  const sourceAgain = await startDaemon(t, { sandbox: src, password: false });
+  await syncUntilHalfway(sourceAgain, dst, replica.id, target);
+  standby.server.kill('SIGKILL');
+  await standby.server.waitForExit(10_000);
+  await startDaemon(t, { sandbox: dst, password: false });
+  assert.equal(await sha256File(target), complete, 'the standby is back at the last complete point after it was killed');
+  assert.equal(replicaList(dst).received[0]?.receiving, false);
+  await waitFor('the cut sync to end on the sender', 20_000, () => replicaList(src).replicas[0]?.state !== 'syncing');
+
+  const done = sync(src, replica.id);
+  assert.equal(done.state, 'idle');
+  assert.equal(await sha256File(target), await sha256File(device), 'the next sync completes the standby');
+});
