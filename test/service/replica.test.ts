@@ -167,6 +167,7 @@ test('an incremental sync sends only the changed blocks; a change-map reset make
   assert.equal(synced?.details.full, true);
   assert.match(String(synced?.details.why), /change map reset/);
   assert.equal(await sha256File(target), await sha256File(device));
+  t.diagnostic(`sync durations (ms): full ${first.lastSync?.durationMs}, incremental ${second.lastSync?.durationMs}, empty ${nothing.lastSync?.durationMs}, after the reset ${third.lastSync?.durationMs}`);
 });
 
 /** Rewrite the whole device with new random bytes through the daemon. */
