@@ -222,3 +222,95 @@ test('SIGKILL of the sender, then of the standby, mid-sync: the standby stays at
   assert.equal(done.state, 'idle');
   assert.equal(await sha256File(target), await sha256File(device), 'the next sync completes the standby');
 });
+
+test('nbdkit as a plain target: the copy is marked incomplete while a sync is cut short, and the next sync sends its ranges again', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 16 << 20;
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const device = makeImage(path.join(src.top, 'a.img'), DEVICE_BYTES, 'random', 1);
+  const targetFile = makeImage(path.join(src.top, 'copy.img'), DEVICE_BYTES, 'random', 2);
+  const nbdkit = await startServer(t, { kind: 'nbdkit', images: [targetFile] });
+  const source = await startDaemon(t, { sandbox: src, password: false });
+  register(src, [device]);
+  const replica = addReplica(src, [device, '--to', nbdUri(nbdkit.socketPath), '--limit-rate', '4M']);
+  assert.equal(replica.targetKind, 'plain');
+  const first = sync(src, replica.id);
+  assert.equal(first.state, 'idle');
+  assert.equal(await sha256File(targetFile), await sha256File(device));
+
+  await rewrite(src, device, DEVICE_BYTES);
+  const before = await sha256File(targetFile);
+  void source.cli(['replica', 'sync', replica.id], undefined, true);
+  await waitFor('part of the sync to reach nbdkit', 20_000, async () => (await sha256File(targetFile)) !== before);
+  source.server.kill('SIGKILL');
+  await source.server.waitForExit(10_000);
+
+  await startDaemon(t, { sandbox: src, password: false });
+  const cut = replicaList(src).replicas[0];
+  assert.equal(cut?.state, 'incomplete', 'a copy cut short is marked incomplete');
+  assert.equal(cut?.lastComplete, first.lastComplete, 'the last complete point did not move');
+  assert.equal(JSON.parse(ok(src, ['snapshot', 'list', '--json'])).snapshots.length, 0, 'the cut sync\'s snapshot was destroyed at the restart');
+  const done = sync(src, replica.id);
+  assert.equal(done.state, 'idle');
+  assert.equal(done.lastSync?.full, false, 'the next sync is incremental from the last complete point');
+  assert.equal(await sha256File(targetFile), await sha256File(device), 'and completes the copy');
+});
+
+test('failover on the standby: the device is an ordinary one there, and the sender is refused from then on', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const { src, dst, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  const [device, target] = [devices[0]!, targets[0]!];
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target)]);
+  const notYet = cli(dst, ['replica', 'failover', replica.id]);
+  assert.notEqual(notYet.status, 0);
+  assert.match(notYet.stderr, /not received by this daemon/);
+  sync(src, replica.id);
+  const wrongSide = cli(src, ['replica', 'failover', replica.id]);
+  assert.notEqual(wrongSide.status, 0);
+  assert.match(wrongSide.stderr, /run failover on the standby/);
+
+  const failedOver = JSON.parse(ok(dst, ['replica', 'failover', replica.id, '--json'])) as ReceivedReplicaInfo;
+  assert.ok(failedOver.failedOverAt !== null);
+  assert.equal(await sha256File(target), await sha256File(device));
+  // An ordinary device of the standby now: written under a session like any active device.
+  await writeThrough(dst, target, [{ offsetBytes: 0, data: randomBytes(4096) }]);
+  const refused = cli(src, ['replica', 'sync', replica.id]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /failed over on this standby/);
+  assert.equal(replicaList(src).replicas[0]?.state, 'failed');
+  assert.match(String(events(src, 'replica-failed').at(-1)?.details.reason), /failed over/);
+});
+
+test('schedule: --every syncs on its own; pause stops it, resume starts it again, remove forgets the replica', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const device = makeImage(path.join(src.top, 'a.img'), DEVICE_BYTES, 'random', 1);
+  const targetFile = makeImage(path.join(src.top, 'copy.img'), DEVICE_BYTES, 'random', 2);
+  const nbdkit = await startServer(t, { kind: 'nbdkit', images: [targetFile] });
+  await startDaemon(t, { sandbox: src, password: false });
+  const replica = addReplica(src, [device, '--to', nbdUri(nbdkit.socketPath), '--every', '1s']);
+  assert.equal(replica.everyMs, 1000);
+  await waitFor('two scheduled syncs', 20_000, () => events(src, 'replica-synced').length >= 2);
+  assert.equal(await sha256File(targetFile), await sha256File(device));
+
+  const paused = JSON.parse(ok(src, ['replica', 'pause', replica.id, '--json'])) as ReplicaInfo;
+  assert.equal(paused.state, 'paused');
+  assert.equal(paused.nextSyncAt, null, 'nothing scheduled while paused');
+  const refused = cli(src, ['replica', 'sync', replica.id]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /paused: bdsnap replica resume/);
+
+  const count = events(src, 'replica-synced').length;
+  const resumed = JSON.parse(ok(src, ['replica', 'resume', replica.id, '--json'])) as ReplicaInfo;
+  assert.notEqual(resumed.nextSyncAt, null);
+  await waitFor('a scheduled sync after resume', 20_000, () => events(src, 'replica-synced').length > count);
+  const listed = replicaList(src).replicas[0];
+  assert.ok(listed && listed.lagMs !== null && listed.bytesSent >= DEVICE_BYTES);
+
+  ok(src, ['replica', 'pause', replica.id]);
+  ok(src, ['replica', 'remove', replica.id]);
+  assert.deepEqual(replicaList(src).replicas, []);
+  assert.match(ok(src, ['replica', 'list']), /no replicas/);
+});
