@@ -314,3 +314,29 @@ test('schedule: --every syncs on its own; pause stops it, resume starts it again
   assert.deepEqual(replicaList(src).replicas, []);
   assert.match(ok(src, ['replica', 'list']), /no replicas/);
 });
+
+test('over TCP: nbd:// is refused without --insecure-tcp; with it, and the standby\'s run directory named, syncs go inside sessions there', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const dst = sandbox(t, 'bdsnap-rep-dst-');
+  const device = makeImage(path.join(src.top, 'a.img'), DEVICE_BYTES, 'random', 1);
+  const target = fs.realpathSync(makeImage(path.join(dst.top, 'a.img'), DEVICE_BYTES, 'random', 2));
+  await startDaemon(t, { sandbox: src, password: false });
+  const standby = await startDaemon(t, { sandbox: dst, activate: [target], logLevel: 'info', extraArgs: ['--listen', '127.0.0.1:0', '--insecure-tcp'] });
+  const port = standby.logLines().find((l) => l.event === 'nbd-listening')?.port;
+  assert.equal(typeof port, 'number');
+  const uri = `nbd://127.0.0.1:${port}/${encodeURIComponent(target)}`;
+
+  const clear = cli(src, ['replica', 'add', device, '--to', uri]);
+  assert.notEqual(clear.status, 0);
+  assert.match(clear.stderr, /in the clear: add --insecure-tcp/);
+  const tls = cli(src, ['replica', 'add', device, '--to', `nbds://127.0.0.1:${port}/x`]);
+  assert.notEqual(tls.status, 0);
+  assert.match(tls.stderr, /not supported yet/);
+
+  const replica = addReplica(src, [device, '--to', uri, '--insecure-tcp', '--standby-run-dir', dst.runDir]);
+  assert.equal(replica.targetKind, 'bdsnap');
+  sync(src, replica.id);
+  assert.equal(await sha256File(target), await sha256File(device));
+  assert.equal(replicaList(dst).received[0]?.point, replicaList(src).replicas[0]?.lastComplete);
+});
