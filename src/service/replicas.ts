@@ -27,6 +27,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { NbdClient, type NbdClientOptions } from '../nbd/client.js';
 import type { ExportHandle } from '../nbd/exports.js';
+import { loadClientTls, type ClientTlsSettings } from '../nbd/tls.js';
 import { BdsnapClient } from './client.js';
 import type { ReplicaInfo, ReplicaSyncSummary, SnapshotImageInfo } from './control-protocol.js';
 import type { EventLog } from './events.js';
@@ -72,13 +73,18 @@ export interface ParsedTarget {
   endpoint: TargetEndpoint;
   /** The export named in the URI, or '' when it names none. */
   exportName: string;
+  /** nbds: the client's TLS credentials (libnbd's URI parameters). */
+  tls?: ClientTlsSettings;
 }
 
 const NBD_DEFAULT_PORT = 10809;
 
 /**
- * Parse `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT`. `nbds://` and
- * `nbds+unix://` are refused for now (no TLS on the client side), as is any other scheme.
+ * Parse `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT`, and their TLS forms
+ * `nbds+unix://` and `nbds://[USER@]HOST[:PORT]/EXPORT` with libnbd's parameters
+ * `tls-certificates=DIR` (its ca-cert.pem, and client-cert.pem/client-key.pem if there) or
+ * `tls-psk-file=FILE` (`tls-username=USER` or USER@ picks the key), `tls-hostname=NAME` (the
+ * name the certificate must carry, for a unix socket; default localhost).
  */
 export function parseTargetUri(uri: string): ParsedTarget {
   let url: URL;
@@ -88,23 +94,41 @@ export function parseTargetUri(uri: string): ParsedTarget {
     throw new BdsnapError('EINVAL', `${uri} is not a URI: give nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT`);
   }
   const exportName = decodeURIComponent(url.pathname.replace(/^\//, ''));
+  const secure = url.protocol === 'nbds:' || url.protocol === 'nbds+unix:';
+  let parsed: ParsedTarget;
   switch (url.protocol) {
-    case 'nbd+unix:': {
+    case 'nbd+unix:':
+    case 'nbds+unix:': {
       const socketPath = url.searchParams.get('socket');
       if (!socketPath || !path.isAbsolute(socketPath)) throw new BdsnapError('EINVAL', `${uri} names no absolute socket path (?socket=/path/to/nbd.sock)`);
-      return { endpoint: { socketPath }, exportName };
+      parsed = { endpoint: { socketPath }, exportName };
+      break;
     }
-    case 'nbd:': {
+    case 'nbd:':
+    case 'nbds:': {
       if (!url.hostname) throw new BdsnapError('EINVAL', `${uri} names no host`);
       const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
-      return { endpoint: { host, port: url.port ? Number(url.port) : NBD_DEFAULT_PORT }, exportName };
+      parsed = { endpoint: { host, port: url.port ? Number(url.port) : NBD_DEFAULT_PORT }, exportName };
+      break;
     }
-    case 'nbds:':
-    case 'nbds+unix:':
-      throw new BdsnapError('ENOTSUP', `${uri}: replication over TLS is not supported yet; use nbd+unix:// through an ssh-forwarded socket, or nbd:// with --insecure-tcp on a trusted network`);
     default:
-      throw new BdsnapError('EINVAL', `${uri}: unsupported scheme ${url.protocol} (nbd+unix:// or nbd://)`);
+      throw new BdsnapError('EINVAL', `${uri}: unsupported scheme ${url.protocol} (nbd+unix://, nbd://, nbds+unix:// or nbds://)`);
   }
+  if (!secure) return parsed;
+  const param = (name: string): string | undefined => url.searchParams.get(name) ?? undefined;
+  const certificatesDir = param('tls-certificates');
+  const pskFile = param('tls-psk-file');
+  const username = param('tls-username') ?? (url.username ? decodeURIComponent(url.username) : undefined);
+  const host = param('tls-hostname') ?? ('host' in parsed.endpoint ? parsed.endpoint.host : 'localhost');
+  return {
+    ...parsed,
+    tls: {
+      host,
+      ...(certificatesDir !== undefined ? { certificatesDir } : {}),
+      ...(pskFile !== undefined ? { pskFile } : {}),
+      ...(username !== undefined ? { username } : {}),
+    },
+  };
 }
 
 export interface AddReplicaOptions {
@@ -197,8 +221,10 @@ export class ReplicaManager {
       devices.push(devicePath);
     }
     const parsed = parseTargetUri(options.to);
-    if ('host' in parsed.endpoint && !options.insecureTcp) {
-      throw new BdsnapError('EPERM', `${options.to} would send the devices' content over TCP in the clear: add --insecure-tcp on a trusted network, or reach the standby through an ssh-forwarded unix socket (nbd+unix://)`);
+    // Credentials that will not load are refused now, not at the first sync.
+    if (parsed.tls) await loadClientTls(parsed.tls);
+    if ('host' in parsed.endpoint && !parsed.tls && !options.insecureTcp) {
+      throw new BdsnapError('EPERM', `${options.to} would send the devices' content over TCP in the clear: use nbds:// (TLS), add --insecure-tcp on a trusted network, or reach the standby through an ssh-forwarded unix socket (nbd+unix://)`);
     }
     const exports = exportsFor(devices, parsed.exportName, options.to);
     for (const other of this.#records.values()) {
@@ -333,7 +359,8 @@ export class ReplicaManager {
   async #syncOnce(record: ReplicaRecord, signal: AbortSignal): Promise<ReplicaSyncSummary> {
     const { snapshots, log } = this.#options;
     const startedMs = performance.now();
-    const { endpoint } = parseTargetUri(record.target);
+    const { endpoint, tls } = parseTargetUri(record.target);
+    const tlsOptions = tls ? await loadClientTls(tls) : undefined;
     const snapshot = await snapshots.create(record.devices, {});
     record.inProgress = snapshot.id;
     if (record.standbyRunDir === null) record.incomplete = true;
@@ -355,7 +382,7 @@ export class ReplicaManager {
         const handle = snapshots.openImage(plan.image.exportName);
         if (!handle) throw new BdsnapError('ENOENT', `the image ${plan.image.exportName} went away`);
         handles.push(handle);
-        const target = await NbdClient.connect({ ...endpoint, exportName: record.exports[i]! } satisfies NbdClientOptions);
+        const target = await NbdClient.connect({ ...endpoint, exportName: record.exports[i]!, ...(tlsOptions ? { tls: tlsOptions } : {}) } satisfies NbdClientOptions);
         targets.push(target);
         if (target.readOnly) throw new BdsnapError('EPERM', `the target export ${record.exports[i]} is read-only`);
         if (target.size !== plan.image.sizeBytes) {

@@ -18,6 +18,7 @@ import type { DaemonEvent, ReceivedReplicaInfo, ReplicaInfo } from '../../src/se
 import { cli, ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage, sha256File } from '../helpers/files.js';
 import { nbdUri, startServer } from '../helpers/server.js';
+import { makePki } from '../helpers/tls.js';
 import { ORDERED_WRITER_SALTS } from './fixtures/ordered-writer.js';
 import { highestOrderedWrite, startOrderedWriter } from './helpers.js';
 
@@ -329,12 +330,42 @@ test('over TCP: nbd:// is refused without --insecure-tcp; with it, and the stand
 
   const clear = cli(src, ['replica', 'add', device, '--to', uri]);
   assert.notEqual(clear.status, 0);
-  assert.match(clear.stderr, /in the clear: add --insecure-tcp/);
-  const tls = cli(src, ['replica', 'add', device, '--to', `nbds://127.0.0.1:${port}/x`]);
-  assert.notEqual(tls.status, 0);
-  assert.match(tls.stderr, /not supported yet/);
+  assert.match(clear.stderr, /in the clear: .*add --insecure-tcp/);
+  const noCredentials = cli(src, ['replica', 'add', device, '--to', `nbds://127.0.0.1:${port}/x`]);
+  assert.notEqual(noCredentials.status, 0);
+  assert.match(noCredentials.stderr, /TLS needs one of tls-certificates=DIR/);
 
   const replica = addReplica(src, [device, '--to', uri, '--insecure-tcp', '--standby-run-dir', dst.runDir]);
+  assert.equal(replica.targetKind, 'bdsnap');
+  sync(src, replica.id);
+  assert.equal(await sha256File(target), await sha256File(device));
+  assert.equal(replicaList(dst).received[0]?.point, replicaList(src).replicas[0]?.lastComplete);
+});
+
+test('over TLS (nbds://): the standby\'s certificate is checked, and syncs go inside sessions there', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const dst = sandbox(t, 'bdsnap-rep-dst-');
+  const pki = makePki(src.top);
+  const device = makeImage(path.join(src.top, 'a.img'), DEVICE_BYTES, 'random', 1);
+  const target = fs.realpathSync(makeImage(path.join(dst.top, 'a.img'), DEVICE_BYTES, 'random', 2));
+  await startDaemon(t, { sandbox: src, password: false });
+  const standby = await startDaemon(t, { sandbox: dst, activate: [target], logLevel: 'info', extraArgs: ['--listen', '127.0.0.1:0', '--tls-certificates', pki.server] });
+  const port = standby.logLines().find((l) => l.event === 'nbd-listening')?.port;
+  const uri = (ca: string): string => `nbds://127.0.0.1:${port}/${encodeURIComponent(target)}?tls-certificates=${encodeURIComponent(ca)}`;
+
+  // A CA that did not sign the standby's certificate: the sync fails, nothing is written.
+  const before = await sha256File(target);
+  const rogue = addReplica(src, [device, '--to', uri(pki.untrusting), '--standby-run-dir', dst.runDir]);
+  const refused = cli(src, ['replica', 'sync', rogue.id]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /TLS with the NBD server failed/);
+  assert.equal(await sha256File(target), before);
+  ok(src, ['replica', 'remove', rogue.id]);
+  // The standby keeps a replica it was sent until it is removed there too.
+  ok(dst, ['replica', 'remove', rogue.id]);
+
+  const replica = addReplica(src, [device, '--to', uri(pki.trusting), '--standby-run-dir', dst.runDir]);
   assert.equal(replica.targetKind, 'bdsnap');
   sync(src, replica.id);
   assert.equal(await sha256File(target), await sha256File(device));
