@@ -372,4 +372,6 @@ export interface ReceivedReplicaInfo {
   /** A sync is being applied (or was cut short and is not rolled back yet). */
   receiving: boolean;
   failedOverAt: string | null;
+  /** Why the devices are not at a complete point (a cut sync that could not be undone), or null. */
+  broken: string | null;
 }

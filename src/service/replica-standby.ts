@@ -40,6 +40,8 @@ const recordSchema = z.object({
   point: z.string().nullable(),
   completeAt: z.string().nullable(),
   failedOverAt: z.string().nullable(),
+  /** Why the devices are not at a complete point (a sync cut short could not be undone), until the next commit. */
+  broken: z.string().nullable().default(null),
   pending: z.object({
     token: z.string(),
     point: z.string(),
@@ -123,7 +125,18 @@ export class ReplicaStandby {
       if (record && record.devices.join('\0') !== devices.join('\0')) {
         throw new BdsnapError('EINVAL', `replica ${id} sends ${record.devices.join(', ')} to this standby, not ${devices.join(', ')}`);
       }
-      if (record?.pending) await this.#rollBack(record);
+      if (record?.pending) {
+        try {
+          await this.#rollBack(record);
+        } catch (err) {
+          // Undone or not, the next sync sends every range the cut one wrote (they are changes
+          // since the last complete point), so its commit makes the devices whole again.
+          if (err instanceof BdsnapError && err.code === 'EBUSY') throw err;
+          record.broken = `a sync cut short could not be undone: ${toBdsnapError(err).message}`;
+          record.pending = null;
+          this.#options.log.error({ event: 'replica-rollback-failed', replica: id, reason: record.broken }, 'the standby is not at a complete point until the next sync commits');
+        }
+      }
       const sessionsBefore: Record<string, string[]> = {};
       for (const devicePath of devices) {
         const known = registry.get(devicePath) ?? await registry.register(devicePath);
@@ -135,7 +148,7 @@ export class ReplicaStandby {
         }
         sessionsBefore[devicePath] = (await listSessions(snapshotRoot, devicePath)).map((s) => s.dir);
       }
-      record ??= { id, devices, point: null, completeAt: null, failedOverAt: null, pending: null };
+      record ??= { id, devices, point: null, completeAt: null, failedOverAt: null, broken: null, pending: null };
       const token = crypto.randomBytes(8).toString('hex');
       record.pending = { token, point, beganAt: new Date().toISOString(), sessionsBefore };
       this.#records.set(id, record);
@@ -160,6 +173,7 @@ export class ReplicaStandby {
       record.point = pending.point;
       record.completeAt = new Date().toISOString();
       record.pending = null;
+      record.broken = null;
       await this.#save();
       this.#options.log.info({ event: 'replica-received', replica: id, point: record.point, devices: record.devices }, 'replica sync received whole');
       return { token, point: record.point };
@@ -201,6 +215,7 @@ export class ReplicaStandby {
         await this.#rollBack(record);
       }
       if (record.point === null) throw new BdsnapError('ESESSION', `replica ${id} has not received a complete point yet: there is nothing to fail over to`);
+      if (record.broken !== null) throw new BdsnapError('ESESSION', `replica ${id} is not at a complete point (${record.broken}); let one more sync finish, or restore its devices by hand`);
       record.failedOverAt = new Date().toISOString();
       await this.#save();
       this.#options.log.warn({ event: 'replica-failover', replica: id, point: record.point, devices: record.devices }, 'replica failed over: its devices are ordinary devices now');
@@ -257,7 +272,7 @@ export class ReplicaStandby {
   }
 
   #info(r: ReceivedRecord): ReceivedReplicaInfo {
-    return { id: r.id, devices: r.devices, point: r.point, completeAt: r.completeAt, receiving: r.pending !== null, failedOverAt: r.failedOverAt };
+    return { id: r.id, devices: r.devices, point: r.point, completeAt: r.completeAt, receiving: r.pending !== null, failedOverAt: r.failedOverAt, broken: r.broken };
   }
 
   async #save(): Promise<void> {

@@ -45,7 +45,7 @@ function describeReplica(r: ReplicaInfo): string {
 }
 
 function describeReceived(r: ReceivedReplicaInfo): string {
-  const state = r.failedOverAt ? `failed over at ${r.failedOverAt}` : r.receiving ? 'receiving a sync' : 'standby';
+  const state = r.failedOverAt ? `failed over at ${r.failedOverAt}` : r.broken !== null ? `not at a complete point: ${r.broken}` : r.receiving ? 'receiving a sync' : 'standby';
   return `received replica ${r.id}: ${state}; last complete point ${r.point ?? 'none yet'}\n${r.devices.map((d) => `  ${d}\n`).join('')}`;
 }
 
