@@ -25,6 +25,7 @@ import type { Logger } from 'pino';
 import { z } from 'zod';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { whyOthersCanRename } from '../host/private-dir.js';
 import { NbdClient, type NbdClientOptions } from '../nbd/client.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import { loadClientTls, type ClientTlsSettings } from '../nbd/tls.js';
@@ -232,6 +233,7 @@ export class ReplicaManager {
       if (shared) throw new BdsnapError('EBUSY', `${shared} is already in replica ${other.id}`);
     }
     const standbyRunDir = options.standbyRunDir !== undefined ? path.resolve(options.standbyRunDir) : standbyOf(parsed.endpoint);
+    await checkSockets(parsed.endpoint, standbyRunDir);
     if (standbyRunDir !== null) {
       // A standby given by name must answer now: a typo would silently turn it into a plain copy.
       const client = await BdsnapClient.connect(standbyRunDir);
@@ -335,6 +337,8 @@ export class ReplicaManager {
   async #sync(record: ReplicaRecord): Promise<void> {
     if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the daemon is stopping');
     if (!this.#records.has(record.id)) throw new BdsnapError('ENOENT', `no replica ${record.id}`);
+    // A sync queued before a pause does not run after it.
+    if (record.paused) throw new BdsnapError('ESESSION', `replica ${record.id} is paused`);
     const live = this.#liveOf(record.id);
     live.syncing = true;
     live.abort = new AbortController();
@@ -361,6 +365,7 @@ export class ReplicaManager {
     const startedMs = performance.now();
     const { endpoint, tls } = parseTargetUri(record.target);
     const tlsOptions = tls ? await loadClientTls(tls) : undefined;
+    await checkSockets(endpoint, record.standbyRunDir);
     const snapshot = await snapshots.create(record.devices, {});
     record.inProgress = snapshot.id;
     if (record.standbyRunDir === null) record.incomplete = true;
@@ -494,4 +499,18 @@ function exportsFor(devices: string[], exportName: string, uri: string): string[
     throw new BdsnapError('EINVAL', `${uri} names one export for ${devices.length} devices: name a directory (an export ending in /) or none (each device goes to the export of its own path)`);
   }
   return [exportName];
+}
+
+/**
+ * The unix sockets a sync talks to must be root's to name: whoever could put another socket
+ * there would receive the devices' content, or answer for the standby.
+ */
+async function checkSockets(endpoint: TargetEndpoint, standbyRunDir: string | null): Promise<void> {
+  const sockets = [...('socketPath' in endpoint ? [endpoint.socketPath] : []), ...(standbyRunDir !== null ? [controlSocketPath(standbyRunDir)] : [])];
+  for (const socket of sockets) {
+    const why = await whyOthersCanRename(socket);
+    if (why !== undefined) {
+      throw new BdsnapError('EPERM', `${socket} can be replaced by another user (${why}), who would then receive the devices' content: use a socket in a directory only root can write`);
+    }
+  }
 }

@@ -83,7 +83,8 @@ async function twoDaemons(t: Parameters<typeof sandbox>[0], make: (src: Sandbox,
 
 test('two devices under an ordered writer: each sync leaves the standby one point in time of both, exactly', { timeout: 180_000 }, async (t) => {
   const WRITE_BYTES = 512;
-  const DEVICE_BYTES = 16 << 20;
+  // Many small blocks: the writer must not run out before the last sync, however fast it goes.
+  const DEVICE_BYTES = 64 << 20;
   const { src, dst, devices, targets, uri } = await twoDaemons(t, (s, d) => ({
     // Sparse sources and standby images full of other bytes: the holes must arrive as zeroes.
     devices: ['a.img', 'b.img'].map((n) => makeImage(path.join(s.top, n), DEVICE_BYTES, 'zero')),
@@ -98,7 +99,7 @@ test('two devices under an ordered writer: each sync leaves the standby one poin
   const writer = await startOrderedWriter(t, src, a, b, WRITE_BYTES, DEVICE_BYTES / WRITE_BYTES);
   const seen: string[] = [];
   const sent: number[] = [];
-  for (let round = 0; round < 4; round++) {
+  for (let round = 0; round < 3; round++) {
     const before = await writer.go(50);
     // The CLI runs in its own process; the writer goes on writing while the sync takes its snapshot.
     const r = sync(src, replica.id);
@@ -370,4 +371,17 @@ test('over TLS (nbds://): the standby\'s certificate is checked, and syncs go in
   sync(src, replica.id);
   assert.equal(await sha256File(target), await sha256File(device));
   assert.equal(replicaList(dst).received[0]?.point, replicaList(src).replicas[0]?.lastComplete);
+});
+
+test('a target socket another user could replace is refused: whoever put a socket there would receive the devices', { timeout: 60_000 }, async (t) => {
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const device = makeImage(path.join(src.top, 'a.img'), 1 << 20, 'random', 1);
+  const open = path.join(src.top, 'open');
+  fs.mkdirSync(open);
+  fs.chmodSync(open, 0o777);
+  await startDaemon(t, { sandbox: src, password: false });
+  const refused = cli(src, ['replica', 'add', device, '--to', nbdUri(path.join(open, 'nbd.sock'))]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /can be replaced by another user/);
+  assert.deepEqual(replicaList(src).replicas, []);
 });
