@@ -11,6 +11,7 @@
  */
 
 import net from 'node:net';
+import tls from 'node:tls';
 import { BdsnapError, type ErrorCode } from '../errors.js';
 import type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
 import * as C from './constants.js';
@@ -33,6 +34,12 @@ export interface NbdClientOptions {
    * the server does not offer are simply not available (see contextAvailable()).
    */
   metaContexts?: string[];
+  /**
+   * Upgrade with NBD_OPT_STARTTLS right after the greeting, with these tls.connect options
+   * (CA, client certificate, PSK callback, servername), and never go on in plaintext: a server
+   * that refuses STARTTLS fails the connection.
+   */
+  tls?: tls.ConnectionOptions;
 }
 
 /** What a request returned: READ data, or BLOCK_STATUS extents (NBD_STATE_* flags). */
@@ -132,7 +139,7 @@ export class NbdClient implements BlockDevice {
   static async connect(options: NbdClientOptions): Promise<NbdClient> {
     const client = await NbdClient.#open(options);
     try {
-      await client.#handshake(options.exportName ?? '', options.structuredReplies ?? true, options.metaContexts ?? []);
+      await client.#handshake(options.exportName ?? '', options.structuredReplies ?? true, options.metaContexts ?? [], options.tls);
     } catch (err) {
       client.#socket.destroy();
       throw err;
@@ -254,8 +261,9 @@ export class NbdClient implements BlockDevice {
     return noZeroes;
   }
 
-  async #handshake(exportName: string, wantStructured: boolean, extraContexts: readonly string[]): Promise<void> {
+  async #handshake(exportName: string, wantStructured: boolean, extraContexts: readonly string[], tlsOptions: tls.ConnectionOptions | undefined): Promise<void> {
     const noZeroes = await this.#greet();
+    if (tlsOptions) await this.#startTls(tlsOptions);
     if (wantStructured) {
       const reply = await this.#option(C.NBD_OPT_STRUCTURED_REPLY);
       this.#structured = reply.type === C.NBD_REP_ACK;
@@ -310,6 +318,28 @@ export class NbdClient implements BlockDevice {
     }
     this.#inTransmission = true;
     this.#drain();
+  }
+
+  /**
+   * NBD_OPT_STARTTLS, then TLS on the same socket. Bytes the server sent after its ACK in
+   * plaintext would be taken as part of the protected negotiation: refused.
+   */
+  async #startTls(options: tls.ConnectionOptions): Promise<void> {
+    const reply = await this.#option(C.NBD_OPT_STARTTLS);
+    if (reply.type !== C.NBD_REP_ACK) {
+      throw new BdsnapError('EPERM', `the server refused TLS (reply type 0x${reply.type.toString(16)}): it serves no TLS, or not on this connection`);
+    }
+    if (this.#decoder.bufferedBytes !== 0) throw new BdsnapError('EPROTO', 'the server sent plaintext after acknowledging NBD_OPT_STARTTLS');
+    const raw = this.#socket;
+    const secure = tls.connect({ ...options, socket: raw });
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', resolve);
+      secure.once('error', (err) => reject(new BdsnapError('EPERM', `TLS with the NBD server failed: ${err.message}`, { cause: err })));
+    });
+    secure.on('data', (chunk: Buffer) => this.#onData(chunk));
+    secure.on('error', (err) => this.#fail(new BdsnapError('EIO', `NBD connection failed: ${err.message}`, { cause: err })));
+    secure.once('close', () => this.#fail(new BdsnapError('ESHUTDOWN', 'the NBD connection was closed')));
+    this.#socket = secure;
   }
 
   async #option(option: number, data?: Buffer): Promise<OptionReplyMessage> {

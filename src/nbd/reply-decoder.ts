@@ -109,6 +109,11 @@ export class ReplyDecoder {
     return this.#phase;
   }
 
+  /** Bytes received and not decoded yet. */
+  get bufferedBytes(): number {
+    return this.#queue.length;
+  }
+
   /** `noZeroes`: NBD_FLAG_C_NO_ZEROES was negotiated (matters for 'export-name'). */
   setPhase(phase: ReplyDecoderPhase, noZeroes = false): void {
     this.#phase = phase;

@@ -21,7 +21,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import tls from 'node:tls';
-import type net from 'node:net';
+import net from 'node:net';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 
 export type TlsMode = 'off' | 'on' | 'require';
@@ -127,6 +127,52 @@ async function pskTls(mode: 'on' | 'require', file: string): Promise<NbdTls> {
       // An unknown identity gets no key, and the handshake fails.
       pskCallback: (_socket: tls.TLSSocket, identity: string) => keys.get(identity) ?? null,
     } as tls.TLSSocketOptions),
+  };
+}
+
+/** What a client needs to reach a TLS NBD server, in libnbd's URI terms. */
+export interface ClientTlsSettings {
+  /** The server's name or address: checked against its certificate. */
+  host: string;
+  /** `ca-cert.pem` (trusted CA), and optionally `client-cert.pem` and `client-key.pem`. */
+  certificatesDir?: string;
+  /** `username:hexkey` lines; `username` picks one (the only one when not given). */
+  pskFile?: string;
+  username?: string;
+}
+
+/**
+ * The tls.connect options of a client, with its credential files read and checked as the
+ * server's are (a key must be this user's or root's alone). The server's certificate is always
+ * verified against the CA and the host name or address.
+ */
+export async function loadClientTls(settings: ClientTlsSettings): Promise<tls.ConnectionOptions> {
+  const { certificatesDir, pskFile, host } = settings;
+  if ((certificatesDir === undefined) === (pskFile === undefined)) {
+    throw new BdsnapError('EINVAL', 'TLS needs one of tls-certificates=DIR (its ca-cert.pem) or tls-psk-file=FILE');
+  }
+  if (pskFile !== undefined) {
+    const file = path.resolve(pskFile);
+    const keys = parsePskFile((await readCredential(file, true))!.toString('utf8'), file);
+    const identity = settings.username ?? (keys.size === 1 ? [...keys.keys()][0]! : undefined);
+    if (identity === undefined) throw new BdsnapError('EINVAL', `${file} holds ${keys.size} users: name one (nbds://USER@HOST/...)`);
+    const psk = keys.get(identity);
+    if (!psk) throw new BdsnapError('ENOENT', `${file} has no key for "${identity}"`);
+    return {
+      ciphers: PSK_CIPHERS, minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2',
+      pskCallback: () => ({ psk, identity }),
+      // A PSK server has no certificate: the key is what proves it.
+      checkServerIdentity: () => undefined,
+    };
+  }
+  const dir = path.resolve(certificatesDir!);
+  const at = (name: string): string => path.join(dir, name);
+  const ca = (await readCredential(at('ca-cert.pem'), false))!;
+  const cert = await readCredential(at('client-cert.pem'), false, true);
+  const key = cert ? await readCredential(at('client-key.pem'), true) : undefined;
+  return {
+    ca, ...(cert && key ? { cert, key } : {}), minVersion: 'TLSv1.2', rejectUnauthorized: true,
+    host, ...(net.isIP(host) === 0 ? { servername: host } : {}),
   };
 }
 

@@ -21,6 +21,7 @@ const MAX_SNAPSHOT_DEVICES = 64;
 /** Longest a client may ask `events` to wait for the next event. */
 export const MAX_EVENT_WAIT_MS = 60_000;
 const snapshotId = z.string().regex(/^[0-9a-z]{1,64}$/, 'a snapshot id is lowercase letters and digits');
+const replicaId = z.string().regex(/^[0-9a-z]{1,64}$/, 'a replica id is lowercase letters and digits');
 // No uid field: the daemon learns who is calling from the kernel (SO_PEERCRED), never from the request.
 const envelope = { id: z.number().int().nonnegative() };
 
@@ -83,6 +84,33 @@ export const requestSchema = z.discriminatedUnion('op', [
     backup: z.string().regex(/^[0-9A-Za-z.-]{1,64}$/, 'a backup id is letters, digits, dots and dashes'),
     device: devicePath,
     output: devicePath.optional(),
+  }).strict(),
+  z.object({
+    ...envelope,
+    op: z.literal('replica-add'),
+    devices: z.array(devicePath).min(1).max(MAX_SNAPSHOT_DEVICES),
+    to: z.string().min(1).max(MAX_PATH_CHARS),
+    everyMs: z.number().int().min(1000).optional(),
+    limitBytesPerSecond: z.number().int().positive().optional(),
+    standbyRunDir: z.string().min(1).max(MAX_PATH_CHARS).optional(),
+    insecureTcp: z.boolean().optional(),
+  }).strict(),
+  z.object({ ...envelope, op: z.literal('replica-list') }).strict(),
+  z.object({
+    ...envelope,
+    op: z.literal('replica-action'),
+    action: z.enum(['sync', 'pause', 'resume', 'remove', 'failover']),
+    replica: replicaId,
+  }).strict(),
+  z.object({
+    ...envelope,
+    op: z.literal('replica-receive'),
+    action: z.enum(['begin', 'commit', 'abort']),
+    replica: replicaId,
+    devices: z.array(devicePath).min(1).max(MAX_SNAPSHOT_DEVICES).optional(),
+    /** The point in time being sent (the source's snapshot time), recorded at commit. */
+    point: z.string().min(1).max(64).optional(),
+    token: z.string().regex(/^[0-9a-f]{1,64}$/).optional(),
   }).strict(),
   z.object({
     ...envelope,
@@ -241,6 +269,10 @@ export interface ResultMap {
   'cbt-map': CbtInfo & { since: number; ranges: Array<{ offsetBytes: number; lengthBytes: number }> };
   'cbt-mark-dirty': CbtInfo;
   'cbt-reset': CbtInfo;
+  'replica-add': ReplicaInfo;
+  'replica-list': { replicas: ReplicaInfo[]; received: ReceivedReplicaInfo[] };
+  'replica-action': ReplicaInfo | ReceivedReplicaInfo | { id: string; removed: true };
+  'replica-receive': { token: string; point: string | null };
 }
 
 /** A device's change map: tracking block size, block count, generation and current number. */
@@ -303,7 +335,8 @@ export type EventType =
   | 'snapshot-created' | 'snapshot-low-space' | 'snapshot-overflowed' | 'snapshot-failed' | 'snapshot-destroyed'
   | 'snapshot-extended' | 'snapshot-restored' | 'snapshot-held-back'
   | 'cbt-reset'
-  | 'restore-started' | 'restore-completed' | 'restore-failed';
+  | 'restore-started' | 'restore-completed' | 'restore-failed'
+  | 'replica-synced' | 'replica-failed' | 'replica-rolled-back';
 
 export interface DaemonEvent {
   seq: number;
@@ -319,4 +352,57 @@ export interface EventsResult {
   events: DaemonEvent[];
   /** Pass as `after` to the next call to get only newer events. */
   lastSeq: number;
+}
+
+// --- replicas ---------------------------------------------------------------------------
+
+/** What the last sync of a replica did. */
+export interface ReplicaSyncSummary {
+  full: boolean;
+  /** Why full or incremental: 'first sync', 'change map reset (...)', 'changed blocks since ...'. */
+  why: string;
+  /** Data bytes sent (read from the image and written to the target). */
+  bytesSent: number;
+  /** Bytes made zero on the target without sending data (holes, zeroed ranges). */
+  zeroBytes: number;
+  durationMs: number;
+  snapshot: string;
+}
+
+/** A replica as the sending daemon knows it. */
+export interface ReplicaInfo {
+  id: string;
+  devices: string[];
+  /** The target URI as given. */
+  target: string;
+  /** The export each device goes to, in the order of `devices`. */
+  exports: string[];
+  /** 'bdsnap': each sync applied inside sessions of a standby daemon; 'plain': any NBD server. */
+  targetKind: 'bdsnap' | 'plain';
+  everyMs: number | null;
+  limitBytesPerSecond: number | null;
+  state: 'idle' | 'syncing' | 'paused' | 'incomplete' | 'failed';
+  /** The point in time the target last received whole (the source's snapshot time), or null. */
+  lastComplete: string | null;
+  /** Milliseconds from lastComplete to now; null before the first complete sync. */
+  lagMs: number | null;
+  /** Data bytes sent over the replica's life. */
+  bytesSent: number;
+  lastSync: ReplicaSyncSummary | null;
+  lastError: string | null;
+  nextSyncAt: string | null;
+}
+
+/** A replica as the standby daemon that receives it knows it. */
+export interface ReceivedReplicaInfo {
+  id: string;
+  devices: string[];
+  /** The last point received whole, or null. */
+  point: string | null;
+  completeAt: string | null;
+  /** A sync is being applied (or was cut short and is not rolled back yet). */
+  receiving: boolean;
+  failedOverAt: string | null;
+  /** Why the devices are not at a complete point (a cut sync that could not be undone), or null. */
+  broken: string | null;
 }

@@ -50,6 +50,8 @@ import { AsOfExports } from './as-of-exports.js';
 import { InstantRestores, type SourceOpener } from './instant-restore.js';
 import { LocalDirStore, Repository, openBackupDevices } from '../repository/index.js';
 import { SnapshotManager } from './snapshots.js';
+import { ReplicaManager } from './replicas.js';
+import { ReplicaStandby } from './replica-standby.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
 
@@ -92,6 +94,9 @@ export class Daemon {
   readonly #mounts: MountManager;
   readonly #nbd: NbdServer;
   readonly #claim: DaemonClaim;
+  // Loaded in start(), before any client can reach the daemon.
+  #replicas!: ReplicaManager;
+  #standby!: ReplicaStandby;
   #control: ControlServer | undefined;
   #closing: Promise<void> | undefined;
 
@@ -154,6 +159,11 @@ export class Daemon {
       const events = await EventLog.open(stateDir, options.log);
       const daemon = new Daemon(options, claim, registry, events);
       await daemon.#snapshots.recover();
+      // A standby undoes a sync a killed daemon left half applied before any client can attach.
+      daemon.#standby = await ReplicaStandby.load({ stateDir, snapshotRoot, table: daemon.#table, registry, events, log: options.log });
+      await daemon.#standby.recover();
+      daemon.#replicas = await ReplicaManager.load({ stateDir, snapshots: daemon.#snapshots, events, log: options.log });
+      await daemon.#replicas.recover();
       await daemon.#instant.resumeAll();
       await daemon.#nbd.listenUnix(daemon.nbdSocket);
       if (options.listen) {
@@ -182,6 +192,7 @@ export class Daemon {
   close(): Promise<void> {
     this.#closing ??= (async () => {
       this.#log.info({ event: 'daemon-stopping' }, 'bdsnap daemon stopping');
+      await this.#replicas.close();
       await this.#control?.close();
       const left = await this.#mounts.closeAll();
       await this.#nbd.close();
@@ -268,6 +279,20 @@ export class Daemon {
             }
           },
         );
+      case 'replica-add':
+        return this.#replicas.add({
+          devices: request.devices, to: request.to,
+          ...(request.everyMs !== undefined ? { everyMs: request.everyMs } : {}),
+          ...(request.limitBytesPerSecond !== undefined ? { limitBytesPerSecond: request.limitBytesPerSecond } : {}),
+          ...(request.standbyRunDir !== undefined ? { standbyRunDir: request.standbyRunDir } : {}),
+          ...(request.insecureTcp !== undefined ? { insecureTcp: request.insecureTcp } : {}),
+        });
+      case 'replica-list':
+        return { replicas: this.#replicas.list(), received: this.#standby.list() };
+      case 'replica-action':
+        return this.#replicaAction(request.action, request.replica);
+      case 'replica-receive':
+        return this.#receive(request);
     }
   }
 
@@ -278,7 +303,16 @@ export class Daemon {
       open: async (name: string, purpose: 'info' | 'go'): Promise<ExportHandle | undefined> => {
         const image = await this.#openImage(name);
         if (image) return image;
-        return this.#table.open(name, purpose);
+        const handle = await this.#table.open(name, purpose);
+        if (!handle || purpose !== 'go') return handle;
+        // A replica's sync that loses its connection before its commit is undone once let go.
+        return {
+          ...handle,
+          release: async () => {
+            await handle.release();
+            this.#standby.deviceReleased(name);
+          },
+        };
       },
     };
   }
@@ -286,6 +320,36 @@ export class Daemon {
   /** The export of a name that is not a plain registered device: a snapshot image, an as-of view, a target under instant restore. */
   async #openImage(name: string): Promise<ExportHandle | undefined> {
     return this.#instant.open(name) ?? this.#snapshots.openImage(name) ?? await this.#asOf.open(name);
+  }
+
+  /** A replica action: on the replicas this daemon sends, or (remove, failover) on those it receives. */
+  async #replicaAction(action: 'sync' | 'pause' | 'resume' | 'remove' | 'failover', id: string): Promise<unknown> {
+    if (action === 'failover') {
+      if (!this.#standby.has(id)) {
+        const where = this.#replicas.has(id) ? 'this daemon sends it; run failover on the standby' : 'no such replica here';
+        throw new BdsnapError('ENOENT', `replica ${id} is not received by this daemon (${where})`);
+      }
+      return this.#standby.failover(id);
+    }
+    if (!this.#replicas.has(id)) {
+      if (action === 'remove' && this.#standby.has(id)) return this.#standby.remove(id);
+      throw new BdsnapError('ENOENT', `no replica ${id} on this daemon`);
+    }
+    switch (action) {
+      case 'sync': return this.#replicas.sync(id);
+      case 'pause': return this.#replicas.pause(id);
+      case 'resume': return this.#replicas.resume(id);
+      case 'remove': return this.#replicas.remove(id);
+    }
+  }
+
+  #receive(request: Extract<Request, { op: 'replica-receive' }>): Promise<{ token: string; point: string | null }> {
+    if (request.action === 'begin') {
+      if (!request.devices || request.point === undefined) throw new BdsnapError('EINVAL', 'replica-receive begin needs devices and point');
+      return this.#standby.begin(request.replica, request.devices, request.point);
+    }
+    if (request.token === undefined) throw new BdsnapError('EINVAL', `replica-receive ${request.action} needs the sync's token`);
+    return request.action === 'commit' ? this.#standby.commit(request.replica, request.token) : this.#standby.abort(request.replica, request.token);
   }
 
   /** A change-map operation on a registered device, answered with the device's name and size. */

@@ -21,6 +21,7 @@ const MODULES: Array<{ names: string[]; load: () => Promise<CommandModule> }> = 
   { names: ['cbt'], load: () => import('./cbt.js') },
   { names: ['restore'], load: () => import('./restore.js') },
   { names: ['backup'], load: () => import('./backup.js') },
+  { names: ['replica'], load: () => import('./replica.js') },
   { names: ['serve'], load: () => import('./serve.js') },
   { names: ['sffs'], load: () => import('./sffs.js') },
   { names: ['demo'], load: () => import('./demo.js') },

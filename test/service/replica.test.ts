@@ -1,0 +1,387 @@
+/**
+ * Replication between two real daemons on one machine (each with its own run, state and
+ * snapshot directories), and to nbdkit as a plain NBD target: every sync leaves the standby
+ * one point in time of all the replica's devices, exactly; an incremental sync sends only the
+ * changed blocks; a change-map reset makes the next sync full; a sync cut short by SIGKILL of
+ * the sender or of the standby leaves the standby at the last complete point, and the next
+ * sync completes it; failover ends the replication on the standby.
+ */
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
+import { NbdClient } from '../../src/nbd/client.js';
+import type { DaemonEvent, ReceivedReplicaInfo, ReplicaInfo } from '../../src/service/control-protocol.js';
+import { cli, ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../helpers/daemon.js';
+import { makeImage, sha256File } from '../helpers/files.js';
+import { nbdUri, startServer } from '../helpers/server.js';
+import { makePki } from '../helpers/tls.js';
+import { ORDERED_WRITER_SALTS } from './fixtures/ordered-writer.js';
+import { highestOrderedWrite, startOrderedWriter } from './helpers.js';
+
+interface ReplicaList {
+  replicas: ReplicaInfo[];
+  received: ReceivedReplicaInfo[];
+}
+
+/** Make the daemon serve idle devices (a snapshot taken and dropped registers them). */
+function register(box: Sandbox, devices: string[]): void {
+  const snap = JSON.parse(ok(box, ['snapshot', 'create', ...devices, '--json'])) as { id: string };
+  ok(box, ['snapshot', 'destroy', snap.id]);
+}
+
+function addReplica(box: Sandbox, args: string[]): ReplicaInfo {
+  return JSON.parse(ok(box, ['replica', 'add', ...args, '--json'])) as ReplicaInfo;
+}
+
+function sync(box: Sandbox, id: string): ReplicaInfo {
+  return JSON.parse(ok(box, ['replica', 'sync', id, '--json'])) as ReplicaInfo;
+}
+
+function replicaList(box: Sandbox): ReplicaList {
+  return JSON.parse(ok(box, ['replica', 'list', '--json'])) as ReplicaList;
+}
+
+function events(box: Sandbox, type: string): DaemonEvent[] {
+  return ok(box, ['events', '--json']).split('\n').filter((l) => l).map((l) => JSON.parse(l) as DaemonEvent).filter((e) => e.type === type);
+}
+
+async function waitFor(what: string, timeoutMs: number, check: () => boolean | Promise<boolean>): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await delay(50);
+  }
+}
+
+/** Write `data` at `offsetBytes` of `device` through the daemon's NBD server. */
+async function writeThrough(box: Sandbox, device: string, writes: Array<{ offsetBytes: number; data: Buffer }>): Promise<void> {
+  const client = await NbdClient.connect({ socketPath: path.join(box.runDir, 'nbd.sock'), exportName: device });
+  try {
+    for (const w of writes) await client.write(w.data, w.offsetBytes);
+    await client.flush();
+  } finally {
+    await client.close();
+  }
+}
+
+/** Two daemons: the source with `devices` served, the standby with `targets` active (sessions). */
+async function twoDaemons(t: Parameters<typeof sandbox>[0], make: (src: Sandbox, dst: Sandbox) => { devices: string[]; targets: string[] }) {
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const dst = sandbox(t, 'bdsnap-rep-dst-');
+  fs.mkdirSync(path.join(dst.top, 'images'));
+  const { devices, targets } = make(src, dst);
+  const source = await startDaemon(t, { sandbox: src, password: false });
+  const standby = await startDaemon(t, { sandbox: dst, activate: targets });
+  register(src, devices);
+  const uri = nbdUri(path.join(dst.runDir, 'nbd.sock'), `${path.join(fs.realpathSync(dst.top), 'images')}/`);
+  return { src, dst, source, standby, devices, targets, uri };
+}
+
+test('two devices under an ordered writer: each sync leaves the standby one point in time of both, exactly', { timeout: 180_000 }, async (t) => {
+  const WRITE_BYTES = 512;
+  // Many small blocks: the writer must not run out before the last sync, however fast it goes.
+  const DEVICE_BYTES = 64 << 20;
+  const { src, dst, devices, targets, uri } = await twoDaemons(t, (s, d) => ({
+    // Sparse sources and standby images full of other bytes: the holes must arrive as zeroes.
+    devices: ['a.img', 'b.img'].map((n) => makeImage(path.join(s.top, n), DEVICE_BYTES, 'zero')),
+    targets: ['a.img', 'b.img'].map((n, i) => makeImage(path.join(d.top, 'images', n), DEVICE_BYTES, 'random', 7 + i)),
+  }));
+  const [a, b] = devices as [string, string];
+  const [ta, tb] = targets as [string, string];
+  const replica = addReplica(src, [a, b, '--to', uri]);
+  assert.equal(replica.targetKind, 'bdsnap', 'the standby daemon is found behind its nbd.sock');
+  assert.deepEqual(replica.exports, targets);
+
+  const writer = await startOrderedWriter(t, src, a, b, WRITE_BYTES, DEVICE_BYTES / WRITE_BYTES);
+  const seen: string[] = [];
+  const sent: number[] = [];
+  for (let round = 0; round < 3; round++) {
+    const before = await writer.go(50);
+    // The CLI runs in its own process; the writer goes on writing while the sync takes its snapshot.
+    const r = sync(src, replica.id);
+    const after = await writer.pause();
+    const ha = highestOrderedWrite(fs.readFileSync(ta), WRITE_BYTES, ORDERED_WRITER_SALTS.a);
+    const hb = highestOrderedWrite(fs.readFileSync(tb), WRITE_BYTES, ORDERED_WRITER_SALTS.b);
+    seen.push(`${before} ${ha} ${hb} ${after}`);
+    assert.ok(ha === hb || ha === hb + 1, `round ${round}: standby A holds writes up to ${ha}, B up to ${hb}: not one point in time (${seen.join('; ')})`);
+    assert.ok(hb >= before && ha <= after + 1, `round ${round}: the standby is not a point between the sync's start and end (${seen.join('; ')})`);
+    assert.equal(r.lastSync?.full, round === 0, `round ${round}: ${r.lastSync?.why}`);
+    sent.push(r.lastSync?.bytesSent ?? -1);
+  }
+  await writer.stop();
+  // Nothing writes now: one more sync makes the standby equal to the devices, byte for byte.
+  const last = sync(src, replica.id);
+  assert.equal(last.state, 'idle');
+  assert.equal(await sha256File(ta), await sha256File(a), 'standby A equals the source');
+  assert.equal(await sha256File(tb), await sha256File(b), 'standby B equals the source');
+  t.diagnostic(`acknowledged before, standby A, B, acknowledged after: ${seen.join('; ')}; bytes sent per sync: ${sent.join(' ')}`);
+  // The full sync sent data only where the sparse devices had any; the rest went as write-zeroes.
+  assert.ok((sent[0] ?? 0) < DEVICE_BYTES, `the first sync skipped the holes (${sent[0]} bytes sent)`);
+  const received = replicaList(dst).received.find((r) => r.id === replica.id);
+  assert.equal(received?.point, last.lastComplete);
+  assert.equal(received?.receiving, false);
+});
+
+test('an incremental sync sends only the changed blocks; a change-map reset makes the next one full, and says so', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 32 << 20;
+  const { src, dst, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  const [device, target] = [devices[0]!, targets[0]!];
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target)]);
+  const first = sync(src, replica.id);
+  assert.equal(first.lastSync?.full, true);
+  assert.equal(first.lastSync?.bytesSent, DEVICE_BYTES, 'random data has no holes: all of it is sent');
+
+  const writes = [
+    { offsetBytes: 1 << 20, data: randomBytes(4096) },
+    { offsetBytes: (20 << 20) + 3 * 512, data: randomBytes(512) },
+    { offsetBytes: 28 << 20, data: randomBytes(256 << 10) },
+  ];
+  await writeThrough(src, device, writes);
+  const { blockSize } = JSON.parse(ok(src, ['cbt', 'info', device, '--json'])) as { blockSize: number };
+  const blocks = new Set<number>();
+  for (const w of writes) {
+    for (let blk = Math.floor(w.offsetBytes / blockSize); blk * blockSize < w.offsetBytes + w.data.length; blk++) blocks.add(blk);
+  }
+  const second = sync(src, replica.id);
+  assert.equal(second.lastSync?.full, false, second.lastSync?.why);
+  assert.equal(second.lastSync?.bytesSent, blocks.size * blockSize, `only the ${blocks.size} changed blocks of ${blockSize} bytes are sent`);
+  assert.equal(second.bytesSent, DEVICE_BYTES + blocks.size * blockSize);
+  assert.equal(await sha256File(target), await sha256File(device));
+  // The standby's session of that sync preserved only what the sync wrote.
+  const sessions = (JSON.parse(ok(dst, ['list', '--json'])) as { sessions: Array<{ preservedBytes: number }> }).sessions;
+  assert.ok((sessions.at(-1)?.preservedBytes ?? Infinity) <= blocks.size * blockSize, `the standby received only the changed blocks (${JSON.stringify(sessions.at(-1))})`);
+
+  const nothing = sync(src, replica.id);
+  assert.equal(nothing.lastSync?.bytesSent, 0, 'nothing changed, nothing sent');
+
+  ok(src, ['cbt', 'reset', device]);
+  const third = sync(src, replica.id);
+  assert.equal(third.lastSync?.full, true);
+  assert.match(third.lastSync?.why ?? '', /change map reset/);
+  const synced = events(src, 'replica-synced').at(-1);
+  assert.equal(synced?.details.full, true);
+  assert.match(String(synced?.details.why), /change map reset/);
+  assert.equal(await sha256File(target), await sha256File(device));
+  t.diagnostic(`sync durations (ms): full ${first.lastSync?.durationMs}, incremental ${second.lastSync?.durationMs}, empty ${nothing.lastSync?.durationMs}, after the reset ${third.lastSync?.durationMs}`);
+});
+
+/** Rewrite the whole device with new random bytes through the daemon. */
+async function rewrite(box: Sandbox, device: string, sizeBytes: number): Promise<void> {
+  const writes = [];
+  for (let at = 0; at < sizeBytes; at += 1 << 20) writes.push({ offsetBytes: at, data: randomBytes(1 << 20) });
+  await writeThrough(box, device, writes);
+}
+
+/** Start `replica sync` in the background and resolve once the standby holds part of it. */
+async function syncUntilHalfway(source: RunningDaemon, dst: Sandbox, id: string, target: string): Promise<void> {
+  void source.cli(['replica', 'sync', id], undefined, true);
+  await waitFor('the standby to receive part of the sync', 20_000, () => {
+    const status = JSON.parse(ok(dst, ['status', '--json'])) as { devices: Array<{ device: string; bytesPreserved: number }> };
+    return (status.devices.find((d) => d.device === target)?.bytesPreserved ?? 0) >= 2 << 20;
+  });
+}
+
+test('SIGKILL of the sender, then of the standby, mid-sync: the standby stays at the last complete point; the next sync completes it', { timeout: 180_000 }, async (t) => {
+  const DEVICE_BYTES = 16 << 20;
+  const { src, dst, source, standby, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  const [device, target] = [devices[0]!, targets[0]!];
+  // 4 MiB/s: a sync of the whole device takes four seconds, time to kill it halfway.
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target), '--limit-rate', '4M']);
+  sync(src, replica.id);
+  const complete = await sha256File(target);
+  assert.equal(complete, await sha256File(device));
+
+  // The sender dies halfway through the next sync.
+  await rewrite(src, device, DEVICE_BYTES);
+  await syncUntilHalfway(source, dst, replica.id, target);
+  source.server.kill('SIGKILL');
+  await waitFor('the standby to undo the sync', 20_000, () => replicaList(dst).received[0]?.receiving === false).catch(() => undefined);
+  assert.equal(await sha256File(target), complete, 'the standby is back at the last complete point after the sender died');
+  assert.equal(events(dst, 'replica-rolled-back').length, 1);
+
+  // The standby dies halfway through the next sync; at its start it undoes the half-applied sync.
+  await source.server.waitForExit(10_000);
+  const sourceAgain = await startDaemon(t, { sandbox: src, password: false });
+  await syncUntilHalfway(sourceAgain, dst, replica.id, target);
+  standby.server.kill('SIGKILL');
+  await standby.server.waitForExit(10_000);
+  await startDaemon(t, { sandbox: dst, password: false });
+  assert.equal(await sha256File(target), complete, 'the standby is back at the last complete point after it was killed');
+  assert.equal(replicaList(dst).received[0]?.receiving, false);
+  await waitFor('the cut sync to end on the sender', 20_000, () => replicaList(src).replicas[0]?.state !== 'syncing');
+
+  const done = sync(src, replica.id);
+  assert.equal(done.state, 'idle');
+  assert.equal(await sha256File(target), await sha256File(device), 'the next sync completes the standby');
+});
+
+test('nbdkit as a plain target: the copy is marked incomplete while a sync is cut short, and the next sync sends its ranges again', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 16 << 20;
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const device = makeImage(path.join(src.top, 'a.img'), DEVICE_BYTES, 'random', 1);
+  const targetFile = makeImage(path.join(src.top, 'copy.img'), DEVICE_BYTES, 'random', 2);
+  const nbdkit = await startServer(t, { kind: 'nbdkit', images: [targetFile] });
+  const source = await startDaemon(t, { sandbox: src, password: false });
+  register(src, [device]);
+  const replica = addReplica(src, [device, '--to', nbdUri(nbdkit.socketPath), '--limit-rate', '4M']);
+  assert.equal(replica.targetKind, 'plain');
+  const first = sync(src, replica.id);
+  assert.equal(first.state, 'idle');
+  assert.equal(await sha256File(targetFile), await sha256File(device));
+
+  await rewrite(src, device, DEVICE_BYTES);
+  const before = await sha256File(targetFile);
+  void source.cli(['replica', 'sync', replica.id], undefined, true);
+  await waitFor('part of the sync to reach nbdkit', 20_000, async () => (await sha256File(targetFile)) !== before);
+  source.server.kill('SIGKILL');
+  await source.server.waitForExit(10_000);
+
+  await startDaemon(t, { sandbox: src, password: false });
+  const cut = replicaList(src).replicas[0];
+  assert.equal(cut?.state, 'incomplete', 'a copy cut short is marked incomplete');
+  assert.equal(cut?.lastComplete, first.lastComplete, 'the last complete point did not move');
+  assert.equal(JSON.parse(ok(src, ['snapshot', 'list', '--json'])).snapshots.length, 0, 'the cut sync\'s snapshot was destroyed at the restart');
+  const done = sync(src, replica.id);
+  assert.equal(done.state, 'idle');
+  assert.equal(done.lastSync?.full, false, 'the next sync is incremental from the last complete point');
+  assert.equal(await sha256File(targetFile), await sha256File(device), 'and completes the copy');
+});
+
+test('failover on the standby: the device is an ordinary one there, and the sender is refused from then on', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const { src, dst, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  const [device, target] = [devices[0]!, targets[0]!];
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target)]);
+  const notYet = cli(dst, ['replica', 'failover', replica.id]);
+  assert.notEqual(notYet.status, 0);
+  assert.match(notYet.stderr, /not received by this daemon/);
+  sync(src, replica.id);
+  const wrongSide = cli(src, ['replica', 'failover', replica.id]);
+  assert.notEqual(wrongSide.status, 0);
+  assert.match(wrongSide.stderr, /run failover on the standby/);
+
+  const failedOver = JSON.parse(ok(dst, ['replica', 'failover', replica.id, '--json'])) as ReceivedReplicaInfo;
+  assert.ok(failedOver.failedOverAt !== null);
+  assert.equal(await sha256File(target), await sha256File(device));
+  // An ordinary device of the standby now: written under a session like any active device.
+  await writeThrough(dst, target, [{ offsetBytes: 0, data: randomBytes(4096) }]);
+  const refused = cli(src, ['replica', 'sync', replica.id]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /failed over on this standby/);
+  assert.equal(replicaList(src).replicas[0]?.state, 'failed');
+  assert.match(String(events(src, 'replica-failed').at(-1)?.details.reason), /failed over/);
+});
+
+test('schedule: --every syncs on its own; pause stops it, resume starts it again, remove forgets the replica', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const device = makeImage(path.join(src.top, 'a.img'), DEVICE_BYTES, 'random', 1);
+  const targetFile = makeImage(path.join(src.top, 'copy.img'), DEVICE_BYTES, 'random', 2);
+  const nbdkit = await startServer(t, { kind: 'nbdkit', images: [targetFile] });
+  await startDaemon(t, { sandbox: src, password: false });
+  const replica = addReplica(src, [device, '--to', nbdUri(nbdkit.socketPath), '--every', '1s']);
+  assert.equal(replica.everyMs, 1000);
+  await waitFor('two scheduled syncs', 20_000, () => events(src, 'replica-synced').length >= 2);
+  assert.equal(await sha256File(targetFile), await sha256File(device));
+
+  const paused = JSON.parse(ok(src, ['replica', 'pause', replica.id, '--json'])) as ReplicaInfo;
+  assert.equal(paused.state, 'paused');
+  assert.equal(paused.nextSyncAt, null, 'nothing scheduled while paused');
+  const refused = cli(src, ['replica', 'sync', replica.id]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /paused: bdsnap replica resume/);
+
+  const count = events(src, 'replica-synced').length;
+  const resumed = JSON.parse(ok(src, ['replica', 'resume', replica.id, '--json'])) as ReplicaInfo;
+  assert.notEqual(resumed.nextSyncAt, null);
+  await waitFor('a scheduled sync after resume', 20_000, () => events(src, 'replica-synced').length > count);
+  const listed = replicaList(src).replicas[0];
+  assert.ok(listed && listed.lagMs !== null && listed.bytesSent >= DEVICE_BYTES);
+
+  ok(src, ['replica', 'pause', replica.id]);
+  ok(src, ['replica', 'remove', replica.id]);
+  assert.deepEqual(replicaList(src).replicas, []);
+  assert.match(ok(src, ['replica', 'list']), /no replicas/);
+});
+
+test('over TCP: nbd:// is refused without --insecure-tcp; with it, and the standby\'s run directory named, syncs go inside sessions there', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const dst = sandbox(t, 'bdsnap-rep-dst-');
+  const device = makeImage(path.join(src.top, 'a.img'), DEVICE_BYTES, 'random', 1);
+  const target = fs.realpathSync(makeImage(path.join(dst.top, 'a.img'), DEVICE_BYTES, 'random', 2));
+  await startDaemon(t, { sandbox: src, password: false });
+  const standby = await startDaemon(t, { sandbox: dst, activate: [target], logLevel: 'info', extraArgs: ['--listen', '127.0.0.1:0', '--insecure-tcp'] });
+  const port = standby.logLines().find((l) => l.event === 'nbd-listening')?.port;
+  assert.equal(typeof port, 'number');
+  const uri = `nbd://127.0.0.1:${port}/${encodeURIComponent(target)}`;
+
+  const clear = cli(src, ['replica', 'add', device, '--to', uri]);
+  assert.notEqual(clear.status, 0);
+  assert.match(clear.stderr, /in the clear: .*add --insecure-tcp/);
+  const noCredentials = cli(src, ['replica', 'add', device, '--to', `nbds://127.0.0.1:${port}/x`]);
+  assert.notEqual(noCredentials.status, 0);
+  assert.match(noCredentials.stderr, /TLS needs one of tls-certificates=DIR/);
+
+  const replica = addReplica(src, [device, '--to', uri, '--insecure-tcp', '--standby-run-dir', dst.runDir]);
+  assert.equal(replica.targetKind, 'bdsnap');
+  sync(src, replica.id);
+  assert.equal(await sha256File(target), await sha256File(device));
+  assert.equal(replicaList(dst).received[0]?.point, replicaList(src).replicas[0]?.lastComplete);
+});
+
+test('over TLS (nbds://): the standby\'s certificate is checked, and syncs go inside sessions there', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const dst = sandbox(t, 'bdsnap-rep-dst-');
+  const pki = makePki(src.top);
+  const device = makeImage(path.join(src.top, 'a.img'), DEVICE_BYTES, 'random', 1);
+  const target = fs.realpathSync(makeImage(path.join(dst.top, 'a.img'), DEVICE_BYTES, 'random', 2));
+  await startDaemon(t, { sandbox: src, password: false });
+  const standby = await startDaemon(t, { sandbox: dst, activate: [target], logLevel: 'info', extraArgs: ['--listen', '127.0.0.1:0', '--tls-certificates', pki.server] });
+  const port = standby.logLines().find((l) => l.event === 'nbd-listening')?.port;
+  const uri = (ca: string): string => `nbds://127.0.0.1:${port}/${encodeURIComponent(target)}?tls-certificates=${encodeURIComponent(ca)}`;
+
+  // A CA that did not sign the standby's certificate: the sync fails, nothing is written.
+  const before = await sha256File(target);
+  const rogue = addReplica(src, [device, '--to', uri(pki.untrusting), '--standby-run-dir', dst.runDir]);
+  const refused = cli(src, ['replica', 'sync', rogue.id]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /TLS with the NBD server failed/);
+  assert.equal(await sha256File(target), before);
+  ok(src, ['replica', 'remove', rogue.id]);
+  // The standby keeps a replica it was sent until it is removed there too.
+  ok(dst, ['replica', 'remove', rogue.id]);
+
+  const replica = addReplica(src, [device, '--to', uri(pki.trusting), '--standby-run-dir', dst.runDir]);
+  assert.equal(replica.targetKind, 'bdsnap');
+  sync(src, replica.id);
+  assert.equal(await sha256File(target), await sha256File(device));
+  assert.equal(replicaList(dst).received[0]?.point, replicaList(src).replicas[0]?.lastComplete);
+});
+
+test('a target socket another user could replace is refused: whoever put a socket there would receive the devices', { timeout: 60_000 }, async (t) => {
+  const src = sandbox(t, 'bdsnap-rep-src-');
+  const device = makeImage(path.join(src.top, 'a.img'), 1 << 20, 'random', 1);
+  const open = path.join(src.top, 'open');
+  fs.mkdirSync(open);
+  fs.chmodSync(open, 0o777);
+  await startDaemon(t, { sandbox: src, password: false });
+  const refused = cli(src, ['replica', 'add', device, '--to', nbdUri(path.join(open, 'nbd.sock'))]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /can be replaced by another user/);
+  assert.deepEqual(replicaList(src).replicas, []);
+});
