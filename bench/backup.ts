@@ -36,6 +36,8 @@ import { fillPageCache } from './page-cache.js';
 import { spread } from './report.js';
 
 
+/** Both tools encrypt (restic always does; bdsnap by default). */
+const BENCH_PASSWORD = 'bench-password';
 const MiB = 1024 * 1024;
 const BLOCK = 4096;
 const RUN_BLOCKS = 16;
@@ -146,7 +148,7 @@ async function oneRun(work: string, image: string, server: NbdServer, opts: Opti
   const env = { ...process.env, RESTIC_PASSWORD: 'x', RESTIC_REPOSITORY: rRepoDir, RESTIC_CACHE_DIR: path.join(work, 'restic-cache') };
   fs.rmSync(env.RESTIC_CACHE_DIR, { recursive: true, force: true });
   await restic(env, 'init');
-  const repo = await Repository.init(new LocalDirStore(bRepoDir), { pieceSizeBytes: opts.pieceSizeBytes });
+  const repo = await Repository.init(new LocalDirStore(bRepoDir), { pieceSizeBytes: opts.pieceSizeBytes, password: BENCH_PASSWORD });
   const provider = new ServedImages(server);
 
   // Each timed step starts with nothing dirty in the page cache (`sync` first, outside the
@@ -211,7 +213,7 @@ async function oneRun(work: string, image: string, server: NbdServer, opts: Opti
   if (big) {
     const bigRepoDir = path.join(work, 'bdsnap-big-repo');
     fs.rmSync(bigRepoDir, { recursive: true, force: true });
-    const bigRepo = await Repository.init(new LocalDirStore(bigRepoDir), { pieceSizeBytes: opts.pieceSizeBytes });
+    const bigRepo = await Repository.init(new LocalDirStore(bigRepoDir), { pieceSizeBytes: opts.pieceSizeBytes, password: BENCH_PASSWORD });
     const bigProvider = new ServedImages(big.server);
     [sample.bigFullSec] = await settled(() => backupDevices(bigRepo, bigProvider, [big.image]));
     applyChanges(big.image, changes);

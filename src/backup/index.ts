@@ -3,6 +3,7 @@
 export * from '../repository/index.js';
 export { createBackup, type BackupSource, type BackupSummary, type CreateOptions, type DeviceSummary, type ProgressSink } from './create.js';
 export { verifyRepository, type VerifyOptions, type VerifySummary, type BadPiece } from './verify.js';
+export { copyBackups, type CopyOptions, type CopySummary } from './copy.js';
 export { restoreBackup, type RestoreOptions, type RestoreSummary } from './restore.js';
 export {
   backupDevices,
