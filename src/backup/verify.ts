@@ -78,11 +78,12 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
         checkedBytes += raw.length;
       } catch (err) {
         const e = toBdsnapError(err);
+        // Indexed but gone (its pack removed): as useless as a damaged one, and dropped alike.
+        damaged.add(hash);
         if (e.code === 'ENOENT') {
           bad.push({ hash, problem: 'missing', detail: e.message, backups });
           return;
         }
-        damaged.add(hash);
         bad.push({ hash, problem: 'damaged', detail: e.message, backups });
       }
       options.progress?.advance(stored.get(hash) ?? 0);
@@ -92,7 +93,7 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
   }
   if (damaged.size > 0) {
     const removed = await repo.dropPieces(damaged).then(() => 'removed, so the next backup stores it again', (err: unknown) => `could not be removed: ${(err as Error).message}`);
-    for (const b of bad) if (b.problem === 'damaged') b.detail = `${b.detail}; ${removed}`;
+    for (const b of bad) if (damaged.has(b.hash)) b.detail = `${b.detail}; ${removed}`;
   }
   bad.sort((a, b) => a.hash.localeCompare(b.hash));
   const backups = records.map((r) => {

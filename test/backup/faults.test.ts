@@ -43,8 +43,8 @@ test('SIGKILL of a create in the middle: the repository stays valid, the backup 
   child.stdout.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr.on('data', (d: Buffer) => (err += d.toString()));
   const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_c, signal) => resolve(signal)));
-  // Kill at a random point between 10% and 70% of the reading.
-  const killAt = Math.floor((0.1 + Math.random() * 0.6) * 64 * MiB);
+  // Kill at a random point between 40% and 90% of the reading: past the first 16 MiB pack.
+  const killAt = Math.floor((0.4 + Math.random() * 0.5) * 64 * MiB);
   let serverPids: number[] = [];
   try {
     const deadline = Date.now() + 60_000;
@@ -71,22 +71,25 @@ test('SIGKILL of a create in the middle: the repository stays valid, the backup 
 
   assert.deepEqual(await repo.backupIds(), [earlier.id], 'the killed backup is absent');
   assert.equal((await verifyRepository(repo)).ok, true);
-  // What the killed create wrote is either committed pieces no manifest names, or staged
-  // temp files never renamed into place.
+  // What the killed create wrote is either committed packs no index names, indexed pieces no
+  // manifest names, or staged temp files never renamed into place.
   const before = await referencedAndStored(repo);
   const unnamed = before.stored.size - before.referenced.size;
   const temps = tempFiles(repoDir).length;
-  assert.ok(unnamed + temps > 0, 'the killed create left pieces or temp files behind');
+  const unindexed = await unindexedPacks(repo, repoDir);
+  assert.ok(unnamed + unindexed.length + temps > 0, 'the killed create left pieces or temp files behind');
   const locks = await listLocks(repo.store);
   assert.deepEqual(locks.map((l) => l.state), ['dead'], 'its lock is left, and known dead');
 
   const pruned = await repo.prune();
   assert.equal(pruned.deletedPieces, unnamed);
+  assert.equal(pruned.deletedPacks, unindexed.length);
   assert.equal(pruned.deletedIncomplete, temps);
   assert.equal(pruned.deletedLocks, 1);
   const after = await referencedAndStored(repo);
   assert.deepEqual([...after.stored].sort(), [...after.referenced].sort());
   assert.deepEqual(tempFiles(repoDir), []);
+  assert.deepEqual(await unindexedPacks(repo, repoDir), []);
   const out1 = path.join(dir, 'small.out');
   await restoreBackup(repo, earlier.id, small, { output: out1 });
   assert.equal(await sha256File(out1), await sha256File(small));
@@ -94,6 +97,17 @@ test('SIGKILL of a create in the middle: the repository stays valid, the backup 
   const again = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
   assert.equal((await verifyRepository(repo, { id: again.id })).ok, true);
 });
+
+/** Pack files no index names (what a create killed before its index leaves). */
+async function unindexedPacks(repo: Repository, repoDir: string): Promise<string[]> {
+  const indexed = new Set([...(await repo.pieceIndex()).values()].map((at) => at.object));
+  const packs = path.join(repoDir, 'packs');
+  if (!fs.existsSync(packs)) return [];
+  return fs.readdirSync(packs, { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile() && !e.name.startsWith('.'))
+    .map((e) => path.relative(repoDir, path.join(e.parentPath, e.name)))
+    .filter((name) => !indexed.has(name));
+}
 
 /** Temp files of puts and staged objects, anywhere in the repository. */
 function tempFiles(repoDir: string): string[] {
