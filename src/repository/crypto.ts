@@ -78,7 +78,7 @@ export function open(key: Uint8Array, aad: Buffer, sealed: Buffer, what: string)
   try {
     decipher.final();
   } catch (err) {
-    throw new BdsnapError('ECORRUPT', `${what} is damaged or was altered: it fails authentication`, { cause: err });
+    throw new BdsnapError('ECORRUPT', `${what} is damaged: it fails authentication (altered, or not sealed by this repository's key)`, { cause: err });
   }
   return body;
 }

@@ -148,7 +148,7 @@ test('a wrong password is refused (EAUTH) and touches nothing; an altered key, c
   const piece = (await repo.manifest(a.id)).devices[0]!.pieces.find((p): p is string => typeof p === 'string')!;
   const at = await pieceBytes(repo, repoDir, piece);
   let undo = undoable(at.file, at.offsetBytes + at.lengthBytes - 1);
-  await restoreFails(a.id, new RegExp(`piece ${piece} is damaged or was altered: it fails authentication`));
+  await restoreFails(a.id, new RegExp(`piece ${piece} is damaged: it fails authentication`));
   undo();
   assert.equal(await restoredSha(await fresh(), dir, a.id, '/dev/a'), sha256(img));
 
@@ -156,19 +156,19 @@ test('a wrong password is refused (EAUTH) and touches nothing; an altered key, c
   const manifestFile = path.join(repoDir, manifestObject(b.id));
   undo = undoable(manifestFile, 40);
   const records = await (await fresh()).backups();
-  assert.match(records.find((r) => r.id === b.id)!.error!.message, /the manifest of backup .* is damaged or was altered/);
-  await restoreFails(b.id, /the manifest of backup .* is damaged or was altered/);
+  assert.match(records.find((r) => r.id === b.id)!.error!.message, /the manifest of backup .* is damaged: it fails authentication/);
+  await restoreFails(b.id, /the manifest of backup .* is damaged: it fails authentication/);
   undo();
   // A manifest moved to another backup's name fails too: each is bound to its name.
   const saved = fs.readFileSync(manifestFile);
   fs.copyFileSync(path.join(repoDir, manifestObject(a.id)), manifestFile);
-  await restoreFails(b.id, /the manifest of backup .* is damaged or was altered/);
+  await restoreFails(b.id, /the manifest of backup .* is damaged: it fails authentication/);
   fs.writeFileSync(manifestFile, saved);
 
   // An index object.
   const indexFile = path.join(repoDir, 'index', fs.readdirSync(path.join(repoDir, 'index'))[0]!);
   undo = undoable(indexFile, 30);
-  await restoreFails(a.id, /index .* is damaged or was altered/);
+  await restoreFails(a.id, /index .* is damaged: it fails authentication/);
   undo();
 
   // The config: refused at open; a plain one put in its place (a downgrade) too.
