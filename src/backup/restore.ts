@@ -5,8 +5,9 @@
  *
  * Before a byte is written: the manifest must read, the device must be in it, the target must
  * be a regular file or a block device that is not in use (see openRestoreTarget), and every
- * piece the device needs must be read, decoded and checked against its hash: a missing or
- * damaged piece refuses the restore with its name and the backup's. That first pass costs a
+ * piece the device needs must be read (a byte range of its pack), authenticated, decoded and
+ * checked against its id: a missing or damaged piece refuses the restore with its name and the
+ * backup's. That first pass costs a
  * second read, decode and hash of each distinct piece: measured here on a 256 MiB image (516
  * distinct pieces, 129 MiB of them) with the repository in the page cache, 0.2 s of CPU and
  * 0.1 to 0.25 s of wall time on top of about 0.5 s; on a repository that is not cached it is a
