@@ -67,7 +67,8 @@ export async function copyBackups(from: Repository, to: Repository, options: Cop
     // Source id -> destination id, for every distinct piece of the copied backups.
     const renamed = new Map<string, string>();
     for (const m of manifests) for (const d of m.devices) for (const s of d.pieces) if (typeof s === 'string') renamed.set(s, '');
-    options.progress?.start(renamed.size);
+    // In raw bytes, as create's and restore's bars (every piece counted whole: a bound).
+    options.progress?.start(renamed.size * from.pieceSizeBytes);
     const codec = codecFor(to.config.codec);
     const written = new Set<string>();
     await runLimited([...renamed.keys()], PIECES_IN_FLIGHT, async (fromId) => {
@@ -85,7 +86,7 @@ export async function copyBackups(from: Repository, to: Repository, options: Cop
         summary.newStoredBytes += piece.storedBytes;
         await packs.add(piece.hash, piece.parts);
       }
-      options.progress?.advance(1);
+      options.progress?.advance(piece.raw.length);
     });
     const newPacks = await packs.finish();
     await to.store.commit();
