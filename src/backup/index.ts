@@ -1,4 +1,4 @@
-/** The backup agent: full and incremental backups, verify and restore, over a repository (src/repository/). */
+/** The backup agent: full and incremental backups, verify, restore and copy between repositories, over a repository (src/repository/). */
 
 export * from '../repository/index.js';
 export { createBackup, type BackupSource, type BackupSummary, type CreateOptions, type DeviceSummary, type ProgressSink } from './create.js';

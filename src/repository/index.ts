@@ -1,4 +1,4 @@
-/** The backup repository as data: object stores, the format, pieces, locks. No daemon, no CLI. */
+/** The backup repository as data: object stores, the format, packs and their index, encryption and keys, pieces, locks. No daemon, no CLI. */
 
 export { LocalDirStore, checkObjectName, type ObjectStore, type ObjectInfo } from './object-store.js';
 export { Repository, openLocalRepository, REPACK_BELOW_USED, type InitOptions, type OpenOptions, type PruneSummary, type BackupRecord, type KeyInfo } from './repository.js';
