@@ -126,7 +126,7 @@ test('a wrong password is refused (EAUTH) and touches nothing; an altered key, c
   const before = treeState(repoDir);
   await assert.rejects(Repository.open(new LocalDirStore(repoDir), { password: () => 'not the password' }), (e: unknown) => isCode('EAUTH')(e) && /wrong password/.test((e as Error).message));
   await assert.rejects(Repository.open(new LocalDirStore(repoDir)), isCode('EAUTH'));
-  for (const args of [['list'], ['verify'], ['prune'], ['restore', a.id, '/dev/a', '--output', path.join(dir, 'x.img')], ['forget', a.id], ['key', 'add'], ['copy', '--from', repoDir]]) {
+  for (const args of [['list'], ['verify'], ['prune'], ['restore', a.id, '/dev/a', '--output', path.join(dir, 'x.img')], ['forget', a.id], ['key', 'add'], ['key', 'list'], ['copy', '--from', repoDir], ['create', '/dev/a', '--run-dir', path.join(dir, 'no-daemon')]]) {
     assertFails(await bdsnap([...args, '--repo', repoDir], { BDSNAP_REPO_PASSWORD: 'wrong', BDSNAP_FROM_REPO_PASSWORD: 'wrong', BDSNAP_NEW_REPO_PASSWORD: 'x' }), /wrong password: no key of .* accepts it/);
   }
   assertFails(await bdsnap(['list', '--repo', repoDir], { BDSNAP_REPO_PASSWORD: undefined }), /no password: set BDSNAP_REPO_PASSWORD/);
