@@ -43,6 +43,8 @@ import { fillPageCache } from './page-cache.js';
 import { spread } from './report.js';
 
 
+/** Both tools encrypt (restic always does; bdsnap by default). */
+const BENCH_PASSWORD = 'bench-password';
 const MiB = 1024 * 1024;
 const BLOCK = 4096;
 const RUN_BLOCKS = 16;
@@ -153,7 +155,7 @@ async function makeRepos(work: string, opts: Options): Promise<{ repo: Repositor
     fs.rmSync(rRepoDir, { recursive: true, force: true });
     const store = new LocalDirStore(bRepoDir);
     return {
-      repo: await Repository.init(store, { pieceSizeBytes: opts.pieceSizeBytes }), env: { ...env, RESTIC_REPOSITORY: rRepoDir },
+      repo: await Repository.init(store, { pieceSizeBytes: opts.pieceSizeBytes, password: BENCH_PASSWORD }), env: { ...env, RESTIC_REPOSITORY: rRepoDir },
       bytes: async () => [dirBytes(bRepoDir), dirBytes(rRepoDir)], close: () => store.close(),
     };
   }
@@ -163,7 +165,7 @@ async function makeRepos(work: string, opts: Options): Promise<{ repo: Repositor
   const rStore = new S3Store({ endpoint, bucket: `bench-restic-${tag}`, prefix: '' });
   await bStore.createBucket();
   return {
-    repo: await Repository.init(bStore, { pieceSizeBytes: opts.pieceSizeBytes }), env: { ...env, RESTIC_REPOSITORY: `s3:${endpoint}/bench-restic-${tag}` },
+    repo: await Repository.init(bStore, { pieceSizeBytes: opts.pieceSizeBytes, password: BENCH_PASSWORD }), env: { ...env, RESTIC_REPOSITORY: `s3:${endpoint}/bench-restic-${tag}` },
     bytes: async () => [await s3Bytes(bStore), await s3Bytes(rStore)], close: () => [bStore, rStore].forEach((st) => st.close()),
   };
 }
@@ -249,7 +251,7 @@ async function oneRun(work: string, image: string, server: NbdServer, opts: Opti
   if (big) {
     const bigRepoDir = path.join(work, 'bdsnap-big-repo');
     fs.rmSync(bigRepoDir, { recursive: true, force: true });
-    const bigRepo = await Repository.init(new LocalDirStore(bigRepoDir), { pieceSizeBytes: opts.pieceSizeBytes });
+    const bigRepo = await Repository.init(new LocalDirStore(bigRepoDir), { pieceSizeBytes: opts.pieceSizeBytes, password: BENCH_PASSWORD });
     const bigProvider = new ServedImages(big.server);
     [sample.bigFullSec] = await settled(() => backupDevices(bigRepo, bigProvider, [big.image]));
     applyChanges(big.image, changes);

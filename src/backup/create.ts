@@ -5,12 +5,13 @@
  * Order, and why:
  * 1. A `create` lock is put first, so prune (which takes the exclusive lock) cannot delete a
  *    piece this backup will name while it runs (see lock.ts).
- * 2. The stored pieces are listed once. A piece whose hash is there is not written again
- *    (deduplication across backups and devices); a piece an incremental takes over from its
- *    base is checked against that list too, and read again from the source if it is missing.
- * 3. Pieces are staged as they come and committed in batches (a piece's name appears only once
- *    its data is durable; see object-store.ts), the last batch before the manifest. A crash
- *    or a full disk here leaves only pieces no manifest names, or temp files prune removes.
+ * 2. The index of stored pieces is read once. A piece whose id is there is not written again
+ *    (deduplication across backups, devices and hosts); a piece an incremental takes over
+ *    from its base is checked against it too, and read again from the source if it is missing.
+ * 3. Pieces are encoded, named and sealed by the pool's workers and collected into packs,
+ *    each staged as it fills (see pack.ts); the store's commit makes them durable, and only
+ *    then is their index written. A crash or a full disk here leaves only packs no index
+ *    names, or an index no manifest uses, or temp files: prune removes them all.
  * 4. The manifest is put last: the backup exists from that instant, complete. Just before, the
  *    lock is checked to have been held all along (lock.ts, assertHeld): a create that stalled
  *    long enough for a prune to take its lock over as stale fails instead of naming pieces that
@@ -20,7 +21,7 @@
 import os from 'node:os';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { codecFor, type Codec } from '../repository/codec.js';
-import { HOST_NAME, compactSlots, expandSlots, manifestObject, newBackupId, pieceObject, slotCountOf, type DeviceEntry, type Manifest } from '../repository/format.js';
+import { HOST_NAME, compactSlots, expandSlots, newBackupId, slotCountOf, type DeviceEntry, type Manifest } from '../repository/format.js';
 import { RepoLock } from '../repository/lock.js';
 import { PiecePool } from '../repository/piece-pool.js';
 import { coveredPieces, normalizeRanges, touchedPieces, type ByteRange } from './ranges.js';
@@ -110,8 +111,9 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
   const host = hostOf(options);
   const startTime = new Date();
   const id = newBackupId(startTime);
+  const packs = repo.packWriter();
   const lock = await RepoLock.acquire(repo.store, 'create');
-  const pool = new PiecePool();
+  const pool = new PiecePool(repo.pieceCrypto);
   try {
     const stored = await repo.storedPieceNames();
     const plans: Plan[] = [];
@@ -149,15 +151,16 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
           if (!stored.has(piece.hash)) {
             let put = puts.get(piece.hash);
             if (!put) {
-              put = repo.store.stage(pieceObject(piece.hash), [piece.header, piece.payload]);
+              put = packs.add(piece.hash, piece.parts);
               puts.set(piece.hash, put);
               newPieces++;
-              newStoredBytes += piece.header.length + piece.payload.length;
+              newStoredBytes += piece.storedBytes;
             }
             await put;
           }
         }
-        if (piece.raw.length === P) free.push(piece.raw);
+        // An unencrypted raw piece is stored as it is: its buffer lives on in the pack.
+        if (piece.raw.length === P && (piece.zero || !piece.parts.includes(piece.raw))) free.push(piece.raw);
         options.progress?.advance(length);
       });
       for (const h of puts.keys()) stored.add(h);
@@ -174,8 +177,8 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
       });
     }
     options.signal?.throwIfAborted();
-    // Every piece the manifest names is in the store, whole and durable, before the manifest.
-    await repo.store.commit();
+    // Every piece the manifest names is in the store, whole and durable, and indexed, before the manifest.
+    await repo.commitPacks(await packs.finish());
     // ... and still there: no prune took this backup's lock over while it ran (lock.ts).
     await lock.assertHeld('this backup', 'a prune may have deleted pieces it names; nothing was recorded; run the backup again');
     const endTime = new Date();
@@ -183,7 +186,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
       format: 'bdsnap-backup', version: 1, id, startTime: startTime.toISOString(), endTime: endTime.toISOString(),
       pieceSizeBytes: repo.pieceSizeBytes, tags: options.tags ?? [], host, devices: entries,
     };
-    await repo.store.put(manifestObject(id), Buffer.from(`${JSON.stringify(manifest)}\n`));
+    await repo.putManifest(manifest);
     return {
       id, host, startTime: manifest.startTime, endTime: manifest.endTime, durationMs: endTime.getTime() - startTime.getTime(), devices: summaries,
       readBytes: summaries.reduce((n, d) => n + d.readBytes, 0),

@@ -1,4 +1,4 @@
-/** The backup agent: full and incremental backups, verify and restore, over a repository (src/repository/). */
+/** The backup agent: full and incremental backups, verify, restore and copy between repositories, over a repository (src/repository/). */
 
 export * from '../repository/index.js';
 export { createBackup, hostOf, type BackupSource, type BackupSummary, type CreateOptions, type DeviceSummary, type ProgressSink } from './create.js';
@@ -6,6 +6,7 @@ export { verifyRepository, type VerifyOptions, type VerifySummary, type BadPiece
 export { parseDataSubset, inDataSubset, type DataSubset } from './data-subset.js';
 export { applyRetention, checkPolicy, type RetentionPolicy, type RetentionPlan } from './retention.js';
 export { planForget, forgetPlanned, type ForgetPlan, type ForgetGroup, type ForgetOptions } from './forget.js';
+export { copyBackups, type CopyOptions, type CopySummary } from './copy.js';
 export { restoreBackup, type RestoreOptions, type RestoreSummary } from './restore.js';
 export {
   backupDevices,

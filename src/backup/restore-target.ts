@@ -19,15 +19,17 @@ import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
 import { checkNotInUse } from '../host/in-use.js';
 import type { PiecePool } from '../repository/piece-pool.js';
+import type { PieceRange } from '../repository/piece-worker.js';
 import { UndoLog } from './undo-log.js';
 import { checkOutputFile } from '../host/output-file.js';
 
 /** Largest range of a file's cut tail read at once to keep it. */
 const TAIL_CHUNK_BYTES = 16 * 1024 * 1024;
 
-/** A piece kept as a local file, and the range it fills. */
+/** A piece kept in a local file (all of it, or `range` of it), and the range of the target it fills. */
 export interface PieceFile {
   file: string;
+  range: PieceRange;
   hash: string;
   offsetBytes: number;
   lengthBytes: number;

@@ -4,16 +4,15 @@
  * The answer names each damaged backup (unreadable manifest, missing or damaged pieces) and
  * each bad piece with the backups that use it.
  *
- * A damaged piece (its bytes do not decode to its hash) is removed: nothing can use it, and
- * while it is listed every later backup would take it as stored and name it again (a full one
- * by deduplication, an incremental by inheritance). Once it is gone, the next backup of a
- * device that still holds that content reads it again and stores it under the same hash, which
- * mends every backup that names it.
+ * A damaged piece (it fails authentication, or does not decode to its id) is dropped from the
+ * index (Repository.dropPieces): nothing can use it, and while it is listed every later backup
+ * would take it as stored and name it again (a full one by deduplication, an incremental by
+ * inheritance). Once it is unknown, the next backup of a device that still holds that content
+ * reads it again and stores it under the same id, which mends every backup that names it.
  */
 
 import { toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
-import { pieceObject } from '../repository/format.js';
 import { PiecePool } from '../repository/piece-pool.js';
 import type { Repository } from '../repository/repository.js';
 import { runLimited } from '../run-limited.js';
@@ -66,6 +65,7 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
       }
     }
   }
+  const index = await repo.pieceIndex();
   const stored = await repo.storedPieces();
   const bad: BadPiece[] = [];
   // Whether a piece is there is known from the listing, for every piece; a slice limits reading.
@@ -77,28 +77,34 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
   options.progress?.start(toRead.reduce((n, h) => n + (stored.get(h) ?? 0), 0));
   let checkedPieces = 0;
   let checkedBytes = 0;
-  const pool = new PiecePool();
+  const pool = new PiecePool(repo.pieceCrypto);
+  const damaged = new Set<string>();
   try {
     await runLimited(toRead, 8, async (hash) => {
       options.signal?.throwIfAborted();
       const backups = users.get(hash)!;
       try {
-        const raw = await pool.decode(await repo.readStoredPiece(hash), hash, repo.pieceSizeBytes);
+        const raw = await pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, repo.pieceSizeBytes);
         checkedPieces++;
         checkedBytes += raw.length;
       } catch (err) {
         const e = toBdsnapError(err);
+        // Indexed but gone (its pack removed): as useless as a damaged one, and dropped alike.
+        damaged.add(hash);
         if (e.code === 'ENOENT') {
           bad.push({ hash, problem: 'missing', detail: e.message, backups });
           return;
         }
-        const removed = await repo.store.delete(pieceObject(hash)).then(() => true, () => false);
-        bad.push({ hash, problem: 'damaged', detail: `${e.message}; ${removed ? 'removed, so the next backup stores it again' : 'could not be removed'}`, backups });
+        bad.push({ hash, problem: 'damaged', detail: e.message, backups });
       }
       options.progress?.advance(stored.get(hash) ?? 0);
     });
   } finally {
     await pool.close();
+  }
+  if (damaged.size > 0) {
+    const removed = await repo.dropPieces(damaged).then(() => 'removed, so the next backup stores it again', (err: unknown) => `could not be removed: ${(err as Error).message}`);
+    for (const b of bad) if (damaged.has(b.hash)) b.detail = `${b.detail}; ${removed}`;
   }
   bad.sort((a, b) => a.hash.localeCompare(b.hash));
   const backups = records.map((r) => {

@@ -163,8 +163,9 @@ export interface OpenedBackupDevice {
 /** Every device of backup `id` as a BackupDevice, by device path; `close` ends the piece workers. */
 export async function openBackupDevices(repo: Repository, id: string): Promise<{ devices: OpenedBackupDevice[]; close(): Promise<void> }> {
   const manifest = await repo.manifest(id);
-  const pool = new PiecePool();
-  const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash), hash, lengthBytes);
+  const pool = new PiecePool(repo.pieceCrypto);
+  const index = await repo.pieceIndex();
+  const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, lengthBytes);
   try {
     const devices = manifest.devices.map((entry) => {
       const slots = expandSlots(entry, manifest.pieceSizeBytes);

@@ -9,7 +9,9 @@
  * (stored raw) at a fraction of a full compression's cost.
  *
  * Header: magic 'BDPC' (u32 LE 0x43504442) @0, version u8 @4 (1), codec u8 @5, reserved u16 @6
- * (0), raw length u32 LE @8. The piece's name is the sha256 of the raw bytes, checked on read.
+ * (0), raw length u32 LE @8. The piece's id (the sha256 of the raw bytes, or in an encrypted
+ * repository their keyed hash, see crypto.ts) is checked on read. In an encrypted repository
+ * the header and payload are sealed together.
  *
  * LZ4 payload: the decompressed size (u32 LE) and one LZ4 block (the LZ4 block format:
  * sequences of a token, literals, a 2-byte offset and a match length).
@@ -160,7 +162,7 @@ export function pieceCodec(stored: Buffer): Codec | undefined {
  * what is wrong (bad header, a length over `maxRawBytes`, undecodable payload, wrong length,
  * wrong hash). The length the header claims is checked before anything is allocated for it.
  */
-export function decodePiece(stored: Buffer, expectedHash: string, maxRawBytes = MAX_PIECE_BYTES): Buffer {
+export function decodePiece(stored: Buffer, expectedHash: string, maxRawBytes = MAX_PIECE_BYTES, idOf: (raw: Buffer) => string = sha256Hex): Buffer {
   const bad = (why: string): BdsnapError => new BdsnapError('ECORRUPT', `piece ${expectedHash} is damaged: ${why}`);
   if (stored.length < PIECE_HEADER_BYTES || stored.readUInt32LE(0) !== PIECE_MAGIC) throw bad('bad header');
   if (stored.readUInt8(4) !== PIECE_VERSION) throw bad(`unknown version ${stored.readUInt8(4)}`);
@@ -181,7 +183,7 @@ export function decodePiece(stored: Buffer, expectedHash: string, maxRawBytes = 
     throw bad(`cannot decode (${(err as Error).message})`);
   }
   if (raw.length !== rawLength) throw bad(`${raw.length} bytes instead of ${rawLength}`);
-  if (sha256Hex(raw) !== expectedHash) throw bad('content does not match its hash');
+  if (idOf(raw) !== expectedHash) throw bad('content does not match its hash');
   return raw;
 }
 

@@ -1,17 +1,26 @@
 /**
- * The repository format, version 1: object names and the schemas of the objects that are
- * JSON. Pure, no I/O.
+ * The repository format: object names and the schemas of the objects that are JSON. Pure, no I/O.
  *
- * Objects:
- * - `config`                   what the repository is (format, version, piece size, hash).
- * - `pieces/<hh>/<sha256 hex>` one piece of device content (see codec.ts), named by the sha256
- *                              of its raw bytes (`hh`: the first two hex digits).
- * - `backups/<id>.json`        one manifest per backup, written last: it is the commit.
- * - `locks/<id>.<kind>`        a running `create` (kind `create`) or `prune` (kind `prune`);
- *                              see lock.ts.
+ * Version 2 (every new repository):
+ * - `config`                   what the repository is (format, version, piece size, id scheme,
+ *                              encryption, pack size); sealed (crypto.ts) unless unencrypted.
+ * - `keys/<random hex>`        one per password: the master key wrapped by scrypt (crypto.ts);
+ *                              absent in an unencrypted repository.
+ * - `packs/<hh>/<random hex>`  pieces (codec.ts), each sealed on its own and bound to its id,
+ *                              one after the other (see pack.ts); read by byte range.
+ * - `index/<random hex>`       where each piece is: pack, offset, length (sealed JSON). Written
+ *                              after its packs are durable and before any manifest names them.
+ * - `backups/<id>.json`        one manifest per backup (sealed), written last: it is the commit.
+ * - `locks/<id>.<kind>`        see lock.ts (plain: other hosts judge them before any password).
+ * A piece's id is the HMAC-SHA256 of its raw bytes under the id key (encrypted), or their
+ * sha256 (`--no-encryption`).
+ *
+ * Version 1 (read, verified, restored, forgotten and pruned; never written to any more):
+ * unencrypted, `config` and manifests plain JSON, and a piece per object at
+ * `pieces/<hh>/<sha256 hex>`.
  *
  * A manifest describes every device of the backup in full: for each piece-sized slot of the
- * device (the last may be shorter), the hash of its content, or a run of all-zero slots.
+ * device (the last may be shorter), the id of its content, or a run of all-zero slots.
  */
 
 import { randomBytes } from 'node:crypto';
@@ -20,7 +29,9 @@ import { BdsnapError } from '../errors.js';
 import { CODEC_CHOICES } from './codec.js';
 
 export const REPO_FORMAT = 'bdsnap-backup-repository';
-export const REPO_VERSION = 1;
+export const REPO_VERSION = 2;
+/** The version of repositories that kept one piece per object, unencrypted. */
+export const LEGACY_REPO_VERSION = 1;
 export const MANIFEST_FORMAT = 'bdsnap-backup';
 export const MANIFEST_VERSION = 1;
 
@@ -28,6 +39,18 @@ export const CONFIG_OBJECT = 'config';
 export const PIECES_PREFIX = 'pieces/';
 export const BACKUPS_PREFIX = 'backups/';
 export const LOCKS_PREFIX = 'locks/';
+export const PACKS_PREFIX = 'packs/';
+export const INDEX_PREFIX = 'index/';
+export const KEYS_PREFIX = 'keys/';
+
+/**
+ * Packs are closed at 16 MiB (restic's size): a few hundred puts per GiB instead of thousands
+ * (object stores charge and throttle by request), while one lost upload or one repack moves
+ * little. On a local disk a pack is one file, synced once.
+ */
+export const DEFAULT_PACK_BYTES = 16 * 1024 * 1024;
+export const MIN_PACK_BYTES = 1024 * 1024;
+export const MAX_PACK_BYTES = 128 * 1024 * 1024;
 
 export const MIN_PIECE_BYTES = 64 * 1024;
 export const MAX_PIECE_BYTES = 16 * 1024 * 1024;
@@ -46,9 +69,9 @@ const BACKUP_ID = /^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{8}$/;
 /** A host name as backups record it: letters, digits, '.', '_' and '-', at most 253. */
 export const HOST_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,252}$/;
 
-export const configSchema = z.object({
+export const legacyConfigSchema = z.object({
   format: z.literal(REPO_FORMAT),
-  version: z.literal(REPO_VERSION),
+  version: z.literal(LEGACY_REPO_VERSION),
   id: z.string().min(1),
   createdAt: z.string(),
   pieceSizeBytes: z.number().int().min(MIN_PIECE_BYTES).max(MAX_PIECE_BYTES),
@@ -56,7 +79,21 @@ export const configSchema = z.object({
   /** Codec of new pieces (each piece records its own): see codecFor in codec.ts. */
   codec: z.enum(CODEC_CHOICES),
 });
-export type RepoConfig = z.infer<typeof configSchema>;
+export type LegacyRepoConfig = z.infer<typeof legacyConfigSchema>;
+
+export const configSchema = z.object({
+  format: z.literal(REPO_FORMAT),
+  version: z.literal(REPO_VERSION),
+  id: z.string().min(1),
+  createdAt: z.string(),
+  pieceSizeBytes: z.number().int().min(MIN_PIECE_BYTES).max(MAX_PIECE_BYTES),
+  /** How piece ids are made: keyed (encrypted repositories) or plain sha256 (`--no-encryption`). */
+  hash: z.enum(['hmac-sha256', 'sha256']),
+  encryption: z.enum(['aes-256-gcm', 'none']),
+  packSizeBytes: z.number().int().min(MIN_PACK_BYTES).max(MAX_PACK_BYTES),
+  codec: z.enum(CODEC_CHOICES),
+});
+export type RepoConfig = z.infer<typeof configSchema> | LegacyRepoConfig;
 
 /** A slot: a piece hash, or a number n >= 1 for n all-zero slots in a row. */
 const slotSchema = z.union([z.string().regex(HASH_HEX), z.number().int().positive()]);
@@ -108,6 +145,39 @@ export function pieceObject(hash: string): string {
 export function pieceHashOf(name: string): string | undefined {
   const hash = name.slice(name.lastIndexOf('/') + 1);
   return HASH_HEX.test(hash) && name === pieceObject(hash) ? hash : undefined;
+}
+
+const RANDOM_NAME = /^[0-9a-f]{64}$/;
+
+export function randomObjectName(): string {
+  return randomBytes(32).toString('hex');
+}
+
+export function packObject(name: string): string {
+  return `${PACKS_PREFIX}${name.slice(0, 2)}/${name}`;
+}
+
+export function isPackObject(name: string): boolean {
+  const base = name.slice(name.lastIndexOf('/') + 1);
+  return RANDOM_NAME.test(base) && name === packObject(base);
+}
+
+export function indexObject(name: string): string {
+  return `${INDEX_PREFIX}${name}`;
+}
+
+export function isIndexObject(name: string): boolean {
+  return name.startsWith(INDEX_PREFIX) && RANDOM_NAME.test(name.slice(INDEX_PREFIX.length));
+}
+
+export function keyObject(name: string): string {
+  return `${KEYS_PREFIX}${name}`;
+}
+
+/** The key object's id (its name under keys/), or undefined. */
+export function keyIdOf(name: string): string | undefined {
+  const id = name.slice(KEYS_PREFIX.length);
+  return name.startsWith(KEYS_PREFIX) && RANDOM_NAME.test(id) ? id : undefined;
 }
 
 export function manifestObject(id: string): string {

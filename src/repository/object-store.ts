@@ -60,7 +60,7 @@ export interface ObjectStore {
   names(prefix: string): Promise<string[]>;
   /**
    * Write an object that readers see, whole and durable, at the latest when the next `commit()`
-   * returns (a backend may make it visible at once). For bulk writes, such as pieces.
+   * returns (a backend may make it visible at once). For bulk writes, such as packs.
    */
   stage(name: string, data: Buffer | readonly Buffer[]): Promise<void>;
   /** Make every staged object visible and durable. */
@@ -106,12 +106,14 @@ export function checkObjectName(name: string): void {
 
 
 /**
- * Staged objects are published in the background in batches of this many, so that their syncs
- * (mostly waiting for the disk) overlap the writes that follow, and a commit finds at most one
- * batch left. Pieces spread over 256 directories, and a batch syncs each directory it touched
- * once: larger batches share more of those syncs.
+ * Staged objects are published in the background in batches of this many, or of this many
+ * bytes, so that their syncs (mostly waiting for the disk) overlap the writes that follow, and
+ * a commit finds at most one batch left. Objects spread over 256 directories, and a batch syncs
+ * each directory it touched once: larger batches share more of those syncs. 32 MiB is what 128
+ * pieces of 256 KiB made when each piece was an object; packs of 16 MiB go two at a time.
  */
 const STAGE_BATCH = 128;
+const STAGE_BATCH_BYTES = 32 * 1024 * 1024;
 /** Background publishes at once at most; a stage waits for one to finish beyond that. */
 const PUBLISHING_MAX = 2;
 /** Files synced or renamed at once by a commit. */
@@ -145,6 +147,7 @@ export class LocalDirStore implements ObjectStore {
   readonly location: string;
   #tree: ConfinedTree | undefined;
   #staged: Staged[] = [];
+  #stagedBytes = 0;
   /** Batches being published in the background, and the first error one of them met. */
   readonly #publishing = new Set<Promise<void>>();
   #publishFailure: { err: unknown } | undefined;
@@ -177,7 +180,8 @@ export class LocalDirStore implements ObjectStore {
   async stage(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
     this.#throwPublishFailure();
     this.#staged.push(await this.#writeTemp(name, data));
-    if (this.#staged.length >= STAGE_BATCH) this.#publishStaged();
+    this.#stagedBytes += Buffer.isBuffer(data) ? data.length : data.reduce((n, b) => n + b.length, 0);
+    if (this.#staged.length >= STAGE_BATCH || this.#stagedBytes >= STAGE_BATCH_BYTES) this.#publishStaged();
     while (this.#publishing.size > PUBLISHING_MAX) await Promise.race(this.#publishing);
   }
 
@@ -191,6 +195,7 @@ export class LocalDirStore implements ObjectStore {
   #publishStaged(): void {
     const batch = this.#staged;
     this.#staged = [];
+    this.#stagedBytes = 0;
     if (batch.length === 0) return;
     const publishing: Promise<void> = this.#publish(batch, `${batch.length} staged objects`)
       .catch((err: unknown) => {
@@ -236,6 +241,7 @@ export class LocalDirStore implements ObjectStore {
     this.#publishFailure = undefined;
     const batch = this.#staged;
     this.#staged = [];
+    this.#stagedBytes = 0;
     await removeTemps(batch);
   }
 

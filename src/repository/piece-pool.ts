@@ -12,12 +12,16 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { BdsnapError, type ErrorCode } from '../errors.js';
 import type { Codec } from './codec.js';
-import { runTask, type PieceResult, type PieceTask, type PlaceFailure, type PlaceUndo } from './piece-worker.js';
+import type { PieceCrypto } from './crypto.js';
+import { runTask, type PieceRange, type PieceResult, type PieceTask, type PlaceFailure, type PlaceUndo } from './piece-worker.js';
 
 const WORKER_URL = new URL('./piece-worker.js', import.meta.url);
 
-/** `raw` is the caller's buffer, handed back; for a raw piece `payload` is the same buffer. */
-export type EncodeResult = { zero: true; raw: Buffer } | { zero: false; hash: string; header: Buffer; payload: Buffer; raw: Buffer; codec: number };
+/**
+ * `raw` is the caller's buffer, handed back; `parts` are the stored piece's bytes in order (for
+ * an unencrypted raw piece, `raw` itself is one of them).
+ */
+export type EncodeResult = { zero: true; raw: Buffer } | { zero: false; hash: string; parts: Buffer[]; storedBytes: number; raw: Buffer; codec: number };
 
 interface Waiter {
   resolve(r: PieceResult): void;
@@ -27,8 +31,8 @@ interface Waiter {
 type TaskBody =
   | { op: 'encode'; raw: Uint8Array; codec: Codec }
   | { op: 'decode'; stored: Uint8Array; hash: string; maxRawBytes?: number }
-  | { op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }
-  | { op: 'check'; file: string; hash: string; lengthBytes: number };
+  | { op: 'place'; file: string; range: PieceRange; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }
+  | { op: 'check'; file: string; range: PieceRange; hash: string; lengthBytes: number };
 
 function toBuffer(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
@@ -50,10 +54,13 @@ export class PiecePool {
   #nextId = 1;
   #failure: Error | undefined;
   #inline = 0;
+  readonly #crypto: PieceCrypto;
 
-  constructor(size = Math.max(1, Math.min(2, availableParallelism()))) {
+  /** `crypto`: the repository's piece keys (Repository.pieceCrypto); pieces are plain without. */
+  constructor(crypto: PieceCrypto = { kind: 'none' }, size = Math.max(1, Math.min(2, availableParallelism()))) {
+    this.#crypto = crypto;
     for (let i = 0; i < size; i++) {
-      const w = new Worker(WORKER_URL);
+      const w = new Worker(WORKER_URL, { workerData: { crypto } });
       w.unref();
       w.on('message', (r: PieceResult | { ready: true }) => {
         if ('ready' in r) {
@@ -69,15 +76,15 @@ export class PiecePool {
     }
   }
 
-  /** Zero check, hash and compression of one piece. `raw` is transferred. */
+  /** Zero check, id, compression and sealing of one piece. `raw` is transferred. */
   async encode(raw: Buffer, codec: Codec): Promise<EncodeResult> {
     const b = ownBuffer(raw);
     const r = await this.#run({ op: 'encode', raw: b, codec }, [b.buffer as ArrayBuffer]);
     if ('error' in r || r.op !== 'encode') throw new BdsnapError('EIO', 'unexpected worker answer');
     if (r.zero) return { zero: true, raw: toBuffer(r.raw) };
     const back = toBuffer(r.raw);
-    const payload = r.payload.buffer === r.raw.buffer ? back : toBuffer(r.payload);
-    return { zero: false, hash: r.hash, header: toBuffer(r.header), payload, raw: back, codec: r.codec };
+    const parts = r.parts.map((p) => (p.buffer === r.raw.buffer ? back : toBuffer(p)));
+    return { zero: false, hash: r.hash, parts, storedBytes: r.storedBytes, raw: back, codec: r.codec };
   }
 
   /**
@@ -96,14 +103,14 @@ export class PiecePool {
    * `undo`, `savedBytes` is what was kept of the original, and a failure to keep it or to
    * write the range comes back as `failure` rather than thrown.
    */
-  async place(body: { file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }): Promise<{ savedBytes: number; failure?: PlaceFailure }> {
+  async place(body: { file: string; range: PieceRange; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }): Promise<{ savedBytes: number; failure?: PlaceFailure }> {
     const r = await this.#run({ op: 'place', ...body }, []);
     if ('error' in r || r.op !== 'place') throw new BdsnapError('EIO', 'unexpected worker answer');
     return { savedBytes: r.savedBytes, failure: r.failure };
   }
 
   /** Read, decode and check one piece file of `lengthBytes` raw bytes, keeping nothing (see 'check' in piece-worker.ts). */
-  async check(body: { file: string; hash: string; lengthBytes: number }): Promise<void> {
+  async check(body: { file: string; range: PieceRange; hash: string; lengthBytes: number }): Promise<void> {
     const r = await this.#run({ op: 'check', ...body }, []);
     if ('error' in r || r.op !== 'check') throw new BdsnapError('EIO', 'unexpected worker answer');
   }
@@ -123,7 +130,7 @@ export class PiecePool {
     const task = { id, ...body } as PieceTask;
     if (!this.#anyReady) {
       this.#inline++;
-      const r = runTask(task);
+      const r = runTask(task, this.#crypto);
       return 'error' in r ? Promise.reject(new BdsnapError(r.error.code as ErrorCode, r.error.message)) : Promise.resolve(r);
     }
     return new Promise<PieceResult>((resolve, reject) => {

@@ -1,10 +1,11 @@
 /**
- * Worker thread of the piece pool: the CPU-heavy part of a piece (zero check, sha256,
- * compression; or decompression and the hash check on the way back), so that both cores work
- * while the main thread moves bytes between the source, the store and the target.
+ * Worker thread of the piece pool: the CPU-heavy part of a piece (zero check, id, compression
+ * and sealing; or opening, decompression and the id check on the way back), so that both
+ * cores work while the main thread moves bytes between the source, the store and the target.
+ * The repository's piece keys (crypto.ts) come with the worker's start (workerData).
  *
- * 'check' is a restore's first pass over a piece kept as a plain file: read, decode and check it,
- * and keep nothing.
+ * 'check' is a restore's first pass over a piece kept in a plain file (a whole v1 piece object,
+ * or a byte range of a pack): read, decode and check it, and keep nothing.
  *
  * 'place' does a restore's whole step for a piece kept as a plain file (a local store): read
  * it, decode and check it, and write it into the target at its offset, all on this thread,
@@ -15,11 +16,15 @@
  */
 
 import fs from 'node:fs';
-import { parentPort } from 'node:worker_threads';
+import { parentPort, workerData } from 'node:worker_threads';
 import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 import { STORED_SLACK_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
+import { SEAL_OVERHEAD_BYTES, keyedId, open, pieceAad, seal, type PieceCrypto } from './crypto.js';
+
+/** Where a piece lies in a file: a byte range (in a pack), or null for the whole file (a v1 piece). */
+export type PieceRange = { offsetBytes: number; lengthBytes: number } | null;
 
 /**
  * Where a 'place' into an existing target keeps what it overwrites: the original of the range
@@ -41,12 +46,12 @@ export interface PlaceFailure {
 export type PieceTask =
   | { id: number; op: 'encode'; raw: Uint8Array; codec: Codec }
   | { id: number; op: 'decode'; stored: Uint8Array; hash: string; maxRawBytes?: number }
-  | { id: number; op: 'place'; file: string; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }
-  | { id: number; op: 'check'; file: string; hash: string; lengthBytes: number };
+  | { id: number; op: 'place'; file: string; range: PieceRange; hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean; undo?: PlaceUndo }
+  | { id: number; op: 'check'; file: string; range: PieceRange; hash: string; lengthBytes: number };
 
 export type PieceResult =
   | { id: number; op: 'encode'; zero: true; raw: Uint8Array }
-  | { id: number; op: 'encode'; zero: false; hash: string; header: Uint8Array; payload: Uint8Array; raw: Uint8Array; codec: number }
+  | { id: number; op: 'encode'; zero: false; hash: string; parts: Uint8Array[]; storedBytes: number; raw: Uint8Array; codec: number }
   | { id: number; op: 'decode'; raw: Uint8Array }
   | { id: number; op: 'place'; savedBytes: number; failure?: PlaceFailure }
   | { id: number; op: 'check' }
@@ -56,20 +61,34 @@ function asBuffer(u: Uint8Array): Buffer {
   return Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 }
 
-export function runTask(task: PieceTask): PieceResult {
+/** The id of a piece: keyed in an encrypted repository, else its sha256. */
+function idOf(crypto: PieceCrypto): (raw: Buffer) => string {
+  return crypto.kind === 'aes' ? (raw) => keyedId(crypto.idKey, raw) : sha256Hex;
+}
+
+/** Open (if sealed), decode and check a stored piece against its id. */
+export function decodeStored(crypto: PieceCrypto, stored: Buffer, id: string, maxRawBytes?: number): Buffer {
+  const plain = crypto.kind === 'aes' ? open(crypto.encryptionKey, pieceAad(id), stored, `piece ${id}`) : stored;
+  return decodePiece(plain, id, maxRawBytes, idOf(crypto));
+}
+
+export function runTask(task: PieceTask, crypto: PieceCrypto): PieceResult {
   try {
     if (task.op === 'encode') {
       const raw = asBuffer(task.raw);
       if (isAllZero(raw)) return { id: task.id, op: 'encode', zero: true, raw };
       const { header, payload } = encodePieceParts(raw, task.codec);
-      return { id: task.id, op: 'encode', zero: false, hash: sha256Hex(raw), header, payload, raw, codec: header.readUInt8(5) };
+      const hash = idOf(crypto)(raw);
+      const parts = crypto.kind === 'aes' ? seal(crypto.encryptionKey, pieceAad(hash), [header, payload]) : [header, payload];
+      const storedBytes = parts.reduce((n, p) => n + p.length, 0);
+      return { id: task.id, op: 'encode', zero: false, hash, parts, storedBytes, raw, codec: header.readUInt8(5) };
     }
-    if (task.op === 'place') return { id: task.id, op: 'place', ...place(task) };
+    if (task.op === 'place') return { id: task.id, op: 'place', ...place(task, crypto) };
     if (task.op === 'check') {
-      checkLength(decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash, task.lengthBytes), task.hash, task.lengthBytes);
+      checkLength(decodeStored(crypto, readPieceFile(task.file, task.range, task.hash, task.lengthBytes), task.hash, task.lengthBytes), task.hash, task.lengthBytes);
       return { id: task.id, op: 'check' };
     }
-    return { id: task.id, op: 'decode', raw: decodePiece(asBuffer(task.stored), task.hash, task.maxRawBytes) };
+    return { id: task.id, op: 'decode', raw: decodeStored(crypto, asBuffer(task.stored), task.hash, task.maxRawBytes) };
   } catch (err) {
     const code = toBdsnapError(err).code;
     return { id: task.id, error: { code, message: (err as Error).message } };
@@ -85,8 +104,8 @@ let readBuffer = Buffer.alloc(0);
 /** O_NONBLOCK: a FIFO in place of a piece must not hang the worker (fstat refuses it next). */
 const READ_FLAGS = fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK;
 
-/** The stored bytes of a piece file, in `readBuffer` (valid until the next call). */
-function readPieceFile(file: string, hash: string, rawBytes: number): Buffer {
+/** The stored bytes of a piece, in `readBuffer` (valid until the next call). */
+function readPieceFile(file: string, range: PieceRange, hash: string, rawBytes: number): Buffer {
   let fd: number;
   try {
     // `file` names the piece through its directory's descriptor (LocalDirStore.localPath): not
@@ -101,6 +120,14 @@ function readPieceFile(file: string, hash: string, rawBytes: number): Buffer {
   try {
     const st = fs.fstatSync(fd);
     if (!st.isFile()) throw new BdsnapError('ECORRUPT', `piece ${hash} is not a regular file`);
+    if (range) {
+      // The index bounds a range by the largest sealed piece (checked when it was read).
+      if (range.lengthBytes > rawBytes + STORED_SLACK_BYTES + SEAL_OVERHEAD_BYTES) throw new BdsnapError('ECORRUPT', `piece ${hash} is damaged: the index gives it more bytes than a piece of ${rawBytes} bytes can take`);
+      if (readBuffer.length < range.lengthBytes) readBuffer = Buffer.allocUnsafe(range.lengthBytes);
+      const got = preadFullySync(fd, readBuffer, range.offsetBytes, range.lengthBytes);
+      if (got < range.lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${hash} is damaged: its pack ends before the piece does`);
+      return readBuffer.subarray(0, got);
+    }
     if (st.size > rawBytes + STORED_SLACK_BYTES) throw new BdsnapError('ECORRUPT', `piece ${hash} is damaged: its file is longer than a piece of ${rawBytes} bytes can be`);
     // One byte more than the largest valid piece file, to tell a longer file from a full read.
     const room = rawBytes + STORED_SLACK_BYTES + 1;
@@ -132,10 +159,10 @@ let originalBuffer = Buffer.alloc(0);
  * A failure after the original was kept is returned, not thrown, with the bytes kept: the
  * caller must know them to put the range back.
  */
-function place(task: Extract<PieceTask, { op: 'place' }>): { savedBytes: number; failure?: PlaceFailure } {
+function place(task: Extract<PieceTask, { op: 'place' }>, crypto: PieceCrypto): { savedBytes: number; failure?: PlaceFailure } {
   let raw = kept.get(task.hash);
   if (!raw) {
-    raw = decodePiece(readPieceFile(task.file, task.hash, task.lengthBytes), task.hash, task.lengthBytes);
+    raw = decodeStored(crypto, readPieceFile(task.file, task.range, task.hash, task.lengthBytes), task.hash, task.lengthBytes);
     // A raw piece is a view of the read buffer: keep a copy of it.
     if (task.keep && kept.size < MAX_KEPT) kept.set(task.hash, raw.buffer === readBuffer.buffer ? Buffer.from(raw) : raw);
   } else if (!task.keep) {
@@ -169,15 +196,16 @@ function place(task: Extract<PieceTask, { op: 'place' }>): { savedBytes: number;
 /** The raw buffer goes back to the caller's pool, and a compressed payload with it. */
 function transferables(r: PieceResult): ArrayBuffer[] {
   const out = new Set<ArrayBuffer>();
-  for (const u of ['raw' in r ? r.raw : undefined, 'payload' in r ? r.payload : undefined]) {
+  for (const u of ['raw' in r ? r.raw : undefined, ...('parts' in r ? r.parts : [])]) {
     // Only a buffer that owns its whole ArrayBuffer can be moved without taking other data along.
     if (u && u.byteOffset === 0 && u.byteLength === u.buffer.byteLength && u.buffer instanceof ArrayBuffer) out.add(u.buffer);
   }
   return [...out];
 }
 
+const workerCrypto = (workerData as { crypto?: PieceCrypto } | null)?.crypto ?? { kind: 'none' };
 parentPort?.on('message', (task: PieceTask) => {
-  const result = runTask(task);
+  const result = runTask(task, workerCrypto);
   parentPort!.postMessage(result, transferables(result));
 });
 // Tells the pool this worker can take tasks (until then the pool works inline).

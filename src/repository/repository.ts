@@ -1,21 +1,35 @@
 /**
- * A backup repository over an ObjectStore: init and open (the versioned `config` object),
- * manifests (list, load, forget), the set of stored pieces, and prune.
+ * A backup repository over an ObjectStore: init and open (the versioned `config` object, the
+ * password and keys), manifests (list, load, forget), where each piece is (the index), prune
+ * and repack, and the keys.
  *
  * Crash safety comes from the order of writes, not from any rename or lock of the store:
- * pieces first, the manifest last. A backup that died before its manifest left only pieces no
- * manifest names, which readers ignore and prune deletes. Prune runs under the exclusive lock
- * (lock.ts), so it never deletes a piece a running create is about to name.
+ * packs first, then their index, the manifest last. A backup that died before its manifest
+ * left only pieces no manifest names, which readers ignore and prune deletes. Prune runs under
+ * the exclusive lock (lock.ts), so it never deletes a piece a running create is about to name.
+ *
+ * Every object read is checked before use: sealed ones are authenticated (crypto.ts), bound
+ * to their names; pieces are checked against their ids as they are decoded. Version-1
+ * repositories (format.ts) are read as they are and never written in that format.
  */
 
+import os from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { STORED_SLACK_BYTES, type CodecChoice } from './codec.js';
 import {
-  BACKUPS_PREFIX, CONFIG_OBJECT, DEFAULT_PIECE_BYTES, MAX_PIECE_BYTES, MAX_SLOTS, MIN_PIECE_BYTES, PIECES_PREFIX, REPO_FORMAT, REPO_VERSION,
-  backupIdOf, configSchema, expandSlots, manifestObject, manifestSchema, pieceHashOf, pieceObject,
+  SEAL_OVERHEAD_BYTES, keyObjectSchema, newMasterKey, objectAad, open, pieceCryptoOf, seal, unwrapMasterKey, wrapMasterKey,
+  type KeyObject, type MasterKey, type PieceCrypto, type ScryptParams,
+} from './crypto.js';
+import {
+  BACKUPS_PREFIX, CONFIG_OBJECT, DEFAULT_PACK_BYTES, DEFAULT_PIECE_BYTES, INDEX_PREFIX, KEYS_PREFIX, LEGACY_REPO_VERSION, MAX_PACK_BYTES,
+  MAX_PIECE_BYTES, MAX_SLOTS, MIN_PACK_BYTES, MIN_PIECE_BYTES, PACKS_PREFIX, PIECES_PREFIX, REPO_FORMAT, REPO_VERSION,
+  backupIdOf, configSchema, expandSlots, indexObject, isIndexObject, isPackObject, keyIdOf, keyObject, legacyConfigSchema, manifestObject,
+  manifestSchema, pieceHashOf, pieceObject, randomObjectName,
   type Manifest, type RepoConfig,
 } from './format.js';
+import { PACKS_PER_INDEX, PackWriter, decodeIndex, encodeIndex, type PieceLocation, type WrittenPack } from './pack.js';
+import { decodeStored } from './piece-worker.js';
 import { RepoLock, listLocks } from './lock.js';
 import { LocalDirStore, type ObjectStore } from './object-store.js';
 import { runLimited } from '../run-limited.js';
@@ -25,19 +39,61 @@ export interface InitOptions {
   pieceSizeBytes?: number;
   /** Codec of new pieces: 'zstd' (default), 'brotli', 'deflate' or 'lz4' (fastest, larger); see codecFor. */
   codec?: CodecChoice;
+  /** Packs are closed at about this size (default DEFAULT_PACK_BYTES). */
+  packSizeBytes?: number;
+  /** Default true. False: pieces, index and manifests are stored in the clear, and unauthenticated. */
+  encryption?: boolean;
+  /** The first password; required when encrypted. */
+  password?: string;
+  /** scrypt parameters of the first key (default SCRYPT_DEFAULTS). */
+  scrypt?: ScryptParams;
+}
+
+export interface OpenOptions {
+  /** Asked for only when the repository is encrypted. */
+  password?: () => Promise<string> | string;
 }
 
 export interface PruneSummary {
   backups: number;
   referencedPieces: number;
+  /** Pieces no backup uses that are gone (from the index, or as objects in a v1 repository). */
   deletedPieces: number;
+  /** Bytes of the store freed. */
   deletedBytes: number;
+  deletedPacks: number;
+  repackedPacks: number;
+  repackedPieces: number;
   deletedLocks: number;
   deletedIncomplete: number;
 }
 
-/** A config is a few hundred bytes. */
+export interface KeyInfo {
+  id: string;
+  createdAt: string;
+  host: string;
+  /** The key this repository was opened with. */
+  current: boolean;
+}
+
+/** A config is a few hundred bytes, a key object about 500. */
 const MAX_CONFIG_BYTES = 64 * 1024;
+const MAX_KEY_BYTES = 16 * 1024;
+/** Key objects tried with one password at most (each costs a scrypt). */
+const MAX_KEYS_TRIED = 64;
+/** An index object lists PACKS_PER_INDEX packs: a few MiB at most. */
+const MAX_INDEX_BYTES = 256 * 1024 * 1024;
+/**
+ * Prune repacks a pack when less than half its bytes are used by some backup: rewriting it
+ * then costs at most as much as the space it frees. Packs with nothing used are deleted.
+ */
+export const REPACK_BELOW_USED = 0.5;
+
+/**
+ * A prune that stalled past the stale time may have had its lock ignored by a create that now
+ * counts on what it would delete: it stops instead (lock.ts).
+ */
+const PRUNE_STALLED = 'a backup may have started counting on pieces it would delete; stopped; run prune again';
 
 /**
  * Commas a manifest may hold, counted before it is parsed: V8 dies (it does not throw) building
@@ -53,40 +109,105 @@ function countByte(buf: Buffer, byte: number): number {
   return n;
 }
 
+function parseJson(raw: Buffer): unknown {
+  try {
+    return JSON.parse(raw.toString('utf8')) as unknown;
+  } catch {
+    return undefined;
+  }
+}
+
 /** A manifest, or why it cannot be read. */
 export type BackupRecord = { id: string; manifest: Manifest; error?: undefined } | { id: string; manifest?: undefined; error: BdsnapError };
+
+/** An index object and the packs it lists. */
+interface IndexFile {
+  name: string;
+  packs: WrittenPack[];
+}
 
 export class Repository {
   readonly store: ObjectStore;
   readonly config: RepoConfig;
+  /** The key object this repository was opened with (encrypted repositories). */
+  readonly keyId: string | undefined;
+  readonly #key: MasterKey | undefined;
+  #index: Promise<Map<string, PieceLocation>> | undefined;
 
-  private constructor(store: ObjectStore, config: RepoConfig) {
+  private constructor(store: ObjectStore, config: RepoConfig, key?: MasterKey, keyId?: string) {
     this.store = store;
     this.config = config;
+    this.#key = key;
+    this.keyId = keyId;
   }
 
   get pieceSizeBytes(): number {
     return this.config.pieceSizeBytes;
   }
 
-  /** Make a new repository in an empty store. EINVAL if the store already holds anything. */
+  /** A version-1 repository: one plain object per piece, read only. */
+  get legacy(): boolean {
+    return this.config.version === LEGACY_REPO_VERSION;
+  }
+
+  get encrypted(): boolean {
+    return this.#key !== undefined;
+  }
+
+  /** What piece workers need to name, seal and open this repository's pieces. */
+  get pieceCrypto(): PieceCrypto {
+    return pieceCryptoOf(this.#key);
+  }
+
+  get packSizeBytes(): number {
+    return this.config.version === REPO_VERSION ? this.config.packSizeBytes : DEFAULT_PACK_BYTES;
+  }
+
+  /** The most bytes a stored piece can take; a larger one is refused before it is read. */
+  get maxStoredPieceBytes(): number {
+    return this.pieceSizeBytes + STORED_SLACK_BYTES + (this.encrypted ? SEAL_OVERHEAD_BYTES : 0);
+  }
+
+  /**
+   * Make a new repository in an empty store: encrypted unless `encryption` is false. EINVAL if
+   * the store already holds anything, or no password is given for an encrypted one.
+   */
   static async init(store: ObjectStore, options: InitOptions = {}): Promise<Repository> {
     const pieceSizeBytes = options.pieceSizeBytes ?? DEFAULT_PIECE_BYTES;
     if ((pieceSizeBytes & (pieceSizeBytes - 1)) !== 0 || pieceSizeBytes < MIN_PIECE_BYTES || pieceSizeBytes > MAX_PIECE_BYTES) {
       throw new BdsnapError('EINVAL', `piece size must be a power of two from ${MIN_PIECE_BYTES} to ${MAX_PIECE_BYTES} bytes, got ${pieceSizeBytes}`);
     }
+    const packSizeBytes = options.packSizeBytes ?? DEFAULT_PACK_BYTES;
+    if (!(packSizeBytes >= MIN_PACK_BYTES && packSizeBytes <= MAX_PACK_BYTES)) {
+      throw new BdsnapError('EINVAL', `pack size must be from ${MIN_PACK_BYTES} to ${MAX_PACK_BYTES} bytes, got ${packSizeBytes}`);
+    }
+    const encryption = options.encryption ?? true;
+    if (encryption && !options.password) throw new BdsnapError('EINVAL', 'an encrypted repository needs a password');
     if (await store.stat(CONFIG_OBJECT)) throw new BdsnapError('EINVAL', `${store.location} is already a backup repository`);
     if ((await store.list('')).length > 0) throw new BdsnapError('EINVAL', `${store.location} is not empty; a repository needs an empty place`);
     const config: RepoConfig = {
-      format: REPO_FORMAT, version: REPO_VERSION, id: randomBytes(8).toString('hex'), createdAt: new Date().toISOString(), pieceSizeBytes, hash: 'sha256',
-      codec: options.codec ?? 'zstd',
+      format: REPO_FORMAT, version: REPO_VERSION, id: randomBytes(8).toString('hex'), createdAt: new Date().toISOString(), pieceSizeBytes,
+      hash: encryption ? 'hmac-sha256' : 'sha256', encryption: encryption ? 'aes-256-gcm' : 'none', packSizeBytes, codec: options.codec ?? 'zstd',
     };
-    await store.put(CONFIG_OBJECT, Buffer.from(`${JSON.stringify(config, null, 2)}\n`));
-    return new Repository(store, config);
+    let key: MasterKey | undefined;
+    let keyId: string | undefined;
+    if (encryption) {
+      key = newMasterKey();
+      keyId = randomObjectName();
+      // The key first: a config is what makes the place a repository.
+      await store.put(keyObject(keyId), Buffer.from(`${JSON.stringify(await wrapMasterKey(key, options.password!, os.hostname(), options.scrypt), null, 2)}\n`));
+    }
+    const repo = new Repository(store, config, key, keyId);
+    await store.put(CONFIG_OBJECT, repo.#seal(CONFIG_OBJECT, Buffer.from(`${JSON.stringify(config, null, 2)}\n`)));
+    return repo;
   }
 
-  /** Open an existing repository: ENOENT if there is none, ECORRUPT if its config does not parse. */
-  static async open(store: ObjectStore): Promise<Repository> {
+  /**
+   * Open an existing repository: ENOENT if there is none, ECORRUPT if its config does not
+   * parse or authenticate, EAUTH if it is encrypted and no key accepts the password (nothing
+   * is written either way).
+   */
+  static async open(store: ObjectStore, options: OpenOptions = {}): Promise<Repository> {
     let raw: Buffer;
     try {
       raw = await store.get(CONFIG_OBJECT, { maxBytes: MAX_CONFIG_BYTES });
@@ -96,19 +217,52 @@ export class Repository {
       }
       throw err;
     }
-    let json: unknown;
-    try {
-      json = JSON.parse(raw.toString('utf8'));
-    } catch (err) {
-      throw new BdsnapError('ECORRUPT', `the config of ${store.location} is not JSON`, { cause: err });
+    const keyNames = (await store.names(KEYS_PREFIX)).filter((n) => keyIdOf(n) !== undefined);
+    const json = parseJson(raw);
+    if (json !== undefined) {
+      const probe = json as { format?: unknown; version?: unknown; encryption?: unknown };
+      if (probe.format === REPO_FORMAT && typeof probe.version === 'number' && probe.version > REPO_VERSION) {
+        throw new BdsnapError('ENOTSUP', `${store.location} is a version ${probe.version} repository; this bdsnap reads versions ${LEGACY_REPO_VERSION} and ${REPO_VERSION}`);
+      }
+      const parsed = probe.version === LEGACY_REPO_VERSION ? legacyConfigSchema.safeParse(json) : configSchema.safeParse(json);
+      if (!parsed.success) throw new BdsnapError('ECORRUPT', `the config of ${store.location} is not a bdsnap repository config: ${parsed.error.issues[0]?.message ?? ''}`);
+      // A plain config beside keys is an encrypted repository whose config was replaced.
+      if (keyNames.length > 0 || (parsed.data.version === REPO_VERSION && parsed.data.encryption !== 'none')) {
+        throw new BdsnapError('ECORRUPT', `the config of ${store.location} is plain but the repository has keys: it was altered; refusing to use it`);
+      }
+      return new Repository(store, parsed.data);
     }
-    const probe = json as { format?: unknown; version?: unknown };
-    if (probe.format === REPO_FORMAT && typeof probe.version === 'number' && probe.version > REPO_VERSION) {
-      throw new BdsnapError('ENOTSUP', `${store.location} is a version ${probe.version} repository; this bdsnap reads version ${REPO_VERSION}`);
+    if (keyNames.length === 0) throw new BdsnapError('ECORRUPT', `${store.location} has an encrypted config but no key objects (keys/): it is damaged`);
+    const password = options.password ? await options.password() : undefined;
+    if (password === undefined || password === '') {
+      throw new BdsnapError('EAUTH', `${store.location} is encrypted: give its password in BDSNAP_REPO_PASSWORD, with --password-file FILE, or at the prompt`);
     }
-    const parsed = configSchema.safeParse(json);
-    if (!parsed.success) throw new BdsnapError('ECORRUPT', `the config of ${store.location} is not a bdsnap repository config: ${parsed.error.issues[0]?.message ?? ''}`);
-    return new Repository(store, parsed.data);
+    for (const name of keyNames.slice(0, MAX_KEYS_TRIED)) {
+      const key = await Repository.#readKey(store, name).catch(() => undefined);
+      const master = key && await unwrapMasterKey(key, password);
+      if (!master) continue;
+      const plain = open(master.encryptionKey, objectAad(CONFIG_OBJECT), raw, `the config of ${store.location}`);
+      const parsed = configSchema.safeParse(parseJson(plain));
+      if (!parsed.success || parsed.data.encryption !== 'aes-256-gcm') throw new BdsnapError('ECORRUPT', `the config of ${store.location} is not a bdsnap repository config`);
+      return new Repository(store, parsed.data, master, keyIdOf(name));
+    }
+    throw new BdsnapError('EAUTH', `wrong password: no key of ${store.location} accepts it`);
+  }
+
+  static async #readKey(store: ObjectStore, name: string): Promise<KeyObject> {
+    const parsed = keyObjectSchema.safeParse(parseJson(await store.get(name, { maxBytes: MAX_KEY_BYTES })));
+    if (!parsed.success) throw new BdsnapError('ECORRUPT', `key object ${name} is damaged`);
+    return parsed.data;
+  }
+
+  /** The object as stored: sealed and bound to its name in an encrypted repository. */
+  #seal(name: string, plain: Buffer): Buffer {
+    return this.#key ? Buffer.concat(seal(this.#key.encryptionKey, objectAad(name), [plain])) : plain;
+  }
+
+  /** An object's contents, authenticated (ECORRUPT if it fails) in an encrypted repository. */
+  #open(name: string, stored: Buffer, what: string): Buffer {
+    return this.#key ? open(this.#key.encryptionKey, objectAad(name), stored, what) : stored;
   }
 
   /** Ids of every backup, oldest first (ids sort by time). */
@@ -117,12 +271,12 @@ export class Repository {
     return ids.sort();
   }
 
-  /** The manifest of `id`: ENOENT if there is no such backup, ECORRUPT if it does not parse. */
+  /** The manifest of `id`: ENOENT if there is no such backup, ECORRUPT if it does not parse or authenticate. */
   async manifest(id: string): Promise<Manifest> {
     const name = manifestObject(id);
     let raw: Buffer;
     try {
-      raw = await this.store.get(name);
+      raw = this.#open(name, await this.store.get(name), `the manifest of backup ${id}`);
     } catch (err) {
       if (toBdsnapError(err).code === 'ENOENT') throw new BdsnapError('ENOENT', `there is no backup ${id} in ${this.store.location}`, { cause: err });
       throw err;
@@ -140,6 +294,13 @@ export class Repository {
     if (parsed.data.pieceSizeBytes !== this.pieceSizeBytes) throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} has another piece size than the repository`);
     for (const d of parsed.data.devices) expandSlots(d, parsed.data.pieceSizeBytes);
     return parsed.data;
+  }
+
+  /** Write a manifest: the commit of its backup. Every piece it names must be indexed already. */
+  async putManifest(manifest: Manifest): Promise<void> {
+    this.#writable();
+    const name = manifestObject(manifest.id);
+    await this.store.put(name, this.#seal(name, Buffer.from(`${JSON.stringify(manifest)}\n`)));
   }
 
   /** Every backup, oldest first, each with its manifest or the reason it cannot be read. */
@@ -168,29 +329,128 @@ export class Repository {
     return undefined;
   }
 
-  /** The stored bytes of a piece: ECORRUPT, before reading, if larger than a piece can be. */
-  readStoredPiece(hash: string): Promise<Buffer> {
-    return this.store.get(pieceObject(hash), { maxBytes: this.pieceSizeBytes + STORED_SLACK_BYTES });
+  /** ENOTSUP for a version-1 repository, which is never written in its own format again. */
+  #writable(): void {
+    if (this.legacy) {
+      throw new BdsnapError('ENOTSUP', `${this.store.location} is a version-1 repository (unencrypted, a piece per object): bdsnap reads it but adds nothing to it; make a new repository and 'bdsnap backup copy --from ${this.store.location} --repo NEW'`);
+    }
   }
 
-  /** Hashes of the pieces in the store, with their stored sizes. */
+  /** A writer of new packs for this repository (see pack.ts). */
+  packWriter(): PackWriter {
+    this.#writable();
+    return new PackWriter(this.store, this.packSizeBytes);
+  }
+
+  /** Every index object with its packs, each authenticated and checked. */
+  async #indexFiles(): Promise<IndexFile[]> {
+    const names = (await this.store.names(INDEX_PREFIX)).filter(isIndexObject);
+    const out: IndexFile[] = [];
+    await runLimited(names, 8, async (name) => {
+      const plain = this.#open(name, await this.store.get(name, { maxBytes: MAX_INDEX_BYTES }), `index ${name}`);
+      out.push({ name, packs: decodeIndex(plain, `index ${name}`, isPackObject, this.maxStoredPieceBytes) });
+    });
+    return out.sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  /** Where every stored piece is. Cached until this object writes or drops index entries. */
+  pieceIndex(): Promise<Map<string, PieceLocation>> {
+    this.#index ??= this.#loadIndex();
+    this.#index.catch(() => {
+      this.#index = undefined;
+    });
+    return this.#index;
+  }
+
+  async #loadIndex(): Promise<Map<string, PieceLocation>> {
+    const out = new Map<string, PieceLocation>();
+    if (this.legacy) {
+      for (const name of await this.store.names(PIECES_PREFIX)) {
+        const hash = pieceHashOf(name);
+        if (hash !== undefined) out.set(hash, { object: name, offsetBytes: 0, lengthBytes: null });
+      }
+      return out;
+    }
+    for (const f of await this.#indexFiles()) {
+      for (const p of f.packs) for (const e of p.pieces) if (!out.has(e.id)) out.set(e.id, { object: p.object, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes });
+    }
+    return out;
+  }
+
+  /** Record where the pieces of `packs` are; only once the packs are durable (the store's commit). */
+  async writeIndex(packs: readonly WrittenPack[]): Promise<void> {
+    this.#writable();
+    for (let at = 0; at < packs.length; at += PACKS_PER_INDEX) {
+      const name = indexObject(randomObjectName());
+      await this.store.put(name, this.#seal(name, encodeIndex(packs.slice(at, at + PACKS_PER_INDEX))));
+    }
+    this.#index = undefined;
+  }
+
+  /** Make the staged packs durable (the store's commit), then index them. */
+  async commitPacks(packs: readonly WrittenPack[]): Promise<void> {
+    await this.store.commit();
+    if (packs.length > 0) await this.writeIndex(packs);
+  }
+
+  /** The stored bytes of a piece: ENOENT if it is not stored; ECORRUPT, before reading, if larger than a piece can be. */
+  async readStoredPiece(id: string, location?: PieceLocation): Promise<Buffer> {
+    const at = location ?? (await this.pieceIndex()).get(id);
+    if (!at) throw new BdsnapError('ENOENT', `piece ${id} is missing from ${this.store.location}`);
+    if (at.lengthBytes === null) return this.store.get(at.object, { maxBytes: this.maxStoredPieceBytes });
+    if (at.lengthBytes > this.maxStoredPieceBytes) throw new BdsnapError('ECORRUPT', `the index gives piece ${id} more bytes than a piece can take`);
+    return this.store.get(at.object, { offsetBytes: at.offsetBytes, lengthBytes: at.lengthBytes });
+  }
+
+  /** A piece's raw bytes, read, opened and checked on this thread (for small jobs: copy, repack). */
+  async readPiece(id: string, location?: PieceLocation): Promise<Buffer> {
+    return decodeStored(this.pieceCrypto, await this.readStoredPiece(id, location), id, this.pieceSizeBytes);
+  }
+
+  /** Ids of the stored pieces, with their stored sizes. */
   async storedPieces(): Promise<Map<string, number>> {
     const out = new Map<string, number>();
-    for (const o of await this.store.list(PIECES_PREFIX)) {
-      const hash = pieceHashOf(o.name);
-      if (hash !== undefined) out.set(hash, o.sizeBytes);
+    if (this.legacy) {
+      for (const o of await this.store.list(PIECES_PREFIX)) {
+        const hash = pieceHashOf(o.name);
+        if (hash !== undefined) out.set(hash, o.sizeBytes);
+      }
+      return out;
     }
+    for (const [id, at] of await this.pieceIndex()) out.set(id, at.lengthBytes ?? 0);
     return out;
   }
 
-  /** Hashes of the pieces in the store, without their sizes (cheaper than storedPieces). */
+  /** Ids of the stored pieces. */
   async storedPieceNames(): Promise<Set<string>> {
-    const out = new Set<string>();
-    for (const name of await this.store.names(PIECES_PREFIX)) {
-      const hash = pieceHashOf(name);
-      if (hash !== undefined) out.add(hash);
+    return new Set((await this.pieceIndex()).keys());
+  }
+
+  /**
+   * Make pieces unknown (damaged ones, found by verify), so that the next backup that meets
+   * their content stores it again: a v1 piece object is deleted; in packs, each index object
+   * that lists one is replaced by one without it (the new one written before the old is
+   * deleted). Runs under a `create` lock, so prune does not rewrite the index meanwhile.
+   */
+  async dropPieces(ids: ReadonlySet<string>): Promise<void> {
+    if (ids.size === 0) return;
+    if (this.legacy) {
+      for (const id of ids) await this.store.delete(pieceObject(id));
+      this.#index = undefined;
+      return;
     }
-    return out;
+    const lock = await RepoLock.acquire(this.store, 'create');
+    try {
+      for (const f of await this.#indexFiles()) {
+        if (!f.packs.some((p) => p.pieces.some((e) => ids.has(e.id)))) continue;
+        const kept = f.packs.map((p) => ({ object: p.object, pieces: p.pieces.filter((e) => !ids.has(e.id)) })).filter((p) => p.pieces.length > 0);
+        await this.writeIndex(kept);
+        await this.store.delete(f.name);
+      }
+    } finally {
+      this.#index = undefined;
+      await lock.release();
+    }
   }
 
   /** Remove the manifests of `ids` (all must exist; checked first). Their pieces stay until prune. */
@@ -202,9 +462,14 @@ export class Repository {
   }
 
   /**
-   * Delete every piece no manifest names, dead and stale locks, and what interrupted puts left.
-   * Refuses (EBUSY) while a create runs, and (ECORRUPT) while a manifest cannot be read:
-   * its pieces cannot be told apart from garbage.
+   * Delete what no manifest names: packs no backup uses, and (see REPACK_BELOW_USED) packs
+   * mostly unused, whose used pieces are first copied, checked, into new packs; dead and stale
+   * locks; what interrupted puts left. Refuses (EBUSY) while a create runs, and (ECORRUPT)
+   * while a manifest cannot be read: its pieces cannot be told apart from garbage.
+   *
+   * Order: new packs, durable; a new index of everything kept; then the old index objects go,
+   * and only then the old packs. A crash anywhere leaves every backup whole (at worst with
+   * two index entries for a piece, both valid, or packs no index names, deleted next time).
    */
   async prune(): Promise<PruneSummary> {
     const lock = await RepoLock.acquire(this.store, 'prune');
@@ -226,28 +491,134 @@ export class Repository {
       }
       const referenced = new Set<string>();
       for (const r of records) for (const d of r.manifest!.devices) for (const s of d.pieces) if (typeof s === 'string') referenced.add(s);
-      let deletedPieces = 0;
-      let deletedBytes = 0;
-      const unused = [...(await this.storedPieces())].filter(([hash]) => !referenced.has(hash));
-      // A prune that stalled past STALE_MS may have had its lock ignored by a create that now
-      // counts on these pieces: it stops rather than delete them (lock.ts).
-      const consequence = 'a backup may have started counting on pieces it would delete; stopped; run prune again';
-      await lock.assertHeld('this prune', consequence);
-      await runLimited(unused, 16, async ([hash, size]) => {
-        lock.assertFresh('this prune', consequence);
-        await this.store.delete(pieceObject(hash));
-        deletedPieces++;
-        deletedBytes += size;
-      });
+      const summary = this.legacy ? await this.#pruneLegacy(referenced, lock) : await this.#prunePacks(referenced, lock);
       const deletedIncomplete = await this.store.removeIncomplete(startedMs);
-      return { backups: records.length, referencedPieces: referenced.size, deletedPieces, deletedBytes, deletedLocks, deletedIncomplete };
+      return { backups: records.length, referencedPieces: referenced.size, ...summary, deletedLocks, deletedIncomplete };
     } finally {
+      this.#index = undefined;
       await lock.release();
     }
+  }
+
+  async #pruneLegacy(referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'repackedPacks' | 'repackedPieces'>> {
+    let deletedPieces = 0;
+    let deletedBytes = 0;
+    const unused = [...(await this.storedPieces())].filter(([hash]) => !referenced.has(hash));
+    await lock.assertHeld('this prune', PRUNE_STALLED);
+    await runLimited(unused, 16, async ([hash, size]) => {
+      lock.assertFresh('this prune', PRUNE_STALLED);
+      await this.store.delete(pieceObject(hash));
+      deletedPieces++;
+      deletedBytes += size;
+    });
+    return { deletedPieces, deletedBytes, deletedPacks: 0, repackedPacks: 0, repackedPieces: 0 };
+  }
+
+  async #prunePacks(referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'repackedPacks' | 'repackedPieces'>> {
+    const files = await this.#indexFiles();
+    const packSizes = new Map<string, number>();
+    for (const o of await this.store.list(PACKS_PREFIX)) if (isPackObject(o.name)) packSizes.set(o.name, o.sizeBytes);
+    // The entry each used piece keeps (the first, as readers take it), grouped by pack.
+    const live = new Map<string, PieceLocation & { id: string }>();
+    let indexed = 0;
+    for (const f of files) {
+      for (const p of f.packs) {
+        for (const e of p.pieces) {
+          indexed++;
+          if (referenced.has(e.id) && !live.has(e.id) && packSizes.has(p.object)) live.set(e.id, { id: e.id, object: p.object, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes });
+        }
+      }
+    }
+    const usedBytes = new Map<string, number>();
+    const byPack = new Map<string, Array<PieceLocation & { id: string }>>();
+    for (const e of live.values()) {
+      usedBytes.set(e.object, (usedBytes.get(e.object) ?? 0) + e.lengthBytes!);
+      const list = byPack.get(e.object) ?? [];
+      list.push(e);
+      byPack.set(e.object, list);
+    }
+    const kept: WrittenPack[] = [];
+    const gone: string[] = [];
+    const writer = this.packWriter();
+    let repackedPacks = 0;
+    let repackedPieces = 0;
+    for (const [object, sizeBytes] of packSizes) {
+      const used = usedBytes.get(object) ?? 0;
+      const pieces = (byPack.get(object) ?? []).map((e) => ({ id: e.id, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes! }));
+      if (used > 0 && used >= sizeBytes * REPACK_BELOW_USED) {
+        kept.push({ object, pieces });
+        continue;
+      }
+      gone.push(object);
+      if (used === 0) continue;
+      repackedPacks++;
+      for (const e of pieces.sort((a, b) => a.offsetBytes - b.offsetBytes)) {
+        const stored = await this.readStoredPiece(e.id, { object, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes });
+        try {
+          decodeStored(this.pieceCrypto, stored, e.id, this.pieceSizeBytes);
+        } catch (err) {
+          throw new BdsnapError('ECORRUPT', `cannot prune: ${(err as Error).message}; run 'bdsnap backup verify --repo ${this.store.location}' first`, { cause: err });
+        }
+        // A sealed piece is bound to its id, not to its place: its bytes move as they are.
+        await writer.add(e.id, [stored]);
+        repackedPieces++;
+      }
+    }
+    const written = await writer.finish();
+    await this.store.commit();
+    await this.writeIndex([...kept, ...written]);
+    await lock.assertHeld('this prune', PRUNE_STALLED);
+    for (const f of files) await this.store.delete(f.name);
+    let deletedBytes = 0;
+    await runLimited(gone, 16, async (object) => {
+      lock.assertFresh('this prune', PRUNE_STALLED);
+      await this.store.delete(object);
+      deletedBytes += packSizes.get(object) ?? 0;
+    });
+    for (const p of written) for (const e of p.pieces) deletedBytes -= e.lengthBytes;
+    return { deletedPieces: indexed - live.size, deletedBytes: Math.max(0, deletedBytes), deletedPacks: gone.length, repackedPacks, repackedPieces };
+  }
+
+  /** The key objects of an encrypted repository. */
+  async keys(): Promise<KeyInfo[]> {
+    const out: KeyInfo[] = [];
+    for (const name of (await this.store.names(KEYS_PREFIX)).sort()) {
+      const id = keyIdOf(name);
+      if (id === undefined) continue;
+      const key = await Repository.#readKey(this.store, name).catch(() => undefined);
+      out.push({ id, createdAt: key?.createdAt ?? '(damaged)', host: key?.host ?? '', current: id === this.keyId });
+    }
+    return out;
+  }
+
+  /** Add a key object for `password`; returns its id. */
+  async addKey(password: string, scrypt?: ScryptParams): Promise<string> {
+    if (!this.#key) throw new BdsnapError('EINVAL', `${this.store.location} is not encrypted: it has no keys`);
+    if (password === '') throw new BdsnapError('EINVAL', 'the new password is empty');
+    const id = randomObjectName();
+    await this.store.put(keyObject(id), Buffer.from(`${JSON.stringify(await wrapMasterKey(this.#key, password, os.hostname(), scrypt), null, 2)}\n`));
+    return id;
+  }
+
+  /**
+   * Remove a key object (a unique prefix of its id will do). Refused for the key this
+   * repository was opened with (open it with another password to remove that one), and so
+   * for the last key, which would lock everyone out for good.
+   */
+  async removeKey(idOrPrefix: string): Promise<string> {
+    const keys = await this.keys();
+    const matches = keys.filter((k) => k.id.startsWith(idOrPrefix));
+    if (idOrPrefix.length < 4 || matches.length !== 1) {
+      throw new BdsnapError('ENOENT', `${matches.length > 1 ? 'more than one key' : 'no key'} of ${this.store.location} matches "${idOrPrefix}" (give at least 4 characters of an id from 'bdsnap backup key list')`);
+    }
+    const key = matches[0]!;
+    if (key.current) throw new BdsnapError('EBUSY', `key ${key.id.slice(0, 8)} is the one this password opens; to remove it, open the repository with another key's password`);
+    await this.store.delete(keyObject(key.id));
+    return key.id;
   }
 }
 
 /** Open the repository in a local directory. */
-export function openLocalRepository(dir: string): Promise<Repository> {
-  return Repository.open(new LocalDirStore(dir));
+export function openLocalRepository(dir: string, options: OpenOptions = {}): Promise<Repository> {
+  return Repository.open(new LocalDirStore(dir), options);
 }

@@ -178,8 +178,10 @@ export class BdsnapClient {
    * Serve `device` of backup `backup` at once (on the device itself, or a new `output` file) and
    * copy the rest behind; returns once it is served.
    */
-  instantRestore(repo: string, backup: string, device: string, output?: string): Promise<InstantRestoreInfo> {
-    return this.request('instant-restore', { repo, backup, device: path.resolve(device), ...(output !== undefined ? { output: path.resolve(output) } : {}) });
+  instantRestore(repo: string, backup: string, device: string, output?: string, password?: string): Promise<InstantRestoreInfo> {
+    return this.request('instant-restore', {
+      repo, backup, device: path.resolve(device), ...(output !== undefined ? { output: path.resolve(output) } : {}), ...(password !== undefined ? { password } : {}),
+    });
   }
 
   /** Events newer than `after` (a seq); waits up to `waitMs` for one when there is none yet. */

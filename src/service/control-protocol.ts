@@ -84,6 +84,8 @@ export const requestSchema = z.discriminatedUnion('op', [
     backup: z.string().regex(/^[0-9A-Za-z.-]{1,64}$/, 'a backup id is letters, digits, dots and dashes'),
     device: devicePath,
     output: devicePath.optional(),
+    /** The repository's password (an encrypted repository), kept by the daemon until the restore ends. */
+    password: password.optional(),
   }).strict(),
   z.object({
     ...envelope,

@@ -48,7 +48,7 @@ import { MOUNTS_FILE, MountManager, describeLeftMounts } from './mount-manager.j
 import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
 import { AsOfExports } from './as-of-exports.js';
 import { InstantRestores, type SourceOpener } from './instant-restore.js';
-import { LocalDirStore, Repository, openBackupDevices } from '../repository/index.js';
+import { Repository, openBackupDevices, openRepoStore } from '../repository/index.js';
 import { SnapshotManager } from './snapshots.js';
 import { ReplicaManager } from './replicas.js';
 import { ReplicaStandby } from './replica-standby.js';
@@ -271,7 +271,10 @@ export class Daemon {
         return this.#cbt(request.device, (devicePath, sizeBytes, tracking) => tracking.reset(devicePath, sizeBytes));
       case 'instant-restore':
         return this.#instant.start(
-          { repo: request.repo, backup: request.backup, device: request.device, target: request.output ?? request.device, output: request.output !== undefined },
+          {
+            repo: request.repo, backup: request.backup, device: request.device, target: request.output ?? request.device, output: request.output !== undefined,
+            ...(request.password !== undefined ? { password: request.password } : {}),
+          },
           async (target) => {
             const canonical = await canonicalDevicePath(target);
             if (this.#table.isAttached(canonical) || this.#asOf.names().some((n) => n.startsWith(`${canonical}@`))) {
@@ -526,8 +529,13 @@ function disableCoreDumps(log: Logger): void {
 }
 
 /** The source of an instant restore: one device of a backup in a repository. */
-const openBackupSource: SourceOpener = async (repoSpec, backup, device) => {
-  const repo = await Repository.open(new LocalDirStore(repoSpec));
+const openBackupSource: SourceOpener = async (repoSpec, backup, device, password) => {
+  const repo = await Repository.open(await openRepoStore(repoSpec), {
+    password: () => {
+      if (password === undefined) throw new BdsnapError('EAUTH', `${repoSpec} is encrypted and no password was given`);
+      return password;
+    },
+  });
   const opened = await openBackupDevices(repo, backup);
   const found = opened.devices.find((d) => d.name === device);
   if (!found) {

@@ -43,6 +43,8 @@ import type { InstantRestoreInfo } from './control-protocol.js';
 
 const RESTORES_DIR = 'restores';
 const STATE_FILE = 'state.json';
+/** The repository password, for a resume after a restart; removed with the restore's directory. */
+const PASSWORD_FILE = 'password';
 const MAP_FILE = 'done.map';
 /** Slots filled by the background copy at once. */
 const COPIES_IN_FLIGHT = 8;
@@ -68,7 +70,7 @@ const stateSchema = z.object({
 export type RestoreState = z.infer<typeof stateSchema>;
 
 /** Opens the source of a restore: one device of a backup. */
-export type SourceOpener = (repo: string, backup: string, device: string) => Promise<{ source: BackupDevice; slots: ReadonlyArray<string | null>; pieceBytes: number; close(): Promise<void> }>;
+export type SourceOpener = (repo: string, backup: string, device: string, password: string | undefined) => Promise<{ source: BackupDevice; slots: ReadonlyArray<string | null>; pieceBytes: number; close(): Promise<void> }>;
 
 /** The done bits, in memory and on disk. */
 class DoneMap {
@@ -317,6 +319,8 @@ export interface StartRequest {
   /** Where to restore: the device itself, or a new file. */
   target: string;
   output: boolean;
+  /** The repository's password, if it is encrypted. */
+  password?: string;
 }
 
 function restoreDirName(target: string): string {
@@ -384,7 +388,7 @@ export class InstantRestores {
   async start(req: StartRequest, checkTarget: (target: string) => Promise<void>): Promise<InstantRestoreInfo> {
     const target = path.resolve(req.target);
     if (this.#running.has(target)) throw new BdsnapError('EBUSY', `${target} is already being restored`);
-    const opened = await this.#options.openSource(req.repo, req.backup, req.device);
+    const opened = await this.#options.openSource(req.repo, req.backup, req.device, req.password);
     let file: FileDevice | undefined;
     let created = false;
     try {
@@ -418,6 +422,7 @@ export class InstantRestores {
       // A new file is all holes: its zero slots are done already.
       if (created) opened.slots.forEach((h, i) => h === null && map.set(i));
       await map.persist(async () => undefined);
+      if (req.password !== undefined) await writeFileAtomic(path.join(dir, PASSWORD_FILE), req.password, 0o600);
       await writeFileAtomic(path.join(dir, STATE_FILE), `${JSON.stringify(state)}\n`);
       const r = this.#begin(state, dir, file, map, opened);
       this.#options.events.emit('restore-started', { device: target, details: { backup: req.backup, repo: req.repo, sizeBytes } });
@@ -519,7 +524,8 @@ export class InstantRestores {
       const dir = path.join(this.#root, name);
       try {
         const state = stateSchema.parse(JSON.parse(await fs.promises.readFile(path.join(dir, STATE_FILE), 'utf8')));
-        const opened = await this.#options.openSource(state.repo, state.backup, state.device);
+        const password = await fs.promises.readFile(path.join(dir, PASSWORD_FILE), 'utf8').catch(() => undefined);
+        const opened = await this.#options.openSource(state.repo, state.backup, state.device, password);
         let file: FileDevice | undefined;
         let map: DoneMap | undefined;
         try {

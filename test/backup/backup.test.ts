@@ -9,13 +9,13 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { LocalDirStore, Repository, backupDevices, restoreBackup, verifyRepository } from '../../src/backup/index.js';
+import { LocalDirStore, backupDevices, type Repository, restoreBackup, verifyRepository } from '../../src/backup/index.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { mountDevice } from '../helpers/kernel.js';
 import { requireRoot, requireTool, run } from '../helpers/process.js';
 import { startServer } from '../helpers/server.js';
 import { CODEC_BROTLI, CODEC_ZSTD, pieceCodec } from '../../src/repository/codec.js';
-import { CountingStore, ServeSnapshotProvider, dirBytes } from './helpers.js';
+import { CountingStore, ServeSnapshotProvider, dirBytes, initRepo } from './helpers.js';
 
 const MiB = 1024 * 1024;
 
@@ -24,7 +24,7 @@ async function setup(t: { after(fn: () => unknown): void }, sizeBytes: number, p
   const image = path.join(dir, 'disk.img');
   makeImage(image, sizeBytes, 'mixed', 7);
   const store = new CountingStore(new LocalDirStore(path.join(dir, 'repo')));
-  const repo = await Repository.init(store, { pieceSizeBytes });
+  const repo = await initRepo(store, { pieceSizeBytes });
   const provider = new ServeSnapshotProvider(dir);
   return { dir, image, store, repo, provider };
 }
@@ -43,7 +43,6 @@ test('full, then incrementals: each restores to the image of its point, and read
   provider.write(image, 3 * 256 * 1024 + 8192, randomBytes(8192));
   provider.write(image, 70 * 256 * 1024, randomBytes(4096));
   provider.write(image, 32 * MiB - 4096, randomBytes(4096));
-  const putsBefore = store.piecePuts();
   provider.readBytes.clear();
   const inc1 = await backupDevices(repo, provider, [image]);
   const inc1Hash = await sha256File(image);
@@ -51,7 +50,8 @@ test('full, then incrementals: each restores to the image of its point, and read
   assert.equal(inc1.devices[0]!.base, full.id);
   assert.match(inc1.devices[0]!.why, /changed blocks since/);
   assert.equal(provider.readBytes.get(image), 3 * 256 * 1024, 'read only the three touched pieces');
-  assert.equal(store.piecePuts() - putsBefore, 3, 'stored only the three changed pieces');
+  assert.equal(inc1.newPieces, 3, 'stored only the three changed pieces');
+  assert.equal((await repo.storedPieceNames()).size, full.newPieces + 3);
 
   // A zeroed range and a second round of changes.
   provider.write(image, 10 * MiB, Buffer.alloc(MiB));
@@ -71,6 +71,7 @@ test('full, then incrementals: each restores to the image of its point, and read
   const again = await backupDevices(repo, provider, [image], { full: true });
   assert.equal(again.devices[0]!.why, '--full');
   assert.equal(store.piecePuts() - putsBeforeFull, 0);
+  assert.equal(again.newPieces, 0);
   const v = await verifyRepository(repo);
   assert.equal(v.ok, true);
   assert.equal(v.backups.length, 4);
@@ -111,7 +112,8 @@ test('two devices in one backup, restored separately; the pure codec path reads 
   makeImage(a, 8 * MiB, 'mixed', 1);
   makeImage(b, 4 * MiB + 4096, 'blocks');
   const repoDir = path.join(dir, 'repo');
-  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 1 << 20 });
+  // Unencrypted, so that the codec of each stored piece shows.
+  const repo = await initRepo(new LocalDirStore(repoDir), { pieceSizeBytes: 1 << 20, encryption: false });
   const provider = new ServeSnapshotProvider(dir);
   const s = await backupDevices(repo, provider, [a, b]);
   assert.equal(s.devices.length, 2);
@@ -121,7 +123,7 @@ test('two devices in one backup, restored separately; the pure codec path reads 
     assert.equal(await sha256File(out), await sha256File(dev));
   }
   // A restore in a process without libzstd or the native LZ4 package decodes the same pieces.
-  assert.ok(piecesByCodec(repoDir).get(CODEC_ZSTD)! > 0, 'the repository holds zstd pieces');
+  assert.ok((await piecesByCodec(repo)).get(CODEC_ZSTD)! > 0, 'the repository holds zstd pieces');
   const out = path.join(dir, 'pure.out');
   const cli = path.join(import.meta.dirname, '../../src/cli/main.js');
   const pureEnv = { ...process.env, BDSNAP_NO_NATIVE_LZ4: '1', BDSNAP_NO_NATIVE_ZSTD: '1' };
@@ -145,7 +147,7 @@ test('ext4: full, changes, incremental; each restore passes e2fsck -n and matche
   const data = path.join(dir, 'data.bin');
   fs.writeFileSync(data, randomBytes(3 * MiB));
   await run('debugfs', ['-w', '-R', `write ${data} first.bin`, image]);
-  const repo = await Repository.init(new LocalDirStore(path.join(dir, 'repo')));
+  const repo = await initRepo(new LocalDirStore(path.join(dir, 'repo')));
   const provider = new ServeSnapshotProvider(dir);
   const full = await backupDevices(repo, provider, [image]);
   const fullHash = await sha256File(image);
@@ -180,7 +182,7 @@ test('restore in place: an image file is put back; one in use by a server, or a 
   const image = path.join(dir, 'fs.img');
   makeImage(image, 16 * MiB, 'zero');
   await run('mkfs.ext4', ['-q', '-F', image]);
-  const repo = await Repository.init(new LocalDirStore(path.join(dir, 'repo')));
+  const repo = await initRepo(new LocalDirStore(path.join(dir, 'repo')));
   const s = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
   const want = await sha256File(image);
   fs.writeFileSync(image, randomBytes(MiB), { flag: 'r+' });
@@ -208,15 +210,12 @@ test('restore in place: an image file is put back; one in use by a server, or a 
   await run('e2fsck', ['-n', '-f', loop]);
 });
 
-/** How many piece files of a local repository use each codec. */
-function piecesByCodec(repoDir: string): Map<number | undefined, number> {
+/** How many pieces of an unencrypted repository use each codec. */
+async function piecesByCodec(repo: Repository): Promise<Map<number | undefined, number>> {
   const counts = new Map<number | undefined, number>();
-  const piecesDir = path.join(repoDir, 'pieces');
-  for (const sub of fs.readdirSync(piecesDir)) {
-    for (const name of fs.readdirSync(path.join(piecesDir, sub))) {
-      const codec = pieceCodec(fs.readFileSync(path.join(piecesDir, sub, name)));
-      counts.set(codec, (counts.get(codec) ?? 0) + 1);
-    }
+  for (const [id, at] of await repo.pieceIndex()) {
+    const codec = pieceCodec(await repo.readStoredPiece(id, at));
+    counts.set(codec, (counts.get(codec) ?? 0) + 1);
   }
   return counts;
 }

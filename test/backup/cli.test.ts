@@ -2,14 +2,15 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import path from 'node:path';
-import { LocalDirStore, Repository, backupDevices } from '../../src/backup/index.js';
-import { pieceObject } from '../../src/repository/format.js';
+import { LocalDirStore, backupDevices } from '../../src/backup/index.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { run, type RunResult } from '../helpers/process.js';
 import { BDSNAP_MAIN } from '../helpers/server.js';
-import { ServeSnapshotProvider } from './helpers.js';
+import { ServeSnapshotProvider, TEST_PASSWORD, flipByteAt, openRepo, pieceBytes } from './helpers.js';
+
+// The children find the repository password where a user would put it.
+process.env.BDSNAP_REPO_PASSWORD = TEST_PASSWORD;
 
 const MiB = 1024 * 1024;
 
@@ -42,7 +43,7 @@ test('backup CLI: init, list, verify, restore, forget, prune; clear failures', a
   assertFails(await bdsnap('create', image, '--repo', repoDir, '--run-dir', path.join(dir, 'no-daemon')), /backup create takes snapshots through the daemon: the bdsnap daemon is not running/);
 
   // Backups made through the library (the daemon's snapshots are not there yet).
-  const repo = await Repository.open(new LocalDirStore(repoDir));
+  const repo = await openRepo(new LocalDirStore(repoDir));
   const provider = new ServeSnapshotProvider(dir);
   const first = await backupDevices(repo, provider, [image]);
   provider.write(image, 4096, Buffer.alloc(4096, 1));
@@ -74,7 +75,8 @@ test('backup CLI: init, list, verify, restore, forget, prune; clear failures', a
   const m2 = await repo.manifest(second.id);
   const inSecond = new Set(m2.devices[0]!.pieces);
   const victim = m1.devices[0]!.pieces.find((p): p is string => typeof p === 'string' && !inSecond.has(p))!;
-  fs.appendFileSync(path.join(repoDir, pieceObject(victim)), 'x');
+  const at = await pieceBytes(repo, repoDir, victim);
+  flipByteAt(at.file, at.offsetBytes + Math.floor(at.lengthBytes / 2));
   r = await bdsnap('verify', '--repo', repoDir);
   assertFails(r, new RegExp(`^bdsnap: 1 damaged backup: ${first.id}$`, 'm'));
   assert.match(r.stdout, new RegExp(`${first.id}: DAMAGED \\(1 damaged piece\\)`));
@@ -93,7 +95,7 @@ test('backup CLI: init, list, verify, restore, forget, prune; clear failures', a
   // The damaged piece was removed by verify already; prune deletes the rest only the first had.
   const onlyFirst = new Set(m1.devices[0]!.pieces.filter((p): p is string => typeof p === 'string' && !inSecond.has(p) && p !== victim));
   assert.equal(pruned.deletedPieces, onlyFirst.size);
-  assert.equal(fs.existsSync(path.join(repoDir, pieceObject(victim))), false);
+  assert.equal((await (await openRepo(new LocalDirStore(repoDir))).storedPieceNames()).has(victim), false);
   r = await bdsnap('verify', '--repo', repoDir);
   assert.equal(r.exitCode, 0, r.stderr);
 });

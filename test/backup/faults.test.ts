@@ -13,11 +13,10 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LocalDirStore, Repository, backupDevices, createBackup, restoreBackup, verifyRepository } from '../../src/backup/index.js';
 import { RepoLock, listLocks } from '../../src/repository/lock.js';
-import { pieceObject } from '../../src/repository/format.js';
 import { BdsnapError } from '../../src/errors.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { requireRoot, run } from '../helpers/process.js';
-import { ServeSnapshotProvider } from './helpers.js';
+import { ServeSnapshotProvider, flipByteAt, initRepo, pieceBytes } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const CHILD = fileURLToPath(new URL('./fixtures/create-child.js', import.meta.url));
@@ -35,7 +34,7 @@ test('SIGKILL of a create in the middle: the repository stays valid, the backup 
   const image = path.join(dir, 'big.img');
   makeImage(image, 64 * MiB, 'random', 99);
   const repoDir = path.join(dir, 'repo');
-  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 256 * 1024 });
+  const repo = await initRepo(new LocalDirStore(repoDir), { pieceSizeBytes: 256 * 1024 });
   const earlier = await backupDevices(repo, new ServeSnapshotProvider(dir), [small]);
 
   const child = spawn(process.execPath, [CHILD, repoDir, dir, image, '3'], { env: { ...process.env, BDSNAP_BACKUP_CHILD: '1' }, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -44,8 +43,8 @@ test('SIGKILL of a create in the middle: the repository stays valid, the backup 
   child.stdout.on('data', (d: Buffer) => (out += d.toString()));
   child.stderr.on('data', (d: Buffer) => (err += d.toString()));
   const exited = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_c, signal) => resolve(signal)));
-  // Kill at a random point between 10% and 70% of the reading.
-  const killAt = Math.floor((0.1 + Math.random() * 0.6) * 64 * MiB);
+  // Kill at a random point between 40% and 90% of the reading: past the first 16 MiB pack.
+  const killAt = Math.floor((0.4 + Math.random() * 0.5) * 64 * MiB);
   let serverPids: number[] = [];
   try {
     const deadline = Date.now() + 60_000;
@@ -72,22 +71,25 @@ test('SIGKILL of a create in the middle: the repository stays valid, the backup 
 
   assert.deepEqual(await repo.backupIds(), [earlier.id], 'the killed backup is absent');
   assert.equal((await verifyRepository(repo)).ok, true);
-  // What the killed create wrote is either committed pieces no manifest names, or staged
-  // temp files never renamed into place.
+  // What the killed create wrote is either committed packs no index names, indexed pieces no
+  // manifest names, or staged temp files never renamed into place.
   const before = await referencedAndStored(repo);
   const unnamed = before.stored.size - before.referenced.size;
   const temps = tempFiles(repoDir).length;
-  assert.ok(unnamed + temps > 0, 'the killed create left pieces or temp files behind');
+  const unindexed = await unindexedPacks(repo, repoDir);
+  assert.ok(unnamed + unindexed.length + temps > 0, 'the killed create left pieces or temp files behind');
   const locks = await listLocks(repo.store);
   assert.deepEqual(locks.map((l) => l.state), ['dead'], 'its lock is left, and known dead');
 
   const pruned = await repo.prune();
   assert.equal(pruned.deletedPieces, unnamed);
+  assert.equal(pruned.deletedPacks, unindexed.length);
   assert.equal(pruned.deletedIncomplete, temps);
   assert.equal(pruned.deletedLocks, 1);
   const after = await referencedAndStored(repo);
   assert.deepEqual([...after.stored].sort(), [...after.referenced].sort());
   assert.deepEqual(tempFiles(repoDir), []);
+  assert.deepEqual(await unindexedPacks(repo, repoDir), []);
   const out1 = path.join(dir, 'small.out');
   await restoreBackup(repo, earlier.id, small, { output: out1 });
   assert.equal(await sha256File(out1), await sha256File(small));
@@ -95,6 +97,17 @@ test('SIGKILL of a create in the middle: the repository stays valid, the backup 
   const again = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
   assert.equal((await verifyRepository(repo, { id: again.id })).ok, true);
 });
+
+/** Pack files no index names (what a create killed before its index leaves). */
+async function unindexedPacks(repo: Repository, repoDir: string): Promise<string[]> {
+  const indexed = new Set([...(await repo.pieceIndex()).values()].map((at) => at.object));
+  const packs = path.join(repoDir, 'packs');
+  if (!fs.existsSync(packs)) return [];
+  return fs.readdirSync(packs, { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile() && !e.name.startsWith('.'))
+    .map((e) => path.relative(repoDir, path.join(e.parentPath, e.name)))
+    .filter((name) => !indexed.has(name));
+}
 
 /** Temp files of puts and staged objects, anywhere in the repository. */
 function tempFiles(repoDir: string): string[] {
@@ -115,7 +128,7 @@ test('a full repository disk: a clear ENOSPC, the repository stays valid, prune 
     await run('umount', [mnt]);
     fs.rmdirSync(mnt);
   });
-  const repo = await Repository.init(store, { pieceSizeBytes: 256 * 1024 });
+  const repo = await initRepo(store, { pieceSizeBytes: 256 * 1024 });
   const small = path.join(dir, 'small.img');
   makeImage(small, 2 * MiB, 'blocks');
   const provider = new ServeSnapshotProvider(dir);
@@ -149,7 +162,7 @@ test('a flipped byte, a missing piece, a deleted or garbled manifest: verify nam
   const image = path.join(dir, 'disk.img');
   makeImage(image, 8 * MiB, 'mixed', 7);
   const repoDir = path.join(dir, 'repo');
-  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 256 * 1024 });
+  const repo = await initRepo(new LocalDirStore(repoDir), { pieceSizeBytes: 256 * 1024 });
   const provider = new ServeSnapshotProvider(dir);
   const a = await backupDevices(repo, provider, [image]);
   provider.write(image, 0, Buffer.alloc(4096, 0x5a));
@@ -160,12 +173,14 @@ test('a flipped byte, a missing piece, a deleted or garbled manifest: verify nam
   const shared = piecesA[5]!;
   assert.ok(onlyB !== undefined && piecesB.includes(shared));
 
-  // Flip one byte in the middle of the shared piece; delete the piece only b has.
-  const sharedFile = path.join(repoDir, pieceObject(shared));
+  // Flip one byte in the middle of the shared piece; delete the piece only b has (b's pack holds nothing else).
+  const sharedAt = await pieceBytes(repo, repoDir, shared);
+  const sharedFile = sharedAt.file;
+  flipByteAt(sharedFile, sharedAt.offsetBytes + Math.floor(sharedAt.lengthBytes / 2));
   const bytes = fs.readFileSync(sharedFile);
-  bytes[Math.floor(bytes.length / 2)]! ^= 0x01;
-  fs.writeFileSync(sharedFile, bytes);
-  fs.rmSync(path.join(repoDir, pieceObject(onlyB)));
+  const onlyBAt = await pieceBytes(repo, repoDir, onlyB);
+  assert.equal(fs.statSync(onlyBAt.file).size, onlyBAt.lengthBytes);
+  fs.rmSync(onlyBAt.file);
 
   const v = await verifyRepository(repo);
   assert.equal(v.ok, false);
@@ -178,7 +193,7 @@ test('a flipped byte, a missing piece, a deleted or garbled manifest: verify nam
 
   // verify removed the damaged piece: nothing can use it, and listed it would be taken as stored.
   assert.match(bad.get(shared)!.detail, /removed, so the next backup stores it again/);
-  assert.equal(fs.existsSync(sharedFile), false);
+  assert.equal((await repo.storedPieceNames()).has(shared), false);
   const outB = path.join(dir, 'b.out');
   await assert.rejects(restoreBackup(repo, b.id, image, { output: outB }), /backup .* is damaged: 2 of its pieces are missing .*nothing was written/);
   assert.equal(fs.existsSync(outB), false, 'nothing was written');
@@ -209,7 +224,7 @@ test('prune and create exclude each other; concurrent lock takers never both win
   const dir = makeTempDir(t, 'bdsnap-backup-race-');
   const image = path.join(dir, 'disk.img');
   makeImage(image, 16 * MiB, 'random', 3);
-  const repo = await Repository.init(new LocalDirStore(path.join(dir, 'repo')), { pieceSizeBytes: 256 * 1024 });
+  const repo = await initRepo(new LocalDirStore(path.join(dir, 'repo')), { pieceSizeBytes: 256 * 1024 });
   // An orphan piece (as a killed create leaves), which a running create will reuse.
   const seed = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
   await repo.forget([seed.id]);
@@ -241,7 +256,7 @@ test('an incremental whose base backup is forgotten meanwhile becomes a full bac
   const dir = makeTempDir(t, 'bdsnap-backup-base-');
   const image = path.join(dir, 'disk.img');
   makeImage(image, 4 * MiB, 'random', 9);
-  const repo = await Repository.init(new LocalDirStore(path.join(dir, 'repo')), { pieceSizeBytes: 256 * 1024 });
+  const repo = await initRepo(new LocalDirStore(path.join(dir, 'repo')), { pieceSizeBytes: 256 * 1024 });
   const base = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
   // The agent chose `base` for the changed ranges; then a forget removed it before the plan read it.
   await repo.forget([base.id]);

@@ -9,7 +9,7 @@ import path from 'node:path';
 import type { BlockDevice } from '../../src/device/block-device.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { GetOptions, ObjectInfo, ObjectStore } from '../../src/repository/object-store.js';
-import type { ByteRange, Snapshot, SnapshotProvider } from '../../src/backup/index.js';
+import { Repository, type ByteRange, type InitOptions, type Snapshot, type SnapshotProvider } from '../../src/backup/index.js';
 import { startServer, type NbdServer } from '../helpers/server.js';
 
 export interface ServeProviderOptions {
@@ -150,8 +150,9 @@ export class CountingStore implements ObjectStore {
   removeIncomplete(olderThanMs: number): Promise<number> {
     return this.#inner.removeIncomplete(olderThanMs);
   }
+  /** Objects written that hold pieces (packs, or v1 piece objects). */
   piecePuts(): number {
-    return this.puts.filter((n) => n.startsWith('pieces/')).length;
+    return this.puts.filter((n) => n.startsWith('pieces/') || n.startsWith('packs/')).length;
   }
 }
 
@@ -162,4 +163,38 @@ export function dirBytes(dir: string): number {
     if (e.isFile()) total += fs.statSync(path.join(e.parentPath, e.name)).size;
   }
   return total;
+}
+
+/** The password of the test repositories, and cheap scrypt parameters for the library's keys (the CLI uses the defaults). */
+export const TEST_PASSWORD = 'correct horse battery staple';
+export const TEST_SCRYPT = { N: 1024, r: 8, p: 1 };
+
+/** A new encrypted repository (the default) with the test password. */
+export function initRepo(store: ObjectStore, options: InitOptions = {}): Promise<Repository> {
+  return Repository.init(store, { password: TEST_PASSWORD, scrypt: TEST_SCRYPT, ...options });
+}
+
+export function openRepo(store: ObjectStore): Promise<Repository> {
+  return Repository.open(store, { password: () => TEST_PASSWORD });
+}
+
+/** Where a piece's stored bytes are in a local repository: a file and a byte range of it. */
+export async function pieceBytes(repo: Repository, repoDir: string, id: string): Promise<{ file: string; offsetBytes: number; lengthBytes: number }> {
+  const at = (await repo.pieceIndex()).get(id);
+  if (!at) throw new Error(`piece ${id} is not stored`);
+  const file = path.join(repoDir, at.object);
+  return { file, offsetBytes: at.offsetBytes, lengthBytes: at.lengthBytes ?? fs.statSync(file).size };
+}
+
+/** Flip one byte of a file, in place. */
+export function flipByteAt(file: string, offsetBytes: number): void {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    const b = Buffer.alloc(1);
+    fs.readSync(fd, b, 0, 1, offsetBytes);
+    b[0]! ^= 0x5a;
+    fs.writeSync(fd, b, 0, 1, offsetBytes);
+  } finally {
+    fs.closeSync(fd);
+  }
 }

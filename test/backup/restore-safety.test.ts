@@ -14,7 +14,8 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices, restoreBackup } from '../../src/backup/index.js';
-import { expandSlots, pieceObject } from '../../src/repository/format.js';
+import { expandSlots } from '../../src/repository/format.js';
+import type { GetOptions } from '../../src/repository/object-store.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { lockDirectory } from '../../src/device/device-lock.js';
 import { cleanupOf } from '../helpers/cleanup.js';
@@ -24,7 +25,10 @@ import { needs } from '../helpers/needs.js';
 import { run, type RunResult } from '../helpers/process.js';
 import { BDSNAP_MAIN } from '../helpers/server.js';
 import { BdsnapError } from '../../src/errors.js';
-import { CountingStore, ServeSnapshotProvider } from './helpers.js';
+import { CountingStore, ServeSnapshotProvider, TEST_PASSWORD, flipByteAt, initRepo, openRepo, pieceBytes } from './helpers.js';
+
+// The children find the repository password where a user would put it.
+process.env.BDSNAP_REPO_PASSWORD = TEST_PASSWORD;
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 64 * MiB;
@@ -67,7 +71,7 @@ async function loopDevice(t: { after(fn: () => unknown): void }, image: string):
 /** A repository with a backup of `device`, which is then changed so that a restore has work to do. */
 async function backedUp(dir: string, device: string, copy: boolean): Promise<{ repoDir: string; repo: Repository; id: string }> {
   const repoDir = path.join(dir, 'repo');
-  const repo = fs.existsSync(repoDir) ? await Repository.open(new LocalDirStore(repoDir)) : await Repository.init(new LocalDirStore(repoDir));
+  const repo = fs.existsSync(repoDir) ? await openRepo(new LocalDirStore(repoDir)) : await initRepo(new LocalDirStore(repoDir));
   const { id } = await backupDevices(repo, new ServeSnapshotProvider(dir, { copy }), [device]);
   const entry = (await repo.manifest(id)).devices[0]!;
   assert.equal(entry.sizeBytes, IMAGE_BYTES);
@@ -84,10 +88,10 @@ async function lateUniquePiece(repo: Repository, id: string): Promise<string> {
   return late[late.length - 1]!;
 }
 
-function flipByte(file: string): void {
-  const bytes = fs.readFileSync(file);
-  bytes[Math.floor(bytes.length / 2)]! ^= 0x01;
-  fs.writeFileSync(file, bytes);
+/** Flip a byte in the middle of a piece's stored bytes. */
+async function flipByte(repo: Repository, repoDir: string, id: string): Promise<void> {
+  const at = await pieceBytes(repo, repoDir, id);
+  flipByteAt(at.file, at.offsetBytes + Math.floor(at.lengthBytes / 2));
 }
 
 test('a damaged piece: restore onto an image file or a loop device refuses before writing a byte, and --output leaves no file', async (t) => {
@@ -101,7 +105,7 @@ test('a damaged piece: restore onto an image file or a loop device refuses befor
   // Both backups hold the same bytes, so they share the piece damaged below.
   const victim = await lateUniquePiece(repo, loopId);
   assert.ok((await repo.manifest(fileBackup.id)).devices[0]!.pieces.includes(victim));
-  flipByte(path.join(repoDir, pieceObject(victim)));
+  await flipByte(repo, repoDir, victim);
   scribble(loop, [[0, 8 * MiB], [40 * MiB, MiB]]);
   const refused = (id: string): RegExp => new RegExp(
     `^bdsnap: cannot restore backup ${id}: piece ${victim} is damaged: [^;]+; nothing was written; 'bdsnap backup verify --repo ${repoDir} ${id}' lists every damaged piece$`, 'm');
@@ -195,20 +199,21 @@ test('--output on a full disk: the file the restore created is removed; a file t
   assert.equal(await sha256File(existing), existingBefore);
 });
 
-/** A store whose reads of one piece fail from the `failFrom`-th on, as a failing disk or network would. */
+/** A store whose reads of one piece (a range of its pack) fail from the `failFrom`-th on, as a failing disk or network would. */
 class FailingStore extends CountingStore {
-  readonly #victim: string;
+  readonly #victim: { object: string; offsetBytes: number };
   readonly #failFrom: number;
   #reads = 0;
 
-  constructor(inner: LocalDirStore, victim: string, failFrom: number) {
+  constructor(inner: LocalDirStore, victim: { object: string; offsetBytes: number }, failFrom: number) {
     super(inner);
     this.#victim = victim;
     this.#failFrom = failFrom;
   }
 
-  override get(name: string, range?: { offsetBytes: number; lengthBytes: number }): Promise<Buffer> {
-    if (name === pieceObject(this.#victim) && ++this.#reads >= this.#failFrom) {
+  override get(name: string, range?: GetOptions): Promise<Buffer> {
+    const at = range && 'offsetBytes' in range ? range.offsetBytes : 0;
+    if (name === this.#victim.object && at === this.#victim.offsetBytes && ++this.#reads >= this.#failFrom) {
       return Promise.reject(new BdsnapError('EIO', `reading ${name} failed: input/output error`));
     }
     return super.get(name, range);
@@ -225,16 +230,17 @@ test('a piece that passes the check and fails when written: the image file is pu
   scribble(image, Array.from({ length: IMAGE_BYTES / (4 * MiB) }, (_, k): [number, number] => [k * 4 * MiB, MiB]));
   const before = await sha256File(image);
   // Through get() (no local paths): the second read of the piece, the one that writes it, fails.
-  const store = new FailingStore(new LocalDirStore(repoDir), victim, 2);
-  const failing = await Repository.open(store);
+  const victimAt = (await repo.pieceIndex()).get(victim)!;
+  const store = new FailingStore(new LocalDirStore(repoDir), victimAt, 2);
+  const failing = await openRepo(store);
   await assert.rejects(restoreBackup(failing, id, image), (e: unknown) => {
     assert.ok(e instanceof BdsnapError);
     assert.equal(e.code, 'EIO');
-    assert.match(e.message, new RegExp(`^restore of ${image} from backup ${id} stopped at \\d+: reading ${pieceObject(victim)} failed: input/output error; ${image} was put back as it was \\(\\d+ bytes rewritten\\)$`));
+    assert.match(e.message, new RegExp(`^restore of ${image} from backup ${id} stopped at \\d+: reading ${victimAt.object} failed: input/output error; ${image} was put back as it was \\(\\d+ bytes rewritten\\)$`));
     return true;
   });
   assert.equal(await sha256File(image), before, 'the image file is as it was');
-  await restoreBackup(await Repository.open(new LocalDirStore(repoDir)), id, image);
+  await restoreBackup(await openRepo(new LocalDirStore(repoDir)), id, image);
   assert.equal(await sha256File(image), backedUpSha, 'with every read working, the same restore completes');
 
   // An existing output file longer or shorter than the device is given its size and content.

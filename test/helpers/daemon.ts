@@ -38,7 +38,8 @@ function sandboxIn(top: string): Sandbox {
     runDir,
     stateDir: path.join(top, 'state'),
     snapshotRoot: path.join(top, 'snapshots'),
-    env: { ...process.env, BDSNAP_RUN_DIR: runDir },
+    // Backup repositories made in a sandbox are encrypted with this password.
+    env: { ...process.env, BDSNAP_RUN_DIR: runDir, BDSNAP_REPO_PASSWORD: 'sandbox repository password' },
   };
 }
 

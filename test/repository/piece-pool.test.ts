@@ -33,7 +33,7 @@ test('a caller whose own work is all synchronous still gets its tasks onto the w
   const deadline = Date.now() + 10_000;
   let done = 0;
   while (pool.tasksRunInline === done && Date.now() < deadline) {
-    await pool.place({ file, hash, fd: target.fd, offsetBytes: (done % 16) * PIECE, lengthBytes: PIECE, keep: false });
+    await pool.place({ file, range: null, hash, fd: target.fd, offsetBytes: (done % 16) * PIECE, lengthBytes: PIECE, keep: false });
     done++;
   }
   assert.ok(pool.tasksRunInline < done, `all ${done} tasks ran on the calling thread in 10 s: the workers' 'ready' was never seen`);
@@ -57,7 +57,7 @@ test('place writes a piece at its offset, keeps a raw piece intact for its next 
     { file: files.random, data: random, at: 2, keep: false },
   ];
   for (const s of steps) {
-    await pool.place({ file: s.file, hash: sha256Hex(s.data), fd: target.fd, offsetBytes: s.at * PIECE, lengthBytes: PIECE, keep: s.keep });
+    await pool.place({ file: s.file, range: null, hash: sha256Hex(s.data), fd: target.fd, offsetBytes: s.at * PIECE, lengthBytes: PIECE, keep: s.keep });
   }
   const back = Buffer.alloc(3 * PIECE);
   await target.read(back, 0, back.length, 0);
@@ -65,10 +65,10 @@ test('place writes a piece at its offset, keeps a raw piece intact for its next 
 
   const long = path.join(dir, 'long');
   fs.writeFileSync(long, Buffer.concat([encodePiece(random, CODEC_RAW), Buffer.alloc(64)]));
-  await assert.rejects(pool.place({ file: long, hash: sha256Hex(random), fd: target.fd, offsetBytes: 0, lengthBytes: PIECE, keep: false }), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT' && /longer than a piece/.test((e as Error).message));
+  await assert.rejects(pool.place({ file: long, range: null, hash: sha256Hex(random), fd: target.fd, offsetBytes: 0, lengthBytes: PIECE, keep: false }), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT' && /longer than a piece/.test((e as Error).message));
   const flipped = encodePiece(text, CODEC_BROTLI);
   flipped[flipped.length - 1]! ^= 1;
   fs.writeFileSync(files.text, flipped);
-  await assert.rejects(pool.place({ file: files.text, hash: sha256Hex(text), fd: target.fd, offsetBytes: 0, lengthBytes: PIECE, keep: false }), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT');
-  await assert.rejects(pool.place({ file: path.join(dir, 'absent'), hash: sha256Hex(text), fd: target.fd, offsetBytes: 0, lengthBytes: PIECE, keep: false }), /is missing/);
+  await assert.rejects(pool.place({ file: files.text, range: null, hash: sha256Hex(text), fd: target.fd, offsetBytes: 0, lengthBytes: PIECE, keep: false }), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT');
+  await assert.rejects(pool.place({ file: path.join(dir, 'absent'), range: null, hash: sha256Hex(text), fd: target.fd, offsetBytes: 0, lengthBytes: PIECE, keep: false }), /is missing/);
 });

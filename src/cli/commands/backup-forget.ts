@@ -56,7 +56,7 @@ function formatPlan(plan: ForgetPlan, dryRun: boolean): string {
   return `${out.join('\n')}\n`;
 }
 
-export function registerForget(command: Command, openRepo: (dir: string) => Promise<Repository>): void {
+export function registerForget(command: Command, openRepo: (flags: { repo: string; passwordFile?: string }) => Promise<Repository>): void {
   command
     .description('remove backups by id, or those a retention policy does not keep (restic\'s rules, per host and device set); pieces stay until prune')
     .argument('[id...]', 'backups to remove')
@@ -74,14 +74,14 @@ export function registerForget(command: Command, openRepo: (dir: string) => Prom
       const policy = policyOf(flags);
       if (ids.length > 0) {
         if (policy || flags.host !== undefined || flags.dryRun) throw new BdsnapError('EINVAL', 'give backup ids, or a policy (--keep-...) with --host and --dry-run, not both');
-        const repo = await openRepo(flags.repo);
+        const repo = await openRepo(flags);
         await repo.forget(ids);
         if (flags.json) process.stdout.write(`${JSON.stringify({ removed: ids }, null, 2)}\n`);
         else process.stdout.write(`forgot ${ids.length} backup${ids.length === 1 ? '' : 's'}; run 'bdsnap backup prune' to free their space\n`);
         return;
       }
       if (!policy) throw new BdsnapError('EINVAL', 'say which backups to forget: their ids, or what to keep (--keep-last N, --keep-daily N, ..., --keep-within DURATION)');
-      const repo = await openRepo(flags.repo);
+      const repo = await openRepo(flags);
       const plan = await planForget(repo, policy, { host: flags.host });
       if (!flags.dryRun) await forgetPlanned(repo, plan);
       if (flags.json) process.stdout.write(`${JSON.stringify({ dryRun: flags.dryRun === true, ...plan }, null, 2)}\n`);

@@ -1,18 +1,25 @@
 /**
- * `bdsnap backup init|create|list|verify|restore|serve|prune --repo REPO` (forget: backup-forget.ts): the logic lives in
- * src/backup/; this module parses, draws progress bars (only when stdout and stderr are
- * terminals and --json is not given) and prints results.
+ * `bdsnap backup init|create|list|verify|restore|serve|prune|copy|key --repo REPO` (forget:
+ * backup-forget.ts): the logic
+ * lives in src/backup/ and src/repository/; this module parses, finds passwords, draws progress
+ * bars (only when stdout and stderr are terminals and --json is not given) and prints results.
+ *
+ * A repository password comes from `--password-file FILE` (its first line), else
+ * BDSNAP_REPO_PASSWORD, else a prompt on the terminal; never from argv. It is asked for only
+ * when the repository is encrypted.
  */
 
+import fs from 'node:fs';
 import path from 'node:path';
 import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import {
-  CODEC_CHOICES, Repository, openRepoStore, backupDevices, daemonSnapshotProvider, hostOf, openBackupDevices, parseDataSubset, restoreBackup, verifyRepository,
-  type BackupSummary, type ProgressSink,
+  CODEC_CHOICES, Repository, openRepoStore, backupDevices, copyBackups, daemonSnapshotProvider, hostOf, openBackupDevices, parseDataSubset, restoreBackup, verifyRepository,
+  type BackupSummary, type ObjectStore, type ProgressSink,
 } from '../../backup/index.js';
 import { registerForget } from './backup-forget.js';
+import { promptHidden } from '../password-input.js';
 import { BdsnapClient, withClient } from '../../service/client.js';
 import { resolveRunDir } from '../../service/paths.js';
 import { formatBytes, parseBytes } from '../../units.js';
@@ -24,6 +31,7 @@ import { loadTls } from '../../nbd/tls.js';
 interface RepoFlags {
   repo: string;
   json?: boolean;
+  passwordFile?: string;
 }
 
 const MiB = 1024 * 1024;
@@ -61,15 +69,56 @@ function progressBar(label: string, json: boolean | undefined): { sink?: Progres
 }
 
 /**
- * Repositories carry no key: a manifest and its pieces are checked against their hashes, which
- * catches damage but not a forgery. Said after every command that makes or trusts one.
+ * An unencrypted repository (made with --no-encryption, or version 1) carries no key: its
+ * pieces are checked against their hashes, which catches damage but not a forgery. Said after
+ * every command that makes or trusts one.
  */
 function noteUnauthenticated(repo: Repository): void {
-  process.stderr.write(`bdsnap: note: backups in ${repo.store.location} are not authenticated: whoever can write there can add or replace backups that list and restore accept; keep it writable by you alone\n`);
+  if (repo.encrypted) return;
+  process.stderr.write(`bdsnap: note: backups in ${repo.store.location} are not encrypted nor authenticated: whoever can read there can read them, and whoever can write there can add or replace backups that list and restore accept\n`);
 }
 
-async function openRepo(spec: string): Promise<Repository> {
-  return Repository.open(await openRepoStore(spec));
+/** The store a --repo names (a directory, or an S3 bucket: see repository/location.ts). */
+function openStore(repo: string, create = false): Promise<ObjectStore> {
+  return openRepoStore(repo, create ? { create: true } : {});
+}
+
+const MAX_PASSWORD_FILE_BYTES = 64 * 1024;
+
+/** The first line of a password file. */
+function readPasswordFile(file: string): string {
+  let text: string;
+  try {
+    const fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    try {
+      if (fs.fstatSync(fd).size > MAX_PASSWORD_FILE_BYTES) throw new BdsnapError('EINVAL', `${file} is too large for a password file`);
+      text = fs.readFileSync(fd, 'utf8');
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch (err) {
+    if (err instanceof BdsnapError) throw err;
+    throw new BdsnapError('ENOENT', `cannot read the password file ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  const first = text.split(/\r?\n/)[0] ?? '';
+  if (first === '') throw new BdsnapError('EINVAL', `the password file ${file} is empty`);
+  return first;
+}
+
+/** A password from a file, else the environment variable, else a prompt (twice with `confirm`). */
+async function passwordFrom(file: string | undefined, envName: string, question: string, confirm = false): Promise<string> {
+  if (file !== undefined) return readPasswordFile(file);
+  const fromEnv = process.env[envName];
+  if (fromEnv !== undefined && fromEnv !== '') return fromEnv;
+  if (!process.stdin.isTTY) throw new BdsnapError('EAUTH', `no password: set ${envName}, give --password-file FILE, or run at a terminal to be asked`);
+  const answer = await promptHidden(question);
+  if (confirm && (await promptHidden('again: ')) !== answer) throw new BdsnapError('EINVAL', 'the two passwords differ');
+  if (answer === '') throw new BdsnapError('EINVAL', 'an empty password');
+  return answer;
+}
+
+async function openRepo(flags: Pick<RepoFlags, 'repo' | 'passwordFile'>, envName = 'BDSNAP_REPO_PASSWORD'): Promise<Repository> {
+  return Repository.open(await openStore(flags.repo), { password: () => passwordFrom(flags.passwordFile, envName, `password of ${flags.repo}: `) });
 }
 
 /** Abort on SIGINT/SIGTERM so that the work stops cleanly (snapshot destroyed, lock released). */
@@ -99,18 +148,25 @@ function formatCreate(s: BackupSummary): string {
 
 export function register(program: Command): void {
   const backup = program.command('backup').description('full and incremental backups of devices into a deduplicated, verified repository');
-  const repoOption = (c: Command): Command => c.requiredOption('--repo <repo>', 'the repository: a directory or s3:http[s]://HOST[:PORT]/BUCKET[/PREFIX] (credentials from AWS_* or ~/.aws)');
+  const repoOption = (c: Command): Command => c.requiredOption('--repo <repo>', 'the repository: a directory or s3:http[s]://HOST[:PORT]/BUCKET[/PREFIX] (credentials from AWS_* or ~/.aws)')
+    .option('--password-file <file>', 'read the repository password from the first line of FILE (else BDSNAP_REPO_PASSWORD, else a prompt)');
 
   repoOption(backup.command('init').description('create an empty repository'))
     .option('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 256K)')
     .option('--codec <codec>', `compression of new pieces: ${CODEC_CHOICES.join(', ')} (default zstd, or brotli where libzstd is missing; lz4 is fastest and larger)`)
-    .action(async (flags: RepoFlags & { pieceSize?: string; codec?: string }) => {
+    .option('--pack-size <size>', 'pieces are grouped into packs of about this size (default 16M)')
+    .option('--no-encryption', 'store backups in the clear: readable by anyone who can read the repository, alterable by anyone who can write it')
+    .action(async (flags: RepoFlags & { pieceSize?: string; packSize?: string; codec?: string; encryption: boolean }) => {
       const pieceSizeBytes = flags.pieceSize !== undefined ? parseBytes(flags.pieceSize, '--piece-size') : undefined;
+      const packSizeBytes = flags.packSize !== undefined ? parseBytes(flags.packSize, '--pack-size') : undefined;
       const codec = CODEC_CHOICES.find((c) => c === flags.codec);
       if (flags.codec !== undefined && !codec) throw new BdsnapError('EINVAL', `bad --codec "${flags.codec}": one of ${CODEC_CHOICES.join(', ')}`);
-      const repo = await Repository.init(await openRepoStore(flags.repo, { create: true }), { pieceSizeBytes, codec });
-      process.stdout.write(`initialized backup repository ${repo.store.location} (pieces of ${formatBytes(repo.pieceSizeBytes)})\n`);
-      noteUnauthenticated(repo);
+      const password = flags.encryption ? await passwordFrom(flags.passwordFile, 'BDSNAP_REPO_PASSWORD', `new password for ${flags.repo}: `, true) : undefined;
+      const repo = await Repository.init(await openStore(flags.repo, true), { pieceSizeBytes, packSizeBytes, codec, encryption: flags.encryption, password });
+      process.stdout.write(`initialized backup repository ${repo.store.location} (pieces of ${formatBytes(repo.pieceSizeBytes)}, ${repo.encrypted ? 'encrypted with AES-256-GCM; keep the password: without it nothing can be restored' : 'NOT encrypted'})\n`);
+      if (!repo.encrypted) {
+        process.stderr.write(`bdsnap: WARNING: ${repo.store.location} is NOT encrypted (--no-encryption): anyone who can read it reads every backed-up byte, and anyone who can write it can alter backups without bdsnap noticing\n`);
+      }
     });
 
   repoOption(backup.command('create').description('snapshot the devices and back them up (incremental where the change map allows)'))
@@ -121,7 +177,7 @@ export function register(program: Command): void {
     .option('--run-dir <dir>', RUN_DIR_HELP)
     .action(async (devices: string[], flags: RepoFlags & { full?: boolean; host?: string; runDir?: string }) => {
       const host = hostOf(flags);
-      const repo = await openRepo(flags.repo);
+      const repo = await openRepo(flags);
       let client: BdsnapClient;
       try {
         client = await BdsnapClient.connect(flags.runDir);
@@ -150,7 +206,7 @@ export function register(program: Command): void {
     .option('--host <name>', 'only the backups of this host (damaged ones, whose host is unknown, are listed too)')
     .option('--json', 'print the backups as JSON')
     .action(async (flags: RepoFlags & { host?: string }) => {
-      const repo = await openRepo(flags.repo);
+      const repo = await openRepo(flags);
       const records = (await repo.backups()).filter((r) => flags.host === undefined || !r.manifest || r.manifest.host === flags.host);
       noteUnauthenticated(repo);
       if (flags.json) {
@@ -176,7 +232,7 @@ export function register(program: Command): void {
     .option('--json', 'print the result as JSON')
     .action(async (id: string | undefined, flags: RepoFlags & { readDataSubset?: string }) => {
       const subset = flags.readDataSubset === undefined ? undefined : parseDataSubset(flags.readDataSubset);
-      const repo = await openRepo(flags.repo);
+      const repo = await openRepo(flags);
       const bar = progressBar('verifying', flags.json);
       let summary;
       try {
@@ -206,13 +262,19 @@ export function register(program: Command): void {
     .option('--json', 'print the result as JSON')
     .action(async (id: string, device: string, flags: RepoFlags & { output?: string; instant?: boolean; runDir?: string }) => {
       if (flags.instant) {
-        // The daemon reads the repository for as long as the copy runs: it gets the absolute path.
-        const info = await withClient(flags.runDir, (c) => c.instantRestore(path.resolve(flags.repo), id, device, flags.output));
+        // The daemon reads the repository for as long as the copy runs: it gets the absolute path,
+        // and the password (checked here first, so a wrong one is said before the daemon acts).
+        let password: string | undefined;
+        await Repository.open(await openStore(flags.repo), {
+          password: async () => (password = await passwordFrom(flags.passwordFile, 'BDSNAP_REPO_PASSWORD', `password of ${flags.repo}: `)),
+        });
+        const spec = /^[a-z0-9+]+:/i.test(flags.repo) ? flags.repo : path.resolve(flags.repo);
+        const info = await withClient(flags.runDir, (c) => c.instantRestore(spec, id, device, flags.output, password));
         if (flags.json) printJson(info);
         else process.stdout.write(`serving ${info.target} from backup ${id} now; the copy runs behind it (bdsnap status shows it, bdsnap events --follow says when it is done)\n`);
         return;
       }
-      const repo = await openRepo(flags.repo);
+      const repo = await openRepo(flags);
       const bar = progressBar('restoring', flags.json);
       let summary;
       try {
@@ -241,7 +303,7 @@ Example:
     .action(async (id: string, flags: RepoFlags & TlsCliOptions & { socket?: string; listen?: string; insecureTcp?: boolean }) => {
       const listen = flags.listen !== undefined ? parseListen(flags.listen) : undefined;
       const socketPath = flags.socket ?? (listen ? undefined : 'bdsnap-backup.sock');
-      const repo = await openRepo(flags.repo);
+      const repo = await openRepo(flags);
       await serveInForeground(async () => {
         const tls = await loadTls(tlsSettings(flags));
         if (listen) checkTcpPolicy(listen, tls, flags.insecureTcp ?? false, 'read the backup');
@@ -267,9 +329,54 @@ Example:
   repoOption(backup.command('prune').description('delete pieces no backup uses (refused while a backup is being created)'))
     .option('--json', 'print the result as JSON')
     .action(async (flags: RepoFlags) => {
-      const repo = await openRepo(flags.repo);
+      const repo = await openRepo(flags);
       const s = await repo.prune();
       if (flags.json) printJson(s);
-      else process.stdout.write(`pruned ${s.deletedPieces} unused pieces (${formatBytes(s.deletedBytes)}); ${s.referencedPieces} pieces kept for ${s.backups} backups\n`);
+      else process.stdout.write(`pruned ${s.deletedPieces} unused pieces (${formatBytes(s.deletedBytes)} freed, ${s.deletedPacks} packs removed, ${s.repackedPacks} repacked); ${s.referencedPieces} pieces kept for ${s.backups} backups\n`);
+    });
+
+  repoOption(backup.command('copy').description('copy backups from another repository (those the destination lacks), checking what is copied'))
+    .argument('[id...]', 'only these backups')
+    .requiredOption('--from <repo>', 'the repository to copy from')
+    .option('--from-password-file <file>', 'the source password (else BDSNAP_FROM_REPO_PASSWORD, else a prompt)')
+    .option('--json', 'print the result as JSON')
+    .action(async (ids: string[], flags: RepoFlags & { from: string; fromPasswordFile?: string }) => {
+      const from = await openRepo({ repo: flags.from, passwordFile: flags.fromPasswordFile }, 'BDSNAP_FROM_REPO_PASSWORD');
+      const to = await openRepo(flags);
+      const bar = progressBar('copying', flags.json);
+      let s;
+      try {
+        s = await withInterrupt((signal) => copyBackups(from, to, { ids: ids.length > 0 ? ids : undefined, signal, progress: bar.sink }));
+      } finally {
+        bar.stop();
+      }
+      noteUnauthenticated(to);
+      if (flags.json) printJson(s);
+      else process.stdout.write(`copied ${s.copied.length} backup${s.copied.length === 1 ? '' : 's'} (${s.skipped.length} already there): ${s.readPieces} pieces read and checked, ${s.newPieces} new (${formatBytes(s.newStoredBytes)} stored)\n`);
+    });
+
+  const key = backup.command('key').description('repository passwords: each one a key object that unlocks the master key');
+  repoOption(key.command('list').description('the keys of an encrypted repository'))
+    .option('--json', 'print the keys as JSON')
+    .action(async (flags: RepoFlags) => {
+      const repo = await openRepo(flags);
+      const keys = await repo.keys();
+      if (flags.json) printJson(keys);
+      else process.stdout.write(`${formatTable(['', 'ID', 'CREATED', 'HOST'], keys.map((k) => [k.current ? '*' : '', k.id.slice(0, 16), k.createdAt, k.host]))}\n`);
+    });
+  repoOption(key.command('add').description('add a password'))
+    .option('--new-password-file <file>', 'read the new password from the first line of FILE (else a prompt)')
+    .action(async (flags: RepoFlags & { newPasswordFile?: string }) => {
+      const repo = await openRepo(flags);
+      const password = await passwordFrom(flags.newPasswordFile, 'BDSNAP_NEW_REPO_PASSWORD', 'new password: ', true);
+      const id = await repo.addKey(password);
+      process.stdout.write(`added key ${id.slice(0, 16)}\n`);
+    });
+  repoOption(key.command('remove').description('remove a password (not the one given, and never the last)'))
+    .argument('<id>', 'the key (at least 4 characters of its id, from key list)')
+    .action(async (id: string, flags: RepoFlags) => {
+      const repo = await openRepo(flags);
+      const removed = await repo.removeKey(id);
+      process.stdout.write(`removed key ${removed.slice(0, 16)}\n`);
     });
 }

@@ -1,0 +1,126 @@
+/**
+ * Packs and their index (repository version 2; see format.ts).
+ *
+ * A pack is stored pieces one after the other, each sealed on its own (crypto.ts), with no
+ * header: what is where is in index objects, so a restore reads one piece by byte range. A
+ * pack is written whole by one stage (a put), and its index entries are written only after
+ * every pack they name is durable (the writer's commit), and before any manifest names the
+ * pieces: a crash leaves at most packs no index names, which prune deletes.
+ */
+
+import { z } from 'zod';
+import { BdsnapError } from '../errors.js';
+import { packObject, randomObjectName } from './format.js';
+import type { ObjectStore } from './object-store.js';
+
+export interface PackedPiece {
+  id: string;
+  offsetBytes: number;
+  lengthBytes: number;
+}
+
+export interface WrittenPack {
+  /** The pack's object name. */
+  object: string;
+  pieces: PackedPiece[];
+}
+
+/** Where a piece is: a byte range of an object, or (lengthBytes null) a whole v1 piece object. */
+export interface PieceLocation {
+  object: string;
+  offsetBytes: number;
+  lengthBytes: number | null;
+}
+
+const ID_HEX = /^[0-9a-f]{64}$/;
+
+export const INDEX_FORMAT = 'bdsnap-index';
+export const indexSchema = z.object({
+  format: z.literal(INDEX_FORMAT),
+  version: z.literal(1),
+  packs: z.array(z.object({
+    object: z.string(),
+    /** [id, offset, length] per piece. */
+    pieces: z.array(z.tuple([z.string().regex(ID_HEX), z.number().int().nonnegative(), z.number().int().positive()])),
+  })),
+});
+
+/** Packs per index object at most: about 4 GiB of pieces, an index of a few hundred KiB. */
+export const PACKS_PER_INDEX = 256;
+
+export function encodeIndex(packs: readonly WrittenPack[]): Buffer {
+  return Buffer.from(JSON.stringify({
+    format: INDEX_FORMAT, version: 1,
+    packs: packs.map((p) => ({ object: p.object, pieces: p.pieces.map((e) => [e.id, e.offsetBytes, e.lengthBytes]) })),
+  }));
+}
+
+/** The packs an index lists; ECORRUPT unless well formed, every range within `maxPieceBytes` and without overlap. */
+export function decodeIndex(plain: Buffer, what: string, isPack: (name: string) => boolean, maxPieceBytes: number): WrittenPack[] {
+  let parsed;
+  try {
+    parsed = indexSchema.safeParse(JSON.parse(plain.toString('utf8')));
+  } catch (err) {
+    throw new BdsnapError('ECORRUPT', `${what} is damaged (not JSON)`, { cause: err });
+  }
+  if (!parsed.success) throw new BdsnapError('ECORRUPT', `${what} is damaged (does not match the format)`);
+  return parsed.data.packs.map((p) => {
+    if (!isPack(p.object)) throw new BdsnapError('ECORRUPT', `${what} names ${p.object}, which is not a pack`);
+    let end = 0;
+    const pieces = p.pieces.map(([id, offsetBytes, lengthBytes]) => {
+      if (lengthBytes > maxPieceBytes || offsetBytes < end) throw new BdsnapError('ECORRUPT', `${what} gives piece ${id} a range no piece can have`);
+      end = offsetBytes + lengthBytes;
+      return { id, offsetBytes, lengthBytes };
+    });
+    return { object: p.object, pieces };
+  });
+}
+
+/**
+ * Collects stored pieces into packs of about `targetBytes` and stages each pack as it fills
+ * (ObjectStore.stage: visible and durable at the store's next commit). `add` may be called by
+ * many tasks at once: a pack's state is taken over synchronously before its stage is awaited.
+ * The caller commits the store, then writes the index of `packs`.
+ */
+export class PackWriter {
+  readonly packs: WrittenPack[] = [];
+  readonly #store: ObjectStore;
+  readonly #targetBytes: number;
+  #parts: Buffer[] = [];
+  #pieces: PackedPiece[] = [];
+  #bytes = 0;
+
+  constructor(store: ObjectStore, targetBytes: number) {
+    this.#store = store;
+    this.#targetBytes = targetBytes;
+  }
+
+  /** Append one stored piece; waits while a full pack is being staged (backpressure). */
+  async add(id: string, parts: readonly Buffer[]): Promise<void> {
+    let length = 0;
+    for (const p of parts) {
+      this.#parts.push(p);
+      length += p.length;
+    }
+    this.#pieces.push({ id, offsetBytes: this.#bytes, lengthBytes: length });
+    this.#bytes += length;
+    if (this.#bytes >= this.#targetBytes) await this.#flush();
+  }
+
+  async #flush(): Promise<void> {
+    if (this.#pieces.length === 0) return;
+    const object = packObject(randomObjectName());
+    const parts = this.#parts;
+    this.packs.push({ object, pieces: this.#pieces });
+    this.#parts = [];
+    this.#pieces = [];
+    this.#bytes = 0;
+    await this.#store.stage(object, parts);
+  }
+
+  /** Stage what is left; returns every pack written. */
+  async finish(): Promise<WrittenPack[]> {
+    await this.#flush();
+    return this.packs;
+  }
+}
