@@ -6,7 +6,7 @@
 
 export { dirBytes } from '../test/backup/helpers.js';
 export { CleanupStack } from '../test/helpers/cleanup.js';
-export { startDaemon, type RunningDaemon } from '../test/helpers/daemon.js';
+export { TEST_REPO_PASSWORD, startDaemon, type RunningDaemon } from '../test/helpers/daemon.js';
 export { makeImage } from '../test/helpers/files.js';
 export { runFio, type FioJob } from '../test/helpers/fio.js';
 export { missingNeeds } from '../test/helpers/needs.js';

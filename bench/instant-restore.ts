@@ -22,7 +22,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { LocalDirStore, Repository, backupDevices, restoreBackup } from '../src/backup/index.js';
 import { NbdClient } from '../src/nbd/client.js';
-import { ServeSnapshotProvider, makeImage, startDaemon, type RunningDaemon } from './helpers.js';
+import { ServeSnapshotProvider, TEST_REPO_PASSWORD, makeImage, startDaemon, type RunningDaemon } from './helpers.js';
 import { fillPageCache } from './page-cache.js';
 import { spread } from './report.js';
 
@@ -87,8 +87,8 @@ async function main(): Promise<void> {
     makeImage(image, sizeBytes, 'mixed', 7);
     const want = sha256(image);
     const repoDir = path.join(work, 'repo');
-    await Repository.init(new LocalDirStore(repoDir));
-    const repo = await Repository.open(new LocalDirStore(repoDir));
+    await Repository.init(new LocalDirStore(repoDir), { password: TEST_REPO_PASSWORD });
+    const repo = await Repository.open(new LocalDirStore(repoDir), { password: () => TEST_REPO_PASSWORD });
     const provider = new ServeSnapshotProvider(work, { copy: false });
     const { id } = await backupDevices(repo, provider, [image]);
     daemon = await startDaemon(undefined, { password: false });

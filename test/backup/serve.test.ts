@@ -10,7 +10,6 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices } from '../../src/backup/index.js';
-import { pieceObject } from '../../src/repository/format.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { run } from '../helpers/process.js';
 import { BDSNAP_MAIN, nbdUri } from '../helpers/server.js';
@@ -18,10 +17,11 @@ import { needs } from '../helpers/needs.js';
 import { ServeSnapshotProvider } from './helpers.js';
 
 const MiB = 1024 * 1024;
+const PASSWORD = 'backup serve test';
 
 /** `bdsnap backup serve` in the background, once it says it is serving; killed at the end of the test. */
 async function startBackupServe(t: { after(fn: () => unknown): void }, args: string[]): Promise<ChildProcess> {
-  const child = spawn(process.execPath, [BDSNAP_MAIN, 'backup', 'serve', ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(process.execPath, [BDSNAP_MAIN, 'backup', 'serve', ...args], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, BDSNAP_REPO_PASSWORD: PASSWORD } });
   t.after(() => {
     if (child.exitCode === null) child.kill('SIGKILL');
   });
@@ -49,8 +49,8 @@ test('backup serve: exact bytes of the backup, holes as holes, read-only, damage
   const repoDir = path.join(dir, 'repo');
   const image = path.join(dir, 'disk.img');
   makeImage(image, 8 * MiB, 'mixed', 3);
-  await Repository.init(new LocalDirStore(repoDir));
-  const repo = await Repository.open(new LocalDirStore(repoDir));
+  await Repository.init(new LocalDirStore(repoDir), { password: PASSWORD });
+  const repo = await Repository.open(new LocalDirStore(repoDir), { password: () => PASSWORD });
   const provider = new ServeSnapshotProvider(dir);
   const first = await backupDevices(repo, provider, [image]);
   const atFirst = await sha256File(image);
@@ -72,14 +72,15 @@ test('backup serve: exact bytes of the backup, holes as holes, read-only, damage
   assert.match(map, /hole,zero/, `the zero quarter of the image is a hole:\n${map}`);
   assert.match(map, /\bdata\b/);
 
-  // A damaged piece: the read that needs it fails; nothing else is returned in its place.
-  const manifest = await repo.manifest(first.id);
-  const piece = manifest.devices[0]!.pieces.find((p): p is string => typeof p === 'string')!;
-  const file = path.join(repoDir, pieceObject(piece));
-  const bytes = fs.readFileSync(file);
-  bytes[bytes.length - 1]! ^= 0xff;
-  fs.chmodSync(file, 0o600);
-  fs.writeFileSync(file, bytes);
+  // A damaged pack: the reads that need it fail; nothing else is returned in their place.
+  const packsDir = path.join(repoDir, 'packs');
+  const packs = fs.readdirSync(packsDir).flatMap((hh) => fs.readdirSync(path.join(packsDir, hh)).map((f) => path.join(packsDir, hh, f)));
+  assert.ok(packs.length > 0, 'the backup is stored in packs');
+  for (const file of packs) {
+    const bytes = fs.readFileSync(file);
+    bytes[bytes.length >> 1]! ^= 0xff;
+    fs.writeFileSync(file, bytes);
+  }
   server.kill('SIGTERM');
   await new Promise((resolve) => server.once('exit', resolve));
   assert.equal(server.exitCode, 0, 'SIGTERM stops it cleanly');

@@ -18,6 +18,8 @@ import { launchServer, nbdUri, type NbdServer } from './server.js';
 
 /** The service password of test daemons. */
 export const TEST_PASSWORD = 'correct horse battery staple';
+/** The repository password every sandbox's commands get (BDSNAP_REPO_PASSWORD). */
+export const TEST_REPO_PASSWORD = 'sandbox repository password';
 
 export interface Sandbox {
   /** Readable by every user, so the CLI can run as an unprivileged one; the run dir stays private. */
@@ -39,7 +41,7 @@ function sandboxIn(top: string): Sandbox {
     stateDir: path.join(top, 'state'),
     snapshotRoot: path.join(top, 'snapshots'),
     // Backup repositories made in a sandbox are encrypted with this password.
-    env: { ...process.env, BDSNAP_RUN_DIR: runDir, BDSNAP_REPO_PASSWORD: 'sandbox repository password' },
+    env: { ...process.env, BDSNAP_RUN_DIR: runDir, BDSNAP_REPO_PASSWORD: TEST_REPO_PASSWORD },
   };
 }
 

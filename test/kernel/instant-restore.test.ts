@@ -14,7 +14,7 @@ import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices } from '../../src/backup/index.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { CleanupStack } from '../helpers/cleanup.js';
-import { sandbox, startDaemon, type RunningDaemon } from '../helpers/daemon.js';
+import { TEST_REPO_PASSWORD, sandbox, startDaemon, type RunningDaemon } from '../helpers/daemon.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { run } from '../helpers/process.js';
 import { needs } from '../helpers/needs.js';
@@ -43,8 +43,8 @@ async function waitDone(daemon: RunningDaemon, target: string, timeoutMs = 60_00
 /** A backup of `image` in a new local repository; its id. */
 async function backUp(dir: string, image: string): Promise<{ repoDir: string; id: string }> {
   const repoDir = path.join(dir, 'repo');
-  await Repository.init(new LocalDirStore(repoDir));
-  const repo = await Repository.open(new LocalDirStore(repoDir));
+  await Repository.init(new LocalDirStore(repoDir), { password: TEST_REPO_PASSWORD });
+  const repo = await Repository.open(new LocalDirStore(repoDir), { password: () => TEST_REPO_PASSWORD });
   const { id } = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
   return { repoDir, id };
 }
@@ -164,8 +164,8 @@ test('instant restore with the repository gone: EIO for what is not copied, the 
     const early = Buffer.alloc(MiB);
     await client.read(early, 40 * MiB);
     assert.deepEqual(early, expected.subarray(40 * MiB, 41 * MiB), 'read from the backup before it is copied');
-    // Every piece file moves out of the repository (its directories stay: the store may hold them open).
-    const pieces = path.join(repoDir, 'pieces');
+    // Every pack moves out of the repository (its directories stay: the store may hold them open).
+    const pieces = path.join(repoDir, 'packs');
     const away = path.join(dir, 'away');
     fs.mkdirSync(away);
     const moved = fs.readdirSync(pieces).flatMap((hh) => fs.readdirSync(path.join(pieces, hh)).map((f) => path.join(hh, f)));
