@@ -25,6 +25,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { makeDirectorySync } from './fd-io.js';
 
 const { O_RDONLY, O_DIRECTORY, O_NOFOLLOW } = fs.constants;
 /** (libuv adds O_CLOEXEC to every open.) */
@@ -58,7 +59,7 @@ export class ConfinedTree {
       if (code !== 'ENOENT') throw toBdsnapError(err);
       if (!create) return undefined;
       try {
-        fs.mkdirSync(resolved, { recursive: true, mode: DIR_MODE });
+        makeDirectorySync(resolved, { recursive: true, mode: DIR_MODE });
         fd = fs.openSync(resolved, O_RDONLY | O_DIRECTORY);
       } catch (e) {
         throw toBdsnapError(e);
@@ -104,7 +105,7 @@ export class ConfinedTree {
       fd = openDirAt(parent, name);
       if (fd === undefined && create) {
         try {
-          fs.mkdirSync(ConfinedTree.at(parent, name), DIR_MODE);
+          makeDirectorySync(ConfinedTree.at(parent, name), { mode: DIR_MODE });
         } catch (err) {
           // Another writer made it first: open what is there, with the same checks.
           if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;

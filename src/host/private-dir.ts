@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { makeDirectory } from './fd-io.js';
 
 /**
  * Make sure `dir` is a private directory of ours: create it with `mode`, or accept an existing
@@ -15,7 +16,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 export async function ensurePrivateDir(dir: string, mode = 0o700): Promise<void> {
   let created: string | undefined;
   try {
-    created = await fs.promises.mkdir(dir, { recursive: true, mode });
+    created = await makeDirectory(dir, { recursive: true, mode });
   } catch (err) {
     throw toBdsnapError(err);
   }

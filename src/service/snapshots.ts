@@ -49,6 +49,7 @@ import { DiffStorage, type DiffStorageEvent } from '../snapshot/diff-storage.js'
 import type { SnapshotImage, SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { describeIdentity, sameIdentity, stampIdentitySchema } from '../host/device-stamp.js';
+import { removePath } from '../host/fd-io.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import type { SnapshotInfo } from './control-protocol.js';
 import type { Attachment, DeviceTable } from './device-table.js';
@@ -456,7 +457,7 @@ export class SnapshotManager {
       this.#options.tracking?.forget(dir);
       await storage?.destroy().catch(() => undefined);
       for (const devicePath of held) await table.detach(devicePath, 'snapshot').catch(() => undefined);
-      await fs.promises.rm(dir, { recursive: true, force: true });
+      await removePath(dir, { recursive: true });
       throw e;
     }
     this.#snapshots.set(id, snapshot);
@@ -568,7 +569,7 @@ export class SnapshotManager {
       // Storage never created, or unreadable: the directory removal below is what matters.
     }
     this.#options.tracking?.forget(dir);
-    await fs.promises.rm(dir, { recursive: true, force: true });
+    await removePath(dir, { recursive: true });
     this.#options.log.warn({ event: 'snapshot-leftovers-removed', snapshot: record.id }, 'a snapshot create was interrupted by a daemon stop; its leftovers were removed');
   }
 
@@ -617,7 +618,7 @@ export class SnapshotManager {
     await snapshot.storage.destroy();
     this.#options.tracking?.forget(snapshot.dir);
     for (const image of snapshot.images) await this.#options.table.detach(image.device, 'snapshot');
-    await fs.promises.rm(snapshot.dir, { recursive: true, force: true });
+    await removePath(snapshot.dir, { recursive: true });
     this.#snapshots.delete(snapshot.record.id);
   }
 
