@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { toBdsnapError } from '../errors.js';
-import { closeFd, fsyncFd, fsyncFdSync, makeDirectory, openFd, openFdSync, removePath, removePathSync, renamePath, renamePathSync, writevFully, writevFullySync } from './fd-io.js';
+import { closeFd, fsyncFd, fsyncFdSync, makeDirectory, makeDirectorySync, openFd, openFdSync, removePath, removePathSync, renamePath, renamePathSync, writevFully, writevFullySync } from './fd-io.js';
 
 /** fsync a directory, making a rename or a file creation in it durable. */
 export async function fsyncDirectory(dir: string): Promise<void> {
@@ -45,6 +45,18 @@ export async function makeDirectoryDurable(dir: string, options: { recursive?: b
   const top = path.resolve(first);
   for (let made = path.resolve(dir); ; made = path.dirname(made)) {
     await fsyncDirectory(path.dirname(made));
+    if (made === top || made === path.dirname(made)) break;
+  }
+  return first;
+}
+
+/** Synchronous makeDirectoryDurable. */
+export function makeDirectoryDurableSync(dir: string, options: { recursive?: boolean; mode?: number } = {}): string | undefined {
+  const first = makeDirectorySync(dir, options);
+  if (first === undefined) return undefined;
+  const top = path.resolve(first);
+  for (let made = path.resolve(dir); ; made = path.dirname(made)) {
+    fsyncDirectorySync(path.dirname(made));
     if (made === top || made === path.dirname(made)) break;
   }
   return first;

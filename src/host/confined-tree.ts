@@ -25,7 +25,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { makeDirectorySync } from './fd-io.js';
+import { makeDirectoryDurableSync } from './atomic-file.js';
+import { fsyncFdSync, makeDirectorySync } from './fd-io.js';
 
 const { O_RDONLY, O_DIRECTORY, O_NOFOLLOW } = fs.constants;
 /** (libuv adds O_CLOEXEC to every open.) */
@@ -59,7 +60,7 @@ export class ConfinedTree {
       if (code !== 'ENOENT') throw toBdsnapError(err);
       if (!create) return undefined;
       try {
-        makeDirectorySync(resolved, { recursive: true, mode: DIR_MODE });
+        makeDirectoryDurableSync(resolved, { recursive: true, mode: DIR_MODE });
         fd = fs.openSync(resolved, O_RDONLY | O_DIRECTORY);
       } catch (e) {
         throw toBdsnapError(e);
@@ -110,6 +111,10 @@ export class ConfinedTree {
           // Another writer made it first: open what is there, with the same checks.
           if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
         }
+        // The new name is in the parent: only the parent's fsync makes it (and every object
+        // published below it) survive a power loss. Also when another writer made it, since
+        // that writer may not have synced it yet.
+        fsyncFdSync(parent);
         fd = openDirAt(parent, name);
       }
     } catch (err) {

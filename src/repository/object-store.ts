@@ -389,6 +389,11 @@ export class LocalDirStore implements ObjectStore {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw toBdsnapError(err);
     }
+    // Durable before it returns: a forgotten manifest must not come back after a power loss
+    // once prune has deleted the pieces it names.
+    await fsyncFd(at.dirFd).catch((err: unknown) => {
+      throw toBdsnapError(err);
+    });
   }
 
   async removeIncomplete(olderThanMs: number): Promise<number> {

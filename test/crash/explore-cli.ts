@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { runRepositoryExploration } from './repository-workload.js';
 import { runSessionExploration, type CheckedRun } from './session-workload.js';
 
 function report(name: string, run: CheckedRun): boolean {
@@ -26,6 +27,9 @@ try {
   const dir = path.join(top, 'session');
   fs.mkdirSync(dir);
   ok = report('session store (strict)', await runSessionExploration(dir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
+  const repoDir = path.join(top, 'repository');
+  fs.mkdirSync(repoDir);
+  ok = report('backup repository (init, create, incremental, forget, prune)', await runRepositoryExploration(repoDir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
 } finally {
   fs.rmSync(top, { recursive: true, force: true });
 }
