@@ -477,6 +477,11 @@ export class SnapshotManager {
       if (!att) throw new BdsnapError('EIO', `${d.path} is not open`);
       return att.layer;
     });
+    // The point is the base of the next incremental backup: a write in it that a power loss
+    // could still undo would leave the device differing from that backup in a block the change
+    // map counts as unchanged since. So the devices are flushed under the barrier, and once
+    // before it, so that writers wait for little.
+    await Promise.all(layers.map((layer) => layer.flush()));
     const started = performance.now();
     const holding: SnapshotLayer[] = [];
     try {
@@ -484,6 +489,7 @@ export class SnapshotManager {
         await layer.hold();
         holding.push(layer);
       }));
+      await Promise.all(layers.map((layer) => layer.flush()));
       for (const [i, d] of snapshot.record.devices.entries()) {
         const layer = layers[i] as SnapshotLayer;
         const image = layer.addPoint(snapshot.storage, d.key);

@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { runChangeMapExploration } from './change-map-workload.js';
 import { runRepositoryExploration } from './repository-workload.js';
 import { runSessionExploration, type CheckedRun } from './session-workload.js';
 
@@ -27,6 +28,9 @@ try {
   const dir = path.join(top, 'session');
   fs.mkdirSync(dir);
   ok = report('session store (strict)', await runSessionExploration(dir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
+  const cbtDir = path.join(top, 'change-map');
+  fs.mkdirSync(cbtDir);
+  ok = report('change map (strict: writes, snapshot take, reset)', await runChangeMapExploration(cbtDir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
   const repoDir = path.join(top, 'repository');
   fs.mkdirSync(repoDir);
   ok = report('backup repository (init, create, incremental, forget, prune)', await runRepositoryExploration(repoDir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
