@@ -9,6 +9,7 @@ import path from 'node:path';
 import { runChangeMapExploration } from './change-map-workload.js';
 import { runRepositoryExploration } from './repository-workload.js';
 import { runSessionExploration, type CheckedRun } from './session-workload.js';
+import { runSnapshotExploration } from './snapshot-workload.js';
 
 function report(name: string, run: CheckedRun): boolean {
   const outcomes = [...run.outcomes].map(([k, n]) => `${k} ${n}`).join(', ');
@@ -31,6 +32,9 @@ try {
   const cbtDir = path.join(top, 'change-map');
   fs.mkdirSync(cbtDir);
   ok = report('change map (strict: writes, snapshot take, reset)', await runChangeMapExploration(cbtDir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
+  const snapDir = path.join(top, 'snapshot');
+  fs.mkdirSync(snapDir);
+  ok = report('snapshot through the daemon (take, writes after it, restart)', await runSnapshotExploration(snapDir, { maxStates: Math.min(maxStates, 400), seed, mixesPerPoint: 32 })) && ok;
   const repoDir = path.join(top, 'repository');
   fs.mkdirSync(repoDir);
   ok = report('backup repository (init, create, incremental, forget, prune)', await runRepositoryExploration(repoDir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
