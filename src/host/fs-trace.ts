@@ -33,6 +33,9 @@ export interface FsTraceSink {
   record(op: FsTraceOp): void;
 }
 
+/** The mark the NBD server reports before it answers a client's flush. */
+export const FLUSH_ANSWERED_MARK = 'nbd flush answered';
+
 /** The installed sink; read at each call, so installing one takes effect at once. */
 export let fsTrace: FsTraceSink | undefined;
 

@@ -10,12 +10,12 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { pino } from 'pino';
-import { traceMark } from '../../src/host/fs-trace.js';
+import { FLUSH_ANSWERED_MARK, traceMark } from '../../src/host/fs-trace.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { BdsnapClient } from '../../src/service/client.js';
 import { Daemon } from '../../src/service/daemon.js';
 import { CrashRecorder, type Recording } from '../helpers/crash-recorder.js';
-import { exploreCrashStates, materialize, type CrashState } from '../helpers/crash-states.js';
+import { exploreCrashStates, materialize, unsyncedAtFlushAcks, type CrashState } from '../helpers/crash-states.js';
 import type { CheckedRun, Outcome } from './session-workload.js';
 
 const DEVICE_BYTES = 1 << 20;
@@ -119,7 +119,11 @@ export async function checkSnapshotState(world: SnapshotWorld, state: CrashState
 export async function runSnapshotExploration(dir: string, options: { maxStates: number; seed: number; mixesPerPoint?: number }): Promise<CheckedRun> {
   const world = await recordSnapshotWorkload(dir);
   const { built, states } = exploreCrashStates(world.rec, { maxStates: options.maxStates, seed: options.seed, mixesPerPoint: options.mixesPerPoint });
-  const run: CheckedRun = { built, checked: 0, outcomes: new Map(), defects: [], refusals: new Map(), unsyncedFlushes: [] };
+  const imageId = world.rec.initial.files.find((f) => f.path === world.image)!.id;
+  const run: CheckedRun = {
+    built, checked: 0, outcomes: new Map(), defects: [], refusals: new Map(),
+    unsyncedFlushes: unsyncedAtFlushAcks(world.rec, imageId, (label) => label === FLUSH_ANSWERED_MARK),
+  };
   for (const state of states) {
     const o = await checkSnapshotState(world, state);
     run.checked++;

@@ -6,6 +6,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { FLUSH_ANSWERED_MARK } from '../../src/host/fs-trace.js';
 import { makeTempDir } from '../helpers/files.js';
 import { namesNotDurableAt } from '../helpers/crash-states.js';
 import { recordSnapshotWorkload, runSnapshotExploration } from './snapshot-workload.js';
@@ -15,6 +16,7 @@ test('snapshot: in every crash state explored the restarted daemon serves the im
   const run = await runSnapshotExploration(dir, { maxStates: 40, seed: 1 });
   t.diagnostic(`${run.built} distinct crash states, ${run.checked} checked: ${[...run.outcomes].map(([k, n]) => `${k} ${n}`).join(', ')}`);
   assert.ok(run.built >= 60, `the exploration builds the states of every step (built ${run.built})`);
+  assert.deepEqual(run.unsyncedFlushes, [], 'a flush is answered only once the device writes before it are synced');
   assert.deepEqual(run.defects, []);
 });
 
@@ -27,4 +29,5 @@ test('snapshot: the directory of a snapshot is durable when its create returns',
   const created = world.rec.entries.findIndex((e) => e.k === 'mark' && e.label === 'created');
   assert.ok(created > 0);
   assert.deepEqual(namesNotDurableAt(world.rec, created), []);
+  assert.equal(world.rec.entries.filter((e) => e.k === 'mark' && e.label === FLUSH_ANSWERED_MARK).length, 2, 'the NBD server reports the flushes it answers');
 });
