@@ -27,7 +27,7 @@ import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { blockDeviceSizeBytes, fileStampOfFd, readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
-import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
+import { fdatasyncFd, openFd, preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
 import { formatDevT } from '../host/dev-t.js';
 import { loadLibc, type Libc } from '../host/libc.js';
 import {
@@ -37,9 +37,7 @@ import {
 import { acquireDeviceLock, type DeviceLock } from './device-lock.js';
 import { SyncIoPolicy } from './sync-io-policy.js';
 
-const fdatasyncAsync = promisify(fs.fdatasync);
 const closeAsync = promisify(fs.close);
-const openAsync = promisify(fs.open);
 
 /** Largest buffer of zeroes written at once by zero(). */
 const ZERO_BUFFER_BYTES = 1 << 20;
@@ -128,7 +126,7 @@ export class FileDevice implements BlockDevice {
       // O_NONBLOCK: a FIFO planted under the name must not hang the open (it changes nothing
       // for regular files and block devices); O_NOCTTY: nor may a terminal become ours.
       const { O_NOFOLLOW, O_NONBLOCK, O_NOCTTY } = fs.constants;
-      fd = await openAsync(path, accessFlags | O_NONBLOCK | O_NOCTTY | (options.followSymlinks ? 0 : O_NOFOLLOW));
+      fd = await openFd(path, accessFlags | O_NONBLOCK | O_NOCTTY | (options.followSymlinks ? 0 : O_NOFOLLOW));
     } catch (err) {
       throw openError(path, err);
     }
@@ -146,7 +144,7 @@ export class FileDevice implements BlockDevice {
       if (kind === 'block' && !options.shared) {
         // O_EXCL claims the disk itself (whatever node names it) and fails while it is mounted.
         // Reopening the descriptor's own /proc name keeps it the node checked above.
-        const exclusive = await openAsync(`/proc/self/fd/${fd}`, accessFlags | fs.constants.O_EXCL).catch((err: unknown) => {
+        const exclusive = await openFd(`/proc/self/fd/${fd}`, accessFlags | fs.constants.O_EXCL).catch((err: unknown) => {
           throw openError(path, err);
         });
         fs.closeSync(fd);
@@ -204,7 +202,7 @@ export class FileDevice implements BlockDevice {
   async flush(): Promise<void> {
     this.#checkOpen();
     if (this.readOnly) return;
-    await this.#tracked(() => fdatasyncAsync(this.#fd));
+    await this.#tracked(() => fdatasyncFd(this.#fd));
   }
 
   async trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
@@ -232,7 +230,7 @@ export class FileDevice implements BlockDevice {
         else await pwriteFully(this.#fd, piece, offsetBytes + done);
         done += n;
       }
-      if (options?.fua) await fdatasyncAsync(this.#fd);
+      if (options?.fua) await fdatasyncFd(this.#fd);
     });
   }
 

@@ -11,26 +11,55 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { toBdsnapError } from '../errors.js';
-import { writevFullySync } from './fd-io.js';
+import { closeFd, fsyncFd, fsyncFdSync, makeDirectory, makeDirectorySync, openFd, openFdSync, removePath, removePathSync, renamePath, renamePathSync, writevFully, writevFullySync } from './fd-io.js';
 
 /** fsync a directory, making a rename or a file creation in it durable. */
 export async function fsyncDirectory(dir: string): Promise<void> {
-  const dh = await fs.promises.open(dir, 'r');
+  const fd = await openFd(dir, 'r');
   try {
-    await dh.sync();
+    await fsyncFd(fd);
   } finally {
-    await dh.close();
+    await closeFd(fd);
   }
 }
 
 /** Synchronous fsyncDirectory. */
 export function fsyncDirectorySync(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
+  const fd = openFdSync(dir, 'r');
   try {
-    fs.fsyncSync(fd);
+    fsyncFdSync(fd);
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/**
+ * mkdir (with `recursive`, the missing parents too), and make each directory it created
+ * durable: a new directory's name is in its parent, which only the parent's fsync makes
+ * survive a power loss (and with it everything that will be written below). Resolves with the
+ * first directory created, undefined when there was nothing to create.
+ */
+export async function makeDirectoryDurable(dir: string, options: { recursive?: boolean; mode?: number } = {}): Promise<string | undefined> {
+  const first = await makeDirectory(dir, options);
+  if (first === undefined) return undefined;
+  const top = path.resolve(first);
+  for (let made = path.resolve(dir); ; made = path.dirname(made)) {
+    await fsyncDirectory(path.dirname(made));
+    if (made === top || made === path.dirname(made)) break;
+  }
+  return first;
+}
+
+/** Synchronous makeDirectoryDurable. */
+export function makeDirectoryDurableSync(dir: string, options: { recursive?: boolean; mode?: number } = {}): string | undefined {
+  const first = makeDirectorySync(dir, options);
+  if (first === undefined) return undefined;
+  const top = path.resolve(first);
+  for (let made = path.resolve(dir); ; made = path.dirname(made)) {
+    fsyncDirectorySync(path.dirname(made));
+    if (made === top || made === path.dirname(made)) break;
+  }
+  return first;
 }
 
 /** A temporary name beside `filePath` that no other writer uses. */
@@ -44,20 +73,20 @@ export async function writeFileAtomic(filePath: string, data: string | Buffer, m
   const tmp = temporaryName(filePath);
   let renamed = false;
   try {
-    const fh = await fs.promises.open(tmp, 'wx', mode);
+    const fd = await openFd(tmp, 'wx', mode);
     try {
-      await fh.writeFile(data);
+      await writevFully(fd, [typeof data === 'string' ? Buffer.from(data) : data], 0);
       // The mode argument of open() is filtered by the umask; chmod makes it exact.
-      await fh.chmod(mode);
-      await fh.sync();
+      await new Promise<void>((resolve, reject) => fs.fchmod(fd, mode, (e) => (e ? reject(e) : resolve())));
+      await fsyncFd(fd);
     } finally {
-      await fh.close();
+      await closeFd(fd);
     }
-    await fs.promises.rename(tmp, filePath);
+    await renamePath(tmp, filePath);
     renamed = true;
     await fsyncDirectory(dir);
   } catch (err) {
-    if (!renamed) await fs.promises.rm(tmp, { force: true }).catch(() => undefined);
+    if (!renamed) await removePath(tmp).catch(() => undefined);
     throw toBdsnapError(err);
   }
 }
@@ -75,21 +104,21 @@ export function writeFileAtomicSync(filePath: string, data: string | Buffer | re
   const parts = typeof data === 'string' ? [Buffer.from(data)] : Buffer.isBuffer(data) ? [data] : data;
   let renamed = false;
   try {
-    const fd = fs.openSync(tmp, 'wx', mode);
+    const fd = openFdSync(tmp, 'wx', mode);
     try {
       writevFullySync(fd, parts, 0);
       fs.fchmodSync(fd, mode);
-      fs.fsyncSync(fd);
+      fsyncFdSync(fd);
     } finally {
       fs.closeSync(fd);
     }
-    fs.renameSync(tmp, filePath);
+    renamePathSync(tmp, filePath);
     renamed = true;
     fsyncDirectorySync(dir);
   } catch (err) {
     if (!renamed) {
       try {
-        fs.rmSync(tmp, { force: true });
+        removePathSync(tmp);
       } catch {
         // The failure to report is the first one.
       }

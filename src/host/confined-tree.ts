@@ -25,6 +25,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { makeDirectoryDurableSync } from './atomic-file.js';
+import { fsyncFdSync, makeDirectorySync } from './fd-io.js';
 
 const { O_RDONLY, O_DIRECTORY, O_NOFOLLOW } = fs.constants;
 /** (libuv adds O_CLOEXEC to every open.) */
@@ -58,7 +60,7 @@ export class ConfinedTree {
       if (code !== 'ENOENT') throw toBdsnapError(err);
       if (!create) return undefined;
       try {
-        fs.mkdirSync(resolved, { recursive: true, mode: DIR_MODE });
+        makeDirectoryDurableSync(resolved, { recursive: true, mode: DIR_MODE });
         fd = fs.openSync(resolved, O_RDONLY | O_DIRECTORY);
       } catch (e) {
         throw toBdsnapError(e);
@@ -104,11 +106,15 @@ export class ConfinedTree {
       fd = openDirAt(parent, name);
       if (fd === undefined && create) {
         try {
-          fs.mkdirSync(ConfinedTree.at(parent, name), DIR_MODE);
+          makeDirectorySync(ConfinedTree.at(parent, name), { mode: DIR_MODE });
         } catch (err) {
           // Another writer made it first: open what is there, with the same checks.
           if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
         }
+        // The new name is in the parent: only the parent's fsync makes it (and every object
+        // published below it) survive a power loss. Also when another writer made it, since
+        // that writer may not have synced it yet.
+        fsyncFdSync(parent);
         fd = openDirAt(parent, name);
       }
     } catch (err) {

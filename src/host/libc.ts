@@ -13,6 +13,7 @@
 
 import { createRequire } from 'node:module';
 import os from 'node:os';
+import { fsTrace } from './fs-trace.js';
 
 /** Credentials of the process on the other end of a unix socket, as the kernel recorded them at connect(). */
 export interface PeerCred {
@@ -246,8 +247,11 @@ function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof im
     return { src_fd: srcFd, src_offset: srcOffsetBytes, src_length: lengthBytes, dest_offset: dstOffsetBytes };
   };
   // The ioctl is issued on the destination, naming the source inside the argument.
-  const outcome = (rc: number, lengthBytes: number): CloneResult => {
-    if (rc === 0) return 'cloned';
+  const outcome = (rc: number, lengthBytes: number, traced?: () => void): CloneResult => {
+    if (rc === 0) {
+      traced?.();
+      return 'cloned';
+    }
     const errno = koffi.errno();
     if (CLONE_UNSUPPORTED_ERRNO.has(errno)) return 'unsupported';
     const code = errnoName(errno);
@@ -263,14 +267,14 @@ function bindCloneRange(koffi: typeof import('koffi'), lib: ReturnType<typeof im
           return;
         }
         try {
-          resolve(outcome(rc, lengthBytes));
+          resolve(outcome(rc, lengthBytes, fsTrace && (() => fsTrace?.record({ op: 'clone', srcFd, srcPosition: srcOffsetBytes, fd: dstFd, position: dstOffsetBytes, lengthBytes }))));
         } catch (e) {
           reject(e as Error);
         }
       });
     }),
     cloneRangeSync: (srcFd, srcOffsetBytes, dstFd, dstOffsetBytes, lengthBytes) =>
-      outcome(ioctl(dstFd, request, argument(srcFd, srcOffsetBytes, dstOffsetBytes, lengthBytes)) as number, lengthBytes),
+      outcome(ioctl(dstFd, request, argument(srcFd, srcOffsetBytes, dstOffsetBytes, lengthBytes)) as number, lengthBytes, fsTrace && (() => fsTrace?.record({ op: 'clone', srcFd, srcPosition: srcOffsetBytes, fd: dstFd, position: dstOffsetBytes, lengthBytes }))),
   };
 }
 

@@ -6,16 +6,19 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { makeDirectoryDurable } from './atomic-file.js';
 
 /**
- * Make sure `dir` is a private directory of ours: create it with `mode`, or accept an existing
+ * Make sure `dir` is a private directory of ours: create it with `mode` (durably), or accept an existing
  * one only if it is a real directory owned by this user and closed to others. An existing
  * directory is never chmod'ed, so a mistaken `--run-dir /tmp` is refused, not locked down.
  */
 export async function ensurePrivateDir(dir: string, mode = 0o700): Promise<void> {
   let created: string | undefined;
   try {
-    created = await fs.promises.mkdir(dir, { recursive: true, mode });
+    // Durable: what is created in it (a snapshot's record and storage) must not vanish with
+    // its name after a power loss.
+    created = await makeDirectoryDurable(dir, { recursive: true, mode });
   } catch (err) {
     throw toBdsnapError(err);
   }

@@ -41,6 +41,7 @@ import type net from 'node:net';
 import type tls from 'node:tls';
 import type { NbdTls } from './tls.js';
 import { WIRE_ERRNO, toBdsnapError, BdsnapError } from '../errors.js';
+import { FLUSH_ANSWERED_MARK, traceMark } from '../host/fs-trace.js';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
 import type { ExportHandle, ExportProvider, MetaContextSource } from './exports.js';
 import type { BufferPool } from '../device/buffer-pool.js';
@@ -882,6 +883,8 @@ export class ServerConnection {
         break;
       case C.NBD_CMD_FLUSH:
         await device.flush();
+        // For the crash explorer: what was written before must be durable from here on.
+        traceMark(FLUSH_ANSWERED_MARK);
         break;
       case C.NBD_CMD_TRIM:
         if (lengthBytes > 0) await device.trim(offsetBytes, lengthBytes, { fua });

@@ -29,7 +29,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { ConfinedTree } from '../host/confined-tree.js';
-import { closeFd, fdatasyncFd, fsyncFd, openFd, preadFully, writevFully } from '../host/fd-io.js';
+import { closeFd, fdatasyncFd, fsyncFd, openFd, preadFully, renamePath, unlinkPath, writevFully } from '../host/fd-io.js';
 import { runLimited } from '../run-limited.js';
 
 export interface ObjectInfo {
@@ -140,7 +140,7 @@ const FILE_MODE = 0o600;
 
 /** Remove the temp files of staged objects that will not be published; best effort. */
 async function removeTemps(batch: readonly Staged[]): Promise<void> {
-  await Promise.all(batch.map((s) => fs.promises.unlink(ConfinedTree.at(s.dirFd, s.tmp)).catch(() => undefined)));
+  await Promise.all(batch.map((s) => unlinkPath(ConfinedTree.at(s.dirFd, s.tmp)).catch(() => undefined)));
 }
 
 export class LocalDirStore implements ObjectStore {
@@ -226,7 +226,7 @@ export class LocalDirStore implements ObjectStore {
           await closeFd(fd);
         }
       });
-      await runLimited(batch, COMMIT_CONCURRENCY, (s) => fs.promises.rename(ConfinedTree.at(s.dirFd, s.tmp), ConfinedTree.at(s.dirFd, s.base)));
+      await runLimited(batch, COMMIT_CONCURRENCY, (s) => renamePath(ConfinedTree.at(s.dirFd, s.tmp), ConfinedTree.at(s.dirFd, s.base)));
       await runLimited(new Set(batch.map((s) => s.dirFd)), COMMIT_CONCURRENCY, (fd) => fsyncFd(fd));
     } catch (err) {
       await removeTemps(batch);
@@ -390,11 +390,16 @@ export class LocalDirStore implements ObjectStore {
     if (!at) return;
     try {
       // unlink removes a link itself, never what it points to.
-      await fs.promises.unlink(ConfinedTree.at(at.dirFd, at.base));
+      await unlinkPath(ConfinedTree.at(at.dirFd, at.base));
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw toBdsnapError(err);
     }
+    // Durable before it returns: a forgotten manifest must not come back after a power loss
+    // once prune has deleted the pieces it names.
+    await fsyncFd(at.dirFd).catch((err: unknown) => {
+      throw toBdsnapError(err);
+    });
   }
 
   async removeIncomplete(olderThanMs: number): Promise<number> {
@@ -406,7 +411,7 @@ export class LocalDirStore implements ObjectStore {
       const cut = t.name.lastIndexOf('/');
       const dirFd = this.#open(false)?.dir(cut >= 0 ? t.name.slice(0, cut) : '', false);
       if (dirFd === undefined) continue;
-      await fs.promises.unlink(ConfinedTree.at(dirFd, t.name.slice(cut + 1))).catch((err: unknown) => {
+      await unlinkPath(ConfinedTree.at(dirFd, t.name.slice(cut + 1))).catch((err: unknown) => {
         if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw toBdsnapError(err);
       });
       removed++;

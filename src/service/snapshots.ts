@@ -49,6 +49,7 @@ import { DiffStorage, type DiffStorageEvent } from '../snapshot/diff-storage.js'
 import type { SnapshotImage, SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { describeIdentity, sameIdentity, stampIdentitySchema } from '../host/device-stamp.js';
+import { removePath } from '../host/fd-io.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import type { SnapshotInfo } from './control-protocol.js';
 import type { Attachment, DeviceTable } from './device-table.js';
@@ -456,7 +457,7 @@ export class SnapshotManager {
       this.#options.tracking?.forget(dir);
       await storage?.destroy().catch(() => undefined);
       for (const devicePath of held) await table.detach(devicePath, 'snapshot').catch(() => undefined);
-      await fs.promises.rm(dir, { recursive: true, force: true });
+      await removePath(dir, { recursive: true });
       throw e;
     }
     this.#snapshots.set(id, snapshot);
@@ -476,6 +477,11 @@ export class SnapshotManager {
       if (!att) throw new BdsnapError('EIO', `${d.path} is not open`);
       return att.layer;
     });
+    // The point is the base of the next incremental backup: a write in it that a power loss
+    // could still undo would leave the device differing from that backup in a block the change
+    // map counts as unchanged since. So the devices are flushed under the barrier, and once
+    // before it, so that writers wait for little.
+    await Promise.all(layers.map((layer) => layer.flush()));
     const started = performance.now();
     const holding: SnapshotLayer[] = [];
     try {
@@ -483,6 +489,7 @@ export class SnapshotManager {
         await layer.hold();
         holding.push(layer);
       }));
+      await Promise.all(layers.map((layer) => layer.flush()));
       for (const [i, d] of snapshot.record.devices.entries()) {
         const layer = layers[i] as SnapshotLayer;
         const image = layer.addPoint(snapshot.storage, d.key);
@@ -568,7 +575,7 @@ export class SnapshotManager {
       // Storage never created, or unreadable: the directory removal below is what matters.
     }
     this.#options.tracking?.forget(dir);
-    await fs.promises.rm(dir, { recursive: true, force: true });
+    await removePath(dir, { recursive: true });
     this.#options.log.warn({ event: 'snapshot-leftovers-removed', snapshot: record.id }, 'a snapshot create was interrupted by a daemon stop; its leftovers were removed');
   }
 
@@ -617,7 +624,7 @@ export class SnapshotManager {
     await snapshot.storage.destroy();
     this.#options.tracking?.forget(snapshot.dir);
     for (const image of snapshot.images) await this.#options.table.detach(image.device, 'snapshot');
-    await fs.promises.rm(snapshot.dir, { recursive: true, force: true });
+    await removePath(snapshot.dir, { recursive: true });
     this.#snapshots.delete(snapshot.record.id);
   }
 

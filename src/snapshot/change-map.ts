@@ -58,9 +58,9 @@ import { crc32 } from 'node:zlib';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { checkRange, type BlockDevice } from '../device/block-device.js';
 import { PassThroughDevice } from '../device/pass-through.js';
-import { writeFileAtomicSync } from '../host/atomic-file.js';
+import { makeDirectoryDurable, writeFileAtomicSync } from '../host/atomic-file.js';
 import { compareDeviceStamps, parseDeviceStamp, readBootId, type DeviceStamp } from '../host/device-stamp.js';
-import { fdatasyncFd, preadFullySync, pwriteFullySync } from '../host/fd-io.js';
+import { fdatasyncFd, fdatasyncFdSync, ftruncateFdSync, preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 import { readU64, writeU64 } from './format.js';
 
 export const CHANGE_MAP_MAGIC = 'BDSNPCBT';
@@ -418,7 +418,7 @@ export class ChangeMap {
     encodeStamp(stamp);
     const bootId = options.bootId ?? readBootId();
     try {
-      await fs.promises.mkdir(path.dirname(options.file), { recursive: true, mode: 0o700 });
+      await makeDirectoryDurable(path.dirname(options.file), { recursive: true, mode: 0o700 });
       const { fd, state, reset } = ChangeMap.#load(options, bootId, stamp);
       const map = new ChangeMap(options, bootId, fd, state);
       try {
@@ -429,7 +429,7 @@ export class ChangeMap {
           // the stamp at open (what an unclean stop leaves to compare).
           map.#lastWriteSeenMs = Date.now();
           map.#writeHeader(0);
-          fs.fdatasyncSync(fd);
+          fdatasyncFdSync(fd);
         }
       } catch (err) {
         clearInterval(map.#staleTimer);
@@ -581,7 +581,7 @@ export class ChangeMap {
     try {
       this.#writeHeader(0);
       // The new number must be on disk before any entry of the new period can be (strict).
-      if (this.#durable) fs.fdatasyncSync(this.#fd);
+      if (this.#durable) fdatasyncFdSync(this.#fd);
     } catch (err) {
       this.#poison(err);
     }
@@ -693,10 +693,10 @@ export class ChangeMap {
     this.#failure = toBdsnapError(err).message;
     try {
       this.#writeHeader(FLAG_POISONED);
-      fs.fdatasyncSync(this.#fd);
+      fdatasyncFdSync(this.#fd);
     } catch {
       try {
-        fs.ftruncateSync(this.#fd, 0);
+        ftruncateFdSync(this.#fd, 0);
       } catch {
         // Nothing more can be done from here; the failure is reported through `failure`.
       }
@@ -730,7 +730,7 @@ export class ChangeMap {
     this.#next = undefined;
     this.#syncing = batch;
     const fd = this.#fd;
-    fs.fdatasync(fd, (err) => {
+    const done = (err: Error | null): void => {
       this.#syncing = undefined;
       if (fd !== this.#fd) {
         // A reset replaced the file meanwhile: its old fd was kept open for this sync only.
@@ -751,7 +751,8 @@ export class ChangeMap {
         batch.resolve();
       }
       if (this.#next) this.#startSync();
-    });
+    };
+    fdatasyncFd(fd).then(() => done(null), done);
   }
 
   /** New generation, in memory and in a new file that replaces the old one atomically. */
@@ -899,7 +900,7 @@ export class FrozenChangeMap {
     writeU64(h, this.deviceSizeBytes, 32);
     h.writeUInt32LE(crc32(h.subarray(0, FROZEN_CRC_AT)), FROZEN_CRC_AT);
     try {
-      await fs.promises.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
+      await makeDirectoryDurable(path.dirname(file), { recursive: true, mode: 0o700 });
       writeFileAtomicSync(file, [h, entryBytes(this.#entries, 0, this.#entries.length - 1)]);
       const fd = fs.openSync(file, 'r+');
       if (this.#fd !== undefined) fs.closeSync(this.#fd);

@@ -28,8 +28,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { BdsnapError, toBdsnapError } from '../errors.js';
-import { fsyncDirectory, writeFileAtomic } from '../host/atomic-file.js';
-import { closeFd, ftruncateFd, preadFully } from '../host/fd-io.js';
+import { fsyncDirectory, makeDirectoryDurable, writeFileAtomic } from '../host/atomic-file.js';
+import { closeFd, ftruncateFd, makeDirectory, openFdSync, preadFully, removePath } from '../host/fd-io.js';
 import { lockOpenFile } from '../host/lock-file.js';
 import {
   checkRange, type BlockDevice, type DeviceStamp, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
@@ -473,12 +473,12 @@ export class CowDevice implements BlockDevice {
     let fd: number | undefined;
     let manifestWritten = false;
     try {
-      await fs.promises.mkdir(this.#root, { recursive: true, mode: 0o700 });
+      await makeDirectoryDurable(this.#root, { recursive: true, mode: 0o700 });
       const base = path.join(this.#root, sessionDirName(this.#options.devicePath, this.#mountTime));
       for (let attempt = 1; ; attempt++) {
         const candidate = attempt === 1 ? base : `${base}-${attempt}`;
         try {
-          await fs.promises.mkdir(candidate, { mode: 0o700 });
+          await makeDirectory(candidate, { mode: 0o700 });
           dir = candidate;
           break;
         } catch (err) {
@@ -487,7 +487,7 @@ export class CowDevice implements BlockDevice {
       }
       // The data file exists before the manifest says 'active', so a crash right after leaves
       // a session that recovers as an empty interrupted one.
-      fd = fs.openSync(path.join(dir, DATA_FILE), 'wx+', 0o600);
+      fd = openFdSync(path.join(dir, DATA_FILE), 'wx+', 0o600);
       lockStore(fd, path.join(dir, DATA_FILE));
       // Taken before any write of this session reaches the device: what the previous session
       // or restore left must carry this stamp, else something else wrote the device between.
@@ -511,7 +511,7 @@ export class CowDevice implements BlockDevice {
     } catch (err) {
       if (fd !== undefined) fs.closeSync(fd);
       // A directory without a manifest would block restores of older sessions: remove it.
-      if (dir !== undefined && !manifestWritten) await fs.promises.rm(dir, { recursive: true, force: true }).catch(() => undefined);
+      if (dir !== undefined && !manifestWritten) await removePath(dir, { recursive: true }).catch(() => undefined);
       if (dir !== undefined && manifestWritten) this.#sessionDir = dir;
       this.#state = 'failed';
       this.#failedReason = `cannot create the session directory: ${(err as Error).message}`;

@@ -36,7 +36,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { formatBytes } from '../units.js';
 import { checkChunkSize } from './format.js';
@@ -44,15 +43,12 @@ import { writeFileAtomic, writeFileAtomicSync } from '../host/atomic-file.js';
 import { checkPrivateDir } from '../host/private-dir.js';
 import { ChunkTable } from './chunk-table.js';
 import { SequentialReader, StoreWriter } from './store.js';
-import { preadFully } from '../host/fd-io.js';
+import { closeFd, ftruncateFd, openFd, preadFully, removePath } from '../host/fd-io.js';
 import {
   DIFF_RECORD_HEADER_BYTES, MAX_DEVICE_KEY, decodeDiffRecordHeader, diffRecordMatches, encodeDiffRecordHeader,
   type DiffRecordKind,
 } from './diff-record.js';
 
-const closeAsync = promisify(fs.close);
-const ftruncateAsync = promisify(fs.ftruncate);
-const openAsync = promisify(fs.open);
 
 export type DiffStorageState = 'ok' | 'overflowed' | 'failed';
 
@@ -274,8 +270,8 @@ export class DiffStorage {
     try {
       await this.#recordDirs([dirs[0]!, dir], previous.index, dirs, file.index + 1);
     } catch (err) {
-      await closeAsync(file.fd).catch(() => undefined);
-      await fs.promises.rm(file.path, { force: true });
+      await closeFd(file.fd).catch(() => undefined);
+      await removePath(file.path);
       throw toBdsnapError(err);
     }
     this.#dirs = dirs;
@@ -312,10 +308,10 @@ export class DiffStorage {
   /** Close and remove every file of the storage. */
   async destroy(): Promise<void> {
     await this.close();
-    for (const f of this.#files) await fs.promises.rm(f.path, { force: true });
+    for (const f of this.#files) await removePath(f.path);
     for (const dir of this.#dirs) {
-      await fs.promises.rm(path.join(dir, stateFileName(this.id)), { force: true });
-      await fs.promises.rm(path.join(dir, dirsFileName(this.id)), { force: true });
+      await removePath(path.join(dir, stateFileName(this.id)));
+      await removePath(path.join(dir, dirsFileName(this.id)));
     }
   }
 
@@ -416,7 +412,7 @@ export class DiffStorage {
     const { O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
     let fd: number;
     try {
-      fd = await openAsync(filePath, O_RDWR | O_NOFOLLOW | (flags === 'wx+' ? O_CREAT | O_EXCL : 0), 0o600);
+      fd = await openFd(filePath, O_RDWR | O_NOFOLLOW | (flags === 'wx+' ? O_CREAT | O_EXCL : 0), 0o600);
     } catch (err) {
       const e = toBdsnapError(err);
       if ((err as NodeJS.ErrnoException).code === 'ELOOP') throw new BdsnapError('EPERM', `${filePath} is a symbolic link, not a difference storage file`, { cause: err });
@@ -425,7 +421,7 @@ export class DiffStorage {
     try {
       checkOwnFile(filePath, fs.fstatSync(fd));
     } catch (err) {
-      await closeAsync(fd);
+      await closeFd(fd);
       throw err;
     }
     return { index, dir, path: filePath, fd, writer: this.#writer(fd, dir, 0) };
@@ -469,7 +465,7 @@ export class DiffStorage {
       // A sealed file had nothing in flight when the process died: a bad record there is
       // damage, not a torn tail.
       if (!mayBeTorn) throw new BdsnapError('ECORRUPT', `${file.path} is corrupt: ${tornReason} at byte ${position}`);
-      await ftruncateAsync(file.fd, position);
+      await ftruncateFd(file.fd, position);
     }
     this.#usedBytes += position;
     file.writer = this.#writer(file.fd, file.dir, position);
@@ -550,7 +546,7 @@ export class DiffStorage {
     for (const f of this.#files) {
       const fd = f.fd;
       f.fd = -1;
-      if (fd >= 0) await closeAsync(fd).catch(() => undefined);
+      if (fd >= 0) await closeFd(fd).catch(() => undefined);
     }
   }
 

@@ -16,6 +16,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { removePath, renamePath } from '../host/fd-io.js';
 import { FORGOTTEN_SUFFIX } from './format.js';
 import { compareSessions, listSessions, type SessionInfo } from './sessions.js';
 import { lostStarts, readJournals } from './restore/chain.js';
@@ -95,8 +96,8 @@ export async function forgetSessions(snapshotRoot: string, plan: ForgetPlan): Pr
   for (const { dir } of plan.remove) {
     const gone = `${dir}${FORGOTTEN_SUFFIX}`;
     try {
-      await fs.promises.rename(dir, gone);
-      await fs.promises.rm(gone, { recursive: true, force: true });
+      await renamePath(dir, gone);
+      await removePath(gone, { recursive: true });
     } catch (err) {
       throw new BdsnapError(toBdsnapError(err).code, `cannot remove session ${dir}: ${(err as Error).message}`, { cause: err });
     }
@@ -107,6 +108,6 @@ export async function forgetSessions(snapshotRoot: string, plan: ForgetPlan): Pr
 async function removeForgottenLeftovers(snapshotRoot: string): Promise<void> {
   const entries = await fs.promises.readdir(snapshotRoot).catch(() => [] as string[]);
   for (const name of entries) {
-    if (name.endsWith(FORGOTTEN_SUFFIX)) await fs.promises.rm(path.join(snapshotRoot, name), { recursive: true, force: true });
+    if (name.endsWith(FORGOTTEN_SUFFIX)) await removePath(path.join(snapshotRoot, name), { recursive: true });
   }
 }

@@ -14,7 +14,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
 import { formatDevT } from '../host/dev-t.js';
-import { pwriteFully } from '../host/fd-io.js';
+import { closeFd, fdatasyncFd, ftruncateFd, openFd, pwriteFully, removePath } from '../host/fd-io.js';
 import { lockOpenFile } from '../host/lock-file.js';
 import {
   DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, FORGOTTEN_SUFFIX, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
@@ -140,9 +140,9 @@ export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
   const found = await readManifest(dir);
   if (found.state === 'complete' || found.state === 'failed') return infoFromManifest(dir, found);
   const dataPath = path.join(dir, DATA_FILE);
-  let fh: fs.promises.FileHandle;
+  let fd: number;
   try {
-    fh = await fs.promises.open(dataPath, 'r+');
+    fd = await openFd(dataPath, 'r+');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new BdsnapError('ECORRUPT', `${dir}: the data file ${DATA_FILE} is missing`, { cause: err });
     throw toBdsnapError(err);
@@ -153,31 +153,31 @@ export async function recoverSession(sessionDir: string): Promise<SessionInfo> {
   let scan;
   let storeBytes: number;
   try {
-    // Held until fh closes: no writer can come back, and a second recovery waits its turn.
-    if (lockOpenFile(fh.fd, dataPath) === 'held-elsewhere') {
+    // Held until fd closes: no writer can come back, and a second recovery waits its turn.
+    if (lockOpenFile(fd, dataPath) === 'held-elsewhere') {
       throw new BdsnapError('EBUSY', `${dir} is still open by a running process (its session is live); end that session (or stop its daemon) first`);
     }
     // The writer may have ended the session between the first read and the lock.
     manifest = await readManifest(dir);
     if (manifest.state === 'complete' || manifest.state === 'failed') return infoFromManifest(dir, manifest);
-    scan = await scanData(fh.fd, { chunkSize: manifest.chunkSize, deviceSize: manifest.deviceSize, allowTornTail: true, where: dataPath });
+    scan = await scanData(fd, { chunkSize: manifest.chunkSize, deviceSize: manifest.deviceSize, allowTornTail: true, where: dataPath });
     if (scan.validBytes < scan.fileBytes) {
       cutBytes = scan.fileBytes - scan.validBytes;
       reason = scan.tornReason;
-      await fh.truncate(scan.validBytes);
+      await ftruncateFd(fd, scan.validBytes);
     }
     storeBytes = scan.validBytes;
     for (const { header, payload } of encodeSealRecords(scan.unsealed)) {
       const record = Buffer.concat([header, payload]);
-      await pwriteFully(fh.fd, record, storeBytes);
+      await pwriteFully(fd, record, storeBytes);
       storeBytes += record.length;
     }
-    await fh.datasync();
+    await fdatasyncFd(fd);
   } finally {
-    await fh.close();
+    await closeFd(fd);
   }
   await writeFileAtomic(path.join(dir, INDEX_FILE), encodeIndex(scan.index), SESSION_FILE_MODE);
-  await fs.promises.rm(path.join(dir, DIGESTS_FILE), { force: true });
+  await removePath(path.join(dir, DIGESTS_FILE));
   // Nothing writes the device of a session being recovered (its process is gone), so its stamp
   // now is the one the session left.
   const endStamp = manifest.endStamp ?? await deviceStampNow(manifest.devicePath, manifest.deviceIdentity);
