@@ -62,6 +62,7 @@ export interface NbdCampaignResult {
   halfClosed: number;
   checkerRounds: number;
   maxCheckerLatencyMs: number;
+  /** Measured after the warm-up (memory) and before the first connection (descriptors). */
   before: ProcessGauge;
   after: ProcessGauge;
   peakRssKiB: number;
@@ -183,6 +184,7 @@ export async function runNbdCampaign(options: NbdCampaignOptions): Promise<NbdCa
   const checker = checkerLoop(options, stop, result);
   let nextSeed = options.seed;
   let lastProgress = 0;
+  let warmedUp = false;
   const worker = async (): Promise<void> => {
     while (!done) {
       if (result.frames >= options.frames || Date.now() - startedMs > maxDurationMs || result.failures.length > 20) {
@@ -191,6 +193,12 @@ export async function runNbdCampaign(options: NbdCampaignOptions): Promise<NbdCa
       }
       const seed = nextSeed++;
       const r = await fuzzConnection(options.socketPath, options.target, seed, framesPerConnection, closeDeadlineMs);
+      // As for the control socket, memory is measured from the end of a warm-up (a fifth of the
+      // frames): the heap and the allocator grow to their working size first.
+      if (!warmedUp && result.frames + r.frames >= options.frames / 5) {
+        warmedUp = true;
+        result.before = { ...gauge(options.pid), fds: before.fds };
+      }
       result.frames += r.frames;
       result.connections++;
       result.byPhase[r.phase]++;
