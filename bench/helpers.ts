@@ -14,3 +14,5 @@ export { run } from '../test/helpers/process.js';
 export { MIN_SCRATCH_FS_BYTES, mountScratchFs, scratchFsNeeds } from '../test/helpers/scratch-fs.js';
 export { BDSNAP_MAIN, launchServer, startServer, type NbdServer } from '../test/helpers/server.js';
 export { makePki } from '../test/helpers/tls.js';
+export { runControlCampaign } from '../test/fuzz/control-campaign.js';
+export { gauge, runNbdCampaign } from '../test/fuzz/nbd-campaign.js';
