@@ -97,7 +97,8 @@ export class NbdServer {
   /**
    * A burst's buffers are freed to malloc, which keeps their pages: small ones come from the heap
    * that only shrinks from its top, and a fuzz run of a million frames left 36 MB there for good.
-   * Once a burst is over (and its buffers collected, given a moment), the pages go back.
+   * Once a burst is over, or the last client has gone (and their buffers were collected, given
+   * a moment), the pages go back.
    */
   #trimSoon(): void {
     this.#trimTimer ??= setTimeout(() => {
@@ -181,7 +182,10 @@ export class NbdServer {
       socket.resume();
     }
     this.#connections.add(connection);
-    void connection.closed.then(() => this.#connections.delete(connection));
+    void connection.closed.then(() => {
+      this.#connections.delete(connection);
+      if (this.#connections.size === 0) this.#trimSoon();
+    });
   }
 
   /**

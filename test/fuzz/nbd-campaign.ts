@@ -164,6 +164,9 @@ async function settleFds(pid: number, fds: number, timeoutMs: number): Promise<P
   return now;
 }
 
+/** How long after the campaign its memory is measured (the server trims 2 s after its last client). */
+const MEMORY_SETTLE_MS = 3000;
+
 export async function runNbdCampaign(options: NbdCampaignOptions): Promise<NbdCampaignResult> {
   const startedMs = Date.now();
   const concurrency = options.concurrency ?? 4;
@@ -222,7 +225,10 @@ export async function runNbdCampaign(options: NbdCampaignOptions): Promise<NbdCa
   done = true;
   await checker;
   if (alive(options.pid)) {
-    result.after = await settleFds(options.pid, before.fds, 5000);
+    await settleFds(options.pid, before.fds, 5000);
+    // The server hands the memory of its clients back a moment after the last one has gone.
+    await sleep(MEMORY_SETTLE_MS);
+    result.after = gauge(options.pid);
     result.peakRssKiB = Math.max(result.peakRssKiB, result.after.rssKiB);
     if (result.after.fds > before.fds) result.failures.push(`descriptors: ${before.fds} before, ${result.after.fds} after the campaign`);
     // A fresh well-behaved connection is served after it all.
