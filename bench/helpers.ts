@@ -15,3 +15,5 @@ export { MIN_SCRATCH_FS_BYTES, mountScratchFs, scratchFsNeeds } from '../test/he
 export { BDSNAP_MAIN, launchServer, startServer, type NbdServer } from '../test/helpers/server.js';
 export { makePki } from '../test/helpers/tls.js';
 export { ServeSnapshotProvider } from '../test/backup/helpers.js';
+export { runControlCampaign } from '../test/fuzz/control-campaign.js';
+export { gauge, runNbdCampaign } from '../test/fuzz/nbd-campaign.js';

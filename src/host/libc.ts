@@ -87,6 +87,11 @@ export interface Libc {
    * `errno` when a call fails.
    */
   disableCoreDumps(): void;
+  /**
+   * malloc_trim(0): give the pages of free malloc memory back to the kernel, anywhere in the
+   * heap, not only at its top. False where the C library has no malloc_trim (not glibc).
+   */
+  trimHeap(): boolean;
 }
 
 export type CloneResult = 'cloned' | 'unsupported';
@@ -171,6 +176,7 @@ function bind(): { libc: Libc | undefined; reason: string } {
     const flock = lib.func('int flock(int fd, int operation)');
     const setrlimit = lib.func('int setrlimit(int resource, _In_ uint8_t *rlim)');
     const prctl = lib.func('int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5)');
+    const mallocTrim = optionalFunc(lib, 'int malloc_trim(size_t pad)');
     const libc: Libc = {
       peerCred(fd: number): PeerCred {
         const ucred = Buffer.alloc(UCRED_BYTES);
@@ -210,6 +216,11 @@ function bind(): { libc: Libc | undefined; reason: string } {
           throw Object.assign(new Error(`cannot disable core dumps: ${errnoName(errno) ?? `errno ${errno}`}`), { errno });
         }
       },
+      trimHeap(): boolean {
+        if (mallocTrim === undefined) return false;
+        mallocTrim(0);
+        return true;
+      },
       startWriteback(fd: number, offsetBytes: number, lengthBytes: number): Promise<boolean> {
         if (!(lengthBytes > 0)) return Promise.resolve(false);
         return new Promise((resolve) => {
@@ -220,6 +231,15 @@ function bind(): { libc: Libc | undefined; reason: string } {
     return { libc, reason: '' };
   } catch (err) {
     return { libc: undefined, reason: `libc could not be bound through koffi: ${(err as Error).message}` };
+  }
+}
+
+/** A function the C library may lack (musl has no malloc_trim), or undefined. */
+function optionalFunc(lib: ReturnType<typeof import('koffi').load>, signature: string): ReturnType<ReturnType<typeof import('koffi').load>['func']> | undefined {
+  try {
+    return lib.func(signature);
+  } catch {
+    return undefined;
   }
 }
 

@@ -12,6 +12,8 @@
  * - Replies already built are charged whatever the balance (charge()), and everything taken is
  *   given back exactly once (release()); the balance may run over the limit by those replies,
  *   which only holds up further admissions.
+ * - After a burst (the balance reached `burstBytes`) `onBurstOver` is called once the balance is
+ *   back under a quarter of that: the memory of the burst is free again and can be handed back.
  */
 
 import { BdsnapError } from '../errors.js';
@@ -25,10 +27,15 @@ export class InFlightBudget {
   readonly limitBytes: number;
   #usedBytes = 0;
   #waiting: Waiter[] = [];
+  readonly #burstBytes: number;
+  readonly #onBurstOver: (() => void) | undefined;
+  #inBurst = false;
 
-  constructor(limitBytes: number) {
+  constructor(limitBytes: number, burst?: { bytes: number; over: () => void }) {
     if (!Number.isSafeInteger(limitBytes) || limitBytes <= 0) throw new BdsnapError('EINVAL', `bad in-flight budget ${limitBytes}`);
     this.limitBytes = limitBytes;
+    this.#burstBytes = burst?.bytes ?? Number.POSITIVE_INFINITY;
+    this.#onBurstOver = burst?.over;
   }
 
   get usedBytes(): number {
@@ -47,6 +54,7 @@ export class InFlightBudget {
   acquire(bytes: number, granted: () => void): boolean {
     if (this.#waiting.length === 0 && this.#fits(bytes)) {
       this.#usedBytes += bytes;
+      if (this.#usedBytes >= this.#burstBytes) this.#inBurst = true;
       return true;
     }
     this.#waiting.push({ bytes, granted });
@@ -56,12 +64,17 @@ export class InFlightBudget {
   /** Take `bytes` whatever the balance: memory that is already in use (a reply being sent). */
   charge(bytes: number): void {
     this.#usedBytes += bytes;
+    if (this.#usedBytes >= this.#burstBytes) this.#inBurst = true;
   }
 
   /** Give back bytes taken by acquire() (once granted) or charge(). */
   release(bytes: number): void {
     if (bytes === 0) return;
     this.#usedBytes -= bytes;
+    if (this.#inBurst && this.#usedBytes < this.#burstBytes / 4) {
+      this.#inBurst = false;
+      this.#onBurstOver?.();
+    }
     this.#grantWaiting();
   }
 
@@ -81,6 +94,7 @@ export class InFlightBudget {
     while (this.#waiting.length > 0 && this.#fits(this.#waiting[0]!.bytes)) {
       const w = this.#waiting.shift()!;
       this.#usedBytes += w.bytes;
+      if (this.#usedBytes >= this.#burstBytes) this.#inBurst = true;
       granted.push(w.granted);
     }
     // Called once the balance is settled: a granted connection may take or give back more.

@@ -11,8 +11,8 @@
  * - A READ reply is only built once its data is in hand, so a failed read always gets a clean
  *   error reply and never a half-sent one.
  * - Memory is bounded: every request is charged its payload (READ or WRITE length) plus a
- *   fixed overhead from the server's shared InFlightBudget before anything is allocated for it,
- *   and every reply its length until the socket has taken it. Decoding pauses (and the socket
+ *   fixed overhead from the server's shared InFlightBudget before anything is allocated for it;
+ *   its reply carries that charge (topped up to the reply's length) until the socket has taken it. Decoding pauses (and the socket
  *   with it) while a request waits for the budget, while this connection holds more than its
  *   own cap, or while the socket's write buffer is full; it resumes when bytes are given back
  *   or on 'drain'. So a client that does not read its replies stops being read itself, and
@@ -153,8 +153,17 @@ export class ServerConnection {
   #admissionBytes = 0;
   /** Set at teardown: whatever is still charged was given back, late releases are ignored. */
   #accountingClosed = false;
-  #unsentReplies = 0;
-  #lastSendProgressMs = 0;
+  /**
+   * Replies handed to the socket and not yet taken, oldest first from `#sentHead`: what each
+   * carries from the budget and its pool buffer. One write callback (`#written`) serves them all.
+   */
+  #unsentCharges: number[] = [];
+  #unsentBuffers: Array<Buffer | undefined> = [];
+  #sentHead = 0;
+  /** Bytes ever handed to the socket; less its writableLength, the bytes it has taken. */
+  #queuedBytes = 0;
+  /** Bytes the socket had taken when the stall timer was armed. */
+  #stallMark = 0;
   #handshakeTimer: NodeJS.Timeout | undefined;
   #stallTimer: NodeJS.Timeout | undefined;
   #idleWaiters: Array<() => void> = [];
@@ -389,21 +398,25 @@ export class ServerConnection {
   }
 
   /**
-   * The stall timer is armed once per period rather than moved on every reply: it looks at when
-   * the socket last took a reply and sleeps again for the rest of the period if that was recent.
+   * The stall timer is armed once per period rather than moved on every reply: when it fires it
+   * looks whether the socket took any bytes since it was armed, and sleeps again if so.
    */
-  #checkSendStall(): void {
+  #armStallTimer(): void {
+    this.#stallMark = this.#queuedBytes - this.#socket.writableLength;
+    this.#stallTimer = setTimeout(this.#checkSendStall, this.#sendStallTimeoutMs).unref();
+  }
+
+  #checkSendStall = (): void => {
     this.#stallTimer = undefined;
-    if (this.#unsentReplies === 0 || this.#state === 'closed') return;
-    const quietMs = Date.now() - this.#lastSendProgressMs;
-    if (quietMs < this.#sendStallTimeoutMs) {
-      this.#stallTimer = setTimeout(() => this.#checkSendStall(), this.#sendStallTimeoutMs - quietMs).unref();
+    if (this.#sentHead === this.#unsentCharges.length || this.#state === 'closed') return;
+    if (this.#queuedBytes - this.#socket.writableLength !== this.#stallMark) {
+      this.#armStallTimer();
       return;
     }
     this.#log?.({ event: 'send-stalled', connection: this.id, timeoutMs: this.#sendStallTimeoutMs, heldBytes: this.#inFlightBytes });
     this.#state = 'closing';
     this.#socket.destroy();
-  }
+  };
 
   #clearTimers(): void {
     clearTimeout(this.#handshakeTimer);
@@ -491,40 +504,59 @@ export class ServerConnection {
   // ---- writing ----
 
   /**
-   * Queue a reply, charged to the budget until the socket has taken it; a `pooled` buffer goes
-   * back to the pool then.
+   * Queue a reply. It carries `charge` (what its request was admitted with) until the socket has
+   * taken it, topped up from the budget when the reply is larger; a `pooled` buffer goes back to
+   * the pool then.
    */
-  #send(buf: Buffer, pooled = false): void {
+  #send(buf: Buffer, pooled = false, charge = 0): void {
     const s = this.#socket;
     if (s.destroyed || !s.writable) {
       if (pooled) this.#pool.put(buf);
+      this.#giveBack(charge);
       return;
     }
     const bytes = buf.length;
-    this.#take(bytes);
-    if (this.#unsentReplies++ === 0) {
-      this.#lastSendProgressMs = Date.now();
-      this.#stallTimer ??= setTimeout(() => this.#checkSendStall(), this.#sendStallTimeoutMs).unref();
+    if (bytes > charge) {
+      this.#take(bytes - charge);
+      charge = bytes;
     }
+    this.#unsentCharges.push(charge);
+    this.#unsentBuffers.push(pooled ? buf : undefined);
+    if (this.#stallTimer === undefined) this.#armStallTimer();
+    this.#queuedBytes += bytes;
     if (!this.#corked && this.#inFlightCount > 1) {
       // Replies completing in this turn of the event loop leave in one writev; a lone
       // request's reply goes at once.
       this.#corked = true;
       s.cork();
-      setImmediate(() => {
-        this.#corked = false;
-        s.uncork();
-      });
+      setImmediate(this.#uncork);
     }
-    const ok = s.write(buf, () => {
-      if (pooled) this.#pool.put(buf);
-      // Called on error too (the socket was destroyed): the bytes are free either way.
-      this.#unsentReplies--;
-      this.#lastSendProgressMs = Date.now();
-      this.#giveBack(bytes);
-    });
-    if (!ok) this.#writeBlocked = true;
+    if (!s.write(buf, this.#written)) this.#writeBlocked = true;
   }
+
+  #uncork = (): void => {
+    this.#corked = false;
+    this.#socket.uncork();
+  };
+
+  /**
+   * The socket took the oldest unsent reply. Called once per write, in order, on error too (the
+   * socket was destroyed): the bytes are free either way.
+   */
+  #written = (): void => {
+    const at = this.#sentHead++;
+    const buf = this.#unsentBuffers[at];
+    const charge = this.#unsentCharges[at]!;
+    if (this.#sentHead === this.#unsentCharges.length) {
+      this.#sentHead = 0;
+      this.#unsentCharges.length = 0;
+      this.#unsentBuffers.length = 0;
+    } else {
+      this.#unsentBuffers[at] = undefined;
+    }
+    if (buf) this.#pool.put(buf);
+    this.#giveBack(charge);
+  };
 
   // ---- options ----
 
@@ -792,28 +824,28 @@ export class ServerConnection {
     const bytes = this.#admittedBytes;
     this.#admittedBytes = 0;
     this.#inFlightCount++;
+    // Every request ends in exactly one reply, which carries its charge until the socket took it.
     const refusal = this.#validate(r);
     if (refusal) {
-      this.#replyError(r, refusal.errno, refusal.message);
-      this.#done(r, bytes);
+      this.#replyError(r, refusal.errno, refusal.message, bytes);
+      this.#done(r);
       return;
     }
-    this.#execute(r).then(
-      () => this.#done(r, bytes),
+    this.#execute(r, bytes).then(
+      () => this.#done(r),
       (err: unknown) => {
         const e = toBdsnapError(err);
         if (e.code === 'EIO') this.#log?.({ event: 'request-error', connection: this.id, type: r.type, code: e.code, error: e.message });
-        this.#replyError(r, WIRE_ERRNO[e.code], e.message);
-        this.#done(r, bytes);
+        this.#replyError(r, WIRE_ERRNO[e.code], e.message, bytes);
+        this.#done(r);
       },
     );
   }
 
-  #done(r: RequestMessage, bytes: number): void {
+  #done(r: RequestMessage): void {
     // The device is done with the payload once its write has settled.
     if (r.payloadAllocated && r.payload) this.#pool.put(r.payload);
     this.#inFlightCount--;
-    this.#giveBack(bytes);
     if (this.#inFlightCount === 0) {
       const waiters = this.#idleWaiters;
       this.#idleWaiters = [];
@@ -871,13 +903,14 @@ export class ServerConnection {
     return undefined;
   }
 
-  async #execute(r: RequestMessage): Promise<void> {
+  /** `charge`: what the request was admitted with, for its reply to carry (not on a throw). */
+  async #execute(r: RequestMessage, charge: number): Promise<void> {
     const device = this.#device!;
     const { type, flags, offsetBytes, lengthBytes, cookieHi, cookieLo } = r;
     const fua = (flags & C.NBD_CMD_FLAG_FUA) !== 0;
     switch (type) {
       case C.NBD_CMD_READ:
-        return this.#read(device, r);
+        return this.#read(device, r, charge);
       case C.NBD_CMD_WRITE:
         if (lengthBytes > 0) await device.write(r.payload!, offsetBytes, { fua });
         break;
@@ -899,15 +932,15 @@ export class ServerConnection {
         if (lengthBytes > 0) await device.cache(offsetBytes, lengthBytes);
         break;
       case C.NBD_CMD_BLOCK_STATUS:
-        return this.#blockStatus(device, r);
+        return this.#blockStatus(device, r, charge);
     }
-    this.#send(encodeSimpleReply(0, cookieHi, cookieLo));
+    this.#send(encodeSimpleReply(0, cookieHi, cookieLo), false, charge);
   }
 
-  async #read(device: BlockDevice, r: RequestMessage): Promise<void> {
+  async #read(device: BlockDevice, r: RequestMessage, charge: number): Promise<void> {
     const { offsetBytes, lengthBytes, cookieHi, cookieLo } = r;
     if (this.#structured && lengthBytes === 0) {
-      this.#send(encodeStructuredNone(cookieHi, cookieLo));
+      this.#send(encodeStructuredNone(cookieHi, cookieLo), false, charge);
       return;
     }
     // The data is read straight after the header room of the reply buffer.
@@ -921,21 +954,21 @@ export class ServerConnection {
     }
     if (!this.#structured) {
       writeSimpleReplyHeader(buf, 0, 0, cookieHi, cookieLo);
-      this.#send(buf, true);
+      this.#send(buf, true, charge);
       return;
     }
     if (isAllZero(buf, prefix)) {
       this.#pool.put(buf);
-      this.#send(encodeOffsetHole(cookieHi, cookieLo, offsetBytes, lengthBytes));
+      this.#send(encodeOffsetHole(cookieHi, cookieLo, offsetBytes, lengthBytes), false, charge);
       return;
     }
     writeStructuredHeader(buf, 0, C.NBD_REPLY_FLAG_DONE, C.NBD_REPLY_TYPE_OFFSET_DATA, cookieHi, cookieLo, 8 + lengthBytes);
     writeU64(buf, C.STRUCTURED_REPLY_HEADER_BYTES, offsetBytes);
-    this.#send(buf, true);
+    this.#send(buf, true, charge);
   }
 
   /** One BLOCK_STATUS chunk per selected context, sent together once all are in hand. */
-  async #blockStatus(device: BlockDevice, r: RequestMessage): Promise<void> {
+  async #blockStatus(device: BlockDevice, r: RequestMessage, charge: number): Promise<void> {
     const { offsetBytes, lengthBytes, cookieHi, cookieLo, flags } = r;
     const reqOne = (flags & C.NBD_CMD_FLAG_REQ_ONE) !== 0;
     const contextExtents = async (c: ActiveContext): Promise<Array<{ length: number; flags: number }>> => {
@@ -953,13 +986,13 @@ export class ServerConnection {
     const last = chunks.length - 1;
     const replies = chunks.map((extents, i) =>
       encodeBlockStatus(cookieHi, cookieLo, active[i]!.id, extents, i === last ? C.NBD_REPLY_FLAG_DONE : 0));
-    this.#send(replies.length === 1 ? replies[0]! : Buffer.concat(replies));
+    this.#send(replies.length === 1 ? replies[0]! : Buffer.concat(replies), false, charge);
   }
 
-  #replyError(r: RequestMessage, errno: number, message: string): void {
+  #replyError(r: RequestMessage, errno: number, message: string, charge: number): void {
     // Structured replies let the message reach the user; READ must use them once negotiated.
-    if (this.#structured) this.#send(encodeStructuredError(r.cookieHi, r.cookieLo, errno, message));
-    else this.#send(encodeSimpleReply(errno, r.cookieHi, r.cookieLo));
+    if (this.#structured) this.#send(encodeStructuredError(r.cookieHi, r.cookieLo, errno, message), false, charge);
+    else this.#send(encodeSimpleReply(errno, r.cookieHi, r.cookieLo), false, charge);
   }
 }
 

@@ -35,6 +35,12 @@ const SALT_BYTES = 16;
 
 const FIRST_FAILURE_DELAY_MS = 250;
 const MAX_FAILURE_DELAY_MS = 8000;
+/**
+ * Checks that may wait in line. Each holds its request (and its connection's state) while it
+ * waits, and after wrong guesses the line moves at one check per 8 s: without a cap a stream of
+ * wrong passwords grew the daemon by every waiting connection, with no end.
+ */
+const MAX_WAITING_CHECKS = 8;
 
 const storedSchema = z.object({
   algorithm: z.literal('scrypt'),
@@ -66,6 +72,8 @@ export class PasswordStore {
   #consecutiveFailures = 0;
   /** Serializes checks so parallel guesses wait behind each other's penalty. */
   #queue: Promise<unknown> = Promise.resolve();
+  /** Checks queued or running. */
+  #pending = 0;
 
   constructor(stateDir: string) {
     this.#file = path.join(stateDir, PASSWORD_FILE);
@@ -75,9 +83,16 @@ export class PasswordStore {
     return (await this.#load()) !== undefined;
   }
 
-  /** Resolve if `password` is the service password; otherwise, after the failure delay, throw EAUTH. */
+  /**
+   * Resolve if `password` is the service password; otherwise, after the failure delay, throw
+   * EAUTH. With MAX_WAITING_CHECKS already in line, refuse at once (EBUSY) without checking.
+   */
   async verify(password: string): Promise<void> {
-    const run = this.#queue.then(() => this.#verifyNow(password));
+    if (this.#pending >= MAX_WAITING_CHECKS) {
+      throw new BdsnapError('EBUSY', `${this.#pending} password checks are already waiting (wrong passwords slow each one down); try again in a minute`);
+    }
+    this.#pending++;
+    const run = this.#queue.then(() => this.#verifyNow(password)).finally(() => this.#pending--);
     this.#queue = run.catch(() => undefined);
     return run;
   }

@@ -18,7 +18,7 @@ import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { listenUnixSocket } from '../unix-socket.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
-import { LineDecoder, requestSchema, type Request, type Response } from './control-protocol.js';
+import { LineDecoder, requestSchema, type LineEvent, type Request, type Response } from './control-protocol.js';
 import { peerCredentials, type PeerCheck, type PeerCredentialSource } from './peer-cred.js';
 import path from 'node:path';
 
@@ -66,33 +66,43 @@ export class ControlServer {
     const decoder = new LineDecoder();
     // Read once, at accept: the kernel's record of who connected does not change afterwards.
     const peer = this.#readPeer(socket);
-    let chain: Promise<void> = Promise.resolve();
-    let queued = 0;
-    const send = (response: Response): void => {
-      if (socket.destroyed) return;
-      // Backpressure: a client that does not read its answers stops being read, so the daemon
-      // holds at most one socket buffer of answers for it instead of an unbounded queue.
-      if (!socket.write(`${JSON.stringify(response)}\n`)) socket.pause();
+    // Requests not started yet. A client that leaves takes them with it: nobody would read the
+    // answers, and running them would keep the connection's lines (up to 64 KiB each) alive
+    // behind a slow request such as a password check.
+    const waiting: LineEvent[] = [];
+    let running = false;
+    const runWaiting = async (): Promise<void> => {
+      running = true;
+      try {
+        for (let event = waiting.shift(); event !== undefined && !socket.destroyed; event = waiting.shift()) {
+          const response = await this.#answer(event.kind === 'line' ? event.text : undefined, event.kind === 'oversized' ? event.bytes : 0, peer);
+          if (socket.destroyed) break;
+          // Backpressure: a client that does not read its answers stops being read, so the daemon
+          // holds at most one socket buffer of answers for it instead of an unbounded queue.
+          if (!socket.write(`${JSON.stringify(response)}\n`)) socket.pause();
+        }
+      } finally {
+        waiting.length = 0;
+        running = false;
+      }
     };
     socket.on('drain', () => socket.resume());
     socket.on('data', (chunk: Buffer) => {
       for (const event of decoder.push(chunk)) {
-        if (++queued > MAX_QUEUED_REQUESTS) {
+        if (waiting.length + (running ? 1 : 0) >= MAX_QUEUED_REQUESTS) {
           this.#log.warn({ event: 'control-flood' }, 'control client sent too many requests without reading answers; dropped');
           socket.destroy();
           return;
         }
-        chain = chain.then(async () => {
-          try {
-            send(await this.#answer(event.kind === 'line' ? event.text : undefined, event.kind === 'oversized' ? event.bytes : 0, peer));
-          } finally {
-            queued--;
-          }
-        });
+        waiting.push(event);
       }
+      if (!running && waiting.length > 0) void runWaiting();
     });
     socket.on('error', () => socket.destroy());
-    socket.on('close', () => this.#sockets.delete(socket));
+    socket.on('close', () => {
+      waiting.length = 0;
+      this.#sockets.delete(socket);
+    });
   }
 
   #readPeer(socket: net.Socket): PeerCheck {

@@ -62,6 +62,7 @@ export interface NbdCampaignResult {
   halfClosed: number;
   checkerRounds: number;
   maxCheckerLatencyMs: number;
+  /** Measured after the warm-up (memory) and before the first connection (descriptors). */
   before: ProcessGauge;
   after: ProcessGauge;
   peakRssKiB: number;
@@ -163,6 +164,9 @@ async function settleFds(pid: number, fds: number, timeoutMs: number): Promise<P
   return now;
 }
 
+/** How long after the campaign its memory is measured (the server trims 2 s after its last client). */
+const MEMORY_SETTLE_MS = 3000;
+
 export async function runNbdCampaign(options: NbdCampaignOptions): Promise<NbdCampaignResult> {
   const startedMs = Date.now();
   const concurrency = options.concurrency ?? 4;
@@ -183,6 +187,7 @@ export async function runNbdCampaign(options: NbdCampaignOptions): Promise<NbdCa
   const checker = checkerLoop(options, stop, result);
   let nextSeed = options.seed;
   let lastProgress = 0;
+  let warmedUp = false;
   const worker = async (): Promise<void> => {
     while (!done) {
       if (result.frames >= options.frames || Date.now() - startedMs > maxDurationMs || result.failures.length > 20) {
@@ -191,6 +196,12 @@ export async function runNbdCampaign(options: NbdCampaignOptions): Promise<NbdCa
       }
       const seed = nextSeed++;
       const r = await fuzzConnection(options.socketPath, options.target, seed, framesPerConnection, closeDeadlineMs);
+      // As for the control socket, memory is measured from the end of a warm-up (a fifth of the
+      // frames): the heap and the allocator grow to their working size first.
+      if (!warmedUp && result.frames + r.frames >= options.frames / 5) {
+        warmedUp = true;
+        result.before = { ...gauge(options.pid), fds: before.fds };
+      }
       result.frames += r.frames;
       result.connections++;
       result.byPhase[r.phase]++;
@@ -214,7 +225,10 @@ export async function runNbdCampaign(options: NbdCampaignOptions): Promise<NbdCa
   done = true;
   await checker;
   if (alive(options.pid)) {
-    result.after = await settleFds(options.pid, before.fds, 5000);
+    await settleFds(options.pid, before.fds, 5000);
+    // The server hands the memory of its clients back a moment after the last one has gone.
+    await sleep(MEMORY_SETTLE_MS);
+    result.after = gauge(options.pid);
     result.peakRssKiB = Math.max(result.peakRssKiB, result.after.rssKiB);
     if (result.after.fds > before.fds) result.failures.push(`descriptors: ${before.fds} before, ${result.after.fds} after the campaign`);
     // A fresh well-behaved connection is served after it all.
