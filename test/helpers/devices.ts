@@ -48,3 +48,30 @@ export class GatedDevice extends PassThroughDevice {
     if (this.#holds(kind, offsetBytes)) await this.#gate;
   }
 }
+
+/**
+ * Remembers the range of every read that reached the device. It offers no reflink, so every
+ * original a copy-before-write layer keeps above it is read, and counted, here.
+ */
+export class ReadCountingDevice extends PassThroughDevice {
+  readonly reads: Array<{ offsetBytes: number; lengthBytes: number }> = [];
+
+  override read(target: Buffer, offsetBytes: number): Promise<void> {
+    this.reads.push({ offsetBytes, lengthBytes: target.length });
+    return super.read(target, offsetBytes);
+  }
+
+  override cloneRangeTo(): Promise<'unsupported'> {
+    return Promise.resolve('unsupported');
+  }
+
+  /** How many reads covered each unit of `unitBytes` (a chunk). */
+  readsPerUnit(unitBytes: number, sizeBytes: number): number[] {
+    const counts = new Array<number>(Math.ceil(sizeBytes / unitBytes)).fill(0);
+    for (const r of this.reads) {
+      if (r.lengthBytes === 0) continue;
+      for (let u = Math.floor(r.offsetBytes / unitBytes); u <= Math.floor((r.offsetBytes + r.lengthBytes - 1) / unitBytes); u++) counts[u]!++;
+    }
+    return counts;
+  }
+}
