@@ -359,7 +359,7 @@ export class CowDevice implements BlockDevice {
       },
       clones: (startBytes, lengthBytes) => this.#clones(startBytes, lengthBytes),
       mayCloneAhead: () => this.#mayCloneAhead(),
-      cloneOriginal: (firstChunk, lastChunk) => this.#cloneRun(firstChunk, lastChunk),
+      cloneOriginal: (firstChunk, lastChunk, bytes) => this.#cloneRun(firstChunk, lastChunk, bytes),
     };
     const sink = {
       get usable() {
@@ -398,11 +398,11 @@ export class CowDevice implements BlockDevice {
     return this.#cloneWorks !== false && lengthBytes >= this.#cloneMinBytes && align !== undefined && startBytes % align === 0 && lengthBytes % align === 0;
   }
 
-  async #cloneRun(firstChunk: number, lastChunk: number): Promise<void> {
+  async #cloneRun(firstChunk: number, lastChunk: number, bytes?: () => Promise<Buffer>): Promise<void> {
     const startBytes = firstChunk * this.chunkSize;
     const lengthBytes = Math.min((lastChunk + 1) * this.chunkSize, this.size) - startBytes;
     const payloadPosition = await this.#writer!.appendCloned(firstChunk, lengthBytes, this.#cloneAlignBytes!,
-      (dstFd, dstOffsetBytes) => this.#cloneOriginal(startBytes, lengthBytes, dstFd, dstOffsetBytes));
+      (dstFd, dstOffsetBytes) => this.#cloneOriginal(startBytes, lengthBytes, dstFd, dstOffsetBytes, bytes));
     this.#stored(firstChunk, lastChunk, payloadPosition, lengthBytes);
   }
 
@@ -437,7 +437,7 @@ export class CowDevice implements BlockDevice {
   }
 
   /** The fill of a cloned record: reflink the device's range, or return its bytes to write. */
-  async #cloneOriginal(startBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<Buffer | undefined> {
+  async #cloneOriginal(startBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number, bytes?: () => Promise<Buffer>): Promise<Buffer | undefined> {
     if (this.#cloneWorks !== false && (await this.#base.cloneRangeTo?.(startBytes, lengthBytes, dstFd, dstOffsetBytes)) === 'cloned') {
       this.#cloneWorks = true;
       this.#clonedRuns++;
@@ -446,6 +446,7 @@ export class CowDevice implements BlockDevice {
     }
     // Refused: this device and store cannot clone; copy this run and every later one.
     this.#cloneWorks = false;
+    if (bytes) return bytes();
     const buf = Buffer.allocUnsafe(lengthBytes);
     await this.#base.read(buf, startBytes);
     return buf;

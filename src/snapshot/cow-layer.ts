@@ -5,8 +5,8 @@
  * them yet, the original content of each chunk it touches: read once from the base for all of
  * those points (adjacent chunks in one read), each point storing what it lacks through its own
  * sink (the session store; a snapshot's difference storage). Only then does the request reach
- * the base. A run only one point lacks, whose sink can keep it by reflink, is cloned instead of
- * read.
+ * the base. A point lacking a whole run whose sink keeps it by reflink (the session store on a
+ * filesystem that clones) clones it instead: nothing is read for it.
  *
  * Invariants:
  * - A chunk's original is stored for every point whose sink is usable before any request
@@ -71,8 +71,11 @@ export interface CowCloner {
   clones(startBytes: number, lengthBytes: number): boolean;
   /** Whether chunks ahead of a sequential request may be kept by clone (room, alignment). */
   mayCloneAhead(): boolean;
-  /** Keep chunks first..last (marking them preserved once stored); reads them itself if the clone is refused. */
-  cloneOriginal(firstChunk: number, lastChunk: number): Promise<void>;
+  /**
+   * Keep chunks first..last (marking them preserved once stored). If the clone is refused it
+   * stores `bytes()` (the layer's read of the run, beside other points) or reads them itself.
+   */
+  cloneOriginal(firstChunk: number, lastChunk: number, bytes?: () => Promise<Buffer>): Promise<void>;
 }
 
 /** What syncs a point's stored originals; points sharing one are synced once. */
@@ -104,6 +107,11 @@ export interface CowPoint {
 }
 
 type Segment = { from: number; to: number; location?: number };
+
+function lacksAll(point: CowPoint, first: number, last: number): boolean {
+  for (let c = first; c <= last; c++) if (point.preserved.has(c)) return false;
+  return true;
+}
 
 export class CowLayer extends PassThroughDevice {
   readonly chunkSize: number;
@@ -295,41 +303,48 @@ export class CowLayer extends PassThroughDevice {
       const cs = this.chunkSize;
       const startBytes = first * cs;
       const lengthBytes = Math.min((last + 1) * cs, this.size) - startBytes;
-      const cloner = lacking.length === 1 ? lacking[0]!.cloner : undefined;
-      if (cloner?.clones(startBytes, lengthBytes)) {
-        await cloner.cloneOriginal(first, last);
+      // A point lacking the whole run whose sink clones it reads nothing; the others share one
+      // read, which is also what a refused clone stores instead of reading the run again.
+      const cloning = lacking.filter((p) => p.cloner?.clones(startBytes, lengthBytes) === true && lacksAll(p, first, last));
+      if (cloning.length === 1 && lacking.length === 1) {
+        await cloning[0]!.cloner!.cloneOriginal(first, last);
         return;
       }
-      await this.#copyRead(first, last, startBytes, lengthBytes, lacking);
+      const copying = cloning.length === 0 ? lacking : lacking.filter((p) => !cloning.includes(p));
+      const buf = this.#spare.get(lengthBytes);
+      try {
+        const read = this.base.read(buf, startBytes);
+        const bytes = (): Promise<Buffer> => read.then(() => buf);
+        await Promise.all([...cloning.map((p) => p.cloner!.cloneOriginal(first, last, bytes)), this.#store(copying, first, last, read, buf)]);
+      } finally {
+        // Every sink has written the bytes (or given up on them): nobody holds the buffer.
+        if (!this.#closing) this.#spare.put(buf);
+      }
     } finally {
       this.#inflight.leave();
     }
   }
 
-  async #copyRead(first: number, last: number, startBytes: number, lengthBytes: number, lacking: CowPoint[]): Promise<void> {
+  /** Once `read` has filled `buf` with chunks first..last, store for each point the runs of them it lacks. */
+  async #store(points: CowPoint[], first: number, last: number, read: Promise<void>, buf: Buffer): Promise<void> {
+    if (points.length === 0) return;
+    await read;
     const cs = this.chunkSize;
-    const buf = this.#spare.get(lengthBytes);
-    try {
-      await this.base.read(buf, startBytes);
-      const stores: Promise<void>[] = [];
-      for (const point of lacking) {
-        // Each run of chunks this point lacks becomes one record of its sink.
-        let from = -1;
-        for (let c = first; c <= last + 1; c++) {
-          const lacks = c <= last && !point.preserved.has(c);
-          if (lacks && from < 0) from = c;
-          if (!lacks && from >= 0) {
-            stores.push(point.storeOriginal(from, buf.subarray((from - first) * cs, Math.min((c - first) * cs, buf.length))));
-            from = -1;
-          }
+    const stores: Promise<void>[] = [];
+    for (const point of points) {
+      // Each run of chunks this point lacks becomes one record of its sink.
+      let from = -1;
+      for (let c = first; c <= last + 1; c++) {
+        const lacks = c <= last && !point.preserved.has(c);
+        if (lacks && from < 0) from = c;
+        if (!lacks && from >= 0) {
+          stores.push(point.storeOriginal(from, buf.subarray((from - first) * cs, Math.min((c - first) * cs, buf.length))));
+          from = -1;
         }
       }
-      if (stores.length === 1) await stores[0];
-      else await Promise.all(stores);
-    } finally {
-      // Every sink has written the bytes (or given up on them): nobody holds the buffer.
-      if (!this.#closing) this.#spare.put(buf);
     }
+    if (stores.length === 1) await stores[0];
+    else await Promise.all(stores);
   }
 
   /** The copy in flight for a chunk, if any. */
