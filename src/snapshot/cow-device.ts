@@ -10,7 +10,8 @@
  *   before any request touching that chunk reaches the base device.
  * - Copies in flight are the engine's: two requests racing for a chunk copy it once, and an
  *   original read for several points is read once.
- * - Reads and rewrites of preserved chunks cost one bit lookup in `#preserved`, and no await.
+ * - Reads and rewrites of preserved chunks cost one bit lookup per point (`#preserved` here), and
+ *   no await.
  * - Memory follows the touched chunks: a bitmap of the device plus a compact chunk table.
  * - Nothing touches the disk until the first modifying request: a read-only client leaves no
  *   session directory.
@@ -45,7 +46,6 @@ import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 import { forEachChunk } from './chunk-runs.js';
 import { InFlight } from './copy-claims.js';
 import { CowLayer, MAX_CLONE_RUN_BYTES, MAX_RUN_BYTES, type CowCloner, type CowPoint } from './cow-layer.js';
-
 
 /** Clones ahead only while the store stays this far below its size limit, if it has one. */
 const CLONE_AHEAD_ROOM_BYTES = 4 * MAX_CLONE_RUN_BYTES;
