@@ -5,9 +5,11 @@
  * - Only registered devices are served; any other export name is unknown to the server.
  * - An attachment is one open FileDevice and its stack, shared by every holder, so multi-conn
  *   clients see one device:
- *       FileDevice -> TrackingDevice (change map) -> SnapshotLayer (points of snapshots)
+ *       FileDevice -> TrackingDevice (change map) -> SnapshotLayer (copy-before-write engine)
  *         -> CowDevice (session) | DirtyTracker
- *   The SnapshotLayer is there for the whole attachment; the top layer exists while users
+ *   The SnapshotLayer is there for the whole attachment; its points are the snapshots' images
+ *   and, while there is one, the session, so a first write reads each original once for all
+ *   of them. The top layer exists while users
  *   (NBD connections, a `bdsnap mount`) hold the device: that span is one *user phase*.
  * - Two kinds of holders. Users decide the session: the first one of a phase starts it (an
  *   active device gets a CowDevice, whose directory appears on the first modifying request;

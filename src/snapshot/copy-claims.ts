@@ -1,6 +1,6 @@
 /**
- * The two mechanisms every copy-before-write layer shares (the session's CowDevice, the
- * snapshots' SnapshotLayer and their images):
+ * Two mechanisms of the copy-before-write engine (CowLayer), its session (CowDevice) and the
+ * snapshots' images:
  * - InFlight: a count of requests between their start and their end, so that close() or a
  *   write barrier can wait for them, with a way to run a request counted without adding an
  *   await to it;

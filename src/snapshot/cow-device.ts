@@ -1,15 +1,17 @@
 /**
- * CowDevice: the copy-before-write layer. It wraps any BlockDevice and, for every write, trim
- * and write-zeroes, first stores the original content of each chunk not yet preserved in this
- * session, then lets the request through.
+ * CowDevice: a mount's session, a point of the copy-before-write engine (CowLayer). It wraps
+ * any BlockDevice (or joins the CowLayer it is given, beside the snapshots' points) and, for
+ * every write, trim and write-zeroes, the engine first hands it the original content of each
+ * chunk not yet preserved in this session, which it stores in its session store; then the
+ * request goes through.
  *
  * Invariants:
  * - A chunk's original is in the store file (write(2) returned; in strict mode also fdatasync'ed)
  *   before any request touching that chunk reaches the base device.
- * - `#copying` holds the copies in flight, one promise per run of chunks. It is filled synchronously,
- *   before the first await, so two requests racing for a chunk copy it once and the second waits
- *   for the first copy instead of writing past it.
- * - Reads and rewrites of preserved chunks cost one bit lookup in `#preserved`, and no await.
+ * - Copies in flight are the engine's: two requests racing for a chunk copy it once, and an
+ *   original read for several points is read once.
+ * - Reads and rewrites of preserved chunks cost one bit lookup per point (`#preserved` here), and
+ *   no await.
  * - Memory follows the touched chunks: a bitmap of the device plus a compact chunk table.
  * - Nothing touches the disk until the first modifying request: a read-only client leaves no
  *   session directory.
@@ -34,37 +36,17 @@ import { lockOpenFile } from '../host/lock-file.js';
 import {
   checkRange, type BlockDevice, type DeviceStamp, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
 } from '../device/block-device.js';
-import { BufferPool } from '../device/buffer-pool.js';
 import {
   DATA_FILE, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGEST_ALGORITHM, DIGEST_BYTES, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE,
-  MAX_RECORD_ALIGN_BYTES, MAX_RECORD_PAYLOAD_BYTES, RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, isPowerOfTwo, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
+  MAX_RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, isPowerOfTwo, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
   type Manifest,
 } from './format.js';
 import { StoreWriter } from './store.js';
 import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 import { forEachChunk } from './chunk-runs.js';
-import { CopyClaims, InFlight } from './copy-claims.js';
+import { InFlight } from './copy-claims.js';
+import { CowLayer, MAX_CLONE_RUN_BYTES, MAX_RUN_BYTES, type CowCloner, type CowPoint } from './cow-layer.js';
 
-
-/**
- * Largest run of adjacent chunks read and stored as one record. Its CRC-32 is computed inline
- * (about 4 GB/s, so ~0.5 ms for 2 MiB): small enough not to stall the event loop, large enough
- * that restore reads big pieces.
- */
-const MAX_RUN_BYTES = 2 * 1024 * 1024;
-/**
- * Sequential first writes on a store that clones reach ahead: when a request's first chunk
- * continues the last run claimed, the claim goes on CLONE_AHEAD_BYTES past the request. A clone
- * shares the device's extents (nothing is read or written but a record header), so the chunks
- * kept ahead cost next to nothing, and the requests that follow find their chunks preserved and
- * take the rewrite path: one clone, record and claim per 32 MiB instead of one per request.
- * Each costs about 0.7 ms of the event loop, and the requests in flight wait for it; measured
- * with 1 MiB writes at depth 4 on XFS (five alternated runs each, medians): 8 MiB ahead
- * 1.1-1.85 GB/s, 16 MiB 1.76 GB/s, 32 MiB 1.96 GB/s. Cloned runs may be MAX_CLONE_RUN_BYTES
- * long (a request and the chunks ahead of it), well within a record's payload limit.
- */
-const CLONE_AHEAD_BYTES = 32 * 1024 * 1024;
-const MAX_CLONE_RUN_BYTES = Math.min(48 * 1024 * 1024, MAX_RECORD_PAYLOAD_BYTES);
 /** Clones ahead only while the store stays this far below its size limit, if it has one. */
 const CLONE_AHEAD_ROOM_BYTES = 4 * MAX_CLONE_RUN_BYTES;
 /**
@@ -80,8 +62,6 @@ const UNSEALED_COPY_MIN_BYTES = 256 * 1024;
  * file, sequential first writes through a session, cloned against copied: see BENCHMARKS.md.
  */
 export const DEFAULT_CLONE_MIN_BYTES = 256 * 1024;
-/** Cap on the copy buffers kept for reuse per session (16 requests in flight of 1 MiB). */
-const SPARE_BUFFER_BYTES = 16 * 1024 * 1024;
 /**
  * The background fdatasync of the store in 'process' durability runs once the session has
  * preserved nothing new for DEFERRED_SYNC_IDLE_MS, or DEFERRED_SYNC_MAX_MS after the first
@@ -174,7 +154,10 @@ export class CowDevice implements BlockDevice {
   readonly #preserved: ChunkBitmap;
   /** chunk -> byte position of its original in data.bin. */
   readonly #location = new ChunkTable();
-  readonly #copying = new CopyClaims();
+  /** The engine this session is a point of: its own, or the snapshots' layer it was given. */
+  readonly #layer: CowLayer;
+  readonly #ownLayer: boolean;
+  readonly #point: CowPoint;
   #state: CowState = 'idle';
   #sessionDir: string | undefined;
   /** The device's stamp before the first write and after the last (see `host/file-stamp.ts`). */
@@ -194,11 +177,6 @@ export class CowDevice implements BlockDevice {
   #unsyncedSince: number | undefined;
   /** When the latest record was stored (ms, monotonic). */
   #lastStoredAt = 0;
-  /**
-   * Copy buffers are reused: a fresh large buffer costs a page fault and a zeroed page per
-   * 4 KiB on first touch, which is more than the copy itself.
-   */
-  readonly #spare = new BufferPool(SPARE_BUFFER_BYTES);
   #backgroundSync: Promise<void> | undefined;
   readonly #cloneMinBytes: number;
   readonly #clockMs: () => number;
@@ -208,8 +186,6 @@ export class CowDevice implements BlockDevice {
   #cloneWorks: boolean | undefined;
   #clonedRuns = 0;
   #clonedBytes = 0;
-  /** Last chunk of the last copy run started (set by #copyRun): a request starting right after it is sequential. */
-  #claimedEnd = -2;
 
   private constructor(base: BlockDevice, options: SessionOptions) {
     const chunkSize = options.chunkSize ?? DEFAULT_CHUNK_SIZE;
@@ -239,6 +215,13 @@ export class CowDevice implements BlockDevice {
     this.canFastZero = base.canFastZero;
     this.canMultiConn = base.canMultiConn;
     this.#preserved = new ChunkBitmap(Math.ceil(base.size / chunkSize));
+    this.#ownLayer = !(base instanceof CowLayer);
+    this.#layer = base instanceof CowLayer ? base : new CowLayer(base, { chunkSize });
+    if (this.#layer.chunkSize !== chunkSize) {
+      throw new BdsnapError('EINVAL', `the session's chunk size ${chunkSize} differs from its copy-before-write layer's ${this.#layer.chunkSize}`);
+    }
+    this.#point = this.#makePoint();
+    this.#layer.attachPoint(this.#point);
   }
 
   /** Wrap `base`. No I/O happens until the first modifying request. Errors: EINVAL. */
@@ -279,25 +262,20 @@ export class CowDevice implements BlockDevice {
   }
 
   write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
-    return this.#modify(offsetBytes, data.length, options?.fua ?? false, () => this.#base.write(data, offsetBytes, options));
+    return this.#modify(() => this.#layer.write(data, offsetBytes, options));
   }
 
   trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
-    return this.#modify(offsetBytes, lengthBytes, options?.fua ?? false, () => this.#base.trim(offsetBytes, lengthBytes, options));
+    return this.#modify(() => this.#layer.trim(offsetBytes, lengthBytes, options));
   }
 
-  async zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
-    // Refuse before copying anything: the caller will fall back to writing zeroes.
-    if (options?.fastZero && !this.#base.canFastZero) throw new BdsnapError('ENOTSUP', 'fast zero is not supported by this device');
-    return this.#modify(offsetBytes, lengthBytes, options?.fua ?? false, () => this.#base.zero(offsetBytes, lengthBytes, options));
+  zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+    return this.#modify(() => this.#layer.zero(offsetBytes, lengthBytes, options));
   }
 
-  /** The store first, then the device: an acknowledged flush covers both. */
+  /** The store (and every other point's) first, then the device: an acknowledged flush covers both. */
   flush(): Promise<void> {
-    return this.#inflight.track(async () => {
-      await this.#syncStore();
-      await this.#base.flush();
-    });
+    return this.#inflight.track(() => this.#layer.flush());
   }
 
   cache(offsetBytes: number, lengthBytes: number): Promise<void> {
@@ -330,6 +308,7 @@ export class CowDevice implements BlockDevice {
   async leaveForRecovery(): Promise<void> {
     this.#closing ??= Promise.resolve(undefined);
     await this.#inflight.idle();
+    await this.#detach();
     if (this.#syncTimer) clearTimeout(this.#syncTimer);
     await this.#backgroundSync;
     await this.#sealStore();
@@ -345,6 +324,7 @@ export class CowDevice implements BlockDevice {
    */
   async dropAsIfKilled(): Promise<void> {
     this.#closing ??= Promise.resolve(undefined);
+    await this.#detach();
     if (this.#syncTimer) clearTimeout(this.#syncTimer);
     await this.#backgroundSync;
     await this.#closeDataFd();
@@ -355,74 +335,84 @@ export class CowDevice implements BlockDevice {
     return new PointInTimeView(this, this.#base, (target, offsetBytes) => this.#readOriginal(target, offsetBytes));
   }
 
+  /** Leave the engine once no copy in flight may still hand this session an original. */
+  async #detach(): Promise<void> {
+    await this.#layer.detachPoint(this.#point);
+    if (this.#ownLayer) await this.#layer.close();
+  }
+
   // ---- write path -----------------------------------------------------------------------
 
-  #modify(offsetBytes: number, lengthBytes: number, fua: boolean, apply: () => Promise<void>): Promise<void> {
-    try {
-      if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the session is closing');
-      if (this.readOnly) throw new BdsnapError('EPERM', `${this.#options.devicePath} is read-only`);
-      checkRange(this, offsetBytes, lengthBytes, true);
-      // Rewrites of preserved chunks (and everything after a failure) go straight to the device,
-      // without an await of ours: that path must cost what the bare device costs.
-      const nothingToCopy = lengthBytes === 0 || this.#state === 'failed'
-        || (this.#state === 'active' && this.#preserved.hasAll(Math.floor(offsetBytes / this.chunkSize), Math.floor((offsetBytes + lengthBytes - 1) / this.chunkSize)));
-      if (!nothingToCopy || fua) return this.#modifyCopying(offsetBytes, lengthBytes, !nothingToCopy, fua, apply);
-    } catch (err) {
-      return Promise.reject(err);
-    }
+  #modify(apply: () => Promise<void>): Promise<void> {
+    if (this.#closing) return Promise.reject(new BdsnapError('ESHUTDOWN', 'the session is closing'));
+    if (this.readOnly) return Promise.reject(new BdsnapError('EPERM', `${this.#options.devicePath} is read-only`));
     return this.#inflight.run(apply);
   }
 
-  /** `copy`: some chunk may still need its original stored (decided by #modify, not walked again). */
-  #modifyCopying(offsetBytes: number, lengthBytes: number, copy: boolean, fua: boolean, apply: () => Promise<void>): Promise<void> {
-    return this.#inflight.track(async () => {
-      if (copy) await this.#preserve(offsetBytes, lengthBytes);
-      if (fua) await this.#syncStore();
-      await apply();
-    });
+  /** The session as the engine sees it: its bitmap, its store as the sink, its reflink path. */
+  #makePoint(): CowPoint {
+    const cloneWorks = (): boolean => this.#cloneWorks === true;
+    const storing = (): boolean => this.#state === 'idle' || this.#state === 'active';
+    const cloner: CowCloner = {
+      get cloning() {
+        return cloneWorks();
+      },
+      clones: (startBytes, lengthBytes) => this.#clones(startBytes, lengthBytes),
+      mayCloneAhead: () => this.#mayCloneAhead(),
+      cloneOriginal: (firstChunk, lastChunk, bytes) => this.#cloneRun(firstChunk, lastChunk, bytes),
+    };
+    const sink = {
+      get usable() {
+        return storing();
+      },
+      sync: () => this.#syncStore(),
+    };
+    return {
+      preserved: this.#preserved,
+      get usable() {
+        return storing();
+      },
+      sink,
+      cloner,
+      ready: () => this.#ensureStarted(),
+      storeOriginal: (firstChunk, payload) => this.#storeOriginal(firstChunk, payload),
+      locate: (chunk) => this.#location.get(chunk),
+      readAt: (position, target) => this.#readStore(position, target),
+      checkReadable: () => this.#checkViewUsable(),
+    };
   }
 
-  async #preserve(offsetBytes: number, lengthBytes: number): Promise<void> {
-    const started = this.#ensureStarted();
-    if (started !== true && !(await started)) return;
-    const cs = this.chunkSize;
-    const first = Math.floor(offsetBytes / cs);
-    const last = Math.floor((offsetBytes + lengthBytes - 1) / cs);
-    const cloning = this.#cloneWorks === true;
-    const until = cloning && (first === this.#claimedEnd || first === this.#claimedEnd + 1) && this.#mayCloneAhead()
-      ? Math.max(last, Math.min(last + CLONE_AHEAD_BYTES / cs, Math.floor(this.size / cs) - 1)) // whole chunks only
-      : last;
-    const maxRunChunks = Math.max(1, (cloning ? MAX_CLONE_RUN_BYTES : MAX_RUN_BYTES) / cs);
-    // #copying is claimed before anyone else can look.
-    const waits = this.#copying.claim(first, until, maxRunChunks, (c) => !this.#preserved.has(c), (a, b) => this.#copyRun(a, b));
-    if (waits.length === 1) await waits[0];
-    else if (waits.length > 1) await Promise.all(waits);
-  }
-
-  async #copyRun(firstChunk: number, lastChunk: number): Promise<void> {
-    this.#claimedEnd = lastChunk;
-    const cs = this.chunkSize;
-    const startBytes = firstChunk * cs;
-    const lengthBytes = Math.min((lastChunk + 1) * cs, this.size) - startBytes;
-    const align = this.#cloneAlignBytes;
-    if (this.#cloneWorks !== false && lengthBytes >= this.#cloneMinBytes && align !== undefined && startBytes % align === 0 && lengthBytes % align === 0) {
-      const payloadPosition = await this.#writer!.appendCloned(firstChunk, lengthBytes, align, (dstFd, dstOffsetBytes) => this.#cloneOriginal(startBytes, lengthBytes, dstFd, dstOffsetBytes));
-      this.#stored(firstChunk, lastChunk, payloadPosition, lengthBytes);
+  async #storeOriginal(firstChunk: number, payload: Buffer): Promise<void> {
+    const lastChunk = firstChunk + Math.ceil(payload.length / this.chunkSize) - 1;
+    if (this.#durability === 'process' && payload.length >= UNSEALED_COPY_MIN_BYTES) {
+      this.#stored(firstChunk, lastChunk, await this.#writer!.appendUnsealed(firstChunk, payload), payload.length);
       return;
     }
-    const buf = this.#spare.get(lengthBytes);
-    try {
-      await this.#base.read(buf, startBytes);
-      if (this.#durability === 'process' && lengthBytes >= UNSEALED_COPY_MIN_BYTES) {
-        this.#stored(firstChunk, lastChunk, await this.#writer!.appendUnsealed(firstChunk, buf), lengthBytes);
-        return;
-      }
-      const position = await this.#writer!.append(firstChunk, buf);
-      this.#stored(firstChunk, lastChunk, position === undefined ? undefined : position + RECORD_HEADER_BYTES, lengthBytes);
-    } finally {
-      // The store has written it (or given up on it): nobody holds the buffer any more.
-      if (!this.#closing) this.#spare.put(buf);
-    }
+    const position = await this.#writer!.append(firstChunk, payload);
+    this.#stored(firstChunk, lastChunk, position === undefined ? undefined : position + RECORD_HEADER_BYTES, payload.length);
+  }
+
+  /** Whether a run of these bytes is tried as a clone: whole filesystem blocks, long enough, not refused before. */
+  #clones(startBytes: number, lengthBytes: number): boolean {
+    const align = this.#cloneAlignBytes;
+    return this.#cloneWorks !== false && lengthBytes >= this.#cloneMinBytes && align !== undefined && startBytes % align === 0 && lengthBytes % align === 0;
+  }
+
+  async #cloneRun(firstChunk: number, lastChunk: number, bytes?: () => Promise<Buffer>): Promise<void> {
+    const startBytes = firstChunk * this.chunkSize;
+    const lengthBytes = Math.min((lastChunk + 1) * this.chunkSize, this.size) - startBytes;
+    const payloadPosition = await this.#writer!.appendCloned(firstChunk, lengthBytes, this.#cloneAlignBytes!,
+      (dstFd, dstOffsetBytes) => this.#cloneOriginal(startBytes, lengthBytes, dstFd, dstOffsetBytes, bytes));
+    this.#stored(firstChunk, lastChunk, payloadPosition, lengthBytes);
+  }
+
+  async #readStore(position: number, target: Buffer): Promise<void> {
+    const fd = this.#dataFd;
+    if (fd === undefined) throw new BdsnapError('ESHUTDOWN', 'the session is closed; its point-in-time view is gone');
+    const n = await preadFully(fd, target, position).catch((err: unknown) => {
+      throw toBdsnapError(err);
+    });
+    if (n !== target.length) throw new BdsnapError('EIO', `the session store is shorter than expected at byte ${position}`);
   }
 
   /**
@@ -447,7 +437,7 @@ export class CowDevice implements BlockDevice {
   }
 
   /** The fill of a cloned record: reflink the device's range, or return its bytes to write. */
-  async #cloneOriginal(startBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<Buffer | undefined> {
+  async #cloneOriginal(startBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number, bytes?: () => Promise<Buffer>): Promise<Buffer | undefined> {
     if (this.#cloneWorks !== false && (await this.#base.cloneRangeTo?.(startBytes, lengthBytes, dstFd, dstOffsetBytes)) === 'cloned') {
       this.#cloneWorks = true;
       this.#clonedRuns++;
@@ -456,6 +446,7 @@ export class CowDevice implements BlockDevice {
     }
     // Refused: this device and store cannot clone; copy this run and every later one.
     this.#cloneWorks = false;
+    if (bytes) return bytes();
     const buf = Buffer.allocUnsafe(lengthBytes);
     await this.#base.read(buf, startBytes);
     return buf;
@@ -595,7 +586,7 @@ export class CowDevice implements BlockDevice {
 
   async #close(): Promise<SessionSummary | undefined> {
     await this.#inflight.idle();
-    this.#spare.clear();
+    await this.#detach();
     if (this.#syncTimer) clearTimeout(this.#syncTimer);
     await this.#backgroundSync;
     if (this.#starting) await this.#starting;
@@ -695,60 +686,13 @@ export class CowDevice implements BlockDevice {
 
   // ---- point-in-time reads ----------------------------------------------------------------
 
-  /**
-   * Read the content as it was at session start. A chunk read from the device is checked again
-   * after the read: if a copy started meanwhile, the device may already hold new data, so the
-   * chunk is read again from the store. A device write is only issued after its chunk is marked
-   * preserved, so a chunk still unmarked after the read was read before any change.
-   */
+  /** The content as it was at session start, through the engine's point-in-time reader. */
   async #readOriginal(target: Buffer, offsetBytes: number): Promise<void> {
     if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the session is closed; its point-in-time view is gone');
     checkRange(this, offsetBytes, target.length, false);
     if (target.length === 0) return;
-    const cs = this.chunkSize;
-    const first = Math.floor(offsetBytes / cs);
-    const last = Math.floor((offsetBytes + target.length - 1) / cs);
-    const untouched = (): boolean => {
-      if (this.#copying.overlaps(first, last)) return false;
-      for (let c = first; c <= last; c++) if (this.#preserved.has(c)) return false;
-      return true;
-    };
-    if (untouched()) {
-      await this.#base.read(target, offsetBytes);
-      this.#checkViewUsable();
-      if (untouched()) return;
-    }
-    const parts: Promise<void>[] = [];
-    for (let c = first; c <= last; c++) {
-      const from = Math.max(offsetBytes, c * cs);
-      const to = Math.min(offsetBytes + target.length, (c + 1) * cs, this.size);
-      parts.push(this.#readChunkOriginal(c, target.subarray(from - offsetBytes, to - offsetBytes), from));
-    }
-    await Promise.all(parts);
-  }
-
-  async #readChunkOriginal(chunk: number, part: Buffer, fromBytes: number): Promise<void> {
-    for (;;) {
-      this.#checkViewUsable();
-      const inFlight = this.#copying.get(chunk);
-      if (inFlight) {
-        await inFlight.catch(() => undefined);
-        continue;
-      }
-      const position = this.#location.get(chunk);
-      if (position !== undefined) {
-        const fd = this.#dataFd;
-        if (fd === undefined) throw new BdsnapError('ESHUTDOWN', 'the session is closed; its point-in-time view is gone');
-        const n = await preadFully(fd, part, position + (fromBytes - chunk * this.chunkSize)).catch((err: unknown) => {
-          throw toBdsnapError(err);
-        });
-        if (n !== part.length) throw new BdsnapError('EIO', `the session store is shorter than expected at chunk ${chunk}`);
-        return;
-      }
-      await this.#base.read(part, fromBytes);
-      this.#checkViewUsable();
-      if (!this.#preserved.has(chunk) && !this.#copying.has(chunk)) return;
-    }
+    this.#checkViewUsable();
+    await this.#layer.readPoint(this.#point, target, offsetBytes);
   }
 
   #checkViewUsable(): void {

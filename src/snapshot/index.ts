@@ -1,7 +1,8 @@
 /**
- * The snapshot engine: copy-before-write sessions over any BlockDevice, their on-disk store,
- * crash recovery, point-in-time views and offline restore; snapshots of live devices (a layer
- * serving any number of points in time, each with a difference storage).
+ * The snapshot engine: one copy-before-write layer (CowLayer) whose points in time are a
+ * mount's session (CowDevice: its on-disk store, crash recovery, point-in-time view and
+ * offline restore) and snapshots of live devices (SnapshotLayer's images, each with a
+ * difference storage).
  */
 
 export { CowDevice, type SessionOptions, type SessionSummary, type SessionEvent, type CowState } from './cow-device.js';
@@ -13,6 +14,7 @@ export {
   DiffStorage, LOW_SPACE_LIMIT_FRACTION, LOW_SPACE_FS_FREE_FRACTION, LOW_SPACE_FS_FREE_BYTES,
   type DiffStorageOptions, type DiffStorageState, type DiffStorageEvent,
 } from './diff-storage.js';
+export { CowLayer, type CowPoint, type CowSink, type CowCloner } from './cow-layer.js';
 export { SnapshotLayer, SnapshotImage } from './snapshot-layer.js';
 export {
   ChangeMap, FrozenChangeMap, TrackingDevice, dirtyBitmapContextName, trackingBlockSize, DIRTY_BITMAP_CHANGED,

@@ -4,7 +4,7 @@
  * requests are in flight (order of replies, backpressure).
  */
 
-import type { WriteOptions } from '../../src/device/block-device.js';
+import type { BlockDevice, CloneResult, WriteOptions } from '../../src/device/block-device.js';
 import { PassThroughDevice } from '../../src/device/pass-through.js';
 
 export { PassThroughDevice };
@@ -46,5 +46,38 @@ export class GatedDevice extends PassThroughDevice {
   async #pass(kind: HeldKind, offsetBytes: number): Promise<void> {
     this.started.push({ kind, offsetBytes });
     if (this.#holds(kind, offsetBytes)) await this.#gate;
+  }
+}
+
+/**
+ * Remembers the range of every read that reached the device. Unless told `clones`, it offers
+ * no reflink, so every original a copy-before-write layer keeps above it is read, and counted, here.
+ */
+export class ReadCountingDevice extends PassThroughDevice {
+  readonly reads: Array<{ offsetBytes: number; lengthBytes: number }> = [];
+  readonly #clones: boolean;
+
+  constructor(base: BlockDevice, options: { clones?: boolean } = {}) {
+    super(base);
+    this.#clones = options.clones ?? false;
+  }
+
+  override read(target: Buffer, offsetBytes: number): Promise<void> {
+    this.reads.push({ offsetBytes, lengthBytes: target.length });
+    return super.read(target, offsetBytes);
+  }
+
+  override cloneRangeTo(offsetBytes: number, lengthBytes: number, dstFd: number, dstOffsetBytes: number): Promise<CloneResult> {
+    return this.#clones ? super.cloneRangeTo(offsetBytes, lengthBytes, dstFd, dstOffsetBytes) : Promise.resolve('unsupported');
+  }
+
+  /** How many reads covered each unit of `unitBytes` (a chunk). */
+  readsPerUnit(unitBytes: number, sizeBytes: number): number[] {
+    const counts = new Array<number>(Math.ceil(sizeBytes / unitBytes)).fill(0);
+    for (const r of this.reads) {
+      if (r.lengthBytes === 0) continue;
+      for (let u = Math.floor(r.offsetBytes / unitBytes); u <= Math.floor((r.offsetBytes + r.lengthBytes - 1) / unitBytes); u++) counts[u]!++;
+    }
+    return counts;
   }
 }

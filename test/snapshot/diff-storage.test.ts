@@ -326,3 +326,43 @@ test('a storage directory another user can write is refused; a link where the st
   assert.ok(fs.lstatSync(stateFile).isFile(), 'the state file replaced the link');
   assert.equal((JSON.parse(fs.readFileSync(stateFile, 'utf8')) as { state: string }).state, 'overflowed');
 });
+
+test('a difference storage written before the one copy-before-write engine opens and serves its image exactly', { timeout: 20_000 }, async (t) => {
+  // Written by the code of that time (snapshot of a 64 KiB device, 4 KiB chunks): device writes
+  // at 8192+8192, 36964+5000 and 61440+4096, and an image write at 57444+3000. Its `.dirs` file
+  // named the directory it was written in, so the test writes one naming where it is now.
+  const pattern = (length: number, seed: number, offset: number): Buffer => {
+    const b = Buffer.alloc(length);
+    for (let i = 0; i < length; i++) b[i] = (seed * 31 + (offset + i) * 7 + ((offset + i) >> 9)) & 0xff;
+    return b;
+  };
+  const dir = tempDir(t);
+  const storeDir = path.join(dir, 'store');
+  fs.mkdirSync(storeDir, { mode: 0o700 });
+  fs.copyFileSync(new URL('../../../test/snapshot/fixtures/difference-storage/snap.0.diff', import.meta.url), path.join(storeDir, 'snap.0.diff'));
+  fs.writeFileSync(path.join(storeDir, 'snap.dirs'), JSON.stringify({ dirs: [storeDir], files: 1, sealedFiles: 0 }), { mode: 0o600 });
+  const atPoint = pattern(65536, 1, 0);
+  const device = Buffer.from(atPoint);
+  pattern(8192, 2, 8192).copy(device, 8192);
+  pattern(5000, 3, 36964).copy(device, 36964);
+  pattern(4096, 5, 61440).copy(device, 61440);
+  const imagePath = path.join(dir, 'disk.img');
+  fs.writeFileSync(imagePath, device);
+  const expected = Buffer.from(atPoint);
+  pattern(3000, 4, 57444).copy(expected, 57444);
+
+  const storage = await DiffStorage.open({ id: 'snap', dirs: [storeDir], chunkSize: 4096 });
+  t.after(() => storage.close());
+  assert.equal(storage.state, 'ok');
+  const dev = await FileDevice.open(imagePath);
+  t.after(() => dev.close());
+  const layer = new SnapshotLayer(dev, { chunkSize: 4096 });
+  await layer.hold();
+  const image = layer.addPoint(storage, 0);
+  layer.release();
+  const seen = Buffer.alloc(65536);
+  await image.read(seen, 0);
+  assert.ok(seen.equals(expected), 'the image shows the device at its point, with the image write');
+  await layer.removePoint(image);
+  await layer.close();
+});

@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import assert from 'node:assert/strict';
 import { BdsnapError, type ErrorCode } from '../../src/errors.js';
+import type { DiffStorage } from '../../src/snapshot/diff-storage.js';
 import { makeTempDir, type AfterHook } from '../helpers/files.js';
 
 export interface TestContext {
@@ -55,4 +56,25 @@ export async function killWhileWriting(script: string, args: string[], runMs: nu
   }
   assert.equal(await exited, 'SIGKILL', `the writer died on its own: ${err}`);
   return out;
+}
+
+/** Append something that is not a valid record to the newest file of a storage. */
+export function tearTail(storage: DiffStorage, how: number): void {
+  const { dirs } = storage.usage();
+  const files = dirs.flatMap((d) => fs.readdirSync(d).filter((n) => n.startsWith(`${storage.id}.`) && n.endsWith('.diff')).map((n) => path.join(d, n)));
+  files.sort((a, b) => Number(a.split('.').at(-2)) - Number(b.split('.').at(-2)));
+  const newest = files.at(-1)!;
+  const all = files.map((f) => fs.readFileSync(f)).find((b) => b.length > 0);
+  if (how === 1 || all === undefined) {
+    fs.appendFileSync(newest, Buffer.from(Array.from({ length: 100 }, (_, i) => (7 * 31 + i * 7) & 0xff)));
+    return;
+  }
+  const firstRecord = all.subarray(0, 64 + all.readUInt32LE(32));
+  if (how === 2) {
+    fs.appendFileSync(newest, firstRecord.subarray(0, firstRecord.length - 1)); // truncated payload
+  } else {
+    const flipped = Buffer.from(firstRecord);
+    flipped[flipped.length - 1]! ^= 0xff; // CRC mismatch
+    fs.appendFileSync(newest, flipped);
+  }
 }

@@ -15,7 +15,7 @@ import path from 'node:path';
 import fc from 'fast-check';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DiffStorage, SnapshotLayer, type DiffStorageOptions, type SnapshotImage } from '../../src/snapshot/index.js';
-import { tempDir } from './helpers.js';
+import { tearTail, tempDir } from './helpers.js';
 
 type Range = { offset: number; length: number };
 type Op =
@@ -69,27 +69,6 @@ interface Point {
   content: Buffer;
   /** Storages of earlier lives (before a simulated kill), closed at the end. */
   dropped: DiffStorage[];
-}
-
-/** Append something that is not a valid record to the newest file of a storage. */
-function tearTail(storage: DiffStorage, how: number): void {
-  const { dirs } = storage.usage();
-  const files = dirs.flatMap((d) => fs.readdirSync(d).filter((n) => n.startsWith(`${storage.id}.`) && n.endsWith('.diff')).map((n) => path.join(d, n)));
-  files.sort((a, b) => Number(a.split('.').at(-2)) - Number(b.split('.').at(-2)));
-  const newest = files.at(-1)!;
-  const all = files.map((f) => fs.readFileSync(f)).find((b) => b.length > 0);
-  if (how === 1 || all === undefined) {
-    fs.appendFileSync(newest, pattern(100, 7, 0));
-    return;
-  }
-  const firstRecord = all.subarray(0, 64 + all.readUInt32LE(32));
-  if (how === 2) {
-    fs.appendFileSync(newest, firstRecord.subarray(0, firstRecord.length - 1)); // truncated payload
-  } else {
-    const flipped = Buffer.from(firstRecord);
-    flipped[flipped.length - 1]! ^= 0xff; // CRC mismatch
-    fs.appendFileSync(newest, flipped);
-  }
 }
 
 test('snapshot images match the model through writes, takes, image writes, removals, extensions and kills', async (t) => {
