@@ -19,7 +19,7 @@ import { fillPageCache, settleFile } from './page-cache.js';
 
 export const MOUNT_IMAGE_BYTES = 2 * 2 ** 30;
 const MOUNT_FILE_BYTES = 512 * 2 ** 20;
-const MOUNT_RUNTIME_SEC = 5;
+export const MOUNT_RUNTIME_SEC = 5;
 /** Memory got back before each cell: a session's store grows by up to fio's file. */
 const MOUNT_FILL_BYTES = 2 * MOUNT_FILE_BYTES;
 
