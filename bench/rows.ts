@@ -21,6 +21,8 @@ import { performance } from 'node:perf_hooks';
 import { BDSNAP_MAIN, CleanupStack, type FioJob, makeImage, MIN_SCRATCH_FS_BYTES, missingNeeds, mountScratchFs, run, runFio, scratchFsNeeds, startDaemon } from './helpers.js';
 import { copyFloorRound } from './copy-floor.js';
 import { fillPageCache, settleFile } from './page-cache.js';
+import { flushFloorRound } from './flush-floor.js';
+import { MOUNT_ROUTES, MOUNT_RUNTIME_SEC, mountCell, type MountJob, mountUnavailable } from './mount.js';
 import { measureRestore } from './restore.js';
 import { BDSNAP_REWRITE, BDSNAP_SERVE, BDSNAP_SESSION, BDSNAP_TLS, NBDKIT_FILE, NBDKIT_TLS, nbdFloor, type RunningTarget, type Target } from './targets.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
@@ -394,6 +396,45 @@ const RESTORE: BenchRow = {
   },
 };
 
+/**
+ * fio on ext4 in a mounted 2 GiB image, one 512 MiB file, for 5 s: bdsnap mount of an active
+ * device against nbdkit attached by hand; nbdkit attached by bdsnap's own code, and a plain
+ * loop device, are reported beside (the server alone, and the floor of every route).
+ */
+function mountRow(id: string, name: string, job: MountJob, target: number, withFlushFloor = false): BenchRow {
+  const fio = `fio --size=512M --runtime=5 --time_based --rw=${job.rw} --bs=${job.blockSizeBytes >= 1 << 20 ? `${job.blockSizeBytes >> 20}M` : `${job.blockSizeBytes >> 10}k`}${job.ioDepth > 1 ? ` --iodepth=${job.ioDepth}` : ''} ${job.fioArgs.join(' ')}`;
+  const unit = job.measure === 'write MB/s' ? 'MB/s' as const : 'IOPS' as const;
+  return {
+    id,
+    name,
+    measures: `${fio} in a fresh ext4 (mkfs before each cell) on a 2 GiB image filled with data: ${MOUNT_ROUTES.map((r) => `${r.name}: ${r.description}`).join('; ')}${withFlushFloor
+      ? '. flush floor: bench/flush-floor.ts, the same cycle\'s disk work done by one program on an image file (plain, and copy-before-write: originals into a store, fdatasync of the store on each flush), no server and no route: an upper bound for any route (plain) and for a session (copy-before-write)'
+      : ''}`,
+    columns: [
+      ...MOUNT_ROUTES.map((r) => ({ name: r.name, unit })), { name: 'bdsnap / loop', unit: 'x' as const },
+      ...(withFlushFloor ? [{ name: 'flush floor plain', unit }, { name: 'flush floor copy-before-write', unit }] : []),
+    ],
+    ratioText: 'bdsnap / nbdkit',
+    ratio: ratioOf('bdsnap', 'nbdkit'),
+    targetText: `>= ${target}x`,
+    meets: atLeast(target),
+    unavailable: mountUnavailable,
+    once: async (context, reverse) => {
+      const sides: Array<[string, () => Promise<SideValues>]> = MOUNT_ROUTES.map((route) => [route.name, () => mountCell(route, context.dir, job)]);
+      if (withFlushFloor) {
+        sides.push(['flush floor', async () => {
+          const round = flushFloorRound(context.dir, MOUNT_RUNTIME_SEC, reverse);
+          return { ' plain': round.plain, ' copy-before-write': round.copying };
+        }]);
+      }
+      const v = await alternate(reverse, sides);
+      return { ...v, 'bdsnap / loop': (v.bdsnap ?? NaN) / (v.loop ?? NaN) };
+    },
+  };
+}
+
+const LIBAIO_DIRECT = ['--direct=1', '--ioengine=libaio'];
+
 /** Every row, in table order. */
 export const ROWS: BenchRow[] = [
   fioRow('seq-read', 'read'),
@@ -408,4 +449,8 @@ export const ROWS: BenchRow[] = [
   REWRITES,
   STATUS,
   RESTORE,
+  mountRow('mount-seq', 'mounted ext4, seq 1 MiB direct writes, qd 4, vs nbdkit route', { rw: 'write', blockSizeBytes: 1 << 20, ioDepth: 4, fioArgs: LIBAIO_DIRECT, measure: 'write MB/s' }, 1.0),
+  mountRow('mount-rw4k', 'mounted ext4, random 4 KiB direct writes, qd 16, vs nbdkit route', { rw: 'randwrite', blockSizeBytes: 4096, ioDepth: 16, fioArgs: LIBAIO_DIRECT, measure: 'write IOPS' }, 1.2),
+  mountRow('mount-rr4k', 'mounted ext4, random 4 KiB direct reads, qd 16, vs nbdkit route', { rw: 'randread', blockSizeBytes: 4096, ioDepth: 16, fioArgs: LIBAIO_DIRECT, measure: 'read IOPS' }, 1.0),
+  mountRow('mount-fsync', 'mounted ext4, seq 1 MiB writes with fsync every 8, vs nbdkit route', { rw: 'write', blockSizeBytes: 1 << 20, ioDepth: 1, fioArgs: ['--fsync=8'], measure: 'write MB/s' }, 1.2, true),
 ];

@@ -10,8 +10,10 @@ import path from 'node:path';
 import { requireTool, run } from './process.js';
 
 export interface FioJob {
-  /** NBD URI of the export. */
-  uri: string;
+  /** NBD URI of the export; with `directory` instead, fio works on a file there (its engine in extraArgs). */
+  uri?: string;
+  /** A mounted filesystem's directory, for a job on a file instead of an export. */
+  directory?: string;
   /** fio's rw: write, read, randwrite, randread, randrw... */
   rw: string;
   blockSizeBytes: number;
@@ -71,8 +73,7 @@ export async function runFio(job: FioJob): Promise<FioResult> {
     const output = path.join(dir, 'fio.json');
     const args = [
       '--name=bdsnap',
-      '--ioengine=nbd',
-      `--uri=${job.uri}`,
+      ...(job.directory !== undefined ? [`--directory=${job.directory}`] : ['--ioengine=nbd', `--uri=${job.uri ?? ''}`]),
       `--rw=${job.rw}`,
       `--bs=${job.blockSizeBytes}`,
       `--iodepth=${job.ioDepth}`,

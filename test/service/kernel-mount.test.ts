@@ -160,6 +160,32 @@ test('SIGTERM while mounted: the daemon unmounts, closes the session complete an
   assert.equal(await sha256File(image), before);
 });
 
+test('the loop device of a mount does direct I/O, and what a file fsync returned for is already in the image', async (t) => {
+  if (!needs(t, KERNEL_NEEDS)) return;
+  const box = sandbox(t);
+  await startDaemon(t, { sandbox: box, password: false });
+  const { image, mnt } = ext4Fixture(t, box);
+  passwdAndActivate(box, image, TEST_PASSWORD);
+  const mounted = JSON.parse(ok(box, ['mount', image, mnt, '-t', 'ext4', '--json'])) as { loopDevice: string };
+  // A buffered loop device over the FUSE file keeps a second page cache of the device.
+  const dio = fs.readFileSync(`/sys/block/${path.basename(mounted.loopDevice)}/loop/dio`, 'utf8').trim();
+  assert.equal(dio, '1', `${mounted.loopDevice} does direct I/O`);
+
+  const marker = Buffer.alloc(256 << 10);
+  for (let i = 0; i < marker.length; i += 32) marker.write(`bdsnap-fsync-marker-${String(i).padStart(10, '0')}`, i, 'latin1');
+  const fd = fs.openSync(path.join(mnt, 'marker.bin'), 'w');
+  try {
+    fs.writeSync(fd, marker);
+    fs.fsyncSync(fd);
+    // Still mounted: nothing but the fsync can have sent the data down the route.
+    const onImage = fs.readFileSync(image);
+    assert.ok(onImage.includes(marker.subarray(0, 64 << 10)), 'the fsynced data reached the image through the daemon');
+  } finally {
+    fs.closeSync(fd);
+  }
+  ok(box, ['umount', mnt]);
+});
+
 test('a mount that fails leaves no session, no loop device and nothing attached', async (t) => {
   if (!needs(t, KERNEL_NEEDS)) return;
   const box = sandbox(t);
