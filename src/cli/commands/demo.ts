@@ -11,7 +11,7 @@
  */
 
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -128,16 +128,19 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     process.stdout.write(`files now: ${fs.readdirSync(mnt).join(', ')}; docs/: ${fs.readdirSync(path.join(mnt, 'docs')).join(', ')}\n`);
 
     say('5. While it stays mounted: a consistent snapshot for backups, a full backup, more changes, an incremental backup');
-    const repo = path.join(top, 'backups');
-    bdsnap(['backup', 'init', '--repo', repo]);
-    const full = JSON.parse(bdsnap(['backup', 'create', image, '--repo', repo, '--json'])) as { id: string };
+    // The repository is encrypted; its password is read from a file (never from the command line).
+    const passwordFile = path.join(top, 'repo-password');
+    fs.writeFileSync(passwordFile, `${randomBytes(18).toString('base64')}\n`, { mode: 0o600 });
+    const repoArgs = ['--repo', path.join(top, 'backups'), '--password-file', passwordFile];
+    bdsnap(['backup', 'init', ...repoArgs]);
+    const full = JSON.parse(bdsnap(['backup', 'create', image, ...repoArgs, '--json'])) as { id: string };
     for (let i = 0; i < 8; i++) fs.writeFileSync(path.join(mnt, 'docs', `note-${i}.txt`), `note ${i}\n`.repeat(300));
     tool('sync', []);
-    bdsnap(['backup', 'create', image, '--repo', repo]);
-    bdsnap(['backup', 'list', '--repo', repo]);
-    bdsnap(['backup', 'verify', '--repo', repo]);
+    bdsnap(['backup', 'create', image, ...repoArgs]);
+    bdsnap(['backup', 'list', ...repoArgs]);
+    bdsnap(['backup', 'verify', ...repoArgs]);
     const restoredFull = path.join(top, 'full-backup.img');
-    bdsnap(['backup', 'restore', '--repo', repo, full.id, image, '--output', restoredFull]);
+    bdsnap(['backup', 'restore', ...repoArgs, full.id, image, '--output', restoredFull]);
     tool('e2fsck', ['-fn', restoredFull]);
     bdsnap(['events']);
 
