@@ -8,17 +8,18 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { LocalDirStore, Repository, createBackup, inDataSubset, parseDataSubset, verifyRepository, type BackupSource } from '../../src/backup/index.js';
-import { manifestObject, pieceObject } from '../../src/repository/format.js';
+import { LocalDirStore, createBackup, inDataSubset, parseDataSubset, verifyRepository, type BackupSource } from '../../src/backup/index.js';
+import { manifestObject } from '../../src/repository/format.js';
 import type { GetOptions } from '../../src/repository/object-store.js';
 import { fillRandom, makeTempDir } from '../helpers/files.js';
 import { run, type RunResult } from '../helpers/process.js';
 import { BDSNAP_MAIN } from '../helpers/server.js';
+import { TEST_PASSWORD, flipByteAt, initRepo, pieceBytes } from './helpers.js';
 
 const KiB = 1024;
 
 function bdsnap(...args: string[]): Promise<RunResult> {
-  return run(process.execPath, [BDSNAP_MAIN, 'backup', ...args], { allowFailure: true, timeoutMs: 60_000 });
+  return run(process.execPath, [BDSNAP_MAIN, 'backup', ...args], { allowFailure: true, timeoutMs: 60_000, env: { ...process.env, BDSNAP_REPO_PASSWORD: TEST_PASSWORD } });
 }
 
 function assertFails(r: RunResult, pattern: RegExp): void {
@@ -38,11 +39,11 @@ function randomData(bytes: number, seed: number): Buffer {
   return b;
 }
 
-/** Records which pieces are read. */
+/** Records which pieces are read: a piece is a byte range of a pack, named here as 'object@offset'. */
 class ReadRecordingStore extends LocalDirStore {
   readonly pieceReads: string[] = [];
   override get(name: string, options?: GetOptions): Promise<Buffer> {
-    if (name.startsWith('pieces/')) this.pieceReads.push(name);
+    if (name.startsWith('packs/')) this.pieceReads.push(`${name}@${options && 'offsetBytes' in options ? options.offsetBytes : 0}`);
     return super.get(name, options);
   }
 }
@@ -51,11 +52,15 @@ test('verify --read-data-subset: T slices read every piece once; a damaged piece
   const dir = makeTempDir(t, 'bdsnap-subset-');
   const repoDir = path.join(dir, 'repo');
   const store = new ReadRecordingStore(repoDir);
-  const repo = await Repository.init(store, { pieceSizeBytes: 64 * KiB });
+  const repo = await initRepo(store, { pieceSizeBytes: 64 * KiB });
   await createBackup(repo, [source('/dev/a', randomData(4096 * KiB, 1))], { host: 'web1' });
   await createBackup(repo, [source('/dev/a', randomData(2048 * KiB, 2)), source('/dev/b', randomData(1024 * KiB, 3))], { host: 'web2' });
   const all = [...(await repo.storedPieceNames())].sort();
   assert.equal(all.length, 64 + 32 + 16);
+  const index = await repo.pieceIndex();
+  const where = (id: string): string => `${index.get(id)!.object}@${index.get(id)!.offsetBytes}`;
+  assert.equal(new Set(all.map(where)).size, all.length, 'each piece has its own place');
+  assert.ok(new Set(all.map((id) => index.get(id)!.object)).size < all.length, 'pieces share packs, so slices are over pieces, not packs');
 
   const T = 5;
   const seen = new Map<string, number>();
@@ -71,12 +76,13 @@ test('verify --read-data-subset: T slices read every piece once; a damaged piece
     const again = await verifyRepository(repo, { subset: { n, total: T } });
     assert.equal(again.checkedPieces, summary.checkedPieces);
   }
-  assert.deepEqual([...seen.keys()].sort(), all.map(pieceObject).sort(), 'every piece read by some slice');
+  assert.deepEqual([...seen.keys()].sort(), all.map(where).sort(), 'every piece read by some slice');
   assert.deepEqual([...new Set(seen.values())], [1], 'by exactly one slice');
 
   // Damage one piece: every other slice passes; its own finds it and the command fails.
   const victim = all[17]!;
-  fs.appendFileSync(path.join(repoDir, pieceObject(victim)), 'x');
+  const at = await pieceBytes(repo, repoDir, victim);
+  flipByteAt(at.file, at.offsetBytes + Math.floor(at.lengthBytes / 2));
   const owner = [1, 2, 3, 4, 5].find((n) => inDataSubset(victim, { n, total: T }))!;
   for (let n = 1; n <= T; n++) {
     if (n === owner) continue;
@@ -98,7 +104,7 @@ test('verify --read-data-subset: T slices read every piece once; a damaged piece
 test('backup forget by policy: per host and device set, --dry-run prints the plan, --host limits it; list --host', async (t) => {
   const dir = makeTempDir(t, 'bdsnap-forget-');
   const repoDir = path.join(dir, 'repo');
-  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB });
+  const repo = await initRepo(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB });
   const a = randomData(512 * KiB, 1);
   const b = randomData(256 * KiB, 2);
   const made: Record<string, string[]> = { web1: [], web2: [], 'web1-ab': [], old: [] };
@@ -108,10 +114,9 @@ test('backup forget by policy: per host and device set, --dry-run prints the pla
   // A backup from before hosts were recorded: its manifest has no host.
   for (let i = 0; i < 2; i++) {
     const id = (await createBackup(repo, [source('/dev/a', a)], { host: 'x' })).id;
-    const file = path.join(repoDir, manifestObject(id));
-    const m = JSON.parse(fs.readFileSync(file, 'utf8')) as Record<string, unknown>;
+    const m = await repo.manifest(id);
     delete m.host;
-    fs.writeFileSync(file, JSON.stringify(m));
+    await repo.putManifest(m);
     made.old!.push(id);
   }
   const times = (await repo.backups()).map((r) => r.manifest!.startTime);
@@ -169,7 +174,7 @@ test('backup forget by policy: per host and device set, --dry-run prints the pla
 test('forgetting the base of an incremental (and pruning) leaves the incremental whole: every manifest stands alone', async (t) => {
   const dir = makeTempDir(t, 'bdsnap-forgetbase-');
   const repoDir = path.join(dir, 'repo');
-  const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB });
+  const repo = await initRepo(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB });
   const data = randomData(1024 * KiB, 9);
   const full = await createBackup(repo, [source('/dev/a', data)], { host: 'web1' });
   randomData(8 * KiB, 10).copy(data, 300 * KiB);

@@ -10,12 +10,13 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { LocalDirStore, Repository, createBackup, type ObjectInfo } from '../../src/backup/index.js';
-import { LOCKS_PREFIX } from '../../src/repository/format.js';
+import { LocalDirStore, createBackup, type ObjectInfo } from '../../src/backup/index.js';
+import { LOCKS_PREFIX, PACKS_PREFIX } from '../../src/repository/format.js';
 import { HELD_MARGIN_MS, RepoLock, listLocks } from '../../src/repository/lock.js';
 import { BdsnapError } from '../../src/errors.js';
 import { fillRandom, makeTempDir } from '../helpers/files.js';
 import { readBootId } from '../../src/host/device-stamp.js';
+import { initRepo } from '../backup/helpers.js';
 
 /** A pid that named a process a moment ago and names none now (spawnSync reaps its child). */
 function exitedPid(): number {
@@ -92,17 +93,17 @@ test('a holder that went longer than HELD_MARGIN_MS without a refresh, or whose 
 test('a prune that stalled past the margin after listing the pieces stops before deleting any', async (t) => {
   const dir = makeTempDir(t, 'bdsnap-lock-');
   const stall = { armed: false };
-  // The stall lands while prune lists the pieces, after it took its lock.
+  // The stall lands while prune lists the packs (where the pieces are), after it took its lock.
   class StallingStore extends LocalDirStore {
     override async list(prefix: string): Promise<ObjectInfo[]> {
       const out = await super.list(prefix);
-      if (stall.armed && prefix === 'pieces/') t.mock.timers.setTime(Date.now() + HELD_MARGIN_MS + 1000);
+      if (stall.armed && prefix === PACKS_PREFIX) t.mock.timers.setTime(Date.now() + HELD_MARGIN_MS + 1000);
       return out;
     }
   }
   const store = new StallingStore(path.join(dir, 'repo'));
   t.after(() => store.close());
-  const repo = await Repository.init(store, { pieceSizeBytes: 64 * 1024 });
+  const repo = await initRepo(store, { pieceSizeBytes: 64 * 1024 });
   const data = Buffer.alloc(256 * 1024);
   fillRandom(data, 4);
   const made = await createBackup(repo, [{ device: '/dev/a', sizeBytes: data.length, changed: null, why: 'test', read: async (target, o) => void data.copy(target, 0, o, o + target.length) }]);
