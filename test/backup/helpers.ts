@@ -4,6 +4,7 @@
  * standing in for the change map, and an ObjectStore that counts what goes through it.
  */
 
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { BlockDevice } from '../../src/device/block-device.js';
@@ -197,4 +198,43 @@ export function flipByteAt(file: string, offsetBytes: number): void {
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** Text that an unencrypted piece keeps readable and an encrypted repository must never show. */
+export const PLAINTEXT_MARKER = 'BDSNAP-PLAINTEXT-MARKER-7f3a9c';
+
+export function sha256(data: Buffer): string {
+  return createHash('sha256').update(data).digest('hex');
+}
+
+/** An image: text holding the marker, random bytes, zeroes, and a repeated piece. */
+export function markedImage(sizeBytes: number, seed: number): Buffer {
+  const img = Buffer.alloc(sizeBytes);
+  img.write(`${PLAINTEXT_MARKER} the quick brown fox jumps over the lazy dog\n`.repeat(Math.floor(sizeBytes / 4 / 80)), 0);
+  const random = randomBytes(sizeBytes / 4);
+  random[0] = seed;
+  // In incompressible bytes too, where an unencrypted piece is stored raw and shows it as it is.
+  for (let at = 0; at + 4096 < random.length; at += 64 * 1024) random.write(PLAINTEXT_MARKER, at + 1000);
+  random.copy(img, sizeBytes / 4);
+  img.copy(img, (3 * sizeBytes) / 4, 0, sizeBytes / 8);
+  return img;
+}
+
+/**
+ * What of `img` shows in stored objects: the marker in any object's bytes, and the plain sha256
+ * (hex or binary) of any of its pieces in any object's name or bytes.
+ */
+export function plaintextIn(img: Buffer, pieceSizeBytes: number, objects: Iterable<{ name: string; bytes?: Buffer }>): { marker: boolean; hashes: string[] } {
+  const plainIds = new Set<string>();
+  for (let at = 0; at < img.length; at += pieceSizeBytes) plainIds.add(sha256(img.subarray(at, at + pieceSizeBytes)));
+  const needles = [...plainIds].flatMap((h) => [Buffer.from(h), Buffer.from(h, 'hex')]);
+  let marker = false;
+  const hashes = new Set<string>();
+  for (const o of objects) {
+    for (const h of plainIds) if (o.name.includes(h)) hashes.add(h);
+    if (o.bytes === undefined) continue;
+    if (o.bytes.includes(PLAINTEXT_MARKER)) marker = true;
+    for (const n of needles) if (o.bytes.includes(n)) hashes.add(n.length === 64 ? n.toString() : n.toString('hex'));
+  }
+  return { marker, hashes: [...hashes] };
 }

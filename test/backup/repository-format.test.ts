@@ -7,7 +7,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -17,31 +17,12 @@ import { manifestObject } from '../../src/repository/format.js';
 import { makeTempDir } from '../helpers/files.js';
 import { run, type RunResult } from '../helpers/process.js';
 import { BDSNAP_MAIN } from '../helpers/server.js';
-import { TEST_SCRYPT, flipByteAt, initRepo, openRepo, pieceBytes } from './helpers.js';
+import { TEST_SCRYPT, flipByteAt, initRepo, markedImage as image, openRepo, pieceBytes, plaintextIn, sha256 } from './helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
 const V1_FIXTURE = fileURLToPath(new URL('../../../test/backup/fixtures/v1-repository', import.meta.url));
 const V1_EXPECTED = JSON.parse(fs.readFileSync(`${V1_FIXTURE}.json`, 'utf8')) as { device: string; sizeBytes: number; backups: Record<string, string> };
-const MARKER = 'BDSNAP-PLAINTEXT-MARKER-7f3a9c';
-
-function sha256(data: Buffer): string {
-  return createHash('sha256').update(data).digest('hex');
-}
-
-/** An image: text holding the marker, random bytes, zeroes, and a repeated piece. */
-function image(sizeBytes: number, seed: number): Buffer {
-  const img = Buffer.alloc(sizeBytes);
-  img.write(`${MARKER} the quick brown fox jumps over the lazy dog\n`.repeat(Math.floor(sizeBytes / 4 / 80)), 0);
-  const random = randomBytes(sizeBytes / 4);
-  random[0] = seed;
-  // In incompressible bytes too, where an unencrypted piece is stored raw and shows it as it is.
-  for (let at = 0; at + 4096 < random.length; at += 64 * KiB) random.write(MARKER, at + 1000);
-  random.copy(img, sizeBytes / 4);
-  img.copy(img, (3 * sizeBytes) / 4, 0, sizeBytes / 8);
-  return img;
-}
-
 function source(device: string, data: Buffer): BackupSource {
   return { device, sizeBytes: data.length, changed: null, why: 'test', read: async (t, o) => void data.copy(t, 0, o, o + t.length) };
 }
@@ -87,20 +68,11 @@ test('a new repository is encrypted: no marker text, no plain sha256 of a piece,
     // brotli: its literals keep the marker readable in an unencrypted piece, as zstd's do.
     const repo = await initRepo(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB, encryption, codec: 'brotli' });
     await createBackup(repo, [source('/dev/marked', img)]);
-    const plainIds = new Set<string>();
-    for (let at = 0; at < img.length; at += 64 * KiB) plainIds.add(sha256(img.subarray(at, at + 64 * KiB)));
-    const needles = [...plainIds].flatMap((h) => [Buffer.from(h), Buffer.from(h, 'hex')]);
-    let marker = false;
-    const hashes = new Set<string>();
-    for (const e of fs.readdirSync(repoDir, { recursive: true, withFileTypes: true })) {
+    const files = fs.readdirSync(repoDir, { recursive: true, withFileTypes: true }).map((e) => {
       const p = path.join(e.parentPath, e.name);
-      for (const h of plainIds) if (p.includes(h)) hashes.add(h);
-      if (!e.isFile()) continue;
-      const bytes = fs.readFileSync(p);
-      if (bytes.includes(MARKER)) marker = true;
-      for (const n of needles) if (bytes.includes(n)) hashes.add(n.length === 64 ? n.toString() : n.toString('hex'));
-    }
-    return { marker, hashes: [...hashes] };
+      return { name: p, bytes: e.isFile() ? fs.readFileSync(p) : undefined };
+    });
+    return plaintextIn(img, 64 * KiB, files);
   };
   const plain = await scan(false);
   assert.equal(plain.marker, true, 'the scan finds the marker in an unencrypted repository');

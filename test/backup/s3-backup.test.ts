@@ -2,8 +2,8 @@
  * `bdsnap backup` with `--repo s3:...` against a real radosgw, through the real daemon and CLI:
  * REPO spellings that are not supported are refused (never made into a local directory), a
  * busy ext4 is backed up full and incrementally and restores exactly, and two processes
- * backing up copies of one image at the same time into one bucket store its data once and
- * each restore exactly.
+ * backing up copies of one image at the same time into one bucket store its data once (after
+ * prune) and each restore exactly; and a bucket holding an encrypted repository shows none of its data.
  */
 
 import assert from 'node:assert/strict';
@@ -17,7 +17,9 @@ import { makeImage, makeTempDir } from '../helpers/files.js';
 import { rgwForFile } from '../helpers/rgw.js';
 import { parseRepoLocation } from '../../src/repository/location.js';
 import { S3Store } from '../../src/repository/s3-store.js';
+import { createBackup, type BackupSource } from '../../src/backup/index.js';
 import { busyExt4Backups, type Created } from './daemon-cycles.js';
+import { initRepo, markedImage, plaintextIn } from './helpers.js';
 
 const rgw = rgwForFile();
 
@@ -78,7 +80,7 @@ async function storedBytes(repo: string): Promise<number> {
   }
 }
 
-test('two processes back up copies of one image into one bucket at the same time: stored once, each restores exactly', { timeout: 300_000 }, async (t) => {
+test('two processes back up copies of one image into one bucket at the same time: stored once after prune, each restores exactly', { timeout: 300_000 }, async (t) => {
   const r = await rgw(t);
   if (!r) return;
   Object.assign(process.env, r.env);
@@ -92,15 +94,19 @@ test('two processes back up copies of one image into one bucket at the same time
   const repo = r.newRepo('shared');
   ok(box, ['backup', 'init', '--repo', repo]);
   const [ca, cb] = (await Promise.all([a, b].map((dev) => cliAsync(box, ['backup', 'create', dev, '--repo', repo, '--json'])))).map((o) => JSON.parse(o) as Created);
+  // Random data does not compress: one copy is BYTES and some headers. Each process packs what
+  // the committed index lacks, so two at once may each store a copy, and never more.
   const stored = await storedBytes(repo);
-  // Random data does not compress: one copy is BYTES and some headers; two would be twice that.
-  assert.ok(stored < BYTES * 1.1, `the bucket holds ${stored} bytes for two copies of a ${BYTES}-byte image`);
+  assert.ok(stored < BYTES * 2.2, `the bucket holds ${stored} bytes for two copies of a ${BYTES}-byte image`);
   // A third host with the same data, once the others are done, adds next to nothing.
   const c = path.join(box.top, 'host-c.img');
   fs.copyFileSync(a, c);
   const cc = JSON.parse(await cliAsync(box, ['backup', 'create', c, '--repo', repo, '--json'])) as Created & { devices: Array<{ newStoredBytes: number }> };
   assert.ok(cc.devices[0]!.newStoredBytes < BYTES / 100, `a later backup of the same data stored ${cc.devices[0]!.newStoredBytes} new bytes`);
   assert.ok(await storedBytes(repo) < stored + BYTES / 100);
+  // Prune keeps one copy of each piece: the packs of the other copy go.
+  await cliAsync(box, ['backup', 'prune', '--repo', repo]);
+  assert.ok(await storedBytes(repo) < BYTES * 1.1, `after prune the bucket holds ${await storedBytes(repo)} bytes for one ${BYTES}-byte image`);
   const want = fs.readFileSync(a);
   for (const [created, dev] of [[ca, a], [cb, b], [cc, c]] as const) {
     const out = path.join(box.top, `restored-${path.basename(dev)}`);
@@ -110,4 +116,38 @@ test('two processes back up copies of one image into one bucket at the same time
   const list = JSON.parse(await cliAsync(box, ['backup', 'list', '--repo', repo, '--json'])) as Array<{ id: string }>;
   assert.deepEqual(list.map((l) => l.id).sort(), [ca!.id, cb!.id, cc.id].sort());
   await cliAsync(box, ['backup', 'verify', '--repo', repo]);
+});
+
+test('an encrypted repository in S3: no marker text, no plain sha256 of a piece, in any object or name of the bucket', { timeout: 120_000 }, async (t) => {
+  const r = await rgw(t);
+  if (!r) return;
+  Object.assign(process.env, r.env);
+  const PIECE = 64 * 1024;
+  const img = markedImage(4 << 20, 1);
+  const source: BackupSource = { device: '/dev/marked', sizeBytes: img.length, changed: null, why: 'test', read: async (to, at) => void img.copy(to, 0, at, at + to.length) };
+  const scan = async (encryption: boolean): Promise<ReturnType<typeof plaintextIn>> => {
+    const at = parseRepoLocation(r.newRepo('bdsnap/host1'));
+    if (at.kind !== 's3') throw new Error('not s3');
+    const store = new S3Store(at);
+    // The whole bucket, not only the repository's prefix.
+    const bucket = new S3Store({ ...at, prefix: '' });
+    try {
+      await store.createBucket();
+      // brotli: its literals keep the marker readable in an unencrypted piece, as zstd's do.
+      const repo = await initRepo(store, { pieceSizeBytes: PIECE, encryption, codec: 'brotli' });
+      await createBackup(repo, [source]);
+      const objects = await Promise.all((await bucket.list('')).map(async (o) => ({ name: o.name, bytes: await bucket.get(o.name) })));
+      assert.ok(objects.some((o) => o.name.startsWith('bdsnap/host1/packs/')), `the scan sees the packs: ${objects.map((o) => o.name).join(' ')}`);
+      return plaintextIn(img, PIECE, objects);
+    } finally {
+      store.close();
+      bucket.close();
+    }
+  };
+  const plain = await scan(false);
+  assert.equal(plain.marker, true, 'the scan finds the marker in an unencrypted repository');
+  assert.ok(plain.hashes.length > 0, 'the scan finds plain sha256s in an unencrypted repository');
+  const enc = await scan(true);
+  assert.equal(enc.marker, false, 'no marker text in the bucket of an encrypted repository');
+  assert.deepEqual(enc.hashes, [], 'no plain sha256 of a piece in the bucket of an encrypted repository');
 });

@@ -16,6 +16,7 @@ import { ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage } from '../helpers/files.js';
 import { rgwForFile } from '../helpers/rgw.js';
 import { parseRepoLocation } from '../../src/repository/location.js';
+import { PACKS_PREFIX } from '../../src/repository/format.js';
 import { S3Store } from '../../src/repository/s3-store.js';
 import type { Created } from './daemon-cycles.js';
 
@@ -33,15 +34,15 @@ function startCreate(box: Sandbox, device: string, repo: string): { child: Child
   return { child, done };
 }
 
-/** Resolves once the repository holds more than `count` pieces (the backup is under way). */
-async function piecesBeyond(repo: string, count: number): Promise<void> {
+/** Resolves once the repository holds more than `count` packs (the backup is under way). */
+async function packsBeyond(repo: string, count: number): Promise<void> {
   const at = parseRepoLocation(repo);
   if (at.kind !== 's3') throw new Error('not s3');
   const store = new S3Store(at);
   try {
     const deadline = Date.now() + 120_000;
-    while ((await store.names('pieces/')).length <= count) {
-      if (Date.now() > deadline) throw new Error('the backup stored no new piece within 120 s');
+    while ((await store.names(PACKS_PREFIX)).length <= count) {
+      if (Date.now() > deadline) throw new Error('the backup stored no new pack within 120 s');
       await sleep(100);
     }
   } finally {
@@ -49,12 +50,12 @@ async function piecesBeyond(repo: string, count: number): Promise<void> {
   }
 }
 
-async function pieceCount(repo: string): Promise<number> {
+async function packCount(repo: string): Promise<number> {
   const at = parseRepoLocation(repo);
   if (at.kind !== 's3') throw new Error('not s3');
   const store = new S3Store(at);
   try {
-    return (await store.names('pieces/')).length;
+    return (await store.names(PACKS_PREFIX)).length;
   } finally {
     store.close();
   }
@@ -81,7 +82,8 @@ async function setUp(t: TestContext): Promise<{ box: Sandbox; repo: string; devi
   const device = makeImage(path.join(box.top, 'disk.img'), BYTES, 'random', 3);
   await startDaemon(t, { sandbox: box, password: false });
   const repo = r.newRepo('faults');
-  ok(box, ['backup', 'init', '--repo', repo]);
+  // Small packs: a backup of BYTES writes some 64 of them, so a fault lands well inside one.
+  ok(box, ['backup', 'init', '--repo', repo, '--pack-size', '1M']);
   const first = JSON.parse(ok(box, ['backup', 'create', device, '--repo', repo, '--json'])) as Created;
   const firstImage = fs.readFileSync(device);
   makeImage(device, BYTES, 'random', 4);
@@ -92,9 +94,9 @@ test('radosgw killed in the middle of a backup and started again: the backup rid
   const s = await setUp(t);
   if (!s) return;
   const r = (await rgw(t))!;
-  const before = await pieceCount(s.repo);
+  const before = await packCount(s.repo);
   const create = startCreate(s.box, s.device, s.repo);
-  await piecesBeyond(s.repo, before + 20);
+  await packsBeyond(s.repo, before + 20);
   await r.killGateway();
   await sleep(2_000);
   await r.startGateway();
@@ -115,9 +117,9 @@ test('radosgw killed in the middle of a backup and started again: the backup rid
 test('SIGKILL of backup create leaves nothing half visible; the repository verifies and the next backup works', { timeout: 400_000 }, async (t) => {
   const s = await setUp(t);
   if (!s) return;
-  const before = await pieceCount(s.repo);
+  const before = await packCount(s.repo);
   const create = startCreate(s.box, s.device, s.repo);
-  await piecesBeyond(s.repo, before + 20);
+  await packsBeyond(s.repo, before + 20);
   create.child.kill('SIGKILL');
   const end = await create.done;
   assert.equal(end.signal, 'SIGKILL');

@@ -15,7 +15,7 @@ import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import {
-  CODEC_CHOICES, Repository, openRepoStore, backupDevices, copyBackups, daemonSnapshotProvider, hostOf, openBackupDevices, parseDataSubset, restoreBackup, verifyRepository,
+  CODEC_CHOICES, Repository, openRepoStore, parseRepoLocation, backupDevices, copyBackups, daemonSnapshotProvider, hostOf, openBackupDevices, parseDataSubset, restoreBackup, verifyRepository,
   type BackupSummary, type ObjectStore, type ProgressSink,
 } from '../../backup/index.js';
 import { registerForget } from './backup-forget.js';
@@ -161,6 +161,8 @@ export function register(program: Command): void {
       const packSizeBytes = flags.packSize !== undefined ? parseBytes(flags.packSize, '--pack-size') : undefined;
       const codec = CODEC_CHOICES.find((c) => c === flags.codec);
       if (flags.codec !== undefined && !codec) throw new BdsnapError('EINVAL', `bad --codec "${flags.codec}": one of ${CODEC_CHOICES.join(', ')}`);
+      // A misspelt --repo is refused before the password is asked for, twice, in vain.
+      parseRepoLocation(flags.repo);
       const password = flags.encryption ? await passwordFrom(flags.passwordFile, 'BDSNAP_REPO_PASSWORD', `new password for ${flags.repo}: `, true) : undefined;
       const repo = await Repository.init(await openStore(flags.repo, true), { pieceSizeBytes, packSizeBytes, codec, encryption: flags.encryption, password });
       process.stdout.write(`initialized backup repository ${repo.store.location} (pieces of ${formatBytes(repo.pieceSizeBytes)}, ${repo.encrypted ? 'encrypted with AES-256-GCM; keep the password: without it nothing can be restored' : 'NOT encrypted'})\n`);
