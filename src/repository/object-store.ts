@@ -179,7 +179,10 @@ export class LocalDirStore implements ObjectStore {
 
   async stage(name: string, data: Buffer | readonly Buffer[]): Promise<void> {
     this.#throwPublishFailure();
-    this.#staged.push(await this.#writeTemp(name, data));
+    // Pushed only once written: `this.#staged.push(await ...)` would take the array before the
+    // await, and a batch published meanwhile would carry this file off unpublished, for good.
+    const staged = await this.#writeTemp(name, data);
+    this.#staged.push(staged);
     this.#stagedBytes += Buffer.isBuffer(data) ? data.length : data.reduce((n, b) => n + b.length, 0);
     if (this.#staged.length >= STAGE_BATCH || this.#stagedBytes >= STAGE_BATCH_BYTES) this.#publishStaged();
     while (this.#publishing.size > PUBLISHING_MAX) await Promise.race(this.#publishing);

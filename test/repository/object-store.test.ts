@@ -30,6 +30,23 @@ test('staged objects: many batches, all whole after commit, no temp file left', 
   }
 });
 
+test('a stage still being written when its batch is published is an object after commit', { timeout: 60_000 }, async (t) => {
+  // A backup stages several packs at once; a batch may be published while one of them is still
+  // being written. That one must go with a later batch, not be lost with the one it missed.
+  const dir = makeTempDir(t, 'bdsnap-store-');
+  const store = new LocalDirStore(dir);
+  let n = 0;
+  for (let trial = 0; trial < 4; trial++) {
+    const big = store.stage(name(n++), Buffer.alloc(48 << 20, trial + 1));
+    // 128 small objects make a batch, published at once, while the big one is being written.
+    for (let i = 0; i < 128; i++) await store.stage(name(n++), Buffer.from(`object ${n}`));
+    await big;
+  }
+  await store.commit();
+  assert.deepEqual(tempFiles(dir), [], 'no staged object is left unpublished');
+  assert.equal(new Set(await store.names('pieces/')).size, n);
+});
+
 test('a batch that fails to publish in the background fails the next stage or the commit, and discard leaves no temp file', { timeout: 30_000 }, async (t) => {
   const dir = makeTempDir(t, 'bdsnap-store-');
   const store = new LocalDirStore(dir);
