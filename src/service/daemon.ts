@@ -49,6 +49,7 @@ import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
 import { AsOfExports } from './as-of-exports.js';
 import { InstantRestores, type SourceOpener } from './instant-restore.js';
 import { Repository, openBackupDevices, openRepoStore } from '../repository/index.js';
+import { RepoLock } from '../repository/lock.js';
 import { SnapshotManager } from './snapshots.js';
 import { ReplicaManager } from './replicas.js';
 import { ReplicaStandby } from './replica-standby.js';
@@ -530,17 +531,31 @@ function disableCoreDumps(log: Logger): void {
 
 /** The source of an instant restore: one device of a backup in a repository. */
 const openBackupSource: SourceOpener = async (repoSpec, backup, device, password) => {
-  const repo = await Repository.open(await openRepoStore(repoSpec), {
+  const store = await openRepoStore(repoSpec);
+  const repo = await Repository.open(store, {
     password: () => {
       if (password === undefined) throw new BdsnapError('EAUTH', `${repoSpec} is encrypted and no password was given`);
       return password;
     },
   });
-  const opened = await openBackupDevices(repo, backup);
-  const found = opened.devices.find((d) => d.name === device);
-  if (!found) {
-    await opened.close();
-    throw new BdsnapError('ENOENT', `backup ${backup} has no device ${device} (it has ${opened.devices.map((d) => d.name).join(', ')})`);
+  // Held like a running backup's for as long as the restore reads: prune must not delete its packs.
+  const lock = await RepoLock.acquire(store, 'create');
+  try {
+    const opened = await openBackupDevices(repo, backup);
+    const found = opened.devices.find((d) => d.name === device);
+    if (!found) {
+      await opened.close();
+      throw new BdsnapError('ENOENT', `backup ${backup} has no device ${device} (it has ${opened.devices.map((d) => d.name).join(', ')})`);
+    }
+    return {
+      source: found.device, slots: found.slots, pieceBytes: found.pieceBytes,
+      close: async () => {
+        await opened.close();
+        await lock.release().catch(() => undefined);
+      },
+    };
+  } catch (err) {
+    await lock.release().catch(() => undefined);
+    throw err;
   }
-  return { source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, close: opened.close };
 };

@@ -159,6 +159,9 @@ test('instant restore with the repository gone: EIO for what is not copied, the 
   const out = path.join(dir, 'out.img');
   const daemon = await startDaemon(cleanup, { password: false, extraArgs: ['--restore-rate', '2M'] });
   await daemon.cli(['backup', 'restore', '--repo', repoDir, id, image, '--output', out, '--instant']);
+  // The restore reads the repository as a backup does: prune would delete the packs under it.
+  const prune = await daemon.cli(['backup', 'prune', '--repo', repoDir], undefined, true);
+  assert.notEqual(prune.exitCode, 0, `prune while an instant restore reads the repository: ${prune.stdout}`);
   const client = await NbdClient.connect({ socketPath: path.join(daemon.runDir, 'nbd.sock'), exportName: out });
   try {
     const early = Buffer.alloc(MiB);
