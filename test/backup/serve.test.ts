@@ -61,6 +61,8 @@ test('backup serve: exact bytes of the backup, holes as holes, read-only, damage
   const socket = path.join(dir, 'b.sock');
   const server = await startBackupServe(t, ['--repo', repoDir, first.id, '--socket', socket]);
   const uri = nbdUri(socket, image);
+  // Served as a backup reads: prune is refused meanwhile, so no pack goes from under a reader.
+  await assert.rejects(repo.prune(), /EBUSY|running|create/i);
   const copy = path.join(dir, 'copy.img');
   await run('nbdcopy', ['--', uri, copy], { timeoutMs: 30_000 });
   assert.equal(await sha256File(copy), atFirst, 'the export is the device at the first backup');

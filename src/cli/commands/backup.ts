@@ -19,6 +19,7 @@ import {
   type BackupSummary, type ObjectStore, type ProgressSink,
 } from '../../backup/index.js';
 import { registerForget } from './backup-forget.js';
+import { RepoLock } from '../../repository/lock.js';
 import { promptHidden } from '../password-input.js';
 import { BdsnapClient, withClient } from '../../service/client.js';
 import { resolveRunDir } from '../../service/paths.js';
@@ -309,7 +310,12 @@ Example:
       await serveInForeground(async () => {
         const tls = await loadTls(tlsSettings(flags));
         if (listen) checkTcpPolicy(listen, tls, flags.insecureTcp ?? false, 'read the backup');
-        const opened = await openBackupDevices(repo, id);
+        // Held like a running backup's while it serves: prune must not delete the packs it reads.
+        const lock = await RepoLock.acquire(repo.store, 'create');
+        const opened = await openBackupDevices(repo, id).catch(async (err: unknown) => {
+          await lock.release();
+          throw err;
+        });
         try {
           const { server, endpoints } = await listenOn(opened.devices, { ...(socketPath !== undefined ? { socketPath } : {}), ...(listen ? { listen } : {}), log: printWarnings }, tls);
           return {
@@ -317,10 +323,12 @@ Example:
             stop: async () => {
               await server.close();
               await opened.close();
+              await lock.release();
             },
           };
         } catch (err) {
           await opened.close();
+          await lock.release();
           throw err;
         }
       }, listen, 'read the backup');
