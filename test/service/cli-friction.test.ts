@@ -6,9 +6,10 @@
  */
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
@@ -43,6 +44,19 @@ test('--version prints the package version; usage and operational errors share t
   const noDaemon = cli(box, ['status']);
   assert.equal(noDaemon.status, 1);
   assert.match(noDaemon.stderr, /^bdsnap: the bdsnap daemon is not running \(no control socket at /);
+});
+
+test('--version is read from the package.json installed beside the program, not built in', (t) => {
+  const top = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-version-'));
+  cleanupOf(t).after(() => fs.rmSync(top, { recursive: true, force: true }));
+  fs.cpSync(path.join(PROJECT_ROOT, 'dist', 'src'), path.join(top, 'dist', 'src'), { recursive: true });
+  fs.symlinkSync(path.join(PROJECT_ROOT, 'node_modules'), path.join(top, 'node_modules'));
+  const meta = JSON.parse(fs.readFileSync(path.join(PROJECT_ROOT, 'package.json'), 'utf8')) as Record<string, unknown>;
+  fs.writeFileSync(path.join(top, 'package.json'), JSON.stringify({ ...meta, version: '97.53.1-installed' }));
+  const main = path.join(top, 'dist', 'src', 'cli', 'main.js');
+  const r = spawnSync(process.execPath, [main, '--version'], { encoding: 'utf8', timeout: 30_000, cwd: os.tmpdir() });
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.stdout, '97.53.1-installed\n');
 });
 
 test('a stale control socket is reported as such, not as a missing one', async (t) => {
