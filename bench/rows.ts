@@ -1,6 +1,6 @@
 /**
  * The rows of `npm run bench`: each compares a measured side with its baseline on this machine
- * in the same run, states what it measures, and carries its target (issue 12).
+ * in the same run, states what it measures, and carries its target (BENCHMARKS.md).
  *
  * Fairness rules every row follows:
  * - Each cell starts from the same cache state: the image (and any copy source) written back
@@ -55,7 +55,7 @@ export interface BenchRow {
   /** How the row's figure is formed from the columns, e.g. "bdsnap / nbdkit". */
   ratioText: string;
   ratio(values: Record<string, number>): number;
-  /** The target of the issue, e.g. ">= 1.0x", and whether a ratio meets it. */
+  /** The row's target, e.g. ">= 1.0x", and whether a ratio meets it. */
   targetText: string;
   meets(ratio: number): boolean;
   /** One repetition: every column measured once; `reverse` flips which side goes first. */
