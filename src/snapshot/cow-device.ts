@@ -41,7 +41,7 @@ import {
   MAX_RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, isPowerOfTwo, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
   type Manifest,
 } from './format.js';
-import { StoreWriter } from './store.js';
+import { StoreWriter } from './store-writer.js';
 import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 import { forEachChunk } from './chunk-runs.js';
 import { InFlight } from './copy-claims.js';

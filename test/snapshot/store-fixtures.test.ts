@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { FileDevice } from '../../src/device/file-device.js';
 import { readDeviceStamp } from '../../src/host/device-stamp.js';
 import { DATA_FILE, MANIFEST_FILE, sessionDirName } from '../../src/snapshot/format.js';
-import { scanData } from '../../src/snapshot/store.js';
+import { scanData } from '../../src/snapshot/store-scan.js';
 import { DiffStorage, SnapshotLayer, recoverSession, restore } from '../../src/snapshot/index.js';
 import { STORE_FIXTURES, pattern, type FixtureWrite } from './fixtures/store-fixtures.js';
 import { tempDir } from './helpers.js';
