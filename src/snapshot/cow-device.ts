@@ -26,26 +26,27 @@
  *   on. A cloned original gets its checksum later (see StoreWriter.seal), off the request path.
  */
 
-import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { fsyncDirectory, makeDirectoryDurable, writeFileAtomic } from '../host/atomic-file.js';
-import { closeFd, ftruncateFd, makeDirectory, openFdSync, preadFully, removePath } from '../host/fd-io.js';
-import { lockOpenFile } from '../host/lock-file.js';
+import { closeFd, ftruncateFd, preadFully, removePath } from '../host/fd-io.js';
 import {
   checkRange, type BlockDevice, type DeviceStamp, type BlockSizes, type DeviceIdentity, type Extent, type WriteOptions, type ZeroOptions,
 } from '../device/block-device.js';
 import {
-  DATA_FILE, DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGEST_ALGORITHM, DIGEST_BYTES, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE,
-  MAX_RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, isPowerOfTwo, encodeDigestArrays, encodeIndex, sessionDirName, writeManifest, SESSION_FILE_MODE,
+  DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGEST_ALGORITHM, DIGEST_BYTES, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE,
+  RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, encodeDigestArrays, encodeIndex, writeManifest, SESSION_FILE_MODE,
   type Manifest,
 } from './format.js';
-import { StoreWriter } from './store.js';
+import { StoreWriter } from './store-writer.js';
 import { ChunkBitmap, ChunkTable } from './chunk-table.js';
 import { forEachChunk } from './chunk-runs.js';
 import { InFlight } from './copy-claims.js';
 import { CowLayer, MAX_CLONE_RUN_BYTES, MAX_RUN_BYTES, type CowCloner, type CowPoint } from './cow-layer.js';
+import { DeferredSync } from './deferred-sync.js';
+import { PointInTimeView } from './point-in-time-view.js';
+import { cloneAlignment, createDataFile, makeSessionDir } from './session-dir.js';
 
 /** Clones ahead only while the store stays this far below its size limit, if it has one. */
 const CLONE_AHEAD_ROOM_BYTES = 4 * MAX_CLONE_RUN_BYTES;
@@ -53,7 +54,7 @@ const CLONE_AHEAD_ROOM_BYTES = 4 * MAX_CLONE_RUN_BYTES;
  * In 'process' durability a copied run at least this long gets its CRC-32 later, in a seal
  * (StoreWriter.appendUnsealed): about 0.2 ms of the event loop per MiB off the request path,
  * paid by the background seal and sync (a second after first writes pause, at the latest
- * DEFERRED_SYNC_MAX_MS into a steady stream of them) or at the end; the seal reads the bytes
+ * 30 s into a steady stream of them: see deferred-sync.ts) or at the end; the seal reads the bytes
  * back from the store. Strict mode always checksums before the sync.
  */
 const UNSEALED_COPY_MIN_BYTES = 256 * 1024;
@@ -62,19 +63,6 @@ const UNSEALED_COPY_MIN_BYTES = 256 * 1024;
  * file, sequential first writes through a session, cloned against copied: see BENCHMARKS.md.
  */
 export const DEFAULT_CLONE_MIN_BYTES = 256 * 1024;
-/**
- * The background fdatasync of the store in 'process' durability runs once the session has
- * preserved nothing new for DEFERRED_SYNC_IDLE_MS, or DEFERRED_SYNC_MAX_MS after the first
- * unsynced record under a steady stream of first writes. A sync while first writes go on
- * competes with them for the disk and the store's inode (measured: 4 KiB first writes at
- * depth 1 ran at 0.6x of their speed with a sync every second); the kernel's own writeback
- * starts after about 30 s too, so the longer bound changes little.
- */
-const DEFERRED_SYNC_IDLE_MS = 1000;
-/** Cloned payloads sit on 4 KiB boundaries at least, whatever a filesystem reports. */
-const MIN_CLONE_ALIGN_BYTES = 4096;
-const DEFERRED_SYNC_MAX_MS = 30_000;
-
 export interface SessionOptions {
   /** Canonical absolute path of the device, recorded in the manifest. */
   devicePath: string;
@@ -172,14 +160,9 @@ export class CowDevice implements BlockDevice {
   #preservedBytes = 0;
   readonly #inflight = new InFlight();
   #closing: Promise<SessionSummary | undefined> | undefined;
-  #syncTimer: NodeJS.Timeout | undefined;
-  /** When the oldest record not yet covered by a background sync was stored (ms, monotonic). */
-  #unsyncedSince: number | undefined;
-  /** When the latest record was stored (ms, monotonic). */
-  #lastStoredAt = 0;
-  #backgroundSync: Promise<void> | undefined;
+  /** Cloned originals get their checksums there too, while the session is quiet (or at the latest at close). */
+  readonly #deferredSync: DeferredSync;
   readonly #cloneMinBytes: number;
-  readonly #clockMs: () => number;
   /** The store's filesystem block size: cloned ranges are whole blocks. Set at start. */
   #cloneAlignBytes: number | undefined;
   /** False once a clone was refused: the pair (device, store) cannot clone. */
@@ -207,7 +190,7 @@ export class CowDevice implements BlockDevice {
     this.#root = options.snapshotRoot ?? DEFAULT_SNAPSHOT_ROOT;
     this.#durability = options.durability ?? 'process';
     this.#cloneMinBytes = options.cloneMinBytes ?? DEFAULT_CLONE_MIN_BYTES;
-    this.#clockMs = options.clockMs ?? (() => performance.now());
+    this.#deferredSync = new DeferredSync(options.clockMs ?? (() => performance.now()), () => this.#sealStore().then(() => this.#syncStore()), () => this.#closing !== undefined);
     this.size = base.size;
     this.readOnly = base.readOnly;
     this.blockSizes = base.blockSizes;
@@ -309,8 +292,7 @@ export class CowDevice implements BlockDevice {
     this.#closing ??= Promise.resolve(undefined);
     await this.#inflight.idle();
     await this.#detach();
-    if (this.#syncTimer) clearTimeout(this.#syncTimer);
-    await this.#backgroundSync;
+    await this.#deferredSync.stop();
     await this.#sealStore();
     await this.#syncStore();
     await this.#closeDataFd();
@@ -325,14 +307,13 @@ export class CowDevice implements BlockDevice {
   async dropAsIfKilled(): Promise<void> {
     this.#closing ??= Promise.resolve(undefined);
     await this.#detach();
-    if (this.#syncTimer) clearTimeout(this.#syncTimer);
-    await this.#backgroundSync;
+    await this.#deferredSync.stop();
     await this.#closeDataFd();
   }
 
   /** A read-only BlockDevice showing the device as it was when the session began. */
   view(): BlockDevice {
-    return new PointInTimeView(this, this.#base, (target, offsetBytes) => this.#readOriginal(target, offsetBytes));
+    return new PointInTimeView(this.size, this.#base.blockSizes, (target, offsetBytes) => this.#readOriginal(target, offsetBytes));
   }
 
   /** Leave the engine once no copy in flight may still hand this session an original. */
@@ -465,21 +446,10 @@ export class CowDevice implements BlockDevice {
     let manifestWritten = false;
     try {
       await makeDirectoryDurable(this.#root, { recursive: true, mode: 0o700 });
-      const base = path.join(this.#root, sessionDirName(this.#options.devicePath, this.#mountTime));
-      for (let attempt = 1; ; attempt++) {
-        const candidate = attempt === 1 ? base : `${base}-${attempt}`;
-        try {
-          await makeDirectory(candidate, { mode: 0o700 });
-          dir = candidate;
-          break;
-        } catch (err) {
-          if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt >= 1000) throw err;
-        }
-      }
+      dir = await makeSessionDir(this.#root, this.#options.devicePath, this.#mountTime);
       // The data file exists before the manifest says 'active', so a crash right after leaves
       // a session that recovers as an empty interrupted one.
-      fd = openFdSync(path.join(dir, DATA_FILE), 'wx+', 0o600);
-      lockStore(fd, path.join(dir, DATA_FILE));
+      fd = createDataFile(dir);
       // Taken before any write of this session reaches the device: what the previous session
       // or restore left must carry this stamp, else something else wrote the device between.
       // A stamp that cannot be read is unknown (restore then says so), never a reason to fail the session.
@@ -500,7 +470,7 @@ export class CowDevice implements BlockDevice {
       this.#emit({ type: 'session-start', sessionDir: dir, devicePath: this.#options.devicePath, mountTime: this.#mountTime.toISOString() });
       return true;
     } catch (err) {
-      if (fd !== undefined) fs.closeSync(fd);
+      if (fd !== undefined) await closeFd(fd).catch(() => undefined);
       // A directory without a manifest would block restores of older sessions: remove it.
       if (dir !== undefined && !manifestWritten) await removePath(dir, { recursive: true }).catch(() => undefined);
       if (dir !== undefined && manifestWritten) this.#sessionDir = dir;
@@ -556,39 +526,15 @@ export class CowDevice implements BlockDevice {
     }
   }
 
-  /** Called for every stored run: one timer, re-armed only when it fires (not per chunk). */
   #scheduleSync(): void {
     if (this.#durability === 'strict' || this.#closing) return;
-    const now = this.#clockMs();
-    this.#lastStoredAt = now;
-    this.#unsyncedSince ??= now;
-    if (!this.#syncTimer) this.#armSync(DEFERRED_SYNC_IDLE_MS);
-  }
-
-  #armSync(delayMs: number): void {
-    this.#syncTimer = setTimeout(() => {
-      this.#syncTimer = undefined;
-      if (this.#closing) return; // close() syncs, and then the store is closed
-      const now = this.#clockMs();
-      const idleFor = now - this.#lastStoredAt;
-      const unsyncedFor = now - (this.#unsyncedSince ?? now);
-      if (idleFor < DEFERRED_SYNC_IDLE_MS && unsyncedFor < DEFERRED_SYNC_MAX_MS) {
-        // Still storing: wait for a pause, but not past the longer bound.
-        this.#armSync(Math.min(DEFERRED_SYNC_IDLE_MS - idleFor, DEFERRED_SYNC_MAX_MS - unsyncedFor));
-        return;
-      }
-      this.#unsyncedSince = undefined;
-      // Cloned originals get their checksums here, while the session is quiet (or at the latest at close).
-      this.#backgroundSync = this.#sealStore().then(() => this.#syncStore()).finally(() => (this.#backgroundSync = undefined));
-    }, delayMs);
-    this.#syncTimer.unref();
+    this.#deferredSync.stored();
   }
 
   async #close(): Promise<SessionSummary | undefined> {
     await this.#inflight.idle();
     await this.#detach();
-    if (this.#syncTimer) clearTimeout(this.#syncTimer);
-    await this.#backgroundSync;
+    await this.#deferredSync.stop();
     if (this.#starting) await this.#starting;
     if (this.#state === 'idle' || this.#sessionDir === undefined) return undefined;
     const dir = this.#sessionDir;
@@ -703,79 +649,4 @@ export class CowDevice implements BlockDevice {
       throw new BdsnapError('ESHUTDOWN', 'the session is closed; its point-in-time view is gone');
     }
   }
-}
-
-/**
- * The block size cloned payloads are aligned to in the store under `dir`, or undefined when
- * nothing will be cloned: a device that cannot clone, a block size the record format cannot
- * pad to, or a filesystem that does not say (copying is always right).
- */
-async function cloneAlignment(base: BlockDevice, dir: string): Promise<number | undefined> {
-  if (base.cloneRangeTo === undefined) return undefined;
-  const blockBytes = await fs.promises.statfs(dir).then((s) => s.bsize, () => undefined);
-  if (blockBytes === undefined || !isPowerOfTwo(blockBytes) || blockBytes > MAX_RECORD_ALIGN_BYTES) return undefined;
-  return Math.max(MIN_CLONE_ALIGN_BYTES, blockBytes);
-}
-
-/** The read-only face of a session's point-in-time content. */
-class PointInTimeView implements BlockDevice {
-  readonly size: number;
-  readonly readOnly = true;
-  readonly blockSizes: BlockSizes;
-  readonly canTrim = false;
-  readonly canFastZero = false;
-  readonly canMultiConn = true;
-  readonly #read: (target: Buffer, offsetBytes: number) => Promise<void>;
-
-  constructor(cow: CowDevice, base: BlockDevice, read: (target: Buffer, offsetBytes: number) => Promise<void>) {
-    this.size = cow.size;
-    this.blockSizes = base.blockSizes;
-    this.#read = read;
-  }
-
-  read(target: Buffer, offsetBytes: number): Promise<void> {
-    return this.#read(target, offsetBytes);
-  }
-
-  async write(): Promise<void> {
-    throw new BdsnapError('EPERM', 'a point-in-time view is read-only');
-  }
-
-  async trim(): Promise<void> {
-    throw new BdsnapError('EPERM', 'a point-in-time view is read-only');
-  }
-
-  async zero(): Promise<void> {
-    throw new BdsnapError('EPERM', 'a point-in-time view is read-only');
-  }
-
-  async flush(): Promise<void> {}
-
-  async cache(offsetBytes: number, lengthBytes: number): Promise<void> {
-    checkRange(this, offsetBytes, lengthBytes, false);
-  }
-
-  async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    checkRange(this, offsetBytes, lengthBytes, false);
-    return [{ length: lengthBytes, flags: 0 }];
-  }
-
-  async close(): Promise<void> {}
-}
-
-/**
- * Hold the session store's lock while the session is open: recovery by any other process (a
- * daemon sharing the snapshot root, an offline restore) refuses a session whose lock is held.
- * Where flock cannot be called the session goes on unlocked; recovery there refuses every
- * session marked active, since it cannot tell.
- */
-function lockStore(fd: number, dataPath: string): void {
-  let outcome;
-  try {
-    outcome = lockOpenFile(fd, dataPath);
-  } catch (err) {
-    if (err instanceof BdsnapError && err.code === 'ENOTSUP') return;
-    throw err;
-  }
-  if (outcome === 'held-elsewhere') throw new BdsnapError('EBUSY', `${dataPath} was locked by another process as soon as it was created`);
 }

@@ -42,8 +42,9 @@ import { checkChunkSize } from './format.js';
 import { writeFileAtomic, writeFileAtomicSync } from '../host/atomic-file.js';
 import { checkPrivateDir } from '../host/private-dir.js';
 import { ChunkTable } from './chunk-table.js';
-import { SequentialReader, StoreWriter } from './store.js';
-import { closeFd, ftruncateFd, openFd, preadFully, removePath } from '../host/fd-io.js';
+import { StoreWriter } from './store-writer.js';
+import { scanRecords } from './record-scan.js';
+import { closeFd, ftruncateFd, openFd, preadFully, preadFullySync, removePath } from '../host/fd-io.js';
 import {
   DIFF_RECORD_HEADER_BYTES, MAX_DEVICE_KEY, decodeDiffRecordHeader, diffRecordMatches, encodeDiffRecordHeader,
   type DiffRecordKind,
@@ -429,46 +430,27 @@ export class DiffStorage {
 
   /** Verify the records of one file, index them, and cut a torn tail (unless the file is sealed). */
   async #scan(file: DiffFile, mayBeTorn: boolean): Promise<void> {
-    const fileBytes = fs.fstatSync(file.fd).size;
-    const reader = new SequentialReader(file.fd, fileBytes);
-    let position = 0;
-    let tornReason: string | undefined;
-    try {
-      while (position < fileBytes) {
-        const header = await reader.at(position, DIFF_RECORD_HEADER_BYTES);
-        if (header === undefined) {
-          tornReason = 'truncated record header';
-          break;
-        }
+    const scan = await scanRecords(file.fd, {
+      headerBytes: DIFF_RECORD_HEADER_BYTES,
+      decode: (header) => {
         const h = decodeDiffRecordHeader(header, this.chunkSize);
-        if (typeof h === 'string') {
-          tornReason = h;
-          break;
-        }
-        const payload = await reader.at(position + DIFF_RECORD_HEADER_BYTES, h.payloadBytes);
-        if (payload === undefined) {
-          tornReason = 'truncated record payload';
-          break;
-        }
-        if (!diffRecordMatches(header, payload)) {
-          tornReason = 'record checksum mismatch';
-          break;
-        }
+        return typeof h === 'string' ? h : { ...h, payloadOffset: DIFF_RECORD_HEADER_BYTES };
+      },
+      accept: (h, header, payload, position) => {
+        if (!diffRecordMatches(header, payload)) return 'record checksum mismatch';
         this.#index(h.deviceKey, h.kind, h.firstChunk, h.chunkCount, file.index * FILE_SPAN + position + DIFF_RECORD_HEADER_BYTES);
         if (h.sequence >= this.#nextSequence) this.#nextSequence = h.sequence + 1;
-        position += DIFF_RECORD_HEADER_BYTES + h.payloadBytes;
-      }
-    } finally {
-      await reader.settle();
-    }
-    if (tornReason !== undefined) {
+        return undefined;
+      },
+    });
+    if (scan.tornReason !== undefined) {
       // A sealed file had nothing in flight when the process died: a bad record there is
       // damage, not a torn tail.
-      if (!mayBeTorn) throw new BdsnapError('ECORRUPT', `${file.path} is corrupt: ${tornReason} at byte ${position}`);
-      await ftruncateFd(file.fd, position);
+      if (!mayBeTorn) throw new BdsnapError('ECORRUPT', `${file.path} is corrupt: ${scan.tornReason} at byte ${scan.validBytes}`);
+      await ftruncateFd(file.fd, scan.validBytes);
     }
-    this.#usedBytes += position;
-    file.writer = this.#writer(file.fd, file.dir, position);
+    this.#usedBytes += scan.validBytes;
+    file.writer = this.#writer(file.fd, file.dir, scan.validBytes);
   }
 
   #writer(fd: number, dir: string, startBytes: number): StoreWriter {
@@ -656,16 +638,6 @@ function readNoFollowSync(filePath: string): string {
   } finally {
     fs.closeSync(fd);
   }
-}
-
-function preadFullySync(fd: number, target: Buffer, position: number): number {
-  let done = 0;
-  while (done < target.length) {
-    const n = fs.readSync(fd, target, done, target.length - done, position + done);
-    if (n === 0) break;
-    done += n;
-  }
-  return done;
 }
 
 interface DirsFile {

@@ -19,7 +19,7 @@ import { lockOpenFile } from '../host/lock-file.js';
 import {
   DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, FORGOTTEN_SUFFIX, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
 } from './format.js';
-import { scanData } from './store.js';
+import { scanData } from './store-scan.js';
 
 /** One session directory as its manifest describes it. */
 export interface SessionInfo {

@@ -19,7 +19,7 @@ import type { BlockDevice, DeviceIdentity } from '../../device/block-device.js';
 import { preadFully } from '../../host/fd-io.js';
 import { DATA_FILE, DIGEST_ALGORITHM, DIGESTS_FILE, INDEX_FILE, chunkDigest, decodeDigests, indexMatches, type DigestAlgorithm } from '../format.js';
 import type { DigestTable } from '../digest-table.js';
-import { scanData } from '../store.js';
+import { scanData } from '../store-scan.js';
 import { digestDeviceChunks } from '../device-digests.js';
 import { forEachChunk } from '../chunk-runs.js';
 import type { SessionInfo } from '../sessions.js';
