@@ -94,6 +94,7 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
         options.progress?.advance(stored.get(hash) ?? 0);
       },
       signal: options.signal,
+      ...(options.subset ? { maxGapBytes: 0 } : {}),
     });
   } finally {
     await pool.close();

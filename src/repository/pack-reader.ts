@@ -80,6 +80,11 @@ export interface ReadPiecesOptions {
   signal?: AbortSignal;
   /** Runs in flight (default RUNS_IN_FLIGHT). */
   concurrency?: number;
+  /**
+   * Default MAX_GAP_BYTES; 0 when the pieces wanted are a sparse sample (a verify of one
+   * slice), where reading what lies between them would read most of the repository.
+   */
+  maxGapBytes?: number;
 }
 
 /** Read, decode and check every piece of `wanted` (see the file header); each is handed to `onPiece` once. */
@@ -94,7 +99,7 @@ export async function readPieces(repo: Repository, pool: PiecePool, wanted: Iter
       options.onError(w.id, toBdsnapError(err));
     }
   };
-  await runLimited(planRuns(wanted), options.concurrency ?? RUNS_IN_FLIGHT, async (run) => {
+  await runLimited(planRuns(wanted, options.maxGapBytes), options.concurrency ?? RUNS_IN_FLIGHT, async (run) => {
     options.signal?.throwIfAborted();
     if (run.pieces.length === 1) {
       const w = run.pieces[0]!;
