@@ -26,9 +26,15 @@ export class PieceSpool {
     this.#fh = fh;
   }
 
-  static async create(): Promise<PieceSpool> {
+  /** A new spool with room for `neededBytes` (ENOSPC up front, rather than after fetching most of them). */
+  static async create(neededBytes: number): Promise<PieceSpool> {
     let dir: string | undefined;
     try {
+      const fsStat = await fs.promises.statfs(os.tmpdir());
+      const freeBytes = fsStat.bavail * fsStat.bsize;
+      if (freeBytes < neededBytes) {
+        throw new BdsnapError('ENOSPC', `it needs ${neededBytes} bytes for the backup's distinct pieces and has ${freeBytes}`);
+      }
       dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'bdsnap-restore-spool-'));
       const file = path.join(dir, 'pieces');
       const fh = await fs.promises.open(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);

@@ -73,8 +73,8 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   // Pieces kept as local files are read where they are; others are fetched once, into the spool.
   let spool: PieceSpool | undefined;
   try {
-    if (!repo.store.localPath) spool = await PieceSpool.create();
     const needed = neededPieces(slots, P, entry.sizeBytes);
+    if (!repo.store.localPath) spool = await PieceSpool.create([...needed.values()].reduce((n, b) => n + b, 0));
     const index = await repo.pieceIndex();
     const toWrite = slots.map((_, i) => i).filter((i) => slots[i] !== null || !target.holes);
     options.progress?.start([...needed.values()].reduce((n, b) => n + b, 0) + toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0));

@@ -237,6 +237,24 @@ test('a store without local files: each piece is read once, so a second read tha
   await restoreBackup(await openRepo(store), id, image);
   assert.equal(await sha256File(image), backedUpSha, 'the image is restored exactly from one read of each piece');
 
+  // The pieces are kept under TMPDIR: one without room for them is refused before a piece is read.
+  scribble(image, [[0, MiB]]);
+  const scribbled = await sha256File(image);
+  const savedTmp = process.env.TMPDIR;
+  process.env.TMPDIR = await smallTmpfs(t, dir, 4 * MiB);
+  try {
+    const counting = new CountingStore(new LocalDirStore(repoDir));
+    const opened = await openRepo(counting);
+    await opened.pieceIndex();
+    const gets = counting.gets;
+    await assert.rejects(restoreBackup(opened, id, image), /cannot make a place for the pieces a restore reads, under .*: it needs \d+ bytes .*; set TMPDIR to a directory with room/);
+    assert.equal(counting.gets, gets + 1, 'the manifest was read, and no piece');
+  } finally {
+    if (savedTmp === undefined) delete process.env.TMPDIR;
+    else process.env.TMPDIR = savedTmp;
+  }
+  assert.equal(await sha256File(image), scribbled, 'the image is untouched');
+
   // An existing output file longer or shorter than the device is given its size and content.
   for (const sizeBytes of [IMAGE_BYTES + 3 * MiB + 512, 5 * MiB]) {
     const existing = path.join(dir, `existing-${sizeBytes}.img`);
