@@ -7,16 +7,20 @@
  * be a regular file or a block device that is not in use (see openRestoreTarget), and every
  * piece the device needs must be read (a byte range of its pack), authenticated, decoded and
  * checked against its id: a missing or damaged piece refuses the restore with its name and the
- * backup's. That first pass costs a
- * second read, decode and hash of each distinct piece: measured here on a 256 MiB image (516
- * distinct pieces, 129 MiB of them) with the repository in the page cache, 0.2 s of CPU and
- * 0.1 to 0.25 s of wall time on top of about 0.5 s; on a repository that is not cached it is a
- * second read of the pieces as stored. It buys a refusal instead of a rollback for the common
- * failure.
+ * backup's. It buys a refusal instead of a rollback for the common failure.
  *
- * Pieces are checked again as they are written, since a read can still fail midway (a disk
- * error, a piece damaged since). Then the target undoes what was written: a new file is
- * removed, an existing file or device gets its original bytes back (restore-target.ts).
+ * From a local directory that first pass keeps nothing, and each piece is read and checked
+ * again as it is written (by the pool's threads, straight from the pack file): measured here on
+ * a 256 MiB image (516 distinct pieces, 129 MiB of them) with the repository in the page cache,
+ * 0.2 s of CPU and 0.1 to 0.25 s of wall time on top of about 0.5 s. From a remote store a
+ * second fetch would cost as much as the first, so the pieces are fetched a few MiB of a pack
+ * at a time (pack-reader.ts), decoded once, and their checked content kept in a private spool
+ * file (piece-spool.ts) that the write pass reads: a local file in the page cache, where the
+ * device's distinct pieces may not fit in memory.
+ *
+ * A write can still fail midway (a disk error, a piece damaged since it was checked). Then the
+ * target undoes what was written: a new file is removed, an existing file or device gets its
+ * original bytes back (restore-target.ts).
  * Zero pieces are holes in a new file, and elsewhere zeroes written where the range is not zero.
  */
 
@@ -25,14 +29,14 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
 import { expandSlots } from '../repository/format.js';
 import type { PieceLocation } from '../repository/pack.js';
+import { readPieces } from '../repository/pack-reader.js';
 import { PiecePool } from '../repository/piece-pool.js';
 import type { PieceRange } from '../repository/piece-worker.js';
 import type { Repository } from '../repository/repository.js';
+import { PieceSpool } from './piece-spool.js';
 import { openRestoreTarget, type RestoreTarget } from './restore-target.js';
 import { runLimited } from '../run-limited.js';
 
-/** Decoded pieces kept for later slots at most (of the piece size each). */
-const MAX_CACHED_PIECES = 32;
 /** Pieces being read, decoded or written at once. */
 const PIECES_IN_FLIGHT = 8;
 /** Written bytes handed to writeback at a time (see startWriteback). */
@@ -66,16 +70,19 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   const slots = expandSlots(entry, P);
   const target = await openRestoreTarget(options.output !== undefined ? path.resolve(options.output) : entry.device, options.output !== undefined, entry.sizeBytes);
   const pool = new PiecePool(repo.pieceCrypto);
+  // Pieces kept as local files are read where they are; others are fetched once, into the spool.
+  let spool: PieceSpool | undefined;
   try {
     const needed = neededPieces(slots, P, entry.sizeBytes);
+    if (!repo.store.localPath) spool = await PieceSpool.create([...needed.values()].reduce((n, b) => n + b, 0));
     const index = await repo.pieceIndex();
     const toWrite = slots.map((_, i) => i).filter((i) => slots[i] !== null || !target.holes);
     options.progress?.start([...needed.values()].reduce((n, b) => n + b, 0) + toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0));
-    await checkPieces(repo, id, needed, index, pool, options);
+    await checkPieces(repo, id, needed, index, pool, spool, options);
     let writtenBytes: number;
     try {
       await target.begin();
-      writtenBytes = await writeSlots(repo, id, slots, index, toWrite, entry.sizeBytes, P, target, pool, options);
+      writtenBytes = await writeSlots(repo, id, slots, index, toWrite, entry.sizeBytes, P, target, pool, spool, options);
       await target.commit();
     } catch (err) {
       const e = toBdsnapError(err);
@@ -84,6 +91,7 @@ export async function restoreBackup(repo: Repository, id: string, device: string
     return { id, device: entry.device, target: target.path, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs };
   } finally {
     await pool.close();
+    await spool?.close();
     await target.close();
   }
 }
@@ -102,59 +110,61 @@ function neededPieces(slots: Array<string | null>, P: number, sizeBytes: number)
 }
 
 /**
- * The first pass: every needed piece is read, decoded and checked, as the write pass will,
- * and kept nothing of. Stops at the first missing or damaged piece, with the backup's name
- * and where to see the rest.
+ * The first pass: every needed piece is read, decoded and checked, as the write pass will; kept
+ * in `spool` when given, else (a local store) kept nothing of. Stops at the first missing or
+ * damaged piece, with the backup's name and where to see the rest.
  */
-async function checkPieces(repo: Repository, id: string, needed: Map<string, number>, index: Map<string, PieceLocation>, pool: PiecePool, options: RestoreOptions): Promise<void> {
+async function checkPieces(
+  repo: Repository, id: string, needed: Map<string, number>, index: Map<string, PieceLocation>, pool: PiecePool, spool: PieceSpool | undefined, options: RestoreOptions,
+): Promise<void> {
   const hint = `nothing was written; 'bdsnap backup verify --repo ${repo.store.location} ${id}' lists every damaged piece`;
   const missing = [...needed.keys()].filter((h) => !index.has(h));
   if (missing.length > 0) {
     throw new BdsnapError('ECORRUPT', `backup ${id} is damaged: ${missing.length} of its pieces ${missing.length === 1 ? 'is' : 'are'} missing (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}); ${hint}`);
   }
-  const localPath = repo.store.localPath?.bind(repo.store);
+  const refuse = (err: unknown): BdsnapError => {
+    const e = toBdsnapError(err);
+    return new BdsnapError(e.code === 'ENOENT' ? 'ECORRUPT' : e.code, `cannot restore backup ${id}: ${e.message}; ${hint}`, { cause: err });
+  };
+  if (spool) {
+    try {
+      await readPieces(repo, pool, [...needed.keys()].map((hash) => ({ id: hash, at: index.get(hash)! })), {
+        maxRawBytes: (hash) => needed.get(hash)!,
+        onPiece: async (hash, raw) => {
+          const lengthBytes = needed.get(hash)!;
+          if (raw.length !== lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${lengthBytes} are needed`);
+          await spool.add(hash, raw);
+          options.progress?.advance(lengthBytes);
+        },
+        signal: options.signal,
+      });
+    } catch (err) {
+      throw refuse(err);
+    }
+    return;
+  }
+  const localPath = repo.store.localPath!.bind(repo.store);
   await runLimited(needed, PIECES_IN_FLIGHT, async ([hash, lengthBytes]) => {
     options.signal?.throwIfAborted();
     try {
       const at = index.get(hash)!;
-      if (localPath) {
-        await pool.check({ file: localPath(at.object), range: rangeOf(at), hash, lengthBytes });
-      } else {
-        const raw = await pool.decode(await repo.readStoredPiece(hash, at), hash, lengthBytes);
-        if (raw.length !== lengthBytes) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${lengthBytes} are needed`);
-      }
+      await pool.check({ file: localPath(at.object), range: rangeOf(at), hash, lengthBytes });
     } catch (err) {
-      const e = toBdsnapError(err);
-      throw new BdsnapError(e.code === 'ENOENT' ? 'ECORRUPT' : e.code, `cannot restore backup ${id}: ${e.message}; ${hint}`, { cause: err });
+      throw refuse(err);
     }
     options.progress?.advance(lengthBytes);
   });
 }
 
-/** The second pass: every slot of `toWrite` into the target. Returns the bytes written. */
+/** The second pass: every slot of `toWrite` into the target, from `spool` when given. Returns the bytes written. */
 async function writeSlots(
   repo: Repository, id: string, slots: Array<string | null>, index: Map<string, PieceLocation>, toWrite: number[], sizeBytes: number, P: number, target: RestoreTarget, pool: PiecePool,
-  options: RestoreOptions,
+  spool: PieceSpool | undefined, options: RestoreOptions,
 ): Promise<number> {
-  // A piece that fills many slots (a repeated pattern) is read and checked once, and kept until
-  // its last slot is written, within a bound on memory.
+  // A piece that fills many slots (a repeated pattern) is kept decoded by the worker that
+  // placed it while more slots use it.
   const uses = new Map<string, number>();
   for (const h of slots) if (h !== null) uses.set(h, (uses.get(h) ?? 0) + 1);
-  const cache = new Map<string, Promise<Buffer>>();
-  // The same bounds as verify: no piece file past a piece's size, no output past a piece.
-  const load = async (hash: string): Promise<Buffer> => pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, P);
-  /** `left`: how many slots still use the piece after this one. */
-  const piece = (hash: string, left: number): Promise<Buffer> => {
-    const cached = cache.get(hash);
-    if (cached) {
-      if (left === 0) cache.delete(hash);
-      return cached;
-    }
-    const p = load(hash);
-    if (left > 0 && cache.size < MAX_CACHED_PIECES) cache.set(hash, p);
-    return p;
-  };
-  // Pieces kept as local files are read, checked and written by the pool's threads.
   const localPath = repo.store.localPath?.bind(repo.store);
   let writtenBytes = 0;
   let hintedTo = 0;
@@ -165,18 +175,16 @@ async function writeSlots(
     try {
       if (hash === null) {
         await target.put(i * P, { zeroBytes: length });
+      } else if (spool) {
+        const raw = await spool.read(hash);
+        if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where backup ${id} needs ${length}`);
+        await target.put(i * P, raw);
       } else {
         const left = uses.get(hash)! - 1;
         uses.set(hash, left);
-        if (localPath) {
-          const at = index.get(hash);
-          if (!at) throw new BdsnapError('ECORRUPT', `piece ${hash} is missing`);
-          await target.place(pool, { file: localPath(at.object), range: rangeOf(at), hash, offsetBytes: i * P, lengthBytes: length, keep: left > 0 });
-        } else {
-          const raw = await piece(hash, left);
-          if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where backup ${id} needs ${length}`);
-          await target.put(i * P, raw);
-        }
+        const at = index.get(hash);
+        if (!at) throw new BdsnapError('ECORRUPT', `piece ${hash} is missing`);
+        await target.place(pool, { file: localPath!(at.object), range: rangeOf(at), hash, offsetBytes: i * P, lengthBytes: length, keep: left > 0 });
       }
     } catch (err) {
       const e = toBdsnapError(err);

@@ -13,9 +13,9 @@
 
 import { toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
+import { readPieces } from '../repository/pack-reader.js';
 import { PiecePool } from '../repository/piece-pool.js';
 import type { Repository } from '../repository/repository.js';
-import { runLimited } from '../run-limited.js';
 import { formatDataSubset, inDataSubset, type DataSubset } from './data-subset.js';
 
 export interface VerifyOptions {
@@ -80,24 +80,21 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
   const pool = new PiecePool(repo.pieceCrypto);
   const damaged = new Set<string>();
   try {
-    await runLimited(toRead, 8, async (hash) => {
-      options.signal?.throwIfAborted();
-      const backups = users.get(hash)!;
-      try {
-        const raw = await pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, repo.pieceSizeBytes);
+    // Pieces close together in a pack are read together (pack-reader.ts); each has its own outcome.
+    await readPieces(repo, pool, toRead.map((hash) => ({ id: hash, at: index.get(hash)! })), {
+      onPiece: (hash, raw) => {
         checkedPieces++;
         checkedBytes += raw.length;
-      } catch (err) {
-        const e = toBdsnapError(err);
+        options.progress?.advance(stored.get(hash) ?? 0);
+      },
+      onError: (hash, e) => {
         // Indexed but gone (its pack removed): as useless as a damaged one, and dropped alike.
         damaged.add(hash);
-        if (e.code === 'ENOENT') {
-          bad.push({ hash, problem: 'missing', detail: e.message, backups });
-          return;
-        }
-        bad.push({ hash, problem: 'damaged', detail: e.message, backups });
-      }
-      options.progress?.advance(stored.get(hash) ?? 0);
+        bad.push({ hash, problem: e.code === 'ENOENT' ? 'missing' : 'damaged', detail: e.message, backups: users.get(hash)! });
+        options.progress?.advance(stored.get(hash) ?? 0);
+      },
+      signal: options.signal,
+      ...(options.subset ? { maxGapBytes: 0 } : {}),
     });
   } finally {
     await pool.close();

@@ -101,7 +101,10 @@ function classify(err: unknown): Failure {
   if (err instanceof S3ServiceException || status !== undefined) {
     const why = `${status ?? '?'} ${name}${message}`;
     if (RETRY_S3_CODES.has(name) || status === 429 || (status !== undefined && status >= 500)) return { retry: true, code: 'EIO', why };
-    if (name === 'QuotaExceeded' || name === 'EntityTooLarge' && status === 403) return { retry: false, code: 'ENOSPC', why: `the bucket is full (${why})` };
+    // A quota stays until someone changes it: retrying would only wait for nothing.
+    if (name === 'QuotaExceeded' || (name === 'EntityTooLarge' && status === 403)) {
+      return { retry: false, code: 'ENOSPC', why: `the bucket is over its quota (${why}): raise the bucket's quota and run this again; 'bdsnap backup prune' then removes what the failed attempt stored` };
+    }
     if (status === 403 || status === 401) return { retry: false, code: 'EPERM', why };
     if (status === 404) return { retry: false, code: 'ENOENT', why };
     return { retry: false, code: 'EIO', why };

@@ -1,7 +1,7 @@
 /**
  * Faults of a backup into S3, against a radosgw of this file's own (it is killed here): the
- * gateway killed in the middle of a backup and started again, and `backup create` itself
- * killed. Afterwards no half backup is visible, the repository verifies, the last committed
+ * gateway killed in the middle of a backup and started again, `backup create` itself killed,
+ * and the bucket's quota reached in the middle of a backup. Afterwards no half backup is visible, the repository verifies, the last committed
  * backup restores exactly, and the next backup works.
  */
 
@@ -45,6 +45,17 @@ async function packsBeyond(repo: string, count: number): Promise<void> {
       if (Date.now() > deadline) throw new Error('the backup stored no new pack within 120 s');
       await sleep(100);
     }
+  } finally {
+    store.close();
+  }
+}
+
+async function bucketBytes(repo: string): Promise<number> {
+  const at = parseRepoLocation(repo);
+  if (at.kind !== 's3') throw new Error('not s3');
+  const store = new S3Store(at);
+  try {
+    return (await store.list('')).reduce((n, o) => n + o.sizeBytes, 0);
   } finally {
     store.close();
   }
@@ -127,6 +138,33 @@ test('SIGKILL of backup create leaves nothing half visible; the repository verif
   ok(s.box, ['backup', 'verify', '--repo', s.repo]);
   restoresExactly(s.box, s.repo, s.first.id, s.device, s.firstImage);
   // The killed create's snapshot is the daemon's to clean up; a new backup goes ahead.
+  const next = JSON.parse(ok(s.box, ['backup', 'create', s.device, '--repo', s.repo, '--json'])) as Created;
+  restoresExactly(s.box, s.repo, next.id, s.device, fs.readFileSync(s.device));
+  assert.deepEqual(listed(s.box, s.repo).map((l) => l.id), [s.first.id, next.id]);
+});
+
+test('the bucket quota reached in the middle of a backup: a clear error soon, no half backup; verify passes, the last backup restores, and a backup after the quota is raised works', { timeout: 400_000 }, async (t) => {
+  const s = await setUp(t);
+  if (!s) return;
+  const r = (await rgw(t))!;
+  const at = parseRepoLocation(s.repo);
+  if (at.kind !== 's3') throw new Error('not s3');
+  // Room for a quarter of the next backup's packs: it fails well inside its upload.
+  await r.setBucketQuota(at.bucket, await bucketBytes(s.repo) + BYTES / 4);
+  const startedMs = Date.now();
+  const end = await startCreate(s.box, s.device, s.repo).done;
+  const tookMs = Date.now() - startedMs;
+  assert.equal(end.code, 1, `backup create fails: ${end.err}`);
+  // Not retried as if it might pass: the quota stays until someone changes it.
+  assert.ok(tookMs < 60_000, `it fails within a minute, not after retrying (${tookMs} ms)`);
+  const lines = end.err.trim().split('\n');
+  assert.equal(lines.length, 1, `one line on stderr: ${end.err}`);
+  assert.match(lines[0]!, /the bucket is over its quota/, 'it says the bucket is over its quota');
+  assert.match(lines[0]!, /raise the bucket's quota/, 'it says what to do');
+  assert.deepEqual(listed(s.box, s.repo).map((l) => l.id), [s.first.id], 'only the committed backup is listed');
+  ok(s.box, ['backup', 'verify', '--repo', s.repo]);
+  restoresExactly(s.box, s.repo, s.first.id, s.device, s.firstImage);
+  await r.setBucketQuota(at.bucket, null);
   const next = JSON.parse(ok(s.box, ['backup', 'create', s.device, '--repo', s.repo, '--json'])) as Created;
   restoresExactly(s.box, s.repo, next.id, s.device, fs.readFileSync(s.device));
   assert.deepEqual(listed(s.box, s.repo).map((l) => l.id), [s.first.id, next.id]);

@@ -29,6 +29,8 @@ export interface Rgw {
   killGateway(): Promise<void>;
   /** Start the gateway again and wait until it answers. */
   startGateway(): Promise<void>;
+  /** Give `bucket` a quota of `maxBytes` (radosgw-admin), or lift it (null). */
+  setBucketQuota(bucket: string, maxBytes: number | null): Promise<void>;
 }
 
 const RGW_NEEDS = { tools: ['radosgw', 'ceph-mon', 'ceph-osd', 'radosgw-admin', 'uuidgen', 'curl'] };
@@ -64,6 +66,16 @@ class RunningRgw implements Rgw {
     if (pid === undefined) throw new Error('radosgw has no pid file');
     process.kill(pid, 'SIGKILL');
     for (let i = 0; i < 200 && alive(pid); i++) await sleep(25);
+  }
+
+  async setBucketQuota(bucket: string, maxBytes: number | null): Promise<void> {
+    const admin = (...args: string[]): Promise<unknown> => promisify(execFile)('radosgw-admin', ['-c', path.join(this.cephDir, 'ceph.conf'), ...args], { timeout: 60_000 });
+    if (maxBytes === null) {
+      await admin('quota', 'disable', '--quota-scope=bucket', `--bucket=${bucket}`);
+      return;
+    }
+    await admin('quota', 'set', '--quota-scope=bucket', `--bucket=${bucket}`, `--max-size=${maxBytes}`);
+    await admin('quota', 'enable', '--quota-scope=bucket', `--bucket=${bucket}`);
   }
 
   async startGateway(): Promise<void> {

@@ -1,0 +1,81 @@
+/**
+ * PieceSpool: the checked content of pieces, kept in a private temp file between a restore's
+ * check pass and its write pass, so that a piece fetched from a remote store is fetched,
+ * decrypted and decoded once, and the target is still touched only after every piece it needs
+ * has been read whole.
+ *
+ * The file is created O_EXCL and O_NOFOLLOW with mode 0600 in a new directory of mode 0700
+ * under the system temp directory (TMPDIR), and both are unlinked at once: nothing of it is
+ * left behind whatever ends the process, and no other user can reach it. Pieces are appended
+ * (an offset is taken before the write is awaited, so concurrent adds never overlap) and are
+ * known to `read` only once written whole.
+ */
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { BdsnapError, toBdsnapError } from '../errors.js';
+import { preadFully, pwriteFully } from '../host/fd-io.js';
+
+export class PieceSpool {
+  readonly #fh: fs.promises.FileHandle;
+  readonly #at = new Map<string, { offsetBytes: number; lengthBytes: number }>();
+  #endBytes = 0;
+
+  private constructor(fh: fs.promises.FileHandle) {
+    this.#fh = fh;
+  }
+
+  /** A new spool with room for `neededBytes` (ENOSPC up front, rather than after fetching most of them). */
+  static async create(neededBytes: number): Promise<PieceSpool> {
+    let dir: string | undefined;
+    try {
+      const fsStat = await fs.promises.statfs(os.tmpdir());
+      const freeBytes = fsStat.bavail * fsStat.bsize;
+      if (freeBytes < neededBytes) {
+        throw new BdsnapError('ENOSPC', `it needs ${neededBytes} bytes for the backup's distinct pieces and has ${freeBytes}`);
+      }
+      dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'bdsnap-restore-spool-'));
+      const file = path.join(dir, 'pieces');
+      const fh = await fs.promises.open(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
+      await fs.promises.unlink(file);
+      return new PieceSpool(fh);
+    } catch (err) {
+      const e = toBdsnapError(err);
+      throw new BdsnapError(e.code, `cannot make a place for the pieces a restore reads, under ${os.tmpdir()}: ${e.message}; set TMPDIR to a directory with room`, { cause: err });
+    } finally {
+      if (dir !== undefined) await fs.promises.rm(dir, { recursive: true, force: true }).catch(() => undefined);
+    }
+  }
+
+  /** Keep the checked content of piece `id`. */
+  async add(id: string, raw: Buffer): Promise<void> {
+    const offsetBytes = this.#endBytes;
+    this.#endBytes += raw.length;
+    try {
+      await pwriteFully(this.#fh.fd, raw, offsetBytes);
+    } catch (err) {
+      const e = toBdsnapError(err);
+      const hint = e.code === 'ENOSPC' ? `; set TMPDIR to a directory with room for the backup's distinct pieces (${os.tmpdir()} is full)` : '';
+      throw new BdsnapError(e.code, `cannot keep piece ${id} for the restore: ${e.message}${hint}`, { cause: err });
+    }
+    this.#at.set(id, { offsetBytes, lengthBytes: raw.length });
+  }
+
+  has(id: string): boolean {
+    return this.#at.has(id);
+  }
+
+  /** The content kept of piece `id`. */
+  async read(id: string): Promise<Buffer> {
+    const at = this.#at.get(id);
+    if (!at) throw new BdsnapError('ECORRUPT', `piece ${id} was not read before the restore began`);
+    const out = Buffer.allocUnsafe(at.lengthBytes);
+    if (await preadFully(this.#fh.fd, out, at.offsetBytes) !== at.lengthBytes) throw new BdsnapError('EIO', `the restore's spool of pieces ends before piece ${id}`);
+    return out;
+  }
+
+  async close(): Promise<void> {
+    await this.#fh.close();
+  }
+}
