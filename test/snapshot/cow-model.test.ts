@@ -13,13 +13,10 @@ import path from 'node:path';
 import fc from 'fast-check';
 import { FileDevice } from '../../src/device/file-device.js';
 import { restore, type CowDevice } from '../../src/snapshot/index.js';
-import { MODEL_SIZE as SIZE, ModelSessions, pattern, rangeArb as range, tempDir } from './helpers.js';
+import { MODEL_SIZE as SIZE, ModelSessions, applyDeviceOp, pattern, rangeArb as range, tempDir, type DeviceOp } from './helpers.js';
 
 type Op =
-  | { kind: 'write'; offset: number; length: number; seed: number; fua: boolean }
-  | { kind: 'zero'; offset: number; length: number }
-  | { kind: 'trim'; offset: number; length: number }
-  | { kind: 'flush' }
+  | DeviceOp
   | { kind: 'burst'; writes: Array<{ offset: number; length: number; seed: number }> }
   | { kind: 'view'; offset: number; length: number }
   | { kind: 'close' }
@@ -54,22 +51,11 @@ test('copy-before-write matches the model through writes, kills, recoveries and 
       try {
         for (const op of ops) {
           switch (op.kind) {
-            case 'write': {
-              const data = pattern(op.length, op.seed, op.offset);
-              await cow.write(data, op.offset, { fua: op.fua });
-              data.copy(model, op.offset);
-              break;
-            }
+            case 'write':
             case 'zero':
-              await cow.zero(op.offset, op.length);
-              model.fill(0, op.offset, op.offset + op.length);
-              break;
             case 'trim':
-              // FileDevice trims are advisory: the content stays, but the originals must be kept.
-              await cow.trim(op.offset, op.length);
-              break;
             case 'flush':
-              await cow.flush();
+              await applyDeviceOp(cow, model, op);
               break;
             case 'burst': {
               // Overlapping writes in flight together: the device keeps whichever landed last, so

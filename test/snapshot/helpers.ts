@@ -107,12 +107,39 @@ export function pattern(length: number, seed: number, offset: number): Buffer {
   return b;
 }
 
-/** The operations on a device with snapshot points that more than one model test draws. */
-export type PointOp =
-  | ({ kind: 'write' } & Seeded)
+/** What a model test does to the device itself. */
+export type DeviceOp =
+  | ({ kind: 'write'; fua?: boolean } & Seeded)
   | ({ kind: 'zero' } & Range)
   | ({ kind: 'trim' } & Range)
-  | { kind: 'flush' }
+  | { kind: 'flush' };
+
+/** `op` done to `target`, and to `model`, which holds what the device must then hold. */
+export async function applyDeviceOp(target: BlockDevice, model: Buffer, op: DeviceOp): Promise<void> {
+  switch (op.kind) {
+    case 'write': {
+      const data = pattern(op.length, op.seed, op.offset);
+      await target.write(data, op.offset, { fua: op.fua ?? false });
+      data.copy(model, op.offset);
+      break;
+    }
+    case 'zero':
+      await target.zero(op.offset, op.length);
+      model.fill(0, op.offset, op.offset + op.length);
+      break;
+    case 'trim':
+      // FileDevice trims are advisory: the content stays, but the originals must be kept.
+      await target.trim(op.offset, op.length);
+      break;
+    case 'flush':
+      await target.flush();
+      break;
+  }
+}
+
+/** The operations on a device with snapshot points that more than one model test draws. */
+export type PointOp =
+  | DeviceOp
   | { kind: 'burst'; writes: Seeded[]; reads: Array<Range & { pick: number }> }
   | ({ kind: 'image-read'; pick: number } & Range)
   | ({ kind: 'image-write'; pick: number; zero: boolean } & Seeded)

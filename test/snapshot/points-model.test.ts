@@ -17,7 +17,7 @@ import fc from 'fast-check';
 import { FileDevice } from '../../src/device/file-device.js';
 import { SnapshotLayer, type CowDevice } from '../../src/snapshot/index.js';
 import {
-  MODEL_SIZE as SIZE, ModelPoints, ModelSessions, pattern, pointOpArbs, rangeArb, seededArb, tempDir, type PointOp, type Range, type Seeded,
+  MODEL_SIZE as SIZE, ModelPoints, ModelSessions, applyDeviceOp, pattern, pointOpArbs, rangeArb, seededArb, tempDir, type PointOp, type Range, type Seeded,
 } from './helpers.js';
 
 type Op =
@@ -74,19 +74,10 @@ test('a session and two snapshots on one device match the model through writes, 
         for (const op of ops) {
           switch (op.kind) {
             case 'write':
-              await write(op);
-              pattern(op.length, op.seed, op.offset).copy(model, op.offset);
-              break;
             case 'zero':
-              await cow.zero(op.offset, op.length);
-              model.fill(0, op.offset, op.offset + op.length);
-              break;
             case 'trim':
-              // FileDevice trims are advisory: the content stays, but the originals must be kept.
-              await cow.trim(op.offset, op.length);
-              break;
             case 'flush':
-              await cow.flush();
+              await applyDeviceOp(cow, model, op);
               break;
             case 'burst': {
               // Device writes in flight together with reads of every point: the device keeps

@@ -15,7 +15,7 @@ import path from 'node:path';
 import fc from 'fast-check';
 import { FileDevice } from '../../src/device/file-device.js';
 import { SnapshotLayer } from '../../src/snapshot/index.js';
-import { MODEL_SIZE as SIZE, ModelPoints, pattern, pointOpArbs, tempDir, type PointOp, type Seeded } from './helpers.js';
+import { MODEL_SIZE as SIZE, ModelPoints, applyDeviceOp, pattern, pointOpArbs, tempDir, type PointOp, type Seeded } from './helpers.js';
 
 type Op =
   | PointOp
@@ -57,19 +57,10 @@ test('snapshot images match the model through writes, takes, image writes, remov
         for (const op of ops) {
           switch (op.kind) {
             case 'write':
-              await write(op);
-              pattern(op.length, op.seed, op.offset).copy(model, op.offset);
-              break;
             case 'zero':
-              await layer.zero(op.offset, op.length);
-              model.fill(0, op.offset, op.offset + op.length);
-              break;
             case 'trim':
-              // FileDevice trims are advisory: the content stays, but the originals must be kept.
-              await layer.trim(op.offset, op.length);
-              break;
             case 'flush':
-              await layer.flush();
+              await applyDeviceOp(layer, model, op);
               break;
             case 'burst': {
               // Overlapping device writes in flight together with image reads: the device keeps
