@@ -13,7 +13,7 @@ import { test } from 'node:test';
 import type { ReplicaInfo } from '../../src/service/control-protocol.js';
 import { needs } from '../helpers/needs.js';
 import { ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { checkFinishedFiles, highestFile, mkfsExt4, startFileWorkload, unmountAll } from '../helpers/busy-ext4.js';
+import { checkFinishedFiles, highestFile, mkfsExt4, startFileWorkload, unmountAll } from '../helpers/ext4.js';
 import { makeImage, sha256File } from '../helpers/files.js';
 import { runSync } from '../helpers/process.js';
 import { nbdUri } from '../helpers/server.js';

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { needs } from '../helpers/needs.js';
 import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { checkFinishedFiles, highestFile, mkfsExt4, startFileWorkload, unmountAll } from '../helpers/busy-ext4.js';
+import { checkFinishedFiles, highestFile, mkfsExt4, startFileWorkload, unmountAll } from '../helpers/ext4.js';
 import { makeImage } from '../helpers/files.js';
 import { runSync } from '../helpers/process.js';
 

@@ -1,23 +1,36 @@
 /**
- * A kernel ext4 kept busy while a test copies it (snapshots, replicas): a workload in its own
- * process writes files `w/f1`, `w/f2`, … one after another, each the line "file <n>" repeated
- * to FILE_BYTES, so a copy taken at one moment must hold every file finished before it whole,
- * the one in progress as a prefix, and none started after.
+ * Kernel ext4 for the tests that mount through the daemon: the image, a mount point never left
+ * mounted, and a filesystem kept busy while a test copies it (snapshots, replicas): a workload
+ * in its own process writes files `w/f1`, `w/f2`, … one after another, each the line
+ * "file <n>" repeated to FILE_BYTES, so a copy taken at one moment must hold every file
+ * finished before it whole, the one in progress as a prefix, and none started after.
  */
 
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { cleanupOf } from './cleanup.js';
 import { cli, type Sandbox } from './daemon.js';
+import type { AfterHook } from './files.js';
 import { isMounted } from './kernel.js';
 import { runSync } from './process.js';
 
 export const FILE_BYTES = 24 * 1024;
 
-/** An ext4 on `image`, its inode tables and journal written now rather than by a kernel thread later. */
-export function mkfsExt4(image: string): void {
-  runSync('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
+/**
+ * An ext4 on `image` (holding the tree `seed` if given), its inode tables and journal written
+ * now rather than by a kernel thread later.
+ */
+export function mkfsExt4(image: string, seed?: string): void {
+  runSync('mkfs.ext4', ['-q', '-F', ...(seed === undefined ? [] : ['-d', seed]), '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
+}
+
+/** `mnt`, made, which the test's cleanup leaves unmounted (see unmountAll). */
+export function mountPoint(t: AfterHook, box: Sandbox, mnt: string): string {
+  fs.mkdirSync(mnt);
+  cleanupOf(t).after(() => unmountAll(box, [mnt]));
+  return mnt;
 }
 
 export function expectedFile(n: number): Buffer {
