@@ -115,6 +115,25 @@ function heldCreate(t: TestContext, repoDir: string, image: string, host: string
   };
 }
 
+/**
+ * A new repository in which host web1 has backed up an image (in this process), and host web2's
+ * create of a copy of it (`b`) in its own process, held after it listed the stored pieces.
+ */
+async function web2ReadingAfterWeb1(t: TestContext, prefix: string) {
+  const dir = makeTempDir(t, prefix);
+  const repoDir = path.join(dir, 'repo');
+  const repo = await initRepo(repoDir);
+  const a = makeImage(path.join(dir, 'a.img'), 8 * MiB, 'mixed', 5);
+  const b = path.join(dir, 'b.img');
+  fs.copyFileSync(a, b);
+  const fd = fs.openSync(a, 'r');
+  t.after(() => fs.closeSync(fd));
+  const first = await createBackup(repo, [{ device: a, sizeBytes: 8 * MiB, changed: null, why: 'test', read: async (target, o) => void fs.readSync(fd, target, 0, target.length, o) }], { host: 'web1' });
+  const create = heldCreate(t, repoDir, b, 'web2');
+  await create.reading;
+  return { dir, repoDir, repo, b, first, create };
+}
+
 test('two hosts back up copies of one image at the same time: stored once after prune, each restores exactly', { timeout: 240_000 }, async (t) => {
   const box: Sandbox = sandbox(t);
   const a = makeImage(path.join(box.top, 'a.img'), 64 * MiB, 'mixed', 7);
@@ -203,19 +222,8 @@ test('locks of another host: respected while fresh, taken over when stale', { ti
 });
 
 test('forget + prune while another host creates: nothing the create names is deleted; it commits and restores exactly', { timeout: 120_000 }, async (t) => {
-  const dir = makeTempDir(t, 'bdsnap-hostprune-');
-  const repoDir = path.join(dir, 'repo');
-  const repo = await initRepo(repoDir);
-  const a = makeImage(path.join(dir, 'a.img'), 8 * MiB, 'mixed', 5);
-  const b = path.join(dir, 'b.img');
-  fs.copyFileSync(a, b);
-  const fd = fs.openSync(a, 'r');
-  t.after(() => fs.closeSync(fd));
-  const first = await createBackup(repo, [{ device: a, sizeBytes: 8 * MiB, changed: null, why: 'test', read: async (target, o) => void fs.readSync(fd, target, 0, target.length, o) }], { host: 'web1' });
-
   // web2 has listed the stored pieces (all of web1's) and counts on them: it will not write them.
-  const create = heldCreate(t, repoDir, b, 'web2');
-  await create.reading;
+  const { dir, repoDir, b, first, create } = await web2ReadingAfterWeb1(t, 'bdsnap-hostprune-');
   succeeded(await bdsnap(['forget', '--repo', repoDir, '--host', 'web1', '--keep-within', '1s', '--dry-run']));
   succeeded(await bdsnap(['forget', '--repo', repoDir, first.id]));
   const prune = await bdsnap(['prune', '--repo', repoDir]);
@@ -235,19 +243,8 @@ test('forget + prune while another host creates: nothing the create names is del
 });
 
 test('a create whose lock a prune took over as stale refuses to commit; the repository stays whole', { timeout: 120_000 }, async (t) => {
-  const dir = makeTempDir(t, 'bdsnap-stalecreate-');
-  const repoDir = path.join(dir, 'repo');
-  const repo = await initRepo(repoDir);
-  const a = makeImage(path.join(dir, 'a.img'), 8 * MiB, 'mixed', 5);
-  const b = path.join(dir, 'b.img');
-  fs.copyFileSync(a, b);
-  const fd = fs.openSync(a, 'r');
-  t.after(() => fs.closeSync(fd));
-  const first = await createBackup(repo, [{ device: a, sizeBytes: 8 * MiB, changed: null, why: 'test', read: async (target, o) => void fs.readSync(fd, target, 0, target.length, o) }], { host: 'web1' });
-
   // web2 stalls (as a paused VM or a stopped process would) past STALE_MS after it listed the pieces.
-  const create = heldCreate(t, repoDir, b, 'web2');
-  await create.reading;
+  const { dir, repoDir, repo, b, first, create } = await web2ReadingAfterWeb1(t, 'bdsnap-stalecreate-');
   const [lock] = lockFiles(repoDir);
   assert.ok(lock);
   ageLock(lock);

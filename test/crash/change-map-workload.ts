@@ -14,7 +14,7 @@ import { traceMark } from '../../src/host/fs-trace.js';
 import { ChangeMap, TrackingDevice, trackingBlockSize } from '../../src/snapshot/change-map.js';
 import { CrashRecorder, type Recording } from '../helpers/crash-recorder.js';
 import { exploreCrashStates, materialize, type CrashState } from '../helpers/crash-states.js';
-import type { CheckedRun, Outcome } from './session-workload.js';
+import { checkEachState, type CheckedRun, type Outcome } from './session-workload.js';
 
 const DEVICE_BYTES = 8 * 64 * 1024;
 
@@ -113,12 +113,5 @@ export async function runChangeMapExploration(dir: string, options: { maxStates:
   const world = await recordChangeMapWorkload(dir, { flushAtTake: options.flushAtTake ?? true });
   const { built, states } = exploreCrashStates(world.rec, { maxStates: options.maxStates, seed: options.seed, mixesPerPoint: options.mixesPerPoint });
   const run: CheckedRun = { built, checked: 0, outcomes: new Map(), defects: [], refusals: new Map(), unsyncedFlushes: [] };
-  for (const state of states) {
-    const o = await checkChangeMapState(world, state);
-    run.checked++;
-    run.outcomes.set(o.kind, (run.outcomes.get(o.kind) ?? 0) + 1);
-    if (o.kind === 'wrong' || o.kind === 'loss') run.defects.push(`${state.what}: ${o.kind}: ${o.reason ?? ''}`);
-    if (o.kind === 'refused') run.refusals.set(o.reason ?? '', (run.refusals.get(o.reason ?? '') ?? 0) + 1);
-  }
-  return run;
+  return checkEachState(run, states, (state) => checkChangeMapState(world, state));
 }

@@ -14,7 +14,7 @@ import { LocalDirStore } from '../../src/repository/object-store.js';
 import { Repository } from '../../src/repository/repository.js';
 import { CrashRecorder, type Recording } from '../helpers/crash-recorder.js';
 import { exploreCrashStates, materialize, type CrashState } from '../helpers/crash-states.js';
-import type { CheckedRun, Outcome } from './session-workload.js';
+import { checkEachState, type CheckedRun, type Outcome } from './session-workload.js';
 
 /** The explored repository is encrypted, as new ones are. */
 const PASSWORD = 'crash states';
@@ -127,12 +127,5 @@ export async function runRepositoryExploration(dir: string, options: { maxStates
   const world = await recordRepositoryWorkload(dir);
   const { built, states } = exploreCrashStates(world.rec, { maxStates: options.maxStates, seed: options.seed, mixesPerPoint: options.mixesPerPoint });
   const run: CheckedRun = { built, checked: 0, outcomes: new Map(), defects: [], refusals: new Map(), unsyncedFlushes: [] };
-  for (const state of states) {
-    const o = await checkRepositoryState(world, state);
-    run.checked++;
-    run.outcomes.set(o.kind, (run.outcomes.get(o.kind) ?? 0) + 1);
-    if (o.kind === 'wrong' || o.kind === 'loss') run.defects.push(`${state.what}: ${o.kind}: ${o.reason ?? ''}`);
-    if (o.kind === 'refused') run.refusals.set(o.reason ?? '', (run.refusals.get(o.reason ?? '') ?? 0) + 1);
-  }
-  return run;
+  return checkEachState(run, states, (state) => checkRepositoryState(world, state));
 }

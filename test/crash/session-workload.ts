@@ -145,6 +145,21 @@ export async function checkSessionState(world: SessionWorld, state: CrashState, 
   }
 }
 
+/**
+ * `check` of each crash state in turn, counted into `run`: every outcome by kind, a wrong
+ * restore or a loss as a defect, a refusal by its reason.
+ */
+export async function checkEachState(run: CheckedRun, states: CrashState[], check: (state: CrashState) => Promise<Outcome>): Promise<CheckedRun> {
+  for (const state of states) {
+    const o = await check(state);
+    run.checked++;
+    run.outcomes.set(o.kind, (run.outcomes.get(o.kind) ?? 0) + 1);
+    if (o.kind === 'wrong' || o.kind === 'loss') run.defects.push(`${state.what}: ${o.kind}: ${o.reason ?? ''}`);
+    if (o.kind === 'refused') run.refusals.set(o.reason ?? '', (run.refusals.get(o.reason ?? '') ?? 0) + 1);
+  }
+  return run;
+}
+
 /** Record the workload in `dir`, explore its crash states and check each. */
 export async function runSessionExploration(dir: string, options: { maxStates: number; seed: number; mixesPerPoint?: number }): Promise<CheckedRun> {
   const world = await recordSessionWorkload(dir);

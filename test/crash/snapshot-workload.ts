@@ -16,7 +16,7 @@ import { BdsnapClient } from '../../src/service/client.js';
 import { Daemon } from '../../src/service/daemon.js';
 import { CrashRecorder, type Recording } from '../helpers/crash-recorder.js';
 import { exploreCrashStates, materialize, unsyncedAtFlushAcks, type CrashState } from '../helpers/crash-states.js';
-import type { CheckedRun, Outcome } from './session-workload.js';
+import { checkEachState, type CheckedRun, type Outcome } from './session-workload.js';
 
 const DEVICE_BYTES = 1 << 20;
 
@@ -124,12 +124,5 @@ export async function runSnapshotExploration(dir: string, options: { maxStates: 
     built, checked: 0, outcomes: new Map(), defects: [], refusals: new Map(),
     unsyncedFlushes: unsyncedAtFlushAcks(world.rec, imageId, (label) => label === FLUSH_ANSWERED_MARK),
   };
-  for (const state of states) {
-    const o = await checkSnapshotState(world, state);
-    run.checked++;
-    run.outcomes.set(o.kind, (run.outcomes.get(o.kind) ?? 0) + 1);
-    if (o.kind === 'wrong' || o.kind === 'loss') run.defects.push(`${state.what}: ${o.kind}: ${o.reason ?? ''}`);
-    if (o.kind === 'refused') run.refusals.set(o.reason ?? '', (run.refusals.get(o.reason ?? '') ?? 0) + 1);
-  }
-  return run;
+  return checkEachState(run, states, (state) => checkSnapshotState(world, state));
 }

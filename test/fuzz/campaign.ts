@@ -12,7 +12,7 @@ import { CleanupStack } from '../helpers/cleanup.js';
 import { startDaemon } from '../helpers/daemon.js';
 import { runControlCampaign } from './control-campaign.js';
 import { runNbdCampaign } from './nbd-campaign.js';
-import { startFuzzTarget } from './serve-target.js';
+import { campaignAt, startFuzzTarget } from './serve-target.js';
 
 // The test runner runs every file under dist/test/: without arguments this says how to use it and stops.
 if (process.argv.length <= 2) {
@@ -37,8 +37,7 @@ try {
   const target = await startFuzzTarget(cleanup);
   const log = (line: string): void => console.error(`[nbd] ${line}`);
   const nbd = await runNbdCampaign({
-    socketPath: target.server.socketPath, pid: target.server.pid,
-    target: { exportName: target.fuzzExport, sizeBytes: target.sizeBytes }, checkerExport: target.checkerExport,
+    ...campaignAt(target),
     frames, seed, concurrency, progress: log,
   });
   console.log(JSON.stringify({ nbd: { ...nbd, failures: nbd.failures.slice(0, 50) } }, null, 2));

@@ -11,7 +11,7 @@ import { CleanupStack } from '../helpers/cleanup.js';
 import { startDaemon } from '../helpers/daemon.js';
 import { runControlCampaign } from './control-campaign.js';
 import { runNbdCampaign } from './nbd-campaign.js';
-import { startFuzzTarget } from './serve-target.js';
+import { campaignAt, startFuzzTarget } from './serve-target.js';
 
 /** A fixed seed per run of the suite would test the same cases forever: vary it, and print it. */
 const SEED = Number(process.env.BDSNAP_FUZZ_SEED ?? Date.now() % 1_000_000);
@@ -22,8 +22,7 @@ test(`NBD server under random and mutated traffic in every phase (seed ${SEED})`
   const cleanup = new CleanupStack(t);
   const target = await startFuzzTarget(cleanup);
   const result = await runNbdCampaign({
-    socketPath: target.server.socketPath, pid: target.server.pid,
-    target: { exportName: target.fuzzExport, sizeBytes: target.sizeBytes }, checkerExport: target.checkerExport,
+    ...campaignAt(target),
     frames: 20_000, maxDurationMs: 12_000, seed: SEED, concurrency: 4,
   });
   t.diagnostic(JSON.stringify({ ...result, failures: result.failures.slice(0, 5) }));

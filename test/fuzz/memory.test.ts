@@ -18,7 +18,7 @@ import { CleanupStack } from '../helpers/cleanup.js';
 import { startDaemon } from '../helpers/daemon.js';
 import { runControlCampaign } from './control-campaign.js';
 import { runNbdCampaign } from './nbd-campaign.js';
-import { startFuzzTarget } from './serve-target.js';
+import { campaignAt, startFuzzTarget } from './serve-target.js';
 
 /** Fixed by default: the campaign must hold the requests that used to pile up. */
 const SEED = Number(process.env.BDSNAP_FUZZ_SEED ?? 4242);
@@ -40,8 +40,7 @@ test(`NBD server: 200,000 fuzzed frames leave resident memory within 20 MB of th
   const cleanup = new CleanupStack(t);
   const target = await startFuzzTarget(cleanup);
   const result = await runNbdCampaign({
-    socketPath: target.server.socketPath, pid: target.server.pid,
-    target: { exportName: target.fuzzExport, sizeBytes: target.sizeBytes }, checkerExport: target.checkerExport,
+    ...campaignAt(target),
     frames: 200_000, maxDurationMs: 100_000, seed: SEED, concurrency: 8,
   });
   t.diagnostic(JSON.stringify({ ...result, failures: result.failures.slice(0, 5) }));

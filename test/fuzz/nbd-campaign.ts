@@ -14,6 +14,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import { NbdClient } from '../../src/nbd/client.js';
+import { alive } from '../helpers/process.js';
 import { Rng, makeScript, splitRandomly, type Phase, type TrafficTarget } from './traffic.js';
 
 export interface ProcessGauge {
@@ -72,15 +73,6 @@ export interface NbdCampaignResult {
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** One fuzz connection. Returns a failure description, or undefined. */
 async function fuzzConnection(socketPath: string, target: TrafficTarget, seed: number, maxFrames: number, closeDeadlineMs: number):

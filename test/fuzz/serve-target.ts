@@ -7,6 +7,7 @@ import path from 'node:path';
 import type { AfterHook } from '../helpers/files.js';
 import { makeImage, makeTempDir } from '../helpers/files.js';
 import { startServer, type NbdServer } from '../helpers/server.js';
+import type { NbdCampaignOptions } from './nbd-campaign.js';
 
 export interface FuzzTarget {
   server: NbdServer;
@@ -24,4 +25,12 @@ export async function startFuzzTarget(cleanup: AfterHook, sizeBytes = 8 << 20): 
   const server = await startServer(cleanup, { kind: 'bdsnap', images: [fuzzImage, checkerImage], socketPath: path.join(dir, 'nbd.sock') });
   const [fuzzExport, checkerExport] = server.exportNames as [string, string];
   return { server, fuzzExport, checkerExport, sizeBytes };
+}
+
+/** The options of an NBD campaign that say where it aims: at `target`'s server and exports. */
+export function campaignAt(target: FuzzTarget): Pick<NbdCampaignOptions, 'socketPath' | 'pid' | 'target' | 'checkerExport'> {
+  return {
+    socketPath: target.server.socketPath, pid: target.server.pid,
+    target: { exportName: target.fuzzExport, sizeBytes: target.sizeBytes }, checkerExport: target.checkerExport,
+  };
 }

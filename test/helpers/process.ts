@@ -8,6 +8,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { processStartTimeSync } from '../../src/host/processes.js';
 import { cleanupOf } from './cleanup.js';
 import type { AfterHook } from './files.js';
 
@@ -205,6 +206,11 @@ export function requireRoot(): void {
  */
 export function nbdshEnv(): NodeJS.ProcessEnv {
   return { ...process.env, PATH: ['/usr/bin', '/bin', process.env.PATH ?? ''].join(path.delimiter) };
+}
+
+/** Whether `pid` is a process that runs (a zombie has exited); see src/host/processes.ts. */
+export function alive(pid: number): boolean {
+  return processStartTimeSync(pid) !== null;
 }
 
 /** Field 3 (state) and field 22 (start time) of /proc/<pid>/stat, read raw, or null once the pid is gone. */

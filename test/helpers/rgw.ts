@@ -14,6 +14,7 @@ import { after } from 'node:test';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { needs, type SkippableContext } from './needs.js';
+import { alive } from './process.js';
 
 const SCRIPTS = path.resolve(import.meta.dirname, '../../../scripts');
 const START_TIMEOUT_MS = 120_000;
@@ -89,15 +90,6 @@ class RunningRgw implements Rgw {
       if (Date.now() > deadline) throw new Error(`radosgw at ${this.endpoint} did not answer within 60 s of its restart`);
       await sleep(100);
     }
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }
 

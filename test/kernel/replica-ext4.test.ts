@@ -6,35 +6,20 @@
  */
 
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import type { ReplicaInfo } from '../../src/service/control-protocol.js';
 import { needs } from '../helpers/needs.js';
-import { cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { checkFinishedFiles, highestFile, mkfsExt4, startFileWorkload, unmountAll } from '../helpers/ext4.js';
 import { makeImage, sha256File } from '../helpers/files.js';
-import { isMounted } from '../helpers/kernel.js';
 import { runSync } from '../helpers/process.js';
 import { nbdUri } from '../helpers/server.js';
 
 const IMAGE_MIB = 64;
-const FILE_BYTES = 24 * 1024;
 const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4', 'e2fsck', 'fsfreeze', 'mount', 'umount'] };
-
-function expectedFile(n: number): Buffer {
-  const line = `file ${n}\n`;
-  return Buffer.from(line.repeat(Math.ceil(FILE_BYTES / line.length))).subarray(0, FILE_BYTES);
-}
-
-function highestFile(dir: string): number {
-  let top = 0;
-  for (const name of fs.readdirSync(dir)) {
-    const m = /^f(\d+)$/.exec(name);
-    if (m) top = Math.max(top, Number(m[1]));
-  }
-  return top;
-}
 
 /** Check a copy of the standby's image: clean, and its files those finished by the sync. */
 function checkStandby(box: Sandbox, standbyImage: string, doneBefore: number, startedAfter: number, round: number): number {
@@ -46,14 +31,7 @@ function checkStandby(box: Sandbox, standbyImage: string, doneBefore: number, st
   fs.mkdirSync(mnt);
   runSync('mount', ['-o', 'loop,ro', copy, mnt]);
   try {
-    const top = highestFile(path.join(mnt, 'w'));
-    assert.ok(top >= doneBefore && top <= startedAfter, `round ${round}: the standby's last file f${top} is outside [f${doneBefore}, f${startedAfter}]`);
-    for (let n = 1; n <= top; n++) {
-      const data = fs.readFileSync(path.join(mnt, 'w', `f${n}`));
-      if (n < top) assert.deepEqual(data, expectedFile(n), `round ${round}: f${n} on the standby`);
-      else assert.ok(expectedFile(n).subarray(0, data.length).equals(data), `round ${round}: f${n} is a prefix of its content`);
-    }
-    return top;
+    return checkFinishedFiles(path.join(mnt, 'w'), doneBefore, startedAfter, `round ${round}: the standby`);
   } finally {
     runSync('umount', [mnt]);
     fs.rmSync(copy, { force: true });
@@ -65,7 +43,7 @@ test('a busy ext4 replicated to a second daemon: each sync leaves a clean filesy
   const src = sandbox(t, 'bdsnap-rep-src-');
   const dst = sandbox(t, 'bdsnap-rep-dst-');
   const image = makeImage(path.join(src.top, 'disk.img'), IMAGE_MIB << 20, 'zero');
-  runSync('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
+  mkfsExt4(image);
   const device = fs.realpathSync(image);
   const standbyImage = makeImage(path.join(dst.top, 'disk.img'), IMAGE_MIB << 20, 'random', 3);
   await startDaemon(t, { sandbox: src, password: false });
@@ -76,9 +54,8 @@ test('a busy ext4 replicated to a second daemon: each sync leaves a clean filesy
   try {
     fs.mkdirSync(path.join(mnt, 'w'));
     const replica = JSON.parse(ok(src, ['replica', 'add', device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), fs.realpathSync(standbyImage)), '--json'])) as ReplicaInfo;
-    // The workload runs in its own process: the freeze of each sync's snapshot blocks it, not this test.
-    const workload = spawn('bash', ['-c', `i=0; while :; do i=$((i+1)); yes "file $i" | head -c ${FILE_BYTES} > "$1/f$i"; done`, 'workload', path.join(mnt, 'w')], { stdio: 'ignore' });
-    const stopped = new Promise((resolve) => workload.once('exit', resolve));
+    // The freeze of each sync's snapshot blocks the workload, not this test.
+    const workload = startFileWorkload(path.join(mnt, 'w'));
     const tops: number[] = [];
     try {
       for (let round = 0; round < 3; round++) {
@@ -90,15 +67,13 @@ test('a busy ext4 replicated to a second daemon: each sync leaves a clean filesy
         tops.push(checkStandby(src, standbyImage, doneBefore, startedAfter, round));
       }
     } finally {
-      workload.kill('SIGKILL');
-      await stopped;
+      await workload.stop();
     }
     ok(src, ['umount', mnt]);
     ok(src, ['replica', 'sync', replica.id]);
     assert.equal(await sha256File(standbyImage), await sha256File(device), 'idle, the standby equals the device');
     t.diagnostic(`the standby's last file after each busy sync: ${tops.join(' ')}`);
   } finally {
-    if (isMounted(mnt)) cli(src, ['umount', mnt]);
-    if (isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
+    unmountAll(src, [mnt]);
   }
 });

@@ -6,44 +6,17 @@
  */
 
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { needs } from '../helpers/needs.js';
 import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { checkFinishedFiles, highestFile, mkfsExt4, startFileWorkload, unmountAll } from '../helpers/ext4.js';
 import { makeImage } from '../helpers/files.js';
-import { isMounted } from '../helpers/kernel.js';
 import { runSync } from '../helpers/process.js';
 
 const IMAGE_MIB = 64;
-/** The workload's files: `f<n>` holds the line "file <n>" repeated to this size. */
-const FILE_BYTES = 24 * 1024;
-
-
-
-function expectedFile(n: number): Buffer {
-  const line = `file ${n}\n`;
-  return Buffer.from(line.repeat(Math.ceil(FILE_BYTES / line.length))).subarray(0, FILE_BYTES);
-}
-
-function highestFile(dir: string): number {
-  let top = 0;
-  for (const name of fs.readdirSync(dir)) {
-    const m = /^f(\d+)$/.exec(name);
-    if (m) top = Math.max(top, Number(m[1]));
-  }
-  return top;
-}
-
-/** Take down what the body mounted, while the daemon still runs. */
-function unmountAll(box: Sandbox, mountpoints: string[]): void {
-  for (const mnt of mountpoints) {
-    if (isMounted(mnt)) cli(box, ['umount', mnt]);
-    if (isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
-  }
-}
-
 const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4', 'e2fsck', 'fsfreeze', 'nbdcopy', 'mount', 'umount'] };
 
 test('a busy ext4: the frozen image is clean and holds the files finished by the take; --no-freeze images replay their journal', { timeout: 300_000 }, async (t) => {
@@ -52,7 +25,7 @@ test('a busy ext4: the frozen image is clean and holds the files finished by the
   await startDaemon(t, { sandbox: box, password: false });
   const image = path.join(box.top, 'disk.img');
   makeImage(image, IMAGE_MIB << 20, 'zero');
-  runSync('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
+  mkfsExt4(image);
   const device = fs.realpathSync(image);
   const mnt = path.join(box.top, 'mnt');
   const imnt = path.join(box.top, 'image-mnt');
@@ -69,19 +42,16 @@ async function busyFilesystem(box: Sandbox, device: string, mnt: string, imnt: s
   ok(box, ['mount', device, mnt, '-t', 'ext4']);
   fs.mkdirSync(path.join(mnt, 'w'));
 
-  // The workload runs in its own process: a freeze blocks its writes, not this test.
-  const workload = spawn('bash', ['-c', `i=0; while :; do i=$((i+1)); yes "file $i" | head -c ${FILE_BYTES} > "$1/f$i"; done`, 'workload', path.join(mnt, 'w')], { stdio: 'ignore' });
-  const stopped = new Promise((resolve) => workload.once('exit', resolve));
+  const workload = startFileWorkload(path.join(mnt, 'w'));
   try {
     await new Promise((r) => setTimeout(r, 700));
-    await takeAndCheck(box, device, mnt, imnt, workload, stopped);
+    await takeAndCheck(box, device, mnt, imnt, workload);
   } finally {
-    workload.kill('SIGKILL');
-    await stopped;
+    await workload.stop();
   }
 }
 
-async function takeAndCheck(box: Sandbox, device: string, mnt: string, imnt: string, workload: ChildProcess, stopped: Promise<unknown>): Promise<void> {
+async function takeAndCheck(box: Sandbox, device: string, mnt: string, imnt: string, workload: { stop(): Promise<void> }): Promise<void> {
 
   // Storage on the very device being snapshotted is refused.
   const onDevice = cli(box, ['snapshot', 'create', device, '--storage', path.join(mnt, 'w')]);
@@ -95,8 +65,7 @@ async function takeAndCheck(box: Sandbox, device: string, mnt: string, imnt: str
   const loose = JSON.parse(ok(box, ['snapshot', 'create', device, '--no-freeze', '--json'])) as { id: string; frozen: string[] };
   assert.deepEqual(loose.frozen, []);
   await new Promise((r) => setTimeout(r, 300));
-  workload.kill('SIGKILL');
-  await stopped;
+  await workload.stop();
 
   // The frozen image, copied out by a standard tool, is a clean filesystem.
   const copy = path.join(box.top, 'frozen.img');
@@ -106,15 +75,8 @@ async function takeAndCheck(box: Sandbox, device: string, mnt: string, imnt: str
 
   // Mounted through bdsnap, it holds every file finished before the take, complete, and none started after.
   ok(box, ['mount', `${device}@${snap.id}`, imnt, '-t', 'ext4']);
-  const top = highestFile(path.join(imnt, 'w'));
-  assert.ok(top >= doneBefore && top <= startedAfter, `the image's last file f${top} is outside [f${doneBefore}, f${startedAfter}]`);
-  for (let n = 1; n <= top; n++) {
-    const file = path.join(imnt, 'w', `f${n}`);
-    const data = fs.readFileSync(file);
-    // The last file may have been cut by the take; every earlier one is whole.
-    if (n < top) assert.deepEqual(data, expectedFile(n), `f${n} in the image`);
-    else assert.ok(expectedFile(n).subarray(0, data.length).equals(data), `f${n} is a prefix of its content`);
-  }
+  // The last file may have been cut by the take; every earlier one is whole.
+  checkFinishedFiles(path.join(imnt, 'w'), doneBefore, startedAfter, 'the image');
   ok(box, ['umount', imnt]);
 
   // The --no-freeze image is writable: mounting it replays its journal into the image only.

@@ -29,6 +29,25 @@ async function newStore(t: SkippableContext & { after(fn: () => unknown): void }
   return store;
 }
 
+/**
+ * A store as newStore gives, and a second one on the same bucket reached through a proxy that
+ * injects faults; `proxied` is the proxy's endpoint.
+ */
+async function proxiedStore(t: SkippableContext & { after(fn: () => unknown): void }, retryForMs: number) {
+  const r = await rgw(t);
+  if (!r) return undefined;
+  const store = await newStore(t);
+  if (!store) return undefined;
+  const faulty = new FlakyProxy(Number(new URL(r.endpoint).port));
+  const proxied = await faulty.listen();
+  t.after(() => faulty.close());
+  const at = parseRepoLocation(store.location);
+  if (at.kind !== 's3') throw new Error('not s3');
+  const through = new S3Store({ ...at, endpoint: proxied }, { retryForMs });
+  t.after(() => through.close());
+  return { store, faulty, proxied, at, through };
+}
+
 storeContract('S3 (radosgw)', (t) => newStore(t));
 
 test('S3: a prefix keeps repositories apart in one bucket; keys of other tools are not listed', { timeout: 60_000 }, async (t) => {
@@ -52,17 +71,9 @@ test('S3: a prefix keeps repositories apart in one bucket; keys of other tools a
 });
 
 test('S3: throttling (503 SlowDown) and reset connections are retried until they pass', { timeout: 60_000 }, async (t) => {
-  const r = await rgw(t);
-  if (!r) return;
-  const store = await newStore(t);
-  if (!store) return;
-  const faulty = new FlakyProxy(Number(new URL(r.endpoint).port));
-  const proxied = await faulty.listen();
-  t.after(() => faulty.close());
-  const at = parseRepoLocation(store.location);
-  if (at.kind !== 's3') throw new Error('not s3');
-  const through = new S3Store({ ...at, endpoint: proxied }, { retryForMs: 30_000 });
-  t.after(() => through.close());
+  const p = await proxiedStore(t, 30_000);
+  if (!p) return;
+  const { store, faulty, through } = p;
   await through.put('first', Buffer.from('reached'));
 
   for (const fault of ['slowdown', 'reset'] as const) {
@@ -80,17 +91,9 @@ test('S3: throttling (503 SlowDown) and reset connections are retried until they
 });
 
 test('S3: a fault that stays fails with the object, the request and the reason', { timeout: 60_000 }, async (t) => {
-  const r = await rgw(t);
-  if (!r) return;
-  const store = await newStore(t);
-  if (!store) return;
-  const faulty = new FlakyProxy(Number(new URL(r.endpoint).port));
-  const proxied = await faulty.listen();
-  t.after(() => faulty.close());
-  const at = parseRepoLocation(store.location);
-  if (at.kind !== 's3') throw new Error('not s3');
-  const through = new S3Store({ ...at, endpoint: proxied }, { retryForMs: 1_500 });
-  t.after(() => through.close());
+  const p = await proxiedStore(t, 1_500);
+  if (!p) return;
+  const { store, faulty, proxied, at, through } = p;
   await through.put('pieces/ab/x', Buffer.from('x'));
   faulty.fault = 'slowdown';
   faulty.dropAll();

@@ -21,8 +21,9 @@ import { cleanupOf } from '../helpers/cleanup.js';
 import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { isMounted } from '../helpers/kernel.js';
+import { mkfsExt4, mountPoint } from '../helpers/ext4.js';
 import { needs } from '../helpers/needs.js';
-import { run, runSync } from '../helpers/process.js';
+import { run } from '../helpers/process.js';
 import { passwdAndActivate } from './helpers.js';
 
 const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fusermount3', 'mkfs.ext4', 'mount', 'umount'] };
@@ -31,16 +32,8 @@ const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fus
 function ext4(t: TestContext, box: Sandbox, name: string): { image: string; mnt: string } {
   const image = path.join(box.top, `${name}.img`);
   makeImage(image, 32 << 20, 'zero');
-  runSync('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
-  const mnt = path.join(box.top, `${name}-mnt`);
-  fs.mkdirSync(mnt);
-  cleanupOf(t).after(() => {
-    if (isMounted(mnt)) {
-      cli(box, ['umount', mnt]);
-      if (isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
-    }
-  });
-  return { image: fs.realpathSync(image), mnt };
+  mkfsExt4(image);
+  return { image: fs.realpathSync(image), mnt: mountPoint(t, box, path.join(box.top, `${name}-mnt`)) };
 }
 
 function escape(text: string): string {

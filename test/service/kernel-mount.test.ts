@@ -11,9 +11,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { BdsnapClient } from '../../src/service/client.js';
-import { cleanupOf } from '../helpers/cleanup.js';
 import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage, sha256File } from '../helpers/files.js';
+import { mkfsExt4, mountPoint } from '../helpers/ext4.js';
 import { needs } from '../helpers/needs.js';
 import { isMounted } from '../helpers/kernel.js';
 import { runSync } from '../helpers/process.js';
@@ -30,16 +30,8 @@ function ext4Fixture(t: TestContext, box: Sandbox): { image: string; mnt: string
   fs.writeFileSync(path.join(seed, 'docs', 'a.txt'), 'first version\n'.repeat(1000));
   const image = path.join(box.top, 'disk.img');
   makeImage(image, IMAGE_MIB << 20, 'zero');
-  runSync('mkfs.ext4', ['-q', '-F', '-d', seed, '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
-  const mnt = path.join(box.top, 'mnt');
-  fs.mkdirSync(mnt);
-  cleanupOf(t).after(() => {
-    if (isMounted(mnt)) {
-      cli(box, ['umount', mnt]);
-      if (isMounted(mnt)) spawnSync('umount', ['-l', mnt]);
-    }
-  });
-  return { image: fs.realpathSync(image), mnt };
+  mkfsExt4(image, seed);
+  return { image: fs.realpathSync(image), mnt: mountPoint(t, box, path.join(box.top, 'mnt')) };
 }
 
 function currentSession(box: Sandbox, device: string): string | null {

@@ -12,24 +12,15 @@ import fs from 'node:fs';
 import path from 'node:path';
 import fc from 'fast-check';
 import { FileDevice } from '../../src/device/file-device.js';
-import { DATA_FILE } from '../../src/snapshot/format.js';
-import { CowDevice, listSessions, recoverSession, restore } from '../../src/snapshot/index.js';
-import { tempDir } from './helpers.js';
+import { restore, type CowDevice } from '../../src/snapshot/index.js';
+import { MODEL_SIZE as SIZE, ModelSessions, applyDeviceOp, pattern, rangeArb as range, tempDir, type DeviceOp } from './helpers.js';
 
 type Op =
-  | { kind: 'write'; offset: number; length: number; seed: number; fua: boolean }
-  | { kind: 'zero'; offset: number; length: number }
-  | { kind: 'trim'; offset: number; length: number }
-  | { kind: 'flush' }
+  | DeviceOp
   | { kind: 'burst'; writes: Array<{ offset: number; length: number; seed: number }> }
   | { kind: 'view'; offset: number; length: number }
   | { kind: 'close' }
   | { kind: 'kill'; torn: boolean };
-
-const SIZE = 30 * 4096 + 2048; // not a multiple of any chunk size: the last chunk is partial
-
-const range = fc.tuple(fc.integer({ min: 0, max: SIZE - 1 }), fc.integer({ min: 1, max: 40000 }))
-  .map(([offset, length]) => ({ offset, length: Math.min(length, SIZE - offset) }));
 
 const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 6, arbitrary: fc.tuple(range, fc.integer({ min: 1, max: 255 }), fc.boolean()).map(([r, seed, fua]) => ({ kind: 'write' as const, ...r, seed, fua })) },
@@ -41,12 +32,6 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 1, arbitrary: fc.constant({ kind: 'close' as const }) },
   { weight: 1, arbitrary: fc.boolean().map((torn) => ({ kind: 'kill' as const, torn })) },
 );
-
-function pattern(length: number, seed: number, offset: number): Buffer {
-  const b = Buffer.allocUnsafe(length);
-  for (let i = 0; i < length; i++) b[i] = (seed * 31 + (offset + i) * 7 + ((offset + i) >> 9)) & 0xff;
-  return b;
-}
 
 test('copy-before-write matches the model through writes, kills, recoveries and restores', async (t) => {
   const top = tempDir(t, 'bdsnap-model-');
@@ -60,39 +45,17 @@ test('copy-before-write matches the model through writes, kills, recoveries and 
       fs.writeFileSync(image, first);
       const root = path.join(dir, 'snap');
       let model = Buffer.from(first);
-      /** Start content of every session that left a directory, oldest first. */
-      const starts: Array<{ dir: string; content: Buffer }> = [];
       let dev = await FileDevice.open(image);
-      let sessionStart = Buffer.from(model);
-      let mountMs = Date.parse('2026-01-01T00:00:00Z');
-      const newSession = (): CowDevice => {
-        sessionStart = Buffer.from(model);
-        mountMs += 1000;
-        return CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize, deviceIdentity: { ...dev.identity }, mountTime: new Date(mountMs) });
-      };
-      let cow = newSession();
-      const endSession = (): void => {
-        if (cow.sessionDir) starts.push({ dir: cow.sessionDir, content: sessionStart });
-      };
+      const sessions = new ModelSessions(dev, image, root, chunkSize);
+      let cow: CowDevice = sessions.open(dev, model);
       try {
         for (const op of ops) {
           switch (op.kind) {
-            case 'write': {
-              const data = pattern(op.length, op.seed, op.offset);
-              await cow.write(data, op.offset, { fua: op.fua });
-              data.copy(model, op.offset);
-              break;
-            }
+            case 'write':
             case 'zero':
-              await cow.zero(op.offset, op.length);
-              model.fill(0, op.offset, op.offset + op.length);
-              break;
             case 'trim':
-              // FileDevice trims are advisory: the content stays, but the originals must be kept.
-              await cow.trim(op.offset, op.length);
-              break;
             case 'flush':
-              await cow.flush();
+              await applyDeviceOp(cow, model, op);
               break;
             case 'burst': {
               // Overlapping writes in flight together: the device keeps whichever landed last, so
@@ -105,42 +68,28 @@ test('copy-before-write matches the model through writes, kills, recoveries and 
             case 'view': {
               const got = Buffer.alloc(op.length);
               await cow.view().read(got, op.offset);
-              assert.deepEqual(got, sessionStart.subarray(op.offset, op.offset + op.length), 'the view shows the session start');
+              assert.deepEqual(got, sessions.start.subarray(op.offset, op.offset + op.length), 'the view shows the session start');
               break;
             }
             case 'close':
               await cow.close();
-              endSession();
-              cow = newSession();
+              sessions.ended(cow);
+              cow = sessions.open(dev, model);
               break;
-            case 'kill': {
-              // Dropped without close: what is in the store file is what a killed process leaves.
-              await cow.dropAsIfKilled();
-              endSession();
-              if (op.torn && cow.sessionDir) fs.appendFileSync(path.join(cow.sessionDir, DATA_FILE), pattern(100, 7, 0));
-              if (cow.sessionDir) assert.equal((await recoverSession(cow.sessionDir)).state, 'interrupted');
-              cow = newSession();
+            case 'kill':
+              await sessions.kill(cow, op.torn);
+              cow = sessions.open(dev, model);
               break;
-            }
           }
         }
         await cow.close();
-        endSession();
+        sessions.ended(cow);
       } finally {
         await dev.close();
       }
       assert.deepEqual(fs.readFileSync(image), model, 'the device holds what was written');
-      const listed = await listSessions(root, image);
-      assert.deepEqual(listed.map((s) => s.dir), starts.map((s) => s.dir));
-      if (starts.length === 0) return;
-      // Restore a random session, then the oldest.
-      const k = pick % starts.length;
-      const r1 = await restore(starts[k]!.dir);
-      assert.equal(r1.sessionsApplied.length, starts.length - k);
-      assert.deepEqual(fs.readFileSync(image), starts[k]!.content, `restore of session ${k} of ${starts.length}`);
-      await restore(starts[0]!.dir);
-      assert.deepEqual(fs.readFileSync(image), first, 'restore of the oldest gives the very first content');
-      const again = await restore(starts[0]!.dir);
+      if (!(await sessions.restoresEach(pick, first))) return;
+      const again = await restore(sessions.starts[0]!.dir);
       assert.equal(again.alreadyRestored, true);
       dev = await FileDevice.open(image); // the lock was released by every path above
       await dev.close();

@@ -11,17 +11,11 @@ import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
 import { CowDevice, DiffStorage, SnapshotLayer } from '../../src/snapshot/index.js';
 import { ReadCountingDevice } from '../helpers/devices.js';
-import { tempDir } from './helpers.js';
+import { pattern, tempDir } from './helpers.js';
 
 const CHUNK = 16 * 1024;
 const SIZE = 8 * 1024 * 1024;
 const MIB = 1024 * 1024;
-
-function pattern(length: number, seed: number, offset: number): Buffer {
-  const b = Buffer.allocUnsafe(length);
-  for (let i = 0; i < length; i++) b[i] = (seed * 31 + (offset + i) * 7 + ((offset + i) >> 9)) & 0xff;
-  return b;
-}
 
 test('with a session and a snapshot, each original chunk is read from the device once', async (t) => {
   const dir = tempDir(t, 'bdsnap-readonce-');

@@ -17,7 +17,7 @@ import { BdsnapError } from '../../src/errors.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE } from '../../src/snapshot/format.js';
 import { CowDevice, forgetSessions, listSessions, planForget, recoverSession, restore } from '../../src/snapshot/index.js';
-import { tempDir } from './helpers.js';
+import { pattern, tempDir } from './helpers.js';
 
 const CHUNK = 4096;
 const SIZE = 24 * CHUNK + 1024; // the last chunk is partial
@@ -40,12 +40,6 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('forget' as const), keepLast: fc.integer({ min: 1, max: 3 }) }) },
 );
 
-function pattern(w: Write): Buffer {
-  const b = Buffer.allocUnsafe(w.length);
-  for (let i = 0; i < w.length; i++) b[i] = (w.seed * 31 + (w.offset + i) * 7 + ((w.offset + i) >> 9)) & 0xff;
-  return b;
-}
-
 interface Session {
   dir: string;
   start: Buffer;
@@ -61,7 +55,7 @@ interface Log { lines: string[] }
 async function runOps(dir: string, ops: Op[], log: Log): Promise<void> {
   const image = path.join(dir, 'disk.img');
   const root = path.join(dir, 'snap');
-  let device = pattern({ offset: 0, length: SIZE, seed: 99 });
+  let device = pattern(SIZE, 99, 0);
   fs.writeFileSync(image, device);
   const sessions: Session[] = [];
   let mountMs = Date.parse('2026-01-01T00:00:00Z');
@@ -76,7 +70,7 @@ async function runOps(dir: string, ops: Op[], log: Log): Promise<void> {
         mountMs += 1000;
         const cow = CowDevice.create(dev, { devicePath: image, snapshotRoot: root, chunkSize: CHUNK, deviceIdentity: { ...dev.identity }, mountTime: new Date(mountMs) });
         for (const w of op.writes) {
-          const data = pattern(w);
+          const data = pattern(w.length, w.seed, w.offset);
           await cow.write(data, w.offset);
           data.copy(device, w.offset);
         }
@@ -85,7 +79,7 @@ async function runOps(dir: string, ops: Op[], log: Log): Promise<void> {
         if (op.end !== 'close') {
           // Killed: the store holds what the page cache got; a torn record may follow it.
           await cow.dropAsIfKilled();
-          if (op.end === 'torn' && sessionDir) fs.appendFileSync(path.join(sessionDir, DATA_FILE), pattern({ offset: 0, length: 100, seed: 7 }));
+          if (op.end === 'torn' && sessionDir) fs.appendFileSync(path.join(sessionDir, DATA_FILE), pattern(100, 7, 0));
           if (sessionDir) assert.equal((await recoverSession(sessionDir)).state, 'interrupted');
         }
         await dev.close();
@@ -94,7 +88,7 @@ async function runOps(dir: string, ops: Op[], log: Log): Promise<void> {
         break;
       }
       case 'outside': {
-        const data = pattern(op.write);
+        const data = pattern(op.write.length, op.write.seed, op.write.offset);
         const changed = !data.equals(device.subarray(op.write.offset, op.write.offset + op.write.length));
         const fd = fs.openSync(image, 'r+');
         fs.writeSync(fd, data, 0, data.length, op.write.offset);
