@@ -85,6 +85,8 @@ export interface ConnectionContext {
   /** The write buffer size at which replies wait for 'drain' (also given to a TLS socket). */
   socketHighWaterMarkBytes: number;
   log?: LogFn;
+  /** The connection `id` finished its handshake and serves an export. */
+  onTransmission?: (id: number) => void;
 }
 
 type State = 'handshake' | 'transmission' | 'closing' | 'closed';
@@ -120,6 +122,7 @@ export class ServerConnection {
   #state: State = 'handshake';
   #tls: NbdTls | undefined;
   #highWaterMarkBytes: number;
+  #onTransmission: ((id: number) => void) | undefined;
   /** TLS has been started (STARTTLS acknowledged) on this connection. */
   #tlsStarted = false;
 
@@ -187,6 +190,7 @@ export class ServerConnection {
     this.#maxInFlightBytes = context.maxInFlightBytes;
     this.#sendStallTimeoutMs = context.sendStallTimeoutMs;
     this.#log = context.log;
+    this.#onTransmission = context.onTransmission;
     this.#closedPromise = new Promise((resolve) => (this.#resolveClosed = resolve));
     this.#handshakeTimer = setTimeout(() => this.#handshakeExpired(context.handshakeTimeoutMs), context.handshakeTimeoutMs);
     this.#handshakeTimer.unref();
@@ -812,6 +816,7 @@ export class ServerConnection {
     this.#decoder.setPhase('transmission');
     this.#state = 'transmission';
     this.#log?.({ event: 'export-opened', connection: this.id, export: handle.name, structured: this.#structured });
+    this.#onTransmission?.(this.id);
   }
 
   // ---- requests ----
