@@ -11,13 +11,33 @@ import path from 'node:path';
  * must not run during this one).
  */
 export function settleFile(filePath: string): void {
-  const fd = fs.openSync(filePath, 'r');
+  const fd = readFile(filePath);
   try {
     fs.fdatasyncSync(fd);
-    const buf = Buffer.allocUnsafe(8 * 1024 * 1024);
-    for (let pos = 0; ; pos += buf.length) if (fs.readSync(fd, buf, 0, buf.length, pos) === 0) break;
   } finally {
     fs.closeSync(fd);
+  }
+}
+
+/**
+ * Read all of the file, so that it sits in the page cache, and leave its dirty pages alone: a
+ * file written a moment ago (the last cell's writes, or the image just made) stays as a user
+ * who runs fio twice finds it.
+ */
+export function cacheFile(filePath: string): void {
+  fs.closeSync(readFile(filePath));
+}
+
+/** Read all of the file; the caller gets the open descriptor and closes it. */
+function readFile(filePath: string): number {
+  const fd = fs.openSync(filePath, 'r');
+  try {
+    const buf = Buffer.allocUnsafe(8 * 1024 * 1024);
+    for (let pos = 0; ; pos += buf.length) if (fs.readSync(fd, buf, 0, buf.length, pos) === 0) break;
+    return fd;
+  } catch (err) {
+    fs.closeSync(fd);
+    throw err;
   }
 }
 
@@ -42,3 +62,4 @@ export function fillPageCache(dir: string, bytes: number): void {
     fs.rmSync(scratch, { force: true });
   }
 }
+

@@ -8,7 +8,9 @@
  *   node dist/bench/run.js [--repeat N] [--rows id,id] [--quick] [--runtime SEC]
  *                          [--size-mib N] [--json FILE] [--list]
  *
- * BDSNAP_BENCH_RUNTIME_SEC sets the default time of the timed rows (10 s; --quick: 3 s).
+ * BDSNAP_BENCH_RUNTIME_SEC sets the default time of the timed rows (10 s; --quick: 3 s);
+ * BDSNAP_BENCH_CELL_START=settled starts each cell as the bench did before it was checked
+ * against fio run by hand (bench/by-hand.sh; see CellStart in rows.ts).
  */
 
 import fs from 'node:fs';

@@ -66,6 +66,11 @@ export interface Libc {
    */
   setSendBuffer(fd: number, bytes: number): boolean;
   /**
+   * fcntl(fd, F_DUPFD_CLOEXEC): a second descriptor of the same open file (a socket handed to
+   * another thread, which then owns it while the first is closed). Throws an Error with `errno`.
+   */
+  duplicate(fd: number): number;
+  /**
    * ioctl(fd, LOOP_GET_STATUS64) on an open loop device: the identity of the file it is bound
    * to, as the kernel holds it (the file itself, not a name: a renamed, deleted or hard-linked
    * backing file is still recognised). Rejects with an Error with `errno` and `code` (ENXIO:
@@ -120,6 +125,8 @@ const SYNC_FILE_RANGE_WRITE = 2;
 const RLIMIT_CORE = 4;
 const PR_SET_DUMPABLE = 4;
 const LOCK_EX = 2;
+/** fcntl(2): duplicate onto the lowest free number, close-on-exec set. */
+const F_DUPFD_CLOEXEC = 1030;
 const LOCK_NB = 4;
 const ENXIO = 6;
 /** struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit fields. */
@@ -177,6 +184,7 @@ function bind(): { libc: Libc | undefined; reason: string } {
     const setrlimit = lib.func('int setrlimit(int resource, _In_ uint8_t *rlim)');
     const prctl = lib.func('int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5)');
     const mallocTrim = optionalFunc(lib, 'int malloc_trim(size_t pad)');
+    const fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
     const libc: Libc = {
       peerCred(fd: number): PeerCred {
         const ucred = Buffer.alloc(UCRED_BYTES);
@@ -202,6 +210,12 @@ function bind(): { libc: Libc | undefined; reason: string } {
         const value = Buffer.alloc(4);
         value.writeInt32LE(bytes);
         return (setsockopt(fd, SOL_SOCKET, soSndBuf, value, 4) as number) === 0;
+      },
+      duplicate(fd: number): number {
+        const copy = fcntl(fd, F_DUPFD_CLOEXEC, 'int', 0) as number;
+        if (copy >= 0) return copy;
+        const errno = koffi.errno();
+        throw Object.assign(new Error(`cannot duplicate descriptor ${fd}: ${errnoName(errno) ?? `errno ${errno}`}`), { errno, code: errnoName(errno) });
       },
       tryLockExclusive(fd: number): boolean {
         if ((flock(fd, LOCK_EX | LOCK_NB) as number) === 0) return true;

@@ -49,6 +49,8 @@ import type { InFlightBudget } from './in-flight-budget.js';
 import { RequestDecoder, type ClientMessage, type OptionMessage, type RequestMessage } from './request-decoder.js';
 import * as C from './constants.js';
 import { isAllZero } from '../bytes.js';
+import { clipExtents } from './block-status.js';
+import { contextMatches, parseInfoRequest, parseMetaContextData } from './option-data.js';
 import {
   OFFSET_DATA_PREFIX_BYTES, encodeBlockStatus, encodeExportNameReply, encodeGreeting, encodeInfoBlockSize,
   encodeInfoDescription, encodeInfoExport, encodeInfoName, encodeOffsetHole, encodeOptionError, encodeOptionReply,
@@ -60,8 +62,6 @@ export type LogFn = (event: Record<string, unknown>) => void;
 
 /** The id given to base:allocation by NBD_OPT_SET_META_CONTEXT; other contexts get 2, 3, ... */
 const BASE_ALLOCATION_ID = 1;
-/** Most descriptors in one BLOCK_STATUS chunk (the spec's recommended ceiling). */
-const MAX_EXTENTS_PER_REPLY = 1 << 20;
 /** How long a client may keep its side open after we closed ours. */
 const END_TIMEOUT_MS = 5000;
 const KNOWN_CLIENT_FLAGS = C.NBD_FLAG_C_FIXED_NEWSTYLE | C.NBD_FLAG_C_NO_ZEROES;
@@ -85,6 +85,8 @@ export interface ConnectionContext {
   /** The write buffer size at which replies wait for 'drain' (also given to a TLS socket). */
   socketHighWaterMarkBytes: number;
   log?: LogFn;
+  /** The connection `id` finished its handshake and serves an export. */
+  onTransmission?: (id: number) => void;
 }
 
 type State = 'handshake' | 'transmission' | 'closing' | 'closed';
@@ -120,6 +122,7 @@ export class ServerConnection {
   #state: State = 'handshake';
   #tls: NbdTls | undefined;
   #highWaterMarkBytes: number;
+  #onTransmission: ((id: number) => void) | undefined;
   /** TLS has been started (STARTTLS acknowledged) on this connection. */
   #tlsStarted = false;
 
@@ -187,6 +190,7 @@ export class ServerConnection {
     this.#maxInFlightBytes = context.maxInFlightBytes;
     this.#sendStallTimeoutMs = context.sendStallTimeoutMs;
     this.#log = context.log;
+    this.#onTransmission = context.onTransmission;
     this.#closedPromise = new Promise((resolve) => (this.#resolveClosed = resolve));
     this.#handshakeTimer = setTimeout(() => this.#handshakeExpired(context.handshakeTimeoutMs), context.handshakeTimeoutMs);
     this.#handshakeTimer.unref();
@@ -736,14 +740,9 @@ export class ServerConnection {
   }
 
   async #infoOrGo(option: number, data: Buffer): Promise<void> {
-    if (data.length < 6) return this.#optionInvalid(option, 'option data too short');
-    const nameBytes = data.readUInt32BE(0);
-    if (nameBytes > data.length - 6) return this.#optionInvalid(option, 'export name length exceeds the option data');
-    const name = data.toString('utf8', 4, 4 + nameBytes);
-    const count = data.readUInt16BE(4 + nameBytes);
-    if (data.length !== 4 + nameBytes + 2 + 2 * count) return this.#optionInvalid(option, 'information request list does not match the option length');
-    const infos = new Set<number>();
-    for (let i = 0; i < count; i++) infos.add(data.readUInt16BE(6 + nameBytes + 2 * i));
+    const parsed = parseInfoRequest(data);
+    if (typeof parsed === 'string') return this.#optionInvalid(option, parsed);
+    const { name, infos } = parsed;
 
     let handle: ExportHandle | undefined;
     try {
@@ -812,6 +811,7 @@ export class ServerConnection {
     this.#decoder.setPhase('transmission');
     this.#state = 'transmission';
     this.#log?.({ event: 'export-opened', connection: this.id, export: handle.name, structured: this.#structured });
+    this.#onTransmission?.(this.id);
   }
 
   // ---- requests ----
@@ -994,55 +994,4 @@ export class ServerConnection {
     if (this.#structured) this.#send(encodeStructuredError(r.cookieHi, r.cookieLo, errno, message), false, charge);
     else this.#send(encodeSimpleReply(errno, r.cookieHi, r.cookieLo), false, charge);
   }
-}
-
-/**
- * The extents of one context cut to the request: contiguous from its offset, at most
- * `lengthBytes` in all, one with REQ_ONE, at most MAX_EXTENTS_PER_REPLY. A source that gives
- * none or a bad length is an I/O error, never a malformed reply.
- */
-function clipExtents(
-  extents: ReadonlyArray<{ length: number; flags: number }>, lengthBytes: number, reqOne: boolean, context: string, mapFlags: (flags: number) => number,
-): Array<{ length: number; flags: number }> {
-  const out: Array<{ length: number; flags: number }> = [];
-  let covered = 0;
-  for (const e of extents) {
-    if (!Number.isSafeInteger(e.length) || e.length <= 0) throw new BdsnapError('EIO', `${context}: bad extent length ${e.length}`);
-    const length = Math.min(e.length, lengthBytes - covered);
-    if (length <= 0) break;
-    out.push({ length, flags: mapFlags(e.flags) });
-    covered += length;
-    if (reqOne || out.length === MAX_EXTENTS_PER_REPLY) break;
-  }
-  if (out.length === 0) throw new BdsnapError('EIO', `${context}: no extents`);
-  return out;
-}
-
-/** LIST_META_CONTEXT matching: the exact name, or a query ending in ':' as a prefix. */
-function contextMatches(query: string, name: string): boolean {
-  return query === name || (query.endsWith(':') && name.startsWith(query));
-}
-
-/** Parse LIST/SET_META_CONTEXT data; a string is the reason it is invalid. */
-function parseMetaContextData(data: Buffer): { exportName: string; queries: string[] } | string {
-  if (data.length < 8) return 'option data too short';
-  const nameBytes = data.readUInt32BE(0);
-  if (nameBytes > data.length - 8) return 'export name length exceeds the option data';
-  if (nameBytes > C.NBD_MAX_STRING_BYTES) return `export name of ${nameBytes} bytes is longer than ${C.NBD_MAX_STRING_BYTES}`;
-  const exportName = data.toString('utf8', 4, 4 + nameBytes);
-  let at = 4 + nameBytes;
-  const count = data.readUInt32BE(at);
-  at += 4;
-  const queries: string[] = [];
-  for (let i = 0; i < count; i++) {
-    if (at + 4 > data.length) return 'query count exceeds the option data';
-    const queryBytes = data.readUInt32BE(at);
-    at += 4;
-    if (queryBytes > data.length - at) return 'query length exceeds the option data';
-    if (queryBytes > C.NBD_MAX_STRING_BYTES) return `query of ${queryBytes} bytes is longer than ${C.NBD_MAX_STRING_BYTES}`;
-    queries.push(data.toString('utf8', at, at + queryBytes));
-    at += queryBytes;
-  }
-  if (at !== data.length) return 'trailing bytes after the queries';
-  return { exportName, queries };
 }

@@ -28,6 +28,10 @@ import { InFlightBudget } from './in-flight-budget.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import { loadLibc } from '../host/libc.js';
 import type { NbdTls } from './tls.js';
+import { adoptWithReadBuffer, READ_BUFFER_BYTES, SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
+import { ConnectionThreads, type HandedConnection } from './connection-threads.js';
+
+export { adoptWithReadBuffer, type ReadSink } from './adopted-socket.js';
 
 export interface NbdServerOptions {
   exports: ExportProvider;
@@ -42,6 +46,12 @@ export interface NbdServerOptions {
   handshakeTimeoutMs?: number;
   /** Time a reply may wait with none of it taken by the client before it is cut off. Default 120 s. */
   sendStallTimeoutMs?: number;
+  /**
+   * Serve plain (non-TLS) connections on `count` worker threads running `script`, which opens
+   * the exports from `exports` and calls serveHandedConnections (see connection-threads.ts).
+   * Only for exports whose connections share nothing but the file. Default: this thread.
+   */
+  threads?: { count: number; script: URL; exports: unknown };
 }
 
 const DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION = 64 * 1024 * 1024;
@@ -49,10 +59,6 @@ export const DEFAULT_MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024;
 export const DEFAULT_MAX_CONNECTIONS = 256;
 export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 export const DEFAULT_SEND_STALL_TIMEOUT_MS = 120_000;
-/** Socket write buffer size at which replies stop being produced until 'drain'. */
-const SOCKET_HIGH_WATER_MARK_BYTES = 4 * 1024 * 1024;
-/** Per-connection receive buffer, reused for every read from the socket. */
-const READ_BUFFER_BYTES = 256 * 1024;
 /**
  * Send buffer asked for on unix-socket connections. With the default (208 KiB) a 1 MiB read
  * reply leaves in five or more writes, each waiting for the client to drain the last; with
@@ -71,7 +77,9 @@ export class NbdServer {
   #maxConnections: number;
   #listeners: net.Server[] = [];
   /** In the order they were accepted, so the first handshaking one is the oldest. */
-  #connections = new Set<ServerConnection>();
+  #connections = new Set<ServerConnection | HandedConnection>();
+  #threadOptions: NbdServerOptions['threads'];
+  #threads: Promise<ConnectionThreads> | undefined;
   #nextConnectionId = 1;
   #closing = false;
   #atLimit = false;
@@ -92,6 +100,21 @@ export class NbdServer {
       socketHighWaterMarkBytes: SOCKET_HIGH_WATER_MARK_BYTES,
       log: options.log,
     };
+    if (options.threads !== undefined && options.threads.count > 1) this.#threadOptions = options.threads;
+  }
+
+  /** The worker threads, started with the first listener (so that a failure to start is the caller's). */
+  #startThreads(): Promise<ConnectionThreads> | undefined {
+    const t = this.#threadOptions;
+    if (t === undefined || loadLibc() === undefined) return undefined;
+    this.#threads ??= ConnectionThreads.start(t.count, t.script, {
+      maxInFlightBytes: this.#context.budget.limitBytes,
+      maxInFlightBytesPerConnection: this.#context.maxInFlightBytes,
+      handshakeTimeoutMs: this.#context.handshakeTimeoutMs,
+      sendStallTimeoutMs: this.#context.sendStallTimeoutMs,
+      exports: t.exports,
+    }, this.#log, (c) => this.#closed(c));
+    return this.#threads;
   }
 
   /**
@@ -124,7 +147,8 @@ export class NbdServer {
   async listenUnix(path: string, tls?: NbdTls): Promise<void> {
     const dir = nodePath.dirname(path);
     if (!fs.existsSync(dir)) throw new BdsnapError('ENOENT', `cannot listen on ${path}: the directory ${dir} does not exist`);
-    const server = this.#createServer(true, tls);
+    const threads = tls === undefined ? await this.#startThreads() : undefined;
+    const server = this.#createServer(true, tls, threads);
     await listenUnixSocket(server, path);
     this.#log?.({ event: 'listening', unix: path, tls: tls?.mode ?? 'off' });
   }
@@ -132,7 +156,8 @@ export class NbdServer {
   /** Listen on TCP (port 0 picks a free port). Resolves with the port bound. */
   async listenTcp(host: string, port: number, tls?: NbdTls): Promise<{ port: number }> {
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new BdsnapError('EINVAL', `bad TCP port ${port}`);
-    const server = this.#createServer(false, tls);
+    const threads = tls === undefined ? await this.#startThreads() : undefined;
+    const server = this.#createServer(false, tls, threads);
     await listenServer(server, () => server.listen(port, host));
     const address = server.address() as net.AddressInfo;
     this.#log?.({ event: 'listening', host, port: address.port, tls: tls?.mode ?? 'off' });
@@ -144,30 +169,36 @@ export class NbdServer {
     clearTimeout(this.#trimTimer);
     const stopped = this.#listeners.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
     this.#listeners = [];
-    await Promise.all([...this.#connections].map((c) => c.shutdown()));
+    await Promise.all([...this.#connections].map((c) => (c instanceof ServerConnection ? c.shutdown() : undefined)));
+    if (this.#threads !== undefined) await (await this.#threads).close();
     await Promise.all(stopped);
   }
 
-  #createServer(unix: boolean, tls: NbdTls | undefined): net.Server {
+  #createServer(unix: boolean, tls: NbdTls | undefined, threads: ConnectionThreads | undefined): net.Server {
     if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the NBD server is closing');
     const server = net.createServer({
       allowHalfOpen: true, noDelay: true, pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
-    }, (socket) => this.#accept(socket, unix, tls));
+    }, (socket) => this.#accept(socket, unix, tls, threads));
     server.on('error', (err) => this.#log?.({ event: 'listener-error', error: err.message }));
     this.#listeners.push(server);
     return server;
   }
 
-  #accept(socket: net.Socket, unix: boolean, tls: NbdTls | undefined): void {
+  #accept(socket: net.Socket, unix: boolean, tls: NbdTls | undefined, threads: ConnectionThreads | undefined): void {
     if (this.#closing || !this.#makeRoom()) {
       socket.destroy();
       return;
     }
-    const fd = unix ? socketFd(socket) : undefined;
+    const fd = socketFd(socket);
+    const libc = loadLibc();
     // A hint: where it cannot be set (no libc binding), the connection works as before.
-    if (fd !== undefined) loadLibc()?.setSendBuffer(fd, UNIX_SEND_BUFFER_BYTES);
+    if (unix && fd !== undefined) libc?.setSendBuffer(fd, UNIX_SEND_BUFFER_BYTES);
     const id = this.#nextConnectionId++;
     this.#log?.({ event: 'connection-opened', connection: id, remote: socket.remoteAddress ?? 'unix' });
+    if (threads !== undefined && fd !== undefined && libc !== undefined) {
+      this.#connections.add(threads.handOver(id, socket, fd, (n) => libc.duplicate(n)));
+      return;
+    }
     const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
     let connection: ServerConnection | undefined;
     const reader = adoptWithReadBuffer(socket, readBuffer, {
@@ -182,10 +213,12 @@ export class NbdServer {
       socket.resume();
     }
     this.#connections.add(connection);
-    void connection.closed.then(() => {
-      this.#connections.delete(connection);
-      if (this.#connections.size === 0) this.#trimSoon();
-    });
+    void connection.closed.then(() => this.#closed(connection));
+  }
+
+  #closed(connection: ServerConnection | HandedConnection): void {
+    this.#connections.delete(connection);
+    if (this.#connections.size === 0) this.#trimSoon();
   }
 
   /**
@@ -194,7 +227,7 @@ export class NbdServer {
    */
   #makeRoom(): boolean {
     let open = 0;
-    let oldestHandshaking: ServerConnection | undefined;
+    let oldestHandshaking: ServerConnection | HandedConnection | undefined;
     for (const c of this.#connections) {
       if (!c.open) continue;
       open++;
@@ -223,47 +256,4 @@ export class NbdServer {
 function positive(name: string, value: number): number {
   if (!Number.isSafeInteger(value) || value <= 0) throw new BdsnapError('EINVAL', `bad ${name} ${value}`);
   return value;
-}
-
-type SocketInternals = net.Socket & { _handle?: object | null };
-
-/** Where an adopted socket reads: `target()` if it gives a buffer (then `placed`), else the shared buffer (then `received`). */
-export interface ReadSink {
-  target(): Buffer | undefined;
-  received(n: number): void;
-  placed(n: number): void;
-}
-
-/**
- * Move an accepted (paused) socket's handle into a socket that reads into one reused buffer
- * (`onread`), which net.Server cannot do itself. Reading into fresh 64 KiB buffers, a 1 MiB
- * write would cost sixteen allocations of external memory and the garbage collections they
- * trigger. While a WRITE payload is being received, reads go straight into it instead, which
- * saves copying it out of the shared buffer. Relies on the long-stable `_handle` field; returns undefined (and leaves the
- * socket alone) where it is missing, and the caller reads the ordinary way.
- */
-export function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, reads: ReadSink): net.Socket | undefined {
-  const original = socket as SocketInternals;
-  const handle = original._handle;
-  if (!handle || process.env.BDSNAP_NBD_PLAIN_READS) return undefined;
-  original._handle = null;
-  const adopted = new net.Socket({
-    handle,
-    allowHalfOpen: true,
-    readable: true,
-    writable: true,
-    writableHighWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
-    onread: {
-      // Asked before every read: a WRITE payload being received takes the bytes directly.
-      buffer: () => reads.target() ?? buffer,
-      callback: (n: number, into: Uint8Array) => {
-        if (into === buffer) reads.received(n);
-        else reads.placed(n);
-      },
-    },
-  } as net.SocketConstructorOpts);
-  adopted.setNoDelay(true);
-  // The original still counts as the server's connection: end it with the adopted one.
-  adopted.once('close', () => original.destroy());
-  return adopted;
 }

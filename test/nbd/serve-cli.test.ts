@@ -153,3 +153,44 @@ test('bdsnap serve: a unix-socket connection gets the larger send buffer, so a 1
   assert.ok(sizes.length >= 1, `no connected socket of the server (pid ${server.pid}) in ss -xmp:\n${stdout}`);
   assert.ok(sizes.includes(expected), `the server's connection has send buffers ${sizes.join(', ')}, expected ${expected}`);
 });
+
+/** Threads of a process (each worker thread is at least one). */
+function threadCount(pid: number): number {
+  return fs.readdirSync(`/proc/${pid}/task`).length;
+}
+
+test('bdsnap serve: plain images are served on worker threads; nbdcopy -C 4 into the image lands whole, and a second copy reads it back', { timeout: 60_000 }, async (t) => {
+  if (!needs(t, { tools: ['nbdcopy'] })) return;
+  const dir = tempDir(t, 'bdsnap-serve-threads-');
+  const image = path.join(dir, 'disk.img');
+  const source = path.join(dir, 'source.img');
+  const back = path.join(dir, 'back.img');
+  makeImage(image, 16 * 1024 * 1024, 'blocks');
+  makeImage(source, 16 * 1024 * 1024, 'random');
+  const threadsOf = async (count: string): Promise<{ r: Running; threads: number; sock: string }> => {
+    const sock = path.join(dir, `nbd-${count}.sock`);
+    const child = spawn(process.execPath, [MAIN, 'serve', '--socket', sock, image], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, BDSNAP_NBD_THREADS: count } });
+    let err = '';
+    child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    t.after(() => {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    });
+    const r = { child, stderr: () => err, exited };
+    await waitReady(r);
+    return { r, threads: threadCount(child.pid!), sock };
+  };
+  const one = await threadsOf('1');
+  one.r.child.kill('SIGTERM');
+  assert.equal(await one.r.exited, 0);
+
+  const three = await threadsOf('3');
+  assert.ok(three.threads >= one.threads + 3, `3 worker threads: ${three.threads} threads against ${one.threads} with none`);
+  const uri = `nbd+unix:///?socket=${three.sock}`;
+  await execFileAsync('nbdcopy', ['-C', '4', source, uri]);
+  await execFileAsync('nbdcopy', ['-C', '4', uri, back]);
+  assert.ok(fs.readFileSync(back).equals(fs.readFileSync(source)), 'what 4 connections wrote reads back through 4 connections');
+  three.r.child.kill('SIGTERM');
+  assert.equal(await three.r.exited, 0, three.r.stderr());
+  assert.ok(fs.readFileSync(image).equals(fs.readFileSync(source)), 'and it is in the file after the server stopped');
+});

@@ -16,12 +16,14 @@
 
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
 import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
-import { NbdServer } from '../../nbd/server.js';
+import { NbdServer, type NbdServerOptions } from '../../nbd/server.js';
+import type { ServeWorkerExport } from './serve-worker.js';
 import { loadTls, TLS_MODES, type NbdTls, type TlsMode, type TlsSettings } from '../../nbd/tls.js';
 import { StaticExports, type StaticExport } from '../../nbd/static-exports.js';
 import { CowDevice, type SessionEvent, type SessionOptions } from '../../snapshot/index.js';
@@ -93,8 +95,9 @@ export function parseListen(text: string): { host: string; port: number } {
 /** An NBD server of `exports` listening where `where` says (TLS as loaded). */
 export async function listenOn(
   exports: StaticExport[], where: { socketPath?: string; listen?: { host: string; port: number }; log?: (event: Record<string, unknown>) => void }, tls: NbdTls | undefined,
+  threads?: NbdServerOptions['threads'],
 ): Promise<{ server: NbdServer; endpoints: string[] }> {
-  const server = new NbdServer({ exports: new StaticExports(exports), log: where.log });
+  const server = new NbdServer({ exports: new StaticExports(exports), log: where.log, ...(threads !== undefined ? { threads } : {}) });
   const endpoints: string[] = [];
   try {
     if (where.socketPath !== undefined) {
@@ -151,6 +154,21 @@ export async function serveInForeground(start: () => Promise<RunningServe>, list
   }
 }
 
+/** Most threads plain image files are served on (beyond, the page cache's copies are the limit). */
+const MAX_SERVE_THREADS = 4;
+
+/**
+ * Threads for plain images (no session: connections share nothing but the files), one per core
+ * up to MAX_SERVE_THREADS; BDSNAP_NBD_THREADS sets the count (1: serve on the main thread).
+ */
+function serveThreads(devices: FileDevice[]): NbdServerOptions['threads'] {
+  const asked = process.env.BDSNAP_NBD_THREADS;
+  const count = asked !== undefined && /^\d+$/.test(asked) ? Number(asked) : Math.min(os.availableParallelism(), MAX_SERVE_THREADS);
+  if (count <= 1) return undefined;
+  const exports: ServeWorkerExport[] = devices.map((d) => ({ name: d.path, identity: d.identity, readOnly: d.readOnly }));
+  return { count, script: new URL('./serve-worker.js', import.meta.url), exports };
+}
+
 export async function startServe(options: ServeOptions): Promise<RunningServe> {
   if (options.images.length === 0) throw new BdsnapError('EINVAL', 'no image to serve');
   if (options.socketPath === undefined && options.listen === undefined) throw new BdsnapError('EINVAL', 'no listener');
@@ -175,7 +193,7 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
       opened.push(device);
       exports.push({ name: real, device: options.wrap ? options.wrap(device, real) : device });
     }
-    const { server, endpoints } = await listenOn(exports, options, tls);
+    const { server, endpoints } = await listenOn(exports, options, tls, options.wrap === undefined ? serveThreads(opened) : undefined);
     let stopping: Promise<void> | undefined;
     return {
       server,

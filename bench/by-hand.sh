@@ -1,0 +1,91 @@
+#!/bin/sh
+# The bench's fio rows as a user runs them by hand, to check that the rows agree with it:
+# two 1 GiB images of random data read into the page cache, `bdsnap serve` on one and
+# `nbdkit file` (or a bdsnap session) on the other, one fio job each, the servers alternating.
+# Nothing else happens between the runs: no write-back, no memory handed back, no warm-up.
+#
+#   sh bench/by-hand.sh seq-write|first-rand-4k|first-rand-4k-iolog [REPEAT]     (from the checkout, after npm run build)
+#
+# Prints one line per run: the server and fio's write bandwidth (MB/s) or IOPS.
+set -eu
+row=${1:?usage: by-hand.sh seq-write|first-rand-4k|first-rand-4k-iolog [REPEAT]}
+repeat=${2:-3}
+bdsnap="node $(dirname "$0")/../dist/src/cli/main.js"
+dir=$(mktemp -d "${TMPDIR:-/tmp}/bdsnap-by-hand-XXXXXX")
+trap 'kill $pid 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT INT TERM
+pid=
+head -c 1G /dev/urandom >"$dir/image1"
+head -c 1G /dev/urandom >"$dir/image2"
+cat "$dir/image1" "$dir/image2" >/dev/null
+# The bench's own first-write log (every write in a chunk of its own), for first-rand-4k-iolog.
+node -e 'import(process.argv[1]).then((m) => m.writeFirstWriteLog(process.argv[2], 2 ** 30, 16384, 16384))' \
+  "$(cd "$(dirname "$0")/.." && pwd)/dist/bench/rows.js" "$dir/iolog"
+
+wait_socket() {
+  i=0
+  while [ ! -S "$1" ]; do
+    i=$((i + 1))
+    [ $i -lt 200 ] || { echo "no socket $1" >&2; exit 1; }
+    sleep 0.05
+  done
+}
+
+# fio_job NAME URI: the row's fio command as the issue gives it; prints NAME and the figure.
+fio_job() {
+  case $row in
+    seq-write) set -- "$1" "$2" --rw=write --bs=1M --size=1G --iodepth=4 ;;
+    first-rand-4k) set -- "$1" "$2" --rw=randwrite --bs=4k --size=1G --number_ios=16384 --randrepeat=0 --iodepth=16 ;;
+    first-rand-4k-iolog) set -- "$1" "$2" --rw=randwrite --bs=4k --size=1G --iodepth=16 --read_iolog="$dir/iolog" ;;
+    *) echo "unknown row $row" >&2; exit 2 ;;
+  esac
+  name=$1 uri=$2
+  shift 2
+  fio --name=x --ioengine=nbd --uri="$uri" "$@" --output-format=json --output="$dir/fio.json" >/dev/null
+  node -e '
+    const t = require("fs").readFileSync(process.argv[1], "utf8"); const w = JSON.parse(t.slice(t.indexOf("{"))).jobs[0].write;
+    console.log(process.argv[2], process.argv[3] === "seq-write" ? `${(w.bw_bytes / 1e6).toFixed(0)} MB/s` : `${w.iops.toFixed(0)} IOPS`);
+  ' "$dir/fio.json" "$name" "$row"
+}
+
+# What the bench did before each cell, to tell which part of it makes the difference:
+# SETTLE=1 writes the image back (its pages clean), FILL=1 then gets 1 GiB of memory back
+# from the host (writes and deletes a scratch file).
+prep() { # IMAGE
+  if [ "${SETTLE:-0}" = 1 ]; then sync "$1"; cat "$1" >/dev/null; fi
+  if [ "${FILL:-0}" = 1 ]; then dd if=/dev/zero of="$dir/fill" bs=8M count=128 conv=fdatasync status=none; rm -f "$dir/fill"; fi
+}
+
+bdsnap_serve() { # NAME IMAGE [ARGS...]
+  name=$1 image=$2
+  shift 2
+  prep "$image"
+  rm -f "$dir/s1"
+  $bdsnap serve --socket "$dir/s1" "$@" "$image" 2>"$dir/serve.log" &
+  pid=$!
+  wait_socket "$dir/s1"
+  fio_job "$name" "nbd+unix:///$image?socket=$dir/s1"
+  kill $pid; wait $pid || true
+}
+
+nbdkit_serve() {
+  prep "$dir/image2"
+  rm -f "$dir/s2"
+  nbdkit -f -U "$dir/s2" file "$dir/image2" &
+  pid=$!
+  wait_socket "$dir/s2"
+  fio_job nbdkit "nbd+unix://?socket=$dir/s2"
+  kill $pid; wait $pid || true
+}
+
+session() {
+  rm -rf "$dir/root"; mkdir "$dir/root"
+  bdsnap_serve bdsnap+session "$dir/image2" --snapshot-root "$dir/root"
+  rm -rf "$dir/root"
+}
+
+for i in $(seq "$repeat"); do
+  case $row in
+    seq-write) bdsnap_serve bdsnap "$dir/image1"; nbdkit_serve ;;
+    first-rand-4k*) session; bdsnap_serve bdsnap "$dir/image1" ;;
+  esac
+done

@@ -1,0 +1,38 @@
+/**
+ * A worker thread of `bdsnap serve`: opens its own descriptor of each image the server opened
+ * (no second lock: the server's thread holds it; the identity must be the one the server
+ * opened, or the worker refuses to start) and serves the connections handed to it.
+ */
+
+import { workerData } from 'node:worker_threads';
+import type { DeviceIdentity } from '../../device/block-device.js';
+import { FileDevice } from '../../device/file-device.js';
+import { failHandedConnections, serveHandedConnections, type WorkerSettings } from '../../nbd/connection-threads.js';
+import { StaticExports } from '../../nbd/static-exports.js';
+
+/** What the server's thread tells each worker about an image. */
+export interface ServeWorkerExport {
+  name: string;
+  identity: DeviceIdentity;
+  readOnly: boolean;
+}
+
+async function main(): Promise<void> {
+  const wanted = (workerData as WorkerSettings).exports as ServeWorkerExport[];
+  const opened: FileDevice[] = [];
+  const closeAll = async (): Promise<void> => {
+    await Promise.allSettled(opened.map(async (d) => {
+      await d.flush();
+      await d.close();
+    }));
+  };
+  try {
+    for (const e of wanted) opened.push(await FileDevice.open(e.name, { shared: true, readOnly: e.readOnly, expectIdentity: e.identity }));
+    serveHandedConnections(new StaticExports(opened.map((device) => ({ name: device.path, device }))), closeAll);
+  } catch (err) {
+    await closeAll();
+    failHandedConnections(err);
+  }
+}
+
+void main();

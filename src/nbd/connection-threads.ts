@@ -1,0 +1,260 @@
+/**
+ * Connections served on worker threads: one event loop cannot take in more than about one
+ * core's worth of requests, and a client with several connections (nbdcopy opens four) or
+ * several clients at once can send more. The server accepts every connection on its own thread
+ * (so the connection limit stays one count per process) and hands each one to the worker
+ * thread with the fewest, which serves it whole: handshake, requests, replies, until it closes.
+ *
+ * Invariants:
+ * - A socket is owned by exactly one thread: the accepting thread duplicates the descriptor,
+ *   closes its own and posts the copy; the worker wraps it in a socket of its own. Nothing on
+ *   the accepting thread reads or writes a connection once it is handed over.
+ * - Each worker serves with its own buffer pool and an in-flight budget of its share of the
+ *   server's: the shares add up to the server's budget, so the process holds no more in
+ *   flight than one thread would (a request larger than a share is served alone, as it would
+ *   be on one thread).
+ * - Only exports with no state shared between connections beyond the file itself are served
+ *   this way (each worker opens its own descriptor of the same file; fdatasync on any of them
+ *   makes every completed write durable, so FLUSH on one connection covers the others, as
+ *   NBD_FLAG_CAN_MULTI_CONN promises). Copy-before-write sessions keep to one thread.
+ * - Shutdown: every worker finishes its requests in flight, flushes, closes its connections and
+ *   devices, then ends; close() resolves after the last worker has ended.
+ */
+
+import net from 'node:net';
+import { Worker, parentPort, workerData } from 'node:worker_threads';
+import { BufferPool } from '../device/buffer-pool.js';
+import { InFlightBudget } from './in-flight-budget.js';
+import type { ExportProvider } from './exports.js';
+import { ServerConnection, type ConnectionContext, type LogFn } from './server-connection.js';
+import { adoptWithReadBuffer, READ_BUFFER_BYTES, SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
+
+/** What the server gives each worker: its limits, and what the worker script needs to open its exports. */
+export interface WorkerSettings {
+  maxInFlightBytes: number;
+  maxInFlightBytesPerConnection: number;
+  handshakeTimeoutMs: number;
+  sendStallTimeoutMs: number;
+  /** The worker script's own data (which files to open...). */
+  exports: unknown;
+}
+
+/** Messages from the server to a worker. */
+type ToWorker =
+  | { type: 'connection'; id: number; fd: number }
+  | { type: 'abort'; id: number; reason: string }
+  | { type: 'shutdown' };
+
+/** Messages from a worker to the server. */
+type FromWorker =
+  | { type: 'ready' }
+  | { type: 'transmission'; id: number }
+  | { type: 'closed'; id: number }
+  | { type: 'log'; event: Record<string, unknown> }
+  | { type: 'failed'; message: string };
+
+/** A connection served on a worker, as the accepting thread sees it. */
+export interface HandedConnection {
+  readonly id: number;
+  /** Handshaking or serving: it holds one of the server's slots. */
+  readonly open: boolean;
+  readonly inHandshake: boolean;
+  abort(reason: string): void;
+}
+
+class Remote implements HandedConnection {
+  open = true;
+  inHandshake = true;
+  constructor(readonly id: number, readonly thread: WorkerThread) {}
+  abort(reason: string): void {
+    if (!this.open) return;
+    this.open = false;
+    this.thread.post({ type: 'abort', id: this.id, reason });
+  }
+}
+
+class WorkerThread {
+  readonly worker: Worker;
+  readonly connections = new Map<number, Remote>();
+  readonly ready: Promise<void>;
+  readonly exited: Promise<void>;
+  constructor(script: URL, settings: WorkerSettings, log: LogFn | undefined, onClosed: (c: Remote) => void) {
+    this.worker = new Worker(script, { workerData: settings });
+    let ready!: () => void;
+    let failed!: (err: Error) => void;
+    this.ready = new Promise((resolve, reject) => {
+      ready = resolve;
+      failed = reject;
+    });
+    this.worker.on('message', (m: FromWorker) => {
+      switch (m.type) {
+        case 'ready':
+          ready();
+          return;
+        case 'failed':
+          failed(new Error(m.message));
+          return;
+        case 'log':
+          log?.(m.event);
+          return;
+        case 'transmission': {
+          const c = this.connections.get(m.id);
+          if (c) c.inHandshake = false;
+          return;
+        }
+        case 'closed': {
+          const c = this.connections.get(m.id);
+          if (!c) return;
+          this.connections.delete(m.id);
+          c.open = false;
+          onClosed(c);
+          return;
+        }
+      }
+    });
+    this.worker.on('error', (err) => {
+      log?.({ event: 'worker-error', level: 'error', error: err.message });
+      failed(err);
+    });
+    this.exited = new Promise((resolve) => {
+      this.worker.once('exit', () => {
+        failed(new Error('the NBD worker thread ended before it was ready'));
+        // A worker that died took its connections with it.
+        for (const c of this.connections.values()) {
+          c.open = false;
+          onClosed(c);
+        }
+        this.connections.clear();
+        resolve();
+      });
+    });
+  }
+
+  post(m: ToWorker): void {
+    this.worker.postMessage(m);
+  }
+}
+
+/** The accepting thread's side: the workers and the connections handed to them. */
+export class ConnectionThreads {
+  #threads: WorkerThread[] = [];
+  #onClosed: (c: HandedConnection) => void;
+
+  private constructor(onClosed: (c: HandedConnection) => void) {
+    this.#onClosed = onClosed;
+  }
+
+  /** Start `count` workers running `script` (which calls serveHandedConnections) and wait until each is ready. */
+  static async start(count: number, script: URL, settings: WorkerSettings, log: LogFn | undefined, onClosed: (c: HandedConnection) => void): Promise<ConnectionThreads> {
+    const share = Math.max(1, Math.floor(settings.maxInFlightBytes / count));
+    const self = new ConnectionThreads(onClosed);
+    for (let i = 0; i < count; i++) self.#threads.push(new WorkerThread(script, { ...settings, maxInFlightBytes: share }, log, (c) => self.#onClosed(c)));
+    try {
+      await Promise.all(self.#threads.map((t) => t.ready));
+    } catch (err) {
+      await Promise.all(self.#threads.map((t) => t.worker.terminate()));
+      throw err;
+    }
+    return self;
+  }
+
+  /**
+   * Hand an accepted, paused socket to the worker with the fewest connections. Its descriptor
+   * is duplicated (by `duplicate`) and this thread's socket destroyed: the worker owns it.
+   */
+  handOver(id: number, socket: net.Socket, fd: number, duplicate: (fd: number) => number): HandedConnection {
+    const thread = this.#threads.reduce((a, b) => (b.connections.size < a.connections.size ? b : a));
+    const copy = duplicate(fd);
+    socket.destroy();
+    const remote = new Remote(id, thread);
+    thread.connections.set(id, remote);
+    thread.post({ type: 'connection', id, fd: copy });
+    return remote;
+  }
+
+  /** Let every worker finish its connections (requests in flight, flush) and end. */
+  async close(): Promise<void> {
+    for (const t of this.#threads) t.post({ type: 'shutdown' });
+    await Promise.all(this.#threads.map((t) => t.exited));
+  }
+}
+
+/**
+ * The worker's side, called once by the worker script with the exports it opened (from
+ * `workerData.exports`). `closeExports` runs at shutdown, after every connection has ended.
+ */
+export function serveHandedConnections(exports: ExportProvider, closeExports: () => Promise<void>): void {
+  const port = parentPort;
+  if (port === null) throw new Error('serveHandedConnections runs on a worker thread');
+  const settings = workerData as WorkerSettings;
+  const post = (m: FromWorker): void => port.postMessage(m);
+  const log: LogFn = (event) => post({ type: 'log', event });
+  const connections = new Map<number, ServerConnection>();
+  const context: ConnectionContext = {
+    exports,
+    pool: new BufferPool(settings.maxInFlightBytesPerConnection),
+    budget: new InFlightBudget(settings.maxInFlightBytes),
+    maxInFlightBytes: settings.maxInFlightBytesPerConnection,
+    handshakeTimeoutMs: settings.handshakeTimeoutMs,
+    sendStallTimeoutMs: settings.sendStallTimeoutMs,
+    socketHighWaterMarkBytes: SOCKET_HIGH_WATER_MARK_BYTES,
+    log,
+    onTransmission: (id) => post({ type: 'transmission', id }),
+  };
+  let shuttingDown = false;
+
+  const accept = (id: number, fd: number): void => {
+    // Paused until adopted, as the server's own accepted sockets are.
+    const socket = new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true, pauseOnCreate: true } as net.SocketConstructorOpts);
+    if (shuttingDown) {
+      socket.destroy();
+      post({ type: 'closed', id });
+      return;
+    }
+    const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
+    let connection: ServerConnection | undefined;
+    const reader = adoptWithReadBuffer(socket, readBuffer, {
+      target: () => connection?.readTarget(),
+      received: (n) => connection?.receive(readBuffer.subarray(0, n)),
+      placed: (n) => connection?.receivePlaced(n),
+    });
+    if (reader) {
+      connection = new ServerConnection(id, reader, context, true);
+      reader.resume();
+    } else {
+      socket.setNoDelay(true);
+      connection = new ServerConnection(id, socket, context, false);
+      socket.resume();
+    }
+    connections.set(id, connection);
+    void connection.closed.then(() => {
+      connections.delete(id);
+      post({ type: 'closed', id });
+    });
+  };
+
+  port.on('message', (m: ToWorker) => {
+    switch (m.type) {
+      case 'connection':
+        accept(m.id, m.fd);
+        return;
+      case 'abort':
+        connections.get(m.id)?.abort(m.reason);
+        return;
+      case 'shutdown':
+        if (shuttingDown) return;
+        shuttingDown = true;
+        void Promise.all([...connections.values()].map((c) => c.shutdown()))
+          .then(closeExports)
+          .catch((err: unknown) => log({ event: 'worker-shutdown-error', level: 'error', error: err instanceof Error ? err.message : String(err) }))
+          .finally(() => port.close());
+        return;
+    }
+  });
+  post({ type: 'ready' });
+}
+
+/** Tell the server this worker could not start (its exports would not open). */
+export function failHandedConnections(err: unknown): void {
+  parentPort?.postMessage({ type: 'failed', message: err instanceof Error ? err.message : String(err) } satisfies FromWorker);
+}
