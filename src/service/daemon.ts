@@ -24,7 +24,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { FileDevice } from '../device/file-device.js';
 import { BdsnapError } from '../errors.js';
-import type { ChangeMapInfo } from '../snapshot/change-map.js';
+import type { ChangeMapInfo } from '../snapshot/change-map/index.js';
 import type { ExportHandle, ExportProvider } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import type { NbdTls } from '../nbd/tls.js';

@@ -29,7 +29,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import { CowDevice, type SessionSummary as CowSessionSummary } from '../snapshot/cow-device.js';
 import { DEFAULT_CHUNK_SIZE } from '../snapshot/format.js';
-import { TrackingDevice } from '../snapshot/change-map.js';
+import { TrackingDevice } from '../snapshot/change-map/index.js';
 import { SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import type { ChangeTracker } from './change-tracking.js';
 import type { DeviceStatus } from './control-protocol.js';
