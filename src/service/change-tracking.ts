@@ -30,7 +30,7 @@ import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type Ch
 import { escapeDevicePath } from '../snapshot/format.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from './keyed-queue.js';
-import type { SnapshotChangeTracking } from './snapshots.js';
+import type { SnapshotChangeTracking } from './snapshots/tracking.js';
 
 const CBT_DIR = 'cbt';
 

@@ -50,7 +50,7 @@ import { AsOfExports } from './as-of-exports.js';
 import { InstantRestores, type SourceOpener } from './instant-restore.js';
 import { Repository, openBackupDevices, openRepoStore } from '../repository/index.js';
 import { RepoLock } from '../repository/lock.js';
-import { SnapshotManager } from './snapshots.js';
+import { SnapshotManager } from './snapshots/index.js';
 import { ReplicaManager } from './replicas.js';
 import { ReplicaStandby } from './replica-standby.js';
 

@@ -82,6 +82,26 @@ export interface Attachment {
   mount: MountInfo | undefined;
 }
 
+/**
+ * What a holder gets from attach(): the device as it was opened, read-only to the holder (the
+ * table alone counts holds and starts and ends user phases).
+ */
+export interface AttachedDevice {
+  readonly devicePath: string;
+  readonly sizeBytes: number;
+  readonly file: FileDevice;
+  /** Copy-before-write for the snapshots of this device. */
+  readonly layer: SnapshotLayer;
+  /** A user hold: whether the phase it joined runs a session. */
+  readonly inSession: boolean;
+  /** A user hold: settles when the phase it joined has ended and its session is durable (with its dir). */
+  readonly ended: Promise<string | null> | undefined;
+}
+
+function attachedView(att: Attachment): AttachedDevice {
+  return { devicePath: att.devicePath, sizeBytes: att.file.size, file: att.file, layer: att.layer, inSession: att.phase?.cow !== undefined, ended: att.phase?.ended };
+}
+
 function endSignal(): Pick<UserPhase, 'ended' | 'settle'> {
   let settle!: UserPhase['settle'];
   const ended = new Promise<string | null>((resolve, reject) => {
@@ -144,7 +164,7 @@ export class DeviceTable {
       const file = await FileDevice.open(name, { readOnly: true, shared: true });
       return { name, device: file, release: () => file.close() };
     }
-    const att = await this.attach(name, { holder: 'connection' });
+    const att = await this.#attach(name, { holder: 'connection' });
     const phase = att.phase;
     if (!phase) throw new BdsnapError('EIO', `${name} has no user phase after attach`);
     att.connections++;
@@ -165,6 +185,18 @@ export class DeviceTable {
     return this.#attachments.get(devicePath);
   }
 
+  /** The snapshot layer of an open device. Errors: EIO when it is not open. */
+  snapshotLayer(devicePath: string): SnapshotLayer {
+    const att = this.#attachments.get(devicePath);
+    if (!att) throw new BdsnapError('EIO', `${devicePath} is not open`);
+    return att.layer;
+  }
+
+  /** While a user phase runs on the device: settles when it has ended (with its session dir). */
+  phaseEnded(devicePath: string): Promise<string | null> | undefined {
+    return this.#attachments.get(devicePath)?.phase?.ended;
+  }
+
   isAttached(devicePath: string): boolean {
     return this.#attachments.has(devicePath);
   }
@@ -179,7 +211,11 @@ export class DeviceTable {
   checkAttach: ((devicePath: string) => void) | undefined;
 
   /** Take a hold on the device, opening it for the first holder and starting a user phase for the first user. */
-  async attach(devicePath: string, options: AttachOptions): Promise<Attachment> {
+  async attach(devicePath: string, options: AttachOptions): Promise<AttachedDevice> {
+    return attachedView(await this.#attach(devicePath, options));
+  }
+
+  async #attach(devicePath: string, options: AttachOptions): Promise<Attachment> {
     const user = options.holder !== 'snapshot';
     this.checkAttach?.(devicePath);
     if (user) await this.beforeUserAttach?.(devicePath);

@@ -36,7 +36,7 @@ import { KeyedQueue } from './keyed-queue.js';
 import { controlSocketPath } from './paths.js';
 import { canonicalDevicePath } from './registry.js';
 import { copyRanges, RateLimit, type ByteRange, type CopyCounters } from './replica-copy.js';
-import type { SnapshotManager } from './snapshots.js';
+import type { SnapshotManager } from './snapshots/index.js';
 
 export const REPLICAS_FILE = 'replicas.json';
 /** After a failed sync the next try comes after this, doubled per failure, at most the replica's interval. */
