@@ -364,7 +364,7 @@ export class Daemon {
     if (!this.#registry.get(devicePath)) {
       throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap (mount it, snapshot it or serve it once first)`);
     }
-    const att = this.#table.attachment(devicePath);
+    const att = this.#table.use(devicePath);
     let sizeBytes = att?.file.size;
     if (sizeBytes === undefined) {
       const file = await FileDevice.open(devicePath, { readOnly: true, shared: true });

@@ -70,7 +70,7 @@ export interface UserPhase {
   readonly settle: (result: { dir: string | null } | { error: unknown }) => void;
 }
 
-export interface Attachment {
+interface Attachment {
   readonly devicePath: string;
   readonly file: FileDevice;
   /** Copy-before-write for the snapshots of this device. */
@@ -96,6 +96,17 @@ export interface AttachedDevice {
   readonly inSession: boolean;
   /** A user hold: settles when the phase it joined has ended and its session is durable (with its dir). */
   readonly ended: Promise<string | null> | undefined;
+}
+
+/** What the table tells of how an open device is used. */
+export interface DeviceUse {
+  readonly file: FileDevice;
+  /** Holds of users (NBD connections and mounts); 0 while only snapshots hold the device. */
+  readonly userHolds: number;
+  readonly connections: number;
+  readonly mount: MountInfo | undefined;
+  /** The session of the user phase, if one runs. */
+  readonly cow: CowDevice | undefined;
 }
 
 function attachedView(att: Attachment): AttachedDevice {
@@ -181,8 +192,11 @@ export class DeviceTable {
     };
   }
 
-  attachment(devicePath: string): Attachment | undefined {
-    return this.#attachments.get(devicePath);
+  /** How an open device is used now (a copy: the table alone changes it); undefined when it is not open. */
+  use(devicePath: string): DeviceUse | undefined {
+    const att = this.#attachments.get(devicePath);
+    if (!att) return undefined;
+    return { file: att.file, userHolds: att.userHolds, connections: att.connections, mount: att.mount, cow: att.phase?.cow };
   }
 
   /** The snapshot layer of an open device. Errors: EIO when it is not open. */
