@@ -1,24 +1,31 @@
 /**
  * One error class for the whole project. Callers branch on `code`, never on the message.
- * The table below maps every code to an NBD wire errno. On the command line and in logs the
+ * The table below lists every code with its NBD wire errno. On the command line and in logs the
  * message is shown as it is: each one already names what failed and, where there is one, what
  * to do about it, so there is no separate table of hints.
  */
 
-export type ErrorCode =
-  | 'EINVAL' // bad argument or request (wrong range, misaligned, malformed)
-  | 'ENOSPC' // no room: write past the end of a device, or a full disk
-  | 'EPERM' // operation not allowed (read-only export, not root)
-  | 'EIO' // the underlying device failed
-  | 'ENOTSUP' // the device cannot do this
-  | 'EBUSY' // the device is in use by someone else
-  | 'ENOENT' // no such device, export, session or file
-  | 'EPROTO' // the peer broke the NBD protocol; the connection cannot go on
-  | 'EAUTH' // wrong password
-  | 'ECORRUPT' // a store file failed a checksum or does not parse
-  | 'EMISMATCH' // restore: the device is not in the state the sessions expect
-  | 'ESESSION' // session failed (overflow) or in a state that forbids the operation
-  | 'ESHUTDOWN'; // the component is closing
+/**
+ * Every code, and the Linux errno it becomes on the NBD wire (the protocol defines them as
+ * such). The one list of codes: ErrorCode is its keys, so a new code is one line here.
+ */
+export const WIRE_ERRNO = {
+  EINVAL: 22, // bad argument or request (wrong range, misaligned, malformed)
+  ENOSPC: 28, // no room: write past the end of a device, or a full disk
+  EPERM: 1, // operation not allowed (read-only export, not root)
+  EIO: 5, // the underlying device failed
+  ENOTSUP: 95, // the device cannot do this
+  EBUSY: 5, // the device is in use by someone else
+  ENOENT: 5, // no such device, export, session or file (no such range on an export reads as an I/O error to the client)
+  EPROTO: 22, // the peer broke the NBD protocol; the connection cannot go on
+  EAUTH: 1, // wrong password
+  ECORRUPT: 5, // a store file failed a checksum or does not parse
+  EMISMATCH: 5, // restore: the device is not in the state the sessions expect
+  ESESSION: 5, // session failed (overflow) or in a state that forbids the operation
+  ESHUTDOWN: 108, // the component is closing
+} as const satisfies Record<string, number>;
+
+export type ErrorCode = keyof typeof WIRE_ERRNO;
 
 export class BdsnapError extends Error {
   readonly code: ErrorCode;
@@ -30,24 +37,7 @@ export class BdsnapError extends Error {
   }
 }
 
-/** Linux errno values used on the NBD wire (the protocol defines them as such). */
-export const WIRE_ERRNO: Record<ErrorCode, number> = {
-  EPERM: 1,
-  ENOENT: 5, // no such range on an export reads as an I/O error to the client
-  EIO: 5,
-  EBUSY: 5,
-  EINVAL: 22,
-  ENOSPC: 28,
-  ENOTSUP: 95,
-  EPROTO: 22,
-  EAUTH: 1,
-  ECORRUPT: 5,
-  EMISMATCH: 5,
-  ESESSION: 5,
-  ESHUTDOWN: 108,
-};
-
-/** Whether `code` is one of ours (WIRE_ERRNO has one entry for each, which the compiler checks). */
+/** Whether `code` is one of ours. */
 export function isErrorCode(code: string): code is ErrorCode {
   return Object.hasOwn(WIRE_ERRNO, code);
 }

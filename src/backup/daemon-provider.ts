@@ -5,10 +5,32 @@
  * image and includes writes made to the image itself.
  */
 
+import { BdsnapError } from '../errors.js';
 import { NbdClient } from '../nbd/client.js';
-import type { BdsnapClient } from '../service/client.js';
-import { nbdSocketPath } from '../service/paths.js';
-import type { Snapshot, SnapshotProvider } from './agent.js';
+import type { Repository } from '../repository/repository.js';
+import { BdsnapClient } from '../service/client.js';
+import { nbdSocketPath, resolveRunDir } from '../service/paths.js';
+import { backupDevices, type AgentOptions, type Snapshot, type SnapshotProvider } from './agent.js';
+import type { BackupSummary } from './create.js';
+
+/**
+ * `bdsnap backup create`: back `devices` up from one snapshot taken by the daemon of `runDir`
+ * (default: the usual run directory). Errors: the daemon cannot be reached (with what to know
+ * about it), or as backupDevices throws them.
+ */
+export async function backupThroughDaemon(repo: Repository, devices: string[], runDir: string | undefined, options: AgentOptions): Promise<BackupSummary> {
+  let client: BdsnapClient;
+  try {
+    client = await BdsnapClient.connect(runDir);
+  } catch (err) {
+    throw new BdsnapError((err as BdsnapError).code ?? 'ENOENT', `backup create takes snapshots through the daemon: ${(err as Error).message}`, { cause: err });
+  }
+  try {
+    return await backupDevices(repo, daemonSnapshotProvider(client, resolveRunDir(runDir)), devices, options);
+  } finally {
+    client.close();
+  }
+}
 
 export function daemonSnapshotProvider(client: BdsnapClient, runDir: string): SnapshotProvider {
   const socketPath = nbdSocketPath(runDir);

@@ -13,4 +13,5 @@ export {
   type AgentOptions, type ChangeMapPoint, type Snapshot, type SnapshotImage, type SnapshotProvider,
 } from './agent.js';
 export type { ByteRange } from './ranges.js';
-export { daemonSnapshotProvider } from './daemon-provider.js';
+export { daemonSnapshotProvider, backupThroughDaemon } from './daemon-provider.js';
+export { openBackupToServe, type ServedBackup } from './serve.js';

@@ -9,7 +9,7 @@
  * changed), so a lone 4 KiB write on a terabyte device is never lost in the rounding.
  */
 
-import type { ByteRange } from '../snapshot/change-map.js';
+import type { ByteRange } from '../snapshot/change-map/index.js';
 import { formatBytes } from '../units.js';
 
 export interface PictureOptions {

@@ -107,7 +107,7 @@ export class AsOfExports {
   async #openView(devicePath: string, mountTime: string): Promise<AsOfDevice> {
     const { table, snapshotRoot, log } = this.#options;
     const busy = (): BdsnapError | undefined => {
-      const att = table.attachment(devicePath);
+      const att = table.use(devicePath);
       if (!att || att.userHolds === 0) return undefined;
       const where = att.mount ? `mounted through bdsnap at ${att.mount.mountpoint}` : `open by ${att.connections} NBD client(s)`;
       return new BdsnapError('EBUSY', `${devicePath} is ${where}: its content is moving; an as-of view needs it still (unmount or disconnect first)`);

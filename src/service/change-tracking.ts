@@ -26,11 +26,11 @@ import type { MetaContextSource } from '../nbd/exports.js';
 import {
   describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp, sameIdentity, type DeviceStamp,
 } from '../host/device-stamp.js';
-import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type ChangeMapReset } from '../snapshot/change-map.js';
+import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type ChangeMapReset } from '../snapshot/change-map/index.js';
 import { escapeDevicePath } from '../snapshot/format.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from './keyed-queue.js';
-import type { SnapshotChangeTracking } from './snapshots.js';
+import type { SnapshotChangeTracking } from './snapshots/tracking.js';
 
 const CBT_DIR = 'cbt';
 

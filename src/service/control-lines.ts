@@ -5,10 +5,18 @@
  * without loading zod, which costs about as much as starting Node itself.
  */
 
-import { isErrorCode } from '../errors.js';
-import type { Response } from './control-protocol.js';
+import { isErrorCode, type ErrorCode } from '../errors.js';
 
 export const MAX_LINE_BYTES = 64 * 1024;
+
+export interface ErrorBody {
+  code: ErrorCode;
+  message: string;
+}
+
+export type Response =
+  | { id: number | null; ok: true; result: unknown }
+  | { id: number | null; ok: false; error: ErrorBody };
 
 /**
  * A response as the daemon sends it, or undefined when `value` (a parsed JSON line) is not

@@ -10,7 +10,6 @@
  */
 
 import { z } from 'zod';
-import type { ErrorCode } from '../errors.js';
 
 const MAX_PATH_CHARS = 4096;
 const MAX_PASSWORD_CHARS = 1024;
@@ -288,20 +287,11 @@ export interface CbtInfo {
   number: number;
 }
 
-export interface ErrorBody {
-  code: ErrorCode;
-  message: string;
-}
-
-export type Response =
-  | { id: number | null; ok: true; result: unknown }
-  | { id: number | null; ok: false; error: ErrorBody };
-
 export const PROTOCOL_VERSION = 1;
 
-// The response check and the line framing live in ./control-lines.ts, without zod, so that
-// client commands start without loading it.
-export { LineDecoder, MAX_LINE_BYTES, parseResponse, type LineEvent } from './control-lines.js';
+// The responses, their check and the line framing live in ./control-lines.ts, without zod, so
+// that client commands start without loading it.
+export { LineDecoder, MAX_LINE_BYTES, parseResponse, type ErrorBody, type LineEvent, type Response } from './control-lines.js';
 
 // --- snapshots and events -------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { FileDevice } from '../device/file-device.js';
 import { BdsnapError } from '../errors.js';
-import type { ChangeMapInfo } from '../snapshot/change-map.js';
+import type { ChangeMapInfo } from '../snapshot/change-map/index.js';
 import type { ExportHandle, ExportProvider } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
 import type { NbdTls } from '../nbd/tls.js';
@@ -50,7 +50,7 @@ import { AsOfExports } from './as-of-exports.js';
 import { InstantRestores, type SourceOpener } from './instant-restore.js';
 import { Repository, openBackupDevices, openRepoStore } from '../repository/index.js';
 import { RepoLock } from '../repository/lock.js';
-import { SnapshotManager } from './snapshots.js';
+import { SnapshotManager } from './snapshots/index.js';
 import { ReplicaManager } from './replicas.js';
 import { ReplicaStandby } from './replica-standby.js';
 
@@ -364,7 +364,7 @@ export class Daemon {
     if (!this.#registry.get(devicePath)) {
       throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap (mount it, snapshot it or serve it once first)`);
     }
-    const att = this.#table.attachment(devicePath);
+    const att = this.#table.use(devicePath);
     let sizeBytes = att?.file.size;
     if (sizeBytes === undefined) {
       const file = await FileDevice.open(devicePath, { readOnly: true, shared: true });

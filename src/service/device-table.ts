@@ -29,7 +29,7 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import { CowDevice, type SessionSummary as CowSessionSummary } from '../snapshot/cow-device.js';
 import { DEFAULT_CHUNK_SIZE } from '../snapshot/format.js';
-import { TrackingDevice } from '../snapshot/change-map.js';
+import { TrackingDevice } from '../snapshot/change-map/index.js';
 import { SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import type { ChangeTracker } from './change-tracking.js';
 import type { DeviceStatus } from './control-protocol.js';
@@ -70,7 +70,7 @@ export interface UserPhase {
   readonly settle: (result: { dir: string | null } | { error: unknown }) => void;
 }
 
-export interface Attachment {
+interface Attachment {
   readonly devicePath: string;
   readonly file: FileDevice;
   /** Copy-before-write for the snapshots of this device. */
@@ -80,6 +80,37 @@ export interface Attachment {
   snapshotHolds: number;
   connections: number;
   mount: MountInfo | undefined;
+}
+
+/**
+ * What a holder gets from attach(): the device as it was opened, read-only to the holder (the
+ * table alone counts holds and starts and ends user phases).
+ */
+export interface AttachedDevice {
+  readonly devicePath: string;
+  readonly sizeBytes: number;
+  readonly file: FileDevice;
+  /** Copy-before-write for the snapshots of this device. */
+  readonly layer: SnapshotLayer;
+  /** A user hold: whether the phase it joined runs a session. */
+  readonly inSession: boolean;
+  /** A user hold: settles when the phase it joined has ended and its session is durable (with its dir). */
+  readonly ended: Promise<string | null> | undefined;
+}
+
+/** What the table tells of how an open device is used. */
+export interface DeviceUse {
+  readonly file: FileDevice;
+  /** Holds of users (NBD connections and mounts); 0 while only snapshots hold the device. */
+  readonly userHolds: number;
+  readonly connections: number;
+  readonly mount: MountInfo | undefined;
+  /** The session of the user phase, if one runs. */
+  readonly cow: CowDevice | undefined;
+}
+
+function attachedView(att: Attachment): AttachedDevice {
+  return { devicePath: att.devicePath, sizeBytes: att.file.size, file: att.file, layer: att.layer, inSession: att.phase?.cow !== undefined, ended: att.phase?.ended };
 }
 
 function endSignal(): Pick<UserPhase, 'ended' | 'settle'> {
@@ -144,7 +175,7 @@ export class DeviceTable {
       const file = await FileDevice.open(name, { readOnly: true, shared: true });
       return { name, device: file, release: () => file.close() };
     }
-    const att = await this.attach(name, { holder: 'connection' });
+    const att = await this.#attach(name, { holder: 'connection' });
     const phase = att.phase;
     if (!phase) throw new BdsnapError('EIO', `${name} has no user phase after attach`);
     att.connections++;
@@ -161,8 +192,23 @@ export class DeviceTable {
     };
   }
 
-  attachment(devicePath: string): Attachment | undefined {
-    return this.#attachments.get(devicePath);
+  /** How an open device is used now (a copy: the table alone changes it); undefined when it is not open. */
+  use(devicePath: string): DeviceUse | undefined {
+    const att = this.#attachments.get(devicePath);
+    if (!att) return undefined;
+    return { file: att.file, userHolds: att.userHolds, connections: att.connections, mount: att.mount, cow: att.phase?.cow };
+  }
+
+  /** The snapshot layer of an open device. Errors: EIO when it is not open. */
+  snapshotLayer(devicePath: string): SnapshotLayer {
+    const att = this.#attachments.get(devicePath);
+    if (!att) throw new BdsnapError('EIO', `${devicePath} is not open`);
+    return att.layer;
+  }
+
+  /** While a user phase runs on the device: settles when it has ended (with its session dir). */
+  phaseEnded(devicePath: string): Promise<string | null> | undefined {
+    return this.#attachments.get(devicePath)?.phase?.ended;
   }
 
   isAttached(devicePath: string): boolean {
@@ -179,7 +225,11 @@ export class DeviceTable {
   checkAttach: ((devicePath: string) => void) | undefined;
 
   /** Take a hold on the device, opening it for the first holder and starting a user phase for the first user. */
-  async attach(devicePath: string, options: AttachOptions): Promise<Attachment> {
+  async attach(devicePath: string, options: AttachOptions): Promise<AttachedDevice> {
+    return attachedView(await this.#attach(devicePath, options));
+  }
+
+  async #attach(devicePath: string, options: AttachOptions): Promise<Attachment> {
     const user = options.holder !== 'snapshot';
     this.checkAttach?.(devicePath);
     if (user) await this.beforeUserAttach?.(devicePath);

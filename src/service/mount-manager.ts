@@ -20,7 +20,7 @@ import type { DeviceTable } from './device-table.js';
 import { isMountpoint } from '../host/mountinfo.js';
 import { attachAndMount, flushFilesystem, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
-import { SnapshotManager, type ImageMount } from './snapshots.js';
+import { SnapshotManager, type ImageMount } from './snapshots/index.js';
 import { parseAsOfName } from './as-of-exports.js';
 import type { ExportHandle } from '../nbd/exports.js';
 
@@ -177,12 +177,12 @@ export class MountManager {
     } catch (err) {
       table.setMount(devicePath, undefined);
       await table.detach(devicePath, 'mount');
-      await att.phase?.ended.catch(() => undefined);
+      await att.ended?.catch(() => undefined);
       throw err;
     }
     table.setMount(devicePath, { mountpoint, loopDevice: attached.blockDevice });
     await this.#record(mountpoint, { exportName: devicePath, devicePath, attached });
-    const inSession = att.phase?.cow !== undefined;
+    const inSession = att.inSession;
     log.info({ event: 'mount', device: devicePath, mountpoint, blockDevice: attached.blockDevice, via: attached.via, session: inSession }, 'device mounted');
     return { device: devicePath, mountpoint, loopDevice: attached.blockDevice, inSession };
   }
@@ -232,7 +232,7 @@ export class MountManager {
   /** Unmount, detach, drop the mount's hold, and wait until the session is closed and durable. */
   async #end(mountpoint: string, record: MountRecord): Promise<string | null> {
     const { table, log } = this.#options;
-    const phase = record.devicePath !== null ? table.attachment(record.devicePath)?.phase : undefined;
+    const ended = record.devicePath !== null ? table.phaseEnded(record.devicePath) : undefined;
     try {
       await unmountAndDetach(record.attached);
     } catch (err) {
@@ -248,14 +248,14 @@ export class MountManager {
     }
     table.setMount(record.devicePath, undefined);
     await table.detach(record.devicePath, 'mount');
-    if (!phase) return null;
+    if (!ended) return null;
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_resolve, reject) => {
       timer = setTimeout(() => reject(new BdsnapError('EBUSY',
         `${mountpoint} is unmounted, but other NBD clients still hold ${record.devicePath}; its session ends when they disconnect`)), this.#options.detachTimeoutMs);
     });
     try {
-      const sessionDir = await Promise.race([phase.ended, timeout]);
+      const sessionDir = await Promise.race([ended, timeout]);
       log.info({ event: 'umount', device: record.devicePath, mountpoint, sessionDir }, 'device unmounted');
       return sessionDir;
     } finally {

@@ -163,10 +163,10 @@ export class ReplicaStandby {
       const record = this.#pendingRecord(id, token);
       const pending = record.pending!;
       for (const devicePath of record.devices) {
-        const att = this.#options.table.attachment(devicePath);
+        const att = this.#options.table.use(devicePath);
         // Without the sender's connection the sync's writes are not all known to be there.
         if (!att || att.userHolds === 0) throw new BdsnapError('ESESSION', `${devicePath} was let go before the commit: the sync is undone`);
-        const cow = att.phase?.cow;
+        const cow = att.cow;
         if (!cow) throw new BdsnapError('ESESSION', `${devicePath} is written outside a session on the standby: the sync cannot be kept`);
         if (cow.state === 'failed') throw new BdsnapError('ESESSION', `the standby's session of ${devicePath} failed (its storage is full?): the sync is not kept`);
       }

@@ -33,10 +33,10 @@ import { BdsnapClient } from './client.js';
 import type { ReplicaInfo, ReplicaSyncSummary, SnapshotImageInfo } from './control-protocol.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from './keyed-queue.js';
-import { controlSocketPath } from './paths.js';
+import { NBD_SOCKET, controlSocketPath } from './paths.js';
 import { canonicalDevicePath } from './registry.js';
 import { copyRanges, RateLimit, type ByteRange, type CopyCounters } from './replica-copy.js';
-import type { SnapshotManager } from './snapshots.js';
+import type { SnapshotManager } from './snapshots/index.js';
 
 export const REPLICAS_FILE = 'replicas.json';
 /** After a failed sync the next try comes after this, doubled per failure, at most the replica's interval. */
@@ -477,7 +477,7 @@ export class ReplicaManager {
  * its syncs can go inside sessions there. Anything else is taken as a plain NBD server.
  */
 function standbyOf(endpoint: TargetEndpoint): string | null {
-  if (!('socketPath' in endpoint) || path.basename(endpoint.socketPath) !== 'nbd.sock') return null;
+  if (!('socketPath' in endpoint) || path.basename(endpoint.socketPath) !== NBD_SOCKET) return null;
   const runDir = path.dirname(endpoint.socketPath);
   return fs.existsSync(controlSocketPath(runDir)) ? runDir : null;
 }

@@ -19,4 +19,4 @@ export { SnapshotLayer, SnapshotImage } from './snapshot-layer.js';
 export {
   ChangeMap, FrozenChangeMap, TrackingDevice, dirtyBitmapContextName, trackingBlockSize, DIRTY_BITMAP_CHANGED,
   type ChangeMapOptions, type ChangeMapReset, type ChangeMapResetReason, type ChangeMapInfo, type DeviceStamp, type ByteRange,
-} from './change-map.js';
+} from './change-map/index.js';

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
 import { traceMark } from '../../src/host/fs-trace.js';
-import { ChangeMap, TrackingDevice, trackingBlockSize } from '../../src/snapshot/change-map.js';
+import { ChangeMap, TrackingDevice, trackingBlockSize } from '../../src/snapshot/change-map/index.js';
 import { CrashRecorder, type Recording } from '../helpers/crash-recorder.js';
 import { exploreCrashStates, materialize, type CrashState } from '../helpers/crash-states.js';
 import { checkEachState, type CheckedRun, type Outcome } from './session-workload.js';

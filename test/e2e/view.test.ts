@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { startServe } from '../../src/cli/commands/serve.js';
+import { startServe } from '../../src/service/serve.js';
 import { BdsnapError } from '../../src/errors.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { NbdServer } from '../../src/nbd/server.js';

@@ -11,7 +11,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import * as C from '../../src/nbd/constants.js';
 import { encodeClientFlags, encodeMetaContextData, encodeOption, encodeRequest } from '../../src/nbd/encoders.js';
 import type { MetaContextSource } from '../../src/nbd/exports.js';
-import { FrozenChangeMap, dirtyBitmapContextName } from '../../src/snapshot/change-map.js';
+import { FrozenChangeMap, dirtyBitmapContextName } from '../../src/snapshot/change-map/index.js';
 import { nbdshEnv, requireTool, run } from '../helpers/process.js';
 import { nbdUri } from '../helpers/server.js';
 import { RawPeer, serveImage } from './helpers.js';

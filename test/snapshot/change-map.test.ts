@@ -14,7 +14,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import fc from 'fast-check';
 import type { BlockDevice, Extent } from '../../src/device/block-device.js';
-import { ChangeMap, FrozenChangeMap, TrackingDevice, trackingBlockSize, type ByteRange, type DeviceStamp } from '../../src/snapshot/change-map.js';
+import { ChangeMap, FrozenChangeMap, TrackingDevice, trackingBlockSize, type ByteRange, type DeviceStamp } from '../../src/snapshot/change-map/index.js';
 import { makeImage } from '../helpers/files.js';
 import { tempDir } from './helpers.js';
 

@@ -15,18 +15,17 @@ import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import {
-  CODEC_CHOICES, Repository, openRepoStore, parseRepoLocation, backupDevices, copyBackups, daemonSnapshotProvider, hostOf, openBackupDevices, parseDataSubset, restoreBackup, verifyRepository,
+  CODEC_CHOICES, Repository, openRepoStore, parseRepoLocation, backupThroughDaemon, copyBackups, hostOf, openBackupToServe, parseDataSubset, restoreBackup, verifyRepository,
   type BackupSummary, type ObjectStore, type ProgressSink,
 } from '../../backup/index.js';
 import { registerForget } from './backup-forget.js';
-import { RepoLock } from '../../repository/lock.js';
 import { promptHidden } from '../password-input.js';
-import { BdsnapClient, withClient } from '../../service/client.js';
-import { resolveRunDir } from '../../service/paths.js';
+import { withClient } from '../../service/client.js';
 import { formatBytes, parseBytes } from '../../units.js';
 import { formatTable } from './status.js';
 import { RUN_DIR_HELP } from './client-options.js';
-import { addTlsOptions, checkTcpPolicy, listenOn, parseListen, printWarnings, serveInForeground, tlsSettings, type TlsCliOptions } from './serve.js';
+import { checkTcpPolicy, listenOn } from '../../nbd/listen.js';
+import { addTlsOptions, parseListen, printWarnings, serveInForeground, tlsSettings, type TlsCliOptions } from './serve.js';
 import { loadTls } from '../../nbd/tls.js';
 
 interface RepoFlags {
@@ -181,28 +180,20 @@ export function register(program: Command): void {
     .action(async (devices: string[], flags: RepoFlags & { full?: boolean; host?: string; runDir?: string }) => {
       const host = hostOf(flags);
       const repo = await openRepo(flags);
-      let client: BdsnapClient;
-      try {
-        client = await BdsnapClient.connect(flags.runDir);
-      } catch (err) {
-        throw new BdsnapError((err as BdsnapError).code ?? 'ENOENT', `backup create takes snapshots through the daemon: ${(err as Error).message}`, { cause: err });
-      }
       const bar = progressBar('backing up', flags.json);
+      let summary;
       try {
-        const provider = daemonSnapshotProvider(client, resolveRunDir(flags.runDir));
-        const summary = await withInterrupt((signal) => backupDevices(repo, provider, devices, {
+        summary = await withInterrupt((signal) => backupThroughDaemon(repo, devices, flags.runDir, {
           full: flags.full, host, signal, progress: bar.sink,
           onPlan: (plans) => {
             if (!flags.json) for (const p of plans) process.stderr.write(`${p.device}: ${p.kind} backup (${p.why})\n`);
           },
         }));
-        bar.stop();
-        if (flags.json) printJson(summary);
-        else process.stdout.write(formatCreate(summary));
       } finally {
         bar.stop();
-        client.close();
       }
+      if (flags.json) printJson(summary);
+      else process.stdout.write(formatCreate(summary));
     });
 
   repoOption(backup.command('list').description('backups, oldest first'))
@@ -310,12 +301,7 @@ Example:
       await serveInForeground(async () => {
         const tls = await loadTls(tlsSettings(flags));
         if (listen) checkTcpPolicy(listen, tls, flags.insecureTcp ?? false, 'read the backup');
-        // Held like a running backup's while it serves: prune must not delete the packs it reads.
-        const lock = await RepoLock.acquire(repo.store, 'create');
-        const opened = await openBackupDevices(repo, id).catch(async (err: unknown) => {
-          await lock.release();
-          throw err;
-        });
+        const opened = await openBackupToServe(repo, id);
         try {
           const { server, endpoints } = await listenOn(opened.devices, { ...(socketPath !== undefined ? { socketPath } : {}), ...(listen ? { listen } : {}), log: printWarnings }, tls);
           return {
@@ -323,12 +309,10 @@ Example:
             stop: async () => {
               await server.close();
               await opened.close();
-              await lock.release();
             },
           };
         } catch (err) {
           await opened.close();
-          await lock.release();
           throw err;
         }
       }, listen, 'read the backup');

@@ -5,7 +5,8 @@ import { DEFAULT_RUN_DIR, RUN_DIR_ENV, resolveRunDir } from '../../service/paths
 import { BdsnapError } from '../../errors.js';
 import { parseBytes } from '../../units.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
-import { addTlsOptions, checkTcpPolicy, parseListen, plainTcpWarning, tlsSettings, type TlsCliOptions } from './serve.js';
+import { checkTcpPolicy, plainTcpWarning } from '../../nbd/listen.js';
+import { addTlsOptions, parseListen, tlsSettings, type TlsCliOptions } from './serve.js';
 import { loadTls } from '../../nbd/tls.js';
 
 const DEFAULT_STATE_DIR = '/var/lib/bdsnap';

@@ -10,79 +10,20 @@
  * holds them), or, without it, when asked for by name with --insecure-tcp, and then announced
  * on stderr. `--tls on` lets a client choose plaintext, so it counts as plain TCP here.
  *
- * The logic lives in startServe() so other code can run the same server and wrap each
- * device in another layer (copy-before-write, say) before it is served.
+ * The server itself is startServe() (src/service/serve.ts); this module parses and prints.
  */
 
-import fs from 'node:fs';
-import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
-import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
-import { NbdServer, type NbdServerOptions } from '../../nbd/server.js';
-import type { ServeWorkerExport } from './serve-worker.js';
-import { loadTls, TLS_MODES, type NbdTls, type TlsMode, type TlsSettings } from '../../nbd/tls.js';
-import { StaticExports, type StaticExport } from '../../nbd/static-exports.js';
+import { plainTcpWarning } from '../../nbd/listen.js';
+import { TLS_MODES, type TlsMode, type TlsSettings } from '../../nbd/tls.js';
+import { startServe, type RunningServe, type ServeOptions } from '../../service/serve.js';
 import { CowDevice, type SessionEvent, type SessionOptions } from '../../snapshot/index.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
 
 export const DEFAULT_SOCKET = 'bdsnap.sock';
-
-export interface ServeOptions {
-  images: string[];
-  /** Unix socket path; undefined means none (then `listen` must be given). */
-  socketPath?: string;
-  /** TCP listener; refused unless TLS is required or `insecureTcp`. */
-  listen?: { host: string; port: number };
-  /** Accept TCP that a client may use without TLS: anyone who can connect can read and write the exports. */
-  insecureTcp?: boolean;
-  /** TLS on every listener (credentials are read and checked before anything is opened). */
-  tls?: TlsSettings;
-  readOnly?: boolean;
-  /** Wrap each opened device before it is served. */
-  wrap?: (device: BlockDevice, devicePath: string) => BlockDevice;
-  log?: (event: Record<string, unknown>) => void;
-}
-
-export interface RunningServe {
-  server: NbdServer;
-  /** Export names, in order (the first is the default). */
-  exportNames: string[];
-  /** Where it listens, e.g. `unix:/run/x.sock` and `tcp:127.0.0.1:10809`. */
-  endpoints: string[];
-  /** TLS as loaded, or undefined when off. */
-  tls: NbdTls | undefined;
-  /** Finish requests in flight, flush, close every device. */
-  stop(): Promise<void>;
-}
-
-/** Who can reach a TCP listener on `host`: a loopback address is still open to every local user. */
-export function whoCanConnect(host: string): string {
-  const loopback = host === 'localhost' || host === '::1' || (net.isIPv4(host) && host.startsWith('127.'));
-  return loopback ? 'every local user' : `every host that can reach ${host.includes(':') ? `[${host}]` : host} (and every local user)`;
-}
-
-/**
- * TCP is served with TLS required, or else only when plaintext was accepted by name: `--tls on`
- * lets a client skip TLS, so it counts as plaintext here.
- */
-export function checkTcpPolicy(listen: { host: string; port: number }, tls: NbdTls | undefined, insecureTcp: boolean, what: string): void {
-  if (tls?.mode === 'require' || insecureTcp) return;
-  const how = tls ? 'with --tls on a client may skip TLS, so' : 'without TLS';
-  throw new BdsnapError('EINVAL',
-    `refusing plain TCP on ${listen.host}:${listen.port}: ${how} ${whoCanConnect(listen.host)} could read and write ${what}; `
-    + 'give --tls-certificates DIR or --tls-psk FILE (TLS required), pass --insecure-tcp to accept that, or use the unix socket');
-}
-
-/** The warning printed when TCP is served without TLS required, or undefined when it is. */
-export function plainTcpWarning(endpoint: string, host: string, tls: NbdTls | undefined, what: string): string | undefined {
-  if (tls?.mode === 'require') return undefined;
-  const without = tls ? 'with TLS optional (--tls on) and no other authentication' : 'without TLS or authentication';
-  return `plain TCP on ${endpoint}, ${without}: ${whoCanConnect(host)} can connect and ${what}`;
-}
 
 /** Parse `HOST:PORT`, `[V6]:PORT` or a bare `PORT` (which means 127.0.0.1). */
 export function parseListen(text: string): { host: string; port: number } {
@@ -90,30 +31,6 @@ export function parseListen(text: string): { host: string; port: number } {
   const port = m ? Number(m[3]) : NaN;
   if (!m || port > 65535) throw new BdsnapError('EINVAL', `bad --listen "${text}": expected HOST:PORT or PORT`);
   return { host: m[1] ?? (m[2] || '127.0.0.1'), port };
-}
-
-/** An NBD server of `exports` listening where `where` says (TLS as loaded). */
-export async function listenOn(
-  exports: StaticExport[], where: { socketPath?: string; listen?: { host: string; port: number }; log?: (event: Record<string, unknown>) => void }, tls: NbdTls | undefined,
-  threads?: NbdServerOptions['threads'],
-): Promise<{ server: NbdServer; endpoints: string[] }> {
-  const server = new NbdServer({ exports: new StaticExports(exports), log: where.log, ...(threads !== undefined ? { threads } : {}) });
-  const endpoints: string[] = [];
-  try {
-    if (where.socketPath !== undefined) {
-      const socketPath = path.resolve(where.socketPath);
-      await server.listenUnix(socketPath, tls);
-      endpoints.push(`unix:${socketPath}`);
-    }
-    if (where.listen) {
-      const { port } = await server.listenTcp(where.listen.host, where.listen.port, tls);
-      endpoints.push(`tcp:${where.listen.host}:${port}`);
-    }
-  } catch (err) {
-    await server.close();
-    throw err;
-  }
-  return { server, endpoints };
 }
 
 /**
@@ -154,71 +71,6 @@ export async function serveInForeground(start: () => Promise<RunningServe>, list
   }
 }
 
-/** Most threads plain image files are served on (beyond, the page cache's copies are the limit). */
-const MAX_SERVE_THREADS = 4;
-
-/**
- * Threads for plain images (no session: connections share nothing but the files), one per core
- * up to MAX_SERVE_THREADS; BDSNAP_NBD_THREADS sets the count (1: serve on the main thread).
- */
-function serveThreads(devices: FileDevice[]): NbdServerOptions['threads'] {
-  const asked = process.env.BDSNAP_NBD_THREADS;
-  const count = asked !== undefined && /^\d+$/.test(asked) ? Number(asked) : Math.min(os.availableParallelism(), MAX_SERVE_THREADS);
-  if (count <= 1) return undefined;
-  const exports: ServeWorkerExport[] = devices.map((d) => ({ name: d.path, identity: d.identity, readOnly: d.readOnly }));
-  return { count, script: new URL('./serve-worker.js', import.meta.url), exports };
-}
-
-export async function startServe(options: ServeOptions): Promise<RunningServe> {
-  if (options.images.length === 0) throw new BdsnapError('EINVAL', 'no image to serve');
-  if (options.socketPath === undefined && options.listen === undefined) throw new BdsnapError('EINVAL', 'no listener');
-  const tls = await loadTls(options.tls ?? {});
-  if (options.listen) checkTcpPolicy(options.listen, tls, options.insecureTcp ?? false, 'the images');
-  const opened: FileDevice[] = [];
-  const closeAll = async (): Promise<void> => {
-    await Promise.allSettled(opened.map((d) => d.close()));
-  };
-  try {
-    const exports: Array<{ name: string; device: BlockDevice }> = [];
-    for (const image of options.images) {
-      let real: string;
-      try {
-        real = await fs.promises.realpath(image);
-      } catch (err) {
-        throw new BdsnapError('ENOENT', `cannot open ${image}: no such file`, { cause: err });
-      }
-      if (exports.some((e) => e.name === real)) throw new BdsnapError('EINVAL', `${image} is given twice`);
-      // EBUSY (another server has it) says who holds it, and the CLI adds what frees it.
-      const device = await FileDevice.open(real, { readOnly: options.readOnly ?? false });
-      opened.push(device);
-      exports.push({ name: real, device: options.wrap ? options.wrap(device, real) : device });
-    }
-    const { server, endpoints } = await listenOn(exports, options, tls, options.wrap === undefined ? serveThreads(opened) : undefined);
-    let stopping: Promise<void> | undefined;
-    return {
-      server,
-      exportNames: exports.map((e) => e.name),
-      endpoints,
-      tls,
-      stop: () => {
-        stopping ??= (async () => {
-          await server.close();
-          const served = exports.map((e) => e.device);
-          // Flushed even when no client ever connected; wrapping layers first, so what they
-          // write below lands before the files are synced and closed.
-          await Promise.allSettled(served.map((d) => d.flush()));
-          await Promise.allSettled(served.filter((d) => !opened.includes(d as FileDevice)).map((d) => d.close()));
-          await Promise.allSettled(opened.map((d) => d.flush()));
-          await closeAll();
-        })();
-        return stopping;
-      },
-    };
-  } catch (err) {
-    await closeAll();
-    throw err;
-  }
-}
 
 export function register(program: Command): void {
   const base = program

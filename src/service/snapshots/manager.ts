@@ -1,21 +1,7 @@
 /**
- * Snapshots of live devices on demand: the registry of snapshots, the barrier that takes one
- * point in time across several devices, their difference storage and their image exports.
- *
- * Take, in this order (each step undone if a later one fails, so a failed create leaves
- * nothing behind):
- *   1. check the request (devices exist, no duplicates, storage is a directory that is not on
- *      one of the devices) and hold every device open (a snapshot hold, not a user);
- *   2. create the difference storage and write the snapshot's record with state 'creating',
- *      so a daemon killed from here on finds and removes the leftovers at its next start;
- *   3. freeze the filesystems the daemon mounted (unless --no-freeze): that flushes their
- *      dirty data through this daemon, so it must come before the barrier;
- *   4. the barrier: hold new modifying requests on every device and wait for those in
- *      flight, add a point on every device, move the change maps on (in memory), release,
- *      then save the change maps' frozen views (no file is synced while writes are held). A write
- *      acknowledged before this step is in every image; a write that had not reached a
- *      device's layer is in no image. The held time is the stall writers see, and is reported;
- *   5. thaw (always), then record the snapshot as 'ok'.
+ * Snapshots of live devices on demand: the registry of snapshots the daemon serves, their
+ * take (take.ts), their images' exports (image-export.ts), their records (record.ts), and
+ * putting them back after a restart.
  *
  * Images are exports named `<device path>@<id>`. They are writable; writes go to the
  * snapshot's storage only. When the storage overflows or fails, the snapshot is marked so
@@ -35,109 +21,29 @@
  * destroy decides, the images take no new client, so none slips in between check and teardown.
  */
 
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { z } from 'zod';
 import type { Logger } from 'pino';
-import type { Extent } from '../device/block-device.js';
-import { PassThroughDevice } from '../device/pass-through.js';
-import { BdsnapError, toBdsnapError } from '../errors.js';
-import { formatBytes } from '../units.js';
-import type { ExportHandle, MetaContextSource } from '../nbd/exports.js';
-import { DiffStorage, type DiffStorageEvent } from '../snapshot/diff-storage.js';
-import type { SnapshotImage, SnapshotLayer } from '../snapshot/snapshot-layer.js';
-import { writeFileAtomic } from '../host/atomic-file.js';
-import { describeIdentity, sameIdentity, stampIdentitySchema } from '../host/device-stamp.js';
-import { removePath } from '../host/fd-io.js';
-import { ensurePrivateDir } from '../host/private-dir.js';
-import type { SnapshotInfo } from './control-protocol.js';
-import type { Attachment, DeviceTable } from './device-table.js';
-import type { EventLog } from './events.js';
-import { withFrozen } from './freeze.js';
-import { nbdUnixUri } from './mount.js';
-import { canonicalDevicePath, type Registry } from './registry.js';
+import { BdsnapError } from '../../errors.js';
+import { formatBytes } from '../../units.js';
+import type { ExportHandle } from '../../nbd/exports.js';
+import { DiffStorage, type DiffStorageEvent } from '../../snapshot/diff-storage.js';
+import { describeIdentity, sameIdentity } from '../../host/device-stamp.js';
+import { removePath } from '../../host/fd-io.js';
+import { ensurePrivateDir } from '../../host/private-dir.js';
+import type { SnapshotInfo } from '../control-protocol.js';
+import type { AttachedDevice, DeviceTable } from '../device-table.js';
+import type { EventLog } from '../events.js';
+import { nbdUnixUri } from '../mount.js';
+import type { Registry } from '../registry.js';
+import { addImage, type LiveImage, type LiveSnapshot } from './live.js';
+import { imageExportName, parseImageName, readRecord, SNAPSHOTS_DIR, writeRecord, type SnapshotRecord } from './record.js';
+import { checkStorageDir, takeSnapshot, type CreateSnapshotOptions } from './take.js';
+import type { SnapshotChangeTracking } from './tracking.js';
 
-const SNAPSHOTS_DIR = 'snapshots';
-const RECORD_FILE = 'snapshot.json';
-const ID_PATTERN = /^[0-9a-z]{6,40}$/;
-const RECORD_VERSION = 1;
 /** How long start-up waits in all for devices another process still holds (a lock that may clear). */
 const BUSY_DEVICE_WAIT_MS = 5000;
 const BUSY_DEVICE_RETRY_MS = 100;
-
-const recordSchema = z.object({
-  version: z.literal(RECORD_VERSION),
-  id: z.string().regex(ID_PATTERN),
-  state: z.enum(['creating', 'ok', 'overflowed', 'failed']),
-  reason: z.string().nullable(),
-  createdAt: z.string(),
-  chunkSize: z.number().int().positive(),
-  durability: z.enum(['process', 'strict']),
-  storage: z.object({ dirs: z.array(z.string().min(1)).min(1), limitBytes: z.number().int().positive().nullable() }),
-  devices: z.array(z.object({
-    path: z.string().min(1),
-    key: z.number().int().nonnegative(),
-    sizeBytes: z.number().int().nonnegative(),
-    cbt: z.object({ generation: z.string(), number: z.number().int() }).nullable(),
-    /** What the device was at the take; absent in records written before it was kept. */
-    identity: stampIdentitySchema.optional(),
-  })).min(1),
-  frozen: z.array(z.string()),
-  stallMs: z.number().nonnegative(),
-}).strict();
-
-export type SnapshotRecord = z.infer<typeof recordSchema>;
-
-export interface CreateSnapshotOptions {
-  storageDir?: string;
-  limitBytes?: number;
-  freeze?: boolean;
-}
-
-/** What the change tracker does for snapshots; absent where tracking is off. */
-export interface SnapshotChangeTracking {
-  /**
-   * Under the barrier: keep the device map's frozen view for this snapshot and move the device
-   * to the next number. In memory only, so the barrier holds writes no longer than it must.
-   */
-  take(devicePath: string, dir: string, key: number): { generation: string; number: number } | null;
-  /**
-   * After the barrier: save the frozen view in `dir`. A daemon killed before this finds the
-   * snapshot still 'creating' at its next start and removes it, so no saved snapshot lacks it.
-   */
-  persist(dir: string, key: number): Promise<void>;
-  /** After a restart: the frozen view of an existing snapshot (null if it is gone). */
-  load(devicePath: string, dir: string, key: number): Promise<void>;
-  /** An image write: mark the device map and the snapshot's frozen view. */
-  imageWrite(devicePath: string, dir: string, key: number, offsetBytes: number, lengthBytes: number): void | Promise<void>;
-  /** Ranges changed in the frozen view since `since` of `generation`; null when it cannot tell. */
-  frozenChangedSince(dir: string, key: number, generation: string, since: number): Array<{ offsetBytes: number; lengthBytes: number }> | null;
-  /** The qemu:dirty-bitmap contexts an image offers. */
-  contexts(devicePath: string, dir: string, key: number): MetaContextSource[];
-  /** The snapshot is gone: forget its frozen views. */
-  forget(dir: string): void;
-}
-
-interface LiveImage {
-  device: string;
-  key: number;
-  layer: SnapshotLayer;
-  image: SnapshotImage;
-  exported: ImageExport;
-  /** Export handles open on this image (NBD connections, a bdsnap mount's among them). */
-  connections: number;
-}
-
-interface LiveSnapshot {
-  record: SnapshotRecord;
-  dir: string;
-  storage: DiffStorage;
-  images: LiveImage[];
-  destroying: boolean;
-  /** A destroy is deciding: no new client may open an image (I/O of those open goes on). */
-  closing: boolean;
-}
 
 /** A bdsnap mount of an image, as the mount manager reports it. */
 export interface ImageMount {
@@ -195,7 +101,7 @@ export class SnapshotManager {
   }
 
   exportNames(): string[] {
-    return [...this.#snapshots.values()].flatMap((s) => s.images.map((i) => `${i.device}@${s.record.id}`));
+    return [...this.#snapshots.values()].flatMap((s) => s.images.map((i) => imageExportName(i.device, s.record.id)));
   }
 
   /** The export of an image name `<device>@<id>`, or undefined when it is not one. */
@@ -226,9 +132,7 @@ export class SnapshotManager {
 
   /** The device and snapshot id of an image name `<path>@<id>`; undefined when it is not one. */
   static parseImageName(name: string): { device: string; id: string } | undefined {
-    const at = name.lastIndexOf('@');
-    const id = name.slice(at + 1);
-    return at > 0 && ID_PATTERN.test(id) ? { device: name.slice(0, at), id } : undefined;
+    return parseImageName(name);
   }
 
   list(): SnapshotInfo[] {
@@ -265,7 +169,7 @@ export class SnapshotManager {
       }
       let dir: string | undefined;
       if (options.storageDir !== undefined) {
-        dir = await this.#checkStorageDir(options.storageDir, snapshot.images.map((i) => i.device));
+        dir = await checkStorageDir(options.storageDir, snapshot.images.map((i) => i.device), this.#options.mountpointOf);
         if (snapshot.record.storage.dirs.includes(dir)) throw new BdsnapError('EINVAL', `${dir} is already a storage directory of snapshot ${id}`);
       }
       await snapshot.storage.extend({
@@ -325,7 +229,7 @@ export class SnapshotManager {
       const dir = path.join(this.#root, name);
       let record: SnapshotRecord;
       try {
-        record = recordSchema.parse(JSON.parse(await fs.promises.readFile(path.join(dir, RECORD_FILE), 'utf8')));
+        record = await readRecord(dir);
       } catch (err) {
         this.#options.log.error({ event: 'snapshot-record-unreadable', dir, reason: (err as Error).message },
           'a snapshot record does not parse; left in place for inspection (remove the directory to drop it)');
@@ -383,7 +287,7 @@ export class SnapshotManager {
   }
 
   /** Attach a device for a snapshot, waiting until `deadline` while another process holds it. */
-  async #attachWhenFree(devicePath: string, deadline: number): Promise<Attachment> {
+  async #attachWhenFree(devicePath: string, deadline: number): Promise<AttachedDevice> {
     for (;;) {
       try {
         return await this.#options.table.attach(devicePath, { holder: 'snapshot' });
@@ -404,106 +308,22 @@ export class SnapshotManager {
     }
     this.#snapshots.clear();
   }
-
-  async #create(devicesArg: string[], options: CreateSnapshotOptions): Promise<SnapshotInfo> {
-    const { table, registry, events, log } = this.#options;
-    if (devicesArg.length === 0) throw new BdsnapError('EINVAL', 'snapshot create needs at least one device');
-    const devices: string[] = [];
-    for (const d of devicesArg) {
-      const devicePath = await canonicalDevicePath(d);
-      if (devices.includes(devicePath)) throw new BdsnapError('EINVAL', `${devicePath} is named twice`);
-      devices.push(devicePath);
-    }
-    const id = newSnapshotId();
-    const dir = path.join(this.#root, id);
-    const storageDir = options.storageDir !== undefined ? await this.#checkStorageDir(options.storageDir, devices) : dir;
-    const freeze = options.freeze ?? true;
-    const mountpoints = freeze ? devices.flatMap((d) => this.#options.mountpointOf(d) ?? []) : [];
-
-    await ensurePrivateDir(dir, 0o700);
-    const held: string[] = [];
-    let storage: DiffStorage | undefined;
-    const snapshot: LiveSnapshot = {
-      record: {
-        version: RECORD_VERSION, id, state: 'creating', reason: null, createdAt: new Date().toISOString(),
-        chunkSize: table.chunkSize, durability: table.durability,
-        storage: { dirs: [storageDir], limitBytes: options.limitBytes ?? null },
-        devices: [], frozen: mountpoints, stallMs: 0,
-      },
-      dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false, closing: false,
-    };
-    try {
-      for (const devicePath of devices) {
-        await registry.register(devicePath);
-        const att = await table.attach(devicePath, { holder: 'snapshot' });
-        held.push(devicePath);
-        const identity = registry.get(devicePath)?.identity;
-        snapshot.record.devices.push({ path: devicePath, key: held.length - 1, sizeBytes: att.file.size, cbt: null, ...(identity ? { identity } : {}) });
-      }
-      storage = await DiffStorage.create({
-        id, dirs: [storageDir], chunkSize: table.chunkSize, durability: table.durability,
-        ...(options.limitBytes !== undefined ? { limitBytes: options.limitBytes } : {}),
-        onEvent: (event) => this.#onStorageEvent(snapshot, event),
-      });
-      snapshot.storage = storage;
-      await this.#save(snapshot);
-      await withFrozen(mountpoints, () => this.#barrier(snapshot));
-      snapshot.record.state = 'ok';
-      await this.#save(snapshot);
-    } catch (err) {
-      const e = toBdsnapError(err);
-      log.error({ event: 'snapshot-create-failed', snapshot: id, devices, code: e.code, reason: e.message }, 'snapshot create failed; nothing kept');
-      for (const image of snapshot.images) await image.layer.removePoint(image.image).catch(() => undefined);
-      this.#options.tracking?.forget(dir);
-      await storage?.destroy().catch(() => undefined);
-      for (const devicePath of held) await table.detach(devicePath, 'snapshot').catch(() => undefined);
-      await removePath(dir, { recursive: true });
-      throw e;
-    }
+  async #create(devices: string[], options: CreateSnapshotOptions): Promise<SnapshotInfo> {
+    const { table, registry, tracking, log, mountpointOf } = this.#options;
+    const snapshot = await takeSnapshot({
+      root: this.#root, table, registry, tracking, log, mountpointOf,
+      onStorageEvent: (s, event) => this.#onStorageEvent(s, event),
+    }, devices, options);
+    const { id, frozen, stallMs, storage } = snapshot.record;
     this.#snapshots.set(id, snapshot);
     const info = this.#info(snapshot);
-    events.emit('snapshot-created', {
+    this.#options.events.emit('snapshot-created', {
       snapshot: id,
-      details: { devices, stallMs: snapshot.record.stallMs, frozen: mountpoints, storage: snapshot.record.storage },
+      details: { devices: snapshot.record.devices.map((d) => d.path), stallMs, frozen, storage },
     });
     return info;
   }
 
-  /** Step 4 of the take: the point in time on every device at once. */
-  async #barrier(snapshot: LiveSnapshot): Promise<void> {
-    const { table } = this.#options;
-    const layers = snapshot.record.devices.map((d) => {
-      const att = table.attachment(d.path);
-      if (!att) throw new BdsnapError('EIO', `${d.path} is not open`);
-      return att.layer;
-    });
-    // The point is the base of the next incremental backup: a write in it that a power loss
-    // could still undo would leave the device differing from that backup in a block the change
-    // map counts as unchanged since. So the devices are flushed under the barrier, and once
-    // before it, so that writers wait for little.
-    await Promise.all(layers.map((layer) => layer.flush()));
-    const started = performance.now();
-    const holding: SnapshotLayer[] = [];
-    try {
-      await Promise.all(layers.map(async (layer) => {
-        await layer.hold();
-        holding.push(layer);
-      }));
-      await Promise.all(layers.map((layer) => layer.flush()));
-      for (const [i, d] of snapshot.record.devices.entries()) {
-        const layer = layers[i] as SnapshotLayer;
-        const image = layer.addPoint(snapshot.storage, d.key);
-        snapshot.images.push({ device: d.path, key: d.key, layer, image, exported: new ImageExport(image, snapshot, d.path, d.key, this.#options.tracking), connections: 0 });
-      }
-      for (const d of snapshot.record.devices) {
-        d.cbt = this.#options.tracking?.take(d.path, snapshot.dir, d.key) ?? null;
-      }
-    } finally {
-      for (const layer of holding) layer.release();
-      snapshot.record.stallMs = Math.round((performance.now() - started) * 1000) / 1000;
-    }
-    for (const d of snapshot.record.devices) await this.#options.tracking?.persist(snapshot.dir, d.key);
-  }
 
   /**
    * Put a snapshot back on its devices. Throws DeviceBusy (nothing changed, nothing held) when
@@ -511,7 +331,7 @@ export class SnapshotManager {
    */
   async #reopen(record: SnapshotRecord, dir: string, deadline: number): Promise<void> {
     const { table, log } = this.#options;
-    const attached = new Map<string, Attachment>();
+    const attached = new Map<string, AttachedDevice>();
     const unopenable = new Map<string, string>();
     const letGo = async (): Promise<void> => {
       for (const devicePath of attached.keys()) await table.detach(devicePath, 'snapshot').catch(() => undefined);
@@ -547,8 +367,7 @@ export class SnapshotManager {
       }
       await att.layer.hold();
       try {
-        const image = att.layer.addPoint(snapshot.storage, d.key);
-        snapshot.images.push({ device: d.path, key: d.key, layer: att.layer, image, exported: new ImageExport(image, snapshot, d.path, d.key, this.#options.tracking), connections: 0 });
+        addImage(snapshot, att.layer, d.path, d.key, this.#options.tracking);
       } finally {
         att.layer.release();
       }
@@ -583,7 +402,7 @@ export class SnapshotManager {
   async #letGo(snapshot: LiveSnapshot, force: boolean): Promise<void> {
     const id = snapshot.record.id;
     for (const image of snapshot.images) {
-      const exportName = `${image.device}@${id}`;
+      const exportName = imageExportName(image.device, id);
       const mount = this.#options.imageMountOf(exportName);
       if (mount === undefined) continue;
       if (mount.starting) throw new BdsnapError('EBUSY', `snapshot ${id}: ${exportName} is being mounted at ${mount.mountpoint}; try again once that is done`);
@@ -654,28 +473,6 @@ export class SnapshotManager {
     }
   }
 
-  async #checkStorageDir(dirArg: string, devices: string[]): Promise<string> {
-    const dir = path.resolve(dirArg);
-    let st: fs.Stats;
-    try {
-      st = await fs.promises.stat(dir);
-    } catch {
-      throw new BdsnapError('ENOENT', `storage directory ${dir} does not exist; create it first`);
-    }
-    if (!st.isDirectory()) throw new BdsnapError('EINVAL', `storage ${dir} is not a directory`);
-    for (const devicePath of devices) {
-      const mountpoint = this.#options.mountpointOf(devicePath);
-      const mst = mountpoint !== undefined ? await fs.promises.stat(mountpoint).catch(() => undefined) : undefined;
-      const dst = await fs.promises.stat(devicePath).catch(() => undefined);
-      const onMount = mst !== undefined && mst.dev === st.dev;
-      const onNode = dst !== undefined && dst.isBlockDevice() && dst.rdev === st.dev;
-      if (onMount || onNode) {
-        throw new BdsnapError('EINVAL', `storage directory ${dir} is on ${devicePath} itself; put the difference storage on another filesystem`);
-      }
-    }
-    return dir;
-  }
-
   #info(snapshot: LiveSnapshot): SnapshotInfo {
     const r = snapshot.record;
     const usage = snapshot.storage.usage();
@@ -683,7 +480,7 @@ export class SnapshotManager {
       id: r.id, state: r.state, reason: r.reason, createdAt: r.createdAt, chunkSize: r.chunkSize,
       storage: { dirs: usage.dirs, limitBytes: usage.limitBytes, usedBytes: usage.usedBytes },
       images: r.devices.map((d) => {
-        const exportName = `${d.path}@${r.id}`;
+        const exportName = imageExportName(d.path, r.id);
         const mount = this.#options.imageMountOf(exportName);
         return {
           device: d.path, exportName, uri: nbdUnixUri(this.#options.nbdSocket, exportName), sizeBytes: d.sizeBytes, cbt: d.cbt,
@@ -702,7 +499,7 @@ export class SnapshotManager {
   }
 
   async #save(snapshot: LiveSnapshot): Promise<void> {
-    await writeFileAtomic(path.join(snapshot.dir, RECORD_FILE), `${JSON.stringify(snapshot.record, null, 2)}\n`, 0o600);
+    await writeRecord(snapshot.dir, snapshot.record);
   }
 
   #serial<T>(fn: () => Promise<T>): Promise<T> {
@@ -712,67 +509,6 @@ export class SnapshotManager {
   }
 }
 
-/** Time-ordered, unique, short, safe in a URI: base-36 milliseconds then 4 random bytes. */
-function newSnapshotId(): string {
-  return `${Date.now().toString(36).padStart(9, '0')}${crypto.randomBytes(4).toString('hex')}`;
-}
-
-/**
- * What an image export serves: the SnapshotImage, refusing with EIO once the snapshot has
- * overflowed or failed (the reason in the message), and recording image writes in the change
- * map before they are acknowledged so the next backup reads them again.
- */
-class ImageExport extends PassThroughDevice {
-  readonly #snapshot: LiveSnapshot;
-  readonly #device: string;
-  readonly #key: number;
-  readonly #tracking: SnapshotChangeTracking | undefined;
-
-  constructor(image: SnapshotImage, snapshot: LiveSnapshot, device: string, key: number, tracking: SnapshotChangeTracking | undefined) {
-    super(image);
-    this.#snapshot = snapshot;
-    this.#device = device;
-    this.#key = key;
-    this.#tracking = tracking;
-  }
-
-  override get readOnly(): boolean { return false; }
-  override get canFastZero(): boolean { return false; }
-  /** Image writes on one connection are visible to all: one storage behind them. */
-  override get canMultiConn(): boolean { return true; }
-
-  override async read(target: Buffer, offsetBytes: number): Promise<void> {
-    this.#check();
-    return super.read(target, offsetBytes);
-  }
-
-  override async flush(): Promise<void> {
-    this.#check();
-    return super.flush();
-  }
-
-  override async extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    this.#check();
-    return super.extents(offsetBytes, lengthBytes);
-  }
-
-  /** The image belongs to its snapshot: a connection ending does not close it. */
-  override async close(): Promise<void> {}
-
-  protected override async modify(offsetBytes: number, lengthBytes: number, _fua: boolean, apply: () => Promise<void>): Promise<void> {
-    this.#check();
-    await this.#tracking?.imageWrite(this.#device, this.#snapshot.dir, this.#key, offsetBytes, lengthBytes);
-    return apply();
-  }
-
-  #check(): void {
-    const r = this.#snapshot.record;
-    if (this.#snapshot.destroying) throw new BdsnapError('ESHUTDOWN', `snapshot ${r.id} is being destroyed`);
-    if (r.state === 'overflowed' || r.state === 'failed') {
-      throw new BdsnapError('EIO', `snapshot ${r.id} ${r.state}: ${r.reason ?? 'unknown reason'}; its images cannot be read`);
-    }
-  }
-}
 
 /** A device of a snapshot is held by another process, which may let go: not a reason to fail the snapshot. */
 class DeviceBusy extends Error {}

@@ -5,10 +5,10 @@
  */
 
 import { workerData } from 'node:worker_threads';
-import type { DeviceIdentity } from '../../device/block-device.js';
-import { FileDevice } from '../../device/file-device.js';
-import { failHandedConnections, serveHandedConnections, type WorkerSettings } from '../../nbd/connection-threads.js';
-import { StaticExports } from '../../nbd/static-exports.js';
+import type { DeviceIdentity } from '../device/block-device.js';
+import { FileDevice } from '../device/file-device.js';
+import { failHandedConnections, serveHandedConnections, type WorkerSettings } from '../nbd/connection-threads.js';
+import { StaticExports } from '../nbd/static-exports.js';
 
 /** What the server's thread tells each worker about an image. */
 export interface ServeWorkerExport {

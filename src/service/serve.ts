@@ -1,0 +1,110 @@
+/**
+ * Serving image files or block devices over NBD without the daemon (`bdsnap serve`, and code
+ * that wants the same server with each device wrapped in another layer, copy-before-write
+ * say, before it is served). Each image is exported under its absolute real path; the first
+ * is the default export.
+ */
+
+import fs from 'node:fs';
+import os from 'node:os';
+import type { BlockDevice } from '../device/block-device.js';
+import { FileDevice } from '../device/file-device.js';
+import { BdsnapError } from '../errors.js';
+import { checkTcpPolicy, listenOn } from '../nbd/listen.js';
+import type { NbdServer, NbdServerOptions } from '../nbd/server.js';
+import { loadTls, type NbdTls, type TlsSettings } from '../nbd/tls.js';
+import type { ServeWorkerExport } from './serve-worker.js';
+
+export interface ServeOptions {
+  images: string[];
+  /** Unix socket path; undefined means none (then `listen` must be given). */
+  socketPath?: string;
+  /** TCP listener; refused unless TLS is required or `insecureTcp`. */
+  listen?: { host: string; port: number };
+  /** Accept TCP that a client may use without TLS: anyone who can connect can read and write the exports. */
+  insecureTcp?: boolean;
+  /** TLS on every listener (credentials are read and checked before anything is opened). */
+  tls?: TlsSettings;
+  readOnly?: boolean;
+  /** Wrap each opened device before it is served. */
+  wrap?: (device: BlockDevice, devicePath: string) => BlockDevice;
+  log?: (event: Record<string, unknown>) => void;
+}
+
+export interface RunningServe {
+  server: NbdServer;
+  /** Export names, in order (the first is the default). */
+  exportNames: string[];
+  /** Where it listens, e.g. `unix:/run/x.sock` and `tcp:127.0.0.1:10809`. */
+  endpoints: string[];
+  /** TLS as loaded, or undefined when off. */
+  tls: NbdTls | undefined;
+  /** Finish requests in flight, flush, close every device. */
+  stop(): Promise<void>;
+}
+/** Most threads plain image files are served on (beyond, the page cache's copies are the limit). */
+const MAX_SERVE_THREADS = 4;
+
+/**
+ * Threads for plain images (no session: connections share nothing but the files), one per core
+ * up to MAX_SERVE_THREADS; BDSNAP_NBD_THREADS sets the count (1: serve on the main thread).
+ */
+function serveThreads(devices: FileDevice[]): NbdServerOptions['threads'] {
+  const asked = process.env.BDSNAP_NBD_THREADS;
+  const count = asked !== undefined && /^\d+$/.test(asked) ? Number(asked) : Math.min(os.availableParallelism(), MAX_SERVE_THREADS);
+  if (count <= 1) return undefined;
+  const exports: ServeWorkerExport[] = devices.map((d) => ({ name: d.path, identity: d.identity, readOnly: d.readOnly }));
+  return { count, script: new URL('./serve-worker.js', import.meta.url), exports };
+}
+
+/** Open every image and listen. Errors: EINVAL (no image, no listener, TCP refused), ENOENT, EBUSY. */
+export async function startServe(options: ServeOptions): Promise<RunningServe> {
+  if (options.images.length === 0) throw new BdsnapError('EINVAL', 'no image to serve');
+  if (options.socketPath === undefined && options.listen === undefined) throw new BdsnapError('EINVAL', 'no listener');
+  const tls = await loadTls(options.tls ?? {});
+  if (options.listen) checkTcpPolicy(options.listen, tls, options.insecureTcp ?? false, 'the images');
+  const opened: FileDevice[] = [];
+  const closeAll = async (): Promise<void> => {
+    await Promise.allSettled(opened.map((d) => d.close()));
+  };
+  try {
+    const exports: Array<{ name: string; device: BlockDevice }> = [];
+    for (const image of options.images) {
+      let real: string;
+      try {
+        real = await fs.promises.realpath(image);
+      } catch (err) {
+        throw new BdsnapError('ENOENT', `cannot open ${image}: no such file`, { cause: err });
+      }
+      if (exports.some((e) => e.name === real)) throw new BdsnapError('EINVAL', `${image} is given twice`);
+      // EBUSY (another server has it) says who holds it, and the CLI adds what frees it.
+      const device = await FileDevice.open(real, { readOnly: options.readOnly ?? false });
+      opened.push(device);
+      exports.push({ name: real, device: options.wrap ? options.wrap(device, real) : device });
+    }
+    const { server, endpoints } = await listenOn(exports, options, tls, options.wrap === undefined ? serveThreads(opened) : undefined);
+    let stopping: Promise<void> | undefined;
+    return {
+      server,
+      exportNames: exports.map((e) => e.name),
+      endpoints,
+      tls,
+      stop: () => {
+        stopping ??= (async () => {
+          await server.close();
+          const served = exports.map((e) => e.device);
+          // Flushed even when no client ever connected; wrapping layers first, so what they
+          // write below lands before the files are synced and closed.
+          await Promise.allSettled(served.map((d) => d.flush()));
+          await Promise.allSettled(served.filter((d) => !opened.includes(d as FileDevice)).map((d) => d.close()));
+          await Promise.allSettled(opened.map((d) => d.flush()));
+          await closeAll();
+        })();
+        return stopping;
+      },
+    };
+  } catch (err) {
+    await closeAll();
+    throw err;
+  }
+}

@@ -1,0 +1,10 @@
+/**
+ * Snapshots of live devices: the manager (manager.ts), a take and its barrier (take.ts), image
+ * exports (image-export.ts), records (record.ts), and the contract with the change tracker
+ * (tracking.ts).
+ */
+
+export { SnapshotManager, type ImageMount, type SnapshotManagerOptions } from './manager.js';
+export type { CreateSnapshotOptions } from './take.js';
+export type { SnapshotRecord } from './record.js';
+export type { SnapshotChangeTracking } from './tracking.js';

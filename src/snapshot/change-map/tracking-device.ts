@@ -1,0 +1,33 @@
+import { BdsnapError } from '../../errors.js';
+import { checkRange, type BlockDevice } from '../../device/block-device.js';
+import { PassThroughDevice } from '../../device/pass-through.js';
+import type { ChangeMap } from './live-map.js';
+
+/**
+ * A layer that marks the change map before a write, trim or write-zeroes reaches the device
+ * below; everything else passes through. A rewrite within the current period costs a compare.
+ */
+export class TrackingDevice extends PassThroughDevice {
+  readonly #map: ChangeMap;
+
+  constructor(base: BlockDevice, map: ChangeMap) {
+    if (map.info().deviceSizeBytes !== base.size) throw new BdsnapError('EINVAL', `the change map is for ${map.info().deviceSizeBytes} bytes, the device has ${base.size}`);
+    super(base);
+    this.#map = map;
+  }
+
+  // close() closes the device below; the change map is closed by its owner (with the device's stamp).
+
+  protected override modify(offsetBytes: number, lengthBytes: number, _fua: boolean, apply: () => Promise<void>): Promise<void> {
+    let marked: void | Promise<void>;
+    try {
+      if (this.readOnly) throw new BdsnapError('EPERM', 'the device is read-only');
+      checkRange(this, offsetBytes, lengthBytes, true);
+      marked = this.#map.mark(offsetBytes, lengthBytes);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    // No await of ours when nothing new had to be made durable.
+    return marked ? marked.then(apply) : apply();
+  }
+}
