@@ -37,7 +37,6 @@ import { checkNotInUse } from '../host/in-use.js';
 import { openOutputFile } from '../host/output-file.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import type { ExportHandle } from '../nbd/exports.js';
-import type { BackupDevice } from '../repository/backup-device.js';
 import type { EventLog } from './events.js';
 import type { InstantRestoreInfo } from './control-protocol.js';
 
@@ -70,7 +69,7 @@ const stateSchema = z.object({
 export type RestoreState = z.infer<typeof stateSchema>;
 
 /** Opens the source of a restore: one device of a backup. */
-export type SourceOpener = (repo: string, backup: string, device: string, password: string | undefined) => Promise<{ source: BackupDevice; slots: ReadonlyArray<string | null>; pieceBytes: number; close(): Promise<void> }>;
+export type SourceOpener = (repo: string, backup: string, device: string, password: string | undefined) => Promise<{ source: BlockDevice; slots: ReadonlyArray<string | null>; pieceBytes: number; close(): Promise<void> }>;
 
 /** The done bits, in memory and on disk. */
 class DoneMap {
