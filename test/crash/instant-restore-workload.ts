@@ -19,7 +19,7 @@ import { traceMark } from '../../src/host/fs-trace.js';
 import { EventLog } from '../../src/service/events.js';
 import { InstantRestores, type SourceOpener } from '../../src/service/instant-restore.js';
 import { CrashRecorder, type Recording } from '../helpers/crash-recorder.js';
-import { exploreCrashStates, materialize, unsyncedAtFlushAcks, type CrashState } from '../helpers/crash-states.js';
+import { exploreCrashStates, materialize, type CrashState } from '../helpers/crash-states.js';
 import type { CheckedRun, Outcome } from './session-workload.js';
 
 const PIECE_BYTES = 64 * 1024;
@@ -202,13 +202,10 @@ export async function checkInstantRestoreState(world: InstantRestoreWorld, state
 export async function runInstantRestoreExploration(dir: string, options: { maxStates: number; seed: number; mixesPerPoint?: number }): Promise<CheckedRun> {
   const world = await recordInstantRestoreWorkload(dir);
   const { built, states } = exploreCrashStates(world.rec, { maxStates: options.maxStates, seed: options.seed, mixesPerPoint: options.mixesPerPoint });
-  const imageId = world.rec.initial.files.find((f) => f.path === world.image)!.id;
-  const mapIds = world.rec.entries.flatMap((e) => (e.k === 'create' && e.path.endsWith('/done.map') ? [e.id] : []));
-  const isFlush = (label: string): boolean => label.startsWith(FLUSH_MARK);
-  const run: CheckedRun = {
-    built, checked: 0, outcomes: new Map(), defects: [], refusals: new Map(),
-    unsyncedFlushes: [imageId, ...mapIds].flatMap((id) => unsyncedAtFlushAcks(world.rec, id, isFlush)),
-  };
+  // No trace-level check of the flushes (unsyncedAtFlushAcks): the background copy writes the
+  // target and the map while a client's flush runs, which a flush need not cover. What a flush
+  // promises, that the client's writes before it survive, is checked on every state instead.
+  const run: CheckedRun = { built, checked: 0, outcomes: new Map(), defects: [], refusals: new Map(), unsyncedFlushes: [] };
   for (const state of states) {
     const o = await checkInstantRestoreState(world, state);
     run.checked++;

