@@ -261,3 +261,35 @@ test('instant restore with the repository gone: EIO for what is not copied, the 
   await waitDone(daemon, out, 120_000);
   assert.deepEqual(fs.readFileSync(out), expected, 'finished exactly once the repository is back');
 });
+
+test('instant restore onto a target another daemon holds: refused, clearly, and nothing touched', { timeout: 120_000 }, async (t) => {
+  if (!needs(t, { root: true })) return;
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup, 'bdsnap-instant-other-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 32 * MiB, 'random', 7);
+  const { repoDir, id } = await backUp(dir, image);
+  zeroFile(image);
+  fs.writeFileSync(image, Buffer.alloc(MiB, 0x5a), { flag: 'r+' });
+  const before = await sha256File(image);
+  // Daemon A holds the image: a snapshot of it.
+  const a = await startDaemon(cleanup, {});
+  await a.cli(['snapshot', 'create', image]);
+  // Daemon B, with run and state directories of its own, is asked to restore onto it.
+  const b = await startDaemon(cleanup, { password: false });
+  const refused = await b.cli(['backup', 'restore', '--repo', repoDir, id, image, '--instant'], undefined, true);
+  t.diagnostic(refused.stderr);
+  assert.notEqual(refused.exitCode, 0, `a restore onto a device another daemon holds: ${refused.stdout}`);
+  assert.ok(refused.stderr.includes(image), `the message names the target: ${refused.stderr}`);
+  assert.match(refused.stderr, /held by another bdsnap daemon \(pid \d+, run directory [^)]+\), not by this one/, refused.stderr);
+  assert.ok(refused.stderr.includes(a.runDir), `it names where the device can be freed: ${refused.stderr}`);
+  assert.equal(refused.stderr.trim().split('\n').length, 1, `one line: ${refused.stderr}`);
+  assert.deepEqual(await restores(b), [], 'B runs no restore');
+  const kept = path.join(b.stateDir, 'restores');
+  assert.deepEqual(fs.existsSync(kept) ? fs.readdirSync(kept) : [], [], 'B keeps nothing to resume');
+  assert.equal(await sha256File(image), before, 'the target is untouched');
+  await b.server.stop();
+  const again = await startDaemon(cleanup, { sandbox: b.sandbox, password: false });
+  assert.deepEqual(await restores(again), [], 'nor does it resume one at its next start');
+  assert.equal(await sha256File(image), before, 'the target is untouched after B restarts');
+});
