@@ -44,9 +44,9 @@ export async function explainBusy(err: unknown, runDir?: string): Promise<unknow
 }
 
 /**
- * The refusal when the device's lock is held by a process other than the daemon asked: another
- * bdsnap daemon (named with its run directory, where its status says what holds the device) or
- * some other program.
+ * The refusal when the device's lock is held by a process other than the daemon asked: when it is
+ * another bdsnap daemon, named with its run directory, where its status says what holds the
+ * device; `err` unchanged otherwise.
  */
 async function heldElsewhere(err: BdsnapError, pid: number, daemonPid: number): Promise<BdsnapError> {
   const device = err.message.slice(0, err.message.indexOf(' is already open by '));
@@ -56,9 +56,10 @@ async function heldElsewhere(err: BdsnapError, pid: number, daemonPid: number): 
     const runDirAt = argv.indexOf('--run-dir', at);
     const where = runDirAt > 0 && argv[runDirAt + 1] ? `run directory ${argv[runDirAt + 1]}` : 'the default run directory';
     const env = runDirAt > 0 && argv[runDirAt + 1] ? `BDSNAP_RUN_DIR=${argv[runDirAt + 1]} ` : '';
-    return new BdsnapError('EBUSY', `${device} is held by another bdsnap daemon (pid ${pid}, ${where}), not by this one (pid ${daemonPid}): free it there first (${env}bdsnap status shows what holds it)`, { cause: err });
+    return new BdsnapError('EBUSY', `${device} is already open by process ${pid}, another bdsnap daemon (${where}), not this one (pid ${daemonPid}): free it there first (${env}bdsnap status shows what holds it)`, { cause: err });
   }
-  return new BdsnapError('EBUSY', `${device} is open by process ${pid}, not by the bdsnap daemon (pid ${daemonPid}): stop that process first`, { cause: err });
+  // Some other program: the lock's own message says what to do.
+  return err;
 }
 
 function holder(d: DeviceStatus): string | undefined {

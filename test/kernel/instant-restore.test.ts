@@ -281,7 +281,7 @@ test('instant restore onto a target another daemon holds: refused, clearly, and 
   t.diagnostic(refused.stderr);
   assert.notEqual(refused.exitCode, 0, `a restore onto a device another daemon holds: ${refused.stdout}`);
   assert.ok(refused.stderr.includes(image), `the message names the target: ${refused.stderr}`);
-  assert.match(refused.stderr, /held by another bdsnap daemon \(pid \d+, run directory [^)]+\), not by this one/, refused.stderr);
+  assert.match(refused.stderr, /is already open by process \d+, another bdsnap daemon \(run directory [^)]+\), not this one/, refused.stderr);
   assert.ok(refused.stderr.includes(a.runDir), `it names where the device can be freed: ${refused.stderr}`);
   assert.equal(refused.stderr.trim().split('\n').length, 1, `one line: ${refused.stderr}`);
   assert.deepEqual(await restores(b), [], 'B runs no restore');
