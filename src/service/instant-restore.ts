@@ -435,15 +435,17 @@ export class InstantRestores {
   }
 
   #begin(state: RestoreState, dir: string, target: FileDevice, map: DoneMap, opened: Awaited<ReturnType<SourceOpener>>): Running {
-    const r: Running = {
-      state, dir, target, map, closeSource: opened.close, phase: 'running', connections: 0, lastError: undefined,
-      startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, copier: undefined,
-      device: undefined as unknown as InstantRestoreDevice,
-    };
-    r.device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, (err) => {
-      r.lastError = err.message;
+    // The device reports to its restore's record, which holds the device: it finds the record
+    // by its target when it reports.
+    const device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, (err) => {
+      const running = this.#running.get(state.target);
+      if (running?.device === device) running.lastError = err.message;
       this.#options.events.emit('restore-failed', { device: state.target, details: { reason: err.message, retrying: true } });
     });
+    const r: Running = {
+      state, dir, device, target, map, closeSource: opened.close, phase: 'running', connections: 0, lastError: undefined,
+      startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, copier: undefined,
+    };
     this.#running.set(state.target, r);
     r.copier = this.#copy(r);
     return r;
