@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit fuse3 e2fsprogs xfsprogs util-linux restic iproute2 libzstd1 jq openssl
-  ceph-mon ceph-osd radosgw ceph-common uuid-runtime curl)  # a throwaway S3 server for tests: scripts/ceph-rgw-up.sh
+  ceph-mon ceph-osd radosgw ceph-common uuid-runtime curl  # a throwaway S3 server for tests: scripts/ceph-rgw-up.sh
+  qemu-system-x86 busybox-static cpio kmod xz-utils)  # a qemu guest on a bdsnap export: test/helpers/guest.ts
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do
@@ -19,6 +20,24 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The guest's kernel: Debian's, unpacked (not installed) where test/helpers/guest.ts looks for it.
+GUEST_KERNEL_DIR=.cache/guest-kernel
+if [ ! -d "$GUEST_KERNEL_DIR/boot" ]; then
+  version=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: linux-image-\(.*-amd64\)$/\1/p' | head -n 1)
+  if [ -z "$version" ]; then
+    echo "setup: apt-cache names no kernel for linux-image-amd64 (run apt-get update?)" >&2
+    exit 1
+  fi
+  echo "setup: unpacking the guest kernel linux-image-$version"
+  download=$(mktemp -d)
+  (cd "$download" && apt-get download -qq "linux-image-$version")
+  rm -rf "$GUEST_KERNEL_DIR.tmp" && mkdir -p "$GUEST_KERNEL_DIR.tmp"
+  dpkg-deb -x "$download"/linux-image-*.deb "$GUEST_KERNEL_DIR.tmp"
+  rm -rf "$download"
+  depmod -b "$GUEST_KERNEL_DIR.tmp" "$version"  # the package leaves modules.dep to its postinst
+  mv "$GUEST_KERNEL_DIR.tmp" "$GUEST_KERNEL_DIR"
 fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then

@@ -7,6 +7,7 @@
 
 import fs from 'node:fs';
 import { BdsnapError } from '../errors.js';
+import { processCommandLine } from '../host/processes.js';
 import { withClient } from '../service/client.js';
 import type { DeviceStatus } from '../service/control-protocol.js';
 
@@ -26,16 +27,39 @@ export async function explainBusy(err: unknown, runDir?: string): Promise<unknow
   // in-use checks already name the fix.
   if (!(err instanceof BdsnapError) || err.code !== 'EBUSY' || !LOCAL_OPEN_REFUSALS.some((r) => r.test(err.message))) return err;
   let devices: DeviceStatus[];
+  let daemonPid: number;
   try {
-    devices = await withTimeout(withClient(runDir, (c) => c.status()), STATUS_TIMEOUT_MS).then((s) => s.devices);
+    ({ devices, pid: daemonPid } = await withTimeout(withClient(runDir, (c) => c.status()), STATUS_TIMEOUT_MS));
   } catch {
     return err;
   }
+  // The lock names its holder: when that is not this daemon, this daemon's status cannot say why.
+  const holderPid = Number(/ is already open by process (\d+)/.exec(err.message)?.[1] ?? Number.NaN);
+  if (Number.isInteger(holderPid) && holderPid !== daemonPid) return heldElsewhere(err, holderPid, daemonPid);
   const named = devices
     .filter((d) => err.message.includes(d.device) || err.message.includes(realpathOr(d.device)))
     .sort((a, b) => b.device.length - a.device.length)[0];
   const why = named ? holder(named) : undefined;
   return why ? new BdsnapError('EBUSY', `${named!.device} is in use: ${why}`, { cause: err }) : err;
+}
+
+/**
+ * The refusal when the device's lock is held by a process other than the daemon asked: when it is
+ * another bdsnap daemon, named with its run directory, where its status says what holds the
+ * device; `err` unchanged otherwise.
+ */
+async function heldElsewhere(err: BdsnapError, pid: number, daemonPid: number): Promise<BdsnapError> {
+  const device = err.message.slice(0, err.message.indexOf(' is already open by '));
+  const argv = await processCommandLine(pid).catch(() => null);
+  const at = argv?.indexOf('daemon') ?? -1;
+  if (argv && at > 0 && argv.slice(0, at).some((a) => /bdsnap|cli\/main\.js$/.test(a))) {
+    const runDirAt = argv.indexOf('--run-dir', at);
+    const where = runDirAt > 0 && argv[runDirAt + 1] ? `run directory ${argv[runDirAt + 1]}` : 'the default run directory';
+    const env = runDirAt > 0 && argv[runDirAt + 1] ? `BDSNAP_RUN_DIR=${argv[runDirAt + 1]} ` : '';
+    return new BdsnapError('EBUSY', `${device} is already open by process ${pid}, another bdsnap daemon (${where}), not this one (pid ${daemonPid}): free it there first (${env}bdsnap status shows what holds it)`, { cause: err });
+  }
+  // Some other program: the lock's own message says what to do.
+  return err;
 }
 
 function holder(d: DeviceStatus): string | undefined {

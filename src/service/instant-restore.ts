@@ -37,7 +37,6 @@ import { checkNotInUse } from '../host/in-use.js';
 import { openOutputFile } from '../host/output-file.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import type { ExportHandle } from '../nbd/exports.js';
-import type { BackupDevice } from '../repository/backup-device.js';
 import type { EventLog } from './events.js';
 import type { InstantRestoreInfo } from './control-protocol.js';
 
@@ -70,7 +69,7 @@ const stateSchema = z.object({
 export type RestoreState = z.infer<typeof stateSchema>;
 
 /** Opens the source of a restore: one device of a backup. */
-export type SourceOpener = (repo: string, backup: string, device: string, password: string | undefined) => Promise<{ source: BackupDevice; slots: ReadonlyArray<string | null>; pieceBytes: number; close(): Promise<void> }>;
+export type SourceOpener = (repo: string, backup: string, device: string, password: string | undefined) => Promise<{ source: BlockDevice; slots: ReadonlyArray<string | null>; pieceBytes: number; close(): Promise<void> }>;
 
 /** The done bits, in memory and on disk. */
 class DoneMap {
@@ -436,15 +435,17 @@ export class InstantRestores {
   }
 
   #begin(state: RestoreState, dir: string, target: FileDevice, map: DoneMap, opened: Awaited<ReturnType<SourceOpener>>): Running {
-    const r: Running = {
-      state, dir, target, map, closeSource: opened.close, phase: 'running', connections: 0, lastError: undefined,
-      startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, copier: undefined,
-      device: undefined as unknown as InstantRestoreDevice,
-    };
-    r.device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, (err) => {
-      r.lastError = err.message;
+    // The device reports to its restore's record, which holds the device: it finds the record
+    // by its target when it reports.
+    const device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, (err) => {
+      const running = this.#running.get(state.target);
+      if (running?.device === device) running.lastError = err.message;
       this.#options.events.emit('restore-failed', { device: state.target, details: { reason: err.message, retrying: true } });
     });
+    const r: Running = {
+      state, dir, device, target, map, closeSource: opened.close, phase: 'running', connections: 0, lastError: undefined,
+      startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, copier: undefined,
+    };
     this.#running.set(state.target, r);
     r.copier = this.#copy(r);
     return r;

@@ -1,19 +1,22 @@
 /**
  * `bdsnap backup serve`: any backup as read-only NBD exports, read by real clients (nbdcopy,
  * nbdinfo): the bytes of the device at the backup's point, its holes reported as holes, writes
- * refused, and a damaged piece failing the read instead of returning other bytes.
+ * refused, and a damaged piece failing the read instead of returning other bytes. And the kernel:
+ * an ext4 backup served this way mounts read-only through nbdfuse and a loop device, files exact.
  */
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import crypto from 'node:crypto';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices } from '../../src/backup/index.js';
 import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { run } from '../helpers/process.js';
 import { BDSNAP_MAIN, nbdUri } from '../helpers/server.js';
 import { needs } from '../helpers/needs.js';
+import { attachKernel } from '../helpers/kernel.js';
 import { ServeSnapshotProvider } from './helpers.js';
 
 const MiB = 1024 * 1024;
@@ -89,4 +92,54 @@ test('backup serve: exact bytes of the backup, holes as holes, read-only, damage
   await startBackupServe(t, ['--repo', repoDir, first.id, '--socket', socket]);
   const damaged = await run('nbdcopy', ['--', uri, path.join(dir, 'copy2.img')], { allowFailure: true, timeoutMs: 30_000 });
   assert.notEqual(damaged.exitCode, 0, 'a copy through a damaged piece must fail');
+});
+
+test('backup serve through the kernel: an ext4 backup mounts read-only, its files exact', { timeout: 180_000 }, async (t) => {
+  if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'mount', 'umount'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-backup-serve-kernel-');
+  const repoDir = path.join(dir, 'repo');
+  const image = path.join(dir, 'fs.img');
+  makeImage(image, 96 * MiB, 'zero');
+  await run('mkfs.ext4', ['-q', '-F', '-b', '4096', image]);
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const files = new Map<string, Buffer>();
+  await run('mount', ['-o', 'loop', image, mnt]);
+  try {
+    fs.mkdirSync(path.join(mnt, 'sub'));
+    for (let k = 0; k < 8; k++) {
+      const data = crypto.randomBytes(k * 2 * MiB + 1234 * k + 1);
+      const name = k % 2 === 0 ? `f${k}.bin` : `sub/f${k}.bin`;
+      files.set(name, data);
+      fs.writeFileSync(path.join(mnt, name), data);
+    }
+  } finally {
+    await run('umount', [mnt]);
+  }
+  await Repository.init(new LocalDirStore(repoDir), { password: PASSWORD });
+  const repo = await Repository.open(new LocalDirStore(repoDir), { password: () => PASSWORD });
+  const backup = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);
+  // The device moves on; the export is the backup's point, not the device.
+  await run('mount', ['-o', 'loop', image, mnt]);
+  try {
+    fs.writeFileSync(path.join(mnt, 'f0.bin'), Buffer.alloc(4096, 1));
+    fs.writeFileSync(path.join(mnt, 'later.bin'), Buffer.alloc(4096, 2));
+  } finally {
+    await run('umount', [mnt]);
+  }
+
+  const socket = path.join(dir, 'b.sock');
+  await startBackupServe(t, ['--repo', repoDir, backup.id, '--socket', socket]);
+  const attached = await attachKernel(socket, image, { readOnly: true });
+  try {
+    await run('mount', ['-t', 'ext4', '-o', 'ro', attached.loopDevice, mnt]);
+    try {
+      for (const [name, data] of files) assert.deepEqual(fs.readFileSync(path.join(mnt, name)), data, `${name} through the kernel`);
+      assert.equal(fs.existsSync(path.join(mnt, 'later.bin')), false, 'a file made after the backup is not in it');
+    } finally {
+      await run('umount', [mnt]);
+    }
+  } finally {
+    await attached.detach();
+  }
 });

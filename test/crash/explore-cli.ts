@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { runChangeMapExploration } from './change-map-workload.js';
+import { runInstantRestoreExploration } from './instant-restore-workload.js';
 import { runRepositoryExploration } from './repository-workload.js';
 import { runSessionExploration, type CheckedRun } from './session-workload.js';
 import { runSnapshotExploration } from './snapshot-workload.js';
@@ -38,6 +39,9 @@ try {
   const repoDir = path.join(top, 'repository');
   fs.mkdirSync(repoDir);
   ok = report('backup repository (init, create, incremental, forget, prune)', await runRepositoryExploration(repoDir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
+  const instantDir = path.join(top, 'instant-restore');
+  fs.mkdirSync(instantDir);
+  ok = report('instant restore (start, client writes and flushes among the copy, end)', await runInstantRestoreExploration(instantDir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
 } finally {
   fs.rmSync(top, { recursive: true, force: true });
 }

@@ -3,7 +3,7 @@
  * read-only by the daemon without writing the device. Through real clients: nbdcopy of the
  * export equals `restore --output` of that session, and `bdsnap mount` of it shows the files of
  * that time, read-only, while the device itself cannot be mounted; a view a restore would refuse
- * is refused too.
+ * is refused too, and so is a view of a device another daemon holds (the refusal names that daemon).
  */
 
 import { test } from 'node:test';
@@ -91,4 +91,32 @@ test('a device as at an earlier session start: exact, read-only, the device left
   fs.closeSync(fd);
   const moved = await copyExport(daemon, `${device}@asof:${ta}`, path.join(dir, 'y.copy'));
   assert.notEqual(moved.exitCode, 0, `a device written outside bdsnap cannot be taken back: ${moved.stdout}`);
+});
+
+test('an as-of view of a device another daemon holds: refused, naming that daemon', { timeout: 300_000 }, async (t) => {
+  if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'mount', 'umount'] })) return;
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup, 'bdsnap-asof-other-');
+  const image = path.join(dir, 'fs.img');
+  makeImage(image, IMAGE_BYTES, 'zero');
+  await run('mkfs.ext4', ['-q', '-F', '-b', '4096', image]);
+  const b = await startDaemon(cleanup, { activate: [image] });
+  const device = b.server.exportNames[0] as string;
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const sa = await mountCycle(b, device, mnt, 'a.bin', 1);
+  const ta = (await sessionsOf(b, device)).find((s) => s.dir === sa)!.mountTime;
+  // Daemon A, with directories of its own, takes the device: a snapshot of it.
+  const a = await startDaemon(cleanup, {});
+  await a.cli(['snapshot', 'create', image]);
+  const before = await sha256File(image);
+  const then = path.join(dir, 'then');
+  fs.mkdirSync(then);
+  const refused = await b.cli(['mount', `${device}@asof:${ta}`, then], undefined, true);
+  t.diagnostic(refused.stderr);
+  assert.notEqual(refused.exitCode, 0, 'a view of a device another daemon holds is refused');
+  assert.equal(refused.stderr.trim().split('\n').length, 1, `one line: ${refused.stderr}`);
+  assert.match(refused.stderr, /is already open by process \d+, another bdsnap daemon \(run directory [^)]+\), not this one/, refused.stderr);
+  assert.ok(refused.stderr.includes(a.runDir), `it names where the device can be freed: ${refused.stderr}`);
+  assert.equal(await sha256File(image), before, 'the device is untouched');
 });

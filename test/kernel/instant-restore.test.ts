@@ -3,7 +3,8 @@
  * rest behind. Through the kernel: an ext4 backed up, then zeroed, is mounted through bdsnap right
  * after the command returns, its files are exact while the copy runs, a file written meanwhile
  * survives, and `e2fsck -fn` passes at the end. Across SIGKILLs of the daemon mid-copy: it resumes
- * and the target ends as the backup plus every write a client flushed.
+ * and the target ends as the backup plus every write a client flushed. A qemu guest boots on a
+ * disk under instant restore, reads and writes it while the copy runs, and shuts down cleanly.
  */
 
 import { test } from 'node:test';
@@ -19,6 +20,7 @@ import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { run } from '../helpers/process.js';
 import { needs } from '../helpers/needs.js';
 import { ServeSnapshotProvider } from '../backup/helpers.js';
+import { GUEST_TOOLS, guestKernelRoot, runGuest } from '../helpers/guest.js';
 
 const MiB = 1 << 20;
 
@@ -112,6 +114,75 @@ test('instant restore: ext4 usable at once, exact files, a write during the copy
   }
 });
 
+test('instant restore: a qemu guest mounts its disk while the copy runs, writes, and shuts down cleanly', { timeout: 300_000 }, async (t) => {
+  if (!needs(t, { root: true, paths: [guestKernelRoot()], tools: [...GUEST_TOOLS, 'mkfs.ext4', 'e2fsck', 'mount', 'umount'] })) return;
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup, 'bdsnap-instant-guest-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 256 * MiB, 'zero');
+  await run('mkfs.ext4', ['-q', '-F', '-b', '4096', image]);
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const files = new Map<string, Buffer>();
+  await run('mount', ['-o', 'loop', image, mnt]);
+  try {
+    for (let k = 0; k < 6; k++) {
+      const data = crypto.randomBytes((k + 1) * 3 * MiB + 4321);
+      files.set(`f${k}.bin`, data);
+      fs.writeFileSync(path.join(mnt, `f${k}.bin`), data);
+    }
+  } finally {
+    await run('umount', [mnt]);
+  }
+  const { repoDir, id } = await backUp(dir, image);
+  zeroFile(image);
+
+  // At 1 MiB/s the copy of 256 MiB (less what the guest reads) outlasts its boot and work; checked below.
+  const box = sandbox(t, 'bdsnap-instant-guest-box-');
+  let daemon = await startDaemon(t, { sandbox: box, password: false, extraArgs: ['--restore-rate', '1M'] });
+  await daemon.cli(['backup', 'restore', '--repo', repoDir, id, image, '--instant']);
+  const written = crypto.randomBytes(7 * MiB + 999);
+  const guest = await runGuest({
+    workDir: dir,
+    socketPath: path.join(box.runDir, 'nbd.sock'),
+    exportName: image,
+    files: { 'payload.bin': written },
+    script: [
+      'mount -t ext4 /dev/vda /mnt',
+      'sha256sum /mnt/f*.bin',
+      'cp /payload.bin /mnt/guest.bin',
+      'sync',
+      'umount /mnt',
+      'echo GUEST-CLEAN',
+    ].join('\n'),
+  });
+  files.set('guest.bin', written);
+  const after = (await restores(daemon)).find((x) => x.target === image);
+  t.diagnostic(`guest ran ${guest.durationMs} ms; restore then: ${JSON.stringify(after)}`);
+  assert.equal(guest.scriptStatus, 0, `the guest's script failed:\n${guest.console}`);
+  assert.match(guest.console, /GUEST-CLEAN/);
+  assert.equal(after?.state, 'running', 'the copy still ran when the guest had shut down');
+  assert.ok(after.doneBytes < after.totalBytes);
+  for (const [name, data] of files) {
+    if (name === 'guest.bin') continue;
+    const sum = crypto.createHash('sha256').update(data).digest('hex');
+    assert.match(guest.console, new RegExp(`${sum}\\s+/mnt/${name}`), `the guest read ${name} exactly`);
+  }
+
+  // The rest of the copy at full speed: a restart resumes it from its map.
+  await daemon.server.stop();
+  daemon = await startDaemon(t, { sandbox: box, password: false });
+  await waitDone(daemon, image);
+  await daemon.server.stop();
+  await run('e2fsck', ['-fn', image]);
+  await run('mount', ['-o', 'loop,ro', image, mnt]);
+  try {
+    for (const [name, data] of files) assert.deepEqual(fs.readFileSync(path.join(mnt, name)), data, `${name} after the restore`);
+  } finally {
+    await run('umount', [mnt]);
+  }
+});
+
 test('instant restore across SIGKILLs: it resumes, and flushed writes survive', { timeout: 300_000 }, async (t) => {
   if (!needs(t, { root: true })) return;
   const cleanup = new CleanupStack(t);
@@ -189,4 +260,36 @@ test('instant restore with the repository gone: EIO for what is not copied, the 
   }
   await waitDone(daemon, out, 120_000);
   assert.deepEqual(fs.readFileSync(out), expected, 'finished exactly once the repository is back');
+});
+
+test('instant restore onto a target another daemon holds: refused, clearly, and nothing touched', { timeout: 120_000 }, async (t) => {
+  if (!needs(t, { root: true })) return;
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup, 'bdsnap-instant-other-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 32 * MiB, 'random', 7);
+  const { repoDir, id } = await backUp(dir, image);
+  zeroFile(image);
+  fs.writeFileSync(image, Buffer.alloc(MiB, 0x5a), { flag: 'r+' });
+  const before = await sha256File(image);
+  // Daemon A holds the image: a snapshot of it.
+  const a = await startDaemon(cleanup, {});
+  await a.cli(['snapshot', 'create', image]);
+  // Daemon B, with run and state directories of its own, is asked to restore onto it.
+  const b = await startDaemon(cleanup, { password: false });
+  const refused = await b.cli(['backup', 'restore', '--repo', repoDir, id, image, '--instant'], undefined, true);
+  t.diagnostic(refused.stderr);
+  assert.notEqual(refused.exitCode, 0, `a restore onto a device another daemon holds: ${refused.stdout}`);
+  assert.ok(refused.stderr.includes(image), `the message names the target: ${refused.stderr}`);
+  assert.match(refused.stderr, /is already open by process \d+, another bdsnap daemon \(run directory [^)]+\), not this one/, refused.stderr);
+  assert.ok(refused.stderr.includes(a.runDir), `it names where the device can be freed: ${refused.stderr}`);
+  assert.equal(refused.stderr.trim().split('\n').length, 1, `one line: ${refused.stderr}`);
+  assert.deepEqual(await restores(b), [], 'B runs no restore');
+  const kept = path.join(b.stateDir, 'restores');
+  assert.deepEqual(fs.existsSync(kept) ? fs.readdirSync(kept) : [], [], 'B keeps nothing to resume');
+  assert.equal(await sha256File(image), before, 'the target is untouched');
+  await b.server.stop();
+  const again = await startDaemon(cleanup, { sandbox: b.sandbox, password: false });
+  assert.deepEqual(await restores(again), [], 'nor does it resume one at its next start');
+  assert.equal(await sha256File(image), before, 'the target is untouched after B restarts');
 });
