@@ -447,7 +447,10 @@ export class InstantRestores {
       startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, copier: undefined,
     };
     this.#running.set(state.target, r);
-    r.copier = this.#copy(r);
+    r.copier = this.#copy(r).catch((err: unknown) => {
+      r.lastError = toBdsnapError(err).message;
+      this.#options.log.error({ event: 'restore-copy-failed', target: r.state.target, reason: r.lastError }, 'instant restore: the background copy stopped');
+    });
     return r;
   }
 
@@ -512,10 +515,15 @@ export class InstantRestores {
   async #retire(r: Running): Promise<void> {
     if (this.#running.get(r.state.target) !== r) return;
     this.#running.delete(r.state.target);
-    await r.map.close();
-    await r.target.close();
-    await r.closeSource();
-    await fs.promises.rm(r.dir, { recursive: true, force: true });
+    // The target is complete whatever happens here; a state directory left behind resumes at
+    // the next start as a restore with nothing to copy, so a failure is reported, not thrown
+    // (nobody awaits the copy that retires its restore).
+    const results = await Promise.allSettled([r.map.close(), r.target.close(), r.closeSource()]);
+    const removed = await fs.promises.rm(r.dir, { recursive: true, force: true }).then(() => undefined, (err: unknown) => err);
+    const failed = [...results.flatMap((x) => (x.status === 'rejected' ? [x.reason as unknown] : [])), ...(removed === undefined ? [] : [removed])];
+    if (failed.length > 0) {
+      this.#options.log.warn({ event: 'restore-cleanup-failed', target: r.state.target, dir: r.dir, reason: toBdsnapError(failed[0]).message }, 'instant restore: complete, but its state was not cleaned up');
+    }
   }
 
   /** At daemon start: resume every restore the last run left. A restore that cannot resume is reported and kept for the next start. */
