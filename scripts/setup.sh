@@ -25,13 +25,18 @@ fi
 # The guest's kernel: Debian's, unpacked (not installed) where test/helpers/guest.ts looks for it.
 GUEST_KERNEL_DIR=.cache/guest-kernel
 if [ ! -d "$GUEST_KERNEL_DIR/boot" ]; then
-  version=$(apt-cache depends linux-image-amd64 | sed -n 's/.*Depends: linux-image-\(.*-amd64\)$/\1/p' | head -n 1)
+  kernel_version() { apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/.*Depends: linux-image-\(.*-amd64\)$/\1/p' | head -n 1; }
+  version=$(kernel_version)
+  if [ -z "$version" ] && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    version=$(kernel_version)
+  fi
   if [ -z "$version" ]; then
     echo "setup: apt-cache names no kernel for linux-image-amd64 (run apt-get update?)" >&2
     exit 1
   fi
   echo "setup: unpacking the guest kernel linux-image-$version"
-  download=$(mktemp -d)
+  download=$(mktemp -d) && chmod 0755 "$download"  # readable by apt's _apt user, writable only by root
   (cd "$download" && apt-get download -qq "linux-image-$version")
   rm -rf "$GUEST_KERNEL_DIR.tmp" && mkdir -p "$GUEST_KERNEL_DIR.tmp"
   dpkg-deb -x "$download"/linux-image-*.deb "$GUEST_KERNEL_DIR.tmp"
