@@ -18,6 +18,7 @@ import { BdsnapError } from '../errors.js';
 import { loopBackingFile } from '../host/loop-devices.js';
 import { isMountpoint } from '../host/mountinfo.js';
 import { processCommandLine, processStartTime } from '../host/processes.js';
+import { readJsonFile } from '../stored-json.js';
 
 export interface MountRequest {
   /** The daemon's NBD unix socket. */
@@ -258,25 +259,8 @@ export function toRecord(device: string, m: AttachedMount): MountRecordOnDisk {
  * or does not match the schema (with where), EIO when it cannot be read.
  */
 export async function readMountRecords(mountsFile: string): Promise<MountRecordOnDisk[]> {
-  let text: string;
-  try {
-    text = await fs.promises.readFile(mountsFile, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw new BdsnapError('EIO', `cannot read ${mountsFile}: ${(err as Error).message}`, { cause: err });
-  }
-  let value: unknown;
-  try {
-    value = JSON.parse(text);
-  } catch (err) {
-    throw new BdsnapError('ECORRUPT', `${mountsFile} is not valid JSON: ${(err as Error).message}`, { cause: err });
-  }
-  const parsed = mountsFileSchema.safeParse(value);
-  if (!parsed.success) {
-    const first = parsed.error.issues[0];
-    throw new BdsnapError('ECORRUPT', `${mountsFile} is not a list of mount records (${first ? `${first.path.join('.') || '(root)'}: ${first.message}` : 'unknown problem'})`);
-  }
-  return parsed.data;
+  const records = await readJsonFile(mountsFile, mountsFileSchema, (problem) => `${mountsFile} is ${problem.startsWith('not valid JSON') ? problem : `not a list of mount records (${problem})`}`);
+  return records ?? [];
 }
 
 /**

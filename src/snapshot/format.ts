@@ -41,6 +41,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { parseJson } from '../stored-json.js';
 import type { ChunkTable } from './chunk-table.js';
 import { DIGEST_BYTES } from './chunk-digest.js';
 import { DigestTable } from './digest-table.js';
@@ -383,18 +384,7 @@ export function decodeDigests(buf: Buffer): DigestTable {
 }
 
 export function parseManifest(text: string, where: string): Manifest {
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (err) {
-    throw new BdsnapError('ECORRUPT', `${where}: manifest is not valid JSON (${(err as Error).message})`, { cause: err });
-  }
-  const parsed = manifestSchema.safeParse(raw);
-  if (!parsed.success) {
-    const first = parsed.error.issues[0];
-    throw new BdsnapError('ECORRUPT', `${where}: manifest is invalid: ${first ? `${first.path.join('.') || '(root)'}: ${first.message}` : 'unknown problem'}`);
-  }
-  return parsed.data;
+  return parseJson(text, manifestSchema, (problem) => `${where}: manifest is ${problem.startsWith('not valid JSON') ? problem : `invalid: ${problem}`}`);
 }
 
 /** Escape a device path into a directory-name part: readable, portable, at most ~200 bytes. */
