@@ -1,6 +1,12 @@
 /**
- * Byte tests every layer needs, beside errors.ts so that any of them may import it.
+ * Byte ranges and byte tests every layer needs, beside errors.ts so that any of them may import it.
  */
+
+/** A run of bytes of a device or file: `lengthBytes` from `offsetBytes`. */
+export interface ByteRange {
+  offsetBytes: number;
+  lengthBytes: number;
+}
 
 /** Compared a slice at a time, so the shared zero buffer stays small whatever the input. */
 const ZERO_COMPARE_BYTES = 64 * 1024;
