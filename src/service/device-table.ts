@@ -28,7 +28,7 @@ import { FileDevice } from '../device/file-device.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import { CowDevice, type SessionSummary as CowSessionSummary } from '../snapshot/cow-device.js';
-import { DEFAULT_CHUNK_SIZE } from '../snapshot/format.js';
+import { DEFAULT_CHUNK_SIZE, type Durability } from '../snapshot/format.js';
 import { TrackingDevice } from '../snapshot/change-map.js';
 import { SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import type { ChangeTracker } from './change-tracking.js';
@@ -41,7 +41,7 @@ import { describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp,
 
 export interface SessionSettings {
   chunkSize?: number;
-  durability?: 'process' | 'strict';
+  durability?: Durability;
   sizeLimitBytes?: number;
 }
 
@@ -121,7 +121,7 @@ export class DeviceTable {
     return this.#session.chunkSize ?? DEFAULT_CHUNK_SIZE;
   }
 
-  get durability(): 'process' | 'strict' {
+  get durability(): Durability {
     return this.#session.durability ?? 'process';
   }
 

@@ -75,6 +75,13 @@ export const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
 
 export type SessionState = 'active' | 'complete' | 'interrupted' | 'failed';
 
+/**
+ * What a session's store (and a change map) survives: a killed process ('process'), or a power
+ * loss too ('strict': every copy is synced before the write it protects goes on).
+ */
+export const DURABILITIES = ['process', 'strict'] as const;
+export type Durability = (typeof DURABILITIES)[number];
+
 export const manifestSchema = z.object({
   format: z.literal(FORMAT_NAME),
   version: z.union([z.literal(1), z.literal(FORMAT_VERSION)]),
@@ -82,7 +89,7 @@ export const manifestSchema = z.object({
   deviceSize: z.number().int().nonnegative(),
   deviceIdentity: z.record(z.string(), z.unknown()),
   chunkSize: z.number().int().min(MIN_CHUNK_SIZE),
-  durability: z.enum(['process', 'strict']),
+  durability: z.enum(DURABILITIES),
   mountTime: z.string(),
   endTime: z.string().nullable(),
   state: z.enum(['active', 'complete', 'interrupted', 'failed']),
