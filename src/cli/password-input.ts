@@ -1,7 +1,7 @@
 /**
  * Reading the service password on the client side: never from argv. Either from standard
  * input (`--password-stdin`, one password per line) or from a prompt on the terminal with
- * echo off.
+ * echo off. The prompt's package is loaded only when a prompt is shown.
  */
 
 import { BdsnapError } from '../errors.js';
@@ -22,41 +22,27 @@ export async function readStdinLines(maxBytes = 64 * 1024): Promise<string[]> {
   return lines;
 }
 
-/** Prompt on the terminal without echo. Fails with EINVAL when stdin is not a terminal. */
+/**
+ * Prompt on the terminal without echo (on stderr, so stdout stays the command's output). The
+ * line editing (backspace, paste, escape sequences, Ctrl+C, Ctrl+D) is @inquirer/password's.
+ * Fails with EINVAL when stdin is not a terminal, and when the prompt is given up.
+ */
 export async function promptHidden(question: string): Promise<string> {
-  const stdin = process.stdin;
-  if (!stdin.isTTY) {
+  if (!process.stdin.isTTY) {
     throw new BdsnapError('EINVAL', 'no terminal to ask for the password: use --password-stdin');
   }
-  // Echo goes off before the prompt shows, so an answer typed at once is not echoed either.
-  stdin.setRawMode(true);
-  process.stderr.write(question);
-  stdin.resume();
-  let answer = '';
+  const { default: password } = await import('@inquirer/password');
   try {
-    return await new Promise<string>((resolve, reject) => {
-      const onData = (chunk: Buffer): void => {
-        for (const ch of chunk.toString('utf8')) {
-          if (ch === '\r' || ch === '\n') {
-            stdin.off('data', onData);
-            resolve(answer);
-            return;
-          }
-          if (ch === '\u0003') {
-            stdin.off('data', onData);
-            reject(new BdsnapError('EINVAL', 'interrupted'));
-            return;
-          }
-          if (ch === '\u007f' || ch === '\b') answer = answer.slice(0, -1);
-          else answer += ch;
-        }
-      };
-      stdin.on('data', onData);
-    });
-  } finally {
-    stdin.setRawMode(false);
-    stdin.pause();
-    process.stderr.write('\n');
+    return await password(
+      { message: question.trimEnd(), mask: false, toggleMask: false, theme: { prefix: '', style: { message: (text: string) => text } } },
+      { input: process.stdin, output: process.stderr, clearPromptOnDone: false },
+    );
+  } catch (err) {
+    const name = (err as Error).name;
+    if (name === 'ExitPromptError' || name === 'AbortPromptError' || name === 'CancelPromptError') {
+      throw new BdsnapError('EINVAL', 'interrupted: no password was given', { cause: err });
+    }
+    throw err;
   }
 }
 
