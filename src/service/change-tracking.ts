@@ -29,7 +29,7 @@ import {
 import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type ChangeMapReset } from '../snapshot/change-map.js';
 import { escapeDevicePath, type Durability } from '../snapshot/format.js';
 import type { EventLog } from './events.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue } from '../serial-queue.js';
 import type { SnapshotChangeTracking } from './snapshots.js';
 
 const CBT_DIR = 'cbt';

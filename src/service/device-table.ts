@@ -35,7 +35,7 @@ import type { ChangeTracker } from './change-tracking.js';
 import type { DeviceStatus } from './control-protocol.js';
 import { DirtyTracker } from '../device/dirty-tracker.js';
 import type { EventLog } from './events.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue } from '../serial-queue.js';
 import type { Registry } from './registry.js';
 import { describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
 

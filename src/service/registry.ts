@@ -21,7 +21,7 @@ import { writeFileAtomic } from '../host/atomic-file.js';
 import { readJsonFile } from '../stored-json.js';
 import { readDeviceIdentity, sameIdentity, stampIdentitySchema, type StampIdentity } from '../host/device-stamp.js';
 import type { RegisterResult } from './control-protocol.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue, SerialQueue } from '../serial-queue.js';
 import { listLoopDevices, loopBackingIdentity } from '../host/loop-devices.js';
 
 export const REGISTRY_FILE = 'registry.json';
@@ -89,7 +89,7 @@ export class Registry {
   readonly #file: string;
   readonly #devices = new Map<string, DeviceRecord>();
   /** Saves run one after another so an older snapshot never overwrites a newer one. */
-  #saving: Promise<void> = Promise.resolve();
+  readonly #saving = new SerialQueue();
   /** Registrations and identity claims one at a time: two names of one file racing must not both get in. */
   readonly #claims = new KeyedQueue();
 
@@ -233,9 +233,7 @@ export class Registry {
 
   #save(): Promise<void> {
     const text = `${JSON.stringify({ version: REGISTRY_VERSION, devices: this.list() }, null, 2)}\n`;
-    const next = this.#saving.catch(() => undefined).then(() => writeFileAtomic(this.#file, text, 0o600));
-    this.#saving = next;
-    return next;
+    return this.#saving.run(() => writeFileAtomic(this.#file, text, 0o600));
   }
 }
 

@@ -29,7 +29,7 @@ import { compareSessions, listSessions } from '../snapshot/sessions.js';
 import type { ReceivedReplicaInfo } from './control-protocol.js';
 import type { DeviceTable } from './device-table.js';
 import type { EventLog } from './events.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue } from '../serial-queue.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
 
 export const RECEIVED_FILE = 'replicas-received.json';

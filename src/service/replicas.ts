@@ -33,7 +33,7 @@ import { readJsonFile } from '../stored-json.js';
 import { BdsnapClient } from './client.js';
 import type { ReplicaInfo, ReplicaSyncSummary, SnapshotImageInfo } from './control-protocol.js';
 import type { EventLog } from './events.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue } from '../serial-queue.js';
 import { controlSocketPath } from './paths.js';
 import { canonicalDevicePath } from './registry.js';
 import { copyRanges, RateLimit, type ByteRange, type CopyCounters } from './replica-copy.js';
