@@ -9,7 +9,7 @@
  * every write the kernel made has reached the server.
  */
 
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -17,6 +17,7 @@ import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { loopBackingFile } from '../host/loop-devices.js';
 import { isMountpoint } from '../host/mountinfo.js';
+import { oneLine, runTool } from '../host/run-tool.js';
 import { processCommandLine, processStartTime } from '../host/processes.js';
 import { readJsonFile } from '../stored-json.js';
 
@@ -49,23 +50,8 @@ const READY_TIMEOUT_MS = 15000;
 const EXIT_TIMEOUT_MS = 30000;
 const SYNC_TIMEOUT_MS = 60000;
 
-function run(cmd: string, args: string[], timeoutMs = 60000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { encoding: 'utf8', timeout: timeoutMs }, (err, stdout, stderr) => {
-      if (err) {
-        const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-        const reason = missing ? `${cmd} is not installed` : `${cmd} ${args.join(' ')} failed: ${oneLine(stderr || err.message)}`;
-        reject(new BdsnapError(missing ? 'ENOTSUP' : 'EIO', reason, { cause: err }));
-      } else {
-        resolve(stdout);
-      }
-    });
-  });
-}
-
-/** A tool's stderr as one line for the CLI's one-line errors, without generic hints. */
-function oneLine(text: string): string {
-  return text.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('dmesg(1)')).join('; ');
+function run(cmd: string, args: string[], timeoutMs?: number): Promise<string> {
+  return runTool(cmd, args, timeoutMs !== undefined ? { timeoutMs } : {});
 }
 
 function sleep(ms: number): Promise<void> {
