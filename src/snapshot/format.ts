@@ -42,6 +42,7 @@ import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { parseJson } from '../stored-json.js';
+import { readU64LE as readU64, writeU64LE as writeU64 } from '../bytes.js';
 import type { ChunkTable } from './chunk-table.js';
 import { DIGEST_BYTES } from './chunk-digest.js';
 import { DigestTable } from './digest-table.js';
@@ -127,14 +128,8 @@ export function sha256(data: Buffer): Buffer {
 
 export { DIGEST_ALGORITHM, DIGEST_BYTES, chunkDigest, type DigestAlgorithm } from './chunk-digest.js';
 
-export function writeU64(buf: Buffer, value: number, at: number): void {
-  buf.writeUInt32LE(value % 0x1_0000_0000, at);
-  buf.writeUInt32LE(Math.floor(value / 0x1_0000_0000), at + 4);
-}
-
-export function readU64(buf: Buffer, at: number): number {
-  return buf.readUInt32LE(at) + buf.readUInt32LE(at + 4) * 0x1_0000_0000;
-}
+/** The session formats' u64 fields are little-endian. */
+export { readU64, writeU64 };
 
 /**
  * Record header layout: magic u32 @0, version u16 @4, flags u16 @6, first chunk u64 @8,
