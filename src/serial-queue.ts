@@ -18,3 +18,23 @@ export class SerialQueue {
     await this.#tail;
   }
 }
+
+/**
+ * A SerialQueue per key: the tasks of one key run one at a time in the order they were queued,
+ * the tasks of different keys independently. A key's queue is dropped once it is idle.
+ */
+export class KeyedQueue {
+  readonly #tails = new Map<string, Promise<unknown>>();
+
+  /** Run `fn` after every task queued before it under `key`; resolves or rejects as `fn` does. */
+  run<T>(key: string, fn: () => Promise<T>): Promise<T> {
+    const previous = this.#tails.get(key) ?? Promise.resolve();
+    const result = previous.then(fn, fn);
+    const tail = result.catch(() => undefined);
+    this.#tails.set(key, tail);
+    void tail.then(() => {
+      if (this.#tails.get(key) === tail) this.#tails.delete(key);
+    });
+    return result;
+  }
+}

@@ -1,9 +1,8 @@
 /** Byte ranges: sorting and merging, and which pieces a set of ranges touches or covers. */
 
-export interface ByteRange {
-  offsetBytes: number;
-  lengthBytes: number;
-}
+import type { ByteRange } from '../bytes.js';
+
+export type { ByteRange };
 
 /** Sorted, merged, non-empty ranges, clipped to [0, sizeBytes). */
 export function normalizeRanges(ranges: readonly ByteRange[], sizeBytes: number): ByteRange[] {

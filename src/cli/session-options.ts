@@ -1,45 +1,34 @@
 /** The session settings shared by `bdsnap serve --snapshot-root` and `bdsnap daemon`. */
 
 import type { Command } from 'commander';
-import { BdsnapError } from '../errors.js';
-import { checkChunkSize, DEFAULT_CHUNK_SIZE } from '../snapshot/format.js';
-import { parseBytes } from '../units.js';
+import { checkChunkSize, DEFAULT_CHUNK_SIZE, DURABILITIES, type Durability } from '../snapshot/format.js';
+import { choiceOption, sizeOption } from './option-values.js';
 
+/** The options as commander leaves them: values already checked (see option-values.ts). */
 export interface SessionCliOptions {
-  chunkSize?: string;
-  durability: string;
-  sizeLimit?: string;
+  chunkSize?: number;
+  durability: Durability;
+  sizeLimit?: number;
 }
 
 export interface SessionSettingsFromCli {
   chunkSize?: number;
-  durability: 'process' | 'strict';
+  durability: Durability;
   sizeLimitBytes?: number;
 }
 
 export function addSessionOptions(command: Command): Command {
   return command
-    .option('--chunk-size <size>', `session chunk size, a power of two of at least 4K (default ${DEFAULT_CHUNK_SIZE / 1024}K)`)
-    .option('--durability <mode>', "session durability: 'process' (survives a killed process) or 'strict' (survives power loss)", 'process')
-    .option('--size-limit <size>', 'cap on each session store; past it the session fails and the device carries on');
+    .addOption(sizeOption('--chunk-size <size>', `session chunk size, a power of two of at least 4K (default ${DEFAULT_CHUNK_SIZE / 1024}K)`, checkChunkSize))
+    .addOption(choiceOption('--durability <mode>', "session durability: 'process' (survives a killed process) or 'strict' (survives power loss)", DURABILITIES).default('process'))
+    .addOption(sizeOption('--size-limit <size>', 'cap on each session store; past it the session fails and the device carries on'));
 }
 
-/** Parse and check the options before anything starts. Errors: EINVAL naming the option. */
+/** The session settings of the parsed options. */
 export function parseSessionOptions(opts: SessionCliOptions): SessionSettingsFromCli {
-  if (opts.durability !== 'process' && opts.durability !== 'strict') {
-    throw new BdsnapError('EINVAL', `bad --durability "${opts.durability}": expected process or strict`);
-  }
-  const chunkSize = opts.chunkSize !== undefined ? parseBytes(opts.chunkSize, '--chunk-size') : undefined;
-  if (chunkSize !== undefined) {
-    try {
-      checkChunkSize(chunkSize);
-    } catch (err) {
-      throw new BdsnapError('EINVAL', `bad --chunk-size: ${(err as Error).message}`);
-    }
-  }
   return {
     durability: opts.durability,
-    ...(chunkSize !== undefined ? { chunkSize } : {}),
-    ...(opts.sizeLimit !== undefined ? { sizeLimitBytes: parseBytes(opts.sizeLimit, '--size-limit') } : {}),
+    ...(opts.chunkSize !== undefined ? { chunkSize: opts.chunkSize } : {}),
+    ...(opts.sizeLimit !== undefined ? { sizeLimitBytes: opts.sizeLimit } : {}),
   };
 }

@@ -24,10 +24,9 @@
  */
 
 import fs from 'node:fs';
-import { promisify } from 'node:util';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { blockDeviceSizeBytes, fileStampOfFd, readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
-import { fdatasyncFd, openFd, preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
+import { closeFd, fdatasyncFd, openFd, preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
 import { formatDevT } from '../host/dev-t.js';
 import { loadLibc, type Libc } from '../host/libc.js';
 import {
@@ -36,8 +35,6 @@ import {
 } from './block-device.js';
 import { acquireDeviceLock, type DeviceLock } from './device-lock.js';
 import { SyncIoPolicy } from './sync-io-policy.js';
-
-const closeAsync = promisify(fs.close);
 
 /** Largest buffer of zeroes written at once by zero(). */
 const ZERO_BUFFER_BYTES = 1 << 20;
@@ -259,7 +256,7 @@ export class FileDevice implements BlockDevice {
     this.#closed = true;
     if (this.#inFlight > 0) await new Promise<void>((resolve) => { this.#drained = resolve; });
     try {
-      await closeAsync(this.#fd);
+      await closeFd(this.#fd);
     } finally {
       await this.#lock?.release();
     }

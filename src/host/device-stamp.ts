@@ -22,6 +22,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
+import { tryParseJson } from '../stored-json.js';
 import { formatDevT } from './dev-t.js';
 import { loopBackingFile } from './loop-devices.js';
 
@@ -70,12 +71,7 @@ export const deviceStampSchema = z.discriminatedUnion('kind', [fileStampSchema, 
 
 /** A stamp as stored (JSON); undefined when it does not parse as one. */
 export function parseDeviceStamp(text: string): DeviceStamp | undefined {
-  try {
-    const parsed = deviceStampSchema.safeParse(JSON.parse(text));
-    return parsed.success ? parsed.data : undefined;
-  } catch {
-    return undefined;
-  }
+  return tryParseJson(text, deviceStampSchema);
 }
 
 /** Where the stamp's facts are read from; tests point these at crafted files. */

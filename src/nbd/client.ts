@@ -12,6 +12,7 @@
 
 import net from 'node:net';
 import tls from 'node:tls';
+import { readU64BE } from '../bytes.js';
 import { BdsnapError, type ErrorCode } from '../errors.js';
 import type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
 import * as C from './constants.js';
@@ -306,7 +307,7 @@ export class NbdClient implements BlockDevice {
         if (r.type !== C.NBD_REP_INFO || r.data.length < 2) continue;
         const infoType = r.data.readUInt16BE(0);
         if (infoType === C.NBD_INFO_EXPORT && r.data.length >= 12) {
-          this.#size = r.data.readUInt32BE(2) * 4294967296 + r.data.readUInt32BE(6);
+          this.#size = readU64BE(r.data, 2);
           this.#transmissionFlags = r.data.readUInt16BE(10);
         } else if (infoType === C.NBD_INFO_BLOCK_SIZE && r.data.length >= 14) {
           this.#blockSizes = { minimum: r.data.readUInt32BE(2), preferred: r.data.readUInt32BE(6), maximum: r.data.readUInt32BE(10) };
@@ -459,7 +460,7 @@ export class NbdClient implements BlockDevice {
         // Data the decoder placed already (m.placedBytes) follows the offset; else it is in b.
         const dataBytes = m.placedBytes ?? b.length - 8;
         if (p.type !== C.NBD_CMD_READ || b.length < 8 || dataBytes < 1) return 'unexpected OFFSET_DATA chunk';
-        const at = b.readUInt32BE(0) * 4294967296 + b.readUInt32BE(4) - p.offsetBytes;
+        const at = readU64BE(b, 0) - p.offsetBytes;
         if (at < 0 || at + dataBytes > p.lengthBytes) return 'OFFSET_DATA chunk outside the request';
         if (m.placedBytes === undefined) b.copy(p.data!, at, 8);
         p.coveredBytes += dataBytes;
@@ -467,7 +468,7 @@ export class NbdClient implements BlockDevice {
       }
       case C.NBD_REPLY_TYPE_OFFSET_HOLE: {
         if (p.type !== C.NBD_CMD_READ || b.length !== 12) return 'unexpected OFFSET_HOLE chunk';
-        const at = b.readUInt32BE(0) * 4294967296 + b.readUInt32BE(4) - p.offsetBytes;
+        const at = readU64BE(b, 0) - p.offsetBytes;
         const n = b.readUInt32BE(8);
         if (n === 0 || at < 0 || at + n > p.lengthBytes) return 'OFFSET_HOLE chunk outside the request';
         p.data!.fill(0, at, at + n);

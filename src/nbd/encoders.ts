@@ -4,6 +4,7 @@
  * the header room, so a READ reply goes out as one buffer with no copy.
  */
 
+import { writeU64BE } from '../bytes.js';
 import {
   IHAVEOPT_HI, IHAVEOPT_LO, NBDMAGIC_HI, NBDMAGIC_LO, NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT,
   NBD_INFO_NAME, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR, NBD_REPLY_TYPE_ERROR_OFFSET,
@@ -12,12 +13,9 @@ import {
   REQUEST_HEADER_BYTES, SIMPLE_REPLY_HEADER_BYTES, STRUCTURED_REPLY_HEADER_BYTES, NBD_MAX_STRING_BYTES,
 } from './constants.js';
 
-const TWO_POW_32 = 4294967296;
-
-/** Write an unsigned 64-bit value given as a safe integer. */
+/** Write an unsigned 64-bit value given as a safe integer, in network order. */
 export function writeU64(buf: Buffer, offset: number, value: number): void {
-  buf.writeUInt32BE(Math.floor(value / TWO_POW_32), offset);
-  buf.writeUInt32BE(value >>> 0, offset + 4);
+  writeU64BE(buf, value, offset);
 }
 
 function truncateUtf8(text: string, maxBytes: number): Buffer {

@@ -7,6 +7,7 @@
  * READs awaiting data, so the decoder asks through `simpleReplyDataBytes`.
  */
 
+import { readU64BE } from '../bytes.js';
 import { ByteQueue, NbdProtocolError, fillPartial, type PartialPayload } from './byte-queue.js';
 import {
   IHAVEOPT_HI, IHAVEOPT_LO, MAX_OPTION_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, NBDMAGIC_HI, NBDMAGIC_LO, NBD_REP_MAGIC_HI,
@@ -79,7 +80,6 @@ export interface ReplyDecoderOptions {
   transientChunks?: boolean;
 }
 
-const TWO_POW_32 = 4294967296;
 /** The offset field that starts an OFFSET_DATA chunk. */
 const OFFSET_BYTES = 8;
 const EXPORT_NAME_REPLY_BYTES = 10;
@@ -183,7 +183,7 @@ export class ReplyDecoder {
         const b = q.viewBuffer;
         const message: ExportInfoMessage = {
           kind: 'export-info',
-          sizeBytes: b.readUInt32BE(at) * TWO_POW_32 + b.readUInt32BE(at + 4),
+          sizeBytes: readU64BE(b, at),
           transmissionFlags: b.readUInt16BE(at + 8),
         };
         q.skip(n);
@@ -236,7 +236,7 @@ export class ReplyDecoder {
       q.skip(STRUCTURED_REPLY_HEADER_BYTES);
       if (message.type === NBD_REPLY_TYPE_OFFSET_DATA && length > OFFSET_BYTES && this.#dataTarget && q.length >= OFFSET_BYTES) {
         const o = q.view(OFFSET_BYTES);
-        const offsetBytes = q.viewBuffer.readUInt32BE(o) * TWO_POW_32 + q.viewBuffer.readUInt32BE(o + 4);
+        const offsetBytes = readU64BE(q.viewBuffer, o);
         const target = this.#dataTarget(message.cookieHi, message.cookieLo, offsetBytes, length - OFFSET_BYTES);
         if (target) {
           message.payload = q.take(OFFSET_BYTES, true);

@@ -16,6 +16,7 @@
  * phase between two calls never sees bytes decoded under the wrong phase.
  */
 
+import { readU64BE } from '../bytes.js';
 import { ByteQueue, NbdProtocolError, fillPartial, type PartialPayload } from './byte-queue.js';
 import {
   IHAVEOPT_HI, IHAVEOPT_LO, MAX_OPTION_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, NBD_CMD_WRITE, NBD_REQUEST_MAGIC,
@@ -77,7 +78,6 @@ export interface RequestDecoderOptions {
   transientChunks?: boolean;
 }
 
-const TWO_POW_32 = 4294967296;
 
 export class RequestDecoder {
   #queue = new ByteQueue();
@@ -223,7 +223,7 @@ export class RequestDecoder {
       type: b.readUInt16BE(at + 6),
       cookieHi: b.readUInt32BE(at + 8),
       cookieLo: b.readUInt32BE(at + 12),
-      offsetBytes: b.readUInt32BE(at + 16) * TWO_POW_32 + b.readUInt32BE(at + 20),
+      offsetBytes: readU64BE(b, at + 16),
       lengthBytes: b.readUInt32BE(at + 24),
       payload: undefined,
       payloadSkipped: false,

@@ -30,6 +30,7 @@ import { z } from 'zod';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { readBootId } from '../host/device-stamp.js';
 import { PROC_PATH, processStartTime, processStartTimeSync } from '../host/processes.js';
+import { tryParseJson } from '../stored-json.js';
 import { LOCKS_PREFIX, newBackupId } from './format.js';
 import type { ObjectInfo, ObjectStore } from './object-store.js';
 
@@ -92,12 +93,9 @@ export async function listLocks(store: ObjectStore, options: LockOptions = {}): 
   const out: LockInfo[] = [];
   for (const info of await store.list(LOCKS_PREFIX)) {
     const kind = info.name.endsWith('.prune') ? 'prune' : 'create';
-    let body: LockBody = { kind, host: '?', pid: -1, processStart: null, createdAt: new Date(info.modifiedMs).toISOString() };
-    try {
-      body = lockSchema.parse(JSON.parse((await store.get(info.name, { maxBytes: MAX_LOCK_BYTES })).toString('utf8')));
-    } catch {
-      // Torn or foreign: judged by its age (host '?' is never this host).
-    }
+    const stored = await store.get(info.name, { maxBytes: MAX_LOCK_BYTES }).catch(() => undefined);
+    // Torn or foreign: judged by its age (host '?' is never this host).
+    const body: LockBody = (stored && tryParseJson(stored, lockSchema)) ?? { kind, host: '?', pid: -1, processStart: null, createdAt: new Date(info.modifiedMs).toISOString() };
     const judged = body.pid === -1 ? { state: now - info.modifiedMs > STALE_MS ? 'stale' as const : 'live' as const } : await stateOf(body, info, now, options.proc ?? PROC_PATH);
     out.push({ ...body, name: info.name, ...judged });
   }

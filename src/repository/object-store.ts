@@ -27,6 +27,7 @@ import { constants } from 'node:buffer';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import type { ByteRange } from '../bytes.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { ConfinedTree } from '../host/confined-tree.js';
 import { closeFd, fdatasyncFd, fsyncFd, openFd, preadFully, renamePath, unlinkPath, writevFully } from '../host/fd-io.js';
@@ -85,7 +86,7 @@ export interface ObjectStore {
 }
 
 /** A byte range of an object, or a bound on the size of the whole object. */
-export type GetOptions = { offsetBytes: number; lengthBytes: number } | { maxBytes: number };
+export type GetOptions = ByteRange | { maxBytes: number };
 
 /**
  * The largest object a whole-object get reads by default: a manifest, the largest object of

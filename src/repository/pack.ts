@@ -10,6 +10,7 @@
 
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
+import { parseJson } from '../stored-json.js';
 import { packObject, randomObjectName } from './format.js';
 import type { ObjectStore } from './object-store.js';
 
@@ -57,14 +58,8 @@ export function encodeIndex(packs: readonly WrittenPack[]): Buffer {
 
 /** The packs an index lists; ECORRUPT unless well formed, every range within `maxPieceBytes` and without overlap. */
 export function decodeIndex(plain: Buffer, what: string, isPack: (name: string) => boolean, maxPieceBytes: number): WrittenPack[] {
-  let parsed;
-  try {
-    parsed = indexSchema.safeParse(JSON.parse(plain.toString('utf8')));
-  } catch (err) {
-    throw new BdsnapError('ECORRUPT', `${what} is damaged (not JSON)`, { cause: err });
-  }
-  if (!parsed.success) throw new BdsnapError('ECORRUPT', `${what} is damaged (does not match the format)`);
-  return parsed.data.packs.map((p) => {
+  const index = parseJson(plain, indexSchema, (problem) => `${what} is damaged (${problem})`);
+  return index.packs.map((p) => {
     if (!isPack(p.object)) throw new BdsnapError('ECORRUPT', `${what} names ${p.object}, which is not a pack`);
     let end = 0;
     const pieces = p.pieces.map(([id, offsetBytes, lengthBytes]) => {

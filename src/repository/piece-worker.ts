@@ -17,14 +17,14 @@
 
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
-import { isAllZero } from '../bytes.js';
+import { isAllZero, type ByteRange } from '../bytes.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
 import { STORED_SLACK_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
 import { SEAL_OVERHEAD_BYTES, keyedId, open, pieceAad, seal, type PieceCrypto } from './crypto.js';
 
 /** Where a piece lies in a file: a byte range (in a pack), or null for the whole file (a v1 piece). */
-export type PieceRange = { offsetBytes: number; lengthBytes: number } | null;
+export type PieceRange = ByteRange | null;
 
 /**
  * Where a 'place' into an existing target keeps what it overwrites: the original of the range

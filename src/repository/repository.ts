@@ -33,6 +33,7 @@ import { decodeStored } from './piece-worker.js';
 import { RepoLock, listLocks } from './lock.js';
 import { LocalDirStore, type ObjectStore } from './object-store.js';
 import { runLimited } from '../run-limited.js';
+import { firstIssue, parseJson } from '../stored-json.js';
 
 export interface InitOptions {
   /** Power of two from 64 KiB to 16 MiB; default 256 KiB. */
@@ -109,7 +110,8 @@ function countByte(buf: Buffer, byte: number): number {
   return n;
 }
 
-function parseJson(raw: Buffer): unknown {
+/** The config as JSON, or undefined when it is not (an encrypted config is sealed bytes). */
+function plainJson(raw: Buffer): unknown {
   try {
     return JSON.parse(raw.toString('utf8')) as unknown;
   } catch {
@@ -218,14 +220,14 @@ export class Repository {
       throw err;
     }
     const keyNames = (await store.names(KEYS_PREFIX)).filter((n) => keyIdOf(n) !== undefined);
-    const json = parseJson(raw);
+    const json = plainJson(raw);
     if (json !== undefined) {
       const probe = json as { format?: unknown; version?: unknown; encryption?: unknown };
       if (probe.format === REPO_FORMAT && typeof probe.version === 'number' && probe.version > REPO_VERSION) {
         throw new BdsnapError('ENOTSUP', `${store.location} is a version ${probe.version} repository; this bdsnap reads versions ${LEGACY_REPO_VERSION} and ${REPO_VERSION}`);
       }
       const parsed = probe.version === LEGACY_REPO_VERSION ? legacyConfigSchema.safeParse(json) : configSchema.safeParse(json);
-      if (!parsed.success) throw new BdsnapError('ECORRUPT', `the config of ${store.location} is not a bdsnap repository config: ${parsed.error.issues[0]?.message ?? ''}`);
+      if (!parsed.success) throw new BdsnapError('ECORRUPT', `the config of ${store.location} is not a bdsnap repository config: ${firstIssue(parsed.error)}`);
       // A plain config beside keys is an encrypted repository whose config was replaced.
       if (keyNames.length > 0 || (parsed.data.version === REPO_VERSION && parsed.data.encryption !== 'none')) {
         throw new BdsnapError('ECORRUPT', `the config of ${store.location} is plain but the repository has keys: it was altered; refusing to use it`);
@@ -242,17 +244,16 @@ export class Repository {
       const master = key && await unwrapMasterKey(key, password);
       if (!master) continue;
       const plain = open(master.encryptionKey, objectAad(CONFIG_OBJECT), raw, `the config of ${store.location}`);
-      const parsed = configSchema.safeParse(parseJson(plain));
-      if (!parsed.success || parsed.data.encryption !== 'aes-256-gcm') throw new BdsnapError('ECORRUPT', `the config of ${store.location} is not a bdsnap repository config`);
-      return new Repository(store, parsed.data, master, keyIdOf(name));
+      const notConfig = (problem: string): string => `the config of ${store.location} is not a bdsnap repository config: ${problem}`;
+      const config = parseJson(plain, configSchema, notConfig);
+      if (config.encryption !== 'aes-256-gcm') throw new BdsnapError('ECORRUPT', notConfig(`it says encryption ${config.encryption}`));
+      return new Repository(store, config, master, keyIdOf(name));
     }
     throw new BdsnapError('EAUTH', `wrong password: no key of ${store.location} accepts it`);
   }
 
   static async #readKey(store: ObjectStore, name: string): Promise<KeyObject> {
-    const parsed = keyObjectSchema.safeParse(parseJson(await store.get(name, { maxBytes: MAX_KEY_BYTES })));
-    if (!parsed.success) throw new BdsnapError('ECORRUPT', `key object ${name} is damaged`);
-    return parsed.data;
+    return parseJson(await store.get(name, { maxBytes: MAX_KEY_BYTES }), keyObjectSchema, (problem) => `key object ${name} is damaged (${problem})`);
   }
 
   /** The object as stored: sealed and bound to its name in an encrypted repository. */
@@ -284,16 +285,11 @@ export class Repository {
     if (countByte(raw, COMMA) > MAX_MANIFEST_COMMAS) {
       throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} is damaged (more than ${MAX_MANIFEST_COMMAS} values)`);
     }
-    let parsed;
-    try {
-      parsed = manifestSchema.safeParse(JSON.parse(raw.toString('utf8')));
-    } catch (err) {
-      throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} is damaged (not JSON)`, { cause: err });
-    }
-    if (!parsed.success || parsed.data.id !== id) throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} is damaged (does not match the format)`);
-    if (parsed.data.pieceSizeBytes !== this.pieceSizeBytes) throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} has another piece size than the repository`);
-    for (const d of parsed.data.devices) expandSlots(d, parsed.data.pieceSizeBytes);
-    return parsed.data;
+    const manifest = parseJson(raw, manifestSchema, (problem) => `the manifest of backup ${id} is damaged (${problem})`);
+    if (manifest.id !== id) throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} is damaged (it is the manifest of ${manifest.id})`);
+    if (manifest.pieceSizeBytes !== this.pieceSizeBytes) throw new BdsnapError('ECORRUPT', `the manifest of backup ${id} has another piece size than the repository`);
+    for (const d of manifest.devices) expandSlots(d, manifest.pieceSizeBytes);
+    return manifest;
   }
 
   /** Write a manifest: the commit of its backup. Every piece it names must be indexed already. */

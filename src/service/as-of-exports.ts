@@ -16,7 +16,7 @@ import { checkNotInUse } from '../host/in-use.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import { findSessionByMountTime, openAsOf, type AsOfDevice } from '../snapshot/restore/index.js';
 import type { DeviceTable } from './device-table.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue } from '../serial-queue.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
 
 const MARK = '@asof:';

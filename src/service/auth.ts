@@ -14,6 +14,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { parseJson } from '../stored-json.js';
 
 export const PASSWORD_FILE = 'password';
 export const MIN_PASSWORD_LENGTH = 8;
@@ -139,14 +140,6 @@ export class PasswordStore {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
       throw new BdsnapError('EIO', `cannot read the password file ${this.#file}: ${(err as Error).message}`, { cause: err });
     }
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(text);
-    } catch (err) {
-      throw new BdsnapError('ECORRUPT', `the password file ${this.#file} does not parse; set a new password after removing it`, { cause: err });
-    }
-    const result = storedSchema.safeParse(parsed);
-    if (!result.success) throw new BdsnapError('ECORRUPT', `the password file ${this.#file} has an unknown layout`);
-    return result.data;
+    return parseJson(text, storedSchema, (problem) => `the password file ${this.#file} is damaged (${problem}); set a new password after removing it`);
   }
 }

@@ -27,9 +27,9 @@ import {
   describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp, sameIdentity, type DeviceStamp,
 } from '../host/device-stamp.js';
 import { ChangeMap, FrozenChangeMap, type ByteRange, type ChangeMapInfo, type ChangeMapReset } from '../snapshot/change-map/index.js';
-import { escapeDevicePath } from '../snapshot/format.js';
+import { escapeDevicePath, type Durability } from '../snapshot/format.js';
 import type { EventLog } from './events.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue } from '../serial-queue.js';
 import type { SnapshotChangeTracking } from './snapshots/tracking.js';
 
 const CBT_DIR = 'cbt';
@@ -41,7 +41,7 @@ interface Frozen {
 
 export class ChangeTracker implements SnapshotChangeTracking {
   readonly #dir: string;
-  readonly #durability: 'process' | 'strict';
+  readonly #durability: Durability;
   readonly #events: EventLog;
   readonly #log: Logger;
   readonly #open = new Map<string, ChangeMap>();
@@ -51,7 +51,7 @@ export class ChangeTracker implements SnapshotChangeTracking {
   /** Called when a device's map was reset: snapshots of a device changed outside bdsnap are void. */
   onReset: ((devicePath: string, reset: ChangeMapReset) => void) | undefined;
 
-  constructor(stateDir: string, durability: 'process' | 'strict', events: EventLog, log: Logger) {
+  constructor(stateDir: string, durability: Durability, events: EventLog, log: Logger) {
     this.#dir = path.join(stateDir, CBT_DIR);
     this.#durability = durability;
     this.#events = events;

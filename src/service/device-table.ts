@@ -28,20 +28,20 @@ import { FileDevice } from '../device/file-device.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import { CowDevice, type SessionSummary as CowSessionSummary } from '../snapshot/cow-device.js';
-import { DEFAULT_CHUNK_SIZE } from '../snapshot/format.js';
+import { DEFAULT_CHUNK_SIZE, type Durability } from '../snapshot/format.js';
 import { TrackingDevice } from '../snapshot/change-map/index.js';
 import { SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import type { ChangeTracker } from './change-tracking.js';
 import type { DeviceStatus } from './control-protocol.js';
 import { DirtyTracker } from '../device/dirty-tracker.js';
 import type { EventLog } from './events.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue } from '../serial-queue.js';
 import type { Registry } from './registry.js';
 import { describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
 
 export interface SessionSettings {
   chunkSize?: number;
-  durability?: 'process' | 'strict';
+  durability?: Durability;
   sizeLimitBytes?: number;
 }
 
@@ -152,7 +152,7 @@ export class DeviceTable {
     return this.#session.chunkSize ?? DEFAULT_CHUNK_SIZE;
   }
 
-  get durability(): 'process' | 'strict' {
+  get durability(): Durability {
     return this.#session.durability ?? 'process';
   }
 

@@ -8,23 +8,14 @@
  * them while the freeze waits.
  */
 
-import { execFile } from 'node:child_process';
 import { BdsnapError } from '../errors.js';
+import { runTool } from '../host/run-tool.js';
 
 const FREEZE_TIMEOUT_MS = 60_000;
 
-function fsfreeze(flag: '--freeze' | '--unfreeze', mountpoint: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    execFile('fsfreeze', [flag, mountpoint], { timeout: FREEZE_TIMEOUT_MS }, (err, _stdout, stderr) => {
-      if (!err) {
-        resolve();
-        return;
-      }
-      const what = flag === '--freeze' ? 'freeze' : 'thaw';
-      const detail = String(stderr).trim() || err.message;
-      reject(new BdsnapError('EIO', `cannot ${what} the filesystem on ${mountpoint}: ${detail}`, { cause: err }));
-    });
-  });
+async function fsfreeze(flag: '--freeze' | '--unfreeze', mountpoint: string): Promise<void> {
+  const what = `cannot ${flag === '--freeze' ? 'freeze' : 'thaw'} the filesystem on ${mountpoint}`;
+  await runTool('fsfreeze', [flag, mountpoint], { timeoutMs: FREEZE_TIMEOUT_MS, what });
 }
 
 /**

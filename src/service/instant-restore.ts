@@ -36,6 +36,7 @@ import { closeFd, fdatasyncFd, openFd, preadFully, pwriteFully } from '../host/f
 import { checkNotInUse } from '../host/in-use.js';
 import { openOutputFile } from '../host/output-file.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
+import { parseJson } from '../stored-json.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import type { EventLog } from './events.js';
 import type { InstantRestoreInfo } from './control-protocol.js';
@@ -532,7 +533,8 @@ export class InstantRestores {
     for (const name of names) {
       const dir = path.join(this.#root, name);
       try {
-        const state = stateSchema.parse(JSON.parse(await fs.promises.readFile(path.join(dir, STATE_FILE), 'utf8')));
+        const stateFile = path.join(dir, STATE_FILE);
+        const state = parseJson(await fs.promises.readFile(stateFile), stateSchema, (problem) => `${stateFile} is damaged: ${problem}`);
         const password = await fs.promises.readFile(path.join(dir, PASSWORD_FILE), 'utf8').catch(() => undefined);
         const opened = await this.#options.openSource(state.repo, state.backup, state.device, password);
         let file: FileDevice | undefined;

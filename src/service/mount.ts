@@ -9,7 +9,7 @@
  * every write the kernel made has reached the server.
  */
 
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -17,7 +17,9 @@ import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { loopBackingFile } from '../host/loop-devices.js';
 import { isMountpoint } from '../host/mountinfo.js';
+import { oneLine, runTool } from '../host/run-tool.js';
 import { processCommandLine, processStartTime } from '../host/processes.js';
+import { readJsonFile } from '../stored-json.js';
 
 export interface MountRequest {
   /** The daemon's NBD unix socket. */
@@ -48,23 +50,8 @@ const READY_TIMEOUT_MS = 15000;
 const EXIT_TIMEOUT_MS = 30000;
 const SYNC_TIMEOUT_MS = 60000;
 
-function run(cmd: string, args: string[], timeoutMs = 60000): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { encoding: 'utf8', timeout: timeoutMs }, (err, stdout, stderr) => {
-      if (err) {
-        const missing = (err as NodeJS.ErrnoException).code === 'ENOENT';
-        const reason = missing ? `${cmd} is not installed` : `${cmd} ${args.join(' ')} failed: ${oneLine(stderr || err.message)}`;
-        reject(new BdsnapError(missing ? 'ENOTSUP' : 'EIO', reason, { cause: err }));
-      } else {
-        resolve(stdout);
-      }
-    });
-  });
-}
-
-/** A tool's stderr as one line for the CLI's one-line errors, without generic hints. */
-function oneLine(text: string): string {
-  return text.split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('dmesg(1)')).join('; ');
+function run(cmd: string, args: string[], timeoutMs?: number): Promise<string> {
+  return runTool(cmd, args, timeoutMs !== undefined ? { timeoutMs } : {});
 }
 
 function sleep(ms: number): Promise<void> {
@@ -258,25 +245,8 @@ export function toRecord(device: string, m: AttachedMount): MountRecordOnDisk {
  * or does not match the schema (with where), EIO when it cannot be read.
  */
 export async function readMountRecords(mountsFile: string): Promise<MountRecordOnDisk[]> {
-  let text: string;
-  try {
-    text = await fs.promises.readFile(mountsFile, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw new BdsnapError('EIO', `cannot read ${mountsFile}: ${(err as Error).message}`, { cause: err });
-  }
-  let value: unknown;
-  try {
-    value = JSON.parse(text);
-  } catch (err) {
-    throw new BdsnapError('ECORRUPT', `${mountsFile} is not valid JSON: ${(err as Error).message}`, { cause: err });
-  }
-  const parsed = mountsFileSchema.safeParse(value);
-  if (!parsed.success) {
-    const first = parsed.error.issues[0];
-    throw new BdsnapError('ECORRUPT', `${mountsFile} is not a list of mount records (${first ? `${first.path.join('.') || '(root)'}: ${first.message}` : 'unknown problem'})`);
-  }
-  return parsed.data;
+  const records = await readJsonFile(mountsFile, mountsFileSchema, (problem) => `${mountsFile} is ${problem.startsWith('not valid JSON') ? problem : `not a list of mount records (${problem})`}`);
+  return records ?? [];
 }
 
 /**

@@ -18,9 +18,10 @@ import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { readJsonFile } from '../stored-json.js';
 import { readDeviceIdentity, sameIdentity, stampIdentitySchema, type StampIdentity } from '../host/device-stamp.js';
 import type { RegisterResult } from './control-protocol.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue, SerialQueue } from '../serial-queue.js';
 import { listLoopDevices, loopBackingIdentity } from '../host/loop-devices.js';
 
 export const REGISTRY_FILE = 'registry.json';
@@ -80,29 +81,15 @@ export async function registerDevice(registry: Registry, device: string): Promis
 /** Read a registry file without a daemon (for offline tools). Missing file: no devices. */
 export async function readRegistry(stateDir: string): Promise<DeviceRecord[]> {
   const file = path.join(stateDir, REGISTRY_FILE);
-  let text: string;
-  try {
-    text = await fs.promises.readFile(file, 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw new BdsnapError('EIO', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
-  }
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch (err) {
-    throw new BdsnapError('ECORRUPT', `${file} does not parse: ${(err as Error).message}`, { cause: err });
-  }
-  const result = fileSchema.safeParse(parsed);
-  if (!result.success) throw new BdsnapError('ECORRUPT', `${file} has an unknown layout: ${result.error.issues[0]?.message ?? ''}`);
-  return result.data.devices;
+  const stored = await readJsonFile(file, fileSchema, (problem) => `${file} is damaged: ${problem}`);
+  return stored?.devices ?? [];
 }
 
 export class Registry {
   readonly #file: string;
   readonly #devices = new Map<string, DeviceRecord>();
   /** Saves run one after another so an older snapshot never overwrites a newer one. */
-  #saving: Promise<void> = Promise.resolve();
+  readonly #saving = new SerialQueue();
   /** Registrations and identity claims one at a time: two names of one file racing must not both get in. */
   readonly #claims = new KeyedQueue();
 
@@ -246,9 +233,7 @@ export class Registry {
 
   #save(): Promise<void> {
     const text = `${JSON.stringify({ version: REGISTRY_VERSION, devices: this.list() }, null, 2)}\n`;
-    const next = this.#saving.catch(() => undefined).then(() => writeFileAtomic(this.#file, text, 0o600));
-    this.#saving = next;
-    return next;
+    return this.#saving.run(() => writeFileAtomic(this.#file, text, 0o600));
   }
 }
 

@@ -6,6 +6,7 @@
  */
 
 import { setTimeout as delay } from 'node:timers/promises';
+import type { ByteRange } from '../bytes.js';
 import { EXTENT_ZERO, type BlockDevice } from '../device/block-device.js';
 import { BdsnapError } from '../errors.js';
 import { NBD_FLAG_SEND_WRITE_ZEROES } from '../nbd/constants.js';
@@ -15,10 +16,7 @@ import type { NbdClient } from '../nbd/client.js';
 const PIECE_BYTES = 1024 * 1024;
 const PIECES_IN_FLIGHT = 4;
 
-export interface ByteRange {
-  offsetBytes: number;
-  lengthBytes: number;
-}
+export type { ByteRange };
 
 export interface CopyCounters {
   /** Data bytes written to the target. */

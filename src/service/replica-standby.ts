@@ -18,18 +18,18 @@
  */
 
 import crypto from 'node:crypto';
-import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { z } from 'zod';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { restore } from '../snapshot/restore/index.js';
+import { readJsonFile } from '../stored-json.js';
 import { compareSessions, listSessions } from '../snapshot/sessions.js';
 import type { ReceivedReplicaInfo } from './control-protocol.js';
 import type { DeviceTable } from './device-table.js';
 import type { EventLog } from './events.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue } from '../serial-queue.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
 
 export const RECEIVED_FILE = 'replicas-received.json';
@@ -76,17 +76,8 @@ export class ReplicaStandby {
 
   static async load(options: ReplicaStandbyOptions): Promise<ReplicaStandby> {
     const standby = new ReplicaStandby(options);
-    let text: string | undefined;
-    try {
-      text = await fs.promises.readFile(standby.#file, 'utf8');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-    }
-    if (text !== undefined) {
-      const parsed = fileSchema.safeParse(JSON.parse(text));
-      if (!parsed.success) throw new BdsnapError('ECORRUPT', `${standby.#file} does not parse: ${parsed.error.issues[0]?.message ?? 'invalid'}`);
-      for (const r of parsed.data.replicas) standby.#records.set(r.id, r);
-    }
+    const stored = await readJsonFile(standby.#file, fileSchema, (problem) => `${standby.#file} is damaged: ${problem}`);
+    for (const r of stored?.replicas ?? []) standby.#records.set(r.id, r);
     return standby;
   }
 

@@ -29,10 +29,11 @@ import { whyOthersCanRename } from '../host/private-dir.js';
 import { NbdClient, type NbdClientOptions } from '../nbd/client.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import { loadClientTls, type ClientTlsSettings } from '../nbd/tls.js';
+import { readJsonFile } from '../stored-json.js';
 import { BdsnapClient } from './client.js';
 import type { ReplicaInfo, ReplicaSyncSummary, SnapshotImageInfo } from './control-protocol.js';
 import type { EventLog } from './events.js';
-import { KeyedQueue } from './keyed-queue.js';
+import { KeyedQueue } from '../serial-queue.js';
 import { NBD_SOCKET, controlSocketPath } from './paths.js';
 import { canonicalDevicePath } from './registry.js';
 import { copyRanges, RateLimit, type ByteRange, type CopyCounters } from './replica-copy.js';
@@ -178,17 +179,8 @@ export class ReplicaManager {
 
   static async load(options: ReplicaManagerOptions): Promise<ReplicaManager> {
     const manager = new ReplicaManager(options);
-    let text: string | undefined;
-    try {
-      text = await fs.promises.readFile(manager.#file, 'utf8');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-    }
-    if (text !== undefined) {
-      const parsed = fileSchema.safeParse(JSON.parse(text));
-      if (!parsed.success) throw new BdsnapError('ECORRUPT', `${manager.#file} does not parse: ${parsed.error.issues[0]?.message ?? 'invalid'}`);
-      for (const r of parsed.data.replicas) manager.#records.set(r.id, r);
-    }
+    const stored = await readJsonFile(manager.#file, fileSchema, (problem) => `${manager.#file} is damaged: ${problem}`);
+    for (const r of stored?.replicas ?? []) manager.#records.set(r.id, r);
     return manager;
   }
 

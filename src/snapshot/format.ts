@@ -41,6 +41,8 @@ import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { parseJson } from '../stored-json.js';
+import { readU64LE as readU64, writeU64LE as writeU64 } from '../bytes.js';
 import type { ChunkTable } from './chunk-table.js';
 import { DIGEST_BYTES } from './chunk-digest.js';
 import { DigestTable } from './digest-table.js';
@@ -74,6 +76,13 @@ export const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
 
 export type SessionState = 'active' | 'complete' | 'interrupted' | 'failed';
 
+/**
+ * What a session's store (and a change map) survives: a killed process ('process'), or a power
+ * loss too ('strict': every copy is synced before the write it protects goes on).
+ */
+export const DURABILITIES = ['process', 'strict'] as const;
+export type Durability = (typeof DURABILITIES)[number];
+
 export const manifestSchema = z.object({
   format: z.literal(FORMAT_NAME),
   version: z.union([z.literal(1), z.literal(FORMAT_VERSION)]),
@@ -81,7 +90,7 @@ export const manifestSchema = z.object({
   deviceSize: z.number().int().nonnegative(),
   deviceIdentity: z.record(z.string(), z.unknown()),
   chunkSize: z.number().int().min(MIN_CHUNK_SIZE),
-  durability: z.enum(['process', 'strict']),
+  durability: z.enum(DURABILITIES),
   mountTime: z.string(),
   endTime: z.string().nullable(),
   state: z.enum(['active', 'complete', 'interrupted', 'failed']),
@@ -119,14 +128,8 @@ export function sha256(data: Buffer): Buffer {
 
 export { DIGEST_ALGORITHM, DIGEST_BYTES, chunkDigest, type DigestAlgorithm } from './chunk-digest.js';
 
-export function writeU64(buf: Buffer, value: number, at: number): void {
-  buf.writeUInt32LE(value % 0x1_0000_0000, at);
-  buf.writeUInt32LE(Math.floor(value / 0x1_0000_0000), at + 4);
-}
-
-export function readU64(buf: Buffer, at: number): number {
-  return buf.readUInt32LE(at) + buf.readUInt32LE(at + 4) * 0x1_0000_0000;
-}
+/** The session formats' u64 fields are little-endian. */
+export { readU64, writeU64 };
 
 /**
  * Record header layout: magic u32 @0, version u16 @4, flags u16 @6, first chunk u64 @8,
@@ -383,18 +386,7 @@ export function decodeDigests(buf: Buffer): DigestTable {
 }
 
 export function parseManifest(text: string, where: string): Manifest {
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (err) {
-    throw new BdsnapError('ECORRUPT', `${where}: manifest is not valid JSON (${(err as Error).message})`, { cause: err });
-  }
-  const parsed = manifestSchema.safeParse(raw);
-  if (!parsed.success) {
-    const first = parsed.error.issues[0];
-    throw new BdsnapError('ECORRUPT', `${where}: manifest is invalid: ${first ? `${first.path.join('.') || '(root)'}: ${first.message}` : 'unknown problem'}`);
-  }
-  return parsed.data;
+  return parseJson(text, manifestSchema, (problem) => `${where}: manifest is ${problem.startsWith('not valid JSON') ? problem : `invalid: ${problem}`}`);
 }
 
 /** Escape a device path into a directory-name part: readable, portable, at most ~200 bytes. */

@@ -17,7 +17,7 @@ import { formatDevT } from '../host/dev-t.js';
 import { closeFd, fdatasyncFd, ftruncateFd, openFd, pwriteFully, removePath } from '../host/fd-io.js';
 import { lockOpenFile } from '../host/lock-file.js';
 import {
-  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, FORGOTTEN_SUFFIX, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState,
+  DATA_FILE, DIGESTS_FILE, INDEX_FILE, encodeIndex, encodeSealRecords, FORGOTTEN_SUFFIX, isSessionDirNameOf, readManifest, writeManifest, SESSION_FILE_MODE, type DigestAlgorithm, type SessionState, type Durability,
 } from './format.js';
 import { scanData } from './store-scan.js';
 
@@ -29,7 +29,7 @@ export interface SessionInfo {
   deviceSize: number;
   deviceIdentity: Record<string, unknown>;
   chunkSize: number;
-  durability: 'process' | 'strict';
+  durability: Durability;
   /** ISO 8601, UTC. */
   mountTime: string;
   /** ISO 8601, or null while active / when the end was not recorded (crash). */

@@ -12,6 +12,7 @@ import * as C from '../../src/nbd/constants.js';
 import { encodeClientFlags, encodeOption } from '../../src/nbd/encoders.js';
 import { cleanupOf } from '../helpers/cleanup.js';
 import { makeImage, makeTempDir, type AfterHook } from '../helpers/files.js';
+import { until } from '../helpers/poll.js';
 
 export interface TestContext {
   after: (fn: () => unknown) => void;
@@ -139,10 +140,6 @@ export class RawPeer {
 }
 
 /** Poll until `cond` holds (or fail after timeoutMs). */
-export async function waitFor(cond: () => boolean, timeoutMs = 5000, what = 'condition'): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
+export function waitFor(cond: () => boolean, timeoutMs = 5000, what = 'condition'): Promise<void> {
+  return until(what, cond, timeoutMs);
 }

@@ -216,18 +216,25 @@ pid, fd = pty.fork()
 if pid == 0:
     os.execvpe(args[0], args, os.environ)
 out = b''
+# Where the next prompt is looked for: a prompt is redrawn as keys arrive, and none of its
+# copies may pass for the next one, so the search starts after the line an answer ended.
+pos = 0
 def read_until(token):
     global out
-    while token not in out:
-        chunk = os.read(fd, 1024)
-        if not chunk: return False
+    while out.find(token, pos) < 0:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            return -1
+        if not chunk: return -1
         out += chunk
-    return True
+    return out.find(token, pos)
 for a in answers:
-    if not read_until(b': '): break
+    if read_until(b': ') < 0: break
     os.write(fd, a.encode() + b'\\r')
-    read_until(b'\\n')
-    out = out.replace(b': ', b':_', 1)
+    end = read_until(b'\\n')
+    if end < 0: break
+    pos = end + 1
 try:
     while True:
         chunk = os.read(fd, 1024)
@@ -260,6 +267,19 @@ test('on a terminal, passwords are prompted for without echo', async (t) => {
   const mismatch = onTerminal(box, ['passwd'], [secret, 'new one 1', 'new one 2']);
   assert.equal(mismatch.status, 1);
   assert.match(mismatch.output, /differ/);
+});
+
+test('on a terminal, Ctrl+D or Ctrl+C at the prompt gives up with one line, and sends nothing', async (t) => {
+  const box = sandbox(t);
+  await startDaemon(t, { sandbox: box });
+  const image = makeImage(path.join(box.top, 'disk.img'), 1 << 20, 0);
+  for (const key of ['\u0004', '\u0003']) {
+    const r = onTerminal(box, ['activate', image], [key]);
+    assert.equal(r.status, 1, r.output);
+    assert.match(r.output, /bdsnap: interrupted: no password was given/);
+    assert.doesNotMatch(r.output, /wrong password|activated/);
+  }
+  assert.match(ok(box, ['status']), /no devices registered|not active/);
 });
 
 test('the daemon refuses a run directory open to other users instead of locking it down', (t) => {

@@ -15,6 +15,7 @@ import { cleanupOf } from '../helpers/cleanup.js';
 import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage, sha256File } from '../helpers/files.js';
 import { needs } from '../helpers/needs.js';
+import { until } from '../helpers/poll.js';
 import { nbdshEnv } from '../helpers/process.js';
 import { nbdsh, restoreOnlySession, sessionDirs } from './helpers.js';
 
@@ -30,14 +31,6 @@ interface StatusJson {
 
 function statusOf(box: Sandbox, device: string): StatusJson['devices'][number] | undefined {
   return (JSON.parse(ok(box, ['status', '--json'])) as StatusJson).devices.find((d) => d.device === device);
-}
-
-async function waitFor(what: string, check: () => boolean, timeoutMs = 15000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 test('only registered devices are served; an inactive one gets no session but is flagged when written', async (t) => {
@@ -94,14 +87,14 @@ test('an active export: reads leave no directory, each client attach with writes
   const holder = spawn('nbdsh', ['-u', daemonUri(box, image), '-c', 'import time; h.pwrite(b"\\x01" * 4096, 0); h.flush(); time.sleep(2)'], { stdio: 'ignore', env: nbdshEnv() });
   const holderDone = new Promise<number | null>((resolve) => holder.once('exit', (code) => resolve(code)));
   cleanupOf(t).after(() => { holder.kill('SIGKILL'); });
-  await waitFor('the first writer', () => sessionDirs(box).length === 1);
+  await until('the first writer', () => sessionDirs(box).length === 1);
   assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x02" * 8192, 1 << 20); h.flush()').status, 0);
   assert.equal(await holderDone, 0, 'the first writer finished without an error');
-  await waitFor('the session to end', () => statusOf(box, image)?.attached === false);
+  await until('the session to end', () => statusOf(box, image)?.attached === false);
   assert.equal(sessionDirs(box).length, 1, 'concurrent connections share one session');
 
   assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x03" * 4096, 2 << 20); h.flush()').status, 0);
-  await waitFor('the second session to end', () => statusOf(box, image)?.attached === false);
+  await until('the second session to end', () => statusOf(box, image)?.attached === false);
   const dirs = sessionDirs(box);
   assert.equal(dirs.length, 2, 'a later attach is a new session');
   const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string; preservedBytes: number }> };
@@ -136,7 +129,7 @@ test('SIGKILL mid-session: activations kept, the session recovered as interrupte
   cleanupOf(t).after(() => { writer.kill('SIGKILL'); });
   let said = '';
   writer.stdout?.on('data', (d: Buffer) => { said += d.toString(); });
-  await waitFor('the writes', () => said.includes('written'));
+  await until('the writes', () => said.includes('written'));
   assert.notEqual(await sha256File(image), original);
 
   daemon.server.kill('SIGKILL');
@@ -172,7 +165,7 @@ test('SIGTERM with a client attached: requests finished, the session closed comp
   cleanupOf(t).after(() => { writer.kill('SIGKILL'); });
   let said = '';
   writer.stdout?.on('data', (d: Buffer) => { said += d.toString(); });
-  await waitFor('the writes', () => said.includes('written'));
+  await until('the writes', () => said.includes('written'));
 
   assert.equal((await daemon.server.stop()).exitCode, 0, 'SIGTERM exits 0');
   const stopped = daemon.logLines();
@@ -193,10 +186,10 @@ test('daemon session options: --chunk-size sets the chunk of every session, --si
 
   // 4 KiB at 0 and 4 KiB at 1 MiB: two 4 KiB chunks, well under the limit.
   assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x01" * 4096, 0); h.pwrite(b"\\x02" * 4096, 1 << 20); h.flush()').status, 0);
-  await waitFor('the session to end', () => statusOf(box, image)?.attached === false);
+  await until('the session to end', () => statusOf(box, image)?.attached === false);
   // 128 KiB of first writes: past the 64 KiB limit, so the session fails and the device still gets every byte.
   assert.equal(nbdsh(box, image, 'h.pwrite(b"\\x03" * 131072, 2 << 20); h.flush()').status, 0);
-  await waitFor('the second session to end', () => statusOf(box, image)?.attached === false);
+  await until('the second session to end', () => statusOf(box, image)?.attached === false);
   const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string; preservedBytes: number }> };
   assert.deepEqual(list.sessions.map((s) => s.state), ['complete', 'failed']);
   assert.equal(list.sessions[0]?.preservedBytes, 8192, 'two 4 KiB chunks');

@@ -19,6 +19,7 @@ import { cleanupOf } from '../helpers/cleanup.js';
 import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage } from '../helpers/files.js';
 import { needs } from '../helpers/needs.js';
+import { until } from '../helpers/poll.js';
 import { rawProcStat } from '../helpers/process.js';
 import { launchServer } from '../helpers/server.js';
 
@@ -56,13 +57,6 @@ function imageOf(box: Sandbox, exportName: string): Buffer {
 function snapshotStates(box: Sandbox): Array<[string, string]> {
   const list = JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: Array<{ id: string; state: string }> };
   return list.snapshots.map((s) => [s.id, s.state]);
-}
-
-async function until(what: string, check: () => boolean, timeoutMs = 10_000): Promise<void> {
-  for (const deadline = Date.now() + timeoutMs; !check();) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
 }
 
 test('a restart while the killed daemon is still a zombie brings every snapshot back ok and exact', { timeout: 120_000 }, async (t) => {

@@ -12,11 +12,11 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { DaemonEvent, ReceivedReplicaInfo, ReplicaInfo } from '../../src/service/control-protocol.js';
 import { cli, ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage, sha256File } from '../helpers/files.js';
+import { until } from '../helpers/poll.js';
 import { nbdUri, startServer } from '../helpers/server.js';
 import { makePki } from '../helpers/tls.js';
 import { ORDERED_WRITER_SALTS } from './fixtures/ordered-writer.js';
@@ -47,14 +47,6 @@ function replicaList(box: Sandbox): ReplicaList {
 
 function events(box: Sandbox, type: string): DaemonEvent[] {
   return ok(box, ['events', '--json']).split('\n').filter((l) => l).map((l) => JSON.parse(l) as DaemonEvent).filter((e) => e.type === type);
-}
-
-async function waitFor(what: string, timeoutMs: number, check: () => boolean | Promise<boolean>): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await delay(50);
-  }
 }
 
 /** Write `data` at `offsetBytes` of `device` through the daemon's NBD server. */
@@ -182,10 +174,10 @@ async function rewrite(box: Sandbox, device: string, sizeBytes: number): Promise
 /** Start `replica sync` in the background and resolve once the standby holds part of it. */
 async function syncUntilHalfway(source: RunningDaemon, dst: Sandbox, id: string, target: string): Promise<void> {
   void source.cli(['replica', 'sync', id], undefined, true);
-  await waitFor('the standby to receive part of the sync', 20_000, () => {
+  await until('the standby to receive part of the sync', () => {
     const status = JSON.parse(ok(dst, ['status', '--json'])) as { devices: Array<{ device: string; bytesPreserved: number }> };
     return (status.devices.find((d) => d.device === target)?.bytesPreserved ?? 0) >= 2 << 20;
-  });
+  }, 20_000, 50);
 }
 
 test('SIGKILL of the sender, then of the standby, mid-sync: the standby stays at the last complete point; the next sync completes it', { timeout: 180_000 }, async (t) => {
@@ -205,7 +197,7 @@ test('SIGKILL of the sender, then of the standby, mid-sync: the standby stays at
   await rewrite(src, device, DEVICE_BYTES);
   await syncUntilHalfway(source, dst, replica.id, target);
   source.server.kill('SIGKILL');
-  await waitFor('the standby to undo the sync', 20_000, () => replicaList(dst).received[0]?.receiving === false).catch(() => undefined);
+  await until('the standby to undo the sync', () => replicaList(dst).received[0]?.receiving === false, 20_000, 50).catch(() => undefined);
   assert.equal(await sha256File(target), complete, 'the standby is back at the last complete point after the sender died');
   assert.equal(events(dst, 'replica-rolled-back').length, 1);
 
@@ -218,7 +210,7 @@ test('SIGKILL of the sender, then of the standby, mid-sync: the standby stays at
   await startDaemon(t, { sandbox: dst, password: false });
   assert.equal(await sha256File(target), complete, 'the standby is back at the last complete point after it was killed');
   assert.equal(replicaList(dst).received[0]?.receiving, false);
-  await waitFor('the cut sync to end on the sender', 20_000, () => replicaList(src).replicas[0]?.state !== 'syncing');
+  await until('the cut sync to end on the sender', () => replicaList(src).replicas[0]?.state !== 'syncing', 20_000, 50);
 
   const done = sync(src, replica.id);
   assert.equal(done.state, 'idle');
@@ -242,7 +234,7 @@ test('nbdkit as a plain target: the copy is marked incomplete while a sync is cu
   await rewrite(src, device, DEVICE_BYTES);
   const before = await sha256File(targetFile);
   void source.cli(['replica', 'sync', replica.id], undefined, true);
-  await waitFor('part of the sync to reach nbdkit', 20_000, async () => (await sha256File(targetFile)) !== before);
+  await until('part of the sync to reach nbdkit', async () => (await sha256File(targetFile)) !== before, 20_000, 50);
   source.server.kill('SIGKILL');
   await source.server.waitForExit(10_000);
 
@@ -294,7 +286,7 @@ test('schedule: --every syncs on its own; pause stops it, resume starts it again
   await startDaemon(t, { sandbox: src, password: false });
   const replica = addReplica(src, [device, '--to', nbdUri(nbdkit.socketPath), '--every', '1s']);
   assert.equal(replica.everyMs, 1000);
-  await waitFor('two scheduled syncs', 20_000, () => events(src, 'replica-synced').length >= 2);
+  await until('two scheduled syncs', () => events(src, 'replica-synced').length >= 2, 20_000, 50);
   assert.equal(await sha256File(targetFile), await sha256File(device));
 
   const paused = JSON.parse(ok(src, ['replica', 'pause', replica.id, '--json'])) as ReplicaInfo;
@@ -307,7 +299,7 @@ test('schedule: --every syncs on its own; pause stops it, resume starts it again
   const count = events(src, 'replica-synced').length;
   const resumed = JSON.parse(ok(src, ['replica', 'resume', replica.id, '--json'])) as ReplicaInfo;
   assert.notEqual(resumed.nextSyncAt, null);
-  await waitFor('a scheduled sync after resume', 20_000, () => events(src, 'replica-synced').length > count);
+  await until('a scheduled sync after resume', () => events(src, 'replica-synced').length > count, 20_000, 50);
   const listed = replicaList(src).replicas[0];
   assert.ok(listed && listed.lagMs !== null && listed.bytesSent >= DEVICE_BYTES);
 

@@ -16,12 +16,13 @@ import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import {
   CODEC_CHOICES, Repository, openRepoStore, parseRepoLocation, backupThroughDaemon, copyBackups, hostOf, openBackupToServe, parseDataSubset, restoreBackup, verifyRepository,
-  type BackupSummary, type ObjectStore, type ProgressSink,
+  type BackupSummary, type CodecChoice, type ObjectStore, type ProgressSink,
 } from '../../backup/index.js';
 import { registerForget } from './backup-forget.js';
 import { promptHidden } from '../password-input.js';
 import { withClient } from '../../service/client.js';
-import { formatBytes, parseBytes } from '../../units.js';
+import { formatBytes } from '../../units.js';
+import { choiceOption, sizeOption } from '../option-values.js';
 import { formatTable } from './status.js';
 import { RUN_DIR_HELP } from './client-options.js';
 import { checkTcpPolicy, listenOn } from '../../nbd/listen.js';
@@ -152,15 +153,12 @@ export function register(program: Command): void {
     .option('--password-file <file>', 'read the repository password from the first line of FILE (else BDSNAP_REPO_PASSWORD, else a prompt)');
 
   repoOption(backup.command('init').description('create an empty repository'))
-    .option('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 256K)')
-    .option('--codec <codec>', `compression of new pieces: ${CODEC_CHOICES.join(', ')} (default zstd, or brotli where libzstd is missing; lz4 is fastest and larger)`)
-    .option('--pack-size <size>', 'pieces are grouped into packs of about this size (default 16M)')
+    .addOption(sizeOption('--piece-size <size>', 'piece size, a power of two from 64K to 16M (default 256K)'))
+    .addOption(choiceOption('--codec <codec>', 'compression of new pieces (default zstd, or brotli where libzstd is missing; lz4 is fastest and larger)', CODEC_CHOICES))
+    .addOption(sizeOption('--pack-size <size>', 'pieces are grouped into packs of about this size (default 16M)'))
     .option('--no-encryption', 'store backups in the clear: readable by anyone who can read the repository, alterable by anyone who can write it')
-    .action(async (flags: RepoFlags & { pieceSize?: string; packSize?: string; codec?: string; encryption: boolean }) => {
-      const pieceSizeBytes = flags.pieceSize !== undefined ? parseBytes(flags.pieceSize, '--piece-size') : undefined;
-      const packSizeBytes = flags.packSize !== undefined ? parseBytes(flags.packSize, '--pack-size') : undefined;
-      const codec = CODEC_CHOICES.find((c) => c === flags.codec);
-      if (flags.codec !== undefined && !codec) throw new BdsnapError('EINVAL', `bad --codec "${flags.codec}": one of ${CODEC_CHOICES.join(', ')}`);
+    .action(async (flags: RepoFlags & { pieceSize?: number; packSize?: number; codec?: CodecChoice; encryption: boolean }) => {
+      const { pieceSize: pieceSizeBytes, packSize: packSizeBytes, codec } = flags;
       // A misspelt --repo is refused before the password is asked for, twice, in vain.
       parseRepoLocation(flags.repo);
       const password = flags.encryption ? await passwordFrom(flags.passwordFile, 'BDSNAP_REPO_PASSWORD', `new password for ${flags.repo}: `, true) : undefined;

@@ -6,11 +6,12 @@
 
 import fs from 'node:fs';
 import type { Command } from 'commander';
+import type { ByteRange } from '../../bytes.js';
 import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
 import type { CbtInfo } from '../../service/control-protocol.js';
 import { renderChangePicture, renderChangeSvg } from '../cbt-picture.js';
-import { formatBytes } from '../../units.js';
+import { formatBytes, sizeValue } from '../../units.js';
 import { clientOptions, printResult, type ClientOptions } from './client-options.js';
 import { openOutputFile } from '../../host/output-file.js';
 
@@ -22,12 +23,11 @@ function describeInfo(info: CbtInfo): string {
 }
 
 /** "offset:length" with sizes like 4096, 64K, 1M. */
-function parseRange(text: string): { offsetBytes: number; lengthBytes: number } {
-  const m = /^(\d+)([KMGT]?):(\d+)([KMGT]?)$/i.exec(text.trim());
-  const unit = (s: string | undefined): number => ({ '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 })[(s ?? '').toUpperCase()] ?? NaN;
-  const offsetBytes = m ? Number(m[1]) * unit(m[2]) : NaN;
-  const lengthBytes = m ? Number(m[3]) * unit(m[4]) : NaN;
-  if (!Number.isSafeInteger(offsetBytes) || !Number.isSafeInteger(lengthBytes) || lengthBytes <= 0) {
+function parseRange(text: string): ByteRange {
+  const [offset, length, extra] = text.split(':');
+  const offsetBytes = offset === undefined ? NaN : sizeValue(offset);
+  const lengthBytes = length === undefined ? NaN : sizeValue(length);
+  if (extra !== undefined || !Number.isSafeInteger(offsetBytes) || !(lengthBytes > 0)) {
     throw new BdsnapError('EINVAL', `bad range "${text}": expected OFFSET:LENGTH such as 0:64K or 1048576:4096`);
   }
   return { offsetBytes, lengthBytes };

@@ -3,7 +3,11 @@
 import type { Command } from 'commander';
 import { DEFAULT_RUN_DIR, RUN_DIR_ENV, resolveRunDir } from '../../service/paths.js';
 import { BdsnapError } from '../../errors.js';
-import { parseBytes } from '../../units.js';
+import { choiceOption, sizeOption } from '../option-values.js';
+
+/** pino's levels, least severe first. */
+const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
+type LogLevel = (typeof LOG_LEVELS)[number];
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
 import { checkTcpPolicy, plainTcpWarning } from '../../nbd/listen.js';
 import { addTlsOptions, parseListen, tlsSettings, type TlsCliOptions } from './serve.js';
@@ -20,9 +24,9 @@ interface DaemonOptions extends SessionCliOptions, TlsCliOptions {
   runDir?: string;
   stateDir: string;
   snapshotRoot: string;
-  logLevel: string;
+  logLevel: LogLevel;
   changeTracking: boolean;
-  restoreRate?: string;
+  restoreRate?: number;
 }
 
 export function register(program: Command): void {
@@ -33,9 +37,9 @@ export function register(program: Command): void {
     .option('--state-dir <dir>', 'registry and password hash', DEFAULT_STATE_DIR)
     .option('--snapshot-root <dir>', 'session directories', DEFAULT_SNAPSHOT_ROOT);
   addSessionOptions(command)
-    .option('--log-level <level>', 'pino level: debug, info, warn, error', 'info')
+    .addOption(choiceOption('--log-level <level>', 'how much the log says', LOG_LEVELS).default('info'))
     .option('--no-change-tracking', 'keep no change map (incremental backups then read whole devices)')
-    .option('--restore-rate <size>', 'most bytes per second the background copy of an instant restore reads from a repository (e.g. 50M); default no limit')
+    .addOption(sizeOption('--restore-rate <size>', 'most bytes per second the background copy of an instant restore reads from a repository (e.g. 50M); default no limit'))
     .option('--listen <host:port>', 'also serve NBD on TCP; a bare port means 127.0.0.1 (needs TLS required, or --insecure-tcp); the unix socket stays plaintext');
   addTlsOptions(command)
     .option('--insecure-tcp', 'allow --listen without TLS required: whoever can connect (every local user, even on 127.0.0.1) can read and write every registered device')
@@ -45,9 +49,6 @@ export function register(program: Command): void {
       const tls = await loadTls(tlsSettings(options));
       if (tls && !listen) throw new BdsnapError('EINVAL', 'TLS applies to the TCP listener: give --listen HOST:PORT too (the unix socket is root\'s alone)');
       if (listen) checkTcpPolicy(listen, tls, options.insecureTcp ?? false, 'every registered device');
-      if (!['trace', 'debug', 'info', 'warn', 'error', 'fatal'].includes(options.logLevel)) {
-        throw new BdsnapError('EINVAL', '--log-level must be one of trace, debug, info, warn, error, fatal');
-      }
       // Loaded here so that every other command starts without the daemon's dependencies.
       const [{ pino }, { startDaemon }] = await Promise.all([import('pino'), import('../../service/daemon.js')]);
       const log = pino({ level: options.logLevel, base: { pid: process.pid } });
@@ -58,7 +59,7 @@ export function register(program: Command): void {
         log,
         session,
         changeTracking: options.changeTracking,
-        ...(options.restoreRate !== undefined ? { restoreRateBytes: parseBytes(options.restoreRate, '--restore-rate') } : {}),
+        ...(options.restoreRate !== undefined ? { restoreRateBytes: options.restoreRate } : {}),
         listen,
         tls,
       });

@@ -18,6 +18,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
+import { runTool } from '../../host/run-tool.js';
 import { RUN_DIR_ENV, controlSocketPath, nbdSocketPath } from '../../service/paths.js';
 
 const MAIN = fileURLToPath(new URL('../main.js', import.meta.url));
@@ -56,13 +57,12 @@ function sha256File(file: string): string {
   return hash.digest('hex');
 }
 
-/** Run a system tool; throw with its stderr on failure. */
-function tool(cmd: string, args: string[]): string {
+/** Run a system tool, showing its command line first. */
+async function tool(cmd: string, args: string[]): Promise<string> {
   process.stdout.write(`$ ${cmd} ${args.join(' ')}\n`);
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.error) throw new BdsnapError('ENOENT', `${cmd} is not installed: run bash scripts/setup.sh`, { cause: r.error });
-  if (r.status !== 0) throw new BdsnapError('EIO', `${cmd} ${args.join(' ')} failed: ${r.stderr.trim()}`);
-  return r.stdout;
+  return runTool(cmd, args).catch((err: unknown) => {
+    throw err instanceof BdsnapError && err.code === 'ENOTSUP' ? new BdsnapError('ENOENT', `${err.message}: run bash scripts/setup.sh`, { cause: err }) : err;
+  });
 }
 
 export async function runDemo(options: DemoOptions): Promise<void> {
@@ -97,7 +97,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     fs.writeFileSync(path.join(seed, 'README'), 'an example filesystem protected by bdsnap\n');
     fs.writeFileSync(image, '');
     fs.truncateSync(image, sizeMib * 1024 * 1024);
-    tool('mkfs.ext4', ['-q', '-F', '-d', seed, '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
+    await tool('mkfs.ext4', ['-q', '-F', '-d', seed, '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
     const before = sha256File(image);
     process.stdout.write(`sha256 before mount: ${before}\n`);
 
@@ -121,7 +121,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     mounted = true;
     fs.writeFileSync(path.join(mnt, 'docs', 'report.txt'), 'quarterly numbers\n'.repeat(2000));
     fs.writeFileSync(path.join(mnt, 'big.bin'), Buffer.alloc(4 * 1024 * 1024, 0x5a));
-    tool('sync', []); // push the new blocks through to the device before changing them again
+    await tool('sync', []); // push the new blocks through to the device before changing them again
     fs.appendFileSync(path.join(mnt, 'docs', 'report.txt'), 'an appended line\n');
     fs.renameSync(path.join(mnt, 'docs', 'report.txt'), path.join(mnt, 'docs', 'final.txt'));
     fs.rmSync(path.join(mnt, 'big.bin'));
@@ -135,13 +135,13 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     bdsnap(['backup', 'init', ...repoArgs]);
     const full = JSON.parse(bdsnap(['backup', 'create', image, ...repoArgs, '--json'])) as { id: string };
     for (let i = 0; i < 8; i++) fs.writeFileSync(path.join(mnt, 'docs', `note-${i}.txt`), `note ${i}\n`.repeat(300));
-    tool('sync', []);
+    await tool('sync', []);
     bdsnap(['backup', 'create', image, ...repoArgs]);
     bdsnap(['backup', 'list', ...repoArgs]);
     bdsnap(['backup', 'verify', ...repoArgs]);
     const restoredFull = path.join(top, 'full-backup.img');
     bdsnap(['backup', 'restore', ...repoArgs, full.id, image, '--output', restoredFull]);
-    tool('e2fsck', ['-fn', restoredFull]);
+    await tool('e2fsck', ['-fn', restoredFull]);
     bdsnap(['events']);
 
     say('6. Unmount: the session is closed and durable when this returns');

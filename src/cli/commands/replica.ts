@@ -9,7 +9,8 @@ import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
 import type { ReceivedReplicaInfo, ReplicaInfo } from '../../service/control-protocol.js';
-import { formatBytes, parseBytes } from '../../units.js';
+import { formatBytes } from '../../units.js';
+import { sizeOption } from '../option-values.js';
 import { formatTable } from './status.js';
 import { clientOptions, printResult, type ClientOptions } from './client-options.js';
 
@@ -57,12 +58,12 @@ export function register(program: Command): void {
     .description('replicate the devices (one instant across them) to the NBD server at URI')
     .requiredOption('--to <uri>', 'nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT (EXPORT ending in /: each device goes to that directory and its file name; no EXPORT: to its own path)')
     .option('--every <duration>', 'sync on a schedule, e.g. 5m (default: only on bdsnap replica sync)')
-    .option('--limit-rate <size>', 'at most this many bytes a second, e.g. 50M')
+    .addOption(sizeOption('--limit-rate <size>', 'at most this many bytes a second, e.g. 50M'))
     .option('--standby-run-dir <dir>', 'the run directory of the bdsnap daemon behind the URI (found by itself for its nbd.sock), so each sync is applied inside sessions there')
     .option('--insecure-tcp', 'allow nbd:// (the devices\' content in the clear over TCP)'), 'print the replica as JSON (with its id)')
-    .action(async (devices: string[], options: ClientOptions & { to: string; every?: string; limitRate?: string; standbyRunDir?: string; insecureTcp?: boolean }) => {
+    .action(async (devices: string[], options: ClientOptions & { to: string; every?: string; limitRate?: number; standbyRunDir?: string; insecureTcp?: boolean }) => {
       const everyMs = options.every !== undefined ? parseDuration(options.every, '--every') : undefined;
-      const limitBytesPerSecond = options.limitRate !== undefined ? parseBytes(options.limitRate, '--limit-rate') : undefined;
+      const limitBytesPerSecond = options.limitRate;
       const info = await withClient(options.runDir, (c) => c.request('replica-add', {
         devices: devices.map((d) => path.resolve(d)), to: options.to,
         ...(everyMs !== undefined ? { everyMs } : {}),

@@ -8,7 +8,8 @@ import type { Command } from 'commander';
 import { BdsnapError, toBdsnapError } from '../../errors.js';
 import { BdsnapClient, withClient } from '../../service/client.js';
 import type { DaemonEvent, SnapshotInfo } from '../../service/control-protocol.js';
-import { formatBytes, parseBytes } from '../../units.js';
+import { formatBytes } from '../../units.js';
+import { sizeOption } from '../option-values.js';
 import { formatTable } from './status.js';
 import { clientOptions, printResult, type ClientOptions } from './client-options.js';
 
@@ -90,10 +91,10 @@ export function register(program: Command): void {
     .command('create <dev_name...>')
     .description('take one point in time across all the devices; prints the id and each image\'s export and NBD URI')
     .option('--storage <dir>', 'directory for the difference storage (default: under the state directory)')
-    .option('--limit <size>', 'cap on the difference storage, e.g. 20G')
+    .addOption(sizeOption('--limit <size>', 'cap on the difference storage, e.g. 20G'))
     .option('--no-freeze', 'do not freeze the filesystems the daemon mounted around the barrier'))
-    .action(async (devices: string[], options: ClientOptions & { storage?: string; limit?: string; freeze: boolean }) => {
-      const limitBytes = options.limit !== undefined ? parseBytes(options.limit, '--limit') : undefined;
+    .action(async (devices: string[], options: ClientOptions & { storage?: string; limit?: number; freeze: boolean }) => {
+      const limitBytes = options.limit;
       const info = await withClient(options.runDir, (c) => c.createSnapshot(devices, {
         ...(options.storage !== undefined ? { storageDir: options.storage } : {}),
         ...(limitBytes !== undefined ? { limitBytes } : {}),
@@ -130,10 +131,10 @@ export function register(program: Command): void {
   clientOptions(snapshot
     .command('extend <id>')
     .description('raise the storage limit or add a storage directory on another filesystem, while writes go on')
-    .option('--limit <size>', 'the new cap, e.g. 40G')
+    .addOption(sizeOption('--limit <size>', 'the new cap, e.g. 40G'))
     .option('--storage <dir>', 'another directory for the difference storage'))
-    .action(async (id: string, options: ClientOptions & { storage?: string; limit?: string }) => {
-      const limitBytes = options.limit !== undefined ? parseBytes(options.limit, '--limit') : undefined;
+    .action(async (id: string, options: ClientOptions & { storage?: string; limit?: number }) => {
+      const limitBytes = options.limit;
       const info = await withClient(options.runDir, (c) => c.extendSnapshot(id, {
         ...(limitBytes !== undefined ? { limitBytes } : {}),
         ...(options.storage !== undefined ? { storageDir: options.storage } : {}),

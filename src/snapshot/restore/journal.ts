@@ -13,6 +13,7 @@ import { BdsnapError } from '../../errors.js';
 import { writeFileAtomic } from '../../host/atomic-file.js';
 import { SESSION_FILE_MODE } from '../format.js';
 import { deviceStampSchema } from '../../host/device-stamp.js';
+import { parseJson } from '../../stored-json.js';
 import { readOptional } from './files.js';
 
 const journalSchema = z.object({
@@ -43,22 +44,11 @@ export type Journal = z.infer<typeof journalSchema>;
 export async function readJournal(file: string, devicePath?: string): Promise<Journal | undefined> {
   const raw = await readOptional(file);
   if (raw === undefined) return undefined;
-  let value: unknown;
-  try {
-    value = JSON.parse(raw.toString('utf8'));
-  } catch (err) {
-    throw new BdsnapError('ECORRUPT', `${file} is not a valid restore journal: ${(err as Error).message}`, { cause: err });
+  const journal = parseJson(raw, journalSchema, (problem) => `${file} is not a valid restore journal (${problem})`);
+  if (devicePath !== undefined && journal.devicePath !== devicePath) {
+    throw new BdsnapError('ECORRUPT', `${file} is the journal of a restore of ${journal.devicePath}, not of ${devicePath}`);
   }
-  const parsed = journalSchema.safeParse(value);
-  if (!parsed.success) {
-    const first = parsed.error.issues[0];
-    const where = first ? `${first.path.join('.') || '(root)'}: ${first.message}` : 'unknown problem';
-    throw new BdsnapError('ECORRUPT', `${file} is not a valid restore journal (${where})`);
-  }
-  if (devicePath !== undefined && parsed.data.devicePath !== devicePath) {
-    throw new BdsnapError('ECORRUPT', `${file} is the journal of a restore of ${parsed.data.devicePath}, not of ${devicePath}`);
-  }
-  return parsed.data;
+  return journal;
 }
 
 export async function writeJournal(file: string, journal: Journal): Promise<void> {
