@@ -37,7 +37,7 @@ import {
 import {
   DEFAULT_CHUNK_SIZE, DEFAULT_SNAPSHOT_ROOT, DIGEST_ALGORITHM, DIGEST_BYTES, DIGESTS_FILE, FORMAT_NAME, FORMAT_VERSION, INDEX_FILE,
   RECORD_HEADER_BYTES, checkChunkSize, chunkDigest, encodeDigestArrays, encodeIndex, writeManifest, SESSION_FILE_MODE,
-  type Manifest,
+  type Durability, type Manifest,
 } from './format.js';
 import { StoreWriter } from './store-writer.js';
 import { ChunkBitmap, ChunkTable } from './chunk-table.js';
@@ -75,7 +75,7 @@ export interface SessionOptions {
    * written, so a killed process loses nothing. 'strict': it is also on stable storage (one
    * fdatasync per batch of chunks), so power loss loses nothing either.
    */
-  durability?: 'process' | 'strict';
+  durability?: Durability;
   /** Cap on the store's size in bytes; undefined = no limit (a full disk is still handled). */
   sizeLimitBytes?: number;
   /** Default: when create() is called. Names the directory. */
@@ -137,7 +137,7 @@ export class CowDevice implements BlockDevice {
   readonly #options: SessionOptions;
   readonly #mountTime: Date;
   readonly #root: string;
-  readonly #durability: 'process' | 'strict';
+  readonly #durability: Durability;
   /** Set = the chunk's original is in the store. */
   readonly #preserved: ChunkBitmap;
   /** chunk -> byte position of its original in data.bin. */

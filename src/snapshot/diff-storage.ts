@@ -38,7 +38,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { formatBytes } from '../units.js';
-import { checkChunkSize } from './format.js';
+import { checkChunkSize, type Durability } from './format.js';
 import { writeFileAtomic, writeFileAtomicSync } from '../host/atomic-file.js';
 import { checkPrivateDir } from '../host/private-dir.js';
 import { ChunkTable } from './chunk-table.js';
@@ -71,7 +71,7 @@ export interface DiffStorageOptions {
    * 'process' (default): a record counts as stored once it is in the page cache, which a
    * killed process does not lose. 'strict': once fdatasync'ed (group commit).
    */
-  durability?: 'process' | 'strict';
+  durability?: Durability;
   /** Called off the request path; exceptions are ignored. */
   onEvent?: (event: DiffStorageEvent) => void;
   /** Thresholds of the low-space event (defaults documented above; tests lower them). */
@@ -124,7 +124,7 @@ function dirsFileName(id: string): string {
 export class DiffStorage {
   readonly id: string;
   readonly chunkSize: number;
-  readonly durability: 'process' | 'strict';
+  readonly durability: Durability;
   readonly #onEvent: ((event: DiffStorageEvent) => void) | undefined;
   readonly #limitFraction: number;
   readonly #fsFreeFraction: number;

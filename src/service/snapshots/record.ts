@@ -10,6 +10,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { writeFileAtomic } from '../../host/atomic-file.js';
 import { stampIdentitySchema } from '../../host/device-stamp.js';
+import { DURABILITIES } from '../../snapshot/format.js';
 
 /** The snapshots' folder under the daemon's state dir. */
 export const SNAPSHOTS_DIR = 'snapshots';
@@ -24,7 +25,7 @@ const recordSchema = z.object({
   reason: z.string().nullable(),
   createdAt: z.string(),
   chunkSize: z.number().int().positive(),
-  durability: z.enum(['process', 'strict']),
+  durability: z.enum(DURABILITIES),
   storage: z.object({ dirs: z.array(z.string().min(1)).min(1), limitBytes: z.number().int().positive().nullable() }),
   devices: z.array(z.object({
     path: z.string().min(1),

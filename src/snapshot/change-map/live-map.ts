@@ -43,13 +43,14 @@ import { FrozenChangeMap } from './frozen-map.js';
 import { GroupSync } from './group-sync.js';
 import { changedRanges, changedSpan, setEntries, trackingBlockSize, visitChanged, type ByteRange } from './ranges.js';
 import { loadMap, type ChangeMapReset, type ChangeMapResetReason, type MapState } from './trust.js';
+import type { Durability } from '../format.js';
 
 /** Highest period number before the map wraps to a new generation. */
 const MAX_NUMBER = 0xffff_fff0;
 /** "Last write seen" is refreshed by the first write after this long (a timer marks it stale). */
 const LAST_WRITE_REFRESH_MS = 1000;
 
-export type Durability = 'process' | 'strict';
+export type { Durability };
 
 export interface ChangeMapOptions {
   /** The map file (created with its directory if missing). */

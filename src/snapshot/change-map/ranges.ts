@@ -5,14 +5,12 @@
  */
 
 import { BdsnapError } from '../../errors.js';
+import type { ByteRange } from '../../bytes.js';
 
 export const MIN_TRACKING_BLOCK_BYTES = 64 * 1024;
 export const MAX_TRACKING_BLOCKS = 1 << 21;
 
-export interface ByteRange {
-  offsetBytes: number;
-  lengthBytes: number;
-}
+export type { ByteRange };
 
 /** The qemu:dirty-bitmap flag: set = the extent changed. */
 export const DIRTY_BITMAP_CHANGED = 1;

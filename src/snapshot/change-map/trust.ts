@@ -22,6 +22,7 @@ import {
   type ParsedHeader,
 } from './file-format.js';
 import { trackingBlockSize } from './ranges.js';
+import type { Durability } from '../format.js';
 
 /** Slack between "last write seen" and the image's mtime or ctime after an unclean stop. */
 const MTIME_SLACK_MS = 2000;
@@ -53,7 +54,7 @@ export interface LoadedMap {
 export interface LoadOptions {
   file: string;
   deviceSizeBytes: number;
-  durability: 'process' | 'strict';
+  durability: Durability;
   bootId: string;
   /** The device's stamp now; undefined: nothing is compared. */
   stamp: DeviceStamp | undefined;
