@@ -25,7 +25,7 @@ import { parseArgs } from 'node:util';
 import { NbdClient } from '../src/nbd/client.js';
 import { MIN_TRACKING_BLOCK_BYTES } from '../src/snapshot/change-map.js';
 import type { ReplicaInfo } from '../src/service/control-protocol.js';
-import { CleanupStack, makeImage, nbdUri, sandbox, startDaemon, type RunningDaemon, type Sandbox } from './helpers.js';
+import { BDSNAP_MAIN, CleanupStack, makeImage, nbdUri, run, sandbox, startDaemon, type RunningDaemon, type Sandbox } from './helpers.js';
 import { spread } from './report.js';
 
 const MiB = 1024 * 1024;
@@ -47,8 +47,12 @@ async function sha256(file: string): Promise<string> {
   return hash.digest('hex');
 }
 
+/** A full sync of the big device takes minutes on a loaded machine: longer than the tests' command timeout. */
+const COMMAND_TIMEOUT_MS = 30 * 60_000;
+
 async function cliJson<T>(daemon: RunningDaemon, args: string[]): Promise<T> {
-  const r = await daemon.cli([...args, '--json']);
+  const r = await run(process.execPath, [BDSNAP_MAIN, ...args, '--json'], { env: daemon.sandbox.env, timeoutMs: COMMAND_TIMEOUT_MS });
+  if (r.exitCode !== 0) throw new Error(`bdsnap ${args.join(' ')} exited ${r.exitCode}: ${r.stderr.trim()}`);
   return JSON.parse(r.stdout) as T;
 }
 
@@ -78,7 +82,7 @@ async function changeBlocks(source: RunningDaemon, pair: Pair, count: number): P
 
 /** A new replica of `pair` (its first sync is full); the one before is removed here and on the standby. */
 async function freshReplica(source: RunningDaemon, standbyBox: Sandbox, pair: Pair): Promise<void> {
-  if (pair.replica !== '') await source.cli(['replica', 'remove', pair.replica]);
+  if (pair.replica !== '') await cliJson(source, ['replica', 'remove', pair.replica]);
   const info = await cliJson<ReplicaInfo>(source, ['replica', 'add', pair.device, '--to', nbdUri(path.join(standbyBox.runDir, 'nbd.sock'), pair.target)]);
   pair.replica = info.id;
 }
@@ -109,7 +113,7 @@ async function main(): Promise<void> {
     await startDaemon(cleanup, { sandbox: dstBox, activate: pairs.map((p) => p.target) });
     // Served by the source daemon (a snapshot taken and dropped registers the devices).
     const snap = await cliJson<{ id: string }>(source, ['snapshot', 'create', small.device, big.device]);
-    await source.cli(['snapshot', 'destroy', snap.id]);
+    await cliJson(source, ['snapshot', 'destroy', snap.id]);
     process.stderr.write(`devices ${small.sizeBytes / MiB} and ${big.sizeBytes / MiB} MiB of random data, ${runs} runs, load ${os.loadavg()[0]!.toFixed(1)}\n`);
 
     // The big device's first (full) sync is setup, not measured.
