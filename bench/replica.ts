@@ -80,6 +80,15 @@ async function changeBlocks(source: RunningDaemon, pair: Pair, count: number): P
   return picked.size * BLOCK_BYTES;
 }
 
+/** Until the standby has closed `target`'s session of a client that went away (a big session takes a while to close). */
+async function waitLetGo(standby: RunningDaemon, target: string): Promise<void> {
+  for (;;) {
+    const status = await cliJson<{ devices: Array<{ device: string; attached: boolean }> }>(standby, ['status']);
+    if (!status.devices.find((d) => d.device === target)?.attached) return;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
 /** A new replica of `pair` (its first sync is full); the one before is removed here and on the standby. */
 async function freshReplica(source: RunningDaemon, standbyBox: Sandbox, pair: Pair): Promise<void> {
   if (pair.replica !== '') await cliJson(source, ['replica', 'remove', pair.replica]);
@@ -110,7 +119,7 @@ async function main(): Promise<void> {
     });
     const [small, big] = pairs as [Pair, Pair];
     const source = await startDaemon(cleanup, { sandbox: srcBox, password: false });
-    await startDaemon(cleanup, { sandbox: dstBox, activate: pairs.map((p) => p.target) });
+    const standby = await startDaemon(cleanup, { sandbox: dstBox, activate: pairs.map((p) => p.target) });
     // Served by the source daemon (a snapshot taken and dropped registers the devices).
     const snap = await cliJson<{ id: string }>(source, ['snapshot', 'create', small.device, big.device]);
     await cliJson(source, ['snapshot', 'destroy', snap.id]);
@@ -136,6 +145,8 @@ async function main(): Promise<void> {
         const t0 = performance.now();
         execFileSync('nbdcopy', ['--flush', nbdUri(path.join(srcBox.runDir, 'nbd.sock'), small.device), nbdUri(path.join(dstBox.runDir, 'nbd.sock'), small.target)], { stdio: 'inherit' });
         rows.nbdcopySec.push((performance.now() - t0) / 1000);
+        // The next sync of the device must find it free on the standby.
+        await waitLetGo(standby, small.target);
       };
       const steps = i % 2 === 0 ? [nbdcopy, full] : [full, nbdcopy];
       for (const step of steps) await step();
