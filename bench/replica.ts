@@ -136,12 +136,15 @@ async function main(): Promise<void> {
     for (let i = 0; i < runs; i++) {
       const full = async (): Promise<void> => {
         await freshReplica(source, dstBox, small);
-        const r = await timedSync(source, small.replica).catch(async (err: unknown) => {
-          // The standby may still be detaching nbdcopy's connection after its session closed.
-          if (!/in use on the standby/.test(String(err))) throw err;
-          await new Promise((resolve) => setTimeout(resolve, 2000));
-          return timedSync(source, small.replica);
-        });
+        let r: Awaited<ReturnType<typeof timedSync>> | undefined;
+        for (let attempt = 0; r === undefined; attempt++) {
+          r = await timedSync(source, small.replica).catch(async (err: unknown) => {
+            // The standby may still be closing nbdcopy's session (digests of a whole GiB) after its clients left.
+            if (attempt >= 90 || !/in use on the standby/.test(String(err))) throw err;
+            await new Promise((resolve) => setTimeout(resolve, 2000));
+            return undefined;
+          });
+        }
         if (!r.info.lastSync?.full) throw new Error('the first sync of a new replica was not full');
         if (r.info.lastSync.bytesSent !== small.sizeBytes) throw new Error(`the full sync sent ${r.info.lastSync.bytesSent} data bytes, not the device's ${small.sizeBytes}`);
         rows.fullSec.push(r.sec);
