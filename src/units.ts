@@ -37,3 +37,10 @@ export function formatBytes(bytes: number): string {
   const text = Number.isInteger(value) || value >= 100 ? Math.round(value).toString() : value.toFixed(1).replace(/\.0$/, '');
   return `${text} ${UNITS[unit]}`;
 }
+
+/** A duration for people: `45s`, `12m`, `3h`. */
+export function formatDuration(ms: number): string {
+  if (ms < 120_000) return `${Math.round(ms / 1000)}s`;
+  if (ms < 7_200_000) return `${Math.round(ms / 60_000)}m`;
+  return `${Math.round(ms / 3_600_000)}h`;
+}

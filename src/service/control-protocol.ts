@@ -92,6 +92,7 @@ export const requestSchema = z.discriminatedUnion('op', [
     devices: z.array(devicePath).min(1).max(MAX_SNAPSHOT_DEVICES),
     to: z.string().min(1).max(MAX_PATH_CHARS),
     everyMs: z.number().int().min(1000).optional(),
+    laggingAfterMs: z.number().int().min(1000).optional(),
     limitBytesPerSecond: z.number().int().positive().optional(),
     standbyRunDir: z.string().min(1).max(MAX_PATH_CHARS).optional(),
     insecureTcp: z.boolean().optional(),
@@ -102,6 +103,8 @@ export const requestSchema = z.discriminatedUnion('op', [
     op: z.literal('replica-action'),
     action: z.enum(['sync', 'pause', 'resume', 'remove', 'failover']),
     replica: replicaId,
+    /** remove: even when the other side (the standby, or here a replica not at a complete point) cannot let go. */
+    force: z.boolean().optional(),
   }).strict(),
   z.object({
     ...envelope,
@@ -173,6 +176,8 @@ export interface StatusResult {
   devices: DeviceStatus[];
   /** Instant restores this daemon runs, or ran and still serves. */
   restores: InstantRestoreInfo[];
+  /** The replicas this daemon sends, with their lag. */
+  replicas?: ReplicaInfo[];
 }
 
 /** An instant restore (`backup restore --instant`), as status shows it. */
@@ -272,7 +277,7 @@ export interface ResultMap {
   'cbt-reset': CbtInfo;
   'replica-add': ReplicaInfo;
   'replica-list': { replicas: ReplicaInfo[]; received: ReceivedReplicaInfo[] };
-  'replica-action': ReplicaInfo | ReceivedReplicaInfo | { id: string; removed: true };
+  'replica-action': ReplicaInfo | ReceivedReplicaInfo | { id: string; removed: true; standbyReleased?: boolean };
   'replica-receive': { token: string; point: string | null };
 }
 
@@ -328,7 +333,7 @@ export type EventType =
   | 'snapshot-extended' | 'snapshot-restored' | 'snapshot-held-back'
   | 'cbt-reset'
   | 'restore-started' | 'restore-completed' | 'restore-failed'
-  | 'replica-synced' | 'replica-failed' | 'replica-rolled-back';
+  | 'replica-synced' | 'replica-failed' | 'replica-rolled-back' | 'replica-lagging';
 
 export interface DaemonEvent {
   seq: number;
@@ -378,6 +383,10 @@ export interface ReplicaInfo {
   lastComplete: string | null;
   /** Milliseconds from lastComplete to now; null before the first complete sync. */
   lagMs: number | null;
+  /** Lag past which the replica is lagging (a `replica-lagging` event); null: no threshold. */
+  laggingAfterMs: number | null;
+  /** Lagging now: announced, and no sync completed since. */
+  lagging: boolean;
   /** Data bytes sent over the replica's life. */
   bytesSent: number;
   lastSync: ReplicaSyncSummary | null;

@@ -287,6 +287,7 @@ export class Daemon {
         return this.#replicas.add({
           devices: request.devices, to: request.to,
           ...(request.everyMs !== undefined ? { everyMs: request.everyMs } : {}),
+          ...(request.laggingAfterMs !== undefined ? { laggingAfterMs: request.laggingAfterMs } : {}),
           ...(request.limitBytesPerSecond !== undefined ? { limitBytesPerSecond: request.limitBytesPerSecond } : {}),
           ...(request.standbyRunDir !== undefined ? { standbyRunDir: request.standbyRunDir } : {}),
           ...(request.insecureTcp !== undefined ? { insecureTcp: request.insecureTcp } : {}),
@@ -294,7 +295,7 @@ export class Daemon {
       case 'replica-list':
         return { replicas: this.#replicas.list(), received: this.#standby.list() };
       case 'replica-action':
-        return this.#replicaAction(request.action, request.replica);
+        return this.#replicaAction(request.action, request.replica, request.force === true);
       case 'replica-receive':
         return this.#receive(request);
     }
@@ -327,7 +328,7 @@ export class Daemon {
   }
 
   /** A replica action: on the replicas this daemon sends, or (remove, failover) on those it receives. */
-  async #replicaAction(action: 'sync' | 'pause' | 'resume' | 'remove' | 'failover', id: string): Promise<unknown> {
+  async #replicaAction(action: 'sync' | 'pause' | 'resume' | 'remove' | 'failover', id: string, force: boolean): Promise<unknown> {
     if (action === 'failover') {
       if (!this.#standby.has(id)) {
         const where = this.#replicas.has(id) ? 'this daemon sends it; run failover on the standby' : 'no such replica here';
@@ -336,14 +337,14 @@ export class Daemon {
       return this.#standby.failover(id);
     }
     if (!this.#replicas.has(id)) {
-      if (action === 'remove' && this.#standby.has(id)) return this.#standby.remove(id);
+      if (action === 'remove' && this.#standby.has(id)) return this.#standby.remove(id, { force });
       throw new BdsnapError('ENOENT', `no replica ${id} on this daemon`);
     }
     switch (action) {
       case 'sync': return this.#replicas.sync(id);
       case 'pause': return this.#replicas.pause(id);
       case 'resume': return this.#replicas.resume(id);
-      case 'remove': return this.#replicas.remove(id);
+      case 'remove': return this.#replicas.remove(id, { force });
     }
   }
 
@@ -435,7 +436,7 @@ export class Daemon {
 
   #status(): StatusResult {
     const devices = this.#table.status((d) => this.#snapshots.snapshotsOf(d)).map((d) => ({ ...d, imageMounts: this.#mounts.imageMountsOf(d.device) }));
-    return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices, restores: this.#instant.list() };
+    return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices, restores: this.#instant.list(), replicas: this.#replicas.list() };
   }
 
   async #list(device?: string): Promise<ListResult> {

@@ -15,6 +15,12 @@
  *   the begin record at its next start and undoes the sync then.
  * A device is undone only once no one holds it (restore takes the device for itself), so
  * every device of the replica is let go before the first is touched.
+ *
+ * Once a sync is committed (or undone), no session of the target devices is needed any more:
+ * a restore of one would only go back before the complete point. So each is forgotten as soon
+ * as it has ended (at the release after the commit, at the next begin, after an undo), and a
+ * standby holds at most the sessions of the one sync in progress. A target device's sessions
+ * are its replica's: a device given to a replica takes only its syncs.
  */
 
 import crypto from 'node:crypto';
@@ -24,6 +30,7 @@ import { z } from 'zod';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { restore } from '../snapshot/restore/index.js';
+import { forgetSessions, planForget } from '../snapshot/forget.js';
 import { readJsonFile } from '../stored-json.js';
 import { compareSessions, listSessions } from '../snapshot/sessions.js';
 import type { ReceivedReplicaInfo } from './control-protocol.js';
@@ -84,7 +91,14 @@ export class ReplicaStandby {
   /** At start, before the NBD server accepts a client: undo every sync a killed daemon left half applied. */
   async recover(): Promise<void> {
     for (const record of this.#records.values()) {
-      if (!record.pending) continue;
+      if (!record.pending) {
+        if (record.failedOverAt === null && record.broken === null) {
+          await this.#forgetSessions(record.devices).catch((err: unknown) => {
+            this.#options.log.warn({ event: 'replica-sessions-left', replica: record.id, reason: (err as Error).message }, 'cannot forget the sessions of committed syncs');
+          });
+        }
+        continue;
+      }
       await this.#queue.run(record.id, () => this.#rollBack(record)).catch((err: unknown) => {
         this.#options.log.error({ event: 'replica-rollback-failed', replica: record.id, reason: (err as Error).message }, 'cannot undo a half-applied sync');
       });
@@ -137,8 +151,9 @@ export class ReplicaStandby {
         if (table.isAttached(devicePath)) {
           throw new BdsnapError('EBUSY', `${devicePath} is in use on the standby (mounted, served or in a snapshot); a replica target takes only its replica's syncs`);
         }
-        sessionsBefore[devicePath] = (await listSessions(snapshotRoot, devicePath)).map((s) => s.dir);
       }
+      if (!record?.broken) await this.#forgetSessions(devices);
+      for (const devicePath of devices) sessionsBefore[devicePath] = (await listSessions(snapshotRoot, devicePath)).map((s) => s.dir);
       record ??= { id, devices, point: null, completeAt: null, failedOverAt: null, broken: null, pending: null };
       const token = crypto.randomBytes(8).toString('hex');
       record.pending = { token, point, beganAt: new Date().toISOString(), sessionsBefore };
@@ -183,10 +198,12 @@ export class ReplicaStandby {
   /** The daemon let go of a device's NBD connection: undo a sync that was not committed once all its devices are free. */
   deviceReleased(devicePath: string): void {
     for (const record of this.#records.values()) {
-      if (!record.pending || !record.devices.includes(devicePath)) continue;
+      if (record.failedOverAt !== null || !record.devices.includes(devicePath)) continue;
       void this.#queue.run(record.id, async () => {
-        if (!record.pending || record.devices.some((d) => this.#options.table.isAttached(d))) return;
-        await this.#rollBack(record);
+        if (record.failedOverAt !== null || record.devices.some((d) => this.#options.table.isAttached(d))) return;
+        // Committed: the sync's sessions are spent. Not committed: undo it (which forgets them after).
+        if (record.pending) await this.#rollBack(record);
+        else if (record.broken === null) await this.#forgetSessions(record.devices);
       }).catch((err: unknown) => {
         const e = toBdsnapError(err);
         this.#options.log.error({ event: 'replica-rollback-failed', replica: record.id, code: e.code, reason: e.message }, 'cannot undo a sync cut short');
@@ -214,15 +231,36 @@ export class ReplicaStandby {
     });
   }
 
-  /** Forget a received replica (its devices stay as they are). Refused while a sync is half applied. */
-  remove(id: string): Promise<{ id: string; removed: true }> {
+  /**
+   * The sender removed replica `id` (or an operator here did): a sync half applied is undone,
+   * the sessions held for it are forgotten, and the devices stay at the last complete point as
+   * ordinary devices of this daemon. Refused while a sync is being received.
+   */
+  remove(id: string, options: { force?: boolean } = {}): Promise<{ id: string; removed: true }> {
     return this.#queue.run(id, async () => {
       const record = this.#get(id);
-      if (record.pending) throw new BdsnapError('EBUSY', `a sync of replica ${id} is not finished or undone yet; fail it over or wait for the sender`);
+      if (record.failedOverAt === null) {
+        if (record.broken !== null && !options.force) throw new BdsnapError('ESESSION', `replica ${id} is not at a complete point on the standby (${record.broken}); let one more sync finish first, or restore its devices by hand and remove it with --force`);
+        const busy = record.devices.find((d) => this.#options.table.isAttached(d));
+        if (busy) throw new BdsnapError('EBUSY', `a sync of replica ${id} is being received (${busy} is open): pause the replica on the source first`);
+        if (record.pending) await this.#rollBack(record);
+        // Forced past a sync that could not be undone: its sessions stay, to restore by hand.
+        if (record.broken === null) await this.#forgetSessions(record.devices);
+      }
       this.#records.delete(id);
       await this.#save();
+      this.#options.log.info({ event: 'replica-released', replica: id, point: record.point, devices: record.devices }, 'replica removed: its devices stay at the last complete point');
       return { id, removed: true as const };
     });
+  }
+
+  /** Forget every ended session of `devices` (none is needed once a sync is committed or undone). */
+  async #forgetSessions(devices: string[]): Promise<void> {
+    const { snapshotRoot } = this.#options;
+    for (const devicePath of devices) {
+      const plan = await planForget(snapshotRoot, devicePath, { keepLast: 0 });
+      if (plan.remove.length > 0) await forgetSessions(snapshotRoot, plan);
+    }
   }
 
   /**
@@ -246,6 +284,7 @@ export class ReplicaStandby {
     }
     record.pending = null;
     await this.#save();
+    if (record.broken === null) await this.#forgetSessions(record.devices);
     this.#options.log.warn({ event: 'replica-rolled-back', replica: record.id, point: record.point, undone }, 'a sync cut short was undone');
     this.#options.events.emit('replica-rolled-back', { details: { replica: record.id, point: record.point, abandoned: pending.point, devices: undone } });
   }

@@ -16,6 +16,11 @@
  *   complete point did not move, the next sync's changes since it include every range the cut
  *   sync had to send, so they are sent again.
  * A snapshot left by a daemon killed mid-sync is destroyed at the next start.
+ *
+ * Lag is the time since the last complete point (since the replica was added, before the first).
+ * Past the replica's threshold it is lagging: `replica-lagging` once, when it passes, and the
+ * first `replica-synced` that leaves the lag under the threshold says it caught up (`caughtUp`). The episode is persisted, so a restart does not
+ * announce it again.
  */
 
 import crypto from 'node:crypto';
@@ -42,6 +47,8 @@ import type { SnapshotManager } from './snapshots/index.js';
 export const REPLICAS_FILE = 'replicas.json';
 /** After a failed sync the next try comes after this, doubled per failure, at most the replica's interval. */
 const FIRST_RETRY_MS = 5000;
+/** Without a threshold of its own, a scheduled replica lags once this many of its syncs are missed. */
+const LAGGING_AFTER_INTERVALS = 3;
 
 const pointSchema = z.object({ generation: z.string(), number: z.number().int() });
 const recordSchema = z.object({
@@ -64,6 +71,11 @@ const recordSchema = z.object({
     full: z.boolean(), why: z.string(), bytesSent: z.number(), zeroBytes: z.number(), durationMs: z.number(), snapshot: z.string(),
   }).nullable(),
   lastError: z.string().nullable(),
+  /** Lag past which the replica is lagging; null: LAGGING_AFTER_INTERVALS of its interval. */
+  laggingAfterMs: z.number().int().nullable().default(null),
+  /** A `replica-lagging` was announced and no sync completed since. */
+  lagging: z.boolean().default(false),
+  addedAt: z.string().nullable().default(null),
 });
 type ReplicaRecord = z.infer<typeof recordSchema>;
 const fileSchema = z.object({ version: z.literal(1), replicas: z.array(recordSchema) });
@@ -137,6 +149,7 @@ export interface AddReplicaOptions {
   devices: string[];
   to: string;
   everyMs?: number;
+  laggingAfterMs?: number;
   limitBytesPerSecond?: number;
   standbyRunDir?: string;
   insecureTcp?: boolean;
@@ -155,6 +168,7 @@ interface Live {
   syncing: boolean;
   failures: number;
   abort: AbortController | undefined;
+  lagTimer: NodeJS.Timeout | undefined;
 }
 
 interface SyncPlan {
@@ -239,6 +253,7 @@ export class ReplicaManager {
       id: crypto.randomBytes(5).toString('hex'), devices, target: options.to, exports, standbyRunDir,
       everyMs: options.everyMs ?? null, limitBytesPerSecond: options.limitBytesPerSecond ?? null, paused: false,
       last: null, incomplete: false, inProgress: null, bytesSent: 0, lastSync: null, lastError: null,
+      laggingAfterMs: options.laggingAfterMs ?? null, lagging: false, addedAt: new Date().toISOString(),
     };
     this.#records.set(record.id, record);
     await this.#save();
@@ -278,16 +293,48 @@ export class ReplicaManager {
     return this.#info(record);
   }
 
-  async remove(id: string): Promise<{ id: string; removed: true }> {
+  /**
+   * Forget the replica here and on a bdsnap standby, which undoes a sync half applied, lets go
+   * of the sessions it held for the replica and keeps its devices at the last complete point.
+   * A standby that cannot be told refuses the removal, unless `force` (then run remove there too).
+   */
+  async remove(id: string, options: { force?: boolean } = {}): Promise<{ id: string; removed: true; standbyReleased: boolean }> {
     const record = this.#get(id);
     if (this.#live.get(id)?.syncing) throw new BdsnapError('EBUSY', `replica ${id} is syncing: bdsnap replica pause ${id} first`);
+    let standbyReleased = false;
+    if (record.standbyRunDir !== null) {
+      try {
+        await this.#releaseOnStandby(record);
+        standbyReleased = true;
+      } catch (err) {
+        const e = toBdsnapError(err);
+        if (!options.force) {
+          throw new BdsnapError(e.code, `the standby cannot let go of replica ${id} (${e.message}): start it and try again, or remove with --force and then run bdsnap replica remove ${id} on the standby`, { cause: err });
+        }
+        this.#options.log.warn({ event: 'replica-standby-not-told', replica: id, reason: e.message }, 'replica removed here only; remove it on the standby too');
+      }
+    }
     const live = this.#live.get(id);
     if (live?.timer) clearTimeout(live.timer);
+    if (live?.lagTimer) clearTimeout(live.lagTimer);
     this.#live.delete(id);
     this.#records.delete(record.id);
     await this.#save();
-    this.#options.log.info({ event: 'replica-removed', replica: id }, 'replica removed');
-    return { id, removed: true };
+    this.#options.log.info({ event: 'replica-removed', replica: id, standbyReleased }, 'replica removed');
+    return { id, removed: true, standbyReleased };
+  }
+
+  async #releaseOnStandby(record: ReplicaRecord): Promise<void> {
+    await checkSockets({ socketPath: controlSocketPath(record.standbyRunDir!) }, null);
+    const standby = await BdsnapClient.connect(record.standbyRunDir!);
+    try {
+      await standby.request('replica-action', { action: 'remove', replica: record.id });
+    } catch (err) {
+      // Never synced there, or already removed there: nothing to let go of.
+      if (!(err instanceof BdsnapError && err.code === 'ENOENT')) throw err;
+    } finally {
+      standby.close();
+    }
   }
 
   /** Daemon stop: no new syncs; a sync running is cut short (the target keeps its last complete point). */
@@ -296,6 +343,7 @@ export class ReplicaManager {
     const running: Array<Promise<unknown>> = [];
     for (const [id, live] of this.#live) {
       if (live.timer) clearTimeout(live.timer);
+      if (live.lagTimer) clearTimeout(live.lagTimer);
       live.abort?.abort(new BdsnapError('ESHUTDOWN', 'the daemon is stopping'));
       running.push(this.#queue.run(id, async () => undefined));
     }
@@ -305,13 +353,14 @@ export class ReplicaManager {
   #liveOf(id: string): Live {
     let live = this.#live.get(id);
     if (!live) {
-      live = { timer: undefined, nextAt: null, syncing: false, failures: 0, abort: undefined };
+      live = { timer: undefined, nextAt: null, syncing: false, failures: 0, abort: undefined, lagTimer: undefined };
       this.#live.set(id, live);
     }
     return live;
   }
 
   #schedule(record: ReplicaRecord): void {
+    this.#watchLag(record);
     const live = this.#liveOf(record.id);
     if (live.timer) clearTimeout(live.timer);
     live.timer = undefined;
@@ -326,6 +375,38 @@ export class ReplicaManager {
     }, waitMs);
   }
 
+  /** Arm a timer for the instant the replica's lag passes its threshold, unless it is already lagging. */
+  #watchLag(record: ReplicaRecord): void {
+    const live = this.#liveOf(record.id);
+    if (live.lagTimer) clearTimeout(live.lagTimer);
+    live.lagTimer = undefined;
+    const thresholdMs = laggingAfterMs(record);
+    const since = record.last?.point ?? record.addedAt;
+    if (this.#closing || record.paused || record.lagging || thresholdMs === null || since === null || !this.#records.has(record.id)) return;
+    const dueMs = Date.parse(since) + thresholdMs - Date.now();
+    live.lagTimer = setTimeout(() => {
+      live.lagTimer = undefined;
+      this.#lagging(record, thresholdMs, since).catch((err: unknown) => {
+        this.#options.log.error({ event: 'replica-lagging', replica: record.id, reason: (err as Error).message }, 'cannot record that the replica lags');
+      });
+    }, Math.max(0, dueMs));
+  }
+
+  async #lagging(record: ReplicaRecord, thresholdMs: number, since: string): Promise<void> {
+    // A sync completed meanwhile (its point moved) or the replica went away: watch again from now.
+    if (!this.#records.has(record.id) || record.lagging || (record.last?.point ?? record.addedAt) !== since) {
+      this.#watchLag(record);
+      return;
+    }
+    record.lagging = true;
+    await this.#save();
+    const lagMs = Date.now() - Date.parse(since);
+    this.#options.log.warn({ event: 'replica-lagging', replica: record.id, lagMs, thresholdMs }, 'replica lags behind');
+    this.#options.events.emit('replica-lagging', {
+      details: { replica: record.id, devices: record.devices, lastComplete: record.last?.point ?? null, lagMs, thresholdMs, lastError: record.lastError },
+    });
+  }
+
   async #sync(record: ReplicaRecord): Promise<void> {
     if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the daemon is stopping');
     if (!this.#records.has(record.id)) throw new BdsnapError('ENOENT', `no replica ${record.id}`);
@@ -337,7 +418,14 @@ export class ReplicaManager {
     try {
       const summary = await this.#syncOnce(record, live.abort.signal);
       live.failures = 0;
-      this.#options.events.emit('replica-synced', { snapshot: summary.snapshot, details: { replica: record.id, point: record.last?.point, devices: record.devices, ...summary } });
+      // A sync that took long (or hung) can complete a point that is itself past the threshold: the episode goes on.
+      const thresholdMs = laggingAfterMs(record);
+      const caughtUp = record.lagging && (thresholdMs === null || record.last === null || Date.now() - Date.parse(record.last.point) < thresholdMs);
+      if (caughtUp) {
+        record.lagging = false;
+        await this.#save();
+      }
+      this.#options.events.emit('replica-synced', { snapshot: summary.snapshot, details: { replica: record.id, point: record.last?.point, devices: record.devices, caughtUp, ...summary } });
     } catch (err) {
       const e = toBdsnapError(err);
       live.failures++;
@@ -454,6 +542,7 @@ export class ReplicaManager {
       id: r.id, devices: r.devices, target: r.target, exports: r.exports, targetKind: r.standbyRunDir !== null ? 'bdsnap' : 'plain',
       everyMs: r.everyMs, limitBytesPerSecond: r.limitBytesPerSecond, state,
       lastComplete: r.last?.point ?? null, lagMs: r.last ? Date.now() - Date.parse(r.last.point) : null,
+      laggingAfterMs: laggingAfterMs(r), lagging: r.lagging,
       bytesSent: r.bytesSent, lastSync: r.lastSync, lastError: r.lastError,
       nextSyncAt: live?.nextAt != null ? new Date(live.nextAt).toISOString() : null,
     };
@@ -462,6 +551,11 @@ export class ReplicaManager {
   async #save(): Promise<void> {
     await writeFileAtomic(this.#file, `${JSON.stringify({ version: 1, replicas: [...this.#records.values()] }, null, 2)}\n`);
   }
+}
+
+/** The replica's lagging threshold: its own, or LAGGING_AFTER_INTERVALS of its interval; null: never lagging. */
+function laggingAfterMs(record: ReplicaRecord): number | null {
+  return record.laggingAfterMs ?? (record.everyMs !== null ? LAGGING_AFTER_INTERVALS * record.everyMs : null);
 }
 
 /**

@@ -141,14 +141,16 @@ test('an incremental sync sends only the changed blocks; a change-map reset make
   for (const w of writes) {
     for (let blk = Math.floor(w.offsetBytes / blockSize); blk * blockSize < w.offsetBytes + w.data.length; blk++) blocks.add(blk);
   }
+  const endedBefore = events(dst, 'session-ended').length;
   const second = sync(src, replica.id);
   assert.equal(second.lastSync?.full, false, second.lastSync?.why);
   assert.equal(second.lastSync?.bytesSent, blocks.size * blockSize, `only the ${blocks.size} changed blocks of ${blockSize} bytes are sent`);
   assert.equal(second.bytesSent, DEVICE_BYTES + blocks.size * blockSize);
   assert.equal(await sha256File(target), await sha256File(device));
-  // The standby's session of that sync preserved only what the sync wrote.
-  const sessions = (JSON.parse(ok(dst, ['list', '--json'])) as { sessions: Array<{ preservedBytes: number }> }).sessions;
-  assert.ok((sessions.at(-1)?.preservedBytes ?? Infinity) <= blocks.size * blockSize, `the standby received only the changed blocks (${JSON.stringify(sessions.at(-1))})`);
+  // The standby's session of that sync (forgotten once it ended) preserved only what the sync wrote.
+  await until('the standby\'s session of the sync to end', () => events(dst, 'session-ended').length > endedBefore, 20_000, 50);
+  const ended = events(dst, 'session-ended').at(-1);
+  assert.ok(Number(ended?.details.preservedBytes ?? Infinity) <= blocks.size * blockSize, `the standby received only the changed blocks (${JSON.stringify(ended)})`);
 
   const nothing = sync(src, replica.id);
   assert.equal(nothing.lastSync?.bytesSent, 0, 'nothing changed, nothing sent');
@@ -354,9 +356,9 @@ test('over TLS (nbds://): the standby\'s certificate is checked, and syncs go in
   assert.notEqual(refused.status, 0);
   assert.match(refused.stderr, /TLS with the NBD server failed/);
   assert.equal(await sha256File(target), before);
+  // Removed on the sender, it is let go on the standby too.
   ok(src, ['replica', 'remove', rogue.id]);
-  // The standby keeps a replica it was sent until it is removed there too.
-  ok(dst, ['replica', 'remove', rogue.id]);
+  assert.deepEqual(replicaList(dst).received, []);
 
   const replica = addReplica(src, [device, '--to', uri(pki.trusting), '--standby-run-dir', dst.runDir]);
   assert.equal(replica.targetKind, 'bdsnap');
@@ -376,4 +378,126 @@ test('a target socket another user could replace is refused: whoever put a socke
   assert.notEqual(refused.status, 0);
   assert.match(refused.stderr, /can be replaced by another user/);
   assert.deepEqual(replicaList(src).replicas, []);
+});
+
+/** The sessions of `device` under `box`'s snapshot root, and the bytes they take. */
+async function sessionsOf(box: Sandbox, device: string): Promise<{ count: number; bytes: number }> {
+  const listed = JSON.parse(ok(box, ['list', device, '--json'])) as { sessions: Array<{ dir: string }> };
+  let bytes = 0;
+  for (const s of listed.sessions) {
+    for (const name of fs.readdirSync(s.dir)) bytes += fs.statSync(path.join(s.dir, name)).size;
+  }
+  return { count: listed.sessions.length, bytes };
+}
+
+test('a standby that stops answering: replica-lagging once past the threshold (3x --every by default), then replica-synced clears it', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const { src, dst, standby, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  t.after(() => {
+    standby.server.kill('SIGCONT');
+  });
+  const replica = addReplica(src, [devices[0]!, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), targets[0]!), '--every', '1s']);
+  assert.equal(replica.laggingAfterMs, 3000, 'the default threshold is three intervals');
+  await until('a scheduled sync', () => events(src, 'replica-synced').length >= 1, 20_000, 50);
+
+  // The standby stops answering: syncs hang, the last complete point stays where it is.
+  standby.server.kill('SIGSTOP');
+  await until('replica-lagging', () => events(src, 'replica-lagging').length >= 1, 20_000, 50);
+  const lagging = events(src, 'replica-lagging')[0]!;
+  assert.equal(lagging.details.replica, replica.id);
+  assert.ok(Number(lagging.details.lagMs) >= 3000, `lag at the event: ${String(lagging.details.lagMs)} ms`);
+  // Twice the threshold later it is still one episode, one event.
+  await until('the lag to pass twice the threshold', () => (replicaList(src).replicas[0]?.lagMs ?? 0) > 6000, 20_000, 50);
+  assert.equal(events(src, 'replica-lagging').length, 1, 'announced once per lagging episode');
+  const listed = replicaList(src).replicas[0]!;
+  assert.equal(listed.lagging, true);
+  assert.match(ok(src, ['replica', 'list']), /LAGGING/);
+  const status = JSON.parse(ok(src, ['status', '--json'])) as { replicas: ReplicaInfo[] };
+  assert.equal(status.replicas[0]?.lagging, true, 'status shows the lag too');
+  assert.match(ok(src, ['status']), new RegExp(`replica ${replica.id}: .*lag \\d+s LAGGING`));
+
+  standby.server.kill('SIGCONT');
+  // The sync that hung completes a point from before the hang; the one after it catches up.
+  await until('a sync that catches up', () => events(src, 'replica-synced').some((e) => e.details.caughtUp === true), 30_000, 50);
+  assert.equal(events(src, 'replica-synced').filter((e) => e.details.caughtUp === true).length, 1, 'one sync ends the episode');
+  assert.equal(replicaList(src).replicas[0]?.lagging, false);
+  assert.equal(events(src, 'replica-lagging').length, 1);
+  ok(src, ['replica', 'pause', replica.id]);
+});
+
+test('the standby forgets the sessions of committed syncs: many syncs leave a bounded standby, and a sync cut short still rolls back', { timeout: 180_000 }, async (t) => {
+  const DEVICE_BYTES = 8 << 20;
+  const CHANGE_BYTES = 64 << 10;
+  const { src, dst, source, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  const [device, target] = [devices[0]!, targets[0]!];
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target), '--limit-rate', '4M']);
+  sync(src, replica.id);
+  const counts: string[] = [];
+  for (let round = 0; round < 8; round++) {
+    // 1 MiB of changes in 16 places: one sync's session holds about that much.
+    await writeThrough(src, device, Array.from({ length: 16 }, (_, i) => ({ offsetBytes: i * (DEVICE_BYTES / 16) + (round % 8) * CHANGE_BYTES, data: randomBytes(CHANGE_BYTES) })));
+    const r = sync(src, replica.id);
+    assert.equal(r.lastSync?.full, false);
+    const { count, bytes } = await sessionsOf(dst, target);
+    counts.push(`${count}/${bytes}`);
+    assert.ok(count <= 1, `round ${round}: ${count} sessions of the target on the standby (${counts.join(' ')})`);
+    assert.ok(bytes <= 4 << 20, `round ${round}: the standby's sessions take ${bytes} bytes (${counts.join(' ')})`);
+  }
+  await until('the last sync\'s sessions to be forgotten once the sender let go', async () => (await sessionsOf(dst, target)).count === 0, 20_000, 50);
+  const complete = await sha256File(target);
+  assert.equal(complete, await sha256File(device));
+  t.diagnostic(`sessions/bytes after each sync: ${counts.join(' ')}`);
+
+  // Cut short: the sync's own session is still there to undo it.
+  await rewrite(src, device, DEVICE_BYTES);
+  await syncUntilHalfway(source, dst, replica.id, target);
+  source.server.kill('SIGKILL');
+  await until('the standby to undo the sync', () => events(dst, 'replica-rolled-back').length === 1, 20_000, 50);
+  assert.equal(await sha256File(target), complete, 'the standby is back at the last complete point');
+  await until('the undone sync\'s sessions to be forgotten', async () => (await sessionsOf(dst, target)).count === 0, 20_000, 50);
+});
+
+test('replica remove reaches the standby: it keeps the last complete point as an ordinary device and lets go of the replica', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 4 << 20;
+  const { src, dst, standby, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  const [device, target] = [devices[0]!, targets[0]!];
+  const uri = nbdUri(path.join(dst.runDir, 'nbd.sock'), target);
+  const first = addReplica(src, [device, '--to', uri]);
+  sync(src, first.id);
+  await writeThrough(src, device, [{ offsetBytes: 0, data: randomBytes(1 << 20) }]);
+  sync(src, first.id);
+  const complete = await sha256File(target);
+  assert.equal(complete, await sha256File(device));
+
+  const removed = JSON.parse(ok(src, ['replica', 'remove', first.id, '--json'])) as { removed: boolean; standbyReleased: boolean };
+  assert.equal(removed.standbyReleased, true);
+  assert.deepEqual(replicaList(dst).received, [], 'the standby forgot the replica');
+  assert.equal(await sha256File(target), complete, 'the standby keeps the last complete point');
+  await until('no session held for the replica', async () => (await sessionsOf(dst, target)).count === 0, 20_000, 50);
+  // An ordinary device of the standby: written under a session of its own, and free for a new replica.
+  await writeThrough(dst, target, [{ offsetBytes: 0, data: randomBytes(4096) }]);
+  const second = addReplica(src, [device, '--to', uri]);
+  assert.equal(sync(src, second.id).state, 'idle', 'the device takes a new replica');
+  assert.equal(await sha256File(target), await sha256File(device));
+
+  // A standby that cannot be told: refused, unless --force; then removed on the standby by hand.
+  await standby.server.stop();
+  const refused = cli(src, ['replica', 'remove', second.id]);
+  assert.notEqual(refused.status, 0);
+  assert.match(refused.stderr, /standby cannot let go .*--force/);
+  assert.equal(replicaList(src).replicas.length, 1);
+  ok(src, ['replica', 'remove', second.id, '--force']);
+  assert.deepEqual(replicaList(src).replicas, []);
+  await startDaemon(t, { sandbox: dst, password: false });
+  ok(dst, ['replica', 'remove', second.id]);
+  assert.deepEqual(replicaList(dst).received, []);
 });

@@ -9,11 +9,12 @@ import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
 import type { ReceivedReplicaInfo, ReplicaInfo } from '../../service/control-protocol.js';
-import { formatBytes } from '../../units.js';
+import { formatBytes, formatDuration } from '../../units.js';
 import { sizeOption } from '../option-values.js';
 import { formatTable } from './status.js';
 import { clientOptions, printResult, type ClientOptions } from './client-options.js';
 
+const LAGGING_DEFAULT_HELP = '3 times --every; none without --every';
 const DURATION_UNITS_MS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
 /** `90`, `90s`, `5m`, `2h`, `1d` in milliseconds; at least a second. */
@@ -24,18 +25,12 @@ export function parseDuration(text: string, what: string): number {
   return Math.round(ms);
 }
 
-function formatDuration(ms: number): string {
-  if (ms < 120_000) return `${Math.round(ms / 1000)}s`;
-  if (ms < 7_200_000) return `${Math.round(ms / 60_000)}m`;
-  return `${Math.round(ms / 3_600_000)}h`;
-}
-
 function describeReplica(r: ReplicaInfo): string {
   const lines = [
     `replica ${r.id}: ${r.state}${r.lastError && r.state !== 'idle' ? ` (${r.lastError})` : ''}`,
     `  to ${r.target} (${r.targetKind === 'bdsnap' ? 'bdsnap standby: each sync inside sessions, undone if cut short' : 'plain NBD server: incomplete until a sync finishes'})`,
     ...r.devices.map((d, i) => `  ${d} -> ${r.exports[i] ?? ''}`),
-    `  last complete point: ${r.lastComplete ?? 'none yet'}${r.lagMs !== null ? ` (lag ${formatDuration(r.lagMs)})` : ''}`,
+    `  last complete point: ${r.lastComplete ?? 'none yet'}${r.lagMs !== null ? ` (lag ${formatDuration(r.lagMs)})` : ''}${r.lagging ? `, LAGGING (past ${formatDuration(r.laggingAfterMs ?? 0)})` : ''}`,
     `  sent ${formatBytes(r.bytesSent)}${r.everyMs !== null ? `, every ${formatDuration(r.everyMs)}` : ''}${r.limitBytesPerSecond !== null ? `, at most ${formatBytes(r.limitBytesPerSecond)}/s` : ''}`,
   ];
   if (r.lastSync) {
@@ -58,15 +53,18 @@ export function register(program: Command): void {
     .description('replicate the devices (one instant across them) to the NBD server at URI')
     .requiredOption('--to <uri>', 'nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT (EXPORT ending in /: each device goes to that directory and its file name; no EXPORT: to its own path)')
     .option('--every <duration>', 'sync on a schedule, e.g. 5m (default: only on bdsnap replica sync)')
+    .option('--lagging-after <duration>', `announce replica-lagging once the last complete point is older than this (default: ${LAGGING_DEFAULT_HELP})`)
     .addOption(sizeOption('--limit-rate <size>', 'at most this many bytes a second, e.g. 50M'))
     .option('--standby-run-dir <dir>', 'the run directory of the bdsnap daemon behind the URI (found by itself for its nbd.sock), so each sync is applied inside sessions there')
     .option('--insecure-tcp', 'allow nbd:// (the devices\' content in the clear over TCP)'), 'print the replica as JSON (with its id)')
-    .action(async (devices: string[], options: ClientOptions & { to: string; every?: string; limitRate?: number; standbyRunDir?: string; insecureTcp?: boolean }) => {
+    .action(async (devices: string[], options: ClientOptions & { to: string; every?: string; laggingAfter?: string; limitRate?: number; standbyRunDir?: string; insecureTcp?: boolean }) => {
       const everyMs = options.every !== undefined ? parseDuration(options.every, '--every') : undefined;
+      const laggingAfterMs = options.laggingAfter !== undefined ? parseDuration(options.laggingAfter, '--lagging-after') : undefined;
       const limitBytesPerSecond = options.limitRate;
       const info = await withClient(options.runDir, (c) => c.request('replica-add', {
         devices: devices.map((d) => path.resolve(d)), to: options.to,
         ...(everyMs !== undefined ? { everyMs } : {}),
+        ...(laggingAfterMs !== undefined ? { laggingAfterMs } : {}),
         ...(limitBytesPerSecond !== undefined ? { limitBytesPerSecond } : {}),
         ...(options.standbyRunDir !== undefined ? { standbyRunDir: path.resolve(options.standbyRunDir) } : {}),
         ...(options.insecureTcp ? { insecureTcp: true } : {}),
@@ -88,18 +86,20 @@ export function register(program: Command): void {
         return;
       }
       if (result.replicas.length > 0) {
-        const rows = result.replicas.map((r) => [r.id, r.state, r.target, r.lastComplete ?? '-', r.lagMs !== null ? formatDuration(r.lagMs) : '-', formatBytes(r.bytesSent), r.devices.join(' ')]);
+        const rows = result.replicas.map((r) => [r.id, r.state, r.target, r.lastComplete ?? '-', r.lagMs !== null ? `${formatDuration(r.lagMs)}${r.lagging ? ' LAGGING' : ''}` : '-', formatBytes(r.bytesSent), r.devices.join(' ')]);
         process.stdout.write(`${formatTable(['ID', 'STATE', 'TARGET', 'LAST COMPLETE', 'LAG', 'SENT', 'DEVICES'], rows)}\n`);
       }
       for (const r of result.received) process.stdout.write(describeReceived(r));
     });
 
   const action = (name: 'sync' | 'pause' | 'resume' | 'remove' | 'failover', description: string): void => {
-    clientOptions(replica.command(`${name} <id>`).description(description))
-      .action(async (id: string, options: ClientOptions) => {
-        const result = await withClient(options.runDir, (c) => c.request('replica-action', { action: name, replica: id }));
+    const command = replica.command(`${name} <id>`).description(description);
+    if (name === 'remove') command.option('--force', 'remove even when the standby cannot let go of it (run remove on the standby too, later)');
+    clientOptions(command)
+      .action(async (id: string, options: ClientOptions & { force?: boolean }) => {
+        const result = await withClient(options.runDir, (c) => c.request('replica-action', { action: name, replica: id, ...(options.force ? { force: true } : {}) }));
         printResult(options, result, (r) => {
-          if ('removed' in r) return `removed replica ${r.id}\n`;
+          if ('removed' in r) return `removed replica ${r.id}${r.standbyReleased ? ' (the standby let go of it; its devices stay at the last complete point)' : ''}\n`;
           return 'target' in r ? describeReplica(r) : describeReceived(r);
         });
       });
@@ -107,6 +107,6 @@ export function register(program: Command): void {
   action('sync', 'sync now (waits for a sync already running, then runs one); prints the replica after it');
   action('pause', 'stop the schedule (a sync running is cut short; the target keeps its last complete point)');
   action('resume', 'start the schedule again');
-  action('remove', 'forget the replica (the target keeps what it has)');
+  action('remove', 'forget the replica; a bdsnap standby undoes a sync half applied, lets go of its sessions and keeps the last complete point');
   action('failover', 'on the standby: the last complete point becomes the devices, ordinary devices of this daemon from now on');
 }

@@ -5,7 +5,7 @@ import path from 'node:path';
 import type { Command } from 'commander';
 import { withClient } from '../../service/client.js';
 import { DEFAULT_SNAPSHOT_ROOT, forgetSessions, planForget } from '../../snapshot/index.js';
-import { formatBytes } from '../../units.js';
+import { formatBytes, formatDuration } from '../../units.js';
 import { RUN_DIR_HELP } from './client-options.js';
 import { parseKeepCount, parseKeepWithin } from '../keep-options.js';
 
@@ -35,7 +35,9 @@ export function register(program: Command): void {
       }
       const restores = (status.restores ?? []).map((r) => `restore of ${r.target} from backup ${r.backup}: ${r.state}, ${formatBytes(r.doneBytes)} of ${formatBytes(r.totalBytes)}`
         + (r.state === 'running' ? `, ${formatBytes(r.rateBytesPerSecond)}/s${r.secondsLeft !== null ? `, ${r.secondsLeft} s left` : ''}` : '')
-        + (r.error ? `; ${r.state === 'running' ? 'retrying: ' : ''}${r.error}` : '') + '\n').join('');
+        + (r.error ? `; ${r.state === 'running' ? 'retrying: ' : ''}${r.error}` : '') + '\n').join('')
+        + (status.replicas ?? []).map((r) => `replica ${r.id}: ${r.state}, ${r.lagMs !== null ? `lag ${formatDuration(r.lagMs)}` : 'no complete point yet'}`
+          + `${r.lagging ? ` LAGGING (past ${formatDuration(r.laggingAfterMs ?? 0)})` : ''}\n`).join('');
       if (status.devices.length === 0) {
         process.stdout.write(`no devices registered\n${restores}`);
         return;
