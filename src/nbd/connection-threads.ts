@@ -66,9 +66,13 @@ class Remote implements HandedConnection {
   open = true;
   inHandshake = true;
   constructor(readonly id: number, readonly thread: WorkerThread) {}
+  #aborted = false;
   abort(reason: string): void {
-    if (!this.open) return;
-    this.open = false;
+    if (!this.open || this.#aborted) return;
+    // The worker closes the socket when it reads this; until it says 'closed' the descriptor
+    // is still open, so the connection keeps its slot (a flood cannot outrun the workers).
+    this.#aborted = true;
+    this.inHandshake = false;
     this.thread.post({ type: 'abort', id: this.id, reason });
   }
 }
