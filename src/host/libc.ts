@@ -158,6 +158,20 @@ export function libcUnavailableReason(): string | undefined {
   return loaded?.libc ? undefined : loaded?.reason;
 }
 
+let heapTrimTimer: NodeJS.Timeout | undefined;
+
+/**
+ * Give free malloc memory back to the kernel `delayMs` from now (one trim for a burst of
+ * calls): memory freed in a burst (request buffers, scrypt's 32 MiB blocks on the thread
+ * pool's arenas) otherwise stays resident for good. Nothing where malloc_trim is missing.
+ */
+export function trimHeapSoon(delayMs: number): void {
+  heapTrimTimer ??= setTimeout(() => {
+    heapTrimTimer = undefined;
+    loadLibc()?.trimHeap();
+  }, delayMs).unref();
+}
+
 /** The bound libc functions, or undefined where they cannot be had (not Linux, koffi missing or broken). */
 export function loadLibc(): Libc | undefined {
   loaded ??= bind();

@@ -26,7 +26,7 @@ import type { ExportProvider } from './exports.js';
 import { ServerConnection, type ConnectionContext, type LogFn } from './server-connection.js';
 import { InFlightBudget } from './in-flight-budget.js';
 import { BufferPool } from '../device/buffer-pool.js';
-import { loadLibc } from '../host/libc.js';
+import { loadLibc, trimHeapSoon } from '../host/libc.js';
 import type { NbdTls } from './tls.js';
 import { adoptWithReadBuffer, READ_BUFFER_BYTES, SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
 import { ConnectionThreads, type HandedConnection } from './connection-threads.js';
@@ -83,7 +83,6 @@ export class NbdServer {
   #nextConnectionId = 1;
   #closing = false;
   #atLimit = false;
-  #trimTimer: NodeJS.Timeout | undefined;
 
   constructor(options: NbdServerOptions) {
     this.#log = options.log;
@@ -124,10 +123,7 @@ export class NbdServer {
    * a moment), the pages go back.
    */
   #trimSoon(): void {
-    this.#trimTimer ??= setTimeout(() => {
-      this.#trimTimer = undefined;
-      loadLibc()?.trimHeap();
-    }, TRIM_DELAY_MS).unref();
+    trimHeapSoon(TRIM_DELAY_MS);
   }
 
   get connectionCount(): number {
@@ -166,7 +162,6 @@ export class NbdServer {
 
   async close(): Promise<void> {
     this.#closing = true;
-    clearTimeout(this.#trimTimer);
     const stopped = this.#listeners.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
     this.#listeners = [];
     await Promise.all([...this.#connections].map((c) => (c instanceof ServerConnection ? c.shutdown() : undefined)));

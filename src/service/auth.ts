@@ -14,6 +14,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { trimHeapSoon } from '../host/libc.js';
 import { parseJson } from '../stored-json.js';
 
 export const PASSWORD_FILE = 'password';
@@ -53,9 +54,16 @@ const storedSchema = z.object({
 });
 type StoredPassword = z.infer<typeof storedSchema>;
 
+/** After a run of password checks, their scrypt blocks go back to the kernel. */
+const TRIM_AFTER_HASHES_MS = 500;
+
 function scrypt(password: string, salt: Buffer, N: number, r: number, p: number, keyBytes: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    crypto.scrypt(password.normalize('NFC'), salt, keyBytes, { N, r, p, maxmem: 256 * N * r + (1 << 20) }, (err, key) => (err ? reject(err) : resolve(key)));
+    crypto.scrypt(password.normalize('NFC'), salt, keyBytes, { N, r, p, maxmem: 256 * N * r + (1 << 20) }, (err, key) => {
+      trimHeapSoon(TRIM_AFTER_HASHES_MS);
+      if (err) reject(err);
+      else resolve(key);
+    });
   });
 }
 
