@@ -1,6 +1,6 @@
 /**
  * Stores written by earlier code stay readable and restorable: the committed fixtures of
- * fixtures/stores (see fixtures/write-store-fixtures.ts) are scanned, recovered, restored and
+ * fixtures/stores.json (see fixtures/write-store-fixtures.ts) are scanned, recovered, restored and
  * served exactly, byte for byte.
  */
 
@@ -17,7 +17,18 @@ import { DiffStorage, SnapshotLayer, recoverSession, restore } from '../../src/s
 import { STORE_FIXTURES, pattern, type FixtureWrite } from './fixtures/store-fixtures.js';
 import { tempDir } from './helpers.js';
 
-const STORES = fileURLToPath(new URL('../../../test/snapshot/fixtures/stores', import.meta.url));
+const STORES_FILE = fileURLToPath(new URL('../../../test/snapshot/fixtures/stores.json', import.meta.url));
+const STORES = (JSON.parse(fs.readFileSync(STORES_FILE, 'utf8')) as { files: Record<string, string> }).files;
+
+/** The files of fixture store `name`, by file name. */
+function storeFiles(name: string): Array<[string, Buffer]> {
+  return Object.entries(STORES).filter(([p]) => p.startsWith(`${name}/`)).map(([p, b64]) => [p.slice(name.length + 1), Buffer.from(b64, 'base64')]);
+}
+
+/** Store `name`'s files written into `dir` (mode 0600). */
+function placeStore(name: string, dir: string): void {
+  for (const [file, bytes] of storeFiles(name)) fs.writeFileSync(path.join(dir, file), bytes, { mode: 0o600 });
+}
 const SESSION = STORE_FIXTURES.session;
 const DIFF = STORE_FIXTURES.diff;
 
@@ -35,11 +46,11 @@ function applied(sizeBytes: number, seed: number, writes: readonly FixtureWrite[
 async function placeSession(dir: string, name: string): Promise<{ sessionDir: string; image: string }> {
   const image = path.join(dir, 'disk.img');
   fs.writeFileSync(image, applied(SESSION.sizeBytes, SESSION.seed, SESSION.writes));
-  const manifestText = fs.readFileSync(path.join(STORES, name, MANIFEST_FILE), 'utf8');
+  const manifestText = Buffer.from(STORES[`${name}/${MANIFEST_FILE}`]!, 'base64').toString('utf8');
   const manifest = JSON.parse(manifestText) as Record<string, unknown>;
   const sessionDir = path.join(dir, 'root', sessionDirName(image, new Date(manifest.mountTime as string)));
   fs.mkdirSync(sessionDir, { recursive: true });
-  for (const file of fs.readdirSync(path.join(STORES, name))) fs.copyFileSync(path.join(STORES, name, file), path.join(sessionDir, file));
+  placeStore(name, sessionDir);
   delete manifest.startStamp;
   const endStamp = manifest.state === 'complete' ? { endStamp: await readDeviceStamp(image) } : {};
   fs.writeFileSync(path.join(sessionDir, MANIFEST_FILE), JSON.stringify({ ...manifest, ...endStamp, devicePath: image }));
@@ -100,10 +111,7 @@ test('a difference storage over two directories written by earlier code opens an
   const dirs = DIFF.dirs.map((name) => {
     const d = path.join(dir, name);
     fs.mkdirSync(d, { mode: 0o700 });
-    for (const file of fs.readdirSync(path.join(STORES, name))) {
-      fs.copyFileSync(path.join(STORES, name, file), path.join(d, file));
-      fs.chmodSync(path.join(d, file), 0o600);
-    }
+    placeStore(name, d);
     return d;
   });
   // Its `.dirs` file named the directories it was written in: written again naming these.
