@@ -26,8 +26,8 @@ import { Worker, parentPort, workerData } from 'node:worker_threads';
 import { BufferPool } from '../device/buffer-pool.js';
 import { InFlightBudget } from './in-flight-budget.js';
 import type { ExportProvider } from './exports.js';
-import { ServerConnection, type ConnectionContext, type LogFn } from './server-connection.js';
-import { adoptWithReadBuffer, READ_BUFFER_BYTES, SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
+import { connectionOn, type ServerConnection, type ConnectionContext, type LogFn } from './server-connection.js';
+import { SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
 
 /** What the server gives each worker: its limits, and what the worker script needs to open its exports. */
 export interface WorkerSettings {
@@ -215,19 +215,11 @@ export function serveHandedConnections(exports: ExportProvider, closeExports: ()
       post({ type: 'closed', id });
       return;
     }
-    const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
-    let connection: ServerConnection | undefined;
-    const reader = adoptWithReadBuffer(socket, readBuffer, {
-      target: () => connection?.readTarget(),
-      received: (n) => connection?.receive(readBuffer.subarray(0, n)),
-      placed: (n) => connection?.receivePlaced(n),
-    });
+    const { connection, reader } = connectionOn(id, socket, context);
     if (reader) {
-      connection = new ServerConnection(id, reader, context, true);
       reader.resume();
     } else {
       socket.setNoDelay(true);
-      connection = new ServerConnection(id, socket, context, false);
       socket.resume();
     }
     connections.set(id, connection);

@@ -47,6 +47,7 @@ import * as C from './constants.js';
 import { encodeGreeting, encodeOptionReply } from './encoders.js';
 import { OptionHaggling } from './option-haggling.js';
 import { TransmissionRequests, type ActiveContext } from './transmission-requests.js';
+import { adoptWithReadBuffer, READ_BUFFER_BYTES } from './adopted-socket.js';
 
 export type LogFn = (event: Record<string, unknown>) => void;
 
@@ -618,4 +619,25 @@ export class ServerConnection {
       for (const w of waiters) w();
     }
   }
+}
+
+/**
+ * A connection on an accepted socket: read into one reused buffer where the socket can be
+ * adopted that way (`reader` then set, and the socket is its), else through the socket's own
+ * stream, left paused for the caller to resume.
+ */
+export function connectionOn(
+  id: number, socket: net.Socket, context: ConnectionContext, tls?: NbdTls,
+): { connection: ServerConnection; reader: net.Socket | undefined } {
+  const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
+  // The reads name the connection, which needs the reader first.
+  const made: { connection?: ServerConnection } = {};
+  const reader = adoptWithReadBuffer(socket, readBuffer, {
+    target: () => made.connection?.readTarget(),
+    received: (n) => made.connection?.receive(readBuffer.subarray(0, n)),
+    placed: (n) => made.connection?.receivePlaced(n),
+  });
+  const connection = reader ? new ServerConnection(id, reader, context, true, tls) : new ServerConnection(id, socket, context, false, tls);
+  made.connection = connection;
+  return { connection, reader };
 }

@@ -23,12 +23,12 @@ import net from 'node:net';
 import { BdsnapError } from '../errors.js';
 import { listenServer, listenUnixSocket, socketFd } from '../unix-socket.js';
 import type { ExportProvider } from './exports.js';
-import { ServerConnection, type ConnectionContext, type LogFn } from './server-connection.js';
+import { connectionOn, ServerConnection, type ConnectionContext, type LogFn } from './server-connection.js';
 import { InFlightBudget } from './in-flight-budget.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import { loadLibc, trimHeapSoon } from '../host/libc.js';
 import type { NbdTls } from './tls.js';
-import { adoptWithReadBuffer, READ_BUFFER_BYTES, SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
+import { SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
 import { ConnectionThreads, type HandedConnection } from './connection-threads.js';
 
 export { adoptWithReadBuffer, type ReadSink } from './adopted-socket.js';
@@ -194,19 +194,8 @@ export class NbdServer {
       this.#connections.add(threads.handOver(id, socket, fd, (n) => libc.duplicate(n)));
       return;
     }
-    const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
-    let connection: ServerConnection | undefined;
-    const reader = adoptWithReadBuffer(socket, readBuffer, {
-      target: () => connection?.readTarget(),
-      received: (n) => connection?.receive(readBuffer.subarray(0, n)),
-      placed: (n) => connection?.receivePlaced(n),
-    });
-    if (reader) {
-      connection = new ServerConnection(id, reader, this.#context, true, tls);
-    } else {
-      connection = new ServerConnection(id, socket, this.#context, false, tls);
-      socket.resume();
-    }
+    const { connection, reader } = connectionOn(id, socket, this.#context, tls);
+    if (!reader) socket.resume();
     this.#connections.add(connection);
     void connection.closed.then(() => this.#closed(connection));
   }
