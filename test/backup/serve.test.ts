@@ -16,6 +16,7 @@ import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
 import { run } from '../helpers/process.js';
 import { BDSNAP_MAIN, nbdUri } from '../helpers/server.js';
 import { needs } from '../helpers/needs.js';
+import { ext4WithFiles } from '../helpers/ext4.js';
 import { attachKernel } from '../helpers/kernel.js';
 import { ServeSnapshotProvider } from './helpers.js';
 
@@ -99,23 +100,10 @@ test('backup serve through the kernel: an ext4 backup mounts read-only, its file
   const dir = makeTempDir(t, 'bdsnap-backup-serve-kernel-');
   const repoDir = path.join(dir, 'repo');
   const image = path.join(dir, 'fs.img');
-  makeImage(image, 96 * MiB, 'zero');
-  await run('mkfs.ext4', ['-q', '-F', '-b', '4096', image]);
+  const files = new Map<string, Buffer>(Array.from({ length: 8 }, (_, k) => [k % 2 === 0 ? `f${k}.bin` : `sub/f${k}.bin`, crypto.randomBytes(k * 2 * MiB + 1234 * k + 1)] as const));
+  ext4WithFiles(image, 96 * MiB, files);
   const mnt = path.join(dir, 'mnt');
   fs.mkdirSync(mnt);
-  const files = new Map<string, Buffer>();
-  await run('mount', ['-o', 'loop', image, mnt]);
-  try {
-    fs.mkdirSync(path.join(mnt, 'sub'));
-    for (let k = 0; k < 8; k++) {
-      const data = crypto.randomBytes(k * 2 * MiB + 1234 * k + 1);
-      const name = k % 2 === 0 ? `f${k}.bin` : `sub/f${k}.bin`;
-      files.set(name, data);
-      fs.writeFileSync(path.join(mnt, name), data);
-    }
-  } finally {
-    await run('umount', [mnt]);
-  }
   await Repository.init(new LocalDirStore(repoDir), { password: PASSWORD });
   const repo = await Repository.open(new LocalDirStore(repoDir), { password: () => PASSWORD });
   const backup = await backupDevices(repo, new ServeSnapshotProvider(dir), [image]);

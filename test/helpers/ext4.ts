@@ -26,6 +26,22 @@ export function mkfsExt4(image: string, seed?: string): void {
   runSync('mkfs.ext4', ['-q', '-F', ...(seed === undefined ? [] : ['-d', seed]), '-E', 'lazy_itable_init=0,lazy_journal_init=0', image]);
 }
 
+/**
+ * A new ext4 image of `sizeBytes` at `image` holding `files` (relative path -> content), built
+ * from a seed tree beside it (no mount needed).
+ */
+export function ext4WithFiles(image: string, sizeBytes: number, files: ReadonlyMap<string, Buffer>): void {
+  const seed = `${image}.seed`;
+  for (const [name, data] of files) {
+    fs.mkdirSync(path.dirname(path.join(seed, name)), { recursive: true });
+    fs.writeFileSync(path.join(seed, name), data);
+  }
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, sizeBytes);
+  mkfsExt4(image, seed);
+  fs.rmSync(seed, { recursive: true });
+}
+
 /** `mnt`, made, which the test's cleanup leaves unmounted (see unmountAll). */
 export function mountPoint(t: AfterHook, box: Sandbox, mnt: string): string {
   fs.mkdirSync(mnt);

@@ -21,6 +21,7 @@ import { run } from '../helpers/process.js';
 import { needs } from '../helpers/needs.js';
 import { ServeSnapshotProvider } from '../backup/helpers.js';
 import { GUEST_TOOLS, guestKernelRoot, runGuest } from '../helpers/guest.js';
+import { ext4WithFiles } from '../helpers/ext4.js';
 
 const MiB = 1 << 20;
 
@@ -62,21 +63,10 @@ test('instant restore: ext4 usable at once, exact files, a write during the copy
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup, 'bdsnap-instant-');
   const image = path.join(dir, 'fs.img');
-  makeImage(image, 256 * MiB, 'zero');
-  await run('mkfs.ext4', ['-q', '-F', '-b', '4096', image]);
+  const files = new Map<string, Buffer>(Array.from({ length: 12 }, (_, k) => [`f${k}.bin`, crypto.randomBytes(Math.floor((k + 1) * 1.5 * MiB) + 777)] as const));
+  ext4WithFiles(image, 256 * MiB, files);
   const mnt = path.join(dir, 'mnt');
   fs.mkdirSync(mnt);
-  const files = new Map<string, Buffer>();
-  await run('mount', ['-o', 'loop', image, mnt]);
-  try {
-    for (let k = 0; k < 12; k++) {
-      const data = crypto.randomBytes(Math.floor((k + 1) * 1.5 * MiB) + 777);
-      files.set(`f${k}.bin`, data);
-      fs.writeFileSync(path.join(mnt, `f${k}.bin`), data);
-    }
-  } finally {
-    await run('umount', [mnt]);
-  }
   const { repoDir, id } = await backUp(dir, image);
   zeroFile(image);
 
@@ -119,21 +109,10 @@ test('instant restore: a qemu guest mounts its disk while the copy runs, writes,
   const cleanup = new CleanupStack(t);
   const dir = makeTempDir(cleanup, 'bdsnap-instant-guest-');
   const image = path.join(dir, 'disk.img');
-  makeImage(image, 256 * MiB, 'zero');
-  await run('mkfs.ext4', ['-q', '-F', '-b', '4096', image]);
+  const files = new Map<string, Buffer>(Array.from({ length: 6 }, (_, k) => [`f${k}.bin`, crypto.randomBytes((k + 1) * 3 * MiB + 4321)] as const));
+  ext4WithFiles(image, 256 * MiB, files);
   const mnt = path.join(dir, 'mnt');
   fs.mkdirSync(mnt);
-  const files = new Map<string, Buffer>();
-  await run('mount', ['-o', 'loop', image, mnt]);
-  try {
-    for (let k = 0; k < 6; k++) {
-      const data = crypto.randomBytes((k + 1) * 3 * MiB + 4321);
-      files.set(`f${k}.bin`, data);
-      fs.writeFileSync(path.join(mnt, `f${k}.bin`), data);
-    }
-  } finally {
-    await run('umount', [mnt]);
-  }
   const { repoDir, id } = await backUp(dir, image);
   zeroFile(image);
 
