@@ -23,6 +23,7 @@ export const WIRE_ERRNO = {
   EMISMATCH: 5, // restore: the device is not in the state the sessions expect
   ESESSION: 5, // session failed (overflow) or in a state that forbids the operation
   ESHUTDOWN: 108, // the component is closing
+  ETIMEDOUT: 5, // a peer (server, daemon) did not answer in time
 } as const satisfies Record<string, number>;
 
 export type ErrorCode = keyof typeof WIRE_ERRNO;

@@ -13,6 +13,7 @@
 import net from 'node:net';
 import tls from 'node:tls';
 import { readU64BE } from '../bytes.js';
+import { formatDuration } from '../units.js';
 import { BdsnapError, type ErrorCode } from '../errors.js';
 import type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
 import * as C from './constants.js';
@@ -41,6 +42,11 @@ export interface NbdClientOptions {
    * that refuses STARTTLS fails the connection.
    */
   tls?: tls.ConnectionOptions;
+  /**
+   * Fail the connection (ETIMEDOUT) when the server sends nothing for this long while an answer
+   * is awaited, or does not accept it or let it close within this time. Default: wait forever.
+   */
+  timeoutMs?: number;
 }
 
 /** What a request returned: READ data, or BLOCK_STATUS extents (NBD_STATE_* flags). */
@@ -110,9 +116,14 @@ export class NbdClient implements BlockDevice {
   // The handshake step waiting for the next server message.
   #handshakeWaiter: { resolve: (m: ServerMessage) => void; reject: (e: BdsnapError) => void } | undefined;
   #inTransmission = false;
+  readonly #timeoutMs: number | undefined;
+  /** When the server last sent something, or when an answer began to be awaited. */
+  #heardAtMs = 0;
+  #watchdog: NodeJS.Timeout | undefined;
 
-  private constructor(socket: net.Socket) {
+  private constructor(socket: net.Socket, timeoutMs: number | undefined) {
     this.#socket = socket;
+    this.#timeoutMs = timeoutMs;
     this.#decoder = new ReplyDecoder({
       transientChunks: true,
       simpleReplyDataBytes: (hi, lo) => {
@@ -131,6 +142,7 @@ export class NbdClient implements BlockDevice {
     });
     socket.on('error', (err) => this.#fail(new BdsnapError('EIO', `NBD connection failed: ${err.message}`, { cause: err })));
     this.#closePromise = new Promise((resolve) => socket.once('close', () => {
+      clearInterval(this.#watchdog);
       this.#fail(new BdsnapError('ESHUTDOWN', 'the NBD connection was closed'));
       resolve();
     }));
@@ -165,14 +177,21 @@ export class NbdClient implements BlockDevice {
     if (options.socketPath !== undefined) socket = net.connect({ path: options.socketPath, onread });
     else if (options.port !== undefined) socket = net.connect({ host: options.host ?? '127.0.0.1', port: options.port, noDelay: true, onread });
     else throw new BdsnapError('EINVAL', 'NbdClient.connect needs socketPath or port');
-    const client = new NbdClient(socket);
+    const client = new NbdClient(socket, options.timeoutMs);
+    let timer: NodeJS.Timeout | undefined;
     await new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve);
       socket.once('error', (err: NodeJS.ErrnoException) => {
         const code = err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? 'ENOENT' : 'EIO';
         reject(new BdsnapError(code, `cannot connect to the NBD server: ${err.message}`, { cause: err }));
       });
-    });
+      if (options.timeoutMs !== undefined) {
+        timer = setTimeout(() => {
+          socket.destroy();
+          reject(new BdsnapError('ETIMEDOUT', `the NBD server did not accept a connection within ${formatDuration(options.timeoutMs!)}`));
+        }, options.timeoutMs);
+      }
+    }).finally(() => clearTimeout(timer));
     return client;
   }
 
@@ -333,10 +352,15 @@ export class NbdClient implements BlockDevice {
     if (this.#decoder.bufferedBytes !== 0) throw new BdsnapError('EPROTO', 'the server sent plaintext after acknowledging NBD_OPT_STARTTLS');
     const raw = this.#socket;
     const secure = tls.connect({ ...options, socket: raw });
+    let timer: NodeJS.Timeout | undefined;
     await new Promise<void>((resolve, reject) => {
       secure.once('secureConnect', resolve);
       secure.once('error', (err) => reject(new BdsnapError('EPERM', `TLS with the NBD server failed: ${err.message}`, { cause: err })));
-    });
+      if (this.#timeoutMs !== undefined) {
+        const timeoutMs = this.#timeoutMs;
+        timer = setTimeout(() => reject(new BdsnapError('ETIMEDOUT', `the NBD server did not finish the TLS handshake within ${formatDuration(timeoutMs)}`)), timeoutMs);
+      }
+    }).finally(() => clearTimeout(timer));
     secure.on('data', (chunk: Buffer) => this.#onData(chunk));
     secure.on('error', (err) => this.#fail(new BdsnapError('EIO', `NBD connection failed: ${err.message}`, { cause: err })));
     secure.once('close', () => this.#fail(new BdsnapError('ESHUTDOWN', 'the NBD connection was closed')));
@@ -362,6 +386,7 @@ export class NbdClient implements BlockDevice {
 
   #nextMessage(): Promise<ServerMessage> {
     if (this.#failure) return Promise.reject(this.#failure);
+    this.#awaitAnswer();
     const p = new Promise<ServerMessage>((resolve, reject) => (this.#handshakeWaiter = { resolve, reject }));
     this.#drain();
     return p;
@@ -370,6 +395,7 @@ export class NbdClient implements BlockDevice {
   // ---- receiving ----
 
   #onData(chunk: Buffer): void {
+    this.#heardAtMs = performance.now();
     this.#decoder.append(chunk);
     this.#drain();
     // The chunk is the socket's read buffer, reused by the next read.
@@ -503,6 +529,29 @@ export class NbdClient implements BlockDevice {
     this.#socket.destroy();
   }
 
+  /**
+   * An answer is about to be awaited: time the server's silence from now unless another was
+   * already awaited (then from what it last sent); time spent with nothing awaited is no silence.
+   */
+  #awaitAnswer(): void {
+    if (this.#timeoutMs === undefined) return;
+    if (this.#pending.size === 0 && this.#handshakeWaiter === undefined) this.#heardAtMs = performance.now();
+    if (this.#watchdog !== undefined) return;
+    const timeoutMs = this.#timeoutMs;
+    this.#watchdog = setInterval(() => {
+      if (this.#pending.size === 0 && this.#handshakeWaiter === undefined) {
+        clearInterval(this.#watchdog);
+        this.#watchdog = undefined;
+      } else if (performance.now() - this.#heardAtMs > timeoutMs) {
+        clearInterval(this.#watchdog);
+        this.#watchdog = undefined;
+        this.#fail(new BdsnapError('ETIMEDOUT', `the NBD server sent nothing for ${formatDuration(timeoutMs)} while answers were awaited: it is stopped or hung`));
+        this.#socket.destroy();
+      }
+    }, Math.max(10, timeoutMs / 4));
+    this.#watchdog.unref();
+  }
+
   #fail(err: BdsnapError): void {
     this.#failure ??= err;
     const w = this.#handshakeWaiter;
@@ -525,6 +574,7 @@ export class NbdClient implements BlockDevice {
     if (this.#closed) return Promise.reject(new BdsnapError('ESHUTDOWN', 'the NBD client is closed'));
     const cookie = this.#nextCookie;
     this.#nextCookie = cookie === MAX_COOKIE ? 1 : cookie + 1;
+    this.#awaitAnswer();
     return new Promise<NbdReply>((resolve, reject) => {
       const expectsData = type === C.NBD_CMD_READ && this.#structured;
       this.#pending.set(cookie, {
@@ -607,9 +657,12 @@ export class NbdClient implements BlockDevice {
         this.#socket.end(encodeRequest(0, C.NBD_CMD_DISC, 0, 0, 0, 0));
       }
     }
-    await this.#closePromise;
+    // A server that stopped never closes its end: let go of ours after the timeout.
+    const timer = this.#timeoutMs !== undefined ? setTimeout(() => this.#socket.destroy(), this.#timeoutMs) : undefined;
+    await this.#closePromise.finally(() => clearTimeout(timer));
   }
 }
+
 
 function optionError(option: number, reply: OptionReplyMessage, exportName: string): BdsnapError {
   const text = reply.data.toString('utf8');

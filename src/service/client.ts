@@ -7,6 +7,7 @@
 import net from 'node:net';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
+import { formatDuration } from '../units.js';
 import { LineDecoder, parseResponse } from './control-lines.js';
 import { controlSocketPath, resolveRunDir } from './paths.js';
 import type {
@@ -17,6 +18,18 @@ import type {
 interface Pending {
   resolve(value: unknown): void;
   reject(err: BdsnapError): void;
+}
+
+export interface ClientTimeouts {
+  /**
+   * How long a connection may take to be accepted, and a request to be answered before the
+   * daemon is asked, on a connection of its own, whether it is still there (a request such as
+   * undoing a sync may rightly take long); a daemon that answers neither in this time is taken
+   * for stopped or hung, and the request fails (ETIMEDOUT). Default: wait forever.
+   */
+  timeoutMs?: number;
+  /** A daemon slow to answer a request is taken for gone at once, without asking again. */
+  noProbe?: boolean;
 }
 
 export interface MountOptions {
@@ -31,9 +44,13 @@ export class BdsnapClient {
   readonly #pending = new Map<number, Pending>();
   #nextId = 1;
   #closedError: BdsnapError | undefined;
+  readonly #runDir: string;
+  readonly #timeouts: ClientTimeouts;
 
-  private constructor(socket: net.Socket) {
+  private constructor(socket: net.Socket, runDir: string, timeouts: ClientTimeouts) {
     this.#socket = socket;
+    this.#runDir = runDir;
+    this.#timeouts = timeouts;
     const decoder = new LineDecoder(16 * 1024 * 1024);
     socket.on('data', (chunk: Buffer) => {
       for (const event of decoder.push(chunk)) {
@@ -50,10 +67,19 @@ export class BdsnapClient {
   }
 
   /** Connect to the daemon of `runDir` (default: see resolveRunDir). */
-  static async connect(runDir?: string): Promise<BdsnapClient> {
-    const socketPath = controlSocketPath(resolveRunDir(runDir));
+  static async connect(runDir?: string, timeouts: ClientTimeouts = {}): Promise<BdsnapClient> {
+    const resolvedRunDir = resolveRunDir(runDir);
+    const socketPath = controlSocketPath(resolvedRunDir);
     const socket = net.connect(socketPath);
+    let timer: NodeJS.Timeout | undefined;
     await new Promise<void>((resolve, reject) => {
+      if (timeouts.timeoutMs !== undefined) {
+        const timeoutMs = timeouts.timeoutMs;
+        timer = setTimeout(() => {
+          socket.destroy();
+          reject(new BdsnapError('ETIMEDOUT', `the bdsnap daemon at ${socketPath} did not accept a connection within ${formatDuration(timeoutMs)}: it is stopped or hung`));
+        }, timeoutMs);
+      }
       socket.once('connect', () => resolve());
       socket.once('error', (err: NodeJS.ErrnoException) => {
         socket.destroy();
@@ -68,8 +94,8 @@ export class BdsnapClient {
           reject(new BdsnapError('EIO', `cannot connect to ${socketPath}: ${err.message}`, { cause: err }));
         }
       });
-    });
-    return new BdsnapClient(socket);
+    }).finally(() => clearTimeout(timer));
+    return new BdsnapClient(socket, resolvedRunDir, timeouts);
   }
 
   ping(): Promise<PingResult> {
@@ -193,10 +219,39 @@ export class BdsnapClient {
   request<Op extends RequestOp>(op: Op, body: Omit<RequestBody<Op>, 'op'>): Promise<ResultMap[Op]> {
     if (this.#closedError) return Promise.reject(this.#closedError);
     const id = this.#nextId++;
-    return new Promise<ResultMap[Op]>((resolve, reject) => {
+    const answered = new Promise<ResultMap[Op]>((resolve, reject) => {
       this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
       this.#socket.write(`${JSON.stringify({ ...body, op, id })}\n`);
     });
+    const { timeoutMs } = this.#timeouts;
+    if (timeoutMs === undefined) return answered;
+    let timer: NodeJS.Timeout | undefined;
+    const watch = (): void => {
+      timer = setTimeout(() => {
+        void this.#stillThere().then((there) => {
+          if (!this.#pending.has(id)) return;
+          if (there) {
+            watch();
+            return;
+          }
+          this.#failAll(new BdsnapError('ETIMEDOUT', `the bdsnap daemon at ${controlSocketPath(this.#runDir)} did not answer ${op} in ${formatDuration(timeoutMs)}${this.#timeouts.noProbe ? '' : ' nor a ping'}: it is stopped or hung`));
+          this.#socket.destroy();
+        });
+      }, timeoutMs);
+    };
+    watch();
+    return answered.finally(() => clearTimeout(timer));
+  }
+
+  /** Whether the daemon answers a ping on a connection of its own, in the timeout. */
+  async #stillThere(): Promise<boolean> {
+    if (this.#timeouts.noProbe) return false;
+    try {
+      await withClient(this.#runDir, (probe) => probe.ping(), { timeoutMs: this.#timeouts.timeoutMs, noProbe: true });
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   close(): void {
@@ -232,11 +287,12 @@ export class BdsnapClient {
 }
 
 /** Connect, run `fn`, close. */
-export async function withClient<T>(runDir: string | undefined, fn: (client: BdsnapClient) => Promise<T>): Promise<T> {
-  const client = await BdsnapClient.connect(runDir);
+export async function withClient<T>(runDir: string | undefined, fn: (client: BdsnapClient) => Promise<T>, timeouts: ClientTimeouts = {}): Promise<T> {
+  const client = await BdsnapClient.connect(runDir, timeouts);
   try {
     return await fn(client);
   } finally {
     client.close();
   }
 }
+

@@ -49,6 +49,19 @@ export const REPLICAS_FILE = 'replicas.json';
 const FIRST_RETRY_MS = 5000;
 /** Without a threshold of its own, a scheduled replica lags once this many of its syncs are missed. */
 const LAGGING_AFTER_INTERVALS = 3;
+/**
+ * A standby (its daemon or its NBD server) silent this long while a sync awaits it is taken for
+ * stopped or hung, and the sync fails; BDSNAP_REPLICA_TIMEOUT_MS sets another bound.
+ */
+const DEFAULT_TIMEOUT_MS = 30_000;
+
+function timeoutFromEnv(): number {
+  const text = process.env.BDSNAP_REPLICA_TIMEOUT_MS;
+  if (text === undefined || text === '') return DEFAULT_TIMEOUT_MS;
+  const ms = Number(text);
+  if (!Number.isInteger(ms) || ms <= 0) throw new BdsnapError('EINVAL', `BDSNAP_REPLICA_TIMEOUT_MS=${text} is not a positive whole number of milliseconds`);
+  return ms;
+}
 
 const pointSchema = z.object({ generation: z.string(), number: z.number().int() });
 const recordSchema = z.object({
@@ -184,6 +197,7 @@ export class ReplicaManager {
   readonly #records = new Map<string, ReplicaRecord>();
   readonly #live = new Map<string, Live>();
   readonly #queue = new KeyedQueue();
+  readonly #timeoutMs = timeoutFromEnv();
   #closing = false;
 
   private constructor(options: ReplicaManagerOptions) {
@@ -242,7 +256,7 @@ export class ReplicaManager {
     await checkSockets(parsed.endpoint, standbyRunDir);
     if (standbyRunDir !== null) {
       // A standby given by name must answer now: a typo would silently turn it into a plain copy.
-      const client = await BdsnapClient.connect(standbyRunDir);
+      const client = await BdsnapClient.connect(standbyRunDir, { timeoutMs: this.#timeoutMs });
       try {
         await client.ping();
       } finally {
@@ -326,7 +340,7 @@ export class ReplicaManager {
 
   async #releaseOnStandby(record: ReplicaRecord): Promise<void> {
     await checkSockets({ socketPath: controlSocketPath(record.standbyRunDir!) }, null);
-    const standby = await BdsnapClient.connect(record.standbyRunDir!);
+    const standby = await BdsnapClient.connect(record.standbyRunDir!, { timeoutMs: this.#timeoutMs });
     try {
       await standby.request('replica-action', { action: 'remove', replica: record.id });
     } catch (err) {
@@ -427,7 +441,7 @@ export class ReplicaManager {
       }
       this.#options.events.emit('replica-synced', { snapshot: summary.snapshot, details: { replica: record.id, point: record.last?.point, devices: record.devices, caughtUp, ...summary } });
     } catch (err) {
-      const e = toBdsnapError(err);
+      const e = whyCutShort(record, toBdsnapError(err));
       live.failures++;
       record.lastError = e.message;
       await this.#save().catch(() => undefined);
@@ -459,7 +473,7 @@ export class ReplicaManager {
     try {
       const plans = snapshot.images.map((image) => this.#plan(record, snapshot.id, image));
       if (record.standbyRunDir !== null) {
-        standby = await BdsnapClient.connect(record.standbyRunDir);
+        standby = await BdsnapClient.connect(record.standbyRunDir, { timeoutMs: this.#timeoutMs });
         ({ token } = await standby.request('replica-receive', { action: 'begin', replica: record.id, devices: record.exports, point: snapshot.createdAt }));
       }
       // Every target stays open until the commit: a bdsnap standby undoes a sync whose devices are let go first.
@@ -467,7 +481,9 @@ export class ReplicaManager {
         const handle = snapshots.openImage(plan.image.exportName);
         if (!handle) throw new BdsnapError('ENOENT', `the image ${plan.image.exportName} went away`);
         handles.push(handle);
-        const target = await NbdClient.connect({ ...endpoint, exportName: record.exports[i]!, ...(tlsOptions ? { tls: tlsOptions } : {}) } satisfies NbdClientOptions);
+        const target = await NbdClient.connect({
+          ...endpoint, exportName: record.exports[i]!, timeoutMs: this.#timeoutMs, ...(tlsOptions ? { tls: tlsOptions } : {}),
+        } satisfies NbdClientOptions);
         targets.push(target);
         if (target.readOnly) throw new BdsnapError('EPERM', `the target export ${record.exports[i]} is read-only`);
         if (target.size !== plan.image.sizeBytes) {
@@ -551,6 +567,13 @@ export class ReplicaManager {
   async #save(): Promise<void> {
     await writeFileAtomic(this.#file, `${JSON.stringify({ version: 1, replicas: [...this.#records.values()] }, null, 2)}\n`);
   }
+}
+
+/** A standby that stopped answering: what happened to the sync, and what to do, in the one line. */
+function whyCutShort(record: ReplicaRecord, err: BdsnapError): BdsnapError {
+  if (err.code !== 'ETIMEDOUT') return err;
+  const where = record.standbyRunDir !== null ? 'the standby keeps its last complete point' : 'the target stays marked incomplete';
+  return new BdsnapError('ETIMEDOUT', `replica ${record.id}: the sync was cut short because ${err.message}; ${where}: check the standby (a stopped daemon, the network) at ${record.target}; the next sync retries`, { cause: err });
 }
 
 /** The replica's lagging threshold: its own, or LAGGING_AFTER_INTERVALS of its interval; null: never lagging. */

@@ -14,8 +14,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { DaemonEvent, ReceivedReplicaInfo, ReplicaInfo } from '../../src/service/control-protocol.js';
+import { BdsnapClient } from '../../src/service/client.js';
 import { cli, ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../helpers/daemon.js';
 import { makeImage, sha256File } from '../helpers/files.js';
+import type { RunResult } from '../helpers/process.js';
 import { until } from '../helpers/poll.js';
 import { nbdUri, startServer } from '../helpers/server.js';
 import { makePki } from '../helpers/tls.js';
@@ -61,9 +63,11 @@ async function writeThrough(box: Sandbox, device: string, writes: Array<{ offset
 }
 
 /** Two daemons: the source with `devices` served, the standby with `targets` active (sessions). */
-async function twoDaemons(t: Parameters<typeof sandbox>[0], make: (src: Sandbox, dst: Sandbox) => { devices: string[]; targets: string[] }) {
+async function twoDaemons(t: Parameters<typeof sandbox>[0], make: (src: Sandbox, dst: Sandbox) => { devices: string[]; targets: string[] },
+  sourceEnv: NodeJS.ProcessEnv = {}) {
   const src = sandbox(t, 'bdsnap-rep-src-');
   const dst = sandbox(t, 'bdsnap-rep-dst-');
+  Object.assign(src.env, sourceEnv);
   fs.mkdirSync(path.join(dst.top, 'images'));
   const { devices, targets } = make(src, dst);
   const source = await startDaemon(t, { sandbox: src, password: false });
@@ -500,4 +504,90 @@ test('replica remove reaches the standby: it keeps the last complete point as an
   await startDaemon(t, { sandbox: dst, password: false });
   ok(dst, ['replica', 'remove', second.id]);
   assert.deepEqual(replicaList(dst).received, []);
+});
+
+test('a stopped standby (SIGSTOP): the sync fails within its timeout with a one-line reason, status says so, and after SIGCONT the next sync completes the standby', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 16 << 20;
+  const TIMEOUT_MS = 1000;
+  const { src, dst, source, standby, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }), { BDSNAP_REPLICA_TIMEOUT_MS: String(TIMEOUT_MS) });
+  t.after(() => {
+    standby.server.kill('SIGCONT');
+  });
+  const [device, target] = [devices[0]!, targets[0]!];
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target), '--limit-rate', '4M']);
+  sync(src, replica.id);
+  let complete = await sha256File(target);
+  assert.equal(complete, await sha256File(device));
+
+  /** `replica sync` while the standby is stopped: it must fail, and soon (a hung sync is ended by the cli's own 60 s bound). */
+  const failingSync = async (started: Promise<RunResult>, startedAtMs: number): Promise<void> => {
+    const result = await started;
+    const tookMs = performance.now() - startedAtMs;
+    assert.notEqual(result.exitCode, 0, 'the sync against a stopped standby failed');
+    assert.ok(tookMs < 15 * TIMEOUT_MS, `failed after ${Math.round(tookMs)} ms`);
+    const lines = result.stderr.trim().split('\n');
+    assert.equal(lines.length, 1, result.stderr);
+    assert.match(lines[0]!, /the sync was cut short because the (bdsnap daemon .* did not answer|NBD server sent nothing)/);
+    assert.match(lines[0]!, /stopped or hung; the standby keeps its last complete point: check the standby/);
+    const listed = replicaList(src).replicas[0]!;
+    assert.equal(listed.state, 'failed');
+    assert.match(ok(src, ['status']), new RegExp(`replica ${replica.id}: failed, .*cut short`));
+    const failed = events(src, 'replica-failed').at(-1)!;
+    assert.equal(failed.details.code, 'ETIMEDOUT');
+  };
+
+  // Stopped before the sync: its begin is never answered.
+  await rewrite(src, device, DEVICE_BYTES);
+  standby.server.kill('SIGSTOP');
+  const before = replicaList(src).replicas[0]!.lastComplete;
+  await failingSync(source.cli(['replica', 'sync', replica.id], undefined, true), performance.now());
+  assert.equal(replicaList(src).replicas[0]!.lastComplete, before, 'the last complete point did not move');
+  standby.server.kill('SIGCONT');
+  assert.equal(await sha256File(target), complete, 'the standby holds the last complete point');
+  assert.equal(sync(src, replica.id).state, 'idle', 'the next sync works');
+  complete = await sha256File(target);
+  assert.equal(complete, await sha256File(device), 'and leaves the standby exact');
+
+  // Stopped halfway through the copy: the writes are never answered.
+  await rewrite(src, device, DEVICE_BYTES);
+  const startedAtMs = performance.now();
+  const running = source.cli(['replica', 'sync', replica.id], undefined, true);
+  await until('the standby to receive part of the sync', () => {
+    const status = JSON.parse(ok(dst, ['status', '--json'])) as { devices: Array<{ device: string; bytesPreserved: number }> };
+    return (status.devices.find((d) => d.device === target)?.bytesPreserved ?? 0) >= 2 << 20;
+  }, 20_000, 50);
+  standby.server.kill('SIGSTOP');
+  await failingSync(running, startedAtMs);
+  standby.server.kill('SIGCONT');
+  await until('the standby to undo the cut sync', () => replicaList(dst).received[0]?.receiving === false, 20_000, 50);
+  assert.equal(await sha256File(target), complete, 'the standby is back at the last complete point');
+  assert.equal(sync(src, replica.id).state, 'idle');
+  assert.equal(await sha256File(target), await sha256File(device), 'the next sync leaves the standby exact');
+});
+
+test('two syncs back to back: the second waits for the standby to let go of the first instead of being refused', { timeout: 120_000 }, async (t) => {
+  const DEVICE_BYTES = 64 << 20;
+  const { src, dst, devices, targets } = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
+  }));
+  const [device, target] = [devices[0]!, targets[0]!];
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target)]);
+  // Straight from one control connection: no process start between the two.
+  const client = await BdsnapClient.connect(src.runDir);
+  try {
+    for (let round = 0; round < 3; round++) {
+      if (round > 0) await rewrite(src, device, DEVICE_BYTES);
+      await client.request('replica-action', { action: 'sync', replica: replica.id });
+      await writeThrough(src, device, [{ offsetBytes: 0, data: randomBytes(1 << 20) }]);
+      const second = await client.request('replica-action', { action: 'sync', replica: replica.id }) as ReplicaInfo;
+      assert.equal(second.state, 'idle', `round ${round}`);
+    }
+  } finally {
+    client.close();
+  }
+  assert.equal(await sha256File(target), await sha256File(device));
 });

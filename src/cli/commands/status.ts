@@ -37,7 +37,7 @@ export function register(program: Command): void {
         + (r.state === 'running' ? `, ${formatBytes(r.rateBytesPerSecond)}/s${r.secondsLeft !== null ? `, ${r.secondsLeft} s left` : ''}` : '')
         + (r.error ? `; ${r.state === 'running' ? 'retrying: ' : ''}${r.error}` : '') + '\n').join('')
         + (status.replicas ?? []).map((r) => `replica ${r.id}: ${r.state}, ${r.lagMs !== null ? `lag ${formatDuration(r.lagMs)}` : 'no complete point yet'}`
-          + `${r.lagging ? ` LAGGING (past ${formatDuration(r.laggingAfterMs ?? 0)})` : ''}\n`).join('');
+          + `${r.lagging ? ` LAGGING (past ${formatDuration(r.laggingAfterMs ?? 0)})` : ''}${r.state === 'failed' && r.lastError !== null ? `; ${r.lastError}` : ''}\n`).join('');
       if (status.devices.length === 0) {
         process.stdout.write(`no devices registered\n${restores}`);
         return;
