@@ -25,6 +25,7 @@
 
 import crypto from 'node:crypto';
 import path from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { z } from 'zod';
 import { BdsnapError, toBdsnapError } from '../errors.js';
@@ -40,6 +41,13 @@ import { KeyedQueue } from '../serial-queue.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
 
 export const RECEIVED_FILE = 'replicas-received.json';
+/**
+ * A sync begun right after another finds the devices still held for a moment: the sender has
+ * closed its connections, but closing a session that took much takes a while here. Begin waits
+ * this long for them to be let go before it refuses.
+ */
+const RELEASE_WAIT_MS = 5000;
+const RELEASE_POLL_MS = 25;
 
 const recordSchema = z.object({
   id: z.string(),
@@ -119,6 +127,7 @@ export class ReplicaStandby {
       const { registry, table, snapshotRoot } = this.#options;
       const devices: string[] = [];
       for (const d of devicesArg) devices.push(await canonicalDevicePath(d));
+      await this.#letGo(devices);
       let record = this.#records.get(id);
       if (record?.failedOverAt) {
         throw new BdsnapError('ESESSION', `replica ${id} was failed over on this standby at ${record.failedOverAt}: its devices are in use on their own and take no more syncs (add a new replica to replicate again)`);
@@ -199,11 +208,16 @@ export class ReplicaStandby {
   deviceReleased(devicePath: string): void {
     for (const record of this.#records.values()) {
       if (record.failedOverAt !== null || !record.devices.includes(devicePath)) continue;
+      // A sync begun after this release (begin waits for it) is not this release's to undo.
+      const cutShort = record.pending?.token;
       void this.#queue.run(record.id, async () => {
         if (record.failedOverAt !== null || record.devices.some((d) => this.#options.table.isAttached(d))) return;
         // Committed: the sync's sessions are spent. Not committed: undo it (which forgets them after).
-        if (record.pending) await this.#rollBack(record);
-        else if (record.broken === null) await this.#forgetSessions(record.devices);
+        if (record.pending) {
+          if (record.pending.token === cutShort) await this.#rollBack(record);
+        } else if (record.broken === null) {
+          await this.#forgetSessions(record.devices);
+        }
       }).catch((err: unknown) => {
         const e = toBdsnapError(err);
         this.#options.log.error({ event: 'replica-rollback-failed', replica: record.id, code: e.code, reason: e.message }, 'cannot undo a sync cut short');
@@ -252,6 +266,12 @@ export class ReplicaStandby {
       this.#options.log.info({ event: 'replica-released', replica: id, point: record.point, devices: record.devices }, 'replica removed: its devices stay at the last complete point');
       return { id, removed: true as const };
     });
+  }
+
+  /** Wait, up to RELEASE_WAIT_MS, until no one holds any of `devices`; whoever still holds one then is refused by the caller. */
+  async #letGo(devices: string[]): Promise<void> {
+    const deadline = performance.now() + RELEASE_WAIT_MS;
+    while (devices.some((d) => this.#options.table.isAttached(d)) && performance.now() < deadline) await delay(RELEASE_POLL_MS);
   }
 
   /** Forget every ended session of `devices` (none is needed once a sync is committed or undone). */
