@@ -8,7 +8,9 @@
  * under the system temp directory (TMPDIR), and both are unlinked at once: nothing of it is
  * left behind whatever ends the process, and no other user can reach it. Pieces are appended
  * (an offset is taken before the write is awaited, so concurrent adds never overlap) and are
- * known to `read` only once written whole.
+ * known to `read` only once written whole. What is read back is checked against the piece's id
+ * again: a spool changed since (a disk error, another process of root's writing through
+ * /proc/PID/fd) fails the read instead of reaching the target.
  */
 
 import fs from 'node:fs';
@@ -19,15 +21,20 @@ import { preadFully, pwriteFully } from '../host/fd-io.js';
 
 export class PieceSpool {
   readonly #fh: fs.promises.FileHandle;
+  readonly #idOf: (raw: Buffer) => string;
   readonly #at = new Map<string, { offsetBytes: number; lengthBytes: number }>();
   #endBytes = 0;
 
-  private constructor(fh: fs.promises.FileHandle) {
+  private constructor(fh: fs.promises.FileHandle, idOf: (raw: Buffer) => string) {
     this.#fh = fh;
+    this.#idOf = idOf;
   }
 
-  /** A new spool with room for `neededBytes` (ENOSPC up front, rather than after fetching most of them). */
-  static async create(neededBytes: number): Promise<PieceSpool> {
+  /**
+   * A new spool with room for `neededBytes` (ENOSPC up front, rather than after fetching most
+   * of them); `idOf` names a piece by its content, as the repository does.
+   */
+  static async create(neededBytes: number, idOf: (raw: Buffer) => string): Promise<PieceSpool> {
     let dir: string | undefined;
     try {
       const fsStat = await fs.promises.statfs(os.tmpdir());
@@ -39,7 +46,7 @@ export class PieceSpool {
       const file = path.join(dir, 'pieces');
       const fh = await fs.promises.open(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
       await fs.promises.unlink(file);
-      return new PieceSpool(fh);
+      return new PieceSpool(fh, idOf);
     } catch (err) {
       const e = toBdsnapError(err);
       throw new BdsnapError(e.code, `cannot make a place for the pieces a restore reads, under ${os.tmpdir()}: ${e.message}; set TMPDIR to a directory with room`, { cause: err });
@@ -66,12 +73,15 @@ export class PieceSpool {
     return this.#at.has(id);
   }
 
-  /** The content kept of piece `id`. */
+  /** The content kept of piece `id`, checked against `id`. */
   async read(id: string): Promise<Buffer> {
     const at = this.#at.get(id);
     if (!at) throw new BdsnapError('ECORRUPT', `piece ${id} was not read before the restore began`);
     const out = Buffer.allocUnsafe(at.lengthBytes);
     if (await preadFully(this.#fh.fd, out, at.offsetBytes) !== at.lengthBytes) throw new BdsnapError('EIO', `the restore's spool of pieces ends before piece ${id}`);
+    if (this.#idOf(out) !== id) {
+      throw new BdsnapError('ECORRUPT', `piece ${id} changed in the restore's spool under ${os.tmpdir()} since it was checked (a disk error, or another process wrote there), and was not written; run the restore again`);
+    }
     return out;
   }
 

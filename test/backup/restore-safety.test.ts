@@ -265,6 +265,53 @@ test('a store without local files: each piece is read once, so a second read tha
   }
 });
 
+/** Overwrite the whole of this process's open restore spool (an unlinked file) with random bytes; false when there is none. */
+function scribbleOnSpool(): boolean {
+  for (const fd of fs.readdirSync('/proc/self/fd')) {
+    let link: string;
+    try {
+      link = fs.readlinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      continue;
+    }
+    if (!/bdsnap-restore-spool-[^/]+\/pieces \(deleted\)$/.test(link)) continue;
+    const sizeBytes = fs.fstatSync(Number(fd)).size;
+    scribble(`/proc/self/fd/${fd}`, [[0, sizeBytes]]);
+    return true;
+  }
+  return false;
+}
+
+test('a spool changed between the check and the write (a disk error, another writer): the restore stops before writing a changed piece and the image is put back', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-restore-spool-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 25);
+  const { repoDir, repo, id } = await backedUp(dir, image, true);
+  scribble(image, Array.from({ length: IMAGE_BYTES / (4 * MiB) }, (_, k): [number, number] => [k * 4 * MiB, MiB]));
+  const scribbled = await sha256File(image);
+  // The check pass has kept every distinct piece once this many bytes are counted.
+  const P = repo.pieceSizeBytes;
+  const slots = expandSlots((await repo.manifest(id)).devices[0]!, P);
+  const checkedBytes = slots.reduce((n, h, i) => (h !== null && slots.indexOf(h) === i ? n + Math.min(P, IMAGE_BYTES - i * P) : n), 0);
+  let counted = 0;
+  let spoolChanged = false;
+  const progress = {
+    start: (): void => undefined,
+    advance: (bytes: number): void => {
+      counted += bytes;
+      if (counted === checkedBytes) spoolChanged = scribbleOnSpool();
+    },
+  };
+  // Through get() (no local paths), so the pieces go through the spool.
+  const remote = await openRepo(new CountingStore(new LocalDirStore(repoDir)));
+  await assert.rejects(restoreBackup(remote, id, image, { progress }), (err: BdsnapError) => {
+    assert.match(err.message, /^restore of .* stopped at \d+: piece [0-9a-f]+ changed in the restore's spool under .* since it was checked .*, and was not written; run the restore again; /);
+    return true;
+  });
+  assert.ok(spoolChanged, 'the spool was found and changed between the passes');
+  assert.equal(await sha256File(image), scribbled, 'the image is as it was before the restore');
+});
+
 test('an image opened while a restore in place runs (a daemon serving it, a snapshot, another opener) is refused; the restore completes', async (t) => {
   const dir = makeTempDir(t, 'bdsnap-restore-locked-');
   const image = path.join(dir, 'disk.img');
