@@ -31,7 +31,7 @@ import { expandSlots } from '../repository/format.js';
 import type { PieceLocation } from '../repository/pack.js';
 import { readPieces } from '../repository/pack-reader.js';
 import { PiecePool } from '../repository/piece-pool.js';
-import { pieceIdOf, type PieceRange } from '../repository/piece-worker.js';
+import type { PieceRange } from '../repository/piece-worker.js';
 import type { Repository } from '../repository/repository.js';
 import { PieceSpool } from './piece-spool.js';
 import { openRestoreTarget, type RestoreTarget } from './restore-target.js';
@@ -74,7 +74,7 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   let spool: PieceSpool | undefined;
   try {
     const needed = neededPieces(slots, P, entry.sizeBytes);
-    if (!repo.store.localPath) spool = await PieceSpool.create([...needed.values()].reduce((n, b) => n + b, 0), pieceIdOf(repo.pieceCrypto));
+    if (!repo.store.localPath) spool = await PieceSpool.create([...needed.values()].reduce((n, b) => n + b, 0));
     const index = await repo.pieceIndex();
     const toWrite = slots.map((_, i) => i).filter((i) => slots[i] !== null || !target.holes);
     options.progress?.start([...needed.values()].reduce((n, b) => n + b, 0) + toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0));

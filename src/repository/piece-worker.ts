@@ -62,14 +62,14 @@ function asBuffer(u: Uint8Array): Buffer {
 }
 
 /** The id of a piece: keyed in an encrypted repository, else its sha256. */
-export function pieceIdOf(crypto: PieceCrypto): (raw: Buffer) => string {
+function idOf(crypto: PieceCrypto): (raw: Buffer) => string {
   return crypto.kind === 'aes' ? (raw) => keyedId(crypto.idKey, raw) : sha256Hex;
 }
 
 /** Open (if sealed), decode and check a stored piece against its id. */
 export function decodeStored(crypto: PieceCrypto, stored: Buffer, id: string, maxRawBytes?: number): Buffer {
   const plain = crypto.kind === 'aes' ? open(crypto.encryptionKey, pieceAad(id), stored, `piece ${id}`) : stored;
-  return decodePiece(plain, id, maxRawBytes, pieceIdOf(crypto));
+  return decodePiece(plain, id, maxRawBytes, idOf(crypto));
 }
 
 export function runTask(task: PieceTask, crypto: PieceCrypto): PieceResult {
@@ -78,7 +78,7 @@ export function runTask(task: PieceTask, crypto: PieceCrypto): PieceResult {
       const raw = asBuffer(task.raw);
       if (isAllZero(raw)) return { id: task.id, op: 'encode', zero: true, raw };
       const { header, payload } = encodePieceParts(raw, task.codec);
-      const hash = pieceIdOf(crypto)(raw);
+      const hash = idOf(crypto)(raw);
       const parts = crypto.kind === 'aes' ? seal(crypto.encryptionKey, pieceAad(hash), [header, payload]) : [header, payload];
       const storedBytes = parts.reduce((n, p) => n + p.length, 0);
       return { id: task.id, op: 'encode', zero: false, hash, parts, storedBytes, raw, codec: header.readUInt8(5) };
