@@ -148,8 +148,8 @@ test('extend() adding a directory: new records go there, reads come from both; r
   const expected = Buffer.from(r.before);
   expected.fill(0x42, CHUNK + 1, CHUNK + 101);
   assert.ok((await readAll(r)).equals(expected));
-  assert.equal(fs.statSync(path.join(second, 'snap-1.1.diff')).size, 5 * (CHUNK + HEADER));
-  assert.equal(fs.statSync(path.join(r.dir, 'store', 'snap-1.0.diff')).size, 4 * (CHUNK + HEADER));
+  assert.equal(fs.statSync(path.join(second, 'snap-1.1.rec')).size, 5 * (CHUNK + HEADER));
+  assert.equal(fs.statSync(path.join(r.dir, 'store', 'snap-1.0.rec')).size, 4 * (CHUNK + HEADER));
 
   // The storage records its directories: the first one is enough to find them all again.
   const reopened = await DiffStorage.open(r.options);
@@ -180,7 +180,7 @@ test('low-space event when the filesystem of the current directory is short of f
 test('a torn tail is cut on reopen; what was stored stays; appends go on after it', { timeout: 20_000 }, async (t) => {
   const r = await rig(t);
   await writeChunks(r, 0, 6);
-  const file = path.join(r.dir, 'store', 'snap-1.0.diff');
+  const file = path.join(r.dir, 'store', 'snap-1.0.rec');
   const goodBytes = fs.statSync(file).size;
   assert.equal(goodBytes, 6 * (CHUNK + HEADER));
   // A record cut in the middle of its payload, as a kill during write(2) leaves it.
@@ -207,7 +207,7 @@ test('after extend() the older file is sealed: a bad record there is corruption;
   fs.mkdirSync(second, { mode: 0o700 });
   await r.storage.extend({ dir: second });
   await writeChunks(r, 3, 2);
-  const file0 = path.join(r.dir, 'store', 'snap-1.0.diff');
+  const file0 = path.join(r.dir, 'store', 'snap-1.0.rec');
   const dirsFile = path.join(r.dir, 'store', 'snap-1.dirs');
   assert.deepEqual(JSON.parse(fs.readFileSync(dirsFile, 'utf8')), { dirs: [path.join(r.dir, 'store'), second], files: 2, sealedFiles: 1 });
   const good = fs.readFileSync(file0);
@@ -228,11 +228,11 @@ test('after extend() the older file is sealed: a bad record there is corruption;
   const broken = Buffer.from(good);
   broken[HEADER + 5]! ^= 1;
   fs.writeFileSync(file0, broken);
-  await assert.rejects(DiffStorage.open(r.options), isError('ECORRUPT', /snap-1\.0\.diff is corrupt/));
+  await assert.rejects(DiffStorage.open(r.options), isError('ECORRUPT', /snap-1\.0\.rec is corrupt/));
   // And a file the list names but that is gone is missing, not silently left out.
   fs.writeFileSync(file0, good);
-  fs.rmSync(path.join(second, 'snap-1.1.diff'));
-  await assert.rejects(DiffStorage.open(r.options), isError('ENOENT', /snap-1\.1\.diff is missing/));
+  fs.rmSync(path.join(second, 'snap-1.1.rec'));
+  await assert.rejects(DiffStorage.open(r.options), isError('ENOENT', /snap-1\.1\.rec is missing/));
 });
 
 test('strict durability stores records with a sync; flush of an image syncs', { timeout: 20_000 }, async (t) => {
