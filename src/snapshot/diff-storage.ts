@@ -50,15 +50,13 @@ import { writeFileAtomic, writeFileAtomicSync } from '../host/atomic-file.js';
 import { checkPrivateDir } from '../host/private-dir.js';
 import { ChunkTable } from './chunk-table.js';
 import { StoreWriter } from './store-writer.js';
-import { scanRecords } from './record-scan.js';
+import { scanRecords, type RecordScanner } from './record-scan.js';
 import { closeFd, ftruncateFd, openFd, preadFully, preadFullySync, removePath } from '../host/fd-io.js';
 import { MAX_DEVICE_KEY, RECORD_HEADER_BYTES, decodeRecordHeader, encodeRecordHeader, payloadMatches, type RecordHeader } from './format.js';
 import { decodeDiffRecordHeader, diffRecordMatches, type DiffRecordHeader, type DiffRecordKind } from './legacy-diff-record.js';
-import type { RecordScanner } from './record-scan.js';
 
 
 export type DiffStorageState = 'ok' | 'overflowed' | 'failed';
-
 
 export type DiffStorageEvent =
   | { type: 'low-space'; usedBytes: number; limitBytes: number | null; freeBytes: number; dir: string }
@@ -221,7 +219,10 @@ export class DiffStorage {
       storage.#readStateFile();
       const newest = found[found.length - 1]!;
       // New records go to a file of the current layout, next to the older file they follow.
-      if (newest.legacy) storage.#files.push(await storage.#openFile(newest.dir, found.length, false, 'wx+'));
+      if (newest.legacy) {
+        if (found.length >= MAX_FILES) throw new BdsnapError('EINVAL', `difference storage ${options.id} already has ${MAX_FILES} files of an older layout; it cannot take new records`);
+        storage.#files.push(await storage.#openFile(newest.dir, found.length, false, 'wx+'));
+      }
       // Appends go to the newest file only, so every other one is sealed now.
       await storage.#recordDirs([dirs[0]!, newest.dir], storage.#files.length - 1);
     } catch (err) {
