@@ -328,8 +328,13 @@ test('a storage directory another user can write is refused; a link where the st
   assert.equal((JSON.parse(fs.readFileSync(stateFile, 'utf8')) as { state: string }).state, 'overflowed');
 });
 
-/** The storage of fixtures/difference-storage, written by the code of that time (see its test below). */
+/**
+ * The storages of fixtures/difference-storage: `snap.0.diff` of the older record layout, written
+ * by the code of that time, and `current/snap.0.rec`, the same writes stored by the code that
+ * introduced the current layout (see placeLegacyFixture).
+ */
 const LEGACY_FIXTURE = fs.readFileSync(new URL('../../../test/snapshot/fixtures/difference-storage/snap.0.diff', import.meta.url));
+const CURRENT_FIXTURE = fs.readFileSync(new URL('../../../test/snapshot/fixtures/difference-storage/current/snap.0.rec', import.meta.url));
 
 const legacyPattern = (length: number, seed: number, offset: number): Buffer => {
   const b = Buffer.alloc(length);
@@ -343,10 +348,10 @@ const legacyPattern = (length: number, seed: number, offset: number): Buffer => 
  * directory it was written in, so this writes one naming where it is now. `tail` is appended
  * to the file, as a kill under that code could leave it.
  */
-function placeLegacyFixture(dir: string, tail = Buffer.alloc(0)): { storeDir: string; imagePath: string; expected: Buffer } {
+function placeLegacyFixture(dir: string, tail = Buffer.alloc(0), file = { name: 'snap.0.diff', bytes: LEGACY_FIXTURE }): { storeDir: string; imagePath: string; expected: Buffer } {
   const storeDir = path.join(dir, 'store');
   fs.mkdirSync(storeDir, { mode: 0o700 });
-  fs.writeFileSync(path.join(storeDir, 'snap.0.diff'), Buffer.concat([LEGACY_FIXTURE, tail]), { mode: 0o600 });
+  fs.writeFileSync(path.join(storeDir, file.name), Buffer.concat([file.bytes, tail]), { mode: 0o600 });
   fs.writeFileSync(path.join(storeDir, 'snap.dirs'), JSON.stringify({ dirs: [storeDir], files: 1, sealedFiles: 0 }), { mode: 0o600 });
   const atPoint = legacyPattern(65536, 1, 0);
   const device = Buffer.from(atPoint);
@@ -391,6 +396,15 @@ test('a difference storage written before the one copy-before-write engine opens
   await withLegacyImage(t, storeDir, imagePath, async (_layer, image) => {
     assert.ok((await readImage(image)).equals(expected), 'the image shows the device at its point, with the image write');
   });
+});
+
+test('a difference storage of the current layout written by earlier code opens and serves its image exactly', { timeout: 20_000 }, async (t) => {
+  const { storeDir, imagePath, expected } = placeLegacyFixture(tempDir(t), Buffer.alloc(0), { name: 'snap.0.rec', bytes: CURRENT_FIXTURE });
+  await withLegacyImage(t, storeDir, imagePath, async (_layer, image) => {
+    assert.ok((await readImage(image)).equals(expected), 'the image shows the device at its point, with the image write');
+  });
+  assert.deepEqual(fs.readdirSync(storeDir).sort(), ['snap.0.rec', 'snap.dirs'], 'no file of another layout is started');
+  assert.ok(fs.readFileSync(path.join(storeDir, 'snap.0.rec')).equals(CURRENT_FIXTURE));
 });
 
 test('a difference storage of the older layout takes new records in a file of the current one and stays exact across reopens', { timeout: 20_000 }, async (t) => {
