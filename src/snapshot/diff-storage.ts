@@ -1,9 +1,16 @@
 /**
  * DiffStorage: the difference storage of one snapshot, shared by its devices. It keeps the
  * originals of chunks that changed on a device after the snapshot was taken, and the chunks
- * written to the snapshot's images, as append-only records (see diff-record.ts) in files
- * `<id>.<n>.diff`, file n in the n-th directory it was given (a directory added by extend()
- * gets the next file). New records always go to the newest file. `<id>.dirs` (written
+ * written to the snapshot's images, as append-only records in files `<id>.<n>.rec`, file n in
+ * the n-th directory it was given (a directory added by extend() gets the next file). New
+ * records always go to the newest file. The records are the session store's (format.ts), each
+ * naming its device and its place in the storage's order, written by the same StoreWriter and
+ * read by the same scanner.
+ *
+ * Storages written before hold `<id>.<n>.diff` files of an older record layout
+ * (legacy-diff-record.ts): they are read, never appended to. Opening one starts a `.rec` file
+ * for new records; a build that knows only `.diff` files then refuses the storage (a file is
+ * missing) instead of taking the new records for damage. `<id>.dirs` (written
  * atomically at create, extend and open, in the first directory and in the newest one) lists
  * the directories, the number of files and how many are sealed (nothing in flight for them any
  * more), so that open() finds every file from the first directory alone and accepts a torn
@@ -43,12 +50,10 @@ import { writeFileAtomic, writeFileAtomicSync } from '../host/atomic-file.js';
 import { checkPrivateDir } from '../host/private-dir.js';
 import { ChunkTable } from './chunk-table.js';
 import { StoreWriter } from './store-writer.js';
-import { scanRecords } from './record-scan.js';
+import { scanRecords, type RecordScanner } from './record-scan.js';
 import { closeFd, ftruncateFd, openFd, preadFully, preadFullySync, removePath } from '../host/fd-io.js';
-import {
-  DIFF_RECORD_HEADER_BYTES, MAX_DEVICE_KEY, decodeDiffRecordHeader, diffRecordMatches, encodeDiffRecordHeader,
-  type DiffRecordKind,
-} from './diff-record.js';
+import { MAX_DEVICE_KEY, RECORD_HEADER_BYTES, decodeRecordHeader, encodeRecordHeader, payloadMatches, type RecordHeader } from './format.js';
+import { decodeDiffRecordHeader, diffRecordMatches, type DiffRecordHeader, type DiffRecordKind } from './legacy-diff-record.js';
 
 
 export type DiffStorageState = 'ok' | 'overflowed' | 'failed';
@@ -102,15 +107,20 @@ const ID_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/;
 
 interface DiffFile {
   index: number;
+  /** An `.diff` file of the older record layout: read only. */
+  legacy: boolean;
   dir: string;
   path: string;
   fd: number;
   writer: StoreWriter;
 }
 
-export function diffFileName(id: string, index: number): string {
-  return `${id}.${index}.diff`;
+export function diffFileName(id: string, index: number, legacy = false): string {
+  return `${id}.${index}.${legacy ? LEGACY_SUFFIX : SUFFIX}`;
 }
+
+const SUFFIX = 'rec';
+const LEGACY_SUFFIX = 'diff';
 
 function stateFileName(id: string): string {
   return `${id}.state`;
@@ -169,7 +179,7 @@ export class DiffStorage {
       }
     }
     const storage = new DiffStorage(options, dirs);
-    storage.#files.push(await storage.#openFile(dirs[dirs.length - 1]!, 0, 'wx+'));
+    storage.#files.push(await storage.#openFile(dirs[dirs.length - 1]!, 0, false, 'wx+'));
     await storage.#recordDirs([dirs[0]!], 0);
     storage.#checkSpace(true);
     return storage;
@@ -186,25 +196,35 @@ export class DiffStorage {
   static async open(options: DiffStorageOptions): Promise<DiffStorage> {
     const recorded = await readDirsFile(await checkOptions(options), options.id);
     const dirs = await checkDirs(recorded.dirs);
-    const found: Array<{ index: number; dir: string }> = [];
-    for (const dir of new Set(dirs)) for (const index of await listDiffFiles(dir, options.id)) found.push({ index, dir });
+    const found: Array<{ index: number; legacy: boolean; dir: string }> = [];
+    for (const dir of new Set(dirs)) for (const f of await listDiffFiles(dir, options.id)) found.push({ ...f, dir });
     found.sort((a, b) => a.index - b.index);
     if (found.length === 0) throw new BdsnapError('ENOENT', `no difference storage named ${options.id} in ${dirs.join(', ')}`);
     for (let i = 0; i < Math.max(found.length, recorded.files); i++) {
       if (found[i]?.index !== i) {
+        const f = found[i];
+        if (f !== undefined && f.index === i - 1) {
+          throw new BdsnapError('ECORRUPT', `difference storage ${options.id} has two files number ${f.index} (${diffFileName(options.id, f.index)} and ${diffFileName(options.id, f.index, true)})`);
+        }
         throw new BdsnapError('ENOENT', `difference storage ${options.id}: file ${diffFileName(options.id, i)} is missing (pass every directory it was given)`);
       }
     }
     const storage = new DiffStorage(options, dirs);
     try {
       for (const f of found) {
-        const file = await storage.#openFile(f.dir, f.index, 'r+');
+        const file = await storage.#openFile(f.dir, f.index, f.legacy, 'r+');
         storage.#files.push(file);
         await storage.#scan(file, f.index >= recorded.sealedFiles);
       }
       storage.#readStateFile();
+      const newest = found[found.length - 1]!;
+      // New records go to a file of the current layout, next to the older file they follow.
+      if (newest.legacy) {
+        if (found.length >= MAX_FILES) throw new BdsnapError('EINVAL', `difference storage ${options.id} already has ${MAX_FILES} files of an older layout; it cannot take new records`);
+        storage.#files.push(await storage.#openFile(newest.dir, found.length, false, 'wx+'));
+      }
       // Appends go to the newest file only, so every other one is sealed now.
-      await storage.#recordDirs([dirs[0]!, found[found.length - 1]!.dir], found.length - 1);
+      await storage.#recordDirs([dirs[0]!, newest.dir], storage.#files.length - 1);
     } catch (err) {
       await storage.#closeFiles();
       throw toBdsnapError(err);
@@ -266,7 +286,7 @@ export class DiffStorage {
     const previous = this.#files[this.#files.length - 1]!;
     if (dir === previous.dir || this.#state !== 'ok') return;
     if (this.#files.length >= MAX_FILES) throw new BdsnapError('EINVAL', `difference storage ${this.id} already has ${MAX_FILES} files`);
-    const file = await this.#openFile(dir, this.#files.length, 'wx+');
+    const file = await this.#openFile(dir, this.#files.length, false, 'wx+');
     const dirs = this.#dirs.includes(dir) ? this.#dirs : [...this.#dirs, dir];
     try {
       await this.#recordDirs([dirs[0]!, dir], previous.index, dirs, file.index + 1);
@@ -344,20 +364,20 @@ export class DiffStorage {
    */
   append(deviceKey: number, kind: DiffRecordKind, firstChunk: number, payload: Buffer): Promise<boolean> {
     if (!this.usable) return Promise.resolve(false);
-    const recordBytes = DIFF_RECORD_HEADER_BYTES + payload.length;
+    const recordBytes = RECORD_HEADER_BYTES + payload.length;
     if (this.#limitBytes !== null && this.#usedBytes + recordBytes > this.#limitBytes) {
       this.#fail('overflowed', overflowReason(kind, firstChunk * this.chunkSize, payload.length, this.#usedBytes, this.#limitBytes));
       return Promise.resolve(false);
     }
     this.#usedBytes += recordBytes;
     const chunkCount = Math.ceil(payload.length / this.chunkSize);
-    const header = encodeDiffRecordHeader({ kind, deviceKey, firstChunk, chunkCount, sequence: this.#nextSequence++, payloadBytes: payload.length }, payload);
+    const header = encodeRecordHeader(firstChunk, payload, { deviceKey, sequence: this.#nextSequence++, image: kind === 'image' });
     const file = this.#files[this.#files.length - 1]!;
     const stored = file.writer.appendRecord(header, payload);
     this.#checkSpace(false);
     return stored.then((position) => {
       if (position === undefined) return false;
-      this.#index(deviceKey, kind, firstChunk, chunkCount, file.index * FILE_SPAN + position + DIFF_RECORD_HEADER_BYTES);
+      this.#index(deviceKey, kind, firstChunk, chunkCount, file.index * FILE_SPAN + position + RECORD_HEADER_BYTES);
       return true;
     });
   }
@@ -408,8 +428,8 @@ export class DiffStorage {
     }
   }
 
-  async #openFile(dir: string, index: number, flags: 'wx+' | 'r+'): Promise<DiffFile> {
-    const filePath = path.join(dir, diffFileName(this.id, index));
+  async #openFile(dir: string, index: number, legacy: boolean, flags: 'wx+' | 'r+'): Promise<DiffFile> {
+    const filePath = path.join(dir, diffFileName(this.id, index, legacy));
     const { O_RDWR, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
     let fd: number;
     try {
@@ -425,24 +445,12 @@ export class DiffStorage {
       await closeFd(fd);
       throw err;
     }
-    return { index, dir, path: filePath, fd, writer: this.#writer(fd, dir, 0) };
+    return { index, legacy, dir, path: filePath, fd, writer: this.#writer(fd, dir, 0) };
   }
 
   /** Verify the records of one file, index them, and cut a torn tail (unless the file is sealed). */
   async #scan(file: DiffFile, mayBeTorn: boolean): Promise<void> {
-    const scan = await scanRecords(file.fd, {
-      headerBytes: DIFF_RECORD_HEADER_BYTES,
-      decode: (header) => {
-        const h = decodeDiffRecordHeader(header, this.chunkSize);
-        return typeof h === 'string' ? h : { ...h, payloadOffset: DIFF_RECORD_HEADER_BYTES };
-      },
-      accept: (h, header, payload, position) => {
-        if (!diffRecordMatches(header, payload)) return 'record checksum mismatch';
-        this.#index(h.deviceKey, h.kind, h.firstChunk, h.chunkCount, file.index * FILE_SPAN + position + DIFF_RECORD_HEADER_BYTES);
-        if (h.sequence >= this.#nextSequence) this.#nextSequence = h.sequence + 1;
-        return undefined;
-      },
-    });
+    const scan = file.legacy ? await scanRecords(file.fd, this.#legacyScanner(file)) : await scanRecords(file.fd, this.#scanner(file));
     if (scan.tornReason !== undefined) {
       // A sealed file had nothing in flight when the process died: a bad record there is
       // damage, not a torn tail.
@@ -451,6 +459,44 @@ export class DiffStorage {
     }
     this.#usedBytes += scan.validBytes;
     file.writer = this.#writer(file.fd, file.dir, scan.validBytes);
+  }
+
+  /** A record of a file is indexed as its device's run of chunks at its place in the storage's order. */
+  #take(file: DiffFile, r: DiffRecordHeader, position: number): void {
+    this.#index(r.deviceKey, r.kind, r.firstChunk, r.chunkCount, file.index * FILE_SPAN + position + RECORD_HEADER_BYTES);
+    if (r.sequence >= this.#nextSequence) this.#nextSequence = r.sequence + 1;
+  }
+
+  #scanner(file: DiffFile): RecordScanner<RecordHeader> {
+    return {
+      headerBytes: RECORD_HEADER_BYTES,
+      decode: (header) => {
+        const h = decodeRecordHeader(header);
+        return typeof h === 'string' || h.kind === 'copied' || h.kind === 'image' ? h : `${h.kind} record in a difference storage`;
+      },
+      accept: (h, _header, payload, position) => {
+        if (!payloadMatches(h, payload)) return 'record checksum mismatch';
+        const { deviceKey, firstChunk, sequence, payloadBytes } = h;
+        this.#take(file, { kind: h.kind === 'image' ? 'image' : 'original', deviceKey, firstChunk, chunkCount: Math.ceil(payloadBytes / this.chunkSize), sequence, payloadBytes }, position);
+        return undefined;
+      },
+    };
+  }
+
+  /** Files of the older record layout: one CRC over header and payload. */
+  #legacyScanner(file: DiffFile): RecordScanner<DiffRecordHeader & { payloadOffset: number }> {
+    return {
+      headerBytes: RECORD_HEADER_BYTES,
+      decode: (header) => {
+        const h = decodeDiffRecordHeader(header, this.chunkSize);
+        return typeof h === 'string' ? h : { ...h, payloadOffset: RECORD_HEADER_BYTES };
+      },
+      accept: (r, header, payload, position) => {
+        if (!diffRecordMatches(header, payload)) return 'record checksum mismatch';
+        this.#take(file, r, position);
+        return undefined;
+      },
+    };
   }
 
   #writer(fd: number, dir: string, startBytes: number): StoreWriter {
@@ -679,14 +725,14 @@ async function readDirsFile(dirs: string[], id: string): Promise<DirsFile> {
   return out;
 }
 
-/** Indexes n of the files `<id>.<n>.diff` in `dir`. */
-async function listDiffFiles(dir: string, id: string): Promise<number[]> {
+/** The files `<id>.<n>.rec` and `<id>.<n>.diff` (legacy) in `dir`. */
+async function listDiffFiles(dir: string, id: string): Promise<Array<{ index: number; legacy: boolean }>> {
   const prefix = `${id}.`;
-  const out: number[] = [];
+  const out: Array<{ index: number; legacy: boolean }> = [];
   for (const name of await fs.promises.readdir(dir)) {
-    if (!name.startsWith(prefix) || !name.endsWith('.diff')) continue;
-    const middle = name.slice(prefix.length, -'.diff'.length);
-    if (/^(0|[1-9][0-9]{0,8})$/.test(middle)) out.push(Number(middle));
+    if (!name.startsWith(prefix)) continue;
+    const m = /^(0|[1-9][0-9]{0,8})\.(rec|diff)$/.exec(name.slice(prefix.length));
+    if (m) out.push({ index: Number(m[1]), legacy: m[2] === LEGACY_SUFFIX });
   }
   return out;
 }

@@ -142,6 +142,12 @@ export { readU64, writeU64 };
  * CRC-32 does (every burst up to 32 bits, anything else but for 2^-32), at 3x the speed of
  * sha256 on the request path.
  *
+ * The same records make up a snapshot's difference storage (diff-storage.ts), whose records
+ * also say which device of the snapshot a run belongs to and in what order it was written:
+ * device key u32 @28 and sequence u64 @32 (zeroes in a session store); bytes 40..56 are zero.
+ * RECORD_FLAG_IMAGE (with CRC32) marks a write to a snapshot's image, which supersedes earlier
+ * records of its chunks; a record without it holds originals.
+ *
  * The payload follows the header (payload offset 0, read as RECORD_HEADER_BYTES), except:
  * - RECORD_FLAG_CLONED (with CRC32): the payload starts `payload offset` bytes after the
  *   header's position (a filesystem-block boundary; zeroes in between) and bytes 24..56 are
@@ -155,7 +161,8 @@ export { readU64, writeU64 };
 export const RECORD_FLAG_CRC32 = 1;
 export const RECORD_FLAG_CLONED = 2;
 export const RECORD_FLAG_SEAL = 4;
-const KNOWN_RECORD_FLAGS = RECORD_FLAG_CRC32 | RECORD_FLAG_CLONED | RECORD_FLAG_SEAL;
+export const RECORD_FLAG_IMAGE = 8;
+const KNOWN_RECORD_FLAGS = RECORD_FLAG_CRC32 | RECORD_FLAG_CLONED | RECORD_FLAG_SEAL | RECORD_FLAG_IMAGE;
 export const SEAL_ENTRY_BYTES = 16;
 /** Largest padding in front of a cloned payload: filesystem blocks are at most 64 KiB. */
 export const MAX_RECORD_ALIGN_BYTES = 64 * 1024;
@@ -176,15 +183,32 @@ function finishHeader(h: Buffer): Buffer {
   return h;
 }
 
+/** Which device of a snapshot a record belongs to, and where it comes in the storage's order. */
+export interface RecordPoint {
+  /** Largest: MAX_DEVICE_KEY. */
+  deviceKey: number;
+  sequence: number;
+  /** A write to the image (supersedes earlier records of its chunks), not originals. */
+  image: boolean;
+}
+
+/** Largest device key (u32 on disk). */
+export const MAX_DEVICE_KEY = 0xffff_ffff;
+
 /** A header whose payload follows it and whose CRC-32 it carries. */
-function checkedHeader(flags: number, firstChunk: number, payload: Buffer): Buffer {
-  const h = headerBase(flags, firstChunk, payload.length, 0);
+function checkedHeader(flags: number, firstChunk: number, payload: Buffer, point?: RecordPoint): Buffer {
+  const h = headerBase(flags | (point?.image === true ? RECORD_FLAG_IMAGE : 0), firstChunk, payload.length, 0);
   h.writeUInt32LE(crc32(payload), 24);
+  if (point !== undefined) {
+    h.writeUInt32LE(point.deviceKey, 28);
+    writeU64(h, point.sequence, 32);
+  }
   return finishHeader(h);
 }
 
-export function encodeRecordHeader(firstChunk: number, payload: Buffer): Buffer {
-  return checkedHeader(RECORD_FLAG_CRC32, firstChunk, payload);
+/** The header of a record of chunks firstChunk..; `point` in a snapshot's difference storage. */
+export function encodeRecordHeader(firstChunk: number, payload: Buffer, point?: RecordPoint): Buffer {
+  return checkedHeader(RECORD_FLAG_CRC32, firstChunk, payload, point);
 }
 
 /**
@@ -236,7 +260,8 @@ export function decodeSealPayload(payload: Buffer): SealEntry[] | string {
   return entries;
 }
 
-export type RecordKind = 'copied' | 'cloned' | 'seal';
+/** 'copied' and 'cloned' hold originals; 'image' a snapshot image's write; 'seal' checksums. */
+export type RecordKind = 'copied' | 'cloned' | 'seal' | 'image';
 
 export interface RecordHeader {
   kind: RecordKind;
@@ -248,7 +273,12 @@ export interface RecordHeader {
   payloadSha256: boolean;
   /** sha256 (32 bytes) or CRC-32 (u32 LE in the first 4 bytes) of the payload; zeroes for a cloned record. */
   payloadChecksum: Buffer;
+  /** RecordPoint's fields (zeroes in a session store). */
+  deviceKey: number;
+  sequence: number;
 }
+
+const ZERO_RESERVED = Buffer.alloc(16);
 
 /** Parse a header; returns a reason string instead of throwing so scanners can decide. */
 export function decodeRecordHeader(h: Buffer): RecordHeader | string {
@@ -263,18 +293,22 @@ export function decodeRecordHeader(h: Buffer): RecordHeader | string {
   if (h.readUInt16LE(4) !== RECORD_VERSION) return `unknown record version ${h.readUInt16LE(4)}`;
   const cloned = (flags & RECORD_FLAG_CLONED) !== 0;
   const seal = (flags & RECORD_FLAG_SEAL) !== 0;
-  if ((flags & ~KNOWN_RECORD_FLAGS) !== 0 || ((cloned || seal) && !crc) || (cloned && seal)) return `unknown record flags ${flags}`;
+  const image = (flags & RECORD_FLAG_IMAGE) !== 0;
+  if ((flags & ~KNOWN_RECORD_FLAGS) !== 0 || ((cloned || seal || image) && !crc) || Number(cloned) + Number(seal) + Number(image) > 1) return `unknown record flags ${flags}`;
+  if (crc && !h.subarray(40, 56).equals(ZERO_RESERVED)) return 'record header with non-zero reserved bytes';
   const payloadBytes = h.readUInt32LE(16);
   if (payloadBytes === 0 || payloadBytes > MAX_RECORD_PAYLOAD_BYTES) return `bad record length ${payloadBytes}`;
   const offset = h.readUInt32LE(20);
   if (cloned ? offset < RECORD_HEADER_BYTES || offset > RECORD_HEADER_BYTES + MAX_RECORD_ALIGN_BYTES : offset !== 0) return `bad payload offset ${offset}`;
   return {
-    kind: cloned ? 'cloned' : seal ? 'seal' : 'copied',
+    kind: cloned ? 'cloned' : seal ? 'seal' : image ? 'image' : 'copied',
     firstChunk: readU64(h, 8),
     payloadBytes,
     payloadOffset: cloned ? offset : RECORD_HEADER_BYTES,
     payloadSha256: !crc,
     payloadChecksum: Buffer.from(h.subarray(24, crc ? 28 : 56)),
+    deviceKey: crc ? h.readUInt32LE(28) : 0,
+    sequence: crc ? readU64(h, 32) : 0,
   };
 }
 

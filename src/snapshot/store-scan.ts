@@ -64,6 +64,7 @@ export async function scanData(fd: number, options: ScanOptions): Promise<ScanRe
     decode(header) {
       const h = decodeRecordHeader(header);
       if (typeof h === 'string' || h.kind === 'seal') return h;
+      if (h.kind === 'image') return 'image record in a session store';
       const startBytes = h.firstChunk * chunkSize;
       const aligned = h.payloadBytes % chunkSize === 0 || startBytes + h.payloadBytes === deviceSize;
       if (h.firstChunk >= chunkCount || startBytes + h.payloadBytes > deviceSize || !aligned) {

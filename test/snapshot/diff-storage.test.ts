@@ -14,6 +14,7 @@ import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DiffStorage, SnapshotLayer, type DiffStorageEvent, type DiffStorageOptions, type SnapshotImage } from '../../src/snapshot/index.js';
 import { makeImage } from '../helpers/files.js';
+import { RECORD_HEADER_BYTES, decodeRecordHeader, payloadMatches } from '../../src/snapshot/format.js';
 import { isError, tempDir, type TestContext } from './helpers.js';
 import { needs } from '../helpers/needs.js';
 
@@ -148,8 +149,8 @@ test('extend() adding a directory: new records go there, reads come from both; r
   const expected = Buffer.from(r.before);
   expected.fill(0x42, CHUNK + 1, CHUNK + 101);
   assert.ok((await readAll(r)).equals(expected));
-  assert.equal(fs.statSync(path.join(second, 'snap-1.1.diff')).size, 5 * (CHUNK + HEADER));
-  assert.equal(fs.statSync(path.join(r.dir, 'store', 'snap-1.0.diff')).size, 4 * (CHUNK + HEADER));
+  assert.equal(fs.statSync(path.join(second, 'snap-1.1.rec')).size, 5 * (CHUNK + HEADER));
+  assert.equal(fs.statSync(path.join(r.dir, 'store', 'snap-1.0.rec')).size, 4 * (CHUNK + HEADER));
 
   // The storage records its directories: the first one is enough to find them all again.
   const reopened = await DiffStorage.open(r.options);
@@ -180,7 +181,7 @@ test('low-space event when the filesystem of the current directory is short of f
 test('a torn tail is cut on reopen; what was stored stays; appends go on after it', { timeout: 20_000 }, async (t) => {
   const r = await rig(t);
   await writeChunks(r, 0, 6);
-  const file = path.join(r.dir, 'store', 'snap-1.0.diff');
+  const file = path.join(r.dir, 'store', 'snap-1.0.rec');
   const goodBytes = fs.statSync(file).size;
   assert.equal(goodBytes, 6 * (CHUNK + HEADER));
   // A record cut in the middle of its payload, as a kill during write(2) leaves it.
@@ -207,7 +208,7 @@ test('after extend() the older file is sealed: a bad record there is corruption;
   fs.mkdirSync(second, { mode: 0o700 });
   await r.storage.extend({ dir: second });
   await writeChunks(r, 3, 2);
-  const file0 = path.join(r.dir, 'store', 'snap-1.0.diff');
+  const file0 = path.join(r.dir, 'store', 'snap-1.0.rec');
   const dirsFile = path.join(r.dir, 'store', 'snap-1.dirs');
   assert.deepEqual(JSON.parse(fs.readFileSync(dirsFile, 'utf8')), { dirs: [path.join(r.dir, 'store'), second], files: 2, sealedFiles: 1 });
   const good = fs.readFileSync(file0);
@@ -228,11 +229,11 @@ test('after extend() the older file is sealed: a bad record there is corruption;
   const broken = Buffer.from(good);
   broken[HEADER + 5]! ^= 1;
   fs.writeFileSync(file0, broken);
-  await assert.rejects(DiffStorage.open(r.options), isError('ECORRUPT', /snap-1\.0\.diff is corrupt/));
+  await assert.rejects(DiffStorage.open(r.options), isError('ECORRUPT', /snap-1\.0\.rec is corrupt/));
   // And a file the list names but that is gone is missing, not silently left out.
   fs.writeFileSync(file0, good);
-  fs.rmSync(path.join(second, 'snap-1.1.diff'));
-  await assert.rejects(DiffStorage.open(r.options), isError('ENOENT', /snap-1\.1\.diff is missing/));
+  fs.rmSync(path.join(second, 'snap-1.1.rec'));
+  await assert.rejects(DiffStorage.open(r.options), isError('ENOENT', /snap-1\.1\.rec is missing/));
 });
 
 test('strict durability stores records with a sync; flush of an image syncs', { timeout: 20_000 }, async (t) => {
@@ -327,42 +328,148 @@ test('a storage directory another user can write is refused; a link where the st
   assert.equal((JSON.parse(fs.readFileSync(stateFile, 'utf8')) as { state: string }).state, 'overflowed');
 });
 
-test('a difference storage written before the one copy-before-write engine opens and serves its image exactly', { timeout: 20_000 }, async (t) => {
-  // Written by the code of that time (snapshot of a 64 KiB device, 4 KiB chunks): device writes
-  // at 8192+8192, 36964+5000 and 61440+4096, and an image write at 57444+3000. Its `.dirs` file
-  // named the directory it was written in, so the test writes one naming where it is now.
-  const pattern = (length: number, seed: number, offset: number): Buffer => {
-    const b = Buffer.alloc(length);
-    for (let i = 0; i < length; i++) b[i] = (seed * 31 + (offset + i) * 7 + ((offset + i) >> 9)) & 0xff;
-    return b;
-  };
-  const dir = tempDir(t);
+/**
+ * The storages of fixtures/difference-storage: `snap.0.diff` of the older record layout, written
+ * by the code of that time, and `current/snap.0.rec`, the same writes stored by the code that
+ * introduced the current layout (see placeLegacyFixture).
+ */
+const LEGACY_FIXTURE = fs.readFileSync(new URL('../../../test/snapshot/fixtures/difference-storage/snap.0.diff', import.meta.url));
+const CURRENT_FIXTURE = fs.readFileSync(new URL('../../../test/snapshot/fixtures/difference-storage/current/snap.0.rec', import.meta.url));
+
+const legacyPattern = (length: number, seed: number, offset: number): Buffer => {
+  const b = Buffer.alloc(length);
+  for (let i = 0; i < length; i++) b[i] = (seed * 31 + (offset + i) * 7 + ((offset + i) >> 9)) & 0xff;
+  return b;
+};
+
+/**
+ * The fixture (snapshot of a 64 KiB device, 4 KiB chunks): device writes at 8192+8192,
+ * 36964+5000 and 61440+4096, and an image write at 57444+3000. Its `.dirs` file named the
+ * directory it was written in, so this writes one naming where it is now. `tail` is appended
+ * to the file, as a kill under that code could leave it.
+ */
+function placeLegacyFixture(dir: string, tail = Buffer.alloc(0), file = { name: 'snap.0.diff', bytes: LEGACY_FIXTURE }): { storeDir: string; imagePath: string; expected: Buffer } {
   const storeDir = path.join(dir, 'store');
   fs.mkdirSync(storeDir, { mode: 0o700 });
-  fs.copyFileSync(new URL('../../../test/snapshot/fixtures/difference-storage/snap.0.diff', import.meta.url), path.join(storeDir, 'snap.0.diff'));
+  fs.writeFileSync(path.join(storeDir, file.name), Buffer.concat([file.bytes, tail]), { mode: 0o600 });
   fs.writeFileSync(path.join(storeDir, 'snap.dirs'), JSON.stringify({ dirs: [storeDir], files: 1, sealedFiles: 0 }), { mode: 0o600 });
-  const atPoint = pattern(65536, 1, 0);
+  const atPoint = legacyPattern(65536, 1, 0);
   const device = Buffer.from(atPoint);
-  pattern(8192, 2, 8192).copy(device, 8192);
-  pattern(5000, 3, 36964).copy(device, 36964);
-  pattern(4096, 5, 61440).copy(device, 61440);
+  legacyPattern(8192, 2, 8192).copy(device, 8192);
+  legacyPattern(5000, 3, 36964).copy(device, 36964);
+  legacyPattern(4096, 5, 61440).copy(device, 61440);
   const imagePath = path.join(dir, 'disk.img');
   fs.writeFileSync(imagePath, device);
   const expected = Buffer.from(atPoint);
-  pattern(3000, 4, 57444).copy(expected, 57444);
+  legacyPattern(3000, 4, 57444).copy(expected, 57444);
+  return { storeDir, imagePath, expected };
+}
 
+/** Open the fixture's storage over the device at `imagePath`; `use` gets its layer and image. */
+async function withLegacyImage(t: TestContext, storeDir: string, imagePath: string, use: (layer: SnapshotLayer, image: SnapshotImage) => Promise<void>): Promise<void> {
   const storage = await DiffStorage.open({ id: 'snap', dirs: [storeDir], chunkSize: 4096 });
   t.after(() => storage.close());
   assert.equal(storage.state, 'ok');
   const dev = await FileDevice.open(imagePath);
-  t.after(() => dev.close());
-  const layer = new SnapshotLayer(dev, { chunkSize: 4096 });
-  await layer.hold();
-  const image = layer.addPoint(storage, 0);
-  layer.release();
+  try {
+    const layer = new SnapshotLayer(dev, { chunkSize: 4096 });
+    await layer.hold();
+    const image = layer.addPoint(storage, 0);
+    layer.release();
+    await use(layer, image);
+    await layer.removePoint(image);
+    await layer.close();
+  } finally {
+    await dev.close();
+  }
+  await storage.close();
+}
+
+async function readImage(image: SnapshotImage): Promise<Buffer> {
   const seen = Buffer.alloc(65536);
   await image.read(seen, 0);
-  assert.ok(seen.equals(expected), 'the image shows the device at its point, with the image write');
-  await layer.removePoint(image);
-  await layer.close();
+  return seen;
+}
+
+test('a difference storage written before the one copy-before-write engine opens and serves its image exactly', { timeout: 20_000 }, async (t) => {
+  const { storeDir, imagePath, expected } = placeLegacyFixture(tempDir(t));
+  await withLegacyImage(t, storeDir, imagePath, async (_layer, image) => {
+    assert.ok((await readImage(image)).equals(expected), 'the image shows the device at its point, with the image write');
+  });
+});
+
+test('a difference storage of the current layout written by earlier code opens and serves its image exactly', { timeout: 20_000 }, async (t) => {
+  const { storeDir, imagePath, expected } = placeLegacyFixture(tempDir(t), Buffer.alloc(0), { name: 'snap.0.rec', bytes: CURRENT_FIXTURE });
+  await withLegacyImage(t, storeDir, imagePath, async (_layer, image) => {
+    assert.ok((await readImage(image)).equals(expected), 'the image shows the device at its point, with the image write');
+  });
+  assert.deepEqual(fs.readdirSync(storeDir).sort(), ['snap.0.rec', 'snap.dirs'], 'no file of another layout is started');
+  assert.ok(fs.readFileSync(path.join(storeDir, 'snap.0.rec')).equals(CURRENT_FIXTURE));
+});
+
+test('a difference storage of the older layout takes new records in a file of the current one and stays exact across reopens', { timeout: 20_000 }, async (t) => {
+  const { storeDir, imagePath, expected } = placeLegacyFixture(tempDir(t));
+  const legacyFile = path.join(storeDir, 'snap.0.diff');
+  const newFile = path.join(storeDir, 'snap.1.rec');
+  await withLegacyImage(t, storeDir, imagePath, async (layer, image) => {
+    // A first write to a chunk not preserved yet, a rewrite of a preserved one, an image write.
+    await layer.write(Buffer.alloc(4096, 0xa1), 4096);
+    await layer.write(Buffer.alloc(4096, 0xa2), 8192);
+    await image.write(Buffer.alloc(1000, 0xa3), 20_000);
+    Buffer.alloc(1000, 0xa3).copy(expected, 20_000);
+    assert.ok((await readImage(image)).equals(expected));
+  });
+  assert.ok(fs.readFileSync(legacyFile).equals(LEGACY_FIXTURE), 'the older file is never written');
+  // The new records are in a file a build that knows only `.diff` files does not find, and the
+  // storage's list names that file, so such a build refuses the storage ("file 1 is missing").
+  assert.deepEqual(JSON.parse(fs.readFileSync(path.join(storeDir, 'snap.dirs'), 'utf8')), { dirs: [storeDir], files: 2, sealedFiles: 1 });
+  const records = fs.readFileSync(newFile);
+  const first = decodeRecordHeader(records.subarray(0, RECORD_HEADER_BYTES));
+  assert.ok(typeof first !== 'string', `the new file holds records of the current layout: ${String(first)}`);
+  assert.equal(first.kind, 'copied');
+  assert.equal(first.firstChunk, 1);
+
+  await withLegacyImage(t, storeDir, imagePath, async (_layer, image) => {
+    assert.ok((await readImage(image)).equals(expected), 'reopened: the older and the newer file together give the image');
+  });
+  assert.ok(fs.readFileSync(legacyFile).equals(LEGACY_FIXTURE));
+  assert.equal(fs.statSync(newFile).size, records.length, 'a reopen starts no further file');
+});
+
+test('a difference storage of the older layout left by a kill: its torn tail is cut and its image is exact', { timeout: 20_000 }, async (t) => {
+  // The start of a record (its header and part of its payload), as a kill during write(2) leaves it.
+  const { storeDir, imagePath, expected } = placeLegacyFixture(tempDir(t), LEGACY_FIXTURE.subarray(0, RECORD_HEADER_BYTES + 100));
+  await withLegacyImage(t, storeDir, imagePath, async (layer, image) => {
+    assert.ok((await readImage(image)).equals(expected));
+    await layer.write(Buffer.alloc(4096, 0xb1), 0);
+    assert.ok((await readImage(image)).equals(expected));
+  });
+  assert.ok(fs.readFileSync(path.join(storeDir, 'snap.0.diff')).equals(LEGACY_FIXTURE), 'the torn tail is cut, nothing else');
+  await withLegacyImage(t, storeDir, imagePath, async (_layer, image) => {
+    assert.ok((await readImage(image)).equals(expected));
+  });
+});
+
+test('a file number held by both an older and a current file is refused as corrupt', { timeout: 20_000 }, async (t) => {
+  const { storeDir } = placeLegacyFixture(tempDir(t));
+  fs.writeFileSync(path.join(storeDir, 'snap.0.rec'), '', { mode: 0o600 });
+  await assert.rejects(DiffStorage.open({ id: 'snap', dirs: [storeDir], chunkSize: 4096 }), isError('ECORRUPT', /two files number 0/));
+});
+
+test('records are the session store\'s: each names its device, its place in the order and whether it is an image write', { timeout: 20_000 }, async (t) => {
+  const r = await rig(t);
+  await r.layer.write(randomBytes(2 * CHUNK), 3 * CHUNK);
+  await r.image.write(randomBytes(CHUNK), 9 * CHUNK);
+  await r.storage.sync();
+  const file = fs.readFileSync(path.join(r.dir, 'store', 'snap-1.0.rec'));
+  const seen = [];
+  for (let at = 0; at < file.length;) {
+    const h = decodeRecordHeader(file.subarray(at, at + RECORD_HEADER_BYTES));
+    assert.ok(typeof h !== 'string', String(h));
+    assert.ok(payloadMatches(h, file.subarray(at + h.payloadOffset, at + h.payloadOffset + h.payloadBytes)));
+    seen.push([h.kind, h.deviceKey, h.sequence, h.firstChunk, h.payloadBytes]);
+    at += h.payloadOffset + h.payloadBytes;
+  }
+  // The image write keeps the chunk's original first (the device's point stays readable).
+  assert.deepEqual(seen, [['copied', 0, 0, 3, 2 * CHUNK], ['copied', 0, 1, 9, CHUNK], ['image', 0, 2, 9, CHUNK]]);
 });

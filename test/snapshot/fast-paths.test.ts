@@ -65,6 +65,39 @@ test('new records carry a CRC-32; records of the first format (sha256) still sca
   }
 });
 
+test('one record layout for both sinks: a session record is the first CRC-32 layout byte for byte; a snapshot record adds its device, order and image flag, which a session scan refuses', async (t) => {
+  const payload = randomBytes(CS);
+  const session = encodeRecordHeader(5, payload);
+  // What every session store written since CRC-32 records holds: nothing past byte 28 but the header check.
+  const before = Buffer.alloc(RECORD_HEADER_BYTES);
+  before.writeUInt32LE(RECORD_MAGIC, 0);
+  before.writeUInt16LE(1, 4);
+  before.writeUInt16LE(RECORD_FLAG_CRC32, 6);
+  before.writeUInt32LE(5, 8);
+  before.writeUInt32LE(CS, 16);
+  before.writeUInt32LE(zlib.crc32(payload), 24);
+  before.writeUInt32LE(zlib.crc32(before.subarray(0, 56)), 56);
+  assert.ok(session.equals(before));
+
+  const point = encodeRecordHeader(5, payload, { deviceKey: 0xffff_fffe, sequence: 2 ** 40 + 3, image: true });
+  const decoded = decodeRecordHeader(point);
+  assert.ok(typeof decoded !== 'string', String(decoded));
+  assert.deepEqual([decoded.kind, decoded.deviceKey, decoded.sequence, decoded.firstChunk], ['image', 0xffff_fffe, 2 ** 40 + 3, 5]);
+  const original = decodeRecordHeader(encodeRecordHeader(5, payload, { deviceKey: 1, sequence: 0, image: false }));
+  assert.ok(typeof original !== 'string' && original.kind === 'copied' && original.deviceKey === 1);
+
+  const reserved = Buffer.from(point);
+  reserved[44] = 1;
+  reserved.writeUInt32LE(zlib.crc32(reserved.subarray(0, 56)), 56);
+  assert.match(String(decodeRecordHeader(reserved)), /reserved/);
+
+  const file = path.join(tempDir(t), DATA_FILE);
+  fs.writeFileSync(file, Buffer.concat([session, payload, point, payload]));
+  const fd = fs.openSync(file, 'r');
+  t.after(() => fs.closeSync(fd));
+  await assert.rejects(scanData(fd, { chunkSize: CS, deviceSize: 16 * CS, allowTornTail: false, where: 'data' }), isError('ECORRUPT', /image record in a session store at byte 4160/));
+});
+
 {
   test('a chain of sessions restores exactly, originals gathered from interleaved stores', async (t) => {
     const dir = tempDir(t);

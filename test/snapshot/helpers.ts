@@ -72,7 +72,7 @@ export async function killWhileWriting(script: string, args: string[], runMs: nu
 /** Append something that is not a valid record to the newest file of a storage. */
 export function tearTail(storage: DiffStorage, how: number): void {
   const { dirs } = storage.usage();
-  const files = dirs.flatMap((d) => fs.readdirSync(d).filter((n) => n.startsWith(`${storage.id}.`) && n.endsWith('.diff')).map((n) => path.join(d, n)));
+  const files = dirs.flatMap((d) => fs.readdirSync(d).filter((n) => n.startsWith(`${storage.id}.`) && n.endsWith('.rec')).map((n) => path.join(d, n)));
   files.sort((a, b) => Number(a.split('.').at(-2)) - Number(b.split('.').at(-2)));
   const newest = files.at(-1)!;
   const all = files.map((f) => fs.readFileSync(f)).find((b) => b.length > 0);
@@ -80,7 +80,7 @@ export function tearTail(storage: DiffStorage, how: number): void {
     fs.appendFileSync(newest, Buffer.from(Array.from({ length: 100 }, (_, i) => (7 * 31 + i * 7) & 0xff)));
     return;
   }
-  const firstRecord = all.subarray(0, 64 + all.readUInt32LE(32));
+  const firstRecord = all.subarray(0, 64 + all.readUInt32LE(16));
   if (how === 2) {
     fs.appendFileSync(newest, firstRecord.subarray(0, firstRecord.length - 1)); // truncated payload
   } else {

@@ -137,4 +137,8 @@ test('a difference storage over two directories written by earlier code opens an
     await layer.close();
     await dev.close();
   }
+  await storage.close();
+  for (const [i, name] of DIFF.dirs.entries()) {
+    for (const [file, bytes] of storeFiles(name)) assert.ok(fs.readFileSync(path.join(dirs[i]!, file)).equals(bytes), `${name}/${file} is read, never written`);
+  }
 });

@@ -1,6 +1,7 @@
 /**
- * The record format of a snapshot's difference storage (`<id>.<n>.diff` files), version 1.
- * Pure: no I/O.
+ * The first record format of a snapshot's difference storage (`<id>.<n>.diff` files), read
+ * only: new files (`<id>.<n>.rec`) hold the records of format.ts, the session store's, written
+ * and read by the same code. Storages written before stay readable through this. Pure: no I/O.
  *
  * A file is a sequence of records, each a 64-byte header and a payload of one or more adjacent
  * chunks of one device (the device's last chunk may be short). Header, little-endian:
@@ -9,19 +10,16 @@
  *   device key u32 @8, chunk count u32 @12, first chunk u64 @16, sequence u64 @24,
  *   payload length u32 @32, reserved (zero) @36..60, CRC-32 @60 of bytes 0..60 and the payload.
  *
- * One CRC over header and payload catches a torn write anywhere in the record; the header is
- * checked on its own first (magic, lengths against the maxima) so that nothing is allocated
- * from a garbage length. Records are never rewritten: an image write appends a record of kind
- * image that supersedes the earlier ones for its chunks, and the sequence (one counter per
- * storage, across its files) orders them.
+ * The header is checked on its own first (magic, lengths against the maxima) so that nothing
+ * is allocated from a garbage length, then the CRC over header and payload.
  */
 
 import { crc32 } from 'node:zlib';
-import { RECORD_HEADER_BYTES, MAX_RECORD_PAYLOAD_BYTES, readU64, writeU64 } from './format.js';
+import { RECORD_HEADER_BYTES, MAX_RECORD_PAYLOAD_BYTES, readU64 } from './format.js';
 
 /** 'BDSD' */
 export const DIFF_RECORD_MAGIC = 0x44534442;
-export const DIFF_FORMAT_VERSION = 1;
+const DIFF_FORMAT_VERSION = 1;
 export const DIFF_RECORD_HEADER_BYTES = RECORD_HEADER_BYTES;
 export const DIFF_MAX_PAYLOAD_BYTES = MAX_RECORD_PAYLOAD_BYTES;
 
@@ -35,23 +33,6 @@ export interface DiffRecordHeader {
   chunkCount: number;
   sequence: number;
   payloadBytes: number;
-}
-
-/** Largest device key (u32 on disk). */
-export const MAX_DEVICE_KEY = 0xffff_ffff;
-
-export function encodeDiffRecordHeader(h: DiffRecordHeader, payload: Buffer): Buffer {
-  const out = Buffer.alloc(DIFF_RECORD_HEADER_BYTES);
-  out.writeUInt32LE(DIFF_RECORD_MAGIC, 0);
-  out.writeUInt16LE(DIFF_FORMAT_VERSION, 4);
-  out.writeUInt8(KIND_CODE[h.kind], 6);
-  out.writeUInt32LE(h.deviceKey, 8);
-  out.writeUInt32LE(h.chunkCount, 12);
-  writeU64(out, h.firstChunk, 16);
-  writeU64(out, h.sequence, 24);
-  out.writeUInt32LE(payload.length, 32);
-  out.writeUInt32LE(crc32(payload, crc32(out.subarray(0, 60))), 60);
-  return out;
 }
 
 /**
