@@ -11,12 +11,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { BdsnapClient } from '../../src/service/client.js';
-import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage, sha256File } from '../helpers/files.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
 import { mkfsExt4, mountPoint } from '../helpers/ext4.js';
-import { needs } from '../helpers/needs.js';
-import { isMounted } from '../helpers/kernel.js';
-import { runSync } from '../helpers/process.js';
+import { needs } from '../../testkit/needs.js';
+import { isMounted } from '../../testkit/kernel.js';
+import { runSync } from '../../testkit/process.js';
 import { passwdAndActivate, restoreOnlySession, sessionDirs } from './helpers.js';
 
 const IMAGE_MIB = 32;

@@ -12,8 +12,8 @@ import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type Extent, type WriteOptions } from '../../src/device/block-device.js';
 import { DiffStorage, SnapshotLayer, type SnapshotImage } from '../../src/snapshot/index.js';
-import { settlesWithin } from '../helpers/server.js';
-import { makeImage } from '../helpers/files.js';
+import { settlesWithin } from '../../testkit/server.js';
+import { makeImage } from '../../testkit/files.js';
 import { isError, tempDir, type TestContext } from './helpers.js';
 
 const CHUNK = 4096;

@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../../src/device/block-device.js';
 import { CowDevice } from '../../src/snapshot/index.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { isError, tempDir } from './helpers.js';
 
 /** A device whose next read is held back: it reads the file only after `delayMs`. */
