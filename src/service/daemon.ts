@@ -128,6 +128,7 @@ export class Daemon {
     this.#asOf = new AsOfExports({ table: this.#table, registry, snapshotRoot: this.#snapshotRoot, log: this.#log });
     this.#instant = new InstantRestores({ stateDir: this.#stateDir, events, log: this.#log, openSource: openBackupSource, ...(options.restoreRateBytes !== undefined ? { rateBytes: options.restoreRateBytes } : {}) });
     this.#table.checkAttach = (devicePath) => this.#instant.checkAttach(devicePath);
+    this.#table.mountOf = (devicePath) => late.mounts?.mountOf(devicePath);
     this.#table.beforeUserAttach = async (devicePath) => {
       this.#asOf.checkUserAttach(devicePath);
       await this.#snapshots.bringBack(devicePath);
