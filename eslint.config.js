@@ -1,4 +1,4 @@
-// Lint rules: typescript-eslint's recommended set over the sources, tests and benchmarks, and
+// Lint rules: typescript-eslint's recommended set over the sources, test kit, tests and benchmarks, and
 // the direction of imports between the layers of src/ (DESIGN.md, "Layers and what each may
 // touch"): each folder lists what it must not import. Shared by every layer: src/errors.ts,
 // src/unix-socket.ts and src/host/ (which itself imports nothing of ours but errors.ts).

@@ -13,7 +13,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { attachAndMount, unmountAndDetach } from '../src/service/mount.js';
-import { attachKernel, mountDevice } from '../test/helpers/kernel.js';
+import { attachKernel, mountDevice } from '../testkit/kernel.js';
 import { makeImage, missingNeeds, run, runFio, startDaemon, startServer } from './helpers.js';
 import { fillPageCache, settleFile } from './page-cache.js';
 

@@ -36,7 +36,7 @@ import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import { PasswordStore } from './auth.js';
 import { controlSocketPath, nbdSocketPath } from './paths.js';
 import {
-  PROTOCOL_VERSION, type ActivationResult, type CbtInfo, type ListResult, type Request, type SessionListEntry, type StatusResult,
+  PROTOCOL_VERSION, type ActivationResult, type CbtInfo, type ListResult, type Request, type SessionListEntry, type SnapshotInfo, type StatusResult,
 } from './control-protocol.js';
 import { ControlServer } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
@@ -55,6 +55,8 @@ import { ReplicaManager } from './replicas.js';
 import { ReplicaStandby } from './replica-standby.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
+
+type RequestOf<Op extends Request['op']> = Extract<Request, { op: Op }>;
 
 export interface DaemonOptions {
   runDir: string;
@@ -128,6 +130,7 @@ export class Daemon {
     this.#asOf = new AsOfExports({ table: this.#table, registry, snapshotRoot: this.#snapshotRoot, log: this.#log });
     this.#instant = new InstantRestores({ stateDir: this.#stateDir, events, log: this.#log, openSource: openBackupSource, ...(options.restoreRateBytes !== undefined ? { rateBytes: options.restoreRateBytes } : {}) });
     this.#table.checkAttach = (devicePath) => this.#instant.checkAttach(devicePath);
+    this.#table.mountOf = (devicePath) => late.mounts?.mountOf(devicePath);
     this.#table.beforeUserAttach = async (devicePath) => {
       this.#asOf.checkUserAttach(devicePath);
       await this.#snapshots.bringBack(devicePath);
@@ -235,26 +238,54 @@ export class Daemon {
       case 'register':
         return registerDevice(this.#registry, request.device);
       case 'snapshot-create':
-        return this.#snapshots.create(request.devices, {
-          ...(request.storageDir !== undefined ? { storageDir: request.storageDir } : {}),
-          ...(request.limitBytes !== undefined ? { limitBytes: request.limitBytes } : {}),
-          ...(request.freeze !== undefined ? { freeze: request.freeze } : {}),
-        });
+        return this.#createSnapshot(request);
       case 'snapshot-list':
         return { snapshots: this.#snapshots.list() };
       case 'snapshot-info':
         return this.#snapshots.info(request.snapshot);
       case 'snapshot-extend':
-        return this.#snapshots.extend(request.snapshot, {
-          ...(request.limitBytes !== undefined ? { limitBytes: request.limitBytes } : {}),
-          ...(request.storageDir !== undefined ? { storageDir: request.storageDir } : {}),
-        });
+        return this.#extendSnapshot(request);
       case 'snapshot-destroy':
         return this.#snapshots.destroy(request.snapshot, { force: request.force ?? false });
       case 'snapshot-changes':
         return { ranges: this.#snapshots.changes(request.snapshot, request.device, request.generation, request.since) };
       case 'events':
         return this.#events.since(request.after ?? 0, request.waitMs ?? 0);
+      case 'cbt-info':
+      case 'cbt-map':
+      case 'cbt-mark-dirty':
+      case 'cbt-reset':
+        return this.#cbtRequest(request);
+      case 'instant-restore':
+        return this.#startInstantRestore(request);
+      case 'replica-add':
+        return this.#addReplica(request);
+      case 'replica-list':
+        return { replicas: this.#replicas.list(), received: this.#standby.list() };
+      case 'replica-action':
+        return this.#replicaAction(request.action, request.replica, request.force === true);
+      case 'replica-receive':
+        return this.#receive(request);
+    }
+  }
+
+  #createSnapshot(request: RequestOf<'snapshot-create'>): Promise<SnapshotInfo> {
+    return this.#snapshots.create(request.devices, {
+      ...(request.storageDir !== undefined ? { storageDir: request.storageDir } : {}),
+      ...(request.limitBytes !== undefined ? { limitBytes: request.limitBytes } : {}),
+      ...(request.freeze !== undefined ? { freeze: request.freeze } : {}),
+    });
+  }
+
+  #extendSnapshot(request: RequestOf<'snapshot-extend'>): Promise<SnapshotInfo> {
+    return this.#snapshots.extend(request.snapshot, {
+      ...(request.limitBytes !== undefined ? { limitBytes: request.limitBytes } : {}),
+      ...(request.storageDir !== undefined ? { storageDir: request.storageDir } : {}),
+    });
+  }
+
+  #cbtRequest(request: RequestOf<'cbt-info' | 'cbt-map' | 'cbt-mark-dirty' | 'cbt-reset'>): Promise<unknown> {
+    switch (request.op) {
       case 'cbt-info':
         return this.#cbt(request.device, async (devicePath, sizeBytes, tracking) => tracking.info(devicePath, sizeBytes));
       case 'cbt-map': {
@@ -270,35 +301,34 @@ export class Daemon {
       }
       case 'cbt-reset':
         return this.#cbt(request.device, (devicePath, sizeBytes, tracking) => tracking.reset(devicePath, sizeBytes));
-      case 'instant-restore':
-        return this.#instant.start(
-          {
-            repo: request.repo, backup: request.backup, device: request.device, target: request.output ?? request.device, output: request.output !== undefined,
-            ...(request.password !== undefined ? { password: request.password } : {}),
-          },
-          async (target) => {
-            const canonical = await canonicalDevicePath(target);
-            if (this.#table.isAttached(canonical) || this.#asOf.names().some((n) => n.startsWith(`${canonical}@`))) {
-              throw new BdsnapError('EBUSY', `${canonical} is open through the daemon (mounted, served or in a snapshot); unmount it, disconnect its clients and destroy its snapshots first`);
-            }
-          },
-        );
-      case 'replica-add':
-        return this.#replicas.add({
-          devices: request.devices, to: request.to,
-          ...(request.everyMs !== undefined ? { everyMs: request.everyMs } : {}),
-          ...(request.laggingAfterMs !== undefined ? { laggingAfterMs: request.laggingAfterMs } : {}),
-          ...(request.limitBytesPerSecond !== undefined ? { limitBytesPerSecond: request.limitBytesPerSecond } : {}),
-          ...(request.standbyRunDir !== undefined ? { standbyRunDir: request.standbyRunDir } : {}),
-          ...(request.insecureTcp !== undefined ? { insecureTcp: request.insecureTcp } : {}),
-        });
-      case 'replica-list':
-        return { replicas: this.#replicas.list(), received: this.#standby.list() };
-      case 'replica-action':
-        return this.#replicaAction(request.action, request.replica, request.force === true);
-      case 'replica-receive':
-        return this.#receive(request);
     }
+  }
+
+  /** An instant restore, refused while the target is open through the daemon. */
+  #startInstantRestore(request: RequestOf<'instant-restore'>): ReturnType<InstantRestores['start']> {
+    return this.#instant.start(
+      {
+        repo: request.repo, backup: request.backup, device: request.device, target: request.output ?? request.device, output: request.output !== undefined,
+        ...(request.password !== undefined ? { password: request.password } : {}),
+      },
+      async (target) => {
+        const canonical = await canonicalDevicePath(target);
+        if (this.#table.isAttached(canonical) || this.#asOf.names().some((n) => n.startsWith(`${canonical}@`))) {
+          throw new BdsnapError('EBUSY', `${canonical} is open through the daemon (mounted, served or in a snapshot); unmount it, disconnect its clients and destroy its snapshots first`);
+        }
+      },
+    );
+  }
+
+  #addReplica(request: RequestOf<'replica-add'>): ReturnType<ReplicaManager['add']> {
+    return this.#replicas.add({
+      devices: request.devices, to: request.to,
+      ...(request.everyMs !== undefined ? { everyMs: request.everyMs } : {}),
+      ...(request.laggingAfterMs !== undefined ? { laggingAfterMs: request.laggingAfterMs } : {}),
+      ...(request.limitBytesPerSecond !== undefined ? { limitBytesPerSecond: request.limitBytesPerSecond } : {}),
+      ...(request.standbyRunDir !== undefined ? { standbyRunDir: request.standbyRunDir } : {}),
+      ...(request.insecureTcp !== undefined ? { insecureTcp: request.insecureTcp } : {}),
+    });
   }
 
   /** The NBD server's view: registered devices, `<device>@<id>` snapshot images and `<device>@asof:<time>` views. */
@@ -348,7 +378,7 @@ export class Daemon {
     }
   }
 
-  #receive(request: Extract<Request, { op: 'replica-receive' }>): Promise<{ token: string; point: string | null }> {
+  #receive(request: RequestOf<'replica-receive'>): Promise<{ token: string; point: string | null }> {
     if (request.action === 'begin') {
       if (!request.devices || request.point === undefined) throw new BdsnapError('EINVAL', 'replica-receive begin needs devices and point');
       return this.#standby.begin(request.replica, request.devices, request.point);

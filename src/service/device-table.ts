@@ -79,7 +79,6 @@ interface Attachment {
   userHolds: number;
   snapshotHolds: number;
   connections: number;
-  mount: MountInfo | undefined;
 }
 
 /**
@@ -196,7 +195,7 @@ export class DeviceTable {
   use(devicePath: string): DeviceUse | undefined {
     const att = this.#attachments.get(devicePath);
     if (!att) return undefined;
-    return { file: att.file, userHolds: att.userHolds, connections: att.connections, mount: att.mount, cow: att.phase?.cow };
+    return { file: att.file, userHolds: att.userHolds, connections: att.connections, mount: this.mountOf?.(devicePath), cow: att.phase?.cow };
   }
 
   /** The snapshot layer of an open device. Errors: EIO when it is not open. */
@@ -224,6 +223,9 @@ export class DeviceTable {
   /** Called before every hold of any kind: throws to refuse it (a device under instant restore). */
   checkAttach: ((devicePath: string) => void) | undefined;
 
+  /** Where a device is mounted through the daemon: the mount manager knows, the table asks it. */
+  mountOf: ((devicePath: string) => MountInfo | undefined) | undefined;
+
   /** Take a hold on the device, opening it for the first holder and starting a user phase for the first user. */
   async attach(devicePath: string, options: AttachOptions): Promise<AttachedDevice> {
     return attachedView(await this.#attach(devicePath, options));
@@ -236,8 +238,9 @@ export class DeviceTable {
     return this.#serial(devicePath, async () => {
       let att = this.#attachments.get(devicePath);
       if (att && user && options.exclusive && att.userHolds > 0) {
-        const where = att.mount
-          ? `mounted through bdsnap at ${att.mount.mountpoint}; run bdsnap umount ${att.mount.mountpoint} first`
+        const mount = this.mountOf?.(devicePath);
+        const where = mount
+          ? `mounted through bdsnap at ${mount.mountpoint}; run bdsnap umount ${mount.mountpoint} first`
           : `open by ${att.connections} NBD client(s) of the bdsnap daemon; disconnect them first`;
         throw new BdsnapError('EBUSY', `${devicePath} is already ${where}`);
       }
@@ -265,7 +268,7 @@ export class DeviceTable {
           throw err;
         }
         const layer = new SnapshotLayer(tracked, { chunkSize: this.chunkSize });
-        att = { devicePath, file, layer, phase: undefined, userHolds: 0, snapshotHolds: 0, connections: 0, mount: undefined };
+        att = { devicePath, file, layer, phase: undefined, userHolds: 0, snapshotHolds: 0, connections: 0 };
         this.#attachments.set(devicePath, att);
       }
       if (!user) {
@@ -295,24 +298,20 @@ export class DeviceTable {
     });
   }
 
-  setMount(devicePath: string, mount: MountInfo | undefined): void {
-    const att = this.#attachments.get(devicePath);
-    if (att) att.mount = mount;
-  }
-
   /** Each registered device as `status` shows it, but for the mounts of its images (the mount manager's). */
   status(snapshotsOf: (devicePath: string) => string[]): Array<Omit<DeviceStatus, 'imageMounts'>> {
     return this.#registry.list().map((record) => {
       const att = this.#attachments.get(record.path);
       const cow = att?.phase?.cow;
       const stats = cow?.stats();
+      const mount = att ? this.mountOf?.(record.path) : undefined;
       return {
         device: record.path,
         active: record.active,
         attached: att !== undefined && att.userHolds > 0,
         connections: att?.connections ?? 0,
-        mountpoint: att?.mount?.mountpoint ?? null,
-        loopDevice: att?.mount?.loopDevice ?? null,
+        mountpoint: mount?.mountpoint ?? null,
+        loopDevice: mount?.loopDevice ?? null,
         currentSession: cow?.sessionDir ?? att?.phase?.sessionDir ?? null,
         inSession: cow !== undefined,
         bytesPreserved: stats?.preservedBytes ?? 0,

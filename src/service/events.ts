@@ -7,6 +7,11 @@
  * Readers poll with `since(seq, waitMs)`: it answers at once when newer events exist, else
  * waits up to waitMs for the next one. `bdsnap events --follow` is such a loop, which keeps
  * the control protocol one answer per request.
+ *
+ * Events are emitted from the NBD request path (a session starts on a first write, a snapshot
+ * overflows), so emit() only numbers the event and keeps it in memory; the log line, the
+ * append to the file and waking the readers happen on a later turn of the event loop, all
+ * pending events at once and in order, so neither a slow log nor a reader delays the request.
  */
 
 import fs from 'node:fs';
@@ -26,6 +31,9 @@ export class EventLog {
   #seq = 0;
   #waiters = new Set<() => void>();
   #fd: number | undefined;
+  /** Events numbered and kept but not yet logged, appended or announced, oldest first. */
+  #pending: DaemonEvent[] = [];
+  #drain: NodeJS.Immediate | undefined;
 
   private constructor(file: string, log: Logger) {
     this.#file = file;
@@ -49,17 +57,30 @@ export class EventLog {
     };
     this.#kept.push(event);
     if (this.#kept.length > MAX_KEPT) this.#kept.splice(0, this.#kept.length - MAX_KEPT);
-    const bad = type.endsWith('failed') || type.endsWith('overflowed') || type === 'cbt-reset' || type === 'snapshot-low-space';
-    this.#log[bad ? 'warn' : 'info']({ event: type, seq: event.seq, device: event.device, snapshot: event.snapshot, ...event.details }, `event ${type}`);
+    this.#pending.push(event);
+    this.#drain ??= setImmediate(() => this.#publish());
+    return event;
+  }
+
+  /** Log, append and announce the pending events, in the order they were emitted. */
+  #publish(): void {
+    this.#drain = undefined;
+    const events = this.#pending;
+    if (events.length === 0) return;
+    this.#pending = [];
+    for (const event of events) {
+      const type = event.type;
+      const bad = type.endsWith('failed') || type.endsWith('overflowed') || type === 'cbt-reset' || type === 'snapshot-low-space';
+      this.#log[bad ? 'warn' : 'info']({ event: type, seq: event.seq, device: event.device, snapshot: event.snapshot, ...event.details }, `event ${type}`);
+    }
     if (this.#fd !== undefined) {
       try {
-        fs.writeSync(this.#fd, `${JSON.stringify(event)}\n`);
+        fs.writeSync(this.#fd, events.map((e) => `${JSON.stringify(e)}\n`).join(''));
       } catch (err) {
         this.#log.error({ event: 'events-file-write-failed', reason: (err as Error).message }, 'cannot append to the events file');
       }
     }
     for (const wake of [...this.#waiters]) wake();
-    return event;
   }
 
   /** Events with seq > after; waits up to waitMs for one when there is none yet. */
@@ -85,6 +106,8 @@ export class EventLog {
   }
 
   close(): void {
+    if (this.#drain) clearImmediate(this.#drain);
+    this.#publish();
     for (const wake of [...this.#waiters]) wake();
     if (this.#fd !== undefined) fs.closeSync(this.#fd);
     this.#fd = undefined;

@@ -16,7 +16,7 @@ import { writeFileAtomic } from '../host/atomic-file.js';
 import { checkNotInUse } from '../host/in-use.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import type { ImageMountStatus, MountResult, UmountResult } from './control-protocol.js';
-import type { DeviceTable } from './device-table.js';
+import type { DeviceTable, MountInfo } from './device-table.js';
 import { isMountpoint } from '../host/mountinfo.js';
 import { attachAndMount, flushFilesystem, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
@@ -68,8 +68,11 @@ export function describeLeftMounts(left: LeftMount[]): string {
 export class MountManager {
   readonly #options: MountManagerOptions;
   readonly #mounts = new Map<string, MountRecord>();
-  /** Mount points being set up, with the export being mounted there. */
-  readonly #starting = new Map<string, string>();
+  /**
+   * Mount points being set up, with the export being mounted there and, once the mount holds
+   * it, the device it holds.
+   */
+  readonly #starting = new Map<string, { exportName: string; devicePath: string | null }>();
   readonly #workDir: string;
   readonly #mountsFile: string;
 
@@ -79,10 +82,25 @@ export class MountManager {
     this.#mountsFile = path.join(options.runDir, MOUNTS_FILE);
   }
 
-  /** The mount point of a device mounted through this daemon. */
-  mountpointOf(devicePath: string): string | undefined {
-    for (const [mountpoint, record] of this.#mounts) if (record.devicePath === devicePath) return mountpoint;
+  /**
+   * Where a device is mounted through this daemon, from the moment the mount holds it (the
+   * loop device is null until the filesystem is mounted) until it lets go. The one record of a
+   * device's mount: the device table asks here.
+   */
+  mountOf(devicePath: string): MountInfo | undefined {
+    for (const [mountpoint, record] of this.#mounts) {
+      if (record.devicePath === devicePath) return { mountpoint, loopDevice: record.attached.blockDevice };
+    }
+    for (const [mountpoint, starting] of this.#starting) {
+      if (starting.devicePath === devicePath) return { mountpoint, loopDevice: null };
+    }
     return undefined;
+  }
+
+  /** The mount point of a device whose filesystem this daemon has mounted. */
+  mountpointOf(devicePath: string): string | undefined {
+    const mount = this.mountOf(devicePath);
+    return mount?.loopDevice ? mount.mountpoint : undefined;
   }
 
   /** The mount of a snapshot image by this daemon, set up or being set up. */
@@ -90,7 +108,9 @@ export class MountManager {
     for (const [mountpoint, record] of this.#mounts) {
       if (record.exportName === exportName) return { mountpoint, loopDevice: record.attached.blockDevice, starting: false };
     }
-    for (const [mountpoint, name] of this.#starting) if (name === exportName) return { mountpoint, loopDevice: null, starting: true };
+    for (const [mountpoint, starting] of this.#starting) {
+      if (starting.exportName === exportName) return { mountpoint, loopDevice: null, starting: true };
+    }
     return undefined;
   }
 
@@ -117,10 +137,11 @@ export class MountManager {
       const already = this.imageMountOf(device);
       if (already) throw new BdsnapError('EBUSY', `${device} is already ${already.starting ? 'being mounted' : 'mounted'} at ${already.mountpoint}`);
     }
-    this.#starting.set(mountpoint, device);
+    const starting = { exportName: device, devicePath: null };
+    this.#starting.set(mountpoint, starting);
     try {
       if (image) return await this.#mountImage(device, mountpoint, type, mountOptions);
-      return await this.#mountDevice(await canonicalDevicePath(device), mountpoint, type, mountOptions);
+      return await this.#mountDevice(await canonicalDevicePath(device), mountpoint, starting, type, mountOptions);
     } finally {
       this.#starting.delete(mountpoint);
     }
@@ -162,7 +183,7 @@ export class MountManager {
     return left;
   }
 
-  async #mountDevice(devicePath: string, mountpoint: string, type?: string, mountOptions?: string): Promise<MountResult> {
+  async #mountDevice(devicePath: string, mountpoint: string, starting: { devicePath: string | null }, type?: string, mountOptions?: string): Promise<MountResult> {
     const { table, registry, log } = this.#options;
     // A filesystem mounted twice, once here and once outside bdsnap (a loop mount of the image,
     // a mount of the node), is written by two kernels' caches and corrupted. A device this
@@ -170,17 +191,16 @@ export class MountManager {
     await checkNotInUse(devicePath, {}, { exclusiveProbe: !table.isAttached(devicePath) });
     await registry.register(devicePath);
     const att = await table.attach(devicePath, { exclusive: true, mountTime: new Date(), holder: 'mount' });
-    table.setMount(devicePath, { mountpoint, loopDevice: null });
+    starting.devicePath = devicePath;
     let attached: AttachedMount;
     try {
       attached = await this.#attach(devicePath, mountpoint, type, mountOptions);
     } catch (err) {
-      table.setMount(devicePath, undefined);
+      starting.devicePath = null;
       await table.detach(devicePath, 'mount');
       await att.ended?.catch(() => undefined);
       throw err;
     }
-    table.setMount(devicePath, { mountpoint, loopDevice: attached.blockDevice });
     await this.#record(mountpoint, { exportName: devicePath, devicePath, attached });
     const inSession = att.inSession;
     log.info({ event: 'mount', device: devicePath, mountpoint, blockDevice: attached.blockDevice, via: attached.via, session: inSession }, 'device mounted');
@@ -246,7 +266,6 @@ export class MountManager {
       log.info({ event: 'umount', image: record.exportName, mountpoint }, 'snapshot image unmounted');
       return null;
     }
-    table.setMount(record.devicePath, undefined);
     await table.detach(record.devicePath, 'mount');
     if (!ended) return null;
     let timer: NodeJS.Timeout | undefined;

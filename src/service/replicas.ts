@@ -36,7 +36,7 @@ import type { ExportHandle } from '../nbd/exports.js';
 import { loadClientTls, type ClientTlsSettings } from '../nbd/tls.js';
 import { readJsonFile } from '../stored-json.js';
 import { BdsnapClient } from './client.js';
-import type { ReplicaInfo, ReplicaSyncSummary, SnapshotImageInfo } from './control-protocol.js';
+import type { ReplicaInfo, ReplicaSyncSummary, SnapshotImageInfo, SnapshotInfo } from './control-protocol.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from '../serial-queue.js';
 import { NBD_SOCKET, controlSocketPath } from './paths.js';
@@ -477,19 +477,7 @@ export class ReplicaManager {
         ({ token } = await standby.request('replica-receive', { action: 'begin', replica: record.id, devices: record.exports, point: snapshot.createdAt }));
       }
       // Every target stays open until the commit: a bdsnap standby undoes a sync whose devices are let go first.
-      for (const [i, plan] of plans.entries()) {
-        const handle = snapshots.openImage(plan.image.exportName);
-        if (!handle) throw new BdsnapError('ENOENT', `the image ${plan.image.exportName} went away`);
-        handles.push(handle);
-        const target = await NbdClient.connect({
-          ...endpoint, exportName: record.exports[i]!, timeoutMs: this.#timeoutMs, ...(tlsOptions ? { tls: tlsOptions } : {}),
-        } satisfies NbdClientOptions);
-        targets.push(target);
-        if (target.readOnly) throw new BdsnapError('EPERM', `the target export ${record.exports[i]} is read-only`);
-        if (target.size !== plan.image.sizeBytes) {
-          throw new BdsnapError('EINVAL', `the target export ${record.exports[i]} is ${target.size} bytes, ${plan.image.device} is ${plan.image.sizeBytes}: a replica target must be the same size`);
-        }
-      }
+      await this.#open(record, plans, { ...endpoint, timeoutMs: this.#timeoutMs, ...(tlsOptions ? { tls: tlsOptions } : {}) }, handles, targets);
       const rate = record.limitBytesPerSecond !== null ? new RateLimit(record.limitBytesPerSecond) : undefined;
       for (const [i, plan] of plans.entries()) {
         await copyRanges(handles[i]!.device, targets[i]!, plan.ranges, counters, { ...(rate ? { rate } : {}), signal });
@@ -498,20 +486,7 @@ export class ReplicaManager {
       signal.throwIfAborted();
       if (standby && token !== undefined) await standby.request('replica-receive', { action: 'commit', replica: record.id, token });
       committed = true;
-      const full = plans.some((p) => p.full);
-      const why = [...new Set(plans.map((p) => p.why))].join('; ');
-      const summary: ReplicaSyncSummary = {
-        full, why, bytesSent: counters.bytesSent, zeroBytes: counters.zeroBytes,
-        durationMs: Math.round(performance.now() - startedMs), snapshot: snapshot.id,
-      };
-      record.last = { point: snapshot.createdAt, points: Object.fromEntries(plans.map((p) => [p.image.device, p.image.cbt])) };
-      record.incomplete = false;
-      record.bytesSent += counters.bytesSent;
-      record.lastSync = summary;
-      record.lastError = null;
-      await this.#save();
-      log.info({ event: 'replica-synced', replica: record.id, ...summary }, 'replica synced');
-      return summary;
+      return await this.#completed(record, snapshot, plans, counters, startedMs);
     } catch (err) {
       if (!committed) record.bytesSent += counters.bytesSent;
       if (standby && token !== undefined && !committed) {
@@ -528,6 +503,42 @@ export class ReplicaManager {
       record.inProgress = null;
       await this.#save().catch(() => undefined);
     }
+  }
+
+  /**
+   * Open each plan's image and its target export (pushed onto `handles` and `targets` as they
+   * open, so the caller closes what opened even when a later one fails), checking each target
+   * takes the image: writable and of the same size.
+   */
+  async #open(record: ReplicaRecord, plans: SyncPlan[], endpoint: Omit<NbdClientOptions, 'exportName'>, handles: ExportHandle[], targets: NbdClient[]): Promise<void> {
+    for (const [i, plan] of plans.entries()) {
+      const handle = this.#options.snapshots.openImage(plan.image.exportName);
+      if (!handle) throw new BdsnapError('ENOENT', `the image ${plan.image.exportName} went away`);
+      handles.push(handle);
+      const target = await NbdClient.connect({ ...endpoint, exportName: record.exports[i]! } satisfies NbdClientOptions);
+      targets.push(target);
+      if (target.readOnly) throw new BdsnapError('EPERM', `the target export ${record.exports[i]} is read-only`);
+      if (target.size !== plan.image.sizeBytes) {
+        throw new BdsnapError('EINVAL', `the target export ${record.exports[i]} is ${target.size} bytes, ${plan.image.device} is ${plan.image.sizeBytes}: a replica target must be the same size`);
+      }
+    }
+  }
+
+  /** A committed sync: its point becomes the replica's last complete one. */
+  async #completed(record: ReplicaRecord, snapshot: SnapshotInfo, plans: SyncPlan[], counters: CopyCounters, startedMs: number): Promise<ReplicaSyncSummary> {
+    const summary: ReplicaSyncSummary = {
+      full: plans.some((p) => p.full), why: [...new Set(plans.map((p) => p.why))].join('; '),
+      bytesSent: counters.bytesSent, zeroBytes: counters.zeroBytes,
+      durationMs: Math.round(performance.now() - startedMs), snapshot: snapshot.id,
+    };
+    record.last = { point: snapshot.createdAt, points: Object.fromEntries(plans.map((p) => [p.image.device, p.image.cbt])) };
+    record.incomplete = false;
+    record.bytesSent += counters.bytesSent;
+    record.lastSync = summary;
+    record.lastError = null;
+    await this.#save();
+    this.#options.log.info({ event: 'replica-synced', replica: record.id, ...summary }, 'replica synced');
+    return summary;
   }
 
   /** What one device's image must send: everything, or what changed since the last complete point, and why. */

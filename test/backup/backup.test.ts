@@ -10,12 +10,14 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, backupDevices, type Repository, restoreBackup, verifyRepository } from '../../src/backup/index.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { mountDevice } from '../helpers/kernel.js';
-import { requireRoot, requireTool, run } from '../helpers/process.js';
-import { startServer } from '../helpers/server.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { mountDevice } from '../../testkit/kernel.js';
+import { requireRoot, requireTool, run } from '../../testkit/process.js';
+import { startServer } from '../../testkit/server.js';
 import { CODEC_BROTLI, CODEC_ZSTD, pieceCodec } from '../../src/repository/codec.js';
-import { CountingStore, ServeSnapshotProvider, dirBytes, initRepo } from './helpers.js';
+import { CountingStore, initRepo } from './helpers.js';
+import { ServeSnapshotProvider } from '../../testkit/snapshot-provider.js';
+import { dirBytes } from '../../testkit/files.js';
 
 const MiB = 1024 * 1024;
 

@@ -4,10 +4,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { LocalDirStore, backupDevices } from '../../src/backup/index.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { run, type RunResult } from '../helpers/process.js';
-import { BDSNAP_MAIN } from '../helpers/server.js';
-import { ServeSnapshotProvider, TEST_PASSWORD, flipByteAt, openRepo, pieceBytes } from './helpers.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { run, type RunResult } from '../../testkit/process.js';
+import { BDSNAP_MAIN } from '../../testkit/server.js';
+import { TEST_PASSWORD, flipByteAt, openRepo, pieceBytes } from './helpers.js';
+import { ServeSnapshotProvider } from '../../testkit/snapshot-provider.js';
 
 // The children find the repository password where a user would put it.
 process.env.BDSNAP_REPO_PASSWORD = TEST_PASSWORD;

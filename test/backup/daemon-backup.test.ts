@@ -10,9 +10,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { ok, sandbox, startDaemon } from '../helpers/daemon.js';
+import { ok, sandbox, startDaemon } from '../../testkit/daemon.js';
 import { backupCreate, busyExt4Backups, noSnapshotsLeft } from './daemon-cycles.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { ORDERED_WRITER_SALTS } from '../service/fixtures/ordered-writer.js';
 import { highestOrderedWrite, startOrderedWriter } from '../service/helpers.js';
 

@@ -8,11 +8,11 @@ import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
-import { needs } from '../helpers/needs.js';
-import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage } from '../helpers/files.js';
-import { isMounted } from '../helpers/kernel.js';
-import { runSync } from '../helpers/process.js';
+import { needs } from '../../testkit/needs.js';
+import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage } from '../../testkit/files.js';
+import { isMounted } from '../../testkit/kernel.js';
+import { runSync } from '../../testkit/process.js';
 
 export interface Created {
   id: string;

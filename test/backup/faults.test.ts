@@ -14,9 +14,10 @@ import { fileURLToPath } from 'node:url';
 import { LocalDirStore, Repository, backupDevices, createBackup, restoreBackup, verifyRepository } from '../../src/backup/index.js';
 import { RepoLock, listLocks } from '../../src/repository/lock.js';
 import { BdsnapError } from '../../src/errors.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { requireRoot, run } from '../helpers/process.js';
-import { ServeSnapshotProvider, flipByteAt, initRepo, pieceBytes } from './helpers.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { requireRoot, run } from '../../testkit/process.js';
+import { flipByteAt, initRepo, pieceBytes } from './helpers.js';
+import { ServeSnapshotProvider } from '../../testkit/snapshot-provider.js';
 
 const MiB = 1024 * 1024;
 const CHILD = fileURLToPath(new URL('./fixtures/create-child.js', import.meta.url));

@@ -11,9 +11,9 @@ import path from 'node:path';
 import { LocalDirStore, createBackup, inDataSubset, parseDataSubset, verifyRepository, type BackupSource } from '../../src/backup/index.js';
 import { manifestObject } from '../../src/repository/format.js';
 import type { GetOptions } from '../../src/repository/object-store.js';
-import { fillRandom, makeTempDir } from '../helpers/files.js';
-import { run, type RunResult } from '../helpers/process.js';
-import { BDSNAP_MAIN } from '../helpers/server.js';
+import { fillRandom, makeTempDir } from '../../testkit/files.js';
+import { run, type RunResult } from '../../testkit/process.js';
+import { BDSNAP_MAIN } from '../../testkit/server.js';
 import { TEST_PASSWORD, flipByteAt, initRepo, pieceBytes } from './helpers.js';
 
 const KiB = 1024;

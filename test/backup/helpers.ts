@@ -1,110 +1,14 @@
 /**
- * Test helpers for backups: a SnapshotProvider over a real `bdsnap serve` process (a snapshot
- * is a copy of each image, served read-only; reads go over the real NBD client), a change log
- * standing in for the change map, and an ObjectStore that counts what goes through it.
+ * Test helpers for backups: an ObjectStore that counts what goes through it, repositories with
+ * cheap keys, and ways to find, damage and recognise pieces. The SnapshotProvider over a real
+ * `bdsnap serve` process is in testkit/, since the benchmarks use it too.
  */
 
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import type { BlockDevice } from '../../src/device/block-device.js';
-import { NbdClient } from '../../src/nbd/client.js';
 import type { GetOptions, ObjectInfo, ObjectStore } from '../../src/repository/object-store.js';
-import { Repository, type ByteRange, type InitOptions, type Snapshot, type SnapshotProvider } from '../../src/backup/index.js';
-import { startServer, type NbdServer } from '../helpers/server.js';
-
-export interface ServeProviderOptions {
-  /** Serve copies (default), so the originals can change while a backup reads; or the images themselves. */
-  copy?: boolean;
-  /** Delay each read by this long (to catch a backup in the middle). */
-  readDelayMs?: number;
-}
-
-export class ServeSnapshotProvider implements SnapshotProvider {
-  /** Bytes read through the image readers, per device. */
-  readonly readBytes = new Map<string, number>();
-  readonly destroyed: string[] = [];
-  generation = 'g1';
-  readonly #dir: string;
-  readonly #options: ServeProviderOptions;
-  readonly #counter = new Map<string, number>();
-  readonly #changes: Array<{ device: string; after: number; range: ByteRange }> = [];
-  readonly #live = new Map<string, { server: NbdServer; copies: string[] }>();
-  #taken = 0;
-
-  constructor(dir: string, options: ServeProviderOptions = {}) {
-    this.#dir = dir;
-    this.#options = options;
-  }
-
-  /** Write to a device and record the range, as the change map would. */
-  write(device: string, offsetBytes: number, data: Buffer): void {
-    const fd = fs.openSync(device, 'r+');
-    try {
-      fs.writeSync(fd, data, 0, data.length, offsetBytes);
-    } finally {
-      fs.closeSync(fd);
-    }
-    this.#changes.push({ device, after: this.#counter.get(device) ?? 0, range: { offsetBytes, lengthBytes: data.length } });
-  }
-
-  async take(devices: string[]): Promise<Snapshot> {
-    const id = `snap${++this.#taken}`;
-    const copies = devices.map((d) => {
-      if (this.#options.copy === false) return d;
-      const copy = path.join(this.#dir, `${id}-${path.basename(d)}`);
-      fs.copyFileSync(d, copy);
-      return copy;
-    });
-    const server = await startServer(undefined, { kind: 'bdsnap', images: copies, readOnly: true });
-    this.#live.set(id, { server, copies });
-    const images = devices.map((device, k) => {
-      const number = (this.#counter.get(device) ?? 0) + 1;
-      this.#counter.set(device, number);
-      return {
-        device,
-        sizeBytes: deviceBytes(device),
-        changeMap: { generation: this.generation, number },
-        open: async (): Promise<BlockDevice & { close(): Promise<void> }> => {
-          const client = await NbdClient.connect({ socketPath: server.socketPath, exportName: server.exportNames[k]! });
-          const read = client.read.bind(client);
-          client.read = async (target: Buffer, offsetBytes: number): Promise<void> => {
-            if (this.#options.readDelayMs) await new Promise((r) => setTimeout(r, this.#options.readDelayMs));
-            this.readBytes.set(device, (this.readBytes.get(device) ?? 0) + target.length);
-            await read(target, offsetBytes);
-          };
-          return client;
-        },
-        changedSince: async (generation: string, since: number): Promise<ByteRange[] | null> => {
-          if (generation !== this.generation) return null;
-          return this.#changes.filter((c) => c.device === device && c.after >= since && c.after < number).map((c) => c.range);
-        },
-      };
-    });
-    return { id, images };
-  }
-
-  /** Pids of the servers of the snapshots not yet destroyed. */
-  serverPids(): number[] {
-    return [...this.#live.values()].map((l) => l.server.pid);
-  }
-
-  async destroy(id: string): Promise<void> {
-    const live = this.#live.get(id);
-    if (!live) throw new Error(`no snapshot ${id}`);
-    this.#live.delete(id);
-    await live.server.stop();
-    if (this.#options.copy !== false) for (const c of live.copies) fs.rmSync(c, { force: true });
-    this.destroyed.push(id);
-  }
-}
-
-/** The size of an image file or block device (stat says 0 for a device node). */
-function deviceBytes(device: string): number {
-  const st = fs.statSync(device);
-  if (!st.isBlockDevice()) return st.size;
-  return Number(fs.readFileSync(`/sys/class/block/${path.basename(fs.realpathSync(device))}/size`, 'utf8').trim()) * 512;
-}
+import { Repository, type InitOptions } from '../../src/backup/index.js';
 
 /** An ObjectStore wrapper that counts puts (by name prefix) and gets. */
 export class CountingStore implements ObjectStore {
@@ -155,15 +59,6 @@ export class CountingStore implements ObjectStore {
   piecePuts(): number {
     return this.puts.filter((n) => n.startsWith('pieces/') || n.startsWith('packs/')).length;
   }
-}
-
-/** Total size of the files under `dir`. */
-export function dirBytes(dir: string): number {
-  let total = 0;
-  for (const e of fs.readdirSync(dir, { withFileTypes: true, recursive: true })) {
-    if (e.isFile()) total += fs.statSync(path.join(e.parentPath, e.name)).size;
-  }
-  return total;
 }
 
 /** The password of the test repositories, and cheap scrypt parameters for the library's keys (the CLI uses the defaults). */

@@ -19,11 +19,12 @@ import { fileURLToPath } from 'node:url';
 import { LocalDirStore, Repository, createBackup } from '../../src/backup/index.js';
 import { LOCKS_PREFIX, manifestObject, newBackupId } from '../../src/repository/format.js';
 import { STALE_MS } from '../../src/repository/lock.js';
-import { TEST_REPO_PASSWORD, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { run, type RunResult } from '../helpers/process.js';
-import { BDSNAP_MAIN } from '../helpers/server.js';
-import { TEST_SCRYPT, dirBytes } from './helpers.js';
+import { TEST_REPO_PASSWORD, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { run, type RunResult } from '../../testkit/process.js';
+import { BDSNAP_MAIN } from '../../testkit/server.js';
+import { TEST_SCRYPT } from './helpers.js';
+import { dirBytes } from '../../testkit/files.js';
 
 const MiB = 1024 * 1024;
 const CHILD = fileURLToPath(new URL('./fixtures/held-create-child.js', import.meta.url));

@@ -14,9 +14,9 @@ import { fileURLToPath } from 'node:url';
 import { LocalDirStore, Repository, copyBackups, createBackup, restoreBackup, verifyRepository, type BackupSource } from '../../src/backup/index.js';
 import { BdsnapError } from '../../src/errors.js';
 import { manifestObject } from '../../src/repository/format.js';
-import { makeTempDir } from '../helpers/files.js';
-import { run, type RunResult } from '../helpers/process.js';
-import { BDSNAP_MAIN } from '../helpers/server.js';
+import { makeTempDir } from '../../testkit/files.js';
+import { run, type RunResult } from '../../testkit/process.js';
+import { BDSNAP_MAIN } from '../../testkit/server.js';
 import { TEST_SCRYPT, flipByteAt, initRepo, markedImage as image, openRepo, pieceBytes, plaintextIn, sha256 } from './helpers.js';
 
 const KiB = 1024;

@@ -18,14 +18,15 @@ import { expandSlots } from '../../src/repository/format.js';
 import type { GetOptions } from '../../src/repository/object-store.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { lockDirectory } from '../../src/device/device-lock.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { cli, sandbox, startDaemon } from '../helpers/daemon.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
-import { run, type RunResult } from '../helpers/process.js';
-import { BDSNAP_MAIN } from '../helpers/server.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { cli, sandbox, startDaemon } from '../../testkit/daemon.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
+import { run, type RunResult } from '../../testkit/process.js';
+import { BDSNAP_MAIN } from '../../testkit/server.js';
 import { BdsnapError } from '../../src/errors.js';
-import { CountingStore, ServeSnapshotProvider, TEST_PASSWORD, flipByteAt, initRepo, openRepo, pieceBytes } from './helpers.js';
+import { CountingStore, TEST_PASSWORD, flipByteAt, initRepo, openRepo, pieceBytes } from './helpers.js';
+import { ServeSnapshotProvider } from '../../testkit/snapshot-provider.js';
 
 // The children find the repository password where a user would put it.
 process.env.BDSNAP_REPO_PASSWORD = TEST_PASSWORD;

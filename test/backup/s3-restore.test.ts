@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 import { rgwForFile, type Rgw } from '../helpers/rgw.js';
 import { parseRepoLocation, type RepoLocation } from '../../src/repository/location.js';
 import { PACKS_PREFIX } from '../../src/repository/format.js';

@@ -14,10 +14,11 @@ import { CODEC_ZSTD, PIECE_HEADER_BYTES, PIECE_MAGIC, PIECE_VERSION, encodePiece
 import { MANIFEST_FORMAT, MANIFEST_VERSION, manifestObject, newBackupId, pieceObject } from '../../src/repository/format.js';
 import { nativeZstd, zstdContentSize } from '../../src/repository/zstd.js';
 import { BdsnapError } from '../../src/errors.js';
-import { AS_NOBODY, BDSNAP_MAIN } from '../helpers/bdsnap-cli.js';
-import { makeImage, makeTempDir } from '../helpers/files.js';
-import { requireRoot, run, type RunResult } from '../helpers/process.js';
-import { ServeSnapshotProvider, TEST_PASSWORD, openRepo } from './helpers.js';
+import { AS_NOBODY, BDSNAP_MAIN } from '../../testkit/bdsnap-cli.js';
+import { makeImage, makeTempDir } from '../../testkit/files.js';
+import { requireRoot, run, type RunResult } from '../../testkit/process.js';
+import { TEST_PASSWORD, openRepo } from './helpers.js';
+import { ServeSnapshotProvider } from '../../testkit/snapshot-provider.js';
 
 // The children find the repository password where a user would put it.
 process.env.BDSNAP_REPO_PASSWORD = TEST_PASSWORD;

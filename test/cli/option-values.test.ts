@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { BDSNAP_MAIN } from '../helpers/bdsnap-cli.js';
+import { BDSNAP_MAIN } from '../../testkit/bdsnap-cli.js';
 
 function bdsnap(cwd: string, args: string[]): { status: number | null; stdout: string; stderr: string } {
   const r = spawnSync(process.execPath, [BDSNAP_MAIN, ...args], { cwd, encoding: 'utf8', timeout: 30_000, env: { ...process.env, BDSNAP_REPO_PASSWORD: '' } });

@@ -14,7 +14,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { BdsnapClient } from '../../src/service/client.js';
 import { Daemon } from '../../src/service/daemon.js';
 import { CrashRecorder } from '../helpers/crash-recorder.js';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 import { runChangeMapExploration } from './change-map-workload.js';
 
 test('strict change map: in every crash state explored the map is reset or reports every block changed since each snapshot', async (t) => {

@@ -6,7 +6,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 import { runInstantRestoreExploration } from './instant-restore-workload.js';
 
 test('instant restore: in every crash state explored the done map claims only durable slots, and the resumed restore ends as the backup plus every flushed write', async (t) => {

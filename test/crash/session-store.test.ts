@@ -5,7 +5,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 import { namesNotDurableAt } from '../helpers/crash-states.js';
 import { recordSessionWorkload, runSessionExploration } from './session-workload.js';
 

@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { FLUSH_ANSWERED_MARK } from '../../src/host/fs-trace.js';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 import { namesNotDurableAt } from '../helpers/crash-states.js';
 import { recordSnapshotWorkload, runSnapshotExploration } from './snapshot-workload.js';
 

@@ -15,8 +15,8 @@ import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
 import { DirtyTracker } from '../../src/device/dirty-tracker.js';
 import { ChangeMap, CowDevice, DiffStorage, SnapshotLayer, TrackingDevice } from '../../src/snapshot/index.js';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { fillRandom, makeTempDir } from '../helpers/files.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { fillRandom, makeTempDir } from '../../testkit/files.js';
 import { runBlockDeviceConformance } from './conformance.js';
 
 /**

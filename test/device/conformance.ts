@@ -21,7 +21,7 @@ import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice } from '../../src/device/block-device.js';
 import { BdsnapError } from '../../src/errors.js';
-import { fillRandom } from '../helpers/files.js';
+import { fillRandom } from '../../testkit/files.js';
 
 /** Build a device holding `content`; register cleanup with `t.after`. */
 export type BlockDeviceFactory = (t: TestContext, content: Buffer) => Promise<BlockDevice>;

@@ -13,11 +13,11 @@ import { fileURLToPath } from 'node:url';
 import { acquireDeviceLock, lockDirectory } from '../../src/device/device-lock.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { processStartTimeSync } from '../../src/host/processes.js';
-import { needs } from '../helpers/needs.js';
+import { needs } from '../../testkit/needs.js';
 import type { DeviceIdentity } from '../../src/device/block-device.js';
 import { BdsnapError } from '../../src/errors.js';
-import { makeImage, makeTempDir } from '../helpers/files.js';
-import { spawnZombie } from '../helpers/process.js';
+import { makeImage, makeTempDir } from '../../testkit/files.js';
+import { spawnZombie } from '../../testkit/process.js';
 
 const RACER = fileURLToPath(new URL('./fixtures/lock-racer.js', import.meta.url));
 

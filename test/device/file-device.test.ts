@@ -9,8 +9,8 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { SyncIoPolicy, BACKOFF_MS, SLOW_FLOOR_MS, SLOW_MS_PER_MIB } from '../../src/device/sync-io-policy.js';
 import { loadLibc } from '../../src/host/libc.js';
 import { BdsnapError } from '../../src/errors.js';
-import { needs } from '../helpers/needs.js';
-import { makeImage } from '../helpers/files.js';
+import { needs } from '../../testkit/needs.js';
+import { makeImage } from '../../testkit/files.js';
 
 function tempDir(t: { after: (fn: () => void) => void }): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-filedev-'));

@@ -12,11 +12,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { readSessionInfo, recoverSession } from '../../src/snapshot/index.js';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { requireTool, run } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
-import { BDSNAP_MAIN, settlesWithin, startServer } from '../helpers/server.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { requireTool, run } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
+import { BDSNAP_MAIN, settlesWithin, startServer } from '../../testkit/server.js';
 
 const IMAGE_BYTES = 256 << 20;
 const KILL_AFTER_MS = 2000;

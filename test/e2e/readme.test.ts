@@ -9,10 +9,10 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { BDSNAP_MAIN, PROJECT_ROOT } from '../helpers/bdsnap-cli.js';
-import { sandbox, startDaemon } from '../helpers/daemon.js';
-import { makeImage } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
+import { BDSNAP_MAIN, PROJECT_ROOT } from '../../testkit/bdsnap-cli.js';
+import { sandbox, startDaemon } from '../../testkit/daemon.js';
+import { makeImage } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 
 /** The bodies of the README's ```sh blocks, in order. */
 function shellBlocks(): string[] {

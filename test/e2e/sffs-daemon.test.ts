@@ -17,10 +17,10 @@ import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { withClient } from '../../src/service/client.js';
 import { listSessions } from '../../src/snapshot/index.js';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { startDaemon, TEST_PASSWORD, type RunningDaemon } from '../helpers/daemon.js';
-import { makeTempDir, sha256File } from '../helpers/files.js';
-import type { RunResult } from '../helpers/process.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { startDaemon, TEST_PASSWORD, type RunningDaemon } from '../../testkit/daemon.js';
+import { makeTempDir, sha256File } from '../../testkit/files.js';
+import type { RunResult } from '../../testkit/process.js';
 import { GRADING_SCENARIOS, sffsCliWriter, written, type SingleFileWriter } from '../sffs/scenarios.js';
 
 interface ListedSession {

@@ -15,10 +15,10 @@ import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { connectNbd } from '../../src/fs/singlefilefs/nbd.js';
 import { INDEX_FILE, decodeIndex } from '../../src/snapshot/format.js';
 import { listSessions } from '../../src/snapshot/index.js';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeTempDir, sha256, sha256File } from '../helpers/files.js';
-import { run } from '../helpers/process.js';
-import { BDSNAP_MAIN, startServer } from '../helpers/server.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeTempDir, sha256, sha256File } from '../../testkit/files.js';
+import { run } from '../../testkit/process.js';
+import { BDSNAP_MAIN, startServer } from '../../testkit/server.js';
 import { GRADING_SCENARIOS, assertScenarioOutcome, prepareScenarioImage, sffsCliWriter, type SingleFileWriter } from '../sffs/scenarios.js';
 
 const CHUNK_BYTES = 4096;

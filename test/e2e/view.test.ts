@@ -16,11 +16,11 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
 import { CowDevice } from '../../src/snapshot/index.js';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { fillRandom, makeImage, makeTempDir, sha256, sha256File, xorshift32 } from '../helpers/files.js';
-import { run } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
-import { nbdUri } from '../helpers/server.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { fillRandom, makeImage, makeTempDir, sha256, sha256File, xorshift32 } from '../../testkit/files.js';
+import { run } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
+import { nbdUri } from '../../testkit/server.js';
 
 const IMAGE_BYTES = 32 << 20;
 const CHUNK_BYTES = 64 << 10;

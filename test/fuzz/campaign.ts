@@ -8,10 +8,10 @@
  */
 
 import { parseArgs } from 'node:util';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { startDaemon } from '../helpers/daemon.js';
-import { runControlCampaign } from './control-campaign.js';
-import { runNbdCampaign } from './nbd-campaign.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { startDaemon } from '../../testkit/daemon.js';
+import { runControlCampaign } from '../../testkit/fuzz/control-campaign.js';
+import { runNbdCampaign } from '../../testkit/fuzz/nbd-campaign.js';
 import { campaignAt, startFuzzTarget } from './serve-target.js';
 
 // The test runner runs every file under dist/test/: without arguments this says how to use it and stops.

@@ -15,12 +15,12 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
-import { run } from '../helpers/process.js';
-import { BDSNAP_MAIN, launchServer, startServer, type NbdServer } from '../helpers/server.js';
-import { gauge } from './nbd-campaign.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
+import { run } from '../../testkit/process.js';
+import { BDSNAP_MAIN, launchServer, startServer, type NbdServer } from '../../testkit/server.js';
+import { gauge } from '../../testkit/fuzz/nbd-campaign.js';
 
 const FLOOD_CLIENT = fileURLToPath(new URL('./flood-client.js', import.meta.url));
 const MIB = 1024 * 1024;

@@ -7,10 +7,10 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { startDaemon } from '../helpers/daemon.js';
-import { runControlCampaign } from './control-campaign.js';
-import { runNbdCampaign } from './nbd-campaign.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { startDaemon } from '../../testkit/daemon.js';
+import { runControlCampaign } from '../../testkit/fuzz/control-campaign.js';
+import { runNbdCampaign } from '../../testkit/fuzz/nbd-campaign.js';
 import { campaignAt, startFuzzTarget } from './serve-target.js';
 
 /** A fixed seed per run of the suite would test the same cases forever: vary it, and print it. */

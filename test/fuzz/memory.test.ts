@@ -15,10 +15,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { setTimeout as delay } from 'node:timers/promises';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { startDaemon } from '../helpers/daemon.js';
-import { runControlCampaign } from './control-campaign.js';
-import { gauge, runNbdCampaign } from './nbd-campaign.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { startDaemon } from '../../testkit/daemon.js';
+import { runControlCampaign } from '../../testkit/fuzz/control-campaign.js';
+import { gauge, runNbdCampaign } from '../../testkit/fuzz/nbd-campaign.js';
 import { campaignAt, startFuzzTarget } from './serve-target.js';
 
 /** Fixed by default: the campaign must hold the requests that used to pile up. */

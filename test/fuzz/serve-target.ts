@@ -4,10 +4,10 @@
  */
 
 import path from 'node:path';
-import type { AfterHook } from '../helpers/files.js';
-import { makeImage, makeTempDir } from '../helpers/files.js';
-import { startServer, type NbdServer } from '../helpers/server.js';
-import type { NbdCampaignOptions } from './nbd-campaign.js';
+import type { AfterHook } from '../../testkit/files.js';
+import { makeImage, makeTempDir } from '../../testkit/files.js';
+import { startServer, type NbdServer } from '../../testkit/server.js';
+import type { NbdCampaignOptions } from '../../testkit/fuzz/nbd-campaign.js';
 
 export interface FuzzTarget {
   server: NbdServer;

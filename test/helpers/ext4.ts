@@ -10,11 +10,11 @@ import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { cleanupOf } from './cleanup.js';
-import { cli, type Sandbox } from './daemon.js';
-import type { AfterHook } from './files.js';
-import { isMounted } from './kernel.js';
-import { runSync } from './process.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { cli, type Sandbox } from '../../testkit/daemon.js';
+import type { AfterHook } from '../../testkit/files.js';
+import { isMounted } from '../../testkit/kernel.js';
+import { runSync } from '../../testkit/process.js';
 
 export const FILE_BYTES = 24 * 1024;
 

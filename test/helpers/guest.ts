@@ -12,8 +12,8 @@
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { PROJECT_ROOT } from './bdsnap-cli.js';
-import { requireTool, run } from './process.js';
+import { PROJECT_ROOT } from '../../testkit/bdsnap-cli.js';
+import { requireTool, run } from '../../testkit/process.js';
 
 /** Where setup.sh unpacks the guest kernel package (boot/vmlinuz-*, lib/modules/*). */
 export function guestKernelRoot(): string {

@@ -2,10 +2,10 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import type { RunningDaemon } from './daemon.js';
-import { fillRandom } from './files.js';
-import { attachKernel, mountDevice } from './kernel.js';
-import { run } from './process.js';
+import type { RunningDaemon } from '../../testkit/daemon.js';
+import { fillRandom } from '../../testkit/files.js';
+import { attachKernel, mountDevice } from '../../testkit/kernel.js';
+import { run } from '../../testkit/process.js';
 
 export interface Listed { dir: string; state: string; mountTime: string }
 

@@ -13,8 +13,8 @@ import path from 'node:path';
 import { after } from 'node:test';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { needs, type SkippableContext } from './needs.js';
-import { alive } from './process.js';
+import { needs, type SkippableContext } from '../../testkit/needs.js';
+import { alive } from '../../testkit/process.js';
 
 const SCRIPTS = path.resolve(import.meta.dirname, '../../../scripts');
 const START_TIMEOUT_MS = 120_000;

@@ -11,9 +11,9 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { compareDeviceStamps, parseDeviceStamp, readDeviceStamp, type BlockStamp, type FileStamp } from '../../src/host/device-stamp.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 
 const FILE: FileStamp = { kind: 'file', dev: '2049', ino: '131', sizeBytes: 1 << 20, mtimeNs: '1700000000123456789', ctimeNs: '1700000000123456789' };
 const BLOCK: BlockStamp = {

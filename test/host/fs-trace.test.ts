@@ -13,7 +13,7 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { fsTrace } from '../../src/host/fs-trace.js';
 import { CowDevice } from '../../src/snapshot/index.js';
 import { CrashRecorder } from '../helpers/crash-recorder.js';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 

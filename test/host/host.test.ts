@@ -16,10 +16,10 @@ import { isMountpoint, parseMountInfo, readMountInfo, unescapeMountField } from 
 import { processCommandLine, processStartTime, processStartTimeSync } from '../../src/host/processes.js';
 import { preadFully, pwriteFully, writevFully, writevFullySync } from '../../src/host/fd-io.js';
 import { BdsnapError } from '../../src/errors.js';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeTempDir } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
-import { rawProcStat, spawnZombie } from '../helpers/process.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeTempDir } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
+import { rawProcStat, spawnZombie } from '../../testkit/process.js';
 
 
 test('mountinfo: fields are split and every path field unescaped', () => {

@@ -14,11 +14,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { formatDevT } from '../../src/host/dev-t.js';
 import { checkNotInUse } from '../../src/host/in-use.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir } from '../helpers/files.js';
-import { isMounted } from '../helpers/kernel.js';
-import { needs } from '../helpers/needs.js';
-import { runSync } from '../helpers/process.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir } from '../../testkit/files.js';
+import { isMounted } from '../../testkit/kernel.js';
+import { needs } from '../../testkit/needs.js';
+import { runSync } from '../../testkit/process.js';
 import { isError } from '../snapshot/helpers.js';
 
 /** `losetup -f --show FILE`, detached after the test. */

@@ -7,11 +7,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir } from '../helpers/files.js';
-import { runFio } from '../helpers/fio.js';
-import { needs } from '../helpers/needs.js';
-import { startServer } from '../helpers/server.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir } from '../../testkit/files.js';
+import { runFio } from '../../testkit/fio.js';
+import { needs } from '../../testkit/needs.js';
+import { startServer } from '../../testkit/server.js';
 
 const IMAGE_BYTES = 32 << 20;
 

@@ -8,11 +8,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir, readRange, sha256, sha256File } from '../helpers/files.js';
-import { missingNeeds, needs } from '../helpers/needs.js';
-import { RunError, requireTool, run } from '../helpers/process.js';
-import { BDSNAP_MAIN, nbdUri, startServer } from '../helpers/server.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir, readRange, sha256, sha256File } from '../../testkit/files.js';
+import { missingNeeds, needs } from '../../testkit/needs.js';
+import { RunError, requireTool, run } from '../../testkit/process.js';
+import { BDSNAP_MAIN, nbdUri, startServer } from '../../testkit/server.js';
 
 test('the skip policy: a missing tool fails the test under CI and skips it elsewhere, with the reason', () => {
   assert.throws(() => requireTool('bdsnap-no-such-tool'), /required tool 'bdsnap-no-such-tool' is not installed/);

@@ -11,11 +11,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { nbdFloor } from '../../bench/targets.js';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { fillRandom, makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { run } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
-import { startServer } from '../helpers/server.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { fillRandom, makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { run } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
+import { startServer } from '../../testkit/server.js';
 
 const IMAGE_BYTES = 32 << 20;
 

@@ -9,11 +9,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { run } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
-import { BDSNAP_MAIN, startServer } from '../helpers/server.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { run } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
+import { BDSNAP_MAIN, startServer } from '../../testkit/server.js';
 
 interface NbdinfoExport {
   'export-name': string;

@@ -9,11 +9,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir, readRange } from '../helpers/files.js';
-import { nbdshEnv, run } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
-import { startServer } from '../helpers/server.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir, readRange } from '../../testkit/files.js';
+import { nbdshEnv, run } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
+import { startServer } from '../../testkit/server.js';
 
 const IMAGE_BYTES = 8 << 20;
 

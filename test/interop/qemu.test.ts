@@ -8,11 +8,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir, readRange, sha256File } from '../helpers/files.js';
-import { run, type RunResult } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
-import { startServer } from '../helpers/server.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir, readRange, sha256File } from '../../testkit/files.js';
+import { run, type RunResult } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
+import { startServer } from '../../testkit/server.js';
 
 const MiB = 1 << 20;
 const IMAGE_BYTES = 16 * MiB;

@@ -8,12 +8,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir, readRange } from '../helpers/files.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir, readRange } from '../../testkit/files.js';
 import {
   NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_READ_ONLY, NBD_OPT_GO, NBD_REP_ACK, RawNbdClient,
 } from '../helpers/raw-nbd.js';
-import { startServer, type NbdServer } from '../helpers/server.js';
+import { startServer, type NbdServer } from '../../testkit/server.js';
 
 const IMAGE_BYTES = 4 << 20;
 const EPERM = 1;

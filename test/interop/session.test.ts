@@ -9,11 +9,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { run } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { startDaemon, type RunningDaemon } from '../../testkit/daemon.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { run } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
 import { NBD_CMD_WRITE, RawNbdClient } from '../helpers/raw-nbd.js';
 
 const IMAGE_BYTES = 16 << 20;

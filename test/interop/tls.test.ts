@@ -16,12 +16,12 @@ import tls from 'node:tls';
 import { promisify } from 'node:util';
 import * as C from '../../src/nbd/constants.js';
 import { tempDir, type TestContext } from '../nbd/helpers.js';
-import { needs } from '../helpers/needs.js';
-import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
-import { makeImage } from '../helpers/files.js';
+import { needs } from '../../testkit/needs.js';
+import { BDSNAP_MAIN as MAIN } from '../../testkit/bdsnap-cli.js';
+import { makeImage } from '../../testkit/files.js';
 import { RawNbdClient } from '../helpers/raw-nbd.js';
-import { startDaemon } from '../helpers/daemon.js';
-import { makePki, writePsk } from '../helpers/tls.js';
+import { startDaemon } from '../../testkit/daemon.js';
+import { makePki, writePsk } from '../../testkit/tls.js';
 
 const execFileAsync = promisify(execFile);
 const CLIENT_TIMEOUT_MS = 20_000;

@@ -10,13 +10,13 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { startDaemon, type RunningDaemon } from '../helpers/daemon.js';
-import { fillRandom, makeImage, makeTempDir, sha256File } from '../helpers/files.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { startDaemon, type RunningDaemon } from '../../testkit/daemon.js';
+import { fillRandom, makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
 import { mountCycle, type Listed } from '../helpers/mount-cycle.js';
-import { run } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
-import { nbdUri } from '../helpers/server.js';
+import { run } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
+import { nbdUri } from '../../testkit/server.js';
 
 const IMAGE_BYTES = 64 << 20;
 

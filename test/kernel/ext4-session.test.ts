@@ -8,12 +8,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { startDaemon } from '../helpers/daemon.js';
-import { fillRandom, makeImage, makeTempDir, sha256, sha256File } from '../helpers/files.js';
-import { attachKernel, mountDevice } from '../helpers/kernel.js';
-import { run } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { startDaemon } from '../../testkit/daemon.js';
+import { fillRandom, makeImage, makeTempDir, sha256, sha256File } from '../../testkit/files.js';
+import { attachKernel, mountDevice } from '../../testkit/kernel.js';
+import { run } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
 
 const IMAGE_BYTES = 64 << 20;
 

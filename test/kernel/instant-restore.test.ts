@@ -14,12 +14,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices } from '../../src/backup/index.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import { CleanupStack } from '../helpers/cleanup.js';
-import { TEST_REPO_PASSWORD, sandbox, startDaemon, type RunningDaemon } from '../helpers/daemon.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { run } from '../helpers/process.js';
-import { needs } from '../helpers/needs.js';
-import { ServeSnapshotProvider } from '../backup/helpers.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
+import { TEST_REPO_PASSWORD, sandbox, startDaemon, type RunningDaemon } from '../../testkit/daemon.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { run } from '../../testkit/process.js';
+import { needs } from '../../testkit/needs.js';
+import { ServeSnapshotProvider } from '../../testkit/snapshot-provider.js';
 import { GUEST_TOOLS, guestKernelRoot, runGuest } from '../helpers/guest.js';
 import { ext4WithFiles } from '../helpers/ext4.js';
 

@@ -11,12 +11,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import type { ReplicaInfo } from '../../src/service/control-protocol.js';
-import { needs } from '../helpers/needs.js';
-import { ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
+import { needs } from '../../testkit/needs.js';
+import { ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
 import { checkFinishedFiles, highestFile, mkfsExt4, startFileWorkload, unmountAll } from '../helpers/ext4.js';
-import { makeImage, sha256File } from '../helpers/files.js';
-import { runSync } from '../helpers/process.js';
-import { nbdUri } from '../helpers/server.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
+import { runSync } from '../../testkit/process.js';
+import { nbdUri } from '../../testkit/server.js';
 
 const IMAGE_MIB = 64;
 const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4', 'e2fsck', 'fsfreeze', 'mount', 'umount'] };

@@ -14,12 +14,12 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { cleanUpStaleMount, readMountRecords } from '../../src/service/mount.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { ok, sandbox, startDaemon } from '../helpers/daemon.js';
-import { makeImage } from '../helpers/files.js';
-import { isMounted } from '../helpers/kernel.js';
-import { needs } from '../helpers/needs.js';
-import { runSync } from '../helpers/process.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { ok, sandbox, startDaemon } from '../../testkit/daemon.js';
+import { makeImage } from '../../testkit/files.js';
+import { isMounted } from '../../testkit/kernel.js';
+import { needs } from '../../testkit/needs.js';
+import { runSync } from '../../testkit/process.js';
 
 const IMAGE_BYTES = 32 << 20;
 /** Well inside the daemon's own shutdown deadline, well past its unmount retries and flush. */

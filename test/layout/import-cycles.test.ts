@@ -7,30 +7,11 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import ts from 'typescript';
+import { PROJECT_ROOT } from '../../testkit/bdsnap-cli.js';
+import { importsOf, sourceFiles } from './imports.js';
 
-const SRC = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../src');
-
-function sourceFiles(dir: string): string[] {
-  return fs.readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
-    const p = path.join(dir, e.name);
-    if (e.isDirectory()) return sourceFiles(p);
-    return e.name.endsWith('.ts') && !e.name.endsWith('.d.ts') ? [p] : [];
-  });
-}
-
-/** The modules of src/ that `file` imports or re-exports (static and dynamic, type-only too). */
-function importsOf(file: string): string[] {
-  const info = ts.preProcessFile(fs.readFileSync(file, 'utf8'), true, true);
-  return info.importedFiles
-    .map((f) => f.fileName)
-    .filter((name) => name.startsWith('.'))
-    .map((name) => path.resolve(path.dirname(file), name.replace(/\.js$/, '.ts')))
-    .filter((p) => fs.existsSync(p));
-}
+const SRC = path.join(PROJECT_ROOT, 'src');
 
 /** Each cycle found by a depth-first walk, as the list of files around it. */
 export function findCycles(graph: Map<string, string[]>): string[][] {

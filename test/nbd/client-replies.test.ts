@@ -14,7 +14,7 @@ import { RequestDecoder } from '../../src/nbd/request-decoder.js';
 import {
   encodeGreeting, encodeInfoExport, encodeOffsetHole, encodeOptionReply, encodeStructuredNone, writeStructuredHeader, writeU64,
 } from '../../src/nbd/encoders.js';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 
 const SIZE = 1 << 20;
 

@@ -10,8 +10,8 @@ import type { MetaContextSource } from '../../src/nbd/exports.js';
 import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
 import * as C from '../../src/nbd/constants.js';
 import { encodeClientFlags, encodeOption } from '../../src/nbd/encoders.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { makeImage, makeTempDir, type AfterHook } from '../helpers/files.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { makeImage, makeTempDir, type AfterHook } from '../../testkit/files.js';
 import { until } from '../helpers/poll.js';
 
 export interface TestContext {
@@ -29,7 +29,7 @@ export interface Served {
   connect(options?: Partial<NbdClientOptions>): Promise<NbdClient>;
 }
 
-/** A temporary directory removed after the test (the one implementation is helpers/files.ts). */
+/** A temporary directory removed after the test (the one implementation is testkit/files.ts). */
 export function tempDir(t: AfterHook, prefix = 'bdsnap-nbd-'): string {
   return makeTempDir(t, prefix);
 }

@@ -16,9 +16,9 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports, type StaticExport } from '../../src/nbd/static-exports.js';
 import { ChangeMap, TrackingDevice, dirtyBitmapContextName } from '../../src/snapshot/change-map/index.js';
-import { makeImage, sha256File } from '../helpers/files.js';
-import { nbdshEnv, requireTool, run } from '../helpers/process.js';
-import { nbdUri } from '../helpers/server.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
+import { nbdshEnv, requireTool, run } from '../../testkit/process.js';
+import { nbdUri } from '../../testkit/server.js';
 import { tempDir } from './helpers.js';
 
 const SIZE = 32 << 20;

@@ -12,8 +12,8 @@ import * as C from '../../src/nbd/constants.js';
 import { encodeClientFlags, encodeMetaContextData, encodeOption, encodeRequest } from '../../src/nbd/encoders.js';
 import type { MetaContextSource } from '../../src/nbd/exports.js';
 import { FrozenChangeMap, dirtyBitmapContextName } from '../../src/snapshot/change-map/index.js';
-import { nbdshEnv, requireTool, run } from '../helpers/process.js';
-import { nbdUri } from '../helpers/server.js';
+import { nbdshEnv, requireTool, run } from '../../testkit/process.js';
+import { nbdUri } from '../../testkit/server.js';
 import { RawPeer, serveImage } from './helpers.js';
 
 const SIZE_BYTES = 8 << 20;

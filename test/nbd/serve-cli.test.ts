@@ -8,10 +8,10 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { NbdClient } from '../../src/nbd/client.js';
 import { tempDir, type TestContext } from './helpers.js';
-import { needs } from '../helpers/needs.js';
-import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
-import { makeImage } from '../helpers/files.js';
-import { startServer } from '../helpers/server.js';
+import { needs } from '../../testkit/needs.js';
+import { BDSNAP_MAIN as MAIN } from '../../testkit/bdsnap-cli.js';
+import { makeImage } from '../../testkit/files.js';
+import { startServer } from '../../testkit/server.js';
 
 const execFileAsync = promisify(execFile);
 

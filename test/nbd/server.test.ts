@@ -13,7 +13,7 @@ import { StaticExports } from '../../src/nbd/static-exports.js';
 import { encodeOption, encodeRequest, encodeInfoRequestData } from '../../src/nbd/encoders.js';
 import { GatedDevice } from '../helpers/devices.js';
 import { RawNbdClient } from '../helpers/raw-nbd.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { RawPeer, serveImage, tempDir, waitFor } from './helpers.js';
 
 const MiB = 1 << 20;

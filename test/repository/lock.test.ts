@@ -14,7 +14,7 @@ import { LocalDirStore, createBackup, type ObjectInfo } from '../../src/backup/i
 import { LOCKS_PREFIX, PACKS_PREFIX } from '../../src/repository/format.js';
 import { HELD_MARGIN_MS, RepoLock, listLocks } from '../../src/repository/lock.js';
 import { BdsnapError } from '../../src/errors.js';
-import { fillRandom, makeTempDir } from '../helpers/files.js';
+import { fillRandom, makeTempDir } from '../../testkit/files.js';
 import { readBootId } from '../../src/host/device-stamp.js';
 import { initRepo } from '../backup/helpers.js';
 

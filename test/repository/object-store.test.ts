@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore } from '../../src/repository/object-store.js';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 import { storeContract } from './store-contract.js';
 
 /** Temp files (names starting with '.') anywhere under `dir`. */

@@ -7,8 +7,8 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { CODEC_BROTLI, CODEC_RAW, encodePiece, sha256Hex } from '../../src/repository/codec.js';
 import { PiecePool } from '../../src/repository/piece-pool.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { makeTempDir } from '../helpers/files.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { makeTempDir } from '../../testkit/files.js';
 
 const PIECE = 64 * 1024;
 

@@ -12,7 +12,7 @@ import { parseRepoLocation } from '../../src/repository/location.js';
 import { FlakyProxy } from '../helpers/flaky-proxy.js';
 import { rgwForFile } from '../helpers/rgw.js';
 import { storeContract } from './store-contract.js';
-import type { SkippableContext } from '../helpers/needs.js';
+import type { SkippableContext } from '../../testkit/needs.js';
 
 const rgw = rgwForFile();
 

@@ -14,10 +14,10 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage, sha256, sha256File } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage, sha256, sha256File } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 
 const DEVICE_BYTES = 16 << 20;
 

@@ -13,9 +13,9 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
-import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage } from '../helpers/files.js';
-import { nbdshEnv } from '../helpers/process.js';
+import { cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage } from '../../testkit/files.js';
+import { nbdshEnv } from '../../testkit/process.js';
 
 const IMAGE_BYTES = 32 << 20;
 

@@ -10,10 +10,10 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
-import { AS_NOBODY, BDSNAP_MAIN, bdsnapForOtherUsers } from '../helpers/bdsnap-cli.js';
-import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
+import { AS_NOBODY, BDSNAP_MAIN, bdsnapForOtherUsers } from '../../testkit/bdsnap-cli.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 
 function status(box: Sandbox): { devices: Array<{ device: string; active: boolean }> } {
   return JSON.parse(ok(box, ['status', '--json'])) as { devices: Array<{ device: string; active: boolean }> };

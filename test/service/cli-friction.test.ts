@@ -13,10 +13,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
-import { BDSNAP_MAIN, PROJECT_ROOT } from '../helpers/bdsnap-cli.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage } from '../helpers/files.js';
+import { BDSNAP_MAIN, PROJECT_ROOT } from '../../testkit/bdsnap-cli.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage } from '../../testkit/files.js';
 import { passwdAndActivate } from './helpers.js';
 
 function createSnapshot(box: Sandbox, devices: string[], extra: string[] = []): { id: string } {

@@ -8,9 +8,9 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { BDSNAP_MAIN } from '../helpers/bdsnap-cli.js';
-import { sandbox, startDaemon } from '../helpers/daemon.js';
-import { needs } from '../helpers/needs.js';
+import { BDSNAP_MAIN } from '../../testkit/bdsnap-cli.js';
+import { sandbox, startDaemon } from '../../testkit/daemon.js';
+import { needs } from '../../testkit/needs.js';
 
 test('a snapshot root made by another user, or open to others, is refused at start', (t) => {
   if (!needs(t, { root: true, tools: ['runuser'] })) return;

@@ -17,10 +17,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { formatDevT } from '../../src/host/dev-t.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage, sha256File } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 import { sessionDirs } from './helpers.js';
 
 const DEVICE_BYTES = 8 << 20;

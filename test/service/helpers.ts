@@ -1,5 +1,5 @@
 /**
- * Fixtures of the service tests on top of the daemon launcher (helpers/daemon.ts): session
+ * Fixtures of the service tests on top of the daemon launcher (testkit/daemon.ts): session
  * directories, nbdsh against a sandbox's daemon, the password/activate/restore steps several
  * tests share, and the ordered writer of the multi-device consistency tests.
  */
@@ -10,10 +10,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { cli, daemonUri, ok, type CliResult, type Sandbox } from '../helpers/daemon.js';
-import type { AfterHook } from '../helpers/files.js';
-import { nbdshEnv } from '../helpers/process.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { cli, daemonUri, ok, type CliResult, type Sandbox } from '../../testkit/daemon.js';
+import type { AfterHook } from '../../testkit/files.js';
+import { nbdshEnv } from '../../testkit/process.js';
 
 export function sessionDirs(box: Sandbox): string[] {
   if (!fs.existsSync(box.snapshotRoot)) return [];

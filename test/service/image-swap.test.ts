@@ -11,9 +11,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
-import { TEST_PASSWORD, cli, ok, sandbox, startDaemon } from '../helpers/daemon.js';
-import { makeImage, sha256File } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon } from '../../testkit/daemon.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 
 function asNobody(script: string): void {
   execFileSync('runuser', ['-u', 'nobody', '--', 'sh', '-c', script], { stdio: 'pipe' });

@@ -11,12 +11,12 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { BdsnapClient } from '../../src/service/client.js';
-import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage, sha256File } from '../helpers/files.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
 import { mkfsExt4, mountPoint } from '../helpers/ext4.js';
-import { needs } from '../helpers/needs.js';
-import { isMounted } from '../helpers/kernel.js';
-import { runSync } from '../helpers/process.js';
+import { needs } from '../../testkit/needs.js';
+import { isMounted } from '../../testkit/kernel.js';
+import { runSync } from '../../testkit/process.js';
 import { passwdAndActivate, restoreOnlySession, sessionDirs } from './helpers.js';
 
 const IMAGE_MIB = 32;
@@ -54,6 +54,12 @@ test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted
   const again = cli(box, ['mount', image, path.join(box.top, 'seed')]);
   assert.equal(again.status, 1, 'a device already mounted is refused');
   assert.match(again.stderr, /already mounted/);
+  const mountOf = (): [string | null, boolean] => {
+    const st = JSON.parse(ok(box, ['status', '--json'])) as { devices: Array<{ device: string; mountpoint: string | null; loopDevice: string | null }> };
+    const d = st.devices.find((e) => e.device === image);
+    return [d?.mountpoint ?? null, (d?.loopDevice ?? null) !== null];
+  };
+  assert.deepEqual(mountOf(), [mnt, true], 'status shows where the device is mounted, and through which block device');
 
   fs.writeFileSync(path.join(mnt, 'docs', 'a.txt'), 'second version\n'.repeat(5000));
   fs.writeFileSync(path.join(mnt, 'big.bin'), Buffer.alloc(3 << 20, 0x5a));
@@ -69,6 +75,7 @@ test('full ext4 cycle through bdsnap mount/umount, restore refused while mounted
   const umount = JSON.parse(ok(box, ['umount', mnt, '--json'])) as { sessionDir: string | null };
   assert.equal(umount.sessionDir, sessionDir);
   assert.equal(isMounted(mnt), false);
+  assert.deepEqual(mountOf(), [null, false], 'status no longer shows a mount');
   const list = JSON.parse(ok(box, ['list', image, '--json'])) as { sessions: Array<{ dir: string; state: string }> };
   assert.deepEqual(list.sessions.map((s) => [s.dir, s.state]), [[sessionDir, 'complete']], 'umount returns after the session is complete');
   assert.notEqual(await sha256File(image), before);

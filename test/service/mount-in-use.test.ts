@@ -13,12 +13,12 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { cli, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage } from '../helpers/files.js';
-import { isMounted } from '../helpers/kernel.js';
-import { needs } from '../helpers/needs.js';
-import { runSync } from '../helpers/process.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage } from '../../testkit/files.js';
+import { isMounted } from '../../testkit/kernel.js';
+import { needs } from '../../testkit/needs.js';
+import { runSync } from '../../testkit/process.js';
 
 const IMAGE_MIB = 16;
 const KERNEL_NEEDS = { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4', 'mount', 'umount'] };

@@ -11,12 +11,12 @@ import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage, sha256File } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 import { until } from '../helpers/poll.js';
-import { nbdshEnv } from '../helpers/process.js';
+import { nbdshEnv } from '../../testkit/process.js';
 import { nbdsh, restoreOnlySession, sessionDirs } from './helpers.js';
 
 const IMAGE_BYTES = 8 << 20;

@@ -12,7 +12,7 @@ import { pino } from 'pino';
 import { loadLibc } from '../../src/host/libc.js';
 import { ControlServer } from '../../src/service/control-server.js';
 import { peerCredentials, type PeerCheck } from '../../src/service/peer-cred.js';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 
 const silent = pino({ level: 'silent' });
 

@@ -15,12 +15,12 @@ import path from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
 import type { DaemonEvent, ReceivedReplicaInfo, ReplicaInfo } from '../../src/service/control-protocol.js';
 import { BdsnapClient } from '../../src/service/client.js';
-import { cli, ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage, sha256File } from '../helpers/files.js';
-import type { RunResult } from '../helpers/process.js';
+import { cli, ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
+import type { RunResult } from '../../testkit/process.js';
 import { until } from '../helpers/poll.js';
-import { nbdUri, startServer } from '../helpers/server.js';
-import { makePki } from '../helpers/tls.js';
+import { nbdUri, startServer } from '../../testkit/server.js';
+import { makePki } from '../../testkit/tls.js';
 import { ORDERED_WRITER_SALTS } from './fixtures/ordered-writer.js';
 import { highestOrderedWrite, startOrderedWriter } from './helpers.js';
 

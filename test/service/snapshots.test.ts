@@ -12,9 +12,9 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../helpers/daemon.js';
-import { makeImage } from '../helpers/files.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { makeImage } from '../../testkit/files.js';
 import { ORDERED_WRITER_SALTS } from './fixtures/ordered-writer.js';
 import { highestOrderedWrite, passwdAndActivate, restoreOnlySession, startOrderedWriter } from './helpers.js';
 

@@ -13,7 +13,7 @@ import { pino } from 'pino';
 import { cleanUpStaleMounts, readMountRecords, whyNotOurNbdfuse, type MountRecordOnDisk } from '../../src/service/mount.js';
 import { processStartTime } from '../../src/host/processes.js';
 import { BdsnapError } from '../../src/errors.js';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 
 interface LogLine {
   level: number;

@@ -14,7 +14,7 @@ import { BdsnapError } from '../../src/errors.js';
 import { PasswordStore } from '../../src/service/auth.js';
 import { LineDecoder, requestSchema, type LineEvent } from '../../src/service/control-protocol.js';
 import { Registry, canonicalDevicePath, readRegistry } from '../../src/service/registry.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 
 function tempDir(t: { after(fn: () => void): void }): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-unit-'));

@@ -4,8 +4,8 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { tempDir } from './helpers.js';
-import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
-import { makeImage } from '../helpers/files.js';
+import { BDSNAP_MAIN as MAIN } from '../../testkit/bdsnap-cli.js';
+import { makeImage } from '../../testkit/files.js';
 
 
 interface Run {

@@ -7,7 +7,7 @@ import { BdsnapError } from '../../src/errors.js';
 import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { INITIAL_CONTENT } from '../../src/fs/singlefilefs/layout.js';
 import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { RecordingDevice, tempDir } from './helpers.js';
 
 const isCode = (code: string) => (e: unknown) => e instanceof BdsnapError && e.code === code;

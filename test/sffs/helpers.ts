@@ -3,9 +3,9 @@
 import type { BlockDevice, BlockSizes, WriteOptions } from '../../src/device/block-device.js';
 import { PassThroughDevice } from '../helpers/devices.js';
 import { BdsnapError } from '../../src/errors.js';
-import { makeTempDir, type AfterHook } from '../helpers/files.js';
+import { makeTempDir, type AfterHook } from '../../testkit/files.js';
 
-/** A temporary directory removed after the test (the one implementation is helpers/files.ts). */
+/** A temporary directory removed after the test (the one implementation is testkit/files.ts). */
 export function tempDir(t: AfterHook, prefix = 'bdsnap-sffs-'): string {
   return makeTempDir(t, prefix);
 }

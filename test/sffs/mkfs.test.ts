@@ -5,7 +5,7 @@ import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
 import { BdsnapError } from '../../src/errors.js';
 import { mkfs, mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { tempDir } from './helpers.js';
 
 const isCode = (code: string) => (e: unknown) => e instanceof BdsnapError && e.code === code;

@@ -15,9 +15,9 @@ import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
 import { connectNbd } from '../../src/fs/singlefilefs/nbd.js';
 import { GRADING_SCENARIOS, assertScenarioOutcome, expectedContent, prepareScenarioImage, sffsCliWriter } from './scenarios.js';
 import { tempDir } from './helpers.js';
-import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
-import { makeImage } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
+import { BDSNAP_MAIN as MAIN } from '../../testkit/bdsnap-cli.js';
+import { makeImage } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 
 
 type ServerKind = 'nbdkit' | 'bdsnap serve';

@@ -6,7 +6,7 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
 import { SFFS_BLOCK_SIZE } from '../../src/fs/singlefilefs/layout.js';
-import { sha256 } from '../helpers/files.js';
+import { sha256 } from '../../testkit/files.js';
 import { GRADING_SCENARIOS, SingleFileModel, changedBlocksBetween, expectedContent, type SingleFileWriter } from './scenarios.js';
 import { RecordingDevice, tempDir } from './helpers.js';
 

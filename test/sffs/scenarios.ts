@@ -21,7 +21,7 @@ import { BdsnapError } from '../../src/errors.js';
 import { SingleFileFs } from '../../src/fs/singlefilefs/file.js';
 import { INITIAL_CONTENT, SFFS_BLOCK_SIZE, maxFileSizeFor } from '../../src/fs/singlefilefs/layout.js';
 import { mkfsImage } from '../../src/fs/singlefilefs/mkfs.js';
-import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
+import { BDSNAP_MAIN as MAIN } from '../../testkit/bdsnap-cli.js';
 
 /** What a scenario needs from the filesystem: the user-space write loop. */
 export interface SingleFileWriter {

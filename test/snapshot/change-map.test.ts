@@ -15,7 +15,7 @@ import { performance } from 'node:perf_hooks';
 import fc from 'fast-check';
 import type { BlockDevice, Extent } from '../../src/device/block-device.js';
 import { ChangeMap, FrozenChangeMap, TrackingDevice, trackingBlockSize, type ByteRange, type DeviceStamp } from '../../src/snapshot/change-map/index.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { tempDir } from './helpers.js';
 
 const BLOCK = 64 * 1024;

@@ -8,9 +8,9 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { CowDevice, type RestoreSummary } from '../../src/snapshot/index.js';
-import { makeImage, sha256File } from '../helpers/files.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
 import { tempDir } from './helpers.js';
-import { BDSNAP_MAIN as MAIN } from '../helpers/bdsnap-cli.js';
+import { BDSNAP_MAIN as MAIN } from '../../testkit/bdsnap-cli.js';
 
 
 function bdsnap(args: string[]): { status: number | null; stdout: string; stderr: string } {

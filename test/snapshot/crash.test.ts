@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { listSessions, recoverSession, restore } from '../../src/snapshot/index.js';
-import { makeImage, sha256File } from '../helpers/files.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
 import { killWhileWriting, tempDir } from './helpers.js';
 
 const WRITER = fileURLToPath(new URL('./fixtures/crash-writer.js', import.meta.url));

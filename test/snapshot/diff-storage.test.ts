@@ -13,10 +13,10 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DiffStorage, SnapshotLayer, type DiffStorageEvent, type DiffStorageOptions, type SnapshotImage } from '../../src/snapshot/index.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { RECORD_HEADER_BYTES, decodeRecordHeader, payloadMatches } from '../../src/snapshot/format.js';
 import { isError, tempDir, type TestContext } from './helpers.js';
-import { needs } from '../helpers/needs.js';
+import { needs } from '../../testkit/needs.js';
 
 
 const CHUNK = 16384;

@@ -17,7 +17,7 @@ import { scanData } from '../../src/snapshot/store-scan.js';
 import { digestDeviceChunks } from '../../src/snapshot/device-digests.js';
 import { chunkRuns } from '../../src/snapshot/chunk-runs.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
-import { makeImage, sha256File } from '../helpers/files.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
 import { isError, tempDir } from './helpers.js';
 
 const CS = 4096;

@@ -10,9 +10,9 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { CowDevice, forgetSessions, listSessions, planForget, restore } from '../../src/snapshot/index.js';
-import { makeImage } from '../helpers/files.js';
-import { run } from '../helpers/process.js';
-import { BDSNAP_MAIN } from '../helpers/bdsnap-cli.js';
+import { makeImage } from '../../testkit/files.js';
+import { run } from '../../testkit/process.js';
+import { BDSNAP_MAIN } from '../../testkit/bdsnap-cli.js';
 import { isError, tempDir } from './helpers.js';
 
 const CS = 16384;

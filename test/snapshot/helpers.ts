@@ -17,13 +17,13 @@ import { DATA_FILE } from '../../src/snapshot/format.js';
 import {
   CowDevice, DiffStorage, listSessions, recoverSession, restore, type DiffStorageOptions, type SnapshotImage, type SnapshotLayer,
 } from '../../src/snapshot/index.js';
-import { makeTempDir, type AfterHook } from '../helpers/files.js';
+import { makeTempDir, type AfterHook } from '../../testkit/files.js';
 
 export interface TestContext {
   after: (fn: () => unknown) => void;
 }
 
-/** A temporary directory removed after the test (the one implementation is helpers/files.ts). */
+/** A temporary directory removed after the test (the one implementation is testkit/files.ts). */
 export function tempDir(t: AfterHook, prefix = 'bdsnap-snap-'): string {
   return makeTempDir(t, prefix);
 }

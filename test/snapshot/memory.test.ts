@@ -14,7 +14,7 @@ import fc from 'fast-check';
 import { FileDevice } from '../../src/device/file-device.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { ChunkBitmap, ChunkTable } from '../../src/snapshot/chunk-table.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { tempDir } from './helpers.js';
 
 const GIB = 1024 * 1024 * 1024;

@@ -13,8 +13,8 @@ import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { readManifest } from '../../src/snapshot/format.js';
 import { CowDevice, restore, type SessionEvent } from '../../src/snapshot/index.js';
-import { needs } from '../helpers/needs.js';
-import { makeImage } from '../helpers/files.js';
+import { needs } from '../../testkit/needs.js';
+import { makeImage } from '../../testkit/files.js';
 import { isError, tempDir } from './helpers.js';
 
 async function writeMany(cow: CowDevice, model: Buffer, count: number, maxLength: number): Promise<void> {

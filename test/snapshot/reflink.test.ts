@@ -19,12 +19,12 @@ import { DATA_FILE, parseManifest } from '../../src/snapshot/format.js';
 import { CowDevice, DiffStorage, SnapshotLayer, listSessions, recoverSession, restore, type SessionSummary } from '../../src/snapshot/index.js';
 import { StoreWriter } from '../../src/snapshot/store-writer.js';
 import { scanData, type ScanResult } from '../../src/snapshot/store-scan.js';
-import { CleanupStack } from '../helpers/cleanup.js';
+import { CleanupStack } from '../../testkit/cleanup.js';
 import { ReadCountingDevice } from '../helpers/devices.js';
-import { makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { needs } from '../helpers/needs.js';
-import { run } from '../helpers/process.js';
-import { mountScratchFs, scratchFsNeeds, type ScratchFsKind } from '../helpers/scratch-fs.js';
+import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
+import { run } from '../../testkit/process.js';
+import { mountScratchFs, scratchFsNeeds, type ScratchFsKind } from '../../testkit/scratch-fs.js';
 import { isError, killWhileWriting, tempDir } from './helpers.js';
 
 const CS = 16 * 1024;

@@ -14,9 +14,9 @@ import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE } from '../../src/snapshot/format.js';
 import { CowDevice, listSessions, restore } from '../../src/snapshot/index.js';
-import { needs } from '../helpers/needs.js';
-import { cleanupOf } from '../helpers/cleanup.js';
-import { makeImage, sha256File } from '../helpers/files.js';
+import { needs } from '../../testkit/needs.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
 import { isError, tempDir } from './helpers.js';
 
 const CS = 16384;

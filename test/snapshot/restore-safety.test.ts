@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
 import { JOURNAL_FILE } from '../../src/snapshot/format.js';
 import { CowDevice, checkNotInUse, restore } from '../../src/snapshot/index.js';
-import { makeImage, sha256File } from '../helpers/files.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
 import { isError, tempDir } from './helpers.js';
 
 const CS = 16384;

@@ -10,8 +10,8 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE, DIGESTS_FILE, INDEX_FILE, JOURNAL_FILE, MANIFEST_FILE, decodeDigests, encodeDigestArrays } from '../../src/snapshot/format.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { readDeviceStamp } from '../../src/host/device-stamp.js';
-import { needs } from '../helpers/needs.js';
-import { makeImage, sha256File } from '../helpers/files.js';
+import { needs } from '../../testkit/needs.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
 import { isError, tempDir, type TestContext } from './helpers.js';
 
 const CS = 16384;

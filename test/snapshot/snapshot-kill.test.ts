@@ -11,7 +11,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FileDevice } from '../../src/device/file-device.js';
 import { DiffStorage, SnapshotLayer } from '../../src/snapshot/index.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { IMAGE_WRITE } from './fixtures/snapshot-kill-writer.js';
 import { killWhileWriting, tempDir } from './helpers.js';
 

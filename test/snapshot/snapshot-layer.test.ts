@@ -10,39 +10,31 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
-import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type Extent, type WriteOptions } from '../../src/device/block-device.js';
+import { EXTENT_HOLE, EXTENT_ZERO, type BlockDevice, type CloneResult, type Extent, type WriteOptions } from '../../src/device/block-device.js';
+import { PassThroughDevice } from '../../src/device/pass-through.js';
 import { DiffStorage, SnapshotLayer, type SnapshotImage } from '../../src/snapshot/index.js';
-import { settlesWithin } from '../helpers/server.js';
-import { makeImage } from '../helpers/files.js';
+import { settlesWithin } from '../../testkit/server.js';
+import { makeImage } from '../../testkit/files.js';
 import { isError, tempDir, type TestContext } from './helpers.js';
 
 const CHUNK = 4096;
 
 /**
  * A FileDevice whose writes can be held at a gate and whose next read can be paused, recording
- * which writes reached it: enough to stage the races of the barrier and of image reads.
+ * which writes reached it: enough to stage the races of the barrier and of image reads. It
+ * offers no trim, fast zero or reflink, so every original is read through it.
  */
-class GatedDevice implements BlockDevice {
-  readonly size: number;
-  readonly readOnly = false;
-  readonly blockSizes;
-  readonly canTrim = false;
-  readonly canFastZero = false;
-  readonly canMultiConn = true;
+class GatedDevice extends PassThroughDevice {
   /** Offsets of the writes that reached the device (before the gate). */
   readonly arrived: number[] = [];
-  #inner: FileDevice;
   #gate: Promise<void> | undefined;
   #openGate: (() => void) | undefined;
   #pauseRead: Promise<void> | undefined;
   #pauseExtents: Promise<void> | undefined;
   extentFlags = 0;
 
-  constructor(inner: FileDevice) {
-    this.#inner = inner;
-    this.size = inner.size;
-    this.blockSizes = inner.blockSizes;
-  }
+  override get canTrim(): boolean { return false; }
+  override get canFastZero(): boolean { return false; }
 
   closeGate(): void {
     this.#gate = new Promise((resolve) => (this.#openGate = resolve));
@@ -60,33 +52,17 @@ class GatedDevice implements BlockDevice {
     return go;
   }
 
-  async read(target: Buffer, offsetBytes: number): Promise<void> {
+  override async read(target: Buffer, offsetBytes: number): Promise<void> {
     const pause = this.#pauseRead;
     this.#pauseRead = undefined;
     if (pause) await pause;
-    return this.#inner.read(target, offsetBytes);
+    return super.read(target, offsetBytes);
   }
 
-  async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+  override async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
     this.arrived.push(offsetBytes);
     if (this.#gate) await this.#gate;
-    return this.#inner.write(data, offsetBytes, options);
-  }
-
-  flush(): Promise<void> {
-    return this.#inner.flush();
-  }
-
-  trim(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.#inner.trim(offsetBytes, lengthBytes);
-  }
-
-  zero(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.#inner.zero(offsetBytes, lengthBytes);
-  }
-
-  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.#inner.cache(offsetBytes, lengthBytes);
+    return super.write(data, offsetBytes, options);
   }
 
   /** The next extents() answers (with the flags of the moment it was asked) when the returned function is called. */
@@ -96,7 +72,7 @@ class GatedDevice implements BlockDevice {
     return go;
   }
 
-  async extents(_offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+  override async extents(_offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     const flags = this.extentFlags;
     const pause = this.#pauseExtents;
     this.#pauseExtents = undefined;
@@ -104,8 +80,8 @@ class GatedDevice implements BlockDevice {
     return [{ length: lengthBytes, flags }];
   }
 
-  close(): Promise<void> {
-    return this.#inner.close();
+  override cloneRangeTo(): Promise<CloneResult> {
+    return Promise.resolve('unsupported');
   }
 }
 

@@ -13,9 +13,9 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
 import { DiffStorage, SnapshotLayer } from '../../src/snapshot/index.js';
-import { fillRandom, makeImage, makeTempDir, sha256File } from '../helpers/files.js';
-import { requireTool, run } from '../helpers/process.js';
-import { nbdUri } from '../helpers/server.js';
+import { fillRandom, makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
+import { requireTool, run } from '../../testkit/process.js';
+import { nbdUri } from '../../testkit/server.js';
 
 const IMAGE_BYTES = 16 << 20;
 

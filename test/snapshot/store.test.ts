@@ -10,7 +10,7 @@ import { StoreWriter } from '../../src/snapshot/store-writer.js';
 import { scanData } from '../../src/snapshot/store-scan.js';
 import { DATA_FILE, INDEX_FILE, RECORD_HEADER_BYTES, chunkDigest, decodeIndex, readManifest } from '../../src/snapshot/format.js';
 import { CowDevice, listSessions, recoverSession, sessionDirName } from '../../src/snapshot/index.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { isError, onlyDir, tempDir } from './helpers.js';
 
 const CS = 4096;

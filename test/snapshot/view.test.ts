@@ -6,64 +6,39 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../../src/device/block-device.js';
+import type { CloneResult } from '../../src/device/block-device.js';
+import { PassThroughDevice } from '../../src/device/pass-through.js';
 import { CowDevice } from '../../src/snapshot/index.js';
-import { makeImage } from '../helpers/files.js';
+import { makeImage } from '../../testkit/files.js';
 import { isError, tempDir } from './helpers.js';
 
-/** A device whose next read is held back: it reads the file only after `delayMs`. */
-class SlowReads implements BlockDevice {
-  readonly size: number;
-  readonly readOnly = false;
-  readonly blockSizes;
-  readonly canTrim = false;
-  readonly canFastZero = false;
-  readonly canMultiConn = true;
-  readonly #base: BlockDevice;
+/**
+ * A device whose next read is held back: it reads the file only after `delayMs`. It offers no
+ * trim, fast zero or reflink, so every original is read through it; closing it leaves the
+ * file open (the test closes that).
+ */
+class SlowReads extends PassThroughDevice {
   #nextDelayMs = 0;
 
-  constructor(base: BlockDevice) {
-    this.#base = base;
-    this.size = base.size;
-    this.blockSizes = base.blockSizes;
-  }
+  override get canTrim(): boolean { return false; }
+  override get canFastZero(): boolean { return false; }
 
   delayNextRead(ms: number): void {
     this.#nextDelayMs = ms;
   }
 
-  async read(target: Buffer, offsetBytes: number): Promise<void> {
+  override async read(target: Buffer, offsetBytes: number): Promise<void> {
     const delay = this.#nextDelayMs;
     this.#nextDelayMs = 0;
     if (delay > 0) await new Promise((r) => setTimeout(r, delay));
-    return this.#base.read(target, offsetBytes);
+    return super.read(target, offsetBytes);
   }
 
-  write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
-    return this.#base.write(data, offsetBytes, options);
+  override cloneRangeTo(): Promise<CloneResult> {
+    return Promise.resolve('unsupported');
   }
 
-  flush(): Promise<void> {
-    return this.#base.flush();
-  }
-
-  trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
-    return this.#base.trim(offsetBytes, lengthBytes, options);
-  }
-
-  zero(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
-    return this.#base.zero(offsetBytes, lengthBytes, options);
-  }
-
-  cache(offsetBytes: number, lengthBytes: number): Promise<void> {
-    return this.#base.cache(offsetBytes, lengthBytes);
-  }
-
-  extents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    return this.#base.extents(offsetBytes, lengthBytes);
-  }
-
-  close(): Promise<void> {
+  override close(): Promise<void> {
     return Promise.resolve();
   }
 }

@@ -1,7 +1,7 @@
 /**
- * Snapshots of live devices: the manager (manager.ts), a take and its barrier (take.ts), image
- * exports (image-export.ts), records (record.ts), and the contract with the change tracker
- * (tracking.ts).
+ * Snapshots of live devices: the manager (manager.ts), putting them back after a restart
+ * (reopen.ts), a take and its barrier (take.ts), image exports (image-export.ts), records
+ * (record.ts), and the contract with the change tracker (tracking.ts).
  */
 
 export { SnapshotManager, type ImageMount, type SnapshotManagerOptions } from './manager.js';

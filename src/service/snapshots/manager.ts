@@ -9,11 +9,8 @@
  *
  * A snapshot survives daemon restarts and SIGKILL: its record and storage are on disk, the
  * storage is rescanned at start and the points are put back before the NBD server accepts
- * a client. A device another process still holds open at that moment (a killed daemon whose
- * lock has not cleared yet) is waited for, for a bounded time; a snapshot whose device is still
- * busy then is held back, never marked failed: it stays as it is on disk, and this daemon does
- * not serve that device until it has put the snapshot back on it (retried at each attach), so no
- * write reaches the device past a snapshot that does not see it.
+ * a client (reopen.ts, which also holds back a snapshot whose device another process still
+ * holds).
  *
  * Destroy cuts the images off: a filesystem mounted on one gets EIO and goes read-only. So
  * destroy refuses while an image is mounted by bdsnap or has NBD clients, and `force` first
@@ -21,29 +18,23 @@
  * destroy decides, the images take no new client, so none slips in between check and teardown.
  */
 
-import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { BdsnapError } from '../../errors.js';
 import { formatBytes } from '../../units.js';
 import type { ExportHandle } from '../../nbd/exports.js';
-import { DiffStorage, type DiffStorageEvent } from '../../snapshot/diff-storage.js';
-import { describeIdentity, sameIdentity } from '../../host/device-stamp.js';
+import type { DiffStorageEvent } from '../../snapshot/diff-storage.js';
 import { removePath } from '../../host/fd-io.js';
-import { ensurePrivateDir } from '../../host/private-dir.js';
 import type { SnapshotInfo } from '../control-protocol.js';
-import type { AttachedDevice, DeviceTable } from '../device-table.js';
+import type { DeviceTable } from '../device-table.js';
 import type { EventLog } from '../events.js';
 import { nbdUnixUri } from '../mount.js';
 import type { Registry } from '../registry.js';
-import { addImage, type LiveImage, type LiveSnapshot } from './live.js';
-import { imageExportName, parseImageName, readRecord, SNAPSHOTS_DIR, writeRecord, type SnapshotRecord } from './record.js';
+import type { LiveImage, LiveSnapshot } from './live.js';
+import { imageExportName, parseImageName, SNAPSHOTS_DIR, writeRecord } from './record.js';
+import { SnapshotRecovery } from './reopen.js';
 import { checkStorageDir, takeSnapshot, type CreateSnapshotOptions } from './take.js';
 import type { SnapshotChangeTracking } from './tracking.js';
-
-/** How long start-up waits in all for devices another process still holds (a lock that may clear). */
-const BUSY_DEVICE_WAIT_MS = 5000;
-const BUSY_DEVICE_RETRY_MS = 100;
 
 /** A bdsnap mount of an image, as the mount manager reports it. */
 export interface ImageMount {
@@ -86,13 +77,18 @@ export class SnapshotManager {
   readonly #pendingResets = new Map<string, string>();
   /** Called whenever an image handle is released (destroy waits on them). */
   readonly #onRelease = new Set<() => void>();
-  /** Snapshots not put back at start because a device was busy, by id; see bringBack(). */
-  readonly #heldBack = new Map<string, { record: SnapshotRecord; dir: string; reason: string }>();
-  #bringingBack: Promise<void> | undefined;
+  readonly #recovery: SnapshotRecovery;
 
   constructor(options: SnapshotManagerOptions) {
     this.#options = options;
     this.#root = path.join(options.stateDir, SNAPSHOTS_DIR);
+    this.#recovery = new SnapshotRecovery({
+      root: this.#root, table: options.table, registry: options.registry, events: options.events, log: options.log, tracking: options.tracking,
+      serve: (snapshot) => void this.#snapshots.set(snapshot.record.id, snapshot),
+      onStorageEvent: (snapshot, event) => this.#onStorageEvent(snapshot, event),
+      markBroken: (snapshot, state, reason) => this.#markBroken(snapshot, state, reason),
+      changedOutside: (devicePath) => this.#pendingResets.get(devicePath),
+    });
   }
 
   /** Snapshot ids that hold `devicePath`. */
@@ -222,81 +218,16 @@ export class SnapshotManager {
   }
 
   /** Daemon start: put back every snapshot on disk; remove what a killed create left. */
-  async recover(): Promise<void> {
-    await ensurePrivateDir(this.#root, 0o700);
-    const deadline = Date.now() + BUSY_DEVICE_WAIT_MS;
-    for (const name of (await fs.promises.readdir(this.#root)).sort()) {
-      const dir = path.join(this.#root, name);
-      let record: SnapshotRecord;
-      try {
-        record = await readRecord(dir);
-      } catch (err) {
-        this.#options.log.error({ event: 'snapshot-record-unreadable', dir, reason: (err as Error).message },
-          'a snapshot record does not parse; left in place for inspection (remove the directory to drop it)');
-        continue;
-      }
-      if (record.state === 'creating') {
-        await this.#removeLeftovers(record, dir);
-        continue;
-      }
-      try {
-        await this.#reopen(record, dir, deadline);
-      } catch (err) {
-        if (err instanceof DeviceBusy) {
-          this.#holdBack(record, dir, err.message);
-          continue;
-        }
-        this.#options.log.error({ event: 'snapshot-recovery-failed', snapshot: record.id, reason: (err as Error).message }, 'cannot bring back a snapshot');
-      }
-    }
+  recover(): Promise<void> {
+    return this.#recovery.recover();
   }
 
   /**
    * Before a user attaches `devicePath`: put back the held-back snapshots that cover it, or
    * refuse (EBUSY), so the device is never written past a snapshot that does not see it.
    */
-  async bringBack(devicePath: string): Promise<void> {
-    if (this.#heldBack.size === 0 && !this.#bringingBack) return;
-    while (this.#bringingBack) await this.#bringingBack;
-    const waiting = [...this.#heldBack.values()].filter((h) => h.record.devices.some((d) => d.path === devicePath));
-    if (waiting.length === 0) return;
-    const work = (async () => {
-      for (const held of waiting) {
-        try {
-          await this.#reopen(held.record, held.dir, Date.now());
-        } catch (err) {
-          if (err instanceof DeviceBusy) {
-            held.reason = err.message;
-            throw new BdsnapError('EBUSY', `${devicePath} is not served until snapshot ${held.record.id} is back on it, and ${err.message}; retry once that process has let go`);
-          }
-          this.#options.log.error({ event: 'snapshot-recovery-failed', snapshot: held.record.id, reason: (err as Error).message }, 'cannot bring back a snapshot');
-        }
-        this.#heldBack.delete(held.record.id);
-      }
-    })();
-    this.#bringingBack = work.then(() => undefined, () => undefined).finally(() => (this.#bringingBack = undefined));
-    await work;
-  }
-
-  #holdBack(record: SnapshotRecord, dir: string, reason: string): void {
-    this.#heldBack.set(record.id, { record, dir, reason });
-    const devices = record.devices.map((d) => d.path);
-    this.#options.log.warn({ event: 'snapshot-held-back', snapshot: record.id, devices, reason },
-      'a snapshot is not served yet: a device of it is busy; it is left as it is, and the device is not served until the snapshot is back');
-    this.#options.events.emit('snapshot-held-back', { snapshot: record.id, details: { reason, devices } });
-  }
-
-  /** Attach a device for a snapshot, waiting until `deadline` while another process holds it. */
-  async #attachWhenFree(devicePath: string, deadline: number): Promise<AttachedDevice> {
-    for (;;) {
-      try {
-        return await this.#options.table.attach(devicePath, { holder: 'snapshot' });
-      } catch (err) {
-        if (!(err instanceof BdsnapError && err.code === 'EBUSY')) throw err;
-        if (Date.now() >= deadline) throw new DeviceBusy(`${devicePath} is busy: ${err.message}`);
-      }
-      await new Promise((resolve) => setTimeout(resolve, BUSY_DEVICE_RETRY_MS));
-    }
+  bringBack(devicePath: string): Promise<void> {
+    return this.#recovery.bringBack(devicePath);
   }
 
   /** Daemon stop: close storages and drop holds; the snapshots stay on disk for the next start. */
@@ -324,79 +255,6 @@ export class SnapshotManager {
     return info;
   }
 
-
-  /**
-   * Put a snapshot back on its devices. Throws DeviceBusy (nothing changed, nothing held) when
-   * a device is still busy at `deadline`: that may clear, so it is no reason to fail the snapshot.
-   */
-  async #reopen(record: SnapshotRecord, dir: string, deadline: number): Promise<void> {
-    const { table, log } = this.#options;
-    const attached = new Map<string, AttachedDevice>();
-    const unopenable = new Map<string, string>();
-    const letGo = async (): Promise<void> => {
-      for (const devicePath of attached.keys()) await table.detach(devicePath, 'snapshot').catch(() => undefined);
-    };
-    for (const d of record.devices) {
-      try {
-        attached.set(d.path, await this.#attachWhenFree(d.path, deadline));
-      } catch (err) {
-        if (err instanceof DeviceBusy) {
-          await letGo();
-          throw err;
-        }
-        unopenable.set(d.path, (err as Error).message);
-      }
-    }
-    const snapshot: LiveSnapshot = { record, dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false, closing: false };
-    try {
-      snapshot.storage = await DiffStorage.open({
-        id: record.id, dirs: record.storage.dirs, chunkSize: record.chunkSize, durability: record.durability,
-        ...(record.storage.limitBytes !== null ? { limitBytes: record.storage.limitBytes } : {}),
-        onEvent: (event) => this.#onStorageEvent(snapshot, event),
-      });
-    } catch (err) {
-      await letGo();
-      throw err;
-    }
-    for (const d of record.devices) {
-      const att = attached.get(d.path);
-      if (!att) {
-        // The image of a device that cannot be opened is gone; the others still serve.
-        this.#markBroken(snapshot, 'failed', `${d.path} cannot be opened after a restart: ${unopenable.get(d.path) ?? 'unknown reason'}`);
-        continue;
-      }
-      await att.layer.hold();
-      try {
-        addImage(snapshot, att.layer, d.path, d.key, this.#options.tracking);
-      } finally {
-        att.layer.release();
-      }
-      await this.#options.tracking?.load(d.path, dir, d.key);
-      // The attach recorded what the name names now; a file moved over the name (or another
-      // disk given the number) is not the device this snapshot saw.
-      const now = this.#options.registry.get(d.path)?.identity;
-      if (d.identity !== undefined && (now === undefined || !sameIdentity(d.identity, now))) {
-        this.#markBroken(snapshot, 'failed',
-          `${d.path} is not the device this snapshot was taken of: it was ${describeIdentity(d.identity)} and is now ${now ? describeIdentity(now) : 'unknown'}`);
-      }
-      const changed = this.#pendingResets.get(d.path);
-      if (changed !== undefined) this.#markBroken(snapshot, 'failed', `${d.path} changed while bdsnap did not serve it (${changed})`);
-    }
-    this.#snapshots.set(record.id, snapshot);
-    log.info({ event: 'snapshot-reopened', snapshot: record.id, state: record.state, devices: record.devices.map((d) => d.path) }, 'snapshot served again after a restart');
-  }
-
-  async #removeLeftovers(record: SnapshotRecord, dir: string): Promise<void> {
-    try {
-      const storage = await DiffStorage.open({ id: record.id, dirs: record.storage.dirs, chunkSize: record.chunkSize });
-      await storage.destroy();
-    } catch {
-      // Storage never created, or unreadable: the directory removal below is what matters.
-    }
-    this.#options.tracking?.forget(dir);
-    await removePath(dir, { recursive: true });
-    this.#options.log.warn({ event: 'snapshot-leftovers-removed', snapshot: record.id }, 'a snapshot create was interrupted by a daemon stop; its leftovers were removed');
-  }
 
   /** Unmount (force) or refuse while the images are mounted or attached. */
   async #letGo(snapshot: LiveSnapshot, force: boolean): Promise<void> {
@@ -509,6 +367,3 @@ export class SnapshotManager {
   }
 }
 
-
-/** A device of a snapshot is held by another process, which may let go: not a reason to fail the snapshot. */
-class DeviceBusy extends Error {}

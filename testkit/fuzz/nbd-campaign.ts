@@ -14,7 +14,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import { NbdClient } from '../../src/nbd/client.js';
-import { alive } from '../helpers/process.js';
+import { alive } from '../process.js';
 import { Rng, makeScript, splitRandomly, type Phase, type TrafficTarget } from './traffic.js';
 
 export interface ProcessGauge {

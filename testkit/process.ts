@@ -8,7 +8,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { processStartTimeSync } from '../../src/host/processes.js';
+import { processStartTimeSync } from '../src/host/processes.js';
 import { cleanupOf } from './cleanup.js';
 import type { AfterHook } from './files.js';
 

@@ -15,10 +15,10 @@ import { fileURLToPath } from 'node:url';
 import { cleanupOf } from './cleanup.js';
 import type { AfterHook } from './files.js';
 
-/** The project root (the directory holding package.json), from dist/test/helpers/. */
-export const PROJECT_ROOT = fileURLToPath(new URL('../../../', import.meta.url));
+/** The project root (the directory holding package.json), from dist/testkit/. */
+export const PROJECT_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 /** The built CLI entry point. */
-export const BDSNAP_MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+export const BDSNAP_MAIN = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 
 /** Run a command as nobody:nogroup (prefix for spawn), with no supplementary groups. */
 export const AS_NOBODY = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'] as const;

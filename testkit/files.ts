@@ -170,3 +170,12 @@ export function readRange(filePath: string, offsetBytes: number, lengthBytes: nu
     fs.closeSync(fd);
   }
 }
+
+/** Total size of the files under `dir`. */
+export function dirBytes(dir: string): number {
+  let total = 0;
+  for (const e of fs.readdirSync(dir, { withFileTypes: true, recursive: true })) {
+    if (e.isFile()) total += fs.statSync(path.join(e.parentPath, e.name)).size;
+  }
+  return total;
+}

@@ -13,7 +13,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { MOUNTINFO_PATH, parseMountInfo } from '../../src/host/mountinfo.js';
+import { MOUNTINFO_PATH, parseMountInfo } from '../src/host/mountinfo.js';
 import { requireRoot, requireTool, run } from './process.js';
 import { nbdUri, settlesWithin } from './server.js';
 

@@ -64,7 +64,7 @@ const DEFAULT_READY_TIMEOUT_MS = 15_000;
 const DEFAULT_GRACE_MS = 10_000;
 const MAX_KEPT_STDERR_CHARS = 64 * 1024;
 
-/** The compiled CLI entry point, found relative to this file (dist/test/helpers). */
+/** The compiled CLI entry point, found relative to this file (dist/testkit). */
 export { BDSNAP_MAIN };
 
 /** Which server the interop tests talk to: bdsnap unless BDSNAP_TEST_SERVER says otherwise. */
