@@ -7,11 +7,13 @@
  *   the page cache, nothing written back, no memory handed to the cell
  *   (BDSNAP_BENCH_CELL_START=settled starts every cell written back and with memory given, as
  *   the bench did before it was checked against fio run by hand).
- * - The images are full of data (no holes, no zero blocks), and stay so: every row that
- *   writes writes non-zero data, and the restore row fills the image again after its dd.
+ * - As a user comparing two servers by hand, each side of a row serves its own image
+ *   (RowContext.baselineImagePath for the other side), and the images are full of random data
+ *   (checked before every cell) and stay so: every row that writes writes random data, and the
+ *   restore row fills the image again after its dd.
  * - First-write rows really write first: a fresh session per cell, and every write lands in
  *   a chunk no earlier write of the cell touched (sequential: one pass; random: a replayed
- *   list of distinct chunks).
+ *   list of distinct chunks); the session's manifest must show one chunk preserved per write.
  * - The two sides of a row alternate which goes first from one repetition to the next.
  */
 
@@ -19,6 +21,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { deflateRawSync } from 'node:zlib';
 import { BDSNAP_MAIN, CleanupStack, type FioJob, makeImage, MIN_SCRATCH_FS_BYTES, missingNeeds, mountScratchFs, run, runFio, scratchFsNeeds, startDaemon } from './helpers.js';
 import { copyFloorRound } from './copy-floor.js';
 import { cacheFile, fillPageCache, settleFile } from './page-cache.js';
@@ -32,8 +35,14 @@ export type Unit = 'MB/s' | 'IOPS' | 'ms' | 'x';
 
 export interface RowContext {
   dir: string;
-  /** The 1 GiB (by default) image every server serves, filled with data. */
+  /** The 1 GiB (by default) image of random data the measured side of a row serves. */
   imagePath: string;
+  /**
+   * A second image like it, which the row's other side (nbdkit, the plain server) serves: a
+   * user comparing two servers gives each its own image, and neither side then writes over
+   * pages the other has just dirtied.
+   */
+  baselineImagePath: string;
   /** A second filled file of the same size: the source of the copy-into-the-image row. */
   sourcePath: string;
   imageBytes: number;
@@ -79,32 +88,84 @@ export interface BenchRow {
  */
 type CellStart = 'user' | 'settled';
 
-async function withTarget<T>(
-  target: Target, context: RowContext, fn: (running: RunningTarget) => Promise<T>, snapshotParent?: string, start: CellStart = 'user',
-): Promise<T> {
+interface CellOptions {
+  /** Where a session target makes its snapshot root. */
+  snapshotParent?: string;
+  start?: CellStart;
+  /** Checks what the cell did, once its server has stopped (a session's store is final then). */
+  afterStop?: (running: RunningTarget) => void;
+}
+
+async function withTarget<T>(target: Target, context: RowContext, fn: (running: RunningTarget) => Promise<T>, options: CellOptions = {}): Promise<T> {
+  const { snapshotParent, start = 'user', afterStop } = options;
   if (start === 'settled' || process.env.BDSNAP_BENCH_CELL_START === 'settled') {
     settleFile(context.imagePath);
     fillPageCache(context.dir, context.imageBytes);
   } else {
     cacheFile(context.imagePath);
   }
+  checkRandomData(context.imagePath);
   const running = await target.start({ imagePath: context.imagePath, ...(snapshotParent !== undefined ? { snapshotParent } : {}) });
+  let result: T;
   try {
-    return await fn(running);
+    result = await fn(running);
   } finally {
     await running.stop();
+  }
+  afterStop?.(running);
+  return result;
+}
+
+/** The context of a row's other side: the same, on the second image. */
+function baselineSide(context: RowContext): RowContext {
+  return { ...context, imagePath: context.baselineImagePath };
+}
+
+const RANDOM_CHECK_SAMPLES = 32;
+const RANDOM_CHECK_BYTES = 64 * 1024;
+
+/**
+ * Refuse to measure an image that is not full of random data: blocks sampled across it must not
+ * compress. Zero blocks, holes or a repeated pattern would let the page cache, the kernel or a
+ * server take short cuts a user's data does not allow.
+ */
+export function checkRandomData(imagePath: string): void {
+  const size = fs.statSync(imagePath).size;
+  const block = Buffer.alloc(RANDOM_CHECK_BYTES);
+  const fd = fs.openSync(imagePath, 'r');
+  try {
+    for (let i = 0; i < RANDOM_CHECK_SAMPLES; i++) {
+      const at = Math.floor(((size - block.length) * i) / (RANDOM_CHECK_SAMPLES - 1) / 4096) * 4096;
+      const got = fs.readSync(fd, block, 0, block.length, at);
+      const packed = deflateRawSync(block.subarray(0, got), { level: 1 }).length;
+      if (got < block.length || packed < 0.99 * got) {
+        throw new Error(`${imagePath} is not full of random data: the ${got} bytes at ${at} compress to ${packed}; make the image again`);
+      }
+    }
+  } finally {
+    fs.closeSync(fd);
   }
 }
 
 type FioShape = Omit<FioJob, 'uri'>;
 
-async function fioCell(target: Target, context: RowContext, job: FioShape, unit: 'MB/s' | 'IOPS', snapshotParent?: string, start: CellStart = 'user'): Promise<number> {
+async function fioCell(target: Target, context: RowContext, job: FioShape, unit: 'MB/s' | 'IOPS', options: CellOptions = {}): Promise<number> {
   return withTarget(target, context, async (running) => {
     const result = await runFio({ ...job, uri: running.uri, ...(running.env ? { env: running.env } : {}) });
     if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
     const side = job.rw.includes('write') ? result.write : result.read;
     return unit === 'MB/s' ? side.bandwidthBytesPerSec / 1e6 : side.iops;
-  }, snapshotParent, start);
+  }, options);
+}
+
+/** afterStop for a first-write cell: the session preserved `chunks` chunks, one per write, or the cell measured rewrites too. */
+function preservedExactly(chunks: number): (running: RunningTarget) => void {
+  return (running) => {
+    const preserved = running.preservedChunks?.();
+    if (preserved !== chunks) {
+      throw new Error(`the session preserved ${preserved ?? 'an unknown number of'} chunks, not ${chunks}: some writes of the cell were not first writes`);
+    }
+  };
 }
 
 /**
@@ -151,7 +212,7 @@ function versusNbdkit(
     ratio: ratioOf('bdsnap', 'nbdkit'),
     targetText: '>= 1.0x',
     meets: atLeast(1),
-    once: (context, reverse) => alternate(reverse, sides.map((side) => [side.name, () => cell(side, context)])),
+    once: (context, reverse) => alternate(reverse, sides.map((side, i) => [side.name, () => cell(side, i === 0 ? context : baselineSide(context))])),
   };
 }
 
@@ -269,11 +330,16 @@ const FIRST_RANDOM: BenchRow = versusPlain({
     if (!fs.existsSync(logPath)) writeFirstWriteLog(logPath, context.imageBytes, BENCH_CHUNK_BYTES, RANDOM_FIRST_WRITES);
     const job: FioShape = { rw: 'randwrite', blockSizeBytes: 4096, ioDepth: 16, sizeBytes: context.imageBytes, extraArgs: [`--read_iolog=${logPath}`] };
     return alternate(reverse, [
-      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, job, 'IOPS')],
-      ['bdsnap', () => fioCell(BDSNAP_SERVE, context, job, 'IOPS')],
+      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, job, 'IOPS', { afterStop: preservedExactly(RANDOM_FIRST_WRITES) })],
+      ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(context), job, 'IOPS')],
     ]);
   },
 }, 'bdsnap+session', 'IOPS', 0.5);
+
+/** How many chunks of the session targets the image holds: what one pass over it preserves. */
+function chunksOf(context: RowContext): number {
+  return Math.ceil(context.imageBytes / BENCH_CHUNK_BYTES);
+}
 
 function onePassSeqWrite(context: RowContext): FioShape {
   // One pass: fio stops after the image's worth of 1 MiB requests, so nothing is written twice.
@@ -295,8 +361,8 @@ const FIRST_SEQUENTIAL: BenchRow = {
   once: async (context, reverse) => {
     let floorPlain = NaN;
     const v = await alternate(reverse, [
-      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, onePassSeqWrite(context), 'MB/s', undefined, 'settled')],
-      ['bdsnap', () => fioCell(BDSNAP_SERVE, context, onePassSeqWrite(context), 'MB/s', undefined, 'settled')],
+      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, onePassSeqWrite(context), 'MB/s', { start: 'settled', afterStop: preservedExactly(chunksOf(context)) })],
+      ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(context), onePassSeqWrite(context), 'MB/s', { start: 'settled' })],
       ['copy-floor', async () => {
         // copyFloorRound writes the image back and reads it in before each of its passes.
         const round = await copyFloorRound(context.imagePath, path.join(context.dir, 'copy-floor.store'));
@@ -323,13 +389,15 @@ const FIRST_SEQUENTIAL_XFS: BenchRow = versusPlain({
   once: async (context, reverse) => {
     const cleanup = new CleanupStack();
     try {
-      const mnt = await mountScratchFs(cleanup, context.dir, 'xfs', 3 * context.imageBytes + MIN_SCRATCH_FS_BYTES);
-      const onXfs: RowContext = { ...context, imagePath: path.join(mnt, 'bench.img') };
-      makeImage(onXfs.imagePath, context.imageBytes, 'blocks');
-      cleanup.after(() => fs.rmSync(onXfs.imagePath, { force: true }));
+      const mnt = await mountScratchFs(cleanup, context.dir, 'xfs', 4 * context.imageBytes + MIN_SCRATCH_FS_BYTES);
+      const onXfs: RowContext = { ...context, imagePath: path.join(mnt, 'bench.img'), baselineImagePath: path.join(mnt, 'baseline.img') };
+      for (const image of [onXfs.imagePath, onXfs.baselineImagePath]) {
+        makeImage(image, context.imageBytes, 'random');
+        cleanup.after(() => fs.rmSync(image, { force: true }));
+      }
       return await alternate(reverse, [
-        ['bdsnap+session', () => fioCell(BDSNAP_SESSION, onXfs, onePassSeqWrite(onXfs), 'MB/s', mnt)],
-        ['bdsnap', () => fioCell(BDSNAP_SERVE, onXfs, onePassSeqWrite(onXfs), 'MB/s')],
+        ['bdsnap+session', () => fioCell(BDSNAP_SESSION, onXfs, onePassSeqWrite(onXfs), 'MB/s', { snapshotParent: mnt, afterStop: preservedExactly(chunksOf(onXfs)) })],
+        ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(onXfs), onePassSeqWrite(onXfs), 'MB/s')],
       ]);
     } finally {
       await cleanup.run();
@@ -343,7 +411,7 @@ const REWRITES: BenchRow = versusPlain({
   measures: 'sequential 1 MiB writes at depth 4 for the runtime into a session whose every chunk is already preserved (a first pass ended by a FLUSH), against the plain server',
   once: (context, reverse) => alternate(reverse, [
     ['bdsnap+rewrite', () => fioCell(BDSNAP_REWRITE, context, timedFio('write', context), 'MB/s')],
-    ['bdsnap', () => fioCell(BDSNAP_SERVE, context, timedFio('write', context), 'MB/s')],
+    ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(context), timedFio('write', context), 'MB/s')],
   ]),
 }, 'bdsnap+rewrite', 'MB/s', 0.9, 'rewrite / plain');
 
@@ -408,7 +476,7 @@ const RESTORE: BenchRow = {
       return { restore: result.restoreMBps, dd: result.plainWriteMBps, ceiling: result.ceiling };
     } finally {
       // dd wrote zeroes: fill the image again so that no later row reads zero blocks.
-      makeImage(context.imagePath, context.imageBytes, 'blocks');
+      makeImage(context.imagePath, context.imageBytes, 'random');
     }
   },
 };
