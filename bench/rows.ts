@@ -227,7 +227,7 @@ function tlsFioRow(id: string, rw: 'read' | 'write'): BenchRow {
   return versusNbdkit(
     id,
     `TLS seq 1 MiB ${verb}, qd 4, vs nbdkit`,
-    `fio nbd engine over nbds+unix (x509 TLS required), one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over the filled image in the page cache: bdsnap serve --tls-certificates against nbdkit --tls=require file`,
+    `fio nbd engine over nbds+unix (x509 TLS required), one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over an image of random data in the page cache, each server its own: bdsnap serve --tls-certificates against nbdkit --tls=require file`,
     (target, context) => fioCell(target, context, timedFio(rw, context), 'MB/s'),
     [], [], [BDSNAP_TLS, NBDKIT_TLS],
   );
@@ -238,7 +238,7 @@ function fioRow(id: string, rw: 'read' | 'write'): BenchRow {
   return versusNbdkit(
     id,
     `plain seq 1 MiB ${verb}, qd 4, vs nbdkit`,
-    `fio nbd engine, one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over the filled image in the page cache: bdsnap serve (no session) against nbdkit file`,
+    `fio nbd engine, one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over an image of random data in the page cache, each server its own: bdsnap serve (no session) against nbdkit file`,
     (target, context) => fioCell(target, context, timedFio(rw, context), 'MB/s'),
   );
 }
@@ -268,7 +268,7 @@ function nbdcopyRow(id: string, direction: 'read' | 'write'): BenchRow {
     id,
     `nbdcopy ${direction === 'read' ? 'image -> null:' : 'file -> image'}, 4 connections, vs nbdkit`,
     `${direction === 'read'
-      ? 'nbdcopy -C 4 URI null: (the whole filled image, 4 connections, nbdcopy\'s default requests in flight)'
+      ? 'nbdcopy -C 4 URI null: (the whole image of random data, 4 connections, nbdcopy\'s default requests in flight)'
       : 'nbdcopy -C 4 FILE URI (a file of random data in the page cache copied over the whole image, 4 connections)'}, wall time of the copy: bdsnap serve against nbdkit file. Two copies per server: the figure compares the second (a running server); the first, on a freshly started server, is in the cold columns${direction === 'write'
       ? '. node-floor and node-floor-2p: the same copies into nbd-floor.ts, the least NBD server in Node.js (no checks, synchronous file I/O), from one event loop and from two processes'
       : ''}`,
@@ -329,7 +329,7 @@ function versusPlain(
 const FIRST_RANDOM: BenchRow = versusPlain({
   id: 'first-rand-4k',
   name: 'session random 4 KiB first writes, qd 16, vs plain',
-  measures: `one pass of ${RANDOM_FIRST_WRITES} random 4 KiB writes at depth 16 over the filled image, each in a different ${BENCH_CHUNK_BYTES / 1024} KiB chunk (replayed fio iolog, so every write is a first write): a fresh bdsnap serve --snapshot-root session against bdsnap serve without one`,
+  measures: `one pass of ${RANDOM_FIRST_WRITES} random 4 KiB writes at depth 16 over an image of random data (each side its own), each in a different ${BENCH_CHUNK_BYTES / 1024} KiB chunk (replayed fio iolog, so every write is a first write, checked from the session's manifest): a fresh bdsnap serve --snapshot-root session against bdsnap serve without one`,
   once: (context, reverse) => {
     const logPath = path.join(context.dir, 'first-writes.iolog');
     if (!fs.existsSync(logPath)) writeFirstWriteLog(logPath, context.imageBytes, BENCH_CHUNK_BYTES, RANDOM_FIRST_WRITES);
@@ -354,7 +354,7 @@ function onePassSeqWrite(context: RowContext): FioShape {
 const FIRST_SEQUENTIAL: BenchRow = {
   id: 'first-seq',
   name: 'session seq 1 MiB first writes, qd 4, vs plain and copy-floor',
-  measures: 'one pass of sequential 1 MiB writes at depth 4 over the filled image: a fresh session against the plain server, and that ratio against copy-floor\'s (the same pass done by a program that only reads the original, stores it in a file already in the page cache and writes, no server; the best of three passes each). copy-floor new store: MB/s of the same program\'s pass into a new store file, which takes new memory as a session\'s store does; copy cost / new-store floor: the time per MB copying adds to the session (over the plain server) against what it adds to that pass (over the program\'s plain pass), below 1 when the session\'s copies cost less (neither is part of the figure)',
+  measures: 'one pass of sequential 1 MiB writes at depth 4 over an image of random data (each side its own; every chunk preserved once, checked): a fresh session against the plain server, and that ratio against copy-floor\'s (the same pass done by a program that only reads the original, stores it in a file already in the page cache and writes, no server; the best of three passes each). copy-floor new store: MB/s of the same program\'s pass into a new store file, which takes new memory as a session\'s store does; copy cost / new-store floor: the time per MB copying adds to the session (over the plain server) against what it adds to that pass (over the program\'s plain pass), below 1 when the session\'s copies cost less (neither is part of the figure)',
   columns: [
     { name: 'bdsnap+session', unit: 'MB/s' }, { name: 'bdsnap', unit: 'MB/s' }, { name: 'copy-floor', unit: 'x' }, { name: 'copy-floor new store', unit: 'MB/s' },
     { name: 'copy cost / new-store floor', unit: 'x' },
@@ -386,7 +386,7 @@ const FIRST_SEQUENTIAL: BenchRow = {
 const FIRST_SEQUENTIAL_XFS: BenchRow = versusPlain({
   id: 'first-seq-xfs',
   name: 'session seq 1 MiB first writes on XFS (reflink), qd 4, vs plain',
-  measures: 'one pass of sequential 1 MiB writes at depth 4 over a filled image on an XFS (reflink=1) made in a loop-mounted file, per repetition: a fresh session whose store is on the same XFS (originals kept by cloning) against the plain server of the same image',
+  measures: 'one pass of sequential 1 MiB writes at depth 4 over an image of random data on an XFS (reflink=1) made in a loop-mounted file, per repetition: a fresh session whose store is on the same XFS (originals kept by cloning) against the plain server of a second such image',
   unavailable: () => {
     const missing = missingNeeds(scratchFsNeeds('xfs'));
     return missing.length > 0 ? `needs ${missing.join(', ')} to make an XFS in a loop-mounted file` : undefined;
