@@ -7,11 +7,13 @@
  *   the page cache, nothing written back, no memory handed to the cell
  *   (BDSNAP_BENCH_CELL_START=settled starts every cell written back and with memory given, as
  *   the bench did before it was checked against fio run by hand).
- * - The images are full of data (no holes, no zero blocks), and stay so: every row that
- *   writes writes non-zero data, and the restore row fills the image again after its dd.
+ * - As a user comparing two servers by hand, each side of a row serves its own image
+ *   (RowContext.baselineImagePath for the other side), and the images are full of random data
+ *   (checked before every cell) and stay so: every row that writes writes random data, and the
+ *   restore row fills the image again after its dd.
  * - First-write rows really write first: a fresh session per cell, and every write lands in
  *   a chunk no earlier write of the cell touched (sequential: one pass; random: a replayed
- *   list of distinct chunks).
+ *   list of distinct chunks); the session's manifest must show one chunk preserved per write.
  * - The two sides of a row alternate which goes first from one repetition to the next.
  */
 
@@ -19,6 +21,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { deflateRawSync } from 'node:zlib';
 import { BDSNAP_MAIN, CleanupStack, type FioJob, makeImage, MIN_SCRATCH_FS_BYTES, missingNeeds, mountScratchFs, run, runFio, scratchFsNeeds, startDaemon } from './helpers.js';
 import { copyFloorRound } from './copy-floor.js';
 import { cacheFile, fillPageCache, settleFile } from './page-cache.js';
@@ -32,8 +35,14 @@ export type Unit = 'MB/s' | 'IOPS' | 'ms' | 'x';
 
 export interface RowContext {
   dir: string;
-  /** The 1 GiB (by default) image every server serves, filled with data. */
+  /** The 1 GiB (by default) image of random data the measured side of a row serves. */
   imagePath: string;
+  /**
+   * A second image like it, which the row's other side (nbdkit, the plain server) serves: a
+   * user comparing two servers gives each its own image, and neither side then writes over
+   * pages the other has just dirtied.
+   */
+  baselineImagePath: string;
   /** A second filled file of the same size: the source of the copy-into-the-image row. */
   sourcePath: string;
   imageBytes: number;
@@ -79,32 +88,89 @@ export interface BenchRow {
  */
 type CellStart = 'user' | 'settled';
 
-async function withTarget<T>(
-  target: Target, context: RowContext, fn: (running: RunningTarget) => Promise<T>, snapshotParent?: string, start: CellStart = 'user',
-): Promise<T> {
+interface CellOptions {
+  /** Where a session target makes its snapshot root. */
+  snapshotParent?: string;
+  start?: CellStart;
+  /** Checks what the cell did, once its server has stopped (a session's store is final then). */
+  afterStop?: (running: RunningTarget) => void;
+}
+
+async function withTarget<T>(target: Target, context: RowContext, fn: (running: RunningTarget) => Promise<T>, options: CellOptions = {}): Promise<T> {
+  const { snapshotParent, start = 'user', afterStop } = options;
   if (start === 'settled' || process.env.BDSNAP_BENCH_CELL_START === 'settled') {
     settleFile(context.imagePath);
     fillPageCache(context.dir, context.imageBytes);
   } else {
     cacheFile(context.imagePath);
   }
+  checkRandomData(context.imagePath);
   const running = await target.start({ imagePath: context.imagePath, ...(snapshotParent !== undefined ? { snapshotParent } : {}) });
+  let result: T;
   try {
-    return await fn(running);
+    result = await fn(running);
   } finally {
     await running.stop();
+  }
+  afterStop?.(running);
+  return result;
+}
+
+/** The context of a row's other side: the same, on the second image. */
+function baselineSide(context: RowContext): RowContext {
+  return { ...context, imagePath: context.baselineImagePath };
+}
+
+const RANDOM_CHECK_SAMPLES = 32;
+const RANDOM_CHECK_BYTES = 64 * 1024;
+/**
+ * What fio writes (its default buffers, the same as by hand) deflates to about 0.89 of its size;
+ * makeImage's random data to 1.0; a pattern of blocks to well under 0.01.
+ */
+const RANDOM_CHECK_MIN_RATIO = 0.8;
+
+/**
+ * Refuse to measure an image that is not full of random data: blocks sampled across it must not
+ * compress below RANDOM_CHECK_MIN_RATIO. Zero blocks, holes or a repeated pattern would let the
+ * page cache, the kernel or a server take short cuts a user's data does not allow.
+ */
+export function checkRandomData(imagePath: string): void {
+  const size = fs.statSync(imagePath).size;
+  const block = Buffer.alloc(RANDOM_CHECK_BYTES);
+  const fd = fs.openSync(imagePath, 'r');
+  try {
+    for (let i = 0; i < RANDOM_CHECK_SAMPLES; i++) {
+      const at = Math.floor(((size - block.length) * i) / (RANDOM_CHECK_SAMPLES - 1) / 4096) * 4096;
+      const got = fs.readSync(fd, block, 0, block.length, at);
+      const packed = deflateRawSync(block.subarray(0, got), { level: 1 }).length;
+      if (got < block.length || packed < RANDOM_CHECK_MIN_RATIO * got) {
+        throw new Error(`${imagePath} is not full of random data: the ${got} bytes at ${at} compress to ${packed}; make the image again`);
+      }
+    }
+  } finally {
+    fs.closeSync(fd);
   }
 }
 
 type FioShape = Omit<FioJob, 'uri'>;
 
-async function fioCell(target: Target, context: RowContext, job: FioShape, unit: 'MB/s' | 'IOPS', snapshotParent?: string, start: CellStart = 'user'): Promise<number> {
+async function fioCell(target: Target, context: RowContext, job: FioShape, unit: 'MB/s' | 'IOPS', options: CellOptions = {}): Promise<number> {
   return withTarget(target, context, async (running) => {
     const result = await runFio({ ...job, uri: running.uri, ...(running.env ? { env: running.env } : {}) });
     if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
     const side = job.rw.includes('write') ? result.write : result.read;
     return unit === 'MB/s' ? side.bandwidthBytesPerSec / 1e6 : side.iops;
-  }, snapshotParent, start);
+  }, options);
+}
+
+/** afterStop for a first-write cell: the session preserved `chunks` chunks, one per write, or the cell measured rewrites too. */
+function preservedExactly(chunks: number): (running: RunningTarget) => void {
+  return (running) => {
+    const preserved = running.preservedChunks?.();
+    if (preserved !== chunks) {
+      throw new Error(`the session preserved ${preserved ?? 'an unknown number of'} chunks, not ${chunks}: some writes of the cell were not first writes`);
+    }
+  };
 }
 
 /**
@@ -151,7 +217,7 @@ function versusNbdkit(
     ratio: ratioOf('bdsnap', 'nbdkit'),
     targetText: '>= 1.0x',
     meets: atLeast(1),
-    once: (context, reverse) => alternate(reverse, sides.map((side) => [side.name, () => cell(side, context)])),
+    once: (context, reverse) => alternate(reverse, sides.map((side, i) => [side.name, () => cell(side, i === 0 ? context : baselineSide(context))])),
   };
 }
 
@@ -161,7 +227,7 @@ function tlsFioRow(id: string, rw: 'read' | 'write'): BenchRow {
   return versusNbdkit(
     id,
     `TLS seq 1 MiB ${verb}, qd 4, vs nbdkit`,
-    `fio nbd engine over nbds+unix (x509 TLS required), one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over the filled image in the page cache: bdsnap serve --tls-certificates against nbdkit --tls=require file`,
+    `fio nbd engine over nbds+unix (x509 TLS required), one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over an image of random data in the page cache, each server its own: bdsnap serve --tls-certificates against nbdkit --tls=require file`,
     (target, context) => fioCell(target, context, timedFio(rw, context), 'MB/s'),
     [], [], [BDSNAP_TLS, NBDKIT_TLS],
   );
@@ -172,7 +238,7 @@ function fioRow(id: string, rw: 'read' | 'write'): BenchRow {
   return versusNbdkit(
     id,
     `plain seq 1 MiB ${verb}, qd 4, vs nbdkit`,
-    `fio nbd engine, one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over the filled image in the page cache: bdsnap serve (no session) against nbdkit file`,
+    `fio nbd engine, one connection, sequential 1 MiB ${verb} at depth 4 for the runtime over an image of random data in the page cache, each server its own: bdsnap serve (no session) against nbdkit file`,
     (target, context) => fioCell(target, context, timedFio(rw, context), 'MB/s'),
   );
 }
@@ -202,7 +268,7 @@ function nbdcopyRow(id: string, direction: 'read' | 'write'): BenchRow {
     id,
     `nbdcopy ${direction === 'read' ? 'image -> null:' : 'file -> image'}, 4 connections, vs nbdkit`,
     `${direction === 'read'
-      ? 'nbdcopy -C 4 URI null: (the whole filled image, 4 connections, nbdcopy\'s default requests in flight)'
+      ? 'nbdcopy -C 4 URI null: (the whole image of random data, 4 connections, nbdcopy\'s default requests in flight)'
       : 'nbdcopy -C 4 FILE URI (a file of random data in the page cache copied over the whole image, 4 connections)'}, wall time of the copy: bdsnap serve against nbdkit file. Two copies per server: the figure compares the second (a running server); the first, on a freshly started server, is in the cold columns${direction === 'write'
       ? '. node-floor and node-floor-2p: the same copies into nbd-floor.ts, the least NBD server in Node.js (no checks, synchronous file I/O), from one event loop and from two processes'
       : ''}`,
@@ -263,17 +329,22 @@ function versusPlain(
 const FIRST_RANDOM: BenchRow = versusPlain({
   id: 'first-rand-4k',
   name: 'session random 4 KiB first writes, qd 16, vs plain',
-  measures: `one pass of ${RANDOM_FIRST_WRITES} random 4 KiB writes at depth 16 over the filled image, each in a different ${BENCH_CHUNK_BYTES / 1024} KiB chunk (replayed fio iolog, so every write is a first write): a fresh bdsnap serve --snapshot-root session against bdsnap serve without one`,
+  measures: `one pass of ${RANDOM_FIRST_WRITES} random 4 KiB writes at depth 16 over an image of random data (each side its own), each in a different ${BENCH_CHUNK_BYTES / 1024} KiB chunk (replayed fio iolog, so every write is a first write, checked from the session's manifest): a fresh bdsnap serve --snapshot-root session against bdsnap serve without one`,
   once: (context, reverse) => {
     const logPath = path.join(context.dir, 'first-writes.iolog');
     if (!fs.existsSync(logPath)) writeFirstWriteLog(logPath, context.imageBytes, BENCH_CHUNK_BYTES, RANDOM_FIRST_WRITES);
     const job: FioShape = { rw: 'randwrite', blockSizeBytes: 4096, ioDepth: 16, sizeBytes: context.imageBytes, extraArgs: [`--read_iolog=${logPath}`] };
     return alternate(reverse, [
-      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, job, 'IOPS')],
-      ['bdsnap', () => fioCell(BDSNAP_SERVE, context, job, 'IOPS')],
+      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, job, 'IOPS', { afterStop: preservedExactly(RANDOM_FIRST_WRITES) })],
+      ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(context), job, 'IOPS')],
     ]);
   },
 }, 'bdsnap+session', 'IOPS', 0.5);
+
+/** How many chunks of the session targets the image holds: what one pass over it preserves. */
+function chunksOf(context: RowContext): number {
+  return Math.ceil(context.imageBytes / BENCH_CHUNK_BYTES);
+}
 
 function onePassSeqWrite(context: RowContext): FioShape {
   // One pass: fio stops after the image's worth of 1 MiB requests, so nothing is written twice.
@@ -283,7 +354,7 @@ function onePassSeqWrite(context: RowContext): FioShape {
 const FIRST_SEQUENTIAL: BenchRow = {
   id: 'first-seq',
   name: 'session seq 1 MiB first writes, qd 4, vs plain and copy-floor',
-  measures: 'one pass of sequential 1 MiB writes at depth 4 over the filled image: a fresh session against the plain server, and that ratio against copy-floor\'s (the same pass done by a program that only reads the original, stores it in a file already in the page cache and writes, no server; the best of three passes each). copy-floor new store: MB/s of the same program\'s pass into a new store file, which takes new memory as a session\'s store does; copy cost / new-store floor: the time per MB copying adds to the session (over the plain server) against what it adds to that pass (over the program\'s plain pass), below 1 when the session\'s copies cost less (neither is part of the figure)',
+  measures: 'one pass of sequential 1 MiB writes at depth 4 over an image of random data (each side its own; every chunk preserved once, checked): a fresh session against the plain server, and that ratio against copy-floor\'s (the same pass done by a program that only reads the original, stores it in a file already in the page cache and writes, no server; the best of three passes each). copy-floor new store: MB/s of the same program\'s pass into a new store file, which takes new memory as a session\'s store does; copy cost / new-store floor: the time per MB copying adds to the session (over the plain server) against what it adds to that pass (over the program\'s plain pass), below 1 when the session\'s copies cost less (neither is part of the figure)',
   columns: [
     { name: 'bdsnap+session', unit: 'MB/s' }, { name: 'bdsnap', unit: 'MB/s' }, { name: 'copy-floor', unit: 'x' }, { name: 'copy-floor new store', unit: 'MB/s' },
     { name: 'copy cost / new-store floor', unit: 'x' },
@@ -295,8 +366,8 @@ const FIRST_SEQUENTIAL: BenchRow = {
   once: async (context, reverse) => {
     let floorPlain = NaN;
     const v = await alternate(reverse, [
-      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, onePassSeqWrite(context), 'MB/s', undefined, 'settled')],
-      ['bdsnap', () => fioCell(BDSNAP_SERVE, context, onePassSeqWrite(context), 'MB/s', undefined, 'settled')],
+      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, onePassSeqWrite(context), 'MB/s', { start: 'settled', afterStop: preservedExactly(chunksOf(context)) })],
+      ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(context), onePassSeqWrite(context), 'MB/s', { start: 'settled' })],
       ['copy-floor', async () => {
         // copyFloorRound writes the image back and reads it in before each of its passes.
         const round = await copyFloorRound(context.imagePath, path.join(context.dir, 'copy-floor.store'));
@@ -315,7 +386,7 @@ const FIRST_SEQUENTIAL: BenchRow = {
 const FIRST_SEQUENTIAL_XFS: BenchRow = versusPlain({
   id: 'first-seq-xfs',
   name: 'session seq 1 MiB first writes on XFS (reflink), qd 4, vs plain',
-  measures: 'one pass of sequential 1 MiB writes at depth 4 over a filled image on an XFS (reflink=1) made in a loop-mounted file, per repetition: a fresh session whose store is on the same XFS (originals kept by cloning) against the plain server of the same image',
+  measures: 'one pass of sequential 1 MiB writes at depth 4 over an image of random data on an XFS (reflink=1) made in a loop-mounted file, per repetition: a fresh session whose store is on the same XFS (originals kept by cloning) against the plain server of a second such image',
   unavailable: () => {
     const missing = missingNeeds(scratchFsNeeds('xfs'));
     return missing.length > 0 ? `needs ${missing.join(', ')} to make an XFS in a loop-mounted file` : undefined;
@@ -323,13 +394,15 @@ const FIRST_SEQUENTIAL_XFS: BenchRow = versusPlain({
   once: async (context, reverse) => {
     const cleanup = new CleanupStack();
     try {
-      const mnt = await mountScratchFs(cleanup, context.dir, 'xfs', 3 * context.imageBytes + MIN_SCRATCH_FS_BYTES);
-      const onXfs: RowContext = { ...context, imagePath: path.join(mnt, 'bench.img') };
-      makeImage(onXfs.imagePath, context.imageBytes, 'blocks');
-      cleanup.after(() => fs.rmSync(onXfs.imagePath, { force: true }));
+      const mnt = await mountScratchFs(cleanup, context.dir, 'xfs', 4 * context.imageBytes + MIN_SCRATCH_FS_BYTES);
+      const onXfs: RowContext = { ...context, imagePath: path.join(mnt, 'bench.img'), baselineImagePath: path.join(mnt, 'baseline.img') };
+      for (const image of [onXfs.imagePath, onXfs.baselineImagePath]) {
+        makeImage(image, context.imageBytes, 'random');
+        cleanup.after(() => fs.rmSync(image, { force: true }));
+      }
       return await alternate(reverse, [
-        ['bdsnap+session', () => fioCell(BDSNAP_SESSION, onXfs, onePassSeqWrite(onXfs), 'MB/s', mnt)],
-        ['bdsnap', () => fioCell(BDSNAP_SERVE, onXfs, onePassSeqWrite(onXfs), 'MB/s')],
+        ['bdsnap+session', () => fioCell(BDSNAP_SESSION, onXfs, onePassSeqWrite(onXfs), 'MB/s', { snapshotParent: mnt, afterStop: preservedExactly(chunksOf(onXfs)) })],
+        ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(onXfs), onePassSeqWrite(onXfs), 'MB/s')],
       ]);
     } finally {
       await cleanup.run();
@@ -343,7 +416,7 @@ const REWRITES: BenchRow = versusPlain({
   measures: 'sequential 1 MiB writes at depth 4 for the runtime into a session whose every chunk is already preserved (a first pass ended by a FLUSH), against the plain server',
   once: (context, reverse) => alternate(reverse, [
     ['bdsnap+rewrite', () => fioCell(BDSNAP_REWRITE, context, timedFio('write', context), 'MB/s')],
-    ['bdsnap', () => fioCell(BDSNAP_SERVE, context, timedFio('write', context), 'MB/s')],
+    ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(context), timedFio('write', context), 'MB/s')],
   ]),
 }, 'bdsnap+rewrite', 'MB/s', 0.9, 'rewrite / plain');
 
@@ -408,7 +481,7 @@ const RESTORE: BenchRow = {
       return { restore: result.restoreMBps, dd: result.plainWriteMBps, ceiling: result.ceiling };
     } finally {
       // dd wrote zeroes: fill the image again so that no later row reads zero blocks.
-      makeImage(context.imagePath, context.imageBytes, 'blocks');
+      makeImage(context.imagePath, context.imageBytes, 'random');
     }
   },
 };

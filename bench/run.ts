@@ -129,13 +129,15 @@ async function main(): Promise<void> {
     const context: RowContext = {
       dir,
       imagePath: path.join(dir, 'bench.img'),
+      baselineImagePath: path.join(dir, 'baseline.img'),
       sourcePath: path.join(dir, 'source.img'),
       imageBytes: options.imageBytes,
       runtimeSec: options.runtimeSec,
     };
-    process.stderr.write(`bench: writing a ${options.imageBytes / 2 ** 20} MiB image full of data\n`);
-    makeImage(context.imagePath, options.imageBytes, 'blocks');
-    if (options.rows.some((r) => r.id === 'nbdcopy-write')) makeImage(context.sourcePath, options.imageBytes, 'random');
+    process.stderr.write(`bench: writing two ${options.imageBytes / 2 ** 20} MiB images of random data\n`);
+    makeImage(context.imagePath, options.imageBytes, 'random', 1);
+    makeImage(context.baselineImagePath, options.imageBytes, 'random', 2);
+    if (options.rows.some((r) => r.id === 'nbdcopy-write')) makeImage(context.sourcePath, options.imageBytes, 'random', 3);
 
     const rows: RowResult[] = [];
     for (const row of options.rows) rows.push(await measureRow(row, context, options.repeat));
@@ -153,7 +155,7 @@ async function main(): Promise<void> {
     const m = report.machine;
     process.stdout.write(`${report.date}: ${report.command}\n`);
     process.stdout.write(`${m.cpus} CPUs (${m.cpuModel}), ${m.memoryGiB} GiB RAM, ${m.kernel}, node ${m.node}, ${m.fio}, load average at start ${loadAverageAtStart}, at end ${m.loadAverage1m}\n`);
-    process.stdout.write(`${options.imageBytes / 2 ** 20} MiB image full of data in the page cache, timed rows ${options.runtimeSec} s, ${options.repeat} repetition(s) per row\n\n`);
+    process.stdout.write(`two ${options.imageBytes / 2 ** 20} MiB images of random data in the page cache (one per side), timed rows ${options.runtimeSec} s, ${options.repeat} repetition(s) per row\n\n`);
     process.stdout.write(`${formatTable(report)}\n\n`);
     for (const row of rows) process.stdout.write(`- ${row.name}: ${row.measures}\n`);
     if (options.jsonPath !== undefined) {

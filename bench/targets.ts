@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { listSessions } from '../src/snapshot/index.js';
 import { launchServer, makePki, type NbdServer, runFio, startServer } from './helpers.js';
 import { BENCH_CHUNK_BYTES } from './workloads.js';
 
@@ -17,6 +18,11 @@ export interface RunningTarget {
   /** The client's environment, when it needs one (where libnbd finds TLS certificates). */
   env?: NodeJS.ProcessEnv;
   stop(): Promise<void>;
+  /**
+   * For a session target, once stopped: how many chunks the session preserved, read from its
+   * manifest (what lets a first-write row check that every write was a first one).
+   */
+  preservedChunks?(): number;
 }
 
 export interface TargetContext {
@@ -77,14 +83,24 @@ async function startSessionServer(imagePath: string, snapshotParent = os.tmpdir(
 
 async function fromSessionServer(server: NbdServer, root: string, exportName: string): Promise<RunningTarget> {
   const running = await fromServer(server, exportName);
+  let preserved: number | undefined;
   return {
     uri: running.uri,
     stop: async () => {
       try {
         await running.stop();
+        const sessions = await listSessions(root);
+        if (sessions.length !== 1 || sessions[0]?.state !== 'complete') {
+          throw new Error(`the session server left ${JSON.stringify(sessions.map((s) => s.state))} in its snapshot root, not one complete session`);
+        }
+        preserved = sessions[0].preservedChunks;
       } finally {
         fs.rmSync(root, { recursive: true, force: true });
       }
+    },
+    preservedChunks: () => {
+      if (preserved === undefined) throw new Error('preservedChunks() is known once the session target has stopped');
+      return preserved;
     },
   };
 }
