@@ -45,8 +45,9 @@ export interface WorkerSettings {
   /** Bytes of free buffers the worker's pool keeps: its share of what one thread would keep. */
   maxPooledBytes: number;
   /**
-   * One Int32: the last abort the worker carried out (its descriptor closed). The accepting
-   * thread waits on it, so a connection shed for the limit has closed before another is taken.
+   * Two Int32s: the last abort the worker answered, and whether it closed that connection (1)
+   * or found it past its handshake or already ending (0). The accepting thread waits on the
+   * first, so a connection shed for the limit has closed before another is taken.
    */
   aborted: SharedArrayBuffer;
   maxInFlightBytes: number;
@@ -109,7 +110,7 @@ class WorkerThread {
   readonly connections = new Map<number, Remote>();
   readonly ready: Promise<void>;
   readonly exited: Promise<void>;
-  #aborted = new Int32Array(new SharedArrayBuffer(4));
+  #aborted = new Int32Array(new SharedArrayBuffer(8));
   #abortSeq = 0;
   #onClosed: (c: Remote) => void;
   constructor(script: URL, settings: Omit<WorkerSettings, 'aborted'>, log: LogFn | undefined, onClosed: (c: Remote) => void) {
@@ -173,14 +174,18 @@ class WorkerThread {
     this.#onClosed(c);
   }
 
-  /** Ask the worker to cut a connection off and block until it has (true), or ABORT_WAIT_MS passed. */
+  /**
+   * Ask the worker to cut a connection off in its handshake and block until it answers: true
+   * when the connection is closed; false when it had gone on to transmission (or is ending, its
+   * descriptor still open) or ABORT_WAIT_MS passed.
+   */
   abortAndWait(id: number, reason: string): boolean {
     const seq = (this.#abortSeq = (this.#abortSeq + 1) | 0);
     this.post({ type: 'abort', id, reason, seq });
     const deadlineMs = Date.now() + ABORT_WAIT_MS;
     for (;;) {
       const done = Atomics.load(this.#aborted, 0);
-      if (((done - seq) | 0) >= 0) return true;
+      if (((done - seq) | 0) >= 0) return done === seq && Atomics.load(this.#aborted, 1) === 1;
       const leftMs = deadlineMs - Date.now();
       if (leftMs <= 0) return false;
       Atomics.wait(this.#aborted, 0, done, leftMs);
@@ -301,12 +306,17 @@ export function serveHandedConnections(exports: ExportProvider, closeExports: ()
       case 'connection':
         accept(m.id, m.fd);
         return;
-      case 'abort':
-        // Destroying the socket closes its descriptor before this returns.
-        connections.get(m.id)?.abort(m.reason);
+      case 'abort': {
+        // Only in its handshake, as the accepting thread believed: one that went on meanwhile
+        // is a client being served. Destroying the socket closes its descriptor before this returns.
+        const c = connections.get(m.id);
+        const closed = c === undefined || c.inHandshake;
+        if (c?.inHandshake) c.abort(m.reason);
+        Atomics.store(aborted, 1, closed ? 1 : 0);
         Atomics.store(aborted, 0, m.seq);
         Atomics.notify(aborted, 0);
         return;
+      }
       case 'shutdown':
         if (shuttingDown) return;
         shuttingDown = true;
