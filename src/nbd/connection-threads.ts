@@ -13,6 +13,11 @@
  *   server's: the shares add up to the server's budget, so the process holds no more in
  *   flight than one thread would (a request larger than a share is served alone, as it would
  *   be on one thread).
+ * - The connection limit counts descriptors: a handed connection holds its slot until its
+ *   worker has closed it, and one shed for the limit is closed before the accepting thread
+ *   goes on (it waits on a shared counter the worker sets once the socket is destroyed), as a
+ *   connection on the accepting thread would be. Otherwise a flood accepted faster than the
+ *   workers read their messages holds far more descriptors than the limit.
  * - Only exports with no state shared between connections beyond the file itself are served
  *   this way (each worker opens its own descriptor of the same file; fdatasync on any of them
  *   makes every completed write durable, so FLUSH on one connection covers the others, as
@@ -28,9 +33,23 @@ import { InFlightBudget } from './in-flight-budget.js';
 import type { ExportProvider } from './exports.js';
 import { connectionOn, type ServerConnection, type ConnectionContext, type LogFn } from './server-connection.js';
 import { SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
+import v8 from 'node:v8';
+import vm from 'node:vm';
+import { loadLibc } from '../host/libc.js';
+
+/** How long after its last connection closed a worker hands free memory back (its buffers collected by then). */
+const TRIM_DELAY_MS = 2000;
 
 /** What the server gives each worker: its limits, and what the worker script needs to open its exports. */
 export interface WorkerSettings {
+  /** Bytes of free buffers the worker's pool keeps: its share of what one thread would keep. */
+  maxPooledBytes: number;
+  /**
+   * Two Int32s: the last abort the worker answered, and whether it closed that connection (1)
+   * or found it past its handshake or already ending (0). The accepting thread waits on the
+   * first, so a connection shed for the limit has closed before another is taken.
+   */
+  aborted: SharedArrayBuffer;
   maxInFlightBytes: number;
   maxInFlightBytesPerConnection: number;
   handshakeTimeoutMs: number;
@@ -42,7 +61,7 @@ export interface WorkerSettings {
 /** Messages from the server to a worker. */
 type ToWorker =
   | { type: 'connection'; id: number; fd: number }
-  | { type: 'abort'; id: number; reason: string }
+  | { type: 'abort'; id: number; reason: string; seq: number }
   | { type: 'shutdown' };
 
 /** Messages from a worker to the server. */
@@ -62,6 +81,14 @@ export interface HandedConnection {
   abort(reason: string): void;
 }
 
+/**
+ * How long the accepting thread waits for a worker to close a connection shed for the limit.
+ * A worker answers within a turn of its event loop; one that does not (stuck in a long
+ * synchronous step) leaves the descriptor open a little longer, and the slot stays taken
+ * until it says 'closed'.
+ */
+const ABORT_WAIT_MS = 1000;
+
 class Remote implements HandedConnection {
   open = true;
   inHandshake = true;
@@ -69,11 +96,12 @@ class Remote implements HandedConnection {
   #aborted = false;
   abort(reason: string): void {
     if (!this.open || this.#aborted) return;
-    // The worker closes the socket when it reads this; until it says 'closed' the descriptor
-    // is still open, so the connection keeps its slot (a flood cannot outrun the workers).
     this.#aborted = true;
     this.inHandshake = false;
-    this.thread.post({ type: 'abort', id: this.id, reason });
+    // The slot goes to a newer connection at once, as on the accepting thread, so its
+    // descriptor must be closed first: otherwise a flood accepted faster than the workers
+    // read their messages holds far more descriptors than the limit.
+    if (this.thread.abortAndWait(this.id, reason)) this.thread.closed(this.id);
   }
 }
 
@@ -82,8 +110,12 @@ class WorkerThread {
   readonly connections = new Map<number, Remote>();
   readonly ready: Promise<void>;
   readonly exited: Promise<void>;
-  constructor(script: URL, settings: WorkerSettings, log: LogFn | undefined, onClosed: (c: Remote) => void) {
-    this.worker = new Worker(script, { workerData: settings });
+  #aborted = new Int32Array(new SharedArrayBuffer(8));
+  #abortSeq = 0;
+  #onClosed: (c: Remote) => void;
+  constructor(script: URL, settings: Omit<WorkerSettings, 'aborted'>, log: LogFn | undefined, onClosed: (c: Remote) => void) {
+    this.#onClosed = onClosed;
+    this.worker = new Worker(script, { workerData: { ...settings, aborted: this.#aborted.buffer } satisfies WorkerSettings });
     let ready!: () => void;
     let failed!: (err: Error) => void;
     this.ready = new Promise((resolve, reject) => {
@@ -106,14 +138,9 @@ class WorkerThread {
           if (c) c.inHandshake = false;
           return;
         }
-        case 'closed': {
-          const c = this.connections.get(m.id);
-          if (!c) return;
-          this.connections.delete(m.id);
-          c.open = false;
-          onClosed(c);
+        case 'closed':
+          this.closed(m.id);
           return;
-        }
       }
     });
     this.worker.on('error', (err) => {
@@ -137,6 +164,33 @@ class WorkerThread {
   post(m: ToWorker): void {
     this.worker.postMessage(m);
   }
+
+  /** The connection's descriptor is closed: its slot is free (once; a later 'closed' is ignored). */
+  closed(id: number): void {
+    const c = this.connections.get(id);
+    if (!c) return;
+    this.connections.delete(id);
+    c.open = false;
+    this.#onClosed(c);
+  }
+
+  /**
+   * Ask the worker to cut a connection off in its handshake and block until it answers: true
+   * when the connection is closed; false when it had gone on to transmission (or is ending, its
+   * descriptor still open) or ABORT_WAIT_MS passed.
+   */
+  abortAndWait(id: number, reason: string): boolean {
+    const seq = (this.#abortSeq = (this.#abortSeq + 1) | 0);
+    this.post({ type: 'abort', id, reason, seq });
+    const deadlineMs = Date.now() + ABORT_WAIT_MS;
+    for (;;) {
+      const done = Atomics.load(this.#aborted, 0);
+      if (((done - seq) | 0) >= 0) return done === seq && Atomics.load(this.#aborted, 1) === 1;
+      const leftMs = deadlineMs - Date.now();
+      if (leftMs <= 0) return false;
+      Atomics.wait(this.#aborted, 0, done, leftMs);
+    }
+  }
 }
 
 /** The accepting thread's side: the workers and the connections handed to them. */
@@ -149,10 +203,11 @@ export class ConnectionThreads {
   }
 
   /** Start `count` workers running `script` (which calls serveHandedConnections) and wait until each is ready. */
-  static async start(count: number, script: URL, settings: WorkerSettings, log: LogFn | undefined, onClosed: (c: HandedConnection) => void): Promise<ConnectionThreads> {
-    const share = Math.max(1, Math.floor(settings.maxInFlightBytes / count));
+  static async start(count: number, script: URL, settings: Omit<WorkerSettings, 'aborted' | 'maxPooledBytes'>, log: LogFn | undefined, onClosed: (c: HandedConnection) => void): Promise<ConnectionThreads> {
+    const share = (bytes: number): number => Math.max(1, Math.floor(bytes / count));
     const self = new ConnectionThreads(onClosed);
-    for (let i = 0; i < count; i++) self.#threads.push(new WorkerThread(script, { ...settings, maxInFlightBytes: share }, log, (c) => self.#onClosed(c)));
+    const workerSettings = { ...settings, maxInFlightBytes: share(settings.maxInFlightBytes), maxPooledBytes: share(settings.maxInFlightBytesPerConnection) };
+    for (let i = 0; i < count; i++) self.#threads.push(new WorkerThread(script, workerSettings, log, (c) => self.#onClosed(c)));
     try {
       await Promise.all(self.#threads.map((t) => t.ready));
     } catch (err) {
@@ -191,12 +246,13 @@ export function serveHandedConnections(exports: ExportProvider, closeExports: ()
   const port = parentPort;
   if (port === null) throw new Error('serveHandedConnections runs on a worker thread');
   const settings = workerData as WorkerSettings;
+  const aborted = new Int32Array(settings.aborted);
   const post = (m: FromWorker): void => port.postMessage(m);
   const log: LogFn = (event) => post({ type: 'log', event });
   const connections = new Map<number, ServerConnection>();
   const context: ConnectionContext = {
     exports,
-    pool: new BufferPool(settings.maxInFlightBytesPerConnection),
+    pool: new BufferPool(settings.maxPooledBytes),
     budget: new InFlightBudget(settings.maxInFlightBytes),
     maxInFlightBytes: settings.maxInFlightBytesPerConnection,
     handshakeTimeoutMs: settings.handshakeTimeoutMs,
@@ -206,6 +262,21 @@ export function serveHandedConnections(exports: ExportProvider, closeExports: ()
     onTransmission: (id) => post({ type: 'transmission', id }),
   };
   let shuttingDown = false;
+  let releaseTimer: NodeJS.Timeout | undefined;
+  /**
+   * What the last clients' requests held goes back to the system, as on the accepting thread.
+   * An idle worker allocates nothing, so its garbage (buffers the pool did not keep) would
+   * wait for a collection that never comes: it is asked for.
+   */
+  const releaseMemorySoon = (): void => {
+    releaseTimer ??= setTimeout(() => {
+      releaseTimer = undefined;
+      if (connections.size !== 0) return;
+      context.pool.clear();
+      collectGarbage();
+      loadLibc()?.trimHeap();
+    }, TRIM_DELAY_MS).unref();
+  };
 
   const accept = (id: number, fd: number): void => {
     // Paused until adopted, as the server's own accepted sockets are.
@@ -226,6 +297,7 @@ export function serveHandedConnections(exports: ExportProvider, closeExports: ()
     void connection.closed.then(() => {
       connections.delete(id);
       post({ type: 'closed', id });
+      if (connections.size === 0) releaseMemorySoon();
     });
   };
 
@@ -234,9 +306,17 @@ export function serveHandedConnections(exports: ExportProvider, closeExports: ()
       case 'connection':
         accept(m.id, m.fd);
         return;
-      case 'abort':
-        connections.get(m.id)?.abort(m.reason);
+      case 'abort': {
+        // Only in its handshake, as the accepting thread believed: one that went on meanwhile
+        // is a client being served. Destroying the socket closes its descriptor before this returns.
+        const c = connections.get(m.id);
+        const closed = c === undefined || c.inHandshake;
+        if (c?.inHandshake) c.abort(m.reason);
+        Atomics.store(aborted, 1, closed ? 1 : 0);
+        Atomics.store(aborted, 0, m.seq);
+        Atomics.notify(aborted, 0);
         return;
+      }
       case 'shutdown':
         if (shuttingDown) return;
         shuttingDown = true;
@@ -247,7 +327,28 @@ export function serveHandedConnections(exports: ExportProvider, closeExports: ()
         return;
     }
   });
-  post({ type: 'ready' });
+  void takeLoopReserve().then(() => post({ type: 'ready' }));
+}
+
+/**
+ * libuv opens a reserve descriptor on an event loop with its first socket (closed to make
+ * room when accept() meets EMFILE). Taken before the worker is ready, so that the process's
+ * descriptors at rest do not grow by one per thread with the first clients. A listener on a
+ * free loopback port, closed at once, is the least that makes one; where it cannot be made
+ * the reserve comes with the first connection instead.
+ */
+function takeLoopReserve(): Promise<void> {
+  return new Promise((resolve) => {
+    const probe = net.createServer();
+    probe.once('error', () => resolve());
+    probe.listen({ port: 0, host: '127.0.0.1', exclusive: true }, () => probe.close(() => resolve()));
+  });
+}
+
+/** A full collection on this thread (V8's gc(), which this flag exposes to contexts made after it is set). */
+function collectGarbage(): void {
+  v8.setFlagsFromString('--expose-gc');
+  (vm.runInNewContext('gc') as () => void)();
 }
 
 /** Tell the server this worker could not start (its exports would not open). */

@@ -70,6 +70,8 @@ const UNIX_SEND_BUFFER_BYTES = 4 * 1024 * 1024;
 /** In-flight bytes that make a burst whose memory is handed back to the system afterwards. */
 const BURST_BYTES = 16 * 1024 * 1024;
 const TRIM_DELAY_MS = 2000;
+/** Connections in their handshake closed at most for one new connection before it is refused. */
+const MAX_SHED_ATTEMPTS = 4;
 
 export class NbdServer {
   #log: LogFn | undefined;
@@ -210,30 +212,32 @@ export class NbdServer {
    * still in its handshake gave up its slot. Says so (once per episode) when the limit is met.
    */
   #makeRoom(): boolean {
-    let open = 0;
-    let oldestHandshaking: ServerConnection | HandedConnection | undefined;
-    for (const c of this.#connections) {
-      if (!c.open) continue;
-      open++;
-      if (c.inHandshake) oldestHandshaking ??= c;
+    // A connection on a worker thread may have left its handshake before the worker reads the
+    // abort: it stays, and the next oldest is tried (a few times: each try waits on a worker).
+    for (let attempt = 0; attempt < MAX_SHED_ATTEMPTS; attempt++) {
+      let open = 0;
+      let oldestHandshaking: ServerConnection | HandedConnection | undefined;
+      for (const c of this.#connections) {
+        if (!c.open) continue;
+        open++;
+        if (c.inHandshake) oldestHandshaking ??= c;
+      }
+      if (open < this.#maxConnections) {
+        this.#atLimit = false;
+        return true;
+      }
+      if (!this.#atLimit) {
+        this.#atLimit = true;
+        this.#log?.({
+          event: 'connection-limit', level: 'warn', limit: this.#maxConnections,
+          message: `${this.#maxConnections} NBD connections are open: a new one now closes the oldest still in its handshake, or is closed at once if there is none`,
+        });
+      }
+      if (oldestHandshaking === undefined) break;
+      oldestHandshaking.abort('connection limit: the slot went to a newer connection');
     }
-    if (open < this.#maxConnections) {
-      this.#atLimit = false;
-      return true;
-    }
-    if (!this.#atLimit) {
-      this.#atLimit = true;
-      this.#log?.({
-        event: 'connection-limit', level: 'warn', limit: this.#maxConnections,
-        message: `${this.#maxConnections} NBD connections are open: a new one now closes the oldest still in its handshake, or is closed at once if there is none`,
-      });
-    }
-    if (oldestHandshaking === undefined) {
-      this.#log?.({ event: 'connection-refused', reason: 'connection limit' });
-      return false;
-    }
-    oldestHandshaking.abort('connection limit: the slot went to a newer connection');
-    return true;
+    this.#log?.({ event: 'connection-refused', reason: 'connection limit' });
+    return false;
   }
 }
 

@@ -46,14 +46,12 @@ export interface RunningServe {
 const MAX_SERVE_THREADS = 4;
 
 /**
- * Threads for plain images (no session: connections share nothing but the files), asked for
- * with BDSNAP_NBD_THREADS=N (`auto`: one per core), at most MAX_SERVE_THREADS. Off by default:
- * under a flood of connections the workers close what the connection limit sheds later than
- * the main thread does, so descriptors can pass the limit for a while.
+ * Threads for plain images (no session: connections share nothing but the files): one per
+ * core, at most MAX_SERVE_THREADS; BDSNAP_NBD_THREADS=N sets the count (1: this thread only).
  */
 function serveThreads(devices: FileDevice[]): NbdServerOptions['threads'] {
   const asked = process.env.BDSNAP_NBD_THREADS;
-  const count = asked === 'auto' ? os.availableParallelism() : asked !== undefined && /^\d+$/.test(asked) ? Number(asked) : 1;
+  const count = asked !== undefined && /^\d+$/.test(asked) ? Number(asked) : os.availableParallelism();
   if (count <= 1) return undefined;
   const threads = Math.min(count, MAX_SERVE_THREADS);
   const exports: ServeWorkerExport[] = devices.map((d) => ({ name: d.path, identity: d.identity, readOnly: d.readOnly }));

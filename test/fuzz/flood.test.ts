@@ -156,8 +156,11 @@ test('1,100 connections that never finish the handshake: nbdinfo is served among
 
   const flood = startFlood(cleanup, ['half-handshakes', socketPath, '1100']);
   const report = await flood.ready;
-  t.diagnostic(`flood: ${JSON.stringify(report)}; server descriptors ${gauge(server.pid).fds}, ${before.fds} before`);
-  assert.ok(gauge(server.pid).fds <= before.fds + MAX_CONNECTIONS, 'the server holds no more connections than its limit');
+  const during = gauge(server.pid).fds;
+  t.diagnostic(`flood: ${JSON.stringify(report)}; server descriptors ${during}, ${before.fds} before`);
+  // Plus the connection being accepted: it holds its descriptor while the one whose slot it
+  // takes is closed (on a worker thread, which the accepting thread waits for).
+  assert.ok(during <= before.fds + MAX_CONNECTIONS + 1, `the server holds no more connections than its limit: ${during} descriptors, ${before.fds} before`);
   const info = await run('nbdinfo', ['--size', server.uri(image)], { timeoutMs: 20_000 });
   assert.equal(info.stdout.trim(), String(4 * MIB));
 

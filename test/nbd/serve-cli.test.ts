@@ -4,6 +4,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { NbdClient } from '../../src/nbd/client.js';
@@ -167,9 +168,11 @@ test('bdsnap serve: plain images are served on worker threads; nbdcopy -C 4 into
   const back = path.join(dir, 'back.img');
   makeImage(image, 16 * 1024 * 1024, 'blocks');
   makeImage(source, 16 * 1024 * 1024, 'random');
-  const threadsOf = async (count: string): Promise<{ r: Running; threads: number; sock: string }> => {
-    const sock = path.join(dir, `nbd-${count}.sock`);
-    const child = spawn(process.execPath, [MAIN, 'serve', '--socket', sock, image], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, BDSNAP_NBD_THREADS: count } });
+  const threadsOf = async (count: string | undefined): Promise<{ r: Running; threads: number; sock: string }> => {
+    const sock = path.join(dir, `nbd-${count ?? 'default'}.sock`);
+    const env = { ...process.env, BDSNAP_NBD_THREADS: count };
+    if (count === undefined) delete env.BDSNAP_NBD_THREADS;
+    const child = spawn(process.execPath, [MAIN, 'serve', '--socket', sock, image], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'], env });
     let err = '';
     child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
     const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
@@ -183,6 +186,13 @@ test('bdsnap serve: plain images are served on worker threads; nbdcopy -C 4 into
   const one = await threadsOf('1');
   one.r.child.kill('SIGTERM');
   assert.equal(await one.r.exited, 0);
+
+  // By default, one per core (at most 4).
+  const cores = Math.min(os.availableParallelism(), 4);
+  const byDefault = await threadsOf(undefined);
+  if (cores > 1) assert.ok(byDefault.threads >= one.threads + cores, `${cores} worker threads by default: ${byDefault.threads} threads against ${one.threads} with none`);
+  byDefault.r.child.kill('SIGTERM');
+  assert.equal(await byDefault.r.exited, 0, byDefault.r.stderr());
 
   const three = await threadsOf('3');
   assert.ok(three.threads >= one.threads + 3, `3 worker threads: ${three.threads} threads against ${one.threads} with none`);
