@@ -10,8 +10,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
-import { TEST_PASSWORD, cli, ok, sandbox, startDaemon } from '../helpers/daemon.js';
-import { makeImage, sha256File } from '../helpers/files.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon } from '../../testkit/daemon.js';
+import { makeImage, sha256File } from '../../testkit/files.js';
 import { until } from '../helpers/poll.js';
 
 const IMAGE_BYTES = 4 << 20;
