@@ -21,11 +21,11 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { NbdClient } from '../src/nbd/client.js';
 import { MIN_TRACKING_BLOCK_BYTES } from '../src/snapshot/change-map/ranges.js';
 import type { ReplicaInfo } from '../src/service/control-protocol.js';
 import { BDSNAP_MAIN, CleanupStack, makeImage, nbdUri, run, sandbox, startDaemon, type RunningDaemon, type Sandbox } from './helpers.js';
+import { benchOptions } from './options.js';
 import { spread } from './report.js';
 
 const MiB = 1024 * 1024;
@@ -112,7 +112,7 @@ function fmt(xs: number[], digits = 2): string {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { 'small-mib': { type: 'string', default: '1024' }, 'big-mib': { type: 'string', default: '8192' }, runs: { type: 'string', default: '3' } } });
+  const values = benchOptions('node dist/bench/replica.js [--small-mib N] [--big-mib N] [--runs N]', { 'small-mib': { type: 'string', default: '1024' }, 'big-mib': { type: 'string', default: '8192' }, runs: { type: 'string', default: '3' } });
   const runs = Number(values.runs);
   const cleanup = new CleanupStack();
   try {

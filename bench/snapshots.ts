@@ -13,7 +13,7 @@
  * - the write stall of `snapshot create` on 4 devices under random 4 KiB writes at depth 16
  *   each: how long the barrier held new writes, over many creates (target: p99 <= 50 ms).
  *
- * Usage: node dist/bench/snapshots.js [--repeat N] [--size-mib N] [--creates N] [--json FILE]
+ * Usage: node dist/bench/snapshots.js [--repeat N] [--size-mib N] [--creates N] [--rows LIST] [--json FILE]
  */
 
 import { spawn } from 'node:child_process';
@@ -21,18 +21,16 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
+import { benchOptions } from './options.js';
 import { runFio, type RunningDaemon, startDaemon } from './helpers.js';
 import { spread } from './report.js';
 
-const { values } = parseArgs({
-  options: {
-    repeat: { type: 'string', default: '3' },
-    'size-mib': { type: 'string', default: '1024' },
-    creates: { type: 'string', default: '30' },
-    json: { type: 'string' },
-    rows: { type: 'string', default: 'reads,first-writes,tracking,stall' },
-  },
+const values = benchOptions('node dist/bench/snapshots.js [--repeat N] [--size-mib N] [--creates N] [--rows reads,first-writes,tracking,stall] [--json FILE]', {
+  repeat: { type: 'string', default: '3' },
+  'size-mib': { type: 'string', default: '1024' },
+  creates: { type: 'string', default: '30' },
+  json: { type: 'string' },
+  rows: { type: 'string', default: 'reads,first-writes,tracking,stall' },
 });
 const REPEAT = Number(values.repeat);
 const SIZE_BYTES = Number(values['size-mib']) << 20;

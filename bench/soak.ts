@@ -20,8 +20,8 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { NbdClient } from '../src/nbd/client.js';
+import { benchOptions } from './options.js';
 import { CleanupStack, makeImage, run, runControlCampaign, runNbdCampaign, gauge, startDaemon, type RunningDaemon } from './helpers.js';
 
 interface Sample {
@@ -65,7 +65,7 @@ function ext4Image(dir: string, name: string): string {
   return image;
 }
 
-const { values } = parseArgs({ options: { minutes: { type: 'string', default: '30' }, seed: { type: 'string', default: String(Date.now() % 1_000_000) } } });
+const values = benchOptions('node dist/bench/soak.js --minutes N [--seed N]', { minutes: { type: 'string', default: '30' }, seed: { type: 'string', default: String(Date.now() % 1_000_000) } });
 const minutes = Number(values.minutes);
 const seed = Number(values.seed);
 if (!(minutes > 0)) throw new Error('--minutes must be a positive number');
