@@ -51,10 +51,10 @@ const MAP_FILE = 'done.map';
 /**
  * The background copy works in batches of slots not done: their pieces fetched together (by
  * runs of their packs, when the source is a repository), then written as extents of adjacent
- * slots. One batch is written while the next is fetched.
+ * slots. Batches are fetched while another is written.
  */
 const BATCH_BYTES = 16 * 1024 * 1024;
-const BATCHES_IN_FLIGHT = 2;
+const BATCHES_IN_FLIGHT = 3;
 /** While a client is busy the copy takes batches this small, so that it waits little behind them. */
 const BUSY_BATCH_BYTES = 1024 * 1024;
 /** Pieces read at once from a source that is only a device (no fetch by packs). */
