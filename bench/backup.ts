@@ -40,6 +40,7 @@ import { LocalDirStore, Repository, backupDevices, restoreBackup, type ByteRange
 import { NbdClient } from '../src/nbd/client.js';
 import { dirBytes, makeImage, type NbdServer, run, startServer } from './helpers.js';
 import { fillPageCache } from './page-cache.js';
+import { startRadosgw } from './radosgw.js';
 import { spread } from './report.js';
 
 
@@ -260,17 +261,6 @@ async function oneRun(work: string, image: string, server: NbdServer, opts: Opti
     fs.rmSync(bigRepoDir, { recursive: true, force: true });
   }
   return sample;
-}
-
-/** `--s3 start`: a throwaway radosgw (scripts/ceph-rgw-up.sh), its keys put in the environment. */
-function startRadosgw(): { endpoint: string; stop(): void } {
-  const scripts = path.resolve(import.meta.dirname, '../../scripts');
-  const out = execFileSync('bash', [path.join(scripts, 'ceph-rgw-up.sh'), 'bluestore'], { encoding: 'utf8', timeout: 180_000 });
-  const value = (key: string): string => new RegExp(`^${key}=(.*)$`, 'm').exec(out)?.[1] ?? '';
-  process.env.AWS_ACCESS_KEY_ID = value('AWS_ACCESS_KEY_ID');
-  process.env.AWS_SECRET_ACCESS_KEY = value('AWS_SECRET_ACCESS_KEY');
-  const dir = value('CEPH_DIR');
-  return { endpoint: value('S3_ENDPOINT'), stop: () => execFileSync('bash', [path.join(scripts, 'ceph-rgw-down.sh'), dir]) };
 }
 
 async function main(): Promise<void> {

@@ -9,6 +9,7 @@
 import { BdsnapError } from '../errors.js';
 import { EXTENT_HOLE, EXTENT_ZERO, checkRange, type BlockDevice, type BlockSizes, type Extent } from '../device/block-device.js';
 import { expandSlots } from './format.js';
+import { readPieces, type ReadPiecesOptions, type WantedPiece } from './pack-reader.js';
 import { PiecePool } from './piece-pool.js';
 import type { Repository } from './repository.js';
 
@@ -160,12 +161,32 @@ export interface OpenedBackupDevice {
   pieceBytes: number;
 }
 
+/**
+ * Many pieces of a backup at once, fetched by runs of their packs and each decoded and checked
+ * once (pack-reader.ts): what a copy of whole ranges uses, where reading slot by slot would
+ * cost a request per piece. A piece the index lacks goes to `onError` like one that fails.
+ */
+export type PieceFetcher = (ids: Iterable<string>, options: Pick<ReadPiecesOptions, 'onPiece' | 'onError' | 'signal'>) => Promise<void>;
+
 /** Every device of backup `id` as a BackupDevice, by device path; `close` ends the piece workers. */
-export async function openBackupDevices(repo: Repository, id: string): Promise<{ devices: OpenedBackupDevice[]; close(): Promise<void> }> {
+export async function openBackupDevices(repo: Repository, id: string): Promise<{ devices: OpenedBackupDevice[]; fetchPieces: PieceFetcher; close(): Promise<void> }> {
   const manifest = await repo.manifest(id);
   const pool = new PiecePool(repo.pieceCrypto);
   const index = await repo.pieceIndex();
   const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, lengthBytes);
+  const fetchPieces: PieceFetcher = async (ids, options) => {
+    const wanted: WantedPiece[] = [];
+    for (const hash of ids) {
+      const at = index.get(hash);
+      if (at) wanted.push({ id: hash, at });
+      else {
+        const missing = new BdsnapError('ENOENT', `piece ${hash} is missing from ${repo.store.location}`);
+        if (!options.onError) throw missing;
+        options.onError(hash, missing);
+      }
+    }
+    await readPieces(repo, pool, wanted, options);
+  };
   try {
     const devices = manifest.devices.map((entry) => {
       const slots = expandSlots(entry, manifest.pieceSizeBytes);
@@ -173,6 +194,7 @@ export async function openBackupDevices(repo: Repository, id: string): Promise<{
     });
     return {
       devices,
+      fetchPieces,
       close: async () => {
         await Promise.allSettled(devices.map((d) => d.device.close()));
         await pool.close();

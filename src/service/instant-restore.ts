@@ -38,6 +38,8 @@ import { openOutputFile } from '../host/output-file.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import { parseJson } from '../stored-json.js';
 import type { ExportHandle } from '../nbd/exports.js';
+import type { PieceFetcher } from '../repository/backup-device.js';
+import { runLimited } from '../run-limited.js';
 import type { EventLog } from './events.js';
 import type { InstantRestoreInfo } from './control-protocol.js';
 
@@ -46,8 +48,17 @@ const STATE_FILE = 'state.json';
 /** The repository password, for a resume after a restart; removed with the restore's directory. */
 const PASSWORD_FILE = 'password';
 const MAP_FILE = 'done.map';
-/** Slots filled by the background copy at once. */
-const COPIES_IN_FLIGHT = 8;
+/**
+ * The background copy works in batches of slots not done: their pieces fetched together (by
+ * runs of their packs, when the source is a repository), then written as extents of adjacent
+ * slots. Batches are fetched while another is written.
+ */
+const BATCH_BYTES = 16 * 1024 * 1024;
+const BATCHES_IN_FLIGHT = 3;
+/** While a client is busy the copy takes batches this small, so that it waits little behind them. */
+const BUSY_BATCH_BYTES = 1024 * 1024;
+/** Pieces read at once from a source that is only a device (no fetch by packs). */
+const SLOT_READS_IN_FLIGHT = 8;
 /** The map is made durable at least this often while the copy runs. */
 const PERSIST_EVERY_MS = 1000;
 const RETRY_MIN_MS = 500;
@@ -69,8 +80,20 @@ const stateSchema = z.object({
 }).strict();
 export type RestoreState = z.infer<typeof stateSchema>;
 
-/** Opens the source of a restore: one device of a backup. */
-export type SourceOpener = (repo: string, backup: string, device: string, password: string | undefined) => Promise<{ source: BlockDevice; slots: ReadonlyArray<string | null>; pieceBytes: number; close(): Promise<void> }>;
+/**
+ * The source of a restore: one device of a backup. `fetchPieces`, where given, fetches many
+ * of its pieces at once (the background copy's way); without it they are read through `source`.
+ */
+export interface RestoreSource {
+  source: BlockDevice;
+  slots: ReadonlyArray<string | null>;
+  pieceBytes: number;
+  fetchPieces?: PieceFetcher;
+  close(): Promise<void>;
+}
+
+/** Opens the source of a restore. */
+export type SourceOpener = (repo: string, backup: string, device: string, password: string | undefined) => Promise<RestoreSource>;
 
 /** The done bits, in memory and on disk. */
 class DoneMap {
@@ -167,6 +190,11 @@ export class InstantRestoreDevice implements BlockDevice {
   get slotCount(): number { return this.#slots.length; }
   isDone(i: number): boolean { return this.#map.has(i); }
 
+  /** A piece the background copy could not have from the backup: reported like a read's. */
+  sourceFailed(err: BdsnapError): void {
+    this.#onSourceError(err);
+  }
+
   /** Take slot `i`'s lock; undefined when the slot is done (nothing to lock). Locks are taken in ascending order. */
   async #lock(i: number): Promise<(() => void) | undefined> {
     for (;;) {
@@ -207,6 +235,58 @@ export class InstantRestoreDevice implements BlockDevice {
     } finally {
       unlock();
     }
+  }
+
+  /**
+   * The background copy's step: the slots of `batch` (ascending) not done yet get their content,
+   * `content(i)`: the piece, null for a zero slot, undefined for a slot left for later. Adjacent
+   * slots of one kind are written as one extent, under their locks (a slot a client made done
+   * meanwhile is left alone). Returns the bytes written.
+   */
+  async fillSlots(batch: readonly number[], content: (i: number) => Buffer | null | undefined): Promise<number> {
+    let written = 0;
+    let run: number[] = [];
+    const writeRun = async (): Promise<void> => {
+      const slots = run;
+      run = [];
+      const locked: Array<{ i: number; unlock: () => void }> = [];
+      try {
+        for (const i of slots) {
+          const unlock = await this.#lock(i);
+          if (unlock) locked.push({ i, unlock });
+        }
+        for (let a = 0; a < locked.length;) {
+          let b = a + 1;
+          while (b < locked.length && locked[b]!.i === locked[b - 1]!.i + 1) b++;
+          const extent = locked.slice(a, b).map((x) => x.i);
+          a = b;
+          const at = extent[0]! * this.#P;
+          const pieces = extent.map((i) => content(i));
+          if (pieces[0] === null) {
+            const length = Math.min(extent.length * this.#P, this.size - at);
+            await this.#target.zero(at, length);
+            written += length;
+          } else {
+            const data = Buffer.concat(pieces as Buffer[]);
+            await this.#target.write(data, at);
+            this.#target.startWriteback(at, data.length);
+            written += data.length;
+          }
+          for (const i of extent) this.#map.set(i);
+        }
+      } finally {
+        for (const { unlock } of locked) unlock();
+      }
+    };
+    for (const i of batch) {
+      if (this.#map.has(i)) continue;
+      const c = content(i);
+      const prev = run[run.length - 1];
+      if (prev !== undefined && (c === undefined || prev + 1 !== i || (content(prev) === null) !== (c === null))) await writeRun();
+      if (c !== undefined) run.push(i);
+    }
+    await writeRun();
+    return written;
   }
 
   /**
@@ -291,7 +371,7 @@ interface Running {
   device: InstantRestoreDevice;
   target: FileDevice;
   map: DoneMap;
-  closeSource: () => Promise<void>;
+  source: RestoreSource;
   phase: 'running' | 'complete' | 'failed';
   connections: number;
   lastError: string | undefined;
@@ -321,6 +401,45 @@ export interface StartRequest {
   output: boolean;
   /** The repository's password, if it is encrypted. */
   password?: string;
+}
+
+/**
+ * The pieces of `batch`'s slots, by id, each checked to fill its slot: through the source's
+ * fetchPieces (by runs of packs) where it has one, else slot by slot through the device. A
+ * piece that cannot be had is left out and reported (to `failed` and as the device's source
+ * error); its slots stay for the next round.
+ */
+async function fetchBatch(source: RestoreSource, batch: readonly number[], P: number, sizeBytes: number, failed: (err: BdsnapError) => void): Promise<Map<string, Buffer>> {
+  const slotOf = new Map<string, number>();
+  for (const i of batch) {
+    const hash = source.slots[i];
+    if (hash !== null && hash !== undefined && !slotOf.has(hash)) slotOf.set(hash, i);
+  }
+  const pieces = new Map<string, Buffer>();
+  const lengthOf = (i: number): number => Math.min(P, sizeBytes - i * P);
+  const onError = (hash: string, err: BdsnapError): void => {
+    const i = slotOf.get(hash)!;
+    failed(new BdsnapError('EIO', `the backup's data for ${i * P}+${lengthOf(i)} cannot be read: ${err.message}`, { cause: err }));
+  };
+  const onPiece = (hash: string, raw: Buffer): void => {
+    const length = lengthOf(slotOf.get(hash)!);
+    if (raw.length === length) pieces.set(hash, raw);
+    else onError(hash, new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${length} are needed`));
+  };
+  if (source.fetchPieces) {
+    await source.fetchPieces(slotOf.keys(), { onPiece, onError });
+  } else {
+    await runLimited(slotOf, SLOT_READS_IN_FLIGHT, async ([hash, i]) => {
+      const buf = Buffer.allocUnsafe(lengthOf(i));
+      try {
+        await source.source.read(buf, i * P);
+        onPiece(hash, buf);
+      } catch (err) {
+        onError(hash, toBdsnapError(err));
+      }
+    });
+  }
+  return pieces;
 }
 
 function restoreDirName(target: string): string {
@@ -435,7 +554,7 @@ export class InstantRestores {
     }
   }
 
-  #begin(state: RestoreState, dir: string, target: FileDevice, map: DoneMap, opened: Awaited<ReturnType<SourceOpener>>): Running {
+  #begin(state: RestoreState, dir: string, target: FileDevice, map: DoneMap, opened: RestoreSource): Running {
     // The device reports to its restore's record, which holds the device: it finds the record
     // by its target when it reports.
     const device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, (err) => {
@@ -444,7 +563,7 @@ export class InstantRestores {
       this.#options.events.emit('restore-failed', { device: state.target, details: { reason: err.message, retrying: true } });
     });
     const r: Running = {
-      state, dir, device, target, map, closeSource: opened.close, phase: 'running', connections: 0, lastError: undefined,
+      state, dir, device, target, map, source: opened, phase: 'running', connections: 0, lastError: undefined,
       startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, copier: undefined,
     };
     this.#running.set(state.target, r);
@@ -455,41 +574,69 @@ export class InstantRestores {
     return r;
   }
 
-  /** The background copy: every slot not done, in order, retried with backoff while the backup cannot be read. */
+  /**
+   * The background copy: every slot not done, in order, a batch at a time (see BATCH_BYTES);
+   * retried with backoff while the backup cannot be read.
+   */
   async #copy(r: Running): Promise<void> {
     const dev = r.device;
-    let next = 0;
+    const P = r.state.pieceBytes;
     let lastPersist = Date.now();
     let delay = RETRY_MIN_MS;
     const rate = this.#options.rateBytes;
     const rateStartMs = Date.now();
     let copiedBytes = 0;
+    // A rate-limited copy takes steps of a tenth of a second's bytes, so that it keeps to the rate.
+    const batchSlots = Math.max(1, Math.floor(Math.min(BATCH_BYTES, rate !== undefined ? rate / 10 : BATCH_BYTES) / P));
+    const busySlots = Math.max(1, Math.min(batchSlots, Math.floor(BUSY_BATCH_BYTES / P)));
     while (!r.stopping && dev.doneSlots < dev.slotCount) {
-      const failures: BdsnapError[] = [];
-      const worker = async (): Promise<void> => {
-        while (!r.stopping && failures.length === 0) {
-          while (next < dev.slotCount && dev.isDone(next)) next++;
-          if (next >= dev.slotCount) return;
-          const i = next++;
-          // Clients first: while one is busy, the copy takes small steps.
-          if (Date.now() - dev.lastClientRequestMs < 5) await new Promise((resolve) => setTimeout(resolve, 2));
-          await dev.fill(i).catch((err: unknown) => failures.push(toBdsnapError(err)));
-          if (rate !== undefined) {
-            copiedBytes += r.state.pieceBytes;
-            const aheadMs = (copiedBytes / rate) * 1000 - (Date.now() - rateStartMs);
-            if (aheadMs > 0) await new Promise((resolve) => setTimeout(resolve, aheadMs));
-          }
-          if (Date.now() - lastPersist >= PERSIST_EVERY_MS) {
-            lastPersist = Date.now();
-            await dev.flush().catch((err: unknown) => failures.push(toBdsnapError(err)));
-          }
+      let failure: BdsnapError | undefined;
+      let next = 0;
+      // Planned one at a time as the lanes ask, so that what clients did meanwhile is skipped.
+      const batches = function* (): Generator<number[]> {
+        while (next < dev.slotCount) {
+          const limit = Date.now() - dev.lastClientRequestMs < 5 ? busySlots : batchSlots;
+          const batch: number[] = [];
+          for (; next < dev.slotCount && batch.length < limit; next++) if (!dev.isDone(next)) batch.push(next);
+          if (batch.length > 0) yield batch;
         }
       };
-      await Promise.all(Array.from({ length: COPIES_IN_FLIGHT }, worker));
-      if (failures.length > 0) {
-        r.lastError = failures[0]!.message;
+      await runLimited(batches(), BATCHES_IN_FLIGHT, async (batch) => {
+        if (r.stopping || failure) return;
+        // Clients first: while one is busy, the copy takes small steps.
+        if (Date.now() - dev.lastClientRequestMs < 5) await new Promise((resolve) => setTimeout(resolve, 2));
+        const failed = (err: BdsnapError): void => {
+          if (!failure) dev.sourceFailed(err);
+          failure ??= err;
+        };
+        let pieces: Map<string, Buffer>;
+        try {
+          pieces = await fetchBatch(r.source, batch, P, dev.size, failed);
+        } catch (err) {
+          failed(toBdsnapError(err));
+          return;
+        }
+        try {
+          copiedBytes += await dev.fillSlots(batch, (i) => {
+            const hash = r.source.slots[i];
+            return hash === null ? null : pieces.get(hash!);
+          });
+        } catch (err) {
+          failure ??= toBdsnapError(err);
+          return;
+        }
+        if (rate !== undefined) {
+          const aheadMs = (copiedBytes / rate) * 1000 - (Date.now() - rateStartMs);
+          if (aheadMs > 0) await new Promise((resolve) => setTimeout(resolve, aheadMs));
+        }
+        if (Date.now() - lastPersist >= PERSIST_EVERY_MS) {
+          lastPersist = Date.now();
+          await dev.flush().catch((err: unknown) => (failure ??= toBdsnapError(err)));
+        }
+      });
+      if (failure) {
+        r.lastError = failure.message;
         this.#options.log.warn({ event: 'restore-retry', target: r.state.target, reason: r.lastError, inMs: delay }, 'instant restore: retrying');
-        next = 0;
         await new Promise((resolve) => setTimeout(resolve, delay));
         delay = Math.min(delay * 2, RETRY_MAX_MS);
         continue;
@@ -519,7 +666,7 @@ export class InstantRestores {
     // The target is complete whatever happens here; a state directory left behind resumes at
     // the next start as a restore with nothing to copy, so a failure is reported, not thrown
     // (nobody awaits the copy that retires its restore).
-    const results = await Promise.allSettled([r.map.close(), r.target.close(), r.closeSource()]);
+    const results = await Promise.allSettled([r.map.close(), r.target.close(), r.source.close()]);
     const removed = await fs.promises.rm(r.dir, { recursive: true, force: true }).then(() => undefined, (err: unknown) => err);
     const failed = [...results.flatMap((x) => (x.status === 'rejected' ? [x.reason as unknown] : [])), ...(removed === undefined ? [] : [removed])];
     if (failed.length > 0) {
@@ -568,7 +715,7 @@ export class InstantRestores {
       await r.device.flush().catch(() => undefined);
       await r.map.close();
       await r.target.close();
-      await r.closeSource();
+      await r.source.close();
     }
     this.#running.clear();
   }

@@ -1,0 +1,67 @@
+/**
+ * The background copy of an instant restore reads the backup as a whole restore does: the
+ * pieces of the slots it copies are fetched by runs of their packs (a request per few MiB),
+ * each piece once, not a request per piece; and the target ends equal to the backup.
+ */
+
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { pino } from 'pino';
+import { makeTempDir } from '../helpers/files.js';
+import { CountingStore, initRepo, openRepo } from '../backup/helpers.js';
+import { createBackup, type BackupSource } from '../../src/backup/index.js';
+import { openBackupDevices } from '../../src/repository/backup-device.js';
+import { PACKS_PREFIX } from '../../src/repository/format.js';
+import { LocalDirStore } from '../../src/repository/object-store.js';
+import { EventLog } from '../../src/service/events.js';
+import { InstantRestores, type SourceOpener } from '../../src/service/instant-restore.js';
+
+const MiB = 1024 * 1024;
+const PIECE = 256 * 1024;
+
+test('the background copy of an instant restore fetches each pack\'s pieces in a few reads, each piece once, and ends exact', { timeout: 60_000 }, async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-instant-copy-');
+  const repeated = randomBytes(PIECE);
+  const image = Buffer.concat([randomBytes(40 * MiB), Buffer.alloc(2 * MiB), repeated, repeated, repeated, randomBytes(3 * PIECE + 4096)]);
+  const store = new CountingStore(new LocalDirStore(path.join(dir, 'repo')));
+  const repo = await initRepo(store);
+  const source: BackupSource = { device: '/dev/mixed', sizeBytes: image.length, changed: null, why: 'test', read: async (to, offset) => void image.copy(to, 0, offset, offset + to.length) };
+  const { id } = await createBackup(repo, [source]);
+  const packs = (await store.list(PACKS_PREFIX)).length;
+
+  let getsAtStart = 0;
+  let distinct = 0;
+  const opener: SourceOpener = async () => {
+    const opened = await openBackupDevices(await openRepo(store), id);
+    const found = opened.devices[0]!;
+    getsAtStart = store.gets;
+    distinct = new Set(found.slots.filter((h) => h !== null)).size;
+    const restoreSource = { source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, close: () => opened.close() };
+    return restoreSource;
+  };
+  const log = pino({ level: 'silent' });
+  fs.mkdirSync(path.join(dir, 'events'));
+  fs.mkdirSync(path.join(dir, 'state'), { mode: 0o700 });
+  const events = await EventLog.open(path.join(dir, 'events'), log);
+  const restores = new InstantRestores({ stateDir: path.join(dir, 'state'), events, log, openSource: opener });
+  const out = path.join(dir, 'restored.img');
+  try {
+    await restores.start({ repo: 'repo', backup: id, device: '/dev/mixed', target: out, output: true }, async () => undefined);
+    const deadline = Date.now() + 30_000;
+    while (restores.list().some((r) => r.state === 'running')) {
+      assert.ok(Date.now() < deadline, 'the restore completes');
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    assert.deepEqual(restores.list().map((r) => r.error), [], 'the restore completed and retired');
+    const gets = store.gets - getsAtStart;
+    // A read per few MiB of a pack; one per piece would be about `distinct`.
+    assert.ok(gets <= Math.ceil(image.length / (4 * MiB)) + packs, `${gets} reads of the store for ${distinct} distinct pieces in ${packs} packs`);
+    assert.ok(fs.readFileSync(out).equals(image), 'the target ends equal to the backup');
+  } finally {
+    await restores.closeAll();
+    events.close();
+  }
+});
