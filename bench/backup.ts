@@ -34,11 +34,11 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { S3Store } from '../src/repository/s3-store.js';
 import { LocalDirStore, Repository, backupDevices, restoreBackup, type ByteRange, type SnapshotProvider } from '../src/backup/index.js';
 import { NbdClient } from '../src/nbd/client.js';
 import { dirBytes, makeImage, type NbdServer, run, startServer } from './helpers.js';
+import { benchOptions } from './options.js';
 import { fillPageCache } from './page-cache.js';
 import { startRadosgw } from './radosgw.js';
 import { spread } from './report.js';
@@ -61,17 +61,14 @@ interface Options {
 }
 
 function parseOptions(): Options {
-  const { values } = parseArgs({
-    options: {
-      'size-mib': { type: 'string', default: '1024' },
-      runs: { type: 'string', default: '3' },
-      'big-gib': { type: 'string', default: '8' },
-      'no-big': { type: 'boolean', default: false },
-      'piece-size': { type: 'string' },
-      json: { type: 'string' },
-      s3: { type: 'string' },
-    },
-    strict: true,
+  const values = benchOptions('node dist/bench/backup.js [--size-mib N] [--runs N] [--big-gib N | --no-big] [--piece-size BYTES] [--json FILE] [--s3 http://HOST:PORT | --s3 start]', {
+    'size-mib': { type: 'string', default: '1024' },
+    runs: { type: 'string', default: '3' },
+    'big-gib': { type: 'string', default: '8' },
+    'no-big': { type: 'boolean', default: false },
+    'piece-size': { type: 'string' },
+    json: { type: 'string' },
+    s3: { type: 'string' },
   });
   const sizeBytes = Number(values['size-mib']) * MiB;
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % (4 * MiB) !== 0) throw new Error('--size-mib must be a positive multiple of 4');

@@ -29,13 +29,13 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { LocalDirStore, Repository, backupDevices, restoreBackup } from '../src/backup/index.js';
 import { NbdClient } from '../src/nbd/client.js';
 import { S3Store } from '../src/repository/s3-store.js';
 import { withClient } from '../src/service/client.js';
 import type { InstantRestoreInfo } from '../src/service/control-protocol.js';
 import { ServeSnapshotProvider, TEST_REPO_PASSWORD, makeImage, startDaemon, type RunningDaemon } from './helpers.js';
+import { benchOptions } from './options.js';
 import { fillPageCache } from './page-cache.js';
 import { startRadosgw } from './radosgw.js';
 import { spread } from './report.js';
@@ -176,7 +176,9 @@ async function instant(daemon: RunningDaemon, repoSpec: string, id: string, devi
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({ options: { 'size-mib': { type: 'string', default: '1024' }, size: { type: 'string' }, runs: { type: 'string', default: '3' }, 'usable-only': { type: 'boolean', default: false }, s3: { type: 'string' } } });
+  const values = benchOptions('node dist/bench/instant-restore.js [--size-mib N | --size SIZE] [--runs N] [--usable-only] [--s3 http://HOST:PORT | --s3 start]', {
+    'size-mib': { type: 'string', default: '1024' }, size: { type: 'string' }, runs: { type: 'string', default: '3' }, 'usable-only': { type: 'boolean', default: false }, s3: { type: 'string' },
+  });
   const rgw = values.s3 === 'start' ? startRadosgw() : undefined;
   const s3 = rgw?.endpoint ?? values.s3;
   const sizeBytes = values.size !== undefined ? parseBytes(values.size, '--size') : Number(values['size-mib']) * MiB;

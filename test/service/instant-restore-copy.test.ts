@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { pino } from 'pino';
-import { makeTempDir } from '../helpers/files.js';
+import { makeTempDir } from '../../testkit/files.js';
 import { CountingStore, initRepo, openRepo } from '../backup/helpers.js';
 import { createBackup, type BackupSource } from '../../src/backup/index.js';
 import { openBackupDevices } from '../../src/repository/backup-device.js';
