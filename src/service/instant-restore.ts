@@ -51,7 +51,8 @@ const MAP_FILE = 'done.map';
 /**
  * The background copy works in batches of slots not done: their pieces fetched together (by
  * runs of their packs, when the source is a repository), then written as extents of adjacent
- * slots. Batches are fetched while another is written.
+ * slots; from a local repository, placed by the piece workers instead (placeSlots). Batches
+ * are fetched while another is written.
  */
 const BATCH_BYTES = 16 * 1024 * 1024;
 const BATCHES_IN_FLIGHT = 3;
