@@ -28,10 +28,9 @@ import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
 import { expandSlots } from '../repository/format.js';
-import type { PieceLocation } from '../repository/pack.js';
+import { pieceRange, type PieceLocation } from '../repository/pack.js';
 import { readPieces } from '../repository/pack-reader.js';
 import { PiecePool } from '../repository/piece-pool.js';
-import type { PieceRange } from '../repository/piece-worker.js';
 import type { Repository } from '../repository/repository.js';
 import { PieceSpool } from './piece-spool.js';
 import { openRestoreTarget, type RestoreTarget } from './restore-target.js';
@@ -96,10 +95,6 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   }
 }
 
-function rangeOf(at: PieceLocation): PieceRange {
-  return at.lengthBytes === null ? null : { offsetBytes: at.offsetBytes, lengthBytes: at.lengthBytes };
-}
-
 /** Each distinct piece of `slots` with its length (only the last slot may be shorter than P). */
 function neededPieces(slots: Array<string | null>, P: number, sizeBytes: number): Map<string, number> {
   const needed = new Map<string, number>();
@@ -148,7 +143,7 @@ async function checkPieces(
     options.signal?.throwIfAborted();
     try {
       const at = index.get(hash)!;
-      await pool.check({ file: localPath(at.object), range: rangeOf(at), hash, lengthBytes });
+      await pool.check({ file: localPath(at.object), range: pieceRange(at), hash, lengthBytes });
     } catch (err) {
       throw refuse(err);
     }
@@ -184,7 +179,7 @@ async function writeSlots(
         uses.set(hash, left);
         const at = index.get(hash);
         if (!at) throw new BdsnapError('ECORRUPT', `piece ${hash} is missing`);
-        await target.place(pool, { file: localPath!(at.object), range: rangeOf(at), hash, offsetBytes: i * P, lengthBytes: length, keep: left > 0 });
+        await target.place(pool, { file: localPath!(at.object), range: pieceRange(at), hash, offsetBytes: i * P, lengthBytes: length, keep: left > 0 });
       }
     } catch (err) {
       const e = toBdsnapError(err);

@@ -303,6 +303,17 @@ export class FileDevice implements BlockDevice {
     void this.#tracked(() => libc.startWriteback(this.#fd, offsetBytes, lengthBytes));
   }
 
+  /**
+   * Run `write` with this device's descriptor, for a writer on another thread (a piece worker
+   * writing a piece straight into the target); counted like a request, so that close() waits
+   * for it and the descriptor cannot be reused under it.
+   */
+  writeThroughDescriptor<T>(write: (fd: number) => Promise<T>): Promise<T> {
+    this.#checkOpen();
+    this.#checkWritable();
+    return this.#tracked(() => write(this.#fd));
+  }
+
   // Small transfers are done synchronously, and large ones while they stay fast (see
   // sync-io-policy.ts): a page-cache hit costs less than the thread-pool round trip (measured:
   // 4 KiB random I/O through the NBD server went from about 0.5x to about 0.9x of nbdkit).

@@ -9,8 +9,10 @@
 import { BdsnapError } from '../errors.js';
 import { EXTENT_HOLE, EXTENT_ZERO, checkRange, type BlockDevice, type BlockSizes, type Extent } from '../device/block-device.js';
 import { expandSlots } from './format.js';
+import { pieceRange } from './pack.js';
 import { readPieces, type ReadPiecesOptions, type WantedPiece } from './pack-reader.js';
 import { PiecePool } from './piece-pool.js';
+import type { PlaceFailure } from './piece-worker.js';
 import type { Repository } from './repository.js';
 
 /** The raw content of a piece (`lengthBytes` of it: the last slot may be shorter), checked. */
@@ -168,25 +170,42 @@ export interface OpenedBackupDevice {
  */
 export type PieceFetcher = (ids: Iterable<string>, options: Pick<ReadPiecesOptions, 'onPiece' | 'onError' | 'signal'>) => Promise<void>;
 
-/** Every device of backup `id` as a BackupDevice, by device path; `close` ends the piece workers. */
-export async function openBackupDevices(repo: Repository, id: string): Promise<{ devices: OpenedBackupDevice[]; fetchPieces: PieceFetcher; close(): Promise<void> }> {
+/**
+ * A piece read, checked and written straight into `fd` at `offsetBytes` by a piece worker
+ * (PiecePool.place, no main-thread copy), for a repository kept as local files. Throws what
+ * the piece's read or check gives (ENOENT for a piece the index lacks); a failed write of
+ * `fd` comes back as `failure`. `keep`: more slots use the piece soon.
+ */
+export type PiecePlacer = (piece: { hash: string; fd: number; offsetBytes: number; lengthBytes: number; keep: boolean }) => Promise<{ failure?: PlaceFailure }>;
+
+/**
+ * Every device of backup `id` as a BackupDevice, by device path; `placePiece` where the
+ * repository is local files; `close` ends the piece workers.
+ */
+export async function openBackupDevices(repo: Repository, id: string): Promise<{ devices: OpenedBackupDevice[]; fetchPieces: PieceFetcher; placePiece?: PiecePlacer; close(): Promise<void> }> {
   const manifest = await repo.manifest(id);
   const pool = new PiecePool(repo.pieceCrypto);
   const index = await repo.pieceIndex();
   const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, lengthBytes);
+  const missing = (hash: string): BdsnapError => new BdsnapError('ENOENT', `piece ${hash} is missing from ${repo.store.location}`);
   const fetchPieces: PieceFetcher = async (ids, options) => {
     const wanted: WantedPiece[] = [];
     for (const hash of ids) {
       const at = index.get(hash);
       if (at) wanted.push({ id: hash, at });
       else {
-        const missing = new BdsnapError('ENOENT', `piece ${hash} is missing from ${repo.store.location}`);
-        if (!options.onError) throw missing;
-        options.onError(hash, missing);
+        if (!options.onError) throw missing(hash);
+        options.onError(hash, missing(hash));
       }
     }
     await readPieces(repo, pool, wanted, options);
   };
+  const localPath = repo.store.localPath?.bind(repo.store);
+  const placePiece: PiecePlacer | undefined = localPath && (async ({ hash, ...into }) => {
+    const at = index.get(hash);
+    if (!at) throw missing(hash);
+    return pool.place({ file: localPath(at.object), range: pieceRange(at), hash, ...into });
+  });
   try {
     const devices = manifest.devices.map((entry) => {
       const slots = expandSlots(entry, manifest.pieceSizeBytes);
@@ -195,6 +214,7 @@ export async function openBackupDevices(repo: Repository, id: string): Promise<{
     return {
       devices,
       fetchPieces,
+      placePiece,
       close: async () => {
         await Promise.allSettled(devices.map((d) => d.device.close()));
         await pool.close();

@@ -9,6 +9,7 @@
  */
 
 import { z } from 'zod';
+import type { ByteRange } from '../bytes.js';
 import { BdsnapError } from '../errors.js';
 import { parseJson } from '../stored-json.js';
 import { packObject, randomObjectName } from './format.js';
@@ -31,6 +32,11 @@ export interface PieceLocation {
   object: string;
   offsetBytes: number;
   lengthBytes: number | null;
+}
+
+/** The byte range of its object a piece takes, or null for a whole object (a v1 piece). */
+export function pieceRange(at: PieceLocation): ByteRange | null {
+  return at.lengthBytes === null ? null : { offsetBytes: at.offsetBytes, lengthBytes: at.lengthBytes };
 }
 
 const ID_HEX = /^[0-9a-f]{64}$/;

@@ -579,7 +579,7 @@ const openBackupSource: SourceOpener = async (repoSpec, backup, device, password
       throw new BdsnapError('ENOENT', `backup ${backup} has no device ${device} (it has ${opened.devices.map((d) => d.name).join(', ')})`);
     }
     return {
-      source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces,
+      source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, placePiece: opened.placePiece,
       close: async () => {
         await opened.close();
         await lock.release().catch(() => undefined);

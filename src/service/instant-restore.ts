@@ -30,7 +30,7 @@ import type { Logger } from 'pino';
 import { z } from 'zod';
 import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
 import { FileDevice } from '../device/file-device.js';
-import { BdsnapError, toBdsnapError } from '../errors.js';
+import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { closeFd, fdatasyncFd, openFd, preadFully, pwriteFully } from '../host/fd-io.js';
 import { checkNotInUse } from '../host/in-use.js';
@@ -38,7 +38,7 @@ import { openOutputFile } from '../host/output-file.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
 import { parseJson } from '../stored-json.js';
 import type { ExportHandle } from '../nbd/exports.js';
-import type { PieceFetcher } from '../repository/backup-device.js';
+import type { PieceFetcher, PiecePlacer } from '../repository/backup-device.js';
 import { runLimited } from '../run-limited.js';
 import type { EventLog } from './events.js';
 import type { InstantRestoreInfo } from './control-protocol.js';
@@ -51,12 +51,15 @@ const MAP_FILE = 'done.map';
 /**
  * The background copy works in batches of slots not done: their pieces fetched together (by
  * runs of their packs, when the source is a repository), then written as extents of adjacent
- * slots. Batches are fetched while another is written.
+ * slots; from a local repository, placed by the piece workers instead (placeSlots). Batches
+ * are fetched while another is written.
  */
 const BATCH_BYTES = 16 * 1024 * 1024;
 const BATCHES_IN_FLIGHT = 3;
 /** While a client is busy the copy takes batches this small, so that it waits little behind them. */
 const BUSY_BATCH_BYTES = 1024 * 1024;
+/** Pieces a batch has placed at once (see placeSlots): enough to keep the piece workers busy, few enough that a client's read is not queued behind many. */
+const PLACES_IN_FLIGHT = 4;
 /** Pieces read at once from a source that is only a device (no fetch by packs). */
 const SLOT_READS_IN_FLIGHT = 8;
 /** The map is made durable at least this often while the copy runs. */
@@ -83,12 +86,15 @@ export type RestoreState = z.infer<typeof stateSchema>;
 /**
  * The source of a restore: one device of a backup. `fetchPieces`, where given, fetches many
  * of its pieces at once (the background copy's way); without it they are read through `source`.
+ * `placePiece` (a local repository) takes precedence over both for the background copy.
  */
 export interface RestoreSource {
   source: BlockDevice;
   slots: ReadonlyArray<string | null>;
   pieceBytes: number;
   fetchPieces?: PieceFetcher;
+  /** Where given, the background copy has pieces written straight into the target (see placeSlots). */
+  placePiece?: PiecePlacer;
   close(): Promise<void>;
 }
 
@@ -286,6 +292,102 @@ export class InstantRestoreDevice implements BlockDevice {
       if (c !== undefined) run.push(i);
     }
     await writeRun();
+    return written;
+  }
+
+  /**
+   * The background copy's step where the source places pieces itself (a local repository: a
+   * piece worker reads, checks and writes each piece into the target, no copy on this thread).
+   * The slots of `batch` (ascending) are locked one after another, in order; a slot a client
+   * made done first is left alone, and each placed slot is done and unlocked as soon as its
+   * piece is written, so a client waits at most for the pieces in flight. Zero slots are
+   * written as extents of adjacent ones. A piece that cannot be had goes to `failed` (its slot
+   * stays for the next round); a failed write of the target is thrown once the pieces in
+   * flight have settled. Returns the bytes written.
+   */
+  async placeSlots(batch: readonly number[], placePiece: PiecePlacer, failed: (err: BdsnapError) => void): Promise<number> {
+    const P = this.#P;
+    const lengthOf = (i: number): number => Math.min(P, this.size - i * P);
+    // Uses of each piece left in the batch: a worker keeps a piece decoded for the next.
+    const uses = new Map<string, number>();
+    for (const i of batch) {
+      const hash = this.#slots[i];
+      if (hash && !this.#map.has(i)) uses.set(hash, (uses.get(hash) ?? 0) + 1);
+    }
+    const usedOnce = (hash: string): boolean => {
+      const left = uses.get(hash)! - 1;
+      uses.set(hash, left);
+      return left > 0;
+    };
+    let written = 0;
+    let writeError: BdsnapError | undefined;
+    const inFlight = new Set<Promise<void>>();
+    const place = async (i: number, hash: string, keep: boolean): Promise<void> => {
+      const at = i * P;
+      try {
+        const placed = await this.#target.writeThroughDescriptor(async (fd) => {
+          try {
+            const r = await placePiece({ hash, fd, offsetBytes: at, lengthBytes: lengthOf(i), keep });
+            return r.failure ? new BdsnapError(r.failure.code as ErrorCode, r.failure.message) : undefined;
+          } catch (err) {
+            failed(new BdsnapError('EIO', `the backup's data for ${at}+${lengthOf(i)} cannot be read: ${toBdsnapError(err).message}`, { cause: err }));
+            return null;
+          }
+        });
+        if (placed === null) return;
+        if (placed) throw placed;
+        this.#map.set(i);
+        written += lengthOf(i);
+      } catch (err) {
+        writeError ??= toBdsnapError(err);
+      }
+    };
+    let zeros: Array<{ i: number; unlock: () => void }> = [];
+    const zeroRun = async (): Promise<void> => {
+      const run = zeros;
+      zeros = [];
+      if (run.length === 0) return;
+      try {
+        const at = run[0]!.i * P;
+        const length = Math.min(run.length * P, this.size - at);
+        if (!writeError) {
+          await this.#target.zero(at, length);
+          for (const { i } of run) this.#map.set(i);
+          written += length;
+        }
+      } catch (err) {
+        writeError ??= toBdsnapError(err);
+      } finally {
+        for (const { unlock } of run) unlock();
+      }
+    };
+    try {
+      for (const i of batch) {
+        if (writeError) break;
+        const hash = this.#slots[i];
+        const unlock = await this.#lock(i);
+        if (!unlock) {
+          if (hash) usedOnce(hash);
+          continue;
+        }
+        if (!hash) {
+          if (zeros.length > 0 && zeros[zeros.length - 1]!.i + 1 !== i) await zeroRun();
+          zeros.push({ i, unlock });
+          continue;
+        }
+        const task: Promise<void> = place(i, hash, usedOnce(hash)).finally(() => {
+          unlock();
+          inFlight.delete(task);
+        });
+        inFlight.add(task);
+        while (inFlight.size >= PLACES_IN_FLIGHT) await Promise.race(inFlight);
+      }
+    } finally {
+      await zeroRun();
+      await Promise.all(inFlight);
+    }
+    if (batch.length > 0) this.#target.startWriteback(batch[0]! * P, Math.min((batch[batch.length - 1]! + 1) * P, this.size) - batch[0]! * P);
+    if (writeError) throw writeError;
     return written;
   }
 
@@ -609,21 +711,30 @@ export class InstantRestores {
           if (!failure) dev.sourceFailed(err);
           failure ??= err;
         };
-        let pieces: Map<string, Buffer>;
-        try {
-          pieces = await fetchBatch(r.source, batch, P, dev.size, failed);
-        } catch (err) {
-          failed(toBdsnapError(err));
-          return;
-        }
-        try {
-          copiedBytes += await dev.fillSlots(batch, (i) => {
-            const hash = r.source.slots[i];
-            return hash === null ? null : pieces.get(hash!);
-          });
-        } catch (err) {
-          failure ??= toBdsnapError(err);
-          return;
+        if (r.source.placePiece) {
+          try {
+            copiedBytes += await dev.placeSlots(batch, r.source.placePiece, failed);
+          } catch (err) {
+            failure ??= toBdsnapError(err);
+            return;
+          }
+        } else {
+          let pieces: Map<string, Buffer>;
+          try {
+            pieces = await fetchBatch(r.source, batch, P, dev.size, failed);
+          } catch (err) {
+            failed(toBdsnapError(err));
+            return;
+          }
+          try {
+            copiedBytes += await dev.fillSlots(batch, (i) => {
+              const hash = r.source.slots[i];
+              return hash === null ? null : pieces.get(hash!);
+            });
+          } catch (err) {
+            failure ??= toBdsnapError(err);
+            return;
+          }
         }
         if (rate !== undefined) {
           const aheadMs = (copiedBytes / rate) * 1000 - (Date.now() - rateStartMs);

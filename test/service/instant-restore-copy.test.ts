@@ -65,3 +65,75 @@ test('the background copy of an instant restore fetches each pack\'s pieces in a
     events.close();
   }
 });
+
+test('from a local repository the background copy has the piece workers place each piece into the target, never over a client\'s write, and retries a piece it cannot read', { timeout: 60_000 }, async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-instant-place-');
+  const repeated = randomBytes(PIECE);
+  const image = Buffer.concat([randomBytes(8 * MiB), Buffer.alloc(2 * MiB), repeated, repeated, repeated, randomBytes(3 * PIECE + 4096)]);
+  const repoDir = path.join(dir, 'repo');
+  const repo = await initRepo(new LocalDirStore(repoDir));
+  const source: BackupSource = { device: '/dev/mixed', sizeBytes: image.length, changed: null, why: 'test', read: async (to, offset) => void image.copy(to, 0, offset, offset + to.length) };
+  const { id } = await createBackup(repo, [source]);
+
+  // The copy waits at its first piece until the client's write is in, and cannot read any
+  // piece while the packs are away.
+  let offered = false;
+  let placed = 0;
+  let letGo!: () => void;
+  const clientWrote = new Promise<void>((resolve) => (letGo = resolve));
+  const opener: SourceOpener = async () => {
+    const opened = await openBackupDevices(await openRepo(new LocalDirStore(repoDir)), id);
+    const found = opened.devices[0]!;
+    const placePiece = opened.placePiece;
+    offered = placePiece !== undefined;
+    return {
+      source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, close: () => opened.close(),
+      ...(placePiece && {
+        placePiece: async (piece: Parameters<typeof placePiece>[0]) => {
+          await clientWrote;
+          placed++;
+          return placePiece(piece);
+        },
+      }),
+    };
+  };
+  const log = pino({ level: 'silent' });
+  fs.mkdirSync(path.join(dir, 'events'));
+  fs.mkdirSync(path.join(dir, 'state'), { mode: 0o700 });
+  const events = await EventLog.open(path.join(dir, 'events'), log);
+  const restores = new InstantRestores({ stateDir: path.join(dir, 'state'), events, log, openSource: opener });
+  const out = path.join(dir, 'restored.img');
+  const packsDir = path.join(repoDir, PACKS_PREFIX);
+  const awayDir = path.join(dir, 'packs-away');
+  try {
+    await restores.start({ repo: 'repo', backup: id, device: '/dev/mixed', target: out, output: true }, async () => undefined);
+    assert.ok(offered, 'a local repository offers to place pieces');
+    const handle = restores.open(out)!;
+    // Whole slots near the end, not done yet: the copy must leave them as the client wrote them.
+    const written = randomBytes(2 * PIECE);
+    const writeAt = 4 * MiB;
+    await handle.device.write(written, writeAt);
+    fs.renameSync(packsDir, awayDir);
+    letGo();
+    const deadline = Date.now() + 30_000;
+    while (!restores.list()[0]!.error) {
+      assert.ok(Date.now() < deadline, 'the copy reports the pieces it cannot read');
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    await assert.rejects(handle.device.read(Buffer.alloc(4096), 6 * MiB), (err: NodeJS.ErrnoException) => err.code === 'EIO', 'a read of what is not copied fails with EIO');
+    fs.renameSync(awayDir, packsDir);
+    while (restores.list()[0]!.state === 'running') {
+      assert.ok(Date.now() < deadline, 'the copy resumes and completes once the pieces are back');
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    await handle.release();
+    assert.ok(placed > 0, 'the pieces were placed by the workers');
+    const expected = Buffer.from(image);
+    written.copy(expected, writeAt);
+    assert.ok(fs.readFileSync(out).equals(expected), 'the target ends equal to the backup with the client\'s write');
+  } finally {
+    if (fs.existsSync(awayDir)) fs.renameSync(awayDir, packsDir);
+    await restores.closeAll();
+    events.close();
+  }
+});
