@@ -19,7 +19,7 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { makeImage } from './helpers.js';
 import { describeMachine, formatTable, spread, type Report, type RowResult } from './report.js';
-import { ROWS, type BenchRow, type RowContext } from './rows.js';
+import { ROWS, makeUserImage, type BenchRow, type RowContext } from './rows.js';
 
 const DEFAULT_RUNTIME_SEC = 10;
 const QUICK_RUNTIME_SEC = 3;
@@ -135,8 +135,8 @@ async function main(): Promise<void> {
       runtimeSec: options.runtimeSec,
     };
     process.stderr.write(`bench: writing two ${options.imageBytes / 2 ** 20} MiB images of random data\n`);
-    makeImage(context.imagePath, options.imageBytes, 'random', 1);
-    makeImage(context.baselineImagePath, options.imageBytes, 'random', 2);
+    makeUserImage(context.imagePath, options.imageBytes, 1);
+    makeUserImage(context.baselineImagePath, options.imageBytes, 2);
     if (options.rows.some((r) => r.id === 'nbdcopy-write')) makeImage(context.sourcePath, options.imageBytes, 'random', 3);
 
     const rows: RowResult[] = [];
