@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import { BdsnapError } from '../errors.js';
 import { processCommandLine } from '../host/processes.js';
 import { withClient } from '../service/client.js';
+import { withTimeout } from '../timeout.js';
 import type { DeviceStatus } from '../service/control-protocol.js';
 
 /** The messages of device-lock.ts and file-device.ts when another process has the device open. */
@@ -29,7 +30,7 @@ export async function explainBusy(err: unknown, runDir?: string): Promise<unknow
   let devices: DeviceStatus[];
   let daemonPid: number;
   try {
-    ({ devices, pid: daemonPid } = await withTimeout(withClient(runDir, (c) => c.status()), STATUS_TIMEOUT_MS));
+    ({ devices, pid: daemonPid } = await withTimeout(withClient(runDir, (c) => c.status()), STATUS_TIMEOUT_MS, () => new Error('timed out')));
   } catch {
     return err;
   }
@@ -80,10 +81,3 @@ function realpathOr(p: string): string {
   }
 }
 
-function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_resolve, reject) => {
-    timer = setTimeout(() => reject(new Error('timed out')), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}

@@ -14,6 +14,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { readU64BE } from '../bytes.js';
 import { formatDuration } from '../units.js';
+import { withTimeout } from '../timeout.js';
 import { BdsnapError, type ErrorCode } from '../errors.js';
 import type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
 import * as C from './constants.js';
@@ -178,20 +179,17 @@ export class NbdClient implements BlockDevice {
     else if (options.port !== undefined) socket = net.connect({ host: options.host ?? '127.0.0.1', port: options.port, noDelay: true, onread });
     else throw new BdsnapError('EINVAL', 'NbdClient.connect needs socketPath or port');
     const client = new NbdClient(socket, options.timeoutMs);
-    let timer: NodeJS.Timeout | undefined;
-    await new Promise<void>((resolve, reject) => {
+    const connected = new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve);
       socket.once('error', (err: NodeJS.ErrnoException) => {
         const code = err.code === 'ENOENT' || err.code === 'ECONNREFUSED' ? 'ENOENT' : 'EIO';
         reject(new BdsnapError(code, `cannot connect to the NBD server: ${err.message}`, { cause: err }));
       });
-      if (options.timeoutMs !== undefined) {
-        timer = setTimeout(() => {
-          socket.destroy();
-          reject(new BdsnapError('ETIMEDOUT', `the NBD server did not accept a connection within ${formatDuration(options.timeoutMs!)}`));
-        }, options.timeoutMs);
-      }
-    }).finally(() => clearTimeout(timer));
+    });
+    await withTimeout(connected, options.timeoutMs, () => {
+      socket.destroy();
+      return new BdsnapError('ETIMEDOUT', `the NBD server did not accept a connection within ${formatDuration(options.timeoutMs!)}`);
+    });
     return client;
   }
 
@@ -352,15 +350,11 @@ export class NbdClient implements BlockDevice {
     if (this.#decoder.bufferedBytes !== 0) throw new BdsnapError('EPROTO', 'the server sent plaintext after acknowledging NBD_OPT_STARTTLS');
     const raw = this.#socket;
     const secure = tls.connect({ ...options, socket: raw });
-    let timer: NodeJS.Timeout | undefined;
-    await new Promise<void>((resolve, reject) => {
+    const handshake = new Promise<void>((resolve, reject) => {
       secure.once('secureConnect', resolve);
       secure.once('error', (err) => reject(new BdsnapError('EPERM', `TLS with the NBD server failed: ${err.message}`, { cause: err })));
-      if (this.#timeoutMs !== undefined) {
-        const timeoutMs = this.#timeoutMs;
-        timer = setTimeout(() => reject(new BdsnapError('ETIMEDOUT', `the NBD server did not finish the TLS handshake within ${formatDuration(timeoutMs)}`)), timeoutMs);
-      }
-    }).finally(() => clearTimeout(timer));
+    });
+    await withTimeout(handshake, this.#timeoutMs, () => new BdsnapError('ETIMEDOUT', `the NBD server did not finish the TLS handshake within ${formatDuration(this.#timeoutMs!)}`));
     secure.on('data', (chunk: Buffer) => this.#onData(chunk));
     secure.on('error', (err) => this.#fail(new BdsnapError('EIO', `NBD connection failed: ${err.message}`, { cause: err })));
     secure.once('close', () => this.#fail(new BdsnapError('ESHUTDOWN', 'the NBD connection was closed')));
@@ -395,7 +389,7 @@ export class NbdClient implements BlockDevice {
   // ---- receiving ----
 
   #onData(chunk: Buffer): void {
-    this.#heardAtMs = performance.now();
+    if (this.#timeoutMs !== undefined) this.#heardAtMs = performance.now();
     this.#decoder.append(chunk);
     this.#drain();
     // The chunk is the socket's read buffer, reused by the next read.
@@ -662,7 +656,6 @@ export class NbdClient implements BlockDevice {
     await this.#closePromise.finally(() => clearTimeout(timer));
   }
 }
-
 
 function optionError(option: number, reply: OptionReplyMessage, exportName: string): BdsnapError {
   const text = reply.data.toString('utf8');

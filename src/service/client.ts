@@ -8,6 +8,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
 import { formatDuration } from '../units.js';
+import { withTimeout } from '../timeout.js';
 import { LineDecoder, parseResponse } from './control-lines.js';
 import { controlSocketPath, resolveRunDir } from './paths.js';
 import type {
@@ -71,15 +72,7 @@ export class BdsnapClient {
     const resolvedRunDir = resolveRunDir(runDir);
     const socketPath = controlSocketPath(resolvedRunDir);
     const socket = net.connect(socketPath);
-    let timer: NodeJS.Timeout | undefined;
-    await new Promise<void>((resolve, reject) => {
-      if (timeouts.timeoutMs !== undefined) {
-        const timeoutMs = timeouts.timeoutMs;
-        timer = setTimeout(() => {
-          socket.destroy();
-          reject(new BdsnapError('ETIMEDOUT', `the bdsnap daemon at ${socketPath} did not accept a connection within ${formatDuration(timeoutMs)}: it is stopped or hung`));
-        }, timeoutMs);
-      }
+    const connected = new Promise<void>((resolve, reject) => {
       socket.once('connect', () => resolve());
       socket.once('error', (err: NodeJS.ErrnoException) => {
         socket.destroy();
@@ -94,7 +87,11 @@ export class BdsnapClient {
           reject(new BdsnapError('EIO', `cannot connect to ${socketPath}: ${err.message}`, { cause: err }));
         }
       });
-    }).finally(() => clearTimeout(timer));
+    });
+    await withTimeout(connected, timeouts.timeoutMs, () => {
+      socket.destroy();
+      return new BdsnapError('ETIMEDOUT', `the bdsnap daemon at ${socketPath} did not accept a connection within ${formatDuration(timeouts.timeoutMs!)}: it is stopped or hung`);
+    });
     return new BdsnapClient(socket, resolvedRunDir, timeouts);
   }
 
@@ -295,4 +292,3 @@ export async function withClient<T>(runDir: string | undefined, fn: (client: Bds
     client.close();
   }
 }
-
