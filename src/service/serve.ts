@@ -49,19 +49,26 @@ const MAX_SERVE_THREADS = 4;
  * Threads for plain images (no session: connections share nothing but the files): one per
  * core, at most MAX_SERVE_THREADS; BDSNAP_NBD_THREADS=N sets the count (1: this thread only).
  */
-function serveThreads(devices: FileDevice[]): NbdServerOptions['threads'] {
-  const asked = process.env.BDSNAP_NBD_THREADS;
-  const count = asked !== undefined && /^\d+$/.test(asked) ? Number(asked) : os.availableParallelism();
+function serveThreads(devices: FileDevice[], count: number): NbdServerOptions['threads'] {
   if (count <= 1) return undefined;
   const threads = Math.min(count, MAX_SERVE_THREADS);
   const exports: ServeWorkerExport[] = devices.map((d) => ({ name: d.path, identity: d.identity, readOnly: d.readOnly }));
   return { count: threads, script: new URL('./serve-worker.js', import.meta.url), exports };
 }
 
+/** BDSNAP_NBD_THREADS, or one thread per core; anything but a whole number is refused. */
+function threadCountAsked(): number {
+  const asked = process.env.BDSNAP_NBD_THREADS;
+  if (asked === undefined || asked === '') return os.availableParallelism();
+  if (!/^\d+$/.test(asked)) throw new BdsnapError('EINVAL', `BDSNAP_NBD_THREADS=${asked} is not a whole number of threads (1: serve every connection on one thread)`);
+  return Number(asked);
+}
+
 /** Open every image and listen. Errors: EINVAL (no image, no listener, TCP refused), ENOENT, EBUSY. */
 export async function startServe(options: ServeOptions): Promise<RunningServe> {
   if (options.images.length === 0) throw new BdsnapError('EINVAL', 'no image to serve');
   if (options.socketPath === undefined && options.listen === undefined) throw new BdsnapError('EINVAL', 'no listener');
+  const threadCount = threadCountAsked();
   const tls = await loadTls(options.tls ?? {});
   if (options.listen) checkTcpPolicy(options.listen, tls, options.insecureTcp ?? false, 'the images');
   const opened: FileDevice[] = [];
@@ -83,7 +90,7 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
       opened.push(device);
       exports.push({ name: real, device: options.wrap ? options.wrap(device, real) : device });
     }
-    const { server, endpoints } = await listenOn(exports, options, tls, options.wrap === undefined ? serveThreads(opened) : undefined);
+    const { server, endpoints } = await listenOn(exports, options, tls, options.wrap === undefined ? serveThreads(opened, threadCount) : undefined);
     let stopping: Promise<void> | undefined;
     return {
       server,
