@@ -4,7 +4,7 @@
  * ("preserved 16381 chunks, not 16384") where the session held exactly the blocks fio changed.
  */
 
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -20,18 +20,23 @@ const WRITES = 512;
 const IO_DEPTH = 16;
 const UNSENT = 3;
 
-test('the first-write check passes a session that preserved every block fio changed, though fio left writes of the log unsent', { timeout: 60_000 }, async (t) => {
-  if (!needs(t, { tools: ['fio'] })) return;
+/** A random image and the first-write log of the bench's row over it, with the row's check. */
+function firstWriteCell(t: TestContext): { dir: string; image: string; logPath: string; check: ReturnType<typeof preservedPerLoggedWrite> } {
   const dir = makeTempDir(t);
   const image = makeImage(path.join(dir, 'image.img'), IMAGE_BYTES, 'random');
   const logPath = path.join(dir, 'first-writes.iolog');
   writeFirstWriteLog(logPath, IMAGE_BYTES, CHUNK_BYTES, WRITES);
+  return { dir, image, logPath, check: preservedPerLoggedWrite(image, logPath, IO_DEPTH) };
+}
+
+test('the first-write check passes a session that preserved every block fio changed, though fio left writes of the log unsent', { timeout: 60_000 }, async (t) => {
+  if (!needs(t, { tools: ['fio'] })) return;
+  const { dir, image, logPath, check } = firstWriteCell(t);
   // What fio sends when it leaves the last writes of the log unsent.
   const lines = fs.readFileSync(logPath, 'utf8').split('\n');
   const sentPath = path.join(dir, 'sent.iolog');
   fs.writeFileSync(sentPath, [...lines.slice(0, 3 + WRITES - UNSENT), ...lines.slice(3 + WRITES)].join('\n'));
 
-  const check = preservedPerLoggedWrite(image, logPath, IO_DEPTH);
   const running = await BDSNAP_SESSION.start({ imagePath: image, snapshotParent: dir });
   try {
     const result = await runFio({ uri: running.uri, rw: 'randwrite', blockSizeBytes: 4096, ioDepth: IO_DEPTH, sizeBytes: IMAGE_BYTES, extraArgs: [`--read_iolog=${sentPath}`] });
@@ -44,11 +49,7 @@ test('the first-write check passes a session that preserved every block fio chan
 });
 
 test('the first-write check refuses a session that preserved fewer chunks than fio changed blocks', (t) => {
-  const dir = makeTempDir(t);
-  const image = makeImage(path.join(dir, 'image.img'), IMAGE_BYTES, 'random');
-  const logPath = path.join(dir, 'first-writes.iolog');
-  writeFirstWriteLog(logPath, IMAGE_BYTES, CHUNK_BYTES, WRITES);
-  const check = preservedPerLoggedWrite(image, logPath, IO_DEPTH);
+  const { image, logPath, check } = firstWriteCell(t);
   const fd = fs.openSync(image, 'r+');
   const offsets = fs.readFileSync(logPath, 'utf8').split('\n').filter((l) => l.startsWith('nbd write')).map((l) => Number(l.split(' ')[2]));
   for (const offset of offsets) fs.writeSync(fd, Buffer.alloc(4096, 0xa5), 0, 4096, offset);
@@ -59,10 +60,6 @@ test('the first-write check refuses a session that preserved fewer chunks than f
 });
 
 test('the first-write check refuses a cell where fio sent much less than the log', (t) => {
-  const dir = makeTempDir(t);
-  const image = makeImage(path.join(dir, 'image.img'), IMAGE_BYTES, 'random');
-  const logPath = path.join(dir, 'first-writes.iolog');
-  writeFirstWriteLog(logPath, IMAGE_BYTES, CHUNK_BYTES, WRITES);
-  const check = preservedPerLoggedWrite(image, logPath, IO_DEPTH);
+  const { check } = firstWriteCell(t);
   assert.throws(() => check({ uri: '', stop: async () => {}, preservedChunks: () => 0 }), /fio changed only 0 of the 512 blocks/);
 });

@@ -22,6 +22,16 @@ import { InstantRestores, type SourceOpener } from '../../src/service/instant-re
 const MiB = 1024 * 1024;
 const PIECE = 256 * 1024;
 
+/** Instant restores with their state and events under `dir`, restoring into `out`. */
+async function instantRestores(dir: string, opener: SourceOpener): Promise<{ events: EventLog; restores: InstantRestores; out: string }> {
+  const log = pino({ level: 'silent' });
+  fs.mkdirSync(path.join(dir, 'events'));
+  fs.mkdirSync(path.join(dir, 'state'), { mode: 0o700 });
+  const events = await EventLog.open(path.join(dir, 'events'), log);
+  const restores = new InstantRestores({ stateDir: path.join(dir, 'state'), events, log, openSource: opener });
+  return { events, restores, out: path.join(dir, 'restored.img') };
+}
+
 test('the background copy of an instant restore fetches each pack\'s pieces in a few reads, each piece once, and ends exact', { timeout: 60_000 }, async (t) => {
   const dir = makeTempDir(t, 'bdsnap-instant-copy-');
   const repeated = randomBytes(PIECE);
@@ -42,12 +52,7 @@ test('the background copy of an instant restore fetches each pack\'s pieces in a
     const restoreSource = { source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, close: () => opened.close() };
     return restoreSource;
   };
-  const log = pino({ level: 'silent' });
-  fs.mkdirSync(path.join(dir, 'events'));
-  fs.mkdirSync(path.join(dir, 'state'), { mode: 0o700 });
-  const events = await EventLog.open(path.join(dir, 'events'), log);
-  const restores = new InstantRestores({ stateDir: path.join(dir, 'state'), events, log, openSource: opener });
-  const out = path.join(dir, 'restored.img');
+  const { events, restores, out } = await instantRestores(dir, opener);
   try {
     await restores.start({ repo: 'repo', backup: id, device: '/dev/mixed', target: out, output: true }, async () => undefined);
     const deadline = Date.now() + 30_000;
@@ -97,12 +102,7 @@ test('from a local repository the background copy has the piece workers place ea
       }),
     };
   };
-  const log = pino({ level: 'silent' });
-  fs.mkdirSync(path.join(dir, 'events'));
-  fs.mkdirSync(path.join(dir, 'state'), { mode: 0o700 });
-  const events = await EventLog.open(path.join(dir, 'events'), log);
-  const restores = new InstantRestores({ stateDir: path.join(dir, 'state'), events, log, openSource: opener });
-  const out = path.join(dir, 'restored.img');
+  const { events, restores, out } = await instantRestores(dir, opener);
   const packsDir = path.join(repoDir, PACKS_PREFIX);
   const awayDir = path.join(dir, 'packs-away');
   try {

@@ -77,6 +77,15 @@ async function twoDaemons(t: Parameters<typeof sandbox>[0], make: (src: Sandbox,
   return { src, dst, source, standby, devices, targets, uri };
 }
 
+/** Two daemons, the source serving one device of `sizeBytes` and the standby one target of other content. */
+async function oneDeviceEach(t: Parameters<typeof sandbox>[0], sizeBytes: number, sourceEnv: NodeJS.ProcessEnv = {}) {
+  const daemons = await twoDaemons(t, (s, d) => ({
+    devices: [makeImage(path.join(s.top, 'a.img'), sizeBytes, 'random', 1)],
+    targets: [makeImage(path.join(d.top, 'images', 'a.img'), sizeBytes, 'random', 2)],
+  }), sourceEnv);
+  return { ...daemons, device: daemons.devices[0]!, target: daemons.targets[0]! };
+}
+
 test('two devices under an ordered writer: each sync leaves the standby one point in time of both, exactly', { timeout: 180_000 }, async (t) => {
   const WRITE_BYTES = 512;
   // Many small blocks: the writer must not run out before the last sync, however fast it goes.
@@ -124,11 +133,7 @@ test('two devices under an ordered writer: each sync leaves the standby one poin
 
 test('an incremental sync sends only the changed blocks; a change-map reset makes the next one full, and says so', { timeout: 120_000 }, async (t) => {
   const DEVICE_BYTES = 32 << 20;
-  const { src, dst, devices, targets } = await twoDaemons(t, (s, d) => ({
-    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
-    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
-  }));
-  const [device, target] = [devices[0]!, targets[0]!];
+  const { src, dst, device, target } = await oneDeviceEach(t, DEVICE_BYTES);
   const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target)]);
   const first = sync(src, replica.id);
   assert.equal(first.lastSync?.full, true);
@@ -188,11 +193,7 @@ async function syncUntilHalfway(source: RunningDaemon, dst: Sandbox, id: string,
 
 test('SIGKILL of the sender, then of the standby, mid-sync: the standby stays at the last complete point; the next sync completes it', { timeout: 180_000 }, async (t) => {
   const DEVICE_BYTES = 16 << 20;
-  const { src, dst, source, standby, devices, targets } = await twoDaemons(t, (s, d) => ({
-    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
-    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
-  }));
-  const [device, target] = [devices[0]!, targets[0]!];
+  const { src, dst, source, standby, device, target } = await oneDeviceEach(t, DEVICE_BYTES);
   // 4 MiB/s: a sync of the whole device takes four seconds, time to kill it halfway.
   const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target), '--limit-rate', '4M']);
   sync(src, replica.id);
@@ -257,11 +258,7 @@ test('nbdkit as a plain target: the copy is marked incomplete while a sync is cu
 
 test('failover on the standby: the device is an ordinary one there, and the sender is refused from then on', { timeout: 120_000 }, async (t) => {
   const DEVICE_BYTES = 4 << 20;
-  const { src, dst, devices, targets } = await twoDaemons(t, (s, d) => ({
-    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
-    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
-  }));
-  const [device, target] = [devices[0]!, targets[0]!];
+  const { src, dst, device, target } = await oneDeviceEach(t, DEVICE_BYTES);
   const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target)]);
   const notYet = cli(dst, ['replica', 'failover', replica.id]);
   assert.notEqual(notYet.status, 0);
@@ -396,14 +393,11 @@ async function sessionsOf(box: Sandbox, device: string): Promise<{ count: number
 
 test('a standby that stops answering: replica-lagging once past the threshold (3x --every by default), then replica-synced clears it', { timeout: 120_000 }, async (t) => {
   const DEVICE_BYTES = 4 << 20;
-  const { src, dst, standby, devices, targets } = await twoDaemons(t, (s, d) => ({
-    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
-    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
-  }));
+  const { src, dst, standby, device, target } = await oneDeviceEach(t, DEVICE_BYTES);
   t.after(() => {
     standby.server.kill('SIGCONT');
   });
-  const replica = addReplica(src, [devices[0]!, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), targets[0]!), '--every', '1s']);
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target), '--every', '1s']);
   assert.equal(replica.laggingAfterMs, 3000, 'the default threshold is three intervals');
   await until('a scheduled sync', () => events(src, 'replica-synced').length >= 1, 20_000, 50);
 
@@ -435,11 +429,7 @@ test('a standby that stops answering: replica-lagging once past the threshold (3
 test('the standby forgets the sessions of committed syncs: many syncs leave a bounded standby, and a sync cut short still rolls back', { timeout: 180_000 }, async (t) => {
   const DEVICE_BYTES = 8 << 20;
   const CHANGE_BYTES = 64 << 10;
-  const { src, dst, source, devices, targets } = await twoDaemons(t, (s, d) => ({
-    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
-    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
-  }));
-  const [device, target] = [devices[0]!, targets[0]!];
+  const { src, dst, source, device, target } = await oneDeviceEach(t, DEVICE_BYTES);
   const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target), '--limit-rate', '4M']);
   sync(src, replica.id);
   const counts: string[] = [];
@@ -469,11 +459,7 @@ test('the standby forgets the sessions of committed syncs: many syncs leave a bo
 
 test('replica remove reaches the standby: it keeps the last complete point as an ordinary device and lets go of the replica', { timeout: 120_000 }, async (t) => {
   const DEVICE_BYTES = 4 << 20;
-  const { src, dst, standby, devices, targets } = await twoDaemons(t, (s, d) => ({
-    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
-    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
-  }));
-  const [device, target] = [devices[0]!, targets[0]!];
+  const { src, dst, standby, device, target } = await oneDeviceEach(t, DEVICE_BYTES);
   const uri = nbdUri(path.join(dst.runDir, 'nbd.sock'), target);
   const first = addReplica(src, [device, '--to', uri]);
   sync(src, first.id);
@@ -509,14 +495,10 @@ test('replica remove reaches the standby: it keeps the last complete point as an
 test('a stopped standby (SIGSTOP): the sync fails within its timeout with a one-line reason, status says so, and after SIGCONT the next sync completes the standby', { timeout: 120_000 }, async (t) => {
   const DEVICE_BYTES = 16 << 20;
   const TIMEOUT_MS = 1000;
-  const { src, dst, source, standby, devices, targets } = await twoDaemons(t, (s, d) => ({
-    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
-    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
-  }), { BDSNAP_REPLICA_TIMEOUT_MS: String(TIMEOUT_MS) });
+  const { src, dst, source, standby, device, target } = await oneDeviceEach(t, DEVICE_BYTES, { BDSNAP_REPLICA_TIMEOUT_MS: String(TIMEOUT_MS) });
   t.after(() => {
     standby.server.kill('SIGCONT');
   });
-  const [device, target] = [devices[0]!, targets[0]!];
   const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target), '--limit-rate', '4M']);
   sync(src, replica.id);
   let complete = await sha256File(target);
@@ -570,11 +552,7 @@ test('a stopped standby (SIGSTOP): the sync fails within its timeout with a one-
 
 test('two syncs back to back: the second waits for the standby to let go of the first instead of being refused', { timeout: 120_000 }, async (t) => {
   const DEVICE_BYTES = 64 << 20;
-  const { src, dst, devices, targets } = await twoDaemons(t, (s, d) => ({
-    devices: [makeImage(path.join(s.top, 'a.img'), DEVICE_BYTES, 'random', 1)],
-    targets: [makeImage(path.join(d.top, 'images', 'a.img'), DEVICE_BYTES, 'random', 2)],
-  }));
-  const [device, target] = [devices[0]!, targets[0]!];
+  const { src, dst, device, target } = await oneDeviceEach(t, DEVICE_BYTES);
   const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target)]);
   // Straight from one control connection: no process start between the two.
   const client = await BdsnapClient.connect(src.runDir);
