@@ -481,6 +481,8 @@ interface Running {
   doneAtStart: number;
   finishedAt: string | undefined;
   stopping: boolean;
+  /** Ends the copy's backoff wait early, so that a shutdown need not sit it out. */
+  wake: (() => void) | undefined;
   copier: Promise<void> | undefined;
 }
 
@@ -666,7 +668,7 @@ export class InstantRestores {
     });
     const r: Running = {
       state, dir, device, target, map, source: opened, phase: 'running', connections: 0, lastError: undefined,
-      startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, copier: undefined,
+      startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, wake: undefined, copier: undefined,
     };
     this.#running.set(state.target, r);
     r.copier = this.#copy(r).catch((err: unknown) => {
@@ -748,7 +750,12 @@ export class InstantRestores {
       if (failure) {
         r.lastError = failure.message;
         this.#options.log.warn({ event: 'restore-retry', target: r.state.target, reason: r.lastError, inMs: delay }, 'instant restore: retrying');
-        await new Promise((resolve) => setTimeout(resolve, delay));
+        await new Promise<void>((resolve) => {
+          if (r.stopping) return resolve();
+          const timer = setTimeout(resolve, delay);
+          r.wake = () => { clearTimeout(timer); resolve(); };
+        });
+        r.wake = undefined;
         delay = Math.min(delay * 2, RETRY_MAX_MS);
         continue;
       }
@@ -820,7 +827,10 @@ export class InstantRestores {
 
   /** Shutdown: stop the copies, make what is done durable, close. Restores resume at the next start. */
   async closeAll(): Promise<void> {
-    for (const r of this.#running.values()) r.stopping = true;
+    for (const r of this.#running.values()) {
+      r.stopping = true;
+      r.wake?.();
+    }
     for (const r of [...this.#running.values()]) {
       await r.copier;
       await r.device.flush().catch(() => undefined);

@@ -137,3 +137,40 @@ test('from a local repository the background copy has the piece workers place ea
     events.close();
   }
 });
+
+test('shutdown does not wait out the backoff of a copy that cannot read the backup', { timeout: 60_000 }, async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-instant-stop-');
+  const image = randomBytes(4 * MiB);
+  const repoDir = path.join(dir, 'repo');
+  const repo = await initRepo(new LocalDirStore(repoDir));
+  const source: BackupSource = { device: '/dev/stop', sizeBytes: image.length, changed: null, why: 'test', read: async (to, offset) => void image.copy(to, 0, offset, offset + to.length) };
+  const { id } = await createBackup(repo, [source]);
+  const opener: SourceOpener = async () => {
+    const opened = await openBackupDevices(await openRepo(new LocalDirStore(repoDir)), id);
+    const found = opened.devices[0]!;
+    return { source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, close: () => opened.close() };
+  };
+  const log = pino({ level: 'silent' });
+  fs.mkdirSync(path.join(dir, 'events'));
+  fs.mkdirSync(path.join(dir, 'state'), { mode: 0o700 });
+  const events = await EventLog.open(path.join(dir, 'events'), log);
+  const restores = new InstantRestores({ stateDir: path.join(dir, 'state'), events, log, openSource: opener });
+  const packsDir = path.join(repoDir, PACKS_PREFIX);
+  const awayDir = path.join(dir, 'packs-away');
+  fs.renameSync(packsDir, awayDir);
+  let closed = false;
+  try {
+    await restores.start({ repo: 'repo', backup: id, device: '/dev/stop', target: path.join(dir, 'restored.img'), output: true }, async () => undefined);
+    // After a few failed rounds the copy sleeps seconds before the next one.
+    await new Promise((resolve) => setTimeout(resolve, 4_800));
+    assert.ok(restores.list()[0]!.error, 'the copy reports the pieces it cannot read');
+    const began = Date.now();
+    await restores.closeAll();
+    closed = true;
+    assert.ok(Date.now() - began < 1_000, `closeAll returned in ${Date.now() - began} ms, not once the backoff ran out`);
+  } finally {
+    fs.renameSync(awayDir, packsDir);
+    if (!closed) await restores.closeAll();
+    events.close();
+  }
+});
