@@ -150,17 +150,13 @@ test('shutdown does not wait out the backoff of a copy that cannot read the back
     const found = opened.devices[0]!;
     return { source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, close: () => opened.close() };
   };
-  const log = pino({ level: 'silent' });
-  fs.mkdirSync(path.join(dir, 'events'));
-  fs.mkdirSync(path.join(dir, 'state'), { mode: 0o700 });
-  const events = await EventLog.open(path.join(dir, 'events'), log);
-  const restores = new InstantRestores({ stateDir: path.join(dir, 'state'), events, log, openSource: opener });
+  const { events, restores, out } = await instantRestores(dir, opener);
   const packsDir = path.join(repoDir, PACKS_PREFIX);
   const awayDir = path.join(dir, 'packs-away');
   fs.renameSync(packsDir, awayDir);
   let closed = false;
   try {
-    await restores.start({ repo: 'repo', backup: id, device: '/dev/stop', target: path.join(dir, 'restored.img'), output: true }, async () => undefined);
+    await restores.start({ repo: 'repo', backup: id, device: '/dev/stop', target: out, output: true }, async () => undefined);
     // After a few failed rounds the copy sleeps seconds before the next one.
     await new Promise((resolve) => setTimeout(resolve, 4_800));
     assert.ok(restores.list()[0]!.error, 'the copy reports the pieces it cannot read');
