@@ -4,12 +4,17 @@
  * straight into its payload buffer (the same adopted socket as bdsnap's), a synchronous
  * pread or pwrite, a simple reply: no request checks beyond the header, no queue, no memory
  * cap, no session, no export list, no log. With `--processes N`, N processes (node:cluster)
- * share the listening socket, each connection served whole by one of them.
+ * share the listening socket, each connection served whole by one of them. With `--threads N`,
+ * one process accepts and hands each connection to one of N worker threads (the fewest
+ * connections first), each with its own descriptor of the image, as `bdsnap serve` does.
+ * `--async` does the file I/O on libuv's thread pool instead (each request its own buffer,
+ * answered when its transfer is done, in whatever order), as bdsnap does for large transfers
+ * when the page cache is slow.
  *
- * The `nbdcopy-write` row runs it beside bdsnap and nbdkit: what it reaches is the most a
- * server on this runtime can be expected to reach, whatever it does on top.
+ * The nbdcopy rows run it beside bdsnap and nbdkit: what it reaches is the most a server on
+ * this runtime can be expected to reach, whatever it does on top.
  *
- * Run: node dist/bench/nbd-floor.js [--processes N] SOCKET IMAGE
+ * Run: node dist/bench/nbd-floor.js [--processes N | --threads N] [--async] SOCKET IMAGE
  * Prints "nbd-floor: serving SOCKET" on stderr once it accepts connections; SIGTERM stops it.
  */
 
@@ -19,10 +24,13 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import * as C from '../src/nbd/constants.js';
 import { adoptWithReadBuffer } from '../src/nbd/server.js';
 import { encodeExportNameReply, encodeGreeting, encodeInfoExport, encodeOptionReply, encodeSimpleReply } from '../src/nbd/encoders.js';
-import { preadFullySync, pwriteFullySync } from '../src/host/fd-io.js';
+import { preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../src/host/fd-io.js';
+import { loadLibc } from '../src/host/libc.js';
+import { socketFd } from '../src/unix-socket.js';
 
 const OPTION_HEADER_BYTES = 16;
 const REQUEST_HEADER_BYTES = 28;
@@ -35,8 +43,22 @@ function noHandle(): never {
   throw new Error('this Node.js has no socket handle to adopt');
 }
 
-/** One client: handshake, then requests, parsed from one reused buffer. */
-function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
+/** Free buffers of each size, for requests served on the thread pool (each holds its own until answered). */
+class FreeBuffers {
+  #free = new Map<number, Buffer[]>();
+  take(length: number): Buffer {
+    return this.#free.get(length)?.pop() ?? Buffer.allocUnsafeSlow(length);
+  }
+  give(buffer: Buffer): void {
+    const list = this.#free.get(buffer.length);
+    if (list === undefined) this.#free.set(buffer.length, [buffer]);
+    else if (list.length < 16) list.push(buffer);
+  }
+}
+
+/** One client: handshake, then requests, parsed from one reused buffer; with `async`, transfers on the thread pool. */
+function serve(socket: net.Socket, fd: number, sizeBytes: number, async: boolean): void {
+  const free = new FreeBuffers();
   const input = Buffer.allocUnsafe(READ_BUFFER_BYTES);
   let have = 0;
   // The payload of the WRITE being received, its fill and where it goes.
@@ -67,8 +89,8 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
       parse();
     },
   }) ?? noHandle();
-  const reply = (errno: number, data?: Buffer): void => {
-    adopted.write(encodeSimpleReply(errno, cookieHi, cookieLo));
+  const reply = (errno: number, data?: Buffer, hi = cookieHi, lo = cookieLo): void => {
+    adopted.write(encodeSimpleReply(errno, hi, lo));
     if (data !== undefined) adopted.write(data);
   };
   const consume = (n: number): void => {
@@ -78,8 +100,16 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
   const writePayload = (): void => {
     const data = payload as Buffer;
     payload = undefined;
-    pwriteFullySync(fd, data, writeAt);
-    reply(0);
+    if (!async) {
+      pwriteFullySync(fd, data, writeAt);
+      reply(0);
+      return;
+    }
+    const [hi, lo] = [cookieHi, cookieLo];
+    void pwriteFully(fd, data, writeAt).then(() => {
+      free.give(data);
+      reply(0, undefined, hi, lo);
+    }, () => adopted.destroy());
   };
   const option = (type: number): boolean => {
     if (type === C.NBD_OPT_GO || type === C.NBD_OPT_INFO) {
@@ -110,7 +140,7 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
     }
     if (type === C.NBD_CMD_WRITE) {
       const inInput = Math.min(length, have - REQUEST_HEADER_BYTES);
-      payload = payloadBuffer.subarray(0, length);
+      payload = async ? free.take(length) : payloadBuffer.subarray(0, length);
       input.copy(payload, 0, REQUEST_HEADER_BYTES, REQUEST_HEADER_BYTES + inInput);
       consume(REQUEST_HEADER_BYTES + inInput);
       filled = inInput;
@@ -119,7 +149,15 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
       return true;
     }
     consume(REQUEST_HEADER_BYTES);
-    if (type === C.NBD_CMD_READ) {
+    if (type === C.NBD_CMD_READ && async) {
+      const data = free.take(length);
+      const [hi, lo] = [cookieHi, cookieLo];
+      void preadFully(fd, data, offset).then(() => {
+        // Given back once the socket has sent it.
+        adopted.write(encodeSimpleReply(0, hi, lo));
+        adopted.write(data, () => free.give(data));
+      }, () => adopted.destroy());
+    } else if (type === C.NBD_CMD_READ) {
       const data = Buffer.allocUnsafe(length);
       preadFullySync(fd, data, offset);
       reply(0, data);
@@ -166,26 +204,71 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number): void {
   adopted.resume();
 }
 
-function listen(socketPath: string, imagePath: string, announce: boolean): void {
+function openImage(imagePath: string): { fd: number; sizeBytes: number } {
   const fd = fs.openSync(imagePath, 'r+');
-  const sizeBytes = fs.fstatSync(fd).size;
-  const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => serve(socket, fd, sizeBytes));
+  return { fd, sizeBytes: fs.fstatSync(fd).size };
+}
+
+function listen(socketPath: string, imagePath: string, async: boolean, announce: boolean): void {
+  const { fd, sizeBytes } = openImage(imagePath);
+  const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => serve(socket, fd, sizeBytes, async));
   server.listen(socketPath, () => {
     if (announce) process.stderr.write(`nbd-floor: serving ${socketPath}\n`);
   });
   process.once('SIGTERM', () => process.exit(0));
 }
 
+interface ThreadData { imagePath: string; async: boolean }
+
+/** One process accepting, `threads` worker threads serving: each connection's descriptor is duplicated and posted to the one with the fewest. */
+function listenThreaded(socketPath: string, imagePath: string, async: boolean, threads: number): void {
+  const libc = loadLibc();
+  if (libc === undefined) throw new Error('no libc binding to duplicate descriptors with');
+  const workers = Array.from({ length: threads }, () => ({ worker: new Worker(fileURLToPath(import.meta.url), { workerData: { imagePath, async } satisfies ThreadData }), connections: 0 }));
+  for (const w of workers) w.worker.on('message', () => w.connections--);
+  const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => {
+    const fd = socketFd(socket);
+    if (fd === undefined) throw new Error('an accepted socket without a descriptor');
+    const w = workers.reduce((a, b) => (b.connections < a.connections ? b : a));
+    const copy = libc.duplicate(fd);
+    socket.destroy();
+    w.connections++;
+    w.worker.postMessage(copy);
+  });
+  server.listen(socketPath, () => process.stderr.write(`nbd-floor: serving ${socketPath} from ${threads} threads${async ? ' (thread-pool I/O)' : ''}\n`));
+  process.once('SIGTERM', () => process.exit(0));
+}
+
+/** A worker thread of listenThreaded: its own descriptor of the image, the connections posted to it. */
+function serveThread(): void {
+  const { imagePath, async } = workerData as ThreadData;
+  const { fd, sizeBytes } = openImage(imagePath);
+  parentPort?.on('message', (socketFdCopy: number) => {
+    const socket = new net.Socket({ fd: socketFdCopy, readable: true, writable: true, allowHalfOpen: true, pauseOnCreate: true } as net.SocketConstructorOpts);
+    socket.once('close', () => parentPort?.postMessage('closed'));
+    serve(socket, fd, sizeBytes, async);
+  });
+}
+
 function main(): void {
-  const { values, positionals } = parseArgs({ allowPositionals: true, options: { processes: { type: 'string', default: '1' } } });
+  const { values, positionals } = parseArgs({
+    allowPositionals: true,
+    options: { processes: { type: 'string', default: '1' }, threads: { type: 'string', default: '1' }, async: { type: 'boolean', default: false } },
+  });
   const processes = Number(values.processes);
+  const threads = Number(values.threads);
+  const async = values.async ?? false;
   const [socketPath, imagePath] = positionals;
-  if (socketPath === undefined || imagePath === undefined || !(Number.isInteger(processes) && processes >= 1)) {
-    throw new Error('usage: nbd-floor [--processes N] SOCKET IMAGE');
+  const count = (n: number): boolean => Number.isInteger(n) && n >= 1;
+  if (socketPath === undefined || imagePath === undefined || !count(processes) || !count(threads) || (processes > 1 && threads > 1)) {
+    throw new Error('usage: nbd-floor [--processes N | --threads N] [--async] SOCKET IMAGE');
   }
-  if (processes === 1) {
+  if (threads > 1) {
     fs.rmSync(socketPath, { force: true });
-    listen(socketPath, imagePath, true);
+    listenThreaded(socketPath, imagePath, async, threads);
+  } else if (processes === 1) {
+    fs.rmSync(socketPath, { force: true });
+    listen(socketPath, imagePath, async, true);
   } else if (cluster.isPrimary) {
     fs.rmSync(socketPath, { force: true });
     let listening = 0;
@@ -199,11 +282,13 @@ function main(): void {
       process.exit(0);
     });
   } else {
-    listen(socketPath, imagePath, false);
+    listen(socketPath, imagePath, async, false);
   }
 }
 
-if (process.argv[1] !== undefined && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+if (!isMainThread) {
+  serveThread();
+} else if (process.argv[1] !== undefined && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
   try {
     main();
   } catch (err) {

@@ -20,6 +20,7 @@
 
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { deflateRawSync } from 'node:zlib';
@@ -324,18 +325,22 @@ async function nbdcopyCells(target: Target, context: RowContext, direction: 'rea
   });
 }
 
+/** Worker threads of the threaded floor: as many as `bdsnap serve` starts here (one per core, at most 4). */
+const NBD_FLOOR_THREADS = Math.min(4, Math.max(2, os.availableParallelism()));
+
 function nbdcopyRow(id: string, direction: 'read' | 'write'): BenchRow {
   return versusNbdkit(
     id,
     `nbdcopy ${direction === 'read' ? 'image -> null:' : 'file -> image'}, 4 connections, vs nbdkit`,
     `${direction === 'read'
       ? 'nbdcopy -C 4 URI null: (the whole image of random data, 4 connections, nbdcopy\'s default requests in flight)'
-      : 'nbdcopy -C 4 FILE URI (a file of random data in the page cache copied over the whole image, 4 connections)'}, wall time of the copy: bdsnap serve against nbdkit file. Two copies per server: the figure compares the second (a running server); the first, on a freshly started server, is in the cold columns${direction === 'write'
-      ? '. node-floor and node-floor-2p: the same copies into nbd-floor.ts, the least NBD server in Node.js (no checks, synchronous file I/O), from one event loop and from two processes'
-      : ''}`,
+      : 'nbdcopy -C 4 FILE URI (a file of random data in the page cache copied over the whole image, 4 connections)'}, wall time of the copy: bdsnap serve against nbdkit file. Two copies per server: the figure compares the second (a running server); the first, on a freshly started server, is in the cold columns. node-floor*: the same copies ${direction === 'read' ? 'from' : 'into'} nbd-floor.ts, the least NBD server in Node.js (no checks, synchronous file I/O), from one event loop${direction === 'write' ? ', from two processes' : ''} and from ${NBD_FLOOR_THREADS} worker threads as bdsnap serves (-async: file I/O on the thread pool)`,
     (target, context) => nbdcopyCells(target, context, direction),
     [' cold'],
-    direction === 'write' ? [nbdFloor(1), nbdFloor(2)] : [],
+    [
+      nbdFloor(), ...(direction === 'write' ? [nbdFloor({ processes: 2 })] : []),
+      nbdFloor({ threads: NBD_FLOOR_THREADS }), nbdFloor({ threads: NBD_FLOOR_THREADS, async: true }),
+    ],
   );
 }
 

@@ -141,17 +141,22 @@ export const BDSNAP_REWRITE: Target = {
 
 const NBD_FLOOR_MAIN = fileURLToPath(new URL('./nbd-floor.js', import.meta.url));
 
-/** nbd-floor.ts: the least a Node.js server does to serve the image, from `processes` processes. */
-export function nbdFloor(processes: number): Target {
+/** How nbd-floor.ts serves: from `processes` processes, or one process with `threads` worker threads; `async`: file I/O on the thread pool. */
+export interface NbdFloorShape { processes?: number; threads?: number; async?: boolean }
+
+/** nbd-floor.ts: the least a Node.js server does to serve the image. */
+export function nbdFloor({ processes = 1, threads = 1, async = false }: NbdFloorShape = {}): Target {
+  const from = threads > 1 ? `${threads} worker threads` : processes > 1 ? `${processes} processes` : 'one event loop';
+  const name = threads > 1 ? 'node-floor-threads' : processes > 1 ? `node-floor-${processes}p` : 'node-floor';
   return {
-    name: processes === 1 ? 'node-floor' : `node-floor-${processes}p`,
-    description: `nbd-floor (Node.js, no checks, synchronous file I/O) from ${processes === 1 ? 'one event loop' : `${processes} processes`}`,
+    name: `${name}${async ? '-async' : ''}`,
+    description: `nbd-floor (Node.js, no checks, ${async ? 'file I/O on the thread pool' : 'synchronous file I/O'}) from ${from}`,
     start: async ({ imagePath }) => {
       const ownDir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-floor-'));
       const socketPath = path.join(ownDir, 'nbd.sock');
+      const args = [NBD_FLOOR_MAIN, '--processes', String(processes), '--threads', String(threads), ...(async ? ['--async'] : []), socketPath, imagePath];
       return fromServer(await launchServer(undefined, {
-        kind: 'nbd-floor', command: process.execPath, args: [NBD_FLOOR_MAIN, '--processes', String(processes), socketPath, imagePath],
-        socketPath, exportNames: [''], ownDir, readyPattern: /^nbd-floor: serving /m,
+        kind: 'nbd-floor', command: process.execPath, args, socketPath, exportNames: [''], ownDir, readyPattern: /^nbd-floor: serving /m,
       }), '');
     },
   };

@@ -10,7 +10,7 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { nbdFloor } from '../../bench/targets.js';
+import { nbdFloor, type NbdFloorShape } from '../../bench/targets.js';
 import { CleanupStack } from '../../testkit/cleanup.js';
 import { fillRandom, makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
 import { run } from '../../testkit/process.js';
@@ -73,10 +73,13 @@ for (const connections of [1, 4]) {
 }
 
 // The bench's floor server (bench/nbd-floor.ts) is only a floor if it serves what it is sent.
-for (const processes of [1, 2]) {
-  test(`nbdcopy through the bench's nbd-floor from ${processes} process(es), 4 connections, keeps every byte`, { timeout: 60_000 }, (t) =>
-    roundTrip(t, 4, 110 + processes, async (cleanup, served) => {
-      const server = await nbdFloor(processes).start({ imagePath: served });
+const FLOOR_SHAPES: Array<[string, NbdFloorShape]> = [
+  ['one process', {}], ['two processes', { processes: 2 }], ['two threads', { threads: 2 }], ['two threads, thread-pool I/O', { threads: 2, async: true }],
+];
+for (const [i, [how, shape]] of FLOOR_SHAPES.entries()) {
+  test(`nbdcopy through the bench's nbd-floor from ${how}, 4 connections, keeps every byte`, { timeout: 60_000 }, (t) =>
+    roundTrip(t, 4, 111 + i, async (cleanup, served) => {
+      const server = await nbdFloor(shape).start({ imagePath: served });
       cleanup.after(() => server.stop());
       return server.uri;
     }));
