@@ -37,6 +37,8 @@ const REQUEST_HEADER_BYTES = 28;
 const READ_BUFFER_BYTES = 256 * 1024;
 /** The largest request accepted: 32 MiB, the most NBD clients send in one request. */
 const MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
+/** The send buffer bdsnap asks for on its unix sockets (a large READ reply then leaves in one write). */
+const SEND_BUFFER_BYTES = 4 * 1024 * 1024;
 const TRANSMISSION_FLAGS = C.NBD_FLAG_HAS_FLAGS | C.NBD_FLAG_SEND_FLUSH | C.NBD_FLAG_CAN_MULTI_CONN;
 
 function noHandle(): never {
@@ -58,6 +60,8 @@ class FreeBuffers {
 
 /** One client: handshake, then requests, parsed from one reused buffer; with `async`, transfers on the thread pool. */
 function serve(socket: net.Socket, fd: number, sizeBytes: number, async: boolean): void {
+  const socketDescriptor = socketFd(socket);
+  if (socketDescriptor !== undefined) loadLibc()?.setSendBuffer(socketDescriptor, SEND_BUFFER_BYTES);
   const free = new FreeBuffers();
   const input = Buffer.allocUnsafe(READ_BUFFER_BYTES);
   let have = 0;
