@@ -8,10 +8,8 @@
  * - Options are handled one at a time (the client must wait for each final reply anyway);
  *   decoding stops while an option is in progress, so a phase switch never races the decoder.
  * - Requests run concurrently and each reply is written as soon as it is complete (out of
- *   order); header and data always leave in one buffer, and small replies finishing in the
- *   same event-loop turn are corked into one writev. A large READ reply goes at once, and the
- *   next request is decoded only after it was handed to the socket, while its data is still
- *   in the CPU's cache.
+ *   order); header and data always leave in one buffer, and replies finishing in the same
+ *   event-loop turn are corked into one writev.
  * - Memory is bounded: every request is charged its payload (READ or WRITE length) plus a
  *   fixed overhead from the server's shared InFlightBudget before anything is allocated for it;
  *   its reply carries that charge (topped up to the reply's length) until the socket has taken it. Decoding pauses (and the socket
@@ -60,8 +58,6 @@ const END_TIMEOUT_MS = 5000;
  * bounds how many requests with no payload (FLUSH, TRIM, BLOCK_STATUS) can be in flight.
  */
 export const REQUEST_OVERHEAD_BYTES = 4096;
-/** A reply this large is sent at once (not corked), and decoding waits for it (see #pump). */
-const LARGE_REPLY_BYTES = 64 * 1024;
 
 /** What a connection shares with its server, and its limits. */
 export interface ConnectionContext {
@@ -270,12 +266,6 @@ export class ServerConnection {
         }
         if (!m) break;
         this.#dispatch(m);
-        if (m.kind === 'request' && m.type === C.NBD_CMD_READ && m.lengthBytes >= LARGE_REPLY_BYTES) {
-          // Its data was read (if from the page cache) into a buffer that is still in the CPU's
-          // cache: its reply, a microtask away, leaves before the next READ is read.
-          queueMicrotask(this.#pumpAgain);
-          return;
-        }
       }
     } finally {
       this.#pumping = false;
@@ -292,8 +282,6 @@ export class ServerConnection {
       else if (this.#state === 'handshake' || this.#state === 'transmission') this.#socket.resume();
     }
   }
-
-  #pumpAgain = (): void => this.#pump();
 
   /**
    * Whether to stop decoding. The cap leaves out the request being received: it was admitted,
@@ -502,11 +490,7 @@ export class ServerConnection {
     this.#unsentBuffers.push(pooled ? buf : undefined);
     if (this.#stallTimer === undefined) this.#armStallTimer();
     this.#queuedBytes += bytes;
-    if (bytes >= LARGE_REPLY_BYTES) {
-      // A large reply goes at once, after what is corked: held back, its data would leave the
-      // CPU's cache before the socket copies it, and the client would wait for all of them.
-      if (this.#corked) this.#uncork();
-    } else if (!this.#corked && this.#inFlightCount > 1) {
+    if (!this.#corked && this.#inFlightCount > 1) {
       // Replies completing in this turn of the event loop leave in one writev; a lone
       // request's reply goes at once.
       this.#corked = true;
