@@ -230,13 +230,23 @@ export class CowLayer extends PassThroughDevice {
     return this.#inflight.run(apply);
   }
 
-  #modifyCopying(first: number, last: number, copy: boolean, fua: boolean, apply: () => Promise<void>): Promise<void> {
-    return this.#inflight.track(async () => {
-      if (copy) await this.#preserve(first, last, true);
+  /**
+   * Counted for hold() and close() by hand rather than through InFlight.track: a first write
+   * is the engine's hot path, and each async frame between the copy and the device write is
+   * one more promise and microtask per request.
+   */
+  async #modifyCopying(first: number, last: number, copy: boolean, fua: boolean, apply: () => Promise<void>): Promise<void> {
+    this.#inflight.enter();
+    try {
+      if (copy) {
+        for (let wait = this.#claim(first, last, this.#reachAhead(first, last)); wait; wait = this.#claim(first, last, last)) await wait;
+      }
       // FUA: the originals of what this write replaces must be as durable as the write.
       if (fua) await this.#syncSinks();
       await apply();
-    });
+    } finally {
+      this.#inflight.leave();
+    }
   }
 
   async #syncSinks(): Promise<void> {
@@ -252,33 +262,39 @@ export class CowLayer extends PassThroughDevice {
   }
 
   /**
-   * Store the originals of chunks first..last for every point that lacks them. Resolves when
-   * every usable point holds them (or its sink gave up).
+   * Store the originals of chunks first..last for `point` where it lacks them (an image write
+   * changes its image, not the device). Resolves when it holds them (or its sink gave up).
    * @internal (SnapshotImage uses it before an image write)
    */
-  preserve(first: number, last: number, point: CowPoint): Promise<void> {
-    return this.#preserve(first, last, false, point);
+  async preserve(first: number, last: number, point: CowPoint): Promise<void> {
+    for (let wait = this.#claim(first, last, last, point); wait; wait = this.#claim(first, last, last, point)) await wait;
   }
 
-  /** `only`: copy for this point alone (an image write changes its image, not the device). */
-  async #preserve(first: number, last: number, mayReachAhead: boolean, only?: CowPoint): Promise<void> {
-    const needsCopy = only === undefined
-      ? (a: number, b: number): boolean => this.#needsCopy(a, b)
-      : (a: number, b: number): boolean => only.usable && !only.preserved.hasAll(a, b);
+  /**
+   * Claim the copies chunks first..last still need (for every point, or `only` that one),
+   * claiming on to `until` where those need it too, and return what to wait for before
+   * looking again: undefined once nothing lacks them. Looking again after the wait matters:
+   * a point added meanwhile (an image write can start a copy no barrier waits for) may lack
+   * them still. Synchronous: #copying is claimed before anyone else can look.
+   */
+  #claim(first: number, last: number, until: number, only?: CowPoint): Promise<unknown> | undefined {
+    if (only === undefined ? !this.#needsCopy(first, last) : !(only.usable && !only.preserved.hasAll(first, last))) return undefined;
+    const maxRunChunks = this.#soleCloner() ? Math.max(1, MAX_CLONE_RUN_BYTES / this.chunkSize) : this.#maxRunChunks;
+    const lacks = only === undefined ? (c: number): boolean => this.#needsCopy(c, c) : (c: number): boolean => only.usable && !only.preserved.has(c);
+    const waits = this.#copying.claim(first, until, maxRunChunks, lacks, (a, b) => this.#copyRun(a, b, only));
+    return waits.length === 1 ? waits[0] : Promise.all(waits);
+  }
+
+  /**
+   * Where a device write's claim ends: its last chunk, or further ahead for a sequential write
+   * whose only point clones (see CLONE_AHEAD_BYTES).
+   */
+  #reachAhead(first: number, last: number): number {
+    if (first !== this.#claimedEnd && first !== this.#claimedEnd + 1) return last;
     const cloner = this.#soleCloner();
+    if (!cloner?.mayCloneAhead()) return last;
     const cs = this.chunkSize;
-    let until = last;
-    if (mayReachAhead && cloner && (first === this.#claimedEnd || first === this.#claimedEnd + 1) && cloner.mayCloneAhead()) {
-      until = Math.max(last, Math.min(last + CLONE_AHEAD_BYTES / cs, Math.floor(this.size / cs) - 1)); // whole chunks only
-    }
-    const maxRunChunks = cloner ? Math.max(1, MAX_CLONE_RUN_BYTES / cs) : this.#maxRunChunks;
-    while (needsCopy(first, last)) {
-      // #copying is claimed before anyone else can look.
-      const waits = this.#copying.claim(first, until, maxRunChunks, (c) => needsCopy(c, c), (a, b) => this.#copyRun(a, b, only));
-      if (waits.length === 1) await waits[0];
-      else if (waits.length > 1) await Promise.all(waits);
-      until = last;
-    }
+    return Math.max(last, Math.min(last + CLONE_AHEAD_BYTES / cs, Math.floor(this.size / cs) - 1)); // whole chunks only
   }
 
   /** The layer's only point, when it is usable and known to clone. */
@@ -294,28 +310,40 @@ export class CowLayer extends PassThroughDevice {
     this.#inflight.enter();
     try {
       let lacking = (only ? [only] : this.#points).filter((p) => p.usable && !p.preserved.hasAll(first, last));
+      let waited = false;
       for (const p of lacking) {
         const ready = p.ready();
-        if (typeof ready !== 'boolean') await ready;
+        if (ready === true) continue;
+        if (ready !== false) await ready;
+        waited = true;
       }
-      lacking = lacking.filter((p) => p.usable);
+      if (waited) lacking = lacking.filter((p) => p.usable);
       if (lacking.length === 0) return;
       const cs = this.chunkSize;
       const startBytes = first * cs;
       const lengthBytes = Math.min((last + 1) * cs, this.size) - startBytes;
       // A point lacking the whole run whose sink clones it reads nothing; the others share one
       // read, which is also what a refused clone stores instead of reading the run again.
-      const cloning = lacking.filter((p) => p.cloner?.clones(startBytes, lengthBytes) === true && lacksAll(p, first, last));
-      if (cloning.length === 1 && lacking.length === 1) {
+      let cloning: CowPoint[] | undefined;
+      for (const p of lacking) {
+        if (p.cloner?.clones(startBytes, lengthBytes) === true && lacksAll(p, first, last)) (cloning ??= []).push(p);
+      }
+      if (cloning?.length === 1 && lacking.length === 1) {
         await cloning[0]!.cloner!.cloneOriginal(first, last);
         return;
       }
-      const copying = cloning.length === 0 ? lacking : lacking.filter((p) => !cloning.includes(p));
       const buf = this.#spare.get(lengthBytes);
       try {
-        const read = this.base.read(buf, startBytes);
-        const bytes = (): Promise<Buffer> => read.then(() => buf);
-        await Promise.all([...cloning.map((p) => p.cloner!.cloneOriginal(first, last, bytes)), this.#store(copying, first, last, read, buf)]);
+        if (cloning === undefined) {
+          // Every point copies (a first write smaller than a clone): one read, then the stores.
+          await this.base.read(buf, startBytes);
+          await this.#store(lacking, first, last, buf);
+        } else {
+          const read = this.base.read(buf, startBytes);
+          const bytes = (): Promise<Buffer> => read.then(() => buf);
+          const copying = lacking.filter((p) => !cloning.includes(p));
+          await Promise.all([...cloning.map((p) => p.cloner!.cloneOriginal(first, last, bytes)), read.then(() => this.#store(copying, first, last, buf))]);
+        }
       } finally {
         // Every sink has written the bytes (or given up on them): nobody holds the buffer.
         if (!this.#closing) this.#spare.put(buf);
@@ -325,10 +353,8 @@ export class CowLayer extends PassThroughDevice {
     }
   }
 
-  /** Once `read` has filled `buf` with chunks first..last, store for each point the runs of them it lacks. */
-  async #store(points: CowPoint[], first: number, last: number, read: Promise<void>, buf: Buffer): Promise<void> {
-    if (points.length === 0) return;
-    await read;
+  /** With `buf` holding chunks first..last, store for each point the runs of them it lacks. */
+  #store(points: CowPoint[], first: number, last: number, buf: Buffer): Promise<unknown> {
     const cs = this.chunkSize;
     const stores: Promise<void>[] = [];
     for (const point of points) {
@@ -343,8 +369,7 @@ export class CowLayer extends PassThroughDevice {
         }
       }
     }
-    if (stores.length === 1) await stores[0];
-    else await Promise.all(stores);
+    return stores.length === 1 ? stores[0]! : Promise.all(stores);
   }
 
   /** The copy in flight for a chunk, if any. */
