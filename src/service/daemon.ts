@@ -580,6 +580,7 @@ const openBackupSource: SourceOpener = async (repoSpec, backup, device, password
     }
     return {
       source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, placePiece: opened.placePiece,
+      refresh: opened.refresh,
       close: async () => {
         await opened.close();
         await lock.release().catch(() => undefined);
