@@ -570,7 +570,7 @@ const openBackupSource: SourceOpener = async (repoSpec, backup, device, password
     },
   });
   // Held like a running backup's for as long as the restore reads: prune must not delete its packs.
-  const lock = await RepoLock.acquire(store, 'create');
+  const lock = await RepoLock.acquire(store, 'create', { purpose: 'instant-restore' });
   try {
     const opened = await openBackupDevices(repo, backup);
     const found = opened.devices.find((d) => d.name === device);

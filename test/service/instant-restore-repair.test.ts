@@ -4,7 +4,8 @@
  * the next `backup create` of the device stores it again; the same running daemon then finds it
  * and ends with the target exact, without a restart. When the backup itself was forgotten
  * meanwhile, the restore does not take the repaired pieces: it goes on reporting why, and the
- * slot stays unwritten. All through the real daemon and CLI; and the reload itself refuses a
+ * slot stays unwritten. A prune meanwhile is refused, saying that an instant restore reads the
+ * repository. All through the real daemon and CLI; and the reload itself refuses a
  * manifest that names other pieces than it did.
  */
 
@@ -67,6 +68,11 @@ async function restoreWithDamage(t: TestContext): Promise<{ daemon: RunningDaemo
 
 test('a running instant restore picks up a piece that verify dropped and the next backup stored again, and ends exact without a restart', { timeout: 180_000 }, async (t) => {
   const { daemon, repoDir, image, out, slotAt, slotBytes } = await restoreWithDamage(t);
+  // The restore holds the repository as a backup does, and a prune says so.
+  const prune = await daemon.cli(['backup', 'prune', '--repo', repoDir], undefined, true);
+  assert.notEqual(prune.exitCode, 0, 'prune is refused while an instant restore reads the repository');
+  assert.match(prune.stderr, /an instant restore reads .*; prune once it is complete \('bdsnap status' on .* shows its progress\)\n$/);
+  assert.doesNotMatch(prune.stderr, /backup is being created/);
   const failing = await waitFor(daemon, out, 'the copy reports the damaged piece', (r) => r?.state === 'running' && r.error !== null);
   t.diagnostic(`while damaged: ${failing?.error}`);
   const client = await NbdClient.connect({ socketPath: path.join(daemon.runDir, 'nbd.sock'), exportName: out });
