@@ -131,6 +131,10 @@ export class Daemon {
     this.#instant = new InstantRestores({ stateDir: this.#stateDir, events, log: this.#log, openSource: openBackupSource, ...(options.restoreRateBytes !== undefined ? { rateBytes: options.restoreRateBytes } : {}) });
     this.#table.checkAttach = (devicePath) => this.#instant.checkAttach(devicePath);
     this.#table.mountOf = (devicePath) => late.mounts?.mountOf(devicePath);
+    this.#instant.mountOf = (target) => {
+      const mount = late.mounts?.imageMountOf(target);
+      return mount && { mountpoint: mount.mountpoint, loopDevice: mount.loopDevice };
+    };
     this.#table.beforeUserAttach = async (devicePath) => {
       this.#asOf.checkUserAttach(devicePath);
       await this.#snapshots.bringBack(devicePath);
@@ -465,7 +469,8 @@ export class Daemon {
   }
 
   #status(): StatusResult {
-    const devices = this.#table.status((d) => this.#snapshots.snapshotsOf(d)).map((d) => ({ ...d, imageMounts: this.#mounts.imageMountsOf(d.device) }));
+    const devices = this.#table.status((d) => this.#snapshots.snapshotsOf(d))
+      .map((d) => ({ ...d, ...this.#instant.attachmentOf(d.device), imageMounts: this.#mounts.imageMountsOf(d.device) }));
     return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices, restores: this.#instant.list(), replicas: this.#replicas.list() };
   }
 

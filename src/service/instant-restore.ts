@@ -41,7 +41,8 @@ import type { ExportHandle } from '../nbd/exports.js';
 import type { PieceFetcher, PiecePlacer } from '../repository/backup-device.js';
 import { runLimited } from '../run-limited.js';
 import type { EventLog } from './events.js';
-import type { InstantRestoreInfo } from './control-protocol.js';
+import type { DeviceStatus, InstantRestoreInfo } from './control-protocol.js';
+import type { MountInfo } from './device-table.js';
 
 const RESTORES_DIR = 'restores';
 const STATE_FILE = 'state.json';
@@ -617,6 +618,8 @@ export class InstantRestores {
   readonly #options: InstantRestoresOptions;
   readonly #root: string;
   readonly #running = new Map<string, Running>();
+  /** Where a target is mounted through the daemon: the mount manager knows (it mounts a target as an image), status asks it here. */
+  mountOf: ((target: string) => MountInfo | undefined) | undefined;
 
   constructor(options: InstantRestoresOptions) {
     this.#options = options;
@@ -652,12 +655,25 @@ export class InstantRestores {
     };
   }
 
+  /**
+   * How a target under restore is open, as status shows a device: through its restore (its
+   * clients and mount are the restore's, the device table never attaches it); undefined for
+   * any other device.
+   */
+  attachmentOf(target: string): Pick<DeviceStatus, 'attached' | 'connections' | 'mountpoint' | 'loopDevice'> | undefined {
+    const r = this.#running.get(target);
+    if (!r) return undefined;
+    const mount = this.mountOf?.(target);
+    return { attached: r.connections > 0 || mount !== undefined, connections: r.connections, mountpoint: mount?.mountpoint ?? null, loopDevice: mount?.loopDevice ?? null };
+  }
+
   list(): InstantRestoreInfo[] {
     return [...this.#running.values()].map((r) => this.#info(r));
   }
 
   #info(r: Running): InstantRestoreInfo {
     const P = r.state.pieceBytes;
+    const mount = this.mountOf?.(r.state.target);
     const doneBytes = Math.min(r.device.doneSlots * P, r.state.sizeBytes);
     const seconds = (Date.now() - r.startedMs) / 1000;
     const rate = seconds > 0 ? Math.max(0, (r.device.doneSlots - r.doneAtStart) * P) / seconds : 0;
@@ -668,6 +684,7 @@ export class InstantRestores {
       secondsLeft: rate > 0 ? Math.round((r.state.sizeBytes - doneBytes) / rate) : null,
       startedAt: r.state.startedAt, finishedAt: r.finishedAt ?? null,
       error: r.lastError === undefined ? null : r.refresh.problem === undefined ? r.lastError : `${r.lastError}; ${r.refresh.problem}`,
+      connections: r.connections, mountpoint: mount?.mountpoint ?? null, loopDevice: mount?.loopDevice ?? null,
     };
   }
 
