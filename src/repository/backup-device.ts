@@ -185,6 +185,8 @@ export type PiecePlacer = (piece: { hash: string; fd: number; offsetBytes: numbe
  */
 export async function openBackupDevices(repo: Repository, id: string): Promise<{
   devices: OpenedBackupDevice[]; fetchPieces: PieceFetcher; placePiece?: PiecePlacer; refresh(): Promise<void>; close(): Promise<void>;
+  /** Resolves once the piece workers take tasks (until then pieces are placed on the calling thread). */
+  workersReady: Promise<void>;
 }> {
   const manifest = await repo.manifest(id);
   const pool = new PiecePool(repo.pieceCrypto);
@@ -238,6 +240,7 @@ export async function openBackupDevices(repo: Repository, id: string): Promise<{
       fetchPieces,
       placePiece,
       refresh,
+      workersReady: pool.ready,
       close: async () => {
         await Promise.allSettled(devices.map((d) => d.device.close()));
         await pool.close();
