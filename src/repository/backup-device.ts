@@ -180,12 +180,18 @@ export type PiecePlacer = (piece: { hash: string; fd: number; offsetBytes: numbe
 
 /**
  * Every device of backup `id` as a BackupDevice, by device path; `placePiece` where the
- * repository is local files; `close` ends the piece workers.
+ * repository is local files; `refresh` reads the index again (see below); `close` ends the
+ * piece workers.
  */
-export async function openBackupDevices(repo: Repository, id: string): Promise<{ devices: OpenedBackupDevice[]; fetchPieces: PieceFetcher; placePiece?: PiecePlacer; close(): Promise<void> }> {
+export async function openBackupDevices(repo: Repository, id: string): Promise<{
+  devices: OpenedBackupDevice[]; fetchPieces: PieceFetcher; placePiece?: PiecePlacer; refresh(): Promise<void>; close(): Promise<void>;
+  /** Resolves once the piece workers take tasks (until then pieces are placed on the calling thread). */
+  workersReady: Promise<void>;
+}> {
   const manifest = await repo.manifest(id);
   const pool = new PiecePool(repo.pieceCrypto);
-  const index = await repo.pieceIndex();
+  // Replaced by refresh: every reader below looks it up at each piece.
+  let index = await repo.pieceIndex();
   const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, lengthBytes);
   const missing = (hash: string): BdsnapError => new BdsnapError('ENOENT', `piece ${hash} is missing from ${repo.store.location}`);
   const fetchPieces: PieceFetcher = async (ids, options) => {
@@ -211,10 +217,30 @@ export async function openBackupDevices(repo: Repository, id: string): Promise<{
       const slots = expandSlots(entry, manifest.pieceSizeBytes);
       return { name: entry.device, slots, pieceBytes: manifest.pieceSizeBytes, device: new BackupDevice(entry.sizeBytes, manifest.pieceSizeBytes, slots, load) };
     });
+    /**
+     * A reader that outlives a repair finds it: verify drops a damaged piece from the index and
+     * the next backup stores it again elsewhere (verify.ts), which the index read at open does
+     * not know. Only while backup `id` still names, device by device, the very pieces it was
+     * opened with (a piece is checked against its id, so the same ids give the same bytes):
+     * otherwise ENOENT (it was forgotten) or EMISMATCH, and the index in use is kept.
+     */
+    const refresh = async (): Promise<void> => {
+      const now = await repo.manifest(id);
+      for (const d of devices) {
+        const entry = now.devices.find((e) => e.device === d.name);
+        const slots = entry && entry.sizeBytes === d.device.size ? expandSlots(entry, now.pieceSizeBytes) : undefined;
+        if (!slots || slots.length !== d.slots.length || slots.some((h, i) => h !== d.slots[i])) {
+          throw new BdsnapError('EMISMATCH', `backup ${id} in ${repo.store.location} no longer names the pieces of ${d.name} that it named when it was opened`);
+        }
+      }
+      index = await repo.reloadPieceIndex();
+    };
     return {
       devices,
       fetchPieces,
       placePiece,
+      refresh,
+      workersReady: pool.ready,
       close: async () => {
         await Promise.allSettled(devices.map((d) => d.device.close()));
         await pool.close();

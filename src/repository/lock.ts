@@ -35,6 +35,11 @@ import { LOCKS_PREFIX, newBackupId } from './format.js';
 import type { ObjectInfo, ObjectStore } from './object-store.js';
 
 export type LockKind = 'create' | 'prune';
+/**
+ * What a `create` lock is held for, when it is not a backup being created: said by a prune it
+ * refuses, so that the operator knows what to wait for.
+ */
+export type LockPurpose = 'instant-restore';
 
 export const REFRESH_MS = 60_000;
 export const STALE_MS = 10 * 60_000;
@@ -53,6 +58,8 @@ const lockSchema = z.object({
    * two machines may share a hostname (clones, containers). Absent in older locks.
    */
   bootId: z.string().optional(),
+  /** A LockPurpose; absent for a backup being created. Any string, so that a newer one still parses. */
+  purpose: z.string().max(64).optional(),
 });
 type LockBody = z.infer<typeof lockSchema>;
 
@@ -67,6 +74,16 @@ export interface LockInfo extends LockBody {
 export interface LockOptions {
   /** Where procfs is (default /proc): the process of a lock of this host is looked up there. */
   proc?: string;
+}
+
+/** What the holder of a lock that refuses another is doing, and what to do about it. */
+function whyRefused(lock: LockInfo, location: string): string {
+  const held = `(${lock.name}, pid ${lock.pid} on ${lock.host})`;
+  if (lock.kind === 'prune') return `a prune is running in ${location} ${held}; try again when it is done`;
+  if (lock.purpose === 'instant-restore') {
+    return `an instant restore reads ${location} ${held}: the pieces it has not copied yet must stay; prune once it is complete ('bdsnap status' on ${lock.host} shows its progress)`;
+  }
+  return `a backup is being created in ${location} ${held}; try again when it is done`;
 }
 
 /**
@@ -128,11 +145,11 @@ export class RepoLock {
   }
 
   /** Take a lock of `kind`, or fail with EBUSY naming the lock in the way. */
-  static async acquire(store: ObjectStore, kind: LockKind, options: LockOptions = {}): Promise<RepoLock> {
+  static async acquire(store: ObjectStore, kind: LockKind, options: LockOptions & { purpose?: LockPurpose } = {}): Promise<RepoLock> {
     const name = `${LOCKS_PREFIX}${newBackupId()}.${kind}`;
     const body: LockBody = {
       kind, host: os.hostname(), pid: process.pid, processStart: processStartTimeSync(process.pid, options.proc), createdAt: new Date().toISOString(),
-      bootId: readBootId(),
+      bootId: readBootId(), ...(options.purpose !== undefined ? { purpose: options.purpose } : {}),
     };
     const lock = new RepoLock(store, name, Buffer.from(`${JSON.stringify(body)}\n`));
     lock.#confirmedMs = Date.now();
@@ -141,9 +158,8 @@ export class RepoLock {
       const others = (await listLocks(store, options)).filter((l) => l.name !== name && l.state === 'live');
       const blocking = others.find((l) => kind === 'prune' || l.kind === 'prune');
       if (blocking) {
-        const what = blocking.kind === 'prune' ? 'a prune is running' : 'a backup is being created';
         const doubt = blocking.unchecked ? `; ${blocking.unchecked}` : '';
-        throw new BdsnapError('EBUSY', `${what} in ${store.location} (${blocking.name}, pid ${blocking.pid} on ${blocking.host}); try again when it is done${doubt}`);
+        throw new BdsnapError('EBUSY', `${whyRefused(blocking, store.location)}${doubt}`);
       }
     } catch (err) {
       await store.delete(name).catch(() => undefined);

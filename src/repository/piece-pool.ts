@@ -11,6 +11,7 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { BdsnapError, type ErrorCode } from '../errors.js';
+import { fsTrace, type FsTraceOp } from '../host/fs-trace.js';
 import type { Codec } from './codec.js';
 import type { PieceCrypto } from './crypto.js';
 import { runTask, type PieceRange, type PieceResult, type PieceTask, type PlaceFailure, type PlaceUndo } from './piece-worker.js';
@@ -55,6 +56,9 @@ export class PiecePool {
   #failure: Error | undefined;
   #inline = 0;
   readonly #crypto: PieceCrypto;
+  #markReady!: () => void;
+  /** Resolves once a worker can take tasks; until then tasks run on the calling thread. */
+  readonly ready = new Promise<void>((resolve) => (this.#markReady = resolve));
 
   /** `crypto`: the repository's piece keys (Repository.pieceCrypto); pieces are plain without. */
   constructor(crypto: PieceCrypto = { kind: 'none' }, size = Math.max(1, Math.min(2, availableParallelism()))) {
@@ -62,11 +66,17 @@ export class PiecePool {
     for (let i = 0; i < size; i++) {
       const w = new Worker(WORKER_URL, { workerData: { crypto } });
       w.unref();
-      w.on('message', (r: PieceResult | { ready: true }) => {
+      w.on('message', (r: (PieceResult & { traced?: FsTraceOp[] }) | { ready: true }) => {
         if ('ready' in r) {
           this.#anyReady = true;
+          this.#markReady();
           this.#dispatch(w);
-        } else this.#done(w, r);
+          return;
+        }
+        // What the worker wrote, reported on this thread once its answer is here: before
+        // anything the caller syncs after it, which is all a crash state built from it needs.
+        for (const op of r.traced ?? []) fsTrace?.record(op.op === 'write' ? { ...op, buffers: op.buffers.map((b) => Buffer.from(b.buffer, b.byteOffset, b.byteLength)) } : op);
+        this.#done(w, r);
       });
       w.on('error', (err) => this.#fail(new BdsnapError('EIO', `piece worker failed: ${err.message}`, { cause: err })));
       w.on('exit', (code) => {
@@ -127,12 +137,14 @@ export class PiecePool {
     if (!this.#anyReady) await new Promise((resolve) => setImmediate(resolve));
     if (this.#failure) throw this.#failure;
     const id = this.#nextId++;
-    const task = { id, ...body } as PieceTask;
     if (!this.#anyReady) {
+      const task = { id, ...body } as PieceTask;
       this.#inline++;
+      // Inline, its calls are this thread's and recorded as they happen.
       const r = runTask(task, this.#crypto);
       return 'error' in r ? Promise.reject(new BdsnapError(r.error.code as ErrorCode, r.error.message)) : Promise.resolve(r);
     }
+    const task = { id, ...body, ...(fsTrace !== undefined ? { trace: true } : {}) } as PieceTask;
     return new Promise<PieceResult>((resolve, reject) => {
       this.#waiting.set(id, {
         resolve: (r) => {

@@ -13,6 +13,9 @@
  * first reads the range: one that already holds the piece is left alone, any other has its
  * original kept (see PlaceUndo). A piece that more slots use (`keep`) stays decoded here for
  * them, within a bound.
+ *
+ * A task sent with `trace` (the main thread records file-system calls: fs-trace.ts, which
+ * cannot see this thread's) comes back with the calls it made, for the pool to report there.
  */
 
 import fs from 'node:fs';
@@ -20,6 +23,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { isAllZero, type ByteRange } from '../bytes.js';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFullySync, pwriteFullySync } from '../host/fd-io.js';
+import { setFsTrace, type FsTraceOp } from '../host/fs-trace.js';
 import { STORED_SLACK_BYTES, decodePiece, encodePieceParts, sha256Hex, type Codec } from './codec.js';
 import { SEAL_OVERHEAD_BYTES, keyedId, open, pieceAad, seal, type PieceCrypto } from './crypto.js';
 
@@ -204,9 +208,17 @@ function transferables(r: PieceResult): ArrayBuffer[] {
 }
 
 const workerCrypto = (workerData as { crypto?: PieceCrypto } | null)?.crypto ?? { kind: 'none' };
-parentPort?.on('message', (task: PieceTask) => {
-  const result = runTask(task, workerCrypto);
-  parentPort!.postMessage(result, transferables(result));
+parentPort?.on('message', (task: PieceTask & { trace?: boolean }) => {
+  const traced: FsTraceOp[] = [];
+  if (task.trace) setFsTrace({ record: (op) => traced.push(op) });
+  let result: PieceResult;
+  try {
+    result = runTask(task, workerCrypto);
+  } finally {
+    if (task.trace) setFsTrace(undefined);
+  }
+  // A write's buffers are copied by postMessage, before the next task can reuse them.
+  parentPort!.postMessage(traced.length > 0 ? { ...result, traced } : result, transferables(result));
 });
 // Tells the pool this worker can take tasks (until then the pool works inline).
 parentPort?.postMessage({ ready: true });

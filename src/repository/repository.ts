@@ -358,6 +358,15 @@ export class Repository {
     return this.#index;
   }
 
+  /**
+   * Where every stored piece is now, read again from the store: for a long-lived reader (an
+   * instant restore) to find pieces stored, or dropped, by other processes since it last read.
+   */
+  reloadPieceIndex(): Promise<Map<string, PieceLocation>> {
+    this.#index = undefined;
+    return this.pieceIndex();
+  }
+
   async #loadIndex(): Promise<Map<string, PieceLocation>> {
     const out = new Map<string, PieceLocation>();
     if (this.legacy) {

@@ -197,6 +197,11 @@ export interface InstantRestoreInfo {
   finishedAt: string | null;
   /** Why the last attempt to read the backup failed (the copy retries), or why the restore failed. */
   error: string | null;
+  /** NBD clients of the target through the restore, a mount's among them. */
+  connections?: number;
+  /** Where bdsnap mounted the target, and through which loop device (null until it is mounted). */
+  mountpoint?: string | null;
+  loopDevice?: string | null;
 }
 
 /** A session directory as `list` reports it (read from disk; see CowDevice's SessionSummary for a session's close). */

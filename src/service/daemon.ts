@@ -131,6 +131,10 @@ export class Daemon {
     this.#instant = new InstantRestores({ stateDir: this.#stateDir, events, log: this.#log, openSource: openBackupSource, ...(options.restoreRateBytes !== undefined ? { rateBytes: options.restoreRateBytes } : {}) });
     this.#table.checkAttach = (devicePath) => this.#instant.checkAttach(devicePath);
     this.#table.mountOf = (devicePath) => late.mounts?.mountOf(devicePath);
+    this.#instant.mountOf = (target) => {
+      const mount = late.mounts?.imageMountOf(target);
+      return mount && { mountpoint: mount.mountpoint, loopDevice: mount.loopDevice };
+    };
     this.#table.beforeUserAttach = async (devicePath) => {
       this.#asOf.checkUserAttach(devicePath);
       await this.#snapshots.bringBack(devicePath);
@@ -465,7 +469,8 @@ export class Daemon {
   }
 
   #status(): StatusResult {
-    const devices = this.#table.status((d) => this.#snapshots.snapshotsOf(d)).map((d) => ({ ...d, imageMounts: this.#mounts.imageMountsOf(d.device) }));
+    const devices = this.#table.status((d) => this.#snapshots.snapshotsOf(d))
+      .map((d) => ({ ...d, ...this.#instant.attachmentOf(d.device), imageMounts: this.#mounts.imageMountsOf(d.device) }));
     return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices, restores: this.#instant.list(), replicas: this.#replicas.list() };
   }
 
@@ -570,7 +575,7 @@ const openBackupSource: SourceOpener = async (repoSpec, backup, device, password
     },
   });
   // Held like a running backup's for as long as the restore reads: prune must not delete its packs.
-  const lock = await RepoLock.acquire(store, 'create');
+  const lock = await RepoLock.acquire(store, 'create', { purpose: 'instant-restore' });
   try {
     const opened = await openBackupDevices(repo, backup);
     const found = opened.devices.find((d) => d.name === device);
@@ -580,6 +585,7 @@ const openBackupSource: SourceOpener = async (repoSpec, backup, device, password
     }
     return {
       source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, placePiece: opened.placePiece,
+      refresh: opened.refresh,
       close: async () => {
         await opened.close();
         await lock.release().catch(() => undefined);

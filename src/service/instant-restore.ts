@@ -41,7 +41,8 @@ import type { ExportHandle } from '../nbd/exports.js';
 import type { PieceFetcher, PiecePlacer } from '../repository/backup-device.js';
 import { runLimited } from '../run-limited.js';
 import type { EventLog } from './events.js';
-import type { InstantRestoreInfo } from './control-protocol.js';
+import type { DeviceStatus, InstantRestoreInfo } from './control-protocol.js';
+import type { MountInfo } from './device-table.js';
 
 const RESTORES_DIR = 'restores';
 const STATE_FILE = 'state.json';
@@ -95,11 +96,59 @@ export interface RestoreSource {
   fetchPieces?: PieceFetcher;
   /** Where given, the background copy has pieces written straight into the target (see placeSlots). */
   placePiece?: PiecePlacer;
+  /**
+   * Where given, reads the repository's index again, so that a piece repaired since (dropped
+   * by verify and stored again by a backup) is found where it now is; throws, and changes
+   * nothing, once the backup no longer names the pieces it named at the start.
+   */
+  refresh?(): Promise<void>;
   close(): Promise<void>;
 }
 
 /** Opens the source of a restore. */
 export type SourceOpener = (repo: string, backup: string, device: string, password: string | undefined) => Promise<RestoreSource>;
+
+/** Reloads of a source (RestoreSource.refresh) at most this often. */
+const REFRESH_MIN_MS = RETRY_MIN_MS;
+
+/**
+ * The reloads of one restore's source, asked for whenever a piece cannot be had: one at a
+ * time, shared by whoever asks meanwhile, and not more often than REFRESH_MIN_MS, so that a
+ * client whose reads all fail does not have the index read again for each of them.
+ */
+class SourceRefresh {
+  readonly #refresh: (() => Promise<void>) | undefined;
+  readonly #onError: (err: BdsnapError) => void;
+  #running: Promise<boolean> | undefined;
+  #lastMs = -Infinity;
+  /** Why the last reload failed, until one succeeds: status shows it beside the piece that failed. */
+  problem: string | undefined;
+
+  constructor(refresh: (() => Promise<void>) | undefined, onError: (err: BdsnapError) => void) {
+    this.#refresh = refresh;
+    this.#onError = onError;
+  }
+
+  /** True once the source was reloaded, so that what failed before is worth one more try. */
+  run(): Promise<boolean> {
+    if (this.#running) return this.#running;
+    const refresh = this.#refresh;
+    if (!refresh || Date.now() - this.#lastMs < REFRESH_MIN_MS) return Promise.resolve(false);
+    this.#lastMs = Date.now();
+    this.#running = refresh().then(() => {
+      this.problem = undefined;
+      return true;
+    }, (err: unknown) => {
+      const e = toBdsnapError(err);
+      this.problem = e.message;
+      this.#onError(e);
+      return false;
+    }).finally(() => {
+      this.#running = undefined;
+    });
+    return this.#running;
+  }
+}
 
 /** The done bits, in memory and on disk. */
 class DoneMap {
@@ -178,15 +227,19 @@ export class InstantRestoreDevice implements BlockDevice {
   readonly #locks = new Map<number, Promise<void>>();
   /** Called when a read needs a piece the backup cannot give. */
   readonly #onSourceError: (err: BdsnapError) => void;
+  /** Reloads the source after a piece could not be had: true once it did. */
+  readonly #refreshSource: () => Promise<boolean>;
   lastClientRequestMs = 0;
 
-  constructor(target: FileDevice, source: BlockDevice, slots: ReadonlyArray<string | null>, pieceBytes: number, map: DoneMap, onSourceError: (err: BdsnapError) => void) {
+  constructor(target: FileDevice, source: BlockDevice, slots: ReadonlyArray<string | null>, pieceBytes: number, map: DoneMap,
+    hooks: { onSourceError: (err: BdsnapError) => void; refreshSource: () => Promise<boolean> }) {
     this.#target = target;
     this.#source = source;
     this.#slots = slots;
     this.#P = pieceBytes;
     this.#map = map;
-    this.#onSourceError = onSourceError;
+    this.#onSourceError = hooks.onSourceError;
+    this.#refreshSource = hooks.refreshSource;
   }
 
   get size(): number { return this.#source.size; }
@@ -229,7 +282,7 @@ export class InstantRestoreDevice implements BlockDevice {
       } else {
         const buf = Buffer.allocUnsafe(length);
         try {
-          await this.#source.read(buf, at);
+          await this.#readSource(buf, at);
         } catch (err) {
           const e = toBdsnapError(err);
           this.#onSourceError(e);
@@ -240,6 +293,16 @@ export class InstantRestoreDevice implements BlockDevice {
       this.#map.set(i);
     } finally {
       unlock();
+    }
+  }
+
+  /** A read of the backup, tried once more after the source was reloaded (a repair may have stored the piece since). */
+  async #readSource(buf: Buffer, offsetBytes: number): Promise<void> {
+    try {
+      await this.#source.read(buf, offsetBytes);
+    } catch (err) {
+      if (!(await this.#refreshSource())) throw err;
+      await this.#source.read(buf, offsetBytes);
     }
   }
 
@@ -474,6 +537,7 @@ interface Running {
   target: FileDevice;
   map: DoneMap;
   source: RestoreSource;
+  refresh: SourceRefresh;
   phase: 'running' | 'complete' | 'failed';
   connections: number;
   lastError: string | undefined;
@@ -554,6 +618,8 @@ export class InstantRestores {
   readonly #options: InstantRestoresOptions;
   readonly #root: string;
   readonly #running = new Map<string, Running>();
+  /** Where a target is mounted through the daemon: the mount manager knows (it mounts a target as an image), status asks it here. */
+  mountOf: ((target: string) => MountInfo | undefined) | undefined;
 
   constructor(options: InstantRestoresOptions) {
     this.#options = options;
@@ -589,12 +655,25 @@ export class InstantRestores {
     };
   }
 
+  /**
+   * How a target under restore is open, as status shows a device: through its restore (its
+   * clients and mount are the restore's, the device table never attaches it); undefined for
+   * any other device.
+   */
+  attachmentOf(target: string): Pick<DeviceStatus, 'attached' | 'connections' | 'mountpoint' | 'loopDevice'> | undefined {
+    const r = this.#running.get(target);
+    if (!r) return undefined;
+    const mount = this.mountOf?.(target);
+    return { attached: r.connections > 0 || mount !== undefined, connections: r.connections, mountpoint: mount?.mountpoint ?? null, loopDevice: mount?.loopDevice ?? null };
+  }
+
   list(): InstantRestoreInfo[] {
     return [...this.#running.values()].map((r) => this.#info(r));
   }
 
   #info(r: Running): InstantRestoreInfo {
     const P = r.state.pieceBytes;
+    const mount = this.mountOf?.(r.state.target);
     const doneBytes = Math.min(r.device.doneSlots * P, r.state.sizeBytes);
     const seconds = (Date.now() - r.startedMs) / 1000;
     const rate = seconds > 0 ? Math.max(0, (r.device.doneSlots - r.doneAtStart) * P) / seconds : 0;
@@ -603,7 +682,9 @@ export class InstantRestores {
       state: r.phase, doneBytes, totalBytes: r.state.sizeBytes,
       rateBytesPerSecond: Math.round(rate),
       secondsLeft: rate > 0 ? Math.round((r.state.sizeBytes - doneBytes) / rate) : null,
-      startedAt: r.state.startedAt, finishedAt: r.finishedAt ?? null, error: r.lastError ?? null,
+      startedAt: r.state.startedAt, finishedAt: r.finishedAt ?? null,
+      error: r.lastError === undefined ? null : r.refresh.problem === undefined ? r.lastError : `${r.lastError}; ${r.refresh.problem}`,
+      connections: r.connections, mountpoint: mount?.mountpoint ?? null, loopDevice: mount?.loopDevice ?? null,
     };
   }
 
@@ -661,13 +742,18 @@ export class InstantRestores {
   #begin(state: RestoreState, dir: string, target: FileDevice, map: DoneMap, opened: RestoreSource): Running {
     // The device reports to its restore's record, which holds the device: it finds the record
     // by its target when it reports.
-    const device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, (err) => {
+    const reportSourceError = (err: BdsnapError): void => {
       const running = this.#running.get(state.target);
       if (running?.device === device) running.lastError = err.message;
       this.#options.events.emit('restore-failed', { device: state.target, details: { reason: err.message, retrying: true } });
+    };
+    const refresh = new SourceRefresh(opened.refresh?.bind(opened), (err) => {
+      this.#options.log.warn({ event: 'restore-refresh-failed', target: state.target, reason: err.message }, 'instant restore: the repository was read again in vain');
+      this.#options.events.emit('restore-failed', { device: state.target, details: { reason: err.message, retrying: true } });
     });
+    const device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, { onSourceError: reportSourceError, refreshSource: () => refresh.run() });
     const r: Running = {
-      state, dir, device, target, map, source: opened, phase: 'running', connections: 0, lastError: undefined,
+      state, dir, device, target, map, source: opened, refresh, phase: 'running', connections: 0, lastError: undefined,
       startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, wake: undefined, copier: undefined,
     };
     this.#running.set(state.target, r);
@@ -757,6 +843,8 @@ export class InstantRestores {
         });
         r.wake = undefined;
         delay = Math.min(delay * 2, RETRY_MAX_MS);
+        // The next round reads what a repair stored meanwhile.
+        if (!r.stopping) await r.refresh.run();
         continue;
       }
       delay = RETRY_MIN_MS;

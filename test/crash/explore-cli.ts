@@ -42,6 +42,9 @@ try {
   const instantDir = path.join(top, 'instant-restore');
   fs.mkdirSync(instantDir);
   ok = report('instant restore (start, client writes and flushes among the copy, end)', await runInstantRestoreExploration(instantDir, { maxStates, seed, mixesPerPoint: 32 })) && ok;
+  const placedDir = path.join(top, 'instant-restore-repository');
+  fs.mkdirSync(placedDir);
+  ok = report('instant restore from a local repository (pieces placed by the piece workers)', await runInstantRestoreExploration(placedDir, { maxStates, seed, mixesPerPoint: 32, source: 'repository' })) && ok;
 } finally {
   fs.rmSync(top, { recursive: true, force: true });
 }

@@ -9,6 +9,11 @@
  * - restarted (a new InstantRestores resuming from the state directory), the restore ends with
  *   the target equal to the backup plus every write flushed before the crash (pages of the
  *   others either way). A restore whose start had returned must resume.
+ *
+ * The source is a plain file of the backup's bytes, or (`source: 'repository'`) a backup in a
+ * local repository, whose pieces the piece workers place into the target from their own
+ * threads: the pool reports their writes to the recorder (piece-pool.ts), so that those states
+ * are explored too.
  */
 
 import fs from 'node:fs';
@@ -16,6 +21,10 @@ import path from 'node:path';
 import { pino } from 'pino';
 import { FileDevice } from '../../src/device/file-device.js';
 import { traceMark } from '../../src/host/fs-trace.js';
+import { createBackup } from '../../src/backup/index.js';
+import { openBackupDevices } from '../../src/repository/backup-device.js';
+import { LocalDirStore } from '../../src/repository/object-store.js';
+import { Repository } from '../../src/repository/repository.js';
 import { EventLog } from '../../src/service/events.js';
 import { InstantRestores, type SourceOpener } from '../../src/service/instant-restore.js';
 import { CrashRecorder, type Recording } from '../helpers/crash-recorder.js';
@@ -39,8 +48,12 @@ function fill(length: number, seed: number): Buffer {
 /** A client write, page-aligned, none overlapping another. */
 interface ClientWrite { offsetBytes: number; data: Buffer }
 
+/** Where the restore reads: the backup's bytes in a plain file, or a backup in a local repository (placed by the piece workers). */
+export type InstantRestoreSourceKind = 'file' | 'repository';
+
 export interface InstantRestoreWorld {
   dir: string;
+  source: InstantRestoreSourceKind;
   image: string;
   stateDir: string;
   rec: Recording;
@@ -51,20 +64,42 @@ export interface InstantRestoreWorld {
   startedMarkIndex: number;
 }
 
-function opener(backupFile: string): SourceOpener {
+const REPO_DIR = 'repo';
+const BACKUP_ID_FILE = 'backup-id';
+
+/** `recording`: the workload's run, whose pieces are all to be placed from the workers' threads. */
+function opener(dir: string, kind: InstantRestoreSourceKind, recording: boolean): SourceOpener {
+  if (kind === 'repository') {
+    return async () => {
+      const repo = await Repository.open(new LocalDirStore(path.join(dir, REPO_DIR)));
+      const opened = await openBackupDevices(repo, fs.readFileSync(path.join(dir, BACKUP_ID_FILE), 'utf8'));
+      const found = opened.devices[0]!;
+      if (!opened.placePiece) throw new Error('a local repository places its pieces');
+      // From the first piece on the workers' threads, which is what this source is here for.
+      if (recording) await opened.workersReady;
+      return { source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, placePiece: opened.placePiece, close: () => opened.close() };
+    };
+  }
   return async () => {
-    const source = await FileDevice.open(backupFile, { readOnly: true });
+    const source = await FileDevice.open(path.join(dir, 'backup.img'), { readOnly: true });
     const slots = Array.from({ length: SLOTS }, (_, i) => (HOLE_SLOTS.has(i) ? null : `piece-${i}`));
     return { source, slots, pieceBytes: PIECE_BYTES, close: () => source.close() };
   };
 }
 
-async function restoresIn(world: { dir: string; stateDir: string }, rateBytes?: number): Promise<{ restores: InstantRestores; events: EventLog }> {
+/** The backup in a local repository beside the recorded tree (not part of it: a crash never harms it). */
+async function storeBackup(dir: string, backup: Buffer): Promise<void> {
+  const repo = await Repository.init(new LocalDirStore(path.join(dir, REPO_DIR)), { encryption: false, pieceSizeBytes: PIECE_BYTES });
+  const { id } = await createBackup(repo, [{ device: '/dev/lost', sizeBytes: backup.length, changed: null, why: 'crash workload', read: async (to, offset) => void backup.copy(to, 0, offset, offset + to.length) }]);
+  fs.writeFileSync(path.join(dir, BACKUP_ID_FILE), id);
+}
+
+async function restoresIn(world: { dir: string; stateDir: string; source: InstantRestoreSourceKind }, recording: { rateBytes: number } | undefined): Promise<{ restores: InstantRestores; events: EventLog }> {
   const log = pino({ level: 'silent' });
   const eventsDir = path.join(world.dir, 'events');
   fs.mkdirSync(eventsDir, { recursive: true });
   const events = await EventLog.open(eventsDir, log);
-  const restores = new InstantRestores({ stateDir: world.stateDir, events, log, openSource: opener(path.join(world.dir, 'backup.img')), ...(rateBytes !== undefined ? { rateBytes } : {}) });
+  const restores = new InstantRestores({ stateDir: world.stateDir, events, log, openSource: opener(world.dir, world.source, recording !== undefined), ...(recording ? { rateBytes: recording.rateBytes } : {}) });
   return { restores, events };
 }
 
@@ -76,10 +111,11 @@ async function until(what: () => boolean, timeoutMs: number, why: string): Promi
   }
 }
 
-export async function recordInstantRestoreWorkload(dir: string): Promise<InstantRestoreWorld> {
+export async function recordInstantRestoreWorkload(dir: string, source: InstantRestoreSourceKind = 'file'): Promise<InstantRestoreWorld> {
   const backup = fill(DEVICE_BYTES, 1);
   for (const i of HOLE_SLOTS) backup.fill(0, i * PIECE_BYTES, (i + 1) * PIECE_BYTES);
   fs.writeFileSync(path.join(dir, 'backup.img'), backup);
+  if (source === 'repository') await storeBackup(dir, backup);
   const work = path.join(dir, 'work');
   fs.mkdirSync(work, { mode: 0o700 });
   const image = path.join(work, 'disk.img');
@@ -88,7 +124,7 @@ export async function recordInstantRestoreWorkload(dir: string): Promise<Instant
   const stateDir = path.join(work, 'state');
   fs.mkdirSync(stateDir, { mode: 0o700 });
   // Slow enough that the client's writes land among the copy's fills.
-  const { restores, events } = await restoresIn({ dir, stateDir }, 2 * DEVICE_BYTES);
+  const { restores, events } = await restoresIn({ dir, stateDir, source }, { rateBytes: 2 * DEVICE_BYTES });
   const writes: InstantRestoreWorld['writes'] = [];
   let flushes = 0;
   const recorder = new CrashRecorder([work]);
@@ -130,7 +166,7 @@ export async function recordInstantRestoreWorkload(dir: string): Promise<Instant
   if (recorder.unknown.length > 0) throw new Error(`the recording has gaps: ${recorder.unknown.join(', ')}`);
   const rec = recorder.stop();
   const startedMarkIndex = rec.entries.findIndex((e) => e.k === 'mark' && e.label === 'started');
-  return { dir, image: fs.realpathSync(image), stateDir: fs.realpathSync(stateDir), rec, backup, writes, startedMarkIndex };
+  return { dir, source, image: fs.realpathSync(image), stateDir: fs.realpathSync(stateDir), rec, backup, writes, startedMarkIndex };
 }
 
 /** The flushes answered before step `point`. */
@@ -173,7 +209,7 @@ export async function checkInstantRestoreState(world: InstantRestoreWorld, state
       if (bad !== undefined) return { kind: 'wrong', reason: `the map claims slot ${i}, whose page at ${bad} is not durable` };
     }
   }
-  const { restores, events } = await restoresIn(world);
+  const { restores, events } = await restoresIn(world, undefined);
   try {
     await restores.resumeAll();
     if (!restores.isServing(world.image)) {
@@ -199,8 +235,8 @@ export async function checkInstantRestoreState(world: InstantRestoreWorld, state
   return { kind: 'exact' };
 }
 
-export async function runInstantRestoreExploration(dir: string, options: { maxStates: number; seed: number; mixesPerPoint?: number }): Promise<CheckedRun> {
-  const world = await recordInstantRestoreWorkload(dir);
+export async function runInstantRestoreExploration(dir: string, options: { maxStates: number; seed: number; mixesPerPoint?: number; source?: InstantRestoreSourceKind }): Promise<CheckedRun> {
+  const world = await recordInstantRestoreWorkload(dir, options.source);
   const { built, states } = exploreCrashStates(world.rec, { maxStates: options.maxStates, seed: options.seed, mixesPerPoint: options.mixesPerPoint });
   // No trace-level check of the flushes (unsyncedAtFlushAcks): the background copy writes the
   // target and the map while a client's flush runs, which a flush need not cover. What a flush

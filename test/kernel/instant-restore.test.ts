@@ -272,3 +272,46 @@ test('instant restore onto a target another daemon holds: refused, clearly, and 
   assert.deepEqual(await restores(again), [], 'nor does it resume one at its next start');
   assert.equal(await sha256File(image), before, 'the target is untouched after B restarts');
 });
+
+test('status during an instant restore shows the target attached and mounted where bdsnap mount has it, and not once unmounted', { timeout: 180_000 }, async (t) => {
+  if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'mount', 'umount'] })) return;
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup, 'bdsnap-instant-status-');
+  const image = path.join(dir, 'fs.img');
+  ext4WithFiles(image, 64 * MiB, new Map([['a.bin', crypto.randomBytes(3 * MiB)]]));
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  // Backed up through the daemon, so the device is registered and status has a row for it.
+  const daemon = await startDaemon(cleanup, { password: false, extraArgs: ['--restore-rate', '4M'] });
+  const repoDir = path.join(dir, 'repo');
+  await daemon.cli(['backup', 'init', '--repo', repoDir]);
+  const { id } = JSON.parse((await daemon.cli(['backup', 'create', image, '--repo', repoDir, '--json'])).stdout) as { id: string };
+  zeroFile(image);
+  await daemon.cli(['backup', 'restore', '--repo', repoDir, id, image, '--instant']);
+  await daemon.cli(['mount', image, mnt]);
+  interface Row { device: string; attached: boolean; connections: number; mountpoint: string | null; loopDevice: string | null }
+  const status = async (): Promise<{ devices: Row[]; restores: Array<RestoreInfo & { mountpoint?: string | null; connections?: number }> }> =>
+    JSON.parse((await daemon.cli(['status', '--json'])).stdout) as { devices: Row[]; restores: Array<RestoreInfo & { mountpoint?: string | null; connections?: number }> };
+  try {
+    const during = await status();
+    t.diagnostic(JSON.stringify(during));
+    assert.equal(during.restores[0]?.state, 'running', 'the copy still runs');
+    const row = during.devices.find((d) => d.device === image);
+    assert.ok(row, 'the target has its row');
+    assert.equal(row.attached, true, 'the target is attached: bdsnap mount has it');
+    assert.equal(row.mountpoint, mnt);
+    assert.match(row.loopDevice ?? '', /^\/dev\/loop\d+$/);
+    assert.ok(row.connections > 0);
+    assert.equal(during.restores[0]?.mountpoint, mnt, 'the restore says where its target is mounted');
+    const text = (await daemon.cli(['status'])).stdout;
+    assert.match(text, new RegExp(`^${image}\\s+no\\s+mounted\\s+${mnt}\\s`, 'm'), text);
+    assert.match(text, new RegExp(`restore of ${image} .*, mounted at ${mnt}`), text);
+  } finally {
+    await daemon.cli(['umount', mnt]);
+  }
+  const after = await status();
+  const row = after.devices.find((d) => d.device === image);
+  assert.equal(row?.attached, false, `unmounted, not attached: ${JSON.stringify(after)}`);
+  assert.equal(row?.mountpoint, null);
+  await waitDone(daemon, image, 120_000);
+});

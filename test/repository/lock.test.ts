@@ -52,6 +52,26 @@ test('a lock whose process /proc cannot tell about counts as live, and a prune i
   assert.deepEqual((await listLocks(store, { proc })).map((l) => l.name), [`${LOCKS_PREFIX}0001.create`], 'the refused prune left no lock of its own');
 });
 
+test('a prune refused by an instant restore\'s lock says so, and what to do', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const store = new LocalDirStore(path.join(dir, 'repo'));
+  t.after(() => store.close());
+  const restore = await RepoLock.acquire(store, 'create', { purpose: 'instant-restore' });
+  try {
+    await assert.rejects(RepoLock.acquire(store, 'prune'), (e: unknown) => {
+      assert.ok(e instanceof BdsnapError);
+      assert.equal(e.code, 'EBUSY');
+      assert.match(e.message, new RegExp(`^an instant restore reads .* \\(${restore.name}, pid ${process.pid} on ${os.hostname()}\\): .*prune once it is complete`));
+      return true;
+    });
+    // A create beside it is no conflict.
+    const create = await RepoLock.acquire(store, 'create');
+    await create.release();
+  } finally {
+    await restore.release();
+  }
+});
+
 test('a lock whose process is gone is dead, and a prune goes ahead', async (t) => {
   const store = await storeWithCreateLock(t, exitedPid());
   const [lock] = await listLocks(store);

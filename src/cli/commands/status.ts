@@ -35,6 +35,7 @@ export function register(program: Command): void {
       }
       const restores = (status.restores ?? []).map((r) => `restore of ${r.target} from backup ${r.backup}: ${r.state}, ${formatBytes(r.doneBytes)} of ${formatBytes(r.totalBytes)}`
         + (r.state === 'running' ? `, ${formatBytes(r.rateBytesPerSecond)}/s${r.secondsLeft !== null ? `, ${r.secondsLeft} s left` : ''}` : '')
+        + (r.mountpoint ? `, mounted at ${r.mountpoint}` : r.connections ? `, ${r.connections} conn` : '')
         + (r.error ? `; ${r.state === 'running' ? 'retrying: ' : ''}${r.error}` : '') + '\n').join('')
         + (status.replicas ?? []).map((r) => `replica ${r.id}: ${r.state}, ${r.lagMs !== null ? `lag ${formatDuration(r.lagMs)}` : 'no complete point yet'}`
           + `${r.lagging ? ` LAGGING (past ${formatDuration(r.laggingAfterMs ?? 0)})` : ''}${r.state === 'failed' && r.lastError !== null ? `; ${r.lastError}` : ''}\n`).join('');
