@@ -27,6 +27,7 @@ import { BdsnapError } from '../errors.js';
 import type { ChangeMapInfo } from '../snapshot/change-map/index.js';
 import type { ExportHandle, ExportProvider } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
+import { MAX_SERVE_THREADS, threadCountAsked } from './serve.js';
 import type { NbdTls } from '../nbd/tls.js';
 import { JOURNAL_FILE } from '../snapshot/format.js';
 import { readJournal } from '../snapshot/restore/journal.js';
@@ -142,7 +143,14 @@ export class Daemon {
       detachTimeoutMs: options.detachTimeoutMs ?? 30000,
     });
     late.mounts = this.#mounts;
-    this.#nbd = new NbdServer({ exports: this.#exports(), log: (event) => this.#logNbd(event) });
+    // Connections are served on worker threads that do the wire's byte work; every request is
+    // applied here, where the sessions, change maps and snapshots live (BDSNAP_NBD_THREADS=1:
+    // all on this thread).
+    const threads = Math.min(threadCountAsked(), MAX_SERVE_THREADS);
+    this.#nbd = new NbdServer({
+      exports: this.#exports(), log: (event) => this.#logNbd(event),
+      ...(threads > 1 ? { threads: { count: threads, owner: true } } : {}),
+    });
   }
 
   static async start(options: DaemonOptions): Promise<Daemon> {
