@@ -111,8 +111,9 @@ export class NbdServer {
   #startThreads(): Promise<ConnectionThreads> | undefined {
     const t = this.#threadOptions;
     if (t === undefined || loadLibc() === undefined) return undefined;
+    if (this.#threads !== undefined) return this.#threads;
     const host = 'owner' in t ? new ExportHost(this.#context.exports, this.#log) : undefined;
-    this.#threads ??= ConnectionThreads.start(t.count, 'owner' in t ? new URL('./remote-worker.js', import.meta.url) : t.script, {
+    this.#threads = ConnectionThreads.start(t.count, 'owner' in t ? new URL('./remote-worker.js', import.meta.url) : t.script, {
       maxInFlightBytes: this.#context.budget.limitBytes,
       maxInFlightBytesPerConnection: this.#context.maxInFlightBytes,
       handshakeTimeoutMs: this.#context.handshakeTimeoutMs,
