@@ -52,6 +52,12 @@ interface HandleInfo {
   metaContexts: string[];
 }
 
+/** The handles one worker holds, and whether its port has closed. */
+interface WorkerHandles {
+  handles: Map<number, ExportHandle>;
+  gone: boolean;
+}
+
 type Reply =
   | { call: number; ok: true; value?: unknown; buffer?: ArrayBuffer }
   | { call: number; ok: false; code: string; message: string };
@@ -70,23 +76,27 @@ export class ExportHost {
   /** A new port for one worker (to be transferred to it); its calls are served until it closes. */
   connect(): MessagePort {
     const { port1, port2 } = new MessageChannel();
-    const handles = new Map<number, ExportHandle>();
-    port1.on('message', (m: { call: number } & Call) => void this.#serve(port1, handles, m));
+    const worker: WorkerHandles = { handles: new Map(), gone: false };
+    port1.on('message', (m: { call: number } & Call) => void this.#serve(port1, worker, m));
     port1.once('close', () => {
       // A worker that ended without releasing (it died) must not hold its devices for good.
-      for (const [id, h] of handles) {
-        handles.delete(id);
-        h.release().catch((err: unknown) => this.#log?.({ event: 'release-error', error: toBdsnapError(err).message }));
-      }
+      worker.gone = true;
+      for (const id of [...worker.handles.keys()]) this.#release(worker, id);
     });
     return port2;
   }
 
-  async #serve(port: MessagePort, handles: Map<number, ExportHandle>, m: { call: number } & Call): Promise<void> {
+  #release(worker: WorkerHandles, id: number): Promise<void> {
+    const h = worker.handles.get(id);
+    worker.handles.delete(id);
+    return h?.release().catch((err: unknown) => this.#log?.({ event: 'release-error', error: toBdsnapError(err).message })) ?? Promise.resolve();
+  }
+
+  async #serve(port: MessagePort, worker: WorkerHandles, m: { call: number } & Call): Promise<void> {
     let reply: Reply;
     const transfer: ArrayBuffer[] = [];
     try {
-      const { value, buffer } = await this.#apply(handles, m);
+      const { value, buffer } = await this.#apply(worker, m);
       reply = { call: m.call, ok: true, value, buffer };
       if (buffer) transfer.push(buffer);
     } catch (err) {
@@ -101,7 +111,8 @@ export class ExportHost {
     port.postMessage(reply, transfer);
   }
 
-  async #apply(handles: Map<number, ExportHandle>, m: Call): Promise<{ value?: unknown; buffer?: ArrayBuffer }> {
+  async #apply(worker: WorkerHandles, m: Call): Promise<{ value?: unknown; buffer?: ArrayBuffer }> {
+    const handles = worker.handles;
     switch (m.op) {
       case 'list':
         return { value: await this.#provider.list() };
@@ -110,6 +121,11 @@ export class ExportHost {
         if (h === undefined) return { value: undefined };
         const id = this.#nextHandle++;
         handles.set(id, h);
+        // Opened for a worker that has gone meanwhile: nobody would release it.
+        if (worker.gone) {
+          await this.#release(worker, id);
+          throw new BdsnapError('ESHUTDOWN', 'the NBD worker thread has ended');
+        }
         const d = h.device;
         const info: HandleInfo = {
           handle: id, name: h.name, ...(h.description !== undefined ? { description: h.description } : {}),
