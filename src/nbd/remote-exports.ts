@@ -11,8 +11,9 @@
  *   provider, the same handle, the same device calls, so copy-before-write claims, change
  *   marks and the session's preserved set are decided on one thread as before.
  * - Payloads are moved, not copied: a WRITE payload that owns its memory is transferred to the
- *   owner and comes back with the reply (to the worker's pool); a READ is done into a buffer
- *   transferred from the worker's pool and comes back filled.
+ *   owner and comes back with the reply (to the worker's pool); a READ reply buffer is
+ *   transferred to the owner, which reads into it after the reply's header room, and comes
+ *   back filled (readInto; the NBD server uses it instead of read).
  * - Errors cross as their code and message, so the client gets the same errno and the
  *   handshake the same NBD_REP_ERR reply as on the owner thread.
  * - Every handle a worker opened is released exactly once: by the worker, or by the owner when
@@ -27,7 +28,7 @@ import type { ExportHandle, ExportProvider, MetaContextSource } from './exports.
 import type { LogFn } from './server-connection.js';
 
 type DeviceOp =
-  | { op: 'read'; handle: number; offsetBytes: number; buffer: ArrayBuffer }
+  | { op: 'read'; handle: number; offsetBytes: number; buffer: ArrayBuffer; atBytes: number; lengthBytes: number }
   | { op: 'write'; handle: number; offsetBytes: number; buffer: ArrayBuffer; fua: boolean }
   | { op: 'flush'; handle: number }
   | { op: 'trim'; handle: number; offsetBytes: number; lengthBytes: number; fua: boolean }
@@ -146,7 +147,7 @@ export class ExportHost {
     const d = h.device;
     switch (m.op) {
       case 'read':
-        await d.read(Buffer.from(m.buffer), m.offsetBytes);
+        await d.read(Buffer.from(m.buffer, m.atBytes, m.lengthBytes), m.offsetBytes);
         return { buffer: m.buffer };
       case 'write':
         await d.write(Buffer.from(m.buffer), m.offsetBytes, { fua: m.fua });
@@ -256,7 +257,7 @@ export class RemoteExports implements ExportProvider {
  * A device on the owner thread. A WRITE payload that owns its memory is moved to the owner:
  * the caller (the NBD server, which only returns it to its pool) must not use it afterwards.
  */
-class RemoteDevice implements BlockDevice {
+export class RemoteDevice implements BlockDevice {
   readonly size: number;
   readonly readOnly: boolean;
   readonly blockSizes: BlockSizes;
@@ -274,9 +275,25 @@ class RemoteDevice implements BlockDevice {
 
   async read(target: Buffer, offsetBytes: number): Promise<void> {
     const scratch = this.#remote.take(target.length);
-    const r = await this.#remote.call({ op: 'read', handle: this.#handle, offsetBytes, buffer: scratch.buffer as ArrayBuffer }, [scratch.buffer as ArrayBuffer]);
-    // The reply buffer also holds the reply's header, so the data is copied once, here.
-    this.#remote.giveBack(r, (b) => b.copy(target));
+    this.#remote.giveBack(await this.#moveRead(scratch, 0, target.length, offsetBytes), (b) => b.copy(target));
+  }
+
+  /**
+   * Read `lengthBytes` at `offsetBytes` into `buf` from `atBytes` on, without a copy: `buf`
+   * (which must own its memory) is moved to the owner and unusable from then on; the same
+   * memory comes back as the Buffer returned (on a failure it is left to the collector).
+   */
+  async readInto(buf: Buffer, atBytes: number, offsetBytes: number): Promise<Buffer> {
+    const r = await this.#moveRead(buf, atBytes, buf.length - atBytes, offsetBytes);
+    // Throws the owner's failure, if any.
+    this.#remote.giveBack({ ...r, buffer: undefined });
+    if (r.buffer === undefined) throw new BdsnapError('EIO', 'the read buffer did not come back');
+    return Buffer.from(r.buffer);
+  }
+
+  #moveRead(buf: Buffer, atBytes: number, lengthBytes: number, offsetBytes: number): Promise<Reply & { ok: true }> {
+    const buffer = buf.buffer as ArrayBuffer;
+    return this.#remote.call({ op: 'read', handle: this.#handle, offsetBytes, buffer, atBytes, lengthBytes }, [buffer]);
   }
 
   async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
