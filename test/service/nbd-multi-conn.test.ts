@@ -1,8 +1,9 @@
 /**
  * Several connections writing the same chunks of an active export at once, against a model:
  * the session preserves each chunk once (whichever connection's write reached it first), the
- * image holds every write, and restoring the session gives back the start. The daemon serves
- * the connections on two worker threads, so requests of one chunk arrive from both at once.
+ * image holds every write, and restoring the session gives back the start. The daemon is asked
+ * for two worker threads, so requests of one chunk arrive from both at once and are applied on
+ * its main thread.
  */
 
 import assert from 'node:assert/strict';
