@@ -82,7 +82,7 @@ export class ExportHost {
     port1.once('close', () => {
       // A worker that ended without releasing (it died) must not hold its devices for good.
       worker.gone = true;
-      for (const id of [...worker.handles.keys()]) this.#release(worker, id);
+      for (const id of [...worker.handles.keys()]) void this.#release(worker, id);
     });
     return port2;
   }
