@@ -18,16 +18,18 @@
  *   goes on (it waits on a shared counter the worker sets once the socket is destroyed), as a
  *   connection on the accepting thread would be. Otherwise a flood accepted faster than the
  *   workers read their messages holds far more descriptors than the limit.
- * - Only exports with no state shared between connections beyond the file itself are served
- *   this way (each worker opens its own descriptor of the same file; fdatasync on any of them
- *   makes every completed write durable, so FLUSH on one connection covers the others, as
- *   NBD_FLAG_CAN_MULTI_CONN promises). Copy-before-write sessions keep to one thread.
+ * - Exports with no state shared between connections beyond the file itself are served whole
+ *   on the worker (each worker opens its own descriptor of the same file; fdatasync on any of
+ *   them makes every completed write durable, so FLUSH on one connection covers the others, as
+ *   NBD_FLAG_CAN_MULTI_CONN promises). Exports with shared state (copy-before-write sessions)
+ *   stay on the accepting thread, which applies every request; the worker only does the wire's
+ *   byte work, through a port to it (remote-exports.ts).
  * - Shutdown: every worker finishes its requests in flight, flushes, closes its connections and
  *   devices, then ends; close() resolves after the last worker has ended.
  */
 
 import net from 'node:net';
-import { Worker, parentPort, workerData } from 'node:worker_threads';
+import { Worker, parentPort, threadId, workerData, type MessagePort } from 'node:worker_threads';
 import { BufferPool } from '../device/buffer-pool.js';
 import { InFlightBudget } from './in-flight-budget.js';
 import type { ExportProvider } from './exports.js';
@@ -56,6 +58,8 @@ export interface WorkerSettings {
   sendStallTimeoutMs: number;
   /** The worker script's own data (which files to open...). */
   exports: unknown;
+  /** Where the worker's exports are applied, when they live on the accepting thread. */
+  ownerPort?: MessagePort;
 }
 
 /** Messages from the server to a worker. */
@@ -115,7 +119,8 @@ class WorkerThread {
   #onClosed: (c: Remote) => void;
   constructor(script: URL, settings: Omit<WorkerSettings, 'aborted'>, log: LogFn | undefined, onClosed: (c: Remote) => void) {
     this.#onClosed = onClosed;
-    this.worker = new Worker(script, { workerData: { ...settings, aborted: this.#aborted.buffer } satisfies WorkerSettings });
+    const transferList = settings.ownerPort ? [settings.ownerPort] : [];
+    this.worker = new Worker(script, { workerData: { ...settings, aborted: this.#aborted.buffer } satisfies WorkerSettings, transferList });
     let ready!: () => void;
     let failed!: (err: Error) => void;
     this.ready = new Promise((resolve, reject) => {
@@ -202,12 +207,18 @@ export class ConnectionThreads {
     this.#onClosed = onClosed;
   }
 
-  /** Start `count` workers running `script` (which calls serveHandedConnections) and wait until each is ready. */
-  static async start(count: number, script: URL, settings: Omit<WorkerSettings, 'aborted' | 'maxPooledBytes'>, log: LogFn | undefined, onClosed: (c: HandedConnection) => void): Promise<ConnectionThreads> {
+  /**
+   * Start `count` workers running `script` (which calls serveHandedConnections) and wait until
+   * each is ready. With `ownerPort`, each worker gets a port of its own from it.
+   */
+  static async start(count: number, script: URL, settings: Omit<WorkerSettings, 'aborted' | 'maxPooledBytes' | 'ownerPort'>, log: LogFn | undefined, onClosed: (c: HandedConnection) => void, ownerPort?: () => MessagePort): Promise<ConnectionThreads> {
     const share = (bytes: number): number => Math.max(1, Math.floor(bytes / count));
     const self = new ConnectionThreads(onClosed);
     const workerSettings = { ...settings, maxInFlightBytes: share(settings.maxInFlightBytes), maxPooledBytes: share(settings.maxInFlightBytesPerConnection) };
-    for (let i = 0; i < count; i++) self.#threads.push(new WorkerThread(script, workerSettings, log, (c) => self.#onClosed(c)));
+    for (let i = 0; i < count; i++) {
+      const port = ownerPort?.();
+      self.#threads.push(new WorkerThread(script, { ...workerSettings, ...(port ? { ownerPort: port } : {}) }, log, (c) => self.#onClosed(c)));
+    }
     try {
       await Promise.all(self.#threads.map((t) => t.ready));
     } catch (err) {
@@ -240,19 +251,22 @@ export class ConnectionThreads {
 
 /**
  * The worker's side, called once by the worker script with the exports it opened (from
- * `workerData.exports`). `closeExports` runs at shutdown, after every connection has ended.
+ * `workerData.exports`), or a function making them with the worker's buffer pool.
+ * `closeExports` runs at shutdown, after every connection has ended.
  */
-export function serveHandedConnections(exports: ExportProvider, closeExports: () => Promise<void>): void {
+export function serveHandedConnections(exports: ExportProvider | ((pool: BufferPool) => ExportProvider), closeExports: () => Promise<void>): void {
   const port = parentPort;
   if (port === null) throw new Error('serveHandedConnections runs on a worker thread');
   const settings = workerData as WorkerSettings;
   const aborted = new Int32Array(settings.aborted);
   const post = (m: FromWorker): void => port.postMessage(m);
-  const log: LogFn = (event) => post({ type: 'log', event });
+  // Which thread served what, for whoever reads the server's log.
+  const log: LogFn = (event) => post({ type: 'log', event: { ...event, thread: threadId } });
   const connections = new Map<number, ServerConnection>();
+  const pool = new BufferPool(settings.maxPooledBytes);
   const context: ConnectionContext = {
-    exports,
-    pool: new BufferPool(settings.maxPooledBytes),
+    exports: typeof exports === 'function' ? exports(pool) : exports,
+    pool,
     budget: new InFlightBudget(settings.maxInFlightBytes),
     maxInFlightBytes: settings.maxInFlightBytesPerConnection,
     handshakeTimeoutMs: settings.handshakeTimeoutMs,

@@ -30,6 +30,7 @@ import { loadLibc, trimHeapSoon } from '../host/libc.js';
 import type { NbdTls } from './tls.js';
 import { SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
 import { ConnectionThreads, type HandedConnection } from './connection-threads.js';
+import { ExportHost } from './remote-exports.js';
 
 export { adoptWithReadBuffer, type ReadSink } from './adopted-socket.js';
 
@@ -50,8 +51,10 @@ export interface NbdServerOptions {
    * Serve plain (non-TLS) connections on `count` worker threads running `script`, which opens
    * the exports from `exports` and calls serveHandedConnections (see connection-threads.ts).
    * Only for exports whose connections share nothing but the file. Default: this thread.
+   * `{ count, owner: true }` instead keeps the exports on this thread, which applies every
+   * request, and has the workers do only the wire's byte work (remote-exports.ts).
    */
-  threads?: { count: number; script: URL; exports: unknown };
+  threads?: { count: number; script: URL; exports: unknown } | { count: number; owner: true };
 }
 
 const DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION = 64 * 1024 * 1024;
@@ -108,13 +111,15 @@ export class NbdServer {
   #startThreads(): Promise<ConnectionThreads> | undefined {
     const t = this.#threadOptions;
     if (t === undefined || loadLibc() === undefined) return undefined;
-    this.#threads ??= ConnectionThreads.start(t.count, t.script, {
+    if (this.#threads !== undefined) return this.#threads;
+    const host = 'owner' in t ? new ExportHost(this.#context.exports, this.#log) : undefined;
+    this.#threads = ConnectionThreads.start(t.count, 'owner' in t ? new URL('./remote-worker.js', import.meta.url) : t.script, {
       maxInFlightBytes: this.#context.budget.limitBytes,
       maxInFlightBytesPerConnection: this.#context.maxInFlightBytes,
       handshakeTimeoutMs: this.#context.handshakeTimeoutMs,
       sendStallTimeoutMs: this.#context.sendStallTimeoutMs,
-      exports: t.exports,
-    }, this.#log, (c) => this.#closed(c));
+      exports: 'owner' in t ? undefined : t.exports,
+    }, this.#log, (c) => this.#closed(c), host ? () => host.connect() : undefined);
     return this.#threads;
   }
 

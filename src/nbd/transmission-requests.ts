@@ -21,6 +21,7 @@ import type { RequestMessage } from './request-decoder.js';
 import * as C from './constants.js';
 import { isAllZero } from '../bytes.js';
 import { clipExtents } from './block-status.js';
+import { RemoteDevice } from './remote-exports.js';
 import {
   OFFSET_DATA_PREFIX_BYTES, encodeBlockStatus, encodeOffsetHole, encodeSimpleReply, encodeStructuredError,
   encodeStructuredNone, writeSimpleReplyHeader, writeStructuredHeader, writeU64,
@@ -167,9 +168,11 @@ export class TransmissionRequests {
     }
     // The data is read straight after the header room of the reply buffer.
     const prefix = this.#structured ? OFFSET_DATA_PREFIX_BYTES : C.SIMPLE_REPLY_HEADER_BYTES;
-    const buf = this.#pool.get(prefix + lengthBytes);
+    let buf = this.#pool.get(prefix + lengthBytes);
     try {
-      if (lengthBytes > 0) await device.read(buf.subarray(prefix), offsetBytes);
+      // A device on another thread fills the reply buffer there, moved rather than copied.
+      if (lengthBytes > 0 && device instanceof RemoteDevice) buf = await device.readInto(buf, prefix, offsetBytes);
+      else if (lengthBytes > 0) await device.read(buf.subarray(prefix), offsetBytes);
     } catch (err) {
       this.#pool.put(buf);
       throw err;

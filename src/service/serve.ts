@@ -43,7 +43,7 @@ export interface RunningServe {
   stop(): Promise<void>;
 }
 /** Most threads plain image files are served on (beyond, the page cache's copies are the limit). */
-const MAX_SERVE_THREADS = 4;
+export const MAX_SERVE_THREADS = 4;
 
 /**
  * Threads for plain images (no session: connections share nothing but the files): one per
@@ -57,7 +57,7 @@ function serveThreads(devices: FileDevice[], count: number): NbdServerOptions['t
 }
 
 /** BDSNAP_NBD_THREADS, or one thread per core; anything but a whole number is refused. */
-function threadCountAsked(): number {
+export function threadCountAsked(): number {
   const asked = process.env.BDSNAP_NBD_THREADS;
   if (asked === undefined || asked === '') return os.availableParallelism();
   if (!/^\d+$/.test(asked)) throw new BdsnapError('EINVAL', `BDSNAP_NBD_THREADS=${asked} is not a whole number of threads (1: serve every connection on one thread)`);

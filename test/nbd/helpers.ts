@@ -46,6 +46,8 @@ export async function serveImage(
     limits?: Pick<NbdServerOptions, 'maxInFlightBytes' | 'maxConnections' | 'handshakeTimeoutMs' | 'sendStallTimeoutMs'>;
     /** Serve a wrapper of the file device instead of the device itself. */
     wrap?: (device: FileDevice) => BlockDevice;
+    /** Serve connections on this many worker threads, the requests applied on this one (as the daemon does). */
+    ownerThreads?: number;
   } = {},
 ): Promise<Served> {
   const dir = tempDir(t);
@@ -53,7 +55,10 @@ export async function serveImage(
   const device = await FileDevice.open(image, { readOnly: options.readOnly ?? false });
   const exports = new StaticExports([{ name: image, device: options.wrap?.(device) ?? device, description: 'test image', ...(options.metaContexts ? { metaContexts: options.metaContexts } : {}) }]);
   const events: Array<Record<string, unknown>> = [];
-  const server = new NbdServer({ exports, log: (e) => events.push(e), maxInFlightBytesPerConnection: options.maxInFlightBytesPerConnection, ...options.limits });
+  const server = new NbdServer({
+    exports, log: (e) => events.push(e), maxInFlightBytesPerConnection: options.maxInFlightBytesPerConnection, ...options.limits,
+    ...(options.ownerThreads !== undefined ? { threads: { count: options.ownerThreads, owner: true } } : {}),
+  });
   const socketPath = path.join(dir, 'nbd.sock');
   await server.listenUnix(socketPath);
   const clients: NbdClient[] = [];

@@ -1,8 +1,9 @@
 /**
  * Several connections writing the same chunks of an active export at once, against a model:
  * the session preserves each chunk once (whichever connection's write reached it first), the
- * image holds every write, and restoring the session gives back the start. It holds however
- * the daemon spreads connections over threads.
+ * image holds every write, and restoring the session gives back the start. The daemon is asked
+ * for two worker threads, so requests of one chunk arrive from both at once and are applied on
+ * its main thread.
  */
 
 import assert from 'node:assert/strict';
@@ -38,7 +39,9 @@ test('four connections writing the same chunks at once: each chunk preserved onc
   t.diagnostic(`seed ${seed}`);
   const next = random(seed);
   const box = sandbox(t);
-  await startDaemon(t, { sandbox: box, password: false });
+  box.env.BDSNAP_NBD_THREADS = '2';
+  // Debug: the log says which thread served each connection.
+  const daemon = await startDaemon(t, { sandbox: box, password: false, logLevel: 'debug' });
   ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
   const image = fs.realpathSync(makeImage(path.join(box.top, 'disk.img'), IMAGE_BYTES, 'random'));
   const original = await sha256File(image);
@@ -48,6 +51,11 @@ test('four connections writing the same chunks at once: each chunk preserved onc
   const touched = new Set<number>();
   const clients = await Promise.all(Array.from({ length: CONNECTIONS }, () => NbdClient.connect({ socketPath: path.join(box.runDir, 'nbd.sock'), exportName: image })));
   try {
+    // The worker's log line reaches the daemon's output a moment after the client's reply.
+    const opened = (): Array<Record<string, unknown>> => daemon.logLines().filter((l) => l.event === 'export-opened' && l.export === image);
+    await until('each connection\'s export-opened line', () => opened().length === CONNECTIONS);
+    const threads = new Set(opened().map((l) => l.thread));
+    assert.ok(threads.size >= 2 && !threads.has(undefined), `the connections were served by several threads (${[...threads].join(', ')})`);
     const chunks = IMAGE_BYTES / CHUNK_BYTES;
     for (let round = 0; round < ROUNDS; round++) {
       // A few chunks per round, most of them new: every connection writes its slice of each
