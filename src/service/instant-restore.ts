@@ -543,6 +543,8 @@ interface Running {
   lastError: string | undefined;
   startedMs: number;
   doneAtStart: number;
+  /** Bytes the background copy itself filled since startedMs (client reads fill the others). */
+  copiedBytes: number;
   finishedAt: string | undefined;
   stopping: boolean;
   /** Ends the copy's backoff wait early, so that a shutdown need not sit it out. */
@@ -676,12 +678,16 @@ export class InstantRestores {
     const mount = this.mountOf?.(r.state.target);
     const doneBytes = Math.min(r.device.doneSlots * P, r.state.sizeBytes);
     const seconds = (Date.now() - r.startedMs) / 1000;
-    const rate = seconds > 0 ? Math.max(0, (r.device.doneSlots - r.doneAtStart) * P) / seconds : 0;
+    // The copy's own rate is what --restore-rate bounds; what client reads filled comes on top
+    // of it, in bursts, so the time left is the copy's alone: it may end sooner, not later.
+    const doneRate = seconds > 0 ? Math.max(0, (r.device.doneSlots - r.doneAtStart) * P) / seconds : 0;
+    const copyRate = seconds > 0 ? r.copiedBytes / seconds : 0;
     return {
       target: r.state.target, backup: r.state.backup, device: r.state.device, repo: r.state.repo,
       state: r.phase, doneBytes, totalBytes: r.state.sizeBytes,
-      rateBytesPerSecond: Math.round(rate),
-      secondsLeft: rate > 0 ? Math.round((r.state.sizeBytes - doneBytes) / rate) : null,
+      rateBytesPerSecond: Math.round(copyRate),
+      readFilledBytesPerSecond: Math.round(Math.max(0, doneRate - copyRate)),
+      secondsLeft: copyRate > 0 ? Math.round((r.state.sizeBytes - doneBytes) / copyRate) : null,
       startedAt: r.state.startedAt, finishedAt: r.finishedAt ?? null,
       error: r.lastError === undefined ? null : r.refresh.problem === undefined ? r.lastError : `${r.lastError}; ${r.refresh.problem}`,
       connections: r.connections, mountpoint: mount?.mountpoint ?? null, loopDevice: mount?.loopDevice ?? null,
@@ -754,7 +760,7 @@ export class InstantRestores {
     const device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, { onSourceError: reportSourceError, refreshSource: () => refresh.run() });
     const r: Running = {
       state, dir, device, target, map, source: opened, refresh, phase: 'running', connections: 0, lastError: undefined,
-      startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, wake: undefined, copier: undefined,
+      startedMs: Date.now(), doneAtStart: map.count, copiedBytes: 0, finishedAt: undefined, stopping: false, wake: undefined, copier: undefined,
     };
     this.#running.set(state.target, r);
     r.copier = this.#copy(r).catch((err: unknown) => {
@@ -801,7 +807,9 @@ export class InstantRestores {
         };
         if (r.source.placePiece) {
           try {
-            copiedBytes += await dev.placeSlots(batch, r.source.placePiece, failed);
+            const placed = await dev.placeSlots(batch, r.source.placePiece, failed);
+            copiedBytes += placed;
+            r.copiedBytes += placed;
           } catch (err) {
             failure ??= toBdsnapError(err);
             return;
@@ -815,10 +823,12 @@ export class InstantRestores {
             return;
           }
           try {
-            copiedBytes += await dev.fillSlots(batch, (i) => {
+            const filled = await dev.fillSlots(batch, (i) => {
               const hash = r.source.slots[i];
               return hash === null ? null : pieces.get(hash!);
             });
+            copiedBytes += filled;
+            r.copiedBytes += filled;
           } catch (err) {
             failure ??= toBdsnapError(err);
             return;
