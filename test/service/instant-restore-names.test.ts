@@ -14,7 +14,9 @@ import { createBackup, type BackupSource } from '../../src/backup/index.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { LocalDirStore } from '../../src/repository/object-store.js';
 import { startDaemon } from '../../testkit/daemon.js';
+import { needs } from '../../testkit/needs.js';
 import { initRepo } from '../backup/helpers.js';
+import { ext4WithFiles } from '../helpers/ext4.js';
 
 const MiB = 1024 * 1024;
 
@@ -102,5 +104,33 @@ test('an instant restore into a new file named through a linked directory is sho
     assert.ok(got.equals(content.subarray(12 * MiB, 13 * MiB)), 'the real path reads the backup');
   } finally {
     await client.close();
+  }
+});
+
+test('a file under instant restore is mounted through the restore by another name of it, and status shows that mount on its row', { timeout: 120_000 }, async (t) => {
+  if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'mount', 'umount'] })) return;
+  const daemon = await startDaemon(t, { password: false, extraArgs: ['--restore-rate', '1M'] });
+  const top = fs.realpathSync(daemon.sandbox.top);
+  fs.mkdirSync(path.join(top, 'real'));
+  fs.symlinkSync(path.join(top, 'real'), path.join(top, 'via'));
+  const files = new Map([['a.bin', randomBytes(3 * MiB + 5)]]);
+  const fsImage = path.join(top, 'fs.img');
+  ext4WithFiles(fsImage, 32 * MiB, files);
+  const content = fs.readFileSync(fsImage);
+  const repoDir = path.join(top, 'repo');
+  const repo = await initRepo(new LocalDirStore(repoDir), { encryption: false });
+  const { id } = await createBackup(repo, [{ device: '/dev/a', sizeBytes: content.length, changed: null, why: 'test', read: async (to, offset) => void content.copy(to, 0, offset, offset + to.length) }]);
+  const real = path.join(top, 'real', 'out.img');
+  await daemon.cli(['backup', 'restore', '--repo', repoDir, id, '/dev/a', '--output', path.join(top, 'via', 'out.img'), '--instant']);
+  const mnt = path.join(top, 'mnt');
+  fs.mkdirSync(mnt);
+  const mounted = await daemon.cli(['mount', real, mnt], undefined, true);
+  assert.equal(mounted.exitCode, 0, `the real path of the target mounts through its restore: ${mounted.stderr}`);
+  try {
+    assert.deepEqual(fs.readFileSync(path.join(mnt, 'a.bin')), files.get('a.bin'));
+    const status = JSON.parse((await daemon.cli(['status', '--json'])).stdout) as { restores: Array<{ target: string; state: string; mountpoint: string | null }> };
+    assert.deepEqual(status.restores.map((r) => [r.target, r.state, r.mountpoint]), [[real, 'running', mnt]]);
+  } finally {
+    await daemon.cli(['umount', mnt]);
   }
 });
