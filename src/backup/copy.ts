@@ -9,7 +9,8 @@
  * come last, one per backup, with the destination's ids: a copy that stops midway leaves no
  * backup half there. A backup whose id the destination holds already is skipped.
  *
- * Both repositories hold a `create` lock meanwhile, so neither's prune runs under the copy.
+ * Both repositories hold a `create` lock meanwhile (purposes `copy-from` and `copy-to`, so that a
+ * prune refused says it is a copy), so neither's prune runs under the copy.
  */
 
 import { BdsnapError } from '../errors.js';
@@ -54,12 +55,12 @@ export async function copyBackups(from: Repository, to: Repository, options: Cop
   if (todo.length === 0) return summary;
 
   const packs = to.packWriter();
-  const fromLock = await RepoLock.acquire(from.store, 'create');
+  const fromLock = await RepoLock.acquire(from.store, 'create', { purpose: 'copy-from' });
   let toLock: RepoLock | undefined;
   const fromPool = new PiecePool(from.pieceCrypto);
   const toPool = new PiecePool(to.pieceCrypto);
   try {
-    toLock = await RepoLock.acquire(to.store, 'create');
+    toLock = await RepoLock.acquire(to.store, 'create', { purpose: 'copy-to' });
     const manifests: Manifest[] = [];
     for (const id of todo) manifests.push(await from.manifest(id));
     const fromIndex = await from.pieceIndex();

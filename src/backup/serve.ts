@@ -16,7 +16,7 @@ export interface ServedBackup {
 
 /** Open every device of backup `id` under a create lock. Errors: as the lock and the repository throw them. */
 export async function openBackupToServe(repo: Repository, id: string): Promise<ServedBackup> {
-  const lock = await RepoLock.acquire(repo.store, 'create');
+  const lock = await RepoLock.acquire(repo.store, 'create', { purpose: 'serve' });
   let opened;
   try {
     opened = await openBackupDevices(repo, id);

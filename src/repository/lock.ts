@@ -39,7 +39,7 @@ export type LockKind = 'create' | 'prune';
  * What a `create` lock is held for, when it is not a backup being created: said by a prune it
  * refuses, so that the operator knows what to wait for.
  */
-export type LockPurpose = 'instant-restore';
+export type LockPurpose = 'instant-restore' | 'serve' | 'copy-from' | 'copy-to';
 
 export const REFRESH_MS = 60_000;
 export const STALE_MS = 10 * 60_000;
@@ -80,10 +80,18 @@ export interface LockOptions {
 function whyRefused(lock: LockInfo, location: string): string {
   const held = `(${lock.name}, pid ${lock.pid} on ${lock.host})`;
   if (lock.kind === 'prune') return `a prune is running in ${location} ${held}; try again when it is done`;
-  if (lock.purpose === 'instant-restore') {
-    return `an instant restore reads ${location} ${held}: the pieces it has not copied yet must stay; prune once it is complete ('bdsnap status' on ${lock.host} shows its progress)`;
+  switch (lock.purpose as LockPurpose | undefined) {
+    case 'instant-restore':
+      return `an instant restore reads ${location} ${held}: the pieces it has not copied yet must stay; prune once it is complete ('bdsnap status' on ${lock.host} shows its progress)`;
+    case 'serve':
+      return `a backup of ${location} is being served ${held}: its readers need the packs it names; prune once 'bdsnap backup serve' has stopped`;
+    case 'copy-from':
+      return `a backup copy reads from ${location} ${held}; try again when the copy is done`;
+    case 'copy-to':
+      return `a backup copy writes into ${location} ${held}; try again when the copy is done`;
+    default:
+      return `a backup is being created in ${location} ${held}; try again when it is done`;
   }
-  return `a backup is being created in ${location} ${held}; try again when it is done`;
 }
 
 /**

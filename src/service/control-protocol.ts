@@ -191,7 +191,11 @@ export interface InstantRestoreInfo {
   state: 'running' | 'complete' | 'failed';
   doneBytes: number;
   totalBytes: number;
+  /** The background copy's own rate (what the daemon's --restore-rate bounds). */
   rateBytesPerSecond: number;
+  /** What client reads filled besides, per second (a piece a client reads first is written then). */
+  readFilledBytesPerSecond: number;
+  /** At the copy's own rate (reads that fill pieces can only make it sooner). */
   secondsLeft: number | null;
   startedAt: string;
   finishedAt: string | null;

@@ -143,7 +143,7 @@ export class Daemon {
     if (this.#tracking) this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
     this.#mounts = new MountManager({
       runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
-      images: { is: (name) => this.#instant.isServing(name), open: (name) => this.#openImage(name) },
+      images: { restoreNameOf: (name) => this.#instant.exportNameOf(name), open: (name) => this.#openImage(name) },
       detachTimeoutMs: options.detachTimeoutMs ?? 30000,
     });
     late.mounts = this.#mounts;
@@ -368,7 +368,7 @@ export class Daemon {
 
   /** The export of a name that is not a plain registered device: a snapshot image, an as-of view, a target under instant restore. */
   async #openImage(name: string): Promise<ExportHandle | undefined> {
-    return this.#instant.open(name) ?? this.#snapshots.openImage(name) ?? await this.#asOf.open(name);
+    return await this.#instant.open(name) ?? this.#snapshots.openImage(name) ?? await this.#asOf.open(name);
   }
 
   /** A replica action: on the replicas this daemon sends, or (remove, failover) on those it receives. */

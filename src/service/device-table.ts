@@ -221,7 +221,7 @@ export class DeviceTable {
   beforeUserAttach: ((devicePath: string) => Promise<void>) | undefined;
 
   /** Called before every hold of any kind: throws to refuse it (a device under instant restore). */
-  checkAttach: ((devicePath: string) => void) | undefined;
+  checkAttach: ((devicePath: string) => Promise<void>) | undefined;
 
   /** Where a device is mounted through the daemon: the mount manager knows, the table asks it. */
   mountOf: ((devicePath: string) => MountInfo | undefined) | undefined;
@@ -233,7 +233,7 @@ export class DeviceTable {
 
   async #attach(devicePath: string, options: AttachOptions): Promise<Attachment> {
     const user = options.holder !== 'snapshot';
-    this.checkAttach?.(devicePath);
+    await this.checkAttach?.(devicePath);
     if (user) await this.beforeUserAttach?.(devicePath);
     return this.#serial(devicePath, async () => {
       let att = this.#attachments.get(devicePath);

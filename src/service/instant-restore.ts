@@ -18,7 +18,10 @@
  * disk.
  *
  * While a restore runs, the target is served only through it (the daemon's other holders of the
- * device are refused), under the target's path as export name. Once every slot is done the
+ * device are refused), under the target's canonical path (as the registry names devices) as
+ * export name. A device is one device whatever names it: another name of a target (a symbolic
+ * link, `..`, a hard link) finds its restore by identity, as the registry finds a device, and a
+ * second restore onto it is refused. Once every slot is done the
  * restore is complete; the target becomes an ordinary device when the last client of the
  * restore lets go.
  */
@@ -32,10 +35,11 @@ import { checkRange, type BlockDevice, type BlockSizes, type Extent, type WriteO
 import { FileDevice } from '../device/file-device.js';
 import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { readDeviceIdentity, sameIdentity, describeIdentity, type StampIdentity } from '../host/device-stamp.js';
 import { closeFd, fdatasyncFd, openFd, preadFully, pwriteFully } from '../host/fd-io.js';
 import { checkNotInUse } from '../host/in-use.js';
 import { openOutputFile } from '../host/output-file.js';
-import { ensurePrivateDir } from '../host/private-dir.js';
+import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import { parseJson } from '../stored-json.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import type { PieceFetcher, PiecePlacer } from '../repository/backup-device.js';
@@ -43,6 +47,7 @@ import { runLimited } from '../run-limited.js';
 import type { EventLog } from './events.js';
 import type { DeviceStatus, InstantRestoreInfo } from './control-protocol.js';
 import type { MountInfo } from './device-table.js';
+import { canonicalDevicePath } from './registry.js';
 
 const RESTORES_DIR = 'restores';
 const STATE_FILE = 'state.json';
@@ -532,6 +537,8 @@ export class InstantRestoreDevice implements BlockDevice {
 
 interface Running {
   state: RestoreState;
+  /** The target's identity as the registry tells devices apart. */
+  identity: StampIdentity;
   dir: string;
   device: InstantRestoreDevice;
   target: FileDevice;
@@ -543,6 +550,8 @@ interface Running {
   lastError: string | undefined;
   startedMs: number;
   doneAtStart: number;
+  /** Bytes the background copy itself filled since startedMs (client reads fill the others). */
+  copiedBytes: number;
   finishedAt: string | undefined;
   stopping: boolean;
   /** Ends the copy's backoff wait early, so that a shutdown need not sit it out. */
@@ -610,6 +619,51 @@ async function fetchBatch(source: RestoreSource, batch: readonly number[], P: nu
   return pieces;
 }
 
+interface Starting {
+  identity: StampIdentity | undefined;
+}
+
+/**
+ * The canonical name of a new --output file: its directory's real path and its own name (which
+ * must not be a symbolic link: openOutputFile refuses one).
+ */
+async function canonicalOutputPath(target: string): Promise<string> {
+  const resolved = path.resolve(target);
+  const dir = await fs.promises.realpath(path.dirname(resolved)).catch((err: unknown) => {
+    throw new BdsnapError('ENOENT', `the directory of ${target} does not exist; create it first`, { cause: err });
+  });
+  return path.join(dir, path.basename(resolved));
+}
+
+/**
+ * `canonical`, the real path of `given`: refused (EPERM) when a symbolic link on the way could
+ * be replaced by another user, since root writes the whole backup wherever the name leads. Each
+ * link is judged where it is found (by whyOthersCanRename, from a directory with no link above
+ * it), then followed; a walk that does not end at `canonical` cannot be vouched for.
+ */
+async function followedSafely(given: string, canonical: string): Promise<string> {
+  let rest = path.resolve(given).split('/').filter((part) => part !== '');
+  let at = '/';
+  for (let links = 0; rest.length > 0;) {
+    const next = path.join(at, rest[0]!);
+    const st = await fs.promises.lstat(next).catch(() => undefined);
+    if (!st?.isSymbolicLink()) {
+      at = next;
+      rest = rest.slice(1);
+      continue;
+    }
+    const why = await whyOthersCanRename(next);
+    if (why !== undefined) throw new BdsnapError('EPERM', `${given} leads to ${canonical} through ${next}, a link another user can replace (${why}); give the real path`);
+    if (++links > 40) break;
+    const to = path.resolve(at, await fs.promises.readlink(next));
+    rest = [...to.split('/').filter((part) => part !== ''), ...rest.slice(1)];
+    at = '/';
+  }
+  // The final name of a new --output file does not exist yet: its directory is what was walked.
+  if (at !== canonical) throw new BdsnapError('EPERM', `${given} leads to ${canonical} by a way bdsnap cannot retrace; give the real path`);
+  return canonical;
+}
+
 function restoreDirName(target: string): string {
   return crypto.createHash('sha256').update(target).digest('hex').slice(0, 24);
 }
@@ -618,6 +672,8 @@ export class InstantRestores {
   readonly #options: InstantRestoresOptions;
   readonly #root: string;
   readonly #running = new Map<string, Running>();
+  /** Restores being started, by target: their identity once the target is open. */
+  readonly #starting = new Map<string, Starting>();
   /** Where a target is mounted through the daemon: the mount manager knows (it mounts a target as an image), status asks it here. */
   mountOf: ((target: string) => MountInfo | undefined) | undefined;
 
@@ -626,21 +682,36 @@ export class InstantRestores {
     this.#root = path.join(options.stateDir, RESTORES_DIR);
   }
 
-  /** Throws EBUSY while `devicePath` is the target of a restore or served by one. */
-  checkAttach(devicePath: string): void {
-    const r = this.#running.get(devicePath);
-    if (!r) return;
-    const why = r.phase === 'running' ? 'is being restored from a backup' : 'is still open through the restore that wrote it';
-    throw new BdsnapError('EBUSY', `${devicePath} ${why} (${r.connections} client(s)); it is served as ${devicePath} by the restore until then`);
-  }
-
-  isServing(name: string): boolean {
-    return this.#running.has(name);
-  }
-
-  /** The export of a target under restore. */
-  open(name: string): ExportHandle | undefined {
+  /**
+   * The restore whose target `name` names: by its export name, else by what the name names now
+   * (any name of the target's device). A name that names nothing (or cannot be told) names no
+   * restore's target: the caller goes on to what else it may name, and opens it as that.
+   */
+  async #find(name: string): Promise<Running | undefined> {
     const r = this.#running.get(name);
+    if (r || this.#running.size === 0) return r;
+    const identity = await readDeviceIdentity(path.resolve(name)).catch(() => undefined);
+    if (identity === undefined) return undefined;
+    return [...this.#running.values()].find((x) => sameIdentity(x.identity, identity));
+  }
+
+  /** Throws EBUSY while `devicePath` is (a name of) the target of a restore or served by one. */
+  async checkAttach(devicePath: string): Promise<void> {
+    const r = await this.#find(devicePath);
+    if (!r) return;
+    const target = r.state.target;
+    const why = r.phase === 'running' ? 'is being restored from a backup' : 'is still open through the restore that wrote it';
+    throw new BdsnapError('EBUSY', `${devicePath}${target !== devicePath ? ` (${target})` : ''} ${why} (${r.connections} client(s)); it is served as ${target} by the restore until then`);
+  }
+
+  /** The export name of the restore whose target `name` names, if any. */
+  async exportNameOf(name: string): Promise<string | undefined> {
+    return (await this.#find(name))?.state.target;
+  }
+
+  /** The export of a target under restore, by any name of it. */
+  async open(name: string): Promise<ExportHandle | undefined> {
+    const r = await this.#find(name);
     if (!r) return undefined;
     r.connections++;
     let released = false;
@@ -676,12 +747,16 @@ export class InstantRestores {
     const mount = this.mountOf?.(r.state.target);
     const doneBytes = Math.min(r.device.doneSlots * P, r.state.sizeBytes);
     const seconds = (Date.now() - r.startedMs) / 1000;
-    const rate = seconds > 0 ? Math.max(0, (r.device.doneSlots - r.doneAtStart) * P) / seconds : 0;
+    // The copy's own rate is what --restore-rate bounds; what client reads filled comes on top
+    // of it, in bursts, so the time left is the copy's alone: it may end sooner, not later.
+    const doneRate = seconds > 0 ? Math.max(0, (r.device.doneSlots - r.doneAtStart) * P) / seconds : 0;
+    const copyRate = seconds > 0 ? r.copiedBytes / seconds : 0;
     return {
       target: r.state.target, backup: r.state.backup, device: r.state.device, repo: r.state.repo,
       state: r.phase, doneBytes, totalBytes: r.state.sizeBytes,
-      rateBytesPerSecond: Math.round(rate),
-      secondsLeft: rate > 0 ? Math.round((r.state.sizeBytes - doneBytes) / rate) : null,
+      rateBytesPerSecond: Math.round(copyRate),
+      readFilledBytesPerSecond: Math.round(Math.max(0, doneRate - copyRate)),
+      secondsLeft: copyRate > 0 ? Math.round((r.state.sizeBytes - doneBytes) / copyRate) : null,
       startedAt: r.state.startedAt, finishedAt: r.finishedAt ?? null,
       error: r.lastError === undefined ? null : r.refresh.problem === undefined ? r.lastError : `${r.lastError}; ${r.refresh.problem}`,
       connections: r.connections, mountpoint: mount?.mountpoint ?? null, loopDevice: mount?.loopDevice ?? null,
@@ -690,8 +765,21 @@ export class InstantRestores {
 
   /** Begin a restore; returns once the target is served with the backup's content. */
   async start(req: StartRequest, checkTarget: (target: string) => Promise<void>): Promise<InstantRestoreInfo> {
-    const target = path.resolve(req.target);
-    if (this.#running.has(target)) throw new BdsnapError('EBUSY', `${target} is already being restored`);
+    const target = await followedSafely(req.target, req.output ? await canonicalOutputPath(req.target) : await canonicalDevicePath(req.target));
+    if (this.#running.has(target) || this.#starting.has(target)) throw new BdsnapError('EBUSY', `${target} is already being restored`);
+    const starting: Starting = { identity: undefined };
+    this.#starting.set(target, starting);
+    try {
+      return await this.#start(req, target, starting, checkTarget);
+    } finally {
+      this.#starting.delete(target);
+    }
+  }
+
+  async #start(req: StartRequest, target: string, starting: Starting, checkTarget: (target: string) => Promise<void>): Promise<InstantRestoreInfo> {
+    // An existing target is checked against the other restores first: another name of a device
+    // under restore is that restore's, whatever else would be said of it (open, in use).
+    let identity = req.output ? undefined : await this.#claim(target, starting);
     const opened = await this.#options.openSource(req.repo, req.backup, req.device, req.password);
     let file: FileDevice | undefined;
     let created = false;
@@ -712,7 +800,11 @@ export class InstantRestores {
         await checkTarget(target);
         await checkNotInUse(target);
       }
+      identity ??= await this.#claim(target, starting);
       file = await FileDevice.open(target);
+      if (identity.kind === 'file' && (identity.dev !== String(file.identity.dev) || identity.ino !== String(file.identity.ino))) {
+        throw new BdsnapError('EBUSY', `${target} was replaced while the restore was opening it; try again`);
+      }
       if (file.size < sizeBytes) throw new BdsnapError('EINVAL', `${target} is ${file.size} bytes, smaller than the backup's ${sizeBytes}: it cannot hold it`);
       const state: RestoreState = {
         version: 1, target, created, identity: { dev: file.identity.dev, ino: file.identity.ino }, repo: req.repo, backup: req.backup, device: req.device,
@@ -728,7 +820,7 @@ export class InstantRestores {
       await map.persist(async () => undefined);
       if (req.password !== undefined) await writeFileAtomic(path.join(dir, PASSWORD_FILE), req.password, 0o600);
       await writeFileAtomic(path.join(dir, STATE_FILE), `${JSON.stringify(state)}\n`);
-      const r = this.#begin(state, dir, file, map, opened);
+      const r = this.#begin(state, identity, dir, file, map, opened);
       this.#options.events.emit('restore-started', { device: target, details: { backup: req.backup, repo: req.repo, sizeBytes } });
       return this.#info(r);
     } catch (err) {
@@ -739,7 +831,26 @@ export class InstantRestores {
     }
   }
 
-  #begin(state: RestoreState, dir: string, target: FileDevice, map: DoneMap, opened: RestoreSource): Running {
+  /** The identity of what `target` names, claimed for this restore; EBUSY when another restore, running or starting, has that device. */
+  async #claim(target: string, starting: Starting): Promise<StampIdentity> {
+    const identity = await readDeviceIdentity(target);
+    // Checked and set in one turn: of two restores onto one device by two names, the second sees the first.
+    const other = this.#holderOf(identity);
+    if (other !== undefined) {
+      throw new BdsnapError('EBUSY', `${target} is ${other} (the same ${describeIdentity(identity)}), which is already being restored; wait until that restore is complete ('bdsnap status' shows it)`);
+    }
+    starting.identity = identity;
+    return identity;
+  }
+
+  /** The target of another restore, running or starting, that is the device `identity` names. */
+  #holderOf(identity: StampIdentity): string | undefined {
+    for (const r of this.#running.values()) if (sameIdentity(r.identity, identity)) return r.state.target;
+    for (const [target, s] of this.#starting) if (s.identity !== undefined && sameIdentity(s.identity, identity)) return target;
+    return undefined;
+  }
+
+  #begin(state: RestoreState, identity: StampIdentity, dir: string, target: FileDevice, map: DoneMap, opened: RestoreSource): Running {
     // The device reports to its restore's record, which holds the device: it finds the record
     // by its target when it reports.
     const reportSourceError = (err: BdsnapError): void => {
@@ -753,8 +864,8 @@ export class InstantRestores {
     });
     const device = new InstantRestoreDevice(target, opened.source, opened.slots, opened.pieceBytes, map, { onSourceError: reportSourceError, refreshSource: () => refresh.run() });
     const r: Running = {
-      state, dir, device, target, map, source: opened, refresh, phase: 'running', connections: 0, lastError: undefined,
-      startedMs: Date.now(), doneAtStart: map.count, finishedAt: undefined, stopping: false, wake: undefined, copier: undefined,
+      state, identity, dir, device, target, map, source: opened, refresh, phase: 'running', connections: 0, lastError: undefined,
+      startedMs: Date.now(), doneAtStart: map.count, copiedBytes: 0, finishedAt: undefined, stopping: false, wake: undefined, copier: undefined,
     };
     this.#running.set(state.target, r);
     r.copier = this.#copy(r).catch((err: unknown) => {
@@ -801,7 +912,9 @@ export class InstantRestores {
         };
         if (r.source.placePiece) {
           try {
-            copiedBytes += await dev.placeSlots(batch, r.source.placePiece, failed);
+            const placed = await dev.placeSlots(batch, r.source.placePiece, failed);
+            copiedBytes += placed;
+            r.copiedBytes += placed;
           } catch (err) {
             failure ??= toBdsnapError(err);
             return;
@@ -815,10 +928,12 @@ export class InstantRestores {
             return;
           }
           try {
-            copiedBytes += await dev.fillSlots(batch, (i) => {
+            const filled = await dev.fillSlots(batch, (i) => {
               const hash = r.source.slots[i];
               return hash === null ? null : pieces.get(hash!);
             });
+            copiedBytes += filled;
+            r.copiedBytes += filled;
           } catch (err) {
             failure ??= toBdsnapError(err);
             return;
@@ -898,7 +1013,7 @@ export class InstantRestores {
             throw new BdsnapError('EMISMATCH', `${state.target} is no longer the file the restore began on`);
           }
           map = await DoneMap.open(path.join(dir, MAP_FILE), opened.slots.length);
-          this.#begin(state, dir, file, map, opened);
+          this.#begin(state, await readDeviceIdentity(state.target), dir, file, map, opened);
           this.#options.log.info({ event: 'restore-resumed', target: state.target, done: map.count, of: opened.slots.length }, 'instant restore resumed');
         } catch (err) {
           await map?.close();

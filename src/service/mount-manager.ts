@@ -39,7 +39,11 @@ export interface MountManagerOptions {
   registry: Registry;
   snapshots: SnapshotManager;
   /** Exports mounted as images (no session of their own): snapshot images, as-of views, targets under instant restore. */
-  images: { is(name: string): boolean; open(name: string): Promise<ExportHandle | undefined> };
+  images: {
+    /** The export name of the instant restore whose target `name` names (by any name of it), if any. */
+    restoreNameOf(name: string): Promise<string | undefined>;
+    open(name: string): Promise<ExportHandle | undefined>;
+  };
   log: Logger;
   /** How long umount waits for other NBD clients of the device to let go. */
   detachTimeoutMs: number;
@@ -132,15 +136,19 @@ export class MountManager {
     const st = await fs.promises.stat(mountpoint).catch(() => undefined);
     if (!st) throw new BdsnapError('ENOENT', `the mount point ${mountpoint} does not exist; create it first`);
     if (!st.isDirectory()) throw new BdsnapError('EINVAL', `the mount point ${mountpoint} is not a directory`);
-    const image = SnapshotManager.isImageName(device) || parseAsOfName(device) !== undefined || this.#options.images.is(path.resolve(device));
+    const named = SnapshotManager.isImageName(device) || parseAsOfName(device) !== undefined;
+    // A target under restore is mounted under its restore's export name, whatever name it was given, so that status finds the mount.
+    const restoreName = named ? undefined : await this.#options.images.restoreNameOf(device);
+    const image = named || restoreName !== undefined;
+    const exportName = restoreName ?? device;
     if (image) {
-      const already = this.imageMountOf(device);
-      if (already) throw new BdsnapError('EBUSY', `${device} is already ${already.starting ? 'being mounted' : 'mounted'} at ${already.mountpoint}`);
+      const already = this.imageMountOf(exportName);
+      if (already) throw new BdsnapError('EBUSY', `${exportName} is already ${already.starting ? 'being mounted' : 'mounted'} at ${already.mountpoint}`);
     }
-    const starting = { exportName: device, devicePath: null };
+    const starting = { exportName, devicePath: null };
     this.#starting.set(mountpoint, starting);
     try {
-      if (image) return await this.#mountImage(device, mountpoint, type, mountOptions);
+      if (image) return await this.#mountImage(exportName, mountpoint, type, mountOptions);
       return await this.#mountDevice(await canonicalDevicePath(device), mountpoint, starting, type, mountOptions);
     } finally {
       this.#starting.delete(mountpoint);

@@ -212,7 +212,12 @@ test('copy: decrypts, re-ids under the destination keys, skips what the destinat
   const changed = Buffer.from(img);
   randomBytes(3 * 64 * KiB).copy(changed, 5 * 64 * KiB);
   const b = await createBackup(from, [source('/dev/a', changed)]);
-  const again = await copyBackups(from, to);
+  // While it copies, each side's lock says what it is held for, so a prune refused says so.
+  const purposes = (repoDir: string): unknown[] => fs.readdirSync(path.join(repoDir, 'locks')).map((name) => (JSON.parse(fs.readFileSync(path.join(repoDir, 'locks', name), 'utf8')) as { purpose?: string }).purpose);
+  let held: Record<string, unknown[]> | undefined;
+  const progress = { start: () => (held = { from: purposes(path.join(dir, 'from')), to: purposes(toDir) }), advance: () => undefined };
+  const again = await copyBackups(from, to, { progress });
+  assert.deepEqual(held, { from: ['copy-from'], to: ['copy-to'] });
   assert.deepEqual(again.copied, [b.id]);
   assert.deepEqual(again.skipped, [a.id]);
   assert.equal(again.newPieces, 3);

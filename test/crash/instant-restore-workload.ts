@@ -132,7 +132,7 @@ export async function recordInstantRestoreWorkload(dir: string, source: InstantR
   try {
     await restores.start({ repo: 'repo', backup: 'b1', device: image, target: image, output: false }, async () => undefined);
     traceMark('started');
-    const handle = restores.open(fs.realpathSync(image));
+    const handle = await restores.open(image);
     if (!handle) throw new Error('the restore does not serve its target');
     const dev = handle.device;
     const write = async (offsetBytes: number, length: number, seed: number): Promise<void> => {
@@ -212,13 +212,14 @@ export async function checkInstantRestoreState(world: InstantRestoreWorld, state
   const { restores, events } = await restoresIn(world, undefined);
   try {
     await restores.resumeAll();
-    if (!restores.isServing(world.image)) {
+    const serving = (): boolean => restores.list().some((r) => r.target === fs.realpathSync(world.image));
+    if (!serving()) {
       if (state.point > world.startedMarkIndex && fs.existsSync(restoresDir) && fs.readdirSync(restoresDir).length > 0) {
         return { kind: 'loss', reason: 'a restore whose start returned does not resume' };
       }
       if (state.point <= world.startedMarkIndex) return { kind: 'refused', reason: 'no restore: the crash came before its start returned' };
     } else {
-      await until(() => !restores.isServing(world.image) || restores.list()[0]?.state === 'failed', 30_000, 'the resumed copy ends');
+      await until(() => !serving() || restores.list()[0]?.state === 'failed', 30_000, 'the resumed copy ends');
       const failed = restores.list()[0];
       if (failed) return { kind: 'loss', reason: `the resumed restore failed: ${failed.error ?? ''}` };
       // It retires once it stops serving: its directory goes a moment later.

@@ -72,6 +72,27 @@ test('a prune refused by an instant restore\'s lock says so, and what to do', as
   }
 });
 
+test('a prune refused by the lock of a served or copied backup says which, not that a backup is being created', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const store = new LocalDirStore(path.join(dir, 'repo'));
+  t.after(() => store.close());
+  const expected = { 'serve': /^a backup of .* is being served .*prune once 'bdsnap backup serve' has stopped$/, 'copy-from': /^a backup copy reads from .*when the copy is done$/, 'copy-to': /^a backup copy writes into .*when the copy is done$/ } as const;
+  for (const [purpose, pattern] of Object.entries(expected) as Array<[keyof typeof expected, RegExp]>) {
+    const held = await RepoLock.acquire(store, 'create', { purpose });
+    try {
+      await assert.rejects(RepoLock.acquire(store, 'prune'), (e: unknown) => {
+        assert.ok(e instanceof BdsnapError);
+        assert.equal(e.code, 'EBUSY');
+        assert.match(e.message, pattern, purpose);
+        assert.ok(e.message.includes(held.name), e.message);
+        return true;
+      });
+    } finally {
+      await held.release();
+    }
+  }
+});
+
 test('a lock whose process is gone is dead, and a prune goes ahead', async (t) => {
   const store = await storeWithCreateLock(t, exitedPid());
   const [lock] = await listLocks(store);

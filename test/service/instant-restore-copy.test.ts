@@ -108,7 +108,7 @@ test('from a local repository the background copy has the piece workers place ea
   try {
     await restores.start({ repo: 'repo', backup: id, device: '/dev/mixed', target: out, output: true }, async () => undefined);
     assert.ok(offered, 'a local repository offers to place pieces');
-    const handle = restores.open(out)!;
+    const handle = (await restores.open(out))!;
     // Whole slots near the end, not done yet: the copy must leave them as the client wrote them.
     const written = randomBytes(2 * PIECE);
     const writeAt = 4 * MiB;

@@ -318,7 +318,7 @@ Example:
 
   registerForget(repoOption(backup.command('forget')), openRepo);
 
-  repoOption(backup.command('prune').description('delete pieces no backup uses (refused while a backup is being created or an instant restore reads the repository)'))
+  repoOption(backup.command('prune').description('delete pieces no backup uses (refused while a backup is being created, served or copied, or an instant restore reads the repository)'))
     .option('--json', 'print the result as JSON')
     .action(async (flags: RepoFlags) => {
       const repo = await openRepo(flags);

@@ -34,7 +34,7 @@ export function register(program: Command): void {
         return;
       }
       const restores = (status.restores ?? []).map((r) => `restore of ${r.target} from backup ${r.backup}: ${r.state}, ${formatBytes(r.doneBytes)} of ${formatBytes(r.totalBytes)}`
-        + (r.state === 'running' ? `, ${formatBytes(r.rateBytesPerSecond)}/s${r.secondsLeft !== null ? `, ${r.secondsLeft} s left` : ''}` : '')
+        + (r.state === 'running' ? `, copying ${formatBytes(r.rateBytesPerSecond)}/s${r.readFilledBytesPerSecond > 0 ? ` (reads fill ${formatBytes(r.readFilledBytesPerSecond)}/s more)` : ''}${r.secondsLeft !== null ? `, ${r.secondsLeft} s left` : ''}` : '')
         + (r.mountpoint ? `, mounted at ${r.mountpoint}` : r.connections ? `, ${r.connections} conn` : '')
         + (r.error ? `; ${r.state === 'running' ? 'retrying: ' : ''}${r.error}` : '') + '\n').join('')
         + (status.replicas ?? []).map((r) => `replica ${r.id}: ${r.state}, ${r.lagMs !== null ? `lag ${formatDuration(r.lagMs)}` : 'no complete point yet'}`
