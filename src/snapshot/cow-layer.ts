@@ -309,7 +309,7 @@ export class CowLayer extends PassThroughDevice {
     this.#claimedEnd = last;
     this.#inflight.enter();
     try {
-      let lacking = (only ? [only] : this.#points).filter((p) => p.usable && !p.preserved.hasAll(first, last));
+      let lacking = this.#lacking(first, last, only);
       let waited = false;
       for (const p of lacking) {
         const ready = p.ready();
@@ -353,9 +353,22 @@ export class CowLayer extends PassThroughDevice {
     }
   }
 
+  /** The usable points (or `only`, if usable) lacking some chunk of first..last. */
+  #lacking(first: number, last: number, only: CowPoint | undefined): CowPoint[] {
+    const points = only === undefined ? this.#points : [only];
+    const lacks = (p: CowPoint): boolean => p.usable && !p.preserved.hasAll(first, last);
+    // Usually every point lacks the run: then the array itself, without a copy per first write
+    // (#points is replaced on attach and detach, never changed in place).
+    for (const p of points) if (!lacks(p)) return points.filter(lacks);
+    return points;
+  }
+
   /** With `buf` holding chunks first..last, store for each point the runs of them it lacks. */
   #store(points: CowPoint[], first: number, last: number, buf: Buffer): Promise<unknown> {
     const cs = this.chunkSize;
+    // The usual case: one point lacking the whole run takes the buffer itself, not a view of it
+    // (a view is one more Buffer object per first write).
+    if (points.length === 1 && lacksAll(points[0]!, first, last)) return points[0]!.storeOriginal(first, buf);
     const stores: Promise<void>[] = [];
     for (const point of points) {
       // Each run of chunks this point lacks becomes one record of its sink.

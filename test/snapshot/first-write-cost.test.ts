@@ -12,6 +12,9 @@ import { createHook } from 'node:async_hooks';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FileDevice } from '../../src/device/file-device.js';
+import { PassThroughDevice } from '../../src/device/pass-through.js';
+import { ChunkBitmap } from '../../src/snapshot/chunk-table.js';
+import { CowLayer, type CowPoint } from '../../src/snapshot/cow-layer.js';
 import { CowDevice, DiffStorage, SnapshotLayer } from '../../src/snapshot/index.js';
 import { pattern, tempDir } from './helpers.js';
 
@@ -97,4 +100,47 @@ test('with a snapshot beside the session, a first write makes no more promises t
   for (const n of counts) {
     assert.ok(n <= budget, `a first write made ${n} promises of the engine (budget ${budget}): each is a microtask on every random first write; measure with bench/first-write-cpu.ts before raising it`);
   }
+});
+
+/** Keeps every buffer the engine reads the device into. */
+class ReadTargets extends PassThroughDevice {
+  readonly targets: Buffer[] = [];
+
+  override read(target: Buffer, offsetBytes: number): Promise<void> {
+    this.targets.push(target);
+    return super.read(target, offsetBytes);
+  }
+}
+
+test('a point lacking a whole run is handed the buffer the run was read into, not a view of it', async (t) => {
+  const dir = tempDir(t, 'bdsnap-fwcost-');
+  const imagePath = path.join(dir, 'disk.img');
+  fs.writeFileSync(imagePath, pattern(SIZE, 1, 0));
+  const dev = await FileDevice.open(imagePath);
+  t.after(() => dev.close());
+  const reads = new ReadTargets(dev);
+  const layer = new CowLayer(reads, { chunkSize: CHUNK });
+  t.after(() => layer.close());
+  const preserved = new ChunkBitmap(SIZE / CHUNK);
+  const stored: Buffer[] = [];
+  const point: CowPoint = {
+    preserved,
+    usable: true,
+    sink: { usable: true, sync: () => Promise.resolve() },
+    ready: () => true,
+    storeOriginal: (firstChunk, payload) => {
+      stored.push(payload);
+      preserved.addRange(firstChunk, firstChunk + payload.length / CHUNK - 1);
+      return Promise.resolve();
+    },
+    locate: () => undefined,
+    readAt: () => Promise.reject(new Error('not read in this test')),
+    checkReadable: () => undefined,
+  };
+  layer.attachPoint(point);
+  const data = pattern(WRITE, 2, 0);
+  for (let chunk = 1; chunk <= 4; chunk++) await layer.write(data, chunk * CHUNK + WRITE);
+  assert.equal(stored.length, 4);
+  // A view would be one more Buffer object per first write, on the engine's hottest path.
+  stored.forEach((payload, i) => assert.equal(payload, reads.targets[i], `first write ${i + 1}: the sink got a view of the read buffer`));
 });
