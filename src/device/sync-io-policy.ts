@@ -18,12 +18,29 @@
  * Reflink clones of a range (FileDevice.cloneRangeTo) follow the same policy, each counted as
  * one transfer of at most `largeMaxBytes` (cloneBytes).
  *
- * Measured with fio's sequential 1 MiB writes at depth 4 through the NBD server, against
- * nbdkit: 0.90x (0.79-1.06) on the thread pool, 1.04x (1.02-1.11) synchronous; a session's
- * first 1 MiB writes on XFS, cloned: 954-1,041 MB/s with clones on koffi's worker thread,
- * 1,114-1,128 MB/s synchronous (two of three runs).
- * BDSNAP_SYNC_IO_MAX_BYTES and BDSNAP_SYNC_IO_LARGE_MAX_BYTES override the two sizes (0 turns
- * either off).
+ * Writes are the exception: one above `smallMaxBytes` goes to the thread pool (unless
+ * `largeWriteMaxBytes` is raised). A client keeps several writes in flight on one connection;
+ * a synchronous 1 MiB pwrite holds the connection's thread while the next requests wait in its
+ * socket, where on the thread pool the copy overlaps reading them (and nbdkit, the yardstick,
+ * writes several at once on its threads). Large reads and clones keep the policy above: nothing
+ * measured says otherwise.
+ *
+ * Measured on 2 cores under other load (load average 2-4), each setting alternating with
+ * the other (BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES=4194304 for large writes synchronous):
+ * - `sh bench/by-hand.sh seq-write 2`, bdsnap / nbdkit per run: large writes synchronous 0.77
+ *   0.75 0.52 0.39, on the thread pool 0.90 0.51 1.07 0.65 (a quieter machine, load 0.6-1.6:
+ *   0.69 median against 0.79);
+ * - `node dist/bench/run.js --rows seq-write,seq-read,nbdcopy-write,nbdcopy-read,first-seq
+ *   --repeat 3 --quick`, medians per run (seq-write, seq-read, nbdcopy-write, nbdcopy-read,
+ *   first-seq): synchronous 1.03 1.42 0.85 0.51 0.85 and 0.91 1.40 0.64 0.59 0.89, thread pool
+ *   0.93 1.31 0.65 0.53 1.43 (seq-write, the row this is about: 0.98 median against 1.03 on the
+ *   quieter machine).
+ * An older measurement, of all large transfers at once (fio's 1 MiB writes at depth 4 against
+ * nbdkit): 0.90x on the thread pool, 1.04x synchronous. A session's first
+ * 1 MiB writes on XFS, cloned: 954-1,041 MB/s with clones on koffi's worker thread, 1,114-1,128
+ * MB/s synchronous (two of three runs).
+ * BDSNAP_SYNC_IO_MAX_BYTES, BDSNAP_SYNC_IO_LARGE_MAX_BYTES and BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES
+ * override the three sizes (0 turns any off).
  */
 
 import { performance } from 'node:perf_hooks';
@@ -42,12 +59,18 @@ export class SyncIoPolicy {
   constructor(
     readonly smallMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_MAX_BYTES', 64 * 1024),
     readonly largeMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_LARGE_MAX_BYTES', 4 * MiB),
+    readonly largeWriteMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES', 0),
   ) {}
 
   /** Whether a transfer of `bytes` should run synchronously (now, or at `nowMs`). */
   sync(bytes: number, nowMs?: number): boolean {
     if (bytes <= this.smallMaxBytes) return true;
     return bytes <= this.largeMaxBytes && (nowMs ?? performance.now()) >= this.#largeOffUntilMs;
+  }
+
+  /** Whether a write of `bytes` should run synchronously: as sync(), a large one only up to `largeWriteMaxBytes`. */
+  syncWrite(bytes: number, nowMs?: number): boolean {
+    return bytes <= this.smallMaxBytes || (bytes <= this.largeWriteMaxBytes && this.sync(bytes, nowMs));
   }
 
   /** A synchronous transfer of `bytes` took `elapsedMs`, ending at `nowMs`. */
