@@ -25,16 +25,16 @@
  * writes several at once on its threads). Large reads and clones keep the policy above: nothing
  * measured says otherwise.
  *
- * Measured on 2 cores under other load (load average 2-4), each setting alternating with
- * the other (BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES=4194304 for large writes synchronous):
- * - `sh bench/by-hand.sh seq-write 2`, bdsnap / nbdkit per run: large writes synchronous 0.77
- *   0.75 0.52 0.39, on the thread pool 0.90 0.51 1.07 0.65 (a quieter machine, load 0.6-1.6:
- *   0.69 median against 0.79);
+ * Measured on 2 cores under other load (load average 1.3-4.4), the two settings alternating
+ * (BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES=4194304 for large writes synchronous):
+ * - `sh bench/by-hand.sh seq-write 2`, bdsnap / nbdkit per fio run: synchronous 0.39-0.80
+ *   (median 0.72), thread pool 0.51-1.07 (median 0.72, mean 0.77 against 0.67); on a quieter
+ *   machine (load 0.6-1.6) 0.69 median against 0.79;
  * - `node dist/bench/run.js --rows seq-write,seq-read,nbdcopy-write,nbdcopy-read,first-seq
- *   --repeat 3 --quick`, medians per run (seq-write, seq-read, nbdcopy-write, nbdcopy-read,
- *   first-seq): synchronous 1.03 1.42 0.85 0.51 0.85 and 0.91 1.40 0.64 0.59 0.89, thread pool
- *   0.93 1.31 0.65 0.53 1.43 (seq-write, the row this is about: 0.98 median against 1.03 on the
- *   quieter machine).
+ *   --repeat 3 --quick`, median of every cell, synchronous (9) against thread pool (6):
+ *   seq-write 0.96x / 0.93x, nbdcopy-write 0.64x / 0.58x, first-seq 0.89x / 0.98x, while the
+ *   read rows, which this does not touch, moved as much between runs (seq-read 1.42x / 1.20x,
+ *   nbdcopy-read 0.63x / 0.55x); on the quieter machine seq-write 0.98x against 1.03x.
  * An older measurement, of all large transfers at once (fio's 1 MiB writes at depth 4 against
  * nbdkit): 0.90x on the thread pool, 1.04x synchronous. A session's first
  * 1 MiB writes on XFS, cloned: 954-1,041 MB/s with clones on koffi's worker thread, 1,114-1,128
