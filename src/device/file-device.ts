@@ -174,7 +174,7 @@ export class FileDevice implements BlockDevice {
     this.#checkOpen();
     this.#checkWritable();
     checkRange(this, offsetBytes, data.length, true);
-    if (this.#syncIo.sync(data.length)) {
+    if (this.#syncIo.syncWrite(data.length)) {
       this.#syncIo.run(data.length, () => this.#writeSync(data, offsetBytes));
     } else {
       await this.#tracked(() => pwriteFully(this.#fd, data, offsetBytes));

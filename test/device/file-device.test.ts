@@ -196,6 +196,35 @@ test('large transfers run synchronously while they stay fast, and go to the thre
   assert.equal(noLarge.sync(noLarge.cloneBytes(MiB), 0), false, 'large transfers off: large clones too');
 });
 
+test('a large write goes to the thread pool while large reads and clones of the same size stay synchronous', async (t) => {
+  const MiB = 1 << 20;
+  const dir = tempDir(t);
+  const image = path.join(dir, 'p.img');
+  makeImage(image, 8 * MiB, 'zero');
+  const policy = new SyncIoPolicy(64 * 1024, 4 * MiB);
+  const dev = await FileDevice.open(image, { syncIo: policy });
+  t.after(() => dev.close());
+  // A request on the thread pool is in flight when the call returns; a synchronous one is done.
+  const write = dev.write(Buffer.alloc(MiB, 0x3c), 0);
+  assert.equal(dev.requestsInFlight, 1, 'a 1 MiB write is on the thread pool');
+  await write;
+  const small = dev.write(Buffer.alloc(64 * 1024, 0x3d), 2 * MiB);
+  assert.equal(dev.requestsInFlight, 0, 'a small write stays synchronous');
+  await small;
+  const back = Buffer.alloc(MiB);
+  const read = dev.read(back, 0);
+  assert.equal(dev.requestsInFlight, 0, 'a 1 MiB read stays synchronous');
+  await read;
+  assert.equal(back.every((b) => b === 0x3c), true);
+  assert.equal(policy.syncWrite(MiB, 0), false);
+  assert.equal(policy.sync(MiB, 0), true, 'reads and clones keep the large limit');
+  assert.equal(policy.syncWrite(64 * 1024, 0), true);
+  const old = new SyncIoPolicy(64 * 1024, 4 * MiB, 4 * MiB);
+  assert.equal(old.syncWrite(MiB, 0), true, 'a large write limit puts large writes back on this thread');
+  old.record(MiB, SLOW_FLOOR_MS + SLOW_MS_PER_MIB * 2, 10);
+  assert.equal(old.syncWrite(MiB, 11), false, 'under the same back-off as other large transfers');
+});
+
 test('a symbolic link is not followed, and expectIdentity refuses any other file under the name', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'c.img');
