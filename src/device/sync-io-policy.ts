@@ -18,23 +18,20 @@
  * Reflink clones of a range (FileDevice.cloneRangeTo) follow the same policy, each counted as
  * one transfer of at most `largeMaxBytes` (cloneBytes).
  *
- * Writes are the exception: one above `smallMaxBytes` goes to the thread pool (unless
- * `largeWriteMaxBytes` is raised). A client keeps several writes in flight on one connection;
- * a synchronous 1 MiB pwrite holds the connection's thread while the next requests wait in its
- * socket, where on the thread pool the copy overlaps reading them (and nbdkit, the yardstick,
- * writes several at once on its threads). Large reads and clones keep the policy above: nothing
- * measured says otherwise.
- *
- * Measured on 2 cores under other load (load average 1.3-4.4), the two settings alternating
- * (BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES=4194304 for large writes synchronous):
- * - `sh bench/by-hand.sh seq-write 2`, bdsnap / nbdkit per fio run: synchronous 0.39-0.80
- *   (median 0.72), thread pool 0.51-1.07 (median 0.72, mean 0.77 against 0.67); on a quieter
- *   machine (load 0.6-1.6) 0.69 median against 0.79;
- * - `node dist/bench/run.js --rows seq-write,seq-read,nbdcopy-write,nbdcopy-read,first-seq
- *   --repeat 3 --quick`, median of every cell, synchronous (9) against thread pool (6):
- *   seq-write 0.96x / 0.93x, nbdcopy-write 0.64x / 0.58x, first-seq 0.89x / 0.98x, while the
- *   read rows, which this does not touch, moved as much between runs (seq-read 1.42x / 1.20x,
- *   nbdcopy-read 0.63x / 0.55x); on the quieter machine seq-write 0.98x against 1.03x.
+ * Large writes have a limit of their own, `largeWriteMaxBytes` (by default the same 4 MiB), so
+ * they can be sent to the thread pool while large reads and clones stay synchronous: a client
+ * keeps several writes in flight on one connection, and a synchronous 1 MiB pwrite holds the
+ * connection's thread while the next requests wait in its socket. Measured both ways on a quiet
+ * machine (load 1.5-1.9), alternating, BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES=0 (large writes on
+ * the thread pool) against the default:
+ * - `node dist/bench/run.js --rows seq-write,nbdcopy-write,first-seq --repeat 3 --quick`, two
+ *   runs each: seq-write 1.04x and 1.05x of nbdkit on the pool against 1.23x and 1.29x
+ *   synchronous; nbdcopy-write 0.53x and 0.56x against 0.69x and 0.66x; first-seq 0.88x and
+ *   1.13x against 0.96x and 0.98x;
+ * - `bash bench/by-hand.sh seq-write 4` (a fresh server and one 1 GiB fio pass per run), two runs
+ *   each: bdsnap / nbdkit median 0.73 on the pool against 0.69 synchronous.
+ * The default stays synchronous: the pool's small gain on a single short pass does not pay
+ * for what it loses on the rows.
  * An older measurement, of all large transfers at once (fio's 1 MiB writes at depth 4 against
  * nbdkit): 0.90x on the thread pool, 1.04x synchronous. A session's first
  * 1 MiB writes on XFS, cloned: 954-1,041 MB/s with clones on koffi's worker thread, 1,114-1,128
@@ -59,7 +56,7 @@ export class SyncIoPolicy {
   constructor(
     readonly smallMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_MAX_BYTES', 64 * 1024),
     readonly largeMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_LARGE_MAX_BYTES', 4 * MiB),
-    readonly largeWriteMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES', 0),
+    readonly largeWriteMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES', 4 * MiB),
   ) {}
 
   /** Whether a transfer of `bytes` should run synchronously (now, or at `nowMs`). */

@@ -196,12 +196,12 @@ test('large transfers run synchronously while they stay fast, and go to the thre
   assert.equal(noLarge.sync(noLarge.cloneBytes(MiB), 0), false, 'large transfers off: large clones too');
 });
 
-test('a large write goes to the thread pool while large reads and clones of the same size stay synchronous', async (t) => {
+test('large writes have a limit of their own: on the thread pool while large reads and clones of the same size stay synchronous', async (t) => {
   const MiB = 1 << 20;
   const dir = tempDir(t);
   const image = path.join(dir, 'p.img');
   makeImage(image, 8 * MiB, 'zero');
-  const policy = new SyncIoPolicy(64 * 1024, 4 * MiB);
+  const policy = new SyncIoPolicy(64 * 1024, 4 * MiB, 0);
   const dev = await FileDevice.open(image, { syncIo: policy });
   t.after(() => dev.close());
   // A request on the thread pool is in flight when the call returns; a synchronous one is done.
@@ -219,8 +219,8 @@ test('a large write goes to the thread pool while large reads and clones of the 
   assert.equal(policy.syncWrite(MiB, 0), false);
   assert.equal(policy.sync(MiB, 0), true, 'reads and clones keep the large limit');
   assert.equal(policy.syncWrite(64 * 1024, 0), true);
-  const old = new SyncIoPolicy(64 * 1024, 4 * MiB, 4 * MiB);
-  assert.equal(old.syncWrite(MiB, 0), true, 'a large write limit puts large writes back on this thread');
+  const old = new SyncIoPolicy(64 * 1024, 4 * MiB);
+  assert.equal(old.syncWrite(MiB, 0), true, 'by default large writes are synchronous, as large reads are');
   old.record(MiB, SLOW_FLOOR_MS + SLOW_MS_PER_MIB * 2, 10);
   assert.equal(old.syncWrite(MiB, 11), false, 'under the same back-off as other large transfers');
 });
