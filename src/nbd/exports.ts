@@ -6,6 +6,9 @@
 
 import type { BlockDevice } from '../device/block-device.js';
 
+/** Where a server, a connection or an export host reports what happened (one event, its fields). */
+export type LogFn = (event: Record<string, unknown>) => void;
+
 export interface ExportHandle {
   /** The export name as the client will see it (the device path). */
   readonly name: string;

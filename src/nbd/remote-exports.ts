@@ -24,8 +24,7 @@ import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import type { BlockDevice, BlockSizes, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
 import type { BufferPool } from '../device/buffer-pool.js';
 import { BdsnapError, isErrorCode, toBdsnapError } from '../errors.js';
-import type { ExportHandle, ExportProvider, MetaContextSource } from './exports.js';
-import type { LogFn } from './server-connection.js';
+import type { ExportHandle, ExportProvider, LogFn, MetaContextSource } from './exports.js';
 
 type DeviceOp =
   | { op: 'read'; handle: number; offsetBytes: number; buffer: ArrayBuffer; atBytes: number; lengthBytes: number }

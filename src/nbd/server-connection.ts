@@ -49,7 +49,9 @@ import { OptionHaggling } from './option-haggling.js';
 import { TransmissionRequests, type ActiveContext } from './transmission-requests.js';
 import { adoptWithReadBuffer, READ_BUFFER_BYTES } from './adopted-socket.js';
 
-export type LogFn = (event: Record<string, unknown>) => void;
+import type { LogFn } from './exports.js';
+
+export type { LogFn };
 
 /** How long a client may keep its side open after we closed ours. */
 const END_TIMEOUT_MS = 5000;
