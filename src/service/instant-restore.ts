@@ -886,7 +886,6 @@ export class InstantRestores {
     let delay = RETRY_MIN_MS;
     const rate = this.#options.rateBytes;
     const rateStartMs = Date.now();
-    let copiedBytes = 0;
     // A rate-limited copy takes steps of a tenth of a second's bytes, so that it keeps to the rate.
     const batchSlots = Math.max(1, Math.floor(Math.min(BATCH_BYTES, rate !== undefined ? rate / 10 : BATCH_BYTES) / P));
     const busySlots = Math.max(1, Math.min(batchSlots, Math.floor(BUSY_BATCH_BYTES / P)));
@@ -912,9 +911,7 @@ export class InstantRestores {
         };
         if (r.source.placePiece) {
           try {
-            const placed = await dev.placeSlots(batch, r.source.placePiece, failed);
-            copiedBytes += placed;
-            r.copiedBytes += placed;
+            r.copiedBytes += await dev.placeSlots(batch, r.source.placePiece, failed);
           } catch (err) {
             failure ??= toBdsnapError(err);
             return;
@@ -928,19 +925,17 @@ export class InstantRestores {
             return;
           }
           try {
-            const filled = await dev.fillSlots(batch, (i) => {
+            r.copiedBytes += await dev.fillSlots(batch, (i) => {
               const hash = r.source.slots[i];
               return hash === null ? null : pieces.get(hash!);
             });
-            copiedBytes += filled;
-            r.copiedBytes += filled;
           } catch (err) {
             failure ??= toBdsnapError(err);
             return;
           }
         }
         if (rate !== undefined) {
-          const aheadMs = (copiedBytes / rate) * 1000 - (Date.now() - rateStartMs);
+          const aheadMs = (r.copiedBytes / rate) * 1000 - (Date.now() - rateStartMs);
           if (aheadMs > 0) await new Promise((resolve) => setTimeout(resolve, aheadMs));
         }
         if (Date.now() - lastPersist >= PERSIST_EVERY_MS) {
