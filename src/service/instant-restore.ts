@@ -117,14 +117,18 @@ export type SourceOpener = (repo: string, backup: string, device: string, passwo
 const REFRESH_MIN_MS = RETRY_MIN_MS;
 
 /**
- * The reloads of one restore's source, asked for whenever a piece cannot be had: one at a
- * time, shared by whoever asks meanwhile, and not more often than REFRESH_MIN_MS, so that a
- * client whose reads all fail does not have the index read again for each of them.
+ * The reloads of one restore's source, asked for whenever a piece cannot be had. Whoever asks
+ * gets a reload that begins after the ask (a repair finished just before it is seen), shared by
+ * everyone who asks until it begins; reloads run one at a time and begin at most once every
+ * REFRESH_MIN_MS, so that a client whose reads all fail does not have the index read again for
+ * each of them.
  */
-class SourceRefresh {
+export class SourceRefresh {
   readonly #refresh: (() => Promise<void>) | undefined;
   readonly #onError: (err: BdsnapError) => void;
   #running: Promise<boolean> | undefined;
+  /** The next reload, not begun yet: shared by whoever asks until it begins. */
+  #next: Promise<boolean> | undefined;
   #lastMs = -Infinity;
   /** Why the last reload failed, until one succeeds: status shows it beside the piece that failed. */
   problem: string | undefined;
@@ -136,22 +140,31 @@ class SourceRefresh {
 
   /** True once the source was reloaded, so that what failed before is worth one more try. */
   run(): Promise<boolean> {
-    if (this.#running) return this.#running;
     const refresh = this.#refresh;
-    if (!refresh || Date.now() - this.#lastMs < REFRESH_MIN_MS) return Promise.resolve(false);
-    this.#lastMs = Date.now();
-    this.#running = refresh().then(() => {
-      this.problem = undefined;
-      return true;
-    }, (err: unknown) => {
-      const e = toBdsnapError(err);
-      this.problem = e.message;
-      this.#onError(e);
-      return false;
-    }).finally(() => {
-      this.#running = undefined;
-    });
-    return this.#running;
+    if (!refresh) return Promise.resolve(false);
+    this.#next ??= (async () => {
+      await this.#running;
+      const waitMs = this.#lastMs + REFRESH_MIN_MS - Date.now();
+      if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
+      this.#next = undefined;
+      this.#lastMs = Date.now();
+      const running = refresh().then(() => {
+        this.problem = undefined;
+        return true;
+      }, (err: unknown) => {
+        const e = toBdsnapError(err);
+        this.problem = e.message;
+        this.#onError(e);
+        return false;
+      });
+      this.#running = running;
+      try {
+        return await running;
+      } finally {
+        if (this.#running === running) this.#running = undefined;
+      }
+    })();
+    return this.#next;
   }
 }
 

@@ -13,6 +13,7 @@ import fc from 'fast-check';
 import { BdsnapError } from '../../src/errors.js';
 import { PasswordStore } from '../../src/service/auth.js';
 import { LineDecoder, requestSchema, type LineEvent } from '../../src/service/control-protocol.js';
+import { SourceRefresh } from '../../src/service/instant-restore.js';
 import { Registry, canonicalDevicePath, readRegistry } from '../../src/service/registry.js';
 import { makeImage } from '../../testkit/files.js';
 
@@ -170,4 +171,41 @@ test('Registry: canonical paths only, persisted atomically, survives a reload', 
 
   fs.writeFileSync(path.join(state, 'registry.json'), '{"version":99}');
   await assert.rejects(Registry.load(state), (e: BdsnapError) => e.code === 'ECORRUPT');
+});
+
+test('SourceRefresh: whoever asks gets a reload begun after the ask, shared by those who ask meanwhile, never two at once', { timeout: 10_000 }, async () => {
+  let begun = 0;
+  let inFlight = 0;
+  let most = 0;
+  let release: (() => void) | undefined;
+  const refresh = new SourceRefresh(async () => {
+    begun++;
+    inFlight++;
+    most = Math.max(most, inFlight);
+    await new Promise<void>((resolve) => (release = resolve));
+    inFlight--;
+  }, () => assert.fail('no reload fails here'));
+  const first = refresh.run();
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(begun, 1, 'the first ask begins a reload');
+  // Asked while it runs (say, a repair finished meanwhile): these need one that begins later.
+  const second = refresh.run();
+  const third = refresh.run();
+  assert.equal(second, third, 'asks before the next reload begins share it');
+  release!();
+  assert.equal(await first, true);
+  // Right after a reload (within the interval) an ask still gets its own, later one.
+  const started = Date.now();
+  const pending = second.then((ok) => ({ ok, afterMs: Date.now() - started }));
+  const deadline = Date.now() + 3000;
+  while (begun < 2 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 5));
+  assert.equal(begun, 2, 'an ask made while a reload ran begins another one once it is over');
+  release!();
+  const got = await pending;
+  assert.equal(got.ok, true, 'the later ask is answered by a reload, not refused for the interval');
+  assert.equal(begun, 2, 'one reload for both later asks');
+  assert.equal(most, 1, 'never two reloads at once');
+  assert.ok(got.afterMs >= 400, `the second reload waited for the interval (${got.afterMs} ms)`);
+  const none = new SourceRefresh(undefined, () => undefined);
+  assert.equal(await none.run(), false, 'a source that cannot reload says so');
 });
