@@ -20,6 +20,8 @@ export class BufferPool {
   #free = new Map<number, Buffer[]>();
   #pooledBytes = 0;
   #maxPooledBytes: number;
+  /** The size last moved to the end of #free (most recently used): a client asking for one size over and over moves nothing. */
+  #recent = -1;
 
   constructor(maxPooledBytes: number) {
     this.#maxPooledBytes = maxPooledBytes;
@@ -36,8 +38,11 @@ export class BufferPool {
     if (b) {
       this.#pooledBytes -= sizeBytes;
       // Most recently used last: the first key is the one to drop.
-      this.#free.delete(sizeBytes);
-      this.#free.set(sizeBytes, list!);
+      if (sizeBytes !== this.#recent) {
+        this.#free.delete(sizeBytes);
+        this.#free.set(sizeBytes, list!);
+        this.#recent = sizeBytes;
+      }
       return b;
     }
     return Buffer.allocUnsafeSlow(sizeBytes);
@@ -47,6 +52,7 @@ export class BufferPool {
   clear(): void {
     this.#free.clear();
     this.#pooledBytes = 0;
+    this.#recent = -1;
   }
 
   put(b: Buffer): void {
@@ -60,6 +66,7 @@ export class BufferPool {
       while (this.#free.size > 0 && (this.#free.size >= MAX_SIZES || this.#pooledBytes + b.length > this.#maxPooledBytes)) this.#dropLeastRecent();
       list = [];
       this.#free.set(b.length, list);
+      this.#recent = b.length;
     }
     list.push(b);
     this.#pooledBytes += b.length;

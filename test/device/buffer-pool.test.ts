@@ -5,6 +5,7 @@
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import fc from 'fast-check';
 import { BufferPool } from '../../src/device/buffer-pool.js';
 import { InFlightBudget } from '../../src/nbd/in-flight-budget.js';
 
@@ -19,6 +20,53 @@ test('a pool fed 1,000 different sizes keeps only the most recently used ones', 
   }
   assert.ok(pool.pooledBytes <= 16 * (1 << 20), `pooled ${pool.pooledBytes} bytes`);
   assert.equal(pool.get(1 << 20), common, 'the size in use is still pooled');
+});
+
+test('the pool keeps and drops the same buffers as a least-recently-used model of it, whatever the order of gets and puts', () => {
+  // The model moves a size to the end on every get that finds it, as the pool did before it
+  // skipped the move for the size already there.
+  const sizes = fc.constantFrom(...Array.from({ length: 20 }, (_, i) => 512 * (i + 1)));
+  fc.assert(fc.property(fc.array(fc.record({ put: fc.boolean(), size: sizes }), { maxLength: 300 }), fc.integer({ min: 4096, max: 64 * 1024 }), (ops, cap) => {
+    const pool = new BufferPool(cap);
+    const free = new Map<number, Buffer[]>();
+    let pooled = 0;
+    const held: Buffer[] = [];
+    for (const op of ops) {
+      if (op.put) {
+        const b = held.pop() ?? Buffer.allocUnsafeSlow(op.size);
+        pool.put(b);
+        if (b.length > cap) continue;
+        let list = free.get(b.length);
+        if (list) {
+          if (pooled + b.length > cap) continue;
+        } else {
+          while (free.size > 0 && (free.size >= 16 || pooled + b.length > cap)) {
+            const [size, dropped] = free.entries().next().value as [number, Buffer[]];
+            pooled -= size * dropped.length;
+            free.delete(size);
+          }
+          list = [];
+          free.set(b.length, list);
+        }
+        list.push(b);
+        pooled += b.length;
+      } else {
+        const got = pool.get(op.size);
+        const list = free.get(op.size);
+        const expected = list?.pop();
+        if (expected) {
+          pooled -= op.size;
+          free.delete(op.size);
+          free.set(op.size, list!);
+        }
+        assert.equal(got.length, op.size);
+        if (expected) assert.equal(got, expected, 'the buffer the model has pooled comes back');
+        else assert.ok(![...free.values()].some((l) => l.includes(got)), 'a new buffer when the model has none');
+        held.push(got);
+      }
+      assert.equal(pool.pooledBytes, pooled);
+    }
+  }), { numRuns: 300 });
 });
 
 test('the in-flight budget says once that a burst is over', () => {
