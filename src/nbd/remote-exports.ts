@@ -277,11 +277,7 @@ export class RemoteDevice implements BlockDevice {
     this.#remote.giveBack(await this.#moveRead(scratch, 0, target.length, offsetBytes), (b) => b.copy(target));
   }
 
-  /**
-   * Read `lengthBytes` at `offsetBytes` into `buf` from `atBytes` on, without a copy: `buf`
-   * (which must own its memory) is moved to the owner and unusable from then on; the same
-   * memory comes back as the Buffer returned (on a failure it is left to the collector).
-   */
+  /** `buf` is moved to the owner, which reads into it; on a failure it is left to the collector. */
   async readInto(buf: Buffer, atBytes: number, offsetBytes: number): Promise<Buffer> {
     const r = await this.#moveRead(buf, atBytes, buf.length - atBytes, offsetBytes);
     // Throws the owner's failure, if any.
