@@ -41,14 +41,15 @@ type Call =
   | { op: 'release'; handle: number }
   | DeviceOp;
 
+/** What a worker is told of a device at open, and answers from without asking the owner. */
+type DeviceFacts = Pick<BlockDevice, 'size' | 'readOnly' | 'blockSizes' | 'canTrim' | 'canFastZero' | 'canMultiConn'>;
+
 /** What the owner tells a worker about an opened handle. */
 interface HandleInfo {
   handle: number;
   name: string;
   description?: string;
-  device: {
-    size: number; readOnly: boolean; blockSizes: BlockSizes; canTrim: boolean; canFastZero: boolean; canMultiConn: boolean;
-  };
+  device: DeviceFacts;
   metaContexts: string[];
 }
 
@@ -257,20 +258,22 @@ export class RemoteExports implements ExportProvider {
  * the caller (the NBD server, which only returns it to its pool) must not use it afterwards.
  */
 export class RemoteDevice implements BlockDevice {
-  readonly size: number;
-  readonly readOnly: boolean;
-  readonly blockSizes: BlockSizes;
-  readonly canTrim: boolean;
-  readonly canFastZero: boolean;
-  readonly canMultiConn: boolean;
-  #remote: RemoteExports;
-  #handle: number;
+  readonly #remote: RemoteExports;
+  readonly #handle: number;
+  readonly #facts: DeviceFacts;
 
   constructor(remote: RemoteExports, info: HandleInfo) {
     this.#remote = remote;
     this.#handle = info.handle;
-    ({ size: this.size, readOnly: this.readOnly, blockSizes: this.blockSizes, canTrim: this.canTrim, canFastZero: this.canFastZero, canMultiConn: this.canMultiConn } = info.device);
+    this.#facts = info.device;
   }
+
+  get size(): number { return this.#facts.size; }
+  get readOnly(): boolean { return this.#facts.readOnly; }
+  get blockSizes(): BlockSizes { return this.#facts.blockSizes; }
+  get canTrim(): boolean { return this.#facts.canTrim; }
+  get canFastZero(): boolean { return this.#facts.canFastZero; }
+  get canMultiConn(): boolean { return this.#facts.canMultiConn; }
 
   async read(target: Buffer, offsetBytes: number): Promise<void> {
     const scratch = this.#remote.take(target.length);
