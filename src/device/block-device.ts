@@ -114,6 +114,14 @@ export interface BlockDevice {
    * a later restore can tell whether anything outside bdsnap wrote the device in between.
    */
   stamp?(): Promise<DeviceStamp | undefined>;
+  /**
+   * Optional, for a device whose reads happen on another thread: read `buf.length - atBytes`
+   * bytes at `offsetBytes` into `buf` from `atBytes` on, by moving `buf` (which must own its
+   * memory) there and back instead of copying into it. `buf` is unusable once called; the same
+   * memory comes back as the Buffer returned. The NBD server reads into its reply buffer this
+   * way when a device offers it, and with `read` otherwise.
+   */
+  readInto?(buf: Buffer, atBytes: number, offsetBytes: number): Promise<Buffer>;
 }
 
 export type { CloneResult, DeviceStamp };

@@ -41,14 +41,15 @@ type Call =
   | { op: 'release'; handle: number }
   | DeviceOp;
 
+/** What a worker is told of a device at open, and answers from without asking the owner. */
+type DeviceFacts = Pick<BlockDevice, 'size' | 'readOnly' | 'blockSizes' | 'canTrim' | 'canFastZero' | 'canMultiConn'>;
+
 /** What the owner tells a worker about an opened handle. */
 interface HandleInfo {
   handle: number;
   name: string;
   description?: string;
-  device: {
-    size: number; readOnly: boolean; blockSizes: BlockSizes; canTrim: boolean; canFastZero: boolean; canMultiConn: boolean;
-  };
+  device: DeviceFacts;
   metaContexts: string[];
 }
 
@@ -257,31 +258,29 @@ export class RemoteExports implements ExportProvider {
  * the caller (the NBD server, which only returns it to its pool) must not use it afterwards.
  */
 export class RemoteDevice implements BlockDevice {
-  readonly size: number;
-  readonly readOnly: boolean;
-  readonly blockSizes: BlockSizes;
-  readonly canTrim: boolean;
-  readonly canFastZero: boolean;
-  readonly canMultiConn: boolean;
-  #remote: RemoteExports;
-  #handle: number;
+  readonly #remote: RemoteExports;
+  readonly #handle: number;
+  readonly #facts: DeviceFacts;
 
   constructor(remote: RemoteExports, info: HandleInfo) {
     this.#remote = remote;
     this.#handle = info.handle;
-    ({ size: this.size, readOnly: this.readOnly, blockSizes: this.blockSizes, canTrim: this.canTrim, canFastZero: this.canFastZero, canMultiConn: this.canMultiConn } = info.device);
+    this.#facts = info.device;
   }
+
+  get size(): number { return this.#facts.size; }
+  get readOnly(): boolean { return this.#facts.readOnly; }
+  get blockSizes(): BlockSizes { return this.#facts.blockSizes; }
+  get canTrim(): boolean { return this.#facts.canTrim; }
+  get canFastZero(): boolean { return this.#facts.canFastZero; }
+  get canMultiConn(): boolean { return this.#facts.canMultiConn; }
 
   async read(target: Buffer, offsetBytes: number): Promise<void> {
     const scratch = this.#remote.take(target.length);
     this.#remote.giveBack(await this.#moveRead(scratch, 0, target.length, offsetBytes), (b) => b.copy(target));
   }
 
-  /**
-   * Read `lengthBytes` at `offsetBytes` into `buf` from `atBytes` on, without a copy: `buf`
-   * (which must own its memory) is moved to the owner and unusable from then on; the same
-   * memory comes back as the Buffer returned (on a failure it is left to the collector).
-   */
+  /** `buf` is moved to the owner, which reads into it; on a failure it is left to the collector. */
   async readInto(buf: Buffer, atBytes: number, offsetBytes: number): Promise<Buffer> {
     const r = await this.#moveRead(buf, atBytes, buf.length - atBytes, offsetBytes);
     // Throws the owner's failure, if any.

@@ -21,7 +21,6 @@ import type { RequestMessage } from './request-decoder.js';
 import * as C from './constants.js';
 import { isAllZero } from '../bytes.js';
 import { clipExtents } from './block-status.js';
-import { RemoteDevice } from './remote-exports.js';
 import {
   OFFSET_DATA_PREFIX_BYTES, encodeBlockStatus, encodeOffsetHole, encodeSimpleReply, encodeStructuredError,
   encodeStructuredNone, writeSimpleReplyHeader, writeStructuredHeader, writeU64,
@@ -171,7 +170,7 @@ export class TransmissionRequests {
     let buf = this.#pool.get(prefix + lengthBytes);
     try {
       // A device on another thread fills the reply buffer there, moved rather than copied.
-      if (lengthBytes > 0 && device instanceof RemoteDevice) buf = await device.readInto(buf, prefix, offsetBytes);
+      if (lengthBytes > 0 && device.readInto !== undefined) buf = await device.readInto(buf, prefix, offsetBytes);
       else if (lengthBytes > 0) await device.read(buf.subarray(prefix), offsetBytes);
     } catch (err) {
       this.#pool.put(buf);

@@ -11,6 +11,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
 import { encodeOption, encodeRequest, encodeInfoRequestData } from '../../src/nbd/encoders.js';
+import { PassThroughDevice } from '../../src/device/pass-through.js';
 import { GatedDevice } from '../helpers/devices.js';
 import { RawNbdClient } from '../helpers/raw-nbd.js';
 import { makeImage } from '../../testkit/files.js';
@@ -73,6 +74,38 @@ for (const structuredReplies of [true, false]) {
     await c.close();
   });
 }
+
+/** Offers readInto, and gives back a Buffer other than the one it was handed, as a device on another thread does. */
+class ReadIntoDevice extends PassThroughDevice {
+  reads = 0;
+  readIntos = 0;
+
+  override read(target: Buffer, offsetBytes: number): Promise<void> {
+    this.reads++;
+    return super.read(target, offsetBytes);
+  }
+
+  async readInto(buf: Buffer, atBytes: number, offsetBytes: number): Promise<Buffer> {
+    this.readIntos++;
+    const back = Buffer.alloc(buf.length);
+    await super.read(back.subarray(atBytes), offsetBytes);
+    return back;
+  }
+}
+
+test('a device that offers readInto is read through it, and the reply is built from the buffer it gives back', async (t) => {
+  const content = pattern(MiB, 3);
+  let device: ReadIntoDevice | undefined;
+  const s = await serveImage(t, { sizeBytes: MiB, fill: (b) => content.copy(b), wrap: (d) => (device = new ReadIntoDevice(d)) });
+  for (const structuredReplies of [true, false]) {
+    const c = await s.connect({ structuredReplies });
+    const back = Buffer.alloc(65536);
+    await c.read(back, 4096);
+    assert.deepEqual(back, content.subarray(4096, 4096 + back.length), `${structuredReplies ? 'structured' : 'simple'} replies`);
+    await c.close();
+  }
+  assert.deepEqual([device?.readIntos, device?.reads], [2, 0], 'each READ went through readInto');
+});
 
 test('structured READ: all-zero data comes as a hole chunk, other data as a data chunk; block status', async (t) => {
   const s = await serveImage(t, { sizeBytes: MiB, fill: (b) => b.fill(0x77, 0, 65536) });

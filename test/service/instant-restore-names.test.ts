@@ -17,6 +17,7 @@ import { startDaemon } from '../../testkit/daemon.js';
 import { needs } from '../../testkit/needs.js';
 import { initRepo } from '../backup/helpers.js';
 import { ext4WithFiles } from '../helpers/ext4.js';
+import { restoresOf } from '../helpers/instant-restore.js';
 
 const MiB = 1024 * 1024;
 
@@ -50,8 +51,7 @@ test('an instant restore onto a target named through a symbolic link is keyed by
   const started = await daemon.cli(['backup', 'restore', '--repo', repoDir, id, link, '--instant', '--json'], undefined, true);
   assert.equal(started.exitCode, 0, started.stderr);
   assert.equal((JSON.parse(started.stdout) as { target: string }).target, real, 'the restore is keyed by the canonical path');
-  const status = JSON.parse((await daemon.cli(['status', '--json'])).stdout) as { restores: Array<{ target: string; state: string }> };
-  assert.deepEqual(status.restores.map((r) => [r.target, r.state]), [[real, 'running']]);
+  assert.deepEqual((await restoresOf(daemon)).map((r) => [r.target, r.state]), [[real, 'running']]);
 
   for (const other of [real, hard]) {
     const second = await daemon.cli(['backup', 'restore', '--repo', repoDir, id, other, '--instant'], undefined, true);
@@ -75,8 +75,7 @@ test('an instant restore onto a target named through a symbolic link is keyed by
       await client.close();
     }
   }
-  const after = JSON.parse((await daemon.cli(['status', '--json'])).stdout) as { restores: Array<{ target: string; state: string }> };
-  assert.equal(after.restores.length, 1, 'still one restore');
+  assert.equal((await restoresOf(daemon)).length, 1, 'still one restore');
 });
 
 test('an instant restore into a new file named through a linked directory is shown, served and guarded under the file\'s real path', { timeout: 60_000 }, async (t) => {
@@ -92,8 +91,7 @@ test('an instant restore into a new file named through a linked directory is sho
 
   const started = await daemon.cli(['backup', 'restore', '--repo', repoDir, id, '/dev/a', '--output', path.join(top, 'via', 'out.img'), '--instant', '--json'], undefined, true);
   assert.equal(started.exitCode, 0, started.stderr);
-  const status = JSON.parse((await daemon.cli(['status', '--json'])).stdout) as { restores: Array<{ target: string; state: string }> };
-  assert.deepEqual(status.restores.map((r) => [r.target, r.state]), [[real, 'running']], 'status names the file by its real path');
+  assert.deepEqual((await restoresOf(daemon)).map((r) => [r.target, r.state]), [[real, 'running']], 'status names the file by its real path');
   const refused = await daemon.cli(['snapshot', 'create', real], undefined, true);
   assert.notEqual(refused.exitCode, 0, 'the file under restore is not taken up by its real path');
   assert.match(refused.stderr, /being restored/, refused.stderr);
@@ -128,8 +126,7 @@ test('a file under instant restore is mounted through the restore by another nam
   assert.equal(mounted.exitCode, 0, `the real path of the target mounts through its restore: ${mounted.stderr}`);
   try {
     assert.deepEqual(fs.readFileSync(path.join(mnt, 'a.bin')), files.get('a.bin'));
-    const status = JSON.parse((await daemon.cli(['status', '--json'])).stdout) as { restores: Array<{ target: string; state: string; mountpoint: string | null }> };
-    assert.deepEqual(status.restores.map((r) => [r.target, r.state, r.mountpoint]), [[real, 'running', mnt]]);
+    assert.deepEqual((await restoresOf(daemon)).map((r) => [r.target, r.state, r.mountpoint]), [[real, 'running', mnt]]);
   } finally {
     await daemon.cli(['umount', mnt]);
   }

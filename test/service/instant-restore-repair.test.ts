@@ -20,50 +20,28 @@ import { openBackupDevices } from '../../src/repository/backup-device.js';
 import { expandSlots } from '../../src/repository/format.js';
 import { LocalDirStore } from '../../src/repository/object-store.js';
 import { Repository } from '../../src/repository/repository.js';
-import { TEST_REPO_PASSWORD, startDaemon, type RunningDaemon } from '../../testkit/daemon.js';
-import { makeImage, makeTempDir } from '../../testkit/files.js';
+import { TEST_REPO_PASSWORD } from '../../testkit/daemon.js';
+import { makeTempDir } from '../../testkit/files.js';
 import { flipByteAt, initRepo, pieceBytes } from '../backup/helpers.js';
+import { instantRestoreOfImage, waitForRestore, type InstantRestoreSetup } from '../helpers/instant-restore.js';
 
 const MiB = 1024 * 1024;
-
-interface RestoreInfo { target: string; state: string; doneBytes: number; totalBytes: number; error: string | null }
-
-async function restoreOf(daemon: RunningDaemon, target: string): Promise<RestoreInfo | undefined> {
-  return (JSON.parse((await daemon.cli(['status', '--json'])).stdout) as { restores: RestoreInfo[] }).restores.find((r) => r.target === target);
-}
-
-/** Until `ok` holds of the restore of `target` (undefined once it retired). */
-async function waitFor(daemon: RunningDaemon, target: string, what: string, ok: (r: RestoreInfo | undefined) => boolean, timeoutMs = 60_000): Promise<RestoreInfo | undefined> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const r = await restoreOf(daemon, target);
-    if (ok(r)) return r;
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs} ms; last status ${JSON.stringify(r)}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-}
 
 /**
  * A daemon, a repository with a backup of a 16 MiB image, an instant restore of it into a new
  * file, and the slot whose piece is then damaged (the last one: the copy, held to 4 MiB/s,
  * reaches it after the damage).
  */
-async function restoreWithDamage(t: TestContext): Promise<{ daemon: RunningDaemon; repoDir: string; id: string; image: string; out: string; slotAt: number; slotBytes: number }> {
-  const daemon = await startDaemon(t, { password: false, extraArgs: ['--restore-rate', '4M'] });
-  const top = daemon.sandbox.top;
-  const image = makeImage(path.join(top, 'disk.img'), 16 * MiB, 'random', 7);
-  const repoDir = path.join(top, 'repo');
-  await daemon.cli(['backup', 'init', '--repo', repoDir]);
-  const { id } = JSON.parse((await daemon.cli(['backup', 'create', image, '--repo', repoDir, '--json'])).stdout) as { id: string };
-  const out = path.join(top, 'out.img');
-  await daemon.cli(['backup', 'restore', '--repo', repoDir, id, image, '--output', out, '--instant']);
+async function restoreWithDamage(t: TestContext): Promise<InstantRestoreSetup & { slotAt: number; slotBytes: number }> {
+  const setup = await instantRestoreOfImage(t, { rate: '4M', imageBytes: 16 * MiB, seed: 7 });
+  const { repoDir, id } = setup;
   const repo = await Repository.open(new LocalDirStore(repoDir), { password: () => TEST_REPO_PASSWORD });
   const manifest = await repo.manifest(id);
   const slots = expandSlots(manifest.devices[0]!, manifest.pieceSizeBytes);
   const last = slots.length - 1;
   const at = await pieceBytes(repo, repoDir, slots[last]!);
   flipByteAt(at.file, at.offsetBytes + Math.floor(at.lengthBytes / 2));
-  return { daemon, repoDir, id, image, out, slotAt: last * manifest.pieceSizeBytes, slotBytes: manifest.pieceSizeBytes };
+  return { ...setup, slotAt: last * manifest.pieceSizeBytes, slotBytes: manifest.pieceSizeBytes };
 }
 
 test('a running instant restore picks up a piece that verify dropped and the next backup stored again, and ends exact without a restart', { timeout: 180_000 }, async (t) => {
@@ -73,7 +51,7 @@ test('a running instant restore picks up a piece that verify dropped and the nex
   assert.notEqual(prune.exitCode, 0, 'prune is refused while an instant restore reads the repository');
   assert.match(prune.stderr, /an instant restore reads .*; prune once it is complete \('bdsnap status' on .* shows its progress\)\n$/);
   assert.doesNotMatch(prune.stderr, /backup is being created/);
-  const failing = await waitFor(daemon, out, 'the copy reports the damaged piece', (r) => r?.state === 'running' && r.error !== null);
+  const failing = await waitForRestore(daemon, out, 'the copy reports the damaged piece', (r) => r?.state === 'running' && r.error !== null);
   t.diagnostic(`while damaged: ${failing?.error}`);
   const client = await NbdClient.connect({ socketPath: path.join(daemon.runDir, 'nbd.sock'), exportName: out });
   try {
@@ -89,7 +67,7 @@ test('a running instant restore picks up a piece that verify dropped and the nex
   } finally {
     await client.close();
   }
-  const done = await waitFor(daemon, out, 'the restore completes once the piece is repaired', (r) => r === undefined || r.state === 'complete');
+  const done = await waitForRestore(daemon, out, 'the restore completes once the piece is repaired', (r) => r === undefined || r.state === 'complete');
   assert.ok(done === undefined || done.error === null, `no error left: ${JSON.stringify(done)}`);
   assert.ok(daemon.server.running(), 'the same daemon, never restarted');
   assert.ok(fs.readFileSync(out).equals(fs.readFileSync(image)), 'the target ends equal to the backup');
@@ -97,11 +75,11 @@ test('a running instant restore picks up a piece that verify dropped and the nex
 
 test('a running instant restore whose backup was forgotten does not take repaired pieces: it reports why and writes nothing for them', { timeout: 180_000 }, async (t) => {
   const { daemon, repoDir, id, image, out, slotAt, slotBytes } = await restoreWithDamage(t);
-  await waitFor(daemon, out, 'the copy reports the damaged piece', (r) => r?.state === 'running' && r.error !== null);
+  await waitForRestore(daemon, out, 'the copy reports the damaged piece', (r) => r?.state === 'running' && r.error !== null);
   await daemon.cli(['backup', 'forget', '--repo', repoDir, id]);
   await daemon.cli(['backup', 'verify', '--repo', repoDir], undefined, true);
   await daemon.cli(['backup', 'create', image, '--repo', repoDir]);
-  const stuck = await waitFor(daemon, out, 'the restore says its backup is gone', (r) => /no backup/.test(r?.error ?? ''));
+  const stuck = await waitForRestore(daemon, out, 'the restore says its backup is gone', (r) => /no backup/.test(r?.error ?? ''));
   t.diagnostic(`status says: ${stuck?.error}`);
   assert.equal(stuck?.state, 'running', 'it keeps trying rather than ending or taking other data');
   const client = await NbdClient.connect({ socketPath: path.join(daemon.runDir, 'nbd.sock'), exportName: out });

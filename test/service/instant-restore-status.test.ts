@@ -9,28 +9,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
-import { startDaemon, type RunningDaemon } from '../../testkit/daemon.js';
-import { makeImage } from '../../testkit/files.js';
+import { instantRestoreOfImage, restoreOf } from '../helpers/instant-restore.js';
 
 const MiB = 1024 * 1024;
 
-interface RestoreInfo { target: string; state: string; doneBytes: number; totalBytes: number; rateBytesPerSecond: number; readFilledBytesPerSecond: number }
-
-async function restoreOf(daemon: RunningDaemon, target: string): Promise<RestoreInfo | undefined> {
-  return (JSON.parse((await daemon.cli(['status', '--json'])).stdout) as { restores: RestoreInfo[] }).restores.find((r) => r.target === target);
-}
-
 test('status shows the background copy\'s own rate, within --restore-rate, and what client reads filled apart', { timeout: 60_000 }, async (t) => {
   const rateBytes = 2 * MiB;
-  const daemon = await startDaemon(t, { password: false, extraArgs: ['--restore-rate', '2M'] });
-  const top = daemon.sandbox.top;
-  const image = makeImage(path.join(top, 'disk.img'), 48 * MiB, 'random', 5);
-  const repoDir = path.join(top, 'repo');
-  await daemon.cli(['backup', 'init', '--repo', repoDir]);
-  const { id } = JSON.parse((await daemon.cli(['backup', 'create', image, '--repo', repoDir, '--json'])).stdout) as { id: string };
-  const out = path.join(top, 'out.img');
-  const started = Date.now();
-  await daemon.cli(['backup', 'restore', '--repo', repoDir, id, image, '--output', out, '--instant']);
+  const { daemon, image, out, startedMs } = await instantRestoreOfImage(t, { rate: '2M', imageBytes: 48 * MiB, seed: 5 });
   // A client reads the last 24 MiB at once: far more than the copy may fill in the meantime.
   const client = await NbdClient.connect({ socketPath: path.join(daemon.runDir, 'nbd.sock'), exportName: out });
   const readBytes = 24 * MiB;
@@ -42,10 +27,10 @@ test('status shows the background copy\'s own rate, within --restore-rate, and w
     await client.close();
   }
   // A few seconds on, so that the copy's steps in flight (a piece each) weigh little.
-  const waitMs = 4000 - (Date.now() - started);
+  const waitMs = 4000 - (Date.now() - startedMs);
   if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
   const r = await restoreOf(daemon, out);
-  const seconds = (Date.now() - started) / 1000;
+  const seconds = (Date.now() - startedMs) / 1000;
   t.diagnostic(`after ${seconds} s: ${JSON.stringify(r)}`);
   assert.equal(r?.state, 'running', 'the copy still runs');
   assert.ok(r.rateBytesPerSecond <= rateBytes * 1.5, `the rate shown, ${r.rateBytesPerSecond} B/s, is the copy's, within --restore-rate 2M`);
