@@ -4,6 +4,7 @@
  */
 
 import net from 'node:net';
+import type tls from 'node:tls';
 
 /** Socket write buffer size at which replies stop being produced until 'drain'. */
 export const SOCKET_HIGH_WATER_MARK_BYTES = 4 * 1024 * 1024;
@@ -51,4 +52,36 @@ export function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, reads: R
   // The original still counts as the server's connection: end it with the adopted one.
   adopted.once('close', () => original.destroy());
   return adopted;
+}
+
+/** The fields of net.Socket that `onread` sets (internal symbols, found by their names). */
+const USER_BUFFER_FIELDS = ['kBuffer', 'kBufferGen', 'kBufferCb'] as const;
+
+/**
+ * Make a TLS socket that took over an adopted one read as the adopted one did: decrypted bytes
+ * go into `reads.target()` or the shared buffer, not into a fresh Buffer per TLS record pushed
+ * through the stream and copied out again (an allocation, a copy and garbage for every 16 KiB).
+ * A TLSSocket built around an existing socket ignores `onread`, so this sets what net.Socket
+ * sets from it: the stream's three user-buffer fields and the handle's user buffer. Returns
+ * false and changes nothing where those internals are not as expected; the socket then reads
+ * the ordinary way. Call it before the socket starts reading (in the turn it was made).
+ */
+export function readTlsInto(secure: tls.TLSSocket, buffer: Buffer, reads: ReadSink): boolean {
+  if (process.env.BDSNAP_NBD_PLAIN_READS) return false;
+  const fields = new Map(Object.getOwnPropertySymbols(secure).map((s) => [s.description, s]));
+  const [kBuffer, kBufferGen, kBufferCb] = USER_BUFFER_FIELDS.map((name) => fields.get(name));
+  const s = secure as unknown as Record<symbol, unknown>;
+  const handle = (secure as SocketInternals)._handle as { useUserBuffer?: (buf: Uint8Array) => void } | null | undefined;
+  if (!kBuffer || !kBufferGen || !kBufferCb || s[kBuffer] || s[kBufferGen] !== null || s[kBufferCb] !== null) return false;
+  if (typeof handle?.useUserBuffer !== 'function') return false;
+  const next = (): Buffer => reads.target() ?? buffer;
+  s[kBufferGen] = next;
+  s[kBufferCb] = (n: number, into: Uint8Array) => {
+    if (into === buffer) reads.received(n);
+    else reads.placed(n);
+  };
+  const first = next();
+  s[kBuffer] = first;
+  handle.useUserBuffer(first);
+  return true;
 }
