@@ -74,7 +74,11 @@ export function readTlsInto(secure: tls.TLSSocket, buffer: Buffer, reads: ReadSi
   const handle = (secure as SocketInternals)._handle as { useUserBuffer?: (buf: Uint8Array) => void } | null | undefined;
   if (!kBuffer || !kBufferGen || !kBufferCb || s[kBuffer] || s[kBufferGen] !== null || s[kBufferCb] !== null) return false;
   if (typeof handle?.useUserBuffer !== 'function') return false;
-  const next = (): Buffer => reads.target() ?? buffer;
+  // TLS copies each decrypted record into the buffer in a loop that never ends on an empty one.
+  const next = (): Buffer => {
+    const target = reads.target();
+    return target !== undefined && target.length > 0 ? target : buffer;
+  };
   s[kBufferGen] = next;
   s[kBufferCb] = (n: number, into: Uint8Array) => {
     if (into === buffer) reads.received(n);
