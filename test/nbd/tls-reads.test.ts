@@ -76,6 +76,8 @@ test('over TLS, WRITE payloads of every size and split across TLS records land w
 });
 
 test('over TLS, a connection at its in-flight cap stops reading the socket: the client cannot push far past the cap', { timeout: 30_000 }, async (t) => {
+  // Forced onto the sockets' own streams, a TLS socket reads ahead up to its high-water mark.
+  if (process.env.BDSNAP_NBD_PLAIN_READS) return t.skip('BDSNAP_NBD_PLAIN_READS is set');
   const keys = await pskPair(t);
   let gated: GatedDevice | undefined;
   const s = await serveImage(t, { sizeBytes: 32 * MiB, tls: keys.server, maxInFlightBytesPerConnection: MiB, wrap: (d) => (gated = new GatedDevice(d)) });
