@@ -62,7 +62,8 @@ const USER_BUFFER_FIELDS = ['kBuffer', 'kBufferGen', 'kBufferCb'] as const;
  * go into `reads.target()` or the shared buffer, not into a fresh Buffer per TLS record pushed
  * through the stream and copied out again (an allocation, a copy and garbage for every 16 KiB);
  * and pausing it stops its reads, where its stream would read ahead up to its high-water mark
- * (the one the connection gives it, 4 MiB), past the connection's in-flight cap. A TLSSocket built around an existing socket ignores `onread`, so this sets what net.Socket
+ * (the one the connection gives it, 4 MiB), past the connection's in-flight cap. A TLSSocket
+ * built around an existing socket ignores `onread`, so this sets what net.Socket
  * sets from it: the stream's three user-buffer fields and the handle's user buffer. Returns
  * false and changes nothing where those internals are not as expected; the socket then reads
  * the ordinary way. Call it before the socket starts reading (in the turn it was made).
