@@ -1,6 +1,7 @@
 /**
  * A connection's socket that reads into one reused buffer, or straight into the WRITE payload
- * being received (see adoptWithReadBuffer).
+ * being received (see adoptWithReadBuffer), and the TLS socket that takes it over after
+ * STARTTLS, made to read the same way (readTlsInto).
  */
 
 import net from 'node:net';
