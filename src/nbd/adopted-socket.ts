@@ -1,9 +1,11 @@
 /**
  * A connection's socket that reads into one reused buffer, or straight into the WRITE payload
- * being received (see adoptWithReadBuffer).
+ * being received (see adoptWithReadBuffer), and the TLS socket that takes it over after
+ * STARTTLS, made to read the same way (readTlsInto).
  */
 
 import net from 'node:net';
+import type tls from 'node:tls';
 
 /** Socket write buffer size at which replies stop being produced until 'drain'. */
 export const SOCKET_HIGH_WATER_MARK_BYTES = 4 * 1024 * 1024;
@@ -51,4 +53,41 @@ export function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, reads: R
   // The original still counts as the server's connection: end it with the adopted one.
   adopted.once('close', () => original.destroy());
   return adopted;
+}
+
+/** The fields of net.Socket that `onread` sets (internal symbols, found by their names). */
+const USER_BUFFER_FIELDS = ['kBuffer', 'kBufferGen', 'kBufferCb'] as const;
+
+/**
+ * Make a TLS socket that took over an adopted one read as the adopted one did: decrypted bytes
+ * go into `reads.target()` or the shared buffer, not into a fresh Buffer per TLS record pushed
+ * through the stream and copied out again (an allocation, a copy and garbage for every 16 KiB);
+ * and pausing it stops its reads, where its stream would read ahead up to its high-water mark
+ * (the one the connection gives it, 4 MiB), past the connection's in-flight cap. A TLSSocket
+ * built around an existing socket ignores `onread`, so this sets what net.Socket
+ * sets from it: the stream's three user-buffer fields and the handle's user buffer. Returns
+ * false and changes nothing where those internals are not as expected; the socket then reads
+ * the ordinary way. Call it before the socket starts reading (in the turn it was made).
+ */
+export function readTlsInto(secure: tls.TLSSocket, buffer: Buffer, reads: ReadSink): boolean {
+  const fields = new Map(Object.getOwnPropertySymbols(secure).map((s) => [s.description, s]));
+  const [kBuffer, kBufferGen, kBufferCb] = USER_BUFFER_FIELDS.map((name) => fields.get(name));
+  const s = secure as unknown as Record<symbol, unknown>;
+  const handle = (secure as SocketInternals)._handle as { useUserBuffer?: (buf: Uint8Array) => void } | null | undefined;
+  if (!kBuffer || !kBufferGen || !kBufferCb || s[kBuffer] || s[kBufferGen] !== null || s[kBufferCb] !== null) return false;
+  if (typeof handle?.useUserBuffer !== 'function') return false;
+  // TLS copies each decrypted record into the buffer in a loop that never ends on an empty one.
+  const next = (): Buffer => {
+    const target = reads.target();
+    return target !== undefined && target.length > 0 ? target : buffer;
+  };
+  s[kBufferGen] = next;
+  s[kBufferCb] = (n: number, into: Uint8Array) => {
+    if (into === buffer) reads.received(n);
+    else reads.placed(n);
+  };
+  const first = next();
+  s[kBuffer] = first;
+  handle.useUserBuffer(first);
+  return true;
 }

@@ -121,13 +121,15 @@ export class RequestDecoder {
 
   /**
    * Where the next received bytes may go directly: the unfilled rest of a WRITE payload being
-   * received (nothing is queued then: filling the payload took all of it). Undefined otherwise.
+   * received (nothing is queued then: filling the payload took all of it). Undefined otherwise,
+   * and once the payload is full but not yet taken by next(): a socket handed an empty buffer
+   * fails its read, or (TLS) never gets past it.
    * A socket that reads into it calls placed() with the count, and saves copying the payload
    * out of its read buffer.
    */
   payloadTarget(): Buffer | undefined {
     const p = this.#partial;
-    if (p === undefined || p.message.kind !== 'request' || this.#queue.length > 0) return undefined;
+    if (p === undefined || p.message.kind !== 'request' || this.#queue.length > 0 || p.filledBytes === p.buffer.length) return undefined;
     return p.buffer.subarray(p.filledBytes);
   }
 

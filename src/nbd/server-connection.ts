@@ -47,7 +47,7 @@ import * as C from './constants.js';
 import { encodeGreeting, encodeOptionReply } from './encoders.js';
 import { OptionHaggling } from './option-haggling.js';
 import { TransmissionRequests, type ActiveContext } from './transmission-requests.js';
-import { adoptWithReadBuffer, READ_BUFFER_BYTES } from './adopted-socket.js';
+import { adoptWithReadBuffer, readTlsInto, READ_BUFFER_BYTES, type ReadSink } from './adopted-socket.js';
 
 import type { LogFn } from './exports.js';
 
@@ -97,6 +97,8 @@ export class ServerConnection {
   #handle: ExportHandle | undefined;
   /** The export being served, from the end of the handshake. */
   #requests: TransmissionRequests | undefined;
+  /** The buffer the caller reads the socket into (see the constructor), kept for TLS to read into too. */
+  #readBuffer: Buffer | undefined;
 
   #optionBusy = false;
   #eof = false;
@@ -132,16 +134,18 @@ export class ServerConnection {
   #resolveClosed!: () => void;
 
   /**
-   * `ownReads`: the caller feeds received bytes through receive() from one reused buffer
-   * (socket `onread`); otherwise the socket's 'data' events are used.
+   * `readBuffer`: the caller feeds received bytes through receive() from this reused buffer
+   * (socket `onread`, see readSink), and so will TLS after STARTTLS where it can; otherwise the
+   * socket's 'data' events are used.
    */
-  constructor(id: number, socket: net.Socket, context: ConnectionContext, ownReads = false, tls?: NbdTls) {
+  constructor(id: number, socket: net.Socket, context: ConnectionContext, readBuffer?: Buffer, tls?: NbdTls) {
     this.id = id;
     const pool = context.pool;
     this.#pool = pool;
     this.#budget = context.budget;
-    this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: ownReads, admit: (r) => this.#admit(r) });
+    this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: readBuffer !== undefined, admit: (r) => this.#admit(r) });
     this.#socket = socket;
+    this.#readBuffer = readBuffer;
     this.#highWaterMarkBytes = context.socketHighWaterMarkBytes;
     this.#options = new OptionHaggling({
       send: (buf) => this.#send(buf),
@@ -158,7 +162,7 @@ export class ServerConnection {
     this.#handshakeTimer = setTimeout(() => this.#handshakeExpired(context.handshakeTimeoutMs), context.handshakeTimeoutMs);
     this.#handshakeTimer.unref();
 
-    this.#listen(socket, !ownReads);
+    this.#listen(socket, readBuffer === undefined);
     socket.write(encodeGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
   }
 
@@ -183,7 +187,7 @@ export class ServerConnection {
     socket.on('close', this.#onClose);
   }
 
-  /** Bytes from the client. With `ownReads`, `chunk` is reused after this returns. */
+  /** Bytes from the client. With a `readBuffer`, `chunk` is reused after this returns. */
   receive(chunk: Buffer): void {
     // After we decided to close, what the client still sends is dropped unread.
     if (this.#state !== 'handshake' && this.#state !== 'transmission') return;
@@ -553,7 +557,11 @@ export class ServerConnection {
     this.#socket = secure;
     this.#paused = false;
     this.#writeBlocked = false;
-    this.#listen(secure, true);
+    // Decrypted bytes go where plaintext ones went: into the read buffer or the WRITE payload.
+    const readBuffer = this.#readBuffer;
+    const ownReads = readBuffer !== undefined && readTlsInto(secure, readBuffer, readSink(readBuffer, () => this));
+    this.#listen(secure, !ownReads);
+    if (ownReads) secure.resume();
     return new Promise<void>((resolve) => {
       const done = (): void => {
         secure.off('secure', onSecure);
@@ -634,12 +642,17 @@ export function connectionOn(
   const readBuffer = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
   // The reads name the connection, which needs the reader first.
   const made: { connection?: ServerConnection } = {};
-  const reader = adoptWithReadBuffer(socket, readBuffer, {
-    target: () => made.connection?.readTarget(),
-    received: (n) => made.connection?.receive(readBuffer.subarray(0, n)),
-    placed: (n) => made.connection?.receivePlaced(n),
-  });
-  const connection = reader ? new ServerConnection(id, reader, context, true, tls) : new ServerConnection(id, socket, context, false, tls);
+  const reader = adoptWithReadBuffer(socket, readBuffer, readSink(readBuffer, () => made.connection));
+  const connection = reader ? new ServerConnection(id, reader, context, readBuffer, tls) : new ServerConnection(id, socket, context, undefined, tls);
   made.connection = connection;
   return { connection, reader };
+}
+
+/** Where a socket reading into `readBuffer` (or the payload being received) hands what it read. */
+function readSink(readBuffer: Buffer, connection: () => ServerConnection | undefined): ReadSink {
+  return {
+    target: () => connection()?.readTarget(),
+    received: (n) => connection()?.receive(readBuffer.subarray(0, n)),
+    placed: (n) => connection()?.receivePlaced(n),
+  };
 }

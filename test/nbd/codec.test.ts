@@ -363,3 +363,16 @@ test('a socket may read a WRITE payload straight into it (payloadTarget, placed)
   assert.equal(d.payloadTarget()?.length, 16);
   assert.throws(() => d.placed(17), /does not fit/);
 });
+
+test('a WRITE payload filled by placed() but not yet taken (the caller is paused) is no read target: never an empty buffer', () => {
+  const d = new RequestDecoder({ transientChunks: true });
+  d.setPhase('transmission');
+  d.append(encodeRequest(0, C.NBD_CMD_WRITE, 0, 9, 0, 16));
+  assert.equal(d.next(), undefined);
+  d.placed(d.payloadTarget()!.length);
+  // A socket handed an empty buffer fails its read (ENOBUFS), or under TLS never gets past it.
+  assert.equal(d.payloadTarget(), undefined);
+  const m = d.next();
+  assert.ok(m?.kind === 'request' && m.payload?.length === 16);
+  assert.equal(d.payloadTarget(), undefined);
+});

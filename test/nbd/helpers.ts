@@ -7,6 +7,7 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { NbdServer, type NbdServerOptions } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
 import type { MetaContextSource } from '../../src/nbd/exports.js';
+import type { NbdTls } from '../../src/nbd/tls.js';
 import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
 import * as C from '../../src/nbd/constants.js';
 import { encodeClientFlags, encodeOption } from '../../src/nbd/encoders.js';
@@ -48,6 +49,8 @@ export async function serveImage(
     wrap?: (device: FileDevice) => BlockDevice;
     /** Serve connections on this many worker threads, the requests applied on this one (as the daemon does). */
     ownerThreads?: number;
+    /** Serve with TLS as loaded (clients then connect with `tls` options). */
+    tls?: NbdTls;
   } = {},
 ): Promise<Served> {
   const dir = tempDir(t);
@@ -60,7 +63,7 @@ export async function serveImage(
     ...(options.ownerThreads !== undefined ? { threads: { count: options.ownerThreads, owner: true } } : {}),
   });
   const socketPath = path.join(dir, 'nbd.sock');
-  await server.listenUnix(socketPath);
+  await server.listenUnix(socketPath, options.tls);
   const clients: NbdClient[] = [];
   // On the test's cleanup stack, so the server stops before its directory is removed.
   cleanupOf(t).after(async () => {
