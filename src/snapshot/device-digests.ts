@@ -14,7 +14,7 @@ import { BdsnapError } from '../errors.js';
 import { closeFd, openFd, preadFully } from '../host/fd-io.js';
 import { DIGEST_BYTES, type DigestAlgorithm } from './chunk-digest.js';
 import { DigestTable } from './digest-table.js';
-import { RunTaker, type DigestPassData } from './device-digest-runs.js';
+import { RunTaker, type DigestPassData, type TakenRun } from './device-digest-runs.js';
 
 const WORKER_URL = new URL('./device-digests-worker.js', import.meta.url);
 
@@ -57,18 +57,41 @@ export class DeviceDigestPass {
     this.#workers.catch(() => undefined);
   }
 
-  /** Take and digest runs on this thread until none is left (a read of a run per turn of the event loop), then wait for the workers. */
+  /**
+   * Take and digest runs on this thread until none is left, then wait for the workers. The
+   * reads stay off this thread (it may be serving), the next run read while this one is hashed.
+   */
   async finish(): Promise<DigestTable[]> {
     const taker = new RunTaker(this.#data);
-    let run = taker.take();
-    if (run !== undefined) {
+    const first = taker.take();
+    if (first !== undefined) {
       const { devicePath } = this.#data;
+      let reading: Promise<unknown> | undefined;
       try {
         const fd = await openFd(devicePath, 'r');
         try {
-          const buf = Buffer.allocUnsafe(taker.bufferBytes);
-          for (; run !== undefined; run = taker.take()) taker.digest(run, buf, await preadFully(fd, buf.subarray(0, run.length), run.start));
+          let [buf, spare] = [Buffer.allocUnsafe(taker.bufferBytes), Buffer.allocUnsafe(taker.bufferBytes)];
+          const read = (run: TakenRun, into: Buffer): Promise<number> => {
+            const done = preadFully(fd, into.subarray(0, run.length), run.start);
+            // Awaited in turn, or by the finally below; a failure meanwhile is no unhandled rejection.
+            done.catch(() => undefined);
+            reading = done;
+            return done;
+          };
+          let run = first;
+          let done = read(run, buf);
+          for (;;) {
+            const next = taker.take();
+            const nextDone = next === undefined ? undefined : read(next, spare);
+            taker.digest(run, buf, await done);
+            if (next === undefined || nextDone === undefined) break;
+            [buf, spare] = [spare, buf];
+            run = next;
+            done = nextDone;
+          }
         } finally {
+          // No read may land in a buffer, or on a closed descriptor, after this.
+          await reading?.catch(() => undefined);
           await closeFd(fd);
         }
       } catch (err) {
