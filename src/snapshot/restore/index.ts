@@ -18,7 +18,8 @@
  *    so and a further run finds nothing to do.
  *
  * Speed: the device's end digests are hashed in worker threads while this thread reads and
- * checks the stores (one CRC pass per record, large reads with one more in flight).
+ * checks the stores (one CRC pass per record, large reads with one more in flight); then this
+ * thread takes its share of what is left of the device pass rather than wait for it.
  */
 
 import fs from 'node:fs';
