@@ -1,44 +1,27 @@
 /**
- * Worker thread of digestDeviceChunks: reads its share of the device's chunks in large
- * sequential runs and sends back their digests, DIGEST_BYTES each, in the order given.
+ * Worker thread of a device digest pass (device-digests.ts): takes runs of chunks until none
+ * is left, reads each from the device and writes its digests into the pass's shared buffer.
  */
 
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { preadFullySync } from '../host/fd-io.js';
-import { DIGEST_BYTES, chunkDigest, type DigestAlgorithm } from './chunk-digest.js';
-import { chunkRuns } from './chunk-runs.js';
+import { RunTaker, type DigestPassData } from './device-digest-runs.js';
 
-export interface DigestWorkerData {
-  devicePath: string;
-  /** Sorted, distinct. */
-  chunks: Float64Array;
-  chunkSize: number;
-  sizeBytes: number;
-  runBytes: number;
-  algorithm: DigestAlgorithm;
-}
-
-function digestChunks({ devicePath, chunks, chunkSize, sizeBytes, runBytes, algorithm }: DigestWorkerData): Buffer {
-  const fd = fs.openSync(devicePath, 'r');
+function digestRuns(data: DigestPassData): void {
+  const taker = new RunTaker(data);
+  let run = taker.take();
+  if (run === undefined) return;
+  const fd = fs.openSync(data.devicePath, 'r');
   try {
-    const out = Buffer.allocUnsafe(chunks.length * DIGEST_BYTES);
-    const maxRun = Math.max(1, Math.floor(runBytes / chunkSize));
-    const buf = Buffer.allocUnsafe(maxRun * chunkSize);
-    for (const [i, j] of chunkRuns(chunks, maxRun)) {
-      const start = chunks[i]! * chunkSize;
-      const length = Math.min((chunks[i]! + j - i) * chunkSize, sizeBytes) - start;
-      const done = preadFullySync(fd, buf, start, length);
-      // The device shrank: what is missing reads as zeroes, and will not match.
-      if (done < length) buf.fill(0, done, length);
-      for (let k = 0; k < j - i; k++) {
-        chunkDigest(buf.subarray(k * chunkSize, Math.min((k + 1) * chunkSize, length)), algorithm, out, (i + k) * DIGEST_BYTES);
-      }
-    }
-    return out;
+    const buf = Buffer.allocUnsafe(taker.bufferBytes);
+    for (; run !== undefined; run = taker.take()) taker.digest(run, buf, preadFullySync(fd, buf, run.start, run.length));
   } finally {
     fs.closeSync(fd);
   }
 }
 
-if (parentPort) parentPort.postMessage(digestChunks(workerData as DigestWorkerData));
+if (parentPort) {
+  digestRuns(workerData as DigestPassData);
+  parentPort.postMessage('done');
+}

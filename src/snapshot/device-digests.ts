@@ -1,20 +1,25 @@
 /**
- * End digests of a list of device chunks, computed in worker threads. Restore needs two
- * checking passes before it may write a byte (the store's record checksums, the device's end
- * digests); running the device pass in workers while the main thread scans the store puts both
- * cores to work. Each worker opens the device read-only by path and reads it in large
+ * End digests of lists of device chunks, computed in worker threads that the caller's thread
+ * may join. Restore needs two checking passes before it may write a byte (the store's record
+ * checksums, the device's end digests); running the device pass in workers while the main
+ * thread scans the store puts both cores to work, and the main thread, once its scan is done,
+ * takes its share of what is left of the device pass instead of waiting for it
+ * (device-digest-runs.ts). Each thread opens the device read-only by path and reads it in large
  * sequential runs.
  */
 
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { BdsnapError } from '../errors.js';
-import type { DigestAlgorithm } from './chunk-digest.js';
+import { closeFd, openFd, preadFully } from '../host/fd-io.js';
+import { DIGEST_BYTES, type DigestAlgorithm } from './chunk-digest.js';
 import { DigestTable } from './digest-table.js';
-import type { DigestWorkerData } from './device-digests-worker.js';
+import { RunTaker, type DigestPassData, type TakenRun } from './device-digest-runs.js';
 
 const WORKER_URL = new URL('./device-digests-worker.js', import.meta.url);
 
+/** Bytes of the device read at once. */
+const RUN_BYTES = 8 * 1024 * 1024;
 /** Below this many bytes to hash, one worker: starting a second costs more than it saves. */
 const SPLIT_ABOVE_BYTES = 32 * 1024 * 1024;
 /**
@@ -24,32 +29,100 @@ const SPLIT_ABOVE_BYTES = 32 * 1024 * 1024;
  */
 const SPLIT_MIN_CORES = 3;
 
-/**
- * Digest every chunk of `chunks` (sorted, distinct) of the device at `devicePath`, in one
- * worker or, for a large set on three cores or more, two (each reading its own half of the
- * device), so that the hashing runs beside the caller's thread checking the store. `parts`
- * overrides that choice. Errors: EIO.
- */
-export async function digestDeviceChunks(
-  devicePath: string, chunks: Float64Array, chunkSize: number, sizeBytes: number, algorithm: DigestAlgorithm,
-  parts = chunks.length * chunkSize > SPLIT_ABOVE_BYTES && availableParallelism() >= SPLIT_MIN_CORES ? 2 : 1,
-): Promise<DigestTable> {
-  if (chunks.length === 0) return new DigestTable(chunks, Buffer.alloc(0));
-  const per = Math.ceil(chunks.length / parts);
-  const slices = Array.from({ length: parts }, (_, i) => chunks.slice(i * per, (i + 1) * per));
-  const outs = await Promise.all(slices.map((slice) => runWorker({ devicePath, chunks: slice, chunkSize, sizeBytes, runBytes: 8 * 1024 * 1024, algorithm })));
-  return new DigestTable(chunks, outs.length === 1 ? outs[0]! : Buffer.concat(outs));
+/** What to digest: sorted, distinct chunks, with one algorithm. */
+export interface DigestList {
+  algorithm: DigestAlgorithm;
+  chunks: Float64Array;
 }
 
-function runWorker(data: DigestWorkerData): Promise<Buffer> {
+/**
+ * A pass over the device digesting `lists`, started in worker threads: one or, for a large set
+ * on three cores or more, two (`workers` overrides that choice). `finish()` digests what is left
+ * to take on the caller's thread, then gives one table per list once the workers are done too.
+ * Errors: EIO.
+ */
+export class DeviceDigestPass {
+  readonly #data: DigestPassData;
+  readonly #workers: Promise<void[]>;
+
+  constructor(devicePath: string, lists: DigestList[], chunkSize: number, sizeBytes: number, workers?: number) {
+    const jobs = lists.map(({ algorithm, chunks }) => ({
+      chunks, algorithm, next: new SharedArrayBuffer(4), out: new SharedArrayBuffer(chunks.length * DIGEST_BYTES),
+    }));
+    this.#data = { devicePath, chunkSize, sizeBytes, runBytes: RUN_BYTES, jobs };
+    const total = lists.reduce((sum, l) => sum + l.chunks.length, 0);
+    const count = total === 0 ? 0 : workers ?? (total * chunkSize > SPLIT_ABOVE_BYTES && availableParallelism() >= SPLIT_MIN_CORES ? 2 : 1);
+    this.#workers = Promise.all(Array.from({ length: count }, () => runWorker(this.#data)));
+    // Reported by finish(); a pass nobody finishes (its result not needed after all) fails quietly.
+    this.#workers.catch(() => undefined);
+  }
+
+  /**
+   * Take and digest runs on this thread until none is left, then wait for the workers. The
+   * reads stay off this thread (it may be serving), the next run read while this one is hashed.
+   */
+  async finish(): Promise<DigestTable[]> {
+    const taker = new RunTaker(this.#data);
+    const first = taker.take();
+    if (first !== undefined) {
+      const { devicePath } = this.#data;
+      let reading: Promise<unknown> | undefined;
+      try {
+        const fd = await openFd(devicePath, 'r');
+        try {
+          let [buf, spare] = [Buffer.allocUnsafe(taker.bufferBytes), Buffer.allocUnsafe(taker.bufferBytes)];
+          const read = (run: TakenRun, into: Buffer): Promise<number> => {
+            const done = preadFully(fd, into.subarray(0, run.length), run.start);
+            // Awaited in turn, or by the finally below; a failure meanwhile is no unhandled rejection.
+            done.catch(() => undefined);
+            reading = done;
+            return done;
+          };
+          let run = first;
+          let done = read(run, buf);
+          for (;;) {
+            const next = taker.take();
+            const nextDone = next === undefined ? undefined : read(next, spare);
+            taker.digest(run, buf, await done);
+            if (next === undefined || nextDone === undefined) break;
+            [buf, spare] = [spare, buf];
+            run = next;
+            done = nextDone;
+          }
+        } finally {
+          // No read may land in a buffer, or on a closed descriptor, after this.
+          await reading?.catch(() => undefined);
+          await closeFd(fd);
+        }
+      } catch (err) {
+        throw new BdsnapError('EIO', `cannot read ${devicePath} to check digests: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    await this.#workers;
+    return this.#data.jobs.map((j) => new DigestTable(j.chunks, Buffer.from(j.out)));
+  }
+}
+
+/**
+ * Digest every chunk of `chunks` (sorted, distinct) of the device at `devicePath` in worker
+ * threads and this one (see DeviceDigestPass). Errors: EIO.
+ */
+export async function digestDeviceChunks(
+  devicePath: string, chunks: Float64Array, chunkSize: number, sizeBytes: number, algorithm: DigestAlgorithm, workers?: number,
+): Promise<DigestTable> {
+  const [table] = await new DeviceDigestPass(devicePath, [{ algorithm, chunks }], chunkSize, sizeBytes, workers).finish();
+  return table!;
+}
+
+function runWorker(data: DigestPassData): Promise<void> {
   const { devicePath } = data;
   return new Promise((resolve, reject) => {
     const worker = new Worker(WORKER_URL, { workerData: data });
     let settled = false;
-    worker.once('message', (raw: Uint8Array) => {
+    worker.once('message', () => {
       settled = true;
       void worker.terminate();
-      resolve(Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength));
+      resolve();
     });
     worker.once('error', (err) => {
       settled = true;

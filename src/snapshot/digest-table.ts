@@ -44,11 +44,17 @@ export class DigestTable {
     return this.bytes.subarray(at, at + DIGEST_BYTES);
   }
 
-  /** Whether the digest at `i` equals `other`'s at `j`, without making views of either. */
+  /**
+   * Whether the digest at `i` equals `other`'s at `j`, without making views of either. Byte by
+   * byte in JavaScript: a call of Buffer#compare per digest cost a restore more than this loop.
+   */
   sameAt(i: number, other: DigestTable, j: number): boolean {
+    const mine = this.bytes;
+    const theirs = other.bytes;
     const at = this.offset + i * this.stride;
-    const theirs = other.offset + j * other.stride;
-    return this.bytes.compare(other.bytes, theirs, theirs + DIGEST_BYTES, at, at + DIGEST_BYTES) === 0;
+    const them = other.offset + j * other.stride;
+    for (let k = 0; k < DIGEST_BYTES; k++) if (mine[at + k] !== theirs[them + k]) return false;
+    return true;
   }
 
   /** Whether `digest` equals the one at `i`. */

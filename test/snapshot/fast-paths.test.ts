@@ -14,8 +14,9 @@ import { FileDevice } from '../../src/device/file-device.js';
 import { DATA_FILE, RECORD_FLAG_CRC32, RECORD_HEADER_BYTES, RECORD_MAGIC, decodeDigests, decodeRecordHeader, encodeDigestArrays, encodeIndex, encodeRecordHeader, indexMatches } from '../../src/snapshot/format.js';
 import { StoreWriter } from '../../src/snapshot/store-writer.js';
 import { scanData } from '../../src/snapshot/store-scan.js';
-import { digestDeviceChunks } from '../../src/snapshot/device-digests.js';
+import { DeviceDigestPass, digestDeviceChunks } from '../../src/snapshot/device-digests.js';
 import { chunkRuns } from '../../src/snapshot/chunk-runs.js';
+import { chunkDigest } from '../../src/snapshot/chunk-digest.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { makeImage, sha256File } from '../../testkit/files.js';
 import { isError, tempDir } from './helpers.js';
@@ -188,6 +189,30 @@ test('device digests, in one worker or split over two, match each chunk\'s crc32
     assert.equal(digests.indexOf(5), -1, 'a chunk not asked for');
   }
   await assert.rejects(digestDeviceChunks(path.join(dir, 'missing.img'), Float64Array.of(0), chunkSize, sizeBytes, 'crc32x8'), isError('EIO'));
+});
+
+test('a device digest pass the caller joins at once: the runs shared with a worker, two lists of two algorithms, every digest right', async (t) => {
+  const dir = tempDir(t);
+  const chunkSize = 64 * 1024;
+  const sizeBytes = 48 * 1024 * 1024 + 5000;
+  const image = makeImage(path.join(dir, 'disk.img'), sizeBytes, 'random', 3);
+  const content = fs.readFileSync(image);
+  const all = Array.from({ length: Math.ceil(sizeBytes / chunkSize) }, (_, i) => i);
+  const lists = [
+    { algorithm: 'crc32x8' as const, chunks: Float64Array.from(all.filter((c) => c % 3 !== 1)) },
+    { algorithm: 'sha256' as const, chunks: Float64Array.from(all.filter((c) => c % 3 === 1)) },
+  ];
+  // The caller takes the first runs before the worker has started, the worker the ones left.
+  const tables = await new DeviceDigestPass(image, lists, chunkSize, sizeBytes, 1).finish();
+  lists.forEach(({ algorithm, chunks }, k) => {
+    const table = tables[k]!;
+    assert.equal(table.size, chunks.length);
+    chunks.forEach((c, i) => {
+      const data = content.subarray(c * chunkSize, Math.min((c + 1) * chunkSize, sizeBytes));
+      assert.ok(table.digest(i).equals(chunkDigest(data, algorithm)), `${algorithm} chunk ${c}`);
+    });
+  });
+  await assert.rejects(new DeviceDigestPass(path.join(dir, 'missing.img'), lists, chunkSize, sizeBytes, 1).finish(), isError('EIO'));
 });
 
 test('chunkRuns splits sorted chunks at gaps and at the run limit', () => {

@@ -20,7 +20,7 @@ import { preadFully } from '../../host/fd-io.js';
 import { DATA_FILE, DIGEST_ALGORITHM, DIGESTS_FILE, INDEX_FILE, chunkDigest, decodeDigests, indexMatches, type DigestAlgorithm } from '../format.js';
 import type { DigestTable } from '../digest-table.js';
 import { scanData } from '../store-scan.js';
-import { digestDeviceChunks } from '../device-digests.js';
+import { DeviceDigestPass } from '../device-digests.js';
 import { forEachChunk } from '../chunk-runs.js';
 import type { SessionInfo } from '../sessions.js';
 import { compareDeviceStamps, stampKey, type DeviceStamp } from '../../host/device-stamp.js';
@@ -168,11 +168,11 @@ export function wantedDigests(tables: Array<{ algorithm: DigestAlgorithm; digest
   return new Map([...byAlgorithm].map(([algorithm, list]) => [algorithm, Float64Array.from(list).sort()]));
 }
 
-/** Hash the `wanted` chunks of the device in worker threads, each list with its algorithm. */
-export async function digestDevice(devicePath: string, wanted: Map<DigestAlgorithm, Float64Array>, cs: number, sizeBytes: number): Promise<DeviceDigests> {
-  const out: DeviceDigests = new Map();
-  for (const [algorithm, chunks] of wanted) out.set(algorithm, await digestDeviceChunks(devicePath, chunks, cs, sizeBytes, algorithm));
-  return out;
+/** Start hashing the `wanted` chunks of the device in worker threads, each list with its algorithm. */
+export function digestDevice(devicePath: string, wanted: Map<DigestAlgorithm, Float64Array>, cs: number, sizeBytes: number): { finish(): Promise<DeviceDigests> } {
+  const lists = [...wanted].map(([algorithm, chunks]) => ({ algorithm, chunks }));
+  const pass = new DeviceDigestPass(devicePath, lists, cs, sizeBytes);
+  return { finish: async () => new Map((await pass.finish()).map((table, i) => [lists[i]!.algorithm, table] as const)) };
 }
 
 /** Marks in verifyDigests' plan of checks (any other value is a place in the precomputed table). */
@@ -197,6 +197,11 @@ export async function verifyDigests(device: BlockDevice, loaded: LoadedSession[]
     const computed = precomputed.get(algorithm);
     // The usual case: the device was digested for exactly this table's chunks, entry by entry.
     const aligned = computed !== undefined && computed.alignedWith(table);
+    if (aligned && newer.length === 0) {
+      // The newest session: every entry against the device's digest at the same place.
+      for (let i = 0; i < table.size; i++) if (!table.sameAt(i, computed, i)) mismatches.push({ session: s, chunk: table.chunks[i]!, against: 'the device' });
+      continue;
+    }
     // Where each entry is checked, decided once: its place in `computed`, NEWER (against a newer
     // session's original, after the device checks) or HERE (a digest computed below).
     const where = new Int32Array(table.size);

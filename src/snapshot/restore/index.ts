@@ -18,7 +18,8 @@
  *    so and a further run finds nothing to do.
  *
  * Speed: the device's end digests are hashed in worker threads while this thread reads and
- * checks the stores (one CRC pass per record, large reads with one more in flight).
+ * checks the stores (one CRC pass per record, large reads with one more in flight); then this
+ * thread takes its share of what is left of the device pass rather than wait for it.
  */
 
 import fs from 'node:fs';
@@ -32,7 +33,7 @@ import { recoverSession, type SessionInfo } from '../sessions.js';
 import { resolveChain } from './chain.js';
 import {
   alreadyRestored, buildPlan, checkContinuity, checkIdentity, digestDevice, loadSession, readSessionDigests, verifyDigests, wantedDigests,
-  type DeviceDigests, type FinishedRestore, type LoadedSession, type RestorePlan,
+  type FinishedRestore, type LoadedSession, type RestorePlan,
 } from './check.js';
 import { applyPlan, checkOutput, copyToOutput } from './apply.js';
 import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
@@ -226,12 +227,11 @@ async function checkChain(args: {
   // Each session's digests are read once: for the device pass here and by loadSession.
   const digestsOf = new Map(chain.map((s) => [s.dir, readSessionDigests(s)] as const));
   for (const d of digestsOf.values()) d.catch(() => undefined); // loadSession reports the error
-  let deviceDigests: Promise<DeviceDigests> | undefined;
+  let deviceDigests: ReturnType<typeof digestDevice> | undefined;
   if (!resuming) {
     const tables = [];
     for (const s of chain) tables.push({ algorithm: s.digestAlgorithm, digests: await digestsOf.get(s.dir)!.catch(() => undefined) });
     deviceDigests = digestDevice(devicePath, wantedDigests(tables), target.chunkSize, device.size);
-    deviceDigests.catch(() => undefined);
   }
   for (const s of chain) loaded.push(await loadSession(s, digestsOf.get(s.dir)!));
   if (targetUndone && loaded[0]) loaded[0] = { ...loaded[0], digests: undefined };
@@ -262,7 +262,8 @@ async function checkChain(args: {
         // Restored before and changed since, with no session recording the change: nothing to check against.
         throw new BdsnapError('EMISMATCH', `${devicePath} was restored from ${target.dir} at ${journal?.finishedAt ?? '?'} and has changed since outside bdsnap; use --force to restore again`);
       }
-      await verifyDigests(device, loaded, target.chunkSize, await deviceDigests);
+      // The stores are checked: this thread takes its share of what is left of the device pass.
+      await verifyDigests(device, loaded, target.chunkSize, await deviceDigests?.finish());
     });
     await check(() => {
       if (continuity.breaks.length === 0) return;
