@@ -168,7 +168,8 @@ export const SEAL_ENTRY_BYTES = 16;
 export const MAX_RECORD_ALIGN_BYTES = 64 * 1024;
 
 function headerBase(flags: number, firstChunk: number, payloadBytes: number, payloadOffset: number): Buffer {
-  const h = Buffer.alloc(RECORD_HEADER_BYTES);
+  // From Node's shared slab, not an ArrayBuffer of its own: one per record, on the path of every first write.
+  const h = Buffer.allocUnsafe(RECORD_HEADER_BYTES).fill(0);
   h.writeUInt32LE(RECORD_MAGIC, 0);
   h.writeUInt16LE(RECORD_VERSION, 4);
   h.writeUInt16LE(flags, 6);

@@ -57,7 +57,7 @@ interface Pending {
   /** Empty for a cloned record: its fill puts the payload in place (or the batch writes it first). */
   payload: Buffer;
   /** A cloned record's: put the payload in place, or return its bytes to write. */
-  fill?: ClonedPayloadFill;
+  fill: ClonedPayloadFill | undefined;
   bytes: number;
   resolve: (position: number | undefined) => void;
   /** What `resolve` gets: the header's position, or a cloned record's payload position. */
@@ -147,7 +147,7 @@ export class StoreWriter {
     if (!this.#reserve(header.length + payload.length)) return Promise.resolve(undefined);
     const position = this.#endBytes;
     this.#endBytes += header.length + payload.length;
-    return this.#enqueue({ header, payload, bytes: header.length + payload.length, position, start: position });
+    return this.#enqueue(header, payload, undefined, header.length + payload.length, position, position);
   }
 
   /**
@@ -165,7 +165,7 @@ export class StoreWriter {
     const header = Buffer.alloc(payloadPosition - position);
     encodeClonedRecordHeader(firstChunk, payloadBytes, position, payloadPosition).copy(header);
     this.#unsealed.push({ position, payloadPosition, payloadBytes, payloadEnd: payloadPosition + payloadBytes });
-    return this.#enqueue({ header, payload: EMPTY, fill, bytes: recordBytes, position: payloadPosition, start: position });
+    return this.#enqueue(header, EMPTY, fill, recordBytes, payloadPosition, position);
   }
 
   /**
@@ -229,9 +229,10 @@ export class StoreWriter {
     return true;
   }
 
-  #enqueue(p: Omit<Pending, 'resolve'>): Promise<number | undefined> {
+  /** Queue a record (its fields as Pending's; one object of one shape per record, on the path of every first write). */
+  #enqueue(header: Buffer, payload: Buffer, fill: ClonedPayloadFill | undefined, bytes: number, position: number, start: number): Promise<number | undefined> {
     return new Promise((resolve) => {
-      this.#queue.push({ ...p, resolve });
+      this.#queue.push({ header, payload, fill, bytes, resolve, position, start });
       if (!this.#pumpScheduled) {
         // Records queued by the requests of this turn are written as one batch.
         this.#pumpScheduled = true;
