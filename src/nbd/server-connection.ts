@@ -48,10 +48,7 @@ import { encodeGreeting, encodeOptionReply } from './encoders.js';
 import { OptionHaggling } from './option-haggling.js';
 import { TransmissionRequests, type ActiveContext } from './transmission-requests.js';
 import { adoptWithReadBuffer, readTlsInto, READ_BUFFER_BYTES, type ReadSink } from './adopted-socket.js';
-
 import type { LogFn } from './exports.js';
-
-export type { LogFn };
 
 /** How long a client may keep its side open after we closed ours. */
 const END_TIMEOUT_MS = 5000;

@@ -4,7 +4,7 @@
  * re-reading the stores (over the memory budget), with pieces gathered across sessions.
  */
 
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -16,7 +16,6 @@ import { StoreWriter } from '../../src/snapshot/store-writer.js';
 import { scanData } from '../../src/snapshot/store-scan.js';
 import { DeviceDigestPass, digestDeviceChunks } from '../../src/snapshot/device-digests.js';
 import { chunkRuns } from '../../src/snapshot/chunk-runs.js';
-import { chunkDigest } from '../../src/snapshot/chunk-digest.js';
 import { CowDevice, restore } from '../../src/snapshot/index.js';
 import { makeImage, sha256File } from '../../testkit/files.js';
 import { isError, tempDir } from './helpers.js';
@@ -160,24 +159,33 @@ test('appends written several batches at once resolve in file order; a hole left
   assert.match(scan.tornReason ?? '', /bad record magic at byte/);
 });
 
-test('device digests, in one worker or split over two, match each chunk\'s crc32x8 and sha256, the partial last one too', async (t) => {
+/** An image of random data of `sizeBytes` in 64 KiB chunks, and each chunk's bytes. */
+function digestImage(t: TestContext, sizeBytes: number, seed: number): { dir: string; image: string; chunkSize: number; chunkOf: (c: number) => Buffer } {
   const dir = tempDir(t);
   const chunkSize = 64 * 1024;
-  const sizeBytes = 40 * 1024 * 1024 + 5000;
-  const image = makeImage(path.join(dir, 'disk.img'), sizeBytes, 'random', 2);
+  const image = makeImage(path.join(dir, 'disk.img'), sizeBytes, 'random', seed);
   const content = fs.readFileSync(image);
-  // Every chunk but a few, so that runs break; more than 32 MiB, so that two workers share it.
-  const chunks = Array.from({ length: Math.ceil(sizeBytes / chunkSize) }, (_, i) => i).filter((c) => c % 97 !== 5);
-  const chunkOf = (c: number): Buffer => content.subarray(c * chunkSize, Math.min((c + 1) * chunkSize, sizeBytes));
-  // Independent of chunkDigest: up to eight equal parts of at least 4 KiB, a CRC-32 each.
-  const eighths = (data: Buffer): Buffer => {
+  return { dir, image, chunkSize, chunkOf: (c) => content.subarray(c * chunkSize, Math.min((c + 1) * chunkSize, sizeBytes)) };
+}
+
+/** Each algorithm's digest, written independently of chunkDigest: crc32x8 is up to eight equal parts of at least 4 KiB, a CRC-32 each. */
+const expectedDigest = {
+  sha256: (data: Buffer): Buffer => createHash('sha256').update(data).digest(),
+  crc32x8: (data: Buffer): Buffer => {
     const out = Buffer.alloc(32);
     const n = data.length;
     const parts = Math.max(1, Math.min(8, Math.floor(n / 4096)));
     for (let i = 0; i < parts; i++) out.writeUInt32LE(zlib.crc32(data.subarray(Math.floor((i * n) / parts), Math.floor(((i + 1) * n) / parts))), i * 4);
     return out;
-  };
-  const expect = { sha256: (data: Buffer) => createHash('sha256').update(data).digest(), crc32x8: eighths } as const;
+  },
+} as const;
+
+test('device digests, in one worker or split over two, match each chunk\'s crc32x8 and sha256, the partial last one too', async (t) => {
+  const sizeBytes = 40 * 1024 * 1024 + 5000;
+  const { dir, image, chunkSize, chunkOf } = digestImage(t, sizeBytes, 2);
+  // Every chunk but a few, so that runs break; more than 32 MiB, so that two workers share it.
+  const chunks = Array.from({ length: Math.ceil(sizeBytes / chunkSize) }, (_, i) => i).filter((c) => c % 97 !== 5);
+  const expect = expectedDigest;
   // Two workers as on a machine of three cores or more, and this machine's own choice.
   for (const [algorithm, parts] of [['crc32x8', 2], ['sha256', 2], ['crc32x8', undefined]] as const) {
     const digests = await digestDeviceChunks(image, Float64Array.from(chunks), chunkSize, sizeBytes, algorithm, parts);
@@ -192,11 +200,8 @@ test('device digests, in one worker or split over two, match each chunk\'s crc32
 });
 
 test('a device digest pass the caller joins at once: the runs shared with a worker, two lists of two algorithms, every digest right', async (t) => {
-  const dir = tempDir(t);
-  const chunkSize = 64 * 1024;
   const sizeBytes = 48 * 1024 * 1024 + 5000;
-  const image = makeImage(path.join(dir, 'disk.img'), sizeBytes, 'random', 3);
-  const content = fs.readFileSync(image);
+  const { dir, image, chunkSize, chunkOf } = digestImage(t, sizeBytes, 3);
   const all = Array.from({ length: Math.ceil(sizeBytes / chunkSize) }, (_, i) => i);
   const lists = [
     { algorithm: 'crc32x8' as const, chunks: Float64Array.from(all.filter((c) => c % 3 !== 1)) },
@@ -208,8 +213,7 @@ test('a device digest pass the caller joins at once: the runs shared with a work
     const table = tables[k]!;
     assert.equal(table.size, chunks.length);
     chunks.forEach((c, i) => {
-      const data = content.subarray(c * chunkSize, Math.min((c + 1) * chunkSize, sizeBytes));
-      assert.ok(table.digest(i).equals(chunkDigest(data, algorithm)), `${algorithm} chunk ${c}`);
+      assert.ok(table.digest(i).equals(expectedDigest[algorithm](chunkOf(c))), `${algorithm} chunk ${c}`);
     });
   });
   await assert.rejects(new DeviceDigestPass(path.join(dir, 'missing.img'), lists, chunkSize, sizeBytes, 1).finish(), isError('EIO'));
