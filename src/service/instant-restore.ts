@@ -761,7 +761,8 @@ export class InstantRestores {
     const doneBytes = Math.min(r.device.doneSlots * P, r.state.sizeBytes);
     const seconds = (Date.now() - r.startedMs) / 1000;
     // The copy's own rate is what --restore-rate bounds; what client reads filled comes on top
-    // of it, in bursts, so the time left is the copy's alone: it may end sooner, not later.
+    // of it, in bursts, so the time left is the copy's alone: it may end sooner, not later. While
+    // the copy retries a piece it cannot have, no time is promised.
     const doneRate = seconds > 0 ? Math.max(0, (r.device.doneSlots - r.doneAtStart) * P) / seconds : 0;
     const copyRate = seconds > 0 ? r.copiedBytes / seconds : 0;
     return {
@@ -769,7 +770,7 @@ export class InstantRestores {
       state: r.phase, doneBytes, totalBytes: r.state.sizeBytes,
       rateBytesPerSecond: Math.round(copyRate),
       readFilledBytesPerSecond: Math.round(Math.max(0, doneRate - copyRate)),
-      secondsLeft: copyRate > 0 ? Math.round((r.state.sizeBytes - doneBytes) / copyRate) : null,
+      secondsLeft: copyRate > 0 && r.lastError === undefined ? Math.round((r.state.sizeBytes - doneBytes) / copyRate) : null,
       startedAt: r.state.startedAt, finishedAt: r.finishedAt ?? null,
       error: r.lastError === undefined ? null : r.refresh.problem === undefined ? r.lastError : `${r.lastError}; ${r.refresh.problem}`,
       connections: r.connections, mountpoint: mount?.mountpoint ?? null, loopDevice: mount?.loopDevice ?? null,

@@ -53,6 +53,7 @@ test('a running instant restore picks up a piece that verify dropped and the nex
   assert.doesNotMatch(prune.stderr, /backup is being created/);
   const failing = await waitForRestore(daemon, out, 'the copy reports the damaged piece', (r) => r?.state === 'running' && r.error !== null);
   t.diagnostic(`while damaged: ${failing?.error}`);
+  assert.equal(failing?.secondsLeft, null, 'no time left is promised while the copy cannot have a piece');
   const client = await NbdClient.connect({ socketPath: path.join(daemon.runDir, 'nbd.sock'), exportName: out });
   try {
     await assert.rejects(client.read(Buffer.alloc(4096), slotAt), 'a client read of the damaged piece fails');
