@@ -29,9 +29,12 @@ const MODULES: Array<{ names: string[]; load: () => Promise<CommandModule> }> = 
 
 /**
  * Register the commands on `program`: only the module of `commandName` when it names a
- * command, every module otherwise (help, usage errors, suggestions for a typo).
+ * command, none for the version, every module otherwise (help, usage errors, suggestions for
+ * a typo).
  */
 export async function registerCommands(program: Command, commandName?: string): Promise<void> {
+  // Commander prints the version before it looks for a command, so none needs loading.
+  if (commandName === '-V' || commandName === '--version') return;
   const wanted = MODULES.filter((m) => commandName !== undefined && m.names.includes(commandName));
   const modules = await Promise.all((wanted.length > 0 ? wanted : MODULES).map((m) => m.load()));
   for (const mod of modules) mod.register(program);

@@ -1,13 +1,15 @@
-/** `bdsnap status` (devices), `bdsnap list` (sessions) and `bdsnap forget` (old sessions), as tables or JSON. */
+/**
+ * `bdsnap status` (devices), `bdsnap list` (sessions) and `bdsnap forget` (old sessions), as tables
+ * or JSON. `status` and `list` only ask the daemon, so this module imports the control client and
+ * nothing heavier; forget's session engine (and zod with it) is loaded when forget runs.
+ */
 
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { withClient } from '../../service/client.js';
-import { DEFAULT_SNAPSHOT_ROOT, forgetSessions, planForget } from '../../snapshot/index.js';
 import { formatBytes, formatDuration } from '../../units.js';
 import { RUN_DIR_HELP } from './client-options.js';
-import { parseKeepCount, parseKeepWithin } from '../keep-options.js';
 
 interface JsonOptions {
   json?: boolean;
@@ -85,6 +87,8 @@ export function register(program: Command): void {
     .option('--json', 'machine-readable output')
     .option('--run-dir <dir>', RUN_DIR_HELP)
     .action(async (device: string, options: JsonOptions & { keepLast?: string; keepWithin?: string; dryRun?: boolean; snapshotRoot?: string }) => {
+      const { parseKeepCount, parseKeepWithin } = await import('../keep-options.js');
+      const { DEFAULT_SNAPSHOT_ROOT, forgetSessions, planForget } = await import('../../snapshot/index.js');
       const keepLast = parseKeepCount('--keep-last', options.keepLast);
       const keepWithinMs = parseKeepWithin(options.keepWithin);
       const root = options.snapshotRoot ?? await withClient(options.runDir, (c) => c.status()).then((s) => s.snapshotRoot, () => DEFAULT_SNAPSHOT_ROOT);

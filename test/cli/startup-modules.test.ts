@@ -1,0 +1,69 @@
+/**
+ * A client command must start about as fast as Node itself: `bdsnap status` loads the control
+ * client and its own module, never the snapshot engine, the NBD server or zod (which alone
+ * costs about as much as starting Node), and `--version` and `--help` load no command's
+ * implementation. Counted with a preload that logs every module the process loads.
+ */
+
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { BDSNAP_MAIN, PROJECT_ROOT } from '../../testkit/bdsnap-cli.js';
+import { startDaemon } from '../../testkit/daemon.js';
+import { makeTempDir } from '../../testkit/files.js';
+
+const MODULE_LOG_PRELOAD = fileURLToPath(new URL('../../testkit/module-log.js', import.meta.url));
+const DIST_SRC_URL = pathToFileURL(path.join(PROJECT_ROOT, 'dist', 'src')).href + '/';
+
+interface Loaded {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+  /** The modules of dist/src loaded, relative to it. */
+  ours: string[];
+  /** The modules of the zod package loaded. */
+  zod: string[];
+}
+
+function runLogged(dir: string, args: string[], env: NodeJS.ProcessEnv = process.env): Loaded {
+  const log = path.join(dir, `modules-${args.join('_').replace(/[^\w-]/g, '')}.log`);
+  const r = spawnSync(process.execPath, ['--import', MODULE_LOG_PRELOAD, BDSNAP_MAIN, ...args], {
+    encoding: 'utf8', timeout: 30_000, env: { ...env, MODULE_LOG: log },
+  });
+  const urls = fs.existsSync(log) ? fs.readFileSync(log, 'utf8').split('\n').filter(Boolean) : [];
+  return {
+    status: r.status,
+    stdout: r.stdout,
+    stderr: r.stderr,
+    ours: urls.filter((u) => u.startsWith(DIST_SRC_URL)).map((u) => u.slice(DIST_SRC_URL.length)),
+    zod: urls.filter((u) => u.includes('/node_modules/zod/')),
+  };
+}
+
+test('bdsnap status against a daemon loads the control client and no more', async (t) => {
+  const daemon = await startDaemon(t);
+  const dir = makeTempDir(t, 'bdsnap-startup-');
+  const r = runLogged(dir, ['status'], daemon.sandbox.env);
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.stdout, 'no devices registered\n');
+  // main, program, errors, the command list, status, client-options, the client with its
+  // framing, paths, timeout and units: 11 today; the engine behind `forget` alone is 60.
+  assert.ok(r.ours.length <= 12, `status loaded ${r.ours.length} modules of dist/src:\n${r.ours.join('\n')}`);
+  assert.ok(!r.ours.some((m) => m.startsWith('snapshot/') || m.startsWith('nbd/')), r.ours.join('\n'));
+  assert.deepEqual(r.zod, [], 'status loads no zod');
+});
+
+test('bdsnap --version loads no command', (t) => {
+  const dir = makeTempDir(t, 'bdsnap-startup-');
+  const version = (JSON.parse(fs.readFileSync(path.join(PROJECT_ROOT, 'package.json'), 'utf8')) as { version: string }).version;
+  for (const flag of ['--version', '-V']) {
+    const r = runLogged(dir, [flag]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout, `${version}\n`);
+    // main, program, errors and the command list.
+    assert.ok(r.ours.length <= 4, `${flag} loaded ${r.ours.length} modules of dist/src:\n${r.ours.join('\n')}`);
+  }
+});
