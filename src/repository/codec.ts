@@ -22,6 +22,7 @@ import { createRequire } from 'node:module';
 import zlib from 'node:zlib';
 import { BdsnapError } from '../errors.js';
 import { ZSTD_LEVEL, nativeZstd, zstdDecompress } from './zstd.js';
+import type { CodecChoice } from './codec-choices.js';
 
 export const PIECE_MAGIC = 0x43504442;
 export const PIECE_VERSION = 1;
@@ -37,8 +38,7 @@ export const CODEC_NAMES: Record<Codec, string> = {
   [CODEC_RAW]: 'raw', [CODEC_LZ4]: 'lz4', [CODEC_DEFLATE]: 'deflate', [CODEC_BROTLI]: 'brotli', [CODEC_ZSTD]: 'zstd',
 };
 /** The codecs a repository may name for its new pieces (the first is the default). */
-export const CODEC_CHOICES = ['zstd', 'brotli', 'deflate', 'lz4'] as const;
-export type CodecChoice = (typeof CODEC_CHOICES)[number];
+export { CODEC_CHOICES, type CodecChoice } from './codec-choices.js';
 
 /**
  * A stored piece is its header, an LZ4 size prefix at most, and no more than its raw bytes

@@ -47,6 +47,11 @@ import type { ChunkTable } from './chunk-table.js';
 import { DIGEST_BYTES } from './chunk-digest.js';
 import { DigestTable } from './digest-table.js';
 import { deviceStampSchema } from '../host/device-stamp.js';
+import { DURABILITIES, MIN_CHUNK_SIZE } from './session-settings.js';
+
+export {
+  checkChunkSize, isPowerOfTwo, DEFAULT_CHUNK_SIZE, DURABILITIES, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, type Durability,
+} from './session-settings.js';
 
 export const FORMAT_NAME = 'bdsnap-session';
 /** What new sessions write in their manifest; versions 1 and 2 are read. */
@@ -69,19 +74,10 @@ export const DIGESTS_MAGIC = 0x47534442;
 export const RECORD_HEADER_BYTES = 64;
 /** Largest payload of one record; a header claiming more is corrupt, checked before allocating. */
 export const MAX_RECORD_PAYLOAD_BYTES = 64 * 1024 * 1024;
-export const MIN_CHUNK_SIZE = 4096;
-export const MAX_CHUNK_SIZE = 16 * 1024 * 1024;
-export const DEFAULT_CHUNK_SIZE = 16 * 1024;
 export const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
 
 export type SessionState = 'active' | 'complete' | 'interrupted' | 'failed';
 
-/**
- * What a session's store (and a change map) survives: a killed process ('process'), or a power
- * loss too ('strict': every copy is synced before the write it protects goes on).
- */
-export const DURABILITIES = ['process', 'strict'] as const;
-export type Durability = (typeof DURABILITIES)[number];
 
 export const manifestSchema = z.object({
   format: z.literal(FORMAT_NAME),
@@ -111,16 +107,6 @@ export const manifestSchema = z.object({
 });
 
 export type Manifest = z.infer<typeof manifestSchema>;
-
-export function isPowerOfTwo(n: number): boolean {
-  return Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0;
-}
-
-export function checkChunkSize(chunkSize: number): void {
-  if (!isPowerOfTwo(chunkSize) || chunkSize < MIN_CHUNK_SIZE || chunkSize > MAX_CHUNK_SIZE) {
-    throw new BdsnapError('EINVAL', `chunk size must be a power of two from ${MIN_CHUNK_SIZE} to ${MAX_CHUNK_SIZE} bytes, got ${chunkSize}`);
-  }
-}
 
 export function sha256(data: Buffer): Buffer {
   return createHash('sha256').update(data).digest();

@@ -18,6 +18,8 @@ export const INODE_BLOCK = 1;
 export const FIRST_DATA_BLOCK = 2;
 /** Superblock, inode, and at least one data block. */
 export const MIN_IMAGE_BLOCKS = 3;
+/** Default image size of `mkfsImage`, as in the course (`dd bs=4096 count=100`). */
+export const DEFAULT_IMAGE_BLOCKS = 100;
 
 export const FILE_INODE_NUMBER = 1;
 /** S_IFREG: the only file is a regular file. */

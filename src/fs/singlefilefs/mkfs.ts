@@ -9,12 +9,11 @@ import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError, toBdsnapError } from '../../errors.js';
 import {
-  FIRST_DATA_BLOCK, INITIAL_CONTENT, INODE_BLOCK, MIN_IMAGE_BLOCKS, SFFS_BLOCK_SIZE, SUPERBLOCK_BLOCK,
+  DEFAULT_IMAGE_BLOCKS, FIRST_DATA_BLOCK, INITIAL_CONTENT, INODE_BLOCK, MIN_IMAGE_BLOCKS, SFFS_BLOCK_SIZE, SUPERBLOCK_BLOCK,
   encodeInode, encodeSuperblock, fileInode, superblockFor,
 } from './layout.js';
 
-/** Default image size of `mkfsImage`, as in the course (`dd bs=4096 count=100`). */
-export const DEFAULT_IMAGE_BLOCKS = 100;
+export { DEFAULT_IMAGE_BLOCKS } from './layout.js';
 
 /** Format `device`. Errors: EINVAL when it is not a whole number of blocks or smaller than 3 blocks. */
 export async function mkfs(device: BlockDevice): Promise<void> {
