@@ -1,7 +1,7 @@
 /** The session settings shared by `bdsnap serve --snapshot-root` and `bdsnap daemon`. */
 
 import type { Command } from 'commander';
-import { checkChunkSize, DEFAULT_CHUNK_SIZE, DURABILITIES, type Durability } from '../snapshot/format.js';
+import { checkChunkSize, DEFAULT_CHUNK_SIZE, DURABILITIES, type Durability } from '../snapshot/session-settings.js';
 import { choiceOption, sizeOption } from './option-values.js';
 
 /** The options as commander leaves them: values already checked (see option-values.ts). */

@@ -7,7 +7,7 @@
 
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
-import { forgetPlanned, planForget, type ForgetPlan, type RetentionPolicy, type Repository } from '../../backup/index.js';
+import type { ForgetPlan, RetentionPolicy, Repository } from '../../backup/index.js';
 import { parseKeepCount, parseKeepWithin } from '../keep-options.js';
 import { formatTable } from './status.js';
 
@@ -82,6 +82,7 @@ export function registerForget(command: Command, openRepo: (flags: { repo: strin
       }
       if (!policy) throw new BdsnapError('EINVAL', 'say which backups to forget: their ids, or what to keep (--keep-last N, --keep-daily N, ..., --keep-within DURATION)');
       const repo = await openRepo(flags);
+      const { forgetPlanned, planForget } = await import('../../backup/index.js');
       const plan = await planForget(repo, policy, { host: flags.host });
       if (!flags.dryRun) await forgetPlanned(repo, plan);
       if (flags.json) process.stdout.write(`${JSON.stringify({ dryRun: flags.dryRun === true, ...plan }, null, 2)}\n`);

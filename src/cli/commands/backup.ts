@@ -11,13 +11,10 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
-import {
-  CODEC_CHOICES, Repository, openRepoStore, parseRepoLocation, backupThroughDaemon, copyBackups, hostOf, openBackupToServe, parseDataSubset, restoreBackup, verifyRepository,
-  type BackupSummary, type CodecChoice, type ObjectStore, type ProgressSink,
-} from '../../backup/index.js';
+import type { BackupSummary, ObjectStore, ProgressSink, Repository } from '../../backup/index.js';
+import { CODEC_CHOICES, type CodecChoice } from '../../repository/codec-choices.js';
 import { registerForget } from './backup-forget.js';
 import { promptHidden } from '../password-input.js';
 import { withClient } from '../../service/client.js';
@@ -25,7 +22,6 @@ import { formatBytes } from '../../units.js';
 import { choiceOption, sizeOption } from '../option-values.js';
 import { formatTable } from './status.js';
 import { RUN_DIR_HELP } from './client-options.js';
-import { checkTcpPolicy, listenOn } from '../../nbd/listen.js';
 import { addTlsOptions, parseListen, printWarnings, serveInForeground, tlsSettings, type TlsCliOptions } from './serve.js';
 import { loadTls } from '../../nbd/tls.js';
 
@@ -37,9 +33,15 @@ interface RepoFlags {
 
 const MiB = 1024 * 1024;
 
+/** The backup agent and repository, loaded when a backup command runs (not for --help). */
+function agent(): Promise<typeof import('../../backup/index.js')> {
+  return import('../../backup/index.js');
+}
+
 /** A progress bar on stderr, or nothing when output is not for a person at a terminal. */
-function progressBar(label: string, json: boolean | undefined): { sink?: ProgressSink; stop(): void } {
+async function progressBar(label: string, json: boolean | undefined): Promise<{ sink?: ProgressSink; stop(): void }> {
   if (json || !process.stdout.isTTY || !process.stderr.isTTY) return { stop: () => undefined };
+  const { default: cliProgress } = await import('cli-progress');
   const bar = new cliProgress.SingleBar({
     stream: process.stderr, hideCursor: true, etaBuffer: 50,
     format: `${label} [{bar}] {percentage}% {done}/{all} MiB {rate} MiB/s, {eta_formatted} left`,
@@ -80,7 +82,8 @@ function noteUnauthenticated(repo: Repository): void {
 }
 
 /** The store a --repo names (a directory, or an S3 bucket: see repository/location.ts). */
-function openStore(repo: string, create = false): Promise<ObjectStore> {
+async function openStore(repo: string, create = false): Promise<ObjectStore> {
+  const { openRepoStore } = await agent();
   return openRepoStore(repo, create ? { create: true } : {});
 }
 
@@ -119,6 +122,7 @@ async function passwordFrom(file: string | undefined, envName: string, question:
 }
 
 async function openRepo(flags: Pick<RepoFlags, 'repo' | 'passwordFile'>, envName = 'BDSNAP_REPO_PASSWORD'): Promise<Repository> {
+  const { Repository } = await agent();
   return Repository.open(await openStore(flags.repo), { password: () => passwordFrom(flags.passwordFile, envName, `password of ${flags.repo}: `) });
 }
 
@@ -159,6 +163,7 @@ export function register(program: Command): void {
     .option('--no-encryption', 'store backups in the clear: readable by anyone who can read the repository, alterable by anyone who can write it')
     .action(async (flags: RepoFlags & { pieceSize?: number; packSize?: number; codec?: CodecChoice; encryption: boolean }) => {
       const { pieceSize: pieceSizeBytes, packSize: packSizeBytes, codec } = flags;
+      const { Repository, parseRepoLocation } = await agent();
       // A misspelt --repo is refused before the password is asked for, twice, in vain.
       parseRepoLocation(flags.repo);
       const password = flags.encryption ? await passwordFrom(flags.passwordFile, 'BDSNAP_REPO_PASSWORD', `new password for ${flags.repo}: `, true) : undefined;
@@ -176,9 +181,10 @@ export function register(program: Command): void {
     .option('--json', 'print the result as JSON')
     .option('--run-dir <dir>', RUN_DIR_HELP)
     .action(async (devices: string[], flags: RepoFlags & { full?: boolean; host?: string; runDir?: string }) => {
+      const { backupThroughDaemon, hostOf } = await agent();
       const host = hostOf(flags);
       const repo = await openRepo(flags);
-      const bar = progressBar('backing up', flags.json);
+      const bar = await progressBar('backing up', flags.json);
       let summary;
       try {
         summary = await withInterrupt((signal) => backupThroughDaemon(repo, devices, flags.runDir, {
@@ -223,9 +229,10 @@ export function register(program: Command): void {
     .option('--read-data-subset <N/T>', 'read only slice N of T of the pieces (the same slice every run; 1/T to T/T read everything once)')
     .option('--json', 'print the result as JSON')
     .action(async (id: string | undefined, flags: RepoFlags & { readDataSubset?: string }) => {
+      const { parseDataSubset, verifyRepository } = await agent();
       const subset = flags.readDataSubset === undefined ? undefined : parseDataSubset(flags.readDataSubset);
       const repo = await openRepo(flags);
-      const bar = progressBar('verifying', flags.json);
+      const bar = await progressBar('verifying', flags.json);
       let summary;
       try {
         summary = await withInterrupt((signal) => verifyRepository(repo, { id, signal, progress: bar.sink, subset }));
@@ -253,6 +260,7 @@ export function register(program: Command): void {
     .option('--run-dir <dir>', RUN_DIR_HELP)
     .option('--json', 'print the result as JSON')
     .action(async (id: string, device: string, flags: RepoFlags & { output?: string; instant?: boolean; runDir?: string }) => {
+      const { Repository, restoreBackup } = await agent();
       if (flags.instant) {
         // The daemon reads the repository for as long as the copy runs: it gets the absolute path,
         // and the password (checked here first, so a wrong one is said before the daemon acts).
@@ -267,7 +275,7 @@ export function register(program: Command): void {
         return;
       }
       const repo = await openRepo(flags);
-      const bar = progressBar('restoring', flags.json);
+      const bar = await progressBar('restoring', flags.json);
       let summary;
       try {
         summary = await withInterrupt((signal) => restoreBackup(repo, id, device, { output: flags.output, signal, progress: bar.sink }));
@@ -296,6 +304,7 @@ Example:
       const listen = flags.listen !== undefined ? parseListen(flags.listen) : undefined;
       const socketPath = flags.socket ?? (listen ? undefined : 'bdsnap-backup.sock');
       const repo = await openRepo(flags);
+      const [{ openBackupToServe }, { checkTcpPolicy, listenOn }] = await Promise.all([agent(), import('../../nbd/listen.js')]);
       await serveInForeground(async () => {
         const tls = await loadTls(tlsSettings(flags));
         if (listen) checkTcpPolicy(listen, tls, flags.insecureTcp ?? false, 'read the backup');
@@ -333,9 +342,10 @@ Example:
     .option('--from-password-file <file>', 'the source password (else BDSNAP_FROM_REPO_PASSWORD, else a prompt)')
     .option('--json', 'print the result as JSON')
     .action(async (ids: string[], flags: RepoFlags & { from: string; fromPasswordFile?: string }) => {
+      const { copyBackups } = await agent();
       const from = await openRepo({ repo: flags.from, passwordFile: flags.fromPasswordFile }, 'BDSNAP_FROM_REPO_PASSWORD');
       const to = await openRepo(flags);
-      const bar = progressBar('copying', flags.json);
+      const bar = await progressBar('copying', flags.json);
       let s;
       try {
         s = await withInterrupt((signal) => copyBackups(from, to, { ids: ids.length > 0 ? ids : undefined, signal, progress: bar.sink }));

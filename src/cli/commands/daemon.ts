@@ -9,7 +9,6 @@ import { choiceOption, sizeOption } from '../option-values.js';
 const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal'] as const;
 type LogLevel = (typeof LOG_LEVELS)[number];
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
-import { checkTcpPolicy, plainTcpWarning } from '../../nbd/listen.js';
 import { addTlsOptions, parseListen, tlsSettings, type TlsCliOptions } from './serve.js';
 import { loadTls } from '../../nbd/tls.js';
 
@@ -48,9 +47,11 @@ export function register(program: Command): void {
       const listen = options.listen !== undefined ? parseListen(options.listen) : undefined;
       const tls = await loadTls(tlsSettings(options));
       if (tls && !listen) throw new BdsnapError('EINVAL', 'TLS applies to the TCP listener: give --listen HOST:PORT too (the unix socket is root\'s alone)');
+      // Loaded here so that every other command (and --help) starts without the daemon's dependencies.
+      const [{ pino }, { startDaemon }, { checkTcpPolicy, plainTcpWarning }] = await Promise.all([
+        import('pino'), import('../../service/daemon.js'), import('../../nbd/listen.js'),
+      ]);
       if (listen) checkTcpPolicy(listen, tls, options.insecureTcp ?? false, 'every registered device');
-      // Loaded here so that every other command starts without the daemon's dependencies.
-      const [{ pino }, { startDaemon }] = await Promise.all([import('pino'), import('../../service/daemon.js')]);
       const log = pino({ level: options.logLevel, base: { pid: process.pid } });
       const daemon = await startDaemon({
         runDir: resolveRunDir(options.runDir),

@@ -4,9 +4,8 @@
  * (only on a terminal) and prints the summary.
  */
 
-import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
-import { restore, type RestoreSummary } from '../../snapshot/index.js';
+import type { RestoreSummary } from '../../snapshot/index.js';
 
 interface RestoreFlags {
   output?: string;
@@ -30,6 +29,8 @@ export function register(program: Command): void {
 }
 
 export async function runRestore(sessionDir: string, flags: RestoreFlags): Promise<void> {
+  // The session engine is loaded only now, so that --help and the other commands start without it.
+  const [{ restore }, { default: cliProgress }] = await Promise.all([import('../../snapshot/index.js'), import('cli-progress')]);
   const showBar = !flags.json && !flags.dryRun && process.stderr.isTTY === true;
   const bar = showBar
     ? new cliProgress.SingleBar({ stream: process.stderr, format: 'restoring [{bar}] {percentage}% {value}/{total} MiB', hideCursor: true }, cliProgress.Presets.shades_classic)

@@ -10,17 +10,16 @@
  * holds them), or, without it, when asked for by name with --insecure-tcp, and then announced
  * on stderr. `--tls on` lets a client choose plaintext, so it counts as plain TCP here.
  *
- * The server itself is startServe() (src/service/serve.ts); this module parses and prints.
+ * The server itself is startServe() (src/service/serve.ts); this module parses and prints,
+ * and loads the server and the session engine only when the command runs (not for --help).
  */
 
 import path from 'node:path';
 import type { Command } from 'commander';
-import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
-import { plainTcpWarning } from '../../nbd/listen.js';
 import { TLS_MODES, type TlsMode, type TlsSettings } from '../../nbd/tls.js';
-import { startServe, type RunningServe, type ServeOptions } from '../../service/serve.js';
-import { CowDevice, type SessionEvent, type SessionOptions } from '../../snapshot/index.js';
+import type { RunningServe, ServeOptions } from '../../service/serve.js';
+import type { SessionEvent, SessionOptions } from '../../snapshot/index.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
 
 export const DEFAULT_SOCKET = 'bdsnap.sock';
@@ -52,6 +51,7 @@ export async function serveInForeground(start: () => Promise<RunningServe>, list
   try {
     const running = await start();
     if (listen) {
+      const { plainTcpWarning } = await import('../../nbd/listen.js');
       const tcp = running.endpoints.find((e) => e.startsWith('tcp:'))!.slice('tcp:'.length);
       const warning = plainTcpWarning(tcp, listen.host, running.tls, what);
       if (warning) process.stderr.write(`bdsnap: WARNING: ${warning}\n`);
@@ -100,7 +100,8 @@ Examples:
     .action(async (images: string[], opts: ServeCliOptions) => {
       const listen = opts.listen !== undefined ? parseListen(opts.listen) : undefined;
       const socketPath = opts.socket ?? (listen ? undefined : DEFAULT_SOCKET);
-      const wrap = sessionWrapper(opts);
+      const wrap = await sessionWrapper(opts);
+      const { startServe } = await import('../../service/serve.js');
       await serveInForeground(() => startServe({
         images, socketPath, listen, insecureTcp: opts.insecureTcp ?? false, readOnly: opts.readOnly ?? false, wrap, log: printWarnings,
         tls: tlsSettings(opts),
@@ -149,13 +150,14 @@ interface ServeCliOptions extends SessionCliOptions, TlsCliOptions {
  * With --snapshot-root, each image is served through a copy-before-write session that lasts
  * as long as the server runs; its directory appears with the first modifying request.
  */
-function sessionWrapper(opts: ServeCliOptions): ServeOptions['wrap'] {
+async function sessionWrapper(opts: ServeCliOptions): Promise<ServeOptions['wrap']> {
   if (opts.snapshotRoot === undefined) {
     if (opts.chunkSize ?? opts.sizeLimit) throw new BdsnapError('EINVAL', '--chunk-size and --size-limit need --snapshot-root');
     return undefined;
   }
   if (opts.readOnly) throw new BdsnapError('EINVAL', '--snapshot-root makes no sense with --read-only: nothing can change');
   const base: Omit<SessionOptions, 'devicePath'> = { snapshotRoot: path.resolve(opts.snapshotRoot), ...parseSessionOptions(opts) };
+  const [{ FileDevice }, { CowDevice }] = await Promise.all([import('../../device/file-device.js'), import('../../snapshot/index.js')]);
   const report = (event: SessionEvent): void => {
     const dir = event.sessionDir ?? '';
     if (event.type === 'session-start') process.stderr.write(`bdsnap: session started: ${dir}\n`);

@@ -8,19 +8,19 @@
  * Through the daemon, a mount cycle behaves as `bdsnap mount` does: the device is registered
  * first (the daemon serves registered devices only), so a device never activated is served
  * without a session and an active one gets a session per cycle.
+ *
+ * The image file layer, the formatter and the NBD client are loaded when a command needs them,
+ * not for --help.
  */
 
 import fs from 'node:fs';
 import type { Command } from 'commander';
 import type { BlockDevice } from '../../device/block-device.js';
-import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError } from '../../errors.js';
 import { withClient } from '../../service/client.js';
 import { DEFAULT_RUN_DIR, RUN_DIR_ENV, nbdSocketPath, resolveRunDir } from '../../service/paths.js';
 import { SingleFileFs } from '../../fs/singlefilefs/file.js';
-import { DEFAULT_IMAGE_BLOCKS, mkfs, mkfsImage } from '../../fs/singlefilefs/mkfs.js';
-import { connectNbd } from '../../fs/singlefilefs/nbd.js';
-import { SFFS_BLOCK_SIZE, maxFileSizeFor } from '../../fs/singlefilefs/layout.js';
+import { DEFAULT_IMAGE_BLOCKS, SFFS_BLOCK_SIZE, maxFileSizeFor } from '../../fs/singlefilefs/layout.js';
 
 
 interface TargetOptions {
@@ -49,8 +49,10 @@ export function register(program: Command): void {
       const blocks = parseInteger(options.blocks, '--blocks');
       const st = fs.statSync(image, { throwIfNoEntry: false });
       let sizeBytes: number;
+      const { mkfs, mkfsImage } = await import('../../fs/singlefilefs/mkfs.js');
       if (st?.isBlockDevice()) {
         // The operator's name, links resolved once: FileDevice opens only a real path.
+        const { FileDevice } = await import('../../device/file-device.js');
         const device = await FileDevice.open(canonicalPath(image));
         try {
           await mkfs(device);
@@ -141,6 +143,7 @@ async function openTarget(devName: string, options: TargetOptions, readOnly: boo
     if (options.socket || options.runDir || options.export) {
       throw new BdsnapError('EINVAL', '--image works on the file directly: it cannot be combined with --socket, --run-dir or --export');
     }
+    const { FileDevice } = await import('../../device/file-device.js');
     return FileDevice.open(canonicalPath(devName), { readOnly });
   }
   if (options.socket && options.runDir) throw new BdsnapError('EINVAL', 'give either --socket or --run-dir, not both');
@@ -161,6 +164,7 @@ async function openTarget(devName: string, options: TargetOptions, readOnly: boo
       if (!(err instanceof BdsnapError && err.code === 'ENOENT')) throw err;
     });
   }
+  const { connectNbd } = await import('../../fs/singlefilefs/nbd.js');
   return connectNbd({ socketPath, exportName });
 }
 
