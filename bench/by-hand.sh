@@ -6,7 +6,10 @@
 #
 #   sh bench/by-hand.sh seq-write|first-rand-4k|first-rand-4k-iolog [REPEAT]     (from the checkout, after npm run build)
 #
-# Prints one line per run: the server and fio's write bandwidth (MB/s) or IOPS.
+# Prints one line per run: the server, fio's write bandwidth (MB/s) or IOPS, and the CPU time
+# the server used per GB written (all its threads, from /proc). FIO_OPTIONS adds options to
+# every fio job (e.g. "--runtime=3 --time_based"); FLOOR=1 runs the Node.js floor too
+# (bench/nbd-floor.ts on one worker thread, synchronous and thread-pool writes) on the seq-write row.
 set -eu
 row=${1:?usage: by-hand.sh seq-write|first-rand-4k|first-rand-4k-iolog [REPEAT]}
 repeat=${2:-3}
@@ -40,11 +43,21 @@ fio_job() {
   esac
   name=$1 uri=$2
   shift 2
-  fio --name=x --ioengine=nbd --uri="$uri" "$@" --output-format=json --output="$dir/fio.json" >/dev/null
+  ticks=$(cpu_ticks)
+  # shellcheck disable=SC2086 # FIO_OPTIONS is a list of options
+  fio --name=x --ioengine=nbd --uri="$uri" "$@" ${FIO_OPTIONS:-} --output-format=json --output="$dir/fio.json" >/dev/null
+  ticks=$(($(cpu_ticks) - ticks))
   node -e '
     const t = require("fs").readFileSync(process.argv[1], "utf8"); const w = JSON.parse(t.slice(t.indexOf("{"))).jobs[0].write;
-    console.log(process.argv[2], process.argv[3] === "seq-write" ? `${(w.bw_bytes / 1e6).toFixed(0)} MB/s` : `${w.iops.toFixed(0)} IOPS`);
-  ' "$dir/fio.json" "$name" "$row"
+    const cpu = Number(process.argv[4]) / Number(process.argv[5]) / (w.io_bytes / 1e9);
+    console.log(process.argv[2], process.argv[3] === "seq-write" ? `${(w.bw_bytes / 1e6).toFixed(0)} MB/s` : `${w.iops.toFixed(0)} IOPS`,
+      `(server CPU ${cpu.toFixed(2)} s/GB)`);
+  ' "$dir/fio.json" "$name" "$row" "$ticks" "$(getconf CLK_TCK)"
+}
+
+# CPU time (clock ticks, user and system, all threads) the server $pid has used.
+cpu_ticks() {
+  awk '{ print $14 + $15 }' "/proc/$pid/stat"
 }
 
 # What the bench did before each cell, to tell which part of it makes the difference:
@@ -77,6 +90,18 @@ nbdkit_serve() {
   kill $pid; wait $pid || true
 }
 
+floor_serve() { # NAME [ARGS...]
+  name=$1
+  shift
+  prep "$dir/image1"
+  rm -f "$dir/s1"
+  node "$(dirname "$0")/../dist/bench/nbd-floor.js" --threads 1 "$@" "$dir/s1" "$dir/image1" 2>/dev/null &
+  pid=$!
+  wait_socket "$dir/s1"
+  fio_job "$name" "nbd+unix://?socket=$dir/s1"
+  kill $pid; wait $pid || true
+}
+
 session() {
   rm -rf "$dir/root"; mkdir "$dir/root"
   bdsnap_serve bdsnap+session "$dir/image2" --snapshot-root "$dir/root"
@@ -85,7 +110,10 @@ session() {
 
 for i in $(seq "$repeat"); do
   case $row in
-    seq-write) bdsnap_serve bdsnap "$dir/image1"; nbdkit_serve ;;
+    seq-write)
+      bdsnap_serve bdsnap "$dir/image1"
+      if [ "${FLOOR:-0}" = 1 ]; then floor_serve node-floor; floor_serve node-floor-async --async; fi
+      nbdkit_serve ;;
     first-rand-4k*) session; bdsnap_serve bdsnap "$dir/image1" ;;
   esac
 done
