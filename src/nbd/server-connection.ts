@@ -96,6 +96,8 @@ export class ServerConnection {
   #requests: TransmissionRequests | undefined;
   /** The buffer the caller reads the socket into (see the constructor), kept for TLS to read into too. */
   #readBuffer: Buffer | undefined;
+  /** The start of `#readBuffer`, one request header long (see RequestDecoder.headerNext). */
+  #headerBuffer: Buffer | undefined;
 
   #optionBusy = false;
   #eof = false;
@@ -143,6 +145,7 @@ export class ServerConnection {
     this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: readBuffer !== undefined, admit: (r) => this.#admit(r) });
     this.#socket = socket;
     this.#readBuffer = readBuffer;
+    this.#headerBuffer = readBuffer?.subarray(0, C.REQUEST_HEADER_BYTES);
     this.#highWaterMarkBytes = context.socketHighWaterMarkBytes;
     this.#options = new OptionHaggling({
       send: (buf) => this.#send(buf),
@@ -194,12 +197,15 @@ export class ServerConnection {
   }
 
   /**
-   * Where the socket may read next instead of its shared buffer: the rest of a WRITE payload
-   * being received (see RequestDecoder.payloadTarget), or undefined.
+   * Where the socket may read next instead of its whole shared buffer: the rest of a WRITE
+   * payload being received (see RequestDecoder.payloadTarget), the start of the shared buffer
+   * when one request header should be read alone (RequestDecoder.headerNext), or undefined.
    */
   readTarget(): Buffer | undefined {
     if (this.#state !== 'handshake' && this.#state !== 'transmission') return undefined;
-    return this.#decoder.payloadTarget();
+    const payload = this.#decoder.payloadTarget();
+    if (payload !== undefined) return payload;
+    return this.#decoder.headerNext() ? this.#headerBuffer : undefined;
   }
 
   /** `n` bytes were read straight into the last readTarget(). */
