@@ -14,11 +14,7 @@ export const READ_BUFFER_BYTES = 256 * 1024;
 
 type SocketInternals = net.Socket & { _handle?: object | null };
 
-/**
- * Where an adopted socket reads: `target()` if it gives a buffer (then `placed`), else the shared
- * buffer (then `received`). A target that is the start of the shared buffer (a shorter read
- * into it) counts as the shared buffer.
- */
+/** Where an adopted socket reads: `target()` if it gives a buffer (then `placed`), else the shared buffer (then `received`). */
 export interface ReadSink {
   target(): Buffer | undefined;
   received(n: number): void;
@@ -48,7 +44,7 @@ export function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, reads: R
       // Asked before every read: a WRITE payload being received takes the bytes directly.
       buffer: () => reads.target() ?? buffer,
       callback: (n: number, into: Uint8Array) => {
-        if (startsAt(into, buffer)) reads.received(n);
+        if (into === buffer) reads.received(n);
         else reads.placed(n);
       },
     },
@@ -57,11 +53,6 @@ export function adoptWithReadBuffer(socket: net.Socket, buffer: Buffer, reads: R
   // The original still counts as the server's connection: end it with the adopted one.
   adopted.once('close', () => original.destroy());
   return adopted;
-}
-
-/** Whether `into` is `buffer` or a view from its start. */
-function startsAt(into: Uint8Array, buffer: Buffer): boolean {
-  return into.buffer === buffer.buffer && into.byteOffset === buffer.byteOffset;
 }
 
 /** The fields of net.Socket that `onread` sets (internal symbols, found by their names). */
@@ -92,7 +83,7 @@ export function readTlsInto(secure: tls.TLSSocket, buffer: Buffer, reads: ReadSi
   };
   s[kBufferGen] = next;
   s[kBufferCb] = (n: number, into: Uint8Array) => {
-    if (startsAt(into, buffer)) reads.received(n);
+    if (into === buffer) reads.received(n);
     else reads.placed(n);
   };
   const first = next();

@@ -98,6 +98,8 @@ export class ServerConnection {
   #readBuffer: Buffer | undefined;
   /** The start of `#readBuffer`, one request header long (see RequestDecoder.headerNext). */
   #headerBuffer: Buffer | undefined;
+  /** readTarget() gave `#headerBuffer`: what is placed next is bytes to decode, not payload. */
+  #headerTarget = false;
 
   #optionBusy = false;
   #eof = false;
@@ -202,15 +204,21 @@ export class ServerConnection {
    * when one request header should be read alone (RequestDecoder.headerNext), or undefined.
    */
   readTarget(): Buffer | undefined {
+    this.#headerTarget = false;
     if (this.#state !== 'handshake' && this.#state !== 'transmission') return undefined;
     const payload = this.#decoder.payloadTarget();
-    if (payload !== undefined) return payload;
-    return this.#decoder.headerNext() ? this.#headerBuffer : undefined;
+    this.#headerTarget = payload === undefined && this.#headerBuffer !== undefined && this.#decoder.headerNext();
+    return payload ?? (this.#headerTarget ? this.#headerBuffer : undefined);
   }
 
   /** `n` bytes were read straight into the last readTarget(). */
   receivePlaced(n: number): void {
     if (this.#state !== 'handshake' && this.#state !== 'transmission') return;
+    if (this.#headerTarget) {
+      this.#headerTarget = false;
+      this.receive(this.#headerBuffer!.subarray(0, n));
+      return;
+    }
     this.#decoder.placed(n);
     this.#pump();
   }
