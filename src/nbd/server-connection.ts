@@ -9,7 +9,8 @@
  *   decoding stops while an option is in progress, so a phase switch never races the decoder.
  * - Requests run concurrently and each reply is written as soon as it is complete (out of
  *   order); header and data always leave in one buffer, and replies finishing in the same
- *   event-loop turn are corked into one writev.
+ *   event-loop turn, or answered while decoding what one read brought, are corked into one
+ *   writev.
  * - Memory is bounded: every request is charged its payload (READ or WRITE length) plus a
  *   fixed overhead from the server's shared InFlightBudget before anything is allocated for it;
  *   its reply carries that charge (topped up to the reply's length) until the socket has taken it. Decoding pauses (and the socket
@@ -107,6 +108,8 @@ export class ServerConnection {
   #paused = false;
   #writeBlocked = false;
   #corked = false;
+  /** The socket was corked by a reply sent while decoding: #pump uncorks it when it stops. */
+  #pumpCorked = false;
   #inFlightCount = 0;
   /** Bytes taken from the budget: admitted requests and replies the socket has not taken yet. */
   #inFlightBytes = 0;
@@ -286,6 +289,10 @@ export class ServerConnection {
       }
     } finally {
       this.#pumping = false;
+      if (this.#pumpCorked) {
+        this.#pumpCorked = false;
+        this.#uncork();
+      }
     }
     const blocked = this.#blocked();
     if (this.#eof && !blocked) {
@@ -507,7 +514,13 @@ export class ServerConnection {
     this.#unsentBuffers.push(pooled ? buf : undefined);
     if (this.#stallTimer === undefined) this.#armStallTimer();
     this.#queuedBytes += bytes;
-    if (!this.#corked && this.#inFlightCount > 1) {
+    if (!this.#corked && this.#pumping && this.#decoder.bufferedBytes > 0) {
+      // Answered while decoding, with more requests received behind it: their replies leave
+      // together once the decoding stops (see #pump).
+      this.#corked = true;
+      this.#pumpCorked = true;
+      s.cork();
+    } else if (!this.#corked && this.#inFlightCount > 1) {
       // Replies completing in this turn of the event loop leave in one writev; a lone
       // request's reply goes at once.
       this.#corked = true;
@@ -619,15 +632,29 @@ export class ServerConnection {
       this.#done(r);
       return;
     }
+    let answered: boolean;
+    try {
+      answered = requests.executeNow(r, bytes);
+    } catch (err) {
+      this.#failed(requests, r, bytes, err);
+      return;
+    }
+    if (answered) {
+      this.#done(r);
+      return;
+    }
     requests.execute(r, bytes).then(
       () => this.#done(r),
-      (err: unknown) => {
-        const e = toBdsnapError(err);
-        if (e.code === 'EIO') this.#log?.({ event: 'request-error', connection: this.id, type: r.type, code: e.code, error: e.message });
-        requests.replyError(r, WIRE_ERRNO[e.code], e.message, bytes);
-        this.#done(r);
-      },
+      (err: unknown) => this.#failed(requests, r, bytes, err),
     );
+  }
+
+  /** `r` failed with `err`: answer it with the error, its charge carried by the reply. */
+  #failed(requests: TransmissionRequests, r: RequestMessage, bytes: number, err: unknown): void {
+    const e = toBdsnapError(err);
+    if (e.code === 'EIO') this.#log?.({ event: 'request-error', connection: this.id, type: r.type, code: e.code, error: e.message });
+    requests.replyError(r, WIRE_ERRNO[e.code], e.message, bytes);
+    this.#done(r);
   }
 
   #done(r: RequestMessage): void {
