@@ -122,6 +122,13 @@ export interface BlockDevice {
    * way when a device offers it, and with `read` otherwise.
    */
   readInto?(buf: Buffer, atBytes: number, offsetBytes: number): Promise<Buffer>;
+  /**
+   * Optional: write `data` at `offsetBytes` on the calling thread, before returning, where this
+   * device's write() would have done it that way too; false (and nothing done) where it would
+   * not, and the caller uses write(). Throws what write() would reject with. The NBD server
+   * answers a WRITE this way without a promise; FUA writes always go through write().
+   */
+  writeNow?(data: Buffer, offsetBytes: number): boolean;
 }
 
 export type { CloneResult, DeviceStamp };

@@ -171,15 +171,17 @@ export class FileDevice implements BlockDevice {
   }
 
   async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+    if (!this.writeNow(data, offsetBytes)) await this.#tracked(() => pwriteFully(this.#fd, data, offsetBytes));
+    if (options?.fua) await this.flush();
+  }
+
+  writeNow(data: Buffer, offsetBytes: number): boolean {
     this.#checkOpen();
     this.#checkWritable();
     checkRange(this, offsetBytes, data.length, true);
-    if (this.#syncIo.syncWrite(data.length)) {
-      this.#syncIo.run(data.length, () => this.#writeSync(data, offsetBytes));
-    } else {
-      await this.#tracked(() => pwriteFully(this.#fd, data, offsetBytes));
-    }
-    if (options?.fua) await this.flush();
+    if (!this.#syncIo.syncWrite(data.length)) return false;
+    this.#syncIo.run(data.length, () => this.#writeSync(data, offsetBytes));
+    return true;
   }
 
   /**

@@ -23,6 +23,12 @@ import {
   OPTION_HEADER_BYTES, REQUEST_HEADER_BYTES,
 } from './constants.js';
 
+/**
+ * A WRITE payload at least this long is read best on its own (see headerNext): copying it out
+ * of a shared read buffer costs more than the read call that reading the header alone adds.
+ */
+const LARGE_PAYLOAD_BYTES = 128 * 1024;
+
 export interface ClientFlagsMessage {
   kind: 'client-flags';
   flags: number;
@@ -92,6 +98,8 @@ export class RequestDecoder {
   #maxWriteBytes: number;
   #allocate: (sizeBytes: number) => Buffer;
   #transient: boolean;
+  /** The WRITE payload length of the last request header (0 for other commands). */
+  #lastPayloadBytes = 0;
 
   constructor(options: RequestDecoderOptions = {}) {
     this.#allocate = options.allocatePayload ?? Buffer.allocUnsafe;
@@ -131,6 +139,17 @@ export class RequestDecoder {
     const p = this.#partial;
     if (p === undefined || p.message.kind !== 'request' || this.#queue.length > 0 || p.filledBytes === p.buffer.length) return undefined;
     return p.buffer.subarray(p.filledBytes);
+  }
+
+  /**
+   * Whether the next read should take one request header and no more: nothing is buffered or
+   * half-received, and the last request carried a large WRITE payload, so the next one likely
+   * does too. A header read into a large buffer brings most of its payload with it, to be
+   * copied out; read alone, the payload after it goes straight into its buffer (payloadTarget).
+   */
+  headerNext(): boolean {
+    return this.#lastPayloadBytes >= LARGE_PAYLOAD_BYTES && this.#phase === 'transmission' && this.#queue.length === 0
+      && this.#partial === undefined && this.#skipBytes === 0 && this.#held === undefined;
   }
 
   /** `n` bytes were received straight into the last payloadTarget(). */
@@ -233,6 +252,7 @@ export class RequestDecoder {
     };
     q.skip(REQUEST_HEADER_BYTES);
     if (message.type === NBD_CMD_WRITE && message.lengthBytes > this.#maxWriteBytes) message.payloadSkipped = true;
+    this.#lastPayloadBytes = message.type === NBD_CMD_WRITE && !message.payloadSkipped ? message.lengthBytes : 0;
     if (!this.#admit(message)) {
       this.#held = message;
       return undefined;

@@ -9,7 +9,8 @@
  *   decoding stops while an option is in progress, so a phase switch never races the decoder.
  * - Requests run concurrently and each reply is written as soon as it is complete (out of
  *   order); header and data always leave in one buffer, and replies finishing in the same
- *   event-loop turn are corked into one writev.
+ *   event-loop turn, or answered while decoding what one read brought, are corked into one
+ *   writev.
  * - Memory is bounded: every request is charged its payload (READ or WRITE length) plus a
  *   fixed overhead from the server's shared InFlightBudget before anything is allocated for it;
  *   its reply carries that charge (topped up to the reply's length) until the socket has taken it. Decoding pauses (and the socket
@@ -96,6 +97,10 @@ export class ServerConnection {
   #requests: TransmissionRequests | undefined;
   /** The buffer the caller reads the socket into (see the constructor), kept for TLS to read into too. */
   #readBuffer: Buffer | undefined;
+  /** The start of `#readBuffer`, one request header long (see RequestDecoder.headerNext). */
+  #headerBuffer: Buffer | undefined;
+  /** readTarget() gave `#headerBuffer`: what is placed next is bytes to decode, not payload. */
+  #headerTarget = false;
 
   #optionBusy = false;
   #eof = false;
@@ -103,6 +108,8 @@ export class ServerConnection {
   #paused = false;
   #writeBlocked = false;
   #corked = false;
+  /** The socket was corked by a reply sent while decoding: #pump uncorks it when it stops. */
+  #pumpCorked = false;
   #inFlightCount = 0;
   /** Bytes taken from the budget: admitted requests and replies the socket has not taken yet. */
   #inFlightBytes = 0;
@@ -143,6 +150,7 @@ export class ServerConnection {
     this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: readBuffer !== undefined, admit: (r) => this.#admit(r) });
     this.#socket = socket;
     this.#readBuffer = readBuffer;
+    this.#headerBuffer = readBuffer?.subarray(0, C.REQUEST_HEADER_BYTES);
     this.#highWaterMarkBytes = context.socketHighWaterMarkBytes;
     this.#options = new OptionHaggling({
       send: (buf) => this.#send(buf),
@@ -194,17 +202,26 @@ export class ServerConnection {
   }
 
   /**
-   * Where the socket may read next instead of its shared buffer: the rest of a WRITE payload
-   * being received (see RequestDecoder.payloadTarget), or undefined.
+   * Where the socket may read next instead of its whole shared buffer: the rest of a WRITE
+   * payload being received (see RequestDecoder.payloadTarget), the start of the shared buffer
+   * when one request header should be read alone (RequestDecoder.headerNext), or undefined.
    */
   readTarget(): Buffer | undefined {
+    this.#headerTarget = false;
     if (this.#state !== 'handshake' && this.#state !== 'transmission') return undefined;
-    return this.#decoder.payloadTarget();
+    const payload = this.#decoder.payloadTarget();
+    this.#headerTarget = payload === undefined && this.#headerBuffer !== undefined && this.#decoder.headerNext();
+    return payload ?? (this.#headerTarget ? this.#headerBuffer : undefined);
   }
 
   /** `n` bytes were read straight into the last readTarget(). */
   receivePlaced(n: number): void {
     if (this.#state !== 'handshake' && this.#state !== 'transmission') return;
+    if (this.#headerTarget) {
+      this.#headerTarget = false;
+      this.receive(this.#headerBuffer!.subarray(0, n));
+      return;
+    }
     this.#decoder.placed(n);
     this.#pump();
   }
@@ -272,6 +289,10 @@ export class ServerConnection {
       }
     } finally {
       this.#pumping = false;
+      if (this.#pumpCorked) {
+        this.#pumpCorked = false;
+        this.#uncork();
+      }
     }
     const blocked = this.#blocked();
     if (this.#eof && !blocked) {
@@ -493,7 +514,13 @@ export class ServerConnection {
     this.#unsentBuffers.push(pooled ? buf : undefined);
     if (this.#stallTimer === undefined) this.#armStallTimer();
     this.#queuedBytes += bytes;
-    if (!this.#corked && this.#inFlightCount > 1) {
+    if (!this.#corked && this.#pumping && this.#decoder.bufferedBytes > 0) {
+      // Answered while decoding, with more requests received behind it: their replies leave
+      // together once the decoding stops (see #pump).
+      this.#corked = true;
+      this.#pumpCorked = true;
+      s.cork();
+    } else if (!this.#corked && this.#inFlightCount > 1) {
       // Replies completing in this turn of the event loop leave in one writev; a lone
       // request's reply goes at once.
       this.#corked = true;
@@ -605,15 +632,29 @@ export class ServerConnection {
       this.#done(r);
       return;
     }
+    let answered: boolean;
+    try {
+      answered = requests.executeNow(r, bytes);
+    } catch (err) {
+      this.#failed(requests, r, bytes, err);
+      return;
+    }
+    if (answered) {
+      this.#done(r);
+      return;
+    }
     requests.execute(r, bytes).then(
       () => this.#done(r),
-      (err: unknown) => {
-        const e = toBdsnapError(err);
-        if (e.code === 'EIO') this.#log?.({ event: 'request-error', connection: this.id, type: r.type, code: e.code, error: e.message });
-        requests.replyError(r, WIRE_ERRNO[e.code], e.message, bytes);
-        this.#done(r);
-      },
+      (err: unknown) => this.#failed(requests, r, bytes, err),
     );
+  }
+
+  /** `r` failed with `err`: answer it with the error, its charge carried by the reply. */
+  #failed(requests: TransmissionRequests, r: RequestMessage, bytes: number, err: unknown): void {
+    const e = toBdsnapError(err);
+    if (e.code === 'EIO') this.#log?.({ event: 'request-error', connection: this.id, type: r.type, code: e.code, error: e.message });
+    requests.replyError(r, WIRE_ERRNO[e.code], e.message, bytes);
+    this.#done(r);
   }
 
   #done(r: RequestMessage): void {

@@ -125,6 +125,19 @@ export class TransmissionRequests {
     return undefined;
   }
 
+  /**
+   * Run `r` and answer it before returning, where that needs no waiting: a WRITE without FUA
+   * that the device writes on this thread anyway (BlockDevice.writeNow), answered without a
+   * promise. False when nothing was done: execute() runs it. Throws what execute() would reject
+   * with (then nothing was answered).
+   */
+  executeNow(r: RequestMessage, charge: number): boolean {
+    if (r.type !== C.NBD_CMD_WRITE || r.lengthBytes === 0 || (r.flags & C.NBD_CMD_FLAG_FUA) !== 0) return false;
+    if (this.device.writeNow === undefined || !this.device.writeNow(r.payload!, r.offsetBytes)) return false;
+    this.#send(encodeSimpleReply(0, r.cookieHi, r.cookieLo), false, charge);
+    return true;
+  }
+
   /** `charge`: what the request was admitted with, for its reply to carry (not on a throw). */
   async execute(r: RequestMessage, charge: number): Promise<void> {
     const device = this.device;

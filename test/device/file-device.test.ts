@@ -240,3 +240,23 @@ test('a symbolic link is not followed, and expectIdentity refuses any other file
   fs.renameSync(other, image);
   await assert.rejects(FileDevice.open(image, { expectIdentity: identity }), (e: unknown) => e instanceof BdsnapError && e.code === 'EPERM' && /no longer the file/.test(e.message));
 });
+
+test('writeNow writes on the calling thread where write() would, says false (and writes nothing) where it would not, and throws what write() rejects with', async (t) => {
+  const MiB = 1 << 20;
+  const dir = tempDir(t);
+  const image = path.join(dir, 'n.img');
+  makeImage(image, 4 * MiB, 'zero');
+  const dev = await FileDevice.open(image, { syncIo: new SyncIoPolicy(64 * 1024, 4 * MiB, 0) });
+  t.after(() => dev.close());
+  assert.equal(dev.writeNow(Buffer.alloc(4096, 0x5a), 8192), true);
+  const back = fs.readFileSync(image).subarray(8192, 8192 + 4096);
+  assert.equal(back.every((b) => b === 0x5a), true, 'written before writeNow returned');
+  assert.equal(dev.writeNow(Buffer.alloc(MiB, 0x77), 0), false, 'a large write goes to the thread pool under this policy');
+  const first = Buffer.alloc(1);
+  await dev.read(first, 0);
+  assert.equal(first[0], 0, 'nothing was written');
+  assert.throws(() => dev.writeNow(Buffer.alloc(4096), 4 * MiB - 2048), (e: unknown) => e instanceof BdsnapError && e.code === 'ENOSPC');
+  const readOnly = await FileDevice.open(image, { readOnly: true, shared: true });
+  t.after(() => readOnly.close());
+  assert.throws(() => readOnly.writeNow(Buffer.alloc(4096), 0), (e: unknown) => e instanceof BdsnapError && e.code === 'EPERM');
+});

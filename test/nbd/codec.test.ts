@@ -376,3 +376,44 @@ test('a WRITE payload filled by placed() but not yet taken (the caller is paused
   assert.ok(m?.kind === 'request' && m.payload?.length === 16);
   assert.equal(d.payloadTarget(), undefined);
 });
+
+test('after a large WRITE the next header is read alone, so each large payload is read straight into its buffer', () => {
+  const large = 256 * 1024;
+  const payloads = [0, 1, 2, 3].map((i) => Buffer.alloc(large, i + 1));
+  const small = Buffer.alloc(4096, 9);
+  const stream = Buffer.concat([
+    ...payloads.flatMap((p, i) => [encodeRequest(0, C.NBD_CMD_WRITE, 0, i, i * large, large), p]),
+    encodeRequest(0, C.NBD_CMD_FLUSH, 0, 10, 0, 0),
+    encodeRequest(0, C.NBD_CMD_WRITE, 0, 11, 0, small.length), small,
+    encodeRequest(0, C.NBD_CMD_WRITE, 0, 12, 0, small.length), small,
+  ]);
+  const expected = normalize(decodeClient([stream], 'transmission'));
+  // As the server's socket reads: into the payload, else one header's worth or the whole shared buffer.
+  const d = new RequestDecoder({ transientChunks: true });
+  d.setPhase('transmission');
+  const shared = Buffer.alloc(large);
+  const out: ClientMessage[] = [];
+  const sharedReads: number[] = [];
+  for (let at = 0; at < stream.length;) {
+    const target = d.payloadTarget();
+    if (target !== undefined) {
+      const n = stream.copy(target, 0, at, Math.min(at + target.length, stream.length));
+      d.placed(n);
+      at += n;
+    } else {
+      const room = d.headerNext() ? C.REQUEST_HEADER_BYTES : shared.length;
+      const n = stream.copy(shared, 0, at, Math.min(at + room, stream.length));
+      d.append(shared.subarray(0, n));
+      sharedReads.push(n);
+      at += n;
+    }
+    for (let m = d.next(); m; m = d.next()) out.push(m);
+    d.detach();
+    shared.fill(0xcc);
+  }
+  assert.deepEqual(normalize(out), expected);
+  // The first read takes a header and most of its payload; after each large WRITE, one header alone
+  // (the FLUSH's included); after the FLUSH, the shared buffer again, which takes both small WRITEs.
+  assert.deepEqual(sharedReads, [large, 28, 28, 28, 28, 2 * (28 + small.length)]);
+  assert.equal(d.headerNext(), false);
+});

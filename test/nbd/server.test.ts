@@ -400,6 +400,8 @@ test('graceful close: requests in flight finish and reply, the device is flushed
       flushes++;
       await file.flush();
     } },
+    // The file's own writeNow would write at once, past the delay.
+    writeNow: { value: undefined },
   }) as typeof file;
   const exports = new StaticExports([{ name: image, device: slow }]);
   const server = new NbdServer({ exports });
@@ -517,4 +519,36 @@ test('replies go out as each request completes: a slow read does not hold back a
   await Promise.all([first, second]);
   assert.deepEqual(order, ['fast', 'slow']);
   await c.close();
+});
+
+test('a WRITE answered on the spot: many in one read all get replies, and one the device refuses at once gets its error while the others land', async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'w.img');
+  makeImage(image, MiB, 0);
+  const { FileDevice } = await import('../../src/device/file-device.js');
+  const file = await FileDevice.open(image);
+  t.after(() => file.close());
+  // The range at 64 KiB fails as a disk would, from writeNow itself.
+  const failing = Object.create(file, {
+    writeNow: { value: (data: Buffer, offsetBytes: number) => {
+      if (offsetBytes === 65536) throw new BdsnapError('EIO', 'the disk refused this range');
+      return file.writeNow(data, offsetBytes);
+    } },
+  }) as typeof file;
+  const server = new NbdServer({ exports: new StaticExports([{ name: image, device: failing }]) });
+  const sock = path.join(dir, 'w.sock');
+  await server.listenUnix(sock);
+  t.after(() => server.close());
+  const c = await NbdClient.connect({ socketPath: sock });
+  t.after(() => c.close());
+  const n = 16;
+  const results = await Promise.all(Array.from({ length: n }, (_, i) => c.write(pattern(4096, i), i * 16384).then(() => 'ok', (e: BdsnapError) => e.code)));
+  assert.deepEqual(results, Array.from({ length: n }, (_, i) => (i * 16384 === 65536 ? 'EIO' : 'ok')));
+  const content = fs.readFileSync(image);
+  for (let i = 0; i < n; i++) {
+    if (i * 16384 === 65536) continue;
+    assert.deepEqual(content.subarray(i * 16384, i * 16384 + 4096), pattern(4096, i), `write ${i}`);
+  }
+  // The connection lives on.
+  await c.write(pattern(4096, 99), 65536 + 4096);
 });
