@@ -1,6 +1,6 @@
 /** NbdServer + NbdClient round trips over a unix socket against a real FileDevice on a temp image. */
 
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { spawn } from 'node:child_process';
@@ -11,6 +11,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { StaticExports } from '../../src/nbd/static-exports.js';
 import { encodeOption, encodeRequest, encodeInfoRequestData } from '../../src/nbd/encoders.js';
+import { FileDevice } from '../../src/device/file-device.js';
 import { PassThroughDevice } from '../../src/device/pass-through.js';
 import { GatedDevice } from '../helpers/devices.js';
 import { RawNbdClient } from '../helpers/raw-nbd.js';
@@ -27,6 +28,24 @@ function pattern(n: number, seed: number): Buffer {
   const b = Buffer.alloc(n);
   for (let i = 0; i < n; i++) b[i] = (i * 31 + seed) & 0xff;
   return b;
+}
+
+/**
+ * A FileDevice on a new zero image of `sizeBytes`, seen through `layer` (properties over it, as
+ * Object.create gives them: a slow or failing method), served alone on a unix socket.
+ */
+async function serveLayered(t: TestContext, sizeBytes: number, layer: (file: FileDevice) => PropertyDescriptorMap) {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'i.img');
+  makeImage(image, sizeBytes, 0);
+  const file = await FileDevice.open(image);
+  t.after(() => file.close());
+  const exports = new StaticExports([{ name: image, device: Object.create(file, layer(file)) as FileDevice }]);
+  const server = new NbdServer({ exports });
+  const socketPath = path.join(dir, 'i.sock');
+  await server.listenUnix(socketPath);
+  t.after(() => server.close());
+  return { image, exports, server, socketPath };
 }
 
 for (const structuredReplies of [true, false]) {
@@ -381,16 +400,10 @@ test('a client vanishing mid-request does not crash the server; its handle is re
 });
 
 test('graceful close: requests in flight finish and reply, the device is flushed, everything is released', async (t) => {
-  const dir = tempDir(t);
-  const image = path.join(dir, 'g.img');
-  makeImage(image, 4 * MiB, 0);
-  const { FileDevice } = await import('../../src/device/file-device.js');
-  const file = await FileDevice.open(image);
-  t.after(() => file.close());
   // A slow layer over the file, so the close surely happens while writes are in flight.
   let started = 0;
   let flushes = 0;
-  const slow = Object.create(file, {
+  const { image, exports, server, socketPath: sock } = await serveLayered(t, 4 * MiB, (file) => ({
     write: { value: async (data: Buffer, offsetBytes: number) => {
       started++;
       await new Promise((r) => setTimeout(r, 100));
@@ -402,12 +415,7 @@ test('graceful close: requests in flight finish and reply, the device is flushed
     } },
     // The file's own writeNow would write at once, past the delay.
     writeNow: { value: undefined },
-  }) as typeof file;
-  const exports = new StaticExports([{ name: image, device: slow }]);
-  const server = new NbdServer({ exports });
-  const sock = path.join(dir, 'g.sock');
-  await server.listenUnix(sock);
-  t.after(() => server.close());
+  }));
   const c = await NbdClient.connect({ socketPath: sock });
   const n = 16;
   const results: Array<Promise<string>> = [];
@@ -435,7 +443,6 @@ test('listenUnix: mode 0600, a stale socket file is replaced, a live one is EBUS
   owner.kill('SIGKILL');
   await new Promise((r) => owner.once('exit', r));
   assert.ok(fs.lstatSync(sock).isSocket());
-  const { FileDevice } = await import('../../src/device/file-device.js');
   const device = await FileDevice.open(image);
   t.after(() => device.close());
   const server = new NbdServer({ exports: new StaticExports([{ name: image, device }]) });
@@ -456,7 +463,6 @@ test('TCP listener with TCP_NODELAY serves the same export', async (t) => {
   const dir = tempDir(t);
   const image = path.join(dir, 'x.img');
   fs.writeFileSync(image, pattern(65536, 5));
-  const { FileDevice } = await import('../../src/device/file-device.js');
   const device = await FileDevice.open(image);
   t.after(() => device.close());
   const server = new NbdServer({ exports: new StaticExports([{ name: image, device }]) });
@@ -496,23 +502,13 @@ test('a client that never reads its replies cannot make the server buffer withou
 });
 
 test('replies go out as each request completes: a slow read does not hold back a fast one', async (t) => {
-  const dir = tempDir(t);
-  const image = path.join(dir, 'o.img');
-  makeImage(image, MiB, 0);
-  const { FileDevice } = await import('../../src/device/file-device.js');
-  const file = await FileDevice.open(image);
-  t.after(() => file.close());
-  const slow = Object.create(file, {
+  const { socketPath } = await serveLayered(t, MiB, (file) => ({
     read: { value: async (target: Buffer, offsetBytes: number) => {
       if (offsetBytes === 0) await new Promise((r) => setTimeout(r, 200));
       await file.read(target, offsetBytes);
     } },
-  }) as typeof file;
-  const server = new NbdServer({ exports: new StaticExports([{ name: image, device: slow }]) });
-  const sock = path.join(dir, 'o.sock');
-  await server.listenUnix(sock);
-  t.after(() => server.close());
-  const c = await NbdClient.connect({ socketPath: sock });
+  }));
+  const c = await NbdClient.connect({ socketPath });
   const order: string[] = [];
   const first = c.read(Buffer.alloc(4096), 0).then(() => order.push('slow'));
   const second = c.read(Buffer.alloc(4096), 4096).then(() => order.push('fast'));
@@ -522,24 +518,14 @@ test('replies go out as each request completes: a slow read does not hold back a
 });
 
 test('a WRITE answered on the spot: many in one read all get replies, and one the device refuses at once gets its error while the others land', async (t) => {
-  const dir = tempDir(t);
-  const image = path.join(dir, 'w.img');
-  makeImage(image, MiB, 0);
-  const { FileDevice } = await import('../../src/device/file-device.js');
-  const file = await FileDevice.open(image);
-  t.after(() => file.close());
   // The range at 64 KiB fails as a disk would, from writeNow itself.
-  const failing = Object.create(file, {
+  const { image, socketPath } = await serveLayered(t, MiB, (file) => ({
     writeNow: { value: (data: Buffer, offsetBytes: number) => {
       if (offsetBytes === 65536) throw new BdsnapError('EIO', 'the disk refused this range');
       return file.writeNow(data, offsetBytes);
     } },
-  }) as typeof file;
-  const server = new NbdServer({ exports: new StaticExports([{ name: image, device: failing }]) });
-  const sock = path.join(dir, 'w.sock');
-  await server.listenUnix(sock);
-  t.after(() => server.close());
-  const c = await NbdClient.connect({ socketPath: sock });
+  }));
+  const c = await NbdClient.connect({ socketPath });
   t.after(() => c.close());
   const n = 16;
   const results = await Promise.all(Array.from({ length: n }, (_, i) => c.write(pattern(4096, i), i * 16384).then(() => 'ok', (e: BdsnapError) => e.code)));
