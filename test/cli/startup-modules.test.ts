@@ -34,6 +34,8 @@ function runLogged(dir: string, args: string[], env: NodeJS.ProcessEnv = process
     encoding: 'utf8', timeout: 30_000, env: { ...env, MODULE_LOG: log },
   });
   const urls = fs.existsSync(log) ? fs.readFileSync(log, 'utf8').split('\n').filter(Boolean) : [];
+  // An empty log would pass every bound below: the program's own entry must be in it.
+  assert.ok(urls.some((u) => u === `${DIST_SRC_URL}cli/main.js`), `the module log of ${args.join(' ')} does not show the program:\n${urls.join('\n')}\n${r.stderr}`);
   return {
     status: r.status,
     stdout: r.stdout,
