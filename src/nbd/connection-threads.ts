@@ -254,7 +254,9 @@ export class ConnectionThreads {
  * `workerData.exports`), or a function making them with the worker's buffer pool.
  * `closeExports` runs at shutdown, after every connection has ended.
  */
-export function serveHandedConnections(exports: ExportProvider | ((pool: BufferPool) => ExportProvider), closeExports: () => Promise<void>): void {
+export function serveHandedConnections(
+  exports: ExportProvider | ((pool: BufferPool) => ExportProvider), closeExports: () => Promise<void>, warmUp?: (context: ConnectionContext) => Promise<void>,
+): void {
   const port = parentPort;
   if (port === null) throw new Error('serveHandedConnections runs on a worker thread');
   const settings = workerData as WorkerSettings;
@@ -341,7 +343,18 @@ export function serveHandedConnections(exports: ExportProvider | ((pool: BufferP
         return;
     }
   });
-  void takeLoopReserve().then(() => post({ type: 'ready' }));
+  const warm = async (): Promise<void> => {
+    if (warmUp === undefined) return;
+    const startedMs = performance.now();
+    try {
+      await warmUp(context);
+      log({ event: 'warmed-up', ms: Math.round(performance.now() - startedMs) });
+    } catch (err) {
+      const why = err instanceof Error ? err.message : String(err);
+      log({ event: 'warm-up-failed', level: 'warn', error: why, message: `a server thread could not warm up (${why}); it serves, slower for its first clients` });
+    }
+  };
+  void takeLoopReserve().then(warm).then(() => post({ type: 'ready' }));
 }
 
 /**

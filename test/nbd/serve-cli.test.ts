@@ -22,8 +22,8 @@ interface Running {
   exited: Promise<number | null>;
 }
 
-function startServe(t: TestContext, args: string[], cwd: string): Running {
-  const child = spawn(process.execPath, [MAIN, 'serve', ...args], { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+function startServe(t: TestContext, args: string[], cwd: string, env: NodeJS.ProcessEnv = process.env): Running {
+  const child = spawn(process.execPath, [MAIN, 'serve', ...args], { cwd, stdio: ['ignore', 'pipe', 'pipe'], env });
   let err = '';
   child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
@@ -172,16 +172,9 @@ test('bdsnap serve: plain images are served on worker threads; nbdcopy -C 4 into
     const sock = path.join(dir, `nbd-${count ?? 'default'}.sock`);
     const env = { ...process.env, BDSNAP_NBD_THREADS: count };
     if (count === undefined) delete env.BDSNAP_NBD_THREADS;
-    const child = spawn(process.execPath, [MAIN, 'serve', '--socket', sock, image], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'], env });
-    let err = '';
-    child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-    t.after(() => {
-      if (child.exitCode === null) child.kill('SIGKILL');
-    });
-    const r = { child, stderr: () => err, exited };
+    const r = startServe(t, ['--socket', sock, image], dir, env);
     await waitReady(r);
-    return { r, threads: threadCount(child.pid!), sock };
+    return { r, threads: threadCount(r.child.pid!), sock };
   };
   const one = await threadsOf('1');
   one.r.child.kill('SIGTERM');
@@ -203,4 +196,44 @@ test('bdsnap serve: plain images are served on worker threads; nbdcopy -C 4 into
   three.r.child.kill('SIGTERM');
   assert.equal(await three.r.exited, 0, three.r.stderr());
   assert.ok(fs.readFileSync(image).equals(fs.readFileSync(source)), 'and it is in the file after the server stopped');
+});
+
+test('bdsnap serve: each worker thread warms up on a scratch image of its own in TMPDIR, gone before the first client; one that cannot warm up serves anyway', { timeout: 60_000 }, async (t) => {
+  const dir = tempDir(t, 'bdsnap-serve-warm-');
+  const image = makeImage(path.join(dir, 'disk.img'), 4 * 1024 * 1024, 'random');
+  const content = fs.readFileSync(image);
+  const tmp = path.join(dir, 'tmp');
+  fs.mkdirSync(tmp);
+  const serveWith = async (env: Record<string, string>, name: string): Promise<Running> => {
+    const sock = path.join(dir, `${name}.sock`);
+    const r = startServe(t, ['--socket', sock, image], dir, { ...process.env, BDSNAP_NBD_THREADS: '2', ...env });
+    await waitReady(r);
+    // The image is served as it is: nothing of the warm-up reached it.
+    const client = await NbdClient.connect({ socketPath: sock, timeoutMs: 10_000 });
+    const read = Buffer.alloc(content.length);
+    await client.read(read, 0);
+    await client.close();
+    assert.ok(read.equals(content), 'the image reads back as it was made');
+    r.child.kill('SIGTERM');
+    assert.equal(await r.exited, 0, r.stderr());
+    return r;
+  };
+
+  const made: string[] = [];
+  const watcher = fs.watch(tmp, (_event, name) => {
+    if (name !== null && !made.includes(name)) made.push(name);
+  });
+  t.after(() => watcher.close());
+  const warmed = await serveWith({ TMPDIR: tmp }, 'warm');
+  watcher.close();
+  assert.equal(made.filter((n) => n.startsWith('bdsnap-warm-')).length, 2, `one scratch directory per worker thread: ${made.join(', ')}`);
+  assert.deepEqual(fs.readdirSync(tmp), [], 'the scratch directories are gone');
+  assert.doesNotMatch(warmed.stderr(), /warning/);
+  assert.ok(fs.readFileSync(image).equals(content), 'the image is unchanged');
+
+  const cold = await serveWith({ TMPDIR: path.join(dir, 'missing') }, 'cold');
+  assert.equal(cold.stderr().match(/^bdsnap: warning: a server thread could not warm up \(.*ENOENT.*\); it serves, slower for its first clients$/gm)?.length, 2, cold.stderr());
+
+  const off = await serveWith({ TMPDIR: path.join(dir, 'missing'), BDSNAP_NBD_WARM_UP: '0' }, 'off');
+  assert.doesNotMatch(off.stderr(), /warm up/, 'BDSNAP_NBD_WARM_UP=0: no warm-up tried');
 });
