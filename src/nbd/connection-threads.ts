@@ -38,6 +38,7 @@ import { SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
 import v8 from 'node:v8';
 import vm from 'node:vm';
 import { loadLibc } from '../host/libc.js';
+import { runWarmUp } from './warm-up.js';
 
 /** How long after its last connection closed a worker hands free memory back (its buffers collected by then). */
 const TRIM_DELAY_MS = 2000;
@@ -343,18 +344,9 @@ export function serveHandedConnections(
         return;
     }
   });
-  const warm = async (): Promise<void> => {
-    if (warmUp === undefined) return;
-    const startedMs = performance.now();
-    try {
-      await warmUp(context);
-      log({ event: 'warmed-up', ms: Math.round(performance.now() - startedMs) });
-    } catch (err) {
-      const why = err instanceof Error ? err.message : String(err);
-      log({ event: 'warm-up-failed', level: 'warn', error: why, message: `a server thread could not warm up (${why}); it serves, slower for its first clients` });
-    }
-  };
-  void takeLoopReserve().then(warm).then(() => post({ type: 'ready' }));
+  void takeLoopReserve()
+    .then(() => (warmUp === undefined ? undefined : runWarmUp(warmUp, context, log)))
+    .then(() => post({ type: 'ready' }));
 }
 
 /**

@@ -42,9 +42,9 @@ export function plainTcpWarning(endpoint: string, host: string, tls: NbdTls | un
 /** An NBD server of `exports` listening where `where` says (TLS as loaded). */
 export async function listenOn(
   exports: StaticExport[], where: { socketPath?: string; listen?: { host: string; port: number }; log?: (event: Record<string, unknown>) => void }, tls: NbdTls | undefined,
-  threads?: NbdServerOptions['threads'],
+  serverOptions: Pick<NbdServerOptions, 'threads' | 'warmUp'> = {},
 ): Promise<{ server: NbdServer; endpoints: string[] }> {
-  const server = new NbdServer({ exports: new StaticExports(exports), log: where.log, ...(threads !== undefined ? { threads } : {}) });
+  const server = new NbdServer({ exports: new StaticExports(exports), log: where.log, ...serverOptions });
   const endpoints: string[] = [];
   try {
     if (where.socketPath !== undefined) {

@@ -31,6 +31,7 @@ import type { NbdTls } from './tls.js';
 import { SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
 import { ConnectionThreads, type HandedConnection } from './connection-threads.js';
 import { ExportHost } from './remote-exports.js';
+import { runWarmUp } from './warm-up.js';
 
 export { adoptWithReadBuffer, type ReadSink } from './adopted-socket.js';
 
@@ -55,6 +56,12 @@ export interface NbdServerOptions {
    * request, and has the workers do only the wire's byte work (remote-exports.ts).
    */
   threads?: { count: number; script: URL; exports: unknown } | { count: number; owner: true };
+  /**
+   * Run this thread's request path on a scratch device before the first listener takes a
+   * client (see warm-up.ts), when its connections are served here; given this thread's
+   * context. A failure is logged and the server serves anyway.
+   */
+  warmUp?: (context: ConnectionContext) => Promise<void>;
 }
 
 const DEFAULT_MAX_IN_FLIGHT_BYTES_PER_CONNECTION = 64 * 1024 * 1024;
@@ -84,6 +91,7 @@ export class NbdServer {
   /** In the order they were accepted, so the first handshaking one is the oldest. */
   #connections = new Set<ServerConnection | HandedConnection>();
   #threadOptions: NbdServerOptions['threads'];
+  #warmUp: NbdServerOptions['warmUp'];
   #threads: Promise<ConnectionThreads> | undefined;
   #nextConnectionId = 1;
   #closing = false;
@@ -105,6 +113,15 @@ export class NbdServer {
       log: options.log,
     };
     if (options.threads !== undefined && options.threads.count > 1) this.#threadOptions = options.threads;
+    this.#warmUp = options.warmUp;
+  }
+
+  /** This thread's warm-up, once, before its first listener whose connections it serves itself. */
+  async #warmedUp(): Promise<void> {
+    const warmUp = this.#warmUp;
+    if (warmUp === undefined) return;
+    this.#warmUp = undefined;
+    await runWarmUp(warmUp, this.#context, (event) => this.#log?.(event));
   }
 
   /** The worker threads, started with the first listener (so that a failure to start is the caller's). */
@@ -151,6 +168,7 @@ export class NbdServer {
     const dir = nodePath.dirname(path);
     if (!fs.existsSync(dir)) throw new BdsnapError('ENOENT', `cannot listen on ${path}: the directory ${dir} does not exist`);
     const threads = tls === undefined ? await this.#startThreads() : undefined;
+    if (threads === undefined) await this.#warmedUp();
     const server = this.#createServer(true, tls, threads);
     await listenUnixSocket(server, path);
     this.#log?.({ event: 'listening', unix: path, tls: tls?.mode ?? 'off' });
@@ -160,6 +178,7 @@ export class NbdServer {
   async listenTcp(host: string, port: number, tls?: NbdTls): Promise<{ port: number }> {
     if (!Number.isInteger(port) || port < 0 || port > 65535) throw new BdsnapError('EINVAL', `bad TCP port ${port}`);
     const threads = tls === undefined ? await this.#startThreads() : undefined;
+    if (threads === undefined) await this.#warmedUp();
     const server = this.#createServer(false, tls, threads);
     await listenServer(server, () => server.listen(port, host));
     const address = server.address() as net.AddressInfo;

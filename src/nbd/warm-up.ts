@@ -17,6 +17,7 @@ import { withTimeout } from '../timeout.js';
 import { NbdClient } from './client.js';
 import { connectionOn, type ConnectionContext } from './server-connection.js';
 import { StaticExports } from './static-exports.js';
+import type { LogFn } from './exports.js';
 import { SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
 
 /** Each size's rounds of WARM_DEPTH writes, then a quarter as many rounds of reads: about 900 requests, 40 ms. */
@@ -32,9 +33,16 @@ export const WARM_SCRATCH_BYTES = WARM_DEPTH * 1024 * 1024;
 /** A warm-up that has not ended by then is cut off: the thread serves cold rather than late. */
 const WARM_TIMEOUT_MS = 10_000;
 
-/** Whether threads warm up (BDSNAP_NBD_WARM_UP=0 turns it off, to measure a cold thread). */
-export function warmUpWanted(): boolean {
-  return process.env.BDSNAP_NBD_WARM_UP !== '0';
+/** Run a thread's warm-up and log how long it took, or why it failed: the thread serves either way. */
+export async function runWarmUp(warmUp: (context: ConnectionContext) => Promise<void>, context: ConnectionContext, log: LogFn): Promise<void> {
+  const startedMs = performance.now();
+  try {
+    await warmUp(context);
+    log({ event: 'warmed-up', ms: Math.round(performance.now() - startedMs) });
+  } catch (err) {
+    const why = err instanceof Error ? err.message : String(err);
+    log({ event: 'warm-up-failed', level: 'warn', error: why, message: `a server thread could not warm up (${why}); it serves, slower for its first clients` });
+  }
 }
 
 /**

@@ -14,6 +14,7 @@ import { checkTcpPolicy, listenOn } from '../nbd/listen.js';
 import type { NbdServer, NbdServerOptions } from '../nbd/server.js';
 import { loadTls, type NbdTls, type TlsSettings } from '../nbd/tls.js';
 import type { ServeWorkerExport } from './serve-worker.js';
+import { warmUpOnScratch } from './warm-scratch.js';
 
 export interface ServeOptions {
   images: string[];
@@ -90,7 +91,11 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
       opened.push(device);
       exports.push({ name: real, device: options.wrap ? options.wrap(device, real) : device });
     }
-    const { server, endpoints } = await listenOn(exports, options, tls, options.wrap === undefined ? serveThreads(opened, threadCount) : undefined);
+    const threads = options.wrap === undefined ? serveThreads(opened, threadCount) : undefined;
+    const warmUp = warmUpOnScratch();
+    const { server, endpoints } = await listenOn(exports, options, tls, {
+      ...(threads !== undefined ? { threads } : {}), ...(warmUp !== undefined ? { warmUp } : {}),
+    });
     let stopping: Promise<void> | undefined;
     return {
       server,

@@ -198,7 +198,7 @@ test('bdsnap serve: plain images are served on worker threads; nbdcopy -C 4 into
   assert.ok(fs.readFileSync(image).equals(fs.readFileSync(source)), 'and it is in the file after the server stopped');
 });
 
-test('bdsnap serve: each worker thread warms up on a scratch image of its own in TMPDIR, gone before the first client; one that cannot warm up serves anyway', { timeout: 60_000 }, async (t) => {
+test('bdsnap serve: each serving thread warms up on a scratch image of its own in TMPDIR, gone before the first client; one that cannot warm up serves anyway', { timeout: 60_000 }, async (t) => {
   const dir = tempDir(t, 'bdsnap-serve-warm-');
   const image = makeImage(path.join(dir, 'disk.img'), 4 * 1024 * 1024, 'random');
   const content = fs.readFileSync(image);
@@ -219,17 +219,20 @@ test('bdsnap serve: each worker thread warms up on a scratch image of its own in
     return r;
   };
 
-  const made: string[] = [];
-  const watcher = fs.watch(tmp, (_event, name) => {
-    if (name !== null && !made.includes(name)) made.push(name);
-  });
-  t.after(() => watcher.close());
-  const warmed = await serveWith({ TMPDIR: tmp }, 'warm');
-  watcher.close();
-  assert.equal(made.filter((n) => n.startsWith('bdsnap-warm-')).length, 2, `one scratch directory per worker thread: ${made.join(', ')}`);
-  assert.deepEqual(fs.readdirSync(tmp), [], 'the scratch directories are gone');
-  assert.doesNotMatch(warmed.stderr(), /warning/);
-  assert.ok(fs.readFileSync(image).equals(content), 'the image is unchanged');
+  // Each thread that serves connections warms up: the two workers, or the main thread alone.
+  for (const [threads, dirs] of [['2', 2], ['1', 1]] as const) {
+    const made: string[] = [];
+    const watcher = fs.watch(tmp, (_event, name) => {
+      if (name !== null && !made.includes(name)) made.push(name);
+    });
+    t.after(() => watcher.close());
+    const warmed = await serveWith({ TMPDIR: tmp, BDSNAP_NBD_THREADS: threads }, `warm-${threads}`);
+    watcher.close();
+    assert.equal(made.filter((n) => n.startsWith('bdsnap-warm-')).length, dirs, `BDSNAP_NBD_THREADS=${threads}: one scratch directory per serving thread: ${made.join(', ')}`);
+    assert.deepEqual(fs.readdirSync(tmp), [], 'the scratch directories are gone');
+    assert.doesNotMatch(warmed.stderr(), /warning/);
+    assert.ok(fs.readFileSync(image).equals(content), 'the image is unchanged');
+  }
 
   const cold = await serveWith({ TMPDIR: path.join(dir, 'missing') }, 'cold');
   assert.equal(cold.stderr().match(/^bdsnap: warning: a server thread could not warm up \(.*ENOENT.*\); it serves, slower for its first clients$/gm)?.length, 2, cold.stderr());
