@@ -1,7 +1,8 @@
 /**
  * The scratch image a server thread warms its request path on (src/nbd/warm-up.ts): a small
- * file in a new private directory under TMPDIR, made with O_EXCL and never followed through
- * a link, removed with the directory once the warm-up ends.
+ * file made with O_EXCL in a new private directory under TMPDIR, unlinked at once and used
+ * through its descriptor; the directory (and the warm-up's socket in it) is removed once the
+ * warm-up ends.
  */
 
 import fs from 'node:fs';
@@ -19,19 +20,22 @@ export function warmUpOnScratch(): ((context: ConnectionContext) => Promise<void
 async function warmOnScratch(context: ConnectionContext): Promise<void> {
   const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'bdsnap-warm-'));
   try {
-    const image = path.join(dir, 'scratch');
-    const { O_CREAT, O_EXCL, O_NOFOLLOW, O_WRONLY } = fs.constants;
-    const handle = await fs.promises.open(image, O_CREAT | O_EXCL | O_NOFOLLOW | O_WRONLY, 0o600);
+    const name = path.join(dir, 'scratch');
+    const { O_CREAT, O_EXCL, O_NOFOLLOW, O_RDWR } = fs.constants;
+    const handle = await fs.promises.open(name, O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR, 0o600);
     try {
+      // Used through the descriptor made here, never by its name again: whoever could rename
+      // things under TMPDIR cannot put another file in its place.
+      await fs.promises.unlink(name);
       await handle.truncate(WARM_SCRATCH_BYTES);
+      const device = await FileDevice.open(`/proc/self/fd/${handle.fd}`, { shared: true, followSymlinks: true });
+      try {
+        await warmRequestPath(context, device, dir);
+      } finally {
+        await device.close();
+      }
     } finally {
       await handle.close();
-    }
-    const device = await FileDevice.open(image, { shared: true });
-    try {
-      await warmRequestPath(context, device, dir);
-    } finally {
-      await device.close();
     }
   } finally {
     await fs.promises.rm(dir, { recursive: true, force: true });
