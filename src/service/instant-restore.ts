@@ -107,6 +107,8 @@ export interface RestoreSource {
    * nothing, once the backup no longer names the pieces it named at the start.
    */
   refresh?(): Promise<void>;
+  /** False: the source needs no password, and none is kept for a resume. */
+  encrypted?: boolean;
   close(): Promise<void>;
 }
 
@@ -832,7 +834,7 @@ export class InstantRestores {
       // A new file is all holes: its zero slots are done already.
       if (created) opened.slots.forEach((h, i) => h === null && map.set(i));
       await map.persist(async () => undefined);
-      if (req.password !== undefined) await writeFileAtomic(path.join(dir, PASSWORD_FILE), req.password, 0o600);
+      if (req.password !== undefined && opened.encrypted !== false) await writeFileAtomic(path.join(dir, PASSWORD_FILE), req.password, 0o600);
       await writeFileAtomic(path.join(dir, STATE_FILE), `${JSON.stringify(state)}\n`);
       const r = this.#begin(state, identity, dir, file, map, opened);
       this.#options.events.emit('restore-started', { device: target, details: { backup: req.backup, repo: req.repo, sizeBytes } });
