@@ -64,6 +64,12 @@ const BATCH_BYTES = 16 * 1024 * 1024;
 const BATCHES_IN_FLIGHT = 3;
 /** While a client is busy the copy takes batches this small, so that it waits little behind them. */
 const BUSY_BATCH_BYTES = 1024 * 1024;
+/**
+ * A restore is asked for to be used at once: until its first client's first request, or this
+ * long after the copy begins, the copy takes small steps as for a busy client, so that the first
+ * read is not queued behind whole batches (on S3, their GETs and then their pieces' decoding).
+ */
+const FIRST_CLIENT_WAIT_MS = 1000;
 /** Pieces a batch has placed at once (see placeSlots): enough to keep the piece workers busy, few enough that a client's read is not queued behind many. */
 const PLACES_IN_FLIGHT = 4;
 /** Pieces read at once from a source that is only a device (no fetch by packs). */
@@ -905,13 +911,15 @@ export class InstantRestores {
     // A rate-limited copy takes steps of a tenth of a second's bytes, so that it keeps to the rate.
     const batchSlots = Math.max(1, Math.floor(Math.min(BATCH_BYTES, rate !== undefined ? rate / 10 : BATCH_BYTES) / P));
     const busySlots = Math.max(1, Math.min(batchSlots, Math.floor(BUSY_BATCH_BYTES / P)));
+    const copyStartMs = Date.now();
+    const awaitingFirstClient = (): boolean => dev.lastClientRequestMs === 0 && Date.now() - copyStartMs < FIRST_CLIENT_WAIT_MS;
     while (!r.stopping && dev.doneSlots < dev.slotCount) {
       let failure: BdsnapError | undefined;
       let next = 0;
       // Planned one at a time as the lanes ask, so that what clients did meanwhile is skipped.
       const batches = function* (): Generator<number[]> {
         while (next < dev.slotCount) {
-          const limit = Date.now() - dev.lastClientRequestMs < 5 ? busySlots : batchSlots;
+          const limit = Date.now() - dev.lastClientRequestMs < 5 || awaitingFirstClient() ? busySlots : batchSlots;
           const batch: number[] = [];
           for (; next < dev.slotCount && batch.length < limit; next++) if (!dev.isDone(next)) batch.push(next);
           if (batch.length > 0) yield batch;
