@@ -199,7 +199,8 @@ export async function openBackupDevices(repo: Repository, id: string, options: {
     await pool.close();
     throw err;
   }
-  const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, lengthBytes);
+  // A device's reads are a client's: their pieces go before those a background copy fetched.
+  const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, lengthBytes, { urgent: true });
   const missing = (hash: string): BdsnapError => new BdsnapError('ENOENT', `piece ${hash} is missing from ${repo.store.location}`);
   const fetchPieces: PieceFetcher = async (ids, options) => {
     const wanted: WantedPiece[] = [];
