@@ -15,7 +15,6 @@ import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import type { BackupSummary, ObjectStore, ProgressSink, Repository } from '../../backup/index.js';
 import { CODEC_CHOICES, type CodecChoice } from '../../repository/codec-choices.js';
-import { parseRepoLocation } from '../../repository/location.js';
 import { registerForget } from './backup-forget.js';
 import { promptHidden } from '../password-input.js';
 import { withClient } from '../../service/client.js';
@@ -280,6 +279,7 @@ export function register(program: Command): void {
         // The daemon reads the repository for as long as the copy runs: it gets the absolute path
         // and the password, and checks the password before it acts (a wrong one is refused before
         // anything is written). The key is derived there only: each derivation is a scrypt.
+        const { parseRepoLocation } = await import('../../repository/location.js');
         const at = parseRepoLocation(flags.repo);
         const spec = at.kind === 'local' ? path.resolve(at.dir) : flags.repo;
         const password = await instantRestorePassword(flags);
