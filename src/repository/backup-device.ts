@@ -8,8 +8,8 @@
 
 import { BdsnapError } from '../errors.js';
 import { EXTENT_HOLE, EXTENT_ZERO, checkRange, type BlockDevice, type BlockSizes, type Extent } from '../device/block-device.js';
-import { expandSlots } from './format.js';
-import { pieceRange } from './pack.js';
+import { expandSlots, type Manifest } from './format.js';
+import { pieceRange, type PieceLocation } from './pack.js';
 import { readPieces, type ReadPiecesOptions, type WantedPiece } from './pack-reader.js';
 import { PiecePool } from './piece-pool.js';
 import type { PlaceFailure } from './piece-worker.js';
@@ -183,16 +183,24 @@ export type PiecePlacer = (piece: { hash: string; fd: number; offsetBytes: numbe
  * repository is local files; `refresh` reads the index again (see below); `close` ends the
  * piece workers.
  */
-export async function openBackupDevices(repo: Repository, id: string): Promise<{
+export async function openBackupDevices(repo: Repository, id: string, options: { manifest?: Promise<Manifest> } = {}): Promise<{
   devices: OpenedBackupDevice[]; fetchPieces: PieceFetcher; placePiece?: PiecePlacer; refresh(): Promise<void>; close(): Promise<void>;
   /** Resolves once the piece workers take tasks (until then pieces are placed on the calling thread). */
   workersReady: Promise<void>;
 }> {
-  const manifest = await repo.manifest(id);
+  // The manifest and the index are read together, while the piece workers start.
   const pool = new PiecePool(repo.pieceCrypto);
+  let manifest: Manifest;
   // Replaced by refresh: every reader below looks it up at each piece.
-  let index = await repo.pieceIndex();
-  const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, lengthBytes);
+  let index: Map<string, PieceLocation>;
+  try {
+    [manifest, index] = await Promise.all([options.manifest ?? repo.manifest(id), repo.pieceIndex()]);
+  } catch (err) {
+    await pool.close();
+    throw err;
+  }
+  // A device's reads are a client's: their pieces go before those a background copy fetched.
+  const load: PieceLoader = async (hash, lengthBytes) => pool.decode(await repo.readStoredPiece(hash, index.get(hash)), hash, lengthBytes, { urgent: true });
   const missing = (hash: string): BdsnapError => new BdsnapError('ENOENT', `piece ${hash} is missing from ${repo.store.location}`);
   const fetchPieces: PieceFetcher = async (ids, options) => {
     const wanted: WantedPiece[] = [];

@@ -112,12 +112,16 @@ async function stateOf(body: LockBody, info: ObjectInfo, nowMs: number, proc: st
   return { state: byAge };
 }
 
-/** Every lock in the store with its state; an unreadable lock object counts by its age alone. */
-export async function listLocks(store: ObjectStore, options: LockOptions = {}): Promise<LockInfo[]> {
+/**
+ * Every lock in the store (with `kind`, of that kind only: the others are not read) with its
+ * state; an unreadable lock object counts by its age alone.
+ */
+export async function listLocks(store: ObjectStore, options: LockOptions & { kind?: LockKind } = {}): Promise<LockInfo[]> {
   const now = Date.now();
   const out: LockInfo[] = [];
   for (const info of await store.list(LOCKS_PREFIX)) {
     const kind = info.name.endsWith('.prune') ? 'prune' : 'create';
+    if (options.kind !== undefined && kind !== options.kind) continue;
     const stored = await store.get(info.name, { maxBytes: MAX_LOCK_BYTES }).catch(() => undefined);
     // Torn or foreign: judged by its age (host '?' is never this host).
     const body: LockBody = (stored && tryParseJson(stored, lockSchema)) ?? { kind, host: '?', pid: -1, processStart: null, createdAt: new Date(info.modifiedMs).toISOString() };
@@ -163,7 +167,8 @@ export class RepoLock {
     lock.#confirmedMs = Date.now();
     await store.put(name, lock.#body);
     try {
-      const others = (await listLocks(store, options)).filter((l) => l.name !== name && l.state === 'live');
+      // Only a prune keeps a create out: a create reads no other create's lock (on S3 each is a round trip).
+      const others = (await listLocks(store, { ...options, ...(kind === 'create' ? { kind: 'prune' as const } : {}) })).filter((l) => l.name !== name && l.state === 'live');
       const blocking = others.find((l) => kind === 'prune' || l.kind === 'prune');
       if (blocking) {
         const doubt = blocking.unchecked ? `; ${blocking.unchecked}` : '';

@@ -99,11 +99,12 @@ export class PiecePool {
 
   /**
    * Decode and check a stored piece against its hash; ECORRUPT if it claims more than
-   * `maxRawBytes` (checked before decoding). `stored` is transferred.
+   * `maxRawBytes` (checked before decoding). `stored` is transferred. `urgent`: a client waits
+   * for it, so it goes before the tasks queued (a background copy's many pieces).
    */
-  async decode(stored: Buffer, hash: string, maxRawBytes?: number): Promise<Buffer> {
+  async decode(stored: Buffer, hash: string, maxRawBytes?: number, options: { urgent?: boolean } = {}): Promise<Buffer> {
     const b = ownBuffer(stored);
-    const r = await this.#run({ op: 'decode', stored: b, hash, maxRawBytes }, [b.buffer as ArrayBuffer]);
+    const r = await this.#run({ op: 'decode', stored: b, hash, maxRawBytes }, [b.buffer as ArrayBuffer], options.urgent);
     if ('error' in r || r.op !== 'decode') throw new BdsnapError('EIO', 'unexpected worker answer');
     return toBuffer(r.raw);
   }
@@ -130,7 +131,7 @@ export class PiecePool {
     return this.#inline;
   }
 
-  async #run(body: TaskBody, transfer: ArrayBuffer[]): Promise<PieceResult> {
+  async #run(body: TaskBody, transfer: ArrayBuffer[], urgent = false): Promise<PieceResult> {
     // Before working inline, give the event loop a turn to deliver a worker's 'ready': a caller
     // whose own work is all synchronous (a restore's 'place' tasks) would otherwise never see
     // it and do every task on this thread, leaving the workers idle.
@@ -155,6 +156,7 @@ export class PiecePool {
       });
       const w = this.#idle.pop();
       if (w) w.postMessage(task, transfer);
+      else if (urgent) this.#queue.unshift({ task, transfer });
       else this.#queue.push({ task, transfer });
     });
   }

@@ -210,16 +210,12 @@ export class Repository {
    * is written either way).
    */
   static async open(store: ObjectStore, options: OpenOptions = {}): Promise<Repository> {
-    let raw: Buffer;
-    try {
-      raw = await store.get(CONFIG_OBJECT, { maxBytes: MAX_CONFIG_BYTES });
-    } catch (err) {
-      if (toBdsnapError(err).code === 'ENOENT') {
-        throw new BdsnapError('ENOENT', `${store.location} is not a backup repository (no config); create one with 'bdsnap backup init'`, { cause: err });
-      }
-      throw err;
-    }
-    const keyNames = (await store.names(KEYS_PREFIX)).filter((n) => keyIdOf(n) !== undefined);
+    // Asked for together: on S3 each is a round trip before the key derivation can start. A
+    // missing or unreadable config is what is said first.
+    const listing = store.names(KEYS_PREFIX);
+    listing.catch(() => undefined);
+    const raw = await Repository.#readConfig(store);
+    const keyNames = (await listing).filter((n) => keyIdOf(n) !== undefined);
     const json = plainJson(raw);
     if (json !== undefined) {
       const probe = json as { format?: unknown; version?: unknown; encryption?: unknown };
@@ -250,6 +246,25 @@ export class Repository {
       return new Repository(store, config, master, keyIdOf(name));
     }
     throw new BdsnapError('EAUTH', `wrong password: no key of ${store.location} accepts it`);
+  }
+
+  /**
+   * Whether opening the repository will ask for a password (its config is sealed), without
+   * deriving any key: for a command that leaves the password's check to another process.
+   */
+  static async needsPassword(store: ObjectStore): Promise<boolean> {
+    return plainJson(await Repository.#readConfig(store)) === undefined;
+  }
+
+  static async #readConfig(store: ObjectStore): Promise<Buffer> {
+    try {
+      return await store.get(CONFIG_OBJECT, { maxBytes: MAX_CONFIG_BYTES });
+    } catch (err) {
+      if (toBdsnapError(err).code === 'ENOENT') {
+        throw new BdsnapError('ENOENT', `${store.location} is not a backup repository (no config); create one with 'bdsnap backup init'`, { cause: err });
+      }
+      throw err;
+    }
   }
 
   static async #readKey(store: ObjectStore, name: string): Promise<KeyObject> {

@@ -578,16 +578,17 @@ function disableCoreDumps(log: Logger): void {
 /** The source of an instant restore: one device of a backup in a repository. */
 const openBackupSource: SourceOpener = async (repoSpec, backup, device, password) => {
   const store = await openRepoStore(repoSpec);
-  const repo = await Repository.open(store, {
-    password: () => {
-      if (password === undefined) throw new BdsnapError('EAUTH', `${repoSpec} is encrypted and no password was given`);
-      return password;
-    },
-  });
+  // The only check of the password (the command leaves it to the daemon): nothing is written
+  // before it, not even the lock. Without one, an encrypted repository is refused saying how to give it.
+  const repo = await Repository.open(store, { password: () => password ?? '' });
+  // The manifest is read while the lock is taken: prune changes no manifest. The index is read
+  // only once the lock is held (openBackupDevices), so that no prune can have moved a piece since.
+  const manifest = repo.manifest(backup);
+  manifest.catch(() => undefined);
   // Held like a running backup's for as long as the restore reads: prune must not delete its packs.
   const lock = await RepoLock.acquire(store, 'create', { purpose: 'instant-restore' });
   try {
-    const opened = await openBackupDevices(repo, backup);
+    const opened = await openBackupDevices(repo, backup, { manifest });
     const found = opened.devices.find((d) => d.name === device);
     if (!found) {
       await opened.close();
@@ -595,7 +596,7 @@ const openBackupSource: SourceOpener = async (repoSpec, backup, device, password
     }
     return {
       source: found.device, slots: found.slots, pieceBytes: found.pieceBytes, fetchPieces: opened.fetchPieces, placePiece: opened.placePiece,
-      refresh: opened.refresh,
+      refresh: opened.refresh, encrypted: repo.encrypted,
       close: async () => {
         await opened.close();
         await lock.release().catch(() => undefined);

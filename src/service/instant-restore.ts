@@ -64,6 +64,12 @@ const BATCH_BYTES = 16 * 1024 * 1024;
 const BATCHES_IN_FLIGHT = 3;
 /** While a client is busy the copy takes batches this small, so that it waits little behind them. */
 const BUSY_BATCH_BYTES = 1024 * 1024;
+/**
+ * A restore is asked for to be used at once: until its first client's first request, or this
+ * long after the copy begins, the copy has one batch in flight, not BATCHES_IN_FLIGHT, so that
+ * the first read is not queued behind theirs (on S3, their GETs and then their pieces' decoding).
+ */
+const FIRST_CLIENT_WAIT_MS = 1000;
 /** Pieces a batch has placed at once (see placeSlots): enough to keep the piece workers busy, few enough that a client's read is not queued behind many. */
 const PLACES_IN_FLIGHT = 4;
 /** Pieces read at once from a source that is only a device (no fetch by packs). */
@@ -107,6 +113,8 @@ export interface RestoreSource {
    * nothing, once the backup no longer names the pieces it named at the start.
    */
   refresh?(): Promise<void>;
+  /** False: the source needs no password, and none is kept for a resume. */
+  encrypted?: boolean;
   close(): Promise<void>;
 }
 
@@ -248,6 +256,9 @@ export class InstantRestoreDevice implements BlockDevice {
   /** Reloads the source after a piece could not be had: true once it did. */
   readonly #refreshSource: () => Promise<boolean>;
   lastClientRequestMs = 0;
+  #markFirstRequest!: () => void;
+  /** Resolves at the first request of a client. */
+  readonly firstRequest = new Promise<void>((resolve) => (this.#markFirstRequest = resolve));
 
   constructor(target: FileDevice, source: BlockDevice, slots: ReadonlyArray<string | null>, pieceBytes: number, map: DoneMap,
     hooks: { onSourceError: (err: BdsnapError) => void; refreshSource: () => Promise<boolean> }) {
@@ -478,6 +489,7 @@ export class InstantRestoreDevice implements BlockDevice {
    */
   async #change(offsetBytes: number, lengthBytes: number, apply: () => Promise<void>): Promise<void> {
     this.lastClientRequestMs = Date.now();
+    this.#markFirstRequest();
     const P = this.#P;
     const end = offsetBytes + lengthBytes;
     const whole: number[] = [];
@@ -502,6 +514,7 @@ export class InstantRestoreDevice implements BlockDevice {
   async read(target: Buffer, offsetBytes: number): Promise<void> {
     checkRange(this, offsetBytes, target.length, false);
     this.lastClientRequestMs = Date.now();
+    this.#markFirstRequest();
     const P = this.#P;
     const end = offsetBytes + target.length;
     const fills: Array<Promise<void>> = [];
@@ -832,7 +845,7 @@ export class InstantRestores {
       // A new file is all holes: its zero slots are done already.
       if (created) opened.slots.forEach((h, i) => h === null && map.set(i));
       await map.persist(async () => undefined);
-      if (req.password !== undefined) await writeFileAtomic(path.join(dir, PASSWORD_FILE), req.password, 0o600);
+      if (req.password !== undefined && opened.encrypted !== false) await writeFileAtomic(path.join(dir, PASSWORD_FILE), req.password, 0o600);
       await writeFileAtomic(path.join(dir, STATE_FILE), `${JSON.stringify(state)}\n`);
       const r = this.#begin(state, identity, dir, file, map, opened);
       this.#options.events.emit('restore-started', { device: target, details: { backup: req.backup, repo: req.repo, sizeBytes } });
@@ -903,6 +916,10 @@ export class InstantRestores {
     // A rate-limited copy takes steps of a tenth of a second's bytes, so that it keeps to the rate.
     const batchSlots = Math.max(1, Math.floor(Math.min(BATCH_BYTES, rate !== undefined ? rate / 10 : BATCH_BYTES) / P));
     const busySlots = Math.max(1, Math.min(batchSlots, Math.floor(BUSY_BATCH_BYTES / P)));
+    let firstClientWait: NodeJS.Timeout | undefined;
+    const firstClient = Promise.race([dev.firstRequest, new Promise<void>((resolve) => (firstClientWait = setTimeout(resolve, FIRST_CLIENT_WAIT_MS)))]);
+    firstClientWait?.unref();
+    let batchesInFlight = 0;
     while (!r.stopping && dev.doneSlots < dev.slotCount) {
       let failure: BdsnapError | undefined;
       let next = 0;
@@ -915,7 +932,7 @@ export class InstantRestores {
           if (batch.length > 0) yield batch;
         }
       };
-      await runLimited(batches(), BATCHES_IN_FLIGHT, async (batch) => {
+      const copyBatch = async (batch: number[]): Promise<void> => {
         if (r.stopping || failure) return;
         // Clients first: while one is busy, the copy takes small steps.
         if (Date.now() - dev.lastClientRequestMs < 5) await new Promise((resolve) => setTimeout(resolve, 2));
@@ -955,6 +972,15 @@ export class InstantRestores {
         if (Date.now() - lastPersist >= PERSIST_EVERY_MS) {
           lastPersist = Date.now();
           await dev.flush().catch((err: unknown) => (failure ??= toBdsnapError(err)));
+        }
+      };
+      await runLimited(batches(), BATCHES_IN_FLIGHT, async (batch) => {
+        if (batchesInFlight > 0) await firstClient;
+        batchesInFlight++;
+        try {
+          await copyBatch(batch);
+        } finally {
+          batchesInFlight--;
         }
       });
       if (failure) {

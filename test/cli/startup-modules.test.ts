@@ -13,7 +13,8 @@ import { test } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { BDSNAP_MAIN, PROJECT_ROOT } from '../../testkit/bdsnap-cli.js';
 import { startDaemon } from '../../testkit/daemon.js';
-import { makeTempDir } from '../../testkit/files.js';
+import { makeImage, makeTempDir } from '../../testkit/files.js';
+import { waitForRestore } from '../helpers/instant-restore.js';
 
 const MODULE_LOG_PRELOAD = fileURLToPath(new URL('../../testkit/module-log.js', import.meta.url));
 const DIST_SRC_URL = pathToFileURL(path.join(PROJECT_ROOT, 'dist', 'src')).href + '/';
@@ -81,4 +82,22 @@ test('bdsnap --help lists every command without loading their implementations', 
   assert.ok(r.ours.length <= 40, `--help loaded ${r.ours.length} modules of dist/src:\n${r.ours.join('\n')}`);
   assert.ok(!r.ours.some((m) => /^(backup|device|snapshot\/(?!session-settings))/.test(m)), `--help loaded an engine:\n${r.ours.join('\n')}`);
   assert.deepEqual(r.zod, [], '--help loads no zod');
+});
+
+test('bdsnap backup restore --instant leaves the repository to the daemon: the command loads no repository engine and derives no key', async (t) => {
+  const daemon = await startDaemon(t, { password: false });
+  const dir = makeTempDir(t, 'bdsnap-startup-');
+  const image = makeImage(path.join(dir, 'disk.img'), 2 * 1024 * 1024, 'random', 5);
+  const repoDir = path.join(dir, 'repo');
+  await daemon.cli(['backup', 'init', '--repo', repoDir]);
+  const { id } = JSON.parse((await daemon.cli(['backup', 'create', image, '--repo', repoDir, '--json'])).stdout) as { id: string };
+  const out = path.join(dir, 'out.img');
+  const r = runLogged(dir, ['backup', 'restore', '--repo', repoDir, id, image, '--output', out, '--instant'], daemon.sandbox.env);
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /^serving /);
+  // The daemon checks the password, once: a second key derivation (a scrypt) here cost as much as the rest of the command.
+  const engine = r.ours.filter((m) => m.startsWith('backup/') || ['repository/repository.js', 'repository/crypto.js', 'repository/s3-store.js'].includes(m));
+  assert.deepEqual(engine, [], `the command loaded the repository's engine:\n${r.ours.join('\n')}`);
+  await waitForRestore(daemon, path.resolve(out), 'the restore is complete', (x) => x === undefined || x.state === 'complete');
+  assert.ok(fs.readFileSync(out).equals(fs.readFileSync(image)), 'the target is the backup');
 });

@@ -159,3 +159,30 @@ test('a prune that stalled past the margin after listing the pieces stops before
   const s = await repo.prune();
   assert.equal(s.deletedPieces, before);
 });
+
+test('a create\'s lock reads only prune locks: other creates\' locks, its own included, cost it no read (on S3 each is a round trip)', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const store = new LocalDirStore(path.join(dir, 'repo'));
+  t.after(() => store.close());
+  const others = await Promise.all([0, 1, 2].map(() => RepoLock.acquire(store, 'create')));
+  const read: string[] = [];
+  const get = store.get.bind(store);
+  t.after(() => (store.get = get));
+  store.get = (name, options) => {
+    read.push(name);
+    return get(name, options);
+  };
+  const lock = await RepoLock.acquire(store, 'create', { purpose: 'instant-restore' });
+  assert.equal(read.length, 0, `no lock was read, but ${read.join(', ')}`);
+  // A prune's lock is still read, and keeps a create out.
+  store.get = get;
+  for (const l of [...others, lock]) await l.release();
+  const prune = await RepoLock.acquire(store, 'prune');
+  store.get = (name, options) => {
+    read.push(name);
+    return get(name, options);
+  };
+  await assert.rejects(RepoLock.acquire(store, 'create'), (e: unknown) => e instanceof BdsnapError && e.code === 'EBUSY' && /a prune is running/.test(e.message));
+  assert.deepEqual(read, [prune.name]);
+  await prune.release();
+});

@@ -72,3 +72,22 @@ test('place writes a piece at its offset, keeps a raw piece intact for its next 
   await assert.rejects(pool.place({ file: files.text, range: null, hash: sha256Hex(text), fd: target.fd, offsetBytes: 0, lengthBytes: PIECE, keep: false }), (e: unknown) => (e as { code?: string }).code === 'ECORRUPT');
   await assert.rejects(pool.place({ file: path.join(dir, 'absent'), range: null, hash: sha256Hex(text), fd: target.fd, offsetBytes: 0, lengthBytes: PIECE, keep: false }), /is missing/);
 });
+
+test('an urgent decode (a client waits for it) goes before the tasks queued, not after them', { timeout: 30_000 }, async (t) => {
+  const pool = new PiecePool({ kind: 'none' }, 1);
+  t.after(() => pool.close());
+  await pool.ready;
+  const raw = randomBytes(PIECE);
+  const stored = encodePiece(raw, CODEC_BROTLI);
+  const hash = sha256Hex(raw);
+  // A background copy's batch: many pieces queued behind the one the worker has.
+  const order: string[] = [];
+  const queued = Array.from({ length: 40 }, (_, i) => pool.decode(Buffer.from(stored), hash, PIECE).then(() => order.push(`copy ${i}`)));
+  const urgent = pool.decode(Buffer.from(stored), hash, PIECE, { urgent: true }).then((back) => {
+    order.push('client');
+    assert.deepEqual(back, raw);
+  });
+  await Promise.all([...queued, urgent]);
+  // The worker holds one task when the client's is queued: it comes next.
+  assert.ok(order.indexOf('client') <= 1, `the client's piece was decoded at place ${order.indexOf('client') + 1} of ${order.length}`);
+});

@@ -13,7 +13,7 @@ import { pino } from 'pino';
 import { makeTempDir } from '../../testkit/files.js';
 import { CountingStore, initRepo, openRepo } from '../backup/helpers.js';
 import { createBackup, type BackupSource } from '../../src/backup/index.js';
-import { openBackupDevices } from '../../src/repository/backup-device.js';
+import { BackupDevice, openBackupDevices } from '../../src/repository/backup-device.js';
 import { PACKS_PREFIX } from '../../src/repository/format.js';
 import { LocalDirStore } from '../../src/repository/object-store.js';
 import { EventLog } from '../../src/service/events.js';
@@ -167,6 +167,44 @@ test('shutdown does not wait out the backoff of a copy that cannot read the back
   } finally {
     fs.renameSync(awayDir, packsDir);
     if (!closed) await restores.closeAll();
+    events.close();
+  }
+});
+
+test('until its first client comes (1 s at most), the copy has one batch in flight, so that the first read is not queued behind three', { timeout: 60_000 }, async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-instant-first-');
+  // Three batches of distinct pieces, each piece's bytes its index.
+  const sizeBytes = 48 * MiB;
+  const slots = Array.from({ length: sizeBytes / PIECE }, (_, i) => `piece-${i}`);
+  const content = (hash: string, lengthBytes: number): Buffer => Buffer.alloc(lengthBytes, Number(hash.slice('piece-'.length)) % 251);
+  let inFlight = 0;
+  let most = 0;
+  let startedMs = Infinity;
+  const opener: SourceOpener = async () => ({
+    source: new BackupDevice(sizeBytes, PIECE, slots, async (hash, lengthBytes) => content(hash, lengthBytes)),
+    slots, pieceBytes: PIECE,
+    fetchPieces: async (ids, options) => {
+      inFlight++;
+      // Within the wait for a first client, with a margin for a slow machine.
+      if (Date.now() - startedMs < 800) most = Math.max(most, inFlight);
+      // As a GET of a few MiB from S3 takes.
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      for (const id of ids) options.onPiece?.(id, content(id, PIECE));
+      inFlight--;
+    },
+    close: async () => undefined,
+  });
+  const { events, restores, out } = await instantRestores(dir, opener);
+  try {
+    startedMs = Date.now();
+    await restores.start({ repo: 'repo', backup: 'b', device: '/dev/x', target: out, output: true }, async () => undefined);
+    while (restores.list().some((r) => r.state === 'running')) await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.deepEqual(restores.list().map((r) => r.error), [], 'the restore completed and retired');
+    assert.equal(most, 1, `${most} batches were fetched at once in the first 0.8 s, with no client yet`);
+    const back = fs.readFileSync(out);
+    for (const [i, h] of slots.entries()) assert.ok(back.subarray(i * PIECE, (i + 1) * PIECE).equals(content(h, PIECE)), `slot ${i}`);
+  } finally {
+    await restores.closeAll();
     events.close();
   }
 });

@@ -121,6 +121,21 @@ async function passwordFrom(file: string | undefined, envName: string, question:
   return answer;
 }
 
+/**
+ * The password an instant restore hands to the daemon: the one given (file or environment),
+ * else, at a terminal, one asked for when the repository is encrypted. Without either the
+ * daemon refuses an encrypted repository, saying how to give the password.
+ */
+async function instantRestorePassword(flags: Pick<RepoFlags, 'repo' | 'passwordFile'>): Promise<string | undefined> {
+  const given = flags.passwordFile !== undefined || Boolean(process.env.BDSNAP_REPO_PASSWORD);
+  if (!given) {
+    if (!process.stdin.isTTY) return undefined;
+    const { Repository } = await agent();
+    if (!(await Repository.needsPassword(await openStore(flags.repo)))) return undefined;
+  }
+  return passwordFrom(flags.passwordFile, 'BDSNAP_REPO_PASSWORD', `password of ${flags.repo}: `);
+}
+
 async function openRepo(flags: Pick<RepoFlags, 'repo' | 'passwordFile'>, envName = 'BDSNAP_REPO_PASSWORD'): Promise<Repository> {
   const { Repository } = await agent();
   return Repository.open(await openStore(flags.repo), { password: () => passwordFrom(flags.passwordFile, envName, `password of ${flags.repo}: `) });
@@ -260,20 +275,20 @@ export function register(program: Command): void {
     .option('--run-dir <dir>', RUN_DIR_HELP)
     .option('--json', 'print the result as JSON')
     .action(async (id: string, device: string, flags: RepoFlags & { output?: string; instant?: boolean; runDir?: string }) => {
-      const { Repository, restoreBackup } = await agent();
       if (flags.instant) {
-        // The daemon reads the repository for as long as the copy runs: it gets the absolute path,
-        // and the password (checked here first, so a wrong one is said before the daemon acts).
-        let password: string | undefined;
-        await Repository.open(await openStore(flags.repo), {
-          password: async () => (password = await passwordFrom(flags.passwordFile, 'BDSNAP_REPO_PASSWORD', `password of ${flags.repo}: `)),
-        });
-        const spec = /^[a-z0-9+]+:/i.test(flags.repo) ? flags.repo : path.resolve(flags.repo);
+        // The daemon reads the repository for as long as the copy runs: it gets the absolute path
+        // and the password, and checks the password before it acts (a wrong one is refused before
+        // anything is written). The key is derived there only: each derivation is a scrypt.
+        const { parseRepoLocation } = await import('../../repository/location.js');
+        const at = parseRepoLocation(flags.repo);
+        const spec = at.kind === 'local' ? path.resolve(at.dir) : flags.repo;
+        const password = await instantRestorePassword(flags);
         const info = await withClient(flags.runDir, (c) => c.instantRestore(spec, id, device, flags.output, password));
         if (flags.json) printJson(info);
         else process.stdout.write(`serving ${info.target} from backup ${id} now; the copy runs behind it (bdsnap status shows it, bdsnap events --follow says when it is done)\n`);
         return;
       }
+      const { restoreBackup } = await agent();
       const repo = await openRepo(flags);
       const bar = await progressBar('restoring', flags.json);
       let summary;
