@@ -4,9 +4,8 @@
  * decrypted and decoded once, and the target is still touched only after every piece it needs
  * has been read whole.
  *
- * The file is created O_EXCL and O_NOFOLLOW with mode 0600 in a new directory of mode 0700
- * under the system temp directory (TMPDIR), and both are unlinked at once: nothing of it is
- * left behind whatever ends the process, and no other user can reach it. Pieces are appended
+ * The file is an unlinked one under TMPDIR (host/temp-file.ts): nothing of it is left behind
+ * whatever ends the process, and no other user can reach it. Pieces are appended
  * (an offset is taken before the write is awaited, so concurrent adds never overlap) and are
  * known to `read` only once written whole. What is read back is checked against the CRC-32 of
  * the checked content, taken as it was added: a spool changed since (a disk error, another
@@ -18,10 +17,10 @@
 
 import fs from 'node:fs';
 import os from 'node:os';
-import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFully, pwriteFully } from '../host/fd-io.js';
+import { openUnlinkedTempFile } from '../host/temp-file.js';
 
 export class PieceSpool {
   readonly #fh: fs.promises.FileHandle;
@@ -34,23 +33,16 @@ export class PieceSpool {
 
   /** A new spool with room for `neededBytes` (ENOSPC up front, rather than after fetching most of them). */
   static async create(neededBytes: number): Promise<PieceSpool> {
-    let dir: string | undefined;
     try {
       const fsStat = await fs.promises.statfs(os.tmpdir());
       const freeBytes = fsStat.bavail * fsStat.bsize;
       if (freeBytes < neededBytes) {
         throw new BdsnapError('ENOSPC', `it needs ${neededBytes} bytes for the backup's distinct pieces and has ${freeBytes}`);
       }
-      dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'bdsnap-restore-spool-'));
-      const file = path.join(dir, 'pieces');
-      const fh = await fs.promises.open(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
-      await fs.promises.unlink(file);
-      return new PieceSpool(fh);
+      return new PieceSpool(await openUnlinkedTempFile('bdsnap-restore-spool-', 'pieces'));
     } catch (err) {
       const e = toBdsnapError(err);
       throw new BdsnapError(e.code, `cannot make a place for the pieces a restore reads, under ${os.tmpdir()}: ${e.message}; set TMPDIR to a directory with room`, { cause: err });
-    } finally {
-      if (dir !== undefined) await fs.promises.rm(dir, { recursive: true, force: true }).catch(() => undefined);
     }
   }
 

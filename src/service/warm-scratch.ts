@@ -1,14 +1,14 @@
 /**
  * The scratch image a server thread warms its request path on (src/nbd/warm-up.ts): a small
- * file made with O_EXCL in a new private directory under TMPDIR, unlinked at once and used
- * through its descriptor; the directory (and the warm-up's socket in it) is removed once the
- * warm-up ends.
+ * unlinked file under TMPDIR (host/temp-file.ts) used through its descriptor, and the
+ * warm-up's socket in a private directory removed once the warm-up ends.
  */
 
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { FileDevice } from '../device/file-device.js';
+import { openUnlinkedTempFile } from '../host/temp-file.js';
 import type { ConnectionContext } from '../nbd/server-connection.js';
 import { WARM_SCRATCH_BYTES, warmRequestPath } from '../nbd/warm-up.js';
 
@@ -18,26 +18,19 @@ export function warmUpOnScratch(): ((context: ConnectionContext) => Promise<void
 }
 
 async function warmOnScratch(context: ConnectionContext): Promise<void> {
-  const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'bdsnap-warm-'));
+  const handle = await openUnlinkedTempFile('bdsnap-scratch-', 'scratch');
   try {
-    const name = path.join(dir, 'scratch');
-    const { O_CREAT, O_EXCL, O_NOFOLLOW, O_RDWR } = fs.constants;
-    const handle = await fs.promises.open(name, O_CREAT | O_EXCL | O_NOFOLLOW | O_RDWR, 0o600);
+    await handle.truncate(WARM_SCRATCH_BYTES);
+    const device = await FileDevice.open(`/proc/self/fd/${handle.fd}`, { shared: true, followSymlinks: true });
+    // The warm-up's socket: in a private directory of its own, so that only this user can connect.
+    const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'bdsnap-warm-'));
     try {
-      // Used through the descriptor made here, never by its name again: whoever could rename
-      // things under TMPDIR cannot put another file in its place.
-      await fs.promises.unlink(name);
-      await handle.truncate(WARM_SCRATCH_BYTES);
-      const device = await FileDevice.open(`/proc/self/fd/${handle.fd}`, { shared: true, followSymlinks: true });
-      try {
-        await warmRequestPath(context, device, dir);
-      } finally {
-        await device.close();
-      }
+      await warmRequestPath(context, device, dir);
     } finally {
-      await handle.close();
+      await device.close();
+      await fs.promises.rm(dir, { recursive: true, force: true });
     }
   } finally {
-    await fs.promises.rm(dir, { recursive: true, force: true });
+    await handle.close();
   }
 }
