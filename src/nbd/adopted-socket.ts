@@ -9,6 +9,10 @@ import type tls from 'node:tls';
 
 /** Socket write buffer size at which replies stop being produced until 'drain'. */
 export const SOCKET_HIGH_WATER_MARK_BYTES = 4 * 1024 * 1024;
+/** How a listener of NBD clients makes its sockets: paused until adopted (adoptWithReadBuffer), replies buffered up to SOCKET_HIGH_WATER_MARK_BYTES. */
+export const LISTENER_OPTIONS: net.ServerOpts = {
+  allowHalfOpen: true, noDelay: true, pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
+};
 /** Per-connection receive buffer, reused for every read from the socket. */
 export const READ_BUFFER_BYTES = 256 * 1024;
 

@@ -28,7 +28,7 @@ import { InFlightBudget } from './in-flight-budget.js';
 import { BufferPool } from '../device/buffer-pool.js';
 import { loadLibc, trimHeapSoon } from '../host/libc.js';
 import type { NbdTls } from './tls.js';
-import { SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
+import { LISTENER_OPTIONS, SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
 import { ConnectionThreads, type HandedConnection } from './connection-threads.js';
 import { ExportHost } from './remote-exports.js';
 import { runWarmUp } from './warm-up.js';
@@ -197,9 +197,7 @@ export class NbdServer {
 
   #createServer(unix: boolean, tls: NbdTls | undefined, threads: ConnectionThreads | undefined): net.Server {
     if (this.#closing) throw new BdsnapError('ESHUTDOWN', 'the NBD server is closing');
-    const server = net.createServer({
-      allowHalfOpen: true, noDelay: true, pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
-    }, (socket) => this.#accept(socket, unix, tls, threads));
+    const server = net.createServer(LISTENER_OPTIONS, (socket) => this.#accept(socket, unix, tls, threads));
     server.on('error', (err) => this.#log?.({ event: 'listener-error', error: err.message }));
     this.#listeners.push(server);
     return server;

@@ -18,7 +18,7 @@ import { NbdClient } from './client.js';
 import { connectionOn, type ConnectionContext } from './server-connection.js';
 import { StaticExports } from './static-exports.js';
 import type { LogFn } from './exports.js';
-import { SOCKET_HIGH_WATER_MARK_BYTES } from './adopted-socket.js';
+import { LISTENER_OPTIONS } from './adopted-socket.js';
 
 /** Each size's rounds of WARM_DEPTH writes, then a quarter as many rounds of reads: about 900 requests, 40 ms. */
 const WARM_REQUESTS: readonly { sizeBytes: number; writeRounds: number }[] = [
@@ -55,9 +55,7 @@ export async function warmRequestPath(context: ConnectionContext, device: BlockD
   const exports = new StaticExports([{ name: '', device }]);
   const sockets = new Set<net.Socket>();
   const served: Promise<void>[] = [];
-  const server = net.createServer({
-    allowHalfOpen: true, noDelay: true, pauseOnConnect: true, highWaterMark: SOCKET_HIGH_WATER_MARK_BYTES,
-  }, (socket) => {
+  const server = net.createServer(LISTENER_OPTIONS, (socket) => {
     const { connection, reader } = connectionOn(-1, socket, { ...context, exports, log: undefined, onTransmission: undefined });
     sockets.add(reader ?? socket);
     served.push(connection.closed);
