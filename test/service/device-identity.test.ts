@@ -106,7 +106,7 @@ test('an image replaced while a snapshot holds it open: its map starts again at 
   const box = sandbox(t);
   const image = makeImage(path.join(box.top, 'a.img'), DEVICE_BYTES, 'random', 3);
   const replacement = makeImage(path.join(box.top, 'new.img'), DEVICE_BYTES, 'random', 4);
-  await startDaemon(t, { sandbox: box, password: false });
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
   const repo = path.join(box.top, 'repo');
   ok(box, ['backup', 'init', '--repo', repo]);
   ok(box, ['backup', 'create', image, '--repo', repo]);
@@ -115,6 +115,10 @@ test('an image replaced while a snapshot holds it open: its map starts again at 
   const snapshot = (JSON.parse(ok(box, ['snapshot', 'create', image, '--json'])) as { id: string }).id;
   fs.renameSync(replacement, image);
   ok(box, ['snapshot', 'destroy', snapshot]);
+  // The detach marks the snapshot failed, which writes its record: the destroy waits for that
+  // write before it removes the directory, so neither fails and nothing is left.
+  assert.equal(fs.existsSync(path.join(box.stateDir, 'snapshots', snapshot)), false, 'the snapshot directory is gone');
+  assert.deepEqual(daemon.logLines().filter((l) => l.event === 'snapshot-record-write-failed'), [], 'no record write met the removal');
 
   assert.notEqual(generation(box, image), before, 'the map of the replaced file starts again');
   const reset = events(box).find((e) => e.type === 'cbt-reset' && e.device === image);

@@ -24,6 +24,8 @@ export interface LiveSnapshot {
   destroying: boolean;
   /** A destroy is deciding: no new client may open an image (I/O of those open goes on). */
   closing: boolean;
+  /** The record write in flight, if any (writes of one record go one at a time; a destroy waits for it). */
+  recordWrite?: Promise<void>;
 }
 
 /**

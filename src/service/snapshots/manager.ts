@@ -301,6 +301,9 @@ export class SnapshotManager {
     await snapshot.storage.destroy();
     this.#options.tracking?.forget(snapshot.dir);
     for (const image of snapshot.images) await this.#options.table.detach(image.device, 'snapshot');
+    // A record write started before the destroy (the snapshot marked failed) ends before the
+    // directory goes, or the removal meets its temp file.
+    await snapshot.recordWrite;
     await removePath(snapshot.dir, { recursive: true });
     this.#snapshots.delete(snapshot.record.id);
   }
@@ -324,7 +327,8 @@ export class SnapshotManager {
     this.#options.events.emit(state === 'overflowed' ? 'snapshot-overflowed' : 'snapshot-failed', {
       snapshot: snapshot.record.id, details: { reason, devices: snapshot.record.devices.map((d) => d.path) },
     });
-    if (!wasCreating) {
+    // Being destroyed: its directory is going, so its record is not written again.
+    if (!wasCreating && !snapshot.destroying) {
       this.#save(snapshot).catch((err: unknown) => {
         this.#options.log.error({ event: 'snapshot-record-write-failed', snapshot: snapshot.record.id, reason: (err as Error).message }, 'cannot record the snapshot state');
       });
@@ -357,7 +361,9 @@ export class SnapshotManager {
   }
 
   async #save(snapshot: LiveSnapshot): Promise<void> {
-    await writeRecord(snapshot.dir, snapshot.record);
+    const write = (snapshot.recordWrite ?? Promise.resolve()).then(() => writeRecord(snapshot.dir, snapshot.record));
+    snapshot.recordWrite = write.catch(() => undefined);
+    await write;
   }
 
   #serial<T>(fn: () => Promise<T>): Promise<T> {
