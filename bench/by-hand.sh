@@ -9,7 +9,11 @@
 # Prints one line per run: the server, fio's write bandwidth (MB/s) or IOPS, and the CPU time
 # the server used per GB written (all its threads, from /proc). FIO_OPTIONS adds options to
 # every fio job (e.g. "--runtime=3 --time_based"); FLOOR=1 runs the Node.js floor too
-# (bench/nbd-floor.ts on one worker thread, synchronous and thread-pool writes) on the seq-write row.
+# (bench/nbd-floor.ts on one worker thread, synchronous and thread-pool writes) on the seq-write row,
+# and on the first-rand-4k rows the floor on one event loop, plain and with copy-before-write
+# (node-floor-cow: each first write reads, checksums and appends its 16 KiB chunk to a store).
+# SESSION_OPTIONS adds options to the session's `bdsnap serve` (e.g. "--chunk-size 4K"),
+# FLOOR_COW_OPTIONS to node-floor-cow's (e.g. "--chunk-size 4096", "--no-checksum").
 set -eu
 row=${1:?usage: by-hand.sh seq-write|first-rand-4k|first-rand-4k-iolog [REPEAT]}
 repeat=${2:-3}
@@ -102,9 +106,24 @@ floor_serve() { # NAME [ARGS...]
   kill $pid; wait $pid || true
 }
 
+floor_cow() { # NAME [ARGS...]
+  name=$1
+  shift
+  prep "$dir/image2"
+  rm -rf "$dir/s1" "$dir/root"; mkdir "$dir/root"
+  # shellcheck disable=SC2086 # FLOOR_COW_OPTIONS is a list of options
+  node "$(dirname "$0")/../dist/bench/nbd-floor.js" --cow-store "$dir/root/store" "$@" ${FLOOR_COW_OPTIONS:-} "$dir/s1" "$dir/image2" 2>/dev/null &
+  pid=$!
+  wait_socket "$dir/s1"
+  fio_job "$name" "nbd+unix://?socket=$dir/s1"
+  kill $pid; wait $pid || true
+  rm -rf "$dir/root"
+}
+
 session() {
   rm -rf "$dir/root"; mkdir "$dir/root"
-  bdsnap_serve bdsnap+session "$dir/image2" --snapshot-root "$dir/root"
+  # shellcheck disable=SC2086 # SESSION_OPTIONS is a list of options
+  bdsnap_serve bdsnap+session "$dir/image2" --snapshot-root "$dir/root" ${SESSION_OPTIONS:-}
   rm -rf "$dir/root"
 }
 
@@ -114,6 +133,8 @@ for i in $(seq "$repeat"); do
       bdsnap_serve bdsnap "$dir/image1"
       if [ "${FLOOR:-0}" = 1 ]; then floor_serve node-floor; floor_serve node-floor-async --async; fi
       nbdkit_serve ;;
-    first-rand-4k*) session; bdsnap_serve bdsnap "$dir/image1" ;;
+    first-rand-4k*)
+      session; bdsnap_serve bdsnap "$dir/image1"
+      if [ "${FLOOR:-0}" = 1 ]; then floor_cow node-floor-cow; floor_serve node-floor; fi ;;
   esac
 done

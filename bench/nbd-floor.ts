@@ -11,10 +11,17 @@
  * answered when its transfer is done, in whatever order), as bdsnap does for large transfers
  * when the page cache is slow.
  *
+ * `--cow-store FILE` (synchronous I/O only) makes it the floor of copy-before-write: before a
+ * write reaches the image, each chunk (`--chunk-size`, default 16 KiB as a session's) it
+ * touches for the first time is read from the image, given its CRC-32 (`--no-checksum`: not),
+ * and appended with a record header to FILE; a bitmap says which chunks are kept. Nothing
+ * else: no index, no batching, no sync, no recovery. A session cannot do less for a first
+ * write, so session / plain cannot be expected above node-floor-cow / node-floor.
+ *
  * The nbdcopy rows run it beside bdsnap and nbdkit: what it reaches is the most a server on
  * this runtime can be expected to reach, whatever it does on top.
  *
- * Run: node dist/bench/nbd-floor.js [--processes N | --threads N] [--async] SOCKET IMAGE
+ * Run: node dist/bench/nbd-floor.js [--processes N | --threads N] [--async | --cow-store FILE [--chunk-size N] [--no-checksum]] SOCKET IMAGE
  * Prints "nbd-floor: serving SOCKET" on stderr once it accepts connections; SIGTERM stops it.
  */
 
@@ -24,6 +31,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { crc32 } from 'node:zlib';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import * as C from '../src/nbd/constants.js';
 import { adoptWithReadBuffer } from '../src/nbd/server.js';
@@ -58,8 +66,38 @@ class FreeBuffers {
   }
 }
 
+/** The copy-before-write floor's state: the store file, its end, and which chunks it keeps. */
+interface CowFloor { storeFd: number; chunkBytes: number; checksum: boolean; kept: Uint8Array; endBytes: number; chunk: Buffer; header: Buffer }
+
+/** What a session's record header holds at the least: the chunk, the length, the checksum. */
+const COW_HEADER_BYTES = 32;
+
+function cowFloor(storePath: string, chunkBytes: number, checksum: boolean, sizeBytes: number): CowFloor {
+  const storeFd = fs.openSync(storePath, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
+  const chunk = Buffer.allocUnsafe(chunkBytes);
+  return { storeFd, chunkBytes, checksum, kept: new Uint8Array(Math.ceil(sizeBytes / chunkBytes)), endBytes: 0, chunk, header: Buffer.alloc(COW_HEADER_BYTES) };
+}
+
+/** Keep the original of every chunk of [offset, offset + length) not kept yet, as a session must before the write. */
+function keepOriginals(cow: CowFloor, fd: number, sizeBytes: number, offset: number, length: number): void {
+  const last = Math.floor((offset + length - 1) / cow.chunkBytes);
+  for (let c = Math.floor(offset / cow.chunkBytes); c <= last; c++) {
+    if (cow.kept[c] === 1) continue;
+    const at = c * cow.chunkBytes;
+    const data = cow.chunk.subarray(0, Math.min(cow.chunkBytes, sizeBytes - at));
+    preadFullySync(fd, data, at);
+    cow.header.writeUInt32LE(c, 0);
+    cow.header.writeUInt32LE(data.length, 4);
+    cow.header.writeUInt32LE(cow.checksum ? crc32(data) : 0, 8);
+    const written = fs.writevSync(cow.storeFd, [cow.header, data], cow.endBytes);
+    if (written !== cow.header.length + data.length) throw new Error('short write to the store');
+    cow.endBytes += written;
+    cow.kept[c] = 1;
+  }
+}
+
 /** One client: handshake, then requests, parsed from one reused buffer; with `async`, transfers on the thread pool. */
-function serve(socket: net.Socket, fd: number, sizeBytes: number, async: boolean): void {
+function serve(socket: net.Socket, fd: number, sizeBytes: number, async: boolean, cow?: CowFloor): void {
   const socketDescriptor = socketFd(socket);
   if (socketDescriptor !== undefined) loadLibc()?.setSendBuffer(socketDescriptor, SEND_BUFFER_BYTES);
   const free = new FreeBuffers();
@@ -105,6 +143,7 @@ function serve(socket: net.Socket, fd: number, sizeBytes: number, async: boolean
     const data = payload as Buffer;
     payload = undefined;
     if (!async) {
+      if (cow !== undefined) keepOriginals(cow, fd, sizeBytes, writeAt, data.length);
       pwriteFullySync(fd, data, writeAt);
       reply(0);
       return;
@@ -213,9 +252,10 @@ function openImage(imagePath: string): { fd: number; sizeBytes: number } {
   return { fd, sizeBytes: fs.fstatSync(fd).size };
 }
 
-function listen(socketPath: string, imagePath: string, async: boolean, announce: boolean): void {
+function listen(socketPath: string, imagePath: string, async: boolean, announce: boolean, cow?: { storePath: string; chunkBytes: number; checksum: boolean }): void {
   const { fd, sizeBytes } = openImage(imagePath);
-  const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => serve(socket, fd, sizeBytes, async));
+  const floor = cow === undefined ? undefined : cowFloor(cow.storePath, cow.chunkBytes, cow.checksum, sizeBytes);
+  const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => serve(socket, fd, sizeBytes, async, floor));
   server.listen(socketPath, () => {
     if (announce) process.stderr.write(`nbd-floor: serving ${socketPath}\n`);
   });
@@ -257,15 +297,26 @@ function serveThread(): void {
 function main(): void {
   const { values, positionals } = parseArgs({
     allowPositionals: true,
-    options: { processes: { type: 'string', default: '1' }, threads: { type: 'string', default: '1' }, async: { type: 'boolean', default: false } },
+    options: {
+      processes: { type: 'string', default: '1' }, threads: { type: 'string', default: '1' }, async: { type: 'boolean', default: false },
+      'cow-store': { type: 'string' }, 'chunk-size': { type: 'string', default: '16384' }, 'no-checksum': { type: 'boolean', default: false },
+    },
   });
+  const storePath = values['cow-store'];
+  const chunkBytes = Number(values['chunk-size']);
   const processes = Number(values.processes);
   const threads = Number(values.threads);
   const async = values.async ?? false;
   const [socketPath, imagePath] = positionals;
   const count = (n: number): boolean => Number.isInteger(n) && n >= 1;
   if (socketPath === undefined || imagePath === undefined || !count(processes) || !count(threads) || (processes > 1 && threads > 1)) {
-    throw new Error('usage: nbd-floor [--processes N | --threads N] [--async] SOCKET IMAGE');
+    throw new Error('usage: nbd-floor [--processes N | --threads N] [--async | --cow-store FILE [--chunk-size N] [--no-checksum]] SOCKET IMAGE');
+  }
+  if (storePath !== undefined) {
+    if (async || processes > 1 || threads > 1 || !Number.isInteger(chunkBytes) || chunkBytes < 512) throw new Error('--cow-store: one process, one thread, synchronous I/O, a chunk size of at least 512 bytes');
+    fs.rmSync(socketPath, { force: true });
+    listen(socketPath, imagePath, false, true, { storePath, chunkBytes, checksum: !(values['no-checksum'] ?? false) });
+    return;
   }
   if (threads > 1) {
     fs.rmSync(socketPath, { force: true });

@@ -141,20 +141,25 @@ export const BDSNAP_REWRITE: Target = {
 
 const NBD_FLOOR_MAIN = fileURLToPath(new URL('./nbd-floor.js', import.meta.url));
 
-/** How nbd-floor.ts serves: from `processes` processes, or one process with `threads` worker threads; `async`: file I/O on the thread pool. */
-export interface NbdFloorShape { processes?: number; threads?: number; async?: boolean }
+/**
+ * How nbd-floor.ts serves: from `processes` processes, or one process with `threads` worker
+ * threads; `async`: file I/O on the thread pool; `cow`: one event loop keeping the original of
+ * each chunk (the sessions' chunk size) in a store before its first write, and nothing more.
+ */
+export interface NbdFloorShape { processes?: number; threads?: number; async?: boolean; cow?: boolean; /** With `cow`: where the store goes (default: in the server's own temp dir). */ cowStore?: string }
 
 /** nbd-floor.ts: the least a Node.js server does to serve the image. */
-export function nbdFloor({ processes = 1, threads = 1, async = false }: NbdFloorShape = {}): Target {
+export function nbdFloor({ processes = 1, threads = 1, async = false, cow = false, cowStore }: NbdFloorShape = {}): Target {
   const from = threads > 1 ? `${threads} worker threads` : processes > 1 ? `${processes} processes` : 'one event loop';
   const name = threads > 1 ? 'node-floor-threads' : processes > 1 ? `node-floor-${processes}p` : 'node-floor';
   return {
-    name: `${name}${async ? '-async' : ''}`,
-    description: `nbd-floor (Node.js, no checks, ${async ? 'file I/O on the thread pool' : 'synchronous file I/O'}) from ${from}`,
+    name: `${name}${async ? '-async' : ''}${cow ? '-cow' : ''}`,
+    description: `nbd-floor (Node.js, no checks, ${async ? 'file I/O on the thread pool' : 'synchronous file I/O'}) from ${from}${cow ? `, each first write to a ${BENCH_CHUNK_BYTES / 1024} KiB chunk keeping its original (read, CRC-32, appended to a store file)` : ''}`,
     start: async ({ imagePath }) => {
       const ownDir = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-floor-'));
       const socketPath = path.join(ownDir, 'nbd.sock');
-      const args = [NBD_FLOOR_MAIN, '--processes', String(processes), '--threads', String(threads), ...(async ? ['--async'] : []), socketPath, imagePath];
+      const cowArgs = cow ? ['--cow-store', cowStore ?? path.join(ownDir, 'store'), '--chunk-size', String(BENCH_CHUNK_BYTES)] : [];
+      const args = [NBD_FLOOR_MAIN, '--processes', String(processes), '--threads', String(threads), ...(async ? ['--async'] : []), ...cowArgs, socketPath, imagePath];
       return fromServer(await launchServer(undefined, {
         kind: 'nbd-floor', command: process.execPath, args, socketPath, exportNames: [''], ownDir, readyPattern: /^nbd-floor: serving /m,
       }), '');

@@ -10,7 +10,9 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
+import { crc32 } from 'node:zlib';
 import { nbdFloor, type NbdFloorShape } from '../../bench/targets.js';
+import { BENCH_CHUNK_BYTES } from '../../bench/workloads.js';
 import { CleanupStack } from '../../testkit/cleanup.js';
 import { fillRandom, makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
 import { run } from '../../testkit/process.js';
@@ -84,6 +86,38 @@ for (const [i, [how, shape]] of FLOOR_SHAPES.entries()) {
       return server.uri;
     }));
 }
+
+test('the copy-before-write floor keeps the original of every chunk once, checksummed, before it writes', { timeout: 60_000 }, async (t) => {
+  if (!needs(t, { tools: ['nbdcopy'] })) return;
+  const cleanup = new CleanupStack(t);
+  const dir = makeTempDir(cleanup);
+  const source = path.join(dir, 'source.img');
+  const served = path.join(dir, 'served.img');
+  const store = path.join(dir, 'store');
+  makeImage(source, IMAGE_BYTES, 'random', 131);
+  makeImage(served, IMAGE_BYTES, 'random', 132);
+  const original = fs.readFileSync(served);
+  const server = await nbdFloor({ cow: true, cowStore: store }).start({ imagePath: served });
+  cleanup.after(() => server.stop());
+
+  // Twice: the second pass rewrites chunks already kept, which keeps nothing more.
+  for (let pass = 0; pass < 2; pass++) await run('nbdcopy', ['--connections', '4', source, server.uri]);
+  assert.equal(await sha256File(served), await sha256File(source));
+  const bytes = fs.readFileSync(store);
+  const chunkBytes = BENCH_CHUNK_BYTES;
+  const headerBytes = 32;
+  assert.equal(bytes.length, (IMAGE_BYTES / chunkBytes) * (headerBytes + chunkBytes), 'one record per chunk of the image');
+  const seen = new Set<number>();
+  for (let at = 0; at < bytes.length; at += headerBytes + chunkBytes) {
+    const chunk = bytes.readUInt32LE(at);
+    const payload = bytes.subarray(at + headerBytes, at + headerBytes + chunkBytes);
+    assert.equal(bytes.readUInt32LE(at + 4), chunkBytes);
+    assert.equal(bytes.readUInt32LE(at + 8), crc32(payload), `the checksum of chunk ${chunk}`);
+    assert.ok(payload.equals(original.subarray(chunk * chunkBytes, (chunk + 1) * chunkBytes)), `chunk ${chunk} holds its original`);
+    assert.ok(!seen.has(chunk), `chunk ${chunk} kept once`);
+    seen.add(chunk);
+  }
+});
 
 test('nbdcopy between two exports of one server, four connections each', { timeout: 120_000 }, async (t) => {
   if (!needs(t, { tools: ['nbdcopy'] })) return;
