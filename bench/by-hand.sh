@@ -2,7 +2,8 @@
 # The bench's fio rows as a user runs them by hand, to check that the rows agree with it:
 # two 1 GiB images of random data read into the page cache, `bdsnap serve` on one and
 # `nbdkit file` (or a bdsnap session) on the other, one fio job each, the servers alternating.
-# Nothing else happens between the runs: no write-back, no memory handed back, no warm-up.
+# Nothing else happens between the runs: no write-back, no memory handed back, no warm-up
+# (unless asked, below).
 #
 #   sh bench/by-hand.sh seq-write|first-rand-4k|first-rand-4k-iolog [REPEAT]     (from the checkout, after npm run build)
 #
@@ -12,6 +13,11 @@
 # (bench/nbd-floor.ts on one worker thread, synchronous and thread-pool writes) on the seq-write row,
 # and on the first-rand-4k rows the floor on one event loop, plain and with copy-before-write
 # (node-floor-cow: each first write reads, checksums and appends its 16 KiB chunk to a store).
+# WARM=1 gives each bdsnap server one untimed pass of the same fio job before the timed one, as
+# the nbdcopy rows compare a running server's second copy: a session server makes it into
+# another image of its own (a session of its own), so the timed pass is a fresh session's
+# first writes on code that has run before, as in a daemon that has served for a while. The
+# floors and nbdkit run cold either way (their code is a few hundred lines or not JIT-compiled).
 # SESSION_OPTIONS adds options to the session's `bdsnap serve` (e.g. "--chunk-size 4K"),
 # FLOOR_COW_OPTIONS to node-floor-cow's (e.g. "--chunk-size 4096", "--no-checksum").
 set -eu
@@ -24,6 +30,7 @@ pid=
 head -c 1G /dev/urandom >"$dir/image1"
 head -c 1G /dev/urandom >"$dir/image2"
 cat "$dir/image1" "$dir/image2" >/dev/null
+if [ "${WARM:-0}" = 1 ]; then head -c 1G /dev/urandom >"$dir/image3"; cat "$dir/image3" >/dev/null; fi
 # The bench's own first-write log (every write in a chunk of its own), for first-rand-4k-iolog.
 node -e 'import(process.argv[1]).then((m) => m.writeFirstWriteLog(process.argv[2], 2 ** 30, 16384, 16384))' \
   "$(cd "$(dirname "$0")/.." && pwd)/dist/bench/rows.js" "$dir/iolog"
@@ -37,19 +44,29 @@ wait_socket() {
   done
 }
 
-# fio_job NAME URI: the row's fio command as the issue gives it; prints NAME and the figure.
-fio_job() {
+# fio_args: the options of the row's fio command as the issue gives it.
+fio_args() {
   case $row in
-    seq-write) set -- "$1" "$2" --rw=write --bs=1M --size=1G --iodepth=4 ;;
-    first-rand-4k) set -- "$1" "$2" --rw=randwrite --bs=4k --size=1G --number_ios=16384 --randrepeat=0 --iodepth=16 ;;
-    first-rand-4k-iolog) set -- "$1" "$2" --rw=randwrite --bs=4k --size=1G --iodepth=16 --read_iolog="$dir/iolog" ;;
+    seq-write) echo --rw=write --bs=1M --size=1G --iodepth=4 ;;
+    first-rand-4k) echo --rw=randwrite --bs=4k --size=1G --number_ios=16384 --randrepeat=0 --iodepth=16 ;;
+    first-rand-4k-iolog) echo --rw=randwrite --bs=4k --size=1G --iodepth=16 --read_iolog="$dir/iolog" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
+}
+
+# fio_warm URI: the row's fio command once, untimed (WARM=1: the server's code runs warm after).
+fio_warm() {
+  # shellcheck disable=SC2046,SC2086 # word splitting of the argument lists is meant
+  fio --name=x --ioengine=nbd --uri="$1" $(fio_args) ${FIO_OPTIONS:-} --output=/dev/null >/dev/null
+}
+
+# fio_job NAME URI: the row's fio command, timed; prints NAME and the figure.
+fio_job() {
   name=$1 uri=$2
-  shift 2
+  args=$(fio_args)
   ticks=$(cpu_ticks)
-  # shellcheck disable=SC2086 # FIO_OPTIONS is a list of options
-  fio --name=x --ioengine=nbd --uri="$uri" "$@" ${FIO_OPTIONS:-} --output-format=json --output="$dir/fio.json" >/dev/null
+  # shellcheck disable=SC2086 # FIO_OPTIONS and args are lists of options
+  fio --name=x --ioengine=nbd --uri="$uri" $args ${FIO_OPTIONS:-} --output-format=json --output="$dir/fio.json" >/dev/null
   ticks=$(($(cpu_ticks) - ticks))
   node -e '
     const t = require("fs").readFileSync(process.argv[1], "utf8"); const w = JSON.parse(t.slice(t.indexOf("{"))).jobs[0].write;
@@ -77,9 +94,21 @@ bdsnap_serve() { # NAME IMAGE [ARGS...]
   shift 2
   prep "$image"
   rm -f "$dir/s1"
-  $bdsnap serve --socket "$dir/s1" "$@" "$image" 2>"$dir/serve.log" &
+  # WARM=1: one untimed pass first, into image3 where the server keeps sessions (each image its
+  # own fresh session, so the timed one is still all first writes), else into the same image.
+  warm=
+  if [ "${WARM:-0}" = 1 ]; then
+    warm=$image
+    case " $* " in *" --snapshot-root "*) warm=$dir/image3 ;; esac
+  fi
+  if [ -n "$warm" ] && [ "$warm" != "$image" ]; then
+    $bdsnap serve --socket "$dir/s1" "$@" "$image" "$warm" 2>"$dir/serve.log" &
+  else
+    $bdsnap serve --socket "$dir/s1" "$@" "$image" 2>"$dir/serve.log" &
+  fi
   pid=$!
   wait_socket "$dir/s1"
+  [ -z "$warm" ] || fio_warm "nbd+unix:///$warm?socket=$dir/s1"
   fio_job "$name" "nbd+unix:///$image?socket=$dir/s1"
   kill $pid; wait $pid || true
 }
