@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(libnbd-bin python3-libnbd qemu-utils fio nbdkit fuse3 e2fsprogs xfsprogs util-linux restic iproute2 libzstd1 jq openssl
   ceph-mon ceph-osd radosgw ceph-common uuid-runtime curl  # a throwaway S3 server for tests: scripts/ceph-rgw-up.sh
-  qemu-system-x86 busybox-static cpio kmod xz-utils)  # a qemu guest on a bdsnap export: test/helpers/guest.ts
+  qemu-system-x86 busybox-static cpio kmod xz-utils  # a qemu guest on a bdsnap export: test/helpers/guest.ts
+  strace)  # which files the daemon syncs, seen from outside: test/service/snapshots.test.ts
 
 missing=()
 for pkg in "${DEBIAN_PACKAGES[@]}"; do

@@ -178,6 +178,10 @@ export class ChangeTracker implements SnapshotChangeTracking {
 
   // --- SnapshotChangeTracking -------------------------------------------------------------
 
+  get durable(): boolean {
+    return this.#durability === 'strict';
+  }
+
   take(devicePath: string, dir: string, key: number): { generation: string; number: number } | null {
     const map = this.#open.get(devicePath);
     if (!map) return null;

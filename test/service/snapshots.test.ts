@@ -5,9 +5,9 @@
  * and refusals of bad input.
  */
 
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -15,6 +15,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { cleanupOf } from '../../testkit/cleanup.js';
 import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
 import { makeImage } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 import { ORDERED_WRITER_SALTS } from './fixtures/ordered-writer.js';
 import { highestOrderedWrite, passwdAndActivate, restoreOnlySession, startOrderedWriter } from './helpers.js';
 
@@ -375,4 +376,58 @@ test('bad input is refused with one clear line and changes nothing', { timeout: 
   const info = JSON.parse(ok(box, ['snapshot', 'info', snap.id, '--json'])) as { state: string; storage: { limitBytes: number | null } };
   assert.equal(info.state, 'ok');
   assert.equal(info.storage.limitBytes, null, 'the failed extend changed nothing');
+});
+
+/**
+ * The device syncs (fdatasync of the image) the daemon makes while `snapshot create` runs, seen
+ * by strace from outside the process: `-y` names each descriptor's file.
+ */
+async function deviceSyncsDuringCreate(t: TestContext, durability: 'process' | 'strict'): Promise<string[] | undefined> {
+  if (!needs(t, { tools: ['strace'] })) return undefined;
+  const box = sandbox(t);
+  const image = makeImage(path.join(box.top, 'a.img'), IMAGE_BYTES, 'random', 41);
+  const daemon = await startDaemon(t, { sandbox: box, password: false, durability });
+  register(box, [image]);
+  // A client keeps the device open (as writers do): the take then opens nothing, and what it
+  // syncs is the barrier's own doing. It leaves writes in the page cache for a flush to find.
+  const real = fs.realpathSync(image);
+  const client = await connect(box, real);
+  cleanupOf(t).after(() => client.close());
+  for (let i = 0; i < 16; i++) await client.write(randomBytes(BLOCK), i * 7 * BLOCK);
+  const traceFile = path.join(box.top, 'strace.out');
+  const strace = spawn('strace', ['-f', '-y', '-e', 'trace=fdatasync,fsync', '-o', traceFile, '-p', String(daemon.server.pid)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  cleanupOf(t).after(() => {
+    strace.kill('SIGKILL');
+  });
+  // strace says on stderr when it holds every thread of the process.
+  await new Promise<void>((resolve, reject) => {
+    let said = '';
+    const timer = setTimeout(() => reject(new Error(`strace did not attach: ${said}`)), 10_000);
+    strace.stderr.on('data', (chunk: Buffer) => {
+      said += chunk.toString('utf8');
+      if (/attached/.test(said)) {
+        clearTimeout(timer);
+        setTimeout(resolve, 200);
+      }
+    });
+  });
+  const created = createSnapshot(box, [image]);
+  const exited = new Promise((resolve) => strace.once('exit', resolve));
+  strace.kill('SIGINT');
+  await exited;
+  ok(box, ['snapshot', 'destroy', created.id]);
+  return fs.readFileSync(traceFile, 'utf8').split('\n').filter((l) => /\b(fdatasync|fsync)\(\d+</.test(l) && l.includes(`<${real}>`) && /= 0$/.test(l));
+}
+
+test('snapshot create flushes the device before moving its change map on where the map survives a power loss (strict)', { timeout: 60_000 }, async (t) => {
+  const syncs = await deviceSyncsDuringCreate(t, 'strict');
+  if (syncs === undefined) return;
+  // Once before the barrier, once under it.
+  assert.ok(syncs.length >= 2, `the device was synced ${syncs.length} times during the take`);
+});
+
+test('snapshot create holds writers for no device flush where the change map is reset after a power loss anyway (process)', { timeout: 60_000 }, async (t) => {
+  const syncs = await deviceSyncsDuringCreate(t, 'process');
+  if (syncs === undefined) return;
+  assert.deepEqual(syncs, [], 'no fdatasync of the device during the take');
 });

@@ -8,6 +8,12 @@ import type { MetaContextSource } from '../../nbd/exports.js';
 
 export interface SnapshotChangeTracking {
   /**
+   * The maps survive a power loss ('strict' durability). Only then must a take flush the
+   * devices before it moves their maps on: a 'process' map that was not closed cleanly is
+   * reset after a reboot, so no write a power loss undid can hide behind it.
+   */
+  readonly durable: boolean;
+  /**
    * Under the barrier: keep the device map's frozen view for this snapshot and move the device
    * to the next number. In memory only, so the barrier holds writes no longer than it must.
    */
