@@ -124,7 +124,10 @@ async function barrier(ctx: TakeContext, snapshot: LiveSnapshot): Promise<void> 
   // devices are flushed under the barrier, and once before it, so that writers wait for
   // little. Other maps are reset after a power loss; a flush under the barrier would only
   // hold the writers (tens of milliseconds under random writes).
-  const flush = ctx.tracking?.durable === true ? (): Promise<unknown> => Promise.all(layers.map((layer) => layer.flush())) : (): undefined => undefined;
+  const durable = ctx.tracking?.durable === true;
+  const flush = async (): Promise<void> => {
+    if (durable) await Promise.all(layers.map((layer) => layer.flush()));
+  };
   await flush();
   const started = performance.now();
   const holding: SnapshotLayer[] = [];
