@@ -99,16 +99,14 @@ bdsnap_serve() { # NAME IMAGE [ARGS...]
   rm -f "$dir/s1"
   # WARM=1: one untimed pass first, into image3 where the server keeps sessions (each image its
   # own fresh session, so the timed one is still all first writes), else into the same image.
+  # The image measured goes first (the default export); a session server also serves image3.
+  set -- "$@" "$image"
   warm=
   if [ "${WARM:-0}" = 1 ]; then
     warm=$image
-    case " $* " in *" --snapshot-root "*) warm=$dir/image3 ;; esac
+    case " $* " in *" --snapshot-root "*) warm=$dir/image3; set -- "$@" "$warm" ;; esac
   fi
-  if [ -n "$warm" ] && [ "$warm" != "$image" ]; then
-    $bdsnap serve --socket "$dir/s1" "$@" "$image" "$warm" 2>"$dir/serve.log" &
-  else
-    $bdsnap serve --socket "$dir/s1" "$@" "$image" 2>"$dir/serve.log" &
-  fi
+  $bdsnap serve --socket "$dir/s1" "$@" 2>"$dir/serve.log" &
   pid=$!
   wait_socket "$dir/s1"
   if [ -n "$warm" ]; then
@@ -132,29 +130,23 @@ nbdkit_serve() {
   kill $pid; wait $pid || true
 }
 
-floor_serve() { # NAME [ARGS...]
-  name=$1
-  shift
-  prep "$dir/image1"
+floor_serve() { # NAME IMAGE [ARGS...]
+  name=$1 image=$2
+  shift 2
+  prep "$image"
   rm -f "$dir/s1"
-  node "$(dirname "$0")/../dist/bench/nbd-floor.js" --threads 1 "$@" "$dir/s1" "$dir/image1" 2>/dev/null &
+  node "$(dirname "$0")/../dist/bench/nbd-floor.js" --threads 1 "$@" "$dir/s1" "$image" 2>/dev/null &
   pid=$!
   wait_socket "$dir/s1"
   fio_job "$name" "nbd+unix://?socket=$dir/s1"
   kill $pid; wait $pid || true
 }
 
-floor_cow() { # NAME [ARGS...]
-  name=$1
-  shift
-  prep "$dir/image2"
-  rm -rf "$dir/s1" "$dir/root"; mkdir "$dir/root"
+# The copy-before-write floor on the session's image, its store where the session's goes.
+floor_cow() {
+  rm -rf "$dir/root"; mkdir "$dir/root"
   # shellcheck disable=SC2086 # FLOOR_COW_OPTIONS is a list of options
-  node "$(dirname "$0")/../dist/bench/nbd-floor.js" --cow-store "$dir/root/store" "$@" ${FLOOR_COW_OPTIONS:-} "$dir/s1" "$dir/image2" 2>/dev/null &
-  pid=$!
-  wait_socket "$dir/s1"
-  fio_job "$name" "nbd+unix://?socket=$dir/s1"
-  kill $pid; wait $pid || true
+  floor_serve node-floor-cow "$dir/image2" --cow-store "$dir/root/store" ${FLOOR_COW_OPTIONS:-}
   rm -rf "$dir/root"
 }
 
@@ -169,10 +161,10 @@ for i in $(seq "$repeat"); do
   case $row in
     seq-write)
       bdsnap_serve bdsnap "$dir/image1"
-      if [ "${FLOOR:-0}" = 1 ]; then floor_serve node-floor; floor_serve node-floor-async --async; fi
+      if [ "${FLOOR:-0}" = 1 ]; then floor_serve node-floor "$dir/image1"; floor_serve node-floor-async "$dir/image1" --async; fi
       nbdkit_serve ;;
     first-rand-4k*)
       session; bdsnap_serve bdsnap "$dir/image1"
-      if [ "${FLOOR:-0}" = 1 ]; then floor_cow node-floor-cow; floor_serve node-floor; fi ;;
+      if [ "${FLOOR:-0}" = 1 ]; then floor_cow; floor_serve node-floor "$dir/image1"; fi ;;
   esac
 done

@@ -312,18 +312,16 @@ function main(): void {
   if (socketPath === undefined || imagePath === undefined || !count(processes) || !count(threads) || (processes > 1 && threads > 1)) {
     throw new Error('usage: nbd-floor [--processes N | --threads N] [--async | --cow-store FILE [--chunk-size N] [--no-checksum]] SOCKET IMAGE');
   }
-  if (storePath !== undefined) {
-    if (async || processes > 1 || threads > 1 || !Number.isInteger(chunkBytes) || chunkBytes < 512) throw new Error('--cow-store: one process, one thread, synchronous I/O, a chunk size of at least 512 bytes');
-    fs.rmSync(socketPath, { force: true });
-    listen(socketPath, imagePath, false, true, { storePath, chunkBytes, checksum: !(values['no-checksum'] ?? false) });
-    return;
+  if (storePath !== undefined && (async || processes > 1 || threads > 1 || !Number.isInteger(chunkBytes) || chunkBytes < 512)) {
+    throw new Error('--cow-store: one process, one thread, synchronous I/O, a chunk size of at least 512 bytes');
   }
+  const cow = storePath === undefined ? undefined : { storePath, chunkBytes, checksum: !(values['no-checksum'] ?? false) };
   if (threads > 1) {
     fs.rmSync(socketPath, { force: true });
     listenThreaded(socketPath, imagePath, async, threads);
   } else if (processes === 1) {
     fs.rmSync(socketPath, { force: true });
-    listen(socketPath, imagePath, async, true);
+    listen(socketPath, imagePath, async, true, cow);
   } else if (cluster.isPrimary) {
     fs.rmSync(socketPath, { force: true });
     let listening = 0;

@@ -378,13 +378,17 @@ export function writeFirstWriteLog(logPath: string, imageBytes: number, chunkByt
   fs.writeFileSync(logPath, lines.join('\n'));
 }
 
-/** A row of `measured` (a session target) against the plain server: ratio measured / plain, target at least `target`. */
+/**
+ * A row of `measured` (a session target) against the plain server: ratio measured / plain,
+ * target at least `target`; `extraColumns` are reported beside (no part of the figure).
+ */
 function versusPlain(
   row: Pick<BenchRow, 'id' | 'name' | 'measures' | 'once' | 'unavailable'>, measured: string, unit: 'MB/s' | 'IOPS', target: number, ratioText = 'session / plain',
+  extraColumns: BenchRow['columns'] = [],
 ): BenchRow {
   return {
     ...row,
-    columns: [{ name: measured, unit }, { name: 'bdsnap', unit }],
+    columns: [{ name: measured, unit }, { name: 'bdsnap', unit }, ...extraColumns],
     ratioText,
     ratio: ratioOf(measured, 'bdsnap'),
     targetText: `>= ${target}x`,
@@ -395,29 +399,25 @@ function versusPlain(
 const COW_FLOOR = nbdFloor({ cow: true });
 const PLAIN_FLOOR = nbdFloor();
 
-const FIRST_RANDOM: BenchRow = {
-  ...versusPlain({
-    id: 'first-rand-4k',
-    name: 'session random 4 KiB first writes, qd 16, vs plain',
-    measures: `one pass of ${RANDOM_FIRST_WRITES} random 4 KiB writes at depth 16 over an image of random data (each side its own), each in a different ${BENCH_CHUNK_BYTES / 1024} KiB chunk (replayed fio iolog, so every write is a first write, checked from the session's manifest): a fresh bdsnap serve --snapshot-root session against bdsnap serve without one. ${COW_FLOOR.name} / ${PLAIN_FLOOR.name}: the same pass on nbd-floor.ts from one event loop, keeping each chunk's original before its first write (read, CRC-32, appended to a store file; nothing else) against serving plainly: the ratio a session cannot be expected to pass here (no part of the figure)`,
-    once: async (context, reverse) => {
-      const logPath = path.join(context.dir, 'first-writes.iolog');
-      if (!fs.existsSync(logPath)) writeFirstWriteLog(logPath, context.imageBytes, BENCH_CHUNK_BYTES, RANDOM_FIRST_WRITES);
-      const job: FioShape = { rw: 'randwrite', blockSizeBytes: 4096, ioDepth: 16, sizeBytes: context.imageBytes, extraArgs: [`--read_iolog=${logPath}`] };
-      const v = await alternate(reverse, [
-        ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, job, 'IOPS', { afterStop: preservedPerLoggedWrite(context.imagePath, logPath, job.ioDepth) })],
-        ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(context), job, 'IOPS')],
-        [COW_FLOOR.name, () => fioCell(COW_FLOOR, context, job, 'IOPS')],
-        [PLAIN_FLOOR.name, () => fioCell(PLAIN_FLOOR, baselineSide(context), job, 'IOPS')],
-      ]);
-      return { ...v, 'floor cow / plain': (v[COW_FLOOR.name] ?? NaN) / (v[PLAIN_FLOOR.name] ?? NaN) };
-    },
-  }, 'bdsnap+session', 'IOPS', 0.5),
-  columns: [
-    { name: 'bdsnap+session', unit: 'IOPS' }, { name: 'bdsnap', unit: 'IOPS' },
-    { name: COW_FLOOR.name, unit: 'IOPS' }, { name: PLAIN_FLOOR.name, unit: 'IOPS' }, { name: 'floor cow / plain', unit: 'x' },
-  ],
-};
+const FIRST_RANDOM: BenchRow = versusPlain({
+  id: 'first-rand-4k',
+  name: 'session random 4 KiB first writes, qd 16, vs plain',
+  measures: `one pass of ${RANDOM_FIRST_WRITES} random 4 KiB writes at depth 16 over an image of random data (each side its own), each in a different ${BENCH_CHUNK_BYTES / 1024} KiB chunk (replayed fio iolog, so every write is a first write, checked from the session's manifest): a fresh bdsnap serve --snapshot-root session against bdsnap serve without one. ${COW_FLOOR.name} / ${PLAIN_FLOOR.name}: the same pass on nbd-floor.ts from one event loop, keeping each chunk's original before its first write (read, CRC-32, appended to a store file; nothing else) against serving plainly: the ratio a session cannot be expected to pass here (no part of the figure)`,
+  once: async (context, reverse) => {
+    const logPath = path.join(context.dir, 'first-writes.iolog');
+    if (!fs.existsSync(logPath)) writeFirstWriteLog(logPath, context.imageBytes, BENCH_CHUNK_BYTES, RANDOM_FIRST_WRITES);
+    const job: FioShape = { rw: 'randwrite', blockSizeBytes: 4096, ioDepth: 16, sizeBytes: context.imageBytes, extraArgs: [`--read_iolog=${logPath}`] };
+    const v = await alternate(reverse, [
+      ['bdsnap+session', () => fioCell(BDSNAP_SESSION, context, job, 'IOPS', { afterStop: preservedPerLoggedWrite(context.imagePath, logPath, job.ioDepth) })],
+      ['bdsnap', () => fioCell(BDSNAP_SERVE, baselineSide(context), job, 'IOPS')],
+      [COW_FLOOR.name, () => fioCell(COW_FLOOR, context, job, 'IOPS')],
+      [PLAIN_FLOOR.name, () => fioCell(PLAIN_FLOOR, baselineSide(context), job, 'IOPS')],
+    ]);
+    return { ...v, 'floor cow / plain': (v[COW_FLOOR.name] ?? NaN) / (v[PLAIN_FLOOR.name] ?? NaN) };
+  },
+}, 'bdsnap+session', 'IOPS', 0.5, undefined, [
+  { name: COW_FLOOR.name, unit: 'IOPS' }, { name: PLAIN_FLOOR.name, unit: 'IOPS' }, { name: 'floor cow / plain', unit: 'x' },
+]);
 
 /** How many chunks of the session targets the image holds: what one pass over it preserves. */
 function chunksOf(context: RowContext): number {
