@@ -161,6 +161,7 @@ const TOOL_PACKAGES: Record<string, string> = {
   umount: 'mount',
   jq: 'jq',
   openssl: 'openssl',
+  strace: 'strace',
 };
 
 /** The Debian package that provides `tool`, when known. */
