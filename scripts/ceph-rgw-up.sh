@@ -18,11 +18,15 @@ for tool in ceph-mon ceph-osd radosgw radosgw-admin ceph monmaptool uuidgen curl
   command -v "$tool" >/dev/null || { echo "ceph-rgw-up: '$tool' is missing; run scripts/setup.sh (Debian packages ceph-mon ceph-osd radosgw ceph-common uuid-runtime curl)" >&2; exit 1; }
 done
 
+# Below the kernel's ephemeral range (an outgoing connection may take any port in it between
+# this check and the bind), and used by no TCP socket in any state.
 free_port() {
-  local p
+  local p low
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$low" -gt 11000 ] 2>/dev/null || low=32768
   for _ in $(seq 1 200); do
-    p=$(( 20000 + RANDOM % 30000 ))
-    [ -z "$(ss -Hltn "sport = :$p" 2>/dev/null)" ] && { echo "$p"; return; }
+    p=$(( 10000 + RANDOM % (low - 10000) ))
+    [ -z "$(ss -Htan "sport = :$p" 2>/dev/null)" ] && { echo "$p"; return; }
   done
   echo "ceph-rgw-up: no free port found" >&2; exit 1
 }
