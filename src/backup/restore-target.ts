@@ -2,10 +2,14 @@
  * Where a restore writes, and how a failed restore is undone, so that the target ends with the
  * backup's content or as it was before:
  *
- * - A new file (`--output` naming nothing yet): created by `begin`, exclusively and without
- *   following a symbolic link (root must not write through a link another user planted), mode
- *   0600, sparse, so zero pieces are holes. A failed restore removes it, if its path still
- *   names the file made here.
+ * - A new file (`--output` naming nothing yet): written under a temporary name beside it
+ *   (`.NAME.bdsnap-restore-XXXXXXXX`), created exclusively and without following a symbolic
+ *   link (root must not write through a link another user planted), mode 0600, sparse, so zero
+ *   pieces are holes. `commit` makes it durable and only then gives it its name (a hard link,
+ *   which fails rather than replace a file that appeared meanwhile), so the name never shows a
+ *   partly written restore, not even after a crash. A failed restore removes the temporary
+ *   file, if its path still names the file made here. Nothing being at stake until then, its
+ *   pieces need no check before the first write (see restore.ts).
  * - An existing regular file or block device (the device itself, or `--output` naming a
  *   file): opened at once, which takes FileDevice's lock (so a daemon serving it gives EBUSY)
  *   but changes nothing. Each range is read before it is written: one that already holds the
@@ -13,7 +17,9 @@
  *   restore writes the originals back and gives a file its original size again.
  */
 
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import { FileDevice } from '../device/file-device.js';
 import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
@@ -22,6 +28,7 @@ import type { PiecePool } from '../repository/piece-pool.js';
 import type { PieceRange } from '../repository/piece-worker.js';
 import { UndoLog } from './undo-log.js';
 import { checkOutputFile } from '../host/output-file.js';
+import { fsyncDirectory } from '../host/atomic-file.js';
 
 /** Largest range of a file's cut tail read at once to keep it. */
 const TAIL_CHUNK_BYTES = 16 * 1024 * 1024;
@@ -41,6 +48,13 @@ export interface RestoreTarget {
   readonly path: string;
   /** Zero ranges already read as zeroes (a new sparse file): nothing need be written for them. */
   readonly holes: boolean;
+  /**
+   * A failure may leave the target changed until `abandon` puts it back (a file or device
+   * restored in place): every piece is read and checked before the first write, so that the
+   * common failure, a damaged repository, is a refusal rather than a rollback. A new file is
+   * not seen under its name before `commit`, so its pieces are checked as they are written.
+   */
+  readonly checkFirst: boolean;
   /** Prepare to write (create the file, or set up the undo log); nothing is written before. A failure here is undone by `abandon` too. */
   begin(): Promise<void>;
   /**
@@ -100,30 +114,43 @@ function sameFile(file: FileDevice, st: fs.Stats): boolean {
 class NewFileTarget implements RestoreTarget {
   readonly path: string;
   readonly holes = true;
+  readonly checkFirst = false;
   readonly #sizeBytes: number;
+  /** Where the file is written until `commit` names it. */
+  readonly #temp: string;
   #fh: fs.promises.FileHandle | undefined;
   #created: fs.Stats | undefined;
   #file: FileDevice | undefined;
+  #named = false;
 
   constructor(target: string, sizeBytes: number) {
     this.path = target;
     this.#sizeBytes = sizeBytes;
+    this.#temp = path.join(path.dirname(target), `.${path.basename(target).slice(0, 200)}.bdsnap-restore-${randomBytes(4).toString('hex')}`);
   }
 
   async begin(): Promise<void> {
+    await this.#checkNameFree();
     const flags = fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW;
     try {
-      this.#fh = await fs.promises.open(this.path, flags, 0o600);
+      this.#fh = await fs.promises.open(this.#temp, flags, 0o600);
     } catch (err) {
       const e = toBdsnapError(err);
-      if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new BdsnapError('EBUSY', `${this.path} appeared while the backup was being checked; refusing to write to it`, { cause: err });
-      throw new BdsnapError(e.code, `cannot create ${this.path}: ${e.message}`, { cause: err });
+      throw new BdsnapError(e.code, `cannot create ${this.#temp} to restore ${this.path} into: ${e.message}`, { cause: err });
     }
     this.#created = await this.#fh.stat();
     await this.#fh.truncate(this.#sizeBytes);
     // FileDevice opens by path: it must be the file just made (the lock goes with what it opened).
-    this.#file = await openFree(this.path);
-    if (!sameFile(this.#file, this.#created)) throw new BdsnapError('EBUSY', `${this.path} was replaced while it was being created; refusing to write to it`);
+    this.#file = await openFree(this.#temp);
+    if (!sameFile(this.#file, this.#created)) throw new BdsnapError('EBUSY', `${this.#temp} was replaced while it was being created; refusing to write to it`);
+  }
+
+  async #checkNameFree(): Promise<void> {
+    const st = await fs.promises.lstat(this.path).catch((err: unknown) => {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw toBdsnapError(err);
+    });
+    if (st) throw new BdsnapError('EBUSY', `${this.path} appeared while the backup was being restored; refusing to replace it`);
   }
 
   async place(pool: PiecePool, piece: PieceFile): Promise<void> {
@@ -143,21 +170,42 @@ class NewFileTarget implements RestoreTarget {
   async commit(): Promise<void> {
     // fdatasync covers the file whichever descriptor wrote it (the workers write through #fh).
     await this.#file!.flush();
+    const now = await fs.promises.lstat(this.#temp).catch(() => undefined);
+    if (!now || !sameStat(now, this.#created!)) throw new BdsnapError('EBUSY', `${this.#temp} no longer names the file this restore wrote; refusing to name it ${this.path}`);
+    try {
+      // link, unlike rename, fails if the name was taken meanwhile.
+      await fs.promises.link(this.#temp, this.path);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EEXIST') throw new BdsnapError('EBUSY', `${this.path} appeared while the backup was being restored; refusing to replace it`, { cause: err });
+      if (code !== 'EPERM' && code !== 'EOPNOTSUPP' && code !== 'ENOTSUP') throw toBdsnapError(err);
+      // A filesystem without hard links: the name is checked, then taken by a rename.
+      await this.#checkNameFree();
+      await fs.promises.rename(this.#temp, this.path).catch((e: unknown) => { throw toBdsnapError(e); });
+    }
+    this.#named = true;
+    const named = await fs.promises.lstat(this.path).catch(() => undefined);
+    if (!named || !sameStat(named, this.#created!)) throw new BdsnapError('EBUSY', `${this.path} was replaced as it was being given the restored file; the restored file is at ${this.#temp}`);
+    await fs.promises.unlink(this.#temp).catch((err: unknown) => {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw toBdsnapError(err);
+    });
+    await fsyncDirectory(path.dirname(this.path));
   }
 
   async abandon(): Promise<string> {
     if (!this.#created) return 'nothing was written';
+    if (this.#named) return `${this.#temp} is left, holding the whole restore`;
     const created = this.#created;
     await this.close();
     // Only the file made here: a path that now names another file is not ours to remove.
-    const now = await fs.promises.lstat(this.path).catch(() => undefined);
-    if (!now || now.dev !== created.dev || now.ino !== created.ino) return `${this.path} no longer names the file this restore made; it was left alone`;
+    const now = await fs.promises.lstat(this.#temp).catch(() => undefined);
+    if (!now || !sameStat(now, created)) return `${this.#temp} no longer names the file this restore made, and was left alone`;
     try {
-      await fs.promises.unlink(this.path);
+      await fs.promises.unlink(this.#temp);
     } catch (err) {
-      return `removing the partly written ${this.path} failed too (${toBdsnapError(err).message}); remove it`;
+      return `removing the partly written ${this.#temp} failed too (${toBdsnapError(err).message}); remove it`;
     }
-    return `the partly written ${this.path} was removed`;
+    return `the partly written ${this.#temp} was removed`;
   }
 
   async close(): Promise<void> {
@@ -172,9 +220,14 @@ class NewFileTarget implements RestoreTarget {
   }
 }
 
+function sameStat(a: fs.Stats, b: fs.Stats): boolean {
+  return a.dev === b.dev && a.ino === b.ino;
+}
+
 class InPlaceTarget implements RestoreTarget {
   readonly path: string;
   readonly holes = false;
+  readonly checkFirst = true;
   readonly #block: boolean;
   readonly #sizeBytes: number;
   /** Holds the lock from open to close. */

@@ -3,20 +3,29 @@
  * The target ends with the backup's content or as it was: a restore that fails leaves no
  * half-written target.
  *
- * Before a byte is written: the manifest must read, the device must be in it, the target must
- * be a regular file or a block device that is not in use (see openRestoreTarget), and every
- * piece the device needs must be read (a byte range of its pack), authenticated, decoded and
- * checked against its id: a missing or damaged piece refuses the restore with its name and the
- * backup's. It buys a refusal instead of a rollback for the common failure.
+ * Before a byte is written: the manifest must read, the device must be in it, every piece it
+ * needs must be in the index, and the target must be a regular file or a block device that is
+ * not in use (see openRestoreTarget).
  *
- * From a local directory that first pass keeps nothing, and each piece is read and checked
- * again as it is written (by the pool's threads, straight from the pack file): measured here on
- * a 256 MiB image (516 distinct pieces, 129 MiB of them) with the repository in the page cache,
- * 0.2 s of CPU and 0.1 to 0.25 s of wall time on top of about 0.5 s. From a remote store a
- * second fetch would cost as much as the first, so the pieces are fetched a few MiB of a pack
- * at a time (pack-reader.ts), decoded once, and their checked content kept in a private spool
- * file (piece-spool.ts) that the write pass reads: a local file in the page cache, where the
- * device's distinct pieces may not fit in memory.
+ * A target restored in place (the device, or an existing file) is changed only once every
+ * piece it needs has been read (a byte range of its pack), authenticated, decoded and checked
+ * against its id: a damaged piece refuses the restore with its name and the backup's, which
+ * buys a refusal instead of a rollback for the common failure. From a local directory that
+ * first pass keeps nothing, and each piece is read and checked again as it is written (by the
+ * pool's threads, straight from the pack file): measured here on a 256 MiB image (516 distinct
+ * pieces, 129 MiB of them) with the repository in the page cache, 0.2 s of CPU and 0.1 to
+ * 0.25 s of wall time on top of about 0.5 s. From a remote store a second fetch would cost as
+ * much as the first, so the pieces are fetched a few MiB of a pack at a time (pack-reader.ts),
+ * decoded once, and their checked content kept in a private spool file (piece-spool.ts) that
+ * the write pass reads: a local file in the page cache, where the device's distinct pieces may
+ * not fit in memory.
+ *
+ * A new file (`--output` naming nothing yet) is written under a temporary name and named only
+ * once whole and durable (restore-target.ts), so nothing is at stake while it is written: each
+ * piece is read, checked and written in one pass, and a damaged one removes the temporary file
+ * and names the piece. From S3 that saves the spool's write and read of every distinct piece
+ * and lets the writes overlap the fetches: a 1 GiB restore took 5.0-5.2 s with the spool here
+ * (2.3-2.5 s fetching, 2.5 s writing from the spool).
  *
  * A write can still fail midway (a disk error, a piece damaged since it was checked). Then the
  * target undoes what was written: a new file is removed, an existing file or device gets its
@@ -69,22 +78,33 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   const slots = expandSlots(entry, P);
   const target = await openRestoreTarget(options.output !== undefined ? path.resolve(options.output) : entry.device, options.output !== undefined, entry.sizeBytes);
   const pool = new PiecePool(repo.pieceCrypto);
-  // Pieces kept as local files are read where they are; others are fetched once, into the spool.
+  const verifyHint = `'bdsnap backup verify --repo ${repo.store.location} ${id}' lists every damaged piece`;
+  // Pieces kept as local files are read where they are; others are fetched once.
+  const remote = !repo.store.localPath;
   let spool: PieceSpool | undefined;
   try {
     const needed = neededPieces(slots, P, entry.sizeBytes);
-    if (!repo.store.localPath) spool = await PieceSpool.create([...needed.values()].reduce((n, b) => n + b, 0));
     const index = await repo.pieceIndex();
+    checkIndexed(id, needed, index, verifyHint);
     const toWrite = slots.map((_, i) => i).filter((i) => slots[i] !== null || !target.holes);
-    options.progress?.start([...needed.values()].reduce((n, b) => n + b, 0) + toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0));
-    await checkPieces(repo, id, needed, index, pool, spool, options);
+    const writeBytes = toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0);
+    const neededBytes = [...needed.values()].reduce((n, b) => n + b, 0);
+    options.progress?.start((target.checkFirst ? neededBytes : 0) + writeBytes);
+    if (target.checkFirst) {
+      if (remote) spool = await PieceSpool.create(neededBytes);
+      await checkPieces(repo, id, needed, index, pool, spool, options, verifyHint);
+    }
     let writtenBytes: number;
     try {
       await target.begin();
-      writtenBytes = await writeSlots(repo, id, slots, index, toWrite, entry.sizeBytes, P, target, pool, spool, options);
+      writtenBytes = remote && !target.checkFirst
+        ? await streamSlots(repo, slots, index, needed, entry.sizeBytes, P, target, pool, options)
+        : await writeSlots(repo, id, slots, index, toWrite, entry.sizeBytes, P, target, pool, spool, options);
       await target.commit();
     } catch (err) {
       const e = toBdsnapError(err);
+      // A damaged piece met while writing a new file: refused like one met by the check pass.
+      if (!target.checkFirst && e.code === 'ECORRUPT') throw new BdsnapError(e.code, `cannot restore backup ${id}: ${e.message}; ${await target.abandon()}; ${verifyHint}`, { cause: err });
       throw new BdsnapError(e.code, `${e.message}; ${await target.abandon()}`, { cause: err });
     }
     return { id, device: entry.device, target: target.path, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs };
@@ -104,6 +124,14 @@ function neededPieces(slots: Array<string | null>, P: number, sizeBytes: number)
   return needed;
 }
 
+/** Every needed piece must be in the index: a missing one refuses the restore before anything is read. */
+function checkIndexed(id: string, needed: Map<string, number>, index: Map<string, PieceLocation>, verifyHint: string): void {
+  const missing = [...needed.keys()].filter((h) => !index.has(h));
+  if (missing.length > 0) {
+    throw new BdsnapError('ECORRUPT', `backup ${id} is damaged: ${missing.length} of its pieces ${missing.length === 1 ? 'is' : 'are'} missing (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}); nothing was written; ${verifyHint}`);
+  }
+}
+
 /**
  * The first pass: every needed piece is read, decoded and checked, as the write pass will; kept
  * in `spool` when given, else (a local store) kept nothing of. Stops at the first missing or
@@ -111,15 +139,11 @@ function neededPieces(slots: Array<string | null>, P: number, sizeBytes: number)
  */
 async function checkPieces(
   repo: Repository, id: string, needed: Map<string, number>, index: Map<string, PieceLocation>, pool: PiecePool, spool: PieceSpool | undefined, options: RestoreOptions,
+  verifyHint: string,
 ): Promise<void> {
-  const hint = `nothing was written; 'bdsnap backup verify --repo ${repo.store.location} ${id}' lists every damaged piece`;
-  const missing = [...needed.keys()].filter((h) => !index.has(h));
-  if (missing.length > 0) {
-    throw new BdsnapError('ECORRUPT', `backup ${id} is damaged: ${missing.length} of its pieces ${missing.length === 1 ? 'is' : 'are'} missing (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}); ${hint}`);
-  }
   const refuse = (err: unknown): BdsnapError => {
     const e = toBdsnapError(err);
-    return new BdsnapError(e.code === 'ENOENT' ? 'ECORRUPT' : e.code, `cannot restore backup ${id}: ${e.message}; ${hint}`, { cause: err });
+    return new BdsnapError(e.code === 'ENOENT' ? 'ECORRUPT' : e.code, `cannot restore backup ${id}: ${e.message}; nothing was written; ${verifyHint}`, { cause: err });
   };
   if (spool) {
     try {
@@ -149,6 +173,62 @@ async function checkPieces(
     }
     options.progress?.advance(lengthBytes);
   });
+}
+
+/**
+ * One pass from a remote store into a new file: each needed piece fetched, decoded and checked
+ * (readPieces), then written into every slot that holds it. Zero slots are the new file's
+ * holes. Returns the bytes written.
+ */
+async function streamSlots(
+  repo: Repository, slots: Array<string | null>, index: Map<string, PieceLocation>, needed: Map<string, number>, sizeBytes: number, P: number, target: RestoreTarget, pool: PiecePool,
+  options: RestoreOptions,
+): Promise<number> {
+  const slotsOf = new Map<string, number[]>();
+  slots.forEach((hash, i) => {
+    if (hash !== null) slotsOf.set(hash, [...(slotsOf.get(hash) ?? []), i]);
+  });
+  const hints = new WritebackHints(target);
+  let writtenBytes = 0;
+  await readPieces(repo, pool, [...needed.keys()].map((hash) => ({ id: hash, at: index.get(hash)! })), {
+    maxRawBytes: (hash) => needed.get(hash)!,
+    onPiece: async (hash, raw) => {
+      if (raw.length !== needed.get(hash)) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${needed.get(hash)} are needed`);
+      for (const i of slotsOf.get(hash)!) {
+        const length = Math.min(P, sizeBytes - i * P);
+        if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where slot ${i} of the backup needs ${length}`);
+        await target.put(i * P, raw);
+        writtenBytes += length;
+        options.progress?.advance(length);
+        hints.written(i * P, length);
+      }
+    },
+    signal: options.signal,
+  });
+  return writtenBytes;
+}
+
+/**
+ * Written ranges handed to writeback a window at a time (see BlockDevice.startWriteback), so
+ * the final flush has less left to do; for writes in no set order, the window is the span of
+ * what was written since the last hint.
+ */
+class WritebackHints {
+  #from = Infinity;
+  #to = 0;
+  #bytes = 0;
+  constructor(private readonly target: RestoreTarget) {}
+
+  written(offsetBytes: number, lengthBytes: number): void {
+    this.#from = Math.min(this.#from, offsetBytes);
+    this.#to = Math.max(this.#to, offsetBytes + lengthBytes);
+    this.#bytes += lengthBytes;
+    if (this.#bytes < WRITEBACK_WINDOW_BYTES) return;
+    this.target.startWriteback(this.#from, this.#to - this.#from);
+    this.#from = Infinity;
+    this.#to = 0;
+    this.#bytes = 0;
+  }
 }
 
 /** The second pass: every slot of `toWrite` into the target, from `spool` when given. Returns the bytes written. */
@@ -183,6 +263,8 @@ async function writeSlots(
       }
     } catch (err) {
       const e = toBdsnapError(err);
+      // A new file's damaged piece is refused by name (restoreBackup), wherever it was met.
+      if (!target.checkFirst && e.code === 'ECORRUPT') throw e;
       throw new BdsnapError(e.code, `restore of ${target.path} from backup ${id} stopped at ${i * P}: ${e.message}`, { cause: err });
     }
     writtenBytes += length;

@@ -1,6 +1,7 @@
 /**
  * A restore ends with the backup's content or leaves the target as it was, driven through the
- * real `bdsnap backup restore`: a damaged piece is found before a byte is written; a failure
+ * real `bdsnap backup restore`: a damaged piece is found before a byte is written in place, and
+ * leaves no file under --output (written under a temporary name until whole); a failure
  * in the middle of the writes (a full undo space, a full disk under --output, a piece that
  * reads at the check and fails at the write) puts an image
  * file or a loop device back byte for byte, and removes an output file the restore created,
@@ -14,7 +15,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices, restoreBackup } from '../../src/backup/index.js';
-import { expandSlots } from '../../src/repository/format.js';
+import { PACKS_PREFIX, expandSlots } from '../../src/repository/format.js';
 import type { GetOptions } from '../../src/repository/object-store.js';
 import { FileDevice } from '../../src/device/file-device.js';
 import { lockDirectory } from '../../src/device/device-lock.js';
@@ -116,10 +117,14 @@ test('a damaged piece: restore onto an image file or a loop device refuses befor
   assert.equal(await sha256File(loop), before, 'the loop device is unchanged');
   assertFails(r, refused(loopId));
 
-  const out = path.join(dir, 'out.img');
+  // A new file is written under a temporary name, so its pieces are checked as they are
+  // written: the damaged one is named the same way, and nothing is left in the directory.
+  const outDir = fs.mkdtempSync(path.join(dir, 'out-'));
+  const out = path.join(outDir, 'out.img');
   r = await bdsnap(['restore', '--repo', repoDir, loopId, loop, '--output', out]);
-  assert.equal(fs.existsSync(out), false, 'no output file is left');
-  assertFails(r, refused(loopId));
+  assert.deepEqual(fs.readdirSync(outDir), [], 'no output file, temporary or not, is left');
+  assertFails(r, new RegExp(
+    `^bdsnap: cannot restore backup ${loopId}: piece ${victim} is damaged: [^;]+; the partly written ${outDir}/\\.out\\.img\\.bdsnap-restore-[0-9a-f]{8} was removed; 'bdsnap backup verify --repo ${repoDir} ${loopId}' lists every damaged piece$`, 'm'));
 
   await run('losetup', ['-d', loop]);
   r = await bdsnap(['restore', '--repo', repoDir, fileBackup.id, image]);
@@ -171,7 +176,7 @@ test('--output on a full disk: the file the restore created is removed; a file t
   const out = path.join(small, 'out.img');
   let r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', out]);
   assert.deepEqual(fs.readdirSync(small), [], 'the output file is removed');
-  assertFails(r, new RegExp(`^bdsnap: restore of ${out} from backup ${id} stopped at \\d+: .*no space left on device.*; the partly written ${out} was removed$`, 'im'));
+  assertFails(r, new RegExp(`^bdsnap: restore of ${out} from backup ${id} stopped at \\d+: .*no space left on device.*; the partly written ${small}/\\.out\\.img\\.bdsnap-restore-[0-9a-f]{8} was removed$`, 'im'));
 
   // A file that was there: restored in place, and on failure given back its bytes and size.
   const existing = path.join(small, 'existing.img');
@@ -198,6 +203,74 @@ test('--output on a full disk: the file the restore created is removed; a file t
   fs.linkSync(existing, hard);
   assertFails(await bdsnap(['restore', '--repo', repoDir, id, image, '--output', hard]), /has 2 names \(hard links\); it is not overwritten/);
   assert.equal(await sha256File(existing), existingBefore);
+});
+
+/** The files of `dir` but the restore's temporary ones, and those apart. */
+function outputsIn(dir: string): { named: string[]; temps: string[] } {
+  const names = fs.readdirSync(dir).sort();
+  return { named: names.filter((n) => !n.includes('.bdsnap-restore-')), temps: names.filter((n) => n.includes('.bdsnap-restore-')) };
+}
+
+test('--output names its file only once whole and durable: killed while writing or just before the naming, the name stays free; a file that appears under it meanwhile is neither replaced nor written', async (t) => {
+  if (!needs(t, { root: true, tools: ['strace'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-restore-naming-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 26);
+  const { repoDir, id } = await backedUp(dir, image, true);
+  const backedUpSha = await sha256File(image);
+  const outDir = fs.mkdtempSync(path.join(dir, 'out-'));
+  const out = path.join(outDir, 'out.img');
+  // strace kills the restore at a chosen system call, as a crash or the OOM killer would.
+  const killedAt = async (inject: string[]): Promise<RunResult> => {
+    const r = await run('strace', ['-f', '-qq', '-o', '/dev/null', ...inject, process.execPath, BDSNAP_MAIN, 'backup', 'restore', '--repo', repoDir, id, image, '--output', out], { allowFailure: true, timeoutMs: 60_000 });
+    assert.notEqual(r.exitCode, 0, `the restore was killed: ${r.stdout}${r.stderr}`);
+    return r;
+  };
+
+  // Killed at its 20th write of a piece (of about 190): a partial file, under a temporary name.
+  await killedAt(['-e', 'trace=pwrite64', '-e', 'inject=pwrite64:signal=SIGKILL:when=20']);
+  let seen = outputsIn(outDir);
+  assert.deepEqual(seen.named, [], 'nothing under the output name');
+  assert.equal(seen.temps.length, 1, 'the partial restore is under a temporary name');
+  const partial = path.join(outDir, seen.temps[0]!);
+  assert.notEqual(await sha256File(partial), backedUpSha, 'the restore was killed before it ended');
+
+  // Killed as it names the file: whole and durable under its temporary name, the name still free.
+  await killedAt(['-P', out, '-e', 'trace=link', '-e', 'inject=link:signal=SIGKILL']);
+  seen = outputsIn(outDir);
+  assert.deepEqual(seen.named, [], 'nothing under the output name');
+  assert.equal(seen.temps.length, 2);
+  const whole = path.join(outDir, seen.temps.find((n) => path.join(outDir, n) !== partial)!);
+  assert.equal(await sha256File(whole), backedUpSha, 'the killed restore had written and synced everything');
+
+  // Run again: the name holds the backup; the two files of the killed runs are left as they are.
+  const r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', out]);
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.equal(await sha256File(out), backedUpSha);
+  assert.equal(fs.statSync(out).nlink, 1, 'the temporary name is gone');
+  assert.deepEqual(outputsIn(outDir), { named: ['out.img'], temps: seen.temps });
+
+  // A file that appears under the name while the restore writes (the store's reads plant it):
+  // the restore refuses to replace it and removes its own file.
+  const planted = path.join(outDir, 'theirs.img');
+  let plantedAt = -1;
+  class PlantingStore extends CountingStore {
+    override get(name: string, range?: GetOptions): Promise<Buffer> {
+      if (plantedAt < 0 && name.startsWith(PACKS_PREFIX) && fs.readdirSync(outDir).some((n) => n.startsWith('.theirs.img.bdsnap-restore-'))) {
+        plantedAt = this.gets;
+        fs.writeFileSync(planted, 'theirs');
+      }
+      return super.get(name, range);
+    }
+  }
+  const remote = await openRepo(new PlantingStore(new LocalDirStore(repoDir)));
+  await assert.rejects(restoreBackup(remote, id, image, { output: planted }), (err: BdsnapError) => {
+    assert.match(err.message, new RegExp(`^${planted} appeared while the backup was being restored; refusing to replace it; the partly written ${outDir}/\\.theirs\\.img\\.bdsnap-restore-[0-9a-f]{8} was removed$`));
+    return true;
+  });
+  assert.ok(plantedAt >= 0, 'the file was planted during the restore');
+  assert.equal(fs.readFileSync(planted, 'utf8'), 'theirs', 'the planted file is untouched');
+  assert.deepEqual(outputsIn(outDir), { named: ['out.img', 'theirs.img'], temps: seen.temps });
 });
 
 /** A store whose reads of one piece (a range of its pack) fail from the `failFrom`-th on, as a failing disk or network would. */

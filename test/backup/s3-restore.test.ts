@@ -67,7 +67,7 @@ test('a restore from S3 fetches each pack\'s pieces in a few range GETs, each pi
   }
 });
 
-test('a damaged piece in S3: restore onto an existing file refuses before writing a byte; the spool leaves nothing behind', { timeout: 120_000 }, async (t) => {
+test('a damaged piece in S3: restore onto an existing file refuses before writing a byte; the spool leaves nothing behind; a new file is not left', { timeout: 120_000 }, async (t) => {
   const r = await rgw(t);
   if (!r) return;
   const image = mixedImage();
@@ -92,6 +92,16 @@ test('a damaged piece in S3: restore onto an existing file refuses before writin
     await assert.rejects(restoreBackup(repo, id, '/dev/mixed', { output: target }), /cannot restore backup .*nothing was written/);
     assert.ok(fs.readFileSync(target).equals(before), 'the existing file is untouched');
     assert.deepEqual(fs.readdirSync(tmp), [], 'no spool is left in TMPDIR');
+    // A new file is written as the pieces come (no spool): the damaged one is named, and the
+    // partly written file, which never had the name, is removed.
+    const outDir = path.join(dir, 'out');
+    fs.mkdirSync(outDir);
+    await assert.rejects(restoreBackup(repo, id, '/dev/mixed', { output: path.join(outDir, 'new.img') }), (err: Error) => {
+      assert.match(err.message, /^cannot restore backup \S+: piece [0-9a-f]+ is damaged: [^;]+; the partly written \S+\/\.new\.img\.bdsnap-restore-[0-9a-f]{8} was removed; 'bdsnap backup verify /);
+      return true;
+    });
+    assert.deepEqual(fs.readdirSync(outDir), [], 'no output file, temporary or not, is left');
+    assert.deepEqual(fs.readdirSync(tmp), [], 'nothing was spooled');
   } finally {
     if (savedTmp === undefined) delete process.env.TMPDIR;
     else process.env.TMPDIR = savedTmp;
