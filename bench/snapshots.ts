@@ -13,7 +13,7 @@
  * - the write stall of `snapshot create` on 4 devices under random 4 KiB writes at depth 16
  *   each: how long the barrier held new writes, over many creates (target: p99 <= 50 ms).
  *
- * Usage: node dist/bench/snapshots.js [--repeat N] [--size-mib N] [--creates N] [--rows LIST] [--json FILE]
+ * Usage: node dist/bench/snapshots.js [--repeat N] [--size-mib N] [--creates N] [--rows LIST] [--durability process|strict] [--json FILE]
  */
 
 import { spawn } from 'node:child_process';
@@ -25,13 +25,17 @@ import { benchOptions } from './options.js';
 import { runFio, type RunningDaemon, startDaemon } from './helpers.js';
 import { spread } from './report.js';
 
-const values = benchOptions('node dist/bench/snapshots.js [--repeat N] [--size-mib N] [--creates N] [--rows reads,first-writes,tracking,stall] [--json FILE]', {
+const values = benchOptions('node dist/bench/snapshots.js [--repeat N] [--size-mib N] [--creates N] [--rows reads,first-writes,tracking,stall] [--durability process|strict] [--json FILE]', {
   repeat: { type: 'string', default: '3' },
   'size-mib': { type: 'string', default: '1024' },
   creates: { type: 'string', default: '30' },
   json: { type: 'string' },
   rows: { type: 'string', default: 'reads,first-writes,tracking,stall' },
+  durability: { type: 'string', default: 'process' },
 });
+if (values.durability !== 'process' && values.durability !== 'strict') throw new Error('--durability must be process or strict');
+/** The daemons' durability (strict: change maps that survive a power loss, and the flush a take makes for them). */
+const DURABILITY = values.durability;
 const REPEAT = Number(values.repeat);
 const SIZE_BYTES = Number(values['size-mib']) << 20;
 const CREATES = Number(values.creates);
@@ -178,8 +182,8 @@ async function main(): Promise<void> {
   try {
     const images = ['read.img', 'active.img', 'idle.img', 'untracked.img', 's0.img', 's1.img', 's2.img', 's3.img'].map((n) => filledImage(dir, n));
     const [readImg, activeImg, idleImg, untrackedImg, ...stallImgs] = images as [string, string, string, string, ...string[]];
-    const daemon = await startDaemon(undefined, { activate: [activeImg] });
-    const untracked = ROWS.has('tracking') ? await startDaemon(undefined, { extraArgs: ['--no-change-tracking'] }) : undefined;
+    const daemon = await startDaemon(undefined, { activate: [activeImg], durability: DURABILITY });
+    const untracked = ROWS.has('tracking') ? await startDaemon(undefined, { extraArgs: ['--no-change-tracking'], durability: DURABILITY }) : undefined;
     try {
       // Register the idle devices (a snapshot taken and dropped).
       await destroySnapshot(daemon, (await createSnapshot(daemon, [readImg, idleImg, ...stallImgs])).id);
@@ -191,7 +195,7 @@ async function main(): Promise<void> {
       if (ROWS.has('first-writes')) await firstWriteRows(daemon, activeImg, idleImg, cells);
       const stall = ROWS.has('stall') ? await stallRow(daemon, stallImgs) : { stallsMs: [], writerIops: 0 };
       const lines = [
-        `bdsnap snapshot bench: ${SIZE_BYTES >> 20} MiB images (filled), ${REPEAT} repetitions, sides alternating; ${os.cpus().length} cores`,
+        `bdsnap snapshot bench: ${SIZE_BYTES >> 20} MiB images (filled), ${REPEAT} repetitions, sides alternating; ${values.durability} durability; ${os.cpus().length} cores`,
         '',
         '| row | reference (min / median / max) | measured (min / median / max) | ratio of medians | target |',
         '|---|---|---|---|---|',

@@ -1,10 +1,10 @@
 /**
  * The change map under power loss (strict durability): writes through the tracking layer, a
- * snapshot take (advance), a requested reset and more writes are recorded; on each crash
- * state the map is opened again (after a reboot: another boot id) and must either be reset
- * (with its reason, the event the daemon sends) or report, for every period of its
- * generation that began at a snapshot take, every block whose content differs from that
- * period's start: never under-report.
+ * snapshot take (advance, then a flush of the device), a requested reset and more writes are
+ * recorded; on each crash state the map is opened again (after a reboot: another boot id) and
+ * must either be reset (with its reason, the event the daemon sends) or report, for every
+ * period of its generation that began at a snapshot take that ended before the crash, every
+ * block whose content differs from that period's start: never under-report.
  */
 
 import fs from 'node:fs';
@@ -17,6 +17,9 @@ import { exploreCrashStates, materialize, type CrashState } from '../helpers/cra
 import { checkEachState, type CheckedRun, type Outcome } from './session-workload.js';
 
 const DEVICE_BYTES = 8 * 64 * 1024;
+/** The workload's marks, in order; TAKEN ends the snapshot take that begins period 2. */
+const TAKEN = 'taken';
+const MARKS = ['', 'opened', 'written 1', 'advanced', TAKEN, 'written 2', 'reset', 'written 3', 'closed'];
 
 function fill(length: number, seed: number): Buffer {
   const b = Buffer.allocUnsafe(length);
@@ -55,11 +58,14 @@ export async function recordChangeMapWorkload(dir: string, options: { flushAtTak
     await tracked.write(fill(4096, 2), 0);
     await Promise.all([tracked.write(fill(70000, 3), 3 * 65536 + 100), tracked.write(fill(512, 4), 7 * 65536)]);
     traceMark('written 1');
-    // A snapshot take, as the daemon's barrier does it: the device flushed, then the map moved on.
-    if (options.flushAtTake) await tracked.flush();
+    // A snapshot take, as the daemon does it: the map moved on under the barrier, then the
+    // device flushed before the snapshot is recorded 'ok' (marked 'taken'). A snapshot not yet
+    // taken is removed at the next start, so no backup is based on its period.
     map.advance();
     periodStarts(map);
     traceMark('advanced');
+    if (options.flushAtTake) await tracked.flush();
+    traceMark(TAKEN);
     await tracked.write(fill(8192, 5), 3 * 65536);
     await tracked.write(fill(4096, 6), 5 * 65536);
     traceMark('written 2');
@@ -90,8 +96,11 @@ export async function checkChangeMapState(world: ChangeMapWorld, state: CrashSta
     const device = fs.readFileSync(world.image);
     const block = trackingBlockSize(DEVICE_BYTES);
     // Period n > 1 begins at the take of snapshot n - 1, the base an incremental backup since
-    // n - 1 builds on. (Period 1 begins at open or reset, which no backup is taken at.)
-    for (let n = 2; n <= Math.min(map.number, periods.length); n++) {
+    // n - 1 builds on once the take has ended. (Period 1 begins at open or reset, which no
+    // backup is taken at.)
+    if (!MARKS.includes(state.mark)) throw new Error(`unknown mark '${state.mark}'`);
+    const taken = MARKS.indexOf(state.mark) >= MARKS.indexOf(TAKEN);
+    for (let n = 2; n <= Math.min(map.number, periods.length) && taken; n++) {
       const start = periods[n - 1]!;
       const reported = map.changedSince(n - 1);
       for (let b = 0; b * block < DEVICE_BYTES; b++) {
