@@ -136,7 +136,7 @@ class NewFileTarget implements RestoreTarget {
       this.#fh = await fs.promises.open(this.#temp, flags, 0o600);
     } catch (err) {
       const e = toBdsnapError(err);
-      throw new BdsnapError(e.code, `cannot create ${this.#temp} to restore ${this.path} into: ${e.message}`, { cause: err });
+      throw new BdsnapError(e.code, `cannot create a file in ${path.dirname(this.path)} to restore ${this.path} into: ${e.message}`, { cause: err });
     }
     this.#created = await this.#fh.stat();
     await this.#fh.truncate(this.#sizeBytes);
