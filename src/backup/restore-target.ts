@@ -68,6 +68,11 @@ export interface RestoreTarget {
   startWriteback(offsetBytes: number, lengthBytes: number): void;
   /** Every range is put: give the target the backup's size and make it durable. */
   commit(): Promise<void>;
+  /**
+   * Files an earlier restore into the same new file left when it was killed (their temporary
+   * names, whole paths): never removed here, since another restore may still be writing one.
+   */
+  leftovers(): Promise<string[]>;
   /** After a failure: undo what was written; returns what was done, as a clause for the error. */
   abandon(): Promise<string>;
   close(): Promise<void>;
@@ -126,7 +131,12 @@ class NewFileTarget implements RestoreTarget {
   constructor(target: string, sizeBytes: number) {
     this.path = target;
     this.#sizeBytes = sizeBytes;
-    this.#temp = path.join(path.dirname(target), `.${path.basename(target).slice(0, 200)}.bdsnap-restore-${randomBytes(4).toString('hex')}`);
+    this.#temp = path.join(path.dirname(target), `${tempPrefix(target)}${randomBytes(4).toString('hex')}`);
+  }
+
+  async leftovers(): Promise<string[]> {
+    const names = await fs.promises.readdir(path.dirname(this.path)).catch(() => []);
+    return names.filter((n) => n.startsWith(tempPrefix(this.path)) && n !== path.basename(this.#temp)).sort().map((n) => path.join(path.dirname(this.path), n));
   }
 
   async begin(): Promise<void> {
@@ -220,6 +230,11 @@ class NewFileTarget implements RestoreTarget {
   }
 }
 
+/** The start of the temporary names a restore into `target` writes under (a random suffix follows). */
+function tempPrefix(target: string): string {
+  return `.${path.basename(target).slice(0, 200)}.bdsnap-restore-`;
+}
+
 function sameStat(a: fs.Stats, b: fs.Stats): boolean {
   return a.dev === b.dev && a.ino === b.ino;
 }
@@ -306,6 +321,10 @@ class InPlaceTarget implements RestoreTarget {
 
   startWriteback(offsetBytes: number, lengthBytes: number): void {
     this.#file.startWriteback(offsetBytes, lengthBytes);
+  }
+
+  leftovers(): Promise<string[]> {
+    return Promise.resolve([]);
   }
 
   async commit(): Promise<void> {

@@ -66,6 +66,8 @@ export interface RestoreSummary {
   writtenBytes: number;
   zeroPieces: number;
   durationMs: number;
+  /** Files killed restores into the same new file left beside it (see RestoreTarget.leftovers). */
+  leftovers: string[];
 }
 
 export async function restoreBackup(repo: Repository, id: string, device: string, options: RestoreOptions = {}): Promise<RestoreSummary> {
@@ -108,7 +110,10 @@ export async function restoreBackup(repo: Repository, id: string, device: string
       if (!target.checkFirst && e.code === 'ECORRUPT') throw new BdsnapError(e.code, `cannot restore backup ${id}: ${e.message}; ${await target.abandon()}; ${verifyHint}`, { cause: err });
       throw new BdsnapError(e.code, `${e.message}; ${await target.abandon()}`, { cause: err });
     }
-    return { id, device: entry.device, target: target.path, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs };
+    return {
+      id, device: entry.device, target: target.path, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs,
+      leftovers: await target.leftovers(),
+    };
   } finally {
     await pool.close();
     await spool?.close();

@@ -243,9 +243,12 @@ test('--output names its file only once whole and durable: killed while writing 
   const whole = path.join(outDir, seen.temps.find((n) => path.join(outDir, n) !== partial)!);
   assert.equal(await sha256File(whole), backedUpSha, 'the killed restore had written and synced everything');
 
-  // Run again: the name holds the backup; the two files of the killed runs are left as they are.
+  // Run again: the name holds the backup; the two files of the killed runs are left as they
+  // are (another restore could be writing one), and named.
   const r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', out]);
   assert.equal(r.exitCode, 0, r.stderr);
+  const leftovers = seen.temps.map((n) => path.join(outDir, n)).join(', ');
+  assert.equal(r.stderr, `bdsnap: note: 2 files of earlier restores into ${out} that did not finish (killed) are beside it: ${leftovers}; remove them once no other restore into ${out} runs\n`);
   assert.equal(await sha256File(out), backedUpSha);
   assert.equal(fs.statSync(out).nlink, 1, 'the temporary name is gone');
   assert.deepEqual(outputsIn(outDir), { named: ['out.img'], temps: seen.temps });
