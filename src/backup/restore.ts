@@ -192,7 +192,10 @@ async function streamSlots(
 ): Promise<number> {
   const slotsOf = new Map<string, number[]>();
   slots.forEach((hash, i) => {
-    if (hash !== null) slotsOf.set(hash, [...(slotsOf.get(hash) ?? []), i]);
+    if (hash === null) return;
+    const list = slotsOf.get(hash);
+    if (list) list.push(i);
+    else slotsOf.set(hash, [i]);
   });
   const hints = new WritebackHints(target);
   let writtenBytes = 0;
