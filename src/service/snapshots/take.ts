@@ -8,12 +8,12 @@
  *   3. freeze the filesystems the daemon mounted (unless --no-freeze): that flushes their
  *      dirty data through this daemon, so it must come before the barrier;
  *   4. the barrier: hold new modifying requests on every device and wait for those in
- *      flight, add a point on every device, move the change maps on (in memory), release,
- *      then (strict durability) flush the devices, and save the change maps' frozen views (no
- *      device is synced while writes are held). A write acknowledged before this step is in
- *      every image; a write that had not reached a device's layer is in no image. The held
- *      time is the stall writers see, and is reported;
- *   5. thaw (always), then record the snapshot as 'ok'.
+ *      flight, add a point on every device, move the change maps on (in memory), release. A
+ *      write acknowledged before this step is in every image; a write that had not reached a
+ *      device's layer is in no image. The held time is the stall writers see, and is reported;
+ *   5. thaw (always); then (strict durability) flush the devices, save the change maps' frozen
+ *      views, and record the snapshot as 'ok' (no device is synced and no file written while
+ *      writes are held or a filesystem is frozen).
  */
 
 import fs from 'node:fs';
@@ -88,7 +88,8 @@ export async function takeSnapshot(ctx: TakeContext, devicesArg: string[], optio
     });
     snapshot.storage = storage;
     await writeRecord(dir, snapshot.record);
-    await withFrozen(mountpoints, () => barrier(ctx, snapshot));
+    const layers = await withFrozen(mountpoints, () => barrier(ctx, snapshot));
+    await settle(ctx, snapshot, layers);
     snapshot.record.state = 'ok';
     await writeRecord(dir, snapshot.record);
   } catch (err) {
@@ -116,8 +117,8 @@ async function checkDevices(devicesArg: string[]): Promise<string[]> {
   return devices;
 }
 
-/** Step 4 of the take: the point in time on every device at once. */
-async function barrier(ctx: TakeContext, snapshot: LiveSnapshot): Promise<void> {
+/** Step 4 of the take: the point in time on every device at once. Returns the devices' layers. */
+async function barrier(ctx: TakeContext, snapshot: LiveSnapshot): Promise<SnapshotLayer[]> {
   const layers = snapshot.record.devices.map((d) => ctx.table.snapshotLayer(d.path));
   const started = performance.now();
   const holding: SnapshotLayer[] = [];
@@ -134,14 +135,23 @@ async function barrier(ctx: TakeContext, snapshot: LiveSnapshot): Promise<void> 
     for (const layer of holding) layer.release();
     snapshot.record.stallMs = Math.round((performance.now() - started) * 1000) / 1000;
   }
+  return layers;
+}
+
+/**
+ * After the barrier and the thaw, before the snapshot is recorded 'ok': make it safe to build
+ * on. Nothing here holds a writer or keeps a filesystem frozen.
+ */
+async function settle(ctx: TakeContext, snapshot: LiveSnapshot, layers: SnapshotLayer[]): Promise<void> {
   // The point is the base of the next incremental backup: a write before it that a power loss
   // could still undo would leave the device differing from that backup in a block a change
   // map that survives the power loss ('strict') counts as unchanged since. So with durable
   // maps every device is flushed before the snapshot is saved and recorded 'ok', which a
   // backup waits for; a power loss before that finds the snapshot 'creating' and removes it,
   // so no backup is based on a point whose writes were not durable. The flush comes after the
-  // release, not under the barrier, where it held writers 30-90 ms under random writes; the
-  // writes it also makes durable from after the point are in the next period, which is safe.
+  // release and the thaw, not under the barrier, where it held writers 30-90 ms under random
+  // writes; the writes it also makes durable from after the point are in the next period,
+  // which is safe.
   // Other maps are reset after a power loss and need no flush.
   if (ctx.tracking?.durable === true) await Promise.all(layers.map((layer) => layer.flush()));
   for (const d of snapshot.record.devices) await ctx.tracking?.persist(snapshot.dir, d.key);
