@@ -27,8 +27,7 @@ import { checkNotInUse } from '../host/in-use.js';
 import type { PiecePool } from '../repository/piece-pool.js';
 import type { PieceRange } from '../repository/piece-worker.js';
 import { UndoLog } from './undo-log.js';
-import { checkOutputFile } from '../host/output-file.js';
-import { fsyncDirectory } from '../host/atomic-file.js';
+import { checkOutputFile, nameStagedFile, stagedPrefix } from '../host/output-file.js';
 
 /** Largest range of a file's cut tail read at once to keep it. */
 const TAIL_CHUNK_BYTES = 16 * 1024 * 1024;
@@ -131,12 +130,12 @@ class NewFileTarget implements RestoreTarget {
   constructor(target: string, sizeBytes: number) {
     this.path = target;
     this.#sizeBytes = sizeBytes;
-    this.#temp = path.join(path.dirname(target), `${tempPrefix(target)}${randomBytes(4).toString('hex')}`);
+    this.#temp = path.join(path.dirname(target), `${stagedPrefix(target)}${randomBytes(4).toString('hex')}`);
   }
 
   async leftovers(): Promise<string[]> {
     const names = await fs.promises.readdir(path.dirname(this.path)).catch(() => []);
-    return names.filter((n) => n.startsWith(tempPrefix(this.path)) && n !== path.basename(this.#temp)).sort().map((n) => path.join(path.dirname(this.path), n));
+    return names.filter((n) => n.startsWith(stagedPrefix(this.path)) && n !== path.basename(this.#temp)).sort().map((n) => path.join(path.dirname(this.path), n));
   }
 
   async begin(): Promise<void> {
@@ -180,26 +179,14 @@ class NewFileTarget implements RestoreTarget {
   async commit(): Promise<void> {
     // fdatasync covers the file whichever descriptor wrote it (the workers write through #fh).
     await this.#file!.flush();
-    const now = await fs.promises.lstat(this.#temp).catch(() => undefined);
-    if (!now || !sameStat(now, this.#created!)) throw new BdsnapError('EBUSY', `${this.#temp} no longer names the file this restore wrote; refusing to name it ${this.path}`);
     try {
-      // link, unlike rename, fails if the name was taken meanwhile.
-      await fs.promises.link(this.#temp, this.path);
+      await nameStagedFile(this.#temp, this.path, this.#created!);
     } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'EEXIST') throw new BdsnapError('EBUSY', `${this.path} appeared while the backup was being restored; refusing to replace it`, { cause: err });
-      if (code !== 'EPERM' && code !== 'EOPNOTSUPP' && code !== 'ENOTSUP') throw toBdsnapError(err);
-      // A filesystem without hard links: the name is checked, then taken by a rename.
-      await this.#checkNameFree();
-      await fs.promises.rename(this.#temp, this.path).catch((e: unknown) => { throw toBdsnapError(e); });
+      // The name may hold it already (only a later step failed): nothing to remove then.
+      this.#named = await fs.promises.lstat(this.path).then((st) => sameStat(st, this.#created!), () => false);
+      throw err;
     }
     this.#named = true;
-    const named = await fs.promises.lstat(this.path).catch(() => undefined);
-    if (!named || !sameStat(named, this.#created!)) throw new BdsnapError('EBUSY', `${this.path} was replaced as it was being given the restored file; the restored file is at ${this.#temp}`);
-    await fs.promises.unlink(this.#temp).catch((err: unknown) => {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw toBdsnapError(err);
-    });
-    await fsyncDirectory(path.dirname(this.path));
   }
 
   async abandon(): Promise<string> {
@@ -228,11 +215,6 @@ class NewFileTarget implements RestoreTarget {
       await file?.close();
     }
   }
-}
-
-/** The start of the temporary names a restore into `target` writes under (a random suffix follows). */
-function tempPrefix(target: string): string {
-  return `.${path.basename(target).slice(0, 200)}.bdsnap-restore-`;
 }
 
 function sameStat(a: fs.Stats, b: fs.Stats): boolean {

@@ -8,8 +8,11 @@
  * through `/proc/self/fd/N`, which names the opened file itself whatever happens to the path.
  */
 
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
+import { fsyncDirectory } from './atomic-file.js';
 
 export interface OutputFile {
   fd: number;
@@ -84,4 +87,112 @@ export async function openOutputFile(filePath: string, mode = 0o600): Promise<Ou
       await close();
     },
   };
+}
+
+/** An output file written under a temporary name beside its own, named by `publish` once whole. */
+export interface StagedOutputFile extends OutputFile {
+  /** The temporary name it is written under. */
+  readonly tempPath: string;
+  /**
+   * The content is complete: make it durable and give it its name (see nameStagedFile). Before
+   * this the name shows nothing new: a file that was there keeps its content, and a crash or a
+   * kill leaves only the temporary file.
+   */
+  publish(): Promise<void>;
+}
+
+/** The start of the temporary names an output `filePath` is written under (a random suffix follows). */
+export function stagedPrefix(filePath: string): string {
+  return `.${path.basename(filePath).slice(0, 200)}.bdsnap-restore-`;
+}
+
+/**
+ * Open a new file to stand for `filePath` once written: created exclusively (O_EXCL,
+ * O_NOFOLLOW, `mode`) under a temporary name in the same directory. A file already at
+ * `filePath` must be one `openOutputFile` would overwrite (no symlink, a regular file of this
+ * user with one name): `publish` replaces it then, and only if the name still holds it.
+ * Errors: EPERM, EINVAL, as BdsnapError.
+ */
+export async function openStagedOutputFile(filePath: string, mode = 0o600): Promise<StagedOutputFile> {
+  const existing = await fs.promises.lstat(filePath).catch((err: unknown) => {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw toBdsnapError(err);
+  });
+  if (existing?.isSymbolicLink()) throw new BdsnapError('EPERM', `${filePath} is a symbolic link; it is not written through: give the real path`);
+  if (existing) checkOutputFile(existing, filePath);
+  const tempPath = path.join(path.dirname(filePath), `${stagedPrefix(filePath)}${randomBytes(4).toString('hex')}`);
+  let fd: number;
+  try {
+    fd = fs.openSync(tempPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, mode);
+  } catch (err) {
+    const e = toBdsnapError(err);
+    throw new BdsnapError(e.code, `cannot create a file in ${path.dirname(filePath)} to write ${filePath} into: ${e.message}`, { cause: err });
+  }
+  const made = fs.fstatSync(fd);
+  fs.fchmodSync(fd, mode); // open()'s mode is filtered by the umask
+  let open = true;
+  let named = false;
+  const close = async (): Promise<void> => {
+    if (!open) return;
+    open = false;
+    fs.closeSync(fd);
+  };
+  return {
+    fd, mode, created: existing === undefined, procPath: `/proc/self/fd/${fd}`, tempPath, close,
+    async publish(): Promise<void> {
+      fs.fdatasyncSync(fd);
+      await nameStagedFile(tempPath, filePath, made, existing);
+      named = true;
+    },
+    async discard(): Promise<void> {
+      await close();
+      if (named) return;
+      // Only the file this call made: the name may have been taken over since.
+      const now = await fs.promises.lstat(tempPath).catch(() => undefined);
+      if (now !== undefined && sameInode(now, made)) await fs.promises.unlink(tempPath).catch(() => undefined);
+    },
+  };
+}
+
+/**
+ * Give `tempPath` (the file `made`, written and synced) the name `filePath`, and make that
+ * durable. With no `replacing`, by a hard link, which fails rather than replace a file that
+ * appeared meanwhile (a checked rename where the filesystem has no hard links); else by a
+ * rename over `replacing`, only if the name still holds it. Errors: EBUSY, as BdsnapError.
+ */
+export async function nameStagedFile(tempPath: string, filePath: string, made: fs.Stats, replacing?: fs.Stats): Promise<void> {
+  const holds = async (p: string, st: fs.Stats): Promise<boolean> => {
+    const now = await fs.promises.lstat(p).catch(() => undefined);
+    return now !== undefined && sameInode(now, st);
+  };
+  const nameFree = async (): Promise<void> => {
+    if (await fs.promises.lstat(filePath).then(() => true, () => false)) {
+      throw new BdsnapError('EBUSY', `${filePath} appeared while it was being written; refusing to replace it`);
+    }
+  };
+  if (!await holds(tempPath, made)) throw new BdsnapError('EBUSY', `${tempPath} no longer names the file written there; refusing to name it ${filePath}`);
+  if (replacing) {
+    if (!await holds(filePath, replacing)) throw new BdsnapError('EBUSY', `${filePath} was replaced while it was being written; refusing to replace it`);
+    await fs.promises.rename(tempPath, filePath).catch((err: unknown) => { throw toBdsnapError(err); });
+  } else {
+    try {
+      await fs.promises.link(tempPath, filePath);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EEXIST') throw new BdsnapError('EBUSY', `${filePath} appeared while it was being written; refusing to replace it`, { cause: err });
+      if (code !== 'EPERM' && code !== 'EOPNOTSUPP' && code !== 'ENOTSUP') throw toBdsnapError(err);
+      // A filesystem without hard links: the name is checked, then taken by a rename.
+      await nameFree();
+      await fs.promises.rename(tempPath, filePath).catch((e: unknown) => { throw toBdsnapError(e); });
+    }
+  }
+  if (!await holds(filePath, made)) throw new BdsnapError('EBUSY', `${filePath} was replaced as it was being given the written file; that file is at ${tempPath}`);
+  await fs.promises.unlink(tempPath).catch((err: unknown) => {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw toBdsnapError(err);
+  });
+  await fsyncDirectory(path.dirname(filePath));
+}
+
+function sameInode(a: fs.Stats, b: fs.Stats): boolean {
+  return a.dev === b.dev && a.ino === b.ino;
 }

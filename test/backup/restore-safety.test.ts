@@ -268,7 +268,7 @@ test('--output names its file only once whole and durable: killed while writing 
   }
   const remote = await openRepo(new PlantingStore(new LocalDirStore(repoDir)));
   await assert.rejects(restoreBackup(remote, id, image, { output: planted }), (err: BdsnapError) => {
-    assert.match(err.message, new RegExp(`^${planted} appeared while the backup was being restored; refusing to replace it; the partly written ${outDir}/\\.theirs\\.img\\.bdsnap-restore-[0-9a-f]{8} was removed$`));
+    assert.match(err.message, new RegExp(`^${planted} appeared while it was being written; refusing to replace it; the partly written ${outDir}/\\.theirs\\.img\\.bdsnap-restore-[0-9a-f]{8} was removed$`));
     return true;
   });
   assert.ok(plantedAt >= 0, 'the file was planted during the restore');

@@ -1,13 +1,14 @@
 /**
  * `restore --output` as root in a directory another user can write (the README's example is
  * /tmp/before.img): a symlink or a hard link planted there by that user, or a file of theirs,
- * is never written through; a restore that fails after creating its output removes it. The
- * attacker is a real unprivileged user (`nobody` through runuser).
+ * is never written through; a restore that fails after creating its output removes it, and the
+ * name shows the restored copy only once whole (a failure or a kill leaves a file that was there
+ * as it was). The attacker is a real unprivileged user (`nobody` through runuser).
  */
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -18,6 +19,7 @@ import { needs } from '../../testkit/needs.js';
 import { cleanupOf } from '../../testkit/cleanup.js';
 import { makeImage, sha256File } from '../../testkit/files.js';
 import { isError, tempDir } from './helpers.js';
+import { BDSNAP_MAIN } from '../../testkit/server.js';
 
 const CS = 16384;
 
@@ -100,6 +102,55 @@ test('a restore --output that fails after creating its file removes it', async (
   await assert.rejects(restore(sessionDir, { output: out }), isError('ENOSPC'));
   assert.deepEqual(fs.readdirSync(small), [], 'the half-written output was removed');
   assert.ok(fs.existsSync(path.join(sessionDir, DATA_FILE)));
+});
+
+test('restore --output names its file only once whole and durable: a failure or a kill leaves a file that was there as it was, and a new name free', async (t) => {
+  if (!needs(t, { root: true, tools: ['strace'] })) return;
+  const dir = tempDir(t, 'bdsnap-output-');
+  const image = makeImage(path.join(dir, 'disk.img'), 1 << 20, 'random', 5);
+  const before = await sha256File(image);
+  const sessionDir = await oneSession(image, path.join(dir, 'snap'));
+  const small = path.join(dir, 'small');
+  fs.mkdirSync(small);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', small]);
+  cleanupOf(t).after(() => execFileSync('umount', [small]));
+
+  // A full disk: an earlier output there keeps its content, and nothing else is left.
+  const earlier = path.join(small, 'out.img');
+  fs.writeFileSync(earlier, 'an earlier restore\n', { mode: 0o600 });
+  await assert.rejects(restore(sessionDir, { output: earlier }), isError('ENOSPC'));
+  assert.equal(fs.readFileSync(earlier, 'utf8'), 'an earlier restore\n', 'the file that was there is as it was');
+  assert.deepEqual(fs.readdirSync(small), ['out.img']);
+
+  // Killed (strace, at the rename that would replace it, or at the link that would name a new
+  // file): the name shows what it showed before; the whole copy waits under its temporary name.
+  const out = path.join(dir, 'out');
+  fs.mkdirSync(out);
+  const killedAt = (target: string, call: 'rename' | 'link'): void => {
+    // The output's rename is the only one a restore makes; links name lock files too, so the
+    // link is picked by its path.
+    const inject = call === 'rename'
+      ? ['-e', 'trace=rename,renameat,renameat2', '-e', 'inject=rename,renameat,renameat2:signal=SIGKILL']
+      : ['-P', target, '-e', 'trace=link,linkat', '-e', 'inject=link,linkat:signal=SIGKILL'];
+    const r = spawnSync('strace', ['-f', '-qq', '-o', '/dev/null', ...inject, process.execPath, BDSNAP_MAIN, 'restore', sessionDir, '--output', target], { encoding: 'utf8', timeout: 60_000 });
+    assert.notEqual(r.status, 0, `the restore was killed: ${r.stdout}${r.stderr}`);
+  };
+  const existing = path.join(out, 'existing.img');
+  fs.writeFileSync(existing, 'an earlier restore\n', { mode: 0o600 });
+  killedAt(existing, 'rename');
+  assert.equal(fs.readFileSync(existing, 'utf8'), 'an earlier restore\n', 'the file that was there is as it was');
+  const fresh = path.join(out, 'fresh.img');
+  killedAt(fresh, 'link');
+  assert.equal(fs.existsSync(fresh), false, 'nothing under the new name');
+  const temps = fs.readdirSync(out).filter((n) => n.includes('.bdsnap-restore-'));
+  assert.equal(temps.length, 2, `one temporary file per killed restore: ${fs.readdirSync(out).join(', ')}`);
+  for (const n of temps) assert.equal(await sha256File(path.join(out, n)), before, 'each holds the whole restored copy');
+
+  // Run again: both names get the restored copy.
+  await restore(sessionDir, { output: existing });
+  await restore(sessionDir, { output: fresh });
+  assert.equal(await sha256File(existing), before);
+  assert.equal(await sha256File(fresh), before);
 });
 
 test('sessions of /x/a_b are not taken for sessions of /x/a', async (t) => {

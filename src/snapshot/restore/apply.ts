@@ -70,7 +70,7 @@ export async function checkOutput(devicePath: string, out: string): Promise<void
 
 /**
  * Copy the device into the opened output file and open the copy as a device (the restored copy
- * is written there). Everything goes through the descriptor opened by `openOutputFile`.
+ * is written there). Everything goes through the descriptor opened by `openStagedOutputFile`.
  */
 export async function copyToOutput(device: FileDevice, devicePath: string, out: OutputFile): Promise<FileDevice> {
   if (device.identity.kind === 'file') {

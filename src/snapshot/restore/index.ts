@@ -38,7 +38,7 @@ import {
 import { applyPlan, checkOutput, copyToOutput } from './apply.js';
 import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
 import { readJournal, writeJournal, type Journal } from './journal.js';
-import { openOutputFile, type OutputFile } from '../../host/output-file.js';
+import { openStagedOutputFile, type StagedOutputFile } from '../../host/output-file.js';
 import { AsOfDevice } from './as-of.js';
 
 export { AsOfDevice, findSessionByMountTime } from './as-of.js';
@@ -96,7 +96,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
   const loaded: LoadedSession[] = [];
   let output: FileDevice | undefined;
   // Opened only after every check passed, so a refused restore leaves no file behind.
-  let outFile: OutputFile | undefined;
+  let outFile: StagedOutputFile | undefined;
   let finished = false;
   try {
     const journalPath = path.join(target.dir, JOURNAL_FILE);
@@ -121,8 +121,9 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     if (digestCheck === 'already-restored') {
       // The device already holds the restored content: a copy of it is the restored copy.
       if (outputPath !== undefined) {
-        outFile = await openOutputFile(outputPath);
+        outFile = await openStagedOutputFile(outputPath);
         await (await copyToOutput(device, devicePath, outFile)).close();
+        await outFile.publish();
       } else if (journal?.state === 'done' && undoes.some((dir) => !journal.sessions.includes(dir))) {
         // Sessions since the last run left the device as it was (they wrote what was there): they are undone all the same.
         await writeJournal(journalPath, { ...journal, sessions: [...new Set([...journal.sessions, ...undoes])], listsAll: true });
@@ -140,7 +141,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     const undone = [...new Set([...(journal?.sessions ?? []), ...undoes])];
     let writeTo: BlockDevice = device;
     if (outputPath !== undefined) {
-      outFile = await openOutputFile(outputPath);
+      outFile = await openStagedOutputFile(outputPath);
       output = await copyToOutput(device, devicePath, outFile);
       writeTo = output;
     } else {
@@ -148,6 +149,8 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     }
     await applyPlan(writeTo, plan, options.onProgress);
     await writeTo.flush();
+    // The output's name shows the restored copy only now, whole and durable.
+    await outFile?.publish();
     if (outputPath === undefined) {
       const startedAt = journal?.state === 'running' ? journal.startedAt : new Date(Date.now() - (performance.now() - startedMs)).toISOString();
       // The stamp after a verified restore stands for the target's start in later checks.
