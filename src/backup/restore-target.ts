@@ -17,9 +17,7 @@
  *   restore writes the originals back and gives a file its original size again.
  */
 
-import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import path from 'node:path';
 import { FileDevice } from '../device/file-device.js';
 import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
@@ -27,7 +25,7 @@ import { checkNotInUse } from '../host/in-use.js';
 import type { PiecePool } from '../repository/piece-pool.js';
 import type { PieceRange } from '../repository/piece-worker.js';
 import { UndoLog } from './undo-log.js';
-import { checkOutputFile, nameStagedFile, stagedPrefix } from '../host/output-file.js';
+import { checkOutputFile, openStagedOutputFile, stagedLeftovers, type StagedOutputFile } from '../host/output-file.js';
 
 /** Largest range of a file's cut tail read at once to keep it. */
 const TAIL_CHUNK_BYTES = 16 * 1024 * 1024;
@@ -120,50 +118,28 @@ class NewFileTarget implements RestoreTarget {
   readonly holes = true;
   readonly checkFirst = false;
   readonly #sizeBytes: number;
-  /** Where the file is written until `commit` names it. */
-  readonly #temp: string;
-  #fh: fs.promises.FileHandle | undefined;
-  #created: fs.Stats | undefined;
+  /** The file, under its temporary name until `commit` names it. */
+  #out: StagedOutputFile | undefined;
   #file: FileDevice | undefined;
-  #named = false;
 
   constructor(target: string, sizeBytes: number) {
     this.path = target;
     this.#sizeBytes = sizeBytes;
-    this.#temp = path.join(path.dirname(target), `${stagedPrefix(target)}${randomBytes(4).toString('hex')}`);
   }
 
-  async leftovers(): Promise<string[]> {
-    const names = await fs.promises.readdir(path.dirname(this.path)).catch(() => []);
-    return names.filter((n) => n.startsWith(stagedPrefix(this.path)) && n !== path.basename(this.#temp)).sort().map((n) => path.join(path.dirname(this.path), n));
+  leftovers(): Promise<string[]> {
+    return stagedLeftovers(this.path, this.#out?.tempPath);
   }
 
   async begin(): Promise<void> {
-    await this.#checkNameFree();
-    const flags = fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW;
-    try {
-      this.#fh = await fs.promises.open(this.#temp, flags, 0o600);
-    } catch (err) {
-      const e = toBdsnapError(err);
-      throw new BdsnapError(e.code, `cannot create a file in ${path.dirname(this.path)} to restore ${this.path} into: ${e.message}`, { cause: err });
-    }
-    this.#created = await this.#fh.stat();
-    await this.#fh.truncate(this.#sizeBytes);
-    // FileDevice opens by path: it must be the file just made (the lock goes with what it opened).
-    this.#file = await openFree(this.#temp);
-    if (!sameFile(this.#file, this.#created)) throw new BdsnapError('EBUSY', `${this.#temp} was replaced while it was being created; refusing to write to it`);
-  }
-
-  async #checkNameFree(): Promise<void> {
-    const st = await fs.promises.lstat(this.path).catch((err: unknown) => {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw toBdsnapError(err);
-    });
-    if (st) throw new BdsnapError('EBUSY', `${this.path} appeared while the backup was being restored; refusing to replace it`);
+    this.#out = await openStagedOutputFile(this.path);
+    fs.ftruncateSync(this.#out.fd, this.#sizeBytes);
+    // Through /proc/self/fd: the file just made, whatever happens to its name (the lock goes with it).
+    this.#file = await FileDevice.open(this.#out.procPath, { followSymlinks: true });
   }
 
   async place(pool: PiecePool, piece: PieceFile): Promise<void> {
-    const r = await pool.place({ ...piece, fd: this.#fh!.fd });
+    const r = await pool.place({ ...piece, fd: this.#out!.fd });
     if (r.failure) throw new BdsnapError(r.failure.code as ErrorCode, r.failure.message);
   }
 
@@ -177,48 +153,26 @@ class NewFileTarget implements RestoreTarget {
   }
 
   async commit(): Promise<void> {
-    // fdatasync covers the file whichever descriptor wrote it (the workers write through #fh).
-    await this.#file!.flush();
-    try {
-      await nameStagedFile(this.#temp, this.path, this.#created!);
-    } catch (err) {
-      // The name may hold it already (only a later step failed): nothing to remove then.
-      this.#named = await fs.promises.lstat(this.path).then((st) => sameStat(st, this.#created!), () => false);
-      throw err;
-    }
-    this.#named = true;
+    // publish's fdatasync covers the file whichever descriptor wrote it (the workers write through its fd).
+    await this.#out!.publish();
   }
 
   async abandon(): Promise<string> {
-    if (!this.#created) return 'nothing was written';
-    if (this.#named) return `${this.#temp} is left, holding the whole restore`;
-    const created = this.#created;
-    await this.close();
-    // Only the file made here: a path that now names another file is not ours to remove.
-    const now = await fs.promises.lstat(this.#temp).catch(() => undefined);
-    if (!now || !sameStat(now, created)) return `${this.#temp} no longer names the file this restore made, and was left alone`;
-    try {
-      await fs.promises.unlink(this.#temp);
-    } catch (err) {
-      return `removing the partly written ${this.#temp} failed too (${toBdsnapError(err).message}); remove it`;
-    }
-    return `the partly written ${this.#temp} was removed`;
+    if (!this.#out) return 'nothing was written';
+    await this.#file?.close();
+    this.#file = undefined;
+    return this.#out.discard();
   }
 
   async close(): Promise<void> {
-    const [fh, file] = [this.#fh, this.#file];
-    this.#fh = undefined;
+    const [out, file] = [this.#out, this.#file];
     this.#file = undefined;
     try {
-      await fh?.close();
-    } finally {
       await file?.close();
+    } finally {
+      await out?.close();
     }
   }
-}
-
-function sameStat(a: fs.Stats, b: fs.Stats): boolean {
-  return a.dev === b.dev && a.ino === b.ino;
 }
 
 class InPlaceTarget implements RestoreTarget {

@@ -13,6 +13,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { fsyncDirectory } from './atomic-file.js';
+import { fdatasyncFd } from './fd-io.js';
 
 export interface OutputFile {
   fd: number;
@@ -90,7 +91,12 @@ export async function openOutputFile(filePath: string, mode = 0o600): Promise<Ou
 }
 
 /** An output file written under a temporary name beside its own, named by `publish` once whole. */
-export interface StagedOutputFile extends OutputFile {
+export interface StagedOutputFile {
+  /** Open for reading and writing. */
+  readonly fd: number;
+  readonly mode: number;
+  /** A name of the opened file itself, for APIs that take a path. */
+  readonly procPath: string;
   /** The temporary name it is written under. */
   readonly tempPath: string;
   /**
@@ -99,31 +105,37 @@ export interface StagedOutputFile extends OutputFile {
    * kill leaves only the temporary file.
    */
   publish(): Promise<void>;
+  /** After a failure: close, and remove the temporary file if it is still the one made here; returns what was done, as a clause for the error. */
+  discard(): Promise<string>;
+  close(): Promise<void>;
 }
 
 /** The start of the temporary names an output `filePath` is written under (a random suffix follows). */
-export function stagedPrefix(filePath: string): string {
+function stagedPrefix(filePath: string): string {
   return `.${path.basename(filePath).slice(0, 200)}.bdsnap-restore-`;
 }
 
 /**
  * Open a new file to stand for `filePath` once written: created exclusively (O_EXCL,
- * O_NOFOLLOW, `mode`) under a temporary name in the same directory. A file already at
- * `filePath` must be one `openOutputFile` would overwrite (no symlink, a regular file of this
- * user with one name): `publish` replaces it then, and only if the name still holds it.
- * Errors: EPERM, EINVAL, as BdsnapError.
+ * O_NOFOLLOW, `mode`, opened for reading and writing) under a temporary name in the same
+ * directory. A file already at `filePath` is refused (EBUSY) unless `replace`; then it must be
+ * one `openOutputFile` would overwrite (no symlink, a regular file of this user with one
+ * name), and `publish` replaces it, only if the name still holds it.
+ * Errors: EPERM, EINVAL, EBUSY, as BdsnapError.
  */
-export async function openStagedOutputFile(filePath: string, mode = 0o600): Promise<StagedOutputFile> {
+export async function openStagedOutputFile(filePath: string, options: { mode?: number; replace?: boolean } = {}): Promise<StagedOutputFile> {
+  const mode = options.mode ?? 0o600;
   const existing = await fs.promises.lstat(filePath).catch((err: unknown) => {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw toBdsnapError(err);
   });
+  if (existing && !options.replace) throw new BdsnapError('EBUSY', `${filePath} appeared while it was being written; refusing to replace it`);
   if (existing?.isSymbolicLink()) throw new BdsnapError('EPERM', `${filePath} is a symbolic link; it is not written through: give the real path`);
   if (existing) checkOutputFile(existing, filePath);
   const tempPath = path.join(path.dirname(filePath), `${stagedPrefix(filePath)}${randomBytes(4).toString('hex')}`);
   let fd: number;
   try {
-    fd = fs.openSync(tempPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, mode);
+    fd = fs.openSync(tempPath, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, mode);
   } catch (err) {
     const e = toBdsnapError(err);
     throw new BdsnapError(e.code, `cannot create a file in ${path.dirname(filePath)} to write ${filePath} into: ${e.message}`, { cause: err });
@@ -131,27 +143,38 @@ export async function openStagedOutputFile(filePath: string, mode = 0o600): Prom
   const made = fs.fstatSync(fd);
   fs.fchmodSync(fd, mode); // open()'s mode is filtered by the umask
   let open = true;
-  let named = false;
   const close = async (): Promise<void> => {
     if (!open) return;
     open = false;
     fs.closeSync(fd);
   };
   return {
-    fd, mode, created: existing === undefined, procPath: `/proc/self/fd/${fd}`, tempPath, close,
+    fd, mode, procPath: `/proc/self/fd/${fd}`, tempPath, close,
     async publish(): Promise<void> {
-      fs.fdatasyncSync(fd);
+      await fdatasyncFd(fd);
       await nameStagedFile(tempPath, filePath, made, existing);
-      named = true;
     },
-    async discard(): Promise<void> {
+    async discard(): Promise<string> {
       await close();
-      if (named) return;
       // Only the file this call made: the name may have been taken over since.
-      const now = await fs.promises.lstat(tempPath).catch(() => undefined);
-      if (now !== undefined && sameInode(now, made)) await fs.promises.unlink(tempPath).catch(() => undefined);
+      if (!await holds(tempPath, made)) return `${tempPath} no longer names the file written there, and was left alone`;
+      // Named already, and a later step failed: the temporary name is a second one of it.
+      if (await holds(filePath, made)) return `${tempPath} is left, holding the whole file`;
+      try {
+        await fs.promises.unlink(tempPath);
+      } catch (err) {
+        return `removing the partly written ${tempPath} failed too (${toBdsnapError(err).message}); remove it`;
+      }
+      return `the partly written ${tempPath} was removed`;
     },
   };
+}
+
+/** Files that staged writes of `filePath` left beside it (killed before `publish`), but `except`: whole paths, sorted. */
+export async function stagedLeftovers(filePath: string, except?: string): Promise<string[]> {
+  const dir = path.dirname(filePath);
+  const names = await fs.promises.readdir(dir).catch(() => []);
+  return names.filter((n) => n.startsWith(stagedPrefix(filePath))).map((n) => path.join(dir, n)).filter((p) => p !== except).sort();
 }
 
 /**
@@ -160,11 +183,7 @@ export async function openStagedOutputFile(filePath: string, mode = 0o600): Prom
  * appeared meanwhile (a checked rename where the filesystem has no hard links); else by a
  * rename over `replacing`, only if the name still holds it. Errors: EBUSY, as BdsnapError.
  */
-export async function nameStagedFile(tempPath: string, filePath: string, made: fs.Stats, replacing?: fs.Stats): Promise<void> {
-  const holds = async (p: string, st: fs.Stats): Promise<boolean> => {
-    const now = await fs.promises.lstat(p).catch(() => undefined);
-    return now !== undefined && sameInode(now, st);
-  };
+async function nameStagedFile(tempPath: string, filePath: string, made: fs.Stats, replacing?: fs.Stats): Promise<void> {
   const nameFree = async (): Promise<void> => {
     if (await fs.promises.lstat(filePath).then(() => true, () => false)) {
       throw new BdsnapError('EBUSY', `${filePath} appeared while it was being written; refusing to replace it`);
@@ -193,6 +212,8 @@ export async function nameStagedFile(tempPath: string, filePath: string, made: f
   await fsyncDirectory(path.dirname(filePath));
 }
 
-function sameInode(a: fs.Stats, b: fs.Stats): boolean {
-  return a.dev === b.dev && a.ino === b.ino;
+/** `p` names the file `st` describes (not followed if a link). */
+async function holds(p: string, st: fs.Stats): Promise<boolean> {
+  const now = await fs.promises.lstat(p).catch(() => undefined);
+  return now !== undefined && now.dev === st.dev && now.ino === st.ino;
 }

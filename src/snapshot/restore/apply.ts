@@ -10,7 +10,7 @@ import { BdsnapError, toBdsnapError } from '../../errors.js';
 import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
 import { preadFully, pwriteFully } from '../../host/fd-io.js';
-import type { OutputFile } from '../../host/output-file.js';
+import type { StagedOutputFile } from '../../host/output-file.js';
 import { chunkRuns } from '../chunk-runs.js';
 import { BATCH_BYTES, type LoadedSession, type RestorePlan } from './check.js';
 
@@ -72,7 +72,7 @@ export async function checkOutput(devicePath: string, out: string): Promise<void
  * Copy the device into the opened output file and open the copy as a device (the restored copy
  * is written there). Everything goes through the descriptor opened by `openStagedOutputFile`.
  */
-export async function copyToOutput(device: FileDevice, devicePath: string, out: OutputFile): Promise<FileDevice> {
+export async function copyToOutput(device: FileDevice, devicePath: string, out: StagedOutputFile): Promise<FileDevice> {
   if (device.identity.kind === 'file') {
     // copyFile can share blocks (reflink, copy_file_range); /proc/self/fd names the opened file.
     await fs.promises.copyFile(devicePath, out.procPath).catch((err: unknown) => {

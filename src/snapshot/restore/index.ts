@@ -121,7 +121,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     if (digestCheck === 'already-restored') {
       // The device already holds the restored content: a copy of it is the restored copy.
       if (outputPath !== undefined) {
-        outFile = await openStagedOutputFile(outputPath);
+        outFile = await openStagedOutputFile(outputPath, { replace: true });
         await (await copyToOutput(device, devicePath, outFile)).close();
         await outFile.publish();
       } else if (journal?.state === 'done' && undoes.some((dir) => !journal.sessions.includes(dir))) {
@@ -141,7 +141,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     const undone = [...new Set([...(journal?.sessions ?? []), ...undoes])];
     let writeTo: BlockDevice = device;
     if (outputPath !== undefined) {
-      outFile = await openStagedOutputFile(outputPath);
+      outFile = await openStagedOutputFile(outputPath, { replace: true });
       output = await copyToOutput(device, devicePath, outFile);
       writeTo = output;
     } else {
