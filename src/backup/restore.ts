@@ -202,7 +202,6 @@ async function streamSlots(
   await readPieces(repo, pool, [...needed.keys()].map((hash) => ({ id: hash, at: index.get(hash)! })), {
     maxRawBytes: (hash) => needed.get(hash)!,
     onPiece: async (hash, raw) => {
-      if (raw.length !== needed.get(hash)) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where ${needed.get(hash)} are needed`);
       for (const i of slotsOf.get(hash)!) {
         const length = Math.min(P, sizeBytes - i * P);
         if (raw.length !== length) throw new BdsnapError('ECORRUPT', `piece ${hash} holds ${raw.length} bytes where slot ${i} of the backup needs ${length}`);
@@ -219,8 +218,9 @@ async function streamSlots(
 
 /**
  * Written ranges handed to writeback a window at a time (see BlockDevice.startWriteback), so
- * the final flush has less left to do; for writes in no set order, the window is the span of
- * what was written since the last hint.
+ * the final flush has less left to do. Writes come in no set order (pack order, or slots
+ * finishing out of turn): the window is the span of what was written since the last hint,
+ * which may cover ranges still being written; the final flush covers those.
  */
 class WritebackHints {
   #from = Infinity;
@@ -251,7 +251,7 @@ async function writeSlots(
   for (const h of slots) if (h !== null) uses.set(h, (uses.get(h) ?? 0) + 1);
   const localPath = repo.store.localPath?.bind(repo.store);
   let writtenBytes = 0;
-  let hintedTo = 0;
+  const hints = new WritebackHints(target);
   await runLimited(toWrite, PIECES_IN_FLIGHT, async (i) => {
     options.signal?.throwIfAborted();
     const hash = slots[i]!;
@@ -278,14 +278,7 @@ async function writeSlots(
     }
     writtenBytes += length;
     options.progress?.advance(length);
-    // Slots are handed out in order: once slot i is done, those a full round of tasks
-    // before it are written too (but for a straggler, which the final flush still covers).
-    // Start writing them back a window at a time, so the final flush has less left to do.
-    const behind = Math.max(0, i - PIECES_IN_FLIGHT) * P;
-    if (behind - hintedTo >= WRITEBACK_WINDOW_BYTES) {
-      target.startWriteback(hintedTo, behind - hintedTo);
-      hintedTo = behind;
-    }
+    hints.written(i * P, length);
   });
   return writtenBytes;
 }

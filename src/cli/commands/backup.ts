@@ -298,8 +298,10 @@ export function register(program: Command): void {
         bar.stop();
       }
       noteUnauthenticated(repo);
-      if (summary.leftovers.length > 0) {
-        process.stderr.write(`bdsnap: note: ${summary.leftovers.length === 1 ? 'a file' : `${summary.leftovers.length} files`} of earlier restores into ${summary.target} that did not finish (killed) ${summary.leftovers.length === 1 ? 'is' : 'are'} beside it: ${summary.leftovers.join(', ')}; remove ${summary.leftovers.length === 1 ? 'it' : 'them'} once no other restore into ${summary.target} runs\n`);
+      const left = summary.leftovers;
+      if (left.length > 0) {
+        const [files, are, them] = left.length === 1 ? ['a file', 'is', 'it'] : [`${left.length} files`, 'are', 'them'];
+        process.stderr.write(`bdsnap: note: ${files} of earlier restores into ${summary.target} that did not finish (killed) ${are} beside it: ${left.join(', ')}; remove ${them} once no other restore into ${summary.target} runs\n`);
       }
       if (flags.json) printJson(summary);
       else process.stdout.write(`restored ${summary.device} from backup ${id} into ${summary.target}: ${formatBytes(summary.sizeBytes)} in ${(summary.durationMs / 1000).toFixed(2)} s\n`);

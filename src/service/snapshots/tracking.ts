@@ -9,8 +9,8 @@ import type { MetaContextSource } from '../../nbd/exports.js';
 export interface SnapshotChangeTracking {
   /**
    * The maps survive a power loss ('strict' durability). Only then must a take flush the
-   * devices before it moves their maps on: a 'process' map that was not closed cleanly is
-   * reset after a reboot, so no write a power loss undid can hide behind it.
+   * devices before it records the snapshot (take.ts): a 'process' map that was not closed
+   * cleanly is reset after a reboot, so no write a power loss undid can hide behind it.
    */
   readonly durable: boolean;
   /**
