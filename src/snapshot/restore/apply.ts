@@ -76,7 +76,9 @@ export async function copyToOutput(device: FileDevice, devicePath: string, out: 
   if (device.identity.kind === 'file') {
     // copyFile can share blocks (reflink, copy_file_range); /proc/self/fd names the opened file.
     await fs.promises.copyFile(devicePath, out.procPath).catch((err: unknown) => {
-      throw toBdsnapError(err);
+      // Named by its temporary name: the /proc path in the system's message says nothing.
+      const e = toBdsnapError(err);
+      throw new BdsnapError(e.code, `cannot copy ${devicePath} to ${out.tempPath}: ${e.code === 'ENOSPC' ? 'no space left on device' : e.message}`, { cause: err });
     });
     fs.fchmodSync(out.fd, out.mode); // copyFile copies the device's mode
   } else {

@@ -25,7 +25,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { BdsnapError } from '../../errors.js';
+import { BdsnapError, toBdsnapError } from '../../errors.js';
 import { FileDevice } from '../../device/file-device.js';
 import type { BlockDevice } from '../../device/block-device.js';
 import { JOURNAL_FILE } from '../format.js';
@@ -97,7 +97,6 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
   let output: FileDevice | undefined;
   // Opened only after every check passed, so a refused restore leaves no file behind.
   let outFile: StagedOutputFile | undefined;
-  let finished = false;
   try {
     const journalPath = path.join(target.dir, JOURNAL_FILE);
     const journal = await readJournal(journalPath, devicePath);
@@ -128,7 +127,6 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
         // Sessions since the last run left the device as it was (they wrote what was there): they are undone all the same.
         await writeJournal(journalPath, { ...journal, sessions: [...new Set([...journal.sessions, ...undoes])], listsAll: true });
       }
-      finished = true;
       return summary(false);
     }
 
@@ -160,13 +158,19 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
         ...(stamps.length > 0 ? { stamps } : {}), state: 'done', devicePath, sessions: undone, listsAll: true, verified, startedAt, finishedAt: new Date().toISOString(),
       });
     }
-    finished = true;
     return summary(true);
+  } catch (err) {
+    if (!outFile) throw err;
+    // A failed --output restore removes the file it was writing; the output's name never showed it.
+    await output?.close();
+    output = undefined;
+    const e = toBdsnapError(err);
+    const hint = e.code === 'ENOSPC' ? '; free space there or give another --output' : '';
+    throw new BdsnapError(e.code, `${e.message}; ${await outFile.discard()}, and ${outputPath} was not touched${hint}`, { cause: err });
   } finally {
     for (const s of loaded) fs.closeSync(s.fd);
     await output?.close();
-    // A failed --output restore removes the file it created.
-    await (finished ? outFile?.close() : outFile?.discard());
+    await outFile?.close();
     await device.close();
   }
 }
