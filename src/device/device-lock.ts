@@ -14,7 +14,9 @@
  * by the one process that wins the exclusive link of a marker named after that exact lock
  * (its inode, pid and start time); the winner rename(2)s its own lock over the stale one. Two
  * processes that both judged the same lock stale race for the marker, and the loser starts
- * over: it finds the winner's live lock. A live lock is removed only by its owner.
+ * over: it finds the winner's live lock. A winner killed before its rename leaves its marker;
+ * that marker is stale in turn (its content is the winner's lock) and is taken over the same
+ * way, one level down. A live lock is removed only by its owner.
  */
 
 import { randomBytes } from 'node:crypto';
@@ -102,6 +104,33 @@ function removeOldMarkers(dir: string, base: string): void {
   }
 }
 
+/** How deep markers of dead takers-over are taken over in turn (each level is one more kill at one exact step). */
+const MAX_MARKER_DEPTH = 4;
+
+/**
+ * Win the right to replace the entry `name` (inode `ino`, written by `owner`): link `tmp` as
+ * its marker, exclusively. A marker that is there already belongs to a taker-over: while it
+ * runs, it goes on (false); if it died between winning and replacing, its marker is taken over
+ * the same way, so a kill at that step does not lock the device out until the marker ages.
+ */
+function winMarker(dir: string, tmp: string, name: string, ino: number, owner: Owner | undefined, depth: number): boolean {
+  const marker = `${name}.stale-${ino}-${owner?.pid ?? 0}-${owner?.startTime ?? 'x'}`;
+  try {
+    fs.linkSync(tmp, path.join(dir, marker));
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
+      throw new BdsnapError('EIO', `cannot take over the stale lock ${path.join(dir, name)}: ${(err as Error).message}`, { cause: err });
+    }
+  }
+  if (depth >= MAX_MARKER_DEPTH) return false;
+  const taker = readLock(path.join(dir, marker));
+  if (taker === undefined) return false;
+  const takerOwner = parseOwner(taker.content);
+  if (takerOwner !== undefined && ownerAlive(takerOwner)) return false;
+  return winMarker(dir, tmp, marker, taker.ino, takerOwner, depth + 1);
+}
+
 export async function acquireDeviceLock(devicePath: string, identity: DeviceIdentity): Promise<DeviceLock> {
   const dir = lockDirectory();
   try {
@@ -140,16 +169,12 @@ export async function acquireDeviceLock(devicePath: string, identity: DeviceIden
         throw new BdsnapError('EBUSY', `${devicePath} is already open by ${who}: if that is the bdsnap daemon, bdsnap status shows what holds it (bdsnap umount MOUNTPOINT or bdsnap snapshot destroy ID frees it); else stop that process`);
       }
       // Stale (or unreadable garbage). Only the winner of this exact lock's marker may replace it.
-      const marker = path.join(dir, `${base}.stale-${current.ino}-${owner?.pid ?? 0}-${owner?.startTime ?? 'x'}`);
-      try {
-        fs.linkSync(tmp, marker);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === 'EEXIST') continue; // another process is taking it over
-        throw new BdsnapError('EIO', `cannot take over the stale lock ${file}: ${(err as Error).message}`, { cause: err });
-      }
+      if (!winMarker(dir, tmp, base, current.ino, owner, 0)) continue; // another process is taking it over
       removeOldMarkers(dir, base);
-      // Nobody else replaces this stale lock (they lost the marker), and its dead owner cannot
-      // remove it, so `file` is still the lock judged stale: rename replaces exactly it.
+      // Nobody else replaces this stale lock (they lost the marker, or a marker of it), and its
+      // dead owner cannot remove it; a taker-over that died before us may have replaced it,
+      // though: then it is looked at afresh.
+      if (readLock(file)?.ino !== current.ino) continue;
       fs.renameSync(tmp, file);
       return held(file, fs.lstatSync(file).ino);
     }

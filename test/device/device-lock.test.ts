@@ -6,7 +6,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -123,6 +123,29 @@ test('a lock whose owner is a zombie (exited, not yet reaped) is stale and taken
       await lock.release();
     }
   });
+});
+
+test('a taker-over killed between winning a stale lock and replacing it does not lock the device out', { timeout: 60_000 }, async (t) => {
+  if (!needs(t, { tools: ['strace'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-lock-');
+  const lockDir = path.join(dir, 'locks');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 4096, 0);
+  const holder = path.join(dir, 'holder');
+  // A racer that dies holding the lock leaves it stale.
+  const dead = await race(image, holder, 1, 1, lockDir);
+  assert.equal(dead.signal, 'SIGKILL', dead.stderr);
+  // Racers killed (strace) at the rename that would replace it: the first wins the lock's
+  // marker, the second the dead first's marker; each leaves its marker and the stale lock.
+  for (let i = 1; i <= 2; i++) {
+    const r = spawnSync('strace', ['-f', '-qq', '-o', '/dev/null', '-e', 'trace=rename,renameat,renameat2', '-e', 'inject=rename,renameat,renameat2:signal=SIGKILL',
+      process.execPath, RACER, image, holder, '1', '0'], { env: { ...process.env, BDSNAP_LOCK_RACER: '1', BDSNAP_LOCK_RACER_ONCE: '1', BDSNAP_LOCK_DIR: lockDir }, encoding: 'utf8', timeout: 30_000 });
+    assert.equal(r.signal, 'SIGKILL', `killed at its rename: ${r.stdout}${r.stderr}`);
+    assert.equal(fs.readdirSync(lockDir).filter((n) => n.includes('.stale-')).length, i, `${i} dead markers: ${fs.readdirSync(lockDir).join(', ')}`);
+  }
+  const lock = await withLockDir(lockDir, () => acquireDeviceLock(image, identityOf(image)));
+  assert.match(fs.readFileSync(path.join(lockDir, `file-${identityOf(image).dev}-${identityOf(image).ino}.lock`), 'utf8'), new RegExp(`^${process.pid}\\n`), 'taken over at once');
+  await lock.release();
 });
 
 /** Run `script` as the unprivileged user nobody; false if it failed (as an attack should). */

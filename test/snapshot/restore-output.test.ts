@@ -126,13 +126,16 @@ test('restore --output names its file only once whole and durable: a failure or 
   // file): the name shows what it showed before; the whole copy waits under its temporary name.
   const out = path.join(dir, 'out');
   fs.mkdirSync(out);
+  const lockDir = path.join(dir, 'locks');
   const killedAt = (target: string, call: 'rename' | 'link'): void => {
-    // The output's rename is the only one a restore makes; links name lock files too, so the
-    // link is picked by its path.
+    // Device locks are taken with links, and a stale one (a killed restore's) is taken over with
+    // a rename. So the link is picked by the output's path (strace's -P does not see a rename's
+    // paths), and the restores lock in a directory of their own, where the first, killed at its
+    // rename, finds no stale lock to take over.
     const inject = call === 'rename'
       ? ['-e', 'trace=rename,renameat,renameat2', '-e', 'inject=rename,renameat,renameat2:signal=SIGKILL']
       : ['-P', target, '-e', 'trace=link,linkat', '-e', 'inject=link,linkat:signal=SIGKILL'];
-    const r = spawnSync('strace', ['-f', '-qq', '-o', '/dev/null', ...inject, process.execPath, BDSNAP_MAIN, 'restore', sessionDir, '--output', target], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync('strace', ['-f', '-qq', '-o', '/dev/null', ...inject, process.execPath, BDSNAP_MAIN, 'restore', sessionDir, '--output', target], { encoding: 'utf8', timeout: 60_000, env: { ...process.env, BDSNAP_LOCK_DIR: lockDir } });
     assert.notEqual(r.status, 0, `the restore was killed: ${r.stdout}${r.stderr}`);
   };
   const existing = path.join(out, 'existing.img');
