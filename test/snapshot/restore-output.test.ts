@@ -149,9 +149,14 @@ test('restore --output names its file only once whole and durable: a failure or 
   assert.equal(temps.length, 2, `one temporary file per killed restore: ${fs.readdirSync(out).join(', ')}`);
   for (const n of temps) assert.equal(await sha256File(path.join(out, n)), before, 'each holds the whole restored copy');
 
-  // Run again: both names get the restored copy.
-  await restore(sessionDir, { output: existing });
-  await restore(sessionDir, { output: fresh });
+  // Run again: both names get the restored copy, and each restore names the file the killed
+  // one left (on the command line, as a note on stderr).
+  const leftOf = (name: string): string[] => temps.filter((n) => n.startsWith(`.${name}.`)).map((n) => path.join(out, n));
+  const again = spawnSync(process.execPath, [BDSNAP_MAIN, 'restore', sessionDir, '--output', existing], { encoding: 'utf8', timeout: 60_000, env: { ...process.env, BDSNAP_LOCK_DIR: lockDir } });
+  assert.equal(again.status, 0, again.stderr);
+  assert.equal(leftOf('existing.img').length, 1);
+  assert.ok(again.stderr.includes(`bdsnap: note: a file of earlier restores into ${existing} that did not finish (killed) is beside it: ${leftOf('existing.img')[0]}; remove it once`), again.stderr);
+  assert.deepEqual((await restore(sessionDir, { output: fresh })).leftovers, leftOf('fresh.img'));
   assert.equal(await sha256File(existing), before);
   assert.equal(await sha256File(fresh), before);
 });

@@ -20,6 +20,7 @@ import { promptHidden } from '../password-input.js';
 import { withClient } from '../../service/client.js';
 import { formatBytes } from '../../units.js';
 import { choiceOption, sizeOption } from '../option-values.js';
+import { noteLeftovers } from '../leftovers-note.js';
 import { formatTable } from './status.js';
 import { RUN_DIR_HELP } from './client-options.js';
 import { addTlsOptions, parseListen, printWarnings, serveInForeground, tlsSettings, type TlsCliOptions } from './serve.js';
@@ -298,11 +299,7 @@ export function register(program: Command): void {
         bar.stop();
       }
       noteUnauthenticated(repo);
-      const left = summary.leftovers;
-      if (left.length > 0) {
-        const [files, are, them] = left.length === 1 ? ['a file', 'is', 'it'] : [`${left.length} files`, 'are', 'them'];
-        process.stderr.write(`bdsnap: note: ${files} of earlier restores into ${summary.target} that did not finish (killed) ${are} beside it: ${left.join(', ')}; remove ${them} once no other restore into ${summary.target} runs\n`);
-      }
+      noteLeftovers(summary.target, summary.leftovers);
       if (flags.json) printJson(summary);
       else process.stdout.write(`restored ${summary.device} from backup ${id} into ${summary.target}: ${formatBytes(summary.sizeBytes)} in ${(summary.durationMs / 1000).toFixed(2)} s\n`);
     });

@@ -38,7 +38,7 @@ import {
 import { applyPlan, checkOutput, copyToOutput } from './apply.js';
 import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
 import { readJournal, writeJournal, type Journal } from './journal.js';
-import { openStagedOutputFile, type StagedOutputFile } from '../../host/output-file.js';
+import { openStagedOutputFile, stagedLeftovers, type StagedOutputFile } from '../../host/output-file.js';
 import { AsOfDevice } from './as-of.js';
 
 export { AsOfDevice, findSessionByMountTime } from './as-of.js';
@@ -79,6 +79,8 @@ export interface RestoreSummary {
   /** Nothing was written because a previous run already restored the device. */
   alreadyRestored: boolean;
   warnings: string[];
+  /** With --output: files that earlier restores into it, killed before they named it, left beside it (see stagedLeftovers). */
+  leftovers: string[];
 }
 
 /** Put the device back as it was at the start of `sessionDir`. Errors: ENOENT, ECORRUPT, EMISMATCH, ESESSION, EBUSY, EIO. */
@@ -102,7 +104,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
     const journal = await readJournal(journalPath, devicePath);
     const resuming = journal?.state === 'running' && outputPath === undefined;
     const { plan, digestCheck, verified } = await checkChain({ chain, targetUndone, restores, device, journal, resuming, force: options.force ?? false, loaded, warnings });
-    const summary = (written: boolean): RestoreSummary => ({
+    const summary = async (written: boolean): Promise<RestoreSummary> => ({
       sessionDir: target.dir,
       devicePath,
       targetPath: outputPath ?? devicePath,
@@ -114,9 +116,10 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
       digestCheck,
       alreadyRestored: digestCheck === 'already-restored',
       warnings,
+      leftovers: outputPath === undefined ? [] : await stagedLeftovers(outputPath, outFile?.tempPath),
     });
     // A dry run plans what the real run would write: nothing when the device is already restored.
-    if (dryRun) return summary(digestCheck !== 'already-restored');
+    if (dryRun) return await summary(digestCheck !== 'already-restored');
     if (digestCheck === 'already-restored') {
       // The device already holds the restored content: a copy of it is the restored copy.
       if (outputPath !== undefined) {
@@ -127,7 +130,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
         // Sessions since the last run left the device as it was (they wrote what was there): they are undone all the same.
         await writeJournal(journalPath, { ...journal, sessions: [...new Set([...journal.sessions, ...undoes])], listsAll: true });
       }
-      return summary(false);
+      return await summary(false);
     }
 
     for (const s of loaded) {
@@ -158,7 +161,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
         ...(stamps.length > 0 ? { stamps } : {}), state: 'done', devicePath, sessions: undone, listsAll: true, verified, startedAt, finishedAt: new Date().toISOString(),
       });
     }
-    return summary(true);
+    return await summary(true);
   } catch (err) {
     if (!outFile) throw err;
     // A failed --output restore removes the file it was writing; the output's name never showed it.
