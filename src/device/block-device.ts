@@ -35,6 +35,11 @@ export interface Extent {
 export interface WriteOptions {
   /** Force unit access: durable before the promise resolves. */
   fua?: boolean;
+  /**
+   * A hint: more requests of the same client already wait behind this write, so the device may
+   * overlap writing it with taking them in (FileDevice: see SyncIoPolicy.syncWrite).
+   */
+  queued?: boolean;
 }
 
 export interface ZeroOptions extends WriteOptions {
@@ -128,7 +133,7 @@ export interface BlockDevice {
    * not, and the caller uses write(). Throws what write() would reject with. The NBD server
    * answers a WRITE this way without a promise; FUA writes always go through write().
    */
-  writeNow?(data: Buffer, offsetBytes: number): boolean;
+  writeNow?(data: Buffer, offsetBytes: number, queued?: boolean): boolean;
 }
 
 export type { CloneResult, DeviceStamp };

@@ -171,15 +171,15 @@ export class FileDevice implements BlockDevice {
   }
 
   async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
-    if (!this.writeNow(data, offsetBytes)) await this.#tracked(() => pwriteFully(this.#fd, data, offsetBytes));
+    if (!this.writeNow(data, offsetBytes, options?.queued)) await this.#tracked(() => pwriteFully(this.#fd, data, offsetBytes));
     if (options?.fua) await this.flush();
   }
 
-  writeNow(data: Buffer, offsetBytes: number): boolean {
+  writeNow(data: Buffer, offsetBytes: number, queued = false): boolean {
     this.#checkOpen();
     this.#checkWritable();
     checkRange(this, offsetBytes, data.length, true);
-    if (!this.#syncIo.syncWrite(data.length)) return false;
+    if (!this.#syncIo.syncWrite(data.length, queued)) return false;
     this.#syncIo.run(data.length, () => this.#writeSync(data, offsetBytes));
     return true;
   }

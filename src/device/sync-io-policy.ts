@@ -32,6 +32,17 @@
  *   each: bdsnap / nbdkit median 0.73 on the pool against 0.69 synchronous.
  * The default stays synchronous: the pool's small gain on a single short pass does not pay
  * for what it loses on the rows.
+ *
+ * One case goes to the pool all the same (`queuedWritesOnPool`, which `bdsnap serve`'s workers
+ * set to "the server has one connection"): a large write with more requests of its client
+ * already waiting behind it (the NBD connection's `queued` hint: others in flight, or bytes in
+ * the socket unread). Then the pool overlaps writing one with taking in the next, which one
+ * thread cannot; with several connections the others keep the thread busy and the hand-offs
+ * cost more than they give (nbdcopy's four connections: 0.52x of nbdkit on the pool against
+ * 1.0x synchronous), and a client at depth one has nothing to overlap (it waits for each reply).
+ * Measured by hand, this code against the code before in turns (`bash bench/by-hand.sh
+ * seq-write 3`, fifteen runs each, load 1.2-1.9): depth 4 0.82 (0.54-1.05) of nbdkit against
+ * 0.72 (0.61-0.92); with `FIO_OPTIONS=--iodepth=1` 0.95 (0.73-1.02) against 0.90 (0.75-1.13).
  * An older measurement, of all large transfers at once (fio's 1 MiB writes at depth 4 against
  * nbdkit): 0.90x on the thread pool, 1.04x synchronous. A session's first
  * 1 MiB writes on XFS, cloned: 954-1,041 MB/s with clones on koffi's worker thread, 1,114-1,128
@@ -57,6 +68,11 @@ export class SyncIoPolicy {
     readonly smallMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_MAX_BYTES', 64 * 1024),
     readonly largeMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_LARGE_MAX_BYTES', 4 * MiB),
     readonly largeWriteMaxBytes = sizeFromEnv('BDSNAP_SYNC_IO_LARGE_WRITE_MAX_BYTES', 4 * MiB),
+    /**
+     * Whether a large write that has requests queued behind it goes to the thread pool: true
+     * while the server serves one connection alone (see the module's comment).
+     */
+    readonly queuedWritesOnPool: () => boolean = () => false,
   ) {}
 
   /** Whether a transfer of `bytes` should run synchronously (now, or at `nowMs`). */
@@ -65,9 +81,14 @@ export class SyncIoPolicy {
     return bytes <= this.largeMaxBytes && (nowMs ?? performance.now()) >= this.#largeOffUntilMs;
   }
 
-  /** Whether a write of `bytes` should run synchronously: as sync(), a large one only up to `largeWriteMaxBytes`. */
-  syncWrite(bytes: number, nowMs?: number): boolean {
-    return bytes <= this.smallMaxBytes || (bytes <= this.largeWriteMaxBytes && this.sync(bytes, nowMs));
+  /**
+   * Whether a write of `bytes` should run synchronously: as sync(), a large one only up to
+   * `largeWriteMaxBytes`, and not when other requests are `queued` behind it and
+   * `queuedWritesOnPool()` says so.
+   */
+  syncWrite(bytes: number, queued = false, nowMs?: number): boolean {
+    if (bytes <= this.smallMaxBytes) return true;
+    return bytes <= this.largeWriteMaxBytes && !(queued && this.queuedWritesOnPool()) && this.sync(bytes, nowMs);
   }
 
   /** A synchronous transfer of `bytes` took `elapsedMs`, ending at `nowMs`. */

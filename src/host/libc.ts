@@ -66,6 +66,11 @@ export interface Libc {
    */
   setSendBuffer(fd: number, bytes: number): boolean;
   /**
+   * ioctl(fd, FIONREAD) on a socket: how many received bytes wait to be read, or undefined when
+   * the call fails. One system call on the calling thread.
+   */
+  pendingBytes(fd: number): number | undefined;
+  /**
    * fcntl(fd, F_DUPFD_CLOEXEC): a second descriptor of the same open file (a socket handed to
    * another thread, which then owns it while the first is closed). Throws an Error with `errno`.
    */
@@ -119,6 +124,7 @@ const SOCKET_ABI_BY_ARCH: Partial<Record<NodeJS.Architecture, SocketAbi>> = {
 };
 const SO_PEERCRED: Record<SocketAbi, number> = { generic: 17, powerpc: 21, mips: 18 };
 const SO_SNDBUF: Record<SocketAbi, number> = { generic: 7, powerpc: 7, mips: 0x1001 };
+const FIONREAD: Record<SocketAbi, number> = { generic: 0x541b, powerpc: 0x4004667f, mips: 0x467f };
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const SYNC_FILE_RANGE_WRITE = 2;
@@ -184,6 +190,7 @@ function bind(): { libc: Libc | undefined; reason: string } {
   if (abi === undefined) return { libc: undefined, reason: `SO_PEERCRED is not known for ${process.arch}` };
   const soPeerCred = SO_PEERCRED[abi];
   const soSndBuf = SO_SNDBUF[abi];
+  const fionread = FIONREAD[abi];
   const ffi = loadKoffi();
   if (!('koffi' in ffi)) return { libc: undefined, reason: ffi.reason };
   const { koffi } = ffi;
@@ -199,6 +206,8 @@ function bind(): { libc: Libc | undefined; reason: string } {
     const prctl = lib.func('int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5)');
     const mallocTrim = optionalFunc(lib, 'int malloc_trim(size_t pad)');
     const fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
+    const ioctlInt = lib.func('ioctl', 'int', ['int', 'unsigned long', '_Out_ int *']);
+    const pending = [0];
     const libc: Libc = {
       peerCred(fd: number): PeerCred {
         const ucred = Buffer.alloc(UCRED_BYTES);
@@ -224,6 +233,9 @@ function bind(): { libc: Libc | undefined; reason: string } {
         const value = Buffer.alloc(4);
         value.writeInt32LE(bytes);
         return (setsockopt(fd, SOL_SOCKET, soSndBuf, value, 4) as number) === 0;
+      },
+      pendingBytes(fd: number): number | undefined {
+        return (ioctlInt(fd, fionread, pending) as number) === 0 ? pending[0] : undefined;
       },
       duplicate(fd: number): number {
         const copy = fcntl(fd, F_DUPFD_CLOEXEC, 'int', 0) as number;

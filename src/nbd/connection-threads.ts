@@ -61,6 +61,8 @@ export interface WorkerSettings {
   exports: unknown;
   /** Where the worker's exports are applied, when they live on the accepting thread. */
   ownerPort?: MessagePort;
+  /** One Int32: the connections the server has handed to its workers and not yet seen closed (see loneConnection). */
+  handedConnections: SharedArrayBuffer;
 }
 
 /** Messages from the server to a worker. */
@@ -203,19 +205,27 @@ class WorkerThread {
 export class ConnectionThreads {
   #threads: WorkerThread[] = [];
   #onClosed: (c: HandedConnection) => void;
+  /** The workers read it (loneConnection); only this thread changes it. */
+  readonly #handed = new Int32Array(new SharedArrayBuffer(4));
 
   private constructor(onClosed: (c: HandedConnection) => void) {
-    this.#onClosed = onClosed;
+    this.#onClosed = (c) => {
+      Atomics.sub(this.#handed, 0, 1);
+      onClosed(c);
+    };
   }
 
   /**
    * Start `count` workers running `script` (which calls serveHandedConnections) and wait until
    * each is ready. With `ownerPort`, each worker gets a port of its own from it.
    */
-  static async start(count: number, script: URL, settings: Omit<WorkerSettings, 'aborted' | 'maxPooledBytes' | 'ownerPort'>, log: LogFn | undefined, onClosed: (c: HandedConnection) => void, ownerPort?: () => MessagePort): Promise<ConnectionThreads> {
+  static async start(count: number, script: URL, settings: Omit<WorkerSettings, 'aborted' | 'maxPooledBytes' | 'ownerPort' | 'handedConnections'>, log: LogFn | undefined, onClosed: (c: HandedConnection) => void, ownerPort?: () => MessagePort): Promise<ConnectionThreads> {
     const share = (bytes: number): number => Math.max(1, Math.floor(bytes / count));
     const self = new ConnectionThreads(onClosed);
-    const workerSettings = { ...settings, maxInFlightBytes: share(settings.maxInFlightBytes), maxPooledBytes: share(settings.maxInFlightBytesPerConnection) };
+    const workerSettings = {
+      ...settings, maxInFlightBytes: share(settings.maxInFlightBytes), maxPooledBytes: share(settings.maxInFlightBytesPerConnection),
+      handedConnections: self.#handed.buffer as SharedArrayBuffer,
+    };
     for (let i = 0; i < count; i++) {
       const port = ownerPort?.();
       self.#threads.push(new WorkerThread(script, { ...workerSettings, ...(port ? { ownerPort: port } : {}) }, log, (c) => self.#onClosed(c)));
@@ -239,6 +249,7 @@ export class ConnectionThreads {
     socket.destroy();
     const remote = new Remote(id, thread);
     thread.connections.set(id, remote);
+    Atomics.add(this.#handed, 0, 1);
     thread.post({ type: 'connection', id, fd: copy });
     return remote;
   }
@@ -248,6 +259,15 @@ export class ConnectionThreads {
     for (const t of this.#threads) t.post({ type: 'shutdown' });
     await Promise.all(this.#threads.map((t) => t.exited));
   }
+}
+
+/**
+ * On a worker: whether the server serves one connection alone now (handed to a worker and not
+ * closed). Read at each large write (SyncIoPolicy's `largeWritesOnPool`).
+ */
+export function loneConnection(settings: WorkerSettings): () => boolean {
+  const handed = new Int32Array(settings.handedConnections);
+  return () => Atomics.load(handed, 0) === 1;
 }
 
 /**

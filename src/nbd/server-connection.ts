@@ -50,6 +50,10 @@ import { OptionHaggling } from './option-haggling.js';
 import { TransmissionRequests, type ActiveContext } from './transmission-requests.js';
 import { adoptWithReadBuffer, readTlsInto, READ_BUFFER_BYTES, type ReadSink } from './adopted-socket.js';
 import type { LogFn } from './exports.js';
+import { loadLibc, type Libc } from '../host/libc.js';
+
+/** Writes up to this size always run on the connection's thread (SyncIoPolicy), so they need no `queued` hint. */
+const QUEUED_HINT_MIN_BYTES = 64 * 1024;
 
 /** How long a client may keep its side open after we closed ours. */
 const END_TIMEOUT_MS = 5000;
@@ -111,6 +115,9 @@ export class ServerConnection {
   /** The socket was corked by a reply sent while decoding: #pump uncorks it when it stops. */
   #pumpCorked = false;
   #inFlightCount = 0;
+  /** The socket's descriptor and the libc to ask it how much waits unread (#queuedBehind), where both are known. */
+  #socketFd: number | undefined;
+  #libc: Libc | undefined;
   /** Bytes taken from the budget: admitted requests and replies the socket has not taken yet. */
   #inFlightBytes = 0;
   /** Charge of the request admitted last, until the decoder hands it over. */
@@ -149,6 +156,9 @@ export class ServerConnection {
     this.#budget = context.budget;
     this.#decoder = new RequestDecoder({ allocatePayload: (n) => pool.get(n), transientChunks: readBuffer !== undefined, admit: (r) => this.#admit(r) });
     this.#socket = socket;
+    this.#socketFd = (socket as { _handle?: { fd?: unknown } | null })._handle?.fd as number | undefined;
+    if (typeof this.#socketFd !== 'number' || this.#socketFd < 0) this.#socketFd = undefined;
+    this.#libc = this.#socketFd === undefined ? undefined : loadLibc();
     this.#readBuffer = readBuffer;
     this.#headerBuffer = readBuffer?.subarray(0, C.REQUEST_HEADER_BYTES);
     this.#highWaterMarkBytes = context.socketHighWaterMarkBytes;
@@ -632,9 +642,10 @@ export class ServerConnection {
       this.#done(r);
       return;
     }
+    const queued = r.type === C.NBD_CMD_WRITE && r.lengthBytes > QUEUED_HINT_MIN_BYTES && this.#queuedBehind();
     let answered: boolean;
     try {
-      answered = requests.executeNow(r, bytes);
+      answered = requests.executeNow(r, bytes, queued);
     } catch (err) {
       this.#failed(requests, r, bytes, err);
       return;
@@ -643,10 +654,20 @@ export class ServerConnection {
       this.#done(r);
       return;
     }
-    requests.execute(r, bytes).then(
+    requests.execute(r, bytes, queued).then(
       () => this.#done(r),
       (err: unknown) => this.#failed(requests, r, bytes, err),
     );
+  }
+
+  /**
+   * Whether the client has more requests waiting behind the one being started: others in
+   * flight, bytes received and not yet decoded, or bytes in the socket not yet read (FIONREAD).
+   * A client at depth one has none: it waits for each reply before it sends again.
+   */
+  #queuedBehind(): boolean {
+    if (this.#inFlightCount > 1 || this.#decoder.bufferedBytes > 0) return true;
+    return this.#socketFd !== undefined && (this.#libc?.pendingBytes(this.#socketFd) ?? 0) > 0;
   }
 
   /** `r` failed with `err`: answer it with the error, its charge carried by the reply. */

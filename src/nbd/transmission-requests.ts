@@ -131,15 +131,18 @@ export class TransmissionRequests {
    * promise. False when nothing was done: execute() runs it. Throws what execute() would reject
    * with (then nothing was answered).
    */
-  executeNow(r: RequestMessage, charge: number): boolean {
+  executeNow(r: RequestMessage, charge: number, queued = false): boolean {
     if (r.type !== C.NBD_CMD_WRITE || r.lengthBytes === 0 || (r.flags & C.NBD_CMD_FLAG_FUA) !== 0) return false;
-    if (this.device.writeNow === undefined || !this.device.writeNow(r.payload!, r.offsetBytes)) return false;
+    if (this.device.writeNow === undefined || !this.device.writeNow(r.payload!, r.offsetBytes, queued)) return false;
     this.#send(encodeSimpleReply(0, r.cookieHi, r.cookieLo), false, charge);
     return true;
   }
 
-  /** `charge`: what the request was admitted with, for its reply to carry (not on a throw). */
-  async execute(r: RequestMessage, charge: number): Promise<void> {
+  /**
+   * `charge`: what the request was admitted with, for its reply to carry (not on a throw);
+   * `queued`: more requests of the client wait behind a WRITE (WriteOptions.queued).
+   */
+  async execute(r: RequestMessage, charge: number, queued = false): Promise<void> {
     const device = this.device;
     const { type, flags, offsetBytes, lengthBytes, cookieHi, cookieLo } = r;
     const fua = (flags & C.NBD_CMD_FLAG_FUA) !== 0;
@@ -147,7 +150,7 @@ export class TransmissionRequests {
       case C.NBD_CMD_READ:
         return this.#read(device, r, charge);
       case C.NBD_CMD_WRITE:
-        if (lengthBytes > 0) await device.write(r.payload!, offsetBytes, { fua });
+        if (lengthBytes > 0) await device.write(r.payload!, offsetBytes, { fua, queued });
         break;
       case C.NBD_CMD_FLUSH:
         await device.flush();

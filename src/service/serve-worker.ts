@@ -7,7 +7,8 @@
 import { workerData } from 'node:worker_threads';
 import type { DeviceIdentity } from '../device/block-device.js';
 import { FileDevice } from '../device/file-device.js';
-import { failHandedConnections, serveHandedConnections, type WorkerSettings } from '../nbd/connection-threads.js';
+import { failHandedConnections, loneConnection, serveHandedConnections, type WorkerSettings } from '../nbd/connection-threads.js';
+import { SyncIoPolicy } from '../device/sync-io-policy.js';
 import { StaticExports } from '../nbd/static-exports.js';
 import { warmUpOnScratch } from './warm-scratch.js';
 
@@ -28,7 +29,12 @@ async function main(): Promise<void> {
     }));
   };
   try {
-    for (const e of wanted) opened.push(await FileDevice.open(e.name, { shared: true, readOnly: e.readOnly, expectIdentity: e.identity }));
+    // Large writes with requests queued behind them go to the thread pool while the server has
+    // this one connection (see sync-io-policy.ts).
+    const lone = loneConnection(workerData as WorkerSettings);
+    for (const e of wanted) {
+      opened.push(await FileDevice.open(e.name, { shared: true, readOnly: e.readOnly, expectIdentity: e.identity, syncIo: new SyncIoPolicy(undefined, undefined, undefined, lone) }));
+    }
     serveHandedConnections(new StaticExports(opened.map((device) => ({ name: device.path, device }))), closeAll, warmUpOnScratch());
   } catch (err) {
     await closeAll();

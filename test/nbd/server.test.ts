@@ -14,6 +14,8 @@ import { encodeOption, encodeRequest, encodeInfoRequestData } from '../../src/nb
 import { FileDevice } from '../../src/device/file-device.js';
 import { PassThroughDevice } from '../../src/device/pass-through.js';
 import { GatedDevice } from '../helpers/devices.js';
+import type { WriteOptions } from '../../src/device/block-device.js';
+import { loadLibc } from '../../src/host/libc.js';
 import { RawNbdClient } from '../helpers/raw-nbd.js';
 import { makeImage } from '../../testkit/files.js';
 import { RawPeer, serveImage, tempDir, waitFor } from './helpers.js';
@@ -537,4 +539,32 @@ test('a WRITE answered on the spot: many in one read all get replies, and one th
   }
   // The connection lives on.
   await c.write(pattern(4096, 99), 65536 + 4096);
+});
+
+/** Records the `queued` hint of every write. */
+class HintedDevice extends PassThroughDevice {
+  readonly hints: boolean[] = [];
+  override async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
+    this.hints.push(options?.queued ?? false);
+    return super.write(data, offsetBytes, options);
+  }
+}
+
+test('a large WRITE says whether more requests wait behind it: never from a client at depth one, yes when it sends several at once', async (t) => {
+  if (loadLibc() === undefined) {
+    t.skip('koffi is not usable here: the server cannot ask the socket what waits in it');
+    return;
+  }
+  let device!: HintedDevice;
+  const s = await serveImage(t, { sizeBytes: 16 * MiB, wrap: (d) => (device = new HintedDevice(d)) });
+  const client = await s.connect();
+  for (let i = 0; i < 8; i++) await client.write(Buffer.alloc(MiB, i), i * MiB);
+  assert.deepEqual(device.hints, new Array(8).fill(false), 'one request at a time: nothing waits behind any');
+  device.hints.length = 0;
+  await Promise.all(Array.from({ length: 8 }, (_, i) => client.write(Buffer.alloc(MiB, 0x40 + i), (8 + i) * MiB)));
+  assert.equal(device.hints.length, 8);
+  assert.equal(device.hints[0], true, `the first of eight sent at once has seven behind it: ${device.hints.join(',')}`);
+  const back = Buffer.alloc(MiB);
+  await client.read(back, 15 * MiB);
+  assert.ok(back.every((b) => b === 0x47), 'written');
 });
