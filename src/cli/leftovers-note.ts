@@ -1,6 +1,6 @@
 /** The note both restore commands print about files earlier, killed restores into the same output left beside it. */
 
-/** Write the note to stderr when `left` is not empty: what they are, and when to remove them. */
+/** Write the note to stderr when `left` is not empty: what they are, and when to remove them. Loaded only when there are some (`--help` loads no more modules). */
 export function noteLeftovers(target: string, left: readonly string[]): void {
   if (left.length === 0) return;
   const [files, are, them] = left.length === 1 ? ['a file', 'is', 'it'] : [`${left.length} files`, 'are', 'them'];

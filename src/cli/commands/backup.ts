@@ -20,7 +20,6 @@ import { promptHidden } from '../password-input.js';
 import { withClient } from '../../service/client.js';
 import { formatBytes } from '../../units.js';
 import { choiceOption, sizeOption } from '../option-values.js';
-import { noteLeftovers } from '../leftovers-note.js';
 import { formatTable } from './status.js';
 import { RUN_DIR_HELP } from './client-options.js';
 import { addTlsOptions, parseListen, printWarnings, serveInForeground, tlsSettings, type TlsCliOptions } from './serve.js';
@@ -299,7 +298,7 @@ export function register(program: Command): void {
         bar.stop();
       }
       noteUnauthenticated(repo);
-      noteLeftovers(summary.target, summary.leftovers);
+      if (summary.leftovers.length > 0) (await import('../leftovers-note.js')).noteLeftovers(summary.target, summary.leftovers);
       if (flags.json) printJson(summary);
       else process.stdout.write(`restored ${summary.device} from backup ${id} into ${summary.target}: ${formatBytes(summary.sizeBytes)} in ${(summary.durationMs / 1000).toFixed(2)} s\n`);
     });

@@ -6,7 +6,6 @@
 
 import type { Command } from 'commander';
 import type { RestoreSummary } from '../../snapshot/index.js';
-import { noteLeftovers } from '../leftovers-note.js';
 
 interface RestoreFlags {
   output?: string;
@@ -57,7 +56,7 @@ export async function runRestore(sessionDir: string, flags: RestoreFlags): Promi
   } finally {
     if (started) bar?.stop();
   }
-  noteLeftovers(summary.targetPath, summary.leftovers);
+  if (summary.leftovers.length > 0) (await import('../leftovers-note.js')).noteLeftovers(summary.targetPath, summary.leftovers);
   if (flags.json) {
     process.stdout.write(`${JSON.stringify(summary, null, 2)}\n`);
     return;
