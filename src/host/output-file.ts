@@ -48,13 +48,13 @@ export async function openOutputFile(filePath: string, mode = 0o600): Promise<Ou
     fd = fs.openSync(filePath, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ELOOP') throw new BdsnapError('EPERM', `${filePath} is a symbolic link; it is not written through: give the real path`, { cause: err });
+    if (code === 'ELOOP') throw symlinkRefused(filePath, err);
     if (code !== 'EEXIST') throw toBdsnapError(err);
     created = false;
     try {
       fd = fs.openSync(filePath, O_WRONLY | O_NOFOLLOW);
     } catch (err2) {
-      if ((err2 as NodeJS.ErrnoException).code === 'ELOOP') throw new BdsnapError('EPERM', `${filePath} is a symbolic link; it is not written through: give the real path`, { cause: err2 });
+      if ((err2 as NodeJS.ErrnoException).code === 'ELOOP') throw symlinkRefused(filePath, err2);
       throw toBdsnapError(err2);
     }
   }
@@ -67,12 +67,7 @@ export async function openOutputFile(filePath: string, mode = 0o600): Promise<Ou
     throw toBdsnapError(err);
   }
   const opened = fs.fstatSync(fd);
-  let open = true;
-  const close = async (): Promise<void> => {
-    if (!open) return;
-    open = false;
-    fs.closeSync(fd);
-  };
+  const close = closeOnce(fd);
   return {
     fd,
     mode,
@@ -82,8 +77,7 @@ export async function openOutputFile(filePath: string, mode = 0o600): Promise<Ou
     async discard(): Promise<void> {
       if (created) {
         // Only the file this call made: the name may have been taken over since.
-        const now = await fs.promises.lstat(filePath).catch(() => undefined);
-        if (now !== undefined && now.dev === opened.dev && now.ino === opened.ino) await fs.promises.unlink(filePath).catch(() => undefined);
+        if (await holds(filePath, opened)) await fs.promises.unlink(filePath).catch(() => undefined);
       }
       await close();
     },
@@ -130,7 +124,7 @@ export async function openStagedOutputFile(filePath: string, options: { mode?: n
     throw toBdsnapError(err);
   });
   if (existing && !options.replace) throw new BdsnapError('EBUSY', `${filePath} appeared while it was being written; refusing to replace it`);
-  if (existing?.isSymbolicLink()) throw new BdsnapError('EPERM', `${filePath} is a symbolic link; it is not written through: give the real path`);
+  if (existing?.isSymbolicLink()) throw symlinkRefused(filePath);
   if (existing) checkOutputFile(existing, filePath);
   const tempPath = path.join(path.dirname(filePath), `${stagedPrefix(filePath)}${randomBytes(4).toString('hex')}`);
   let fd: number;
@@ -142,12 +136,7 @@ export async function openStagedOutputFile(filePath: string, options: { mode?: n
   }
   const made = fs.fstatSync(fd);
   fs.fchmodSync(fd, mode); // open()'s mode is filtered by the umask
-  let open = true;
-  const close = async (): Promise<void> => {
-    if (!open) return;
-    open = false;
-    fs.closeSync(fd);
-  };
+  const close = closeOnce(fd);
   return {
     fd, mode, procPath: `/proc/self/fd/${fd}`, tempPath, close,
     async publish(): Promise<void> {
@@ -210,6 +199,20 @@ async function nameStagedFile(tempPath: string, filePath: string, made: fs.Stats
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw toBdsnapError(err);
   });
   await fsyncDirectory(path.dirname(filePath));
+}
+
+function symlinkRefused(filePath: string, cause?: unknown): BdsnapError {
+  return new BdsnapError('EPERM', `${filePath} is a symbolic link; it is not written through: give the real path`, cause === undefined ? undefined : { cause });
+}
+
+/** A close of `fd` that closes it the first time only. */
+function closeOnce(fd: number): () => Promise<void> {
+  let open = true;
+  return async () => {
+    if (!open) return;
+    open = false;
+    fs.closeSync(fd);
+  };
 }
 
 /** `p` names the file `st` describes (not followed if a link). */
