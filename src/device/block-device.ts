@@ -36,10 +36,11 @@ export interface WriteOptions {
   /** Force unit access: durable before the promise resolves. */
   fua?: boolean;
   /**
-   * A hint: more requests of the same client already wait behind this write, so the device may
-   * overlap writing it with taking them in (FileDevice: see SyncIoPolicy.syncWrite).
+   * Asks whether more requests of the same client already wait behind this write, so that the
+   * device may overlap writing it with taking them in (FileDevice: see SyncIoPolicy.syncWrite).
+   * A device calls it only where its answer changes what the device does.
    */
-  queued?: boolean;
+  queued?: () => boolean;
 }
 
 export interface ZeroOptions extends WriteOptions {
@@ -133,7 +134,7 @@ export interface BlockDevice {
    * not, and the caller uses write(). Throws what write() would reject with. The NBD server
    * answers a WRITE this way without a promise; FUA writes always go through write().
    */
-  writeNow?(data: Buffer, offsetBytes: number, queued?: boolean): boolean;
+  writeNow?(data: Buffer, offsetBytes: number, queued?: () => boolean): boolean;
 }
 
 export type { CloneResult, DeviceStamp };

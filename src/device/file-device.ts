@@ -175,7 +175,7 @@ export class FileDevice implements BlockDevice {
     if (options?.fua) await this.flush();
   }
 
-  writeNow(data: Buffer, offsetBytes: number, queued = false): boolean {
+  writeNow(data: Buffer, offsetBytes: number, queued?: () => boolean): boolean {
     this.#checkOpen();
     this.#checkWritable();
     checkRange(this, offsetBytes, data.length, true);

@@ -35,7 +35,7 @@
  *
  * One case goes to the pool all the same (`queuedWritesOnPool`, which `bdsnap serve`'s workers
  * set to "the server has one connection"): a large write with more requests of its client
- * already waiting behind it (the NBD connection's `queued` hint: others in flight, or bytes in
+ * already waiting behind it (the NBD connection's `queued` probe: others in flight, or bytes in
  * the socket unread). Then the pool overlaps writing one with taking in the next, which one
  * thread cannot; with several connections the others keep the thread busy and the hand-offs
  * cost more than they give (nbdcopy's four connections: 0.52x of nbdkit on the pool against
@@ -83,12 +83,12 @@ export class SyncIoPolicy {
 
   /**
    * Whether a write of `bytes` should run synchronously: as sync(), a large one only up to
-   * `largeWriteMaxBytes`, and not when other requests are `queued` behind it and
-   * `queuedWritesOnPool()` says so.
+   * `largeWriteMaxBytes`, and not when `queuedWritesOnPool()` and then `queued()` (other
+   * requests wait behind it) say so; neither is asked about a small write.
    */
-  syncWrite(bytes: number, queued = false, nowMs?: number): boolean {
+  syncWrite(bytes: number, queued?: () => boolean, nowMs?: number): boolean {
     if (bytes <= this.smallMaxBytes) return true;
-    return bytes <= this.largeWriteMaxBytes && !(queued && this.queuedWritesOnPool()) && this.sync(bytes, nowMs);
+    return bytes <= this.largeWriteMaxBytes && !(this.queuedWritesOnPool() && queued?.() === true) && this.sync(bytes, nowMs);
   }
 
   /** A synchronous transfer of `bytes` took `elapsedMs`, ending at `nowMs`. */

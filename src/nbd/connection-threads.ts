@@ -263,7 +263,7 @@ export class ConnectionThreads {
 
 /**
  * On a worker: whether the server serves one connection alone now (handed to a worker and not
- * closed). Read at each large write (SyncIoPolicy's `largeWritesOnPool`).
+ * closed). Read at each large write (SyncIoPolicy's `queuedWritesOnPool`).
  */
 export function loneConnection(settings: WorkerSettings): () => boolean {
   const handed = new Int32Array(settings.handedConnections);

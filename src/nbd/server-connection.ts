@@ -52,9 +52,6 @@ import { adoptWithReadBuffer, readTlsInto, READ_BUFFER_BYTES, type ReadSink } fr
 import type { LogFn } from './exports.js';
 import { loadLibc, type Libc } from '../host/libc.js';
 
-/** Writes up to this size always run on the connection's thread (SyncIoPolicy), so they need no `queued` hint. */
-const QUEUED_HINT_MIN_BYTES = 64 * 1024;
-
 /** How long a client may keep its side open after we closed ours. */
 const END_TIMEOUT_MS = 5000;
 /**
@@ -617,7 +614,7 @@ export class ServerConnection {
     this.#handshakeTimer = undefined;
     this.#handle = handle;
     this.#requests = new TransmissionRequests(handle.device, structured, activeContexts, this.#pool,
-      (buf, pooled, charge) => this.#send(buf, pooled, charge));
+      (buf, pooled, charge) => this.#send(buf, pooled, charge), () => this.#queuedBehind());
     this.#decoder.setPhase('transmission');
     this.#state = 'transmission';
     this.#log?.({ event: 'export-opened', connection: this.id, export: handle.name, structured });
@@ -642,10 +639,9 @@ export class ServerConnection {
       this.#done(r);
       return;
     }
-    const queued = r.type === C.NBD_CMD_WRITE && r.lengthBytes > QUEUED_HINT_MIN_BYTES && this.#queuedBehind();
     let answered: boolean;
     try {
-      answered = requests.executeNow(r, bytes, queued);
+      answered = requests.executeNow(r, bytes);
     } catch (err) {
       this.#failed(requests, r, bytes, err);
       return;
@@ -654,16 +650,18 @@ export class ServerConnection {
       this.#done(r);
       return;
     }
-    requests.execute(r, bytes, queued).then(
+    requests.execute(r, bytes).then(
       () => this.#done(r),
       (err: unknown) => this.#failed(requests, r, bytes, err),
     );
   }
 
   /**
-   * Whether the client has more requests waiting behind the one being started: others in
-   * flight, bytes received and not yet decoded, or bytes in the socket not yet read (FIONREAD).
-   * A client at depth one has none: it waits for each reply before it sends again.
+   * Whether the client has more requests waiting behind the one being run: others in flight,
+   * bytes received and not yet decoded, or bytes in the socket not yet read (FIONREAD). A
+   * client at depth one has none: it waits for each reply before it sends again. Asked by the
+   * device (WriteOptions.queued), and only where the answer matters: a large write on a
+   * server with one connection.
    */
   #queuedBehind(): boolean {
     if (this.#inFlightCount > 1 || this.#decoder.bufferedBytes > 0) return true;

@@ -56,8 +56,13 @@ export class TransmissionRequests {
   #activeContexts: ActiveContext[];
   #pool: BufferPool;
   #send: SendReply;
+  readonly #queued: (() => boolean) | undefined;
 
-  constructor(device: BlockDevice, structured: boolean, activeContexts: ActiveContext[], pool: BufferPool, send: SendReply) {
+  /**
+   * `queued`: whether more requests of the client wait behind the one being run (passed with
+   * each WRITE, see WriteOptions.queued).
+   */
+  constructor(device: BlockDevice, structured: boolean, activeContexts: ActiveContext[], pool: BufferPool, send: SendReply, queued?: () => boolean) {
     this.device = device;
     this.sizeBytes = device.size;
     this.minimumBlockBytes = Math.max(1, device.blockSizes.minimum);
@@ -66,6 +71,7 @@ export class TransmissionRequests {
     this.#activeContexts = activeContexts;
     this.#pool = pool;
     this.#send = send;
+    this.#queued = queued;
   }
 
   validate(r: RequestMessage): Refusal | undefined {
@@ -131,18 +137,15 @@ export class TransmissionRequests {
    * promise. False when nothing was done: execute() runs it. Throws what execute() would reject
    * with (then nothing was answered).
    */
-  executeNow(r: RequestMessage, charge: number, queued = false): boolean {
+  executeNow(r: RequestMessage, charge: number): boolean {
     if (r.type !== C.NBD_CMD_WRITE || r.lengthBytes === 0 || (r.flags & C.NBD_CMD_FLAG_FUA) !== 0) return false;
-    if (this.device.writeNow === undefined || !this.device.writeNow(r.payload!, r.offsetBytes, queued)) return false;
+    if (this.device.writeNow === undefined || !this.device.writeNow(r.payload!, r.offsetBytes, this.#queued)) return false;
     this.#send(encodeSimpleReply(0, r.cookieHi, r.cookieLo), false, charge);
     return true;
   }
 
-  /**
-   * `charge`: what the request was admitted with, for its reply to carry (not on a throw);
-   * `queued`: more requests of the client wait behind a WRITE (WriteOptions.queued).
-   */
-  async execute(r: RequestMessage, charge: number, queued = false): Promise<void> {
+  /** `charge`: what the request was admitted with, for its reply to carry (not on a throw). */
+  async execute(r: RequestMessage, charge: number): Promise<void> {
     const device = this.device;
     const { type, flags, offsetBytes, lengthBytes, cookieHi, cookieLo } = r;
     const fua = (flags & C.NBD_CMD_FLAG_FUA) !== 0;
@@ -150,7 +153,7 @@ export class TransmissionRequests {
       case C.NBD_CMD_READ:
         return this.#read(device, r, charge);
       case C.NBD_CMD_WRITE:
-        if (lengthBytes > 0) await device.write(r.payload!, offsetBytes, { fua, queued });
+        if (lengthBytes > 0) await device.write(r.payload!, offsetBytes, { fua, queued: this.#queued });
         break;
       case C.NBD_CMD_FLUSH:
         await device.flush();

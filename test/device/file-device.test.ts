@@ -216,33 +216,40 @@ test('large writes have a limit of their own: on the thread pool while large rea
   assert.equal(dev.requestsInFlight, 0, 'a 1 MiB read stays synchronous');
   await read;
   assert.equal(back.every((b) => b === 0x3c), true);
-  assert.equal(policy.syncWrite(MiB, false, 0), false);
+  assert.equal(policy.syncWrite(MiB, undefined, 0), false);
   assert.equal(policy.sync(MiB, 0), true, 'reads and clones keep the large limit');
-  assert.equal(policy.syncWrite(64 * 1024, false, 0), true);
+  assert.equal(policy.syncWrite(64 * 1024, undefined, 0), true);
   const old = new SyncIoPolicy(64 * 1024, 4 * MiB);
-  assert.equal(old.syncWrite(MiB, false, 0), true, 'by default large writes are synchronous, as large reads are');
+  assert.equal(old.syncWrite(MiB, undefined, 0), true, 'by default large writes are synchronous, as large reads are');
   old.record(MiB, SLOW_FLOOR_MS + SLOW_MS_PER_MIB * 2, 10);
-  assert.equal(old.syncWrite(MiB, false, 11), false, 'under the same back-off as other large transfers');
+  assert.equal(old.syncWrite(MiB, undefined, 11), false, 'under the same back-off as other large transfers');
 });
 
 test('a large write with requests queued behind it goes to the thread pool only while queuedWritesOnPool says so', async (t) => {
   const MiB = 1 << 20;
   let lone = true;
   const policy = new SyncIoPolicy(64 * 1024, 4 * MiB, 4 * MiB, () => lone);
-  assert.equal(policy.syncWrite(MiB, true, 0), false, 'queued, one connection: on the pool');
-  assert.equal(policy.syncWrite(MiB, false, 0), true, 'nothing queued (a client at depth one): synchronous');
-  assert.equal(policy.syncWrite(64 * 1024, true, 0), true, 'small writes stay synchronous');
+  let asked = 0;
+  const queued = (answer: boolean) => (): boolean => {
+    asked++;
+    return answer;
+  };
+  assert.equal(policy.syncWrite(MiB, queued(true), 0), false, 'queued, one connection: on the pool');
+  assert.equal(policy.syncWrite(MiB, queued(false), 0), true, 'nothing queued (a client at depth one): synchronous');
+  assert.equal(asked, 2);
+  assert.equal(policy.syncWrite(64 * 1024, queued(true), 0), true, 'small writes stay synchronous');
   lone = false;
-  assert.equal(policy.syncWrite(MiB, true, 0), true, 'several connections: synchronous');
+  assert.equal(policy.syncWrite(MiB, queued(true), 0), true, 'several connections: synchronous');
+  assert.equal(asked, 2, 'neither a small write nor one on a server with several connections asks what is queued');
   // Through a device: the hint reaches the policy from write().
   lone = true;
   const image = path.join(tempDir(t), 'q.img');
   makeImage(image, 2 * MiB, 'zero');
   const dev = await FileDevice.open(image, { syncIo: policy });
   t.after(() => dev.close());
-  const queued = dev.write(Buffer.alloc(MiB, 1), 0, { queued: true });
+  const onPool = dev.write(Buffer.alloc(MiB, 1), 0, { queued: () => true });
   assert.equal(dev.requestsInFlight, 1, 'the queued write is on the thread pool');
-  await queued;
+  await onPool;
   const alone = dev.write(Buffer.alloc(MiB, 2), MiB);
   assert.equal(dev.requestsInFlight, 0, 'the write nothing waits behind is done on this thread');
   await alone;

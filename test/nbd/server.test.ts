@@ -545,7 +545,7 @@ test('a WRITE answered on the spot: many in one read all get replies, and one th
 class HintedDevice extends PassThroughDevice {
   readonly hints: boolean[] = [];
   override async write(data: Buffer, offsetBytes: number, options?: WriteOptions): Promise<void> {
-    this.hints.push(options?.queued ?? false);
+    this.hints.push(options?.queued?.() ?? false);
     return super.write(data, offsetBytes, options);
   }
 }
