@@ -56,6 +56,19 @@ export async function readJournals(sessions: SessionInfo[], devicePath: string):
 }
 
 /**
+ * A restore of `devicePath` that was interrupted (its journal still says 'running'): the device
+ * is half way to that session's start, neither state. The session it restores, or undefined.
+ * Errors: ECORRUPT (a journal that cannot be read).
+ */
+export async function unfinishedRestore(snapshotRoot: string, devicePath: string): Promise<{ dir: string; startedAt: string } | undefined> {
+  const sessions = (await listSessions(snapshotRoot, devicePath)).filter((s) => s.state !== 'unreadable');
+  for (const [dir, j] of await readJournals(sessions, devicePath)) {
+    if (j.state === 'running') return { dir, startedAt: j.startedAt };
+  }
+  return undefined;
+}
+
+/**
  * The sessions whose start is lost: a finished restore from an older session took the device
  * back to before them. By session directory: the older session and when its restore finished.
  */
