@@ -31,7 +31,7 @@ import { CowDevice, type SessionSummary as CowSessionSummary } from '../snapshot
 import { DEFAULT_CHUNK_SIZE, type Durability } from '../snapshot/format.js';
 import { TrackingDevice } from '../snapshot/change-map/index.js';
 import { SnapshotLayer } from '../snapshot/snapshot-layer.js';
-import { unfinishedRestore } from '../snapshot/restore/chain.js';
+import { refuseUnfinishedRestore } from '../snapshot/restore/chain.js';
 import type { ChangeTracker } from './change-tracking.js';
 import type { DeviceStatus } from './control-protocol.js';
 import { DirtyTracker } from '../device/dirty-tracker.js';
@@ -248,15 +248,13 @@ export class DeviceTable {
       const record = this.#registry.get(devicePath);
       if (!record) throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap`);
       if (!att) {
-        // A device an interrupted restore left half way is neither state: nothing may read or
-        // write it through the daemon until that restore is finished.
-        const half = await unfinishedRestore(this.#snapshotRoot, devicePath);
-        if (half) {
-          throw new BdsnapError('EBUSY', `${devicePath} is half way through a restore from ${half.dir} (started at ${half.startedAt}, interrupted); finish it first: bdsnap restore ${half.dir}`);
-        }
         const file = await FileDevice.open(devicePath);
         let tracked: BlockDevice = file;
         try {
+          // A device an interrupted restore left half way is neither state: nothing may read
+          // or write it through the daemon until that restore is finished (checked under the
+          // device's lock).
+          await refuseUnfinishedRestore(this.#snapshotRoot, devicePath);
           // Writes someone else left in the device's page cache reach the device, its
           // counters and its backing file now, before its stamp is read.
           await file.flush();

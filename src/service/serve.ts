@@ -28,7 +28,7 @@ export interface ServeOptions {
   tls?: TlsSettings;
   readOnly?: boolean;
   /** Wrap each opened device before it is served. */
-  wrap?: (device: BlockDevice, devicePath: string) => BlockDevice;
+  wrap?: (device: BlockDevice, devicePath: string) => BlockDevice | Promise<BlockDevice>;
   log?: (event: Record<string, unknown>) => void;
 }
 
@@ -89,7 +89,7 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
       // EBUSY (another server has it) says who holds it, and the CLI adds what frees it.
       const device = await FileDevice.open(real, { readOnly: options.readOnly ?? false });
       opened.push(device);
-      exports.push({ name: real, device: options.wrap ? options.wrap(device, real) : device });
+      exports.push({ name: real, device: options.wrap ? await options.wrap(device, real) : device });
     }
     const threads = options.wrap === undefined ? serveThreads(opened, threadCount) : undefined;
     const warmUp = warmUpOnScratch();

@@ -156,18 +156,26 @@ async function sessionWrapper(opts: ServeCliOptions): Promise<ServeOptions['wrap
     return undefined;
   }
   if (opts.readOnly) throw new BdsnapError('EINVAL', '--snapshot-root makes no sense with --read-only: nothing can change');
-  const base: Omit<SessionOptions, 'devicePath'> = { snapshotRoot: path.resolve(opts.snapshotRoot), ...parseSessionOptions(opts) };
-  const [{ FileDevice }, { CowDevice }] = await Promise.all([import('../../device/file-device.js'), import('../../snapshot/index.js')]);
+  const snapshotRoot = path.resolve(opts.snapshotRoot);
+  const base: Omit<SessionOptions, 'devicePath'> = { snapshotRoot, ...parseSessionOptions(opts) };
+  const [{ FileDevice }, { CowDevice }, { refuseUnfinishedRestore }] = await Promise.all([
+    import('../../device/file-device.js'), import('../../snapshot/index.js'), import('../../snapshot/restore/chain.js'),
+  ]);
   const report = (event: SessionEvent): void => {
     const dir = event.sessionDir ?? '';
     if (event.type === 'session-start') process.stderr.write(`bdsnap: session started: ${dir}\n`);
     else if (event.type === 'session-failed') process.stderr.write(`bdsnap: session FAILED (${event.reason}); the device carries on without it: ${dir}\n`);
     else if (event.type === 'session-end') process.stderr.write(`bdsnap: session ended: ${dir}\n`);
   };
-  return (device, devicePath) => CowDevice.create(device, {
-    ...base,
-    devicePath,
-    deviceIdentity: device instanceof FileDevice ? { ...device.identity } : undefined,
-    onEvent: report,
-  });
+  // The device is open (its lock held): one an interrupted restore left half way would start
+  // a session recording neither state, and serve it.
+  return async (device, devicePath) => {
+    await refuseUnfinishedRestore(snapshotRoot, devicePath);
+    return CowDevice.create(device, {
+      ...base,
+      devicePath,
+      deviceIdentity: device instanceof FileDevice ? { ...device.identity } : undefined,
+      onEvent: report,
+    });
+  };
 }

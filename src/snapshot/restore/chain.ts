@@ -69,6 +69,19 @@ export async function unfinishedRestore(snapshotRoot: string, devicePath: string
 }
 
 /**
+ * Refuse to open `devicePath` for anything that reads or records its content (a mount, an NBD
+ * client, a snapshot, a session) while an interrupted restore has it half way: neither state.
+ * Called with the device's lock held, so no restore can start and die between the check and
+ * the open. Errors: EBUSY naming the restore to finish, ECORRUPT (an unreadable journal).
+ */
+export async function refuseUnfinishedRestore(snapshotRoot: string, devicePath: string): Promise<void> {
+  const half = await unfinishedRestore(snapshotRoot, devicePath);
+  if (half) {
+    throw new BdsnapError('EBUSY', `${devicePath} is half way through a restore from ${half.dir} (started at ${half.startedAt}, interrupted); finish it first: bdsnap restore ${half.dir}`);
+  }
+}
+
+/**
  * The sessions whose start is lost: a finished restore from an older session took the device
  * back to before them. By session directory: the older session and when its restore finished.
  */
