@@ -38,7 +38,10 @@ import { DirtyTracker } from '../device/dirty-tracker.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from '../serial-queue.js';
 import type { Registry } from './registry.js';
-import { describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
+import {
+  describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp, sameIdentity, type DeviceStamp, type StampIdentity,
+} from '../host/device-stamp.js';
+import { checkNotInUse } from '../host/in-use.js';
 
 export interface SessionSettings {
   chunkSize?: number;
@@ -80,6 +83,8 @@ interface Attachment {
   userHolds: number;
   snapshotHolds: number;
   connections: number;
+  /** What was opened: a later hold checks that the name still names it. */
+  readonly identity: StampIdentity;
 }
 
 /**
@@ -247,21 +252,30 @@ export class DeviceTable {
       }
       const record = this.#registry.get(devicePath);
       if (!record) throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap`);
-      if (!att) {
+      if (att) {
+        await refuseReplaced(att);
+        // A loop device or a mount set up on the file since it was opened writes around bdsnap.
+        await checkNotInUse(devicePath, {}, { exclusiveProbe: false });
+      } else {
         const file = await FileDevice.open(devicePath);
         let tracked: BlockDevice = file;
+        let identity: StampIdentity;
         try {
           // A device an interrupted restore left half way is neither state: nothing may read
           // or write it through the daemon until that restore is finished (checked under the
           // device's lock).
           await refuseUnfinishedRestore(this.#snapshotRoot, devicePath);
+          // Whatever else writes the device (a loop device, a mount, a stacked device) would
+          // write around copy-before-write and the change map. A block device is held O_EXCL
+          // by now: the probe would only find this hold.
+          await checkNotInUse(devicePath, {}, { exclusiveProbe: false });
           // Writes someone else left in the device's page cache reach the device, its
           // counters and its backing file now, before its stamp is read.
           await file.flush();
           const stamp = await stampOf(file);
           // What was opened, not what the name named a moment ago: a second name of a
           // registered device is refused (a hard link made after both were registered).
-          const identity = stamp instanceof Error ? await readDeviceIdentity(devicePath) : identityOfStamp(stamp);
+          identity = stamp instanceof Error ? await readDeviceIdentity(devicePath) : identityOfStamp(stamp);
           const replaced = await this.#registry.claimIdentity(devicePath, identity);
           if (replaced) {
             this.#log.warn({ event: 'device-replaced', device: devicePath, was: describeIdentity(replaced), now: describeIdentity(identity) },
@@ -273,7 +287,7 @@ export class DeviceTable {
           throw err;
         }
         const layer = new SnapshotLayer(tracked, { chunkSize: this.chunkSize });
-        att = { devicePath, file, layer, phase: undefined, userHolds: 0, snapshotHolds: 0, connections: 0 };
+        att = { devicePath, file, layer, phase: undefined, userHolds: 0, snapshotHolds: 0, connections: 0, identity };
         this.#attachments.set(devicePath, att);
       }
       if (!user) {
@@ -487,4 +501,22 @@ export class DeviceTable {
   #serial<T>(key: string, fn: () => Promise<T>): Promise<T> {
     return this.#queues.run(key, fn);
   }
+}
+
+/**
+ * Refuse a new hold on an open device whose name now names another file or device (replaced
+ * with mv, say, while a snapshot or a client held it): the hold would read and write the
+ * old, unnamed file. Once every hold on it has ended, the next one opens what the name names.
+ */
+async function refuseReplaced(att: Attachment): Promise<void> {
+  const named = await readDeviceIdentity(att.devicePath).catch((err: unknown) => err as Error);
+  if (!(named instanceof Error) && sameIdentity(named, att.identity)) return;
+  const now = named instanceof Error ? `cannot be looked at (${named.message})` : `now names ${describeIdentity(named)}`;
+  const holders = [
+    att.snapshotHolds > 0 ? `${att.snapshotHolds} snapshot(s) (bdsnap snapshot list; bdsnap snapshot destroy ID)` : '',
+    att.connections > 0 ? `${att.connections} NBD client(s)` : '',
+    att.phase !== undefined && att.userHolds > att.connections ? 'a mount (bdsnap umount)' : '',
+  ].filter((h) => h !== '').join(', ');
+  throw new BdsnapError('EBUSY', `${att.devicePath} ${now}, not the ${describeIdentity(att.identity)} bdsnap holds open for ${holders || 'its holders'}: it was replaced while held. `
+    + 'Nothing new is served from the old file; end those holds, and the next open serves what the name names (its change map starts again)');
 }
