@@ -39,8 +39,12 @@ export function checkOutputFile(st: fs.Stats, filePath: string): void {
   if (st.nlink !== 1) throw new BdsnapError('EPERM', `${filePath} has ${st.nlink} names (hard links); it is not overwritten: remove it or choose another name`);
 }
 
-/** Open `filePath` for writing as described above. Errors: EPERM (unsafe), EINVAL (not a regular file), as BdsnapError. */
-export async function openOutputFile(filePath: string, mode = 0o600): Promise<OutputFile> {
+/**
+ * Open `filePath` for writing as described above. `existing`: 'truncate' empties a file already
+ * there; 'refuse' leaves it untouched and fails. Errors: EPERM (unsafe), EINVAL (not
+ * a regular file, or a file there with 'refuse'), as BdsnapError.
+ */
+export async function openOutputFile(filePath: string, mode = 0o600, existing: 'truncate' | 'refuse' = 'truncate'): Promise<OutputFile> {
   const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
   let fd: number;
   let created = true;
@@ -50,6 +54,7 @@ export async function openOutputFile(filePath: string, mode = 0o600): Promise<Ou
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ELOOP') throw symlinkRefused(filePath, err);
     if (code !== 'EEXIST') throw toBdsnapError(err);
+    if (existing === 'refuse') throw new BdsnapError('EINVAL', `${filePath} exists; only a new file is made here, and that one was left as it was (remove it or choose another name)`, { cause: err });
     created = false;
     try {
       fd = fs.openSync(filePath, O_WRONLY | O_NOFOLLOW);

@@ -813,10 +813,10 @@ export class InstantRestores {
     try {
       const sizeBytes = opened.source.size;
       if (req.output) {
-        const out = await openOutputFile(target);
+        // Created, never opened: a file already there is left exactly as it was.
+        const out = await openOutputFile(target, 0o600, 'refuse');
         created = out.created;
         try {
-          if (!out.created) throw new BdsnapError('EINVAL', `${target} exists; --output with --instant creates a new file (remove it or choose another name)`);
           fs.ftruncateSync(out.fd, sizeBytes);
           await out.close();
         } catch (err) {

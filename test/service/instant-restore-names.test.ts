@@ -105,6 +105,24 @@ test('an instant restore into a new file named through a linked directory is sho
   }
 });
 
+test('an instant restore into a file that already exists is refused, and the file is left exactly as it was', { timeout: 60_000 }, async (t) => {
+  const daemon = await startDaemon(t, { password: false });
+  const top = fs.realpathSync(daemon.sandbox.top);
+  const content = randomBytes(4 * MiB);
+  const repoDir = path.join(top, 'repo');
+  const repo = await initRepo(new LocalDirStore(repoDir), { encryption: false });
+  const { id } = await createBackup(repo, [{ device: '/dev/a', sizeBytes: content.length, changed: null, why: 'test', read: async (to, offset) => void content.copy(to, 0, offset, offset + to.length) }]);
+  const precious = path.join(top, 'precious.img');
+  const kept = randomBytes(2 * MiB);
+  fs.writeFileSync(precious, kept, { mode: 0o600 });
+
+  const refused = await daemon.cli(['backup', 'restore', '--repo', repoDir, id, '/dev/a', '--output', precious, '--instant'], undefined, true);
+  assert.notEqual(refused.exitCode, 0, 'an existing --output is refused');
+  assert.match(refused.stderr, /precious\.img exists; only a new file is made here, and that one was left as it was/, refused.stderr);
+  assert.ok(fs.readFileSync(precious).equals(kept), 'the existing file is untouched (it was emptied before the refusal)');
+  assert.deepEqual(await restoresOf(daemon), [], 'no restore was started');
+});
+
 test('a file under instant restore is mounted through the restore by another name of it, and status shows that mount on its row', { timeout: 120_000 }, async (t) => {
   if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'losetup', 'fusermount3', 'mkfs.ext4', 'mount', 'umount'] })) return;
   const daemon = await startDaemon(t, { password: false, extraArgs: ['--restore-rate', '1M'] });
