@@ -63,8 +63,16 @@ export class ChangeTracker implements SnapshotChangeTracking {
    * stamp of the device it opened (read after a flush, so writes others left in its page cache
    * are in it), or why that stamp cannot be read.
    */
-  openMap(devicePath: string, deviceSizeBytes: number, stamp: DeviceStamp | Error): Promise<ChangeMap> {
-    return this.#serial(devicePath, () => this.#openMap(devicePath, deviceSizeBytes, stamp));
+  openMap(devicePath: string, deviceSizeBytes: number, stamp: DeviceStamp | Error, readStamp?: () => Promise<DeviceStamp | undefined>): Promise<ChangeMap> {
+    return this.#serial(devicePath, () => this.#openMap(devicePath, deviceSizeBytes, stamp, readStamp));
+  }
+
+  /**
+   * Before a new hold on an open device: if the daemon's own writes have settled, check that
+   * nothing else wrote the image file since (a change starts a new generation, with its event).
+   */
+  verifyOpen(devicePath: string): Promise<void> {
+    return this.#serial(devicePath, async () => this.#open.get(devicePath)?.verify());
   }
 
   /**
@@ -78,12 +86,13 @@ export class ChangeTracker implements SnapshotChangeTracking {
     return this.#serial(devicePath, () => this.#closeMap(devicePath, stamp instanceof Error || stamp === undefined ? 'unknown' : stamp));
   }
 
-  async #openMap(devicePath: string, deviceSizeBytes: number, given?: DeviceStamp | Error): Promise<ChangeMap> {
+  async #openMap(devicePath: string, deviceSizeBytes: number, given?: DeviceStamp | Error, readStamp?: () => Promise<DeviceStamp | undefined>): Promise<ChangeMap> {
     const stamp = given instanceof Error ? this.#unreadable(devicePath, given) : given ?? await this.#readStamp(devicePath);
     const { map, reset } = await ChangeMap.open({
       file: this.#mapFile(devicePath), deviceSizeBytes, durability: this.#durability,
       deviceStamp: stamp instanceof Error ? null : stamp,
       onReset: (r) => this.#reported(devicePath, r),
+      ...(readStamp !== undefined && !(stamp instanceof Error) && stamp.kind === 'file' ? { readStamp } : {}),
     });
     if (reset) this.#reported(devicePath, reset);
     if (stamp instanceof Error) {
@@ -252,7 +261,10 @@ export class ChangeTracker implements SnapshotChangeTracking {
   #withMap<T>(devicePath: string, deviceSizeBytes: number, fn: (map: ChangeMap) => T | Promise<T>): Promise<T> {
     return this.#serial(devicePath, async () => {
       const open = this.#open.get(devicePath);
-      if (open) return fn(open);
+      if (open) {
+        await open.verify();
+        return fn(open);
+      }
       const map = await this.#openMap(devicePath, deviceSizeBytes);
       try {
         return await fn(map);

@@ -254,8 +254,10 @@ export class DeviceTable {
       if (!record) throw new BdsnapError('ENOENT', `${devicePath} is not registered with bdsnap`);
       if (att) {
         await refuseReplaced(att);
-        // A loop device or a mount set up on the file since it was opened writes around bdsnap.
+        // A loop device or a mount set up on the file since it was opened writes around bdsnap;
+        // so does anything that wrote the file while the daemon held it and did not write it.
         await checkNotInUse(devicePath, {}, { exclusiveProbe: false });
+        await this.#tracking?.verifyOpen(devicePath);
       } else {
         const file = await FileDevice.open(devicePath);
         let tracked: BlockDevice = file;
@@ -281,7 +283,7 @@ export class DeviceTable {
             this.#log.warn({ event: 'device-replaced', device: devicePath, was: describeIdentity(replaced), now: describeIdentity(identity) },
               'the device name now names another file or device than when it was last opened');
           }
-          if (this.#tracking) tracked = new TrackingDevice(file, await this.#tracking.openMap(devicePath, file.size, stamp));
+          if (this.#tracking) tracked = new TrackingDevice(file, await this.#tracking.openMap(devicePath, file.size, stamp, () => file.stamp()));
         } catch (err) {
           await file.close();
           throw err;

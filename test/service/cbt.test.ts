@@ -113,6 +113,9 @@ for (const killBetween of [false, true]) {
 
     await writeSome(box, device, 200, 2);
     if (killBetween) {
+      // Killed once its writes have settled (50 ms without one): a kill while they ran would
+      // leave the daemon's last writes indistinguishable from anyone else's, and reset the map.
+      await new Promise((resolve) => setTimeout(resolve, 500));
       daemon.server.kill('SIGKILL');
       await daemon.server.stop();
       daemon = await startDaemon(t, { sandbox: box, password: false });

@@ -89,3 +89,54 @@ test('an image that is a loop device\'s backing file: clients and snapshots are 
   await client.close();
   ok(box, ['snapshot', 'destroy', snapshot]);
 });
+
+interface SnapshotInfo { state: string; reason: string | null }
+
+function snapshotInfo(box: Sandbox, id: string): SnapshotInfo {
+  return JSON.parse(ok(box, ['snapshot', 'info', id, '--json'])) as SnapshotInfo;
+}
+
+function generationOf(box: Sandbox, device: string): string {
+  return (JSON.parse(ok(box, ['cbt', 'info', device, '--json'])) as { generation: string }).generation;
+}
+
+/** Write 4 KiB into the image file around bdsnap, then set its mtime back to what it was (the kernel moves the ctime). */
+function writeAroundAndSetBack(image: string, at: number): void {
+  const before = fs.statSync(image);
+  const fd = fs.openSync(image, 'r+');
+  fs.writeSync(fd, randomBytes(4096), 0, 4096, at);
+  fs.closeSync(fd);
+  fs.utimesSync(image, before.atime, before.mtime);
+}
+
+test('an image written around bdsnap while a snapshot holds it idle: the snapshot fails and the change map starts again, within seconds', { timeout: 60_000 }, async (t) => {
+  const box = sandbox(t);
+  const image = fs.realpathSync(makeImage(path.join(box.top, 'a.img'), DEVICE_BYTES, 'random', 4));
+  await startDaemon(t, { sandbox: box, activate: [image] });
+  const snapshot = snapshotCreate(box, image);
+  const generation = generationOf(box, image);
+  writeAroundAndSetBack(image, 1 << 20);
+
+  const deadline = Date.now() + 10_000;
+  let info = snapshotInfo(box, snapshot);
+  while (info.state !== 'failed' && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    info = snapshotInfo(box, snapshot);
+  }
+  assert.equal(info.state, 'failed', `the snapshot no longer holds its point: ${JSON.stringify(info)}`);
+  assert.notEqual(generationOf(box, image), generation, 'a new change-map generation: the next backup is full');
+});
+
+test('a daemon killed while it held an image idle, the image written at once with its mtime set back: the restart sees it', { timeout: 60_000 }, async (t) => {
+  const box = sandbox(t);
+  const image = fs.realpathSync(makeImage(path.join(box.top, 'a.img'), DEVICE_BYTES, 'random', 5));
+  const first = await startDaemon(t, { sandbox: box, activate: [image] });
+  const snapshot = snapshotCreate(box, image);
+  const generation = generationOf(box, image);
+  first.server.kill('SIGKILL');
+  await first.server.stop();
+  writeAroundAndSetBack(image, 2 << 20);
+  await startDaemon(t, { sandbox: box, password: false });
+  assert.equal(snapshotInfo(box, snapshot).state, 'failed', 'the snapshot of a file changed around bdsnap is failed');
+  assert.notEqual(generationOf(box, image), generation, 'a new change-map generation');
+});

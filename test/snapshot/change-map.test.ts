@@ -304,17 +304,22 @@ test('strict durability: a reset while syncs are in flight leaves a working map'
   await again.map.close(null);
 });
 
+/** A zeroed image of SIZE bytes and where its map goes, in a temp dir of the test's. */
+function imageAndMapFile(t: Parameters<typeof tempDir>[0]): { image: string; file: string; opts: { file: string; deviceSizeBytes: number; durability: 'process'; bootId: string } } {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, SIZE, 0);
+  const file = path.join(dir, 'd.cbt');
+  return { image, file, opts: { file, deviceSizeBytes: SIZE, durability: 'process', bootId: 'b' } };
+}
+
 function stampOf(file: string): DeviceStamp {
   const st = fs.statSync(file, { bigint: true });
   return { kind: 'file', dev: st.dev.toString(), ino: st.ino.toString(), sizeBytes: Number(st.size), mtimeNs: st.mtimeNs.toString(), ctimeNs: st.ctimeNs.toString() };
 }
 
 test('an image changed while not served resets the map (changed-outside); an untouched one does not', async (t) => {
-  const dir = tempDir(t);
-  const image = path.join(dir, 'disk.img');
-  makeImage(image, SIZE, 0);
-  const file = path.join(dir, 'd.cbt');
-  const opts = { file, deviceSizeBytes: SIZE, durability: 'process' as const, bootId: 'b' };
+  const { image, opts } = imageAndMapFile(t);
   const open = (): Promise<{ map: ChangeMap; reset: unknown }> => ChangeMap.open({ ...opts, deviceStamp: stampOf(image) });
 
   let { map } = await open();
@@ -330,14 +335,18 @@ test('an image changed while not served resets the map (changed-outside); an unt
   const changed = await open();
   assert.equal((changed.reset as { reason: string }).reason, 'changed-outside');
   changed.map.mark(BLOCK, 1);
-  // An unclean stop, then the image written much later than the last write the map saw.
+  // An unclean stop, then the image's times moved.
   fs.utimesSync(image, new Date(), new Date(Date.now() + 60_000));
   const late = await open();
   assert.equal((late.reset as { reason: string }).reason, 'changed-outside');
-  assert.match((late.reset as { detail: string }).detail, /after the last write seen/);
-  // An unclean stop with the image's times within the slack: kept.
-  late.map.mark(0, 1);
+  assert.match((late.reset as { detail: string }).detail, /after the daemon's last write/);
+  // Moved by as little as the clock allows, at once after the stop: still someone else's.
+  late.map.mark(BLOCK, 1);
   fs.utimesSync(image, new Date(), new Date());
+  const soon = await open();
+  assert.equal((soon.reset as { reason: string }).reason, 'changed-outside');
+  // An unclean stop with nothing changed since: kept.
+  soon.map.mark(0, 1);
   const kept = await open();
   assert.equal(kept.reset, null);
   assert.deepEqual(kept.map.changedSince(0), [{ offsetBytes: 0, lengthBytes: BLOCK }]);
@@ -345,11 +354,7 @@ test('an image changed while not served resets the map (changed-outside); an unt
 });
 
 test('a write whose mtime was set back is caught by the ctime, after a clean close and after an unclean stop', async (t) => {
-  const dir = tempDir(t);
-  const image = path.join(dir, 'disk.img');
-  makeImage(image, SIZE, 0);
-  const file = path.join(dir, 'd.cbt');
-  const opts = { file, deviceSizeBytes: SIZE, durability: 'process' as const, bootId: 'b' };
+  const { image, opts } = imageAndMapFile(t);
   /** Write the image, then set its mtime back exactly (the kernel sets ctime to now). */
   const writeAndSetBack = (): void => {
     const before = fs.statSync(image, { bigint: true });
@@ -368,14 +373,13 @@ test('a write whose mtime was set back is caught by the ctime, after a clean clo
   assert.match(clean.reset?.detail ?? '', /ctime/);
   assert.doesNotMatch(clean.reset?.detail ?? '', /mtime/, 'the mtime was set back; only the ctime tells');
 
-  // Killed while serving: the header still holds the stamp taken at open. A ctime after the
-  // last write seen (+ slack) is a write by someone else.
+  // Killed while serving, with no write of its own on the device: the header holds the stamp
+  // taken at open, so any change of it, at once after the kill too, is a write by someone else.
   clean.map.mark(0, 1);
-  await new Promise((r) => setTimeout(r, 2100));
   writeAndSetBack();
   const unclean = await ChangeMap.open({ ...opts, deviceStamp: stampOf(image) });
   assert.equal(unclean.reset?.reason, 'changed-outside');
-  assert.match(unclean.reset?.detail ?? '', /ctime .* after the last write seen/);
+  assert.match(unclean.reset?.detail ?? '', /not closed cleanly, and the image file changed after the daemon's last write \(.*ctime/);
   await unclean.map.close(stampOf(image));
 });
 
@@ -513,4 +517,71 @@ test('block size rule, and changedSince on a 1 TiB map well under a second', asy
   console.log(`forEachChanged: ${(performance.now() - visitStarted).toFixed(1)} ms`);
   assert.deepEqual(visited, all);
   await map.close(null);
+});
+
+test('an unclean stop is judged by the stamp recorded once the daemon\'s own writes settled: kept when unchanged, reset when written by another at once, unknown while own writes ran', async (t) => {
+  const { image, opts } = imageAndMapFile(t);
+  const fd = fs.openSync(image, 'r+');
+  t.after(() => fs.closeSync(fd));
+  const readStamp = async (): Promise<DeviceStamp> => stampOf(image);
+  const open = (): Promise<{ map: ChangeMap; reset: { reason: string; detail: string } | null }> => ChangeMap.open({ ...opts, deviceStamp: stampOf(image), readStamp });
+  /** One write of the daemon's through the map, as TrackingDevice issues it. */
+  const ownWrite = (map: ChangeMap, at: number): void => {
+    map.mark(at, 4096);
+    void map.writing();
+    fs.writeSync(fd, Buffer.alloc(4096, 7), 0, 4096, at);
+    map.written();
+  };
+  const settled = async (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 300));
+
+  // Killed (the map left open) while its own write had just ended: nothing can vouch for the file.
+  let { map } = await open();
+  ownWrite(map, 0);
+  let next = await open();
+  assert.equal(next.reset?.reason, 'cannot-verify', 'a kill while its writes ran resets');
+  assert.match(next.reset?.detail ?? '', /own writes to the image file were in flight or had just ended/);
+  map.written(); // (the first instance's timers stop with close)
+  await map.close(null);
+
+  // Killed once its writes settled, nothing else wrote: kept, with the write marked.
+  map = next.map;
+  ownWrite(map, 3 * BLOCK);
+  await settled();
+  next = await open();
+  assert.equal(next.reset, null, 'a kill after its writes settled keeps the map');
+  assert.deepEqual(next.map.changedSince(0), [{ offsetBytes: 3 * BLOCK, lengthBytes: BLOCK }]);
+  await map.close(null);
+
+  // Killed once settled, then written by someone else at once: reset.
+  map = next.map;
+  ownWrite(map, 5 * BLOCK);
+  await settled();
+  fs.writeSync(fd, Buffer.alloc(4096, 9), 0, 4096, 9 * BLOCK);
+  next = await open();
+  assert.equal(next.reset?.reason, 'changed-outside', 'a write by another right after the kill is seen');
+  await map.close(null);
+  await next.map.close(stampOf(image));
+});
+
+test('a file the daemon holds idle and someone else writes: the watch starts a new generation and says so', { timeout: 10_000 }, async (t) => {
+  const dir = tempDir(t);
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, SIZE, 0);
+  const resets: string[] = [];
+  const { map } = await ChangeMap.open({
+    file: path.join(dir, 'd.cbt'), deviceSizeBytes: SIZE, durability: 'process', bootId: 'b', deviceStamp: stampOf(image),
+    readStamp: async () => stampOf(image), onReset: (r) => resets.push(`${r.reason}: ${r.detail}`),
+  });
+  t.after(() => map.close(null));
+  map.mark(0, 1);
+  const generation = map.generation;
+  await map.verify();
+  assert.deepEqual(resets, [], 'nothing changed: nothing said');
+  fs.writeFileSync(image, Buffer.alloc(4096, 5), { flag: 'r+' });
+  const deadline = performance.now() + 5000;
+  while (resets.length === 0 && performance.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.equal(resets.length, 1, 'the watch saw it within a few seconds');
+  assert.match(resets[0]!, /^changed-outside: the image file changed while the daemon held it and did not write it .*around bdsnap/);
+  assert.notEqual(map.generation, generation);
+  assert.deepEqual(map.changedSince(0), [], 'a new generation: every block counts as changed for consumers of the old one');
 });

@@ -40,6 +40,11 @@ export const FROZEN_HEADER_BYTES = 64;
 const FROZEN_CRC_AT = 60;
 export const FLAG_CLEAN = 1;
 export const FLAG_POISONED = 2;
+/**
+ * The map is in use and the daemon had no write of its own on the device in flight or unsettled
+ * when the header was written: the stamp in the header is the device's after its last own write.
+ */
+export const FLAG_IDLE = 4;
 const BOOT_ID_BYTES = 48;
 const LITTLE_ENDIAN = os.endianness() === 'LE';
 

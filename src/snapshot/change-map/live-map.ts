@@ -26,9 +26,15 @@
  *   nothing, and the map is kept across it.
  * - The header is written before any entry that depends on it (a new number, a new
  *   generation), so an entry is never above the header's number + 1.
- * - "Last write seen" is refreshed at most once a second while writes go on, so after an
- *   unclean stop an image whose mtime or ctime is later than it (+2 s of slack) was written by
- *   someone else.
+ * - Own writes and the device's stamp (an image file's, given `readStamp`): writing() before a
+ *   write to the device and written() once it settled. The header says "idle" (FLAG_IDLE), with
+ *   the file's stamp read once the device's own writes have settled, only while none is in
+ *   flight; the first write after that clears the flag before it is issued. So after an unclean
+ *   stop an idle header's stamp must equal the file's now (anything else wrote it), and a header
+ *   that is not idle cannot tell the daemon's last writes from anyone else's: the map starts
+ *   again (trust.ts). While idle, the stamp is also checked once a second and on demand
+ *   (verify()): a file changed while the daemon held it and did not write it starts a new
+ *   generation at once. Writes by others while the daemon's own writes run are not seen.
  */
 
 import fs from 'node:fs';
@@ -36,9 +42,9 @@ import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../../errors.js';
 import { checkRange } from '../../device/block-device.js';
 import { makeDirectoryDurable, writeFileAtomicSync } from '../../host/atomic-file.js';
-import { readBootId, type DeviceStamp } from '../../host/device-stamp.js';
+import { compareDeviceStamps, readBootId, type DeviceStamp } from '../../host/device-stamp.js';
 import { fdatasyncFd, fdatasyncFdSync, ftruncateFdSync, openFdSync, pwriteFullySync } from '../../host/fd-io.js';
-import { encodeStamp, entryBytes, fillHeader, FLAG_CLEAN, FLAG_POISONED, HEADER_BYTES, newGeneration } from './file-format.js';
+import { encodeStamp, entryBytes, fillHeader, FLAG_CLEAN, FLAG_IDLE, FLAG_POISONED, HEADER_BYTES, newGeneration } from './file-format.js';
 import { FrozenChangeMap } from './frozen-map.js';
 import { GroupSync } from './group-sync.js';
 import { changedRanges, changedSpan, setEntries, trackingBlockSize, visitChanged, type ByteRange } from './ranges.js';
@@ -47,8 +53,10 @@ import type { Durability } from '../format.js';
 
 /** Highest period number before the map wraps to a new generation. */
 const MAX_NUMBER = 0xffff_fff0;
-/** "Last write seen" is refreshed by the first write after this long (a timer marks it stale). */
-const LAST_WRITE_REFRESH_MS = 1000;
+/** The device's own writes count as settled once none has run for this long. */
+const SETTLE_MS = 50;
+/** How often the stamp of a device the daemon holds without writing is checked. */
+const WATCH_MS = 1000;
 
 export type { Durability };
 
@@ -64,8 +72,15 @@ export interface ChangeMapOptions {
   deviceStamp?: DeviceStamp | null;
   /** Default: read /proc/sys/kernel/random/boot_id. */
   bootId?: string;
-  /** Called for a reset the map decides on its own later (a wrap in advance()). */
+  /** Called for a reset the map decides on its own later (a wrap in advance(), a change seen by the watch). */
   onReset?: (reset: ChangeMapReset) => void;
+  /**
+   * The device's stamp now, from what the daemon opened (an image file's descriptor): given, the
+   * map records it once the daemon's own writes have settled and watches it while they do not
+   * run (see the module's comment). Only for image files: a block device's counters move with
+   * the daemon's own write-back.
+   */
+  readStamp?: () => Promise<DeviceStamp | undefined>;
 }
 
 
@@ -94,9 +109,17 @@ export class ChangeMap {
   #createdMs: number;
   #number: number;
   #lastWriteSeenMs = 0;
-  /** Set by a timer once a second: the next mark refreshes "last write seen" (no clock read per write). */
-  #lastWriteStale = true;
-  #staleTimer: NodeJS.Timeout | undefined;
+  readonly #readStamp: (() => Promise<DeviceStamp | undefined>) | undefined;
+  /** Own device writes begun and not yet settled. */
+  #writing = 0;
+  /** Own device writes begun, ever: a stamp read while this moved says nothing. */
+  #begun = 0;
+  /** The header says idle and #stamp is the device's after its last own write. */
+  #idle = false;
+  #settleTimer: NodeJS.Timeout | undefined;
+  /** #begun when the settle timer was armed. */
+  #settleArmedAt = 0;
+  #watchTimer: NodeJS.Timeout | undefined;
   #closed = false;
   #failure: string | undefined;
   /** Bumped by every reset, so a sync batch of the old file does not touch the new state. */
@@ -132,10 +155,13 @@ export class ChangeMap {
     this.#number = state.number;
     this.#createdMs = state.createdMs;
     if (this.#durability === 'strict') this.#durable = state.entries.slice();
-    this.#staleTimer = setInterval(() => {
-      this.#lastWriteStale = true;
-    }, LAST_WRITE_REFRESH_MS);
-    this.#staleTimer.unref();
+    this.#readStamp = options.readStamp;
+    // The stamp at open was read after the device was flushed, before any write of the daemon's.
+    this.#idle = this.#stamp?.kind === 'file';
+    if (this.#readStamp) {
+      this.#watchTimer = setInterval(() => void this.verify().catch(() => undefined), WATCH_MS);
+      this.#watchTimer.unref();
+    }
   }
 
   /**
@@ -168,7 +194,7 @@ export class ChangeMap {
           fdatasyncFdSync(fd);
         }
       } catch (err) {
-        clearInterval(map.#staleTimer);
+        map.#stopTimers();
         if (fd >= 0) fs.closeSync(fd);
         throw err;
       }
@@ -216,13 +242,99 @@ export class ChangeMap {
     const n = this.#number;
     const lo = setEntries(this.#entries, first, last, n);
     const hi = changedSpan[1]!;
-    if (this.#lastWriteStale) this.#touch(Date.now());
     if (lo >= 0) this.#writeEntries(lo, hi);
     const durable = this.#durable;
     if (!durable) return undefined;
     if (lo >= 0) return this.#sync.wait(lo, hi, n);
     for (let i = first; i <= last; i++) if (durable[i] !== n) return this.#sync.wait();
     return undefined;
+  }
+
+  /**
+   * A write of the daemon's is about to be issued to the device (after mark()). The first one
+   * after the device was idle clears the header's idle flag first; in 'strict' the returned
+   * promise resolves once that header is on stable storage. Pair with written().
+   */
+  writing(): void | Promise<void> {
+    this.#begun++;
+    this.#writing++;
+    if (!this.#idle) return undefined;
+    this.#idle = false;
+    this.#lastWriteSeenMs = Date.now();
+    if (this.#failure !== undefined) return undefined;
+    try {
+      this.#writeHeader(0);
+    } catch (err) {
+      this.#poison(err);
+      return undefined;
+    }
+    return this.#durable ? this.#sync.wait() : undefined;
+  }
+
+  /** A write announced with writing() has settled (done or failed). */
+  written(): void {
+    if (--this.#writing > 0 || this.#readStamp === undefined || this.#closed || this.#settleTimer !== undefined) return;
+    this.#armSettle();
+  }
+
+  #armSettle(): void {
+    this.#settleArmedAt = this.#begun;
+    this.#settleTimer = setTimeout(() => {
+      this.#settleTimer = undefined;
+      if (this.#closed || this.#writing > 0) return;
+      // Writes came and went meanwhile: wait until a whole period passes without one.
+      if (this.#begun !== this.#settleArmedAt) this.#armSettle();
+      else void this.#settle().catch(() => undefined);
+    }, SETTLE_MS);
+    this.#settleTimer.unref();
+  }
+
+  /** No own write ran for SETTLE_MS: record the device's stamp now and say idle. */
+  async #settle(): Promise<void> {
+    const begun = this.#begun;
+    const stamp = await this.#readStamp!();
+    if (begun !== this.#begun || this.#writing > 0 || this.#closed || stamp?.kind !== 'file') return;
+    this.#setIdle(stamp);
+  }
+
+  #setIdle(stamp: DeviceStamp): void {
+    let bytes: Buffer;
+    try {
+      bytes = encodeStamp(stamp)!;
+    } catch {
+      return;
+    }
+    this.#stamp = stamp;
+    this.#stampBytes = bytes;
+    this.#idle = true;
+    if (this.#failure !== undefined) return;
+    try {
+      this.#writeHeader(0);
+    } catch (err) {
+      this.#poison(err);
+      return;
+    }
+    // strict: let the idle header reach the disk too (a host crash keeps the map then).
+    if (this.#durable && !this.#sync.queued) this.#sync.wait().catch(() => undefined);
+  }
+
+  /**
+   * While the device is idle, compare its stamp with the one recorded when the daemon's own
+   * writes settled: a difference is someone else's write (or a replacement) and starts a new
+   * generation, reported through onReset. Busy, or without readStamp, it proves nothing and
+   * does nothing.
+   */
+  async verify(): Promise<void> {
+    if (!this.#idle || this.#closed) return;
+    const begun = this.#begun;
+    const recorded = this.#stamp;
+    const now = await this.#readStamp!();
+    if (begun !== this.#begun || !this.#idle || this.#closed || recorded === undefined || now === undefined || this.#stamp !== recorded) return;
+    const compared = compareDeviceStamps(recorded, now);
+    if (compared.same) return;
+    const reset = this.#resetSync('changed-outside', `${compared.detail.replace('while it was not served', 'while the daemon held it and did not write it')}: something wrote it around bdsnap`);
+    this.#setIdle(now);
+    this.#onReset?.(reset);
   }
 
   /** Mark ranges changed by hand (the operator knows better); durable in 'strict'. */
@@ -306,8 +418,16 @@ export class ChangeMap {
       // Too large to record: the next open cannot vouch for the device.
       stamp = undefined;
     }
+    // Idle since the daemon's last write, and the file moved anyway: someone else wrote it.
+    if (this.#idle && this.#stamp !== undefined && stamp !== undefined) {
+      const compared = compareDeviceStamps(this.#stamp, stamp);
+      if (!compared.same) {
+        const reset = this.#resetSync('changed-outside', `${compared.detail.replace('while it was not served', 'while the daemon held it and did not write it')}: something wrote it around bdsnap`);
+        this.#onReset?.(reset);
+      }
+    }
     this.#closed = true;
-    clearInterval(this.#staleTimer);
+    this.#stopTimers();
     try {
       await this.#sync.settled();
       if (this.#failure === undefined) {
@@ -329,18 +449,10 @@ export class ChangeMap {
     pwriteFullySync(this.#fd, this.#header, 0);
   }
 
-  #touch(now: number): void {
-    this.#lastWriteStale = false;
-    this.#lastWriteSeenMs = now;
-    if (this.#failure !== undefined) return;
-    try {
-      this.#writeHeader(0);
-    } catch (err) {
-      this.#poison(err);
-      return;
-    }
-    // strict: let the refreshed time reach the disk too, without holding any write for it.
-    if (this.#durable && !this.#sync.queued) this.#sync.wait().catch(() => undefined);
+  #stopTimers(): void {
+    clearInterval(this.#watchTimer);
+    clearTimeout(this.#settleTimer);
+    this.#settleTimer = undefined;
   }
 
   #writeEntries(lo: number, hi: number): void {
@@ -417,6 +529,7 @@ export class ChangeMap {
   }
 
   #fillHeader(flags: number): void {
+    if (this.#idle && (flags & (FLAG_CLEAN | FLAG_POISONED)) === 0) flags |= FLAG_IDLE;
     fillHeader(this.#header, {
       generation: this.#generation, blockSize: this.blockSize, blocks: this.blocks, number: this.#number,
       deviceSizeBytes: this.#deviceSizeBytes, flags, bootId: this.#bootId, lastWriteSeenMs: this.#lastWriteSeenMs,

@@ -5,10 +5,13 @@ import type { ChangeMap } from './live-map.js';
 
 /**
  * A layer that marks the change map before a write, trim or write-zeroes reaches the device
- * below; everything else passes through. A rewrite within the current period costs a compare.
+ * below, and tells the map when each has settled (ChangeMap.writing/written: the map knows
+ * when the device holds only the daemon's settled writes); everything else passes through. A
+ * rewrite within the current period costs a compare.
  */
 export class TrackingDevice extends PassThroughDevice {
   readonly #map: ChangeMap;
+  readonly #settled = (): void => this.#map.written();
 
   constructor(base: BlockDevice, map: ChangeMap) {
     if (map.info().deviceSizeBytes !== base.size) throw new BdsnapError('EINVAL', `the change map is for ${map.info().deviceSizeBytes} bytes, the device has ${base.size}`);
@@ -20,6 +23,7 @@ export class TrackingDevice extends PassThroughDevice {
 
   protected override modify(offsetBytes: number, lengthBytes: number, _fua: boolean, apply: () => Promise<void>): Promise<void> {
     let marked: void | Promise<void>;
+    let begun: void | Promise<void>;
     try {
       if (this.readOnly) throw new BdsnapError('EPERM', 'the device is read-only');
       checkRange(this, offsetBytes, lengthBytes, true);
@@ -27,7 +31,14 @@ export class TrackingDevice extends PassThroughDevice {
     } catch (err) {
       return Promise.reject(err);
     }
+    try {
+      begun = this.#map.writing();
+    } catch (err) {
+      this.#map.written();
+      return Promise.reject(err);
+    }
     // No await of ours when nothing new had to be made durable.
-    return marked ? marked.then(apply) : apply();
+    const ready = marked && begun ? Promise.all([marked, begun]) : marked ?? begun;
+    return (ready ? ready.then(apply) : apply()).finally(this.#settled);
   }
 }

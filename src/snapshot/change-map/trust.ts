@@ -8,9 +8,10 @@
  *   the map is in use, the one read at close (after the device's last flush and close) once it
  *   is clean. The next open compares that with the stamp then: any difference is a change made
  *   while bdsnap did not serve the device, and starts a new generation ('changed-outside', or
- *   'cannot-verify' when nothing proves it either way). After an unclean stop a file's times
- *   are compared with the last write seen; a block device's counters prove nothing (the
- *   daemon's own last writes moved them), so its map starts again.
+ *   'cannot-verify' when nothing proves it either way). After an unclean stop an image file's
+ *   stamp is compared with the one the header held while the daemon's own writes had settled
+ *   (FLAG_IDLE); a header written while they ran, and a block device's counters, prove nothing
+ *   (the daemon's own last writes moved them), so the map starts again.
  * - An entry is never above the header's number + 1; one above that is corruption.
  */
 
@@ -18,14 +19,11 @@ import fs from 'node:fs';
 import { compareDeviceStamps, type DeviceStamp } from '../../host/device-stamp.js';
 import { openFdSync, preadFullySync } from '../../host/fd-io.js';
 import {
-  CHANGE_MAP_MAGIC, FLAG_CLEAN, FLAG_POISONED, HEADER_BYTES, newGeneration, parseHeader, readEntries, readGeneration,
+  CHANGE_MAP_MAGIC, FLAG_CLEAN, FLAG_IDLE, FLAG_POISONED, HEADER_BYTES, newGeneration, parseHeader, readEntries, readGeneration,
   type ParsedHeader,
 } from './file-format.js';
 import { trackingBlockSize } from './ranges.js';
 import type { Durability } from '../format.js';
-
-/** Slack between "last write seen" and the image's mtime or ctime after an unclean stop. */
-const MTIME_SLACK_MS = 2000;
 
 /**
  * 'changed-outside': the device was proven written (or replaced) while bdsnap did not serve it;
@@ -128,17 +126,18 @@ function distrustOf(parsed: ParsedHeader, options: LoadOptions): Distrust | null
   }
   const stamp = options.stamp;
   if (!stamp) return null;
-  if (!clean) return uncleanChange(parsed.stamp, stamp, parsed.lastWriteSeenMs);
+  if (!clean) return uncleanChange(parsed.stamp, stamp, (parsed.flags & FLAG_IDLE) !== 0);
   if (!parsed.stamp) return { reason: 'cannot-verify', detail: 'the map has no record of the device to compare with (its stamp could not be read when it was closed)' };
   const compared = compareDeviceStamps(parsed.stamp, stamp);
   return compared.same ? null : { reason: compared.proven ? 'changed-outside' : 'cannot-verify', detail: compared.detail };
 }
 
 /**
- * After an unclean stop, the stamp recorded at open against the stamp now: what is left to
- * compare when the counters and times at the last write are not known. Null: nothing against.
+ * After an unclean stop: an image file whose header was idle (no write of the daemon's in flight
+ * or unsettled, the stamp read after its last one) must still have that stamp; one that was
+ * being written cannot tell the daemon's last writes from anyone else's. Null: nothing against.
  */
-function uncleanChange(recorded: DeviceStamp | undefined, now: DeviceStamp, lastWriteSeenMs: number): Distrust | null {
+function uncleanChange(recorded: DeviceStamp | undefined, now: DeviceStamp, idle: boolean): Distrust | null {
   if (now.kind === 'block') {
     return {
       reason: 'cannot-verify',
@@ -149,13 +148,15 @@ function uncleanChange(recorded: DeviceStamp | undefined, now: DeviceStamp, last
   if (recorded.kind !== 'file' || recorded.dev !== now.dev || recorded.ino !== now.ino) {
     return { reason: 'changed-outside', detail: `the map was not closed cleanly and ${devicePathWord(recorded)} is now another file (${now.dev}:${now.ino})` };
   }
-  for (const [name, ns] of [['mtime', now.mtimeNs], ['ctime', now.ctimeNs]] as const) {
-    const ms = Number(BigInt(ns) / 1_000_000n);
-    if (ms > lastWriteSeenMs + MTIME_SLACK_MS) {
-      return { reason: 'changed-outside', detail: `the image file's ${name} is ${new Date(ms).toISOString()}, after the last write seen at ${new Date(lastWriteSeenMs).toISOString()}` };
-    }
+  if (!idle) {
+    return {
+      reason: 'cannot-verify',
+      detail: 'the daemon stopped without closing the map (killed or crashed) while its own writes to the image file were in flight or had just ended: they cannot be told from anyone else\'s',
+    };
   }
-  return null;
+  const compared = compareDeviceStamps(recorded, now);
+  if (compared.same) return null;
+  return { reason: 'changed-outside', detail: `the map was not closed cleanly, and ${compared.detail.replace('while it was not served', 'after the daemon\'s last write')}` };
 }
 
 function devicePathWord(stamp: DeviceStamp): string {
