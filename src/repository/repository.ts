@@ -119,6 +119,18 @@ function plainJson(raw: Buffer): unknown {
   }
 }
 
+/** Backups a message names at most; the rest are counted. */
+const MAX_NAMED_BACKUPS = 5;
+
+/** Prune's refusal while the backups of `records` name pieces (`unplaced`) no index places. */
+function unplacedPieces(records: readonly BackupRecord[], unplaced: ReadonlySet<string>, location: string): BdsnapError {
+  const ids = records.filter((r) => r.manifest?.devices.some((d) => d.pieces.some((s) => typeof s === 'string' && unplaced.has(s)))).map((r) => r.id);
+  const one = ids.length === 1;
+  const named = ids.length > MAX_NAMED_BACKUPS ? `${ids.slice(0, MAX_NAMED_BACKUPS).join(', ')} and ${ids.length - MAX_NAMED_BACKUPS} more` : ids.join(', ');
+  const pieces = `${unplaced.size} piece${unplaced.size === 1 ? '' : 's'}`;
+  return new BdsnapError('ECORRUPT', `cannot prune: backup${one ? '' : 's'} ${named} name${one ? 's' : ''} ${pieces} no index places (an index object is missing, or verify dropped damaged pieces), so prune cannot tell which packs hold them; run 'bdsnap backup verify --repo ${location}' to see them, then 'bdsnap backup create' of the same devices (it stores again the pieces they still hold) or forget the damaged backup${one ? '' : 's'}`);
+}
+
 /** A manifest, or why it cannot be read. */
 export type BackupRecord = { id: string; manifest: Manifest; error?: undefined } | { id: string; manifest?: undefined; error: BdsnapError };
 
@@ -485,7 +497,8 @@ export class Repository {
    * Delete what no manifest names: packs no backup uses, and (see REPACK_BELOW_USED) packs
    * mostly unused, whose used pieces are first copied, checked, into new packs; dead and stale
    * locks; what interrupted puts left. Refuses (EBUSY) while a create runs, and (ECORRUPT)
-   * while a manifest cannot be read: its pieces cannot be told apart from garbage.
+   * while a manifest cannot be read, or a backup names a piece no index places in a pack that
+   * is there: its pieces cannot be told apart from garbage.
    *
    * Order: new packs, durable; a new index of everything kept; then the old index objects go,
    * and only then the old packs. A crash anywhere leaves every backup whole (at worst with
@@ -511,7 +524,7 @@ export class Repository {
       }
       const referenced = new Set<string>();
       for (const r of records) for (const d of r.manifest!.devices) for (const s of d.pieces) if (typeof s === 'string') referenced.add(s);
-      const summary = this.legacy ? await this.#pruneLegacy(referenced, lock) : await this.#prunePacks(referenced, lock);
+      const summary = this.legacy ? await this.#pruneLegacy(referenced, lock) : await this.#prunePacks(records, referenced, lock);
       const deletedIncomplete = await this.store.removeIncomplete(startedMs);
       return { backups: records.length, referencedPieces: referenced.size, ...summary, deletedLocks, deletedIncomplete };
     } finally {
@@ -534,7 +547,7 @@ export class Repository {
     return { deletedPieces, deletedBytes, deletedPacks: 0, repackedPacks: 0, repackedPieces: 0 };
   }
 
-  async #prunePacks(referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'repackedPacks' | 'repackedPieces'>> {
+  async #prunePacks(records: readonly BackupRecord[], referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'repackedPacks' | 'repackedPieces'>> {
     const files = await this.#indexFiles();
     const packSizes = new Map<string, number>();
     for (const o of await this.store.list(PACKS_PREFIX)) if (isPackObject(o.name)) packSizes.set(o.name, o.sizeBytes);
@@ -549,6 +562,11 @@ export class Repository {
         }
       }
     }
+    // A pack is judged unused by the index alone (packs have no header). A piece a backup names
+    // that no index places in a listed pack (an index object lost, a listing cut short) may be
+    // in any pack judged so: nothing is written or deleted until every such piece has a place.
+    const unplaced = new Set([...referenced].filter((id) => !live.has(id)));
+    if (unplaced.size > 0) throw unplacedPieces(records, unplaced, this.store.location);
     const usedBytes = new Map<string, number>();
     const byPack = new Map<string, Array<PieceLocation & { id: string }>>();
     for (const e of live.values()) {

@@ -1,7 +1,8 @@
 /**
  * `backup forget` by policy and `backup list --host` as real processes over backups of several
  * hosts, and `backup verify --read-data-subset N/T`: the T slices read every piece exactly once,
- * and a damaged piece is found by its slice alone.
+ * and a damaged piece is found by its slice alone. `backup prune` refuses, deleting no pack,
+ * while kept backups name pieces no index places.
  */
 
 import { test } from 'node:test';
@@ -198,4 +199,75 @@ test('forgetting the base of an incremental (and pruning) leaves the incremental
   const restored = await bdsnap('restore', '--repo', repoDir, inc.id, '/dev/a', '--output', out);
   assert.equal(restored.exitCode, 0, restored.stderr);
   assert.ok(fs.readFileSync(out).equals(data), 'the incremental restores exactly without its base');
+});
+
+/** The objects under `prefix` of a local repository (packs/xx/..., index/...), sorted. */
+function objectsUnder(repoDir: string, prefix: string): string[] {
+  if (!fs.existsSync(path.join(repoDir, prefix))) return [];
+  return fs.readdirSync(path.join(repoDir, prefix), { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile() && !e.name.startsWith('.'))
+    .map((e) => path.relative(repoDir, path.join(e.parentPath, e.name))).sort();
+}
+
+test('prune refuses while kept backups name pieces no index places (an index object lost), deleting no pack; once a create stores them again, or the backup is forgotten, it prunes and every backup restores exactly', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-lostindex-');
+  const repoDir = path.join(dir, 'repo');
+  const repo = await initRepo(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB });
+  const data = randomData(1024 * KiB, 21);
+  const expected = new Map<string, Buffer>();
+  /** A backup of /dev/a as it is now: full, or only `changed` read on top of `base`. Returns its id and the index objects it wrote. */
+  const backUp = async (changed?: { offsetBytes: number; lengthBytes: number; seed: number }, base?: string): Promise<{ id: string; newPieces: number; indexes: string[] }> => {
+    if (changed) randomData(changed.lengthBytes, changed.seed).copy(data, changed.offsetBytes);
+    const before = new Set(objectsUnder(repoDir, 'index'));
+    const s = await createBackup(repo, [changed ? { ...source('/dev/a', data), changed: [changed], base } : source('/dev/a', data)], { host: 'web1' });
+    expected.set(s.id, Buffer.from(data));
+    return { id: s.id, newPieces: s.newPieces, indexes: objectsUnder(repoDir, 'index').filter((n) => !before.has(n)) };
+  };
+  const full = await backUp();
+  // inc1 stores two new pieces; inc2 one more, and names inc1's two (unchanged since).
+  const inc1 = await backUp({ offsetBytes: 256 * KiB, lengthBytes: 128 * KiB, seed: 22 }, full.id);
+  const inc2 = await backUp({ offsetBytes: 640 * KiB, lengthBytes: 64 * KiB, seed: 23 }, inc1.id);
+  assert.deepEqual([inc1.newPieces, inc2.newPieces], [2, 1]);
+  assert.equal(inc1.indexes.length, 1);
+  const restoresExactly = async (ids: string[]): Promise<void> => {
+    for (const id of ids) {
+      const out = path.join(dir, `${id}.img`);
+      const r = await bdsnap('restore', '--repo', repoDir, id, '/dev/a', '--output', out);
+      assert.equal(r.exitCode, 0, r.stderr);
+      assert.ok(fs.readFileSync(out).equals(expected.get(id)!), `${id} restores exactly`);
+      fs.rmSync(out);
+    }
+  };
+
+  // The index object of inc1's pack is lost: inc1 and inc2 name two pieces nothing places.
+  fs.rmSync(path.join(repoDir, inc1.indexes[0]!));
+  let r = await bdsnap('verify', '--repo', repoDir);
+  assertFails(r, new RegExp(`^bdsnap: 2 damaged backups: ${inc1.id}, ${inc2.id}$`, 'm'));
+  let packs = objectsUnder(repoDir, 'packs');
+  assertFails(await bdsnap('prune', '--repo', repoDir),
+    new RegExp(`^bdsnap: cannot prune: backups ${inc1.id}, ${inc2.id} name 2 pieces no index places .*; run 'bdsnap backup verify --repo ${repoDir}'.*backup create.*or forget`));
+  assert.deepEqual(objectsUnder(repoDir, 'packs'), packs, 'prune deleted no pack');
+
+  // A backup of the device, which still holds those pieces, stores them again: every backup is whole.
+  const inc3 = await backUp({ offsetBytes: 0, lengthBytes: 0, seed: 24 }, inc2.id);
+  assert.equal(inc3.newPieces, 2, 'the two pieces no index placed are read and stored again');
+  r = await bdsnap('prune', '--repo', repoDir, '--json');
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.equal((JSON.parse(r.stdout) as { deletedPacks: number }).deletedPacks, 1, 'inc1\'s pack, now a copy of what the new one holds');
+  assert.equal((await bdsnap('verify', '--repo', repoDir)).exitCode, 0);
+  await restoresExactly([full.id, inc1.id, inc2.id, inc3.id]);
+
+  // The index object of inc4's pack is lost, and inc4 alone names its piece: prune refuses until it is forgotten.
+  const inc4 = await backUp({ offsetBytes: 900 * KiB, lengthBytes: 4 * KiB, seed: 25 }, inc3.id);
+  assert.deepEqual([inc4.newPieces, inc4.indexes.length], [1, 1]);
+  fs.rmSync(path.join(repoDir, inc4.indexes[0]!));
+  packs = objectsUnder(repoDir, 'packs');
+  assertFails(await bdsnap('prune', '--repo', repoDir), new RegExp(`^bdsnap: cannot prune: backup ${inc4.id} names 1 piece no index places`));
+  assert.deepEqual(objectsUnder(repoDir, 'packs'), packs, 'prune deleted no pack');
+  assert.equal((await bdsnap('forget', '--repo', repoDir, inc4.id)).exitCode, 0);
+  r = await bdsnap('prune', '--repo', repoDir, '--json');
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.equal((JSON.parse(r.stdout) as { deletedPacks: number }).deletedPacks, 1, 'inc4\'s pack');
+  assert.equal((await bdsnap('verify', '--repo', repoDir)).exitCode, 0);
+  await restoresExactly([full.id, inc1.id, inc2.id, inc3.id]);
 });

@@ -3,7 +3,8 @@
  * REPO spellings that are not supported are refused (never made into a local directory), a
  * busy ext4 is backed up full and incrementally and restores exactly, and two processes
  * backing up copies of one image at the same time into one bucket store its data once (after
- * prune) and each restore exactly; and a bucket holding an encrypted repository shows none of its data.
+ * prune) and each restore exactly; a bucket holding an encrypted repository shows none of its data;
+ * and a prune of a bucket whose index object is lost refuses, deleting no pack.
  */
 
 import assert from 'node:assert/strict';
@@ -14,10 +15,11 @@ import { test, type TestContext } from 'node:test';
 import { BDSNAP_MAIN } from '../../testkit/bdsnap-cli.js';
 import { ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
 import { makeImage, makeTempDir } from '../../testkit/files.js';
-import { rgwForFile } from '../helpers/rgw.js';
+import { newS3Store, rgwForFile } from '../helpers/rgw.js';
 import { parseRepoLocation } from '../../src/repository/location.js';
 import { S3Store } from '../../src/repository/s3-store.js';
-import { createBackup, type BackupSource } from '../../src/backup/index.js';
+import { createBackup, restoreBackup, type BackupSource } from '../../src/backup/index.js';
+import { BdsnapError } from '../../src/errors.js';
 import { busyExt4Backups, type Created } from './daemon-cycles.js';
 import { initRepo, markedImage, plaintextIn } from './helpers.js';
 
@@ -150,4 +152,30 @@ test('an encrypted repository in S3: no marker text, no plain sha256 of a piece,
   const enc = await scan(true);
   assert.equal(enc.marker, false, 'no marker text in the bucket of an encrypted repository');
   assert.deepEqual(enc.hashes, [], 'no plain sha256 of a piece in the bucket of an encrypted repository');
+});
+
+test('prune of a bucket whose index object is lost refuses and deletes no pack, as in a directory; once the backup is forgotten it prunes', { timeout: 120_000 }, async (t) => {
+  const r = await rgw(t);
+  if (!r) return;
+  const store = await newS3Store(r, t, 'lost-index');
+  const repo = await initRepo(store, { pieceSizeBytes: 64 * 1024 });
+  const img = markedImage(1 << 20, 2);
+  const source: BackupSource = { device: '/dev/a', sizeBytes: img.length, changed: null, why: 'test', read: async (to, at) => void img.copy(to, 0, at, at + to.length) };
+  const first = await createBackup(repo, [source]);
+  const firstImage = Buffer.from(img);
+  const indexes = new Set(await store.names('index/'));
+  img.fill(7, 0, 64 * 1024);
+  const second = await createBackup(repo, [source]);
+  assert.equal(second.newPieces, 1);
+  const lost = (await store.names('index/')).filter((n) => !indexes.has(n));
+  assert.equal(lost.length, 1);
+  await store.delete(lost[0]!);
+  const packs = (await store.names('packs/')).sort();
+  await assert.rejects(repo.prune(), (e: unknown) => e instanceof BdsnapError && e.code === 'ECORRUPT' && e.message.startsWith(`cannot prune: backup ${second.id} names 1 piece no index places`));
+  assert.deepEqual((await store.names('packs/')).sort(), packs, 'prune deleted no pack');
+  await repo.forget([second.id]);
+  assert.equal((await repo.prune()).deletedPacks, 1, 'the second backup\'s pack');
+  const out = path.join(makeTempDir(t, 'bdsnap-s3-lostindex-'), 'a.img');
+  await restoreBackup(repo, first.id, '/dev/a', { output: out });
+  assert.ok(fs.readFileSync(out).equals(firstImage), 'the kept backup restores exactly');
 });

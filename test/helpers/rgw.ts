@@ -13,6 +13,8 @@ import path from 'node:path';
 import { after } from 'node:test';
 import { promisify } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { parseRepoLocation } from '../../src/repository/location.js';
+import { S3Store } from '../../src/repository/s3-store.js';
 import { needs, type SkippableContext } from '../../testkit/needs.js';
 import { alive } from '../../testkit/process.js';
 
@@ -32,6 +34,17 @@ export interface Rgw {
   startGateway(): Promise<void>;
   /** Give `bucket` a quota of `maxBytes` (radosgw-admin), or lift it (null). */
   setBucketQuota(bucket: string, maxBytes: number | null): Promise<void>;
+}
+
+/** A store on a new bucket of its own (created) of `r`, closed when `t` ends; the server's keys go into the environment. */
+export async function newS3Store(r: Rgw, t: { after(fn: () => unknown): void }, prefix?: string): Promise<S3Store> {
+  Object.assign(process.env, r.env);
+  const at = parseRepoLocation(r.newRepo(prefix));
+  if (at.kind !== 's3') throw new Error('not s3');
+  const store = new S3Store(at);
+  t.after(() => store.close());
+  await store.createBucket();
+  return store;
 }
 
 const RGW_NEEDS = { tools: ['radosgw', 'ceph-mon', 'ceph-osd', 'radosgw-admin', 'uuidgen', 'curl'] };

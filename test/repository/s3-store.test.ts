@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import { S3Store } from '../../src/repository/s3-store.js';
 import { parseRepoLocation } from '../../src/repository/location.js';
 import { FlakyProxy } from '../helpers/flaky-proxy.js';
-import { rgwForFile } from '../helpers/rgw.js';
+import { newS3Store, rgwForFile } from '../helpers/rgw.js';
 import { storeContract } from './store-contract.js';
 import type { SkippableContext } from '../../testkit/needs.js';
 
@@ -19,14 +19,7 @@ const rgw = rgwForFile();
 /** A store on a new bucket of its own (created), with the server's keys in the environment. */
 async function newStore(t: SkippableContext & { after(fn: () => unknown): void }): Promise<S3Store | undefined> {
   const r = await rgw(t);
-  if (!r) return undefined;
-  Object.assign(process.env, r.env);
-  const at = parseRepoLocation(r.newRepo('some/prefix'));
-  if (at.kind !== 's3') throw new Error('not s3');
-  const store = new S3Store(at);
-  t.after(() => store.close());
-  await store.createBucket();
-  return store;
+  return r ? newS3Store(r, t, 'some/prefix') : undefined;
 }
 
 /**
