@@ -33,6 +33,7 @@ import { decodeStored } from './piece-worker.js';
 import { RepoLock, listLocks } from './lock.js';
 import { LocalDirStore, type ObjectStore } from './object-store.js';
 import { runLimited } from '../run-limited.js';
+import { formatBytes } from '../units.js';
 import { firstIssue, parseJson } from '../stored-json.js';
 
 export interface InitOptions {
@@ -577,9 +578,7 @@ export class Repository {
     }
     const kept: WrittenPack[] = [];
     const gone: string[] = [];
-    const writer = this.packWriter();
-    let repackedPacks = 0;
-    let repackedPieces = 0;
+    const repack: WrittenPack[] = [];
     for (const [object, sizeBytes] of packSizes) {
       const used = usedBytes.get(object) ?? 0;
       const pieces = (byPack.get(object) ?? []).map((e) => ({ id: e.id, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes! }));
@@ -588,22 +587,24 @@ export class Repository {
         continue;
       }
       gone.push(object);
-      if (used === 0) continue;
-      repackedPacks++;
-      for (const e of pieces.sort((a, b) => a.offsetBytes - b.offsetBytes)) {
-        const stored = await this.readStoredPiece(e.id, { object, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes });
-        try {
-          decodeStored(this.pieceCrypto, stored, e.id, this.pieceSizeBytes);
-        } catch (err) {
-          throw new BdsnapError('ECORRUPT', `cannot prune: ${(err as Error).message}; run 'bdsnap backup verify --repo ${this.store.location}' first`, { cause: err });
-        }
-        // A sealed piece is bound to its id, not to its place: its bytes move as they are.
-        await writer.add(e.id, [stored]);
-        repackedPieces++;
-      }
+      if (used > 0) repack.push({ object, pieces });
     }
-    const written = await writer.finish();
-    await this.store.commit();
+    const writer = this.packWriter();
+    let written: WrittenPack[];
+    try {
+      written = await this.#repack(writer, repack);
+    } catch (err) {
+      // The new packs no index names go (some may be published already): a full store gets its room back.
+      await this.store.discard();
+      await runLimited(writer.packs, 16, (p) => this.store.delete(p.object)).catch(() => undefined);
+      if (toBdsnapError(err).code !== 'ENOSPC') throw err;
+      // Nothing is deleted before the repacked pieces are durable and indexed (see prune).
+      const needBytes = repack.reduce((n, p) => n + (usedBytes.get(p.object) ?? 0), 0);
+      const freedBytes = gone.reduce((n, o) => n + (packSizes.get(o) ?? 0), 0) - needBytes;
+      throw new BdsnapError('ENOSPC', `cannot prune: the repository at ${this.store.location} is full: prune first writes the ${formatBytes(needBytes)} still used of ${repack.length} mostly unused packs into new ones, and only then deletes ${gone.length} packs (${formatBytes(freedBytes)} freed); nothing was deleted; make room for ${formatBytes(needBytes)} there and run prune again`, { cause: err });
+    }
+    const repackedPacks = repack.length;
+    const repackedPieces = written.reduce((n, p) => n + p.pieces.length, 0);
     await this.writeIndex([...kept, ...written]);
     await lock.assertHeld('this prune', PRUNE_STALLED);
     for (const f of files) await this.store.delete(f.name);
@@ -615,6 +616,25 @@ export class Repository {
     });
     for (const p of written) for (const e of p.pieces) deletedBytes -= e.lengthBytes;
     return { deletedPieces: indexed - live.size, deletedBytes: Math.max(0, deletedBytes), deletedPacks: gone.length, repackedPacks, repackedPieces };
+  }
+
+  /** Copy the pieces of `packs`, each checked, into new packs of `writer`, made durable; returns the new packs. */
+  async #repack(writer: PackWriter, packs: readonly WrittenPack[]): Promise<WrittenPack[]> {
+    for (const { object, pieces } of packs) {
+      for (const e of [...pieces].sort((a, b) => a.offsetBytes - b.offsetBytes)) {
+        const stored = await this.readStoredPiece(e.id, { object, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes });
+        try {
+          decodeStored(this.pieceCrypto, stored, e.id, this.pieceSizeBytes);
+        } catch (err) {
+          throw new BdsnapError('ECORRUPT', `cannot prune: ${(err as Error).message}; run 'bdsnap backup verify --repo ${this.store.location}' first`, { cause: err });
+        }
+        // A sealed piece is bound to its id, not to its place: its bytes move as they are.
+        await writer.add(e.id, [stored]);
+      }
+    }
+    const written = await writer.finish();
+    await this.store.commit();
+    return written;
   }
 
   /** The key objects of an encrypted repository. */

@@ -4,14 +4,15 @@
  * is damaged must be named.
  */
 
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { LocalDirStore, Repository, backupDevices, createBackup, restoreBackup, verifyRepository } from '../../src/backup/index.js';
+import { LocalDirStore, Repository, backupDevices, createBackup, restoreBackup, verifyRepository, type BackupSource } from '../../src/backup/index.js';
 import { RepoLock, listLocks } from '../../src/repository/lock.js';
 import { BdsnapError } from '../../src/errors.js';
 import { makeImage, makeTempDir, sha256File } from '../../testkit/files.js';
@@ -115,12 +116,12 @@ function tempFiles(repoDir: string): string[] {
   return fs.readdirSync(repoDir, { recursive: true }).map(String).filter((n) => path.basename(n).startsWith('.'));
 }
 
-test('a full repository disk: a clear ENOSPC, the repository stays valid, prune frees the partial pieces', async (t) => {
+/** A store on a tmpfs of its own of `size` (mount's spelling, '6m'), unmounted and removed when `t` ends. */
+async function smallDiskStore(t: TestContext, size: string): Promise<{ mnt: string; repoDir: string; store: LocalDirStore }> {
   requireRoot();
-  const dir = makeTempDir(t, 'bdsnap-backup-full-');
   // Its own temp dir, unmounted and removed in one step (after-hooks run in the order added).
   const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-backup-mnt-'));
-  await run('mount', ['-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', mnt]);
+  await run('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', mnt]);
   const repoDir = path.join(mnt, 'repo');
   const store = new LocalDirStore(repoDir);
   t.after(async () => {
@@ -129,6 +130,12 @@ test('a full repository disk: a clear ENOSPC, the repository stays valid, prune 
     await run('umount', [mnt]);
     fs.rmdirSync(mnt);
   });
+  return { mnt, repoDir, store };
+}
+
+test('a full repository disk: a clear ENOSPC, the repository stays valid, prune frees the partial pieces', async (t) => {
+  const { repoDir, store } = await smallDiskStore(t, '6m');
+  const dir = makeTempDir(t, 'bdsnap-backup-full-');
   const repo = await initRepo(store, { pieceSizeBytes: 256 * 1024 });
   const small = path.join(dir, 'small.img');
   makeImage(small, 2 * MiB, 'blocks');
@@ -156,6 +163,48 @@ test('a full repository disk: a clear ENOSPC, the repository stays valid, prune 
   const out = path.join(dir, 'small.out');
   await restoreBackup(repo, first.id, small, { output: out });
   assert.equal(await sha256File(out), await sha256File(small));
+});
+
+test('prune on a full repository disk that must repack first: ENOSPC saying how much room it needs, nothing deleted, no pack of its own left; with that room it prunes', async (t) => {
+  const { mnt, repoDir, store } = await smallDiskStore(t, '12m');
+  const dir = makeTempDir(t, 'bdsnap-prune-full-');
+  const repo = await initRepo(store, { pieceSizeBytes: 64 * 1024, packSizeBytes: MiB, codec: 'lz4' });
+  const source = (data: Buffer): BackupSource => ({ device: '/dev/a', sizeBytes: data.length, changed: null, why: 'test', read: async (to, at) => void data.copy(to, 0, at, at + to.length) });
+  // Random content, stored raw: b keeps one piece in four of a's, so once a is forgotten its
+  // four packs are a quarter used (1 MiB to repack).
+  const one = randomBytes(4 * MiB);
+  const two = randomBytes(4 * MiB);
+  for (let i = 0; i < 64; i += 4) one.copy(two, i * 64 * 1024, i * 64 * 1024, (i + 1) * 64 * 1024);
+  const a = await createBackup(repo, [source(one)]);
+  const b = await createBackup(repo, [source(two)]);
+  await repo.forget([a.id]);
+  // The disk full but for 256 KiB.
+  const filler = path.join(mnt, 'filler');
+  const fd = fs.openSync(filler, 'w');
+  try {
+    for (const chunk = Buffer.alloc(64 * 1024, 1); ;) fs.writeSync(fd, chunk);
+  } catch (err) {
+    assert.equal((err as NodeJS.ErrnoException).code, 'ENOSPC');
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.truncateSync(filler, fs.statSync(filler).size - 256 * 1024);
+  const objects = (): string[] => fs.readdirSync(repoDir, { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).map((e) => path.join(e.parentPath, e.name)).sort();
+  const before = objects();
+  await assert.rejects(repo.prune(), (e: unknown) => {
+    assert.ok(e instanceof BdsnapError);
+    assert.equal(e.code, 'ENOSPC');
+    assert.match(e.message, /^cannot prune: the repository at .* is full: prune first writes the 1 MiB still used of 4 mostly unused packs into new ones, and only then deletes 4 packs \(3 MiB freed\); nothing was deleted; make room for 1 MiB there and run prune again$/);
+    return true;
+  });
+  assert.deepEqual(objects(), before, 'nothing deleted, and no pack or temp file of the prune left');
+  assert.equal((await verifyRepository(repo)).ok, true);
+  fs.rmSync(filler);
+  const s = await repo.prune();
+  assert.deepEqual([s.repackedPacks, s.deletedPacks], [4, 4]);
+  const out = path.join(dir, 'b.img');
+  await restoreBackup(repo, b.id, '/dev/a', { output: out });
+  assert.ok(fs.readFileSync(out).equals(two), 'b restores exactly');
 });
 
 test('a flipped byte, a missing piece, a deleted or garbled manifest: verify names them, restore refuses', async (t) => {
