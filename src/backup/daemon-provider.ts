@@ -36,7 +36,10 @@ export function daemonSnapshotProvider(client: BdsnapClient, runDir: string): Sn
   const socketPath = nbdSocketPath(runDir);
   return {
     async take(devices: string[]): Promise<Snapshot> {
-      const info = await client.createSnapshot(devices);
+      // Owned: a backup killed before its destroy below leaves no snapshot behind; the daemon
+      // destroys it once this client's connection closes (or, after a daemon restart, once this
+      // process is gone).
+      const info = await client.createSnapshot(devices, { owned: true });
       return {
         id: info.id,
         images: info.images.map((image) => ({

@@ -140,13 +140,18 @@ export class BdsnapClient {
     return this.request('umount', { mountpoint: path.resolve(mountpoint) });
   }
 
-  /** One point in time across `devices`; each image is served as `<device>@<id>`. */
-  createSnapshot(devices: string[], options: { storageDir?: string; limitBytes?: number; freeze?: boolean } = {}): Promise<SnapshotInfo> {
+  /**
+   * One point in time across `devices`; each image is served as `<device>@<id>`. `owned`: the
+   * snapshot is this process's own, and the daemon destroys it once this connection closes
+   * (the process ended or was killed), so keep the client open while the snapshot is used.
+   */
+  createSnapshot(devices: string[], options: { storageDir?: string; limitBytes?: number; freeze?: boolean; owned?: boolean } = {}): Promise<SnapshotInfo> {
     return this.request('snapshot-create', {
       devices: devices.map((d) => path.resolve(d)),
       ...(options.storageDir !== undefined ? { storageDir: path.resolve(options.storageDir) } : {}),
       ...(options.limitBytes !== undefined ? { limitBytes: options.limitBytes } : {}),
       ...(options.freeze !== undefined ? { freeze: options.freeze } : {}),
+      ...(options.owned === true ? { owned: true } : {}),
     });
   }
 

@@ -48,6 +48,8 @@ export const requestSchema = z.discriminatedUnion('op', [
     storageDir: z.string().min(1).max(MAX_PATH_CHARS).optional(),
     limitBytes: z.number().int().positive().optional(),
     freeze: z.boolean().optional(),
+    /** Taken for the asking process (backup create): destroyed once its connection closes. */
+    owned: z.boolean().optional(),
   }).strict(),
   z.object({ ...envelope, op: z.literal('snapshot-list') }).strict(),
   z.object({ ...envelope, op: z.literal('snapshot-info'), snapshot: snapshotId }).strict(),
@@ -334,6 +336,8 @@ export interface SnapshotInfo {
   frozen: string[];
   /** How long new writes were held by the barrier. */
   stallMs: number;
+  /** The process the snapshot was taken for (backup create), destroyed when it ends; null for a user's snapshot. */
+  owner: { pid: number } | null;
 }
 
 export type EventType =

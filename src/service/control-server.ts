@@ -8,6 +8,10 @@
  * missing or does not load), every request but `ping` is refused with EPERM and the reason,
  * rather than trusting the socket permission alone. Requests carry no uid of their own.
  *
+ * A handler learns who asked (the kernel's record of the peer) and can tie something to the
+ * connection's lifetime (onClose): a `backup create` keeps its connection open while it reads
+ * its snapshot, so the connection closing (the process ended, killed or not) is its end.
+ *
  * Requests on a connection run one at a time, in order. Nothing a client sends can crash the
  * daemon: bad JSON, unknown operations, wrong types and overlong lines all get error answers,
  * and a client that does not read its answers is no longer read (test/fuzz/ checks all this).
@@ -22,7 +26,17 @@ import { LineDecoder, requestSchema, type LineEvent, type Request, type Response
 import { peerCredentials, type PeerCheck, type PeerCredentialSource } from './peer-cred.js';
 import path from 'node:path';
 
-export type RequestHandler = (request: Request) => Promise<unknown>;
+/** The connection a request came on. */
+export interface Caller {
+  readonly peer: PeerCheck;
+  /**
+   * Run `fn` once the connection has closed (the peer closed it or ended, or the server
+   * stopped); at once if it has already.
+   */
+  onClose(fn: () => void): void;
+}
+
+export type RequestHandler = (request: Request, caller: Caller) => Promise<unknown>;
 
 /** Largest number of answers queued on one connection before it is dropped (a client not reading). */
 const MAX_QUEUED_REQUESTS = 64;
@@ -66,6 +80,15 @@ export class ControlServer {
     const decoder = new LineDecoder();
     // Read once, at accept: the kernel's record of who connected does not change afterwards.
     const peer = this.#readPeer(socket);
+    const closeHooks: Array<() => void> = [];
+    let closed = false;
+    const caller: Caller = {
+      peer,
+      onClose: (fn) => {
+        if (closed) fn();
+        else closeHooks.push(fn);
+      },
+    };
     // Requests not started yet. A client that leaves takes them with it: nobody would read the
     // answers, and running them would keep the connection's lines (up to 64 KiB each) alive
     // behind a slow request such as a password check.
@@ -75,7 +98,7 @@ export class ControlServer {
       running = true;
       try {
         for (let event = waiting.shift(); event !== undefined && !socket.destroyed; event = waiting.shift()) {
-          const response = await this.#answer(event.kind === 'line' ? event.text : undefined, event.kind === 'oversized' ? event.bytes : 0, peer);
+          const response = await this.#answer(event.kind === 'line' ? event.text : undefined, event.kind === 'oversized' ? event.bytes : 0, caller);
           if (socket.destroyed) break;
           // Backpressure: a client that does not read its answers stops being read, so the daemon
           // holds at most one socket buffer of answers for it instead of an unbounded queue.
@@ -102,6 +125,8 @@ export class ControlServer {
     socket.on('close', () => {
       waiting.length = 0;
       this.#sockets.delete(socket);
+      closed = true;
+      for (const fn of closeHooks.splice(0)) fn();
     });
   }
 
@@ -113,7 +138,7 @@ export class ControlServer {
     }
   }
 
-  async #answer(line: string | undefined, oversizedBytes: number, peer: PeerCheck): Promise<Response> {
+  async #answer(line: string | undefined, oversizedBytes: number, caller: Caller): Promise<Response> {
     if (line === undefined) {
       return fail(null, new BdsnapError('EINVAL', `request line too long (${oversizedBytes}+ bytes; the limit is 64 KiB)`));
     }
@@ -131,10 +156,10 @@ export class ControlServer {
       return fail(id, new BdsnapError('EINVAL', `malformed request${where}: ${issue?.message ?? 'invalid'}`));
     }
     const request = parsed.data;
-    const denied = this.#checkCaller(request, peer);
+    const denied = this.#checkCaller(request, caller.peer);
     if (denied) return fail(request.id, denied);
     try {
-      return { id: request.id, ok: true, result: await this.#handler(request) };
+      return { id: request.id, ok: true, result: await this.#handler(request, caller) };
     } catch (err) {
       const e = toBdsnapError(err);
       return fail(request.id, e);

@@ -39,7 +39,7 @@ import { controlSocketPath, nbdSocketPath } from './paths.js';
 import {
   PROTOCOL_VERSION, type ActivationResult, type CbtInfo, type ListResult, type Request, type SessionListEntry, type SnapshotInfo, type StatusResult,
 } from './control-protocol.js';
-import { ControlServer } from './control-server.js';
+import { ControlServer, type Caller } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
 import { ChangeTracker } from './change-tracking.js';
 import { claimDaemonDirs, type DaemonClaim } from './daemon-lock.js';
@@ -51,7 +51,7 @@ import { AsOfExports } from './as-of-exports.js';
 import { InstantRestores, type SourceOpener } from './instant-restore.js';
 import { Repository, openBackupDevices, openRepoStore } from '../repository/index.js';
 import { RepoLock } from '../repository/lock.js';
-import { SnapshotManager } from './snapshots/index.js';
+import { ownerOf, SnapshotManager, type SnapshotOwner } from './snapshots/index.js';
 import { ReplicaManager } from './replicas.js';
 import { ReplicaStandby } from './replica-standby.js';
 
@@ -188,7 +188,7 @@ export class Daemon {
         const { port } = await daemon.#nbd.listenTcp(options.listen.host, options.listen.port, options.tls);
         options.log.info({ event: 'nbd-listening', host: options.listen.host, port, tls: options.tls?.mode ?? 'off' }, `NBD on TCP ${options.listen.host}:${port}`);
       }
-      daemon.#control = await ControlServer.listen(daemon.controlSocket, (request) => daemon.#handle(request), options.log);
+      daemon.#control = await ControlServer.listen(daemon.controlSocket, (request, caller) => daemon.#handle(request, caller), options.log);
       options.log.info({ event: 'daemon-started', runDir, stateDir, snapshotRoot, devices: registry.list().length }, 'bdsnap daemon started');
       return daemon;
     } catch (err) {
@@ -231,7 +231,7 @@ export class Daemon {
     return this.#closing;
   }
 
-  async #handle(request: Request): Promise<unknown> {
+  async #handle(request: Request, caller: Caller): Promise<unknown> {
     switch (request.op) {
       case 'ping':
         return { pid: process.pid, version: PROTOCOL_VERSION, passwordSet: await this.#passwords.isSet() };
@@ -252,7 +252,7 @@ export class Daemon {
       case 'register':
         return registerDevice(this.#registry, request.device);
       case 'snapshot-create':
-        return this.#createSnapshot(request);
+        return this.#createSnapshot(request, caller);
       case 'snapshot-list':
         return { snapshots: this.#snapshots.list() };
       case 'snapshot-info':
@@ -283,12 +283,31 @@ export class Daemon {
     }
   }
 
-  #createSnapshot(request: RequestOf<'snapshot-create'>): Promise<SnapshotInfo> {
-    return this.#snapshots.create(request.devices, {
+  /**
+   * An owned snapshot (backup create) belongs to the asking process and lives as long as this
+   * connection: once it closes (the process ended, killed or not) the snapshot is destroyed;
+   * at once if it closed while the snapshot was being taken. A daemon stopping closes it too,
+   * but then the owner is left to the next start to judge.
+   */
+  async #createSnapshot(request: RequestOf<'snapshot-create'>, caller: Caller): Promise<SnapshotInfo> {
+    let owner: SnapshotOwner | undefined;
+    if (request.owned === true) {
+      // Unreachable without credentials (the control server refuses first); checked for the type.
+      if (caller.peer.kind !== 'known') throw new BdsnapError('EPERM', `an owned snapshot needs the caller's pid: ${caller.peer.reason}`);
+      owner = await ownerOf(caller.peer.cred.pid);
+    }
+    const info = await this.#snapshots.create(request.devices, {
       ...(request.storageDir !== undefined ? { storageDir: request.storageDir } : {}),
       ...(request.limitBytes !== undefined ? { limitBytes: request.limitBytes } : {}),
       ...(request.freeze !== undefined ? { freeze: request.freeze } : {}),
+      ...(owner !== undefined ? { owner } : {}),
     });
+    if (owner !== undefined) {
+      caller.onClose(() => {
+        if (this.#closing === undefined) void this.#snapshots.ownerGone(info.id, 'closed its control connection');
+      });
+    }
+    return info;
   }
 
   #extendSnapshot(request: RequestOf<'snapshot-extend'>): Promise<SnapshotInfo> {

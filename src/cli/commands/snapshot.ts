@@ -51,6 +51,7 @@ function describeSnapshot(s: SnapshotInfo): string {
     `  storage: ${formatBytes(s.storage.usedBytes)}${limit} in ${s.storage.dirs.join(', ')}`,
     `  writes held for ${s.stallMs} ms${s.frozen.length > 0 ? `; frozen: ${s.frozen.join(', ')}` : ''}`,
   ];
+  if (s.owner !== null) lines.push(`  taken for process ${s.owner.pid} (a backup create): destroyed when it ends`);
   for (const image of s.images) {
     const cbt = image.cbt ? ` (change map ${image.cbt.generation} #${image.cbt.number})` : '';
     lines.push(`  ${image.exportName}${cbt}`, `    ${image.uri}`);
@@ -116,8 +117,10 @@ export function register(program: Command): void {
         process.stdout.write('no snapshots\n');
         return;
       }
-      const rows = snapshots.map((s) => [s.id, s.state, s.createdAt, formatBytes(s.storage.usedBytes), s.images.map((i) => i.device).join(' ')]);
-      process.stdout.write(`${formatTable(['ID', 'STATE', 'TAKEN', 'STORAGE', 'DEVICES'], rows)}\n`);
+      const rows = snapshots.map((s) => [
+        s.id, s.state, s.createdAt, formatBytes(s.storage.usedBytes), s.owner !== null ? `pid ${s.owner.pid}` : '-', s.images.map((i) => i.device).join(' '),
+      ]);
+      process.stdout.write(`${formatTable(['ID', 'STATE', 'TAKEN', 'STORAGE', 'OWNER', 'DEVICES'], rows)}\n`);
     });
 
   clientOptions(snapshot

@@ -16,6 +16,11 @@
  * destroy refuses while an image is mounted by bdsnap or has NBD clients, and `force` first
  * unmounts (cleanly, through the mount manager), then cuts off whatever clients remain. While
  * destroy decides, the images take no new client, so none slips in between check and teardown.
+ *
+ * A snapshot taken for a process (`backup create`, owner.ts) is destroyed, with force, once
+ * that process is gone: the daemon says when its control connection closes (ownerGone), and
+ * after a restart the owners of the snapshots put back are checked every OWNER_CHECK_MS. A
+ * killed owner has no NBD client left to cut off.
  */
 
 import path from 'node:path';
@@ -31,6 +36,7 @@ import type { EventLog } from '../events.js';
 import { nbdUnixUri } from '../mount.js';
 import type { Registry } from '../registry.js';
 import type { LiveImage, LiveSnapshot } from './live.js';
+import { OWNER_CHECK_MS, ownerState } from './owner.js';
 import { imageExportName, parseImageName, SNAPSHOTS_DIR, writeRecord } from './record.js';
 import { SnapshotRecovery } from './reopen.js';
 import { checkStorageDir, takeSnapshot, type CreateSnapshotOptions } from './take.js';
@@ -78,13 +84,20 @@ export class SnapshotManager {
   /** Called whenever an image handle is released (destroy waits on them). */
   readonly #onRelease = new Set<() => void>();
   readonly #recovery: SnapshotRecovery;
+  /** Served snapshots whose owner is not tied to a connection of this daemon (put back at start). */
+  readonly #watched = new Set<string>();
+  #ownerTimer: NodeJS.Timeout | undefined;
+  #closed = false;
 
   constructor(options: SnapshotManagerOptions) {
     this.#options = options;
     this.#root = path.join(options.stateDir, SNAPSHOTS_DIR);
     this.#recovery = new SnapshotRecovery({
       root: this.#root, table: options.table, registry: options.registry, events: options.events, log: options.log, tracking: options.tracking,
-      serve: (snapshot) => void this.#snapshots.set(snapshot.record.id, snapshot),
+      serve: (snapshot) => {
+        this.#snapshots.set(snapshot.record.id, snapshot);
+        if (snapshot.record.owner !== undefined) this.#watchOwner(snapshot.record.id);
+      },
       onStorageEvent: (snapshot, event) => this.#onStorageEvent(snapshot, event),
       markBroken: (snapshot, state, reason) => this.#markBroken(snapshot, state, reason),
       changedOutside: (devicePath) => this.#pendingResets.get(devicePath),
@@ -189,18 +202,25 @@ export class SnapshotManager {
    */
   destroy(id: string, options: { force?: boolean } = {}): Promise<{ id: string }> {
     return this.#serial(async () => {
-      const snapshot = this.#get(id);
-      const force = options.force ?? false;
-      snapshot.closing = true;
-      try {
-        await this.#letGo(snapshot, force);
-      } catch (err) {
-        snapshot.closing = false;
-        throw err;
-      }
-      await this.#teardown(snapshot);
-      this.#options.events.emit('snapshot-destroyed', { snapshot: id, details: { devices: snapshot.images.map((i) => i.device) } });
+      await this.#destroy(this.#get(id), options.force ?? false);
       return { id };
+    });
+  }
+
+  /**
+   * The owner of snapshot `id` is gone (`why` says how): destroy the snapshot, cutting off
+   * any image client. Nothing when it has no owner, is gone already, or the daemon is
+   * stopping (the next start checks the owner). Never rejects: a failure is logged.
+   */
+  ownerGone(id: string, why: string): Promise<void> {
+    return this.#serial(async () => {
+      const snapshot = this.#snapshots.get(id);
+      if (this.#closed || snapshot === undefined || snapshot.destroying || snapshot.record.owner === undefined) return;
+      const reason = `owner process ${snapshot.record.owner.pid} ${why}`;
+      this.#options.log.warn({ event: 'snapshot-owner-gone', snapshot: id, owner: snapshot.record.owner.pid, reason }, 'the process a snapshot was taken for is gone; destroying the snapshot');
+      await this.#destroy(snapshot, true, reason);
+    }).catch((err: unknown) => {
+      this.#options.log.error({ event: 'snapshot-destroy-failed', snapshot: id, reason: (err as Error).message }, 'cannot destroy a snapshot whose owner is gone');
     });
   }
 
@@ -232,6 +252,8 @@ export class SnapshotManager {
 
   /** Daemon stop: close storages and drop holds; the snapshots stay on disk for the next start. */
   async closeAll(): Promise<void> {
+    this.#closed = true;
+    clearInterval(this.#ownerTimer);
     for (const snapshot of this.#snapshots.values()) {
       for (const image of snapshot.images) await image.layer.removePoint(image.image).catch(() => undefined);
       await snapshot.storage.close().catch(() => undefined);
@@ -255,6 +277,47 @@ export class SnapshotManager {
     return info;
   }
 
+
+  async #destroy(snapshot: LiveSnapshot, force: boolean, reason?: string): Promise<void> {
+    snapshot.closing = true;
+    try {
+      await this.#letGo(snapshot, force);
+    } catch (err) {
+      snapshot.closing = false;
+      throw err;
+    }
+    await this.#teardown(snapshot);
+    this.#options.events.emit('snapshot-destroyed', {
+      snapshot: snapshot.record.id, details: { devices: snapshot.images.map((i) => i.device), ...(reason !== undefined ? { reason } : {}) },
+    });
+  }
+
+  /** Look whether the owner of snapshot `id` has ended every OWNER_CHECK_MS, until it has or the snapshot is gone. */
+  #watchOwner(id: string): void {
+    this.#watched.add(id);
+    if (this.#ownerTimer !== undefined) return;
+    let checking = false;
+    this.#ownerTimer = setInterval(() => {
+      if (checking) return;
+      checking = true;
+      void this.#checkOwners().finally(() => (checking = false));
+    }, OWNER_CHECK_MS);
+    this.#ownerTimer.unref();
+  }
+
+  async #checkOwners(): Promise<void> {
+    for (const id of [...this.#watched]) {
+      const owner = this.#snapshots.get(id)?.record.owner;
+      // 'unknown' is looked at again next time: an owner is never taken for gone unseen.
+      if (owner !== undefined && await ownerState(owner) !== 'gone') continue;
+      this.#watched.delete(id);
+      if (owner !== undefined) await this.ownerGone(id, 'has ended');
+    }
+    if (this.#watched.size === 0) {
+      clearInterval(this.#ownerTimer);
+      this.#ownerTimer = undefined;
+    }
+  }
 
   /** Unmount (force) or refuse while the images are mounted or attached. */
   async #letGo(snapshot: LiveSnapshot, force: boolean): Promise<void> {
@@ -350,7 +413,7 @@ export class SnapshotManager {
           connections: snapshot.images.find((i) => i.device === d.path)?.connections ?? 0,
         };
       }),
-      frozen: r.frozen, stallMs: r.stallMs,
+      frozen: r.frozen, stallMs: r.stallMs, owner: r.owner !== undefined ? { pid: r.owner.pid } : null,
     };
   }
 

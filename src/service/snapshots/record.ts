@@ -11,6 +11,7 @@ import { z } from 'zod';
 import { writeFileAtomic } from '../../host/atomic-file.js';
 import { stampIdentitySchema } from '../../host/device-stamp.js';
 import { DURABILITIES } from '../../snapshot/format.js';
+import { ownerSchema } from './owner.js';
 
 /** The snapshots' folder under the daemon's state dir. */
 export const SNAPSHOTS_DIR = 'snapshots';
@@ -37,6 +38,8 @@ const recordSchema = z.object({
   })).min(1),
   frozen: z.array(z.string()),
   stallMs: z.number().nonnegative(),
+  /** The process that took the snapshot for itself (backup create); absent for a user's snapshot. */
+  owner: ownerSchema.optional(),
 }).strict();
 
 export type SnapshotRecord = z.infer<typeof recordSchema>;

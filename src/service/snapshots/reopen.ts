@@ -1,6 +1,7 @@
 /**
  * Putting snapshots back after a restart: each record on disk is reopened on its devices
- * before the NBD server accepts a client, and what a killed create left is removed.
+ * before the NBD server accepts a client, and what a killed create left is removed, as is a
+ * snapshot taken for a process (backup create, owner.ts) that has ended meanwhile.
  *
  * A device another process still holds open at that moment (a killed daemon whose lock has not
  * cleared yet) is waited for, for a bounded time; a snapshot whose device is still busy then is
@@ -21,6 +22,7 @@ import type { AttachedDevice, DeviceTable } from '../device-table.js';
 import type { EventLog } from '../events.js';
 import type { Registry } from '../registry.js';
 import { addImage, type LiveSnapshot } from './live.js';
+import { ownerState } from './owner.js';
 import { readRecord, type SnapshotRecord } from './record.js';
 import type { SnapshotChangeTracking } from './tracking.js';
 
@@ -79,7 +81,16 @@ export class SnapshotRecovery {
         continue;
       }
       if (record.state === 'creating') {
-        await this.#removeLeftovers(record, dir);
+        await this.#remove(record, dir);
+        log.warn({ event: 'snapshot-leftovers-removed', snapshot: record.id }, 'a snapshot create was interrupted by a daemon stop; its leftovers were removed');
+        continue;
+      }
+      if (record.owner !== undefined && await ownerState(record.owner) === 'gone') {
+        await this.#remove(record, dir);
+        const reason = `owner process ${record.owner.pid} ended while the daemon was down`;
+        const devices = record.devices.map((d) => d.path);
+        log.warn({ event: 'snapshot-owner-gone', snapshot: record.id, owner: record.owner.pid, reason }, 'the process a snapshot was taken for is gone; snapshot removed');
+        this.#options.events.emit('snapshot-destroyed', { snapshot: record.id, details: { devices, reason } });
         continue;
       }
       try {
@@ -213,15 +224,15 @@ export class SnapshotRecovery {
     }
   }
 
-  async #removeLeftovers(record: SnapshotRecord, dir: string): Promise<void> {
+  /** Remove a snapshot that is not served: its storage, its frozen views, its directory. */
+  async #remove(record: SnapshotRecord, dir: string): Promise<void> {
     try {
       const storage = await DiffStorage.open({ id: record.id, dirs: record.storage.dirs, chunkSize: record.chunkSize });
       await storage.destroy();
     } catch {
-      // Storage never created, or unreadable: the directory removal below is what matters.
+      // Storage never created (a create cut short), or unreadable: the directory removal below is what matters.
     }
     this.#options.tracking?.forget(dir);
     await removePath(dir, { recursive: true });
-    this.#options.log.warn({ event: 'snapshot-leftovers-removed', snapshot: record.id }, 'a snapshot create was interrupted by a daemon stop; its leftovers were removed');
   }
 }

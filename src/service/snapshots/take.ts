@@ -29,12 +29,15 @@ import { withFrozen } from '../freeze.js';
 import { canonicalDevicePath, type Registry } from '../registry.js';
 import { addImage, type LiveSnapshot } from './live.js';
 import { newSnapshotId, RECORD_VERSION, writeRecord } from './record.js';
+import type { SnapshotOwner } from './owner.js';
 import type { SnapshotChangeTracking } from './tracking.js';
 
 export interface CreateSnapshotOptions {
   storageDir?: string;
   limitBytes?: number;
   freeze?: boolean;
+  /** The process the snapshot is taken for: it is destroyed once that process is gone (owner.ts). */
+  owner?: SnapshotOwner;
 }
 
 /** What a take needs of the daemon. */
@@ -70,6 +73,7 @@ export async function takeSnapshot(ctx: TakeContext, devicesArg: string[], optio
       chunkSize: table.chunkSize, durability: table.durability,
       storage: { dirs: [storageDir], limitBytes: options.limitBytes ?? null },
       devices: [], frozen: mountpoints, stallMs: 0,
+      ...(options.owner !== undefined ? { owner: options.owner } : {}),
     },
     dir, storage: undefined as unknown as DiffStorage, images: [], destroying: false, closing: false,
   };
