@@ -14,7 +14,13 @@
  *   file): opened at once, which takes FileDevice's lock (so a daemon serving it gives EBUSY)
  *   but changes nothing. Each range is read before it is written: one that already holds the
  *   backup's bytes is left alone, any other has its original kept in an UndoLog first. A failed
- *   restore writes the originals back and gives a file its original size again.
+ *   restore writes the originals back and gives a file its original size again. A restore
+ *   killed half way cannot do that: before its first write it leaves a journal where the next
+ *   run finds it from the target's identity (device/interrupted-restore.ts), so that the daemon
+ *   refuses the target and the next restore into it, of any backup, finishes it: every range
+ *   of the target is given the backup's content, so what the killed one left no longer matters.
+ *   The journal goes once a restore into the target ended whole (or a failed one put back a
+ *   target that was whole before it).
  */
 
 import fs from 'node:fs';
@@ -22,6 +28,7 @@ import { FileDevice } from '../device/file-device.js';
 import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
 import { checkNotInUse } from '../host/in-use.js';
+import { BackupRestoreRecord, type BackupRestoreJournal } from '../device/interrupted-restore.js';
 import type { PiecePool } from '../repository/piece-pool.js';
 import type { PieceRange } from '../repository/piece-worker.js';
 import { UndoLog } from './undo-log.js';
@@ -72,7 +79,15 @@ export interface RestoreTarget {
   leftovers(): Promise<string[]>;
   /** After a failure: undo what was written; returns what was done, as a clause for the error. */
   abandon(): Promise<string>;
+  /** After `begin`: the journal of an earlier restore into the target, killed half way, that this one finishes. */
+  readonly interrupted: BackupRestoreJournal | undefined;
   close(): Promise<void>;
+}
+
+/** What a restore in place writes in its journal: the backup, and the command that restores it again. */
+export interface RestoreJob {
+  backup: string;
+  command: string;
 }
 
 /**
@@ -81,7 +96,7 @@ export interface RestoreTarget {
  * that exists must not be in use: not mounted, not behind a loop device, not open in another
  * bdsnap process.
  */
-export async function openRestoreTarget(target: string, output: boolean, sizeBytes: number): Promise<RestoreTarget> {
+export async function openRestoreTarget(target: string, output: boolean, sizeBytes: number, job: RestoreJob): Promise<RestoreTarget> {
   // The device as the operator named it, links resolved once: FileDevice opens only a real path.
   if (!output) target = await fs.promises.realpath(target).catch(() => target);
   const st = await (output ? fs.promises.lstat(target) : fs.promises.stat(target)).catch((err: unknown) => {
@@ -95,7 +110,7 @@ export async function openRestoreTarget(target: string, output: boolean, sizeByt
     throw new BdsnapError('EINVAL', `${target} is not a regular file${output ? '' : ' or a block device'}; refusing to write to it`);
   }
   await checkNotInUse(target);
-  return InPlaceTarget.open(target, st.isBlockDevice(), sizeBytes, output);
+  return InPlaceTarget.open(target, st.isBlockDevice(), sizeBytes, output, job);
 }
 
 /** FileDevice.open, with EBUSY saying who may hold the device. */
@@ -117,6 +132,7 @@ class NewFileTarget implements RestoreTarget {
   readonly path: string;
   readonly holes = true;
   readonly checkFirst = false;
+  readonly interrupted = undefined;
   readonly #sizeBytes: number;
   /** The file, under its temporary name until `commit` names it. */
   #out: StagedOutputFile | undefined;
@@ -192,11 +208,17 @@ class InPlaceTarget implements RestoreTarget {
   #resized = false;
   #undo: UndoLog | undefined;
   #keepUndo = false;
+  /** The journal and the undo log's directory, from `begin` on. */
+  #record: BackupRestoreRecord | undefined;
+  /** The target holds the backup or what it held before a restore began into it: the journal goes at close. */
+  #whole = false;
   /** An existing file given as --output, not the device itself. */
   readonly #output: boolean;
+  readonly #job: RestoreJob;
 
-  private constructor(target: string, block: boolean, sizeBytes: number, guard: FileDevice, output: boolean) {
+  private constructor(target: string, block: boolean, sizeBytes: number, guard: FileDevice, output: boolean, job: RestoreJob) {
     this.path = target;
+    this.#job = job;
     this.#output = output;
     this.#block = block;
     this.#sizeBytes = sizeBytes;
@@ -205,23 +227,29 @@ class InPlaceTarget implements RestoreTarget {
     this.#originalBytes = guard.size;
   }
 
-  static async open(target: string, block: boolean, sizeBytes: number, output = false): Promise<InPlaceTarget> {
+  static async open(target: string, block: boolean, sizeBytes: number, output: boolean, job: RestoreJob): Promise<InPlaceTarget> {
     const guard = await openFree(target);
     if (block && guard.size < sizeBytes) {
       await guard.close();
       throw new BdsnapError('ENOSPC', `${target} holds ${guard.size} bytes; the backup needs ${sizeBytes}`);
     }
-    return new InPlaceTarget(target, block, sizeBytes, guard, output);
+    return new InPlaceTarget(target, block, sizeBytes, guard, output, job);
+  }
+
+  get interrupted(): BackupRestoreJournal | undefined {
+    return this.#record?.interrupted;
   }
 
   async begin(): Promise<void> {
-    this.#undo = await UndoLog.create();
     // Opened by path like the guard: being the file the guard locked is what makes it safe.
     this.#fh = await fs.promises.open(this.path, 'r+').catch((err: unknown) => { throw toBdsnapError(err); });
     const st = await this.#fh.stat();
     if (!sameFile(this.#guard, st)) throw new BdsnapError('EBUSY', `${this.path} was replaced since it was opened; refusing to write to it`);
     // An existing --output file is overwritten only if it is this user's own, with one name.
     if (this.#output) checkOutputFile(st, this.path);
+    // The journal is durable before the target's first change (a file grown below included).
+    this.#record = await BackupRestoreRecord.begin(this.#guard.identity, { ...this.#job, target: this.path });
+    this.#undo = await UndoLog.create(this.#record.dir);
     if (!this.#block && this.#originalBytes < this.#sizeBytes) {
       await this.#fh.truncate(this.#sizeBytes);
       this.#resized = true;
@@ -275,25 +303,34 @@ class InPlaceTarget implements RestoreTarget {
       await this.#fh!.truncate(this.#sizeBytes);
     }
     await this.#file.flush();
+    this.#whole = true;
   }
 
   async abandon(): Promise<string> {
     const undo = this.#undo;
-    if (!undo || (undo.savedBytes === 0 && !this.#resized)) return `nothing was written to ${this.path}`;
+    // Put back as it was, which is half way if a killed restore left it so: then it stays flagged.
+    const earlier = this.#record?.interrupted;
+    const still = earlier
+      ? `; it is still half way through the restore of backup ${earlier.backup} killed since ${earlier.startedAt}: run ${this.#job.command} again to finish it`
+      : '';
+    this.#whole = earlier === undefined;
+    if (!undo || (undo.savedBytes === 0 && !this.#resized)) return `nothing was written to ${this.path}${still}`;
     try {
       if (this.#resized) await this.#fh!.truncate(this.#originalBytes);
       await undo.rollback(this.#file, this.#originalBytes);
     } catch (err) {
       this.#keepUndo = true;
-      return `putting ${this.path} back failed too (${toBdsnapError(err).message}); the original bytes of what was overwritten are in ${undo.path}, each at its own offset`;
+      this.#whole = false;
+      return `putting ${this.path} back failed too (${toBdsnapError(err).message}); the original bytes of what was overwritten are in ${undo.path}, each at its own offset, until the next restore into ${this.path} (which finishes this one) replaces them`;
     }
-    return `${this.path} was put back as it was (${undo.savedBytes} bytes rewritten)`;
+    return `${this.path} was put back as it was (${undo.savedBytes} bytes rewritten)${still}`;
   }
 
   async close(): Promise<void> {
     try {
       if (this.#keepUndo) await this.#undo?.close();
       else await this.#undo?.discard();
+      if (this.#whole) await this.#record?.end();
       await this.#fh?.close();
       if (this.#file !== this.#guard) await this.#file.close();
     } finally {

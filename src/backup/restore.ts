@@ -30,7 +30,8 @@
  *
  * A write can still fail midway (a disk error, a piece damaged since it was checked). Then the
  * target undoes what was written: a new file is removed, an existing file or device gets its
- * original bytes back (restore-target.ts).
+ * original bytes back (restore-target.ts). A restore in place that was killed is found by the
+ * next one into the same target, of any backup, which finishes it (restore-target.ts).
  * Zero pieces are holes in a new file, and elsewhere zeroes written where the range is not zero.
  */
 
@@ -68,6 +69,8 @@ export interface RestoreSummary {
   durationMs: number;
   /** Files killed restores into the same new file left beside it (see RestoreTarget.leftovers). */
   leftovers: string[];
+  /** An earlier restore in place into the target, killed half way, that this one finished. */
+  finished?: { backup: string; startedAt: string };
 }
 
 export async function restoreBackup(repo: Repository, id: string, device: string, options: RestoreOptions = {}): Promise<RestoreSummary> {
@@ -79,7 +82,9 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   }
   const P = manifest.pieceSizeBytes;
   const slots = expandSlots(entry, P);
-  const target = await openRestoreTarget(options.output !== undefined ? path.resolve(options.output) : entry.device, options.output !== undefined, entry.sizeBytes);
+  const output = options.output !== undefined ? path.resolve(options.output) : undefined;
+  const command = `bdsnap backup restore --repo ${repo.store.location} ${id} ${entry.device}${output !== undefined ? ` --output ${output}` : ''}`;
+  const target = await openRestoreTarget(output ?? entry.device, output !== undefined, entry.sizeBytes, { backup: id, command });
   const pool = new PiecePool(repo.pieceCrypto);
   const verifyHint = `'bdsnap backup verify --repo ${repo.store.location} ${id}' lists every damaged piece`;
   // Pieces kept as local files are read where they are; others are fetched once.
@@ -113,6 +118,7 @@ export async function restoreBackup(repo: Repository, id: string, device: string
     return {
       id, device: entry.device, target: target.path, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs,
       leftovers: await target.leftovers(),
+      ...(target.interrupted && { finished: { backup: target.interrupted.backup, startedAt: target.interrupted.startedAt } }),
     };
   } finally {
     await pool.close();

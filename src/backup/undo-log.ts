@@ -4,17 +4,18 @@
  *
  * The log is a sparse file with the target's layout: the original of the range at offset X
  * is stored at offset X, so concurrent saves need no allocation and only the ranges saved
- * take space. It lives in a private directory (mode 0700) under the system temp directory
- * (TMPDIR), since it holds device content. A range is recorded as saved only once its
- * original is in the log, so a rollback never writes back bytes the log does not hold; the
- * caller overwrites a range only after `save` returned.
+ * take space. It lives beside the restore's journal, in the target's private directory (mode
+ * 0700) under the restore directory (device/interrupted-restore.ts), since it holds device
+ * content. A range is recorded as saved only once its original is in the log, so a rollback
+ * never writes back bytes the log does not hold; the caller overwrites a range only after
+ * `save` returned.
  *
- * The log is written, not synced: it survives the restoring process dying (the page cache
- * keeps it) but not the machine stopping; a rollback is done by the process that failed.
+ * The log is written, not synced, and which ranges it holds is known only to the process: a
+ * rollback is done by the process that failed. A restore that was killed is finished by the
+ * next one (the journal says it was interrupted), which replaces the log with its own.
  */
 
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { preadFully, pwriteFully } from '../host/fd-io.js';
@@ -31,27 +32,27 @@ export interface UndoTarget {
 export class UndoLog {
   /** The log file: kept (and named in the error) only when a rollback failed. */
   readonly path: string;
-  readonly #dir: string;
   readonly #fh: fs.promises.FileHandle;
   readonly #saved: Array<{ offsetBytes: number; lengthBytes: number }> = [];
   #savedBytes = 0;
   #closed = false;
 
-  private constructor(dir: string, file: string, fh: fs.promises.FileHandle) {
-    this.#dir = dir;
+  private constructor(file: string, fh: fs.promises.FileHandle) {
     this.path = file;
     this.#fh = fh;
   }
 
-  static async create(): Promise<UndoLog> {
+  /** A new log in the private directory `dir`, replacing the log a killed restore left there. */
+  static async create(dir: string): Promise<UndoLog> {
+    const file = path.join(dir, 'originals');
     try {
-      const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'bdsnap-restore-undo-'));
-      const file = path.join(dir, 'originals');
+      // rm removes a link planted there, never what it points to; O_EXCL then refuses a new one.
+      await fs.promises.rm(file, { force: true });
       const fh = await fs.promises.open(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
-      return new UndoLog(dir, file, fh);
+      return new UndoLog(file, fh);
     } catch (err) {
       const e = toBdsnapError(err);
-      throw new BdsnapError(e.code, `cannot make a place for the originals a restore in place overwrites, under ${os.tmpdir()}: ${e.message}; set TMPDIR to a directory with room`, { cause: err });
+      throw new BdsnapError(e.code, `cannot make a place for the originals a restore in place overwrites, in ${dir}: ${e.message}; set BDSNAP_RESTORE_DIR to a private directory with room`, { cause: err });
     }
   }
 
@@ -78,7 +79,7 @@ export class UndoLog {
   /** The error for an original that could not be kept (here or by a worker through `fd`). */
   keepFailed(offsetBytes: number, err: unknown): BdsnapError {
     const e = toBdsnapError(err);
-    const hint = e.code === 'ENOSPC' ? '; set TMPDIR to a directory with room for the part of the target that changes' : '';
+    const hint = e.code === 'ENOSPC' ? '; set BDSNAP_RESTORE_DIR to a private directory with room for the part of the target that changes' : '';
     return new BdsnapError(e.code, `cannot keep the original bytes at ${offsetBytes} in ${this.path}: ${e.message}${hint}`, { cause: err });
   }
 
@@ -109,7 +110,7 @@ export class UndoLog {
   /** Close the log and remove it. */
   async discard(): Promise<void> {
     await this.close();
-    await fs.promises.rm(this.#dir, { recursive: true, force: true });
+    await fs.promises.rm(this.path, { force: true });
   }
 
   /** Close the log, keeping it. */

@@ -32,6 +32,7 @@ import { DEFAULT_CHUNK_SIZE, type Durability } from '../snapshot/format.js';
 import { TrackingDevice } from '../snapshot/change-map/index.js';
 import { SnapshotLayer } from '../snapshot/snapshot-layer.js';
 import { refuseUnfinishedRestore } from '../snapshot/restore/chain.js';
+import { refuseInterruptedBackupRestore } from '../device/interrupted-restore.js';
 import type { ChangeTracker } from './change-tracking.js';
 import type { DeviceStatus } from './control-protocol.js';
 import { DirtyTracker } from '../device/dirty-tracker.js';
@@ -267,6 +268,7 @@ export class DeviceTable {
           // or write it through the daemon until that restore is finished (checked under the
           // device's lock).
           await refuseUnfinishedRestore(this.#snapshotRoot, devicePath);
+          await refuseInterruptedBackupRestore(devicePath, file.identity);
           // Whatever else writes the device (a loop device, a mount, a stacked device) would
           // write around copy-before-write and the change map. A block device is held O_EXCL
           // by now: the probe would only find this hold.

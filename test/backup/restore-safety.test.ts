@@ -145,7 +145,7 @@ test('a failure in the middle of a restore in place (the undo space fills): the 
   const putBack = new RegExp(`^bdsnap: restore of ${image} from backup ${id} stopped at \\d+: cannot keep the original bytes at \\d+ in .*: .*no space left on device.*; ${image} was put back as it was \\(\\d+ bytes rewritten\\)$`, 'im');
 
   const before = await sha256File(image);
-  let r = await bdsnap(['restore', '--repo', repoDir, id, image], { TMPDIR: undoSpace });
+  let r = await bdsnap(['restore', '--repo', repoDir, id, image], { BDSNAP_RESTORE_DIR: undoSpace });
   assert.equal(await sha256File(image), before, 'the image file is as it was');
   assertFails(r, putBack);
   assert.deepEqual(fs.readdirSync(undoSpace), [], 'the undo log is removed');
@@ -155,7 +155,7 @@ test('a failure in the middle of a restore in place (the undo space fills): the 
   const loopBackup = await backedUp(dir, loop, false);
   scribble(loop, Array.from({ length: IMAGE_BYTES / (4 * MiB) }, (_, k): [number, number] => [k * 4 * MiB + 2 * MiB, MiB]));
   const loopBefore = await sha256File(loop);
-  r = await bdsnap(['restore', '--repo', repoDir, loopBackup.id, loop], { TMPDIR: undoSpace });
+  r = await bdsnap(['restore', '--repo', repoDir, loopBackup.id, loop], { BDSNAP_RESTORE_DIR: undoSpace });
   assert.equal(await sha256File(loop), loopBefore, 'the loop device is as it was');
   assertFails(r, new RegExp(`; ${loop} was put back as it was`, 'm'));
 
@@ -183,7 +183,7 @@ test('--output on a full disk: the file the restore created is removed; a file t
   makeImage(existing, 4 * MiB, 'random', 5);
   const existingBefore = await sha256File(existing);
   const undoSpace = await smallTmpfs(t, dir, 6 * MiB);
-  r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', existing], { TMPDIR: undoSpace });
+  r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', existing], { BDSNAP_RESTORE_DIR: undoSpace });
   assert.equal(fs.statSync(existing).size, 4 * MiB);
   assert.equal(await sha256File(existing), existingBefore);
   assertFails(r, new RegExp(`; ${existing} was put back as it was`, 'm'));

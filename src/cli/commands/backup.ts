@@ -300,7 +300,12 @@ export function register(program: Command): void {
       noteUnauthenticated(repo);
       if (summary.leftovers.length > 0) (await import('../leftovers-note.js')).noteLeftovers(summary.target, summary.leftovers);
       if (flags.json) printJson(summary);
-      else process.stdout.write(`restored ${summary.device} from backup ${id} into ${summary.target}: ${formatBytes(summary.sizeBytes)} in ${(summary.durationMs / 1000).toFixed(2)} s\n`);
+      else {
+        if (summary.finished) {
+          process.stdout.write(`finished the interrupted restore of backup ${summary.finished.backup} into ${summary.target} (started at ${summary.finished.startedAt}): every byte of it was written again from backup ${id}\n`);
+        }
+        process.stdout.write(`restored ${summary.device} from backup ${id} into ${summary.target}: ${formatBytes(summary.sizeBytes)} in ${(summary.durationMs / 1000).toFixed(2)} s\n`);
+      }
     });
 
   const serve = repoOption(backup.command('serve').description('serve every device of a backup as a read-only NBD export, in the foreground'))

@@ -158,8 +158,8 @@ async function sessionWrapper(opts: ServeCliOptions): Promise<ServeOptions['wrap
   if (opts.readOnly) throw new BdsnapError('EINVAL', '--snapshot-root makes no sense with --read-only: nothing can change');
   const snapshotRoot = path.resolve(opts.snapshotRoot);
   const base: Omit<SessionOptions, 'devicePath'> = { snapshotRoot, ...parseSessionOptions(opts) };
-  const [{ FileDevice }, { CowDevice }, { refuseUnfinishedRestore }] = await Promise.all([
-    import('../../device/file-device.js'), import('../../snapshot/index.js'), import('../../snapshot/restore/chain.js'),
+  const [{ FileDevice }, { CowDevice }, { refuseUnfinishedRestore }, { refuseInterruptedBackupRestore }] = await Promise.all([
+    import('../../device/file-device.js'), import('../../snapshot/index.js'), import('../../snapshot/restore/chain.js'), import('../../device/interrupted-restore.js'),
   ]);
   const report = (event: SessionEvent): void => {
     const dir = event.sessionDir ?? '';
@@ -171,6 +171,7 @@ async function sessionWrapper(opts: ServeCliOptions): Promise<ServeOptions['wrap
   // a session recording neither state, and serve it.
   return async (device, devicePath) => {
     await refuseUnfinishedRestore(snapshotRoot, devicePath);
+    if (device instanceof FileDevice) await refuseInterruptedBackupRestore(devicePath, device.identity);
     return CowDevice.create(device, {
       ...base,
       devicePath,
