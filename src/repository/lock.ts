@@ -60,6 +60,8 @@ const lockSchema = z.object({
   bootId: z.string().optional(),
   /** A LockPurpose; absent for a backup being created. Any string, so that a newer one still parses. */
   purpose: z.string().max(64).optional(),
+  /** The backup an instant restore copies from: forget refuses it while the lock is live. Absent in older locks. */
+  backup: z.string().max(64).optional(),
 });
 type LockBody = z.infer<typeof lockSchema>;
 
@@ -157,11 +159,12 @@ export class RepoLock {
   }
 
   /** Take a lock of `kind`, or fail with EBUSY naming the lock in the way. */
-  static async acquire(store: ObjectStore, kind: LockKind, options: LockOptions & { purpose?: LockPurpose } = {}): Promise<RepoLock> {
+  static async acquire(store: ObjectStore, kind: LockKind, options: LockOptions & { purpose?: LockPurpose; backup?: string } = {}): Promise<RepoLock> {
     const name = `${LOCKS_PREFIX}${newBackupId()}.${kind}`;
     const body: LockBody = {
       kind, host: os.hostname(), pid: process.pid, processStart: processStartTimeSync(process.pid, options.proc), createdAt: new Date().toISOString(),
       bootId: readBootId(), ...(options.purpose !== undefined ? { purpose: options.purpose } : {}),
+      ...(options.backup !== undefined ? { backup: options.backup } : {}),
     };
     const lock = new RepoLock(store, name, Buffer.from(`${JSON.stringify(body)}\n`));
     lock.#confirmedMs = Date.now();

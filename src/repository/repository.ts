@@ -491,6 +491,13 @@ export class Repository {
     for (const id of ids) {
       if (!(await this.store.stat(manifestObject(id)))) throw new BdsnapError('ENOENT', `there is no backup ${id} in ${this.store.location}`);
     }
+    // An instant restore still copying from a backup needs its manifest (and, through it, its
+    // pieces) until it is complete: forgotten, the restore could never finish.
+    for (const l of await listLocks(this.store, { kind: 'create' })) {
+      if (l.state === 'live' && l.purpose === 'instant-restore' && l.backup !== undefined && ids.includes(l.backup)) {
+        throw new BdsnapError('EBUSY', `backup ${l.backup} is being restored by an instant restore (${l.name}, pid ${l.pid} on ${l.host}) that has not copied all of it yet; forget it once that restore is complete ('bdsnap status' on ${l.host} shows its progress)`);
+      }
+    }
     for (const id of ids) await this.store.delete(manifestObject(id));
   }
 

@@ -204,11 +204,13 @@ export class BdsnapClient {
 
   /**
    * Serve `device` of backup `backup` at once (on the device itself, or a new `output` file) and
-   * copy the rest behind; returns once it is served.
+   * copy the rest behind; returns once it is served. The same request resumes that restore
+   * when it is stopped, or (`abandon`) gives it up.
    */
-  instantRestore(repo: string, backup: string, device: string, output?: string, password?: string): Promise<InstantRestoreInfo> {
+  instantRestore(repo: string, backup: string, device: string, output?: string, password?: string, options: { abandon?: boolean } = {}): Promise<InstantRestoreInfo> {
     return this.request('instant-restore', {
       repo, backup, device: path.resolve(device), ...(output !== undefined ? { output: path.resolve(output) } : {}), ...(password !== undefined ? { password } : {}),
+      ...(options.abandon === true ? { abandon: true } : {}),
     });
   }
 

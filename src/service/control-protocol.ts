@@ -87,6 +87,8 @@ export const requestSchema = z.discriminatedUnion('op', [
     output: devicePath.optional(),
     /** The repository's password (an encrypted repository), kept by the daemon until the restore ends. */
     password: password.optional(),
+    /** Give up the stopped restore of this backup onto this target instead of starting or resuming it. */
+    abandon: z.boolean().optional(),
   }).strict(),
   z.object({
     ...envelope,
@@ -190,7 +192,12 @@ export interface InstantRestoreInfo {
   /** The device of the backup. */
   device: string;
   repo: string;
-  state: 'running' | 'complete' | 'failed';
+  /**
+   * stopped: recorded as running, but it could not resume when the daemon started (or when asked
+   * to); the target is refused to every client until it is resumed or given up (`error` says
+   * why and how). abandoned: only in the answer to the request that gave it up.
+   */
+  state: 'running' | 'complete' | 'failed' | 'stopped' | 'abandoned';
   doneBytes: number;
   totalBytes: number;
   /** The background copy's own rate (what the daemon's --restore-rate bounds). */
@@ -345,7 +352,7 @@ export type EventType =
   | 'snapshot-created' | 'snapshot-low-space' | 'snapshot-overflowed' | 'snapshot-failed' | 'snapshot-destroyed'
   | 'snapshot-extended' | 'snapshot-restored' | 'snapshot-held-back'
   | 'cbt-reset'
-  | 'restore-started' | 'restore-completed' | 'restore-failed'
+  | 'restore-started' | 'restore-completed' | 'restore-failed' | 'restore-abandoned'
   | 'replica-synced' | 'replica-failed' | 'replica-rolled-back' | 'replica-lagging';
 
 export interface DaemonEvent {

@@ -343,6 +343,7 @@ export class Daemon {
       {
         repo: request.repo, backup: request.backup, device: request.device, target: request.output ?? request.device, output: request.output !== undefined,
         ...(request.password !== undefined ? { password: request.password } : {}),
+        ...(request.abandon === true ? { abandon: true } : {}),
       },
       async (target) => {
         const canonical = await canonicalDevicePath(target);
@@ -605,7 +606,7 @@ const openBackupSource: SourceOpener = async (repoSpec, backup, device, password
   const manifest = repo.manifest(backup);
   manifest.catch(() => undefined);
   // Held like a running backup's for as long as the restore reads: prune must not delete its packs.
-  const lock = await RepoLock.acquire(store, 'create', { purpose: 'instant-restore' });
+  const lock = await RepoLock.acquire(store, 'create', { purpose: 'instant-restore', backup });
   try {
     const opened = await openBackupDevices(repo, backup, { manifest });
     const found = opened.devices.find((d) => d.name === device);

@@ -24,6 +24,15 @@
  * second restore onto it is refused. Once every slot is done the
  * restore is complete; the target becomes an ordinary device when the last client of the
  * restore lets go.
+ *
+ * A restore recorded as running is never dropped and never resumed behind anyone's back: one
+ * that cannot resume (the repository missing or not mounted yet, a password no key accepts any
+ * more, its backup gone) is *stopped*. It stays listed with the reason, its map and state stay
+ * as they were, and its target is refused to every client and holder (the slots not done
+ * cannot be read: they are neither the backup nor what a client wrote). It resumes when asked
+ * (the same `backup restore --instant` again, which may bring a new password) or at the next
+ * start, exactly where its map says; or it is given up on request, which removes its state and
+ * leaves the target as it is, incomplete, saying so.
  */
 
 import crypto from 'node:crypto';
@@ -44,6 +53,7 @@ import { parseJson } from '../stored-json.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import type { PieceFetcher, PiecePlacer } from '../repository/backup-device.js';
 import { runLimited } from '../run-limited.js';
+import { formatBytes } from '../units.js';
 import type { EventLog } from './events.js';
 import type { DeviceStatus, InstantRestoreInfo } from './control-protocol.js';
 import type { MountInfo } from './device-table.js';
@@ -585,6 +595,18 @@ interface Running {
   copier: Promise<void> | undefined;
 }
 
+/** A restore recorded as running that could not resume: kept, its target refused, until resumed or given up. */
+interface Stopped {
+  state: RestoreState;
+  dir: string;
+  /** The target's identity, when it can be told: another name of it is refused too. */
+  identity: StampIdentity | undefined;
+  reason: string;
+  doneBytes: number;
+  /** A resume is being tried: a second one waits for no one, it is refused. */
+  resuming: boolean;
+}
+
 export interface InstantRestoresOptions {
   stateDir: string;
   events: EventLog;
@@ -604,6 +626,8 @@ export interface StartRequest {
   output: boolean;
   /** The repository's password, if it is encrypted. */
   password?: string;
+  /** Give up the stopped restore onto `target` (of this backup) instead. */
+  abandon?: boolean;
 }
 
 /**
@@ -690,6 +714,31 @@ async function followedSafely(given: string, canonical: string): Promise<string>
   return canonical;
 }
 
+/** What to do about a stopped restore: resume it (with the same command), or give it up. */
+function whatToDo(st: RestoreState): string {
+  const command = `bdsnap backup restore --repo ${st.repo} ${st.backup} ${st.device}${st.created ? ` --output ${st.target}` : ''} --instant`;
+  return `once that is fixed, resume it where it stopped with '${command}' (a new repository password may be given with it), or give it up with '${command} --abandon' (the target is then left incomplete)`;
+}
+
+function stoppedInfo(s: Stopped, state: 'stopped' | 'abandoned'): InstantRestoreInfo {
+  const st = s.state;
+  return {
+    target: st.target, backup: st.backup, device: st.device, repo: st.repo, state, doneBytes: s.doneBytes, totalBytes: st.sizeBytes,
+    rateBytesPerSecond: 0, readFilledBytesPerSecond: 0, secondsLeft: null, startedAt: st.startedAt, finishedAt: null,
+    error: `${s.reason}; ${whatToDo(st)}`, connections: 0, mountpoint: null, loopDevice: null,
+  };
+}
+
+/** Slots the map file names done. */
+async function countDone(file: string, slots: number): Promise<number> {
+  const map = await DoneMap.open(file, slots);
+  try {
+    return map.count;
+  } finally {
+    await map.close();
+  }
+}
+
 function restoreDirName(target: string): string {
   return crypto.createHash('sha256').update(target).digest('hex').slice(0, 24);
 }
@@ -698,6 +747,8 @@ export class InstantRestores {
   readonly #options: InstantRestoresOptions;
   readonly #root: string;
   readonly #running = new Map<string, Running>();
+  /** Restores that could not resume, by target. */
+  readonly #stopped = new Map<string, Stopped>();
   /** Restores being started, by target: their identity once the target is open. */
   readonly #starting = new Map<string, Starting>();
   /** Where a target is mounted through the daemon: the mount manager knows (it mounts a target as an image), status asks it here. */
@@ -721,8 +772,23 @@ export class InstantRestores {
     return [...this.#running.values()].find((x) => sameIdentity(x.identity, identity));
   }
 
+  /** The stopped restore whose target `name` names, by name or by what it names now. */
+  async #findStopped(name: string): Promise<Stopped | undefined> {
+    if (this.#stopped.size === 0) return undefined;
+    const s = this.#stopped.get(name);
+    if (s) return s;
+    const identity = await readDeviceIdentity(path.resolve(name)).catch(() => undefined);
+    if (identity === undefined) return undefined;
+    return [...this.#stopped.values()].find((x) => x.identity !== undefined && sameIdentity(x.identity, identity));
+  }
+
   /** Throws EBUSY while `devicePath` is (a name of) the target of a restore or served by one. */
   async checkAttach(devicePath: string): Promise<void> {
+    const stopped = await this.#findStopped(devicePath);
+    if (stopped) {
+      const target = stopped.state.target;
+      throw new BdsnapError('EBUSY', `${devicePath}${target !== devicePath ? ` (${target})` : ''} is part way through an instant restore from backup ${stopped.state.backup} that is stopped (${stopped.reason}): what it has not copied yet can be read neither from the backup nor as it was; ${whatToDo(stopped.state)}`);
+    }
     const r = await this.#find(devicePath);
     if (!r) return;
     const target = r.state.target;
@@ -765,7 +831,7 @@ export class InstantRestores {
   }
 
   list(): InstantRestoreInfo[] {
-    return [...this.#running.values()].map((r) => this.#info(r));
+    return [...this.#running.values()].map((r) => this.#info(r)).concat([...this.#stopped.values()].map((s) => stoppedInfo(s, 'stopped')));
   }
 
   #info(r: Running): InstantRestoreInfo {
@@ -793,6 +859,9 @@ export class InstantRestores {
   /** Begin a restore; returns once the target is served with the backup's content. */
   async start(req: StartRequest, checkTarget: (target: string) => Promise<void>): Promise<InstantRestoreInfo> {
     const target = await followedSafely(req.target, req.output ? await canonicalOutputPath(req.target) : await canonicalDevicePath(req.target));
+    const stopped = this.#stopped.get(target) ?? (req.output ? undefined : await this.#findStopped(target));
+    if (stopped) return this.#resumeOrAbandon(stopped, req);
+    if (req.abandon) throw new BdsnapError('ENOENT', `no stopped instant restore onto ${target} to give up${this.#running.has(target) ? ' (the restore onto it is running, not stopped)' : ''}`);
     if (this.#running.has(target) || this.#starting.has(target)) throw new BdsnapError('EBUSY', `${target} is already being restored`);
     const starting: Starting = { identity: undefined };
     this.#starting.set(target, starting);
@@ -873,6 +942,7 @@ export class InstantRestores {
   /** The target of another restore, running or starting, that is the device `identity` names. */
   #holderOf(identity: StampIdentity): string | undefined {
     for (const r of this.#running.values()) if (sameIdentity(r.identity, identity)) return r.state.target;
+    for (const s of this.#stopped.values()) if (s.identity !== undefined && sameIdentity(s.identity, identity)) return s.state.target;
     for (const [target, s] of this.#starting) if (s.identity !== undefined && sameIdentity(s.identity, identity)) return target;
     return undefined;
   }
@@ -1030,37 +1100,102 @@ export class InstantRestores {
     }
   }
 
-  /** At daemon start: resume every restore the last run left. A restore that cannot resume is reported and kept for the next start. */
+  /**
+   * At daemon start: resume every restore the last run left. One that cannot resume is stopped:
+   * listed with the reason, its target refused, until it is resumed or given up.
+   */
   async resumeAll(): Promise<void> {
     const names = await fs.promises.readdir(this.#root).catch(() => [] as string[]);
     for (const name of names) {
       const dir = path.join(this.#root, name);
+      let state: RestoreState;
       try {
         const stateFile = path.join(dir, STATE_FILE);
-        const state = parseJson(await fs.promises.readFile(stateFile), stateSchema, (problem) => `${stateFile} is damaged: ${problem}`);
-        const password = await fs.promises.readFile(path.join(dir, PASSWORD_FILE), 'utf8').catch(() => undefined);
-        const opened = await this.#options.openSource(state.repo, state.backup, state.device, password);
-        let file: FileDevice | undefined;
-        let map: DoneMap | undefined;
-        try {
-          file = await FileDevice.open(state.target);
-          if (file.identity.dev !== state.identity.dev || file.identity.ino !== state.identity.ino) {
-            throw new BdsnapError('EMISMATCH', `${state.target} is no longer the file the restore began on`);
-          }
-          map = await DoneMap.open(path.join(dir, MAP_FILE), opened.slots.length);
-          this.#begin(state, await readDeviceIdentity(state.target), dir, file, map, opened);
-          this.#options.log.info({ event: 'restore-resumed', target: state.target, done: map.count, of: opened.slots.length }, 'instant restore resumed');
-        } catch (err) {
-          await map?.close();
-          await file?.close();
-          await opened.close();
-          throw err;
-        }
+        state = parseJson(await fs.promises.readFile(stateFile), stateSchema, (problem) => `${stateFile} is damaged: ${problem}`);
       } catch (err) {
         const e = toBdsnapError(err);
         this.#options.events.emit('restore-failed', { details: { dir, reason: e.message, retrying: false } });
+        continue;
+      }
+      try {
+        await this.#resume(state, dir, undefined);
+      } catch (err) {
+        await this.#stop(state, dir, toBdsnapError(err));
       }
     }
+  }
+
+  /**
+   * Resume the restore `state` records in `dir` where its map says, with `password` (kept in
+   * place of the saved one once it opened the repository) or the saved one. Errors: why it cannot.
+   */
+  async #resume(state: RestoreState, dir: string, password: string | undefined): Promise<Running> {
+    const saved = await fs.promises.readFile(path.join(dir, PASSWORD_FILE), 'utf8').catch(() => undefined);
+    const opened = await this.#options.openSource(state.repo, state.backup, state.device, password ?? saved);
+    let file: FileDevice | undefined;
+    let map: DoneMap | undefined;
+    try {
+      file = await FileDevice.open(state.target);
+      if (file.identity.dev !== state.identity.dev || file.identity.ino !== state.identity.ino) {
+        throw new BdsnapError('EMISMATCH', `${state.target} is no longer the file the restore began on`);
+      }
+      map = await DoneMap.open(path.join(dir, MAP_FILE), opened.slots.length);
+      if (password !== undefined && password !== saved && opened.encrypted !== false) await writeFileAtomic(path.join(dir, PASSWORD_FILE), password, 0o600);
+      const identity = await readDeviceIdentity(state.target);
+      this.#stopped.delete(state.target);
+      const r = this.#begin(state, identity, dir, file, map, opened);
+      this.#options.log.info({ event: 'restore-resumed', target: state.target, done: map.count, of: opened.slots.length }, 'instant restore resumed');
+      return r;
+    } catch (err) {
+      await map?.close();
+      await file?.close();
+      await opened.close();
+      throw err;
+    }
+  }
+
+  /** Keep the restore `state` records as stopped by `err`: listed, its target refused, nothing of it changed. */
+  async #stop(state: RestoreState, dir: string, err: BdsnapError): Promise<void> {
+    const identity = await readDeviceIdentity(state.target).catch(() => undefined);
+    const slots = Math.ceil(state.sizeBytes / state.pieceBytes);
+    const doneSlots = await countDone(path.join(dir, MAP_FILE), slots).catch(() => 0);
+    const stopped: Stopped = { state, dir, identity, reason: err.message, doneBytes: Math.min(doneSlots * state.pieceBytes, state.sizeBytes), resuming: false };
+    this.#stopped.set(state.target, stopped);
+    this.#options.log.warn({ event: 'restore-stopped', target: state.target, reason: err.message }, 'instant restore stopped: it cannot resume');
+    this.#options.events.emit('restore-failed', { device: state.target, details: { reason: err.message, retrying: false, stopped: true, todo: whatToDo(state) } });
+  }
+
+  /** The request names the target of a stopped restore: resume it (same backup), or give it up. */
+  async #resumeOrAbandon(s: Stopped, req: StartRequest): Promise<InstantRestoreInfo> {
+    const st = s.state;
+    if (req.repo !== st.repo || req.backup !== st.backup || req.device !== st.device || req.output !== st.created) {
+      throw new BdsnapError('EBUSY', `${st.target} is part way through a stopped instant restore of device ${st.device} of backup ${st.backup} from ${st.repo}${st.created ? ' (--output)' : ''}, not the one asked for; ${whatToDo(st)}`);
+    }
+    if (s.resuming) throw new BdsnapError('EBUSY', `the stopped restore onto ${st.target} is being resumed already`);
+    s.resuming = true;
+    try {
+      if (req.abandon) return await this.#abandon(s);
+      try {
+        return this.#info(await this.#resume(st, s.dir, req.password));
+      } catch (err) {
+        const e = toBdsnapError(err);
+        s.reason = e.message;
+        throw new BdsnapError(e.code, `the instant restore onto ${st.target} stays stopped: ${e.message}`, { cause: err });
+      }
+    } finally {
+      s.resuming = false;
+    }
+  }
+
+  /** Give up a stopped restore: its state (map, saved password) goes; the target stays as it is, part restored. */
+  async #abandon(s: Stopped): Promise<InstantRestoreInfo> {
+    const st = s.state;
+    await fs.promises.rm(s.dir, { recursive: true, force: true });
+    this.#stopped.delete(st.target);
+    const note = `${st.target} is left incomplete: ${formatBytes(s.doneBytes)} of its ${formatBytes(st.sizeBytes)} hold backup ${st.backup} (or what clients wrote over it), the rest what was there before; it is a copy of neither: restore it again, or write it over`;
+    this.#options.log.warn({ event: 'restore-abandoned', target: st.target, doneBytes: s.doneBytes }, 'instant restore given up');
+    this.#options.events.emit('restore-abandoned', { device: st.target, details: { backup: st.backup, doneBytes: s.doneBytes, sizeBytes: st.sizeBytes, note } });
+    return { ...stoppedInfo(s, 'abandoned'), error: note };
   }
 
   /** Shutdown: stop the copies, make what is done durable, close. Restores resume at the next start. */
@@ -1077,5 +1212,6 @@ export class InstantRestores {
       await r.source.close();
     }
     this.#running.clear();
+    this.#stopped.clear();
   }
 }

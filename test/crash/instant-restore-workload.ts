@@ -212,7 +212,8 @@ export async function checkInstantRestoreState(world: InstantRestoreWorld, state
   const { restores, events } = await restoresIn(world, undefined);
   try {
     await restores.resumeAll();
-    const serving = (): boolean => restores.list().some((r) => r.target === fs.realpathSync(world.image));
+    // A restore that cannot resume is kept as stopped, serving no one: judged as one that did not resume.
+    const serving = (): boolean => restores.list().some((r) => r.target === fs.realpathSync(world.image) && r.state !== 'stopped');
     if (!serving()) {
       if (state.point > world.startedMarkIndex && fs.existsSync(restoresDir) && fs.readdirSync(restoresDir).length > 0) {
         return { kind: 'loss', reason: 'a restore whose start returned does not resume' };

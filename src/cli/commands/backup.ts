@@ -272,9 +272,11 @@ export function register(program: Command): void {
     .argument('<dev_name>', 'which device of the backup (and the target unless --output is given)')
     .option('--output <file>', 'write the image to FILE instead of the device')
     .option('--instant', 'through the daemon: serve the target with the backup at once (bdsnap mount works right away) and copy the rest behind')
+    .option('--abandon', 'with --instant: give up the stopped instant restore of this backup onto the target, leaving the target incomplete')
     .option('--run-dir <dir>', RUN_DIR_HELP)
     .option('--json', 'print the result as JSON')
-    .action(async (id: string, device: string, flags: RepoFlags & { output?: string; instant?: boolean; runDir?: string }) => {
+    .action(async (id: string, device: string, flags: RepoFlags & { output?: string; instant?: boolean; abandon?: boolean; runDir?: string }) => {
+      if (flags.abandon && !flags.instant) throw new BdsnapError('EINVAL', '--abandon gives up an instant restore: give it with --instant');
       if (flags.instant) {
         // The daemon reads the repository for as long as the copy runs: it gets the absolute path
         // and the password, and checks the password before it acts (a wrong one is refused before
@@ -282,9 +284,10 @@ export function register(program: Command): void {
         const { parseRepoLocation } = await import('../../repository/location.js');
         const at = parseRepoLocation(flags.repo);
         const spec = at.kind === 'local' ? path.resolve(at.dir) : flags.repo;
-        const password = await instantRestorePassword(flags);
-        const info = await withClient(flags.runDir, (c) => c.instantRestore(spec, id, device, flags.output, password));
+        const password = flags.abandon ? undefined : await instantRestorePassword(flags);
+        const info = await withClient(flags.runDir, (c) => c.instantRestore(spec, id, device, flags.output, password, { abandon: flags.abandon === true }));
         if (flags.json) printJson(info);
+        else if (info.state === 'abandoned') process.stdout.write(`gave up the instant restore of ${info.target}: ${info.error ?? ''}\n`);
         else process.stdout.write(`serving ${info.target} from backup ${id} now; the copy runs behind it (bdsnap status shows it, bdsnap events --follow says when it is done)\n`);
         return;
       }

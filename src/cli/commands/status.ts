@@ -38,6 +38,7 @@ export function register(program: Command): void {
       const restores = (status.restores ?? []).map((r) => `restore of ${r.target} from backup ${r.backup}: ${r.state}, ${formatBytes(r.doneBytes)} of ${formatBytes(r.totalBytes)}`
         + (r.state === 'running' ? `, copying ${formatBytes(r.rateBytesPerSecond)}/s${r.readFilledBytesPerSecond > 0 ? ` (reads fill ${formatBytes(r.readFilledBytesPerSecond)}/s more)` : ''}${r.secondsLeft !== null ? `, ${r.secondsLeft} s left` : ''}` : '')
         + (r.mountpoint ? `, mounted at ${r.mountpoint}` : r.connections ? `, ${r.connections} conn` : '')
+        + (r.state === 'stopped' ? ' (the target is refused to every client meanwhile)' : '')
         + (r.error ? `; ${r.state === 'running' ? 'retrying: ' : ''}${r.error}` : '') + '\n').join('')
         + (status.replicas ?? []).map((r) => `replica ${r.id}: ${r.state}, ${r.lagMs !== null ? `lag ${formatDuration(r.lagMs)}` : 'no complete point yet'}`
           + `${r.lagging ? ` LAGGING (past ${formatDuration(r.laggingAfterMs ?? 0)})` : ''}${r.state === 'failed' && r.lastError !== null ? `; ${r.lastError}` : ''}\n`).join('');
