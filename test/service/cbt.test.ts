@@ -212,6 +212,13 @@ test('cbt commands: info, map --since, mark-dirty, reset, and clear refusals', {
   assert.notEqual(reset.generation, info.generation);
   const empty = JSON.parse(ok(box, ['cbt', 'map', device, '--since', '0', '--json'])) as { ranges: unknown[] };
   assert.deepEqual(empty.ranges, [], 'a new generation has seen no change yet');
+  // A point remembered with its generation is refused once that generation has ended, never answered from the new one.
+  const ended = cli(box, ['cbt', 'map', device, '--since', `${info.generation}:1`]);
+  assert.equal(ended.status, 1, 'a number of an ended generation is refused');
+  assert.match(ended.stderr, new RegExp(`generation ${info.generation} of .* has ended .*now generation ${reset.generation}.*read the device whole`));
+  const current = JSON.parse(ok(box, ['cbt', 'map', device, '--since', `${reset.generation}:0`, '--json'])) as { generation: string };
+  assert.equal(current.generation, reset.generation, 'the current generation answers');
+  assert.match(cli(box, ['cbt', 'map', device, '--since', 'x:1']).stderr, /bad --since "x:1"/);
 });
 
 test('a daemon started with --no-change-tracking keeps no map and says so', { timeout: 60_000 }, async (t) => {

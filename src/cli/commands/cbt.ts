@@ -33,10 +33,14 @@ function parseRange(text: string): ByteRange {
   return { offsetBytes, lengthBytes };
 }
 
-function parseSince(text: string): number {
-  const n = Number(text);
-  if (!Number.isSafeInteger(n) || n < 0) throw new BdsnapError('EINVAL', `bad --since "${text}": expected a snapshot number (0 or more)`);
-  return n;
+/** `--since N`, or `--since GENERATION:N` (as `snapshot create --json` gives an image's cbt point). */
+function parseSince(text: string): { generation?: string; number: number } {
+  const m = /^(?:([0-9a-f]{8}):)?(\d+)$/.exec(text);
+  const n = Number(m?.[2]);
+  if (!m || !Number.isSafeInteger(n)) {
+    throw new BdsnapError('EINVAL', `bad --since "${text}": expected a snapshot number (0 or more), or GENERATION:NUMBER such as 3fa2c1d0:2`);
+  }
+  return { ...(m[1] !== undefined ? { generation: m[1] } : {}), number: n };
 }
 
 export function register(program: Command): void {
@@ -53,12 +57,16 @@ export function register(program: Command): void {
   clientOptions(cbt
     .command('map <dev_name>')
     .description('byte ranges changed since snapshot number N')
-    .option('--since <n>', 'snapshot number (see snapshot info / cbt info); 0 = all changes this generation saw', '0')
+    .option('--since <n>', 'snapshot number (see snapshot info / cbt info), or GENERATION:NUMBER, refused once that generation has ended; 0 = all changes this generation saw', '0')
     .option('--picture', 'draw where the changes are, as a grid in the terminal')
     .option('--svg <file>', 'write the same picture as an SVG file'))
     .action(async (device: string, options: ClientOptions & { since: string; picture?: boolean; svg?: string }) => {
-      const since = parseSince(options.since);
+      const { generation, number: since } = parseSince(options.since);
       const map = await withClient(options.runDir, (c) => c.cbtMap(device, since));
+      if (generation !== undefined && generation !== map.generation) {
+        // Numbers compare only within one generation: an answer from another would under-report.
+        throw new BdsnapError('EINVAL', `generation ${generation} of ${map.device} has ended (its change map started again: now generation ${map.generation}; bdsnap events says why), so nothing tells what changed since #${since} of it: read the device whole (a backup does so by itself)`);
+      }
       if (options.svg !== undefined) {
         // Root writes here: never through a planted symlink or into another user's file.
         const out = await openOutputFile(options.svg, 0o644);
