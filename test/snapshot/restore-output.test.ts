@@ -175,3 +175,19 @@ test('sessions of /x/a_b are not taken for sessions of /x/a', async (t) => {
   const before = (await restore(sa, { dryRun: true })).sessionsApplied;
   assert.deepEqual(before, [sa]);
 });
+
+test('restore --output of a session the device is already back at writes the copy and says so, not "nothing to do"', async (t) => {
+  const dir = tempDir(t);
+  const image = makeImage(path.join(dir, 'a.img'), 1 << 20, 'random', 12);
+  const before = await sha256File(image);
+  const root = path.join(dir, 'snap');
+  const session = await oneSession(image, root);
+  await restore(session);
+  assert.equal(await sha256File(image), before);
+  const out = path.join(dir, 'copy.img');
+  const r = spawnSync(process.execPath, [BDSNAP_MAIN, 'restore', session, '--output', out], { encoding: 'utf8', timeout: 60_000 });
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /a\.img already holds the content from the start of .*: .*copy\.img was written as a copy of it/);
+  assert.doesNotMatch(r.stdout, /nothing to do/);
+  assert.equal(await sha256File(out), before, 'the copy is the restored content');
+});

@@ -74,6 +74,8 @@ function formatSummary(s: RestoreSummary): string {
     for (const dir of s.sessionsApplied) lines.push(`    ${dir}`);
     lines.push(`  chunks: ${s.chunks}, bytes: ${s.bytes} (${mib} MiB), digest check: ${s.digestCheck}`);
     lines.push('  nothing was written (--dry-run)');
+  } else if (s.alreadyRestored && s.targetPath !== s.devicePath) {
+    lines.push(`${s.devicePath} already holds the content from the start of ${s.sessionDir}: ${s.targetPath} was written as a copy of it`);
   } else if (s.alreadyRestored) {
     lines.push(`${s.targetPath} already holds the content from the start of ${s.sessionDir}: nothing to do`);
   } else {
