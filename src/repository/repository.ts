@@ -248,8 +248,12 @@ export class Repository {
     if (password === undefined || password === '') {
       throw new BdsnapError('EAUTH', `${store.location} is encrypted: give its password in BDSNAP_REPO_PASSWORD, with --password-file FILE, or at the prompt`);
     }
+    const unreadable: string[] = [];
     for (const name of keyNames.slice(0, MAX_KEYS_TRIED)) {
-      const key = await Repository.#readKey(store, name).catch(() => undefined);
+      const key = await Repository.#readKey(store, name).catch((err: unknown) => {
+        unreadable.push((err as Error).message);
+        return undefined;
+      });
       const master = key && await unwrapMasterKey(key, password);
       if (!master) continue;
       const plain = open(master.encryptionKey, objectAad(CONFIG_OBJECT), raw, `the config of ${store.location}`);
@@ -257,6 +261,10 @@ export class Repository {
       const config = parseJson(plain, configSchema, notConfig);
       if (config.encryption !== 'aes-256-gcm') throw new BdsnapError('ECORRUPT', notConfig(`it says encryption ${config.encryption}`));
       return new Repository(store, config, master, keyIdOf(name));
+    }
+    if (unreadable.length > 0) {
+      // A damaged key object is not a wrong password: say which cannot be read.
+      throw new BdsnapError('EAUTH', `no key of ${store.location} accepts the password, and ${unreadable.length} of its ${keyNames.length} key object(s) cannot be read (${unreadable.join('; ')}): the password may be right and its key damaged; another key's password opens it`);
     }
     throw new BdsnapError('EAUTH', `wrong password: no key of ${store.location} accepts it`);
   }

@@ -161,6 +161,11 @@ test('a wrong password is refused (EAUTH) and touches nothing; an altered key, c
   sealed[20]! ^= 1;
   fs.writeFileSync(keyFile, JSON.stringify({ ...key, sealedMasterKey: sealed.toString('base64') }));
   await assert.rejects(fresh(), isCode('EAUTH'));
+  // A key object that cannot even be read is named: the password may be right.
+  const sealedKey = fs.readFileSync(keyFile);
+  fs.writeFileSync(keyFile, sealedKey.subarray(0, 20));
+  await assert.rejects(fresh(), (e: unknown) => isCode('EAUTH')(e) && /1 of its 2 key object\(s\) cannot be read \(key object .* is damaged .*\): the password may be right and its key damaged/.test((e as Error).message));
+  fs.writeFileSync(keyFile, sealedKey);
   const bySecond = await Repository.open(new LocalDirStore(repoDir), { password: () => 'second password' });
   assert.equal(bySecond.keyId, second);
   assert.equal(await restoredSha(bySecond, dir, b.id, '/dev/a'), sha256(other));
