@@ -26,7 +26,8 @@
  * - `usedBytes` counts every record queued, headers included; a record that would pass the
  *   limit is refused and the storage becomes 'overflowed'. ENOSPC/EDQUOT from the disk also
  *   means 'overflowed', any other I/O error 'failed'. Either is final: chunks changed on the
- *   device afterwards are not preserved, so the images are no longer exact. The state is
+ *   device afterwards are not preserved, so the images are no longer exact. fail() brings
+ *   either state from outside (the snapshot's device changed where it could not see). The state is
  *   recorded at once, synchronously, in `<id>.state` in the first directory (an empty file is
  *   enough to mean "failed", which needs no free data block), so that open() after a kill never
  *   brings a broken storage back as 'ok'.
@@ -239,6 +240,16 @@ export class DiffStorage {
 
   get failedReason(): string | undefined {
     return this.#failedReason;
+  }
+
+  /**
+   * Mark the storage overflowed or failed for a reason found outside it (the device it keeps
+   * changed where no point saw the change): as final, recorded and announced as its own
+   * failures. Its points take no more originals, so device writes neither grow it nor wait
+   * for it; its reads fail. Nothing when it is not 'ok' already.
+   */
+  fail(state: 'overflowed' | 'failed', reason: string): void {
+    this.#fail(state, reason);
   }
 
   /** True while records can be stored: state 'ok' and not closed. */

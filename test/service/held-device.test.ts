@@ -140,3 +140,67 @@ test('a daemon killed while it held an image idle, the image written at once wit
   assert.equal(snapshotInfo(box, snapshot).state, 'failed', 'the snapshot of a file changed around bdsnap is failed');
   assert.notEqual(generationOf(box, image), generation, 'a new change-map generation');
 });
+
+test('a failed snapshot takes no more originals: its storage does not grow while the device is written, live and after a restart', { timeout: 120_000 }, async (t) => {
+  const box = sandbox(t);
+  const bytes = 32 << 20;
+  const failing = fs.realpathSync(makeImage(path.join(box.top, 'a.img'), bytes, 'random', 6));
+  const healthy = fs.realpathSync(makeImage(path.join(box.top, 'b.img'), bytes, 'random', 7));
+  let daemon = await startDaemon(t, { sandbox: box, activate: [failing, healthy] });
+  const failed = snapshotCreate(box, failing);
+  const kept = snapshotCreate(box, healthy);
+  writeAroundAndSetBack(failing, 1 << 20);
+  const deadline = Date.now() + 10_000;
+  while (snapshotInfo(box, failed).state !== 'failed') {
+    assert.ok(Date.now() < deadline, 'the snapshot of the image written around bdsnap fails');
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+
+  /** Write 8 MiB of new data at `at` to both devices; how much each snapshot's storage grew. */
+  const writeBoth = async (at: number): Promise<{ failed: number; kept: number }> => {
+    const before = { failed: usedBytes(box, failed), kept: usedBytes(box, kept) };
+    for (const device of [failing, healthy]) {
+      const client = await connect(box, device);
+      for (let offset = at; offset < at + (8 << 20); offset += 1 << 20) await client.write(randomBytes(1 << 20), offset);
+      await client.flush();
+      await client.close();
+    }
+    return { failed: usedBytes(box, failed) - before.failed, kept: usedBytes(box, kept) - before.kept };
+  };
+  const checkGrowth = (grown: { failed: number; kept: number }, when: string): void => {
+    assert.ok(grown.kept >= 8 << 20, `${when}: the healthy snapshot keeps the 8 MiB of originals (grew ${grown.kept} bytes)`);
+    assert.equal(grown.failed, 0, `${when}: the failed snapshot's storage does not grow`);
+  };
+
+  checkGrowth(await writeBoth(8 << 20), 'live');
+  await assert.rejects(readImage(box, failing, failed), /EIO|failed/, 'its image answers EIO');
+
+  await daemon.server.stop();
+  daemon = await startDaemon(t, { sandbox: box, password: false });
+  assert.equal(snapshotInfo(box, failed).state, 'failed');
+  checkGrowth(await writeBoth(16 << 20), 'after a restart');
+
+  // A snapshot recorded failed whose storage does not say so (its state file gone): still no originals.
+  const dir = (JSON.parse(ok(box, ['snapshot', 'info', failed, '--json'])) as { storage: { dirs: string[] } }).storage.dirs[0]!;
+  await daemon.server.stop();
+  fs.rmSync(path.join(dir, `${failed}.state`), { force: true });
+  await startDaemon(t, { sandbox: box, password: false });
+  assert.equal(snapshotInfo(box, failed).state, 'failed');
+  checkGrowth(await writeBoth(24 << 20), 'after a restart with the storage not marked');
+  await assert.rejects(readImage(box, failing, failed), /EIO|failed/, 'its image still answers EIO');
+  ok(box, ['snapshot', 'destroy', failed]);
+  ok(box, ['snapshot', 'destroy', kept]);
+});
+
+function usedBytes(box: Sandbox, id: string): number {
+  return (JSON.parse(ok(box, ['snapshot', 'info', id, '--json'])) as { storage: { usedBytes: number } }).storage.usedBytes;
+}
+
+async function readImage(box: Sandbox, device: string, id: string): Promise<void> {
+  const client = await connect(box, `${device}@${id}`);
+  try {
+    await client.read(Buffer.alloc(4096), 0);
+  } finally {
+    await client.close();
+  }
+}

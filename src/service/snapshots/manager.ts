@@ -387,6 +387,10 @@ export class SnapshotManager {
     const wasCreating = snapshot.record.state === 'creating';
     snapshot.record.state = state;
     snapshot.record.reason = reason;
+    // The storage stops taking originals at once: its images answer EIO from now on, so what
+    // it kept after this would be wasted room and a copy on every first write. Its own event
+    // comes back here and finds the snapshot marked already.
+    snapshot.storage.fail(state, reason);
     this.#options.events.emit(state === 'overflowed' ? 'snapshot-overflowed' : 'snapshot-failed', {
       snapshot: snapshot.record.id, details: { reason, devices: snapshot.record.devices.map((d) => d.path) },
     });

@@ -157,6 +157,9 @@ export class SnapshotRecovery {
       await this.#letGo(attached.keys());
       throw err;
     }
+    // A snapshot recorded broken whose storage does not say so (its state file could not be
+    // written, or an older daemon marked it) must not be put back taking originals.
+    if (record.state === 'overflowed' || record.state === 'failed') snapshot.storage.fail(record.state, record.reason ?? 'the snapshot was broken before a restart');
     for (const d of record.devices) {
       const att = attached.get(d.path);
       if (att) await this.#putBack(snapshot, att, d);
