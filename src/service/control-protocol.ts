@@ -119,6 +119,8 @@ export const requestSchema = z.discriminatedUnion('op', [
     /** The point in time being sent (the source's snapshot time), recorded at commit. */
     point: z.string().min(1).max(64).optional(),
     token: z.string().regex(/^[0-9a-f]{1,64}$/).optional(),
+    /** commit: the devices (as named at begin) this sync sent whole; a standby refuses a commit that did not send whole a device begin asked for. */
+    full: z.array(devicePath).max(MAX_SNAPSHOT_DEVICES).optional(),
   }).strict(),
   z.object({
     ...envelope,
@@ -296,7 +298,7 @@ export interface ResultMap {
   'replica-add': ReplicaInfo;
   'replica-list': { replicas: ReplicaInfo[]; received: ReceivedReplicaInfo[] };
   'replica-action': ReplicaInfo | ReceivedReplicaInfo | { id: string; removed: true; standbyReleased?: boolean };
-  'replica-receive': { token: string; point: string | null };
+  'replica-receive': ReplicaReceiveReply;
 }
 
 /** A device's change map: tracking block size, block count, generation and current number. */
@@ -412,6 +414,18 @@ export interface ReplicaInfo {
   lastSync: ReplicaSyncSummary | null;
   lastError: string | null;
   nextSyncAt: string | null;
+}
+
+/** A standby's answer to begin, commit and abort of a sync. */
+export interface ReplicaReceiveReply {
+  token: string;
+  point: string | null;
+  /**
+   * begin: the devices (as the sender named them) that must be sent whole, and why: the standby
+   * cannot vouch that they are as the last complete sync left them (none completed yet, or
+   * written or replaced outside bdsnap since). Absent from older standbys.
+   */
+  sendWhole?: Array<{ device: string; reason: string }>;
 }
 
 /** A replica as the standby daemon that receives it knows it. */

@@ -37,7 +37,7 @@ import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import { PasswordStore } from './auth.js';
 import { controlSocketPath, nbdSocketPath } from './paths.js';
 import {
-  PROTOCOL_VERSION, type ActivationResult, type CbtInfo, type ListResult, type Request, type SessionListEntry, type SnapshotInfo, type StatusResult,
+  PROTOCOL_VERSION, type ActivationResult, type CbtInfo, type ListResult, type ReplicaReceiveReply, type Request, type SessionListEntry, type SnapshotInfo, type StatusResult,
 } from './control-protocol.js';
 import { ControlServer, type Caller } from './control-server.js';
 import { DeviceTable, type SessionSettings } from './device-table.js';
@@ -178,7 +178,9 @@ export class Daemon {
       const daemon = new Daemon(options, claim, registry, events);
       await daemon.#snapshots.recover();
       // A standby undoes a sync a killed daemon left half applied before any client can attach.
-      daemon.#standby = await ReplicaStandby.load({ stateDir, snapshotRoot, table: daemon.#table, registry, events, log: options.log });
+      daemon.#standby = await ReplicaStandby.load({
+        stateDir, snapshotRoot, table: daemon.#table, registry, events, log: options.log, ...(daemon.#tracking ? { tracking: daemon.#tracking } : {}),
+      });
       await daemon.#standby.recover();
       daemon.#replicas = await ReplicaManager.load({ stateDir, snapshots: daemon.#snapshots, events, log: options.log });
       await daemon.#replicas.recover();
@@ -275,7 +277,7 @@ export class Daemon {
       case 'replica-add':
         return this.#addReplica(request);
       case 'replica-list':
-        return { replicas: this.#replicas.list(), received: this.#standby.list() };
+        return { replicas: this.#replicas.list(), received: await this.#standby.list() };
       case 'replica-action':
         return this.#replicaAction(request.action, request.replica, request.force === true);
       case 'replica-receive':
@@ -412,13 +414,13 @@ export class Daemon {
     }
   }
 
-  #receive(request: RequestOf<'replica-receive'>): Promise<{ token: string; point: string | null }> {
+  #receive(request: RequestOf<'replica-receive'>): Promise<ReplicaReceiveReply> {
     if (request.action === 'begin') {
       if (!request.devices || request.point === undefined) throw new BdsnapError('EINVAL', 'replica-receive begin needs devices and point');
       return this.#standby.begin(request.replica, request.devices, request.point);
     }
     if (request.token === undefined) throw new BdsnapError('EINVAL', `replica-receive ${request.action} needs the sync's token`);
-    return request.action === 'commit' ? this.#standby.commit(request.replica, request.token) : this.#standby.abort(request.replica, request.token);
+    return request.action === 'commit' ? this.#standby.commit(request.replica, request.token, request.full ?? []) : this.#standby.abort(request.replica, request.token);
   }
 
   /** A change-map operation on a registered device, answered with the device's name and size. */

@@ -16,6 +16,16 @@
  * A device is undone only once no one holds it (restore takes the device for itself), so
  * every device of the replica is let go before the first is touched.
  *
+ * An incremental sync builds on the devices only as the last commit left them. At each commit
+ * the standby records each device's change-map generation; the daemon starts a new one whenever
+ * the device is proven written or replaced around bdsnap (while it was not served, or while it
+ * was held idle) or nothing vouches for it (change-map.ts, trust.ts). Begin compares: a device
+ * whose generation moved (or that has none recorded) must be sent whole, the sender is told so,
+ * and until a sync commits the replica is not at a complete point (failover refuses it). A
+ * commit that did not send such a device whole is refused, and so is one in which a device's
+ * generation moved during the sync. Undoing a sync writes the devices here, which starts a new
+ * generation; a device that was trusted before the undo adopts it.
+ *
  * Once a sync is committed (or undone), no session of the target devices is needed any more:
  * a restore of one would only go back before the complete point. So each is forgotten as soon
  * as it has ended (at the release after the commit, at the next begin, after an undo), and a
@@ -34,11 +44,13 @@ import { restore } from '../snapshot/restore/index.js';
 import { forgetSessions, planForget } from '../snapshot/forget.js';
 import { readJsonFile } from '../stored-json.js';
 import { compareSessions, listSessions } from '../snapshot/sessions.js';
-import type { ReceivedReplicaInfo } from './control-protocol.js';
+import type { ReceivedReplicaInfo, ReplicaReceiveReply } from './control-protocol.js';
 import type { DeviceTable } from './device-table.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from '../serial-queue.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
+import type { ChangeTracker } from './change-tracking.js';
+import { FileDevice } from '../device/file-device.js';
 
 export const RECEIVED_FILE = 'replicas-received.json';
 /**
@@ -57,12 +69,18 @@ const recordSchema = z.object({
   failedOverAt: z.string().nullable(),
   /** Why the devices are not at a complete point (a sync cut short could not be undone), until the next commit. */
   broken: z.string().nullable().default(null),
+  /** Per device: its change-map generation when it last held the complete point (absent: none vouches for it). */
+  generations: z.record(z.string(), z.string()).default({}),
   pending: z.object({
     token: z.string(),
     point: z.string(),
     beganAt: z.string(),
     /** Per device: the session directories it had at begin. */
     sessionsBefore: z.record(z.string(), z.array(z.string())),
+    /** Per device: its change-map generation at begin (absent: it could not be read). */
+    generations: z.record(z.string(), z.string()).default({}),
+    /** The devices this sync must send whole (begin told the sender). */
+    sendWhole: z.array(z.string()).default([]),
   }).nullable(),
 });
 type ReceivedRecord = z.infer<typeof recordSchema>;
@@ -76,6 +94,8 @@ export interface ReplicaStandbyOptions {
   registry: Registry;
   events: EventLog;
   log: Logger;
+  /** The daemon's change maps; absent with --no-change-tracking (then every sync is sent whole). */
+  tracking?: ChangeTracker;
 }
 
 export class ReplicaStandby {
@@ -117,12 +137,20 @@ export class ReplicaStandby {
     return this.#records.has(id);
   }
 
-  list(): ReceivedReplicaInfo[] {
-    return [...this.#records.values()].map((r) => this.#info(r));
+  /** The received replicas; one whose devices were changed around bdsnap since its last commit says so (and is no complete point from then on). */
+  async list(): Promise<ReceivedReplicaInfo[]> {
+    const infos: ReceivedReplicaInfo[] = [];
+    for (const record of this.#records.values()) {
+      infos.push(await this.#queue.run(record.id, async () => {
+        if (record.pending === null) await this.#vouch(record);
+        return this.#info(record);
+      }));
+    }
+    return infos;
   }
 
   /** A sync of replica `id` starts: check the devices can take it, undo a sync left half applied. */
-  begin(id: string, devicesArg: string[], point: string): Promise<{ token: string; point: string | null }> {
+  begin(id: string, devicesArg: string[], point: string): Promise<ReplicaReceiveReply> {
     return this.#queue.run(id, async () => {
       const { registry, table, snapshotRoot } = this.#options;
       const devices: string[] = [];
@@ -152,6 +180,8 @@ export class ReplicaStandby {
         }
       }
       const sessionsBefore: Record<string, string[]> = {};
+      const generations: Record<string, string> = {};
+      const sendWhole: Array<{ device: string; reason: string }> = [];
       for (const devicePath of devices) {
         const known = registry.get(devicePath) ?? await registry.register(devicePath);
         if (!known.active) {
@@ -161,22 +191,51 @@ export class ReplicaStandby {
           throw new BdsnapError('EBUSY', `${devicePath} is in use on the standby (mounted, served or in a snapshot); a replica target takes only its replica's syncs`);
         }
       }
-      if (!record?.broken) await this.#forgetSessions(devices);
+      record ??= { id, devices, point: null, completeAt: null, failedOverAt: null, broken: null, generations: {}, pending: null };
+      for (const [i, devicePath] of devices.entries()) {
+        const now = await this.#generationOf(devicePath);
+        if (typeof now === 'string') generations[devicePath] = now;
+        const why = whyNotAsLeft(record, devicePath, now);
+        if (why !== undefined) sendWhole.push({ device: devicesArg[i]!, reason: `${devicePath} ${why}` });
+      }
+      // Proven changed since the last complete point: that point is gone until a sync commits.
+      const changed = record.point !== null ? sendWhole.find((w) => record.generations[canonicalOf(devices, devicesArg, w.device)] !== undefined) : undefined;
+      if (changed && record.broken === null) {
+        record.broken = changed.reason;
+        this.#options.log.warn({ event: 'replica-standby-changed', replica: id, reason: changed.reason }, 'a replica\'s device was changed outside bdsnap since the last complete sync: it is sent whole');
+      }
+      if (!record.broken) await this.#forgetSessions(devices);
       for (const devicePath of devices) sessionsBefore[devicePath] = (await listSessions(snapshotRoot, devicePath)).map((s) => s.dir);
-      record ??= { id, devices, point: null, completeAt: null, failedOverAt: null, broken: null, pending: null };
       const token = crypto.randomBytes(8).toString('hex');
-      record.pending = { token, point, beganAt: new Date().toISOString(), sessionsBefore };
+      const whole = sendWhole.map((w) => canonicalOf(devices, devicesArg, w.device));
+      record.pending = { token, point, beganAt: new Date().toISOString(), sessionsBefore, generations, sendWhole: whole };
       this.#records.set(id, record);
       await this.#save();
-      return { token, point: record.point };
+      return { token, point: record.point, sendWhole };
     });
   }
 
-  /** The sender flushed every write of sync `token`: its point becomes the complete one. */
-  commit(id: string, token: string): Promise<{ token: string; point: string | null }> {
+  /**
+   * The sender flushed every write of sync `token`, and sent whole the devices named in
+   * `sentWhole` (as at begin): its point becomes the complete one.
+   */
+  commit(id: string, token: string, sentWhole: string[] = []): Promise<ReplicaReceiveReply> {
     return this.#queue.run(id, async () => {
       const record = this.#pendingRecord(id, token);
       const pending = record.pending!;
+      const whole = new Set<string>();
+      for (const d of sentWhole) whole.add(await canonicalDevicePath(d).catch(() => d));
+      const generations: Record<string, string> = {};
+      for (const devicePath of record.devices) {
+        if (pending.sendWhole.includes(devicePath) && !whole.has(devicePath)) {
+          throw new BdsnapError('ESESSION', `${devicePath} had to be sent whole (the standby cannot vouch it is as the last complete sync left it) and this sync sent only changes: it is not kept; update the sender, or run bdsnap cbt reset on the source's device and sync again`);
+        }
+        const now = await this.#generationOf(devicePath);
+        if (typeof now === 'string') generations[devicePath] = now;
+        if (!whole.has(devicePath) && (typeof now !== 'string' || now !== pending.generations[devicePath])) {
+          throw new BdsnapError('ESESSION', `${devicePath} was written outside bdsnap on the standby during the sync (${typeof now === 'string' ? `its change map started again: generation ${pending.generations[devicePath] ?? 'unknown'} is now ${now}` : now.message}): the sync is not kept, and the next one sends it whole`);
+        }
+      }
       for (const devicePath of record.devices) {
         const att = this.#options.table.use(devicePath);
         // Without the sender's connection the sync's writes are not all known to be there.
@@ -189,6 +248,7 @@ export class ReplicaStandby {
       record.completeAt = new Date().toISOString();
       record.pending = null;
       record.broken = null;
+      record.generations = generations;
       await this.#save();
       this.#options.log.info({ event: 'replica-received', replica: id, point: record.point, devices: record.devices }, 'replica sync received whole');
       return { token, point: record.point };
@@ -196,7 +256,7 @@ export class ReplicaStandby {
   }
 
   /** The sender gave up on sync `token`: undo it once its devices are let go. */
-  abort(id: string, token: string): Promise<{ token: string; point: string | null }> {
+  abort(id: string, token: string): Promise<ReplicaReceiveReply> {
     return this.#queue.run(id, async () => {
       const record = this.#pendingRecord(id, token);
       if (record.devices.every((d) => !this.#options.table.isAttached(d))) await this.#rollBack(record);
@@ -237,6 +297,7 @@ export class ReplicaStandby {
         await this.#rollBack(record);
       }
       if (record.point === null) throw new BdsnapError('ESESSION', `replica ${id} has not received a complete point yet: there is nothing to fail over to`);
+      await this.#vouch(record);
       if (record.broken !== null) throw new BdsnapError('ESESSION', `replica ${id} is not at a complete point (${record.broken}); let one more sync finish, or restore its devices by hand`);
       record.failedOverAt = new Date().toISOString();
       await this.#save();
@@ -266,6 +327,41 @@ export class ReplicaStandby {
       this.#options.log.info({ event: 'replica-released', replica: id, point: record.point, devices: record.devices }, 'replica removed: its devices stay at the last complete point');
       return { id, removed: true as const };
     });
+  }
+
+  /**
+   * A replica at a complete point whose device's change map started again since the commit (it
+   * was written or replaced around bdsnap) is no longer at one: say why, until a sync commits.
+   * Devices without a recorded generation (no change tracking here) cannot be checked.
+   */
+  async #vouch(record: ReceivedRecord): Promise<void> {
+    if (record.point === null || record.broken !== null || record.failedOverAt !== null) return;
+    for (const devicePath of record.devices) {
+      if (record.generations[devicePath] === undefined) continue;
+      const why = whyNotAsLeft(record, devicePath, await this.#generationOf(devicePath));
+      if (why === undefined) continue;
+      record.broken = `${devicePath} ${why}`;
+      await this.#save();
+      this.#options.log.warn({ event: 'replica-standby-changed', replica: record.id, reason: record.broken }, 'a replica\'s device was changed outside bdsnap since the last complete sync');
+      return;
+    }
+  }
+
+  /** The device's change-map generation now (a map that cannot vouch for it starts a new one), or why it cannot be told. */
+  async #generationOf(devicePath: string): Promise<string | Error> {
+    const tracking = this.#options.tracking;
+    if (!tracking) return new BdsnapError('ENOTSUP', 'change tracking is off in this standby daemon (--no-change-tracking)');
+    try {
+      let sizeBytes = this.#options.table.use(devicePath)?.file.size;
+      if (sizeBytes === undefined) {
+        const file = await FileDevice.open(devicePath, { readOnly: true, shared: true });
+        sizeBytes = file.size;
+        await file.close();
+      }
+      return (await tracking.info(devicePath, sizeBytes)).generation;
+    } catch (err) {
+      return toBdsnapError(err);
+    }
   }
 
   /** Wait, up to RELEASE_WAIT_MS, until no one holds any of `devices`; whoever still holds one then is refused by the caller. */
@@ -299,8 +395,16 @@ export class ReplicaStandby {
       const fresh = (await listSessions(this.#options.snapshotRoot, devicePath)).filter((s) => !before.has(s.dir)).sort(compareSessions);
       const first = fresh[0];
       if (!first) continue;
+      const generationBefore = await this.#generationOf(devicePath);
       const summary = await restore(first.dir);
       undone.push({ device: devicePath, sessionDir: first.dir, bytes: summary.bytes });
+      // The undo wrote the device here, so its map starts again; a device that was as the last
+      // commit left it is so again, and vouched for by the new generation.
+      const after = await this.#generationOf(devicePath);
+      if (typeof generationBefore === 'string' && generationBefore === record.generations[devicePath]) {
+        if (typeof after === 'string') record.generations[devicePath] = after;
+        else delete record.generations[devicePath];
+      }
     }
     record.pending = null;
     await this.#save();
@@ -328,4 +432,24 @@ export class ReplicaStandby {
   async #save(): Promise<void> {
     await writeFileAtomic(this.#file, `${JSON.stringify({ version: 1, replicas: [...this.#records.values()] }, null, 2)}\n`);
   }
+}
+
+/**
+ * Why `devicePath` of `record` may not be as its last commit left it (`now`: its change-map
+ * generation, or why it cannot be read), or undefined when its generation vouches that it is.
+ */
+function whyNotAsLeft(record: ReceivedRecord, devicePath: string, now: string | Error): string | undefined {
+  if (record.point === null) return 'has received no complete sync on this standby yet';
+  const recorded = record.generations[devicePath];
+  if (now instanceof Error) return `cannot be vouched for on the standby (${now.message})`;
+  if (recorded === undefined) return 'has no change-map generation recorded at the last complete sync on the standby';
+  if (now !== recorded) {
+    return `was written or replaced outside bdsnap on the standby since the last complete sync (its change map started again: generation ${recorded} is now ${now}; the standby's cbt-reset event says why)`;
+  }
+  return undefined;
+}
+
+/** The canonical path of the device the sender named `named` at begin. */
+function canonicalOf(devices: string[], devicesArg: string[], named: string): string {
+  return devices[devicesArg.indexOf(named)] ?? named;
 }

@@ -6,7 +6,9 @@
  * the target needs to become that instant, and destroys the snapshot. The first sync sends
  * every data extent (zeroed extents become WRITE_ZEROES); later ones send only the ranges the
  * image's change map says changed since the last complete sync; a new change-map generation
- * (the map was reset) makes the sync full again, and the sync says why.
+ * (the map was reset) makes the sync full again, and the sync says why. So does a bdsnap
+ * standby that cannot vouch for a target (written or replaced around bdsnap since the last
+ * sync): begin names it, it is sent whole, and commit says which devices were.
  *
  * The last complete point moves only after the target has everything of the sync:
  * - a bdsnap standby (its run directory known) gets `begin` before the first byte and `commit`
@@ -474,7 +476,14 @@ export class ReplicaManager {
       const plans = snapshot.images.map((image) => this.#plan(record, snapshot.id, image));
       if (record.standbyRunDir !== null) {
         standby = await BdsnapClient.connect(record.standbyRunDir, { timeoutMs: this.#timeoutMs });
-        ({ token } = await standby.request('replica-receive', { action: 'begin', replica: record.id, devices: record.exports, point: snapshot.createdAt }));
+        const begun = await standby.request('replica-receive', { action: 'begin', replica: record.id, devices: record.exports, point: snapshot.createdAt });
+        token = begun.token;
+        // A target the standby cannot vouch for (changed around bdsnap since the last sync) is sent whole.
+        for (const { device, reason } of begun.sendWhole ?? []) {
+          const i = record.exports.indexOf(device);
+          const plan = plans[i];
+          if (plan && !plan.full) plans[i] = { ...plan, ranges: [{ offsetBytes: 0, lengthBytes: plan.image.sizeBytes }], full: true, why: `the standby's copy must be sent whole: ${reason}` };
+        }
       }
       // Every target stays open until the commit: a bdsnap standby undoes a sync whose devices are let go first.
       await this.#open(record, plans, { ...endpoint, timeoutMs: this.#timeoutMs, ...(tlsOptions ? { tls: tlsOptions } : {}) }, handles, targets);
@@ -484,7 +493,10 @@ export class ReplicaManager {
       }
       for (const target of targets) await target.flush();
       signal.throwIfAborted();
-      if (standby && token !== undefined) await standby.request('replica-receive', { action: 'commit', replica: record.id, token });
+      if (standby && token !== undefined) {
+        const full = record.exports.filter((_, i) => plans[i]?.full);
+        await standby.request('replica-receive', { action: 'commit', replica: record.id, token, ...(full.length > 0 ? { full } : {}) });
+      }
       committed = true;
       return await this.#completed(record, snapshot, plans, counters, startedMs);
     } catch (err) {
