@@ -201,12 +201,12 @@ export type StampComparison =
  * difference is a change, but for a block device's counters from another boot, which prove
  * nothing either way (unless the loop device's backing file proves the content unchanged).
  */
-export function compareDeviceStamps(recorded: DeviceStamp, now: DeviceStamp): StampComparison {
+export function compareDeviceStamps(recorded: DeviceStamp, now: DeviceStamp, when = 'while it was not served'): StampComparison {
   const changed = (detail: string): StampComparison => ({ same: false, proven: true, detail });
   if (recorded.kind !== now.kind) return changed(`it was ${describeKind(recorded.kind)} and is now ${describeKind(now.kind)}`);
   if (recorded.kind === 'file' && now.kind === 'file') {
     const diff = fileDifferences(recorded, now);
-    return diff.length === 0 ? { same: true } : changed(`the image file changed while it was not served (${diff.join(', ')})`);
+    return diff.length === 0 ? { same: true } : changed(`the image file changed ${when} (${diff.join(', ')})`);
   }
   const was = recorded as BlockStamp;
   const is = now as BlockStamp;
@@ -218,7 +218,7 @@ export function compareDeviceStamps(recorded: DeviceStamp, now: DeviceStamp): St
     if (was.loop.sizeLimitBytes !== is.loop.sizeLimitBytes) diff.push(`loop size limit ${was.loop.sizeLimitBytes} -> ${is.loop.sizeLimitBytes}`);
     diff.push(...fileDifferences(was.loop.backingFile, is.loop.backingFile).map((d) => `backing file ${d}`));
   }
-  if (diff.length > 0) return changed(`the block device changed while it was not served (${diff.join(', ')})`);
+  if (diff.length > 0) return changed(`the block device changed ${when} (${diff.join(', ')})`);
   if (was.bootId === '' || was.bootId !== is.bootId) {
     // The backing file's ctime moves with every write through any loop device, in any boot.
     if (was.loop) return { same: true };
@@ -229,7 +229,7 @@ export function compareDeviceStamps(recorded: DeviceStamp, now: DeviceStamp): St
     };
   }
   for (const k of ['sectorsWritten', 'sectorsDiscarded'] as const) if (was[k] !== is[k]) diff.push(`${k} ${was[k]} -> ${is[k]}`);
-  return diff.length === 0 ? { same: true } : changed(`the block device was written while it was not served (${diff.join(', ')})`);
+  return diff.length === 0 ? { same: true } : changed(`the block device was written ${when} (${diff.join(', ')})`);
 }
 
 function describeKind(kind: DeviceStamp['kind']): string {

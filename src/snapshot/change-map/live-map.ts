@@ -330,11 +330,15 @@ export class ChangeMap {
     const recorded = this.#stamp;
     const now = await this.#readStamp!();
     if (begun !== this.#begun || !this.#idle || this.#closed || recorded === undefined || now === undefined || this.#stamp !== recorded) return;
-    const compared = compareDeviceStamps(recorded, now);
-    if (compared.same) return;
-    const reset = this.#resetSync('changed-outside', `${compared.detail.replace('while it was not served', 'while the daemon held it and did not write it')}: something wrote it around bdsnap`);
-    this.#setIdle(now);
-    this.#onReset?.(reset);
+    if (this.#resetIfChanged(recorded, now)) this.#setIdle(now);
+  }
+
+  /** `now` differs from `recorded`, the stamp after the daemon's last write: start a new generation and report it. */
+  #resetIfChanged(recorded: DeviceStamp, now: DeviceStamp): boolean {
+    const compared = compareDeviceStamps(recorded, now, 'while the daemon held it and did not write it');
+    if (compared.same) return false;
+    this.#onReset?.(this.#resetSync('changed-outside', `${compared.detail}: something wrote it around bdsnap`));
+    return true;
   }
 
   /** Mark ranges changed by hand (the operator knows better); durable in 'strict'. */
@@ -419,13 +423,7 @@ export class ChangeMap {
       stamp = undefined;
     }
     // Idle since the daemon's last write, and the file moved anyway: someone else wrote it.
-    if (this.#idle && this.#stamp !== undefined && stamp !== undefined) {
-      const compared = compareDeviceStamps(this.#stamp, stamp);
-      if (!compared.same) {
-        const reset = this.#resetSync('changed-outside', `${compared.detail.replace('while it was not served', 'while the daemon held it and did not write it')}: something wrote it around bdsnap`);
-        this.#onReset?.(reset);
-      }
-    }
+    if (this.#idle && this.#stamp !== undefined && stamp !== undefined) this.#resetIfChanged(this.#stamp, stamp);
     this.#closed = true;
     this.#stopTimers();
     try {

@@ -154,9 +154,9 @@ function uncleanChange(recorded: DeviceStamp | undefined, now: DeviceStamp, idle
       detail: 'the daemon stopped without closing the map (killed or crashed) while its own writes to the image file were in flight or had just ended: they cannot be told from anyone else\'s',
     };
   }
-  const compared = compareDeviceStamps(recorded, now);
+  const compared = compareDeviceStamps(recorded, now, 'after the daemon\'s last write');
   if (compared.same) return null;
-  return { reason: 'changed-outside', detail: `the map was not closed cleanly, and ${compared.detail.replace('while it was not served', 'after the daemon\'s last write')}` };
+  return { reason: 'changed-outside', detail: `the map was not closed cleanly, and ${compared.detail}` };
 }
 
 function devicePathWord(stamp: DeviceStamp): string {
