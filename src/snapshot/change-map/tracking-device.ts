@@ -11,7 +11,12 @@ import type { ChangeMap } from './live-map.js';
  */
 export class TrackingDevice extends PassThroughDevice {
   readonly #map: ChangeMap;
-  readonly #settled = (): void => this.#map.written();
+  // One reaction per write for its settling (`finally` would cost several promises).
+  readonly #done = (): void => this.#map.written();
+  readonly #failed = (err: unknown): never => {
+    this.#map.written();
+    throw err;
+  };
 
   constructor(base: BlockDevice, map: ChangeMap) {
     if (map.info().deviceSizeBytes !== base.size) throw new BdsnapError('EINVAL', `the change map is for ${map.info().deviceSizeBytes} bytes, the device has ${base.size}`);
@@ -39,6 +44,6 @@ export class TrackingDevice extends PassThroughDevice {
     }
     // No await of ours when nothing new had to be made durable.
     const ready = marked && begun ? Promise.all([marked, begun]) : marked ?? begun;
-    return (ready ? ready.then(apply) : apply()).finally(this.#settled);
+    return (ready ? ready.then(apply) : apply()).then(this.#done, this.#failed);
   }
 }
