@@ -306,6 +306,23 @@ function fioRow(id: string, rw: 'read' | 'write'): BenchRow {
 }
 
 /**
+ * `seq-write` as a user runs it by hand (`bash bench/by-hand.sh seq-write`): one pass over the
+ * image on a server started for the cell, so the pass includes what a fresh server pays first
+ * (V8 compiling the request path while it serves); `seq-write` runs fio for the runtime, most
+ * of it on a warm server. Beside it, the same pass into nbd-floor with its writes on the thread
+ * pool, the least Node.js server doing what bdsnap serve does for this client.
+ */
+function onePassRow(id: string): BenchRow {
+  return versusNbdkit(
+    id,
+    'plain seq 1 MiB writes, one pass on a fresh server, qd 4, vs nbdkit',
+    'fio nbd engine, one connection, one pass of sequential 1 MiB writes at depth 4 over an image of random data in the page cache (fio number_ios), each server started for its cell: bdsnap serve (no session) against nbdkit file; beside it node-floor-async (nbd-floor on one worker thread, writes on the thread pool), no part of the figure',
+    (target, context) => fioCell(target, context, onePassSeqWrite(context), 'MB/s'),
+    [], [nbdFloor({ async: true })],
+  );
+}
+
+/**
  * nbdcopy with 4 connections, twice on one server: MB/s of each whole copy, process start
  * included on both sides. The first copy on a fresh server is cold (for bdsnap: V8 compiling
  * the request path, the buffer pool's first page faults); the second is what a server that
@@ -636,6 +653,7 @@ const MOUNT_RR4K_FLOOR: BenchRow = {
 export const ROWS: BenchRow[] = [
   fioRow('seq-read', 'read'),
   fioRow('seq-write', 'write'),
+  onePassRow('seq-write-pass'),
   tlsFioRow('tls-seq-read', 'read'),
   tlsFioRow('tls-seq-write', 'write'),
   nbdcopyRow('nbdcopy-read', 'read'),
