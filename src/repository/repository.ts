@@ -64,6 +64,8 @@ export interface PruneSummary {
   /** Bytes of the store freed. */
   deletedBytes: number;
   deletedPacks: number;
+  /** Of deletedPacks, those no index named: written by a backup (or a prune) that ended before its index did. */
+  unindexedPacks: number;
   repackedPacks: number;
   repackedPieces: number;
   deletedLocks: number;
@@ -549,7 +551,7 @@ export class Repository {
     }
   }
 
-  async #pruneLegacy(referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'repackedPacks' | 'repackedPieces'>> {
+  async #pruneLegacy(referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'unindexedPacks' | 'repackedPacks' | 'repackedPieces'>> {
     let deletedPieces = 0;
     let deletedBytes = 0;
     const unused = [...(await this.storedPieces())].filter(([hash]) => !referenced.has(hash));
@@ -560,18 +562,20 @@ export class Repository {
       deletedPieces++;
       deletedBytes += size;
     });
-    return { deletedPieces, deletedBytes, deletedPacks: 0, repackedPacks: 0, repackedPieces: 0 };
+    return { deletedPieces, deletedBytes, deletedPacks: 0, unindexedPacks: 0, repackedPacks: 0, repackedPieces: 0 };
   }
 
-  async #prunePacks(records: readonly BackupRecord[], referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'repackedPacks' | 'repackedPieces'>> {
+  async #prunePacks(records: readonly BackupRecord[], referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'unindexedPacks' | 'repackedPacks' | 'repackedPieces'>> {
     const files = await this.#indexFiles();
     const packSizes = new Map<string, number>();
     for (const o of await this.store.list(PACKS_PREFIX)) if (isPackObject(o.name)) packSizes.set(o.name, o.sizeBytes);
     // The entry each used piece keeps (the first, as readers take it), grouped by pack.
     const live = new Map<string, PieceLocation & { id: string }>();
+    const named = new Set<string>();
     let indexed = 0;
     for (const f of files) {
       for (const p of f.packs) {
+        named.add(p.object);
         for (const e of p.pieces) {
           indexed++;
           if (referenced.has(e.id) && !live.has(e.id) && packSizes.has(p.object)) live.set(e.id, { id: e.id, object: p.object, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes });
@@ -630,7 +634,10 @@ export class Repository {
       deletedBytes += packSizes.get(object) ?? 0;
     });
     for (const p of written) for (const e of p.pieces) deletedBytes -= e.lengthBytes;
-    return { deletedPieces: indexed - live.size, deletedBytes: Math.max(0, deletedBytes), deletedPacks: gone.length, repackedPacks, repackedPieces };
+    return {
+      deletedPieces: indexed - live.size, deletedBytes: Math.max(0, deletedBytes), deletedPacks: gone.length,
+      unindexedPacks: gone.filter((o) => !named.has(o)).length, repackedPacks, repackedPieces,
+    };
   }
 
   /** Copy the pieces of `packs`, each checked, into new packs of `writer`, made durable; returns the new packs. */

@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalDirStore, createBackup, inDataSubset, parseDataSubset, verifyRepository, type BackupSource } from '../../src/backup/index.js';
-import { manifestObject } from '../../src/repository/format.js';
+import { manifestObject, packObject, randomObjectName } from '../../src/repository/format.js';
 import type { GetOptions } from '../../src/repository/object-store.js';
 import { fillRandom, makeTempDir } from '../../testkit/files.js';
 import { run, type RunResult } from '../../testkit/process.js';
@@ -199,6 +199,27 @@ test('forgetting the base of an incremental (and pruning) leaves the incremental
   const restored = await bdsnap('restore', '--repo', repoDir, inc.id, '/dev/a', '--output', out);
   assert.equal(restored.exitCode, 0, restored.stderr);
   assert.ok(fs.readFileSync(out).equals(data), 'the incremental restores exactly without its base');
+});
+
+test('prune removes a pack no index names (a create that ended before its index) and says so, where it removed no unused piece; the backup restores exactly', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-unindexed-');
+  const repoDir = path.join(dir, 'repo');
+  const repo = await initRepo(new LocalDirStore(repoDir), { pieceSizeBytes: 64 * KiB });
+  const data = randomData(512 * KiB, 21);
+  const made = await createBackup(repo, [source('/dev/a', data)], { host: 'web1' });
+  const packs = objectsUnder(repoDir, 'packs');
+  // What a create killed after writing a pack and before its index leaves: a pack no index names.
+  const stray = packObject(randomObjectName());
+  fs.mkdirSync(path.dirname(path.join(repoDir, stray)), { recursive: true });
+  fs.copyFileSync(path.join(repoDir, packs[0]!), path.join(repoDir, stray));
+  const r = await bdsnap('prune', '--repo', repoDir);
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.match(r.stdout, /^pruned 0 unused pieces \([\d.]+ \S+ freed, 1 pack removed, 1 of them named by no index \(written by a backup or prune that ended before its index\), 0 repacked\); \d+ pieces kept for 1 backup\n$/);
+  assert.deepEqual(objectsUnder(repoDir, 'packs'), packs, 'the unnamed pack went, the others stay');
+  const out = path.join(dir, 'out.img');
+  const restored = await bdsnap('restore', '--repo', repoDir, made.id, '/dev/a', '--output', out);
+  assert.equal(restored.exitCode, 0, restored.stderr);
+  assert.ok(fs.readFileSync(out).equals(data));
 });
 
 /** The objects under `prefix` of a local repository (packs/xx/..., index/...), sorted. */

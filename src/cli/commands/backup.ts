@@ -14,6 +14,7 @@ import path from 'node:path';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
 import type { BackupSummary, ObjectStore, ProgressSink, Repository } from '../../backup/index.js';
+import type { PruneSummary } from '../../repository/index.js';
 import { CODEC_CHOICES, type CodecChoice } from '../../repository/codec-choices.js';
 import { registerForget } from './backup-forget.js';
 import { promptHidden } from '../password-input.js';
@@ -157,6 +158,18 @@ async function withInterrupt<T>(fn: (signal: AbortSignal) => Promise<T>): Promis
 
 function printJson(value: unknown): void {
   process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+}
+
+/** `n` things, in the singular for one. */
+function count(n: number, one: string, many = `${one}s`): string {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+/** A prune's one line: what went, and why a pack went that held no unused piece (no index named it). */
+export function pruneSummaryLine(s: PruneSummary): string {
+  const unindexed = s.unindexedPacks === 0 ? '' : `, ${s.unindexedPacks} of them named by no index (written by a backup or prune that ended before its index)`;
+  return `pruned ${count(s.deletedPieces, 'unused piece')} (${formatBytes(s.deletedBytes)} freed, ${count(s.deletedPacks, 'pack')} removed${unindexed}, ${s.repackedPacks} repacked); `
+    + `${count(s.referencedPieces, 'piece')} kept for ${count(s.backups, 'backup')}`;
 }
 
 function formatCreate(s: BackupSummary): string {
@@ -357,7 +370,7 @@ Example:
       const repo = await openRepo(flags);
       const s = await repo.prune();
       if (flags.json) printJson(s);
-      else process.stdout.write(`pruned ${s.deletedPieces} unused pieces (${formatBytes(s.deletedBytes)} freed, ${s.deletedPacks} packs removed, ${s.repackedPacks} repacked); ${s.referencedPieces} pieces kept for ${s.backups} backups\n`);
+      else process.stdout.write(`${pruneSummaryLine(s)}\n`);
     });
 
   repoOption(backup.command('copy').description('copy backups from another repository (those the destination lacks), checking what is copied'))
