@@ -81,7 +81,18 @@ export interface RestoreTarget {
   abandon(): Promise<string>;
   /** After `begin`: the journal of an earlier restore into the target, killed half way, that this one finishes. */
   readonly interrupted: BackupRestoreJournal | undefined;
+  /**
+   * After `commit`: the size an existing target had where it differed from the backup's, and
+   * what became of the difference: a file is cut or grown to the backup's size, a larger block
+   * device keeps its range past the backup's end as it was.
+   */
+  readonly sizeBefore: SizeBefore | undefined;
   close(): Promise<void>;
+}
+
+export interface SizeBefore {
+  bytes: number;
+  tail: 'cut' | 'grown' | 'kept';
 }
 
 /** What a restore in place writes in its journal: the backup, and the command that restores it again. */
@@ -133,6 +144,7 @@ class NewFileTarget implements RestoreTarget {
   readonly holes = true;
   readonly checkFirst = false;
   readonly interrupted = undefined;
+  readonly sizeBefore = undefined;
   readonly #sizeBytes: number;
   /** The file, under its temporary name until `commit` names it. */
   #out: StagedOutputFile | undefined;
@@ -238,6 +250,11 @@ class InPlaceTarget implements RestoreTarget {
 
   get interrupted(): BackupRestoreJournal | undefined {
     return this.#record?.interrupted;
+  }
+
+  get sizeBefore(): SizeBefore | undefined {
+    if (!this.#whole || this.#originalBytes === this.#sizeBytes) return undefined;
+    return { bytes: this.#originalBytes, tail: this.#block ? 'kept' : this.#originalBytes > this.#sizeBytes ? 'cut' : 'grown' };
   }
 
   async begin(): Promise<void> {

@@ -44,7 +44,7 @@ import { readPieces } from '../repository/pack-reader.js';
 import { PiecePool } from '../repository/piece-pool.js';
 import type { Repository } from '../repository/repository.js';
 import { PieceSpool } from './piece-spool.js';
-import { openRestoreTarget, type RestoreTarget } from './restore-target.js';
+import { openRestoreTarget, type RestoreTarget, type SizeBefore } from './restore-target.js';
 import { runLimited } from '../run-limited.js';
 
 /** Pieces being read, decoded or written at once. */
@@ -71,6 +71,8 @@ export interface RestoreSummary {
   leftovers: string[];
   /** An earlier restore in place into the target, killed half way, that this one finished. */
   finished?: { backup: string; startedAt: string };
+  /** The size an existing target had, where it differed from the backup's (see RestoreTarget.sizeBefore). */
+  sizeBefore?: SizeBefore;
 }
 
 export async function restoreBackup(repo: Repository, id: string, device: string, options: RestoreOptions = {}): Promise<RestoreSummary> {
@@ -119,6 +121,7 @@ export async function restoreBackup(repo: Repository, id: string, device: string
       id, device: entry.device, target: target.path, sizeBytes: entry.sizeBytes, writtenBytes, zeroPieces: slots.filter((s) => s === null).length, durationMs: Date.now() - startedMs,
       leftovers: await target.leftovers(),
       ...(target.interrupted && { finished: { backup: target.interrupted.backup, startedAt: target.interrupted.startedAt } }),
+      ...(target.sizeBefore && { sizeBefore: target.sizeBefore }),
     };
   } finally {
     await pool.close();

@@ -342,6 +342,56 @@ test('a store without local files: each piece is read once, so a second read tha
   }
 });
 
+test('a target whose size is not the backup\'s: a file is cut or grown to it, a larger block device keeps its range past the backup\'s end, and the restore says which', async (t) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-restore-sizes-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 31);
+  const backedUpSha = await sha256File(image);
+  const { repoDir, id } = await backedUp(dir, image, true);
+  const cases: Array<[number, string]> = [
+    [IMAGE_BYTES + 3 * MiB, `the file was cut to the backup's size \\(the ${3 * MiB} bytes past it are gone\\)`],
+    [5 * MiB, 'the file was grown to the backup\'s size'],
+  ];
+  for (const [sizeBytes, note] of cases) {
+    const existing = path.join(dir, `existing-${sizeBytes}.img`);
+    makeImage(existing, sizeBytes, 'random', 9);
+    const r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', existing]);
+    assert.equal(r.exitCode, 0, r.stderr);
+    assert.match(r.stdout, new RegExp(`^${existing} held ${sizeBytes} bytes, the backup ${IMAGE_BYTES}: ${note}$`, 'm'));
+    assert.equal(fs.statSync(existing).size, IMAGE_BYTES);
+    assert.equal(await sha256File(existing), backedUpSha);
+  }
+  // The backup's size: nothing to say; --json says it with sizeBefore.
+  const same = path.join(dir, 'same.img');
+  makeImage(same, IMAGE_BYTES, 'random', 10);
+  let r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', same]);
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.doesNotMatch(r.stdout, / held /);
+  const longer = path.join(dir, 'longer.img');
+  makeImage(longer, IMAGE_BYTES + MiB, 'random', 11);
+  r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', longer, '--json']);
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.deepEqual((JSON.parse(r.stdout) as { sizeBefore?: unknown }).sizeBefore, { bytes: IMAGE_BYTES + MiB, tail: 'cut' });
+
+  // A loop device grown past the backup of it: the backup's range is restored, the rest kept.
+  const backing = path.join(dir, 'loop.img');
+  makeImage(backing, IMAGE_BYTES, 'mixed', 32);
+  const loop = await loopDevice(t, backing);
+  const loopBackup = await backedUp(dir, loop, false);
+  const original = fs.readFileSync(backing);
+  fs.truncateSync(backing, IMAGE_BYTES + 4 * MiB);
+  scribble(backing, [[IMAGE_BYTES, 4 * MiB], [0, MiB]]);
+  await run('losetup', ['--set-capacity', loop]);
+  const tail = fs.readFileSync(backing).subarray(IMAGE_BYTES);
+  r = await bdsnap(['restore', '--repo', repoDir, loopBackup.id, loop]);
+  assert.equal(r.exitCode, 0, r.stderr);
+  assert.match(r.stdout, new RegExp(`^${loop} held ${IMAGE_BYTES + 4 * MiB} bytes, the backup ${IMAGE_BYTES}: the ${4 * MiB} bytes past the backup's end were left as they were$`, 'm'));
+  const after = fs.readFileSync(loop);
+  assert.ok(after.subarray(0, IMAGE_BYTES).equals(original), 'the backup\'s range is restored');
+  assert.ok(after.subarray(IMAGE_BYTES).equals(tail), 'the range past it is as it was');
+});
+
 /** Overwrite the whole of this process's open restore spool (an unlinked file) with random bytes; false when there is none. */
 function scribbleOnSpool(): boolean {
   for (const fd of fs.readdirSync('/proc/self/fd')) {

@@ -172,6 +172,16 @@ export function pruneSummaryLine(s: PruneSummary): string {
     + `${count(s.referencedPieces, 'piece')} kept for ${count(s.backups, 'backup')}`;
 }
 
+/** What a restore did to a target whose size was not the backup's. */
+function sizeBeforeNote(target: string, before: { bytes: number; tail: 'cut' | 'grown' | 'kept' }, sizeBytes: number): string {
+  const held = `${target} held ${before.bytes} bytes, the backup ${sizeBytes}`;
+  switch (before.tail) {
+    case 'cut': return `${held}: the file was cut to the backup's size (the ${before.bytes - sizeBytes} bytes past it are gone)`;
+    case 'grown': return `${held}: the file was grown to the backup's size`;
+    case 'kept': return `${held}: the ${before.bytes - sizeBytes} bytes past the backup's end were left as they were`;
+  }
+}
+
 function formatCreate(s: BackupSummary): string {
   const lines = s.devices.map((d) =>
     `${d.device}: ${d.kind} (${d.why}); read ${formatBytes(d.readBytes)}, ${d.newPieces} new pieces (${formatBytes(d.newStoredBytes)} stored), ${d.reusedPieces} reused, ${d.zeroPieces} zero`);
@@ -321,6 +331,7 @@ export function register(program: Command): void {
           process.stdout.write(`finished the interrupted restore of backup ${summary.finished.backup} into ${summary.target} (started at ${summary.finished.startedAt}): every byte of it was written again from backup ${id}\n`);
         }
         process.stdout.write(`restored ${summary.device} from backup ${id} into ${summary.target}: ${formatBytes(summary.sizeBytes)} in ${(summary.durationMs / 1000).toFixed(2)} s\n`);
+        if (summary.sizeBefore) process.stdout.write(`${sizeBeforeNote(summary.target, summary.sizeBefore, summary.sizeBytes)}\n`);
       }
     });
 
