@@ -56,9 +56,9 @@ export default tseslint.config(
   },
   {
     // `serve` and `daemon` compose the layers below; of the service, the CLI uses the client
-    // library (and the run directory's names it shares with the daemon) and starts the daemon or
-    // the daemonless server, nothing else.
+    // library (and the run directory's names and the words for what holds a device, which it
+    // shares with the daemon) and starts the daemon or the daemonless server, nothing else.
     files: ['src/cli/**'],
-    rules: layerRule('cli', [], { service: ['client.js', 'control-protocol.js', 'paths.js', 'password-input.js', 'daemon.js', 'serve.js'] }),
+    rules: layerRule('cli', [], { service: ['client.js', 'control-protocol.js', 'paths.js', 'device-holders.js', 'password-input.js', 'daemon.js', 'serve.js'] }),
   },
 );

@@ -1,8 +1,8 @@
 /**
  * What frees a device the daemon holds. A command that finds a device in use (restore, serve,
  * backup restore, a second mount) learns only that some process has it open; when that process
- * is the daemon, its status says why (a bdsnap mount, snapshots, NBD clients), and the refusal
- * can name the command that frees it instead of a pid.
+ * is the daemon, its status says why (a bdsnap mount, snapshots, NBD clients, an instant restore),
+ * and the refusal can name the command (or the wait) that frees it instead of a pid.
  */
 
 import fs from 'node:fs';
@@ -10,7 +10,8 @@ import { BdsnapError } from '../errors.js';
 import { processCommandLine } from '../host/processes.js';
 import { withClient } from '../service/client.js';
 import { withTimeout } from '../timeout.js';
-import type { DeviceStatus } from '../service/control-protocol.js';
+import type { StatusResult } from '../service/control-protocol.js';
+import { describeHolder, describeRestoreHold } from '../service/device-holders.js';
 
 /** The messages of device-lock.ts and file-device.ts when another process has the device open. */
 const LOCAL_OPEN_REFUSALS = [/ is already open by /, / is busy: mounted or claimed by another program/];
@@ -27,21 +28,28 @@ export async function explainBusy(err: unknown, runDir?: string): Promise<unknow
   // the reason; the daemon's own refusals (a second mount, destroying a snapshot in use) and the
   // in-use checks already name the fix.
   if (!(err instanceof BdsnapError) || err.code !== 'EBUSY' || !LOCAL_OPEN_REFUSALS.some((r) => r.test(err.message))) return err;
-  let devices: DeviceStatus[];
-  let daemonPid: number;
+  let status: StatusResult;
   try {
-    ({ devices, pid: daemonPid } = await withTimeout(withClient(runDir, (c) => c.status()), STATUS_TIMEOUT_MS, () => new Error('timed out')));
+    status = await withTimeout(withClient(runDir, (c) => c.status()), STATUS_TIMEOUT_MS, () => new Error('timed out'));
   } catch {
     return err;
   }
   // The lock names its holder: when that is not this daemon, this daemon's status cannot say why.
   const holderPid = Number(/ is already open by process (\d+)/.exec(err.message)?.[1] ?? Number.NaN);
-  if (Number.isInteger(holderPid) && holderPid !== daemonPid) return heldElsewhere(err, holderPid, daemonPid);
-  const named = devices
-    .filter((d) => err.message.includes(d.device) || err.message.includes(realpathOr(d.device)))
-    .sort((a, b) => b.device.length - a.device.length)[0];
-  const why = named ? holder(named) : undefined;
+  if (Number.isInteger(holderPid) && holderPid !== status.pid) return heldElsewhere(err, holderPid, status.pid);
+  // A target under instant restore is the restore's, whatever else status shows of it (its mount is the restore's too).
+  const restore = namedIn(err.message, status.restores ?? [], (r) => r.target);
+  if (restore) return new BdsnapError('EBUSY', describeRestoreHold(restore), { cause: err });
+  const named = namedIn(err.message, status.devices, (d) => d.device);
+  const why = named ? describeHolder(named) : undefined;
   return why ? new BdsnapError('EBUSY', `${named!.device} is in use: ${why}`, { cause: err }) : err;
+}
+
+/** The item whose path `message` names (by that path or its real path), the longest such path first. */
+function namedIn<T>(message: string, items: T[], pathOf: (item: T) => string): T | undefined {
+  return items
+    .filter((x) => message.includes(pathOf(x)) || message.includes(realpathOr(pathOf(x))))
+    .sort((a, b) => pathOf(b).length - pathOf(a).length)[0];
 }
 
 /**
@@ -61,16 +69,6 @@ async function heldElsewhere(err: BdsnapError, pid: number, daemonPid: number): 
   }
   // Some other program: the lock's own message says what to do.
   return err;
-}
-
-function holder(d: DeviceStatus): string | undefined {
-  if (d.mountpoint) return `mounted through bdsnap at ${d.mountpoint}; run bdsnap umount ${d.mountpoint} first`;
-  if (d.snapshots.length > 0) {
-    const ids = d.snapshots.join(' ');
-    return `held by bdsnap snapshot${d.snapshots.length > 1 ? 's' : ''} ${ids}; destroy ${d.snapshots.length > 1 ? 'them' : 'it'} first (bdsnap snapshot destroy ${d.snapshots[0]})`;
-  }
-  if (d.connections > 0) return `open by ${d.connections} NBD client(s) of the bdsnap daemon; disconnect them first`;
-  return undefined;
 }
 
 function realpathOr(p: string): string {

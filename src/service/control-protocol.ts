@@ -144,6 +144,8 @@ export interface ActivationResult {
   sessionContinues: string | null;
   /** For activate: what makes the device unsafe to serve (such as a directory others can write). */
   warnings?: string[];
+  /** For activate of a device under instant restore: when its mounts get sessions (not while the restore serves it). */
+  sessions?: string;
 }
 
 export interface DeviceStatus {
@@ -244,6 +246,11 @@ export interface MountResult {
   loopDevice: string | null;
   /** The device is under a session for this mount (it was active). */
   inSession: boolean;
+  /**
+   * Why there is no session when it is not only that the device is not active: the mount goes
+   * through the instant restore that writes the device (which keeps none), and when one comes.
+   */
+  noSession?: string;
 }
 
 export interface UmountResult {

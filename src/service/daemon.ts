@@ -49,6 +49,7 @@ import { MOUNTS_FILE, MountManager, describeLeftMounts } from './mount-manager.j
 import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
 import { AsOfExports } from './as-of-exports.js';
 import { InstantRestores, type SourceOpener } from './instant-restore.js';
+import { describeRestoreSessions } from './device-holders.js';
 import { Repository, openBackupDevices, openRepoStore } from '../repository/index.js';
 import { RepoLock } from '../repository/lock.js';
 import { ownerOf, SnapshotManager, type SnapshotOwner } from './snapshots/index.js';
@@ -143,7 +144,7 @@ export class Daemon {
     if (this.#tracking) this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
     this.#mounts = new MountManager({
       runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
-      images: { restoreNameOf: (name) => this.#instant.exportNameOf(name), open: (name) => this.#openImage(name) },
+      images: { restoreOf: (name) => this.#instant.servingOf(name), open: (name) => this.#openImage(name) },
       detachTimeoutMs: options.detachTimeoutMs ?? 30000,
     });
     late.mounts = this.#mounts;
@@ -484,7 +485,11 @@ export class Daemon {
         active ? 'device activated' : 'device deactivated');
     }
     const warnings = active ? await this.#servingWarnings(devicePath) : [];
-    return { device: devicePath, active, changed, sessionContinues, ...(warnings.length > 0 ? { warnings } : {}) };
+    const restore = active ? await this.#instant.infoOf(devicePath) : undefined;
+    return {
+      device: devicePath, active, changed, sessionContinues, ...(warnings.length > 0 ? { warnings } : {}),
+      ...(restore ? { sessions: describeRestoreSessions(restore) } : {}),
+    };
   }
 
   /**

@@ -57,6 +57,7 @@ import { formatBytes } from '../units.js';
 import type { EventLog } from './events.js';
 import type { DeviceStatus, InstantRestoreInfo } from './control-protocol.js';
 import type { MountInfo } from './device-table.js';
+import { describeRestoreHold } from './device-holders.js';
 import { canonicalDevicePath } from './registry.js';
 
 const RESTORES_DIR = 'restores';
@@ -782,23 +783,22 @@ export class InstantRestores {
     return [...this.#stopped.values()].find((x) => x.identity !== undefined && sameIdentity(x.identity, identity));
   }
 
-  /** Throws EBUSY while `devicePath` is (a name of) the target of a restore or served by one. */
+  /** Throws EBUSY while `devicePath` is (a name of) the target of a restore or served by one, naming the restore and what to do. */
   async checkAttach(devicePath: string): Promise<void> {
-    const stopped = await this.#findStopped(devicePath);
-    if (stopped) {
-      const target = stopped.state.target;
-      throw new BdsnapError('EBUSY', `${devicePath}${target !== devicePath ? ` (${target})` : ''} is part way through an instant restore from backup ${stopped.state.backup} that is stopped (${stopped.reason}): what it has not copied yet can be read neither from the backup nor as it was; ${whatToDo(stopped.state)}`);
-    }
-    const r = await this.#find(devicePath);
-    if (!r) return;
-    const target = r.state.target;
-    const why = r.phase === 'running' ? 'is being restored from a backup' : 'is still open through the restore that wrote it';
-    throw new BdsnapError('EBUSY', `${devicePath}${target !== devicePath ? ` (${target})` : ''} ${why} (${r.connections} client(s)); it is served as ${target} by the restore until then`);
+    const r = await this.infoOf(devicePath);
+    if (r) throw new BdsnapError('EBUSY', describeRestoreHold(r, devicePath));
   }
 
-  /** The export name of the restore whose target `name` names, if any. */
-  async exportNameOf(name: string): Promise<string | undefined> {
-    return (await this.#find(name))?.state.target;
+  /** The restore, running or stopped, whose target `name` names (by any name of it), as status shows it. */
+  async infoOf(name: string): Promise<InstantRestoreInfo | undefined> {
+    const stopped = await this.#findStopped(name);
+    return stopped ? stoppedInfo(stopped, 'stopped') : this.servingOf(name);
+  }
+
+  /** The restore that serves the target `name` names (running, or complete and still open), as status shows it; its export name is its target. */
+  async servingOf(name: string): Promise<InstantRestoreInfo | undefined> {
+    const r = await this.#find(name);
+    return r && this.#info(r);
   }
 
   /** The export of a target under restore, by any name of it. */

@@ -15,7 +15,8 @@ import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { checkNotInUse } from '../host/in-use.js';
 import { ensurePrivateDir } from '../host/private-dir.js';
-import type { ImageMountStatus, MountResult, UmountResult } from './control-protocol.js';
+import type { ImageMountStatus, InstantRestoreInfo, MountResult, UmountResult } from './control-protocol.js';
+import { describeRestoreMount } from './device-holders.js';
 import type { DeviceTable, MountInfo } from './device-table.js';
 import { isMountpoint } from '../host/mountinfo.js';
 import { attachAndMount, flushFilesystem, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
@@ -40,8 +41,8 @@ export interface MountManagerOptions {
   snapshots: SnapshotManager;
   /** Exports mounted as images (no session of their own): snapshot images, as-of views, targets under instant restore. */
   images: {
-    /** The export name of the instant restore whose target `name` names (by any name of it), if any. */
-    restoreNameOf(name: string): Promise<string | undefined>;
+    /** The instant restore that serves the target `name` names (by any name of it), if any: its target is its export name. */
+    restoreOf(name: string): Promise<InstantRestoreInfo | undefined>;
     open(name: string): Promise<ExportHandle | undefined>;
   };
   log: Logger;
@@ -138,9 +139,9 @@ export class MountManager {
     if (!st.isDirectory()) throw new BdsnapError('EINVAL', `the mount point ${mountpoint} is not a directory`);
     const named = SnapshotManager.isImageName(device) || parseAsOfName(device) !== undefined;
     // A target under restore is mounted under its restore's export name, whatever name it was given, so that status finds the mount.
-    const restoreName = named ? undefined : await this.#options.images.restoreNameOf(device);
-    const image = named || restoreName !== undefined;
-    const exportName = restoreName ?? device;
+    const restore = named ? undefined : await this.#options.images.restoreOf(device);
+    const image = named || restore !== undefined;
+    const exportName = restore?.target ?? device;
     if (image) {
       const already = this.imageMountOf(exportName);
       if (already) throw new BdsnapError('EBUSY', `${exportName} is already ${already.starting ? 'being mounted' : 'mounted'} at ${already.mountpoint}`);
@@ -148,6 +149,7 @@ export class MountManager {
     const starting = { exportName, devicePath: null };
     this.#starting.set(mountpoint, starting);
     try {
+      if (restore) return { ...await this.#mountImage(exportName, mountpoint, type, mountOptions), noSession: describeRestoreMount(restore, this.#options.registry.get(exportName)?.active === true) };
       if (image) return await this.#mountImage(exportName, mountpoint, type, mountOptions);
       return await this.#mountDevice(await canonicalDevicePath(device), mountpoint, starting, type, mountOptions);
     } finally {

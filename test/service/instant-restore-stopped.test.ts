@@ -92,6 +92,15 @@ test('an instant restore that cannot resume at start is listed as stopped, its t
   const snapshot = await daemon.cli(['snapshot', 'create', device], undefined, true);
   assert.notEqual(snapshot.exitCode, 0, 'a snapshot of the target is refused');
   assert.match(snapshot.stderr, /instant restore from backup .* that is stopped/);
+  // Neither activation nor a mount sends the user elsewhere: both name the stopped restore and how to resume it.
+  const activate = await daemon.cli(['activate', device, '--password-stdin'], `${TEST_PASSWORD}\n`);
+  assert.match(activate.stdout, new RegExp(`is already active; an instant restore from backup ${id} into it is stopped, so it is refused to every mount and client, session or not, until that restore is resumed and complete, or given up: .*not a backup repository.*resume it where it stopped with 'bdsnap backup restore`), activate.stdout);
+  const mnt = path.join(daemon.sandbox.top, 'mnt');
+  fs.mkdirSync(mnt);
+  const mount = await daemon.cli(['mount', device, mnt], undefined, true);
+  assert.notEqual(mount.exitCode, 0, 'a mount of the target is refused');
+  assert.match(mount.stderr, new RegExp(`part way through an instant restore from backup ${id} that is stopped, .*resume it where it stopped with 'bdsnap backup restore --repo .* --instant'.*--abandon`), mount.stderr);
+  assert.doesNotMatch(mount.stderr, /not active|bdsnap activate/);
 
   // Asked again while the repository is still away: it stays stopped, saying why.
   const early = await daemon.cli(['backup', 'restore', '--repo', repoDir, id, device, '--instant'], undefined, true);

@@ -13,7 +13,7 @@ interface ActivationOptions {
 }
 
 function describe(r: ActivationResult): string {
-  if (r.active) return r.changed ? `activated ${r.device}: each mount from now on gets a snapshot session` : `${r.device} is already active`;
+  if (r.active) return `${r.changed ? `activated ${r.device}` : `${r.device} is already active`}${r.sessions !== undefined ? `; ${r.sessions}` : r.changed ? ': each mount from now on gets a snapshot session' : ''}`;
   if (!r.changed) return `${r.device} is not active`;
   const carry = r.sessionContinues ? `; the current session (${r.sessionContinues}) carries on until unmount` : '';
   return `deactivated ${r.device}${carry}`;

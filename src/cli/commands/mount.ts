@@ -25,7 +25,7 @@ export function register(program: Command): void {
         ...(options.options !== undefined ? { options: options.options } : {}),
       }));
       if (options.json) process.stdout.write(`${JSON.stringify(result)}\n`);
-      else process.stdout.write(`mounted ${result.device} on ${result.mountpoint} (${result.loopDevice ?? 'nbd'}; ${result.inSession ? 'snapshot session' : 'not active: no session'})\n`);
+      else process.stdout.write(`mounted ${result.device} on ${result.mountpoint} (${result.loopDevice ?? 'nbd'}; ${result.inSession ? 'snapshot session' : result.noSession !== undefined ? `no session: ${result.noSession}` : 'not active: no session'})\n`);
     });
 
   program
