@@ -41,6 +41,7 @@ import { BdsnapClient } from './client.js';
 import type { ReplicaInfo, ReplicaSyncSummary, SnapshotImageInfo, SnapshotInfo } from './control-protocol.js';
 import type { EventLog } from './events.js';
 import { KeyedQueue } from '../serial-queue.js';
+import { formatDuration } from '../units.js';
 import { NBD_SOCKET, controlSocketPath } from './paths.js';
 import { canonicalDevicePath } from './registry.js';
 import { copyRanges, RateLimit, type ByteRange, type CopyCounters } from './replica-copy.js';
@@ -292,7 +293,7 @@ export class ReplicaManager {
   async pause(id: string): Promise<ReplicaInfo> {
     const record = this.#get(id);
     record.paused = true;
-    this.#live.get(id)?.abort?.abort(new BdsnapError('ESHUTDOWN', `replica ${id} was paused`));
+    this.#live.get(id)?.abort?.abort(new BdsnapError('ESHUTDOWN', `the replica was paused (bdsnap replica pause ${id})`));
     await this.#save();
     this.#schedule(record);
     // A sync running now ends (cut short) before pause answers.
@@ -430,9 +431,10 @@ export class ReplicaManager {
     if (record.paused) throw new BdsnapError('ESESSION', `replica ${record.id} is paused`);
     const live = this.#liveOf(record.id);
     live.syncing = true;
-    live.abort = new AbortController();
+    const abort = new AbortController();
+    live.abort = abort;
     try {
-      const summary = await this.#syncOnce(record, live.abort.signal);
+      const summary = await this.#syncOnce(record, abort.signal);
       live.failures = 0;
       // A sync that took long (or hung) can complete a point that is itself past the threshold: the episode goes on.
       const thresholdMs = laggingAfterMs(record);
@@ -443,7 +445,7 @@ export class ReplicaManager {
       }
       this.#options.events.emit('replica-synced', { snapshot: summary.snapshot, details: { replica: record.id, point: record.last?.point, devices: record.devices, caughtUp, ...summary } });
     } catch (err) {
-      const e = whyCutShort(record, toBdsnapError(err));
+      const e = whyCutShort(record, toBdsnapError(err), abort.signal);
       live.failures++;
       record.lastError = e.message;
       await this.#save().catch(() => undefined);
@@ -592,11 +594,35 @@ export class ReplicaManager {
   }
 }
 
-/** A standby that stopped answering: what happened to the sync, and what to do, in the one line. */
-function whyCutShort(record: ReplicaRecord, err: BdsnapError): BdsnapError {
+/**
+ * A sync cut short (a pause, the daemon stopping, a standby that stopped answering): what cut
+ * it, what the target holds now, and what to do, in the one line. Other failures are left as
+ * they are. `signal` is the sync's: aborted, its reason says by what (an AbortError thrown
+ * where the sync was waiting says only "The operation was aborted").
+ */
+function whyCutShort(record: ReplicaRecord, err: BdsnapError, signal: AbortSignal): BdsnapError {
+  if (signal.aborted) {
+    const by = toBdsnapError(signal.reason);
+    const again = record.last !== null ? `what changed since ${record.last.point}` : 'the devices whole';
+    const schedule = record.everyMs !== null ? ` (or wait for its schedule, every ${formatDuration(record.everyMs)})` : '';
+    const next = record.paused
+      ? `to go on, bdsnap replica resume ${record.id}, then bdsnap replica sync ${record.id}${schedule}: it sends ${again} again`
+      : `once the daemon is started again, bdsnap replica sync ${record.id}${schedule} sends ${again} again`;
+    return new BdsnapError(by.code, `replica ${record.id}: the sync was cut short because ${by.message}; ${heldAfterCut(record)}; ${next}`, { cause: err });
+  }
   if (err.code !== 'ETIMEDOUT') return err;
   const where = record.standbyRunDir !== null ? 'the standby keeps its last complete point' : 'the target stays marked incomplete';
   return new BdsnapError('ETIMEDOUT', `replica ${record.id}: the sync was cut short because ${err.message}; ${where}: check the standby (a stopped daemon, the network) at ${record.target}; the next sync retries`, { cause: err });
+}
+
+/** What the target holds after a sync that did not commit (see the header: a bdsnap standby undoes it, a plain one cannot). */
+function heldAfterCut(record: ReplicaRecord): string {
+  if (record.standbyRunDir !== null) {
+    return record.last !== null
+      ? `the standby keeps its last complete point, ${record.last.point}: what it received of this sync is undone`
+      : 'the standby has no complete point yet: what it received of this first sync is undone';
+  }
+  return `the target, a plain NBD server that cannot undo, holds part of this sync over ${record.last !== null ? `the last complete point, ${record.last.point}` : 'what it held before'}, and stays marked incomplete until a sync finishes`;
 }
 
 /** The replica's lagging threshold: its own, or LAGGING_AFTER_INTERVALS of its interval; null: never lagging. */

@@ -224,24 +224,41 @@ test('SIGKILL of the sender, then of the standby, mid-sync: the standby stays at
   assert.equal(await sha256File(target), await sha256File(device), 'the next sync completes the standby');
 });
 
-test('nbdkit as a plain target: the copy is marked incomplete while a sync is cut short, and the next sync sends its ranges again', { timeout: 120_000 }, async (t) => {
-  const DEVICE_BYTES = 16 << 20;
+const PLAIN_DEVICE_BYTES = 16 << 20;
+
+/**
+ * A source daemon serving one device of 16 MiB, replicated to nbdkit (a plain target) with
+ * `replicaArgs` (4 MiB/s, so that a sync can be cut halfway), after its first sync.
+ */
+async function plainReplica(t: Parameters<typeof sandbox>[0], replicaArgs: string[]) {
   const src = sandbox(t, 'bdsnap-rep-src-');
-  const device = makeImage(path.join(src.top, 'a.img'), DEVICE_BYTES, 'random', 1);
-  const targetFile = makeImage(path.join(src.top, 'copy.img'), DEVICE_BYTES, 'random', 2);
+  const device = makeImage(path.join(src.top, 'a.img'), PLAIN_DEVICE_BYTES, 'random', 1);
+  const targetFile = makeImage(path.join(src.top, 'copy.img'), PLAIN_DEVICE_BYTES, 'random', 2);
   const nbdkit = await startServer(t, { kind: 'nbdkit', images: [targetFile] });
   const source = await startDaemon(t, { sandbox: src, password: false });
   register(src, [device]);
-  const replica = addReplica(src, [device, '--to', nbdUri(nbdkit.socketPath), '--limit-rate', '4M']);
-  assert.equal(replica.targetKind, 'plain');
+  const replica = addReplica(src, [device, '--to', nbdUri(nbdkit.socketPath), '--limit-rate', '4M', ...replicaArgs]);
   const first = sync(src, replica.id);
+  return { src, source, device, targetFile, replica, first };
+}
+
+/** Rewrite the device of a plainReplica and start a sync in the background; resolves, with the sync command's result to come, once part of it reached nbdkit. */
+async function plainSyncUnderway(r: Awaited<ReturnType<typeof plainReplica>>): Promise<{ result: Promise<RunResult> }> {
+  await rewrite(r.src, r.device, PLAIN_DEVICE_BYTES);
+  const before = await sha256File(r.targetFile);
+  const result = r.source.cli(['replica', 'sync', r.replica.id], undefined, true);
+  await until('part of the sync to reach nbdkit', async () => (await sha256File(r.targetFile)) !== before, 20_000, 50);
+  return { result };
+}
+
+test('nbdkit as a plain target: the copy is marked incomplete while a sync is cut short, and the next sync sends its ranges again', { timeout: 120_000 }, async (t) => {
+  const plain = await plainReplica(t, []);
+  const { src, source, device, targetFile, replica, first } = plain;
+  assert.equal(replica.targetKind, 'plain');
   assert.equal(first.state, 'idle');
   assert.equal(await sha256File(targetFile), await sha256File(device));
 
-  await rewrite(src, device, DEVICE_BYTES);
-  const before = await sha256File(targetFile);
-  void source.cli(['replica', 'sync', replica.id], undefined, true);
-  await until('part of the sync to reach nbdkit', async () => (await sha256File(targetFile)) !== before, 20_000, 50);
+  void (await plainSyncUnderway(plain)).result;
   source.server.kill('SIGKILL');
   await source.server.waitForExit(10_000);
 
@@ -568,4 +585,74 @@ test('two syncs back to back: the second waits for the standby to let go of the 
     client.close();
   }
   assert.equal(await sha256File(target), await sha256File(device));
+});
+
+test('a sync cut short by replica pause, or by the daemon stopping, says so, what the standby holds and how to go on, instead of "The operation was aborted"', { timeout: 180_000 }, async (t) => {
+  const DEVICE_BYTES = 16 << 20;
+  const { src, dst, source, device, target } = await oneDeviceEach(t, DEVICE_BYTES);
+  // 4 MiB/s: a sync of the whole device takes four seconds, time to cut it halfway.
+  const replica = addReplica(src, [device, '--to', nbdUri(path.join(dst.runDir, 'nbd.sock'), target), '--limit-rate', '4M']);
+  const first = sync(src, replica.id);
+  const complete = await sha256File(target);
+  const point = first.lastComplete!;
+  const pointText = point.replace(/[.]/g, '\\.');
+
+  /** Start a sync in the background, cut it once the standby holds part of it, and return what the sync command said. */
+  const cutSync = async (daemon: RunningDaemon, cut: () => Promise<void> | void): Promise<RunResult> => {
+    await rewrite(src, device, DEVICE_BYTES);
+    const running = daemon.cli(['replica', 'sync', replica.id], undefined, true);
+    await until('the standby to receive part of the sync', () => {
+      const status = JSON.parse(ok(dst, ['status', '--json'])) as { devices: Array<{ device: string; bytesPreserved: number }> };
+      return (status.devices.find((d) => d.device === target)?.bytesPreserved ?? 0) >= 2 << 20;
+    }, 20_000, 50);
+    await cut();
+    const result = await running;
+    assert.notEqual(result.exitCode, 0, 'the cut sync did not complete');
+    assert.equal(result.stderr.trim().split('\n').length, 1, `one line: ${result.stderr}`);
+    assert.doesNotMatch(result.stderr, /operation was aborted/);
+    return result;
+  };
+
+  let pauseSaid = '';
+  const paused = await cutSync(source, () => void (pauseSaid = ok(src, ['replica', 'pause', replica.id])));
+  const pausedText = new RegExp(`replica ${replica.id}: the sync was cut short because the replica was paused \\(bdsnap replica pause ${replica.id}\\); `
+    + `the standby keeps its last complete point, ${pointText}: what it received of this sync is undone; `
+    + `to go on, bdsnap replica resume ${replica.id}, then bdsnap replica sync ${replica.id}: it sends what changed since ${pointText} again`);
+  assert.match(paused.stderr, pausedText, paused.stderr);
+  const listed = replicaList(src).replicas[0]!;
+  assert.equal(listed.state, 'paused');
+  assert.match(listed.lastError ?? '', pausedText, 'list says why the last sync did not complete');
+  assert.match(pauseSaid, new RegExp(`^replica ${replica.id}: paused \\(replica ${replica.id}: the sync was cut short because the replica was paused`), pauseSaid);
+  assert.equal(events(src, 'replica-failed').at(-1)?.details.code, 'ESHUTDOWN');
+  await until('the standby to undo the cut sync', () => replicaList(dst).received[0]?.receiving === false, 20_000, 50);
+  assert.equal(await sha256File(target), complete, 'the standby is at the last complete point, as the message says');
+
+  ok(src, ['replica', 'resume', replica.id]);
+  const stopping = await cutSync(source, async () => void await source.server.stop());
+  assert.match(stopping.stderr, new RegExp(`replica ${replica.id}: the sync was cut short because the daemon is stopping; the standby keeps its last complete point, ${pointText}: `
+    + `what it received of this sync is undone; once the daemon is started again, bdsnap replica sync ${replica.id} sends what changed since ${pointText} again`), stopping.stderr);
+  await until('the standby to undo the cut sync', () => replicaList(dst).received[0]?.receiving === false, 20_000, 50);
+  assert.equal(await sha256File(target), complete, 'the standby is at the last complete point, as the message says');
+
+  await startDaemon(t, { sandbox: src, password: false });
+  assert.match(replicaList(src).replicas[0]?.lastError ?? '', /cut short because the daemon is stopping/, 'the reason is kept across the restart');
+  assert.equal(sync(src, replica.id).state, 'idle', 'the next sync goes on');
+  assert.equal(await sha256File(target), await sha256File(device));
+});
+
+test('a sync to a plain NBD target cut short by replica pause says the target holds part of it, marked incomplete, and how to go on', { timeout: 120_000 }, async (t) => {
+  const plain = await plainReplica(t, ['--every', '1h']);
+  const { src, device, targetFile, replica } = plain;
+  const point = plain.first.lastComplete!.replace(/[.]/g, '\\.');
+  const { result } = await plainSyncUnderway(plain);
+  ok(src, ['replica', 'pause', replica.id]);
+  const cut = await result;
+  assert.notEqual(cut.exitCode, 0);
+  assert.doesNotMatch(cut.stderr, /operation was aborted/);
+  assert.match(cut.stderr, new RegExp(`replica ${replica.id}: the sync was cut short because the replica was paused \\(bdsnap replica pause ${replica.id}\\); `
+    + `the target, a plain NBD server that cannot undo, holds part of this sync over the last complete point, ${point}, and stays marked incomplete until a sync finishes; `
+    + `to go on, bdsnap replica resume ${replica.id}, then bdsnap replica sync ${replica.id} \\(or wait for its schedule, every 60m\\): it sends what changed since ${point} again`), cut.stderr);
+  ok(src, ['replica', 'resume', replica.id]);
+  assert.equal(sync(src, replica.id).state, 'idle');
+  assert.equal(await sha256File(targetFile), await sha256File(device), 'the next sync completes the copy');
 });
