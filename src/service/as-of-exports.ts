@@ -12,6 +12,8 @@
 
 import type { Logger } from 'pino';
 import { BdsnapError } from '../errors.js';
+import type { AsOfViewStatus } from './control-protocol.js';
+import { describeAsOfView } from './device-holders.js';
 import { checkNotInUse } from '../host/in-use.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import { findSessionByMountTime, openAsOf, type AsOfDevice } from '../snapshot/restore/index.js';
@@ -41,6 +43,8 @@ export interface AsOfExportsOptions {
   registry: Registry;
   snapshotRoot: string;
   log: Logger;
+  /** Where bdsnap mounted the export `name`, if it did: the mount manager knows. */
+  mountpointOf?: (name: string) => string | undefined;
 }
 
 export class AsOfExports {
@@ -58,12 +62,17 @@ export class AsOfExports {
     return [...this.#views.keys()];
   }
 
-  /** Throws EBUSY while `devicePath` is served as of an earlier session: its content must not move. */
+  /** The views of `devicePath` open now, as status shows them. */
+  viewsOf(devicePath: string): AsOfViewStatus[] {
+    return [...this.#views].filter(([, v]) => v.devicePath === devicePath).map(([name, v]) => ({
+      exportName: name, mountTime: v.mountTime, connections: v.connections, mountpoint: this.#options.mountpointOf?.(name) ?? null,
+    }));
+  }
+
+  /** Throws EBUSY while `devicePath` is served as of an earlier session (its content must not move), naming the view and how it ends. */
   checkUserAttach(devicePath: string): void {
-    for (const v of this.#views.values()) {
-      if (v.devicePath !== devicePath) continue;
-      throw new BdsnapError('EBUSY', `${devicePath} is served as it was at ${v.mountTime} (${devicePath}${MARK}${v.mountTime}); disconnect or unmount that first`);
-    }
+    const view = this.viewsOf(devicePath)[0];
+    if (view) throw new BdsnapError('EBUSY', `${devicePath} is ${describeAsOfView(view)}`);
   }
 
   /** The export of an as-of name, or undefined when `name` is not one or names no registered device. */

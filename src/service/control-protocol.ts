@@ -168,6 +168,18 @@ export interface DeviceStatus {
   snapshots: string[];
   /** The snapshot images of this device that bdsnap mounted. */
   imageMounts: ImageMountStatus[];
+  /** The as-of views of this device open now (each holds the device still until its last client lets go). */
+  asOfViews: AsOfViewStatus[];
+}
+
+/** An open `<device>@asof:<mount time>` view: it lives as long as its NBD clients (a bdsnap mount of it is one). */
+export interface AsOfViewStatus {
+  exportName: string;
+  /** The session start it shows. */
+  mountTime: string;
+  connections: number;
+  /** Where bdsnap mounted it, if it did. */
+  mountpoint: string | null;
 }
 
 export interface ImageMountStatus {

@@ -49,7 +49,7 @@ import { MOUNTS_FILE, MountManager, describeLeftMounts } from './mount-manager.j
 import { Registry, canonicalDevicePath, registerDevice } from './registry.js';
 import { AsOfExports } from './as-of-exports.js';
 import { InstantRestores, type SourceOpener } from './instant-restore.js';
-import { describeRestoreSessions } from './device-holders.js';
+import { describeHolder, describeRestoreSessions } from './device-holders.js';
 import { Repository, openBackupDevices, openRepoStore } from '../repository/index.js';
 import { RepoLock } from '../repository/lock.js';
 import { ownerOf, SnapshotManager, type SnapshotOwner } from './snapshots/index.js';
@@ -129,7 +129,9 @@ export class Daemon {
       },
       ...(this.#tracking ? { tracking: this.#tracking } : {}),
     });
-    this.#asOf = new AsOfExports({ table: this.#table, registry, snapshotRoot: this.#snapshotRoot, log: this.#log });
+    this.#asOf = new AsOfExports({
+      table: this.#table, registry, snapshotRoot: this.#snapshotRoot, log: this.#log, mountpointOf: (name) => late.mounts?.imageMountOf(name)?.mountpoint,
+    });
     this.#instant = new InstantRestores({ stateDir: this.#stateDir, events, log: this.#log, openSource: openBackupSource, ...(options.restoreRateBytes !== undefined ? { rateBytes: options.restoreRateBytes } : {}) });
     this.#table.checkAttach = (devicePath) => this.#instant.checkAttach(devicePath);
     this.#table.mountOf = (devicePath) => late.mounts?.mountOf(devicePath);
@@ -350,8 +352,10 @@ export class Daemon {
       },
       async (target) => {
         const canonical = await canonicalDevicePath(target);
-        if (this.#table.isAttached(canonical) || this.#asOf.names().some((n) => n.startsWith(`${canonical}@`))) {
-          throw new BdsnapError('EBUSY', `${canonical} is open through the daemon (mounted, served or in a snapshot); unmount it, disconnect its clients and destroy its snapshots first`);
+        if (this.#table.isAttached(canonical) || this.#asOf.viewsOf(canonical).length > 0) {
+          const held = this.#status().devices.find((d) => d.device === canonical);
+          const why = held && describeHolder(held);
+          throw new BdsnapError('EBUSY', `${canonical} is ${why !== undefined ? `in use: ${why}` : 'open through the daemon (mounted, served or in a snapshot); unmount it, disconnect its clients and destroy its snapshots first'}`);
         }
       },
     );
@@ -507,7 +511,7 @@ export class Daemon {
 
   #status(): StatusResult {
     const devices = this.#table.status((d) => this.#snapshots.snapshotsOf(d))
-      .map((d) => ({ ...d, ...this.#instant.attachmentOf(d.device), imageMounts: this.#mounts.imageMountsOf(d.device) }));
+      .map((d) => ({ ...d, ...this.#instant.attachmentOf(d.device), imageMounts: this.#mounts.imageMountsOf(d.device), asOfViews: this.#asOf.viewsOf(d.device) }));
     return { runDir: this.runDir, snapshotRoot: this.#snapshotRoot, pid: process.pid, devices, restores: this.#instant.list(), replicas: this.#replicas.list() };
   }
 

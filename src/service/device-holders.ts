@@ -7,7 +7,7 @@
  */
 
 import { formatBytes } from '../units.js';
-import type { DeviceStatus, InstantRestoreInfo } from './control-protocol.js';
+import type { AsOfViewStatus, DeviceStatus, InstantRestoreInfo } from './control-protocol.js';
 
 /** Where to watch a running instant restore, and the event that says it is done. */
 const WATCH_RESTORE = '\'bdsnap status\' shows its progress, \'bdsnap events --follow\' says restore-completed';
@@ -64,12 +64,23 @@ export function describeRestoreSessions(r: InstantRestoreInfo): string {
  */
 export function describeHolder(d: DeviceStatus): string | undefined {
   if (d.mountpoint) return `mounted through bdsnap at ${d.mountpoint}; run bdsnap umount ${d.mountpoint} first`;
+  const view = d.asOfViews?.[0];
+  if (view) return describeAsOfView(view);
   if (d.snapshots.length > 0) {
     const ids = d.snapshots.join(' ');
     return `held by bdsnap snapshot${d.snapshots.length > 1 ? 's' : ''} ${ids}; destroy ${d.snapshots.length > 1 ? 'them' : 'it'} first (bdsnap snapshot destroy ${d.snapshots[0]})`;
   }
   if (d.connections > 0) return `open by ${d.connections} NBD client(s) of the bdsnap daemon; disconnect them first`;
   return undefined;
+}
+
+/**
+ * An as-of view holding its device still, and how it ends: no command closes one, it lives as
+ * long as its NBD clients, so its mount is unmounted or its clients disconnected.
+ */
+export function describeAsOfView(v: AsOfViewStatus): string {
+  const end = v.mountpoint !== null ? `run bdsnap umount ${v.mountpoint}` : `disconnect its ${v.connections} NBD client(s) (whatever reads ${v.exportName})`;
+  return `served as it was at ${v.mountTime} by the as-of view ${v.exportName} (${v.connections} NBD client(s)${v.mountpoint !== null ? `, mounted through bdsnap at ${v.mountpoint}` : ''}), which needs the device still; the view ends when its last client lets go: ${end} first`;
 }
 
 function progress(r: InstantRestoreInfo): string {

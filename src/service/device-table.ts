@@ -322,7 +322,7 @@ export class DeviceTable {
   }
 
   /** Each registered device as `status` shows it, but for the mounts of its images (the mount manager's). */
-  status(snapshotsOf: (devicePath: string) => string[]): Array<Omit<DeviceStatus, 'imageMounts'>> {
+  status(snapshotsOf: (devicePath: string) => string[]): Array<Omit<DeviceStatus, 'imageMounts' | 'asOfViews'>> {
     return this.#registry.list().map((record) => {
       const att = this.#attachments.get(record.path);
       const cow = att?.phase?.cow;

@@ -77,6 +77,10 @@ test('a device as at an earlier session start: exact, read-only, the device left
     const busy = await daemon.cli(['mount', device, mnt], undefined, true);
     assert.notEqual(busy.exitCode, 0, 'the device must not be mounted while it is viewed as of an earlier time');
     assert.match(busy.stderr, /is served as it was at/);
+    // Nor restored: the refusal names the view and the unmount that ends it.
+    const restoreBusy = await daemon.cli(['restore', sb], undefined, true);
+    assert.notEqual(restoreBusy.exitCode, 0, 'the device must not be restored while it is viewed');
+    assert.match(restoreBusy.stderr, new RegExp(`by the as-of view .*@asof:.* \\(\\d+ NBD client\\(s\\), mounted through bdsnap at ${then}\\), which needs the device still; the view ends when its last client lets go: run bdsnap umount ${then} first`), restoreBusy.stderr);
   } finally {
     await daemon.cli(['umount', then]);
   }

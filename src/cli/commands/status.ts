@@ -46,7 +46,7 @@ export function register(program: Command): void {
         process.stdout.write(`no devices registered\n${restores}`);
         return;
       }
-      // Each mounted snapshot image gets a row of its own under its device.
+      // Each mounted snapshot image, and each open as-of view (which holds its device still), gets a row of its own under its device.
       const rows = status.devices.flatMap((d) => [[
         d.device,
         d.active ? 'yes' : 'no',
@@ -55,7 +55,8 @@ export function register(program: Command): void {
         d.currentSession ?? (d.inSession ? '(no write yet)' : '-'),
         d.inSession ? formatBytes(d.bytesPreserved) : '-',
         d.dirtyOutsideSession ? 'yes' : 'no',
-      ], ...d.imageMounts.map((m) => [m.exportName, '-', 'mounted', m.mountpoint, '-', '-', '-'])]);
+      ], ...d.imageMounts.map((m) => [m.exportName, '-', 'mounted', m.mountpoint, '-', '-', '-']),
+      ...(d.asOfViews ?? []).map((v) => [v.exportName, '-', v.mountpoint !== null ? 'mounted' : `${v.connections} conn`, v.mountpoint ?? '-', '-', '-', '-'])]);
       process.stdout.write(`${formatTable(['DEVICE', 'ACTIVE', 'ATTACHED', 'MOUNTPOINT', 'SESSION', 'PRESERVED', 'WRITTEN-OUTSIDE-SESSION'], rows)}\n${restores}`);
     });
 
