@@ -9,8 +9,9 @@
  *
  * A target restored in place (the device, or an existing file) is changed only once every
  * piece it needs has been read (a byte range of its pack), authenticated, decoded and checked
- * against its id: a damaged piece refuses the restore with its name and the backup's, which
- * buys a refusal instead of a rollback for the common failure. From a local directory that
+ * against its id: a damaged or missing piece refuses the restore with its name, its pack and the
+ * backup's, in verify's words (piece-faults.ts), which buys a refusal instead of a rollback for
+ * the common failure. From a local directory that
  * first pass keeps nothing, and each piece is read and checked again as it is written (by the
  * pool's threads, straight from the pack file): measured here on a 256 MiB image (516 distinct
  * pieces, 129 MiB of them) with the repository in the page cache, 0.2 s of CPU and 0.1 to
@@ -43,6 +44,7 @@ import { pieceRange, type PieceLocation } from '../repository/pack.js';
 import { readPieces } from '../repository/pack-reader.js';
 import { PiecePool } from '../repository/piece-pool.js';
 import type { Repository } from '../repository/repository.js';
+import { PieceFaults, describeFaults, mendAdvice } from './piece-faults.js';
 import { PieceSpool } from './piece-spool.js';
 import { openRestoreTarget, type RestoreTarget, type SizeBefore } from './restore-target.js';
 import { runLimited } from '../run-limited.js';
@@ -88,33 +90,35 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   const command = `bdsnap backup restore --repo ${repo.store.location} ${id} ${entry.device}${output !== undefined ? ` --output ${output}` : ''}`;
   const target = await openRestoreTarget(output ?? entry.device, output !== undefined, entry.sizeBytes, { backup: id, command });
   const pool = new PiecePool(repo.pieceCrypto);
-  const verifyHint = `'bdsnap backup verify --repo ${repo.store.location} ${id}' lists every damaged piece`;
+  const faults = new PieceFaults(repo);
+  const advice = mendAdvice(repo.store.location, [id], [entry.device], true);
   // Pieces kept as local files are read where they are; others are fetched once.
   const remote = !repo.store.localPath;
   let spool: PieceSpool | undefined;
   try {
     const needed = neededPieces(slots, P, entry.sizeBytes);
     const index = await repo.pieceIndex();
-    checkIndexed(id, needed, index, verifyHint);
+    await checkIndexed(id, needed, index, faults, advice);
     const toWrite = slots.map((_, i) => i).filter((i) => slots[i] !== null || !target.holes);
     const writeBytes = toWrite.reduce((n, i) => n + Math.min(P, entry.sizeBytes - i * P), 0);
     const neededBytes = [...needed.values()].reduce((n, b) => n + b, 0);
     options.progress?.start((target.checkFirst ? neededBytes : 0) + writeBytes);
     if (target.checkFirst) {
       if (remote) spool = await PieceSpool.create(neededBytes);
-      await checkPieces(repo, id, needed, index, pool, spool, options, verifyHint);
+      await checkPieces(repo, id, needed, index, pool, spool, options, faults, advice);
     }
     let writtenBytes: number;
     try {
       await target.begin();
       writtenBytes = remote && !target.checkFirst
-        ? await streamSlots(repo, slots, index, needed, entry.sizeBytes, P, target, pool, options)
-        : await writeSlots(repo, id, slots, index, toWrite, entry.sizeBytes, P, target, pool, spool, options);
+        ? await streamSlots(repo, slots, index, needed, entry.sizeBytes, P, target, pool, faults, options)
+        : await writeSlots(repo, id, slots, index, toWrite, entry.sizeBytes, P, target, pool, spool, faults, options);
       await target.commit();
     } catch (err) {
       const e = toBdsnapError(err);
-      // A damaged piece met while writing a new file: refused like one met by the check pass.
-      if (!target.checkFirst && e.code === 'ECORRUPT') throw new BdsnapError(e.code, `cannot restore backup ${id}: ${e.message}; ${await target.abandon()}; ${verifyHint}`, { cause: err });
+      // A bad piece met while writing a new file: refused like one met by the check pass.
+      const fault = target.checkFirst ? undefined : await faults.of(err);
+      if (fault) throw new BdsnapError('ECORRUPT', `cannot restore backup ${id}: ${fault.text}; ${await target.abandon()}; ${advice}`, { cause: err });
       throw new BdsnapError(e.code, `${e.message}; ${await target.abandon()}`, { cause: err });
     }
     return {
@@ -139,12 +143,15 @@ function neededPieces(slots: Array<string | null>, P: number, sizeBytes: number)
   return needed;
 }
 
-/** Every needed piece must be in the index: a missing one refuses the restore before anything is read. */
-function checkIndexed(id: string, needed: Map<string, number>, index: Map<string, PieceLocation>, verifyHint: string): void {
-  const missing = [...needed.keys()].filter((h) => !index.has(h));
-  if (missing.length > 0) {
-    throw new BdsnapError('ECORRUPT', `backup ${id} is damaged: ${missing.length} of its pieces ${missing.length === 1 ? 'is' : 'are'} missing (${missing.slice(0, 3).join(', ')}${missing.length > 3 ? ', ...' : ''}); nothing was written; ${verifyHint}`);
-  }
+/**
+ * Every needed piece must be in the index: one that is not (verify dropped it, or an index
+ * object is lost) refuses the restore before anything is read, named as verify names it.
+ */
+async function checkIndexed(id: string, needed: Map<string, number>, index: Map<string, PieceLocation>, faults: PieceFaults, advice: string): Promise<void> {
+  const unplaced = [...needed.keys()].filter((h) => !index.has(h));
+  if (unplaced.length === 0) return;
+  const found = await Promise.all(unplaced.map((h) => faults.unplaced(h)));
+  throw new BdsnapError('ECORRUPT', `cannot restore backup ${id}: ${describeFaults(found)}; nothing was written; ${advice}`);
 }
 
 /**
@@ -154,11 +161,12 @@ function checkIndexed(id: string, needed: Map<string, number>, index: Map<string
  */
 async function checkPieces(
   repo: Repository, id: string, needed: Map<string, number>, index: Map<string, PieceLocation>, pool: PiecePool, spool: PieceSpool | undefined, options: RestoreOptions,
-  verifyHint: string,
+  faults: PieceFaults, advice: string,
 ): Promise<void> {
-  const refuse = (err: unknown): BdsnapError => {
+  const refuse = async (err: unknown): Promise<BdsnapError> => {
     const e = toBdsnapError(err);
-    return new BdsnapError(e.code === 'ENOENT' ? 'ECORRUPT' : e.code, `cannot restore backup ${id}: ${e.message}; nothing was written; ${verifyHint}`, { cause: err });
+    const fault = await faults.of(err);
+    return new BdsnapError(e.code === 'ENOENT' ? 'ECORRUPT' : e.code, `cannot restore backup ${id}: ${fault?.text ?? e.message}; nothing was written; ${advice}`, { cause: err });
   };
   if (spool) {
     try {
@@ -170,10 +178,13 @@ async function checkPieces(
           await spool.add(hash, raw);
           options.progress?.advance(lengthBytes);
         },
+        onError: (hash, e) => {
+          throw faults.tag(hash, e);
+        },
         signal: options.signal,
       });
     } catch (err) {
-      throw refuse(err);
+      throw await refuse(err);
     }
     return;
   }
@@ -184,7 +195,7 @@ async function checkPieces(
       const at = index.get(hash)!;
       await pool.check({ file: localPath(at.object), range: pieceRange(at), hash, lengthBytes });
     } catch (err) {
-      throw refuse(err);
+      throw await refuse(faults.tag(hash, err));
     }
     options.progress?.advance(lengthBytes);
   });
@@ -197,7 +208,7 @@ async function checkPieces(
  */
 async function streamSlots(
   repo: Repository, slots: Array<string | null>, index: Map<string, PieceLocation>, needed: Map<string, number>, sizeBytes: number, P: number, target: RestoreTarget, pool: PiecePool,
-  options: RestoreOptions,
+  faults: PieceFaults, options: RestoreOptions,
 ): Promise<number> {
   const slotsOf = new Map<string, number[]>();
   slots.forEach((hash, i) => {
@@ -219,6 +230,10 @@ async function streamSlots(
         options.progress?.advance(length);
         hints.written(i * P, length);
       }
+    },
+    // Tagged with its piece, for the refusal to name (a target's failure is told apart there by its code).
+    onError: (hash, e) => {
+      throw faults.tag(hash, e);
     },
     signal: options.signal,
   });
@@ -252,7 +267,7 @@ class WritebackHints {
 /** The second pass: every slot of `toWrite` into the target, from `spool` when given. Returns the bytes written. */
 async function writeSlots(
   repo: Repository, id: string, slots: Array<string | null>, index: Map<string, PieceLocation>, toWrite: number[], sizeBytes: number, P: number, target: RestoreTarget, pool: PiecePool,
-  spool: PieceSpool | undefined, options: RestoreOptions,
+  spool: PieceSpool | undefined, faults: PieceFaults, options: RestoreOptions,
 ): Promise<number> {
   // A piece that fills many slots (a repeated pattern) is kept decoded by the worker that
   // placed it while more slots use it.
@@ -281,8 +296,8 @@ async function writeSlots(
       }
     } catch (err) {
       const e = toBdsnapError(err);
-      // A new file's damaged piece is refused by name (restoreBackup), wherever it was met.
-      if (!target.checkFirst && e.code === 'ECORRUPT') throw e;
+      // A new file's bad piece is refused by name (restoreBackup), wherever it was met.
+      if (!target.checkFirst && hash !== null && (e.code === 'ECORRUPT' || e.code === 'ENOENT')) throw faults.tag(hash, e);
       throw new BdsnapError(e.code, `restore of ${target.path} from backup ${id} stopped at ${i * P}: ${e.message}`, { cause: err });
     }
     writtenBytes += length;

@@ -8,7 +8,9 @@
  * index (Repository.dropPieces): nothing can use it, and while it is listed every later backup
  * would take it as stored and name it again (a full one by deduplication, an incremental by
  * inheritance). Once it is unknown, the next backup of a device that still holds that content
- * reads it again and stores it under the same id, which mends every backup that names it.
+ * reads it again and stores it under the same id, which mends every backup that names it. The
+ * index keeps what it was dropped for, so a later verify or restore names it in the same word
+ * (piece-faults.ts).
  */
 
 import { toBdsnapError } from '../errors.js';
@@ -17,6 +19,8 @@ import { readPieces } from '../repository/pack-reader.js';
 import { PiecePool } from '../repository/piece-pool.js';
 import type { Repository } from '../repository/repository.js';
 import { formatDataSubset, inDataSubset, type DataSubset } from './data-subset.js';
+import { PieceFaults, type PieceFault } from './piece-faults.js';
+import type { PieceProblem } from '../repository/pack.js';
 
 export interface VerifyOptions {
   /** One backup; default all. */
@@ -29,9 +33,15 @@ export interface VerifyOptions {
 
 export interface BadPiece {
   hash: string;
-  problem: 'missing' | 'damaged';
+  problem: PieceProblem;
+  /** The pack it is, or was, in, when an index says. */
+  pack?: string;
+  /** Verify removed it from the index before this run. */
+  dropped: boolean;
   detail: string;
   backups: string[];
+  /** The devices of those backups that hold it. */
+  devices: string[];
 }
 
 export interface VerifySummary {
@@ -55,6 +65,7 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
       })]
     : await repo.backups();
   const users = new Map<string, string[]>();
+  const devicesOf = new Map<string, Set<string>>();
   for (const r of records) {
     for (const d of r.manifest?.devices ?? []) {
       for (const s of d.pieces) {
@@ -62,23 +73,30 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
         const list = users.get(s);
         if (!list) users.set(s, [r.id]);
         else if (list[list.length - 1] !== r.id) list.push(r.id);
+        const devices = devicesOf.get(s);
+        if (!devices) devicesOf.set(s, new Set([d.device]));
+        else devices.add(d.device);
       }
     }
   }
   const index = await repo.pieceIndex();
   const stored = await repo.storedPieces();
+  const faults = new PieceFaults(repo);
   const bad: BadPiece[] = [];
+  const badPiece = (f: PieceFault): BadPiece => ({
+    hash: f.hash, problem: f.problem, ...(f.pack !== undefined ? { pack: f.pack } : {}), dropped: f.dropped, detail: f.text, backups: users.get(f.hash)!, devices: [...devicesOf.get(f.hash)!].sort(),
+  });
   // Whether a piece is there is known from the listing, for every piece; a slice limits reading.
   const toRead: string[] = [];
-  for (const [hash, backups] of users) {
-    if (!stored.has(hash)) bad.push({ hash, problem: 'missing', detail: `piece ${hash} is missing`, backups });
+  for (const hash of users.keys()) {
+    if (!stored.has(hash)) bad.push(badPiece(await faults.unplaced(hash)));
     else if (options.subset === undefined || inDataSubset(hash, options.subset)) toRead.push(hash);
   }
   options.progress?.start(toRead.reduce((n, h) => n + (stored.get(h) ?? 0), 0));
   let checkedPieces = 0;
   let checkedBytes = 0;
   const pool = new PiecePool(repo.pieceCrypto);
-  const damaged = new Set<string>();
+  const failed = new Map<string, unknown>();
   try {
     // Pieces close together in a pack are read together (pack-reader.ts); each has its own outcome.
     await readPieces(repo, pool, toRead.map((hash) => ({ id: hash, at: index.get(hash)! })), {
@@ -88,9 +106,7 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
         options.progress?.advance(stored.get(hash) ?? 0);
       },
       onError: (hash, e) => {
-        // Indexed but gone (its pack removed): as useless as a damaged one, and dropped alike.
-        damaged.add(hash);
-        bad.push({ hash, problem: e.code === 'ENOENT' ? 'missing' : 'damaged', detail: e.message, backups: users.get(hash)! });
+        failed.set(hash, e);
         options.progress?.advance(stored.get(hash) ?? 0);
       },
       signal: options.signal,
@@ -99,9 +115,16 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
   } finally {
     await pool.close();
   }
-  if (damaged.size > 0) {
-    const removed = await repo.dropPieces(damaged).then(() => 'removed, so the next backup stores it again', (err: unknown) => `could not be removed: ${(err as Error).message}`);
-    for (const b of bad) if (damaged.has(b.hash)) b.detail = `${b.detail}; ${removed}`;
+  // Indexed but gone (its pack removed): as useless as a damaged one, and dropped alike.
+  const drop = new Map<string, PieceProblem>();
+  for (const [hash, err] of failed) {
+    const f = await faults.read(hash, err);
+    drop.set(hash, f.problem);
+    bad.push(badPiece(f));
+  }
+  if (drop.size > 0) {
+    const removed = await repo.dropPieces(drop).then(() => 'removed, so the next backup stores it again', (err: unknown) => `could not be removed: ${(err as Error).message}`);
+    for (const b of bad) if (drop.has(b.hash)) b.detail = `${b.detail}; ${removed}`;
   }
   bad.sort((a, b) => a.hash.localeCompare(b.hash));
   const backups = records.map((r) => {

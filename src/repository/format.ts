@@ -10,6 +10,8 @@
  *                              one after the other (see pack.ts); read by byte range.
  * - `index/<random hex>`       where each piece is: pack, offset, length (sealed JSON). Written
  *                              after its packs are durable and before any manifest names them.
+ *                              Verify replaces one that places a bad piece by one that lists it
+ *                              as dropped, with its pack and problem (pack.ts).
  * - `backups/<id>.json`        one manifest per backup (sealed), written last: it is the commit.
  * - `locks/<id>.<kind>`        see lock.ts (plain: other hosts judge them before any password).
  * A piece's id is the HMAC-SHA256 of its raw bytes under the id key (encrypted), or their

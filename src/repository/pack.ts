@@ -34,6 +34,24 @@ export interface PieceLocation {
   lengthBytes: number | null;
 }
 
+/**
+ * What verify found wrong with a piece it removed from the index: 'damaged' (its bytes are there
+ * and wrong: cut short, altered, not decoding to its id) or 'missing' (its pack is gone).
+ */
+export type PieceProblem = 'damaged' | 'missing';
+
+/** A piece verify removed from the index, where it was and why (Repository.droppedPieces). */
+export interface DroppedPiece {
+  pack: string;
+  problem: PieceProblem;
+}
+
+/** What an index object holds: the packs it places pieces in, and the pieces verify removed from it. */
+export interface IndexContent {
+  packs: WrittenPack[];
+  dropped: Map<string, DroppedPiece>;
+}
+
 /** The byte range of its object a piece takes, or null for a whole object (a v1 piece). */
 export function pieceRange(at: PieceLocation): ByteRange | null {
   return at.lengthBytes === null ? null : { offsetBytes: at.offsetBytes, lengthBytes: at.lengthBytes };
@@ -50,22 +68,35 @@ export const indexSchema = z.object({
     /** [id, offset, length] per piece. */
     pieces: z.array(z.tuple([z.string().regex(ID_HEX), z.number().int().nonnegative(), z.number().int().positive()])),
   })),
+  /**
+   * [id, pack, problem] per piece verify removed from this object's packs: it places nothing,
+   * and lets a later verify or restore say what was wrong with a piece a backup still names.
+   * Optional, so an index without it is read as before, and a bdsnap that predates it reads
+   * the packs and ignores it.
+   */
+  dropped: z.array(z.tuple([z.string().regex(ID_HEX), z.string(), z.enum(['damaged', 'missing'])])).optional(),
 });
 
 /** Packs per index object at most: about 4 GiB of pieces, an index of a few hundred KiB. */
 export const PACKS_PER_INDEX = 256;
 
-export function encodeIndex(packs: readonly WrittenPack[]): Buffer {
+export function encodeIndex(packs: readonly WrittenPack[], dropped: ReadonlyMap<string, DroppedPiece> = new Map()): Buffer {
   return Buffer.from(JSON.stringify({
     format: INDEX_FORMAT, version: 1,
     packs: packs.map((p) => ({ object: p.object, pieces: p.pieces.map((e) => [e.id, e.offsetBytes, e.lengthBytes]) })),
+    ...(dropped.size > 0 ? { dropped: [...dropped].map(([id, d]) => [id, d.pack, d.problem]) } : {}),
   }));
 }
 
-/** The packs an index lists; ECORRUPT unless well formed, every range within `maxPieceBytes` and without overlap. */
-export function decodeIndex(plain: Buffer, what: string, isPack: (name: string) => boolean, maxPieceBytes: number): WrittenPack[] {
+/** What an index holds; ECORRUPT unless well formed, every range within `maxPieceBytes` and without overlap. */
+export function decodeIndex(plain: Buffer, what: string, isPack: (name: string) => boolean, maxPieceBytes: number): IndexContent {
   const index = parseJson(plain, indexSchema, (problem) => `${what} is damaged (${problem})`);
-  return index.packs.map((p) => {
+  const dropped = new Map<string, DroppedPiece>();
+  for (const [id, pack, problem] of index.dropped ?? []) {
+    if (!isPack(pack)) throw new BdsnapError('ECORRUPT', `${what} names ${pack}, which is not a pack`);
+    dropped.set(id, { pack, problem });
+  }
+  const packs = index.packs.map((p) => {
     if (!isPack(p.object)) throw new BdsnapError('ECORRUPT', `${what} names ${p.object}, which is not a pack`);
     let end = 0;
     const pieces = p.pieces.map(([id, offsetBytes, lengthBytes]) => {
@@ -75,6 +106,7 @@ export function decodeIndex(plain: Buffer, what: string, isPack: (name: string) 
     });
     return { object: p.object, pieces };
   });
+  return { packs, dropped };
 }
 
 /**

@@ -117,7 +117,8 @@ function readPieceFile(file: string, range: PieceRange, hash: string, rawBytes: 
     fd = fs.openSync(file, READ_FLAGS);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new BdsnapError('ECORRUPT', `piece ${hash} is missing`);
+    // ENOENT, as the store's get says it: a caller tells a missing piece from a damaged one by it.
+    if (code === 'ENOENT') throw new BdsnapError('ENOENT', `piece ${hash} is missing`);
     if (code === 'ELOOP') throw new BdsnapError('ECORRUPT', `piece ${hash} is a symbolic link; bdsnap does not follow one in a repository: remove it`);
     throw new BdsnapError('EIO', `cannot read piece ${hash}: ${(err as Error).message}`);
   }

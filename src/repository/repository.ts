@@ -28,7 +28,7 @@ import {
   manifestSchema, pieceHashOf, pieceObject, randomObjectName,
   type Manifest, type RepoConfig,
 } from './format.js';
-import { PACKS_PER_INDEX, PackWriter, decodeIndex, encodeIndex, type PieceLocation, type WrittenPack } from './pack.js';
+import { PACKS_PER_INDEX, PackWriter, decodeIndex, encodeIndex, type DroppedPiece, type PieceLocation, type PieceProblem, type WrittenPack } from './pack.js';
 import { decodeStored } from './piece-worker.js';
 import { RepoLock, listLocks } from './lock.js';
 import { LocalDirStore, type ObjectStore } from './object-store.js';
@@ -137,10 +137,17 @@ function unplacedPieces(records: readonly BackupRecord[], unplaced: ReadonlySet<
 /** A manifest, or why it cannot be read. */
 export type BackupRecord = { id: string; manifest: Manifest; error?: undefined } | { id: string; manifest?: undefined; error: BdsnapError };
 
-/** An index object and the packs it lists. */
+/** An index object, the packs it lists and the pieces verify removed from them. */
 interface IndexFile {
   name: string;
   packs: WrittenPack[];
+  dropped: Map<string, DroppedPiece>;
+}
+
+/** What the index objects say together: where each stored piece is, and what verify removed. */
+interface IndexState {
+  placed: Map<string, PieceLocation>;
+  dropped: Map<string, DroppedPiece>;
 }
 
 export class Repository {
@@ -149,7 +156,7 @@ export class Repository {
   /** The key object this repository was opened with (encrypted repositories). */
   readonly keyId: string | undefined;
   readonly #key: MasterKey | undefined;
-  #index: Promise<Map<string, PieceLocation>> | undefined;
+  #index: Promise<IndexState> | undefined;
 
   private constructor(store: ObjectStore, config: RepoConfig, key?: MasterKey, keyId?: string) {
     this.store = store;
@@ -382,13 +389,26 @@ export class Repository {
     const out: IndexFile[] = [];
     await runLimited(names, 8, async (name) => {
       const plain = this.#open(name, await this.store.get(name, { maxBytes: MAX_INDEX_BYTES }), `index ${name}`);
-      out.push({ name, packs: decodeIndex(plain, `index ${name}`, isPackObject, this.maxStoredPieceBytes) });
+      out.push({ name, ...decodeIndex(plain, `index ${name}`, isPackObject, this.maxStoredPieceBytes) });
     });
     return out.sort((a, b) => a.name.localeCompare(b.name));
   }
 
   /** Where every stored piece is. Cached until this object writes or drops index entries. */
-  pieceIndex(): Promise<Map<string, PieceLocation>> {
+  async pieceIndex(): Promise<Map<string, PieceLocation>> {
+    return (await this.#indexState()).placed;
+  }
+
+  /**
+   * The pieces verify removed from the index (dropPieces) and no index places since, with the
+   * pack each was in and what was wrong with it: a backup that names one is told about in the
+   * words verify used. Empty for a version-1 repository, whose pieces leave no trace.
+   */
+  async droppedPieces(): Promise<Map<string, DroppedPiece>> {
+    return (await this.#indexState()).dropped;
+  }
+
+  #indexState(): Promise<IndexState> {
     this.#index ??= this.#loadIndex();
     this.#index.catch(() => {
       this.#index = undefined;
@@ -405,27 +425,34 @@ export class Repository {
     return this.pieceIndex();
   }
 
-  async #loadIndex(): Promise<Map<string, PieceLocation>> {
-    const out = new Map<string, PieceLocation>();
+  async #loadIndex(): Promise<IndexState> {
+    const placed = new Map<string, PieceLocation>();
+    const dropped = new Map<string, DroppedPiece>();
     if (this.legacy) {
       for (const name of await this.store.names(PIECES_PREFIX)) {
         const hash = pieceHashOf(name);
-        if (hash !== undefined) out.set(hash, { object: name, offsetBytes: 0, lengthBytes: null });
+        if (hash !== undefined) placed.set(hash, { object: name, offsetBytes: 0, lengthBytes: null });
       }
-      return out;
+      return { placed, dropped };
     }
     for (const f of await this.#indexFiles()) {
-      for (const p of f.packs) for (const e of p.pieces) if (!out.has(e.id)) out.set(e.id, { object: p.object, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes });
+      for (const p of f.packs) for (const e of p.pieces) if (!placed.has(e.id)) placed.set(e.id, { object: p.object, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes });
+      for (const [id, d] of f.dropped) if (!dropped.has(id)) dropped.set(id, d);
     }
-    return out;
+    // A piece stored again since verify removed it is whole: only its new place counts.
+    for (const id of placed.keys()) dropped.delete(id);
+    return { placed, dropped };
   }
 
-  /** Record where the pieces of `packs` are; only once the packs are durable (the store's commit). */
-  async writeIndex(packs: readonly WrittenPack[]): Promise<void> {
+  /**
+   * Record where the pieces of `packs` are; only once the packs are durable (the store's
+   * commit). `dropped` (dropPieces) goes into the first object written, or one of its own.
+   */
+  async writeIndex(packs: readonly WrittenPack[], dropped: ReadonlyMap<string, DroppedPiece> = new Map()): Promise<void> {
     this.#writable();
-    for (let at = 0; at < packs.length; at += PACKS_PER_INDEX) {
+    for (let at = 0; at < packs.length || (at === 0 && dropped.size > 0); at += PACKS_PER_INDEX) {
       const name = indexObject(randomObjectName());
-      await this.store.put(name, this.#seal(name, encodeIndex(packs.slice(at, at + PACKS_PER_INDEX))));
+      await this.store.put(name, this.#seal(name, encodeIndex(packs.slice(at, at + PACKS_PER_INDEX), at === 0 ? dropped : undefined)));
     }
     this.#index = undefined;
   }
@@ -436,13 +463,22 @@ export class Repository {
     if (packs.length > 0) await this.writeIndex(packs);
   }
 
-  /** The stored bytes of a piece: ENOENT if it is not stored; ECORRUPT, before reading, if larger than a piece can be. */
+  /**
+   * The stored bytes of a piece: ENOENT if it is not stored or its object is gone; ECORRUPT,
+   * before reading, if larger than a piece can be, and if its pack ends before it does.
+   */
   async readStoredPiece(id: string, location?: PieceLocation): Promise<Buffer> {
     const at = location ?? (await this.pieceIndex()).get(id);
     if (!at) throw new BdsnapError('ENOENT', `piece ${id} is missing from ${this.store.location}`);
     if (at.lengthBytes === null) return this.store.get(at.object, { maxBytes: this.maxStoredPieceBytes });
     if (at.lengthBytes > this.maxStoredPieceBytes) throw new BdsnapError('ECORRUPT', `the index gives piece ${id} more bytes than a piece can take`);
-    return this.store.get(at.object, { offsetBytes: at.offsetBytes, lengthBytes: at.lengthBytes });
+    try {
+      return await this.store.get(at.object, { offsetBytes: at.offsetBytes, lengthBytes: at.lengthBytes });
+    } catch (err) {
+      // A range past the end (EINVAL) is a pack cut short: the piece is damaged, as a restore's worker says.
+      if (toBdsnapError(err).code === 'EINVAL') throw new BdsnapError('ECORRUPT', `piece ${id} is damaged: its pack ends before the piece does`, { cause: err });
+      throw err;
+    }
   }
 
   /** A piece's raw bytes, read, opened and checked on this thread (for small jobs: copy, repack). */
@@ -470,24 +506,32 @@ export class Repository {
   }
 
   /**
-   * Make pieces unknown (damaged ones, found by verify), so that the next backup that meets
-   * their content stores it again: a v1 piece object is deleted; in packs, each index object
-   * that lists one is replaced by one without it (the new one written before the old is
-   * deleted). Runs under a `create` lock, so prune does not rewrite the index meanwhile.
+   * Make pieces unknown (damaged ones, or ones whose pack is gone, found by verify), so that
+   * the next backup that meets their content stores it again: a v1 piece object is deleted; in
+   * packs, each index object that lists one is replaced by one without it (the new one written
+   * before the old is deleted), which records the piece as dropped, with its pack and problem
+   * (droppedPieces). Runs under a `create` lock, so prune does not rewrite the index meanwhile.
    */
-  async dropPieces(ids: ReadonlySet<string>): Promise<void> {
-    if (ids.size === 0) return;
+  async dropPieces(pieces: ReadonlyMap<string, PieceProblem>): Promise<void> {
+    if (pieces.size === 0) return;
     if (this.legacy) {
-      for (const id of ids) await this.store.delete(pieceObject(id));
+      for (const id of pieces.keys()) await this.store.delete(pieceObject(id));
       this.#index = undefined;
       return;
     }
     const lock = await RepoLock.acquire(this.store, 'create');
     try {
       for (const f of await this.#indexFiles()) {
-        if (!f.packs.some((p) => p.pieces.some((e) => ids.has(e.id)))) continue;
-        const kept = f.packs.map((p) => ({ object: p.object, pieces: p.pieces.filter((e) => !ids.has(e.id)) })).filter((p) => p.pieces.length > 0);
-        await this.writeIndex(kept);
+        if (!f.packs.some((p) => p.pieces.some((e) => pieces.has(e.id)))) continue;
+        const kept = f.packs.map((p) => ({ object: p.object, pieces: p.pieces.filter((e) => !pieces.has(e.id)) })).filter((p) => p.pieces.length > 0);
+        const dropped = new Map(f.dropped);
+        for (const p of f.packs) {
+          for (const e of p.pieces) {
+            const problem = pieces.get(e.id);
+            if (problem) dropped.set(e.id, { pack: p.object, problem });
+          }
+        }
+        await this.writeIndex(kept, dropped);
         await this.store.delete(f.name);
       }
     } finally {
@@ -624,6 +668,8 @@ export class Repository {
     }
     const repackedPacks = repack.length;
     const repackedPieces = written.reduce((n, p) => n + p.pieces.length, 0);
+    // What verify dropped is not carried over: a kept backup that named such a piece would have
+    // stopped the prune above (unplaced), so no one will ask about it.
     await this.writeIndex([...kept, ...written]);
     await lock.assertHeld('this prune', PRUNE_STALLED);
     for (const f of files) await this.store.delete(f.name);

@@ -263,7 +263,7 @@ test('prune refuses while kept backups name pieces no index places (an index obj
   // The index object of inc1's pack is lost: inc1 and inc2 name two pieces nothing places.
   fs.rmSync(path.join(repoDir, inc1.indexes[0]!));
   let r = await bdsnap('verify', '--repo', repoDir);
-  assertFails(r, new RegExp(`^bdsnap: 2 damaged backups: ${inc1.id}, ${inc2.id}$`, 'm'));
+  assertFails(r, new RegExp(`^bdsnap: 2 damaged backups: ${inc1.id}, ${inc2.id}; run 'bdsnap backup create --repo ${repoDir} /dev/a' .*, or forget them with 'bdsnap backup forget --repo ${repoDir} ${inc1.id} ${inc2.id}'$`, 'm'));
   let packs = objectsUnder(repoDir, 'packs');
   assertFails(await bdsnap('prune', '--repo', repoDir),
     new RegExp(`^bdsnap: cannot prune: backups ${inc1.id}, ${inc2.id} name 2 pieces no index places .*; run 'bdsnap backup verify --repo ${repoDir}'.*backup create.*or forget`));

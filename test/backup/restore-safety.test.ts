@@ -110,7 +110,7 @@ test('a damaged piece: restore onto an image file or a loop device refuses befor
   await flipByte(repo, repoDir, victim);
   scribble(loop, [[0, 8 * MiB], [40 * MiB, MiB]]);
   const refused = (id: string): RegExp => new RegExp(
-    `^bdsnap: cannot restore backup ${id}: piece ${victim} is damaged: [^;]+; nothing was written; 'bdsnap backup verify --repo ${repoDir} ${id}' lists every damaged piece$`, 'm');
+    `^bdsnap: cannot restore backup ${id}: piece ${victim} is damaged: [^;]+, in pack packs/[0-9a-f/]+; nothing was written; 'bdsnap backup verify --repo ${repoDir} ${id}' lists every damaged or missing piece of it; then run 'bdsnap backup create --repo ${repoDir} [^']+' \\(.*\\), or forget the backup with 'bdsnap backup forget --repo ${repoDir} ${id}'$`, 'm');
 
   const before = await sha256File(loop);
   let r = await bdsnap(['restore', '--repo', repoDir, loopId, loop]);
@@ -124,7 +124,7 @@ test('a damaged piece: restore onto an image file or a loop device refuses befor
   r = await bdsnap(['restore', '--repo', repoDir, loopId, loop, '--output', out]);
   assert.deepEqual(fs.readdirSync(outDir), [], 'no output file, temporary or not, is left');
   assertFails(r, new RegExp(
-    `^bdsnap: cannot restore backup ${loopId}: piece ${victim} is damaged: [^;]+; the partly written ${outDir}/\\.out\\.img\\.bdsnap-restore-[0-9a-f]{8} was removed; 'bdsnap backup verify --repo ${repoDir} ${loopId}' lists every damaged piece$`, 'm'));
+    `^bdsnap: cannot restore backup ${loopId}: piece ${victim} is damaged: [^;]+, in pack packs/[0-9a-f/]+; the partly written ${outDir}/\\.out\\.img\\.bdsnap-restore-[0-9a-f]{8} was removed; 'bdsnap backup verify --repo ${repoDir} ${loopId}' lists every damaged or missing piece of it; then run 'bdsnap backup create --repo ${repoDir} [^']+' \\(.*\\), or forget the backup with 'bdsnap backup forget --repo ${repoDir} ${loopId}'$`, 'm'));
 
   await run('losetup', ['-d', loop]);
   r = await bdsnap(['restore', '--repo', repoDir, fileBackup.id, image]);

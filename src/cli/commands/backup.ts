@@ -267,7 +267,7 @@ export function register(program: Command): void {
     .option('--read-data-subset <N/T>', 'read only slice N of T of the pieces (the same slice every run; 1/T to T/T read everything once)')
     .option('--json', 'print the result as JSON')
     .action(async (id: string | undefined, flags: RepoFlags & { readDataSubset?: string }) => {
-      const { parseDataSubset, verifyRepository } = await agent();
+      const { parseDataSubset, verifyRepository, mendAdvice, whereOf } = await agent();
       const subset = flags.readDataSubset === undefined ? undefined : parseDataSubset(flags.readDataSubset);
       const repo = await openRepo(flags);
       const bar = await progressBar('verifying', flags.json);
@@ -280,13 +280,14 @@ export function register(program: Command): void {
       if (flags.json) printJson(summary);
       else {
         const lines = summary.backups.map((b) => `${b.id}: ${b.ok ? 'ok' : `DAMAGED (${b.problem})`}`);
-        for (const p of summary.badPieces) lines.push(`piece ${p.hash}: ${p.problem}, used by ${p.backups.join(', ')}`);
+        for (const p of summary.badPieces) lines.push(`piece ${p.hash}: ${p.problem}, used by ${p.backups.join(', ')} (${whereOf(p)})`);
         lines.push(`${summary.checkedPieces} pieces (${formatBytes(summary.checkedBytes)}) checked${summary.subset ? ` (slice ${summary.subset})` : ''}`);
         process.stdout.write(`${lines.join('\n')}\n`);
       }
       if (!summary.ok) {
         const damaged = summary.backups.filter((b) => !b.ok).map((b) => b.id);
-        throw new BdsnapError('ECORRUPT', `${damaged.length} damaged backup${damaged.length === 1 ? '' : 's'}: ${damaged.join(', ')}`);
+        const devices = [...new Set(summary.badPieces.flatMap((p) => p.devices))].sort();
+        throw new BdsnapError('ECORRUPT', `${damaged.length} damaged backup${damaged.length === 1 ? '' : 's'}: ${damaged.join(', ')}; ${mendAdvice(repo.store.location, damaged, devices, false)}`);
       }
     });
 
