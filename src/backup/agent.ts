@@ -20,11 +20,14 @@ export interface ChangeMapPoint {
   number: number;
 }
 
+/** What a backup reads an image with: its bytes, its zero extents, and close. */
+export type ImageReader = Pick<BlockDevice, 'read' | 'extents'> & { close(): Promise<void> };
+
 export interface SnapshotImage {
   device: string;
   sizeBytes: number;
   /** A reader of the image at the snapshot's point in time (an NBD client of `<device>@<id>`). */
-  open(): Promise<BlockDevice & { close(): Promise<void> }>;
+  open(): Promise<ImageReader>;
   /** Where the device's change map stood at the snapshot; null if it has none. */
   changeMap: ChangeMapPoint | null;
   /**
@@ -88,7 +91,7 @@ export async function backupDevices(repo: Repository, provider: SnapshotProvider
 }
 
 /** Full or incremental, and why; the extents the image reports as zeroes are not read. */
-async function sourceFor(repo: Repository, snapshotId: string, image: SnapshotImage, reader: BlockDevice, full: boolean, host: string): Promise<BackupSource> {
+async function sourceFor(repo: Repository, snapshotId: string, image: SnapshotImage, reader: ImageReader, full: boolean, host: string): Promise<BackupSource> {
   const meta: Record<string, unknown> = { [META_SNAPSHOT]: snapshotId, [META_CHANGE_MAP]: image.changeMap };
   const base = {
     device: image.device, sizeBytes: image.sizeBytes, read: (t: Buffer, o: number) => reader.read(t, o), meta,
@@ -110,7 +113,7 @@ async function sourceFor(repo: Repository, snapshotId: string, image: SnapshotIm
 }
 
 /** Ranges the image reports as reading zeroes (base:allocation), walked in 1 GiB requests. */
-async function zeroExtents(reader: BlockDevice, sizeBytes: number): Promise<ByteRange[]> {
+async function zeroExtents(reader: Pick<BlockDevice, 'extents'>, sizeBytes: number): Promise<ByteRange[]> {
   const out: ByteRange[] = [];
   const step = 1 << 30;
   let at = 0;

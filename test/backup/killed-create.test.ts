@@ -2,17 +2,21 @@
  * A `backup create` killed (SIGKILL) after it took its snapshot leaves no snapshot behind: the
  * daemon removes a snapshot a backup took for itself once the backup's control connection is
  * gone, and at its next start when the daemon itself was killed with it. A snapshot a user took
- * is kept through both. Against the real daemon and the real CLI.
+ * is kept through both. A daemon killed under a create, while it reads or before the handshake
+ * of its NBD connection, gets one message that says so, that nothing was recorded, and what to
+ * do. Against the real daemon and the real CLI.
  */
 
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BDSNAP_MAIN } from '../../testkit/bdsnap-cli.js';
 import { ok, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../../testkit/daemon.js';
 import { makeImage } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
 
 /** Random data, so the backup is still reading and storing it when it is killed. */
 const BYTES = 128 << 20;
@@ -107,4 +111,91 @@ test('after a daemon restart, a backup\'s snapshot is kept while its process sti
   backup.child.kill('SIGKILL');
   await backup.exited;
   await listingUntil(again, (l) => l.length === 0, 8_000, 'the backup\'s snapshot was not destroyed once its owner ended');
+});
+
+interface Ended {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * `backup create` in its own process (under `prefix`, e.g. strace), with its output so far and
+ * its exit. It says on stderr which kind of backup each device gets just before it reads.
+ */
+function startCreate(t: TestContext, box: Sandbox, device: string, repo: string, prefix: string[] = []): { child: ChildProcess; stderr(): string; ended: Promise<Ended> } {
+  const [cmd, ...args] = [...prefix, process.execPath, BDSNAP_MAIN, 'backup', 'create', device, '--repo', repo];
+  const child = spawn(cmd!, args, { env: box.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const ended = new Promise<Ended>((resolve) => child.once('close', (code) => resolve({ code, stdout, stderr })));
+  t.after(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  return { child, stderr: () => stderr, ended };
+}
+
+/** Poll until `done`, or fail saying `what`. */
+async function until(done: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!done()) {
+    if (Date.now() > deadline) assert.fail(`${what} within ${timeoutMs} ms`);
+    await sleep(10);
+  }
+}
+
+/** Bytes a process has read so far, sockets included (/proc/PID/io rchar). */
+function bytesRead(pid: number): number {
+  return Number(/^rchar: (\d+)$/m.exec(fs.readFileSync(`/proc/${pid}/io`, 'utf8'))?.[1] ?? 0);
+}
+
+/** The create's one error line on stderr (after its plan, if it got that far), and the repository without a backup of it. */
+function assertEndedAndNothingRecorded(box: Sandbox, ended: Ended, device: string, repo: string, doing: string): void {
+  assert.equal(ended.code, 1, ended.stderr);
+  assert.equal(ended.stdout, '');
+  const lines = ended.stderr.trim().split('\n');
+  assert.deepEqual(lines.slice(0, -1).filter((l) => l !== `${device}: full backup (first backup of this device)`), [], `one error line on stderr: ${ended.stderr}`);
+  assert.match(lines.at(-1)!, new RegExp(`^bdsnap: the daemon's connection ended ${doing}: the daemon stopped or died; nothing of this backup was recorded in ${repo}; check that the daemon is running \\('bdsnap status' answers when it is\\), then run the backup again$`));
+  assert.deepEqual(JSON.parse(ok(box, ['backup', 'list', '--repo', repo, '--json'])), [], 'the backup is not listed');
+}
+
+test('the daemon killed while a backup create reads the device: the create says the daemon\'s connection ended, that nothing was recorded and what to do; once the daemon runs again, the backup does', { timeout: 90_000 }, async (t) => {
+  const { box, daemon, device, repo } = await setUp(t, false);
+  const create = startCreate(t, box, device, repo);
+  // Reading: what the create takes in once it said its plan is the image's, from the NBD socket.
+  await until(() => create.stderr().includes(`${device}: full backup`), 30_000, 'the backup did not start reading');
+  const before = bytesRead(create.child.pid!);
+  await until(() => bytesRead(create.child.pid!) - before >= 16 << 20, 20_000, 'the backup read no 16 MiB of the image');
+  daemon.server.kill('SIGKILL');
+  assertEndedAndNothingRecorded(box, await create.ended, device, repo, `while the backup read ${device} \\(at \\d+(\\.\\d+)? MiB of 128 MiB\\)`);
+  await daemon.server.waitForExit(10_000);
+  await startDaemon(t, { sandbox: box, password: false });
+  const { id } = JSON.parse(ok(box, ['backup', 'create', device, '--repo', repo, '--json'])) as { id: string };
+  assert.deepEqual((JSON.parse(ok(box, ['backup', 'list', '--repo', repo, '--json'])) as Array<{ id: string }>).map((b) => b.id), [id]);
+});
+
+test('the daemon killed before the handshake of a backup create\'s NBD connection: the same message, nothing recorded', { timeout: 90_000 }, async (t) => {
+  if (!needs(t, { root: true, tools: ['strace'] })) return;
+  const { box, daemon, device, repo } = await setUp(t, false);
+  // The create stops itself (SIGSTOP) as its second connect, the one to the NBD socket, returns:
+  // the daemon is killed before it can answer the greeting, and then the create goes on.
+  const log = path.join(box.top, 'strace.log');
+  const create = startCreate(t, box, device, repo, ['strace', '-f', '-qq', '-o', log, '-e', 'trace=connect', '-e', 'inject=connect:signal=SIGSTOP:when=2']);
+  const stopped = (): number | undefined => {
+    const pid = fs.existsSync(log) ? /^(\d+)\s+--- stopped by SIGSTOP ---$/m.exec(fs.readFileSync(log, 'utf8'))?.[1] : undefined;
+    return pid === undefined ? undefined : Number(pid);
+  };
+  t.after(() => {
+    // Left stopped if the test fails before it lets it go on: the tracer's end does not end it.
+    const pid = stopped();
+    if (pid !== undefined && create.child.exitCode === null) process.kill(pid, 'SIGKILL');
+  });
+  await until(() => stopped() !== undefined, 30_000, 'the create did not reach its NBD connect');
+  assert.match(fs.readFileSync(log, 'utf8'), /connect\(\d+, \{sa_family=AF_UNIX, sun_path="[^"]+\/nbd\.sock"\}/, 'the second connect is the NBD one');
+  daemon.server.kill('SIGKILL');
+  assert.ok(await daemon.server.waitForExit(10_000), 'the daemon ends on SIGKILL');
+  process.kill(stopped()!, 'SIGCONT');
+  assertEndedAndNothingRecorded(box, await create.ended, device, repo, `as the backup connected to read ${device}`);
 });
