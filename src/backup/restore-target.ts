@@ -32,7 +32,7 @@ import { BackupRestoreRecord, type BackupRestoreJournal } from '../device/interr
 import type { PiecePool } from '../repository/piece-pool.js';
 import type { PieceRange } from '../repository/piece-worker.js';
 import { UndoLog } from './undo-log.js';
-import { checkOutputFile, openStagedOutputFile, stagedLeftovers, type StagedOutputFile } from '../host/output-file.js';
+import { checkOutputFile, openStagedOutputFile, stagedLeftovers, symlinkRefused, type StagedOutputFile } from '../host/output-file.js';
 
 /** Largest range of a file's cut tail read at once to keep it. */
 const TAIL_CHUNK_BYTES = 16 * 1024 * 1024;
@@ -105,23 +105,32 @@ export interface RestoreJob {
  * The target of a restore of `sizeBytes`: `target` is the device (which must exist: a
  * regular file or a block device) or, with `output`, a file (which may not exist yet). One
  * that exists must not be in use: not mounted, not behind a loop device, not open in another
- * bdsnap process.
+ * bdsnap process. `given` is the target as the user typed it (relative, or through a linked
+ * directory): a refusal names it, and where it leads when that is elsewhere.
  */
-export async function openRestoreTarget(target: string, output: boolean, sizeBytes: number, job: RestoreJob): Promise<RestoreTarget> {
+export async function openRestoreTarget(target: string, output: boolean, sizeBytes: number, job: RestoreJob, given = target): Promise<RestoreTarget> {
   // The device as the operator named it, links resolved once: FileDevice opens only a real path.
+  const named = target;
   if (!output) target = await fs.promises.realpath(target).catch(() => target);
-  const st = await (output ? fs.promises.lstat(target) : fs.promises.stat(target)).catch((err: unknown) => {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw toBdsnapError(err);
-  });
-  if (!st && !output) throw new BdsnapError('ENOENT', `${target} does not exist; give --output FILE to restore into a new file`);
-  if (!st) return new NewFileTarget(target, sizeBytes);
-  if (st.isSymbolicLink()) throw new BdsnapError('EINVAL', `${target} is a symbolic link; refusing to write through it: give the path of the file itself`);
-  if (!st.isFile() && !(st.isBlockDevice() && !output)) {
-    throw new BdsnapError('EINVAL', `${target} is not a regular file${output ? '' : ' or a block device'}; refusing to write to it`);
+  try {
+    const st = await (output ? fs.promises.lstat(target) : fs.promises.stat(target)).catch((err: unknown) => {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw toBdsnapError(err);
+    });
+    if (!st && !output) throw new BdsnapError('ENOENT', `${target} does not exist; give --output FILE to restore into a new file`);
+    if (!st) return new NewFileTarget(target, sizeBytes);
+    if (st.isSymbolicLink()) throw symlinkRefused(target, { given });
+    if (!st.isFile() && !(st.isBlockDevice() && !output)) {
+      throw new BdsnapError('EINVAL', `${target} is not a regular file${output ? '' : ' or a block device'}; refusing to write to it`);
+    }
+    await checkNotInUse(target);
+    return await InPlaceTarget.open(target, st.isBlockDevice(), sizeBytes, output, job);
+  } catch (err) {
+    if (target === named) throw err;
+    // Refused under the name links led to: said with the name the user gave.
+    const e = toBdsnapError(err);
+    throw new BdsnapError(e.code, `${given} leads to ${target} through a symbolic link, and ${e.message}`, { cause: err });
   }
-  await checkNotInUse(target);
-  return InPlaceTarget.open(target, st.isBlockDevice(), sizeBytes, output, job);
 }
 
 /** FileDevice.open, with EBUSY saying who may hold the device. */

@@ -36,6 +36,7 @@
  * Zero pieces are holes in a new file, and elsewhere zeroes written where the range is not zero.
  */
 
+import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { ProgressSink } from './create.js';
@@ -81,14 +82,12 @@ export async function restoreBackup(repo: Repository, id: string, device: string
   const startedMs = Date.now();
   const manifest = await repo.manifest(id);
   const entry = manifest.devices.find((d) => d.device === device) ?? manifest.devices.find((d) => d.device === path.resolve(device));
-  if (!entry) {
-    throw new BdsnapError('ENOENT', `backup ${id} has no device ${device} (it has ${manifest.devices.map((d) => d.device).join(', ')})`);
-  }
+  if (!entry) throw await noSuchDevice(id, manifest.devices.map((d) => d.device), device);
   const P = manifest.pieceSizeBytes;
   const slots = expandSlots(entry, P);
   const output = options.output !== undefined ? path.resolve(options.output) : undefined;
   const command = `bdsnap backup restore --repo ${repo.store.location} ${id} ${entry.device}${output !== undefined ? ` --output ${output}` : ''}`;
-  const target = await openRestoreTarget(output ?? entry.device, output !== undefined, entry.sizeBytes, { backup: id, command });
+  const target = await openRestoreTarget(output ?? entry.device, output !== undefined, entry.sizeBytes, { backup: id, command }, options.output ?? device);
   const pool = new PiecePool(repo.pieceCrypto);
   const faults = new PieceFaults(repo);
   const advice = mendAdvice(repo.store.location, [id], [entry.device], true);
@@ -132,6 +131,19 @@ export async function restoreBackup(repo: Repository, id: string, device: string
     await spool?.close();
     await target.close();
   }
+}
+
+/**
+ * `device` is none of `has`. A symbolic link to one of them is said to be one: a restore takes
+ * the device by the name its backup gives it, not by another that leads there.
+ */
+async function noSuchDevice(id: string, has: string[], device: string): Promise<BdsnapError> {
+  const real = await fs.promises.realpath(device).catch(() => undefined);
+  const linked = real !== undefined && real !== path.resolve(device) ? real : undefined;
+  if (linked !== undefined && has.includes(linked)) {
+    return new BdsnapError('ENOENT', `backup ${id} has no device ${device}: that name is a symbolic link to ${linked}, which the backup has; a restore takes the device by the name its backup gives it: give ${linked}`);
+  }
+  return new BdsnapError('ENOENT', `backup ${id} has no device ${device}${linked !== undefined ? ` (a symbolic link to ${linked})` : ''} (it has ${has.join(', ')})`);
 }
 
 /** Each distinct piece of `slots` with its length (only the last slot may be shorter than P). */

@@ -52,14 +52,14 @@ export async function openOutputFile(filePath: string, mode = 0o600, existing: '
     fd = fs.openSync(filePath, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ELOOP') throw symlinkRefused(filePath, err);
+    if (code === 'ELOOP') throw symlinkRefused(filePath, { cause: err });
     if (code !== 'EEXIST') throw toBdsnapError(err);
     if (existing === 'refuse') throw new BdsnapError('EINVAL', `${filePath} exists; only a new file is made here, and that one was left as it was (remove it or choose another name)`, { cause: err });
     created = false;
     try {
       fd = fs.openSync(filePath, O_WRONLY | O_NOFOLLOW);
     } catch (err2) {
-      if ((err2 as NodeJS.ErrnoException).code === 'ELOOP') throw symlinkRefused(filePath, err2);
+      if ((err2 as NodeJS.ErrnoException).code === 'ELOOP') throw symlinkRefused(filePath, { cause: err2 });
       throw toBdsnapError(err2);
     }
   }
@@ -206,8 +206,25 @@ async function nameStagedFile(tempPath: string, filePath: string, made: fs.Stats
   await fsyncDirectory(path.dirname(filePath));
 }
 
-function symlinkRefused(filePath: string, cause?: unknown): BdsnapError {
-  return new BdsnapError('EPERM', `${filePath} is a symbolic link; it is not written through: give the real path`, cause === undefined ? undefined : { cause });
+/**
+ * The refusal of a symbolic link where a file is to be written: named as the user gave it
+ * (`given`, when that is not `filePath`: a relative name, one through a linked directory) and
+ * with where it points, so that the user knows both what was refused and what they may mean.
+ */
+export function symlinkRefused(filePath: string, options: { given?: string; cause?: unknown } = {}): BdsnapError {
+  const shown = options.given !== undefined && options.given !== filePath ? `${options.given} (${filePath})` : filePath;
+  let to: string | undefined;
+  let real: string | undefined;
+  try {
+    to = path.resolve(path.dirname(filePath), fs.readlinkSync(filePath));
+    real = fs.realpathSync(filePath);
+  } catch {
+    // Gone or dangling since: said with what is known.
+  }
+  const points = to === undefined ? '' : real === undefined ? `it points to ${to}, which does not exist; ` : `it points to ${to}${real !== to ? `, which leads to ${real}` : ''}; `;
+  const instead = real !== undefined ? `give the path of the file itself (${real}) if that is the one meant`
+    : to !== undefined ? `give the path the file is to have (${to}) if that is the one meant` : 'give the path of the file itself';
+  return new BdsnapError('EPERM', `${shown} is a symbolic link; it is not written through, since whoever can change a link can point it at another file: ${points}${instead}, or remove the link`, options.cause === undefined ? undefined : { cause: options.cause });
 }
 
 /** A close of `fd` that closes it the first time only. */

@@ -47,7 +47,7 @@ import { writeFileAtomic } from '../host/atomic-file.js';
 import { readDeviceIdentity, sameIdentity, describeIdentity, type StampIdentity } from '../host/device-stamp.js';
 import { closeFd, fdatasyncFd, openFd, preadFully, pwriteFully } from '../host/fd-io.js';
 import { checkNotInUse } from '../host/in-use.js';
-import { openOutputFile } from '../host/output-file.js';
+import { openOutputFile, symlinkRefused } from '../host/output-file.js';
 import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import { parseJson } from '../stored-json.js';
 import type { ExportHandle } from '../nbd/exports.js';
@@ -675,11 +675,13 @@ interface Starting {
 }
 
 /**
- * The canonical name of a new --output file: its directory's real path and its own name (which
- * must not be a symbolic link: openOutputFile refuses one).
+ * The canonical name of a new --output file: its directory's real path and its own name, which
+ * must not be a symbolic link (refused here as openOutputFile would, before a walk that cannot
+ * follow it says less).
  */
 async function canonicalOutputPath(target: string): Promise<string> {
   const resolved = path.resolve(target);
+  if ((await fs.promises.lstat(resolved).catch(() => undefined))?.isSymbolicLink()) throw symlinkRefused(resolved, { given: target });
   const dir = await fs.promises.realpath(path.dirname(resolved)).catch((err: unknown) => {
     throw new BdsnapError('ENOENT', `the directory of ${target} does not exist; create it first`, { cause: err });
   });

@@ -188,21 +188,73 @@ test('--output on a full disk: the file the restore created is removed; a file t
   assert.equal(await sha256File(existing), existingBefore);
   assertFails(r, new RegExp(`; ${existing} was put back as it was`, 'm'));
 
-  // A symbolic link is not followed, dangling or not.
+  // A symbolic link is not followed, dangling or not; the refusal says where it points.
   const link = path.join(dir, 'link.img');
   fs.symlinkSync(existing, link);
   r = await bdsnap(['restore', '--repo', repoDir, id, image, '--output', link]);
   assert.equal(await sha256File(existing), existingBefore);
-  assertFails(r, /is a symbolic link; refusing to write through it/);
+  assertFails(r, new RegExp(`^bdsnap: ${link} is a symbolic link; it is not written through, .*: it points to ${existing}; give the path of the file itself \\(${existing}\\) if that is the one meant, or remove the link$`, 'm'));
   const dangling = path.join(dir, 'dangling.img');
   fs.symlinkSync(path.join(dir, 'nowhere.img'), dangling);
-  assertFails(await bdsnap(['restore', '--repo', repoDir, id, image, '--output', dangling]), /is a symbolic link; refusing to write through it/);
+  assertFails(await bdsnap(['restore', '--repo', repoDir, id, image, '--output', dangling]), new RegExp(`^bdsnap: ${dangling} is a symbolic link; .*: it points to ${dir}/nowhere.img, which does not exist;`, 'm'));
   assert.equal(fs.existsSync(path.join(dir, 'nowhere.img')), false);
   // Nor a second name of another file (a hard link planted where the output goes).
   const hard = path.join(path.dirname(existing), 'hard.img');
   fs.linkSync(existing, hard);
   assertFails(await bdsnap(['restore', '--repo', repoDir, id, image, '--output', hard]), /has 2 names \(hard links\); it is not overwritten/);
   assert.equal(await sha256File(existing), existingBefore);
+});
+
+test('a symbolic link given as the target, in place or as --output, is refused naming it as typed, where it points, why and what to do; nothing is written through it', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-restore-link-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 29);
+  const { repoDir, id } = await backedUp(dir, image, true);
+  const other = path.join(dir, 'other.img');
+  makeImage(other, MiB, 'random', 3);
+  const otherBefore = await sha256File(other);
+  const why = 'it is not written through, since whoever can change a link can point it at another file';
+
+  // --output named relative to a directory reached through a link: the name as typed, the path
+  // it makes (the real directory's), and the file the link points to.
+  const real = path.join(dir, 'real');
+  fs.mkdirSync(real);
+  const linked = path.join(dir, 'linked');
+  fs.symlinkSync(real, linked);
+  fs.symlinkSync(other, path.join(real, 'out.img'));
+  const r = await run(process.execPath, [BDSNAP_MAIN, 'backup', 'restore', '--repo', repoDir, id, image, '--output', 'out.img'], { allowFailure: true, cwd: linked, timeoutMs: 60_000 });
+  assertFails(r, new RegExp(`^bdsnap: out\\.img \\(${real}/out\\.img\\) is a symbolic link; ${why}: it points to ${other}; give the path of the file itself \\(${other}\\) if that is the one meant, or remove the link$`, 'm'));
+  assert.equal(await sha256File(other), otherBefore, 'nothing was written through the link');
+  assert.deepEqual(fs.readdirSync(real), ['out.img'], 'no temporary file either');
+
+  // A dangling link: where a file would be made, and it is not.
+  const dangling = path.join(dir, 'dangling.img');
+  fs.symlinkSync(path.join(dir, 'nowhere.img'), dangling);
+  assertFails(await bdsnap(['restore', '--repo', repoDir, id, image, '--output', dangling]),
+    new RegExp(`^bdsnap: ${dangling} is a symbolic link; ${why}: it points to ${dir}/nowhere\\.img, which does not exist; give the path the file is to have \\(${dir}/nowhere\\.img\\) if that is the one meant, or remove the link$`, 'm'));
+  assert.equal(fs.existsSync(path.join(dir, 'nowhere.img')), false);
+
+  // The daemon's instant restore refuses the link in the same words.
+  const daemon = await startDaemon(t, { password: false });
+  const instant = await run(process.execPath, [BDSNAP_MAIN, 'backup', 'restore', '--repo', repoDir, id, image, '--output', path.join(linked, 'out.img'), '--instant'],
+    { allowFailure: true, env: { ...process.env, BDSNAP_RUN_DIR: daemon.runDir }, timeoutMs: 60_000 });
+  assertFails(instant, new RegExp(`^bdsnap: ${linked}/out\\.img is a symbolic link; ${why}: it points to ${other}; give the path of the file itself \\(${other}\\) if that is the one meant, or remove the link$`, 'm'));
+  assert.equal(await sha256File(other), otherBefore, 'nothing was written through the link');
+
+  // In place: a link to the backup's device is not its name; the refusal says it leads there.
+  const before = await sha256File(image);
+  const alias = path.join(dir, 'alias.img');
+  fs.symlinkSync(image, alias);
+  assertFails(await bdsnap(['restore', '--repo', repoDir, id, alias]),
+    new RegExp(`^bdsnap: backup ${id} has no device ${alias}: that name is a symbolic link to ${image}, which the backup has; a restore takes the device by the name its backup gives it: give ${image}$`, 'm'));
+  assert.equal(await sha256File(image), before, 'the device was not written');
+
+  // The backup's own name of the device, replaced by a link since: a refusal of what it leads to names both.
+  const moved = path.join(dir, 'moved.img');
+  fs.renameSync(image, moved);
+  fs.symlinkSync(real, image);
+  assertFails(await bdsnap(['restore', '--repo', repoDir, id, image]),
+    new RegExp(`^bdsnap: ${image} leads to ${real} through a symbolic link, and ${real} is not a regular file or a block device; refusing to write to it$`, 'm'));
 });
 
 /** The files of `dir` but the restore's temporary ones, and those apart. */
