@@ -45,7 +45,7 @@ export function checkOutputFile(st: fs.Stats, filePath: string): void {
  * a regular file, or a file there with 'refuse'), as BdsnapError.
  */
 export async function openOutputFile(filePath: string, mode = 0o600, existing: 'truncate' | 'refuse' = 'truncate'): Promise<OutputFile> {
-  const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
+  const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK } = fs.constants;
   let fd: number;
   let created = true;
   try {
@@ -57,9 +57,11 @@ export async function openOutputFile(filePath: string, mode = 0o600, existing: '
     if (existing === 'refuse') throw new BdsnapError('EINVAL', `${filePath} exists; only a new file is made here, and that one was left as it was (remove it or choose another name)`, { cause: err });
     created = false;
     try {
-      fd = fs.openSync(filePath, O_WRONLY | O_NOFOLLOW);
+      // O_NONBLOCK: a FIFO planted there fails (ENXIO) instead of hanging the open for a reader.
+      fd = fs.openSync(filePath, O_WRONLY | O_NOFOLLOW | O_NONBLOCK);
     } catch (err2) {
       if ((err2 as NodeJS.ErrnoException).code === 'ELOOP') throw symlinkRefused(filePath, { cause: err2 });
+      if ((err2 as NodeJS.ErrnoException).code === 'ENXIO') throw new BdsnapError('EINVAL', `${filePath} is not a regular file`, { cause: err2 });
       throw toBdsnapError(err2);
     }
   }

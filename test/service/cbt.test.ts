@@ -199,6 +199,12 @@ test('cbt commands: info, map --since, mark-dirty, reset, and clear refusals', {
   assert.notEqual(refused.status, 0);
   assert.match(refused.stderr, /is a symbolic link; it is not written through/);
   assert.equal(fs.readFileSync(secret, 'utf8'), 'root only\n');
+  // Nor is it held up by a FIFO planted there: the open waited for a reader that never came.
+  const fifo = path.join(box.top, 'fifo.svg');
+  spawnSync('mkfifo', [fifo]);
+  const fromFifo = cli(box, ['cbt', 'map', device, '--since', '1', '--svg', fifo], '', ['timeout', '20']);
+  assert.notEqual(fromFifo.status, 124, 'the command does not hang on the FIFO');
+  assert.match(fromFifo.stderr, /fifo\.svg is not a regular file/);
 
   ok(box, ['cbt', 'mark-dirty', device, '1M:64K']);
   const marked = JSON.parse(ok(box, ['cbt', 'map', device, '--since', '1', '--json'])) as { ranges: Array<{ offsetBytes: number }> };

@@ -1,11 +1,13 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { tempDir } from './helpers.js';
 import { BDSNAP_MAIN as MAIN } from '../../testkit/bdsnap-cli.js';
 import { makeImage } from '../../testkit/files.js';
+import { needs } from '../../testkit/needs.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
 
 
 interface Run {
@@ -101,4 +103,59 @@ test('sffs errors are one clear line and a non-zero exit', (t) => {
   assert.equal(bdsnap(['sffs', 'write', '--image', tiny, '33', 'y'.repeat(4000)]).status, 0);
   assertFails(bdsnap(['sffs', 'write', '--image', tiny, '4033', 'z'.repeat(100)]), /only 63 of 100 bytes written/);
   assertFails(bdsnap(['sffs', 'write', '--image', tiny, '4096', 'z']), /only 0 of 1 bytes written/);
+});
+
+test('sffs mkfs run by root never formats through a name another user planted: a symlink to a file or a device, a file of theirs', (t) => {
+  if (!needs(t, { root: true, tools: ['runuser', 'losetup'] })) return;
+  const dir = tempDir(t);
+  fs.chmodSync(dir, 0o755);
+  const shared = path.join(dir, 'shared');
+  fs.mkdirSync(shared);
+  fs.chmodSync(shared, 0o1777);
+  const asNobody = (...args: string[]): void => { execFileSync('runuser', ['-u', 'nobody', '--', ...args], { stdio: 'pipe' }); };
+
+  // A symlink to a root-only file: the file was truncated and overwritten before the refusal.
+  const secret = path.join(dir, 'root-only');
+  fs.writeFileSync(secret, 'root only\n', { mode: 0o600 });
+  const assertSecretKept = (): void => {
+    const now = fs.readFileSync(secret);
+    assert.ok(now.equals(Buffer.from('root only\n')), `the root-only file is untouched (it now has ${now.length} bytes)`);
+  };
+  const planted = path.join(shared, 'disk.img');
+  asNobody('ln', '-s', secret, planted);
+  const throughLink = bdsnap(['sffs', 'mkfs', planted]);
+  assertSecretKept();
+  assertFails(throughLink, /symbolic link of uid \d+, who may point it at any device or file; it is not followed/);
+
+  // A symlink to a block device: its first three blocks were formatted.
+  const backing = makeImage(path.join(dir, 'backing.img'), 64 * 4096, 0x5a);
+  const loop = execFileSync('losetup', ['--find', '--show', backing], { encoding: 'utf8' }).trim();
+  cleanupOf(t).after(() => execFileSync('losetup', ['-d', loop]));
+  const toDevice = path.join(shared, 'dev.img');
+  asNobody('ln', '-s', loop, toDevice);
+  const throughDeviceLink = bdsnap(['sffs', 'mkfs', toDevice]);
+  execFileSync('blockdev', ['--flushbufs', loop]);
+  assert.ok(fs.readFileSync(backing).equals(Buffer.alloc(64 * 4096, 0x5a)), 'the device behind the link is untouched');
+  assertFails(throughDeviceLink, /symbolic link of uid \d+/);
+
+  // A file another user owns, or a second name of root's file: not overwritten.
+  const theirs = path.join(shared, 'theirs.img');
+  asNobody('sh', '-c', `echo theirs > ${theirs}`);
+  const intoTheirs = bdsnap(['sffs', 'mkfs', theirs]);
+  assert.equal(fs.statSync(theirs).size, 7, 'the other user\'s file is untouched');
+  assertFails(intoTheirs, /belongs to uid \d+, not to this user/);
+  const linked = path.join(shared, 'linked.img');
+  fs.linkSync(secret, linked);
+  assertFails(bdsnap(['sffs', 'mkfs', linked]), /has 2 names/);
+  assertSecretKept();
+
+  // A FIFO is refused at once, not waited on; a new name is made and formatted.
+  const fifo = path.join(shared, 'fifo.img');
+  execFileSync('mkfifo', [fifo]);
+  assertFails(bdsnap(['sffs', 'mkfs', fifo]), /exists and is not a regular file/);
+  const fresh = path.join(shared, 'fresh.img');
+  const r = bdsnap(['sffs', 'mkfs', fresh]);
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(fs.statSync(fresh).size, 409600);
+  assert.equal(bdsnap(['sffs', 'cat', '--image', fresh]).stdout, 'Wathever content you would like.\n');
 });

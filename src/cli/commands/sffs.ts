@@ -47,6 +47,12 @@ export function register(program: Command): void {
     .option('--json', 'machine-readable output')
     .action(async (image: string, options: { blocks: string } & JsonOption) => {
       const blocks = parseInteger(options.blocks, '--blocks');
+      const link = fs.lstatSync(image, { throwIfNoEntry: false });
+      const euid = process.geteuid?.() ?? 0;
+      if (link?.isSymbolicLink() && link.uid !== 0 && link.uid !== euid) {
+        // As the kernel's protected_symlinks would: another user's link may point anywhere.
+        throw new BdsnapError('EPERM', `${image} is a symbolic link of uid ${link.uid}, who may point it at any device or file; it is not followed: give the real path`);
+      }
       const st = fs.statSync(image, { throwIfNoEntry: false });
       let sizeBytes: number;
       const { mkfs, mkfsImage } = await import('../../fs/singlefilefs/mkfs.js');

@@ -8,6 +8,8 @@ import fs from 'node:fs';
 import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
 import { BdsnapError, toBdsnapError } from '../../errors.js';
+import { ftruncateFd } from '../../host/fd-io.js';
+import { openOutputFile, type OutputFile } from '../../host/output-file.js';
 import {
   DEFAULT_IMAGE_BLOCKS, FIRST_DATA_BLOCK, INITIAL_CONTENT, INODE_BLOCK, MIN_IMAGE_BLOCKS, SFFS_BLOCK_SIZE, SUPERBLOCK_BLOCK,
   encodeInode, encodeSuperblock, fileInode, superblockFor,
@@ -26,35 +28,42 @@ export async function mkfs(device: BlockDevice): Promise<void> {
   await device.flush();
 }
 
-/** Create (or overwrite) an image file of `blocks` zeroed blocks and format it. */
+/**
+ * Create (or overwrite) an image file of `blocks` zeroed blocks and format it. The file is
+ * opened as an output file (see host/output-file.ts): never through a symbolic link, and an
+ * existing one only if it is a regular file of this user with one name, so root formatting a
+ * name in a directory another user can write cannot truncate a file the name was made to point
+ * at. Everything after the open goes through that descriptor.
+ */
 export async function mkfsImage(path: string, blocks: number = DEFAULT_IMAGE_BLOCKS): Promise<void> {
   if (!Number.isSafeInteger(blocks) || blocks < MIN_IMAGE_BLOCKS || blocks > Number.MAX_SAFE_INTEGER / SFFS_BLOCK_SIZE) {
     throw new BdsnapError('EINVAL', `a singlefilefs image needs a whole number of blocks, at least ${MIN_IMAGE_BLOCKS}; got ${blocks}`);
   }
+  let out: OutputFile;
   try {
-    const st = await fs.promises.stat(path).catch((err: NodeJS.ErrnoException) => {
+    const st = await fs.promises.lstat(path).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOENT') return undefined;
       throw err;
     });
-    if (st && !st.isFile()) {
+    if (st && !st.isFile() && !st.isSymbolicLink()) {
       throw new BdsnapError('EINVAL', `${path} exists and is not a regular file; mkfsImage only creates image files`);
     }
-    // Truncating to zero first makes every block past the body read as zeroes.
-    const handle = await fs.promises.open(path, 'w');
-    try {
-      await handle.truncate(blocks * SFFS_BLOCK_SIZE);
-    } finally {
-      await handle.close();
-    }
+    // Truncated to zero on open, so every block past the body reads as zeroes.
+    out = await openOutputFile(path, 0o644);
   } catch (err) {
     const e = toBdsnapError(err);
     throw e === err ? e : new BdsnapError(e.code, `cannot create ${path}: ${e.message}`, { cause: err });
   }
-  const device = await FileDevice.open(path);
   try {
-    await mkfs(device);
+    await ftruncateFd(out.fd, blocks * SFFS_BLOCK_SIZE).catch((err: unknown) => { throw toBdsnapError(err); });
+    const device = await FileDevice.open(out.procPath, { followSymlinks: true });
+    try {
+      await mkfs(device);
+    } finally {
+      await device.close();
+    }
   } finally {
-    await device.close();
+    await out.close();
   }
 }
 
