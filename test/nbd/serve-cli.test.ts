@@ -2,7 +2,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -122,6 +122,51 @@ test('bdsnap serve --listen without --insecure-tcp is refused: anyone who can co
     assert.match(lines[0]!, /^bdsnap: refusing plain TCP on .*without TLS .*give --tls-certificates DIR or --tls-psk FILE.*--insecure-tcp/);
     assert.match(lines[0]!, who);
   }
+});
+
+test('bdsnap serve --snapshot-root refuses a directory another user made or may write, as the daemon does; a new one is made private', async (t) => {
+  if (!needs(t, { root: true, tools: ['runuser'] })) return;
+  const dir = tempDir(t, 'bdsnap-serve-');
+  fs.chmodSync(dir, 0o711);
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 65536, 1);
+  const shared = path.join(dir, 'shared');
+  fs.mkdirSync(shared);
+  fs.chmodSync(shared, 0o1777);
+  // Exited (with its code), or serving: a refused root must stop it before it serves.
+  const outcome = async (root: string): Promise<{ code: number | null | 'serving'; stderr: string }> => {
+    const r = startServe(t, ['--socket', path.join(dir, `${path.basename(root)}.sock`), '--snapshot-root', root, image], dir);
+    const serving = (async () => {
+      while (!/serving/.test(r.stderr()) && r.child.exitCode === null) await new Promise((res) => setTimeout(res, 20));
+      return 'serving' as const;
+    })();
+    const code = await Promise.race([r.exited, serving]);
+    if (code === 'serving') {
+      r.child.kill('SIGTERM');
+      await r.exited;
+    }
+    return { code, stderr: r.stderr() };
+  };
+
+  // Sessions there hold the image's original content, which a restore writes back.
+  const theirs = path.join(shared, 'theirs');
+  execFileSync('runuser', ['-u', 'nobody', '--', 'mkdir', '-m', '777', theirs]);
+  const refused = await outcome(theirs);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.match(refused.stderr, /^bdsnap: --snapshot-root: .*theirs is owned by uid \d+, not by this user/);
+  assert.deepEqual(fs.readdirSync(theirs), [], 'no session was made there');
+
+  const open = path.join(shared, 'open');
+  fs.mkdirSync(open, { mode: 0o755 });
+  fs.chmodSync(open, 0o755);
+  const openRefused = await outcome(open);
+  assert.equal(openRefused.code, 1, openRefused.stderr);
+  assert.match(openRefused.stderr, /^bdsnap: --snapshot-root: .*open is open to other users \(mode 755\)/);
+
+  const fresh = path.join(shared, 'fresh');
+  const served = await outcome(fresh);
+  assert.equal(served.code, 'serving', served.stderr);
+  assert.equal(fs.statSync(fresh).mode & 0o777, 0o700);
 });
 
 test('bdsnap serve: bad arguments give one clear line and a non-zero exit', async (t) => {

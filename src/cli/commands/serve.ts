@@ -16,7 +16,7 @@
 
 import path from 'node:path';
 import type { Command } from 'commander';
-import { BdsnapError } from '../../errors.js';
+import { BdsnapError, toBdsnapError } from '../../errors.js';
 import { TLS_MODES, type TlsMode, type TlsSettings } from '../../nbd/tls.js';
 import type { RunningServe, ServeOptions } from '../../service/serve.js';
 import type { SessionEvent, SessionOptions } from '../../snapshot/index.js';
@@ -158,9 +158,16 @@ async function sessionWrapper(opts: ServeCliOptions): Promise<ServeOptions['wrap
   if (opts.readOnly) throw new BdsnapError('EINVAL', '--snapshot-root makes no sense with --read-only: nothing can change');
   const snapshotRoot = path.resolve(opts.snapshotRoot);
   const base: Omit<SessionOptions, 'devicePath'> = { snapshotRoot, ...parseSessionOptions(opts) };
-  const [{ FileDevice }, { CowDevice }, { refuseUnfinishedRestore }, { refuseInterruptedBackupRestore }] = await Promise.all([
+  const [{ FileDevice }, { CowDevice }, { refuseUnfinishedRestore }, { refuseInterruptedBackupRestore }, { ensurePrivateDir }] = await Promise.all([
     import('../../device/file-device.js'), import('../../snapshot/index.js'), import('../../snapshot/restore/chain.js'), import('../../device/interrupted-restore.js'),
+    import('../../host/private-dir.js'),
   ]);
+  // As the daemon's: sessions hold the images' original content, and another user who could
+  // write here could plant sessions a restore would apply, or read what a session keeps.
+  await ensurePrivateDir(snapshotRoot, 0o700).catch((err: unknown) => {
+    const e = toBdsnapError(err);
+    throw new BdsnapError(e.code, `--snapshot-root: ${e.message}`, { cause: err });
+  });
   const report = (event: SessionEvent): void => {
     const dir = event.sessionDir ?? '';
     if (event.type === 'session-start') process.stderr.write(`bdsnap: session started: ${dir}\n`);
