@@ -5,6 +5,7 @@
 
 import fs from 'node:fs';
 import net from 'node:net';
+import { isMainThread } from 'node:worker_threads';
 import { BdsnapError } from './errors.js';
 
 /**
@@ -16,8 +17,8 @@ export function socketFd(socket: net.Socket): number | undefined {
   return typeof handle?.fd === 'number' && handle.fd >= 0 ? handle.fd : undefined;
 }
 
-/** Start listening (`start` calls server.listen) and wait; EBUSY if the address is taken. */
-export function listenServer(server: net.Server, start: () => void): Promise<void> {
+/** Start listening (`start` calls server.listen) and wait, for what `start` returned; EBUSY if the address is taken. */
+export function listenServer<T>(server: net.Server, start: () => T): Promise<T> {
   return new Promise((resolve, reject) => {
     const onError = (err: NodeJS.ErrnoException): void => {
       const code = err.code === 'EADDRINUSE' ? 'EBUSY' : err.code === 'EACCES' ? 'EPERM' : 'EIO';
@@ -26,9 +27,10 @@ export function listenServer(server: net.Server, start: () => void): Promise<voi
     server.once('error', onError);
     server.once('listening', () => {
       server.off('error', onError);
-      resolve();
+      resolve(started);
     });
-    start();
+    // 'listening' comes on a later tick, after this is set.
+    const started = start();
   });
 }
 
@@ -37,17 +39,39 @@ export function listenServer(server: net.Server, start: () => void): Promise<voi
  * replaced; a live one is EBUSY; any other file there is EINVAL.
  */
 export async function listenUnixSocket(server: net.Server, socketPath: string): Promise<void> {
-  // Between bind(2) and the chmod below the socket has the umask's mode. Only a private
-  // directory closes that window: the daemon's sockets are in its run directory, which it
-  // checked with ensurePrivateDir before listening.
   await removeStaleSocket(socketPath);
-  await listenServer(server, () => server.listen(socketPath));
-  try {
-    await fs.promises.chmod(socketPath, 0o600);
-  } catch (err) {
-    server.close();
-    throw new BdsnapError('EPERM', `cannot restrict ${socketPath} to its owner: ${(err as Error).message}`, { cause: err });
+  // The socket file is born 0600: bind(2) runs inside listen() with the umask at 0177. A chmod
+  // by name after bind left a window in which the file had the umask's mode (connectable by
+  // everyone under umask 0), and followed a symbolic link that whoever can write the directory
+  // had put in the socket's place: root then changed the mode of the file it pointed at.
+  const born = await listenServer(server, () => bindOwnerOnly(() => server.listen(socketPath)));
+  if (!born.ownerOnly) {
+    // A worker thread cannot set the umask: the chmod, which only a private directory makes safe.
+    await fs.promises.chmod(socketPath, 0o600).catch((err: unknown) => {
+      server.close();
+      throw new BdsnapError('EPERM', `cannot restrict ${socketPath} to its owner: ${(err as Error).message}`, { cause: err });
+    });
   }
+  const st = await fs.promises.lstat(socketPath).catch(() => undefined);
+  if (st === undefined || !st.isSocket() || st.uid !== (process.geteuid?.() ?? st.uid)) {
+    server.close();
+    throw new BdsnapError('EPERM', `${socketPath} was replaced by another file as the server started; nobody could reach it there: use a directory that only this user can write`);
+  }
+}
+
+/** Run `listen` (which binds a unix socket at once) with the umask at 0177, where a thread may set it. */
+function bindOwnerOnly(listen: () => void): { ownerOnly: boolean } {
+  if (!isMainThread) {
+    listen();
+    return { ownerOnly: false };
+  }
+  const umask = process.umask(0o177);
+  try {
+    listen();
+  } finally {
+    process.umask(umask);
+  }
+  return { ownerOnly: true };
 }
 
 async function removeStaleSocket(socketPath: string): Promise<void> {

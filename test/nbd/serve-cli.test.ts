@@ -169,6 +169,44 @@ test('bdsnap serve --snapshot-root refuses a directory another user made or may 
   assert.equal(fs.statSync(fresh).mode & 0o777, 0o700);
 });
 
+test('bdsnap serve: its unix socket is born private, and a link put in its place as it starts is not followed', { timeout: 60_000 }, async (t) => {
+  if (!needs(t, { root: true, tools: ['runuser', 'strace'] })) return;
+  const dir = tempDir(t, 'bdsnap-serve-');
+  fs.chmodSync(dir, 0o711);
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 65536, 1);
+  // A directory another user can write (as a careless --socket may name), and a root file there.
+  const theirs = path.join(dir, 'theirs');
+  fs.mkdirSync(theirs, { mode: 0o755 });
+  execFileSync('chown', ['nobody', theirs]);
+  const victim = path.join(dir, 'victim');
+  fs.writeFileSync(victim, 'root\n');
+  fs.chmodSync(victim, 0o4755);
+  const socketPath = path.join(theirs, 'nbd.sock');
+  // Each bind returns 2 s late: the window between the socket file appearing and what serve
+  // does with it next, held open; under umask 0, as a root shell may have.
+  const child = spawn('sh', ['-c', 'umask 000; exec strace -f -qq -o /dev/null -e trace=bind -e inject=bind:delay_exit=2000000 "$@"', 'sh',
+    process.execPath, MAIN, 'serve', '--socket', socketPath, image], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | null>((resolve) => child.once('close', (code) => resolve(code)));
+  t.after(() => {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  });
+  let born: fs.Stats | undefined;
+  for (const deadline = Date.now() + 30_000; born === undefined && Date.now() < deadline && child.exitCode === null;) {
+    born = fs.lstatSync(socketPath, { throwIfNoEntry: false });
+    if (born === undefined) await new Promise((res) => setTimeout(res, 10));
+  }
+  assert.ok(born?.isSocket(), `the socket appeared: ${stderr}`);
+  assert.equal(born!.mode & 0o777, 0o600, 'nobody but its owner can connect, even in the first instant');
+  execFileSync('runuser', ['-u', 'nobody', '--', 'sh', '-c', `mv ${socketPath} ${theirs}/moved.sock && ln -s ${victim} ${socketPath}`]);
+  const code = await exited;
+  assert.equal(fs.statSync(victim).mode & 0o7777, 0o4755, 'the file the link points at keeps its mode');
+  assert.equal(code, 1, stderr);
+  assert.match(stderr, /nbd\.sock was replaced by another file as the server started/);
+});
+
 test('bdsnap serve: bad arguments give one clear line and a non-zero exit', async (t) => {
   const dir = tempDir(t, 'bdsnap-serve-');
   const missing = startServe(t, ['--socket', path.join(dir, 's.sock'), path.join(dir, 'missing.img')], dir);
