@@ -14,7 +14,7 @@ import type { Logger } from 'pino';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
 import { checkNotInUse } from '../host/in-use.js';
-import { ensurePrivateDir } from '../host/private-dir.js';
+import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import type { ImageMountStatus, InstantRestoreInfo, MountResult, UmountResult } from './control-protocol.js';
 import { describeRestoreMount } from './device-holders.js';
 import type { DeviceTable, MountInfo } from './device-table.js';
@@ -131,12 +131,9 @@ export class MountManager {
   }
 
   async mount(device: string, mountpointArg: string, type?: string, mountOptions?: string): Promise<MountResult> {
-    const mountpoint = path.resolve(mountpointArg);
-    if (this.#mounts.has(mountpoint) || this.#starting.has(mountpoint)) throw new BdsnapError('EBUSY', `bdsnap already mounts something on ${mountpoint}`);
     // Before anything is registered or attached: a mount that cannot happen leaves no trace.
-    const st = await fs.promises.stat(mountpoint).catch(() => undefined);
-    if (!st) throw new BdsnapError('ENOENT', `the mount point ${mountpoint} does not exist; create it first`);
-    if (!st.isDirectory()) throw new BdsnapError('EINVAL', `the mount point ${mountpoint} is not a directory`);
+    const mountpoint = await checkedMountpoint(path.resolve(mountpointArg));
+    if (this.#mounts.has(mountpoint) || this.#starting.has(mountpoint)) throw new BdsnapError('EBUSY', `bdsnap already mounts something on ${mountpoint}`);
     const named = SnapshotManager.isImageName(device) || parseAsOfName(device) !== undefined;
     // A target under restore is mounted under its restore's export name, whatever name it was given, so that status finds the mount.
     const restore = named ? undefined : await this.#options.images.restoreOf(device);
@@ -158,7 +155,9 @@ export class MountManager {
   }
 
   async umount(mountpointArg: string): Promise<UmountResult> {
-    const mountpoint = path.resolve(mountpointArg);
+    const given = path.resolve(mountpointArg);
+    // Mounted under its real path (see checkedMountpoint), which the name given may lead to.
+    const mountpoint = this.#mounts.has(given) ? given : await fs.promises.realpath(given).catch(() => given);
     const record = this.#mounts.get(mountpoint);
     if (!record) throw new BdsnapError('ENOENT', `bdsnap has nothing mounted on ${mountpoint}`);
     const sessionDir = await this.#end(mountpoint, record);
@@ -303,4 +302,42 @@ export class MountManager {
       this.#options.log.error({ event: 'mounts-file-write-failed', reason: (err as Error).message }, `cannot record the ${what} in the run directory`);
     });
   }
+}
+
+/**
+ * The real path of the mount point `given`, an existing directory that no other user can swap
+ * for another (a link to /etc, say) between this check and the mount, or during the mount,
+ * when the unmount goes by the same name: mount(8) and umount(8) follow links at their own
+ * time, so a name another user can change would let that user choose where the filesystem
+ * goes. Errors: ENOENT, EINVAL (not a directory), EPERM.
+ */
+async function checkedMountpoint(given: string): Promise<string> {
+  const mountpoint = await fs.promises.realpath(given).catch(() => undefined);
+  const st = mountpoint === undefined ? undefined : await fs.promises.stat(mountpoint).catch(() => undefined);
+  if (mountpoint === undefined || !st) throw new BdsnapError('ENOENT', `the mount point ${given} does not exist; create it first`);
+  if (!st.isDirectory()) throw new BdsnapError('EINVAL', `the mount point ${given} is not a directory`);
+  const why = await whyOthersCanRedirect(given, mountpoint);
+  if (why !== undefined) {
+    throw new BdsnapError('EPERM', `refusing to mount on ${given}: another user could put a link to any directory in its place before the mount or the unmount (${why}); use a mount point that only root can change, such as a directory under /mnt`);
+  }
+  return mountpoint;
+}
+
+/**
+ * Why another user could make `given` (whose real path is `real`) lead somewhere else, or
+ * undefined: each name on the way, links included, is judged in the real directory that holds
+ * it (whyOthersCanRename), and a link must be root's or this user's.
+ */
+async function whyOthersCanRedirect(given: string, real: string): Promise<string | undefined> {
+  const euid = process.geteuid?.() ?? 0;
+  const parts = given.split(path.sep).filter((p) => p !== '');
+  for (let i = 1; i <= parts.length; i++) {
+    const name = path.join(path.sep, ...parts.slice(0, i));
+    const where = path.join(await fs.promises.realpath(path.dirname(name)), path.basename(name));
+    const why = await whyOthersCanRename(where);
+    if (why !== undefined) return why;
+    const st = await fs.promises.lstat(where);
+    if (st.isSymbolicLink() && st.uid !== 0 && st.uid !== euid) return `${where} is a link of uid ${st.uid}`;
+  }
+  return whyOthersCanRename(real);
 }

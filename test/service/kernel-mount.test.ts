@@ -13,7 +13,8 @@ import { test, type TestContext } from 'node:test';
 import { BdsnapClient } from '../../src/service/client.js';
 import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
 import { makeImage, sha256File } from '../../testkit/files.js';
-import { mkfsExt4, mountPoint } from '../helpers/ext4.js';
+import { mkfsExt4, mountPoint, unmountAll } from '../helpers/ext4.js';
+import { cleanupOf } from '../../testkit/cleanup.js';
 import { needs } from '../../testkit/needs.js';
 import { isMounted } from '../../testkit/kernel.js';
 import { runSync } from '../../testkit/process.js';
@@ -210,6 +211,40 @@ test('a mount that fails leaves no session, no loop device and nothing attached'
   ok(box, ['mount', image, mnt, '-t', 'ext4']);
   ok(box, ['umount', mnt]);
   assert.equal(sessionDirs(box).length, 1);
+});
+
+test('a mount point another user can change is refused: a link planted there does not put the filesystem over a directory of root\'s', async (t) => {
+  if (!needs(t, { ...KERNEL_NEEDS, tools: [...KERNEL_NEEDS.tools, 'runuser'] })) return;
+  const box = sandbox(t);
+  await startDaemon(t, { sandbox: box, password: false });
+  const { image } = ext4Fixture(t, box);
+  fs.chmodSync(box.top, 0o711);
+  // A root directory the link points at, and a directory of another user's (as a home is).
+  const rootDir = path.join(box.top, 'root-only');
+  fs.mkdirSync(rootDir, { mode: 0o700 });
+  fs.writeFileSync(path.join(rootDir, 'config'), 'root\n');
+  const theirs = path.join(box.top, 'theirs');
+  fs.mkdirSync(theirs, { mode: 0o755 });
+  runSync('chown', ['nobody', theirs]);
+  const asNobody = (...args: string[]): void => { runSync('runuser', ['-u', 'nobody', '--', ...args]); };
+  const linked = path.join(theirs, 'mnt');
+  asNobody('ln', '-s', rootDir, linked);
+  const own = path.join(theirs, 'own');
+  asNobody('mkdir', own);
+  cleanupOf(t).after(() => unmountAll(box, [linked, own, rootDir]));
+  const loopsBefore = runSync('losetup', ['-a']);
+
+  const throughLink = cli(box, ['mount', image, linked, '-t', 'ext4']);
+  assert.equal(isMounted(rootDir), false, 'nothing is mounted over the directory the link points at');
+  assert.equal(throughLink.status, 1, throughLink.stdout);
+  assert.match(throughLink.stderr, /^bdsnap: refusing to mount on .*theirs\/mnt: another user could put a link to any directory in its place .*\(.*theirs belongs to uid \d+\)/);
+  // Their own directory, which they could swap for such a link while it is being mounted.
+  const intoTheirs = cli(box, ['mount', image, own, '-t', 'ext4']);
+  assert.equal(isMounted(own), false);
+  assert.equal(intoTheirs.status, 1, intoTheirs.stdout);
+  assert.match(intoTheirs.stderr, /refusing to mount on .*theirs\/own/);
+  assert.equal(runSync('losetup', ['-a']), loopsBefore, 'no loop device was attached');
+  assert.deepEqual(fs.readdirSync(rootDir), ['config']);
 });
 
 test('daemon killed with SIGKILL while mounted: the restarted daemon cleans the dead mount up, recovers the session, restore is exact', async (t) => {
