@@ -86,10 +86,11 @@ async function certificateTls(mode: 'on' | 'require', dir: string, verifyPeer: b
   });
   if (!st.isDirectory()) throw new BdsnapError('EINVAL', `--tls-certificates ${dir} is not a directory`);
   const at = (name: string): string => path.join(dir, name);
-  const cert = (await readCredential(at('server-cert.pem'), false))!;
-  const key = (await readCredential(at('server-key.pem'), true))!;
-  const ca = await readCredential(at('ca-cert.pem'), false, !verifyPeer);
-  const crl = await readCredential(at('ca-crl.pem'), false, true);
+  const cert = (await readCredential(at('server-cert.pem'), 'public'))!;
+  const key = (await readCredential(at('server-key.pem'), 'secret'))!;
+  // The CA and its revocation list decide which clients are let in when their certificates are checked.
+  const ca = await readCredential(at('ca-cert.pem'), verifyPeer ? 'trusted' : 'public', !verifyPeer);
+  const crl = await readCredential(at('ca-crl.pem'), verifyPeer ? 'trusted' : 'public', true);
   try {
     crypto.createPrivateKey(key);
   } catch (err) {
@@ -116,7 +117,7 @@ async function certificateTls(mode: 'on' | 'require', dir: string, verifyPeer: b
 }
 
 async function pskTls(mode: 'on' | 'require', file: string): Promise<NbdTls> {
-  const text = (await readCredential(file, true))!.toString('utf8');
+  const text = (await readCredential(file, 'secret'))!.toString('utf8');
   const keys = parsePskFile(text, file);
   const secureContext = tls.createSecureContext({ ciphers: PSK_CIPHERS, minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2' });
   return {
@@ -153,7 +154,7 @@ export async function loadClientTls(settings: ClientTlsSettings): Promise<tls.Co
   }
   if (pskFile !== undefined) {
     const file = path.resolve(pskFile);
-    const keys = parsePskFile((await readCredential(file, true))!.toString('utf8'), file);
+    const keys = parsePskFile((await readCredential(file, 'secret'))!.toString('utf8'), file);
     const identity = settings.username ?? (keys.size === 1 ? [...keys.keys()][0]! : undefined);
     if (identity === undefined) throw new BdsnapError('EINVAL', `${file} holds ${keys.size} users: name one (nbds://USER@HOST/...)`);
     const psk = keys.get(identity);
@@ -167,9 +168,9 @@ export async function loadClientTls(settings: ClientTlsSettings): Promise<tls.Co
   }
   const dir = path.resolve(certificatesDir!);
   const at = (name: string): string => path.join(dir, name);
-  const ca = (await readCredential(at('ca-cert.pem'), false))!;
-  const cert = await readCredential(at('client-cert.pem'), false, true);
-  const key = cert ? await readCredential(at('client-key.pem'), true) : undefined;
+  const ca = (await readCredential(at('ca-cert.pem'), 'trusted'))!;
+  const cert = await readCredential(at('client-cert.pem'), 'public', true);
+  const key = cert ? await readCredential(at('client-key.pem'), 'secret') : undefined;
   return {
     ca, ...(cert && key ? { cert, key } : {}), minVersion: 'TLSv1.2', rejectUnauthorized: true,
     host, ...(net.isIP(host) === 0 ? { servername: host } : {}),
@@ -202,10 +203,12 @@ export function parsePskFile(text: string, file: string): Map<string, Buffer> {
 
 /**
  * Read a credential file through one descriptor (no symbolic link followed), checked on that
- * descriptor. A `secret` must be closed to group and others and owned by us or root.
+ * descriptor. A `secret` (a key) must be closed to group and others and owned by us or root; a
+ * `trusted` file (a CA, a revocation list: what decides whom to believe) must be owned by us or
+ * root and writable by nobody else, or whoever could write it would choose who is let in.
  * `optional`: a missing file gives undefined.
  */
-async function readCredential(file: string, secret: boolean, optional = false): Promise<Buffer | undefined> {
+async function readCredential(file: string, kind: 'public' | 'trusted' | 'secret', optional = false): Promise<Buffer | undefined> {
   let handle: fs.promises.FileHandle;
   try {
     handle = await fs.promises.open(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
@@ -220,14 +223,17 @@ async function readCredential(file: string, secret: boolean, optional = false): 
     const st = await handle.stat();
     if (!st.isFile()) throw new BdsnapError('EINVAL', `${file} is not a regular file`);
     if (st.size > MAX_CREDENTIAL_FILE_BYTES) throw new BdsnapError('EINVAL', `${file} is ${st.size} bytes, too big for a credential file`);
-    if (secret) {
+    if (kind !== 'public') {
       const euid = process.geteuid?.() ?? 0;
       if (st.uid !== euid && st.uid !== 0) {
         throw new BdsnapError('EPERM', `${file} is owned by uid ${st.uid}, who could change it; it must belong to this user (${euid}) or root`);
       }
-      if ((st.mode & 0o077) !== 0) {
-        throw new BdsnapError('EPERM', `${file} is open to other users (mode ${(st.mode & 0o777).toString(8)}), so the secret in it is not; chmod 600 it`);
-      }
+    }
+    if (kind === 'secret' && (st.mode & 0o077) !== 0) {
+      throw new BdsnapError('EPERM', `${file} is open to other users (mode ${(st.mode & 0o777).toString(8)}), so the secret in it is not; chmod 600 it`);
+    }
+    if (kind === 'trusted' && (st.mode & 0o022) !== 0) {
+      throw new BdsnapError('EPERM', `${file} can be written by other users (mode ${(st.mode & 0o777).toString(8)}), who could choose whom it trusts; chmod go-w it`);
     }
     const data = await handle.readFile();
     if (data.length === 0) throw new BdsnapError('EINVAL', `${file} is empty`);

@@ -313,6 +313,34 @@ test('--tls-verify-peer: a client certificate signed by the CA is demanded', asy
   assert.equal(s.child.exitCode, null);
 });
 
+test('--tls-verify-peer trusts only a CA file no other user can change: a CA of theirs would let their own client certificates in', async (t) => {
+  if (!needs(t, { root: true, tools: ['openssl', 'nbdinfo'] })) return;
+  const dir = setupDir(t);
+  const pki = makePki(dir);
+  const rogueCa = path.join(dir, 'pki', 'rogue-cert.pem');
+  // Their ca-cert.pem, holding their CA, which signed the client certificate they hold.
+  const theirs = path.join(dir, 'their-ca');
+  fs.cpSync(pki.server, theirs, { recursive: true });
+  fs.copyFileSync(rogueCa, path.join(theirs, 'ca-cert.pem'));
+  fs.chownSync(path.join(theirs, 'ca-cert.pem'), 65534, 65534);
+  const started = await serve(t, dir, ['--tls-certificates', theirs, '--tls-verify-peer']).catch((err: unknown) => err as Error);
+  if (!(started instanceof Error)) {
+    const letIn = await nbdinfo(`nbds://127.0.0.1:${started.port}/?tls-certificates=${pki.rogueClient}&tls-verify-peer=false`).then(() => true, () => false);
+    assert.fail(`served with their CA${letIn ? ', and their client certificate was let in' : ''}`);
+  }
+  assert.match(started.message, /exited early: bdsnap: .*their-ca\/ca-cert\.pem is owned by uid 65534, who could change it/);
+  // Root's, but writable by everyone.
+  const open = path.join(dir, 'open-ca');
+  fs.cpSync(pki.server, open, { recursive: true });
+  fs.chmodSync(path.join(open, 'ca-cert.pem'), 0o666);
+  const openStarted = await serveRefused(dir, ['--socket', path.join(dir, 'open.sock'), '--listen', '127.0.0.1:0', '--tls-certificates', open, '--tls-verify-peer']);
+  assert.equal(openStarted.code, 1, openStarted.stderr);
+  assert.match(openStarted.stderr, /open-ca\/ca-cert\.pem can be written by other users \(mode 666\), who could choose whom it trusts/);
+  // Without --tls-verify-peer the CA decides nothing, and is not held to this.
+  const s = await serve(t, dir, ['--tls-certificates', open]);
+  assert.match(await nbdinfo(`nbds://127.0.0.1:${s.port}/?tls-certificates=${pki.trusting}`), /newstyle-fixed with TLS/);
+});
+
 test('libnbd (Python) with TLS disabled, allowed and required, against servers with TLS off, on and required', async (t) => {
   if (!needs(t, { tools: ['openssl'] })) return;
   if (!pythonWorks()) {
