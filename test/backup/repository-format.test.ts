@@ -309,3 +309,32 @@ test('key list, add and remove through the command line; the key in use and the 
   assert.match(r.stderr, /WARNING: .* is NOT encrypted \(--no-encryption\): anyone who can read it reads every backed-up byte/);
   assertFails(await bdsnap(['key', 'add', '--repo', plainDir, '--new-password-file', newFile], none), /is not encrypted: it has no keys/);
 });
+
+test('a password file another user owns or can read is refused: they would choose, or learn, the password of the repository', async (t) => {
+  if (process.geteuid?.() !== 0) {
+    t.skip('needs root, to give a file to another user');
+    return;
+  }
+  const dir = makeTempDir(t, 'bdsnap-format-pwfile-');
+  const repoDir = path.join(dir, 'repo');
+  const none = { BDSNAP_REPO_PASSWORD: undefined };
+  // Theirs: what they wrote there would become the password of root's new repository.
+  const theirs = path.join(dir, 'theirs');
+  fs.writeFileSync(theirs, 'a password they chose\n', { mode: 0o600 });
+  fs.chownSync(theirs, 65534, 65534);
+  assertFails(await bdsnap(['init', '--repo', repoDir, '--password-file', theirs], none), /the password file .*theirs is owned by uid 65534, who could change it/);
+  assert.equal(fs.existsSync(repoDir), false, 'no repository was made with it');
+  // Root's, but readable by everyone.
+  const open = path.join(dir, 'open');
+  fs.writeFileSync(open, 'a password everyone reads\n');
+  fs.chmodSync(open, 0o644);
+  assertFails(await bdsnap(['init', '--repo', repoDir, '--password-file', open], none), /the password file .*open is open to other users \(mode 644\).*chmod 600/);
+  assert.equal(fs.existsSync(repoDir), false);
+  // A private one of root's works, for the new password of key add too.
+  const own = path.join(dir, 'own');
+  fs.writeFileSync(own, 'the first password\n', { mode: 0o600 });
+  assert.equal((await bdsnap(['init', '--repo', repoDir, '--password-file', own], none)).exitCode, 0);
+  assertFails(await bdsnap(['key', 'add', '--repo', repoDir, '--password-file', own, '--new-password-file', theirs], none), /owned by uid 65534/);
+  const keys = await bdsnap(['key', 'list', '--repo', repoDir, '--password-file', own, '--json'], none);
+  assert.equal((JSON.parse(keys.stdout) as unknown[]).length, 1, 'no key was added with their password');
+});

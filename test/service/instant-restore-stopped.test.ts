@@ -119,7 +119,7 @@ test('an instant restore stopped by a repository password changed meanwhile resu
   let newPasswordFile = '';
   const { daemon, device, repoDir, id, expected } = await stoppedRestore(t, async (repoDir, daemon) => {
     newPasswordFile = path.join(daemon.sandbox.top, 'new-password');
-    fs.writeFileSync(newPasswordFile, 'the new repository password\n');
+    fs.writeFileSync(newPasswordFile, 'the new repository password\n', { mode: 0o600 });
     const keys = JSON.parse((await daemon.cli(['backup', 'key', 'list', '--repo', repoDir, '--json'])).stdout) as Array<{ id: string; current: boolean }>;
     await daemon.cli(['backup', 'key', 'add', '--repo', repoDir, '--new-password-file', newPasswordFile]);
     await daemon.cli(['backup', 'key', 'remove', '--repo', repoDir, '--password-file', newPasswordFile, keys.find((k) => k.current)!.id]);

@@ -96,7 +96,13 @@ function readPasswordFile(file: string): string {
   try {
     const fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
     try {
-      if (fs.fstatSync(fd).size > MAX_PASSWORD_FILE_BYTES) throw new BdsnapError('EINVAL', `${file} is too large for a password file`);
+      const st = fs.fstatSync(fd);
+      if (st.size > MAX_PASSWORD_FILE_BYTES) throw new BdsnapError('EINVAL', `${file} is too large for a password file`);
+      // As a TLS key is held (nbd/tls.ts): whoever could write the file would choose the password
+      // of a repository made or keyed with it, and whoever could read it would know it.
+      const euid = process.geteuid?.() ?? 0;
+      if (st.uid !== euid && st.uid !== 0) throw new BdsnapError('EPERM', `the password file ${file} is owned by uid ${st.uid}, who could change it; it must belong to this user (${euid}) or root`);
+      if ((st.mode & 0o077) !== 0) throw new BdsnapError('EPERM', `the password file ${file} is open to other users (mode ${(st.mode & 0o777).toString(8)}), so the password in it is not; chmod 600 it`);
       text = fs.readFileSync(fd, 'utf8');
     } finally {
       fs.closeSync(fd);
