@@ -32,9 +32,10 @@ export async function ensurePrivateDir(dir: string, mode = 0o700): Promise<void>
 
 /**
  * Accept `dir` only if it is a real directory (not a link to one) owned by this user and
- * closed to others. Errors: ENOENT, EINVAL (not a directory), EPERM (someone else's, or open).
+ * closed to others: none of the `openBits` set (0o077: others may not even read it; 0o022:
+ * others may not change it). Errors: ENOENT, EINVAL (not a directory), EPERM (someone else's, or open).
  */
-export async function checkPrivateDir(dir: string): Promise<void> {
+export async function checkPrivateDir(dir: string, openBits = 0o077): Promise<void> {
   let st: fs.Stats;
   try {
     st = await fs.promises.lstat(dir);
@@ -44,7 +45,7 @@ export async function checkPrivateDir(dir: string): Promise<void> {
   if (!st.isDirectory()) throw new BdsnapError('EINVAL', `${dir} is not a directory`);
   const euid = process.geteuid?.() ?? 0;
   if (st.uid !== euid) throw new BdsnapError('EPERM', `${dir} is owned by uid ${st.uid}, not by this user (${euid}); use a directory of its own`);
-  if ((st.mode & 0o077) !== 0) {
+  if ((st.mode & openBits) !== 0) {
     throw new BdsnapError('EPERM', `${dir} is open to other users (mode ${(st.mode & 0o777).toString(8)}); use a private directory or chmod 700 it`);
   }
 }

@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../../src/device/file-device.js';
-import { DATA_FILE } from '../../src/snapshot/format.js';
+import { DATA_FILE, MANIFEST_FILE, sessionDirName } from '../../src/snapshot/format.js';
 import { CowDevice, listSessions, restore } from '../../src/snapshot/index.js';
 import { needs } from '../../testkit/needs.js';
 import { cleanupOf } from '../../testkit/cleanup.js';
@@ -190,4 +190,47 @@ test('restore --output of a session the device is already back at writes the cop
   assert.match(r.stdout, /a\.img already holds the content from the start of .*: .*copy\.img was written as a copy of it/);
   assert.doesNotMatch(r.stdout, /nothing to do/);
   assert.equal(await sha256File(out), before, 'the copy is the restored content');
+});
+
+test('restore in place refuses sessions another user could have written: one of theirs named a root file they can read and put their content in it', async (t) => {
+  if (!needs(t, { root: true })) return;
+  const dir = tempDir(t, 'bdsnap-output-');
+  fs.chmodSync(dir, 0o711);
+  // A root file others may read but not write, as /etc/passwd is.
+  const target = makeImage(path.join(dir, 'target'), 65536, 'random', 7);
+  fs.chmodSync(target, 0o644);
+  const before = await sha256File(target);
+  // Their session: an image of theirs holding their content, the target's content written over
+  // it (so the end digests are the target's), then the manifest pointed at the target.
+  const theirs = path.join(dir, 'theirs');
+  fs.mkdirSync(theirs);
+  const own = makeImage(path.join(theirs, 'own.img'), 65536, 'zero');
+  fs.writeFileSync(own, Buffer.alloc(65536, 0x45));
+  const dev = await FileDevice.open(own);
+  let made: string;
+  try {
+    const cow = CowDevice.create(dev, { devicePath: own, snapshotRoot: path.join(theirs, 'snap'), chunkSize: CS, deviceIdentity: { ...dev.identity } });
+    await cow.write(fs.readFileSync(target), 0);
+    made = (await cow.close())!.sessionDir;
+  } finally {
+    await dev.close();
+  }
+  const manifest = JSON.parse(fs.readFileSync(path.join(made, MANIFEST_FILE), 'utf8')) as Record<string, unknown> & { mountTime: string };
+  const st = fs.statSync(target, { bigint: true });
+  const stamp = { kind: 'file', dev: String(st.dev), ino: String(st.ino), sizeBytes: 65536, mtimeNs: String(st.mtimeNs), ctimeNs: String(st.ctimeNs) };
+  Object.assign(manifest, { devicePath: target, deviceIdentity: { kind: 'file', dev: Number(st.dev), ino: Number(st.ino), rdev: 0 }, startStamp: stamp, endStamp: stamp });
+  fs.writeFileSync(path.join(made, MANIFEST_FILE), JSON.stringify(manifest));
+  const forged = path.join(theirs, 'snap', sessionDirName(target, new Date(manifest.mountTime)));
+  fs.renameSync(made, forged);
+  execFileSync('chown', ['-R', 'nobody', theirs]);
+
+  const inPlace = spawnSync(process.execPath, [BDSNAP_MAIN, 'restore', forged], { encoding: 'utf8', timeout: 60_000 });
+  assert.equal(await sha256File(target), before, 'the root file keeps its content');
+  assert.equal(inPlace.status, 1, inPlace.stdout);
+  assert.match(inPlace.stderr, /^bdsnap: refusing to restore in place from .*: another user who could write there could have chosen what is written to the device \(.*snap is owned by uid \d+, not by this user/);
+  // A copy is still made: root's own new file, with what the session holds.
+  const copy = path.join(dir, 'copy.img');
+  const toCopy = spawnSync(process.execPath, [BDSNAP_MAIN, 'restore', forged, '--output', copy], { encoding: 'utf8', timeout: 60_000 });
+  assert.equal(toCopy.status, 0, toCopy.stderr);
+  assert.ok(fs.readFileSync(copy).equals(Buffer.alloc(65536, 0x45)));
 });

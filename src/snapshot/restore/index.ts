@@ -39,6 +39,7 @@ import { applyPlan, checkOutput, copyToOutput } from './apply.js';
 import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
 import { readJournal, writeJournal, type Journal } from './journal.js';
 import { openStagedOutputFile, stagedLeftovers, type StagedOutputFile } from '../../host/output-file.js';
+import { checkPrivateDir } from '../../host/private-dir.js';
 import { AsOfDevice } from './as-of.js';
 
 export { AsOfDevice, findSessionByMountTime } from './as-of.js';
@@ -83,6 +84,23 @@ export interface RestoreSummary {
   leftovers: string[];
 }
 
+/**
+ * In place, the device gets what the sessions hold, checked for damage but not for forgery: so
+ * only from sessions, and a snapshot root, that no other user could have written (a session of
+ * theirs can name any device they can read, with digests of its content, and originals of
+ * their choice). Errors: EPERM, EINVAL, ENOENT.
+ */
+async function checkSessionsOurs(targetDir: string, dirs: string[]): Promise<void> {
+  for (const dir of [path.dirname(targetDir), ...dirs]) {
+    try {
+      await checkPrivateDir(dir, 0o022);
+    } catch (err) {
+      const e = toBdsnapError(err);
+      throw new BdsnapError(e.code, `refusing to restore in place from ${targetDir}: another user who could write there could have chosen what is written to the device (${e.message}); restore --output FILE writes a copy instead`, { cause: err });
+    }
+  }
+}
+
 /** Put the device back as it was at the start of `sessionDir`. Errors: ENOENT, ECORRUPT, EMISMATCH, ESESSION, EBUSY, EIO. */
 export async function restore(sessionDir: string, options: RestoreOptions = {}): Promise<RestoreSummary> {
   const startedMs = performance.now();
@@ -93,6 +111,7 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
 
   const outputPath = options.output === undefined ? undefined : path.resolve(options.output);
   if (outputPath !== undefined) await checkOutput(devicePath, outputPath);
+  else await checkSessionsOurs(target.dir, chain.map((s) => s.dir));
   await checkNotInUse(devicePath, options.hostPaths);
   const device = await FileDevice.open(devicePath, { readOnly: dryRun || outputPath !== undefined });
   const loaded: LoadedSession[] = [];
