@@ -28,6 +28,7 @@ import { FileDevice } from '../device/file-device.js';
 import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
 import { checkNotInUse } from '../host/in-use.js';
+import { followedSafely } from '../host/private-dir.js';
 import { BackupRestoreRecord, type BackupRestoreJournal } from '../device/interrupted-restore.js';
 import type { PiecePool } from '../repository/piece-pool.js';
 import type { PieceRange } from '../repository/piece-worker.js';
@@ -109,9 +110,13 @@ export interface RestoreJob {
  * directory): a refusal names it, and where it leads when that is elsewhere.
  */
 export async function openRestoreTarget(target: string, output: boolean, sizeBytes: number, job: RestoreJob, given = target): Promise<RestoreTarget> {
-  // The device as the operator named it, links resolved once: FileDevice opens only a real path.
+  // The device as the operator named it, links resolved once (FileDevice opens only a real
+  // path), but not through a link another user could point at any file or device.
   const named = target;
-  if (!output) target = await fs.promises.realpath(target).catch(() => target);
+  if (!output) {
+    const real = await fs.promises.realpath(target).catch(() => undefined);
+    if (real !== undefined) target = await followedSafely(target, real);
+  }
   try {
     const st = await (output ? fs.promises.lstat(target) : fs.promises.stat(target)).catch((err: unknown) => {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;

@@ -72,3 +72,32 @@ export async function whyOthersCanRename(filePath: string): Promise<string | und
     if (dir === path.dirname(dir)) return undefined;
   }
 }
+
+/**
+ * `canonical`, the real path of `given`: refused (EPERM) when a symbolic link on the way could
+ * be replaced by another user, since root writes wherever the name leads (a whole backup, a filesystem). Each
+ * link is judged where it is found (by whyOthersCanRename, from a directory with no link above
+ * it), then followed; a walk that does not end at `canonical` cannot be vouched for.
+ */
+export async function followedSafely(given: string, canonical: string): Promise<string> {
+  let rest = path.resolve(given).split('/').filter((part) => part !== '');
+  let at = '/';
+  for (let links = 0; rest.length > 0;) {
+    const next = path.join(at, rest[0]!);
+    const st = await fs.promises.lstat(next).catch(() => undefined);
+    if (!st?.isSymbolicLink()) {
+      at = next;
+      rest = rest.slice(1);
+      continue;
+    }
+    const why = await whyOthersCanRename(next);
+    if (why !== undefined) throw new BdsnapError('EPERM', `${given} leads to ${canonical} through ${next}, a link another user can replace (${why}); give the real path`);
+    if (++links > 40) break;
+    const to = path.resolve(at, await fs.promises.readlink(next));
+    rest = [...to.split('/').filter((part) => part !== ''), ...rest.slice(1)];
+    at = '/';
+  }
+  // The final name of a new --output file does not exist yet: its directory is what was walked.
+  if (at !== canonical) throw new BdsnapError('EPERM', `${given} leads to ${canonical} by a way bdsnap cannot retrace; give the real path`);
+  return canonical;
+}

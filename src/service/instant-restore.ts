@@ -48,7 +48,7 @@ import { readDeviceIdentity, sameIdentity, describeIdentity, type StampIdentity 
 import { closeFd, fdatasyncFd, openFd, preadFully, pwriteFully } from '../host/fd-io.js';
 import { checkNotInUse } from '../host/in-use.js';
 import { openOutputFile, symlinkRefused } from '../host/output-file.js';
-import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
+import { ensurePrivateDir, followedSafely } from '../host/private-dir.js';
 import { parseJson } from '../stored-json.js';
 import type { ExportHandle } from '../nbd/exports.js';
 import type { PieceFetcher, PiecePlacer } from '../repository/backup-device.js';
@@ -686,35 +686,6 @@ async function canonicalOutputPath(target: string): Promise<string> {
     throw new BdsnapError('ENOENT', `the directory of ${target} does not exist; create it first`, { cause: err });
   });
   return path.join(dir, path.basename(resolved));
-}
-
-/**
- * `canonical`, the real path of `given`: refused (EPERM) when a symbolic link on the way could
- * be replaced by another user, since root writes the whole backup wherever the name leads. Each
- * link is judged where it is found (by whyOthersCanRename, from a directory with no link above
- * it), then followed; a walk that does not end at `canonical` cannot be vouched for.
- */
-async function followedSafely(given: string, canonical: string): Promise<string> {
-  let rest = path.resolve(given).split('/').filter((part) => part !== '');
-  let at = '/';
-  for (let links = 0; rest.length > 0;) {
-    const next = path.join(at, rest[0]!);
-    const st = await fs.promises.lstat(next).catch(() => undefined);
-    if (!st?.isSymbolicLink()) {
-      at = next;
-      rest = rest.slice(1);
-      continue;
-    }
-    const why = await whyOthersCanRename(next);
-    if (why !== undefined) throw new BdsnapError('EPERM', `${given} leads to ${canonical} through ${next}, a link another user can replace (${why}); give the real path`);
-    if (++links > 40) break;
-    const to = path.resolve(at, await fs.promises.readlink(next));
-    rest = [...to.split('/').filter((part) => part !== ''), ...rest.slice(1)];
-    at = '/';
-  }
-  // The final name of a new --output file does not exist yet: its directory is what was walked.
-  if (at !== canonical) throw new BdsnapError('EPERM', `${given} leads to ${canonical} by a way bdsnap cannot retrace; give the real path`);
-  return canonical;
 }
 
 /** What to do about a stopped restore: resume it (with the same command), or give it up. */

@@ -535,3 +535,24 @@ test('an image opened while a restore in place runs (a daemon serving it, a snap
   assert.notEqual(served.status, 0, 'the daemon does not serve the image being restored');
   assert.equal(await sha256File(image), backedUpHash, 'the restore completed with the backup\'s content');
 });
+
+test('a restore in place does not follow a link another user put where the image was: the file it points at keeps its bytes', async (t) => {
+  if (!needs(t, { root: true, tools: ['runuser'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-restore-link-');
+  // The image in a directory of another user's (a VM disk in a home, say), backed up.
+  const theirs = path.join(dir, 'theirs');
+  fs.mkdirSync(theirs);
+  fs.chmodSync(dir, 0o711);
+  const image = path.join(theirs, 'disk.img');
+  makeImage(image, IMAGE_BYTES, 'mixed', 29);
+  const { repoDir, id } = await backedUp(dir, image, true);
+  await run('chown', ['nobody', theirs]);
+  // A root file the backup fits in; the image's name made a link to it.
+  const victim = path.join(dir, 'victim.img');
+  makeImage(victim, IMAGE_BYTES, 'random', 31);
+  const before = await sha256File(victim);
+  await run('runuser', ['-u', 'nobody', '--', 'sh', '-c', `mv ${image} ${theirs}/moved.img && ln -s ${victim} ${image}`]);
+  const r = await bdsnap(['restore', '--repo', repoDir, id, image]);
+  assert.equal(await sha256File(victim), before, 'the file the link points at keeps its bytes');
+  assertFails(r, /theirs\/disk\.img leads to .*victim\.img through .*theirs\/disk\.img, a link another user can replace \(.*theirs belongs to uid \d+\); give the real path/);
+});

@@ -47,19 +47,17 @@ export function register(program: Command): void {
     .option('--json', 'machine-readable output')
     .action(async (image: string, options: { blocks: string } & JsonOption) => {
       const blocks = parseInteger(options.blocks, '--blocks');
-      const link = fs.lstatSync(image, { throwIfNoEntry: false });
-      const euid = process.geteuid?.() ?? 0;
-      if (link?.isSymbolicLink() && link.uid !== 0 && link.uid !== euid) {
-        // As the kernel's protected_symlinks would: another user's link may point anywhere.
-        throw new BdsnapError('EPERM', `${image} is a symbolic link of uid ${link.uid}, who may point it at any device or file; it is not followed: give the real path`);
-      }
+      // Not through a link another user could point at any device or file.
+      const { followedSafely } = await import('../../host/private-dir.js');
+      const real = await fs.promises.realpath(image).catch(() => undefined);
+      if (real !== undefined) await followedSafely(image, real);
       const st = fs.statSync(image, { throwIfNoEntry: false });
       let sizeBytes: number;
       const { mkfs, mkfsImage } = await import('../../fs/singlefilefs/mkfs.js');
       if (st?.isBlockDevice()) {
         // The operator's name, links resolved once: FileDevice opens only a real path.
         const { FileDevice } = await import('../../device/file-device.js');
-        const device = await FileDevice.open(canonicalPath(image));
+        const device = await FileDevice.open(real!);
         try {
           await mkfs(device);
           sizeBytes = device.size;
