@@ -18,6 +18,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { BdsnapError } from '../errors.js';
 import { writeFileAtomic } from '../host/atomic-file.js';
+import { followedSafely } from '../host/private-dir.js';
 import { readJsonFile } from '../stored-json.js';
 import { readDeviceIdentity, sameIdentity, stampIdentitySchema, type StampIdentity } from '../host/device-stamp.js';
 import type { RegisterResult } from './control-protocol.js';
@@ -63,7 +64,8 @@ export async function canonicalDevicePath(devicePath: string): Promise<string> {
   if (!st.isFile() && !st.isBlockDevice()) {
     throw new BdsnapError('EINVAL', `${devicePath} is neither a regular image file nor a block device`);
   }
-  return real;
+  // A link another user can replace could have named any device or file.
+  return followedSafely(devicePath, real);
 }
 
 /**

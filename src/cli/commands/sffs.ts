@@ -48,9 +48,7 @@ export function register(program: Command): void {
     .action(async (image: string, options: { blocks: string } & JsonOption) => {
       const blocks = parseInteger(options.blocks, '--blocks');
       // Not through a link another user could point at any device or file.
-      const { followedSafely } = await import('../../host/private-dir.js');
-      const real = await fs.promises.realpath(image).catch(() => undefined);
-      if (real !== undefined) await followedSafely(image, real);
+      const real = fs.existsSync(image) ? await canonicalPath(image) : undefined;
       const st = fs.statSync(image, { throwIfNoEntry: false });
       let sizeBytes: number;
       const { mkfs, mkfsImage } = await import('../../fs/singlefilefs/mkfs.js');
@@ -148,12 +146,12 @@ async function openTarget(devName: string, options: TargetOptions, readOnly: boo
       throw new BdsnapError('EINVAL', '--image works on the file directly: it cannot be combined with --socket, --run-dir or --export');
     }
     const { FileDevice } = await import('../../device/file-device.js');
-    return FileDevice.open(canonicalPath(devName), { readOnly });
+    return FileDevice.open(await canonicalPath(devName), { readOnly });
   }
   if (options.socket && options.runDir) throw new BdsnapError('EINVAL', 'give either --socket or --run-dir, not both');
   const runDir = resolveRunDir(options.runDir);
   const socketPath = options.socket ?? nbdSocketPath(runDir);
-  const exportName = options.export ?? canonicalPath(devName);
+  const exportName = options.export ?? await canonicalPath(devName);
   if (!fs.existsSync(socketPath)) {
     throw new BdsnapError('ENOENT', options.socket
       ? `no NBD server socket at ${socketPath}`
@@ -173,12 +171,16 @@ async function openTarget(devName: string, options: TargetOptions, readOnly: boo
 }
 
 /** The device's name as the daemon knows it: its absolute real path. */
-function canonicalPath(devName: string): string {
+/** The real path of `devName`, not reached through a link another user could point anywhere. */
+async function canonicalPath(devName: string): Promise<string> {
+  let real: string;
   try {
-    return fs.realpathSync(devName);
+    real = fs.realpathSync(devName);
   } catch (err) {
     throw new BdsnapError('ENOENT', `no such device: ${devName}`, { cause: err });
   }
+  const { followedSafely } = await import('../../host/private-dir.js');
+  return followedSafely(devName, real);
 }
 
 function parseInteger(text: string, what: string): number {
