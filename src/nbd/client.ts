@@ -95,6 +95,12 @@ const DEFAULT_BLOCK_SIZES: BlockSizes = { minimum: 1, preferred: 4096, maximum: 
 /** The socket's read buffer: four times the 64 KiB a socket read gives by default. */
 const READ_BUFFER_BYTES = 256 * 1024;
 const MAX_COOKIE = 0xffffffff;
+/**
+ * Most bytes of replies to one option held before its final one: far above what a real server
+ * sends (a LIST of a thousand exports with long names, an INFO or two), far below what would
+ * hurt the process a client lives in (the daemon, for a replica's standby).
+ */
+const MAX_OPTION_REPLIES_BYTES = 16 * 1024 * 1024;
 
 export class NbdClient implements BlockDevice {
   #socket: net.Socket;
@@ -366,15 +372,23 @@ export class NbdClient implements BlockDevice {
     return replies[replies.length - 1]!;
   }
 
-  /** Send an option and collect its replies up to the final one (ACK or an error). */
+  /**
+   * Send an option and collect its replies up to the final one (ACK or an error). A server that
+   * never sends the final one cannot make this hold more than MAX_OPTION_REPLIES_BYTES.
+   */
   async #optionList(option: number, data?: Buffer): Promise<OptionReplyMessage[]> {
     this.#socket.write(encodeOption(option, data));
     const replies: OptionReplyMessage[] = [];
+    let heldBytes = 0;
     for (;;) {
       const m = await this.#nextMessage();
       if (m.kind !== 'option-reply' || m.option !== option) throw new BdsnapError('EPROTO', `unexpected reply to option ${option}`);
       replies.push(m);
       if (m.type === C.NBD_REP_ACK || (m.type & C.NBD_REP_FLAG_ERROR) !== 0) return replies;
+      heldBytes += C.OPTION_REPLY_HEADER_BYTES + m.data.length;
+      if (heldBytes > MAX_OPTION_REPLIES_BYTES) {
+        throw new BdsnapError('EPROTO', `the NBD server sent more than ${MAX_OPTION_REPLIES_BYTES} bytes of replies to option ${option} without a final one (${replies.length} replies)`);
+      }
     }
   }
 

@@ -26,12 +26,26 @@ function offsetData(cookie: number, offsetBytes: number, data: Buffer, done: boo
   return chunk;
 }
 
-/** A server that negotiates structured replies and answers each read with `answer`. */
-async function scriptedServer(t: { after: (fn: () => unknown) => void }, answer: (cookie: number, offsetBytes: number, lengthBytes: number) => Buffer[]): Promise<string> {
+/** A unix-socket server of `onSocket`, listening in a temporary directory, closed after the test: its socket path. */
+async function listenOnce(t: { after: (fn: () => unknown) => void }, onSocket: (socket: net.Socket) => void): Promise<string> {
   const socketPath = path.join(makeTempDir(t, 'bdsnap-client-replies-'), 'nbd.sock');
   const sockets = new Set<net.Socket>();
   const server = net.createServer((socket) => {
     sockets.add(socket);
+    socket.on('error', () => undefined);
+    onSocket(socket);
+  });
+  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+  t.after(() => new Promise<void>((resolve) => {
+    for (const s of sockets) s.destroy();
+    server.close(() => resolve());
+  }));
+  return socketPath;
+}
+
+/** A server that negotiates structured replies and answers each read with `answer`. */
+async function scriptedServer(t: { after: (fn: () => unknown) => void }, answer: (cookie: number, offsetBytes: number, lengthBytes: number) => Buffer[]): Promise<string> {
+  return listenOnce(t, (socket) => {
     const decoder = new RequestDecoder();
     decoder.setPhase('client-flags');
     socket.write(encodeGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
@@ -51,14 +65,7 @@ async function scriptedServer(t: { after: (fn: () => unknown) => void }, answer:
         }
       }
     });
-    socket.on('error', () => undefined);
   });
-  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
-  t.after(() => new Promise<void>((resolve) => {
-    for (const s of sockets) s.destroy();
-    server.close(() => resolve());
-  }));
-  return socketPath;
 }
 
 test('client: a read answered in data and hole chunks, split anywhere, lands whole in the caller\'s buffer', { timeout: 20_000 }, async (t) => {
@@ -91,4 +98,38 @@ test('client: a read reply that leaves bytes uncovered is a protocol error', { t
   const client = await NbdClient.connect({ socketPath });
   t.after(() => client.close().catch(() => undefined));
   await assert.rejects(client.read(Buffer.alloc(4096), 0), (e: unknown) => (e as { code?: string }).code === 'EPROTO' && /covers 3584 of 4096 bytes/.test((e as Error).message));
+});
+
+test('client: a server that answers an option with replies and never a final one is cut off, its replies not held without end', { timeout: 60_000 }, async (t) => {
+  let sentBytes = 0;
+  const socketPath = await listenOnce(t, (socket) => {
+    const decoder = new RequestDecoder();
+    decoder.setPhase('client-flags');
+    socket.write(encodeGreeting(C.NBD_FLAG_FIXED_NEWSTYLE | C.NBD_FLAG_NO_ZEROES));
+    // As fast as the client reads: 64 KiB metadata contexts, each "selected", none the last.
+    const flood = (option: number): void => {
+      const reply = encodeOptionReply(option, C.NBD_REP_META_CONTEXT, Buffer.alloc(C.MAX_OPTION_PAYLOAD_BYTES - 64, 0x61));
+      while (!socket.destroyed && sentBytes < 256 << 20) {
+        sentBytes += reply.length;
+        if (!socket.write(reply)) {
+          socket.once('drain', () => flood(option));
+          return;
+        }
+      }
+    };
+    socket.on('data', (chunk) => {
+      for (const m of decoder.push(chunk)) {
+        if (m.kind === 'client-flags') decoder.setPhase('options');
+        else if (m.kind === 'option' && m.option === C.NBD_OPT_STRUCTURED_REPLY) socket.write(encodeOptionReply(m.option, C.NBD_REP_ACK));
+        else if (m.kind === 'option') flood(m.option);
+      }
+    });
+  });
+  const outcome = await Promise.race([
+    NbdClient.connect({ socketPath, exportName: '' }).then(() => 'connected', (err: unknown) => err as Error),
+    new Promise<string>((resolve) => setTimeout(() => resolve('still reading'), 30_000).unref()),
+  ]);
+  assert.ok(outcome instanceof Error, `the client gave up on the endless replies (${String(outcome)} after ${sentBytes} bytes sent)`);
+  assert.match(outcome.message, /the NBD server sent more than 16777216 bytes of replies to option \d+ without a final one/);
+  assert.ok(sentBytes < 64 << 20, `it stopped soon: ${sentBytes} bytes sent`);
 });
