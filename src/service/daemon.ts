@@ -56,7 +56,7 @@ import { ownerOf, SnapshotManager, type SnapshotOwner } from './snapshots/index.
 import { ReplicaManager } from './replicas.js';
 import { ReplicaStandby } from './replica-standby.js';
 
-export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
+export { DEFAULT_STATE_DIR } from './paths.js';
 
 type RequestOf<Op extends Request['op']> = Extract<Request, { op: Op }>;
 

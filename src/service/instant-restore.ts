@@ -688,9 +688,14 @@ async function canonicalOutputPath(target: string): Promise<string> {
   return path.join(dir, path.basename(resolved));
 }
 
+/** The command that starts the restore `st` records, and resumes it. */
+function restoreCommand(st: RestoreState): string {
+  return `bdsnap backup restore --repo ${st.repo} ${st.backup} ${st.device}${st.created ? ` --output ${st.target}` : ''} --instant`;
+}
+
 /** What to do about a stopped restore: resume it (with the same command), or give it up. */
 function whatToDo(st: RestoreState): string {
-  const command = `bdsnap backup restore --repo ${st.repo} ${st.backup} ${st.device}${st.created ? ` --output ${st.target}` : ''} --instant`;
+  const command = restoreCommand(st);
   return `once that is fixed, resume it where it stopped with '${command}' (a new repository password may be given with it), or give it up with '${command} --abandon' (the target is then left incomplete)`;
 }
 
@@ -710,6 +715,32 @@ async function countDone(file: string, slots: number): Promise<number> {
     return map.count;
   } finally {
     await map.close();
+  }
+}
+
+/**
+ * Refuse the file `identity` (opened as `devicePath`) while a daemon whose state directory is
+ * `stateDir` has an instant restore into it that is not complete (it was running when that
+ * daemon stopped, or it is stopped): for a server that runs without the daemon. The file holds
+ * neither its old content nor the backup's, and the daemon, once started, resumes the copy over
+ * whatever such a server's clients wrote. A state directory this user may not read (not root)
+ * or that holds no restores says nothing; a state file that cannot be read is the daemon's to
+ * report, and is passed over here.
+ */
+export async function refuseUnfinishedInstantRestore(stateDir: string, devicePath: string, identity: { dev: number; ino: number }): Promise<void> {
+  const root = path.join(stateDir, RESTORES_DIR);
+  const names = await fs.promises.readdir(root).catch((err: unknown) => {
+    if (['ENOENT', 'ENOTDIR', 'EACCES'].includes((err as NodeJS.ErrnoException).code ?? '')) return [];
+    throw toBdsnapError(err);
+  });
+  for (const name of names) {
+    const stateFile = path.join(root, name, STATE_FILE);
+    const st = await fs.promises.readFile(stateFile, { flag: fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW })
+      .then((text) => parseJson(text, stateSchema, (problem) => problem), () => undefined)
+      .catch(() => undefined);
+    if (st === undefined || st.identity.dev !== identity.dev || st.identity.ino !== identity.ino) continue;
+    const command = restoreCommand(st);
+    throw new BdsnapError('EBUSY', `${devicePath} is the target of an instant restore from backup ${st.backup} (started at ${st.startedAt}) that is not complete: it holds neither its old content nor the backup's, and the daemon resumes the copy over whatever is written to it meanwhile; start the daemon (state directory ${stateDir}), which resumes it ('bdsnap status' shows it), or give it up there with '${command} --abandon'`);
   }
 }
 

@@ -6,6 +6,8 @@
 import path from 'node:path';
 
 export const DEFAULT_RUN_DIR = '/run/bdsnap';
+/** The daemon's state directory (registry, change maps, instant restores), unless --state-dir moves it. */
+export const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
 /** The environment variable that moves the run directory for the daemon and its clients. */
 export const RUN_DIR_ENV = 'BDSNAP_RUN_DIR';
 export const CONTROL_SOCKET = 'control.sock';

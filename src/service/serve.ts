@@ -10,6 +10,8 @@ import os from 'node:os';
 import type { BlockDevice } from '../device/block-device.js';
 import { FileDevice } from '../device/file-device.js';
 import { BdsnapError } from '../errors.js';
+import { refuseInterruptedBackupRestore } from '../device/interrupted-restore.js';
+import { DEFAULT_STATE_DIR } from './paths.js';
 import { checkTcpPolicy, listenOn } from '../nbd/listen.js';
 import type { NbdServer, NbdServerOptions } from '../nbd/server.js';
 import { loadTls, type NbdTls, type TlsSettings } from '../nbd/tls.js';
@@ -27,6 +29,11 @@ export interface ServeOptions {
   /** TLS on every listener (credentials are read and checked before anything is opened). */
   tls?: TlsSettings;
   readOnly?: boolean;
+  /**
+   * The daemon's state directory (default /var/lib/bdsnap): an image its instant restore has not
+   * finished is refused (see refuseUnfinishedInstantRestore).
+   */
+  stateDir?: string;
   /** Wrap each opened device before it is served. */
   wrap?: (device: BlockDevice, devicePath: string) => BlockDevice | Promise<BlockDevice>;
   log?: (event: Record<string, unknown>) => void;
@@ -89,6 +96,13 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
       // EBUSY (another server has it) says who holds it, and the CLI adds what frees it.
       const device = await FileDevice.open(real, { readOnly: options.readOnly ?? false });
       opened.push(device);
+      // The file is open, its lock held: one that a restore left half way (killed in place, or an
+      // instant restore the daemon has not finished) holds neither its old content nor a backup's.
+      await refuseInterruptedBackupRestore(real, device.identity);
+      if (device.identity.kind === 'file') {
+        const { refuseUnfinishedInstantRestore } = await import('./instant-restore.js');
+        await refuseUnfinishedInstantRestore(options.stateDir ?? DEFAULT_STATE_DIR, real, device.identity);
+      }
       exports.push({ name: real, device: options.wrap ? await options.wrap(device, real) : device });
     }
     const threads = options.wrap === undefined ? serveThreads(opened, threadCount) : undefined;

@@ -15,8 +15,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
+import { BackupRestoreRecord } from '../../src/device/interrupted-restore.js';
 import { TEST_PASSWORD, sandbox, startDaemon, type RunningDaemon, type Sandbox } from '../../testkit/daemon.js';
 import { makeImage } from '../../testkit/files.js';
+import { run } from '../../testkit/process.js';
+import { BDSNAP_MAIN, launchServer } from '../../testkit/server.js';
 import { instantRestoreOfImage, restoreOf, waitForRestore } from '../helpers/instant-restore.js';
 import { until } from '../helpers/poll.js';
 import { passwdAndActivate } from './helpers.js';
@@ -152,4 +155,52 @@ test('backup forget of a backup an instant restore is copying from is refused, s
   const listed = JSON.parse((await daemon.cli(['backup', 'list', '--repo', repoDir, '--json'])).stdout) as Array<{ id: string }> | { backups: Array<{ id: string }> };
   const ids = (Array.isArray(listed) ? listed : listed.backups).map((b) => b.id);
   assert.ok(ids.includes(id), 'the backup is still there');
+});
+
+test('bdsnap serve, without the daemon, refuses the target of an instant restore the daemon has not finished (it would resume over what was written), and serves it once the restore is complete', { timeout: 120_000 }, async (t) => {
+  const { daemon, device, repoDir, id, expected } = await stoppedRestore(t);
+  assert.equal((await restoreOf(daemon, device))?.state, 'stopped');
+  await daemon.server.stop();
+  const serveSocket = path.join(daemon.sandbox.top, 'serve.sock');
+  const serveArgs = [BDSNAP_MAIN, 'serve', '--socket', serveSocket, '--state-dir', daemon.stateDir, device];
+  const before = fs.readFileSync(device);
+  const refused = await run(process.execPath, serveArgs, { allowFailure: true, timeoutMs: 30_000 });
+  assert.equal(refused.exitCode, 1, refused.stderr);
+  assert.match(refused.stderr, new RegExp(`^bdsnap: ${device} is the target of an instant restore from backup ${id} \\(started at [^)]+\\) that is not complete: it holds neither its old content nor the backup's, .*; start the daemon \\(state directory ${daemon.stateDir}\\), which resumes it .*, or give it up there with 'bdsnap backup restore --repo ${repoDir} ${id} ${device} --instant --abandon'$`, 'm'));
+  assert.equal(fs.existsSync(serveSocket), false, 'nothing was served');
+  assert.ok(fs.readFileSync(device).equals(before), 'the target is as the daemon left it');
+
+  // The daemon resumes it as it starts, its repository back; complete, the target is an ordinary image again.
+  fs.renameSync(`${repoDir}.away`, repoDir);
+  const again = await startDaemon(t, { sandbox: daemon.sandbox, password: false });
+  await waitForRestore(again, device, 'the resumed restore to finish', (r) => r === undefined || r.state === 'complete', 60_000);
+  await again.server.stop();
+  assert.ok(fs.readFileSync(device).equals(expected), 'the target is the backup plus the write flushed before the stop');
+  const served = await launchServer(t, { kind: 'bdsnap', command: process.execPath, args: serveArgs, socketPath: serveSocket, exportNames: [device], readyPattern: /^bdsnap: serving /m });
+  const client = await NbdClient.connect({ socketPath: serveSocket, exportName: device });
+  const head = Buffer.alloc(MiB);
+  await client.read(head, 6 * MiB);
+  await client.close();
+  assert.ok(head.equals(expected.subarray(6 * MiB, 7 * MiB)), 'served: the backup with the write flushed through the restore');
+  await served.stop();
+});
+
+test('bdsnap serve, without the daemon, refuses an image a backup restore in place left half way, naming the command that finishes it', async (t) => {
+  const box = sandbox(t);
+  const device = makeImage(path.join(box.top, 'b.img'), IMAGE_BYTES, 'random', 22);
+  const restoreDir = path.join(box.top, 'restores');
+  const env = { ...process.env, BDSNAP_RESTORE_DIR: restoreDir };
+  // What a restore in place killed after its first write leaves: its journal, by the target's identity.
+  const st = fs.statSync(device);
+  const saved = process.env.BDSNAP_RESTORE_DIR;
+  process.env.BDSNAP_RESTORE_DIR = restoreDir;
+  try {
+    await BackupRestoreRecord.begin({ kind: 'file', dev: st.dev, ino: st.ino, rdev: 0 }, { backup: 'b1', command: `bdsnap backup restore --repo R b1 ${device}`, target: device });
+  } finally {
+    if (saved === undefined) delete process.env.BDSNAP_RESTORE_DIR;
+    else process.env.BDSNAP_RESTORE_DIR = saved;
+  }
+  const r = await run(process.execPath, [BDSNAP_MAIN, 'serve', '--socket', path.join(box.top, 's.sock'), '--state-dir', box.stateDir, device], { allowFailure: true, timeoutMs: 30_000, env });
+  assert.equal(r.exitCode, 1, r.stderr);
+  assert.match(r.stderr, new RegExp(`^bdsnap: ${device} is half way through a restore of backup b1 \\(started at [^)]+, interrupted\\); finish it first: bdsnap backup restore --repo R b1 ${device}$`, 'm'));
 });

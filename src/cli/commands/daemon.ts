@@ -1,7 +1,7 @@
 /** `bdsnap daemon`: run the service in the foreground, logging one JSON line per event on stdout. */
 
 import type { Command } from 'commander';
-import { DEFAULT_RUN_DIR, RUN_DIR_ENV, resolveRunDir } from '../../service/paths.js';
+import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, RUN_DIR_ENV, resolveRunDir } from '../../service/paths.js';
 import { BdsnapError } from '../../errors.js';
 import { choiceOption, sizeOption } from '../option-values.js';
 
@@ -12,7 +12,6 @@ import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '
 import { addTlsOptions, parseListen, tlsSettings, type TlsCliOptions } from './serve.js';
 import { loadTls } from '../../nbd/tls.js';
 
-const DEFAULT_STATE_DIR = '/var/lib/bdsnap';
 const DEFAULT_SNAPSHOT_ROOT = '/snapshot';
 /** The longest a stop may take: busy mounts are flushed and retried well within it. */
 const SHUTDOWN_DEADLINE_MS = 90_000;

@@ -82,7 +82,8 @@ export function register(program: Command): void {
   const command = addTlsOptions(base)
     .option('--insecure-tcp', 'allow --listen without TLS required: whoever can connect (every local user, even on 127.0.0.1) can read and write the images')
     .option('--read-only', 'refuse writes (clients see a read-only export)')
-    .option('--snapshot-root <dir>', 'open a copy-before-write session per image under DIR for as long as it is served');
+    .option('--snapshot-root <dir>', 'open a copy-before-write session per image under DIR for as long as it is served')
+    .option('--state-dir <dir>', 'the daemon\'s state directory: an image its instant restore has not finished is refused (default: the daemon\'s, /var/lib/bdsnap)');
   addSessionOptions(command)
     .addHelpText('after', `
 Prints "bdsnap: serving N export(s) on ENDPOINTS" on stderr once ready. SIGINT or SIGTERM
@@ -104,7 +105,7 @@ Examples:
       const { startServe } = await import('../../service/serve.js');
       await serveInForeground(() => startServe({
         images, socketPath, listen, insecureTcp: opts.insecureTcp ?? false, readOnly: opts.readOnly ?? false, wrap, log: printWarnings,
-        tls: tlsSettings(opts),
+        tls: tlsSettings(opts), ...(opts.stateDir !== undefined ? { stateDir: path.resolve(opts.stateDir) } : {}),
       }), listen, `${opts.readOnly ? 'read' : 'read and write'} the images`);
     });
 }
@@ -144,6 +145,7 @@ interface ServeCliOptions extends SessionCliOptions, TlsCliOptions {
   insecureTcp?: boolean;
   readOnly?: boolean;
   snapshotRoot?: string;
+  stateDir?: string;
 }
 
 /**
@@ -158,9 +160,8 @@ async function sessionWrapper(opts: ServeCliOptions): Promise<ServeOptions['wrap
   if (opts.readOnly) throw new BdsnapError('EINVAL', '--snapshot-root makes no sense with --read-only: nothing can change');
   const snapshotRoot = path.resolve(opts.snapshotRoot);
   const base: Omit<SessionOptions, 'devicePath'> = { snapshotRoot, ...parseSessionOptions(opts) };
-  const [{ FileDevice }, { CowDevice }, { refuseUnfinishedRestore }, { refuseInterruptedBackupRestore }, { ensurePrivateDir }] = await Promise.all([
-    import('../../device/file-device.js'), import('../../snapshot/index.js'), import('../../snapshot/restore/chain.js'), import('../../device/interrupted-restore.js'),
-    import('../../host/private-dir.js'),
+  const [{ FileDevice }, { CowDevice }, { refuseUnfinishedRestore }, { ensurePrivateDir }] = await Promise.all([
+    import('../../device/file-device.js'), import('../../snapshot/index.js'), import('../../snapshot/restore/chain.js'), import('../../host/private-dir.js'),
   ]);
   // As the daemon's: sessions hold the images' original content, and another user who could
   // write here could plant sessions a restore would apply, or read what a session keeps.
@@ -178,7 +179,6 @@ async function sessionWrapper(opts: ServeCliOptions): Promise<ServeOptions['wrap
   // a session recording neither state, and serve it.
   return async (device, devicePath) => {
     await refuseUnfinishedRestore(snapshotRoot, devicePath);
-    if (device instanceof FileDevice) await refuseInterruptedBackupRestore(devicePath, device.identity);
     return CowDevice.create(device, {
       ...base,
       devicePath,
