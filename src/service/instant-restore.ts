@@ -1111,6 +1111,9 @@ export class InstantRestores {
   async resumeAll(): Promise<void> {
     const names = await fs.promises.readdir(this.#root).catch(() => [] as string[]);
     for (const name of names) {
+      // The journals of restores in place (device/interrupted-restore.ts, named after their
+      // target's identity) share this directory by default: theirs to judge, not restores here.
+      if (/^(file|block)-/.test(name)) continue;
       const dir = path.join(this.#root, name);
       let state: RestoreState;
       try {

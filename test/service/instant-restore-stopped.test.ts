@@ -185,10 +185,12 @@ test('bdsnap serve, without the daemon, refuses the target of an instant restore
   await served.stop();
 });
 
-test('bdsnap serve, without the daemon, refuses an image a backup restore in place left half way, naming the command that finishes it', async (t) => {
+test('bdsnap serve, without the daemon, refuses an image a backup restore in place left half way, naming the command that finishes it; the daemon, whose instant restores share the directory, takes the journal for none of them', async (t) => {
   const box = sandbox(t);
   const device = makeImage(path.join(box.top, 'b.img'), IMAGE_BYTES, 'random', 22);
-  const restoreDir = path.join(box.top, 'restores');
+  // Where root's journals and the daemon's instant restores both are by default (/var/lib/bdsnap/restores).
+  fs.mkdirSync(box.stateDir, { recursive: true, mode: 0o700 });
+  const restoreDir = path.join(box.stateDir, 'restores');
   const env = { ...process.env, BDSNAP_RESTORE_DIR: restoreDir };
   // What a restore in place killed after its first write leaves: its journal, by the target's identity.
   const st = fs.statSync(device);
@@ -203,4 +205,8 @@ test('bdsnap serve, without the daemon, refuses an image a backup restore in pla
   const r = await run(process.execPath, [BDSNAP_MAIN, 'serve', '--socket', path.join(box.top, 's.sock'), '--state-dir', box.stateDir, device], { allowFailure: true, timeoutMs: 30_000, env });
   assert.equal(r.exitCode, 1, r.stderr);
   assert.match(r.stderr, new RegExp(`^bdsnap: ${device} is half way through a restore of backup b1 \\(started at [^)]+, interrupted\\); finish it first: bdsnap backup restore --repo R b1 ${device}$`, 'm'));
+  const daemon = await startDaemon(t, { sandbox: box, password: false });
+  const events = (await daemon.cli(['events', '--json'])).stdout;
+  assert.doesNotMatch(events, /restore-failed/, 'the journal is not taken for an instant restore that failed');
+  assert.deepEqual(fs.readdirSync(restoreDir).filter((n) => n.startsWith('file-')).length, 1, 'the journal stays');
 });
