@@ -24,6 +24,16 @@ export function parseBytes(text: string, what: string): number {
   return value;
 }
 
+/** `one` for a count of 1, else `many`: "1 pack", "2 packs". */
+export function plural(n: number, one: string, many = `${one}s`): string {
+  return n === 1 ? one : many;
+}
+
+/** A count and its noun: "1 pack", "3 packs", "0 pieces". */
+export function countOf(n: number, one: string, many = `${one}s`): string {
+  return `${n} ${plural(n, one, many)}`;
+}
+
 const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
 
 /** "64 KiB", "1.5 GiB", "0 B": binary units, at most one decimal. */

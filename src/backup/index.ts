@@ -9,6 +9,7 @@ export { applyRetention, checkPolicy, type RetentionPolicy, type RetentionPlan }
 export { planForget, forgetPlanned, type ForgetPlan, type ForgetGroup, type ForgetOptions } from './forget.js';
 export { copyBackups, type CopyOptions, type CopySummary } from './copy.js';
 export { restoreBackup, type RestoreOptions, type RestoreSummary } from './restore.js';
+export type { SizeBefore } from './restore-target.js';
 export {
   backupDevices,
   type AgentOptions, type ChangeMapPoint, type Snapshot, type SnapshotImage, type SnapshotProvider,

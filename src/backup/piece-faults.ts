@@ -16,6 +16,7 @@
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import type { PieceLocation, PieceProblem } from '../repository/pack.js';
 import type { Repository } from '../repository/repository.js';
+import { plural } from '../units.js';
 
 export interface PieceFault {
   hash: string;
@@ -30,10 +31,6 @@ export interface PieceFault {
 
 /** Pieces a message names at most; the rest are counted. */
 const MAX_NAMED = 3;
-
-function plural(n: number, one: string, many: string): string {
-  return n === 1 ? one : many;
-}
 
 function named(items: readonly string[]): string {
   return items.length > MAX_NAMED ? `${items.slice(0, MAX_NAMED).join(', ')}, ...` : items.join(', ');

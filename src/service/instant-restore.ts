@@ -736,7 +736,7 @@ export async function refuseUnfinishedInstantRestore(stateDir: string, devicePat
   for (const name of names) {
     const stateFile = path.join(root, name, STATE_FILE);
     const st = await fs.promises.readFile(stateFile, { flag: fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW })
-      .then((text) => parseJson(text, stateSchema, (problem) => problem), () => undefined)
+      .then((text) => parseJson(text, stateSchema, (problem) => problem))
       .catch(() => undefined);
     if (st === undefined || st.identity.dev !== identity.dev || st.identity.ino !== identity.ino) continue;
     const command = restoreCommand(st);

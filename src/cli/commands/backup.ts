@@ -13,13 +13,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { BdsnapError } from '../../errors.js';
-import type { BackupSummary, ObjectStore, ProgressSink, Repository } from '../../backup/index.js';
+import type { BackupSummary, ObjectStore, ProgressSink, Repository, SizeBefore } from '../../backup/index.js';
 import type { PruneSummary } from '../../repository/index.js';
 import { CODEC_CHOICES, type CodecChoice } from '../../repository/codec-choices.js';
 import { registerForget } from './backup-forget.js';
 import { promptHidden } from '../password-input.js';
 import { withClient } from '../../service/client.js';
-import { formatBytes } from '../../units.js';
+import { countOf, formatBytes } from '../../units.js';
 import { choiceOption, sizeOption } from '../option-values.js';
 import { formatTable } from './status.js';
 import { RUN_DIR_HELP } from './client-options.js';
@@ -166,20 +166,15 @@ function printJson(value: unknown): void {
   process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
 }
 
-/** `n` things, in the singular for one. */
-function count(n: number, one: string, many = `${one}s`): string {
-  return `${n} ${n === 1 ? one : many}`;
-}
-
 /** A prune's one line: what went, and why a pack went that held no unused piece (no index named it). */
 export function pruneSummaryLine(s: PruneSummary): string {
   const unindexed = s.unindexedPacks === 0 ? '' : `, ${s.unindexedPacks} of them named by no index (written by a backup or prune that ended before its index)`;
-  return `pruned ${count(s.deletedPieces, 'unused piece')} (${formatBytes(s.deletedBytes)} freed, ${count(s.deletedPacks, 'pack')} removed${unindexed}, ${s.repackedPacks} repacked); `
-    + `${count(s.referencedPieces, 'piece')} kept for ${count(s.backups, 'backup')}`;
+  return `pruned ${countOf(s.deletedPieces, 'unused piece')} (${formatBytes(s.deletedBytes)} freed, ${countOf(s.deletedPacks, 'pack')} removed${unindexed}, ${s.repackedPacks} repacked); `
+    + `${countOf(s.referencedPieces, 'piece')} kept for ${countOf(s.backups, 'backup')}`;
 }
 
 /** What a restore did to a target whose size was not the backup's. */
-function sizeBeforeNote(target: string, before: { bytes: number; tail: 'cut' | 'grown' | 'kept' }, sizeBytes: number): string {
+function sizeBeforeNote(target: string, before: SizeBefore, sizeBytes: number): string {
   const held = `${target} held ${before.bytes} bytes, the backup ${sizeBytes}`;
   switch (before.tail) {
     case 'cut': return `${held}: the file was cut to the backup's size (the ${before.bytes - sizeBytes} bytes past it are gone)`;
