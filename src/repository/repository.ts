@@ -72,6 +72,9 @@ export interface PruneSummary {
   deletedIncomplete: number;
 }
 
+/** What a prune's deleting part reports (the rest of PruneSummary is counted around it). */
+type PrunedObjects = Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'unindexedPacks' | 'repackedPacks' | 'repackedPieces'>;
+
 export interface KeyInfo {
   id: string;
   createdAt: string;
@@ -595,7 +598,7 @@ export class Repository {
     }
   }
 
-  async #pruneLegacy(referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'unindexedPacks' | 'repackedPacks' | 'repackedPieces'>> {
+  async #pruneLegacy(referenced: ReadonlySet<string>, lock: RepoLock): Promise<PrunedObjects> {
     let deletedPieces = 0;
     let deletedBytes = 0;
     const unused = [...(await this.storedPieces())].filter(([hash]) => !referenced.has(hash));
@@ -609,7 +612,7 @@ export class Repository {
     return { deletedPieces, deletedBytes, deletedPacks: 0, unindexedPacks: 0, repackedPacks: 0, repackedPieces: 0 };
   }
 
-  async #prunePacks(records: readonly BackupRecord[], referenced: ReadonlySet<string>, lock: RepoLock): Promise<Pick<PruneSummary, 'deletedPieces' | 'deletedBytes' | 'deletedPacks' | 'unindexedPacks' | 'repackedPacks' | 'repackedPieces'>> {
+  async #prunePacks(records: readonly BackupRecord[], referenced: ReadonlySet<string>, lock: RepoLock): Promise<PrunedObjects> {
     const files = await this.#indexFiles();
     const packSizes = new Map<string, number>();
     for (const o of await this.store.list(PACKS_PREFIX)) if (isPackObject(o.name)) packSizes.set(o.name, o.sizeBytes);
