@@ -2,7 +2,7 @@
 
 export * from '../repository/index.js';
 export { createBackup, hostOf, type BackupSource, type BackupSummary, type CreateOptions, type DeviceSummary, type ProgressSink } from './create.js';
-export { verifyRepository, type VerifyOptions, type VerifySummary, type BadPiece } from './verify.js';
+export { verifyRepository, type VerifyOptions, type VerifySummary, type BadPiece, type UnreadPiece } from './verify.js';
 export { PieceFaults, describeFaults, mendAdvice, whereOf, type PieceFault } from './piece-faults.js';
 export { parseDataSubset, inDataSubset, type DataSubset } from './data-subset.js';
 export { applyRetention, checkPolicy, type RetentionPolicy, type RetentionPlan } from './retention.js';

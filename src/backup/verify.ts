@@ -10,10 +10,12 @@
  * inheritance). Once it is unknown, the next backup of a device that still holds that content
  * reads it again and stores it under the same id, which mends every backup that names it. The
  * index keeps what it was dropped for, so a later verify or restore names it in the same word
- * (piece-faults.ts).
+ * (piece-faults.ts). A piece whose read failed for another reason (the store unreachable past
+ * its retries, a disk error, a permission) is neither: it is reported as not read and kept.
  */
 
 import { toBdsnapError } from '../errors.js';
+import { countOf } from '../units.js';
 import type { ProgressSink } from './create.js';
 import { readPieces } from '../repository/pack-reader.js';
 import { PiecePool } from '../repository/piece-pool.js';
@@ -44,15 +46,29 @@ export interface BadPiece {
   devices: string[];
 }
 
+/** A piece whose read failed for a reason that is not its own (not damage, not a lost pack): neither checked nor dropped. */
+export interface UnreadPiece {
+  hash: string;
+  pack: string;
+  /** The error's code (EIO, EPERM, ...). */
+  code: string;
+  detail: string;
+  backups: string[];
+  devices: string[];
+}
+
 export interface VerifySummary {
   ok: boolean;
-  backups: Array<{ id: string; ok: boolean; problem?: string }>;
+  /** `unchecked`: not found damaged, but some of its pieces could not be read (unreadPieces). */
+  backups: Array<{ id: string; ok: boolean; unchecked?: boolean; problem?: string }>;
   /** 'N/T' when only a slice was read. */
   subset?: string;
   /** Pieces read and found whole. */
   checkedPieces: number;
   checkedBytes: number;
   badPieces: BadPiece[];
+  /** Pieces that could not be read (the store did not answer, a disk error): kept in the index; verify again. */
+  unreadPieces: UnreadPiece[];
 }
 
 export async function verifyRepository(repo: Repository, options: VerifyOptions = {}): Promise<VerifySummary> {
@@ -115,9 +131,17 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
   } finally {
     await pool.close();
   }
-  // Indexed but gone (its pack removed): as useless as a damaged one, and dropped alike.
+  // Indexed but gone (its pack removed): as useless as a damaged one, and dropped alike. A read
+  // that failed for any other reason (the server down past the store's retries, a disk error, no
+  // permission) says nothing of the piece: it is reported, and stays in the index.
   const drop = new Map<string, PieceProblem>();
+  const unread: UnreadPiece[] = [];
   for (const [hash, err] of failed) {
+    const e = toBdsnapError(err);
+    if (e.code !== 'ECORRUPT' && e.code !== 'ENOENT') {
+      unread.push({ hash, pack: index.get(hash)!.object, code: e.code, detail: e.message, backups: users.get(hash)!, devices: [...devicesOf.get(hash)!].sort() });
+      continue;
+    }
     const f = await faults.read(hash, err);
     drop.set(hash, f.problem);
     bad.push(badPiece(f));
@@ -131,11 +155,13 @@ export async function verifyRepository(repo: Repository, options: VerifyOptions 
     if (r.error) return { id: r.id, ok: false, problem: r.error.message };
     const missing = bad.filter((b) => b.problem === 'missing' && b.backups.includes(r.id)).length;
     const damaged = bad.filter((b) => b.problem === 'damaged' && b.backups.includes(r.id)).length;
-    if (missing + damaged === 0) return { id: r.id, ok: true };
-    const parts = [missing > 0 ? `${missing} missing piece${missing === 1 ? '' : 's'}` : '', damaged > 0 ? `${damaged} damaged piece${damaged === 1 ? '' : 's'}` : ''];
-    return { id: r.id, ok: false, problem: parts.filter(Boolean).join(', ') };
+    const notRead = unread.filter((u) => u.backups.includes(r.id)).length;
+    if (missing + damaged + notRead === 0) return { id: r.id, ok: true };
+    const parts = [missing > 0 ? countOf(missing, 'missing piece', 'missing pieces') : '', damaged > 0 ? countOf(damaged, 'damaged piece', 'damaged pieces') : '', notRead > 0 ? `${countOf(notRead, 'piece', 'pieces')} not read` : ''];
+    return { id: r.id, ok: false, ...(missing + damaged === 0 ? { unchecked: true } : {}), problem: parts.filter(Boolean).join(', ') };
   });
+  unread.sort((a, b) => a.hash.localeCompare(b.hash));
   return {
-    ok: backups.every((b) => b.ok), backups, ...(options.subset ? { subset: formatDataSubset(options.subset) } : {}), checkedPieces, checkedBytes, badPieces: bad,
+    ok: backups.every((b) => b.ok), backups, ...(options.subset ? { subset: formatDataSubset(options.subset) } : {}), checkedPieces, checkedBytes, badPieces: bad, unreadPieces: unread,
   };
 }

@@ -119,7 +119,7 @@ export async function checkRepositoryState(world: RepositoryWorld, state: CrashS
     if (!got.equals(want)) return { kind: 'wrong', reason: `backup ${id} restores other content` };
   }
   const verified = await verifyRepository(repo);
-  if (!verified.ok) return { kind: 'wrong', reason: `verify fails: ${verified.badPieces.map((p) => `${p.problem} ${p.detail}`).join('; ') || verified.backups.filter((b) => !b.ok).map((b) => b.problem).join('; ')}` };
+  if (!verified.ok) return { kind: 'wrong', reason: `verify fails: ${[...verified.badPieces.map((p) => `${p.problem} ${p.detail}`), ...verified.unreadPieces.map((p) => `not read ${p.detail}`)].join('; ') || verified.backups.filter((b) => !b.ok).map((b) => b.problem).join('; ')}` };
   return { kind: 'exact' };
 }
 

@@ -280,15 +280,30 @@ export function register(program: Command): void {
       }
       if (flags.json) printJson(summary);
       else {
-        const lines = summary.backups.map((b) => `${b.id}: ${b.ok ? 'ok' : `DAMAGED (${b.problem})`}`);
+        const lines = summary.backups.map((b) => `${b.id}: ${b.ok ? 'ok' : `${b.unchecked ? 'NOT CHECKED' : 'DAMAGED'} (${b.problem})`}`);
         for (const p of summary.badPieces) lines.push(`piece ${p.hash}: ${p.problem}, used by ${p.backups.join(', ')} (${whereOf(p)})`);
+        const byPack = new Map<string, typeof summary.unreadPieces>();
+        for (const p of summary.unreadPieces) {
+          const list = byPack.get(p.pack);
+          if (list) list.push(p);
+          else byPack.set(p.pack, [p]);
+        }
+        for (const [pack, these] of byPack) {
+          const users = [...new Set(these.flatMap((p) => p.backups))].sort();
+          const others = new Set(these.map((p) => p.detail)).size - 1;
+          lines.push(`pack ${pack}: ${countOf(these.length, 'piece')} not read (${these[0]!.detail}${others > 0 ? `; ${countOf(others, 'other error')}` : ''}), used by ${users.join(', ')}`);
+        }
         lines.push(`${summary.checkedPieces} pieces (${formatBytes(summary.checkedBytes)}) checked${summary.subset ? ` (slice ${summary.subset})` : ''}`);
         process.stdout.write(`${lines.join('\n')}\n`);
       }
       if (!summary.ok) {
-        const damaged = summary.backups.filter((b) => !b.ok).map((b) => b.id);
+        const damaged = summary.backups.filter((b) => !b.ok && !b.unchecked).map((b) => b.id);
         const devices = [...new Set(summary.badPieces.flatMap((p) => p.devices))].sort();
-        throw new BdsnapError('ECORRUPT', `${damaged.length} damaged backup${damaged.length === 1 ? '' : 's'}: ${damaged.join(', ')}; ${mendAdvice(repo.store.location, damaged, devices, false)}`);
+        const unread = summary.unreadPieces;
+        const reasons = [...new Set(unread.map((p) => p.detail))];
+        const notRead = unread.length === 0 ? '' : `${countOf(unread.length, 'piece')} could not be read (${reasons[0]}${reasons.length > 1 ? `; ${countOf(reasons.length - 1, 'other error')}` : ''}): not checked, and kept in the index; run 'bdsnap backup verify' again once ${repo.store.location} can be read`;
+        if (damaged.length === 0) throw new BdsnapError('EIO', notRead);
+        throw new BdsnapError('ECORRUPT', `${countOf(damaged.length, 'damaged backup')}: ${damaged.join(', ')}; ${mendAdvice(repo.store.location, damaged, devices, false)}${notRead === '' ? '' : `; also ${notRead}`}`);
       }
     });
 
