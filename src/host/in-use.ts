@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BdsnapError } from '../errors.js';
 import { formatDevT } from './dev-t.js';
-import { DEV_PATH, SYS_BLOCK_PATH, listLoopDevices, loopBackingIdentity, type LoopDevice } from './loop-devices.js';
+import { DEV_PATH, DisconnectedLoopError, SYS_BLOCK_PATH, listLoopDevices, loopBackingIdentity, type LoopDevice } from './loop-devices.js';
 import { MOUNTINFO_PATH, readMountInfo, type MountInfoEntry } from './mountinfo.js';
 
 export const SYS_DEV_BLOCK_PATH = '/sys/dev/block';
@@ -79,7 +79,12 @@ export async function checkNotInUse(devicePath: string, host: HostPaths = {}, op
 
   const loops: LoopDevice[] = await listLoopDevices(host.sysBlock ?? SYS_BLOCK_PATH).catch(cannotTell);
   for (const loop of loops) {
-    const backing = await loopBackingIdentity(loop, host.dev ?? DEV_PATH).catch(cannotTell);
+    const backing = await loopBackingIdentity(loop, host.dev ?? DEV_PATH).catch(async (err: unknown) => {
+      // Its file's filesystem is disconnected for good: an image file stat still reaches, asked
+      // after that answer, is elsewhere. (Not for a device node, which lives apart from its name.)
+      if (err instanceof DisconnectedLoopError && !block && (await fs.promises.stat(real, { bigint: true }).then((now) => now.dev === st.dev && now.ino === st.ino, () => false))) return null;
+      return cannotTell(err);
+    });
     if (backing === null) continue;
     const sameFile = formatDevT(backing.dev) === formatDevT(st.dev) && backing.ino === st.ino;
     const sameDevice = block && backing.rdev !== 0n && memberNumbers.has(formatDevT(backing.rdev));

@@ -74,13 +74,28 @@ export async function listLoopDevices(sysBlock = SYS_BLOCK_PATH): Promise<LoopDe
 }
 
 /**
+ * The kernel could not say which file backs a loop device because that file's filesystem has
+ * lost its connection for good (ENOTCONN: the FUSE server behind it is gone, as when nbdfuse
+ * dies under a loop device). Any file there now fails stat the same way, so a file that stat
+ * reaches after this answer is not the one (see checkNotInUse).
+ */
+export class DisconnectedLoopError extends BdsnapError {}
+
+/** What to do about a loop device whose file cannot be told, in a clause. */
+function leftOverAdvice(loop: LoopDevice): string {
+  return `if ${loop.devicePath} is left over (the filesystem of its file gone), detach it: umount it where it is mounted, then losetup -d ${loop.devicePath}`;
+}
+
+/**
  * Which file `loop` is bound to, by identity: from the kernel (LOOP_GET_STATUS64 on
  * `<devDir>/loopN`), else from stat of the name sysfs shows. Null when the device was detached
  * meanwhile. Errors: EIO when neither way answers (a deleted or unreachable name without the
- * ioctl): the caller must treat that as "cannot tell".
+ * ioctl): the caller must treat that as "cannot tell"; DisconnectedLoopError (EIO too) when the
+ * kernel answered that the file's filesystem is disconnected.
  */
 export async function loopBackingIdentity(loop: LoopDevice, devDir = DEV_PATH): Promise<LoopBacking | null> {
   let whyNotKernel: string;
+  let disconnected = false;
   const libc = loadLibc();
   if (libc === undefined) {
     whyNotKernel = libcUnavailableReason() ?? 'libc is not bound';
@@ -94,19 +109,21 @@ export async function loopBackingIdentity(loop: LoopDevice, devDir = DEV_PATH): 
         return await libc.loopBacking(handle.fd);
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code === 'ENXIO') return null;
+        disconnected = (err as NodeJS.ErrnoException).code === 'ENOTCONN';
         whyNotKernel = (err as Error).message;
       } finally {
         await handle.close();
       }
     }
   }
+  const Refusal = disconnected ? DisconnectedLoopError : BdsnapError;
   if (loop.backingFileDeleted) {
-    throw new BdsnapError('EIO', `the backing file of ${loop.devicePath} (${loop.backingFile}) was deleted, so its name does not tell which file it is, and the kernel could not be asked (${whyNotKernel})`);
+    throw new Refusal('EIO', `the backing file of ${loop.devicePath} (${loop.backingFile}) was deleted, so its name does not tell which file it is, and the kernel could not be asked (${whyNotKernel}); ${leftOverAdvice(loop)}`);
   }
   try {
     const st = await fs.promises.stat(loop.backingFile, { bigint: true });
     return { dev: st.dev, ino: st.ino, rdev: st.rdev };
   } catch (err) {
-    throw new BdsnapError('EIO', `cannot tell which file backs ${loop.devicePath}: the kernel could not be asked (${whyNotKernel}) and ${loop.backingFile} cannot be read: ${(err as Error).message}`, { cause: err });
+    throw new Refusal('EIO', `cannot tell which file backs ${loop.devicePath}: the kernel could not be asked (${whyNotKernel}) and ${loop.backingFile} cannot be read: ${(err as Error).message}; ${leftOverAdvice(loop)}`, { cause: err });
   }
 }

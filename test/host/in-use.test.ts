@@ -9,11 +9,13 @@
 
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { setTimeout as sleep } from 'node:timers/promises';
 import fs from 'node:fs';
 import path from 'node:path';
 import { formatDevT } from '../../src/host/dev-t.js';
 import { checkNotInUse } from '../../src/host/in-use.js';
+import { DisconnectedLoopError, listLoopDevices, loopBackingIdentity } from '../../src/host/loop-devices.js';
 import { cleanupOf } from '../../testkit/cleanup.js';
 import { makeImage, makeTempDir } from '../../testkit/files.js';
 import { isMounted } from '../../testkit/kernel.js';
@@ -103,4 +105,41 @@ test('checkNotInUse: a block device open exclusively is refused even when this m
   await checkNotInUse(loop, { mountinfo }, { exclusiveProbe: false });
   runSync('umount', [mnt]);
   await checkNotInUse(loop);
+});
+
+test('checkNotInUse: a loop device left over a FUSE file whose server died does not hold up every image file; a block device is still "cannot tell", with what to do', { timeout: 60_000 }, async (t) => {
+  if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['losetup', 'nbdkit', 'nbdfuse', 'fusermount3'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-in-use-fuse-');
+  const socket = path.join(dir, 'nbd.sock');
+  const fuseDir = path.join(dir, 'fuse');
+  fs.mkdirSync(fuseDir);
+  const nbdkit = spawn('nbdkit', ['--foreground', '--exit-with-parent', '-U', socket, 'memory', '1M'], { stdio: 'ignore' });
+  cleanupOf(t).after(() => void nbdkit.kill('SIGKILL'));
+  const nbdfuse = spawn('nbdfuse', [path.join(fuseDir, 'disk'), `nbd+unix:///?socket=${socket}`], { stdio: 'ignore' });
+  cleanupOf(t).after(() => {
+    nbdfuse.kill('SIGKILL');
+    spawnSync('fusermount3', ['-u', '-z', fuseDir]);
+  });
+  for (let i = 0; !fs.existsSync(path.join(fuseDir, 'disk')); i++) {
+    if (i > 200) throw new Error('nbdfuse did not present its file within 10 s');
+    await sleep(50);
+  }
+  const stale = losetup(t, path.join(fuseDir, 'disk'));
+  const exited = new Promise((resolve) => nbdfuse.once('exit', resolve));
+  nbdfuse.kill('SIGKILL');
+  await exited;
+  assert.equal(spawnSync('losetup', ['--list', '--noheadings', '-O', 'NAME', stale]).status, 0, 'the loop device is still attached');
+  // The kernel answers for the open file from its cache of the attributes for about a second.
+  const loop = (await listLoopDevices()).find((l) => l.devicePath === stale)!;
+  for (let i = 0; ; i++) {
+    const answer = await loopBackingIdentity(loop).then((b) => `answered ${JSON.stringify(b, (_k, v: unknown) => (typeof v === 'bigint' ? String(v) : v))}`, (err: unknown) => err);
+    if (answer instanceof DisconnectedLoopError) break;
+    if (i > 100) throw new Error(`the kernel still tells the file of ${stale} 10 s after nbdfuse was killed: ${String(answer)}`);
+    await sleep(100);
+  }
+
+  const image = makeImage(path.join(dir, 'image.img'), 1 << 20, 'zero');
+  await checkNotInUse(image);
+  const device = losetup(t, makeImage(path.join(dir, 'backing.img'), 1 << 20, 'zero'));
+  await assert.rejects(checkNotInUse(device), isError('EIO', new RegExp(`cannot tell whether ${device} is in use.*ENOTCONN.*if ${stale} is left over .*losetup -d ${stale}`)));
 });
