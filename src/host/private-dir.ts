@@ -25,9 +25,25 @@ export async function ensurePrivateDir(dir: string, mode = 0o700): Promise<void>
   if (created !== undefined) {
     // mkdir's mode is filtered by the umask.
     await fs.promises.chmod(dir, mode).catch((err: unknown) => { throw toBdsnapError(err); });
-    return;
+  } else {
+    await checkPrivateDir(dir);
   }
-  await checkPrivateDir(dir);
+  await refuseChangeablePath(dir);
+}
+
+/**
+ * Refuse (EPERM) a directory whose path another user could change: a directory above it of
+ * theirs, or open to them, could have it renamed away and a link or a directory of theirs put
+ * in its place, and what is written there next (sessions, sockets, journals) would go where
+ * they choose. Links on the way are accepted where only root or this user can replace them.
+ */
+async function refuseChangeablePath(dir: string): Promise<void> {
+  const real = await fs.promises.realpath(dir).catch((err: unknown) => { throw toBdsnapError(err); });
+  await followedSafely(dir, real);
+  const why = await whyOthersCanRename(real);
+  if (why !== undefined) {
+    throw new BdsnapError('EPERM', `${dir} is private, but another user could move it and put a directory of theirs in its place (${why}); use a directory whose path only root${(process.geteuid?.() ?? 0) === 0 ? '' : ' and this user'} can change`);
+  }
 }
 
 /**
