@@ -40,8 +40,9 @@ function sandboxIn(top: string): Sandbox {
     runDir,
     stateDir: path.join(top, 'state'),
     snapshotRoot: path.join(top, 'snapshots'),
-    // Backup repositories made in a sandbox are encrypted with this password.
-    env: { ...process.env, BDSNAP_RUN_DIR: runDir, BDSNAP_REPO_PASSWORD: TEST_REPO_PASSWORD },
+    // Backup repositories made in a sandbox are encrypted with this password. An in-place
+    // `backup restore` keeps its journal in the state directory's restores/, as by default.
+    env: { ...process.env, BDSNAP_RUN_DIR: runDir, BDSNAP_REPO_PASSWORD: TEST_REPO_PASSWORD, BDSNAP_RESTORE_DIR: path.join(top, 'state', 'restores') },
   };
 }
 
