@@ -1,8 +1,8 @@
 /**
  * Is the device in use? A restore (of a session, or of a backup) writes a device in place, and
  * `bdsnap mount` puts a filesystem on it, so each must know the device is free: not mounted,
- * not behind a loop device, not held open exclusively (a mount, swap, device-mapper, md), and
- * not below a stacked device. "Could not tell" is a refusal with the reason, never a pass: a
+ * not behind a loop device, not open for writing by another process (a VM, dd: /proc), not
+ * held open exclusively (a mount, swap, device-mapper, md), and not below a stacked device. "Could not tell" is a refusal with the reason, never a pass: a
  * second writer under a mounted filesystem corrupts it.
  *
  * Everything is compared by identity, never by name: a hard link, a bind mount or a symlink of
@@ -16,6 +16,7 @@ import { BdsnapError } from '../errors.js';
 import { formatDevT } from './dev-t.js';
 import { DEV_PATH, DisconnectedLoopError, SYS_BLOCK_PATH, listLoopDevices, loopBackingIdentity, type LoopDevice } from './loop-devices.js';
 import { MOUNTINFO_PATH, readMountInfo, type MountInfoEntry } from './mountinfo.js';
+import { describeWriters, openWriters } from './open-writers.js';
 
 export const SYS_DEV_BLOCK_PATH = '/sys/dev/block';
 
@@ -95,6 +96,13 @@ export async function checkNotInUse(devicePath: string, host: HostPaths = {}, op
       throw new BdsnapError('EBUSY', `${devicePath} is the backing file of ${loop.devicePath}${named}, mounted at ${mounted.mountPoint}; unmount it first (umount ${mounted.mountPoint})`);
     }
     throw new BdsnapError('EBUSY', `${devicePath} is the backing file of ${loop.devicePath}${named}; detach it first (losetup -d ${loop.devicePath})`);
+  }
+
+  // A process that writes it (a VM, dd, another server) writes around whatever bdsnap does.
+  const writers = await openWriters(block ? { kind: 'block', majorMinors: memberNumbers } : { kind: 'file', dev: st.dev, ino: st.ino }).catch(cannotTell);
+  if (writers.length > 0) {
+    const one = new Set(writers.map((w) => w.pid)).size === 1;
+    throw new BdsnapError('EBUSY', `${devicePath} is open for writing by ${describeWriters(writers)}; stop ${one ? 'that process' : 'those processes'} first: ${one ? 'its' : 'their'} writes would go around bdsnap`);
   }
 
   if (!block) return;

@@ -143,3 +143,32 @@ test('checkNotInUse: a loop device left over a FUSE file whose server died does 
   const device = losetup(t, makeImage(path.join(dir, 'backing.img'), 1 << 20, 'zero'));
   await assert.rejects(checkNotInUse(device), isError('EIO', new RegExp(`cannot tell whether ${device} is in use.*ENOTCONN.*if ${stale} is left over .*losetup -d ${stale}`)));
 });
+
+/** A process (sh, then sleep) holding `file` open on descriptor 3 with `redirect` ('<>' to write, '<' to read); killed after the test. */
+async function holder(t: TestContext, file: string, redirect: '<>' | '<'): Promise<number> {
+  const child = spawn('sh', ['-c', `exec 3${redirect}"$1"; echo ready; exec sleep 60`, 'sh', file], { stdio: ['ignore', 'pipe', 'ignore'] });
+  cleanupOf(t).after(() => void child.kill('SIGKILL'));
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.once('data', () => resolve());
+    child.once('exit', (code) => reject(new Error(`the holder of ${file} exited (${code})`)));
+  });
+  return child.pid!;
+}
+
+test('checkNotInUse: an image or a block device another process has open for writing is refused, naming it; one open for reading is not', { timeout: 60_000 }, async (t) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
+  const dir = makeTempDir(t, 'bdsnap-in-use-writer-');
+  const image = makeImage(path.join(dir, 'image.img'), 1 << 20, 'zero');
+  const alias = path.join(dir, 'alias.img');
+  fs.linkSync(image, alias);
+  const reader = await holder(t, alias, '<');
+  await checkNotInUse(image);
+  const writer = await holder(t, alias, '<>');
+  await assert.rejects(checkNotInUse(image), isError('EBUSY', new RegExp(`^${image} is open for writing by pid ${writer} \\(sleep\\); stop that process first`)));
+  assert.ok(reader > 0);
+
+  const device = losetup(t, makeImage(path.join(dir, 'backing.img'), 1 << 20, 'zero'));
+  await checkNotInUse(device);
+  const deviceWriter = await holder(t, device, '<>');
+  await assert.rejects(checkNotInUse(device), isError('EBUSY', new RegExp(`^${device} is open for writing by pid ${deviceWriter} \\(sleep\\)`)));
+});
