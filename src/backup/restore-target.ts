@@ -27,7 +27,7 @@ import fs from 'node:fs';
 import { FileDevice } from '../device/file-device.js';
 import { isAllZero } from '../bytes.js';
 import { BdsnapError, toBdsnapError, type ErrorCode } from '../errors.js';
-import { checkNotInUse } from '../host/in-use.js';
+import { checkNoOtherWriters, checkNotInUse } from '../host/in-use.js';
 import { followedSafely } from '../host/private-dir.js';
 import { BackupRestoreRecord, type BackupRestoreJournal } from '../device/interrupted-restore.js';
 import type { PiecePool } from '../repository/piece-pool.js';
@@ -128,7 +128,7 @@ export async function openRestoreTarget(target: string, output: boolean, sizeByt
     if (!st.isFile() && !(st.isBlockDevice() && !output)) {
       throw new BdsnapError('EINVAL', `${target} is not a regular file${output ? '' : ' or a block device'}; refusing to write to it`);
     }
-    await checkNotInUse(target);
+    await checkNotInUse(target, {}, { writers: false });
     return await InPlaceTarget.open(target, st.isBlockDevice(), sizeBytes, output, job);
   } catch (err) {
     if (target === named) throw err;
@@ -255,6 +255,11 @@ class InPlaceTarget implements RestoreTarget {
 
   static async open(target: string, block: boolean, sizeBytes: number, output: boolean, job: RestoreJob): Promise<InPlaceTarget> {
     const guard = await openFree(target);
+    // Under the device's lock now: a bdsnap holding the device was refused by it, naming what frees it.
+    await checkNoOtherWriters(target).catch(async (err: unknown) => {
+      await guard.close();
+      throw err;
+    });
     if (block && guard.size < sizeBytes) {
       await guard.close();
       throw new BdsnapError('ENOSPC', `${target} holds ${guard.size} bytes; the backup needs ${sizeBytes}`);

@@ -13,8 +13,10 @@ import { withTimeout } from '../timeout.js';
 import type { StatusResult } from '../service/control-protocol.js';
 import { describeHolder, describeRestoreHold } from '../service/device-holders.js';
 
-/** The messages of device-lock.ts and file-device.ts when another process has the device open. */
-const LOCAL_OPEN_REFUSALS = [/ is already open by /, / is busy: mounted or claimed by another program/];
+/** The messages of device-lock.ts, file-device.ts and in-use.ts when another process has the device open. */
+const LOCAL_OPEN_REFUSALS = [/ is already open by /, / is busy: mounted or claimed by another program/, / is open for writing by pid /];
+/** The device and the pid such a message names. */
+const HOLDER = / is (?:already open by process|open for writing by pid) (\d+)/;
 
 /** A daemon that does not answer this fast leaves the original message as it was. */
 const STATUS_TIMEOUT_MS = 2000;
@@ -35,7 +37,7 @@ export async function explainBusy(err: unknown, runDir?: string): Promise<unknow
     return err;
   }
   // The lock names its holder: when that is not this daemon, this daemon's status cannot say why.
-  const holderPid = Number(/ is already open by process (\d+)/.exec(err.message)?.[1] ?? Number.NaN);
+  const holderPid = Number(HOLDER.exec(err.message)?.[1] ?? Number.NaN);
   if (Number.isInteger(holderPid) && holderPid !== status.pid) return heldElsewhere(err, holderPid, status.pid);
   // A target under instant restore is the restore's, whatever else status shows of it (its mount is the restore's too).
   const restore = namedIn(err.message, status.restores ?? [], (r) => r.target);
@@ -58,7 +60,7 @@ function namedIn<T>(message: string, items: T[], pathOf: (item: T) => string): T
  * device; `err` unchanged otherwise.
  */
 async function heldElsewhere(err: BdsnapError, pid: number, daemonPid: number): Promise<BdsnapError> {
-  const device = err.message.slice(0, err.message.indexOf(' is already open by '));
+  const device = err.message.slice(0, HOLDER.exec(err.message)?.index ?? 0);
   const argv = await processCommandLine(pid).catch(() => null);
   const at = argv?.indexOf('daemon') ?? -1;
   if (argv && at > 0 && argv.slice(0, at).some((a) => /bdsnap|cli\/main\.js$/.test(a))) {

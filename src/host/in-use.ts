@@ -16,7 +16,7 @@ import { BdsnapError } from '../errors.js';
 import { formatDevT } from './dev-t.js';
 import { DEV_PATH, DisconnectedLoopError, SYS_BLOCK_PATH, listLoopDevices, loopBackingIdentity, type LoopDevice } from './loop-devices.js';
 import { MOUNTINFO_PATH, readMountInfo, type MountInfoEntry } from './mountinfo.js';
-import { describeWriters, openWriters } from './open-writers.js';
+import { describeWriters, openWriters, type OpenTarget } from './open-writers.js';
 
 export const SYS_DEV_BLOCK_PATH = '/sys/dev/block';
 
@@ -39,6 +39,12 @@ export interface InUseOptions {
    * that caller, and its hold already keeps every other exclusive user out.
    */
   exclusiveProbe?: boolean;
+  /**
+   * Refuse while another process has it open for writing (/proc). Default true. Off where the
+   * caller takes the device's lock first and then calls checkNoOtherWriters, so that a bdsnap
+   * process holding the device is refused by the lock, which says what frees it.
+   */
+  writers?: boolean;
 }
 
 /** A block device or one of its partitions. */
@@ -99,11 +105,7 @@ export async function checkNotInUse(devicePath: string, host: HostPaths = {}, op
   }
 
   // A process that writes it (a VM, dd, another server) writes around whatever bdsnap does.
-  const writers = await openWriters(block ? { kind: 'block', majorMinors: memberNumbers } : { kind: 'file', dev: st.dev, ino: st.ino }).catch(cannotTell);
-  if (writers.length > 0) {
-    const one = new Set(writers.map((w) => w.pid)).size === 1;
-    throw new BdsnapError('EBUSY', `${devicePath} is open for writing by ${describeWriters(writers)}; stop ${one ? 'that process' : 'those processes'} first: ${one ? 'its' : 'their'} writes would go around bdsnap`);
-  }
+  if (options.writers !== false) await refuseWriters(devicePath, block ? { kind: 'block', majorMinors: memberNumbers } : { kind: 'file', dev: st.dev, ino: st.ino }, cannotTell);
 
   if (!block) return;
   for (const member of members) {
@@ -124,6 +126,29 @@ export async function checkNotInUse(devicePath: string, host: HostPaths = {}, op
     return cannotTell(err);
   }
   await probe.close();
+}
+
+async function refuseWriters(devicePath: string, target: OpenTarget, cannotTell: (err: unknown) => never): Promise<void> {
+  const writers = await openWriters(target).catch(cannotTell);
+  if (writers.length === 0) return;
+  const one = new Set(writers.map((w) => w.pid)).size === 1;
+  throw new BdsnapError('EBUSY', `${devicePath} is open for writing by ${describeWriters(writers)}; stop ${one ? 'that process' : 'those processes'} first: ${one ? 'its' : 'their'} writes would go around bdsnap`);
+}
+
+/**
+ * Refuse (EBUSY) while another process has the device open for writing, for a caller that has
+ * taken the device's lock since checkNotInUse (given `writers: false`): a bdsnap process that
+ * holds the device is then named by the lock, with what frees it. Errors: EIO (cannot tell).
+ */
+export async function checkNoOtherWriters(devicePath: string): Promise<void> {
+  const cannotTell = (err: unknown): never => {
+    throw new BdsnapError('EIO', `cannot tell whether ${devicePath} is in use, so bdsnap leaves it alone: ${(err as Error).message}`, { cause: err });
+  };
+  const st = await fs.promises.stat(devicePath, { bigint: true }).catch(cannotTell);
+  const target: OpenTarget = st.isBlockDevice()
+    ? { kind: 'block', majorMinors: new Set((await blockMembers(st.rdev, SYS_DEV_BLOCK_PATH).catch(cannotTell)).map((m) => m.majorMinor)) }
+    : { kind: 'file', dev: st.dev, ino: st.ino };
+  await refuseWriters(devicePath, target, cannotTell);
 }
 
 /**

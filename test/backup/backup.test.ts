@@ -18,6 +18,9 @@ import { CODEC_BROTLI, CODEC_ZSTD, pieceCodec } from '../../src/repository/codec
 import { CountingStore, initRepo } from './helpers.js';
 import { ServeSnapshotProvider } from '../../testkit/snapshot-provider.js';
 import { dirBytes } from '../../testkit/files.js';
+import { useOwnRestoreDir } from '../../testkit/restore-dir.js';
+
+useOwnRestoreDir();
 
 const MiB = 1024 * 1024;
 

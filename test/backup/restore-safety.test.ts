@@ -8,12 +8,11 @@
  * never one that was there before.
  */
 
-import { after, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { LocalDirStore, Repository, backupDevices, restoreBackup } from '../../src/backup/index.js';
 import { PACKS_PREFIX, expandSlots } from '../../src/repository/format.js';
@@ -29,13 +28,11 @@ import { BDSNAP_MAIN } from '../../testkit/server.js';
 import { BdsnapError } from '../../src/errors.js';
 import { CountingStore, TEST_PASSWORD, flipByteAt, initRepo, openRepo, pieceBytes } from './helpers.js';
 import { ServeSnapshotProvider } from '../../testkit/snapshot-provider.js';
+import { useOwnRestoreDir } from '../../testkit/restore-dir.js';
 
 // The children find the repository password where a user would put it.
 process.env.BDSNAP_REPO_PASSWORD = TEST_PASSWORD;
-// In-place restores keep their journals here, not in the machine's /var/lib/bdsnap/restores.
-const RESTORE_DIR = fs.mkdtempSync(path.join(os.tmpdir(), 'bdsnap-restore-journals-'));
-after(() => fs.rmSync(RESTORE_DIR, { recursive: true, force: true }));
-process.env.BDSNAP_RESTORE_DIR = RESTORE_DIR;
+useOwnRestoreDir();
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 64 * MiB;

@@ -36,7 +36,7 @@ import {
   type FinishedRestore, type LoadedSession, type RestorePlan,
 } from './check.js';
 import { applyPlan, checkOutput, copyToOutput } from './apply.js';
-import { checkNotInUse, type HostPaths } from '../../host/in-use.js';
+import { checkNoOtherWriters, checkNotInUse, type HostPaths } from '../../host/in-use.js';
 import { readJournal, writeJournal, type Journal } from './journal.js';
 import { openStagedOutputFile, stagedLeftovers, type StagedOutputFile } from '../../host/output-file.js';
 import { checkPrivateDir } from '../../host/private-dir.js';
@@ -112,13 +112,15 @@ export async function restore(sessionDir: string, options: RestoreOptions = {}):
   const outputPath = options.output === undefined ? undefined : path.resolve(options.output);
   if (outputPath !== undefined) await checkOutput(devicePath, outputPath);
   else await checkSessionsOurs(target.dir, chain.map((s) => s.dir));
-  await checkNotInUse(devicePath, options.hostPaths);
+  await checkNotInUse(devicePath, options.hostPaths, { writers: false });
   const device = await FileDevice.open(devicePath, { readOnly: dryRun || outputPath !== undefined });
   const loaded: LoadedSession[] = [];
   let output: FileDevice | undefined;
   // Opened only after every check passed, so a refused restore leaves no file behind.
   let outFile: StagedOutputFile | undefined;
   try {
+    // Under the device's lock now: a bdsnap holding the device was refused by it, naming what frees it.
+    await checkNoOtherWriters(devicePath);
     const journalPath = path.join(target.dir, JOURNAL_FILE);
     const journal = await readJournal(journalPath, devicePath);
     const resuming = journal?.state === 'running' && outputPath === undefined;
