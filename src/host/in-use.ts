@@ -16,7 +16,7 @@ import { BdsnapError } from '../errors.js';
 import { formatDevT } from './dev-t.js';
 import { DEV_PATH, DisconnectedLoopError, SYS_BLOCK_PATH, listLoopDevices, loopBackingIdentity, type LoopDevice } from './loop-devices.js';
 import { MOUNTINFO_PATH, readMountInfo, type MountInfoEntry } from './mountinfo.js';
-import { describeWriters, openWriters, type OpenTarget } from './open-writers.js';
+import { describeWriters, openWriters, type OpenTarget, type OpenWriter } from './open-writers.js';
 
 export const SYS_DEV_BLOCK_PATH = '/sys/dev/block';
 
@@ -68,9 +68,7 @@ export async function checkNotInUse(devicePath: string, host: HostPaths = {}, op
   } catch (err) {
     throw new BdsnapError('ENOENT', `${devicePath} does not exist: ${(err as Error).message}`, { cause: err });
   }
-  const cannotTell = (err: unknown): never => {
-    throw new BdsnapError('EIO', `cannot tell whether ${devicePath} is in use, so bdsnap leaves it alone: ${(err as Error).message}`, { cause: err });
-  };
+  const cannotTell = cannotTellOf(devicePath);
   const block = st.isBlockDevice();
   const members = block ? await blockMembers(st.rdev, host.sysDevBlock ?? SYS_DEV_BLOCK_PATH).catch(cannotTell) : [];
   const memberNumbers = new Set(members.map((m) => m.majorMinor));
@@ -141,14 +139,26 @@ async function refuseWriters(devicePath: string, target: OpenTarget, cannotTell:
  * holds the device is then named by the lock, with what frees it. Errors: EIO (cannot tell).
  */
 export async function checkNoOtherWriters(devicePath: string): Promise<void> {
-  const cannotTell = (err: unknown): never => {
+  await refuseWriters(devicePath, await openTargetOf(devicePath), cannotTellOf(devicePath));
+}
+
+/** The other processes that have the device open for writing now. Errors: EIO (cannot tell). */
+export async function otherWritersOf(devicePath: string): Promise<OpenWriter[]> {
+  return openWriters(await openTargetOf(devicePath)).catch(cannotTellOf(devicePath));
+}
+
+function cannotTellOf(devicePath: string): (err: unknown) => never {
+  return (err) => {
     throw new BdsnapError('EIO', `cannot tell whether ${devicePath} is in use, so bdsnap leaves it alone: ${(err as Error).message}`, { cause: err });
   };
+}
+
+async function openTargetOf(devicePath: string): Promise<OpenTarget> {
+  const cannotTell = cannotTellOf(devicePath);
   const st = await fs.promises.stat(devicePath, { bigint: true }).catch(cannotTell);
-  const target: OpenTarget = st.isBlockDevice()
+  return st.isBlockDevice()
     ? { kind: 'block', majorMinors: new Set((await blockMembers(st.rdev, SYS_DEV_BLOCK_PATH).catch(cannotTell)).map((m) => m.majorMinor)) }
     : { kind: 'file', dev: st.dev, ino: st.ino };
-  await refuseWriters(devicePath, target, cannotTell);
 }
 
 /**

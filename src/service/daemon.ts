@@ -34,6 +34,8 @@ import { readJournal } from '../snapshot/restore/journal.js';
 import { listSessions, recoverSession } from '../snapshot/sessions.js';
 import { libcUnavailableReason, loadLibc } from '../host/libc.js';
 import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
+import { otherWritersOf } from '../host/in-use.js';
+import { describeWriters } from '../host/open-writers.js';
 import { PasswordStore } from './auth.js';
 import { controlSocketPath, nbdSocketPath } from './paths.js';
 import {
@@ -502,11 +504,21 @@ export class Daemon {
    * should move the image somewhere only root can change.
    */
   async #servingWarnings(devicePath: string): Promise<string[]> {
+    const warnings: string[] = [];
     const why = await whyOthersCanRename(devicePath);
-    if (why === undefined) return [];
-    const warning = `${devicePath} can be replaced by another user (${why}): move it to a directory only root can write`;
-    this.#log.warn({ event: 'device-path-unsafe', device: devicePath, reason: why }, warning);
-    return [warning];
+    if (why !== undefined) {
+      const warning = `${devicePath} can be replaced by another user (${why}): move it to a directory only root can write`;
+      this.#log.warn({ event: 'device-path-unsafe', device: devicePath, reason: why }, warning);
+      warnings.push(warning);
+    }
+    // Activation opens nothing, but every hold refuses while another process writes it (in-use.ts): said now.
+    const writers = await otherWritersOf(devicePath).catch((err: unknown) => (err as Error).message);
+    if (typeof writers === 'string') warnings.push(writers);
+    else if (writers.length > 0) {
+      const one = new Set(writers.map((w) => w.pid)).size === 1;
+      warnings.push(`${devicePath} is open for writing by ${describeWriters(writers)}: bdsnap will not mount, snapshot or serve it until ${one ? 'that process lets' : 'those processes let'} go`);
+    }
+    return warnings;
   }
 
   #status(): StatusResult {

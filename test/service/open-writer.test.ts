@@ -1,7 +1,8 @@
 /**
  * An image another process writes (a VM, dd) would be written around copy-before-write and the
  * change map: the daemon does not attach it (for a snapshot, a mount or an NBD client), and
- * says which process writes it. Once that process is gone, it does.
+ * says which process writes it; activation, which opens nothing, warns. Once that process is
+ * gone, it does.
  */
 
 import assert from 'node:assert/strict';
@@ -25,15 +26,18 @@ async function writerOf(t: TestContext, file: string): Promise<{ pid: number; st
   return { pid: child.pid!, stop: async () => { child.kill('SIGKILL'); await exited; } };
 }
 
-test('an active image another process has open for writing is not attached for a snapshot, naming the process; once it is gone, it is', { timeout: 120_000 }, async (t) => {
+test('an image another process has open for writing: activation warns, and it is not attached for a snapshot, naming the process; once it is gone, it is', { timeout: 120_000 }, async (t) => {
   if (!needs(t, { root: true })) return;
   const box = sandbox(t, 'bdsnap-writer-');
   const image = makeImage(path.join(box.top, 'disk.img'), 4 << 20, 'random', 3);
   await startDaemon(t, { sandbox: box, password: false });
   ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
-  ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
 
+  // Activation opens nothing, but says so at once.
   const writer = await writerOf(t, image);
+  const activated = cli(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
+  assert.equal(activated.status, 0, activated.stderr);
+  assert.match(activated.stderr, new RegExp(`^bdsnap: warning: ${image} is open for writing by pid ${writer.pid} \\(sleep\\): bdsnap will not mount, snapshot or serve it until that process lets go$`, 'm'));
   const refused = cli(box, ['snapshot', 'create', image]);
   assert.equal(refused.status, 1, refused.stderr);
   assert.match(refused.stderr, new RegExp(`^bdsnap: .*${image} is open for writing by pid ${writer.pid} \\(sleep\\); stop that process first`, 'm'));
