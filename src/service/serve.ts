@@ -12,6 +12,7 @@ import { FileDevice } from '../device/file-device.js';
 import { BdsnapError } from '../errors.js';
 import { refuseInterruptedBackupRestore } from '../device/interrupted-restore.js';
 import { DEFAULT_STATE_DIR } from './paths.js';
+import { checkNoOtherWriters, checkNotInUse } from '../host/in-use.js';
 import { checkTcpPolicy, listenOn } from '../nbd/listen.js';
 import type { NbdServer, NbdServerOptions } from '../nbd/server.js';
 import { loadTls, type NbdTls, type TlsSettings } from '../nbd/tls.js';
@@ -102,6 +103,12 @@ export async function startServe(options: ServeOptions): Promise<RunningServe> {
       if (device.identity.kind === 'file') {
         const { refuseUnfinishedInstantRestore } = await import('./instant-restore.js');
         await refuseUnfinishedInstantRestore(options.stateDir ?? DEFAULT_STATE_DIR, real, device.identity);
+      }
+      // Sessions restore exactly only what went through them: a mount, a loop device or another
+      // process writing the image would write around them. (A block device is held O_EXCL now.)
+      if (options.wrap !== undefined && !options.readOnly) {
+        await checkNotInUse(real, {}, { exclusiveProbe: false, writers: false });
+        await checkNoOtherWriters(real);
       }
       exports.push({ name: real, device: options.wrap ? await options.wrap(device, real) : device });
     }

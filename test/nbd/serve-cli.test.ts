@@ -323,3 +323,38 @@ test('bdsnap serve: each serving thread warms up on a scratch image of its own i
   const off = await serveWith({ TMPDIR: path.join(dir, 'missing'), BDSNAP_NBD_WARM_UP: '0' }, 'off');
   assert.doesNotMatch(off.stderr(), /warm up/, 'BDSNAP_NBD_WARM_UP=0: no warm-up tried');
 });
+
+test('bdsnap serve --snapshot-root refuses an image another process writes or a loop device holds (their writes would go around the sessions); plain serve still serves it', { timeout: 60_000 }, async (t) => {
+  if (!needs(t, { root: true, tools: ['losetup'] })) return;
+  const dir = tempDir(t, 'bdsnap-serve-writer-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 1 << 20, 1);
+  // Its exit code, or null once it serves (then stopped).
+  const exitOf = async (args: string[]): Promise<{ code: number | null; stderr: string }> => {
+    const r = startServe(t, ['--socket', path.join(dir, 'x.sock'), ...args, image], dir);
+    const served = await waitReady(r, 15_000).then(() => true, () => false);
+    if (served) {
+      r.child.kill('SIGTERM');
+      await r.exited;
+      return { code: null, stderr: r.stderr() };
+    }
+    return { code: await r.exited, stderr: r.stderr() };
+  };
+  const writer = spawn('sh', ['-c', 'exec 3<>"$1"; echo ready; exec sleep 60', 'sh', image], { stdio: ['ignore', 'pipe', 'ignore'] });
+  t.after(() => void writer.kill('SIGKILL'));
+  await new Promise((resolve) => writer.stdout!.once('data', resolve));
+  const refused = await exitOf(['--snapshot-root', path.join(dir, 'root')]);
+  assert.equal(refused.code, 1, refused.stderr);
+  assert.match(refused.stderr, new RegExp(`^bdsnap: ${image} is open for writing by pid ${writer.pid} \\(sleep\\); stop that process first`, 'm'));
+  const plain = await exitOf([]);
+  assert.equal(plain.code, null, `plain serve serves it: ${plain.stderr}`);
+  const gone = new Promise((resolve) => writer.once('exit', resolve));
+  writer.kill('SIGKILL');
+  await gone;
+
+  const loop = execFileSync('losetup', ['-f', '--show', image], { encoding: 'utf8' }).trim();
+  t.after(() => void execFileAsync('losetup', ['-d', loop]).catch(() => undefined));
+  const behindLoop = await exitOf(['--snapshot-root', path.join(dir, 'root')]);
+  assert.equal(behindLoop.code, 1, behindLoop.stderr);
+  assert.match(behindLoop.stderr, new RegExp(`${image} is the backing file of ${loop}; detach it first`));
+});
