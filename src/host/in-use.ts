@@ -2,8 +2,9 @@
  * Is the device in use? A restore (of a session, or of a backup) writes a device in place, and
  * `bdsnap mount` puts a filesystem on it, so each must know the device is free: not mounted,
  * not behind a loop device, not open for writing by another process (a VM, dd: /proc), not
- * held open exclusively (a mount, swap, device-mapper, md), and not below a stacked device. "Could not tell" is a refusal with the reason, never a pass: a
- * second writer under a mounted filesystem corrupts it.
+ * held open exclusively (a mount, swap, device-mapper, md), and not below a stacked device.
+ * "Could not tell" is a refusal with the reason, never a pass: a second writer under a mounted
+ * filesystem corrupts it.
  *
  * Everything is compared by identity, never by name: a hard link, a bind mount or a symlink of
  * an image is the same image. An image file is its (st_dev, st_ino); a block device node is its
@@ -16,7 +17,7 @@ import { BdsnapError } from '../errors.js';
 import { formatDevT } from './dev-t.js';
 import { DEV_PATH, DisconnectedLoopError, SYS_BLOCK_PATH, listLoopDevices, loopBackingIdentity, type LoopDevice } from './loop-devices.js';
 import { MOUNTINFO_PATH, readMountInfo, type MountInfoEntry } from './mountinfo.js';
-import { describeWriters, openWriters, type OpenTarget, type OpenWriter } from './open-writers.js';
+import { describeWriters, openWriters, processCount, type OpenTarget, type OpenWriter } from './open-writers.js';
 
 export const SYS_DEV_BLOCK_PATH = '/sys/dev/block';
 
@@ -87,7 +88,7 @@ export async function checkNotInUse(devicePath: string, host: HostPaths = {}, op
     const backing = await loopBackingIdentity(loop, host.dev ?? DEV_PATH).catch(async (err: unknown) => {
       // Its file's filesystem is disconnected for good: an image file stat still reaches, asked
       // after that answer, is elsewhere. (Not for a device node, which lives apart from its name.)
-      if (err instanceof DisconnectedLoopError && !block && (await fs.promises.stat(real, { bigint: true }).then((now) => now.dev === st.dev && now.ino === st.ino, () => false))) return null;
+      if (err instanceof DisconnectedLoopError && !block && (await stillReaches(real, st))) return null;
       return cannotTell(err);
     });
     if (backing === null) continue;
@@ -126,10 +127,15 @@ export async function checkNotInUse(devicePath: string, host: HostPaths = {}, op
   await probe.close();
 }
 
+/** Whether stat of `file` still reaches the file `st` describes. */
+function stillReaches(file: string, st: fs.BigIntStats): Promise<boolean> {
+  return fs.promises.stat(file, { bigint: true }).then((now) => now.dev === st.dev && now.ino === st.ino, () => false);
+}
+
 async function refuseWriters(devicePath: string, target: OpenTarget, cannotTell: (err: unknown) => never): Promise<void> {
   const writers = await openWriters(target).catch(cannotTell);
   if (writers.length === 0) return;
-  const one = new Set(writers.map((w) => w.pid)).size === 1;
+  const one = processCount(writers) === 1;
   throw new BdsnapError('EBUSY', `${devicePath} is open for writing by ${describeWriters(writers)}; stop ${one ? 'that process' : 'those processes'} first: ${one ? 'its' : 'their'} writes would go around bdsnap`);
 }
 

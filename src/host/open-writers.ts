@@ -90,3 +90,8 @@ export function describeWriters(writers: readonly OpenWriter[]): string {
   for (const w of writers) seen.set(w.pid, w.command);
   return [...seen].map(([pid, command]) => `pid ${pid}${command === '' ? '' : ` (${command})`}`).join(', ');
 }
+
+/** How many processes `writers` are (a process may hold the file on several descriptors). */
+export function processCount(writers: readonly OpenWriter[]): number {
+  return new Set(writers.map((w) => w.pid)).size;
+}

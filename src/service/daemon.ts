@@ -35,7 +35,7 @@ import { listSessions, recoverSession } from '../snapshot/sessions.js';
 import { libcUnavailableReason, loadLibc } from '../host/libc.js';
 import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import { otherWritersOf } from '../host/in-use.js';
-import { describeWriters } from '../host/open-writers.js';
+import { describeWriters, processCount } from '../host/open-writers.js';
 import { PasswordStore } from './auth.js';
 import { controlSocketPath, nbdSocketPath } from './paths.js';
 import {
@@ -515,7 +515,7 @@ export class Daemon {
     const writers = await otherWritersOf(devicePath).catch((err: unknown) => (err as Error).message);
     if (typeof writers === 'string') warnings.push(writers);
     else if (writers.length > 0) {
-      const one = new Set(writers.map((w) => w.pid)).size === 1;
+      const one = processCount(writers) === 1;
       warnings.push(`${devicePath} is open for writing by ${describeWriters(writers)}: bdsnap will not mount, snapshot or serve it until ${one ? 'that process lets' : 'those processes let'} go`);
     }
     return warnings;
