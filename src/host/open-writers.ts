@@ -4,9 +4,11 @@
  * identity whatever name opened it) and their open flags (`/proc/PID/fdinfo/N`). A writer that
  * bdsnap does not know about writes around copy-before-write, the change map and a restore.
  *
- * Root sees every process; a process that cannot be read then is a "cannot tell" (EIO). Another
- * user sees only their own processes: those of others are passed over (they can have the file
- * open for writing only if it let them, or they are root).
+ * Only what may be inspected is seen: another user sees their own processes, and even root is
+ * refused the descriptors of some (EACCES: a process the kernel guards from ptrace, such as a
+ * container's init). Those are passed over; anything else /proc will not answer is a "cannot
+ * tell" (EIO). Descriptors are read from /proc alone, and stat'ed only when open for writing
+ * (and, for a file, of its inode number), so a hung filesystem elsewhere cannot hang the check.
  */
 
 import fs from 'node:fs';
@@ -35,29 +37,38 @@ const GONE = new Set(['ENOENT', 'ESRCH']);
 /** Processes read at once. */
 const SCAN_SLOTS = 8;
 
-/** The open flags of descriptor `fd` of `pid`, or undefined when it has closed. */
-async function openFlags(proc: string, pid: string, fd: string): Promise<number | undefined> {
-  const text = await fs.promises.readFile(path.join(proc, pid, 'fdinfo', fd), 'utf8').catch((err: NodeJS.ErrnoException) => {
+/** What /proc/PID/fdinfo/N says of a descriptor: its open flags, and its inode number where the kernel gives it. */
+interface FdInfo {
+  flags: number;
+  ino: bigint | undefined;
+}
+
+/** The fdinfo of descriptor `fd` of `pid`, or undefined when it has closed. */
+async function fdInfo(proc: string, pid: string, fd: string): Promise<FdInfo | undefined> {
+  const file = path.join(proc, pid, 'fdinfo', fd);
+  const text = await fs.promises.readFile(file, 'utf8').catch((err: NodeJS.ErrnoException) => {
     if (GONE.has(err.code ?? '')) return undefined;
     throw err;
   });
-  const m = text === undefined ? null : /^flags:\s+([0-7]+)$/m.exec(text);
-  if (text !== undefined && m === null) throw new Error(`${path.join(proc, pid, 'fdinfo', fd)} has no flags line`);
-  return m === null ? undefined : parseInt(m[1]!, 8);
+  if (text === undefined) return undefined;
+  const flags = /^flags:\s+([0-7]+)$/m.exec(text);
+  if (flags === null) throw new Error(`${file} has no flags line`);
+  const ino = /^ino:\s+(\d+)$/m.exec(text);
+  return { flags: parseInt(flags[1]!, 8), ino: ino === null ? undefined : BigInt(ino[1]!) };
 }
 
 /**
- * Other processes (not this one) with `target` open for writing. Errors: EIO when /proc cannot be
- * listed, or (for root) a process's descriptors cannot be read.
+ * Other processes (not this one) with `target` open for writing, of those that may be inspected.
+ * Errors: EIO when /proc cannot be listed or answers a descriptor with anything but "gone" or
+ * "not yours".
  */
 export async function openWriters(target: OpenTarget, proc = PROC_PATH): Promise<OpenWriter[]> {
-  const root = (process.geteuid?.() ?? 0) === 0;
   const cannotTell = (what: string, err: unknown): never => {
     throw new BdsnapError('EIO', `cannot tell which processes have it open: ${what}: ${(err as Error).message}`, { cause: err });
   };
   const pids = (await fs.promises.readdir(proc).catch((err: unknown) => cannotTell(`${proc} cannot be listed`, err))).filter((n) => /^\d+$/.test(n) && Number(n) !== process.pid);
-  // Read side by side (each stat through /proc costs tens of microseconds), a process at a time
-  // per slot: a host with thousands of descriptors is read in tens of milliseconds.
+  // Read side by side, a process at a time per slot: a host with thousands of descriptors is
+  // read in tens of milliseconds.
   const out: OpenWriter[] = [];
   await runLimited(pids, SCAN_SLOTS, async (pid) => {
     const fdDir = path.join(proc, pid, 'fd');
@@ -66,16 +77,23 @@ export async function openWriters(target: OpenTarget, proc = PROC_PATH): Promise
       fds = await fs.promises.readdir(fdDir);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code ?? '';
-      if (GONE.has(code) || (code === 'EACCES' && !root)) return;
+      if (GONE.has(code) || code === 'EACCES') return;
       return cannotTell(`${fdDir} cannot be read`, err);
     }
     await Promise.all(fds.map(async (fd) => {
+      // /proc alone first: a stat through the descriptor reaches its filesystem, and one that
+      // hangs (a dead NFS server) would hang this check. Only descriptors open for writing, and
+      // for a file only those with its inode number, are stat'ed.
+      const info = await fdInfo(proc, pid, fd).catch((err: unknown) => {
+        if ((err as NodeJS.ErrnoException).code === 'EACCES') return undefined;
+        return cannotTell(`${path.join(proc, pid, 'fdinfo', fd)} cannot be read`, err);
+      });
+      if (info === undefined || (info.flags & O_ACCMODE) === O_RDONLY) return;
+      if (target.kind === 'file' && info.ino !== undefined && info.ino !== target.ino) return;
       const st = await fs.promises.stat(path.join(fdDir, fd), { bigint: true }).catch(() => undefined);
       if (st === undefined) return; // closed meanwhile, or a descriptor of nothing stat can reach
       const same = target.kind === 'file' ? st.isFile() && st.dev === target.dev && st.ino === target.ino : st.isBlockDevice() && target.majorMinors.has(formatDevT(st.rdev));
       if (!same) return;
-      const flags = await openFlags(proc, pid, fd).catch((err: unknown) => cannotTell(`the flags of ${path.join(fdDir, fd)} cannot be read`, err));
-      if (flags === undefined || (flags & O_ACCMODE) === O_RDONLY) return;
       const command = await fs.promises.readFile(path.join(proc, pid, 'comm'), 'utf8').then((t) => t.trim(), () => '');
       out.push({ pid: Number(pid), command, fd: Number(fd) });
     }));
