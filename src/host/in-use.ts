@@ -104,7 +104,7 @@ export async function checkNotInUse(devicePath: string, host: HostPaths = {}, op
   }
 
   // A process that writes it (a VM, dd, another server) writes around whatever bdsnap does.
-  if (options.writers !== false) await refuseWriters(devicePath, block ? { kind: 'block', majorMinors: memberNumbers } : { kind: 'file', dev: st.dev, ino: st.ino }, cannotTell);
+  if (options.writers !== false) refuseWriters(devicePath, await openWriters(block ? { kind: 'block', majorMinors: memberNumbers } : { kind: 'file', dev: st.dev, ino: st.ino }).catch(cannotTell));
 
   if (!block) return;
   for (const member of members) {
@@ -132,8 +132,7 @@ function stillReaches(file: string, st: fs.BigIntStats): Promise<boolean> {
   return fs.promises.stat(file, { bigint: true }).then((now) => now.dev === st.dev && now.ino === st.ino, () => false);
 }
 
-async function refuseWriters(devicePath: string, target: OpenTarget, cannotTell: (err: unknown) => never): Promise<void> {
-  const writers = await openWriters(target).catch(cannotTell);
+function refuseWriters(devicePath: string, writers: readonly OpenWriter[]): void {
   if (writers.length === 0) return;
   const one = processCount(writers) === 1;
   throw new BdsnapError('EBUSY', `${devicePath} is open for writing by ${describeWriters(writers)}; stop ${one ? 'that process' : 'those processes'} first: ${one ? 'its' : 'their'} writes would go around bdsnap`);
@@ -145,7 +144,7 @@ async function refuseWriters(devicePath: string, target: OpenTarget, cannotTell:
  * holds the device is then named by the lock, with what frees it. Errors: EIO (cannot tell).
  */
 export async function checkNoOtherWriters(devicePath: string): Promise<void> {
-  await refuseWriters(devicePath, await openTargetOf(devicePath), cannotTellOf(devicePath));
+  refuseWriters(devicePath, await otherWritersOf(devicePath));
 }
 
 /** The other processes that have the device open for writing now. Errors: EIO (cannot tell). */

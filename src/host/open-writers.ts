@@ -1,8 +1,9 @@
 /**
  * Which other processes hold a file or a block device open for writing, from /proc: each
- * process's descriptors (`/proc/PID/fd/N`, stat'ed through the link, so a file is matched by
- * identity whatever name opened it) and their open flags (`/proc/PID/fdinfo/N`). A writer that
- * bdsnap does not know about writes around copy-before-write, the change map and a restore.
+ * process's descriptors (`/proc/PID/fd/N`) with their open flags and inode number
+ * (`/proc/PID/fdinfo/N`); a candidate is stat'ed through the link, so a file is matched by
+ * identity whatever name opened it. A writer that bdsnap does not know about writes around
+ * copy-before-write, the change map and a restore.
  *
  * Only what may be inspected is seen: another user sees their own processes, and even root is
  * refused the descriptors of some (EACCES: a process the kernel guards from ptrace, such as a
