@@ -27,6 +27,7 @@ import fs from 'node:fs';
 import { BdsnapError, toBdsnapError } from '../errors.js';
 import { blockDeviceSizeBytes, fileStampOfFd, readDeviceStamp, type DeviceStamp } from '../host/device-stamp.js';
 import { closeFd, fdatasyncFd, openFd, preadFully, preadFullySync, pwriteFully, pwriteFullySync } from '../host/fd-io.js';
+import { WriteWatch } from '../host/write-watch.js';
 import { formatDevT } from '../host/dev-t.js';
 import { loadLibc, type Libc } from '../host/libc.js';
 import {
@@ -182,6 +183,15 @@ export class FileDevice implements BlockDevice {
     if (!this.#syncIo.syncWrite(data.length, queued)) return false;
     this.#syncIo.run(data.length, () => this.#writeSync(data, offsetBytes));
     return true;
+  }
+
+  /** Watch writes by other processes to what this device has open (see host/write-watch.ts), or why that cannot be done here. */
+  watchWrites(): WriteWatch | { reason: string } {
+    this.#checkOpen();
+    const { kind, dev, ino, rdev } = this.identity;
+    return WriteWatch.start(this.#fd, kind === 'file'
+      ? { kind, dev: BigInt(dev), ino: BigInt(ino) }
+      : { kind, majorMinors: new Set([formatDevT(BigInt(rdev))]) });
   }
 
   /**

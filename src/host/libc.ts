@@ -11,6 +11,7 @@
  * This module imports nothing of ours, so every layer may use it.
  */
 
+import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { fsTrace } from './fs-trace.js';
@@ -102,6 +103,13 @@ export interface Libc {
    * heap, not only at its top. False where the C library has no malloc_trim (not glibc).
    */
   trimHeap(): boolean;
+  /**
+   * A non-blocking fanotify descriptor reporting each open of the file open as `fd`, and each
+   * close of a descriptor of it opened for writing (FAN_OPEN, FAN_CLOSE_WRITE), by any process,
+   * each event naming its pid. Throws with `errno` and `code` (EPERM without CAP_SYS_ADMIN,
+   * ENOSYS where the kernel has no fanotify).
+   */
+  watchWriters(fd: number): number;
 }
 
 export type CloneResult = 'cloned' | 'unsupported';
@@ -134,6 +142,13 @@ const LOCK_EX = 2;
 /** fcntl(2): duplicate onto the lowest free number, close-on-exec set. */
 const F_DUPFD_CLOEXEC = 1030;
 const LOCK_NB = 4;
+const FAN_CLOEXEC = 0x1;
+const FAN_NONBLOCK = 0x2;
+const FAN_CLASS_NOTIF = 0x0;
+const FAN_MARK_ADD = 0x1;
+const FAN_OPEN = 0x20n;
+const FAN_CLOSE_WRITE = 0x8n;
+const O_LARGEFILE = 0o100000;
 const ENXIO = 6;
 /** struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit fields. */
 const UCRED_BYTES = 12;
@@ -207,6 +222,8 @@ function bind(): { libc: Libc | undefined; reason: string } {
     const mallocTrim = optionalFunc(lib, 'int malloc_trim(size_t pad)');
     const fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
     const ioctlInt = lib.func('ioctl', 'int', ['int', 'unsigned long', '_Out_ int *']);
+    const fanotifyInit = optionalFunc(lib, 'int fanotify_init(unsigned int flags, unsigned int event_f_flags)');
+    const fanotifyMark = optionalFunc(lib, 'int fanotify_mark(int fd, unsigned int flags, uint64_t mask, int dirfd, const char *path)');
     const pending = [0];
     const libc: Libc = {
       peerCred(fd: number): PeerCred {
@@ -255,6 +272,20 @@ function bind(): { libc: Libc | undefined; reason: string } {
           const errno = koffi.errno();
           throw Object.assign(new Error(`cannot disable core dumps: ${errnoName(errno) ?? `errno ${errno}`}`), { errno });
         }
+      },
+      watchWriters(fd: number): number {
+        const failed = (call: string, errno: number): Error =>
+          Object.assign(new Error(`${call} for descriptor ${fd} failed: ${errnoName(errno) ?? `errno ${errno}`}`), { errno, code: errnoName(errno) });
+        if (fanotifyInit === undefined || fanotifyMark === undefined) throw failed('fanotify', os.constants.errno.ENOSYS);
+        const group = fanotifyInit(FAN_CLOEXEC | FAN_NONBLOCK | FAN_CLASS_NOTIF, fs.constants.O_RDONLY | O_LARGEFILE) as number;
+        if (group < 0) throw failed('fanotify_init', koffi.errno());
+        // No path: the mark is on the file `fd` is open on, whatever name it has now.
+        if ((fanotifyMark(group, FAN_MARK_ADD, FAN_OPEN | FAN_CLOSE_WRITE, fd, null) as number) < 0) {
+          const errno = koffi.errno();
+          fs.closeSync(group);
+          throw failed('fanotify_mark', errno);
+        }
+        return group;
       },
       trimHeap(): boolean {
         if (mallocTrim === undefined) return false;

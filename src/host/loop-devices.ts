@@ -33,17 +33,31 @@ export interface LoopDevice {
   majorMinor: string | null;
 }
 
-/** What sysfs says backs a loop device: the name and whether the kernel marked it deleted. */
+/** Reads of a loop device caught between states (ENODEV: being attached or detached) before it counts as unreadable. */
+const TRANSIENT_TRIES = 10;
+const TRANSIENT_WAIT_MS = 10;
+
+/**
+ * What sysfs says backs a loop device: the name and whether the kernel marked it deleted. A
+ * loop device being attached or detached at that instant answers ENODEV: asked again shortly,
+ * it has either a backing file or no `loop` directory; one that stays so is unreadable.
+ */
 async function readBackingFile(name: string, sysBlock: string): Promise<{ file: string; deleted: boolean } | null> {
   const file = path.join(sysBlock, name, 'loop', 'backing_file');
-  try {
-    const text = (await fs.promises.readFile(file, 'utf8')).replace(/\n$/, '');
-    const deleted = text.endsWith(DELETED_SUFFIX);
-    return { file: deleted ? text.slice(0, -DELETED_SUFFIX.length) : text, deleted };
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENOTDIR') return null;
-    throw new BdsnapError('EIO', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const text = (await fs.promises.readFile(file, 'utf8')).replace(/\n$/, '');
+      const deleted = text.endsWith(DELETED_SUFFIX);
+      return { file: deleted ? text.slice(0, -DELETED_SUFFIX.length) : text, deleted };
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return null;
+      if (code === 'ENODEV' && attempt < TRANSIENT_TRIES) {
+        await new Promise((resolve) => setTimeout(resolve, TRANSIENT_WAIT_MS));
+        continue;
+      }
+      throw new BdsnapError('EIO', `cannot read ${file}: ${(err as Error).message}`, { cause: err });
+    }
   }
 }
 

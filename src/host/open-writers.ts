@@ -59,15 +59,17 @@ async function fdInfo(proc: string, pid: string, fd: string): Promise<FdInfo | u
 }
 
 /**
- * Other processes (not this one) with `target` open for writing, of those that may be inspected.
+ * Other processes (not this one) with `target` open for writing, of those that may be inspected
+ * (`only`: of these pids; one that has exited has nothing open).
  * Errors: EIO when /proc cannot be listed or answers a descriptor with anything but "gone" or
  * "not yours".
  */
-export async function openWriters(target: OpenTarget, proc = PROC_PATH): Promise<OpenWriter[]> {
+export async function openWriters(target: OpenTarget, proc = PROC_PATH, only?: readonly string[]): Promise<OpenWriter[]> {
   const cannotTell = (what: string, err: unknown): never => {
     throw new BdsnapError('EIO', `cannot tell which processes have it open: ${what}: ${(err as Error).message}`, { cause: err });
   };
-  const pids = (await fs.promises.readdir(proc).catch((err: unknown) => cannotTell(`${proc} cannot be listed`, err))).filter((n) => /^\d+$/.test(n) && Number(n) !== process.pid);
+  const listed = only ?? await fs.promises.readdir(proc).catch((err: unknown) => cannotTell(`${proc} cannot be listed`, err));
+  const pids = listed.filter((n) => /^\d+$/.test(n) && Number(n) !== process.pid);
   // Read side by side, a process at a time per slot: a host with thousands of descriptors is
   // read in tens of milliseconds.
   const out: OpenWriter[] = [];

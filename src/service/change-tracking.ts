@@ -103,6 +103,14 @@ export class ChangeTracker implements SnapshotChangeTracking {
     return map;
   }
 
+  /** Something wrote the open device around bdsnap (`detail` says who): its map starts again, with its event. */
+  changedOutside(devicePath: string, detail: string): Promise<void> {
+    return this.#serial(devicePath, async () => {
+      const map = this.#open.get(devicePath);
+      if (map) this.#reported(devicePath, await map.reset('changed-outside', detail));
+    });
+  }
+
   /** `stamp`: the one to record, 'opened' keeps the one read at open (the daemon did not write the device), 'unknown' records none. */
   async #closeMap(devicePath: string, stamp: DeviceStamp | 'opened' | 'unknown'): Promise<void> {
     const map = this.#open.get(devicePath);

@@ -146,6 +146,12 @@ export class Daemon {
       await this.#snapshots.bringBack(devicePath);
     };
     if (this.#tracking) this.#tracking.onReset = (devicePath, reset) => this.#snapshots.deviceReset(devicePath, reset.reason, reset.detail);
+    // Another process wrote a held device: its change map starts again, which voids its
+    // snapshots (onReset); without change tracking the snapshots are voided directly.
+    this.#table.onWrittenAround = async (devicePath, detail) => {
+      if (this.#tracking) await this.#tracking.changedOutside(devicePath, detail);
+      else this.#snapshots.deviceReset(devicePath, 'changed-outside', detail);
+    };
     this.#mounts = new MountManager({
       runDir: this.runDir, nbdSocket: this.nbdSocket, table: this.#table, registry, snapshots: this.#snapshots, log: this.#log,
       images: { restoreOf: (name) => this.#instant.servingOf(name), open: (name) => this.#openImage(name) },

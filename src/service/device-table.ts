@@ -43,6 +43,7 @@ import {
   describeIdentity, identityOfStamp, readDeviceIdentity, readDeviceStamp, sameIdentity, type DeviceStamp, type StampIdentity,
 } from '../host/device-stamp.js';
 import { checkNotInUse } from '../host/in-use.js';
+import { WRITE_WATCH_POLL_MS, type WriteWatch } from '../host/write-watch.js';
 
 export interface SessionSettings {
   chunkSize?: number;
@@ -78,6 +79,9 @@ export interface UserPhase {
 interface Attachment {
   readonly devicePath: string;
   readonly file: FileDevice;
+  /** Writes by other processes to the open file (undefined where they cannot be watched), read every WRITE_WATCH_POLL_MS and at each session end, take and close. */
+  watch: WriteWatch | undefined;
+  watchTimer: NodeJS.Timeout | undefined;
   /** Copy-before-write for the snapshots of this device. */
   readonly layer: SnapshotLayer;
   phase: UserPhase | undefined;
@@ -139,6 +143,7 @@ export class DeviceTable {
   readonly #snapshotRoot: string;
   readonly #log: Logger;
   readonly #events: EventLog;
+  #watchUnavailableLogged = false;
   readonly #session: SessionSettings;
   readonly #tracking: ChangeTracker | undefined;
   readonly #attachments = new Map<string, Attachment>();
@@ -230,6 +235,33 @@ export class DeviceTable {
   /** Called before every hold of any kind: throws to refuse it (a device under instant restore). */
   checkAttach: ((devicePath: string) => Promise<void>) | undefined;
 
+  /**
+   * Called when another process wrote a held device (`detail` says who): its change map starts
+   * again and its snapshots are void (the table has failed the session in progress itself).
+   */
+  onWrittenAround: ((devicePath: string, detail: string) => Promise<void>) | undefined;
+
+  /**
+   * Read the device's write watch: another process that wrote the device, or has it open for
+   * writing, while the daemon holds it wrote around copy-before-write and the change map. The session in progress then
+   * cannot restore exactly and is failed with the reason; onWrittenAround does the rest. A
+   * watch that cannot be read counts as such a write (it cannot tell).
+   */
+  async checkWrittenAround(devicePath: string): Promise<void> {
+    const att = this.#attachments.get(devicePath);
+    if (att?.watch === undefined) return;
+    let detail: string | undefined;
+    try {
+      detail = await att.watch.check(devicePath, 'while bdsnap held it', 'copy-before-write and the change map');
+    } catch (err) {
+      detail = `${devicePath} could not be checked for other writers while bdsnap held it (${(err as Error).message}), so writes around copy-before-write and the change map cannot be ruled out`;
+    }
+    if (detail === undefined) return;
+    this.#log.warn({ event: 'written-around', device: devicePath }, detail);
+    att.phase?.cow?.writtenAround(detail);
+    await this.onWrittenAround?.(devicePath, detail);
+  }
+
   /** Where a device is mounted through the daemon: the mount manager knows, the table asks it. */
   mountOf: ((devicePath: string) => MountInfo | undefined) | undefined;
 
@@ -291,7 +323,7 @@ export class DeviceTable {
           throw err;
         }
         const layer = new SnapshotLayer(tracked, { chunkSize: this.chunkSize });
-        att = { devicePath, file, layer, phase: undefined, userHolds: 0, snapshotHolds: 0, connections: 0, identity };
+        att = { devicePath, file, layer, phase: undefined, userHolds: 0, snapshotHolds: 0, connections: 0, identity, ...this.#watch(devicePath, file) };
         this.#attachments.set(devicePath, att);
       }
       if (!user) {
@@ -302,6 +334,25 @@ export class DeviceTable {
       att.userHolds++;
       return att;
     });
+  }
+
+  /** Start watching `file` for writes by other processes, or say once why that cannot be done here. */
+  #watch(devicePath: string, file: FileDevice): Pick<Attachment, 'watch' | 'watchTimer'> {
+    const watch = file.watchWrites();
+    if ('reason' in watch) {
+      if (!this.#watchUnavailableLogged) {
+        this.#watchUnavailableLogged = true;
+        this.#log.warn({ event: 'write-watch-unavailable', reason: watch.reason },
+          `writes by other processes to a held device are not watched (${watch.reason}); they are found only by the checks at each hold and by the devices' stamps`);
+      }
+      return { watch: undefined, watchTimer: undefined };
+    }
+    const watchTimer = setInterval(() => {
+      this.checkWrittenAround(devicePath).catch((err: unknown) => {
+        this.#log.error({ event: 'written-around-failed', device: devicePath, reason: (err as Error).message }, 'a write around bdsnap was found but could not be recorded');
+      });
+    }, WRITE_WATCH_POLL_MS).unref();
+    return { watch, watchTimer };
   }
 
   /** Drop a hold. The last user ends the session durably (returns its dir); the last holder closes the device. */
@@ -421,6 +472,8 @@ export class DeviceTable {
     const phase = att.phase;
     if (!phase) return null;
     try {
+      // A write by another process up to now fails the session before it is closed.
+      await this.checkWrittenAround(att.devicePath);
       const dir = await this.#closeSession(att, phase);
       phase.settle({ dir });
       return dir;
@@ -463,6 +516,9 @@ export class DeviceTable {
     // The attachment stays in the table until the device is closed and unlocked; attach()
     // for this device queues behind us meanwhile.
     try {
+      await this.checkWrittenAround(att.devicePath).catch(() => undefined);
+      clearInterval(att.watchTimer);
+      att.watch?.close();
       // The change map's stamp must include the daemon's own writes, so it is read once they
       // have all reached the device (flushed): an image file's from the descriptor still open
       // (its name may name another file by now), a block device's after our descriptor is

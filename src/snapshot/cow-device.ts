@@ -91,6 +91,11 @@ export interface SessionOptions {
   cloneMinBytes?: number;
   /** The monotonic clock (ms) the deferred sync measures pauses with; default performance.now. */
   clockMs?: () => number;
+  /**
+   * Asked at close, once the last write is done: why another process wrote the device during
+   * the session, if it did (see writtenAround()); the caller may also report it earlier.
+   */
+  checkWrittenAround?: () => Promise<string | undefined>;
 }
 
 /** What a session reports as it goes, in order: start, then failed and/or error, then end. */
@@ -482,6 +487,16 @@ export class CowDevice implements BlockDevice {
     }
   }
 
+  /**
+   * Another process wrote the device while this session was active: what it wrote has no
+   * original here, so the session cannot restore exactly and is failed with `reason`. Before
+   * the session's first write nothing is needed: the session's start stamp, read at that
+   * write, includes the other write, and restore compares it with what the session before left.
+   */
+  writtenAround(reason: string): void {
+    if (this.#state === 'active') this.#fail(reason);
+  }
+
   #fail(reason: string, err?: unknown): void {
     if (this.#state === 'failed') return;
     this.#state = 'failed';
@@ -536,6 +551,8 @@ export class CowDevice implements BlockDevice {
     await this.#detach();
     await this.#deferredSync.stop();
     if (this.#starting) await this.#starting;
+    const around = await this.#options.checkWrittenAround?.().catch((err: unknown) => `writes by other processes cannot be ruled out: ${(err as Error).message}`);
+    if (around !== undefined) this.writtenAround(around);
     if (this.#state === 'idle' || this.#sessionDir === undefined) return undefined;
     const dir = this.#sessionDir;
     const endTime = new Date().toISOString();

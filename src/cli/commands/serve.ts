@@ -19,6 +19,7 @@ import type { Command } from 'commander';
 import { BdsnapError, toBdsnapError } from '../../errors.js';
 import { keepCompiledCodeWhenIdle } from '../../host/server-runtime.js';
 import { TLS_MODES, type TlsMode, type TlsSettings } from '../../nbd/tls.js';
+import type { FileDevice } from '../../device/file-device.js';
 import type { RunningServe, ServeOptions } from '../../service/serve.js';
 import type { SessionEvent, SessionOptions } from '../../snapshot/index.js';
 import { addSessionOptions, parseSessionOptions, type SessionCliOptions } from '../session-options.js';
@@ -162,8 +163,9 @@ async function sessionWrapper(opts: ServeCliOptions): Promise<ServeOptions['wrap
   if (opts.readOnly) throw new BdsnapError('EINVAL', '--snapshot-root makes no sense with --read-only: nothing can change');
   const snapshotRoot = path.resolve(opts.snapshotRoot);
   const base: Omit<SessionOptions, 'devicePath'> = { snapshotRoot, ...parseSessionOptions(opts) };
-  const [{ FileDevice }, { CowDevice }, { refuseUnfinishedRestore }, { ensurePrivateDir }] = await Promise.all([
+  const [{ FileDevice }, { CowDevice }, { refuseUnfinishedRestore }, { ensurePrivateDir }, { WRITE_WATCH_POLL_MS }] = await Promise.all([
     import('../../device/file-device.js'), import('../../snapshot/index.js'), import('../../snapshot/restore/chain.js'), import('../../host/private-dir.js'),
+    import('../../host/write-watch.js'),
   ]);
   // As the daemon's: sessions hold the images' original content, and another user who could
   // write here could plant sessions a restore would apply, or read what a session keeps.
@@ -181,11 +183,50 @@ async function sessionWrapper(opts: ServeCliOptions): Promise<ServeOptions['wrap
   // a session recording neither state, and serve it.
   return async (device, devicePath) => {
     await refuseUnfinishedRestore(snapshotRoot, devicePath);
-    return CowDevice.create(device, {
+    const watch = device instanceof FileDevice ? watchWritesAround(device, devicePath, WRITE_WATCH_POLL_MS) : undefined;
+    const cow = CowDevice.create(device, {
       ...base,
       devicePath,
       deviceIdentity: device instanceof FileDevice ? { ...device.identity } : undefined,
       onEvent: report,
+      ...(watch !== undefined ? { checkWrittenAround: () => watch.stop() } : {}),
     });
+    watch?.start((reason) => cow.writtenAround(reason));
+    return cow;
+  };
+}
+
+/**
+ * The session's watch of writes by other processes to `device` (src/host/write-watch.ts): read
+ * every `everyMs` and once more when the session closes (stop() returns the reason, if any).
+ * Where writes cannot be watched (not root), says so once on stderr.
+ */
+function watchWritesAround(
+  device: FileDevice, devicePath: string, everyMs: number,
+): { start: (onFound: (reason: string) => void) => void; stop: () => Promise<string | undefined> } | undefined {
+  const watch = device.watchWrites();
+  if ('reason' in watch) {
+    process.stderr.write(`bdsnap: warning: writes by other processes to ${devicePath} during the session are not watched (${watch.reason}); only the image's stamps tell them\n`);
+    return undefined;
+  }
+  let timer: NodeJS.Timeout | undefined;
+  const read = async (): Promise<string | undefined> => {
+    return watch.check(devicePath, 'while bdsnap served it', 'the session').catch((err: unknown) =>
+      `${devicePath} could not be checked for other writers while bdsnap served it (${(err as Error).message}), so writes around the session cannot be ruled out`);
+  };
+  return {
+    start: (onFound) => {
+      timer = setInterval(() => {
+        void read().then((reason) => {
+          if (reason !== undefined) onFound(reason);
+        });
+      }, everyMs).unref();
+    },
+    stop: async () => {
+      clearInterval(timer);
+      const reason = await read();
+      watch.close();
+      return reason;
+    },
   };
 }

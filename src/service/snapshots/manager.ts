@@ -225,14 +225,15 @@ export class SnapshotManager {
   }
 
   /**
-   * A device's change map was reset. When the reason is that the device changed while bdsnap
-   * did not serve it, the snapshots that hold it no longer describe it: mark them failed.
+   * A device's change map was reset. When the reason is that something wrote the device around
+   * bdsnap (while bdsnap did not serve it, or while it did: another process writing the file),
+   * the snapshots that hold it no longer describe it: mark them failed.
    */
   deviceReset(devicePath: string, reason: string, detail: string): void {
     if (reason !== 'changed-outside' && reason !== 'size-changed') return;
     for (const snapshot of this.#snapshots.values()) {
       if (!snapshot.record.devices.some((d) => d.path === devicePath)) continue;
-      this.#markBroken(snapshot, 'failed', `${devicePath} changed while bdsnap did not serve it (${detail})`);
+      this.#markBroken(snapshot, 'failed', `${devicePath} was written around bdsnap (${detail})`);
     }
     this.#pendingResets.set(devicePath, detail);
   }

@@ -34,7 +34,8 @@
  *   that is not idle cannot tell the daemon's last writes from anyone else's: the map starts
  *   again (trust.ts). While idle, the stamp is also checked once a second and on demand
  *   (verify()): a file changed while the daemon held it and did not write it starts a new
- *   generation at once. Writes by others while the daemon's own writes run are not seen.
+ *   generation at once. Writes by others while the daemon's own writes run are not seen here:
+ *   the daemon watches who opens the file (src/host/write-watch.ts) and resets the map then.
  */
 
 import fs from 'node:fs';
