@@ -119,12 +119,15 @@ export class FileDevice implements BlockDevice {
   static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
     const readOnly = options.readOnly ?? false;
     const accessFlags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+    // O_NONBLOCK: a FIFO planted under the name must not hang the open (it changes nothing
+    // for regular files and block devices); O_NOCTTY: nor may a terminal become ours.
+    const { O_NOFOLLOW, O_NONBLOCK, O_NOCTTY, O_RDONLY, O_EXCL } = fs.constants;
     let fd: number;
     try {
-      // O_NONBLOCK: a FIFO planted under the name must not hang the open (it changes nothing
-      // for regular files and block devices); O_NOCTTY: nor may a terminal become ours.
-      const { O_NOFOLLOW, O_NONBLOCK, O_NOCTTY } = fs.constants;
-      fd = await openFd(path, accessFlags | O_NONBLOCK | O_NOCTTY | (options.followSymlinks ? 0 : O_NOFOLLOW));
+      // Read-only until the lock is held: an open refused for the lock (another bdsnap process
+      // holds the device) then never had the device open for writing, which the holder would
+      // count as a writer around it (src/host/write-watch.ts).
+      fd = await openFd(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | (options.followSymlinks ? 0 : O_NOFOLLOW));
     } catch (err) {
       throw openError(path, err);
     }
@@ -139,14 +142,15 @@ export class FileDevice implements BlockDevice {
           `(it is now ${describeIdentity(identity)}); it is not opened: put the image back, or deactivate it and register it again`);
       }
       lock = options.shared ? undefined : await acquireDeviceLock(path, identity);
-      if (kind === 'block' && !options.shared) {
-        // O_EXCL claims the disk itself (whatever node names it) and fails while it is mounted.
-        // Reopening the descriptor's own /proc name keeps it the node checked above.
-        const exclusive = await openFd(`/proc/self/fd/${fd}`, accessFlags | fs.constants.O_EXCL).catch((err: unknown) => {
+      // O_EXCL claims a disk itself (whatever node names it) and fails while it is mounted.
+      const exclusive = kind === 'block' && !options.shared;
+      if (!readOnly || exclusive) {
+        // Reopening the descriptor's own /proc name keeps it the file or node checked above.
+        const reopened = await openFd(`/proc/self/fd/${fd}`, accessFlags | (exclusive ? O_EXCL : O_NONBLOCK | O_NOCTTY)).catch((err: unknown) => {
           throw openError(path, err);
         });
         fs.closeSync(fd);
-        fd = exclusive;
+        fd = reopened;
       }
       const size = kind === 'block' ? await blockDeviceSizeBytes(path, st.rdev) : st.size;
       return new FileDevice(path, fd, size, readOnly, identity, lock, options.syncIo ?? new SyncIoPolicy());

@@ -127,7 +127,7 @@ test('serve --snapshot-root: a write by another process during the session fails
   assert.match(manifest.failedReason ?? '', /was opened for writing by pid \d+.* while bdsnap served it/);
 });
 
-test('during a session: readers are let be; a process that keeps the image open for writing, or a loop device set up on it, fails the session', { timeout: 120_000 }, async (t) => {
+test('during a session: readers and a refused second server are let be; a process that keeps the image open for writing, or a loop device set up on it, fails the session', { timeout: 120_000 }, async (t) => {
   if (!needs(t, { root: true, tools: ['nbdsh', 'losetup'] })) return;
   const box = sandbox(t, 'bdsnap-around-held-');
   await startDaemon(t, { sandbox: box, password: false });
@@ -139,8 +139,12 @@ test('during a session: readers are let be; a process that keeps the image open 
   const client = await heldClient(t, box, held);
   const read = spawnSync('sh', ['-c', 'cat "$1" > /dev/null; dd if="$1" of=/dev/null bs=1M status=none', 'sh', held], { encoding: 'utf8', timeout: 10_000 });
   assert.equal(read.status, 0, read.stderr);
+  // A second server refused for the daemon's lock never had the image open for writing.
+  const second = spawnSync(process.execPath, [BDSNAP_MAIN, 'serve', '--socket', path.join(box.top, 'second.sock'), held], { encoding: 'utf8', timeout: 30_000 });
+  assert.notEqual(second.status, 0, 'a second server of the held image is refused');
+  assert.match(second.stderr, /in use|busy|held|lock/i, second.stderr);
   await new Promise((resolve) => setTimeout(resolve, 2500));
-  assert.equal(sessionState(box, held), 'active', 'readers leave the session alone');
+  assert.equal(sessionState(box, held), 'active', 'readers, and a server refused for the lock, leave the session alone');
   // Opened for writing and kept open, writing nothing yet: found through its descriptors.
   const writer = spawn('sh', ['-c', 'exec 3<>"$1"; echo ready; exec sleep 60', 'sh', held], { stdio: ['ignore', 'pipe', 'ignore'] });
   cleanupOf(t).after(() => void writer.kill('SIGKILL'));

@@ -3,7 +3,6 @@
 import type { Command } from 'commander';
 import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, RUN_DIR_ENV, resolveRunDir } from '../../service/paths.js';
 import { BdsnapError } from '../../errors.js';
-import { keepCompiledCodeWhenIdle } from '../../host/server-runtime.js';
 import { choiceOption, sizeOption } from '../option-values.js';
 
 /** pino's levels, least severe first. */
@@ -43,7 +42,8 @@ export function register(program: Command): void {
   addTlsOptions(command)
     .option('--insecure-tcp', 'allow --listen without TLS required: whoever can connect (every local user, even on 127.0.0.1) can read and write every registered device')
     .action(async (options: DaemonOptions) => {
-      keepCompiledCodeWhenIdle();
+      // First, before the server's modules load (see the module).
+      (await import('../../host/server-runtime.js')).keepCompiledCodeWhenIdle();
       const session = parseSessionOptions(options);
       const listen = options.listen !== undefined ? parseListen(options.listen) : undefined;
       const tls = await loadTls(tlsSettings(options));

@@ -17,7 +17,6 @@
 import path from 'node:path';
 import type { Command } from 'commander';
 import { BdsnapError, toBdsnapError } from '../../errors.js';
-import { keepCompiledCodeWhenIdle } from '../../host/server-runtime.js';
 import { TLS_MODES, type TlsMode, type TlsSettings } from '../../nbd/tls.js';
 import type { FileDevice } from '../../device/file-device.js';
 import type { RunningServe, ServeOptions } from '../../service/serve.js';
@@ -101,7 +100,8 @@ Examples:
   bdsnap serve --listen 10809 --tls-psk keys.psk disk.img &
   nbdinfo 'nbds://alice@127.0.0.1/?tls-psk-file=keys.psk'`)
     .action(async (images: string[], opts: ServeCliOptions) => {
-      keepCompiledCodeWhenIdle();
+      // First, before the server's modules load (see the module).
+      (await import('../../host/server-runtime.js')).keepCompiledCodeWhenIdle();
       const listen = opts.listen !== undefined ? parseListen(opts.listen) : undefined;
       const socketPath = opts.socket ?? (listen ? undefined : DEFAULT_SOCKET);
       const wrap = await sessionWrapper(opts);
