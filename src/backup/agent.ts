@@ -41,6 +41,8 @@ export interface SnapshotImage {
 export interface Snapshot {
   id: string;
   images: SnapshotImage[];
+  /** Throws when the snapshot no longer holds its point (a device written around it since). */
+  check?: () => Promise<void>;
 }
 
 export interface SnapshotProvider {
@@ -73,7 +75,11 @@ export async function backupDevices(repo: Repository, provider: SnapshotProvider
       sources.push(await sourceFor(repo, snapshot.id, image, reader, options.full ?? false, options.host!));
     }
     options.onPlan?.(sources.map((s) => ({ device: s.device, kind: s.changed === null ? 'full' : 'incremental', why: s.why })));
-    outcome = { ok: true, summary: await createBackup(repo, sources, options) };
+    const beforeCommit = async (): Promise<void> => {
+      await snapshot.check?.();
+      await options.beforeCommit?.();
+    };
+    outcome = { ok: true, summary: await createBackup(repo, sources, { ...options, beforeCommit }) };
   } catch (err) {
     outcome = { ok: false, err };
   }

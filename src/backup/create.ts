@@ -65,6 +65,11 @@ export interface CreateOptions {
   codec?: Codec;
   /** The host the backup is recorded as made by; default this machine's hostname (hostOf). */
   host?: string;
+  /**
+   * Called once every piece is durable and indexed, before the manifest: throws to record
+   * nothing (what was read is no longer what the source was at its point).
+   */
+  beforeCommit?: () => Promise<void>;
 }
 
 export interface DeviceSummary {
@@ -179,6 +184,7 @@ export async function createBackup(repo: Repository, sources: BackupSource[], op
     options.signal?.throwIfAborted();
     // Every piece the manifest names is in the store, whole and durable, and indexed, before the manifest.
     await repo.commitPacks(await packs.finish());
+    await options.beforeCommit?.();
     // ... and still there: no prune took this backup's lock over while it ran (lock.ts).
     await lock.assertHeld('this backup', 'a prune may have deleted pieces it names; nothing was recorded; run the backup again');
     const endTime = new Date();

@@ -123,6 +123,14 @@ export function daemonSnapshotProvider(client: BdsnapClient, runDir: string, lin
           changedSince: (generation: string, number: number) =>
             link.guard(() => `while the backup asked it what changed on ${image.device}`, () => client.snapshotChanges(info.id, image.device, generation, number)),
         })),
+        check: async () => {
+          // A device written around the snapshot while it was read (the daemon asks the
+          // kernel's report first) makes what was read a mix of two points.
+          const now = await link.guard(() => 'as the backup checked its snapshot before recording it', () => client.snapshotInfo(info.id));
+          if (now.state !== 'ok') {
+            throw new BdsnapError('EIO', `snapshot ${info.id} no longer holds its point (${now.state}: ${now.reason ?? 'see bdsnap events'}), so what the backup read is not one point in time; nothing was recorded: run the backup again`);
+          }
+        },
       };
     },
     async destroy(id: string): Promise<void> {

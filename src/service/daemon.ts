@@ -268,8 +268,13 @@ export class Daemon {
         return this.#createSnapshot(request, caller);
       case 'snapshot-list':
         return { snapshots: this.#snapshots.list() };
-      case 'snapshot-info':
+      case 'snapshot-info': {
+        // Up to date with the kernel's report of writers around its devices (src/host/write-watch.ts):
+        // a backup asks this before it records what it read.
+        const devices = this.#snapshots.info(request.snapshot).images.map((i) => i.device);
+        for (const device of devices) await this.#table.checkWrittenAround(device);
         return this.#snapshots.info(request.snapshot);
+      }
       case 'snapshot-extend':
         return this.#extendSnapshot(request);
       case 'snapshot-destroy':

@@ -324,3 +324,27 @@ test('an incremental whose base backup is forgotten meanwhile becomes a full bac
   await restoreBackup(repo, made.id, image, { output: out });
   assert.equal(await sha256File(out), await sha256File(image));
 });
+
+test('a snapshot that no longer holds its point when the pieces are stored: nothing is recorded, with the reason', async (t) => {
+  const dir = makeTempDir(t, 'bdsnap-backup-void-');
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 8 * MiB, 'random', 17);
+  const repo = await initRepo(new LocalDirStore(path.join(dir, 'repo')), { pieceSizeBytes: 256 * 1024 });
+  const serve = new ServeSnapshotProvider(dir);
+  let checked = 0;
+  const provider = {
+    take: async (devices: string[]) => ({
+      ...(await serve.take(devices)),
+      check: async () => {
+        checked++;
+        throw new BdsnapError('EIO', 'snapshot s1 no longer holds its point (failed: written around bdsnap)');
+      },
+    }),
+    destroy: (id: string) => serve.destroy(id),
+  };
+  await assert.rejects(backupDevices(repo, provider, [image]), /no longer holds its point/);
+  assert.equal(checked, 1, 'checked once, after the reads');
+  assert.deepEqual(await repo.backups(), [], 'no backup was recorded');
+  const kept = await backupDevices(repo, serve, [image]);
+  assert.equal((await repo.backups()).map((b) => b.id).join(), kept.id, 'a backup with a snapshot that holds is recorded');
+});

@@ -96,6 +96,10 @@ test('a write by another process to a device a snapshot holds voids the snapshot
     const id = ok(box, ['snapshot', 'create', image, '--json']);
     const snapshotId = (JSON.parse(id) as { id: string }).id;
     ddWrite(image, 7);
+    // What a backup asks before it records what it read: current, without waiting for the watch's round.
+    const info = JSON.parse(ok(box, ['snapshot', 'info', snapshotId, '--json'])) as { state: string; reason?: string };
+    assert.equal(info.state, 'failed', `snapshot info right after the write (change tracking ${tracking ? 'on' : 'off'})`);
+    assert.match(info.reason ?? '', /opened for writing by pid \d+/);
     const stateOf = (): string | undefined => (JSON.parse(ok(box, ['snapshot', 'list', '--json'])) as { snapshots: Array<{ id: string; state: string; error?: string }> })
       .snapshots.find((s) => s.id === snapshotId)?.state;
     await until(`the snapshot failed (change tracking ${tracking ? 'on' : 'off'})`, () => stateOf() === 'failed');
