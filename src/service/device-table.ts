@@ -144,6 +144,7 @@ export class DeviceTable {
   readonly #log: Logger;
   readonly #events: EventLog;
   #watchUnavailableLogged = false;
+  readonly #writtenAroundCounts = new Map<string, number>();
   readonly #session: SessionSettings;
   readonly #tracking: ChangeTracker | undefined;
   readonly #attachments = new Map<string, Attachment>();
@@ -247,6 +248,11 @@ export class DeviceTable {
    * cannot restore exactly and is failed with the reason; onWrittenAround does the rest. A
    * watch that cannot be read counts as such a write (it cannot tell).
    */
+  /** How many writers around bdsnap were found on the device since the daemon started (a snapshot take compares it before and after). */
+  writtenAroundCount(devicePath: string): number {
+    return this.#writtenAroundCounts.get(devicePath) ?? 0;
+  }
+
   async checkWrittenAround(devicePath: string): Promise<void> {
     const att = this.#attachments.get(devicePath);
     if (att?.watch === undefined) return;
@@ -257,6 +263,7 @@ export class DeviceTable {
       detail = `${devicePath} could not be checked for other writers while bdsnap held it (${(err as Error).message}), so writes around copy-before-write and the change map cannot be ruled out`;
     }
     if (detail === undefined) return;
+    this.#writtenAroundCounts.set(devicePath, this.writtenAroundCount(devicePath) + 1);
     this.#log.warn({ event: 'written-around', device: devicePath }, detail);
     att.phase?.cow?.writtenAround(detail);
     await this.onWrittenAround?.(devicePath, detail);

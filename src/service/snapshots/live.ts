@@ -26,6 +26,8 @@ export interface LiveSnapshot {
   closing: boolean;
   /** The record write in flight, if any (writes of one record go one at a time; a destroy waits for it). */
   recordWrite?: Promise<void>;
+  /** Each device's count of writers around bdsnap at the take (DeviceTable.writtenAroundCount): one found before the snapshot is listed voids it. */
+  aroundAtTake?: ReadonlyMap<string, number>;
 }
 
 /**

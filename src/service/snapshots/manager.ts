@@ -270,6 +270,10 @@ export class SnapshotManager {
     }, devices, options);
     const { id, frozen, stallMs, storage } = snapshot.record;
     this.#snapshots.set(id, snapshot);
+    // A writer around bdsnap found between the take and now voided no listed snapshot: this one.
+    for (const [device, count] of snapshot.aroundAtTake ?? []) {
+      if (table.writtenAroundCount(device) !== count) this.#markBroken(snapshot, 'failed', `${device} was written around bdsnap while the snapshot was being taken`);
+    }
     const info = this.#info(snapshot);
     this.#options.events.emit('snapshot-created', {
       snapshot: id,

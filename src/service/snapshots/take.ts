@@ -133,6 +133,7 @@ async function barrier(ctx: TakeContext, snapshot: LiveSnapshot): Promise<Snapsh
     }));
     // A write by another process before this point is in no change map: the map starts again now.
     for (const d of snapshot.record.devices) await ctx.table.checkWrittenAround(d.path);
+    snapshot.aroundAtTake = new Map(snapshot.record.devices.map((d) => [d.path, ctx.table.writtenAroundCount(d.path)]));
     for (const [i, d] of snapshot.record.devices.entries()) addImage(snapshot, layers[i]!, d.path, d.key, ctx.tracking);
     for (const d of snapshot.record.devices) {
       d.cbt = ctx.tracking?.take(d.path, snapshot.dir, d.key) ?? null;
