@@ -303,24 +303,15 @@ export function serveHandedConnections(
   /**
    * What the last clients' requests held goes back to the system, as on the accepting thread.
    * An idle worker allocates nothing, so its garbage (buffers the pool did not keep) would
-   * wait for a collection that never comes: it is asked for, but only when the thread holds
-   * more buffer memory than its pool may keep while serving (after a flood of large requests).
-   * A full collection also throws away the request path's compiled code (V8 drops optimised
-   * code that refers to objects of the closed connections), so the next client would meet a
-   * cold thread, as slow as a fresh server's first; below that bound the thread stays warm.
+   * wait for a collection that never comes: it is asked for.
    */
   const releaseMemorySoon = (): void => {
     releaseTimer ??= setTimeout(() => {
       releaseTimer = undefined;
       if (connections.size !== 0) return;
-      const heldBytes = process.memoryUsage().arrayBuffers;
-      const collect = heldBytes > settings.maxPooledBytes;
-      if (collect) {
-        context.pool.clear();
-        collectGarbage();
-      }
+      context.pool.clear();
+      collectGarbage();
       loadLibc()?.trimHeap();
-      log({ event: 'idle', heldBytes, collected: collect });
     }, TRIM_DELAY_MS).unref();
   };
 

@@ -42,8 +42,6 @@ export function register(program: Command): void {
   addTlsOptions(command)
     .option('--insecure-tcp', 'allow --listen without TLS required: whoever can connect (every local user, even on 127.0.0.1) can read and write every registered device')
     .action(async (options: DaemonOptions) => {
-      // First, before the server's modules load (see the module).
-      (await import('../../host/server-runtime.js')).keepCompiledCodeWhenIdle();
       const session = parseSessionOptions(options);
       const listen = options.listen !== undefined ? parseListen(options.listen) : undefined;
       const tls = await loadTls(tlsSettings(options));

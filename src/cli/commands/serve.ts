@@ -100,8 +100,6 @@ Examples:
   bdsnap serve --listen 10809 --tls-psk keys.psk disk.img &
   nbdinfo 'nbds://alice@127.0.0.1/?tls-psk-file=keys.psk'`)
     .action(async (images: string[], opts: ServeCliOptions) => {
-      // First, before the server's modules load (see the module).
-      (await import('../../host/server-runtime.js')).keepCompiledCodeWhenIdle();
       const listen = opts.listen !== undefined ? parseListen(opts.listen) : undefined;
       const socketPath = opts.socket ?? (listen ? undefined : DEFAULT_SOCKET);
       const wrap = await sessionWrapper(opts);
