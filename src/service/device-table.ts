@@ -479,8 +479,11 @@ export class DeviceTable {
     const phase = att.phase;
     if (!phase) return null;
     try {
-      // A write by another process up to now fails the session before it is closed.
-      await this.checkWrittenAround(att.devicePath);
+      // A write by another process up to now fails the session before it is closed (that is
+      // done first, so a change map that cannot be reset only costs its own log line).
+      await this.checkWrittenAround(att.devicePath).catch((err: unknown) => {
+        this.#log.error({ event: 'written-around-failed', device: att.devicePath, reason: (err as Error).message }, 'a write around bdsnap was found but could not be recorded');
+      });
       const dir = await this.#closeSession(att, phase);
       phase.settle({ dir });
       return dir;
