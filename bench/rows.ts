@@ -180,12 +180,15 @@ function randomDataProblem(imagePath: string): string | undefined {
 type FioShape = Omit<FioJob, 'uri'>;
 
 async function fioCell(target: Target, context: RowContext, job: FioShape, unit: 'MB/s' | 'IOPS', options: CellOptions = {}): Promise<number> {
-  return withTarget(target, context, async (running) => {
-    const result = await runFio({ ...job, uri: running.uri, ...(running.env ? { env: running.env } : {}) });
-    if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
-    const side = job.rw.includes('write') ? result.write : result.read;
-    return unit === 'MB/s' ? side.bandwidthBytesPerSec / 1e6 : side.iops;
-  }, options);
+  return withTarget(target, context, (running) => fioOn(running, job, unit), options);
+}
+
+/** One fio job against a running target: MB/s or IOPS of its reads or writes. */
+async function fioOn(running: RunningTarget, job: FioShape, unit: 'MB/s' | 'IOPS'): Promise<number> {
+  const result = await runFio({ ...job, uri: running.uri, ...(running.env ? { env: running.env } : {}) });
+  if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
+  const side = job.rw.includes('write') ? result.write : result.read;
+  return unit === 'MB/s' ? side.bandwidthBytesPerSec / 1e6 : side.iops;
 }
 
 /** afterStop for a first-write cell: the session preserved `chunks` chunks, one per write, or the cell measured rewrites too. */
@@ -339,11 +342,7 @@ function afterPauseRow(id: string): BenchRow {
     'plain seq 1 MiB writes after a pause on a running server, qd 4, vs nbdkit',
     `fio nbd engine, one connection, one pass of sequential 1 MiB writes at depth 4 over an image of random data in the page cache (fio number_ios) on a server that served the same pass ${WARM_PASSES} times (untimed, a connection each) until ${PAUSE_MS / 1000} s before, with no client since: bdsnap serve (no session) against nbdkit file`,
     (target, context) => withTarget(target, context, async (running) => {
-      const pass = async (): Promise<number> => {
-        const result = await runFio({ ...onePassSeqWrite(context), uri: running.uri, ...(running.env ? { env: running.env } : {}) });
-        if (result.error !== 0) throw new Error(`fio error ${result.error}:\n${result.stderr}`);
-        return result.write.bandwidthBytesPerSec / 1e6;
-      };
+      const pass = (): Promise<number> => fioOn(running, onePassSeqWrite(context), 'MB/s');
       for (let i = 0; i < WARM_PASSES; i++) await pass();
       await delay(PAUSE_MS);
       return pass();

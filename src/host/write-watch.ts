@@ -33,7 +33,7 @@ export const WRITE_WATCH_POLL_MS = 1000;
 const READ_BYTES = 8192;
 
 /** Who wrote the file besides this process, or may have. */
-export interface ForeignWrite {
+interface ForeignWrite {
   /** The writer's pid, or undefined when the kernel's queue overflowed (the writer is unknown). */
   pid: number | undefined;
   /** Its command name, when it still runs. */
@@ -68,23 +68,27 @@ export class WriteWatch {
    * sentence (`during`: "while bdsnap held it"; `around`: what its writes went around), or
    * undefined when nothing wrote it. An opener that holds no descriptor for writing may have
    * left something that writes on its behalf (a loop device set up on the file, a mount): then
-   * whatever checkNotInUse() finds is the answer. Errors: EIO when /proc or sysfs cannot tell.
+   * whatever checkNotInUse() finds is the answer. What cannot be told (the queue, /proc or sysfs
+   * unreadable) counts as a write: the sentence says so.
    */
   async check(devicePath: string, during: string, around: string): Promise<string | undefined> {
-    const events = this.#drain();
-    if (events === undefined) return undefined;
-    const wrote = (w: ForeignWrite): string => `${devicePath} was opened for writing by ${describeForeignWrite(w)} ${during}: what it wrote went around ${around}`;
-    if ('pid' in events) return wrote(events);
-    const [writer] = await openWriters(this.#target, PROC_PATH, [...events.openers].map(String));
-    if (writer) return wrote({ pid: writer.pid, command: writer.command || undefined });
     try {
-      await checkNotInUse(devicePath, {}, { exclusiveProbe: false });
-      return undefined;
+      const events = this.#drain();
+      if (events === undefined) return undefined;
+      const wrote = (w: ForeignWrite): string => `${devicePath} was opened for writing by ${describeForeignWrite(w)} ${during}: what it wrote went around ${around}`;
+      if ('pid' in events) return wrote(events);
+      const [writer] = await openWriters(this.#target, PROC_PATH, [...events.openers].map(String));
+      if (writer) return wrote({ pid: writer.pid, command: writer.command || undefined });
+      try {
+        await checkNotInUse(devicePath, {}, { exclusiveProbe: false });
+        return undefined;
+      } catch (err) {
+        if ((err as BdsnapError).code !== 'EBUSY') throw err;
+        const openers = [...events.openers].map((pid) => describeForeignWrite({ pid, command: commandOf(pid) })).join(', ');
+        return `${devicePath} was opened by ${openers} ${during}, and writes through what it left go around ${around}: ${(err as Error).message}`;
+      }
     } catch (err) {
-      const e = err as BdsnapError;
-      if (e.code !== 'EBUSY') throw err;
-      const openers = [...events.openers].map((pid) => describeForeignWrite({ pid, command: commandOf(pid) })).join(', ');
-      return `${devicePath} was opened by ${openers} ${during}, and writes through what it left go around ${around}: ${e.message}`;
+      return `${devicePath} could not be checked for other writers ${during} (${(err as Error).message}), so writes around ${around} cannot be ruled out`;
     }
   }
 
@@ -128,7 +132,7 @@ export class WriteWatch {
 }
 
 /** How a foreign write reads in a message: "pid 123 (dd)", or the overflow. */
-export function describeForeignWrite(w: ForeignWrite): string {
+function describeForeignWrite(w: ForeignWrite): string {
   if (w.pid === undefined) return 'a process the kernel could not name (too many writes queued to tell them apart)';
   return `pid ${w.pid}${w.command !== undefined ? ` (${w.command})` : ''}`;
 }

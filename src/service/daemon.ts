@@ -271,8 +271,7 @@ export class Daemon {
       case 'snapshot-info': {
         // Up to date with the kernel's report of writers around its devices (src/host/write-watch.ts):
         // a backup asks this before it records what it read.
-        const devices = this.#snapshots.info(request.snapshot).images.map((i) => i.device);
-        for (const device of devices) await this.#table.checkWrittenAround(device);
+        for (const { device } of this.#snapshots.info(request.snapshot).images) await this.#table.checkWrittenAround(device);
         return this.#snapshots.info(request.snapshot);
       }
       case 'snapshot-extend':

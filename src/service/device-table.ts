@@ -242,31 +242,32 @@ export class DeviceTable {
    */
   onWrittenAround: ((devicePath: string, detail: string) => Promise<void>) | undefined;
 
-  /**
-   * Read the device's write watch: another process that wrote the device, or has it open for
-   * writing, while the daemon holds it wrote around copy-before-write and the change map. The session in progress then
-   * cannot restore exactly and is failed with the reason; onWrittenAround does the rest. A
-   * watch that cannot be read counts as such a write (it cannot tell).
-   */
   /** How many writers around bdsnap were found on the device since the daemon started (a snapshot take compares it before and after). */
   writtenAroundCount(devicePath: string): number {
     return this.#writtenAroundCounts.get(devicePath) ?? 0;
   }
 
+  /**
+   * Read the device's write watch: another process that wrote the device, or has it open for
+   * writing, while the daemon holds it wrote around copy-before-write and the change map. The
+   * session in progress then cannot restore exactly and is failed with the reason first;
+   * onWrittenAround does the rest. A watch that cannot tell counts as such a write.
+   */
   async checkWrittenAround(devicePath: string): Promise<void> {
     const att = this.#attachments.get(devicePath);
-    if (att?.watch === undefined) return;
-    let detail: string | undefined;
-    try {
-      detail = await att.watch.check(devicePath, 'while bdsnap held it', 'copy-before-write and the change map');
-    } catch (err) {
-      detail = `${devicePath} could not be checked for other writers while bdsnap held it (${(err as Error).message}), so writes around copy-before-write and the change map cannot be ruled out`;
-    }
-    if (detail === undefined) return;
+    const detail = await att?.watch?.check(devicePath, 'while bdsnap held it', 'copy-before-write and the change map');
+    if (att === undefined || detail === undefined) return;
     this.#writtenAroundCounts.set(devicePath, this.writtenAroundCount(devicePath) + 1);
     this.#log.warn({ event: 'written-around', device: devicePath }, detail);
     att.phase?.cow?.writtenAround(detail);
     await this.onWrittenAround?.(devicePath, detail);
+  }
+
+  /** checkWrittenAround where nobody waits for it (the watch's round, a session end, a close): a failure to record what it found is logged. */
+  async #checkWrittenAroundLogged(devicePath: string): Promise<void> {
+    await this.checkWrittenAround(devicePath).catch((err: unknown) => {
+      this.#log.error({ event: 'written-around-failed', device: devicePath, reason: (err as Error).message }, 'a write around bdsnap was found but could not be recorded');
+    });
   }
 
   /** Where a device is mounted through the daemon: the mount manager knows, the table asks it. */
@@ -354,11 +355,7 @@ export class DeviceTable {
       }
       return { watch: undefined, watchTimer: undefined };
     }
-    const watchTimer = setInterval(() => {
-      this.checkWrittenAround(devicePath).catch((err: unknown) => {
-        this.#log.error({ event: 'written-around-failed', device: devicePath, reason: (err as Error).message }, 'a write around bdsnap was found but could not be recorded');
-      });
-    }, WRITE_WATCH_POLL_MS).unref();
+    const watchTimer = setInterval(() => void this.#checkWrittenAroundLogged(devicePath), WRITE_WATCH_POLL_MS).unref();
     return { watch, watchTimer };
   }
 
@@ -481,9 +478,7 @@ export class DeviceTable {
     try {
       // A write by another process up to now fails the session before it is closed (that is
       // done first, so a change map that cannot be reset only costs its own log line).
-      await this.checkWrittenAround(att.devicePath).catch((err: unknown) => {
-        this.#log.error({ event: 'written-around-failed', device: att.devicePath, reason: (err as Error).message }, 'a write around bdsnap was found but could not be recorded');
-      });
+      await this.#checkWrittenAroundLogged(att.devicePath);
       const dir = await this.#closeSession(att, phase);
       phase.settle({ dir });
       return dir;
@@ -526,7 +521,7 @@ export class DeviceTable {
     // The attachment stays in the table until the device is closed and unlocked; attach()
     // for this device queues behind us meanwhile.
     try {
-      await this.checkWrittenAround(att.devicePath).catch(() => undefined);
+      await this.#checkWrittenAroundLogged(att.devicePath);
       clearInterval(att.watchTimer);
       att.watch?.close();
       // The change map's stamp must include the daemon's own writes, so it is read once they
