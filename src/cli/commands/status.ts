@@ -52,7 +52,8 @@ export function register(program: Command): void {
         d.active ? 'yes' : 'no',
         d.attached ? (d.mountpoint ? 'mounted' : `${d.connections} conn`) : 'no',
         d.mountpoint ?? '-',
-        d.currentSession ?? (d.inSession ? '(no write yet)' : '-'),
+        // A failed session goes on without copying: say so where the session is named, restore will refuse it.
+        d.currentSession !== null ? `${d.sessionState === 'failed' ? 'FAILED ' : ''}${d.currentSession}` : d.inSession ? '(no write yet)' : '-',
         d.inSession ? formatBytes(d.bytesPreserved) : '-',
         d.dirtyOutsideSession ? 'yes' : 'no',
       ], ...d.imageMounts.map((m) => [m.exportName, '-', 'mounted', m.mountpoint, '-', '-', '-']),
