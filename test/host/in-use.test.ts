@@ -9,7 +9,7 @@
 
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -113,17 +113,19 @@ test('checkNotInUse: a loop device left over a FUSE file whose server died does 
   const socket = path.join(dir, 'nbd.sock');
   const fuseDir = path.join(dir, 'fuse');
   fs.mkdirSync(fuseDir);
-  const nbdkit = spawn('nbdkit', ['--foreground', '--exit-with-parent', '-U', socket, 'memory', '1M'], { stdio: 'ignore' });
+  // Each writes its pid file once ready (nbdkit listening, nbdfuse connected and mounted):
+  // nbdfuse started before nbdkit listens would exit at once.
+  const nbdkitPid = path.join(dir, 'nbdkit.pid');
+  const nbdkit = spawn('nbdkit', ['--foreground', '--exit-with-parent', '-P', nbdkitPid, '-U', socket, 'memory', '1M'], { stdio: 'ignore' });
   cleanupOf(t).after(() => void nbdkit.kill('SIGKILL'));
-  const nbdfuse = spawn('nbdfuse', [path.join(fuseDir, 'disk'), `nbd+unix:///?socket=${socket}`], { stdio: 'ignore' });
+  await untilPidFile(nbdkitPid, nbdkit, 'nbdkit');
+  const nbdfusePid = path.join(dir, 'nbdfuse.pid');
+  const nbdfuse = spawn('nbdfuse', ['-P', nbdfusePid, path.join(fuseDir, 'disk'), `nbd+unix:///?socket=${socket}`], { stdio: ['ignore', 'ignore', 'pipe'] });
   cleanupOf(t).after(() => {
     nbdfuse.kill('SIGKILL');
     spawnSync('fusermount3', ['-u', '-z', fuseDir]);
   });
-  for (let i = 0; !fs.existsSync(path.join(fuseDir, 'disk')); i++) {
-    if (i > 200) throw new Error('nbdfuse did not present its file within 10 s');
-    await sleep(50);
-  }
+  await untilPidFile(nbdfusePid, nbdfuse, 'nbdfuse');
   const stale = losetup(t, path.join(fuseDir, 'disk'));
   const exited = new Promise((resolve) => nbdfuse.once('exit', resolve));
   nbdfuse.kill('SIGKILL');
@@ -143,6 +145,17 @@ test('checkNotInUse: a loop device left over a FUSE file whose server died does 
   const device = losetup(t, makeImage(path.join(dir, 'backing.img'), 1 << 20, 'zero'));
   await assert.rejects(checkNotInUse(device), isError('EIO', new RegExp(`cannot tell whether ${device} is in use.*ENOTCONN.*if ${stale} is left over .*losetup -d ${stale}`)));
 });
+
+/** Wait (10 s at most) for `child` to write its pid file; fails at once, with its stderr, if it exits first. */
+async function untilPidFile(pidFile: string, child: ChildProcess, name: string): Promise<void> {
+  let stderr = '';
+  child.stderr?.on('data', (b: Buffer) => (stderr += b.toString('utf8')));
+  for (let i = 0; !(fs.existsSync(pidFile) && fs.readFileSync(pidFile, 'utf8').trim() !== ''); i++) {
+    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`${name} exited (${child.exitCode ?? child.signalCode}) before it was ready: ${stderr}`);
+    if (i > 200) throw new Error(`${name} was not ready within 10 s: ${stderr}`);
+    await sleep(50);
+  }
+}
 
 /** A process (sh, then sleep) holding `file` open on descriptor 3 with `redirect` ('<>' to write, '<' to read); killed after the test. */
 async function holder(t: TestContext, file: string, redirect: '<>' | '<'): Promise<number> {
