@@ -270,6 +270,8 @@ export interface UmountResult {
   mountpoint: string;
   /** The session closed by this unmount, or null (inactive device, or nothing was written). */
   sessionDir: string | null;
+  /** Set when that session failed (a write around bdsnap, a full store...): restore refuses it, and this says why. */
+  sessionFailed?: string;
 }
 
 /** `register`: the device is known to the daemon (served over NBD), inactive unless it was activated. */

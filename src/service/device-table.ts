@@ -72,8 +72,15 @@ export interface UserPhase {
   readonly cow: CowDevice | undefined;
   sessionDir: string | null;
   /** Settles when the phase has ended (session durable), with the session dir. */
-  readonly ended: Promise<string | null>;
-  readonly settle: (result: { dir: string | null } | { error: unknown }) => void;
+  readonly ended: Promise<SessionEnd>;
+  readonly settle: (result: SessionEnd | { error: unknown }) => void;
+}
+
+/** How a user phase ended: its session's directory (null: no session, or nothing was written) and, for a failed session, why. */
+export interface SessionEnd {
+  readonly dir: string | null;
+  /** The session cannot be restored: what failed it (a write around bdsnap, a full store...). */
+  readonly failedReason?: string;
 }
 
 interface Attachment {
@@ -105,7 +112,7 @@ export interface AttachedDevice {
   /** A user hold: whether the phase it joined runs a session. */
   readonly inSession: boolean;
   /** A user hold: settles when the phase it joined has ended and its session is durable (with its dir). */
-  readonly ended: Promise<string | null> | undefined;
+  readonly ended: Promise<SessionEnd> | undefined;
 }
 
 /** What the table tells of how an open device is used. */
@@ -125,8 +132,8 @@ function attachedView(att: Attachment): AttachedDevice {
 
 function endSignal(): Pick<UserPhase, 'ended' | 'settle'> {
   let settle!: UserPhase['settle'];
-  const ended = new Promise<string | null>((resolve, reject) => {
-    settle = (result) => ('error' in result ? reject(result.error) : resolve(result.dir));
+  const ended = new Promise<SessionEnd>((resolve, reject) => {
+    settle = (result) => ('error' in result ? reject(result.error) : resolve(result));
   });
   // Nobody may be waiting; an unobserved failure is already logged by #endPhase.
   ended.catch(() => undefined);
@@ -219,7 +226,7 @@ export class DeviceTable {
   }
 
   /** While a user phase runs on the device: settles when it has ended (with its session dir). */
-  phaseEnded(devicePath: string): Promise<string | null> | undefined {
+  phaseEnded(devicePath: string): Promise<SessionEnd> | undefined {
     return this.#attachments.get(devicePath)?.phase?.ended;
   }
 
@@ -369,7 +376,7 @@ export class DeviceTable {
         att.snapshotHolds = Math.max(0, att.snapshotHolds - 1);
       } else if (att.userHolds > 0) {
         att.userHolds--;
-        if (att.userHolds === 0) sessionDir = await this.#endPhase(att);
+        if (att.userHolds === 0) sessionDir = (await this.#endPhase(att)).dir;
       }
       if (att.userHolds === 0 && att.snapshotHolds === 0) await this.#closeFile(att);
       return sessionDir;
@@ -472,16 +479,16 @@ export class DeviceTable {
     return { top: tracker, cow: undefined, sessionDir: null, ...endSignal() };
   }
 
-  async #endPhase(att: Attachment): Promise<string | null> {
+  async #endPhase(att: Attachment): Promise<SessionEnd> {
     const phase = att.phase;
-    if (!phase) return null;
+    if (!phase) return { dir: null };
     try {
       // A write by another process up to now fails the session before it is closed (that is
       // done first, so a change map that cannot be reset only costs its own log line).
       await this.#checkWrittenAroundLogged(att.devicePath);
-      const dir = await this.#closeSession(att, phase);
-      phase.settle({ dir });
-      return dir;
+      const end = await this.#closeSession(att, phase);
+      phase.settle(end);
+      return end;
     } catch (err) {
       phase.settle({ error: err });
       throw err;
@@ -491,13 +498,13 @@ export class DeviceTable {
     }
   }
 
-  async #closeSession(att: Attachment, phase: UserPhase): Promise<string | null> {
-    if (!phase.cow) return null;
+  async #closeSession(att: Attachment, phase: UserPhase): Promise<SessionEnd> {
+    if (!phase.cow) return { dir: null };
     try {
       const summary: CowSessionSummary | undefined = await phase.cow.close();
       if (!summary) {
         this.#log.info({ event: 'session-end', device: att.devicePath, sessionDir: null }, 'session ended without any modification (no directory)');
-        return null;
+        return { dir: null };
       }
       await this.#registry.sessionEnded(att.devicePath, summary.sessionDir);
       const details = {
@@ -508,7 +515,7 @@ export class DeviceTable {
       // The log line operators and scripts already read, then the event for `bdsnap events`.
       this.#log.info({ event: 'session-end', device: att.devicePath, ...details }, 'session ended');
       this.#events.emit('session-ended', { device: att.devicePath, details });
-      return summary.sessionDir;
+      return summary.state === 'failed' ? { dir: summary.sessionDir, failedReason: summary.failedReason ?? 'the session failed' } : { dir: summary.sessionDir };
     } catch (err) {
       const e = toBdsnapError(err);
       this.#log.error({ event: 'session-close-failed', device: att.devicePath, code: e.code, reason: e.message }, 'closing the session failed');

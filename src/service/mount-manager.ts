@@ -17,7 +17,7 @@ import { checkNotInUse } from '../host/in-use.js';
 import { ensurePrivateDir, whyOthersCanRename } from '../host/private-dir.js';
 import type { ImageMountStatus, InstantRestoreInfo, MountResult, UmountResult } from './control-protocol.js';
 import { describeRestoreMount } from './device-holders.js';
-import type { DeviceTable, MountInfo } from './device-table.js';
+import type { DeviceTable, MountInfo, SessionEnd } from './device-table.js';
 import { isMountpoint } from '../host/mountinfo.js';
 import { attachAndMount, flushFilesystem, toRecord, unmountAndDetach, type AttachedMount } from './mount.js';
 import { canonicalDevicePath, type Registry } from './registry.js';
@@ -160,8 +160,8 @@ export class MountManager {
     const mountpoint = this.#mounts.has(given) ? given : await fs.promises.realpath(given).catch(() => given);
     const record = this.#mounts.get(mountpoint);
     if (!record) throw new BdsnapError('ENOENT', `bdsnap has nothing mounted on ${mountpoint}`);
-    const sessionDir = await this.#end(mountpoint, record);
-    return { device: record.exportName, mountpoint, sessionDir };
+    const end = await this.#end(mountpoint, record);
+    return { device: record.exportName, mountpoint, sessionDir: end.dir, ...(end.failedReason !== undefined ? { sessionFailed: end.failedReason } : {}) };
   }
 
   /**
@@ -259,7 +259,7 @@ export class MountManager {
   }
 
   /** Unmount, detach, drop the mount's hold, and wait until the session is closed and durable. */
-  async #end(mountpoint: string, record: MountRecord): Promise<string | null> {
+  async #end(mountpoint: string, record: MountRecord): Promise<SessionEnd> {
     const { table, log } = this.#options;
     const ended = record.devicePath !== null ? table.phaseEnded(record.devicePath) : undefined;
     try {
@@ -273,19 +273,19 @@ export class MountManager {
     await this.#save('unmount');
     if (record.devicePath === null) {
       log.info({ event: 'umount', image: record.exportName, mountpoint }, 'snapshot image unmounted');
-      return null;
+      return { dir: null };
     }
     await table.detach(record.devicePath, 'mount');
-    if (!ended) return null;
+    if (!ended) return { dir: null };
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_resolve, reject) => {
       timer = setTimeout(() => reject(new BdsnapError('EBUSY',
         `${mountpoint} is unmounted, but other NBD clients still hold ${record.devicePath}; its session ends when they disconnect`)), this.#options.detachTimeoutMs);
     });
     try {
-      const sessionDir = await Promise.race([ended, timeout]);
-      log.info({ event: 'umount', device: record.devicePath, mountpoint, sessionDir }, 'device unmounted');
-      return sessionDir;
+      const end = await Promise.race([ended, timeout]);
+      log.info({ event: 'umount', device: record.devicePath, mountpoint, sessionDir: end.dir, ...(end.failedReason !== undefined ? { sessionFailed: end.failedReason } : {}) }, 'device unmounted');
+      return end;
     } finally {
       clearTimeout(timer);
     }

@@ -19,6 +19,7 @@ import { needs } from '../../testkit/needs.js';
 import { nbdshEnv } from '../../testkit/process.js';
 import { until } from '../helpers/poll.js';
 import { sessionDirs } from './helpers.js';
+import { mkfsExt4, mountPoint } from '../helpers/ext4.js';
 
 const IMAGE_BYTES = 8 << 20;
 
@@ -104,6 +105,48 @@ test('a write by another process to a device a snapshot holds voids the snapshot
       .snapshots.find((s) => s.id === snapshotId)?.state;
     await until(`the snapshot failed (change tracking ${tracking ? 'on' : 'off'})`, () => stateOf() === 'failed');
   }
+});
+
+test('bdsnap umount of a mount written around says its session failed, naming the writer; the unmount itself succeeds', { timeout: 120_000 }, async (t) => {
+  if (!needs(t, { root: true, paths: ['/dev/fuse'], tools: ['nbdfuse', 'fusermount3', 'mkfs.ext4', 'mount', 'umount'] })) return;
+  const box = sandbox(t, 'bdsnap-around-mount-');
+  const image = path.join(box.top, 'disk.img');
+  makeImage(image, 32 << 20, 'zero');
+  mkfsExt4(image);
+  const real = fs.realpathSync(image);
+  const mnt = mountPoint(t, box, path.join(box.top, 'mnt'));
+  await startDaemon(t, { sandbox: box, password: false });
+  ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
+  ok(box, ['activate', real, '--password-stdin'], `${TEST_PASSWORD}\n`);
+  const failedMount = async (name: string): Promise<void> => {
+    ok(box, ['mount', real, mnt, '-t', 'ext4']);
+    fs.writeFileSync(path.join(mnt, name), Buffer.alloc(1 << 20, 0x5a));
+    spawnSync('sync');
+    // The last block of the image: past what this small filesystem has used.
+    ddWrite(real, (32 << 20) / 4096 - 1);
+    await until(`the session of the ${name} mount failed`, () => sessionState(box, real) === 'failed');
+  };
+
+  await failedMount('first');
+  const json = cli(box, ['umount', mnt, '--json']);
+  assert.equal(json.status, 0, json.stderr);
+  const result = JSON.parse(json.stdout) as { sessionDir: string | null; sessionFailed?: string };
+  assert.ok(result.sessionDir !== null, 'the session directory is named');
+  assert.match(result.sessionFailed ?? '', /opened for writing by pid \d+( \(dd\))? while bdsnap held it/);
+
+  await failedMount('second');
+  const text = cli(box, ['umount', mnt]);
+  assert.equal(text.status, 0, text.stderr);
+  assert.match(text.stdout, new RegExp(`^unmounted ${mnt}; session \\S+\\n$`));
+  assert.match(text.stderr, /warning: session \S+ failed \(.*opened for writing by pid \d+.*\); restore refuses it and every older session/);
+
+  // A mount nobody wrote around says nothing more.
+  ok(box, ['mount', real, mnt, '-t', 'ext4']);
+  fs.writeFileSync(path.join(mnt, 'third'), Buffer.alloc(4096, 1));
+  const clean = cli(box, ['umount', mnt]);
+  assert.equal(clean.status, 0, clean.stderr);
+  assert.equal(clean.stderr, '');
+  assert.match(clean.stdout, /; session \S+\n$/);
 });
 
 test('serve --snapshot-root: a write by another process during the session fails it, naming the writer', { timeout: 60_000 }, async (t) => {

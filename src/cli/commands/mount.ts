@@ -37,5 +37,9 @@ export function register(program: Command): void {
       const result = await withClient(options.runDir, (c) => c.umount(mountpoint));
       if (options.json) process.stdout.write(`${JSON.stringify(result)}\n`);
       else process.stdout.write(`unmounted ${result.mountpoint}${result.sessionDir ? `; session ${result.sessionDir}` : ''}\n`);
+      // The unmount itself succeeded; what it closed cannot give back the device as it was.
+      if (result.sessionFailed !== undefined && !options.json) {
+        process.stderr.write(`bdsnap: warning: session ${result.sessionDir ?? ''} failed (${result.sessionFailed}); restore refuses it and every older session of the device: none can bring it back to before this mount\n`);
+      }
     });
 }
