@@ -122,6 +122,15 @@ export class RequestDecoder {
     this.#queue.append(chunk);
   }
 
+  /** Drop what was received and not decoded, a half-received payload with it: the connection has closed. */
+  clear(): void {
+    this.#queue = new ByteQueue();
+    this.#partial = undefined;
+    this.#held = undefined;
+    this.#skipped = undefined;
+    this.#skipBytes = 0;
+  }
+
   /** With transient chunks: copy what is still unread before the chunk is reused (else a no-op). */
   detach(): void {
     if (this.#transient) this.#queue.detach();

@@ -377,6 +377,21 @@ test('a WRITE payload filled by placed() but not yet taken (the caller is paused
   assert.equal(d.payloadTarget(), undefined);
 });
 
+test('clear() drops a half-received WRITE payload and undecoded bytes: a closed connection kept afterwards holds neither', () => {
+  const d = new RequestDecoder({ transientChunks: true });
+  d.setPhase('transmission');
+  const header = encodeRequest(0, C.NBD_CMD_WRITE, 0, 9, 0, 1 << 20);
+  d.append(Buffer.concat([header, Buffer.alloc(4096, 7)]));
+  assert.equal(d.next(), undefined);
+  const half = d.payloadTarget();
+  assert.equal(half?.length, (1 << 20) - 4096, 'the rest of the payload is awaited');
+  d.append(Buffer.alloc(10, 1));
+  d.clear();
+  assert.equal(d.payloadTarget(), undefined, 'no payload is held');
+  assert.equal(d.bufferedBytes, 0);
+  assert.equal(d.next(), undefined);
+});
+
 test('after a large WRITE the next header is read alone, so each large payload is read straight into its buffer', () => {
   const large = 256 * 1024;
   const payloads = [0, 1, 2, 3].map((i) => Buffer.alloc(large, i + 1));
