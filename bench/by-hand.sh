@@ -18,6 +18,8 @@
 # another image of its own (a session of its own), so the timed pass is a fresh session's
 # first writes on code that has run before, as in a daemon that has served for a while. The
 # floors and nbdkit run cold either way (their code is a few hundred lines or not JIT-compiled).
+# WARM=N makes N such passes; PAUSE=S then waits S seconds with no client before the timed pass
+# (seq-write: what a long-running server's next client meets, e.g. WARM=3 PAUSE=10).
 # SESSION_OPTIONS adds options to the session's `bdsnap serve` (e.g. "--chunk-size 4K"),
 # FLOOR_COW_OPTIONS to node-floor-cow's (e.g. "--chunk-size 4096", "--no-checksum").
 set -eu
@@ -29,7 +31,7 @@ trap 'kill $pid 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EX
 pid=
 head -c 1G /dev/urandom >"$dir/image1"
 head -c 1G /dev/urandom >"$dir/image2"
-if [ "${WARM:-0}" = 1 ]; then head -c 1G /dev/urandom >"$dir/image3"; fi
+if [ "${WARM:-0}" -ge 1 ]; then head -c 1G /dev/urandom >"$dir/image3"; fi
 # Written back before the first run, which would otherwise share the machine with it (a user's
 # images are not being written as they start): then read into the page cache.
 sync
@@ -102,7 +104,7 @@ bdsnap_serve() { # NAME IMAGE [ARGS...]
   # The image measured goes first (the default export); a session server also serves image3.
   set -- "$@" "$image"
   warm=
-  if [ "${WARM:-0}" = 1 ]; then
+  if [ "${WARM:-0}" -ge 1 ]; then
     warm=$image
     case " $* " in *" --snapshot-root "*) warm=$dir/image3; set -- "$@" "$warm" ;; esac
   fi
@@ -110,11 +112,16 @@ bdsnap_serve() { # NAME IMAGE [ARGS...]
   pid=$!
   wait_socket "$dir/s1"
   if [ -n "$warm" ]; then
-    fio_warm "nbd+unix:///$warm?socket=$dir/s1"
+    n=0
+    while [ $n -lt "$WARM" ]; do
+      fio_warm "nbd+unix:///$warm?socket=$dir/s1"
+      n=$((n + 1))
+    done
     # The warm pass's write-back (a session's deferred sync starts a second after writes pause)
     # is over before the clock starts, so the timed pass does not share the machine with it.
     sleep 2
     sync
+    sleep "${PAUSE:-0}"
   fi
   fio_job "$name" "nbd+unix:///$image?socket=$dir/s1"
   kill $pid; wait $pid || true
