@@ -20,6 +20,30 @@ export function sessionDirs(box: Sandbox): string[] {
   return fs.readdirSync(box.snapshotRoot).sort();
 }
 
+/**
+ * An nbdsh client of the daemon holding `exportName` open: it runs the python `code` (which
+ * must print a line once done, e.g. after its writes and a flush), then waits until `end()`,
+ * which checks that it exited 0. What the test does in between happens while the client holds
+ * the export. Killed after the test.
+ */
+export async function heldNbdsh(t: AfterHook, box: Sandbox, exportName: string, code: string): Promise<{ end: () => Promise<void> }> {
+  const child = spawn('nbdsh', ['-u', daemonUri(box, exportName), '-c', 'import sys', '-c', `${code}\nsys.stdin.readline()`], { stdio: ['pipe', 'pipe', 'pipe'], env: nbdshEnv() });
+  cleanupOf(t).after(() => void child.kill('SIGKILL'));
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.once('data', () => resolve());
+    void exited.then((status) => reject(new Error(`nbdsh exited (${status}): ${stderr}`)));
+  });
+  return {
+    end: async () => {
+      child.stdin!.end('\n');
+      assert.equal(await exited, 0, stderr);
+    },
+  };
+}
+
 /** Run nbdsh with a python snippet against an export; returns the process result. */
 export function nbdsh(box: Sandbox, exportName: string, code: string): CliResult {
   const r = spawnSync('nbdsh', ['-u', daemonUri(box, exportName), '-c', code], { encoding: 'utf8', timeout: 60000, env: nbdshEnv() });

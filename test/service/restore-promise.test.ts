@@ -8,17 +8,15 @@
  */
 
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { cleanupOf } from '../../testkit/cleanup.js';
-import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
 import { makeImage } from '../../testkit/files.js';
 import { needs } from '../../testkit/needs.js';
-import { nbdshEnv } from '../../testkit/process.js';
 import { seededRandom } from '../helpers/crash-states.js';
-import { sessionDirs } from './helpers.js';
+import { heldNbdsh, sessionDirs } from './helpers.js';
 
 const IMAGE_BYTES = 1 << 20;
 const STEPS = 12;
@@ -47,33 +45,9 @@ function ddWrite(file: string, w: Write): void {
   assert.equal(r.status, 0, r.stderr);
 }
 
-/**
- * An NBD client of the daemon that makes `writes` and flushes, then holds the device until
- * `end()`: what runs between is "during the session".
- */
-async function sessionClient(t: TestContext, box: Sandbox, device: string, writes: Write[]): Promise<{ end: () => Promise<void> }> {
-  const code = [
-    'import sys',
-    ...writes.map((w) => `h.pwrite(bytes([${w.byte}]) * ${w.length}, ${w.offset})`),
-    'h.flush()',
-    'print("written", flush=True)',
-    'sys.stdin.readline()',
-  ].join('\n');
-  const child = spawn('nbdsh', ['-u', daemonUri(box, device), '-c', code], { stdio: ['pipe', 'pipe', 'pipe'], env: nbdshEnv() });
-  cleanupOf(t).after(() => void child.kill('SIGKILL'));
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
-  const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
-  await new Promise<void>((resolve, reject) => {
-    child.stdout!.once('data', () => resolve());
-    void exited.then((status) => reject(new Error(`nbdsh exited (${status}): ${stderr}`)));
-  });
-  return {
-    end: async () => {
-      child.stdin!.end('\n');
-      assert.equal(await exited, 0, stderr);
-    },
-  };
+/** An NBD client of the daemon that makes `writes` and flushes, then holds the device until `end()`: what runs between is "during the session". */
+function sessionClient(t: TestContext, box: Sandbox, device: string, writes: Write[]): Promise<{ end: () => Promise<void> }> {
+  return heldNbdsh(t, box, device, [...writes.map((w) => `h.pwrite(bytes([${w.byte}]) * ${w.length}, ${w.offset})`), 'h.flush()', 'print("written", flush=True)'].join('\n'));
 }
 
 /** What a sequence did, so that the test can tell it covered each case. */

@@ -13,12 +13,12 @@ import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { BDSNAP_MAIN } from '../../testkit/bdsnap-cli.js';
 import { cleanupOf } from '../../testkit/cleanup.js';
-import { TEST_PASSWORD, cli, daemonUri, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
 import { makeImage, sha256File } from '../../testkit/files.js';
 import { needs } from '../../testkit/needs.js';
 import { nbdshEnv } from '../../testkit/process.js';
 import { until } from '../helpers/poll.js';
-import { sessionDirs } from './helpers.js';
+import { heldNbdsh, sessionDirs } from './helpers.js';
 import { mkfsExt4, mountPoint } from '../helpers/ext4.js';
 
 const IMAGE_BYTES = 8 << 20;
@@ -30,23 +30,8 @@ function ddWrite(file: string, block: number): void {
 }
 
 /** An NBD client of the daemon holding `device` open: it writes at 0, then waits until told to end. */
-async function heldClient(t: TestContext, box: Sandbox, device: string): Promise<{ end: () => Promise<void> }> {
-  const code = 'h.pwrite(b"\\x07" * 65536, 0); h.flush(); print("written", flush=True); sys.stdin.readline()';
-  const child = spawn('nbdsh', ['-u', daemonUri(box, device), '-c', 'import sys', '-c', code], { stdio: ['pipe', 'pipe', 'pipe'], env: nbdshEnv() });
-  cleanupOf(t).after(() => void child.kill('SIGKILL'));
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
-  const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
-  await new Promise<void>((resolve, reject) => {
-    child.stdout!.once('data', () => resolve());
-    void exited.then((status) => reject(new Error(`nbdsh exited (${status}): ${stderr}`)));
-  });
-  return {
-    end: async () => {
-      child.stdin!.end('\n');
-      assert.equal(await exited, 0, stderr);
-    },
-  };
+function heldClient(t: TestContext, box: Sandbox, device: string): Promise<{ end: () => Promise<void> }> {
+  return heldNbdsh(t, box, device, 'h.pwrite(b"\\x07" * 65536, 0); h.flush(); print("written", flush=True)');
 }
 
 interface DeviceStatusJson { device: string; sessionState: string | null }
