@@ -1,10 +1,12 @@
 /**
  * The restore promise through the daemon, against a model: random sequences of what users do
  * to an active image (NBD sessions of random writes; `dd` into the image while a session holds
- * it, or while nothing does; restores of any session) and after every restore the image must
- * be exactly that session's start (exit 0) or left as it was (refused, with a reason): never a
- * wrong image. A session that another process wrote around, and every session before it, must
- * be refused; the newest session, untouched since it ended and not yet restored, must restore.
+ * it, or while nothing does; the daemon killed with SIGKILL in the middle of a session and
+ * started again; a second daemon started on the same directories; restores of any session) and
+ * after every restore the image must be exactly that session's start (exit 0) or left as it
+ * was (refused, with a reason): never a wrong image. A session that another process wrote
+ * around, and every session before it, must be refused; the newest session, untouched since it
+ * ended (or since the daemon that held it was killed) and not yet restored, must restore.
  */
 
 import assert from 'node:assert/strict';
@@ -51,13 +53,13 @@ function sessionClient(t: TestContext, box: Sandbox, device: string, writes: Wri
 }
 
 /** What a sequence did, so that the test can tell it covered each case. */
-interface Seen { restored: number; refused: number; writtenAround: number; refusedWrittenAround: number }
+interface Seen { restored: number; refused: number; writtenAround: number; refusedWrittenAround: number; killed: number }
 
 async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<void> {
   const random = seededRandom(seed);
   const box = sandbox(t, 'bdsnap-promise-');
   const image = fs.realpathSync(makeImage(path.join(box.top, 'disk.img'), IMAGE_BYTES, 'random', seed));
-  await startDaemon(t, { sandbox: box, password: false });
+  let daemon = await startDaemon(t, { sandbox: box, password: false });
   ok(box, ['passwd', '--password-stdin'], `${TEST_PASSWORD}\n`);
   ok(box, ['activate', image, '--password-stdin'], `${TEST_PASSWORD}\n`);
 
@@ -73,7 +75,8 @@ async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<vo
     if (roll < 0.45 || sessions.length === 0) {
       const writes = Array.from({ length: 1 + Math.floor(random() * 3) }, () => randomWrite(random, 4096));
       const around = random() < 0.3 ? randomWrite(random) : undefined;
-      log.push(`session of ${writes.length} write(s)${around ? ' written around' : ''}`);
+      const kill = !around && random() < 0.25;
+      log.push(`session of ${writes.length} write(s)${around ? ' written around' : ''}${kill ? ', the daemon killed during it' : ''}`);
       const start = Buffer.from(model);
       const before = new Set(sessionDirs(box));
       const client = await sessionClient(t, box, image, writes);
@@ -82,13 +85,29 @@ async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<vo
         ddWrite(image, around);
         apply(model, around);
       }
-      await client.end();
+      if (kill) {
+        // Its writes were flushed, so they are the client's; what the session kept of the
+        // originals must be found again by the next daemon.
+        daemon.server.kill('SIGKILL');
+        await daemon.server.waitForExit(10_000);
+        await client.end().catch(() => undefined);
+        daemon = await startDaemon(t, { sandbox: box, password: false });
+        seen.killed++;
+      } else {
+        await client.end();
+      }
       const fresh = sessionDirs(box).filter((d) => !before.has(d));
       assert.equal(fresh.length, 1, `one new session directory (${where()})`);
       sessions.push({ dir: fresh[0]!, start, writtenAround: around !== undefined });
       if (around) seen.writtenAround++;
       newestUntouched = true;
-    } else if (roll < 0.6) {
+    } else if (roll < 0.52) {
+      log.push('a second daemon started on the same directories');
+      const second = cli(box, ['daemon', '--run-dir', box.runDir, '--state-dir', box.stateDir, '--snapshot-root', box.snapshotRoot]);
+      assert.notEqual(second.status, 0, `a second daemon was not refused (${where()})`);
+      assert.ok(fs.readFileSync(image).equals(model), `a refused second daemon changed the image (${where()})`);
+      assert.ok(daemon.server.running(), `the first daemon still runs (${where()})`);
+    } else if (roll < 0.62) {
       const w = randomWrite(random);
       log.push('a write outside bdsnap while nothing held the image');
       ddWrite(image, w);
@@ -120,9 +139,9 @@ async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<vo
 
 test('restore through the daemon, in random orders with writes around bdsnap: the session start exactly, or refused and the image left as it was', { timeout: 240_000 }, async (t) => {
   if (!needs(t, { root: true, tools: ['nbdsh', 'dd'] })) return;
-  const seen: Seen = { restored: 0, refused: 0, writtenAround: 0, refusedWrittenAround: 0 };
+  const seen: Seen = { restored: 0, refused: 0, writtenAround: 0, refusedWrittenAround: 0, killed: 0 };
   for (const seed of [11, 12, 13]) await runSequence(t, seed, seen);
   t.diagnostic(JSON.stringify(seen));
   // The sequences must have met every case, or they prove less than they claim.
-  assert.ok(seen.restored > 0 && seen.refused > 0 && seen.refusedWrittenAround > 0, `cases met: ${JSON.stringify(seen)}`);
+  assert.ok(seen.restored > 0 && seen.refused > 0 && seen.refusedWrittenAround > 0 && seen.killed > 0, `cases met: ${JSON.stringify(seen)}`);
 });
