@@ -9,7 +9,6 @@
  */
 
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
@@ -17,32 +16,12 @@ import { TEST_PASSWORD, ok, sandbox, startDaemon, type Sandbox } from '../../tes
 import { makeImage } from '../../testkit/files.js';
 import { needs } from '../../testkit/needs.js';
 import { seededRandom } from '../helpers/crash-states.js';
+import { applyWrite, ddWrite, nbdshWrites, randomWrite } from '../helpers/image-writes.js';
 import { heldNbdsh } from '../service/helpers.js';
 import { backupCreate } from './daemon-cycles.js';
 
 const IMAGE_BYTES = 2 << 20;
 const STEPS = 14;
-
-interface Write { offset: number; length: number; byte: number }
-
-function apply(image: Buffer, w: Write): void {
-  image.fill(w.byte, w.offset, w.offset + w.length);
-}
-
-/** A write of up to 48 KiB at a random place, in whole `align`-byte blocks. */
-function randomWrite(random: () => number, align = 1): Write {
-  const blocks = IMAGE_BYTES / align;
-  const offset = Math.floor(random() * (blocks - 1)) * align;
-  const length = Math.min(1 + Math.floor(random() * ((3 * 16384) / align)), blocks - offset / align) * align;
-  return { offset, length, byte: 1 + Math.floor(random() * 255) };
-}
-
-/** dd writing `w` into `file` in place, as another process. */
-function ddWrite(file: string, w: Write): void {
-  const r = spawnSync('sh', ['-c', `head -c ${w.length} /dev/zero | tr '\\0' '\\${w.byte.toString(8).padStart(3, '0')}' | dd of="$1" bs=4096 seek=${w.offset} oflag=seek_bytes conv=notrunc status=none`, 'sh', file],
-    { encoding: 'utf8', timeout: 20_000 });
-  assert.equal(r.status, 0, r.stderr);
-}
 
 interface Seen { sessions: number; full: number; incremental: number; restored: number; killed: number; writtenAround: number; outside: number }
 
@@ -64,16 +43,16 @@ async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<vo
   for (let step = 0; step < STEPS; step++) {
     const roll = random();
     if (roll < 0.35) {
-      const writes = Array.from({ length: 1 + Math.floor(random() * 3) }, () => randomWrite(random, 4096));
-      const around = random() < 0.3 ? randomWrite(random) : undefined;
+      const writes = Array.from({ length: 1 + Math.floor(random() * 3) }, () => randomWrite(random, IMAGE_BYTES, 4096));
+      const around = random() < 0.3 ? randomWrite(random, IMAGE_BYTES) : undefined;
       const kill = !around && random() < 0.25;
       seen.sessions++;
       log.push(`session of ${writes.length} write(s)${around ? ' written around' : ''}${kill ? ', the daemon killed during it' : ''}`);
-      const client = await heldNbdsh(t, box, image, [...writes.map((w) => `h.pwrite(bytes([${w.byte}]) * ${w.length}, ${w.offset})`), 'h.flush()', 'print("written", flush=True)'].join('\n'));
-      for (const w of writes) apply(model, w);
+      const client = await heldNbdsh(t, box, image, nbdshWrites(writes));
+      for (const w of writes) applyWrite(model, w);
       if (around) {
         ddWrite(image, around);
-        apply(model, around);
+        applyWrite(model, around);
         seen.writtenAround++;
       }
       if (kill) {
@@ -86,10 +65,10 @@ async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<vo
         await client.end();
       }
     } else if (roll < 0.45) {
-      const w = randomWrite(random);
+      const w = randomWrite(random, IMAGE_BYTES);
       log.push('a write outside bdsnap while nothing held the image');
       ddWrite(image, w);
-      apply(model, w);
+      applyWrite(model, w);
       seen.outside++;
     } else if (roll < 0.75 || backups.length === 0) {
       const created = backupCreate(box, repo, [image]);

@@ -10,7 +10,6 @@
  */
 
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
@@ -18,38 +17,18 @@ import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../.
 import { makeImage } from '../../testkit/files.js';
 import { needs } from '../../testkit/needs.js';
 import { seededRandom } from '../helpers/crash-states.js';
+import { applyWrite, ddWrite, nbdshWrites, randomWrite, type Write } from '../helpers/image-writes.js';
 import { heldNbdsh, sessionDirs } from './helpers.js';
 
 const IMAGE_BYTES = 1 << 20;
 const STEPS = 12;
 
-interface Write { offset: number; length: number; byte: number }
-
-/** What the model knows of a session: the image at its start, and whether it can be restored at all. */
+/** What the model knows of a session: the image at its start, and whether another process wrote around it. */
 interface ModelSession { dir: string; start: Buffer; writtenAround: boolean }
-
-function apply(image: Buffer, w: Write): void {
-  image.fill(w.byte, w.offset, w.offset + w.length);
-}
-
-/** A write of up to 48 KiB at a random place, in whole `align`-byte blocks (NBD clients write the server's blocks; dd need not). */
-function randomWrite(random: () => number, align = 1): Write {
-  const blocks = IMAGE_BYTES / align;
-  const offset = Math.floor(random() * (blocks - 1)) * align;
-  const length = Math.min(1 + Math.floor(random() * ((3 * 16384) / align)), blocks - offset / align) * align;
-  return { offset, length, byte: 1 + Math.floor(random() * 255) };
-}
-
-/** dd writing `w` into `file` in place, as another process. */
-function ddWrite(file: string, w: Write): void {
-  const r = spawnSync('sh', ['-c', `head -c ${w.length} /dev/zero | tr '\\0' '\\${w.byte.toString(8).padStart(3, '0')}' | dd of="$1" bs=1 seek=${w.offset} conv=notrunc status=none`, 'sh', file],
-    { encoding: 'utf8', timeout: 20_000 });
-  assert.equal(r.status, 0, r.stderr);
-}
 
 /** An NBD client of the daemon that makes `writes` and flushes, then holds the device until `end()`: what runs between is "during the session". */
 function sessionClient(t: TestContext, box: Sandbox, device: string, writes: Write[]): Promise<{ end: () => Promise<void> }> {
-  return heldNbdsh(t, box, device, [...writes.map((w) => `h.pwrite(bytes([${w.byte}]) * ${w.length}, ${w.offset})`), 'h.flush()', 'print("written", flush=True)'].join('\n'));
+  return heldNbdsh(t, box, device, nbdshWrites(writes));
 }
 
 /** What a sequence did, so that the test can tell it covered each case. */
@@ -73,17 +52,17 @@ async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<vo
   for (let step = 0; step < STEPS; step++) {
     const roll = random();
     if (roll < 0.45 || sessions.length === 0) {
-      const writes = Array.from({ length: 1 + Math.floor(random() * 3) }, () => randomWrite(random, 4096));
-      const around = random() < 0.3 ? randomWrite(random) : undefined;
+      const writes = Array.from({ length: 1 + Math.floor(random() * 3) }, () => randomWrite(random, IMAGE_BYTES, 4096));
+      const around = random() < 0.3 ? randomWrite(random, IMAGE_BYTES) : undefined;
       const kill = !around && random() < 0.25;
       log.push(`session of ${writes.length} write(s)${around ? ' written around' : ''}${kill ? ', the daemon killed during it' : ''}`);
       const start = Buffer.from(model);
       const before = new Set(sessionDirs(box));
       const client = await sessionClient(t, box, image, writes);
-      for (const w of writes) apply(model, w);
+      for (const w of writes) applyWrite(model, w);
       if (around) {
         ddWrite(image, around);
-        apply(model, around);
+        applyWrite(model, around);
       }
       if (kill) {
         // Its writes were flushed, so they are the client's; what the session kept of the
@@ -108,10 +87,10 @@ async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<vo
       assert.ok(fs.readFileSync(image).equals(model), `a refused second daemon changed the image (${where()})`);
       assert.ok(daemon.server.running(), `the first daemon still runs (${where()})`);
     } else if (roll < 0.62) {
-      const w = randomWrite(random);
+      const w = randomWrite(random, IMAGE_BYTES);
       log.push('a write outside bdsnap while nothing held the image');
       ddWrite(image, w);
-      apply(model, w);
+      applyWrite(model, w);
       newestUntouched = false;
     } else {
       const pick = Math.floor(random() * sessions.length);
