@@ -270,15 +270,16 @@ function timedFio(rw: 'read' | 'write', context: RowContext): FioShape {
  * figure): what the least server on the same runtime reaches.
  */
 function versusNbdkit(
-  id: string, name: string, measures: string, cell: (target: Target, context: RowContext) => Promise<SideValues>, extraColumns: string[] = [],
+  id: string, name: string, measures: string, cell: (target: Target, context: RowContext) => Promise<SideValues>, extraColumns: Array<string | [string, Unit]> = [],
   floors: Target[] = [], pair: [Target, Target] = [BDSNAP_SERVE, NBDKIT_FILE],
 ): BenchRow {
   const sides = [...pair, ...floors];
+  const suffixes: Array<[string, Unit]> = [['', 'MB/s'], ...extraColumns.map((c): [string, Unit] => (typeof c === 'string' ? [c, 'MB/s'] : c))];
   return {
     id,
     name,
     measures,
-    columns: ['', ...extraColumns].flatMap((suffix) => sides.map((side) => ({ name: `${side.name}${suffix}`, unit: 'MB/s' as const }))),
+    columns: suffixes.flatMap(([suffix, unit]) => sides.map((side) => ({ name: `${side.name}${suffix}`, unit }))),
     ratioText: 'bdsnap / nbdkit',
     ratio: ratioOf('bdsnap', 'nbdkit'),
     targetText: '>= 1.0x',
@@ -320,10 +321,32 @@ function onePassRow(id: string): BenchRow {
   return versusNbdkit(
     id,
     'plain seq 1 MiB writes, one pass on a fresh server, qd 4, vs nbdkit',
-    'fio nbd engine, one connection, one pass of sequential 1 MiB writes at depth 4 over an image of random data in the page cache (fio number_ios), each server started for its cell: bdsnap serve (no session) against nbdkit file; beside it node-floor-async (nbd-floor on one worker thread, writes on the thread pool), no part of the figure',
-    (target, context) => fioCell(target, context, onePassSeqWrite(context), 'MB/s'),
-    [], [nbdFloor({ async: true })],
+    'fio nbd engine, one connection, one pass of sequential 1 MiB writes at depth 4 over an image of random data in the page cache (fio number_ios), each server started for its cell: bdsnap serve (no session) against nbdkit file; beside it node-floor-async (nbd-floor on one worker thread, writes on the thread pool), no part of the figure; `CPU per GB`: the CPU time (all threads) each server spent per GB of the pass, from /proc',
+    (target, context) => withTarget(target, context, (running) => passWithCpu(running, context)),
+    [CPU_COLUMN], [nbdFloor({ async: true })],
   );
+}
+
+/** Beside MB/s: the milliseconds of CPU (all its threads) the server spent per GB of the timed pass, steadier than MB/s on a busy machine. */
+const CPU_COLUMN: [string, Unit] = [' CPU per GB', 'ms'];
+
+/** One timed pass of onePassSeqWrite: MB/s, and the server's CPU per GB written (CPU_COLUMN). */
+async function passWithCpu(running: RunningTarget, context: RowContext): Promise<Record<string, number>> {
+  if (running.pid === undefined) throw new Error('the target names no process to read the CPU time of');
+  const before = cpuMs(running.pid);
+  const mbPerSec = await fioOn(running, onePassSeqWrite(context), 'MB/s');
+  return { '': mbPerSec, [CPU_COLUMN[0]]: (cpuMs(running.pid) - before) / (context.imageBytes / 1e9) };
+}
+
+let clockTicks: number | undefined;
+
+/** CPU time (user and system, all threads) process `pid` has used, in ms. */
+function cpuMs(pid: number): number {
+  clockTicks ??= Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
+  // Fields after the command name, which is in parentheses and may hold spaces.
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return ((Number(fields[11]) + Number(fields[12])) * 1000) / clockTicks;
 }
 
 /** Longer than V8's memory reducer waits (8 s) before it collects in a quiet process. */
@@ -340,13 +363,13 @@ function afterPauseRow(id: string): BenchRow {
   return versusNbdkit(
     id,
     'plain seq 1 MiB writes after a pause on a running server, qd 4, vs nbdkit',
-    `fio nbd engine, one connection, one pass of sequential 1 MiB writes at depth 4 over an image of random data in the page cache (fio number_ios) on a server that served the same pass ${WARM_PASSES} times (untimed, a connection each) until ${PAUSE_MS / 1000} s before, with no client since: bdsnap serve (no session) against nbdkit file`,
+    `fio nbd engine, one connection, one pass of sequential 1 MiB writes at depth 4 over an image of random data in the page cache (fio number_ios) on a server that served the same pass ${WARM_PASSES} times (untimed, a connection each) until ${PAUSE_MS / 1000} s before, with no client since: bdsnap serve (no session) against nbdkit file; \`CPU per GB\`: the CPU time (all threads) each server spent per GB of the timed pass, from /proc`,
     (target, context) => withTarget(target, context, async (running) => {
-      const pass = (): Promise<number> => fioOn(running, onePassSeqWrite(context), 'MB/s');
-      for (let i = 0; i < WARM_PASSES; i++) await pass();
+      for (let i = 0; i < WARM_PASSES; i++) await fioOn(running, onePassSeqWrite(context), 'MB/s');
       await delay(PAUSE_MS);
-      return pass();
+      return passWithCpu(running, context);
     }),
+    [CPU_COLUMN],
   );
 }
 

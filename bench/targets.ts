@@ -17,6 +17,8 @@ export interface RunningTarget {
   uri: string;
   /** The client's environment, when it needs one (where libnbd finds TLS certificates). */
   env?: NodeJS.ProcessEnv;
+  /** The server's process, whose CPU time a row may read (/proc/PID/stat). */
+  pid?: number;
   stop(): Promise<void>;
   /**
    * For a session target, once stopped: how many chunks the session preserved, read from its
@@ -42,6 +44,7 @@ export interface Target {
 async function fromServer(server: NbdServer, exportName: string): Promise<RunningTarget> {
   return {
     uri: server.uri(exportName),
+    pid: server.pid,
     stop: async () => {
       const stopped = await server.stop();
       if (stopped.killed || stopped.exitCode !== 0) {
@@ -86,6 +89,7 @@ async function fromSessionServer(server: NbdServer, root: string, exportName: st
   let preserved: number | undefined;
   return {
     uri: running.uri,
+    pid: running.pid,
     stop: async () => {
       try {
         await running.stop();
@@ -192,6 +196,7 @@ function tlsTarget(kind: 'bdsnap' | 'nbdkit'): Target {
         return {
           uri: running.uri.replace(/^nbd\+unix:/, 'nbds+unix:'),
           env: { ...process.env, HOME: home },
+          pid: running.pid,
           stop: async () => {
             try {
               await running.stop();
