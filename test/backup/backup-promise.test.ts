@@ -16,8 +16,8 @@ import { TEST_PASSWORD, ok, sandbox, startDaemon, type Sandbox } from '../../tes
 import { makeImage } from '../../testkit/files.js';
 import { needs } from '../../testkit/needs.js';
 import { seededRandom } from '../helpers/crash-states.js';
-import { applyWrite, ddWrite, nbdshWrites, randomWrite } from '../helpers/image-writes.js';
-import { heldNbdsh } from '../service/helpers.js';
+import { applyWrite, ddWrite, randomWrite } from '../helpers/image-writes.js';
+import { describeSession, drawSession, runUserSession } from '../service/helpers.js';
 import { backupCreate } from './daemon-cycles.js';
 
 const IMAGE_BYTES = 2 << 20;
@@ -43,27 +43,12 @@ async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<vo
   for (let step = 0; step < STEPS; step++) {
     const roll = random();
     if (roll < 0.35) {
-      const writes = Array.from({ length: 1 + Math.floor(random() * 3) }, () => randomWrite(random, IMAGE_BYTES, 4096));
-      const around = random() < 0.3 ? randomWrite(random, IMAGE_BYTES) : undefined;
-      const kill = !around && random() < 0.25;
+      const session = drawSession(random, IMAGE_BYTES);
       seen.sessions++;
-      log.push(`session of ${writes.length} write(s)${around ? ' written around' : ''}${kill ? ', the daemon killed during it' : ''}`);
-      const client = await heldNbdsh(t, box, image, nbdshWrites(writes));
-      for (const w of writes) applyWrite(model, w);
-      if (around) {
-        ddWrite(image, around);
-        applyWrite(model, around);
-        seen.writtenAround++;
-      }
-      if (kill) {
-        daemon.server.kill('SIGKILL');
-        await daemon.server.waitForExit(10_000);
-        await client.end().catch(() => undefined);
-        daemon = await startDaemon(t, { sandbox: box, password: false });
-        seen.killed++;
-      } else {
-        await client.end();
-      }
+      log.push(describeSession(session));
+      daemon = await runUserSession(t, box, daemon, image, model, session);
+      if (session.around) seen.writtenAround++;
+      if (session.kill) seen.killed++;
     } else if (roll < 0.45) {
       const w = randomWrite(random, IMAGE_BYTES);
       log.push('a write outside bdsnap while nothing held the image');

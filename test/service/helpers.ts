@@ -11,9 +11,10 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { cleanupOf } from '../../testkit/cleanup.js';
-import { cli, daemonUri, ok, type CliResult, type Sandbox } from '../../testkit/daemon.js';
+import { cli, daemonUri, ok, startDaemon, type CliResult, type RunningDaemon, type Sandbox } from '../../testkit/daemon.js';
 import type { AfterHook } from '../../testkit/files.js';
 import { nbdshEnv } from '../../testkit/process.js';
+import { applyWrite, ddWrite, nbdshWrites, randomWrite, type Write } from '../helpers/image-writes.js';
 
 export function sessionDirs(box: Sandbox): string[] {
   if (!fs.existsSync(box.snapshotRoot)) return [];
@@ -42,6 +43,45 @@ export async function heldNbdsh(t: AfterHook, box: Sandbox, exportName: string, 
       assert.equal(await exited, 0, stderr);
     },
   };
+}
+
+/**
+ * One session of a user as the model tests draw it: 1-3 NBD writes of whole 4 KiB blocks; with
+ * a chance of 0.3 a `dd` into the image while the client holds it, else with 0.25 the daemon
+ * killed with SIGKILL before the client ends.
+ */
+export interface UserSession { writes: Write[]; around: Write | undefined; kill: boolean }
+
+export function drawSession(random: () => number, sizeBytes: number): UserSession {
+  const writes = Array.from({ length: 1 + Math.floor(random() * 3) }, () => randomWrite(random, sizeBytes, 4096));
+  const around = random() < 0.3 ? randomWrite(random, sizeBytes) : undefined;
+  return { writes, around, kill: !around && random() < 0.25 };
+}
+
+export function describeSession(s: UserSession): string {
+  return `session of ${s.writes.length} write(s)${s.around ? ' written around' : ''}${s.kill ? ', the daemon killed during it' : ''}`;
+}
+
+/**
+ * Run `s` on `device` of `daemon` and apply to `model` what reaches the image (the writes are
+ * flushed before the dd or the kill). Returns the daemon serving afterwards: a new one on the
+ * same directories after a kill, which must find the session again.
+ */
+export async function runUserSession(t: AfterHook, box: Sandbox, daemon: RunningDaemon, device: string, model: Buffer, s: UserSession): Promise<RunningDaemon> {
+  const client = await heldNbdsh(t, box, device, nbdshWrites(s.writes));
+  for (const w of s.writes) applyWrite(model, w);
+  if (s.around) {
+    ddWrite(device, s.around);
+    applyWrite(model, s.around);
+  }
+  if (!s.kill) {
+    await client.end();
+    return daemon;
+  }
+  daemon.server.kill('SIGKILL');
+  await daemon.server.waitForExit(10_000);
+  await client.end().catch(() => undefined);
+  return startDaemon(t, { sandbox: box, password: false });
 }
 
 /** Run nbdsh with a python snippet against an export; returns the process result. */

@@ -13,23 +13,18 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { TEST_PASSWORD, cli, ok, sandbox, startDaemon, type Sandbox } from '../../testkit/daemon.js';
+import { TEST_PASSWORD, cli, ok, sandbox, startDaemon } from '../../testkit/daemon.js';
 import { makeImage } from '../../testkit/files.js';
 import { needs } from '../../testkit/needs.js';
 import { seededRandom } from '../helpers/crash-states.js';
-import { applyWrite, ddWrite, nbdshWrites, randomWrite, type Write } from '../helpers/image-writes.js';
-import { heldNbdsh, sessionDirs } from './helpers.js';
+import { applyWrite, ddWrite, randomWrite } from '../helpers/image-writes.js';
+import { describeSession, drawSession, runUserSession, sessionDirs } from './helpers.js';
 
 const IMAGE_BYTES = 1 << 20;
 const STEPS = 12;
 
 /** What the model knows of a session: the image at its start, and whether another process wrote around it. */
 interface ModelSession { dir: string; start: Buffer; writtenAround: boolean }
-
-/** An NBD client of the daemon that makes `writes` and flushes, then holds the device until `end()`: what runs between is "during the session". */
-function sessionClient(t: TestContext, box: Sandbox, device: string, writes: Write[]): Promise<{ end: () => Promise<void> }> {
-  return heldNbdsh(t, box, device, nbdshWrites(writes));
-}
 
 /** What a sequence did, so that the test can tell it covered each case. */
 interface Seen { restored: number; refused: number; writtenAround: number; refusedWrittenAround: number; killed: number }
@@ -52,33 +47,16 @@ async function runSequence(t: TestContext, seed: number, seen: Seen): Promise<vo
   for (let step = 0; step < STEPS; step++) {
     const roll = random();
     if (roll < 0.45 || sessions.length === 0) {
-      const writes = Array.from({ length: 1 + Math.floor(random() * 3) }, () => randomWrite(random, IMAGE_BYTES, 4096));
-      const around = random() < 0.3 ? randomWrite(random, IMAGE_BYTES) : undefined;
-      const kill = !around && random() < 0.25;
-      log.push(`session of ${writes.length} write(s)${around ? ' written around' : ''}${kill ? ', the daemon killed during it' : ''}`);
+      const session = drawSession(random, IMAGE_BYTES);
+      log.push(describeSession(session));
       const start = Buffer.from(model);
       const before = new Set(sessionDirs(box));
-      const client = await sessionClient(t, box, image, writes);
-      for (const w of writes) applyWrite(model, w);
-      if (around) {
-        ddWrite(image, around);
-        applyWrite(model, around);
-      }
-      if (kill) {
-        // Its writes were flushed, so they are the client's; what the session kept of the
-        // originals must be found again by the next daemon.
-        daemon.server.kill('SIGKILL');
-        await daemon.server.waitForExit(10_000);
-        await client.end().catch(() => undefined);
-        daemon = await startDaemon(t, { sandbox: box, password: false });
-        seen.killed++;
-      } else {
-        await client.end();
-      }
+      daemon = await runUserSession(t, box, daemon, image, model, session);
+      if (session.kill) seen.killed++;
       const fresh = sessionDirs(box).filter((d) => !before.has(d));
       assert.equal(fresh.length, 1, `one new session directory (${where()})`);
-      sessions.push({ dir: fresh[0]!, start, writtenAround: around !== undefined });
-      if (around) seen.writtenAround++;
+      sessions.push({ dir: fresh[0]!, start, writtenAround: session.around !== undefined });
+      if (session.around) seen.writtenAround++;
       newestUntouched = true;
     } else if (roll < 0.52) {
       log.push('a second daemon started on the same directories');
